@@ -1,0 +1,4 @@
+//! Tomogram → picks: tiling, ensemble inference, blending, detection.
+pub mod tiling;
+pub mod blend;
+pub mod detect;
