@@ -1,1 +1,51 @@
-fn main(){}
+//! The `fastdet` command line.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "fastdet", version, about = "Find protein complexes in cryo-ET tomograms with SegResNet / DynUNet point detectors")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert PyTorch checkpoints (.ckpt/.pt/.safetensors) into fastdet fp16 weights
+    Convert(cli::convert::ConvertArgs),
+    /// Show a weights file: architecture, widths, classes, parameters, FLOPs and memory per tile
+    Inspect(cli::convert::InspectArgs),
+    /// Run one model on input tiles from a safetensors file (debugging, cross-checks)
+    Forward(cli::forward::ForwardArgs),
+    /// Detect particles in tomograms and write picks (Kaggle CSV, copick JSON)
+    Run(cli::run::RunArgs),
+    /// Score a submission CSV against copick ground truth (Kaggle CZII F-beta)
+    Score(cli::score::ScoreArgs),
+    /// Infer once on a labelled split and pick the per-class thresholds that maximise F-beta
+    Tune(cli::run::TuneArgs),
+    /// Check every engine op against the CPU reference on random data
+    Selftest(cli::selftest::SelftestArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Convert(a) => cli::convert::convert(a),
+        Command::Inspect(a) => cli::convert::inspect(a),
+        Command::Forward(a) => cli::forward::forward(a),
+        Command::Run(a) => cli::run::run(a),
+        Command::Score(a) => cli::score::score(a),
+        Command::Tune(a) => cli::run::tune(a),
+        Command::Selftest(a) => cli::selftest::selftest(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,112 @@
-//! (in progress)
+//! Loading fastdet weights files (fp16 safetensors with architecture metadata).
+
+use crate::convert::FORMAT_VERSION;
+use crate::model::spec::ModelSpec;
+use anyhow::{bail, Context, Result};
+use half::f16;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// One loaded model: its spec and its tensors as fp16 (as stored) .
+#[derive(Debug)]
+pub struct Weights {
+    pub path: PathBuf,
+    pub name: String,
+    pub spec: ModelSpec,
+    pub classes: Vec<String>,
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f16>)>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl Weights {
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_inner(path).with_context(|| format!("{}: cannot load weights", path.display()))
+    }
+
+    fn load_inner(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).context("cannot open")?;
+        // SAFETY: the map is read-only and dropped before return; a concurrent writer could change
+        // the bytes, which safetensors' bounds checks turn into an error, not UB in our code.
+        let map = unsafe { memmap2::Mmap::map(&file) }.context("cannot map")?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| anyhow::anyhow!("not a safetensors file ({e})"))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let get = |k: &str| {
+            metadata.get(k).cloned().with_context(|| {
+                format!("metadata key {k:?} is missing: not a fastdet weights file (convert the checkpoint with `fastdet convert`)")
+            })
+        };
+        let version = get("fastdet.format_version")?;
+        if version != FORMAT_VERSION {
+            bail!(
+                "weights format version {version} (written by fastdet {}) is not supported by this fastdet {} (format {FORMAT_VERSION}); re-convert the checkpoint",
+                metadata.get("fastdet.version").map(String::as_str).unwrap_or("?"),
+                env!("CARGO_PKG_VERSION")
+            );
+        }
+        let spec: ModelSpec = serde_json::from_str(&get("fastdet.spec")?).context("metadata fastdet.spec is not a valid spec")?;
+        let classes: Vec<String> =
+            serde_json::from_str(&get("fastdet.classes")?).context("metadata fastdet.classes is not a list of names")?;
+        if classes.len() != spec.num_classes {
+            bail!("metadata lists {} class names but the model has {} classes", classes.len(), spec.num_classes);
+        }
+        let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("corrupt safetensors: {e}"))?;
+        let mut tensors = HashMap::new();
+        for (name, shape) in spec.required_tensors() {
+            let view = st.tensor(&name).map_err(|_| anyhow::anyhow!("tensor {name} is missing"))?;
+            if view.shape() != shape.as_slice() {
+                bail!("tensor {name} has shape {:?}, the spec needs {shape:?}", view.shape());
+            }
+            if view.dtype() != safetensors::Dtype::F16 {
+                bail!("tensor {name} is {:?}, fastdet weights are f16", view.dtype());
+            }
+            let data: Vec<f16> = view.data().chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect();
+            tensors.insert(name, (shape, data));
+        }
+        Ok(Weights {
+            path: path.to_path_buf(),
+            name: metadata.get("fastdet.name").cloned().unwrap_or_default(),
+            spec,
+            classes,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// A tensor widened to f32 (exact).
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        let (_, d) = self.tensors.get(name).with_context(|| format!("tensor {name} is missing"))?;
+        Ok(d.iter().map(|h| h.to_f32()).collect())
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.tensors.values().map(|(_, d)| d.len()).sum()
+    }
+
+    /// Random weights for a spec (benchmarks, self-tests): He-normal-ish convs, norm scales near 1.
+    pub fn random(spec: &ModelSpec, seed: u64) -> Self {
+        let mut rng = crate::util::SplitMix64::new(seed);
+        let mut tensors = HashMap::new();
+        for (name, shape) in spec.required_tensors() {
+            let n: usize = shape.iter().product();
+            let data: Vec<f16> = if shape.len() >= 2 {
+                let fan_in: usize = shape[1..].iter().product();
+                let std = (2.0 / fan_in as f64).sqrt();
+                (0..n).map(|_| f16::from_f64(rng.normal() * std)).collect()
+            } else if name.ends_with("weight") {
+                (0..n).map(|_| f16::from_f64(1.0 + 0.2 * rng.normal())).collect()
+            } else {
+                (0..n).map(|_| f16::from_f64(0.1 * rng.normal())).collect()
+            };
+            tensors.insert(name, (shape, data));
+        }
+        Weights {
+            path: PathBuf::from("<random>"),
+            name: format!("random-{}", spec.arch.name()),
+            spec: spec.clone(),
+            classes: crate::particles::CLASSES.iter().take(spec.num_classes).map(|c| c.name.to_string()).collect(),
+            tensors,
+            metadata: HashMap::new(),
+        }
+    }
+}

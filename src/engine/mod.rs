@@ -1,1 +1,58 @@
-//! Engines.
+//! Inference engines behind one interface: the CPU reference engine (the oracle) and, later, CUDA.
+pub mod cpu;
+
+use anyhow::Result;
+
+/// Network outputs for a batch of tiles, f32, C-order.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    /// `[n, num_classes, d/2, h/2, w/2]` sigmoid scores.
+    pub scores: Vec<f32>,
+    /// `[n, 3, d/2, h/2, w/2]` offsets in voxels, channels x, y, z.
+    pub offsets: Vec<f32>,
+    /// `[n, head_in, d/2, h/2, w/2]` when asked for.
+    pub fm2: Option<Vec<f32>>,
+}
+
+/// Runs one model on batches of tiles.
+pub trait TileEngine: Send {
+    /// `input` is `[n, in_channels, tile...]` f32.
+    fn forward(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<Outputs>;
+    fn name(&self) -> String;
+}
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    pub fn parse(s: &str) -> Result<Self> {
+        if s == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        if let Some(i) = s.strip_prefix("cuda:").or(if s == "cuda" { Some("0") } else { None }) {
+            return Ok(Device::Cuda(i.parse().map_err(|_| anyhow::anyhow!("bad device {s:?}: expected cpu or cuda:N"))?));
+        }
+        anyhow::bail!("bad device {s:?}: expected cpu or cuda:N")
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// Opens an engine for one model on a device.
+pub fn open(device: Device, weights: &crate::weights::Weights) -> Result<Box<dyn TileEngine>> {
+    match device {
+        Device::Cpu => Ok(Box::new(cpu::CpuEngine::new(weights)?)),
+        Device::Cuda(_) => anyhow::bail!("this build of fastdet has no CUDA engine yet; use --device cpu"),
+    }
+}

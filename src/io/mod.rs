@@ -3,3 +3,4 @@ pub mod zarr;
 pub mod dataset;
 pub mod copick;
 pub mod csv;
+pub mod tensors;

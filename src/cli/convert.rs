@@ -1,0 +1,106 @@
+use anyhow::Result;
+use clap::Args;
+use fastdet::convert::{convert as do_convert, ConvertOptions};
+use fastdet::model::graph::Graph;
+use fastdet::model::spec::Arch;
+use fastdet::weights::Weights;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args)]
+#[command(after_help = "Example:\n  fastdet convert runs/segresnet/best.ckpt -o weights/segresnet.safetensors\n  fastdet convert fold*.ckpt --average -o weights/segresnet_avg.safetensors")]
+pub struct ConvertArgs {
+    /// Lightning .ckpt, torch.save .pt/.pth, or .safetensors (f32/f16/bf16) files
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Output weights file (.safetensors, fp16)
+    #[arg(short, long)]
+    pub out: PathBuf,
+    /// Architecture (default: detected from tensor names)
+    #[arg(long, value_parser = ["segresnetv2", "dynunet"])]
+    pub arch: Option<String>,
+    /// Name stored in the metadata (default: first input's file stem)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Average several checkpoints of one architecture (element-wise mean) into one file
+    #[arg(long)]
+    pub average: bool,
+}
+
+pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
+    let opts = ConvertOptions { arch: a.arch.as_deref().map(Arch::parse).transpose()?, name: a.name, average: a.average };
+    let r = do_convert(&a.inputs, &a.out, &opts)?;
+    println!("{}: {}", r.spec.arch.name(), r.spec.widths_summary());
+    println!(
+        "kept {} tensors ({} parameters, fp16); dropped {} parameters in {} tensors the inference graph never reads{}",
+        r.kept_tensors,
+        r.kept_params,
+        r.dropped_params,
+        r.dropped_tensors.len(),
+        if r.merged_aliases > 0 { format!("; merged {} aliased DynUNet tensors", r.merged_aliases) } else { String::new() }
+    );
+    if a.inputs.len() > 1 {
+        println!("averaged {} checkpoints", a.inputs.len());
+    }
+    println!("wrote {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+#[command(after_help = "Example:\n  fastdet inspect weights/demo_segresnetv2.safetensors --graph --tile 192,128,128")]
+pub struct InspectArgs {
+    pub weights: PathBuf,
+    /// Emit one JSON object
+    #[arg(long)]
+    pub json: bool,
+    /// Print the op list with shapes
+    #[arg(long)]
+    pub graph: bool,
+    /// Tile size z,y,x in voxels for FLOPs, memory and the op list
+    #[arg(long, default_value = "192,128,128", value_parser = super::run::parse_triple)]
+    pub tile: [usize; 3],
+}
+
+pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
+    let w = Weights::load(&a.weights)?;
+    let g = Graph::build(&w.spec)?;
+    let flops = g.flops(a.tile);
+    let peak = g.peak_activation_bytes(a.tile, 4);
+    let peak16 = g.peak_activation_bytes(a.tile, 2);
+    if a.json {
+        let widths = serde_json::to_value(&w.spec)?;
+        let j = serde_json::json!({
+            "arch": w.spec.arch.name(),
+            "name": w.name,
+            "num_classes": w.spec.num_classes,
+            "classes": w.classes,
+            "stride": w.spec.stride,
+            "params": w.param_count(),
+            "widths": widths,
+            "tile": a.tile,
+            "flops": flops,
+            "activation_peak_bytes_f32": peak,
+            "activation_peak_bytes_f16": peak16,
+            "ops": g.ops.len(),
+            "sources": w.metadata.get("fastdet.sources").and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!("{}  ({})", a.weights.display(), w.name);
+        println!("arch      {}", w.spec.arch.name());
+        println!("widths    {}", w.spec.widths_summary());
+        println!("classes   {}", w.classes.join(", "));
+        println!("params    {} (fp16, {:.1} MiB)", w.param_count(), w.param_count() as f64 * 2.0 / 1048576.0);
+        println!("tile      {}x{}x{}", a.tile[0], a.tile[1], a.tile[2]);
+        println!("FLOPs     {:.2} GFLOP per tile (convolutions, 2 per multiply-add)", flops as f64 / 1e9);
+        println!(
+            "memory    peak activations {:.1} MiB f32 ({:.1} MiB f16) per tile, buffers reused after last use",
+            peak as f64 / 1048576.0,
+            peak16 as f64 / 1048576.0
+        );
+        if a.graph {
+            println!("\n{}", g.describe(a.tile));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

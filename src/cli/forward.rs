@@ -1,0 +1,47 @@
+use anyhow::{bail, Result};
+use clap::Args;
+use fastdet::engine::{self, Device};
+use fastdet::io::tensors;
+use fastdet::weights::Weights;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args)]
+#[command(after_help = "Reads tensor `input` [N,1,D,H,W] f32; writes `scores` [N,C,D/2,H/2,W/2], `offsets` [N,3,...] (voxels; x,y,z) and, with --features, `fm2`.\nExample:\n  fastdet forward --weights weights/demo_dynunet.safetensors --input tile.safetensors --output out.safetensors")]
+pub struct ForwardArgs {
+    #[arg(long)]
+    pub weights: PathBuf,
+    #[arg(long)]
+    pub input: PathBuf,
+    #[arg(long)]
+    pub output: PathBuf,
+    /// cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Also write the head's input feature map `fm2`
+    #[arg(long)]
+    pub features: bool,
+}
+
+pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
+    let w = Weights::load(&a.weights)?;
+    let (shape, data) = tensors::read_f32(&a.input, "input")?;
+    if shape.len() != 5 || shape[1] != w.spec.in_channels {
+        bail!("{}: tensor input has shape {shape:?}; expected [N,{},D,H,W]", a.input.display(), w.spec.in_channels);
+    }
+    let (n, tile) = (shape[0], [shape[2], shape[3], shape[4]]);
+    let mut e = engine::open(Device::parse(&a.device)?, &w)?;
+    let t0 = std::time::Instant::now();
+    let out = e.forward(&data, n, tile, a.features).map_err(|err| anyhow::anyhow!("{}: {err:#}", a.input.display()))?;
+    let dt = t0.elapsed().as_secs_f64();
+    let half = [tile[0] / 2, tile[1] / 2, tile[2] / 2];
+    let sh = |c: usize| vec![n, c, half[0], half[1], half[2]];
+    let mut list: Vec<(&str, Vec<usize>, &[f32])> =
+        vec![("scores", sh(w.spec.num_classes), &out.scores), ("offsets", sh(3), &out.offsets)];
+    if let Some(f) = &out.fm2 {
+        list.push(("fm2", sh(w.spec.head_in), f));
+    }
+    tensors::write_f32(&a.output, &list, None)?;
+    println!("{} tile(s) of {}x{}x{} on {} in {dt:.3} s; wrote {}", n, tile[0], tile[1], tile[2], e.name(), a.output.display());
+    Ok(ExitCode::SUCCESS)
+}

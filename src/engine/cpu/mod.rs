@@ -1,0 +1,151 @@
+//! The CPU reference engine: f32 arithmetic on fp16-stored weights, NCDHW activations, rayon over
+//! output blocks. It is the oracle every GPU kernel is checked against.
+
+pub mod conv;
+pub mod norm;
+mod par;
+pub mod resample;
+
+use super::{Outputs, TileEngine};
+use crate::model::graph::{op_in_place, Graph, OpKind};
+use crate::weights::Weights;
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+
+pub struct CpuEngine {
+    pub graph: Graph,
+    params: HashMap<String, Vec<f32>>,
+    name: String,
+}
+
+impl CpuEngine {
+    pub fn new(weights: &Weights) -> Result<Self> {
+        let graph = Graph::build(&weights.spec)?;
+        let mut params = HashMap::new();
+        for (name, _) in weights.spec.required_tensors() {
+            params.insert(name.clone(), weights.f32(&name)?);
+        }
+        Ok(Self { graph, params, name: weights.name.clone() })
+    }
+
+    /// An engine over f32 parameters as they are (no fp16 rounding): cross-checks against
+    /// references computed from the original float32 checkpoint.
+    pub fn from_f32_params(spec: &crate::model::spec::ModelSpec, params: HashMap<String, Vec<f32>>, name: &str) -> Result<Self> {
+        let graph = Graph::build(spec)?;
+        for (t, shape) in spec.required_tensors() {
+            let p = params.get(&t).with_context(|| format!("missing tensor {t}"))?;
+            if p.len() != shape.iter().product::<usize>() {
+                bail!("tensor {t} holds {} values, expected shape {shape:?}", p.len());
+            }
+        }
+        Ok(Self { graph, params, name: name.to_string() })
+    }
+
+    fn param(&self, name: &str) -> Result<&[f32]> {
+        self.params.get(name).map(Vec::as_slice).with_context(|| format!("weights lack tensor {name}"))
+    }
+
+    /// Runs the graph; returns every value that is still alive at the end (scores, offsets, fm2).
+    fn run(&self, input: &[f32], n: usize, tile: [usize; 3]) -> Result<Vec<Option<Vec<f32>>>> {
+        let g = &self.graph;
+        g.check_tile(tile)?;
+        if input.len() != n * g.numel(g.input, tile) {
+            bail!("input holds {} values, expected {} for {n} tile(s) of {tile:?}", input.len(), n * g.numel(g.input, tile));
+        }
+        let last = g.last_use();
+        let mut vals: Vec<Option<Vec<f32>>> = vec![None; g.values.len()];
+        vals[g.input] = Some(input.to_vec());
+        for (i, op) in g.ops.iter().enumerate() {
+            let in_dims = g.dims(op.inputs[0], tile);
+            let vol_in: usize = in_dims.iter().product();
+            let cin = g.values[op.inputs[0]].channels;
+            let out_len = n * g.numel(op.output, tile);
+            let take_first = op_in_place(&op.kind) && last[op.inputs[0]] == i;
+            let out = if take_first {
+                let mut buf = vals[op.inputs[0]].take().expect("value computed");
+                match &op.kind {
+                    OpKind::GroupNorm { groups, weight, bias, act } => {
+                        norm::group_norm(&mut buf, n, cin, vol_in, *groups, Some(self.param(weight)?), Some(self.param(bias)?), *act)
+                    }
+                    OpKind::InstanceNorm { act } => norm::instance_norm(&mut buf, n, cin, vol_in, *act),
+                    OpKind::Add => {
+                        let other = vals[op.inputs[1]].as_ref().expect("value computed");
+                        for (a, b) in buf.iter_mut().zip(other) {
+                            *a += *b;
+                        }
+                    }
+                    _ => unreachable!(),
+                }
+                buf
+            } else {
+                let x = vals[op.inputs[0]].as_ref().expect("value computed");
+                match &op.kind {
+                    OpKind::Conv { weight, bias, cin, cout, k, stride, pad, act } => {
+                        let mut out = vec![0.0f32; out_len];
+                        let shape = conv::ConvShape { cin: *cin, cout: *cout, k: *k, stride: *stride, pad: *pad, dims: in_dims };
+                        let b = match bias {
+                            Some(b) => Some(self.param(b)?),
+                            None => None,
+                        };
+                        conv::conv3d(x, n, shape, self.param(weight)?, b, *act, &mut out);
+                        out
+                    }
+                    OpKind::ConvTranspose2 { weight, cin, cout } => {
+                        let mut out = vec![0.0f32; out_len];
+                        conv::conv_transpose2(x, n, *cin, *cout, in_dims, self.param(weight)?, &mut out);
+                        out
+                    }
+                    OpKind::GroupNorm { groups, weight, bias, act } => {
+                        let mut buf = x.clone();
+                        norm::group_norm(&mut buf, n, cin, vol_in, *groups, Some(self.param(weight)?), Some(self.param(bias)?), *act);
+                        buf
+                    }
+                    OpKind::InstanceNorm { act } => {
+                        let mut buf = x.clone();
+                        norm::instance_norm(&mut buf, n, cin, vol_in, *act);
+                        buf
+                    }
+                    OpKind::Add => {
+                        let other = vals[op.inputs[1]].as_ref().expect("value computed");
+                        x.iter().zip(other).map(|(a, b)| a + b).collect()
+                    }
+                    OpKind::Concat => {
+                        let y = vals[op.inputs[1]].as_ref().expect("value computed");
+                        let (ca, cb) = (cin, g.values[op.inputs[1]].channels);
+                        let mut out = Vec::with_capacity(out_len);
+                        for b in 0..n {
+                            out.extend_from_slice(&x[b * ca * vol_in..(b + 1) * ca * vol_in]);
+                            out.extend_from_slice(&y[b * cb * vol_in..(b + 1) * cb * vol_in]);
+                        }
+                        out
+                    }
+                    OpKind::Upsample2x => resample::upsample2x(x, n * cin, in_dims),
+                }
+            };
+            debug_assert_eq!(out.len(), out_len);
+            vals[op.output] = Some(out);
+            for &v in &op.inputs {
+                if last[v] == i {
+                    vals[v] = None;
+                }
+            }
+        }
+        Ok(vals)
+    }
+}
+
+impl TileEngine for CpuEngine {
+    fn forward(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<Outputs> {
+        let mut vals = self.run(input, n, tile)?;
+        let g = &self.graph;
+        Ok(Outputs {
+            scores: vals[g.scores].take().expect("scores computed"),
+            offsets: vals[g.offsets].take().expect("offsets computed"),
+            fm2: if want_fm2 { vals[g.fm2].take() } else { None },
+        })
+    }
+
+    fn name(&self) -> String {
+        format!("cpu:{}", self.name)
+    }
+}
