@@ -1,1 +1,608 @@
-//! (in progress)
+//! The Kaggle CZII F-beta metric (beta = 4), reproducing the reference `fbeta` exactly, and a
+//! per-class threshold tuner built on the same matching.
+//!
+//! Semantics (SPEC.md "Metric", reference `pipeline.py::fbeta`):
+//! - runs are those present in the truth; candidates of other runs are ignored;
+//! - per class and run, a reference point is matched when any candidate lies within
+//!   `0.5 x radius` Å (distance `<=` r, like a KD-tree ball query);
+//!   TP = distinct matched references, FP = candidates − TP, FN = references − TP;
+//!   a run without references of the class adds all its candidates to FP;
+//! - counts are summed over runs, F-beta is computed per class from the totals
+//!   (p, r = 0 on empty denominators, F = 0 when p + r = 0), and the total is the mean weighted by
+//!   the classes' metric weights.
+//!
+//! Matching uses a uniform grid with cells of one match radius, so each candidate looks at 27
+//! cells instead of every reference: linear time in practice, which the threshold sweep needs.
+use crate::particles::{Pick, CLASSES};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+/// Fraction of the particle radius within which a candidate matches (Kaggle's `distance_multiplier`).
+pub const DISTANCE_MULTIPLIER: f64 = 0.5;
+
+/// The competition's beta: recall weighs 16 times as much as precision.
+pub const BETA: f64 = 4.0;
+
+/// Threshold kept for a class that has no candidates to tune on.
+pub const DEFAULT_THRESHOLD: f32 = 0.5;
+
+/// One class's totals over all runs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassScore {
+    pub name: String,
+    pub tp: usize,
+    /// Candidates − TP. The reference can make this negative (one candidate within reach of two
+    /// references, which real, non-overlapping particles never allow); the F-beta then follows the
+    /// reference's signed value, and this field shows 0.
+    pub fp: usize,
+    pub fn_: usize,
+    pub precision: f64,
+    pub recall: f64,
+    pub fbeta: f64,
+    pub weight: f64,
+}
+
+/// The weighted total and the per-class details, in class order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Score {
+    pub fbeta: f64,
+    pub per_class: Vec<ClassScore>,
+}
+
+/// Match radius of class `c` in Å.
+fn match_radius(c: usize) -> f64 {
+    CLASSES[c].radius_a * DISTANCE_MULTIPLIER
+}
+
+/// Uniform-grid index over one run's references of one class.
+struct RefIndex {
+    pts: Vec<[f64; 3]>,
+    r2: f64,
+    inv_cell: f64,
+    cells: HashMap<[i64; 3], Vec<u32>>,
+}
+
+impl RefIndex {
+    fn new(pts: Vec<[f64; 3]>, r: f64) -> Self {
+        // Cells of one radius: everything within r of a point lies in the 3x3x3 block around its cell.
+        let inv_cell = 1.0 / r.max(1e-9);
+        let mut cells: HashMap<[i64; 3], Vec<u32>> = HashMap::with_capacity(pts.len());
+        for (i, p) in pts.iter().enumerate() {
+            cells.entry(Self::key(p, inv_cell)).or_default().push(i as u32);
+        }
+        RefIndex { pts, r2: r * r, inv_cell, cells }
+    }
+
+    fn key(p: &[f64; 3], inv_cell: f64) -> [i64; 3] {
+        p.map(|v| (v * inv_cell).floor() as i64)
+    }
+
+    /// Calls `f` with every reference within the radius of `q` (squared distance `<=` r², as
+    /// scipy's ball query compares).
+    fn for_each_within(&self, q: &[f64; 3], mut f: impl FnMut(usize)) {
+        let k = Self::key(q, self.inv_cell);
+        for dz in -1..=1 {
+            for dy in -1..=1 {
+                for dx in -1..=1 {
+                    let Some(ids) = self.cells.get(&[k[0] + dx, k[1] + dy, k[2] + dz]) else { continue };
+                    for &i in ids {
+                        let p = &self.pts[i as usize];
+                        let d2 = (p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2) + (p[2] - q[2]).powi(2);
+                        if d2 <= self.r2 {
+                            f(i as usize);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Picks grouped as `[class][run] -> points`, runs numbered by their rank among the truth's runs.
+struct Grouped<'a> {
+    runs: HashMap<&'a str, usize>,
+    refs: Vec<Vec<Vec<[f64; 3]>>>,
+}
+
+impl<'a> Grouped<'a> {
+    fn from_truth(truth: &'a [Pick]) -> Self {
+        let mut names: Vec<&str> = truth.iter().map(|p| p.run.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let runs: HashMap<&str, usize> = names.iter().enumerate().map(|(i, r)| (*r, i)).collect();
+        let mut refs = vec![vec![Vec::new(); names.len()]; CLASSES.len()];
+        for p in truth.iter().filter(|p| p.class < CLASSES.len()) {
+            refs[p.class][runs[p.run.as_str()]].push([p.x, p.y, p.z]);
+        }
+        Grouped { runs, refs }
+    }
+
+    /// Run index of a candidate, `None` for a run the truth does not know or an invalid class.
+    fn run_of(&self, p: &Pick) -> Option<usize> {
+        if p.class >= CLASSES.len() {
+            return None;
+        }
+        self.runs.get(p.run.as_str()).copied()
+    }
+}
+
+/// Precision, recall and F-beta from signed totals, exactly as the reference computes them.
+fn class_f(tp: i64, fp: i64, fn_: i64, beta: f64) -> (f64, f64, f64) {
+    let p = if tp + fp != 0 { tp as f64 / (tp + fp) as f64 } else { 0.0 };
+    let r = if tp + fn_ != 0 { tp as f64 / (tp + fn_) as f64 } else { 0.0 };
+    let b2 = beta * beta;
+    let f = if p + r > 0.0 { (1.0 + b2) * p * r / (b2 * p + r) } else { 0.0 };
+    (p, r, f)
+}
+
+fn class_score(c: usize, tp: i64, fp: i64, fn_: i64, beta: f64) -> ClassScore {
+    let (precision, recall, fbeta) = class_f(tp, fp, fn_, beta);
+    ClassScore {
+        name: CLASSES[c].name.to_string(),
+        tp: tp as usize,
+        fp: fp.max(0) as usize,
+        fn_: fn_ as usize,
+        precision,
+        recall,
+        fbeta,
+        weight: CLASSES[c].metric_weight,
+    }
+}
+
+fn total(per_class: Vec<ClassScore>) -> Score {
+    let wsum: f64 = per_class.iter().map(|c| c.weight).sum();
+    let fbeta = if wsum > 0.0 { per_class.iter().map(|c| c.fbeta * c.weight).sum::<f64>() / wsum } else { 0.0 };
+    Score { fbeta, per_class }
+}
+
+/// Scores a submission against the truth with the Kaggle CZII F-beta (`beta` = 4 in the competition).
+/// Picks' scores are ignored: every candidate counts.
+pub fn score(truth: &[Pick], submission: &[Pick], beta: f64) -> Score {
+    let g = Grouped::from_truth(truth);
+    let nruns = g.runs.len();
+    let mut cands = vec![vec![Vec::new(); nruns]; CLASSES.len()];
+    for p in submission {
+        if let Some(run) = g.run_of(p) {
+            cands[p.class][run].push([p.x, p.y, p.z]);
+        }
+    }
+    let per_class = (0..CLASSES.len())
+        .map(|c| {
+            let (mut tp, mut fp, mut fn_) = (0i64, 0i64, 0i64);
+            for (refs, cand) in g.refs[c].iter().zip(&cands[c]) {
+                if refs.is_empty() {
+                    fp += cand.len() as i64;
+                    continue;
+                }
+                let index = RefIndex::new(refs.clone(), match_radius(c));
+                let mut matched = vec![false; refs.len()];
+                for q in cand {
+                    index.for_each_within(q, |i| matched[i] = true);
+                }
+                let t = matched.iter().filter(|&&m| m).count() as i64;
+                tp += t;
+                fp += cand.len() as i64 - t;
+                fn_ += refs.len() as i64 - t;
+            }
+            class_score(c, tp, fp, fn_, beta)
+        })
+        .collect();
+    total(per_class)
+}
+
+/// Chooses per-class score thresholds that maximise the F-beta of `candidates` (picks from a
+/// low-threshold detection run, with scores) against `truth`.
+///
+/// Classes are tuned independently, which is exact because the total is a weighted sum of per-class
+/// scores. For each class the candidates (of runs in the truth) are swept in descending score order,
+/// counting a reference as matched when the first candidate within reach arrives; F-beta is
+/// evaluated after each group of equal scores, i.e. at each distinct score `t` with the candidates
+/// `score >= t` kept. Ties go to the higher threshold (fewer picks for the same score); a class with
+/// no candidates keeps [`DEFAULT_THRESHOLD`]. Returns the thresholds in class order and the score
+/// of `candidates` filtered by them.
+pub fn tune_thresholds(truth: &[Pick], candidates: &[Pick], beta: f64) -> (Vec<f32>, Score) {
+    let g = Grouped::from_truth(truth);
+    let thresholds: Vec<f32> = (0..CLASSES.len())
+        .map(|c| {
+            let indices: Vec<RefIndex> =
+                g.refs[c].iter().map(|refs| RefIndex::new(refs.clone(), match_radius(c))).collect();
+            let nrefs: usize = g.refs[c].iter().map(Vec::len).sum();
+            let offsets: Vec<usize> = g.refs[c]
+                .iter()
+                .scan(0usize, |acc, r| {
+                    let o = *acc;
+                    *acc += r.len();
+                    Some(o)
+                })
+                .collect();
+            let mut cands: Vec<(f32, usize, [f64; 3])> = candidates
+                .iter()
+                .filter(|p| p.class == c && !p.score.is_nan())
+                .filter_map(|p| g.run_of(p).map(|run| (p.score, run, [p.x, p.y, p.z])))
+                .collect();
+            if cands.is_empty() {
+                return DEFAULT_THRESHOLD;
+            }
+            cands.sort_by(|a, b| b.0.total_cmp(&a.0));
+
+            let mut matched = vec![false; nrefs];
+            let (mut tp, mut best_f, mut best_t) = (0i64, f64::NEG_INFINITY, cands[0].0);
+            for (n, &(s, run, q)) in cands.iter().enumerate() {
+                indices[run].for_each_within(&q, |i| {
+                    let m = &mut matched[offsets[run] + i];
+                    if !*m {
+                        *m = true;
+                        tp += 1;
+                    }
+                });
+                let group_ends = cands.get(n + 1).is_none_or(|next| next.0 != s);
+                if group_ends {
+                    let kept = n as i64 + 1;
+                    let (_, _, f) = class_f(tp, kept - tp, nrefs as i64 - tp, beta);
+                    if f > best_f {
+                        (best_f, best_t) = (f, s);
+                    }
+                }
+            }
+            best_t
+        })
+        .collect();
+    let kept: Vec<Pick> =
+        candidates.iter().filter(|p| p.class < CLASSES.len() && p.score >= thresholds[p.class]).cloned().collect();
+    let s = score(truth, &kept, beta);
+    (thresholds, s)
+}
+
+/// A fixed-width per-class table (name, weight, TP, FP, FN, precision, recall, F-beta) and the
+/// weighted total, for logs and the CLI.
+pub fn format_table(score: &Score) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<20} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9}",
+        "class", "weight", "TP", "FP", "FN", "precision", "recall", "F-beta"
+    );
+    for c in &score.per_class {
+        let _ = writeln!(
+            s,
+            "{:<20} {:>6.1} {:>7} {:>7} {:>7} {:>9.4} {:>9.4} {:>9.4}",
+            c.name, c.weight, c.tp, c.fp, c.fn_, c.precision, c.recall, c.fbeta
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{:<20} {:>6.1} {:>53.6}",
+        "total (weighted)",
+        score.per_class.iter().map(|c| c.weight).sum::<f64>(),
+        score.fbeta
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn pk(run: &str, class: usize, score: f32, x: f64, y: f64, z: f64) -> Pick {
+        Pick { run: run.into(), class, score, x, y, z }
+    }
+    fn at(run: &str, class: usize, x: f64, y: f64, z: f64) -> Pick {
+        pk(run, class, 1.0, x, y, z)
+    }
+    fn counts(s: &Score, c: usize) -> (usize, usize, usize) {
+        (s.per_class[c].tp, s.per_class[c].fp, s.per_class[c].fn_)
+    }
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    /// A small truth with every class in two runs, particles well apart.
+    fn truth_all() -> Vec<Pick> {
+        let mut t = Vec::new();
+        for (ri, run) in ["TS_a", "TS_b"].iter().enumerate() {
+            for c in 0..6 {
+                for k in 0..3 {
+                    t.push(at(run, c, 1000.0 * c as f64 + 400.0 * k as f64, 500.0 * ri as f64, 77.0));
+                }
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn perfect_match_is_one() {
+        let t = truth_all();
+        let s = score(&t, &t, BETA);
+        assert_eq!(s.fbeta, 1.0);
+        for (c, cs) in s.per_class.iter().enumerate() {
+            assert_eq!((cs.name.as_str(), cs.weight), (CLASSES[c].name, CLASSES[c].metric_weight));
+            assert_eq!(counts(&s, c), (6, 0, 0));
+            assert_eq!((cs.precision, cs.recall, cs.fbeta), (1.0, 1.0, 1.0));
+        }
+        // Empty submission: nothing found, every class 0.
+        let s = score(&t, &[], BETA);
+        assert_eq!(s.fbeta, 0.0);
+        assert_eq!(counts(&s, 2), (0, 0, 6));
+    }
+
+    #[test]
+    fn duplicate_candidates_on_one_particle() {
+        let t = vec![at("r", 0, 100.0, 100.0, 100.0)];
+        let sub = vec![at("r", 0, 101.0, 100.0, 100.0), at("r", 0, 100.0, 95.0, 103.0)];
+        let s = score(&t, &sub, BETA);
+        assert_eq!(counts(&s, 0), (1, 1, 0));
+        let c = &s.per_class[0];
+        assert_eq!((c.precision, c.recall), (0.5, 1.0));
+        // (1 + 16) * 0.5 * 1 / (16 * 0.5 + 1) = 8.5 / 9
+        assert!(close(c.fbeta, 8.5 / 9.0), "{}", c.fbeta);
+        assert!(close(s.fbeta, 8.5 / 9.0 / 7.0));
+    }
+
+    #[test]
+    fn run_without_truth_for_a_class_and_unknown_runs() {
+        // Run A has a ribosome, run B only an apo-ferritin.
+        let t = vec![at("A", 2, 0.0, 0.0, 0.0), at("B", 0, 500.0, 500.0, 500.0)];
+        let sub = vec![
+            at("A", 2, 10.0, 0.0, 0.0),      // TP
+            at("B", 2, 0.0, 0.0, 0.0),       // FP: B has no ribosome truth
+            at("B", 2, 900.0, 0.0, 0.0),     // FP
+            at("C", 2, 0.0, 0.0, 0.0),       // ignored: run C is not in the truth
+            at("C", 0, 500.0, 500.0, 500.0), // ignored
+            at("B", 0, 500.0, 500.0, 530.0), // TP (exactly at apo-ferritin's 30 Å)
+        ];
+        let s = score(&t, &sub, BETA);
+        assert_eq!(counts(&s, 2), (1, 2, 0));
+        assert_eq!(counts(&s, 0), (1, 0, 0));
+        let f_ribo = 17.0 * (1.0 / 3.0) / (16.0 / 3.0 + 1.0);
+        assert!(close(s.per_class[2].fbeta, f_ribo));
+        // A class with no truth and no candidates anywhere scores 0 (p = r = 0).
+        assert_eq!(counts(&s, 4), (0, 0, 0));
+        assert_eq!(s.per_class[4].fbeta, 0.0);
+        assert!(close(s.fbeta, (1.0 + f_ribo) / 7.0));
+    }
+
+    #[test]
+    fn radius_boundary_is_inclusive() {
+        // apo-ferritin: radius 60 Å, match radius 30 Å. 18² + 24² = 30² exactly.
+        let t = vec![at("r", 0, 1000.0, 1000.0, 1000.0)];
+        let on = score(&t, &[at("r", 0, 1018.0, 1024.0, 1000.0)], BETA);
+        assert_eq!(counts(&on, 0), (1, 0, 0));
+        let inside = score(&t, &[at("r", 0, 1000.0, 1000.0, 1029.999)], BETA);
+        assert_eq!(counts(&inside, 0), (1, 0, 0));
+        let outside = score(&t, &[at("r", 0, 1000.0, 1000.0, 1030.001)], BETA);
+        assert_eq!(counts(&outside, 0), (0, 1, 1));
+        // Ribosome (radius 150): 74.9 Å matches, 75.1 Å does not; cells of other sizes are not mixed up.
+        let t = vec![at("r", 2, -5.0, -5.0, -5.0)];
+        assert_eq!(counts(&score(&t, &[at("r", 2, 69.9, -5.0, -5.0)], BETA), 2), (1, 0, 0));
+        assert_eq!(counts(&score(&t, &[at("r", 2, -80.1, -5.0, -5.0)], BETA), 2), (0, 1, 1));
+        // Wrong class at the right place: not a match.
+        assert_eq!(counts(&score(&t, &[at("r", 1, -5.0, -5.0, -5.0)], BETA), 2), (0, 0, 1));
+    }
+
+    #[test]
+    fn weighted_total() {
+        let mut t = Vec::new();
+        let mut sub = Vec::new();
+        t.push(at("r", 0, 0.0, 0.0, 0.0)); // apo-ferritin (w1): perfect
+        sub.push(at("r", 0, 0.0, 0.0, 0.0));
+        t.push(at("r", 1, 1000.0, 0.0, 0.0)); // beta-galactosidase (w2): duplicate → 8.5/9
+        sub.push(at("r", 1, 1000.0, 0.0, 0.0));
+        sub.push(at("r", 1, 1001.0, 0.0, 0.0));
+        t.push(at("r", 3, 2000.0, 0.0, 0.0)); // thyroglobulin (w2): missed → 0
+        t.push(at("r", 5, 3000.0, 0.0, 0.0)); // beta-amylase (w0): perfect but weightless
+        sub.push(at("r", 5, 3000.0, 0.0, 0.0));
+        let s = score(&t, &sub, BETA);
+        let want = (1.0 + 2.0 * 8.5 / 9.0 + 2.0 * 0.0) / 7.0;
+        assert!(close(s.fbeta, want), "{} vs {want}", s.fbeta);
+        assert_eq!(s.per_class[5].fbeta, 1.0);
+        // beta = 1 is the plain F1: beta-galactosidase 2 * 0.5 * 1 / 1.5.
+        let s1 = score(&t, &sub, 1.0);
+        assert!(close(s1.per_class[1].fbeta, 2.0 / 3.0));
+    }
+
+    #[test]
+    fn one_candidate_reaching_two_references_follows_the_reference() {
+        // Two apo-ferritin references 20 Å apart; one candidate between them matches both, so the
+        // reference gets TP 2, FP −1, precision 2 and F = 17*2/(32+1). Real particles never overlap so.
+        let t = vec![at("r", 0, 0.0, 0.0, 0.0), at("r", 0, 20.0, 0.0, 0.0)];
+        let s = score(&t, &[at("r", 0, 10.0, 0.0, 0.0)], BETA);
+        assert_eq!(counts(&s, 0), (2, 0, 0));
+        assert_eq!(s.per_class[0].precision, 2.0);
+        assert!(close(s.per_class[0].fbeta, 34.0 / 33.0));
+    }
+
+    #[test]
+    fn tune_drops_a_low_score_false_positive() {
+        let t = vec![at("r", 0, 0.0, 0.0, 0.0), at("r", 0, 500.0, 0.0, 0.0)];
+        let cands = vec![
+            pk("r", 0, 0.9, 1.0, 0.0, 0.0),
+            pk("r", 0, 0.8, 501.0, 0.0, 0.0),
+            pk("r", 0, 0.3, 900.0, 0.0, 0.0), // FP, lowest score
+        ];
+        let (th, s) = tune_thresholds(&t, &cands, BETA);
+        assert_eq!(th[0], 0.8);
+        assert_eq!(counts(&s, 0), (2, 0, 0));
+        assert_eq!(s.per_class[0].fbeta, 1.0);
+        // Classes without candidates keep the default.
+        assert_eq!(&th[1..], &[0.5; 5]);
+        assert!(close(s.fbeta, 1.0 / 7.0));
+    }
+
+    #[test]
+    fn tune_weighs_recall_over_precision() {
+        // Two references; scores: TP 0.9, FP 0.6, FP 0.5, TP 0.4.
+        // t = 0.9: p 1, r 0.5 → 8.5/16.5 = 0.515; t = 0.4: p 0.5, r 1 → 8.5/9 = 0.944: keep all.
+        let t = vec![at("r", 3, 0.0, 0.0, 0.0), at("r", 3, 1000.0, 0.0, 0.0)];
+        let cands = vec![
+            pk("r", 3, 0.6, 3000.0, 0.0, 0.0),
+            pk("r", 3, 0.9, 0.0, 10.0, 0.0),
+            pk("r", 3, 0.4, 1000.0, 0.0, 10.0),
+            pk("r", 3, 0.5, 5000.0, 0.0, 0.0),
+        ];
+        let (th, s) = tune_thresholds(&t, &cands, BETA);
+        assert_eq!(th[3], 0.4);
+        assert!(close(s.per_class[3].fbeta, 8.5 / 9.0));
+        // With beta = 0.25 precision dominates: t = 0.9 wins.
+        let (th, _) = tune_thresholds(&t, &cands, 0.25);
+        assert_eq!(th[3], 0.9);
+    }
+
+    #[test]
+    fn tune_ties_and_classes_without_truth() {
+        // Ribosome candidates but no ribosome truth: F is 0 at every threshold → the highest.
+        // A duplicate after the match adds only an FP, equal scores are one group.
+        let t = vec![at("r", 0, 0.0, 0.0, 0.0)];
+        let cands = vec![
+            pk("r", 2, 0.4, 0.0, 0.0, 0.0),
+            pk("r", 2, 0.7, 0.0, 0.0, 0.0),
+            pk("r", 0, 0.6, 0.0, 0.0, 0.0),
+            pk("r", 0, 0.6, 900.0, 0.0, 0.0), // same score as the TP: kept together
+            pk("r", 0, 0.2, 1.0, 0.0, 0.0),
+            pk("zz", 1, 0.9, 0.0, 0.0, 0.0), // run not in truth: beta-galactosidase has no candidates
+        ];
+        let (th, s) = tune_thresholds(&t, &cands, BETA);
+        assert_eq!(th, vec![0.6, 0.5, 0.7, 0.5, 0.5, 0.5]);
+        assert_eq!(counts(&s, 0), (1, 1, 0));
+        assert_eq!(counts(&s, 2), (0, 1, 0));
+    }
+
+    /// Small deterministic generator for randomized cross-checks.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> f64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    fn random_case(seed: u64) -> (Vec<Pick>, Vec<Pick>) {
+        let mut g = Lcg(seed);
+        let runs = ["A", "B", "C"];
+        let mut truth = Vec::new();
+        let mut cands = Vec::new();
+        for _ in 0..150 {
+            let run = runs[(g.next() * 2.0) as usize]; // truth only in A and B
+            let c = (g.next() * 6.0) as usize;
+            let p = [g.next() * 2000.0, g.next() * 2000.0, g.next() * 600.0];
+            truth.push(at(run, c, p[0], p[1], p[2]));
+            // Noisy detections near some particles, sometimes twice.
+            for _ in 0..(g.next() * 3.0) as usize {
+                let j = CLASSES[c].radius_a * 0.4;
+                let q = p.map(|v| v + (g.next() - 0.5) * 2.0 * j);
+                cands.push(pk(run, c, (g.next() * 20.0).round() as f32 / 20.0, q[0], q[1], q[2]));
+            }
+        }
+        for _ in 0..200 {
+            let run = runs[(g.next() * 3.0) as usize];
+            let c = (g.next() * 6.0) as usize;
+            let q = [g.next() * 2000.0, g.next() * 2000.0, g.next() * 600.0];
+            cands.push(pk(run, c, (g.next() * 20.0).round() as f32 / 20.0, q[0], q[1], q[2]));
+        }
+        (truth, cands)
+    }
+
+    /// The reference algorithm, brute force.
+    fn brute(truth: &[Pick], sub: &[Pick], c: usize) -> (i64, i64, i64) {
+        let mut runs: Vec<&str> = truth.iter().map(|p| p.run.as_str()).collect();
+        runs.sort();
+        runs.dedup();
+        let r2 = match_radius(c).powi(2);
+        let (mut tp, mut fp, mut fn_) = (0, 0, 0);
+        for run in runs {
+            let refs: Vec<&Pick> = truth.iter().filter(|p| p.run == run && p.class == c).collect();
+            let cand: Vec<&Pick> = sub.iter().filter(|p| p.run == run && p.class == c).collect();
+            let t = refs
+                .iter()
+                .filter(|r| cand.iter().any(|q| (r.x - q.x).powi(2) + (r.y - q.y).powi(2) + (r.z - q.z).powi(2) <= r2))
+                .count() as i64;
+            tp += t;
+            fp += cand.len() as i64 - t;
+            fn_ += refs.len() as i64 - t;
+        }
+        (tp, fp, fn_)
+    }
+
+    #[test]
+    fn grid_matching_agrees_with_brute_force() {
+        for seed in 1..6 {
+            let (truth, cands) = random_case(seed);
+            let s = score(&truth, &cands, BETA);
+            for c in 0..6 {
+                let (tp, fp, fn_) = brute(&truth, &cands, c);
+                assert_eq!(counts(&s, c), (tp as usize, fp as usize, fn_ as usize), "seed {seed} class {c}");
+                assert_eq!(s.per_class[c].fbeta, class_f(tp, fp, fn_, BETA).2);
+            }
+        }
+    }
+
+    #[test]
+    fn tune_agrees_with_exhaustive_search() {
+        for seed in 10..14 {
+            let (truth, cands) = random_case(seed);
+            let (th, s) = tune_thresholds(&truth, &cands, BETA);
+            for (c, &th_c) in th.iter().enumerate() {
+                let mut ts: Vec<f32> = cands.iter().filter(|p| p.class == c && p.run != "C").map(|p| p.score).collect();
+                ts.sort_by(|a, b| b.total_cmp(a));
+                ts.dedup();
+                let mut best = (f64::NEG_INFINITY, 0.5f32);
+                for &t in &ts {
+                    let kept: Vec<Pick> = cands.iter().filter(|p| p.class == c && p.score >= t).cloned().collect();
+                    let (tp, fp, fn_) = brute(&truth, &kept, c);
+                    let f = class_f(tp, fp, fn_, BETA).2;
+                    if f > best.0 {
+                        best = (f, t);
+                    }
+                }
+                assert_eq!(th_c, best.1, "seed {seed} class {c}");
+                if best.0.is_finite() {
+                    assert_eq!(s.per_class[c].fbeta, best.0, "seed {seed} class {c}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fixture_submission_scores_as_reference() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let truth = crate::io::copick::read_truth(&root.join("dataset"), "test").unwrap();
+        let sub = crate::io::csv::read_submission(&root.join("expected_submission.csv")).unwrap();
+        let s = score(&truth, &sub, BETA);
+        assert!((s.fbeta - 0.9979102203210861).abs() < 1e-9, "{}", s.fbeta);
+        let want = [
+            ("apo-ferritin", 0.9970674486803519),
+            ("beta-galactosidase", 1.0),
+            ("ribosome", 1.0),
+            ("thyroglobulin", 0.9941520467836257),
+            ("virus-like-particle", 1.0),
+            ("beta-amylase", 1.0),
+        ];
+        for (cs, (name, f)) in s.per_class.iter().zip(want) {
+            assert_eq!(cs.name, name);
+            assert!((cs.fbeta - f).abs() < 1e-12, "{name}: {}", cs.fbeta);
+        }
+        assert_eq!(s.per_class.iter().map(|c| c.tp + c.fp).sum::<usize>(), 64);
+        // Tuning on the submission itself can only do as well or better.
+        let (_, tuned) = tune_thresholds(&truth, &sub, BETA);
+        assert!(tuned.fbeta >= s.fbeta - 1e-12);
+    }
+
+    #[test]
+    fn table_and_json() {
+        let t = truth_all();
+        let s = score(&t, &t[1..], BETA);
+        let table = format_table(&s);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 8);
+        assert!(lines[0].starts_with("class") && lines[0].contains("F-beta"));
+        assert!(lines[1].starts_with("apo-ferritin") && lines[1].contains("0.8333"), "{}", lines[1]);
+        assert!(lines[7].starts_with("total (weighted)") && lines[7].ends_with(&format!("{:.6}", s.fbeta)));
+        let v: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["fbeta"], s.fbeta);
+        assert_eq!(v["per_class"][0]["name"], "apo-ferritin");
+        assert_eq!(v["per_class"][0]["tp"], 5);
+        assert_eq!(v["per_class"][0]["fn_"], 1);
+        assert_eq!(v["per_class"].as_array().unwrap().len(), 6);
+    }
+}

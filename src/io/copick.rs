@@ -1,1 +1,308 @@
-//! (in progress)
+//! copick picks JSON: the competition's ground-truth format and a submission format of its own.
+//!
+//! One file holds the points of one particle class in one run:
+//! `{root}/{split}/overlay/ExperimentRuns/{run}/Picks/{particle}.json` (copick itself writes
+//! `{user}_{session}_{particle}.json`). Coordinates are in Å.
+use crate::particles::{class_index, Pick, CLASSES};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The parts of a picks file we read; everything else (orientation, ids, user) is ignored.
+#[derive(Deserialize)]
+struct PicksIn {
+    pickable_object_name: String,
+    /// Missing or `null` means no points (copick writes `null` for an empty session).
+    #[serde(default)]
+    points: Option<Vec<PointIn>>,
+}
+
+#[derive(Deserialize)]
+struct PointIn {
+    location: Location,
+    #[serde(default)]
+    score: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Location {
+    x: f64,
+    y: f64,
+    z: f64,
+}
+
+/// A picks file as copick writes it; field order follows copick's own output.
+#[derive(Serialize)]
+struct PicksOut<'a> {
+    pickable_object_name: &'a str,
+    user_id: &'a str,
+    session_id: &'a str,
+    run_name: &'a str,
+    voxel_spacing: Option<f64>,
+    unit: &'a str,
+    trust_orientation: bool,
+    points: Vec<PointOut>,
+}
+
+#[derive(Serialize)]
+struct PointOut {
+    location: Location,
+    transformation_: [[f64; 4]; 4],
+    instance_id: u32,
+    score: f32,
+}
+
+const IDENTITY: [[f64; 4]; 4] =
+    [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]];
+
+/// Reads one picks file as picks of `run`.
+///
+/// The class comes from `pickable_object_name` (not the file name, which may carry a user/session
+/// prefix); an unknown object is an error, as silently dropping it would hide a mislabelled truth.
+/// A point without `score` (ground truth) gets 1.0.
+pub fn read_picks_file(path: &Path, run: &str) -> Result<Vec<Pick>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read picks file", path.display()))?;
+    let doc: PicksIn =
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed copick picks JSON", path.display()))?;
+    let class = class_index(&doc.pickable_object_name).with_context(|| {
+        format!(
+            "{}: unknown pickable_object_name {:?} (known: {})",
+            path.display(),
+            doc.pickable_object_name,
+            CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let points = doc.points.unwrap_or_default();
+    let mut picks = Vec::with_capacity(points.len());
+    for (i, p) in points.into_iter().enumerate() {
+        let Location { x, y, z } = p.location;
+        if !(x.is_finite() && y.is_finite() && z.is_finite()) {
+            bail!("{}: point {i} has a non-finite location", path.display());
+        }
+        picks.push(Pick { run: run.to_string(), class, score: p.score.unwrap_or(1.0) as f32, x, y, z });
+    }
+    Ok(picks)
+}
+
+/// Reads every `*.json` in a run's `Picks/` directory (`{particle}.json` or
+/// `{user}_{session}_{particle}.json`), in file-name order so the result is deterministic.
+///
+/// Every file counts: two sessions of the same particle both contribute their points.
+pub fn read_run_picks(picks_dir: &Path, run: &str) -> Result<Vec<Pick>> {
+    let mut files = json_files(picks_dir)?;
+    files.sort();
+    let mut picks = Vec::new();
+    for f in files {
+        picks.extend(read_picks_file(&f, run)?);
+    }
+    Ok(picks)
+}
+
+fn json_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("{}: cannot list picks directory", dir.display()))?;
+    let mut files = Vec::new();
+    for e in entries {
+        let path = e.with_context(|| format!("{}: cannot list picks directory", dir.display()))?.path();
+        let is_json = path.extension().is_some_and(|x| x == "json");
+        let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if is_json && !hidden && path.is_file() {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+/// Reads the ground truth of a split: `{root}/{split}/overlay/ExperimentRuns/{run}/Picks/` for every
+/// run directory, runs sorted by name. A run without a `Picks/` directory has no annotations and
+/// contributes nothing.
+pub fn read_truth(root: &Path, split: &str) -> Result<Vec<Pick>> {
+    let runs_dir = root.join(split).join("overlay").join("ExperimentRuns");
+    let entries = std::fs::read_dir(&runs_dir)
+        .with_context(|| format!("{}: cannot list ground-truth runs", runs_dir.display()))?;
+    let mut runs = Vec::new();
+    for e in entries {
+        let e = e.with_context(|| format!("{}: cannot list ground-truth runs", runs_dir.display()))?;
+        if e.path().is_dir() {
+            runs.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    runs.sort();
+    let mut picks = Vec::new();
+    for run in runs {
+        let dir = runs_dir.join(&run).join("Picks");
+        if dir.is_dir() {
+            picks.extend(read_run_picks(&dir, &run)?);
+        }
+    }
+    Ok(picks)
+}
+
+/// Writes `{out_dir}/ExperimentRuns/{run}/Picks/{user}_{session}_{particle}.json` for each of the six
+/// classes, so copick tools see the session complete (a class with no picks gets an empty list).
+///
+/// Only picks of `run` are written, so a whole multi-run submission can be passed. Each file is
+/// written atomically. Points carry an identity orientation, as the detector predicts none.
+pub fn write_run_picks(out_dir: &Path, run: &str, picks: &[Pick], user_id: &str, session_id: &str) -> Result<()> {
+    for (what, s) in [("run", run), ("user_id", user_id), ("session_id", session_id)] {
+        if s.is_empty() || s.contains(['/', '\\']) || s == "." || s == ".." {
+            bail!("copick {what} {s:?} cannot be used in a file path");
+        }
+    }
+    let dir = out_dir.join("ExperimentRuns").join(run).join("Picks");
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create picks directory", dir.display()))?;
+    for (ci, class) in CLASSES.iter().enumerate() {
+        let points = picks
+            .iter()
+            .filter(|p| p.class == ci && p.run == run)
+            .map(|p| PointOut {
+                location: Location { x: p.x, y: p.y, z: p.z },
+                transformation_: IDENTITY,
+                instance_id: 0,
+                score: p.score,
+            })
+            .collect();
+        let doc = PicksOut {
+            pickable_object_name: class.name,
+            user_id,
+            session_id,
+            run_name: run,
+            voxel_spacing: None,
+            unit: "angstrom",
+            trust_orientation: true,
+            points,
+        };
+        let path = dir.join(format!("{user_id}_{session_id}_{}.json", class.name));
+        crate::util::write_atomic(&path, |f| {
+            let mut w = std::io::BufWriter::new(f);
+            serde_json::to_writer_pretty(&mut w, &doc).with_context(|| format!("{}: cannot write", path.display()))?;
+            std::io::Write::flush(&mut w).with_context(|| format!("{}: cannot write", path.display()))
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overlay() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dataset")
+    }
+
+    #[test]
+    fn reads_fixture_truth_file() {
+        let f = overlay().join("test/overlay/ExperimentRuns/TS_synth_1/Picks/ribosome.json");
+        let picks = read_picks_file(&f, "TS_synth_1").unwrap();
+        assert!(!picks.is_empty());
+        // serde_json parses floats exactly only with its `float_roundtrip` feature (which this crate
+        // gets through zarrs); without it the last bit may differ, so allow one ulp.
+        let ulp_eq = |a: f64, b: f64| (a - b).abs() <= b.abs() * f64::EPSILON;
+        let p = &picks[0];
+        assert_eq!((p.run.as_str(), p.class, p.score), ("TS_synth_1", 2, 1.0));
+        assert!(ulp_eq(p.x, 475.57000000000005) && ulp_eq(p.y, 785.942) && ulp_eq(p.z, 345.414), "{p:?}");
+        assert!(ulp_eq(picks[1].x, 1326.5900000000001), "{:?}", picks[1]);
+        assert!(picks.iter().all(|p| p.class == 2 && p.score == 1.0));
+    }
+
+    #[test]
+    fn reads_fixture_split_sorted_by_run() {
+        let truth = read_truth(&overlay(), "test").unwrap();
+        let runs: Vec<&str> = truth.iter().map(|p| p.run.as_str()).collect();
+        assert_eq!(runs.first(), Some(&"TS_synth_1"));
+        assert_eq!(runs.last(), Some(&"TS_synth_2"));
+        assert!(runs.windows(2).all(|w| w[0] <= w[1]), "runs come sorted");
+        // Every class is annotated in the fixture runs.
+        for c in 0..CLASSES.len() {
+            assert!(truth.iter().any(|p| p.class == c && p.run == "TS_synth_2"), "class {c}");
+        }
+        let err = read_truth(&overlay(), "train").unwrap_err().to_string();
+        assert!(err.contains("train/overlay/ExperimentRuns"), "{err}");
+    }
+
+    #[test]
+    fn score_empty_points_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let p = write(
+            "a.json",
+            r#"{"pickable_object_name": "thyroglobulin", "points": [
+                {"location": {"x": 1.5, "y": 2, "z": -3}, "score": 0.25},
+                {"location": {"x": 4, "y": 5, "z": 6}, "score": null}]}"#,
+        );
+        let picks = read_picks_file(&p, "r").unwrap();
+        assert_eq!(picks[0], Pick { run: "r".into(), class: 3, score: 0.25, x: 1.5, y: 2.0, z: -3.0 });
+        assert_eq!(picks[1].score, 1.0);
+        let p = write("b.json", r#"{"pickable_object_name": "ribosome", "points": []}"#);
+        assert!(read_picks_file(&p, "r").unwrap().is_empty());
+        let p = write("c.json", r#"{"pickable_object_name": "ribosome", "points": null}"#);
+        assert!(read_picks_file(&p, "r").unwrap().is_empty());
+
+        let p = write("d.json", r#"{"pickable_object_name": "membrane", "points": []}"#);
+        let e = format!("{:#}", read_picks_file(&p, "r").unwrap_err());
+        assert!(e.contains("d.json") && e.contains("membrane"), "{e}");
+        let p = write("e.json", r#"{"pickable_object_name": "ribosome", "points": [{"location": {"x": 1}}"#);
+        let e = format!("{:#}", read_picks_file(&p, "r").unwrap_err());
+        assert!(e.contains("e.json") && e.contains("malformed"), "{e}");
+        let p = write("f.json", r#"{"points": []}"#);
+        let e = format!("{:#}", read_picks_file(&p, "r").unwrap_err());
+        assert!(e.contains("f.json") && e.contains("pickable_object_name"), "{e}");
+    }
+
+    #[test]
+    fn write_then_read_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |run: &str, class, score, x| Pick { run: run.into(), class, score, x, y: x * 2.0 + 0.1, z: -x / 3.0 };
+        let picks = vec![
+            mk("TS_a", 0, 0.5, 100.25),
+            mk("TS_a", 4, 0.987_654_3, 1_234.567_890_123),
+            mk("TS_b", 0, 0.9, 5.0),
+            mk("TS_a", 0, 0.3, 777.777),
+        ];
+        write_run_picks(dir.path(), "TS_a", &picks, "fastdet", "0").unwrap();
+        let pdir = dir.path().join("ExperimentRuns/TS_a/Picks");
+        let mut names: Vec<String> =
+            std::fs::read_dir(&pdir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        let mut want: Vec<String> = CLASSES.iter().map(|c| format!("fastdet_0_{}.json", c.name)).collect();
+        want.sort();
+        assert_eq!(names, want, "six files, nothing temporary left");
+
+        let mut back = read_run_picks(&pdir, "TS_a").unwrap();
+        back.sort_by(|a, b| (a.class, a.x).partial_cmp(&(b.class, b.x)).unwrap());
+        let mut expect: Vec<Pick> = picks.iter().filter(|p| p.run == "TS_a").cloned().collect();
+        expect.sort_by(|a, b| (a.class, a.x).partial_cmp(&(b.class, b.x)).unwrap());
+        assert_eq!(back.len(), expect.len());
+        for (b, e) in back.iter().zip(&expect) {
+            assert_eq!((&b.run, b.class, b.score), (&e.run, e.class, e.score));
+            for (u, v) in [(b.x, e.x), (b.y, e.y), (b.z, e.z)] {
+                assert!((u - v).abs() <= 1e-9 * v.abs().max(1.0), "{u} vs {v}");
+            }
+        }
+
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(pdir.join("fastdet_0_apo-ferritin.json")).unwrap()).unwrap();
+        assert_eq!(doc["pickable_object_name"], "apo-ferritin");
+        assert_eq!(doc["user_id"], "fastdet");
+        assert_eq!(doc["session_id"], "0");
+        assert_eq!(doc["run_name"], "TS_a");
+        assert!(doc["voxel_spacing"].is_null());
+        assert_eq!(doc["unit"], "angstrom");
+        assert_eq!(doc["trust_orientation"], true);
+        let pts = doc["points"].as_array().unwrap();
+        assert_eq!(pts.len(), 2);
+        assert_eq!(pts[0]["location"]["x"], 100.25);
+        assert_eq!(pts[0]["instance_id"], 0);
+        assert_eq!(pts[0]["score"], 0.5);
+        assert_eq!(pts[0]["transformation_"][2][2], 1.0);
+        assert_eq!(pts[0]["transformation_"][0][1], 0.0);
+        let empty: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(pdir.join("fastdet_0_ribosome.json")).unwrap()).unwrap();
+        assert_eq!(empty["points"].as_array().unwrap().len(), 0);
+
+        assert!(write_run_picks(dir.path(), "../x", &picks, "u", "0").is_err());
+    }
+}

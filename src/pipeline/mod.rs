@@ -2,3 +2,4 @@
 pub mod tiling;
 pub mod blend;
 pub mod detect;
+pub mod runner;

@@ -26,7 +26,8 @@ pub fn group_norm(x: &mut [f32], n: usize, c: usize, vol: usize, groups: usize, 
             (s, ss)
         })
         .collect();
-    let mut scale_shift = vec![(0.0f32, 0.0f32); n * c];
+    // Per channel: y = (x - mean) * scale + beta, subtracting first so a large mean loses nothing.
+    let mut scale_shift = vec![(0.0f32, 0.0f32, 0.0f32); n * c];
     for b in 0..n {
         for g in 0..groups {
             let (mut s, mut ss) = (0.0, 0.0);
@@ -43,13 +44,13 @@ pub fn group_norm(x: &mut [f32], n: usize, c: usize, vol: usize, groups: usize, 
                 let gm = gamma.map_or(1.0, |g| g[ch] as f64);
                 let bt = beta.map_or(0.0, |b| b[ch] as f64);
                 let scale = rstd * gm;
-                scale_shift[b * c + ch] = (scale as f32, (bt - mean * scale) as f32);
+                scale_shift[b * c + ch] = (mean as f32, scale as f32, bt as f32);
             }
         }
     }
-    x.par_chunks_mut(vol).zip(scale_shift.par_iter()).for_each(|(ch, &(sc, sh))| {
+    x.par_chunks_mut(vol).zip(scale_shift.par_iter()).for_each(|(ch, &(m, sc, bt))| {
         for v in ch.iter_mut() {
-            *v = act.apply(*v * sc + sh);
+            *v = act.apply((*v - m) * sc + bt);
         }
     });
 }

@@ -1,0 +1,341 @@
+//! One tomogram through the whole detector: normalise, tile, run the ensemble (with optional
+//! test-time augmentation), blend, detect.
+
+use super::blend::{Blender, Maps};
+use super::detect::{detect, seed_sigmas, Detection};
+use super::tiling::{extract_tile, normalize_unit_range, TileGrid};
+use crate::engine::TileEngine;
+use crate::particles::SEED_THRESHOLDS;
+use anyhow::{bail, Result};
+use std::time::Instant;
+
+/// Test-time augmentation, averaged with the plain pass before blending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tta {
+    None,
+    /// Plain + z, y and x flips.
+    Flip,
+    /// The four rotations in the yx plane (needs a square yx window).
+    Rot90,
+}
+
+impl Tta {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "none" => Tta::None,
+            "flip" => Tta::Flip,
+            "rot90" => Tta::Rot90,
+            _ => bail!("unknown --tta {s:?}: expected none, flip or rot90"),
+        })
+    }
+}
+
+/// Everything that defines a detection run besides the models. Defaults are the seed's.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub window: [usize; 3],
+    pub tiles: [usize; 3],
+    pub thresholds: Vec<f32>,
+    pub iou_threshold: f64,
+    pub pre_nms_top_k: usize,
+    pub blend_sigma: f64,
+    pub tta: Tta,
+    /// Tiles per engine call.
+    pub batch: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            window: [192, 128, 128],
+            tiles: [1, 9, 9],
+            thresholds: SEED_THRESHOLDS.to_vec(),
+            iou_threshold: 0.85,
+            pre_nms_top_k: 16536,
+            blend_sigma: 15.0,
+            tta: Tta::None,
+            batch: 1,
+        }
+    }
+}
+
+/// Seconds spent in each stage of one run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timing {
+    pub read: f64,
+    pub infer: f64,
+    pub blend: f64,
+    pub detect: f64,
+}
+
+/// Models averaged tile by tile (means of sigmoid scores and of offsets).
+pub struct Ensemble {
+    pub engines: Vec<Box<dyn TileEngine>>,
+    pub num_classes: usize,
+    pub stride: usize,
+}
+
+/// A spatial transform of a tile and its inverse on the stride-2 outputs.
+#[derive(Debug, Clone, Copy)]
+enum View {
+    Plain,
+    Flip(usize),
+    Rot(usize),
+}
+
+fn views(tta: Tta) -> Vec<View> {
+    match tta {
+        Tta::None => vec![View::Plain],
+        Tta::Flip => vec![View::Plain, View::Flip(0), View::Flip(1), View::Flip(2)],
+        Tta::Rot90 => vec![View::Plain, View::Rot(1), View::Rot(2), View::Rot(3)],
+    }
+}
+
+/// Reverses axis `axis` (0 = z, 1 = y, 2 = x) of a `[c, d, h, w]` array.
+fn flip(a: &[f32], c: usize, dims: [usize; 3], axis: usize) -> Vec<f32> {
+    let [d, h, w] = dims;
+    let mut out = vec![0.0; a.len()];
+    for ch in 0..c {
+        for z in 0..d {
+            for y in 0..h {
+                for x in 0..w {
+                    let (sz, sy, sx) = match axis {
+                        0 => (d - 1 - z, y, x),
+                        1 => (z, h - 1 - y, x),
+                        _ => (z, y, w - 1 - x),
+                    };
+                    out[((ch * d + z) * h + y) * w + x] = a[((ch * d + sz) * h + sy) * w + sx];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// numpy `rot90(a, k, axes=(y, x))` of a `[c, d, n, n]` array: one turn is out[y, x] = a[x, n-1-y].
+fn rot90(a: &[f32], c: usize, dims: [usize; 3], k: usize) -> Vec<f32> {
+    let [d, n, n2] = dims;
+    assert_eq!(n, n2, "rot90 needs a square yx plane");
+    let mut cur = a.to_vec();
+    for _ in 0..k % 4 {
+        let mut out = vec![0.0; a.len()];
+        for p in 0..c * d {
+            let (src, dst) = (&cur[p * n * n..(p + 1) * n * n], &mut out[p * n * n..(p + 1) * n * n]);
+            for y in 0..n {
+                for x in 0..n {
+                    dst[y * n + x] = src[x * n + (n - 1 - y)];
+                }
+            }
+        }
+        cur = out;
+    }
+    cur
+}
+
+impl View {
+    fn forward(self, tile: &[f32], dims: [usize; 3]) -> Vec<f32> {
+        match self {
+            View::Plain => tile.to_vec(),
+            View::Flip(a) => flip(tile, 1, dims, a),
+            View::Rot(k) => rot90(tile, 1, dims, k),
+        }
+    }
+
+    /// Maps outputs computed on the transformed tile back to the tile's frame; offsets are
+    /// vectors (channels x, y, z) and turn with the volume.
+    fn inverse(self, scores: &mut Vec<f32>, offsets: &mut Vec<f32>, nc: usize, dims: [usize; 3]) {
+        match self {
+            View::Plain => {}
+            View::Flip(a) => {
+                *scores = flip(scores, nc, dims, a);
+                *offsets = flip(offsets, 3, dims, a);
+                let ch = 2 - a; // z → channel 2, y → 1, x → 0
+                let vol: usize = dims.iter().product();
+                for v in &mut offsets[ch * vol..(ch + 1) * vol] {
+                    *v = -*v;
+                }
+            }
+            View::Rot(k) => {
+                let back = (4 - k % 4) % 4;
+                *scores = rot90(scores, nc, dims, back);
+                let mut o = rot90(offsets, 3, dims, back);
+                let vol: usize = dims.iter().product();
+                // One turn maps a tile displacement (dy, dx) to (dx, -dy) in the rotated frame, so
+                // an offset (ox', oy') predicted there is (-oy', ox') here; apply it k times.
+                for _ in 0..k % 4 {
+                    let (ox, rest) = o.split_at_mut(vol);
+                    let oy = &mut rest[..vol];
+                    for (x, y) in ox.iter_mut().zip(oy.iter_mut()) {
+                        let (nx, ny) = (-*y, *x);
+                        *x = nx;
+                        *y = ny;
+                    }
+                }
+                *offsets = o;
+            }
+        }
+    }
+}
+
+impl Ensemble {
+    /// Averaged scores and offsets of every model and view for a batch of tiles `[n, 1, window]`.
+    pub fn infer(&mut self, tiles: &[f32], n: usize, window: [usize; 3], tta: Tta) -> Result<(Vec<f32>, Vec<f32>)> {
+        let out_dims = window.map(|l| l / self.stride);
+        let tile_len: usize = window.iter().product();
+        let vol: usize = out_dims.iter().product();
+        let nc = self.num_classes;
+        let mut acc_s = vec![0.0f32; n * nc * vol];
+        let mut acc_o = vec![0.0f32; n * 3 * vol];
+        let vs = views(tta);
+        let count = (vs.len() * self.engines.len()) as f32;
+        for view in vs {
+            let input: Vec<f32> = (0..n).flat_map(|b| view.forward(&tiles[b * tile_len..(b + 1) * tile_len], window)).collect();
+            for e in self.engines.iter_mut() {
+                let out = e.forward(&input, n, window, false)?;
+                for b in 0..n {
+                    let mut s = out.scores[b * nc * vol..(b + 1) * nc * vol].to_vec();
+                    let mut o = out.offsets[b * 3 * vol..(b + 1) * 3 * vol].to_vec();
+                    view.inverse(&mut s, &mut o, nc, out_dims);
+                    for (a, v) in acc_s[b * nc * vol..].iter_mut().zip(&s) {
+                        *a += v;
+                    }
+                    for (a, v) in acc_o[b * 3 * vol..].iter_mut().zip(&o) {
+                        *a += v;
+                    }
+                }
+            }
+        }
+        if count > 1.0 {
+            acc_s.iter_mut().for_each(|v| *v /= count);
+            acc_o.iter_mut().for_each(|v| *v /= count);
+        }
+        Ok((acc_s, acc_o))
+    }
+}
+
+/// Normalises `volume` in place and returns the blended maps; `progress(done, total)` after each batch.
+pub fn predict_maps(
+    ens: &mut Ensemble,
+    volume: &mut [f32],
+    shape: [usize; 3],
+    s: &Settings,
+    progress: &mut dyn FnMut(usize, usize),
+    timing: &mut Timing,
+) -> Result<Maps> {
+    if s.tta == Tta::Rot90 && s.window[1] != s.window[2] {
+        bail!("--tta rot90 needs a square yx window, got {:?}", s.window);
+    }
+    normalize_unit_range(volume);
+    let grid = TileGrid::new(shape, s.window, s.tiles);
+    let origins = grid.origins();
+    let mut blender = Blender::new(ens.num_classes, shape, s.window, ens.stride, s.blend_sigma);
+    let tile_len: usize = s.window.iter().product();
+    let out_vol: usize = s.window.map(|l| l / ens.stride).iter().product();
+    let batch = s.batch.max(1);
+    let mut tiles = vec![0.0f32; batch * tile_len];
+    for (bi, chunk) in origins.chunks(batch).enumerate() {
+        let t0 = Instant::now();
+        for (i, o) in chunk.iter().enumerate() {
+            extract_tile(volume, shape, *o, s.window, &mut tiles[i * tile_len..(i + 1) * tile_len]);
+        }
+        let (sc, of) = ens.infer(&tiles[..chunk.len() * tile_len], chunk.len(), s.window, s.tta)?;
+        let t1 = Instant::now();
+        for (i, o) in chunk.iter().enumerate() {
+            let nc = ens.num_classes;
+            blender.add_tile(*o, &sc[i * nc * out_vol..(i + 1) * nc * out_vol], &of[i * 3 * out_vol..(i + 1) * 3 * out_vol]);
+        }
+        timing.infer += (t1 - t0).as_secs_f64();
+        timing.blend += t1.elapsed().as_secs_f64();
+        progress((bi * batch + chunk.len()).min(origins.len()), origins.len());
+    }
+    let t = Instant::now();
+    let maps = blender.finish();
+    timing.blend += t.elapsed().as_secs_f64();
+    Ok(maps)
+}
+
+/// Peaks → thresholds → greedy NMS with the settings' parameters.
+pub fn detect_maps(maps: &Maps, s: &Settings, stride: usize) -> Vec<Detection> {
+    detect(maps, &s.thresholds, s.iou_threshold, s.pre_nms_top_k, stride, &seed_sigmas())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Outputs;
+
+    /// An engine that is exactly equivariant under flips and yx rotations: scores = 2x2x2 mean of
+    /// the input, offsets = central differences of those means (a vector field).
+    struct Equivariant;
+
+    impl TileEngine for Equivariant {
+        fn forward(&mut self, input: &[f32], n: usize, tile: [usize; 3], _: bool) -> Result<Outputs> {
+            let [d, h, w] = tile.map(|l| l / 2);
+            let vol = d * h * w;
+            let mut scores = vec![0.0; n * vol];
+            let mut offsets = vec![0.0; n * 3 * vol];
+            for b in 0..n {
+                let t = &input[b * 8 * vol..];
+                let m = |z: usize, y: usize, x: usize| {
+                    let mut s = 0.0;
+                    for dz in 0..2 {
+                        for dy in 0..2 {
+                            for dx in 0..2 {
+                                s += t[((2 * z + dz) * tile[1] + 2 * y + dy) * tile[2] + 2 * x + dx];
+                            }
+                        }
+                    }
+                    s / 8.0
+                };
+                let g = |z: isize, y: isize, x: isize| {
+                    if z < 0 || y < 0 || x < 0 || z >= d as isize || y >= h as isize || x >= w as isize {
+                        0.0
+                    } else {
+                        m(z as usize, y as usize, x as usize)
+                    }
+                };
+                for z in 0..d as isize {
+                    for y in 0..h as isize {
+                        for x in 0..w as isize {
+                            let i = ((z as usize * h) + y as usize) * w + x as usize;
+                            scores[b * vol + i] = g(z, y, x);
+                            offsets[b * 3 * vol + i] = g(z, y, x + 1) - g(z, y, x - 1);
+                            offsets[b * 3 * vol + vol + i] = g(z, y + 1, x) - g(z, y - 1, x);
+                            offsets[b * 3 * vol + 2 * vol + i] = g(z + 1, y, x) - g(z - 1, y, x);
+                        }
+                    }
+                }
+            }
+            Ok(Outputs { scores, offsets, fm2: None })
+        }
+        fn name(&self) -> String {
+            "equivariant".into()
+        }
+    }
+
+    #[test]
+    fn tta_views_invert_exactly_for_an_equivariant_model() {
+        let mut ens = Ensemble { engines: vec![Box::new(Equivariant)], num_classes: 1, stride: 2 };
+        let window = [4, 6, 6];
+        let mut r = crate::util::SplitMix64::new(3);
+        let mut tile = vec![0.0; 4 * 36];
+        r.fill_uniform(&mut tile, 0.0, 1.0);
+        let (s0, o0) = ens.infer(&tile, 1, window, Tta::None).unwrap();
+        for tta in [Tta::Flip, Tta::Rot90] {
+            let (s, o) = ens.infer(&tile, 1, window, tta).unwrap();
+            let ds = s.iter().zip(&s0).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            let dof = o.iter().zip(&o0).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(ds < 1e-6 && dof < 1e-6, "{tta:?}: {ds} {dof}");
+        }
+        // And a non-trivial check that the offsets are not all zero.
+        assert!(o0.iter().any(|v| v.abs() > 0.01));
+    }
+
+    #[test]
+    fn rot90_matches_numpy_convention() {
+        // numpy.rot90([[0,1],[2,3]]) == [[1,3],[0,2]]
+        let a = [0.0, 1.0, 2.0, 3.0];
+        assert_eq!(rot90(&a, 1, [1, 2, 2], 1), vec![1.0, 3.0, 0.0, 2.0]);
+        assert_eq!(rot90(&a, 1, [1, 2, 2], 4), a.to_vec());
+    }
+}
