@@ -1,13 +1,318 @@
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use fastdet::engine::{self, Device};
+use fastdet::io::{copick, csv, dataset, tensors, zarr};
+use fastdet::metric;
+use fastdet::particles::{Pick, CLASSES};
+use fastdet::pipeline::detect::to_picks;
+use fastdet::pipeline::runner::{detect_maps, predict_maps, Ensemble, Settings, Timing, Tta};
+use fastdet::weights::Weights;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-#[derive(Args)]
-pub struct RunArgs {}
-#[derive(Args)]
-pub struct TuneArgs {}
-pub fn run(_a: RunArgs) -> Result<ExitCode> { todo!() }
-pub fn tune(_a: TuneArgs) -> Result<ExitCode> { todo!() }
+use std::time::Instant;
+
 pub fn parse_triple(s: &str) -> Result<[usize; 3], String> {
-    let v: Vec<usize> = s.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|e| format!("{s:?}: {e}"))?;
+    let v: Vec<usize> =
+        s.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|e| format!("{s:?}: {e}"))?;
     v.try_into().map_err(|_| format!("{s:?}: expected three comma-separated integers z,y,x"))
+}
+
+fn check_thresholds(v: &[f32]) -> Result<()> {
+    if v.len() != CLASSES.len() {
+        bail!("--thresholds: got {} values, expected {} in class order ({})", v.len(), CLASSES.len(), class_list());
+    }
+    Ok(())
+}
+
+fn class_list() -> String {
+    CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Inputs, models and detection settings shared by `run` and `tune`.
+#[derive(Args, Clone)]
+pub struct InferArgs {
+    /// Dataset root in the competition layout ({split}/static/ExperimentRuns/{run}/VoxelSpacing10.000/denoised.zarr)
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Split under --data
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Only these runs (comma-separated names)
+    #[arg(long, value_delimiter = ',')]
+    pub runs: Vec<String>,
+    /// A single OME-Zarr group or zarr array instead of --data (the run is named after the file stem)
+    #[arg(long, conflicts_with = "data")]
+    pub zarr: Option<PathBuf>,
+    /// Multiscale level to read
+    #[arg(long, default_value = "0")]
+    pub level: String,
+    /// fastdet weights files (any number, mixed architectures): one ensemble
+    #[arg(long, num_args = 1.., required = true)]
+    pub weights: Vec<PathBuf>,
+    /// cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Sliding window z,y,x in voxels
+    #[arg(long, default_value = "192,128,128", value_parser = parse_triple)]
+    pub window: [usize; 3],
+    /// Tiles per axis z,y,x (starts spread like numpy.linspace)
+    #[arg(long, default_value = "1,9,9", value_parser = parse_triple)]
+    pub tiles: [usize; 3],
+    /// Greedy NMS keypoint-similarity threshold
+    #[arg(long, default_value_t = 0.85)]
+    pub iou: f64,
+    /// Candidates per class kept before the greedy NMS
+    #[arg(long, default_value_t = 16536)]
+    pub top_k: usize,
+    /// Tile blending weight sigma (stride-2 grid cells)
+    #[arg(long, default_value_t = 15.0)]
+    pub blend_sigma: f64,
+    /// Test-time augmentation: none, flip (z/y/x flips) or rot90 (four yx rotations)
+    #[arg(long, default_value = "none")]
+    pub tta: String,
+    /// Tiles per engine call
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+}
+
+#[derive(Args)]
+#[command(after_help = "Coordinates in the CSV are in Å (voxel coordinate x 10.012).\nExample:\n  fastdet run --data tests/fixtures/dataset --weights weights/demo_segresnetv2.safetensors weights/demo_dynunet.safetensors \\\n      --window 64,96,96 --tiles 2,3,3 --out sub.csv")]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub infer: InferArgs,
+    /// Kaggle CSV output (id,experiment,particle_type,x,y,z; Å)
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Per-class score thresholds in class order (apo-ferritin, beta-galactosidase, ribosome, thyroglobulin, virus-like-particle, beta-amylase)
+    #[arg(long, value_delimiter = ',', default_value = "0.255,0.235,0.16,0.205,0.225,0.5")]
+    pub thresholds: Vec<f32>,
+    /// Add a score column to the CSV
+    #[arg(long)]
+    pub with_score: bool,
+    /// Also write copick picks JSON under DIR/ExperimentRuns/{run}/Picks/
+    #[arg(long)]
+    pub copick_out: Option<PathBuf>,
+    #[arg(long, default_value = "fastdet")]
+    pub user_id: String,
+    #[arg(long, default_value = "0")]
+    pub session_id: String,
+    /// Write each run's blended scores/offsets maps as DIR/{run}.safetensors
+    #[arg(long)]
+    pub save_maps: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(after_help = "Example:\n  fastdet tune --data tests/fixtures/dataset --split test --weights weights/*.safetensors --window 64,96,96 --tiles 2,3,3")]
+pub struct TuneArgs {
+    #[command(flatten)]
+    pub infer: InferArgs,
+    /// Lowest threshold considered (candidates below it are never kept)
+    #[arg(long, default_value_t = 0.05)]
+    pub min_threshold: f32,
+    /// F-beta's beta
+    #[arg(long, default_value_t = 4.0)]
+    pub beta: f64,
+}
+
+struct Job {
+    run: String,
+    path: PathBuf,
+}
+
+fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
+    if let Some(z) = &a.zarr {
+        let run = z.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
+        return Ok(vec![Job { run, path: z.clone() }]);
+    }
+    let root = a.data.as_ref().context("give --data ROOT or --zarr PATH")?;
+    let mut runs = dataset::discover_runs(root, &a.split)?;
+    if !a.runs.is_empty() {
+        for r in &a.runs {
+            if !runs.contains(r) {
+                bail!("run {r:?} is not in {}", dataset::runs_dir(root, &a.split).display());
+            }
+        }
+        runs.retain(|r| a.runs.contains(r));
+    }
+    if runs.is_empty() {
+        bail!("no runs found under {}", dataset::runs_dir(root, &a.split).display());
+    }
+    Ok(runs
+        .into_iter()
+        .map(|run| {
+            let path = dataset::run_tomogram_path(root, &a.split, &run)
+                .unwrap_or_else(|_| dataset::default_tomogram_path(root, &a.split, &run));
+            Job { run, path }
+        })
+        .collect())
+}
+
+fn load_ensemble(a: &InferArgs) -> Result<Ensemble> {
+    let device = Device::parse(&a.device)?;
+    let mut engines = Vec::new();
+    let mut first: Option<Weights> = None;
+    for p in &a.weights {
+        let w = Weights::load(p)?;
+        if let Some(f) = &first {
+            if f.classes != w.classes || f.spec.stride != w.spec.stride {
+                bail!(
+                    "{} does not fit the ensemble: classes {:?} stride {} vs {} with classes {:?} stride {}",
+                    p.display(),
+                    w.classes,
+                    w.spec.stride,
+                    f.path.display(),
+                    f.classes,
+                    f.spec.stride
+                );
+            }
+        }
+        engines.push(engine::open(device, &w)?);
+        if first.is_none() {
+            first = Some(w);
+        }
+    }
+    let f = first.context("no --weights given")?;
+    if f.classes.len() != CLASSES.len() || f.classes.iter().zip(CLASSES.iter()).any(|(a, b)| a != b.name) {
+        bail!("{}: classes {:?} are not the six CZII classes this pipeline scores", f.path.display(), f.classes);
+    }
+    Ok(Ensemble { engines, num_classes: f.spec.num_classes, stride: f.spec.stride })
+}
+
+fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
+    if a.tiles.contains(&0) || a.window.contains(&0) {
+        bail!("--window and --tiles must be positive");
+    }
+    Ok(Settings {
+        window: a.window,
+        tiles: a.tiles,
+        thresholds,
+        iou_threshold: a.iou,
+        pre_nms_top_k: a.top_k,
+        blend_sigma: a.blend_sigma,
+        tta: Tta::parse(&a.tta)?,
+        batch: a.batch,
+    })
+}
+
+/// Reads, infers and detects one run; returns its picks.
+fn process(job: &Job, a: &InferArgs, ens: &mut Ensemble, s: &Settings, save_maps: Option<&Path>) -> Result<(Vec<Pick>, Timing)> {
+    let mut timing = Timing::default();
+    let t = Instant::now();
+    let mut vol = zarr::read_zarr_volume(&job.path, &a.level)?;
+    let bad = zarr::count_nonfinite(&vol.data);
+    if bad > 0 {
+        bail!("{}: {bad} voxels are NaN or infinite", job.path.display());
+    }
+    timing.read = t.elapsed().as_secs_f64();
+    let tty = std::io::stderr().is_terminal();
+    let t_infer = Instant::now();
+    let mut progress = |done: usize, total: usize| {
+        if tty {
+            let rate = done as f64 / t_infer.elapsed().as_secs_f64().max(1e-9);
+            let width = 30;
+            let filled = done * width / total.max(1);
+            eprint!("\r  {} [{}{}] {done}/{total} tiles, {rate:.2} tiles/s ", job.run, "#".repeat(filled), "-".repeat(width - filled));
+            if done == total {
+                eprintln!();
+            }
+        }
+    };
+    let maps = predict_maps(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing)
+        .with_context(|| format!("{}: inference failed", job.path.display()))?;
+    if let Some(dir) = save_maps {
+        let d = maps.dims;
+        tensors::write_f32(
+            &dir.join(format!("{}.safetensors", job.run)),
+            &[("scores", vec![maps.num_classes, d[0], d[1], d[2]], &maps.scores), ("offsets", vec![3, d[0], d[1], d[2]], &maps.offsets)],
+            None,
+        )?;
+    }
+    let t = Instant::now();
+    let dets = detect_maps(&maps, s, ens.stride);
+    timing.detect = t.elapsed().as_secs_f64();
+    Ok((to_picks(&job.run, &dets), timing))
+}
+
+/// Runs every job, reporting (and skipping) the ones that fail.
+fn infer_all(a: &InferArgs, s: &Settings, save_maps: Option<&Path>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
+    let jobs = jobs(a)?;
+    let mut ens = load_ensemble(a)?;
+    if let Some(d) = save_maps {
+        if !d.is_dir() {
+            bail!("--save-maps {}: directory does not exist", d.display());
+        }
+    }
+    let mut picks = Vec::new();
+    let mut failed = Vec::new();
+    eprintln!("{} run(s), {} model(s) on {}, window {:?}, tiles {:?}, tta {:?}", jobs.len(), ens.engines.len(), a.device, s.window, s.tiles, s.tta);
+    for job in &jobs {
+        match process(job, a, &mut ens, s, save_maps) {
+            Ok((p, t)) => {
+                eprintln!(
+                    "  {}: {} picks; read {:.2} s, infer {:.2} s, blend {:.2} s, detect {:.2} s",
+                    job.run,
+                    p.len(),
+                    t.read,
+                    t.infer,
+                    t.blend,
+                    t.detect
+                );
+                picks.extend(p);
+            }
+            Err(e) => {
+                eprintln!("  {}: FAILED: {e:#}", job.run);
+                failed.push((job.run.clone(), format!("{e:#}")));
+            }
+        }
+    }
+    Ok((picks, failed))
+}
+
+fn report_failures(failed: &[(String, String)]) -> ExitCode {
+    if failed.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("{} run(s) failed:", failed.len());
+    for (r, e) in failed {
+        eprintln!("  {r}: {e}");
+    }
+    ExitCode::from(2)
+}
+
+pub fn run(a: RunArgs) -> Result<ExitCode> {
+    check_thresholds(&a.thresholds)?;
+    let s = settings(&a.infer, a.thresholds.clone())?;
+    // Fail on an unwritable output before spending minutes on inference.
+    let out_dir = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !out_dir.is_dir() {
+        bail!("{}: output directory {} does not exist", a.out.display(), out_dir.display());
+    }
+    let (picks, failed) = infer_all(&a.infer, &s, a.save_maps.as_deref())?;
+    csv::write_submission(&a.out, &picks, a.with_score)?;
+    if let Some(dir) = &a.copick_out {
+        let mut runs: Vec<&str> = picks.iter().map(|p| p.run.as_str()).collect();
+        runs.dedup();
+        for job in jobs(&a.infer)? {
+            if failed.iter().any(|(r, _)| *r == job.run) {
+                continue;
+            }
+            copick::write_run_picks(dir, &job.run, &picks, &a.user_id, &a.session_id)?;
+        }
+    }
+    println!("wrote {} picks to {}", picks.len(), a.out.display());
+    let _ = std::io::stdout().flush();
+    Ok(report_failures(&failed))
+}
+
+pub fn tune(a: TuneArgs) -> Result<ExitCode> {
+    let root = a.infer.data.as_ref().context("tune needs --data ROOT with ground truth under {split}/overlay")?;
+    let truth = copick::read_truth(root, &a.infer.split)?;
+    let s = settings(&a.infer, vec![a.min_threshold; CLASSES.len()])?;
+    let (cands, failed) = infer_all(&a.infer, &s, None)?;
+    let (thresholds, score) = metric::tune_thresholds(&truth, &cands, a.beta);
+    println!("{}", metric::format_table(&score));
+    let t: Vec<String> = thresholds.iter().map(|t| format!("{t}")).collect();
+    println!("--thresholds {}", t.join(","));
+    Ok(report_failures(&failed))
 }

@@ -107,7 +107,7 @@ mod tests {
     }
 
     fn fixture() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/expected_submission.csv")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline/expected_submission.csv")
     }
 
     #[test]

@@ -1,0 +1,210 @@
+//! End to end on the bundled sample: the demo ensemble against the reference pipeline's output.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn fastdet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fastdet"))
+}
+
+fn demo_weights() -> Vec<String> {
+    ["weights/demo_segresnetv2.safetensors", "weights/demo_dynunet.safetensors"]
+        .iter()
+        .map(|w| root().join(w).to_string_lossy().to_string())
+        .collect()
+}
+
+fn triple(v: &serde_json::Value) -> String {
+    v.as_array().unwrap().iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+struct Row {
+    run: String,
+    class: String,
+    score: f64,
+    xyz: [f64; 3],
+}
+
+fn read_rows(p: &Path) -> Vec<Row> {
+    let text = std::fs::read_to_string(p).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |n: &str| header.iter().position(|h| *h == n).unwrap();
+    let (r, c, s, x, y, z) = (col("experiment"), col("particle_type"), col("score"), col("x"), col("y"), col("z"));
+    lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            Row {
+                run: f[r].into(),
+                class: f[c].into(),
+                score: f[s].parse().unwrap(),
+                xyz: [f[x].parse().unwrap(), f[y].parse().unwrap(), f[z].parse().unwrap()],
+            }
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The reference pipeline's settings, detections, maps and F-beta, reproduced.
+#[test]
+fn demo_ensemble_reproduces_reference_pipeline() {
+    let fx = root().join("tests/fixtures/pipeline");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx.join("pipeline.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sub.csv");
+    let maps = tmp.path().join("maps");
+    std::fs::create_dir(&maps).unwrap();
+    let thresholds: Vec<String> = cfg["thresholds"].as_array().unwrap().iter().map(|t| t.to_string()).collect();
+    let st = fastdet()
+        .args(["run", "--data"])
+        .arg(root().join("tests/fixtures/dataset"))
+        .arg("--weights")
+        .args(demo_weights())
+        .args(["--window", &triple(&cfg["window"]), "--tiles", &triple(&cfg["tiles"])])
+        .args(["--thresholds", &thresholds.join(",")])
+        .args(["--iou", &cfg["iou_threshold"].to_string(), "--blend-sigma", &cfg["tile_weight_sigma"].to_string()])
+        .arg("--with-score")
+        .arg("--out")
+        .arg(&out)
+        .arg("--save-maps")
+        .arg(&maps)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    // Every expected detection found (same run and class, within 0.5 voxel, |Δscore| ≤ 1e-3), nothing extra.
+    let want = read_rows(&fx.join("expected_submission.csv"));
+    let got = read_rows(&out);
+    assert_eq!(want.len(), cfg["detections"].as_u64().unwrap() as usize);
+    assert_eq!(got.len(), want.len(), "detection count");
+    let mut used = vec![false; got.len()];
+    for w in &want {
+        let hit = got.iter().enumerate().find(|(i, g)| {
+            !used[*i]
+                && g.run == w.run
+                && g.class == w.class
+                && (0..3).map(|k| (g.xyz[k] - w.xyz[k]).powi(2)).sum::<f64>().sqrt() <= 0.5 * 10.012
+                && (g.score - w.score).abs() <= 1e-3
+        });
+        let (i, _) = hit.unwrap_or_else(|| panic!("missing {} {} {:?} {}", w.run, w.class, w.xyz, w.score));
+        used[i] = true;
+    }
+
+    // Blended maps of the first run.
+    let exp = fx.join("expected_maps_TS_synth_1.safetensors");
+    for name in ["scores", "offsets"] {
+        let (shape, e) = fastdet::io::tensors::read_f32(&exp, name).unwrap();
+        let (gshape, g) = fastdet::io::tensors::read_f32(&maps.join("TS_synth_1.safetensors"), name).unwrap();
+        assert_eq!(shape, gshape);
+        let d = max_abs_diff(&g, &e);
+        assert!(d <= 1e-4, "{name}: max |Δ| {d}");
+    }
+
+    // The score of this submission is the reference's.
+    let o = fastdet()
+        .args(["score", "--split", "test", "--json", "--truth"])
+        .arg(root().join("tests/fixtures/dataset"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f = s["fbeta"].as_f64().unwrap();
+    assert!((f - cfg["fbeta"].as_f64().unwrap()).abs() <= 1e-6, "fbeta {f}");
+    assert_eq!(s["per_class"].as_array().unwrap().len(), 6);
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let t = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), t).unwrap();
+        }
+    }
+}
+
+/// A corrupt tomogram is reported and skipped; the other run still lands in the CSV; exit code 2.
+#[test]
+fn a_corrupt_run_does_not_stop_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    copy_dir(&root().join("tests/fixtures/dataset"), &data);
+    let chunk = data.join("test/static/ExperimentRuns/TS_synth_2/VoxelSpacing10.000/denoised.zarr/0/0.1.1");
+    std::fs::write(&chunk, b"not a blosc chunk").unwrap();
+    let out = tmp.path().join("sub.csv");
+    let o = fastdet()
+        .args(["run", "--data"])
+        .arg(&data)
+        .args(["--weights", &demo_weights()[0], "--window", "64,96,96", "--tiles", "1,1,1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("TS_synth_2") && err.contains("0.1.1"), "{err}");
+    let rows = read_rows_plain(&out);
+    assert!(!rows.is_empty() && rows.iter().all(|r| r == "TS_synth_1"), "{rows:?}");
+    // No temporary files left beside the output.
+    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+fn read_rows_plain(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p).unwrap().lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect()
+}
+
+/// Output into a directory that does not exist: clear error before any work, nothing written.
+#[test]
+fn missing_output_directory_is_refused() {
+    let o = fastdet()
+        .args(["run", "--data"])
+        .arg(root().join("tests/fixtures/dataset"))
+        .args(["--weights", &demo_weights()[0], "--out", "/nonexistent/dir/sub.csv"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("/nonexistent/dir") && err.contains("does not exist"), "{err}");
+}
+
+/// `tune` finds thresholds at least as good as the seed's on the same inference.
+#[test]
+fn tune_never_does_worse_than_the_seed_thresholds() {
+    let common = |cmd: &mut Command| {
+        cmd.arg("--data")
+            .arg(root().join("tests/fixtures/dataset"))
+            .args(["--split", "test", "--weights", &demo_weights()[0], "--window", "64,96,96", "--tiles", "1,2,2"]);
+    };
+    let mut c = fastdet();
+    c.arg("tune");
+    common(&mut c);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let line = text.lines().find(|l| l.starts_with("--thresholds ")).expect("thresholds line");
+    let tuned_total: f64 = text.lines().find(|l| l.starts_with("total")).unwrap().split_whitespace().last().unwrap().parse().unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("seed.csv");
+    let mut c = fastdet();
+    c.arg("run");
+    common(&mut c);
+    assert!(c.arg("--out").arg(&out).status().unwrap().success());
+    let o = fastdet().args(["score", "--split", "test", "--json", "--truth"]).arg(root().join("tests/fixtures/dataset")).arg(&out).output().unwrap();
+    let seed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let seed_total = seed["fbeta"].as_f64().unwrap();
+    assert!(tuned_total + 1e-6 >= seed_total, "tuned {tuned_total} < seed {seed_total}; {line}");
+    assert_eq!(line.trim_start_matches("--thresholds ").split(',').count(), 6);
+}
