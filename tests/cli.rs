@@ -1,0 +1,134 @@
+//! The command line: help, forward, batching, single-zarr input and copick output.
+
+use fastdet::engine::{cpu::CpuEngine, TileEngine};
+use fastdet::io::tensors::{read_f32, write_f32};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn fastdet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fastdet"))
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let o = fastdet().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    for cmd in ["convert", "inspect", "forward", "run", "score", "tune", "selftest"] {
+        assert!(text.lines().any(|l| l.trim_start().starts_with(cmd)), "{cmd} missing from:\n{text}");
+    }
+}
+
+/// `forward` on the w8 golden's input reproduces the golden scores; a tile the network cannot take
+/// is refused with the rule it breaks.
+#[test]
+fn forward_matches_golden_and_refuses_bad_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path().join("w8.safetensors");
+    assert!(fastdet().arg("convert").arg(root().join("tests/fixtures/golden/segresnetv2_w8.ckpt")).arg("-o").arg(&w).status().unwrap().success());
+    let golden = root().join("tests/fixtures/golden/segresnetv2_w8.golden.safetensors");
+    let out = tmp.path().join("out.safetensors");
+    let st = fastdet().args(["forward", "--features", "--weights"]).arg(&w).arg("--input").arg(&golden).arg("--output").arg(&out).status().unwrap();
+    assert!(st.success());
+    let (shape, got) = read_f32(&out, "scores").unwrap();
+    let (_, want) = read_f32(&golden, "scores_f16w").unwrap();
+    assert_eq!(shape, vec![1, 6, 8, 16, 12]);
+    let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(d <= 1e-4, "{d}");
+    assert_eq!(read_f32(&out, "fm2").unwrap().0, vec![1, 16, 8, 16, 12]);
+
+    let bad = tmp.path().join("bad.safetensors");
+    let data = vec![0.5f32; 12 * 32 * 24];
+    write_f32(&bad, &[("input", vec![1, 1, 12, 32, 24], &data)], None).unwrap();
+    let o = fastdet().args(["forward", "--weights"]).arg(&w).arg("--input").arg(&bad).arg("--output").arg(tmp.path().join("o2.safetensors")).output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("multiple of 8"), "{err}");
+    assert!(!tmp.path().join("o2.safetensors").exists());
+}
+
+/// A batch of tiles in one call equals the tiles one at a time.
+#[test]
+fn batched_forward_equals_single_tiles() {
+    let w = fastdet::weights::Weights::load(&root().join("weights/demo_dynunet.safetensors")).unwrap();
+    let mut e = CpuEngine::new(&w).unwrap();
+    let tile = [32, 32, 64];
+    let n: usize = tile.iter().product();
+    let mut input = vec![0.0f32; 2 * n];
+    fastdet::util::SplitMix64::new(7).fill_uniform(&mut input, 0.0, 1.0);
+    let both = e.forward(&input, 2, tile, false).unwrap();
+    let a = e.forward(&input[..n], 1, tile, false).unwrap();
+    let b = e.forward(&input[n..], 1, tile, false).unwrap();
+    let single: Vec<f32> = a.scores.iter().chain(&b.scores).copied().collect();
+    assert_eq!(both.scores, single);
+    let single: Vec<f32> = a.offsets.iter().chain(&b.offsets).copied().collect();
+    assert_eq!(both.offsets, single);
+}
+
+/// `--zarr` on one tomogram gives that run's picks of a dataset run; copick JSON carries them.
+#[test]
+fn single_zarr_input_and_copick_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = root().join("weights/demo_segresnetv2.safetensors");
+    let common = ["--window", "64,96,96", "--tiles", "1,2,2", "--with-score"];
+    let a = tmp.path().join("a.csv");
+    let st = fastdet()
+        .args(["run", "--runs", "TS_synth_1", "--data"])
+        .arg(root().join("tests/fixtures/dataset"))
+        .arg("--weights")
+        .arg(&weights)
+        .args(common)
+        .arg("--out")
+        .arg(&a)
+        .arg("--copick-out")
+        .arg(tmp.path().join("copick"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let zarr = root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr");
+    let b = tmp.path().join("b.csv");
+    let st = fastdet().args(["run", "--zarr"]).arg(&zarr).arg("--weights").arg(&weights).args(common).arg("--out").arg(&b).status().unwrap();
+    assert!(st.success());
+    let rows = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p).unwrap().lines().skip(1).map(|l| l.split(',').skip(2).collect::<Vec<_>>().join(",")).collect()
+    };
+    let (ra, rb) = (rows(&a), rows(&b));
+    assert!(!ra.is_empty());
+    assert_eq!(ra, rb);
+    let picks = fastdet::io::copick::read_run_picks(&tmp.path().join("copick/ExperimentRuns/TS_synth_1/Picks"), "TS_synth_1").unwrap();
+    assert_eq!(picks.len(), ra.len());
+}
+
+/// Ensemble members must agree on their classes.
+#[test]
+fn ensemble_of_mismatched_models_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A copy of the demo weights whose metadata claims other classes.
+    let src = root().join("weights/demo_segresnetv2.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap().replace("apo-ferritin", "apo-ferritiN");
+    assert_eq!(header.len(), n);
+    let mut out = bytes[..8].to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    let other = tmp.path().join("other.safetensors");
+    std::fs::write(&other, out).unwrap();
+    let o = fastdet()
+        .args(["run", "--data"])
+        .arg(root().join("tests/fixtures/dataset"))
+        .arg("--weights")
+        .arg(&src)
+        .arg(&other)
+        .arg("--out")
+        .arg(tmp.path().join("s.csv"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("other.safetensors") && err.contains("classes"), "{err}");
+    assert!(!tmp.path().join("s.csv").exists());
+}
