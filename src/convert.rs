@@ -211,7 +211,13 @@ pub fn convert(inputs: &[PathBuf], out: &Path, opts: &ConvertOptions) -> Result<
             }
         }
     }
-    let halves: Vec<Vec<f16>> = tensors.iter().map(to_f16).collect::<Result<_>>()?;
+    let halves: Vec<Vec<f16>> = tensors.iter().map(to_f16).collect::<Result<_>>().with_context(|| match inputs {
+        [one] => format!("{}: cannot convert", one.display()),
+        _ => format!(
+            "cannot convert the average of {}",
+            inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    })?;
 
     let mut sources = Vec::new();
     for input in inputs {
