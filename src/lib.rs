@@ -15,3 +15,5 @@ pub mod pipeline;
 pub mod io;
 pub mod metric;
 pub mod util;
+pub mod synth;
+pub mod qc;

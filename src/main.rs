@@ -28,6 +28,12 @@ enum Command {
     Tune(cli::run::TuneArgs),
     /// Check every engine op against the CPU reference on random data
     Selftest(cli::selftest::SelftestArgs),
+    /// Join the CSV outputs of several shards into one submission
+    Merge(cli::merge::MergeArgs),
+    /// Write synthetic tomograms with the six particle kinds in the competition layout
+    Synth(cli::synth::SynthArgs),
+    /// Draw quality-control pictures: z-slabs with picks (and ground truth) as circles
+    Qc(cli::qc::QcArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +46,9 @@ fn main() -> ExitCode {
         Command::Score(a) => cli::score::score(a),
         Command::Tune(a) => cli::run::tune(a),
         Command::Selftest(a) => cli::selftest::selftest(a),
+        Command::Merge(a) => cli::merge::merge(a),
+        Command::Synth(a) => cli::synth::synth(a),
+        Command::Qc(a) => cli::qc::qc(a),
     };
     match result {
         Ok(code) => code,

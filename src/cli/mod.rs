@@ -4,3 +4,6 @@ pub mod forward;
 pub mod run;
 pub mod score;
 pub mod selftest;
+pub mod merge;
+pub mod synth;
+pub mod qc;

@@ -4,3 +4,5 @@ pub mod dataset;
 pub mod copick;
 pub mod csv;
 pub mod tensors;
+pub mod mrc;
+pub mod star;
