@@ -1,10 +1,86 @@
-use anyhow::Result;
+//! `fastdet qc`: one quality-control PNG per run (z-slabs with the picks, optionally the truth).
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use fastdet::io::{copick, csv, dataset, zarr};
+use fastdet::qc::{self, QcOptions};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Args)]
-pub struct QcArgs {}
+#[command(after_help = "Each run's tomogram (full resolution) is cut into --slabs equal z ranges, each shown as its mean \
+projection, contrast-stretched to its 1st-99th percentile; every pick is drawn as a ring of its particle radius \
+(Å / voxel size, the zarr's own or 10.012 Å) in its class colour on the slab that holds its centre z. \
+Small tomograms are enlarged by an integer factor so a slab is at least 256 px wide.\n\
+Example:\n  fastdet qc --data tests/fixtures/dataset --split test --picks sub.csv --out qc --truth")]
+pub struct QcArgs {
+    /// Dataset root (copick layout: {split}/static/ExperimentRuns/{run}/VoxelSpacing*/denoised.zarr)
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Split under the dataset root
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Submission CSV to draw (id,experiment,particle_type,[score,]x,y,z; coordinates in Å)
+    #[arg(long)]
+    pub picks: PathBuf,
+    /// Output directory (created if missing); writes {run}.png for each run
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Add a second row with the ground truth from {data}/{split}/overlay/ExperimentRuns/{run}/Picks
+    #[arg(long)]
+    pub truth: bool,
+    /// Comma-separated runs to draw [default: every run of the split]
+    #[arg(long, value_delimiter = ',')]
+    pub runs: Option<Vec<String>>,
+    /// Number of z-slabs per row (at most the tomogram depth in voxels)
+    #[arg(long, default_value_t = 4)]
+    pub slabs: usize,
+}
 
-pub fn qc(_a: QcArgs) -> Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+pub fn qc(a: QcArgs) -> Result<ExitCode> {
+    if a.slabs == 0 {
+        bail!("--slabs must be at least 1");
+    }
+    let runs = match &a.runs {
+        Some(r) => r.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        None => dataset::discover_runs(&a.data, &a.split)?,
+    };
+    if runs.is_empty() {
+        bail!("no runs to draw under {}", dataset::runs_dir(&a.data, &a.split).display());
+    }
+    let picks = csv::read_submission(&a.picks)?;
+    let truth = if a.truth { Some(copick::read_truth(&a.data, &a.split)?) } else { None };
+    let wanted: BTreeSet<&str> = runs.iter().map(String::as_str).collect();
+    let elsewhere: BTreeSet<&str> = picks.iter().map(|p| p.run.as_str()).filter(|r| !wanted.contains(r)).collect();
+    if !elsewhere.is_empty() && a.runs.is_none() {
+        eprintln!("warning: {} has picks of runs not in {}: {elsewhere:?}", a.picks.display(), a.split);
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create output directory", a.out.display()))?;
+
+    for run in &runs {
+        if run.contains(['/', '\\']) || run == "." || run == ".." {
+            bail!("run name {run:?} cannot be used as a file name");
+        }
+        let path = dataset::run_tomogram_path(&a.data, &a.split, run)?;
+        let volume = zarr::read_zarr_volume(&path, zarr::DEFAULT_LEVEL)?;
+        let run_picks: Vec<_> = picks.iter().filter(|p| &p.run == run).cloned().collect();
+        let run_truth: Option<Vec<_>> =
+            truth.as_ref().map(|t| t.iter().filter(|p| &p.run == run).cloned().collect());
+        let out = a.out.join(format!("{run}.png"));
+        let opts = QcOptions { slabs: a.slabs, title: Some(run.clone()), ..QcOptions::default() };
+        let s = qc::render_qc_with(&volume, &run_picks, run_truth.as_deref(), &out, &opts)
+            .with_context(|| format!("run {run}"))?;
+        let mut line = format!("{run}: {} picks", run_picks.len());
+        if s.picks_drawn != run_picks.len() {
+            line += &format!(" ({} outside the tomogram's z range)", run_picks.len() - s.picks_drawn);
+        }
+        if let Some(t) = &run_truth {
+            line += &format!(", {} truth", t.len());
+            if s.truth_drawn != t.len() {
+                line += &format!(" ({} outside)", t.len() - s.truth_drawn);
+            }
+        }
+        println!("{line} -> {} ({}x{} px)", out.display(), s.width, s.height);
+    }
+    Ok(ExitCode::SUCCESS)
 }

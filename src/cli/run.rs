@@ -4,7 +4,7 @@ use fastdet::engine::{self, Device};
 use fastdet::io::{copick, csv, dataset, tensors, zarr};
 use fastdet::metric;
 use fastdet::particles::{Pick, CLASSES};
-use fastdet::pipeline::detect::to_picks;
+use fastdet::pipeline::detect::to_picks_scaled;
 use fastdet::pipeline::runner::{detect_maps, predict_maps, Ensemble, Settings, Timing, Tta};
 use fastdet::weights::Weights;
 use std::io::{IsTerminal, Write};
@@ -48,7 +48,7 @@ pub struct InferArgs {
     #[arg(long, default_value = "0")]
     pub level: String,
     /// fastdet weights files (any number, mixed architectures): one ensemble
-    #[arg(long, num_args = 1.., required = true)]
+    #[arg(long, num_args = 1..)]
     pub weights: Vec<PathBuf>,
     /// cpu or cuda:N
     #[arg(long, default_value = "cpu")]
@@ -74,6 +74,25 @@ pub struct InferArgs {
     /// Tiles per engine call
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Process only runs[K::N] of the sorted run list (cluster job arrays), as K/N
+    #[arg(long, value_parser = parse_shard)]
+    pub shard: Option<(usize, usize)>,
+    /// Voxel size in Å used for Å coordinates and particle radii (the file's own size only warns)
+    #[arg(long, default_value_t = fastdet::particles::ANGSTROM_PER_VOXEL)]
+    pub voxel_size: f64,
+    /// Replace NaN/Inf voxels by the mean of the finite ones instead of refusing the tomogram
+    #[arg(long)]
+    pub allow_nonfinite: bool,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (k, n) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected K/N, e.g. 0/4"))?;
+    let k: usize = k.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let n: usize = n.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if n == 0 || k >= n {
+        return Err(format!("{s:?}: need 0 <= K < N"));
+    }
+    Ok((k, n))
 }
 
 #[derive(Args)]
@@ -100,6 +119,9 @@ pub struct RunArgs {
     /// Write each run's blended scores/offsets maps as DIR/{run}.safetensors
     #[arg(long)]
     pub save_maps: Option<PathBuf>,
+    /// Skip runs whose result already exists in OUT.runs/ (from an interrupted run with the same settings)
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Args)]
@@ -137,6 +159,9 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
     }
     if runs.is_empty() {
         bail!("no runs found under {}", dataset::runs_dir(root, &a.split).display());
+    }
+    if let Some((k, n)) = a.shard {
+        runs = dataset::shard(&runs, k, n);
     }
     Ok(runs
         .into_iter()
@@ -192,6 +217,7 @@ fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
         blend_sigma: a.blend_sigma,
         tta: Tta::parse(&a.tta)?,
         batch: a.batch,
+        voxel_size: a.voxel_size,
     })
 }
 
@@ -202,7 +228,26 @@ fn process(job: &Job, a: &InferArgs, ens: &mut Ensemble, s: &Settings, save_maps
     let mut vol = zarr::read_zarr_volume(&job.path, &a.level)?;
     let bad = zarr::count_nonfinite(&vol.data);
     if bad > 0 {
-        bail!("{}: {bad} voxels are NaN or infinite", job.path.display());
+        if !a.allow_nonfinite {
+            bail!(
+                "{}: {bad} of {} voxels are NaN or infinite (pass --allow-nonfinite to replace them by the volume mean)",
+                job.path.display(),
+                vol.data.len()
+            );
+        }
+        let (sum, n) = vol.data.iter().filter(|v| v.is_finite()).fold((0.0f64, 0usize), |(s, n), &v| (s + v as f64, n + 1));
+        let mean = if n > 0 { (sum / n as f64) as f32 } else { 0.0 };
+        vol.data.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = mean);
+        eprintln!("  {}: replaced {bad} non-finite voxels by the mean {mean}", job.run);
+    }
+    if let Some(vs) = vol.voxel_size {
+        if (vs - s.voxel_size).abs() > 1e-3 {
+            eprintln!(
+                "  warning: {}: voxel size is {vs} Å in the file's metadata; using {} Å (--voxel-size)",
+                job.path.display(),
+                s.voxel_size
+            );
+        }
     }
     timing.read = t.elapsed().as_secs_f64();
     let tty = std::io::stderr().is_terminal();
@@ -231,22 +276,98 @@ fn process(job: &Job, a: &InferArgs, ens: &mut Ensemble, s: &Settings, save_maps
     let t = Instant::now();
     let dets = detect_maps(&maps, s, ens.stride);
     timing.detect = t.elapsed().as_secs_f64();
-    Ok((to_picks(&job.run, &dets), timing))
+    Ok((to_picks_scaled(&job.run, &dets, s.voxel_size), timing))
 }
 
-/// Runs every job, reporting (and skipping) the ones that fail.
-fn infer_all(a: &InferArgs, s: &Settings, save_maps: Option<&Path>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
+/// Where finished runs are kept: each run's picks are written atomically to `parts/{run}.csv` as soon
+/// as the run is done, so an interrupted job can `--resume`.
+struct Parts {
+    dir: PathBuf,
+}
+
+impl Parts {
+    fn new(out: &Path, fingerprint: &str, resume: bool) -> Result<Self> {
+        let mut name = out.file_name().context("output has no file name")?.to_os_string();
+        name.push(".runs");
+        let dir = out.with_file_name(name);
+        let fp_path = dir.join("settings.json");
+        if resume && fp_path.exists() {
+            let old = std::fs::read_to_string(&fp_path).with_context(|| format!("{}: cannot read", fp_path.display()))?;
+            if old != fingerprint {
+                bail!(
+                    "--resume: {} was made with other settings or weights; remove {} or run without --resume",
+                    fp_path.display(),
+                    dir.display()
+                );
+            }
+        } else {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
+            }
+            std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+            fastdet::util::write_atomic(&fp_path, |f| Ok(f.write_all(fingerprint.as_bytes())?))?;
+        }
+        Ok(Parts { dir })
+    }
+    fn path(&self, run: &str) -> PathBuf {
+        self.dir.join(format!("{run}.csv"))
+    }
+    fn load(&self, run: &str) -> Option<Vec<Pick>> {
+        let p = self.path(run);
+        p.exists().then(|| csv::read_submission(&p).ok()).flatten()
+    }
+    fn store(&self, run: &str, picks: &[Pick]) -> Result<()> {
+        csv::write_submission(&self.path(run), picks, true)
+    }
+}
+
+/// What makes two runs' results interchangeable: settings and the weights' bytes.
+fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for w in &a.weights {
+        h.update(std::fs::read(w).with_context(|| format!("{}: cannot read", w.display()))?);
+    }
+    Ok(serde_json::to_string_pretty(&serde_json::json!({
+        "weights_sha256": format!("{:x}", h.finalize()),
+        "level": a.level,
+        "window": s.window, "tiles": s.tiles, "thresholds": s.thresholds, "iou": s.iou_threshold,
+        "top_k": s.pre_nms_top_k, "blend_sigma": s.blend_sigma, "tta": format!("{:?}", s.tta),
+        "voxel_size": s.voxel_size, "allow_nonfinite": a.allow_nonfinite,
+    }))?)
+}
+
+/// Runs every job, reporting (and skipping) the ones that fail; `on_done` sees each finished run.
+fn infer_all(
+    a: &InferArgs,
+    s: &Settings,
+    save_maps: Option<&Path>,
+    parts: Option<&Parts>,
+) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
     let jobs = jobs(a)?;
-    let mut ens = load_ensemble(a)?;
     if let Some(d) = save_maps {
         if !d.is_dir() {
             bail!("--save-maps {}: directory does not exist", d.display());
         }
     }
+    let mut ens = load_ensemble(a)?;
     let mut picks = Vec::new();
     let mut failed = Vec::new();
-    eprintln!("{} run(s), {} model(s) on {}, window {:?}, tiles {:?}, tta {:?}", jobs.len(), ens.engines.len(), a.device, s.window, s.tiles, s.tta);
+    eprintln!(
+        "{} run(s), {} model(s) on {}, window {:?}, tiles {:?}, tta {:?}",
+        jobs.len(),
+        ens.engines.len(),
+        a.device,
+        s.window,
+        s.tiles,
+        s.tta
+    );
     for job in &jobs {
+        if let Some(done) = parts.and_then(|p| p.load(&job.run)) {
+            eprintln!("  {}: {} picks (resumed)", job.run, done.len());
+            picks.extend(done);
+            continue;
+        }
         match process(job, a, &mut ens, s, save_maps) {
             Ok((p, t)) => {
                 eprintln!(
@@ -258,6 +379,9 @@ fn infer_all(a: &InferArgs, s: &Settings, save_maps: Option<&Path>) -> Result<(V
                     t.blend,
                     t.detect
                 );
+                if let Some(parts) = parts {
+                    parts.store(&job.run, &p)?;
+                }
                 picks.extend(p);
             }
             Err(e) => {
@@ -288,11 +412,10 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     if !out_dir.is_dir() {
         bail!("{}: output directory {} does not exist", a.out.display(), out_dir.display());
     }
-    let (picks, failed) = infer_all(&a.infer, &s, a.save_maps.as_deref())?;
+    let parts = Parts::new(&a.out, &fingerprint(&a.infer, &s)?, a.resume)?;
+    let (picks, failed) = infer_all(&a.infer, &s, a.save_maps.as_deref(), Some(&parts))?;
     csv::write_submission(&a.out, &picks, a.with_score)?;
     if let Some(dir) = &a.copick_out {
-        let mut runs: Vec<&str> = picks.iter().map(|p| p.run.as_str()).collect();
-        runs.dedup();
         for job in jobs(&a.infer)? {
             if failed.iter().any(|(r, _)| *r == job.run) {
                 continue;
@@ -309,7 +432,7 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     let root = a.infer.data.as_ref().context("tune needs --data ROOT with ground truth under {split}/overlay")?;
     let truth = copick::read_truth(root, &a.infer.split)?;
     let s = settings(&a.infer, vec![a.min_threshold; CLASSES.len()])?;
-    let (cands, failed) = infer_all(&a.infer, &s, None)?;
+    let (cands, failed) = infer_all(&a.infer, &s, None, None)?;
     let (thresholds, score) = metric::tune_thresholds(&truth, &cands, a.beta);
     println!("{}", metric::format_table(&score));
     let t: Vec<String> = thresholds.iter().map(|t| format!("{t}")).collect();

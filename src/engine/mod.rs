@@ -1,5 +1,6 @@
 //! Inference engines behind one interface: the CPU reference engine (the oracle) and, later, CUDA.
 pub mod cpu;
+pub mod cuda;
 
 use anyhow::Result;
 

@@ -21,7 +21,12 @@ pub struct Detection {
 
 /// Seed NMS sigmas in voxels, per class: `radius_Å / ANGSTROM_PER_VOXEL`.
 pub fn seed_sigmas() -> Vec<f64> {
-    CLASSES.iter().map(|c| c.radius_a / ANGSTROM_PER_VOXEL).collect()
+    sigmas_for(ANGSTROM_PER_VOXEL)
+}
+
+/// NMS sigmas in voxels for tomograms of another voxel size (Å).
+pub fn sigmas_for(voxel_size: f64) -> Vec<f64> {
+    CLASSES.iter().map(|c| c.radius_a / voxel_size).collect()
 }
 
 /// Max that propagates NaN like PyTorch's CPU max-pool (`val > max || isnan(val)`).
@@ -286,14 +291,19 @@ pub fn detect(
 
 /// Picks in Å (voxel coordinate × ANGSTROM_PER_VOXEL) for run `run`.
 pub fn to_picks(run: &str, dets: &[Detection]) -> Vec<Pick> {
+    to_picks_scaled(run, dets, ANGSTROM_PER_VOXEL)
+}
+
+/// Picks in Å for tomograms of voxel size `voxel_size` Å.
+pub fn to_picks_scaled(run: &str, dets: &[Detection], voxel_size: f64) -> Vec<Pick> {
     dets.iter()
         .map(|d| Pick {
             run: run.to_string(),
             class: d.class,
             score: d.score,
-            x: d.x * ANGSTROM_PER_VOXEL,
-            y: d.y * ANGSTROM_PER_VOXEL,
-            z: d.z * ANGSTROM_PER_VOXEL,
+            x: d.x * voxel_size,
+            y: d.y * voxel_size,
+            z: d.z * voxel_size,
         })
         .collect()
 }

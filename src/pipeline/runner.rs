@@ -2,10 +2,10 @@
 //! test-time augmentation), blend, detect.
 
 use super::blend::{Blender, Maps};
-use super::detect::{detect, seed_sigmas, Detection};
+use super::detect::{detect, sigmas_for, Detection};
 use super::tiling::{extract_tile, normalize_unit_range, TileGrid};
 use crate::engine::TileEngine;
-use crate::particles::SEED_THRESHOLDS;
+use crate::particles::{ANGSTROM_PER_VOXEL, SEED_THRESHOLDS};
 use anyhow::{bail, Result};
 use std::time::Instant;
 
@@ -42,6 +42,8 @@ pub struct Settings {
     pub tta: Tta,
     /// Tiles per engine call.
     pub batch: usize,
+    /// Voxel size in Å: converts picks to Å and particle radii to voxels.
+    pub voxel_size: f64,
 }
 
 impl Default for Settings {
@@ -55,6 +57,7 @@ impl Default for Settings {
             blend_sigma: 15.0,
             tta: Tta::None,
             batch: 1,
+            voxel_size: ANGSTROM_PER_VOXEL,
         }
     }
 }
@@ -256,7 +259,7 @@ pub fn predict_maps(
 
 /// Peaks → thresholds → greedy NMS with the settings' parameters.
 pub fn detect_maps(maps: &Maps, s: &Settings, stride: usize) -> Vec<Detection> {
-    detect(maps, &s.thresholds, s.iou_threshold, s.pre_nms_top_k, stride, &seed_sigmas())
+    detect(maps, &s.thresholds, s.iou_threshold, s.pre_nms_top_k, stride, &sigmas_for(s.voxel_size))
 }
 
 #[cfg(test)]

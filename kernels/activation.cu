@@ -1,0 +1,54 @@
+// Elementwise bias + activation and residual add + activation on NDHWC fp16 activations.
+//
+// CPU twin: src/model/graph.rs::Act::apply (the activations) and the epilogue of
+// src/engine/cpu/conv.rs::conv3d (`act(v + bias[c])`); the residual add of SegResNet's ResBlock
+// (`x + conv2(...)`) is the graph's add op. Math in f32, storage fp16 (round to nearest even).
+//
+// Layout: [N, vol, C] fp16, C even (half2 pairs). `pairs` = N * vol * C / 2. Any grid / block size
+// (grid-stride loops); outputs may alias inputs.
+#include <cuda_fp16.h>
+
+// Activation codes, as src/model/graph.rs::Act: 0 none, 1 relu, 2 leaky relu(p), 3 silu,
+// 4 sigmoid, 5 tanh(x) * p.
+__device__ __forceinline__ float fd_act(float x, int act, float p) {
+    switch (act) {
+        case 1: return fmaxf(x, 0.0f);
+        case 2: return x >= 0.0f ? x : x * p;
+        case 3: return x / (1.0f + expf(-x));
+        case 4: return 1.0f / (1.0f + expf(-x));
+        case 5: return tanhf(x) * p;
+        default: return x;
+    }
+}
+
+// y[i] = act(x[i] + bias[c]); bias may be null (no bias).
+extern "C" __global__ void bias_act_f16(const __half* x, __half* y, const float* __restrict__ bias,
+                                        long long pairs, int C, int act, float p) {
+    const int C2 = C >> 1;
+    const __half2* xs = reinterpret_cast<const __half2*>(x);
+    __half2* ys = reinterpret_cast<__half2*>(y);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs;
+         i += (long long)gridDim.x * blockDim.x) {
+        float2 f = __half22float2(xs[i]);
+        if (bias) {
+            const int c = (int)(i % C2) * 2;
+            f.x = __fadd_rn(f.x, bias[c]);
+            f.y = __fadd_rn(f.y, bias[c + 1]);
+        }
+        ys[i] = __floats2half2_rn(fd_act(f.x, act, p), fd_act(f.y, act, p));
+    }
+}
+
+// y[i] = act(a[i] + b[i]) (the residual add, f32 sum of the fp16 inputs).
+extern "C" __global__ void add_act_f16(const __half* a, const __half* b, __half* y, long long pairs,
+                                       int act, float p) {
+    const __half2* as = reinterpret_cast<const __half2*>(a);
+    const __half2* bs = reinterpret_cast<const __half2*>(b);
+    __half2* ys = reinterpret_cast<__half2*>(y);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float2 fa = __half22float2(as[i]);
+        const float2 fb = __half22float2(bs[i]);
+        ys[i] = __floats2half2_rn(fd_act(__fadd_rn(fa.x, fb.x), act, p), fd_act(__fadd_rn(fa.y, fb.y), act, p));
+    }
+}

@@ -1,0 +1,189 @@
+// GroupNorm / InstanceNorm on NDHWC fp16 activations, with the activation fused on either side.
+//
+// CPU twin: src/engine/cpu/norm.rs::group_norm (InstanceNorm = instance_norm = one channel per
+// group, no affine). Semantics: per (sample, group) mean and BIASED variance over cpg * vol values,
+// eps = 1e-5, y = post_act((pre_act(x) - mean) * (rstd * gamma[c]) + beta[c]).
+//   SegResNet: pre = none, post = relu (norm -> act).
+//   DynUNet:   pre = none, post = leaky relu 0.01 (InstanceNorm, no affine).
+//   Head stem: pre = silu, post = none (the head's act -> norm order; conv bias already added).
+//
+// Layout: x is [N, vol, C] fp16 (NDHWC, vol = D*H*W), C even (channels are read as half2 pairs),
+// C / 2 <= NORM_THREADS. Statistics are f32 per thread, then f64; all reductions are in a fixed
+// order (no atomics), so results do not depend on scheduling:
+//   1. norm_stats_partial   grid (nblk, N), block NORM_THREADS: block b sums voxels
+//      [b * vox_per_block, (b + 1) * vox_per_block) into per-channel (sum d, sum d^2),
+//      d = pre_act(x) - pivot[c], pivot[c] = pre_act(x[n, voxel 0, c]) (shifted data keeps the f32
+//      partial sums well conditioned when |mean| >> std).
+//   2. norm_finalize        grid (G, N), block NORM_THREADS (C / G <= NORM_MAX_CPG): per channel of
+//      the group, a fixed-shape tree reduction of the nblk partials in f64 gives the channel's mean
+//      and M2 (sum of squared deviations); the group's mean is the mean of the channel means and its
+//      M2 = sum_c (M2_c + vol * (mean_c - mean)^2), in channel order (Chan et al.); var = M2 / (cpg *
+//      vol), rstd = 1 / sqrt(var + eps) in f64; writes params[n][c] = (mean, scale = rstd * gamma,
+//      shift = beta) as f32, like the CPU's (mean as f32, (rstd * gamma) as f32, beta).
+//   3. norm_apply           grid (any, N), any block size; grid-stride over the vol * C/2 (< 2^31)
+//      pairs of one sample; y may alias x.
+#include <cuda_fp16.h>
+
+#define NORM_THREADS 256
+// Most channels per group norm_finalize handles (C / groups).
+#define NORM_MAX_CPG 512
+
+// Activation codes, as src/model/graph.rs::Act: 0 none, 1 relu, 2 leaky relu(p), 3 silu,
+// 4 sigmoid, 5 tanh(x) * p.
+__device__ __forceinline__ float fd_act(float x, int act, float p) {
+    switch (act) {
+        case 1: return fmaxf(x, 0.0f);
+        case 2: return x >= 0.0f ? x : x * p;
+        case 3: return x / (1.0f + expf(-x));
+        case 4: return 1.0f / (1.0f + expf(-x));
+        case 5: return tanhf(x) * p;
+        default: return x;
+    }
+}
+
+// partial: [N][nblk][C][2] f32 = (sum d, sum d^2) over this block's voxels.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+norm_stats_partial(const __half* __restrict__ x, long long vol, int C, int vox_per_block,
+                   int pre_act, float pre_p, float* __restrict__ partial) {
+    __shared__ float sh[4][NORM_THREADS];
+    const int n = blockIdx.y;
+    const int blk = blockIdx.x;
+    const int nblk = gridDim.x;
+    const int t = threadIdx.x;
+    const int C2 = C >> 1;
+    if (C2 < 1 || C2 > NORM_THREADS) return;  // unsupported shape: the host checks
+    const int lanes = NORM_THREADS / C2;
+    const int c2 = t % C2;
+    const int lane = t / C2;
+    const __half2* xs = reinterpret_cast<const __half2*>(x + (size_t)n * (size_t)vol * (size_t)C);
+
+    float s0 = 0.0f, s1 = 0.0f, q0 = 0.0f, q1 = 0.0f;
+    if (lane < lanes) {
+        const float2 pv = __half22float2(xs[c2]);
+        const float p0 = fd_act(pv.x, pre_act, pre_p);
+        const float p1 = fd_act(pv.y, pre_act, pre_p);
+        const long long v0 = (long long)blk * vox_per_block;
+        long long v1 = v0 + vox_per_block;
+        if (v1 > vol) v1 = vol;
+        for (long long v = v0 + lane; v < v1; v += lanes) {
+            const float2 f = __half22float2(xs[(size_t)v * C2 + c2]);
+            const float d0 = fd_act(f.x, pre_act, pre_p) - p0;
+            const float d1 = fd_act(f.y, pre_act, pre_p) - p1;
+            s0 += d0;
+            q0 += d0 * d0;
+            s1 += d1;
+            q1 += d1 * d1;
+        }
+    }
+    sh[0][t] = s0;
+    sh[1][t] = q0;
+    sh[2][t] = s1;
+    sh[3][t] = q1;
+    __syncthreads();
+    if (t < C2) {
+        // Lanes of this channel pair, in lane order.
+        float a0 = 0.0f, b0 = 0.0f, a1 = 0.0f, b1 = 0.0f;
+        for (int l = 0; l < lanes; ++l) {
+            const int i = l * C2 + t;
+            a0 += sh[0][i];
+            b0 += sh[1][i];
+            a1 += sh[2][i];
+            b1 += sh[3][i];
+        }
+        float* out = partial + (((size_t)n * nblk + blk) * C + 2 * t) * 2;
+        out[0] = a0;
+        out[1] = b0;
+        out[2] = a1;
+        out[3] = b1;
+    }
+}
+
+// params: [N][C][3] f32 = (mean, scale, shift); gamma / beta may be null (no affine).
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+norm_finalize(const __half* __restrict__ x, const float* __restrict__ partial, long long vol, int C,
+              int groups, int vox_per_block, int nblk, int pre_act, float pre_p,
+              const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
+              float* __restrict__ params) {
+    __shared__ double r1[NORM_THREADS];
+    __shared__ double r2[NORM_THREADS];
+    __shared__ double ch_mean[NORM_MAX_CPG];
+    __shared__ double ch_m2[NORM_MAX_CPG];
+    const int g = blockIdx.x;
+    const int n = blockIdx.y;
+    const int t = threadIdx.x;
+    const int cpg = C / groups;
+    if (cpg < 1 || cpg > NORM_MAX_CPG) return;  // unsupported shape: the host checks
+    const double cnt = (double)vol;
+    const double inv_cnt = 1.0 / cnt;
+    for (int k = 0; k < cpg; ++k) {
+        const int c = g * cpg + k;
+        double s = 0.0, q = 0.0;
+        for (int b = t; b < nblk; b += NORM_THREADS) {
+            const float* p = partial + (((size_t)n * nblk + b) * C + c) * 2;
+            s += (double)p[0];
+            q += (double)p[1];
+        }
+        r1[t] = s;
+        r2[t] = q;
+        __syncthreads();
+        for (int w = NORM_THREADS / 2; w > 0; w >>= 1) {
+            if (t < w) {
+                r1[t] += r1[t + w];
+                r2[t] += r2[t + w];
+            }
+            __syncthreads();
+        }
+        if (t == 0) {
+            const double pivot =
+                (double)fd_act(__half2float(x[(size_t)n * (size_t)vol * (size_t)C + c]), pre_act, pre_p);
+            const double S1 = r1[0], S2 = r2[0];
+            // Channel mean and sum of squared deviations from it.
+            ch_mean[k] = pivot + S1 * inv_cnt;
+            ch_m2[k] = fmax(S2 - S1 * S1 * inv_cnt, 0.0);
+        }
+        __syncthreads();
+    }
+    // Group statistics from the channels (equal counts), in channel order: the mean of the channel
+    // means, and M2 = sum(m2_c + cnt * (mean_c - mean)^2) (Chan et al.).
+    double mean = 0.0;
+    for (int k = 0; k < cpg; ++k) mean += ch_mean[k];
+    mean /= (double)cpg;
+    double m2 = 0.0;
+    for (int k = 0; k < cpg; ++k) {
+        const double d = ch_mean[k] - mean;
+        m2 += ch_m2[k] + cnt * d * d;
+    }
+    const double var = fmax(m2 * inv_cnt / (double)cpg, 0.0);
+    const double rstd = 1.0 / sqrt(var + (double)eps);
+    for (int k = t; k < cpg; k += NORM_THREADS) {
+        const int c = g * cpg + k;
+        const double gm = gamma ? (double)gamma[c] : 1.0;
+        const double bt = beta ? (double)beta[c] : 0.0;
+        float* o = params + ((size_t)n * C + c) * 3;
+        o[0] = (float)mean;
+        o[1] = (float)(rstd * gm);
+        o[2] = (float)bt;
+    }
+}
+
+// y = post_act((pre_act(x) - mean) * scale + shift); y may alias x. grid.y = sample.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+norm_apply(const __half* x, __half* y, long long vol, int C, const float* __restrict__ params,
+           int pre_act, float pre_p, int post_act, float post_p) {
+    const int n = blockIdx.y;
+    const int C2 = C >> 1;
+    const int pairs = (int)(vol * C2);  // < 2^31 per sample (host checks)
+    const size_t base = (size_t)n * (size_t)pairs;
+    const __half2* xs = reinterpret_cast<const __half2*>(x) + base;
+    __half2* ys = reinterpret_cast<__half2*>(y) + base;
+    const float* prm = params + (size_t)n * C * 3;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += gridDim.x * blockDim.x) {
+        const int c = (i % C2) * 2;
+        const float2 f = __half22float2(xs[i]);
+        const float a = fd_act(f.x, pre_act, pre_p);
+        const float b = fd_act(f.y, pre_act, pre_p);
+        const float ya = fd_act(__fadd_rn(__fmul_rn(a - prm[3 * c], prm[3 * c + 1]), prm[3 * c + 2]), post_act, post_p);
+        const float yb = fd_act(__fadd_rn(__fmul_rn(b - prm[3 * c + 3], prm[3 * c + 4]), prm[3 * c + 5]), post_act, post_p);
+        ys[i] = __floats2half2_rn(ya, yb);
+    }
+}

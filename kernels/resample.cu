@@ -1,0 +1,83 @@
+// Trilinear x2 upsampling (align_corners = False) fused with the decoder's skip add.
+//
+// CPU twin: src/engine/cpu/resample.rs::upsample2x (then the graph's add op with the skip).
+// Semantics (PyTorch / MONAI, align_corners = False): output index o on an axis of source length
+// len reads source coordinate s = max(0, (o + 0.5) / 2 - 0.5); i0 = floor(s), i1 = min(i0 + 1,
+// len - 1), l1 = s - i0, l0 = 1 - l1. So o = 0 -> (0, 0, 0); even o = 2i > 0 -> (i - 1, i, 0.75);
+// odd o = 2i + 1 -> (i, min(i + 1, len - 1), 0.25).
+// Separable like the CPU: interpolate along x first, then y, then z, each step
+// `l0 * a + l1 * b` in f32 with no fused multiply-add (the CPU's rounding), then `+ skip`.
+//
+// Layout: x [N, D, H, W, C] fp16, skip and out [N, 2D, 2H, 2W, C] fp16, C even. skip may be null
+// (plain upsampling); out may alias skip (each element is read then written by one thread), not x.
+// grid (any, N); grid-stride over the 2D * 2H * 2W * C/2 output pairs of one sample (< 2^31).
+#include <cuda_fp16.h>
+
+__device__ __forceinline__ void up_src(int o, int len, int& i0, int& i1, float& l1) {
+    if (o == 0) {
+        i0 = 0;
+        i1 = 0;
+        l1 = 0.0f;
+    } else if ((o & 1) == 0) {
+        i0 = (o >> 1) - 1;
+        i1 = o >> 1;
+        l1 = 0.75f;
+    } else {
+        i0 = o >> 1;
+        i1 = min((o >> 1) + 1, len - 1);
+        l1 = 0.25f;
+    }
+}
+
+__device__ __forceinline__ float2 lerp2(float2 a, float2 b, float l0, float l1) {
+    return make_float2(__fadd_rn(__fmul_rn(l0, a.x), __fmul_rn(l1, b.x)),
+                       __fadd_rn(__fmul_rn(l0, a.y), __fmul_rn(l1, b.y)));
+}
+
+extern "C" __global__ void upsample2x_add_f16(const __half* __restrict__ x, const __half* skip, __half* out,
+                                              int D, int H, int W, int C) {
+    const int n = blockIdx.y;
+    const int C2 = C >> 1;
+    const int OD = 2 * D, OH = 2 * H, OW = 2 * W;
+    const int pairs = OD * OH * OW * C2;
+    const __half2* xs = reinterpret_cast<const __half2*>(x) + (size_t)n * D * H * W * C2;
+    const size_t obase = (size_t)n * (size_t)pairs;
+    const __half2* ss = skip ? reinterpret_cast<const __half2*>(skip) + obase : nullptr;
+    __half2* os = reinterpret_cast<__half2*>(out) + obase;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += gridDim.x * blockDim.x) {
+        const int c2 = i % C2;
+        int v = i / C2;
+        const int ox = v % OW;
+        v /= OW;
+        const int oy = v % OH;
+        const int oz = v / OH;
+        int x0, x1, y0, y1, z0, z1;
+        float lx, ly, lz;
+        up_src(ox, W, x0, x1, lx);
+        up_src(oy, H, y0, y1, ly);
+        up_src(oz, D, z0, z1, lz);
+        const float mx = 1.0f - lx, my = 1.0f - ly, mz = 1.0f - lz;
+        float2 zz[2];
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+            const int zi = a ? z1 : z0;
+            float2 yy[2];
+#pragma unroll
+            for (int b = 0; b < 2; ++b) {
+                const int yi = b ? y1 : y0;
+                const size_t row = ((size_t)zi * H + yi) * W;
+                const float2 p = __half22float2(xs[(row + x0) * C2 + c2]);
+                const float2 q = __half22float2(xs[(row + x1) * C2 + c2]);
+                yy[b] = lerp2(p, q, mx, lx);
+            }
+            zz[a] = lerp2(yy[0], yy[1], my, ly);
+        }
+        float2 r = lerp2(zz[0], zz[1], mz, lz);
+        if (ss) {
+            const float2 s = __half22float2(ss[i]);
+            r.x = __fadd_rn(r.x, s.x);
+            r.y = __fadd_rn(r.y, s.y);
+        }
+        os[i] = __floats2half2_rn(r.x, r.y);
+    }
+}

@@ -1,0 +1,174 @@
+//! The CUDA kernel sources (`kernels/*.cu`), embedded in the binary so that a release build can
+//! compile them with NVRTC for the device's own architecture at first use.
+
+/// `(file name, source)` for every file in `kernels/`, one per op family.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("activation.cu", include_str!("../../../kernels/activation.cu")),
+    ("blend.cu", include_str!("../../../kernels/blend.cu")),
+    ("conv_first.cu", include_str!("../../../kernels/conv_first.cu")),
+    ("convt.cu", include_str!("../../../kernels/convt.cu")),
+    ("ensemble.cu", include_str!("../../../kernels/ensemble.cu")),
+    ("heads.cu", include_str!("../../../kernels/heads.cu")),
+    ("layout.cu", include_str!("../../../kernels/layout.cu")),
+    ("nms.cu", include_str!("../../../kernels/nms.cu")),
+    ("norm.cu", include_str!("../../../kernels/norm.cu")),
+    ("resample.cu", include_str!("../../../kernels/resample.cu")),
+];
+
+/// The source of `kernels/<name>` (e.g. `"norm.cu"`).
+pub fn source(name: &str) -> Option<&'static str> {
+    SOURCES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+}
+
+/// Names of the `extern "C" __global__ void NAME(` kernels defined in `source`, in source order.
+/// Launch bounds and line breaks between the parts are allowed
+/// (`extern "C" __global__ void __launch_bounds__(256)\nNAME(`); comments are skipped.
+pub fn kernel_names(source: &str) -> Vec<String> {
+    let code = strip_comments(source);
+    let mut names = Vec::new();
+    let mut rest = code.as_str();
+    const HEAD: &str = "extern \"C\"";
+    while let Some(i) = rest.find(HEAD) {
+        rest = &rest[i + HEAD.len()..];
+        let mut toks = Tokens(rest);
+        if toks.next_ident() != Some("__global__") || toks.next_ident() != Some("void") {
+            continue;
+        }
+        let mut name = toks.next_ident();
+        if name == Some("__launch_bounds__") {
+            if !toks.skip_parens() {
+                continue;
+            }
+            name = toks.next_ident();
+        }
+        if let Some(name) = name {
+            if toks.peek_char() == Some('(') {
+                names.push(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Removes `//` and `/* */` comments (string literals in kernels are not expected).
+fn strip_comments(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '/' && it.peek() == Some(&'/') {
+            for c in it.by_ref() {
+                if c == '\n' {
+                    out.push('\n');
+                    break;
+                }
+            }
+        } else if c == '/' && it.peek() == Some(&'*') {
+            it.next();
+            let mut prev = ' ';
+            for c in it.by_ref() {
+                if prev == '*' && c == '/' {
+                    break;
+                }
+                prev = c;
+            }
+            out.push(' ');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A tiny cursor over C tokens: identifiers and balanced parentheses.
+struct Tokens<'a>(&'a str);
+
+impl<'a> Tokens<'a> {
+    fn skip_ws(&mut self) {
+        self.0 = self.0.trim_start();
+    }
+
+    fn peek_char(&mut self) -> Option<char> {
+        self.skip_ws();
+        self.0.chars().next()
+    }
+
+    fn next_ident(&mut self) -> Option<&'a str> {
+        self.skip_ws();
+        let end = self.0.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(self.0.len());
+        if end == 0 {
+            return None;
+        }
+        let (id, rest) = self.0.split_at(end);
+        self.0 = rest;
+        Some(id)
+    }
+
+    /// Skips `( ... )` (nested); false when the next token is not `(` or it never closes.
+    fn skip_parens(&mut self) -> bool {
+        if self.peek_char() != Some('(') {
+            return false;
+        }
+        let mut depth = 0usize;
+        for (i, c) in self.0.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        self.0 = &self.0[i + 1..];
+                        return true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_launch_bounds_kernels() {
+        let src = r#"
+            // extern "C" __global__ void commented_out(int x) {}
+            /* extern "C" __global__ void also_commented(int x) {} */
+            extern "C" __global__ void plain(float* a, int n) {}
+            extern "C" __global__ void __launch_bounds__(NORM_THREADS * (2))
+            bounded (const float* x) {}
+            extern "C" __device__ float helper(float x) { return x; }
+            __global__ void not_extern_c(int) {}
+            extern "C" __global__ void
+                split_lines(int n) {}
+        "#;
+        assert_eq!(kernel_names(src), vec!["plain", "bounded", "split_lines"]);
+    }
+
+    #[test]
+    fn every_kernel_file_is_embedded_and_has_kernels() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cu"))
+            .collect();
+        on_disk.sort();
+        let embedded: Vec<String> = SOURCES.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(embedded, on_disk, "kernels/*.cu and SOURCES differ");
+        let mut all = Vec::new();
+        for (name, src) in SOURCES {
+            let k = kernel_names(src);
+            assert!(!k.is_empty(), "{name} defines no extern \"C\" kernel");
+            assert!(src.contains("CPU twin"), "{name} does not name its CPU twin");
+            all.extend(k);
+        }
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "kernel names must be unique across files");
+        assert_eq!(source("norm.cu").map(kernel_names).unwrap(), vec!["norm_stats_partial", "norm_finalize", "norm_apply"]);
+    }
+}

@@ -1,0 +1,264 @@
+//! QC pictures: pick geometry, layout, contrast stretch and the `fastdet qc` command.
+
+use fastdet::io::zarr::Volume;
+use fastdet::particles::{Pick, CLASSES};
+use fastdet::qc::{
+    pick_to_pixel, radius_px, render_qc, render_qc_with, ring_half_width, QcLayout, QcOptions, CLASS_COLORS, GAP,
+    MARGIN,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// Decodes an RGB8 PNG into (width, height, pixels).
+fn decode(path: &Path) -> (usize, usize, Vec<u8>) {
+    let dec = png::Decoder::new(std::fs::File::open(path).unwrap());
+    let mut r = dec.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    assert_eq!(info.bit_depth, png::BitDepth::Eight);
+    buf.truncate(info.buffer_size());
+    (info.width as usize, info.height as usize, buf)
+}
+
+fn px(img: &(usize, usize, Vec<u8>), x: usize, y: usize) -> [u8; 3] {
+    let i = (y * img.0 + x) * 3;
+    [img.2[i], img.2[i + 1], img.2[i + 2]]
+}
+
+/// A [16, 40, 50] volume with a gentle ramp, voxel size 10 Å.
+fn small_volume() -> Volume {
+    let shape = [16, 40, 50];
+    let data = (0..shape.iter().product::<usize>()).map(|i| (i % 50) as f32 + (i / 50 % 40) as f32 * 0.5).collect();
+    Volume { shape, data, voxel_size: Some(10.0) }
+}
+
+fn pick(class: usize, vx: f64, vy: f64, vz: f64, vs: f64) -> Pick {
+    Pick { run: "r".into(), class, score: 1.0, x: vx * vs, y: vy * vs, z: vz * vs }
+}
+
+#[test]
+fn pick_to_pixel_centres_voxels() {
+    let p = pick(0, 25.0, 20.0, 2.0, 10.0);
+    assert_eq!(pick_to_pixel(&p, 10.0, 1), (25.5, 20.5));
+    assert_eq!(pick_to_pixel(&p, 10.0, 6), (153.0, 123.0));
+    // 60 Å apo-ferritin at 10 Å/voxel, enlarged 6x: 36 px
+    assert_eq!(radius_px(0, 10.0, 6), 36.0);
+}
+
+/// One apo-ferritin pick at voxel (x 25, y 20, z 2): its ring is drawn in red at ≈ the radius
+/// around the centre pixel of slab 0, the centre stays grey, and nothing red appears elsewhere.
+#[test]
+fn known_pick_lands_on_expected_pixels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("one.png");
+    let vol = small_volume();
+    let p = pick(0, 25.0, 20.0, 2.0, 10.0);
+    render_qc(&vol, &[p.clone()], None, &out).unwrap();
+    let img = decode(&out);
+
+    let opts = QcOptions::default();
+    let lay = QcLayout::new(vol.shape, &opts, false).unwrap();
+    assert_eq!(lay.scale, 6); // ceil(256 / 50)
+    let (ox, oy) = lay.tile_origin(0, 0);
+    let (cx, cy) = pick_to_pixel(&p, 10.0, lay.scale);
+    let r = radius_px(0, 10.0, lay.scale);
+    let red = CLASS_COLORS[0];
+
+    // centre pixel: grey image, not the ring colour
+    let c = px(&img, ox + cx as usize, oy + cy as usize);
+    assert_ne!(c, red);
+    assert!(c[0] == c[1] && c[1] == c[2], "centre {c:?} is not grey");
+    // the four compass points at distance r are red
+    for (dx, dy) in [(r, 0.0), (-r, 0.0), (0.0, r), (0.0, -r)] {
+        let (x, y) = ((cx + dx).floor() as usize, (cy + dy).floor() as usize);
+        assert_eq!(px(&img, ox + x, oy + y), red, "ring missing at ({dx}, {dy})");
+    }
+    // every red pixel lies in slab 0 of row 0 at ≈ r from the centre
+    let hw = ring_half_width(lay.scale);
+    let mut n = 0;
+    for y in 0..img.1 {
+        for x in 0..img.0 {
+            if px(&img, x, y) == red && y < lay.legend_y {
+                assert!(x >= ox && x < ox + lay.tile_w && y >= oy && y < oy + lay.tile_h, "red outside slab 0 at ({x}, {y})");
+                let d = ((x - ox) as f64 + 0.5 - cx).hypot((y - oy) as f64 + 0.5 - cy);
+                assert!((d - r).abs() <= hw + 1e-9, "red at distance {d}, radius {r}");
+                n += 1;
+            }
+        }
+    }
+    // a ring of circumference 2πr and thickness 2·hw
+    let area = 2.0 * std::f64::consts::PI * r * 2.0 * hw;
+    assert!((n as f64 - area).abs() < 0.2 * area, "{n} red pixels, expected ≈ {area}");
+}
+
+/// A pick goes to the slab that holds its centre z; one beyond the volume is not drawn.
+#[test]
+fn picks_go_to_their_slab() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("slab.png");
+    let vol = small_volume();
+    let vs = 10.0;
+    let picks = [pick(2, 25.0, 20.0, 13.0, vs), pick(2, 25.0, 20.0, 40.0, vs)];
+    let s = render_qc_with(&vol, &picks, None, &out, &QcOptions::default()).unwrap();
+    assert_eq!(s.picks_drawn, 1);
+    let img = decode(&out);
+    let lay = QcLayout::new(vol.shape, &QcOptions::default(), false).unwrap();
+    let (cx, cy) = pick_to_pixel(&picks[0], vs, lay.scale);
+    let r = radius_px(2, vs, lay.scale);
+    for k in 0..4 {
+        let (ox, oy) = lay.tile_origin(0, k);
+        let got = px(&img, ox + (cx + r).floor() as usize, oy + cy as usize);
+        assert_eq!(got == CLASS_COLORS[2], k == 3, "slab {k}: {got:?}");
+    }
+}
+
+/// Image size follows the layout: margins, slabs side by side with gaps, a header line above each
+/// row, the legend below; ground truth adds one row of the same height.
+#[test]
+fn dimensions_follow_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = small_volume();
+    let pk = [pick(1, 10.0, 10.0, 5.0, 10.0)];
+    for slabs in [1, 3, 4] {
+        let opts = QcOptions { slabs, ..QcOptions::default() };
+        let one = QcLayout::new(vol.shape, &opts, false).unwrap();
+        let two = QcLayout::new(vol.shape, &opts, true).unwrap();
+        assert_eq!((one.tile_w, one.tile_h), (50 * 6, 40 * 6));
+        assert_eq!(one.slabs.len(), slabs);
+        let grid_w = slabs * one.tile_w + (slabs - 1) * GAP;
+        assert!(one.width >= grid_w + 2 * MARGIN);
+        if slabs > 1 {
+            // legend fits inside the slab grid
+            assert_eq!(one.width, grid_w + 2 * MARGIN);
+        }
+        assert_eq!(one.width, two.width);
+        let (_, oy0) = two.tile_origin(0, 0);
+        let (_, oy1) = two.tile_origin(1, 0);
+        assert_eq!(two.height - one.height, oy1 - oy0);
+        assert_eq!(oy1 - oy0, one.tile_h + GAP + fastdet::qc::LINE_H + 4);
+        // tiles do not overlap and stay inside the image
+        let (x_last, _) = two.tile_origin(1, slabs - 1);
+        assert!(x_last + two.tile_w <= two.width - MARGIN);
+        assert!(oy1 + two.tile_h < two.legend_y);
+        assert!(two.legend_y < two.height);
+
+        let a = tmp.path().join(format!("a{slabs}.png"));
+        let b = tmp.path().join(format!("b{slabs}.png"));
+        render_qc_with(&vol, &pk, None, &a, &opts).unwrap();
+        render_qc_with(&vol, &pk, Some(&pk), &b, &opts).unwrap();
+        let (wa, ha, _) = decode(&a);
+        let (wb, hb, _) = decode(&b);
+        assert_eq!((wa, ha), (one.width, one.height));
+        assert_eq!((wb, hb), (two.width, two.height));
+    }
+    // large volumes are not enlarged; more slabs than z planes are clamped
+    let big = QcLayout::new([3, 300, 400], &QcOptions::default(), false).unwrap();
+    assert_eq!((big.scale, big.tile_w, big.slabs.len()), (1, 400, 3));
+    assert!(QcLayout::new([0, 4, 4], &QcOptions::default(), false).is_err());
+    assert!(QcLayout::new([4, 4, 4], &QcOptions { slabs: 0, ..QcOptions::default() }, false).is_err());
+}
+
+/// A constant volume renders (no division by zero) as uniform mid-grey slabs.
+#[test]
+fn constant_volume_is_mid_grey() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("const.png");
+    let vol = Volume { shape: [8, 20, 30], data: vec![3.25; 8 * 20 * 30], voxel_size: None };
+    render_qc(&vol, &[], None, &out).unwrap();
+    let img = decode(&out);
+    let lay = QcLayout::new(vol.shape, &QcOptions::default(), false).unwrap();
+    for k in 0..4 {
+        let (ox, oy) = lay.tile_origin(0, k);
+        for y in (oy..oy + lay.tile_h).step_by(7) {
+            for x in (ox..ox + lay.tile_w).step_by(7) {
+                assert_eq!(px(&img, x, y), [128, 128, 128]);
+            }
+        }
+    }
+    // no stray temporary file beside the output
+    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("const.png")]);
+}
+
+#[test]
+fn bad_class_index_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bad.png");
+    let mut p = pick(0, 1.0, 1.0, 1.0, 10.0);
+    p.class = CLASSES.len();
+    let e = render_qc(&small_volume(), &[p], None, &out).unwrap_err().to_string();
+    assert!(e.contains("class index"), "{e}");
+    assert!(!out.exists());
+}
+
+/// `fastdet qc --truth` on the fixture dataset writes one picture per run with two rows of slabs.
+#[test]
+fn cli_writes_one_png_per_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qc");
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        .args(["qc", "--split", "test", "--truth", "--data"])
+        .arg(root().join("tests/fixtures/dataset"))
+        .arg("--picks")
+        .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let mut names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["TS_synth_1.png", "TS_synth_2.png"]);
+    // fixture tomograms are [80, 160, 160]: enlarged 2x, 4 slabs, two rows
+    let lay = QcLayout::new(
+        [80, 160, 160],
+        &QcOptions { title: Some("TS_synth_1".into()), ..QcOptions::default() },
+        true,
+    )
+    .unwrap();
+    for n in &names {
+        let img = decode(&out.join(n));
+        assert_eq!((img.0, img.1), (lay.width, lay.height), "{n}");
+        // some rings in both rows
+        for row in 0..2 {
+            let mut colored = 0;
+            for k in 0..4 {
+                let (ox, oy) = lay.tile_origin(row, k);
+                for y in oy..oy + lay.tile_h {
+                    for x in ox..ox + lay.tile_w {
+                        if CLASS_COLORS.contains(&px(&img, x, y)) {
+                            colored += 1;
+                        }
+                    }
+                }
+            }
+            assert!(colored > 100, "{n} row {row}: {colored} ring pixels");
+        }
+        assert!(stdout.contains(&n.replace(".png", ":")), "{stdout}");
+    }
+
+    // --runs limits the output; --help names defaults, units and an example
+    let out2 = tmp.path().join("one");
+    let st = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        .args(["qc", "--runs", "TS_synth_2", "--slabs", "2", "--data"])
+        .arg(root().join("tests/fixtures/dataset"))
+        .arg("--picks")
+        .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
+        .arg("--out")
+        .arg(&out2)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(out2.join("TS_synth_2.png").is_file() && !out2.join("TS_synth_1.png").exists());
+    let h = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["qc", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&h.stdout);
+    for needle in ["[default: test]", "[default: 4]", "Å", "Example", "fastdet qc"] {
+        assert!(help.contains(needle), "{needle} missing from:\n{help}");
+    }
+}

@@ -1,0 +1,102 @@
+//! Scale-out and robustness: shards merged equal one run; a killed run resumes to the same output.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn fastdet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fastdet"))
+}
+
+/// A cheap run: one small model, four tiles per tomogram.
+fn cheap_run(data: &Path, out: &Path) -> Command {
+    let mut c = fastdet();
+    c.args(["run", "--data"])
+        .arg(data)
+        .arg("--weights")
+        .arg(root().join("weights/demo_segresnetv2.safetensors"))
+        .args(["--window", "64,96,96", "--tiles", "1,2,2", "--with-score", "--out"])
+        .arg(out);
+    c
+}
+
+fn sorted_lines_without_id(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_to_string(p).unwrap().lines().skip(1).map(|l| l.split_once(',').unwrap().1.to_string()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn shards_merged_equal_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("tests/fixtures/dataset");
+    let whole = tmp.path().join("whole.csv");
+    assert!(cheap_run(&data, &whole).status().unwrap().success());
+    let mut shards = Vec::new();
+    for k in 0..2 {
+        let p = tmp.path().join(format!("shard{k}.csv"));
+        assert!(cheap_run(&data, &p).args(["--shard", &format!("{k}/2")]).status().unwrap().success());
+        let runs: Vec<String> = std::fs::read_to_string(&p).unwrap().lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect();
+        assert!(!runs.is_empty());
+        assert!(runs.iter().all(|r| *r == format!("TS_synth_{}", k + 1)), "shard {k}: {runs:?}");
+        shards.push(p);
+    }
+    let merged = tmp.path().join("merged.csv");
+    // Shards in reverse order: merge sorts by run.
+    let st = fastdet().arg("merge").arg(&shards[1]).arg(&shards[0]).arg("-o").arg(&merged).status().unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::read(&merged).unwrap(), std::fs::read(&whole).unwrap(), "merged file differs from the unsharded run");
+    assert_eq!(sorted_lines_without_id(&merged), sorted_lines_without_id(&whole));
+    // Overlapping shards are refused.
+    let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[0]).arg("-o").arg(tmp.path().join("x.csv")).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("must not overlap"));
+}
+
+#[test]
+fn bad_shard_spec_is_refused() {
+    let o = fastdet().args(["run", "--shard", "2/2", "--data", ".", "--out", "x.csv"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("0 <= K < N"));
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("tests/fixtures/dataset");
+    let reference = tmp.path().join("reference.csv");
+    assert!(cheap_run(&data, &reference).status().unwrap().success());
+
+    let out = tmp.path().join("sub.csv");
+    let part1 = tmp.path().join("sub.csv.runs/TS_synth_1.csv");
+    let mut child = cheap_run(&data, &out).spawn().unwrap();
+    let t0 = Instant::now();
+    while !part1.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "first run never finished");
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SIGKILL: no chance to clean up or finish the CSV.
+    let _ = child.kill();
+    let _ = child.wait();
+    let was_complete = out.exists();
+    assert!(part1.exists());
+
+    let o = cheap_run(&data, &out).arg("--resume").output().unwrap();
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("TS_synth_1") && err.contains("(resumed)"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&reference).unwrap(), "resumed output differs (first attempt had finished: {was_complete})");
+
+    // Other settings with --resume: refused rather than mixing results.
+    let o = cheap_run(&data, &out).args(["--resume", "--iou", "0.5"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"));
+}
