@@ -101,7 +101,7 @@ norm_stats_partial(const __half* __restrict__ x, long long vol, int C, int vox_p
 // params: [N][C][3] f32 = (mean, scale, shift); gamma / beta may be null (no affine).
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 norm_finalize(const __half* __restrict__ x, const float* __restrict__ partial, long long vol, int C,
-              int groups, int vox_per_block, int nblk, int pre_act, float pre_p,
+              int groups, int nblk, int pre_act, float pre_p,
               const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
               float* __restrict__ params) {
     __shared__ double r1[NORM_THREADS];

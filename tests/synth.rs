@@ -324,31 +324,30 @@ fn explore_stats() {
             let v = read_zarr_volume(&tomogram_path(&base, "test", run), "0").unwrap();
             let picks: Vec<&Pick> = truth.iter().filter(|p| p.run == run).collect();
             let [d, h, w] = v.shape;
-            let (mut sum, mut sq, mut n, mut dsq) = (0.0f64, 0.0f64, 0usize, 0.0f64);
-            let (mut all, mut allsq) = (0.0f64, 0.0f64);
-            for z in 0..d { for y in 0..h { for x in 0..w {
-                let val = v.get(z, y, x) as f64;
-                all += val; allsq += val * val;
+            let lags = [0usize, 1, 2, 3, 5, 10, 20];
+            let mut acc = vec![(0.0f64, 0usize); lags.len()];
+            let mut mean = (0.0f64, 0usize);
+            let free = |z: usize, y: usize, x: usize| {
                 let c = [x, y, z].map(|i| (i as f64 + 0.5) * ANGSTROM_PER_VOXEL);
-                let free = picks.iter().all(|p| {
+                picks.iter().all(|p| {
                     let dd = (p.x - c[0]).powi(2) + (p.y - c[1]).powi(2) + (p.z - c[2]).powi(2);
                     dd.sqrt() > 1.2 * radius_a(p) + 2.0 * ANGSTROM_PER_VOXEL
-                });
-                if free && x + 1 < w {
-                    sum += val; sq += val * val; n += 1;
-                    dsq += (val - v.get(z, y, x + 1) as f64).powi(2);
+                })
+            };
+            let mut mask = vec![false; d * h * w];
+            for z in 0..d { for y in 0..h { for x in 0..w { mask[(z*h+y)*w+x] = free(z,y,x); if mask[(z*h+y)*w+x] { mean.0 += v.get(z,y,x) as f64; mean.1 += 1; } }}}
+            let m = mean.0 / mean.1 as f64;
+            for z in 0..d { for y in 0..h { for x in 0..w {
+                if !mask[(z*h+y)*w+x] { continue; }
+                for (li, &l) in lags.iter().enumerate() {
+                    if x + l < w && mask[(z*h+y)*w+x+l] {
+                        acc[li].0 += (v.get(z,y,x) as f64 - m) * (v.get(z,y,x+l) as f64 - m) * 1e12;
+                        acc[li].1 += 1;
+                    }
                 }
             }}}
-            let nn = (d * h * w) as f64;
-            let m = sum / n as f64;
-            println!("{label} {run}: all mean {:.3e} std {:.3e} min/max {:.3e} {:.3e}; bg n {n} mean {m:.3e} std {:.3e} diff-rms {:.3e}",
-                all / nn, (allsq / nn - (all / nn).powi(2)).sqrt(),
-                v.data.iter().cloned().fold(f32::MAX, f32::min), v.data.iter().cloned().fold(f32::MIN, f32::max),
-                (sq / n as f64 - m * m).sqrt(), (dsq / n as f64).sqrt());
-            for c in 0..6 {
-                let vals: Vec<f32> = picks.iter().filter(|p| p.class == c).map(|p| at(&v, p, [0, 0, 0])).collect();
-                println!("   {} centre {:?}", CLASSES[c].name, vals.iter().map(|x| format!("{:.2e}", x)).collect::<Vec<_>>());
-            }
+            let cov: Vec<String> = acc.iter().zip(lags).map(|(a, l)| format!("{l}:{:.4}", a.0 / a.1 as f64)).collect();
+            println!("{label} {run}: cov (1e-12 units) {}", cov.join(" "));
         }
     }
 }

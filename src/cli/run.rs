@@ -42,8 +42,11 @@ pub struct InferArgs {
     #[arg(long, value_delimiter = ',')]
     pub runs: Vec<String>,
     /// A single OME-Zarr group or zarr array instead of --data (the run is named after the file stem)
-    #[arg(long, conflicts_with = "data")]
+    #[arg(long, conflicts_with_all = ["data", "mrc"])]
     pub zarr: Option<PathBuf>,
+    /// MRC2014 tomograms (.mrc/.rec) instead of --data (each run is named after its file stem)
+    #[arg(long, num_args = 1.., conflicts_with = "data")]
+    pub mrc: Vec<PathBuf>,
     /// Multiscale level to read
     #[arg(long, default_value = "0")]
     pub level: String,
@@ -100,9 +103,16 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 pub struct RunArgs {
     #[command(flatten)]
     pub infer: InferArgs,
+    /// Read options from a TOML file (keys are the long option names; [thresholds] per class name);
+    /// command-line flags override it
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (TOML, seed defaults filled in) and exit
+    #[arg(long)]
+    pub print_config: bool,
     /// Kaggle CSV output (id,experiment,particle_type,x,y,z; Å)
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
     /// Per-class score thresholds in class order (apo-ferritin, beta-galactosidase, ribosome, thyroglobulin, virus-like-particle, beta-amylase)
     #[arg(long, value_delimiter = ',', default_value = "0.255,0.235,0.16,0.205,0.225,0.5")]
     pub thresholds: Vec<f32>,
@@ -122,6 +132,12 @@ pub struct RunArgs {
     /// Skip runs whose result already exists in OUT.runs/ (from an interrupted run with the same settings)
     #[arg(long)]
     pub resume: bool,
+    /// Also write one RELION 5 STAR file per run as DIR/{run}.star (unbinned pixel coordinates)
+    #[arg(long)]
+    pub star_out: Option<PathBuf>,
+    /// Also draw a quality-control PNG per run as DIR/{run}.png (z-slabs with the picks)
+    #[arg(long)]
+    pub qc: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -143,11 +159,22 @@ struct Job {
 }
 
 fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
+    let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
     if let Some(z) = &a.zarr {
-        let run = z.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
-        return Ok(vec![Job { run, path: z.clone() }]);
+        return Ok(vec![Job { run: stem(z), path: z.clone() }]);
     }
-    let root = a.data.as_ref().context("give --data ROOT or --zarr PATH")?;
+    if !a.mrc.is_empty() {
+        let mut jobs: Vec<Job> = a.mrc.iter().map(|p| Job { run: stem(p), path: p.clone() }).collect();
+        jobs.sort_by(|x, y| x.run.cmp(&y.run));
+        if let Some(w) = jobs.windows(2).find(|w| w[0].run == w[1].run) {
+            bail!("two MRC inputs share the run name {}: {} and {}", w[0].run, w[0].path.display(), w[1].path.display());
+        }
+        if let Some((k, n)) = a.shard {
+            jobs = jobs.into_iter().enumerate().filter(|(i, _)| i % n == k).map(|(_, j)| j).collect();
+        }
+        return Ok(jobs);
+    }
+    let root = a.data.as_ref().context("give --data ROOT, --zarr PATH or --mrc FILE...")?;
     let mut runs = dataset::discover_runs(root, &a.split)?;
     if !a.runs.is_empty() {
         for r in &a.runs {
@@ -221,11 +248,44 @@ fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
     })
 }
 
+fn is_mrc(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("mrc" | "rec" | "map" | "mrcs"))
+}
+
+fn read_volume(path: &Path, level: &str) -> Result<zarr::Volume> {
+    if is_mrc(path) {
+        fastdet::io::mrc::read_mrc(path)
+    } else {
+        zarr::read_zarr_volume(path, level)
+    }
+}
+
+/// Optional per-run outputs besides the picks.
+#[derive(Default, Clone, Copy)]
+struct Extras<'a> {
+    save_maps: Option<&'a Path>,
+    star_out: Option<&'a Path>,
+    qc: Option<&'a Path>,
+}
+
+impl Extras<'_> {
+    fn check_dirs(&self) -> Result<()> {
+        for (flag, d) in [("--save-maps", self.save_maps), ("--star-out", self.star_out), ("--qc", self.qc)] {
+            if let Some(d) = d {
+                if !d.is_dir() {
+                    std::fs::create_dir_all(d).with_context(|| format!("{flag} {}: cannot create the directory", d.display()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Reads, infers and detects one run; returns its picks.
-fn process(job: &Job, a: &InferArgs, ens: &mut Ensemble, s: &Settings, save_maps: Option<&Path>) -> Result<(Vec<Pick>, Timing)> {
+fn process(job: &Job, a: &InferArgs, ens: &mut Ensemble, s: &Settings, extras: Extras) -> Result<(Vec<Pick>, Timing)> {
     let mut timing = Timing::default();
     let t = Instant::now();
-    let mut vol = zarr::read_zarr_volume(&job.path, &a.level)?;
+    let mut vol = read_volume(&job.path, &a.level)?;
     let bad = zarr::count_nonfinite(&vol.data);
     if bad > 0 {
         if !a.allow_nonfinite {
@@ -265,7 +325,7 @@ fn process(job: &Job, a: &InferArgs, ens: &mut Ensemble, s: &Settings, save_maps
     };
     let maps = predict_maps(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing)
         .with_context(|| format!("{}: inference failed", job.path.display()))?;
-    if let Some(dir) = save_maps {
+    if let Some(dir) = extras.save_maps {
         let d = maps.dims;
         tensors::write_f32(
             &dir.join(format!("{}.safetensors", job.run)),
@@ -276,7 +336,14 @@ fn process(job: &Job, a: &InferArgs, ens: &mut Ensemble, s: &Settings, save_maps
     let t = Instant::now();
     let dets = detect_maps(&maps, s, ens.stride);
     timing.detect = t.elapsed().as_secs_f64();
-    Ok((to_picks_scaled(&job.run, &dets, s.voxel_size), timing))
+    let picks = to_picks_scaled(&job.run, &dets, s.voxel_size);
+    if let Some(dir) = extras.star_out {
+        fastdet::io::star::write_run_star(&dir.join(format!("{}.star", job.run)), &job.run, &picks, s.voxel_size, vol.shape)?;
+    }
+    if let Some(dir) = extras.qc {
+        fastdet::qc::render_qc(&vol, &picks, None, &dir.join(format!("{}.png", job.run)))?;
+    }
+    Ok((picks, timing))
 }
 
 /// Where finished runs are kept: each run's picks are written atomically to `parts/{run}.csv` as soon
@@ -338,18 +405,9 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
 }
 
 /// Runs every job, reporting (and skipping) the ones that fail; `on_done` sees each finished run.
-fn infer_all(
-    a: &InferArgs,
-    s: &Settings,
-    save_maps: Option<&Path>,
-    parts: Option<&Parts>,
-) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
+fn infer_all(a: &InferArgs, s: &Settings, extras: Extras, parts: Option<&Parts>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
     let jobs = jobs(a)?;
-    if let Some(d) = save_maps {
-        if !d.is_dir() {
-            bail!("--save-maps {}: directory does not exist", d.display());
-        }
-    }
+    extras.check_dirs()?;
     let mut ens = load_ensemble(a)?;
     let mut picks = Vec::new();
     let mut failed = Vec::new();
@@ -368,7 +426,7 @@ fn infer_all(
             picks.extend(done);
             continue;
         }
-        match process(job, a, &mut ens, s, save_maps) {
+        match process(job, a, &mut ens, s, extras) {
             Ok((p, t)) => {
                 eprintln!(
                     "  {}: {} picks; read {:.2} s, infer {:.2} s, blend {:.2} s, detect {:.2} s",
@@ -407,14 +465,20 @@ fn report_failures(failed: &[(String, String)]) -> ExitCode {
 pub fn run(a: RunArgs) -> Result<ExitCode> {
     check_thresholds(&a.thresholds)?;
     let s = settings(&a.infer, a.thresholds.clone())?;
-    // Fail on an unwritable output before spending minutes on inference.
-    let out_dir = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !out_dir.is_dir() {
-        bail!("{}: output directory {} does not exist", a.out.display(), out_dir.display());
+    if a.print_config {
+        print!("{}", effective_config(&a, &s));
+        return Ok(ExitCode::SUCCESS);
     }
-    let parts = Parts::new(&a.out, &fingerprint(&a.infer, &s)?, a.resume)?;
-    let (picks, failed) = infer_all(&a.infer, &s, a.save_maps.as_deref(), Some(&parts))?;
-    csv::write_submission(&a.out, &picks, a.with_score)?;
+    let out = a.out.as_deref().context("give --out FILE.csv (or `out` in the config file)")?;
+    // Fail on an unwritable output before spending minutes on inference.
+    let out_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !out_dir.is_dir() {
+        bail!("{}: output directory {} does not exist", out.display(), out_dir.display());
+    }
+    let parts = Parts::new(out, &fingerprint(&a.infer, &s)?, a.resume)?;
+    let extras = Extras { save_maps: a.save_maps.as_deref(), star_out: a.star_out.as_deref(), qc: a.qc.as_deref() };
+    let (picks, failed) = infer_all(&a.infer, &s, extras, Some(&parts))?;
+    csv::write_submission(out, &picks, a.with_score)?;
     if let Some(dir) = &a.copick_out {
         for job in jobs(&a.infer)? {
             if failed.iter().any(|(r, _)| *r == job.run) {
@@ -423,7 +487,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             copick::write_run_picks(dir, &job.run, &picks, &a.user_id, &a.session_id)?;
         }
     }
-    println!("wrote {} picks to {}", picks.len(), a.out.display());
+    println!("wrote {} picks to {}", picks.len(), out.display());
     let _ = std::io::stdout().flush();
     Ok(report_failures(&failed))
 }
@@ -432,10 +496,64 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     let root = a.infer.data.as_ref().context("tune needs --data ROOT with ground truth under {split}/overlay")?;
     let truth = copick::read_truth(root, &a.infer.split)?;
     let s = settings(&a.infer, vec![a.min_threshold; CLASSES.len()])?;
-    let (cands, failed) = infer_all(&a.infer, &s, None, None)?;
+    let (cands, failed) = infer_all(&a.infer, &s, Extras::default(), None)?;
     let (thresholds, score) = metric::tune_thresholds(&truth, &cands, a.beta);
     println!("{}", metric::format_table(&score));
     let t: Vec<String> = thresholds.iter().map(|t| format!("{t}")).collect();
     println!("--thresholds {}", t.join(","));
     Ok(report_failures(&failed))
+}
+
+/// The configuration `run` would use, as a TOML file `--config` reads back.
+fn effective_config(a: &RunArgs, s: &Settings) -> String {
+    use toml::Value;
+    let path = |p: &Path| Value::String(p.to_string_lossy().to_string());
+    let mut t = toml::Table::new();
+    let i = &a.infer;
+    if let Some(d) = &i.data {
+        t.insert("data".into(), path(d));
+    }
+    t.insert("split".into(), Value::String(i.split.clone()));
+    if !i.runs.is_empty() {
+        t.insert("runs".into(), Value::Array(i.runs.iter().map(|r| Value::String(r.clone())).collect()));
+    }
+    if let Some(z) = &i.zarr {
+        t.insert("zarr".into(), path(z));
+    }
+    if !i.mrc.is_empty() {
+        t.insert("mrc".into(), Value::Array(i.mrc.iter().map(|p| path(p)).collect()));
+    }
+    t.insert("level".into(), Value::String(i.level.clone()));
+    t.insert("weights".into(), Value::Array(i.weights.iter().map(|p| path(p)).collect()));
+    t.insert("device".into(), Value::String(i.device.clone()));
+    let arr = |v: [usize; 3]| Value::Array(v.iter().map(|&x| Value::Integer(x as i64)).collect());
+    t.insert("window".into(), arr(s.window));
+    t.insert("tiles".into(), arr(s.tiles));
+    t.insert("iou".into(), Value::Float(s.iou_threshold));
+    t.insert("top_k".into(), Value::Integer(s.pre_nms_top_k as i64));
+    t.insert("blend_sigma".into(), Value::Float(s.blend_sigma));
+    t.insert("tta".into(), Value::String(i.tta.clone()));
+    t.insert("batch".into(), Value::Integer(s.batch as i64));
+    if let Some((k, n)) = i.shard {
+        t.insert("shard".into(), Value::String(format!("{k}/{n}")));
+    }
+    t.insert("voxel_size".into(), Value::Float(s.voxel_size));
+    t.insert("allow_nonfinite".into(), Value::Boolean(i.allow_nonfinite));
+    if let Some(o) = &a.out {
+        t.insert("out".into(), path(o));
+    }
+    t.insert("with_score".into(), Value::Boolean(a.with_score));
+    for (k, v) in [("copick_out", &a.copick_out), ("save_maps", &a.save_maps), ("star_out", &a.star_out), ("qc", &a.qc)] {
+        if let Some(v) = v {
+            t.insert(k.into(), path(v));
+        }
+    }
+    t.insert("user_id".into(), Value::String(a.user_id.clone()));
+    t.insert("session_id".into(), Value::String(a.session_id.clone()));
+    let mut th = toml::Table::new();
+    for (c, v) in CLASSES.iter().zip(&s.thresholds) {
+        th.insert(c.name.into(), Value::Float((*v as f64 * 1e6).round() / 1e6));
+    }
+    t.insert("thresholds".into(), Value::Table(th));
+    format!("# fastdet {} run configuration (distances in voxels, voxel_size in Å)\n{}", env!("CARGO_PKG_VERSION"), toml::to_string(&t).unwrap_or_default())
 }

@@ -163,6 +163,7 @@ struct Loop {
 /// file, finding the columns `_rlnTomoName`, `_rlnClassNumber`, `_rlnCoordinateX/Y/Z` and
 /// `_rlnAutopickFigureOfMerit` by name. The loop of the `data_particles` block is used when it has
 /// them, otherwise the first loop that does. Errors name the file and line.
+#[allow(clippy::type_complexity)]
 pub fn read_star_coordinates(path: &Path) -> Result<Vec<(String, usize, f64, f64, f64, f32)>> {
     let name = path.display();
     let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read STAR file"))?;

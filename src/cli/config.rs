@@ -1,0 +1,132 @@
+//! `fastdet run --config run.toml`: every run option in one TOML file. The file's values become
+//! command-line arguments, except those the command line gives itself (flags override the file).
+
+use anyhow::{bail, Context, Result};
+use fastdet::particles::{class_index, CLASSES, SEED_THRESHOLDS};
+use std::ffi::OsString;
+use std::path::Path;
+
+/// Options whose values are paths: relative paths in a config file are relative to the file.
+const PATH_KEYS: &[&str] = &["data", "zarr", "mrc", "weights", "out", "copick-out", "save-maps", "star-out", "qc"];
+/// Options that take several values after one flag.
+const MULTI_KEYS: &[&str] = &["weights", "mrc"];
+
+fn given(argv: &[OsString], flag: &str) -> bool {
+    argv.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == flag || a.starts_with(&format!("{flag}="))
+    })
+}
+
+fn scalar(v: &toml::Value, key: &str, file: &Path) -> Result<String> {
+    Ok(match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        _ => bail!("{}: `{key}` must be a string or a number", file.display()),
+    })
+}
+
+fn resolve(key: &str, value: String, base: &Path) -> String {
+    if PATH_KEYS.contains(&key) && Path::new(&value).is_relative() {
+        base.join(value).to_string_lossy().to_string()
+    } else {
+        value
+    }
+}
+
+/// Thresholds given per class name (missing classes keep the seed value) or as a list.
+fn thresholds(v: &toml::Value, file: &Path) -> Result<String> {
+    let values: Vec<f64> = match v {
+        toml::Value::Table(t) => {
+            let mut out: Vec<f64> = SEED_THRESHOLDS.iter().map(|&x| x as f64).collect();
+            for (name, val) in t {
+                let c = class_index(name).with_context(|| {
+                    format!("{}: unknown class {name:?} in [thresholds]; classes are {}", file.display(), class_names())
+                })?;
+                out[c] = val.as_float().or(val.as_integer().map(|i| i as f64)).with_context(|| format!("{}: threshold {name} is not a number", file.display()))?;
+            }
+            out
+        }
+        toml::Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_float().or(x.as_integer().map(|i| i as f64)).with_context(|| format!("{}: thresholds must be numbers", file.display())))
+            .collect::<Result<_>>()?,
+        _ => bail!("{}: `thresholds` must be a table of class = value or a list", file.display()),
+    };
+    Ok(values.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","))
+}
+
+fn class_names() -> String {
+    CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Expands `fastdet run --config FILE ...` into plain arguments.
+pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
+    if argv.get(1).map(|a| a.to_string_lossy() != "run").unwrap_or(true) {
+        return Ok(argv);
+    }
+    let Some(pos) = argv.iter().position(|a| a == "--config" || a.to_string_lossy().starts_with("--config=")) else {
+        return Ok(argv);
+    };
+    let arg = argv[pos].to_string_lossy().to_string();
+    let (path, consumed) = match arg.strip_prefix("--config=") {
+        Some(p) => (p.to_string(), 1),
+        None => (argv.get(pos + 1).context("--config needs a file")?.to_string_lossy().to_string(), 2),
+    };
+    let file = Path::new(&path);
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read config", file.display()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("{}: not valid TOML", file.display()))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut rest: Vec<OsString> = argv[..pos].to_vec();
+    rest.extend_from_slice(&argv[pos + consumed..]);
+    let mut extra: Vec<OsString> = Vec::new();
+    for (raw_key, v) in &table {
+        let key = raw_key.replace('_', "-");
+        if !KNOWN.contains(&key.as_str()) {
+            bail!("{}: unknown option `{raw_key}`; known: {}", file.display(), KNOWN.join(", "));
+        }
+        let flag = format!("--{key}");
+        if given(&rest, &flag) {
+            continue; // the command line wins
+        }
+        match (key.as_str(), v) {
+            ("thresholds", v) => {
+                extra.push(flag.into());
+                extra.push(thresholds(v, file)?.into());
+            }
+            (_, toml::Value::Boolean(b)) => {
+                if *b {
+                    extra.push(flag.into());
+                }
+            }
+            (k, toml::Value::Array(a)) if MULTI_KEYS.contains(&k) => {
+                extra.push(flag.into());
+                for x in a {
+                    extra.push(resolve(k, scalar(x, raw_key, file)?, base).into());
+                }
+            }
+            (k, toml::Value::Array(a)) => {
+                let parts: Vec<String> = a.iter().map(|x| scalar(x, raw_key, file)).collect::<Result<_>>()?;
+                extra.push(flag.into());
+                extra.push(resolve(k, parts.join(","), base).into());
+            }
+            (k, v) => {
+                extra.push(flag.into());
+                extra.push(resolve(k, scalar(v, raw_key, file)?, base).into());
+            }
+        }
+    }
+    // File values go right after `run`, before the command line's own arguments.
+    let mut out: Vec<OsString> = rest[..2].to_vec();
+    out.extend(extra);
+    out.extend_from_slice(&rest[2..]);
+    Ok(out)
+}
+
+/// Every option `run` accepts in a config file.
+const KNOWN: &[&str] = &[
+    "data", "split", "runs", "zarr", "mrc", "level", "weights", "device", "window", "tiles", "iou", "top-k", "blend-sigma",
+    "tta", "batch", "shard", "voxel-size", "allow-nonfinite", "out", "thresholds", "with-score", "copick-out", "user-id",
+    "session-id", "save-maps", "resume", "star-out", "qc",
+];

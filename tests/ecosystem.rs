@@ -1,0 +1,103 @@
+//! Run configuration files, MRC input, STAR and QC outputs through `fastdet run`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn fastdet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fastdet"))
+}
+
+fn stdout_of(c: &mut Command) -> String {
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn config_file_values_and_flag_overrides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        "data = \"data\"\nweights = [\"w/a.safetensors\", \"w/b.safetensors\"]\nwindow = [64, 96, 96]\ntiles = [2, 3, 3]\n\
+         with_score = true\n[thresholds]\nribosome = 0.3\n",
+    )
+    .unwrap();
+    let text = stdout_of(fastdet().args(["run", "--print-config", "--tiles", "1,1,1", "--config"]).arg(&cfg));
+    let t: toml::Table = text.parse().unwrap();
+    // Relative paths are relative to the config file; the flag beats the file; other values are seed defaults.
+    assert_eq!(t["data"].as_str().unwrap(), tmp.path().join("data").to_str().unwrap());
+    assert_eq!(t["weights"].as_array().unwrap().len(), 2);
+    assert_eq!(t["tiles"].as_array().unwrap().iter().map(|v| v.as_integer().unwrap()).collect::<Vec<_>>(), vec![1, 1, 1]);
+    assert_eq!(t["window"].as_array().unwrap()[1].as_integer(), Some(96));
+    assert_eq!(t["thresholds"]["ribosome"].as_float(), Some(0.3));
+    assert_eq!(t["thresholds"]["apo-ferritin"].as_float(), Some(0.255));
+    assert_eq!(t["iou"].as_float(), Some(0.85));
+    assert_eq!(t["with_score"].as_bool(), Some(true));
+
+    // The printed configuration reads back to itself.
+    let again = tmp.path().join("again.toml");
+    std::fs::write(&again, &text).unwrap();
+    let text2 = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&again));
+    assert_eq!(text, text2);
+
+    // Unknown keys and classes are errors naming the file.
+    std::fs::write(&cfg, "windwo = [1,2,3]\n").unwrap();
+    let o = fastdet().args(["run", "--print-config", "--config"]).arg(&cfg).output().unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("run.toml") && e.contains("windwo"), "{e}");
+    std::fs::write(&cfg, "[thresholds]\nribosom = 0.1\n").unwrap();
+    let o = fastdet().args(["run", "--print-config", "--config"]).arg(&cfg).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown class \"ribosom\""));
+}
+
+/// An MRC copy of a tomogram gives the same picks as the zarr; STAR and QC files come out per run.
+#[test]
+fn mrc_input_star_and_qc_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zarr = root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr");
+    let vol = fastdet::io::zarr::read_zarr_volume(&zarr, "0").unwrap();
+    let mrc = tmp.path().join("TS_synth_1.mrc");
+    fastdet::io::mrc::write_mrc_f32(&mrc, vol.shape, &vol.data, 10.012).unwrap();
+    let weights = root().join("weights/demo_segresnetv2.safetensors");
+    let common = ["--window", "64,96,96", "--tiles", "1,2,2", "--with-score"];
+    let a = tmp.path().join("zarr.csv");
+    let b = tmp.path().join("mrc.csv");
+    assert!(fastdet().args(["run", "--zarr"]).arg(&zarr).arg("--weights").arg(&weights).args(common).arg("--out").arg(&a).status().unwrap().success());
+    let (star, qc) = (tmp.path().join("star"), tmp.path().join("qc"));
+    let st = fastdet()
+        .args(["run", "--mrc"])
+        .arg(&mrc)
+        .arg("--weights")
+        .arg(&weights)
+        .args(common)
+        .arg("--out")
+        .arg(&b)
+        .arg("--star-out")
+        .arg(&star)
+        .arg("--qc")
+        .arg(&qc)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let rows = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p).unwrap().lines().skip(1).map(|l| l.split(',').skip(1).collect::<Vec<_>>().join(",")).collect()
+    };
+    let zr = rows(&a);
+    // The zarr run is named after its file stem ("denoised"); compare everything but the run column.
+    let strip = |v: Vec<String>| -> Vec<String> { v.into_iter().map(|l| l.split_once(',').unwrap().1.to_string()).collect() };
+    assert!(!zr.is_empty());
+    assert_eq!(strip(zr.clone()), strip(rows(&b)));
+    let s = fastdet::io::star::read_star_coordinates(&star.join("TS_synth_1.star")).unwrap();
+    assert_eq!(s.len(), zr.len());
+    // STAR pixel coordinates are the CSV's Å divided by the voxel size.
+    let first: Vec<f64> = zr[0].split(',').skip(3).map(|v| v.parse().unwrap()).collect();
+    assert!((s[0].2 - first[0] / 10.012).abs() < 1e-2, "{:?} vs {:?}", s[0], first);
+    let png = std::fs::read(qc.join("TS_synth_1.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+}
