@@ -37,6 +37,9 @@ use crate::util::SplitMix64;
 pub const FIXTURE_COUNTS: [usize; 6] = [10, 5, 4, 5, 3, 4];
 /// Shape (z, y, x) of the bundled fixture's tomograms.
 pub const FIXTURE_SHAPE: [usize; 3] = [80, 160, 160];
+/// White-noise level measured on the bundled fixture (its background variance and voxel-to-voxel
+/// correlation fit `noise` ≈ 0.8 with everything else as in synth.py, whose own default is 0.35).
+pub const FIXTURE_NOISE: f32 = 0.8;
 /// Chunk edge of the written zarr arrays (clipped to the array shape).
 pub const CHUNK: usize = 64;
 /// Name of the voxel-spacing directory of the competition layout.

@@ -16,7 +16,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Resul
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        write(&mut f)?;
+        write(&mut f).with_context(|| format!("{}: cannot write", path.display()))?;
         f.sync_all().with_context(|| format!("{}: cannot flush", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
     })();

@@ -1,0 +1,272 @@
+//! The bad-input matrix through `fastdet run` / `score`: each case gives a clear message naming the
+//! file, a non-zero exit where the whole job cannot go on, no partial output, and other runs finish.
+
+use fastdet::io::mrc::write_mrc_f32;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn synth1() -> fastdet::io::zarr::Volume {
+    let z = root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr");
+    fastdet::io::zarr::read_zarr_volume(&z, "0").unwrap()
+}
+
+/// `run` on MRC files with the small demo model and a 64x96x96 window.
+fn run_mrc(files: &[&Path], out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        .arg("run")
+        .arg("--mrc")
+        .args(files)
+        .arg("--weights")
+        .arg(root().join("weights/demo_segresnetv2.safetensors"))
+        .arg(root().join("weights/demo_dynunet.safetensors"))
+        .args(["--window", "64,96,96", "--tiles", "1,1,1", "--with-score", "--out"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn csv_rows(p: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(p).unwrap().lines().skip(1).map(|l| l.split(',').map(String::from).collect()).collect()
+}
+
+#[test]
+fn nonfinite_voxels_are_refused_or_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = synth1();
+    let mut data = v.data.clone();
+    data[5] = f32::NAN;
+    data[77] = f32::INFINITY;
+    let bad = tmp.path().join("TS_bad.mrc");
+    write_mrc_f32(&bad, v.shape, &data, 10.012).unwrap();
+    let good = tmp.path().join("TS_good.mrc");
+    write_mrc_f32(&good, v.shape, &v.data, 10.012).unwrap();
+    let out = tmp.path().join("sub.csv");
+    let o = run_mrc(&[&bad, &good], &out, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("TS_bad.mrc") && e.contains("2 of") && e.contains("--allow-nonfinite"), "{e}");
+    let rows = csv_rows(&out);
+    assert!(!rows.is_empty() && rows.iter().all(|r| r[1] == "TS_good"));
+
+    let o = run_mrc(&[&bad, &good], &out, &["--allow-nonfinite"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = csv_rows(&out);
+    let (b, g): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r[1] == "TS_bad");
+    // Two replaced voxels in a noisy volume change nothing the detector sees.
+    assert_eq!(b.len(), g.len());
+}
+
+#[test]
+fn constant_volume_gives_no_picks_and_no_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("flat.mrc");
+    write_mrc_f32(&f, [64, 96, 96], &vec![3.5f32; 64 * 96 * 96], 10.012).unwrap();
+    let out = tmp.path().join("sub.csv");
+    let o = run_mrc(&[&f], &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = csv_rows(&out);
+    // A flat input has no particle; whatever the biases give is the same everywhere (no peaks above
+    // the seed thresholds is expected for the demo models).
+    assert!(rows.len() <= 6, "{rows:?}");
+}
+
+/// A volume smaller than the window on every axis is zero-padded after normalisation (the seed's
+/// semantics): its maps equal those of the same content normalised and padded by hand to the window,
+/// cropped back to the volume.
+#[test]
+fn volume_smaller_than_the_window_is_padded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = synth1();
+    let (cd, ch, cw) = (56, 88, 88);
+    let origin = [8usize, 72, 16];
+    let mut crop = Vec::with_capacity(cd * ch * cw);
+    for z in 0..cd {
+        for y in 0..ch {
+            let row = ((z + origin[0]) * v.shape[1] + y + origin[1]) * v.shape[2] + origin[2];
+            crop.extend_from_slice(&v.data[row..row + cw]);
+        }
+    }
+    let small = tmp.path().join("small.mrc");
+    write_mrc_f32(&small, [cd, ch, cw], &crop, 10.012).unwrap();
+    // By hand: normalise to [0, 1] (so min 0 and max 1 survive a second normalisation), pad with 0.
+    let (lo, hi) = crop.iter().fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x as f64), h.max(x as f64)));
+    let (wd, wh, ww) = (64, 96, 96);
+    let mut padded = vec![0.0f32; wd * wh * ww];
+    for z in 0..cd {
+        for y in 0..ch {
+            for x in 0..cw {
+                padded[(z * wh + y) * ww + x] = ((crop[(z * ch + y) * cw + x] as f64 - lo) / (hi - lo)) as f32;
+            }
+        }
+    }
+    let big = tmp.path().join("big.mrc");
+    write_mrc_f32(&big, [wd, wh, ww], &padded, 10.012).unwrap();
+    let maps = tmp.path().join("maps");
+    std::fs::create_dir(&maps).unwrap();
+    let out = tmp.path().join("sub.csv");
+    let o = run_mrc(&[&small, &big], &out, &["--save-maps", maps.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["scores", "offsets"] {
+        let (ss, s) = fastdet::io::tensors::read_f32(&maps.join("small.safetensors"), name).unwrap();
+        let (bs, b) = fastdet::io::tensors::read_f32(&maps.join("big.safetensors"), name).unwrap();
+        assert_eq!(ss[1..], [cd / 2, ch / 2, cw / 2]);
+        assert_eq!(bs[1..], [wd / 2, wh / 2, ww / 2]);
+        let mut max = 0.0f32;
+        for c in 0..ss[0] {
+            for z in 0..cd / 2 {
+                for y in 0..ch / 2 {
+                    for x in 0..cw / 2 {
+                        let a = s[((c * cd / 2 + z) * ch / 2 + y) * cw / 2 + x];
+                        let b = b[((c * wd / 2 + z) * wh / 2 + y) * ww / 2 + x];
+                        max = max.max((a - b).abs());
+                    }
+                }
+            }
+        }
+        // Only the f32 rounding of the second normalisation differs.
+        assert!(max < 1e-4, "{name}: max |diff| {max}");
+    }
+}
+
+#[test]
+fn other_voxel_size_warns_and_uses_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = synth1();
+    let f = tmp.path().join("TS_synth_1.mrc");
+    write_mrc_f32(&f, v.shape, &v.data, 5.0).unwrap();
+    let a = tmp.path().join("a.csv");
+    let o = run_mrc(&[&f], &a, &[]);
+    assert!(o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("warning") && e.contains("TS_synth_1.mrc") && e.contains("voxel size is 5"), "{e}");
+    let b = tmp.path().join("b.csv");
+    assert!(run_mrc(&[&f], &b, &["--voxel-size", "20.024"]).status.success());
+    let (pa, pb) = (fastdet::io::csv::read_submission(&a).unwrap(), fastdet::io::csv::read_submission(&b).unwrap());
+    assert!(!pa.is_empty());
+    // Same voxels, twice the Å per voxel. (The NMS radius in voxels halves, so counts may differ.)
+    let top_a = &pa[0];
+    let top_b = pb.iter().find(|p| p.class == top_a.class).unwrap();
+    assert!((top_b.x - 2.0 * top_a.x).abs() < 0.05, "{top_a:?} {top_b:?}");
+}
+
+#[test]
+fn broken_weights_files_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = root().join("weights/demo_segresnetv2.safetensors");
+    let bytes = std::fs::read(&good).unwrap();
+    let f = synth1();
+    let mrc = tmp.path().join("TS.mrc");
+    write_mrc_f32(&mrc, f.shape, &f.data, 10.012).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated.safetensors", bytes[..bytes.len() / 2].to_vec(), "cannot load weights"),
+        ("text.safetensors", b"hello, I am not weights".to_vec(), "not a safetensors file"),
+        ("future.safetensors", {
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let h = std::str::from_utf8(&bytes[8..8 + n]).unwrap().replace("\"fastdet.format_version\":\"1\"", "\"fastdet.format_version\":\"9\"");
+            assert_eq!(h.len(), n);
+            [&bytes[..8], h.as_bytes(), &bytes[8 + n..]].concat()
+        }, "format version 9"),
+    ];
+    for (name, content, want) in cases {
+        let w = tmp.path().join(name);
+        std::fs::write(&w, content).unwrap();
+        let out = tmp.path().join("sub.csv");
+        let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+            .args(["run", "--mrc"])
+            .arg(&mrc)
+            .arg("--weights")
+            .arg(&w)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains(name) && e.contains(want), "{name}: {e}");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn malformed_truth_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let picks = tmp.path().join("train/overlay/ExperimentRuns/TS_1/Picks");
+    std::fs::create_dir_all(&picks).unwrap();
+    std::fs::write(picks.join("ribosome.json"), "{\"pickable_object_name\": \"ribosome\", \"points\": [").unwrap();
+    let sub = tmp.path().join("sub.csv");
+    std::fs::write(&sub, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("ribosome.json"), "{}", stderr(&o));
+    std::fs::write(picks.join("ribosome.json"), "{\"pickable_object_name\": \"ribosomes\", \"points\": []}").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("ribosomes"), "{}", stderr(&o));
+    // Empty points are fine: the one candidate is a false positive.
+    std::fs::write(picks.join("ribosome.json"), "{\"pickable_object_name\": \"ribosome\", \"points\": []}").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--json", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["fbeta"].as_f64(), Some(0.0));
+}
+
+/// A full disk: the write fails with the file named and nothing partial is left. Needs a small
+/// tmpfs (root); skipped with a printed reason where it cannot be mounted.
+#[test]
+fn full_disk_leaves_no_partial_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=16k", "tmpfs"]).arg(&mnt).output();
+    if !matches!(&ok, Ok(o) if o.status.success()) {
+        println!("SKIP full_disk_leaves_no_partial_output: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    // Fill the disk but a few hundred bytes.
+    let mut filler = vec![0u8; 16 * 1024];
+    loop {
+        if std::fs::write(mnt.join("filler"), &filler).is_ok() || filler.len() < 256 {
+            break;
+        }
+        filler.truncate(filler.len() - 256);
+    }
+    let v = synth1();
+    let mrc = tmp.path().join("TS_synth_1.mrc");
+    write_mrc_f32(&mrc, v.shape, &v.data, 10.012).unwrap();
+    let out = mnt.join("sub.csv");
+    let o = run_mrc(&[&mrc], &out, &[]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains(mnt.to_str().unwrap()), "{e}");
+    assert!(!out.exists());
+    let leftovers: Vec<String> = walk(&mnt).into_iter().filter(|n| n.ends_with(".tmp")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn walk(d: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        if e.path().is_dir() {
+            v.extend(walk(&e.path()));
+        } else {
+            v.push(e.path().to_string_lossy().to_string());
+        }
+    }
+    v
+}
