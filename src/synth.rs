@@ -557,9 +557,9 @@ mod tests {
 
     #[test]
     fn reflect_matches_scipy() {
-        // scipy reflect on [0, 1, 2]: ... 2 1 0 | 0 1 2 | 2 1 0 ...
+        // scipy reflect on [0, 1, 2]: ... 1 2 | 2 1 0 | 0 1 2 | 2 1 0 | 0 ...
         let got: Vec<usize> = (-4..7).map(|i| reflect(i, 3)).collect();
-        assert_eq!(got, vec![2, 1, 0, 0, 1, 2, 2, 1, 0, 0, 1]);
+        assert_eq!(got, vec![2, 2, 1, 0, 0, 1, 2, 2, 1, 0, 0]);
     }
 
     #[test]

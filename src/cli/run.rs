@@ -282,8 +282,8 @@ impl Extras<'_> {
 }
 
 /// Reads, infers and detects one run; returns its picks.
-fn process(job: &Job, a: &InferArgs, ens: &mut Ensemble, s: &Settings, extras: Extras) -> Result<(Vec<Pick>, Timing)> {
-    let mut timing = Timing::default();
+/// Reads one tomogram and checks it (runs on the reader thread, ahead of inference).
+fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
     let t = Instant::now();
     let mut vol = read_volume(&job.path, &a.level)?;
     let bad = zarr::count_nonfinite(&vol.data);
@@ -309,7 +309,12 @@ fn process(job: &Job, a: &InferArgs, ens: &mut Ensemble, s: &Settings, extras: E
             );
         }
     }
-    timing.read = t.elapsed().as_secs_f64();
+    Ok((vol, t.elapsed().as_secs_f64()))
+}
+
+/// Infers and detects one loaded run; returns its picks.
+fn process(job: &Job, mut vol: zarr::Volume, read_s: f64, ens: &mut Ensemble, s: &Settings, extras: Extras) -> Result<(Vec<Pick>, Timing)> {
+    let mut timing = Timing { read: read_s, ..Timing::default() };
     let tty = std::io::stderr().is_terminal();
     let t_infer = Instant::now();
     let mut progress = |done: usize, total: usize| {
@@ -420,13 +425,31 @@ fn infer_all(a: &InferArgs, s: &Settings, extras: Extras, parts: Option<&Parts>)
         s.tiles,
         s.tta
     );
-    for job in &jobs {
-        if let Some(done) = parts.and_then(|p| p.load(&job.run)) {
-            eprintln!("  {}: {} picks (resumed)", job.run, done.len());
-            picks.extend(done);
-            continue;
-        }
-        match process(job, a, &mut ens, s, extras) {
+    // Finished runs of an interrupted job are taken as they are.
+    let resumed: Vec<Option<Vec<Pick>>> = jobs.iter().map(|j| parts.and_then(|p| p.load(&j.run))).collect();
+    // A reader thread decodes the next tomogram while this one is inferred; the channel holds at
+    // most one decoded volume, so memory stays bounded however many runs there are.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(zarr::Volume, f64)>>(1);
+    let todo: Vec<&Job> = jobs.iter().zip(&resumed).filter(|(_, r)| r.is_none()).map(|(j, _)| j).collect();
+    std::thread::scope(|scope| -> Result<()> {
+        // Owned here so that an early return drops it and unblocks the reader before the join.
+        let rx = rx;
+        scope.spawn(|| {
+            for job in &todo {
+                if tx.send(load(job, a, s)).is_err() {
+                    break;
+                }
+            }
+        });
+        for (job, done) in jobs.iter().zip(resumed) {
+            if let Some(done) = done {
+                eprintln!("  {}: {} picks (resumed)", job.run, done.len());
+                picks.extend(done);
+                continue;
+            }
+            let loaded = rx.recv().context("reader thread stopped")?;
+            let result = loaded.and_then(|(vol, read_s)| process(job, vol, read_s, &mut ens, s, extras));
+            match result {
             Ok((p, t)) => {
                 eprintln!(
                     "  {}: {} picks; read {:.2} s, infer {:.2} s, blend {:.2} s, detect {:.2} s",
@@ -447,6 +470,11 @@ fn infer_all(a: &InferArgs, s: &Settings, extras: Extras, parts: Option<&Parts>)
                 failed.push((job.run.clone(), format!("{e:#}")));
             }
         }
+        }
+        Ok(())
+    })?;
+    if let Some(mib) = peak_rss_mib() {
+        eprintln!("peak memory {mib:.0} MiB");
     }
     Ok((picks, failed))
 }
@@ -556,4 +584,11 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     }
     t.insert("thresholds".into(), Value::Table(th));
     format!("# fastdet {} run configuration (distances in voxels, voxel_size in Å)\n{}", env!("CARGO_PKG_VERSION"), toml::to_string(&t).unwrap_or_default())
+}
+
+/// Peak resident memory of this process (Linux), for the summary line.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
