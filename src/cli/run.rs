@@ -122,8 +122,10 @@ pub struct RunArgs {
     /// Also write copick picks JSON under DIR/ExperimentRuns/{run}/Picks/
     #[arg(long)]
     pub copick_out: Option<PathBuf>,
+    /// copick user id in the picks' file names and JSON
     #[arg(long, default_value = "fastdet")]
     pub user_id: String,
+    /// copick session id in the picks' file names and JSON
     #[arg(long, default_value = "0")]
     pub session_id: String,
     /// Write each run's blended scores/offsets maps as DIR/{run}.safetensors

@@ -3,6 +3,7 @@ use clap::Args;
 use std::process::ExitCode;
 
 #[derive(Args)]
+#[command(after_help = "Compares every CUDA kernel with its CPU twin on fresh random data, then both networks and a\nwhole tomogram; prints a table and exits non-zero on any failure.\nExample:\n  fastdet selftest --device cuda:0")]
 pub struct SelftestArgs {
     /// Device to test against the CPU reference (cuda:N)
     #[arg(long, default_value = "cuda:0")]
