@@ -67,14 +67,14 @@ pub struct SynthConfig {
 }
 
 impl Default for SynthConfig {
-    /// Two 80x160x160 runs like the bundled fixture, seed 0, split `test`, noise 0.35.
+    /// Two 80x160x160 runs like the bundled fixture, seed 0, split `test`, noise 0.8 (as the fixture).
     fn default() -> Self {
         Self {
             runs: 2,
             shape: FIXTURE_SHAPE,
             seed: 0,
             split: "test".to_string(),
-            noise: 0.35,
+            noise: FIXTURE_NOISE,
             particles_per_class: FIXTURE_COUNTS,
         }
     }

@@ -175,7 +175,7 @@ fn at(v: &fastdet::io::zarr::Volume, p: &Pick, off: [i64; 3]) -> f32 {
 #[test]
 fn particles_are_darker_than_background() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = SynthConfig { runs: 2, seed: 3, ..SynthConfig::default() };
+    let cfg = SynthConfig { runs: 2, seed: 3, noise: 0.35, ..SynthConfig::default() };
     write_dataset(tmp.path(), &cfg).unwrap();
     let truth = read_truth(tmp.path(), "test").unwrap();
     for run in ["TS_synth_1", "TS_synth_2"] {
@@ -279,7 +279,7 @@ fn statistics_match_the_synth_py_fixture() {
     let cfg = SynthConfig { seed: 9, noise: FIXTURE_NOISE, ..SynthConfig::default() };
     write_dataset(tmp.path(), &cfg).unwrap();
     let quiet = tempfile::tempdir().unwrap();
-    write_dataset(quiet.path(), &SynthConfig { seed: 9, ..SynthConfig::default() }).unwrap();
+    write_dataset(quiet.path(), &SynthConfig { seed: 9, noise: 0.35, ..SynthConfig::default() }).unwrap();
     let fixture_root = root().join("tests/fixtures/dataset");
     let (ft, mt, qt) =
         (read_truth(&fixture_root, "test").unwrap(), read_truth(tmp.path(), "test").unwrap(), read_truth(quiet.path(), "test").unwrap());
@@ -344,7 +344,7 @@ fn cli_refuses_non_empty_out_and_documents_itself() {
 
     let o = fastdet().args(["synth", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&o.stdout);
-    for needle in ["[default: 2]", "[default: 80,160,160]", "[default: 0]", "[default: test]", "[default: 0.35]", "voxels", "Å", "Example:", "fastdet synth "] {
+    for needle in ["[default: 2]", "[default: 80,160,160]", "[default: 0]", "[default: test]", "[default: 0.8]", "voxels", "Å", "Example:", "fastdet synth "] {
         assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
     }
     let o = fastdet().args(["synth"]).arg(tmp.path().join("bad")).args(["--shape", "1,2"]).output().unwrap();

@@ -38,8 +38,8 @@ pub struct SynthArgs {
     #[arg(long, default_value = "test")]
     pub split: String,
     /// Std of the white noise added before the final blur, in particle-density units (a solid particle
-    /// is 1); 0.35 is synth.py's default, the bundled fixture measures as about 0.8
-    #[arg(long, default_value_t = 0.35)]
+    /// is 1); the bundled sample was made with 0.8 (the reference generator defaults to 0.35)
+    #[arg(long, default_value_t = 0.8)]
     pub noise: f32,
     /// Particles per class in class order [default: 10,5,4,5,3,4 per 80x160x160 voxels, scaled to --shape]
     #[arg(long, value_parser = parse_counts)]
