@@ -10,6 +10,11 @@
 // extract_tiles_f16: dst[t, z, y, x] = fp16(volume[o + (z, y, x)]) for the T windows with voxel
 //   origins o = origins[t] (z, y, x), 0 where o + (z, y, x) is past the volume's end; dst is
 //   [T, WD, WH, WW] = NDHWC with C = 1. grid (any, T); grid-stride over one window.
+// copy_channels_f16: dst[r, c_off + c] = src[r, c] for rows r < `rows` (= N * vol voxels) and
+//   c < Cs, dst holding Cd channels per row: one input of the CPU engine's Concat op
+//   (src/engine/cpu/mod.rs, OpKind::Concat writes [inputs[0], inputs[1]] per sample) written into
+//   its channel slice of the NDHWC concat buffer. Bit-exact copy. Any grid / block size
+//   (grid-stride over rows * Cs elements); src and dst must not overlap.
 #include <cuda_fp16.h>
 
 #define LT_TILE 32
@@ -77,5 +82,16 @@ extern "C" __global__ void extract_tiles_f16(const float* __restrict__ volume, i
         float v = 0.0f;
         if (gz < D && gy < H && gx < W) v = volume[((size_t)gz * H + gy) * W + gx];
         d[i] = __float2half_rn(v);
+    }
+}
+
+extern "C" __global__ void copy_channels_f16(const __half* __restrict__ src, __half* __restrict__ dst, long long rows,
+                                             int Cs, int Cd, int c_off) {
+    const long long total = rows * (long long)Cs;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / Cs;
+        const int c = (int)(i - r * Cs);
+        dst[(size_t)r * Cd + c_off + c] = src[i];
     }
 }

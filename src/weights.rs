@@ -1,7 +1,7 @@
 //! Loading fastdet weights files (fp16 safetensors with architecture metadata).
 
 use crate::convert::FORMAT_VERSION;
-use crate::model::spec::ModelSpec;
+use crate::model::spec::{Arch, ModelSpec};
 use anyhow::{bail, Context, Result};
 use half::f16;
 use std::collections::HashMap;
@@ -16,6 +16,53 @@ pub struct Weights {
     pub classes: Vec<String>,
     pub tensors: HashMap<String, (Vec<usize>, Vec<f16>)>,
     pub metadata: HashMap<String, String>,
+}
+
+/// Rejects a spec that [`ModelSpec::required_tensors`] cannot expand (it would index out of bounds,
+/// underflow `levels - 2`, overflow `f << i`, or loop over absurd block counts): the per-arch fields
+/// must be there with the level structure `convert` writes, no width may exceed the file's size,
+/// and the spec may not need more tensors than the file holds.
+fn check_spec(spec: &ModelSpec, file_len: usize, n_tensors: usize) -> Result<()> {
+    let bad = |what: String| anyhow::anyhow!("metadata fastdet.spec is inconsistent: {what}");
+    let mut widths = vec![spec.in_channels, spec.head_in, spec.cls_width, spec.offset_width, spec.num_classes];
+    // How many tensors required_tensors lists (the head has 12); None on overflow.
+    let needed: Option<usize> = match spec.arch {
+        Arch::Segresnetv2 => {
+            let f = spec.init_filters.ok_or_else(|| bad("segresnetv2 without init_filters".into()))?;
+            let levels = spec.blocks_down.len();
+            if levels < 3 || spec.blocks_up.len() != levels - 2 {
+                return Err(bad(format!(
+                    "{levels} encoder and {} decoder levels (need at least 3, and 2 fewer decoder levels)",
+                    spec.blocks_up.len()
+                )));
+            }
+            for i in 0..levels {
+                // Level i has f << i channels.
+                let c = u32::try_from(i).ok().and_then(|i| 1usize.checked_shl(i)).and_then(|p| p.checked_mul(f));
+                widths.push(c.ok_or_else(|| bad(format!("init_filters {f} << {i} overflows")))?);
+            }
+            // convInit + one downsampling conv per level after the first + one upsampling conv per
+            // decoder level + 6 per residual block + the head.
+            let blocks = spec.blocks_down.iter().chain(&spec.blocks_up).try_fold(0usize, |n, &b| n.checked_add(b));
+            blocks.and_then(|b| b.checked_mul(6)).and_then(|b| b.checked_add(levels + spec.blocks_up.len() + 12))
+        }
+        Arch::Dynunet => {
+            if spec.filters.len() < 3 {
+                return Err(bad(format!("dynunet with {} levels (need at least 3)", spec.filters.len())));
+            }
+            let w = spec.deep_supervision_width.ok_or_else(|| bad("dynunet without deep_supervision_width".into()))?;
+            widths.push(w);
+            widths.extend(&spec.filters);
+            spec.filters.len().checked_mul(5).and_then(|n| n.checked_add(8))
+        }
+    };
+    if let Some(w) = widths.iter().find(|&&w| w > file_len) {
+        return Err(bad(format!("width {w} is larger than the whole file ({file_len} bytes)")));
+    }
+    match needed {
+        Some(n) if n <= n_tensors => Ok(()),
+        _ => Err(bad(format!("it needs more tensors than the {n_tensors} the file holds"))),
+    }
 }
 
 impl Weights {
@@ -51,6 +98,7 @@ impl Weights {
             bail!("metadata lists {} class names but the model has {} classes", classes.len(), spec.num_classes);
         }
         let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("corrupt safetensors: {e}"))?;
+        check_spec(&spec, map.len(), st.len())?;
         let mut tensors = HashMap::new();
         for (name, shape) in spec.required_tensors() {
             let view = st.tensor(&name).map_err(|_| anyhow::anyhow!("tensor {name} is missing"))?;

@@ -47,9 +47,30 @@ fn shards_merged_equal_one_run() {
         shards.push(p);
     }
     let merged = tmp.path().join("merged.csv");
-    // Shards in reverse order: merge sorts by run.
-    let st = fastdet().arg("merge").arg(&shards[1]).arg(&shards[0]).arg("-o").arg(&merged).status().unwrap();
+    // Shards in reverse order: merge sorts by run. Their copick folders are joined too.
+    let copick: Vec<PathBuf> = (0..2).map(|k| tmp.path().join(format!("shard{k}.csv.copick"))).collect();
+    for (k, dir) in copick.iter().enumerate() {
+        let picks = fastdet::io::csv::read_submission(&shards[k]).unwrap();
+        let run = format!("TS_synth_{}", k + 1);
+        fastdet::io::copick::write_run_picks(dir, &run, &picks, "fastdet", "0").unwrap();
+    }
+    let st = fastdet()
+        .arg("merge")
+        .arg(&shards[1])
+        .arg(&shards[0])
+        .arg("-o")
+        .arg(&merged)
+        .arg("--copick")
+        .args(&copick)
+        .arg("--copick-out")
+        .arg(tmp.path().join("copick"))
+        .status()
+        .unwrap();
     assert!(st.success());
+    for run in ["TS_synth_1", "TS_synth_2"] {
+        let p = fastdet::io::copick::read_run_picks(&tmp.path().join(format!("copick/ExperimentRuns/{run}/Picks")), run).unwrap();
+        assert!(!p.is_empty());
+    }
     assert_eq!(std::fs::read(&merged).unwrap(), std::fs::read(&whole).unwrap(), "merged file differs from the unsharded run");
     assert_eq!(sorted_lines_without_id(&merged), sorted_lines_without_id(&whole));
     // Overlapping shards are refused.
@@ -99,4 +120,35 @@ fn killed_run_resumes_to_the_same_output() {
     let o = cheap_run(&data, &out).args(["--resume", "--iou", "0.5"]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"));
+}
+
+/// Two workers in one process (worker k takes runs[k::2]) write the same file as one worker.
+#[test]
+fn two_workers_write_the_same_output_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("tests/fixtures/dataset");
+    let one = tmp.path().join("one.csv");
+    assert!(cheap_run(&data, &one).status().unwrap().success());
+    let two = tmp.path().join("two.csv");
+    let o = cheap_run(&data, &two).args(["--devices", "cpu,cpu"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("[cpu] TS_synth_1") && err.contains("[cpu] TS_synth_2"), "{err}");
+    assert_eq!(std::fs::read(&two).unwrap(), std::fs::read(&one).unwrap());
+}
+
+/// Without a CUDA engine (or driver) asking for GPUs is a clear error, not a panic.
+#[test]
+fn gpus_without_cuda_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = cheap_run(&root().join("tests/fixtures/dataset"), &tmp.path().join("x.csv")).args(["--gpus", "0,1"]).output().unwrap();
+    if o.status.success() {
+        println!("SKIP gpus_without_cuda_is_a_clear_error: a CUDA device is present");
+        return;
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cuda") || err.contains("CUDA"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!tmp.path().join("x.csv").exists());
 }

@@ -56,6 +56,13 @@ pub struct InferArgs {
     /// cpu or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// One worker per listed GPU in this process (e.g. 0,1; 0,0 runs two workers on one card);
+    /// worker k takes runs[k::n]; the output is the same as with one device
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    pub gpus: Vec<usize>,
+    /// Several workers on the listed devices (e.g. cpu,cpu or cuda:0,cuda:1), like --gpus
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["device", "gpus"])]
+    pub devices: Vec<String>,
     /// Sliding window z,y,x in voxels
     #[arg(long, default_value = "192,128,128", value_parser = parse_triple)]
     pub window: [usize; 3],
@@ -86,6 +93,19 @@ pub struct InferArgs {
     /// Replace NaN/Inf voxels by the mean of the finite ones instead of refusing the tomogram
     #[arg(long)]
     pub allow_nonfinite: bool,
+}
+
+impl InferArgs {
+    /// The devices to run workers on.
+    fn devices(&self) -> Result<Vec<Device>> {
+        if !self.gpus.is_empty() {
+            return Ok(self.gpus.iter().map(|&g| Device::Cuda(g)).collect());
+        }
+        if !self.devices.is_empty() {
+            return self.devices.iter().map(|d| Device::parse(d)).collect();
+        }
+        Ok(vec![Device::parse(&self.device)?])
+    }
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
@@ -202,8 +222,7 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         .collect())
 }
 
-fn load_ensemble(a: &InferArgs) -> Result<Ensemble> {
-    let device = Device::parse(&a.device)?;
+fn load_ensemble(a: &InferArgs, device: Device) -> Result<Ensemble> {
     let mut engines = Vec::new();
     let mut first: Option<Weights> = None;
     for p in &a.weights {
@@ -411,70 +430,112 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
     }))?)
 }
 
-/// Runs every job, reporting (and skipping) the ones that fail; `on_done` sees each finished run.
-fn infer_all(a: &InferArgs, s: &Settings, extras: Extras, parts: Option<&Parts>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
-    let jobs = jobs(a)?;
-    extras.check_dirs()?;
-    let mut ens = load_ensemble(a)?;
-    let mut picks = Vec::new();
-    let mut failed = Vec::new();
-    eprintln!(
-        "{} run(s), {} model(s) on {}, window {:?}, tiles {:?}, tta {:?}",
-        jobs.len(),
-        ens.engines.len(),
-        a.device,
-        s.window,
-        s.tiles,
-        s.tta
-    );
-    // Finished runs of an interrupted job are taken as they are.
-    let resumed: Vec<Option<Vec<Pick>>> = jobs.iter().map(|j| parts.and_then(|p| p.load(&j.run))).collect();
-    // A reader thread decodes the next tomogram while this one is inferred; the channel holds at
-    // most one decoded volume, so memory stays bounded however many runs there are.
+/// One run's outcome, kept until every worker is done so the output follows the run order.
+type Outcome = Result<(Vec<Pick>, Timing)>;
+
+/// One worker: its own engines on `device`, its own reader thread (the channel holds at most one
+/// decoded volume, so memory stays bounded however many runs there are), its share of the runs.
+fn worker(
+    device: Device,
+    label: &str,
+    todo: &[(usize, &Job)],
+    a: &InferArgs,
+    s: &Settings,
+    extras: Extras,
+    parts: Option<&Parts>,
+) -> Result<Vec<(usize, Outcome)>> {
+    let mut ens = load_ensemble(a, device)?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(zarr::Volume, f64)>>(1);
-    let todo: Vec<&Job> = jobs.iter().zip(&resumed).filter(|(_, r)| r.is_none()).map(|(j, _)| j).collect();
+    let mut out = Vec::with_capacity(todo.len());
     std::thread::scope(|scope| -> Result<()> {
         // Owned here so that an early return drops it and unblocks the reader before the join.
         let rx = rx;
         scope.spawn(|| {
-            for job in &todo {
+            for (_, job) in todo {
                 if tx.send(load(job, a, s)).is_err() {
                     break;
                 }
             }
         });
-        for (job, done) in jobs.iter().zip(resumed) {
-            if let Some(done) = done {
-                eprintln!("  {}: {} picks (resumed)", job.run, done.len());
-                picks.extend(done);
-                continue;
-            }
+        for &(i, job) in todo {
             let loaded = rx.recv().context("reader thread stopped")?;
             let result = loaded.and_then(|(vol, read_s)| process(job, vol, read_s, &mut ens, s, extras));
-            match result {
-            Ok((p, t)) => {
-                eprintln!(
-                    "  {}: {} picks; read {:.2} s, infer {:.2} s, blend {:.2} s, detect {:.2} s",
-                    job.run,
-                    p.len(),
-                    t.read,
-                    t.infer,
-                    t.blend,
-                    t.detect
-                );
-                if let Some(parts) = parts {
-                    parts.store(&job.run, &p)?;
+            match &result {
+                Ok((p, t)) => {
+                    eprintln!(
+                        "  {label}{}: {} picks; read {:.2} s, infer {:.2} s, blend {:.2} s, detect {:.2} s",
+                        job.run,
+                        p.len(),
+                        t.read,
+                        t.infer,
+                        t.blend,
+                        t.detect
+                    );
+                    if let Some(parts) = parts {
+                        parts.store(&job.run, p)?;
+                    }
                 }
-                picks.extend(p);
+                Err(e) => eprintln!("  {label}{}: FAILED: {e:#}", job.run),
             }
-            Err(e) => {
-                eprintln!("  {}: FAILED: {e:#}", job.run);
-                failed.push((job.run.clone(), format!("{e:#}")));
-            }
-        }
+            out.push((i, result));
         }
         Ok(())
     })?;
+    Ok(out)
+}
+
+/// Runs every job, reporting (and skipping) the ones that fail. With several devices, worker k takes
+/// runs[k::n] of the runs still to do; the output is in run order, as with one device.
+fn infer_all(a: &InferArgs, s: &Settings, extras: Extras, parts: Option<&Parts>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
+    let jobs = jobs(a)?;
+    extras.check_dirs()?;
+    let devices = a.devices()?;
+    eprintln!(
+        "{} run(s), {} model(s) on {}, window {:?}, tiles {:?}, tta {:?}",
+        jobs.len(),
+        a.weights.len(),
+        devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","),
+        s.window,
+        s.tiles,
+        s.tta
+    );
+    // Finished runs of an interrupted job are taken as they are.
+    let mut results: Vec<Option<Outcome>> = jobs
+        .iter()
+        .map(|j| {
+            parts.and_then(|p| p.load(&j.run)).map(|done| {
+                eprintln!("  {}: {} picks (resumed)", j.run, done.len());
+                Ok((done, Timing::default()))
+            })
+        })
+        .collect();
+    let todo: Vec<(usize, &Job)> = jobs.iter().enumerate().filter(|(i, _)| results[*i].is_none()).collect();
+    let n = devices.len();
+    let shares: Vec<Vec<(usize, &Job)>> = (0..n).map(|k| todo.iter().skip(k).step_by(n).copied().collect()).collect();
+    let outcomes: Vec<Result<Vec<(usize, Outcome)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = devices
+            .iter()
+            .zip(&shares)
+            .map(|(&dev, share)| {
+                let label = if n > 1 { format!("[{dev}] ") } else { String::new() };
+                scope.spawn(move || worker(dev, &label, share, a, s, extras, parts))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))).collect()
+    });
+    for o in outcomes {
+        for (i, r) in o? {
+            results[i] = Some(r);
+        }
+    }
+    let mut picks = Vec::new();
+    let mut failed = Vec::new();
+    for (job, r) in jobs.iter().zip(results) {
+        match r.expect("every run has an outcome") {
+            Ok((p, _)) => picks.extend(p),
+            Err(e) => failed.push((job.run.clone(), format!("{e:#}"))),
+        }
+    }
     if let Some(mib) = peak_rss_mib() {
         eprintln!("peak memory {mib:.0} MiB");
     }
@@ -556,6 +617,12 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     t.insert("level".into(), Value::String(i.level.clone()));
     t.insert("weights".into(), Value::Array(i.weights.iter().map(|p| path(p)).collect()));
     t.insert("device".into(), Value::String(i.device.clone()));
+    if !i.gpus.is_empty() {
+        t.insert("gpus".into(), Value::Array(i.gpus.iter().map(|&g| Value::Integer(g as i64)).collect()));
+    }
+    if !i.devices.is_empty() {
+        t.insert("devices".into(), Value::Array(i.devices.iter().map(|d| Value::String(d.clone())).collect()));
+    }
     let arr = |v: [usize; 3]| Value::Array(v.iter().map(|&x| Value::Integer(x as i64)).collect());
     t.insert("window".into(), arr(s.window));
     t.insert("tiles".into(), arr(s.tiles));

@@ -71,6 +71,18 @@ pub struct Timing {
     pub detect: f64,
 }
 
+/// An engine's out-of-memory error: the runner retries the batch in halves before giving up.
+#[derive(Debug)]
+pub struct OutOfMemory(pub String);
+
+impl std::fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "out of device memory: {}", self.0)
+    }
+}
+
+impl std::error::Error for OutOfMemory {}
+
 /// Models averaged tile by tile (means of sigmoid scores and of offsets).
 pub struct Ensemble {
     pub engines: Vec<Box<dyn TileEngine>>,
@@ -234,14 +246,25 @@ pub fn predict_maps(
     let mut blender = Blender::new(ens.num_classes, shape, s.window, ens.stride, s.blend_sigma);
     let tile_len: usize = s.window.iter().product();
     let out_vol: usize = s.window.map(|l| l / ens.stride).iter().product();
-    let batch = s.batch.max(1);
+    let mut batch = s.batch.max(1);
     let mut tiles = vec![0.0f32; batch * tile_len];
-    for (bi, chunk) in origins.chunks(batch).enumerate() {
+    let mut done = 0;
+    while done < origins.len() {
+        let chunk = &origins[done..(done + batch).min(origins.len())];
         let t0 = Instant::now();
         for (i, o) in chunk.iter().enumerate() {
             extract_tile(volume, shape, *o, s.window, &mut tiles[i * tile_len..(i + 1) * tile_len]);
         }
-        let (sc, of) = ens.infer(&tiles[..chunk.len() * tile_len], chunk.len(), s.window, s.tta)?;
+        let (sc, of) = match ens.infer(&tiles[..chunk.len() * tile_len], chunk.len(), s.window, s.tta) {
+            Ok(r) => r,
+            // Out of device memory: the same tiles again in halves, down to one tile per call.
+            Err(e) if batch > 1 && e.downcast_ref::<OutOfMemory>().is_some() => {
+                batch /= 2;
+                eprintln!("  out of memory with {} tiles per call; retrying with {batch}", chunk.len());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let t1 = Instant::now();
         for (i, o) in chunk.iter().enumerate() {
             let nc = ens.num_classes;
@@ -249,7 +272,8 @@ pub fn predict_maps(
         }
         timing.infer += (t1 - t0).as_secs_f64();
         timing.blend += t1.elapsed().as_secs_f64();
-        progress((bi * batch + chunk.len()).min(origins.len()), origins.len());
+        done += chunk.len();
+        progress(done, origins.len());
     }
     let t = Instant::now();
     let maps = blender.finish();
@@ -332,6 +356,54 @@ mod tests {
         }
         // And a non-trivial check that the offsets are not all zero.
         assert!(o0.iter().any(|v| v.abs() > 0.01));
+    }
+
+    /// Fails with OutOfMemory above `limit` tiles per call, else scores = tile mean.
+    struct Small {
+        limit: usize,
+        calls: Vec<usize>,
+    }
+
+    impl TileEngine for Small {
+        fn forward(&mut self, input: &[f32], n: usize, tile: [usize; 3], _: bool) -> Result<Outputs> {
+            self.calls.push(n);
+            if n > self.limit {
+                return Err(OutOfMemory(format!("{n} tiles")).into());
+            }
+            let vol = tile.iter().map(|l| l / 2).product::<usize>();
+            let len: usize = tile.iter().product();
+            let scores = (0..n).flat_map(|b| {
+                let m = input[b * len..(b + 1) * len].iter().sum::<f32>() / len as f32;
+                std::iter::repeat(m).take(vol)
+            });
+            Ok(Outputs { scores: scores.collect(), offsets: vec![0.0; n * 3 * vol], fm2: None })
+        }
+        fn name(&self) -> String {
+            "small".into()
+        }
+    }
+
+    #[test]
+    fn out_of_memory_halves_the_batch_and_gives_the_same_maps() {
+        let shape = [4, 16, 16];
+        let mut r = crate::util::SplitMix64::new(5);
+        let mut vol = vec![0.0; 4 * 16 * 16];
+        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let run = |batch: usize, limit: usize| {
+            let mut ens = Ensemble { engines: vec![Box::new(Small { limit, calls: vec![] })], num_classes: 1, stride: 2 };
+            let s = Settings { window: [4, 8, 8], tiles: [1, 3, 3], batch, ..Settings::default() };
+            let mut v = vol.clone();
+            let maps = predict_maps(&mut ens, &mut v, shape, &s, &mut |_, _| {}, &mut Timing::default()).unwrap();
+            maps.scores
+        };
+        let reference = run(1, 1);
+        assert_eq!(run(8, 2), reference);
+        assert_eq!(run(9, 9), reference);
+        // A failure at batch 1 is reported, not retried forever.
+        let mut ens = Ensemble { engines: vec![Box::new(Small { limit: 0, calls: vec![] })], num_classes: 1, stride: 2 };
+        let s = Settings { window: [4, 8, 8], tiles: [1, 3, 3], batch: 4, ..Settings::default() };
+        let e = predict_maps(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| {}, &mut Timing::default()).unwrap_err();
+        assert!(e.to_string().contains("out of device memory"), "{e}");
     }
 
     #[test]

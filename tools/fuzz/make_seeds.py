@@ -122,12 +122,14 @@ def main():
     storages = {"0": f32([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]), "1": struct.pack("<4e", 1.0, 2.0, -3.0, 0.5)}
     pkl = torch_pickle(sd)
     out("pickle", "torch_state_dict.pkl", pkl)
+    out("checkpoint_zip", "state_dict.pkl", pkl)  # the harness wraps a bare pickle in a zip
     out("checkpoint_zip", "state_dict.pt", torch_zip(pkl, storages))
     out("checkpoint_zip", "state_dict_deflate.pt", torch_zip(pkl, storages, "sd", zipfile.ZIP_DEFLATED))
     lightning = {"epoch": 3, "global_step": 10, "state_dict": collections.OrderedDict(
         (f"model.{k}", v) for k, v in sd.items())}
     pkl = torch_pickle(lightning)
     out("pickle", "torch_lightning.pkl", pkl)
+    out("checkpoint_zip", "lightning.pkl", pkl)
     out("checkpoint_zip", "lightning.ckpt", torch_zip(pkl, storages, "lightning"))
     # The safetensors path of read_checkpoint.
     out("checkpoint_zip", "tiny.safetensors", safetensors({"w": ("F32", [2, 3], f32([0, 1, 2, 3, 4, 5]))}))

@@ -5,6 +5,7 @@
 pub const SOURCES: &[(&str, &str)] = &[
     ("activation.cu", include_str!("../../../kernels/activation.cu")),
     ("blend.cu", include_str!("../../../kernels/blend.cu")),
+    ("conv3d.cu", include_str!("../../../kernels/conv3d.cu")),
     ("conv_first.cu", include_str!("../../../kernels/conv_first.cu")),
     ("convt.cu", include_str!("../../../kernels/convt.cu")),
     ("ensemble.cu", include_str!("../../../kernels/ensemble.cu")),
