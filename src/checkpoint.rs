@@ -171,15 +171,26 @@ fn materialize(name: &str, t: &TensorRef, storage: &[u8]) -> Result<Vec<f32>> {
             t.storage_numel
         );
     }
-    let numel: usize = t.shape.iter().product();
+    let numel = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    let numel = numel.with_context(|| format!("tensor {name}: shape {:?} has too many elements", t.shape))?;
     if numel > 0 {
-        let last = t.offset + t.shape.iter().zip(&t.stride).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
-        if last >= have {
+        // Index of the last element the view reads (None: past any storage).
+        let last = t.shape.iter().zip(&t.stride).try_fold(t.offset, |acc, (&n, &s)| acc.checked_add((n - 1).checked_mul(s)?));
+        if last.is_none_or(|last| last >= have) {
             bail!(
-                "tensor {name}: shape {:?} at offset {} needs {} elements but storage {} holds {have}",
+                "tensor {name}: shape {:?} with stride {:?} at offset {} reads past the {have} elements of storage {}",
                 t.shape,
+                t.stride,
                 t.offset,
-                last + 1,
+                t.storage_key
+            );
+        }
+        // Only overlapping (e.g. broadcast, stride-0) views have more elements than their storage;
+        // materialising one could ask for any amount of memory from a few bytes of checkpoint.
+        if numel > have {
+            bail!(
+                "tensor {name}: shape {:?} has {numel} elements but storage {} holds only {have} (overlapping views are not supported)",
+                t.shape,
                 t.storage_key
             );
         }

@@ -247,10 +247,136 @@ fn long_from_le(b: &[u8]) -> Result<i64> {
     Ok(i64::from_le_bytes(buf))
 }
 
+/// Deepest nesting of containers a pickle may build. Dropping a [`Value`] recurses once per level,
+/// so an unbounded depth (one byte per level, e.g. repeated TUPLE1) would overflow the stack; a
+/// pickle written by Python's pickler cannot nest deeper than its recursion limit (1000) anyway.
+pub const MAX_NESTING: usize = 1000;
+
+/// The interpreter's stack. Every container pushed is also kept in `arena` until the interpreter is
+/// done, so no container is freed (and its children dropped recursively) mid-run; at the end
+/// everything is taken apart iteratively by [`dismantle`].
+struct Stack {
+    items: Vec<Value>,
+    arena: Vec<Value>,
+}
+
+impl Stack {
+    fn push(&mut self, v: Value) {
+        if matches!(v, Value::Tuple(_) | Value::List(_) | Value::Dict(_) | Value::Object(_) | Value::PersId(_)) {
+            self.arena.push(v.clone());
+        }
+        self.items.push(v);
+    }
+}
+
+impl std::ops::Deref for Stack {
+    type Target = Vec<Value>;
+    fn deref(&self) -> &Vec<Value> {
+        &self.items
+    }
+}
+
+impl std::ops::DerefMut for Stack {
+    fn deref_mut(&mut self) -> &mut Vec<Value> {
+        &mut self.items
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let mut work = std::mem::take(&mut self.arena);
+        work.append(&mut self.items);
+        dismantle(work);
+    }
+}
+
+/// Drops values without recursing: a container no one else holds gives up its children to the
+/// work list before it is freed (one still shared elsewhere only loses a reference).
+fn dismantle(mut work: Vec<Value>) {
+    while let Some(v) = work.pop() {
+        match v {
+            Value::Tuple(t) => work.extend(Rc::try_unwrap(t).unwrap_or_default()),
+            Value::List(l) => work.extend(Rc::try_unwrap(l).map(RefCell::into_inner).unwrap_or_default()),
+            Value::Dict(d) => {
+                let d = Rc::try_unwrap(d).map(RefCell::into_inner).unwrap_or_default();
+                work.extend(d.into_iter().flat_map(|(k, v)| [k, v]));
+            }
+            Value::Object(o) => {
+                if let Ok(o) = Rc::try_unwrap(o) {
+                    let o = o.into_inner();
+                    work.push(o.args);
+                    work.extend(o.items.into_iter().flat_map(|(k, v)| [k, v]));
+                    work.extend(o.list);
+                    work.extend(o.state);
+                }
+            }
+            Value::PersId(p) => work.extend(Rc::try_unwrap(p).ok()),
+            _ => {}
+        }
+    }
+}
+
+/// The values a container holds, and its identity; `None` for a leaf.
+fn children(v: &Value) -> Option<(usize, Vec<Value>)> {
+    let pairs = |kv: &[(Value, Value)]| kv.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect::<Vec<_>>();
+    Some(match v {
+        Value::Tuple(t) => (Rc::as_ptr(t) as *const () as usize, t.to_vec()),
+        Value::List(l) => (Rc::as_ptr(l) as *const () as usize, l.borrow().clone()),
+        Value::Dict(d) => (Rc::as_ptr(d) as *const () as usize, pairs(&d.borrow())),
+        Value::Object(o) => {
+            let id = Rc::as_ptr(o) as *const () as usize;
+            let o = o.borrow();
+            let mut c = vec![o.args.clone()];
+            c.extend(pairs(&o.items));
+            c.extend(o.list.iter().cloned());
+            c.extend(o.state.clone());
+            (id, c)
+        }
+        Value::PersId(p) => (Rc::as_ptr(p) as *const () as usize, vec![p.as_ref().clone()]),
+        _ => return None,
+    })
+}
+
+/// How deep dropping `v` can recurse: the longest chain of nested containers below it (a leaf is
+/// 0), each shared container counted once, cycles cut (Rc never frees a cycle). Iterative; returns
+/// `MAX_NESTING + 1` as soon as a deeper chain is seen.
+fn nesting_depth(v: &Value) -> usize {
+    let Some((id, ch)) = children(v) else { return 0 };
+    let mut done: HashMap<usize, usize> = HashMap::new();
+    let mut on_path = std::collections::HashSet::from([id]);
+    // (container, its children, next child, deepest child so far)
+    let mut path = vec![(id, ch, 0usize, 0usize)];
+    loop {
+        let top = path.last_mut().expect("path is never empty here");
+        if let Some(c) = top.1.get(top.2).cloned() {
+            top.2 += 1;
+            let Some((cid, cch)) = children(&c) else { continue };
+            if let Some(&d) = done.get(&cid) {
+                top.3 = top.3.max(d);
+            } else if !on_path.contains(&cid) {
+                if path.len() >= MAX_NESTING {
+                    return MAX_NESTING + 1;
+                }
+                on_path.insert(cid);
+                path.push((cid, cch, 0, 0));
+            }
+        } else {
+            let (id, _, _, deepest) = path.pop().expect("path is never empty here");
+            on_path.remove(&id);
+            done.insert(id, deepest + 1);
+            match path.last_mut() {
+                Some(parent) => parent.3 = parent.3.max(deepest + 1),
+                None => return deepest + 1,
+            }
+        }
+    }
+}
+
 /// Interprets a pickle (protocols 0–5) into a [`Value`], executing nothing.
 pub fn unpickle(data: &[u8]) -> Result<Value> {
     let mut r = Reader { data, pos: 0 };
-    let mut stack: Vec<Value> = Vec::new();
+    // Declared before `memo`, so dropped after it: while it is dismantled, nothing else holds values.
+    let mut stack = Stack { items: Vec::new(), arena: Vec::new() };
     let mut memo: HashMap<u64, Value> = HashMap::new();
 
     fn pop(stack: &mut Vec<Value>) -> Result<Value> {
@@ -329,7 +455,15 @@ pub fn unpickle(data: &[u8]) -> Result<Value> {
             0x95 => {
                 r.u64()?; // FRAME
             }
-            b'.' => return pop(&mut stack), // STOP
+            b'.' => {
+                // STOP
+                let v = pop(&mut stack)?;
+                if nesting_depth(&v) > MAX_NESTING {
+                    stack.arena.push(v); // dismantled with the stack, not dropped recursively
+                    bail!("pickle nests values more than {MAX_NESTING} deep");
+                }
+                return Ok(v);
+            }
             b'(' => stack.push(Value::Mark),
             b'0' => {
                 pop(&mut stack)?;
@@ -415,7 +549,8 @@ pub fn unpickle(data: &[u8]) -> Result<Value> {
                 if stack.len() < n {
                     bail!("pickle stack underflow");
                 }
-                let items = stack.split_off(stack.len() - n);
+                let at = stack.len() - n;
+                let items = stack.split_off(at);
                 if items.iter().any(|v| matches!(v, Value::Mark)) {
                     bail!("pickle TUPLE over a MARK");
                 }

@@ -185,10 +185,9 @@ fn ckpt_shape_product_overflow_is_an_error() {
 fn ckpt_stride_and_offset_overflow_are_errors() {
     // Crash: `(n - 1) * s` and `offset + ...` overflowed.
     for (offset, shape, stride) in [
-        (0, vec![3], vec![i64::MAX]),
-        (i64::MAX, vec![2], vec![i64::MAX]),
-        (i64::MAX, vec![1], vec![1]),
-        (0, vec![2, 2], vec![1 << 62, 1 << 62]),
+        (0, vec![4], vec![i64::MAX]),
+        (i64::MAX, vec![2, 2], vec![i64::MAX, i64::MAX]),
+        (0, vec![3, 3, 3], vec![i64::MAX, i64::MAX, i64::MAX]),
     ] {
         let e = ckpt_view_error(4, offset, &shape, &stride);
         assert!(e.contains("tensor w"), "{e}");
@@ -216,10 +215,68 @@ fn deeply_nested_pickle_is_an_error_not_a_stack_overflow() {
     p.push(b'.');
     let e = err_text(fastdet::pickle::unpickle(&p));
     assert!(e.contains("nest"), "{e}");
-    // Lists appended into lists, and dicts into dicts, likewise.
-    let mut p = vec![0x80, 2, b']'];
-    for _ in 0..200_000 {
-        p.extend(b"]\x94a"); // wait: see below
-    }
-    let _ = p;
+    // Lists appended into lists: `]` 100 000 times, then APPEND 99 999 times.
+    let mut p = vec![0x80, 2];
+    p.extend(std::iter::repeat(b']').take(100_000));
+    p.extend(std::iter::repeat(b'a').take(99_999));
+    p.push(b'.');
+    let e = err_text(fastdet::pickle::unpickle(&p));
+    assert!(e.contains("nest"), "{e}");
+}
+
+#[test]
+fn nesting_up_to_the_limit_and_cycles_still_unpickle() {
+    use fastdet::pickle::{unpickle, Value, MAX_NESTING};
+    // Exactly MAX_NESTING tuples deep: accepted, and dropped without trouble.
+    let mut p = vec![0x80, 2, b')'];
+    p.extend(std::iter::repeat(0x85).take(MAX_NESTING - 1));
+    p.push(b'.');
+    assert!(matches!(unpickle(&p).unwrap(), Value::Tuple(_)));
+    p.insert(3, 0x85);
+    assert!(err_text(unpickle(&p)).contains("nest"));
+    // A list holding itself (l = []; l.append(l)) and a dict shared twice.
+    let v = unpickle(b"\x80\x02]q\x00h\x00a.").unwrap();
+    let Value::List(l) = &v else { panic!("{v:?}") };
+    assert!(matches!(&l.borrow()[0], Value::List(inner) if std::rc::Rc::ptr_eq(inner, l)));
+    let v = unpickle(b"\x80\x02}q\x00h\x00\x86.").unwrap();
+    assert!(matches!(&v, Value::Tuple(t) if t.len() == 2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// zarr_metadata: a `.zarray` next to one small valid chunk, as the fuzz harness lays it out.
+
+fn zarr_with_zarray(zarray: &str) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let arr = tmp.path().join("0");
+    std::fs::create_dir_all(&arr).unwrap();
+    std::fs::write(arr.join(".zarray"), zarray).unwrap();
+    let chunk: Vec<u8> = (0..8u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    std::fs::write(arr.join("0.0.0"), chunk).unwrap();
+    err_text(fastdet::io::zarr::read_zarr_volume(&arr, "0"))
+}
+
+fn zarray(shape: &str, chunks: &str) -> String {
+    format!(
+        r#"{{"zarr_format":2,"shape":{shape},"chunks":{chunks},"dtype":"<f4","fill_value":0.0,"order":"C",
+            "filters":null,"compressor":null,"dimension_separator":"."}}"#
+    )
+}
+
+#[test]
+fn zarr_shape_product_overflow_is_an_error() {
+    // Crash: zarrs' element count `shape.iter().product()` overflowed (panic in debug builds).
+    let e = zarr_with_zarray(&zarray("[100000000, 100000000, 100000000]", "[2, 2, 2]"));
+    assert!(e.contains("voxels"), "{e}");
+}
+
+#[test]
+fn zarr_shape_without_data_cannot_allocate_without_bound() {
+    // Crash (abort: memory allocation failed): 2^50 voxels of fill value from one 32-byte chunk.
+    let e = zarr_with_zarray(&zarray("[1048576, 1048576, 1024]", "[2, 2, 2]"));
+    assert!(e.contains("voxels"), "{e}");
+    // Hang: 2^30 one-voxel chunks, all but one missing, visited one by one.
+    let e = zarr_with_zarray(&zarray("[1024, 1024, 1024]", "[1, 1, 1]"));
+    assert!(e.contains("voxels") || e.contains("chunks"), "{e}");
+    let e = zarr_with_zarray(&zarray("[256, 256, 256]", "[1, 1, 1]"));
+    assert!(e.contains("chunks"), "{e}");
 }

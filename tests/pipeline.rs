@@ -156,9 +156,13 @@ fn a_corrupt_run_does_not_stop_the_others() {
     assert!(err.contains("TS_synth_2") && err.contains("0.1.1"), "{err}");
     let rows = read_rows_plain(&out);
     assert!(!rows.is_empty() && rows.iter().all(|r| r == "TS_synth_1"), "{rows:?}");
-    // No temporary files left beside the output.
-    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    // No temporary files left beside the output: the data, the CSV and its per-run results.
+    let mut names: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["data", "sub.csv", "sub.csv.runs"]);
+    let mut parts: Vec<String> = std::fs::read_dir(tmp.path().join("sub.csv.runs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    parts.sort();
+    assert_eq!(parts, ["TS_synth_1.csv", "settings.json"], "only the finished run is kept");
 }
 
 fn read_rows_plain(p: &Path) -> Vec<String> {

@@ -1,16 +1,133 @@
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use fastdet::engine::cuda::selftest::{self, Options, Row, Status, Target};
+use fastdet::engine::Device;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use super::run::parse_triple;
+
 #[derive(Args)]
-#[command(after_help = "Compares every CUDA kernel with its CPU twin on fresh random data, then both networks and a\nwhole tomogram; prints a table and exits non-zero on any failure.\nExample:\n  fastdet selftest --device cuda:0")]
+#[command(after_help = "Compares every CUDA kernel with its CPU twin on fresh random data, then both networks (seed widths,\n\
+random weights) and a whole synthetic tomogram (2-model ensemble) against the CPU engine; prints a table\n\
+and exits 1 on any failure, 2 when there is no usable GPU (no CUDA driver, no device).\n\
+--device emu runs everything on a slow host emulator of the kernels (to test the self-test itself).\n\
+Examples:\n  fastdet selftest --device cuda:0 --quick\n  fastdet selftest --device cuda:0 --json selftest.json")]
 pub struct SelftestArgs {
-    /// Device to test against the CPU reference (cuda:N)
+    /// Device to test against the CPU reference: cuda:N (or emu)
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
+    /// Networks on a 64x64x64 tile instead of 192x128x128; no whole-tomogram check
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the report as JSON
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Directory for compiled kernels [default: $FASTDET_KERNEL_CACHE or ~/.cache/fastdet/kernels]
+    #[arg(long)]
+    pub kernel_cache: Option<PathBuf>,
+    /// Models for the whole-tomogram check [default: weights/demo_segresnetv2.safetensors and
+    /// weights/demo_dynunet.safetensors when found, else random weights of their widths]
+    #[arg(long, num_args = 1..)]
+    pub weights: Vec<PathBuf>,
+    /// Seed of the random inputs, weights and synthetic tomogram
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Network tile z,y,x [default: 64,64,64 with --quick, else 192,128,128]
+    #[arg(long, value_parser = parse_triple)]
+    pub tile: Option<[usize; 3]>,
+    /// Synthetic tomogram z,y,x of the whole-tomogram check
+    #[arg(long, default_value = "184,630,630", value_parser = parse_triple)]
+    pub shape: [usize; 3],
+    /// Skip the per-kernel checks
+    #[arg(long)]
+    pub no_kernels: bool,
+    /// Skip the whole-network checks
+    #[arg(long)]
+    pub no_networks: bool,
+    /// Skip the whole-tomogram check
+    #[arg(long)]
+    pub no_pipeline: bool,
+}
+
+fn write_json(path: &Path, text: &str) -> Result<()> {
+    fastdet::util::write_atomic(path, |f| Ok(f.write_all(text.as_bytes())?)).with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
-    let dev = fastdet::engine::Device::parse(&a.device)?;
-    anyhow::bail!("no CUDA engine in this build to test on {dev}; the CPU engine is checked by `cargo test`")
+    let target = if a.device == "emu" {
+        Target::Emulator
+    } else {
+        match Device::parse(&a.device)? {
+            Device::Cuda(i) => Target::Cuda(i),
+            Device::Cpu => bail!("selftest checks a GPU against the CPU engine: give --device cuda:N"),
+        }
+    };
+    let device = match selftest::check_target(target) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("selftest: {e:#}");
+            eprintln!("selftest: nothing was tested (no usable GPU); exit status 2");
+            if let Some(p) = &a.json {
+                let j = serde_json::json!({"device": a.device, "no_device": true, "error": format!("{e:#}"), "passed": false, "rows": []});
+                write_json(p, &serde_json::to_string_pretty(&j)?)?;
+            }
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let mut o = Options::new(target);
+    o.quick = a.quick;
+    o.kernel_cache = a.kernel_cache.clone();
+    o.seed = a.seed;
+    o.kernels = !a.no_kernels;
+    o.networks = !a.no_networks;
+    o.pipeline = !a.no_pipeline;
+    o.network_tile = a.tile;
+    o.pipeline_weights = a.weights.clone();
+    o.pipeline_shape = a.shape;
+    println!("fastdet selftest on {device}{}", if a.quick { " (quick)" } else { "" });
+    println!("{}", Row::header());
+    let t0 = std::time::Instant::now();
+    let report = selftest::run(&o, &mut |row| {
+        println!("{}", row.line());
+        let _ = std::io::stdout().flush();
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("selftest: could not start on {device}: {e:#}");
+            if let Some(p) = &a.json {
+                let j = serde_json::json!({"device": device, "no_device": false, "error": format!("{e:#}"), "passed": false, "rows": []});
+                write_json(p, &serde_json::to_string_pretty(&j)?)?;
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!();
+    for n in &report.notes {
+        println!("note: {n}");
+    }
+    for (what, s) in &report.timings {
+        println!("time: {what}: {s:.3} s");
+    }
+    let count = |st: Status| report.rows.iter().filter(|r| r.status == st).count();
+    let (pass, fail, skip) = (count(Status::Pass), count(Status::Fail), count(Status::Skip));
+    println!(
+        "selftest {}: {pass} passed, {fail} failed, {skip} skipped in {:.1} s on {}",
+        if report.passed { "PASSED" } else { "FAILED" },
+        t0.elapsed().as_secs_f64(),
+        report.device
+    );
+    if fail > 0 {
+        println!("failures:");
+        for r in report.rows.iter().filter(|r| r.status == Status::Fail) {
+            println!("  {}", r.line());
+        }
+    }
+    if let Some(p) = &a.json {
+        write_json(p, &selftest::to_json(&report)?)?;
+        println!("wrote {}", p.display());
+    }
+    Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

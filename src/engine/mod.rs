@@ -1,4 +1,4 @@
-//! Inference engines behind one interface: the CPU reference engine (the oracle) and, later, CUDA.
+//! Inference engines behind one interface: the CPU reference engine (the oracle) and CUDA.
 pub mod cpu;
 pub mod cuda;
 
@@ -54,6 +54,7 @@ impl std::fmt::Display for Device {
 pub fn open(device: Device, weights: &crate::weights::Weights) -> Result<Box<dyn TileEngine>> {
     match device {
         Device::Cpu => Ok(Box::new(cpu::CpuEngine::new(weights)?)),
-        Device::Cuda(_) => anyhow::bail!("this build of fastdet has no CUDA engine yet; use --device cpu"),
+        // Kernels are cached under $FASTDET_KERNEL_CACHE (default ~/.cache/fastdet/kernels).
+        Device::Cuda(i) => Ok(Box::new(cuda::CudaEngine::new(weights, i, None)?)),
     }
 }

@@ -258,6 +258,7 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
             shape_u64
         );
     }
+    check_size(&array, &array_dir)?;
     let shape = [
         shape_u64[0] as usize,
         shape_u64[1] as usize,
@@ -310,6 +311,56 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
         data,
         voxel_size,
     })
+}
+
+/// Voxels any array may have, however little data its directory stores (chunks missing from the
+/// store read as the fill value): 2^26, 256 MiB as f32.
+const MIN_VOXEL_BUDGET: u64 = 1 << 26;
+/// Voxels allowed per byte stored beyond that: 256, i.e. 1 KiB of f32 per byte (zlib's best ratio).
+const VOXELS_PER_STORED_BYTE: u64 = 256;
+/// Chunks a read may visit beyond the files present (each missing one is a failed lookup).
+const MISSING_CHUNK_BUDGET: u64 = 1 << 16;
+
+/// Refuses arrays whose metadata declares far more voxels, or chunks, than the files of the
+/// array directory can back: a few bytes of `.zarray` could otherwise make the read overflow,
+/// allocate any amount of memory, or visit billions of absent chunks.
+fn check_size(array: &Array<FilesystemStore>, dir: &Path) -> Result<()> {
+    fn stored(dir: &Path, files: &mut u64, bytes: &mut u64) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stored(&e.path(), files, bytes),
+                Ok(_) => {
+                    *files += 1;
+                    *bytes = bytes.saturating_add(e.metadata().map(|m| m.len()).unwrap_or(0));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    let product = |v: &[u64]| v.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+    let (mut files, mut bytes) = (0, 0);
+    stored(dir, &mut files, &mut bytes);
+    let voxel_budget = MIN_VOXEL_BUDGET.max(bytes.saturating_mul(VOXELS_PER_STORED_BYTE));
+    match product(array.shape()) {
+        Some(n) if n <= voxel_budget => {}
+        n => bail!(
+            "{}: shape {:?} ({} voxels) is far larger than the {bytes} bytes stored in {files} files \
+             can hold (at most {voxel_budget} voxels); corrupt metadata or missing chunks",
+            dir.display(),
+            array.shape(),
+            n.map_or("too many".to_string(), |n| n.to_string())
+        ),
+    }
+    let chunk_budget = files.saturating_add(MISSING_CHUNK_BUDGET);
+    match product(array.chunk_grid_shape()) {
+        Some(n) if n <= chunk_budget => Ok(()),
+        n => bail!(
+            "{}: a grid of {} chunks ({:?}) for {files} files stored; corrupt metadata or missing chunks",
+            dir.display(),
+            n.map_or("too many".to_string(), |n| n.to_string()),
+            array.chunk_grid_shape()
+        ),
+    }
 }
 
 fn convert<T: Copy + Send + Sync>(v: Vec<T>, f: impl Fn(T) -> f32 + Send + Sync) -> Vec<f32> {

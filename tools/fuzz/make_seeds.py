@@ -88,12 +88,13 @@ def torch_pickle(obj):
 
 def torch_zip(pkl, storages, prefix="archive", compression=zipfile.ZIP_STORED):
     b = io.BytesIO()
+    entries = [(f"{prefix}/data.pkl", pkl), (f"{prefix}/byteorder", b"little")]
+    entries += [(f"{prefix}/data/{key}", data) for key, data in storages.items()]
+    entries.append((f"{prefix}/version", b"3\n"))
     with zipfile.ZipFile(b, "w", compression) as z:
-        z.writestr(f"{prefix}/data.pkl", pkl)
-        z.writestr(f"{prefix}/byteorder", "little")
-        for key, data in storages.items():
-            z.writestr(f"{prefix}/data/{key}", data)
-        z.writestr(f"{prefix}/version", "3\n")
+        for name, data in entries:
+            # A fixed timestamp, so that rerunning this script rewrites the same bytes.
+            z.writestr(zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0)), data, compress_type=compression)
     return b.getvalue()
 
 

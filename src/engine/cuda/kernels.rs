@@ -51,6 +51,74 @@ pub fn kernel_names(source: &str) -> Vec<String> {
     names
 }
 
+/// The C type class of one kernel parameter, as the launcher must pass it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// Any pointer (`T*`, `const T* __restrict__`, `T* const*`): a 64-bit device address.
+    Ptr,
+    /// `int`
+    I32,
+    /// `long long`
+    I64,
+    /// `unsigned` / `unsigned int`
+    U32,
+    /// `float`
+    F32,
+}
+
+impl ParamKind {
+    fn parse(param: &str) -> Option<ParamKind> {
+        if param.contains('*') {
+            return Some(ParamKind::Ptr);
+        }
+        let words: Vec<&str> = param
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| !w.is_empty() && !matches!(*w, "const" | "__restrict__" | "volatile"))
+            .collect();
+        // The last word is the parameter name.
+        let ty = &words[..words.len().saturating_sub(1)];
+        match ty {
+            ["long", "long"] | ["long", "long", "int"] | ["int64_t"] => Some(ParamKind::I64),
+            ["unsigned"] | ["unsigned", "int"] | ["uint32_t"] => Some(ParamKind::U32),
+            ["int"] | ["int32_t"] => Some(ParamKind::I32),
+            ["float"] => Some(ParamKind::F32),
+            _ => None,
+        }
+    }
+}
+
+/// `(name, parameter kinds)` of every `extern "C"` kernel in `source`, in source order. A
+/// parameter of a type the launcher does not know makes the whole list `None` for that kernel.
+pub fn kernel_signatures(source: &str) -> Vec<(String, Option<Vec<ParamKind>>)> {
+    let code = strip_comments(source);
+    let mut out = Vec::new();
+    let mut rest = code.as_str();
+    const HEAD: &str = "extern \"C\"";
+    while let Some(i) = rest.find(HEAD) {
+        rest = &rest[i + HEAD.len()..];
+        let mut toks = Tokens(rest);
+        if toks.next_ident() != Some("__global__") || toks.next_ident() != Some("void") {
+            continue;
+        }
+        let mut name = toks.next_ident();
+        if name == Some("__launch_bounds__") {
+            if !toks.skip_parens() {
+                continue;
+            }
+            name = toks.next_ident();
+        }
+        let Some(name) = name else { continue };
+        let Some(params) = toks.paren_contents() else { continue };
+        let kinds: Option<Vec<ParamKind>> = if params.trim().is_empty() || params.trim() == "void" {
+            Some(Vec::new())
+        } else {
+            params.split(',').map(ParamKind::parse).collect()
+        };
+        out.push((name.to_string(), kinds));
+    }
+    out
+}
+
 /// Removes `//` and `/* */` comments (string literals in kernels are not expected).
 fn strip_comments(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -102,6 +170,20 @@ impl<'a> Tokens<'a> {
         let (id, rest) = self.0.split_at(end);
         self.0 = rest;
         Some(id)
+    }
+
+    /// The text inside the next `( ... )` (nested), consuming it; None when the next token is not
+    /// `(` or it never closes.
+    fn paren_contents(&mut self) -> Option<&'a str> {
+        if self.peek_char() != Some('(') {
+            return None;
+        }
+        let start = self.0;
+        if !self.skip_parens() {
+            return None;
+        }
+        let used = start.len() - self.0.len();
+        Some(&start[1..used - 1])
     }
 
     /// Skips `( ... )` (nested); false when the next token is not `(` or it never closes.
@@ -171,5 +253,27 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), n, "kernel names must be unique across files");
         assert_eq!(source("norm.cu").map(kernel_names).unwrap(), vec!["norm_stats_partial", "norm_finalize", "norm_apply"]);
+    }
+
+    #[test]
+    fn every_kernel_signature_parses() {
+        use ParamKind::*;
+        for (file, src) in SOURCES {
+            let sigs = kernel_signatures(src);
+            let names: Vec<String> = sigs.iter().map(|(n, _)| n.clone()).collect();
+            assert_eq!(names, kernel_names(src), "{file}");
+            for (n, k) in &sigs {
+                assert!(k.is_some(), "{file}: {n} has a parameter type the launcher does not know");
+            }
+        }
+        let norm = kernel_signatures(source("norm.cu").unwrap());
+        assert_eq!(norm[0].1.as_deref(), Some(&[Ptr, I64, I32, I32, I32, F32, Ptr][..]));
+        let ens = kernel_signatures(source("ensemble.cu").unwrap());
+        let mean = ens.iter().find(|(n, _)| n == "ensemble_mean_f32").unwrap();
+        assert_eq!(mean.1.as_deref(), Some(&[Ptr, Ptr, I32, I64, F32][..]));
+        let nms = kernel_signatures(source("nms.cu").unwrap());
+        let write = nms.iter().find(|(n, _)| n == "nms_write").unwrap();
+        assert_eq!(write.1.as_deref(), Some(&[Ptr, I32, I32, I32, Ptr, Ptr, U32, Ptr, Ptr][..]));
+        assert_eq!(kernel_signatures("extern \"C\" __global__ void k(double x) {}")[0].1, None);
     }
 }

@@ -1,5 +1,30 @@
-//! The CUDA engine's building blocks (cudarc). So far: the kernel sources (`kernels/*.cu`) and
-//! their run-time compilation by NVRTC with an on-disk cache. The engine itself
-//! (`Device::Cuda`) is not wired yet: `engine::open` still answers with an error for it.
+//! The CUDA engine (cudarc): one context + stream per GPU, the kernels of `kernels/*.cu` compiled by
+//! NVRTC for the device's own architecture at first use and cached on disk, cuDNN for the
+//! convolutions (with our own implicit-GEMM kernel as the fallback), and the self-test that checks
+//! every kernel and both networks against the CPU engine.
+//!
+//! Nothing here panics when there is no GPU: `gpu::probe` / `CudaEngine::new` answer
+//! "no CUDA driver found; use --device cpu" as an ordinary error.
+//!
+//! Environment:
+//! - `FASTDET_KERNEL_CACHE`: compiled-kernel cache (default `~/.cache/fastdet/kernels`);
+//! - `FASTDET_CUDA_INCLUDE`: directory holding `cuda_fp16.h` for NVRTC (else found next to the
+//!   NVRTC library on `LD_LIBRARY_PATH`, in `$VIRTUAL_ENV`, `$CUDA_HOME`, `/usr/local/cuda`);
+//! - `FASTDET_CONV=auto|cudnn|direct`: convolution backend (default auto: cuDNN, falling back to
+//!   `conv3d_igemm_f16` per shape);
+//! - `FASTDET_CUDA_SYNC=1`: synchronise after every kernel and name the one that failed;
+//! - `FASTDET_CUDNN_WORKSPACE_MIB`: largest cuDNN workspace (default 1024).
+//!
+//! `emu` is a host emulator of every kernel (tests only): the engine and the self-test run on it
+//! here, without a GPU.
+pub mod dnn;
+pub mod emu;
+pub mod engine;
+pub mod gpu;
 pub mod kernels;
 pub mod nvrtc;
+pub mod ops;
+pub mod selftest;
+
+pub use engine::{ConvBackend, CudaEngine};
+pub use gpu::{driver_available, probe, DeviceInfo, NO_DRIVER};

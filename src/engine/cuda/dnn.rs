@@ -1,0 +1,269 @@
+//! cuDNN convolutions on NDHWC fp16 tensors (legacy descriptor API through cudarc's `result`
+//! layer, raw device pointers): x `[N, D, H, W, Cin]`, filter in cuDNN's NHWC filter layout
+//! `[Cout, kd, kh, kw, Cin]` (KTRSC), y `[N, OD, OH, OW, Cout]`, compute type f32
+//! (PSEUDO_HALF_CONFIG), tensor-core math allowed.
+//!
+//! Algorithms come from `cudnnGetConvolutionForwardAlgorithm_v7` (heuristics, best first),
+//! deterministic ones first; a plan tries them in order on its first run and keeps the first that
+//! executes (cuDNN can list algorithms that then refuse a 3-D NDHWC shape). When none runs, the
+//! caller falls back to our own implicit-GEMM kernel (`conv3d.cu`).
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::cudnn::{result, sys};
+
+use super::gpu::{guard, DevBuf, Gpu};
+
+/// Largest workspace a convolution may use (bytes); algorithms wanting more are skipped.
+/// `FASTDET_CUDNN_WORKSPACE_MIB` overrides it.
+fn workspace_limit() -> usize {
+    std::env::var("FASTDET_CUDNN_WORKSPACE_MIB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(1 << 30, |m| m << 20)
+}
+
+/// A cuDNN handle bound to the device's stream.
+pub struct Dnn {
+    handle: sys::cudnnHandle_t,
+    /// `cudnnGetVersion()`, e.g. 91000 for 9.10.0.
+    pub version: usize,
+}
+
+// SAFETY: the handle is used by one engine at a time (TileEngine::forward takes &mut self).
+unsafe impl Send for Dnn {}
+
+impl Drop for Dnn {
+    fn drop(&mut self) {
+        if !self.handle.is_null() {
+            // SAFETY: created by create_handle, destroyed once.
+            let _ = std::panic::catch_unwind(|| unsafe { result::destroy_handle(self.handle) });
+        }
+    }
+}
+
+impl Dnn {
+    /// A handle on `gpu`'s stream; an error (never a panic) when libcudnn is missing or too old.
+    pub fn new(gpu: &Gpu) -> Result<Dnn> {
+        if !super::gpu::cudnn_available() {
+            bail!("cuDNN not found (libcudnn.so.9 cannot be loaded; put its directory, e.g. site-packages/nvidia/cudnn/lib, on LD_LIBRARY_PATH)");
+        }
+        let Some(stream) = gpu.stream() else { bail!("cuDNN does not run on the kernel emulator") };
+        gpu.bind()?;
+        guard("creating a cuDNN handle", || {
+            let version = result::get_version();
+            if version < 90000 {
+                bail!("cuDNN {version} is too old: fastdet's bindings need cuDNN 9");
+            }
+            let handle = result::create_handle().map_err(|e| anyhow!("cudnnCreate: {e}"))?;
+            let dnn = Dnn { handle, version };
+            // SAFETY: valid handle; the stream belongs to gpu's context, which is current.
+            unsafe { result::set_stream(dnn.handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| anyhow!("cudnnSetStream: {e}"))?;
+            Ok(dnn)
+        })
+    }
+
+    pub fn version_string(&self) -> String {
+        format!("{}.{}.{}", self.version / 10000, (self.version / 100) % 100, self.version % 100)
+    }
+}
+
+struct TensorDesc(sys::cudnnTensorDescriptor_t);
+impl Drop for TensorDesc {
+    fn drop(&mut self) {
+        // SAFETY: created once, destroyed once.
+        let _ = unsafe { result::destroy_tensor_descriptor(self.0) };
+    }
+}
+struct FilterDesc(sys::cudnnFilterDescriptor_t);
+impl Drop for FilterDesc {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        let _ = unsafe { result::destroy_filter_descriptor(self.0) };
+    }
+}
+struct ConvDesc(sys::cudnnConvolutionDescriptor_t);
+impl Drop for ConvDesc {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        let _ = unsafe { result::destroy_convolution_descriptor(self.0) };
+    }
+}
+
+/// An NDHWC fp16 tensor descriptor `[n, c, d, h, w]` with channels-last strides.
+fn ndhwc_desc(n: usize, c: usize, d: [usize; 3]) -> Result<TensorDesc> {
+    let dims = [n, c, d[0], d[1], d[2]];
+    let strides = [d[0] * d[1] * d[2] * c, 1, d[1] * d[2] * c, d[2] * c, c];
+    if dims.iter().chain(strides.iter()).any(|&v| v > i32::MAX as usize) {
+        bail!("tensor [{n}, {c}, {d:?}] exceeds cuDNN's 32-bit dims");
+    }
+    let desc = TensorDesc(result::create_tensor_descriptor().map_err(|e| anyhow!("cudnnCreateTensorDescriptor: {e}"))?);
+    let di: Vec<i32> = dims.iter().map(|&v| v as i32).collect();
+    let si: Vec<i32> = strides.iter().map(|&v| v as i32).collect();
+    // SAFETY: 5 dims and strides.
+    unsafe { result::set_tensornd_descriptor(desc.0, sys::cudnnDataType_t::CUDNN_DATA_HALF, 5, di.as_ptr(), si.as_ptr()) }
+        .map_err(|e| anyhow!("cudnnSetTensorNdDescriptor(dims {dims:?}, NDHWC strides {strides:?}): {e}"))?;
+    Ok(desc)
+}
+
+fn algo_name(a: sys::cudnnConvolutionFwdAlgo_t) -> &'static str {
+    use sys::cudnnConvolutionFwdAlgo_t as A;
+    match a {
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM => "IMPLICIT_GEMM",
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM => "IMPLICIT_PRECOMP_GEMM",
+        A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM => "GEMM",
+        A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT => "DIRECT",
+        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT => "FFT",
+        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING => "FFT_TILING",
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD => "WINOGRAD",
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED => "WINOGRAD_NONFUSED",
+        _ => "?",
+    }
+}
+
+/// One convolution shape, ready to run.
+pub struct ConvPlan {
+    x: TensorDesc,
+    w: FilterDesc,
+    y: TensorDesc,
+    conv: ConvDesc,
+    /// Candidate (algorithm, workspace bytes), best first.
+    algos: Vec<(sys::cudnnConvolutionFwdAlgo_t, usize)>,
+    /// Index into `algos` of the algorithm that ran; None before the first run.
+    chosen: Option<usize>,
+    pub what: String,
+}
+
+// SAFETY: descriptors are plain host objects, used by one engine at a time.
+unsafe impl Send for ConvPlan {}
+
+impl ConvPlan {
+    /// A plan for `x [n, dims, cin]` → `[n, out dims, cout]`, cubic kernel k, stride, pad.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(dnn: &Dnn, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Result<ConvPlan> {
+        let what = format!("cuDNN conv {k}x{k}x{k}/s{stride} {cin}->{cout} on [{n}, {}, {}, {}]", dims[0], dims[1], dims[2]);
+        guard(&what.clone(), || {
+            let od = super::ops::conv_out_dims(dims, k, stride, pad);
+            let x = ndhwc_desc(n, cin, dims)?;
+            let y = ndhwc_desc(n, cout, od)?;
+            let w = FilterDesc(result::create_filter_descriptor().map_err(|e| anyhow!("cudnnCreateFilterDescriptor: {e}"))?);
+            let fd = [cout as i32, cin as i32, k as i32, k as i32, k as i32];
+            // SAFETY: 5 filter dims; NHWC format = [K, kd, kh, kw, C] in memory.
+            unsafe { result::set_filternd_descriptor(w.0, sys::cudnnDataType_t::CUDNN_DATA_HALF, sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC, 5, fd.as_ptr()) }
+                .map_err(|e| anyhow!("cudnnSetFilterNdDescriptor({fd:?}, NHWC): {e}"))?;
+            let conv = ConvDesc(result::create_convolution_descriptor().map_err(|e| anyhow!("cudnnCreateConvolutionDescriptor: {e}"))?);
+            let (p, s, dl) = ([pad as i32; 3], [stride as i32; 3], [1i32; 3]);
+            // SAFETY: arrays of 3.
+            unsafe {
+                result::set_convolutionnd_descriptor(
+                    conv.0,
+                    3,
+                    p.as_ptr(),
+                    s.as_ptr(),
+                    dl.as_ptr(),
+                    sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                    sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                )
+            }
+            .map_err(|e| anyhow!("cudnnSetConvolutionNdDescriptor: {e}"))?;
+            // SAFETY: valid descriptor.
+            unsafe { result::set_convolution_math_type(conv.0, sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH) }.map_err(|e| anyhow!("cudnnSetConvolutionMathType: {e}"))?;
+            // cuDNN's own idea of the output shape must be ours.
+            let mut got = [0i32; 5];
+            // SAFETY: 5 output dims.
+            unsafe { sys::cudnnGetConvolutionNdForwardOutputDim(conv.0, x.0, w.0, 5, got.as_mut_ptr()) }
+                .result()
+                .map_err(|e| anyhow!("cudnnGetConvolutionNdForwardOutputDim: {e}"))?;
+            let want = [n as i32, cout as i32, od[0] as i32, od[1] as i32, od[2] as i32];
+            if got != want {
+                bail!("cuDNN computes output dims {got:?}, fastdet expects {want:?}");
+            }
+            const COUNT: usize = 8;
+            let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; COUNT] = unsafe { std::mem::zeroed() };
+            let mut returned = 0i32;
+            // SAFETY: room for COUNT results.
+            unsafe { result::get_convolution_forward_algorithm(dnn.handle, x.0, w.0, conv.0, y.0, COUNT as i32, &mut returned, perf.as_mut_ptr()) }
+                .map_err(|e| anyhow!("cudnnGetConvolutionForwardAlgorithm_v7: {e}"))?;
+            let limit = workspace_limit();
+            let mut cands: Vec<(bool, sys::cudnnConvolutionFwdAlgo_t, usize)> = Vec::new();
+            for p in perf.iter().take((returned.max(0) as usize).min(COUNT)) {
+                if p.status != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+                    continue;
+                }
+                // SAFETY: valid descriptors.
+                let ws = unsafe { result::get_convolution_forward_workspace_size(dnn.handle, x.0, w.0, conv.0, y.0, p.algo) }.unwrap_or(p.memory);
+                if ws > limit {
+                    continue;
+                }
+                let det = p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
+                if !cands.iter().any(|c| c.1 == p.algo) {
+                    cands.push((det, p.algo, ws));
+                }
+            }
+            // Deterministic algorithms first, heuristic order kept within each class.
+            cands.sort_by_key(|c| !c.0);
+            let algos: Vec<_> = cands.into_iter().map(|(_, a, ws)| (a, ws)).collect();
+            if algos.is_empty() {
+                bail!("cuDNN offers no usable forward algorithm ({returned} listed, none within {} MiB of workspace)", limit >> 20);
+            }
+            Ok(ConvPlan { x, w, y, conv, algos, chosen: None, what: what.clone() })
+        })
+    }
+
+    /// The algorithm in use (after the first run).
+    pub fn algo(&self) -> Option<&'static str> {
+        self.chosen.map(|i| algo_name(self.algos[i].0))
+    }
+
+    /// Largest workspace any candidate may need.
+    pub fn max_workspace(&self) -> usize {
+        self.algos.iter().map(|a| a.1).max().unwrap_or(0)
+    }
+
+    /// `y = conv(x, w)`; `workspace` is grown as needed. Errors only when no candidate runs.
+    pub fn run(&mut self, dnn: &Dnn, gpu: &Gpu, x: u64, w: u64, y: u64, workspace: &mut Option<DevBuf>) -> Result<()> {
+        let start = self.chosen.unwrap_or(0);
+        let mut errors = Vec::new();
+        for i in start..self.algos.len() {
+            let (algo, ws) = self.algos[i];
+            if ws > 0 && workspace.as_ref().is_none_or(|b| b.bytes < ws) {
+                *workspace = None;
+                *workspace = Some(gpu.alloc(ws)?);
+            }
+            let (wp, wb) = match workspace.as_ref() {
+                Some(b) if ws > 0 => (b.ptr, ws),
+                _ => (0, 0),
+            };
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            // SAFETY: descriptors match the buffers the engine allocated for this shape; alpha /
+            // beta are f32 as cuDNN wants for half data.
+            let r = guard("cudnnConvolutionForward", || {
+                unsafe {
+                    result::convolution_forward(
+                        dnn.handle,
+                        &alpha as *const f32 as *const _,
+                        self.x.0,
+                        x as *const _,
+                        self.w.0,
+                        w as *const _,
+                        self.conv.0,
+                        algo,
+                        wp as *mut _,
+                        wb,
+                        &beta as *const f32 as *const _,
+                        self.y.0,
+                        y as *mut _,
+                    )
+                }
+                .map_err(|e| anyhow!("{e}"))
+            });
+            match r {
+                Ok(()) => {
+                    self.chosen = Some(i);
+                    if gpu.sync_each() {
+                        gpu.sync(&format!("{} ({})", self.what, algo_name(algo)))?;
+                    }
+                    return Ok(());
+                }
+                Err(e) => errors.push(format!("{}: {e:#}", algo_name(algo))),
+            }
+        }
+        bail!("{}: no cuDNN algorithm ran: {}", self.what, errors.join("; "))
+    }
+}

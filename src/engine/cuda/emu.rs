@@ -1,0 +1,712 @@
+//! A host emulator of the CUDA kernels (testing only).
+//!
+//! Device memory is a map of host byte blocks at fake 64-bit addresses; each kernel of
+//! `kernels/*.cu` is re-implemented here from its header comment (layouts, argument order, the
+//! launch geometry the kernel expects, fp16 storage with round-to-nearest-even). The launcher
+//! (`Gpu::launch`) has already checked the argument kinds against the `.cu` signatures, so running
+//! the engine and the self-test on the emulator exercises everything but the CUDA code itself:
+//! argument order and types, buffer sizes and aliasing, layouts, launch grids, fusion decisions.
+//! Out-of-bounds accesses are errors. It is not a model of CUDA's arithmetic beyond fp16 rounding.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, ensure, Context, Result};
+use half::f16;
+
+use super::gpu::Arg;
+use crate::engine::cpu::{conv, resample};
+use crate::model::graph::Act;
+
+struct Mem {
+    next: u64,
+    blocks: BTreeMap<u64, Vec<u8>>,
+}
+
+pub struct Emu {
+    mem: Mutex<Mem>,
+}
+
+/// An emulated allocation; freed on drop.
+pub struct EmuAlloc {
+    emu: Arc<Emu>,
+    pub base: u64,
+}
+
+impl Drop for EmuAlloc {
+    fn drop(&mut self) {
+        let mut m = self.emu.mem.lock().unwrap_or_else(|e| e.into_inner());
+        m.blocks.remove(&self.base);
+    }
+}
+
+fn act_of(code: i32, p: f32) -> Result<Act> {
+    Ok(match code {
+        0 => Act::None,
+        1 => Act::Relu,
+        2 => Act::LeakyRelu(p),
+        3 => Act::Silu,
+        4 => Act::Sigmoid,
+        5 => Act::TanhScale(p),
+        _ => bail!("unknown activation code {code}"),
+    })
+}
+
+/// Typed view of a kernel's argument list.
+struct A<'a>(&'a [Arg]);
+
+impl A<'_> {
+    fn p(&self, i: usize) -> u64 {
+        match self.0[i] {
+            Arg::Ptr(p) => p,
+            _ => unreachable!("argument kinds are checked by Gpu::launch"),
+        }
+    }
+    fn i(&self, i: usize) -> i64 {
+        match self.0[i] {
+            Arg::I32(v) => v as i64,
+            Arg::I64(v) => v,
+            Arg::U32(v) => v as i64,
+            _ => unreachable!("argument kinds are checked by Gpu::launch"),
+        }
+    }
+    fn u(&self, i: usize) -> usize {
+        self.i(i).max(0) as usize
+    }
+    fn f(&self, i: usize) -> f32 {
+        match self.0[i] {
+            Arg::F32(v) => v,
+            _ => unreachable!("argument kinds are checked by Gpu::launch"),
+        }
+    }
+    fn opt(&self, i: usize) -> Option<u64> {
+        Some(self.p(i)).filter(|&p| p != 0)
+    }
+}
+
+impl Emu {
+    pub fn new() -> Arc<Emu> {
+        Arc::new(Emu { mem: Mutex::new(Mem { next: 0x7f00_0000_0000, blocks: BTreeMap::new() }) })
+    }
+
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> EmuAlloc {
+        let mut m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let base = m.next;
+        // 256-byte alignment and a gap, like cudaMalloc; uninitialised memory holds NaN-ish junk.
+        m.next += (bytes as u64).div_ceil(256) * 256 + 256;
+        m.blocks.insert(base, vec![0xA5; bytes]);
+        EmuAlloc { emu: self.clone(), base }
+    }
+
+    fn with<R>(&self, ptr: u64, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+        let mut m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let (&base, block) = m.blocks.range_mut(..=ptr).next_back().with_context(|| format!("address {ptr:#x} is not allocated"))?;
+        let off = (ptr - base) as usize;
+        ensure!(off + len <= block.len(), "access of {len} bytes at {ptr:#x} runs past its allocation ({} bytes at {base:#x})", block.len());
+        Ok(f(&mut block[off..off + len]))
+    }
+
+    pub fn write_bytes(&self, dst: u64, data: &[u8]) -> Result<()> {
+        self.with(dst, data.len(), |b| b.copy_from_slice(data))
+    }
+
+    pub fn read_bytes(&self, src: u64, out: &mut [u8]) -> Result<()> {
+        self.with(src, out.len(), |b| out.copy_from_slice(b))
+    }
+
+    fn rf32(&self, p: u64, n: usize) -> Result<Vec<f32>> {
+        self.with(p, n * 4, |b| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+    fn rf16(&self, p: u64, n: usize) -> Result<Vec<f32>> {
+        self.with(p, n * 2, |b| b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+    }
+    fn ru32(&self, p: u64, n: usize) -> Result<Vec<u32>> {
+        self.with(p, n * 4, |b| b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+    fn ri32(&self, p: u64, n: usize) -> Result<Vec<i32>> {
+        self.with(p, n * 4, |b| b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+    fn ru64(&self, p: u64, n: usize) -> Result<Vec<u64>> {
+        self.with(p, n * 8, |b| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+    }
+    fn wf32(&self, p: u64, v: &[f32]) -> Result<()> {
+        self.with(p, v.len() * 4, |b| {
+            for (c, x) in b.chunks_exact_mut(4).zip(v) {
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+        })
+    }
+    /// Stores f32 values as fp16 (round to nearest even).
+    fn wf16(&self, p: u64, v: &[f32]) -> Result<()> {
+        self.with(p, v.len() * 2, |b| {
+            for (c, x) in b.chunks_exact_mut(2).zip(v) {
+                c.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
+            }
+        })
+    }
+    fn wu32(&self, p: u64, v: &[u32]) -> Result<()> {
+        self.with(p, v.len() * 4, |b| {
+            for (c, x) in b.chunks_exact_mut(4).zip(v) {
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+        })
+    }
+
+    /// Runs kernel `name` as its header describes.
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
+        let a = A(args);
+        let (gx, gy, gz) = (grid.0 as usize, grid.1 as usize, grid.2 as usize);
+        let threads = (block.0 * block.1 * block.2) as usize;
+        match name {
+            "ncdhw_f32_to_ndhwc_f16" | "ndhwc_f16_to_ncdhw_f32" => {
+                let (src, dst, c, vol) = (a.p(0), a.p(1), a.u(2), a.u(3));
+                ensure!(block == (32, 8, 1), "block must be (32, 8, 1)");
+                ensure!(gx == vol.div_ceil(32) && gy == c.div_ceil(32), "grid must be (ceil(vol/32), ceil(C/32), N)");
+                let n = gz;
+                if name.starts_with("ncdhw") {
+                    let x = self.rf32(src, n * c * vol)?;
+                    let mut y = vec![0.0; x.len()];
+                    for b in 0..n {
+                        for ch in 0..c {
+                            for v in 0..vol {
+                                y[(b * vol + v) * c + ch] = x[(b * c + ch) * vol + v];
+                            }
+                        }
+                    }
+                    self.wf16(dst, &y)
+                } else {
+                    let x = self.rf16(src, n * c * vol)?;
+                    let mut y = vec![0.0; x.len()];
+                    for b in 0..n {
+                        for ch in 0..c {
+                            for v in 0..vol {
+                                y[(b * c + ch) * vol + v] = x[(b * vol + v) * c + ch];
+                            }
+                        }
+                    }
+                    self.wf32(dst, &y)
+                }
+            }
+            "extract_tiles_f16" => {
+                let (d, h, w) = (a.u(1), a.u(2), a.u(3));
+                let (wd, wh, ww) = (a.u(5), a.u(6), a.u(7));
+                let t = gy;
+                let volume = self.rf32(a.p(0), d * h * w)?;
+                let origins = self.ri32(a.p(4), 3 * t)?;
+                let wvol = wd * wh * ww;
+                let mut out = vec![0.0; t * wvol];
+                for ti in 0..t {
+                    let o = &origins[3 * ti..3 * ti + 3];
+                    for z in 0..wd {
+                        for y in 0..wh {
+                            for x in 0..ww {
+                                let (gz_, gy_, gx_) = (o[0] as usize + z, o[1] as usize + y, o[2] as usize + x);
+                                if gz_ < d && gy_ < h && gx_ < w {
+                                    out[ti * wvol + (z * wh + y) * ww + x] = volume[(gz_ * h + gy_) * w + gx_];
+                                }
+                            }
+                        }
+                    }
+                }
+                self.wf16(a.p(8), &out)
+            }
+            "copy_channels_f16" => {
+                let (rows, cs, cd, off) = (a.u(2), a.u(3), a.u(4), a.u(5));
+                ensure!(off + cs <= cd, "channel slice out of range");
+                let src = self.rf16(a.p(0), rows * cs)?;
+                let mut dst = self.rf16(a.p(1), rows * cd)?;
+                for r in 0..rows {
+                    dst[r * cd + off..r * cd + off + cs].copy_from_slice(&src[r * cs..(r + 1) * cs]);
+                }
+                self.wf16(a.p(1), &dst)
+            }
+            "conv3d_c1_k3_f16" => {
+                let (d, h, w, cout) = (a.u(4), a.u(5), a.u(6), a.u(7));
+                let act = act_of(a.i(8) as i32, a.f(9))?;
+                ensure!(block == (32, 4, 2), "block must be (CF_TX, CF_TY, CF_TZ) = (32, 4, 2)");
+                ensure!((1..=64).contains(&cout) && cout % 2 == 0, "unsupported Cout {cout}");
+                let zb = d.div_ceil(2);
+                ensure!(gx == w.div_ceil(32) && gy == h.div_ceil(4) && gz % zb == 0, "grid must be (ceil(W/32), ceil(H/4), N*ceil(D/2))");
+                let n = gz / zb;
+                let vol = d * h * w;
+                let x = self.rf16(a.p(0), n * vol)?;
+                let wt = self.rf32(a.p(1), cout * 27)?;
+                let bias = match a.opt(2) {
+                    Some(p) => Some(self.rf32(p, cout)?),
+                    None => None,
+                };
+                let s = conv::ConvShape { cin: 1, cout, k: 3, stride: 1, pad: 1, dims: [d, h, w] };
+                let mut o = vec![0.0; n * cout * vol];
+                conv::conv3d(&x, n, s, &wt, bias.as_deref(), act, &mut o);
+                self.wf16(a.p(3), &to_ndhwc(&o, n, cout, vol))
+            }
+            "conv3d_igemm_f16" => {
+                let (n, d, h, w, cin, cout, k, st, pad, od, oh, ow) =
+                    (a.u(4), a.u(5), a.u(6), a.u(7), a.u(8), a.u(9), a.u(10), a.u(11), a.u(12), a.u(13), a.u(14), a.u(15));
+                let act = act_of(a.i(16) as i32, a.f(17))?;
+                ensure!(threads == 256 && block.1 == 1, "block must be CV_THREADS = 256");
+                let s = conv::ConvShape { cin, cout, k, stride: st, pad, dims: [d, h, w] };
+                ensure!(s.out_dims() == [od, oh, ow], "output dims {:?} passed, {:?} expected", [od, oh, ow], s.out_dims());
+                let m = n * od * oh * ow;
+                ensure!(gx == m.div_ceil(64) && gy == cout.div_ceil(64), "grid must be (ceil(M/64), ceil(Cout/64))");
+                let kk = k * k * k;
+                let x = from_ndhwc(&self.rf16(a.p(0), n * d * h * w * cin)?, n, cin, d * h * w);
+                let wk = self.rf16(a.p(1), cout * kk * cin)?;
+                // [cout, k, k, k, cin] → [cout, cin, k, k, k]
+                let mut wt = vec![0.0; wk.len()];
+                for co in 0..cout {
+                    for t in 0..kk {
+                        for ci in 0..cin {
+                            wt[(co * cin + ci) * kk + t] = wk[(co * kk + t) * cin + ci];
+                        }
+                    }
+                }
+                let bias = match a.opt(2) {
+                    Some(p) => Some(self.rf32(p, cout)?),
+                    None => None,
+                };
+                let ovol = od * oh * ow;
+                let mut o = vec![0.0; n * cout * ovol];
+                conv::conv3d(&x, n, s, &wt, bias.as_deref(), act, &mut o);
+                self.wf16(a.p(3), &to_ndhwc(&o, n, cout, ovol))
+            }
+            "conv_transpose2_f16" => {
+                let (n, d, h, w, cin, cout, ctot, off) = (a.u(3), a.u(4), a.u(5), a.u(6), a.u(7), a.u(8), a.u(9), a.u(10));
+                ensure!(threads == 256, "block must be CT_THREADS = 256");
+                let vol = d * h * w;
+                ensure!(gx == (n * vol).div_ceil(64) && gy == (8 * cout).div_ceil(64), "grid must be (ceil(M/64), ceil(8*Cout/64))");
+                ensure!(off + cout <= ctot, "channel slice out of range");
+                let x = from_ndhwc(&self.rf16(a.p(0), n * vol * cin)?, n, cin, vol);
+                let wt = self.rf16(a.p(1), cin * cout * 8)?;
+                let mut o = vec![0.0; n * cout * vol * 8];
+                conv::conv_transpose2(&x, n, cin, cout, [d, h, w], &wt, &mut o);
+                let o = to_ndhwc(&o, n, cout, 8 * vol);
+                let mut dst = self.rf16(a.p(2), n * 8 * vol * ctot)?;
+                for r in 0..n * 8 * vol {
+                    dst[r * ctot + off..r * ctot + off + cout].copy_from_slice(&o[r * cout..(r + 1) * cout]);
+                }
+                self.wf16(a.p(2), &dst)
+            }
+            "bias_act_f16" => {
+                let (pairs, c) = (a.u(3), a.u(4));
+                let act = act_of(a.i(5) as i32, a.f(6))?;
+                ensure!(c % 2 == 0, "C must be even");
+                let x = self.rf16(a.p(0), 2 * pairs)?;
+                let bias = match a.opt(2) {
+                    Some(p) => Some(self.rf32(p, c)?),
+                    None => None,
+                };
+                let y: Vec<f32> = x.iter().enumerate().map(|(i, &v)| act.apply(v + bias.as_ref().map_or(0.0, |b| b[i % c]))).collect();
+                self.wf16(a.p(1), &y)
+            }
+            "add_act_f16" => {
+                let pairs = a.u(3);
+                let act = act_of(a.i(4) as i32, a.f(5))?;
+                let x = self.rf16(a.p(0), 2 * pairs)?;
+                let y = self.rf16(a.p(1), 2 * pairs)?;
+                let o: Vec<f32> = x.iter().zip(&y).map(|(a, b)| act.apply(a + b)).collect();
+                self.wf16(a.p(2), &o)
+            }
+            "norm_stats_partial" => {
+                // x, vol, C, vox_per_block, pre, pre_p, partial; grid (nblk, N), block NORM_THREADS.
+                let (vol, c, per) = (a.u(1), a.u(2), a.u(3));
+                let pre = act_of(a.i(4) as i32, a.f(5))?;
+                ensure!(threads == 256 && block.1 == 1, "block must be NORM_THREADS = 256");
+                ensure!(c % 2 == 0 && c / 2 <= 256, "C must be even and <= 512");
+                let (nblk, n) = (gx, gy);
+                ensure!(nblk * per >= vol, "{nblk} blocks of {per} voxels do not cover {vol}");
+                let x = self.rf16(a.p(0), n * vol * c)?;
+                let mut part = vec![0.0f32; n * nblk * c * 2];
+                for b in 0..n {
+                    for ch in 0..c {
+                        let pivot = pre.apply(x[b * vol * c + ch]);
+                        for blk in 0..nblk {
+                            let (mut s, mut q) = (0.0f32, 0.0f32);
+                            for v in blk * per..((blk + 1) * per).min(vol) {
+                                let dv = pre.apply(x[(b * vol + v) * c + ch]) - pivot;
+                                s += dv;
+                                q += dv * dv;
+                            }
+                            let o = ((b * nblk + blk) * c + ch) * 2;
+                            part[o] = s;
+                            part[o + 1] = q;
+                        }
+                    }
+                }
+                self.wf32(a.p(6), &part)
+            }
+            "norm_finalize" => {
+                // x, partial, vol, C, groups, nblk, pre, pre_p, gamma, beta, eps, params; grid (G, N).
+                let (vol, c, groups, nblk) = (a.u(2), a.u(3), a.u(4), a.u(5));
+                let pre = act_of(a.i(6) as i32, a.f(7))?;
+                let eps = a.f(10) as f64;
+                ensure!(threads == 256, "block must be NORM_THREADS = 256");
+                ensure!(gx == groups && groups > 0 && c % groups == 0 && c / groups <= 512, "grid.x must be the group count");
+                let n = gy;
+                let cpg = c / groups;
+                let x = self.rf16(a.p(0), n * vol * c)?;
+                let part = self.rf32(a.p(1), n * nblk * c * 2)?;
+                let gamma = match a.opt(8) {
+                    Some(p) => Some(self.rf32(p, c)?),
+                    None => None,
+                };
+                let beta = match a.opt(9) {
+                    Some(p) => Some(self.rf32(p, c)?),
+                    None => None,
+                };
+                let mut params = vec![0.0f32; n * c * 3];
+                let cnt = vol as f64;
+                for b in 0..n {
+                    for g in 0..groups {
+                        let mut means = Vec::with_capacity(cpg);
+                        let mut m2s = Vec::with_capacity(cpg);
+                        for k in 0..cpg {
+                            let ch = g * cpg + k;
+                            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+                            for blk in 0..nblk {
+                                let o = ((b * nblk + blk) * c + ch) * 2;
+                                s1 += part[o] as f64;
+                                s2 += part[o + 1] as f64;
+                            }
+                            let pivot = pre.apply(x[b * vol * c + ch]) as f64;
+                            means.push(pivot + s1 / cnt);
+                            m2s.push((s2 - s1 * s1 / cnt).max(0.0));
+                        }
+                        let mean = means.iter().sum::<f64>() / cpg as f64;
+                        let m2: f64 = means.iter().zip(&m2s).map(|(mc, m2c)| m2c + cnt * (mc - mean) * (mc - mean)).sum();
+                        let var = (m2 / cnt / cpg as f64).max(0.0);
+                        let rstd = 1.0 / (var + eps).sqrt();
+                        for k in 0..cpg {
+                            let ch = g * cpg + k;
+                            let o = (b * c + ch) * 3;
+                            params[o] = mean as f32;
+                            params[o + 1] = (rstd * gamma.as_ref().map_or(1.0, |v| v[ch] as f64)) as f32;
+                            params[o + 2] = beta.as_ref().map_or(0.0, |v| v[ch]);
+                        }
+                    }
+                }
+                self.wf32(a.p(11), &params)
+            }
+            "norm_apply" => {
+                // x, y, vol, C, params, pre, pre_p, post, post_p; grid (any, N).
+                let (vol, c) = (a.u(2), a.u(3));
+                let pre = act_of(a.i(5) as i32, a.f(6))?;
+                let post = act_of(a.i(7) as i32, a.f(8))?;
+                let n = gy;
+                let x = self.rf16(a.p(0), n * vol * c)?;
+                let prm = self.rf32(a.p(4), n * c * 3)?;
+                let y: Vec<f32> = x
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        let (b, ch) = (i / (vol * c), i % c);
+                        let p = &prm[(b * c + ch) * 3..];
+                        post.apply((pre.apply(v) - p[0]) * p[1] + p[2])
+                    })
+                    .collect();
+                self.wf16(a.p(1), &y)
+            }
+            "upsample2x_add_f16" => {
+                let (d, h, w, c) = (a.u(3), a.u(4), a.u(5), a.u(6));
+                let n = gy;
+                let vol = d * h * w;
+                let x = from_ndhwc(&self.rf16(a.p(0), n * vol * c)?, n, c, vol);
+                let up = to_ndhwc(&resample::upsample2x(&x, n * c, [d, h, w]), n, c, 8 * vol);
+                let out = match a.opt(1) {
+                    Some(s) => {
+                        let sk = self.rf16(s, n * 8 * vol * c)?;
+                        up.iter().zip(&sk).map(|(u, s)| u + s).collect()
+                    }
+                    None => up,
+                };
+                self.wf16(a.p(2), &out)
+            }
+            "head_conv1x1_act_f32" => {
+                let (vol, cin, cout) = (a.u(4), a.u(5), a.u(6));
+                let act = act_of(a.i(7) as i32, a.f(8))?;
+                ensure!(threads <= 256, "block must be at most HEAD_THREADS = 256");
+                ensure!(cin <= 64 && cin % 2 == 0 && cout <= 8, "unsupported head shape");
+                ensure!(gx * threads >= vol, "grid does not cover the voxels");
+                let n = gy;
+                let x = self.rf16(a.p(0), n * vol * cin)?;
+                let wt = self.rf32(a.p(1), cout * cin)?;
+                let bias = match a.opt(2) {
+                    Some(p) => Some(self.rf32(p, cout)?),
+                    None => None,
+                };
+                let mut out = vec![0.0f32; n * cout * vol];
+                for b in 0..n {
+                    for v in 0..vol {
+                        let xs = &x[(b * vol + v) * cin..(b * vol + v + 1) * cin];
+                        for co in 0..cout {
+                            let mut s = 0.0f32;
+                            for ci in 0..cin {
+                                s = wt[co * cin + ci].mul_add(xs[ci], s);
+                            }
+                            out[(b * cout + co) * vol + v] = act.apply(s + bias.as_ref().map_or(0.0, |bb| bb[co]));
+                        }
+                    }
+                }
+                self.wf32(a.p(3), &out)
+            }
+            "head_act_f32" => {
+                let (vol, c) = (a.u(2), a.u(3));
+                let act = act_of(a.i(4) as i32, a.f(5))?;
+                let n = gy;
+                let x = self.rf16(a.p(0), n * vol * c)?;
+                let y: Vec<f32> = from_ndhwc(&x, n, c, vol).into_iter().map(|v| act.apply(v)).collect();
+                self.wf32(a.p(1), &y)
+            }
+            "ensemble_accumulate_f32" | "blend_merge_f32" => {
+                let n = a.u(2);
+                let mut acc = self.rf32(a.p(0), n)?;
+                let src = self.rf32(a.p(1), n)?;
+                acc.iter_mut().zip(&src).for_each(|(a, s)| *a += s);
+                self.wf32(a.p(0), &acc)
+            }
+            "ensemble_accumulate_view_f32" => {
+                let (n, c, d, h, w, view, vector) = (a.u(2), a.u(3), a.u(4), a.u(5), a.u(6), a.u(7), a.i(8) != 0);
+                let vol = d * h * w;
+                let mut acc = self.rf32(a.p(0), n * c * vol)?;
+                let src = self.rf32(a.p(1), n * c * vol)?;
+                for (i, av) in acc.iter_mut().enumerate() {
+                    let x = i % w;
+                    let y = (i / w) % h;
+                    let z = (i / (w * h)) % d;
+                    let ch = (i / vol) % c;
+                    let b = i / (vol * c);
+                    let (mut sz, mut sy, mut sx, mut sc) = (z, y, x, ch);
+                    let mut sign = 1.0f32;
+                    if (1..=3).contains(&view) {
+                        let ax = view - 1;
+                        match ax {
+                            0 => sz = d - 1 - z,
+                            1 => sy = h - 1 - y,
+                            _ => sx = w - 1 - x,
+                        }
+                        if vector && ch == 2 - ax {
+                            sign = -1.0;
+                        }
+                    } else if (4..=6).contains(&view) {
+                        let k = view - 3;
+                        match (4 - k) & 3 {
+                            1 => {
+                                sy = x;
+                                sx = w - 1 - y;
+                            }
+                            2 => {
+                                sy = h - 1 - y;
+                                sx = w - 1 - x;
+                            }
+                            3 => {
+                                sy = h - 1 - x;
+                                sx = y;
+                            }
+                            _ => {}
+                        }
+                        if vector && ch < 2 {
+                            match k {
+                                1 => {
+                                    sc = if ch == 0 { 1 } else { 0 };
+                                    sign = if ch == 0 { -1.0 } else { 1.0 };
+                                }
+                                2 => sign = -1.0,
+                                _ => {
+                                    sc = if ch == 0 { 1 } else { 0 };
+                                    sign = if ch == 0 { 1.0 } else { -1.0 };
+                                }
+                            }
+                        }
+                    }
+                    *av += sign * src[(((b * c + sc) * d + sz) * h + sy) * w + sx];
+                }
+                self.wf32(a.p(0), &acc)
+            }
+            "ensemble_divide_f32" => {
+                let n = a.u(1);
+                let count = a.f(2);
+                let acc: Vec<f32> = self.rf32(a.p(0), n)?.into_iter().map(|v| v / count).collect();
+                self.wf32(a.p(0), &acc)
+            }
+            "ensemble_mean_f32" => {
+                let (m, n, count) = (a.u(2), a.u(3), a.f(4));
+                let srcs = self.ru64(a.p(1), m)?;
+                let mut s = vec![0.0f32; n];
+                for p in srcs {
+                    let v = self.rf32(p, n)?;
+                    s.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+                }
+                if count > 1.0 {
+                    s.iter_mut().for_each(|v| *v /= count);
+                }
+                self.wf32(a.p(0), &s)
+            }
+            "blend_tiles_f32" => {
+                let cs = a.u(3);
+                let (gd, gh, gw) = (a.u(4), a.u(5), a.u(6));
+                let t = a.u(11);
+                let (td, th, tw) = (a.u(12), a.u(13), a.u(14));
+                let (bz, by, bx, bd, bh, bw) = (a.u(15), a.u(16), a.u(17), a.u(18), a.u(19), a.u(20));
+                let g = gd * gh * gw;
+                let tv = td * th * tw;
+                let mut acc_s = self.rf32(a.p(0), cs * g)?;
+                let mut acc_o = self.rf32(a.p(1), 3 * g)?;
+                let mut counter = self.rf32(a.p(2), g)?;
+                let ts = self.rf32(a.p(7), t * cs * tv)?;
+                let to = self.rf32(a.p(8), t * 3 * tv)?;
+                let wt = self.rf32(a.p(9), tv)?;
+                let org = self.ri32(a.p(10), 3 * t)?;
+                for z in bz..bz + bd {
+                    for y in by..by + bh {
+                        for x in bx..bx + bw {
+                            if z >= gd || y >= gh || x >= gw {
+                                continue;
+                            }
+                            let cell = (z * gh + y) * gw + x;
+                            for ti in 0..t {
+                                let (lz, ly, lx) = (z as i64 - org[3 * ti] as i64, y as i64 - org[3 * ti + 1] as i64, x as i64 - org[3 * ti + 2] as i64);
+                                if lz < 0 || ly < 0 || lx < 0 || lz >= td as i64 || ly >= th as i64 || lx >= tw as i64 {
+                                    continue;
+                                }
+                                let local = ((lz as usize * th) + ly as usize) * tw + lx as usize;
+                                let wv = wt[local];
+                                counter[cell] += wv;
+                                for ch in 0..cs {
+                                    acc_s[ch * g + cell] += ts[(ti * cs + ch) * tv + local] * wv;
+                                }
+                                for ch in 0..3 {
+                                    acc_o[ch * g + cell] += to[(ti * 3 + ch) * tv + local] * wv;
+                                }
+                            }
+                        }
+                    }
+                }
+                self.wf32(a.p(0), &acc_s)?;
+                self.wf32(a.p(1), &acc_o)?;
+                self.wf32(a.p(2), &counter)
+            }
+            "blend_finish_f32" => {
+                let (c, g) = (a.u(2), a.u(3));
+                let mut acc = self.rf32(a.p(0), c * g)?;
+                let counter = self.rf32(a.p(1), g)?;
+                for (i, v) in acc.iter_mut().enumerate() {
+                    let k = counter[i % g];
+                    *v = if k > 0.0 { *v / k } else { 0.0 };
+                }
+                self.wf32(a.p(0), &acc)
+            }
+            "nms_count" | "nms_write" => {
+                let (d, h, w) = (a.u(1), a.u(2), a.u(3));
+                ensure!(threads == 256, "block must be NMS_THREADS = 256");
+                let cells = d * h * w;
+                let (nblk, c) = (gx, gy);
+                ensure!(nblk * 2048 >= cells, "grid does not cover the cells");
+                let scores = self.rf32(a.p(0), c * cells)?;
+                let thr = self.rf32(a.p(4), c)?;
+                let mut flags: Vec<Vec<(bool, f32)>> = Vec::with_capacity(c);
+                for ch in 0..c {
+                    let s = &scores[ch * cells..(ch + 1) * cells];
+                    let f = (0..cells)
+                        .map(|i| {
+                            let (x, y, z) = (i % w, (i / w) % h, i / (w * h));
+                            let v = s[i];
+                            let mut m = v;
+                            for zz in z.saturating_sub(1)..(z + 2).min(d) {
+                                for yy in y.saturating_sub(1)..(y + 2).min(h) {
+                                    for xx in x.saturating_sub(1)..(x + 2).min(w) {
+                                        let b = s[(zz * h + yy) * w + xx];
+                                        // pmax: NaN in m stays; NaN in b wins over a number.
+                                        if !m.is_nan() && !(b <= m) {
+                                            m = b;
+                                        }
+                                    }
+                                }
+                            }
+                            let peak = if v == m { v } else { v * 0.0 };
+                            (peak >= thr[ch], peak)
+                        })
+                        .collect();
+                    flags.push(f);
+                }
+                if name == "nms_count" {
+                    let mut counts = vec![0u32; c * nblk];
+                    for ch in 0..c {
+                        for (i, (k, _)) in flags[ch].iter().enumerate() {
+                            if *k {
+                                counts[ch * nblk + i / 2048] += 1;
+                            }
+                        }
+                    }
+                    self.wu32(a.p(5), &counts)
+                } else {
+                    let cap = a.u(6);
+                    let offs = self.ru32(a.p(5), c * nblk)?;
+                    let mut idx = self.ru32(a.p(7), c * cap)?;
+                    let mut sc = self.rf32(a.p(8), c * cap)?;
+                    for ch in 0..c {
+                        for blk in 0..nblk {
+                            let mut pos = offs[ch * nblk + blk] as usize;
+                            for i in blk * 2048..((blk + 1) * 2048).min(cells) {
+                                let (k, p) = flags[ch][i];
+                                if k {
+                                    if pos < cap {
+                                        idx[ch * cap + pos] = i as u32;
+                                        sc[ch * cap + pos] = p;
+                                    }
+                                    pos += 1;
+                                }
+                            }
+                        }
+                    }
+                    self.wu32(a.p(7), &idx)?;
+                    self.wf32(a.p(8), &sc)
+                }
+            }
+            "nms_scan" => {
+                let nblk = a.u(3);
+                ensure!(threads == 1024, "block must be NMS_SCAN_THREADS = 1024");
+                let c = gx;
+                let counts = self.ru32(a.p(0), c * nblk)?;
+                let mut offs = vec![0u32; c * nblk];
+                let mut totals = vec![0u32; c];
+                for ch in 0..c {
+                    let mut run = 0u32;
+                    for b in 0..nblk {
+                        offs[ch * nblk + b] = run;
+                        run += counts[ch * nblk + b];
+                    }
+                    totals[ch] = run;
+                }
+                self.wu32(a.p(1), &offs)?;
+                self.wu32(a.p(2), &totals)
+            }
+            _ => bail!("the emulator has no implementation of kernel {name}"),
+        }
+    }
+}
+
+/// `[n, c, vol]` → `[n, vol, c]`.
+pub fn to_ndhwc(x: &[f32], n: usize, c: usize, vol: usize) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for v in 0..vol {
+                y[(b * vol + v) * c + ch] = x[(b * c + ch) * vol + v];
+            }
+        }
+    }
+    y
+}
+
+/// `[n, vol, c]` → `[n, c, vol]`.
+pub fn from_ndhwc(x: &[f32], n: usize, c: usize, vol: usize) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for v in 0..vol {
+                y[(b * c + ch) * vol + v] = x[(b * vol + v) * c + ch];
+            }
+        }
+    }
+    y
+}

@@ -1,0 +1,691 @@
+//! The CUDA engine: walks the model's op graph (`model::graph`) on one GPU.
+//!
+//! - Activations are NDHWC fp16 (`[n, d, h, w, c]`), statistics f32/f64, head outputs f32 NCDHW
+//!   (the `Outputs` layout). Weights are uploaded once per engine: cuDNN convolutions get fp16
+//!   filters in cuDNN's NHWC filter layout `[cout, kd, kh, kw, cin]`; the first convolution
+//!   (cin = 1), the heads' last 1x1x1 convolutions, biases and GroupNorm affines get f32.
+//! - Conv: cuDNN (`dnn.rs`), then bias + activation (`bias_act_f16`) when the op has them; the
+//!   first conv (1 input channel) is `conv3d_c1_k3_f16`; the heads' last 1x1x1 conv is
+//!   `head_conv1x1_act_f32` (bias, sigmoid / tanh·2, NCDHW f32 out). Without cuDNN (library
+//!   missing, `FASTDET_CONV=direct`, or no cuDNN algorithm runs a shape) convolutions run on
+//!   `conv3d_igemm_f16` with bias + activation fused.
+//! - GroupNorm / InstanceNorm: `norm.cu` (three launches, fixed reduction order), in place when
+//!   the input dies there. Add: `add_act_f16`, in place likewise.
+//! - Upsample2x followed by the decoder's skip Add: one `upsample2x_add_f16`.
+//! - ConvTranspose2 feeding a Concat: written straight into channels `[0, cout)` of the concat
+//!   buffer; the skip is copied into the channels after it (`copy_channels_f16`).
+//! - Buffers come from a pool and go back after the value's last reader (`Graph::last_use`); all
+//!   work is on one stream, so reuse is ordered. No float atomics anywhere: results are
+//!   deterministic for a given device, cuDNN algorithm choice and batch size.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use half::f16;
+
+use super::dnn::{ConvPlan, Dnn};
+use super::gpu::{guard, DevBuf, Gpu, Pool};
+use super::ops::{self, vol};
+use crate::engine::{Outputs, TileEngine};
+use crate::model::graph::{op_in_place, Act, Graph, OpKind, ValueId};
+use crate::weights::Weights;
+
+/// Which convolution implementation the engine uses for the general convolutions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvBackend {
+    /// cuDNN when it loads, else the direct kernel; per shape, the direct kernel when cuDNN cannot run it.
+    Auto,
+    /// cuDNN only (an error when it cannot run a shape).
+    Cudnn,
+    /// `conv3d_igemm_f16` only.
+    Direct,
+}
+
+impl ConvBackend {
+    /// `FASTDET_CONV` = auto | cudnn | direct (default auto).
+    pub fn from_env() -> Result<ConvBackend> {
+        match std::env::var("FASTDET_CONV").ok().as_deref() {
+            None | Some("") | Some("auto") => Ok(ConvBackend::Auto),
+            Some("cudnn") => Ok(ConvBackend::Cudnn),
+            Some("direct") => Ok(ConvBackend::Direct),
+            Some(o) => bail!("FASTDET_CONV={o:?}: expected auto, cudnn or direct"),
+        }
+    }
+}
+
+/// How a convolution op runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConvKind {
+    /// `conv3d_c1_k3_f16` (f32 weights `[cout, 27]`).
+    First,
+    /// `head_conv1x1_act_f32` (f32 weights `[cout, cin]`), f32 NCDHW output.
+    Head,
+    /// cuDNN or `conv3d_igemm_f16` (fp16 weights `[cout, k, k, k, cin]`).
+    General,
+}
+
+struct ConvStep {
+    kind: ConvKind,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    act: Act,
+    w: DevBuf,
+    bias: Option<DevBuf>,
+    /// General convolutions: run on cuDNN (else on the direct kernel).
+    use_dnn: bool,
+}
+
+enum Step {
+    Conv(ConvStep),
+    ConvT { w: DevBuf, cin: usize, cout: usize, into_concat: Option<usize> },
+    Norm { groups: usize, gamma: Option<DevBuf>, beta: Option<DevBuf>, act: Act },
+    Add,
+    Concat,
+    /// Trilinear x2; `fuse_add`: the next op is the skip Add, done in the same kernel.
+    Upsample { fuse_add: bool },
+}
+
+/// A live value on the device.
+enum Val {
+    /// NDHWC fp16.
+    H(DevBuf),
+    /// NCDHW f32 (the head outputs).
+    F(DevBuf),
+    /// Lives in channels [0, c) of a concat buffer (a ConvTranspose2 output).
+    InConcat,
+}
+
+/// A step's parameters by value (device addresses), so `exec` can borrow the engine mutably.
+#[derive(Clone, Copy)]
+enum StepInfo {
+    Conv { kind: ConvKind, cin: usize, cout: usize, k: usize, stride: usize, pad: usize, act: Act, w: u64, bias: Option<u64>, use_dnn: bool },
+    ConvT { w: u64, cin: usize, cout: usize, into_concat: Option<usize> },
+    Norm { groups: usize, gamma: Option<u64>, beta: Option<u64>, act: Act },
+    Add,
+    Concat,
+    Upsample { fuse_add: bool },
+}
+
+impl Step {
+    fn info(&self) -> StepInfo {
+        match self {
+            Step::Conv(c) => StepInfo::Conv {
+                kind: c.kind,
+                cin: c.cin,
+                cout: c.cout,
+                k: c.k,
+                stride: c.stride,
+                pad: c.pad,
+                act: c.act,
+                w: c.w.ptr,
+                bias: c.bias.as_ref().map(|b| b.ptr),
+                use_dnn: c.use_dnn,
+            },
+            Step::ConvT { w, cin, cout, into_concat } => StepInfo::ConvT { w: w.ptr, cin: *cin, cout: *cout, into_concat: *into_concat },
+            Step::Norm { groups, gamma, beta, act } => {
+                StepInfo::Norm { groups: *groups, gamma: gamma.as_ref().map(|b| b.ptr), beta: beta.as_ref().map(|b| b.ptr), act: *act }
+            }
+            Step::Add => StepInfo::Add,
+            Step::Concat => StepInfo::Concat,
+            Step::Upsample { fuse_add } => StepInfo::Upsample { fuse_add: *fuse_add },
+        }
+    }
+}
+
+/// One model on one GPU.
+pub struct CudaEngine {
+    gpu: std::sync::Arc<Gpu>,
+    dnn: Option<Dnn>,
+    graph: Graph,
+    last: Vec<usize>,
+    steps: Vec<Step>,
+    /// cuDNN plans per (batch, tile), indexed by op.
+    plans: HashMap<(usize, [usize; 3]), Vec<Option<ConvPlan>>>,
+    pool: Pool,
+    workspace: Option<DevBuf>,
+    name: String,
+    backend: ConvBackend,
+    notes: Vec<String>,
+}
+
+fn f32_of(w: &Weights, name: &str) -> Result<Vec<f32>> {
+    w.f32(name).with_context(|| format!("weights {}: tensor {name}", w.name))
+}
+
+fn f16_of<'a>(w: &'a Weights, name: &str) -> Result<&'a [f16]> {
+    w.tensors.get(name).map(|(_, d)| d.as_slice()).with_context(|| format!("weights {}: tensor {name} is missing", w.name))
+}
+
+/// PyTorch's `[cout, cin, k, k, k]` → cuDNN's NHWC filter layout `[cout, k, k, k, cin]`.
+pub fn to_ktrsc(w: &[f16], cout: usize, cin: usize, k: usize) -> Vec<f16> {
+    let kk = k * k * k;
+    assert_eq!(w.len(), cout * cin * kk, "to_ktrsc: weight length");
+    let mut out = vec![f16::ZERO; w.len()];
+    for co in 0..cout {
+        for ci in 0..cin {
+            for t in 0..kk {
+                out[(co * kk + t) * cin + ci] = w[(co * cin + ci) * kk + t];
+            }
+        }
+    }
+    out
+}
+
+impl CudaEngine {
+    /// An engine for `weights` on GPU `ordinal`; kernels compiled into / loaded from
+    /// `kernel_cache` (default `$FASTDET_KERNEL_CACHE` or `~/.cache/fastdet/kernels`).
+    pub fn new(weights: &Weights, ordinal: usize, kernel_cache: Option<PathBuf>) -> Result<Self> {
+        Self::with_backend(weights, ordinal, kernel_cache, ConvBackend::from_env()?)
+    }
+
+    pub fn with_backend(weights: &Weights, ordinal: usize, kernel_cache: Option<PathBuf>, backend: ConvBackend) -> Result<Self> {
+        let gpu = Gpu::open(ordinal, kernel_cache)?;
+        Self::on(gpu, weights, backend)
+    }
+
+    /// An engine on an opened device (or the kernel emulator, `Gpu::emulator`).
+    pub fn on(gpu: std::sync::Arc<Gpu>, weights: &Weights, backend: ConvBackend) -> Result<Self> {
+        let mut notes = vec![gpu.info.describe(), format!("kernels: {}", gpu.kernels_note)];
+        let dnn = match backend {
+            ConvBackend::Direct => None,
+            ConvBackend::Cudnn => Some(Dnn::new(&gpu)?),
+            ConvBackend::Auto if gpu.is_emulator() => None,
+            ConvBackend::Auto => match Dnn::new(&gpu) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    notes.push(format!("cuDNN unavailable ({e:#}); convolutions run on conv3d_igemm_f16"));
+                    None
+                }
+            },
+        };
+        if let Some(d) = &dnn {
+            notes.push(format!("cuDNN {}", d.version_string()));
+        }
+        let graph = Graph::build(&weights.spec)?;
+        let last = graph.last_use();
+        let steps = guard("uploading weights", || Self::build_steps(&gpu, &graph, &last, weights, dnn.is_some()))?;
+        gpu.sync("uploading weights")?;
+        Ok(CudaEngine {
+            gpu,
+            dnn,
+            graph,
+            last,
+            steps,
+            plans: HashMap::new(),
+            pool: Pool::default(),
+            workspace: None,
+            name: weights.name.clone(),
+            backend,
+            notes,
+        })
+    }
+
+    fn build_steps(gpu: &Gpu, g: &Graph, last: &[usize], w: &Weights, have_dnn: bool) -> Result<Vec<Step>> {
+        let mut steps = Vec::with_capacity(g.ops.len());
+        for (i, op) in g.ops.iter().enumerate() {
+            let vname = &g.values[op.output].name;
+            let cout_v = g.values[op.output].channels;
+            let is_out = op.output == g.scores || op.output == g.offsets;
+            // Every fp16 activation the kernels see must have an even channel count (half2).
+            if !is_out && cout_v % 2 != 0 {
+                bail!("{vname}: {cout_v} channels; the CUDA engine needs even channel counts");
+            }
+            let step = match &op.kind {
+                OpKind::Conv { weight, bias, cin, cout, k, stride, pad, act } => {
+                    let (cin, cout, k, stride, pad, act) = (*cin, *cout, *k, *stride, *pad, *act);
+                    let kind = if cin == 1 && k == 3 && stride == 1 && pad == 1 && cout % 2 == 0 && cout <= ops::CONV_FIRST_MAX_COUT {
+                        ConvKind::First
+                    } else if is_out && k == 1 && ops::head_conv_fits(cin, cout) {
+                        ConvKind::Head
+                    } else {
+                        ConvKind::General
+                    };
+                    let wt = match kind {
+                        ConvKind::First | ConvKind::Head => gpu.upload(&f32_of(w, weight)?)?,
+                        ConvKind::General => gpu.upload(&to_ktrsc(f16_of(w, weight)?, cout, cin, k))?,
+                    };
+                    let bias = match bias {
+                        Some(b) => Some(gpu.upload(&f32_of(w, b)?)?),
+                        None => None,
+                    };
+                    // bias_act_f16 needs an even width; odd widths (a fallback head) go direct.
+                    let use_dnn = have_dnn && kind == ConvKind::General && cout % 2 == 0;
+                    Step::Conv(ConvStep { kind, cin, cout, k, stride, pad, act, w: wt, bias, use_dnn })
+                }
+                OpKind::ConvTranspose2 { weight, cin, cout } => {
+                    let into_concat = (i + 1..g.ops.len())
+                        .find(|&j| matches!(g.ops[j].kind, OpKind::Concat) && g.ops[j].inputs[0] == op.output && last[op.output] == j);
+                    Step::ConvT { w: gpu.upload(f16_of(w, weight)?)?, cin: *cin, cout: *cout, into_concat }
+                }
+                OpKind::GroupNorm { groups, weight, bias, act } => {
+                    ops::norm_check(cout_v, *groups, 1).with_context(|| vname.clone())?;
+                    Step::Norm { groups: *groups, gamma: Some(gpu.upload(&f32_of(w, weight)?)?), beta: Some(gpu.upload(&f32_of(w, bias)?)?), act: *act }
+                }
+                OpKind::InstanceNorm { act } => {
+                    ops::norm_check(cout_v, cout_v, 1).with_context(|| vname.clone())?;
+                    Step::Norm { groups: cout_v, gamma: None, beta: None, act: *act }
+                }
+                OpKind::Add => Step::Add,
+                OpKind::Concat => Step::Concat,
+                OpKind::Upsample2x => {
+                    let fuse_add = g.ops.get(i + 1).is_some_and(|next| {
+                        matches!(next.kind, OpKind::Add) && next.inputs.contains(&op.output) && next.inputs[0] != next.inputs[1] && last[op.output] == i + 1
+                    });
+                    Step::Upsample { fuse_add }
+                }
+            };
+            steps.push(step);
+        }
+        Ok(steps)
+    }
+
+    /// Device, kernels, cuDNN and fallbacks, one line each.
+    pub fn notes(&self) -> Vec<String> {
+        let mut n = self.notes.clone();
+        n.push(format!("conv backend {:?}{}", self.backend, if self.dnn.is_some() { "" } else { " (no cuDNN: direct kernel)" }));
+        n
+    }
+
+    /// The cuDNN algorithm of every planned convolution: (op name, tile, algorithm).
+    pub fn conv_algorithms(&self) -> Vec<(String, [usize; 3], String)> {
+        let mut out = Vec::new();
+        for ((_, tile), plans) in &self.plans {
+            for (i, p) in plans.iter().enumerate() {
+                if let Some(p) = p {
+                    out.push((self.graph.values[self.graph.ops[i].output].name.clone(), *tile, p.algo().unwrap_or("not run").to_string()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    fn take(&mut self, bytes: usize) -> Result<DevBuf> {
+        self.pool.take(&self.gpu, bytes)
+    }
+
+    fn release(&mut self, v: Val) {
+        match v {
+            Val::H(b) | Val::F(b) => self.pool.give(b),
+            Val::InConcat => {}
+        }
+    }
+
+    fn forward_inner(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<Outputs> {
+        let g = &self.graph;
+        g.check_tile(tile)?;
+        let cin = g.values[g.input].channels;
+        let tvol = vol(tile);
+        if input.len() != n * cin * tvol {
+            bail!("input holds {} values, expected {} for {n} tile(s) of {tile:?}", input.len(), n * cin * tvol);
+        }
+        let (scores_v, offsets_v, fm2_v) = (g.scores, g.offsets, g.fm2);
+        let (nc, no, nf) = (g.values[scores_v].channels, g.values[offsets_v].channels, g.values[fm2_v].channels);
+        let out_vol = vol(g.dims(scores_v, tile));
+        let fm2_vol = vol(g.dims(fm2_v, tile));
+        if n == 0 {
+            return Ok(Outputs { scores: vec![], offsets: vec![], fm2: want_fm2.then(Vec::new) });
+        }
+        self.gpu.bind()?;
+        let nvals = g.values.len();
+        let input_v = g.input;
+        let mut vals: Vec<Option<Val>> = (0..nvals).map(|_| None).collect();
+
+        let x32 = self.take(input.len() * 4)?;
+        self.gpu.write(x32.ptr, input)?;
+        let x16 = self.take(input.len() * 2)?;
+        ops::to_ndhwc_f16(&self.gpu, x32.ptr, x16.ptr, n, cin, tvol).context("input to NDHWC fp16")?;
+        self.pool.give(x32);
+        vals[input_v] = Some(Val::H(x16));
+
+        let result = (|| -> Result<()> {
+            let mut i = 0;
+            while i < self.graph.ops.len() {
+                let used = self.exec(i, n, tile, &mut vals).with_context(|| {
+                    let op = &self.graph.ops[i];
+                    format!("op {i} ({}) on {n} tile(s) of {tile:?}", self.graph.values[op.output].name)
+                })?;
+                for j in i..i + used {
+                    let inputs = self.graph.ops[j].inputs.clone();
+                    for v in inputs {
+                        if self.last[v] == j {
+                            if let Some(val) = vals[v].take() {
+                                self.release(val);
+                            }
+                        }
+                    }
+                }
+                i += used;
+            }
+            Ok(())
+        })();
+        // On error, the buffers still in `vals` are freed on drop; the pool keeps the rest.
+        result?;
+        self.gpu.sync("forward pass")?;
+
+        let f32_out = |vals: &mut Vec<Option<Val>>, v: ValueId| -> Result<DevBuf> {
+            match vals[v].take() {
+                Some(Val::F(b)) => Ok(b),
+                _ => Err(anyhow!("internal error: output value {v} was not produced as f32")),
+            }
+        };
+        let sb = f32_out(&mut vals, scores_v)?;
+        let ob = f32_out(&mut vals, offsets_v)?;
+        let scores = self.gpu.read::<f32>(sb.ptr, n * nc * out_vol)?;
+        let offsets = self.gpu.read::<f32>(ob.ptr, n * no * out_vol)?;
+        self.pool.give(sb);
+        self.pool.give(ob);
+        let fm2 = if want_fm2 {
+            let h = match vals[fm2_v].take() {
+                Some(Val::H(b)) => b,
+                _ => bail!("internal error: fm2 was not kept"),
+            };
+            let f = self.take(n * nf * fm2_vol * 4)?;
+            ops::to_ncdhw_f32(&self.gpu, h.ptr, f.ptr, n, nf, fm2_vol)?;
+            let out = self.gpu.read::<f32>(f.ptr, n * nf * fm2_vol)?;
+            self.pool.give(f);
+            self.pool.give(h);
+            Some(out)
+        } else {
+            None
+        };
+        for v in vals.iter_mut() {
+            if let Some(v) = v.take() {
+                self.release(v);
+            }
+        }
+        Ok(Outputs { scores, offsets, fm2 })
+    }
+
+    fn h(vals: &[Option<Val>], v: ValueId) -> Result<u64> {
+        match &vals[v] {
+            Some(Val::H(b)) => Ok(b.ptr),
+            Some(Val::F(_)) => bail!("internal error: value {v} is f32, an fp16 activation was expected"),
+            Some(Val::InConcat) => bail!("internal error: value {v} lives in a concat buffer"),
+            None => bail!("internal error: value {v} is not available"),
+        }
+    }
+
+    /// Takes value `v`'s buffer for an in-place op when op `i` is its last reader.
+    fn take_in_place(&self, vals: &mut [Option<Val>], v: ValueId, i: usize) -> Option<DevBuf> {
+        if self.last[v] != i || !matches!(vals[v], Some(Val::H(_))) {
+            return None;
+        }
+        match vals[v].take() {
+            Some(Val::H(b)) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Runs op `i` (and the next one when fused); returns how many ops it consumed.
+    fn exec(&mut self, i: usize, n: usize, tile: [usize; 3], vals: &mut [Option<Val>]) -> Result<usize> {
+        let op = self.graph.ops[i].clone();
+        let out_dims = self.graph.dims(op.output, tile);
+        let in_dims = self.graph.dims(op.inputs[0], tile);
+        let c_out = self.graph.values[op.output].channels;
+        let c_in = self.graph.values[op.inputs[0]].channels;
+        let gpu = self.gpu.clone();
+        match self.steps[i].info() {
+            StepInfo::Conv { kind, cin, cout, k, stride, pad, act, w, bias, use_dnn } => {
+                let x = Self::h(vals, op.inputs[0])?;
+                let is_out = op.output == self.graph.scores || op.output == self.graph.offsets;
+                let ovol = vol(out_dims);
+                match kind {
+                    ConvKind::First => {
+                        let out = self.take(n * ovol * cout * 2)?;
+                        ops::conv_first(&gpu, x, w, bias, out.ptr, n, in_dims, cout, act)?;
+                        vals[op.output] = Some(Val::H(out));
+                    }
+                    ConvKind::Head => {
+                        let out = self.take(n * ovol * cout * 4)?;
+                        ops::head_conv(&gpu, x, w, bias, out.ptr, n, ovol, cin, cout, act)?;
+                        vals[op.output] = Some(Val::F(out));
+                    }
+                    ConvKind::General => {
+                        let out = self.take(n * ovol * cout * 2)?;
+                        let mut direct = !use_dnn;
+                        if use_dnn {
+                            match self.run_dnn(i, n, tile, in_dims, cin, cout, k, stride, pad, x, w, out.ptr) {
+                                Ok(()) => {
+                                    if bias.is_some() || act != Act::None {
+                                        ops::bias_act(&gpu, out.ptr, out.ptr, bias, n * ovol * cout, cout, act)?;
+                                    }
+                                }
+                                Err(e) if self.backend == ConvBackend::Auto => {
+                                    let msg = format!("{}: cuDNN failed ({e:#}); using conv3d_igemm_f16 for it", self.graph.values[op.output].name);
+                                    eprintln!("warning: {msg}");
+                                    self.notes.push(msg);
+                                    if let Step::Conv(c) = &mut self.steps[i] {
+                                        c.use_dnn = false;
+                                    }
+                                    direct = true;
+                                }
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        if direct {
+                            ops::conv_direct(&gpu, x, w, bias, out.ptr, n, in_dims, cin, cout, k, stride, pad, act)?;
+                        }
+                        if is_out {
+                            // A head conv the head kernel cannot take: fp16 result -> NCDHW f32.
+                            let f = self.take(n * ovol * cout * 4)?;
+                            ops::head_act(&gpu, out.ptr, f.ptr, n, ovol, cout, Act::None)?;
+                            self.pool.give(out);
+                            vals[op.output] = Some(Val::F(f));
+                        } else {
+                            vals[op.output] = Some(Val::H(out));
+                        }
+                    }
+                }
+                Ok(1)
+            }
+            StepInfo::ConvT { w, cin, cout, into_concat } => {
+                let x = Self::h(vals, op.inputs[0])?;
+                let ovol = vol(out_dims);
+                match into_concat {
+                    Some(j) => {
+                        let cat = self.graph.ops[j].output;
+                        let ctot = self.graph.values[cat].channels;
+                        let buf = self.take(n * ovol * ctot * 2)?;
+                        ops::conv_transpose2(&gpu, x, w, buf.ptr, n, in_dims, cin, cout, ctot, 0)?;
+                        vals[cat] = Some(Val::H(buf));
+                        vals[op.output] = Some(Val::InConcat);
+                    }
+                    None => {
+                        let buf = self.take(n * ovol * cout * 2)?;
+                        ops::conv_transpose2(&gpu, x, w, buf.ptr, n, in_dims, cin, cout, cout, 0)?;
+                        vals[op.output] = Some(Val::H(buf));
+                    }
+                }
+                Ok(1)
+            }
+            StepInfo::Concat => {
+                let (a, b) = (op.inputs[0], op.inputs[1]);
+                let ca = self.graph.values[a].channels;
+                let cb = self.graph.values[b].channels;
+                let rows = n * vol(out_dims);
+                let bp = Self::h(vals, b)?;
+                if matches!(vals[a], Some(Val::InConcat)) {
+                    let dst = Self::h(vals, op.output)?;
+                    ops::copy_channels(&gpu, bp, dst, rows, cb, c_out, ca)?;
+                } else {
+                    let ap = Self::h(vals, a)?;
+                    let buf = self.take(rows * c_out * 2)?;
+                    ops::copy_channels(&gpu, ap, buf.ptr, rows, ca, c_out, 0)?;
+                    ops::copy_channels(&gpu, bp, buf.ptr, rows, cb, c_out, ca)?;
+                    vals[op.output] = Some(Val::H(buf));
+                }
+                Ok(1)
+            }
+            StepInfo::Norm { groups, gamma, beta, act } => {
+                let v = vol(in_dims);
+                debug_assert!(op_in_place(&op.kind));
+                let x = Self::h(vals, op.inputs[0])?;
+                let out = match self.take_in_place(vals, op.inputs[0], i) {
+                    Some(b) => b,
+                    None => self.take(n * v * c_in * 2)?,
+                };
+                let (pb, qb) = ops::norm_scratch_bytes(n, c_in, v);
+                let partial = self.take(pb)?;
+                let params = self.take(qb)?;
+                let r = ops::norm(&gpu, x, out.ptr, n, c_in, v, groups, gamma, beta, Act::None, act, partial.ptr, params.ptr);
+                self.pool.give(partial);
+                self.pool.give(params);
+                vals[op.output] = Some(Val::H(out));
+                r?;
+                Ok(1)
+            }
+            StepInfo::Add => {
+                let (a, b) = (op.inputs[0], op.inputs[1]);
+                let ap = Self::h(vals, a)?;
+                let bp = Self::h(vals, b)?;
+                let elems = n * vol(out_dims) * c_out;
+                let out = match self.take_in_place(vals, a, i) {
+                    Some(buf) => buf,
+                    None => match if a != b { self.take_in_place(vals, b, i) } else { None } {
+                        Some(buf) => buf,
+                        None => self.take(elems * 2)?,
+                    },
+                };
+                ops::add_act(&gpu, ap, bp, out.ptr, elems, Act::None)?;
+                vals[op.output] = Some(Val::H(out));
+                Ok(1)
+            }
+            StepInfo::Upsample { fuse_add } => {
+                let x = Self::h(vals, op.inputs[0])?;
+                let ovol = vol(out_dims);
+                if fuse_add {
+                    let add = self.graph.ops[i + 1].clone();
+                    let skip = if add.inputs[0] == op.output { add.inputs[1] } else { add.inputs[0] };
+                    let sp = Self::h(vals, skip)?;
+                    let out = match self.take_in_place(vals, skip, i + 1) {
+                        Some(b) => b,
+                        None => self.take(n * ovol * c_out * 2)?,
+                    };
+                    ops::upsample_add(&gpu, x, Some(sp), out.ptr, n, in_dims, c_out)?;
+                    vals[add.output] = Some(Val::H(out));
+                    Ok(2)
+                } else {
+                    let out = self.take(n * ovol * c_out * 2)?;
+                    ops::upsample_add(&gpu, x, None, out.ptr, n, in_dims, c_out)?;
+                    vals[op.output] = Some(Val::H(out));
+                    Ok(1)
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_dnn(&mut self, i: usize, n: usize, tile: [usize; 3], in_dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize, pad: usize, x: u64, w: u64, y: u64) -> Result<()> {
+        let dnn = self.dnn.as_ref().context("internal error: no cuDNN handle")?;
+        let nops = self.graph.ops.len();
+        let plans = self.plans.entry((n, tile)).or_insert_with(|| (0..nops).map(|_| None).collect());
+        if plans[i].is_none() {
+            plans[i] = Some(ConvPlan::new(dnn, n, in_dims, cin, cout, k, stride, pad)?);
+        }
+        let plan = plans[i].as_mut().expect("plan just built");
+        plan.run(dnn, &self.gpu, x, w, y, &mut self.workspace)
+    }
+}
+
+impl TileEngine for CudaEngine {
+    fn forward(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<Outputs> {
+        let name = self.name();
+        guard(&name.clone(), || self.forward_inner(input, n, tile, want_fm2)).with_context(|| format!("{name}: forward pass"))
+    }
+
+    fn name(&self) -> String {
+        format!("cuda:{}:{}", self.gpu.info.ordinal, self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ktrsc_moves_input_channels_last() {
+        let (cout, cin, k) = (2, 3, 3);
+        let w: Vec<f16> = (0..cout * cin * 27).map(|i| f16::from_f32(i as f32)).collect();
+        let t = to_ktrsc(&w, cout, cin, k);
+        for co in 0..cout {
+            for ci in 0..cin {
+                for tap in 0..27 {
+                    assert_eq!(t[(co * 27 + tap) * cin + ci], w[(co * cin + ci) * 27 + tap]);
+                }
+            }
+        }
+    }
+
+    fn compare(name: &str, got: &[f32], want: &[f32], tol_rel: f64) {
+        assert_eq!(got.len(), want.len(), "{name}: length");
+        let (mut d2, mut r2, mut mx) = (0.0f64, 0.0f64, 0.0f64);
+        for (g, w) in got.iter().zip(want) {
+            let d = (*g as f64 - *w as f64).abs();
+            assert!(d.is_finite(), "{name}: non-finite");
+            d2 += d * d;
+            r2 += (*w as f64) * (*w as f64);
+            mx = mx.max(d);
+        }
+        let rel = (d2 / r2.max(1e-30)).sqrt();
+        eprintln!("{name}: max |d| {mx:.3e}, rel {rel:.3e}");
+        assert!(rel < tol_rel, "{name}: rel {rel}");
+    }
+
+    /// The whole engine (graph walk, buffer pool, in-place ops, fusions, weight layouts, launch
+    /// arguments) on the kernel emulator against the CPU engine, both architectures, batch 2.
+    #[test]
+    fn engine_on_emulator_matches_cpu_engine() {
+        use crate::model::spec::ModelSpec;
+        let gpu = Gpu::emulator().unwrap();
+        for (spec, tile) in [
+            (ModelSpec::segresnet(8, 16, 8), [16, 24, 32]),
+            (ModelSpec::dynunet(&[8, 16, 32, 32], 16, 16, 8), [16, 24, 32]),
+        ] {
+            let w = Weights::random(&spec, 7);
+            let n = 2;
+            let mut r = crate::util::SplitMix64::new(3);
+            let mut x = vec![0.0f32; n * tile.iter().product::<usize>()];
+            r.fill_uniform(&mut x, 0.0, 1.0);
+            // Both engines see the same fp16-representable input.
+            x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+            let mut cpu = crate::engine::cpu::CpuEngine::new(&w).unwrap();
+            let want = cpu.forward(&x, n, tile, true).unwrap();
+            let mut e = CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap();
+            for round in 0..2 {
+                let got = e.forward(&x, n, tile, true).unwrap();
+                let a = spec.arch.name();
+                compare(&format!("{a} scores (round {round})"), &got.scores, &want.scores, 2e-2);
+                compare(&format!("{a} offsets (round {round})"), &got.offsets, &want.offsets, 2e-2);
+                compare(&format!("{a} fm2 (round {round})"), got.fm2.as_ref().unwrap(), want.fm2.as_ref().unwrap(), 2e-2);
+            }
+            // The second round reused pooled buffers and must give identical results.
+            let a = e.forward(&x, n, tile, false).unwrap();
+            let b = e.forward(&x, n, tile, false).unwrap();
+            assert_eq!(a.scores, b.scores);
+            assert!(a.fm2.is_none());
+        }
+    }
+
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        // Here (no GPU) this must return an error; on a GPU machine it may succeed.
+        let w = Weights::random(&crate::model::spec::ModelSpec::segresnet(8, 16, 8), 1);
+        match CudaEngine::new(&w, 0, Some(std::env::temp_dir().join("fastdet-test-kernels"))) {
+            Ok(_) => {}
+            Err(e) => assert!(!format!("{e:#}").is_empty()),
+        }
+        if !super::super::gpu::driver_available() {
+            let e = CudaEngine::new(&w, 0, None).err().expect("no driver: error");
+            assert!(format!("{e:#}").contains("no CUDA driver"), "{e:#}");
+        }
+    }
+}

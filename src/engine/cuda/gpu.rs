@@ -1,0 +1,571 @@
+//! One CUDA device: context + stream, the kernels of `kernels/*.cu` (compiled by NVRTC for the
+//! device's own architecture, cached on disk), device buffers and kernel launches.
+//!
+//! Everything runs on the context's default (null) stream, so operations are ordered by issue order
+//! and buffers can be reused as soon as the host has issued their last reader. Kernel arguments are
+//! raw device addresses (`u64`), which lets the engine alias buffers (in-place ops, channel slices
+//! of a concat buffer) without fighting the borrow checker; sizes are checked on the host before
+//! every launch (see `ops.rs`).
+//!
+//! cudarc panics when a CUDA library is missing (`CudaContext::new` without libcuda); every entry
+//! point here checks the library first and turns panics into errors, so callers get "no CUDA
+//! driver found; use --device cpu", never a crash.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::emu::{Emu, EmuAlloc};
+use super::kernels::{kernel_names, kernel_signatures, ParamKind, SOURCES};
+use super::nvrtc::{self, KernelCache, Target};
+
+/// Runs `f`, turning a panic (cudarc panics on a missing library or symbol) into an error.
+pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(anyhow!("{what}: internal panic in the CUDA layer: {msg}"))
+        }
+    }
+}
+
+/// Whether libcuda (the driver) can be loaded. Never panics.
+pub fn driver_available() -> bool {
+    // SAFETY: only dlopens the library under cudarc's candidate names.
+    std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Whether libcudnn can be loaded. Never panics.
+pub fn cudnn_available() -> bool {
+    // SAFETY: as above.
+    std::panic::catch_unwind(|| unsafe { cudarc::cudnn::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// The message every "no GPU here" path prints.
+pub const NO_DRIVER: &str = "no CUDA driver found (libcuda.so cannot be loaded); use --device cpu";
+
+/// What the driver says about one device.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub total_mem: usize,
+    pub multiprocessors: i32,
+    /// e.g. 13000 for CUDA 13.0.
+    pub driver_version: i32,
+    pub device_count: usize,
+}
+
+impl DeviceInfo {
+    pub fn describe(&self) -> String {
+        if self.device_count == 0 {
+            return self.name.clone();
+        }
+        format!(
+            "cuda:{} {} (sm_{}{}, {} SMs, {:.1} GiB), driver CUDA {}.{}",
+            self.ordinal,
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.multiprocessors,
+            self.total_mem as f64 / (1u64 << 30) as f64,
+            self.driver_version / 1000,
+            (self.driver_version % 1000) / 10
+        )
+    }
+}
+
+/// Checks the driver and the device without loading any kernel: the cheap "is there a GPU" test.
+pub fn probe(ordinal: usize) -> Result<DeviceInfo> {
+    if !driver_available() {
+        bail!(NO_DRIVER);
+    }
+    guard("probing the CUDA device", || {
+        use cudarc::driver::{result, sys};
+        result::init().map_err(|e| anyhow!("cuInit failed: {e} ({NO_DRIVER})"))?;
+        let count = result::device::get_count().map_err(|e| anyhow!("cuDeviceGetCount: {e}"))? as usize;
+        if count == 0 {
+            bail!("the CUDA driver sees no GPU; use --device cpu");
+        }
+        if ordinal >= count {
+            bail!("cuda:{ordinal} does not exist: the driver sees {count} GPU(s) (cuda:0..cuda:{})", count - 1);
+        }
+        let dev = result::device::get(ordinal as i32).map_err(|e| anyhow!("cuDeviceGet({ordinal}): {e}"))?;
+        let name = result::device::get_name(dev).unwrap_or_else(|_| "?".into());
+        // SAFETY: valid device handle, plain attribute queries.
+        let attr = |a| unsafe { result::device::get_attribute(dev, a) }.unwrap_or(0);
+        use sys::CUdevice_attribute_enum as A;
+        let cc = (attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR));
+        let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
+        // SAFETY: valid device handle.
+        let total_mem = unsafe { result::device::total_mem(dev) }.unwrap_or(0);
+        let mut ver = 0i32;
+        // SAFETY: one valid out pointer.
+        let _ = unsafe { sys::cuDriverGetVersion(&mut ver) };
+        Ok(DeviceInfo { ordinal, name, compute_capability: cc, total_mem, multiprocessors: sms, driver_version: ver, device_count: count })
+    })
+}
+
+enum Mem {
+    Cuda(#[allow(dead_code)] CudaSlice<u8>),
+    Emu(#[allow(dead_code)] EmuAlloc),
+}
+
+/// A device allocation. Freed (stream-ordered) on drop.
+pub struct DevBuf {
+    _mem: Mem,
+    pub ptr: u64,
+    pub bytes: usize,
+}
+
+impl std::fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevBuf({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+/// A kernel argument, typed like the kernel's C parameter.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    /// A device pointer (any `T*`); 0 is `nullptr`.
+    Ptr(u64),
+    /// `int`
+    I32(i32),
+    /// `long long`
+    I64(i64),
+    /// `unsigned`
+    U32(u32),
+    /// `float`
+    F32(f32),
+}
+
+impl Arg {
+    fn kind(&self) -> ParamKind {
+        match self {
+            Arg::Ptr(_) => ParamKind::Ptr,
+            Arg::I32(_) => ParamKind::I32,
+            Arg::I64(_) => ParamKind::I64,
+            Arg::U32(_) => ParamKind::U32,
+            Arg::F32(_) => ParamKind::F32,
+        }
+    }
+}
+
+enum Inner {
+    Cuda { ctx: Arc<CudaContext>, stream: Arc<CudaStream>, funcs: HashMap<String, CudaFunction>, _modules: Vec<Arc<CudaModule>> },
+    Emu(Arc<Emu>),
+}
+
+/// One device with its kernels loaded. Shared by every engine on that device (`Gpu::open`).
+/// Also a CPU emulator of the same interface (`Gpu::emulator`), which runs every kernel as
+/// described in its header on host memory: it lets the engine and the self-test run (slowly)
+/// without a GPU, so their plumbing is tested here.
+pub struct Gpu {
+    pub info: DeviceInfo,
+    inner: Inner,
+    /// Parameter kinds of every kernel, parsed from kernels/*.cu: every launch is checked against them.
+    sigs: HashMap<String, Vec<ParamKind>>,
+    /// How the kernels were obtained (target, NVRTC version, cache directory).
+    pub kernels_note: String,
+    /// Synchronise after every launch and report the kernel that failed (debugging; the
+    /// self-test turns it on; `FASTDET_CUDA_SYNC=1` too).
+    sync_each: AtomicBool,
+}
+
+static OPEN: Mutex<Vec<(usize, Weak<Gpu>)>> = Mutex::new(Vec::new());
+
+fn signatures() -> Result<HashMap<String, Vec<ParamKind>>> {
+    let mut m = HashMap::new();
+    for (file, src) in SOURCES {
+        for (name, kinds) in kernel_signatures(src) {
+            let kinds = kinds.with_context(|| format!("{file}: kernel {name} has a parameter type the launcher does not know"))?;
+            m.insert(name, kinds);
+        }
+    }
+    Ok(m)
+}
+
+impl Gpu {
+    /// The device `ordinal` with every kernel loaded, shared with the other users of that device.
+    /// `kernel_cache`: where compiled kernels are kept (default `KernelCache::default_dir()`).
+    pub fn open(ordinal: usize, kernel_cache: Option<PathBuf>) -> Result<Arc<Gpu>> {
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(g) = open.iter().find(|(o, _)| *o == ordinal).and_then(|(_, w)| w.upgrade()) {
+            return Ok(g);
+        }
+        let g = Arc::new(Self::new(ordinal, kernel_cache)?);
+        open.push((ordinal, Arc::downgrade(&g)));
+        Ok(g)
+    }
+
+    fn new(ordinal: usize, kernel_cache: Option<PathBuf>) -> Result<Gpu> {
+        let info = probe(ordinal)?;
+        guard("opening the CUDA device", || {
+            let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("creating a CUDA context on cuda:{ordinal}: {e}"))?;
+            // One stream only: cudarc's per-buffer event tracking is not needed.
+            // SAFETY: every buffer of this context is used on the one (default) stream.
+            unsafe { ctx.disable_event_tracking() };
+            let stream = ctx.default_stream();
+            let cache = KernelCache::new(kernel_cache.unwrap_or_else(KernelCache::default_dir));
+            let (modules, funcs, kernels_note) = load_kernels(&ctx, info.compute_capability, &cache)?;
+            let sync_each = std::env::var("FASTDET_CUDA_SYNC").is_ok_and(|v| v == "1");
+            Ok(Gpu {
+                info,
+                inner: Inner::Cuda { ctx, stream, funcs, _modules: modules },
+                sigs: signatures()?,
+                kernels_note,
+                sync_each: AtomicBool::new(sync_each),
+            })
+        })
+    }
+
+    /// The CPU emulator (testing only: every kernel of kernels/*.cu re-implemented on the host
+    /// from its header, no cuDNN). Slow; small shapes only.
+    pub fn emulator() -> Result<Arc<Gpu>> {
+        let info = DeviceInfo {
+            ordinal: 0,
+            name: "CPU emulator of the CUDA kernels".into(),
+            compute_capability: (0, 0),
+            total_mem: 0,
+            multiprocessors: 0,
+            driver_version: 0,
+            device_count: 0,
+        };
+        Ok(Arc::new(Gpu {
+            info,
+            inner: Inner::Emu(Emu::new()),
+            sigs: signatures()?,
+            kernels_note: "emulated on the host".into(),
+            sync_each: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn is_emulator(&self) -> bool {
+        matches!(self.inner, Inner::Emu(_))
+    }
+
+    /// The CUDA stream (None for the emulator).
+    pub fn stream(&self) -> Option<&Arc<CudaStream>> {
+        match &self.inner {
+            Inner::Cuda { stream, .. } => Some(stream),
+            Inner::Emu(_) => None,
+        }
+    }
+
+    /// Makes this device's context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        match &self.inner {
+            Inner::Cuda { ctx, .. } => ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context of cuda:{}: {e}", self.info.ordinal)),
+            Inner::Emu(_) => Ok(()),
+        }
+    }
+
+    pub fn set_sync_each(&self, on: bool) {
+        self.sync_each.store(on, Ordering::Relaxed);
+    }
+
+    pub fn sync_each(&self) -> bool {
+        self.sync_each.load(Ordering::Relaxed)
+    }
+
+    /// Waits for all issued work; an error names `what` (asynchronous kernel faults surface here).
+    pub fn sync(&self, what: &str) -> Result<()> {
+        let Inner::Cuda { stream, .. } = &self.inner else { return Ok(()) };
+        stream.synchronize().map_err(|e| {
+            anyhow!(
+                "{what}: CUDA error {e}{}",
+                if self.sync_each() { "" } else { " (rerun with FASTDET_CUDA_SYNC=1 to name the failing kernel)" }
+            )
+        })
+    }
+
+    /// `bytes` of uninitialised device memory (at least 1 byte is allocated).
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        match &self.inner {
+            Inner::Cuda { ctx, stream, .. } => {
+                // SAFETY: uninitialised memory is only read after a kernel or copy wrote it.
+                let mem = unsafe { stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
+                    let free = ctx.mem_get_info().map(|(f, _)| format!("{:.2} GiB free", f as f64 / (1u64 << 30) as f64)).unwrap_or_default();
+                    let msg = format!("allocating {:.1} MiB on cuda:{}: {e} {free}", bytes as f64 / (1u64 << 20) as f64, self.info.ordinal);
+                    if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+                        // The runner retries a batch of tiles in halves on this error type.
+                        anyhow::Error::new(crate::pipeline::runner::OutOfMemory(msg))
+                    } else {
+                        anyhow!(msg)
+                    }
+                })?;
+                let (ptr, g) = mem.device_ptr(stream);
+                drop(g);
+                Ok(DevBuf { _mem: Mem::Cuda(mem), ptr, bytes })
+            }
+            Inner::Emu(emu) => {
+                let a = emu.alloc(bytes.max(1));
+                Ok(DevBuf { ptr: a.base, _mem: Mem::Emu(a), bytes })
+            }
+        }
+    }
+
+    /// A new buffer holding `data`.
+    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<DevBuf> {
+        let b = self.alloc(std::mem::size_of_val(data))?;
+        self.write(b.ptr, data)?;
+        Ok(b)
+    }
+
+    /// Copies `data` to device address `dst` (which must hold `size_of_val(data)` bytes).
+    pub fn write<T>(&self, dst: u64, data: &[T]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let stream = match &self.inner {
+            Inner::Cuda { stream, .. } => stream,
+            Inner::Emu(emu) => {
+                // SAFETY: plain-old-data host values viewed as bytes.
+                let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
+                return emu.write_bytes(dst, bytes);
+            }
+        };
+        self.bind()?;
+        // SAFETY: dst holds enough bytes (callers allocate from the same sizes); pageable source
+        // memory is staged by the driver before the call returns.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, data, stream.cu_stream()) }
+            .map_err(|e| anyhow!("copy of {} bytes to the device: {e}", std::mem::size_of_val(data)))
+    }
+
+    /// Copies `len` elements from device address `src` to the host (waits for the stream).
+    pub fn read<T: Default + Clone>(&self, src: u64, len: usize) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); len];
+        if len == 0 {
+            return Ok(out);
+        }
+        let stream = match &self.inner {
+            Inner::Cuda { stream, .. } => stream,
+            Inner::Emu(emu) => {
+                // SAFETY: plain-old-data host values viewed as bytes.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, len * std::mem::size_of::<T>()) };
+                emu.read_bytes(src, bytes)?;
+                return Ok(out);
+            }
+        };
+        self.bind()?;
+        // SAFETY: src holds len elements (checked by the callers' sizes).
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out[..], src, stream.cu_stream()) }
+            .map_err(|e| anyhow!("copy of {} bytes from the device: {e}", len * std::mem::size_of::<T>()))?;
+        self.sync("copying results to the host")?;
+        Ok(out)
+    }
+
+    /// Zeroes `bytes` at `dst`.
+    pub fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let stream = match &self.inner {
+            Inner::Cuda { stream, .. } => stream,
+            Inner::Emu(emu) => return emu.write_bytes(dst, &vec![0u8; bytes]),
+        };
+        self.bind()?;
+        // SAFETY: dst holds `bytes` bytes.
+        unsafe { cudarc::driver::result::memset_d8_async(dst, 0, bytes, stream.cu_stream()) }.map_err(|e| anyhow!("memset of {bytes} bytes: {e}"))
+    }
+
+    /// Device-to-device copy of `bytes`.
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let stream = match &self.inner {
+            Inner::Cuda { stream, .. } => stream,
+            Inner::Emu(emu) => {
+                let mut tmp = vec![0u8; bytes];
+                emu.read_bytes(src, &mut tmp)?;
+                return emu.write_bytes(dst, &tmp);
+            }
+        };
+        self.bind()?;
+        // SAFETY: both ranges hold `bytes` bytes.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }.map_err(|e| anyhow!("device copy of {bytes} bytes: {e}"))
+    }
+
+    pub fn has_kernel(&self, name: &str) -> bool {
+        self.sigs.contains_key(name)
+    }
+
+    /// Launches kernel `name`. `args` must match the kernel's C parameters in order and type
+    /// (checked against the signature parsed from kernels/*.cu: a mismatch is an error, not UB).
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
+        let sig = self.sigs.get(name).with_context(|| format!("no kernel {name} in kernels/*.cu"))?;
+        let kinds: Vec<ParamKind> = args.iter().map(Arg::kind).collect();
+        if &kinds != sig {
+            bail!("internal error: {name} takes {sig:?}, the launcher passed {kinds:?}");
+        }
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || grid.1 > 65535 || grid.2 > 65535 || grid.0 > i32::MAX as u32 {
+            bail!("{name}: invalid grid {grid:?}");
+        }
+        if block.0 * block.1 * block.2 == 0 || block.0 * block.1 * block.2 > 1024 {
+            bail!("{name}: invalid block {block:?}");
+        }
+        let (stream, funcs) = match &self.inner {
+            Inner::Cuda { stream, funcs, .. } => (stream, funcs),
+            Inner::Emu(emu) => return emu.launch(name, grid, block, args).with_context(|| format!("emulated {name} (grid {grid:?}, block {block:?})")),
+        };
+        let f = funcs.get(name).with_context(|| format!("kernel {name} is not loaded (kernels/*.cu out of date?)"))?;
+        let mut b = stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Ptr(p) => b.arg(p),
+                Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::U32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: 0 };
+        // SAFETY: the argument list matches the kernel's signature (ops.rs, one wrapper per
+        // kernel) and every pointer holds the sizes the kernel's header requires (checked there).
+        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {name} (grid {grid:?}, block {block:?}): {e}"))?;
+        if self.sync_each() {
+            stream.synchronize().map_err(|e| anyhow!("kernel {name} (grid {grid:?}, block {block:?}) failed: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// NVRTC targets to try for compute capability `cc`, best first: the exact cubin (no JIT, no PTX
+/// version issue with the driver), the PTX of the same arch (JIT by the driver), and compute_75 PTX
+/// (for an NVRTC that does not know this GPU yet).
+fn targets(cc: (i32, i32)) -> Vec<Target> {
+    let a = (cc.0 * 10 + cc.1).max(0) as u32;
+    let mut t = vec![Target::Cubin(a), Target::Ptx(a)];
+    if a != 75 {
+        t.push(Target::Ptx(75));
+    }
+    t
+}
+
+type Loaded = (Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>, String);
+
+fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> Result<Loaded> {
+    if !nvrtc::nvrtc_available() {
+        bail!("NVRTC (libnvrtc.so) not found: the CUDA kernels are compiled at first use ({})", nvrtc::INSTALL_HINT);
+    }
+    let ver = nvrtc::nvrtc_version()?;
+    let include: Vec<PathBuf> = nvrtc::find_cuda_include().into_iter().collect();
+    let mut errors: Vec<String> = Vec::new();
+    for target in targets(cc) {
+        match load_all(ctx, cache, target, &include) {
+            Ok((m, f)) => {
+                let note = format!(
+                    "{} from NVRTC {}.{} (cache {}{})",
+                    target.arch(),
+                    ver.0,
+                    ver.1,
+                    cache.dir.display(),
+                    if errors.is_empty() { String::new() } else { format!("; after: {}", errors.join("; ")) }
+                );
+                return Ok((m, f, note));
+            }
+            Err(e) => errors.push(format!("{}: {e:#}", target.arch())),
+        }
+    }
+    let hint = if include.is_empty() {
+        "; cuda_fp16.h was not found: set FASTDET_CUDA_INCLUDE to a directory holding it (pip wheel nvidia/cu13/include or /usr/local/cuda/include)"
+    } else {
+        ""
+    };
+    bail!("could not compile and load the CUDA kernels for sm_{}{}:\n  {}{hint}", cc.0, cc.1, errors.join("\n  "))
+}
+
+fn load_all(ctx: &Arc<CudaContext>, cache: &KernelCache, target: Target, include: &[PathBuf]) -> Result<(Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>)> {
+    let mut modules = Vec::new();
+    let mut funcs = HashMap::new();
+    for (file, src) in SOURCES {
+        let module = load_one(ctx, cache, file, src, target, include)?;
+        for name in kernel_names(src) {
+            let f = module.load_function(&name).map_err(|e| anyhow!("{file}: kernel {name} not in the module: {e}"))?;
+            funcs.insert(name, f);
+        }
+        modules.push(module);
+    }
+    Ok((modules, funcs))
+}
+
+fn module_from(ctx: &Arc<CudaContext>, target: Target, mut image: Vec<u8>) -> Result<Arc<CudaModule>> {
+    if target.is_cubin() {
+        if !image.starts_with(b"\x7fELF") {
+            bail!("not a cubin (no ELF header)");
+        }
+    } else {
+        if image.contains(&0) {
+            bail!("PTX text holds a NUL byte");
+        }
+        image.push(0);
+    }
+    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)).map_err(|e| anyhow!("cuModuleLoadData: {e}"))
+}
+
+fn load_one(ctx: &Arc<CudaContext>, cache: &KernelCache, file: &str, src: &str, target: Target, include: &[PathBuf]) -> Result<Arc<CudaModule>> {
+    let arch = target.arch();
+    let image = cache.get_or_compile(file, src, &arch, include).with_context(|| format!("compiling {file} for {arch}"))?;
+    match module_from(ctx, target, image) {
+        Ok(m) => Ok(m),
+        Err(first) => {
+            // A stale or damaged cache entry: compile afresh once.
+            let c = nvrtc::compile(file, src, &arch, include).with_context(|| format!("recompiling {file} for {arch}"))?;
+            let m = module_from(ctx, target, c.ptx_or_cubin.clone()).with_context(|| format!("loading {file} ({arch}); the cached image failed too: {first:#}"))?;
+            if let Ok(ver) = nvrtc::nvrtc_version() {
+                let _ = cache.store(file, src, target, ver, &c.ptx_or_cubin);
+            }
+            Ok(m)
+        }
+    }
+}
+
+/// Reusable device buffers: best fit on take, kept on give. With a fixed graph and tile shape the
+/// sequence of requests repeats, so after the first forward every request is served from here.
+#[derive(Default)]
+pub struct Pool {
+    free: Vec<DevBuf>,
+}
+
+impl Pool {
+    pub fn take(&mut self, gpu: &Gpu, bytes: usize) -> Result<DevBuf> {
+        let bytes = bytes.max(1);
+        let best = self.free.iter().enumerate().filter(|(_, b)| b.bytes >= bytes).min_by_key(|(_, b)| b.bytes).map(|(i, _)| i);
+        if let Some(i) = best {
+            return Ok(self.free.swap_remove(i));
+        }
+        match gpu.alloc(bytes) {
+            Ok(b) => Ok(b),
+            Err(e) if !self.free.is_empty() => {
+                // Out of memory with idle buffers around: give them back and retry once.
+                self.free.clear();
+                gpu.alloc(bytes).with_context(|| format!("after freeing the pool: {e:#}"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn give(&mut self, b: DevBuf) {
+        self.free.push(b);
+    }
+
+    pub fn clear(&mut self) {
+        self.free.clear();
+    }
+
+    pub fn pooled_bytes(&self) -> usize {
+        self.free.iter().map(|b| b.bytes).sum()
+    }
+}

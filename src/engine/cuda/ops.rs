@@ -1,0 +1,556 @@
+//! One typed wrapper per kernel of `kernels/*.cu`: checks the shape limits stated in each file's
+//! header, computes the launch geometry the kernel expects (fixed block sizes where the kernel's
+//! reduction order depends on them) and passes the arguments in the kernel's order and C types.
+//! Pointers are device addresses; `None` passes `nullptr`.
+
+use anyhow::{bail, Result};
+
+use super::gpu::{Arg, Gpu};
+use crate::model::graph::Act;
+
+/// `graph::Act` as the kernels' (code, parameter): 0 none, 1 relu, 2 leaky relu(p), 3 silu,
+/// 4 sigmoid, 5 tanh(x) * p.
+pub fn act_code(a: Act) -> (i32, f32) {
+    match a {
+        Act::None => (0, 0.0),
+        Act::Relu => (1, 0.0),
+        Act::LeakyRelu(s) => (2, s),
+        Act::Silu => (3, 0.0),
+        Act::Sigmoid => (4, 0.0),
+        Act::TanhScale(s) => (5, s),
+    }
+}
+
+fn opt(p: Option<u64>) -> Arg {
+    Arg::Ptr(p.unwrap_or(0))
+}
+
+const I31: usize = i32::MAX as usize;
+
+/// Blocks for a grid-stride loop over `items` with `threads` per block (capped; the loop covers the rest).
+fn gs_blocks(items: usize, threads: usize) -> u32 {
+    items.div_ceil(threads).clamp(1, 65535) as u32
+}
+
+fn check_i31(what: &str, v: usize) -> Result<()> {
+    if v > I31 {
+        bail!("{what} = {v} exceeds the kernels' 32-bit index range; use smaller tiles");
+    }
+    Ok(())
+}
+
+/// A 3-D volume's element count.
+pub fn vol(d: [usize; 3]) -> usize {
+    d[0] * d[1] * d[2]
+}
+
+// ---------------------------------------------------------------------------------------------- layout.cu
+
+/// `dst[n, v, c] = fp16(src[n, c, v])` (NCDHW f32 → NDHWC fp16).
+pub fn to_ndhwc_f16(g: &Gpu, src: u64, dst: u64, n: usize, c: usize, vol: usize) -> Result<()> {
+    if n == 0 || c == 0 || vol == 0 {
+        return Ok(());
+    }
+    if n > 65535 || c.div_ceil(32) > 65535 {
+        bail!("ncdhw_f32_to_ndhwc_f16: {n} samples x {c} channels is too many for one launch");
+    }
+    check_i31("voxels / 32", vol.div_ceil(32))?;
+    let grid = (vol.div_ceil(32) as u32, c.div_ceil(32) as u32, n as u32);
+    g.launch("ncdhw_f32_to_ndhwc_f16", grid, (32, 8, 1), &[Arg::Ptr(src), Arg::Ptr(dst), Arg::I32(c as i32), Arg::I64(vol as i64)])
+}
+
+/// `dst[n, c, v] = f32(src[n, v, c])` (NDHWC fp16 → NCDHW f32).
+pub fn to_ncdhw_f32(g: &Gpu, src: u64, dst: u64, n: usize, c: usize, vol: usize) -> Result<()> {
+    if n == 0 || c == 0 || vol == 0 {
+        return Ok(());
+    }
+    if n > 65535 || c.div_ceil(32) > 65535 {
+        bail!("ndhwc_f16_to_ncdhw_f32: {n} samples x {c} channels is too many for one launch");
+    }
+    check_i31("voxels / 32", vol.div_ceil(32))?;
+    let grid = (vol.div_ceil(32) as u32, c.div_ceil(32) as u32, n as u32);
+    g.launch("ndhwc_f16_to_ncdhw_f32", grid, (32, 8, 1), &[Arg::Ptr(src), Arg::Ptr(dst), Arg::I32(c as i32), Arg::I64(vol as i64)])
+}
+
+/// `t` windows of `window` voxels at the voxel origins `origins` (device `[t, 3]` i32) of the f32
+/// volume `dims`, zero past the end, into fp16 `dst [t, window]`.
+pub fn extract_tiles(g: &Gpu, volume: u64, dims: [usize; 3], origins: u64, t: usize, window: [usize; 3], dst: u64) -> Result<()> {
+    if t == 0 {
+        return Ok(());
+    }
+    if t > 65535 {
+        bail!("extract_tiles_f16: {t} windows in one launch (max 65535)");
+    }
+    for v in dims.iter().chain(window.iter()) {
+        check_i31("extent", *v)?;
+    }
+    let a = [
+        Arg::Ptr(volume),
+        Arg::I32(dims[0] as i32),
+        Arg::I32(dims[1] as i32),
+        Arg::I32(dims[2] as i32),
+        Arg::Ptr(origins),
+        Arg::I32(window[0] as i32),
+        Arg::I32(window[1] as i32),
+        Arg::I32(window[2] as i32),
+        Arg::Ptr(dst),
+    ];
+    g.launch("extract_tiles_f16", (gs_blocks(vol(window), 256), t as u32, 1), (256, 1, 1), &a)
+}
+
+/// `dst[r, c_off + c] = src[r, c]`, `rows` rows, `cs` source channels, `cd` destination channels.
+pub fn copy_channels(g: &Gpu, src: u64, dst: u64, rows: usize, cs: usize, cd: usize, c_off: usize) -> Result<()> {
+    if c_off + cs > cd {
+        bail!("copy_channels_f16: channels {c_off}..{} do not fit in {cd}", c_off + cs);
+    }
+    if rows == 0 || cs == 0 {
+        return Ok(());
+    }
+    let a = [Arg::Ptr(src), Arg::Ptr(dst), Arg::I64(rows as i64), Arg::I32(cs as i32), Arg::I32(cd as i32), Arg::I32(c_off as i32)];
+    g.launch("copy_channels_f16", (gs_blocks(rows * cs, 256), 1, 1), (256, 1, 1), &a)
+}
+
+// ---------------------------------------------------------------------------------------------- convolutions
+
+/// Most output channels of `conv3d_c1_k3_f16` (CF_MAX_COUT).
+pub const CONV_FIRST_MAX_COUT: usize = 64;
+
+/// The 1-input-channel 3x3x3 stride-1 pad-1 convolution: `x [n, dims]` fp16, `w [cout, 27]` f32.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_first(g: &Gpu, x: u64, w: u64, bias: Option<u64>, out: u64, n: usize, dims: [usize; 3], cout: usize, act: Act) -> Result<()> {
+    if cout == 0 || cout > CONV_FIRST_MAX_COUT || cout % 2 != 0 {
+        bail!("conv3d_c1_k3_f16 needs an even output width <= {CONV_FIRST_MAX_COUT}, got {cout}");
+    }
+    let [d, h, wd] = dims;
+    let zb = d.div_ceil(2);
+    if n * zb > 65535 || h.div_ceil(4) > 65535 {
+        bail!("conv3d_c1_k3_f16: {n} tiles of {dims:?} exceed the launch grid");
+    }
+    check_i31("output elements", n * vol(dims) * cout)?;
+    let (ac, ap) = act_code(act);
+    let a = [
+        Arg::Ptr(x),
+        Arg::Ptr(w),
+        opt(bias),
+        Arg::Ptr(out),
+        Arg::I32(d as i32),
+        Arg::I32(h as i32),
+        Arg::I32(wd as i32),
+        Arg::I32(cout as i32),
+        Arg::I32(ac),
+        Arg::F32(ap),
+    ];
+    g.launch("conv3d_c1_k3_f16", (wd.div_ceil(32) as u32, h.div_ceil(4) as u32, (n * zb) as u32), (32, 4, 2), &a)
+}
+
+/// Output dims of a cubic convolution.
+pub fn conv_out_dims(dims: [usize; 3], k: usize, stride: usize, pad: usize) -> [usize; 3] {
+    dims.map(|l| (l + 2 * pad).saturating_sub(k) / stride + 1)
+}
+
+/// The generic implicit-GEMM convolution (no cuDNN): `x [n, dims, cin]` fp16, `w [cout, k, k, k,
+/// cin]` fp16, bias f32, out `[n, out dims, cout]` fp16.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_direct(
+    g: &Gpu,
+    x: u64,
+    w: u64,
+    bias: Option<u64>,
+    out: u64,
+    n: usize,
+    dims: [usize; 3],
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    act: Act,
+) -> Result<()> {
+    if cin == 0 || cout == 0 || k == 0 || stride == 0 {
+        bail!("conv3d_igemm_f16: empty shape");
+    }
+    let o = conv_out_dims(dims, k, stride, pad);
+    let m = n * vol(o);
+    check_i31("output voxels", m)?;
+    check_i31("input elements", n * vol(dims) * cin)?;
+    check_i31("output elements", m * cout)?;
+    check_i31("K", k * k * k * cin)?;
+    if cout.div_ceil(64) > 65535 {
+        bail!("conv3d_igemm_f16: {cout} output channels");
+    }
+    let (ac, ap) = act_code(act);
+    let i = |v: usize| Arg::I32(v as i32);
+    let a = [
+        Arg::Ptr(x),
+        Arg::Ptr(w),
+        opt(bias),
+        Arg::Ptr(out),
+        i(n),
+        i(dims[0]),
+        i(dims[1]),
+        i(dims[2]),
+        i(cin),
+        i(cout),
+        i(k),
+        i(stride),
+        i(pad),
+        i(o[0]),
+        i(o[1]),
+        i(o[2]),
+        Arg::I32(ac),
+        Arg::F32(ap),
+    ];
+    g.launch("conv3d_igemm_f16", (m.div_ceil(64) as u32, cout.div_ceil(64) as u32, 1), (256, 1, 1), &a)
+}
+
+/// The kernel-2 stride-2 transposed convolution into channels `[c_off, c_off + cout)` of an
+/// output with `ctot` channels: `x [n, dims, cin]`, `w [cin, cout, 2, 2, 2]` fp16.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_transpose2(g: &Gpu, x: u64, w: u64, out: u64, n: usize, dims: [usize; 3], cin: usize, cout: usize, ctot: usize, c_off: usize) -> Result<()> {
+    if c_off + cout > ctot {
+        bail!("conv_transpose2_f16: channels {c_off}..{} do not fit in {ctot}", c_off + cout);
+    }
+    let m = n * vol(dims);
+    check_i31("input voxels", m)?;
+    if (8 * cout).div_ceil(64) > 65535 {
+        bail!("conv_transpose2_f16: {cout} output channels");
+    }
+    let i = |v: usize| Arg::I32(v as i32);
+    let a = [Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(out), i(n), i(dims[0]), i(dims[1]), i(dims[2]), i(cin), i(cout), i(ctot), i(c_off)];
+    g.launch("conv_transpose2_f16", (m.div_ceil(64) as u32, (8 * cout).div_ceil(64) as u32, 1), (256, 1, 1), &a)
+}
+
+// ---------------------------------------------------------------------------------------------- elementwise
+
+/// `y = act(x + bias[c])` over `elems` fp16 values with `c` channels (even); y may alias x.
+pub fn bias_act(g: &Gpu, x: u64, y: u64, bias: Option<u64>, elems: usize, c: usize, act: Act) -> Result<()> {
+    if c % 2 != 0 || elems % c != 0 {
+        bail!("bias_act_f16 needs an even channel count dividing the element count ({elems} elements, {c} channels)");
+    }
+    let pairs = elems / 2;
+    let (ac, ap) = act_code(act);
+    let a = [Arg::Ptr(x), Arg::Ptr(y), opt(bias), Arg::I64(pairs as i64), Arg::I32(c as i32), Arg::I32(ac), Arg::F32(ap)];
+    g.launch("bias_act_f16", (gs_blocks(pairs, 256), 1, 1), (256, 1, 1), &a)
+}
+
+/// `y = act(a + b)` over `elems` (even) fp16 values; y may alias a or b.
+pub fn add_act(g: &Gpu, a: u64, b: u64, y: u64, elems: usize, act: Act) -> Result<()> {
+    if elems % 2 != 0 {
+        bail!("add_act_f16 needs an even element count, got {elems}");
+    }
+    let pairs = elems / 2;
+    let (ac, ap) = act_code(act);
+    let args = [Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(y), Arg::I64(pairs as i64), Arg::I32(ac), Arg::F32(ap)];
+    g.launch("add_act_f16", (gs_blocks(pairs, 256), 1, 1), (256, 1, 1), &args)
+}
+
+// ---------------------------------------------------------------------------------------------- norm.cu
+
+/// NORM_THREADS of norm.cu: the three norm kernels run with exactly this block size.
+pub const NORM_THREADS: usize = 256;
+/// NORM_MAX_CPG of norm.cu.
+pub const NORM_MAX_CPG: usize = 512;
+
+/// (voxels per stats block, number of blocks) for a volume: at most 1024 partials per sample,
+/// at least 256 voxels per block.
+pub fn norm_blocks(vol: usize) -> (usize, usize) {
+    let per = vol.div_ceil(1024).max(256);
+    (per, vol.div_ceil(per).max(1))
+}
+
+/// Scratch bytes `(partials, params)` that `norm` needs.
+pub fn norm_scratch_bytes(n: usize, c: usize, vol: usize) -> (usize, usize) {
+    let (_, nblk) = norm_blocks(vol);
+    (n * nblk * c * 2 * 4, n * c * 3 * 4)
+}
+
+/// Checks the norm kernels' shape limits.
+pub fn norm_check(c: usize, groups: usize, vol: usize) -> Result<()> {
+    if c == 0 || c % 2 != 0 || c / 2 > NORM_THREADS {
+        bail!("the norm kernels need an even channel count <= {}, got {c}", 2 * NORM_THREADS);
+    }
+    if groups == 0 || c % groups != 0 || c / groups > NORM_MAX_CPG {
+        bail!("the norm kernels need groups dividing {c} with at most {NORM_MAX_CPG} channels per group, got {groups} groups");
+    }
+    check_i31("voxels x channels / 2", vol * c / 2)?;
+    Ok(())
+}
+
+/// GroupNorm / InstanceNorm (groups = c, no affine) with activations before (`pre`) and after
+/// (`post`): `x, y [n, vol, c]` fp16 (y may alias x); `partial` and `params` hold
+/// `norm_scratch_bytes` bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn norm(
+    g: &Gpu,
+    x: u64,
+    y: u64,
+    n: usize,
+    c: usize,
+    vol: usize,
+    groups: usize,
+    gamma: Option<u64>,
+    beta: Option<u64>,
+    pre: Act,
+    post: Act,
+    partial: u64,
+    params: u64,
+) -> Result<()> {
+    norm_check(c, groups, vol)?;
+    if n == 0 || vol == 0 {
+        return Ok(());
+    }
+    if n > 65535 || groups > i32::MAX as usize {
+        bail!("norm: {n} samples");
+    }
+    let (per, nblk) = norm_blocks(vol);
+    let (pc, pp) = act_code(pre);
+    let (qc, qp) = act_code(post);
+    let t = (NORM_THREADS as u32, 1, 1);
+    g.launch(
+        "norm_stats_partial",
+        (nblk as u32, n as u32, 1),
+        t,
+        &[Arg::Ptr(x), Arg::I64(vol as i64), Arg::I32(c as i32), Arg::I32(per as i32), Arg::I32(pc), Arg::F32(pp), Arg::Ptr(partial)],
+    )?;
+    g.launch(
+        "norm_finalize",
+        (groups as u32, n as u32, 1),
+        t,
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(partial),
+            Arg::I64(vol as i64),
+            Arg::I32(c as i32),
+            Arg::I32(groups as i32),
+            Arg::I32(nblk as i32),
+            Arg::I32(pc),
+            Arg::F32(pp),
+            opt(gamma),
+            opt(beta),
+            Arg::F32(crate::engine::cpu::norm::EPS as f32),
+            Arg::Ptr(params),
+        ],
+    )?;
+    g.launch(
+        "norm_apply",
+        (gs_blocks(vol * c / 2, NORM_THREADS), n as u32, 1),
+        t,
+        &[Arg::Ptr(x), Arg::Ptr(y), Arg::I64(vol as i64), Arg::I32(c as i32), Arg::Ptr(params), Arg::I32(pc), Arg::F32(pp), Arg::I32(qc), Arg::F32(qp)],
+    )
+}
+
+// ---------------------------------------------------------------------------------------------- resample.cu
+
+/// Trilinear x2 upsampling of `x [n, dims, c]` (+ `skip [n, 2 dims, c]`) into `out`; out may alias skip.
+pub fn upsample_add(g: &Gpu, x: u64, skip: Option<u64>, out: u64, n: usize, dims: [usize; 3], c: usize) -> Result<()> {
+    if c % 2 != 0 {
+        bail!("upsample2x_add_f16 needs an even channel count, got {c}");
+    }
+    if n > 65535 {
+        bail!("upsample2x_add_f16: {n} samples");
+    }
+    let pairs = 8 * vol(dims) * c / 2;
+    check_i31("output pairs per sample", pairs)?;
+    if n == 0 || pairs == 0 {
+        return Ok(());
+    }
+    let i = |v: usize| Arg::I32(v as i32);
+    g.launch("upsample2x_add_f16", (gs_blocks(pairs, 256), n as u32, 1), (256, 1, 1), &[Arg::Ptr(x), opt(skip), Arg::Ptr(out), i(dims[0]), i(dims[1]), i(dims[2]), i(c)])
+}
+
+// ---------------------------------------------------------------------------------------------- heads.cu
+
+/// HEAD_MAX_CIN / HEAD_MAX_COUT of heads.cu.
+pub const HEAD_MAX_CIN: usize = 64;
+pub const HEAD_MAX_COUT: usize = 8;
+
+/// Whether `head_conv1x1_act_f32` takes this shape.
+pub fn head_conv_fits(cin: usize, cout: usize) -> bool {
+    cin > 0 && cin <= HEAD_MAX_CIN && cin % 2 == 0 && cout > 0 && cout <= HEAD_MAX_COUT
+}
+
+/// The last 1x1x1 conv of a head: `x [n, vol, cin]` fp16, `w [cout, cin]` f32 → `out [n, cout, vol]` f32.
+#[allow(clippy::too_many_arguments)]
+pub fn head_conv(g: &Gpu, x: u64, w: u64, bias: Option<u64>, out: u64, n: usize, vol: usize, cin: usize, cout: usize, act: Act) -> Result<()> {
+    if !head_conv_fits(cin, cout) {
+        bail!("head_conv1x1_act_f32 needs an even input width <= {HEAD_MAX_CIN} and <= {HEAD_MAX_COUT} outputs, got {cin} -> {cout}");
+    }
+    if n > 65535 {
+        bail!("head_conv1x1_act_f32: {n} samples");
+    }
+    if n == 0 || vol == 0 {
+        return Ok(());
+    }
+    check_i31("voxel blocks", vol.div_ceil(256))?;
+    let (ac, ap) = act_code(act);
+    let a = [Arg::Ptr(x), Arg::Ptr(w), opt(bias), Arg::Ptr(out), Arg::I64(vol as i64), Arg::I32(cin as i32), Arg::I32(cout as i32), Arg::I32(ac), Arg::F32(ap)];
+    g.launch("head_conv1x1_act_f32", (vol.div_ceil(256) as u32, n as u32, 1), (256, 1, 1), &a)
+}
+
+/// `out[n, c, v] = act(x[n, v, c])`: NDHWC fp16 → NCDHW f32 with an activation.
+pub fn head_act(g: &Gpu, x: u64, out: u64, n: usize, vol: usize, c: usize, act: Act) -> Result<()> {
+    check_i31("elements per sample", vol * c)?;
+    if n > 65535 {
+        bail!("head_act_f32: {n} samples");
+    }
+    if n == 0 || vol * c == 0 {
+        return Ok(());
+    }
+    let (ac, ap) = act_code(act);
+    let a = [Arg::Ptr(x), Arg::Ptr(out), Arg::I32(vol as i32), Arg::I32(c as i32), Arg::I32(ac), Arg::F32(ap)];
+    g.launch("head_act_f32", (gs_blocks(vol * c, 256), n as u32, 1), (256, 1, 1), &a)
+}
+
+// ---------------------------------------------------------------------------------------------- ensemble.cu
+
+/// `acc[i] += src[i]`, `len` f32.
+pub fn ensemble_accumulate(g: &Gpu, acc: u64, src: u64, len: usize) -> Result<()> {
+    g.launch("ensemble_accumulate_f32", (gs_blocks(len, 256), 1, 1), (256, 1, 1), &[Arg::Ptr(acc), Arg::Ptr(src), Arg::I64(len as i64)])
+}
+
+/// `acc += inverse_view(src)` for `[n, c, dims]` f32; view 0 plain, 1..3 flips of z, y, x,
+/// 4..6 rot90 k = 1..3 in the yx plane; `vector`: the 3 channels are offsets (x, y, z).
+pub fn ensemble_accumulate_view(g: &Gpu, acc: u64, src: u64, n: usize, c: usize, dims: [usize; 3], view: usize, vector: bool) -> Result<()> {
+    if view > 6 {
+        bail!("ensemble_accumulate_view_f32: view {view} (0..=6)");
+    }
+    if view >= 4 && dims[1] != dims[2] {
+        bail!("ensemble_accumulate_view_f32: rot90 views need H == W, got {dims:?}");
+    }
+    let i = |v: usize| Arg::I32(v as i32);
+    let a = [Arg::Ptr(acc), Arg::Ptr(src), i(n), i(c), i(dims[0]), i(dims[1]), i(dims[2]), i(view), Arg::I32(vector as i32)];
+    g.launch("ensemble_accumulate_view_f32", (gs_blocks(n * c * vol(dims), 256), 1, 1), (256, 1, 1), &a)
+}
+
+/// `acc[i] /= count`.
+pub fn ensemble_divide(g: &Gpu, acc: u64, len: usize, count: f32) -> Result<()> {
+    g.launch("ensemble_divide_f32", (gs_blocks(len, 256), 1, 1), (256, 1, 1), &[Arg::Ptr(acc), Arg::I64(len as i64), Arg::F32(count)])
+}
+
+/// `dst[i] = (sum_k srcs[k][i]) / count`; `srcs` is a device array of `m` device pointers.
+pub fn ensemble_mean(g: &Gpu, dst: u64, srcs: u64, m: usize, len: usize, count: f32) -> Result<()> {
+    g.launch("ensemble_mean_f32", (gs_blocks(len, 256), 1, 1), (256, 1, 1), &[Arg::Ptr(dst), Arg::Ptr(srcs), Arg::I32(m as i32), Arg::I64(len as i64), Arg::F32(count)])
+}
+
+// ---------------------------------------------------------------------------------------------- blend.cu
+
+/// Adds `t` weighted tiles (`tiles_s [t, cs, tile]`, `tiles_o [t, 3, tile]`, origins `[t, 3]` i32
+/// cells) onto the accumulators of grid `grid`, over the cell box `[lo, lo + size)`.
+#[allow(clippy::too_many_arguments)]
+pub fn blend_tiles(
+    g: &Gpu,
+    acc_s: u64,
+    acc_o: u64,
+    counter: u64,
+    cs: usize,
+    grid: [usize; 3],
+    tiles_s: u64,
+    tiles_o: u64,
+    weight: u64,
+    origins: u64,
+    t: usize,
+    tile: [usize; 3],
+    lo: [usize; 3],
+    size: [usize; 3],
+) -> Result<()> {
+    for v in grid.iter().chain(tile.iter()).chain(lo.iter()).chain(size.iter()) {
+        check_i31("extent", *v)?;
+    }
+    if vol(size) == 0 || t == 0 {
+        return Ok(());
+    }
+    let i = |v: usize| Arg::I32(v as i32);
+    let a = [
+        Arg::Ptr(acc_s),
+        Arg::Ptr(acc_o),
+        Arg::Ptr(counter),
+        i(cs),
+        i(grid[0]),
+        i(grid[1]),
+        i(grid[2]),
+        Arg::Ptr(tiles_s),
+        Arg::Ptr(tiles_o),
+        Arg::Ptr(weight),
+        Arg::Ptr(origins),
+        i(t),
+        i(tile[0]),
+        i(tile[1]),
+        i(tile[2]),
+        i(lo[0]),
+        i(lo[1]),
+        i(lo[2]),
+        i(size[0]),
+        i(size[1]),
+        i(size[2]),
+    ];
+    g.launch("blend_tiles_f32", (gs_blocks(vol(size), 256), 1, 1), (256, 1, 1), &a)
+}
+
+/// `acc[c, i] = counter[i] > 0 ? acc[c, i] / counter[i] : 0` for `c` channels of `cells`.
+pub fn blend_finish(g: &Gpu, acc: u64, counter: u64, c: usize, cells: usize) -> Result<()> {
+    g.launch("blend_finish_f32", (gs_blocks(c * cells, 256), 1, 1), (256, 1, 1), &[Arg::Ptr(acc), Arg::Ptr(counter), Arg::I32(c as i32), Arg::I64(cells as i64)])
+}
+
+/// `dst[i] += src[i]`.
+pub fn blend_merge(g: &Gpu, dst: u64, src: u64, len: usize) -> Result<()> {
+    g.launch("blend_merge_f32", (gs_blocks(len, 256), 1, 1), (256, 1, 1), &[Arg::Ptr(dst), Arg::Ptr(src), Arg::I64(len as i64)])
+}
+
+// ---------------------------------------------------------------------------------------------- nms.cu
+
+/// NMS_THREADS * NMS_ITEMS of nms.cu: cells per block.
+pub const NMS_CELLS: usize = 256 * 8;
+
+/// Blocks per class for `cells` cells.
+pub fn nms_blocks(cells: usize) -> usize {
+    cells.div_ceil(NMS_CELLS).max(1)
+}
+
+/// Candidates of every class of `scores [c, dims]` f32 (peaks >= thresholds[c]); device buffers:
+/// `thresholds [c]` f32, `block_counts`/`block_offsets [c, nms_blocks]` u32, `totals [c]` u32,
+/// `out_index`/`out_score [c, capacity]`.
+#[allow(clippy::too_many_arguments)]
+pub fn nms(
+    g: &Gpu,
+    scores: u64,
+    c: usize,
+    dims: [usize; 3],
+    thresholds: u64,
+    block_counts: u64,
+    block_offsets: u64,
+    totals: u64,
+    capacity: usize,
+    out_index: u64,
+    out_score: u64,
+) -> Result<()> {
+    let cells = vol(dims);
+    if cells >= u32::MAX as usize || capacity > u32::MAX as usize {
+        bail!("nms: {cells} cells exceed the kernels' 32-bit index");
+    }
+    if c == 0 || cells == 0 {
+        return Ok(());
+    }
+    if c > 65535 {
+        bail!("nms: {c} classes");
+    }
+    let nblk = nms_blocks(cells);
+    let i = |v: usize| Arg::I32(v as i32);
+    g.launch("nms_count", (nblk as u32, c as u32, 1), (256, 1, 1), &[Arg::Ptr(scores), i(dims[0]), i(dims[1]), i(dims[2]), Arg::Ptr(thresholds), Arg::Ptr(block_counts)])?;
+    g.launch("nms_scan", (c as u32, 1, 1), (1024, 1, 1), &[Arg::Ptr(block_counts), Arg::Ptr(block_offsets), Arg::Ptr(totals), i(nblk)])?;
+    g.launch(
+        "nms_write",
+        (nblk as u32, c as u32, 1),
+        (256, 1, 1),
+        &[
+            Arg::Ptr(scores),
+            i(dims[0]),
+            i(dims[1]),
+            i(dims[2]),
+            Arg::Ptr(thresholds),
+            Arg::Ptr(block_offsets),
+            Arg::U32(capacity as u32),
+            Arg::Ptr(out_index),
+            Arg::Ptr(out_score),
+        ],
+    )
+}

@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# Device check for a GPU machine without a Rust toolchain: the release binary built elsewhere
+# (target/release/fastdet) is carried there and this script
+#   1. finds the CUDA libraries (pip wheels nvidia/*/lib, /usr/local/cuda, ldconfig) and cuda_fp16.h,
+#   2. prints nvidia-smi,
+#   3. runs `fastdet selftest --quick` (kernels vs CPU twins, both seed networks on 64^3),
+#   4. writes a synthetic 184x630x630 tomogram and times `fastdet run` on the GPU with the demo
+#      weights and the seed window/tiles (+ `fastdet score` against its ground truth),
+#   5. runs the full `fastdet selftest` (192x128x128 networks, whole-tomogram CPU-vs-GPU check) with
+#      the time that is left,
+#   6. optionally (--cpu-run) the same `fastdet run` on the CPU for comparison (slow),
+# and ends with a one-screen summary. Every step has a timeout; the whole script stays within
+# --budget seconds (default 450). Logs, JSON reports, compiled kernels and the summary go to OUTDIR
+# (a few MB); the synthetic data goes to --data (default under $TMPDIR) and is removed at the end.
+#
+# Exit status: 0 all steps passed, 1 a step failed or timed out, 2 no usable GPU (no driver or
+# no device; the logs say which), 3 the fastdet binary does not run here, 64 bad usage.
+set -u -o pipefail
+
+usage() {
+    cat <<'EOF'
+usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip-full] [--cpu-run]
+                              [--data DIR] [--keep-data]
+
+  OUTDIR            where logs, JSON reports, compiled kernels and summary.txt go (created; small)
+  --data DIR        where the synthetic tomogram is written (default $TMPDIR/fastdet-device-check-data;
+                    about 300 MB, removed at the end unless --keep-data)
+  --budget S        wall-clock budget for the whole script in seconds (default 450)
+  --device cuda:N   GPU to check (default cuda:0)
+  --skip-full       skip the full self-test (192x128x128 networks + whole-tomogram check)
+  --cpu-run         also time `fastdet run --device cpu` on the same data (slow: minutes)
+
+environment: FASTDET=path/to/fastdet (default: target/release/fastdet next to this script),
+             FASTDET_CHECK_SHAPE=z,y,x (default 184,630,630)
+EOF
+}
+
+OUT=""
+DATA="${TMPDIR:-/tmp}/fastdet-device-check-data"
+KEEP_DATA=0
+BUDGET="${FASTDET_CHECK_BUDGET:-450}"
+DEVICE="cuda:0"
+FULL=1
+CPU_RUN=0
+SHAPE="${FASTDET_CHECK_SHAPE:-184,630,630}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --budget) [ $# -ge 2 ] || { echo "device-check: --budget needs a value" >&2; exit 64; }; BUDGET="$2"; shift 2 ;;
+        --device) [ $# -ge 2 ] || { echo "device-check: --device needs a value" >&2; exit 64; }; DEVICE="$2"; shift 2 ;;
+        --skip-full) FULL=0; shift ;;
+        --data) [ $# -ge 2 ] || { echo "device-check: --data needs a value" >&2; exit 64; }; DATA="$2"; shift 2 ;;
+        --keep-data) KEEP_DATA=1; shift ;;
+        --cpu-run) CPU_RUN=1; shift ;;
+        -*) echo "device-check: unknown option $1" >&2; usage >&2; exit 64 ;;
+        *)
+            if [ -z "$OUT" ]; then OUT="$1"; shift
+            else echo "device-check: unexpected argument $1" >&2; usage >&2; exit 64; fi ;;
+    esac
+done
+if [ -z "$OUT" ]; then usage >&2; exit 64; fi
+case "$BUDGET" in ''|*[!0-9]*) echo "device-check: --budget must be a whole number of seconds, got '$BUDGET'" >&2; exit 64 ;; esac
+case "$DEVICE" in cuda:[0-9]*) ;; *) echo "device-check: --device must be cuda:N, got '$DEVICE'" >&2; exit 64 ;; esac
+case "$SHAPE" in *[!0-9,]*|'') echo "device-check: FASTDET_CHECK_SHAPE must be z,y,x, got '$SHAPE'" >&2; exit 64 ;; esac
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FASTDET="${FASTDET:-$ROOT/target/release/fastdet}"
+mkdir -p "$OUT" || { echo "device-check: cannot create $OUT" >&2; exit 64; }
+OUT="$(cd "$OUT" && pwd)"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+START=$(date +%s)
+FAILED=0
+NO_GPU=0
+
+log() { echo "$*" | tee -a "$SUMMARY"; }
+elapsed() { echo $(( $(date +%s) - START )); }
+remaining() { echo $(( BUDGET - $(elapsed) )); }
+
+# step NAME MAX_SECONDS LOGFILE CMD... : runs CMD with a timeout (the smaller of MAX_SECONDS and
+# what is left of the budget), output to LOGFILE; records a summary line; returns CMD's status
+# (124 on timeout, 125 when skipped for lack of time).
+step() {
+    local name="$1" max="$2" logf="$3"
+    shift 3
+    local left t s rc e status
+    left=$(( $(remaining) - 5 ))
+    t=$max
+    [ "$left" -lt "$t" ] && t=$left
+    if [ "$t" -lt 15 ]; then
+        printf '%-34s %-8s %5s   %s\n' "$name" "SKIPPED" "-" "no time left in the ${BUDGET} s budget" | tee -a "$SUMMARY"
+        return 125
+    fi
+    echo ">> $name (timeout ${t} s): $*" | tee -a "$OUT/commands.txt"
+    s=$(date +%s)
+    { echo "# $*"; echo "# timeout ${t} s, started $(date -u +%FT%TZ)"; } > "$logf"
+    timeout --kill-after=10 "$t" "$@" >> "$logf" 2>&1
+    rc=$?
+    e=$(( $(date +%s) - s ))
+    case $rc in
+        0) status=PASS ;;
+        124|137) status=TIMEOUT ;;
+        2) case "$name" in selftest*) status="NO-GPU" ;; *) status="FAIL(2)" ;; esac ;;
+        *) status="FAIL($rc)" ;;
+    esac
+    printf '%-34s %-8s %4ss   %s\n' "$name" "$status" "$e" "$(basename "$logf")" | tee -a "$SUMMARY"
+    return $rc
+}
+
+log "fastdet device check  $(date -u +%FT%TZ)  host $(hostname 2>/dev/null || echo ?)  budget ${BUDGET} s"
+log "output: $OUT"
+
+# ------------------------------------------------------------------------------------------------
+# The binary
+if [ ! -x "$FASTDET" ]; then
+    log "ERROR: $FASTDET is missing or not executable: build it with 'cargo build --release' and carry target/release/fastdet"
+    exit 3
+fi
+if ! "$FASTDET" --version > "$OUT/version.txt" 2>&1; then
+    log "ERROR: $FASTDET does not run on this machine:"
+    sed 's/^/  /' "$OUT/version.txt" | tee -a "$SUMMARY"
+    { echo "--- ldd"; ldd "$FASTDET" 2>&1; echo "--- glibc"; ldd --version 2>&1 | head -1; } >> "$OUT/version.txt"
+    log "  (details in version.txt; a glibc older than 2.34 needs a binary built on an older system)"
+    exit 3
+fi
+log "binary: $FASTDET ($(cat "$OUT/version.txt"))"
+
+# ------------------------------------------------------------------------------------------------
+# CUDA libraries: the toolkit first (its NVRTC and headers match each other and the driver), then
+# every lib directory of the pip wheels (nvidia/*/lib: cuDNN, cuBLAS, NVRTC, runtime).
+LIBDIRS=()
+INCLUDE=""
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && LIBDIRS+=("$d")
+done
+for d in /usr/local/cuda/include /usr/local/cuda/targets/x86_64-linux/include; do
+    if [ -z "$INCLUDE" ] && [ -f "$d/cuda_fp16.h" ]; then INCLUDE="$d"; fi
+done
+NVBASES=""
+if command -v python3 > /dev/null 2>&1; then
+    NVBASES="$(python3 - <<'PY' 2>/dev/null
+import os
+try:
+    import nvidia
+except Exception:
+    raise SystemExit(0)
+paths = list(getattr(nvidia, "__path__", []) or [])
+if not paths and getattr(nvidia, "__file__", None):
+    paths = [os.path.dirname(nvidia.__file__)]
+for p in paths:
+    print(p)
+PY
+)"
+fi
+if [ -n "$NVBASES" ]; then
+    while IFS= read -r base; do
+        [ -d "$base" ] || continue
+        # cu13 (CUDA 13 wheels) before the per-library CUDA 12 wheels.
+        for d in "$base"/cu13/lib "$base"/*/lib; do
+            [ -d "$d" ] || continue
+            case " ${LIBDIRS[*]-} " in *" $d "*) ;; *) LIBDIRS+=("$d") ;; esac
+        done
+        if [ -z "$INCLUDE" ]; then
+            for d in "$base"/cu13/include "$base"/cuda_runtime/include "$base"/*/include; do
+                if [ -f "$d/cuda_fp16.h" ]; then INCLUDE="$d"; break; fi
+            done
+        fi
+    done <<< "$NVBASES"
+else
+    log "note: python3 or its 'nvidia' pip packages not found; relying on the system library path"
+fi
+if [ ${#LIBDIRS[@]} -gt 0 ]; then
+    NEWPATH="$(IFS=:; echo "${LIBDIRS[*]}")"
+    export LD_LIBRARY_PATH="$NEWPATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+[ -n "$INCLUDE" ] && export FASTDET_CUDA_INCLUDE="$INCLUDE"
+export FASTDET_KERNEL_CACHE="$OUT/kernel-cache"
+{
+    echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    echo "FASTDET_CUDA_INCLUDE=${FASTDET_CUDA_INCLUDE:-<not found>}"
+    echo "FASTDET_KERNEL_CACHE=$FASTDET_KERNEL_CACHE"
+    echo "--- ldconfig -p (cuda, nvrtc, cudnn, cublas)"
+    ldconfig -p 2>/dev/null | grep -E 'libcuda\.so|libnvrtc|libcudnn|libcublas' || echo "(none in the ldconfig cache)"
+    echo "--- lib directories"
+    for d in "${LIBDIRS[@]-}"; do
+        [ -n "$d" ] || continue
+        echo "$d:"; ls "$d" 2>/dev/null | grep -E 'libnvrtc|libcudnn\.so|libcublas\.so|libcudart\.so' | sed 's/^/  /'
+    done
+} > "$OUT/env.txt" 2>&1
+log "libraries: ${#LIBDIRS[@]} lib dir(s) on LD_LIBRARY_PATH; cuda_fp16.h: ${FASTDET_CUDA_INCLUDE:-NOT FOUND}; details in env.txt"
+if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so'; then
+    found_cuda=0
+    for d in "${LIBDIRS[@]-}"; do [ -n "$d" ] && ls "$d"/libcuda.so* > /dev/null 2>&1 && found_cuda=1; done
+    [ $found_cuda -eq 0 ] && log "note: libcuda.so (the NVIDIA driver) is not in the ldconfig cache"
+fi
+
+# ------------------------------------------------------------------------------------------------
+# nvidia-smi
+if command -v nvidia-smi > /dev/null 2>&1; then
+    timeout 30 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+    timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader \
+        >> "$OUT/nvidia-smi.txt" 2>&1 || true
+    log "nvidia-smi: $(tail -1 "$OUT/nvidia-smi.txt")"
+else
+    echo "nvidia-smi not found" > "$OUT/nvidia-smi.txt"
+    log "nvidia-smi: not found"
+fi
+
+# ------------------------------------------------------------------------------------------------
+# 1. quick self-test
+step "selftest --quick" 200 "$OUT/selftest-quick.log" \
+    "$FASTDET" selftest --device "$DEVICE" --quick --json "$OUT/selftest-quick.json"
+rc=$?
+if [ $rc -eq 2 ]; then
+    NO_GPU=1
+    log ""
+    log "NO USABLE GPU: $(grep -m1 '^selftest:' "$OUT/selftest-quick.log" | sed 's/^selftest: //')"
+    log "nothing ran on a GPU; the GPU steps are skipped (logs in $OUT)"
+elif [ $rc -ne 0 ]; then
+    FAILED=1
+fi
+
+# ------------------------------------------------------------------------------------------------
+# 2. timed GPU run on a synthetic tomogram with the demo weights and the seed window / tiles
+W1="$ROOT/weights/demo_segresnetv2.safetensors"
+W2="$ROOT/weights/demo_dynunet.safetensors"
+if [ $NO_GPU -eq 0 ]; then
+    rm -rf "$DATA"
+    mkdir -p "$(dirname "$DATA")"
+    if step "synth 1 run $SHAPE" 180 "$OUT/synth.log" \
+        "$FASTDET" synth "$DATA" --runs 1 --shape "$SHAPE" --seed 1; then
+        if [ -f "$W1" ] && [ -f "$W2" ]; then
+            if step "run --device $DEVICE (2 models)" 240 "$OUT/run-gpu.log" \
+                "$FASTDET" run --data "$DATA" --split test --weights "$W1" "$W2" --device "$DEVICE" \
+                --window 192,128,128 --tiles 1,9,9 --out "$OUT/gpu.csv" --with-score; then
+                step "score gpu.csv" 60 "$OUT/score-gpu.log" \
+                    "$FASTDET" score --truth "$DATA" --split test "$OUT/gpu.csv" || FAILED=1
+            else
+                FAILED=1
+            fi
+        else
+            log "demo weights not found under $ROOT/weights: GPU run skipped"
+            FAILED=1
+        fi
+    else
+        FAILED=1
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+# 3. full self-test with what is left of the budget
+if [ $NO_GPU -eq 0 ] && [ $FULL -eq 1 ]; then
+    step "selftest (full)" 100000 "$OUT/selftest-full.log" \
+        "$FASTDET" selftest --device "$DEVICE" --json "$OUT/selftest-full.json" || FAILED=1
+fi
+
+# ------------------------------------------------------------------------------------------------
+# 4. optional CPU run for comparison
+if [ $NO_GPU -eq 0 ] && [ $CPU_RUN -eq 1 ] && [ -d "$DATA" ]; then
+    if step "run --device cpu (2 models)" 100000 "$OUT/run-cpu.log" \
+        "$FASTDET" run --data "$DATA" --split test --weights "$W1" "$W2" --device cpu \
+        --window 192,128,128 --tiles 1,9,9 --out "$OUT/cpu.csv" --with-score; then
+        step "score cpu.csv" 60 "$OUT/score-cpu.log" "$FASTDET" score --truth "$DATA" --split test "$OUT/cpu.csv" || true
+    fi
+fi
+
+[ $KEEP_DATA -eq 1 ] || rm -rf "$DATA"
+
+# ------------------------------------------------------------------------------------------------
+# Summary
+{
+    echo
+    echo "================ summary ($(elapsed) s of ${BUDGET} s) ================"
+    cat "$SUMMARY"
+    echo "----------------"
+    for f in selftest-quick.log selftest-full.log; do
+        [ -f "$OUT/$f" ] || continue
+        r=$(grep -E '^selftest (PASSED|FAILED)' "$OUT/$f" | tail -1)
+        echo "$f: ${r:-no result line (see the log)}"
+        grep -E '^(note|time): ' "$OUT/$f" | head -12 | sed 's/^/  /'
+        grep -E ' FAIL( |$)' "$OUT/$f" | grep -v '^  ' | head -12 | sed 's/^/  FAIL: /'
+        grep -E 'timing ' "$OUT/$f" | sed 's/^/  /' | cut -c1-200
+    done
+    for f in run-gpu.log run-cpu.log; do
+        [ -f "$OUT/$f" ] || continue
+        echo "$f:"
+        grep -E 'picks; read|wrote [0-9]+ picks|error|FAILED|warning' "$OUT/$f" | head -6 | sed 's/^/  /'
+    done
+    for f in score-gpu.log score-cpu.log; do
+        [ -f "$OUT/$f" ] || continue
+        echo "$f: $(awk '/^total/ {print "F-beta (weighted total) " $NF}' "$OUT/$f" | tail -1)"
+    done
+    if [ $NO_GPU -eq 1 ]; then
+        echo "RESULT: NO GPU (nothing ran on a GPU)"
+    elif [ $FAILED -eq 0 ]; then
+        echo "RESULT: PASS"
+    else
+        echo "RESULT: FAIL (see the logs above)"
+    fi
+} > "$OUT/summary-final.txt"
+cat "$OUT/summary-final.txt"
+if [ $NO_GPU -eq 1 ]; then exit 2; fi
+if [ $FAILED -ne 0 ]; then exit 1; fi
+exit 0
