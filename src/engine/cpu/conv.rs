@@ -77,7 +77,12 @@ pub fn conv3d(x: &[f32], n: usize, s: ConvShape, w: &[f32], bias: Option<&[f32]>
     let rows = (BLOCK_FLOATS / (kdim * ow).max(1)).clamp(1, oh);
     let row_blocks = oh.div_ceil(rows);
     let tasks = n * od * row_blocks;
-    (0..tasks).into_par_iter().for_each_init(Vec::new, |col: &mut Vec<f32>, t| {
+    (0..tasks).into_par_iter().for_each(|t| {
+        // One scratch block per worker thread, kept across calls: no allocation per task.
+        thread_local! {
+            static COL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        COL.with_borrow_mut(|col| {
         let b = t / (od * row_blocks);
         let z = (t / row_blocks) % od;
         let y0 = (t % row_blocks) * rows;
@@ -107,6 +112,7 @@ pub fn conv3d(x: &[f32], n: usize, s: ConvShape, w: &[f32], bias: Option<&[f32]>
             );
             epilogue(outp, off, out_vol, s.cout, ncols, bias, act);
         }
+        });
     });
 }
 

@@ -55,7 +55,11 @@ impl CpuEngine {
         let last = g.last_use();
         let mut vals: Vec<Option<Vec<f32>>> = vec![None; g.values.len()];
         vals[g.input] = Some(input.to_vec());
+        // FASTDET_PROFILE=1: seconds per op kind on stderr (where does a tile's time go).
+        let profile = std::env::var_os("FASTDET_PROFILE").is_some();
+        let mut spent: Vec<(String, f64)> = Vec::new();
         for (i, op) in g.ops.iter().enumerate() {
+            let t0 = std::time::Instant::now();
             let in_dims = g.dims(op.inputs[0], tile);
             let vol_in: usize = in_dims.iter().product();
             let cin = g.values[op.inputs[0]].channels;
@@ -123,11 +127,28 @@ impl CpuEngine {
                 }
             };
             debug_assert_eq!(out.len(), out_len);
+            if profile {
+                let key = match &op.kind {
+                    OpKind::Conv { k, stride, cin, .. } => format!("conv k{k} s{stride} cin{cin}"),
+                    other => format!("{other:?}").split([' ', '{', '(']).next().unwrap_or("?").to_string(),
+                };
+                let dt = t0.elapsed().as_secs_f64();
+                match spent.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, t)) => *t += dt,
+                    None => spent.push((key, dt)),
+                }
+            }
             vals[op.output] = Some(out);
             for &v in &op.inputs {
                 if last[v] == i {
                     vals[v] = None;
                 }
+            }
+        }
+        if profile {
+            spent.sort_by(|a, b| b.1.total_cmp(&a.1));
+            for (k, t) in spent {
+                eprintln!("profile {:<28} {:8.1} ms", k, t * 1e3);
             }
         }
         Ok(vals)
