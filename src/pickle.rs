@@ -252,12 +252,28 @@ fn long_from_le(b: &[u8]) -> Result<i64> {
 /// pickle written by Python's pickler cannot nest deeper than its recursion limit (1000) anyway.
 pub const MAX_NESTING: usize = 1000;
 
+/// Bytes of strings a pickle may hold in all, per byte of pickle (plus [`MIN_COPY_BUDGET`]).
+/// DUP, memo PUT and GET copy a string or bytes value whole, so without a bound a few bytes of
+/// opcodes could fill memory with copies of one long string.
+const COPY_FACTOR: usize = 64;
+const MIN_COPY_BUDGET: usize = 64 << 20;
+
 /// The interpreter's stack. Every container pushed is also kept in `arena` until the interpreter is
 /// done, so no container is freed (and its children dropped recursively) mid-run; at the end
-/// everything is taken apart iteratively by [`dismantle`].
+/// everything is taken apart iteratively by [`dismantle`]. `copied` counts the bytes of every
+/// string and bytes value pushed or memoised.
 struct Stack {
     items: Vec<Value>,
     arena: Vec<Value>,
+    copied: usize,
+}
+
+fn text_len(v: &Value) -> usize {
+    match v {
+        Value::Str(s) => s.len(),
+        Value::Bytes(b) => b.len(),
+        _ => 0,
+    }
 }
 
 impl Stack {
@@ -265,7 +281,18 @@ impl Stack {
         if matches!(v, Value::Tuple(_) | Value::List(_) | Value::Dict(_) | Value::Object(_) | Value::PersId(_)) {
             self.arena.push(v.clone());
         }
+        self.copied = self.copied.saturating_add(text_len(&v));
         self.items.push(v);
+    }
+
+    /// A copy of the top value for the memo.
+    fn memo_copy(&mut self) -> Result<Value> {
+        let v = match self.items.last() {
+            Some(Value::Mark) | None => bail!("pickle stack underflow"),
+            Some(v) => v.clone(),
+        };
+        self.copied = self.copied.saturating_add(text_len(&v));
+        Ok(v)
     }
 }
 
@@ -376,7 +403,8 @@ fn nesting_depth(v: &Value) -> usize {
 pub fn unpickle(data: &[u8]) -> Result<Value> {
     let mut r = Reader { data, pos: 0 };
     // Declared before `memo`, so dropped after it: while it is dismantled, nothing else holds values.
-    let mut stack = Stack { items: Vec::new(), arena: Vec::new() };
+    let mut stack = Stack { items: Vec::new(), arena: Vec::new(), copied: 0 };
+    let copy_budget = data.len().saturating_mul(COPY_FACTOR).saturating_add(MIN_COPY_BUDGET);
     let mut memo: HashMap<u64, Value> = HashMap::new();
 
     fn pop(stack: &mut Vec<Value>) -> Result<Value> {
@@ -447,6 +475,9 @@ pub fn unpickle(data: &[u8]) -> Result<Value> {
     }
 
     loop {
+        if stack.copied > copy_budget {
+            bail!("pickle copies strings into more than {copy_budget} bytes (it is {} bytes long)", data.len());
+        }
         let op = r.u8()?;
         match op {
             0x80 => {
@@ -672,19 +703,19 @@ pub fn unpickle(data: &[u8]) -> Result<Value> {
             }
             b'q' => {
                 let k = r.u8()? as u64;
-                memo.insert(k, top(&mut stack)?.clone());
+                memo.insert(k, stack.memo_copy()?);
             }
             b'r' => {
                 let k = r.u32()? as u64;
-                memo.insert(k, top(&mut stack)?.clone());
+                memo.insert(k, stack.memo_copy()?);
             }
             b'p' => {
                 let k: u64 = r.line()?.trim().parse().context("bad pickle PUT")?;
-                memo.insert(k, top(&mut stack)?.clone());
+                memo.insert(k, stack.memo_copy()?);
             }
             0x94 => {
                 let k = memo.len() as u64;
-                memo.insert(k, top(&mut stack)?.clone());
+                memo.insert(k, stack.memo_copy()?);
             }
             0x97 | 0x98 => bail!("pickle out-of-band buffers are not supported"),
             0x82..=0x84 => bail!("pickle extension registry codes are not supported"),

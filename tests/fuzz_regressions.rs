@@ -280,3 +280,25 @@ fn zarr_shape_without_data_cannot_allocate_without_bound() {
     let e = zarr_with_zarray(&zarray("[256, 256, 256]", "[1, 1, 1]"));
     assert!(e.contains("chunks"), "{e}");
 }
+
+#[test]
+fn pickle_copies_of_a_long_string_are_bounded() {
+    // OOM: one 1 MiB BINBYTES, then DUP (or memo PUT under fresh keys) 100 000 times: every copy is
+    // a full copy, 100 GiB from a 1.2 MB pickle.
+    let mut p = vec![0x80, 2, b'B'];
+    p.extend((1u32 << 20).to_le_bytes());
+    p.extend(std::iter::repeat(b'x').take(1 << 20));
+    let mut dup = p.clone();
+    dup.extend(std::iter::repeat(b'2').take(100_000));
+    dup.push(b'.');
+    let e = err_text(fastdet::pickle::unpickle(&dup));
+    assert!(e.contains("copies strings"), "{e}");
+    let mut put = p;
+    for k in 0..100_000u32 {
+        put.push(b'r');
+        put.extend(k.to_le_bytes());
+    }
+    put.push(b'.');
+    let e = err_text(fastdet::pickle::unpickle(&put));
+    assert!(e.contains("copies strings"), "{e}");
+}

@@ -11,7 +11,8 @@
 #     copick_json         bytes as a picks file → fastdet::io::copick::read_picks_file
 # Exits non-zero if any target crashed (panic, overflow, abort, OOM over FUZZ_RSS_MB, or an input
 # running over FUZZ_TIMEOUT seconds). A crashing input is kept in tools/fuzz/artifacts/<target>/;
-# replay it with `tools/fuzz.sh` again, or add it to tests/fuzz_regressions.rs as a plain #[test].
+# replay it with `cargo +stable fuzz run --fuzz-dir tools/fuzz --sanitizer none -O -a TARGET FILE`,
+# then add it to tests/fuzz_regressions.rs as a plain #[test] asserting a clean error.
 #
 # Needs: cargo (stable is enough), a C++ compiler (libfuzzer-sys builds libFuzzer), python3 only to
 # regenerate the seeds (tools/fuzz/make_seeds.py; the seeds are checked in), and cargo-fuzz, which
@@ -23,7 +24,11 @@
 # assertions and overflow checks, so an arithmetic overflow is a crash). The working invocation is
 #   cargo +stable fuzz run --fuzz-dir tools/fuzz --sanitizer none -O -a TARGET CORPUS SEEDS -- -max_total_time=N
 # Environment: FUZZ_RSS_MB (default 2048), FUZZ_TIMEOUT (per input, s, default 10), FUZZ_JOBS
-# (parallel fuzzing processes per target, default 1), TOOLCHAIN (default stable).
+# (parallel fuzzing processes per target, default 1), TOOLCHAIN (default stable), and
+# FUZZ_SANITIZER=address to build with AddressSanitizer instead (on stable through
+# RUSTC_BOOTSTRAP=1, which this script then sets; its own build in tools/fuzz/target/asan, ~7 min;
+# LeakSanitizer is off there: a self-referential pickle, e.g. `d = {}; d['a'] = d`, becomes an Rc
+# cycle that is never freed, by design, and bounded by the input's size).
 set -euo pipefail
 
 SECONDS_PER_TARGET="${1:-60}"
@@ -46,7 +51,18 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz
 fi
 
-FLAGS=(--fuzz-dir "$FUZZ" --sanitizer none -O -a)
+FLAGS=(--fuzz-dir "$FUZZ" -O -a)
+EXTRA=()
+case "${FUZZ_SANITIZER:-none}" in
+    none) FLAGS+=(--sanitizer none) ;;
+    address)
+        export RUSTC_BOOTSTRAP=1
+        FLAGS+=(--sanitizer address --target-dir "$FUZZ/target/asan")
+        EXTRA+=(-detect_leaks=0)
+        export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0"
+        ;;
+    *) echo "fuzz.sh: FUZZ_SANITIZER must be none or address" >&2; exit 2 ;;
+esac
 cargo "+$TOOLCHAIN" fuzz build "${FLAGS[@]}" || { echo "fuzz.sh: the fuzz targets do not build" >&2; exit 2; }
 
 failed=()
@@ -59,7 +75,7 @@ for t in "${TARGETS[@]}"; do
         *) dict="$FUZZ/dicts/json.dict" ;;
     esac
     if cargo "+$TOOLCHAIN" fuzz run "${FLAGS[@]}" --jobs "$JOBS" "$t" "$FUZZ/corpus/$t" "$FUZZ/seeds/$t" -- \
-        -dict="$dict" -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb="$RSS_MB" -timeout="$TIMEOUT" \
+        ${EXTRA[@]+"${EXTRA[@]}"} -dict="$dict" -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb="$RSS_MB" -timeout="$TIMEOUT" \
         -artifact_prefix="$FUZZ/artifacts/$t/" -print_final_stats=1 >"$log" 2>&1; then
         grep -E "^(Done|stat::number_of_executed_units)" "$log" >&2 || true
     else
