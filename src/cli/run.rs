@@ -240,7 +240,7 @@ fn load_ensemble(a: &InferArgs, device: Device) -> Result<Ensemble> {
                 );
             }
         }
-        engines.push(engine::open(device, &w)?);
+        engines.push(engine::open(device, &w).with_context(|| format!("{}: cannot open on {device}", p.display()))?);
         if first.is_none() {
             first = Some(w);
         }

@@ -168,6 +168,9 @@ impl Builder {
 
 impl Graph {
     pub fn build(spec: &ModelSpec) -> Result<Graph> {
+        if spec.stride != 2 {
+            bail!("only the stride-2 detection head is supported, the spec says stride {}", spec.stride);
+        }
         let mut b = Builder { values: Vec::new(), ops: Vec::new() };
         let input = b.value("input".into(), spec.in_channels, 0);
         let fm2 = match spec.arch {
@@ -175,7 +178,7 @@ impl Graph {
                 let f = spec.init_filters.unwrap_or(0);
                 let groups = spec.norm_groups.unwrap_or(8);
                 let levels = spec.blocks_down.len();
-                if f == 0 || f % groups != 0 || levels < 3 {
+                if f == 0 || groups == 0 || f % groups != 0 || levels < 3 {
                     bail!("invalid SegResNet spec: {}", spec.widths_summary());
                 }
                 let mut x = b.conv(input, "backbone.convInit.conv", false, f, 3, 1, Act::None);
@@ -378,6 +381,16 @@ mod tests {
             let f = g.flops([192, 128, 128]) as f64 / 1e9;
             assert!(f > 50.0 && f < 5000.0, "{f}");
         }
+    }
+
+    #[test]
+    fn specs_that_cannot_be_built_are_errors() {
+        let mut s = ModelSpec::seed(Arch::Segresnetv2);
+        s.norm_groups = Some(0);
+        assert!(Graph::build(&s).is_err());
+        let mut s = ModelSpec::seed(Arch::Dynunet);
+        s.stride = 0;
+        assert!(Graph::build(&s).unwrap_err().to_string().contains("stride"));
     }
 
     #[test]
