@@ -8,18 +8,7 @@
 // (grid-stride loops); outputs may alias inputs.
 #include <cuda_fp16.h>
 
-// Activation codes, as src/model/graph.rs::Act: 0 none, 1 relu, 2 leaky relu(p), 3 silu,
-// 4 sigmoid, 5 tanh(x) * p.
-__device__ __forceinline__ float fd_act(float x, int act, float p) {
-    switch (act) {
-        case 1: return fmaxf(x, 0.0f);
-        case 2: return x >= 0.0f ? x : x * p;
-        case 3: return x / (1.0f + expf(-x));
-        case 4: return 1.0f / (1.0f + expf(-x));
-        case 5: return tanhf(x) * p;
-        default: return x;
-    }
-}
+// fd_act (activation codes) comes from common.cuh, prepended to every kernel source.
 
 // y[i] = act(x[i] + bias[c]); bias may be null (no bias).
 extern "C" __global__ void bias_act_f16(const __half* x, __half* y, const float* __restrict__ bias,

@@ -18,18 +18,7 @@
 #define HEAD_MAX_CIN 64
 #define HEAD_MAX_COUT 8
 
-// Activation codes, as src/model/graph.rs::Act: 0 none, 1 relu, 2 leaky relu(p), 3 silu,
-// 4 sigmoid, 5 tanh(x) * p.
-__device__ __forceinline__ float fd_act(float x, int act, float p) {
-    switch (act) {
-        case 1: return fmaxf(x, 0.0f);
-        case 2: return x >= 0.0f ? x : x * p;
-        case 3: return x / (1.0f + expf(-x));
-        case 4: return 1.0f / (1.0f + expf(-x));
-        case 5: return tanhf(x) * p;
-        default: return x;
-    }
-}
+// fd_act (activation codes) comes from common.cuh, prepended to every kernel source.
 
 extern "C" __global__ void __launch_bounds__(HEAD_THREADS)
 head_conv1x1_act_f32(const __half* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,

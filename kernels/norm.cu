@@ -28,18 +28,7 @@
 // Most channels per group norm_finalize handles (C / groups).
 #define NORM_MAX_CPG 512
 
-// Activation codes, as src/model/graph.rs::Act: 0 none, 1 relu, 2 leaky relu(p), 3 silu,
-// 4 sigmoid, 5 tanh(x) * p.
-__device__ __forceinline__ float fd_act(float x, int act, float p) {
-    switch (act) {
-        case 1: return fmaxf(x, 0.0f);
-        case 2: return x >= 0.0f ? x : x * p;
-        case 3: return x / (1.0f + expf(-x));
-        case 4: return 1.0f / (1.0f + expf(-x));
-        case 5: return tanhf(x) * p;
-        default: return x;
-    }
-}
+// fd_act (activation codes) comes from common.cuh, prepended to every kernel source.
 
 // partial: [N][nblk][C][2] f32 = (sum d, sum d^2) over this block's voxels.
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)

@@ -1,19 +1,20 @@
 //! The CUDA kernel sources (`kernels/*.cu`), embedded in the binary so that a release build can
 //! compile them with NVRTC for the device's own architecture at first use.
 
-/// `(file name, source)` for every file in `kernels/`, one per op family.
+/// `(file name, source)` for every file in `kernels/`, one per op family, each with
+/// `kernels/common.cuh` (shared device helpers) in front.
 pub const SOURCES: &[(&str, &str)] = &[
-    ("activation.cu", include_str!("../../../kernels/activation.cu")),
-    ("blend.cu", include_str!("../../../kernels/blend.cu")),
-    ("conv3d.cu", include_str!("../../../kernels/conv3d.cu")),
-    ("conv_first.cu", include_str!("../../../kernels/conv_first.cu")),
-    ("convt.cu", include_str!("../../../kernels/convt.cu")),
-    ("ensemble.cu", include_str!("../../../kernels/ensemble.cu")),
-    ("heads.cu", include_str!("../../../kernels/heads.cu")),
-    ("layout.cu", include_str!("../../../kernels/layout.cu")),
-    ("nms.cu", include_str!("../../../kernels/nms.cu")),
-    ("norm.cu", include_str!("../../../kernels/norm.cu")),
-    ("resample.cu", include_str!("../../../kernels/resample.cu")),
+    ("activation.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/activation.cu"))),
+    ("blend.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/blend.cu"))),
+    ("conv3d.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/conv3d.cu"))),
+    ("conv_first.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/conv_first.cu"))),
+    ("convt.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/convt.cu"))),
+    ("ensemble.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/ensemble.cu"))),
+    ("heads.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/heads.cu"))),
+    ("layout.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/layout.cu"))),
+    ("nms.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/nms.cu"))),
+    ("norm.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/norm.cu"))),
+    ("resample.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/resample.cu"))),
 ];
 
 /// The source of `kernels/<name>` (e.g. `"norm.cu"`).
@@ -25,30 +26,7 @@ pub fn source(name: &str) -> Option<&'static str> {
 /// Launch bounds and line breaks between the parts are allowed
 /// (`extern "C" __global__ void __launch_bounds__(256)\nNAME(`); comments are skipped.
 pub fn kernel_names(source: &str) -> Vec<String> {
-    let code = strip_comments(source);
-    let mut names = Vec::new();
-    let mut rest = code.as_str();
-    const HEAD: &str = "extern \"C\"";
-    while let Some(i) = rest.find(HEAD) {
-        rest = &rest[i + HEAD.len()..];
-        let mut toks = Tokens(rest);
-        if toks.next_ident() != Some("__global__") || toks.next_ident() != Some("void") {
-            continue;
-        }
-        let mut name = toks.next_ident();
-        if name == Some("__launch_bounds__") {
-            if !toks.skip_parens() {
-                continue;
-            }
-            name = toks.next_ident();
-        }
-        if let Some(name) = name {
-            if toks.peek_char() == Some('(') {
-                names.push(name.to_string());
-            }
-        }
-    }
-    names
+    kernel_signatures(source).into_iter().map(|(name, _)| name).collect()
 }
 
 /// The C type class of one kernel parameter, as the launcher must pass it.
