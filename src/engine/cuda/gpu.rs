@@ -25,17 +25,7 @@ use super::nvrtc::{self, KernelCache, Target};
 
 /// Runs `f`, turning a panic (cudarc panics on a missing library or symbol) into an error.
 pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(anyhow!("{what}: internal panic in the CUDA layer: {msg}"))
-        }
-    }
+    nvrtc::catch_panic(f).unwrap_or_else(|msg| Err(anyhow!("{what}: internal panic in the CUDA layer: {msg}")))
 }
 
 /// Whether libcuda (the driver) can be loaded. Never panics.

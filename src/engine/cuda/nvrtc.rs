@@ -30,17 +30,17 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     if !nvrtc_available() {
         bail!("NVRTC not found ({INSTALL_HINT})");
     }
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            Err(anyhow!("{what}: NVRTC failed: {msg}"))
-        }
-    }
+    catch_panic(f).unwrap_or_else(|msg| Err(anyhow!("{what}: NVRTC failed: {msg}")))
+}
+
+/// Runs `f`; a panic (cudarc panics on a missing library or symbol) comes back as its message.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into())
+    })
 }
 
 /// NVRTC's (major, minor) version.
