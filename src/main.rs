@@ -34,6 +34,8 @@ enum Command {
     Synth(cli::synth::SynthArgs),
     /// Draw quality-control pictures: z-slabs with picks (and ground truth) as circles
     Qc(cli::qc::QcArgs),
+    /// Time one model's forward pass per tile on a device (ms/tile, GFLOP/s, cold start)
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Convert(a) => cli::convert::convert(a),
+        Command::Bench(a) => cli::bench::bench(a),
         Command::Inspect(a) => cli::convert::inspect(a),
         Command::Forward(a) => cli::forward::forward(a),
         Command::Run(a) => cli::run::run(a),

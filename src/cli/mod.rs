@@ -1,4 +1,5 @@
 //! Subcommand implementations.
+pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod forward;

@@ -5,6 +5,8 @@
 //! output plane (small enough to stay in cache) and multiplies it by the weight matrix with
 //! `matrixmultiply::sgemm`; tasks run in parallel and write disjoint output rows.
 
+pub use super::avx512::PackedWeights;
+use super::avx512;
 use super::par::SharedMut;
 use crate::model::graph::Act;
 use rayon::prelude::*;
@@ -32,6 +34,27 @@ const BLOCK_FLOATS: usize = 512 * 1024;
 
 /// `out[n, cout, od, oh, ow] = act(bias + sum w * x)`; `w` is `[cout, cin, k, k, k]`.
 pub fn conv3d(x: &[f32], n: usize, s: ConvShape, w: &[f32], bias: Option<&[f32]>, act: Act, out: &mut [f32]) {
+    let packed = wants_panels(s).then(|| PackedWeights::new(w, s.cout, s.cin * s.k * s.k * s.k));
+    conv3d_with(x, n, s, w, packed.as_ref(), bias, act, out)
+}
+
+/// Whether a convolution of this shape goes through the AVX-512 kernels (when the CPU has them):
+/// all but the pointwise ones, which are a plain matrix product already.
+pub fn wants_panels(s: ConvShape) -> bool {
+    avx512::available() && !(s.k == 1 && s.stride == 1 && s.pad == 0)
+}
+
+/// `conv3d` with the weights already packed for the AVX-512 kernels (`packed` from `wants_panels`).
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d_with(x: &[f32], n: usize, s: ConvShape, w: &[f32], packed: Option<&PackedWeights>, bias: Option<&[f32]>, act: Act, out: &mut [f32]) {
+    if let Some(p) = packed {
+        return avx512::conv3d(x, n, s, p, bias, act, out);
+    }
+    conv3d_portable(x, n, s, w, bias, act, out)
+}
+
+/// The portable path (any CPU): cache-blocked im2col + `matrixmultiply::sgemm`.
+pub fn conv3d_portable(x: &[f32], n: usize, s: ConvShape, w: &[f32], bias: Option<&[f32]>, act: Act, out: &mut [f32]) {
     let [d, h, wd] = s.dims;
     let [od, oh, ow] = s.out_dims();
     let in_vol = d * h * wd;
@@ -325,9 +348,13 @@ mod tests {
             let b = bias.then_some(bv.as_slice());
             let want = conv3d_naive(&x, n, s, &w, b, act);
             let mut got = vec![f32::NAN; want.len()];
+            conv3d_portable(&x, n, s, &w, b, act, &mut got);
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-5, "case {i}: portable path, max |diff| {d}");
+            let mut got = vec![f32::NAN; want.len()];
             conv3d(&x, n, s, &w, b, act, &mut got);
             let d = max_diff(&got, &want);
-            assert!(d < 1e-5, "case {i}: max |diff| {d}");
+            assert!(d < 1e-5, "case {i}: dispatched path, max |diff| {d}");
         }
     }
 

@@ -2,8 +2,9 @@
 //! output blocks. It is the oracle every GPU kernel is checked against.
 
 pub mod conv;
+pub mod avx512;
 pub mod norm;
-mod par;
+pub(crate) mod par;
 pub mod resample;
 
 use super::{Outputs, TileEngine};
@@ -15,6 +16,8 @@ use std::collections::HashMap;
 pub struct CpuEngine {
     pub graph: Graph,
     params: HashMap<String, Vec<f32>>,
+    /// Conv weights re-laid once for the AVX-512 kernels, by tensor name (empty on CPUs without).
+    packed: HashMap<String, conv::PackedWeights>,
     name: String,
 }
 
@@ -25,7 +28,8 @@ impl CpuEngine {
         for (name, _) in weights.spec.required_tensors() {
             params.insert(name.clone(), weights.f32(&name)?);
         }
-        Ok(Self { graph, params, name: weights.name.clone() })
+        let packed = pack_convs(&graph, &params);
+        Ok(Self { graph, params, packed, name: weights.name.clone() })
     }
 
     /// An engine over f32 parameters as they are (no fp16 rounding): cross-checks against
@@ -38,7 +42,8 @@ impl CpuEngine {
                 bail!("tensor {t} holds {} values, expected shape {shape:?}", p.len());
             }
         }
-        Ok(Self { graph, params, name: name.to_string() })
+        let packed = pack_convs(&graph, &params);
+        Ok(Self { graph, params, packed, name: name.to_string() })
     }
 
     fn param(&self, name: &str) -> Result<&[f32]> {
@@ -57,7 +62,7 @@ impl CpuEngine {
         vals[g.input] = Some(input.to_vec());
         // FASTDET_PROFILE=1: seconds per op kind on stderr (where does a tile's time go).
         let profile = std::env::var_os("FASTDET_PROFILE").is_some();
-        let mut spent: Vec<(String, f64)> = Vec::new();
+        let mut spent: Vec<(String, f64, f64)> = Vec::new();
         for (i, op) in g.ops.iter().enumerate() {
             let t0 = std::time::Instant::now();
             let in_dims = g.dims(op.inputs[0], tile);
@@ -91,7 +96,7 @@ impl CpuEngine {
                             Some(b) => Some(self.param(b)?),
                             None => None,
                         };
-                        conv::conv3d(x, n, shape, self.param(weight)?, b, *act, &mut out);
+                        conv::conv3d_with(x, n, shape, self.param(weight)?, self.packed.get(weight), b, *act, &mut out);
                         out
                     }
                     OpKind::ConvTranspose2 { weight, cin, cout } => {
@@ -100,13 +105,13 @@ impl CpuEngine {
                         out
                     }
                     OpKind::GroupNorm { groups, weight, bias, act } => {
-                        let mut buf = x.clone();
-                        norm::group_norm(&mut buf, n, cin, vol_in, *groups, Some(self.param(weight)?), Some(self.param(bias)?), *act);
+                        let mut buf = vec![0.0f32; x.len()];
+                        norm::group_norm_to(x, &mut buf, n, cin, vol_in, *groups, Some(self.param(weight)?), Some(self.param(bias)?), *act);
                         buf
                     }
                     OpKind::InstanceNorm { act } => {
-                        let mut buf = x.clone();
-                        norm::instance_norm(&mut buf, n, cin, vol_in, *act);
+                        let mut buf = vec![0.0f32; x.len()];
+                        norm::instance_norm_to(x, &mut buf, n, cin, vol_in, *act);
                         buf
                     }
                     OpKind::Add => {
@@ -129,13 +134,17 @@ impl CpuEngine {
             debug_assert_eq!(out.len(), out_len);
             if profile {
                 let key = match &op.kind {
-                    OpKind::Conv { k, stride, cin, .. } => format!("conv k{k} s{stride} cin{cin}"),
+                    OpKind::Conv { k, stride, cin, cout, .. } => format!("conv k{k} s{stride} {cin}->{cout} @{}", in_dims[0]),
                     other => format!("{other:?}").split([' ', '{', '(']).next().unwrap_or("?").to_string(),
                 };
                 let dt = t0.elapsed().as_secs_f64();
-                match spent.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, t)) => *t += dt,
-                    None => spent.push((key, dt)),
+                let flops = n as f64 * g.op_flops(op, tile) as f64;
+                match spent.iter_mut().find(|(k, _, _)| *k == key) {
+                    Some((_, t, f)) => {
+                        *t += dt;
+                        *f += flops;
+                    }
+                    None => spent.push((key, dt, flops)),
                 }
             }
             vals[op.output] = Some(out);
@@ -147,8 +156,8 @@ impl CpuEngine {
         }
         if profile {
             spent.sort_by(|a, b| b.1.total_cmp(&a.1));
-            for (k, t) in spent {
-                eprintln!("profile {:<28} {:8.1} ms", k, t * 1e3);
+            for (k, t, f) in spent {
+                eprintln!("profile {:<32} {:8.1} ms {:7.1} GFLOP/s", k, t * 1e3, f * 1e-9 / t);
             }
         }
         Ok(vals)
@@ -169,4 +178,20 @@ impl TileEngine for CpuEngine {
     fn name(&self) -> String {
         format!("cpu:{}", self.name)
     }
+}
+
+/// Packs the weights of every conv that takes the AVX-512 kernels on this CPU.
+fn pack_convs(graph: &Graph, params: &HashMap<String, Vec<f32>>) -> HashMap<String, conv::PackedWeights> {
+    let mut packed = HashMap::new();
+    for op in &graph.ops {
+        if let OpKind::Conv { weight, cin, cout, k, stride, pad, .. } = &op.kind {
+            let shape = conv::ConvShape { cin: *cin, cout: *cout, k: *k, stride: *stride, pad: *pad, dims: [1; 3] };
+            if conv::wants_panels(shape) {
+                if let Some(w) = params.get(weight) {
+                    packed.entry(weight.clone()).or_insert_with(|| conv::PackedWeights::new(w, *cout, cin * k * k * k));
+                }
+            }
+        }
+    }
+    packed
 }

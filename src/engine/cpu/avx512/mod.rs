@@ -1,0 +1,240 @@
+//! Convolutions with AVX-512 microkernels (x86_64 CPUs with AVX-512F; others take the portable
+//! path in `conv`). Both kernels compute an 8-channel x 32-position block of outputs in 16 zmm
+//! registers from weights packed once per model into 8-row panels (`PackedWeights`), and add the
+//! bias and ReLU/LeakyReLU in registers before the one store:
+//!
+//! - `direct`: 3x3x3 stride-1 convolutions (most of the work): taps loaded straight from a
+//!   zero-padded copy of the input rows, no im2col;
+//! - `gather`: everything else: im2col gathered straight into the kernel's panel layout.
+//!
+//! Products are summed in blocks of about a hundred, blocks added in order, which keeps the
+//! rounding error below that of one long chain. CPU twin: `conv::conv3d_naive` (tests below).
+
+mod direct;
+mod gather;
+
+use super::conv::ConvShape;
+use crate::model::graph::Act;
+
+/// Output channels per microkernel call (rows of the weight panel).
+pub const MR: usize = 8;
+/// 16-float vectors per row of the output block.
+pub const NV: usize = 2;
+/// Output positions per microkernel call.
+pub const NR: usize = 16 * NV;
+/// Output positions per task at most (the gather path's K block of them stays in L2).
+pub const MAX_COLS: usize = 16 * NR;
+
+/// True when this CPU can run the microkernel (AVX-512F), unless `FASTDET_CPU_KERNEL=portable`
+/// asks for the portable path (comparisons, debugging).
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let forced_off = std::env::var("FASTDET_CPU_KERNEL").is_ok_and(|v| v == "portable");
+        !forced_off && detect()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> bool {
+    false
+}
+
+/// Weights `[cout, K]` re-laid as `ceil(cout/MR)` panels of `[K][MR]`, zero rows past `cout`.
+#[derive(Debug, Clone)]
+pub struct PackedWeights {
+    pub cout: usize,
+    pub kdim: usize,
+    panels: Vec<f32>,
+}
+
+impl PackedWeights {
+    pub fn new(w: &[f32], cout: usize, kdim: usize) -> Self {
+        assert_eq!(w.len(), cout * kdim);
+        let np = cout.div_ceil(MR);
+        let mut panels = vec![0.0f32; np * kdim * MR];
+        for co in 0..cout {
+            let (p, r) = (co / MR, co % MR);
+            for k in 0..kdim {
+                panels[(p * kdim + k) * MR + r] = w[co * kdim + k];
+            }
+        }
+        Self { cout, kdim, panels }
+    }
+}
+
+/// `out = act(bias + conv(x, w))` for k x k x k convolutions, any stride and padding; the caller
+/// checked `available()`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d(
+    x: &[f32],
+    n: usize,
+    s: ConvShape,
+    w: &PackedWeights,
+    bias: Option<&[f32]>,
+    act: Act,
+    out: &mut [f32],
+) {
+    let in_vol: usize = s.dims.iter().product();
+    let out_vol: usize = s.out_dims().iter().product();
+    let kdim = s.cin * s.k * s.k * s.k;
+    assert!(available() || cfg!(test));
+    assert_eq!((w.cout, w.kdim), (s.cout, kdim));
+    assert_eq!(x.len(), n * s.cin * in_vol);
+    assert_eq!(out.len(), n * s.cout * out_vol);
+    if direct::fits(s) {
+        direct::conv3d(x, n, s, w, bias, act, out)
+    } else {
+        gather::conv3d(x, n, s, w, bias, act, out)
+    }
+}
+
+/// What one microkernel call must respect at the edges and at the ends of K.
+pub(crate) struct Tail {
+    pub rows: usize,
+    pub cols: usize,
+    pub first: bool,
+    pub last: bool,
+    pub bias: [f32; MR],
+    pub act: Act,
+}
+
+/// The end of a microkernel call: on the last K block bias and activation, then the masked store.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn finish(
+    mut acc: [[std::arch::x86_64::__m512; NV]; MR],
+    masks: [std::arch::x86_64::__mmask16; NV],
+    c: *mut f32,
+    ldc: usize,
+    t: &Tail,
+) {
+    use std::arch::x86_64::*;
+    if t.last {
+        let zero = _mm512_setzero_ps();
+        for (r, row) in acc.iter_mut().enumerate().take(t.rows) {
+            let bv = _mm512_set1_ps(t.bias[r]);
+            for a in row.iter_mut() {
+                *a = _mm512_add_ps(*a, bv);
+                match t.act {
+                    Act::None => {}
+                    Act::Relu => *a = _mm512_max_ps(*a, zero),
+                    Act::LeakyRelu(slope) => {
+                        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(*a, zero);
+                        *a = _mm512_mask_mul_ps(*a, neg, *a, _mm512_set1_ps(slope));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate().take(t.rows) {
+        for (v, a) in row.iter().enumerate() {
+            _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], *a);
+        }
+    }
+    // Activations with exp/tanh go through the scalar formula on the stored (L1-hot) block.
+    if t.last && !matches!(t.act, Act::None | Act::Relu | Act::LeakyRelu(_)) {
+        for r in 0..t.rows {
+            for j in 0..t.cols {
+                let p = c.add(r * ldc + j);
+                *p = t.act.apply(*p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::conv::conv3d_naive;
+    use crate::util::SplitMix64;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed);
+        let mut v = vec![0.0; n];
+        r.fill_uniform(&mut v, -1.0, 1.0);
+        v
+    }
+
+    #[test]
+    fn packing_puts_each_weight_in_its_panel_row() {
+        let (cout, kdim) = (11, 5);
+        let w: Vec<f32> = (0..cout * kdim).map(|i| i as f32).collect();
+        let p = PackedWeights::new(&w, cout, kdim);
+        assert_eq!(p.panels.len(), 2 * kdim * MR);
+        assert_eq!(p.panels[(kdim + 3) * MR + 2], w[10 * kdim + 3]);
+        assert_eq!(
+            p.panels[(kdim + 3) * MR + 3],
+            0.0,
+            "rows past cout are zero"
+        );
+    }
+
+    #[test]
+    fn avx512_conv_matches_direct_formula() {
+        if !detect() {
+            eprintln!("SKIP avx512_conv_matches_direct_formula: this CPU has no AVX-512F (the portable path is tested in conv.rs)");
+            return;
+        }
+        // Edge classes: cout not a multiple of MR, columns not a multiple of NR, stride 2,
+        // K longer than KC, 1-voxel axes, every fused activation, batch of 2.
+        let cases = [
+            (3, 5, 3, 1, 1, [5, 7, 6], true, Act::None),
+            (4, 16, 3, 2, 1, [6, 9, 7], false, Act::Relu),
+            (2, 9, 3, 2, 1, [5, 5, 5], true, Act::Silu),
+            (6, 3, 1, 1, 0, [3, 4, 5], true, Act::Sigmoid),
+            (1, 8, 3, 1, 1, [4, 6, 8], false, Act::LeakyRelu(0.01)),
+            (5, 2, 3, 1, 1, [1, 1, 3], true, Act::TanhScale(2.0)),
+            (12, 24, 3, 1, 1, [6, 8, 10], true, Act::LeakyRelu(0.01)),
+            // Direct kernel (rows a multiple of 16): borders on every side, partial panels.
+            (3, 13, 3, 1, 1, [3, 5, 16], true, Act::Relu),
+            (5, 8, 3, 1, 1, [2, 3, 48], false, Act::None),
+            (2, 16, 3, 1, 1, [1, 1, 16], true, Act::Silu),
+            (4, 10, 3, 1, 1, [3, 4, 8], true, Act::Relu),
+            (3, 8, 3, 1, 1, [2, 1, 24], false, Act::None),
+            // Wide enough to be split over output channels (weights past DIRECT_WEIGHT_BYTES).
+            (64, 64, 3, 1, 1, [2, 3, 16], true, Act::None),
+        ];
+        let direct_cases = cases.iter().filter(|c| direct::fits(ConvShape { cin: c.0, cout: c.1, k: c.2, stride: c.3, pad: c.4, dims: c.5 })).count();
+        assert!(direct_cases >= 6 && direct_cases < cases.len(), "both kernels are exercised ({direct_cases} direct)");
+        for (i, &(cin, cout, k, stride, pad, dims, bias, act)) in cases.iter().enumerate() {
+            let s = ConvShape {
+                cin,
+                cout,
+                k,
+                stride,
+                pad,
+                dims,
+            };
+            let n = 2;
+            let x = rand(n * cin * dims.iter().product::<usize>(), i as u64);
+            let w = rand(cout * cin * k * k * k, 100 + i as u64);
+            let bv = rand(cout, 200 + i as u64);
+            let b = bias.then_some(bv.as_slice());
+            let want = conv3d_naive(&x, n, s, &w, b, act);
+            let mut got = vec![f32::NAN; want.len()];
+            conv3d(
+                &x,
+                n,
+                s,
+                &PackedWeights::new(&w, cout, cin * k * k * k),
+                b,
+                act,
+                &mut got,
+            );
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0.0, f32::max);
+            assert!(d < 1e-4, "case {i}: max |diff| {d}");
+        }
+    }
+}
