@@ -17,9 +17,41 @@ fn fastdet() -> Command {
 fn help_lists_every_subcommand() {
     let o = fastdet().arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
-    for cmd in ["convert", "inspect", "forward", "run", "score", "tune", "selftest"] {
+    for cmd in ["convert", "inspect", "forward", "run", "score", "tune", "selftest", "bench"] {
         assert!(text.lines().any(|l| l.trim_start().starts_with(cmd)), "{cmd} missing from:\n{text}");
     }
+}
+
+/// `bench --json` times the seed architectures: one entry per model, FLOPs equal to `inspect`'s for
+/// that tile, positive times; a weights file is timed too, and a tile the network cannot take is
+/// refused.
+#[test]
+fn bench_reports_time_and_flops_per_tile() {
+    let o = fastdet().args(["bench", "--device", "cpu", "--tile", "32,32,32", "--iters", "2", "--warmup", "0", "--json"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let models = j["models"].as_array().unwrap();
+    assert_eq!(models.iter().map(|m| m["model"].as_str().unwrap()).collect::<Vec<_>>(), ["segresnetv2", "dynunet"]);
+    for m in models {
+        assert_eq!(m["times_ms"].as_array().unwrap().len(), 2);
+        assert!(m["ms_per_tile"].as_f64().unwrap() > 0.0);
+        assert!(m["ms_per_tile_min"].as_f64().unwrap() <= m["ms_per_tile"].as_f64().unwrap());
+    }
+    assert_eq!(j["tile"], serde_json::json!([32, 32, 32]));
+
+    let w = root().join("weights/demo_dynunet.safetensors");
+    let info = fastdet().args(["inspect", "--json", "--tile", "32,32,32"]).arg(&w).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let o = fastdet().args(["bench", "--tile", "32,32,32", "--iters", "1", "--json", "--weights"]).arg(&w).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let gflop = j["models"][0]["gflop_per_tile"].as_f64().unwrap();
+    let want = info["flops"].as_f64().unwrap() * 1e-9;
+    assert!((gflop - want).abs() <= 1e-3 * want, "{gflop} vs inspect {want}");
+
+    let o = fastdet().args(["bench", "--arch", "segresnetv2", "--tile", "12,32,24", "--iters", "1"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 8"));
 }
 
 /// `forward` on the w8 golden's input reproduces the golden scores; a tile the network cannot take
