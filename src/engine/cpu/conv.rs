@@ -5,8 +5,8 @@
 //! output plane (small enough to stay in cache) and multiplies it by the weight matrix with
 //! `matrixmultiply::sgemm`; tasks run in parallel and write disjoint output rows.
 
-pub use super::avx512::PackedWeights;
-use super::avx512;
+pub use super::simd::PackedWeights;
+use super::simd;
 use super::par::SharedMut;
 use crate::model::graph::Act;
 use rayon::prelude::*;
@@ -38,17 +38,17 @@ pub fn conv3d(x: &[f32], n: usize, s: ConvShape, w: &[f32], bias: Option<&[f32]>
     conv3d_with(x, n, s, w, packed.as_ref(), bias, act, out)
 }
 
-/// Whether a convolution of this shape goes through the AVX-512 kernels (when the CPU has them):
-/// all but the pointwise ones, which are a plain matrix product already.
+/// Whether a convolution of this shape goes through the SIMD kernels on this CPU (pointwise ones
+/// never do: they are a plain matrix product already).
 pub fn wants_panels(s: ConvShape) -> bool {
-    avx512::available() && !(s.k == 1 && s.stride == 1 && s.pad == 0)
+    simd::handles(s) && !(s.k == 1 && s.stride == 1 && s.pad == 0)
 }
 
-/// `conv3d` with the weights already packed for the AVX-512 kernels (`packed` from `wants_panels`).
+/// `conv3d` with the weights already packed for the SIMD kernels (`packed` from `wants_panels`).
 #[allow(clippy::too_many_arguments)]
 pub fn conv3d_with(x: &[f32], n: usize, s: ConvShape, w: &[f32], packed: Option<&PackedWeights>, bias: Option<&[f32]>, act: Act, out: &mut [f32]) {
     if let Some(p) = packed {
-        return avx512::conv3d(x, n, s, p, bias, act, out);
+        return simd::conv3d(x, n, s, p, bias, act, out);
     }
     conv3d_portable(x, n, s, w, bias, act, out)
 }

@@ -2,7 +2,7 @@
 //! output blocks. It is the oracle every GPU kernel is checked against.
 
 pub mod conv;
-pub mod avx512;
+pub mod simd;
 pub mod norm;
 pub(crate) mod par;
 pub mod resample;

@@ -1,7 +1,8 @@
-//! The AVX-512 path for 3x3x3 stride-1 padding-1 convolutions (rows a multiple of 8): taps read
-//! straight from a zero-padded slab of input rows, no im2col.
+//! 3x3x3 stride-1 padding-1 convolutions (rows a multiple of 8): taps read straight from a
+//! zero-padded slab of input rows, no im2col. Two microkernels over the same slab and weight
+//! panels: AVX-512 (8 channels x 32 positions) and AVX2 + FMA (4 channels x 24 positions).
 
-use super::{finish, PackedWeights, Tail, MAX_COLS, MR, NR, NV};
+use super::{finish, Isa, PackedWeights, Tail, MAX_COLS, MR, NR, NV};
 use crate::engine::cpu::conv::ConvShape;
 use crate::engine::cpu::par::SharedMut;
 use crate::model::graph::Act;
@@ -26,6 +27,7 @@ pub fn fits(s: ConvShape) -> bool {
 /// for the same cache sets.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3d(
+    isa: Isa,
     x: &[f32],
     n: usize,
     s: ConvShape,
@@ -61,26 +63,50 @@ pub fn conv3d(
             geom.fill(&x[b * s.cin * vol..(b + 1) * s.cin * vol], s.cin, s.dims, z, y0, slab);
             let outputs = ny * wd;
             let m_end = ((mc + 1) * m_rows).min(s.cout);
-            for p in (0..outputs).step_by(NR) {
-                let taps = geom.taps(p, outputs);
-                for m0 in (mc * m_rows..m_end).step_by(MR) {
-                    let rows = MR.min(s.cout - m0);
+            let (panel, channels) = match isa {
+                Isa::Avx512 => (NR, MR),
+                Isa::Avx2 => (NR_AVX2, MR_AVX2),
+            };
+            for p in (0..outputs).step_by(panel) {
+                let taps512 = (isa == Isa::Avx512).then(|| geom.taps(p, outputs));
+                let taps2 = (isa == Isa::Avx2).then(|| geom.taps_avx2(p, outputs));
+                for m0 in (mc * m_rows..m_end).step_by(channels) {
+                    let rows = channels.min(s.cout - m0);
                     let mut bias_rows = [0.0f32; MR];
                     if let Some(bv) = bias {
                         bias_rows[..rows].copy_from_slice(&bv[m0..m0 + rows]);
                     }
-                    let tail = Tail { rows, cols: NR.min(outputs - p), first: true, last: true, bias: bias_rows, act };
-                    let a = &w.panels[m0 * kdim..(m0 + MR) * kdim];
+                    let tail = Tail { rows, cols: panel.min(outputs - p), first: true, last: true, bias: bias_rows, act };
+                    // Weight panel holding row m0 (AVX2 reads half a panel: rows m0..m0+4 of 8).
+                    let a = &w.panels[(m0 / MR) * MR * kdim + m0 % MR..];
                     // SAFETY: rows y0..y0+ny of plane z of these channels of sample b belong to
                     // this task; masked-off lanes are not read.
                     unsafe {
                         let c = outp.ptr().add((b * s.cout + m0) * vol + (z * h + y0) * wd + p);
-                        kernel_direct(s.cin, geom.channel, a, slab, &taps, c, vol, &tail);
+                        match (&taps512, &taps2) {
+                            (Some(t512), _) => kernel_direct(s.cin, geom.channel, a, slab, t512, c, vol, &tail),
+                            (_, Some(t2)) => kernel_direct_avx2(s.cin, geom.channel, a, slab, t2, c, vol, &tail),
+                            _ => unreachable!(),
+                        }
                     }
                 }
             }
         });
     });
+}
+
+/// Output channels per AVX2 microkernel call (half a weight panel).
+const MR_AVX2: usize = 4;
+/// 8-float vectors per row of the AVX2 output block.
+const NV_AVX2: usize = 3;
+/// Output positions per AVX2 microkernel call.
+const NR_AVX2: usize = 8 * NV_AVX2;
+
+/// The taps of one 24-output panel for the AVX2 kernel: each 8-lane vector is one run of a row.
+struct Taps8 {
+    /// Per vector and (kz, ky): slab offset (within a channel) of lane 0 at kx = 0. Vectors past
+    /// the outputs point at offset 0: they are computed from valid memory and never stored.
+    base: [[isize; 9]; NV_AVX2],
 }
 
 /// Layout of a task's input slab: per input channel, 3 planes of `ny + 2` rows of `w + 2` floats
@@ -147,6 +173,23 @@ impl Slab {
                     base[half] = ((kz * (self.ny + 2) + r + ky) * (self.w + 2) + xo) as isize
                         - lane0 as isize;
                 }
+            }
+        }
+        t
+    }
+
+    /// Where the 24 outputs from `p` read their taps, for the AVX2 kernel.
+    fn taps_avx2(&self, p: usize, outputs: usize) -> Taps8 {
+        let mut t = Taps8 { base: [[0; 9]; NV_AVX2] };
+        for (v, base) in t.base.iter_mut().enumerate() {
+            let q = p + 8 * v;
+            if q >= outputs {
+                continue;
+            }
+            let (r, xo) = (q / self.w, q % self.w);
+            for (tap, b) in base.iter_mut().enumerate() {
+                let (kz, ky) = (tap / 3, tap % 3);
+                *b = ((kz * (self.ny + 2) + r + ky) * (self.w + 2) + xo) as isize;
             }
         }
         t
@@ -265,3 +308,74 @@ unsafe fn kernel_direct_avx512<const SPLIT: bool>(
     finish(total, masks, c, ldc, t);
 }
 
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_direct_avx2(cin: usize, channel: usize, a: &[f32], slab: &[f32], taps: &Taps8, c: *mut f32, ldc: usize, t: &Tail) {
+    kernel_direct_avx2_fma(cin, channel, a.as_ptr(), slab.as_ptr(), taps, c, ldc, t)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_direct_avx2(_: usize, _: usize, _: &[f32], _: &[f32], _: &Taps8, _: *mut f32, _: usize, _: &Tail) {
+    unreachable!("AVX2 kernel needs x86_64")
+}
+
+/// C[4 x 24] = A[cin*27 x 4]^T X with AVX2 + FMA: `a` points at row 0 of the 4 within an 8-row
+/// weight panel. Same blocked summation and epilogue as the AVX-512 kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_direct_avx2_fma(cin: usize, channel: usize, a: *const f32, slab: *const f32, taps: &Taps8, c: *mut f32, ldc: usize, t: &Tail) {
+    use std::arch::x86_64::*;
+    const CHANNELS_PER_BLOCK: usize = 4;
+    let zero = _mm256_setzero_ps();
+    let mut total = [[zero; NV_AVX2]; MR_AVX2];
+    for c0 in (0..cin).step_by(CHANNELS_PER_BLOCK) {
+        let mut acc = [[zero; NV_AVX2]; MR_AVX2];
+        for ci in c0..(c0 + CHANNELS_PER_BLOCK).min(cin) {
+            let xc = slab.add(ci * channel);
+            for q in 0..9 {
+                let ak = a.add((ci * 27 + q * 3) * MR);
+                for kx in 0..3 {
+                    let bv: [__m256; NV_AVX2] = std::array::from_fn(|v| _mm256_loadu_ps(xc.offset(taps.base[v][q] + kx as isize)));
+                    let akx = ak.add(kx * MR);
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let av = _mm256_broadcast_ss(&*akx.add(r));
+                        for v in 0..NV_AVX2 {
+                            row[v] = _mm256_fmadd_ps(av, bv[v], row[v]);
+                        }
+                    }
+                }
+            }
+        }
+        for (tr, ar) in total.iter_mut().zip(&acc) {
+            for (tv, av) in tr.iter_mut().zip(ar) {
+                *tv = _mm256_add_ps(*tv, *av);
+            }
+        }
+    }
+    let full_vectors = t.cols / 8;
+    for (r, row) in total.iter().enumerate().take(t.rows) {
+        let bv = _mm256_set1_ps(t.bias[r]);
+        for (v, y) in row.iter().enumerate().take(full_vectors) {
+            let mut y = _mm256_add_ps(*y, bv);
+            match t.act {
+                Act::Relu => y = _mm256_max_ps(y, zero),
+                Act::LeakyRelu(slope) => {
+                    let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(y, zero);
+                    y = _mm256_blendv_ps(y, _mm256_mul_ps(y, _mm256_set1_ps(slope)), neg);
+                }
+                _ => {}
+            }
+            _mm256_storeu_ps(c.add(r * ldc + 8 * v), y);
+        }
+    }
+    if !matches!(t.act, Act::None | Act::Relu | Act::LeakyRelu(_)) {
+        for r in 0..t.rows {
+            for j in 0..8 * full_vectors {
+                let p = c.add(r * ldc + j);
+                *p = t.act.apply(*p);
+            }
+        }
+    }
+}

@@ -1,11 +1,13 @@
-//! Convolutions with AVX-512 microkernels (x86_64 CPUs with AVX-512F; others take the portable
-//! path in `conv`). Both kernels compute an 8-channel x 32-position block of outputs in 16 zmm
-//! registers from weights packed once per model into 8-row panels (`PackedWeights`), and add the
-//! bias and ReLU/LeakyReLU in registers before the one store:
+//! Convolutions with hand-written SIMD microkernels on x86_64 (`Isa`: AVX-512F, or AVX2 + FMA;
+//! other CPUs take the portable path in `conv`). The kernels compute a block of output channels
+//! x positions in registers (8 x 32 in 16 zmm; 4 x 24 in 12 ymm) from weights packed once per
+//! model into 8-row panels (`PackedWeights`), and add the bias and ReLU/LeakyReLU in registers
+//! before the one store:
 //!
-//! - `direct`: 3x3x3 stride-1 convolutions (most of the work): taps loaded straight from a
-//!   zero-padded copy of the input rows, no im2col;
-//! - `gather`: everything else: im2col gathered straight into the kernel's panel layout.
+//! - `direct`: 3x3x3 stride-1 convolutions (most of the work; AVX-512 and AVX2): taps loaded
+//!   straight from a zero-padded copy of the input rows, no im2col;
+//! - `gather` (AVX-512 only): everything else: im2col gathered straight into the kernel's panel
+//!   layout. With AVX2 those shapes take the portable path.
 //!
 //! Products are summed in blocks of about a hundred, blocks added in order, which keeps the
 //! rounding error below that of one long chain. CPU twin: `conv::conv3d_naive` (tests below).
@@ -25,23 +27,66 @@ pub const NR: usize = 16 * NV;
 /// Output positions per task at most (the gather path's K block of them stays in L2).
 pub const MAX_COLS: usize = 16 * NR;
 
-/// True when this CPU can run the microkernel (AVX-512F), unless `FASTDET_CPU_KERNEL=portable`
-/// asks for the portable path (comparisons, debugging).
-pub fn available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        let forced_off = std::env::var("FASTDET_CPU_KERNEL").is_ok_and(|v| v == "portable");
-        !forced_off && detect()
+/// The vector instruction sets the kernels are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F: both kernels.
+    Avx512,
+    /// AVX2 + FMA: the direct kernel (3x3x3 stride 1); other shapes take the portable path.
+    Avx2,
+}
+
+/// The best kernel set this CPU runs, or None (portable path only). `FASTDET_CPU_KERNEL=portable`
+/// or `=avx2` caps it (comparisons, debugging).
+pub fn isa() -> Option<Isa> {
+    static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let cap = std::env::var("FASTDET_CPU_KERNEL").unwrap_or_default();
+        match cap.as_str() {
+            "portable" => None,
+            "avx2" => detect().filter(|_| detect_avx2()).map(|_| Isa::Avx2),
+            _ => detect(),
+        }
     })
 }
 
+/// Whether this CPU runs the kernels (any `Isa`).
+pub fn available() -> bool {
+    isa().is_some()
+}
+
+/// Whether a convolution of this shape goes through the kernels on this CPU.
+pub fn handles(s: ConvShape) -> bool {
+    match isa() {
+        Some(Isa::Avx512) => true,
+        Some(Isa::Avx2) => direct::fits(s),
+        None => false,
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
-fn detect() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+fn detect() -> Option<Isa> {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        Some(Isa::Avx512)
+    } else if detect_avx2() {
+        Some(Isa::Avx2)
+    } else {
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn detect() -> bool {
+fn detect() -> Option<Isa> {
+    None
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx2() -> bool {
     false
 }
 
@@ -87,9 +132,16 @@ pub fn conv3d(
     assert_eq!((w.cout, w.kdim), (s.cout, kdim));
     assert_eq!(x.len(), n * s.cin * in_vol);
     assert_eq!(out.len(), n * s.cout * out_vol);
+    conv3d_on(isa().expect("caller checked available()"), x, n, s, w, bias, act, out)
+}
+
+/// `conv3d` with the given instruction set (tests run every one the CPU has).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv3d_on(isa: Isa, x: &[f32], n: usize, s: ConvShape, w: &PackedWeights, bias: Option<&[f32]>, act: Act, out: &mut [f32]) {
     if direct::fits(s) {
-        direct::conv3d(x, n, s, w, bias, act, out)
+        direct::conv3d(isa, x, n, s, w, bias, act, out)
     } else {
+        assert_eq!(isa, Isa::Avx512, "only the AVX-512 kernels take this shape");
         gather::conv3d(x, n, s, w, bias, act, out)
     }
 }
@@ -178,10 +230,15 @@ mod tests {
     }
 
     #[test]
-    fn avx512_conv_matches_direct_formula() {
-        if !detect() {
-            eprintln!("SKIP avx512_conv_matches_direct_formula: this CPU has no AVX-512F (the portable path is tested in conv.rs)");
-            return;
+    fn simd_conv_matches_direct_formula() {
+        let mut isas = Vec::new();
+        match detect() {
+            Some(Isa::Avx512) => isas.extend([Isa::Avx512, Isa::Avx2].into_iter().filter(|&i| i == Isa::Avx512 || detect_avx2())),
+            Some(Isa::Avx2) => {
+                eprintln!("SKIP AVX-512 kernels: this CPU has no AVX-512F");
+                isas.push(Isa::Avx2);
+            }
+            None => eprintln!("SKIP simd_conv_matches_direct_formula: this CPU has neither AVX-512F nor AVX2+FMA (the portable path is tested in conv.rs)"),
         }
         // Edge classes: cout not a multiple of MR, columns not a multiple of NR, stride 2,
         // K longer than KC, 1-voxel axes, every fused activation, batch of 2.
@@ -204,37 +261,23 @@ mod tests {
         ];
         let direct_cases = cases.iter().filter(|c| direct::fits(ConvShape { cin: c.0, cout: c.1, k: c.2, stride: c.3, pad: c.4, dims: c.5 })).count();
         assert!(direct_cases >= 6 && direct_cases < cases.len(), "both kernels are exercised ({direct_cases} direct)");
-        for (i, &(cin, cout, k, stride, pad, dims, bias, act)) in cases.iter().enumerate() {
-            let s = ConvShape {
-                cin,
-                cout,
-                k,
-                stride,
-                pad,
-                dims,
-            };
-            let n = 2;
-            let x = rand(n * cin * dims.iter().product::<usize>(), i as u64);
-            let w = rand(cout * cin * k * k * k, 100 + i as u64);
-            let bv = rand(cout, 200 + i as u64);
-            let b = bias.then_some(bv.as_slice());
-            let want = conv3d_naive(&x, n, s, &w, b, act);
-            let mut got = vec![f32::NAN; want.len()];
-            conv3d(
-                &x,
-                n,
-                s,
-                &PackedWeights::new(&w, cout, cin * k * k * k),
-                b,
-                act,
-                &mut got,
-            );
-            let d = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (g - w).abs())
-                .fold(0.0, f32::max);
-            assert!(d < 1e-4, "case {i}: max |diff| {d}");
+        for isa in isas {
+            for (i, &(cin, cout, k, stride, pad, dims, bias, act)) in cases.iter().enumerate() {
+                let s = ConvShape { cin, cout, k, stride, pad, dims };
+                if isa == Isa::Avx2 && !direct::fits(s) {
+                    continue;
+                }
+                let n = 2;
+                let x = rand(n * cin * dims.iter().product::<usize>(), i as u64);
+                let w = rand(cout * cin * k * k * k, 100 + i as u64);
+                let bv = rand(cout, 200 + i as u64);
+                let b = bias.then_some(bv.as_slice());
+                let want = conv3d_naive(&x, n, s, &w, b, act);
+                let mut got = vec![f32::NAN; want.len()];
+                conv3d_on(isa, &x, n, s, &PackedWeights::new(&w, cout, cin * k * k * k), b, act, &mut got);
+                let d = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max);
+                assert!(d < 1e-4, "{isa:?} case {i}: max |diff| {d}");
+            }
         }
     }
 }
