@@ -13,7 +13,7 @@ use std::time::Instant;
 
 #[derive(Args)]
 #[command(
-    after_help = "Without --weights, each --arch runs at the seed's widths with random weights.\nExamples:\n  fastdet bench --device cpu --tile 64,64,64\n  fastdet bench --device cuda:0 --arch segresnetv2 --batch 2 --json"
+    after_help = "Without --weights, each --arch runs at the seed's widths with random weights. A timed call is one\n`forward` as the pipeline makes it: input upload, network, outputs back in host memory.\n'open s' is the engine's creation (weights, kernels), '1st s' the first call.\nExamples:\n  fastdet bench --device cpu --tile 64,64,64\n  fastdet bench --device cuda:0 --arch segresnetv2 --batch 2 --json"
 )]
 pub struct BenchArgs {
     /// cpu or cuda:N
