@@ -4,6 +4,9 @@
 #   1. finds the CUDA libraries (pip wheels nvidia/*/lib, /usr/local/cuda, ldconfig) and cuda_fp16.h,
 #   2. prints nvidia-smi,
 #   3. runs `fastdet selftest --quick` (kernels vs CPU twins, both seed networks on 64^3),
+#   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile, batch 1) and the PyTorch
+#      baseline tools/bench_torch.py (fp16 cuDNN eager + torch.compile, batches 1,2,4; needs python3
+#      with torch; monai comes from .cache/wheels/ when it is not installed; --skip-torch skips it),
 #   4. writes a synthetic 184x630x630 tomogram and times `fastdet run` on the GPU with the demo
 #      weights and the seed window/tiles (+ `fastdet score` against its ground truth),
 #   5. runs the full `fastdet selftest` (192x128x128 networks, whole-tomogram CPU-vs-GPU check) with
@@ -20,7 +23,7 @@ set -u -o pipefail
 usage() {
     cat <<'EOF'
 usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip-full] [--cpu-run]
-                              [--data DIR] [--keep-data]
+                              [--skip-torch] [--data DIR] [--keep-data]
 
   OUTDIR            where logs, JSON reports, compiled kernels and summary.txt go (created; small)
   --data DIR        where the synthetic tomogram is written (default $TMPDIR/fastdet-device-check-data;
@@ -28,10 +31,17 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
   --budget S        wall-clock budget for the whole script in seconds (default 450)
   --device cuda:N   GPU to check (default cuda:0)
   --skip-full       skip the full self-test (192x128x128 networks + whole-tomogram check)
+  --skip-torch      skip the PyTorch baseline (tools/bench_torch.py); `fastdet bench` still runs
   --cpu-run         also time `fastdet run --device cpu` on the same data (slow: minutes)
 
+per-tile benchmarks (after the quick self-test): `fastdet bench` -> bench-fastdet.json (log
+bench-fastdet.log); tools/bench_torch.py -> bench-torch.json (log bench-torch.log, about 240 s at
+most); their ms/tile lines end up in the summary.
+
 environment: FASTDET=path/to/fastdet (default: target/release/fastdet next to this script),
-             FASTDET_CHECK_SHAPE=z,y,x (default 184,630,630)
+             FASTDET_CHECK_SHAPE=z,y,x (default 184,630,630),
+             FASTDET_MONAI_WHEEL=path/to/monai-*.whl (default .cache/wheels/monai-1.6.1-py3-none-any.whl
+             of the repository, used only when python3 cannot import monai)
 EOF
 }
 
@@ -42,6 +52,7 @@ BUDGET="${FASTDET_CHECK_BUDGET:-450}"
 DEVICE="cuda:0"
 FULL=1
 CPU_RUN=0
+TORCH_BENCH=1
 SHAPE="${FASTDET_CHECK_SHAPE:-184,630,630}"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -52,6 +63,7 @@ while [ $# -gt 0 ]; do
         --data) [ $# -ge 2 ] || { echo "device-check: --data needs a value" >&2; exit 64; }; DATA="$2"; shift 2 ;;
         --keep-data) KEEP_DATA=1; shift ;;
         --cpu-run) CPU_RUN=1; shift ;;
+        --skip-torch) TORCH_BENCH=0; shift ;;
         -*) echo "device-check: unknown option $1" >&2; usage >&2; exit 64 ;;
         *)
             if [ -z "$OUT" ]; then OUT="$1"; shift
@@ -221,6 +233,44 @@ elif [ $rc -ne 0 ]; then
 fi
 
 # ------------------------------------------------------------------------------------------------
+# 1b. per-tile benchmarks: fastdet, then the PyTorch baseline (fp16 cuDNN eager + torch.compile)
+if [ $NO_GPU -eq 0 ]; then
+    # JSON on stdout goes to its own file (written by the inner shell), stderr to the step's log.
+    rm -f "$OUT/bench-fastdet.json"
+    step "bench fastdet" 120 "$OUT/bench-fastdet.log" \
+        bash -c 'exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
+        bench-fastdet "$FASTDET" "$DEVICE" "$OUT/bench-fastdet.json" || FAILED=1
+
+    rm -f "$OUT/bench-torch.json"
+    if [ $TORCH_BENCH -eq 0 ]; then
+        log "bench torch: skipped (--skip-torch)"
+    elif ! command -v python3 > /dev/null 2>&1; then
+        log "bench torch: skipped (no python3)"
+    elif ! timeout 120 python3 -c 'import torch' > "$OUT/bench-torch-import.txt" 2>&1; then
+        log "bench torch: skipped (python3 cannot import torch: $(tail -1 "$OUT/bench-torch-import.txt" | cut -c1-120))"
+    else
+        MONAI_WHEEL="${FASTDET_MONAI_WHEEL:-$ROOT/.cache/wheels/monai-1.6.1-py3-none-any.whl}"
+        WHEEL_ARGS=()
+        if [ -f "$MONAI_WHEEL" ]; then
+            WHEEL_ARGS=(--monai-wheel "$MONAI_WHEEL")
+        else
+            log "note: monai wheel $MONAI_WHEEL not found; bench torch needs monai installed"
+        fi
+        # The script stops starting new cases 20 s before the step's timeout, so its JSON (rewritten
+        # after every case) is complete up to there.
+        tb=$(( $(remaining) - 5 ))
+        [ "$tb" -gt 240 ] && tb=240
+        tb=$(( tb - 20 ))
+        [ "$tb" -lt 1 ] && tb=1
+        # A failing baseline is shown (FAIL/TIMEOUT line, its log) but does not fail the fastdet check.
+        step "bench torch" 240 "$OUT/bench-torch.log" \
+            python3 "$ROOT/tools/bench_torch.py" --device "$DEVICE" --json "$OUT/bench-torch.json" \
+            --budget "$tb" ${WHEEL_ARGS[@]+"${WHEEL_ARGS[@]}"} \
+            || log "note: bench torch failed (PyTorch baseline only; not counted in RESULT; see bench-torch.log)"
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------
 # 2. timed GPU run on a synthetic tomogram with the demo weights and the seed window / tiles
 W1="$ROOT/weights/demo_segresnetv2.safetensors"
 W2="$ROOT/weights/demo_dynunet.safetensors"
@@ -268,6 +318,55 @@ fi
 
 # ------------------------------------------------------------------------------------------------
 # Summary
+# ms/tile lines of bench-fastdet.json and bench-torch.json (python3 when there is one, else grep).
+bench_summary() {
+    local f
+    for f in bench-fastdet.json bench-torch.json; do
+        [ -f "$OUT/$f" ] || continue
+        if command -v python3 > /dev/null 2>&1; then
+            python3 - "$OUT/$f" <<'PY' 2>&1 | head -20
+import json, sys
+path = sys.argv[1]
+name = path.rsplit("/", 1)[-1]
+try:
+    d = json.load(open(path))
+except Exception as e:
+    print(f"{name}: unreadable ({type(e).__name__}: {e})")
+    raise SystemExit(0)
+if "models" in d:  # fastdet bench
+    print(f"{name}: fastdet {d.get('fastdet_version')} on {d.get('device')}, tile {'x'.join(map(str, d.get('tile', [])))}, batch {d.get('batch')}")
+    for m in d["models"]:
+        print(f"  {m['model']:<12} {m['ms_per_tile']:8.2f} ms/tile (min {m['ms_per_tile_min']:.2f}, max {m['ms_per_tile_max']:.2f})"
+              f"  {m['gflops'] / 1e3:.2f} TFLOP/s  open {m['open_s']:.2f} s  [{m['engine']}]")
+else:  # tools/bench_torch.py
+    print(f"{name}: torch {d.get('torch_version')} cuDNN {d.get('cudnn_version')} on {d.get('card')}, "
+          f"{d.get('dtype')} {d.get('memory_format')}, tile {'x'.join(map(str, d.get('tile', [])))}"
+          + ("" if d.get("complete", True) else f"  (partial: skipped {', '.join(d.get('skipped', []))})"))
+    for arch, r in d.get("results", {}).items():
+        for mode in ("eager", "compile"):
+            if mode not in r:
+                continue
+            cells = []
+            for b, e in r[mode].items():
+                if "ms_per_tile" in e:
+                    mem = f", {e['peak_mem_mib']:.0f} MiB" if e.get("peak_mem_mib") is not None else ""
+                    cells.append(f"b{b} {e['ms_per_tile']:.2f}{mem}")
+                else:
+                    cells.append(f"b{b} ERROR")
+            extra = ""
+            if mode == "compile":
+                extra = f"  [{r.get('compile_mode')}, {r.get('compile_s', 0):.0f} s compiling]"
+            print(f"  {arch:<12} {mode:<8} ms/tile: " + "; ".join(cells) + extra)
+    for arch, b in d.get("best", {}).items():
+        parts = [f"{m} {b[m + '_ms']:.2f} (batch {b[m + '_batch']})" for m in ("eager", "compile") if b.get(m + "_ms") is not None]
+        print(f"  best {arch:<12} " + (", ".join(parts) or "-"))
+PY
+        else
+            echo "$f:"
+            grep -E '"(model|ms_per_tile)"' "$OUT/$f" | head -16 | sed 's/^ */  /'
+        fi
+    done
+}
 {
     echo
     echo "================ summary ($(elapsed) s of ${BUDGET} s) ================"
@@ -290,6 +389,7 @@ fi
         [ -f "$OUT/$f" ] || continue
         echo "$f: $(awk '/^total/ {print "F-beta (weighted total) " $NF}' "$OUT/$f" | tail -1)"
     done
+    bench_summary
     if [ $NO_GPU -eq 1 ]; then
         echo "RESULT: NO GPU (nothing ran on a GPU)"
     elif [ $FAILED -eq 0 ]; then
