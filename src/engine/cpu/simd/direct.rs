@@ -1,6 +1,6 @@
 //! 3x3x3 stride-1 padding-1 convolutions (rows a multiple of 8): taps read straight from a
 //! zero-padded slab of input rows, no im2col. Two microkernels over the same slab and weight
-//! panels: AVX-512 (8 channels x 32 positions) and AVX2 + FMA (4 channels x 24 positions).
+//! panels: AVX-512 (8 channels x 32 positions) and AVX2 + FMA (4 channels x 16 positions).
 
 use super::{finish, Isa, PackedWeights, Tail, MAX_COLS, MR, NR, NV};
 use crate::engine::cpu::conv::ConvShape;
@@ -97,12 +97,13 @@ pub fn conv3d(
 
 /// Output channels per AVX2 microkernel call (half a weight panel).
 const MR_AVX2: usize = 4;
-/// 8-float vectors per row of the AVX2 output block.
-const NV_AVX2: usize = 3;
+/// 8-float vectors per row of the AVX2 output block: 4 x 2 accumulators leave the 16 ymm registers
+/// room for the operands (4 x 3 spilled and ran slower than the portable path).
+const NV_AVX2: usize = 2;
 /// Output positions per AVX2 microkernel call.
 const NR_AVX2: usize = 8 * NV_AVX2;
 
-/// The taps of one 24-output panel for the AVX2 kernel: each 8-lane vector is one run of a row.
+/// The taps of one 16-output panel for the AVX2 kernel: each 8-lane vector is one run of a row.
 struct Taps8 {
     /// Per vector and (kz, ky): slab offset (within a channel) of lane 0 at kx = 0. Vectors past
     /// the outputs point at offset 0: they are computed from valid memory and never stored.
@@ -178,7 +179,7 @@ impl Slab {
         t
     }
 
-    /// Where the 24 outputs from `p` read their taps, for the AVX2 kernel.
+    /// Where the 16 outputs from `p` read their taps, for the AVX2 kernel.
     fn taps_avx2(&self, p: usize, outputs: usize) -> Taps8 {
         let mut t = Taps8 { base: [[0; 9]; NV_AVX2] };
         for (v, base) in t.base.iter_mut().enumerate() {
@@ -320,7 +321,7 @@ unsafe fn kernel_direct_avx2(_: usize, _: usize, _: &[f32], _: &[f32], _: &Taps8
     unreachable!("AVX2 kernel needs x86_64")
 }
 
-/// C[4 x 24] = A[cin*27 x 4]^T X with AVX2 + FMA: `a` points at row 0 of the 4 within an 8-row
+/// C[4 x 16] = A[cin*27 x 4]^T X with AVX2 + FMA: `a` points at row 0 of the 4 within an 8-row
 /// weight panel. Same blocked summation and epilogue as the AVX-512 kernel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]

@@ -1,6 +1,6 @@
 //! Convolutions with hand-written SIMD microkernels on x86_64 (`Isa`: AVX-512F, or AVX2 + FMA;
 //! other CPUs take the portable path in `conv`). The kernels compute a block of output channels
-//! x positions in registers (8 x 32 in 16 zmm; 4 x 24 in 12 ymm) from weights packed once per
+//! x positions in registers (8 x 32 in 16 zmm; 4 x 16 in 8 ymm) from weights packed once per
 //! model into 8-row panels (`PackedWeights`), and add the bias and ReLU/LeakyReLU in registers
 //! before the one store:
 //!
