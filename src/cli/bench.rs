@@ -49,6 +49,8 @@ struct Row {
     open_s: f64,
     first_s: f64,
     times_ms: Vec<f64>,
+    /// Peak device memory of the engine's buffers (accelerators only).
+    device_mib: Option<f64>,
 }
 
 impl Row {
@@ -74,6 +76,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.iters == 0 || a.batch == 0 {
         bail!("--iters and --batch must be at least 1");
     }
+    let started = Instant::now();
+    let mut cold_start_s: Option<f64> = None;
     let device = Device::parse(&a.device)?;
     let models: Vec<(String, Weights)> = if a.weights.is_empty() {
         let archs = match a.arch.as_str() {
@@ -112,6 +116,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         let t1 = Instant::now();
         e.forward(&input, a.batch, tile, false)?;
         let first_s = t1.elapsed().as_secs_f64();
+        // Cold start: from the command's start (weights loaded or generated) to the first outputs.
+        cold_start_s.get_or_insert(started.elapsed().as_secs_f64());
         for _ in 1..a.warmup {
             e.forward(&input, a.batch, tile, false)?;
         }
@@ -131,6 +137,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             open_s,
             first_s,
             times_ms,
+            device_mib: e.device_memory_peak().map(|b| b as f64 / 1048576.0),
         });
     }
 
@@ -144,7 +151,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     "model": r.name, "engine": r.engine, "gflop_per_tile": r.gflop,
                     "ms_per_tile": med, "ms_per_tile_min": min, "ms_per_tile_max": max,
                     "gflops": r.gflop / (med * 1e-3), "open_s": r.open_s, "first_call_s": r.first_s,
-                    "times_ms": r.times_ms,
+                    "times_ms": r.times_ms, "device_memory_peak_mib": r.device_mib,
                 })
             })
             .collect();
@@ -152,6 +159,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             "device": device.to_string(), "tile": tile, "batch": a.batch, "iters": a.iters,
             "warmup": a.warmup, "cpu_threads": threads, "fastdet_version": env!("CARGO_PKG_VERSION"),
             "models": items,
+            "cold_start_s": cold_start_s,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -165,8 +173,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         );
         for r in &rows {
             let (med, min, max) = r.per_tile(a.batch);
+            let mem = r.device_mib.map(|m| format!(", peak device memory {m:.0} MiB")).unwrap_or_default();
             println!(
-                "{:<14} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>8.2} {:>9.2}  {}",
+                "{:<14} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>8.2} {:>9.2}  {}{mem}",
                 r.name,
                 med,
                 min,

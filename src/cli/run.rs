@@ -481,6 +481,10 @@ fn worker(
         }
         Ok(())
     })?;
+    // Engines on one device share its memory: the first one's peak covers them all.
+    if let Some(peak) = ens.engines.first().and_then(|e| e.device_memory_peak()) {
+        eprintln!("  {label}peak device memory on {device}: {:.0} MiB (fastdet buffers; cuDNN and the driver add their own)", peak as f64 / 1048576.0);
+    }
     Ok(out)
 }
 

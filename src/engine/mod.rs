@@ -20,6 +20,11 @@ pub trait TileEngine: Send {
     /// `input` is `[n, in_channels, tile...]` f32.
     fn forward(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<Outputs>;
     fn name(&self) -> String;
+    /// Peak bytes of accelerator memory held by the engine's device since it opened (shared by the
+    /// engines on one device); None for the CPU engine.
+    fn device_memory_peak(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Where a model runs.

@@ -605,6 +605,10 @@ impl TileEngine for CudaEngine {
     fn name(&self) -> String {
         format!("cuda:{}:{}", self.gpu.info.ordinal, self.name)
     }
+
+    fn device_memory_peak(&self) -> Option<usize> {
+        Some(self.gpu.memory_peak())
+    }
 }
 
 #[cfg(test)]
@@ -673,6 +677,30 @@ mod tests {
             assert_eq!(a.scores, b.scores);
             assert!(a.fm2.is_none());
         }
+    }
+
+    /// Device memory accounting: the peak covers the weights and the activations of a forward
+    /// pass, stays put on a repeat (pooled buffers), and everything is returned when the engine goes.
+    #[test]
+    fn device_memory_peak_counts_weights_and_activations() {
+        use crate::model::spec::ModelSpec;
+        let gpu = Gpu::emulator().unwrap();
+        let spec = ModelSpec::segresnet(8, 16, 8);
+        let w = Weights::random(&spec, 7);
+        let tile = [16, 16, 16];
+        let mut e = CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap();
+        let weights_bytes = w.param_count() * 2;
+        assert!(gpu.memory_live() >= weights_bytes, "{} < {weights_bytes}", gpu.memory_live());
+        let x = vec![0.5f32; tile.iter().product()];
+        e.forward(&x, 1, tile, false).unwrap();
+        let peak = e.device_memory_peak().unwrap();
+        // The input tile as fp16 and the first conv's output (8 channels) must have been live.
+        assert!(peak >= weights_bytes + 2 * 16 * 16 * 16 * 9, "peak {peak}");
+        e.forward(&x, 1, tile, false).unwrap();
+        assert_eq!(e.device_memory_peak().unwrap(), peak, "a repeat reuses the pool");
+        drop(e);
+        assert_eq!(gpu.memory_live(), 0, "every buffer freed with the engine");
+        assert!(crate::engine::cpu::CpuEngine::new(&w).unwrap().device_memory_peak().is_none());
     }
 
     #[test]

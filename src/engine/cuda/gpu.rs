@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -116,6 +116,27 @@ pub struct DevBuf {
     _mem: Mem,
     pub ptr: u64,
     pub bytes: usize,
+    usage: Arc<MemoryUsage>,
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        self.usage.live.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// Bytes of device memory held through `Gpu::alloc`, now and at most since the last reset.
+#[derive(Debug, Default)]
+pub struct MemoryUsage {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemoryUsage {
+    fn add(&self, bytes: usize) {
+        let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for DevBuf {
@@ -170,6 +191,9 @@ pub struct Gpu {
     /// Synchronise after every launch and report the kernel that failed (debugging; the
     /// self-test turns it on; `FASTDET_CUDA_SYNC=1` too).
     sync_each: AtomicBool,
+    /// Device memory held by fastdet's buffers on this device (all engines sharing it); cuDNN's
+    /// and the driver's own allocations are not counted.
+    usage: Arc<MemoryUsage>,
 }
 
 static OPEN: Mutex<Vec<(usize, Weak<Gpu>)>> = Mutex::new(Vec::new());
@@ -216,6 +240,7 @@ impl Gpu {
                 sigs: signatures()?,
                 kernels_note,
                 sync_each: AtomicBool::new(sync_each),
+                usage: Arc::default(),
             })
         })
     }
@@ -238,6 +263,7 @@ impl Gpu {
             sigs: signatures()?,
             kernels_note: "emulated on the host".into(),
             sync_each: AtomicBool::new(false),
+            usage: Arc::default(),
         }))
     }
 
@@ -259,6 +285,21 @@ impl Gpu {
             Inner::Cuda { ctx, .. } => ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context of cuda:{}: {e}", self.info.ordinal)),
             Inner::Emu(_) => Ok(()),
         }
+    }
+
+    /// Bytes of device memory fastdet's buffers hold now on this device.
+    pub fn memory_live(&self) -> usize {
+        self.usage.live.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes fastdet's buffers held at once on this device since it was opened or
+    /// `reset_memory_peak` was called.
+    pub fn memory_peak(&self) -> usize {
+        self.usage.peak.load(Ordering::Relaxed)
+    }
+
+    pub fn reset_memory_peak(&self) {
+        self.usage.peak.store(self.memory_live(), Ordering::Relaxed);
     }
 
     pub fn set_sync_each(&self, on: bool) {
@@ -297,11 +338,13 @@ impl Gpu {
                 })?;
                 let (ptr, g) = mem.device_ptr(stream);
                 drop(g);
-                Ok(DevBuf { _mem: Mem::Cuda(mem), ptr, bytes })
+                self.usage.add(bytes);
+                Ok(DevBuf { _mem: Mem::Cuda(mem), ptr, bytes, usage: self.usage.clone() })
             }
             Inner::Emu(emu) => {
                 let a = emu.alloc(bytes.max(1));
-                Ok(DevBuf { ptr: a.base, _mem: Mem::Emu(a), bytes })
+                self.usage.add(bytes);
+                Ok(DevBuf { ptr: a.base, _mem: Mem::Emu(a), bytes, usage: self.usage.clone() })
             }
         }
     }
