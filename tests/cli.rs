@@ -23,8 +23,8 @@ fn help_lists_every_subcommand() {
 }
 
 /// `bench --json` times the seed architectures: one entry per model, FLOPs equal to `inspect`'s for
-/// that tile, positive times; a weights file is timed too, and a tile the network cannot take is
-/// refused.
+/// that tile, positive times; a weights file is timed too; `--tomogram` times the pipeline; a tile
+/// the network cannot take is refused.
 #[test]
 fn bench_reports_time_and_flops_per_tile() {
     let o = fastdet().args(["bench", "--device", "cpu", "--tile", "32,32,32", "--iters", "2", "--warmup", "0", "--json"]).output().unwrap();
@@ -48,6 +48,21 @@ fn bench_reports_time_and_flops_per_tile() {
     let gflop = j["models"][0]["gflop_per_tile"].as_f64().unwrap();
     let want = info["flops"].as_f64().unwrap() * 1e-9;
     assert!((gflop - want).abs() <= 1e-3 * want, "{gflop} vs inspect {want}");
+
+    // Per tomogram: the pipeline's FLOPs are tiles x the per-tile FLOPs of the ensemble.
+    let o = fastdet()
+        .args(["bench", "--tomogram", "32,48,48", "--window", "32,32,32", "--tiles", "1,2,2", "--models", "1,0", "--iters", "1", "--warmup", "0", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let per_tile = fastdet().args(["bench", "--arch", "segresnetv2", "--tile", "32,32,32", "--iters", "1", "--warmup", "0", "--json"]).output().unwrap();
+    let per_tile: serde_json::Value = serde_json::from_slice(&per_tile.stdout).unwrap();
+    let want = 4.0 * per_tile["models"][0]["gflop_per_tile"].as_f64().unwrap() * 1e9;
+    assert!((t["flops_per_tomogram"].as_f64().unwrap() - want).abs() <= 1e-6 * want);
+    let total = t["s_per_tomogram"].as_f64().unwrap();
+    assert!(total > 0.0 && t["infer_s"].as_f64().unwrap() <= total);
+    assert!(t["detections"].is_u64() && t["cold_start_s"].as_f64().unwrap() > 0.0);
 
     let o = fastdet().args(["bench", "--arch", "segresnetv2", "--tile", "12,32,24", "--iters", "1"]).output().unwrap();
     assert!(!o.status.success());

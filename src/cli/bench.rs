@@ -40,6 +40,24 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of a table
     #[arg(long)]
     pub json: bool,
+    /// Time the whole pipeline per tomogram of this shape z,y,x instead (random volume; tiles,
+    /// ensemble, blending and detection; the seed's is 184,630,630)
+    #[arg(long, value_parser = super::run::parse_triple)]
+    pub tomogram: Option<[usize; 3]>,
+    /// With --tomogram: ensemble of this many SegResNetV2,DynUNet at the seed widths (random weights)
+    #[arg(long, default_value = "5,5", value_parser = parse_pair)]
+    pub models: [usize; 2],
+    /// With --tomogram: window z,y,x
+    #[arg(long, default_value = "192,128,128", value_parser = super::run::parse_triple)]
+    pub window: [usize; 3],
+    /// With --tomogram: tiles per axis z,y,x
+    #[arg(long, default_value = "1,9,9", value_parser = super::run::parse_triple)]
+    pub tiles: [usize; 3],
+}
+
+fn parse_pair(s: &str) -> Result<[usize; 2], String> {
+    let v: Vec<usize> = s.split(',').map(|x| x.trim().parse().map_err(|_| format!("bad count {x:?} in {s:?}"))).collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| format!("expected two counts SEGRESNET,DYNUNET, got {s:?}"))
 }
 
 struct Row {
@@ -79,6 +97,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let mut cold_start_s: Option<f64> = None;
     let device = Device::parse(&a.device)?;
+    if let Some(shape) = a.tomogram {
+        return bench_tomogram(&a, device, shape);
+    }
     let models: Vec<(String, Weights)> = if a.weights.is_empty() {
         let archs = match a.arch.as_str() {
             "all" => vec![Arch::Segresnetv2, Arch::Dynunet],
@@ -186,6 +207,92 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 r.engine
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The pipeline per tomogram: an ensemble at the seed widths (all weights resident), a random
+/// volume, `predict_maps` (tiling, ensemble, blending) and `detect_maps`, as `fastdet run` does
+/// after reading.
+fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<ExitCode> {
+    use fastdet::pipeline::runner::{detect_maps, predict_maps, Ensemble, Settings, Timing};
+    let started = Instant::now();
+    let [n_seg, n_dyn] = a.models;
+    if n_seg + n_dyn == 0 {
+        bail!("--models needs at least one model");
+    }
+    let mut engines = Vec::new();
+    let mut flops_per_tile = 0u64;
+    let mut device_peak = None;
+    for (i, arch) in std::iter::repeat_n(Arch::Segresnetv2, n_seg).chain(std::iter::repeat_n(Arch::Dynunet, n_dyn)).enumerate() {
+        let spec = ModelSpec::seed(arch);
+        let graph = Graph::build(&spec)?;
+        graph.check_tile(a.window)?;
+        flops_per_tile += graph.flops(a.window);
+        engines.push(engine::open(device, &Weights::random(&spec, 1 + i as u64))?);
+    }
+    let spec = ModelSpec::seed(Arch::Segresnetv2);
+    let mut ens = Ensemble { engines, num_classes: spec.num_classes, stride: spec.stride };
+    let s = Settings { window: a.window, tiles: a.tiles, batch: a.batch, ..Settings::default() };
+    let open_s = started.elapsed().as_secs_f64();
+    let tiles = a.tiles.iter().product::<usize>() as u64;
+    let flops = flops_per_tile * tiles;
+    let mut volume = vec![0.0f32; shape.iter().product()];
+    SplitMix64::new(5).fill_uniform(&mut volume, -1.0, 1.0);
+    let mut runs: Vec<(f64, Timing, usize)> = Vec::new();
+    let mut cold_start_s = None;
+    for i in 0..a.warmup + a.iters {
+        let mut vol = volume.clone();
+        let mut timing = Timing::default();
+        let t = Instant::now();
+        let mut first_tiles = |done: usize, _total: usize| {
+            if done > 0 && cold_start_s.is_none() {
+                cold_start_s = Some(started.elapsed().as_secs_f64());
+            }
+        };
+        let maps = predict_maps(&mut ens, &mut vol, shape, &s, &mut first_tiles, &mut timing)?;
+        let td = Instant::now();
+        let dets = detect_maps(&maps, &s, ens.stride);
+        timing.detect = td.elapsed().as_secs_f64();
+        if i >= a.warmup {
+            runs.push((t.elapsed().as_secs_f64(), timing, dets.len()));
+        }
+    }
+    if let Some(e) = ens.engines.first() {
+        device_peak = e.device_memory_peak().map(|b| b as f64 / 1048576.0);
+    }
+    let mut secs: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    secs.sort_by(f64::total_cmp);
+    let med = median(&secs);
+    let mean = |f: fn(&Timing) -> f64| runs.iter().map(|r| f(&r.1)).sum::<f64>() / runs.len() as f64;
+    let (infer, blend, detect) = (mean(|t| t.infer), mean(|t| t.blend), mean(|t| t.detect));
+    if a.json {
+        let doc = serde_json::json!({
+            "device": device.to_string(), "tomogram": shape, "window": a.window, "tiles": a.tiles,
+            "models": {"segresnetv2": n_seg, "dynunet": n_dyn}, "batch": a.batch,
+            "iters": a.iters, "warmup": a.warmup, "cpu_threads": rayon::current_num_threads(),
+            "fastdet_version": env!("CARGO_PKG_VERSION"),
+            "s_per_tomogram": med, "s_min": secs[0], "s_max": secs[secs.len() - 1], "times_s": secs,
+            "infer_s": infer, "blend_s": blend, "detect_s": detect,
+            "flops_per_tomogram": flops, "tflops": flops as f64 * 1e-12 / med,
+            "open_s": open_s, "cold_start_s": cold_start_s, "device_memory_peak_mib": device_peak,
+            "detections": runs.last().map(|r| r.2),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "tomogram {}x{}x{}, window {}x{}x{}, tiles {}x{}x{}, {} SegResNetV2 + {} DynUNet (seed widths), batch {}, {} timed after {} warm-up",
+            shape[0], shape[1], shape[2], a.window[0], a.window[1], a.window[2], a.tiles[0], a.tiles[1], a.tiles[2], n_seg, n_dyn, a.batch, a.iters, a.warmup
+        );
+        println!(
+            "{med:.3} s per tomogram (min {:.3}, max {:.3}): infer {infer:.3} s, blend {blend:.3} s, detect {detect:.3} s; {:.1} TFLOP per tomogram = {:.2} TFLOP/s",
+            secs[0],
+            secs[secs.len() - 1],
+            flops as f64 * 1e-12,
+            flops as f64 * 1e-12 / med
+        );
+        let mem = device_peak.map(|m| format!(", peak device memory {m:.0} MiB")).unwrap_or_default();
+        println!("engines opened in {open_s:.2} s, first tile done {:.2} s after start{mem}", cold_start_s.unwrap_or(f64::NAN));
     }
     Ok(ExitCode::SUCCESS)
 }
