@@ -57,7 +57,7 @@ if the process is killed.
 
 Human-readable lines go to stdout. --json PATH writes one JSON object:
   {"card", "device", "dtype", "memory_format", "torch_version", "cudnn_version",
-   "monai_version", "tile", "batches", "warmup", "repeats", "complete", "skipped",
+   "monai_version", "fp16_matmul_tflops" (cuda only), "tile", "batches", "warmup", "repeats", "complete", "skipped",
    "results": {
      "segresnetv2": {
        "flops_per_tile": <executed conv FLOPs, one tile>,
@@ -345,8 +345,34 @@ def main(argv=None):
     print(f"tile {'x'.join(map(str, tile))}, batches {args.batches}, modes {args.modes}, "
           f"warmup {args.warmup}, repeats {args.repeats}", flush=True)
 
+    # The card's dense fp16 rate as PyTorch reaches it (cuBLAS, large square matmul): the
+    # denominator of fastdet's FLOP floor per tomogram.
+    matmul_tflops = None
+    if cuda:
+        try:
+            n = 8192
+            a = torch.randn(n, n, device=device, dtype=torch.float16)
+            b = torch.randn(n, n, device=device, dtype=torch.float16)
+            for _ in range(3):
+                a @ b
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            reps = 20
+            start.record()
+            for _ in range(reps):
+                a @ b
+            end.record()
+            torch.cuda.synchronize(device)
+            matmul_tflops = 2 * n ** 3 * reps / (start.elapsed_time(end) * 1e-3) * 1e-12
+            del a, b
+            torch.cuda.empty_cache()
+            print(f"fp16 matmul {n}^3: {matmul_tflops:.1f} TFLOP/s", flush=True)
+        except Exception as e:  # the baseline goes on without it
+            print(f"fp16 matmul rate not measured: {err_text(e)}", flush=True)
+
     results = {a: {} for a in args.arch}
     doc = {
+        "fp16_matmul_tflops": matmul_tflops,
         "card": card, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "memory_format": mfmt_name, "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda, "cudnn_version": cudnn_version,

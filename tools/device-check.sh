@@ -4,7 +4,8 @@
 #   1. finds the CUDA libraries (pip wheels nvidia/*/lib, /usr/local/cuda, ldconfig) and cuda_fp16.h,
 #   2. prints nvidia-smi,
 #   3. runs `fastdet selftest --quick` (kernels vs CPU twins, both seed networks on 64^3),
-#   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile, batch 1) and the PyTorch
+#   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile, batch 1; then the seed
+#      ensemble of 5+5 models on one whole tomogram of FASTDET_CHECK_SHAPE) and the PyTorch
 #      baseline tools/bench_torch.py (fp16 cuDNN eager + torch.compile, batches 1,2,4; needs python3
 #      with torch; monai comes from .cache/wheels/ when it is not installed; --skip-torch skips it),
 #   4. writes a synthetic 184x630x630 tomogram and times `fastdet run` on the GPU with the demo
@@ -34,9 +35,10 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
   --skip-torch      skip the PyTorch baseline (tools/bench_torch.py); `fastdet bench` still runs
   --cpu-run         also time `fastdet run --device cpu` on the same data (slow: minutes)
 
-per-tile benchmarks (after the quick self-test): `fastdet bench` -> bench-fastdet.json (log
-bench-fastdet.log); tools/bench_torch.py -> bench-torch.json (log bench-torch.log, about 240 s at
-most); their ms/tile lines end up in the summary.
+benchmarks (after the quick self-test): `fastdet bench` -> bench-fastdet.json (log
+bench-fastdet.log); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json;
+tools/bench_torch.py -> bench-torch.json (log bench-torch.log, about 240 s at most); their lines end
+up in the summary, and tools/results_json.py folds them into results.json.
 
 environment: FASTDET=path/to/fastdet (default: target/release/fastdet next to this script),
              FASTDET_CHECK_SHAPE=z,y,x (default 184,630,630),
@@ -241,6 +243,13 @@ if [ $NO_GPU -eq 0 ]; then
         bash -c 'exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
         bench-fastdet "$FASTDET" "$DEVICE" "$OUT/bench-fastdet.json" || FAILED=1
 
+    # The seed configuration per tomogram: 5 SegResNetV2 + 5 DynUNet (random weights at the seed
+    # widths, all resident), 1x9x9 tiles, blending and detection.
+    rm -f "$OUT/bench-tomogram.json"
+    step "bench tomogram (5+5 models)" 150 "$OUT/bench-tomogram.log" \
+        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --json > "$4"' \
+        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram.json" || FAILED=1
+
     rm -f "$OUT/bench-torch.json"
     if [ $TORCH_BENCH -eq 0 ]; then
         log "bench torch: skipped (--skip-torch)"
@@ -317,11 +326,18 @@ fi
 [ $KEEP_DATA -eq 1 ] || rm -rf "$DATA"
 
 # ------------------------------------------------------------------------------------------------
+# Headline figures for benches/results.json (nulls where a bench did not run)
+if [ $NO_GPU -eq 0 ] && command -v python3 > /dev/null 2>&1; then
+    python3 "$ROOT/tools/results_json.py" "$OUT" -o "$OUT/results.json" > /dev/null 2> "$OUT/results-json.log" \
+        || log "note: results.json not written (see results-json.log)"
+fi
+
+# ------------------------------------------------------------------------------------------------
 # Summary
 # ms/tile lines of bench-fastdet.json and bench-torch.json (python3 when there is one, else grep).
 bench_summary() {
     local f
-    for f in bench-fastdet.json bench-torch.json; do
+    for f in bench-fastdet.json bench-tomogram.json bench-torch.json results.json; do
         [ -f "$OUT/$f" ] || continue
         if command -v python3 > /dev/null 2>&1; then
             python3 - "$OUT/$f" <<'PY' 2>&1 | head -20
@@ -332,6 +348,15 @@ try:
     d = json.load(open(path))
 except Exception as e:
     print(f"{name}: unreadable ({type(e).__name__}: {e})")
+    raise SystemExit(0)
+if "s_per_tomogram" in d:  # fastdet bench --tomogram
+    m = d.get("models", {})
+    print(f"{name}: {d['s_per_tomogram']:.2f} s per tomogram {'x'.join(map(str, d.get('tomogram', [])))} "
+          f"({m.get('segresnetv2')} SegResNetV2 + {m.get('dynunet')} DynUNet; infer {d['infer_s']:.2f}, blend {d['blend_s']:.2f}, "
+          f"detect {d['detect_s']:.2f} s; {d['tflops']:.1f} TFLOP/s; first tile {d.get('cold_start_s') or float('nan'):.2f} s after start)")
+    raise SystemExit(0)
+if "floor_s" in d:  # tools/results_json.py
+    print(f"{name}: " + json.dumps({k: d[k] for k in ("tomogram_s", "floor_s", "cold_start_s", "peak_mem_gib", "fp16_matmul_tflops")}))
     raise SystemExit(0)
 if "models" in d:  # fastdet bench
     print(f"{name}: fastdet {d.get('fastdet_version')} on {d.get('device')}, tile {'x'.join(map(str, d.get('tile', [])))}, batch {d.get('batch')}")

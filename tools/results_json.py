@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Assemble benches/results.json (the latest device run's headline figures) from the JSON files a
+device check writes:
+
+  bench-fastdet.json   fastdet bench --device cuda:N --tile 192,128,128 --json
+  bench-tomogram.json  fastdet bench --device cuda:N --tomogram 184,630,630 --models 5,5 --json
+  bench-torch.json     tools/bench_torch.py --device cuda:N --json   (eager, torch.compile, fp16 rate)
+
+Output (missing inputs give nulls, never invented numbers):
+  {"card", "commit", "date",
+   "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms"}, "dynunet": {...}},
+   "tomogram_s", "floor_s", "cold_start_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
+   "sources"}
+
+floor_s = FLOPs per tomogram (from the tomogram bench) / the card's fp16 rate measured by PyTorch's
+large matmul (bench-torch.json "fp16_matmul_tflops"). peak_mem_gib is fastdet's own device
+buffers at batch 1 (the per-tile bench), the largest over the models.
+
+Usage: python3 tools/results_json.py DIR [--commit SHA] [--date YYYY-MM-DD] [-o results.json]
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        print(f"results_json: {path}: unreadable ({e}); left out", file=sys.stderr)
+        return None
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def assemble(d, commit, date):
+    fd = load(os.path.join(d, "bench-fastdet.json"))
+    tomo = load(os.path.join(d, "bench-tomogram.json"))
+    torch = load(os.path.join(d, "bench-torch.json"))
+    tile = {}
+    for arch in ("segresnetv2", "dynunet"):
+        row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None}
+        if torch:
+            best = torch.get("best", {}).get(arch, {})
+            row["torch_eager_ms"] = best.get("eager_ms")
+            row["torch_compile_ms"] = best.get("compile_ms")
+        if fd:
+            for m in fd.get("models", []):
+                if m.get("model") == arch:
+                    row["fastdet_ms"] = m.get("ms_per_tile")
+        tile[arch] = row
+    if fd and torch and list(fd.get("tile", [])) != list(torch.get("tile", [])):
+        print(f"results_json: tiles differ (fastdet {fd.get('tile')}, torch {torch.get('tile')}); the tile table is not a comparison", file=sys.stderr)
+    rate = torch.get("fp16_matmul_tflops") if torch else None
+    flops = tomo.get("flops_per_tomogram") if tomo else None
+    mems = [m.get("device_memory_peak_mib") for m in (fd or {}).get("models", []) if m.get("device_memory_peak_mib") is not None]
+    return {
+        "card": (torch or {}).get("card"),
+        "commit": commit,
+        "date": date,
+        "tile": tile,
+        "tomogram_s": tomo.get("s_per_tomogram") if tomo else None,
+        "floor_s": flops / (rate * 1e12) if flops and rate else None,
+        "cold_start_s": (fd or {}).get("cold_start_s"),
+        "peak_mem_gib": max(mems) / 1024 if mems else None,
+        "fp16_matmul_tflops": rate,
+        "tile_shape": (fd or torch or {}).get("tile"),
+        "sources": {
+            "bench_fastdet": fd is not None,
+            "bench_tomogram": tomo is not None,
+            "bench_torch": torch is not None,
+            "fastdet_device": (fd or tomo or {}).get("device"),
+        },
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", help="the device check's output directory")
+    ap.add_argument("--commit", help="fastdet commit the binary was built from (default: git here)")
+    ap.add_argument("--date", help="date of the run (default: today, UTC)")
+    ap.add_argument("-o", "--out", help="write here (default: stdout)")
+    a = ap.parse_args()
+    if not os.path.isdir(a.dir):
+        print(f"results_json: {a.dir} is not a directory", file=sys.stderr)
+        return 64
+    doc = assemble(a.dir, a.commit or git_commit(), a.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat())
+    text = json.dumps(doc, indent=2) + "\n"
+    if a.out:
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, a.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
