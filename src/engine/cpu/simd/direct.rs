@@ -17,7 +17,7 @@ const SLAB_FLOATS: usize = 96 * 1024;
 /// Whether the direct kernel handles this shape: 3x3x3, stride 1, padding 1, rows a multiple of 8
 /// (each 16-output vector is one run of 16 in a row, or two runs of 8).
 pub fn fits(s: ConvShape) -> bool {
-    s.k == 3 && s.stride == 1 && s.pad == 1 && s.dims[2] % 8 == 0
+    s.k == 3 && s.stride == 1 && s.pad == 1 && s.dims[2].is_multiple_of(8)
 }
 
 /// Direct convolution: a task copies the input rows its outputs need (3 planes x rows+2, every
@@ -122,7 +122,7 @@ struct Slab {
 impl Slab {
     fn new(w: usize, ny: usize) -> Self {
         let plain = 3 * (ny + 2) * (w + 2);
-        let channel = if plain % 256 == 0 { plain + 16 } else { plain };
+        let channel = if plain.is_multiple_of(256) { plain + 16 } else { plain };
         Self { w, ny, channel }
     }
 
@@ -153,7 +153,7 @@ impl Slab {
 
     /// Where the 32 outputs from `p` (of `outputs`, flat over the task's rows) read their taps.
     fn taps(&self, p: usize, outputs: usize) -> DirectTaps {
-        let run = if self.w % 16 == 0 { 16 } else { 8 };
+        let run = if self.w.is_multiple_of(16) { 16 } else { 8 };
         let mut t = DirectTaps {
             base: [[[0; 2]; 9]; NV],
             lanes: [[0; 2]; NV],
