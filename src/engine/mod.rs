@@ -25,6 +25,11 @@ pub trait TileEngine: Send {
     fn device_memory_peak(&self) -> Option<usize> {
         None
     }
+    /// The CUDA engine behind this one, for work that keeps the outputs on its device (the
+    /// runner's device blending); None for every other engine.
+    fn as_cuda(&mut self) -> Option<&mut cuda::CudaEngine> {
+        None
+    }
 }
 
 /// Where a model runs.

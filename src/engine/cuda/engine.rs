@@ -136,6 +136,35 @@ impl Step {
     }
 }
 
+/// `CudaEngine::forward_device`'s outputs, on the device, f32 NCDHW.
+pub struct DeviceOutputs {
+    /// `[n, num_classes, dims]` sigmoid scores.
+    pub scores: DevBuf,
+    /// `[n, offset_channels (3), dims]` offsets (channels x, y, z).
+    pub offsets: DevBuf,
+    /// `[n, fm2_channels, fm2_dims]` when asked for.
+    pub fm2: Option<DevBuf>,
+    pub n: usize,
+    pub num_classes: usize,
+    pub offset_channels: usize,
+    pub fm2_channels: usize,
+    /// Output grid of one tile (`tile / stride`).
+    pub dims: [usize; 3],
+    pub fm2_dims: [usize; 3],
+}
+
+impl DeviceOutputs {
+    /// f32 values of `scores` (the buffer may hold more).
+    pub fn scores_len(&self) -> usize {
+        self.n * self.num_classes * vol(self.dims)
+    }
+
+    /// f32 values of `offsets`.
+    pub fn offsets_len(&self) -> usize {
+        self.n * self.offset_channels * vol(self.dims)
+    }
+}
+
 /// One model on one GPU.
 pub struct CudaEngine {
     gpu: std::sync::Arc<Gpu>,
@@ -319,7 +348,8 @@ impl CudaEngine {
         }
     }
 
-    fn forward_inner(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<Outputs> {
+    /// Checks a forward call's arguments.
+    fn check_input(&self, input: &[f32], n: usize, tile: [usize; 3]) -> Result<()> {
         let g = &self.graph;
         g.check_tile(tile)?;
         let cin = g.values[g.input].channels;
@@ -327,13 +357,23 @@ impl CudaEngine {
         if input.len() != n * cin * tvol {
             bail!("input holds {} values, expected {} for {n} tile(s) of {tile:?}", input.len(), n * cin * tvol);
         }
+        Ok(())
+    }
+
+    /// The graph walk; the outputs stay on the device (no synchronisation: kernel faults surface
+    /// at the caller's next sync or read).
+    fn forward_device_inner(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
+        self.check_input(input, n, tile)?;
+        if n == 0 {
+            bail!("a forward pass on the device needs at least one tile");
+        }
+        let g = &self.graph;
+        let cin = g.values[g.input].channels;
+        let tvol = vol(tile);
         let (scores_v, offsets_v, fm2_v) = (g.scores, g.offsets, g.fm2);
         let (nc, no, nf) = (g.values[scores_v].channels, g.values[offsets_v].channels, g.values[fm2_v].channels);
-        let out_vol = vol(g.dims(scores_v, tile));
+        let dims = g.dims(scores_v, tile);
         let fm2_vol = vol(g.dims(fm2_v, tile));
-        if n == 0 {
-            return Ok(Outputs { scores: vec![], offsets: vec![], fm2: want_fm2.then(Vec::new) });
-        }
         self.gpu.bind()?;
         let nvals = g.values.len();
         let input_v = g.input;
@@ -346,30 +386,25 @@ impl CudaEngine {
         self.pool.give(x32);
         vals[input_v] = Some(Val::H(x16));
 
-        let result = (|| -> Result<()> {
-            let mut i = 0;
-            while i < self.graph.ops.len() {
-                let used = self.exec(i, n, tile, &mut vals).with_context(|| {
-                    let op = &self.graph.ops[i];
-                    format!("op {i} ({}) on {n} tile(s) of {tile:?}", self.graph.values[op.output].name)
-                })?;
-                for j in i..i + used {
-                    let inputs = self.graph.ops[j].inputs.clone();
-                    for v in inputs {
-                        if self.last[v] == j {
-                            if let Some(val) = vals[v].take() {
-                                self.release(val);
-                            }
+        let mut i = 0;
+        while i < self.graph.ops.len() {
+            // On error, the buffers still in `vals` are freed on drop; the pool keeps the rest.
+            let used = self.exec(i, n, tile, &mut vals).with_context(|| {
+                let op = &self.graph.ops[i];
+                format!("op {i} ({}) on {n} tile(s) of {tile:?}", self.graph.values[op.output].name)
+            })?;
+            for j in i..i + used {
+                let inputs = self.graph.ops[j].inputs.clone();
+                for v in inputs {
+                    if self.last[v] == j {
+                        if let Some(val) = vals[v].take() {
+                            self.release(val);
                         }
                     }
                 }
-                i += used;
             }
-            Ok(())
-        })();
-        // On error, the buffers still in `vals` are freed on drop; the pool keeps the rest.
-        result?;
-        self.gpu.sync("forward pass")?;
+            i += used;
+        }
 
         let f32_out = |vals: &mut Vec<Option<Val>>, v: ValueId| -> Result<DevBuf> {
             match vals[v].take() {
@@ -377,12 +412,8 @@ impl CudaEngine {
                 _ => Err(anyhow!("internal error: output value {v} was not produced as f32")),
             }
         };
-        let sb = f32_out(&mut vals, scores_v)?;
-        let ob = f32_out(&mut vals, offsets_v)?;
-        let scores = self.gpu.read::<f32>(sb.ptr, n * nc * out_vol)?;
-        let offsets = self.gpu.read::<f32>(ob.ptr, n * no * out_vol)?;
-        self.pool.give(sb);
-        self.pool.give(ob);
+        let scores = f32_out(&mut vals, scores_v)?;
+        let offsets = f32_out(&mut vals, offsets_v)?;
         let fm2 = if want_fm2 {
             let h = match vals[fm2_v].take() {
                 Some(Val::H(b)) => b,
@@ -390,10 +421,8 @@ impl CudaEngine {
             };
             let f = self.take(n * nf * fm2_vol * 4)?;
             ops::to_ncdhw_f32(&self.gpu, h.ptr, f.ptr, n, nf, fm2_vol)?;
-            let out = self.gpu.read::<f32>(f.ptr, n * nf * fm2_vol)?;
-            self.pool.give(f);
             self.pool.give(h);
-            Some(out)
+            Some(f)
         } else {
             None
         };
@@ -402,7 +431,52 @@ impl CudaEngine {
                 self.release(v);
             }
         }
-        Ok(Outputs { scores, offsets, fm2 })
+        Ok(DeviceOutputs { scores, offsets, fm2, n, num_classes: nc, offset_channels: no, fm2_channels: nf, dims, fm2_dims: self.graph.dims(fm2_v, tile) })
+    }
+
+    /// `forward` = the device forward + one read back of each output.
+    fn forward_inner(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<Outputs> {
+        self.check_input(input, n, tile)?;
+        if n == 0 {
+            return Ok(Outputs { scores: vec![], offsets: vec![], fm2: want_fm2.then(Vec::new) });
+        }
+        let out = self.forward_device_inner(input, n, tile, want_fm2)?;
+        let r = (|| -> Result<Outputs> {
+            self.gpu.sync("forward pass")?;
+            let scores = self.gpu.read::<f32>(out.scores.ptr, out.scores_len())?;
+            let offsets = self.gpu.read::<f32>(out.offsets.ptr, out.offsets_len())?;
+            let fm2 = match &out.fm2 {
+                Some(f) => Some(self.gpu.read::<f32>(f.ptr, out.n * out.fm2_channels * vol(out.fm2_dims))?),
+                None => None,
+            };
+            Ok(Outputs { scores, offsets, fm2 })
+        })();
+        self.recycle(out);
+        r
+    }
+
+    /// The network outputs of `n` tiles left on the device: `scores [n, C, dims]` (sigmoid) and
+    /// `offsets [n, 3, dims]` f32 NCDHW, as `forward` returns them on the host (`forward` is this
+    /// plus a read back). The buffers come from the engine's pool and may be larger than the
+    /// outputs; hand them back with `recycle` once the work that reads them has been issued (all
+    /// work is on one stream, so the reuse is ordered after it). Nothing is synchronised here.
+    pub fn forward_device(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
+        let name = self.name();
+        guard(&name.clone(), || self.forward_device_inner(input, n, tile, want_fm2)).with_context(|| format!("{name}: forward pass"))
+    }
+
+    /// Returns `forward_device`'s buffers to the pool.
+    pub fn recycle(&mut self, out: DeviceOutputs) {
+        self.pool.give(out.scores);
+        self.pool.give(out.offsets);
+        if let Some(f) = out.fm2 {
+            self.pool.give(f);
+        }
+    }
+
+    /// The device this engine runs on, shared with the other engines opened on it.
+    pub fn gpu_arc(&self) -> std::sync::Arc<Gpu> {
+        self.gpu.clone()
     }
 
     fn h(vals: &[Option<Val>], v: ValueId) -> Result<u64> {
@@ -609,6 +683,10 @@ impl TileEngine for CudaEngine {
     fn device_memory_peak(&self) -> Option<usize> {
         Some(self.gpu.memory_peak())
     }
+
+    fn as_cuda(&mut self) -> Option<&mut CudaEngine> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]
@@ -677,6 +755,37 @@ mod tests {
             assert_eq!(a.scores, b.scores);
             assert!(a.fm2.is_none());
         }
+    }
+
+    /// `forward_device` leaves on the device exactly what `forward` returns, and its buffers go
+    /// back to the pool.
+    #[test]
+    fn forward_device_is_forward_without_the_read_back() {
+        use crate::model::spec::ModelSpec;
+        let gpu = Gpu::emulator().unwrap();
+        let spec = ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8);
+        let w = Weights::random(&spec, 5);
+        let (n, tile) = (2, [8, 16, 24]);
+        let mut r = crate::util::SplitMix64::new(8);
+        let mut x = vec![0.0f32; n * tile.iter().product::<usize>()];
+        r.fill_uniform(&mut x, 0.0, 1.0);
+        let mut e = CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap();
+        let want = e.forward(&x, n, tile, true).unwrap();
+        let out = e.forward_device(&x, n, tile, true).unwrap();
+        assert_eq!((out.n, out.num_classes, out.offset_channels, out.dims), (n, spec.num_classes, 3, [4, 8, 12]));
+        assert_eq!(gpu.read::<f32>(out.scores.ptr, out.scores_len()).unwrap(), want.scores);
+        assert_eq!(gpu.read::<f32>(out.offsets.ptr, out.offsets_len()).unwrap(), want.offsets);
+        let fm2 = out.fm2.as_ref().unwrap();
+        assert_eq!(gpu.read::<f32>(fm2.ptr, want.fm2.as_ref().unwrap().len()).unwrap(), *want.fm2.as_ref().unwrap());
+        let live = gpu.memory_live();
+        e.recycle(out);
+        assert_eq!(gpu.memory_live(), live, "recycled, not freed");
+        // The pool serves the next call: no new device memory.
+        let peak = gpu.memory_peak();
+        assert_eq!(e.forward(&x, n, tile, false).unwrap().scores, want.scores);
+        assert_eq!(gpu.memory_peak(), peak);
+        assert!(e.forward_device(&x, 0, tile, false).is_err());
+        assert!(e.as_cuda().is_some());
     }
 
     /// Device memory accounting: the peak covers the weights and the activations of a forward

@@ -26,5 +26,5 @@ pub mod nvrtc;
 pub mod ops;
 pub mod selftest;
 
-pub use engine::{ConvBackend, CudaEngine};
+pub use engine::{ConvBackend, CudaEngine, DeviceOutputs};
 pub use gpu::{driver_available, probe, DeviceInfo, NO_DRIVER};
