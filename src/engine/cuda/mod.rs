@@ -15,6 +15,9 @@
 //! - `FASTDET_CUDA_SYNC=1`: synchronise after every kernel and name the one that failed;
 //! - `FASTDET_CUDNN_WORKSPACE_MIB`: largest cuDNN workspace (default 1024).
 //!
+//! `tomogram` keeps a tomogram's ensemble averaging and tile blending on the device (the runner's
+//! `Settings::device_blend`).
+//!
 //! `emu` is a host emulator of every kernel (tests only): the engine and the self-test run on it
 //! here, without a GPU.
 pub mod dnn;
@@ -25,6 +28,8 @@ pub mod kernels;
 pub mod nvrtc;
 pub mod ops;
 pub mod selftest;
+pub mod tomogram;
 
 pub use engine::{ConvBackend, CudaEngine, DeviceOutputs};
+pub use tomogram::TomogramAccumulator;
 pub use gpu::{driver_available, probe, DeviceInfo, NO_DRIVER};
