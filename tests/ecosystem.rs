@@ -24,7 +24,7 @@ fn config_file_values_and_flag_overrides() {
     std::fs::write(
         &cfg,
         "data = \"data\"\nweights = [\"w/a.safetensors\", \"w/b.safetensors\"]\nwindow = [64, 96, 96]\ntiles = [2, 3, 3]\n\
-         with_score = true\n[thresholds]\nribosome = 0.3\n",
+         with_score = true\ndevice_blend = true\n[thresholds]\nribosome = 0.3\n",
     )
     .unwrap();
     let text = stdout_of(fastdet().args(["run", "--print-config", "--tiles", "1,1,1", "--config"]).arg(&cfg));
@@ -38,6 +38,7 @@ fn config_file_values_and_flag_overrides() {
     assert_eq!(t["thresholds"]["apo-ferritin"].as_float(), Some(0.255));
     assert_eq!(t["iou"].as_float(), Some(0.85));
     assert_eq!(t["with_score"].as_bool(), Some(true));
+    assert_eq!(t["device_blend"].as_bool(), Some(true));
 
     // The printed configuration reads back to itself.
     let again = tmp.path().join("again.toml");
@@ -57,6 +58,7 @@ fn config_file_values_and_flag_overrides() {
 }
 
 /// An MRC copy of a tomogram gives the same picks as the zarr; STAR and QC files come out per run.
+/// (The MRC run asks for --device-blend, which a CPU worker ignores: same picks.)
 #[test]
 fn mrc_input_star_and_qc_outputs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -82,6 +84,7 @@ fn mrc_input_star_and_qc_outputs() {
         .arg(&star)
         .arg("--qc")
         .arg(&qc)
+        .arg("--device-blend")
         .status()
         .unwrap();
     assert!(st.success());

@@ -127,6 +127,6 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
 /// Every option `run` accepts in a config file.
 const KNOWN: &[&str] = &[
     "data", "split", "runs", "zarr", "mrc", "level", "weights", "device", "gpus", "devices", "window", "tiles", "iou", "top-k", "blend-sigma",
-    "tta", "batch", "shard", "voxel-size", "allow-nonfinite", "out", "thresholds", "with-score", "copick-out", "user-id",
+    "tta", "batch", "device-blend", "shard", "voxel-size", "allow-nonfinite", "out", "thresholds", "with-score", "copick-out", "user-id",
     "session-id", "save-maps", "resume", "star-out", "qc",
 ];

@@ -84,6 +84,10 @@ pub struct InferArgs {
     /// Tiles per engine call
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Average the ensemble and blend the tiles on the GPU (CUDA workers; the maps come back once
+    /// per tomogram; detection stays on the CPU). Same maps as without it; not yet measured on a GPU
+    #[arg(long)]
+    pub device_blend: bool,
     /// Process only runs[K::N] of the sorted run list (cluster job arrays), as K/N
     #[arg(long, value_parser = parse_shard)]
     pub shard: Option<(usize, usize)>,
@@ -266,6 +270,7 @@ fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
         tta: Tta::parse(&a.tta)?,
         batch: a.batch,
         voxel_size: a.voxel_size,
+        device_blend: a.device_blend,
     })
 }
 
@@ -445,6 +450,9 @@ fn worker(
     parts: Option<&Parts>,
 ) -> Result<Vec<(usize, Outcome)>> {
     let mut ens = load_ensemble(a, device)?;
+    if s.device_blend && ens.cuda_device().is_none() {
+        eprintln!("  {label}--device-blend: the models on {device} are not on one CUDA device; blending on the host");
+    }
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(zarr::Volume, f64)>>(1);
     let mut out = Vec::with_capacity(todo.len());
     std::thread::scope(|scope| -> Result<()> {
@@ -635,6 +643,7 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     t.insert("blend_sigma".into(), Value::Float(s.blend_sigma));
     t.insert("tta".into(), Value::String(i.tta.clone()));
     t.insert("batch".into(), Value::Integer(s.batch as i64));
+    t.insert("device_blend".into(), Value::Boolean(s.device_blend));
     if let Some((k, n)) = i.shard {
         t.insert("shard".into(), Value::String(format!("{k}/{n}")));
     }

@@ -4,9 +4,12 @@
 use super::blend::{Blender, Maps};
 use super::detect::{detect, sigmas_for, Detection};
 use super::tiling::{extract_tile, normalize_unit_range, TileGrid};
+use crate::engine::cuda::gpu::Gpu;
+use crate::engine::cuda::TomogramAccumulator;
 use crate::engine::TileEngine;
 use crate::particles::{ANGSTROM_PER_VOXEL, SEED_THRESHOLDS};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Test-time augmentation, averaged with the plain pass before blending.
@@ -44,6 +47,9 @@ pub struct Settings {
     pub batch: usize,
     /// Voxel size in Å: converts picks to Å and particle radii to voxels.
     pub voxel_size: f64,
+    /// Average the ensemble and blend the tiles on the GPU when every engine is a CUDA engine on
+    /// one device (per-tile outputs stay there; the maps come back once); else ignored.
+    pub device_blend: bool,
 }
 
 impl Default for Settings {
@@ -58,6 +64,7 @@ impl Default for Settings {
             tta: Tta::None,
             batch: 1,
             voxel_size: ANGSTROM_PER_VOXEL,
+            device_blend: false,
         }
     }
 }
@@ -148,6 +155,15 @@ fn rot90(a: &[f32], c: usize, dims: [usize; 3], k: usize) -> Vec<f32> {
 }
 
 impl View {
+    /// The view's code in kernels/ensemble.cu (`ensemble_accumulate_view_f32`).
+    fn kernel_code(self) -> usize {
+        match self {
+            View::Plain => 0,
+            View::Flip(a) => 1 + a,
+            View::Rot(k) => 3 + k,
+        }
+    }
+
     fn forward(self, tile: &[f32], dims: [usize; 3]) -> Vec<f32> {
         match self {
             View::Plain => tile.to_vec(),
@@ -226,9 +242,48 @@ impl Ensemble {
         }
         Ok((acc_s, acc_o))
     }
+
+    /// The GPU all engines run on, when every one is a CUDA engine on the same device.
+    pub fn cuda_device(&mut self) -> Option<Arc<Gpu>> {
+        let mut gpu: Option<Arc<Gpu>> = None;
+        for e in self.engines.iter_mut() {
+            let g = e.as_cuda()?.gpu_arc();
+            match &gpu {
+                Some(first) if !Arc::ptr_eq(first, &g) => return None,
+                Some(_) => {}
+                None => gpu = Some(g),
+            }
+        }
+        gpu
+    }
+
+    /// `infer` with the outputs left on the device, averaged into `acc`'s batch buffers: the same
+    /// sums in the same order (views outer, models inner, then one division). Every engine must be
+    /// a CUDA engine on `acc`'s device.
+    fn infer_device(&mut self, acc: &mut TomogramAccumulator, tiles: &[f32], n: usize, window: [usize; 3], tta: Tta) -> Result<()> {
+        let tile_len: usize = window.iter().product();
+        acc.begin_batch(n)?;
+        let vs = views(tta);
+        let count = vs.len() * self.engines.len();
+        for view in vs {
+            let input: Vec<f32> = (0..n).flat_map(|b| view.forward(&tiles[b * tile_len..(b + 1) * tile_len], window)).collect();
+            for e in self.engines.iter_mut() {
+                let cuda = e.as_cuda().context("internal error: device blending with a non-CUDA engine")?;
+                let out = cuda.forward_device(&input, n, window, false)?;
+                let r = acc.accumulate(&out, view.kernel_code());
+                // Recycled once the accumulate is issued: the pool's reuse is ordered after it.
+                cuda.recycle(out);
+                r?;
+            }
+        }
+        acc.average(count)
+    }
 }
 
 /// Normalises `volume` in place and returns the blended maps; `progress(done, total)` after each batch.
+/// With `s.device_blend` and every engine a CUDA engine on one device, the averaging and blending
+/// run there (the same f32 operations in the same order, so the same maps given the same model
+/// outputs); otherwise, or when the device has no room for the accumulators, on the host.
 pub fn predict_maps(
     ens: &mut Ensemble,
     volume: &mut [f32],
@@ -243,9 +298,68 @@ pub fn predict_maps(
     normalize_unit_range(volume);
     let grid = TileGrid::new(shape, s.window, s.tiles);
     let origins = grid.origins();
+    if s.device_blend {
+        if let Some(gpu) = ens.cuda_device() {
+            match TomogramAccumulator::new(gpu, ens.num_classes, shape, s.window, ens.stride, s.blend_sigma) {
+                Ok(mut acc) => {
+                    for_each_batch(volume, shape, s, &origins, progress, timing, |chunk, tiles, timing| {
+                        let t0 = Instant::now();
+                        ens.infer_device(&mut acc, tiles, chunk.len(), s.window, s.tta)?;
+                        // Synchronised per stage so that the timing splits (and kernel faults are
+                        // reported) per batch.
+                        acc.sync("ensemble on the device")?;
+                        let t1 = Instant::now();
+                        acc.blend(chunk)?;
+                        acc.sync("blending on the device")?;
+                        timing.infer += (t1 - t0).as_secs_f64();
+                        timing.blend += t1.elapsed().as_secs_f64();
+                        Ok(())
+                    })?;
+                    let t = Instant::now();
+                    let maps = acc.finish()?;
+                    timing.blend += t.elapsed().as_secs_f64();
+                    return Ok(maps);
+                }
+                Err(e) if e.downcast_ref::<OutOfMemory>().is_some() => {
+                    eprintln!("  the blend accumulators do not fit on the device ({e:#}); blending on the host");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
     let mut blender = Blender::new(ens.num_classes, shape, s.window, ens.stride, s.blend_sigma);
-    let tile_len: usize = s.window.iter().product();
     let out_vol: usize = s.window.map(|l| l / ens.stride).iter().product();
+    let nc = ens.num_classes;
+    for_each_batch(volume, shape, s, &origins, progress, timing, |chunk, tiles, timing| {
+        let t0 = Instant::now();
+        let (sc, of) = ens.infer(tiles, chunk.len(), s.window, s.tta)?;
+        let t1 = Instant::now();
+        for (i, o) in chunk.iter().enumerate() {
+            blender.add_tile(*o, &sc[i * nc * out_vol..(i + 1) * nc * out_vol], &of[i * 3 * out_vol..(i + 1) * 3 * out_vol]);
+        }
+        timing.infer += (t1 - t0).as_secs_f64();
+        timing.blend += t1.elapsed().as_secs_f64();
+        Ok(())
+    })?;
+    let t = Instant::now();
+    let maps = blender.finish();
+    timing.blend += t.elapsed().as_secs_f64();
+    Ok(maps)
+}
+
+/// Extracts the tiles at `origins` batch by batch (`s.batch` per call) and hands each batch to
+/// `step`; when `step` runs out of device memory, the same tiles again in halves, down to one
+/// tile per call. `step` must leave nothing half done when it fails that way.
+fn for_each_batch(
+    volume: &[f32],
+    shape: [usize; 3],
+    s: &Settings,
+    origins: &[[usize; 3]],
+    progress: &mut dyn FnMut(usize, usize),
+    timing: &mut Timing,
+    mut step: impl FnMut(&[[usize; 3]], &[f32], &mut Timing) -> Result<()>,
+) -> Result<()> {
+    let tile_len: usize = s.window.iter().product();
     let mut batch = s.batch.max(1);
     let mut tiles = vec![0.0f32; batch * tile_len];
     let mut done = 0;
@@ -255,30 +369,20 @@ pub fn predict_maps(
         for (i, o) in chunk.iter().enumerate() {
             extract_tile(volume, shape, *o, s.window, &mut tiles[i * tile_len..(i + 1) * tile_len]);
         }
-        let (sc, of) = match ens.infer(&tiles[..chunk.len() * tile_len], chunk.len(), s.window, s.tta) {
-            Ok(r) => r,
-            // Out of device memory: the same tiles again in halves, down to one tile per call.
+        timing.infer += t0.elapsed().as_secs_f64();
+        match step(chunk, &tiles[..chunk.len() * tile_len], timing) {
+            Ok(()) => {}
             Err(e) if batch > 1 && e.downcast_ref::<OutOfMemory>().is_some() => {
                 batch /= 2;
                 eprintln!("  out of memory with {} tiles per call; retrying with {batch}", chunk.len());
                 continue;
             }
             Err(e) => return Err(e),
-        };
-        let t1 = Instant::now();
-        for (i, o) in chunk.iter().enumerate() {
-            let nc = ens.num_classes;
-            blender.add_tile(*o, &sc[i * nc * out_vol..(i + 1) * nc * out_vol], &of[i * 3 * out_vol..(i + 1) * 3 * out_vol]);
         }
-        timing.infer += (t1 - t0).as_secs_f64();
-        timing.blend += t1.elapsed().as_secs_f64();
         done += chunk.len();
         progress(done, origins.len());
     }
-    let t = Instant::now();
-    let maps = blender.finish();
-    timing.blend += t.elapsed().as_secs_f64();
-    Ok(maps)
+    Ok(())
 }
 
 /// Peaks → thresholds → greedy NMS with the settings' parameters.
@@ -404,6 +508,114 @@ mod tests {
         let s = Settings { window: [4, 8, 8], tiles: [1, 3, 3], batch: 4, ..Settings::default() };
         let e = predict_maps(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| {}, &mut Timing::default()).unwrap_err();
         assert!(e.to_string().contains("out of device memory"), "{e}");
+    }
+
+    /// A tomogram with overlapping tiles and a tile past the end (z = 12 < window 16) through an
+    /// ensemble of 2 CUDA engines on the kernel emulator with flip TTA: blending on the device
+    /// gives the host path's maps bit for bit (the kernels repeat the host's f32 operations in
+    /// its order, and both paths see the same engine outputs), hence the same detections.
+    #[test]
+    fn device_blend_on_emulator_matches_host_blend() {
+        use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
+        use crate::model::spec::ModelSpec;
+        use crate::weights::Weights;
+        let gpu = Gpu::emulator().unwrap();
+        let weights = [Weights::random(&ModelSpec::segresnet(8, 16, 8), 11), Weights::random(&ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8), 12)];
+        let engines = || -> Vec<Box<dyn TileEngine>> { weights.iter().map(|w| Box::new(CudaEngine::on(gpu.clone(), w, ConvBackend::Auto).unwrap()) as Box<dyn TileEngine>).collect() };
+        let shape = [12, 37, 41];
+        let mut r = crate::util::SplitMix64::new(9);
+        let mut vol = vec![0.0; shape.iter().product()];
+        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let nc = weights[0].spec.num_classes;
+        for batch in [2, 1] {
+            let s = Settings { window: [16, 24, 24], tiles: [1, 2, 3], batch, tta: Tta::Flip, thresholds: vec![0.3; nc], ..Settings::default() };
+            let run = |device_blend: bool| {
+                let mut ens = Ensemble { engines: engines(), num_classes: nc, stride: 2 };
+                let s = Settings { device_blend, ..s.clone() };
+                let mut timing = Timing::default();
+                let mut calls = 0;
+                let maps = predict_maps(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| calls += 1, &mut timing).unwrap();
+                assert_eq!(calls, 6usize.div_ceil(batch));
+                (maps, timing)
+            };
+            let (host, _) = run(false);
+            let live = gpu.memory_live();
+            let (dev, timing) = run(true);
+            assert_eq!(gpu.memory_live(), live, "the device accumulators are freed with the tomogram");
+            assert!(timing.infer > 0.0 && timing.blend > 0.0, "{timing:?}");
+            assert_eq!(dev.dims, [6, 18, 20]);
+            let d = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            let (ds, dof) = (d(&dev.scores, &host.scores), d(&dev.offsets, &host.offsets));
+            eprintln!("batch {batch}: max |d| scores {ds:e}, offsets {dof:e}");
+            assert!(dev == host, "batch {batch}: the maps differ (max |d| scores {ds:e}, offsets {dof:e})");
+            assert!(host.offsets.iter().any(|v| *v != 0.0));
+            let (dh, dd) = (detect_maps(&host, &s, 2), detect_maps(&dev, &s, 2));
+            assert!(!dh.is_empty());
+            assert_eq!(format!("{dh:?}"), format!("{dd:?}"));
+        }
+    }
+
+    /// Out of device memory on the device path: the batch is retried in halves (the tomogram's
+    /// accumulators are only touched once a batch's models have all run) with the same maps.
+    #[test]
+    fn device_blend_halves_the_batch_when_out_of_memory() {
+        use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
+        use crate::model::spec::ModelSpec;
+        use crate::weights::Weights;
+        let gpu = Gpu::emulator().unwrap();
+        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 4);
+        let nc = w.spec.num_classes;
+        let shape = [16, 40, 40];
+        let mut r = crate::util::SplitMix64::new(6);
+        let mut vol = vec![0.0; shape.iter().product()];
+        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let run = |batch: usize, device_blend: bool| {
+            let mut ens = Ensemble { engines: vec![Box::new(CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap())], num_classes: nc, stride: 2 };
+            let s = Settings { window: [16, 16, 16], tiles: [1, 2, 2], batch, device_blend, ..Settings::default() };
+            let mut calls = 0;
+            gpu.reset_memory_peak();
+            let maps = predict_maps(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| calls += 1, &mut Timing::default());
+            (maps, calls, gpu.memory_peak())
+        };
+        let (want, _, _) = run(1, false);
+        let (_, _, p1) = run(1, true);
+        let (_, _, p2) = run(2, true);
+        assert!(p2 > p1 + 64 * 1024, "{p1} {p2}");
+        // Room for one tile per call, not two: 4 → 2 → 1.
+        gpu.set_emulated_memory_limit((p1 + p2) / 2);
+        let (got, calls, _) = run(4, true);
+        gpu.set_emulated_memory_limit(usize::MAX);
+        assert_eq!(calls, 4, "one progress call per tile after the halving");
+        assert!(got.unwrap() == want.unwrap());
+    }
+
+    /// device_blend with an engine that is not a CUDA engine (or engines on different devices)
+    /// blends on the host, with the host's result.
+    #[test]
+    fn device_blend_falls_back_to_the_host_without_one_cuda_device() {
+        use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
+        use crate::model::spec::ModelSpec;
+        use crate::weights::Weights;
+        let shape = [4, 16, 16];
+        let mut r = crate::util::SplitMix64::new(5);
+        let mut vol = vec![0.0; 4 * 16 * 16];
+        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 3);
+        let nc = w.spec.num_classes;
+        let cpu = |w: &Weights| Box::new(crate::engine::cpu::CpuEngine::new(w).unwrap()) as Box<dyn TileEngine>;
+        let emu = |w: &Weights| Box::new(CudaEngine::on(Gpu::emulator().unwrap(), w, ConvBackend::Auto).unwrap()) as Box<dyn TileEngine>;
+        let run = |engines: Vec<Box<dyn TileEngine>>, device_blend: bool| {
+            let num_classes = if engines[0].name() == "small" { 1 } else { nc };
+            let mut ens = Ensemble { engines, num_classes, stride: 2 };
+            assert!(ens.cuda_device().is_none());
+            let s = Settings { window: [8, 8, 8], tiles: [1, 3, 3], batch: 2, device_blend, ..Settings::default() };
+            predict_maps(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| {}, &mut Timing::default()).unwrap()
+        };
+        assert_eq!(run(vec![cpu(&w), cpu(&w)], true), run(vec![cpu(&w), cpu(&w)], false));
+        assert_eq!(run(vec![Box::new(Small { limit: 9, calls: vec![] })], true), run(vec![Box::new(Small { limit: 9, calls: vec![] })], false));
+        // A CUDA engine next to a CPU one, and two emulators (two devices).
+        assert_eq!(run(vec![emu(&w), cpu(&w)], true), run(vec![emu(&w), cpu(&w)], false));
+        assert_eq!(run(vec![emu(&w), emu(&w)], true), run(vec![emu(&w), emu(&w)], false));
     }
 
     #[test]

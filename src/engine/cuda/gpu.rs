@@ -194,6 +194,8 @@ pub struct Gpu {
     /// Device memory held by fastdet's buffers on this device (all engines sharing it); cuDNN's
     /// and the driver's own allocations are not counted.
     usage: Arc<MemoryUsage>,
+    /// The emulator's device memory size (testing the out-of-memory paths); unlimited by default.
+    emu_limit: AtomicUsize,
 }
 
 static OPEN: Mutex<Vec<(usize, Weak<Gpu>)>> = Mutex::new(Vec::new());
@@ -241,6 +243,7 @@ impl Gpu {
                 kernels_note,
                 sync_each: AtomicBool::new(sync_each),
                 usage: Arc::default(),
+                emu_limit: AtomicUsize::new(usize::MAX),
             })
         })
     }
@@ -264,6 +267,7 @@ impl Gpu {
             kernels_note: "emulated on the host".into(),
             sync_each: AtomicBool::new(false),
             usage: Arc::default(),
+            emu_limit: AtomicUsize::new(usize::MAX),
         }))
     }
 
@@ -300,6 +304,12 @@ impl Gpu {
 
     pub fn reset_memory_peak(&self) {
         self.usage.peak.store(self.memory_live(), Ordering::Relaxed);
+    }
+
+    /// Emulator only (tests): allocations that would take the live bytes past `bytes` fail with
+    /// `OutOfMemory`, as on a full device.
+    pub fn set_emulated_memory_limit(&self, bytes: usize) {
+        self.emu_limit.store(bytes, Ordering::Relaxed);
     }
 
     pub fn set_sync_each(&self, on: bool) {
@@ -342,6 +352,10 @@ impl Gpu {
                 Ok(DevBuf { _mem: Mem::Cuda(mem), ptr, bytes, usage: self.usage.clone() })
             }
             Inner::Emu(emu) => {
+                if self.memory_live().saturating_add(bytes) > self.emu_limit.load(Ordering::Relaxed) {
+                    let msg = format!("allocating {bytes} bytes on the emulator: over its limit of {} bytes", self.emu_limit.load(Ordering::Relaxed));
+                    return Err(anyhow::Error::new(crate::pipeline::runner::OutOfMemory(msg)));
+                }
                 let a = emu.alloc(bytes.max(1));
                 self.usage.add(bytes);
                 Ok(DevBuf { ptr: a.base, _mem: Mem::Emu(a), bytes, usage: self.usage.clone() })
