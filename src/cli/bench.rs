@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// With --tomogram: tiles per axis z,y,x
     #[arg(long, default_value = "1,9,9", value_parser = super::run::parse_triple)]
     pub tiles: [usize; 3],
+    /// With --tomogram: average and blend on the GPU (as `run --device-blend`)
+    #[arg(long)]
+    pub device_blend: bool,
 }
 
 fn parse_pair(s: &str) -> Result<[usize; 2], String> {
@@ -233,7 +236,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
     }
     let spec = ModelSpec::seed(Arch::Segresnetv2);
     let mut ens = Ensemble { engines, num_classes: spec.num_classes, stride: spec.stride };
-    let s = Settings { window: a.window, tiles: a.tiles, batch: a.batch, ..Settings::default() };
+    let s = Settings { window: a.window, tiles: a.tiles, batch: a.batch, device_blend: a.device_blend, ..Settings::default() };
     let open_s = started.elapsed().as_secs_f64();
     let tiles = a.tiles.iter().product::<usize>() as u64;
     let flops = flops_per_tile * tiles;
@@ -270,6 +273,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
         let doc = serde_json::json!({
             "device": device.to_string(), "tomogram": shape, "window": a.window, "tiles": a.tiles,
             "models": {"segresnetv2": n_seg, "dynunet": n_dyn}, "batch": a.batch,
+            "device_blend": a.device_blend && ens.cuda_device().is_some(),
             "iters": a.iters, "warmup": a.warmup, "cpu_threads": rayon::current_num_threads(),
             "fastdet_version": env!("CARGO_PKG_VERSION"),
             "s_per_tomogram": med, "s_min": secs[0], "s_max": secs[secs.len() - 1], "times_s": secs,
@@ -281,8 +285,10 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         println!(
-            "tomogram {}x{}x{}, window {}x{}x{}, tiles {}x{}x{}, {} SegResNetV2 + {} DynUNet (seed widths), batch {}, {} timed after {} warm-up",
-            shape[0], shape[1], shape[2], a.window[0], a.window[1], a.window[2], a.tiles[0], a.tiles[1], a.tiles[2], n_seg, n_dyn, a.batch, a.iters, a.warmup
+            "tomogram {}x{}x{}, window {}x{}x{}, tiles {}x{}x{}, {} SegResNetV2 + {} DynUNet (seed widths), batch {}{}, {} timed after {} warm-up",
+            shape[0], shape[1], shape[2], a.window[0], a.window[1], a.window[2], a.tiles[0], a.tiles[1], a.tiles[2], n_seg, n_dyn, a.batch,
+            if a.device_blend && ens.cuda_device().is_some() { ", blending on the device" } else { "" },
+            a.iters, a.warmup
         );
         println!(
             "{med:.3} s per tomogram (min {:.3}, max {:.3}): infer {infer:.3} s, blend {blend:.3} s, detect {detect:.3} s; {:.1} TFLOP per tomogram = {:.2} TFLOP/s",

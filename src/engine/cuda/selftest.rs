@@ -1175,15 +1175,16 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
     let settings = Settings { window: opts.pipeline_window, tiles: opts.pipeline_tiles, ..Settings::default() };
     let stride = weights[0].spec.stride;
     let nc = weights[0].spec.num_classes;
-    let run = |engines: Vec<Box<dyn TileEngine>>| -> Result<(Maps, Vec<Detection>, f64, Timing)> {
+    let run_with = |engines: Vec<Box<dyn TileEngine>>, settings: &Settings| -> Result<(Maps, Vec<Detection>, f64, Timing)> {
         let mut ens = Ensemble { engines, num_classes: nc, stride };
         let mut v = tomo.data.clone();
         let mut timing = Timing::default();
         let t = Instant::now();
-        let maps = predict_maps(&mut ens, &mut v, shape, &settings, &mut |_, _| {}, &mut timing)?;
+        let maps = predict_maps(&mut ens, &mut v, shape, settings, &mut |_, _| {}, &mut timing)?;
         let dets = detect_maps(&maps, &settings, stride);
         Ok((maps, dets, t.elapsed().as_secs_f64(), timing))
     };
+    let run = |engines: Vec<Box<dyn TileEngine>>| run_with(engines, &settings);
     eprintln!("selftest: pipeline: {} model(s) on the CPU ({sname})...", weights.len());
     let cpu = match weights.iter().map(|w| CpuEngine::new(w).map(|e| Box::new(e) as Box<dyn TileEngine>)).collect::<Result<Vec<_>>>().and_then(|e| run(e)) {
         Ok(r) => r,
@@ -1230,6 +1231,18 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
                 gpu.3.blend,
                 cpu.2 / gpu.2.max(1e-9)
             ),
+        );
+        // Averaging and blending on the device: the host blending's f32 operations in its order,
+        // on the same engine outputs, so the same maps bit for bit.
+        eprintln!("selftest: pipeline: again with --device-blend...");
+        let engines = weights.iter().map(|w| CudaEngine::on(c.gpu.clone(), w, ConvBackend::Auto).map(|e| Box::new(e) as Box<dyn TileEngine>)).collect::<Result<Vec<_>>>()?;
+        let dev = run_with(engines, &Settings { device_blend: true, ..settings.clone() })?;
+        c.cmp("pipeline --device-blend scores (vs host blend)", &sname, &dev.0.scores, &gpu.0.scores, TOL_EXACT);
+        c.cmp("pipeline --device-blend offsets (vs host blend)", &sname, &dev.0.offsets, &gpu.0.offsets, TOL_EXACT);
+        c.info(
+            "pipeline --device-blend timing",
+            &sname,
+            format!("{:.2} s (infer {:.2}, blend {:.2}) vs {:.2} s blending on the host; {} vs {} detections", dev.2, dev.3.infer, dev.3.blend, gpu.2, dev.1.len(), gpu.1.len()),
         );
         Ok(())
     });
@@ -1314,6 +1327,7 @@ mod tests {
         let fails: Vec<String> = r.rows.iter().filter(|x| x.status == Status::Fail).map(|r| r.line()).collect();
         assert!(fails.is_empty(), "{}", fails.join("\n"));
         assert!(r.rows.iter().any(|x| x.name.starts_with("pipeline detections") && x.status == Status::Pass));
+        assert_eq!(r.rows.iter().filter(|x| x.name.starts_with("pipeline --device-blend") && x.status == Status::Pass).count(), 2);
         assert!(to_json(&r).unwrap().contains("\"status\": \"PASS\""));
     }
 }
