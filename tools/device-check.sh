@@ -36,7 +36,8 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
   --cpu-run         also time `fastdet run --device cpu` on the same data (slow: minutes)
 
 benchmarks (after the quick self-test): `fastdet bench` -> bench-fastdet.json (log
-bench-fastdet.log); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json;
+bench-fastdet.log); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (and with --device-blend ->
+bench-tomogram-device-blend.json);
 tools/bench_torch.py -> bench-torch.json (log bench-torch.log, about 240 s at most); their lines end
 up in the summary, and tools/results_json.py folds them into results.json.
 
@@ -249,6 +250,11 @@ if [ $NO_GPU -eq 0 ]; then
     step "bench tomogram (5+5 models)" 150 "$OUT/bench-tomogram.log" \
         bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --json > "$4"' \
         bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram.json" || FAILED=1
+    # The same with the ensemble averaging and blending on the GPU (run --device-blend).
+    rm -f "$OUT/bench-tomogram-device-blend.json"
+    step "bench tomogram --device-blend" 150 "$OUT/bench-tomogram-device-blend.log" \
+        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --device-blend --json > "$4"' \
+        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-device-blend.json" || FAILED=1
 
     rm -f "$OUT/bench-torch.json"
     if [ $TORCH_BENCH -eq 0 ]; then
@@ -337,7 +343,7 @@ fi
 # ms/tile lines of bench-fastdet.json and bench-torch.json (python3 when there is one, else grep).
 bench_summary() {
     local f
-    for f in bench-fastdet.json bench-tomogram.json bench-torch.json results.json; do
+    for f in bench-fastdet.json bench-tomogram.json bench-tomogram-device-blend.json bench-torch.json results.json; do
         [ -f "$OUT/$f" ] || continue
         if command -v python3 > /dev/null 2>&1; then
             python3 - "$OUT/$f" <<'PY' 2>&1 | head -20

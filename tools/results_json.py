@@ -4,12 +4,13 @@ device check writes:
 
   bench-fastdet.json   fastdet bench --device cuda:N --tile 192,128,128 --json
   bench-tomogram.json  fastdet bench --device cuda:N --tomogram 184,630,630 --models 5,5 --json
+  bench-tomogram-device-blend.json   the same with --device-blend
   bench-torch.json     tools/bench_torch.py --device cuda:N --json   (eager, torch.compile, fp16 rate)
 
 Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
    "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms"}, "dynunet": {...}},
-   "tomogram_s", "floor_s", "cold_start_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
+   "tomogram_s", "tomogram_device_blend_s", "floor_s", "cold_start_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
    "sources"}
 
 floor_s = FLOPs per tomogram (from the tomogram bench) / the card's fp16 rate measured by PyTorch's
@@ -50,6 +51,7 @@ def assemble(d, commit, date):
     fd = load(os.path.join(d, "bench-fastdet.json"))
     tomo = load(os.path.join(d, "bench-tomogram.json"))
     torch = load(os.path.join(d, "bench-torch.json"))
+    tomo_db = load(os.path.join(d, "bench-tomogram-device-blend.json"))
     tile = {}
     for arch in ("segresnetv2", "dynunet"):
         row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None}
@@ -73,6 +75,7 @@ def assemble(d, commit, date):
         "date": date,
         "tile": tile,
         "tomogram_s": tomo.get("s_per_tomogram") if tomo else None,
+        "tomogram_device_blend_s": tomo_db.get("s_per_tomogram") if tomo_db else None,
         "floor_s": flops / (rate * 1e12) if flops and rate else None,
         "cold_start_s": (fd or {}).get("cold_start_s"),
         "peak_mem_gib": max(mems) / 1024 if mems else None,
@@ -81,6 +84,7 @@ def assemble(d, commit, date):
         "sources": {
             "bench_fastdet": fd is not None,
             "bench_tomogram": tomo is not None,
+            "bench_tomogram_device_blend": tomo_db is not None,
             "bench_torch": torch is not None,
             "fastdet_device": (fd or tomo or {}).get("device"),
         },
