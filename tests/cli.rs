@@ -69,6 +69,21 @@ fn bench_reports_time_and_flops_per_tile() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 8"));
 }
 
+/// `selftest --device cpu` checks the SIMD kernels and the networks on them and says so in JSON.
+#[test]
+fn cpu_selftest_passes_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let j = tmp.path().join("cpu.json");
+    let o = fastdet().args(["selftest", "--device", "cpu", "--quick", "--json"]).arg(&j).output().unwrap();
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("selftest PASSED"));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
+    assert_eq!(r["passed"], true);
+    let rows = r["rows"].as_array().unwrap();
+    assert!(rows.iter().any(|r| r["section"] == "network" && r["status"] == "PASS") || rows.iter().any(|r| r["section"] == "network" && r["status"] == "SKIP"));
+    assert!(rows.iter().filter(|r| r["section"] == "conv" && r["status"] == "PASS").count() >= 10);
+}
+
 /// `forward` on the w8 golden's input reproduces the golden scores; a tile the network cannot take
 /// is refused with the rule it breaks.
 #[test]

@@ -1,4 +1,4 @@
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use fastdet::engine::cuda::selftest::{self, Options, Row, Status, Target};
 use fastdet::engine::Device;
@@ -13,9 +13,12 @@ use super::run::parse_triple;
 random weights) and a whole synthetic tomogram (2-model ensemble) against the CPU engine; prints a table\n\
 and exits 1 on any failure, 2 when there is no usable GPU (no CUDA driver, no device).\n\
 --device emu runs everything on a slow host emulator of the kernels (to test the self-test itself).\n\
+--device cpu checks the CPU engine's SIMD conv kernels (every instruction set the CPU has) against the direct\n\
+formula, and both seed networks on them against the portable path.\n\
 Examples:\n  fastdet selftest --device cuda:0 --quick\n  fastdet selftest --device cuda:0 --json selftest.json")]
 pub struct SelftestArgs {
-    /// Device to test against the CPU reference: cuda:N (or emu)
+    /// Device to test against the CPU reference: cuda:N (or emu); cpu checks the CPU engine's SIMD
+    /// kernels against the direct formula and the portable path
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
     /// Networks on a 64x64x64 tile instead of 192x128x128; no whole-tomogram check
@@ -61,7 +64,7 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     } else {
         match Device::parse(&a.device)? {
             Device::Cuda(i) => Target::Cuda(i),
-            Device::Cpu => bail!("selftest checks a GPU against the CPU engine: give --device cuda:N"),
+            Device::Cpu => return cpu_selftest(&a),
         }
     };
     let device = match selftest::check_target(target) {
@@ -125,6 +128,38 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
             println!("  {}", r.line());
         }
     }
+    if let Some(p) = &a.json {
+        write_json(p, &selftest::to_json(&report)?)?;
+        println!("wrote {}", p.display());
+    }
+    Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `--device cpu`: the CPU engine's SIMD kernels against their twins.
+fn cpu_selftest(a: &SelftestArgs) -> Result<ExitCode> {
+    println!("fastdet selftest on cpu{}", if a.quick { " (quick)" } else { "" });
+    println!("{}", Row::header());
+    let t0 = std::time::Instant::now();
+    let report = fastdet::engine::cpu::selftest::run(a.seed, a.quick, &mut |row| {
+        println!("{}", row.line());
+        let _ = std::io::stdout().flush();
+    })?;
+    println!();
+    for n in &report.notes {
+        println!("note: {n}");
+    }
+    for (what, s) in &report.timings {
+        println!("time: {what}: {s:.3} s");
+    }
+    let count = |st: Status| report.rows.iter().filter(|r| r.status == st).count();
+    println!(
+        "selftest {}: {} passed, {} failed, {} skipped in {:.1} s on cpu",
+        if report.passed { "PASSED" } else { "FAILED" },
+        count(Status::Pass),
+        count(Status::Fail),
+        count(Status::Skip),
+        t0.elapsed().as_secs_f64()
+    );
     if let Some(p) = &a.json {
         write_json(p, &selftest::to_json(&report)?)?;
         println!("wrote {}", p.display());

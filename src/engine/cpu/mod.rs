@@ -6,6 +6,7 @@ pub mod simd;
 pub mod norm;
 pub(crate) mod par;
 pub mod resample;
+pub mod selftest;
 
 use super::{Outputs, TileEngine};
 use crate::model::graph::{op_in_place, Graph, OpKind};
@@ -30,6 +31,14 @@ impl CpuEngine {
         }
         let packed = pack_convs(&graph, &params);
         Ok(Self { graph, params, packed, name: weights.name.clone() })
+    }
+
+    /// The engine without the SIMD kernels: every conv on the portable path (the self-test's
+    /// reference for the kernels at network scale).
+    pub fn portable(weights: &Weights) -> Result<Self> {
+        let mut e = Self::new(weights)?;
+        e.packed.clear();
+        Ok(e)
     }
 
     /// An engine over f32 parameters as they are (no fp16 rounding): cross-checks against

@@ -57,10 +57,23 @@ pub fn available() -> bool {
 
 /// Whether a convolution of this shape goes through the kernels on this CPU.
 pub fn handles(s: ConvShape) -> bool {
-    match isa() {
-        Some(Isa::Avx512) => true,
-        Some(Isa::Avx2) => direct::fits(s),
-        None => false,
+    isa().is_some_and(|i| handles_on(i, s))
+}
+
+/// Whether the kernels of `isa` take a convolution of this shape.
+pub fn handles_on(isa: Isa, s: ConvShape) -> bool {
+    match isa {
+        Isa::Avx512 => true,
+        Isa::Avx2 => direct::fits(s),
+    }
+}
+
+/// Every instruction set this CPU runs kernels for (ignoring `FASTDET_CPU_KERNEL`), best first.
+pub fn isas_here() -> Vec<Isa> {
+    match detect() {
+        Some(Isa::Avx512) if detect_avx2() => vec![Isa::Avx512, Isa::Avx2],
+        Some(i) => vec![i],
+        None => vec![],
     }
 }
 
@@ -137,7 +150,7 @@ pub fn conv3d(
 
 /// `conv3d` with the given instruction set (tests run every one the CPU has).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv3d_on(isa: Isa, x: &[f32], n: usize, s: ConvShape, w: &PackedWeights, bias: Option<&[f32]>, act: Act, out: &mut [f32]) {
+pub fn conv3d_on(isa: Isa, x: &[f32], n: usize, s: ConvShape, w: &PackedWeights, bias: Option<&[f32]>, act: Act, out: &mut [f32]) {
     if direct::fits(s) {
         direct::conv3d(isa, x, n, s, w, bias, act, out)
     } else {
