@@ -97,6 +97,9 @@ enum Val {
     F(DevBuf),
     /// Lives in channels [0, c) of a concat buffer (a ConvTranspose2 output).
     InConcat,
+    /// NDHWC fp16 owned by the caller (`forward_device_input`'s input): read, never written,
+    /// reused in place or returned to the pool.
+    Borrowed(u64),
 }
 
 /// A step's parameters by value (device addresses), so `exec` can borrow the engine mutably.
@@ -344,7 +347,7 @@ impl CudaEngine {
     fn release(&mut self, v: Val) {
         match v {
             Val::H(b) | Val::F(b) => self.pool.give(b),
-            Val::InConcat => {}
+            Val::InConcat | Val::Borrowed(_) => {}
         }
     }
 
@@ -360,31 +363,40 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// The graph walk; the outputs stay on the device (no synchronisation: kernel faults surface
-    /// at the caller's next sync or read).
+    /// Uploads a host input `[n, cin, tile]` f32 NCDHW and converts it to the internal NDHWC fp16,
+    /// then walks the graph.
     fn forward_device_inner(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
         self.check_input(input, n, tile)?;
         if n == 0 {
             bail!("a forward pass on the device needs at least one tile");
         }
-        let g = &self.graph;
-        let cin = g.values[g.input].channels;
+        let cin = self.input_channels();
         let tvol = vol(tile);
+        self.gpu.bind()?;
+        let x32 = self.take(input.len() * 4)?;
+        self.gpu.write(x32.ptr, input)?;
+        let x16 = self.take(input.len() * 2)?;
+        let r = ops::to_ndhwc_f16(&self.gpu, x32.ptr, x16.ptr, n, cin, tvol).context("input to NDHWC fp16");
+        self.pool.give(x32);
+        if let Err(e) = r {
+            self.pool.give(x16);
+            return Err(e);
+        }
+        self.walk(Val::H(x16), n, tile, want_fm2)
+    }
+
+    /// The graph walk from the input value `x` (NDHWC fp16 `[n, tile, cin]`); the outputs stay on
+    /// the device (no synchronisation: kernel faults surface at the caller's next sync or read).
+    fn walk(&mut self, x: Val, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
+        let g = &self.graph;
         let (scores_v, offsets_v, fm2_v) = (g.scores, g.offsets, g.fm2);
         let (nc, no, nf) = (g.values[scores_v].channels, g.values[offsets_v].channels, g.values[fm2_v].channels);
         let dims = g.dims(scores_v, tile);
         let fm2_vol = vol(g.dims(fm2_v, tile));
-        self.gpu.bind()?;
         let nvals = g.values.len();
         let input_v = g.input;
         let mut vals: Vec<Option<Val>> = (0..nvals).map(|_| None).collect();
-
-        let x32 = self.take(input.len() * 4)?;
-        self.gpu.write(x32.ptr, input)?;
-        let x16 = self.take(input.len() * 2)?;
-        ops::to_ndhwc_f16(&self.gpu, x32.ptr, x16.ptr, n, cin, tvol).context("input to NDHWC fp16")?;
-        self.pool.give(x32);
-        vals[input_v] = Some(Val::H(x16));
+        vals[input_v] = Some(x);
 
         let mut i = 0;
         while i < self.graph.ops.len() {
@@ -465,6 +477,35 @@ impl CudaEngine {
         guard(&name.clone(), || self.forward_device_inner(input, n, tile, want_fm2)).with_context(|| format!("{name}: forward pass"))
     }
 
+    /// `forward_device` from an input already on the device in the engine's internal layout:
+    /// `input` holds `[n, tile, cin]` NDHWC fp16 (for the 1-channel networks, `[n, tile]`, as
+    /// `ops::extract_tiles` writes it), which is what `forward_device` makes of its host input
+    /// (`ops::to_ndhwc_f16`), so the outputs are the same. The buffer stays the caller's: it is
+    /// only read, so several engines on the device can run on one copy of a batch. Nothing is
+    /// synchronised; the caller keeps `input` alive and unchanged until the work is issued (one
+    /// stream orders later writes after it).
+    pub fn forward_device_input(&mut self, input: &DevBuf, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
+        let name = self.name();
+        guard(&name.clone(), || {
+            self.graph.check_tile(tile)?;
+            if n == 0 {
+                bail!("a forward pass on the device needs at least one tile");
+            }
+            let need = n * self.input_channels() * vol(tile) * 2;
+            if input.bytes < need {
+                bail!("device input holds {} bytes, expected {need} for {n} tile(s) of {tile:?}", input.bytes);
+            }
+            self.gpu.bind()?;
+            self.walk(Val::Borrowed(input.ptr), n, tile, want_fm2)
+        })
+        .with_context(|| format!("{name}: forward pass"))
+    }
+
+    /// Input channels of the network (1 for the seed networks).
+    pub fn input_channels(&self) -> usize {
+        self.graph.values[self.graph.input].channels
+    }
+
     /// Returns `forward_device`'s buffers to the pool.
     pub fn recycle(&mut self, out: DeviceOutputs) {
         self.pool.give(out.scores);
@@ -482,6 +523,7 @@ impl CudaEngine {
     fn h(vals: &[Option<Val>], v: ValueId) -> Result<u64> {
         match &vals[v] {
             Some(Val::H(b)) => Ok(b.ptr),
+            Some(Val::Borrowed(p)) => Ok(*p),
             Some(Val::F(_)) => bail!("internal error: value {v} is f32, an fp16 activation was expected"),
             Some(Val::InConcat) => bail!("internal error: value {v} lives in a concat buffer"),
             None => bail!("internal error: value {v} is not available"),
@@ -790,6 +832,45 @@ mod tests {
 
     /// Device memory accounting: the peak covers the weights and the activations of a forward
     /// pass, stays put on a repeat (pooled buffers), and everything is returned when the engine goes.
+    /// One fp16 input on the device, in the engine's layout, read by two different networks: each
+    /// gives `forward`'s outputs bit for bit, copies nothing from the host and leaves the input as it was.
+    #[test]
+    fn forward_device_input_shares_one_input_between_engines() {
+        use crate::model::spec::ModelSpec;
+        let gpu = Gpu::emulator().unwrap();
+        let (n, tile) = (2, [8, 16, 16]);
+        let mut r = crate::util::SplitMix64::new(21);
+        let mut x = vec![0.0f32; n * tile.iter().product::<usize>()];
+        r.fill_uniform(&mut x, 0.0, 1.0);
+        let x32 = gpu.upload(&x).unwrap();
+        let x16 = gpu.alloc(x.len() * 2).unwrap();
+        ops::to_ndhwc_f16(&gpu, x32.ptr, x16.ptr, n, 1, vol(tile)).unwrap();
+        let before = gpu.read::<u16>(x16.ptr, x.len()).unwrap();
+        for (i, spec) in [ModelSpec::segresnet(8, 16, 8), ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8)].iter().enumerate() {
+            let mut e = CudaEngine::on(gpu.clone(), &Weights::random(spec, 30 + i as u64), ConvBackend::Auto).unwrap();
+            assert_eq!(e.input_channels(), 1);
+            let want = e.forward(&x, n, tile, true).unwrap();
+            let sent = gpu.bytes_to_device();
+            let out = e.forward_device_input(&x16, n, tile, true).unwrap();
+            assert_eq!(gpu.bytes_to_device(), sent, "{}: the input was uploaded again", spec.arch.name());
+            assert_eq!(gpu.read::<f32>(out.scores.ptr, out.scores_len()).unwrap(), want.scores);
+            assert_eq!(gpu.read::<f32>(out.offsets.ptr, out.offsets_len()).unwrap(), want.offsets);
+            let fm2 = out.fm2.as_ref().unwrap();
+            assert_eq!(gpu.read::<f32>(fm2.ptr, want.fm2.as_ref().unwrap().len()).unwrap(), *want.fm2.as_ref().unwrap());
+            e.recycle(out);
+            assert_eq!(gpu.read::<u16>(x16.ptr, x.len()).unwrap(), before, "the shared input was written");
+            // forward_device is the upload + conversion + this.
+            let sent = gpu.bytes_to_device();
+            let out = e.forward_device(&x, n, tile, false).unwrap();
+            assert_eq!(gpu.bytes_to_device() - sent, (x.len() * 4) as u64);
+            assert_eq!(gpu.read::<f32>(out.scores.ptr, out.scores_len()).unwrap(), want.scores);
+            e.recycle(out);
+            // Too small an input, and no tiles.
+            assert!(e.forward_device_input(&x16, n + 1, tile, false).is_err());
+            assert!(e.forward_device_input(&x16, 0, tile, false).is_err());
+        }
+    }
+
     #[test]
     fn device_memory_peak_counts_weights_and_activations() {
         use crate::model::spec::ModelSpec;

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -196,6 +196,8 @@ pub struct Gpu {
     usage: Arc<MemoryUsage>,
     /// The emulator's device memory size (testing the out-of-memory paths); unlimited by default.
     emu_limit: AtomicUsize,
+    /// Bytes copied from the host by `write` (and `upload`) since the device was opened.
+    to_device: AtomicU64,
 }
 
 static OPEN: Mutex<Vec<(usize, Weak<Gpu>)>> = Mutex::new(Vec::new());
@@ -244,6 +246,7 @@ impl Gpu {
                 sync_each: AtomicBool::new(sync_each),
                 usage: Arc::default(),
                 emu_limit: AtomicUsize::new(usize::MAX),
+                to_device: AtomicU64::new(0),
             })
         })
     }
@@ -268,6 +271,7 @@ impl Gpu {
             sync_each: AtomicBool::new(false),
             usage: Arc::default(),
             emu_limit: AtomicUsize::new(usize::MAX),
+            to_device: AtomicU64::new(0),
         }))
     }
 
@@ -310,6 +314,11 @@ impl Gpu {
     /// `OutOfMemory`, as on a full device.
     pub fn set_emulated_memory_limit(&self, bytes: usize) {
         self.emu_limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes copied from the host to this device by `write` / `upload` since it was opened.
+    pub fn bytes_to_device(&self) -> u64 {
+        self.to_device.load(Ordering::Relaxed)
     }
 
     pub fn set_sync_each(&self, on: bool) {
@@ -375,6 +384,7 @@ impl Gpu {
         if data.is_empty() {
             return Ok(());
         }
+        self.to_device.fetch_add(std::mem::size_of_val(data) as u64, Ordering::Relaxed);
         let stream = match &self.inner {
             Inner::Cuda { stream, .. } => stream,
             Inner::Emu(emu) => {
