@@ -84,8 +84,9 @@ pub struct InferArgs {
     /// Tiles per engine call
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Average the ensemble and blend the tiles on the GPU (CUDA workers; the maps come back once
-    /// per tomogram; detection stays on the CPU). Same maps as without it; not yet measured on a GPU
+    /// Cut the tiles, average the ensemble and blend the tiles on the GPU (CUDA workers; the volume
+    /// goes up and the maps come back once per tomogram; detection stays on the CPU). Same maps as
+    /// without it; not yet measured on a GPU
     #[arg(long)]
     pub device_blend: bool,
     /// Process only runs[K::N] of the sorted run list (cluster job arrays), as K/N

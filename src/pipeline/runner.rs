@@ -5,7 +5,7 @@ use super::blend::{Blender, Maps};
 use super::detect::{detect, sigmas_for, Detection};
 use super::tiling::{extract_tile, normalize_unit_range, TileGrid};
 use crate::engine::cuda::gpu::Gpu;
-use crate::engine::cuda::TomogramAccumulator;
+use crate::engine::cuda::{DeviceVolume, TomogramAccumulator};
 use crate::engine::TileEngine;
 use crate::particles::{ANGSTROM_PER_VOXEL, SEED_THRESHOLDS};
 use anyhow::{bail, Context, Result};
@@ -48,7 +48,8 @@ pub struct Settings {
     /// Voxel size in Å: converts picks to Å and particle radii to voxels.
     pub voxel_size: f64,
     /// Average the ensemble and blend the tiles on the GPU when every engine is a CUDA engine on
-    /// one device (per-tile outputs stay there; the maps come back once); else ignored.
+    /// one device (per-tile outputs stay there; the maps come back once); the volume is uploaded
+    /// once and the tiles are cut there, one copy per batch for all models; else ignored.
     pub device_blend: bool,
 }
 
@@ -259,31 +260,62 @@ impl Ensemble {
 
     /// `infer` with the outputs left on the device, averaged into `acc`'s batch buffers: the same
     /// sums in the same order (views outer, models inner, then one division). Every engine must be
-    /// a CUDA engine on `acc`'s device.
-    fn infer_device(&mut self, acc: &mut TomogramAccumulator, tiles: &[f32], n: usize, window: [usize; 3], tta: Tta) -> Result<()> {
+    /// a CUDA engine on `acc`'s device. With `BatchInput::Device` every model (and view) reads the
+    /// one copy of the batch cut on the device; with `BatchInput::Host` each model uploads the
+    /// host tiles itself (`CudaEngine::forward_device`).
+    fn infer_device(&mut self, acc: &mut TomogramAccumulator, mut input: BatchInput, n: usize, window: [usize; 3], tta: Tta) -> Result<()> {
         let tile_len: usize = window.iter().product();
         acc.begin_batch(n)?;
         let vs = views(tta);
         let count = vs.len() * self.engines.len();
         for view in vs {
-            let input: Vec<f32> = (0..n).flat_map(|b| view.forward(&tiles[b * tile_len..(b + 1) * tile_len], window)).collect();
-            for e in self.engines.iter_mut() {
-                let cuda = e.as_cuda().context("internal error: device blending with a non-CUDA engine")?;
-                let out = cuda.forward_device(&input, n, window, false)?;
-                let r = acc.accumulate(&out, view.kernel_code());
-                // Recycled once the accumulate is issued: the pool's reuse is ordered after it.
-                cuda.recycle(out);
-                r?;
+            match &mut input {
+                BatchInput::Host(tiles) => {
+                    let input: Vec<f32> = (0..n).flat_map(|b| view.forward(&tiles[b * tile_len..(b + 1) * tile_len], window)).collect();
+                    for e in self.engines.iter_mut() {
+                        let cuda = e.as_cuda().context("internal error: device blending with a non-CUDA engine")?;
+                        let out = cuda.forward_device(&input, n, window, false)?;
+                        let r = acc.accumulate(&out, view.kernel_code());
+                        // Recycled once the accumulate is issued: the pool's reuse is ordered after it.
+                        cuda.recycle(out);
+                        r?;
+                    }
+                }
+                BatchInput::Device(dv) => {
+                    if dv.batch() != n {
+                        bail!("internal error: {} tiles on the device for a batch of {n}", dv.batch());
+                    }
+                    let x = dv.view(view.kernel_code())?;
+                    for e in self.engines.iter_mut() {
+                        let cuda = e.as_cuda().context("internal error: device blending with a non-CUDA engine")?;
+                        let out = cuda.forward_device_input(x, n, window, false)?;
+                        let r = acc.accumulate(&out, view.kernel_code());
+                        cuda.recycle(out);
+                        r?;
+                    }
+                }
             }
         }
         acc.average(count)
     }
 }
 
+/// A batch's network input for `Ensemble::infer_device`.
+enum BatchInput<'a> {
+    /// Tiles `[n, 1, window]` cut on the host.
+    Host(&'a [f32]),
+    /// Tiles cut from the volume on the device (`DeviceVolume::extract` done for this batch).
+    Device(&'a mut DeviceVolume),
+}
+
 /// Normalises `volume` in place and returns the blended maps; `progress(done, total)` after each batch.
 /// With `s.device_blend` and every engine a CUDA engine on one device, the averaging and blending
 /// run there (the same f32 operations in the same order, so the same maps given the same model
-/// outputs); otherwise, or when the device has no room for the accumulators, on the host.
+/// outputs); otherwise, or when the device has no room for the accumulators, on the host. On the
+/// device path the normalised volume is uploaded once and each batch's tiles (and test-time
+/// augmentation views) are cut there, one copy read by every model; when the volume does not fit
+/// (or a network takes more than one input channel), the tiles are cut on the host and each model
+/// uploads them.
 pub fn predict_maps(
     ens: &mut Ensemble,
     volume: &mut [f32],
@@ -291,6 +323,19 @@ pub fn predict_maps(
     s: &Settings,
     progress: &mut dyn FnMut(usize, usize),
     timing: &mut Timing,
+) -> Result<Maps> {
+    predict_maps_with(ens, volume, shape, s, progress, timing, true)
+}
+
+/// `predict_maps`; `device_input: false` cuts the tiles on the host on the device path too (tests).
+fn predict_maps_with(
+    ens: &mut Ensemble,
+    volume: &mut [f32],
+    shape: [usize; 3],
+    s: &Settings,
+    progress: &mut dyn FnMut(usize, usize),
+    timing: &mut Timing,
+    device_input: bool,
 ) -> Result<Maps> {
     if s.tta == Tta::Rot90 && s.window[1] != s.window[2] {
         bail!("--tta rot90 needs a square yx window, got {:?}", s.window);
@@ -300,11 +345,35 @@ pub fn predict_maps(
     let origins = grid.origins();
     if s.device_blend {
         if let Some(gpu) = ens.cuda_device() {
-            match TomogramAccumulator::new(gpu, ens.num_classes, shape, s.window, ens.stride, s.blend_sigma) {
+            match TomogramAccumulator::new(gpu.clone(), ens.num_classes, shape, s.window, ens.stride, s.blend_sigma) {
                 Ok(mut acc) => {
-                    for_each_batch(volume, shape, s, &origins, progress, timing, |chunk, tiles, timing| {
+                    let one_channel = ens.engines.iter_mut().all(|e| e.as_cuda().is_some_and(|c| c.input_channels() == 1));
+                    let t = Instant::now();
+                    let mut dv = if device_input && one_channel {
+                        match DeviceVolume::new(gpu, volume, shape, s.window) {
+                            Ok(v) => Some(v),
+                            Err(e) if e.downcast_ref::<OutOfMemory>().is_some() => {
+                                eprintln!("  the volume does not fit on the device ({e:#}); cutting the tiles on the host");
+                                None
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    } else {
+                        None
+                    };
+                    timing.infer += t.elapsed().as_secs_f64();
+                    let host_volume = if dv.is_some() { None } else { Some(&*volume) };
+                    for_each_batch(host_volume, shape, s, &origins, progress, timing, |chunk, tiles, timing| {
                         let t0 = Instant::now();
-                        ens.infer_device(&mut acc, tiles, chunk.len(), s.window, s.tta)?;
+                        let r = match dv.as_mut() {
+                            Some(dv) => dv.extract(chunk, s.tta != Tta::None).and_then(|()| ens.infer_device(&mut acc, BatchInput::Device(&mut *dv), chunk.len(), s.window, s.tta)),
+                            None => ens.infer_device(&mut acc, BatchInput::Host(tiles), chunk.len(), s.window, s.tta),
+                        };
+                        if let (Err(_), Some(dv)) = (&r, dv.as_mut()) {
+                            // A retry in halves should not find this batch's buffers still held.
+                            dv.release_batch();
+                        }
+                        r?;
                         // Synchronised per stage so that the timing splits (and kernel faults are
                         // reported) per batch.
                         acc.sync("ensemble on the device")?;
@@ -315,6 +384,7 @@ pub fn predict_maps(
                         timing.blend += t1.elapsed().as_secs_f64();
                         Ok(())
                     })?;
+                    drop(dv);
                     let t = Instant::now();
                     let maps = acc.finish()?;
                     timing.blend += t.elapsed().as_secs_f64();
@@ -330,7 +400,7 @@ pub fn predict_maps(
     let mut blender = Blender::new(ens.num_classes, shape, s.window, ens.stride, s.blend_sigma);
     let out_vol: usize = s.window.map(|l| l / ens.stride).iter().product();
     let nc = ens.num_classes;
-    for_each_batch(volume, shape, s, &origins, progress, timing, |chunk, tiles, timing| {
+    for_each_batch(Some(volume), shape, s, &origins, progress, timing, |chunk, tiles, timing| {
         let t0 = Instant::now();
         let (sc, of) = ens.infer(tiles, chunk.len(), s.window, s.tta)?;
         let t1 = Instant::now();
@@ -347,11 +417,12 @@ pub fn predict_maps(
     Ok(maps)
 }
 
-/// Extracts the tiles at `origins` batch by batch (`s.batch` per call) and hands each batch to
-/// `step`; when `step` runs out of device memory, the same tiles again in halves, down to one
-/// tile per call. `step` must leave nothing half done when it fails that way.
+/// Hands the tiles at `origins` to `step` batch by batch (`s.batch` per call), extracted on the
+/// host from `volume` when it is given (else `step` gets an empty slice and cuts them itself);
+/// when `step` runs out of device memory, the same tiles again in halves, down to one tile per
+/// call. `step` must leave nothing half done when it fails that way.
 fn for_each_batch(
-    volume: &[f32],
+    volume: Option<&[f32]>,
     shape: [usize; 3],
     s: &Settings,
     origins: &[[usize; 3]],
@@ -361,16 +432,22 @@ fn for_each_batch(
 ) -> Result<()> {
     let tile_len: usize = s.window.iter().product();
     let mut batch = s.batch.max(1);
-    let mut tiles = vec![0.0f32; batch * tile_len];
+    let mut tiles = vec![0.0f32; if volume.is_some() { batch * tile_len } else { 0 }];
     let mut done = 0;
     while done < origins.len() {
         let chunk = &origins[done..(done + batch).min(origins.len())];
         let t0 = Instant::now();
-        for (i, o) in chunk.iter().enumerate() {
-            extract_tile(volume, shape, *o, s.window, &mut tiles[i * tile_len..(i + 1) * tile_len]);
-        }
+        let host = match volume {
+            Some(volume) => {
+                for (i, o) in chunk.iter().enumerate() {
+                    extract_tile(volume, shape, *o, s.window, &mut tiles[i * tile_len..(i + 1) * tile_len]);
+                }
+                &tiles[..chunk.len() * tile_len]
+            }
+            None => &tiles[..0],
+        };
         timing.infer += t0.elapsed().as_secs_f64();
-        match step(chunk, &tiles[..chunk.len() * tile_len], timing) {
+        match step(chunk, host, timing) {
             Ok(()) => {}
             Err(e) if batch > 1 && e.downcast_ref::<OutOfMemory>().is_some() => {
                 batch /= 2;
@@ -511,9 +588,12 @@ mod tests {
     }
 
     /// A tomogram with overlapping tiles and a tile past the end (z = 12 < window 16) through an
-    /// ensemble of 2 CUDA engines on the kernel emulator with flip TTA: blending on the device
-    /// gives the host path's maps bit for bit (the kernels repeat the host's f32 operations in
-    /// its order, and both paths see the same engine outputs), hence the same detections.
+    /// ensemble of 2 CUDA engines on the kernel emulator, without and with test-time augmentation:
+    /// blending on the device gives the host path's maps bit for bit (the kernels repeat the
+    /// host's f32 operations in its order, and both paths see the same engine outputs), hence the
+    /// same detections, whether the tiles (and their views) are cut on the device from the volume
+    /// uploaded once or on the host and uploaded by every model. Cut on the device, nothing but
+    /// the volume and a few small tables goes to the device: less than one tile's upload.
     #[test]
     fn device_blend_on_emulator_matches_host_blend() {
         use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
@@ -527,32 +607,79 @@ mod tests {
         let mut vol = vec![0.0; shape.iter().product()];
         r.fill_uniform(&mut vol, 0.0, 1.0);
         let nc = weights[0].spec.num_classes;
-        for batch in [2, 1] {
-            let s = Settings { window: [16, 24, 24], tiles: [1, 2, 3], batch, tta: Tta::Flip, thresholds: vec![0.3; nc], ..Settings::default() };
-            let run = |device_blend: bool| {
+        let window = [16, 24, 24];
+        let tile_bytes = (window.iter().product::<usize>() * 4) as u64;
+        let volume_bytes = (vol.len() * 4) as u64;
+        for (batch, tta, nviews) in [(2, Tta::None, 1), (2, Tta::Flip, 4), (1, Tta::None, 1), (1, Tta::Flip, 4), (2, Tta::Rot90, 4)] {
+            let s = Settings { window, tiles: [1, 2, 3], batch, tta, thresholds: vec![0.3; nc], ..Settings::default() };
+            // (device_blend, device_input) → maps, timing, bytes copied to the device.
+            let run = |device_blend: bool, device_input: bool| {
                 let mut ens = Ensemble { engines: engines(), num_classes: nc, stride: 2 };
                 let s = Settings { device_blend, ..s.clone() };
                 let mut timing = Timing::default();
                 let mut calls = 0;
-                let maps = predict_maps(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| calls += 1, &mut timing).unwrap();
+                let sent = gpu.bytes_to_device();
+                let maps = predict_maps_with(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| calls += 1, &mut timing, device_input).unwrap();
                 assert_eq!(calls, 6usize.div_ceil(batch));
-                (maps, timing)
+                (maps, timing, gpu.bytes_to_device() - sent)
             };
-            let (host, _) = run(false);
+            let (host, _, _) = run(false, true);
             let live = gpu.memory_live();
-            let (dev, timing) = run(true);
-            assert_eq!(gpu.memory_live(), live, "the device accumulators are freed with the tomogram");
+            let (uploaded, _, per_model) = run(true, false);
+            let (dev, timing, shared) = run(true, true);
+            assert_eq!(gpu.memory_live(), live, "the device accumulators and volume are freed with the tomogram");
             assert!(timing.infer > 0.0 && timing.blend > 0.0, "{timing:?}");
             assert_eq!(dev.dims, [6, 18, 20]);
             let d = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             let (ds, dof) = (d(&dev.scores, &host.scores), d(&dev.offsets, &host.offsets));
-            eprintln!("batch {batch}: max |d| scores {ds:e}, offsets {dof:e}");
-            assert!(dev == host, "batch {batch}: the maps differ (max |d| scores {ds:e}, offsets {dof:e})");
+            eprintln!("batch {batch} {tta:?}: max |d| scores {ds:e}, offsets {dof:e}; to the device {per_model} B cut on the host, {shared} B cut on the device");
+            assert!(dev == host, "batch {batch} {tta:?}: the maps differ (max |d| scores {ds:e}, offsets {dof:e})");
+            assert!(uploaded == host, "batch {batch} {tta:?}: host-cut tiles on the device path differ");
             assert!(host.offsets.iter().any(|v| *v != 0.0));
+            // Every model uploads every view of every tile, or nothing but the volume (and the
+            // blend weights and tile origins) does.
+            assert!(per_model >= 2 * nviews * 6 * tile_bytes, "{per_model}");
+            assert!(shared >= volume_bytes && shared < volume_bytes + tile_bytes, "{shared}");
             let (dh, dd) = (detect_maps(&host, &s, 2), detect_maps(&dev, &s, 2));
             assert!(!dh.is_empty());
             assert_eq!(format!("{dh:?}"), format!("{dd:?}"));
         }
+    }
+
+    /// A volume that does not fit on the device next to the accumulators: the tiles are cut on
+    /// the host and uploaded by each model (the previous device path), with the same maps.
+    #[test]
+    fn device_blend_cuts_tiles_on_the_host_when_the_volume_does_not_fit() {
+        use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
+        use crate::model::spec::ModelSpec;
+        use crate::weights::Weights;
+        let gpu = Gpu::emulator().unwrap();
+        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 7);
+        let nc = w.spec.num_classes;
+        let shape = [16, 128, 128];
+        let mut r = crate::util::SplitMix64::new(12);
+        let mut vol = vec![0.0; shape.iter().product()];
+        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let s = Settings { window: [16, 16, 16], tiles: [1, 2, 2], batch: 2, device_blend: true, ..Settings::default() };
+        let run = |device_input: bool| {
+            let mut ens = Ensemble { engines: vec![Box::new(CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap())], num_classes: nc, stride: 2 };
+            gpu.reset_memory_peak();
+            let sent = gpu.bytes_to_device();
+            let maps = predict_maps_with(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| {}, &mut Timing::default(), device_input).unwrap();
+            (maps, gpu.memory_peak(), gpu.bytes_to_device() - sent)
+        };
+        let (want, peak, per_model) = run(false);
+        let (shared_maps, shared_peak, shared) = run(true);
+        assert!(shared_maps == want);
+        assert!(shared_peak > peak + 64 * 1024, "{peak} {shared_peak}");
+        let tile_bytes = 16 * 16 * 16 * 4;
+        assert!(shared >= (vol.len() * 4) as u64 && per_model >= 4 * tile_bytes && per_model < (vol.len() * 4) as u64, "{shared} {per_model}");
+        // Room for the previous path but not for the volume too.
+        gpu.set_emulated_memory_limit(peak + 64 * 1024);
+        let (got, got_peak, sent) = run(true);
+        gpu.set_emulated_memory_limit(usize::MAX);
+        assert!(got == want);
+        assert_eq!((got_peak, sent), (peak, per_model));
     }
 
     /// Out of device memory on the device path: the batch is retried in halves (the tomogram's

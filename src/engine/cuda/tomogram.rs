@@ -1,6 +1,8 @@
 //! A whole tomogram's blended maps kept on the device: the ensemble (and test-time augmentation)
 //! average of each batch of tiles and the weighted blending of those tiles, so per-tile outputs
-//! never go back to the host; `finish` reads the finished maps once.
+//! never go back to the host; `finish` reads the finished maps once. `DeviceVolume` is the input
+//! side: the normalised volume uploaded once, each batch's tiles (and views) cut from it on the
+//! device and read by every model.
 //!
 //! CPU twins, with the same f32 operations in the same order (so the maps equal the host
 //! pipeline's bit for bit given the same model outputs):
@@ -173,5 +175,113 @@ impl TomogramAccumulator {
         let scores = self.gpu.read::<f32>(self.acc_s.ptr, self.num_classes * g)?;
         let offsets = self.gpu.read::<f32>(self.acc_o.ptr, 3 * g)?;
         Ok(Maps { num_classes: self.num_classes, dims: self.dims, scores, offsets })
+    }
+}
+
+/// A tomogram's normalised volume on the device (uploaded once) and the current batch's network
+/// input cut from it there, shared by every model of the ensemble: `ops::extract_tiles` writes
+/// the tiles straight into the engines' input layout (`[n, window]` fp16 = NDHWC with one
+/// channel; `CudaEngine::forward_device_input`). CPU twin: `pipeline::tiling::extract_tile`
+/// (zero past the volume's end) followed by the engine's conversion of its input to fp16, so the
+/// models see the same fp16 values as with host tiles.
+///
+/// The volume stays f32 (4 bytes a voxel) because the extraction kernel reads f32; the tiles are
+/// rounded to fp16 as they are cut, exactly as the engine rounds a host input.
+///
+/// Test-time augmentation views are made on the device too (`view`): fp16 tiles → f32 (exact),
+/// the view's permutation through `ensemble_accumulate_view_f32` into zeros (`0 + x == x`; the
+/// normalised volume has no negative zeros), → fp16 (exact, the values came from fp16): the same
+/// values as the host's `View::forward` of the f32 tiles then converted to fp16.
+pub struct DeviceVolume {
+    gpu: Arc<Gpu>,
+    volume: DevBuf,
+    shape: [usize; 3],
+    window: [usize; 3],
+    /// Tile origins `[cap, 3]` i32, the plain tiles `[cap, window]` fp16 and, once a view other
+    /// than the plain one was asked for, f32 staging `[cap, window]` x 2 and the view's fp16 tiles.
+    origins: Option<DevBuf>,
+    tiles: Option<DevBuf>,
+    views: Option<(DevBuf, DevBuf, DevBuf)>,
+    cap: usize,
+    /// Tiles in the current batch.
+    n: usize,
+}
+
+impl DeviceVolume {
+    /// Uploads `volume` (`shape`, z-major f32, already normalised) for tiles of `window` voxels.
+    /// An `OutOfMemory` error here means the volume does not fit: the caller cuts tiles on the host.
+    pub fn new(gpu: Arc<Gpu>, volume: &[f32], shape: [usize; 3], window: [usize; 3]) -> Result<Self> {
+        if volume.len() != vol(shape) {
+            bail!("DeviceVolume: {} voxels for a volume of {shape:?}", volume.len());
+        }
+        gpu.bind()?;
+        let volume = gpu.upload(volume)?;
+        Ok(DeviceVolume { gpu, volume, shape, window, origins: None, tiles: None, views: None, cap: 0, n: 0 })
+    }
+
+    /// Cuts the tiles at the voxel origins `origins` (a batch, in order) into the plain input.
+    /// Allocates before anything runs, so an out-of-memory error leaves nothing half done. `tta`:
+    /// whether views other than the plain one will be asked for (their buffers are allocated here too).
+    pub fn extract(&mut self, origins: &[[usize; 3]], tta: bool) -> Result<()> {
+        let n = origins.len();
+        if n == 0 {
+            bail!("DeviceVolume: an empty batch");
+        }
+        let wv = vol(self.window);
+        if n > self.cap || (tta && self.views.is_none()) {
+            // Old buffers go first so that they do not count twice against the device; the new
+            // ones are kept only when all of them fit.
+            self.release_batch();
+            let origins = self.gpu.alloc(n * 3 * 4)?;
+            let tiles = self.gpu.alloc(n * wv * 2)?;
+            let views = if tta { Some((self.gpu.alloc(n * wv * 4)?, self.gpu.alloc(n * wv * 4)?, self.gpu.alloc(n * wv * 2)?)) } else { None };
+            (self.origins, self.tiles, self.views, self.cap) = (Some(origins), Some(tiles), views, n);
+        }
+        self.n = 0;
+        // The kernel reads i32 origins; the extents are checked against i32 by extract_tiles, and an
+        // origin past them only yields zeros.
+        let org: Vec<i32> = origins.iter().flat_map(|o| o.map(|x| x.min(i32::MAX as usize) as i32)).collect();
+        let (optr, tptr) = (self.origins.as_ref().map_or(0, |b| b.ptr), self.tiles.as_ref().map_or(0, |b| b.ptr));
+        // Stream-ordered: lands after the previous batch's extraction has read the buffer.
+        self.gpu.write(optr, &org)?;
+        ops::extract_tiles(&self.gpu, self.volume.ptr, self.shape, optr, n, self.window, tptr)?;
+        self.n = n;
+        Ok(())
+    }
+
+    /// Tiles in the current batch.
+    pub fn batch(&self) -> usize {
+        self.n
+    }
+
+    /// Frees the batch buffers (the volume stays), e.g. before a batch is retried in halves.
+    pub fn release_batch(&mut self) {
+        (self.origins, self.tiles, self.views, self.cap, self.n) = (None, None, None, 0, 0);
+    }
+
+    /// The batch's network input `[n, window]` fp16 seen through `view` (kernel view codes as
+    /// `TomogramAccumulator::accumulate`: 0 plain, 1..3 flips of z, y, x, 4..6 rot90 k = 1..3 in
+    /// the yx plane; this applies the view itself, not its inverse). View 0 is the extracted tiles.
+    pub fn view(&mut self, view: usize) -> Result<&DevBuf> {
+        if self.n == 0 {
+            bail!("DeviceVolume::view before extract");
+        }
+        let tiles = self.tiles.as_ref().expect("allocated by extract");
+        if view == 0 {
+            return Ok(tiles);
+        }
+        // The kernel applies a view's inverse: flips are their own, rot90 k is undone by rot90 4 - k.
+        let inverse_of = match view {
+            1..=3 => view,
+            4..=6 => 10 - view,
+            _ => bail!("DeviceVolume::view: view {view} (0..=6)"),
+        };
+        let Some((plain, turned, out)) = &self.views else { bail!("DeviceVolume::view: extract was not told about views") };
+        let (n, wv) = (self.n, vol(self.window));
+        ops::to_ncdhw_f32(&self.gpu, tiles.ptr, plain.ptr, n, 1, wv)?;
+        self.gpu.zero(turned.ptr, n * wv * 4)?;
+        ops::ensemble_accumulate_view(&self.gpu, turned.ptr, plain.ptr, n, 1, self.window, inverse_of, false)?;
+        ops::to_ndhwc_f16(&self.gpu, turned.ptr, out.ptr, n, 1, wv)?;
+        Ok(out)
     }
 }
