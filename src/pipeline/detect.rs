@@ -205,22 +205,45 @@ fn greedy_nms(pts: &[[f64; 3]], sigma: f64, t: f64) -> Vec<usize> {
     keep
 }
 
-/// Detections of one class.
-fn detect_class(
-    maps: &Maps,
+/// A detection candidate of one class (the first stage of `detect`): flat cell index of the
+/// `[D, H, W]` grid, its peak score (`>= threshold`) and the f32 offsets (x, y, z) at that cell.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub index: usize,
+    pub score: f32,
+    pub offset: [f32; 3],
+}
+
+/// The candidates of class `c` of `maps`, in ascending flat index: peaks (`peaks`) `>= threshold`.
+pub fn class_candidates(maps: &Maps, c: usize, threshold: f32) -> Vec<Candidate> {
+    let n = maps.channel_len();
+    let pk = peaks(&maps.scores, maps.dims, c);
+    let o = &maps.offsets;
+    pk.iter()
+        .enumerate()
+        .filter(|(_, &v)| v >= threshold)
+        .map(|(i, &v)| Candidate { index: i, score: v, offset: [o[i], o[n + i], o[2 * n + i]] })
+        .collect()
+}
+
+/// Sort key of `Candidate`s: `cand_order` on (index, score).
+fn candidate_order(a: &Candidate, b: &Candidate) -> Ordering {
+    cand_order(&(a.index, a.score), &(b.index, b.score))
+}
+
+/// The second stage of `detect` for class `c`: from its candidates (in any order; `dims` is the
+/// grid they index), the first `pre_nms_top_k` by (score desc, index asc), their centres and the
+/// greedy NMS. Shared by the host path (`detect`) and candidates extracted on the device.
+pub fn detect_class_candidates(
     c: usize,
-    threshold: f32,
+    mut cands: Vec<Candidate>,
+    dims: [usize; 3],
     iou_threshold: f64,
     pre_nms_top_k: usize,
     stride: usize,
     sigma: f64,
 ) -> Vec<Detection> {
-    let [_, h, w] = maps.dims;
-    let n = maps.channel_len();
-    let pk = peaks(&maps.scores, maps.dims, c);
-    let mut cands: Vec<(usize, f32)> =
-        pk.iter().enumerate().filter(|(_, &v)| v >= threshold).map(|(i, &v)| (i, v)).collect();
-    drop(pk);
+    let [_, h, w] = dims;
     if cands.is_empty() {
         return Vec::new();
     }
@@ -229,30 +252,51 @@ fn detect_class(
         if pre_nms_top_k == 0 {
             return Vec::new();
         }
-        cands.select_nth_unstable_by(pre_nms_top_k - 1, cand_order);
+        cands.select_nth_unstable_by(pre_nms_top_k - 1, candidate_order);
         cands.truncate(pre_nms_top_k);
     }
-    cands.sort_unstable_by(cand_order);
+    cands.sort_unstable_by(candidate_order);
 
     let st = stride as f64;
-    let (ox, oy, oz) = (&maps.offsets[..n], &maps.offsets[n..2 * n], &maps.offsets[2 * n..3 * n]);
     let pts: Vec<[f64; 3]> = cands
         .iter()
-        .map(|&(f, _)| {
+        .map(|cd| {
+            let f = cd.index;
             let x = f % w;
             let y = (f / w) % h;
             let z = f / (w * h);
             [
-                (x as f64 + 0.5) * st + ox[f] as f64,
-                (y as f64 + 0.5) * st + oy[f] as f64,
-                (z as f64 + 0.5) * st + oz[f] as f64,
+                (x as f64 + 0.5) * st + cd.offset[0] as f64,
+                (y as f64 + 0.5) * st + cd.offset[1] as f64,
+                (z as f64 + 0.5) * st + cd.offset[2] as f64,
             ]
         })
         .collect();
     greedy_nms(&pts, sigma, iou_threshold)
         .into_iter()
-        .map(|i| Detection { class: c, score: cands[i].1, x: pts[i][0], y: pts[i][1], z: pts[i][2] })
+        .map(|i| Detection { class: c, score: cands[i].score, x: pts[i][0], y: pts[i][1], z: pts[i][2] })
         .collect()
+}
+
+/// `detect` from per-class candidates (`per_class[c]`, e.g. extracted on the device) of a grid
+/// `dims`: `detect_class_candidates` for each class, concatenated in class order.
+///
+/// Panics if `sigmas_vox` has fewer than `per_class.len()` entries.
+pub fn detect_from_candidates(
+    per_class: Vec<Vec<Candidate>>,
+    dims: [usize; 3],
+    iou_threshold: f64,
+    pre_nms_top_k: usize,
+    stride: usize,
+    sigmas_vox: &[f64],
+) -> Vec<Detection> {
+    assert!(sigmas_vox.len() >= per_class.len(), "detect: {} sigmas for {} classes", sigmas_vox.len(), per_class.len());
+    let per: Vec<Vec<Detection>> = per_class
+        .into_par_iter()
+        .enumerate()
+        .map(|(c, cands)| detect_class_candidates(c, cands, dims, iou_threshold, pre_nms_top_k, stride, sigmas_vox[c]))
+        .collect();
+    per.into_iter().flatten().collect()
 }
 
 /// Detections of all classes, class by class (class order), each class best first.
@@ -283,7 +327,8 @@ pub fn detect(
     let per: Vec<Vec<Detection>> = (0..nc)
         .into_par_iter()
         .map(|c| {
-            detect_class(maps, c, thresholds[c], iou_threshold, pre_nms_top_k, stride, sigmas_vox[c])
+            let cands = class_candidates(maps, c, thresholds[c]);
+            detect_class_candidates(c, cands, maps.dims, iou_threshold, pre_nms_top_k, stride, sigmas_vox[c])
         })
         .collect();
     per.into_iter().flatten().collect()
