@@ -21,6 +21,9 @@
 //   nms_write  grid (nblk, C), block NMS_THREADS: recomputes the flags and writes each candidate
 //              at block_offsets + its rank within the block (rounds of NMS_THREADS cells, ranks from
 //              warp ballots, warps in order).
+// nms_gather_offsets, grid (ceil(capacity / 256), C), block 256: the offsets [3, D, H, W] at each
+// written candidate, out_offsets[(c * capacity + k) * 3 + a] = offsets[a * cells + out_index[..]]
+// for k < min(totals[c], capacity), so the host reads back candidates only.
 #include <cuda_fp16.h>
 
 #define NMS_THREADS 256
@@ -150,4 +153,18 @@ nms_write(const float* __restrict__ scores, int D, int H, int W, const float* __
         pos += round;
         __syncthreads();
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+nms_gather_offsets(const float* __restrict__ offsets, unsigned cells, const unsigned* __restrict__ totals,
+                   const unsigned* __restrict__ out_index, unsigned capacity, float* __restrict__ out_offsets) {
+    const int c = blockIdx.y;
+    const unsigned k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= capacity || k >= totals[c]) return;
+    const size_t slot = (size_t)c * capacity + k;
+    const unsigned i = out_index[slot];
+    float* o = out_offsets + slot * 3;
+    o[0] = offsets[i];
+    o[1] = offsets[(size_t)cells + i];
+    o[2] = offsets[2 * (size_t)cells + i];
 }

@@ -680,6 +680,24 @@ impl Emu {
                 self.wu32(a.p(1), &offs)?;
                 self.wu32(a.p(2), &totals)
             }
+            "nms_gather_offsets" => {
+                let (cells, cap) = (a.u(1), a.u(4));
+                let c = gy;
+                ensure!(gx * threads >= cap, "grid does not cover the capacity");
+                let totals = self.ru32(a.p(2), c)?;
+                let idx = self.ru32(a.p(3), c * cap)?;
+                let offsets = self.rf32(a.p(0), 3 * cells)?;
+                let mut out = self.rf32(a.p(5), c * cap * 3)?;
+                for ch in 0..c {
+                    for k in 0..(totals[ch] as usize).min(cap) {
+                        let i = idx[ch * cap + k] as usize;
+                        for ax in 0..3 {
+                            out[(ch * cap + k) * 3 + ax] = offsets[ax * cells + i];
+                        }
+                    }
+                }
+                self.wf32(a.p(5), &out)
+            }
             _ => bail!("the emulator has no implementation of kernel {name}"),
         }
     }

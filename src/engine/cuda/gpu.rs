@@ -198,6 +198,7 @@ pub struct Gpu {
     emu_limit: AtomicUsize,
     /// Bytes copied from the host by `write` (and `upload`) since the device was opened.
     to_device: AtomicU64,
+    to_host: AtomicU64,
 }
 
 static OPEN: Mutex<Vec<(usize, Weak<Gpu>)>> = Mutex::new(Vec::new());
@@ -247,6 +248,7 @@ impl Gpu {
                 usage: Arc::default(),
                 emu_limit: AtomicUsize::new(usize::MAX),
                 to_device: AtomicU64::new(0),
+                to_host: AtomicU64::new(0),
             })
         })
     }
@@ -272,6 +274,7 @@ impl Gpu {
             usage: Arc::default(),
             emu_limit: AtomicUsize::new(usize::MAX),
             to_device: AtomicU64::new(0),
+            to_host: AtomicU64::new(0),
         }))
     }
 
@@ -319,6 +322,11 @@ impl Gpu {
     /// Bytes copied from the host to this device by `write` / `upload` since it was opened.
     pub fn bytes_to_device(&self) -> u64 {
         self.to_device.load(Ordering::Relaxed)
+    }
+
+    /// Bytes copied from this device to the host by `read` since it was opened.
+    pub fn bytes_to_host(&self) -> u64 {
+        self.to_host.load(Ordering::Relaxed)
     }
 
     pub fn set_sync_each(&self, on: bool) {
@@ -406,6 +414,7 @@ impl Gpu {
         if len == 0 {
             return Ok(out);
         }
+        self.to_host.fetch_add((len * std::mem::size_of::<T>()) as u64, Ordering::Relaxed);
         let stream = match &self.inner {
             Inner::Cuda { stream, .. } => stream,
             Inner::Emu(emu) => {

@@ -15,8 +15,9 @@
 //! - `FASTDET_CUDA_SYNC=1`: synchronise after every kernel and name the one that failed;
 //! - `FASTDET_CUDNN_WORKSPACE_MIB`: largest cuDNN workspace (default 1024).
 //!
-//! `tomogram` keeps a tomogram's volume, tile extraction, ensemble averaging and tile blending on
-//! the device (the runner's `Settings::device_blend`).
+//! `tomogram` keeps a tomogram's volume, tile extraction, ensemble averaging, tile blending and
+//! the first stage of detection (peaks, thresholds) on the device (the runner's
+//! `Settings::device_blend`).
 //!
 //! `emu` is a host emulator of every kernel (tests only): the engine and the self-test run on it
 //! here, without a GPU.

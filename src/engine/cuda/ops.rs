@@ -554,3 +554,21 @@ pub fn nms(
         ],
     )
 }
+
+/// The offsets `[3, cells]` f32 at each candidate `nms` wrote: `out_offsets [c, capacity, 3]`
+/// from `totals [c]` and `out_index [c, capacity]`.
+pub fn nms_gather_offsets(g: &Gpu, offsets: u64, cells: usize, c: usize, totals: u64, capacity: usize, out_index: u64, out_offsets: u64) -> Result<()> {
+    if cells >= u32::MAX as usize || capacity > u32::MAX as usize {
+        bail!("nms_gather_offsets: {cells} cells exceed the kernels' 32-bit index");
+    }
+    if c == 0 || capacity == 0 {
+        return Ok(());
+    }
+    let nblk = capacity.div_ceil(256);
+    g.launch(
+        "nms_gather_offsets",
+        (nblk as u32, c as u32, 1),
+        (256, 1, 1),
+        &[Arg::Ptr(offsets), Arg::U32(cells as u32), Arg::Ptr(totals), Arg::Ptr(out_index), Arg::U32(capacity as u32), Arg::Ptr(out_offsets)],
+    )
+}

@@ -11,7 +11,11 @@
 //!   it is > 1), via `ensemble_accumulate_view_f32` and `ensemble_divide_f32`;
 //! - `blend`: `pipeline::blend::Blender::add_tile` over the batch's tiles in order, via
 //!   `blend_tiles_f32` (one thread per cell, tiles in order, no atomics);
-//! - `finish`: `Blender::finish`, via `blend_finish_f32`.
+//! - `finish`: `Blender::finish`, via `blend_finish_f32`;
+//! - `candidates`: the first stage of `pipeline::detect::detect` (`class_candidates`: peaks,
+//!   threshold, ascending flat index) on the finished maps, via `nms.cu`, so that only the
+//!   candidates (index, score, offsets) go back to the host; `pipeline::detect::
+//!   detect_from_candidates` does the rest there.
 
 use std::sync::Arc;
 
@@ -21,6 +25,7 @@ use super::engine::DeviceOutputs;
 use super::gpu::{DevBuf, Gpu};
 use super::ops::{self, vol};
 use crate::pipeline::blend::{tile_weight, Maps};
+use crate::pipeline::detect::Candidate;
 
 /// Device accumulators of one tomogram (`Blender`'s) plus the ensemble sums of the current batch.
 pub struct TomogramAccumulator {
@@ -43,7 +48,12 @@ pub struct TomogramAccumulator {
     cap: usize,
     /// Tiles in the current batch.
     n: usize,
+    /// Whether `acc_s` / `acc_o` hold the finished maps (`finish_device` ran).
+    finished: bool,
 }
+
+/// Candidates per class the first `candidates` pass makes room for (more: a second pass).
+pub const CANDIDATE_CAPACITY: usize = 1 << 16;
 
 impl TomogramAccumulator {
     /// Zeroed accumulators for a volume `volume_shape` tiled by `window` (arguments as `Blender::new`).
@@ -64,7 +74,7 @@ impl TomogramAccumulator {
         let acc_o = zeroed(3 * g)?;
         let counter = zeroed(g)?;
         let weight = gpu.upload(&tile_weight(tile, sigma))?;
-        Ok(TomogramAccumulator { gpu, num_classes, dims, tile, stride, weight, acc_s, acc_o, counter, ens_s: None, ens_o: None, origins: None, cap: 0, n: 0 })
+        Ok(TomogramAccumulator { gpu, num_classes, dims, tile, stride, weight, acc_s, acc_o, counter, ens_s: None, ens_o: None, origins: None, cap: 0, n: 0, finished: false })
     }
 
     /// Accumulator grid `[D / stride, H / stride, W / stride]`.
@@ -78,6 +88,9 @@ impl TomogramAccumulator {
     pub fn begin_batch(&mut self, n: usize) -> Result<()> {
         if n == 0 {
             bail!("TomogramAccumulator: an empty batch");
+        }
+        if self.finished {
+            bail!("TomogramAccumulator: a batch after the blend was finished");
         }
         let tv = vol(self.tile);
         if n > self.cap {
@@ -167,14 +180,88 @@ impl TomogramAccumulator {
     }
 
     /// `acc / counter` (0 where nothing landed), read back once; CPU twin: `Blender::finish`.
-    pub fn finish(self) -> Result<Maps> {
+    pub fn finish(mut self) -> Result<Maps> {
+        self.read_maps()
+    }
+
+    /// Finishes the blend on the device (`acc / counter`, once); no more tiles may be blended.
+    pub fn finish_device(&mut self) -> Result<()> {
+        if self.finished {
+            return Ok(());
+        }
         let g = vol(self.dims);
         ops::blend_finish(&self.gpu, self.acc_s.ptr, self.counter.ptr, self.num_classes, g)?;
         ops::blend_finish(&self.gpu, self.acc_o.ptr, self.counter.ptr, 3, g)?;
         self.gpu.sync("blending on the device")?;
+        self.finished = true;
+        Ok(())
+    }
+
+    /// The finished maps (`finish_device` first), read back; the accumulator stays usable for
+    /// `candidates`.
+    pub fn read_maps(&mut self) -> Result<Maps> {
+        self.finish_device()?;
+        let g = vol(self.dims);
         let scores = self.gpu.read::<f32>(self.acc_s.ptr, self.num_classes * g)?;
         let offsets = self.gpu.read::<f32>(self.acc_o.ptr, 3 * g)?;
         Ok(Maps { num_classes: self.num_classes, dims: self.dims, scores, offsets })
+    }
+
+    /// The detection candidates of every class of the finished maps (`finish_device` first):
+    /// `[c]` = `pipeline::detect::class_candidates(&maps, c, thresholds[c])`, the same values in
+    /// the same order (ascending flat index), computed on the device; only they are read back.
+    pub fn candidates(&mut self, thresholds: &[f32]) -> Result<Vec<Vec<Candidate>>> {
+        self.candidates_with_capacity(thresholds, CANDIDATE_CAPACITY)
+    }
+
+    /// `candidates`, with room for `capacity` candidates per class in the first pass (tests).
+    pub fn candidates_with_capacity(&mut self, thresholds: &[f32], capacity: usize) -> Result<Vec<Vec<Candidate>>> {
+        let nc = self.num_classes;
+        if thresholds.len() < nc {
+            bail!("candidates: {} thresholds for {nc} classes", thresholds.len());
+        }
+        self.finish_device()?;
+        let cells = vol(self.dims);
+        if nc == 0 || cells == 0 {
+            return Ok(vec![Vec::new(); nc]);
+        }
+        let g = &self.gpu;
+        let thr = g.upload(&thresholds[..nc])?;
+        let nblk = ops::nms_blocks(cells);
+        let counts = g.alloc(nc * nblk * 4)?;
+        let offs = g.alloc(nc * nblk * 4)?;
+        let totals = g.alloc(nc * 4)?;
+        let mut cap = capacity.clamp(1, cells);
+        let (tot, idx, sc, of) = loop {
+            let idx = g.alloc(nc * cap * 4)?;
+            let sc = g.alloc(nc * cap * 4)?;
+            ops::nms(g, self.acc_s.ptr, nc, self.dims, thr.ptr, counts.ptr, offs.ptr, totals.ptr, cap, idx.ptr, sc.ptr)?;
+            let tot: Vec<u32> = g.read(totals.ptr, nc)?;
+            let most = tot.iter().copied().max().unwrap_or(0) as usize;
+            if most <= cap {
+                let of = g.alloc(nc * cap * 3 * 4)?;
+                ops::nms_gather_offsets(g, self.acc_o.ptr, cells, nc, totals.ptr, cap, idx.ptr, of.ptr)?;
+                break (tot, idx, sc, of);
+            }
+            // Too many candidates for the first pass: again, with room for all of them.
+            drop((idx, sc));
+            cap = most;
+        };
+        g.sync("detection candidates on the device")?;
+        let mut out = Vec::with_capacity(nc);
+        for (c, &t) in tot.iter().enumerate() {
+            let t = t as usize;
+            let base = (c * cap) as u64;
+            let index: Vec<u32> = g.read(idx.ptr + base * 4, t)?;
+            let score: Vec<f32> = g.read(sc.ptr + base * 4, t)?;
+            let offset: Vec<f32> = g.read(of.ptr + base * 12, 3 * t)?;
+            out.push(
+                (0..t)
+                    .map(|k| Candidate { index: index[k] as usize, score: score[k], offset: [offset[3 * k], offset[3 * k + 1], offset[3 * k + 2]] })
+                    .collect(),
+            );
+        }
+        Ok(out)
     }
 }
 
