@@ -215,10 +215,10 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
 }
 
 /// The pipeline per tomogram: an ensemble at the seed widths (all weights resident), a random
-/// volume, `predict_maps` (tiling, ensemble, blending) and `detect_maps`, as `fastdet run` does
+/// volume, `predict_and_detect` (tiling, ensemble, blending, detection), as `fastdet run` does
 /// after reading.
 fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<ExitCode> {
-    use fastdet::pipeline::runner::{detect_maps, predict_maps, Ensemble, Settings, Timing};
+    use fastdet::pipeline::runner::{predict_and_detect, Ensemble, Settings, Timing};
     let started = Instant::now();
     let [n_seg, n_dyn] = a.models;
     if n_seg + n_dyn == 0 {
@@ -253,10 +253,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
                 cold_start_s = Some(started.elapsed().as_secs_f64());
             }
         };
-        let maps = predict_maps(&mut ens, &mut vol, shape, &s, &mut first_tiles, &mut timing)?;
-        let td = Instant::now();
-        let dets = detect_maps(&maps, &s, ens.stride);
-        timing.detect = td.elapsed().as_secs_f64();
+        let (dets, _) = predict_and_detect(&mut ens, &mut vol, shape, &s, &mut first_tiles, &mut timing, false)?;
         if i >= a.warmup {
             runs.push((t.elapsed().as_secs_f64(), timing, dets.len()));
         }

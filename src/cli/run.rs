@@ -5,7 +5,7 @@ use fastdet::io::{copick, csv, dataset, tensors, zarr};
 use fastdet::metric;
 use fastdet::particles::{Pick, CLASSES};
 use fastdet::pipeline::detect::to_picks_scaled;
-use fastdet::pipeline::runner::{detect_maps, predict_maps, Ensemble, Settings, Timing, Tta};
+use fastdet::pipeline::runner::{predict_and_detect, Ensemble, Settings, Timing, Tta};
 use fastdet::weights::Weights;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -355,9 +355,10 @@ fn process(job: &Job, mut vol: zarr::Volume, read_s: f64, ens: &mut Ensemble, s:
             }
         }
     };
-    let maps = predict_maps(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing)
+    // The maps are read back from the device only for --save-maps (detection runs on the device).
+    let (dets, maps) = predict_and_detect(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some())
         .with_context(|| format!("{}: inference failed", job.path.display()))?;
-    if let Some(dir) = extras.save_maps {
+    if let (Some(dir), Some(maps)) = (extras.save_maps, &maps) {
         let d = maps.dims;
         tensors::write_f32(
             &dir.join(format!("{}.safetensors", job.run)),
@@ -365,9 +366,7 @@ fn process(job: &Job, mut vol: zarr::Volume, read_s: f64, ens: &mut Ensemble, s:
             None,
         )?;
     }
-    let t = Instant::now();
-    let dets = detect_maps(&maps, s, ens.stride);
-    timing.detect = t.elapsed().as_secs_f64();
+    drop(maps);
     let picks = to_picks_scaled(&job.run, &dets, s.voxel_size);
     if let Some(dir) = extras.star_out {
         fastdet::io::star::write_run_star(&dir.join(format!("{}.star", job.run)), &job.run, &picks, s.voxel_size, vol.shape)?;

@@ -2,9 +2,10 @@
 //! test-time augmentation), blend, detect.
 
 use super::blend::{Blender, Maps};
-use super::detect::{detect, sigmas_for, Detection};
+use super::detect::{detect, detect_from_candidates, sigmas_for, Detection};
 use super::tiling::{extract_tile, normalize_unit_range, TileGrid};
 use crate::engine::cuda::gpu::Gpu;
+use crate::engine::cuda::tomogram::CANDIDATE_CAPACITY;
 use crate::engine::cuda::{DeviceVolume, TomogramAccumulator};
 use crate::engine::TileEngine;
 use crate::particles::{ANGSTROM_PER_VOXEL, SEED_THRESHOLDS};
@@ -337,6 +338,98 @@ fn predict_maps_with(
     timing: &mut Timing,
     device_input: bool,
 ) -> Result<Maps> {
+    match predict_blended(ens, volume, shape, s, progress, timing, device_input)? {
+        Blended::Host(maps) => Ok(maps),
+        Blended::Device(mut acc) => {
+            let t = Instant::now();
+            let maps = acc.read_maps()?;
+            timing.blend += t.elapsed().as_secs_f64();
+            Ok(maps)
+        }
+    }
+}
+
+/// `predict_maps` followed by `detect_maps`, with the same detections, and the maps when
+/// `want_maps`. On the device path (see `predict_maps`) the first stage of detection (peaks and
+/// thresholds) runs on the device too and only the candidates are read back, so the maps are
+/// read back only when asked for. Detection (candidate extraction included) counts as
+/// `timing.detect`.
+pub fn predict_and_detect(
+    ens: &mut Ensemble,
+    volume: &mut [f32],
+    shape: [usize; 3],
+    s: &Settings,
+    progress: &mut dyn FnMut(usize, usize),
+    timing: &mut Timing,
+    want_maps: bool,
+) -> Result<(Vec<Detection>, Option<Maps>)> {
+    predict_and_detect_with(ens, volume, shape, s, progress, timing, want_maps, true, CANDIDATE_CAPACITY)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn predict_and_detect_with(
+    ens: &mut Ensemble,
+    volume: &mut [f32],
+    shape: [usize; 3],
+    s: &Settings,
+    progress: &mut dyn FnMut(usize, usize),
+    timing: &mut Timing,
+    want_maps: bool,
+    device_input: bool,
+    capacity: usize,
+) -> Result<(Vec<Detection>, Option<Maps>)> {
+    let stride = ens.stride;
+    let maps = match predict_blended(ens, volume, shape, s, progress, timing, device_input)? {
+        Blended::Host(maps) => maps,
+        Blended::Device(mut acc) => {
+            let t = Instant::now();
+            match acc.candidates_with_capacity(&s.thresholds, capacity) {
+                Ok(cands) => {
+                    let dets = detect_from_candidates(cands, acc.dims(), s.iou_threshold, s.pre_nms_top_k, stride, &sigmas_for(s.voxel_size));
+                    timing.detect += t.elapsed().as_secs_f64();
+                    let maps = if want_maps {
+                        let t = Instant::now();
+                        let maps = acc.read_maps()?;
+                        timing.blend += t.elapsed().as_secs_f64();
+                        Some(maps)
+                    } else {
+                        None
+                    };
+                    return Ok((dets, maps));
+                }
+                Err(e) if e.downcast_ref::<OutOfMemory>().is_some() => {
+                    eprintln!("  the detection candidates do not fit on the device ({e:#}); detecting on the host");
+                    timing.detect += t.elapsed().as_secs_f64();
+                    let t = Instant::now();
+                    let maps = acc.read_maps()?;
+                    timing.blend += t.elapsed().as_secs_f64();
+                    maps
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let t = Instant::now();
+    let dets = detect_maps(&maps, s, stride);
+    timing.detect += t.elapsed().as_secs_f64();
+    Ok((dets, want_maps.then_some(maps)))
+}
+
+/// Blended maps: on the host, or finished on the device (`predict_maps`).
+enum Blended {
+    Host(Maps),
+    Device(TomogramAccumulator),
+}
+
+fn predict_blended(
+    ens: &mut Ensemble,
+    volume: &mut [f32],
+    shape: [usize; 3],
+    s: &Settings,
+    progress: &mut dyn FnMut(usize, usize),
+    timing: &mut Timing,
+    device_input: bool,
+) -> Result<Blended> {
     if s.tta == Tta::Rot90 && s.window[1] != s.window[2] {
         bail!("--tta rot90 needs a square yx window, got {:?}", s.window);
     }
@@ -386,9 +479,9 @@ fn predict_maps_with(
                     })?;
                     drop(dv);
                     let t = Instant::now();
-                    let maps = acc.finish()?;
+                    acc.finish_device()?;
                     timing.blend += t.elapsed().as_secs_f64();
-                    return Ok(maps);
+                    return Ok(Blended::Device(acc));
                 }
                 Err(e) if e.downcast_ref::<OutOfMemory>().is_some() => {
                     eprintln!("  the blend accumulators do not fit on the device ({e:#}); blending on the host");
@@ -414,7 +507,7 @@ fn predict_maps_with(
     let t = Instant::now();
     let maps = blender.finish();
     timing.blend += t.elapsed().as_secs_f64();
-    Ok(maps)
+    Ok(Blended::Host(maps))
 }
 
 /// Hands the tiles at `origins` to `step` batch by batch (`s.batch` per call), extracted on the
@@ -648,6 +741,75 @@ mod tests {
 
     /// A volume that does not fit on the device next to the accumulators: the tiles are cut on
     /// the host and uploaded by each model (the previous device path), with the same maps.
+    /// `predict_and_detect` on the device path (candidates extracted on the device, maps not read
+    /// back) gives exactly the detections of `detect_maps` on the host-blended maps: a 2-model
+    /// ensemble, overlapping tiles with a partial edge tile, a constant region (plateaus), a class
+    /// with threshold 0 (every cell a candidate, ties at score 0 cut by top-K), an empty class,
+    /// and a first candidate pass too small for them (the second pass).
+    #[test]
+    fn device_detection_on_emulator_matches_host_detection() {
+        use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
+        use crate::model::spec::ModelSpec;
+        use crate::weights::Weights;
+        let gpu = Gpu::emulator().unwrap();
+        let weights = [Weights::random(&ModelSpec::segresnet(8, 16, 8), 21), Weights::random(&ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8), 22)];
+        let engines = || -> Vec<Box<dyn TileEngine>> { weights.iter().map(|w| Box::new(CudaEngine::on(gpu.clone(), w, ConvBackend::Auto).unwrap()) as Box<dyn TileEngine>).collect() };
+        let shape = [12, 37, 41];
+        let mut r = crate::util::SplitMix64::new(4);
+        let mut vol = vec![0.0; shape.iter().product()];
+        r.fill_uniform(&mut vol, 0.0, 1.0);
+        // A constant block: equal model outputs there, so plateaus of equal scores.
+        for z in 0..shape[0] {
+            for y in 0..20 {
+                for x in 0..22 {
+                    vol[(z * shape[1] + y) * shape[2] + x] = 0.5;
+                }
+            }
+        }
+        let nc = weights[0].spec.num_classes;
+        let mut thresholds = vec![0.3f32; nc];
+        thresholds[0] = 0.0;
+        thresholds[1] = 1e30;
+        let base = Settings { window: [16, 24, 24], tiles: [1, 2, 3], batch: 2, thresholds, pre_nms_top_k: 500, ..Settings::default() };
+        for (tta, capacity) in [(Tta::None, CANDIDATE_CAPACITY), (Tta::Flip, 7)] {
+            let s = Settings { tta, ..base.clone() };
+            let mut ens = Ensemble { engines: engines(), num_classes: nc, stride: 2 };
+            let host = predict_maps(&mut ens, &mut vol.clone(), shape, &Settings { device_blend: false, ..s.clone() }, &mut |_, _| {}, &mut Timing::default()).unwrap();
+            let want = detect_maps(&host, &s, 2);
+            let maps_bytes = ((host.scores.len() + host.offsets.len()) * 4) as u64;
+            let s = Settings { device_blend: true, ..s };
+            let live = gpu.memory_live();
+            for want_maps in [false, true] {
+                let mut timing = Timing::default();
+                let read = gpu.bytes_to_host();
+                let (dets, maps) = predict_and_detect_with(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| {}, &mut timing, want_maps, true, capacity).unwrap();
+                let read = gpu.bytes_to_host() - read;
+                assert_eq!(gpu.memory_live(), live, "device buffers are freed with the tomogram");
+                assert!(timing.detect > 0.0, "{timing:?}");
+                assert_eq!(dets, want, "{tta:?} capacity {capacity} want_maps {want_maps}");
+                match maps {
+                    Some(m) => {
+                        assert!(want_maps && m == host);
+                        assert!(read >= maps_bytes);
+                    }
+                    None => {
+                        assert!(!want_maps);
+                        // Candidates only (index, score, 3 offsets: 20 B each; class 0 has every
+                        // cell) and the totals (once per pass).
+                        let cands: usize = (0..nc).map(|c| crate::pipeline::detect::class_candidates(&host, c, s.thresholds[c]).len()).sum();
+                        let cand_bytes = 20 * cands as u64;
+                        assert!(read >= cand_bytes && read <= cand_bytes + 8 * nc as u64 && read < maps_bytes, "{read} B read back, {cands} candidates, maps {maps_bytes} B");
+                    }
+                }
+            }
+            let per_class = |c: usize| want.iter().filter(|d| d.class == c).count();
+            assert!(per_class(0) > 1 && per_class(0) <= 500);
+            assert!(want.iter().filter(|d| d.class == 0).any(|d| d.score == 0.0), "class 0 keeps ties at score 0");
+            assert_eq!(per_class(1), 0);
+            assert!((2..nc).filter(|&c| per_class(c) > 1).count() >= 2, "{:?}", (0..nc).map(per_class).collect::<Vec<_>>());
+        }
+    }
+
     #[test]
     fn device_blend_cuts_tiles_on_the_host_when_the_volume_does_not_fit() {
         use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
