@@ -31,7 +31,7 @@ use crate::model::graph::Act;
 use crate::model::spec::{Arch, ModelSpec};
 use crate::pipeline::blend::{tile_weight, Blender, Maps};
 use crate::pipeline::detect::{peaks, Detection};
-use crate::pipeline::runner::{detect_maps, predict_maps, Ensemble, Settings, Timing, Tta};
+use crate::pipeline::runner::{detect_maps, predict_and_detect, predict_maps, Ensemble, Settings, Timing, Tta};
 use crate::pipeline::tiling::{extract_tile, TileGrid};
 use crate::util::SplitMix64;
 use crate::weights::Weights;
@@ -968,6 +968,24 @@ fn nms_cases(c: &mut Ctx) {
             }
             let st = if bad == 0 { Status::Pass } else { Status::Fail };
             c.row("nms_count + nms_scan + nms_write", &shape, bad as f64, f64::NAN, (0.0, f64::NAN), st, format!("{total} candidates; mismatches counted in max|Δ|"));
+            // The offsets at the written candidates (nms_gather_offsets): copies, so exact.
+            let offsets = c.rand(3 * cells, -2.0, 2.0);
+            let ob = c.up32(&offsets)?;
+            let go = c.gpu.alloc(nc * cap * 3 * 4)?;
+            ops::nms_gather_offsets(&c.gpu, ob.ptr, cells, nc, totals.ptr, cap, idx.ptr, go.ptr)?;
+            let got = c.rd32(&go, nc * cap * 3)?;
+            let mut bad = 0usize;
+            for ch in 0..nc {
+                for (k, &(i, _)) in want[ch].iter().take(cap).enumerate() {
+                    for a in 0..3 {
+                        if got[(ch * cap + k) * 3 + a].to_bits() != offsets[a * cells + i as usize].to_bits() {
+                            bad += 1;
+                        }
+                    }
+                }
+            }
+            let st = if bad == 0 { Status::Pass } else { Status::Fail };
+            c.row("nms_gather_offsets", &shape, bad as f64, f64::NAN, (0.0, f64::NAN), st, "mismatching offsets counted in max|Δ|".to_string());
             Ok(())
         });
     }
@@ -1244,6 +1262,26 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
             &sname,
             format!("{:.2} s (infer {:.2}, blend {:.2}) vs {:.2} s blending on the host; {} vs {} detections", dev.2, dev.3.infer, dev.3.blend, gpu.2, dev.1.len(), gpu.1.len()),
         );
+        // Detection candidates from the device maps (the maps never come back): the same
+        // detections as the host's detection on the host-blended maps, exactly.
+        let engines = weights.iter().map(|w| CudaEngine::on(c.gpu.clone(), w, ConvBackend::Auto).map(|e| Box::new(e) as Box<dyn TileEngine>)).collect::<Result<Vec<_>>>()?;
+        let mut ens = Ensemble { engines, num_classes: nc, stride };
+        let mut v = tomo.data.clone();
+        let mut timing = Timing::default();
+        let t = Instant::now();
+        let (dets, _) = predict_and_detect(&mut ens, &mut v, shape, &Settings { device_blend: true, ..settings.clone() }, &mut |_, _| {}, &mut timing, false)?;
+        let elapsed = t.elapsed().as_secs_f64();
+        let same = dets == gpu.1;
+        let differing = if same { 0 } else { dets.len().abs_diff(gpu.1.len()).max(dets.iter().zip(&gpu.1).filter(|(a, b)| a != b).count()).max(1) };
+        c.row(
+            "pipeline --device-blend detections (vs host)",
+            &sname,
+            differing as f64,
+            f64::NAN,
+            (0.0, f64::NAN),
+            if same { Status::Pass } else { Status::Fail },
+            format!("{} vs {} detections; {elapsed:.2} s (detect {:.3} s on the device path)", dets.len(), gpu.1.len(), timing.detect),
+        );
         Ok(())
     });
 }
@@ -1327,7 +1365,7 @@ mod tests {
         let fails: Vec<String> = r.rows.iter().filter(|x| x.status == Status::Fail).map(|r| r.line()).collect();
         assert!(fails.is_empty(), "{}", fails.join("\n"));
         assert!(r.rows.iter().any(|x| x.name.starts_with("pipeline detections") && x.status == Status::Pass));
-        assert_eq!(r.rows.iter().filter(|x| x.name.starts_with("pipeline --device-blend") && x.status == Status::Pass).count(), 2);
+        assert_eq!(r.rows.iter().filter(|x| x.name.starts_with("pipeline --device-blend") && x.status == Status::Pass).count(), 3);
         assert!(to_json(&r).unwrap().contains("\"status\": \"PASS\""));
     }
 }
