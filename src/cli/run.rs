@@ -84,9 +84,10 @@ pub struct InferArgs {
     /// Tiles per engine call
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Cut the tiles, average the ensemble and blend the tiles on the GPU (CUDA workers; the volume
-    /// goes up and the maps come back once per tomogram; detection stays on the CPU). Same maps as
-    /// without it; not yet measured on a GPU
+    /// Cut the tiles, average the ensemble, blend and find the peak candidates on the GPU (CUDA
+    /// workers; the volume goes up once per tomogram and only the candidates come back, the maps too
+    /// with --save-maps; the greedy NMS stays on the CPU). Same picks as without it; not yet measured
+    /// on a GPU
     #[arg(long)]
     pub device_blend: bool,
     /// Process only runs[K::N] of the sorted run list (cluster job arrays), as K/N
