@@ -563,7 +563,22 @@ pub fn detect_maps(maps: &Maps, s: &Settings, stride: usize) -> Vec<Detection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
     use crate::engine::Outputs;
+    use crate::model::spec::ModelSpec;
+    use crate::weights::Weights;
+
+    /// `shape` voxels uniform in [0, 1) from `seed`.
+    fn random_volume(shape: [usize; 3], seed: u64) -> Vec<f32> {
+        let mut vol = vec![0.0; shape.iter().product()];
+        crate::util::SplitMix64::new(seed).fill_uniform(&mut vol, 0.0, 1.0);
+        vol
+    }
+
+    /// One CUDA engine per weights file on `gpu` (the kernel emulator in these tests).
+    fn cuda_engines(gpu: &Arc<Gpu>, weights: &[Weights]) -> Vec<Box<dyn TileEngine>> {
+        weights.iter().map(|w| Box::new(CudaEngine::on(gpu.clone(), w, ConvBackend::Auto).unwrap()) as Box<dyn TileEngine>).collect()
+    }
 
     /// An engine that is exactly equivariant under flips and yx rotations: scores = 2x2x2 mean of
     /// the input, offsets = central differences of those means (a vector field).
@@ -660,9 +675,7 @@ mod tests {
     #[test]
     fn out_of_memory_halves_the_batch_and_gives_the_same_maps() {
         let shape = [4, 16, 16];
-        let mut r = crate::util::SplitMix64::new(5);
-        let mut vol = vec![0.0; 4 * 16 * 16];
-        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let vol = random_volume(shape, 5);
         let run = |batch: usize, limit: usize| {
             let mut ens = Ensemble { engines: vec![Box::new(Small { limit, calls: vec![] })], num_classes: 1, stride: 2 };
             let s = Settings { window: [4, 8, 8], tiles: [1, 3, 3], batch, ..Settings::default() };
@@ -689,16 +702,11 @@ mod tests {
     /// the volume and a few small tables goes to the device: less than one tile's upload.
     #[test]
     fn device_blend_on_emulator_matches_host_blend() {
-        use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
-        use crate::model::spec::ModelSpec;
-        use crate::weights::Weights;
         let gpu = Gpu::emulator().unwrap();
         let weights = [Weights::random(&ModelSpec::segresnet(8, 16, 8), 11), Weights::random(&ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8), 12)];
-        let engines = || -> Vec<Box<dyn TileEngine>> { weights.iter().map(|w| Box::new(CudaEngine::on(gpu.clone(), w, ConvBackend::Auto).unwrap()) as Box<dyn TileEngine>).collect() };
+        let engines = || cuda_engines(&gpu, &weights);
         let shape = [12, 37, 41];
-        let mut r = crate::util::SplitMix64::new(9);
-        let mut vol = vec![0.0; shape.iter().product()];
-        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let vol = random_volume(shape, 9);
         let nc = weights[0].spec.num_classes;
         let window = [16, 24, 24];
         let tile_bytes = (window.iter().product::<usize>() * 4) as u64;
@@ -739,8 +747,6 @@ mod tests {
         }
     }
 
-    /// A volume that does not fit on the device next to the accumulators: the tiles are cut on
-    /// the host and uploaded by each model (the previous device path), with the same maps.
     /// `predict_and_detect` on the device path (candidates extracted on the device, maps not read
     /// back) gives exactly the detections of `detect_maps` on the host-blended maps: a 2-model
     /// ensemble, overlapping tiles with a partial edge tile, a constant region (plateaus), a class
@@ -748,16 +754,11 @@ mod tests {
     /// and a first candidate pass too small for them (the second pass).
     #[test]
     fn device_detection_on_emulator_matches_host_detection() {
-        use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
-        use crate::model::spec::ModelSpec;
-        use crate::weights::Weights;
         let gpu = Gpu::emulator().unwrap();
         let weights = [Weights::random(&ModelSpec::segresnet(8, 16, 8), 21), Weights::random(&ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8), 22)];
-        let engines = || -> Vec<Box<dyn TileEngine>> { weights.iter().map(|w| Box::new(CudaEngine::on(gpu.clone(), w, ConvBackend::Auto).unwrap()) as Box<dyn TileEngine>).collect() };
+        let engines = || cuda_engines(&gpu, &weights);
         let shape = [12, 37, 41];
-        let mut r = crate::util::SplitMix64::new(4);
-        let mut vol = vec![0.0; shape.iter().product()];
-        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let mut vol = random_volume(shape, 4);
         // A constant block: equal model outputs there, so plateaus of equal scores.
         for z in 0..shape[0] {
             for y in 0..20 {
@@ -810,21 +811,18 @@ mod tests {
         }
     }
 
+    /// A volume that does not fit on the device next to the accumulators: the tiles are cut on
+    /// the host and uploaded by each model (the previous device path), with the same maps.
     #[test]
     fn device_blend_cuts_tiles_on_the_host_when_the_volume_does_not_fit() {
-        use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
-        use crate::model::spec::ModelSpec;
-        use crate::weights::Weights;
         let gpu = Gpu::emulator().unwrap();
         let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 7);
         let nc = w.spec.num_classes;
         let shape = [16, 128, 128];
-        let mut r = crate::util::SplitMix64::new(12);
-        let mut vol = vec![0.0; shape.iter().product()];
-        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let vol = random_volume(shape, 12);
         let s = Settings { window: [16, 16, 16], tiles: [1, 2, 2], batch: 2, device_blend: true, ..Settings::default() };
         let run = |device_input: bool| {
-            let mut ens = Ensemble { engines: vec![Box::new(CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap())], num_classes: nc, stride: 2 };
+            let mut ens = Ensemble { engines: cuda_engines(&gpu, std::slice::from_ref(&w)), num_classes: nc, stride: 2 };
             gpu.reset_memory_peak();
             let sent = gpu.bytes_to_device();
             let maps = predict_maps_with(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| {}, &mut Timing::default(), device_input).unwrap();
@@ -848,18 +846,13 @@ mod tests {
     /// accumulators are only touched once a batch's models have all run) with the same maps.
     #[test]
     fn device_blend_halves_the_batch_when_out_of_memory() {
-        use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
-        use crate::model::spec::ModelSpec;
-        use crate::weights::Weights;
         let gpu = Gpu::emulator().unwrap();
         let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 4);
         let nc = w.spec.num_classes;
         let shape = [16, 40, 40];
-        let mut r = crate::util::SplitMix64::new(6);
-        let mut vol = vec![0.0; shape.iter().product()];
-        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let vol = random_volume(shape, 6);
         let run = |batch: usize, device_blend: bool| {
-            let mut ens = Ensemble { engines: vec![Box::new(CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap())], num_classes: nc, stride: 2 };
+            let mut ens = Ensemble { engines: cuda_engines(&gpu, std::slice::from_ref(&w)), num_classes: nc, stride: 2 };
             let s = Settings { window: [16, 16, 16], tiles: [1, 2, 2], batch, device_blend, ..Settings::default() };
             let mut calls = 0;
             gpu.reset_memory_peak();
@@ -882,13 +875,8 @@ mod tests {
     /// blends on the host, with the host's result.
     #[test]
     fn device_blend_falls_back_to_the_host_without_one_cuda_device() {
-        use crate::engine::cuda::{gpu::Gpu, ConvBackend, CudaEngine};
-        use crate::model::spec::ModelSpec;
-        use crate::weights::Weights;
         let shape = [4, 16, 16];
-        let mut r = crate::util::SplitMix64::new(5);
-        let mut vol = vec![0.0; 4 * 16 * 16];
-        r.fill_uniform(&mut vol, 0.0, 1.0);
+        let vol = random_volume(shape, 5);
         let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 3);
         let nc = w.spec.num_classes;
         let cpu = |w: &Weights| Box::new(crate::engine::cpu::CpuEngine::new(w).unwrap()) as Box<dyn TileEngine>;
