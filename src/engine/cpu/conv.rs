@@ -313,9 +313,39 @@ pub fn conv3d_naive(x: &[f32], n: usize, s: ConvShape, w: &[f32], bias: Option<&
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::util::SplitMix64;
+
+    /// A conv test case: (cin, cout, k, stride, pad, input dims, with bias, fused activation).
+    pub(crate) type CaseSpec = (usize, usize, usize, usize, usize, [usize; 3], bool, Act);
+
+    /// Case `i` of a table: its shape, random input (batch 2), weights and bias, and the direct
+    /// formula's output, for the tests of every conv path.
+    pub(crate) struct Case {
+        pub s: ConvShape,
+        pub n: usize,
+        pub x: Vec<f32>,
+        pub w: Vec<f32>,
+        pub bias: Option<Vec<f32>>,
+        pub act: Act,
+        pub want: Vec<f32>,
+    }
+
+    pub(crate) fn case(i: usize, &(cin, cout, k, stride, pad, dims, bias, act): &CaseSpec) -> Case {
+        let s = ConvShape { cin, cout, k, stride, pad, dims };
+        let n = 2;
+        let x = rand(n * cin * dims.iter().product::<usize>(), i as u64);
+        let w = rand(cout * cin * k * k * k, 100 + i as u64);
+        let bias = bias.then(|| rand(cout, 200 + i as u64));
+        let want = conv3d_naive(&x, n, s, &w, bias.as_deref(), act);
+        Case { s, n, x, w, bias, act, want }
+    }
+
+    pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut r = SplitMix64::new(seed);
@@ -324,14 +354,10 @@ mod tests {
         v
     }
 
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-    }
 
     #[test]
     fn conv_matches_direct_formula() {
-        let cases = [
+        let cases: [CaseSpec; 6] = [
             (3, 5, 3, 1, 1, [5, 7, 6], true, Act::None),
             (4, 6, 3, 2, 1, [6, 9, 7], false, Act::Relu),
             (2, 4, 3, 2, 1, [5, 5, 5], true, Act::Silu),
@@ -339,20 +365,14 @@ mod tests {
             (1, 8, 3, 1, 1, [4, 6, 8], false, Act::LeakyRelu(0.01)),
             (5, 2, 3, 1, 1, [1, 1, 3], true, Act::TanhScale(2.0)),
         ];
-        for (i, &(cin, cout, k, stride, pad, dims, bias, act)) in cases.iter().enumerate() {
-            let s = ConvShape { cin, cout, k, stride, pad, dims };
-            let n = 2;
-            let x = rand(n * cin * dims.iter().product::<usize>(), i as u64);
-            let w = rand(cout * cin * k * k * k, 100 + i as u64);
-            let bv = rand(cout, 200 + i as u64);
-            let b = bias.then_some(bv.as_slice());
-            let want = conv3d_naive(&x, n, s, &w, b, act);
+        for (i, spec) in cases.iter().enumerate() {
+            let Case { s, n, x, w, bias, act, want } = case(i, spec);
             let mut got = vec![f32::NAN; want.len()];
-            conv3d_portable(&x, n, s, &w, b, act, &mut got);
+            conv3d_portable(&x, n, s, &w, bias.as_deref(), act, &mut got);
             let d = max_diff(&got, &want);
             assert!(d < 1e-5, "case {i}: portable path, max |diff| {d}");
             let mut got = vec![f32::NAN; want.len()];
-            conv3d(&x, n, s, &w, b, act, &mut got);
+            conv3d(&x, n, s, &w, bias.as_deref(), act, &mut got);
             let d = max_diff(&got, &want);
             assert!(d < 1e-5, "case {i}: dispatched path, max |diff| {d}");
         }

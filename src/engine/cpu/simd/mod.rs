@@ -218,15 +218,7 @@ pub(crate) unsafe fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::cpu::conv::conv3d_naive;
-    use crate::util::SplitMix64;
-
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = SplitMix64::new(seed);
-        let mut v = vec![0.0; n];
-        r.fill_uniform(&mut v, -1.0, 1.0);
-        v
-    }
+    use crate::engine::cpu::conv::tests::{case, max_diff, Case, CaseSpec};
 
     #[test]
     fn packing_puts_each_weight_in_its_panel_row() {
@@ -255,7 +247,7 @@ mod tests {
         }
         // Edge classes: cout not a multiple of MR, columns not a multiple of NR, stride 2,
         // K longer than KC, 1-voxel axes, every fused activation, batch of 2.
-        let cases = [
+        let cases: [CaseSpec; 13] = [
             (3, 5, 3, 1, 1, [5, 7, 6], true, Act::None),
             (4, 16, 3, 2, 1, [6, 9, 7], false, Act::Relu),
             (2, 9, 3, 2, 1, [5, 5, 5], true, Act::Silu),
@@ -275,20 +267,14 @@ mod tests {
         let direct_cases = cases.iter().filter(|c| direct::fits(ConvShape { cin: c.0, cout: c.1, k: c.2, stride: c.3, pad: c.4, dims: c.5 })).count();
         assert!(direct_cases >= 6 && direct_cases < cases.len(), "both kernels are exercised ({direct_cases} direct)");
         for isa in isas {
-            for (i, &(cin, cout, k, stride, pad, dims, bias, act)) in cases.iter().enumerate() {
-                let s = ConvShape { cin, cout, k, stride, pad, dims };
+            for (i, spec) in cases.iter().enumerate() {
+                let Case { s, n, x, w, bias, act, want } = case(i, spec);
                 if isa == Isa::Avx2 && !direct::fits(s) {
                     continue;
                 }
-                let n = 2;
-                let x = rand(n * cin * dims.iter().product::<usize>(), i as u64);
-                let w = rand(cout * cin * k * k * k, 100 + i as u64);
-                let bv = rand(cout, 200 + i as u64);
-                let b = bias.then_some(bv.as_slice());
-                let want = conv3d_naive(&x, n, s, &w, b, act);
                 let mut got = vec![f32::NAN; want.len()];
-                conv3d_on(isa, &x, n, s, &PackedWeights::new(&w, cout, cin * k * k * k), b, act, &mut got);
-                let d = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max);
+                conv3d_on(isa, &x, n, s, &PackedWeights::new(&w, s.cout, s.cin * s.k * s.k * s.k), bias.as_deref(), act, &mut got);
+                let d = max_diff(&got, &want);
                 assert!(d < 1e-4, "{isa:?} case {i}: max |diff| {d}");
             }
         }
