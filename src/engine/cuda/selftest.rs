@@ -550,13 +550,18 @@ fn conv_cases(c: &mut Ctx) {
         let b = bias.then(|| c.rand(cout, -0.5, 0.5));
         let want = cpu_conv(&x, n, dims, cin, cout, k, stride, &w, b.as_deref(), act);
         let wk: Vec<f32> = to_ktrsc(&to_f16(&w), cout, cin, k).into_iter().map(|h| h.to_f32()).collect();
-        c.case(&direct_name.clone(), &shape.clone(), |c| {
+        // Input (NDHWC fp16), weights (KTRSC fp16) and bias on the device, for both conv paths.
+        let upload = |c: &mut Ctx| -> Result<(DevBuf, DevBuf, Option<DevBuf>)> {
             let xb = c.up16(&to_ndhwc(&x, n, cin, iv))?;
             let wb = c.up16(&wk)?;
             let bb = match &b {
                 Some(b) => Some(c.up32(b)?),
                 None => None,
             };
+            Ok((xb, wb, bb))
+        };
+        c.case(&direct_name.clone(), &shape.clone(), |c| {
+            let (xb, wb, bb) = upload(c)?;
             let out = c.gpu.alloc(n * ov * cout * 2)?;
             ops::conv_direct(&c.gpu, xb.ptr, wb.ptr, bb.as_ref().map(|b| b.ptr), out.ptr, n, dims, cin, cout, k, stride, k / 2, act)?;
             let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
@@ -569,12 +574,7 @@ fn conv_cases(c: &mut Ctx) {
             continue;
         }
         c.case(&dnn_name.clone(), &shape.clone(), |c| {
-            let xb = c.up16(&to_ndhwc(&x, n, cin, iv))?;
-            let wb = c.up16(&wk)?;
-            let bb = match &b {
-                Some(b) => Some(c.up32(b)?),
-                None => None,
-            };
+            let (xb, wb, bb) = upload(c)?;
             let out = c.gpu.alloc(n * ov * cout * 2)?;
             let dnn = c.dnn.as_ref().expect("checked");
             let planned = ConvPlan::new(dnn, n, dims, cin, cout, k, stride, k / 2).and_then(|mut p| {
