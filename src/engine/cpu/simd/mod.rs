@@ -126,31 +126,23 @@ impl PackedWeights {
     }
 }
 
-/// `out = act(bias + conv(x, w))` for k x k x k convolutions, any stride and padding; the caller
-/// checked `available()`.
+/// `out = act(bias + conv(x, w))` for k x k x k convolutions, any stride and padding, with the
+/// kernels `isa()` chose; the caller checked `available()`.
 #[allow(clippy::too_many_arguments)]
-pub fn conv3d(
-    x: &[f32],
-    n: usize,
-    s: ConvShape,
-    w: &PackedWeights,
-    bias: Option<&[f32]>,
-    act: Act,
-    out: &mut [f32],
-) {
-    let in_vol: usize = s.dims.iter().product();
-    let out_vol: usize = s.out_dims().iter().product();
-    let kdim = s.cin * s.k * s.k * s.k;
-    assert!(available() || cfg!(test));
-    assert_eq!((w.cout, w.kdim), (s.cout, kdim));
-    assert_eq!(x.len(), n * s.cin * in_vol);
-    assert_eq!(out.len(), n * s.cout * out_vol);
+pub fn conv3d(x: &[f32], n: usize, s: ConvShape, w: &PackedWeights, bias: Option<&[f32]>, act: Act, out: &mut [f32]) {
     conv3d_on(isa().expect("caller checked available()"), x, n, s, w, bias, act, out)
 }
 
-/// `conv3d` with the given instruction set (tests run every one the CPU has).
+/// `conv3d` with the given instruction set (the tests and the self-test run every one the CPU
+/// has).
 #[allow(clippy::too_many_arguments)]
 pub fn conv3d_on(isa: Isa, x: &[f32], n: usize, s: ConvShape, w: &PackedWeights, bias: Option<&[f32]>, act: Act, out: &mut [f32]) {
+    // The kernels execute these instructions: refuse an instruction set this CPU lacks.
+    assert!(isas_here().contains(&isa), "this CPU cannot run the {isa:?} kernels");
+    let kdim = s.cin * s.k * s.k * s.k;
+    assert_eq!((w.cout, w.kdim), (s.cout, kdim));
+    assert_eq!(x.len(), n * s.cin * s.dims.iter().product::<usize>());
+    assert_eq!(out.len(), n * s.cout * s.out_dims().iter().product::<usize>());
     if direct::fits(s) {
         direct::conv3d(isa, x, n, s, w, bias, act, out)
     } else {
