@@ -107,6 +107,24 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    report_end(&report, t0, a.json.as_deref())
+}
+
+/// `--device cpu`: the CPU engine's SIMD kernels against their twins.
+fn cpu_selftest(a: &SelftestArgs) -> Result<ExitCode> {
+    println!("fastdet selftest on cpu{}", if a.quick { " (quick)" } else { "" });
+    println!("{}", Row::header());
+    let t0 = std::time::Instant::now();
+    let report = fastdet::engine::cpu::selftest::run(a.seed, a.quick, &mut |row| {
+        println!("{}", row.line());
+        let _ = std::io::stdout().flush();
+    })?;
+    report_end(&report, t0, a.json.as_deref())
+}
+
+/// The end of a report: notes, timings, the summary line, the failures again, the JSON file; the
+/// exit status.
+fn report_end(report: &selftest::Report, t0: std::time::Instant, json: Option<&Path>) -> Result<ExitCode> {
     println!();
     for n in &report.notes {
         println!("note: {n}");
@@ -128,40 +146,8 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
             println!("  {}", r.line());
         }
     }
-    if let Some(p) = &a.json {
-        write_json(p, &selftest::to_json(&report)?)?;
-        println!("wrote {}", p.display());
-    }
-    Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-}
-
-/// `--device cpu`: the CPU engine's SIMD kernels against their twins.
-fn cpu_selftest(a: &SelftestArgs) -> Result<ExitCode> {
-    println!("fastdet selftest on cpu{}", if a.quick { " (quick)" } else { "" });
-    println!("{}", Row::header());
-    let t0 = std::time::Instant::now();
-    let report = fastdet::engine::cpu::selftest::run(a.seed, a.quick, &mut |row| {
-        println!("{}", row.line());
-        let _ = std::io::stdout().flush();
-    })?;
-    println!();
-    for n in &report.notes {
-        println!("note: {n}");
-    }
-    for (what, s) in &report.timings {
-        println!("time: {what}: {s:.3} s");
-    }
-    let count = |st: Status| report.rows.iter().filter(|r| r.status == st).count();
-    println!(
-        "selftest {}: {} passed, {} failed, {} skipped in {:.1} s on cpu",
-        if report.passed { "PASSED" } else { "FAILED" },
-        count(Status::Pass),
-        count(Status::Fail),
-        count(Status::Skip),
-        t0.elapsed().as_secs_f64()
-    );
-    if let Some(p) = &a.json {
-        write_json(p, &selftest::to_json(&report)?)?;
+    if let Some(p) = json {
+        write_json(p, &selftest::to_json(report)?)?;
         println!("wrote {}", p.display());
     }
     Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
