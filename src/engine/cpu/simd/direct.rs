@@ -257,16 +257,11 @@ unsafe fn kernel_direct_avx512<const SPLIT: bool>(
     t: &Tail,
 ) {
     use std::arch::x86_64::*;
-    let masks: [__mmask16; NV] = std::array::from_fn(|v| {
-        let n = t.cols.saturating_sub(16 * v).min(16);
-        ((1u32 << n) - 1) as __mmask16
-    });
+    let masks = t.lane_masks();
     // Blocked summation: a few input channels (~100 products) per register block, blocks added in
     // order into `total`, so the rounding error grows with K/block + block rather than with K.
     const CHANNELS_PER_BLOCK: usize = 4;
     let mut total = [[_mm512_setzero_ps(); NV]; MR];
-    // Kept in memory (L1), not registers: the block's 16 accumulators need the registers.
-    let total_ref = &mut total;
     for c0 in (0..cin).step_by(CHANNELS_PER_BLOCK) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         for ci in c0..(c0 + CHANNELS_PER_BLOCK).min(cin) {
@@ -300,7 +295,7 @@ unsafe fn kernel_direct_avx512<const SPLIT: bool>(
                 }
             }
         }
-        for (tr, ar) in total_ref.iter_mut().zip(&acc) {
+        for (tr, ar) in total.iter_mut().zip(&acc) {
             for (tv, av) in tr.iter_mut().zip(ar) {
                 *tv = _mm512_add_ps(*tv, *av);
             }

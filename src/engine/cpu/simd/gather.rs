@@ -11,7 +11,7 @@ use crate::engine::cpu::par::SharedMut;
 use crate::model::graph::Act;
 use rayon::prelude::*;
 
-/// K (cin*k^3) rows per pass over one column panel: 128 x 48 floats = 24 KiB stay in L1.
+/// K (cin*k^3) rows per pass over one column panel: 128 x 32 floats = 16 KiB stay in L1.
 const KC: usize = 128;
 
 /// Any k x k x k convolution (strided ones, rows not a multiple of 8): im2col gathered straight
@@ -261,7 +261,7 @@ unsafe fn kernel(_: usize, _: &[f32], _: &[f32], _: *mut f32, _: usize, _: &Tail
     unreachable!("panel kernel needs x86_64 with AVX-512")
 }
 
-/// C[8 x 48] (+)= A[kc x 8]^T B[kc x 48]; on the last K block adds the bias and applies the
+/// C[8 x 32] (+)= A[kc x 8]^T B[kc x 32]; on the last K block adds the bias and applies the
 /// activation. Rows past `t.rows` and columns past `t.cols` are neither read nor written.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -274,10 +274,7 @@ unsafe fn kernel_avx512(
     t: &Tail,
 ) {
     use std::arch::x86_64::*;
-    let masks: [__mmask16; NV] = std::array::from_fn(|v| {
-        let n = t.cols.saturating_sub(16 * v).min(16);
-        ((1u32 << n) - 1) as __mmask16
-    });
+    let masks = t.lane_masks();
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     for k in 0..kc {
         let bk = b.add(k * NR);

@@ -161,6 +161,16 @@ pub(crate) struct Tail {
     pub act: Act,
 }
 
+impl Tail {
+    /// Per 16-lane vector of an output row, the lanes inside `cols` (the masked loads and stores).
+    pub fn lane_masks(&self) -> [u16; NV] {
+        std::array::from_fn(|v| {
+            let n = self.cols.saturating_sub(16 * v).min(16);
+            ((1u32 << n) - 1) as u16
+        })
+    }
+}
+
 /// The end of a microkernel call: on the last K block bias and activation, then the masked store.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
