@@ -97,12 +97,12 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.iters == 0 || a.batch == 0 {
         bail!("--iters and --batch must be at least 1");
     }
-    let started = Instant::now();
-    let mut cold_start_s: Option<f64> = None;
     let device = Device::parse(&a.device)?;
     if let Some(shape) = a.tomogram {
         return bench_tomogram(&a, device, shape);
     }
+    let started = Instant::now();
+    let mut cold_start_s: Option<f64> = None;
     let models: Vec<(String, Weights)> = if a.weights.is_empty() {
         let archs = match a.arch.as_str() {
             "all" => vec![Arch::Segresnetv2, Arch::Dynunet],
@@ -226,7 +226,6 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
     }
     let mut engines = Vec::new();
     let mut flops_per_tile = 0u64;
-    let mut device_peak = None;
     for (i, arch) in std::iter::repeat_n(Arch::Segresnetv2, n_seg).chain(std::iter::repeat_n(Arch::Dynunet, n_dyn)).enumerate() {
         let spec = ModelSpec::seed(arch);
         let graph = Graph::build(&spec)?;
@@ -258,9 +257,8 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
             runs.push((t.elapsed().as_secs_f64(), timing, dets.len()));
         }
     }
-    if let Some(e) = ens.engines.first() {
-        device_peak = e.device_memory_peak().map(|b| b as f64 / 1048576.0);
-    }
+    let device_peak = ens.engines.first().and_then(|e| e.device_memory_peak()).map(|b| b as f64 / 1048576.0);
+    let blended_on_device = a.device_blend && ens.cuda_device().is_some();
     let mut secs: Vec<f64> = runs.iter().map(|r| r.0).collect();
     secs.sort_by(f64::total_cmp);
     let med = median(&secs);
@@ -270,7 +268,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
         let doc = serde_json::json!({
             "device": device.to_string(), "tomogram": shape, "window": a.window, "tiles": a.tiles,
             "models": {"segresnetv2": n_seg, "dynunet": n_dyn}, "batch": a.batch,
-            "device_blend": a.device_blend && ens.cuda_device().is_some(),
+            "device_blend": blended_on_device,
             "iters": a.iters, "warmup": a.warmup, "cpu_threads": rayon::current_num_threads(),
             "fastdet_version": env!("CARGO_PKG_VERSION"),
             "s_per_tomogram": med, "s_min": secs[0], "s_max": secs[secs.len() - 1], "times_s": secs,
@@ -284,7 +282,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
         println!(
             "tomogram {}x{}x{}, window {}x{}x{}, tiles {}x{}x{}, {} SegResNetV2 + {} DynUNet (seed widths), batch {}{}, {} timed after {} warm-up",
             shape[0], shape[1], shape[2], a.window[0], a.window[1], a.window[2], a.tiles[0], a.tiles[1], a.tiles[2], n_seg, n_dyn, a.batch,
-            if a.device_blend && ens.cuda_device().is_some() { ", blending on the device" } else { "" },
+            if blended_on_device { ", blending on the device" } else { "" },
             a.iters, a.warmup
         );
         println!(
