@@ -41,13 +41,24 @@ pub fn conv3d(x: &[f32], n: usize, s: ConvShape, w: &[f32], bias: Option<&[f32]>
 /// Whether a convolution of this shape goes through the SIMD kernels on this CPU (pointwise ones
 /// never do: they are a plain matrix product already).
 pub fn wants_panels(s: ConvShape) -> bool {
-    simd::handles(s) && !(s.k == 1 && s.stride == 1 && s.pad == 0)
+    simd::handles(s) && !is_pointwise(s.k, s.stride, s.pad)
 }
 
-/// `conv3d` with the weights already packed for the SIMD kernels (`packed` from `wants_panels`).
+/// Whether convolutions of this kernel, stride and padding take the SIMD kernels at some input
+/// sizes on this CPU: the weights an engine packs once.
+pub fn may_want_panels(k: usize, stride: usize, pad: usize) -> bool {
+    simd::may_handle(k, stride, pad) && !is_pointwise(k, stride, pad)
+}
+
+fn is_pointwise(k: usize, stride: usize, pad: usize) -> bool {
+    k == 1 && stride == 1 && pad == 0
+}
+
+/// `conv3d` with the weights already packed for the SIMD kernels (`packed` from `may_want_panels`);
+/// shapes the kernels do not take here run on the portable path.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3d_with(x: &[f32], n: usize, s: ConvShape, w: &[f32], packed: Option<&PackedWeights>, bias: Option<&[f32]>, act: Act, out: &mut [f32]) {
-    if let Some(p) = packed {
+    if let Some(p) = packed.filter(|_| wants_panels(s)) {
         return simd::conv3d(x, n, s, p, bias, act, out);
     }
     conv3d_portable(x, n, s, w, bias, act, out)
@@ -66,7 +77,7 @@ pub fn conv3d_portable(x: &[f32], n: usize, s: ConvShape, w: &[f32], bias: Optio
     assert_eq!(out.len(), n * s.cout * out_vol);
     let outp = SharedMut::new(out);
 
-    if s.k == 1 && s.stride == 1 && s.pad == 0 {
+    if is_pointwise(s.k, s.stride, s.pad) {
         // Pointwise: out[cout][v] = w[cout][cin] x x[cin][v] on column chunks.
         let chunk = (BLOCK_FLOATS / s.cin.max(1)).clamp(256, 16384);
         let chunks = out_vol.div_ceil(chunk);

@@ -33,6 +33,11 @@ impl CpuEngine {
         Ok(Self { graph, params, packed, name: weights.name.clone() })
     }
 
+    /// How many conv weight tensors are packed for the SIMD kernels (0 on the portable path).
+    pub fn simd_convs(&self) -> usize {
+        self.packed.len()
+    }
+
     /// The engine without the SIMD kernels: every conv on the portable path (the self-test's
     /// reference for the kernels at network scale).
     pub fn portable(weights: &Weights) -> Result<Self> {
@@ -194,8 +199,7 @@ fn pack_convs(graph: &Graph, params: &HashMap<String, Vec<f32>>) -> HashMap<Stri
     let mut packed = HashMap::new();
     for op in &graph.ops {
         if let OpKind::Conv { weight, cin, cout, k, stride, pad, .. } = &op.kind {
-            let shape = conv::ConvShape { cin: *cin, cout: *cout, k: *k, stride: *stride, pad: *pad, dims: [1; 3] };
-            if conv::wants_panels(shape) {
+            if conv::may_want_panels(*k, *stride, *pad) {
                 if let Some(w) = params.get(weight) {
                     packed.entry(weight.clone()).or_insert_with(|| conv::PackedWeights::new(w, *cout, cin * k * k * k));
                 }

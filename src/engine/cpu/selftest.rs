@@ -57,7 +57,7 @@ pub fn run(seed: u64, quick: bool, sink: &mut dyn FnMut(&Row)) -> Result<Report>
     let mut rng = SplitMix64::new(seed);
     let t0 = Instant::now();
     if isas.is_empty() {
-        push(&mut rows, skip("conv", "SIMD conv kernels", "-", "this CPU has neither AVX-512F nor AVX2+FMA: the portable path only"));
+        push(&mut rows, unmeasured("conv", "SIMD conv kernels", "-", Status::Skip, "this CPU has neither AVX-512F nor AVX2+FMA: the portable path only"));
     }
     for &(cin, cout, k, stride, dims, act) in SHAPES {
         let s = ConvShape { cin, cout, k, stride, pad: k / 2, dims };
@@ -73,7 +73,7 @@ pub fn run(seed: u64, quick: bool, sink: &mut dyn FnMut(&Row)) -> Result<Report>
         let packed = PackedWeights::new(&w, cout, cin * k * k * k);
         for &isa in &isas {
             if !simd::handles_on(isa, s) {
-                push(&mut rows, skip("conv", &format!("{isa:?}{act}"), &shape, "takes the portable path with this instruction set"));
+                push(&mut rows, unmeasured("conv", &format!("{isa:?}{act}"), &shape, Status::Skip, "takes the portable path with this instruction set"));
                 continue;
             }
             let mut got = vec![f32::NAN; want.len()];
@@ -93,13 +93,18 @@ pub fn run(seed: u64, quick: bool, sink: &mut dyn FnMut(&Row)) -> Result<Report>
         let shape = format!("{}x{}x{} x2", tile[0], tile[1], tile[2]);
         let name = format!("{} (seed widths)", arch.name());
         if simd::isa().is_none() {
-            push(&mut rows, skip("network", &name, &shape, "no SIMD kernels here: nothing to compare with the portable path"));
+            push(&mut rows, unmeasured("network", &name, &shape, Status::Skip, "no SIMD kernels here: nothing to compare with the portable path"));
             continue;
         }
         let w = Weights::random(&spec, seed + 10);
         let mut x = vec![0.0f32; 2 * tile.iter().product::<usize>()];
         rng.fill_uniform(&mut x, 0.0, 1.0);
-        let got = CpuEngine::new(&w)?.forward(&x, 2, tile, true)?;
+        let mut simd_engine = CpuEngine::new(&w)?;
+        if simd_engine.simd_convs() == 0 {
+            push(&mut rows, unmeasured("network", &name, &shape, Status::Fail, "the engine packed no weights for the SIMD kernels: they would never run in it"));
+            continue;
+        }
+        let got = simd_engine.forward(&x, 2, tile, true)?;
         let want = CpuEngine::portable(&w)?.forward(&x, 2, tile, true)?;
         let flops = 2.0 * Graph::build(&spec)?.flops(tile) as f64;
         for (i, (label, g, wv)) in [("scores", &got.scores, &want.scores), ("offsets", &got.offsets, &want.offsets)]
@@ -115,8 +120,8 @@ pub fn run(seed: u64, quick: bool, sink: &mut dyn FnMut(&Row)) -> Result<Report>
     Ok(Report { device: "cpu".to_string(), notes, rows, timings, passed })
 }
 
-/// A check that does not apply here, with the reason.
-fn skip(section: &str, name: &str, shape: &str, note: &str) -> Row {
+/// A row without numbers: a check that does not apply here, or that failed before comparing.
+fn unmeasured(section: &str, name: &str, shape: &str, status: Status, note: &str) -> Row {
     Row {
         section: section.into(),
         name: name.into(),
@@ -125,7 +130,7 @@ fn skip(section: &str, name: &str, shape: &str, note: &str) -> Row {
         rel: f64::NAN,
         tol_abs: f64::NAN,
         tol_rel: f64::NAN,
-        status: Status::Skip,
+        status,
         note: note.into(),
     }
 }

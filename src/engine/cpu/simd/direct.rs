@@ -17,7 +17,13 @@ const SLAB_FLOATS: usize = 96 * 1024;
 /// Whether the direct kernel handles this shape: 3x3x3, stride 1, padding 1, rows a multiple of 8
 /// (each 16-output vector is one run of 16 in a row, or two runs of 8).
 pub fn fits(s: ConvShape) -> bool {
-    s.k == 3 && s.stride == 1 && s.pad == 1 && s.dims[2].is_multiple_of(8)
+    takes_kernel(s.k, s.stride, s.pad) && s.dims[2].is_multiple_of(8)
+}
+
+/// The kernel part of `fits`: whether convolutions of this kernel, stride and padding take the
+/// direct kernel at some input sizes.
+pub fn takes_kernel(k: usize, stride: usize, pad: usize) -> bool {
+    k == 3 && stride == 1 && pad == 1
 }
 
 /// Direct convolution: a task copies the input rows its outputs need (3 planes x rows+2, every

@@ -60,6 +60,20 @@ pub fn handles(s: ConvShape) -> bool {
     isa().is_some_and(|i| handles_on(i, s))
 }
 
+/// Whether the kernels on this CPU take convolutions of this kernel, stride and padding at some input
+/// sizes (an engine packs those weights once; `handles` decides per call).
+pub fn may_handle(k: usize, stride: usize, pad: usize) -> bool {
+    isa().is_some_and(|i| may_handle_on(i, k, stride, pad))
+}
+
+/// `may_handle` for the kernels of `isa`.
+pub fn may_handle_on(isa: Isa, k: usize, stride: usize, pad: usize) -> bool {
+    match isa {
+        Isa::Avx512 => true,
+        Isa::Avx2 => direct::takes_kernel(k, stride, pad),
+    }
+}
+
 /// Whether the kernels of `isa` take a convolution of this shape.
 pub fn handles_on(isa: Isa, s: ConvShape) -> bool {
     match isa {
@@ -271,7 +285,10 @@ mod tests {
         for isa in isas {
             for (i, spec) in cases.iter().enumerate() {
                 let Case { s, n, x, w, bias, act, want } = case(i, spec);
-                if isa == Isa::Avx2 && !direct::fits(s) {
+                // An engine packs weights by kernel, stride and padding alone: every shape the
+                // kernels take must be among those.
+                assert!(!handles_on(isa, s) || may_handle_on(isa, s.k, s.stride, s.pad), "{isa:?} case {i}: taken but not packed");
+                if !handles_on(isa, s) {
                     continue;
                 }
                 let mut got = vec![f32::NAN; want.len()];
