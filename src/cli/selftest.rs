@@ -12,12 +12,14 @@ use super::run::parse_triple;
 #[command(after_help = "Compares every CUDA kernel with its CPU twin on fresh random data, then both networks (seed widths,\n\
 random weights) and a whole synthetic tomogram (2-model ensemble) against the CPU engine; prints a table\n\
 and exits 1 on any failure, 2 when there is no usable GPU (no CUDA driver, no device).\n\
---device emu runs everything on a slow host emulator of the kernels (to test the self-test itself).\n\
+--device emu runs everything on a slow host emulator of the kernels (to test the self-test itself);\n\
+--device emu-kernels runs the kernels' own CUDA source compiled for the host with the C++ compiler ($CXX or c++):\n\
+every kernel against its CPU twin without a GPU (use --quick or small shapes; every thread runs on the CPU).\n\
 --device cpu checks the CPU engine's SIMD conv kernels (every instruction set the CPU has) against the direct\n\
 formula, and both seed networks on them against the portable path.\n\
 Examples:\n  fastdet selftest --device cuda:0 --quick\n  fastdet selftest --device cuda:0 --json selftest.json")]
 pub struct SelftestArgs {
-    /// Device to test against the CPU reference: cuda:N (or emu); cpu checks the CPU engine's SIMD
+    /// Device to test against the CPU reference: cuda:N (or emu, emu-kernels); cpu checks the CPU engine's SIMD
     /// kernels against the direct formula and the portable path
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
@@ -61,6 +63,8 @@ fn write_json(path: &Path, text: &str) -> Result<()> {
 pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     let target = if a.device == "emu" {
         Target::Emulator
+    } else if a.device == "emu-kernels" {
+        Target::HostKernels
     } else {
         match Device::parse(&a.device)? {
             Device::Cuda(i) => Target::Cuda(i),

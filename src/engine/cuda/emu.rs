@@ -1,12 +1,15 @@
 //! A host emulator of the CUDA kernels (testing only).
 //!
-//! Device memory is a map of host byte blocks at fake 64-bit addresses; each kernel of
-//! `kernels/*.cu` is re-implemented here from its header comment (layouts, argument order, the
+//! Device memory is a map of host byte blocks (real host addresses, guard bands around each);
+//! each kernel of `kernels/*.cu` is re-implemented here from its header comment (layouts, argument order, the
 //! launch geometry the kernel expects, fp16 storage with round-to-nearest-even). The launcher
 //! (`Gpu::launch`) has already checked the argument kinds against the `.cu` signatures, so running
 //! the engine and the self-test on the emulator exercises everything but the CUDA code itself:
 //! argument order and types, buffer sizes and aliasing, layouts, launch grids, fusion decisions.
 //! Out-of-bounds accesses are errors. It is not a model of CUDA's arithmetic beyond fp16 rounding.
+//!
+//! `Emu::with_host_kernels` runs the kernels' own source instead (`host_kernels`): then the CUDA
+//! code itself is exercised too, and writes out of bounds show in the guard bands.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,16 +18,38 @@ use anyhow::{bail, ensure, Context, Result};
 use half::f16;
 
 use super::gpu::Arg;
+use super::host_kernels::HostKernels;
 use crate::engine::cpu::{conv, resample};
 use crate::model::graph::Act;
 
+/// One allocation: real host memory (so kernels compiled for the host can use the addresses),
+/// 256-byte aligned, between guard bands whose canary bytes show writes out of bounds.
+struct Block {
+    buf: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+const GUARD: usize = 1024;
+const CANARY: u8 = 0x5C;
+
+impl Block {
+    fn data(&mut self) -> &mut [u8] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+    fn guards_intact(&self) -> bool {
+        self.buf[..self.off].iter().chain(&self.buf[self.off + self.len..]).all(|&b| b == CANARY)
+    }
+}
+
 struct Mem {
-    next: u64,
-    blocks: BTreeMap<u64, Vec<u8>>,
+    blocks: BTreeMap<u64, Block>,
 }
 
 pub struct Emu {
     mem: Mutex<Mem>,
+    /// Run the kernels' own source compiled for the host instead of the re-implementations below.
+    host: Option<Arc<HostKernels>>,
 }
 
 /// An emulated allocation; freed on drop.
@@ -86,15 +111,27 @@ impl A<'_> {
 
 impl Emu {
     pub fn new() -> Arc<Emu> {
-        Arc::new(Emu { mem: Mutex::new(Mem { next: 0x7f00_0000_0000, blocks: BTreeMap::new() }) })
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None })
+    }
+
+    /// The emulator running the kernels' own source (`host_kernels`).
+    pub fn with_host_kernels(k: Arc<HostKernels>) -> Arc<Emu> {
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: Some(k) })
+    }
+
+    pub fn host_kernels(&self) -> Option<&Arc<HostKernels>> {
+        self.host.as_ref()
     }
 
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> EmuAlloc {
         let mut m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
-        let base = m.next;
-        // 256-byte alignment and a gap, like cudaMalloc; uninitialised memory holds NaN-ish junk.
-        m.next += (bytes as u64).div_ceil(256) * 256 + 256;
-        m.blocks.insert(base, vec![0xA5; bytes]);
+        // 256-byte alignment, like cudaMalloc; uninitialised memory holds NaN-ish junk.
+        let mut buf = vec![CANARY; bytes + 2 * GUARD + 256];
+        let addr = buf.as_ptr() as usize;
+        let off = GUARD + (256 - (addr + GUARD) % 256) % 256;
+        buf[off..off + bytes].fill(0xA5);
+        let base = (addr + off) as u64;
+        m.blocks.insert(base, Block { buf, off, len: bytes });
         EmuAlloc { emu: self.clone(), base }
     }
 
@@ -102,8 +139,8 @@ impl Emu {
         let mut m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
         let (&base, block) = m.blocks.range_mut(..=ptr).next_back().with_context(|| format!("address {ptr:#x} is not allocated"))?;
         let off = (ptr - base) as usize;
-        ensure!(off + len <= block.len(), "access of {len} bytes at {ptr:#x} runs past its allocation ({} bytes at {base:#x})", block.len());
-        Ok(f(&mut block[off..off + len]))
+        ensure!(off + len <= block.len, "access of {len} bytes at {ptr:#x} runs past its allocation ({} bytes at {base:#x})", block.len);
+        Ok(f(&mut block.data()[off..off + len]))
     }
 
     pub fn write_bytes(&self, dst: u64, data: &[u8]) -> Result<()> {
@@ -152,8 +189,50 @@ impl Emu {
         })
     }
 
-    /// Runs kernel `name` as its header describes.
+    /// Runs kernel `name`: its own source compiled for the host when this emulator has it, else
+    /// the re-implementation below.
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
+        match &self.host {
+            Some(k) => self.launch_host(k, name, grid, block, args),
+            None => self.launch_reimplemented(name, grid, block, args),
+        }
+    }
+
+    fn launch_host(&self, k: &HostKernels, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
+        // Holding the memory lock keeps every allocation alive and untouched during the kernel.
+        let m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        for a in args {
+            if let Arg::Ptr(p) = *a {
+                if p != 0 {
+                    let (&base, b) = m.blocks.range(..=p).next_back().with_context(|| format!("pointer argument {p:#x} is not allocated"))?;
+                    ensure!(p - base < b.len.max(1) as u64, "pointer argument {p:#x} is past its allocation ({} bytes at {base:#x})", b.len);
+                }
+            }
+        }
+        // SAFETY: Gpu::launch checked the argument kinds against the kernel's signature; every
+        // non-null pointer is inside one of this emulator's allocations (checked above), which
+        // the ops layer sized as the kernel's header requires; writes past them land in the
+        // guard bands and are reported below.
+        unsafe { k.launch(name, grid, block, args) }?;
+        let mut m = m;
+        let mut bad = None;
+        for (base, b) in m.blocks.iter_mut() {
+            if !b.guards_intact() {
+                bad.get_or_insert((*base, b.len));
+                // Repaired, so that the next launch reports only its own faults.
+                let (off, len) = (b.off, b.len);
+                b.buf[..off].fill(CANARY);
+                b.buf[off + len..].fill(CANARY);
+            }
+        }
+        match bad {
+            Some((base, len)) => bail!("{name} wrote outside the allocation of {len} bytes at {base:#x}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs kernel `name` as its header describes.
+    fn launch_reimplemented(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
         let a = A(args);
         let (gx, gy, gz) = (grid.0 as usize, grid.1 as usize, grid.2 as usize);
         let threads = (block.0 * block.1 * block.2) as usize;

@@ -256,6 +256,17 @@ impl Gpu {
     /// The CPU emulator (testing only: every kernel of kernels/*.cu re-implemented on the host
     /// from its header, no cuDNN). Slow; small shapes only.
     pub fn emulator() -> Result<Arc<Gpu>> {
+        Gpu::emulator_on(Emu::new(), "emulated on the host")
+    }
+
+    /// The emulator running the kernels' own CUDA source compiled for the host
+    /// (`host_kernels`): what the self-test's kernel rows need to test the kernels themselves.
+    pub fn emulator_host_kernels() -> Result<Arc<Gpu>> {
+        let k = super::host_kernels::HostKernels::shared()?;
+        Gpu::emulator_on(Emu::with_host_kernels(k), "kernels/*.cu compiled for the host")
+    }
+
+    fn emulator_on(emu: Arc<Emu>, note: &str) -> Result<Arc<Gpu>> {
         let info = DeviceInfo {
             ordinal: 0,
             name: "CPU emulator of the CUDA kernels".into(),
@@ -267,9 +278,9 @@ impl Gpu {
         };
         Ok(Arc::new(Gpu {
             info,
-            inner: Inner::Emu(Emu::new()),
+            inner: Inner::Emu(emu),
             sigs: signatures()?,
-            kernels_note: "emulated on the host".into(),
+            kernels_note: note.into(),
             sync_each: AtomicBool::new(false),
             usage: Arc::default(),
             emu_limit: AtomicUsize::new(usize::MAX),

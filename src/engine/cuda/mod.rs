@@ -25,6 +25,7 @@ pub mod dnn;
 pub mod emu;
 pub mod engine;
 pub mod gpu;
+pub mod host_kernels;
 pub mod kernels;
 pub mod nvrtc;
 pub mod ops;

@@ -82,6 +82,9 @@ pub enum Target {
     Cuda(usize),
     /// The host emulator of the kernels (testing the self-test itself; slow).
     Emulator,
+    /// The kernels' own CUDA source compiled for the host and run there (testing the kernels
+    /// without a GPU; slower still).
+    HostKernels,
 }
 
 /// What to run.
@@ -357,6 +360,7 @@ pub fn run(opts: &Options, sink: &mut dyn FnMut(&Row)) -> Result<Report> {
     let gpu = match opts.target {
         Target::Cuda(i) => Gpu::open(i, opts.kernel_cache.clone())?,
         Target::Emulator => Gpu::emulator()?,
+        Target::HostKernels => Gpu::emulator_host_kernels()?,
     };
     // Every launch synchronises and names its kernel on failure.
     gpu.set_sync_each(true);
@@ -1295,6 +1299,7 @@ pub fn to_json(r: &Report) -> Result<String> {
 pub fn check_target(t: Target) -> Result<String> {
     match t {
         Target::Emulator => Ok("CPU emulator of the CUDA kernels".into()),
+        Target::HostKernels => super::host_kernels::HostKernels::shared().map(|k| format!("kernels/*.cu compiled for the host ({})", k.path.display())),
         Target::Cuda(i) => super::gpu::probe(i).map(|d| d.describe()),
     }
 }
@@ -1351,16 +1356,55 @@ mod tests {
         assert!(r.rows.iter().any(|x| x.name.starts_with("cuDNN") && x.status == Status::Skip));
     }
 
+    /// The kernel section with the kernels' own source compiled for the host: every kernel of
+    /// kernels/*.cu against its CPU twin, without a GPU. Skips (printing why) only when there is
+    /// no C++ compiler, and not even then with FASTDET_REQUIRE_HOST_KERNELS=1.
+    #[test]
+    fn kernel_section_passes_with_the_kernels_compiled_for_the_host() {
+        if let Err(e) = super::super::host_kernels::compiler_version() {
+            assert!(std::env::var("FASTDET_REQUIRE_HOST_KERNELS").map_or(true, |v| v != "1"), "{e:#}");
+            println!("SKIP: {e:#}");
+            return;
+        }
+        let mut o = Options::new(Target::HostKernels);
+        o.networks = false;
+        o.pipeline = false;
+        let mut lines = Vec::new();
+        let r = run(&o, &mut |row| lines.push(row.line())).unwrap();
+        println!("{}", lines.join("\n"));
+        let fails: Vec<&Row> = r.rows.iter().filter(|x| x.status == Status::Fail).collect();
+        assert!(fails.is_empty(), "{}", fails.iter().map(|r| r.line()).collect::<Vec<_>>().join("\n"));
+        assert!(r.rows.len() > 40, "{}", lines.join("\n"));
+        assert!(r.notes.iter().any(|n| n.contains("compiled for the host")), "{:?}", r.notes);
+    }
+
+    /// Both networks and the whole-tomogram check through the kernels' own source compiled for
+    /// the host (small widths and shapes: every launch runs its threads as fibers).
+    #[test]
+    fn network_and_pipeline_sections_pass_with_the_kernels_compiled_for_the_host() {
+        if let Err(e) = super::super::host_kernels::compiler_version() {
+            assert!(std::env::var("FASTDET_REQUIRE_HOST_KERNELS").map_or(true, |v| v != "1"), "{e:#}");
+            println!("SKIP: {e:#}");
+            return;
+        }
+        // Smaller shapes than the emulator's test: here every thread of every launch runs.
+        network_and_pipeline_sections_pass_on(Target::HostKernels, [16, 16, 16], [20, 32, 48], [32, 32, 32], [1, 1, 2]);
+    }
+
     #[test]
     fn network_and_pipeline_sections_pass_on_the_emulator() {
-        let mut o = Options::new(Target::Emulator);
+        network_and_pipeline_sections_pass_on(Target::Emulator, [16, 32, 32], [24, 70, 62], [32, 32, 32], [1, 3, 3]);
+    }
+
+    fn network_and_pipeline_sections_pass_on(target: Target, tile: [usize; 3], shape: [usize; 3], window: [usize; 3], tiles: [usize; 3]) {
+        let mut o = Options::new(target);
         o.kernels = false;
         o.network_specs = Some(vec![ModelSpec::segresnet(8, 16, 8), ModelSpec::dynunet(&[8, 16, 32, 32], 16, 16, 8)]);
-        o.network_tile = Some([16, 32, 32]);
+        o.network_tile = Some(tile);
         o.pipeline_weights = Vec::new();
-        o.pipeline_shape = [24, 70, 62];
-        o.pipeline_window = [32, 32, 32];
-        o.pipeline_tiles = [1, 3, 3];
+        o.pipeline_shape = shape;
+        o.pipeline_window = window;
+        o.pipeline_tiles = tiles;
         let r = run(&o, &mut |_| {}).unwrap();
         let fails: Vec<String> = r.rows.iter().filter(|x| x.status == Status::Fail).map(|r| r.line()).collect();
         assert!(fails.is_empty(), "{}", fails.join("\n"));

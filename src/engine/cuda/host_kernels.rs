@@ -1,0 +1,374 @@
+//! The kernels' own CUDA source, compiled for the host (testing without a GPU).
+//!
+//! `kernels/host/cuda_fp16.h` stands in for CUDA's header: with it the system C++ compiler
+//! (`$CXX`, else `c++`) builds every `kernels/*.cu` into one shared library in which each thread
+//! of a block is a fiber, barriers and warp exchanges wait for the threads they name, and
+//! `__shared__` is shared by the block. The emulator (`Gpu::emulator_host_kernels`) then runs
+//! that code instead of its Rust re-implementations, so the self-test's kernel rows compare the
+//! real kernels (index arithmetic, shared-memory staging, barriers, reduction order) against the
+//! CPU twins. The library is cached under the kernel cache (`host/<hash>/`), keyed by the sources,
+//! the header, the flags and the compiler's version.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use super::gpu::Arg;
+use super::kernels::{kernel_names, SOURCES};
+use super::nvrtc::KernelCache;
+
+/// The stand-in for `<cuda_fp16.h>`.
+pub const HOST_HEADER: &str = include_str!("../../../kernels/host/cuda_fp16.h");
+
+/// No FMA contraction and no fast math: host results are IEEE, so a mismatch is the kernel's.
+const FLAGS: &[&str] = &["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-pthread"];
+
+/// The compiler flags: FLAGS, plus the FMA instruction where the CPU has it (the kernels' explicit
+/// fmaf then compiles to one instruction instead of a libm call; same result, exactly rounded).
+fn flags() -> Vec<&'static str> {
+    let mut f = FLAGS.to_vec();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        f.push("-mfma");
+    }
+    f
+}
+
+type LaunchFn = unsafe extern "C" fn(*const u32, *const *mut c_void, *mut c_char, usize) -> c_int;
+
+pub struct HostKernels {
+    _lib: libloading::Library,
+    fns: HashMap<String, LaunchFn>,
+    pub path: PathBuf,
+}
+
+fn compiler() -> String {
+    std::env::var("CXX").ok().filter(|c| !c.is_empty()).unwrap_or_else(|| "c++".into())
+}
+
+/// The C++ compiler's first `--version` line, or why there is none.
+pub fn compiler_version() -> Result<String> {
+    let cxx = compiler();
+    let out = Command::new(&cxx)
+        .arg("--version")
+        .output()
+        .map_err(|e| anyhow::anyhow!("no C++ compiler to build the kernels for the host ({cxx}: {e}); set CXX"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string())
+}
+
+/// The C++ translation unit for one kernels/*.cu file: the source (common.cuh in front) and an
+/// exported launcher per kernel.
+fn translation_unit(src: &str) -> String {
+    let mut s = String::from(src);
+    s.push_str("\n// Host launchers (src/engine/cuda/host_kernels.rs)\n");
+    for k in kernel_names(src) {
+        s.push_str(&format!("FDH_EXPORT({k})\n"));
+    }
+    s
+}
+
+impl HostKernels {
+    /// The library for the current sources: built once per process (and once per source version
+    /// on disk). Errors say why (no compiler, a compile error with the compiler's output).
+    pub fn shared() -> Result<Arc<HostKernels>> {
+        static LIB: OnceLock<Mutex<Option<Arc<HostKernels>>>> = OnceLock::new();
+        let mut slot = LIB.get_or_init(|| Mutex::new(None)).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = slot.as_ref() {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(HostKernels::build(&KernelCache::default_dir().join("host"))?);
+        *slot = Some(k.clone());
+        Ok(k)
+    }
+
+    /// The library of kernels/*.cu, built under `cache` unless already there.
+    pub fn build(cache: &Path) -> Result<HostKernels> {
+        let sources: Vec<(String, String)> = SOURCES.iter().map(|(n, s)| (n.to_string(), s.to_string())).collect();
+        HostKernels::build_sources(cache, &sources)
+    }
+
+    /// The library of `(file name, CUDA source)` pairs (each a translation unit).
+    pub fn build_sources(cache: &Path, sources: &[(String, String)]) -> Result<HostKernels> {
+        let cxx = compiler();
+        let version = compiler_version()?;
+        let mut h = Sha256::new();
+        let flags = flags();
+        for part in [HOST_HEADER, &cxx, &version].into_iter().chain(flags.iter().copied()) {
+            h.update(part.as_bytes());
+            h.update([0u8]);
+        }
+        for (name, src) in sources {
+            h.update(name.as_bytes());
+            h.update([0u8]);
+            h.update(src.as_bytes());
+            h.update([0u8]);
+        }
+        let key: String = h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect();
+        let dir = cache.join(&key);
+        let lib_path = dir.join("libfastdet_host_kernels.so");
+        if !lib_path.exists() {
+            static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let work = dir.join(format!("build-{}-{n}", std::process::id()));
+            let inc = work.join("include");
+            std::fs::create_dir_all(&inc).with_context(|| format!("creating {}", inc.display()))?;
+            std::fs::write(inc.join("cuda_fp16.h"), HOST_HEADER)?;
+            let mut units = Vec::new();
+            for (name, src) in sources {
+                let p = work.join(format!("{name}.cpp"));
+                std::fs::write(&p, translation_unit(src)).with_context(|| format!("writing {}", p.display()))?;
+                units.push(p);
+            }
+            let tmp = work.join("lib.so");
+            let out = Command::new(&cxx)
+                .args(&flags)
+                .arg("-I")
+                .arg(&inc)
+                .args(&units)
+                .arg("-o")
+                .arg(&tmp)
+                .output()
+                .with_context(|| format!("running {cxx}"))?;
+            if !out.status.success() {
+                let log = String::from_utf8_lossy(&out.stderr);
+                let head: String = log.lines().take(60).collect::<Vec<_>>().join("\n");
+                bail!("building kernels/*.cu for the host with {cxx} failed:\n{head}");
+            }
+            // Rename into place so that a concurrent build never loads a half-written library.
+            std::fs::rename(&tmp, &lib_path).with_context(|| format!("moving the host kernels to {}", lib_path.display()))?;
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        // SAFETY: a library this function built from kernels/*.cu and the host header; its
+        // initialisers only set up function statics.
+        let lib = unsafe { libloading::Library::new(&lib_path) }.with_context(|| format!("loading {}", lib_path.display()))?;
+        let mut fns = HashMap::new();
+        for (_, src) in sources {
+            for k in kernel_names(src) {
+                let sym = format!("fdh_launch_{k}\0");
+                // SAFETY: FDH_EXPORT defines every fdh_launch_* with exactly LaunchFn's signature.
+                let f: LaunchFn = *unsafe { lib.get::<LaunchFn>(sym.as_bytes()) }.with_context(|| format!("{} has no launcher for {k}", lib_path.display()))?;
+                fns.insert(k, f);
+            }
+        }
+        Ok(HostKernels { _lib: lib, fns, path: lib_path })
+    }
+
+    /// Runs kernel `name` on the host. Every pointer in `args` must be a host address holding
+    /// what the kernel reads and writes (the emulator's allocations are).
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's signature (checked by `Gpu::launch`) and every
+    /// pointer must hold the sizes the kernel's header requires.
+    pub unsafe fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
+        let f = self.fns.get(name).with_context(|| format!("no host launcher for {name}"))?;
+        let mut slots: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| {
+                let mut s = [0u8; 8];
+                match *a {
+                    Arg::Ptr(p) => s.copy_from_slice(&p.to_ne_bytes()),
+                    Arg::I64(v) => s.copy_from_slice(&v.to_ne_bytes()),
+                    Arg::I32(v) => s[..4].copy_from_slice(&v.to_ne_bytes()),
+                    Arg::U32(v) => s[..4].copy_from_slice(&v.to_ne_bytes()),
+                    Arg::F32(v) => s[..4].copy_from_slice(&v.to_ne_bytes()),
+                }
+                s
+            })
+            .collect();
+        let params: Vec<*mut c_void> = slots.iter_mut().map(|s| s.as_mut_ptr() as *mut c_void).collect();
+        let dims = [grid.0, grid.1, grid.2, block.0, block.1, block.2];
+        let mut err = [0 as c_char; 512];
+        // SAFETY: the caller's contract; `dims`, `params` and `err` outlive the call.
+        let rc = unsafe { f(dims.as_ptr(), params.as_ptr(), err.as_mut_ptr(), err.len()) };
+        if rc != 0 {
+            // SAFETY: the launcher NUL-terminates what it writes (snprintf).
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            bail!("{name} on the host: {msg}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cuda::emu::Emu;
+
+    /// Kernels that exercise the host header itself: barriers, thread numbering, warp exchanges,
+    /// fp16 rounding, and the faults it must report.
+    const PROBES: &str = r#"
+#include <cuda_fp16.h>
+
+// Each thread reads its neighbour's slot: right only when the barrier separates writes and reads.
+extern "C" __global__ void probe_neighbour(int* out, int with_barrier) {
+    __shared__ int s[64];
+    s[threadIdx.x] = (int)(threadIdx.x + 100 * blockIdx.x);
+    if (with_barrier) __syncthreads();
+    out[blockIdx.x * 64 + threadIdx.x] = s[(threadIdx.x + 1) % 64];
+}
+
+// Block (8, 4, 2) x grid (2, 3, 1): numbering, then warp scan / ballot / butterfly / shift and a
+// block-wide count, each written to its own plane of `out` (7 planes of 384 ints).
+extern "C" __global__ void probe_warps(int* out) {
+    const int t = threadIdx.x + 8 * (threadIdx.y + 4 * threadIdx.z);
+    const int b = blockIdx.x + 2 * blockIdx.y;
+    const int g = b * 64 + t, lane = t & 31;
+    out[g] = threadIdx.x + 10 * threadIdx.y + 100 * threadIdx.z + 1000 * blockIdx.y + 10000 * blockIdx.x;
+    int inc = lane + 1;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int u = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += u;
+    }
+    out[384 + g] = inc;
+    out[2 * 384 + g] = (int)__ballot_sync(0xffffffffu, lane % 3 == 0);
+    int sum = lane;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    out[3 * 384 + g] = sum;
+    out[4 * 384 + g] = __shfl_down_sync(0xffffffffu, lane * 2, 3);
+    out[5 * 384 + g] = __syncthreads_count(t % 5 == 0);
+    out[6 * 384 + g] = __shfl_sync(0xffffffffu, lane * 7, 5, 8);
+}
+
+extern "C" __global__ void probe_half(const float* x, unsigned short* bits, float* back, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const __half h = __float2half_rn(x[i]);
+    unsigned short u;
+    memcpy(&u, &h, 2);
+    bits[i] = u;
+    back[i] = __half2float(h);
+}
+
+extern "C" __global__ void probe_exit_before_barrier(int* out) {
+    if (threadIdx.x >= 16) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+
+extern "C" __global__ void probe_lane_missing(int* out) {
+    if (threadIdx.x == 3) return;
+    out[threadIdx.x] = __shfl_sync(0xffffffffu, (int)threadIdx.x, 0);
+}
+
+extern "C" __global__ void probe_write_past_end(float* out, int n) {
+    out[threadIdx.x] = 1.0f;
+    if (threadIdx.x == 0) out[n] = 2.0f;
+}
+"#;
+
+    fn probes() -> Option<HostKernels> {
+        if let Err(e) = compiler_version() {
+            assert!(std::env::var("FASTDET_REQUIRE_HOST_KERNELS").map_or(true, |v| v != "1"), "{e:#}");
+            println!("SKIP: {e:#}");
+            return None;
+        }
+        let dir = KernelCache::default_dir().join("host-probes");
+        Some(HostKernels::build_sources(&dir, &[("probes.cu".into(), PROBES.into())]).unwrap())
+    }
+
+    fn run_i32(k: &HostKernels, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), out: &mut [i32], extra: &[Arg]) -> Result<()> {
+        let mut args = vec![Arg::Ptr(out.as_mut_ptr() as u64)];
+        args.extend_from_slice(extra);
+        // SAFETY: each probe writes at most `out.len()` ints (its comment gives the size).
+        unsafe { k.launch(name, grid, block, &args) }
+    }
+
+    #[test]
+    fn a_missing_barrier_changes_the_result() {
+        let Some(k) = probes() else { return };
+        let want: Vec<i32> = (0..128).map(|i| ((i % 64 + 1) % 64 + 100 * (i / 64)) as i32).collect();
+        let mut out = vec![-1; 128];
+        run_i32(&k, "probe_neighbour", (2, 1, 1), (64, 1, 1), &mut out, &[Arg::I32(1)]).unwrap();
+        assert_eq!(out, want);
+        // Fibers run one after another between barriers, so the race shows as stale slots.
+        let mut racy = vec![-1; 128];
+        run_i32(&k, "probe_neighbour", (2, 1, 1), (64, 1, 1), &mut racy, &[Arg::I32(0)]).unwrap();
+        assert_ne!(racy, want);
+        assert_eq!(racy[63], want[63], "thread 63 reads slot 0, written before it runs");
+    }
+
+    #[test]
+    fn thread_numbering_and_warp_operations_follow_cuda() {
+        let Some(k) = probes() else { return };
+        let mut out = vec![-1; 7 * 384];
+        run_i32(&k, "probe_warps", (2, 3, 1), (8, 4, 2), &mut out, &[]).unwrap();
+        for bx in 0..2 {
+            for by in 0..3 {
+                for t in 0..64usize {
+                    let g = (bx + 2 * by) * 64 + t;
+                    let (x, y, z) = (t % 8, (t / 8) % 4, t / 32);
+                    let lane = (t % 32) as i32;
+                    assert_eq!(out[g], (x + 10 * y + 100 * z + 1000 * by + 10000 * bx) as i32, "numbering at {g}");
+                    assert_eq!(out[384 + g], (lane + 1) * (lane + 2) / 2, "scan at {g}");
+                    let ballot = (0..32).filter(|l| l % 3 == 0).fold(0u32, |m, l| m | 1 << l);
+                    assert_eq!(out[2 * 384 + g] as u32, ballot, "ballot at {g}");
+                    assert_eq!(out[3 * 384 + g], 496, "butterfly sum at {g}");
+                    let down = if lane + 3 < 32 { (lane + 3) * 2 } else { lane * 2 };
+                    assert_eq!(out[4 * 384 + g], down, "shfl_down at {g}");
+                    assert_eq!(out[5 * 384 + g], 13, "syncthreads_count at {g}");
+                    assert_eq!(out[6 * 384 + g], (lane - lane % 8 + 5) * 7, "shfl width 8 at {g}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp16_rounding_matches_ieee_round_to_nearest_even() {
+        let Some(k) = probes() else { return };
+        let mut x: Vec<f32> = vec![0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, 1e9, -1e9, f32::INFINITY, f32::NAN, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8, 1e-10];
+        // Halfway cases (ties to even) and a dense sweep over several binades, subnormals included.
+        for m in 0..64u32 {
+            x.push(f32::from_bits(0x3f80_0000 | (m << 13) | 0x1000));
+        }
+        let mut r = 0x9E37_79B9u32;
+        for _ in 0..4000 {
+            r ^= r << 13;
+            r ^= r >> 17;
+            r ^= r << 5;
+            x.push(f32::from_bits((r & 0x8fff_ffff) | 0x3000_0000) * if r & 1 == 0 { 1.0 } else { 1e-4 });
+        }
+        let n = x.len();
+        let (mut bits, mut back) = (vec![0u16; n], vec![0f32; n]);
+        let args = [Arg::Ptr(x.as_ptr() as u64), Arg::Ptr(bits.as_mut_ptr() as u64), Arg::Ptr(back.as_mut_ptr() as u64), Arg::I32(n as i32)];
+        // SAFETY: n floats in, n halves and n floats out.
+        unsafe { k.launch("probe_half", ((n as u32).div_ceil(128), 1, 1), (128, 1, 1), &args) }.unwrap();
+        for i in 0..n {
+            let want = half::f16::from_f32(x[i]);
+            if x[i].is_nan() {
+                assert!(half::f16::from_bits(bits[i]).is_nan() && back[i].is_nan());
+                continue;
+            }
+            assert_eq!(bits[i], want.to_bits(), "{:e} ({:#x})", x[i], x[i].to_bits());
+            assert_eq!(back[i].to_bits(), want.to_f32().to_bits(), "{:e}", x[i]);
+        }
+    }
+
+    #[test]
+    fn barrier_and_warp_deadlocks_are_errors() {
+        let Some(k) = probes() else { return };
+        let mut out = vec![0; 64];
+        let e = run_i32(&k, "probe_exit_before_barrier", (1, 1, 1), (64, 1, 1), &mut out, &[]).unwrap_err();
+        assert!(format!("{e}").contains("__syncthreads reached by 16 threads after 48 had exited"), "{e}");
+        let e = run_i32(&k, "probe_lane_missing", (1, 1, 1), (32, 1, 1), &mut out, &[]).unwrap_err();
+        assert!(format!("{e}").contains("deadlock"), "{e}");
+    }
+
+    #[test]
+    fn writes_past_an_allocation_are_reported() {
+        let Some(k) = probes() else { return };
+        let emu = Emu::with_host_kernels(Arc::new(k));
+        let buf = emu.alloc(32 * 4);
+        let e = emu.launch("probe_write_past_end", (1, 1, 1), (32, 1, 1), &[Arg::Ptr(buf.base), Arg::I32(32)]).unwrap_err();
+        assert!(format!("{e}").contains("probe_write_past_end wrote outside the allocation of 128 bytes"), "{e}");
+        let ok = emu.alloc(33 * 4);
+        emu.launch("probe_write_past_end", (1, 1, 1), (32, 1, 1), &[Arg::Ptr(ok.base), Arg::I32(32)]).unwrap();
+        let mut back = vec![0u8; 33 * 4];
+        emu.read_bytes(ok.base, &mut back).unwrap();
+        assert_eq!(f32::from_le_bytes(back[128..].try_into().unwrap()), 2.0);
+    }
+}
