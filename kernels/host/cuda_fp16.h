@@ -57,6 +57,7 @@ struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline int2 make_int2(int x, int y) { return int2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 // ---------------------------------------------------------------- fp16
 
@@ -255,7 +256,24 @@ inline uint64_t warp_exchange(int op, unsigned mask, uint64_t value, int src_lan
     return me().result;
 }
 
-enum Op { OpSyncwarp = 1, OpShfl, OpBallot, OpAny, OpAll };
+enum Op { OpSyncwarp = 1, OpShfl, OpBallot, OpAny, OpAll, OpCollective };
+
+inline void fail(const std::string& what) {
+    if (g_block->error.empty()) g_block->error = what;
+}
+
+// A warp-collective call (the WMMA API): every lane of the warp must arrive; with `same`, all with
+// the same pointer (a per-lane pointer is a different operation on the GPU).
+inline void collective(const void* p, const char* what, bool same) {
+    const uint64_t mine = (uint64_t)(uintptr_t)p;
+    const uint64_t first = warp_exchange(OpCollective, 0xffffffffu, mine, 0);
+    if (same && first != mine) fail(std::string(what) + ": lanes of one warp passed different pointers");
+}
+
+inline void check_wmma_pointer(const void* p, unsigned ldm, size_t elem) {
+    if ((uintptr_t)p % 32 != 0) fail("WMMA pointer not 32-byte aligned");
+    if ((ldm * elem) % 16 != 0) fail("WMMA leading dimension not a multiple of 16 bytes");
+}
 
 // Releases a warp's lanes waiting in the same operation once every lane of the mask is there.
 inline bool try_release_warp(Block& b, int warp0, int nlanes) {
@@ -279,7 +297,8 @@ inline bool try_release_warp(Block& b, int warp0, int nlanes) {
             if (!(mask >> k & 1u)) continue;
             Fiber& g = b.fibers[warp0 + k];
             switch (op) {
-                case OpShfl: {
+                case OpShfl:
+                case OpCollective: {
                     const int s = g.src_lane;
                     if (s >= 0 && s < nlanes && (mask >> s & 1u)) g.result = b.fibers[warp0 + s].value;
                     else g.result = g.value;
@@ -326,6 +345,7 @@ inline std::string run_block(Block& b, int threads) {
             done += f.wait == Wait::Done;
             at_block += f.wait == Wait::Block;
         }
+        if (!b.error.empty()) return b.error;
         if (done == threads) return "";
         if (at_block > 0 && at_block + done == threads) {
             if (done > 0) return "__syncthreads reached by " + std::to_string(at_block) + " threads after " + std::to_string(done) + " had exited";

@@ -349,6 +349,62 @@ impl Emu {
                 conv::conv3d(&x, n, s, &wt, bias.as_deref(), act, &mut o);
                 self.wf16(a.p(3), &to_ndhwc(&o, n, cout, ovol))
             }
+            "conv3d_tc_f16" => {
+                let (n, d, h, w, cin, cout, k, st, pad, od, oh, ow) =
+                    (a.u(6), a.u(7), a.u(8), a.u(9), a.u(10), a.u(11), a.u(12), a.u(13), a.u(14), a.u(15), a.u(16), a.u(17));
+                let pre = act_of(a.i(18) as i32, a.f(19))?;
+                let post = act_of(a.i(20) as i32, a.f(21))?;
+                let act = act_of(a.i(22) as i32, a.f(23))?;
+                ensure!(block == (128, 1, 1), "block must be TC_THREADS = 128");
+                let s = conv::ConvShape { cin, cout, k, stride: st, pad, dims: [d, h, w] };
+                ensure!(s.out_dims() == [od, oh, ow], "output dims {:?} passed, {:?} expected", [od, oh, ow], s.out_dims());
+                let ovol = od * oh * ow;
+                let m = n * ovol;
+                ensure!(gx == m.div_ceil(64) && gy == cout.div_ceil(64), "grid must be (ceil(M/64), ceil(Cout/64))");
+                let ivol = d * h * w;
+                let mut xh = self.rf16(a.p(0), n * ivol * cin)?;
+                if let Some(pp) = a.opt(4) {
+                    // norm_apply's formula, element by element, rounded to fp16.
+                    let prm = self.rf32(pp, n * cin * 3)?;
+                    for (i, v) in xh.iter_mut().enumerate() {
+                        let (b, c) = (i / (ivol * cin), i % cin);
+                        let q = &prm[(b * cin + c) * 3..][..3];
+                        *v = f16::from_f32(post.apply((pre.apply(*v) - q[0]) * q[1] + q[2])).to_f32();
+                    }
+                }
+                let x = from_ndhwc(&xh, n, cin, ivol);
+                let kk = k * k * k;
+                let wk = self.rf16(a.p(1), cout * kk * cin)?;
+                let mut wt = vec![0.0; wk.len()];
+                for co in 0..cout {
+                    for t in 0..kk {
+                        for ci in 0..cin {
+                            wt[(co * cin + ci) * kk + t] = wk[(co * kk + t) * cin + ci];
+                        }
+                    }
+                }
+                let mut o = vec![0.0; n * cout * ovol];
+                conv::conv3d(&x, n, s, &wt, None, Act::None, &mut o);
+                let mut y = to_ndhwc(&o, n, cout, ovol);
+                let bias = match a.opt(2) {
+                    Some(p) => Some(self.rf32(p, cout)?),
+                    None => None,
+                };
+                let res = match a.opt(3) {
+                    Some(p) => Some(self.rf16(p, m * cout)?),
+                    None => None,
+                };
+                for (i, v) in y.iter_mut().enumerate() {
+                    if let Some(b) = &bias {
+                        *v += b[i % cout];
+                    }
+                    if let Some(r) = &res {
+                        *v += r[i];
+                    }
+                    *v = act.apply(*v);
+                }
+                self.wf16(a.p(5), &y)
+            }
             "conv_transpose2_f16" => {
                 let (n, d, h, w, cin, cout, ctot, off) = (a.u(3), a.u(4), a.u(5), a.u(6), a.u(7), a.u(8), a.u(9), a.u(10));
                 ensure!(threads == 256, "block must be CT_THREADS = 256");

@@ -24,6 +24,8 @@ use super::nvrtc::KernelCache;
 
 /// The stand-in for `<cuda_fp16.h>`.
 pub const HOST_HEADER: &str = include_str!("../../../kernels/host/cuda_fp16.h");
+/// The stand-in for `<mma.h>` (WMMA).
+pub const HOST_MMA_HEADER: &str = include_str!("../../../kernels/host/mma.h");
 
 /// No FMA contraction and no fast math: host results are IEEE, so a mismatch is the kernel's.
 const FLAGS: &[&str] = &["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-pthread"];
@@ -98,7 +100,7 @@ impl HostKernels {
         let version = compiler_version()?;
         let mut h = Sha256::new();
         let flags = flags();
-        for part in [HOST_HEADER, &cxx, &version].into_iter().chain(flags.iter().copied()) {
+        for part in [HOST_HEADER, HOST_MMA_HEADER, &cxx, &version].into_iter().chain(flags.iter().copied()) {
             h.update(part.as_bytes());
             h.update([0u8]);
         }
@@ -118,6 +120,7 @@ impl HostKernels {
             let inc = work.join("include");
             std::fs::create_dir_all(&inc).with_context(|| format!("creating {}", inc.display()))?;
             std::fs::write(inc.join("cuda_fp16.h"), HOST_HEADER)?;
+            std::fs::write(inc.join("mma.h"), HOST_MMA_HEADER)?;
             let mut units = Vec::new();
             for (name, src) in sources {
                 let p = work.join(format!("{name}.cpp"));
@@ -203,6 +206,7 @@ mod tests {
     /// fp16 rounding, and the faults it must report.
     const PROBES: &str = r#"
 #include <cuda_fp16.h>
+#include <mma.h>
 
 // Each thread reads its neighbour's slot: right only when the barrier separates writes and reads.
 extern "C" __global__ void probe_neighbour(int* out, int with_barrier) {
@@ -253,6 +257,29 @@ extern "C" __global__ void probe_exit_before_barrier(int* out) {
 extern "C" __global__ void probe_lane_missing(int* out) {
     if (threadIdx.x == 3) return;
     out[threadIdx.x] = __shfl_sync(0xffffffffu, (int)threadIdx.x, 0);
+}
+
+// One warp: C = A (row-major) x B (col-major), 16x16x16, staged through shared memory. With
+// `diverge`, lane 5 passes another (aligned) pointer: a different operation on a GPU, an error here.
+extern "C" __global__ void probe_wmma(const float* a, const float* b, float* c, int diverge) {
+    __shared__ __align__(32) __half as[512];
+    __shared__ __align__(32) __half bs[256];
+    __shared__ __align__(32) float cs[256];
+    for (int i = threadIdx.x; i < 256; i += 32) {
+        as[i] = __float2half_rn(a[i]);
+        bs[i] = __float2half_rn(b[i]);
+    }
+    __syncthreads();
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> fa;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __half, nvcuda::wmma::col_major> fb;
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> fc;
+    nvcuda::wmma::fill_fragment(fc, 1.0f);
+    nvcuda::wmma::load_matrix_sync(fa, as + (diverge && threadIdx.x == 5 ? 256 : 0), 16);
+    nvcuda::wmma::load_matrix_sync(fb, bs, 16);
+    nvcuda::wmma::mma_sync(fc, fa, fb, fc);
+    nvcuda::wmma::store_matrix_sync(cs, fc, 16, nvcuda::wmma::mem_row_major);
+    __syncthreads();
+    for (int i = threadIdx.x; i < 256; i += 32) c[i] = cs[i];
 }
 
 extern "C" __global__ void probe_write_past_end(float* out, int n) {
@@ -346,6 +373,28 @@ extern "C" __global__ void probe_write_past_end(float* out, int n) {
             assert_eq!(bits[i], want.to_bits(), "{:e} ({:#x})", x[i], x[i].to_bits());
             assert_eq!(back[i].to_bits(), want.to_f32().to_bits(), "{:e}", x[i]);
         }
+    }
+
+    #[test]
+    fn wmma_multiplies_and_must_be_warp_uniform() {
+        let Some(k) = probes() else { return };
+        // Small integers: exact in fp16 and in any summation order.
+        let a: Vec<f32> = (0..256).map(|i| ((i * 7) % 5) as f32 - 2.0).collect();
+        let b: Vec<f32> = (0..256).map(|i| ((i * 3) % 7) as f32 - 3.0).collect();
+        let mut c = vec![0f32; 256];
+        let args = |c: &mut Vec<f32>, d: i32| [Arg::Ptr(a.as_ptr() as u64), Arg::Ptr(b.as_ptr() as u64), Arg::Ptr(c.as_mut_ptr() as u64), Arg::I32(d)];
+        // SAFETY: 256 floats each.
+        unsafe { k.launch("probe_wmma", (1, 1, 1), (32, 1, 1), &args(&mut c, 0)) }.unwrap();
+        for i in 0..16 {
+            for j in 0..16 {
+                // B is column-major: element (q, j) at b[j * 16 + q].
+                let want = 1.0 + (0..16).map(|q| a[i * 16 + q] * b[j * 16 + q]).sum::<f32>();
+                assert_eq!(c[i * 16 + j], want, "({i}, {j})");
+            }
+        }
+        // SAFETY: as above.
+        let e = unsafe { k.launch("probe_wmma", (1, 1, 1), (32, 1, 1), &args(&mut c, 1)) }.unwrap_err();
+        assert!(format!("{e}").contains("load_matrix_sync: lanes of one warp passed different pointers"), "{e}");
     }
 
     #[test]

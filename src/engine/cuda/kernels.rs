@@ -8,6 +8,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("blend.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/blend.cu"))),
     ("conv3d.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/conv3d.cu"))),
     ("conv_first.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/conv_first.cu"))),
+    ("conv_tc.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/conv_tc.cu"))),
     ("convt.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/convt.cu"))),
     ("ensemble.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/ensemble.cu"))),
     ("heads.cu", concat!(include_str!("../../../kernels/common.cuh"), include_str!("../../../kernels/heads.cu"))),

@@ -203,6 +203,81 @@ pub fn conv_direct(
     g.launch("conv3d_igemm_f16", (m.div_ceil(64) as u32, cout.div_ceil(64) as u32, 1), (256, 1, 1), &a)
 }
 
+/// The previous GroupNorm / InstanceNorm applied while a conv loads its input
+/// (`conv3d_tc_f16`): `params` is norm_finalize's `[n][cin][3]` (mean, scale, shift).
+#[derive(Debug, Clone, Copy)]
+pub struct NormPrologue {
+    pub params: u64,
+    pub pre: Act,
+    pub post: Act,
+}
+
+/// The tensor-core implicit-GEMM convolution: `x [n, dims, cin]` fp16, `w [cout, k, k, k, cin]`
+/// fp16, bias f32, `residual` fp16 shaped like the output (may be `out`), `norm` applied to the
+/// input first; out `[n, out dims, cout]` = act(conv + bias + residual) fp16. Needs sm_70+.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_tc(
+    g: &Gpu,
+    x: u64,
+    w: u64,
+    bias: Option<u64>,
+    residual: Option<u64>,
+    norm: Option<NormPrologue>,
+    out: u64,
+    n: usize,
+    dims: [usize; 3],
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    act: Act,
+) -> Result<()> {
+    if cin == 0 || cout == 0 || k == 0 || stride == 0 {
+        bail!("conv3d_tc_f16: empty shape");
+    }
+    let o = conv_out_dims(dims, k, stride, pad);
+    let m = n * vol(o);
+    check_i31("output voxels", m)?;
+    check_i31("input elements", n * vol(dims) * cin)?;
+    check_i31("output elements", m * cout)?;
+    check_i31("K", k * k * k * cin)?;
+    if cout.div_ceil(64) > 65535 {
+        bail!("conv3d_tc_f16: {cout} output channels");
+    }
+    let (ac, ap) = act_code(act);
+    let (pre, pre_p) = act_code(norm.map_or(Act::None, |p| p.pre));
+    let (post, post_p) = act_code(norm.map_or(Act::None, |p| p.post));
+    let i = |v: usize| Arg::I32(v as i32);
+    let a = [
+        Arg::Ptr(x),
+        Arg::Ptr(w),
+        opt(bias),
+        opt(residual),
+        opt(norm.map(|p| p.params)),
+        Arg::Ptr(out),
+        i(n),
+        i(dims[0]),
+        i(dims[1]),
+        i(dims[2]),
+        i(cin),
+        i(cout),
+        i(k),
+        i(stride),
+        i(pad),
+        i(o[0]),
+        i(o[1]),
+        i(o[2]),
+        Arg::I32(pre),
+        Arg::F32(pre_p),
+        Arg::I32(post),
+        Arg::F32(post_p),
+        Arg::I32(ac),
+        Arg::F32(ap),
+    ];
+    g.launch("conv3d_tc_f16", (m.div_ceil(64) as u32, cout.div_ceil(64) as u32, 1), (128, 1, 1), &a)
+}
+
 /// The kernel-2 stride-2 transposed convolution into channels `[c_off, c_off + cout)` of an
 /// output with `ctot` channels: `x [n, dims, cin]`, `w [cin, cout, 2, 2, 2]` fp16.
 #[allow(clippy::too_many_arguments)]

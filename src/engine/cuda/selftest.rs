@@ -415,6 +415,7 @@ fn kernels(c: &mut Ctx) {
     layout_cases(c);
     conv_first_cases(c);
     conv_cases(c);
+    conv_tc_fused_cases(c);
     elementwise_cases(c);
     norm_cases(c);
     upsample_cases(c);
@@ -482,6 +483,81 @@ fn layout_cases(c: &mut Ctx) {
                 want[r * cd + off..r * cd + off + cs].copy_from_slice(&src[r * cs..(r + 1) * cs]);
             }
             c.cmp("copy_channels_f16", &shape, &got, &want, TOL_EXACT);
+            Ok(())
+        });
+    }
+}
+
+/// Whether `conv3d_tc_f16` can run here (WMMA needs compute capability 7.0; the emulators run it).
+fn tensor_cores(c: &Ctx) -> std::result::Result<(), String> {
+    let cc = c.gpu.info.compute_capability;
+    if c.gpu.is_emulator() || cc >= (7, 0) {
+        Ok(())
+    } else {
+        Err(format!("compute capability {}.{} has no tensor cores (conv3d_tc_f16 needs 7.0)", cc.0, cc.1))
+    }
+}
+
+/// `conv3d_tc_f16` with everything fused: the previous norm (+ activation) applied while loading,
+/// bias, residual (once in place: residual = out) and activation in the store. CPU twin: norm_apply's
+/// formula, rounded to fp16, then the CPU conv, + residual, activation.
+fn conv_tc_fused_cases(c: &mut Ctx) {
+    // (n, dims, cin, cout, k, stride, norm's activation, residual, act)
+    let cases: Vec<(usize, [usize; 3], usize, usize, usize, usize, Act, bool, Act)> = vec![
+        // SegResNet block tail: norm + relu -> conv -> + identity.
+        (2, [7, 9, 11], 16, 16, 3, 1, Act::Relu, true, Act::None),
+        // DynUNet: instance norm + leaky relu -> conv.
+        (1, [6, 8, 10], 48, 48, 3, 1, Act::LeakyRelu(0.01), false, Act::None),
+        (1, [8, 8, 8], 32, 64, 3, 2, Act::LeakyRelu(0.01), false, Act::None),
+        // Cin % 8 != 0: the element-by-element loads.
+        (2, [5, 6, 7], 12, 20, 3, 1, Act::Relu, true, Act::Relu),
+        (1, [4, 5, 6], 64, 16, 1, 1, Act::None, true, Act::Silu),
+        (1, [3, 4, 5], 320, 320, 3, 1, Act::LeakyRelu(0.01), true, Act::None),
+    ];
+    for (ci, (n, dims, cin, cout, k, stride, post, residual, act)) in cases.into_iter().enumerate() {
+        let od = ops::conv_out_dims(dims, k, stride, k / 2);
+        let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
+        let in_place = ci == 0;
+        let name = format!("conv3d_tc_f16 {k}x{k}x{k}/s{stride} norm{post}+bias{}{act}", if !residual { "" } else if in_place { "+res in place" } else { "+res" });
+        if let Err(why) = tensor_cores(c) {
+            c.skip(&name, &shape, why);
+            continue;
+        }
+        c.case(&name.clone(), &shape.clone(), |c| {
+            let (iv, ov) = (vol(dims), vol(od));
+            let x = c.rand16(n * cin * iv, -1.0, 1.5);
+            let mut params = Vec::with_capacity(n * cin * 3);
+            for _ in 0..n * cin {
+                let q = c.rand(3, -0.5, 0.5);
+                params.extend_from_slice(&[q[0], 1.0 + q[1], q[2]]);
+            }
+            let xt: Vec<f32> = x
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let (b, ch) = (i / (cin * iv), (i / iv) % cin);
+                    let q = &params[(b * cin + ch) * 3..][..3];
+                    r16(post.apply((v - q[0]) * q[1] + q[2]))
+                })
+                .collect();
+            let w = c.weights16(cout, cin, k);
+            let b = c.rand(cout, -0.5, 0.5);
+            let res = c.rand16(n * cout * ov, -1.0, 1.0);
+            let conv_out = cpu_conv(&xt, n, dims, cin, cout, k, stride, &w, Some(&b), Act::None);
+            let want: Vec<f32> = conv_out.iter().zip(&res).map(|(&y, &r)| act.apply(if residual { y + r } else { y })).collect();
+            let wk: Vec<f32> = to_ktrsc(&to_f16(&w), cout, cin, k).into_iter().map(|h| h.to_f32()).collect();
+            let xb = c.up16(&to_ndhwc(&x, n, cin, iv))?;
+            let wb = c.up16(&wk)?;
+            let bb = c.up32(&b)?;
+            let pb = c.up32(&params)?;
+            let res_nd = to_ndhwc(&res, n, cout, ov);
+            let rb = c.up16(&res_nd)?;
+            let out = if in_place { c.up16(&res_nd)? } else { c.gpu.alloc(n * ov * cout * 2)? };
+            let rp = residual.then_some(if in_place { out.ptr } else { rb.ptr });
+            let norm = ops::NormPrologue { params: pb.ptr, pre: Act::None, post };
+            ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, Some(bb.ptr), rp, Some(norm), out.ptr, n, dims, cin, cout, k, stride, k / 2, act)?;
+            let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
+            c.cmp(&name, &shape, &got, &want, TOL_FP16);
             Ok(())
         });
     }
@@ -572,6 +648,18 @@ fn conv_cases(c: &mut Ctx) {
             c.cmp(&direct_name, &shape, &got, &want, TOL_FP16);
             Ok(())
         });
+        let tc_name = format!("conv3d_tc_f16 {desc}");
+        match tensor_cores(c) {
+            Err(why) => c.skip(&tc_name, &shape, why),
+            Ok(()) => c.case(&tc_name.clone(), &shape.clone(), |c| {
+                let (xb, wb, bb) = upload(c)?;
+                let out = c.gpu.alloc(n * ov * cout * 2)?;
+                ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, bb.as_ref().map(|b| b.ptr), None, None, out.ptr, n, dims, cin, cout, k, stride, k / 2, act)?;
+                let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
+                c.cmp(&tc_name, &shape, &got, &want, TOL_FP16);
+                Ok(())
+            }),
+        }
         if c.dnn.is_none() {
             let why = c.dnn_why.clone();
             c.skip(&dnn_name, &shape, why);

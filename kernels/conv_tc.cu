@@ -1,0 +1,190 @@
+// 3-D convolution on tensor cores (WMMA 16x16x16, fp16 in, f32 accumulate; sm_70 and newer),
+// implicit GEMM with the previous normalisation fused into the loads and bias + residual +
+// activation fused into the store: one pass over each activation instead of three.
+//
+// CPU twin: norm_apply's formula (norm.cu) on the input, then src/engine/cpu/conv.rs::conv3d, then
+// the residual add and the activation (selftest "conv3d_tc_f16" rows). Semantics: cubic kernel k,
+// stride s, zero padding p, output size o = (l + 2p - k) / s + 1 per axis;
+//   xt[n, v, ci] = fp16(post_act((pre_act(x[n, v, ci]) - mean[n, ci]) * scale[n, ci] + shift[n, ci]))
+//                  when `norm` is given (params [N][Cin][3] = (mean, scale, shift) from
+//                  norm_finalize: exactly what norm_apply would have stored), else x itself;
+//   out[n, o, co] = act(sum_{kz,ky,kx,ci} w[co, kz, ky, kx, ci] * xt[n, o*s + k - p, ci]
+//                       + bias[co] + residual[n, o, co])
+// Padding is zero AFTER the normalisation (the conv pads its normalised input). The sum is f32 on
+// the tensor cores (order within a 16-deep step is the hardware's; steps in k order); bias, then
+// residual, are added once in f32 and the result is rounded once to fp16.
+//
+// As a GEMM: rows m = output voxels (N*OD*OH*OW), columns = co, K = k^3 * Cin (index
+// ((kz * k + ky) * k + kx) * Cin + ci). Block tile TC_BM x TC_BN, TC_BK deep, staged in shared
+// memory as fp16; 4 warps, each 32 x 32 outputs = 2 x 2 accumulator fragments. When Cin % 8 == 0
+// and x, w are 16-byte aligned, 8 channels of one tap load as one 16-byte vector; otherwise element
+// by element (any Cin, Cout). grid (ceil(M / TC_BM), ceil(Cout / TC_BN)), block TC_THREADS exactly.
+//
+// Layout: x [N, D, H, W, Cin] fp16; w [Cout, k, k, k, Cin] fp16 (the cuDNN / conv3d_igemm_f16
+// filter buffer); bias [Cout] f32 or null; residual [N, OD, OH, OW, Cout] fp16 or null (may be
+// `out` itself); norm [N][Cin][3] f32 or null; out [N, OD, OH, OW, Cout] fp16. M < 2^31.
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#define TC_BM 64
+#define TC_BN 64
+#define TC_BK 32
+#define TC_THREADS 128
+// Shared-memory row padding (halves / floats): keeps WMMA pointers 32-byte aligned and spreads
+// rows over banks.
+#define TC_APAD 8
+#define TC_CPAD 4
+
+using namespace nvcuda;
+
+// fd_act (activation codes) comes from common.cuh, prepended to every kernel source.
+
+// One input element through the fused normalisation (norm_apply's exact operations), as fp16.
+__device__ __forceinline__ __half tc_prologue(__half v, const float* prm, int pre_act, float pre_p, int post_act,
+                                              float post_p) {
+    const float a = fd_act(__half2float(v), pre_act, pre_p);
+    return __float2half_rn(fd_act(__fadd_rn(__fmul_rn(a - prm[0], prm[1]), prm[2]), post_act, post_p));
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
+              const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
+              int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p,
+              int norm_act, float norm_p, int act, float p) {
+    __shared__ __align__(32) __half As[TC_BM][TC_BK + TC_APAD];
+    __shared__ __align__(32) __half Bs[TC_BN][TC_BK + TC_APAD];
+    __shared__ __align__(32) float Cs[TC_BM][TC_BN + TC_CPAD];
+    const int t = threadIdx.x;
+    const int warp = t >> 5;
+    const int M = N * OD * OH * OW;
+    const int K = k * k * k * Cin;
+    const int m0 = blockIdx.x * TC_BM;
+    const int j0 = blockIdx.y * TC_BN;
+    const bool vec = (Cin % 8 == 0) && (((size_t)x | (size_t)w) % 16 == 0);
+
+    // Loader roles: 64 rows x 4 chunks of 8 k = 256 chunks per tile, 2 per thread, for A and B.
+    // Chunk q of thread t: row r = t / 4 + 32 q, k-chunk kc = t % 4.
+    const int kc = t % 4;
+    int an[2], az[2], ay[2], ax[2];
+    bool arow[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const int m = m0 + t / 4 + 32 * q;
+        arow[q] = m < M;
+        int r = arow[q] ? m : 0;
+        const int ox = r % OW;
+        r /= OW;
+        const int oy = r % OH;
+        r /= OH;
+        const int oz = r % OD;
+        an[q] = r / OD;
+        az[q] = oz * stride - pad;
+        ay[q] = oy * stride - pad;
+        ax[q] = ox * stride - pad;
+    }
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
+
+    for (int k0 = 0; k0 < K; k0 += TC_BK) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int r = t / 4 + 32 * q;
+            __half* dst = &As[r][kc * 8];
+            const int kk0 = k0 + kc * 8;
+            if (vec) {
+                // 8 channels of one tap: Cin % 8 == 0 keeps a chunk inside one tap.
+                uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+                bool inside = false;
+                int ci = 0, n_ = an[q];
+                if (arow[q] && kk0 < K) {
+                    const int tap = kk0 / Cin;
+                    ci = kk0 - tap * Cin;
+                    const int kx = tap % k, ky = (tap / k) % k, kz = tap / (k * k);
+                    const int iz = az[q] + kz, iy = ay[q] + ky, ix = ax[q] + kx;
+                    if (iz >= 0 && iz < D && iy >= 0 && iy < H && ix >= 0 && ix < W) {
+                        inside = true;
+                        raw = *reinterpret_cast<const uint4*>(x + ((((size_t)n_ * D + iz) * H + iy) * W + ix) * Cin + ci);
+                    }
+                }
+                if (inside && norm) {
+                    __half* h = reinterpret_cast<__half*>(&raw);
+                    const float* prm = norm + ((size_t)n_ * Cin + ci) * 3;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) h[e] = tc_prologue(h[e], prm + 3 * e, pre_act, pre_p, norm_act, norm_p);
+                }
+                *reinterpret_cast<uint4*>(dst) = raw;
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const int kk = kk0 + e;
+                    __half v = __float2half_rn(0.0f);
+                    if (arow[q] && kk < K) {
+                        const int tap = kk / Cin, ci = kk - tap * Cin;
+                        const int kx = tap % k, ky = (tap / k) % k, kz = tap / (k * k);
+                        const int iz = az[q] + kz, iy = ay[q] + ky, ix = ax[q] + kx;
+                        if (iz >= 0 && iz < D && iy >= 0 && iy < H && ix >= 0 && ix < W) {
+                            v = x[((((size_t)an[q] * D + iz) * H + iy) * W + ix) * Cin + ci];
+                            if (norm) v = tc_prologue(v, norm + ((size_t)an[q] * Cin + ci) * 3, pre_act, pre_p, norm_act, norm_p);
+                        }
+                    }
+                    dst[e] = v;
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int r = t / 4 + 32 * q;
+            const int co = j0 + r;
+            const int kk0 = k0 + kc * 8;
+            __half* dst = &Bs[r][kc * 8];
+            if (vec && co < Cout && kk0 < K) {
+                // K = k^3 * Cin is a multiple of 8 here, so the chunk is whole and aligned.
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(w + (size_t)co * K + kk0);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const int kk = kk0 + e;
+                    dst[e] = (co < Cout && kk < K) ? w[(size_t)co * K + kk] : __float2half_rn(0.0f);
+                }
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < TC_BK; ks += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wr + 16 * i][ks], TC_BK + TC_APAD);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wc + 16 * j][ks], TC_BK + TC_APAD);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            wmma::store_matrix_sync(&Cs[wr + 16 * i][wc + 16 * j], acc[i][j], TC_BN + TC_CPAD, wmma::mem_row_major);
+    __syncthreads();
+    // Epilogue: consecutive threads take consecutive channels of a row (coalesced stores).
+    for (int e = t; e < TC_BM * TC_BN; e += TC_THREADS) {
+        const int r = e / TC_BN, c = e % TC_BN;
+        const int m = m0 + r, co = j0 + c;
+        if (m >= M || co >= Cout) continue;
+        float v = Cs[r][c];
+        if (bias) v = __fadd_rn(v, bias[co]);
+        const size_t o = (size_t)m * Cout + co;
+        if (residual) v = __fadd_rn(v, __half2float(residual[o]));
+        out[o] = __float2half_rn(fd_act(v, act, p));
+    }
+}
