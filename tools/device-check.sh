@@ -36,7 +36,7 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
   --cpu-run         also time `fastdet run --device cpu` on the same data (slow: minutes)
 
 benchmarks (after the quick self-test): `fastdet bench` -> bench-fastdet.json (log
-bench-fastdet.log); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (and with --device-blend ->
+bench-fastdet.log; with FASTDET_CONV=tc -> bench-fastdet-tc.json); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (and with --device-blend ->
 bench-tomogram-device-blend.json);
 tools/bench_torch.py -> bench-torch.json (log bench-torch.log, about 240 s at most); their lines end
 up in the summary, and tools/results_json.py folds them into results.json.
@@ -243,6 +243,11 @@ if [ $NO_GPU -eq 0 ]; then
     step "bench fastdet" 120 "$OUT/bench-fastdet.log" \
         bash -c 'exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
         bench-fastdet "$FASTDET" "$DEVICE" "$OUT/bench-fastdet.json" || FAILED=1
+    # The same tile on conv3d_tc_f16 with the norms fused into the convs' loads (FASTDET_CONV=tc).
+    rm -f "$OUT/bench-fastdet-tc.json"
+    step "bench fastdet tensor-core fused" 90 "$OUT/bench-fastdet-tc.log" \
+        bash -c 'FASTDET_CONV=tc exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
+        bench-fastdet-tc "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-tc.json" || FAILED=1
 
     # The seed configuration per tomogram: 5 SegResNetV2 + 5 DynUNet (random weights at the seed
     # widths, all resident), 1x9x9 tiles, blending and detection.

@@ -3,13 +3,14 @@
 device check writes:
 
   bench-fastdet.json   fastdet bench --device cuda:N --tile 192,128,128 --json
+  bench-fastdet-tc.json   the same with FASTDET_CONV=tc (tensor-core convs, norms fused)
   bench-tomogram.json  fastdet bench --device cuda:N --tomogram 184,630,630 --models 5,5 --json
   bench-tomogram-device-blend.json   the same with --device-blend
   bench-torch.json     tools/bench_torch.py --device cuda:N --json   (eager, torch.compile, fp16 rate)
 
 Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
-   "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms"}, "dynunet": {...}},
+   "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms"}, "dynunet": {...}},
    "tomogram_s", "tomogram_device_blend_s", "floor_s", "cold_start_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
    "sources"}
 
@@ -49,12 +50,13 @@ def git_commit():
 
 def assemble(d, commit, date):
     fd = load(os.path.join(d, "bench-fastdet.json"))
+    fd_tc = load(os.path.join(d, "bench-fastdet-tc.json"))
     tomo = load(os.path.join(d, "bench-tomogram.json"))
     torch = load(os.path.join(d, "bench-torch.json"))
     tomo_db = load(os.path.join(d, "bench-tomogram-device-blend.json"))
     tile = {}
     for arch in ("segresnetv2", "dynunet"):
-        row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None}
+        row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None, "fastdet_fused_ms": None}
         if torch:
             best = torch.get("best", {}).get(arch, {})
             row["torch_eager_ms"] = best.get("eager_ms")
@@ -63,6 +65,10 @@ def assemble(d, commit, date):
             for m in fd.get("models", []):
                 if m.get("model") == arch:
                     row["fastdet_ms"] = m.get("ms_per_tile")
+        if fd_tc:
+            for m in fd_tc.get("models", []):
+                if m.get("model") == arch:
+                    row["fastdet_fused_ms"] = m.get("ms_per_tile")
         tile[arch] = row
     if fd and torch and list(fd.get("tile", [])) != list(torch.get("tile", [])):
         print(f"results_json: tiles differ (fastdet {fd.get('tile')}, torch {torch.get('tile')}); the tile table is not a comparison", file=sys.stderr)
@@ -83,6 +89,7 @@ def assemble(d, commit, date):
         "tile_shape": (fd or torch or {}).get("tile"),
         "sources": {
             "bench_fastdet": fd is not None,
+            "bench_fastdet_tc": fd_tc is not None,
             "bench_tomogram": tomo is not None,
             "bench_tomogram_device_blend": tomo_db is not None,
             "bench_torch": torch is not None,

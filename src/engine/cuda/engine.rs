@@ -10,7 +10,11 @@
 //!   missing, `FASTDET_CONV=direct`, or no cuDNN algorithm runs a shape) convolutions run on
 //!   `conv3d_igemm_f16` with bias + activation fused.
 //! - GroupNorm / InstanceNorm: `norm.cu` (three launches, fixed reduction order), in place when
-//!   the input dies there. Add: `add_act_f16`, in place likewise.
+//!   the input dies there.
+//! - `ConvBackend::TensorCore` (`FASTDET_CONV=tc`): general convolutions on `conv3d_tc_f16`
+//!   (WMMA), bias + activation in its store; a norm whose only reader is such a conv computes its
+//!   statistics only (`Val::Pending`) and the conv applies it while loading, so the normalised
+//!   activation is never written. Add: `add_act_f16`, in place likewise.
 //! - Upsample2x followed by the decoder's skip Add: one `upsample2x_add_f16`.
 //! - ConvTranspose2 feeding a Concat: written straight into channels `[0, cout)` of the concat
 //!   buffer; the skip is copied into the channels after it (`copy_channels_f16`).
@@ -40,16 +44,20 @@ pub enum ConvBackend {
     Cudnn,
     /// `conv3d_igemm_f16` only.
     Direct,
+    /// `conv3d_tc_f16` (tensor cores, sm_70+), with each GroupNorm / InstanceNorm whose only
+    /// reader is a convolution applied in that convolution's loads instead of its own pass.
+    TensorCore,
 }
 
 impl ConvBackend {
-    /// `FASTDET_CONV` = auto | cudnn | direct (default auto).
+    /// `FASTDET_CONV` = auto | cudnn | direct | tc (default auto).
     pub fn from_env() -> Result<ConvBackend> {
         match std::env::var("FASTDET_CONV").ok().as_deref() {
             None | Some("") | Some("auto") => Ok(ConvBackend::Auto),
             Some("cudnn") => Ok(ConvBackend::Cudnn),
             Some("direct") => Ok(ConvBackend::Direct),
-            Some(o) => bail!("FASTDET_CONV={o:?}: expected auto, cudnn or direct"),
+            Some("tc") => Ok(ConvBackend::TensorCore),
+            Some(o) => bail!("FASTDET_CONV={o:?}: expected auto, cudnn, direct or tc"),
         }
     }
 }
@@ -77,12 +85,15 @@ struct ConvStep {
     bias: Option<DevBuf>,
     /// General convolutions: run on cuDNN (else on the direct kernel).
     use_dnn: bool,
+    /// General convolutions: run on conv3d_tc_f16.
+    tc: bool,
 }
 
 enum Step {
     Conv(ConvStep),
     ConvT { w: DevBuf, cin: usize, cout: usize, into_concat: Option<usize> },
-    Norm { groups: usize, gamma: Option<DevBuf>, beta: Option<DevBuf>, act: Act },
+    /// `deferred`: only the statistics; the single reader (a tensor-core conv) normalises.
+    Norm { groups: usize, gamma: Option<DevBuf>, beta: Option<DevBuf>, act: Act, deferred: bool },
     Add,
     Concat,
     /// Trilinear x2; `fuse_add`: the next op is the skip Add, done in the same kernel.
@@ -100,14 +111,17 @@ enum Val {
     /// NDHWC fp16 owned by the caller (`forward_device_input`'s input): read, never written,
     /// reused in place or returned to the pool.
     Borrowed(u64),
+    /// A deferred norm's output: the raw input at `x` (owned when the norm was its last reader)
+    /// and the statistics, applied by the reading conv (`ops::NormPrologue`).
+    Pending { x: u64, owned: Option<DevBuf>, params: DevBuf, post: Act },
 }
 
 /// A step's parameters by value (device addresses), so `exec` can borrow the engine mutably.
 #[derive(Clone, Copy)]
 enum StepInfo {
-    Conv { kind: ConvKind, cin: usize, cout: usize, k: usize, stride: usize, pad: usize, act: Act, w: u64, bias: Option<u64>, use_dnn: bool },
+    Conv { kind: ConvKind, cin: usize, cout: usize, k: usize, stride: usize, pad: usize, act: Act, w: u64, bias: Option<u64>, use_dnn: bool, tc: bool },
     ConvT { w: u64, cin: usize, cout: usize, into_concat: Option<usize> },
-    Norm { groups: usize, gamma: Option<u64>, beta: Option<u64>, act: Act },
+    Norm { groups: usize, gamma: Option<u64>, beta: Option<u64>, act: Act, deferred: bool },
     Add,
     Concat,
     Upsample { fuse_add: bool },
@@ -127,11 +141,16 @@ impl Step {
                 w: c.w.ptr,
                 bias: c.bias.as_ref().map(|b| b.ptr),
                 use_dnn: c.use_dnn,
+                tc: c.tc,
             },
             Step::ConvT { w, cin, cout, into_concat } => StepInfo::ConvT { w: w.ptr, cin: *cin, cout: *cout, into_concat: *into_concat },
-            Step::Norm { groups, gamma, beta, act } => {
-                StepInfo::Norm { groups: *groups, gamma: gamma.as_ref().map(|b| b.ptr), beta: beta.as_ref().map(|b| b.ptr), act: *act }
-            }
+            Step::Norm { groups, gamma, beta, act, deferred } => StepInfo::Norm {
+                groups: *groups,
+                gamma: gamma.as_ref().map(|b| b.ptr),
+                beta: beta.as_ref().map(|b| b.ptr),
+                act: *act,
+                deferred: *deferred,
+            },
             Step::Add => StepInfo::Add,
             Step::Concat => StepInfo::Concat,
             Step::Upsample { fuse_add } => StepInfo::Upsample { fuse_add: *fuse_add },
@@ -223,7 +242,7 @@ impl CudaEngine {
     pub fn on(gpu: std::sync::Arc<Gpu>, weights: &Weights, backend: ConvBackend) -> Result<Self> {
         let mut notes = vec![gpu.info.describe(), format!("kernels: {}", gpu.kernels_note)];
         let dnn = match backend {
-            ConvBackend::Direct => None,
+            ConvBackend::Direct | ConvBackend::TensorCore => None,
             ConvBackend::Cudnn => Some(Dnn::new(&gpu)?),
             ConvBackend::Auto if gpu.is_emulator() => None,
             ConvBackend::Auto => match Dnn::new(&gpu) {
@@ -239,7 +258,18 @@ impl CudaEngine {
         }
         let graph = Graph::build(&weights.spec)?;
         let last = graph.last_use();
-        let steps = guard("uploading weights", || Self::build_steps(&gpu, &graph, &last, weights, dnn.is_some()))?;
+        let tc = backend == ConvBackend::TensorCore;
+        if tc {
+            let cc = gpu.info.compute_capability;
+            if !gpu.is_emulator() && cc < (7, 0) {
+                bail!("FASTDET_CONV=tc needs tensor cores (compute capability 7.0+); {} has {}.{}", gpu.info.name, cc.0, cc.1);
+            }
+        }
+        let steps = guard("uploading weights", || Self::build_steps(&gpu, &graph, &last, weights, dnn.is_some(), tc))?;
+        if tc {
+            let fused = steps.iter().filter(|s| matches!(s, Step::Norm { deferred: true, .. })).count();
+            notes.push(format!("convolutions on conv3d_tc_f16 (tensor cores); {fused} norm(s) applied in the next conv's loads"));
+        }
         gpu.sync("uploading weights")?;
         Ok(CudaEngine {
             gpu,
@@ -256,7 +286,7 @@ impl CudaEngine {
         })
     }
 
-    fn build_steps(gpu: &Gpu, g: &Graph, last: &[usize], w: &Weights, have_dnn: bool) -> Result<Vec<Step>> {
+    fn build_steps(gpu: &Gpu, g: &Graph, last: &[usize], w: &Weights, have_dnn: bool, tc: bool) -> Result<Vec<Step>> {
         let mut steps = Vec::with_capacity(g.ops.len());
         for (i, op) in g.ops.iter().enumerate() {
             let vname = &g.values[op.output].name;
@@ -286,7 +316,7 @@ impl CudaEngine {
                     };
                     // bias_act_f16 needs an even width; odd widths (a fallback head) go direct.
                     let use_dnn = have_dnn && kind == ConvKind::General && cout % 2 == 0;
-                    Step::Conv(ConvStep { kind, cin, cout, k, stride, pad, act, w: wt, bias, use_dnn })
+                    Step::Conv(ConvStep { kind, cin, cout, k, stride, pad, act, w: wt, bias, use_dnn, tc: tc && kind == ConvKind::General })
                 }
                 OpKind::ConvTranspose2 { weight, cin, cout } => {
                     let into_concat = (i + 1..g.ops.len())
@@ -295,11 +325,17 @@ impl CudaEngine {
                 }
                 OpKind::GroupNorm { groups, weight, bias, act } => {
                     ops::norm_check(cout_v, *groups, 1).with_context(|| vname.clone())?;
-                    Step::Norm { groups: *groups, gamma: Some(gpu.upload(&f32_of(w, weight)?)?), beta: Some(gpu.upload(&f32_of(w, bias)?)?), act: *act }
+                    Step::Norm {
+                        groups: *groups,
+                        gamma: Some(gpu.upload(&f32_of(w, weight)?)?),
+                        beta: Some(gpu.upload(&f32_of(w, bias)?)?),
+                        act: *act,
+                        deferred: false,
+                    }
                 }
                 OpKind::InstanceNorm { act } => {
                     ops::norm_check(cout_v, cout_v, 1).with_context(|| vname.clone())?;
-                    Step::Norm { groups: cout_v, gamma: None, beta: None, act: *act }
+                    Step::Norm { groups: cout_v, gamma: None, beta: None, act: *act, deferred: false }
                 }
                 OpKind::Add => Step::Add,
                 OpKind::Concat => Step::Concat,
@@ -312,13 +348,31 @@ impl CudaEngine {
             };
             steps.push(step);
         }
+        // A norm whose only reader is a tensor-core conv is applied in that conv's loads: its
+        // output is never written. The raw input must live until the conv: either the norm is its
+        // last reader (the pending value takes the buffer) or it is read again after the conv.
+        for i in 0..g.ops.len() {
+            let out = g.ops[i].output;
+            if !matches!(steps[i], Step::Norm { .. }) || out == g.scores || out == g.offsets || out == g.fm2 {
+                continue;
+            }
+            let readers: Vec<usize> = (i + 1..g.ops.len()).filter(|&j| g.ops[j].inputs.contains(&out)).collect();
+            let raw = g.ops[i].inputs[0];
+            let fusable = match readers[..] {
+                [j] => matches!(&steps[j], Step::Conv(c) if c.tc) && g.ops[j].inputs[0] == out && (last[raw] == i || last[raw] > j),
+                _ => false,
+            };
+            if let Step::Norm { deferred, .. } = &mut steps[i] {
+                *deferred = fusable;
+            }
+        }
         Ok(steps)
     }
 
     /// Device, kernels, cuDNN and fallbacks, one line each.
     pub fn notes(&self) -> Vec<String> {
         let mut n = self.notes.clone();
-        n.push(format!("conv backend {:?}{}", self.backend, if self.dnn.is_some() { "" } else { " (no cuDNN: direct kernel)" }));
+        n.push(format!("conv backend {:?}{}", self.backend, if self.dnn.is_some() || self.backend == ConvBackend::TensorCore { "" } else { " (no cuDNN: direct kernel)" }));
         n
     }
 
@@ -348,6 +402,12 @@ impl CudaEngine {
         match v {
             Val::H(b) | Val::F(b) => self.pool.give(b),
             Val::InConcat | Val::Borrowed(_) => {}
+            Val::Pending { owned, params, .. } => {
+                if let Some(b) = owned {
+                    self.pool.give(b);
+                }
+                self.pool.give(params);
+            }
         }
     }
 
@@ -526,6 +586,7 @@ impl CudaEngine {
             Some(Val::Borrowed(p)) => Ok(*p),
             Some(Val::F(_)) => bail!("internal error: value {v} is f32, an fp16 activation was expected"),
             Some(Val::InConcat) => bail!("internal error: value {v} lives in a concat buffer"),
+            Some(Val::Pending { .. }) => bail!("internal error: value {v} is a deferred norm, read by a conv that does not apply it"),
             None => bail!("internal error: value {v} is not available"),
         }
     }
@@ -550,8 +611,11 @@ impl CudaEngine {
         let c_in = self.graph.values[op.inputs[0]].channels;
         let gpu = self.gpu.clone();
         match self.steps[i].info() {
-            StepInfo::Conv { kind, cin, cout, k, stride, pad, act, w, bias, use_dnn } => {
-                let x = Self::h(vals, op.inputs[0])?;
+            StepInfo::Conv { kind, cin, cout, k, stride, pad, act, w, bias, use_dnn, tc } => {
+                let (x, prologue) = match &vals[op.inputs[0]] {
+                    Some(Val::Pending { x, params, post, .. }) if tc => (*x, Some(ops::NormPrologue { params: params.ptr, pre: Act::None, post: *post })),
+                    _ => (Self::h(vals, op.inputs[0])?, None),
+                };
                 let is_out = op.output == self.graph.scores || op.output == self.graph.offsets;
                 let ovol = vol(out_dims);
                 match kind {
@@ -567,7 +631,10 @@ impl CudaEngine {
                     }
                     ConvKind::General => {
                         let out = self.take(n * ovol * cout * 2)?;
-                        let mut direct = !use_dnn;
+                        let mut direct = !use_dnn && !tc;
+                        if tc {
+                            ops::conv_tc(&gpu, x, w, bias, None, prologue, out.ptr, n, in_dims, cin, cout, k, stride, pad, act)?;
+                        }
                         if use_dnn {
                             match self.run_dnn(i, n, tile, in_dims, cin, cout, k, stride, pad, x, w, out.ptr) {
                                 Ok(()) => {
@@ -641,7 +708,20 @@ impl CudaEngine {
                 }
                 Ok(1)
             }
-            StepInfo::Norm { groups, gamma, beta, act } => {
+            StepInfo::Norm { groups, gamma, beta, act, deferred: true } => {
+                let v = vol(in_dims);
+                let x = Self::h(vals, op.inputs[0])?;
+                let (pb, qb) = ops::norm_scratch_bytes(n, c_in, v);
+                let partial = self.take(pb)?;
+                let params = self.take(qb)?;
+                let r = ops::norm(&gpu, x, 0, n, c_in, v, groups, gamma, beta, Act::None, act, partial.ptr, params.ptr);
+                self.pool.give(partial);
+                let owned = self.take_in_place(vals, op.inputs[0], i);
+                vals[op.output] = Some(Val::Pending { x, owned, params, post: act });
+                r?;
+                Ok(1)
+            }
+            StepInfo::Norm { groups, gamma, beta, act, deferred: false } => {
                 let v = vol(in_dims);
                 debug_assert!(op_in_place(&op.kind));
                 let x = Self::h(vals, op.inputs[0])?;
@@ -768,14 +848,33 @@ mod tests {
     /// arguments) on the kernel emulator against the CPU engine, both architectures, batch 2.
     #[test]
     fn engine_on_emulator_matches_cpu_engine() {
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::Auto, [16, 24, 32], false);
+    }
+
+    /// The tensor-core backend, norms applied in the next conv's loads, on the emulator.
+    #[test]
+    fn tensor_core_engine_with_fused_norms_matches_cpu_engine() {
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, [16, 24, 32], false);
+    }
+
+    /// The same with the kernels' own source compiled for the host (conv3d_tc_f16's WMMA code,
+    /// its fused prologue and the statistics-only norm path; a small tile).
+    #[test]
+    fn tensor_core_engine_on_host_kernels_matches_cpu_engine() {
+        if let Err(e) = super::super::host_kernels::compiler_version() {
+            assert!(std::env::var("FASTDET_REQUIRE_HOST_KERNELS").map_or(true, |v| v != "1"), "{e:#}");
+            println!("SKIP: {e:#}");
+            return;
+        }
+        engine_matches_cpu_engine(Gpu::emulator_host_kernels().unwrap(), ConvBackend::TensorCore, [16, 16, 16], true);
+    }
+
+    /// `quick`: one tile, one pass (every thread of every launch runs on the host kernels).
+    fn engine_matches_cpu_engine(gpu: std::sync::Arc<Gpu>, backend: ConvBackend, tile: [usize; 3], quick: bool) {
         use crate::model::spec::ModelSpec;
-        let gpu = Gpu::emulator().unwrap();
-        for (spec, tile) in [
-            (ModelSpec::segresnet(8, 16, 8), [16, 24, 32]),
-            (ModelSpec::dynunet(&[8, 16, 32, 32], 16, 16, 8), [16, 24, 32]),
-        ] {
+        for spec in [ModelSpec::segresnet(8, 16, 8), ModelSpec::dynunet(&[8, 16, 32, 32], 16, 16, 8)] {
             let w = Weights::random(&spec, 7);
-            let n = 2;
+            let n = if quick { 1 } else { 2 };
             let mut r = crate::util::SplitMix64::new(3);
             let mut x = vec![0.0f32; n * tile.iter().product::<usize>()];
             r.fill_uniform(&mut x, 0.0, 1.0);
@@ -783,13 +882,25 @@ mod tests {
             x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
             let mut cpu = crate::engine::cpu::CpuEngine::new(&w).unwrap();
             let want = cpu.forward(&x, n, tile, true).unwrap();
-            let mut e = CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap();
-            for round in 0..2 {
+            let mut e = CudaEngine::on(gpu.clone(), &w, backend).unwrap();
+            if backend == ConvBackend::TensorCore {
+                // SegResNet: every norm feeds one conv; DynUNet: all but the ones before a
+                // residual add or the decoder's concat.
+                let fused = e.steps.iter().filter(|s| matches!(s, Step::Norm { deferred: true, .. })).count();
+                let norms = e.steps.iter().filter(|s| matches!(s, Step::Norm { .. })).count();
+                eprintln!("{}: {fused} of {norms} norms fused", spec.arch.name());
+                assert!(fused > 0 && fused <= norms);
+                assert!(e.notes().iter().any(|n| n.contains(&format!("{fused} norm(s) applied in the next conv's loads"))), "{:?}", e.notes());
+            }
+            for round in 0..if quick { 1 } else { 2 } {
                 let got = e.forward(&x, n, tile, true).unwrap();
                 let a = spec.arch.name();
                 compare(&format!("{a} scores (round {round})"), &got.scores, &want.scores, 2e-2);
                 compare(&format!("{a} offsets (round {round})"), &got.offsets, &want.offsets, 2e-2);
                 compare(&format!("{a} fm2 (round {round})"), got.fm2.as_ref().unwrap(), want.fm2.as_ref().unwrap(), 2e-2);
+            }
+            if quick {
+                continue;
             }
             // The second round reused pooled buffers and must give identical results.
             let a = e.forward(&x, n, tile, false).unwrap();

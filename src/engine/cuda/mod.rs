@@ -10,8 +10,9 @@
 //! - `FASTDET_KERNEL_CACHE`: compiled-kernel cache (default `~/.cache/fastdet/kernels`);
 //! - `FASTDET_CUDA_INCLUDE`: directory holding `cuda_fp16.h` for NVRTC (else found next to the
 //!   NVRTC library on `LD_LIBRARY_PATH`, in `$VIRTUAL_ENV`, `$CUDA_HOME`, `/usr/local/cuda`);
-//! - `FASTDET_CONV=auto|cudnn|direct`: convolution backend (default auto: cuDNN, falling back to
-//!   `conv3d_igemm_f16` per shape);
+//! - `FASTDET_CONV=auto|cudnn|direct|tc`: convolution backend (default auto: cuDNN, falling back to
+//!   `conv3d_igemm_f16` per shape; tc: `conv3d_tc_f16` on tensor cores, each norm read by one conv
+//!   applied in that conv's loads);
 //! - `FASTDET_CUDA_SYNC=1`: synchronise after every kernel and name the one that failed;
 //! - `FASTDET_CUDNN_WORKSPACE_MIB`: largest cuDNN workspace (default 1024).
 //!
@@ -20,7 +21,8 @@
 //! `Settings::device_blend`).
 //!
 //! `emu` is a host emulator of every kernel (tests only): the engine and the self-test run on it
-//! here, without a GPU.
+//! here, without a GPU. `host_kernels` builds the kernels' own source for the host (the C++
+//! compiler and `kernels/host/`), so that the emulator can run the real kernel code instead.
 pub mod dnn;
 pub mod emu;
 pub mod engine;

@@ -353,7 +353,8 @@ pub fn norm_check(c: usize, groups: usize, vol: usize) -> Result<()> {
 
 /// GroupNorm / InstanceNorm (groups = c, no affine) with activations before (`pre`) and after
 /// (`post`): `x, y [n, vol, c]` fp16 (y may alias x); `partial` and `params` hold
-/// `norm_scratch_bytes` bytes.
+/// `norm_scratch_bytes` bytes. With `y = 0` only the statistics are computed: `params` then holds
+/// `[n][c][3]` (mean, scale, shift) for `NormPrologue`.
 #[allow(clippy::too_many_arguments)]
 pub fn norm(
     g: &Gpu,
@@ -406,6 +407,10 @@ pub fn norm(
             Arg::Ptr(params),
         ],
     )?;
+    if y == 0 {
+        // Statistics only: the next conv applies them while loading (conv3d_tc_f16's prologue).
+        return Ok(());
+    }
     g.launch(
         "norm_apply",
         (gs_blocks(vol * c / 2, NORM_THREADS), n as u32, 1),

@@ -1113,9 +1113,13 @@ fn networks(c: &mut Ctx, opts: &Options) {
         if c.dnn.is_some() {
             backends.push(ConvBackend::Direct);
         }
+        if tensor_cores(c).is_ok() {
+            backends.push(ConvBackend::TensorCore);
+        }
         for backend in backends {
             let label = match backend {
                 ConvBackend::Direct => format!("{arch} direct-conv"),
+                ConvBackend::TensorCore => format!("{arch} tensor-core fused"),
                 _ if c.dnn.is_some() => format!("{arch} cuDNN"),
                 _ => format!("{arch} direct-conv"),
             };
