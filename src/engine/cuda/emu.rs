@@ -331,15 +331,7 @@ impl Emu {
                 let kk = k * k * k;
                 let x = from_ndhwc(&self.rf16(a.p(0), n * d * h * w * cin)?, n, cin, d * h * w);
                 let wk = self.rf16(a.p(1), cout * kk * cin)?;
-                // [cout, k, k, k, cin] → [cout, cin, k, k, k]
-                let mut wt = vec![0.0; wk.len()];
-                for co in 0..cout {
-                    for t in 0..kk {
-                        for ci in 0..cin {
-                            wt[(co * cin + ci) * kk + t] = wk[(co * kk + t) * cin + ci];
-                        }
-                    }
-                }
+                let wt = from_ktrsc(&wk, cout, cin, kk);
                 let bias = match a.opt(2) {
                     Some(p) => Some(self.rf32(p, cout)?),
                     None => None,
@@ -375,14 +367,7 @@ impl Emu {
                 let x = from_ndhwc(&xh, n, cin, ivol);
                 let kk = k * k * k;
                 let wk = self.rf16(a.p(1), cout * kk * cin)?;
-                let mut wt = vec![0.0; wk.len()];
-                for co in 0..cout {
-                    for t in 0..kk {
-                        for ci in 0..cin {
-                            wt[(co * cin + ci) * kk + t] = wk[(co * kk + t) * cin + ci];
-                        }
-                    }
-                }
+                let wt = from_ktrsc(&wk, cout, cin, kk);
                 let mut o = vec![0.0; n * cout * ovol];
                 conv::conv3d(&x, n, s, &wt, None, Act::None, &mut o);
                 let mut y = to_ndhwc(&o, n, cout, ovol);
@@ -852,6 +837,20 @@ pub fn to_ndhwc(x: &[f32], n: usize, c: usize, vol: usize) -> Vec<f32> {
 }
 
 /// `[n, vol, c]` → `[n, c, vol]`.
+/// Conv weights `[cout, k, k, k, cin]` (the kernels' layout) → `[cout, cin, k, k, k]` (the CPU's);
+/// `kk` = k³.
+fn from_ktrsc(w: &[f32], cout: usize, cin: usize, kk: usize) -> Vec<f32> {
+    let mut out = vec![0.0; w.len()];
+    for co in 0..cout {
+        for t in 0..kk {
+            for ci in 0..cin {
+                out[(co * cin + ci) * kk + t] = w[(co * kk + t) * cin + ci];
+            }
+        }
+    }
+    out
+}
+
 pub fn from_ndhwc(x: &[f32], n: usize, c: usize, vol: usize) -> Vec<f32> {
     let mut y = vec![0.0; x.len()];
     for b in 0..n {

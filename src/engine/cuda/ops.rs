@@ -148,6 +148,27 @@ pub fn conv_out_dims(dims: [usize; 3], k: usize, stride: usize, pad: usize) -> [
     dims.map(|l| (l + 2 * pad).saturating_sub(k) / stride + 1)
 }
 
+/// The implicit-GEMM kernels' shape checks (64-wide output-channel tiles, 32-bit indices) and
+/// their shared arguments `N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW`; also the GEMM's
+/// row count M (output voxels).
+#[allow(clippy::too_many_arguments)]
+fn igemm_shape(kernel: &str, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Result<(usize, [Arg; 12])> {
+    if cin == 0 || cout == 0 || k == 0 || stride == 0 {
+        bail!("{kernel}: empty shape");
+    }
+    let o = conv_out_dims(dims, k, stride, pad);
+    let m = n * vol(o);
+    check_i31("output voxels", m)?;
+    check_i31("input elements", n * vol(dims) * cin)?;
+    check_i31("output elements", m * cout)?;
+    check_i31("K", k * k * k * cin)?;
+    if cout.div_ceil(64) > 65535 {
+        bail!("{kernel}: {cout} output channels");
+    }
+    let i = |v: usize| Arg::I32(v as i32);
+    Ok((m, [i(n), i(dims[0]), i(dims[1]), i(dims[2]), i(cin), i(cout), i(k), i(stride), i(pad), i(o[0]), i(o[1]), i(o[2])]))
+}
+
 /// The generic implicit-GEMM convolution (no cuDNN): `x [n, dims, cin]` fp16, `w [cout, k, k, k,
 /// cin]` fp16, bias f32, out `[n, out dims, cout]` fp16.
 #[allow(clippy::too_many_arguments)]
@@ -166,40 +187,11 @@ pub fn conv_direct(
     pad: usize,
     act: Act,
 ) -> Result<()> {
-    if cin == 0 || cout == 0 || k == 0 || stride == 0 {
-        bail!("conv3d_igemm_f16: empty shape");
-    }
-    let o = conv_out_dims(dims, k, stride, pad);
-    let m = n * vol(o);
-    check_i31("output voxels", m)?;
-    check_i31("input elements", n * vol(dims) * cin)?;
-    check_i31("output elements", m * cout)?;
-    check_i31("K", k * k * k * cin)?;
-    if cout.div_ceil(64) > 65535 {
-        bail!("conv3d_igemm_f16: {cout} output channels");
-    }
+    let (m, shape) = igemm_shape("conv3d_igemm_f16", n, dims, cin, cout, k, stride, pad)?;
     let (ac, ap) = act_code(act);
-    let i = |v: usize| Arg::I32(v as i32);
-    let a = [
-        Arg::Ptr(x),
-        Arg::Ptr(w),
-        opt(bias),
-        Arg::Ptr(out),
-        i(n),
-        i(dims[0]),
-        i(dims[1]),
-        i(dims[2]),
-        i(cin),
-        i(cout),
-        i(k),
-        i(stride),
-        i(pad),
-        i(o[0]),
-        i(o[1]),
-        i(o[2]),
-        Arg::I32(ac),
-        Arg::F32(ap),
-    ];
+    let mut a = vec![Arg::Ptr(x), Arg::Ptr(w), opt(bias), Arg::Ptr(out)];
+    a.extend_from_slice(&shape);
+    a.extend_from_slice(&[Arg::I32(ac), Arg::F32(ap)]);
     g.launch("conv3d_igemm_f16", (m.div_ceil(64) as u32, cout.div_ceil(64) as u32, 1), (256, 1, 1), &a)
 }
 
@@ -233,48 +225,13 @@ pub fn conv_tc(
     pad: usize,
     act: Act,
 ) -> Result<()> {
-    if cin == 0 || cout == 0 || k == 0 || stride == 0 {
-        bail!("conv3d_tc_f16: empty shape");
-    }
-    let o = conv_out_dims(dims, k, stride, pad);
-    let m = n * vol(o);
-    check_i31("output voxels", m)?;
-    check_i31("input elements", n * vol(dims) * cin)?;
-    check_i31("output elements", m * cout)?;
-    check_i31("K", k * k * k * cin)?;
-    if cout.div_ceil(64) > 65535 {
-        bail!("conv3d_tc_f16: {cout} output channels");
-    }
+    let (m, shape) = igemm_shape("conv3d_tc_f16", n, dims, cin, cout, k, stride, pad)?;
     let (ac, ap) = act_code(act);
     let (pre, pre_p) = act_code(norm.map_or(Act::None, |p| p.pre));
     let (post, post_p) = act_code(norm.map_or(Act::None, |p| p.post));
-    let i = |v: usize| Arg::I32(v as i32);
-    let a = [
-        Arg::Ptr(x),
-        Arg::Ptr(w),
-        opt(bias),
-        opt(residual),
-        opt(norm.map(|p| p.params)),
-        Arg::Ptr(out),
-        i(n),
-        i(dims[0]),
-        i(dims[1]),
-        i(dims[2]),
-        i(cin),
-        i(cout),
-        i(k),
-        i(stride),
-        i(pad),
-        i(o[0]),
-        i(o[1]),
-        i(o[2]),
-        Arg::I32(pre),
-        Arg::F32(pre_p),
-        Arg::I32(post),
-        Arg::F32(post_p),
-        Arg::I32(ac),
-        Arg::F32(ap),
-    ];
+    let mut a = vec![Arg::Ptr(x), Arg::Ptr(w), opt(bias), opt(residual), opt(norm.map(|p| p.params)), Arg::Ptr(out)];
+    a.extend_from_slice(&shape);
+    a.extend_from_slice(&[Arg::I32(pre), Arg::F32(pre_p), Arg::I32(post), Arg::F32(post_p), Arg::I32(ac), Arg::F32(ap)]);
     g.launch("conv3d_tc_f16", (m.div_ceil(64) as u32, cout.div_ceil(64) as u32, 1), (128, 1, 1), &a)
 }
 
