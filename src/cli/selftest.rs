@@ -14,7 +14,8 @@ random weights) and a whole synthetic tomogram (2-model ensemble) against the CP
 and exits 1 on any failure, 2 when there is no usable GPU (no CUDA driver, no device).\n\
 --device emu runs everything on a slow host emulator of the kernels (to test the self-test itself);\n\
 --device emu-kernels runs the kernels' own CUDA source compiled for the host with the C++ compiler ($CXX or c++):\n\
-every kernel against its CPU twin without a GPU (use --quick or small shapes; every thread runs on the CPU).\n\
+every kernel against its CPU twin without a GPU (add --no-networks --no-pipeline: every thread runs on the CPU,\n\
+so the seed networks would take hours).\n\
 --device cpu checks the CPU engine's SIMD conv kernels (every instruction set the CPU has) against the direct\n\
 formula, and both seed networks on them against the portable path.\n\
 Examples:\n  fastdet selftest --device cuda:0 --quick\n  fastdet selftest --device cuda:0 --json selftest.json")]
