@@ -340,12 +340,7 @@ fn predict_maps_with(
 ) -> Result<Maps> {
     match predict_blended(ens, volume, shape, s, progress, timing, device_input)? {
         Blended::Host(maps) => Ok(maps),
-        Blended::Device(mut acc) => {
-            let t = Instant::now();
-            let maps = acc.read_maps()?;
-            timing.blend += t.elapsed().as_secs_f64();
-            Ok(maps)
-        }
+        Blended::Device(mut acc) => read_device_maps(&mut acc, timing),
     }
 }
 
@@ -387,23 +382,13 @@ fn predict_and_detect_with(
                 Ok(cands) => {
                     let dets = detect_from_candidates(cands, acc.dims(), s.iou_threshold, s.pre_nms_top_k, stride, &sigmas_for(s.voxel_size));
                     timing.detect += t.elapsed().as_secs_f64();
-                    let maps = if want_maps {
-                        let t = Instant::now();
-                        let maps = acc.read_maps()?;
-                        timing.blend += t.elapsed().as_secs_f64();
-                        Some(maps)
-                    } else {
-                        None
-                    };
+                    let maps = if want_maps { Some(read_device_maps(&mut acc, timing)?) } else { None };
                     return Ok((dets, maps));
                 }
                 Err(e) if e.downcast_ref::<OutOfMemory>().is_some() => {
                     eprintln!("  the detection candidates do not fit on the device ({e:#}); detecting on the host");
                     timing.detect += t.elapsed().as_secs_f64();
-                    let t = Instant::now();
-                    let maps = acc.read_maps()?;
-                    timing.blend += t.elapsed().as_secs_f64();
-                    maps
+                    read_device_maps(&mut acc, timing)?
                 }
                 Err(e) => return Err(e),
             }
@@ -413,6 +398,14 @@ fn predict_and_detect_with(
     let dets = detect_maps(&maps, s, stride);
     timing.detect += t.elapsed().as_secs_f64();
     Ok((dets, want_maps.then_some(maps)))
+}
+
+/// The maps blended on the device, read back (timed as blending).
+fn read_device_maps(acc: &mut TomogramAccumulator, timing: &mut Timing) -> Result<Maps> {
+    let t = Instant::now();
+    let maps = acc.read_maps()?;
+    timing.blend += t.elapsed().as_secs_f64();
+    Ok(maps)
 }
 
 /// Blended maps: on the host, or finished on the device (`predict_maps`).

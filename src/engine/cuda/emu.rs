@@ -1,8 +1,9 @@
 //! A host emulator of the CUDA kernels (testing only).
 //!
 //! Device memory is a map of host byte blocks (real host addresses, guard bands around each);
-//! each kernel of `kernels/*.cu` is re-implemented here from its header comment (layouts, argument order, the
-//! launch geometry the kernel expects, fp16 storage with round-to-nearest-even). The launcher
+//! each kernel of `kernels/*.cu` is re-implemented here from its header comment (layouts,
+//! argument order, the launch geometry the kernel expects, fp16 storage with round-to-nearest-
+//! even). The launcher
 //! (`Gpu::launch`) has already checked the argument kinds against the `.cu` signatures, so running
 //! the engine and the self-test on the emulator exercises everything but the CUDA code itself:
 //! argument order and types, buffer sizes and aliasing, layouts, launch grids, fusion decisions.
@@ -37,8 +38,16 @@ impl Block {
     fn data(&mut self) -> &mut [u8] {
         &mut self.buf[self.off..self.off + self.len]
     }
-    fn guards_intact(&self) -> bool {
-        self.buf[..self.off].iter().chain(&self.buf[self.off + self.len..]).all(|&b| b == CANARY)
+    /// Whether the guard bands still hold their canaries; refills them either way, so that the
+    /// next launch reports only its own faults.
+    fn check_and_repair_guards(&mut self) -> bool {
+        let (off, len) = (self.off, self.len);
+        let intact = self.buf[..off].iter().chain(&self.buf[off + len..]).all(|&b| b == CANARY);
+        if !intact {
+            self.buf[..off].fill(CANARY);
+            self.buf[off + len..].fill(CANARY);
+        }
+        intact
     }
 }
 
@@ -117,10 +126,6 @@ impl Emu {
     /// The emulator running the kernels' own source (`host_kernels`).
     pub fn with_host_kernels(k: Arc<HostKernels>) -> Arc<Emu> {
         Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: Some(k) })
-    }
-
-    pub fn host_kernels(&self) -> Option<&Arc<HostKernels>> {
-        self.host.as_ref()
     }
 
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> EmuAlloc {
@@ -217,12 +222,8 @@ impl Emu {
         let mut m = m;
         let mut bad = None;
         for (base, b) in m.blocks.iter_mut() {
-            if !b.guards_intact() {
+            if !b.check_and_repair_guards() {
                 bad.get_or_insert((*base, b.len));
-                // Repaired, so that the next launch reports only its own faults.
-                let (off, len) = (b.off, b.len);
-                b.buf[..off].fill(CANARY);
-                b.buf[off + len..].fill(CANARY);
             }
         }
         match bad {
@@ -836,7 +837,6 @@ pub fn to_ndhwc(x: &[f32], n: usize, c: usize, vol: usize) -> Vec<f32> {
     y
 }
 
-/// `[n, vol, c]` → `[n, c, vol]`.
 /// Conv weights `[cout, k, k, k, cin]` (the kernels' layout) → `[cout, cin, k, k, k]` (the CPU's);
 /// `kk` = k³.
 fn from_ktrsc(w: &[f32], cout: usize, cin: usize, kk: usize) -> Vec<f32> {
@@ -851,6 +851,7 @@ fn from_ktrsc(w: &[f32], cout: usize, cin: usize, kk: usize) -> Vec<f32> {
     out
 }
 
+/// `[n, vol, c]` → `[n, c, vol]`.
 pub fn from_ndhwc(x: &[f32], n: usize, c: usize, vol: usize) -> Vec<f32> {
     let mut y = vec![0.0; x.len()];
     for b in 0..n {

@@ -10,11 +10,11 @@
 //!   missing, `FASTDET_CONV=direct`, or no cuDNN algorithm runs a shape) convolutions run on
 //!   `conv3d_igemm_f16` with bias + activation fused.
 //! - GroupNorm / InstanceNorm: `norm.cu` (three launches, fixed reduction order), in place when
-//!   the input dies there.
+//!   the input dies there. Add: `add_act_f16`, in place likewise.
 //! - `ConvBackend::TensorCore` (`FASTDET_CONV=tc`): general convolutions on `conv3d_tc_f16`
 //!   (WMMA), bias + activation in its store; a norm whose only reader is such a conv computes its
 //!   statistics only (`Val::Pending`) and the conv applies it while loading, so the normalised
-//!   activation is never written. Add: `add_act_f16`, in place likewise.
+//!   activation is never written.
 //! - Upsample2x followed by the decoder's skip Add: one `upsample2x_add_f16`.
 //! - ConvTranspose2 feeding a Concat: written straight into channels `[0, cout)` of the concat
 //!   buffer; the skip is copied into the channels after it (`copy_channels_f16`).
@@ -260,10 +260,7 @@ impl CudaEngine {
         let last = graph.last_use();
         let tc = backend == ConvBackend::TensorCore;
         if tc {
-            let cc = gpu.info.compute_capability;
-            if !gpu.is_emulator() && cc < (7, 0) {
-                bail!("FASTDET_CONV=tc needs tensor cores (compute capability 7.0+); {} has {}.{}", gpu.info.name, cc.0, cc.1);
-            }
+            gpu.check_tensor_cores().map_err(|why| anyhow!("FASTDET_CONV=tc: {why}"))?;
         }
         let steps = guard("uploading weights", || Self::build_steps(&gpu, &graph, &last, weights, dnn.is_some(), tc))?;
         if tc {
@@ -714,7 +711,7 @@ impl CudaEngine {
                 let (pb, qb) = ops::norm_scratch_bytes(n, c_in, v);
                 let partial = self.take(pb)?;
                 let params = self.take(qb)?;
-                let r = ops::norm(&gpu, x, 0, n, c_in, v, groups, gamma, beta, Act::None, act, partial.ptr, params.ptr);
+                let r = ops::norm(&gpu, x, None, n, c_in, v, groups, gamma, beta, Act::None, act, partial.ptr, params.ptr);
                 self.pool.give(partial);
                 let owned = self.take_in_place(vals, op.inputs[0], i);
                 vals[op.output] = Some(Val::Pending { x, owned, params, post: act });
@@ -732,7 +729,7 @@ impl CudaEngine {
                 let (pb, qb) = ops::norm_scratch_bytes(n, c_in, v);
                 let partial = self.take(pb)?;
                 let params = self.take(qb)?;
-                let r = ops::norm(&gpu, x, out.ptr, n, c_in, v, groups, gamma, beta, Act::None, act, partial.ptr, params.ptr);
+                let r = ops::norm(&gpu, x, Some(out.ptr), n, c_in, v, groups, gamma, beta, Act::None, act, partial.ptr, params.ptr);
                 self.pool.give(partial);
                 self.pool.give(params);
                 vals[op.output] = Some(Val::H(out));

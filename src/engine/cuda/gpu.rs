@@ -293,6 +293,17 @@ impl Gpu {
         matches!(self.inner, Inner::Emu(_))
     }
 
+    /// Whether `conv3d_tc_f16` can run here (WMMA needs compute capability 7.0; the emulators run
+    /// it), else why not.
+    pub fn check_tensor_cores(&self) -> std::result::Result<(), String> {
+        let cc = self.info.compute_capability;
+        if self.is_emulator() || cc >= (7, 0) {
+            Ok(())
+        } else {
+            Err(format!("{}: compute capability {}.{} has no tensor cores (conv3d_tc_f16 needs 7.0)", self.info.name, cc.0, cc.1))
+        }
+    }
+
     /// The CUDA stream (None for the emulator).
     pub fn stream(&self) -> Option<&Arc<CudaStream>> {
         match &self.inner {

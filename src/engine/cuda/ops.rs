@@ -310,13 +310,13 @@ pub fn norm_check(c: usize, groups: usize, vol: usize) -> Result<()> {
 
 /// GroupNorm / InstanceNorm (groups = c, no affine) with activations before (`pre`) and after
 /// (`post`): `x, y [n, vol, c]` fp16 (y may alias x); `partial` and `params` hold
-/// `norm_scratch_bytes` bytes. With `y = 0` only the statistics are computed: `params` then holds
+/// `norm_scratch_bytes` bytes. Without `y` only the statistics are computed: `params` then holds
 /// `[n][c][3]` (mean, scale, shift) for `NormPrologue`.
 #[allow(clippy::too_many_arguments)]
 pub fn norm(
     g: &Gpu,
     x: u64,
-    y: u64,
+    y: Option<u64>,
     n: usize,
     c: usize,
     vol: usize,
@@ -364,10 +364,9 @@ pub fn norm(
             Arg::Ptr(params),
         ],
     )?;
-    if y == 0 {
-        // Statistics only: the next conv applies them while loading (conv3d_tc_f16's prologue).
-        return Ok(());
-    }
+    // Without an output, the statistics only: the next conv applies them while loading
+    // (conv3d_tc_f16's prologue).
+    let Some(y) = y else { return Ok(()) };
     g.launch(
         "norm_apply",
         (gs_blocks(vol * c / 2, NORM_THREADS), n as u32, 1),

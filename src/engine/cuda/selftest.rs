@@ -488,16 +488,6 @@ fn layout_cases(c: &mut Ctx) {
     }
 }
 
-/// Whether `conv3d_tc_f16` can run here (WMMA needs compute capability 7.0; the emulators run it).
-fn tensor_cores(c: &Ctx) -> std::result::Result<(), String> {
-    let cc = c.gpu.info.compute_capability;
-    if c.gpu.is_emulator() || cc >= (7, 0) {
-        Ok(())
-    } else {
-        Err(format!("compute capability {}.{} has no tensor cores (conv3d_tc_f16 needs 7.0)", cc.0, cc.1))
-    }
-}
-
 /// `conv3d_tc_f16` with everything fused: the previous norm (+ activation) applied while loading,
 /// bias, residual (once in place: residual = out) and activation in the store. CPU twin: norm_apply's
 /// formula, rounded to fp16, then the CPU conv, + residual, activation.
@@ -519,7 +509,7 @@ fn conv_tc_fused_cases(c: &mut Ctx) {
         let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
         let in_place = ci == 0;
         let name = format!("conv3d_tc_f16 {k}x{k}x{k}/s{stride} norm{post}+bias{}{act}", if !residual { "" } else if in_place { "+res in place" } else { "+res" });
-        if let Err(why) = tensor_cores(c) {
+        if let Err(why) = c.gpu.check_tensor_cores() {
             c.skip(&name, &shape, why);
             continue;
         }
@@ -649,7 +639,7 @@ fn conv_cases(c: &mut Ctx) {
             Ok(())
         });
         let tc_name = format!("conv3d_tc_f16 {desc}");
-        match tensor_cores(c) {
+        match c.gpu.check_tensor_cores() {
             Err(why) => c.skip(&tc_name, &shape, why),
             Ok(()) => c.case(&tc_name.clone(), &shape.clone(), |c| {
                 let (xb, wb, bb) = upload(c)?;
@@ -785,7 +775,7 @@ fn norm_cases(c: &mut Ctx) {
             let (pb, qb) = ops::norm_scratch_bytes(n, ch, v);
             let partial = c.gpu.alloc(pb)?;
             let params = c.gpu.alloc(qb)?;
-            ops::norm(&c.gpu, xb.ptr, y, n, ch, v, groups, gb.as_ref().map(|b| b.ptr), bb.as_ref().map(|b| b.ptr), pre, post, partial.ptr, params.ptr)?;
+            ops::norm(&c.gpu, xb.ptr, Some(y), n, ch, v, groups, gb.as_ref().map(|b| b.ptr), bb.as_ref().map(|b| b.ptr), pre, post, partial.ptr, params.ptr)?;
             let got = from_ndhwc(&c.rd16(yb.as_ref().unwrap_or(&xb), n * v * ch)?, n, ch, v);
             c.cmp(&name, &shape, &got, &want, TOL_FP16);
             Ok(())
@@ -1113,7 +1103,7 @@ fn networks(c: &mut Ctx, opts: &Options) {
         if c.dnn.is_some() {
             backends.push(ConvBackend::Direct);
         }
-        if tensor_cores(c).is_ok() {
+        if c.gpu.check_tensor_cores().is_ok() {
             backends.push(ConvBackend::TensorCore);
         }
         for backend in backends {
