@@ -20,9 +20,16 @@
 // and x, w are 16-byte aligned, 8 channels of one tap load as one 16-byte vector; otherwise element
 // by element (any Cin, Cout). grid (ceil(M / TC_BM), ceil(Cout / TC_BN)), block TC_THREADS exactly.
 //
+// Statistics for the next normalisation (optional): each block also reduces its stored fp16
+// outputs per channel, so the norm that reads `out` needs no pass of its own over it. The
+// TC_BM rows of a block must lie in one sample (OD*OH*OW % TC_BM == 0, the host checks); per
+// channel the block writes (sum v, sum (v - mean_b)^2) with mean_b = sum v / TC_BM, both f32 in
+// row order (no atomics), which norm.cu::norm_finalize_tiles merges in f64 (Chan et al.).
+//
 // Layout: x [N, D, H, W, Cin] fp16; w [Cout, k, k, k, Cin] fp16 (the cuDNN / conv3d_igemm_f16
 // filter buffer); bias [Cout] f32 or null; residual [N, OD, OH, OW, Cout] fp16 or null (may be
-// `out` itself); norm [N][Cin][3] f32 or null; out [N, OD, OH, OW, Cout] fp16. M < 2^31.
+// `out` itself); norm [N][Cin][3] f32 or null; out [N, OD, OH, OW, Cout] fp16; stats
+// [N][OD*OH*OW / TC_BM][Cout][2] f32 or null. M < 2^31.
 #include <cuda_fp16.h>
 #include <mma.h>
 
@@ -50,7 +57,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
               const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
               int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p,
-              int norm_act, float norm_p, int act, float p) {
+              int norm_act, float norm_p, int act, float p, float* __restrict__ stats) {
     __shared__ __align__(32) __half As[TC_BM][TC_BK + TC_APAD];
     __shared__ __align__(32) __half Bs[TC_BN][TC_BK + TC_APAD];
     __shared__ __align__(32) float Cs[TC_BM][TC_BN + TC_CPAD];
@@ -185,6 +192,30 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
         if (bias) v = __fadd_rn(v, bias[co]);
         const size_t o = (size_t)m * Cout + co;
         if (residual) v = __fadd_rn(v, __half2float(residual[o]));
-        out[o] = __float2half_rn(fd_act(v, act, p));
+        const __half y = __float2half_rn(fd_act(v, act, p));
+        out[o] = y;
+        if (stats) Cs[r][c] = __half2float(y);
+    }
+    if (stats) {
+        __syncthreads();
+        // One thread per channel, rows in order: the block's sum, then the squared deviations
+        // from its own mean (exact IEEE operations, so every device gives the same partials).
+        const int co = j0 + t;
+        if (t < TC_BN && co < Cout) {
+            float s = 0.0f;
+            for (int r = 0; r < TC_BM; ++r) s = __fadd_rn(s, Cs[r][t]);
+            const float mean = __fdiv_rn(s, (float)TC_BM);
+            float q = 0.0f;
+            for (int r = 0; r < TC_BM; ++r) {
+                const float d = __fsub_rn(Cs[r][t], mean);
+                q = __fadd_rn(q, __fmul_rn(d, d));
+            }
+            const int ovol = OD * OH * OW;
+            const int nblk = ovol / TC_BM;
+            const int n = m0 / ovol, b = (m0 - n * ovol) / TC_BM;
+            float* dst = stats + (((size_t)n * nblk + b) * Cout + co) * 2;
+            dst[0] = s;
+            dst[1] = q;
+        }
     }
 }

@@ -22,6 +22,11 @@
 //      shift = beta) as f32, like the CPU's (mean as f32, (rstd * gamma) as f32, beta).
 //   3. norm_apply           grid (any, N), any block size; grid-stride over the vol * C/2 (< 2^31)
 //      pairs of one sample; y may alias x.
+// When the convolution that wrote x already reduced it (conv_tc.cu's statistics epilogue: per
+// block of `per` voxels, (sum v, sum (v - block mean)^2)), norm_finalize_tiles replaces steps 1
+// and 2: per channel, the mean is the f64 tree sum of the block sums over vol, and M2 the tree sum
+// of (M2_b + per * (mean_b - mean)^2) (Chan et al.); the group step is norm_finalize's. No pre-act
+// (the statistics are of x as stored).
 #include <cuda_fp16.h>
 
 #define NORM_THREADS 256
@@ -87,6 +92,34 @@ norm_stats_partial(const __half* __restrict__ x, long long vol, int C, int vox_p
     }
 }
 
+// The group's statistics from its channels' (mean, M2) (equal counts cnt), in channel order: the
+// mean of the channel means and M2 = sum(m2_c + cnt * (mean_c - mean)^2) (Chan et al.); writes
+// params[n][c] = (mean, rstd * gamma, beta) for the group's channels. Every thread computes the
+// same group values; the writes are split between them.
+__device__ void norm_group_params(const double* ch_mean, const double* ch_m2, int cpg, double cnt, int g, int n, int C,
+                                  const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
+                                  float* __restrict__ params) {
+    double mean = 0.0;
+    for (int k = 0; k < cpg; ++k) mean += ch_mean[k];
+    mean /= (double)cpg;
+    double m2 = 0.0;
+    for (int k = 0; k < cpg; ++k) {
+        const double d = ch_mean[k] - mean;
+        m2 += ch_m2[k] + cnt * d * d;
+    }
+    const double var = fmax(m2 / cnt / (double)cpg, 0.0);
+    const double rstd = 1.0 / sqrt(var + (double)eps);
+    for (int k = threadIdx.x; k < cpg; k += blockDim.x) {
+        const int c = g * cpg + k;
+        const double gm = gamma ? (double)gamma[c] : 1.0;
+        const double bt = beta ? (double)beta[c] : 0.0;
+        float* o = params + ((size_t)n * C + c) * 3;
+        o[0] = (float)mean;
+        o[1] = (float)(rstd * gm);
+        o[2] = (float)bt;
+    }
+}
+
 // params: [N][C][3] f32 = (mean, scale, shift); gamma / beta may be null (no affine).
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 norm_finalize(const __half* __restrict__ x, const float* __restrict__ partial, long long vol, int C,
@@ -132,27 +165,57 @@ norm_finalize(const __half* __restrict__ x, const float* __restrict__ partial, l
         }
         __syncthreads();
     }
-    // Group statistics from the channels (equal counts), in channel order: the mean of the channel
-    // means, and M2 = sum(m2_c + cnt * (mean_c - mean)^2) (Chan et al.).
-    double mean = 0.0;
-    for (int k = 0; k < cpg; ++k) mean += ch_mean[k];
-    mean /= (double)cpg;
-    double m2 = 0.0;
+    norm_group_params(ch_mean, ch_m2, cpg, cnt, g, n, C, gamma, beta, eps, params);
+}
+
+// norm_finalize from a convolution's per-block statistics: partial [N][nblk][C][2] = (sum v,
+// sum (v - mean_b)^2) over `per` voxels each, vol = nblk * per. grid (G, N), block NORM_THREADS.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+norm_finalize_tiles(const float* __restrict__ partial, long long vol, int C, int groups, int nblk, int per,
+                    const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
+                    float* __restrict__ params) {
+    __shared__ double r[NORM_THREADS];
+    __shared__ double ch_mean[NORM_MAX_CPG];
+    __shared__ double ch_m2[NORM_MAX_CPG];
+    const int g = blockIdx.x;
+    const int n = blockIdx.y;
+    const int t = threadIdx.x;
+    const int cpg = C / groups;
+    if (cpg < 1 || cpg > NORM_MAX_CPG) return;  // unsupported shape: the host checks
+    const double cnt = (double)vol;
+    const double bcnt = (double)per;
     for (int k = 0; k < cpg; ++k) {
-        const double d = ch_mean[k] - mean;
-        m2 += ch_m2[k] + cnt * d * d;
-    }
-    const double var = fmax(m2 * inv_cnt / (double)cpg, 0.0);
-    const double rstd = 1.0 / sqrt(var + (double)eps);
-    for (int k = t; k < cpg; k += NORM_THREADS) {
         const int c = g * cpg + k;
-        const double gm = gamma ? (double)gamma[c] : 1.0;
-        const double bt = beta ? (double)beta[c] : 0.0;
-        float* o = params + ((size_t)n * C + c) * 3;
-        o[0] = (float)mean;
-        o[1] = (float)(rstd * gm);
-        o[2] = (float)bt;
+        const float* p = partial + ((size_t)n * nblk * C + c) * 2;
+        const size_t step = (size_t)C * 2;
+        double s = 0.0;
+        for (int b = t; b < nblk; b += NORM_THREADS) s += (double)p[b * step];
+        r[t] = s;
+        __syncthreads();
+        for (int w = NORM_THREADS / 2; w > 0; w >>= 1) {
+            if (t < w) r[t] += r[t + w];
+            __syncthreads();
+        }
+        const double mean = r[0] / cnt;
+        __syncthreads();  // everyone has read r[0] before it is reused
+        double q = 0.0;
+        for (int b = t; b < nblk; b += NORM_THREADS) {
+            const double d = (double)p[b * step] / bcnt - mean;
+            q += (double)p[b * step + 1] + bcnt * d * d;
+        }
+        r[t] = q;
+        __syncthreads();
+        for (int w = NORM_THREADS / 2; w > 0; w >>= 1) {
+            if (t < w) r[t] += r[t + w];
+            __syncthreads();
+        }
+        if (t == 0) {
+            ch_mean[k] = mean;
+            ch_m2[k] = r[0];
+        }
+        __syncthreads();
     }
+    norm_group_params(ch_mean, ch_m2, cpg, cnt, g, n, C, gamma, beta, eps, params);
 }
 
 // y = post_act((pre_act(x) - mean) * scale + shift); y may alias x. grid.y = sample.

@@ -389,6 +389,24 @@ impl Emu {
                     }
                     *v = act.apply(*v);
                 }
+                if let Some(sp) = a.opt(24) {
+                    // Per 64-row block and channel: (sum, squared deviations from the block mean)
+                    // of the stored fp16 values, f32 in row order.
+                    ensure!(ovol % 64 == 0, "statistics need OD*OH*OW % 64 == 0");
+                    let nblk = ovol / 64;
+                    let mut part = vec![0.0f32; n * nblk * cout * 2];
+                    for (blk, rows) in y.chunks(64 * cout).enumerate() {
+                        for co in 0..cout {
+                            let col = || rows.iter().skip(co).step_by(cout).map(|&v| f16::from_f32(v).to_f32());
+                            let s: f32 = col().fold(0.0, |a, v| a + v);
+                            let mean = s / 64.0;
+                            let q: f32 = col().fold(0.0, |a, v| a + (v - mean) * (v - mean));
+                            part[(blk * cout + co) * 2] = s;
+                            part[(blk * cout + co) * 2 + 1] = q;
+                        }
+                    }
+                    self.wf32(sp, &part)?;
+                }
                 self.wf16(a.p(5), &y)
             }
             "conv_transpose2_f16" => {
@@ -493,20 +511,50 @@ impl Emu {
                             means.push(pivot + s1 / cnt);
                             m2s.push((s2 - s1 * s1 / cnt).max(0.0));
                         }
-                        let mean = means.iter().sum::<f64>() / cpg as f64;
-                        let m2: f64 = means.iter().zip(&m2s).map(|(mc, m2c)| m2c + cnt * (mc - mean) * (mc - mean)).sum();
-                        let var = (m2 / cnt / cpg as f64).max(0.0);
-                        let rstd = 1.0 / (var + eps).sqrt();
-                        for k in 0..cpg {
-                            let ch = g * cpg + k;
-                            let o = (b * c + ch) * 3;
-                            params[o] = mean as f32;
-                            params[o + 1] = (rstd * gamma.as_ref().map_or(1.0, |v| v[ch] as f64)) as f32;
-                            params[o + 2] = beta.as_ref().map_or(0.0, |v| v[ch]);
-                        }
+                        group_params(&means, &m2s, cnt, eps, g * cpg, gamma.as_deref(), beta.as_deref(), &mut params[b * c * 3..(b + 1) * c * 3]);
                     }
                 }
                 self.wf32(a.p(11), &params)
+            }
+            "norm_finalize_tiles" => {
+                // partial, vol, C, groups, nblk, per, gamma, beta, eps, params; grid (G, N).
+                let (vol, c, groups, nblk, per) = (a.u(1), a.u(2), a.u(3), a.u(4), a.u(5));
+                let eps = a.f(8) as f64;
+                ensure!(threads == 256, "block must be NORM_THREADS = 256");
+                ensure!(gx == groups && groups > 0 && c % groups == 0 && c / groups <= 512, "grid.x must be the group count");
+                ensure!(nblk * per == vol, "{nblk} blocks of {per} voxels are not the volume {vol}");
+                let n = gy;
+                let cpg = c / groups;
+                let part = self.rf32(a.p(0), n * nblk * c * 2)?;
+                let gamma = match a.opt(6) {
+                    Some(p) => Some(self.rf32(p, c)?),
+                    None => None,
+                };
+                let beta = match a.opt(7) {
+                    Some(p) => Some(self.rf32(p, c)?),
+                    None => None,
+                };
+                let mut params = vec![0.0f32; n * c * 3];
+                let (cnt, bc) = (vol as f64, per as f64);
+                for b in 0..n {
+                    for g in 0..groups {
+                        let (mut means, mut m2s) = (Vec::with_capacity(cpg), Vec::with_capacity(cpg));
+                        for ch in g * cpg..(g + 1) * cpg {
+                            let blk = |i: usize| &part[((b * nblk + i) * c + ch) * 2..][..2];
+                            let mean = (0..nblk).map(|i| blk(i)[0] as f64).sum::<f64>() / cnt;
+                            let m2: f64 = (0..nblk)
+                                .map(|i| {
+                                    let d = blk(i)[0] as f64 / bc - mean;
+                                    blk(i)[1] as f64 + bc * d * d
+                                })
+                                .sum();
+                            means.push(mean);
+                            m2s.push(m2);
+                        }
+                        group_params(&means, &m2s, cnt, eps, g * cpg, gamma.as_deref(), beta.as_deref(), &mut params[b * c * 3..(b + 1) * c * 3]);
+                    }
+                }
+                self.wf32(a.p(9), &params)
             }
             "norm_apply" => {
                 // x, y, vol, C, params, pre, pre_p, post, post_p; grid (any, N).
@@ -839,6 +887,23 @@ pub fn to_ndhwc(x: &[f32], n: usize, c: usize, vol: usize) -> Vec<f32> {
 
 /// Conv weights `[cout, k, k, k, cin]` (the kernels' layout) → `[cout, cin, k, k, k]` (the CPU's);
 /// `kk` = k³.
+/// norm.cu::norm_group_params: one group's `(mean, rstd * gamma, beta)` into `params[c0..c0 +
+/// cpg]` (a sample's `[c][3]` slice) from its channels' means and M2 (each over `cnt` values).
+#[allow(clippy::too_many_arguments)]
+fn group_params(means: &[f64], m2s: &[f64], cnt: f64, eps: f64, c0: usize, gamma: Option<&[f32]>, beta: Option<&[f32]>, params: &mut [f32]) {
+    let cpg = means.len() as f64;
+    let mean = means.iter().sum::<f64>() / cpg;
+    let m2: f64 = means.iter().zip(m2s).map(|(mc, m2c)| m2c + cnt * (mc - mean) * (mc - mean)).sum();
+    let var = (m2 / cnt / cpg).max(0.0);
+    let rstd = 1.0 / (var + eps).sqrt();
+    for k in 0..means.len() {
+        let ch = c0 + k;
+        params[ch * 3] = mean as f32;
+        params[ch * 3 + 1] = (rstd * gamma.map_or(1.0, |v| v[ch] as f64)) as f32;
+        params[ch * 3 + 2] = beta.map_or(0.0, |v| v[ch]);
+    }
+}
+
 fn from_ktrsc(w: &[f32], cout: usize, cin: usize, kk: usize) -> Vec<f32> {
     let mut out = vec![0.0; w.len()];
     for co in 0..cout {

@@ -14,7 +14,10 @@
 //! - `ConvBackend::TensorCore` (`FASTDET_CONV=tc`): general convolutions on `conv3d_tc_f16`
 //!   (WMMA), bias + activation in its store; a norm whose only reader is such a conv computes its
 //!   statistics only (`Val::Pending`) and the conv applies it while loading, so the normalised
-//!   activation is never written.
+//!   activation is never written. A conv whose output goes only to a residual Add adds the other
+//!   operand in its store; a conv (or conv + Add) whose output a norm reads also writes that
+//!   norm's per-block statistics (when the output volume is a multiple of 64 voxels), so the norm
+//!   makes no pass of its own over the activation.
 //! - Upsample2x followed by the decoder's skip Add: one `upsample2x_add_f16`.
 //! - ConvTranspose2 feeding a Concat: written straight into channels `[0, cout)` of the concat
 //!   buffer; the skip is copied into the channels after it (`copy_channels_f16`).
@@ -87,6 +90,12 @@ struct ConvStep {
     use_dnn: bool,
     /// General convolutions: run on conv3d_tc_f16.
     tc: bool,
+    /// Tensor-core convolutions: the next op is an Add of this output and another value, done in
+    /// the conv's store.
+    fuse_add: bool,
+    /// Tensor-core convolutions: a norm reads the output (after the fused Add): write its
+    /// per-block statistics.
+    stats: bool,
 }
 
 enum Step {
@@ -119,7 +128,7 @@ enum Val {
 /// A step's parameters by value (device addresses), so `exec` can borrow the engine mutably.
 #[derive(Clone, Copy)]
 enum StepInfo {
-    Conv { kind: ConvKind, cin: usize, cout: usize, k: usize, stride: usize, pad: usize, act: Act, w: u64, bias: Option<u64>, use_dnn: bool, tc: bool },
+    Conv { kind: ConvKind, cin: usize, cout: usize, k: usize, stride: usize, pad: usize, act: Act, w: u64, bias: Option<u64>, use_dnn: bool, tc: bool, fuse_add: bool, stats: bool },
     ConvT { w: u64, cin: usize, cout: usize, into_concat: Option<usize> },
     Norm { groups: usize, gamma: Option<u64>, beta: Option<u64>, act: Act, deferred: bool },
     Add,
@@ -142,6 +151,8 @@ impl Step {
                 bias: c.bias.as_ref().map(|b| b.ptr),
                 use_dnn: c.use_dnn,
                 tc: c.tc,
+                fuse_add: c.fuse_add,
+                stats: c.stats,
             },
             Step::ConvT { w, cin, cout, into_concat } => StepInfo::ConvT { w: w.ptr, cin: *cin, cout: *cout, into_concat: *into_concat },
             Step::Norm { groups, gamma, beta, act, deferred } => StepInfo::Norm {
@@ -201,6 +212,8 @@ pub struct CudaEngine {
     name: String,
     backend: ConvBackend,
     notes: Vec<String>,
+    /// Per value, during a walk: the per-block statistics a tensor-core conv wrote for it.
+    tile_stats: Vec<Option<DevBuf>>,
 }
 
 fn f32_of(w: &Weights, name: &str) -> Result<Vec<f32>> {
@@ -264,8 +277,10 @@ impl CudaEngine {
         }
         let steps = guard("uploading weights", || Self::build_steps(&gpu, &graph, &last, weights, dnn.is_some(), tc))?;
         if tc {
-            let fused = steps.iter().filter(|s| matches!(s, Step::Norm { deferred: true, .. })).count();
-            notes.push(format!("convolutions on conv3d_tc_f16 (tensor cores); {fused} norm(s) applied in the next conv's loads"));
+            let (deferred, stats, adds) = Self::fusion_counts(&steps);
+            notes.push(format!(
+                "convolutions on conv3d_tc_f16 (tensor cores); {deferred} norm(s) applied in the next conv's loads, {stats} conv(s) writing the next norm's statistics, {adds} residual add(s) in the conv's store"
+            ));
         }
         gpu.sync("uploading weights")?;
         Ok(CudaEngine {
@@ -280,7 +295,17 @@ impl CudaEngine {
             name: weights.name.clone(),
             backend,
             notes,
+            tile_stats: Vec::new(),
         })
+    }
+
+    /// (norms applied in a conv's loads, convs writing a norm's statistics, Adds done in a
+    /// conv's store).
+    fn fusion_counts(steps: &[Step]) -> (usize, usize, usize) {
+        let deferred = steps.iter().filter(|s| matches!(s, Step::Norm { deferred: true, .. })).count();
+        let stats = steps.iter().filter(|s| matches!(s, Step::Conv(c) if c.stats)).count();
+        let adds = steps.iter().filter(|s| matches!(s, Step::Conv(c) if c.fuse_add)).count();
+        (deferred, stats, adds)
     }
 
     fn build_steps(gpu: &Gpu, g: &Graph, last: &[usize], w: &Weights, have_dnn: bool, tc: bool) -> Result<Vec<Step>> {
@@ -313,7 +338,15 @@ impl CudaEngine {
                     };
                     // bias_act_f16 needs an even width; odd widths (a fallback head) go direct.
                     let use_dnn = have_dnn && kind == ConvKind::General && cout % 2 == 0;
-                    Step::Conv(ConvStep { kind, cin, cout, k, stride, pad, act, w: wt, bias, use_dnn, tc: tc && kind == ConvKind::General })
+                    let tc = tc && kind == ConvKind::General;
+                    // The store computes act(conv + bias + residual): the Add must come before
+                    // any activation, and it must be the output's only reader.
+                    let fuse_add = tc
+                        && act == Act::None
+                        && g.ops.get(i + 1).is_some_and(|next| {
+                            matches!(next.kind, OpKind::Add) && next.inputs.contains(&op.output) && next.inputs[0] != next.inputs[1] && last[op.output] == i + 1
+                        });
+                    Step::Conv(ConvStep { kind, cin, cout, k, stride, pad, act, w: wt, bias, use_dnn, tc, fuse_add, stats: false })
                 }
                 OpKind::ConvTranspose2 { weight, cin, cout } => {
                     let into_concat = (i + 1..g.ops.len())
@@ -361,6 +394,21 @@ impl CudaEngine {
             };
             if let Step::Norm { deferred, .. } = &mut steps[i] {
                 *deferred = fusable;
+            }
+        }
+        // A norm whose input a tensor-core conv (or conv + fused Add) produces takes its
+        // statistics from that conv's store.
+        for i in 0..g.ops.len() {
+            if !matches!(steps[i], Step::Norm { .. }) {
+                continue;
+            }
+            let x = g.ops[i].inputs[0];
+            let Some(mut p) = (0..i).find(|&p| g.ops[p].output == x) else { continue };
+            if matches!(steps[p], Step::Add) && p > 0 && matches!(&steps[p - 1], Step::Conv(c) if c.fuse_add) {
+                p -= 1;
+            }
+            if let Step::Conv(c) = &mut steps[p] {
+                c.stats |= c.tc && !(g.ops[p].output == g.scores || g.ops[p].output == g.offsets);
             }
         }
         Ok(steps)
@@ -454,6 +502,8 @@ impl CudaEngine {
         let input_v = g.input;
         let mut vals: Vec<Option<Val>> = (0..nvals).map(|_| None).collect();
         vals[input_v] = Some(x);
+        // Left over from a failed walk: freed here.
+        self.tile_stats = (0..nvals).map(|_| None).collect();
 
         let mut i = 0;
         while i < self.graph.ops.len() {
@@ -499,6 +549,9 @@ impl CudaEngine {
             if let Some(v) = v.take() {
                 self.release(v);
             }
+        }
+        for s in std::mem::take(&mut self.tile_stats).into_iter().flatten() {
+            self.pool.give(s);
         }
         Ok(DeviceOutputs { scores, offsets, fm2, n, num_classes: nc, offset_channels: no, fm2_channels: nf, dims, fm2_dims: self.graph.dims(fm2_v, tile) })
     }
@@ -608,7 +661,7 @@ impl CudaEngine {
         let c_in = self.graph.values[op.inputs[0]].channels;
         let gpu = self.gpu.clone();
         match self.steps[i].info() {
-            StepInfo::Conv { kind, cin, cout, k, stride, pad, act, w, bias, use_dnn, tc } => {
+            StepInfo::Conv { kind, cin, cout, k, stride, pad, act, w, bias, use_dnn, tc, fuse_add, stats } => {
                 let (x, prologue) = match &vals[op.inputs[0]] {
                     Some(Val::Pending { x, params, post, .. }) if tc => (*x, Some(ops::NormPrologue { params: params.ptr, pre: Act::None, post: *post })),
                     _ => (Self::h(vals, op.inputs[0])?, None),
@@ -626,11 +679,38 @@ impl CudaEngine {
                         ops::head_conv(&gpu, x, w, bias, out.ptr, n, ovol, cin, cout, act)?;
                         vals[op.output] = Some(Val::F(out));
                     }
+                    ConvKind::General if tc && !is_out => {
+                        // The fused residual Add: out = conv + other, in the other's buffer when
+                        // the Add is its last reader and the conv does not read it.
+                        let (out_v, residual, out) = if fuse_add {
+                            let (add_inputs, add_out) = (self.graph.ops[i + 1].inputs.clone(), self.graph.ops[i + 1].output);
+                            let other = if add_inputs[0] == op.output { add_inputs[1] } else { add_inputs[0] };
+                            let rp = Self::h(vals, other)?;
+                            let own = if rp != x { self.take_in_place(vals, other, i + 1) } else { None };
+                            let out = match own {
+                                Some(b) => b,
+                                None => self.take(n * ovol * cout * 2)?,
+                            };
+                            (add_out, Some(rp), out)
+                        } else {
+                            (op.output, None, self.take(n * ovol * cout * 2)?)
+                        };
+                        let sb = match ops::conv_tc_stats_bytes(n, ovol, cout).filter(|_| stats) {
+                            Some(bytes) => Some(self.take(bytes)?),
+                            None => None,
+                        };
+                        let r = ops::conv_tc(&gpu, x, w, bias, residual, prologue, out.ptr, sb.as_ref().map(|b| b.ptr), n, in_dims, cin, cout, k, stride, pad, act);
+                        vals[out_v] = Some(Val::H(out));
+                        self.tile_stats[out_v] = sb;
+                        r?;
+                        return Ok(if fuse_add { 2 } else { 1 });
+                    }
                     ConvKind::General => {
                         let out = self.take(n * ovol * cout * 2)?;
                         let mut direct = !use_dnn && !tc;
                         if tc {
-                            ops::conv_tc(&gpu, x, w, bias, None, prologue, out.ptr, n, in_dims, cin, cout, k, stride, pad, act)?;
+                            // A head conv the head kernel cannot take.
+                            ops::conv_tc(&gpu, x, w, bias, None, prologue, out.ptr, None, n, in_dims, cin, cout, k, stride, pad, act)?;
                         }
                         if use_dnn {
                             match self.run_dnn(i, n, tile, in_dims, cin, cout, k, stride, pad, x, w, out.ptr) {
@@ -705,32 +785,25 @@ impl CudaEngine {
                 }
                 Ok(1)
             }
-            StepInfo::Norm { groups, gamma, beta, act, deferred: true } => {
+            StepInfo::Norm { groups, gamma, beta, act, deferred } => {
                 let v = vol(in_dims);
                 let x = Self::h(vals, op.inputs[0])?;
-                let (pb, qb) = ops::norm_scratch_bytes(n, c_in, v);
-                let partial = self.take(pb)?;
-                let params = self.take(qb)?;
-                let r = ops::norm(&gpu, x, None, n, c_in, v, groups, gamma, beta, Act::None, act, partial.ptr, params.ptr);
-                self.pool.give(partial);
+                let params = self.take(n * c_in * 3 * 4)?;
+                if let Err(e) = self.norm_params(op.inputs[0], x, n, c_in, v, groups, gamma, beta, act, params.ptr) {
+                    self.pool.give(params);
+                    return Err(e);
+                }
                 let owned = self.take_in_place(vals, op.inputs[0], i);
-                vals[op.output] = Some(Val::Pending { x, owned, params, post: act });
-                r?;
-                Ok(1)
-            }
-            StepInfo::Norm { groups, gamma, beta, act, deferred: false } => {
-                let v = vol(in_dims);
+                if deferred {
+                    vals[op.output] = Some(Val::Pending { x, owned, params, post: act });
+                    return Ok(1);
+                }
                 debug_assert!(op_in_place(&op.kind));
-                let x = Self::h(vals, op.inputs[0])?;
-                let out = match self.take_in_place(vals, op.inputs[0], i) {
+                let out = match owned {
                     Some(b) => b,
                     None => self.take(n * v * c_in * 2)?,
                 };
-                let (pb, qb) = ops::norm_scratch_bytes(n, c_in, v);
-                let partial = self.take(pb)?;
-                let params = self.take(qb)?;
-                let r = ops::norm(&gpu, x, Some(out.ptr), n, c_in, v, groups, gamma, beta, Act::None, act, partial.ptr, params.ptr);
-                self.pool.give(partial);
+                let r = ops::norm_apply(&gpu, x, out.ptr, n, c_in, v, params.ptr, Act::None, act);
                 self.pool.give(params);
                 vals[op.output] = Some(Val::H(out));
                 r?;
@@ -774,6 +847,22 @@ impl CudaEngine {
                 }
             }
         }
+    }
+
+    /// A norm's `[n][c][3]` parameters for value `xv` (at `x`) into `params`: from the statistics
+    /// the producing conv wrote when there are some, else from a pass over `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_params(&mut self, xv: ValueId, x: u64, n: usize, c: usize, v: usize, groups: usize, gamma: Option<u64>, beta: Option<u64>, post: Act, params: u64) -> Result<()> {
+        if let Some(tiles) = self.tile_stats.get_mut(xv).and_then(Option::take) {
+            let r = ops::norm_params_from_tiles(&self.gpu, tiles.ptr, n, c, v, groups, gamma, beta, params);
+            self.pool.give(tiles);
+            return r;
+        }
+        let (pb, _) = ops::norm_scratch_bytes(n, c, v);
+        let partial = self.take(pb)?;
+        let r = ops::norm(&self.gpu, x, None, n, c, v, groups, gamma, beta, Act::None, post, partial.ptr, params);
+        self.pool.give(partial);
+        r
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -881,10 +970,15 @@ mod tests {
             if backend == ConvBackend::TensorCore {
                 // SegResNet: every norm feeds one conv; DynUNet: all but the ones before a
                 // residual add or the decoder's concat.
-                let fused = e.steps.iter().filter(|s| matches!(s, Step::Norm { deferred: true, .. })).count();
+                let (fused, stats, adds) = CudaEngine::fusion_counts(&e.steps);
                 let norms = e.steps.iter().filter(|s| matches!(s, Step::Norm { .. })).count();
-                eprintln!("{}: {fused} of {norms} norms fused", spec.arch.name());
+                eprintln!("{}: {fused} of {norms} norms fused, {stats} convs writing statistics, {adds} adds fused", spec.arch.name());
                 assert!(fused > 0 && fused <= norms);
+                // Every norm of these networks reads a conv's (or conv + residual's) output,
+                // except SegResNet's decoder norms after the upsample + skip add.
+                assert!(stats > 0 && stats <= norms);
+                // SegResNet's blocks end conv -> + identity; DynUNet's end norm -> + residual.
+                assert_eq!(adds > 0, spec.arch == crate::model::spec::Arch::Segresnetv2, "{adds} adds fused");
                 assert!(e.notes().iter().any(|n| n.contains(&format!("{fused} norm(s) applied in the next conv's loads"))), "{:?}", e.notes());
             }
             for round in 0..if quick { 1 } else { 2 } {

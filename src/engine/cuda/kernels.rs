@@ -231,7 +231,7 @@ mod tests {
         all.sort();
         all.dedup();
         assert_eq!(all.len(), n, "kernel names must be unique across files");
-        assert_eq!(source("norm.cu").map(kernel_names).unwrap(), vec!["norm_stats_partial", "norm_finalize", "norm_apply"]);
+        assert_eq!(source("norm.cu").map(kernel_names).unwrap(), vec!["norm_stats_partial", "norm_finalize", "norm_finalize_tiles", "norm_apply"]);
     }
 
     #[test]

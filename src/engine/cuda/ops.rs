@@ -3,7 +3,7 @@
 //! reduction order depends on them) and passes the arguments in the kernel's order and C types.
 //! Pointers are device addresses; `None` passes `nullptr`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::gpu::{Arg, Gpu};
 use crate::model::graph::Act;
@@ -204,9 +204,26 @@ pub struct NormPrologue {
     pub post: Act,
 }
 
+/// TC_BM of conv_tc.cu: output voxels per block, the unit of its statistics epilogue.
+pub const TC_BM: usize = 64;
+
+/// Statistics blocks per sample that `conv_tc`'s epilogue writes for an output of `ovol` voxels
+/// per sample: `Some(ovol / TC_BM)` when every block lies in one sample, else `None` (the norm
+/// then reduces the output itself).
+pub fn conv_tc_stats_blocks(ovol: usize) -> Option<usize> {
+    (ovol > 0 && ovol % TC_BM == 0).then_some(ovol / TC_BM)
+}
+
+/// Bytes of `conv_tc`'s statistics for `n` samples of `ovol` voxels and `cout` channels.
+pub fn conv_tc_stats_bytes(n: usize, ovol: usize, cout: usize) -> Option<usize> {
+    conv_tc_stats_blocks(ovol).map(|b| n * b * cout * 2 * 4)
+}
+
 /// The tensor-core implicit-GEMM convolution: `x [n, dims, cin]` fp16, `w [cout, k, k, k, cin]`
 /// fp16, bias f32, `residual` fp16 shaped like the output (may be `out`), `norm` applied to the
-/// input first; out `[n, out dims, cout]` = act(conv + bias + residual) fp16. Needs sm_70+.
+/// input first; out `[n, out dims, cout]` = act(conv + bias + residual) fp16. With `stats`
+/// (`conv_tc_stats_bytes` bytes; the output volume a multiple of `TC_BM`), the per-block channel
+/// statistics of `out` for `norm_params_from_tiles`. Needs sm_70+.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_tc(
     g: &Gpu,
@@ -216,6 +233,7 @@ pub fn conv_tc(
     residual: Option<u64>,
     norm: Option<NormPrologue>,
     out: u64,
+    stats: Option<u64>,
     n: usize,
     dims: [usize; 3],
     cin: usize,
@@ -226,13 +244,19 @@ pub fn conv_tc(
     act: Act,
 ) -> Result<()> {
     let (m, shape) = igemm_shape("conv3d_tc_f16", n, dims, cin, cout, k, stride, pad)?;
+    if stats.is_some() {
+        let ovol = vol(conv_out_dims(dims, k, stride, pad));
+        if conv_tc_stats_blocks(ovol).is_none() {
+            bail!("conv3d_tc_f16: statistics need an output volume divisible by {TC_BM}, got {ovol}");
+        }
+    }
     let (ac, ap) = act_code(act);
     let (pre, pre_p) = act_code(norm.map_or(Act::None, |p| p.pre));
     let (post, post_p) = act_code(norm.map_or(Act::None, |p| p.post));
     let mut a = vec![Arg::Ptr(x), Arg::Ptr(w), opt(bias), opt(residual), opt(norm.map(|p| p.params)), Arg::Ptr(out)];
     a.extend_from_slice(&shape);
-    a.extend_from_slice(&[Arg::I32(pre), Arg::F32(pre_p), Arg::I32(post), Arg::F32(post_p), Arg::I32(ac), Arg::F32(ap)]);
-    g.launch("conv3d_tc_f16", (m.div_ceil(64) as u32, cout.div_ceil(64) as u32, 1), (128, 1, 1), &a)
+    a.extend_from_slice(&[Arg::I32(pre), Arg::F32(pre_p), Arg::I32(post), Arg::F32(post_p), Arg::I32(ac), Arg::F32(ap), opt(stats)]);
+    g.launch("conv3d_tc_f16", (m.div_ceil(TC_BM) as u32, cout.div_ceil(64) as u32, 1), (128, 1, 1), &a)
 }
 
 /// The kernel-2 stride-2 transposed convolution into channels `[c_off, c_off + cout)` of an
@@ -337,7 +361,6 @@ pub fn norm(
     }
     let (per, nblk) = norm_blocks(vol);
     let (pc, pp) = act_code(pre);
-    let (qc, qp) = act_code(post);
     let t = (NORM_THREADS as u32, 1, 1);
     g.launch(
         "norm_stats_partial",
@@ -366,11 +389,57 @@ pub fn norm(
     )?;
     // Without an output, the statistics only: the next conv applies them while loading
     // (conv3d_tc_f16's prologue).
-    let Some(y) = y else { return Ok(()) };
+    match y {
+        Some(y) => norm_apply(g, x, y, n, c, vol, params, pre, post),
+        None => Ok(()),
+    }
+}
+
+/// `norm`'s statistics from `conv_tc`'s epilogue (`partial`, `conv_tc_stats_bytes` bytes) instead
+/// of a pass over the activation: `params` (`[n][c][3]`) as `norm` writes them, no pre-activation.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_params_from_tiles(g: &Gpu, partial: u64, n: usize, c: usize, vol: usize, groups: usize, gamma: Option<u64>, beta: Option<u64>, params: u64) -> Result<()> {
+    norm_check(c, groups, vol)?;
+    let nblk = conv_tc_stats_blocks(vol).with_context(|| format!("norm_finalize_tiles: volume {vol} is not a whole number of {TC_BM}-voxel blocks"))?;
+    if n == 0 {
+        return Ok(());
+    }
+    if n > 65535 {
+        bail!("norm: {n} samples");
+    }
+    g.launch(
+        "norm_finalize_tiles",
+        (groups as u32, n as u32, 1),
+        (NORM_THREADS as u32, 1, 1),
+        &[
+            Arg::Ptr(partial),
+            Arg::I64(vol as i64),
+            Arg::I32(c as i32),
+            Arg::I32(groups as i32),
+            Arg::I32(nblk as i32),
+            Arg::I32(TC_BM as i32),
+            opt(gamma),
+            opt(beta),
+            Arg::F32(crate::engine::cpu::norm::EPS as f32),
+            Arg::Ptr(params),
+        ],
+    )
+}
+
+/// `y = post((pre(x) - mean) * scale + shift)` with `params` from `norm` or
+/// `norm_params_from_tiles`; `x, y [n, vol, c]` fp16, y may alias x.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_apply(g: &Gpu, x: u64, y: u64, n: usize, c: usize, vol: usize, params: u64, pre: Act, post: Act) -> Result<()> {
+    norm_check(c, 1, vol)?;
+    if n == 0 || vol == 0 {
+        return Ok(());
+    }
+    let (pc, pp) = act_code(pre);
+    let (qc, qp) = act_code(post);
     g.launch(
         "norm_apply",
         (gs_blocks(vol * c / 2, NORM_THREADS), n as u32, 1),
-        t,
+        (NORM_THREADS as u32, 1, 1),
         &[Arg::Ptr(x), Arg::Ptr(y), Arg::I64(vol as i64), Arg::I32(c as i32), Arg::Ptr(params), Arg::I32(pc), Arg::F32(pp), Arg::I32(qc), Arg::F32(qp)],
     )
 }

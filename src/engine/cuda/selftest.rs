@@ -416,6 +416,7 @@ fn kernels(c: &mut Ctx) {
     conv_first_cases(c);
     conv_cases(c);
     conv_tc_fused_cases(c);
+    conv_tc_stats_cases(c);
     elementwise_cases(c);
     norm_cases(c);
     upsample_cases(c);
@@ -545,7 +546,73 @@ fn conv_tc_fused_cases(c: &mut Ctx) {
             let out = if in_place { c.up16(&res_nd)? } else { c.gpu.alloc(n * ov * cout * 2)? };
             let rp = residual.then_some(if in_place { out.ptr } else { rb.ptr });
             let norm = ops::NormPrologue { params: pb.ptr, pre: Act::None, post };
-            ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, Some(bb.ptr), rp, Some(norm), out.ptr, n, dims, cin, cout, k, stride, k / 2, act)?;
+            ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, Some(bb.ptr), rp, Some(norm), out.ptr, None, n, dims, cin, cout, k, stride, k / 2, act)?;
+            let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
+            c.cmp(&name, &shape, &got, &want, TOL_FP16);
+            Ok(())
+        });
+    }
+}
+
+/// conv3d_tc_f16's statistics epilogue + norm_finalize_tiles + norm_apply (the norm that reads a
+/// tensor-core conv's output without a pass of its own) against the CPU conv, fp16 rounding and
+/// GroupNorm / InstanceNorm.
+fn conv_tc_stats_cases(c: &mut Ctx) {
+    // (n, dims, cin, cout, k, stride, residual, bias offset, groups, affine, norm's activation)
+    let cases: Vec<(usize, [usize; 3], usize, usize, usize, usize, bool, f32, usize, bool, Act)> = vec![
+        // SegResNet: conv + identity -> GroupNorm(8) + relu; two samples.
+        (2, [8, 8, 8], 16, 16, 3, 1, true, 0.0, 8, true, Act::Relu),
+        // DynUNet: strided conv -> InstanceNorm + leaky relu.
+        (1, [8, 8, 16], 32, 48, 3, 2, false, 0.0, 48, false, Act::LeakyRelu(0.01)),
+        // Five 64-channel column blocks, one row block.
+        (1, [4, 4, 4], 320, 320, 3, 1, false, 0.0, 320, false, Act::LeakyRelu(0.01)),
+        // |mean| >> std: the per-block merge must not lose the variance.
+        (1, [4, 8, 8], 16, 16, 3, 1, false, 10.0, 16, false, Act::None),
+    ];
+    for (n, dims, cin, cout, k, stride, residual, offset, groups, affine, post) in cases {
+        let od = ops::conv_out_dims(dims, k, stride, k / 2);
+        let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
+        let name = format!(
+            "conv3d_tc_f16{} +stats -> norm_finalize_tiles {}{}{post}{}",
+            if residual { "+res" } else { "" },
+            if groups == cout { "instance".to_string() } else { format!("group({groups})") },
+            if affine { " affine" } else { "" },
+            if offset != 0.0 { format!(" mean {offset}") } else { String::new() }
+        );
+        if let Err(why) = c.gpu.check_tensor_cores() {
+            c.skip(&name, &shape, why);
+            continue;
+        }
+        c.case(&name.clone(), &shape.clone(), |c| {
+            let (iv, ov) = (vol(dims), vol(od));
+            let x = c.rand16(n * cin * iv, -1.0, 1.0);
+            let w = c.weights16(cout, cin, k);
+            let b: Vec<f32> = c.rand(cout, -0.5, 0.5).into_iter().map(|v| v + offset).collect();
+            let res = c.rand16(n * cout * ov, -1.0, 1.0);
+            let (gamma, beta) = if affine { (Some(c.rand(cout, 0.5, 1.5)), Some(c.rand(cout, -0.5, 0.5))) } else { (None, None) };
+            // The norm sees the conv's output as stored: rounded to fp16.
+            let conv_out = cpu_conv(&x, n, dims, cin, cout, k, stride, &w, Some(&b), Act::None);
+            let mut want: Vec<f32> = conv_out.iter().zip(&res).map(|(&y, &r)| r16(if residual { y + r } else { y })).collect();
+            norm::group_norm(&mut want, n, cout, ov, groups, gamma.as_deref(), beta.as_deref(), post);
+            let wk: Vec<f32> = to_ktrsc(&to_f16(&w), cout, cin, k).into_iter().map(|h| h.to_f32()).collect();
+            let xb = c.up16(&to_ndhwc(&x, n, cin, iv))?;
+            let wb = c.up16(&wk)?;
+            let bb = c.up32(&b)?;
+            let rb = c.up16(&to_ndhwc(&res, n, cout, ov))?;
+            let gb = match &gamma {
+                Some(g) => Some(c.up32(g)?),
+                None => None,
+            };
+            let betab = match &beta {
+                Some(v) => Some(c.up32(v)?),
+                None => None,
+            };
+            let out = c.gpu.alloc(n * ov * cout * 2)?;
+            let stats = c.gpu.alloc(ops::conv_tc_stats_bytes(n, ov, cout).context("volume")?)?;
+            let params = c.gpu.alloc(n * cout * 3 * 4)?;
+            ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, Some(bb.ptr), residual.then_some(rb.ptr), None, out.ptr, Some(stats.ptr), n, dims, cin, cout, k, stride, k / 2, Act::None)?;
+            ops::norm_params_from_tiles(&c.gpu, stats.ptr, n, cout, ov, groups, gb.as_ref().map(|b| b.ptr), betab.as_ref().map(|b| b.ptr), params.ptr)?;
+            ops::norm_apply(&c.gpu, out.ptr, out.ptr, n, cout, ov, params.ptr, Act::None, post)?;
             let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
             c.cmp(&name, &shape, &got, &want, TOL_FP16);
             Ok(())
@@ -644,7 +711,7 @@ fn conv_cases(c: &mut Ctx) {
             Ok(()) => c.case(&tc_name.clone(), &shape.clone(), |c| {
                 let (xb, wb, bb) = upload(c)?;
                 let out = c.gpu.alloc(n * ov * cout * 2)?;
-                ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, bb.as_ref().map(|b| b.ptr), None, None, out.ptr, n, dims, cin, cout, k, stride, k / 2, act)?;
+                ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, bb.as_ref().map(|b| b.ptr), None, None, out.ptr, None, n, dims, cin, cout, k, stride, k / 2, act)?;
                 let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
                 c.cmp(&tc_name, &shape, &got, &want, TOL_FP16);
                 Ok(())
