@@ -4,7 +4,8 @@
 #   1. finds the CUDA libraries (pip wheels nvidia/*/lib, /usr/local/cuda, ldconfig) and cuda_fp16.h,
 #   2. prints nvidia-smi,
 #   3. runs `fastdet selftest --quick` (kernels vs CPU twins, both seed networks on 64^3),
-#   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile, batch 1; then the seed
+#   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile, batch 1; the criterion
+#      bench benches/cuda_ops.rs when its binary was carried; then the seed
 #      ensemble of 5+5 models on one whole tomogram of FASTDET_CHECK_SHAPE) and the PyTorch
 #      baseline tools/bench_torch.py (fp16 cuDNN eager + torch.compile, batches 1,2,4; needs python3
 #      with torch; monai comes from .cache/wheels/ when it is not installed; --skip-torch skips it),
@@ -38,6 +39,9 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
 benchmarks (after the quick self-test): `fastdet bench` -> bench-fastdet.json (log
 bench-fastdet.log; with FASTDET_CONV=tc -> bench-fastdet-tc.json); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (and with --device-blend ->
 bench-tomogram-device-blend.json);
+the criterion bench benches/cuda_ops.rs (fused block vs cuDNN per level, tiles per backend) ->
+bench-criterion.log and criterion/ when its binary is there (FASTDET_CUDA_BENCH, default
+target/release/cuda_ops, made by tools/build-for-device.sh);
 tools/bench_torch.py -> bench-torch.json (log bench-torch.log, about 240 s at most); their lines end
 up in the summary, and tools/results_json.py folds them into results.json.
 
@@ -80,6 +84,7 @@ case "$SHAPE" in *[!0-9,]*|'') echo "device-check: FASTDET_CHECK_SHAPE must be z
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FASTDET="${FASTDET:-$ROOT/target/release/fastdet}"
+CUDA_BENCH="${FASTDET_CUDA_BENCH:-$ROOT/target/release/cuda_ops}"
 mkdir -p "$OUT" || { echo "device-check: cannot create $OUT" >&2; exit 64; }
 OUT="$(cd "$OUT" && pwd)"
 SUMMARY="$OUT/summary.txt"
@@ -248,6 +253,15 @@ if [ $NO_GPU -eq 0 ]; then
     step "bench fastdet tensor-core fused" 90 "$OUT/bench-fastdet-tc.log" \
         bash -c 'FASTDET_CONV=tc exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
         bench-fastdet-tc "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-tc.json" || FAILED=1
+
+    # criterion: the fused tensor-core residual block against the cuDNN path per SegResNetV2 level,
+    # and one tile per arch and backend (benches/cuda_ops.rs, built by tools/build-for-device.sh).
+    if [ -x "$CUDA_BENCH" ]; then
+        step "bench criterion cuda_ops" 100 "$OUT/bench-criterion.log" \
+            env CRITERION_HOME="$OUT/criterion" "$CUDA_BENCH" --bench --noplot || FAILED=1
+    else
+        log "bench criterion cuda_ops: skipped ($CUDA_BENCH not found; tools/build-for-device.sh builds it)"
+    fi
 
     # The seed configuration per tomogram: 5 SegResNetV2 + 5 DynUNet (random weights at the seed
     # widths, all resident), 1x9x9 tiles, blending and detection.

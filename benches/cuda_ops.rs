@@ -1,0 +1,262 @@
+//! CUDA throughput: the fused tensor-core residual block against the cuDNN path, level by level,
+//! and one whole tile per architecture and convolution backend.
+//!
+//! `cargo bench --bench cuda_ops` on a machine with a GPU (cuda:0, or `FASTDET_BENCH_DEVICE=N`).
+//! Without one it prints why and measures nothing, unless `FASTDET_BENCH_EMULATOR=1`: then it runs
+//! on the CPU emulator of the kernels at toy sizes, which only checks that the bench itself works
+//! (CI runs it that way with `-- --test`). `tools/device-check.sh` runs the compiled bench binary.
+//!
+//! Groups:
+//! - `block_<C>ch_<dims>`: one SegResNetV2 residual block at the seed's level widths
+//!   (norm + relu -> conv 3x3x3 -> norm + relu -> conv 3x3x3 -> + input, then the next block's
+//!   norm statistics), three ways:
+//!   `cudnn`: the engine's cuDNN path (norm in three passes, cuDNN conv, bias pass, add pass,
+//!   statistics pass);
+//!   `tc_unfused`: the same passes with conv3d_tc_f16 in place of cuDNN;
+//!   `tc_fused`: conv3d_tc_f16 applying each norm in its loads, adding the residual and writing
+//!   the next norm's statistics in its store (norm_finalize_tiles in between).
+//! - `tile_<arch>`: `CudaEngine::forward_device` on one tile (input upload included, outputs left
+//!   on the device), backend `cudnn` (the default) and `tc` (`FASTDET_CONV=tc`).
+//!
+//! Throughput is in FLOP/s of the convolutions (2 * MACs).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use criterion::{Criterion, Throughput};
+use fastdet::engine::cuda::dnn::{ConvPlan, Dnn};
+use fastdet::engine::cuda::gpu::{DevBuf, Gpu};
+use fastdet::engine::cuda::ops::{self, vol, NormPrologue};
+use fastdet::engine::cuda::{ConvBackend, CudaEngine};
+use fastdet::model::graph::{Act, Graph};
+use fastdet::model::spec::{Arch, ModelSpec};
+use fastdet::util::SplitMix64;
+use fastdet::weights::Weights;
+use half::f16;
+
+/// Where the bench runs, and at which sizes.
+struct Target {
+    gpu: Arc<Gpu>,
+    /// Toy sizes (the emulator).
+    toy: bool,
+}
+
+impl Target {
+    fn open() -> Option<Target> {
+        let ordinal: usize = std::env::var("FASTDET_BENCH_DEVICE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        match Gpu::open(ordinal, None) {
+            Ok(gpu) => Some(Target { gpu, toy: false }),
+            Err(e) if std::env::var("FASTDET_BENCH_EMULATOR").is_ok_and(|v| v == "1") => {
+                eprintln!("cuda_ops: no GPU ({e:#}); FASTDET_BENCH_EMULATOR=1: toy sizes on the kernel emulator, timings mean nothing");
+                Some(Target { gpu: Gpu::emulator().ok()?, toy: true })
+            }
+            Err(e) => {
+                eprintln!("cuda_ops: skipped, no GPU: {e:#} (FASTDET_BENCH_EMULATOR=1 runs it on the kernel emulator)");
+                None
+            }
+        }
+    }
+}
+
+fn random16(r: &mut SplitMix64, n: usize, lo: f32, hi: f32) -> Vec<f16> {
+    let mut v = vec![0.0f32; n];
+    r.fill_uniform(&mut v, lo, hi);
+    v.into_iter().map(f16::from_f32).collect()
+}
+
+fn random32(r: &mut SplitMix64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut v = vec![0.0f32; n];
+    r.fill_uniform(&mut v, lo, hi);
+    v
+}
+
+/// One residual block's device buffers: input (also the identity), two convs' weights and
+/// biases, two GroupNorms' affines, scratch.
+struct Block {
+    c: usize,
+    dims: [usize; 3],
+    groups: usize,
+    x: DevBuf,
+    w: [DevBuf; 2],
+    b: [DevBuf; 2],
+    gamma: [DevBuf; 2],
+    beta: [DevBuf; 2],
+    t: DevBuf,
+    y: DevBuf,
+    out: DevBuf,
+    partial: DevBuf,
+    params: [DevBuf; 2],
+    tiles: [DevBuf; 3],
+}
+
+impl Block {
+    fn new(gpu: &Gpu, c: usize, dims: [usize; 3]) -> Result<Block> {
+        let mut r = SplitMix64::new(c as u64);
+        let v = vol(dims);
+        let e = v * c;
+        let scale = (1.0 / (27.0 * c as f32)).sqrt();
+        let w = |r: &mut SplitMix64| gpu.upload(&random16(r, c * 27 * c, -scale, scale));
+        let f = |r: &mut SplitMix64, lo, hi| gpu.upload(&random32(r, c, lo, hi));
+        let tiles = ops::conv_tc_stats_bytes(1, v, c).context("block volume must be a multiple of 64 voxels")?;
+        Ok(Block {
+            c,
+            dims,
+            groups: 8,
+            x: gpu.upload(&random16(&mut r, e, -1.0, 1.0))?,
+            w: [w(&mut r)?, w(&mut r)?],
+            b: [f(&mut r, -0.1, 0.1)?, f(&mut r, -0.1, 0.1)?],
+            gamma: [f(&mut r, 0.5, 1.5)?, f(&mut r, 0.5, 1.5)?],
+            beta: [f(&mut r, -0.5, 0.5)?, f(&mut r, -0.5, 0.5)?],
+            t: gpu.alloc(e * 2)?,
+            y: gpu.alloc(e * 2)?,
+            out: gpu.alloc(e * 2)?,
+            partial: gpu.alloc(ops::norm_scratch_bytes(1, c, v).0)?,
+            params: [gpu.alloc(c * 3 * 4)?, gpu.alloc(c * 3 * 4)?],
+            tiles: [gpu.alloc(tiles)?, gpu.alloc(tiles)?, gpu.alloc(tiles)?],
+        })
+    }
+
+    fn flops(&self) -> u64 {
+        2 * 2 * (27 * self.c * self.c * vol(self.dims)) as u64
+    }
+
+    /// GroupNorm(+ relu) of `x` into `y` in three passes (statistics, finalize, apply).
+    fn norm(&self, gpu: &Gpu, i: usize, x: u64, y: Option<u64>) -> Result<()> {
+        ops::norm(gpu, x, y, 1, self.c, vol(self.dims), self.groups, Some(self.gamma[i].ptr), Some(self.beta[i].ptr), Act::None, Act::Relu, self.partial.ptr, self.params[i].ptr)
+    }
+
+    /// The unfused block with `conv(i, x, y)` for the convolutions.
+    fn unfused(&self, gpu: &Gpu, mut conv: impl FnMut(usize, u64, u64) -> Result<()>) -> Result<()> {
+        let e = vol(self.dims) * self.c;
+        self.norm(gpu, 0, self.x.ptr, Some(self.t.ptr))?;
+        conv(0, self.t.ptr, self.y.ptr)?;
+        ops::bias_act(gpu, self.y.ptr, self.y.ptr, Some(self.b[0].ptr), e, self.c, Act::None)?;
+        self.norm(gpu, 1, self.y.ptr, Some(self.t.ptr))?;
+        conv(1, self.t.ptr, self.y.ptr)?;
+        ops::bias_act(gpu, self.y.ptr, self.y.ptr, Some(self.b[1].ptr), e, self.c, Act::None)?;
+        ops::add_act(gpu, self.y.ptr, self.x.ptr, self.out.ptr, e, Act::None)?;
+        // The next block's norm statistics.
+        self.norm(gpu, 0, self.out.ptr, None)
+    }
+
+    /// The fused block; `tiles[0]` holds the input's statistics (written once by `prepare`).
+    fn fused(&self, gpu: &Gpu) -> Result<()> {
+        let (c, d, v) = (self.c, self.dims, vol(self.dims));
+        let fin = |i: usize, tiles: &DevBuf| ops::norm_params_from_tiles(gpu, tiles.ptr, 1, c, v, self.groups, Some(self.gamma[i].ptr), Some(self.beta[i].ptr), self.params[i].ptr);
+        let pro = |i: usize| Some(NormPrologue { params: self.params[i].ptr, pre: Act::None, post: Act::Relu });
+        fin(0, &self.tiles[0])?;
+        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, Some(self.b[0].ptr), None, pro(0), self.y.ptr, Some(self.tiles[1].ptr), 1, d, c, c, 3, 1, 1, Act::None)?;
+        fin(1, &self.tiles[1])?;
+        ops::conv_tc(gpu, self.y.ptr, self.w[1].ptr, Some(self.b[1].ptr), Some(self.x.ptr), pro(1), self.out.ptr, Some(self.tiles[2].ptr), 1, d, c, c, 3, 1, 1, Act::None)?;
+        fin(0, &self.tiles[2])
+    }
+
+    /// The input's per-block statistics, as the previous fused conv would have left them.
+    fn prepare(&self, gpu: &Gpu) -> Result<()> {
+        // An identity-free 1x1x1 pass is not available; a 3x3x3 conv of x into scratch writes
+        // statistics of the right shape (their values only steer the normalisation).
+        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, None, None, None, self.t.ptr, Some(self.tiles[0].ptr), 1, self.dims, self.c, self.c, 3, 1, 1, Act::None)
+    }
+}
+
+fn blocks(c: &mut Criterion, t: &Target) {
+    let gpu = &t.gpu;
+    // SegResNetV2 (init_filters 32) levels on a 192x128x128 tile.
+    let levels: Vec<(usize, [usize; 3])> =
+        if t.toy { vec![(16, [8, 8, 8])] } else { vec![(32, [192, 128, 128]), (64, [96, 64, 64]), (128, [48, 32, 32]), (256, [24, 16, 16])] };
+    let dnn = match Dnn::new(gpu) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("cuda_ops: cudnn variants skipped: {e:#}");
+            None
+        }
+    };
+    let tc = gpu.check_tensor_cores();
+    if let Err(why) = &tc {
+        eprintln!("cuda_ops: tensor-core variants skipped: {why}");
+    }
+    for (ch, dims) in levels {
+        let b = match Block::new(gpu, ch, dims) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("cuda_ops: block {ch}ch {dims:?} skipped: {e:#}");
+                continue;
+            }
+        };
+        let mut g = c.benchmark_group(format!("block_{ch}ch_{}x{}x{}", dims[0], dims[1], dims[2]));
+        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(if t.toy { 1 } else { 2 }));
+        g.throughput(Throughput::Elements(b.flops()));
+        if let Some(dnn) = &dnn {
+            let plan = ConvPlan::new(dnn, 1, dims, ch, ch, 3, 1, 1);
+            match plan {
+                Ok(mut plan) => {
+                    let mut ws = None;
+                    g.bench_function("cudnn", |it| {
+                        it.iter(|| {
+                            b.unfused(gpu, |i, x, y| plan.run(dnn, gpu, x, b.w[i].ptr, y, &mut ws)).unwrap();
+                            gpu.sync("block").unwrap();
+                        })
+                    });
+                }
+                Err(e) => eprintln!("cuda_ops: cudnn plan for {ch}ch {dims:?}: {e:#}"),
+            }
+        }
+        if tc.is_ok() {
+            g.bench_function("tc_unfused", |it| {
+                it.iter(|| {
+                    b.unfused(gpu, |i, x, y| ops::conv_tc(gpu, x, b.w[i].ptr, None, None, None, y, None, 1, dims, ch, ch, 3, 1, 1, Act::None)).unwrap();
+                    gpu.sync("block").unwrap();
+                })
+            });
+            b.prepare(gpu).unwrap();
+            g.bench_function("tc_fused", |it| {
+                it.iter(|| {
+                    b.fused(gpu).unwrap();
+                    gpu.sync("block").unwrap();
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn tiles(c: &mut Criterion, t: &Target) {
+    let gpu = &t.gpu;
+    let tile = if t.toy { [32, 32, 32] } else { [192, 128, 128] };
+    for arch in [Arch::Segresnetv2, Arch::Dynunet] {
+        let spec = ModelSpec::seed(arch);
+        let w = Weights::random(&spec, 1);
+        let flops = Graph::build(&spec).unwrap().flops(tile);
+        let mut input = vec![0.0f32; vol(tile)];
+        SplitMix64::new(2).fill_uniform(&mut input, 0.0, 1.0);
+        let mut g = c.benchmark_group(format!("tile_{}", arch.name()));
+        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(if t.toy { 1 } else { 3 }));
+        g.throughput(Throughput::Elements(flops));
+        for (label, backend) in [("cudnn", ConvBackend::Cudnn), ("tc", ConvBackend::TensorCore)] {
+            let mut e = match CudaEngine::on(gpu.clone(), &w, backend) {
+                Ok(e) => e,
+                Err(err) => {
+                    eprintln!("cuda_ops: tile_{} {label} skipped: {err:#}", arch.name());
+                    continue;
+                }
+            };
+            g.bench_function(label, |it| {
+                it.iter(|| {
+                    let out = e.forward_device(&input, 1, tile, false).unwrap();
+                    e.recycle(out);
+                    gpu.sync("tile").unwrap();
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn main() {
+    let Some(target) = Target::open() else { return };
+    let mut c = Criterion::default().configure_from_args();
+    blocks(&mut c, &target);
+    tiles(&mut c, &target);
+    c.final_summary();
+}
