@@ -382,6 +382,8 @@ if "s_per_tomogram" in d:  # fastdet bench --tomogram
     raise SystemExit(0)
 if "floor_s" in d:  # tools/results_json.py
     print(f"{name}: " + json.dumps({k: d[k] for k in ("tomogram_s", "floor_s", "cold_start_s", "peak_mem_gib", "fp16_matmul_tflops")}))
+    for level, v in d.get("blocks", {}).items():  # criterion, benches/cuda_ops.rs
+        print(f"  block {level:<18} " + "  ".join(f"{k[:-3]} {ms:.3f} ms" for k, ms in v.items()))
     raise SystemExit(0)
 if "models" in d:  # fastdet bench
     print(f"{name}: fastdet {d.get('fastdet_version')} on {d.get('device')}, tile {'x'.join(map(str, d.get('tile', [])))}, batch {d.get('batch')}")

@@ -7,10 +7,12 @@ device check writes:
   bench-tomogram.json  fastdet bench --device cuda:N --tomogram 184,630,630 --models 5,5 --json
   bench-tomogram-device-blend.json   the same with --device-blend
   bench-torch.json     tools/bench_torch.py --device cuda:N --json   (eager, torch.compile, fp16 rate)
+  criterion/           benches/cuda_ops.rs (CRITERION_HOME): median ms of each block_* variant
 
 Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
    "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms"}, "dynunet": {...}},
+   "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms"}, ...},
    "tomogram_s", "tomogram_device_blend_s", "floor_s", "cold_start_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
    "sources"}
 
@@ -48,6 +50,23 @@ def git_commit():
         return None
 
 
+def criterion_blocks(d):
+    """{level: {variant_ms}} from criterion's block_<level>/<variant>/new/estimates.json (median)."""
+    root = os.path.join(d, "criterion")
+    out = {}
+    if not os.path.isdir(root):
+        return out
+    for group in sorted(os.listdir(root)):
+        if not group.startswith("block_"):
+            continue
+        for variant in ("cudnn", "tc_unfused", "tc_fused"):
+            est = load(os.path.join(root, group, variant, "new", "estimates.json"))
+            median = ((est or {}).get("median") or {}).get("point_estimate")
+            if median is not None:
+                out.setdefault(group[len("block_"):], {})[variant + "_ms"] = median / 1e6
+    return out
+
+
 def assemble(d, commit, date):
     fd = load(os.path.join(d, "bench-fastdet.json"))
     fd_tc = load(os.path.join(d, "bench-fastdet-tc.json"))
@@ -80,6 +99,7 @@ def assemble(d, commit, date):
         "commit": commit,
         "date": date,
         "tile": tile,
+        "blocks": criterion_blocks(d),
         "tomogram_s": tomo.get("s_per_tomogram") if tomo else None,
         "tomogram_device_blend_s": tomo_db.get("s_per_tomogram") if tomo_db else None,
         "floor_s": flops / (rate * 1e12) if flops and rate else None,
@@ -93,6 +113,7 @@ def assemble(d, commit, date):
             "bench_tomogram": tomo is not None,
             "bench_tomogram_device_blend": tomo_db is not None,
             "bench_torch": torch is not None,
+            "criterion": os.path.isdir(os.path.join(d, "criterion")),
             "fastdet_device": (fd or tomo or {}).get("device"),
         },
     }
