@@ -16,7 +16,9 @@
 //
 // As a GEMM: rows m = output voxels (N*OD*OH*OW), columns = co, K = k^3 * Cin (index
 // ((kz * k + ky) * k + kx) * Cin + ci). Block tile TC_BM x TC_BN, TC_BK deep, staged in shared
-// memory as fp16; 4 warps, each 32 x 32 outputs = 2 x 2 accumulator fragments. When Cin % 8 == 0
+// memory as fp16 in two stages: the next k-step's chunks are loaded into registers while the
+// tensor cores work on the current stage, then stored into the other one (one barrier per
+// k-step); 4 warps, each 32 x 32 outputs = 2 x 2 accumulator fragments. When Cin % 8 == 0
 // and x, w are 16-byte aligned, 8 channels of one tap load as one 16-byte vector; otherwise element
 // by element (any Cin, Cout). grid (ceil(M / TC_BM), ceil(Cout / TC_BN)), block TC_THREADS exactly.
 //
@@ -41,6 +43,13 @@
 // rows over banks.
 #define TC_APAD 8
 #define TC_CPAD 4
+// One stage of the A (or B) tile, and the shared bytes: two stages of A and B, or the epilogue's
+// f32 output tile, whichever is larger.
+#define TC_STAGE_A_BYTES (TC_BM * (TC_BK + TC_APAD) * 2)
+#define TC_STAGE_B_BYTES (TC_BN * (TC_BK + TC_APAD) * 2)
+#define TC_STAGES_BYTES (2 * (TC_STAGE_A_BYTES + TC_STAGE_B_BYTES))
+#define TC_OUT_BYTES (TC_BM * (TC_BN + TC_CPAD) * 4)
+#define TC_SMEM_BYTES (TC_STAGES_BYTES > TC_OUT_BYTES ? TC_STAGES_BYTES : TC_OUT_BYTES)
 
 using namespace nvcuda;
 
@@ -58,9 +67,14 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
               const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
               int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p,
               int norm_act, float norm_p, int act, float p, float* __restrict__ stats) {
-    __shared__ __align__(32) __half As[TC_BM][TC_BK + TC_APAD];
-    __shared__ __align__(32) __half Bs[TC_BN][TC_BK + TC_APAD];
-    __shared__ __align__(32) float Cs[TC_BM][TC_BN + TC_CPAD];
+    // Two stages of A and B tiles; the epilogue's f32 tile reuses the same bytes once the last
+    // MMA is done (20 KiB in all, so three blocks fit in a T4's 64 KiB).
+    __shared__ __align__(32) unsigned char smem[TC_SMEM_BYTES];
+    typedef __half TileRow[TC_BK + TC_APAD];
+    typedef float OutRow[TC_BN + TC_CPAD];
+    TileRow* As = reinterpret_cast<TileRow*>(smem);                         // [2 * TC_BM]
+    TileRow* Bs = reinterpret_cast<TileRow*>(smem + TC_STAGE_A_BYTES * 2);  // [2 * TC_BN]
+    OutRow* Cs = reinterpret_cast<OutRow*>(smem);                           // [TC_BM], after the loop
     const int t = threadIdx.x;
     const int warp = t >> 5;
     const int M = N * OD * OH * OW;
@@ -90,42 +104,34 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
         ax[q] = ox * stride - pad;
     }
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
-
-    for (int k0 = 0; k0 < K; k0 += TC_BK) {
+    // The next k-step's chunks, held in registers while the tensor cores work on the current
+    // one. Vector loads stay raw until they are stored (the norm is applied then, off the load's
+    // critical path); element loads are normalised as they arrive (the rare Cin % 8 != 0 case).
+    uint4 ra[2], rb[2];
+    int aci[2];      // channel of the chunk's first element (vector loads)
+    bool apro[2];    // apply the norm when storing (vector load of a voxel inside the volume)
+    auto load = [&](int k0) {
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
-            const int r = t / 4 + 32 * q;
-            __half* dst = &As[r][kc * 8];
             const int kk0 = k0 + kc * 8;
+            apro[q] = false;
+            aci[q] = 0;
             if (vec) {
                 // 8 channels of one tap: Cin % 8 == 0 keeps a chunk inside one tap.
-                uint4 raw = make_uint4(0u, 0u, 0u, 0u);
-                bool inside = false;
-                int ci = 0, n_ = an[q];
+                ra[q] = make_uint4(0u, 0u, 0u, 0u);
                 if (arow[q] && kk0 < K) {
                     const int tap = kk0 / Cin;
-                    ci = kk0 - tap * Cin;
+                    const int ci = kk0 - tap * Cin;
                     const int kx = tap % k, ky = (tap / k) % k, kz = tap / (k * k);
                     const int iz = az[q] + kz, iy = ay[q] + ky, ix = ax[q] + kx;
                     if (iz >= 0 && iz < D && iy >= 0 && iy < H && ix >= 0 && ix < W) {
-                        inside = true;
-                        raw = *reinterpret_cast<const uint4*>(x + ((((size_t)n_ * D + iz) * H + iy) * W + ix) * Cin + ci);
+                        ra[q] = *reinterpret_cast<const uint4*>(x + ((((size_t)an[q] * D + iz) * H + iy) * W + ix) * Cin + ci);
+                        apro[q] = norm != nullptr;
+                        aci[q] = ci;
                     }
                 }
-                if (inside && norm) {
-                    __half* h = reinterpret_cast<__half*>(&raw);
-                    const float* prm = norm + ((size_t)n_ * Cin + ci) * 3;
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) h[e] = tc_prologue(h[e], prm + 3 * e, pre_act, pre_p, norm_act, norm_p);
-                }
-                *reinterpret_cast<uint4*>(dst) = raw;
             } else {
+                __half* h = reinterpret_cast<__half*>(&ra[q]);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
                     const int kk = kk0 + e;
@@ -139,41 +145,73 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
                             if (norm) v = tc_prologue(v, norm + ((size_t)an[q] * Cin + ci) * 3, pre_act, pre_p, norm_act, norm_p);
                         }
                     }
-                    dst[e] = v;
+                    h[e] = v;
                 }
             }
         }
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
-            const int r = t / 4 + 32 * q;
-            const int co = j0 + r;
+            const int co = j0 + t / 4 + 32 * q;
             const int kk0 = k0 + kc * 8;
-            __half* dst = &Bs[r][kc * 8];
             if (vec && co < Cout && kk0 < K) {
                 // K = k^3 * Cin is a multiple of 8 here, so the chunk is whole and aligned.
-                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(w + (size_t)co * K + kk0);
+                rb[q] = *reinterpret_cast<const uint4*>(w + (size_t)co * K + kk0);
             } else {
+                __half* h = reinterpret_cast<__half*>(&rb[q]);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
                     const int kk = kk0 + e;
-                    dst[e] = (co < Cout && kk < K) ? w[(size_t)co * K + kk] : __float2half_rn(0.0f);
+                    h[e] = (co < Cout && kk < K) ? w[(size_t)co * K + kk] : __float2half_rn(0.0f);
                 }
             }
         }
-        __syncthreads();
+    };
+    auto store = [&](int stage) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            const int r = t / 4 + 32 * q;
+            if (apro[q]) {
+                __half* h = reinterpret_cast<__half*>(&ra[q]);
+                const float* prm = norm + ((size_t)an[q] * Cin + aci[q]) * 3;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) h[e] = tc_prologue(h[e], prm + 3 * e, pre_act, pre_p, norm_act, norm_p);
+            }
+            *reinterpret_cast<uint4*>(&As[stage * TC_BM + r][kc * 8]) = ra[q];
+            *reinterpret_cast<uint4*>(&Bs[stage * TC_BN + r][kc * 8]) = rb[q];
+        }
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
+
+    // One barrier per k-step: stage s is read by the MMAs of step kt while step kt + 1's chunks
+    // are written into the other stage, which every warp finished reading before the previous
+    // barrier.
+    const int steps = (K + TC_BK - 1) / TC_BK;
+    load(0);
+    store(0);
+    __syncthreads();
+    for (int kt = 0; kt < steps; ++kt) {
+        const int s = kt & 1;
+        if (kt + 1 < steps) load((kt + 1) * TC_BK);
 #pragma unroll
         for (int ks = 0; ks < TC_BK; ks += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[2];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wr + 16 * i][ks], TC_BK + TC_APAD);
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[s * TC_BM + wr + 16 * i][ks], TC_BK + TC_APAD);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wc + 16 * j][ks], TC_BK + TC_APAD);
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[s * TC_BN + wc + 16 * j][ks], TC_BK + TC_APAD);
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
                 for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
+        if (kt + 1 < steps) store(s ^ 1);
         __syncthreads();
     }
 

@@ -5,8 +5,8 @@
 //
 // It is written in place of <cuda_fp16.h>, which kernels/common.cuh includes. What it models:
 // - every thread of a block is a fiber with its own stack (a register-only switch on x86-64,
-//   ucontext elsewhere); a block runs its fibers
-//   round-robin until each reaches a barrier or exits, so a missing __syncthreads shows up as a
+//   ucontext elsewhere); a block runs one warp at a time, its lanes round-robin, until every lane
+//   of it reaches a barrier or exits, then the next warp: a missing __syncthreads shows up as a
 //   wrong result rather than being hidden by lock-step execution; blocks run one after another;
 // - __shared__ variables are function statics (one copy, shared by the block's fibers);
 // - warp operations (__shfl_*_sync, __ballot_sync, __syncwarp) wait for every lane of their mask;
@@ -333,12 +333,27 @@ inline std::string run_block(Block& b, int threads) {
 #endif
     }
     for (;;) {
-        bool ran = false;
-        for (int t = 0; t < threads; ++t) {
-            if (b.fibers[t].wait != Wait::Ready) continue;
-            b.current = t;
-            switch_to(b.sched, b.fibers[t].ctx);
-            ran = true;
+        // One warp at a time, as far as it goes (its lanes round-robin, its warp operations
+        // released as they complete) before the next warp starts: the most skew between warps,
+        // so a barrier missing between them shows even where warp operations would otherwise
+        // keep the warps in step.
+        bool ran = false, released = false;
+        for (int w0 = 0; w0 < threads; w0 += 32) {
+            const int nlanes = std::min(32, threads - w0);
+            for (;;) {
+                bool r = false;
+                for (int t = w0; t < w0 + nlanes; ++t) {
+                    if (b.fibers[t].wait != Wait::Ready) continue;
+                    b.current = t;
+                    switch_to(b.sched, b.fibers[t].ctx);
+                    r = true;
+                }
+                if (!b.error.empty()) return b.error;
+                const bool rel = try_release_warp(b, w0, nlanes);
+                ran |= r;
+                released |= rel;
+                if (!r && !rel) break;
+            }
         }
         int done = 0, at_block = 0;
         for (const Fiber& f : b.fibers) {
@@ -357,8 +372,6 @@ inline std::string run_block(Block& b, int threads) {
             }
             continue;
         }
-        bool released = false;
-        for (int w = 0; w < threads; w += 32) released |= try_release_warp(b, w, std::min(32, threads - w));
         if (!ran && !released) {
             char msg[160];
             std::snprintf(msg, sizeof msg, "deadlock: %d threads at __syncthreads, %d exited, %d waiting in warp operations", at_block, done,

@@ -230,6 +230,18 @@ extern "C" __global__ void probe_neighbour(int* out, int with_barrier) {
     out[blockIdx.x * 64 + threadIdx.x] = s[(threadIdx.x + 1) % 64];
 }
 
+// Two warps: each lane writes its slot, the warp exchanges a value (a warp operation, as WMMA
+// calls are), then reads the other warp's slot: right only with the block barrier, since nothing
+// orders one warp's writes before another warp's reads.
+extern "C" __global__ void probe_warp_skew(int* out, int with_barrier, int salt) {
+    __shared__ int s[64];
+    const int t = threadIdx.x;
+    s[t] = t + salt;
+    const int v = __shfl_xor_sync(0xffffffffu, t, 1);
+    if (with_barrier) __syncthreads();
+    out[t] = s[(t + 32) % 64] + 0 * v;
+}
+
 // Block (8, 4, 2) x grid (2, 3, 1): numbering, then warp scan / ballot / butterfly / shift and a
 // block-wide count, each written to its own plane of `out` (7 planes of 384 ints).
 extern "C" __global__ void probe_warps(int* out) {
@@ -329,6 +341,24 @@ extern "C" __global__ void probe_write_past_end(float* out, int n) {
         run_i32(&k, "probe_neighbour", (2, 1, 1), (64, 1, 1), &mut racy, &[Arg::I32(0)]).unwrap();
         assert_ne!(racy, want);
         assert_eq!(racy[63], want[63], "thread 63 reads slot 0, written before it runs");
+    }
+
+    /// Warps do not run in step: a warp runs on until it waits at a barrier, so a read of
+    /// another warp's shared data without one sees stale values even when warp operations in
+    /// between would have kept lock-stepped warps together.
+    #[test]
+    fn a_missing_barrier_between_warps_shows() {
+        let Some(k) = probes() else { return };
+        let want = |salt: i32| -> Vec<i32> { (0..64).map(|t| (t + 32) % 64 + salt).collect() };
+        let mut out = vec![-1; 64];
+        run_i32(&k, "probe_warp_skew", (1, 1, 1), (64, 1, 1), &mut out, &[Arg::I32(1), Arg::I32(1000)]).unwrap();
+        assert_eq!(out, want(1000));
+        let mut racy = vec![-1; 64];
+        run_i32(&k, "probe_warp_skew", (1, 1, 1), (64, 1, 1), &mut racy, &[Arg::I32(0), Arg::I32(2000)]).unwrap();
+        // Warp 0 finishes before warp 1 writes, so it reads the previous launch's slots; warp 1
+        // then reads warp 0's.
+        assert_eq!(racy[..32], want(1000)[..32]);
+        assert_eq!(racy[32..], want(2000)[32..]);
     }
 
     #[test]
