@@ -15,41 +15,36 @@
 // residual, are added once in f32 and the result is rounded once to fp16.
 //
 // As a GEMM: rows m = output voxels (N*OD*OH*OW), columns = co, K = k^3 * Cin (index
-// ((kz * k + ky) * k + kx) * Cin + ci). Block tile TC_BM x TC_BN, TC_BK deep, staged in shared
+// ((kz * k + ky) * k + kx) * Cin + ci). Block tile BM x BN (below), TC_BK deep, staged in shared
 // memory as fp16 in two stages: the next k-step's chunks are loaded into registers while the
 // tensor cores work on the current stage, then stored into the other one (one barrier per
 // k-step); 4 warps, each 32 x 32 outputs = 2 x 2 accumulator fragments. When Cin % 8 == 0
 // and x, w are 16-byte aligned, 8 channels of one tap load as one 16-byte vector; otherwise element
-// by element (any Cin, Cout). grid (ceil(M / TC_BM), ceil(Cout / TC_BN)), block TC_THREADS exactly.
+// by element (any Cin, Cout). grid (ceil(M / BM), ceil(Cout / BN)), block TC_THREADS exactly.
 //
 // Statistics for the next normalisation (optional): each block also reduces its stored fp16
 // outputs per channel, so the norm that reads `out` needs no pass of its own over it. The
-// TC_BM rows of a block must lie in one sample (OD*OH*OW % TC_BM == 0, the host checks); per
-// channel the block writes (sum v, sum (v - mean_b)^2) with mean_b = sum v / TC_BM, both f32 in
+// BM rows of a block must lie in one sample (OD*OH*OW % BM == 0, the host checks); per
+// channel the block writes (sum v, sum (v - mean_b)^2) with mean_b = sum v / BM, both f32 in
 // row order (no atomics), which norm.cu::norm_finalize_tiles merges in f64 (Chan et al.).
 //
 // Layout: x [N, D, H, W, Cin] fp16; w [Cout, k, k, k, Cin] fp16 (the cuDNN / conv3d_igemm_f16
 // filter buffer); bias [Cout] f32 or null; residual [N, OD, OH, OW, Cout] fp16 or null (may be
 // `out` itself); norm [N][Cin][3] f32 or null; out [N, OD, OH, OW, Cout] fp16; stats
-// [N][OD*OH*OW / TC_BM][Cout][2] f32 or null. M < 2^31.
+// [N][OD*OH*OW / BM][Cout][2] f32 or null. M < 2^31.
 #include <cuda_fp16.h>
 #include <mma.h>
 
-#define TC_BM 64
-#define TC_BN 64
+// Block tiles (rows x channels) of the two instantiations, each 4 warps of 32 x 32 outputs:
+//   conv3d_tc_f16       64 x 64, warps 2 x 2;
+//   conv3d_tc_n32_f16  128 x 32, warps 4 x 1, for Cout <= 32, where a 64-wide tile would spend
+//                      half its tensor-core work and weight loads on padding.
 #define TC_BK 32
 #define TC_THREADS 128
 // Shared-memory row padding (halves / floats): keeps WMMA pointers 32-byte aligned and spreads
 // rows over banks.
 #define TC_APAD 8
 #define TC_CPAD 4
-// One stage of the A (or B) tile, and the shared bytes: two stages of A and B, or the epilogue's
-// f32 output tile, whichever is larger.
-#define TC_STAGE_A_BYTES (TC_BM * (TC_BK + TC_APAD) * 2)
-#define TC_STAGE_B_BYTES (TC_BN * (TC_BK + TC_APAD) * 2)
-#define TC_STAGES_BYTES (2 * (TC_STAGE_A_BYTES + TC_STAGE_B_BYTES))
-#define TC_OUT_BYTES (TC_BM * (TC_BN + TC_CPAD) * 4)
-#define TC_SMEM_BYTES (TC_STAGES_BYTES > TC_OUT_BYTES ? TC_STAGES_BYTES : TC_OUT_BYTES)
 
 using namespace nvcuda;
 
@@ -62,34 +57,40 @@ __device__ __forceinline__ __half tc_prologue(__half v, const float* prm, int pr
     return __float2half_rn(fd_act(__fadd_rn(__fmul_rn(a - prm[0], prm[1]), prm[2]), post_act, post_p));
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
-conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
-              const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
-              int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p,
-              int norm_act, float norm_p, int act, float p, float* __restrict__ stats) {
+template <int BM, int BN>
+__device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __half* __restrict__ w,
+                                          const float* __restrict__ bias, const __half* residual,
+                                          const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
+                                          int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW,
+                                          int pre_act, float pre_p, int norm_act, float norm_p, int act, float p,
+                                          float* __restrict__ stats) {
+    static_assert(BM * BN == 4 * 32 * 32 && BM % 32 == 0 && BN % 32 == 0, "4 warps of 32 x 32");
+    constexpr int QA = BM / 32, QB = BN / 32;  // 16-byte chunks per thread per k-step, A and B
+    constexpr int STAGE_A = BM * (TC_BK + TC_APAD) * 2, STAGE_B = BN * (TC_BK + TC_APAD) * 2;
+    constexpr int STAGES = 2 * (STAGE_A + STAGE_B), OUT_TILE = BM * (BN + TC_CPAD) * 4;
     // Two stages of A and B tiles; the epilogue's f32 tile reuses the same bytes once the last
-    // MMA is done (20 KiB in all, so three blocks fit in a T4's 64 KiB).
-    __shared__ __align__(32) unsigned char smem[TC_SMEM_BYTES];
+    // MMA is done (20 / 25 KiB).
+    __shared__ __align__(32) unsigned char smem[STAGES > OUT_TILE ? STAGES : OUT_TILE];
     typedef __half TileRow[TC_BK + TC_APAD];
-    typedef float OutRow[TC_BN + TC_CPAD];
-    TileRow* As = reinterpret_cast<TileRow*>(smem);                         // [2 * TC_BM]
-    TileRow* Bs = reinterpret_cast<TileRow*>(smem + TC_STAGE_A_BYTES * 2);  // [2 * TC_BN]
-    OutRow* Cs = reinterpret_cast<OutRow*>(smem);                           // [TC_BM], after the loop
+    typedef float OutRow[BN + TC_CPAD];
+    TileRow* As = reinterpret_cast<TileRow*>(smem);                // [2 * BM]
+    TileRow* Bs = reinterpret_cast<TileRow*>(smem + 2 * STAGE_A);  // [2 * BN]
+    OutRow* Cs = reinterpret_cast<OutRow*>(smem);                  // [BM], after the loop
     const int t = threadIdx.x;
     const int warp = t >> 5;
     const int M = N * OD * OH * OW;
     const int K = k * k * k * Cin;
-    const int m0 = blockIdx.x * TC_BM;
-    const int j0 = blockIdx.y * TC_BN;
+    const int m0 = blockIdx.x * BM;
+    const int j0 = blockIdx.y * BN;
     const bool vec = (Cin % 8 == 0) && (((size_t)x | (size_t)w) % 16 == 0);
 
-    // Loader roles: 64 rows x 4 chunks of 8 k = 256 chunks per tile, 2 per thread, for A and B.
-    // Chunk q of thread t: row r = t / 4 + 32 q, k-chunk kc = t % 4.
+    // Loader roles: rows x 4 chunks of 8 k per tile; chunk q of thread t is row t / 4 + 32 q,
+    // k-chunk kc = t % 4.
     const int kc = t % 4;
-    int an[2], az[2], ay[2], ax[2];
-    bool arow[2];
+    int an[QA], az[QA], ay[QA], ax[QA];
+    bool arow[QA];
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
+    for (int q = 0; q < QA; ++q) {
         const int m = m0 + t / 4 + 32 * q;
         arow[q] = m < M;
         int r = arow[q] ? m : 0;
@@ -107,13 +108,13 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
     // The next k-step's chunks, held in registers while the tensor cores work on the current
     // one. Vector loads stay raw until they are stored (the norm is applied then, off the load's
     // critical path); element loads are normalised as they arrive (the rare Cin % 8 != 0 case).
-    uint4 ra[2], rb[2];
-    int aci[2];      // channel of the chunk's first element (vector loads)
-    bool apro[2];    // apply the norm when storing (vector load of a voxel inside the volume)
+    uint4 ra[QA], rb[QB];
+    int aci[QA];    // channel of the chunk's first element (vector loads)
+    bool apro[QA];  // apply the norm when storing (vector load of a voxel inside the volume)
     auto load = [&](int k0) {
+        const int kk0 = k0 + kc * 8;
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int kk0 = k0 + kc * 8;
+        for (int q = 0; q < QA; ++q) {
             apro[q] = false;
             aci[q] = 0;
             if (vec) {
@@ -150,9 +151,8 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
             }
         }
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
+        for (int q = 0; q < QB; ++q) {
             const int co = j0 + t / 4 + 32 * q;
-            const int kk0 = k0 + kc * 8;
             if (vec && co < Cout && kk0 < K) {
                 // K = k^3 * Cin is a multiple of 8 here, so the chunk is whole and aligned.
                 rb[q] = *reinterpret_cast<const uint4*>(w + (size_t)co * K + kk0);
@@ -168,17 +168,17 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
     };
     auto store = [&](int stage) {
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            const int r = t / 4 + 32 * q;
+        for (int q = 0; q < QA; ++q) {
             if (apro[q]) {
                 __half* h = reinterpret_cast<__half*>(&ra[q]);
                 const float* prm = norm + ((size_t)an[q] * Cin + aci[q]) * 3;
 #pragma unroll
                 for (int e = 0; e < 8; ++e) h[e] = tc_prologue(h[e], prm + 3 * e, pre_act, pre_p, norm_act, norm_p);
             }
-            *reinterpret_cast<uint4*>(&As[stage * TC_BM + r][kc * 8]) = ra[q];
-            *reinterpret_cast<uint4*>(&Bs[stage * TC_BN + r][kc * 8]) = rb[q];
+            *reinterpret_cast<uint4*>(&As[stage * BM + t / 4 + 32 * q][kc * 8]) = ra[q];
         }
+#pragma unroll
+        for (int q = 0; q < QB; ++q) *reinterpret_cast<uint4*>(&Bs[stage * BN + t / 4 + 32 * q][kc * 8]) = rb[q];
     };
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
@@ -186,7 +186,7 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
     for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
+    const int wr = (warp / (BN / 32)) * 32, wc = (warp % (BN / 32)) * 32;
 
     // One barrier per k-step: stage s is read by the MMAs of step kt while step kt + 1's chunks
     // are written into the other stage, which every warp finished reading before the previous
@@ -203,9 +203,9 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[2];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[s * TC_BM + wr + 16 * i][ks], TC_BK + TC_APAD);
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[s * BM + wr + 16 * i][ks], TC_BK + TC_APAD);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[s * TC_BN + wc + 16 * j][ks], TC_BK + TC_APAD);
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[s * BN + wc + 16 * j][ks], TC_BK + TC_APAD);
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -219,11 +219,11 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
     for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(&Cs[wr + 16 * i][wc + 16 * j], acc[i][j], TC_BN + TC_CPAD, wmma::mem_row_major);
+            wmma::store_matrix_sync(&Cs[wr + 16 * i][wc + 16 * j], acc[i][j], BN + TC_CPAD, wmma::mem_row_major);
     __syncthreads();
     // Epilogue: consecutive threads take consecutive channels of a row (coalesced stores).
-    for (int e = t; e < TC_BM * TC_BN; e += TC_THREADS) {
-        const int r = e / TC_BN, c = e % TC_BN;
+    for (int e = t; e < BM * BN; e += TC_THREADS) {
+        const int r = e / BN, c = e % BN;
         const int m = m0 + r, co = j0 + c;
         if (m >= M || co >= Cout) continue;
         float v = Cs[r][c];
@@ -239,21 +239,39 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
         // One thread per channel, rows in order: the block's sum, then the squared deviations
         // from its own mean (exact IEEE operations, so every device gives the same partials).
         const int co = j0 + t;
-        if (t < TC_BN && co < Cout) {
+        if (t < BN && co < Cout) {
             float s = 0.0f;
-            for (int r = 0; r < TC_BM; ++r) s = __fadd_rn(s, Cs[r][t]);
-            const float mean = __fdiv_rn(s, (float)TC_BM);
+            for (int r = 0; r < BM; ++r) s = __fadd_rn(s, Cs[r][t]);
+            const float mean = __fdiv_rn(s, (float)BM);
             float q = 0.0f;
-            for (int r = 0; r < TC_BM; ++r) {
+            for (int r = 0; r < BM; ++r) {
                 const float d = __fsub_rn(Cs[r][t], mean);
                 q = __fadd_rn(q, __fmul_rn(d, d));
             }
             const int ovol = OD * OH * OW;
-            const int nblk = ovol / TC_BM;
-            const int n = m0 / ovol, b = (m0 - n * ovol) / TC_BM;
+            const int nblk = ovol / BM;
+            const int n = m0 / ovol, b = (m0 - n * ovol) / BM;
             float* dst = stats + (((size_t)n * nblk + b) * Cout + co) * 2;
             dst[0] = s;
             dst[1] = q;
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
+              const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
+              int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p,
+              int norm_act, float norm_p, int act, float p, float* __restrict__ stats) {
+    conv3d_tc<64, 64>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
+                      norm_act, norm_p, act, p, stats);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv3d_tc_n32_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
+                  const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
+                  int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p,
+                  int norm_act, float norm_p, int act, float p, float* __restrict__ stats) {
+    conv3d_tc<128, 32>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
+                       norm_act, norm_p, act, p, stats);
 }

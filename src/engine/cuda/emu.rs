@@ -342,7 +342,9 @@ impl Emu {
                 conv::conv3d(&x, n, s, &wt, bias.as_deref(), act, &mut o);
                 self.wf16(a.p(3), &to_ndhwc(&o, n, cout, ovol))
             }
-            "conv3d_tc_f16" => {
+            "conv3d_tc_f16" | "conv3d_tc_n32_f16" => {
+                // Block tile (output voxels, channels) of the instantiation.
+                let (rows, cols) = if name == "conv3d_tc_n32_f16" { (128, 32) } else { (64, 64) };
                 let (n, d, h, w, cin, cout, k, st, pad, od, oh, ow) =
                     (a.u(6), a.u(7), a.u(8), a.u(9), a.u(10), a.u(11), a.u(12), a.u(13), a.u(14), a.u(15), a.u(16), a.u(17));
                 let pre = act_of(a.i(18) as i32, a.f(19))?;
@@ -353,7 +355,7 @@ impl Emu {
                 ensure!(s.out_dims() == [od, oh, ow], "output dims {:?} passed, {:?} expected", [od, oh, ow], s.out_dims());
                 let ovol = od * oh * ow;
                 let m = n * ovol;
-                ensure!(gx == m.div_ceil(64) && gy == cout.div_ceil(64), "grid must be (ceil(M/64), ceil(Cout/64))");
+                ensure!(gx == m.div_ceil(rows) && gy == cout.div_ceil(cols), "grid must be (ceil(M/{rows}), ceil(Cout/{cols}))");
                 let ivol = d * h * w;
                 let mut xh = self.rf16(a.p(0), n * ivol * cin)?;
                 if let Some(pp) = a.opt(4) {
@@ -390,16 +392,16 @@ impl Emu {
                     *v = act.apply(*v);
                 }
                 if let Some(sp) = a.opt(24) {
-                    // Per 64-row block and channel: (sum, squared deviations from the block mean)
-                    // of the stored fp16 values, f32 in row order.
-                    ensure!(ovol % 64 == 0, "statistics need OD*OH*OW % 64 == 0");
-                    let nblk = ovol / 64;
+                    // Per block of `rows` voxels and channel: (sum, squared deviations from the
+                    // block mean) of the stored fp16 values, f32 in row order.
+                    ensure!(ovol % rows == 0, "statistics need OD*OH*OW % {rows} == 0");
+                    let nblk = ovol / rows;
                     let mut part = vec![0.0f32; n * nblk * cout * 2];
-                    for (blk, rows) in y.chunks(64 * cout).enumerate() {
+                    for (blk, vals) in y.chunks(rows * cout).enumerate() {
                         for co in 0..cout {
-                            let col = || rows.iter().skip(co).step_by(cout).map(|&v| f16::from_f32(v).to_f32());
+                            let col = || vals.iter().skip(co).step_by(cout).map(|&v| f16::from_f32(v).to_f32());
                             let s: f32 = col().fold(0.0, |a, v| a + v);
-                            let mean = s / 64.0;
+                            let mean = s / rows as f32;
                             let q: f32 = col().fold(0.0, |a, v| a + (v - mean) * (v - mean));
                             part[(blk * cout + co) * 2] = s;
                             part[(blk * cout + co) * 2 + 1] = q;

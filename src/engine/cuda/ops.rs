@@ -204,25 +204,33 @@ pub struct NormPrologue {
     pub post: Act,
 }
 
-/// TC_BM of conv_tc.cu: output voxels per block, the unit of its statistics epilogue.
-pub const TC_BM: usize = 64;
+/// conv_tc.cu's instantiation for `cout` output channels and its block tile (output voxels,
+/// channels): the 128 x 32 tile when a 64-wide one would be half padding.
+pub fn conv_tc_variant(cout: usize) -> (&'static str, usize, usize) {
+    if cout <= 32 {
+        ("conv3d_tc_n32_f16", 128, 32)
+    } else {
+        ("conv3d_tc_f16", 64, 64)
+    }
+}
 
 /// Statistics blocks per sample that `conv_tc`'s epilogue writes for an output of `ovol` voxels
-/// per sample: `Some(ovol / TC_BM)` when every block lies in one sample, else `None` (the norm
-/// then reduces the output itself).
-pub fn conv_tc_stats_blocks(ovol: usize) -> Option<usize> {
-    (ovol > 0 && ovol % TC_BM == 0).then_some(ovol / TC_BM)
+/// per sample and `cout` channels: `Some(ovol / rows)` when every block of `rows` output voxels
+/// lies in one sample, else `None` (the norm then reduces the output itself).
+pub fn conv_tc_stats_blocks(ovol: usize, cout: usize) -> Option<usize> {
+    let rows = conv_tc_variant(cout).1;
+    (ovol > 0 && ovol % rows == 0).then_some(ovol / rows)
 }
 
 /// Bytes of `conv_tc`'s statistics for `n` samples of `ovol` voxels and `cout` channels.
 pub fn conv_tc_stats_bytes(n: usize, ovol: usize, cout: usize) -> Option<usize> {
-    conv_tc_stats_blocks(ovol).map(|b| n * b * cout * 2 * 4)
+    conv_tc_stats_blocks(ovol, cout).map(|b| n * b * cout * 2 * 4)
 }
 
 /// The tensor-core implicit-GEMM convolution: `x [n, dims, cin]` fp16, `w [cout, k, k, k, cin]`
 /// fp16, bias f32, `residual` fp16 shaped like the output (may be `out`), `norm` applied to the
 /// input first; out `[n, out dims, cout]` = act(conv + bias + residual) fp16. With `stats`
-/// (`conv_tc_stats_bytes` bytes; the output volume a multiple of `TC_BM`), the per-block channel
+/// (`conv_tc_stats_bytes` bytes; `conv_tc_stats_blocks` must be `Some`), the per-block channel
 /// statistics of `out` for `norm_params_from_tiles`. Needs sm_70+.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_tc(
@@ -243,11 +251,12 @@ pub fn conv_tc(
     pad: usize,
     act: Act,
 ) -> Result<()> {
-    let (m, shape) = igemm_shape("conv3d_tc_f16", n, dims, cin, cout, k, stride, pad)?;
+    let (kernel, rows, cols) = conv_tc_variant(cout);
+    let (m, shape) = igemm_shape(kernel, n, dims, cin, cout, k, stride, pad)?;
     if stats.is_some() {
         let ovol = vol(conv_out_dims(dims, k, stride, pad));
-        if conv_tc_stats_blocks(ovol).is_none() {
-            bail!("conv3d_tc_f16: statistics need an output volume divisible by {TC_BM}, got {ovol}");
+        if conv_tc_stats_blocks(ovol, cout).is_none() {
+            bail!("{kernel}: statistics need an output volume divisible by {rows}, got {ovol}");
         }
     }
     let (ac, ap) = act_code(act);
@@ -256,7 +265,7 @@ pub fn conv_tc(
     let mut a = vec![Arg::Ptr(x), Arg::Ptr(w), opt(bias), opt(residual), opt(norm.map(|p| p.params)), Arg::Ptr(out)];
     a.extend_from_slice(&shape);
     a.extend_from_slice(&[Arg::I32(pre), Arg::F32(pre_p), Arg::I32(post), Arg::F32(post_p), Arg::I32(ac), Arg::F32(ap), opt(stats)]);
-    g.launch("conv3d_tc_f16", (m.div_ceil(TC_BM) as u32, cout.div_ceil(64) as u32, 1), (128, 1, 1), &a)
+    g.launch(kernel, (m.div_ceil(rows) as u32, cout.div_ceil(cols) as u32, 1), (128, 1, 1), &a)
 }
 
 /// The kernel-2 stride-2 transposed convolution into channels `[c_off, c_off + cout)` of an
@@ -395,12 +404,14 @@ pub fn norm(
     }
 }
 
-/// `norm`'s statistics from `conv_tc`'s epilogue (`partial`, `conv_tc_stats_bytes` bytes) instead
-/// of a pass over the activation: `params` (`[n][c][3]`) as `norm` writes them, no pre-activation.
+/// `norm`'s statistics from `conv_tc`'s epilogue (`partial`, `conv_tc_stats_bytes` bytes of a
+/// conv with `c` output channels) instead of a pass over the activation: `params` (`[n][c][3]`)
+/// as `norm` writes them, no pre-activation.
 #[allow(clippy::too_many_arguments)]
 pub fn norm_params_from_tiles(g: &Gpu, partial: u64, n: usize, c: usize, vol: usize, groups: usize, gamma: Option<u64>, beta: Option<u64>, params: u64) -> Result<()> {
     norm_check(c, groups, vol)?;
-    let nblk = conv_tc_stats_blocks(vol).with_context(|| format!("norm_finalize_tiles: volume {vol} is not a whole number of {TC_BM}-voxel blocks"))?;
+    let rows = conv_tc_variant(c).1;
+    let nblk = conv_tc_stats_blocks(vol, c).with_context(|| format!("norm_finalize_tiles: volume {vol} is not a whole number of {rows}-voxel blocks"))?;
     if n == 0 {
         return Ok(());
     }
@@ -417,7 +428,7 @@ pub fn norm_params_from_tiles(g: &Gpu, partial: u64, n: usize, c: usize, vol: us
             Arg::I32(c as i32),
             Arg::I32(groups as i32),
             Arg::I32(nblk as i32),
-            Arg::I32(TC_BM as i32),
+            Arg::I32(rows as i32),
             opt(gamma),
             opt(beta),
             Arg::F32(crate::engine::cpu::norm::EPS as f32),

@@ -509,7 +509,7 @@ fn conv_tc_fused_cases(c: &mut Ctx) {
         let od = ops::conv_out_dims(dims, k, stride, k / 2);
         let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
         let in_place = ci == 0;
-        let name = format!("conv3d_tc_f16 {k}x{k}x{k}/s{stride} norm{post}+bias{}{act}", if !residual { "" } else if in_place { "+res in place" } else { "+res" });
+        let name = format!("{} {k}x{k}x{k}/s{stride} norm{post}+bias{}{act}", ops::conv_tc_variant(cout).0, if !residual { "" } else if in_place { "+res in place" } else { "+res" });
         if let Err(why) = c.gpu.check_tensor_cores() {
             c.skip(&name, &shape, why);
             continue;
@@ -568,12 +568,15 @@ fn conv_tc_stats_cases(c: &mut Ctx) {
         (1, [4, 4, 4], 320, 320, 3, 1, false, 0.0, 320, false, Act::LeakyRelu(0.01)),
         // |mean| >> std: the per-block merge must not lose the variance.
         (1, [4, 8, 8], 16, 16, 3, 1, false, 10.0, 16, false, Act::None),
+        // SegResNetV2's first level: 32 channels (the 128 x 32 tile), identity added.
+        (1, [8, 8, 12], 32, 32, 3, 1, true, 0.0, 8, true, Act::Relu),
     ];
     for (n, dims, cin, cout, k, stride, residual, offset, groups, affine, post) in cases {
         let od = ops::conv_out_dims(dims, k, stride, k / 2);
         let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
         let name = format!(
-            "conv3d_tc_f16{} +stats -> norm_finalize_tiles {}{}{post}{}",
+            "{}{} +stats -> norm_finalize_tiles {}{}{post}{}",
+            ops::conv_tc_variant(cout).0,
             if residual { "+res" } else { "" },
             if groups == cout { "instance".to_string() } else { format!("group({groups})") },
             if affine { " affine" } else { "" },
@@ -705,7 +708,7 @@ fn conv_cases(c: &mut Ctx) {
             c.cmp(&direct_name, &shape, &got, &want, TOL_FP16);
             Ok(())
         });
-        let tc_name = format!("conv3d_tc_f16 {desc}");
+        let tc_name = format!("{} {desc}", ops::conv_tc_variant(cout).0);
         match c.gpu.check_tensor_cores() {
             Err(why) => c.skip(&tc_name, &shape, why),
             Ok(()) => c.case(&tc_name.clone(), &shape.clone(), |c| {
