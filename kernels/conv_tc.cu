@@ -20,7 +20,13 @@
 // tensor cores work on the current stage, then stored into the other one (one barrier per
 // k-step); 4 warps, each 32 x 32 outputs = 2 x 2 accumulator fragments. When Cin % 8 == 0
 // and x, w are 16-byte aligned, 8 channels of one tap load as one 16-byte vector; otherwise element
-// by element (any Cin, Cout). grid (ceil(M / BM), ceil(Cout / BN)), block TC_THREADS exactly.
+// by element (any Cin, Cout). grid (ceil(M / BM), ceil(Cout / BN), splits), block TC_THREADS
+// exactly.
+//
+// Split K (when the grid is too small to fill the device: the deep levels): block z sums k-steps
+// [z * kspan, (z + 1) * kspan) and stores its f32 tile in plane z of a buffer; the *_reduce_f16
+// kernel adds the planes in split order (fixed, so the result is deterministic for a given split)
+// and runs the same store. The split count is the host's choice (ops::conv_tc_splits).
 //
 // Statistics for the next normalisation (optional): each block also reduces its stored fp16
 // outputs per channel, so the norm that reads `out` needs no pass of its own over it. The
@@ -57,13 +63,56 @@ __device__ __forceinline__ __half tc_prologue(__half v, const float* prm, int pr
     return __float2half_rn(fd_act(__fadd_rn(__fmul_rn(a - prm[0], prm[1]), prm[2]), post_act, post_p));
 }
 
+// The store: bias, residual, activation, one fp16 rounding; optionally the block's statistics
+// for the next norm. Cs holds the block's f32 sums (BM x BN); every thread of the block calls it.
+template <int BM, int BN>
+__device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], int m0, int j0, int M, int Cout,
+                                            const float* __restrict__ bias, const __half* residual, __half* out,
+                                            int act, float p, float* __restrict__ stats, int ovol) {
+    const int t = threadIdx.x;
+    // Consecutive threads take consecutive channels of a row (coalesced stores).
+    for (int e = t; e < BM * BN; e += TC_THREADS) {
+        const int r = e / BN, c = e % BN;
+        const int m = m0 + r, co = j0 + c;
+        if (m >= M || co >= Cout) continue;
+        float v = Cs[r][c];
+        if (bias) v = __fadd_rn(v, bias[co]);
+        const size_t o = (size_t)m * Cout + co;
+        if (residual) v = __fadd_rn(v, __half2float(residual[o]));
+        const __half y = __float2half_rn(fd_act(v, act, p));
+        out[o] = y;
+        if (stats) Cs[r][c] = __half2float(y);
+    }
+    if (stats) {
+        __syncthreads();
+        // One thread per channel, rows in order: the block's sum, then the squared deviations
+        // from its own mean (exact IEEE operations, so every device gives the same partials).
+        const int co = j0 + t;
+        if (t < BN && co < Cout) {
+            float s = 0.0f;
+            for (int r = 0; r < BM; ++r) s = __fadd_rn(s, Cs[r][t]);
+            const float mean = __fdiv_rn(s, (float)BM);
+            float q = 0.0f;
+            for (int r = 0; r < BM; ++r) {
+                const float d = __fsub_rn(Cs[r][t], mean);
+                q = __fadd_rn(q, __fmul_rn(d, d));
+            }
+            const int nblk = ovol / BM;
+            const int n = m0 / ovol, b = (m0 - n * ovol) / BM;
+            float* dst = stats + (((size_t)n * nblk + b) * Cout + co) * 2;
+            dst[0] = s;
+            dst[1] = q;
+        }
+    }
+}
+
 template <int BM, int BN>
 __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __half* __restrict__ w,
                                           const float* __restrict__ bias, const __half* residual,
                                           const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
                                           int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW,
                                           int pre_act, float pre_p, int norm_act, float norm_p, int act, float p,
-                                          float* __restrict__ stats) {
+                                          float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
     static_assert(BM * BN == 4 * 32 * 32 && BM % 32 == 0 && BN % 32 == 0, "4 warps of 32 x 32");
     constexpr int QA = BM / 32, QB = BN / 32;  // 16-byte chunks per thread per k-step, A and B
     constexpr int STAGE_A = BM * (TC_BK + TC_APAD) * 2, STAGE_B = BN * (TC_BK + TC_APAD) * 2;
@@ -191,13 +240,16 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
     // One barrier per k-step: stage s is read by the MMAs of step kt while step kt + 1's chunks
     // are written into the other stage, which every warp finished reading before the previous
     // barrier.
-    const int steps = (K + TC_BK - 1) / TC_BK;
-    load(0);
+    // Split K: block z takes k-steps [z * kspan, (z + 1) * kspan) (the host keeps every split
+    // non-empty).
+    const int kt0 = blockIdx.z * kspan;
+    const int kt1 = min((K + TC_BK - 1) / TC_BK, kt0 + kspan);
+    load(kt0 * TC_BK);
     store(0);
     __syncthreads();
-    for (int kt = 0; kt < steps; ++kt) {
-        const int s = kt & 1;
-        if (kt + 1 < steps) load((kt + 1) * TC_BK);
+    for (int kt = kt0; kt < kt1; ++kt) {
+        const int s = (kt - kt0) & 1;
+        if (kt + 1 < kt1) load((kt + 1) * TC_BK);
 #pragma unroll
         for (int ks = 0; ks < TC_BK; ks += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
@@ -211,8 +263,22 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
 #pragma unroll
                 for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
-        if (kt + 1 < steps) store(s ^ 1);
+        if (kt + 1 < kt1) store(s ^ 1);
         __syncthreads();
+    }
+
+    if (splitk) {
+        // This split's f32 sums straight from the fragments into its plane of the padded
+        // [splits][gridDim.x * BM][gridDim.y * BN] buffer (every fragment in range);
+        // conv3d_tc_reduce adds the planes in split order and finishes as below.
+        const int ldc = gridDim.y * BN;
+        float* dst = splitk + (size_t)blockIdx.z * gridDim.x * BM * ldc;
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+                wmma::store_matrix_sync(dst + (size_t)(m0 + wr + 16 * i) * ldc + j0 + wc + 16 * j, acc[i][j], ldc, wmma::mem_row_major);
+        return;
     }
 
 #pragma unroll
@@ -221,57 +287,59 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
         for (int j = 0; j < 2; ++j)
             wmma::store_matrix_sync(&Cs[wr + 16 * i][wc + 16 * j], acc[i][j], BN + TC_CPAD, wmma::mem_row_major);
     __syncthreads();
-    // Epilogue: consecutive threads take consecutive channels of a row (coalesced stores).
-    for (int e = t; e < BM * BN; e += TC_THREADS) {
-        const int r = e / BN, c = e % BN;
-        const int m = m0 + r, co = j0 + c;
-        if (m >= M || co >= Cout) continue;
-        float v = Cs[r][c];
-        if (bias) v = __fadd_rn(v, bias[co]);
-        const size_t o = (size_t)m * Cout + co;
-        if (residual) v = __fadd_rn(v, __half2float(residual[o]));
-        const __half y = __float2half_rn(fd_act(v, act, p));
-        out[o] = y;
-        if (stats) Cs[r][c] = __half2float(y);
-    }
-    if (stats) {
-        __syncthreads();
-        // One thread per channel, rows in order: the block's sum, then the squared deviations
-        // from its own mean (exact IEEE operations, so every device gives the same partials).
-        const int co = j0 + t;
-        if (t < BN && co < Cout) {
-            float s = 0.0f;
-            for (int r = 0; r < BM; ++r) s = __fadd_rn(s, Cs[r][t]);
-            const float mean = __fdiv_rn(s, (float)BM);
-            float q = 0.0f;
-            for (int r = 0; r < BM; ++r) {
-                const float d = __fsub_rn(Cs[r][t], mean);
-                q = __fadd_rn(q, __fmul_rn(d, d));
-            }
-            const int ovol = OD * OH * OW;
-            const int nblk = ovol / BM;
-            const int n = m0 / ovol, b = (m0 - n * ovol) / BM;
-            float* dst = stats + (((size_t)n * nblk + b) * Cout + co) * 2;
-            dst[0] = s;
-            dst[1] = q;
-        }
-    }
+    tc_epilogue<BM, BN>(Cs, m0, j0, M, Cout, bias, residual, out, act, p, stats, OD * OH * OW);
 }
 
+// conv3d_tc with split K, second half: the sum of the splits' planes (in split order) for the
+// block's BM x BN tile, then the same epilogue. grid (as the conv's x, y), block TC_THREADS.
+template <int BM, int BN>
+__device__ __forceinline__ void conv3d_tc_reduce(const float* __restrict__ splitk, int splits, const float* __restrict__ bias,
+                                                 const __half* residual, __half* out, float* __restrict__ stats, int M,
+                                                 int ovol, int Cout, int act, float p) {
+    __shared__ __align__(32) float Cs[BM][BN + TC_CPAD];
+    const int m0 = blockIdx.x * BM, j0 = blockIdx.y * BN;
+    const int ldc = gridDim.y * BN;
+    const size_t plane = (size_t)gridDim.x * BM * ldc;
+    for (int e = threadIdx.x; e < BM * BN; e += TC_THREADS) {
+        const int r = e / BN, c = e % BN;
+        const float* src = splitk + (size_t)(m0 + r) * ldc + j0 + c;
+        float v = 0.0f;
+        for (int z = 0; z < splits; ++z) v = __fadd_rn(v, src[z * plane]);
+        Cs[r][c] = v;
+    }
+    __syncthreads();
+    tc_epilogue<BM, BN>(Cs, m0, j0, M, Cout, bias, residual, out, act, p, stats, ovol);
+}
+
+// Entry points (parameter lists written out: the host reads them from this source). splitk: null,
+// or the [gridDim.z][gridDim.x * BM][gridDim.y * BN] f32 buffer of a split-K launch (grid.z =
+// splits, kspan k-steps each), finished by the matching *_reduce_f16 over the same grid x, y.
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
-              const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
-              int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p,
-              int norm_act, float norm_p, int act, float p, float* __restrict__ stats) {
+    const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
+    int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
+    float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
     conv3d_tc<64, 64>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
-                      norm_act, norm_p, act, p, stats);
+        norm_act, norm_p, act, p, stats, splitk, kspan);
 }
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv3d_tc_n32_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
-                  const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
-                  int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p,
-                  int norm_act, float norm_p, int act, float p, float* __restrict__ stats) {
+    const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
+    int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
+    float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
     conv3d_tc<128, 32>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
-                       norm_act, norm_p, act, p, stats);
+        norm_act, norm_p, act, p, stats, splitk, kspan);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv3d_tc_reduce_f16(const float* __restrict__ splitk, int splits, const float* __restrict__ bias,
+    const __half* residual, __half* out, float* __restrict__ stats, int M, int ovol, int Cout, int act, float p) {
+    conv3d_tc_reduce<64, 64>(splitk, splits, bias, residual, out, stats, M, ovol, Cout, act, p);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv3d_tc_n32_reduce_f16(const float* __restrict__ splitk, int splits, const float* __restrict__ bias,
+    const __half* residual, __half* out, float* __restrict__ stats, int M, int ovol, int Cout, int act, float p) {
+    conv3d_tc_reduce<128, 32>(splitk, splits, bias, residual, out, stats, M, ovol, Cout, act, p);
 }

@@ -171,6 +171,47 @@ impl Emu {
     fn ru64(&self, p: u64, n: usize) -> Result<Vec<u64>> {
         self.with(p, n * 8, |b| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
     }
+    /// conv_tc.cu's epilogue on the f32 sums `y` (`[m][cout]`): + bias, + residual, act, fp16
+    /// store to `out`; with `stats`, per block of `rows` voxels and channel, (sum, squared
+    /// deviations from the block mean) of the stored fp16 values, f32 in row order.
+    #[allow(clippy::too_many_arguments)]
+    fn tc_store(&self, mut y: Vec<f32>, bias: Option<u64>, residual: Option<u64>, act: Act, out: u64, stats: Option<u64>, ovol: usize, cout: usize, rows: usize) -> Result<()> {
+        let bias = match bias {
+            Some(p) => Some(self.rf32(p, cout)?),
+            None => None,
+        };
+        let res = match residual {
+            Some(p) => Some(self.rf16(p, y.len())?),
+            None => None,
+        };
+        for (i, v) in y.iter_mut().enumerate() {
+            if let Some(b) = &bias {
+                *v += b[i % cout];
+            }
+            if let Some(r) = &res {
+                *v += r[i];
+            }
+            *v = act.apply(*v);
+        }
+        if let Some(sp) = stats {
+            ensure!(ovol % rows == 0, "statistics need OD*OH*OW % {rows} == 0");
+            let nblk = y.len() / cout / rows;
+            let mut part = vec![0.0f32; nblk * cout * 2];
+            for (blk, vals) in y.chunks(rows * cout).enumerate() {
+                for co in 0..cout {
+                    let col = || vals.iter().skip(co).step_by(cout).map(|&v| f16::from_f32(v).to_f32());
+                    let s: f32 = col().fold(0.0, |a, v| a + v);
+                    let mean = s / rows as f32;
+                    let q: f32 = col().fold(0.0, |a, v| a + (v - mean) * (v - mean));
+                    part[(blk * cout + co) * 2] = s;
+                    part[(blk * cout + co) * 2 + 1] = q;
+                }
+            }
+            self.wf32(sp, &part)?;
+        }
+        self.wf16(out, &y)
+    }
+
     fn wf32(&self, p: u64, v: &[f32]) -> Result<()> {
         self.with(p, v.len() * 4, |b| {
             for (c, x) in b.chunks_exact_mut(4).zip(v) {
@@ -373,43 +414,38 @@ impl Emu {
                 let wt = from_ktrsc(&wk, cout, cin, kk);
                 let mut o = vec![0.0; n * cout * ovol];
                 conv::conv3d(&x, n, s, &wt, None, Act::None, &mut o);
-                let mut y = to_ndhwc(&o, n, cout, ovol);
-                let bias = match a.opt(2) {
-                    Some(p) => Some(self.rf32(p, cout)?),
-                    None => None,
-                };
-                let res = match a.opt(3) {
-                    Some(p) => Some(self.rf16(p, m * cout)?),
-                    None => None,
-                };
+                let y = to_ndhwc(&o, n, cout, ovol);
+                if let Some(sk) = a.opt(25) {
+                    // Split K: the whole sum in plane 0 of the padded buffer, the other planes 0
+                    // (the reduce adds them); the host-built kernels test the real split.
+                    let (splits, kspan, steps) = (gz, a.u(26), (kk * cin).div_ceil(32));
+                    ensure!(kspan > 0 && (splits - 1) * kspan < steps && splits * kspan >= steps, "{splits} splits of {kspan} k-steps do not cover {steps} without an empty one");
+                    let ldc = gy * cols;
+                    let mut planes = vec![0.0f32; splits * gx * rows * ldc];
+                    for (i, v) in y.iter().enumerate() {
+                        planes[(i / cout) * ldc + i % cout] = *v;
+                    }
+                    return self.wf32(sk, &planes);
+                }
+                ensure!(gz == 1, "grid.z > 1 needs a split-K buffer");
+                self.tc_store(y, a.opt(2), a.opt(3), act, a.p(5), a.opt(24), ovol, cout, rows)
+            }
+            "conv3d_tc_reduce_f16" | "conv3d_tc_n32_reduce_f16" => {
+                // splitk, splits, bias, residual, out, stats, M, ovol, Cout, act, p
+                let (rows, cols) = if name == "conv3d_tc_n32_reduce_f16" { (128, 32) } else { (64, 64) };
+                let (splits, m, ovol, cout) = (a.u(1), a.u(6), a.u(7), a.u(8));
+                let act = act_of(a.i(9) as i32, a.f(10))?;
+                ensure!(block == (128, 1, 1), "block must be TC_THREADS = 128");
+                ensure!(gx == m.div_ceil(rows) && gy == cout.div_ceil(cols) && gz == 1, "grid must be (ceil(M/{rows}), ceil(Cout/{cols}), 1)");
+                let ldc = gy * cols;
+                let plane = gx * rows * ldc;
+                let planes = self.rf32(a.p(0), splits * plane)?;
+                let mut y = vec![0.0f32; m * cout];
                 for (i, v) in y.iter_mut().enumerate() {
-                    if let Some(b) = &bias {
-                        *v += b[i % cout];
-                    }
-                    if let Some(r) = &res {
-                        *v += r[i];
-                    }
-                    *v = act.apply(*v);
+                    let at = (i / cout) * ldc + i % cout;
+                    *v = (0..splits).fold(0.0f32, |acc, z| acc + planes[z * plane + at]);
                 }
-                if let Some(sp) = a.opt(24) {
-                    // Per block of `rows` voxels and channel: (sum, squared deviations from the
-                    // block mean) of the stored fp16 values, f32 in row order.
-                    ensure!(ovol % rows == 0, "statistics need OD*OH*OW % {rows} == 0");
-                    let nblk = ovol / rows;
-                    let mut part = vec![0.0f32; n * nblk * cout * 2];
-                    for (blk, vals) in y.chunks(rows * cout).enumerate() {
-                        for co in 0..cout {
-                            let col = || vals.iter().skip(co).step_by(cout).map(|&v| f16::from_f32(v).to_f32());
-                            let s: f32 = col().fold(0.0, |a, v| a + v);
-                            let mean = s / rows as f32;
-                            let q: f32 = col().fold(0.0, |a, v| a + (v - mean) * (v - mean));
-                            part[(blk * cout + co) * 2] = s;
-                            part[(blk * cout + co) * 2 + 1] = q;
-                        }
-                    }
-                    self.wf32(sp, &part)?;
-                }
-                self.wf16(a.p(5), &y)
+                self.tc_store(y, a.opt(2), a.opt(3), act, a.p(4), a.opt(5), ovol, cout, rows)
             }
             "conv_transpose2_f16" => {
                 let (n, d, h, w, cin, cout, ctot, off) = (a.u(3), a.u(4), a.u(5), a.u(6), a.u(7), a.u(8), a.u(9), a.u(10));

@@ -272,7 +272,8 @@ impl Gpu {
             name: "CPU emulator of the CUDA kernels".into(),
             compute_capability: (0, 0),
             total_mem: 0,
-            multiprocessors: 0,
+            // A T4's count, so that the emulators take the same launch decisions (split K) as a card.
+            multiprocessors: 40,
             driver_version: 0,
             device_count: 0,
         };

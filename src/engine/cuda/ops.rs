@@ -222,6 +222,29 @@ pub fn conv_tc_stats_blocks(ovol: usize, cout: usize) -> Option<usize> {
     (ovol > 0 && ovol % rows == 0).then_some(ovol / rows)
 }
 
+/// Most K splits of one tensor-core convolution: `FASTDET_TC_SPLIT_K` (1 turns split K off),
+/// default 16.
+fn tc_max_splits() -> usize {
+    std::env::var("FASTDET_TC_SPLIT_K").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 1).unwrap_or(16)
+}
+
+/// `(splits, k-steps per split)` of K for a tensor-core convolution with `m` output voxels, `cout`
+/// channels and K = `k_total` on `sms` multiprocessors: one split when the grid already has a
+/// block per multiprocessor; else enough splits for about two blocks per multiprocessor, each at
+/// least 8 k-steps (256 deep) and none empty. The deep levels of a tile (a few hundred voxels,
+/// hundreds of channels) would otherwise leave most of the device idle.
+pub fn conv_tc_splits(m: usize, cout: usize, k_total: usize, sms: usize) -> (usize, usize) {
+    let (_, rows, cols) = conv_tc_variant(cout);
+    let blocks = m.div_ceil(rows) * cout.div_ceil(cols);
+    let steps = k_total.div_ceil(32).max(1);
+    if sms == 0 || blocks >= sms {
+        return (1, steps);
+    }
+    let want = (2 * sms).div_ceil(blocks).min(steps / 8).min(tc_max_splits()).max(1);
+    let span = steps.div_ceil(want);
+    (steps.div_ceil(span), span)
+}
+
 /// Bytes of `conv_tc`'s statistics for `n` samples of `ovol` voxels and `cout` channels.
 pub fn conv_tc_stats_bytes(n: usize, ovol: usize, cout: usize) -> Option<usize> {
     conv_tc_stats_blocks(ovol, cout).map(|b| n * b * cout * 2 * 4)
@@ -262,10 +285,22 @@ pub fn conv_tc(
     let (ac, ap) = act_code(act);
     let (pre, pre_p) = act_code(norm.map_or(Act::None, |p| p.pre));
     let (post, post_p) = act_code(norm.map_or(Act::None, |p| p.post));
+    let (gx, gy) = (m.div_ceil(rows), cout.div_ceil(cols));
+    let (splits, span) = conv_tc_splits(m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize);
+    // Split K: the partial sums of each split go to a padded f32 buffer, freed (stream-ordered)
+    // after the reduce that finishes the store.
+    let buf = if splits > 1 { Some(g.alloc(splits * gx * rows * gy * cols * 4)?) } else { None };
     let mut a = vec![Arg::Ptr(x), Arg::Ptr(w), opt(bias), opt(residual), opt(norm.map(|p| p.params)), Arg::Ptr(out)];
     a.extend_from_slice(&shape);
     a.extend_from_slice(&[Arg::I32(pre), Arg::F32(pre_p), Arg::I32(post), Arg::F32(post_p), Arg::I32(ac), Arg::F32(ap), opt(stats)]);
-    g.launch(kernel, (m.div_ceil(rows) as u32, cout.div_ceil(cols) as u32, 1), (128, 1, 1), &a)
+    a.extend_from_slice(&[opt(buf.as_ref().map(|b| b.ptr)), Arg::I32(span as i32)]);
+    g.launch(kernel, (gx as u32, gy as u32, splits as u32), (128, 1, 1), &a)?;
+    let Some(buf) = buf else { return Ok(()) };
+    let ovol = vol(conv_out_dims(dims, k, stride, pad));
+    let i = |v: usize| Arg::I32(v as i32);
+    let r = [Arg::Ptr(buf.ptr), i(splits), opt(bias), opt(residual), Arg::Ptr(out), opt(stats), i(m), i(ovol), i(cout), Arg::I32(ac), Arg::F32(ap)];
+    let reduce = if rows == 128 { "conv3d_tc_n32_reduce_f16" } else { "conv3d_tc_reduce_f16" };
+    g.launch(reduce, (gx as u32, gy as u32, 1), (128, 1, 1), &r)
 }
 
 /// The kernel-2 stride-2 transposed convolution into channels `[c_off, c_off + cout)` of an
@@ -687,4 +722,34 @@ pub fn nms_gather_offsets(g: &Gpu, offsets: u64, cells: usize, c: usize, totals:
         (256, 1, 1),
         &[Arg::Ptr(offsets), Arg::U32(cells as u32), Arg::Ptr(totals), Arg::Ptr(out_index), Arg::U32(capacity as u32), Arg::Ptr(out_offsets)],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_k_fills_small_grids_and_never_leaves_a_split_empty() {
+        // A 192x128x128 tile's first level: the grid fills any card, no split.
+        assert_eq!(conv_tc_splits(96 * 64 * 64, 32, 27 * 32, 132), (1, 27));
+        // DynUNet's bottleneck (6x4x4 voxels, 320 channels) on 132 multiprocessors: 10 blocks,
+        // split 16 ways (the cap), 17 k-steps each.
+        assert_eq!(conv_tc_splits(96, 320, 27 * 320, 132), (16, 17));
+        // No multiprocessor count (unknown device), or K too short to split: one split.
+        assert_eq!(conv_tc_splits(96, 320, 27 * 320, 0), (1, 270));
+        assert_eq!(conv_tc_splits(64, 64, 64, 132), (1, 2));
+        for m in [1, 60, 64, 96, 300, 768, 5000] {
+            for cout in [16, 32, 48, 320] {
+                for k_total in [27, 27 * 16, 27 * 80, 27 * 320, 27 * 640] {
+                    for sms in [1, 40, 132] {
+                        let (splits, span) = conv_tc_splits(m, cout, k_total, sms);
+                        let steps = k_total.div_ceil(32);
+                        assert!(splits >= 1 && splits <= 16 && span >= 1, "{m} {cout} {k_total} {sms}");
+                        assert!((splits - 1) * span < steps && splits * span >= steps, "{m} {cout} {k_total} {sms}: {splits} x {span} for {steps}");
+                        assert!(splits == 1 || span >= 8, "{m} {cout} {k_total} {sms}: splits of {span} k-steps");
+                    }
+                }
+            }
+        }
+    }
 }
