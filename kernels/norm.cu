@@ -92,6 +92,21 @@ norm_stats_partial(const __half* __restrict__ x, long long vol, int C, int vox_p
     }
 }
 
+// The sum of every thread's `v` (NORM_THREADS threads), by a fixed-shape tree in `r`, returned to
+// all of them; `r` is free again when it returns.
+__device__ double norm_block_sum(double* r, double v) {
+    const int t = threadIdx.x;
+    r[t] = v;
+    __syncthreads();
+    for (int w = NORM_THREADS / 2; w > 0; w >>= 1) {
+        if (t < w) r[t] += r[t + w];
+        __syncthreads();
+    }
+    const double total = r[0];
+    __syncthreads();  // everyone has read r[0] before r is reused
+    return total;
+}
+
 // The group's statistics from its channels' (mean, M2) (equal counts cnt), in channel order: the
 // mean of the channel means and M2 = sum(m2_c + cnt * (mean_c - mean)^2) (Chan et al.); writes
 // params[n][c] = (mean, rstd * gamma, beta) for the group's channels. Every thread computes the
@@ -126,8 +141,7 @@ norm_finalize(const __half* __restrict__ x, const float* __restrict__ partial, l
               int groups, int nblk, int pre_act, float pre_p,
               const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
               float* __restrict__ params) {
-    __shared__ double r1[NORM_THREADS];
-    __shared__ double r2[NORM_THREADS];
+    __shared__ double r[NORM_THREADS];
     __shared__ double ch_mean[NORM_MAX_CPG];
     __shared__ double ch_m2[NORM_MAX_CPG];
     const int g = blockIdx.x;
@@ -145,20 +159,11 @@ norm_finalize(const __half* __restrict__ x, const float* __restrict__ partial, l
             s += (double)p[0];
             q += (double)p[1];
         }
-        r1[t] = s;
-        r2[t] = q;
-        __syncthreads();
-        for (int w = NORM_THREADS / 2; w > 0; w >>= 1) {
-            if (t < w) {
-                r1[t] += r1[t + w];
-                r2[t] += r2[t + w];
-            }
-            __syncthreads();
-        }
+        const double S1 = norm_block_sum(r, s);
+        const double S2 = norm_block_sum(r, q);
         if (t == 0) {
             const double pivot =
                 (double)fd_act(__half2float(x[(size_t)n * (size_t)vol * (size_t)C + c]), pre_act, pre_p);
-            const double S1 = r1[0], S2 = r2[0];
             // Channel mean and sum of squared deviations from it.
             ch_mean[k] = pivot + S1 * inv_cnt;
             ch_m2[k] = fmax(S2 - S1 * S1 * inv_cnt, 0.0);
@@ -190,28 +195,16 @@ norm_finalize_tiles(const float* __restrict__ partial, long long vol, int C, int
         const size_t step = (size_t)C * 2;
         double s = 0.0;
         for (int b = t; b < nblk; b += NORM_THREADS) s += (double)p[b * step];
-        r[t] = s;
-        __syncthreads();
-        for (int w = NORM_THREADS / 2; w > 0; w >>= 1) {
-            if (t < w) r[t] += r[t + w];
-            __syncthreads();
-        }
-        const double mean = r[0] / cnt;
-        __syncthreads();  // everyone has read r[0] before it is reused
+        const double mean = norm_block_sum(r, s) / cnt;
         double q = 0.0;
         for (int b = t; b < nblk; b += NORM_THREADS) {
             const double d = (double)p[b * step] / bcnt - mean;
             q += (double)p[b * step + 1] + bcnt * d * d;
         }
-        r[t] = q;
-        __syncthreads();
-        for (int w = NORM_THREADS / 2; w > 0; w >>= 1) {
-            if (t < w) r[t] += r[t + w];
-            __syncthreads();
-        }
+        const double m2 = norm_block_sum(r, q);
         if (t == 0) {
             ch_mean[k] = mean;
-            ch_m2[k] = r[0];
+            ch_m2[k] = m2;
         }
         __syncthreads();
     }
