@@ -72,6 +72,8 @@ struct Row {
     times_ms: Vec<f64>,
     /// Peak device memory of the engine's buffers (accelerators only).
     device_mib: Option<f64>,
+    /// CUDA engines: device, kernels, cuDNN, backend and fusions, one line each.
+    notes: Vec<String>,
 }
 
 impl Row {
@@ -162,7 +164,11 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             first_s,
             times_ms,
             device_mib: e.device_memory_peak().map(|b| b as f64 / 1048576.0),
+            notes: e.as_cuda().map(|c| c.notes()).unwrap_or_default(),
         });
+        for n in &rows[rows.len() - 1].notes {
+            eprintln!("{name}: {n}");
+        }
     }
 
     let threads = rayon::current_num_threads();
@@ -175,7 +181,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     "model": r.name, "engine": r.engine, "gflop_per_tile": r.gflop,
                     "ms_per_tile": med, "ms_per_tile_min": min, "ms_per_tile_max": max,
                     "gflops": r.gflop / (med * 1e-3), "open_s": r.open_s, "first_call_s": r.first_s,
-                    "times_ms": r.times_ms, "device_memory_peak_mib": r.device_mib,
+                    "times_ms": r.times_ms, "device_memory_peak_mib": r.device_mib, "notes": r.notes,
                 })
             })
             .collect();
