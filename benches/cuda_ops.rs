@@ -146,9 +146,9 @@ impl Block {
         let fin = |i: usize, tiles: &DevBuf| ops::norm_params_from_tiles(gpu, tiles.ptr, 1, c, v, self.groups, Some(self.gamma[i].ptr), Some(self.beta[i].ptr), self.params[i].ptr);
         let pro = |i: usize| Some(NormPrologue { params: self.params[i].ptr, pre: Act::None, post: Act::Relu });
         fin(0, &self.tiles[0])?;
-        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, Some(self.b[0].ptr), None, pro(0), self.y.ptr, Some(self.tiles[1].ptr), 1, d, c, c, 3, 1, 1, Act::None)?;
+        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, Some(self.b[0].ptr), None, pro(0), self.y.ptr, Some(self.tiles[1].ptr), None, 1, d, c, c, 3, 1, 1, Act::None)?;
         fin(1, &self.tiles[1])?;
-        ops::conv_tc(gpu, self.y.ptr, self.w[1].ptr, Some(self.b[1].ptr), Some(self.x.ptr), pro(1), self.out.ptr, Some(self.tiles[2].ptr), 1, d, c, c, 3, 1, 1, Act::None)?;
+        ops::conv_tc(gpu, self.y.ptr, self.w[1].ptr, Some(self.b[1].ptr), Some(self.x.ptr), pro(1), self.out.ptr, Some(self.tiles[2].ptr), None, 1, d, c, c, 3, 1, 1, Act::None)?;
         fin(0, &self.tiles[2])
     }
 
@@ -156,7 +156,7 @@ impl Block {
     fn prepare(&self, gpu: &Gpu) -> Result<()> {
         // An identity-free 1x1x1 pass is not available; a 3x3x3 conv of x into scratch writes
         // statistics of the right shape (their values only steer the normalisation).
-        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, None, None, None, self.t.ptr, Some(self.tiles[0].ptr), 1, self.dims, self.c, self.c, 3, 1, 1, Act::None)
+        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, None, None, None, self.t.ptr, Some(self.tiles[0].ptr), None, 1, self.dims, self.c, self.c, 3, 1, 1, Act::None)
     }
 }
 
@@ -205,7 +205,7 @@ fn blocks(c: &mut Criterion, t: &Target) {
         if tc.is_ok() {
             g.bench_function("tc_unfused", |it| {
                 it.iter(|| {
-                    b.unfused(gpu, |i, x, y| ops::conv_tc(gpu, x, b.w[i].ptr, None, None, None, y, None, 1, dims, ch, ch, 3, 1, 1, Act::None)).unwrap();
+                    b.unfused(gpu, |i, x, y| ops::conv_tc(gpu, x, b.w[i].ptr, None, None, None, y, None, None, 1, dims, ch, ch, 3, 1, 1, Act::None)).unwrap();
                     gpu.sync("block").unwrap();
                 })
             });

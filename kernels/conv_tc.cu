@@ -31,8 +31,8 @@
 // Statistics for the next normalisation (optional): each block also reduces its stored fp16
 // outputs per channel, so the norm that reads `out` needs no pass of its own over it. The
 // BM rows of a block must lie in one sample (OD*OH*OW % BM == 0, the host checks); per
-// channel the block writes (sum v, sum (v - mean_b)^2) with mean_b = sum v / BM, both f32 in
-// row order (no atomics), which norm.cu::norm_finalize_tiles merges in f64 (Chan et al.).
+// channel the block writes (sum v, sum (v - mean_b)^2) with mean_b = sum v / BM, both f32 in a
+// fixed order (no atomics), which norm.cu::norm_finalize_tiles merges in f64 (Chan et al.).
 //
 // Layout: x [N, D, H, W, Cin] fp16; w [Cout, k, k, k, Cin] fp16 (the cuDNN / conv3d_igemm_f16
 // filter buffer); bias [Cout] f32 or null; residual [N, OD, OH, OW, Cout] fp16 or null (may be
@@ -63,10 +63,14 @@ __device__ __forceinline__ __half tc_prologue(__half v, const float* prm, int pr
     return __float2half_rn(fd_act(__fadd_rn(__fmul_rn(a - prm[0], prm[1]), prm[2]), post_act, post_p));
 }
 
+// Floats of scratch the statistics epilogue needs besides the output tile.
+#define TC_RED_FLOATS (2 * TC_THREADS)
+
 // The store: bias, residual, activation, one fp16 rounding; optionally the block's statistics
-// for the next norm. Cs holds the block's f32 sums (BM x BN); every thread of the block calls it.
+// for the next norm. Cs holds the block's f32 sums (BM x BN), red is TC_RED_FLOATS of scratch;
+// every thread of the block calls it.
 template <int BM, int BN>
-__device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], int m0, int j0, int M, int Cout,
+__device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], float* red, int m0, int j0, int M, int Cout,
                                             const float* __restrict__ bias, const __half* residual, __half* out,
                                             int act, float p, float* __restrict__ stats, int ovol) {
     const int t = threadIdx.x;
@@ -84,24 +88,36 @@ __device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], int m0, i
         if (stats) Cs[r][c] = __half2float(y);
     }
     if (stats) {
+        // Every thread takes column c = t % BN and rows g, g + G, ... (g = t / BN, G groups): the
+        // groups' sums, combined in group order, give the block's mean; then the squared
+        // deviations from it likewise (exact IEEE operations in a fixed order, so every device
+        // gives the same partials).
+        constexpr int G = TC_THREADS / BN;
+        const int c = t % BN, g = t / BN;
         __syncthreads();
-        // One thread per channel, rows in order: the block's sum, then the squared deviations
-        // from its own mean (exact IEEE operations, so every device gives the same partials).
+        float s = 0.0f;
+        for (int r = g; r < BM; r += G) s = __fadd_rn(s, Cs[r][c]);
+        red[g * BN + c] = s;
+        __syncthreads();
+        float sum = 0.0f;
+        for (int i = 0; i < G; ++i) sum = __fadd_rn(sum, red[i * BN + c]);
+        const float mean = __fdiv_rn(sum, (float)BM);
+        float q = 0.0f;
+        for (int r = g; r < BM; r += G) {
+            const float d = __fsub_rn(Cs[r][c], mean);
+            q = __fadd_rn(q, __fmul_rn(d, d));
+        }
+        red[(G + g) * BN + c] = q;
+        __syncthreads();
         const int co = j0 + t;
         if (t < BN && co < Cout) {
-            float s = 0.0f;
-            for (int r = 0; r < BM; ++r) s = __fadd_rn(s, Cs[r][t]);
-            const float mean = __fdiv_rn(s, (float)BM);
-            float q = 0.0f;
-            for (int r = 0; r < BM; ++r) {
-                const float d = __fsub_rn(Cs[r][t], mean);
-                q = __fadd_rn(q, __fmul_rn(d, d));
-            }
+            float m2 = 0.0f;
+            for (int i = 0; i < G; ++i) m2 = __fadd_rn(m2, red[(G + i) * BN + t]);
             const int nblk = ovol / BM;
             const int n = m0 / ovol, b = (m0 - n * ovol) / BM;
             float* dst = stats + (((size_t)n * nblk + b) * Cout + co) * 2;
-            dst[0] = s;
-            dst[1] = q;
+            dst[0] = sum;
+            dst[1] = m2;
         }
     }
 }
@@ -116,7 +132,7 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
     static_assert(BM * BN == 4 * 32 * 32 && BM % 32 == 0 && BN % 32 == 0, "4 warps of 32 x 32");
     constexpr int QA = BM / 32, QB = BN / 32;  // 16-byte chunks per thread per k-step, A and B
     constexpr int STAGE_A = BM * (TC_BK + TC_APAD) * 2, STAGE_B = BN * (TC_BK + TC_APAD) * 2;
-    constexpr int STAGES = 2 * (STAGE_A + STAGE_B), OUT_TILE = BM * (BN + TC_CPAD) * 4;
+    constexpr int STAGES = 2 * (STAGE_A + STAGE_B), OUT_TILE = (BM * (BN + TC_CPAD) + TC_RED_FLOATS) * 4;
     // Two stages of A and B tiles; the epilogue's f32 tile reuses the same bytes once the last
     // MMA is done (20 / 25 KiB).
     __shared__ __align__(32) unsigned char smem[STAGES > OUT_TILE ? STAGES : OUT_TILE];
@@ -125,6 +141,7 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
     TileRow* As = reinterpret_cast<TileRow*>(smem);                // [2 * BM]
     TileRow* Bs = reinterpret_cast<TileRow*>(smem + 2 * STAGE_A);  // [2 * BN]
     OutRow* Cs = reinterpret_cast<OutRow*>(smem);                  // [BM], after the loop
+    float* red = reinterpret_cast<float*>(smem) + BM * (BN + TC_CPAD);  // after the loop
     const int t = threadIdx.x;
     const int warp = t >> 5;
     const int M = N * OD * OH * OW;
@@ -287,7 +304,7 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
         for (int j = 0; j < 2; ++j)
             wmma::store_matrix_sync(&Cs[wr + 16 * i][wc + 16 * j], acc[i][j], BN + TC_CPAD, wmma::mem_row_major);
     __syncthreads();
-    tc_epilogue<BM, BN>(Cs, m0, j0, M, Cout, bias, residual, out, act, p, stats, OD * OH * OW);
+    tc_epilogue<BM, BN>(Cs, red, m0, j0, M, Cout, bias, residual, out, act, p, stats, OD * OH * OW);
 }
 
 // conv3d_tc with split K, second half: the sum of the splits' planes (in split order) for the
@@ -297,6 +314,7 @@ __device__ __forceinline__ void conv3d_tc_reduce(const float* __restrict__ split
                                                  const __half* residual, __half* out, float* __restrict__ stats, int M,
                                                  int ovol, int Cout, int act, float p) {
     __shared__ __align__(32) float Cs[BM][BN + TC_CPAD];
+    __shared__ float red[TC_RED_FLOATS];
     const int m0 = blockIdx.x * BM, j0 = blockIdx.y * BN;
     const int ldc = gridDim.y * BN;
     const size_t plane = (size_t)gridDim.x * BM * ldc;
@@ -308,7 +326,7 @@ __device__ __forceinline__ void conv3d_tc_reduce(const float* __restrict__ split
         Cs[r][c] = v;
     }
     __syncthreads();
-    tc_epilogue<BM, BN>(Cs, m0, j0, M, Cout, bias, residual, out, act, p, stats, ovol);
+    tc_epilogue<BM, BN>(Cs, red, m0, j0, M, Cout, bias, residual, out, act, p, stats, ovol);
 }
 
 // Entry points (parameter lists written out: the host reads them from this source). splitk: null,

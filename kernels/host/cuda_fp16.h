@@ -6,8 +6,9 @@
 // It is written in place of <cuda_fp16.h>, which kernels/common.cuh includes. What it models:
 // - every thread of a block is a fiber with its own stack (a register-only switch on x86-64,
 //   ucontext elsewhere); a block runs one warp at a time, its lanes round-robin, until every lane
-//   of it reaches a barrier or exits, then the next warp: a missing __syncthreads shows up as a
-//   wrong result rather than being hidden by lock-step execution; blocks run one after another;
+//   of it reaches a barrier or exits, then the next warp (ascending in even blocks, descending in
+//   odd ones): a missing __syncthreads shows up as a wrong result rather than being hidden by
+//   lock-step execution; blocks run one after another;
 // - __shared__ variables are function statics (one copy, shared by the block's fibers);
 // - warp operations (__shfl_*_sync, __ballot_sync, __syncwarp) wait for every lane of their mask;
 //   a lane that exits or waits elsewhere instead is reported as a deadlock;
@@ -336,9 +337,13 @@ inline std::string run_block(Block& b, int threads) {
         // One warp at a time, as far as it goes (its lanes round-robin, its warp operations
         // released as they complete) before the next warp starts: the most skew between warps,
         // so a barrier missing between them shows even where warp operations would otherwise
-        // keep the warps in step.
+        // keep the warps in step. Even blocks take the warps in ascending order, odd blocks in
+        // descending order, so a read of a lower warp's writes is caught as well as the reverse.
         bool ran = false, released = false;
-        for (int w0 = 0; w0 < threads; w0 += 32) {
+        const int nwarps = (threads + 31) / 32;
+        const bool descending = (g_blockIdx.x + g_blockIdx.y + g_blockIdx.z) % 2 == 1;
+        for (int wi = 0; wi < nwarps; ++wi) {
+            const int w0 = 32 * (descending ? nwarps - 1 - wi : wi);
             const int nlanes = std::min(32, threads - w0);
             for (;;) {
                 bool r = false;

@@ -16,8 +16,9 @@
 //!   statistics only (`Val::Pending`) and the conv applies it while loading, so the normalised
 //!   activation is never written. A conv whose output goes only to a residual Add adds the other
 //!   operand in its store; a conv (or conv + Add) whose output a norm reads also writes that
-//!   norm's per-block statistics (when the output volume is a multiple of 64 voxels), so the norm
-//!   makes no pass of its own over the activation.
+//!   norm's per-block statistics (when whole blocks of the conv's tile, 64 or 128 output voxels,
+//!   lie in one sample: `ops::conv_tc_stats_blocks`), so the norm makes no pass of its own over
+//!   the activation.
 //! - Upsample2x followed by the decoder's skip Add: one `upsample2x_add_f16`.
 //! - ConvTranspose2 feeding a Concat: written straight into channels `[0, cout)` of the concat
 //!   buffer; the skip is copied into the channels after it (`copy_channels_f16`).
@@ -699,7 +700,14 @@ impl CudaEngine {
                             Some(bytes) => Some(self.take(bytes)?),
                             None => None,
                         };
-                        let r = ops::conv_tc(&gpu, x, w, bias, residual, prologue, out.ptr, sb.as_ref().map(|b| b.ptr), n, in_dims, cin, cout, k, stride, pad, act);
+                        let ws = match ops::conv_tc_splitk_bytes(&gpu, n, in_dims, cin, cout, k, stride, pad) {
+                            0 => None,
+                            bytes => Some(self.take(bytes)?),
+                        };
+                        let r = ops::conv_tc(&gpu, x, w, bias, residual, prologue, out.ptr, sb.as_ref().map(|b| b.ptr), ws.as_ref(), n, in_dims, cin, cout, k, stride, pad, act);
+                        if let Some(b) = ws {
+                            self.pool.give(b);
+                        }
                         vals[out_v] = Some(Val::H(out));
                         self.tile_stats[out_v] = sb;
                         r?;
@@ -710,7 +718,7 @@ impl CudaEngine {
                         let mut direct = !use_dnn && !tc;
                         if tc {
                             // A head conv the head kernel cannot take.
-                            ops::conv_tc(&gpu, x, w, bias, None, prologue, out.ptr, None, n, in_dims, cin, cout, k, stride, pad, act)?;
+                            ops::conv_tc(&gpu, x, w, bias, None, prologue, out.ptr, None, None, n, in_dims, cin, cout, k, stride, pad, act)?;
                         }
                         if use_dnn {
                             match self.run_dnn(i, n, tile, in_dims, cin, cout, k, stride, pad, x, w, out.ptr) {

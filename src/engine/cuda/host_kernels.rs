@@ -236,10 +236,10 @@ extern "C" __global__ void probe_neighbour(int* out, int with_barrier) {
 extern "C" __global__ void probe_warp_skew(int* out, int with_barrier, int salt) {
     __shared__ int s[64];
     const int t = threadIdx.x;
-    s[t] = t + salt;
+    s[t] = t + salt + 100 * blockIdx.x;
     const int v = __shfl_xor_sync(0xffffffffu, t, 1);
     if (with_barrier) __syncthreads();
-    out[t] = s[(t + 32) % 64] + 0 * v;
+    out[64 * blockIdx.x + t] = s[(t + 32) % 64] + 0 * v;
 }
 
 // Block (8, 4, 2) x grid (2, 3, 1): numbering, then warp scan / ballot / butterfly / shift and a
@@ -349,16 +349,21 @@ extern "C" __global__ void probe_write_past_end(float* out, int n) {
     #[test]
     fn a_missing_barrier_between_warps_shows() {
         let Some(k) = probes() else { return };
-        let want = |salt: i32| -> Vec<i32> { (0..64).map(|t| (t + 32) % 64 + salt).collect() };
-        let mut out = vec![-1; 64];
-        run_i32(&k, "probe_warp_skew", (1, 1, 1), (64, 1, 1), &mut out, &[Arg::I32(1), Arg::I32(1000)]).unwrap();
-        assert_eq!(out, want(1000));
-        let mut racy = vec![-1; 64];
-        run_i32(&k, "probe_warp_skew", (1, 1, 1), (64, 1, 1), &mut racy, &[Arg::I32(0), Arg::I32(2000)]).unwrap();
-        // Warp 0 finishes before warp 1 writes, so it reads the previous launch's slots; warp 1
-        // then reads warp 0's.
-        assert_eq!(racy[..32], want(1000)[..32]);
-        assert_eq!(racy[32..], want(2000)[32..]);
+        // Block b's slot t holds t + salt + 100 b; thread t reads slot (t + 32) % 64.
+        let want = |salt: i32, b: i32| -> Vec<i32> { (0..64).map(|t| (t + 32) % 64 + salt + 100 * b).collect() };
+        let mut out = vec![-1; 128];
+        run_i32(&k, "probe_warp_skew", (2, 1, 1), (64, 1, 1), &mut out, &[Arg::I32(1), Arg::I32(1000)]).unwrap();
+        assert_eq!(out[..64], want(1000, 0));
+        assert_eq!(out[64..], want(1000, 1));
+        let mut racy = vec![-1; 128];
+        run_i32(&k, "probe_warp_skew", (2, 1, 1), (64, 1, 1), &mut racy, &[Arg::I32(0), Arg::I32(2000)]).unwrap();
+        // Block 0 runs warp 0 first: it reads what the previous launch's block 1 left in warp 1's
+        // slots; warp 1 then reads warp 0's fresh ones.
+        assert_eq!(racy[..32], want(1000, 1)[..32]);
+        assert_eq!(racy[32..64], want(2000, 0)[32..]);
+        // Block 1 runs warp 1 first: it reads block 0's slots of warp 0; warp 0 then reads fresh.
+        assert_eq!(racy[64..96], want(2000, 1)[..32]);
+        assert_eq!(racy[96..], want(2000, 0)[32..]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use super::gpu::{Arg, Gpu};
+use super::gpu::{Arg, DevBuf, Gpu};
 use crate::model::graph::Act;
 
 /// `graph::Act` as the kernels' (code, parameter): 0 none, 1 relu, 2 leaky relu(p), 3 silu,
@@ -245,6 +245,17 @@ pub fn conv_tc_splits(m: usize, cout: usize, k_total: usize, sms: usize) -> (usi
     (steps.div_ceil(span), span)
 }
 
+/// Bytes of the f32 buffer `conv_tc` needs for its K splits on `g` (0 when it does not split).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_tc_splitk_bytes(g: &Gpu, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> usize {
+    let m = n * vol(conv_out_dims(dims, k, stride, pad));
+    let (_, rows, cols) = conv_tc_variant(cout);
+    match conv_tc_splits(m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize) {
+        (1, _) => 0,
+        (splits, _) => splits * m.div_ceil(rows) * rows * cout.div_ceil(cols) * cols * 4,
+    }
+}
+
 /// Bytes of `conv_tc`'s statistics for `n` samples of `ovol` voxels and `cout` channels.
 pub fn conv_tc_stats_bytes(n: usize, ovol: usize, cout: usize) -> Option<usize> {
     conv_tc_stats_blocks(ovol, cout).map(|b| n * b * cout * 2 * 4)
@@ -254,7 +265,8 @@ pub fn conv_tc_stats_bytes(n: usize, ovol: usize, cout: usize) -> Option<usize> 
 /// fp16, bias f32, `residual` fp16 shaped like the output (may be `out`), `norm` applied to the
 /// input first; out `[n, out dims, cout]` = act(conv + bias + residual) fp16. With `stats`
 /// (`conv_tc_stats_bytes` bytes; `conv_tc_stats_blocks` must be `Some`), the per-block channel
-/// statistics of `out` for `norm_params_from_tiles`. Needs sm_70+.
+/// statistics of `out` for `norm_params_from_tiles`. `splitk`: the buffer for its K splits
+/// (`conv_tc_splitk_bytes`; allocated here when `None` or too small). Needs sm_70+.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_tc(
     g: &Gpu,
@@ -265,6 +277,7 @@ pub fn conv_tc(
     norm: Option<NormPrologue>,
     out: u64,
     stats: Option<u64>,
+    splitk: Option<&DevBuf>,
     n: usize,
     dims: [usize; 3],
     cin: usize,
@@ -287,15 +300,22 @@ pub fn conv_tc(
     let (post, post_p) = act_code(norm.map_or(Act::None, |p| p.post));
     let (gx, gy) = (m.div_ceil(rows), cout.div_ceil(cols));
     let (splits, span) = conv_tc_splits(m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize);
-    // Split K: the partial sums of each split go to a padded f32 buffer, freed (stream-ordered)
-    // after the reduce that finishes the store.
-    let buf = if splits > 1 { Some(g.alloc(splits * gx * rows * gy * cols * 4)?) } else { None };
+    // Split K: the partial sums of each split go to a padded f32 buffer (the caller's, or one
+    // freed stream-ordered after the reduce that finishes the store).
+    let need = if splits > 1 { splits * gx * rows * gy * cols * 4 } else { 0 };
+    let own = match splitk {
+        Some(b) if b.bytes >= need => None,
+        _ if need > 0 => Some(g.alloc(need)?),
+        _ => None,
+    };
+    let buf = if need == 0 { None } else { own.as_ref().or(splitk) };
     let mut a = vec![Arg::Ptr(x), Arg::Ptr(w), opt(bias), opt(residual), opt(norm.map(|p| p.params)), Arg::Ptr(out)];
     a.extend_from_slice(&shape);
     a.extend_from_slice(&[Arg::I32(pre), Arg::F32(pre_p), Arg::I32(post), Arg::F32(post_p), Arg::I32(ac), Arg::F32(ap), opt(stats)]);
     a.extend_from_slice(&[opt(buf.as_ref().map(|b| b.ptr)), Arg::I32(span as i32)]);
     g.launch(kernel, (gx as u32, gy as u32, splits as u32), (128, 1, 1), &a)?;
     let Some(buf) = buf else { return Ok(()) };
+    debug_assert!(buf.bytes >= need);
     let ovol = vol(conv_out_dims(dims, k, stride, pad));
     let i = |v: usize| Arg::I32(v as i32);
     let r = [Arg::Ptr(buf.ptr), i(splits), opt(bias), opt(residual), Arg::Ptr(out), opt(stats), i(m), i(ovol), i(cout), Arg::I32(ac), Arg::F32(ap)];
