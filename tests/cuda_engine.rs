@@ -97,3 +97,108 @@ fn device_check_script_without_a_gpu() {
     let o = Command::new("bash").arg(&script).arg(&out).args(["--budget", "x"]).output().unwrap();
     assert_eq!(o.status.code(), Some(64));
 }
+
+/// The device-check script's GPU path, which no machine here can take, run end to end with
+/// stand-ins for the fastdet binary and the criterion bench that answer as a GPU machine would:
+/// every step runs in its order and passes, and the summary and results.json gather their
+/// figures. (It checks the script's logic, not a GPU.)
+#[test]
+fn device_check_script_runs_every_gpu_step_in_order() {
+    for tool in ["bash", "timeout", "python3"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            println!("SKIP device_check_script_runs_every_gpu_step_in_order: {tool} missing");
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = tmp.path().join("fastdet");
+    std::fs::write(
+        &fake,
+        r#"#!/usr/bin/env bash
+# Stand-in for fastdet on a GPU machine.
+echo "$*" >> "$FAKE_CALLS"
+cmd="$1"; shift
+case "$cmd" in
+  --version) echo "fastdet 0.0.0 (stand-in)" ;;
+  selftest)
+    while [ $# -gt 0 ]; do [ "$1" = --json ] && echo '{"passed": true}' > "$2"; shift; done
+    echo "selftest PASSED: 3 passed, 0 failed, 0 skipped in 0.1 s on a stand-in" ;;
+  bench)
+    case "$*" in
+      *--tomogram*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "s_per_tomogram": 1.5, "infer_s": 1.0, "blend_s": 0.3, "detect_s": 0.2, "tflops": 100.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
+      *) echo '{"device": "cuda:0", "tile": [192, 128, 128], "batch": 1, "fastdet_version": "0", "cold_start_s": 0.4, "models": [{"model": "segresnetv2", "engine": "cuda:0:stand-in", "ms_per_tile": 5.0, "ms_per_tile_min": 4.9, "ms_per_tile_max": 5.1, "gflops": 1000.0, "open_s": 0.2, "device_memory_peak_mib": 900.0}]}' ;;
+    esac ;;
+  synth) mkdir -p "$1" ;;
+  run)
+    while [ $# -gt 0 ]; do [ "$1" = --out ] && echo "experiment,particle_type,x,y,z" > "$2"; shift; done
+    echo "wrote 0 picks" ;;
+  score) echo "total 0 0 0 0.5" ;;
+  *) echo "stand-in: unexpected command $cmd" >&2; exit 9 ;;
+esac
+"#,
+    )
+    .unwrap();
+    let bench = tmp.path().join("cuda_ops");
+    std::fs::write(
+        &bench,
+        r#"#!/usr/bin/env bash
+# Stand-in for the criterion bench: one block group with two variants.
+for v in cudnn tc_fused; do
+  mkdir -p "$CRITERION_HOME/block_32ch_8x8x8/$v/new"
+  echo '{"median": {"point_estimate": 1500000.0}}' > "$CRITERION_HOME/block_32ch_8x8x8/$v/new/estimates.json"
+done
+echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
+"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for f in [&fake, &bench] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = tmp.path().join("check");
+    let calls = tmp.path().join("calls.txt");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/device-check.sh");
+    let o = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .args(["--skip-torch", "--budget", "400", "--data"])
+        .arg(tmp.path().join("data"))
+        .env("FASTDET", &fake)
+        .env("FASTDET_CUDA_BENCH", &bench)
+        .env("FAKE_CALLS", &calls)
+        .env("FASTDET_CHECK_SHAPE", "32,64,64")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("RESULT: PASS"), "{text}");
+    // Each step passed, in this order: the full self-test before the longer benchmarks.
+    let steps = [
+        "selftest --quick",
+        "bench fastdet ",
+        "bench fastdet tensor-core fused",
+        "selftest (full)",
+        "bench criterion cuda_ops",
+        "bench tomogram (5+5 models)",
+        "bench tomogram --device-blend",
+        "synth 1 run 32,64,64",
+        "run --device cuda:0 (2 models)",
+        "score gpu.csv",
+    ];
+    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    let mut at = 0;
+    for s in steps {
+        let line = summary[at..].lines().find(|l| l.starts_with(s)).unwrap_or_else(|| panic!("step {s:?} missing or out of order:\n{summary}"));
+        assert!(line.contains("PASS"), "{line}");
+        at += summary[at..].find(line).unwrap() + line.len();
+    }
+    // The tensor-core bench ran with FASTDET_CONV=tc; the figures reached results.json.
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 2, "{calls}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(r["tile"]["segresnetv2"]["fastdet_ms"], 5.0);
+    assert_eq!(r["tile"]["segresnetv2"]["fastdet_fused_ms"], 5.0);
+    assert_eq!(r["blocks"]["32ch_8x8x8"]["tc_fused_ms"], 1.5);
+    assert_eq!(r["tomogram_s"], 1.5);
+    assert!(text.contains("block 32ch_8x8x8") && text.contains("tc_fused 1.500 ms"), "{text}");
+}

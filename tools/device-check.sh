@@ -4,16 +4,16 @@
 #   1. finds the CUDA libraries (pip wheels nvidia/*/lib, /usr/local/cuda, ldconfig) and cuda_fp16.h,
 #   2. prints nvidia-smi,
 #   3. runs `fastdet selftest --quick` (kernels vs CPU twins, both seed networks on 64^3),
-#   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile, batch 1; the criterion
-#      bench benches/cuda_ops.rs when its binary was carried; then the seed
-#      ensemble of 5+5 models on one whole tomogram of FASTDET_CHECK_SHAPE) and the PyTorch
+#   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile, batch 1, cuDNN and
+#      tensor-core backends), then runs the full `fastdet selftest` (192x128x128 networks,
+#      whole-tomogram CPU-vs-GPU check; before the longer benchmarks, so that it gets its time),
+#      then the criterion bench benches/cuda_ops.rs when its binary was carried, the seed
+#      ensemble of 5+5 models on one whole tomogram of FASTDET_CHECK_SHAPE and the PyTorch
 #      baseline tools/bench_torch.py (fp16 cuDNN eager + torch.compile, batches 1,2,4; needs python3
 #      with torch; monai comes from .cache/wheels/ when it is not installed; --skip-torch skips it),
 #   4. writes a synthetic 184x630x630 tomogram and times `fastdet run` on the GPU with the demo
 #      weights and the seed window/tiles (+ `fastdet score` against its ground truth),
-#   5. runs the full `fastdet selftest` (192x128x128 networks, whole-tomogram CPU-vs-GPU check) with
-#      the time that is left,
-#   6. optionally (--cpu-run) the same `fastdet run` on the CPU for comparison (slow),
+#   5. optionally (--cpu-run) the same `fastdet run` on the CPU for comparison (slow),
 # and ends with a one-screen summary. Every step has a timeout; the whole script stays within
 # --budget seconds (default 450). Logs, JSON reports, compiled kernels and the summary go to OUTDIR
 # (a few MB); the synthetic data goes to --data (default under $TMPDIR) and is removed at the end.
@@ -254,6 +254,13 @@ if [ $NO_GPU -eq 0 ]; then
         bash -c 'FASTDET_CONV=tc exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
         bench-fastdet-tc "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-tc.json" || FAILED=1
 
+    # The full self-test (seed networks on 192x128x128, the whole-tomogram CPU-vs-GPU check) before
+    # the longer benchmarks: it is the check of record, so it gets its time first.
+    if [ $FULL -eq 1 ]; then
+        step "selftest (full)" 300 "$OUT/selftest-full.log" \
+            "$FASTDET" selftest --device "$DEVICE" --json "$OUT/selftest-full.json" || FAILED=1
+    fi
+
     # criterion: the fused tensor-core residual block against the cuDNN path per SegResNetV2 level,
     # and one tile per arch and backend (benches/cuda_ops.rs, built by tools/build-for-device.sh).
     if [ -x "$CUDA_BENCH" ]; then
@@ -332,14 +339,7 @@ if [ $NO_GPU -eq 0 ]; then
 fi
 
 # ------------------------------------------------------------------------------------------------
-# 3. full self-test with what is left of the budget
-if [ $NO_GPU -eq 0 ] && [ $FULL -eq 1 ]; then
-    step "selftest (full)" 100000 "$OUT/selftest-full.log" \
-        "$FASTDET" selftest --device "$DEVICE" --json "$OUT/selftest-full.json" || FAILED=1
-fi
-
-# ------------------------------------------------------------------------------------------------
-# 4. optional CPU run for comparison
+# 5. optional CPU run for comparison
 if [ $NO_GPU -eq 0 ] && [ $CPU_RUN -eq 1 ] && [ -d "$DATA" ]; then
     if step "run --device cpu (2 models)" 100000 "$OUT/run-cpu.log" \
         "$FASTDET" run --data "$DATA" --split test --weights "$W1" "$W2" --device cpu \
