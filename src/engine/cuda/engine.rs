@@ -6,9 +6,10 @@
 //!   (cin = 1), the heads' last 1x1x1 convolutions, biases and GroupNorm affines get f32.
 //! - Conv: cuDNN (`dnn.rs`), then bias + activation (`bias_act_f16`) when the op has them; the
 //!   first conv (1 input channel) is `conv3d_c1_k3_f16`; the heads' last 1x1x1 conv is
-//!   `head_conv1x1_act_f32` (bias, sigmoid / tanh·2, NCDHW f32 out). Without cuDNN (library
-//!   missing, `FASTDET_CONV=direct`, or no cuDNN algorithm runs a shape) convolutions run on
-//!   `conv3d_igemm_f16` with bias + activation fused.
+//!   `head_conv1x1_act_f32` (bias, sigmoid / tanh·2, NCDHW f32 out). With `FASTDET_CONV=direct`,
+//!   on cards without tensor cores when cuDNN is missing, or for a shape no cuDNN algorithm runs,
+//!   convolutions run on `conv3d_igemm_f16` with bias + activation fused; when cuDNN is missing
+//!   on a card with tensor cores, the tensor-core path below.
 //! - GroupNorm / InstanceNorm: `norm.cu` (three launches, fixed reduction order), in place when
 //!   the input dies there. Add: `add_act_f16`, in place likewise.
 //! - `ConvBackend::TensorCore` (`FASTDET_CONV=tc`): general convolutions on `conv3d_tc_f16`
@@ -42,7 +43,8 @@ use crate::weights::Weights;
 /// Which convolution implementation the engine uses for the general convolutions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvBackend {
-    /// cuDNN when it loads, else the direct kernel; per shape, the direct kernel when cuDNN cannot run it.
+    /// cuDNN when it loads, else `TensorCore` on sm_70+ (and the emulators), else `Direct`; per
+    /// shape, the direct kernel when cuDNN cannot run it.
     Auto,
     /// cuDNN only (an error when it cannot run a shape).
     Cudnn,
@@ -212,6 +214,8 @@ pub struct CudaEngine {
     workspace: Option<DevBuf>,
     name: String,
     backend: ConvBackend,
+    /// General convolutions on conv3d_tc_f16 (`TensorCore`, or `Auto` without cuDNN on sm_70+).
+    tensor_cores: bool,
     notes: Vec<String>,
     /// Per value, during a walk: the per-block statistics a tensor-core conv wrote for it.
     tile_stats: Vec<Option<DevBuf>>,
@@ -255,6 +259,7 @@ impl CudaEngine {
     /// An engine on an opened device (or the kernel emulator, `Gpu::emulator`).
     pub fn on(gpu: std::sync::Arc<Gpu>, weights: &Weights, backend: ConvBackend) -> Result<Self> {
         let mut notes = vec![gpu.info.describe(), format!("kernels: {}", gpu.kernels_note)];
+        let mut no_dnn = None;
         let dnn = match backend {
             ConvBackend::Direct | ConvBackend::TensorCore => None,
             ConvBackend::Cudnn => Some(Dnn::new(&gpu)?),
@@ -262,7 +267,7 @@ impl CudaEngine {
             ConvBackend::Auto => match Dnn::new(&gpu) {
                 Ok(d) => Some(d),
                 Err(e) => {
-                    notes.push(format!("cuDNN unavailable ({e:#}); convolutions run on conv3d_igemm_f16"));
+                    no_dnn = Some(e);
                     None
                 }
             },
@@ -272,9 +277,18 @@ impl CudaEngine {
         }
         let graph = Graph::build(&weights.spec)?;
         let last = graph.last_use();
-        let tc = backend == ConvBackend::TensorCore;
-        if tc {
-            gpu.check_tensor_cores().map_err(|why| anyhow!("FASTDET_CONV=tc: {why}"))?;
+        // Auto without cuDNN: our tensor-core kernel where the device has tensor cores, the
+        // direct kernel elsewhere.
+        let tc = match backend {
+            ConvBackend::TensorCore => {
+                gpu.check_tensor_cores().map_err(|why| anyhow!("FASTDET_CONV=tc: {why}"))?;
+                true
+            }
+            ConvBackend::Auto => dnn.is_none() && gpu.check_tensor_cores().is_ok(),
+            _ => false,
+        };
+        if let Some(e) = no_dnn {
+            notes.push(format!("cuDNN unavailable ({e:#}); convolutions run on {}", if tc { "conv3d_tc_f16" } else { "conv3d_igemm_f16" }));
         }
         let steps = guard("uploading weights", || Self::build_steps(&gpu, &graph, &last, weights, dnn.is_some(), tc))?;
         if tc {
@@ -295,6 +309,7 @@ impl CudaEngine {
             workspace: None,
             name: weights.name.clone(),
             backend,
+            tensor_cores: tc,
             notes,
             tile_stats: Vec::new(),
         })
@@ -418,7 +433,12 @@ impl CudaEngine {
     /// Device, kernels, cuDNN and fallbacks, one line each.
     pub fn notes(&self) -> Vec<String> {
         let mut n = self.notes.clone();
-        n.push(format!("conv backend {:?}{}", self.backend, if self.dnn.is_some() || self.backend == ConvBackend::TensorCore { "" } else { " (no cuDNN: direct kernel)" }));
+        let how = match (self.dnn.is_some(), self.tensor_cores) {
+            (true, _) => "",
+            (false, true) => " (tensor-core kernel)",
+            (false, false) => " (no cuDNN: direct kernel)",
+        };
+        n.push(format!("conv backend {:?}{how}", self.backend));
         n
     }
 
@@ -942,7 +962,7 @@ mod tests {
     /// arguments) on the kernel emulator against the CPU engine, both architectures, batch 2.
     #[test]
     fn engine_on_emulator_matches_cpu_engine() {
-        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::Auto, [16, 24, 32], false);
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::Direct, [16, 24, 32], false);
     }
 
     /// The tensor-core backend, norms applied in the next conv's loads, on the emulator.

@@ -11,8 +11,9 @@
 //! - `FASTDET_CUDA_INCLUDE`: directory holding `cuda_fp16.h` for NVRTC (else found next to the
 //!   NVRTC library on `LD_LIBRARY_PATH`, in `$VIRTUAL_ENV`, `$CUDA_HOME`, `/usr/local/cuda`);
 //! - `FASTDET_CONV=auto|cudnn|direct|tc`: convolution backend (default auto: cuDNN, falling back to
-//!   `conv3d_igemm_f16` per shape; tc: `conv3d_tc_f16` on tensor cores, each norm read by one conv
-//!   applied in that conv's loads);
+//!   `conv3d_igemm_f16` per shape, and the tc path when cuDNN does not load on a card with tensor
+//!   cores; tc: `conv3d_tc_f16` on tensor cores, each norm read by one conv applied in that conv's
+//!   loads);
 //! - `FASTDET_TC_SPLIT_K=N`: most K splits of a tensor-core convolution whose grid cannot fill
 //!   the device (default 16; 1 turns split K off);
 //! - `FASTDET_CUDA_SYNC=1`: synchronise after every kernel and name the one that failed;

@@ -1169,10 +1169,13 @@ fn networks(c: &mut Ctx, opts: &Options) {
         };
         let cpu_s = t0.elapsed().as_secs_f64();
         c.time(format!("{arch} {shape} cpu forward"), cpu_s);
-        let mut backends = vec![ConvBackend::Auto];
+        // cuDNN where it loads, the direct kernel, and the tensor-core path (Auto without cuDNN is
+        // one of the last two).
+        let mut backends = Vec::new();
         if c.dnn.is_some() {
-            backends.push(ConvBackend::Direct);
+            backends.push(ConvBackend::Auto);
         }
+        backends.push(ConvBackend::Direct);
         if c.gpu.check_tensor_cores().is_ok() {
             backends.push(ConvBackend::TensorCore);
         }
