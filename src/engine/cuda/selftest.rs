@@ -509,7 +509,7 @@ fn conv_tc_fused_cases(c: &mut Ctx) {
         let od = ops::conv_out_dims(dims, k, stride, k / 2);
         let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
         let in_place = ci == 0;
-        let name = format!("{} {k}x{k}x{k}/s{stride} norm{post}+bias{}{act}", ops::conv_tc_variant(cout).0, if !residual { "" } else if in_place { "+res in place" } else { "+res" });
+        let name = format!("{} {k}x{k}x{k}/s{stride} norm{post}+bias{}{act}", tc_label(&c.gpu, n, dims, cin, cout, k, stride), if !residual { "" } else if in_place { "+res in place" } else { "+res" });
         if let Err(why) = c.gpu.check_tensor_cores() {
             c.skip(&name, &shape, why);
             continue;
@@ -575,8 +575,8 @@ fn conv_tc_stats_cases(c: &mut Ctx) {
         let od = ops::conv_out_dims(dims, k, stride, k / 2);
         let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
         let name = format!(
-            "{}{} +stats -> norm_finalize_tiles {}{}{post}{}",
-            ops::conv_tc_variant(cout).0,
+            "{} {}+stats -> norm_finalize_tiles {}{}{post}{}",
+            tc_label(&c.gpu, n, dims, cin, cout, k, stride),
             if residual { "+res" } else { "" },
             if groups == cout { "instance".to_string() } else { format!("group({groups})") },
             if affine { " affine" } else { "" },
@@ -620,6 +620,17 @@ fn conv_tc_stats_cases(c: &mut Ctx) {
             c.cmp(&name, &shape, &got, &want, TOL_FP16);
             Ok(())
         });
+    }
+}
+
+/// A tensor-core conv row's kernel: the instantiation for the shape and, when this device splits
+/// its K, how many ways (the split count follows the multiprocessor count).
+fn tc_label(g: &Gpu, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize) -> String {
+    let m = n * vol(ops::conv_out_dims(dims, k, stride, k / 2));
+    let kernel = ops::conv_tc_variant(cout).0;
+    match ops::conv_tc_splits(m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize) {
+        (1, _) => kernel.to_string(),
+        (splits, _) => format!("{kernel} splitK{splits}"),
     }
 }
 
@@ -708,7 +719,7 @@ fn conv_cases(c: &mut Ctx) {
             c.cmp(&direct_name, &shape, &got, &want, TOL_FP16);
             Ok(())
         });
-        let tc_name = format!("{} {desc}", ops::conv_tc_variant(cout).0);
+        let tc_name = format!("{} {desc}", tc_label(&c.gpu, n, dims, cin, cout, k, stride));
         match c.gpu.check_tensor_cores() {
             Err(why) => c.skip(&tc_name, &shape, why),
             Ok(()) => c.case(&tc_name.clone(), &shape.clone(), |c| {
