@@ -192,30 +192,43 @@ fn blocks(c: &mut Criterion, t: &Target) {
             match plan {
                 Ok(mut plan) => {
                     let mut ws = None;
-                    g.bench_function("cudnn", |it| {
-                        it.iter(|| {
-                            b.unfused(gpu, |i, x, y| plan.run(dnn, gpu, x, b.w[i].ptr, y, &mut ws)).unwrap();
-                            gpu.sync("block").unwrap();
-                        })
-                    });
+                    let mut run = || -> Result<()> {
+                        b.unfused(gpu, |i, x, y| plan.run(dnn, gpu, x, b.w[i].ptr, y, &mut ws))?;
+                        gpu.sync("block")
+                    };
+                    match run() {
+                        Ok(()) => {
+                            g.bench_function("cudnn", |it| it.iter(|| run().unwrap()));
+                        }
+                        Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} cudnn skipped: {e:#}"),
+                    }
                 }
                 Err(e) => eprintln!("cuda_ops: cudnn plan for {ch}ch {dims:?}: {e:#}"),
             }
         }
         if tc.is_ok() {
-            g.bench_function("tc_unfused", |it| {
-                it.iter(|| {
-                    b.unfused(gpu, |i, x, y| ops::conv_tc(gpu, x, b.w[i].ptr, None, None, None, y, None, None, 1, dims, ch, ch, 3, 1, 1, Act::None)).unwrap();
-                    gpu.sync("block").unwrap();
-                })
-            });
-            b.prepare(gpu).unwrap();
-            g.bench_function("tc_fused", |it| {
-                it.iter(|| {
-                    b.fused(gpu).unwrap();
-                    gpu.sync("block").unwrap();
-                })
-            });
+            let unfused = || -> Result<()> {
+                b.unfused(gpu, |i, x, y| ops::conv_tc(gpu, x, b.w[i].ptr, None, None, None, y, None, None, 1, dims, ch, ch, 3, 1, 1, Act::None))?;
+                gpu.sync("block")
+            };
+            let fused = || -> Result<()> {
+                b.fused(gpu)?;
+                gpu.sync("block")
+            };
+            // One untimed pass each: a variant that fails is reported and skipped, not a panic
+            // that ends the whole bench.
+            match unfused() {
+                Ok(()) => {
+                    g.bench_function("tc_unfused", |it| it.iter(|| unfused().unwrap()));
+                }
+                Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} tc_unfused skipped: {e:#}"),
+            }
+            match b.prepare(gpu).and_then(|()| fused()) {
+                Ok(()) => {
+                    g.bench_function("tc_fused", |it| it.iter(|| fused().unwrap()));
+                }
+                Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} tc_fused skipped: {e:#}"),
+            }
         }
         g.finish();
     }
@@ -241,13 +254,17 @@ fn tiles(c: &mut Criterion, t: &Target) {
                     continue;
                 }
             };
-            g.bench_function(label, |it| {
-                it.iter(|| {
-                    let out = e.forward_device(&input, 1, tile, false).unwrap();
-                    e.recycle(out);
-                    gpu.sync("tile").unwrap();
-                })
-            });
+            let mut run = || -> Result<()> {
+                let out = e.forward_device(&input, 1, tile, false)?;
+                e.recycle(out);
+                gpu.sync("tile")
+            };
+            match run() {
+                Ok(()) => {
+                    g.bench_function(label, |it| it.iter(|| run().unwrap()));
+                }
+                Err(err) => eprintln!("cuda_ops: tile_{} {label} skipped: {err:#}", arch.name()),
+            }
         }
         g.finish();
     }
