@@ -385,7 +385,8 @@ impl Emu {
             }
             "conv3d_tc_f16" | "conv3d_tc_n32_f16" => {
                 // Block tile (output voxels, channels) of the instantiation.
-                let (rows, cols) = if name == "conv3d_tc_n32_f16" { (128, 32) } else { (64, 64) };
+                let v = super::ops::TC_VARIANTS.iter().find(|v| v.kernel == name).context("tc variant")?;
+                let (rows, cols) = (v.rows, v.cols);
                 let (n, d, h, w, cin, cout, k, st, pad, od, oh, ow) =
                     (a.u(6), a.u(7), a.u(8), a.u(9), a.u(10), a.u(11), a.u(12), a.u(13), a.u(14), a.u(15), a.u(16), a.u(17));
                 let pre = act_of(a.i(18) as i32, a.f(19))?;
@@ -432,7 +433,8 @@ impl Emu {
             }
             "conv3d_tc_reduce_f16" | "conv3d_tc_n32_reduce_f16" => {
                 // splitk, splits, bias, residual, out, stats, M, ovol, Cout, act, p
-                let (rows, cols) = if name == "conv3d_tc_n32_reduce_f16" { (128, 32) } else { (64, 64) };
+                let v = super::ops::TC_VARIANTS.iter().find(|v| v.reduce == name).context("tc variant")?;
+                let (rows, cols) = (v.rows, v.cols);
                 let (splits, m, ovol, cout) = (a.u(1), a.u(6), a.u(7), a.u(8));
                 let act = act_of(a.i(9) as i32, a.f(10))?;
                 ensure!(block == (128, 1, 1), "block must be TC_THREADS = 128");

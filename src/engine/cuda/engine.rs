@@ -214,8 +214,6 @@ pub struct CudaEngine {
     workspace: Option<DevBuf>,
     name: String,
     backend: ConvBackend,
-    /// General convolutions on conv3d_tc_f16 (`TensorCore`, or `Auto` without cuDNN on sm_70+).
-    tensor_cores: bool,
     notes: Vec<String>,
     /// Per value, during a walk: the per-block statistics a tensor-core conv wrote for it.
     tile_stats: Vec<Option<DevBuf>>,
@@ -227,6 +225,13 @@ fn f32_of(w: &Weights, name: &str) -> Result<Vec<f32>> {
 
 fn f16_of<'a>(w: &'a Weights, name: &str) -> Result<&'a [f16]> {
     w.tensors.get(name).map(|(_, d)| d.as_slice()).with_context(|| format!("weights {}: tensor {name} is missing", w.name))
+}
+
+/// Whether op `i`'s output goes only into op `i + 1`, an Add of it and a different value: then
+/// op `i` can do that Add itself (the Add's other operand is read where op `i` writes).
+fn feeds_only_the_next_add(g: &Graph, last: &[usize], i: usize) -> bool {
+    let out = g.ops[i].output;
+    g.ops.get(i + 1).is_some_and(|next| matches!(next.kind, OpKind::Add) && next.inputs.contains(&out) && next.inputs[0] != next.inputs[1] && last[out] == i + 1)
 }
 
 /// PyTorch's `[cout, cin, k, k, k]` → cuDNN's NHWC filter layout `[cout, k, k, k, cin]`.
@@ -309,7 +314,6 @@ impl CudaEngine {
             workspace: None,
             name: weights.name.clone(),
             backend,
-            tensor_cores: tc,
             notes,
             tile_stats: Vec::new(),
         })
@@ -357,11 +361,7 @@ impl CudaEngine {
                     let tc = tc && kind == ConvKind::General;
                     // The store computes act(conv + bias + residual): the Add must come before
                     // any activation, and it must be the output's only reader.
-                    let fuse_add = tc
-                        && act == Act::None
-                        && g.ops.get(i + 1).is_some_and(|next| {
-                            matches!(next.kind, OpKind::Add) && next.inputs.contains(&op.output) && next.inputs[0] != next.inputs[1] && last[op.output] == i + 1
-                        });
+                    let fuse_add = tc && act == Act::None && feeds_only_the_next_add(g, last, i);
                     Step::Conv(ConvStep { kind, cin, cout, k, stride, pad, act, w: wt, bias, use_dnn, tc, fuse_add, stats: false })
                 }
                 OpKind::ConvTranspose2 { weight, cin, cout } => {
@@ -386,10 +386,7 @@ impl CudaEngine {
                 OpKind::Add => Step::Add,
                 OpKind::Concat => Step::Concat,
                 OpKind::Upsample2x => {
-                    let fuse_add = g.ops.get(i + 1).is_some_and(|next| {
-                        matches!(next.kind, OpKind::Add) && next.inputs.contains(&op.output) && next.inputs[0] != next.inputs[1] && last[op.output] == i + 1
-                    });
-                    Step::Upsample { fuse_add }
+                    Step::Upsample { fuse_add: feeds_only_the_next_add(g, last, i) }
                 }
             };
             steps.push(step);
@@ -433,7 +430,9 @@ impl CudaEngine {
     /// Device, kernels, cuDNN and fallbacks, one line each.
     pub fn notes(&self) -> Vec<String> {
         let mut n = self.notes.clone();
-        let how = match (self.dnn.is_some(), self.tensor_cores) {
+        // General convolutions on conv3d_tc_f16: `TensorCore`, or `Auto` without cuDNN on sm_70+.
+        let tensor_cores = self.steps.iter().any(|s| matches!(s, Step::Conv(c) if c.tc));
+        let how = match (self.dnn.is_some(), tensor_cores) {
             (true, _) => "",
             (false, true) => " (tensor-core kernel)",
             (false, false) => " (no cuDNN: direct kernel)",

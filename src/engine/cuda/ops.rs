@@ -204,21 +204,34 @@ pub struct NormPrologue {
     pub post: Act,
 }
 
-/// conv_tc.cu's instantiation for `cout` output channels and its block tile (output voxels,
-/// channels): the 128 x 32 tile when a 64-wide one would be half padding.
-pub fn conv_tc_variant(cout: usize) -> (&'static str, usize, usize) {
-    if cout <= 32 {
-        ("conv3d_tc_n32_f16", 128, 32)
-    } else {
-        ("conv3d_tc_f16", 64, 64)
-    }
+/// One instantiation of conv_tc.cu: its conv and split-K reduce kernels and its block tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcVariant {
+    pub kernel: &'static str,
+    pub reduce: &'static str,
+    /// Output voxels per block (also the unit of its statistics).
+    pub rows: usize,
+    /// Output channels per block.
+    pub cols: usize,
+}
+
+/// The instantiations, by name (the emulator looks them up here too).
+pub const TC_VARIANTS: [TcVariant; 2] = [
+    TcVariant { kernel: "conv3d_tc_f16", reduce: "conv3d_tc_reduce_f16", rows: 64, cols: 64 },
+    TcVariant { kernel: "conv3d_tc_n32_f16", reduce: "conv3d_tc_n32_reduce_f16", rows: 128, cols: 32 },
+];
+
+/// conv_tc.cu's instantiation for `cout` output channels: the 128 x 32 tile when a 64-wide one
+/// would be half padding.
+pub fn conv_tc_variant(cout: usize) -> TcVariant {
+    TC_VARIANTS[usize::from(cout <= 32)]
 }
 
 /// Statistics blocks per sample that `conv_tc`'s epilogue writes for an output of `ovol` voxels
 /// per sample and `cout` channels: `Some(ovol / rows)` when every block of `rows` output voxels
 /// lies in one sample, else `None` (the norm then reduces the output itself).
 pub fn conv_tc_stats_blocks(ovol: usize, cout: usize) -> Option<usize> {
-    let rows = conv_tc_variant(cout).1;
+    let rows = conv_tc_variant(cout).rows;
     (ovol > 0 && ovol % rows == 0).then_some(ovol / rows)
 }
 
@@ -234,8 +247,8 @@ fn tc_max_splits() -> usize {
 /// least 8 k-steps (256 deep) and none empty. The deep levels of a tile (a few hundred voxels,
 /// hundreds of channels) would otherwise leave most of the device idle.
 pub fn conv_tc_splits(m: usize, cout: usize, k_total: usize, sms: usize) -> (usize, usize) {
-    let (_, rows, cols) = conv_tc_variant(cout);
-    let blocks = m.div_ceil(rows) * cout.div_ceil(cols);
+    let v = conv_tc_variant(cout);
+    let blocks = m.div_ceil(v.rows) * cout.div_ceil(v.cols);
     let steps = k_total.div_ceil(32).max(1);
     if sms == 0 || blocks >= sms {
         return (1, steps);
@@ -245,15 +258,20 @@ pub fn conv_tc_splits(m: usize, cout: usize, k_total: usize, sms: usize) -> (usi
     (steps.div_ceil(span), span)
 }
 
+/// How `conv_tc` launches a shape on `g`: `(grid x, grid y, splits, k-steps per split, bytes
+/// of the split-K buffer, 0 when it does not split)`.
+fn conv_tc_launch(g: &Gpu, m: usize, cin: usize, cout: usize, k: usize) -> (usize, usize, usize, usize, usize) {
+    let v = conv_tc_variant(cout);
+    let (gx, gy) = (m.div_ceil(v.rows), cout.div_ceil(v.cols));
+    let (splits, span) = conv_tc_splits(m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize);
+    let bytes = if splits > 1 { splits * gx * v.rows * gy * v.cols * 4 } else { 0 };
+    (gx, gy, splits, span, bytes)
+}
+
 /// Bytes of the f32 buffer `conv_tc` needs for its K splits on `g` (0 when it does not split).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_tc_splitk_bytes(g: &Gpu, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> usize {
-    let m = n * vol(conv_out_dims(dims, k, stride, pad));
-    let (_, rows, cols) = conv_tc_variant(cout);
-    match conv_tc_splits(m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize) {
-        (1, _) => 0,
-        (splits, _) => splits * m.div_ceil(rows) * rows * cout.div_ceil(cols) * cols * 4,
-    }
+    conv_tc_launch(g, n * vol(conv_out_dims(dims, k, stride, pad)), cin, cout, k).4
 }
 
 /// Bytes of `conv_tc`'s statistics for `n` samples of `ovol` voxels and `cout` channels.
@@ -287,22 +305,18 @@ pub fn conv_tc(
     pad: usize,
     act: Act,
 ) -> Result<()> {
-    let (kernel, rows, cols) = conv_tc_variant(cout);
-    let (m, shape) = igemm_shape(kernel, n, dims, cin, cout, k, stride, pad)?;
-    if stats.is_some() {
-        let ovol = vol(conv_out_dims(dims, k, stride, pad));
-        if conv_tc_stats_blocks(ovol, cout).is_none() {
-            bail!("{kernel}: statistics need an output volume divisible by {rows}, got {ovol}");
-        }
+    let v = conv_tc_variant(cout);
+    let (m, shape) = igemm_shape(v.kernel, n, dims, cin, cout, k, stride, pad)?;
+    let ovol = vol(conv_out_dims(dims, k, stride, pad));
+    if stats.is_some() && conv_tc_stats_blocks(ovol, cout).is_none() {
+        bail!("{}: statistics need an output volume divisible by {}, got {ovol}", v.kernel, v.rows);
     }
     let (ac, ap) = act_code(act);
     let (pre, pre_p) = act_code(norm.map_or(Act::None, |p| p.pre));
     let (post, post_p) = act_code(norm.map_or(Act::None, |p| p.post));
-    let (gx, gy) = (m.div_ceil(rows), cout.div_ceil(cols));
-    let (splits, span) = conv_tc_splits(m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize);
     // Split K: the partial sums of each split go to a padded f32 buffer (the caller's, or one
     // freed stream-ordered after the reduce that finishes the store).
-    let need = if splits > 1 { splits * gx * rows * gy * cols * 4 } else { 0 };
+    let (gx, gy, splits, span, need) = conv_tc_launch(g, m, cin, cout, k);
     let own = match splitk {
         Some(b) if b.bytes >= need => None,
         _ if need > 0 => Some(g.alloc(need)?),
@@ -313,14 +327,12 @@ pub fn conv_tc(
     a.extend_from_slice(&shape);
     a.extend_from_slice(&[Arg::I32(pre), Arg::F32(pre_p), Arg::I32(post), Arg::F32(post_p), Arg::I32(ac), Arg::F32(ap), opt(stats)]);
     a.extend_from_slice(&[opt(buf.as_ref().map(|b| b.ptr)), Arg::I32(span as i32)]);
-    g.launch(kernel, (gx as u32, gy as u32, splits as u32), (128, 1, 1), &a)?;
+    g.launch(v.kernel, (gx as u32, gy as u32, splits as u32), (128, 1, 1), &a)?;
     let Some(buf) = buf else { return Ok(()) };
     debug_assert!(buf.bytes >= need);
-    let ovol = vol(conv_out_dims(dims, k, stride, pad));
     let i = |v: usize| Arg::I32(v as i32);
     let r = [Arg::Ptr(buf.ptr), i(splits), opt(bias), opt(residual), Arg::Ptr(out), opt(stats), i(m), i(ovol), i(cout), Arg::I32(ac), Arg::F32(ap)];
-    let reduce = if rows == 128 { "conv3d_tc_n32_reduce_f16" } else { "conv3d_tc_reduce_f16" };
-    g.launch(reduce, (gx as u32, gy as u32, 1), (128, 1, 1), &r)
+    g.launch(v.reduce, (gx as u32, gy as u32, 1), (128, 1, 1), &r)
 }
 
 /// The kernel-2 stride-2 transposed convolution into channels `[c_off, c_off + cout)` of an
@@ -465,7 +477,7 @@ pub fn norm(
 #[allow(clippy::too_many_arguments)]
 pub fn norm_params_from_tiles(g: &Gpu, partial: u64, n: usize, c: usize, vol: usize, groups: usize, gamma: Option<u64>, beta: Option<u64>, params: u64) -> Result<()> {
     norm_check(c, groups, vol)?;
-    let rows = conv_tc_variant(c).1;
+    let rows = conv_tc_variant(c).rows;
     let nblk = conv_tc_stats_blocks(vol, c).with_context(|| format!("norm_finalize_tiles: volume {vol} is not a whole number of {rows}-voxel blocks"))?;
     if n == 0 {
         return Ok(());

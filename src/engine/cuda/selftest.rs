@@ -627,7 +627,7 @@ fn conv_tc_stats_cases(c: &mut Ctx) {
 /// its K, how many ways (the split count follows the multiprocessor count).
 fn tc_label(g: &Gpu, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize) -> String {
     let m = n * vol(ops::conv_out_dims(dims, k, stride, k / 2));
-    let kernel = ops::conv_tc_variant(cout).0;
+    let kernel = ops::conv_tc_variant(cout).kernel;
     match ops::conv_tc_splits(m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize) {
         (1, _) => kernel.to_string(),
         (splits, _) => format!("{kernel} splitK{splits}"),
