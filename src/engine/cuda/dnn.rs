@@ -223,6 +223,10 @@ impl ConvPlan {
         for i in start..self.algos.len() {
             let (algo, ws) = self.algos[i];
             if ws > 0 && workspace.as_ref().is_none_or(|b| b.bytes < ws) {
+                if gpu.capturing() {
+                    // Replacing the buffer would free memory the capture may have used.
+                    bail!("{}: cuDNN's workspace must grow to {ws} bytes during a CUDA graph capture", self.what);
+                }
                 *workspace = None;
                 *workspace = Some(gpu.alloc(ws)?);
             }

@@ -29,12 +29,23 @@ struct Block {
     buf: Vec<u8>,
     off: usize,
     len: usize,
+    /// For the activation arena's buffer: the live slots (address → bytes). An access must then
+    /// lie inside one of them, so a read of a released slot or past a slot's end is an error, as
+    /// an access outside an allocation is.
+    slots: Option<BTreeMap<u64, usize>>,
 }
 
 const GUARD: usize = 1024;
 const CANARY: u8 = 0x5C;
 
 impl Block {
+    /// Whether `[ptr, ptr + len)` lies inside one live slot (always, for a block without slots).
+    fn in_live_slot(&self, ptr: u64, len: usize) -> bool {
+        match &self.slots {
+            None => true,
+            Some(s) => s.range(..=ptr).next_back().is_some_and(|(&start, &bytes)| ptr + len as u64 <= start + bytes as u64 && (len > 0 || ptr < start + bytes.max(1) as u64)),
+        }
+    }
     fn data(&mut self) -> &mut [u8] {
         &mut self.buf[self.off..self.off + self.len]
     }
@@ -136,8 +147,47 @@ impl Emu {
         let off = GUARD + (256 - (addr + GUARD) % 256) % 256;
         buf[off..off + bytes].fill(0xA5);
         let base = (addr + off) as u64;
-        m.blocks.insert(base, Block { buf, off, len: bytes });
+        m.blocks.insert(base, Block { buf, off, len: bytes, slots: None });
         EmuAlloc { emu: self.clone(), base }
+    }
+
+    /// Makes the block at `base` an arena: from now on only its live slots may be accessed.
+    pub fn track_slots(&self, base: u64) {
+        let mut m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = m.blocks.get_mut(&base) {
+            b.slots = Some(BTreeMap::new());
+        }
+    }
+
+    /// Closes every slot of the arena block at `base` (a new walk).
+    pub fn reset_slots(&self, base: u64) {
+        let mut m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = m.blocks.get_mut(&base).and_then(|b| b.slots.as_mut()) {
+            s.clear();
+        }
+    }
+
+    /// Opens the slot `[ptr, ptr + bytes)` of the arena block holding `ptr`.
+    pub fn open_slot(&self, ptr: u64, bytes: usize) {
+        let mut m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, b)) = m.blocks.range_mut(..=ptr).next_back() {
+            if let Some(s) = b.slots.as_mut() {
+                s.insert(ptr, bytes);
+            }
+        }
+    }
+
+    /// Closes the slot at `ptr` and fills it with junk, so that a kernel still reading it
+    /// through a stale address gets garbage even where the address checks cannot see it.
+    pub fn close_slot(&self, ptr: u64) {
+        let mut m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((&base, b)) = m.blocks.range_mut(..=ptr).next_back() {
+            if let Some(bytes) = b.slots.as_mut().and_then(|s| s.remove(&ptr)) {
+                let off = (ptr - base) as usize;
+                let end = (off + bytes).min(b.len);
+                b.data()[off..end].fill(0xA5);
+            }
+        }
     }
 
     fn with<R>(&self, ptr: u64, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
@@ -145,6 +195,7 @@ impl Emu {
         let (&base, block) = m.blocks.range_mut(..=ptr).next_back().with_context(|| format!("address {ptr:#x} is not allocated"))?;
         let off = (ptr - base) as usize;
         ensure!(off + len <= block.len, "access of {len} bytes at {ptr:#x} runs past its allocation ({} bytes at {base:#x})", block.len);
+        ensure!(block.in_live_slot(ptr, len), "access of {len} bytes at {ptr:#x} is not inside one live arena slot (a released slot, or past a slot's end)");
         Ok(f(&mut block.data()[off..off + len]))
     }
 
@@ -252,6 +303,7 @@ impl Emu {
                 if p != 0 {
                     let (&base, b) = m.blocks.range(..=p).next_back().with_context(|| format!("pointer argument {p:#x} is not allocated"))?;
                     ensure!(p - base < b.len.max(1) as u64, "pointer argument {p:#x} is past its allocation ({} bytes at {base:#x})", b.len);
+                    ensure!(b.in_live_slot(p, 0), "pointer argument {p:#x} is not inside a live arena slot");
                 }
             }
         }

@@ -23,9 +23,18 @@
 //! - Upsample2x followed by the decoder's skip Add: one `upsample2x_add_f16`.
 //! - ConvTranspose2 feeding a Concat: written straight into channels `[0, cout)` of the concat
 //!   buffer; the skip is copied into the channels after it (`copy_channels_f16`).
-//! - Buffers come from a pool and go back after the value's last reader (`Graph::last_use`); all
-//!   work is on one stream, so reuse is ordered. No float atomics anywhere: results are
-//!   deterministic for a given device, cuDNN algorithm choice and batch size.
+//! - Activations live in the device handle's arena (`arena.rs`), shared by the engines of one
+//!   worker, and go back after the value's last reader (`Graph::last_use`); all work is on one
+//!   stream, so reuse is ordered. Outputs come from the engine's own pool, so they outlive the
+//!   walk. No float atomics anywhere: results are deterministic for a given device, cuDNN
+//!   algorithm choice and batch size.
+//! - CUDA graphs: every walk of one shape makes the same arena requests in the same order, so it
+//!   gets the same addresses. The second walk of a shape (batch, tile, fm2, host or device input)
+//!   is captured once into a graph and run; later walks stage their input into the same slot,
+//!   take back the same output buffers and launch the graph: one launch per tile instead of a
+//!   few hundred. A walk that cannot be replayed (the arena grew since, an output buffer is still
+//!   held by the caller) runs eagerly; a shape whose capture fails runs eagerly from then on,
+//!   with a note. `FASTDET_CUDA_GRAPHS=0` turns graphs off.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,7 +43,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use half::f16;
 
 use super::dnn::{ConvPlan, Dnn};
-use super::gpu::{guard, DevBuf, Gpu, Pool};
+use super::gpu::{guard, DevBuf, DeviceGraph, Gpu, Pool};
 use super::ops::{self, vol};
 use crate::engine::{Outputs, TileEngine};
 use crate::model::graph::{op_in_place, Act, Graph, OpKind, ValueId};
@@ -201,6 +210,67 @@ impl DeviceOutputs {
     }
 }
 
+/// What a walk's graph depends on besides the arena: the batch, the tile, whether fm2 is kept,
+/// and whether the input comes from the host (f32, staged and converted) or the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct WalkKey {
+    n: usize,
+    tile: [usize; 3],
+    fm2: bool,
+    host_input: bool,
+}
+
+/// A walk shape's graph, and how far into the arena its last eager walk reached.
+struct GraphEntry {
+    high: usize,
+    state: GraphState,
+}
+
+/// How one walk runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WalkMode {
+    Eager,
+    /// Captured into a graph, which is then run.
+    Capture,
+    Replay,
+}
+
+/// A walk's input in the arena.
+enum Staged {
+    /// f32 NCDHW from the host, converted by the walk.
+    F32(DevBuf),
+    /// NDHWC fp16 copied from the caller's buffer.
+    F16(DevBuf),
+    /// The caller's NDHWC fp16 buffer itself (graphs off).
+    Borrowed(u64),
+}
+
+/// A walk shape's graph.
+enum GraphState {
+    /// Walked eagerly once (plans, cuDNN workspace and arena size are settled by then).
+    Walked,
+    /// Captured: replayable while the arena keeps its generation and the cuDNN workspace its
+    /// address, into the output buffers at these addresses.
+    Ready { graph: DeviceGraph, generation: u64, workspace: u64, outputs: [Option<(u64, usize)>; 3] },
+    /// Capture failed (the reason is in the notes): always eager.
+    Off,
+}
+
+/// Whether walks are captured into CUDA graphs on `gpu`: on unless `FASTDET_CUDA_GRAPHS=0` or
+/// every kernel is synchronised (`FASTDET_CUDA_SYNC=1`).
+fn graphs_wanted(gpu: &Gpu) -> bool {
+    std::env::var("FASTDET_CUDA_GRAPHS").map_or(true, |v| v != "0") && !gpu.sync_each()
+}
+
+/// A walk's input.
+#[derive(Clone, Copy)]
+enum WalkInput<'a> {
+    /// `[n, cin, tile]` f32 NCDHW on the host.
+    Host(&'a [f32]),
+    /// `[n, tile, cin]` NDHWC fp16 at this device address (the caller's).
+    Device(u64),
+}
+
 /// One model on one GPU.
 pub struct CudaEngine {
     gpu: std::sync::Arc<Gpu>,
@@ -210,8 +280,18 @@ pub struct CudaEngine {
     steps: Vec<Step>,
     /// cuDNN plans per (batch, tile), indexed by op.
     plans: HashMap<(usize, [usize; 3]), Vec<Option<ConvPlan>>>,
-    pool: Pool,
-    workspace: Option<DevBuf>,
+    /// The outputs' buffers (activations are in the device's arena).
+    outputs: Pool,
+    /// The current walk's output buffers (scores, offsets, fm2 in f32), taken before it starts.
+    walk_outputs: [Option<DevBuf>; 3],
+    /// CUDA graphs, per walk shape.
+    graphs: HashMap<WalkKey, GraphEntry>,
+    /// Whether walks may be captured into graphs (`FASTDET_CUDA_GRAPHS`, not with
+    /// `FASTDET_CUDA_SYNC=1`).
+    graphs_on: bool,
+    /// Walks run by replaying a graph, and eagerly.
+    pub replays: usize,
+    pub eager_walks: usize,
     name: String,
     backend: ConvBackend,
     notes: Vec<String>,
@@ -303,6 +383,7 @@ impl CudaEngine {
             ));
         }
         gpu.sync("uploading weights")?;
+        let graphs_on = graphs_wanted(&gpu);
         Ok(CudaEngine {
             gpu,
             dnn,
@@ -310,8 +391,12 @@ impl CudaEngine {
             last,
             steps,
             plans: HashMap::new(),
-            pool: Pool::default(),
-            workspace: None,
+            outputs: Pool::default(),
+            walk_outputs: [None, None, None],
+            graphs: HashMap::new(),
+            graphs_on,
+            replays: 0,
+            eager_walks: 0,
             name: weights.name.clone(),
             backend,
             notes,
@@ -459,21 +544,52 @@ impl CudaEngine {
         &self.gpu
     }
 
+    /// Activation memory for the current walk: a slot of the device handle's arena.
     fn take(&mut self, bytes: usize) -> Result<DevBuf> {
-        self.pool.take(&self.gpu, bytes)
+        self.gpu.arena().take(&self.gpu, bytes)
+    }
+
+    /// Hands a buffer back: an arena slot to the arena, an output buffer to the engine's pool.
+    fn give(&mut self, b: DevBuf) {
+        if b.is_slot() {
+            self.gpu.arena().give(&self.gpu, b);
+        } else {
+            self.outputs.give(b);
+        }
     }
 
     fn release(&mut self, v: Val) {
         match v {
-            Val::H(b) | Val::F(b) => self.pool.give(b),
+            Val::H(b) | Val::F(b) => self.give(b),
             Val::InConcat | Val::Borrowed(_) => {}
             Val::Pending { owned, params, .. } => {
                 if let Some(b) = owned {
-                    self.pool.give(b);
+                    self.give(b);
                 }
-                self.pool.give(params);
+                self.give(params);
             }
         }
+    }
+
+    /// Output `k` (0 scores, 1 offsets, 2 fm2 as f32) of the current walk: the buffer taken for
+    /// it before the walk began (so that a captured walk writes where its replays will).
+    fn take_output(&mut self, k: usize, bytes: usize) -> Result<DevBuf> {
+        let b = self.walk_outputs[k].take().with_context(|| format!("internal error: output {k} written twice or not prepared"))?;
+        if b.bytes < bytes {
+            bail!("internal error: output {k} has {} bytes, {bytes} needed", b.bytes);
+        }
+        Ok(b)
+    }
+
+    /// Bytes of the outputs (scores, offsets, fm2 f32; 0 when not wanted) of a walk.
+    fn output_bytes(&self, n: usize, tile: [usize; 3], want_fm2: bool) -> [usize; 3] {
+        let g = &self.graph;
+        let dims = vol(g.dims(g.scores, tile));
+        [
+            n * g.values[g.scores].channels * dims * 4,
+            n * g.values[g.offsets].channels * dims * 4,
+            if want_fm2 { n * g.values[g.fm2].channels * vol(g.dims(g.fm2, tile)) * 4 } else { 0 },
+        ]
     }
 
     /// Checks a forward call's arguments.
@@ -488,47 +604,212 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// Uploads a host input `[n, cin, tile]` f32 NCDHW and converts it to the internal NDHWC fp16,
-    /// then walks the graph.
+    /// Uploads a host input `[n, cin, tile]` f32 NCDHW and walks the graph from it (the walk
+    /// converts it to the internal NDHWC fp16).
     fn forward_device_inner(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
         self.check_input(input, n, tile)?;
         if n == 0 {
             bail!("a forward pass on the device needs at least one tile");
         }
-        let cin = self.input_channels();
-        let tvol = vol(tile);
         self.gpu.bind()?;
-        let x32 = self.take(input.len() * 4)?;
-        self.gpu.write(x32.ptr, input)?;
-        let x16 = self.take(input.len() * 2)?;
-        let r = ops::to_ndhwc_f16(&self.gpu, x32.ptr, x16.ptr, n, cin, tvol).context("input to NDHWC fp16");
-        self.pool.give(x32);
-        if let Err(e) = r {
-            self.pool.give(x16);
-            return Err(e);
-        }
-        self.walk(Val::H(x16), n, tile, want_fm2)
+        self.run_walk(WalkInput::Host(input), n, tile, want_fm2)
     }
 
-    /// The graph walk from the input value `x` (NDHWC fp16 `[n, tile, cin]`); the outputs stay on
-    /// the device (no synchronisation: kernel faults surface at the caller's next sync or read).
-    fn walk(&mut self, x: Val, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
+    /// The cuDNN workspace's address (0 without one): a graph captured with it needs it there.
+    fn workspace_ptr(&self) -> u64 {
+        self.gpu.dnn_workspace().as_ref().map_or(0, |b| b.ptr)
+    }
+
+    /// How the next walk of `key` runs.
+    fn walk_mode(&self, key: &WalkKey) -> WalkMode {
+        let Some(entry) = self.graphs.get(key) else { return WalkMode::Eager };
+        let arena = self.gpu.arena();
+        match &entry.state {
+            GraphState::Off => WalkMode::Eager,
+            GraphState::Ready { generation, workspace, .. } if *generation == arena.generation() && *workspace == self.workspace_ptr() => WalkMode::Replay,
+            _ if self.graphs_on && arena.capacity() >= entry.high => WalkMode::Capture,
+            _ => WalkMode::Eager,
+        }
+    }
+
+    /// One forward pass in the device's arena: eager, captured into a graph, or a replay of the
+    /// graph (see the module's note). A failed capture is noted and the walk runs eagerly.
+    fn run_walk(&mut self, input: WalkInput, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
+        let key = WalkKey { n, tile, fm2: want_fm2, host_input: matches!(input, WalkInput::Host(_)) };
+        let mode = self.walk_mode(&key);
+        self.gpu.arena().begin(&self.gpu)?;
+        let r = self.walk_once(key, input, mode);
+        for b in std::mem::take(&mut self.walk_outputs).into_iter().flatten() {
+            self.outputs.give(b);
+        }
+        let end = self.gpu.arena().end(&self.gpu, matches!(r, Ok(Ok(_))));
+        match r? {
+            Ok((out, ran)) => {
+                match ran {
+                    WalkMode::Eager => {
+                        self.eager_walks += 1;
+                        let entry = self.graphs.entry(key).or_insert(GraphEntry { high: 0, state: GraphState::Walked });
+                        entry.high = end.high;
+                        if matches!(entry.state, GraphState::Ready { .. }) && end.generation != self.gpu.arena().generation() {
+                            entry.state = GraphState::Walked;
+                        }
+                    }
+                    WalkMode::Capture | WalkMode::Replay => self.replays += 1,
+                }
+                Ok(out)
+            }
+            Err(capture_error) => {
+                let msg = format!("{}: no CUDA graph for {n} tile(s) of {tile:?} ({capture_error:#}); running it without one", self.name);
+                eprintln!("warning: {msg}");
+                self.notes.push(msg);
+                self.graphs.insert(key, GraphEntry { high: end.high, state: GraphState::Off });
+                self.run_walk(input, n, tile, want_fm2)
+            }
+        }
+    }
+
+    /// The body of `run_walk` inside the arena: Err is a hard error, Ok(Err) a failed capture
+    /// (nothing ran; the caller runs the walk again eagerly), Ok(Ok) the outputs and how they were
+    /// made.
+    #[allow(clippy::type_complexity)]
+    fn walk_once(&mut self, key: WalkKey, input: WalkInput, mode: WalkMode) -> Result<Result<(DeviceOutputs, WalkMode)>> {
+        let WalkKey { n, tile, fm2: want_fm2, .. } = key;
+        let elems = n * self.input_channels() * vol(tile);
+        // The input, staged in the walk's first slot, outside any capture (a copy from the host
+        // cannot be captured, and the caller's buffer may move between calls).
+        let staged = match input {
+            WalkInput::Host(x) => {
+                let b = self.take(elems * 4)?;
+                self.gpu.write(b.ptr, x)?;
+                Staged::F32(b)
+            }
+            WalkInput::Device(p) if self.graphs_on => {
+                let b = self.take(elems * 2)?;
+                self.gpu.copy(b.ptr, p, elems * 2)?;
+                Staged::F16(b)
+            }
+            WalkInput::Device(p) => Staged::Borrowed(p),
+        };
+        let mut mode = mode;
+        if mode == WalkMode::Replay {
+            if let Some(GraphEntry { state: GraphState::Ready { outputs, .. }, .. }) = self.graphs.get(&key) {
+                let outputs = *outputs;
+                for (k, o) in outputs.iter().enumerate() {
+                    if let Some((ptr, bytes)) = *o {
+                        self.walk_outputs[k] = self.outputs.take_at(ptr, bytes);
+                    }
+                }
+                if outputs.iter().zip(&self.walk_outputs).any(|(o, b)| o.is_some() != b.is_some()) {
+                    // The caller still holds an earlier call's outputs: this call runs eagerly.
+                    mode = WalkMode::Eager;
+                    for b in std::mem::take(&mut self.walk_outputs).into_iter().flatten() {
+                        self.outputs.give(b);
+                    }
+                }
+            }
+        }
+        if mode == WalkMode::Replay {
+            let Some(GraphEntry { state: GraphState::Ready { graph, .. }, .. }) = self.graphs.get(&key) else { bail!("internal error: no graph to replay") };
+            self.gpu.replay(graph)?;
+            return Ok(Ok((self.outputs_of(n, tile, want_fm2)?, WalkMode::Replay)));
+        }
+        let sizes = self.output_bytes(n, tile, want_fm2);
+        for (k, &bytes) in sizes.iter().enumerate() {
+            if bytes > 0 {
+                self.walk_outputs[k] = Some(self.outputs.take(&self.gpu, bytes)?);
+            }
+        }
+        if mode == WalkMode::Eager {
+            return Ok(Ok((self.walk(staged, n, tile, want_fm2)?, WalkMode::Eager)));
+        }
+        let outputs: [Option<(u64, usize)>; 3] = std::array::from_fn(|k| self.walk_outputs[k].as_ref().map(|b| (b.ptr, sizes[k])));
+        if let Err(e) = self.gpu.begin_capture() {
+            return Ok(Err(e));
+        }
+        let r = self.walk(staged, n, tile, want_fm2);
+        let graph = self.gpu.end_capture();
+        let (out, graph) = match (r, graph) {
+            (Ok(out), Ok(graph)) => (out, graph),
+            (r, graph) => {
+                let why = match (r, graph) {
+                    (Err(e), _) => e,
+                    (Ok(out), Err(e)) => {
+                        self.recycle(out);
+                        e
+                    }
+                    _ => unreachable!(),
+                };
+                return Ok(Err(why));
+            }
+        };
+        // Captured, not run: run it.
+        let r = self.gpu.replay(&graph);
+        let (generation, workspace) = (self.gpu.arena().generation(), self.workspace_ptr());
+        self.graphs.insert(key, GraphEntry { high: 0, state: GraphState::Ready { graph, generation, workspace, outputs } });
+        if let Err(e) = r {
+            self.recycle(out);
+            return Err(e);
+        }
+        Ok(Ok((out, WalkMode::Capture)))
+    }
+
+    /// A replay's outputs: the buffers the graph wrote.
+    fn outputs_of(&mut self, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
+        let g = &self.graph;
+        let (nc, no, nf) = (g.values[g.scores].channels, g.values[g.offsets].channels, g.values[g.fm2].channels);
+        let (dims, fm2_dims) = (g.dims(g.scores, tile), g.dims(g.fm2, tile));
+        let scores = self.walk_outputs[0].take().context("internal error: no scores buffer")?;
+        let offsets = self.walk_outputs[1].take().context("internal error: no offsets buffer")?;
+        let fm2 = if want_fm2 { Some(self.walk_outputs[2].take().context("internal error: no fm2 buffer")?) } else { None };
+        Ok(DeviceOutputs { scores, offsets, fm2, n, num_classes: nc, offset_channels: no, fm2_channels: nf, dims, fm2_dims })
+    }
+
+    /// The graph walk from the staged input (NDHWC fp16 `[n, tile, cin]`, or f32 NCDHW to convert
+    /// first); the outputs stay on the device (no synchronisation: kernel faults surface at the
+    /// caller's next sync or read). Makes no allocation but arena slots, so it can be captured.
+    fn walk(&mut self, staged: Staged, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
+        let nvals = self.graph.values.len();
+        let mut vals: Vec<Option<Val>> = (0..nvals).map(|_| None).collect();
+        // Left over from a failed walk (slots of an ended walk: nothing to free).
+        self.tile_stats = (0..nvals).map(|_| None).collect();
+        let r = self.walk_ops(staged, &mut vals, n, tile, want_fm2);
+        // Whatever is left (everything, after an error) goes back; nothing is freed, which a
+        // capture could not hold.
+        for v in vals.iter_mut() {
+            if let Some(v) = v.take() {
+                self.release(v);
+            }
+        }
+        for s in std::mem::take(&mut self.tile_stats).into_iter().flatten() {
+            self.give(s);
+        }
+        r
+    }
+
+    fn walk_ops(&mut self, staged: Staged, vals: &mut [Option<Val>], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
         let g = &self.graph;
         let (scores_v, offsets_v, fm2_v) = (g.scores, g.offsets, g.fm2);
         let (nc, no, nf) = (g.values[scores_v].channels, g.values[offsets_v].channels, g.values[fm2_v].channels);
         let dims = g.dims(scores_v, tile);
         let fm2_vol = vol(g.dims(fm2_v, tile));
-        let nvals = g.values.len();
         let input_v = g.input;
-        let mut vals: Vec<Option<Val>> = (0..nvals).map(|_| None).collect();
-        vals[input_v] = Some(x);
-        // Left over from a failed walk: freed here.
-        self.tile_stats = (0..nvals).map(|_| None).collect();
+        vals[input_v] = Some(match staged {
+            Staged::F32(x32) => {
+                let cin = self.input_channels();
+                let x16 = self.take(n * cin * vol(tile) * 2)?;
+                let r = ops::to_ndhwc_f16(&self.gpu, x32.ptr, x16.ptr, n, cin, vol(tile)).context("input to NDHWC fp16");
+                self.give(x32);
+                vals[input_v] = Some(Val::H(x16));
+                r?;
+                vals[input_v].take().expect("just set")
+            }
+            Staged::F16(b) => Val::H(b),
+            Staged::Borrowed(p) => Val::Borrowed(p),
+        });
 
         let mut i = 0;
         while i < self.graph.ops.len() {
-            // On error, the buffers still in `vals` are freed on drop; the pool keeps the rest.
-            let used = self.exec(i, n, tile, &mut vals).with_context(|| {
+            let used = self.exec(i, n, tile, vals).with_context(|| {
                 let op = &self.graph.ops[i];
                 format!("op {i} ({}) on {n} tile(s) of {tile:?}", self.graph.values[op.output].name)
             })?;
@@ -545,34 +826,48 @@ impl CudaEngine {
             i += used;
         }
 
-        let f32_out = |vals: &mut Vec<Option<Val>>, v: ValueId| -> Result<DevBuf> {
+        let f32_out = |vals: &mut [Option<Val>], v: ValueId| -> Result<DevBuf> {
             match vals[v].take() {
                 Some(Val::F(b)) => Ok(b),
                 _ => Err(anyhow!("internal error: output value {v} was not produced as f32")),
             }
         };
-        let scores = f32_out(&mut vals, scores_v)?;
-        let offsets = f32_out(&mut vals, offsets_v)?;
+        let scores = f32_out(vals, scores_v)?;
+        let offsets = match f32_out(vals, offsets_v) {
+            Ok(b) => b,
+            Err(e) => {
+                self.give(scores);
+                return Err(e);
+            }
+        };
         let fm2 = if want_fm2 {
-            let h = match vals[fm2_v].take() {
-                Some(Val::H(b)) => b,
-                _ => bail!("internal error: fm2 was not kept"),
-            };
-            let f = self.take(n * nf * fm2_vol * 4)?;
-            ops::to_ncdhw_f32(&self.gpu, h.ptr, f.ptr, n, nf, fm2_vol)?;
-            self.pool.give(h);
-            Some(f)
+            let r = (|| -> Result<DevBuf> {
+                let h = match vals[fm2_v].take() {
+                    Some(Val::H(b)) => b,
+                    _ => bail!("internal error: fm2 was not kept"),
+                };
+                let f = self.take_output(2, n * nf * fm2_vol * 4)?;
+                let r = ops::to_ncdhw_f32(&self.gpu, h.ptr, f.ptr, n, nf, fm2_vol);
+                self.give(h);
+                match r {
+                    Ok(()) => Ok(f),
+                    Err(e) => {
+                        self.give(f);
+                        Err(e)
+                    }
+                }
+            })();
+            match r {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    self.give(scores);
+                    self.give(offsets);
+                    return Err(e);
+                }
+            }
         } else {
             None
         };
-        for v in vals.iter_mut() {
-            if let Some(v) = v.take() {
-                self.release(v);
-            }
-        }
-        for s in std::mem::take(&mut self.tile_stats).into_iter().flatten() {
-            self.pool.give(s);
-        }
         Ok(DeviceOutputs { scores, offsets, fm2, n, num_classes: nc, offset_channels: no, fm2_channels: nf, dims, fm2_dims: self.graph.dims(fm2_v, tile) })
     }
 
@@ -601,7 +896,9 @@ impl CudaEngine {
     /// `offsets [n, 3, dims]` f32 NCDHW, as `forward` returns them on the host (`forward` is this
     /// plus a read back). The buffers come from the engine's pool and may be larger than the
     /// outputs; hand them back with `recycle` once the work that reads them has been issued (all
-    /// work is on one stream, so the reuse is ordered after it). Nothing is synchronised here.
+    /// work is on one stream, so the reuse is ordered after it; a replayed graph writes into the
+    /// same buffers again, so until they are back the next call runs without its graph). Nothing
+    /// is synchronised here.
     pub fn forward_device(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
         let name = self.name();
         guard(&name.clone(), || self.forward_device_inner(input, n, tile, want_fm2)).with_context(|| format!("{name}: forward pass"))
@@ -611,9 +908,9 @@ impl CudaEngine {
     /// `input` holds `[n, tile, cin]` NDHWC fp16 (for the 1-channel networks, `[n, tile]`, as
     /// `ops::extract_tiles` writes it), which is what `forward_device` makes of its host input
     /// (`ops::to_ndhwc_f16`), so the outputs are the same. The buffer stays the caller's: it is
-    /// only read, so several engines on the device can run on one copy of a batch. Nothing is
-    /// synchronised; the caller keeps `input` alive and unchanged until the work is issued (one
-    /// stream orders later writes after it).
+    /// only read (with graphs on, copied into the walk's first slot), so several engines on the
+    /// device can run on one copy of a batch. Nothing is synchronised; the caller keeps `input`
+    /// alive and unchanged until the work is issued (one stream orders later writes after it).
     pub fn forward_device_input(&mut self, input: &DevBuf, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
         let name = self.name();
         guard(&name.clone(), || {
@@ -626,7 +923,7 @@ impl CudaEngine {
                 bail!("device input holds {} bytes, expected {need} for {n} tile(s) of {tile:?}", input.bytes);
             }
             self.gpu.bind()?;
-            self.walk(Val::Borrowed(input.ptr), n, tile, want_fm2)
+            self.run_walk(WalkInput::Device(input.ptr), n, tile, want_fm2)
         })
         .with_context(|| format!("{name}: forward pass"))
     }
@@ -636,13 +933,19 @@ impl CudaEngine {
         self.graph.values[self.graph.input].channels
     }
 
-    /// Returns `forward_device`'s buffers to the pool.
+    /// Returns `forward_device`'s buffers to the engine's pool.
     pub fn recycle(&mut self, out: DeviceOutputs) {
-        self.pool.give(out.scores);
-        self.pool.give(out.offsets);
+        self.outputs.give(out.scores);
+        self.outputs.give(out.offsets);
         if let Some(f) = out.fm2 {
-            self.pool.give(f);
+            self.outputs.give(f);
         }
+    }
+
+    /// CUDA graphs held, and how the walks so far ran: (graphs, replayed, eager).
+    pub fn graph_counts(&self) -> (usize, usize, usize) {
+        let ready = self.graphs.values().filter(|e| matches!(e.state, GraphState::Ready { .. })).count();
+        (ready, self.replays, self.eager_walks)
     }
 
     /// The device this engine runs on, shared with the other engines opened on it.
@@ -695,7 +998,7 @@ impl CudaEngine {
                         vals[op.output] = Some(Val::H(out));
                     }
                     ConvKind::Head => {
-                        let out = self.take(n * ovol * cout * 4)?;
+                        let out = if is_out { self.take_output(usize::from(op.output == self.graph.offsets), n * ovol * cout * 4)? } else { self.take(n * ovol * cout * 4)? };
                         ops::head_conv(&gpu, x, w, bias, out.ptr, n, ovol, cin, cout, act)?;
                         vals[op.output] = Some(Val::F(out));
                     }
@@ -725,7 +1028,7 @@ impl CudaEngine {
                         };
                         let r = ops::conv_tc(&gpu, x, w, bias, residual, prologue, out.ptr, sb.as_ref().map(|b| b.ptr), ws.as_ref(), n, in_dims, cin, cout, k, stride, pad, act);
                         if let Some(b) = ws {
-                            self.pool.give(b);
+                            self.give(b);
                         }
                         vals[out_v] = Some(Val::H(out));
                         self.tile_stats[out_v] = sb;
@@ -763,9 +1066,9 @@ impl CudaEngine {
                         }
                         if is_out {
                             // A head conv the head kernel cannot take: fp16 result -> NCDHW f32.
-                            let f = self.take(n * ovol * cout * 4)?;
+                            let f = self.take_output(usize::from(op.output == self.graph.offsets), n * ovol * cout * 4)?;
                             ops::head_act(&gpu, out.ptr, f.ptr, n, ovol, cout, Act::None)?;
-                            self.pool.give(out);
+                            self.give(out);
                             vals[op.output] = Some(Val::F(f));
                         } else {
                             vals[op.output] = Some(Val::H(out));
@@ -817,7 +1120,7 @@ impl CudaEngine {
                 let x = Self::h(vals, op.inputs[0])?;
                 let params = self.take(n * c_in * 3 * 4)?;
                 if let Err(e) = self.norm_params(op.inputs[0], x, n, c_in, v, groups, gamma, beta, act, params.ptr) {
-                    self.pool.give(params);
+                    self.give(params);
                     return Err(e);
                 }
                 let owned = self.take_in_place(vals, op.inputs[0], i);
@@ -831,7 +1134,7 @@ impl CudaEngine {
                     None => self.take(n * v * c_in * 2)?,
                 };
                 let r = ops::norm_apply(&gpu, x, out.ptr, n, c_in, v, params.ptr, Act::None, act);
-                self.pool.give(params);
+                self.give(params);
                 vals[op.output] = Some(Val::H(out));
                 r?;
                 Ok(1)
@@ -882,13 +1185,13 @@ impl CudaEngine {
     fn norm_params(&mut self, xv: ValueId, x: u64, n: usize, c: usize, v: usize, groups: usize, gamma: Option<u64>, beta: Option<u64>, post: Act, params: u64) -> Result<()> {
         if let Some(tiles) = self.tile_stats.get_mut(xv).and_then(Option::take) {
             let r = ops::norm_params_from_tiles(&self.gpu, tiles.ptr, n, c, v, groups, gamma, beta, params);
-            self.pool.give(tiles);
+            self.give(tiles);
             return r;
         }
         let (pb, _) = ops::norm_scratch_bytes(n, c, v);
         let partial = self.take(pb)?;
         let r = ops::norm(&self.gpu, x, None, n, c, v, groups, gamma, beta, Act::None, post, partial.ptr, params);
-        self.pool.give(partial);
+        self.give(partial);
         r
     }
 
@@ -901,7 +1204,9 @@ impl CudaEngine {
             plans[i] = Some(ConvPlan::new(dnn, n, in_dims, cin, cout, k, stride, pad)?);
         }
         let plan = plans[i].as_mut().expect("plan just built");
-        plan.run(dnn, &self.gpu, x, w, y, &mut self.workspace)
+        let gpu = self.gpu.clone();
+        let mut workspace = gpu.dnn_workspace();
+        plan.run(dnn, &gpu, x, w, y, &mut workspace)
     }
 }
 
@@ -1026,6 +1331,159 @@ mod tests {
         }
     }
 
+    fn random_input(n: usize, tile: [usize; 3], seed: u64) -> Vec<f32> {
+        let mut r = crate::util::SplitMix64::new(seed);
+        let mut x = vec![0.0f32; n * tile.iter().product::<usize>()];
+        r.fill_uniform(&mut x, 0.0, 1.0);
+        x
+    }
+
+    /// CUDA graphs (on the emulator, the recorded operations, slot bookkeeping included): the
+    /// first walk of a shape runs eagerly, the second is captured and run, later ones replay. On
+    /// fresh inputs every call gives, bit for bit, what an engine without graphs gives, from the
+    /// host and from a device input alike.
+    #[test]
+    fn graph_replays_match_eager_walks_on_fresh_inputs() {
+        use crate::model::spec::ModelSpec;
+        let (n, tile) = (1, [8, 16, 16]);
+        for (spec, backend) in [(ModelSpec::segresnet(8, 16, 8), ConvBackend::Auto), (ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8), ConvBackend::TensorCore)] {
+            let w = Weights::random(&spec, 11);
+            let gpu = Gpu::emulator().unwrap();
+            let mut e = CudaEngine::on(gpu.clone(), &w, backend).unwrap();
+            let mut plain = CudaEngine::on(Gpu::emulator().unwrap(), &w, backend).unwrap();
+            plain.graphs_on = false;
+            let a = spec.arch.name();
+            for k in 0..4 {
+                let x = random_input(n, tile, 40 + k as u64);
+                let got = e.forward(&x, n, tile, true).unwrap();
+                let want = plain.forward(&x, n, tile, true).unwrap();
+                assert!(got.scores == want.scores && got.offsets == want.offsets && got.fm2 == want.fm2, "{a}: call {k}");
+                assert_eq!(e.graph_counts(), (usize::from(k > 0), k, 1), "{a}: call {k}");
+            }
+            assert!(plain.graphs.values().all(|g| matches!(g.state, GraphState::Walked)));
+            // From a device input: another shape, the same sequence.
+            let x16 = gpu.alloc(n * vol(tile) * 2).unwrap();
+            for k in 0..3 {
+                let x = random_input(n, tile, 50 + k as u64);
+                let x32 = gpu.upload(&x).unwrap();
+                ops::to_ndhwc_f16(&gpu, x32.ptr, x16.ptr, n, 1, vol(tile)).unwrap();
+                let out = e.forward_device_input(&x16, n, tile, false).unwrap();
+                let want = plain.forward(&x, n, tile, false).unwrap();
+                assert_eq!(gpu.read::<f32>(out.scores.ptr, out.scores_len()).unwrap(), want.scores, "{a}: device input, call {k}");
+                assert_eq!(gpu.read::<f32>(out.offsets.ptr, out.offsets_len()).unwrap(), want.offsets, "{a}: device input, call {k}");
+                e.recycle(out);
+            }
+            assert_eq!(e.graph_counts(), (2, 3 + 2, 2), "{a}");
+        }
+    }
+
+    /// A call made while the caller still holds the outputs a graph writes runs eagerly (into
+    /// other buffers); once they are back, the graph is replayed again. A graph captured before
+    /// the arena grew is not replayed: it is captured again.
+    #[test]
+    fn held_outputs_and_a_grown_arena_make_a_walk_eager() {
+        use crate::model::spec::ModelSpec;
+        let (n, tile) = (1, [8, 16, 16]);
+        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 12);
+        let gpu = Gpu::emulator().unwrap();
+        let mut e = CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap();
+        let mut plain = CudaEngine::on(Gpu::emulator().unwrap(), &w, ConvBackend::Auto).unwrap();
+        plain.graphs_on = false;
+        let xs: Vec<Vec<f32>> = (0..6).map(|k| random_input(n, tile, 60 + k)).collect();
+        let check = |e: &CudaEngine, out: &DeviceOutputs, x: &[f32], plain: &mut CudaEngine| {
+            let want = plain.forward(x, n, tile, false).unwrap();
+            assert_eq!(e.gpu.read::<f32>(out.scores.ptr, out.scores_len()).unwrap(), want.scores);
+        };
+        for x in &xs[..2] {
+            let out = e.forward_device(x, n, tile, false).unwrap();
+            e.recycle(out);
+        }
+        assert_eq!(e.graph_counts(), (1, 1, 1));
+        let held = e.forward_device(&xs[2], n, tile, false).unwrap();
+        let other = e.forward_device(&xs[3], n, tile, false).unwrap();
+        assert_eq!(e.graph_counts(), (1, 2, 2), "the second call ran eagerly");
+        assert_ne!(held.scores.ptr, other.scores.ptr);
+        check(&e, &held, &xs[2], &mut plain);
+        check(&e, &other, &xs[3], &mut plain);
+        e.recycle(held);
+        e.recycle(other);
+        let out = e.forward_device(&xs[4], n, tile, false).unwrap();
+        check(&e, &out, &xs[4], &mut plain);
+        e.recycle(out);
+        assert_eq!(e.graph_counts(), (1, 3, 2));
+        // A larger batch grows the arena: the old graph is stale and is captured again (the
+        // arena is large enough for it), then replayed.
+        let gen = gpu.arena().generation();
+        let big = random_input(3, tile, 70);
+        e.forward(&big, 3, tile, false).unwrap();
+        assert_ne!(gpu.arena().generation(), gen);
+        let Some(GraphEntry { state: GraphState::Ready { graph, .. }, .. }) = e.graphs.get(&WalkKey { n, tile, fm2: false, host_input: true }) else { panic!("no graph") };
+        let old_nodes = graph.nodes;
+        for (k, x) in xs.iter().enumerate().take(3) {
+            let out = e.forward_device(x, n, tile, false).unwrap();
+            check(&e, &out, x, &mut plain);
+            e.recycle(out);
+            assert_eq!(e.graph_counts(), (1, 4 + k, 3), "call {k} after the growth");
+        }
+        let Some(GraphEntry { state: GraphState::Ready { graph, generation, .. }, .. }) = e.graphs.get(&WalkKey { n, tile, fm2: false, host_input: true }) else { panic!("no graph") };
+        assert_eq!((graph.nodes, *generation), (old_nodes, gpu.arena().generation()));
+    }
+
+    /// A capture that cannot be made (here: every kernel synchronised) is reported once and the
+    /// shape runs eagerly from then on, with the same results.
+    #[test]
+    fn a_failed_capture_is_noted_and_the_walk_runs_eagerly() {
+        use crate::model::spec::ModelSpec;
+        let (n, tile) = (1, [8, 16, 16]);
+        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 13);
+        let gpu = Gpu::emulator().unwrap();
+        let mut e = CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap();
+        let mut plain = CudaEngine::on(Gpu::emulator().unwrap(), &w, ConvBackend::Auto).unwrap();
+        plain.graphs_on = false;
+        gpu.set_sync_each(true);
+        for k in 0..3 {
+            let x = random_input(n, tile, 80 + k);
+            assert_eq!(e.forward(&x, n, tile, false).unwrap().scores, plain.forward(&x, n, tile, false).unwrap().scores);
+        }
+        assert_eq!(e.graph_counts(), (0, 0, 3));
+        let notes: Vec<String> = e.notes().into_iter().filter(|n| n.contains("no CUDA graph")).collect();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("FASTDET_CUDA_SYNC"), "{notes:?}");
+    }
+
+    /// The engines on one device handle share its arena: a second model adds its weights and
+    /// outputs, not a second set of activations.
+    #[test]
+    fn engines_on_one_device_share_the_activation_arena() {
+        use crate::model::spec::ModelSpec;
+        let (n, tile) = (1, [8, 16, 16]);
+        let specs = [ModelSpec::segresnet(8, 16, 8), ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8)];
+        let x = random_input(n, tile, 90);
+        let alone: Vec<usize> = specs
+            .iter()
+            .map(|s| {
+                let gpu = Gpu::emulator().unwrap();
+                let mut e = CudaEngine::on(gpu.clone(), &Weights::random(s, 1), ConvBackend::Auto).unwrap();
+                e.forward(&x, n, tile, false).unwrap();
+                let cap = gpu.arena().capacity();
+                cap
+            })
+            .collect();
+        let gpu = Gpu::emulator().unwrap();
+        let mut engines: Vec<CudaEngine> = specs.iter().map(|s| CudaEngine::on(gpu.clone(), &Weights::random(s, 1), ConvBackend::Auto).unwrap()).collect();
+        for _ in 0..3 {
+            for e in engines.iter_mut() {
+                e.forward(&x, n, tile, false).unwrap();
+            }
+        }
+        assert_eq!(gpu.arena().capacity(), alone[0].max(alone[1]), "{alone:?}");
+        assert!(alone.iter().all(|&a| a > 0));
+        // Both captured graphs replay on the one arena.
+        for e in &engines {
+            assert_eq!(e.graph_counts(), (1, 2, 1));
+        }
+    }
+
     /// `forward_device` leaves on the device exactly what `forward` returns, and its buffers go
     /// back to the pool.
     #[test]
@@ -1114,9 +1572,15 @@ mod tests {
         // The input tile as fp16 and the first conv's output (8 channels) must have been live.
         assert!(peak >= weights_bytes + 2 * 16 * 16 * 16 * 9, "peak {peak}");
         e.forward(&x, 1, tile, false).unwrap();
-        assert_eq!(e.device_memory_peak().unwrap(), peak, "a repeat reuses the pool");
+        e.forward(&x, 1, tile, false).unwrap();
+        assert_eq!(e.device_memory_peak().unwrap(), peak, "repeats reuse the arena and the outputs");
         drop(e);
-        assert_eq!(gpu.memory_live(), 0, "every buffer freed with the engine");
+        // The arena is the device handle's, for the next engine.
+        let arena = gpu.arena().capacity();
+        assert!(arena >= 2 * 16 * 16 * 16 * 9);
+        assert_eq!(gpu.memory_live(), arena, "every other buffer freed with the engine");
+        gpu.arena().release();
+        assert_eq!(gpu.memory_live(), 0);
         assert!(crate::engine::cpu::CpuEngine::new(&w).unwrap().device_memory_peak().is_none());
     }
 

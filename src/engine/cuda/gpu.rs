@@ -1,8 +1,12 @@
 //! One CUDA device: context + stream, the kernels of `kernels/*.cu` (compiled by NVRTC for the
 //! device's own architecture, cached on disk), device buffers and kernel launches.
 //!
-//! Everything runs on the context's default (null) stream, so operations are ordered by issue order
-//! and buffers can be reused as soon as the host has issued their last reader. Kernel arguments are
+//! Everything of one handle runs on its own stream, so operations are ordered by issue order and
+//! buffers can be reused as soon as the host has issued their last reader. A handle is shared by
+//! the engines one thread opens on a device (one worker's ensemble); another thread opening the
+//! same device gets a handle of its own (its own stream, activation arena and byte counts), so
+//! two workers on one card (`--gpus 0,0`) neither wait for each other's stream nor capture each
+//! other's kernels into their CUDA graphs. Kernel arguments are
 //! raw device addresses (`u64`), which lets the engine alias buffers (in-place ops, channel slices
 //! of a concat buffer) without fighting the borrow checker; sizes are checked on the host before
 //! every launch (see `ops.rs`).
@@ -19,6 +23,7 @@ use std::sync::{Arc, Mutex, Weak};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
+use super::arena::Arena;
 use super::emu::{Emu, EmuAlloc};
 use super::kernels::{kernel_names, kernel_signatures, ParamKind, SOURCES};
 use super::nvrtc::{self, KernelCache, Target};
@@ -109,19 +114,44 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo> {
 enum Mem {
     Cuda(#[allow(dead_code)] CudaSlice<u8>),
     Emu(#[allow(dead_code)] EmuAlloc),
+    /// A slot of the activation arena (`arena.rs`): offset and length in the arena, the walk it
+    /// belongs to, and the buffer of its own when it did not fit in the arena.
+    Slot { off: usize, len: usize, walk: u64, own: Option<Box<DevBuf>> },
 }
 
-/// A device allocation. Freed (stream-ordered) on drop.
+/// A device allocation. Freed (stream-ordered) on drop; an arena slot is handed back with
+/// `Arena::give` (dropping one only leaves its range taken until the walk ends).
 pub struct DevBuf {
     _mem: Mem,
     pub ptr: u64,
     pub bytes: usize,
-    usage: Arc<MemoryUsage>,
+    /// The device's byte count, for memory of its own (not for arena slots).
+    usage: Option<Arc<MemoryUsage>>,
 }
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        self.usage.live.fetch_sub(self.bytes, Ordering::Relaxed);
+        if let Some(u) = &self.usage {
+            u.live.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl DevBuf {
+    pub(super) fn slot(ptr: u64, bytes: usize, off: usize, len: usize, walk: u64, own: Option<DevBuf>) -> DevBuf {
+        DevBuf { _mem: Mem::Slot { off, len, walk, own: own.map(Box::new) }, ptr, bytes, usage: None }
+    }
+
+    /// (offset, length, walk, has memory of its own) of an arena slot.
+    pub(super) fn slot_range(&self) -> Option<(usize, usize, u64, bool)> {
+        match &self._mem {
+            Mem::Slot { off, len, walk, own } => Some((*off, *len, *walk, own.is_some())),
+            _ => None,
+        }
+    }
+
+    pub fn is_slot(&self) -> bool {
+        matches!(self._mem, Mem::Slot { .. })
     }
 }
 
@@ -199,9 +229,48 @@ pub struct Gpu {
     /// Bytes copied from the host by `write` (and `upload`) since the device was opened.
     to_device: AtomicU64,
     to_host: AtomicU64,
+    /// The activation arena shared by the engines on this handle (`arena.rs`).
+    arena: Mutex<Arena>,
+    /// cuDNN's workspace, shared by the engines on this handle (they run one at a time).
+    dnn_workspace: Mutex<Option<DevBuf>>,
+    /// A graph capture is under way: work is recorded, not run, and allocations, host copies
+    /// and synchronisation (which a capture cannot hold) are errors.
+    capturing: AtomicBool,
+    /// The emulator's capture: the operations recorded so far.
+    recorded: Mutex<Vec<Recorded>>,
 }
 
-static OPEN: Mutex<Vec<(usize, Weak<Gpu>)>> = Mutex::new(Vec::new());
+/// One operation of an emulated graph.
+#[derive(Debug, Clone)]
+enum Recorded {
+    Launch { name: String, grid: (u32, u32, u32), block: (u32, u32, u32), args: Vec<Arg> },
+    Zero { dst: u64, bytes: usize },
+    Copy { dst: u64, src: u64, bytes: usize },
+    /// The emulator's arena bookkeeping (`Emu::open_slot` / `close_slot`).
+    SlotOpen { ptr: u64, bytes: usize },
+    SlotClose { ptr: u64 },
+}
+
+/// A CUDA graph handle. CUDA graphs are not internally synchronised; the owner (one engine,
+/// behind `&mut`) is the only one that launches or drops it, so moving it between threads is safe.
+struct SendGraph(cudarc::driver::CudaGraph);
+// SAFETY: see above; every use goes through `&mut CudaEngine` or its drop.
+unsafe impl Send for SendGraph {}
+
+/// Work captured once on a handle's stream and replayed with the same kernels and arguments:
+/// a CUDA graph, or on the emulator the recorded operations.
+pub struct DeviceGraph {
+    inner: GraphInner,
+    /// Operations captured.
+    pub nodes: usize,
+}
+
+enum GraphInner {
+    Cuda(SendGraph),
+    Emu(Vec<Recorded>),
+}
+
+static OPEN: Mutex<Vec<(usize, std::thread::ThreadId, Weak<Gpu>)>> = Mutex::new(Vec::new());
 
 fn signatures() -> Result<HashMap<String, Vec<ParamKind>>> {
     let mut m = HashMap::new();
@@ -215,16 +284,18 @@ fn signatures() -> Result<HashMap<String, Vec<ParamKind>>> {
 }
 
 impl Gpu {
-    /// The device `ordinal` with every kernel loaded, shared with the other users of that device.
-    /// `kernel_cache`: where compiled kernels are kept (default `KernelCache::default_dir()`).
+    /// The device `ordinal` with every kernel loaded, shared with the other users of that device
+    /// on this thread (see the module's note). `kernel_cache`: where compiled kernels are kept
+    /// (default `KernelCache::default_dir()`).
     pub fn open(ordinal: usize, kernel_cache: Option<PathBuf>) -> Result<Arc<Gpu>> {
+        let me = std::thread::current().id();
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-        open.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(g) = open.iter().find(|(o, _)| *o == ordinal).and_then(|(_, w)| w.upgrade()) {
+        open.retain(|(_, _, w)| w.strong_count() > 0);
+        if let Some(g) = open.iter().find(|(o, t, _)| *o == ordinal && *t == me).and_then(|(_, _, w)| w.upgrade()) {
             return Ok(g);
         }
         let g = Arc::new(Self::new(ordinal, kernel_cache)?);
-        open.push((ordinal, Arc::downgrade(&g)));
+        open.push((ordinal, me, Arc::downgrade(&g)));
         Ok(g)
     }
 
@@ -232,10 +303,13 @@ impl Gpu {
         let info = probe(ordinal)?;
         guard("opening the CUDA device", || {
             let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("creating a CUDA context on cuda:{ordinal}: {e}"))?;
-            // One stream only: cudarc's per-buffer event tracking is not needed.
-            // SAFETY: every buffer of this context is used on the one (default) stream.
+            // One stream per handle, and no buffer is shared between handles: cudarc's
+            // per-buffer event tracking is not needed.
+            // SAFETY: every buffer of this handle is used on its one stream only.
             unsafe { ctx.disable_event_tracking() };
-            let stream = ctx.default_stream();
+            // A stream of our own, not the legacy default stream, which cannot be captured
+            // into a CUDA graph.
+            let stream = ctx.new_stream().map_err(|e| anyhow!("creating a CUDA stream on cuda:{ordinal}: {e}"))?;
             let cache = KernelCache::new(kernel_cache.unwrap_or_else(KernelCache::default_dir));
             let (modules, funcs, kernels_note) = load_kernels(&ctx, info.compute_capability, &cache)?;
             let sync_each = std::env::var("FASTDET_CUDA_SYNC").is_ok_and(|v| v == "1");
@@ -249,6 +323,10 @@ impl Gpu {
                 emu_limit: AtomicUsize::new(usize::MAX),
                 to_device: AtomicU64::new(0),
                 to_host: AtomicU64::new(0),
+                arena: Mutex::default(),
+                dnn_workspace: Mutex::default(),
+                capturing: AtomicBool::new(false),
+                recorded: Mutex::default(),
             })
         })
     }
@@ -287,6 +365,10 @@ impl Gpu {
             emu_limit: AtomicUsize::new(usize::MAX),
             to_device: AtomicU64::new(0),
             to_host: AtomicU64::new(0),
+            arena: Mutex::default(),
+            dnn_workspace: Mutex::default(),
+            capturing: AtomicBool::new(false),
+            recorded: Mutex::default(),
         }))
     }
 
@@ -360,8 +442,142 @@ impl Gpu {
         self.sync_each.load(Ordering::Relaxed)
     }
 
+    /// The activation arena of this handle (`arena.rs`).
+    pub fn arena(&self) -> std::sync::MutexGuard<'_, Arena> {
+        self.arena.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// cuDNN's workspace on this handle.
+    pub fn dnn_workspace(&self) -> std::sync::MutexGuard<'_, Option<DevBuf>> {
+        self.dnn_workspace.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Emulator only: the arena buffer at `base` gets slot checks (`Emu::track_slots`).
+    pub(super) fn emu_slots_track(&self, base: u64) {
+        if let Inner::Emu(e) = &self.inner {
+            e.track_slots(base);
+        }
+    }
+
+    pub(super) fn emu_slots_reset(&self, base: u64) {
+        if let Inner::Emu(e) = &self.inner {
+            e.reset_slots(base);
+        }
+    }
+
+    /// (Recorded, not run, during a capture: a replay opens and closes the slots as the
+    /// captured walk did.)
+    pub(super) fn emu_slot_open(&self, ptr: u64, bytes: usize) {
+        if self.record(|| Recorded::SlotOpen { ptr, bytes }) {
+            return;
+        }
+        if let Inner::Emu(e) = &self.inner {
+            e.open_slot(ptr, bytes);
+        }
+    }
+
+    pub(super) fn emu_slot_close(&self, ptr: u64) {
+        if self.record(|| Recorded::SlotClose { ptr }) {
+            return;
+        }
+        if let Inner::Emu(e) = &self.inner {
+            e.close_slot(ptr);
+        }
+    }
+
+    /// Whether a graph capture is under way on this handle.
+    pub fn capturing(&self) -> bool {
+        self.capturing.load(Ordering::Relaxed)
+    }
+
+    fn refuse_in_capture(&self, what: &str) -> Result<()> {
+        if self.capturing() {
+            bail!("{what} during a CUDA graph capture");
+        }
+        Ok(())
+    }
+
+    /// Starts capturing this handle's work into a graph (`end_capture`): from here until then,
+    /// launches, copies between device buffers and memsets are recorded, not run.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.refuse_in_capture("a second capture")?;
+        if self.sync_each() {
+            bail!("no CUDA graphs with FASTDET_CUDA_SYNC=1 (a synchronisation after each kernel cannot be captured)");
+        }
+        match &self.inner {
+            Inner::Cuda { stream, .. } => {
+                // Thread-local mode: another worker's thread allocating on the device does not
+                // break this capture.
+                stream
+                    .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(|e| anyhow!("cuStreamBeginCapture: {e}"))?;
+            }
+            Inner::Emu(_) => self.recorded.lock().unwrap_or_else(|e| e.into_inner()).clear(),
+        }
+        self.capturing.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends the capture and makes its graph (an error, and no graph, when the capture broke).
+    pub fn end_capture(&self) -> Result<DeviceGraph> {
+        if !self.capturing.swap(false, Ordering::Relaxed) {
+            bail!("internal error: end_capture without begin_capture");
+        }
+        match &self.inner {
+            Inner::Cuda { stream, .. } => {
+                let g = stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                    .map_err(|e| anyhow!("cuStreamEndCapture / cuGraphInstantiate: {e}"))?
+                    .context("the capture recorded no work")?;
+                let mut nodes = 0usize;
+                // SAFETY: a valid graph owned by `g`; a null node array asks for the count only.
+                let _ = unsafe { cudarc::driver::sys::cuGraphGetNodes(g.cu_graph(), std::ptr::null_mut(), &mut nodes) };
+                Ok(DeviceGraph { inner: GraphInner::Cuda(SendGraph(g)), nodes })
+            }
+            Inner::Emu(_) => {
+                let ops = std::mem::take(&mut *self.recorded.lock().unwrap_or_else(|e| e.into_inner()));
+                let nodes = ops.iter().filter(|o| !matches!(o, Recorded::SlotOpen { .. } | Recorded::SlotClose { .. })).count();
+                Ok(DeviceGraph { nodes, inner: GraphInner::Emu(ops) })
+            }
+        }
+    }
+
+    /// Runs a graph captured on this handle.
+    pub fn replay(&self, g: &DeviceGraph) -> Result<()> {
+        self.refuse_in_capture("a graph launch")?;
+        match (&g.inner, &self.inner) {
+            (GraphInner::Cuda(c), Inner::Cuda { .. }) => c.0.launch().map_err(|e| anyhow!("cuGraphLaunch: {e}"))?,
+            (GraphInner::Emu(ops), Inner::Emu(_)) => {
+                for op in ops {
+                    match op {
+                        Recorded::Launch { name, grid, block, args } => self.launch(name, *grid, *block, args)?,
+                        Recorded::Zero { dst, bytes } => self.zero(*dst, *bytes)?,
+                        Recorded::Copy { dst, src, bytes } => self.copy(*dst, *src, *bytes)?,
+                        Recorded::SlotOpen { ptr, bytes } => self.emu_slot_open(*ptr, *bytes),
+                        Recorded::SlotClose { ptr } => self.emu_slot_close(*ptr),
+                    }
+                }
+            }
+            _ => bail!("internal error: a graph replayed on a device of another kind"),
+        }
+        if self.sync_each() {
+            self.sync("graph launch")?;
+        }
+        Ok(())
+    }
+
+    /// On the emulator during a capture: records `op` instead of running it (true).
+    fn record(&self, op: impl FnOnce() -> Recorded) -> bool {
+        if self.is_emulator() && self.capturing() {
+            self.recorded.lock().unwrap_or_else(|e| e.into_inner()).push(op());
+            return true;
+        }
+        false
+    }
+
     /// Waits for all issued work; an error names `what` (asynchronous kernel faults surface here).
     pub fn sync(&self, what: &str) -> Result<()> {
+        self.refuse_in_capture(&format!("a synchronisation ({what})"))?;
         let Inner::Cuda { stream, .. } = &self.inner else { return Ok(()) };
         stream.synchronize().map_err(|e| {
             anyhow!(
@@ -373,6 +589,7 @@ impl Gpu {
 
     /// `bytes` of uninitialised device memory (at least 1 byte is allocated).
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        self.refuse_in_capture(&format!("an allocation of {bytes} bytes"))?;
         match &self.inner {
             Inner::Cuda { ctx, stream, .. } => {
                 // SAFETY: uninitialised memory is only read after a kernel or copy wrote it.
@@ -389,7 +606,7 @@ impl Gpu {
                 let (ptr, g) = mem.device_ptr(stream);
                 drop(g);
                 self.usage.add(bytes);
-                Ok(DevBuf { _mem: Mem::Cuda(mem), ptr, bytes, usage: self.usage.clone() })
+                Ok(DevBuf { _mem: Mem::Cuda(mem), ptr, bytes, usage: Some(self.usage.clone()) })
             }
             Inner::Emu(emu) => {
                 if self.memory_live().saturating_add(bytes) > self.emu_limit.load(Ordering::Relaxed) {
@@ -398,7 +615,7 @@ impl Gpu {
                 }
                 let a = emu.alloc(bytes.max(1));
                 self.usage.add(bytes);
-                Ok(DevBuf { ptr: a.base, _mem: Mem::Emu(a), bytes, usage: self.usage.clone() })
+                Ok(DevBuf { ptr: a.base, _mem: Mem::Emu(a), bytes, usage: Some(self.usage.clone()) })
             }
         }
     }
@@ -415,6 +632,7 @@ impl Gpu {
         if data.is_empty() {
             return Ok(());
         }
+        self.refuse_in_capture("a copy from the host")?;
         self.to_device.fetch_add(std::mem::size_of_val(data) as u64, Ordering::Relaxed);
         let stream = match &self.inner {
             Inner::Cuda { stream, .. } => stream,
@@ -437,6 +655,7 @@ impl Gpu {
         if len == 0 {
             return Ok(out);
         }
+        self.refuse_in_capture("a copy to the host")?;
         self.to_host.fetch_add((len * std::mem::size_of::<T>()) as u64, Ordering::Relaxed);
         let stream = match &self.inner {
             Inner::Cuda { stream, .. } => stream,
@@ -457,7 +676,7 @@ impl Gpu {
 
     /// Zeroes `bytes` at `dst`.
     pub fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
-        if bytes == 0 {
+        if bytes == 0 || self.record(|| Recorded::Zero { dst, bytes }) {
             return Ok(());
         }
         let stream = match &self.inner {
@@ -471,7 +690,7 @@ impl Gpu {
 
     /// Device-to-device copy of `bytes`.
     pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
-        if bytes == 0 {
+        if bytes == 0 || self.record(|| Recorded::Copy { dst, src, bytes }) {
             return Ok(());
         }
         let stream = match &self.inner {
@@ -505,6 +724,9 @@ impl Gpu {
         if block.0 * block.1 * block.2 == 0 || block.0 * block.1 * block.2 > 1024 {
             bail!("{name}: invalid block {block:?}");
         }
+        if self.record(|| Recorded::Launch { name: name.to_string(), grid, block, args: args.to_vec() }) {
+            return Ok(());
+        }
         let (stream, funcs) = match &self.inner {
             Inner::Cuda { stream, funcs, .. } => (stream, funcs),
             Inner::Emu(emu) => return emu.launch(name, grid, block, args).with_context(|| format!("emulated {name} (grid {grid:?}, block {block:?})")),
@@ -524,7 +746,7 @@ impl Gpu {
         // SAFETY: the argument list matches the kernel's signature (ops.rs, one wrapper per
         // kernel) and every pointer holds the sizes the kernel's header requires (checked there).
         unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {name} (grid {grid:?}, block {block:?}): {e}"))?;
-        if self.sync_each() {
+        if self.sync_each() && !self.capturing() {
             stream.synchronize().map_err(|e| anyhow!("kernel {name} (grid {grid:?}, block {block:?}) failed: {e}"))?;
         }
         Ok(())
@@ -621,8 +843,8 @@ fn load_one(ctx: &Arc<CudaContext>, cache: &KernelCache, file: &str, src: &str, 
     }
 }
 
-/// Reusable device buffers: best fit on take, kept on give. With a fixed graph and tile shape the
-/// sequence of requests repeats, so after the first forward every request is served from here.
+/// Reusable device buffers: best fit on take, kept on give. An engine keeps its outputs here
+/// (activations live in the arena), so a batch's outputs can outlive the walk that made them.
 #[derive(Default)]
 pub struct Pool {
     free: Vec<DevBuf>,
@@ -637,13 +859,19 @@ impl Pool {
         }
         match gpu.alloc(bytes) {
             Ok(b) => Ok(b),
-            Err(e) if !self.free.is_empty() => {
+            Err(e) if !self.free.is_empty() && e.is::<crate::pipeline::runner::OutOfMemory>() => {
                 // Out of memory with idle buffers around: give them back and retry once.
                 self.free.clear();
                 gpu.alloc(bytes).with_context(|| format!("after freeing the pool: {e:#}"))
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The pooled buffer at `ptr` when it holds at least `bytes` (what a replayed graph writes to).
+    pub fn take_at(&mut self, ptr: u64, bytes: usize) -> Option<DevBuf> {
+        let i = self.free.iter().position(|b| b.ptr == ptr && b.bytes >= bytes)?;
+        Some(self.free.swap_remove(i))
     }
 
     pub fn give(&mut self, b: DevBuf) {

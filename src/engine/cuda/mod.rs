@@ -26,6 +26,7 @@
 //! `emu` is a host emulator of every kernel (tests only): the engine and the self-test run on it
 //! here, without a GPU. `host_kernels` builds the kernels' own source for the host (the C++
 //! compiler and `kernels/host/`), so that the emulator can run the real kernel code instead.
+pub mod arena;
 pub mod dnn;
 pub mod emu;
 pub mod engine;
