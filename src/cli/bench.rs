@@ -164,7 +164,15 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             first_s,
             times_ms,
             device_mib: e.device_memory_peak().map(|b| b as f64 / 1048576.0),
-            notes: e.as_cuda().map(|c| c.notes()).unwrap_or_default(),
+            notes: e
+                .as_cuda()
+                .map(|c| {
+                    let (graphs, replays, eager) = c.graph_counts();
+                    let mut n = c.notes();
+                    n.push(format!("walks: {replays} from a CUDA graph ({graphs} held), {eager} eager (warm-up included)"));
+                    n
+                })
+                .unwrap_or_default(),
         });
         for n in &rows[rows.len() - 1].notes {
             eprintln!("{name}: {n}");

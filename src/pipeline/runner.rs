@@ -848,6 +848,8 @@ mod tests {
             let mut ens = Ensemble { engines: cuda_engines(&gpu, std::slice::from_ref(&w)), num_classes: nc, stride: 2 };
             let s = Settings { window: [16, 16, 16], tiles: [1, 2, 2], batch, device_blend, ..Settings::default() };
             let mut calls = 0;
+            // Each run from an empty activation arena (it outlives the engines on the handle).
+            gpu.arena().release();
             gpu.reset_memory_peak();
             let maps = predict_maps(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| calls += 1, &mut Timing::default());
             (maps, calls, gpu.memory_peak())

@@ -523,6 +523,11 @@ impl CudaEngine {
             (false, false) => " (no cuDNN: direct kernel)",
         };
         n.push(format!("conv backend {:?}{how}", self.backend));
+        n.push(if self.graphs_on {
+            "CUDA graphs on: the second walk of each shape is captured, later ones replay it (FASTDET_CUDA_GRAPHS=0 turns them off)".to_string()
+        } else {
+            "CUDA graphs off".to_string()
+        });
         n
     }
 
@@ -939,6 +944,15 @@ impl CudaEngine {
         self.outputs.give(out.offsets);
         if let Some(f) = out.fm2 {
             self.outputs.give(f);
+        }
+    }
+
+    /// Turns CUDA graphs on or off for this engine's later walks (on by default, see
+    /// `graphs_wanted`); off drops the graphs it holds.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs_on = on && graphs_wanted(&self.gpu);
+        if !self.graphs_on {
+            self.graphs.clear();
         }
     }
 

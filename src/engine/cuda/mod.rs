@@ -16,12 +16,19 @@
 //!   loads);
 //! - `FASTDET_TC_SPLIT_K=N`: most K splits of a tensor-core convolution whose grid cannot fill
 //!   the device (default 16; 1 turns split K off);
-//! - `FASTDET_CUDA_SYNC=1`: synchronise after every kernel and name the one that failed;
+//! - `FASTDET_CUDA_GRAPHS=0`: no CUDA graphs (by default the second walk of each shape is
+//!   captured and later ones replay it; see `engine.rs`);
+//! - `FASTDET_CUDA_SYNC=1`: synchronise after every kernel and name the one that failed (no
+//!   graphs then);
 //! - `FASTDET_CUDNN_WORKSPACE_MIB`: largest cuDNN workspace (default 1024).
 //!
 //! `tomogram` keeps a tomogram's volume, tile extraction, ensemble averaging, tile blending and
 //! the first stage of detection (peaks, thresholds) on the device (the runner's
 //! `Settings::device_blend`).
+//!
+//! `arena` is the activation memory of one device handle (one per worker thread), shared by the
+//! worker's engines and handed out in the same order every walk, which is what lets a walk be
+//! captured into a CUDA graph and replayed.
 //!
 //! `emu` is a host emulator of every kernel (tests only): the engine and the self-test run on it
 //! here, without a GPU. `host_kernels` builds the kernels' own source for the host (the C++

@@ -1246,6 +1246,27 @@ fn networks(c: &mut Ctx, opts: &Options) {
                 Ok(())
             });
         }
+        // CUDA graphs: the walks replayed from a graph give, bit for bit, what eager walks give,
+        // on fresh inputs; and what the replay saves per tile.
+        let inputs: Vec<Vec<f32>> = (0..4).map(|_| c.rand16(vol(tile), 0.0, 1.0)).collect();
+        c.case(&format!("{arch} CUDA graph replay"), &shape.clone(), |c| {
+            // Graphs need unsynchronised kernels; the engines decide at construction.
+            c.gpu.set_sync_each(false);
+            let r = graph_replay_check(c, &w, &inputs, tile);
+            c.gpu.set_sync_each(true);
+            let (identical, counts, eager_s, replay_s) = r?;
+            let status = if identical.iter().all(|&same| same) && counts == (1, inputs.len() - 1, 1) { Status::Pass } else { Status::Fail };
+            let note = format!(
+                "{} calls, graph/eager bit-identical: {identical:?}; (graphs, replays, eager walks) {counts:?}; warm eager {:.4} s, replay {:.4} s per tile",
+                inputs.len(),
+                eager_s,
+                replay_s
+            );
+            c.row(&format!("{arch} CUDA graph replay"), &shape, f64::NAN, f64::NAN, (0.0, 0.0), status, note);
+            c.time(format!("{arch} {shape} gpu forward warm, eager"), eager_s);
+            c.time(format!("{arch} {shape} gpu forward warm, graph replay"), replay_s);
+            Ok(())
+        });
         // Batching: two different tiles in one call equal two single calls.
         let small = [tile[0].min(64), tile[1].min(64), tile[2].min(64)];
         let bshape = format!("2x1x{}", shape_str(&small));
@@ -1261,6 +1282,41 @@ fn networks(c: &mut Ctx, opts: &Options) {
             Ok(())
         });
     }
+}
+
+/// Runs `inputs` through an engine with CUDA graphs (eager, capture, replays) and one without:
+/// whether each call's outputs are identical, the graph engine's (graphs, replays, eager walks),
+/// and the warm seconds per call of each (three more calls of the last input).
+fn graph_replay_check(c: &Ctx, w: &Weights, inputs: &[Vec<f32>], tile: [usize; 3]) -> Result<(Vec<bool>, (usize, usize, usize), f64, f64)> {
+    let mut graphs = CudaEngine::on(c.gpu.clone(), w, ConvBackend::Auto)?;
+    let mut eager = CudaEngine::on(c.gpu.clone(), w, ConvBackend::Auto)?;
+    eager.set_graphs(false);
+    let mut identical = Vec::new();
+    for x in inputs {
+        let a = graphs.forward(x, 1, tile, true)?;
+        let b = eager.forward(x, 1, tile, true)?;
+        identical.push(a.scores == b.scores && a.offsets == b.offsets && a.fm2 == b.fm2);
+    }
+    let counts = graphs.graph_counts();
+    let reps = if c.gpu.is_emulator() { 1 } else { 3 };
+    let last = inputs.last().context("no inputs")?;
+    let time = |e: &mut CudaEngine| -> Result<f64> {
+        let t = Instant::now();
+        for _ in 0..reps {
+            let out = e.forward_device(last, 1, tile, false)?;
+            c.gpu.sync("timing")?;
+            e.recycle(out);
+        }
+        Ok(t.elapsed().as_secs_f64() / reps as f64)
+    };
+    // forward_device without fm2 is a shape of its own: one eager walk and one capture first.
+    for _ in 0..2 {
+        let out = graphs.forward_device(last, 1, tile, false)?;
+        graphs.recycle(out);
+    }
+    let eager_s = time(&mut eager)?;
+    let replay_s = time(&mut graphs)?;
+    Ok((identical, counts, eager_s, replay_s))
 }
 
 // ---------------------------------------------------------------------------------------------
