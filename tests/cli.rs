@@ -69,6 +69,29 @@ fn bench_reports_time_and_flops_per_tile() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 8"));
 }
 
+/// `bench --plan-memory` needs no GPU: one worker's ensemble shares one activation arena, so two
+/// models hold their weights and outputs twice but the arena once; a larger batch takes a larger
+/// arena.
+#[test]
+fn bench_plans_device_memory_without_a_gpu() {
+    let plan = |models: &str, batch: &str| -> serde_json::Value {
+        let o = fastdet().args(["bench", "--plan-memory", "--tile", "32,64,64", "--models", models, "--batch", batch, "--json"]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let one = plan("1,0", "1");
+    let two = plan("2,0", "1");
+    let sum = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).sum::<u64>();
+    let arena = one["arena_bytes"].as_u64().unwrap();
+    assert!(arena > 0);
+    assert_eq!(two["arena_bytes"].as_u64().unwrap(), arena, "the second model shares the arena");
+    assert_eq!(two["held_bytes"].as_u64().unwrap(), arena + sum(&two["weights_bytes"]) + sum(&two["outputs_bytes"]));
+    assert_eq!(sum(&two["weights_bytes"]), 2 * sum(&one["weights_bytes"]));
+    let batch2 = plan("1,0", "2");
+    assert!(batch2["arena_bytes"].as_u64().unwrap() > arena);
+    assert_eq!(sum(&batch2["outputs_bytes"]), 2 * sum(&one["outputs_bytes"]));
+}
+
 /// `selftest --device cpu` checks the SIMD kernels and the networks on them and says so in JSON.
 #[test]
 fn cpu_selftest_passes_and_reports() {

@@ -56,6 +56,11 @@ pub struct BenchArgs {
     /// With --tomogram: average and blend on the GPU (as `run --device-blend`)
     #[arg(long)]
     pub device_blend: bool,
+    /// Instead of timing, plan the CUDA engine's device memory for one worker running the
+    /// --models ensemble (seed widths) on batches of --batch tiles of --tile: the models are walked
+    /// on an emulator that allocates as a GPU would and runs no kernel (no GPU needed)
+    #[arg(long)]
+    pub plan_memory: bool,
 }
 
 fn parse_pair(s: &str) -> Result<[usize; 2], String> {
@@ -98,6 +103,9 @@ fn median(sorted: &[f64]) -> f64 {
 pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     if a.iters == 0 || a.batch == 0 {
         bail!("--iters and --batch must be at least 1");
+    }
+    if a.plan_memory {
+        return plan_memory(&a);
     }
     let device = Device::parse(&a.device)?;
     if let Some(shape) = a.tomogram {
@@ -224,6 +232,43 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 r.engine
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--plan-memory`: the device memory of one worker's ensemble, from the allocator.
+fn plan_memory(a: &BenchArgs) -> Result<ExitCode> {
+    use fastdet::engine::cuda::{memory_plan, ConvBackend};
+    let [n_seg, n_dyn] = a.models;
+    if n_seg + n_dyn == 0 {
+        bail!("--models needs at least one model");
+    }
+    let mut weights = Vec::new();
+    for (i, arch) in std::iter::repeat_n(Arch::Segresnetv2, n_seg).chain(std::iter::repeat_n(Arch::Dynunet, n_dyn)).enumerate() {
+        let spec = ModelSpec::seed(arch);
+        Graph::build(&spec)?.check_tile(a.tile)?;
+        weights.push(Weights::random(&spec, 1 + i as u64));
+    }
+    let refs: Vec<&Weights> = weights.iter().collect();
+    let p = memory_plan(&refs, ConvBackend::TensorCore, a.batch, a.tile)?;
+    let mib = |b: usize| b as f64 / 1048576.0;
+    let tile = format!("{}x{}x{}", a.tile[0], a.tile[1], a.tile[2]);
+    if a.json {
+        let doc = serde_json::json!({
+            "models": {"segresnetv2": n_seg, "dynunet": n_dyn}, "tile": a.tile, "batch": a.batch,
+            "backend": "tensor-core", "arena_bytes": p.arena, "weights_bytes": p.weights, "outputs_bytes": p.outputs,
+            "held_bytes": p.held, "peak_bytes": p.peak,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!("device memory of one worker: {n_seg} SegResNetV2 + {n_dyn} DynUNet (seed widths), batch {}, tile {tile}, tensor-core path", a.batch);
+        println!("  activation arena (shared)  {:8.1} MiB", mib(p.arena));
+        println!("  weights                    {:8.1} MiB", mib(p.weights.iter().sum()));
+        println!("  outputs                    {:8.1} MiB", mib(p.outputs.iter().sum()));
+        println!("  held after the walks       {:8.1} MiB ({:.2} GiB)", mib(p.held), p.held as f64 / (1u64 << 30) as f64);
+        println!("  peak                       {:8.1} MiB", mib(p.peak));
+        println!("fastdet's buffers, from the allocator (walked on an emulator that runs no kernel); cuDNN's workspace,");
+        println!("the CUDA context and, with --device-blend, the tomogram's volume and accumulators come on top.");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -149,8 +149,9 @@ impl Arena {
 
     /// Ends a walk. After a successful one (`grow`) that did not fit, the arena is replaced by one
     /// as large as the walk needed (the old buffer's release is ordered after the work issued on
-    /// it). A failed growth (out of memory) keeps the old arena: later walks overflow again, which
-    /// works, only without graphs.
+    /// it; it goes first, so that the two are never held at once). A failed growth (out of
+    /// memory) leaves no arena: later walks overflow, as a first walk does, which works, only
+    /// without graphs (the engine captures only when the arena holds the whole walk).
     pub fn end(&mut self, gpu: &Gpu, grow: bool) -> WalkEnd {
         self.busy = false;
         let fitted = self.overflows == 0;
@@ -237,6 +238,36 @@ mod tests {
         let _ = a.take(&gpu, 5 * GROW_STEP).unwrap();
         assert_eq!(a.end(&gpu, false).generation, end.generation);
         assert_eq!(a.capacity(), 3 * GROW_STEP);
+    }
+
+    /// A capture refuses what it cannot hold: allocations, host copies, synchronisation, work
+    /// from another thread; a buffer dropped during it stays allocated and fails the capture.
+    #[test]
+    fn a_capture_refuses_what_it_cannot_hold() {
+        let gpu = Gpu::emulator().unwrap();
+        let keep = gpu.alloc(64).unwrap();
+        let doomed = gpu.alloc(128).unwrap();
+        gpu.begin_capture().unwrap();
+        assert!(gpu.begin_capture().is_err());
+        assert!(gpu.alloc(16).is_err());
+        assert!(gpu.write(keep.ptr, &[1u8; 4]).is_err());
+        assert!(gpu.read::<u8>(keep.ptr, 4).is_err());
+        assert!(gpu.sync("test").is_err());
+        gpu.zero(keep.ptr, 64).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(gpu.zero(keep.ptr, 64).is_err(), "another thread's work during a capture"));
+        });
+        let g = gpu.end_capture().unwrap();
+        assert_eq!(g.nodes, 1);
+        gpu.begin_capture().unwrap();
+        drop(doomed);
+        let e = gpu.end_capture().unwrap_err();
+        assert!(format!("{e:#}").contains("freed during the capture"), "{e:#}");
+        assert_eq!(gpu.memory_live(), 64 + 128, "left allocated");
+        // Everything works again afterwards.
+        gpu.write(keep.ptr, &[2u8; 64]).unwrap();
+        gpu.replay(&g).unwrap();
+        assert_eq!(gpu.read::<u8>(keep.ptr, 64).unwrap(), vec![0u8; 64]);
     }
 
     /// On the emulator a slot is the only memory a kernel may touch: reading a released slot

@@ -70,6 +70,8 @@ pub struct Emu {
     mem: Mutex<Mem>,
     /// Run the kernels' own source compiled for the host instead of the re-implementations below.
     host: Option<Arc<HostKernels>>,
+    /// Memory plan only: launches check their pointer arguments and run nothing.
+    dry: bool,
 }
 
 /// An emulated allocation; freed on drop.
@@ -95,6 +97,20 @@ fn act_of(code: i32, p: f32) -> Result<Act> {
         5 => Act::TanhScale(p),
         _ => bail!("unknown activation code {code}"),
     })
+}
+
+/// Every non-null pointer argument points into an allocation (and a live slot of an arena).
+fn check_pointer_args(m: &Mem, args: &[Arg]) -> Result<()> {
+    for a in args {
+        if let Arg::Ptr(p) = *a {
+            if p != 0 {
+                let (&base, b) = m.blocks.range(..=p).next_back().with_context(|| format!("pointer argument {p:#x} is not allocated"))?;
+                ensure!(p - base < b.len.max(1) as u64, "pointer argument {p:#x} is past its allocation ({} bytes at {base:#x})", b.len);
+                ensure!(b.in_live_slot(p, 0), "pointer argument {p:#x} is not inside a live arena slot");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Typed view of a kernel's argument list.
@@ -131,12 +147,18 @@ impl A<'_> {
 
 impl Emu {
     pub fn new() -> Arc<Emu> {
-        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None })
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None, dry: false })
     }
 
     /// The emulator running the kernels' own source (`host_kernels`).
     pub fn with_host_kernels(k: Arc<HostKernels>) -> Arc<Emu> {
-        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: Some(k) })
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: Some(k), dry: false })
+    }
+
+    /// An emulator that allocates as the device would but runs no kernel (pointer arguments are
+    /// still checked): what a walk asks of the device memory, at full size, in seconds.
+    pub fn dry() -> Arc<Emu> {
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None, dry: true })
     }
 
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> EmuAlloc {
@@ -289,6 +311,10 @@ impl Emu {
     /// Runs kernel `name`: its own source compiled for the host when this emulator has it, else
     /// the re-implementation below.
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
+        if self.dry {
+            let m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+            return check_pointer_args(&m, args);
+        }
         match &self.host {
             Some(k) => self.launch_host(k, name, grid, block, args),
             None => self.launch_reimplemented(name, grid, block, args),
@@ -298,15 +324,7 @@ impl Emu {
     fn launch_host(&self, k: &HostKernels, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
         // Holding the memory lock keeps every allocation alive and untouched during the kernel.
         let m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
-        for a in args {
-            if let Arg::Ptr(p) = *a {
-                if p != 0 {
-                    let (&base, b) = m.blocks.range(..=p).next_back().with_context(|| format!("pointer argument {p:#x} is not allocated"))?;
-                    ensure!(p - base < b.len.max(1) as u64, "pointer argument {p:#x} is past its allocation ({} bytes at {base:#x})", b.len);
-                    ensure!(b.in_live_slot(p, 0), "pointer argument {p:#x} is not inside a live arena slot");
-                }
-            }
-        }
+        check_pointer_args(&m, args)?;
         // SAFETY: Gpu::launch checked the argument kinds against the kernel's signature; every
         // non-null pointer is inside one of this emulator's allocations (checked above), which
         // the ops layer sized as the kernel's header requires; writes past them land in the

@@ -217,6 +217,8 @@ struct WalkKey {
     n: usize,
     tile: [usize; 3],
     fm2: bool,
+    /// A device input is copied into the arena (graphs on) rather than read in place.
+    staged: bool,
     host_input: bool,
 }
 
@@ -224,6 +226,18 @@ struct WalkKey {
 struct GraphEntry {
     high: usize,
     state: GraphState,
+}
+
+/// Ends the arena's walk and any capture still open when `run_walk` unwinds.
+struct WalkGuard(Option<std::sync::Arc<Gpu>>);
+
+impl Drop for WalkGuard {
+    fn drop(&mut self) {
+        if let Some(gpu) = self.0.take() {
+            gpu.abandon_capture();
+            gpu.arena().end(&gpu, false);
+        }
+    }
 }
 
 /// How one walk runs.
@@ -251,7 +265,7 @@ enum GraphState {
     Walked,
     /// Captured: replayable while the arena keeps its generation and the cuDNN workspace its
     /// address, into the output buffers at these addresses.
-    Ready { graph: DeviceGraph, generation: u64, workspace: u64, outputs: [Option<(u64, usize)>; 3] },
+    Ready { graph: DeviceGraph, generation: u64, workspace: (u64, usize), outputs: [Option<(u64, usize)>; 3] },
     /// Capture failed (the reason is in the notes): always eager.
     Off,
 }
@@ -620,9 +634,16 @@ impl CudaEngine {
         self.run_walk(WalkInput::Host(input), n, tile, want_fm2)
     }
 
-    /// The cuDNN workspace's address (0 without one): a graph captured with it needs it there.
-    fn workspace_ptr(&self) -> u64 {
-        self.gpu.dnn_workspace().as_ref().map_or(0, |b| b.ptr)
+    /// The cuDNN workspace's address and size ((0, 0) without one).
+    fn workspace(&self) -> (u64, usize) {
+        self.gpu.dnn_workspace().as_ref().map_or((0, 0), |b| (b.ptr, b.bytes))
+    }
+
+    /// Whether the cuDNN workspace a graph was captured with is still there: the same address
+    /// and at least the size (a smaller buffer at the same address would be overrun).
+    fn workspace_holds(&self, captured: (u64, usize)) -> bool {
+        let now = self.workspace();
+        now.0 == captured.0 && now.1 >= captured.1
     }
 
     /// How the next walk of `key` runs.
@@ -631,7 +652,7 @@ impl CudaEngine {
         let arena = self.gpu.arena();
         match &entry.state {
             GraphState::Off => WalkMode::Eager,
-            GraphState::Ready { generation, workspace, .. } if *generation == arena.generation() && *workspace == self.workspace_ptr() => WalkMode::Replay,
+            GraphState::Ready { generation, workspace, .. } if *generation == arena.generation() && self.workspace_holds(*workspace) => WalkMode::Replay,
             _ if self.graphs_on && arena.capacity() >= entry.high => WalkMode::Capture,
             _ => WalkMode::Eager,
         }
@@ -640,26 +661,33 @@ impl CudaEngine {
     /// One forward pass in the device's arena: eager, captured into a graph, or a replay of the
     /// graph (see the module's note). A failed capture is noted and the walk runs eagerly.
     fn run_walk(&mut self, input: WalkInput, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
-        let key = WalkKey { n, tile, fm2: want_fm2, host_input: matches!(input, WalkInput::Host(_)) };
+        let host_input = matches!(input, WalkInput::Host(_));
+        let key = WalkKey { n, tile, fm2: want_fm2, host_input, staged: host_input || self.graphs_on };
         let mode = self.walk_mode(&key);
         self.gpu.arena().begin(&self.gpu)?;
+        // A panic below (turned into an error by `guard`) must not leave the arena busy or a
+        // capture open: every later walk on the handle would fail.
+        let mut unwinding = WalkGuard(Some(self.gpu.clone()));
         let r = self.walk_once(key, input, mode);
+        unwinding.0 = None;
         for b in std::mem::take(&mut self.walk_outputs).into_iter().flatten() {
             self.outputs.give(b);
         }
         let end = self.gpu.arena().end(&self.gpu, matches!(r, Ok(Ok(_))));
         match r? {
             Ok((out, ran)) => {
-                match ran {
-                    WalkMode::Eager => {
+                if ran == WalkMode::Replay {
+                    self.replays += 1;
+                } else {
+                    // The walk ran (or was captured) whole: how far it reached is what the
+                    // arena must hold for a capture of it.
+                    let entry = self.graphs.entry(key).or_insert(GraphEntry { high: 0, state: GraphState::Walked });
+                    entry.high = end.high;
+                    if ran == WalkMode::Eager {
                         self.eager_walks += 1;
-                        let entry = self.graphs.entry(key).or_insert(GraphEntry { high: 0, state: GraphState::Walked });
-                        entry.high = end.high;
-                        if matches!(entry.state, GraphState::Ready { .. }) && end.generation != self.gpu.arena().generation() {
-                            entry.state = GraphState::Walked;
-                        }
+                    } else {
+                        self.replays += 1;
                     }
-                    WalkMode::Capture | WalkMode::Replay => self.replays += 1,
                 }
                 Ok(out)
             }
@@ -749,8 +777,9 @@ impl CudaEngine {
         };
         // Captured, not run: run it.
         let r = self.gpu.replay(&graph);
-        let (generation, workspace) = (self.gpu.arena().generation(), self.workspace_ptr());
-        self.graphs.insert(key, GraphEntry { high: 0, state: GraphState::Ready { graph, generation, workspace, outputs } });
+        let (generation, workspace) = (self.gpu.arena().generation(), self.workspace());
+        let high = self.graphs.get(&key).map_or(0, |e| e.high);
+        self.graphs.insert(key, GraphEntry { high, state: GraphState::Ready { graph, generation, workspace, outputs } });
         if let Err(e) = r {
             self.recycle(out);
             return Err(e);
@@ -1054,7 +1083,15 @@ impl CudaEngine {
                         let mut direct = !use_dnn && !tc;
                         if tc {
                             // A head conv the head kernel cannot take.
-                            ops::conv_tc(&gpu, x, w, bias, None, prologue, out.ptr, None, None, n, in_dims, cin, cout, k, stride, pad, act)?;
+                            let ws = match ops::conv_tc_splitk_bytes(&gpu, n, in_dims, cin, cout, k, stride, pad) {
+                                0 => None,
+                                bytes => Some(self.take(bytes)?),
+                            };
+                            let r = ops::conv_tc(&gpu, x, w, bias, None, prologue, out.ptr, None, ws.as_ref(), n, in_dims, cin, cout, k, stride, pad, act);
+                            if let Some(b) = ws {
+                                self.give(b);
+                            }
+                            r?;
                         }
                         if use_dnn {
                             match self.run_dnn(i, n, tile, in_dims, cin, cout, k, stride, pad, x, w, out.ptr) {
@@ -1063,7 +1100,9 @@ impl CudaEngine {
                                         ops::bias_act(&gpu, out.ptr, out.ptr, bias, n * ovol * cout, cout, act)?;
                                     }
                                 }
-                                Err(e) if self.backend == ConvBackend::Auto => {
+                                // In a capture the failure may be the capture's own: the eager
+                                // rerun decides about the fallback.
+                                Err(e) if self.backend == ConvBackend::Auto && !gpu.capturing() => {
                                     let msg = format!("{}: cuDNN failed ({e:#}); using conv3d_igemm_f16 for it", self.graph.values[op.output].name);
                                     eprintln!("warning: {msg}");
                                     self.notes.push(msg);
@@ -1222,6 +1261,45 @@ impl CudaEngine {
         let mut workspace = gpu.dnn_workspace();
         plan.run(dnn, &gpu, x, w, y, &mut workspace)
     }
+}
+
+/// What the CUDA engine's buffers take on one device handle (one worker) for `models` run one
+/// after the other on batches of `n` tiles from the host: computed by walking the models on an
+/// emulator that allocates as a device would and runs no kernel (`Gpu::emulator_plan`), so the
+/// figures are those of the allocator, at full size, without a GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryPlan {
+    /// The activation arena, shared by the models.
+    pub arena: usize,
+    /// Per model: weights (as uploaded), outputs (scores and offsets, f32).
+    pub weights: Vec<usize>,
+    pub outputs: Vec<usize>,
+    /// Held once every model has run three batches (eager, captured, replayed).
+    pub held: usize,
+    /// The most held at once (the first batch of each model allocates its walk piece by piece
+    /// before the arena grows to fit it).
+    pub peak: usize,
+}
+
+pub fn memory_plan(models: &[&Weights], backend: ConvBackend, n: usize, tile: [usize; 3]) -> Result<MemoryPlan> {
+    let gpu = Gpu::emulator_plan()?;
+    let mut engines = Vec::new();
+    let mut weights = Vec::new();
+    for w in models {
+        let before = gpu.memory_live();
+        engines.push(CudaEngine::on(gpu.clone(), w, backend)?);
+        weights.push(gpu.memory_live() - before);
+    }
+    let input = vec![0.5f32; n * vol(tile) * models.first().map_or(1, |w| w.spec.in_channels)];
+    for _ in 0..3 {
+        for e in engines.iter_mut() {
+            let out = e.forward_device(&input, n, tile, false)?;
+            e.recycle(out);
+        }
+    }
+    let outputs = engines.iter().map(|e| e.outputs.pooled_bytes()).collect();
+    let arena = gpu.arena().capacity();
+    Ok(MemoryPlan { arena, weights, outputs, held: gpu.memory_live(), peak: gpu.memory_peak() })
 }
 
 impl TileEngine for CudaEngine {
@@ -1431,7 +1509,7 @@ mod tests {
         let big = random_input(3, tile, 70);
         e.forward(&big, 3, tile, false).unwrap();
         assert_ne!(gpu.arena().generation(), gen);
-        let Some(GraphEntry { state: GraphState::Ready { graph, .. }, .. }) = e.graphs.get(&WalkKey { n, tile, fm2: false, host_input: true }) else { panic!("no graph") };
+        let Some(GraphEntry { state: GraphState::Ready { graph, .. }, .. }) = e.graphs.get(&WalkKey { n, tile, fm2: false, host_input: true, staged: true }) else { panic!("no graph") };
         let old_nodes = graph.nodes;
         for (k, x) in xs.iter().enumerate().take(3) {
             let out = e.forward_device(x, n, tile, false).unwrap();
@@ -1439,7 +1517,7 @@ mod tests {
             e.recycle(out);
             assert_eq!(e.graph_counts(), (1, 4 + k, 3), "call {k} after the growth");
         }
-        let Some(GraphEntry { state: GraphState::Ready { graph, generation, .. }, .. }) = e.graphs.get(&WalkKey { n, tile, fm2: false, host_input: true }) else { panic!("no graph") };
+        let Some(GraphEntry { state: GraphState::Ready { graph, generation, .. }, .. }) = e.graphs.get(&WalkKey { n, tile, fm2: false, host_input: true, staged: true }) else { panic!("no graph") };
         assert_eq!((graph.nodes, *generation), (old_nodes, gpu.arena().generation()));
     }
 
@@ -1463,6 +1541,31 @@ mod tests {
         let notes: Vec<String> = e.notes().into_iter().filter(|n| n.contains("no CUDA graph")).collect();
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].contains("FASTDET_CUDA_SYNC"), "{notes:?}");
+    }
+
+    /// A walk that unwinds (a panic, which `guard` turns into an error) ends its arena walk and
+    /// any capture it had open: the handle keeps working.
+    #[test]
+    fn an_unwinding_walk_leaves_the_handle_usable() {
+        use crate::model::spec::ModelSpec;
+        let gpu = Gpu::emulator().unwrap();
+        gpu.arena().begin(&gpu).unwrap();
+        gpu.begin_capture().unwrap();
+        drop(WalkGuard(Some(gpu.clone())));
+        assert!(!gpu.capturing());
+        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 2);
+        let mut e = CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap();
+        let x = random_input(1, [8, 16, 16], 3);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _g = WalkGuard(Some(gpu.clone()));
+            gpu.arena().begin(&gpu).unwrap();
+            panic!("in the middle of a walk");
+        }));
+        assert!(r.is_err());
+        for _ in 0..3 {
+            e.forward(&x, 1, [8, 16, 16], false).unwrap();
+        }
+        assert_eq!(e.graph_counts(), (1, 2, 1));
     }
 
     /// The engines on one device handle share its arena: a second model adds its weights and
@@ -1496,6 +1599,34 @@ mod tests {
         for e in &engines {
             assert_eq!(e.graph_counts(), (1, 2, 1));
         }
+    }
+
+    /// The memory plan (no kernel run) is what an emulator running the kernels allocates: the
+    /// same arena, weights and outputs; the models share one arena.
+    #[test]
+    fn memory_plan_is_what_the_kernels_allocate() {
+        use crate::model::spec::ModelSpec;
+        let (n, tile) = (2, [16, 16, 32]);
+        let ws = [Weights::random(&ModelSpec::segresnet(8, 16, 8), 3), Weights::random(&ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8), 4)];
+        let refs: Vec<&Weights> = ws.iter().collect();
+        let plan = memory_plan(&refs, ConvBackend::TensorCore, n, tile).unwrap();
+        let gpu = Gpu::emulator().unwrap();
+        let mut engines: Vec<CudaEngine> = ws.iter().map(|w| CudaEngine::on(gpu.clone(), w, ConvBackend::TensorCore).unwrap()).collect();
+        let x = random_input(n, tile, 5);
+        for _ in 0..3 {
+            for e in engines.iter_mut() {
+                let out = e.forward_device(&x, n, tile, false).unwrap();
+                e.recycle(out);
+            }
+        }
+        assert_eq!(plan.arena, gpu.arena().capacity());
+        assert_eq!((plan.held, plan.peak), (gpu.memory_live(), gpu.memory_peak()));
+        let weights: Vec<usize> = ws.iter().map(|w| w.param_count() * 2).collect();
+        assert!(plan.weights.iter().zip(&weights).all(|(&got, &fp16)| got >= fp16), "{:?} {weights:?}", plan.weights);
+        let out_bytes = |c: usize| n * c * 8 * 8 * 16 * 4;
+        assert_eq!(plan.outputs, vec![out_bytes(ws[0].spec.num_classes) + out_bytes(3), out_bytes(ws[1].spec.num_classes) + out_bytes(3)]);
+        assert_eq!(plan.held, plan.arena + plan.weights.iter().sum::<usize>() + plan.outputs.iter().sum::<usize>());
+        assert!(plan.peak >= plan.held);
     }
 
     /// `forward_device` leaves on the device exactly what `forward` returns, and its buffers go

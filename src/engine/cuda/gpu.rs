@@ -122,7 +122,8 @@ enum Mem {
 /// A device allocation. Freed (stream-ordered) on drop; an arena slot is handed back with
 /// `Arena::give` (dropping one only leaves its range taken until the walk ends).
 pub struct DevBuf {
-    _mem: Mem,
+    /// None only inside `drop`.
+    _mem: Option<Mem>,
     pub ptr: u64,
     pub bytes: usize,
     /// The device's byte count, for memory of its own (not for arena slots).
@@ -132,6 +133,13 @@ pub struct DevBuf {
 impl Drop for DevBuf {
     fn drop(&mut self) {
         if let Some(u) = &self.usage {
+            if u.capturing.load(Ordering::Relaxed) {
+                // A free during a capture would be captured (and repeated by every replay) or
+                // break it: the memory is left allocated and the capture fails (`end_capture`).
+                std::mem::forget(self._mem.take());
+                u.freed_in_capture.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             u.live.fetch_sub(self.bytes, Ordering::Relaxed);
         }
     }
@@ -139,19 +147,19 @@ impl Drop for DevBuf {
 
 impl DevBuf {
     pub(super) fn slot(ptr: u64, bytes: usize, off: usize, len: usize, walk: u64, own: Option<DevBuf>) -> DevBuf {
-        DevBuf { _mem: Mem::Slot { off, len, walk, own: own.map(Box::new) }, ptr, bytes, usage: None }
+        DevBuf { _mem: Some(Mem::Slot { off, len, walk, own: own.map(Box::new) }), ptr, bytes, usage: None }
     }
 
     /// (offset, length, walk, has memory of its own) of an arena slot.
     pub(super) fn slot_range(&self) -> Option<(usize, usize, u64, bool)> {
         match &self._mem {
-            Mem::Slot { off, len, walk, own } => Some((*off, *len, *walk, own.is_some())),
+            Some(Mem::Slot { off, len, walk, own }) => Some((*off, *len, *walk, own.is_some())),
             _ => None,
         }
     }
 
     pub fn is_slot(&self) -> bool {
-        matches!(self._mem, Mem::Slot { .. })
+        matches!(self._mem, Some(Mem::Slot { .. }))
     }
 }
 
@@ -160,6 +168,10 @@ impl DevBuf {
 pub struct MemoryUsage {
     live: AtomicUsize,
     peak: AtomicUsize,
+    /// The handle is capturing a graph (see `DevBuf::drop`).
+    capturing: AtomicBool,
+    /// Buffers dropped during the current capture.
+    freed_in_capture: AtomicUsize,
 }
 
 impl MemoryUsage {
@@ -233,9 +245,10 @@ pub struct Gpu {
     arena: Mutex<Arena>,
     /// cuDNN's workspace, shared by the engines on this handle (they run one at a time).
     dnn_workspace: Mutex<Option<DevBuf>>,
-    /// A graph capture is under way: work is recorded, not run, and allocations, host copies
-    /// and synchronisation (which a capture cannot hold) are errors.
-    capturing: AtomicBool,
+    /// The thread capturing a graph (work is recorded, not run, and allocations, host copies
+    /// and synchronisation, which a capture cannot hold, are errors; so is work from another
+    /// thread, which would land in the graph). The flag itself is in `usage`.
+    capture_thread: Mutex<Option<std::thread::ThreadId>>,
     /// The emulator's capture: the operations recorded so far.
     recorded: Mutex<Vec<Recorded>>,
 }
@@ -268,6 +281,12 @@ pub struct DeviceGraph {
 enum GraphInner {
     Cuda(SendGraph),
     Emu(Vec<Recorded>),
+}
+
+impl std::fmt::Debug for DeviceGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceGraph({} nodes)", self.nodes)
+    }
 }
 
 static OPEN: Mutex<Vec<(usize, std::thread::ThreadId, Weak<Gpu>)>> = Mutex::new(Vec::new());
@@ -325,7 +344,7 @@ impl Gpu {
                 to_host: AtomicU64::new(0),
                 arena: Mutex::default(),
                 dnn_workspace: Mutex::default(),
-                capturing: AtomicBool::new(false),
+                capture_thread: Mutex::default(),
                 recorded: Mutex::default(),
             })
         })
@@ -342,6 +361,12 @@ impl Gpu {
     pub fn emulator_host_kernels() -> Result<Arc<Gpu>> {
         let k = super::host_kernels::HostKernels::shared()?;
         Gpu::emulator_on(Emu::with_host_kernels(k), "kernels/*.cu compiled for the host")
+    }
+
+    /// The emulator that allocates as a device would and runs no kernel: the memory a walk
+    /// takes, at full size, in seconds (`engine::memory_plan`).
+    pub fn emulator_plan() -> Result<Arc<Gpu>> {
+        Gpu::emulator_on(Emu::dry(), "memory plan only: allocations as on a device, no kernel run")
     }
 
     fn emulator_on(emu: Arc<Emu>, note: &str) -> Result<Arc<Gpu>> {
@@ -367,7 +392,7 @@ impl Gpu {
             to_host: AtomicU64::new(0),
             arena: Mutex::default(),
             dnn_workspace: Mutex::default(),
-            capturing: AtomicBool::new(false),
+            capture_thread: Mutex::default(),
             recorded: Mutex::default(),
         }))
     }
@@ -487,12 +512,24 @@ impl Gpu {
 
     /// Whether a graph capture is under way on this handle.
     pub fn capturing(&self) -> bool {
-        self.capturing.load(Ordering::Relaxed)
+        self.usage.capturing.load(Ordering::Relaxed)
     }
 
     fn refuse_in_capture(&self, what: &str) -> Result<()> {
         if self.capturing() {
             bail!("{what} during a CUDA graph capture");
+        }
+        Ok(())
+    }
+
+    /// During a capture, work may only come from the capturing thread (another thread's
+    /// kernels on this stream would silently become part of the graph).
+    fn check_capture_thread(&self) -> Result<()> {
+        if self.capturing() {
+            let owner = *self.capture_thread.lock().unwrap_or_else(|e| e.into_inner());
+            if owner.is_some_and(|t| t != std::thread::current().id()) {
+                bail!("work issued from another thread while this device handle captures a CUDA graph");
+            }
         }
         Ok(())
     }
@@ -514,15 +551,27 @@ impl Gpu {
             }
             Inner::Emu(_) => self.recorded.lock().unwrap_or_else(|e| e.into_inner()).clear(),
         }
-        self.capturing.store(true, Ordering::Relaxed);
+        *self.capture_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current().id());
+        self.usage.freed_in_capture.store(0, Ordering::Relaxed);
+        self.usage.capturing.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     /// Ends the capture and makes its graph (an error, and no graph, when the capture broke).
     pub fn end_capture(&self) -> Result<DeviceGraph> {
-        if !self.capturing.swap(false, Ordering::Relaxed) {
+        if !self.usage.capturing.swap(false, Ordering::Relaxed) {
             bail!("internal error: end_capture without begin_capture");
         }
+        *self.capture_thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let freed = self.usage.freed_in_capture.swap(0, Ordering::Relaxed);
+        let graph = self.make_graph()?;
+        if freed > 0 {
+            bail!("{freed} buffer(s) freed during the capture (left allocated)");
+        }
+        Ok(graph)
+    }
+
+    fn make_graph(&self) -> Result<DeviceGraph> {
         match &self.inner {
             Inner::Cuda { stream, .. } => {
                 let g = stream
@@ -539,6 +588,13 @@ impl Gpu {
                 let nodes = ops.iter().filter(|o| !matches!(o, Recorded::SlotOpen { .. } | Recorded::SlotClose { .. })).count();
                 Ok(DeviceGraph { nodes, inner: GraphInner::Emu(ops) })
             }
+        }
+    }
+
+    /// Ends a capture still open (after a panic in the middle of one), discarding it.
+    pub fn abandon_capture(&self) {
+        if self.capturing() {
+            let _ = self.end_capture();
         }
     }
 
@@ -606,7 +662,7 @@ impl Gpu {
                 let (ptr, g) = mem.device_ptr(stream);
                 drop(g);
                 self.usage.add(bytes);
-                Ok(DevBuf { _mem: Mem::Cuda(mem), ptr, bytes, usage: Some(self.usage.clone()) })
+                Ok(DevBuf { _mem: Some(Mem::Cuda(mem)), ptr, bytes, usage: Some(self.usage.clone()) })
             }
             Inner::Emu(emu) => {
                 if self.memory_live().saturating_add(bytes) > self.emu_limit.load(Ordering::Relaxed) {
@@ -615,7 +671,7 @@ impl Gpu {
                 }
                 let a = emu.alloc(bytes.max(1));
                 self.usage.add(bytes);
-                Ok(DevBuf { ptr: a.base, _mem: Mem::Emu(a), bytes, usage: Some(self.usage.clone()) })
+                Ok(DevBuf { ptr: a.base, _mem: Some(Mem::Emu(a)), bytes, usage: Some(self.usage.clone()) })
             }
         }
     }
@@ -676,6 +732,7 @@ impl Gpu {
 
     /// Zeroes `bytes` at `dst`.
     pub fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        self.check_capture_thread()?;
         if bytes == 0 || self.record(|| Recorded::Zero { dst, bytes }) {
             return Ok(());
         }
@@ -690,6 +747,7 @@ impl Gpu {
 
     /// Device-to-device copy of `bytes`.
     pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.check_capture_thread()?;
         if bytes == 0 || self.record(|| Recorded::Copy { dst, src, bytes }) {
             return Ok(());
         }
@@ -724,6 +782,7 @@ impl Gpu {
         if block.0 * block.1 * block.2 == 0 || block.0 * block.1 * block.2 > 1024 {
             bail!("{name}: invalid block {block:?}");
         }
+        self.check_capture_thread()?;
         if self.record(|| Recorded::Launch { name: name.to_string(), grid, block, args: args.to_vec() }) {
             return Ok(());
         }

@@ -45,6 +45,6 @@ pub mod ops;
 pub mod selftest;
 pub mod tomogram;
 
-pub use engine::{ConvBackend, CudaEngine, DeviceOutputs};
+pub use engine::{memory_plan, ConvBackend, CudaEngine, DeviceOutputs, MemoryPlan};
 pub use tomogram::{DeviceVolume, TomogramAccumulator};
 pub use gpu::{driver_available, probe, DeviceInfo, NO_DRIVER};
