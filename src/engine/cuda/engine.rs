@@ -1469,18 +1469,24 @@ mod tests {
         }
     }
 
+    /// A small SegResNet (random weights `seed`) on an emulator with graphs, and the same model
+    /// on another emulator without.
+    fn engine_with_graphs_and_one_without(seed: u64) -> (std::sync::Arc<Gpu>, CudaEngine, CudaEngine) {
+        let w = Weights::random(&crate::model::spec::ModelSpec::segresnet(8, 16, 8), seed);
+        let gpu = Gpu::emulator().unwrap();
+        let e = CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap();
+        let mut plain = CudaEngine::on(Gpu::emulator().unwrap(), &w, ConvBackend::Auto).unwrap();
+        plain.set_graphs(false);
+        (gpu, e, plain)
+    }
+
     /// A call made while the caller still holds the outputs a graph writes runs eagerly (into
     /// other buffers); once they are back, the graph is replayed again. A graph captured before
     /// the arena grew is not replayed: it is captured again.
     #[test]
     fn held_outputs_and_a_grown_arena_make_a_walk_eager() {
-        use crate::model::spec::ModelSpec;
         let (n, tile) = (1, [8, 16, 16]);
-        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 12);
-        let gpu = Gpu::emulator().unwrap();
-        let mut e = CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap();
-        let mut plain = CudaEngine::on(Gpu::emulator().unwrap(), &w, ConvBackend::Auto).unwrap();
-        plain.graphs_on = false;
+        let (gpu, mut e, mut plain) = engine_with_graphs_and_one_without(12);
         let xs: Vec<Vec<f32>> = (0..6).map(|k| random_input(n, tile, 60 + k)).collect();
         let check = |e: &CudaEngine, out: &DeviceOutputs, x: &[f32], plain: &mut CudaEngine| {
             let want = plain.forward(x, n, tile, false).unwrap();
@@ -1525,13 +1531,8 @@ mod tests {
     /// shape runs eagerly from then on, with the same results.
     #[test]
     fn a_failed_capture_is_noted_and_the_walk_runs_eagerly() {
-        use crate::model::spec::ModelSpec;
         let (n, tile) = (1, [8, 16, 16]);
-        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 13);
-        let gpu = Gpu::emulator().unwrap();
-        let mut e = CudaEngine::on(gpu.clone(), &w, ConvBackend::Auto).unwrap();
-        let mut plain = CudaEngine::on(Gpu::emulator().unwrap(), &w, ConvBackend::Auto).unwrap();
-        plain.graphs_on = false;
+        let (gpu, mut e, mut plain) = engine_with_graphs_and_one_without(13);
         gpu.set_sync_each(true);
         for k in 0..3 {
             let x = random_input(n, tile, 80 + k);
