@@ -390,6 +390,9 @@ if "models" in d:  # fastdet bench
     for m in d["models"]:
         print(f"  {m['model']:<12} {m['ms_per_tile']:8.2f} ms/tile (min {m['ms_per_tile_min']:.2f}, max {m['ms_per_tile_max']:.2f})"
               f"  {m['gflops'] / 1e3:.2f} TFLOP/s  open {m['open_s']:.2f} s  [{m['engine']}]")
+        for n in m.get("notes", []):
+            if n.startswith("walks:"):
+                print(f"    {n}")
 else:  # tools/bench_torch.py
     print(f"{name}: torch {d.get('torch_version')} cuDNN {d.get('cudnn_version')} on {d.get('card')}, "
           f"{d.get('dtype')} {d.get('memory_format')}, tile {'x'.join(map(str, d.get('tile', [])))}"
@@ -430,7 +433,7 @@ PY
         echo "$f: ${r:-no result line (see the log)}"
         grep -E '^(note|time): ' "$OUT/$f" | head -12 | sed 's/^/  /'
         grep -E ' FAIL( |$)' "$OUT/$f" | grep -v '^  ' | head -12 | sed 's/^/  FAIL: /'
-        grep -E 'timing ' "$OUT/$f" | sed 's/^/  /' | cut -c1-200
+        grep -E 'timing |CUDA graph replay' "$OUT/$f" | sed 's/^/  /' | cut -c1-240
     done
     for f in run-gpu.log run-cpu.log; do
         [ -f "$OUT/$f" ] || continue
