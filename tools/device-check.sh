@@ -438,7 +438,7 @@ PY
     for f in run-gpu.log run-cpu.log; do
         [ -f "$OUT/$f" ] || continue
         echo "$f:"
-        grep -E 'picks; read|wrote [0-9]+ picks|error|FAILED|warning' "$OUT/$f" | head -6 | sed 's/^/  /'
+        grep -E 'picks; read|wrote [0-9]+ picks|error|FAILED|warning|CUDA graphs on' "$OUT/$f" | head -8 | sed 's/^/  /'
     done
     for f in score-gpu.log score-cpu.log; do
         [ -f "$OUT/$f" ] || continue

@@ -490,6 +490,17 @@ fn worker(
         }
         Ok(())
     })?;
+    // How the CUDA engines' batches ran (a GPU log shows whether graphs were replayed).
+    let (mut graphs, mut replays, mut eager) = (0, 0, 0);
+    for e in ens.engines.iter_mut() {
+        if let Some(c) = e.as_cuda() {
+            let (g, r, w) = c.graph_counts();
+            (graphs, replays, eager) = (graphs + g, replays + r, eager + w);
+        }
+    }
+    if replays + eager > 0 {
+        eprintln!("  {label}CUDA graphs on {device}: {replays} batch(es) replayed from {graphs} graph(s), {eager} run eagerly (the first of each shape, per model)");
+    }
     // Engines on one device share its memory: the first one's peak covers them all.
     if let Some(peak) = ens.engines.first().and_then(|e| e.device_memory_peak()) {
         eprintln!("  {label}peak device memory on {device}: {:.0} MiB (fastdet buffers; cuDNN and the driver add their own)", peak as f64 / 1048576.0);
