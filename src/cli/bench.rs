@@ -236,19 +236,27 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--models S,D`: S SegResNetV2 then D DynUNet at the seed widths, random weights (seeds 1, 2,
+/// ...), each with its graph, checked against `tile`; made one at a time, as they are taken.
+fn seed_ensemble(models: [usize; 2], tile: [usize; 3]) -> Result<impl Iterator<Item = Result<(Weights, Graph)>>> {
+    let [n_seg, n_dyn] = models;
+    if n_seg + n_dyn == 0 {
+        bail!("--models needs at least one model");
+    }
+    let archs = std::iter::repeat_n(Arch::Segresnetv2, n_seg).chain(std::iter::repeat_n(Arch::Dynunet, n_dyn));
+    Ok(archs.enumerate().map(move |(i, arch)| {
+        let spec = ModelSpec::seed(arch);
+        let graph = Graph::build(&spec)?;
+        graph.check_tile(tile)?;
+        Ok((Weights::random(&spec, 1 + i as u64), graph))
+    }))
+}
+
 /// `--plan-memory`: the device memory of one worker's ensemble, from the allocator.
 fn plan_memory(a: &BenchArgs) -> Result<ExitCode> {
     use fastdet::engine::cuda::{memory_plan, ConvBackend};
     let [n_seg, n_dyn] = a.models;
-    if n_seg + n_dyn == 0 {
-        bail!("--models needs at least one model");
-    }
-    let mut weights = Vec::new();
-    for (i, arch) in std::iter::repeat_n(Arch::Segresnetv2, n_seg).chain(std::iter::repeat_n(Arch::Dynunet, n_dyn)).enumerate() {
-        let spec = ModelSpec::seed(arch);
-        Graph::build(&spec)?.check_tile(a.tile)?;
-        weights.push(Weights::random(&spec, 1 + i as u64));
-    }
+    let weights: Vec<Weights> = seed_ensemble(a.models, a.tile)?.map(|m| m.map(|(w, _)| w)).collect::<Result<_>>()?;
     let refs: Vec<&Weights> = weights.iter().collect();
     let p = memory_plan(&refs, ConvBackend::TensorCore, a.batch, a.tile)?;
     let mib = |b: usize| b as f64 / 1048576.0;
@@ -280,17 +288,12 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
     use fastdet::pipeline::runner::{predict_and_detect, Ensemble, Settings, Timing};
     let started = Instant::now();
     let [n_seg, n_dyn] = a.models;
-    if n_seg + n_dyn == 0 {
-        bail!("--models needs at least one model");
-    }
     let mut engines = Vec::new();
     let mut flops_per_tile = 0u64;
-    for (i, arch) in std::iter::repeat_n(Arch::Segresnetv2, n_seg).chain(std::iter::repeat_n(Arch::Dynunet, n_dyn)).enumerate() {
-        let spec = ModelSpec::seed(arch);
-        let graph = Graph::build(&spec)?;
-        graph.check_tile(a.window)?;
+    for model in seed_ensemble(a.models, a.window)? {
+        let (w, graph) = model?;
         flops_per_tile += graph.flops(a.window);
-        engines.push(engine::open(device, &Weights::random(&spec, 1 + i as u64))?);
+        engines.push(engine::open(device, &w)?);
     }
     let spec = ModelSpec::seed(Arch::Segresnetv2);
     let mut ens = Ensemble { engines, num_classes: spec.num_classes, stride: spec.stride };

@@ -303,9 +303,9 @@ pub struct CudaEngine {
     /// Whether walks may be captured into graphs (`FASTDET_CUDA_GRAPHS`, not with
     /// `FASTDET_CUDA_SYNC=1`).
     graphs_on: bool,
-    /// Walks run by replaying a graph, and eagerly.
-    pub replays: usize,
-    pub eager_walks: usize,
+    /// Walks run by replaying a graph, and eagerly (`graph_counts`).
+    replays: usize,
+    eager_walks: usize,
     name: String,
     backend: ConvBackend,
     notes: Vec<String>,
@@ -741,53 +741,49 @@ impl CudaEngine {
                 }
             }
         }
-        if mode == WalkMode::Replay {
-            let Some(GraphEntry { state: GraphState::Ready { graph, .. }, .. }) = self.graphs.get(&key) else { bail!("internal error: no graph to replay") };
-            self.gpu.replay(graph)?;
-            return Ok(Ok((self.outputs_of(n, tile, want_fm2)?, WalkMode::Replay)));
+        match mode {
+            WalkMode::Replay => {
+                let Some(GraphEntry { state: GraphState::Ready { graph, .. }, .. }) = self.graphs.get(&key) else { bail!("internal error: no graph to replay") };
+                self.gpu.replay(graph)?;
+            }
+            WalkMode::Eager => {
+                self.take_outputs(n, tile, want_fm2)?;
+                self.walk(staged, n, tile, want_fm2)?;
+            }
+            WalkMode::Capture => {
+                let outputs = self.take_outputs(n, tile, want_fm2)?;
+                if let Err(e) = self.gpu.begin_capture() {
+                    return Ok(Err(e));
+                }
+                let r = self.walk(staged, n, tile, want_fm2);
+                let graph = match (r, self.gpu.end_capture()) {
+                    (Ok(()), Ok(graph)) => graph,
+                    (Err(e), _) | (Ok(()), Err(e)) => return Ok(Err(e)),
+                };
+                // Captured, not run: run it.
+                let r = self.gpu.replay(&graph);
+                let (generation, workspace) = (self.gpu.arena().generation(), self.workspace());
+                let high = self.graphs.get(&key).map_or(0, |e| e.high);
+                self.graphs.insert(key, GraphEntry { high, state: GraphState::Ready { graph, generation, workspace, outputs } });
+                r?;
+            }
         }
+        Ok(Ok((self.outputs_of(n, tile, want_fm2)?, mode)))
+    }
+
+    /// Takes the output buffers of a walk that runs (eagerly or captured) from the engine's pool;
+    /// returns their (address, bytes) for a graph to record.
+    fn take_outputs(&mut self, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<[Option<(u64, usize)>; 3]> {
         let sizes = self.output_bytes(n, tile, want_fm2);
         for (k, &bytes) in sizes.iter().enumerate() {
             if bytes > 0 {
                 self.walk_outputs[k] = Some(self.outputs.take(&self.gpu, bytes)?);
             }
         }
-        if mode == WalkMode::Eager {
-            return Ok(Ok((self.walk(staged, n, tile, want_fm2)?, WalkMode::Eager)));
-        }
-        let outputs: [Option<(u64, usize)>; 3] = std::array::from_fn(|k| self.walk_outputs[k].as_ref().map(|b| (b.ptr, sizes[k])));
-        if let Err(e) = self.gpu.begin_capture() {
-            return Ok(Err(e));
-        }
-        let r = self.walk(staged, n, tile, want_fm2);
-        let graph = self.gpu.end_capture();
-        let (out, graph) = match (r, graph) {
-            (Ok(out), Ok(graph)) => (out, graph),
-            (r, graph) => {
-                let why = match (r, graph) {
-                    (Err(e), _) => e,
-                    (Ok(out), Err(e)) => {
-                        self.recycle(out);
-                        e
-                    }
-                    _ => unreachable!(),
-                };
-                return Ok(Err(why));
-            }
-        };
-        // Captured, not run: run it.
-        let r = self.gpu.replay(&graph);
-        let (generation, workspace) = (self.gpu.arena().generation(), self.workspace());
-        let high = self.graphs.get(&key).map_or(0, |e| e.high);
-        self.graphs.insert(key, GraphEntry { high, state: GraphState::Ready { graph, generation, workspace, outputs } });
-        if let Err(e) = r {
-            self.recycle(out);
-            return Err(e);
-        }
-        Ok(Ok((out, WalkMode::Capture)))
+        Ok(std::array::from_fn(|k| self.walk_outputs[k].as_ref().map(|b| (b.ptr, sizes[k]))))
     }
 
-    /// A replay's outputs: the buffers the graph wrote.
+    /// The walk's outputs: the buffers it (or its graph) wrote.
     fn outputs_of(&mut self, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
         let g = &self.graph;
         let (nc, no, nf) = (g.values[g.scores].channels, g.values[g.offsets].channels, g.values[g.fm2].channels);
@@ -799,9 +795,10 @@ impl CudaEngine {
     }
 
     /// The graph walk from the staged input (NDHWC fp16 `[n, tile, cin]`, or f32 NCDHW to convert
-    /// first); the outputs stay on the device (no synchronisation: kernel faults surface at the
-    /// caller's next sync or read). Makes no allocation but arena slots, so it can be captured.
-    fn walk(&mut self, staged: Staged, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
+    /// first) into the output buffers taken for it (`walk_outputs`), which it leaves there; the
+    /// outputs stay on the device (no synchronisation: kernel faults surface at the caller's next
+    /// sync or read). Makes no allocation but arena slots, so it can be captured.
+    fn walk(&mut self, staged: Staged, n: usize, tile: [usize; 3], want_fm2: bool) -> Result<()> {
         let nvals = self.graph.values.len();
         let mut vals: Vec<Option<Val>> = (0..nvals).map(|_| None).collect();
         // Left over from a failed walk (slots of an ended walk: nothing to free).
@@ -820,26 +817,21 @@ impl CudaEngine {
         r
     }
 
-    fn walk_ops(&mut self, staged: Staged, vals: &mut [Option<Val>], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<DeviceOutputs> {
-        let g = &self.graph;
-        let (scores_v, offsets_v, fm2_v) = (g.scores, g.offsets, g.fm2);
-        let (nc, no, nf) = (g.values[scores_v].channels, g.values[offsets_v].channels, g.values[fm2_v].channels);
-        let dims = g.dims(scores_v, tile);
-        let fm2_vol = vol(g.dims(fm2_v, tile));
-        let input_v = g.input;
-        vals[input_v] = Some(match staged {
+    fn walk_ops(&mut self, staged: Staged, vals: &mut [Option<Val>], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<()> {
+        let input_v = self.graph.input;
+        match staged {
             Staged::F32(x32) => {
                 let cin = self.input_channels();
                 let x16 = self.take(n * cin * vol(tile) * 2)?;
-                let r = ops::to_ndhwc_f16(&self.gpu, x32.ptr, x16.ptr, n, cin, vol(tile)).context("input to NDHWC fp16");
-                self.give(x32);
+                let dst = x16.ptr;
                 vals[input_v] = Some(Val::H(x16));
+                let r = ops::to_ndhwc_f16(&self.gpu, x32.ptr, dst, n, cin, vol(tile)).context("input to NDHWC fp16");
+                self.give(x32);
                 r?;
-                vals[input_v].take().expect("just set")
             }
-            Staged::F16(b) => Val::H(b),
-            Staged::Borrowed(p) => Val::Borrowed(p),
-        });
+            Staged::F16(b) => vals[input_v] = Some(Val::H(b)),
+            Staged::Borrowed(p) => vals[input_v] = Some(Val::Borrowed(p)),
+        }
 
         let mut i = 0;
         while i < self.graph.ops.len() {
@@ -860,49 +852,31 @@ impl CudaEngine {
             i += used;
         }
 
-        let f32_out = |vals: &mut [Option<Val>], v: ValueId| -> Result<DevBuf> {
+        // The heads wrote into the output buffers taken for this walk: back where `outputs_of`
+        // takes them from.
+        let g = &self.graph;
+        let (scores_v, offsets_v, fm2_v) = (g.scores, g.offsets, g.fm2);
+        for (k, v) in [(0, scores_v), (1, offsets_v)] {
             match vals[v].take() {
-                Some(Val::F(b)) => Ok(b),
-                _ => Err(anyhow!("internal error: output value {v} was not produced as f32")),
+                Some(Val::F(b)) => self.walk_outputs[k] = Some(b),
+                _ => bail!("internal error: output value {v} was not produced as f32"),
             }
-        };
-        let scores = f32_out(vals, scores_v)?;
-        let offsets = match f32_out(vals, offsets_v) {
-            Ok(b) => b,
-            Err(e) => {
-                self.give(scores);
-                return Err(e);
-            }
-        };
-        let fm2 = if want_fm2 {
-            let r = (|| -> Result<DevBuf> {
-                let h = match vals[fm2_v].take() {
-                    Some(Val::H(b)) => b,
-                    _ => bail!("internal error: fm2 was not kept"),
-                };
-                let f = self.take_output(2, n * nf * fm2_vol * 4)?;
-                let r = ops::to_ncdhw_f32(&self.gpu, h.ptr, f.ptr, n, nf, fm2_vol);
-                self.give(h);
-                match r {
-                    Ok(()) => Ok(f),
-                    Err(e) => {
-                        self.give(f);
-                        Err(e)
-                    }
-                }
-            })();
-            match r {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    self.give(scores);
-                    self.give(offsets);
-                    return Err(e);
-                }
-            }
-        } else {
-            None
-        };
-        Ok(DeviceOutputs { scores, offsets, fm2, n, num_classes: nc, offset_channels: no, fm2_channels: nf, dims, fm2_dims: self.graph.dims(fm2_v, tile) })
+        }
+        if want_fm2 {
+            let h = match vals[fm2_v].take() {
+                Some(Val::H(b)) => b,
+                _ => bail!("internal error: fm2 was not kept"),
+            };
+            let nf = self.graph.values[fm2_v].channels;
+            let fm2_vol = vol(self.graph.dims(fm2_v, tile));
+            let f = self.take_output(2, n * nf * fm2_vol * 4)?;
+            let dst = f.ptr;
+            self.walk_outputs[2] = Some(f);
+            let r = ops::to_ncdhw_f32(&self.gpu, h.ptr, dst, n, nf, fm2_vol);
+            self.give(h);
+            r?;
+        }
+        Ok(())
     }
 
     /// `forward` = the device forward + one read back of each output.
@@ -1282,7 +1256,11 @@ pub struct MemoryPlan {
 }
 
 pub fn memory_plan(models: &[&Weights], backend: ConvBackend, n: usize, tile: [usize; 3]) -> Result<MemoryPlan> {
-    let gpu = Gpu::emulator_plan()?;
+    memory_plan_on(Gpu::emulator_plan()?, models, backend, n, tile)
+}
+
+/// `memory_plan` on a given device handle (a fresh one: its byte counts are the plan's).
+fn memory_plan_on(gpu: std::sync::Arc<Gpu>, models: &[&Weights], backend: ConvBackend, n: usize, tile: [usize; 3]) -> Result<MemoryPlan> {
     let mut engines = Vec::new();
     let mut weights = Vec::new();
     for w in models {
@@ -1612,16 +1590,10 @@ mod tests {
         let refs: Vec<&Weights> = ws.iter().collect();
         let plan = memory_plan(&refs, ConvBackend::TensorCore, n, tile).unwrap();
         let gpu = Gpu::emulator().unwrap();
-        let mut engines: Vec<CudaEngine> = ws.iter().map(|w| CudaEngine::on(gpu.clone(), w, ConvBackend::TensorCore).unwrap()).collect();
-        let x = random_input(n, tile, 5);
-        for _ in 0..3 {
-            for e in engines.iter_mut() {
-                let out = e.forward_device(&x, n, tile, false).unwrap();
-                e.recycle(out);
-            }
-        }
-        assert_eq!(plan.arena, gpu.arena().capacity());
-        assert_eq!((plan.held, plan.peak), (gpu.memory_live(), gpu.memory_peak()));
+        let run = memory_plan_on(gpu.clone(), &refs, ConvBackend::TensorCore, n, tile).unwrap();
+        assert_eq!(plan, run);
+        // (`held` is read inside, while the engines live; the arena and the peak outlive them.)
+        assert_eq!((run.arena, run.peak), (gpu.arena().capacity(), gpu.memory_peak()));
         let weights: Vec<usize> = ws.iter().map(|w| w.param_count() * 2).collect();
         assert!(plan.weights.iter().zip(&weights).all(|(&got, &fp16)| got >= fp16), "{:?} {weights:?}", plan.weights);
         let out_bytes = |c: usize| n * c * 8 * 8 * 16 * 4;

@@ -515,7 +515,8 @@ impl Gpu {
         self.usage.capturing.load(Ordering::Relaxed)
     }
 
-    fn refuse_in_capture(&self, what: &str) -> Result<()> {
+    /// (`what` is only formatted when refusing.)
+    fn refuse_in_capture(&self, what: std::fmt::Arguments) -> Result<()> {
         if self.capturing() {
             bail!("{what} during a CUDA graph capture");
         }
@@ -537,7 +538,7 @@ impl Gpu {
     /// Starts capturing this handle's work into a graph (`end_capture`): from here until then,
     /// launches, copies between device buffers and memsets are recorded, not run.
     pub fn begin_capture(&self) -> Result<()> {
-        self.refuse_in_capture("a second capture")?;
+        self.refuse_in_capture(format_args!("a second capture"))?;
         if self.sync_each() {
             bail!("no CUDA graphs with FASTDET_CUDA_SYNC=1 (a synchronisation after each kernel cannot be captured)");
         }
@@ -600,7 +601,7 @@ impl Gpu {
 
     /// Runs a graph captured on this handle.
     pub fn replay(&self, g: &DeviceGraph) -> Result<()> {
-        self.refuse_in_capture("a graph launch")?;
+        self.refuse_in_capture(format_args!("a graph launch"))?;
         match (&g.inner, &self.inner) {
             (GraphInner::Cuda(c), Inner::Cuda { .. }) => c.0.launch().map_err(|e| anyhow!("cuGraphLaunch: {e}"))?,
             (GraphInner::Emu(ops), Inner::Emu(_)) => {
@@ -633,7 +634,7 @@ impl Gpu {
 
     /// Waits for all issued work; an error names `what` (asynchronous kernel faults surface here).
     pub fn sync(&self, what: &str) -> Result<()> {
-        self.refuse_in_capture(&format!("a synchronisation ({what})"))?;
+        self.refuse_in_capture(format_args!("a synchronisation ({what})"))?;
         let Inner::Cuda { stream, .. } = &self.inner else { return Ok(()) };
         stream.synchronize().map_err(|e| {
             anyhow!(
@@ -645,7 +646,7 @@ impl Gpu {
 
     /// `bytes` of uninitialised device memory (at least 1 byte is allocated).
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
-        self.refuse_in_capture(&format!("an allocation of {bytes} bytes"))?;
+        self.refuse_in_capture(format_args!("an allocation of {bytes} bytes"))?;
         match &self.inner {
             Inner::Cuda { ctx, stream, .. } => {
                 // SAFETY: uninitialised memory is only read after a kernel or copy wrote it.
@@ -688,7 +689,7 @@ impl Gpu {
         if data.is_empty() {
             return Ok(());
         }
-        self.refuse_in_capture("a copy from the host")?;
+        self.refuse_in_capture(format_args!("a copy from the host"))?;
         self.to_device.fetch_add(std::mem::size_of_val(data) as u64, Ordering::Relaxed);
         let stream = match &self.inner {
             Inner::Cuda { stream, .. } => stream,
@@ -711,7 +712,7 @@ impl Gpu {
         if len == 0 {
             return Ok(out);
         }
-        self.refuse_in_capture("a copy to the host")?;
+        self.refuse_in_capture(format_args!("a copy to the host"))?;
         self.to_host.fetch_add((len * std::mem::size_of::<T>()) as u64, Ordering::Relaxed);
         let stream = match &self.inner {
             Inner::Cuda { stream, .. } => stream,
