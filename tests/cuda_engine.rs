@@ -121,12 +121,13 @@ cmd="$1"; shift
 case "$cmd" in
   --version) echo "fastdet 0.0.0 (stand-in)" ;;
   selftest)
-    while [ $# -gt 0 ]; do [ "$1" = --json ] && echo '{"passed": true}' > "$2"; shift; done
+    while [ $# -gt 0 ]; do [ "$1" = --json ] && echo '{"passed": true, "notes": ["kernels: sm_90 from NVRTC 13.0 (cache k; 13 files, 13 compiled by NVRTC in 21.5 s, loaded in 22.0 s)"]}' > "$2"; shift; done
     echo "selftest PASSED: 3 passed, 0 failed, 0 skipped in 0.1 s on a stand-in" ;;
   bench)
     case "$*" in
-      *--tomogram*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "s_per_tomogram": 1.5, "infer_s": 1.0, "blend_s": 0.3, "detect_s": 0.2, "tflops": 100.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
-      *) echo '{"device": "cuda:0", "tile": [192, 128, 128], "batch": 1, "fastdet_version": "0", "cold_start_s": 0.4, "models": [{"model": "segresnetv2", "engine": "cuda:0:stand-in", "ms_per_tile": 5.0, "ms_per_tile_min": 4.9, "ms_per_tile_max": 5.1, "gflops": 1000.0, "open_s": 0.2, "device_memory_peak_mib": 900.0}]}' ;;
+      *--host-blend*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "device_blend": false, "s_per_tomogram": 2.5, "upload_s": 0.0, "infer_s": 1.8, "blend_s": 0.5, "detect_s": 0.2, "tflops": 80.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
+      *--tomogram*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "device_blend": true, "s_per_tomogram": 1.5, "upload_s": 0.03, "infer_s": 1.0, "blend_s": 0.3, "detect_s": 0.2, "tflops": 100.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
+      *) echo '{"device": "cuda:0", "tile": [192, 128, 128], "batch": 1, "fastdet_version": "0", "cold_start_s": 0.4, "kernel_load": {"files": 13, "compiled": 0, "compile_s": 0.0, "load_s": 0.05}, "models": [{"model": "segresnetv2", "engine": "cuda:0:stand-in", "ms_per_tile": 5.0, "ms_per_tile_min": 4.9, "ms_per_tile_max": 5.1, "gflops": 1000.0, "open_s": 0.2, "device_memory_peak_mib": 900.0}]}' ;;
     esac ;;
   synth) mkdir -p "$1" ;;
   run)
@@ -180,7 +181,7 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
         "selftest (full)",
         "bench criterion cuda_ops",
         "bench tomogram (5+5 models)",
-        "bench tomogram --device-blend",
+        "bench tomogram --host-blend",
         "synth 1 run 32,64,64",
         "run --device cuda:0 (2 models)",
         "score gpu.csv",
@@ -200,5 +201,10 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_fused_ms"], 5.0);
     assert_eq!(r["blocks"]["32ch_8x8x8"]["tc_fused_ms"], 1.5);
     assert_eq!(r["tomogram_s"], 1.5);
+    assert_eq!(r["tomogram_host_blend_s"], 2.5);
+    assert_eq!(r["first_start_nvrtc_s"], 21.5);
+    assert_eq!(r["cold_start_kernels_compiled"], 0);
+    assert!(text.contains("cold start 0.40 s to the first tile; kernels: 13 files, 0 compiled (0.0 s), loaded in 0.05 s"), "{text}");
+    assert!(text.contains("blending on the GPU; upload 0.03") && text.contains("blending on the CPU; upload 0.00"), "{text}");
     assert!(text.contains("block 32ch_8x8x8") && text.contains("tc_fused 1.500 ms"), "{text}");
 }

@@ -24,7 +24,7 @@ fn config_file_values_and_flag_overrides() {
     std::fs::write(
         &cfg,
         "data = \"data\"\nweights = [\"w/a.safetensors\", \"w/b.safetensors\"]\nwindow = [64, 96, 96]\ntiles = [2, 3, 3]\n\
-         with_score = true\ndevice_blend = true\n[thresholds]\nribosome = 0.3\n",
+         with_score = true\ndevice_blend = false\n[thresholds]\nribosome = 0.3\n",
     )
     .unwrap();
     let text = stdout_of(fastdet().args(["run", "--print-config", "--tiles", "1,1,1", "--config"]).arg(&cfg));
@@ -38,7 +38,7 @@ fn config_file_values_and_flag_overrides() {
     assert_eq!(t["thresholds"]["apo-ferritin"].as_float(), Some(0.255));
     assert_eq!(t["iou"].as_float(), Some(0.85));
     assert_eq!(t["with_score"].as_bool(), Some(true));
-    assert_eq!(t["device_blend"].as_bool(), Some(true));
+    assert_eq!(t["device_blend"].as_bool(), Some(false), "the file turns the default off");
 
     // The printed configuration reads back to itself.
     let again = tmp.path().join("again.toml");
@@ -57,8 +57,37 @@ fn config_file_values_and_flag_overrides() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown class \"ribosom\""));
 }
 
+/// Blending on the device is the default; `--host-blend` (or `device_blend = false` /
+/// `host_blend = true` in a file) turns it off, the command line wins, and the two flags conflict.
+#[test]
+fn device_blend_is_the_default_and_host_blend_turns_it_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("run.toml");
+    let blend = |file: Option<&str>, args: &[&str]| -> Option<bool> {
+        let mut c = fastdet();
+        c.args(["run", "--print-config"]).args(args);
+        if let Some(text) = file {
+            std::fs::write(&cfg, text).unwrap();
+            c.arg("--config").arg(&cfg);
+        }
+        let t: toml::Table = stdout_of(&mut c).parse().unwrap();
+        t["device_blend"].as_bool()
+    };
+    assert_eq!(blend(None, &[]), Some(true));
+    assert_eq!(blend(None, &["--host-blend"]), Some(false));
+    assert_eq!(blend(None, &["--device-blend"]), Some(true));
+    assert_eq!(blend(Some("host_blend = true\n"), &[]), Some(false));
+    assert_eq!(blend(Some("host_blend = false\n"), &[]), Some(true));
+    assert_eq!(blend(Some("device_blend = true\n"), &[]), Some(true));
+    assert_eq!(blend(Some("device_blend = false\n"), &["--device-blend"]), Some(true));
+    assert_eq!(blend(Some("device_blend = true\n"), &["--host-blend"]), Some(false));
+    let o = fastdet().args(["run", "--print-config", "--host-blend", "--device-blend"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// An MRC copy of a tomogram gives the same picks as the zarr; STAR and QC files come out per run.
-/// (The MRC run asks for --device-blend, which a CPU worker ignores: same picks.)
+/// (The MRC run asks for --host-blend, which on a CPU worker changes nothing: same picks.)
 #[test]
 fn mrc_input_star_and_qc_outputs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -84,7 +113,7 @@ fn mrc_input_star_and_qc_outputs() {
         .arg(&star)
         .arg("--qc")
         .arg(&qc)
-        .arg("--device-blend")
+        .arg("--host-blend")
         .status()
         .unwrap();
     assert!(st.success());

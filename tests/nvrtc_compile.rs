@@ -134,12 +134,13 @@ fn kernel_cache_compiles_once_then_hits() {
     let dir = tempfile::tempdir().unwrap();
     let cache = KernelCache::new(dir.path());
     let (file, src) = SOURCES[0];
-    let a = cache.get_or_compile(file, src, "compute_90", &inc).unwrap();
+    let (a, compiled) = cache.get_or_compile(file, src, "compute_90", &inc).unwrap();
+    assert!(compiled.is_some_and(|s| s > 0.0), "a miss compiles: {compiled:?}");
     let ver = nvrtc::nvrtc_version().unwrap();
     let path = cache.path(file, src, Target::Ptx(90), ver);
     assert!(path.is_file(), "{} not written", path.display());
     // A hit returns the stored bytes (even doctored ones): proof that no recompilation happened.
     std::fs::write(&path, b"// cached\n").unwrap();
-    assert_eq!(cache.get_or_compile(file, src, "compute_90", &inc).unwrap(), b"// cached\n");
+    assert_eq!(cache.get_or_compile(file, src, "compute_90", &inc).unwrap(), (b"// cached\n".to_vec(), None));
     assert!(std::str::from_utf8(&a).unwrap().contains(".entry"));
 }

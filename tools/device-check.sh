@@ -37,8 +37,8 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
   --cpu-run         also time `fastdet run --device cpu` on the same data (slow: minutes)
 
 benchmarks (after the quick self-test): `fastdet bench` -> bench-fastdet.json (log
-bench-fastdet.log; with FASTDET_CONV=tc -> bench-fastdet-tc.json); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (and with --device-blend ->
-bench-tomogram-device-blend.json);
+bench-fastdet.log; with FASTDET_CONV=tc -> bench-fastdet-tc.json); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (averaging and blending on the GPU,
+the default; with --host-blend -> bench-tomogram-host-blend.json);
 the criterion bench benches/cuda_ops.rs (fused block vs cuDNN per level, tiles per backend) ->
 bench-criterion.log and criterion/ when its binary is there (FASTDET_CUDA_BENCH, default
 target/release/cuda_ops, made by tools/build-for-device.sh);
@@ -276,11 +276,11 @@ if [ $NO_GPU -eq 0 ]; then
     step "bench tomogram (5+5 models)" 150 "$OUT/bench-tomogram.log" \
         bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --json > "$4"' \
         bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram.json" || FAILED=1
-    # The same with the ensemble averaging and blending on the GPU (run --device-blend).
-    rm -f "$OUT/bench-tomogram-device-blend.json"
-    step "bench tomogram --device-blend" 150 "$OUT/bench-tomogram-device-blend.log" \
-        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --device-blend --json > "$4"' \
-        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-device-blend.json" || FAILED=1
+    # The same with the ensemble averaging and blending on the CPU (run --host-blend).
+    rm -f "$OUT/bench-tomogram-host-blend.json"
+    step "bench tomogram --host-blend" 150 "$OUT/bench-tomogram-host-blend.log" \
+        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --host-blend --json > "$4"' \
+        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-host-blend.json" || FAILED=1
 
     rm -f "$OUT/bench-torch.json"
     if [ $TORCH_BENCH -eq 0 ]; then
@@ -362,7 +362,7 @@ fi
 # ms/tile lines of bench-fastdet.json and bench-torch.json (python3 when there is one, else grep).
 bench_summary() {
     local f
-    for f in bench-fastdet.json bench-tomogram.json bench-tomogram-device-blend.json bench-torch.json results.json; do
+    for f in bench-fastdet.json bench-tomogram.json bench-tomogram-host-blend.json bench-torch.json results.json; do
         [ -f "$OUT/$f" ] || continue
         if command -v python3 > /dev/null 2>&1; then
             python3 - "$OUT/$f" <<'PY' 2>&1 | head -20
@@ -377,7 +377,8 @@ except Exception as e:
 if "s_per_tomogram" in d:  # fastdet bench --tomogram
     m = d.get("models", {})
     print(f"{name}: {d['s_per_tomogram']:.2f} s per tomogram {'x'.join(map(str, d.get('tomogram', [])))} "
-          f"({m.get('segresnetv2')} SegResNetV2 + {m.get('dynunet')} DynUNet; infer {d['infer_s']:.2f}, blend {d['blend_s']:.2f}, "
+          f"({m.get('segresnetv2')} SegResNetV2 + {m.get('dynunet')} DynUNet, blending on the {'GPU' if d.get('device_blend') else 'CPU'}; "
+          f"upload {d.get('upload_s') or 0.0:.2f}, infer {d['infer_s']:.2f}, blend {d['blend_s']:.2f}, "
           f"detect {d['detect_s']:.2f} s; {d['tflops']:.1f} TFLOP/s; first tile {d.get('cold_start_s') or float('nan'):.2f} s after start)")
     raise SystemExit(0)
 if "floor_s" in d:  # tools/results_json.py
@@ -387,6 +388,10 @@ if "floor_s" in d:  # tools/results_json.py
     raise SystemExit(0)
 if "models" in d:  # fastdet bench
     print(f"{name}: fastdet {d.get('fastdet_version')} on {d.get('device')}, tile {'x'.join(map(str, d.get('tile', [])))}, batch {d.get('batch')}")
+    k = d.get("kernel_load") or {}
+    if d.get("cold_start_s") is not None:
+        print(f"  cold start {d['cold_start_s']:.2f} s to the first tile; kernels: {k.get('files')} files, {k.get('compiled')} compiled"
+              f" ({k.get('compile_s') or 0.0:.1f} s), loaded in {k.get('load_s') or 0.0:.2f} s")
     for m in d["models"]:
         print(f"  {m['model']:<12} {m['ms_per_tile']:8.2f} ms/tile (min {m['ms_per_tile_min']:.2f}, max {m['ms_per_tile_max']:.2f})"
               f"  {m['gflops'] / 1e3:.2f} TFLOP/s  open {m['open_s']:.2f} s  [{m['engine']}]")

@@ -5,7 +5,7 @@ device check writes:
   bench-fastdet.json   fastdet bench --device cuda:N --tile 192,128,128 --json
   bench-fastdet-tc.json   the same with FASTDET_CONV=tc (tensor-core convs, norms fused)
   bench-tomogram.json  fastdet bench --device cuda:N --tomogram 184,630,630 --models 5,5 --json
-  bench-tomogram-device-blend.json   the same with --device-blend
+  bench-tomogram-host-blend.json   the same with --host-blend (averaging and blending on the CPU)
   bench-torch.json     tools/bench_torch.py --device cuda:N --json   (eager, torch.compile, fp16 rate)
   criterion/           benches/cuda_ops.rs (CRITERION_HOME): median ms of each block_* variant
 
@@ -13,7 +13,8 @@ Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
    "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms"}, "dynunet": {...}},
    "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms"}, ...},
-   "tomogram_s", "tomogram_device_blend_s", "floor_s", "cold_start_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
+   "tomogram_s", "tomogram_host_blend_s", "floor_s", "cold_start_s",
+   "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
    "sources"}
 
 floor_s = FLOPs per tomogram (from the tomogram bench) / the card's fp16 rate measured by PyTorch's
@@ -26,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -67,12 +69,23 @@ def criterion_blocks(d):
     return out
 
 
+def first_start_nvrtc_s(d):
+    """NVRTC's seconds in the first process of the check (the quick self-test, empty kernel cache),
+    from its "kernels: ... compiled by NVRTC in X s" note; None when it compiled nothing."""
+    st = load(os.path.join(d, "selftest-quick.json")) or {}
+    for n in st.get("notes", []):
+        m = re.search(r"compiled by NVRTC in ([0-9.]+) s", n) if n.startswith("kernels:") else None
+        if m:
+            return float(m.group(1))
+    return None
+
+
 def assemble(d, commit, date):
     fd = load(os.path.join(d, "bench-fastdet.json"))
     fd_tc = load(os.path.join(d, "bench-fastdet-tc.json"))
     tomo = load(os.path.join(d, "bench-tomogram.json"))
     torch = load(os.path.join(d, "bench-torch.json"))
-    tomo_db = load(os.path.join(d, "bench-tomogram-device-blend.json"))
+    tomo_hb = load(os.path.join(d, "bench-tomogram-host-blend.json"))
     tile = {}
     for arch in ("segresnetv2", "dynunet"):
         row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None, "fastdet_fused_ms": None}
@@ -101,9 +114,11 @@ def assemble(d, commit, date):
         "tile": tile,
         "blocks": criterion_blocks(d),
         "tomogram_s": tomo.get("s_per_tomogram") if tomo else None,
-        "tomogram_device_blend_s": tomo_db.get("s_per_tomogram") if tomo_db else None,
+        "tomogram_host_blend_s": tomo_hb.get("s_per_tomogram") if tomo_hb else None,
         "floor_s": flops / (rate * 1e12) if flops and rate else None,
         "cold_start_s": (fd or {}).get("cold_start_s"),
+        "cold_start_kernels_compiled": ((fd or {}).get("kernel_load") or {}).get("compiled"),
+        "first_start_nvrtc_s": first_start_nvrtc_s(d),
         "peak_mem_gib": max(mems) / 1024 if mems else None,
         "fp16_matmul_tflops": rate,
         "tile_shape": (fd or torch or {}).get("tile"),
@@ -111,7 +126,7 @@ def assemble(d, commit, date):
             "bench_fastdet": fd is not None,
             "bench_fastdet_tc": fd_tc is not None,
             "bench_tomogram": tomo is not None,
-            "bench_tomogram_device_blend": tomo_db is not None,
+            "bench_tomogram_host_blend": tomo_hb is not None,
             "bench_torch": torch is not None,
             "criterion": os.path.isdir(os.path.join(d, "criterion")),
             "fastdet_device": (fd or tomo or {}).get("device"),

@@ -2,6 +2,7 @@
 //! engine and CUDA, so runs on different machines and commits compare directly.
 use anyhow::{bail, Result};
 use clap::Args;
+use fastdet::engine::cuda::gpu::KernelLoad;
 use fastdet::engine::{self, Device};
 use fastdet::model::graph::Graph;
 use fastdet::model::spec::{Arch, ModelSpec};
@@ -53,8 +54,12 @@ pub struct BenchArgs {
     /// With --tomogram: tiles per axis z,y,x
     #[arg(long, default_value = "1,9,9", value_parser = super::run::parse_triple)]
     pub tiles: [usize; 3],
-    /// With --tomogram: average and blend on the GPU (as `run --device-blend`)
+    /// With --tomogram: average and blend on the CPU (as `run --host-blend`; the default on a
+    /// CUDA device is to do it there)
     #[arg(long)]
+    pub host_blend: bool,
+    /// The default (see --host-blend); accepted for older scripts
+    #[arg(long, hide = true, conflicts_with = "host_blend")]
     pub device_blend: bool,
     /// Instead of timing, plan the CUDA engine's device memory for one worker running the
     /// --models ensemble (seed widths) on batches of --batch tiles of --tile: the models are walked
@@ -113,6 +118,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     }
     let started = Instant::now();
     let mut cold_start_s: Option<f64> = None;
+    // The first engine opened the device: its kernel load is the one in the cold start.
+    let mut kernel_load: Option<KernelLoad> = None;
     let models: Vec<(String, Weights)> = if a.weights.is_empty() {
         let archs = match a.arch.as_str() {
             "all" => vec![Arch::Segresnetv2, Arch::Dynunet],
@@ -147,6 +154,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         let t0 = Instant::now();
         let mut e = engine::open(device, w)?;
         let open_s = t0.elapsed().as_secs_f64();
+        if kernel_load.is_none() {
+            kernel_load = e.as_cuda().map(|c| c.gpu_arc().kernel_load);
+        }
         let t1 = Instant::now();
         e.forward(&input, a.batch, tile, false)?;
         let first_s = t1.elapsed().as_secs_f64();
@@ -205,7 +215,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             "device": device.to_string(), "tile": tile, "batch": a.batch, "iters": a.iters,
             "warmup": a.warmup, "cpu_threads": threads, "fastdet_version": env!("CARGO_PKG_VERSION"),
             "models": items,
-            "cold_start_s": cold_start_s,
+            "cold_start_s": cold_start_s, "kernel_load": kernel_load.map(kernel_load_json),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -217,6 +227,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             "{:<14} {:>10} {:>10} {:>10} {:>9} {:>8} {:>9}  engine",
             "model", "ms/tile", "min", "max", "GFLOP/s", "open s", "1st s"
         );
+        if let Some(k) = kernel_load {
+            println!("kernels: {k} (in the cold start)");
+        }
         for r in &rows {
             let (med, min, max) = r.per_tile(a.batch);
             let mem = r.device_mib.map(|m| format!(", peak device memory {m:.0} MiB")).unwrap_or_default();
@@ -234,6 +247,10 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn kernel_load_json(k: KernelLoad) -> serde_json::Value {
+    serde_json::json!({"files": k.files, "compiled": k.compiled, "compile_s": k.compile_s, "load_s": k.load_s})
 }
 
 /// `--models S,D`: S SegResNetV2 then D DynUNet at the seed widths, random weights (seeds 1, 2,
@@ -276,7 +293,7 @@ fn plan_memory(a: &BenchArgs) -> Result<ExitCode> {
         println!("  held after the walks       {:8.1} MiB ({:.2} GiB)", mib(p.held), p.held as f64 / (1u64 << 30) as f64);
         println!("  peak                       {:8.1} MiB", mib(p.peak));
         println!("fastdet's buffers, from the allocator (walked on an emulator that runs no kernel); cuDNN's workspace,");
-        println!("the CUDA context and, with --device-blend, the tomogram's volume and accumulators come on top.");
+        println!("the CUDA context and, unless --host-blend, the tomogram's volume and accumulators come on top.");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -290,14 +307,19 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
     let [n_seg, n_dyn] = a.models;
     let mut engines = Vec::new();
     let mut flops_per_tile = 0u64;
+    let mut kernel_load: Option<KernelLoad> = None;
     for model in seed_ensemble(a.models, a.window)? {
         let (w, graph) = model?;
         flops_per_tile += graph.flops(a.window);
-        engines.push(engine::open(device, &w)?);
+        let mut e = engine::open(device, &w)?;
+        if kernel_load.is_none() {
+            kernel_load = e.as_cuda().map(|c| c.gpu_arc().kernel_load);
+        }
+        engines.push(e);
     }
     let spec = ModelSpec::seed(Arch::Segresnetv2);
     let mut ens = Ensemble { engines, num_classes: spec.num_classes, stride: spec.stride };
-    let s = Settings { window: a.window, tiles: a.tiles, batch: a.batch, device_blend: a.device_blend, ..Settings::default() };
+    let s = Settings { window: a.window, tiles: a.tiles, batch: a.batch, device_blend: !a.host_blend, ..Settings::default() };
     let open_s = started.elapsed().as_secs_f64();
     let tiles = a.tiles.iter().product::<usize>() as u64;
     let flops = flops_per_tile * tiles;
@@ -320,12 +342,12 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
         }
     }
     let device_peak = ens.engines.first().and_then(|e| e.device_memory_peak()).map(|b| b as f64 / 1048576.0);
-    let blended_on_device = a.device_blend && ens.cuda_device().is_some();
+    let blended_on_device = !a.host_blend && ens.cuda_device().is_some();
     let mut secs: Vec<f64> = runs.iter().map(|r| r.0).collect();
     secs.sort_by(f64::total_cmp);
     let med = median(&secs);
     let mean = |f: fn(&Timing) -> f64| runs.iter().map(|r| f(&r.1)).sum::<f64>() / runs.len() as f64;
-    let (infer, blend, detect) = (mean(|t| t.infer), mean(|t| t.blend), mean(|t| t.detect));
+    let (upload, infer, blend, detect) = (mean(|t| t.upload), mean(|t| t.infer), mean(|t| t.blend), mean(|t| t.detect));
     if a.json {
         let doc = serde_json::json!({
             "device": device.to_string(), "tomogram": shape, "window": a.window, "tiles": a.tiles,
@@ -334,9 +356,9 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
             "iters": a.iters, "warmup": a.warmup, "cpu_threads": rayon::current_num_threads(),
             "fastdet_version": env!("CARGO_PKG_VERSION"),
             "s_per_tomogram": med, "s_min": secs[0], "s_max": secs[secs.len() - 1], "times_s": secs,
-            "infer_s": infer, "blend_s": blend, "detect_s": detect,
+            "upload_s": upload, "infer_s": infer, "blend_s": blend, "detect_s": detect,
             "flops_per_tomogram": flops, "tflops": flops as f64 * 1e-12 / med,
-            "open_s": open_s, "cold_start_s": cold_start_s, "device_memory_peak_mib": device_peak,
+            "open_s": open_s, "cold_start_s": cold_start_s, "kernel_load": kernel_load.map(kernel_load_json), "device_memory_peak_mib": device_peak,
             "detections": runs.last().map(|r| r.2),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -348,7 +370,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
             a.iters, a.warmup
         );
         println!(
-            "{med:.3} s per tomogram (min {:.3}, max {:.3}): infer {infer:.3} s, blend {blend:.3} s, detect {detect:.3} s; {:.1} TFLOP per tomogram = {:.2} TFLOP/s",
+            "{med:.3} s per tomogram (min {:.3}, max {:.3}): upload {upload:.3} s, infer {infer:.3} s, blend {blend:.3} s, detect {detect:.3} s; {:.1} TFLOP per tomogram = {:.2} TFLOP/s",
             secs[0],
             secs[secs.len() - 1],
             flops as f64 * 1e-12,

@@ -91,6 +91,14 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
             continue; // the command line wins
         }
         match (key.as_str(), v) {
+            // Blending on the device is the default: the file can only turn it off, and the
+            // command line's choice either way wins.
+            ("device-blend" | "host-blend", toml::Value::Boolean(b)) => {
+                let host = (key == "host-blend") == *b;
+                if host && !given(&rest, "--host-blend") && !given(&rest, "--device-blend") {
+                    extra.push("--host-blend".into());
+                }
+            }
             ("thresholds", v) => {
                 extra.push(flag.into());
                 extra.push(thresholds(v, file)?.into());
@@ -127,6 +135,6 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
 /// Every option `run` accepts in a config file.
 const KNOWN: &[&str] = &[
     "data", "split", "runs", "zarr", "mrc", "level", "weights", "device", "gpus", "devices", "window", "tiles", "iou", "top-k", "blend-sigma",
-    "tta", "batch", "device-blend", "shard", "voxel-size", "allow-nonfinite", "out", "thresholds", "with-score", "copick-out", "user-id",
+    "tta", "batch", "device-blend", "host-blend", "shard", "voxel-size", "allow-nonfinite", "out", "thresholds", "with-score", "copick-out", "user-id",
     "session-id", "save-maps", "resume", "star-out", "qc",
 ];

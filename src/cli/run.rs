@@ -84,11 +84,14 @@ pub struct InferArgs {
     /// Tiles per engine call
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Cut the tiles, average the ensemble, blend and find the peak candidates on the GPU (CUDA
-    /// workers; the volume goes up once per tomogram and only the candidates come back, the maps too
-    /// with --save-maps; the greedy NMS stays on the CPU). Same picks as without it; not yet measured
-    /// on a GPU
+    /// Cut the tiles, average the ensemble and blend them on the CPU. By default a CUDA worker
+    /// does all of that on its GPU, and finds the peak candidates there too: the volume goes up
+    /// once per tomogram, and only the candidates come back (the maps too with --save-maps); the
+    /// greedy NMS stays on the CPU. Both give the same picks
     #[arg(long)]
+    pub host_blend: bool,
+    /// The default on CUDA workers (see --host-blend); accepted for older scripts
+    #[arg(long, hide = true, conflicts_with = "host_blend")]
     pub device_blend: bool,
     /// Process only runs[K::N] of the sorted run list (cluster job arrays), as K/N
     #[arg(long, value_parser = parse_shard)]
@@ -272,7 +275,7 @@ fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
         tta: Tta::parse(&a.tta)?,
         batch: a.batch,
         voxel_size: a.voxel_size,
-        device_blend: a.device_blend,
+        device_blend: !a.host_blend,
     })
 }
 
@@ -451,8 +454,8 @@ fn worker(
     parts: Option<&Parts>,
 ) -> Result<Vec<(usize, Outcome)>> {
     let mut ens = load_ensemble(a, device)?;
-    if s.device_blend && ens.cuda_device().is_none() {
-        eprintln!("  {label}--device-blend: the models on {device} are not on one CUDA device; blending on the host");
+    if s.device_blend && matches!(device, Device::Cuda(_)) && ens.cuda_device().is_none() {
+        eprintln!("  {label}the models on {device} are not on one CUDA device; blending on the host");
     }
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(zarr::Volume, f64)>>(1);
     let mut out = Vec::with_capacity(todo.len());
@@ -471,8 +474,9 @@ fn worker(
             let result = loaded.and_then(|(vol, read_s)| process(job, vol, read_s, &mut ens, s, extras));
             match &result {
                 Ok((p, t)) => {
+                    let upload = if t.upload > 0.0 { format!(", upload {:.2} s", t.upload) } else { String::new() };
                     eprintln!(
-                        "  {label}{}: {} picks; read {:.2} s, infer {:.2} s, blend {:.2} s, detect {:.2} s",
+                        "  {label}{}: {} picks; read {:.2} s{upload}, infer {:.2} s, blend {:.2} s, detect {:.2} s",
                         job.run,
                         p.len(),
                         t.read,

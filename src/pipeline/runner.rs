@@ -50,7 +50,9 @@ pub struct Settings {
     pub voxel_size: f64,
     /// Average the ensemble and blend the tiles on the GPU when every engine is a CUDA engine on
     /// one device (per-tile outputs stay there; the maps come back once); the volume is uploaded
-    /// once and the tiles are cut there, one copy per batch for all models; else ignored.
+    /// once and the tiles are cut there, one copy per batch for all models; else ignored. Off in
+    /// `Settings::default()` (the host path is the reference); `fastdet run` turns it on unless
+    /// `--host-blend`.
     pub device_blend: bool,
 }
 
@@ -75,6 +77,8 @@ impl Default for Settings {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Timing {
     pub read: f64,
+    /// The volume's copy to the device (device blending; else each batch's copies are in `infer`).
+    pub upload: f64,
     pub infer: f64,
     pub blend: f64,
     pub detect: f64,
@@ -434,9 +438,12 @@ fn predict_blended(
             match TomogramAccumulator::new(gpu.clone(), ens.num_classes, shape, s.window, ens.stride, s.blend_sigma) {
                 Ok(mut acc) => {
                     let one_channel = ens.engines.iter_mut().all(|e| e.as_cuda().is_some_and(|c| c.input_channels() == 1));
-                    let t = Instant::now();
                     let mut dv = if device_input && one_channel {
-                        match DeviceVolume::new(gpu, volume, shape, s.window) {
+                        // Waited for, so that the copy is timed on its own.
+                        let t = Instant::now();
+                        let uploaded = DeviceVolume::new(gpu.clone(), volume, shape, s.window).and_then(|v| gpu.sync("uploading the volume").map(|()| v));
+                        timing.upload += t.elapsed().as_secs_f64();
+                        match uploaded {
                             Ok(v) => Some(v),
                             Err(e) if e.downcast_ref::<OutOfMemory>().is_some() => {
                                 eprintln!("  the volume does not fit on the device ({e:#}); cutting the tiles on the host");
@@ -447,7 +454,6 @@ fn predict_blended(
                     } else {
                         None
                     };
-                    timing.infer += t.elapsed().as_secs_f64();
                     let host_volume = if dv.is_some() { None } else { Some(&*volume) };
                     for_each_batch(host_volume, shape, s, &origins, progress, timing, |chunk, tiles, timing| {
                         let t0 = Instant::now();
@@ -719,10 +725,12 @@ mod tests {
             };
             let (host, _, _) = run(false, true);
             let live = gpu.memory_live();
-            let (uploaded, _, per_model) = run(true, false);
+            let (uploaded, cut_on_host, per_model) = run(true, false);
             let (dev, timing, shared) = run(true, true);
             assert_eq!(gpu.memory_live(), live, "the device accumulators and volume are freed with the tomogram");
             assert!(timing.infer > 0.0 && timing.blend > 0.0, "{timing:?}");
+            // The volume's copy is timed on its own; with tiles cut on the host there is none.
+            assert!(timing.upload > 0.0 && cut_on_host.upload == 0.0, "{timing:?} {cut_on_host:?}");
             assert_eq!(dev.dims, [6, 18, 20]);
             let d = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             let (ds, dof) = (d(&dev.scores, &host.scores), d(&dev.offsets, &host.offsets));

@@ -228,8 +228,10 @@ pub struct Gpu {
     inner: Inner,
     /// Parameter kinds of every kernel, parsed from kernels/*.cu: every launch is checked against them.
     sigs: HashMap<String, Vec<ParamKind>>,
-    /// How the kernels were obtained (target, NVRTC version, cache directory).
+    /// How the kernels were obtained (target, NVRTC version, cache directory, compiled or cached).
     pub kernels_note: String,
+    /// What loading the kernels took (all zero on the emulators).
+    pub kernel_load: KernelLoad,
     /// Synchronise after every launch and report the kernel that failed (debugging; the
     /// self-test turns it on; `FASTDET_CUDA_SYNC=1` too).
     sync_each: AtomicBool,
@@ -330,13 +332,14 @@ impl Gpu {
             // into a CUDA graph.
             let stream = ctx.new_stream().map_err(|e| anyhow!("creating a CUDA stream on cuda:{ordinal}: {e}"))?;
             let cache = KernelCache::new(kernel_cache.unwrap_or_else(KernelCache::default_dir));
-            let (modules, funcs, kernels_note) = load_kernels(&ctx, info.compute_capability, &cache)?;
+            let (modules, funcs, kernels_note, kernel_load) = load_kernels(&ctx, info.compute_capability, &cache)?;
             let sync_each = std::env::var("FASTDET_CUDA_SYNC").is_ok_and(|v| v == "1");
             Ok(Gpu {
                 info,
                 inner: Inner::Cuda { ctx, stream, funcs, _modules: modules },
                 sigs: signatures()?,
                 kernels_note,
+                kernel_load,
                 sync_each: AtomicBool::new(sync_each),
                 usage: Arc::default(),
                 emu_limit: AtomicUsize::new(usize::MAX),
@@ -385,6 +388,7 @@ impl Gpu {
             inner: Inner::Emu(emu),
             sigs: signatures()?,
             kernels_note: note.into(),
+            kernel_load: KernelLoad::default(),
             sync_each: AtomicBool::new(false),
             usage: Arc::default(),
             emu_limit: AtomicUsize::new(usize::MAX),
@@ -825,7 +829,31 @@ fn targets(cc: (i32, i32)) -> Vec<Target> {
     t
 }
 
-type Loaded = (Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>, String);
+type Loaded = (Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>, String, KernelLoad);
+
+/// How a handle's kernels were loaded: a first start compiles them with NVRTC, later ones load the
+/// cached images (the cold start's two cases, reported apart).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KernelLoad {
+    /// Kernel files (modules) loaded.
+    pub files: usize,
+    /// Of those, the ones NVRTC compiled (not in the cache).
+    pub compiled: usize,
+    /// Seconds NVRTC spent compiling them.
+    pub compile_s: f64,
+    /// Seconds for the whole load: cache reads, compiles and module loads.
+    pub load_s: f64,
+}
+
+impl std::fmt::Display for KernelLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.compiled == 0 {
+            write!(f, "{} files from the cache, loaded in {:.2} s", self.files, self.load_s)
+        } else {
+            write!(f, "{} files, {} compiled by NVRTC in {:.1} s, loaded in {:.1} s", self.files, self.compiled, self.compile_s, self.load_s)
+        }
+    }
+}
 
 fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> Result<Loaded> {
     if !nvrtc::nvrtc_available() {
@@ -834,18 +862,20 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> 
     let ver = nvrtc::nvrtc_version()?;
     let include: Vec<PathBuf> = nvrtc::find_cuda_include().into_iter().collect();
     let mut errors: Vec<String> = Vec::new();
+    let started = std::time::Instant::now();
     for target in targets(cc) {
         match load_all(ctx, cache, target, &include) {
-            Ok((m, f)) => {
+            Ok((m, f, mut load)) => {
+                load.load_s = started.elapsed().as_secs_f64();
                 let note = format!(
-                    "{} from NVRTC {}.{} (cache {}{})",
+                    "{} from NVRTC {}.{} (cache {}; {load}{})",
                     target.arch(),
                     ver.0,
                     ver.1,
                     cache.dir.display(),
                     if errors.is_empty() { String::new() } else { format!("; after: {}", errors.join("; ")) }
                 );
-                return Ok((m, f, note));
+                return Ok((m, f, note, load));
             }
             Err(e) => errors.push(format!("{}: {e:#}", target.arch())),
         }
@@ -858,18 +888,24 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> 
     bail!("could not compile and load the CUDA kernels for sm_{}{}:\n  {}{hint}", cc.0, cc.1, errors.join("\n  "))
 }
 
-fn load_all(ctx: &Arc<CudaContext>, cache: &KernelCache, target: Target, include: &[PathBuf]) -> Result<(Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>)> {
+fn load_all(ctx: &Arc<CudaContext>, cache: &KernelCache, target: Target, include: &[PathBuf]) -> Result<(Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>, KernelLoad)> {
     let mut modules = Vec::new();
     let mut funcs = HashMap::new();
+    let mut load = KernelLoad::default();
     for (file, src) in SOURCES {
-        let module = load_one(ctx, cache, file, src, target, include)?;
+        let (module, compile_s) = load_one(ctx, cache, file, src, target, include)?;
+        load.files += 1;
+        if let Some(t) = compile_s {
+            load.compiled += 1;
+            load.compile_s += t;
+        }
         for name in kernel_names(src) {
             let f = module.load_function(&name).map_err(|e| anyhow!("{file}: kernel {name} not in the module: {e}"))?;
             funcs.insert(name, f);
         }
         modules.push(module);
     }
-    Ok((modules, funcs))
+    Ok((modules, funcs, load))
 }
 
 fn module_from(ctx: &Arc<CudaContext>, target: Target, mut image: Vec<u8>) -> Result<Arc<CudaModule>> {
@@ -886,19 +922,22 @@ fn module_from(ctx: &Arc<CudaContext>, target: Target, mut image: Vec<u8>) -> Re
     ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)).map_err(|e| anyhow!("cuModuleLoadData: {e}"))
 }
 
-fn load_one(ctx: &Arc<CudaContext>, cache: &KernelCache, file: &str, src: &str, target: Target, include: &[PathBuf]) -> Result<Arc<CudaModule>> {
+/// One kernel file's module, and NVRTC's seconds when it had to compile it.
+fn load_one(ctx: &Arc<CudaContext>, cache: &KernelCache, file: &str, src: &str, target: Target, include: &[PathBuf]) -> Result<(Arc<CudaModule>, Option<f64>)> {
     let arch = target.arch();
-    let image = cache.get_or_compile(file, src, &arch, include).with_context(|| format!("compiling {file} for {arch}"))?;
+    let (image, compile_s) = cache.get_or_compile(file, src, &arch, include).with_context(|| format!("compiling {file} for {arch}"))?;
     match module_from(ctx, target, image) {
-        Ok(m) => Ok(m),
+        Ok(m) => Ok((m, compile_s)),
         Err(first) => {
             // A stale or damaged cache entry: compile afresh once.
+            let t = std::time::Instant::now();
             let c = nvrtc::compile(file, src, &arch, include).with_context(|| format!("recompiling {file} for {arch}"))?;
+            let recompile_s = t.elapsed().as_secs_f64();
             let m = module_from(ctx, target, c.ptx_or_cubin.clone()).with_context(|| format!("loading {file} ({arch}); the cached image failed too: {first:#}"))?;
             if let Ok(ver) = nvrtc::nvrtc_version() {
                 let _ = cache.store(file, src, target, ver, &c.ptx_or_cubin);
             }
-            Ok(m)
+            Ok((m, Some(compile_s.unwrap_or(0.0) + recompile_s)))
         }
     }
 }
@@ -944,5 +983,19 @@ impl Pool {
 
     pub fn pooled_bytes(&self) -> usize {
         self.free.iter().map(|b| b.bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KernelLoad;
+
+    /// The kernels note tells a first start (NVRTC compiled) from a cached one, with its seconds.
+    #[test]
+    fn kernel_load_tells_a_compiling_start_from_a_cached_one() {
+        let cached = KernelLoad { files: 13, compiled: 0, compile_s: 0.0, load_s: 0.042 };
+        assert_eq!(cached.to_string(), "13 files from the cache, loaded in 0.04 s");
+        let first = KernelLoad { files: 13, compiled: 12, compile_s: 20.94, load_s: 21.3 };
+        assert_eq!(first.to_string(), "13 files, 12 compiled by NVRTC in 20.9 s, loaded in 21.3 s");
     }
 }

@@ -348,17 +348,20 @@ impl KernelCache {
         Ok(path)
     }
 
-    /// The cached image for (source, arch, this NVRTC), compiling and storing it on a miss. A cache
-    /// that cannot be written is not an error (the image is still returned).
-    pub fn get_or_compile(&self, source_name: &str, src: &str, arch: &str, include_dirs: &[PathBuf]) -> Result<Vec<u8>> {
+    /// The cached image for (source, arch, this NVRTC), compiling and storing it on a miss, and
+    /// the seconds NVRTC took when it compiled (`None` on a hit). A cache that cannot be written
+    /// is not an error (the image is still returned).
+    pub fn get_or_compile(&self, source_name: &str, src: &str, arch: &str, include_dirs: &[PathBuf]) -> Result<(Vec<u8>, Option<f64>)> {
         let target = Target::parse(arch)?;
         let ver = nvrtc_version()?;
         if let Some(img) = self.load(source_name, src, target, ver) {
-            return Ok(img);
+            return Ok((img, None));
         }
+        let t = std::time::Instant::now();
         let c = compile(source_name, src, arch, include_dirs)?;
+        let compile_s = t.elapsed().as_secs_f64();
         let _ = self.store(source_name, src, target, ver, &c.ptx_or_cubin);
-        Ok(c.ptx_or_cubin)
+        Ok((c.ptx_or_cubin, Some(compile_s)))
     }
 }
 

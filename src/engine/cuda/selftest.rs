@@ -1478,13 +1478,13 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
         );
         // Averaging and blending on the device: the host blending's f32 operations in its order,
         // on the same engine outputs, so the same maps bit for bit.
-        eprintln!("selftest: pipeline: again with --device-blend...");
+        eprintln!("selftest: pipeline: again blending on the device...");
         let engines = weights.iter().map(|w| CudaEngine::on(c.gpu.clone(), w, ConvBackend::Auto).map(|e| Box::new(e) as Box<dyn TileEngine>)).collect::<Result<Vec<_>>>()?;
         let dev = run_with(engines, &Settings { device_blend: true, ..settings.clone() })?;
-        c.cmp("pipeline --device-blend scores (vs host blend)", &sname, &dev.0.scores, &gpu.0.scores, TOL_EXACT);
-        c.cmp("pipeline --device-blend offsets (vs host blend)", &sname, &dev.0.offsets, &gpu.0.offsets, TOL_EXACT);
+        c.cmp("pipeline device blend scores (vs host blend)", &sname, &dev.0.scores, &gpu.0.scores, TOL_EXACT);
+        c.cmp("pipeline device blend offsets (vs host blend)", &sname, &dev.0.offsets, &gpu.0.offsets, TOL_EXACT);
         c.info(
-            "pipeline --device-blend timing",
+            "pipeline device blend timing",
             &sname,
             format!("{:.2} s (infer {:.2}, blend {:.2}) vs {:.2} s blending on the host; {} vs {} detections", dev.2, dev.3.infer, dev.3.blend, gpu.2, dev.1.len(), gpu.1.len()),
         );
@@ -1500,7 +1500,7 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
         let same = dets == gpu.1;
         let differing = if same { 0 } else { dets.len().abs_diff(gpu.1.len()).max(dets.iter().zip(&gpu.1).filter(|(a, b)| a != b).count()).max(1) };
         c.row(
-            "pipeline --device-blend detections (vs host)",
+            "pipeline device blend detections (vs host)",
             &sname,
             differing as f64,
             f64::NAN,
@@ -1627,7 +1627,7 @@ mod tests {
         let fails: Vec<String> = r.rows.iter().filter(|x| x.status == Status::Fail).map(|r| r.line()).collect();
         assert!(fails.is_empty(), "{}", fails.join("\n"));
         assert!(r.rows.iter().any(|x| x.name.starts_with("pipeline detections") && x.status == Status::Pass));
-        assert_eq!(r.rows.iter().filter(|x| x.name.starts_with("pipeline --device-blend") && x.status == Status::Pass).count(), 3);
+        assert_eq!(r.rows.iter().filter(|x| x.name.starts_with("pipeline device blend") && x.status == Status::Pass).count(), 3);
         assert!(to_json(&r).unwrap().contains("\"status\": \"PASS\""));
     }
 }
