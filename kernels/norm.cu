@@ -135,42 +135,58 @@ __device__ void norm_group_params(const double* ch_mean, const double* ch_m2, in
     }
 }
 
+// One channel's mean and M2 (sum of squared deviations from that mean).
+struct NormMoments {
+    double mean, m2;
+};
+
+// What norm_finalize and norm_finalize_tiles share, for block (g, n) = (group, sample): for each
+// channel c of the group in order, every thread calls `channel(r, n, c)` (fixed-shape reductions
+// in the scratch `r`) and thread 0's answer is kept; then the group's params.
+template <class Channel>
+__device__ void norm_finalize_group(int C, int groups, double cnt, const float* __restrict__ gamma,
+                                    const float* __restrict__ beta, float eps, float* __restrict__ params,
+                                    Channel channel) {
+    __shared__ double r[NORM_THREADS];
+    __shared__ double ch_mean[NORM_MAX_CPG];
+    __shared__ double ch_m2[NORM_MAX_CPG];
+    const int g = blockIdx.x;
+    const int n = blockIdx.y;
+    const int cpg = C / groups;
+    if (cpg < 1 || cpg > NORM_MAX_CPG) return;  // unsupported shape: the host checks
+    for (int k = 0; k < cpg; ++k) {
+        const NormMoments m = channel(r, n, g * cpg + k);
+        if (threadIdx.x == 0) {
+            ch_mean[k] = m.mean;
+            ch_m2[k] = m.m2;
+        }
+        __syncthreads();
+    }
+    norm_group_params(ch_mean, ch_m2, cpg, cnt, g, n, C, gamma, beta, eps, params);
+}
+
 // params: [N][C][3] f32 = (mean, scale, shift); gamma / beta may be null (no affine).
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 norm_finalize(const __half* __restrict__ x, const float* __restrict__ partial, long long vol, int C,
               int groups, int nblk, int pre_act, float pre_p,
               const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
               float* __restrict__ params) {
-    __shared__ double r[NORM_THREADS];
-    __shared__ double ch_mean[NORM_MAX_CPG];
-    __shared__ double ch_m2[NORM_MAX_CPG];
-    const int g = blockIdx.x;
-    const int n = blockIdx.y;
-    const int t = threadIdx.x;
-    const int cpg = C / groups;
-    if (cpg < 1 || cpg > NORM_MAX_CPG) return;  // unsupported shape: the host checks
     const double cnt = (double)vol;
     const double inv_cnt = 1.0 / cnt;
-    for (int k = 0; k < cpg; ++k) {
-        const int c = g * cpg + k;
+    norm_finalize_group(C, groups, cnt, gamma, beta, eps, params, [&](double* r, int n, int c) {
         double s = 0.0, q = 0.0;
-        for (int b = t; b < nblk; b += NORM_THREADS) {
+        for (int b = threadIdx.x; b < nblk; b += NORM_THREADS) {
             const float* p = partial + (((size_t)n * nblk + b) * C + c) * 2;
             s += (double)p[0];
             q += (double)p[1];
         }
         const double S1 = norm_block_sum(r, s);
         const double S2 = norm_block_sum(r, q);
-        if (t == 0) {
-            const double pivot =
-                (double)fd_act(__half2float(x[(size_t)n * (size_t)vol * (size_t)C + c]), pre_act, pre_p);
-            // Channel mean and sum of squared deviations from it.
-            ch_mean[k] = pivot + S1 * inv_cnt;
-            ch_m2[k] = fmax(S2 - S1 * S1 * inv_cnt, 0.0);
-        }
-        __syncthreads();
-    }
-    norm_group_params(ch_mean, ch_m2, cpg, cnt, g, n, C, gamma, beta, eps, params);
+        if (threadIdx.x != 0) return NormMoments{0.0, 0.0};
+        // The partials are of d = pre_act(x) - pivot (norm_stats_partial).
+        const double pivot = (double)fd_act(__half2float(x[(size_t)n * (size_t)vol * (size_t)C + c]), pre_act, pre_p);
+        return NormMoments{pivot + S1 * inv_cnt, fmax(S2 - S1 * S1 * inv_cnt, 0.0)};
+    });
 }
 
 // norm_finalize from a convolution's per-block statistics: partial [N][nblk][C][2] = (sum v,
@@ -179,36 +195,21 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 norm_finalize_tiles(const float* __restrict__ partial, long long vol, int C, int groups, int nblk, int per,
                     const float* __restrict__ gamma, const float* __restrict__ beta, float eps,
                     float* __restrict__ params) {
-    __shared__ double r[NORM_THREADS];
-    __shared__ double ch_mean[NORM_MAX_CPG];
-    __shared__ double ch_m2[NORM_MAX_CPG];
-    const int g = blockIdx.x;
-    const int n = blockIdx.y;
-    const int t = threadIdx.x;
-    const int cpg = C / groups;
-    if (cpg < 1 || cpg > NORM_MAX_CPG) return;  // unsupported shape: the host checks
     const double cnt = (double)vol;
     const double bcnt = (double)per;
-    for (int k = 0; k < cpg; ++k) {
-        const int c = g * cpg + k;
+    norm_finalize_group(C, groups, cnt, gamma, beta, eps, params, [&](double* r, int n, int c) {
         const float* p = partial + ((size_t)n * nblk * C + c) * 2;
         const size_t step = (size_t)C * 2;
         double s = 0.0;
-        for (int b = t; b < nblk; b += NORM_THREADS) s += (double)p[b * step];
+        for (int b = threadIdx.x; b < nblk; b += NORM_THREADS) s += (double)p[b * step];
         const double mean = norm_block_sum(r, s) / cnt;
         double q = 0.0;
-        for (int b = t; b < nblk; b += NORM_THREADS) {
+        for (int b = threadIdx.x; b < nblk; b += NORM_THREADS) {
             const double d = (double)p[b * step] / bcnt - mean;
             q += (double)p[b * step + 1] + bcnt * d * d;
         }
-        const double m2 = norm_block_sum(r, q);
-        if (t == 0) {
-            ch_mean[k] = mean;
-            ch_m2[k] = m2;
-        }
-        __syncthreads();
-    }
-    norm_group_params(ch_mean, ch_m2, cpg, cnt, g, n, C, gamma, beta, eps, params);
+        return NormMoments{mean, norm_block_sum(r, q)};
+    });
 }
 
 // y = post_act((pre_act(x) - mean) * scale + shift); y may alias x. grid.y = sample.

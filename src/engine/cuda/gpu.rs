@@ -334,22 +334,27 @@ impl Gpu {
             let cache = KernelCache::new(kernel_cache.unwrap_or_else(KernelCache::default_dir));
             let (modules, funcs, kernels_note, kernel_load) = load_kernels(&ctx, info.compute_capability, &cache)?;
             let sync_each = std::env::var("FASTDET_CUDA_SYNC").is_ok_and(|v| v == "1");
-            Ok(Gpu {
-                info,
-                inner: Inner::Cuda { ctx, stream, funcs, _modules: modules },
-                sigs: signatures()?,
-                kernels_note,
-                kernel_load,
-                sync_each: AtomicBool::new(sync_each),
-                usage: Arc::default(),
-                emu_limit: AtomicUsize::new(usize::MAX),
-                to_device: AtomicU64::new(0),
-                to_host: AtomicU64::new(0),
-                arena: Mutex::default(),
-                dnn_workspace: Mutex::default(),
-                capture_thread: Mutex::default(),
-                recorded: Mutex::default(),
-            })
+            Gpu::assemble(info, Inner::Cuda { ctx, stream, funcs, _modules: modules }, kernels_note, kernel_load, sync_each)
+        })
+    }
+
+    /// A handle with nothing allocated, copied or captured yet.
+    fn assemble(info: DeviceInfo, inner: Inner, kernels_note: String, kernel_load: KernelLoad, sync_each: bool) -> Result<Gpu> {
+        Ok(Gpu {
+            info,
+            inner,
+            sigs: signatures()?,
+            kernels_note,
+            kernel_load,
+            sync_each: AtomicBool::new(sync_each),
+            usage: Arc::default(),
+            emu_limit: AtomicUsize::new(usize::MAX),
+            to_device: AtomicU64::new(0),
+            to_host: AtomicU64::new(0),
+            arena: Mutex::default(),
+            dnn_workspace: Mutex::default(),
+            capture_thread: Mutex::default(),
+            recorded: Mutex::default(),
         })
     }
 
@@ -383,22 +388,7 @@ impl Gpu {
             driver_version: 0,
             device_count: 0,
         };
-        Ok(Arc::new(Gpu {
-            info,
-            inner: Inner::Emu(emu),
-            sigs: signatures()?,
-            kernels_note: note.into(),
-            kernel_load: KernelLoad::default(),
-            sync_each: AtomicBool::new(false),
-            usage: Arc::default(),
-            emu_limit: AtomicUsize::new(usize::MAX),
-            to_device: AtomicU64::new(0),
-            to_host: AtomicU64::new(0),
-            arena: Mutex::default(),
-            dnn_workspace: Mutex::default(),
-            capture_thread: Mutex::default(),
-            recorded: Mutex::default(),
-        }))
+        Ok(Arc::new(Gpu::assemble(info, Inner::Emu(emu), note.into(), KernelLoad::default(), false)?))
     }
 
     pub fn is_emulator(&self) -> bool {
