@@ -27,7 +27,7 @@ use anyhow::{Context, Result};
 use criterion::{Criterion, Throughput};
 use fastdet::engine::cuda::dnn::{ConvPlan, Dnn};
 use fastdet::engine::cuda::gpu::{DevBuf, Gpu};
-use fastdet::engine::cuda::ops::{self, vol, NormPrologue};
+use fastdet::engine::cuda::ops::{self, vol, ConvShape, NormPrologue};
 use fastdet::engine::cuda::{ConvBackend, CudaEngine};
 use fastdet::model::graph::{Act, Graph};
 use fastdet::model::spec::{Arch, ModelSpec};
@@ -57,6 +57,11 @@ impl Target {
             }
         }
     }
+}
+
+/// A residual block's 3x3x3 stride-1 convolution: one sample of `dims`, `c` channels in and out.
+fn block_conv(dims: [usize; 3], c: usize) -> ConvShape {
+    ConvShape { n: 1, dims, cin: c, cout: c, k: 3, stride: 1, pad: 1 }
 }
 
 fn random16(r: &mut SplitMix64, n: usize, lo: f32, hi: f32) -> Vec<f16> {
@@ -146,9 +151,9 @@ impl Block {
         let fin = |i: usize, tiles: &DevBuf| ops::norm_params_from_tiles(gpu, tiles.ptr, 1, c, v, self.groups, Some(self.gamma[i].ptr), Some(self.beta[i].ptr), self.params[i].ptr);
         let pro = |i: usize| Some(NormPrologue { params: self.params[i].ptr, pre: Act::None, post: Act::Relu });
         fin(0, &self.tiles[0])?;
-        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, Some(self.b[0].ptr), None, pro(0), self.y.ptr, Some(self.tiles[1].ptr), None, 1, d, c, c, 3, 1, 1, Act::None)?;
+        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, Some(self.b[0].ptr), None, pro(0), self.y.ptr, Some(self.tiles[1].ptr), None, block_conv(d, c), Act::None)?;
         fin(1, &self.tiles[1])?;
-        ops::conv_tc(gpu, self.y.ptr, self.w[1].ptr, Some(self.b[1].ptr), Some(self.x.ptr), pro(1), self.out.ptr, Some(self.tiles[2].ptr), None, 1, d, c, c, 3, 1, 1, Act::None)?;
+        ops::conv_tc(gpu, self.y.ptr, self.w[1].ptr, Some(self.b[1].ptr), Some(self.x.ptr), pro(1), self.out.ptr, Some(self.tiles[2].ptr), None, block_conv(d, c), Act::None)?;
         fin(0, &self.tiles[2])
     }
 
@@ -156,7 +161,7 @@ impl Block {
     fn prepare(&self, gpu: &Gpu) -> Result<()> {
         // An identity-free 1x1x1 pass is not available; a 3x3x3 conv of x into scratch writes
         // statistics of the right shape (their values only steer the normalisation).
-        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, None, None, None, self.t.ptr, Some(self.tiles[0].ptr), None, 1, self.dims, self.c, self.c, 3, 1, 1, Act::None)
+        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, None, None, None, self.t.ptr, Some(self.tiles[0].ptr), None, block_conv(self.dims, self.c), Act::None)
     }
 }
 
@@ -188,7 +193,7 @@ fn blocks(c: &mut Criterion, t: &Target) {
         g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(if t.toy { 1 } else { 2 }));
         g.throughput(Throughput::Elements(b.flops()));
         if let Some(dnn) = &dnn {
-            let plan = ConvPlan::new(dnn, 1, dims, ch, ch, 3, 1, 1);
+            let plan = ConvPlan::new(dnn, block_conv(dims, ch));
             match plan {
                 Ok(mut plan) => {
                     let mut ws = None;
@@ -208,7 +213,7 @@ fn blocks(c: &mut Criterion, t: &Target) {
         }
         if tc.is_ok() {
             let unfused = || -> Result<()> {
-                b.unfused(gpu, |i, x, y| ops::conv_tc(gpu, x, b.w[i].ptr, None, None, None, y, None, None, 1, dims, ch, ch, 3, 1, 1, Act::None))?;
+                b.unfused(gpu, |i, x, y| ops::conv_tc(gpu, x, b.w[i].ptr, None, None, None, y, None, None, block_conv(dims, ch), Act::None))?;
                 gpu.sync("block")
             };
             let fused = || -> Result<()> {

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::cudnn::{result, sys};
 
 use super::gpu::{guard, DevBuf, Gpu};
+use super::ops::ConvShape;
 
 /// Largest workspace a convolution may use (bytes); algorithms wanting more are skipped.
 /// `FASTDET_CUDNN_WORKSPACE_MIB` overrides it.
@@ -135,11 +136,11 @@ unsafe impl Send for ConvPlan {}
 
 impl ConvPlan {
     /// A plan for `x [n, dims, cin]` → `[n, out dims, cout]`, cubic kernel k, stride, pad.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(dnn: &Dnn, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Result<ConvPlan> {
+    pub fn new(dnn: &Dnn, shape: ConvShape) -> Result<ConvPlan> {
+        let ConvShape { n, dims, cin, cout, k, stride, pad } = shape;
         let what = format!("cuDNN conv {k}x{k}x{k}/s{stride} {cin}->{cout} on [{n}, {}, {}, {}]", dims[0], dims[1], dims[2]);
         guard(&what.clone(), || {
-            let od = super::ops::conv_out_dims(dims, k, stride, pad);
+            let od = shape.out_dims();
             let x = ndhwc_desc(n, cin, dims)?;
             let y = ndhwc_desc(n, cout, od)?;
             let w = FilterDesc(result::create_filter_descriptor().map_err(|e| anyhow!("cudnnCreateFilterDescriptor: {e}"))?);

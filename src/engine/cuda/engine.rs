@@ -44,7 +44,7 @@ use half::f16;
 
 use super::dnn::{ConvPlan, Dnn};
 use super::gpu::{guard, DevBuf, DeviceGraph, Gpu, Pool};
-use super::ops::{self, vol};
+use super::ops::{self, vol, ConvShape};
 use crate::engine::{Outputs, TileEngine};
 use crate::model::graph::{op_in_place, Act, Graph, OpKind, ValueId};
 use crate::weights::Weights;
@@ -1008,6 +1008,7 @@ impl CudaEngine {
                 };
                 let is_out = op.output == self.graph.scores || op.output == self.graph.offsets;
                 let ovol = vol(out_dims);
+                let shape = ConvShape { n, dims: in_dims, cin, cout, k, stride, pad };
                 match kind {
                     ConvKind::First => {
                         let out = self.take(n * ovol * cout * 2)?;
@@ -1039,14 +1040,7 @@ impl CudaEngine {
                             Some(bytes) => Some(self.take(bytes)?),
                             None => None,
                         };
-                        let ws = match ops::conv_tc_splitk_bytes(&gpu, n, in_dims, cin, cout, k, stride, pad) {
-                            0 => None,
-                            bytes => Some(self.take(bytes)?),
-                        };
-                        let r = ops::conv_tc(&gpu, x, w, bias, residual, prologue, out.ptr, sb.as_ref().map(|b| b.ptr), ws.as_ref(), n, in_dims, cin, cout, k, stride, pad, act);
-                        if let Some(b) = ws {
-                            self.give(b);
-                        }
+                        let r = self.conv_tc(x, w, bias, residual, prologue, out.ptr, sb.as_ref().map(|b| b.ptr), shape, act);
                         vals[out_v] = Some(Val::H(out));
                         self.tile_stats[out_v] = sb;
                         r?;
@@ -1057,18 +1051,10 @@ impl CudaEngine {
                         let mut direct = !use_dnn && !tc;
                         if tc {
                             // A head conv the head kernel cannot take.
-                            let ws = match ops::conv_tc_splitk_bytes(&gpu, n, in_dims, cin, cout, k, stride, pad) {
-                                0 => None,
-                                bytes => Some(self.take(bytes)?),
-                            };
-                            let r = ops::conv_tc(&gpu, x, w, bias, None, prologue, out.ptr, None, ws.as_ref(), n, in_dims, cin, cout, k, stride, pad, act);
-                            if let Some(b) = ws {
-                                self.give(b);
-                            }
-                            r?;
+                            self.conv_tc(x, w, bias, None, prologue, out.ptr, None, shape, act)?;
                         }
                         if use_dnn {
-                            match self.run_dnn(i, n, tile, in_dims, cin, cout, k, stride, pad, x, w, out.ptr) {
+                            match self.run_dnn(i, tile, shape, x, w, out.ptr) {
                                 Ok(()) => {
                                     if bias.is_some() || act != Act::None {
                                         ops::bias_act(&gpu, out.ptr, out.ptr, bias, n * ovol * cout, cout, act)?;
@@ -1089,7 +1075,7 @@ impl CudaEngine {
                             }
                         }
                         if direct {
-                            ops::conv_direct(&gpu, x, w, bias, out.ptr, n, in_dims, cin, cout, k, stride, pad, act)?;
+                            ops::conv_direct(&gpu, x, w, bias, out.ptr, shape, act)?;
                         }
                         if is_out {
                             // A head conv the head kernel cannot take: fp16 result -> NCDHW f32.
@@ -1222,13 +1208,26 @@ impl CudaEngine {
         r
     }
 
+    /// The tensor-core conv of `shape`, with its split-K buffer taken from the arena for the call.
     #[allow(clippy::too_many_arguments)]
-    fn run_dnn(&mut self, i: usize, n: usize, tile: [usize; 3], in_dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize, pad: usize, x: u64, w: u64, y: u64) -> Result<()> {
+    fn conv_tc(&mut self, x: u64, w: u64, bias: Option<u64>, residual: Option<u64>, prologue: Option<ops::NormPrologue>, out: u64, stats: Option<u64>, shape: ConvShape, act: Act) -> Result<()> {
+        let ws = match ops::conv_tc_splitk_bytes(&self.gpu, shape) {
+            0 => None,
+            bytes => Some(self.take(bytes)?),
+        };
+        let r = ops::conv_tc(&self.gpu, x, w, bias, residual, prologue, out, stats, ws.as_ref(), shape, act);
+        if let Some(b) = ws {
+            self.give(b);
+        }
+        r
+    }
+
+    fn run_dnn(&mut self, i: usize, tile: [usize; 3], shape: ConvShape, x: u64, w: u64, y: u64) -> Result<()> {
         let dnn = self.dnn.as_ref().context("internal error: no cuDNN handle")?;
         let nops = self.graph.ops.len();
-        let plans = self.plans.entry((n, tile)).or_insert_with(|| (0..nops).map(|_| None).collect());
+        let plans = self.plans.entry((shape.n, tile)).or_insert_with(|| (0..nops).map(|_| None).collect());
         if plans[i].is_none() {
-            plans[i] = Some(ConvPlan::new(dnn, n, in_dims, cin, cout, k, stride, pad)?);
+            plans[i] = Some(ConvPlan::new(dnn, shape)?);
         }
         let plan = plans[i].as_mut().expect("plan just built");
         let gpu = self.gpu.clone();

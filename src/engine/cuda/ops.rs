@@ -48,28 +48,25 @@ pub fn vol(d: [usize; 3]) -> usize {
 
 /// `dst[n, v, c] = fp16(src[n, c, v])` (NCDHW f32 → NDHWC fp16).
 pub fn to_ndhwc_f16(g: &Gpu, src: u64, dst: u64, n: usize, c: usize, vol: usize) -> Result<()> {
-    if n == 0 || c == 0 || vol == 0 {
-        return Ok(());
-    }
-    if n > 65535 || c.div_ceil(32) > 65535 {
-        bail!("ncdhw_f32_to_ndhwc_f16: {n} samples x {c} channels is too many for one launch");
-    }
-    check_i31("voxels / 32", vol.div_ceil(32))?;
-    let grid = (vol.div_ceil(32) as u32, c.div_ceil(32) as u32, n as u32);
-    g.launch("ncdhw_f32_to_ndhwc_f16", grid, (32, 8, 1), &[Arg::Ptr(src), Arg::Ptr(dst), Arg::I32(c as i32), Arg::I64(vol as i64)])
+    transpose(g, "ncdhw_f32_to_ndhwc_f16", src, dst, n, c, vol)
 }
 
 /// `dst[n, c, v] = f32(src[n, v, c])` (NDHWC fp16 → NCDHW f32).
 pub fn to_ncdhw_f32(g: &Gpu, src: u64, dst: u64, n: usize, c: usize, vol: usize) -> Result<()> {
+    transpose(g, "ndhwc_f16_to_ncdhw_f32", src, dst, n, c, vol)
+}
+
+/// The two layout kernels' launch: 32x32 (voxel, channel) tiles per block, one grid z per sample.
+fn transpose(g: &Gpu, kernel: &str, src: u64, dst: u64, n: usize, c: usize, vol: usize) -> Result<()> {
     if n == 0 || c == 0 || vol == 0 {
         return Ok(());
     }
     if n > 65535 || c.div_ceil(32) > 65535 {
-        bail!("ndhwc_f16_to_ncdhw_f32: {n} samples x {c} channels is too many for one launch");
+        bail!("{kernel}: {n} samples x {c} channels is too many for one launch");
     }
     check_i31("voxels / 32", vol.div_ceil(32))?;
     let grid = (vol.div_ceil(32) as u32, c.div_ceil(32) as u32, n as u32);
-    g.launch("ndhwc_f16_to_ncdhw_f32", grid, (32, 8, 1), &[Arg::Ptr(src), Arg::Ptr(dst), Arg::I32(c as i32), Arg::I64(vol as i64)])
+    g.launch(kernel, grid, (32, 8, 1), &[Arg::Ptr(src), Arg::Ptr(dst), Arg::I32(c as i32), Arg::I64(vol as i64)])
 }
 
 /// `t` windows of `window` voxels at the voxel origins `origins` (device `[t, 3]` i32) of the f32
@@ -148,20 +145,49 @@ pub fn conv_out_dims(dims: [usize; 3], k: usize, stride: usize, pad: usize) -> [
     dims.map(|l| (l + 2 * pad).saturating_sub(k) / stride + 1)
 }
 
+/// One cubic convolution's geometry: `n` samples of `dims` voxels and `cin` channels in, `cout`
+/// out, kernel `k`, `stride`, `pad` on every side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    pub n: usize,
+    pub dims: [usize; 3],
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl ConvShape {
+    pub fn out_dims(&self) -> [usize; 3] {
+        conv_out_dims(self.dims, self.k, self.stride, self.pad)
+    }
+
+    /// Output voxels per sample.
+    pub fn out_vol(&self) -> usize {
+        vol(self.out_dims())
+    }
+
+    /// The implicit GEMM's rows (output voxels of every sample) and depth (k^3 cin).
+    pub fn gemm_mk(&self) -> (usize, usize) {
+        (self.n * self.out_vol(), self.k * self.k * self.k * self.cin)
+    }
+}
+
 /// The implicit-GEMM kernels' shape checks (64-wide output-channel tiles, 32-bit indices) and
 /// their shared arguments `N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW`; also the GEMM's
 /// row count M (output voxels).
-#[allow(clippy::too_many_arguments)]
-fn igemm_shape(kernel: &str, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Result<(usize, [Arg; 12])> {
+fn igemm_shape(kernel: &str, s: ConvShape) -> Result<(usize, [Arg; 12])> {
+    let ConvShape { n, dims, cin, cout, k, stride, pad } = s;
     if cin == 0 || cout == 0 || k == 0 || stride == 0 {
         bail!("{kernel}: empty shape");
     }
-    let o = conv_out_dims(dims, k, stride, pad);
-    let m = n * vol(o);
+    let o = s.out_dims();
+    let (m, depth) = s.gemm_mk();
     check_i31("output voxels", m)?;
     check_i31("input elements", n * vol(dims) * cin)?;
     check_i31("output elements", m * cout)?;
-    check_i31("K", k * k * k * cin)?;
+    check_i31("K", depth)?;
     if cout.div_ceil(64) > 65535 {
         bail!("{kernel}: {cout} output channels");
     }
@@ -171,23 +197,9 @@ fn igemm_shape(kernel: &str, n: usize, dims: [usize; 3], cin: usize, cout: usize
 
 /// The generic implicit-GEMM convolution (no cuDNN): `x [n, dims, cin]` fp16, `w [cout, k, k, k,
 /// cin]` fp16, bias f32, out `[n, out dims, cout]` fp16.
-#[allow(clippy::too_many_arguments)]
-pub fn conv_direct(
-    g: &Gpu,
-    x: u64,
-    w: u64,
-    bias: Option<u64>,
-    out: u64,
-    n: usize,
-    dims: [usize; 3],
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-    act: Act,
-) -> Result<()> {
-    let (m, shape) = igemm_shape("conv3d_igemm_f16", n, dims, cin, cout, k, stride, pad)?;
+pub fn conv_direct(g: &Gpu, x: u64, w: u64, bias: Option<u64>, out: u64, s: ConvShape, act: Act) -> Result<()> {
+    let (m, shape) = igemm_shape("conv3d_igemm_f16", s)?;
+    let cout = s.cout;
     let (ac, ap) = act_code(act);
     let mut a = vec![Arg::Ptr(x), Arg::Ptr(w), opt(bias), Arg::Ptr(out)];
     a.extend_from_slice(&shape);
@@ -260,18 +272,18 @@ pub fn conv_tc_splits(m: usize, cout: usize, k_total: usize, sms: usize) -> (usi
 
 /// How `conv_tc` launches a shape on `g`: `(grid x, grid y, splits, k-steps per split, bytes
 /// of the split-K buffer, 0 when it does not split)`.
-fn conv_tc_launch(g: &Gpu, m: usize, cin: usize, cout: usize, k: usize) -> (usize, usize, usize, usize, usize) {
-    let v = conv_tc_variant(cout);
-    let (gx, gy) = (m.div_ceil(v.rows), cout.div_ceil(v.cols));
-    let (splits, span) = conv_tc_splits(m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize);
+fn conv_tc_launch(g: &Gpu, s: ConvShape) -> (usize, usize, usize, usize, usize) {
+    let v = conv_tc_variant(s.cout);
+    let (m, depth) = s.gemm_mk();
+    let (gx, gy) = (m.div_ceil(v.rows), s.cout.div_ceil(v.cols));
+    let (splits, span) = conv_tc_splits(m, s.cout, depth, g.info.multiprocessors.max(0) as usize);
     let bytes = if splits > 1 { splits * gx * v.rows * gy * v.cols * 4 } else { 0 };
     (gx, gy, splits, span, bytes)
 }
 
 /// Bytes of the f32 buffer `conv_tc` needs for its K splits on `g` (0 when it does not split).
-#[allow(clippy::too_many_arguments)]
-pub fn conv_tc_splitk_bytes(g: &Gpu, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> usize {
-    conv_tc_launch(g, n * vol(conv_out_dims(dims, k, stride, pad)), cin, cout, k).4
+pub fn conv_tc_splitk_bytes(g: &Gpu, s: ConvShape) -> usize {
+    conv_tc_launch(g, s).4
 }
 
 /// Bytes of `conv_tc`'s statistics for `n` samples of `ovol` voxels and `cout` channels.
@@ -296,18 +308,12 @@ pub fn conv_tc(
     out: u64,
     stats: Option<u64>,
     splitk: Option<&DevBuf>,
-    n: usize,
-    dims: [usize; 3],
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+    s: ConvShape,
     act: Act,
 ) -> Result<()> {
-    let v = conv_tc_variant(cout);
-    let (m, shape) = igemm_shape(v.kernel, n, dims, cin, cout, k, stride, pad)?;
-    let ovol = vol(conv_out_dims(dims, k, stride, pad));
+    let (cout, v) = (s.cout, conv_tc_variant(s.cout));
+    let (m, shape) = igemm_shape(v.kernel, s)?;
+    let ovol = s.out_vol();
     if stats.is_some() && conv_tc_stats_blocks(ovol, cout).is_none() {
         bail!("{}: statistics need an output volume divisible by {}, got {ovol}", v.kernel, v.rows);
     }
@@ -316,7 +322,7 @@ pub fn conv_tc(
     let (post, post_p) = act_code(norm.map_or(Act::None, |p| p.post));
     // Split K: the partial sums of each split go to a padded f32 buffer (the caller's, or one
     // freed stream-ordered after the reduce that finishes the store).
-    let (gx, gy, splits, span, need) = conv_tc_launch(g, m, cin, cout, k);
+    let (gx, gy, splits, span, need) = conv_tc_launch(g, s);
     let own = match splitk {
         Some(b) if b.bytes >= need => None,
         _ if need > 0 => Some(g.alloc(need)?),

@@ -24,7 +24,7 @@ use super::dnn::{ConvPlan, Dnn};
 use super::emu::{from_ndhwc, to_ndhwc};
 use super::engine::{to_ktrsc, ConvBackend, CudaEngine};
 use super::gpu::{DevBuf, Gpu};
-use super::ops::{self, vol};
+use super::ops::{self, vol, ConvShape};
 use crate::engine::cpu::{conv, norm, resample, CpuEngine};
 use crate::engine::{Outputs, TileEngine};
 use crate::model::graph::Act;
@@ -546,7 +546,7 @@ fn conv_tc_fused_cases(c: &mut Ctx) {
             let out = if in_place { c.up16(&res_nd)? } else { c.gpu.alloc(n * ov * cout * 2)? };
             let rp = residual.then_some(if in_place { out.ptr } else { rb.ptr });
             let norm = ops::NormPrologue { params: pb.ptr, pre: Act::None, post };
-            ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, Some(bb.ptr), rp, Some(norm), out.ptr, None, None, n, dims, cin, cout, k, stride, k / 2, act)?;
+            ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, Some(bb.ptr), rp, Some(norm), out.ptr, None, None, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, act)?;
             let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
             c.cmp(&name, &shape, &got, &want, TOL_FP16);
             Ok(())
@@ -613,7 +613,7 @@ fn conv_tc_stats_cases(c: &mut Ctx) {
             let out = c.gpu.alloc(n * ov * cout * 2)?;
             let stats = c.gpu.alloc(ops::conv_tc_stats_bytes(n, ov, cout).context("volume")?)?;
             let params = c.gpu.alloc(n * cout * 3 * 4)?;
-            ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, Some(bb.ptr), residual.then_some(rb.ptr), None, out.ptr, Some(stats.ptr), None, n, dims, cin, cout, k, stride, k / 2, Act::None)?;
+            ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, Some(bb.ptr), residual.then_some(rb.ptr), None, out.ptr, Some(stats.ptr), None, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, Act::None)?;
             ops::norm_params_from_tiles(&c.gpu, stats.ptr, n, cout, ov, groups, gb.as_ref().map(|b| b.ptr), betab.as_ref().map(|b| b.ptr), params.ptr)?;
             ops::norm_apply(&c.gpu, out.ptr, out.ptr, n, cout, ov, params.ptr, Act::None, post)?;
             let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
@@ -714,7 +714,7 @@ fn conv_cases(c: &mut Ctx) {
         c.case(&direct_name.clone(), &shape.clone(), |c| {
             let (xb, wb, bb) = upload(c)?;
             let out = c.gpu.alloc(n * ov * cout * 2)?;
-            ops::conv_direct(&c.gpu, xb.ptr, wb.ptr, bb.as_ref().map(|b| b.ptr), out.ptr, n, dims, cin, cout, k, stride, k / 2, act)?;
+            ops::conv_direct(&c.gpu, xb.ptr, wb.ptr, bb.as_ref().map(|b| b.ptr), out.ptr, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, act)?;
             let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
             c.cmp(&direct_name, &shape, &got, &want, TOL_FP16);
             Ok(())
@@ -725,7 +725,7 @@ fn conv_cases(c: &mut Ctx) {
             Ok(()) => c.case(&tc_name.clone(), &shape.clone(), |c| {
                 let (xb, wb, bb) = upload(c)?;
                 let out = c.gpu.alloc(n * ov * cout * 2)?;
-                ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, bb.as_ref().map(|b| b.ptr), None, None, out.ptr, None, None, n, dims, cin, cout, k, stride, k / 2, act)?;
+                ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, bb.as_ref().map(|b| b.ptr), None, None, out.ptr, None, None, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, act)?;
                 let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
                 c.cmp(&tc_name, &shape, &got, &want, TOL_FP16);
                 Ok(())
@@ -740,7 +740,7 @@ fn conv_cases(c: &mut Ctx) {
             let (xb, wb, bb) = upload(c)?;
             let out = c.gpu.alloc(n * ov * cout * 2)?;
             let dnn = c.dnn.as_ref().expect("checked");
-            let planned = ConvPlan::new(dnn, n, dims, cin, cout, k, stride, k / 2).and_then(|mut p| {
+            let planned = ConvPlan::new(dnn, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }).and_then(|mut p| {
                 let mut ws = None;
                 p.run(dnn, &c.gpu, xb.ptr, wb.ptr, out.ptr, &mut ws)?;
                 Ok(p)
