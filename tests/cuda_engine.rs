@@ -204,6 +204,7 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     assert_eq!(r["tomogram_host_blend_s"], 2.5);
     assert_eq!(r["first_start_nvrtc_s"], 21.5);
     assert_eq!(r["cold_start_kernels_compiled"], 0);
+    assert!(text.contains(r#""tomogram_host_blend_s": 2.5"#) && text.contains(r#""first_start_nvrtc_s": 21.5"#), "{text}");
     assert!(text.contains("cold start 0.40 s to the first tile; kernels: 13 files, 0 compiled (0.0 s), loaded in 0.05 s"), "{text}");
     assert!(text.contains("blending on the GPU; upload 0.03") && text.contains("blending on the CPU; upload 0.00"), "{text}");
     assert!(text.contains("block 32ch_8x8x8") && text.contains("tc_fused 1.500 ms"), "{text}");

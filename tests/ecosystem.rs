@@ -81,6 +81,10 @@ fn device_blend_is_the_default_and_host_blend_turns_it_off() {
     assert_eq!(blend(Some("device_blend = true\n"), &[]), Some(true));
     assert_eq!(blend(Some("device_blend = false\n"), &["--device-blend"]), Some(true));
     assert_eq!(blend(Some("device_blend = true\n"), &["--host-blend"]), Some(false));
+    assert_eq!(blend(Some("device_blend = false\nhost_blend = true\n"), &[]), Some(false));
+    std::fs::write(&cfg, "device_blend = true\nhost_blend = true\n").unwrap();
+    let o = fastdet().args(["run", "--print-config", "--config"]).arg(&cfg).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("run.toml: device_blend and host_blend contradict"));
     let o = fastdet().args(["run", "--print-config", "--host-blend", "--device-blend"]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"), "{}", String::from_utf8_lossy(&o.stderr));

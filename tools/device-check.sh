@@ -382,7 +382,8 @@ if "s_per_tomogram" in d:  # fastdet bench --tomogram
           f"detect {d['detect_s']:.2f} s; {d['tflops']:.1f} TFLOP/s; first tile {d.get('cold_start_s') or float('nan'):.2f} s after start)")
     raise SystemExit(0)
 if "floor_s" in d:  # tools/results_json.py
-    print(f"{name}: " + json.dumps({k: d[k] for k in ("tomogram_s", "floor_s", "cold_start_s", "peak_mem_gib", "fp16_matmul_tflops")}))
+    print(f"{name}: " + json.dumps({k: d.get(k) for k in ("tomogram_s", "tomogram_host_blend_s", "floor_s", "cold_start_s", "cold_start_kernels_compiled",
+                                                "first_start_nvrtc_s", "peak_mem_gib", "fp16_matmul_tflops")}))
     for level, v in d.get("blocks", {}).items():  # criterion, benches/cuda_ops.rs
         print(f"  block {level:<18} " + "  ".join(f"{k[:-3]} {ms:.3f} ms" for k, ms in v.items()))
     raise SystemExit(0)

@@ -17,6 +17,12 @@ Output (missing inputs give nulls, never invented numbers):
    "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
    "sources"}
 
+tomogram_s is the default pipeline, which averages and blends on the GPU (before 2026-12-02 the
+default blended on the CPU: results.json files from then hold that under tomogram_s);
+tomogram_host_blend_s is the same with --host-blend. first_start_nvrtc_s: NVRTC's seconds in the
+check's first process (empty kernel cache); cold_start_s is a later start, with the kernels cached
+(cold_start_kernels_compiled says how many it had to compile).
+
 floor_s = FLOPs per tomogram (from the tomogram bench) / the card's fp16 rate measured by PyTorch's
 large matmul (bench-torch.json "fp16_matmul_tflops"). peak_mem_gib is fastdet's own device
 buffers at batch 1 (the per-tile bench), the largest over the models.

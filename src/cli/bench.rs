@@ -223,13 +223,13 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             "tile {}x{}x{}, batch {}, {} timed call(s) after {} warm-up; {} CPU thread(s)",
             tile[0], tile[1], tile[2], a.batch, a.iters, a.warmup, threads
         );
+        if let Some(k) = kernel_load {
+            println!("kernels: {k} (part of the cold start, {:.2} s to the first outputs)", cold_start_s.unwrap_or(f64::NAN));
+        }
         println!(
             "{:<14} {:>10} {:>10} {:>10} {:>9} {:>8} {:>9}  engine",
             "model", "ms/tile", "min", "max", "GFLOP/s", "open s", "1st s"
         );
-        if let Some(k) = kernel_load {
-            println!("kernels: {k} (in the cold start)");
-        }
         for r in &rows {
             let (med, min, max) = r.per_tile(a.batch);
             let mem = r.device_mib.map(|m| format!(", peak device memory {m:.0} MiB")).unwrap_or_default();
@@ -377,7 +377,8 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
             flops as f64 * 1e-12 / med
         );
         let mem = device_peak.map(|m| format!(", peak device memory {m:.0} MiB")).unwrap_or_default();
-        println!("engines opened in {open_s:.2} s, first tile done {:.2} s after start{mem}", cold_start_s.unwrap_or(f64::NAN));
+        let kernels = kernel_load.map(|k| format!(" (kernels: {k})")).unwrap_or_default();
+        println!("engines opened in {open_s:.2} s{kernels}, first tile done {:.2} s after start{mem}", cold_start_s.unwrap_or(f64::NAN));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -81,6 +81,8 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     let mut rest: Vec<OsString> = argv[..pos].to_vec();
     rest.extend_from_slice(&argv[pos + consumed..]);
     let mut extra: Vec<OsString> = Vec::new();
+    // Whether the file asks for blending on the host (from either key).
+    let mut file_host: Option<bool> = None;
     for (raw_key, v) in &table {
         let key = raw_key.replace('_', "-");
         if !KNOWN.contains(&key.as_str()) {
@@ -95,9 +97,10 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
             // command line's choice either way wins.
             ("device-blend" | "host-blend", toml::Value::Boolean(b)) => {
                 let host = (key == "host-blend") == *b;
-                if host && !given(&rest, "--host-blend") && !given(&rest, "--device-blend") {
-                    extra.push("--host-blend".into());
+                if file_host.is_some_and(|h| h != host) {
+                    bail!("{}: device_blend and host_blend contradict each other", file.display());
                 }
+                file_host = Some(host);
             }
             ("thresholds", v) => {
                 extra.push(flag.into());
@@ -124,6 +127,9 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
                 extra.push(resolve(k, scalar(v, raw_key, file)?, base).into());
             }
         }
+    }
+    if file_host == Some(true) && !given(&rest, "--host-blend") && !given(&rest, "--device-blend") {
+        extra.push("--host-blend".into());
     }
     // File values go right after `run`, before the command line's own arguments.
     let mut out: Vec<OsString> = rest[..2].to_vec();

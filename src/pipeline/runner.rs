@@ -439,12 +439,15 @@ fn predict_blended(
                 Ok(mut acc) => {
                     let one_channel = ens.engines.iter_mut().all(|e| e.as_cuda().is_some_and(|c| c.input_channels() == 1));
                     let mut dv = if device_input && one_channel {
-                        // Waited for, so that the copy is timed on its own.
+                        // Waited for on both sides (the accumulators' zeroing before), so that
+                        // the copy is timed on its own.
+                        gpu.sync("zeroing the blend accumulators")?;
                         let t = Instant::now();
-                        let uploaded = DeviceVolume::new(gpu.clone(), volume, shape, s.window).and_then(|v| gpu.sync("uploading the volume").map(|()| v));
-                        timing.upload += t.elapsed().as_secs_f64();
-                        match uploaded {
-                            Ok(v) => Some(v),
+                        match DeviceVolume::new(gpu.clone(), volume, shape, s.window).and_then(|v| gpu.sync("uploading the volume").map(|()| v)) {
+                            Ok(v) => {
+                                timing.upload += t.elapsed().as_secs_f64();
+                                Some(v)
+                            }
                             Err(e) if e.downcast_ref::<OutOfMemory>().is_some() => {
                                 eprintln!("  the volume does not fit on the device ({e:#}); cutting the tiles on the host");
                                 None

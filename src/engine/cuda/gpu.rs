@@ -853,9 +853,11 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> 
     let include: Vec<PathBuf> = nvrtc::find_cuda_include().into_iter().collect();
     let mut errors: Vec<String> = Vec::new();
     let started = std::time::Instant::now();
+    // Compiles for targets that then failed count too: they are part of this start.
+    let mut load = KernelLoad::default();
     for target in targets(cc) {
-        match load_all(ctx, cache, target, &include) {
-            Ok((m, f, mut load)) => {
+        match load_all(ctx, cache, target, &include, &mut load) {
+            Ok((m, f)) => {
                 load.load_s = started.elapsed().as_secs_f64();
                 let note = format!(
                     "{} from NVRTC {}.{} (cache {}; {load}{})",
@@ -878,13 +880,13 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> 
     bail!("could not compile and load the CUDA kernels for sm_{}{}:\n  {}{hint}", cc.0, cc.1, errors.join("\n  "))
 }
 
-fn load_all(ctx: &Arc<CudaContext>, cache: &KernelCache, target: Target, include: &[PathBuf]) -> Result<(Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>, KernelLoad)> {
+/// Every kernel file's module for `target`; adds its NVRTC compiles to `load`.
+fn load_all(ctx: &Arc<CudaContext>, cache: &KernelCache, target: Target, include: &[PathBuf], load: &mut KernelLoad) -> Result<(Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>)> {
     let mut modules = Vec::new();
     let mut funcs = HashMap::new();
-    let mut load = KernelLoad::default();
+    load.files = SOURCES.len();
     for (file, src) in SOURCES {
         let (module, compile_s) = load_one(ctx, cache, file, src, target, include)?;
-        load.files += 1;
         if let Some(t) = compile_s {
             load.compiled += 1;
             load.compile_s += t;
@@ -895,7 +897,7 @@ fn load_all(ctx: &Arc<CudaContext>, cache: &KernelCache, target: Target, include
         }
         modules.push(module);
     }
-    Ok((modules, funcs, load))
+    Ok((modules, funcs))
 }
 
 fn module_from(ctx: &Arc<CudaContext>, target: Target, mut image: Vec<u8>) -> Result<Arc<CudaModule>> {

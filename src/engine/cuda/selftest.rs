@@ -1486,7 +1486,7 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
         c.info(
             "pipeline device blend timing",
             &sname,
-            format!("{:.2} s (infer {:.2}, blend {:.2}) vs {:.2} s blending on the host; {} vs {} detections", dev.2, dev.3.infer, dev.3.blend, gpu.2, dev.1.len(), gpu.1.len()),
+            format!("{:.2} s (upload {:.2}, infer {:.2}, blend {:.2}) vs {:.2} s blending on the host; {} vs {} detections", dev.2, dev.3.upload, dev.3.infer, dev.3.blend, gpu.2, dev.1.len(), gpu.1.len()),
         );
         // Detection candidates from the device maps (the maps never come back): the same
         // detections as the host's detection on the host-blended maps, exactly.
