@@ -3,7 +3,9 @@
 //! With a CUDA driver and a GPU: the quick self-test (every kernel against its CPU twin, both seed
 //! networks on a 64³ tile). Without one (CI, this repository's development machines) the GPU test
 //! prints SKIP and the reason, and the rest checks that "no GPU" is an ordinary error with exit
-//! status 2, never a panic, and that the self-test's CLI works on the host emulator of the kernels.
+//! status 2, never a panic, that the self-test's CLI works on the host emulator of the kernels, and
+//! that `fastdet run --device emu` (the CUDA path on that emulator) gives the same picks however it
+//! blends and however many workers it has.
 
 use std::process::Command;
 
@@ -208,4 +210,64 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     assert!(text.contains("cold start 0.40 s to the first tile; kernels: 13 files, 0 compiled (0.0 s), loaded in 0.05 s"), "{text}");
     assert!(text.contains("blending on the GPU; upload 0.03") && text.contains("blending on the CPU; upload 0.00"), "{text}");
     assert!(text.contains("block 32ch_8x8x8") && text.contains("tc_fused 1.500 ms"), "{text}");
+}
+
+/// `fastdet run` on the emulated GPU takes the CUDA path end to end (device blending and peak
+/// finding, CUDA graphs, one worker per device): the picks do not depend on where the blending
+/// runs or on how many workers there are, and match the CPU engine's within fp16 tolerance.
+#[test]
+fn run_on_the_emulated_gpu_is_the_same_across_workers_and_blending() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, args: &[&str]| -> (String, String) {
+        let out = tmp.path().join(format!("{name}.csv"));
+        let o = fastdet()
+            .args(["run", "--data"])
+            .arg(root.join("tests/fixtures/dataset"))
+            .arg("--weights")
+            .arg(root.join("weights/demo_segresnetv2.safetensors"))
+            .arg(root.join("weights/demo_dynunet.safetensors"))
+            .args(["--window", "32,64,64", "--tiles", "1,2,2", "--with-score", "--out"])
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{name}: {err}");
+        (std::fs::read_to_string(&out).unwrap(), err)
+    };
+    let (gpu, log) = run("emu", &["--device", "emu"]);
+    // 2 runs x 4 tiles x 2 models: each model's first batch eager, the rest from its graph.
+    assert!(log.contains("CUDA graphs on emu:0: 14 batch(es) replayed from 2 graph(s), 2 run eagerly"), "{log}");
+    assert!(log.contains("TS_synth_1:") && log.contains(", upload "), "the volume went up once per run:\n{log}");
+    let (host_blend, _) = run("host-blend", &["--device", "emu", "--host-blend"]);
+    assert_eq!(gpu, host_blend, "blending on the device and on the host give the same picks");
+    let (two, log2) = run("two", &["--devices", "emu:0,emu:1"]);
+    assert!(log2.contains("[emu:0] TS_synth_1:") && log2.contains("[emu:1] TS_synth_2:"), "worker k takes runs[k::2]:\n{log2}");
+    assert_eq!(gpu, two, "two workers give one worker's output");
+    let (same_card, _) = run("same-card", &["--devices", "emu:0,emu:0"]);
+    assert_eq!(gpu, same_card, "two workers on one device");
+
+    // Against the CPU engine: every pick matched within a voxel (10.012 Å) and 0.01 in score.
+    let (cpu, _) = run("cpu", &["--device", "cpu"]);
+    let rows = |csv: &str| -> Vec<(String, String, f64, [f64; 3])> {
+        csv.lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                let v = |i: usize| f[i].parse::<f64>().unwrap();
+                (f[1].to_string(), f[2].to_string(), v(3), [v(4), v(5), v(6)])
+            })
+            .collect()
+    };
+    let (g, c) = (rows(&gpu), rows(&cpu));
+    assert!(!c.is_empty() && g.len() == c.len(), "{} picks on the emulated GPU, {} on the CPU", g.len(), c.len());
+    let mut used = vec![false; g.len()];
+    for (run, class, score, at) in &c {
+        let hit = g.iter().enumerate().position(|(j, (r, k, s, p))| {
+            !used[j] && r == run && k == class && (s - score).abs() <= 0.01 && (0..3).map(|a| (p[a] - at[a]).powi(2)).sum::<f64>().sqrt() <= 10.012
+        });
+        let j = hit.unwrap_or_else(|| panic!("CPU pick {run} {class} {score} {at:?} has no match on the emulated GPU"));
+        used[j] = true;
+    }
 }

@@ -17,7 +17,8 @@ use std::time::Instant;
     after_help = "Without --weights, each --arch runs at the seed's widths with random weights. A timed call is one\n`forward` as the pipeline makes it: input upload, network, outputs back in host memory.\n'open s' is the engine's creation (weights, kernels), '1st s' the first call.\nExamples:\n  fastdet bench --device cpu --tile 64,64,64\n  fastdet bench --device cuda:0 --arch segresnetv2 --batch 2 --json"
 )]
 pub struct BenchArgs {
-    /// cpu or cuda:N
+    /// cpu or cuda:N (emu:N: the CUDA engine on a host emulator of its kernels, no GPU; slow,
+    /// for testing)
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Architectures at the seed widths (random weights): segresnetv2, dynunet or all

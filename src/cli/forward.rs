@@ -15,7 +15,8 @@ pub struct ForwardArgs {
     pub input: PathBuf,
     #[arg(long)]
     pub output: PathBuf,
-    /// cpu or cuda:N
+    /// cpu or cuda:N (emu:N: the CUDA engine on a host emulator of its kernels, no GPU; slow,
+    /// for testing)
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Also write the head's input feature map `fm2`

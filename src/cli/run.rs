@@ -53,7 +53,8 @@ pub struct InferArgs {
     /// fastdet weights files (any number, mixed architectures): one ensemble
     #[arg(long, num_args = 1..)]
     pub weights: Vec<PathBuf>,
-    /// cpu or cuda:N
+    /// cpu or cuda:N (emu:N: the CUDA engine on a host emulator of its kernels, no GPU; slow,
+    /// for testing)
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// One worker per listed GPU in this process (e.g. 0,1; 0,0 runs two workers on one card);
@@ -454,7 +455,7 @@ fn worker(
     parts: Option<&Parts>,
 ) -> Result<Vec<(usize, Outcome)>> {
     let mut ens = load_ensemble(a, device)?;
-    if s.device_blend && matches!(device, Device::Cuda(_)) && ens.cuda_device().is_none() {
+    if s.device_blend && device.is_cuda_engine() && ens.cuda_device().is_none() {
         eprintln!("  {label}the models on {device} are not on one CUDA device; blending on the host");
     }
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(zarr::Volume, f64)>>(1);

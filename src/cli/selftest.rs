@@ -69,6 +69,7 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     } else {
         match Device::parse(&a.device)? {
             Device::Cuda(i) => Target::Cuda(i),
+            Device::Emu(_) => Target::Emulator,
             Device::Cpu => return cpu_selftest(&a),
         }
     };

@@ -37,6 +37,10 @@ pub trait TileEngine: Send {
 pub enum Device {
     Cpu,
     Cuda(usize),
+    /// `emu:N`: the CUDA engine on the host emulator of its kernels (no GPU; slow, small inputs
+    /// only). It takes the CUDA path's every step, device blending included, so that the GPU
+    /// pipeline and its multi-worker runs are tested without a GPU.
+    Emu(usize),
 }
 
 impl Device {
@@ -44,10 +48,19 @@ impl Device {
         if s == "cpu" {
             return Ok(Device::Cpu);
         }
+        let bad = || anyhow::anyhow!("bad device {s:?}: expected cpu or cuda:N");
         if let Some(i) = s.strip_prefix("cuda:").or(if s == "cuda" { Some("0") } else { None }) {
-            return Ok(Device::Cuda(i.parse().map_err(|_| anyhow::anyhow!("bad device {s:?}: expected cpu or cuda:N"))?));
+            return Ok(Device::Cuda(i.parse().map_err(|_| bad())?));
         }
-        anyhow::bail!("bad device {s:?}: expected cpu or cuda:N")
+        if let Some(i) = s.strip_prefix("emu:").or(if s == "emu" { Some("0") } else { None }) {
+            return Ok(Device::Emu(i.parse().map_err(|_| bad())?));
+        }
+        Err(bad())
+    }
+
+    /// Whether models on this device run on the CUDA engine (a GPU or its emulator).
+    pub fn is_cuda_engine(&self) -> bool {
+        matches!(self, Device::Cuda(_) | Device::Emu(_))
     }
 }
 
@@ -56,6 +69,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::Emu(i) => write!(f, "emu:{i}"),
         }
     }
 }
@@ -66,5 +80,6 @@ pub fn open(device: Device, weights: &crate::weights::Weights) -> Result<Box<dyn
         Device::Cpu => Ok(Box::new(cpu::CpuEngine::new(weights)?)),
         // Kernels are cached under $FASTDET_KERNEL_CACHE (default ~/.cache/fastdet/kernels).
         Device::Cuda(i) => Ok(Box::new(cuda::CudaEngine::new(weights, i, None)?)),
+        Device::Emu(i) => Ok(Box::new(cuda::CudaEngine::on(cuda::gpu::Gpu::open_emulator(i)?, weights, cuda::ConvBackend::from_env()?)?)),
     }
 }

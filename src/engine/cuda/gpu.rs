@@ -292,6 +292,7 @@ impl std::fmt::Debug for DeviceGraph {
 }
 
 static OPEN: Mutex<Vec<(usize, std::thread::ThreadId, Weak<Gpu>)>> = Mutex::new(Vec::new());
+static OPEN_EMULATED: Mutex<Vec<(usize, std::thread::ThreadId, Weak<Gpu>)>> = Mutex::new(Vec::new());
 
 fn signatures() -> Result<HashMap<String, Vec<ParamKind>>> {
     let mut m = HashMap::new();
@@ -309,13 +310,24 @@ impl Gpu {
     /// on this thread (see the module's note). `kernel_cache`: where compiled kernels are kept
     /// (default `KernelCache::default_dir()`).
     pub fn open(ordinal: usize, kernel_cache: Option<PathBuf>) -> Result<Arc<Gpu>> {
+        Self::shared(&OPEN, ordinal, || Self::new(ordinal, kernel_cache).map(Arc::new))
+    }
+
+    /// Emulated device `ordinal` (`Gpu::emulator`), shared on this thread like `open`'s: the
+    /// engines one worker opens on it share its arena, as on a GPU.
+    pub fn open_emulator(ordinal: usize) -> Result<Arc<Gpu>> {
+        Self::shared(&OPEN_EMULATED, ordinal, || Gpu::emulated(Emu::new(), "emulated on the host", ordinal).map(Arc::new))
+    }
+
+    /// The handle of `registry` for (`ordinal`, this thread), made by `make` when there is none.
+    fn shared(registry: &Mutex<Vec<(usize, std::thread::ThreadId, Weak<Gpu>)>>, ordinal: usize, make: impl FnOnce() -> Result<Arc<Gpu>>) -> Result<Arc<Gpu>> {
         let me = std::thread::current().id();
-        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = registry.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|(_, _, w)| w.strong_count() > 0);
         if let Some(g) = open.iter().find(|(o, t, _)| *o == ordinal && *t == me).and_then(|(_, _, w)| w.upgrade()) {
             return Ok(g);
         }
-        let g = Arc::new(Self::new(ordinal, kernel_cache)?);
+        let g = make()?;
         open.push((ordinal, me, Arc::downgrade(&g)));
         Ok(g)
     }
@@ -378,8 +390,12 @@ impl Gpu {
     }
 
     fn emulator_on(emu: Arc<Emu>, note: &str) -> Result<Arc<Gpu>> {
+        Gpu::emulated(emu, note, 0).map(Arc::new)
+    }
+
+    fn emulated(emu: Arc<Emu>, note: &str, ordinal: usize) -> Result<Gpu> {
         let info = DeviceInfo {
-            ordinal: 0,
+            ordinal,
             name: "CPU emulator of the CUDA kernels".into(),
             compute_capability: (0, 0),
             total_mem: 0,
@@ -388,7 +404,7 @@ impl Gpu {
             driver_version: 0,
             device_count: 0,
         };
-        Ok(Arc::new(Gpu::assemble(info, Inner::Emu(emu), note.into(), KernelLoad::default(), false)?))
+        Gpu::assemble(info, Inner::Emu(emu), note.into(), KernelLoad::default(), false)
     }
 
     pub fn is_emulator(&self) -> bool {
