@@ -14,9 +14,12 @@
 //!   statistics pass);
 //!   `tc_unfused`: the same passes with conv3d_tc_f16 in place of cuDNN;
 //!   `tc_fused`: conv3d_tc_f16 applying each norm in its loads, adding the residual and writing
-//!   the next norm's statistics in its store (norm_finalize_tiles in between).
+//!   the next norm's statistics in its store (norm_finalize_tiles in between);
+//!   `tc_store_fused`: the same store, each norm a norm_apply pass of its own (what the engine
+//!   does by default: a 3x3x3 conv would renormalise each input element 27 times in its loads).
 //! - `tile_<arch>`: `CudaEngine::forward_device` on one tile (input upload included, outputs left
-//!   on the device), backend `cudnn` (the default) and `tc` (`FASTDET_CONV=tc`).
+//!   on the device), backend `cudnn` (the default), `tc` (`FASTDET_CONV=tc`) and
+//!   `tc_norm_in_loads` (`FASTDET_CONV=tc FASTDET_TC_NORM_IN_LOADS=all`).
 //!
 //! Throughput is in FLOP/s of the convolutions (2 * MACs).
 
@@ -28,6 +31,7 @@ use criterion::{Criterion, Throughput};
 use fastdet::engine::cuda::dnn::{ConvPlan, Dnn};
 use fastdet::engine::cuda::gpu::{DevBuf, Gpu};
 use fastdet::engine::cuda::ops::{self, vol, ConvShape, NormPrologue};
+use fastdet::engine::cuda::engine::NormInLoads;
 use fastdet::engine::cuda::{ConvBackend, CudaEngine};
 use fastdet::model::graph::{Act, Graph};
 use fastdet::model::spec::{Arch, ModelSpec};
@@ -157,6 +161,22 @@ impl Block {
         fin(0, &self.tiles[2])
     }
 
+    /// The engine's default tensor-core block: each norm a pass of its own (norm_apply on the
+    /// statistics the previous conv's store wrote), the residual and the next norm's statistics
+    /// in the store; `tiles[0]` as for `fused`.
+    fn store_fused(&self, gpu: &Gpu) -> Result<()> {
+        let (c, d, v) = (self.c, self.dims, vol(self.dims));
+        let fin = |i: usize, tiles: &DevBuf| ops::norm_params_from_tiles(gpu, tiles.ptr, 1, c, v, self.groups, Some(self.gamma[i].ptr), Some(self.beta[i].ptr), self.params[i].ptr);
+        let apply = |i: usize, x: u64| ops::norm_apply(gpu, x, self.t.ptr, 1, c, v, self.params[i].ptr, Act::None, Act::Relu);
+        fin(0, &self.tiles[0])?;
+        apply(0, self.x.ptr)?;
+        ops::conv_tc(gpu, self.t.ptr, self.w[0].ptr, Some(self.b[0].ptr), None, None, self.y.ptr, Some(self.tiles[1].ptr), None, block_conv(d, c), Act::None)?;
+        fin(1, &self.tiles[1])?;
+        apply(1, self.y.ptr)?;
+        ops::conv_tc(gpu, self.t.ptr, self.w[1].ptr, Some(self.b[1].ptr), Some(self.x.ptr), None, self.out.ptr, Some(self.tiles[2].ptr), None, block_conv(d, c), Act::None)?;
+        fin(0, &self.tiles[2])
+    }
+
     /// The input's per-block statistics, as the previous fused conv would have left them.
     fn prepare(&self, gpu: &Gpu) -> Result<()> {
         // An identity-free 1x1x1 pass is not available; a 3x3x3 conv of x into scratch writes
@@ -234,6 +254,16 @@ fn blocks(c: &mut Criterion, t: &Target) {
                 }
                 Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} tc_fused skipped: {e:#}"),
             }
+            let store_fused = || -> Result<()> {
+                b.store_fused(gpu)?;
+                gpu.sync("block")
+            };
+            match b.prepare(gpu).and_then(|()| store_fused()) {
+                Ok(()) => {
+                    g.bench_function("tc_store_fused", |it| it.iter(|| store_fused().unwrap()));
+                }
+                Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} tc_store_fused skipped: {e:#}"),
+            }
         }
         g.finish();
     }
@@ -251,8 +281,14 @@ fn tiles(c: &mut Criterion, t: &Target) {
         let mut g = c.benchmark_group(format!("tile_{}", arch.name()));
         g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(if t.toy { 1 } else { 3 }));
         g.throughput(Throughput::Elements(flops));
-        for (label, backend) in [("cudnn", ConvBackend::Cudnn), ("tc", ConvBackend::TensorCore)] {
-            let mut e = match CudaEngine::on(gpu.clone(), &w, backend) {
+        // The tensor-core path as it runs by default, and with every norm in the next conv's loads.
+        let variants = [
+            ("cudnn", ConvBackend::Cudnn, NormInLoads::Pointwise),
+            ("tc", ConvBackend::TensorCore, NormInLoads::Pointwise),
+            ("tc_norm_in_loads", ConvBackend::TensorCore, NormInLoads::All),
+        ];
+        for (label, backend, norm_in_loads) in variants {
+            let mut e = match CudaEngine::on_with(gpu.clone(), &w, backend, norm_in_loads) {
                 Ok(e) => e,
                 Err(err) => {
                     eprintln!("cuda_ops: tile_{} {label} skipped: {err:#}", arch.name());

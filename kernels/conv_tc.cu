@@ -19,8 +19,11 @@
 // memory as fp16 in two stages: the next k-step's chunks are loaded into registers while the
 // tensor cores work on the current stage, then stored into the other one (one barrier per
 // k-step); 4 warps, each 32 x 32 outputs = 2 x 2 accumulator fragments. When Cin % 8 == 0
-// and x, w are 16-byte aligned, 8 channels of one tap load as one 16-byte vector; otherwise element
-// by element (any Cin, Cout). grid (ceil(M / BM), ceil(Cout / BN), splits), block TC_THREADS
+// and x, w are 16-byte aligned, 8 channels of one tap load as one 16-byte vector, the tap and
+// channel of each thread's chunk advanced step by step (no integer division per load: the loads
+// are issue-bound next to the tensor cores); otherwise element by element (any Cin, Cout). A
+// norm applied in the loads is applied to every (output voxel, tap) pair, i.e. k^3 times per input
+// element: the engine fuses it only before 1x1x1 convs by default. grid (ceil(M / BM), ceil(Cout / BN), splits), block TC_THREADS
 // exactly.
 //
 // Split K (when the grid is too small to fill the device: the deep levels): block z sums k-steps
@@ -154,6 +157,11 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
     // k-chunk kc = t % 4.
     const int kc = t % 4;
     int an[QA], az[QA], ay[QA], ax[QA];
+    // Element offset of row q's window corner (tap (0, 0, 0), channel 0; may lie in the padding,
+    // so signed): tap (kz, ky, kx), channel ci of the row is at abase[q] + toff below. 32-bit:
+    // the input has fewer than 2^31 elements (the host checks), and only offsets inside it are
+    // formed into addresses.
+    int abase[QA];
     bool arow[QA];
 #pragma unroll
     for (int q = 0; q < QA; ++q) {
@@ -169,6 +177,7 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
         az[q] = oz * stride - pad;
         ay[q] = oy * stride - pad;
         ax[q] = ox * stride - pad;
+        abase[q] = (((an[q] * D + az[q]) * H + ay[q]) * W + ax[q]) * Cin;
     }
 
     // The next k-step's chunks, held in registers while the tensor cores work on the current
@@ -177,27 +186,51 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
     uint4 ra[QA], rb[QB];
     int aci[QA];    // channel of the chunk's first element (vector loads)
     bool apro[QA];  // apply the norm when storing (vector load of a voxel inside the volume)
+    // The vector path's position in K, kept up to date step by step instead of divided out at
+    // every load: this thread's chunk of the next load is channel vci of tap (vkz, vky, vkx).
+    // Every load advances by TC_BK, in order (the split's k-steps are consecutive).
+    int vci = 0, vkx = 0, vky = 0, vkz = 0;
+    {
+        const int kk = blockIdx.z * kspan * TC_BK + kc * 8;
+        const int tap = kk / Cin;
+        vci = kk - tap * Cin;
+        vkx = tap % k;
+        vky = (tap / k) % k;
+        vkz = tap / (k * k);
+    }
     auto load = [&](int k0) {
         const int kk0 = k0 + kc * 8;
+        if (vec) {
+            // 8 channels of one tap: Cin % 8 == 0 keeps a chunk inside one tap.
+            const int toff = ((vkz * H + vky) * W + vkx) * Cin + vci;
 #pragma unroll
-        for (int q = 0; q < QA; ++q) {
-            apro[q] = false;
-            aci[q] = 0;
-            if (vec) {
-                // 8 channels of one tap: Cin % 8 == 0 keeps a chunk inside one tap.
+            for (int q = 0; q < QA; ++q) {
+                apro[q] = false;
+                aci[q] = vci;
                 ra[q] = make_uint4(0u, 0u, 0u, 0u);
-                if (arow[q] && kk0 < K) {
-                    const int tap = kk0 / Cin;
-                    const int ci = kk0 - tap * Cin;
-                    const int kx = tap % k, ky = (tap / k) % k, kz = tap / (k * k);
-                    const int iz = az[q] + kz, iy = ay[q] + ky, ix = ax[q] + kx;
-                    if (iz >= 0 && iz < D && iy >= 0 && iy < H && ix >= 0 && ix < W) {
-                        ra[q] = *reinterpret_cast<const uint4*>(x + ((((size_t)an[q] * D + iz) * H + iy) * W + ix) * Cin + ci);
-                        apro[q] = norm != nullptr;
-                        aci[q] = ci;
+                const int iz = az[q] + vkz, iy = ay[q] + vky, ix = ax[q] + vkx;
+                if (arow[q] && kk0 < K && iz >= 0 && iz < D && iy >= 0 && iy < H && ix >= 0 && ix < W) {
+                    ra[q] = *reinterpret_cast<const uint4*>(x + (abase[q] + toff));
+                    apro[q] = norm != nullptr;
+                }
+            }
+            // On to the next load's chunk: TC_BK channels further, over as many taps as that takes.
+            vci += TC_BK;
+            while (vci >= Cin) {
+                vci -= Cin;
+                if (++vkx == k) {
+                    vkx = 0;
+                    if (++vky == k) {
+                        vky = 0;
+                        ++vkz;
                     }
                 }
-            } else {
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < QA; ++q) {
+                apro[q] = false;
+                aci[q] = 0;
                 __half* h = reinterpret_cast<__half*>(&ra[q]);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {

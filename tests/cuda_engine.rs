@@ -179,7 +179,7 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     let steps = [
         "selftest --quick",
         "bench fastdet ",
-        "bench fastdet tensor-core fused",
+        "bench fastdet tensor-core",
         "selftest (full)",
         "bench criterion cuda_ops",
         "bench tomogram (5+5 models)",

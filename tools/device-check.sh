@@ -250,7 +250,7 @@ if [ $NO_GPU -eq 0 ]; then
         bench-fastdet "$FASTDET" "$DEVICE" "$OUT/bench-fastdet.json" || FAILED=1
     # The same tile on conv3d_tc_f16 with the norms fused into the convs' loads (FASTDET_CONV=tc).
     rm -f "$OUT/bench-fastdet-tc.json"
-    step "bench fastdet tensor-core fused" 90 "$OUT/bench-fastdet-tc.log" \
+    step "bench fastdet tensor-core" 90 "$OUT/bench-fastdet-tc.log" \
         bash -c 'FASTDET_CONV=tc exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
         bench-fastdet-tc "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-tc.json" || FAILED=1
 

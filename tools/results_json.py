@@ -12,7 +12,7 @@ device check writes:
 Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
    "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms"}, "dynunet": {...}},
-   "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms"}, ...},
+   "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms"}, ...},
    "tomogram_s", "tomogram_host_blend_s", "floor_s", "cold_start_s",
    "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
    "sources"}
@@ -67,7 +67,7 @@ def criterion_blocks(d):
     for group in sorted(os.listdir(root)):
         if not group.startswith("block_"):
             continue
-        for variant in ("cudnn", "tc_unfused", "tc_fused"):
+        for variant in ("cudnn", "tc_unfused", "tc_fused", "tc_store_fused"):
             est = load(os.path.join(root, group, variant, "new", "estimates.json"))
             median = ((est or {}).get("median") or {}).get("point_estimate")
             if median is not None:

@@ -13,13 +13,15 @@
 //! - GroupNorm / InstanceNorm: `norm.cu` (three launches, fixed reduction order), in place when
 //!   the input dies there. Add: `add_act_f16`, in place likewise.
 //! - `ConvBackend::TensorCore` (`FASTDET_CONV=tc`): general convolutions on `conv3d_tc_f16`
-//!   (WMMA), bias + activation in its store; a norm whose only reader is such a conv computes its
-//!   statistics only (`Val::Pending`) and the conv applies it while loading, so the normalised
-//!   activation is never written. A conv whose output goes only to a residual Add adds the other
+//!   (WMMA), bias + activation in its store; a norm whose only reader is such a 1x1x1 conv
+//!   (`NormInLoads`; `FASTDET_TC_NORM_IN_LOADS=all` for any kernel size) computes its statistics
+//!   only (`Val::Pending`) and the conv applies it while loading, so the normalised activation is
+//!   never written; before a 3x3x3 conv, whose loads would renormalise each element 27 times, the
+//!   norm is a `norm_apply` pass of its own. A conv whose output goes only to a residual Add adds the other
 //!   operand in its store; a conv (or conv + Add) whose output a norm reads also writes that
 //!   norm's per-block statistics (when whole blocks of the conv's tile, 64 or 128 output voxels,
-//!   lie in one sample: `ops::conv_tc_stats_blocks`), so the norm makes no pass of its own over
-//!   the activation.
+//!   lie in one sample: `ops::conv_tc_stats_blocks`), so the norm reads no statistics pass of
+//!   its own over the activation.
 //! - Upsample2x followed by the decoder's skip Add: one `upsample2x_add_f16`.
 //! - ConvTranspose2 feeding a Concat: written straight into channels `[0, cout)` of the concat
 //!   buffer; the skip is copied into the channels after it (`copy_channels_f16`).
@@ -62,6 +64,43 @@ pub enum ConvBackend {
     /// `conv3d_tc_f16` (tensor cores, sm_70+), with each GroupNorm / InstanceNorm whose only
     /// reader is a convolution applied in that convolution's loads instead of its own pass.
     TensorCore,
+}
+
+/// Which norms a tensor-core convolution applies while loading its input, instead of a pass of
+/// their own (`FASTDET_TC_NORM_IN_LOADS`). An implicit-GEMM conv reads each input element once
+/// per tap and per block of output channels, so a k^3 conv would normalise every element k^3
+/// times (27 for 3x3x3): about a dozen ALU instructions each, per element, against the tensor
+/// cores' k^3 * Cout multiply-adds for it; the separate pass it would save reads and writes each
+/// element once. For a 1x1x1 conv the fused norm costs what the pass would, minus the pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormInLoads {
+    /// Before 1x1x1 convs only (the default).
+    Pointwise,
+    /// Before every tensor-core conv (measuring the k^3 trade-off).
+    All,
+    /// Never: every norm has its pass (statistics still come from the conv's store).
+    Never,
+}
+
+impl NormInLoads {
+    /// `FASTDET_TC_NORM_IN_LOADS` = pointwise | all | never (default pointwise).
+    pub fn from_env() -> Result<NormInLoads> {
+        match std::env::var("FASTDET_TC_NORM_IN_LOADS").ok().as_deref() {
+            None | Some("") | Some("pointwise") => Ok(NormInLoads::Pointwise),
+            Some("all") => Ok(NormInLoads::All),
+            Some("never") => Ok(NormInLoads::Never),
+            Some(o) => bail!("FASTDET_TC_NORM_IN_LOADS={o:?}: expected pointwise, all or never"),
+        }
+    }
+
+    /// Whether a norm read only by a tensor-core conv with kernel `k` is applied in its loads.
+    fn applies_to(self, k: usize) -> bool {
+        match self {
+            NormInLoads::Pointwise => k == 1,
+            NormInLoads::All => true,
+            NormInLoads::Never => false,
+        }
+    }
 }
 
 impl ConvBackend {
@@ -357,6 +396,11 @@ impl CudaEngine {
 
     /// An engine on an opened device (or the kernel emulator, `Gpu::emulator`).
     pub fn on(gpu: std::sync::Arc<Gpu>, weights: &Weights, backend: ConvBackend) -> Result<Self> {
+        Self::on_with(gpu, weights, backend, NormInLoads::from_env()?)
+    }
+
+    /// `on`, with the tensor-core path's norm fusion `norm_in_loads` (ignored by other backends).
+    pub fn on_with(gpu: std::sync::Arc<Gpu>, weights: &Weights, backend: ConvBackend, norm_in_loads: NormInLoads) -> Result<Self> {
         let mut notes = vec![gpu.info.describe(), format!("kernels: {}", gpu.kernels_note)];
         let mut no_dnn = None;
         let dnn = match backend {
@@ -389,11 +433,16 @@ impl CudaEngine {
         if let Some(e) = no_dnn {
             notes.push(format!("cuDNN unavailable ({e:#}); convolutions run on {}", if tc { "conv3d_tc_f16" } else { "conv3d_igemm_f16" }));
         }
-        let steps = guard("uploading weights", || Self::build_steps(&gpu, &graph, &last, weights, dnn.is_some(), tc))?;
+        let steps = guard("uploading weights", || Self::build_steps(&gpu, &graph, &last, weights, dnn.is_some(), tc, norm_in_loads))?;
         if tc {
             let (deferred, stats, adds) = Self::fusion_counts(&steps);
+            let policy = match norm_in_loads {
+                NormInLoads::Pointwise => "before 1x1x1 convs",
+                NormInLoads::All => "before any conv",
+                NormInLoads::Never => "never",
+            };
             notes.push(format!(
-                "convolutions on conv3d_tc_f16 (tensor cores); {deferred} norm(s) applied in the next conv's loads, {stats} conv(s) writing the next norm's statistics, {adds} residual add(s) in the conv's store"
+                "convolutions on conv3d_tc_f16 (tensor cores); {deferred} norm(s) applied in the next conv's loads ({policy}), {stats} conv(s) writing the next norm's statistics, {adds} residual add(s) in the conv's store"
             ));
         }
         gpu.sync("uploading weights")?;
@@ -427,7 +476,7 @@ impl CudaEngine {
         (deferred, stats, adds)
     }
 
-    fn build_steps(gpu: &Gpu, g: &Graph, last: &[usize], w: &Weights, have_dnn: bool, tc: bool) -> Result<Vec<Step>> {
+    fn build_steps(gpu: &Gpu, g: &Graph, last: &[usize], w: &Weights, have_dnn: bool, tc: bool, norm_in_loads: NormInLoads) -> Result<Vec<Step>> {
         let mut steps = Vec::with_capacity(g.ops.len());
         for (i, op) in g.ops.iter().enumerate() {
             let vname = &g.values[op.output].name;
@@ -490,9 +539,10 @@ impl CudaEngine {
             };
             steps.push(step);
         }
-        // A norm whose only reader is a tensor-core conv is applied in that conv's loads: its
-        // output is never written. The raw input must live until the conv: either the norm is its
-        // last reader (the pending value takes the buffer) or it is read again after the conv.
+        // A norm whose only reader is a tensor-core conv (of a kernel size `norm_in_loads` takes)
+        // is applied in that conv's loads: its output is never written. The raw input must live
+        // until the conv: either the norm is its last reader (the pending value takes the
+        // buffer) or it is read again after the conv.
         for i in 0..g.ops.len() {
             let out = g.ops[i].output;
             if !matches!(steps[i], Step::Norm { .. }) || out == g.scores || out == g.offsets || out == g.fm2 {
@@ -501,7 +551,7 @@ impl CudaEngine {
             let readers: Vec<usize> = (i + 1..g.ops.len()).filter(|&j| g.ops[j].inputs.contains(&out)).collect();
             let raw = g.ops[i].inputs[0];
             let fusable = match readers[..] {
-                [j] => matches!(&steps[j], Step::Conv(c) if c.tc) && g.ops[j].inputs[0] == out && (last[raw] == i || last[raw] > j),
+                [j] => matches!(&steps[j], Step::Conv(c) if c.tc && norm_in_loads.applies_to(c.k)) && g.ops[j].inputs[0] == out && (last[raw] == i || last[raw] > j),
                 _ => false,
             };
             if let Step::Norm { deferred, .. } = &mut steps[i] {
@@ -1335,13 +1385,23 @@ mod tests {
     /// arguments) on the kernel emulator against the CPU engine, both architectures, batch 2.
     #[test]
     fn engine_on_emulator_matches_cpu_engine() {
-        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::Direct, [16, 24, 32], false);
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::Direct, NormInLoads::Pointwise, [16, 24, 32], false);
     }
 
-    /// The tensor-core backend, norms applied in the next conv's loads, on the emulator.
+    /// The tensor-core backend, every norm read by a conv applied in its loads, on the emulator.
     #[test]
     fn tensor_core_engine_with_fused_norms_matches_cpu_engine() {
-        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, [16, 24, 32], false);
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, NormInLoads::All, [16, 24, 32], false);
+    }
+
+    /// The tensor-core backend's default, norms in the loads of 1x1x1 convs only (DynUNet's head
+    /// stem; every other norm has its pass, on statistics from the conv's store), and with no
+    /// norm in any load.
+    #[test]
+    fn tensor_core_engine_with_norm_passes_matches_cpu_engine() {
+        for policy in [NormInLoads::Pointwise, NormInLoads::Never] {
+            engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, policy, [16, 24, 32], true);
+        }
     }
 
     /// The same with the kernels' own source compiled for the host (conv3d_tc_f16's WMMA code,
@@ -1351,11 +1411,11 @@ mod tests {
         if !super::super::host_kernels::available_for_tests() {
             return;
         }
-        engine_matches_cpu_engine(Gpu::emulator_host_kernels().unwrap(), ConvBackend::TensorCore, [16, 16, 16], true);
+        engine_matches_cpu_engine(Gpu::emulator_host_kernels().unwrap(), ConvBackend::TensorCore, NormInLoads::All, [16, 16, 16], true);
     }
 
     /// `quick`: one tile, one pass (every thread of every launch runs on the host kernels).
-    fn engine_matches_cpu_engine(gpu: std::sync::Arc<Gpu>, backend: ConvBackend, tile: [usize; 3], quick: bool) {
+    fn engine_matches_cpu_engine(gpu: std::sync::Arc<Gpu>, backend: ConvBackend, norm_in_loads: NormInLoads, tile: [usize; 3], quick: bool) {
         use crate::model::spec::ModelSpec;
         for spec in [ModelSpec::segresnet(8, 16, 8), ModelSpec::dynunet(&[8, 16, 32, 32], 16, 16, 8)] {
             let w = Weights::random(&spec, 7);
@@ -1367,14 +1427,28 @@ mod tests {
             x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
             let mut cpu = crate::engine::cpu::CpuEngine::new(&w).unwrap();
             let want = cpu.forward(&x, n, tile, true).unwrap();
-            let mut e = CudaEngine::on(gpu.clone(), &w, backend).unwrap();
+            let mut e = CudaEngine::on_with(gpu.clone(), &w, backend, norm_in_loads).unwrap();
             if backend == ConvBackend::TensorCore {
-                // SegResNet: every norm feeds one conv; DynUNet: all but the ones before a
-                // residual add or the decoder's concat.
+                // All: SegResNet's every norm feeds one conv; DynUNet's all but the ones before
+                // a residual add or the decoder's concat. Pointwise: only norms read by a 1x1x1
+                // conv, which these networks do not have.
                 let (fused, stats, adds) = CudaEngine::fusion_counts(&e.steps);
                 let norms = e.steps.iter().filter(|s| matches!(s, Step::Norm { .. })).count();
                 eprintln!("{}: {fused} of {norms} norms fused, {stats} convs writing statistics, {adds} adds fused", spec.arch.name());
-                assert!(fused > 0 && fused <= norms);
+                match norm_in_loads {
+                    NormInLoads::All => assert!(fused > 0 && fused <= norms),
+                    // DynUNet's head stem: norm -> 1x1x1 conv.
+                    NormInLoads::Pointwise => assert_eq!(fused, usize::from(spec.arch == crate::model::spec::Arch::Dynunet)),
+                    NormInLoads::Never => assert_eq!(fused, 0),
+                }
+                // A deferred norm's one reader is a tensor-core conv the policy takes.
+                for (i, s) in e.steps.iter().enumerate() {
+                    if let Step::Norm { deferred: true, .. } = s {
+                        let out = e.graph.ops[i].output;
+                        let j = (i + 1..e.graph.ops.len()).find(|&j| e.graph.ops[j].inputs.contains(&out)).unwrap();
+                        assert!(matches!(&e.steps[j], Step::Conv(c) if c.tc && norm_in_loads.applies_to(c.k)));
+                    }
+                }
                 // Every norm of these networks reads a conv's (or conv + residual's) output,
                 // except SegResNet's decoder norms after the upsample + skip add.
                 assert!(stats > 0 && stats <= norms);

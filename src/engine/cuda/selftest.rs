@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::dnn::{ConvPlan, Dnn};
 use super::emu::{from_ndhwc, to_ndhwc};
-use super::engine::{to_ktrsc, ConvBackend, CudaEngine};
+use super::engine::{to_ktrsc, ConvBackend, CudaEngine, NormInLoads};
 use super::gpu::{DevBuf, Gpu};
 use super::ops::{self, vol, ConvShape};
 use crate::engine::cpu::{conv, norm, resample, CpuEngine};
@@ -1181,24 +1181,20 @@ fn networks(c: &mut Ctx, opts: &Options) {
         let cpu_s = t0.elapsed().as_secs_f64();
         c.time(format!("{arch} {shape} cpu forward"), cpu_s);
         // cuDNN where it loads, the direct kernel, and the tensor-core path (Auto without cuDNN is
-        // one of the last two).
+        // one of the last two), the latter as it runs by default and with every norm applied in
+        // the next conv's loads (the two timings side by side).
         let mut backends = Vec::new();
         if c.dnn.is_some() {
-            backends.push(ConvBackend::Auto);
+            backends.push((ConvBackend::Auto, NormInLoads::Pointwise, format!("{arch} cuDNN")));
         }
-        backends.push(ConvBackend::Direct);
+        backends.push((ConvBackend::Direct, NormInLoads::Pointwise, format!("{arch} direct-conv")));
         if c.gpu.check_tensor_cores().is_ok() {
-            backends.push(ConvBackend::TensorCore);
+            backends.push((ConvBackend::TensorCore, NormInLoads::Pointwise, format!("{arch} tensor-core")));
+            backends.push((ConvBackend::TensorCore, NormInLoads::All, format!("{arch} tensor-core norms in loads")));
         }
-        for backend in backends {
-            let label = match backend {
-                ConvBackend::Direct => format!("{arch} direct-conv"),
-                ConvBackend::TensorCore => format!("{arch} tensor-core fused"),
-                _ if c.dnn.is_some() => format!("{arch} cuDNN"),
-                _ => format!("{arch} direct-conv"),
-            };
+        for (backend, norm_in_loads, label) in backends {
             c.case(&label.clone(), &shape.clone(), |c| {
-                let mut e = CudaEngine::on(c.gpu.clone(), &w, backend)?;
+                let mut e = CudaEngine::on_with(c.gpu.clone(), &w, backend, norm_in_loads)?;
                 let t = Instant::now();
                 let cold = e.forward(&x, 1, tile, true)?;
                 let cold_s = t.elapsed().as_secs_f64();
