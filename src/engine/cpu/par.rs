@@ -12,8 +12,9 @@ impl SharedMut {
         Self(s.as_mut_ptr())
     }
     /// # Safety
-    /// `offset..offset+len` must lie in the buffer and be written by this task alone.
-    pub unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
+    /// `offset..offset+len` must lie in the buffer and be written by this task alone, and the
+    /// buffer must outlive the returned slice (its lifetime is the caller's to bound).
+    pub unsafe fn slice<'a>(self, offset: usize, len: usize) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(offset), len)
     }
     pub fn ptr(&self) -> *mut f32 {
