@@ -426,7 +426,7 @@ pub fn unpickle(data: &[u8]) -> Result<Value> {
         }
     }
     fn set_items(target: &Value, pairs: Vec<Value>) -> Result<()> {
-        if pairs.len() % 2 != 0 {
+        if !pairs.len().is_multiple_of(2) {
             bail!("pickle SETITEMS with an odd number of values");
         }
         let mut it = pairs.into_iter();
@@ -675,10 +675,9 @@ pub fn unpickle(data: &[u8]) -> Result<Value> {
             }
             b'b' => {
                 let state = pop(&mut stack)?;
-                match top(&mut stack)? {
-                    Value::Object(o) => o.borrow_mut().state = Some(state),
-                    // BUILD on a tensor sets Python attributes only; on dicts it merges. Keep the target.
-                    _ => {}
+                // BUILD on a tensor sets Python attributes only; on dicts it merges. Keep the target.
+                if let Value::Object(o) = top(&mut stack)? {
+                    o.borrow_mut().state = Some(state);
                 }
             }
             b'Q' => {

@@ -105,7 +105,7 @@ fn weights_file(spec_json: &str) -> Vec<u8> {
         }
     });
     let mut h = serde_json::to_vec(&meta).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut b = (h.len() as u64).to_le_bytes().to_vec();
@@ -211,14 +211,14 @@ fn ckpt_broadcast_view_cannot_allocate_without_bound() {
 fn deeply_nested_pickle_is_an_error_not_a_stack_overflow() {
     // `)` then TUPLE1 200 000 times: a tuple nested 200 000 deep.
     let mut p = vec![0x80, 2, b')'];
-    p.extend(std::iter::repeat(0x85).take(200_000));
+    p.extend(std::iter::repeat_n(0x85, 200_000));
     p.push(b'.');
     let e = err_text(fastdet::pickle::unpickle(&p));
     assert!(e.contains("nest"), "{e}");
     // Lists appended into lists: `]` 100 000 times, then APPEND 99 999 times.
     let mut p = vec![0x80, 2];
-    p.extend(std::iter::repeat(b']').take(100_000));
-    p.extend(std::iter::repeat(b'a').take(99_999));
+    p.extend(std::iter::repeat_n(b']', 100_000));
+    p.extend(std::iter::repeat_n(b'a', 99_999));
     p.push(b'.');
     let e = err_text(fastdet::pickle::unpickle(&p));
     assert!(e.contains("nest"), "{e}");
@@ -229,7 +229,7 @@ fn nesting_up_to_the_limit_and_cycles_still_unpickle() {
     use fastdet::pickle::{unpickle, Value, MAX_NESTING};
     // Exactly MAX_NESTING tuples deep: accepted, and dropped without trouble.
     let mut p = vec![0x80, 2, b')'];
-    p.extend(std::iter::repeat(0x85).take(MAX_NESTING - 1));
+    p.extend(std::iter::repeat_n(0x85, MAX_NESTING - 1));
     p.push(b'.');
     assert!(matches!(unpickle(&p).unwrap(), Value::Tuple(_)));
     p.insert(3, 0x85);
@@ -287,9 +287,9 @@ fn pickle_copies_of_a_long_string_are_bounded() {
     // a full copy, 100 GiB from a 1.2 MB pickle.
     let mut p = vec![0x80, 2, b'B'];
     p.extend((1u32 << 20).to_le_bytes());
-    p.extend(std::iter::repeat(b'x').take(1 << 20));
+    p.extend(std::iter::repeat_n(b'x', 1 << 20));
     let mut dup = p.clone();
-    dup.extend(std::iter::repeat(b'2').take(100_000));
+    dup.extend(std::iter::repeat_n(b'2', 100_000));
     dup.push(b'.');
     let e = err_text(fastdet::pickle::unpickle(&dup));
     assert!(e.contains("copies strings"), "{e}");

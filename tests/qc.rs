@@ -58,7 +58,7 @@ fn known_pick_lands_on_expected_pixels() {
     let out = tmp.path().join("one.png");
     let vol = small_volume();
     let p = pick(0, 25.0, 20.0, 2.0, 10.0);
-    render_qc(&vol, &[p.clone()], None, &out).unwrap();
+    render_qc(&vol, std::slice::from_ref(&p), None, &out).unwrap();
     let img = decode(&out);
 
     let opts = QcOptions::default();

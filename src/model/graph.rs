@@ -178,7 +178,7 @@ impl Graph {
                 let f = spec.init_filters.unwrap_or(0);
                 let groups = spec.norm_groups.unwrap_or(8);
                 let levels = spec.blocks_down.len();
-                if f == 0 || groups == 0 || f % groups != 0 || levels < 3 {
+                if f == 0 || groups == 0 || !f.is_multiple_of(groups) || levels < 3 {
                     bail!("invalid SegResNet spec: {}", spec.widths_summary());
                 }
                 let mut x = b.conv(input, "backbone.convInit.conv", false, f, 3, 1, Act::None);

@@ -114,7 +114,7 @@ impl Blender {
         assert_eq!(offsets.len(), 3 * tn, "add_tile: offsets length");
         let r = origin_voxel.map(|o| o / self.stride);
         let v = [0, 1, 2].map(|a| self.tile[a].min(self.dims[a].saturating_sub(r[a])));
-        if v.iter().any(|&x| x == 0) {
+        if v.contains(&0) {
             return;
         }
         let n: usize = self.dims.iter().product();
@@ -201,7 +201,7 @@ mod tests {
         let mut b = Blender::new(1, [2, 2, 8], [2, 2, 4], 2, 1.0);
         let w = b.weight().to_vec();
         // centre (0.5, 0.5, 1): k=0 → r = sqrt(.25+.25+1) ; k=1 → r = sqrt(.5)
-        let e = |r2: f64| ((-(r2 as f64).sqrt()).exp().powf(3.0)) as f32;
+        let e = |r2: f64| ((-r2.sqrt()).exp().powf(3.0)) as f32;
         assert_eq!(w, vec![e(1.5), e(0.5)]);
         // tile A at voxel x=0 → cells 0,1 ; tile B at voxel x=2 → cells 1,2
         b.add_tile([0, 0, 0], &[1.0, 2.0], &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]);

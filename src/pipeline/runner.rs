@@ -665,7 +665,7 @@ mod tests {
             let len: usize = tile.iter().product();
             let scores = (0..n).flat_map(|b| {
                 let m = input[b * len..(b + 1) * len].iter().sum::<f32>() / len as f32;
-                std::iter::repeat(m).take(vol)
+                std::iter::repeat_n(m, vol)
             });
             Ok(Outputs { scores: scores.collect(), offsets: vec![0.0; n * 3 * vol], fm2: None })
         }

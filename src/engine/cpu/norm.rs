@@ -50,7 +50,7 @@ fn normalise<'a>(pairs: impl Iterator<Item = (&'a mut f32, f32)>, (m, sc, bt): (
 
 /// Per channel (mean, scale, shift) of `x` = `[n, c, vol]` normalised over groups of channels.
 fn statistics(x: &[f32], n: usize, c: usize, vol: usize, groups: usize, gamma: Option<&[f32]>, beta: Option<&[f32]>) -> Vec<(f32, f32, f32)> {
-    assert!(groups > 0 && c % groups == 0, "{c} channels do not split into {groups} groups");
+    assert!(groups > 0 && c.is_multiple_of(groups), "{c} channels do not split into {groups} groups");
     assert_eq!(x.len(), n * c * vol);
     let cpg = c / groups;
     // Per-channel sums, then per-group statistics in channel order.

@@ -267,7 +267,7 @@ impl Emu {
             *v = act.apply(*v);
         }
         if let Some(sp) = stats {
-            ensure!(ovol % rows == 0, "statistics need OD*OH*OW % {rows} == 0");
+            ensure!(ovol.is_multiple_of(rows), "statistics need OD*OH*OW % {rows} == 0");
             let nblk = y.len() / cout / rows;
             let mut part = vec![0.0f32; nblk * cout * 2];
             for (blk, vals) in y.chunks(rows * cout).enumerate() {

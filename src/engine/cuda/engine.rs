@@ -483,7 +483,7 @@ impl CudaEngine {
             let cout_v = g.values[op.output].channels;
             let is_out = op.output == g.scores || op.output == g.offsets;
             // Every fp16 activation the kernels see must have an even channel count (half2).
-            if !is_out && cout_v % 2 != 0 {
+            if !is_out && !cout_v.is_multiple_of(2) {
                 bail!("{vname}: {cout_v} channels; the CUDA engine needs even channel counts");
             }
             let step = match &op.kind {

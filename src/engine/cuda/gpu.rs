@@ -835,6 +835,8 @@ fn targets(cc: (i32, i32)) -> Vec<Target> {
     t
 }
 
+/// Loaded modules and their kernels by name.
+type Modules = (Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>);
 type Loaded = (Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>, String, KernelLoad);
 
 /// How a handle's kernels were loaded: a first start compiles them with NVRTC, later ones load the
@@ -897,7 +899,7 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> 
 }
 
 /// Every kernel file's module for `target`; adds its NVRTC compiles to `load`.
-fn load_all(ctx: &Arc<CudaContext>, cache: &KernelCache, target: Target, include: &[PathBuf], load: &mut KernelLoad) -> Result<(Vec<Arc<CudaModule>>, HashMap<String, CudaFunction>)> {
+fn load_all(ctx: &Arc<CudaContext>, cache: &KernelCache, target: Target, include: &[PathBuf], load: &mut KernelLoad) -> Result<Modules> {
     let mut modules = Vec::new();
     let mut funcs = HashMap::new();
     load.files = SOURCES.len();

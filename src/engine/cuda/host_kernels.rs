@@ -332,7 +332,7 @@ extern "C" __global__ void probe_write_past_end(float* out, int n) {
     #[test]
     fn a_missing_barrier_changes_the_result() {
         let Some(k) = probes() else { return };
-        let want: Vec<i32> = (0..128).map(|i| ((i % 64 + 1) % 64 + 100 * (i / 64)) as i32).collect();
+        let want: Vec<i32> = (0..128).map(|i| (i % 64 + 1) % 64 + 100 * (i / 64)).collect();
         let mut out = vec![-1; 128];
         run_i32(&k, "probe_neighbour", (2, 1, 1), (64, 1, 1), &mut out, &[Arg::I32(1)]).unwrap();
         assert_eq!(out, want);

@@ -260,7 +260,7 @@ pub fn parse_ptxas_report(log: &str) -> Vec<PtxasFunction> {
     };
     let number_before = |line: &str, word: &str| -> Option<u32> {
         let i = line.find(word)?;
-        line[..i].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+        line[..i].split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
     };
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {

@@ -115,7 +115,7 @@ pub const CONV_FIRST_MAX_COUT: usize = 64;
 /// The 1-input-channel 3x3x3 stride-1 pad-1 convolution: `x [n, dims]` fp16, `w [cout, 27]` f32.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_first(g: &Gpu, x: u64, w: u64, bias: Option<u64>, out: u64, n: usize, dims: [usize; 3], cout: usize, act: Act) -> Result<()> {
-    if cout == 0 || cout > CONV_FIRST_MAX_COUT || cout % 2 != 0 {
+    if cout == 0 || cout > CONV_FIRST_MAX_COUT || !cout.is_multiple_of(2) {
         bail!("conv3d_c1_k3_f16 needs an even output width <= {CONV_FIRST_MAX_COUT}, got {cout}");
     }
     let [d, h, wd] = dims;
@@ -244,7 +244,7 @@ pub fn conv_tc_variant(cout: usize) -> TcVariant {
 /// lies in one sample, else `None` (the norm then reduces the output itself).
 pub fn conv_tc_stats_blocks(ovol: usize, cout: usize) -> Option<usize> {
     let rows = conv_tc_variant(cout).rows;
-    (ovol > 0 && ovol % rows == 0).then_some(ovol / rows)
+    (ovol > 0 && ovol.is_multiple_of(rows)).then_some(ovol / rows)
 }
 
 /// Most K splits of one tensor-core convolution: `FASTDET_TC_SPLIT_K` (1 turns split K off),
@@ -362,7 +362,7 @@ pub fn conv_transpose2(g: &Gpu, x: u64, w: u64, out: u64, n: usize, dims: [usize
 
 /// `y = act(x + bias[c])` over `elems` fp16 values with `c` channels (even); y may alias x.
 pub fn bias_act(g: &Gpu, x: u64, y: u64, bias: Option<u64>, elems: usize, c: usize, act: Act) -> Result<()> {
-    if c % 2 != 0 || elems % c != 0 {
+    if !c.is_multiple_of(2) || !elems.is_multiple_of(c) {
         bail!("bias_act_f16 needs an even channel count dividing the element count ({elems} elements, {c} channels)");
     }
     let pairs = elems / 2;
@@ -373,7 +373,7 @@ pub fn bias_act(g: &Gpu, x: u64, y: u64, bias: Option<u64>, elems: usize, c: usi
 
 /// `y = act(a + b)` over `elems` (even) fp16 values; y may alias a or b.
 pub fn add_act(g: &Gpu, a: u64, b: u64, y: u64, elems: usize, act: Act) -> Result<()> {
-    if elems % 2 != 0 {
+    if !elems.is_multiple_of(2) {
         bail!("add_act_f16 needs an even element count, got {elems}");
     }
     let pairs = elems / 2;
@@ -404,10 +404,10 @@ pub fn norm_scratch_bytes(n: usize, c: usize, vol: usize) -> (usize, usize) {
 
 /// Checks the norm kernels' shape limits.
 pub fn norm_check(c: usize, groups: usize, vol: usize) -> Result<()> {
-    if c == 0 || c % 2 != 0 || c / 2 > NORM_THREADS {
+    if c == 0 || !c.is_multiple_of(2) || c / 2 > NORM_THREADS {
         bail!("the norm kernels need an even channel count <= {}, got {c}", 2 * NORM_THREADS);
     }
-    if groups == 0 || c % groups != 0 || c / groups > NORM_MAX_CPG {
+    if groups == 0 || !c.is_multiple_of(groups) || c / groups > NORM_MAX_CPG {
         bail!("the norm kernels need groups dividing {c} with at most {NORM_MAX_CPG} channels per group, got {groups} groups");
     }
     check_i31("voxels x channels / 2", vol * c / 2)?;
@@ -532,7 +532,7 @@ pub fn norm_apply(g: &Gpu, x: u64, y: u64, n: usize, c: usize, vol: usize, param
 
 /// Trilinear x2 upsampling of `x [n, dims, c]` (+ `skip [n, 2 dims, c]`) into `out`; out may alias skip.
 pub fn upsample_add(g: &Gpu, x: u64, skip: Option<u64>, out: u64, n: usize, dims: [usize; 3], c: usize) -> Result<()> {
-    if c % 2 != 0 {
+    if !c.is_multiple_of(2) {
         bail!("upsample2x_add_f16 needs an even channel count, got {c}");
     }
     if n > 65535 {
@@ -555,7 +555,7 @@ pub const HEAD_MAX_COUT: usize = 8;
 
 /// Whether `head_conv1x1_act_f32` takes this shape.
 pub fn head_conv_fits(cin: usize, cout: usize) -> bool {
-    cin > 0 && cin <= HEAD_MAX_CIN && cin % 2 == 0 && cout > 0 && cout <= HEAD_MAX_COUT
+    cin > 0 && cin <= HEAD_MAX_CIN && cin.is_multiple_of(2) && cout > 0 && cout <= HEAD_MAX_COUT
 }
 
 /// The last 1x1x1 conv of a head: `x [n, vol, cin]` fp16, `w [cout, cin]` f32 → `out [n, cout, vol]` f32.
@@ -782,7 +782,7 @@ mod tests {
                     for sms in [1, 40, 132] {
                         let (splits, span) = conv_tc_splits(m, cout, k_total, sms);
                         let steps = k_total.div_ceil(32);
-                        assert!(splits >= 1 && splits <= 16 && span >= 1, "{m} {cout} {k_total} {sms}");
+                        assert!((1..=16).contains(&splits) && span >= 1, "{m} {cout} {k_total} {sms}");
                         assert!((splits - 1) * span < steps && splits * span >= steps, "{m} {cout} {k_total} {sms}: {splits} x {span} for {steps}");
                         assert!(splits == 1 || span >= 8, "{m} {cout} {k_total} {sms}: splits of {span} k-steps");
                     }

@@ -1421,12 +1421,12 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
         let mut timing = Timing::default();
         let t = Instant::now();
         let maps = predict_maps(&mut ens, &mut v, shape, settings, &mut |_, _| {}, &mut timing)?;
-        let dets = detect_maps(&maps, &settings, stride);
+        let dets = detect_maps(&maps, settings, stride);
         Ok((maps, dets, t.elapsed().as_secs_f64(), timing))
     };
     let run = |engines: Vec<Box<dyn TileEngine>>| run_with(engines, &settings);
     eprintln!("selftest: pipeline: {} model(s) on the CPU ({sname})...", weights.len());
-    let cpu = match weights.iter().map(|w| CpuEngine::new(w).map(|e| Box::new(e) as Box<dyn TileEngine>)).collect::<Result<Vec<_>>>().and_then(|e| run(e)) {
+    let cpu = match weights.iter().map(|w| CpuEngine::new(w).map(|e| Box::new(e) as Box<dyn TileEngine>)).collect::<Result<Vec<_>>>().and_then(&run) {
         Ok(r) => r,
         Err(e) => {
             c.row("pipeline cpu reference", &sname, f64::NAN, f64::NAN, (f64::NAN, f64::NAN), Status::Fail, format!("error: {e:#}"));
