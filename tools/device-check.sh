@@ -248,7 +248,9 @@ if [ $NO_GPU -eq 0 ]; then
     step "bench fastdet" 120 "$OUT/bench-fastdet.log" \
         bash -c 'exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
         bench-fastdet "$FASTDET" "$DEVICE" "$OUT/bench-fastdet.json" || FAILED=1
-    # The same tile on conv3d_tc_f16 with the norms fused into the convs' loads (FASTDET_CONV=tc).
+    # The same tile on conv3d_tc_f16 (FASTDET_CONV=tc: residual and statistics in the store, norms
+    # in the loads of 1x1x1 convs only; the self-test and the criterion bench also time them all in
+    # the loads).
     rm -f "$OUT/bench-fastdet-tc.json"
     step "bench fastdet tensor-core" 90 "$OUT/bench-fastdet-tc.log" \
         bash -c 'FASTDET_CONV=tc exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \

@@ -3,7 +3,8 @@
 device check writes:
 
   bench-fastdet.json   fastdet bench --device cuda:N --tile 192,128,128 --json
-  bench-fastdet-tc.json   the same with FASTDET_CONV=tc (tensor-core convs, norms fused)
+  bench-fastdet-tc.json   the same with FASTDET_CONV=tc (our tensor-core convs with their fusions;
+                          "fastdet_fused_ms")
   bench-tomogram.json  fastdet bench --device cuda:N --tomogram 184,630,630 --models 5,5 --json
   bench-tomogram-host-blend.json   the same with --host-blend (averaging and blending on the CPU)
   bench-torch.json     tools/bench_torch.py --device cuda:N --json   (eager, torch.compile, fp16 rate)

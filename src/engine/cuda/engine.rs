@@ -1336,7 +1336,8 @@ impl TileEngine for CudaEngine {
     }
 
     fn name(&self) -> String {
-        format!("cuda:{}:{}", self.gpu.info.ordinal, self.name)
+        let device = if self.gpu.is_emulator() { "emu" } else { "cuda" };
+        format!("{device}:{}:{}", self.gpu.info.ordinal, self.name)
     }
 
     fn device_memory_peak(&self) -> Option<usize> {
@@ -1394,9 +1395,9 @@ mod tests {
         engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, NormInLoads::All, [16, 24, 32], false);
     }
 
-    /// The tensor-core backend's default, norms in the loads of 1x1x1 convs only (DynUNet's head
-    /// stem; every other norm has its pass, on statistics from the conv's store), and with no
-    /// norm in any load.
+    /// The tensor-core backend's default, norms in the loads of 1x1x1 convs only (DynUNet's
+    /// deep-supervision head; every other norm has its pass, on statistics from the conv's
+    /// store), and with no norm in any load.
     #[test]
     fn tensor_core_engine_with_norm_passes_matches_cpu_engine() {
         for policy in [NormInLoads::Pointwise, NormInLoads::Never] {
@@ -1431,13 +1432,13 @@ mod tests {
             if backend == ConvBackend::TensorCore {
                 // All: SegResNet's every norm feeds one conv; DynUNet's all but the ones before
                 // a residual add or the decoder's concat. Pointwise: only norms read by a 1x1x1
-                // conv, which these networks do not have.
+                // tensor-core conv: one in DynUNet, none in SegResNet.
                 let (fused, stats, adds) = CudaEngine::fusion_counts(&e.steps);
                 let norms = e.steps.iter().filter(|s| matches!(s, Step::Norm { .. })).count();
                 eprintln!("{}: {fused} of {norms} norms fused, {stats} convs writing statistics, {adds} adds fused", spec.arch.name());
                 match norm_in_loads {
                     NormInLoads::All => assert!(fused > 0 && fused <= norms),
-                    // DynUNet's head stem: norm -> 1x1x1 conv.
+                    // DynUNet's deep-supervision head (backbone.deep_supervision_heads.0): norm -> 1x1x1 conv.
                     NormInLoads::Pointwise => assert_eq!(fused, usize::from(spec.arch == crate::model::spec::Arch::Dynunet)),
                     NormInLoads::Never => assert_eq!(fused, 0),
                 }
