@@ -155,9 +155,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         let t0 = Instant::now();
         let mut e = engine::open(device, w)?;
         let open_s = t0.elapsed().as_secs_f64();
-        if kernel_load.is_none() {
-            kernel_load = e.as_cuda().map(|c| c.gpu_arc().kernel_load);
-        }
+        kernel_load = kernel_load.or_else(|| e.as_cuda().map(|c| c.gpu_arc().kernel_load));
         let t1 = Instant::now();
         e.forward(&input, a.batch, tile, false)?;
         let first_s = t1.elapsed().as_secs_f64();
@@ -313,9 +311,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
         let (w, graph) = model?;
         flops_per_tile += graph.flops(a.window);
         let mut e = engine::open(device, &w)?;
-        if kernel_load.is_none() {
-            kernel_load = e.as_cuda().map(|c| c.gpu_arc().kernel_load);
-        }
+        kernel_load = kernel_load.or_else(|| e.as_cuda().map(|c| c.gpu_arc().kernel_load));
         engines.push(e);
     }
     let spec = ModelSpec::seed(Arch::Segresnetv2);

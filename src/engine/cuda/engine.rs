@@ -85,12 +85,7 @@ pub enum NormInLoads {
 impl NormInLoads {
     /// `FASTDET_TC_NORM_IN_LOADS` = pointwise | all | never (default pointwise).
     pub fn from_env() -> Result<NormInLoads> {
-        match std::env::var("FASTDET_TC_NORM_IN_LOADS").ok().as_deref() {
-            None | Some("") | Some("pointwise") => Ok(NormInLoads::Pointwise),
-            Some("all") => Ok(NormInLoads::All),
-            Some("never") => Ok(NormInLoads::Never),
-            Some(o) => bail!("FASTDET_TC_NORM_IN_LOADS={o:?}: expected pointwise, all or never"),
-        }
+        env_choice("FASTDET_TC_NORM_IN_LOADS", &[("pointwise", NormInLoads::Pointwise), ("all", NormInLoads::All), ("never", NormInLoads::Never)])
     }
 
     /// Whether a norm read only by a tensor-core conv with kernel `k` is applied in its loads.
@@ -106,14 +101,22 @@ impl NormInLoads {
 impl ConvBackend {
     /// `FASTDET_CONV` = auto | cudnn | direct | tc (default auto).
     pub fn from_env() -> Result<ConvBackend> {
-        match std::env::var("FASTDET_CONV").ok().as_deref() {
-            None | Some("") | Some("auto") => Ok(ConvBackend::Auto),
-            Some("cudnn") => Ok(ConvBackend::Cudnn),
-            Some("direct") => Ok(ConvBackend::Direct),
-            Some("tc") => Ok(ConvBackend::TensorCore),
-            Some(o) => bail!("FASTDET_CONV={o:?}: expected auto, cudnn, direct or tc"),
-        }
+        env_choice("FASTDET_CONV", &[("auto", ConvBackend::Auto), ("cudnn", ConvBackend::Cudnn), ("direct", ConvBackend::Direct), ("tc", ConvBackend::TensorCore)])
     }
+}
+
+/// The choice environment variable `var` names among `choices`; unset or empty is the first.
+fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> Result<T> {
+    let value = std::env::var(var).unwrap_or_default();
+    if value.is_empty() {
+        return Ok(choices[0].1);
+    }
+    if let Some(&(_, c)) = choices.iter().find(|(name, _)| *name == value) {
+        return Ok(c);
+    }
+    let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+    let (last, rest) = names.split_last().expect("at least one choice");
+    bail!("{var}={value:?}: expected {} or {last}", rest.join(", "))
 }
 
 /// How a convolution op runs.
@@ -1380,6 +1383,23 @@ mod tests {
         let rel = (d2 / r2.max(1e-30)).sqrt();
         eprintln!("{name}: max |d| {mx:.3e}, rel {rel:.3e}");
         assert!(rel < tol_rel, "{name}: rel {rel}");
+    }
+
+    /// A choice variable: unset or empty is the first choice, a known name its value, anything
+    /// else an error listing the names.
+    #[test]
+    fn env_choice_reads_the_named_choice() {
+        let var = "FASTDET_TEST_ENV_CHOICE";
+        let choices = [("a", 1), ("b", 2), ("c", 3)];
+        std::env::remove_var(var);
+        assert_eq!(env_choice(var, &choices).unwrap(), 1);
+        std::env::set_var(var, "");
+        assert_eq!(env_choice(var, &choices).unwrap(), 1);
+        std::env::set_var(var, "c");
+        assert_eq!(env_choice(var, &choices).unwrap(), 3);
+        std::env::set_var(var, "d");
+        assert_eq!(env_choice(var, &choices).unwrap_err().to_string(), "FASTDET_TEST_ENV_CHOICE=\"d\": expected a, b or c");
+        std::env::remove_var(var);
     }
 
     /// The whole engine (graph walk, buffer pool, in-place ops, fusions, weight layouts, launch

@@ -291,8 +291,10 @@ impl std::fmt::Debug for DeviceGraph {
     }
 }
 
-static OPEN: Mutex<Vec<(usize, std::thread::ThreadId, Weak<Gpu>)>> = Mutex::new(Vec::new());
-static OPEN_EMULATED: Mutex<Vec<(usize, std::thread::ThreadId, Weak<Gpu>)>> = Mutex::new(Vec::new());
+/// Open handles by (ordinal, thread).
+type Registry = Mutex<Vec<(usize, std::thread::ThreadId, Weak<Gpu>)>>;
+static OPEN: Registry = Mutex::new(Vec::new());
+static OPEN_EMULATED: Registry = Mutex::new(Vec::new());
 
 fn signatures() -> Result<HashMap<String, Vec<ParamKind>>> {
     let mut m = HashMap::new();
@@ -320,7 +322,7 @@ impl Gpu {
     }
 
     /// The handle of `registry` for (`ordinal`, this thread), made by `make` when there is none.
-    fn shared(registry: &Mutex<Vec<(usize, std::thread::ThreadId, Weak<Gpu>)>>, ordinal: usize, make: impl FnOnce() -> Result<Arc<Gpu>>) -> Result<Arc<Gpu>> {
+    fn shared(registry: &Registry, ordinal: usize, make: impl FnOnce() -> Result<Arc<Gpu>>) -> Result<Arc<Gpu>> {
         let me = std::thread::current().id();
         let mut open = registry.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|(_, _, w)| w.strong_count() > 0);
