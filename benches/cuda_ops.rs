@@ -16,10 +16,13 @@
 //!   `tc_fused`: conv3d_tc_f16 applying each norm in its loads, adding the residual and writing
 //!   the next norm's statistics in its store (norm_finalize_tiles in between);
 //!   `tc_store_fused`: the same store, each norm a norm_apply pass of its own (what the engine
-//!   does by default: a 3x3x3 conv would renormalise each input element 27 times in its loads).
+//!   does by default: a 3x3x3 conv would renormalise each input element 27 times in its loads);
+//!   `tc_store_fused_wide`: `tc_store_fused` on the 128 x 64 tile (`FASTDET_TC_TILES=wide`;
+//!   levels of more than 32 channels).
 //! - `tile_<arch>`: `CudaEngine::forward_device` on one tile (input upload included, outputs left
-//!   on the device), backend `cudnn` (the default), `tc` (`FASTDET_CONV=tc`) and
-//!   `tc_norm_in_loads` (`FASTDET_CONV=tc FASTDET_TC_NORM_IN_LOADS=all`).
+//!   on the device), backend `cudnn` (the default), `tc` (`FASTDET_CONV=tc`),
+//!   `tc_norm_in_loads` (`FASTDET_CONV=tc FASTDET_TC_NORM_IN_LOADS=all`) and `tc_wide`
+//!   (`FASTDET_CONV=tc FASTDET_TC_TILES=wide`).
 //!
 //! Throughput is in FLOP/s of the convolutions (2 * MACs).
 
@@ -30,8 +33,8 @@ use anyhow::{Context, Result};
 use criterion::{Criterion, Throughput};
 use fastdet::engine::cuda::dnn::{ConvPlan, Dnn};
 use fastdet::engine::cuda::gpu::{DevBuf, Gpu};
-use fastdet::engine::cuda::ops::{self, vol, ConvShape, NormPrologue};
-use fastdet::engine::cuda::engine::NormInLoads;
+use fastdet::engine::cuda::ops::{self, vol, ConvShape, NormPrologue, TcTiles};
+use fastdet::engine::cuda::engine::{NormInLoads, TcPolicy};
 use fastdet::engine::cuda::{ConvBackend, CudaEngine};
 use fastdet::model::graph::{Act, Graph};
 use fastdet::model::spec::{Arch, ModelSpec};
@@ -152,28 +155,30 @@ impl Block {
     /// The fused block; `tiles[0]` holds the input's statistics (written once by `prepare`).
     fn fused(&self, gpu: &Gpu) -> Result<()> {
         let (c, d, v) = (self.c, self.dims, vol(self.dims));
+        let tc = TcTiles::Standard.variant(c);
         let fin = |i: usize, tiles: &DevBuf| ops::norm_params_from_tiles(gpu, tiles.ptr, 1, c, v, self.groups, Some(self.gamma[i].ptr), Some(self.beta[i].ptr), self.params[i].ptr);
         let pro = |i: usize| Some(NormPrologue { params: self.params[i].ptr, pre: Act::None, post: Act::Relu });
         fin(0, &self.tiles[0])?;
-        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, Some(self.b[0].ptr), None, pro(0), self.y.ptr, Some(self.tiles[1].ptr), None, block_conv(d, c), Act::None)?;
+        ops::conv_tc(gpu, tc, self.x.ptr, self.w[0].ptr, Some(self.b[0].ptr), None, pro(0), self.y.ptr, Some(self.tiles[1].ptr), None, block_conv(d, c), Act::None)?;
         fin(1, &self.tiles[1])?;
-        ops::conv_tc(gpu, self.y.ptr, self.w[1].ptr, Some(self.b[1].ptr), Some(self.x.ptr), pro(1), self.out.ptr, Some(self.tiles[2].ptr), None, block_conv(d, c), Act::None)?;
+        ops::conv_tc(gpu, tc, self.y.ptr, self.w[1].ptr, Some(self.b[1].ptr), Some(self.x.ptr), pro(1), self.out.ptr, Some(self.tiles[2].ptr), None, block_conv(d, c), Act::None)?;
         fin(0, &self.tiles[2])
     }
 
     /// The engine's default tensor-core block: each norm a pass of its own (norm_apply on the
     /// statistics the previous conv's store wrote), the residual and the next norm's statistics
-    /// in the store; `tiles[0]` as for `fused`.
-    fn store_fused(&self, gpu: &Gpu) -> Result<()> {
+    /// in the store, on block tiles `tiles`; `tiles[0]` as for `fused`.
+    fn store_fused(&self, gpu: &Gpu, tiles: TcTiles) -> Result<()> {
         let (c, d, v) = (self.c, self.dims, vol(self.dims));
+        let tc = tiles.variant(c);
         let fin = |i: usize, tiles: &DevBuf| ops::norm_params_from_tiles(gpu, tiles.ptr, 1, c, v, self.groups, Some(self.gamma[i].ptr), Some(self.beta[i].ptr), self.params[i].ptr);
         let apply = |i: usize, x: u64| ops::norm_apply(gpu, x, self.t.ptr, 1, c, v, self.params[i].ptr, Act::None, Act::Relu);
         fin(0, &self.tiles[0])?;
         apply(0, self.x.ptr)?;
-        ops::conv_tc(gpu, self.t.ptr, self.w[0].ptr, Some(self.b[0].ptr), None, None, self.y.ptr, Some(self.tiles[1].ptr), None, block_conv(d, c), Act::None)?;
+        ops::conv_tc(gpu, tc, self.t.ptr, self.w[0].ptr, Some(self.b[0].ptr), None, None, self.y.ptr, Some(self.tiles[1].ptr), None, block_conv(d, c), Act::None)?;
         fin(1, &self.tiles[1])?;
         apply(1, self.y.ptr)?;
-        ops::conv_tc(gpu, self.t.ptr, self.w[1].ptr, Some(self.b[1].ptr), Some(self.x.ptr), None, self.out.ptr, Some(self.tiles[2].ptr), None, block_conv(d, c), Act::None)?;
+        ops::conv_tc(gpu, tc, self.t.ptr, self.w[1].ptr, Some(self.b[1].ptr), Some(self.x.ptr), None, self.out.ptr, Some(self.tiles[2].ptr), None, block_conv(d, c), Act::None)?;
         fin(0, &self.tiles[2])
     }
 
@@ -181,15 +186,16 @@ impl Block {
     fn prepare(&self, gpu: &Gpu) -> Result<()> {
         // An identity-free 1x1x1 pass is not available; a 3x3x3 conv of x into scratch writes
         // statistics of the right shape (their values only steer the normalisation).
-        ops::conv_tc(gpu, self.x.ptr, self.w[0].ptr, None, None, None, self.t.ptr, Some(self.tiles[0].ptr), None, block_conv(self.dims, self.c), Act::None)
+        ops::conv_tc(gpu, TcTiles::Standard.variant(self.c), self.x.ptr, self.w[0].ptr, None, None, None, self.t.ptr, Some(self.tiles[0].ptr), None, block_conv(self.dims, self.c), Act::None)
     }
 }
 
 fn blocks(c: &mut Criterion, t: &Target) {
     let gpu = &t.gpu;
-    // SegResNetV2 (init_filters 32) levels on a 192x128x128 tile.
+    // SegResNetV2 (init_filters 32) levels on a 192x128x128 tile (toy: a 16- and a 64-channel one, so
+    // that every variant runs).
     let levels: Vec<(usize, [usize; 3])> =
-        if t.toy { vec![(16, [8, 8, 8])] } else { vec![(32, [192, 128, 128]), (64, [96, 64, 64]), (128, [48, 32, 32]), (256, [24, 16, 16])] };
+        if t.toy { vec![(16, [8, 8, 8]), (64, [4, 4, 8])] } else { vec![(32, [192, 128, 128]), (64, [96, 64, 64]), (128, [48, 32, 32]), (256, [24, 16, 16])] };
     let dnn = match Dnn::new(gpu) {
         Ok(d) => Some(d),
         Err(e) => {
@@ -233,7 +239,7 @@ fn blocks(c: &mut Criterion, t: &Target) {
         }
         if tc.is_ok() {
             let unfused = || -> Result<()> {
-                b.unfused(gpu, |i, x, y| ops::conv_tc(gpu, x, b.w[i].ptr, None, None, None, y, None, None, block_conv(dims, ch), Act::None))?;
+                b.unfused(gpu, |i, x, y| ops::conv_tc(gpu, TcTiles::Standard.variant(ch), x, b.w[i].ptr, None, None, None, y, None, None, block_conv(dims, ch), Act::None))?;
                 gpu.sync("block")
             };
             let fused = || -> Result<()> {
@@ -254,15 +260,20 @@ fn blocks(c: &mut Criterion, t: &Target) {
                 }
                 Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} tc_fused skipped: {e:#}"),
             }
-            let store_fused = || -> Result<()> {
-                b.store_fused(gpu)?;
-                gpu.sync("block")
-            };
-            match b.prepare(gpu).and_then(|()| store_fused()) {
-                Ok(()) => {
-                    g.bench_function("tc_store_fused", |it| it.iter(|| store_fused().unwrap()));
+            for (label, tiles) in [("tc_store_fused", TcTiles::Standard), ("tc_store_fused_wide", TcTiles::Wide)] {
+                if tiles != TcTiles::Standard && tiles.variant(ch) == TcTiles::Standard.variant(ch) {
+                    continue;
                 }
-                Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} tc_store_fused skipped: {e:#}"),
+                let store_fused = || -> Result<()> {
+                    b.store_fused(gpu, tiles)?;
+                    gpu.sync("block")
+                };
+                match b.prepare(gpu).and_then(|()| store_fused()) {
+                    Ok(()) => {
+                        g.bench_function(label, |it| it.iter(|| store_fused().unwrap()));
+                    }
+                    Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} {label} skipped: {e:#}"),
+                }
             }
         }
         g.finish();
@@ -281,14 +292,17 @@ fn tiles(c: &mut Criterion, t: &Target) {
         let mut g = c.benchmark_group(format!("tile_{}", arch.name()));
         g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(if t.toy { 1 } else { 3 }));
         g.throughput(Throughput::Elements(flops));
-        // The tensor-core path as it runs by default, and with every norm in the next conv's loads.
+        // The tensor-core path as it runs by default, with every norm in the next conv's loads,
+        // and on the wide tiles.
+        let default = TcPolicy::default();
         let variants = [
-            ("cudnn", ConvBackend::Cudnn, NormInLoads::Pointwise),
-            ("tc", ConvBackend::TensorCore, NormInLoads::Pointwise),
-            ("tc_norm_in_loads", ConvBackend::TensorCore, NormInLoads::All),
+            ("cudnn", ConvBackend::Cudnn, default),
+            ("tc", ConvBackend::TensorCore, default),
+            ("tc_norm_in_loads", ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, ..default }),
+            ("tc_wide", ConvBackend::TensorCore, TcPolicy { tiles: TcTiles::Wide, ..default }),
         ];
-        for (label, backend, norm_in_loads) in variants {
-            let mut e = match CudaEngine::on_with(gpu.clone(), &w, backend, norm_in_loads) {
+        for (label, backend, policy) in variants {
+            let mut e = match CudaEngine::on_with(gpu.clone(), &w, backend, policy) {
                 Ok(e) => e,
                 Err(err) => {
                     eprintln!("cuda_ops: tile_{} {label} skipped: {err:#}", arch.name());

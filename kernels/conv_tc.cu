@@ -18,7 +18,7 @@
 // ((kz * k + ky) * k + kx) * Cin + ci). Block tile BM x BN (below), TC_BK deep, staged in shared
 // memory as fp16 in two stages: the next k-step's chunks are loaded into registers while the
 // tensor cores work on the current stage, then stored into the other one (one barrier per
-// k-step); 4 warps, each 32 x 32 outputs = 2 x 2 accumulator fragments. When Cin % 8 == 0
+// k-step); 4 warps, each WM x WN outputs = (WM / 16) x (WN / 16) accumulator fragments. When Cin % 8 == 0
 // and x, w are 16-byte aligned, 8 channels of one tap load as one 16-byte vector, the tap and
 // channel of each thread's chunk advanced step by step (no integer division per load: the loads
 // are issue-bound next to the tensor cores); otherwise element by element (any Cin, Cout). A
@@ -33,21 +33,28 @@
 //
 // Statistics for the next normalisation (optional): each block also reduces its stored fp16
 // outputs per channel, so the norm that reads `out` needs no pass of its own over it. The
-// BM rows of a block must lie in one sample (OD*OH*OW % BM == 0, the host checks); per
-// channel the block writes (sum v, sum (v - mean_b)^2) with mean_b = sum v / BM, both f32 in a
-// fixed order (no atomics), which norm.cu::norm_finalize_tiles merges in f64 (Chan et al.).
+// unit is SR rows (the store's pass: BM, or 64 for the wide tile, which stores its 128 rows in
+// two passes); the SR rows of a unit must lie in one sample (OD*OH*OW % SR == 0, the host
+// checks); per channel a unit writes (sum v, sum (v - mean_b)^2) with mean_b = sum v / SR, both
+// f32 in a fixed order (no atomics), which norm.cu::norm_finalize_tiles merges in f64 (Chan et al.).
 //
 // Layout: x [N, D, H, W, Cin] fp16; w [Cout, k, k, k, Cin] fp16 (the cuDNN / conv3d_igemm_f16
 // filter buffer); bias [Cout] f32 or null; residual [N, OD, OH, OW, Cout] fp16 or null (may be
 // `out` itself); norm [N][Cin][3] f32 or null; out [N, OD, OH, OW, Cout] fp16; stats
-// [N][OD*OH*OW / BM][Cout][2] f32 or null. M < 2^31.
+// [N][OD*OH*OW / SR][Cout][2] f32 or null. M < 2^31.
 #include <cuda_fp16.h>
 #include <mma.h>
 
-// Block tiles (rows x channels) of the two instantiations, each 4 warps of 32 x 32 outputs:
-//   conv3d_tc_f16       64 x 64, warps 2 x 2;
-//   conv3d_tc_n32_f16  128 x 32, warps 4 x 1, for Cout <= 32, where a 64-wide tile would spend
-//                      half its tensor-core work and weight loads on padding.
+// Block tiles (rows x channels) of the three instantiations, each 4 warps:
+//   conv3d_tc_f16       64 x 64, warps 2 x 2 of 32 x 32;
+//   conv3d_tc_n32_f16  128 x 32, warps 4 x 1 of 32 x 32, for Cout <= 32, where a 64-wide tile
+//                      would spend half its tensor-core work and weight loads on padding;
+//   conv3d_tc_m128_f16 128 x 64, warps 2 x 2 of 64 x 32 (opt-in, FASTDET_TC_TILES=wide): per
+//                      16-deep step a warp loads 6 fragments for 8 MMAs (4 for 4 at 32 x 32) and
+//                      a block loads 3 rows of A and B per 128 outputs (4 at 64 x 64), for more
+//                      registers (64 accumulators a thread) and half the blocks. It stores in two
+//                      64-row passes, so its epilogue tile, statistics unit and split-K reduce
+//                      are the 64 x 64 tile's.
 #define TC_BK 32
 #define TC_THREADS 128
 // Shared-memory row padding (halves / floats): keeps WMMA pointers 32-byte aligned and spreads
@@ -72,11 +79,14 @@ __device__ __forceinline__ __half tc_prologue(__half v, const float* prm, int pr
 // The store: bias, residual, activation, one fp16 rounding; optionally the block's statistics
 // for the next norm. Cs holds the block's f32 sums (BM x BN), red is TC_RED_FLOATS of scratch;
 // every thread of the block calls it.
+// Rows from m0 on that lie past M (the wide tile's second pass over the last rows) store nothing,
+// and a pass with none inside M writes no statistics (block-uniform: every thread returns).
 template <int BM, int BN>
 __device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], float* red, int m0, int j0, int M, int Cout,
                                             const float* __restrict__ bias, const __half* residual, __half* out,
                                             int act, float p, float* __restrict__ stats, int ovol) {
     const int t = threadIdx.x;
+    if (m0 >= M) return;
     // Consecutive threads take consecutive channels of a row (coalesced stores).
     for (int e = t; e < BM * BN; e += TC_THREADS) {
         const int r = e / BN, c = e % BN;
@@ -125,26 +135,29 @@ __device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], float* re
     }
 }
 
-template <int BM, int BN>
+template <int BM, int BN, int WM, int WN, int SR>
 __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __half* __restrict__ w,
                                           const float* __restrict__ bias, const __half* residual,
                                           const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
                                           int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW,
                                           int pre_act, float pre_p, int norm_act, float norm_p, int act, float p,
                                           float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
-    static_assert(BM * BN == 4 * 32 * 32 && BM % 32 == 0 && BN % 32 == 0, "4 warps of 32 x 32");
+    static_assert(BM * BN == 4 * WM * WN && BM % WM == 0 && BN % WN == 0, "4 warps of WM x WN");
+    static_assert(BM % 32 == 0 && BN % 32 == 0 && WM % 16 == 0 && WN % 16 == 0, "whole loader passes and fragments");
+    static_assert(BM % SR == 0 && SR % WM == 0, "a store pass holds whole warp tiles");
+    constexpr int FM = WM / 16, FN = WN / 16;  // accumulator fragments of a warp
     constexpr int QA = BM / 32, QB = BN / 32;  // 16-byte chunks per thread per k-step, A and B
     constexpr int STAGE_A = BM * (TC_BK + TC_APAD) * 2, STAGE_B = BN * (TC_BK + TC_APAD) * 2;
-    constexpr int STAGES = 2 * (STAGE_A + STAGE_B), OUT_TILE = (BM * (BN + TC_CPAD) + TC_RED_FLOATS) * 4;
-    // Two stages of A and B tiles; the epilogue's f32 tile reuses the same bytes once the last
-    // MMA is done (20 / 25 KiB).
+    constexpr int STAGES = 2 * (STAGE_A + STAGE_B), OUT_TILE = (SR * (BN + TC_CPAD) + TC_RED_FLOATS) * 4;
+    // Two stages of A and B tiles; the epilogue's f32 tile (SR rows) reuses the same bytes once
+    // the last MMA is done (20 / 25 / 30 KiB).
     __shared__ __align__(32) unsigned char smem[STAGES > OUT_TILE ? STAGES : OUT_TILE];
     typedef __half TileRow[TC_BK + TC_APAD];
     typedef float OutRow[BN + TC_CPAD];
     TileRow* As = reinterpret_cast<TileRow*>(smem);                // [2 * BM]
     TileRow* Bs = reinterpret_cast<TileRow*>(smem + 2 * STAGE_A);  // [2 * BN]
-    OutRow* Cs = reinterpret_cast<OutRow*>(smem);                  // [BM], after the loop
-    float* red = reinterpret_cast<float*>(smem) + BM * (BN + TC_CPAD);  // after the loop
+    OutRow* Cs = reinterpret_cast<OutRow*>(smem);                  // [SR], after the loop
+    float* red = reinterpret_cast<float*>(smem) + SR * (BN + TC_CPAD);  // after the loop
     const int t = threadIdx.x;
     const int warp = t >> 5;
     const int M = N * OD * OH * OW;
@@ -280,12 +293,12 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
         for (int q = 0; q < QB; ++q) *reinterpret_cast<uint4*>(&Bs[stage * BN + t / 4 + 32 * q][kc * 8]) = rb[q];
     };
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < FM; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    const int wr = (warp / (BN / 32)) * 32, wc = (warp % (BN / 32)) * 32;
+        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    const int wr = (warp / (BN / WN)) * WM, wc = (warp % (BN / WN)) * WN;
 
     // One barrier per k-step: stage s is read by the MMAs of step kt while step kt + 1's chunks
     // are written into the other stage, which every warp finished reading before the previous
@@ -302,16 +315,16 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
         if (kt + 1 < kt1) load((kt + 1) * TC_BK);
 #pragma unroll
         for (int ks = 0; ks < TC_BK; ks += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[2];
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[FM];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[FN];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[s * BM + wr + 16 * i][ks], TC_BK + TC_APAD);
+            for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(a[i], &As[s * BM + wr + 16 * i][ks], TC_BK + TC_APAD);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[s * BN + wc + 16 * j][ks], TC_BK + TC_APAD);
+            for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(b[j], &Bs[s * BN + wc + 16 * j][ks], TC_BK + TC_APAD);
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < FM; ++i)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
         if (kt + 1 < kt1) store(s ^ 1);
         __syncthreads();
@@ -324,20 +337,27 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
         const int ldc = gridDim.y * BN;
         float* dst = splitk + (size_t)blockIdx.z * gridDim.x * BM * ldc;
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < FM; ++i)
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
+            for (int j = 0; j < FN; ++j)
                 wmma::store_matrix_sync(dst + (size_t)(m0 + wr + 16 * i) * ldc + j0 + wc + 16 * j, acc[i][j], ldc, wmma::mem_row_major);
         return;
     }
 
+    // The store in BM / SR passes of SR rows: the warps whose tile lies in the pass put it in Cs.
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int pass = 0; pass < BM / SR; ++pass) {
+        if (pass > 0) __syncthreads();  // the previous pass has finished reading Cs
+        if (wr / SR == pass) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(&Cs[wr + 16 * i][wc + 16 * j], acc[i][j], BN + TC_CPAD, wmma::mem_row_major);
-    __syncthreads();
-    tc_epilogue<BM, BN>(Cs, red, m0, j0, M, Cout, bias, residual, out, act, p, stats, OD * OH * OW);
+            for (int i = 0; i < FM; ++i)
+#pragma unroll
+                for (int j = 0; j < FN; ++j)
+                    wmma::store_matrix_sync(&Cs[wr - pass * SR + 16 * i][wc + 16 * j], acc[i][j], BN + TC_CPAD, wmma::mem_row_major);
+        }
+        __syncthreads();
+        tc_epilogue<SR, BN>(Cs, red, m0 + pass * SR, j0, M, Cout, bias, residual, out, act, p, stats, OD * OH * OW);
+    }
 }
 
 // conv3d_tc with split K, second half: the sum of the splits' planes (in split order) for the
@@ -370,7 +390,7 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
     const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
     int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
     float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
-    conv3d_tc<64, 64>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
+    conv3d_tc<64, 64, 32, 32, 64>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
         norm_act, norm_p, act, p, stats, splitk, kspan);
 }
 
@@ -379,10 +399,21 @@ conv3d_tc_n32_f16(const __half* __restrict__ x, const __half* __restrict__ w, co
     const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
     int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
     float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
-    conv3d_tc<128, 32>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
+    conv3d_tc<128, 32, 32, 32, 128>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
         norm_act, norm_p, act, p, stats, splitk, kspan);
 }
 
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv3d_tc_m128_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
+    const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
+    int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
+    float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
+    conv3d_tc<128, 64, 64, 32, 64>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW,
+        pre_act, pre_p, norm_act, norm_p, act, p, stats, splitk, kspan);
+}
+
+// The 64 x 64 reduce also finishes conv3d_tc_m128_f16's splits: the split buffer of a (gx, gy)
+// m128 grid is that of a (2 gx, gy) 64 x 64 one.
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv3d_tc_reduce_f16(const float* __restrict__ splitk, int splits, const float* __restrict__ bias,
     const __half* residual, __half* out, float* __restrict__ stats, int M, int ovol, int Cout, int act, float p) {

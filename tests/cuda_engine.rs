@@ -145,10 +145,14 @@ esac
     std::fs::write(
         &bench,
         r#"#!/usr/bin/env bash
-# Stand-in for the criterion bench: one block group with two variants.
+# Stand-in for the criterion bench: one block group with two variants, one tile group with two.
 for v in cudnn tc_fused; do
   mkdir -p "$CRITERION_HOME/block_32ch_8x8x8/$v/new"
   echo '{"median": {"point_estimate": 1500000.0}}' > "$CRITERION_HOME/block_32ch_8x8x8/$v/new/estimates.json"
+done
+for v in tc tc_wide; do
+  mkdir -p "$CRITERION_HOME/tile_dynunet/$v/new"
+  echo '{"median": {"point_estimate": 4250000.0}}' > "$CRITERION_HOME/tile_dynunet/$v/new/estimates.json"
 done
 echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
 "#,
@@ -202,6 +206,7 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_ms"], 5.0);
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_fused_ms"], 5.0);
     assert_eq!(r["blocks"]["32ch_8x8x8"]["tc_fused_ms"], 1.5);
+    assert_eq!(r["tile_criterion"]["dynunet"]["tc_wide_ms"], 4.25);
     assert_eq!(r["tomogram_s"], 1.5);
     assert_eq!(r["tomogram_host_blend_s"], 2.5);
     assert_eq!(r["first_start_nvrtc_s"], 21.5);
@@ -210,6 +215,7 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     assert!(text.contains("cold start 0.40 s to the first tile; kernels: 13 files, 0 compiled (0.0 s), loaded in 0.05 s"), "{text}");
     assert!(text.contains("blending on the GPU; upload 0.03") && text.contains("blending on the CPU; upload 0.00"), "{text}");
     assert!(text.contains("block 32ch_8x8x8") && text.contains("tc_fused 1.500 ms"), "{text}");
+    assert!(text.contains("tile  dynunet") && text.contains("tc_wide 4.250 ms"), "{text}");
 }
 
 /// `fastdet run` on the emulated GPU takes the CUDA path end to end (device blending and peak

@@ -266,7 +266,7 @@ if [ $NO_GPU -eq 0 ]; then
     # criterion: the fused tensor-core residual block against the cuDNN path per SegResNetV2 level,
     # and one tile per arch and backend (benches/cuda_ops.rs, built by tools/build-for-device.sh).
     if [ -x "$CUDA_BENCH" ]; then
-        step "bench criterion cuda_ops" 100 "$OUT/bench-criterion.log" \
+        step "bench criterion cuda_ops" 130 "$OUT/bench-criterion.log" \
             env CRITERION_HOME="$OUT/criterion" "$CUDA_BENCH" --bench --noplot || FAILED=1
     else
         log "bench criterion cuda_ops: skipped ($CUDA_BENCH not found; tools/build-for-device.sh builds it)"
@@ -388,6 +388,8 @@ if "floor_s" in d:  # tools/results_json.py
                                                 "first_start_nvrtc_s", "peak_mem_gib", "fp16_matmul_tflops")}))
     for level, v in d.get("blocks", {}).items():  # criterion, benches/cuda_ops.rs
         print(f"  block {level:<18} " + "  ".join(f"{k[:-3]} {ms:.3f} ms" for k, ms in v.items()))
+    for arch, v in d.get("tile_criterion", {}).items():  # criterion tile_<arch> variants
+        print(f"  tile  {arch:<18} " + "  ".join(f"{k[:-3]} {ms:.3f} ms" for k, ms in v.items()))
     raise SystemExit(0)
 if "models" in d:  # fastdet bench
     print(f"{name}: fastdet {d.get('fastdet_version')} on {d.get('device')}, tile {'x'.join(map(str, d.get('tile', [])))}, batch {d.get('batch')}")

@@ -8,12 +8,15 @@ device check writes:
   bench-tomogram.json  fastdet bench --device cuda:N --tomogram 184,630,630 --models 5,5 --json
   bench-tomogram-host-blend.json   the same with --host-blend (averaging and blending on the CPU)
   bench-torch.json     tools/bench_torch.py --device cuda:N --json   (eager, torch.compile, fp16 rate)
-  criterion/           benches/cuda_ops.rs (CRITERION_HOME): median ms of each block_* variant
+  criterion/           benches/cuda_ops.rs (CRITERION_HOME): median ms of each block_* and tile_*
+                       variant
 
 Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
    "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms"}, "dynunet": {...}},
-   "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms"}, ...},
+   "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
+                                   "tc_store_fused_wide_ms"}, ...},
+   "tile_criterion": {"segresnetv2": {"cudnn_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms"}, "dynunet": {...}},
    "tomogram_s", "tomogram_host_blend_s", "floor_s", "cold_start_s",
    "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
    "sources"}
@@ -59,20 +62,24 @@ def git_commit():
         return None
 
 
-def criterion_blocks(d):
-    """{level: {variant_ms}} from criterion's block_<level>/<variant>/new/estimates.json (median)."""
+BLOCK_VARIANTS = ("cudnn", "tc_unfused", "tc_fused", "tc_store_fused", "tc_store_fused_wide")
+TILE_VARIANTS = ("cudnn", "tc", "tc_norm_in_loads", "tc_wide")
+
+
+def criterion_groups(d, prefix, variants):
+    """{name: {variant_ms}} from criterion's <prefix><name>/<variant>/new/estimates.json (median)."""
     root = os.path.join(d, "criterion")
     out = {}
     if not os.path.isdir(root):
         return out
     for group in sorted(os.listdir(root)):
-        if not group.startswith("block_"):
+        if not group.startswith(prefix):
             continue
-        for variant in ("cudnn", "tc_unfused", "tc_fused", "tc_store_fused"):
+        for variant in variants:
             est = load(os.path.join(root, group, variant, "new", "estimates.json"))
             median = ((est or {}).get("median") or {}).get("point_estimate")
             if median is not None:
-                out.setdefault(group[len("block_"):], {})[variant + "_ms"] = median / 1e6
+                out.setdefault(group[len(prefix):], {})[variant + "_ms"] = median / 1e6
     return out
 
 
@@ -119,7 +126,8 @@ def assemble(d, commit, date):
         "commit": commit,
         "date": date,
         "tile": tile,
-        "blocks": criterion_blocks(d),
+        "blocks": criterion_groups(d, "block_", BLOCK_VARIANTS),
+        "tile_criterion": criterion_groups(d, "tile_", TILE_VARIANTS),
         "tomogram_s": tomo.get("s_per_tomogram") if tomo else None,
         "tomogram_host_blend_s": tomo_hb.get("s_per_tomogram") if tomo_hb else None,
         "floor_s": flops / (rate * 1e12) if flops and rate else None,

@@ -453,7 +453,7 @@ impl Emu {
                 conv::conv3d(&x, n, s, &wt, bias.as_deref(), act, &mut o);
                 self.wf16(a.p(3), &to_ndhwc(&o, n, cout, ovol))
             }
-            "conv3d_tc_f16" | "conv3d_tc_n32_f16" => {
+            "conv3d_tc_f16" | "conv3d_tc_n32_f16" | "conv3d_tc_m128_f16" => {
                 // Block tile (output voxels, channels) of the instantiation.
                 let v = super::ops::TC_VARIANTS.iter().find(|v| v.kernel == name).context("tc variant")?;
                 let (rows, cols) = (v.rows, v.cols);
@@ -499,16 +499,19 @@ impl Emu {
                     return self.wf32(sk, &planes);
                 }
                 ensure!(gz == 1, "grid.z > 1 needs a split-K buffer");
-                self.tc_store(y, a.opt(2), a.opt(3), act, a.p(5), a.opt(24), ovol, cout, rows)
+                self.tc_store(y, a.opt(2), a.opt(3), act, a.p(5), a.opt(24), ovol, cout, v.store_rows)
             }
             "conv3d_tc_reduce_f16" | "conv3d_tc_n32_reduce_f16" => {
                 // splitk, splits, bias, residual, out, stats, M, ovol, Cout, act, p
+                // The reduce's tile: store_rows x cols.
                 let v = super::ops::TC_VARIANTS.iter().find(|v| v.reduce == name).context("tc variant")?;
-                let (rows, cols) = (v.rows, v.cols);
+                let (rows, cols) = (v.store_rows, v.cols);
                 let (splits, m, ovol, cout) = (a.u(1), a.u(6), a.u(7), a.u(8));
                 let act = act_of(a.i(9) as i32, a.f(10))?;
                 ensure!(block == (128, 1, 1), "block must be TC_THREADS = 128");
-                ensure!(gx == m.div_ceil(rows) && gy == cout.div_ceil(cols) && gz == 1, "grid must be (ceil(M/{rows}), ceil(Cout/{cols}), 1)");
+                // Its own grid, or (for the 64 x 64 reduce) a 128 x 64 conv's, doubled.
+                let own = m.div_ceil(rows);
+                ensure!((gx == own || (rows == 64 && gx == 2 * m.div_ceil(128))) && gy == cout.div_ceil(cols) && gz == 1, "grid must be (ceil(M/{rows}), ceil(Cout/{cols}), 1)");
                 let ldc = gy * cols;
                 let plane = gx * rows * ldc;
                 let planes = self.rf32(a.p(0), splits * plane)?;

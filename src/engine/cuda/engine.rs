@@ -46,7 +46,8 @@ use half::f16;
 
 use super::dnn::{ConvPlan, Dnn};
 use super::gpu::{guard, DevBuf, DeviceGraph, Gpu, Pool};
-use super::ops::{self, vol, ConvShape};
+use super::env_choice;
+use super::ops::{self, vol, ConvShape, TcTiles};
 use crate::engine::{Outputs, TileEngine};
 use crate::model::graph::{op_in_place, Act, Graph, OpKind, ValueId};
 use crate::weights::Weights;
@@ -72,9 +73,10 @@ pub enum ConvBackend {
 /// times (27 for 3x3x3): about a dozen ALU instructions each, per element, against the tensor
 /// cores' k^3 * Cout multiply-adds for it; the separate pass it would save reads and writes each
 /// element once. For a 1x1x1 conv the fused norm costs what the pass would, minus the pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NormInLoads {
     /// Before 1x1x1 convs only (the default).
+    #[default]
     Pointwise,
     /// Before every tensor-core conv (measuring the k^3 trade-off).
     All,
@@ -98,6 +100,21 @@ impl NormInLoads {
     }
 }
 
+/// How the tensor-core path runs (ignored by the other backends): which norms its convs apply
+/// while loading, and which block tiles they use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcPolicy {
+    pub norm_in_loads: NormInLoads,
+    pub tiles: TcTiles,
+}
+
+impl TcPolicy {
+    /// `FASTDET_TC_NORM_IN_LOADS` and `FASTDET_TC_TILES`.
+    pub fn from_env() -> Result<TcPolicy> {
+        Ok(TcPolicy { norm_in_loads: NormInLoads::from_env()?, tiles: TcTiles::from_env()? })
+    }
+}
+
 impl ConvBackend {
     /// `FASTDET_CONV` = auto | cudnn | direct | tc (default auto).
     pub fn from_env() -> Result<ConvBackend> {
@@ -105,19 +122,6 @@ impl ConvBackend {
     }
 }
 
-/// The choice environment variable `var` names among `choices`; unset or empty is the first.
-fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> Result<T> {
-    let value = std::env::var(var).unwrap_or_default();
-    if value.is_empty() {
-        return Ok(choices[0].1);
-    }
-    if let Some(&(_, c)) = choices.iter().find(|(name, _)| *name == value) {
-        return Ok(c);
-    }
-    let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
-    let (last, rest) = names.split_last().expect("at least one choice");
-    bail!("{var}={value:?}: expected {} or {last}", rest.join(", "))
-}
 
 /// How a convolution op runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,6 +354,8 @@ pub struct CudaEngine {
     eager_walks: usize,
     name: String,
     backend: ConvBackend,
+    /// The tensor-core convolutions' block tiles.
+    tiles: TcTiles,
     notes: Vec<String>,
     /// Per value, during a walk: the per-block statistics a tensor-core conv wrote for it.
     tile_stats: Vec<Option<DevBuf>>,
@@ -399,11 +405,11 @@ impl CudaEngine {
 
     /// An engine on an opened device (or the kernel emulator, `Gpu::emulator`).
     pub fn on(gpu: std::sync::Arc<Gpu>, weights: &Weights, backend: ConvBackend) -> Result<Self> {
-        Self::on_with(gpu, weights, backend, NormInLoads::from_env()?)
+        Self::on_with(gpu, weights, backend, TcPolicy::from_env()?)
     }
 
-    /// `on`, with the tensor-core path's norm fusion `norm_in_loads` (ignored by other backends).
-    pub fn on_with(gpu: std::sync::Arc<Gpu>, weights: &Weights, backend: ConvBackend, norm_in_loads: NormInLoads) -> Result<Self> {
+    /// `on`, with the tensor-core path's `policy` (ignored by other backends).
+    pub fn on_with(gpu: std::sync::Arc<Gpu>, weights: &Weights, backend: ConvBackend, policy: TcPolicy) -> Result<Self> {
         let mut notes = vec![gpu.info.describe(), format!("kernels: {}", gpu.kernels_note)];
         let mut no_dnn = None;
         let dnn = match backend {
@@ -436,16 +442,20 @@ impl CudaEngine {
         if let Some(e) = no_dnn {
             notes.push(format!("cuDNN unavailable ({e:#}); convolutions run on {}", if tc { "conv3d_tc_f16" } else { "conv3d_igemm_f16" }));
         }
-        let steps = guard("uploading weights", || Self::build_steps(&gpu, &graph, &last, weights, dnn.is_some(), tc, norm_in_loads))?;
+        let steps = guard("uploading weights", || Self::build_steps(&gpu, &graph, &last, weights, dnn.is_some(), tc, policy.norm_in_loads))?;
         if tc {
             let (deferred, stats, adds) = Self::fusion_counts(&steps);
-            let policy = match norm_in_loads {
+            let loads = match policy.norm_in_loads {
                 NormInLoads::Pointwise => "before 1x1x1 convs",
                 NormInLoads::All => "before any conv",
                 NormInLoads::Never => "never",
             };
+            let tiles = match policy.tiles {
+                TcTiles::Standard => "64x64 tiles",
+                TcTiles::Wide => "128x64 tiles",
+            };
             notes.push(format!(
-                "convolutions on conv3d_tc_f16 (tensor cores); {deferred} norm(s) applied in the next conv's loads ({policy}), {stats} conv(s) writing the next norm's statistics, {adds} residual add(s) in the conv's store"
+                "convolutions on the tensor cores (conv_tc.cu, {tiles}, 128x32 for <= 32 channels); {deferred} norm(s) applied in the next conv's loads ({loads}), {stats} conv(s) writing the next norm's statistics, {adds} residual add(s) in the conv's store"
             ));
         }
         gpu.sync("uploading weights")?;
@@ -465,6 +475,7 @@ impl CudaEngine {
             eager_walks: 0,
             name: weights.name.clone(),
             backend,
+            tiles: policy.tiles,
             notes,
             tile_stats: Vec::new(),
         })
@@ -1264,11 +1275,12 @@ impl CudaEngine {
     /// The tensor-core conv of `shape`, with its split-K buffer taken from the arena for the call.
     #[allow(clippy::too_many_arguments)]
     fn conv_tc(&mut self, x: u64, w: u64, bias: Option<u64>, residual: Option<u64>, prologue: Option<ops::NormPrologue>, out: u64, stats: Option<u64>, shape: ConvShape, act: Act) -> Result<()> {
-        let ws = match ops::conv_tc_splitk_bytes(&self.gpu, shape) {
+        let v = self.tiles.variant(shape.cout);
+        let ws = match ops::conv_tc_splitk_bytes(&self.gpu, v, shape) {
             0 => None,
             bytes => Some(self.take(bytes)?),
         };
-        let r = ops::conv_tc(&self.gpu, x, w, bias, residual, prologue, out, stats, ws.as_ref(), shape, act);
+        let r = ops::conv_tc(&self.gpu, v, x, w, bias, residual, prologue, out, stats, ws.as_ref(), shape, act);
         if let Some(b) = ws {
             self.give(b);
         }
@@ -1406,13 +1418,19 @@ mod tests {
     /// arguments) on the kernel emulator against the CPU engine, both architectures, batch 2.
     #[test]
     fn engine_on_emulator_matches_cpu_engine() {
-        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::Direct, NormInLoads::Pointwise, [16, 24, 32], false);
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::Direct, TcPolicy::default(), [16, 24, 32], false);
     }
 
     /// The tensor-core backend, every norm read by a conv applied in its loads, on the emulator.
     #[test]
     fn tensor_core_engine_with_fused_norms_matches_cpu_engine() {
-        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, NormInLoads::All, [16, 24, 32], false);
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, tiles: TcTiles::Standard }, [16, 24, 32], false);
+    }
+
+    /// The wide tiles (SegResNet's 64-channel level takes the 128 x 64 tile), with every fusion.
+    #[test]
+    fn tensor_core_engine_with_wide_tiles_matches_cpu_engine() {
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, tiles: TcTiles::Wide }, [16, 24, 32], false);
     }
 
     /// The tensor-core backend's default, norms in the loads of 1x1x1 convs only (DynUNet's
@@ -1420,23 +1438,25 @@ mod tests {
     /// store), and with no norm in any load.
     #[test]
     fn tensor_core_engine_with_norm_passes_matches_cpu_engine() {
-        for policy in [NormInLoads::Pointwise, NormInLoads::Never] {
-            engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, policy, [16, 24, 32], true);
+        for norm_in_loads in [NormInLoads::Pointwise, NormInLoads::Never] {
+            engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads, tiles: TcTiles::Standard }, [16, 24, 32], true);
         }
     }
 
-    /// The same with the kernels' own source compiled for the host (conv3d_tc_f16's WMMA code,
-    /// its fused prologue and the statistics-only norm path; a small tile).
+    /// The same with the kernels' own source compiled for the host (conv_tc.cu's WMMA code, its
+    /// fused prologue and the statistics-only norm path; a small tile), on the wide tiles: the
+    /// 128 x 64 kernel on SegResNet's 64-channel level, whose 8 voxels leave its second store
+    /// pass empty, and the 128 x 32 one elsewhere (the 64 x 64 one has the self-test's rows).
     #[test]
     fn tensor_core_engine_on_host_kernels_matches_cpu_engine() {
         if !super::super::host_kernels::available_for_tests() {
             return;
         }
-        engine_matches_cpu_engine(Gpu::emulator_host_kernels().unwrap(), ConvBackend::TensorCore, NormInLoads::All, [16, 16, 16], true);
+        engine_matches_cpu_engine(Gpu::emulator_host_kernels().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, tiles: TcTiles::Wide }, [16, 16, 16], true);
     }
 
     /// `quick`: one tile, one pass (every thread of every launch runs on the host kernels).
-    fn engine_matches_cpu_engine(gpu: std::sync::Arc<Gpu>, backend: ConvBackend, norm_in_loads: NormInLoads, tile: [usize; 3], quick: bool) {
+    fn engine_matches_cpu_engine(gpu: std::sync::Arc<Gpu>, backend: ConvBackend, policy: TcPolicy, tile: [usize; 3], quick: bool) {
         use crate::model::spec::ModelSpec;
         for spec in [ModelSpec::segresnet(8, 16, 8), ModelSpec::dynunet(&[8, 16, 32, 32], 16, 16, 8)] {
             let w = Weights::random(&spec, 7);
@@ -1448,7 +1468,7 @@ mod tests {
             x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
             let mut cpu = crate::engine::cpu::CpuEngine::new(&w).unwrap();
             let want = cpu.forward(&x, n, tile, true).unwrap();
-            let mut e = CudaEngine::on_with(gpu.clone(), &w, backend, norm_in_loads).unwrap();
+            let mut e = CudaEngine::on_with(gpu.clone(), &w, backend, policy).unwrap();
             if backend == ConvBackend::TensorCore {
                 // All: SegResNet's every norm feeds one conv; DynUNet's all but the ones before
                 // a residual add or the decoder's concat. Pointwise: only norms read by a 1x1x1
@@ -1456,7 +1476,7 @@ mod tests {
                 let (fused, stats, adds) = CudaEngine::fusion_counts(&e.steps);
                 let norms = e.steps.iter().filter(|s| matches!(s, Step::Norm { .. })).count();
                 eprintln!("{}: {fused} of {norms} norms fused, {stats} convs writing statistics, {adds} adds fused", spec.arch.name());
-                match norm_in_loads {
+                match policy.norm_in_loads {
                     NormInLoads::All => assert!(fused > 0 && fused <= norms),
                     // DynUNet's deep-supervision head (backbone.deep_supervision_heads.0): norm -> 1x1x1 conv.
                     NormInLoads::Pointwise => assert_eq!(fused, usize::from(spec.arch == crate::model::spec::Arch::Dynunet)),
@@ -1467,7 +1487,7 @@ mod tests {
                     if let Step::Norm { deferred: true, .. } = s {
                         let out = e.graph.ops[i].output;
                         let j = (i + 1..e.graph.ops.len()).find(|&j| e.graph.ops[j].inputs.contains(&out)).unwrap();
-                        assert!(matches!(&e.steps[j], Step::Conv(c) if c.tc && norm_in_loads.applies_to(c.k)));
+                        assert!(matches!(&e.steps[j], Step::Conv(c) if c.tc && policy.norm_in_loads.applies_to(c.k)));
                     }
                 }
                 // Every norm of these networks reads a conv's (or conv + residual's) output,

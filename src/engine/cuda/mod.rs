@@ -14,6 +14,10 @@
 //!   `conv3d_igemm_f16` per shape, and the tc path when cuDNN does not load on a card with tensor
 //!   cores; tc: `conv3d_tc_f16` on tensor cores, each norm read by one conv applied in that conv's
 //!   loads);
+//! - `FASTDET_TC_NORM_IN_LOADS=pointwise|all|never`: which norms a tensor-core conv applies in
+//!   its loads (default pointwise: before 1x1x1 convs only);
+//! - `FASTDET_TC_TILES=standard|wide`: the tensor-core convs' block tiles for more than 32
+//!   output channels (default standard, 64x64; wide, 128x64);
 //! - `FASTDET_TC_SPLIT_K=N`: most K splits of a tensor-core convolution whose grid cannot fill
 //!   the device (default 16; 1 turns split K off);
 //! - `FASTDET_CUDA_GRAPHS=0`: no CUDA graphs (by default the second walk of each shape is
@@ -48,3 +52,18 @@ pub mod tomogram;
 pub use engine::{memory_plan, ConvBackend, CudaEngine, DeviceOutputs, MemoryPlan};
 pub use tomogram::{DeviceVolume, TomogramAccumulator};
 pub use gpu::{driver_available, probe, DeviceInfo, NO_DRIVER};
+
+/// The choice environment variable `var` names among `choices`; unset or empty is the first.
+pub(crate) fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> anyhow::Result<T> {
+    let value = std::env::var(var).unwrap_or_default();
+    if value.is_empty() {
+        return Ok(choices[0].1);
+    }
+    if let Some(&(_, c)) = choices.iter().find(|(name, _)| *name == value) {
+        return Ok(c);
+    }
+    let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+    let (last, rest) = names.split_last().expect("at least one choice");
+    anyhow::bail!("{var}={value:?}: expected {} or {last}", rest.join(", "))
+}
+

@@ -223,30 +223,59 @@ pub struct NormPrologue {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcVariant {
     pub kernel: &'static str,
+    /// The split-K reduce; its block tile is `store_rows x cols`.
     pub reduce: &'static str,
-    /// Output voxels per block (also the unit of its statistics).
+    /// Output voxels per block.
     pub rows: usize,
     /// Output channels per block.
     pub cols: usize,
+    /// Output voxels per pass of the store: the unit of the statistics and the reduce's rows.
+    pub store_rows: usize,
 }
 
 /// The instantiations, by name (the emulator looks them up here too).
-pub const TC_VARIANTS: [TcVariant; 2] = [
-    TcVariant { kernel: "conv3d_tc_f16", reduce: "conv3d_tc_reduce_f16", rows: 64, cols: 64 },
-    TcVariant { kernel: "conv3d_tc_n32_f16", reduce: "conv3d_tc_n32_reduce_f16", rows: 128, cols: 32 },
+pub const TC_VARIANTS: [TcVariant; 3] = [
+    TcVariant { kernel: "conv3d_tc_f16", reduce: "conv3d_tc_reduce_f16", rows: 64, cols: 64, store_rows: 64 },
+    TcVariant { kernel: "conv3d_tc_n32_f16", reduce: "conv3d_tc_n32_reduce_f16", rows: 128, cols: 32, store_rows: 128 },
+    TcVariant { kernel: "conv3d_tc_m128_f16", reduce: "conv3d_tc_reduce_f16", rows: 128, cols: 64, store_rows: 64 },
 ];
 
-/// conv_tc.cu's instantiation for `cout` output channels: the 128 x 32 tile when a 64-wide one
-/// would be half padding.
-pub fn conv_tc_variant(cout: usize) -> TcVariant {
-    TC_VARIANTS[usize::from(cout <= 32)]
+/// Which block tiles the tensor-core convolutions use (`FASTDET_TC_TILES`). Either way a conv
+/// with at most 32 output channels takes the 128 x 32 tile (a 64-wide one would be half
+/// padding) and the statistics unit is the same, so the choice changes speed only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcTiles {
+    /// 64 x 64 blocks of 4 warps of 32 x 32 (the default).
+    #[default]
+    Standard,
+    /// 128 x 64 blocks of 4 warps of 64 x 32 for more than 32 output channels: a quarter fewer
+    /// fragment loads per MMA and global loads per output, for 166-178 registers a thread
+    /// instead of 124-126 and half the blocks (a GPU measurement decides).
+    Wide,
+}
+
+impl TcTiles {
+    /// `FASTDET_TC_TILES` = standard | wide (default standard).
+    pub fn from_env() -> Result<TcTiles> {
+        super::env_choice("FASTDET_TC_TILES", &[("standard", TcTiles::Standard), ("wide", TcTiles::Wide)])
+    }
+
+    /// conv_tc.cu's instantiation for `cout` output channels.
+    pub fn variant(self, cout: usize) -> TcVariant {
+        match self {
+            _ if cout <= 32 => TC_VARIANTS[1],
+            TcTiles::Standard => TC_VARIANTS[0],
+            TcTiles::Wide => TC_VARIANTS[2],
+        }
+    }
 }
 
 /// Statistics blocks per sample that `conv_tc`'s epilogue writes for an output of `ovol` voxels
 /// per sample and `cout` channels: `Some(ovol / rows)` when every block of `rows` output voxels
-/// lies in one sample, else `None` (the norm then reduces the output itself).
+/// (the store's pass, the same for every tile choice) lies in one sample, else `None` (the norm
+/// then reduces the output itself).
 pub fn conv_tc_stats_blocks(ovol: usize, cout: usize) -> Option<usize> {
-    let rows = conv_tc_variant(cout).rows;
+    let rows = TcTiles::Standard.variant(cout).store_rows;
     (ovol > 0 && ovol.is_multiple_of(rows)).then_some(ovol / rows)
 }
 
@@ -256,13 +285,12 @@ fn tc_max_splits() -> usize {
     std::env::var("FASTDET_TC_SPLIT_K").ok().and_then(|v| v.parse().ok()).filter(|&v: &usize| v >= 1).unwrap_or(16)
 }
 
-/// `(splits, k-steps per split)` of K for a tensor-core convolution with `m` output voxels, `cout`
-/// channels and K = `k_total` on `sms` multiprocessors: one split when the grid already has a
+/// `(splits, k-steps per split)` of K for a tensor-core convolution on tile `v` with `m` output
+/// voxels, `cout` channels and K = `k_total` on `sms` multiprocessors: one split when the grid already has a
 /// block per multiprocessor; else enough splits for about two blocks per multiprocessor, each at
 /// least 8 k-steps (256 deep) and none empty. The deep levels of a tile (a few hundred voxels,
 /// hundreds of channels) would otherwise leave most of the device idle.
-pub fn conv_tc_splits(m: usize, cout: usize, k_total: usize, sms: usize) -> (usize, usize) {
-    let v = conv_tc_variant(cout);
+pub fn conv_tc_splits(v: TcVariant, m: usize, cout: usize, k_total: usize, sms: usize) -> (usize, usize) {
     let blocks = m.div_ceil(v.rows) * cout.div_ceil(v.cols);
     let steps = k_total.div_ceil(32).max(1);
     if sms == 0 || blocks >= sms {
@@ -273,20 +301,20 @@ pub fn conv_tc_splits(m: usize, cout: usize, k_total: usize, sms: usize) -> (usi
     (steps.div_ceil(span), span)
 }
 
-/// How `conv_tc` launches a shape on `g`: `(grid x, grid y, splits, k-steps per split, bytes
-/// of the split-K buffer, 0 when it does not split)`.
-fn conv_tc_launch(g: &Gpu, s: ConvShape) -> (usize, usize, usize, usize, usize) {
-    let v = conv_tc_variant(s.cout);
+/// How `conv_tc` launches a shape on tile `v` on `g`: `(grid x, grid y, splits, k-steps per
+/// split, bytes of the split-K buffer, 0 when it does not split)`.
+fn conv_tc_launch(g: &Gpu, v: TcVariant, s: ConvShape) -> (usize, usize, usize, usize, usize) {
     let (m, depth) = s.gemm_mk();
     let (gx, gy) = (m.div_ceil(v.rows), s.cout.div_ceil(v.cols));
-    let (splits, span) = conv_tc_splits(m, s.cout, depth, g.info.multiprocessors.max(0) as usize);
+    let (splits, span) = conv_tc_splits(v, m, s.cout, depth, g.info.multiprocessors.max(0) as usize);
     let bytes = if splits > 1 { splits * gx * v.rows * gy * v.cols * 4 } else { 0 };
     (gx, gy, splits, span, bytes)
 }
 
-/// Bytes of the f32 buffer `conv_tc` needs for its K splits on `g` (0 when it does not split).
-pub fn conv_tc_splitk_bytes(g: &Gpu, s: ConvShape) -> usize {
-    conv_tc_launch(g, s).4
+/// Bytes of the f32 buffer `conv_tc` needs for its K splits on tile `v` on `g` (0 when it does
+/// not split).
+pub fn conv_tc_splitk_bytes(g: &Gpu, v: TcVariant, s: ConvShape) -> usize {
+    conv_tc_launch(g, v, s).4
 }
 
 /// Bytes of `conv_tc`'s statistics for `n` samples of `ovol` voxels and `cout` channels.
@@ -299,10 +327,12 @@ pub fn conv_tc_stats_bytes(n: usize, ovol: usize, cout: usize) -> Option<usize> 
 /// input first; out `[n, out dims, cout]` = act(conv + bias + residual) fp16. With `stats`
 /// (`conv_tc_stats_bytes` bytes; `conv_tc_stats_blocks` must be `Some`), the per-block channel
 /// statistics of `out` for `norm_params_from_tiles`. `splitk`: the buffer for its K splits
-/// (`conv_tc_splitk_bytes`; allocated here when `None` or too small). Needs sm_70+.
+/// (`conv_tc_splitk_bytes`; allocated here when `None` or too small). `v`: the block tile
+/// (`TcTiles::variant`; any works for any shape). Needs sm_70+.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_tc(
     g: &Gpu,
+    v: TcVariant,
     x: u64,
     w: u64,
     bias: Option<u64>,
@@ -314,18 +344,24 @@ pub fn conv_tc(
     s: ConvShape,
     act: Act,
 ) -> Result<()> {
-    let (cout, v) = (s.cout, conv_tc_variant(s.cout));
+    let cout = s.cout;
     let (m, shape) = igemm_shape(v.kernel, s)?;
     let ovol = s.out_vol();
-    if stats.is_some() && conv_tc_stats_blocks(ovol, cout).is_none() {
-        bail!("{}: statistics need an output volume divisible by {}, got {ovol}", v.kernel, v.rows);
+    if stats.is_some() {
+        let unit = TcTiles::Standard.variant(cout).store_rows;
+        if v.store_rows != unit {
+            bail!("{}: its statistics come in blocks of {} voxels, the norm reads blocks of {unit} for {cout} channels", v.kernel, v.store_rows);
+        }
+        if conv_tc_stats_blocks(ovol, cout).is_none() {
+            bail!("{}: statistics need an output volume divisible by {unit}, got {ovol}", v.kernel);
+        }
     }
     let (ac, ap) = act_code(act);
     let (pre, pre_p) = act_code(norm.map_or(Act::None, |p| p.pre));
     let (post, post_p) = act_code(norm.map_or(Act::None, |p| p.post));
     // Split K: the partial sums of each split go to a padded f32 buffer (the caller's, or one
     // freed stream-ordered after the reduce that finishes the store).
-    let (gx, gy, splits, span, need) = conv_tc_launch(g, s);
+    let (gx, gy, splits, span, need) = conv_tc_launch(g, v, s);
     let own = match splitk {
         Some(b) if b.bytes >= need => None,
         _ if need > 0 => Some(g.alloc(need)?),
@@ -341,7 +377,8 @@ pub fn conv_tc(
     debug_assert!(buf.bytes >= need);
     let i = |v: usize| Arg::I32(v as i32);
     let r = [Arg::Ptr(buf.ptr), i(splits), opt(bias), opt(residual), Arg::Ptr(out), opt(stats), i(m), i(ovol), i(cout), Arg::I32(ac), Arg::F32(ap)];
-    g.launch(v.reduce, (gx as u32, gy as u32, 1), (128, 1, 1), &r)
+    // The reduce's block covers store_rows of the conv's rows.
+    g.launch(v.reduce, ((gx * v.rows / v.store_rows) as u32, gy as u32, 1), (128, 1, 1), &r)
 }
 
 /// The kernel-2 stride-2 transposed convolution into channels `[c_off, c_off + cout)` of an
@@ -486,7 +523,7 @@ pub fn norm(
 #[allow(clippy::too_many_arguments)]
 pub fn norm_params_from_tiles(g: &Gpu, partial: u64, n: usize, c: usize, vol: usize, groups: usize, gamma: Option<u64>, beta: Option<u64>, params: u64) -> Result<()> {
     norm_check(c, groups, vol)?;
-    let rows = conv_tc_variant(c).rows;
+    let rows = TcTiles::Standard.variant(c).store_rows;
     let nblk = conv_tc_stats_blocks(vol, c).with_context(|| format!("norm_finalize_tiles: volume {vol} is not a whole number of {rows}-voxel blocks"))?;
     if n == 0 {
         return Ok(());
@@ -772,18 +809,18 @@ mod tests {
     #[test]
     fn split_k_fills_small_grids_and_never_leaves_a_split_empty() {
         // A 192x128x128 tile's first level: the grid fills any card, no split.
-        assert_eq!(conv_tc_splits(96 * 64 * 64, 32, 27 * 32, 132), (1, 27));
+        assert_eq!(conv_tc_splits(TC_VARIANTS[0], 96 * 64 * 64, 32, 27 * 32, 132), (1, 27));
         // DynUNet's bottleneck (6x4x4 voxels, 320 channels) on 132 multiprocessors: 10 blocks,
         // split 16 ways (the cap), 17 k-steps each.
-        assert_eq!(conv_tc_splits(96, 320, 27 * 320, 132), (16, 17));
+        assert_eq!(conv_tc_splits(TC_VARIANTS[0], 96, 320, 27 * 320, 132), (16, 17));
         // No multiprocessor count (unknown device), or K too short to split: one split.
-        assert_eq!(conv_tc_splits(96, 320, 27 * 320, 0), (1, 270));
-        assert_eq!(conv_tc_splits(64, 64, 64, 132), (1, 2));
+        assert_eq!(conv_tc_splits(TC_VARIANTS[0], 96, 320, 27 * 320, 0), (1, 270));
+        assert_eq!(conv_tc_splits(TC_VARIANTS[0], 64, 64, 64, 132), (1, 2));
         for m in [1, 60, 64, 96, 300, 768, 5000] {
             for cout in [16, 32, 48, 320] {
                 for k_total in [27, 27 * 16, 27 * 80, 27 * 320, 27 * 640] {
                     for sms in [1, 40, 132] {
-                        let (splits, span) = conv_tc_splits(m, cout, k_total, sms);
+                        let (splits, span) = conv_tc_splits(TcTiles::Standard.variant(cout), m, cout, k_total, sms);
                         let steps = k_total.div_ceil(32);
                         assert!((1..=16).contains(&splits) && span >= 1, "{m} {cout} {k_total} {sms}");
                         assert!((splits - 1) * span < steps && splits * span >= steps, "{m} {cout} {k_total} {sms}: {splits} x {span} for {steps}");

@@ -22,9 +22,9 @@ use serde::Serialize;
 
 use super::dnn::{ConvPlan, Dnn};
 use super::emu::{from_ndhwc, to_ndhwc};
-use super::engine::{to_ktrsc, ConvBackend, CudaEngine, NormInLoads};
+use super::engine::{to_ktrsc, ConvBackend, CudaEngine, NormInLoads, TcPolicy};
 use super::gpu::{DevBuf, Gpu};
-use super::ops::{self, vol, ConvShape};
+use super::ops::{self, vol, ConvShape, TcTiles};
 use crate::engine::cpu::{conv, norm, resample, CpuEngine};
 use crate::engine::{Outputs, TileEngine};
 use crate::model::graph::Act;
@@ -506,51 +506,53 @@ fn conv_tc_fused_cases(c: &mut Ctx) {
         (1, [3, 4, 5], 320, 320, 3, 1, Act::LeakyRelu(0.01), true, Act::None),
     ];
     for (ci, (n, dims, cin, cout, k, stride, post, residual, act)) in cases.into_iter().enumerate() {
-        let od = ops::conv_out_dims(dims, k, stride, k / 2);
-        let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
-        let in_place = ci == 0;
-        let name = format!("{} {k}x{k}x{k}/s{stride} norm{post}+bias{}{act}", tc_label(&c.gpu, n, dims, cin, cout, k, stride), if !residual { "" } else if in_place { "+res in place" } else { "+res" });
-        if let Err(why) = c.gpu.check_tensor_cores() {
-            c.skip(&name, &shape, why);
-            continue;
-        }
-        c.case(&name.clone(), &shape.clone(), |c| {
-            let (iv, ov) = (vol(dims), vol(od));
-            let x = c.rand16(n * cin * iv, -1.0, 1.5);
-            let mut params = Vec::with_capacity(n * cin * 3);
-            for _ in 0..n * cin {
-                let q = c.rand(3, -0.5, 0.5);
-                params.extend_from_slice(&[q[0], 1.0 + q[1], q[2]]);
+        for v in tc_variants(cout) {
+            let od = ops::conv_out_dims(dims, k, stride, k / 2);
+            let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
+            let in_place = ci == 0;
+            let name = format!("{} {k}x{k}x{k}/s{stride} norm{post}+bias{}{act}", tc_label(&c.gpu, v, n, dims, cin, cout, k, stride), if !residual { "" } else if in_place { "+res in place" } else { "+res" });
+            if let Err(why) = c.gpu.check_tensor_cores() {
+                c.skip(&name, &shape, why);
+                continue;
             }
-            let xt: Vec<f32> = x
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    let (b, ch) = (i / (cin * iv), (i / iv) % cin);
-                    let q = &params[(b * cin + ch) * 3..][..3];
-                    r16(post.apply((v - q[0]) * q[1] + q[2]))
-                })
-                .collect();
-            let w = c.weights16(cout, cin, k);
-            let b = c.rand(cout, -0.5, 0.5);
-            let res = c.rand16(n * cout * ov, -1.0, 1.0);
-            let conv_out = cpu_conv(&xt, n, dims, cin, cout, k, stride, &w, Some(&b), Act::None);
-            let want: Vec<f32> = conv_out.iter().zip(&res).map(|(&y, &r)| act.apply(if residual { y + r } else { y })).collect();
-            let wk: Vec<f32> = to_ktrsc(&to_f16(&w), cout, cin, k).into_iter().map(|h| h.to_f32()).collect();
-            let xb = c.up16(&to_ndhwc(&x, n, cin, iv))?;
-            let wb = c.up16(&wk)?;
-            let bb = c.up32(&b)?;
-            let pb = c.up32(&params)?;
-            let res_nd = to_ndhwc(&res, n, cout, ov);
-            let rb = c.up16(&res_nd)?;
-            let out = if in_place { c.up16(&res_nd)? } else { c.gpu.alloc(n * ov * cout * 2)? };
-            let rp = residual.then_some(if in_place { out.ptr } else { rb.ptr });
-            let norm = ops::NormPrologue { params: pb.ptr, pre: Act::None, post };
-            ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, Some(bb.ptr), rp, Some(norm), out.ptr, None, None, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, act)?;
-            let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
-            c.cmp(&name, &shape, &got, &want, TOL_FP16);
-            Ok(())
-        });
+            c.case(&name.clone(), &shape.clone(), |c| {
+                let (iv, ov) = (vol(dims), vol(od));
+                let x = c.rand16(n * cin * iv, -1.0, 1.5);
+                let mut params = Vec::with_capacity(n * cin * 3);
+                for _ in 0..n * cin {
+                    let q = c.rand(3, -0.5, 0.5);
+                    params.extend_from_slice(&[q[0], 1.0 + q[1], q[2]]);
+                }
+                let xt: Vec<f32> = x
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| {
+                        let (b, ch) = (i / (cin * iv), (i / iv) % cin);
+                        let q = &params[(b * cin + ch) * 3..][..3];
+                        r16(post.apply((v - q[0]) * q[1] + q[2]))
+                    })
+                    .collect();
+                let w = c.weights16(cout, cin, k);
+                let b = c.rand(cout, -0.5, 0.5);
+                let res = c.rand16(n * cout * ov, -1.0, 1.0);
+                let conv_out = cpu_conv(&xt, n, dims, cin, cout, k, stride, &w, Some(&b), Act::None);
+                let want: Vec<f32> = conv_out.iter().zip(&res).map(|(&y, &r)| act.apply(if residual { y + r } else { y })).collect();
+                let wk: Vec<f32> = to_ktrsc(&to_f16(&w), cout, cin, k).into_iter().map(|h| h.to_f32()).collect();
+                let xb = c.up16(&to_ndhwc(&x, n, cin, iv))?;
+                let wb = c.up16(&wk)?;
+                let bb = c.up32(&b)?;
+                let pb = c.up32(&params)?;
+                let res_nd = to_ndhwc(&res, n, cout, ov);
+                let rb = c.up16(&res_nd)?;
+                let out = if in_place { c.up16(&res_nd)? } else { c.gpu.alloc(n * ov * cout * 2)? };
+                let rp = residual.then_some(if in_place { out.ptr } else { rb.ptr });
+                let norm = ops::NormPrologue { params: pb.ptr, pre: Act::None, post };
+                ops::conv_tc(&c.gpu, v, xb.ptr, wb.ptr, Some(bb.ptr), rp, Some(norm), out.ptr, None, None, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, act)?;
+                let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
+                c.cmp(&name, &shape, &got, &want, TOL_FP16);
+                Ok(())
+            });
+        }
     }
 }
 
@@ -570,67 +572,84 @@ fn conv_tc_stats_cases(c: &mut Ctx) {
         (1, [4, 8, 8], 16, 16, 3, 1, false, 10.0, 16, false, Act::None),
         // SegResNetV2's first level: 32 channels (the 128 x 32 tile), identity added.
         (1, [8, 8, 12], 32, 32, 3, 1, true, 0.0, 8, true, Act::Relu),
+        // 192 voxels a sample, two samples: a 128-row block of the wide tile stores its first
+        // 64 rows in sample 0 and the next 64 in sample 1.
+        (2, [4, 6, 8], 48, 64, 3, 1, true, 0.0, 8, true, Act::Relu),
+        // The same split between samples in the store's two passes (a 1x1x1 conv whose grid is
+        // wide enough not to split K on up to 41 multiprocessors).
+        (2, [8, 8, 41], 16, 64, 1, 1, true, 0.0, 8, true, Act::Relu),
     ];
     for (n, dims, cin, cout, k, stride, residual, offset, groups, affine, post) in cases {
-        let od = ops::conv_out_dims(dims, k, stride, k / 2);
-        let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
-        let name = format!(
-            "{} {}+stats -> norm_finalize_tiles {}{}{post}{}",
-            tc_label(&c.gpu, n, dims, cin, cout, k, stride),
-            if residual { "+res" } else { "" },
-            if groups == cout { "instance".to_string() } else { format!("group({groups})") },
-            if affine { " affine" } else { "" },
-            if offset != 0.0 { format!(" mean {offset}") } else { String::new() }
-        );
-        if let Err(why) = c.gpu.check_tensor_cores() {
-            c.skip(&name, &shape, why);
-            continue;
+        for v in tc_variants(cout) {
+            let od = ops::conv_out_dims(dims, k, stride, k / 2);
+            let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
+            let name = format!(
+                "{} {}+stats -> norm_finalize_tiles {}{}{post}{}",
+                tc_label(&c.gpu, v, n, dims, cin, cout, k, stride),
+                if residual { "+res" } else { "" },
+                if groups == cout { "instance".to_string() } else { format!("group({groups})") },
+                if affine { " affine" } else { "" },
+                if offset != 0.0 { format!(" mean {offset}") } else { String::new() }
+            );
+            if let Err(why) = c.gpu.check_tensor_cores() {
+                c.skip(&name, &shape, why);
+                continue;
+            }
+            c.case(&name.clone(), &shape.clone(), |c| {
+                let (iv, ov) = (vol(dims), vol(od));
+                let x = c.rand16(n * cin * iv, -1.0, 1.0);
+                let w = c.weights16(cout, cin, k);
+                let b: Vec<f32> = c.rand(cout, -0.5, 0.5).into_iter().map(|v| v + offset).collect();
+                let res = c.rand16(n * cout * ov, -1.0, 1.0);
+                let (gamma, beta) = if affine { (Some(c.rand(cout, 0.5, 1.5)), Some(c.rand(cout, -0.5, 0.5))) } else { (None, None) };
+                // The norm sees the conv's output as stored: rounded to fp16.
+                let conv_out = cpu_conv(&x, n, dims, cin, cout, k, stride, &w, Some(&b), Act::None);
+                let mut want: Vec<f32> = conv_out.iter().zip(&res).map(|(&y, &r)| r16(if residual { y + r } else { y })).collect();
+                norm::group_norm(&mut want, n, cout, ov, groups, gamma.as_deref(), beta.as_deref(), post);
+                let wk: Vec<f32> = to_ktrsc(&to_f16(&w), cout, cin, k).into_iter().map(|h| h.to_f32()).collect();
+                let xb = c.up16(&to_ndhwc(&x, n, cin, iv))?;
+                let wb = c.up16(&wk)?;
+                let bb = c.up32(&b)?;
+                let rb = c.up16(&to_ndhwc(&res, n, cout, ov))?;
+                let gb = match &gamma {
+                    Some(g) => Some(c.up32(g)?),
+                    None => None,
+                };
+                let betab = match &beta {
+                    Some(v) => Some(c.up32(v)?),
+                    None => None,
+                };
+                let out = c.gpu.alloc(n * ov * cout * 2)?;
+                let stats = c.gpu.alloc(ops::conv_tc_stats_bytes(n, ov, cout).context("volume")?)?;
+                let params = c.gpu.alloc(n * cout * 3 * 4)?;
+                ops::conv_tc(&c.gpu, v, xb.ptr, wb.ptr, Some(bb.ptr), residual.then_some(rb.ptr), None, out.ptr, Some(stats.ptr), None, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, Act::None)?;
+                ops::norm_params_from_tiles(&c.gpu, stats.ptr, n, cout, ov, groups, gb.as_ref().map(|b| b.ptr), betab.as_ref().map(|b| b.ptr), params.ptr)?;
+                ops::norm_apply(&c.gpu, out.ptr, out.ptr, n, cout, ov, params.ptr, Act::None, post)?;
+                let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
+                c.cmp(&name, &shape, &got, &want, TOL_FP16);
+                Ok(())
+            });
         }
-        c.case(&name.clone(), &shape.clone(), |c| {
-            let (iv, ov) = (vol(dims), vol(od));
-            let x = c.rand16(n * cin * iv, -1.0, 1.0);
-            let w = c.weights16(cout, cin, k);
-            let b: Vec<f32> = c.rand(cout, -0.5, 0.5).into_iter().map(|v| v + offset).collect();
-            let res = c.rand16(n * cout * ov, -1.0, 1.0);
-            let (gamma, beta) = if affine { (Some(c.rand(cout, 0.5, 1.5)), Some(c.rand(cout, -0.5, 0.5))) } else { (None, None) };
-            // The norm sees the conv's output as stored: rounded to fp16.
-            let conv_out = cpu_conv(&x, n, dims, cin, cout, k, stride, &w, Some(&b), Act::None);
-            let mut want: Vec<f32> = conv_out.iter().zip(&res).map(|(&y, &r)| r16(if residual { y + r } else { y })).collect();
-            norm::group_norm(&mut want, n, cout, ov, groups, gamma.as_deref(), beta.as_deref(), post);
-            let wk: Vec<f32> = to_ktrsc(&to_f16(&w), cout, cin, k).into_iter().map(|h| h.to_f32()).collect();
-            let xb = c.up16(&to_ndhwc(&x, n, cin, iv))?;
-            let wb = c.up16(&wk)?;
-            let bb = c.up32(&b)?;
-            let rb = c.up16(&to_ndhwc(&res, n, cout, ov))?;
-            let gb = match &gamma {
-                Some(g) => Some(c.up32(g)?),
-                None => None,
-            };
-            let betab = match &beta {
-                Some(v) => Some(c.up32(v)?),
-                None => None,
-            };
-            let out = c.gpu.alloc(n * ov * cout * 2)?;
-            let stats = c.gpu.alloc(ops::conv_tc_stats_bytes(n, ov, cout).context("volume")?)?;
-            let params = c.gpu.alloc(n * cout * 3 * 4)?;
-            ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, Some(bb.ptr), residual.then_some(rb.ptr), None, out.ptr, Some(stats.ptr), None, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, Act::None)?;
-            ops::norm_params_from_tiles(&c.gpu, stats.ptr, n, cout, ov, groups, gb.as_ref().map(|b| b.ptr), betab.as_ref().map(|b| b.ptr), params.ptr)?;
-            ops::norm_apply(&c.gpu, out.ptr, out.ptr, n, cout, ov, params.ptr, Act::None, post)?;
-            let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
-            c.cmp(&name, &shape, &got, &want, TOL_FP16);
-            Ok(())
-        });
     }
 }
 
-/// A tensor-core conv row's kernel: the instantiation for the shape and, when this device splits
-/// its K, how many ways (the split count follows the multiprocessor count).
-fn tc_label(g: &Gpu, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize) -> String {
+/// The tensor-core instantiations for `cout` output channels, each tile choice's once.
+fn tc_variants(cout: usize) -> Vec<ops::TcVariant> {
+    let mut v = vec![TcTiles::Standard.variant(cout)];
+    if TcTiles::Wide.variant(cout) != v[0] {
+        v.push(TcTiles::Wide.variant(cout));
+    }
+    v
+}
+
+/// A tensor-core conv row's kernel: instantiation `v` and, when this device splits its K, how
+/// many ways (the split count follows the multiprocessor count).
+#[allow(clippy::too_many_arguments)]
+fn tc_label(g: &Gpu, v: ops::TcVariant, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize) -> String {
     let m = n * vol(ops::conv_out_dims(dims, k, stride, k / 2));
-    let kernel = ops::conv_tc_variant(cout).kernel;
-    match ops::conv_tc_splits(m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize) {
-        (1, _) => kernel.to_string(),
-        (splits, _) => format!("{kernel} splitK{splits}"),
+    match ops::conv_tc_splits(v, m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize) {
+        (1, _) => v.kernel.to_string(),
+        (splits, _) => format!("{} splitK{splits}", v.kernel),
     }
 }
 
@@ -719,17 +738,19 @@ fn conv_cases(c: &mut Ctx) {
             c.cmp(&direct_name, &shape, &got, &want, TOL_FP16);
             Ok(())
         });
-        let tc_name = format!("{} {desc}", tc_label(&c.gpu, n, dims, cin, cout, k, stride));
-        match c.gpu.check_tensor_cores() {
-            Err(why) => c.skip(&tc_name, &shape, why),
-            Ok(()) => c.case(&tc_name.clone(), &shape.clone(), |c| {
-                let (xb, wb, bb) = upload(c)?;
-                let out = c.gpu.alloc(n * ov * cout * 2)?;
-                ops::conv_tc(&c.gpu, xb.ptr, wb.ptr, bb.as_ref().map(|b| b.ptr), None, None, out.ptr, None, None, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, act)?;
-                let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
-                c.cmp(&tc_name, &shape, &got, &want, TOL_FP16);
-                Ok(())
-            }),
+        for v in tc_variants(cout) {
+            let tc_name = format!("{} {desc}", tc_label(&c.gpu, v, n, dims, cin, cout, k, stride));
+            match c.gpu.check_tensor_cores() {
+                Err(why) => c.skip(&tc_name, &shape, why),
+                Ok(()) => c.case(&tc_name.clone(), &shape.clone(), |c| {
+                    let (xb, wb, bb) = upload(c)?;
+                    let out = c.gpu.alloc(n * ov * cout * 2)?;
+                    ops::conv_tc(&c.gpu, v, xb.ptr, wb.ptr, bb.as_ref().map(|b| b.ptr), None, None, out.ptr, None, None, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, act)?;
+                    let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
+                    c.cmp(&tc_name, &shape, &got, &want, TOL_FP16);
+                    Ok(())
+                }),
+            }
         }
         if c.dnn.is_none() {
             let why = c.dnn_why.clone();
@@ -1181,20 +1202,22 @@ fn networks(c: &mut Ctx, opts: &Options) {
         let cpu_s = t0.elapsed().as_secs_f64();
         c.time(format!("{arch} {shape} cpu forward"), cpu_s);
         // cuDNN where it loads, the direct kernel, and the tensor-core path (Auto without cuDNN is
-        // one of the last two), the latter as it runs by default and with every norm applied in
-        // the next conv's loads (the two timings side by side).
+        // one of the last two), the latter as it runs by default, with every norm applied in the
+        // next conv's loads, and on the wide tiles (the timings side by side).
         let mut backends = Vec::new();
+        let default = TcPolicy::default();
         if c.dnn.is_some() {
-            backends.push((ConvBackend::Auto, NormInLoads::Pointwise, format!("{arch} cuDNN")));
+            backends.push((ConvBackend::Auto, default, format!("{arch} cuDNN")));
         }
-        backends.push((ConvBackend::Direct, NormInLoads::Pointwise, format!("{arch} direct-conv")));
+        backends.push((ConvBackend::Direct, default, format!("{arch} direct-conv")));
         if c.gpu.check_tensor_cores().is_ok() {
-            backends.push((ConvBackend::TensorCore, NormInLoads::Pointwise, format!("{arch} tensor-core")));
-            backends.push((ConvBackend::TensorCore, NormInLoads::All, format!("{arch} tensor-core norms in loads")));
+            backends.push((ConvBackend::TensorCore, default, format!("{arch} tensor-core")));
+            backends.push((ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, ..default }, format!("{arch} tensor-core norms in loads")));
+            backends.push((ConvBackend::TensorCore, TcPolicy { tiles: TcTiles::Wide, ..default }, format!("{arch} tensor-core wide tiles")));
         }
-        for (backend, norm_in_loads, label) in backends {
+        for (backend, policy, label) in backends {
             c.case(&label.clone(), &shape.clone(), |c| {
-                let mut e = CudaEngine::on_with(c.gpu.clone(), &w, backend, norm_in_loads)?;
+                let mut e = CudaEngine::on_with(c.gpu.clone(), &w, backend, policy)?;
                 let t = Instant::now();
                 let cold = e.forward(&x, 1, tile, true)?;
                 let cold_s = t.elapsed().as_secs_f64();
