@@ -277,3 +277,45 @@ fn run_on_the_emulated_gpu_is_the_same_across_workers_and_blending() {
         used[j] = true;
     }
 }
+
+/// The JSON the real binary writes (`bench`, `bench` on the tensor-core path, `bench --tomogram`;
+/// here on the emulated GPU at toy sizes) is what tools/results_json.py reads: its figures reach
+/// results.json unchanged (the device-check test above uses hand-written stand-ins).
+#[test]
+fn results_json_reads_the_benches_the_binary_writes() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        println!("SKIP results_json_reads_the_benches_the_binary_writes: python3 missing");
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let bench = |file: &str, conv: &str, args: &[&str]| -> serde_json::Value {
+        let o = fastdet().args(["bench", "--device", "emu", "--iters", "1", "--warmup", "0", "--json"]).args(args).env("FASTDET_CONV", conv).output().unwrap();
+        assert!(o.status.success(), "{file}: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::write(tmp.path().join(file), &o.stdout).unwrap();
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let tile = bench("bench-fastdet.json", "auto", &["--tile", "32,32,32"]);
+    let tile_tc = bench("bench-fastdet-tc.json", "tc", &["--tile", "32,32,32"]);
+    let tomo = bench("bench-tomogram.json", "auto", &["--tomogram", "32,64,64", "--models", "1,1", "--window", "32,32,32", "--tiles", "1,2,2"]);
+    let o = Command::new("python3").arg(root.join("tools/results_json.py")).arg(tmp.path()).args(["--commit", "abc", "--date", "2026-12-02"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut peak: f64 = 0.0;
+    for (i, arch) in ["segresnetv2", "dynunet"].into_iter().enumerate() {
+        assert_eq!(tile["models"][i]["model"], arch);
+        assert_eq!(r["tile"][arch]["fastdet_ms"], tile["models"][i]["ms_per_tile"], "{arch}");
+        assert_eq!(r["tile"][arch]["fastdet_fused_ms"], tile_tc["models"][i]["ms_per_tile"], "{arch}");
+        assert!(r["tile"][arch]["torch_eager_ms"].is_null());
+        peak = peak.max(tile["models"][i]["device_memory_peak_mib"].as_f64().unwrap());
+    }
+    assert!(peak > 0.0);
+    assert!((r["peak_mem_gib"].as_f64().unwrap() - peak / 1024.0).abs() < 1e-12);
+    assert_eq!(r["tomogram_s"], tomo["s_per_tomogram"]);
+    assert_eq!(r["cold_start_s"], tile["cold_start_s"]);
+    assert_eq!(r["cold_start_kernels_compiled"], tile["kernel_load"]["compiled"]);
+    assert_eq!(r["tile_shape"], serde_json::json!([32, 32, 32]));
+    assert_eq!(r["sources"]["fastdet_device"], "emu:0");
+    // No PyTorch figures, no floor: nulls, not invented numbers.
+    assert!(r["floor_s"].is_null() && r["card"].is_null() && r["tomogram_host_blend_s"].is_null());
+}
