@@ -18,11 +18,12 @@
 //!   `tc_store_fused`: the same store, each norm a norm_apply pass of its own (what the engine
 //!   does by default: a 3x3x3 conv would renormalise each input element 27 times in its loads);
 //!   `tc_store_fused_wide`: `tc_store_fused` on the 128 x 64 tile (`FASTDET_TC_TILES=wide`;
-//!   levels of more than 32 channels).
+//!   levels of more than 32 channels); `tc_store_fused_async`: `tc_store_fused` loading through
+//!   cp.async (`FASTDET_TC_ASYNC=on`).
 //! - `tile_<arch>`: `CudaEngine::forward_device` on one tile (input upload included, outputs left
 //!   on the device), backend `cudnn` (the default), `tc` (`FASTDET_CONV=tc`),
-//!   `tc_norm_in_loads` (`FASTDET_CONV=tc FASTDET_TC_NORM_IN_LOADS=all`) and `tc_wide`
-//!   (`FASTDET_CONV=tc FASTDET_TC_TILES=wide`).
+//!   `tc_norm_in_loads` (`FASTDET_CONV=tc FASTDET_TC_NORM_IN_LOADS=all`), `tc_wide`
+//!   (`FASTDET_CONV=tc FASTDET_TC_TILES=wide`) and `tc_async` (`FASTDET_CONV=tc FASTDET_TC_ASYNC=on`).
 //!
 //! Throughput is in FLOP/s of the convolutions (2 * MACs).
 
@@ -167,10 +168,11 @@ impl Block {
 
     /// The engine's default tensor-core block: each norm a pass of its own (norm_apply on the
     /// statistics the previous conv's store wrote), the residual and the next norm's statistics
-    /// in the store, on block tiles `tiles`; `tiles[0]` as for `fused`.
-    fn store_fused(&self, gpu: &Gpu, tiles: TcTiles) -> Result<()> {
+    /// in the store, on block tiles `tiles`, with cp.async loads when `async_loads`; `tiles[0]`
+    /// as for `fused`.
+    fn store_fused(&self, gpu: &Gpu, tiles: TcTiles, async_loads: bool) -> Result<()> {
         let (c, d, v) = (self.c, self.dims, vol(self.dims));
-        let tc = tiles.variant(c);
+        let tc = tiles.variant(c).with_async_loads(async_loads);
         let fin = |i: usize, tiles: &DevBuf| ops::norm_params_from_tiles(gpu, tiles.ptr, 1, c, v, self.groups, Some(self.gamma[i].ptr), Some(self.beta[i].ptr), self.params[i].ptr);
         let apply = |i: usize, x: u64| ops::norm_apply(gpu, x, self.t.ptr, 1, c, v, self.params[i].ptr, Act::None, Act::Relu);
         fin(0, &self.tiles[0])?;
@@ -216,7 +218,7 @@ fn blocks(c: &mut Criterion, t: &Target) {
             }
         };
         let mut g = c.benchmark_group(format!("block_{ch}ch_{}x{}x{}", dims[0], dims[1], dims[2]));
-        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(if t.toy { 1 } else { 2 }));
+        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_millis(if t.toy { 1000 } else { 1500 }));
         g.throughput(Throughput::Elements(b.flops()));
         if let Some(dnn) = &dnn {
             let plan = ConvPlan::new(dnn, block_conv(dims, ch));
@@ -260,12 +262,12 @@ fn blocks(c: &mut Criterion, t: &Target) {
                 }
                 Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} tc_fused skipped: {e:#}"),
             }
-            for (label, tiles) in [("tc_store_fused", TcTiles::Standard), ("tc_store_fused_wide", TcTiles::Wide)] {
+            for (label, tiles, async_loads) in [("tc_store_fused", TcTiles::Standard, false), ("tc_store_fused_wide", TcTiles::Wide, false), ("tc_store_fused_async", TcTiles::Standard, true)] {
                 if tiles != TcTiles::Standard && tiles.variant(ch) == TcTiles::Standard.variant(ch) {
                     continue;
                 }
                 let store_fused = || -> Result<()> {
-                    b.store_fused(gpu, tiles)?;
+                    b.store_fused(gpu, tiles, async_loads)?;
                     gpu.sync("block")
                 };
                 match b.prepare(gpu).and_then(|()| store_fused()) {
@@ -290,16 +292,17 @@ fn tiles(c: &mut Criterion, t: &Target) {
         let mut input = vec![0.0f32; vol(tile)];
         SplitMix64::new(2).fill_uniform(&mut input, 0.0, 1.0);
         let mut g = c.benchmark_group(format!("tile_{}", arch.name()));
-        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(if t.toy { 1 } else { 3 }));
+        g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(if t.toy { 1 } else { 2 }));
         g.throughput(Throughput::Elements(flops));
         // The tensor-core path as it runs by default, with every norm in the next conv's loads,
-        // and on the wide tiles.
+        // on the wide tiles and with cp.async loads.
         let default = TcPolicy::default();
         let variants = [
             ("cudnn", ConvBackend::Cudnn, default),
             ("tc", ConvBackend::TensorCore, default),
             ("tc_norm_in_loads", ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, ..default }),
             ("tc_wide", ConvBackend::TensorCore, TcPolicy { tiles: TcTiles::Wide, ..default }),
+            ("tc_async", ConvBackend::TensorCore, TcPolicy { async_loads: true, ..default }),
         ];
         for (label, backend, policy) in variants {
             let mut e = match CudaEngine::on_with(gpu.clone(), &w, backend, policy) {

@@ -14,3 +14,32 @@ __device__ __forceinline__ float fd_act(float x, int act, float p) {
         default: return x;
     }
 }
+
+// Asynchronous global -> shared copies of 16 bytes (cp.async, sm_80+): the first src_bytes (0 or 16) from
+// src, the rest zero (src_bytes 0: a zero fill, src unread). commit closes the thread's group of
+// copies; wait<N> blocks until all but its N most recent groups have landed (its own copies only:
+// a __syncthreads after it makes every thread's visible). Below sm_80 the copy is synchronous.
+// The host build (kernels/host) defines these itself, landing each copy at its wait.
+#ifndef FDH_HOST_KERNELS
+__device__ __forceinline__ void fd_cp_async16(void* dst, const void* src, int src_bytes) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+#else
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (src_bytes >= 16) v = *reinterpret_cast<const uint4*>(src);
+    *reinterpret_cast<uint4*>(dst) = v;
+#endif
+}
+__device__ __forceinline__ void fd_cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void fd_cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#endif

@@ -76,9 +76,9 @@ __device__ __forceinline__ __half tc_prologue(__half v, const float* prm, int pr
 // Floats of scratch the statistics epilogue needs besides the output tile.
 #define TC_RED_FLOATS (2 * TC_THREADS)
 
-// The store: bias, residual, activation, one fp16 rounding; optionally the block's statistics
-// for the next norm. Cs holds the block's f32 sums (BM x BN), red is TC_RED_FLOATS of scratch;
-// every thread of the block calls it.
+// The store: bias, residual, activation, one fp16 rounding (16-byte loads and stores where the
+// channels allow); optionally the block's statistics for the next norm. Cs holds the block's f32
+// sums (BM x BN), red is TC_RED_FLOATS of scratch; every thread of the block calls it.
 // Rows from m0 on that lie past M (the wide tile's second pass over the last rows) store nothing,
 // and a pass with none inside M writes no statistics (block-uniform: every thread returns).
 template <int BM, int BN>
@@ -87,18 +87,40 @@ __device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], float* re
                                             int act, float p, float* __restrict__ stats, int ovol) {
     const int t = threadIdx.x;
     if (m0 >= M) return;
-    // Consecutive threads take consecutive channels of a row (coalesced stores).
-    for (int e = t; e < BM * BN; e += TC_THREADS) {
-        const int r = e / BN, c = e % BN;
-        const int m = m0 + r, co = j0 + c;
-        if (m >= M || co >= Cout) continue;
-        float v = Cs[r][c];
-        if (bias) v = __fadd_rn(v, bias[co]);
-        const size_t o = (size_t)m * Cout + co;
-        if (residual) v = __fadd_rn(v, __half2float(residual[o]));
-        const __half y = __float2half_rn(fd_act(v, act, p));
-        out[o] = y;
-        if (stats) Cs[r][c] = __half2float(y);
+    // Each thread takes 8 consecutive channels of a row, consecutive threads consecutive chunks
+    // (coalesced): two 16-byte reads of Cs, and when Cout % 8 == 0 and the pointers are 16-byte
+    // aligned one 16-byte load of the residual and one 16-byte store, else element by element.
+    // The same operations on each element either way.
+    constexpr int CH = BN / 8;
+    const bool vec = (Cout % 8 == 0) && ((((size_t)out) | ((size_t)residual)) % 16 == 0);
+    for (int e = t; e < BM * CH; e += TC_THREADS) {
+        const int r = e / CH, c0 = (e % CH) * 8;
+        const int m = m0 + r, co0 = j0 + c0;
+        if (m >= M || co0 >= Cout) continue;
+        const float4 lo = *reinterpret_cast<const float4*>(&Cs[r][c0]);
+        const float4 hi = *reinterpret_cast<const float4*>(&Cs[r][c0 + 4]);
+        float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        const size_t o = (size_t)m * Cout + co0;
+        const int nc = min(8, Cout - co0);
+        uint4 rv = make_uint4(0u, 0u, 0u, 0u), yv;
+        const __half* rh = reinterpret_cast<const __half*>(&rv);
+        __half* yh = reinterpret_cast<__half*>(&yv);
+        if (residual && vec) rv = *reinterpret_cast<const uint4*>(residual + o);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            if (i < nc) {
+                if (bias) v[i] = __fadd_rn(v[i], bias[co0 + i]);
+                if (residual) v[i] = __fadd_rn(v[i], __half2float(vec ? rh[i] : residual[o + i]));
+                yh[i] = __float2half_rn(fd_act(v[i], act, p));
+                if (!vec) out[o + i] = yh[i];
+                v[i] = __half2float(yh[i]);
+            }
+        }
+        if (vec) *reinterpret_cast<uint4*>(out + o) = yv;
+        if (stats) {
+            *reinterpret_cast<float4*>(&Cs[r][c0]) = make_float4(v[0], v[1], v[2], v[3]);
+            *reinterpret_cast<float4*>(&Cs[r][c0 + 4]) = make_float4(v[4], v[5], v[6], v[7]);
+        }
     }
     if (stats) {
         // Every thread takes column c = t % BN and rows g, g + G, ... (g = t / BN, G groups): the
@@ -135,7 +157,7 @@ __device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], float* re
     }
 }
 
-template <int BM, int BN, int WM, int WN, int SR>
+template <int BM, int BN, int WM, int WN, int SR, bool ASYNC>
 __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __half* __restrict__ w,
                                           const float* __restrict__ bias, const __half* residual,
                                           const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
@@ -148,14 +170,15 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
     constexpr int FM = WM / 16, FN = WN / 16;  // accumulator fragments of a warp
     constexpr int QA = BM / 32, QB = BN / 32;  // 16-byte chunks per thread per k-step, A and B
     constexpr int STAGE_A = BM * (TC_BK + TC_APAD) * 2, STAGE_B = BN * (TC_BK + TC_APAD) * 2;
-    constexpr int STAGES = 2 * (STAGE_A + STAGE_B), OUT_TILE = (SR * (BN + TC_CPAD) + TC_RED_FLOATS) * 4;
-    // Two stages of A and B tiles; the epilogue's f32 tile (SR rows) reuses the same bytes once
-    // the last MMA is done (20 / 25 / 30 KiB).
+    constexpr int NST = ASYNC ? 3 : 2;  // stages
+    constexpr int STAGES = NST * (STAGE_A + STAGE_B), OUT_TILE = (SR * (BN + TC_CPAD) + TC_RED_FLOATS) * 4;
+    // Two (three with ASYNC) stages of A and B tiles; the epilogue's f32 tile (SR rows) reuses
+    // the same bytes once the last MMA is done (20 / 25 / 30 KiB; 30 / 37.5 / 45 KiB).
     __shared__ __align__(32) unsigned char smem[STAGES > OUT_TILE ? STAGES : OUT_TILE];
     typedef __half TileRow[TC_BK + TC_APAD];
     typedef float OutRow[BN + TC_CPAD];
-    TileRow* As = reinterpret_cast<TileRow*>(smem);                // [2 * BM]
-    TileRow* Bs = reinterpret_cast<TileRow*>(smem + 2 * STAGE_A);  // [2 * BN]
+    TileRow* As = reinterpret_cast<TileRow*>(smem);                  // [NST * BM]
+    TileRow* Bs = reinterpret_cast<TileRow*>(smem + NST * STAGE_A);  // [NST * BN]
     OutRow* Cs = reinterpret_cast<OutRow*>(smem);                  // [SR], after the loop
     float* red = reinterpret_cast<float*>(smem) + SR * (BN + TC_CPAD);  // after the loop
     const int t = threadIdx.x;
@@ -293,6 +316,38 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
         for (int q = 0; q < QB; ++q) *reinterpret_cast<uint4*>(&Bs[stage * BN + t / 4 + 32 * q][kc * 8]) = rb[q];
     };
 
+    // ASYNC: the same 16-byte chunks copied straight into shared memory (cp.async, zero-filled
+    // outside the input or past K), one commit group per k-step. Only for the vector case without
+    // a norm in the loads (the host checks: Cin % 8 == 0, 16-byte aligned x and w, norm null).
+    auto issue = [&](int k0, int stage) {
+        const int kk0 = k0 + kc * 8;
+        const int toff = ((vkz * H + vky) * W + vkx) * Cin + vci;
+#pragma unroll
+        for (int q = 0; q < QA; ++q) {
+            const int iz = az[q] + vkz, iy = ay[q] + vky, ix = ax[q] + vkx;
+            const bool in = arow[q] && kk0 < K && iz >= 0 && iz < D && iy >= 0 && iy < H && ix >= 0 && ix < W;
+            fd_cp_async16(&As[stage * BM + t / 4 + 32 * q][kc * 8], in ? x + (abase[q] + toff) : x, in ? 16 : 0);
+        }
+        vci += TC_BK;
+        while (vci >= Cin) {
+            vci -= Cin;
+            if (++vkx == k) {
+                vkx = 0;
+                if (++vky == k) {
+                    vky = 0;
+                    ++vkz;
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < QB; ++q) {
+            const int co = j0 + t / 4 + 32 * q;
+            const bool in = co < Cout && kk0 < K;
+            fd_cp_async16(&Bs[stage * BN + t / 4 + 32 * q][kc * 8], in ? w + (size_t)co * K + kk0 : w, in ? 16 : 0);
+        }
+        fd_cp_async_commit();
+    };
+
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
 #pragma unroll
     for (int i = 0; i < FM; ++i)
@@ -300,19 +355,12 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
         for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
     const int wr = (warp / (BN / WN)) * WM, wc = (warp % (BN / WN)) * WN;
 
-    // One barrier per k-step: stage s is read by the MMAs of step kt while step kt + 1's chunks
-    // are written into the other stage, which every warp finished reading before the previous
-    // barrier.
     // Split K: block z takes k-steps [z * kspan, (z + 1) * kspan) (the host keeps every split
     // non-empty).
     const int kt0 = blockIdx.z * kspan;
     const int kt1 = min((K + TC_BK - 1) / TC_BK, kt0 + kspan);
-    load(kt0 * TC_BK);
-    store(0);
-    __syncthreads();
-    for (int kt = kt0; kt < kt1; ++kt) {
-        const int s = (kt - kt0) & 1;
-        if (kt + 1 < kt1) load((kt + 1) * TC_BK);
+    // The MMAs of one k-step on stage s.
+    auto mma = [&](int s) {
 #pragma unroll
         for (int ks = 0; ks < TC_BK; ks += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[FM];
@@ -326,10 +374,40 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
 #pragma unroll
                 for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
-        if (kt + 1 < kt1) store(s ^ 1);
+    };
+    if constexpr (ASYNC) {
+        // Three stages, two k-steps in flight: at step kt this thread waits for its copies of
+        // step kt (all but the newest group), the barrier makes everyone's visible and tells that
+        // every warp is done with step kt - 1's stage, which then takes step kt + 2's copies.
+        // Empty groups keep the count when no step is left to load.
+        issue(kt0 * TC_BK, 0);
+        if (kt0 + 1 < kt1) issue((kt0 + 1) * TC_BK, 1);
+        else fd_cp_async_commit();
+        for (int kt = kt0; kt < kt1; ++kt) {
+            const int s = (kt - kt0) % 3;
+            fd_cp_async_wait<1>();
+            __syncthreads();
+            if (kt + 2 < kt1) issue((kt + 2) * TC_BK, (s + 2) % 3);
+            else fd_cp_async_commit();
+            mma(s);
+        }
+        fd_cp_async_wait<0>();
+        __syncthreads();  // every warp's last MMAs are done before the epilogue reuses the bytes
+    } else {
+        // One barrier per k-step: stage s is read by the MMAs of step kt while step kt + 1's
+        // chunks wait in registers, then go into the other stage, which every warp finished
+        // reading before the previous barrier.
+        load(kt0 * TC_BK);
+        store(0);
         __syncthreads();
+        for (int kt = kt0; kt < kt1; ++kt) {
+            const int s = (kt - kt0) & 1;
+            if (kt + 1 < kt1) load((kt + 1) * TC_BK);
+            mma(s);
+            if (kt + 1 < kt1) store(s ^ 1);
+            __syncthreads();
+        }
     }
-
     if (splitk) {
         // This split's f32 sums straight from the fragments into its plane of the padded
         // [splits][gridDim.x * BM][gridDim.y * BN] buffer (every fragment in range);
@@ -390,7 +468,7 @@ conv3d_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, const 
     const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
     int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
     float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
-    conv3d_tc<64, 64, 32, 32, 64>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
+    conv3d_tc<64, 64, 32, 32, 64, false>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
         norm_act, norm_p, act, p, stats, splitk, kspan);
 }
 
@@ -399,7 +477,7 @@ conv3d_tc_n32_f16(const __half* __restrict__ x, const __half* __restrict__ w, co
     const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
     int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
     float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
-    conv3d_tc<128, 32, 32, 32, 128>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
+    conv3d_tc<128, 32, 32, 32, 128, false>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
         norm_act, norm_p, act, p, stats, splitk, kspan);
 }
 
@@ -408,7 +486,37 @@ conv3d_tc_m128_f16(const __half* __restrict__ x, const __half* __restrict__ w, c
     const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
     int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
     float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
-    conv3d_tc<128, 64, 64, 32, 64>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW,
+    conv3d_tc<128, 64, 64, 32, 64, false>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW,
+        pre_act, pre_p, norm_act, norm_p, act, p, stats, splitk, kspan);
+}
+
+// The same three tiles loading through cp.async (sm_80+; synchronous copies below), three stages:
+// for Cin % 8 == 0, 16-byte aligned x and w, and no norm in the loads (norm must be null). Same
+// arguments, same reduce kernels, same results to the bit.
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv3d_tc_async_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
+    const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
+    int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
+    float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
+    conv3d_tc<64, 64, 32, 32, 64, true>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW,
+        pre_act, pre_p, norm_act, norm_p, act, p, stats, splitk, kspan);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv3d_tc_n32_async_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
+    const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
+    int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
+    float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
+    conv3d_tc<128, 32, 32, 32, 128, true>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW,
+        pre_act, pre_p, norm_act, norm_p, act, p, stats, splitk, kspan);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv3d_tc_m128_async_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
+    const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
+    int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
+    float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
+    conv3d_tc<128, 64, 64, 32, 64, true>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW,
         pre_act, pre_p, norm_act, norm_p, act, p, stats, splitk, kspan);
 }
 

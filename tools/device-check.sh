@@ -250,7 +250,7 @@ if [ $NO_GPU -eq 0 ]; then
         bench-fastdet "$FASTDET" "$DEVICE" "$OUT/bench-fastdet.json" || FAILED=1
     # The same tile on conv3d_tc_f16 (FASTDET_CONV=tc: residual and statistics in the store, norms
     # in the loads of 1x1x1 convs only; the self-test and the criterion bench also time them all in
-    # the loads).
+    # the loads, the wide tiles and the cp.async loads).
     rm -f "$OUT/bench-fastdet-tc.json"
     step "bench fastdet tensor-core" 90 "$OUT/bench-fastdet-tc.log" \
         bash -c 'FASTDET_CONV=tc exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
@@ -266,7 +266,7 @@ if [ $NO_GPU -eq 0 ]; then
     # criterion: the fused tensor-core residual block against the cuDNN path per SegResNetV2 level,
     # and one tile per arch and backend (benches/cuda_ops.rs, built by tools/build-for-device.sh).
     if [ -x "$CUDA_BENCH" ]; then
-        step "bench criterion cuda_ops" 130 "$OUT/bench-criterion.log" \
+        step "bench criterion cuda_ops" 150 "$OUT/bench-criterion.log" \
             env CRITERION_HOME="$OUT/criterion" "$CUDA_BENCH" --bench --noplot || FAILED=1
     else
         log "bench criterion cuda_ops: skipped ($CUDA_BENCH not found; tools/build-for-device.sh builds it)"

@@ -15,8 +15,9 @@ Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
    "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms"}, "dynunet": {...}},
    "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
-                                   "tc_store_fused_wide_ms"}, ...},
-   "tile_criterion": {"segresnetv2": {"cudnn_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms"}, "dynunet": {...}},
+                                   "tc_store_fused_wide_ms", "tc_store_fused_async_ms"}, ...},
+   "tile_criterion": {"segresnetv2": {"cudnn_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms", "tc_async_ms"},
+                      "dynunet": {...}},
    "tomogram_s", "tomogram_host_blend_s", "floor_s", "cold_start_s",
    "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
    "sources"}
@@ -62,8 +63,8 @@ def git_commit():
         return None
 
 
-BLOCK_VARIANTS = ("cudnn", "tc_unfused", "tc_fused", "tc_store_fused", "tc_store_fused_wide")
-TILE_VARIANTS = ("cudnn", "tc", "tc_norm_in_loads", "tc_wide")
+BLOCK_VARIANTS = ("cudnn", "tc_unfused", "tc_fused", "tc_store_fused", "tc_store_fused_wide", "tc_store_fused_async")
+TILE_VARIANTS = ("cudnn", "tc", "tc_norm_in_loads", "tc_wide", "tc_async")
 
 
 def criterion_groups(d, prefix, variants):

@@ -33,6 +33,9 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+// Marks the host build: common.cuh takes the asynchronous-copy helpers from here.
+#define FDH_HOST_KERNELS 1
+
 #define __global__
 #define __device__
 #define __host__
@@ -206,9 +209,20 @@ inline void switch_to(Context& save, Context& load) { swapcontext(&save.uc, &loa
 
 enum class Wait { Ready, Block, Warp, Done };
 
+// One 16-byte asynchronous copy (fd_cp_async16) not yet landed.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int src_bytes;
+};
+
 struct Fiber {
     Context ctx;
     uint3 tid;
+    // Asynchronous copies not landed yet (fd_cp_async16): the open group, then the committed
+    // groups, oldest first.
+    std::vector<AsyncCopy> copies_open;
+    std::vector<std::vector<AsyncCopy>> copy_groups;
     Wait wait = Wait::Ready;
     unsigned mask = 0;      // warp operation: lanes taking part
     int op = 0;             // warp operation kind (so lanes in different operations never pair)
@@ -449,6 +463,37 @@ int launch_exported(const char* name, void (*k)(A...), const unsigned* dims, voi
 }
 
 }  // namespace fdh
+
+// Asynchronous global -> shared copies (cp.async on sm_80+): 16 bytes, the first src_bytes of
+// them from src and the rest zero; commit closes a group; wait<N> lands every group but the N
+// most recent. A GPU may land a copy any time between its issue and its wait: blocks of even
+// index land each copy at its wait (shared memory read too early shows old bytes), blocks of odd
+// index at its issue (a copy into a buffer other warps still read shows up in their reads).
+namespace fdh {
+inline void land(const AsyncCopy& c) {
+    unsigned char* d = static_cast<unsigned char*>(c.dst);
+    std::memset(d, 0, 16);
+    if (c.src_bytes > 0) std::memcpy(d, c.src, (size_t)std::min(c.src_bytes, 16));
+}
+}  // namespace fdh
+inline void fd_cp_async16(void* dst, const void* src, int src_bytes) {
+    const fdh::AsyncCopy c{dst, src, src_bytes};
+    if ((fdh::g_blockIdx.x + fdh::g_blockIdx.y + fdh::g_blockIdx.z) % 2 == 1) fdh::land(c);
+    else fdh::me().copies_open.push_back(c);
+}
+inline void fd_cp_async_commit() {
+    fdh::Fiber& f = fdh::me();
+    f.copy_groups.push_back(std::move(f.copies_open));
+    f.copies_open.clear();
+}
+template <int N>
+inline void fd_cp_async_wait() {
+    fdh::Fiber& f = fdh::me();
+    while (f.copy_groups.size() > (size_t)N) {
+        for (const fdh::AsyncCopy& c : f.copy_groups.front()) fdh::land(c);
+        f.copy_groups.erase(f.copy_groups.begin());
+    }
+}
 
 #define threadIdx (fdh::me().tid)
 #define blockIdx (fdh::g_blockIdx)

@@ -453,9 +453,13 @@ impl Emu {
                 conv::conv3d(&x, n, s, &wt, bias.as_deref(), act, &mut o);
                 self.wf16(a.p(3), &to_ndhwc(&o, n, cout, ovol))
             }
-            "conv3d_tc_f16" | "conv3d_tc_n32_f16" | "conv3d_tc_m128_f16" => {
+            "conv3d_tc_f16" | "conv3d_tc_n32_f16" | "conv3d_tc_m128_f16" | "conv3d_tc_async_f16" | "conv3d_tc_n32_async_f16" | "conv3d_tc_m128_async_f16" => {
                 // Block tile (output voxels, channels) of the instantiation.
-                let v = super::ops::TC_VARIANTS.iter().find(|v| v.kernel == name).context("tc variant")?;
+                let v = super::ops::TC_VARIANTS.iter().find(|v| v.kernel == name || v.kernel_async == name).context("tc variant")?;
+                if v.kernel_async == name {
+                    // The cp.async loads: no norm, whole 16-byte chunks.
+                    ensure!(a.opt(4).is_none() && a.u(10) % 8 == 0 && (a.p(0) | a.p(1)) % 16 == 0, "{name}: needs Cin % 8 == 0, 16-byte aligned x and w, no norm");
+                }
                 let (rows, cols) = (v.rows, v.cols);
                 let (n, d, h, w, cin, cout, k, st, pad, od, oh, ow) =
                     (a.u(6), a.u(7), a.u(8), a.u(9), a.u(10), a.u(11), a.u(12), a.u(13), a.u(14), a.u(15), a.u(16), a.u(17));

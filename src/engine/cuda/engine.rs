@@ -106,12 +106,19 @@ impl NormInLoads {
 pub struct TcPolicy {
     pub norm_in_loads: NormInLoads,
     pub tiles: TcTiles,
+    /// Load through cp.async (three stages) where a conv allows it: no norm in its loads, Cin a
+    /// multiple of 8 (`FASTDET_TC_ASYNC=on`; asynchronous on sm_80+).
+    pub async_loads: bool,
 }
 
 impl TcPolicy {
-    /// `FASTDET_TC_NORM_IN_LOADS` and `FASTDET_TC_TILES`.
+    /// `FASTDET_TC_NORM_IN_LOADS`, `FASTDET_TC_TILES` and `FASTDET_TC_ASYNC` (off | on, default off).
     pub fn from_env() -> Result<TcPolicy> {
-        Ok(TcPolicy { norm_in_loads: NormInLoads::from_env()?, tiles: TcTiles::from_env()? })
+        Ok(TcPolicy {
+            norm_in_loads: NormInLoads::from_env()?,
+            tiles: TcTiles::from_env()?,
+            async_loads: env_choice("FASTDET_TC_ASYNC", &[("off", false), ("on", true)])?,
+        })
     }
 }
 
@@ -354,8 +361,9 @@ pub struct CudaEngine {
     eager_walks: usize,
     name: String,
     backend: ConvBackend,
-    /// The tensor-core convolutions' block tiles.
+    /// The tensor-core convolutions' block tiles, and whether they load through cp.async.
     tiles: TcTiles,
+    async_loads: bool,
     notes: Vec<String>,
     /// Per value, during a walk: the per-block statistics a tensor-core conv wrote for it.
     tile_stats: Vec<Option<DevBuf>>,
@@ -454,8 +462,9 @@ impl CudaEngine {
                 TcTiles::Standard => "64x64 tiles",
                 TcTiles::Wide => "128x64 tiles",
             };
+            let staging = if policy.async_loads { "cp.async loads where no norm is applied in them" } else { "register-staged loads" };
             notes.push(format!(
-                "convolutions on the tensor cores (conv_tc.cu, {tiles}, 128x32 for <= 32 channels); {deferred} norm(s) applied in the next conv's loads ({loads}), {stats} conv(s) writing the next norm's statistics, {adds} residual add(s) in the conv's store"
+                "convolutions on the tensor cores (conv_tc.cu, {tiles}, 128x32 for <= 32 channels, {staging}); {deferred} norm(s) applied in the next conv's loads ({loads}), {stats} conv(s) writing the next norm's statistics, {adds} residual add(s) in the conv's store"
             ));
         }
         gpu.sync("uploading weights")?;
@@ -476,6 +485,7 @@ impl CudaEngine {
             name: weights.name.clone(),
             backend,
             tiles: policy.tiles,
+            async_loads: policy.async_loads,
             notes,
             tile_stats: Vec::new(),
         })
@@ -1275,7 +1285,7 @@ impl CudaEngine {
     /// The tensor-core conv of `shape`, with its split-K buffer taken from the arena for the call.
     #[allow(clippy::too_many_arguments)]
     fn conv_tc(&mut self, x: u64, w: u64, bias: Option<u64>, residual: Option<u64>, prologue: Option<ops::NormPrologue>, out: u64, stats: Option<u64>, shape: ConvShape, act: Act) -> Result<()> {
-        let v = self.tiles.variant(shape.cout);
+        let v = self.tiles.variant(shape.cout).with_async_loads(self.async_loads);
         let ws = match ops::conv_tc_splitk_bytes(&self.gpu, v, shape) {
             0 => None,
             bytes => Some(self.take(bytes)?),
@@ -1424,35 +1434,37 @@ mod tests {
     /// The tensor-core backend, every norm read by a conv applied in its loads, on the emulator.
     #[test]
     fn tensor_core_engine_with_fused_norms_matches_cpu_engine() {
-        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, tiles: TcTiles::Standard }, [16, 24, 32], false);
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, ..TcPolicy::default() }, [16, 24, 32], false);
     }
 
     /// The wide tiles (SegResNet's 64-channel level takes the 128 x 64 tile), with every fusion.
     #[test]
     fn tensor_core_engine_with_wide_tiles_matches_cpu_engine() {
-        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, tiles: TcTiles::Wide }, [16, 24, 32], false);
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, tiles: TcTiles::Wide, async_loads: false }, [16, 24, 32], false);
     }
 
     /// The tensor-core backend's default, norms in the loads of 1x1x1 convs only (DynUNet's
     /// deep-supervision head; every other norm has its pass, on statistics from the conv's
-    /// store), and with no norm in any load.
+    /// store), and with no norm in any load, there with the cp.async kernels.
     #[test]
     fn tensor_core_engine_with_norm_passes_matches_cpu_engine() {
-        for norm_in_loads in [NormInLoads::Pointwise, NormInLoads::Never] {
-            engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads, tiles: TcTiles::Standard }, [16, 24, 32], true);
+        for (norm_in_loads, async_loads) in [(NormInLoads::Pointwise, false), (NormInLoads::Never, true)] {
+            engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads, tiles: TcTiles::Standard, async_loads }, [16, 24, 32], true);
         }
     }
 
-    /// The same with the kernels' own source compiled for the host (conv_tc.cu's WMMA code, its
-    /// fused prologue and the statistics-only norm path; a small tile), on the wide tiles: the
-    /// 128 x 64 kernel on SegResNet's 64-channel level, whose 8 voxels leave its second store
-    /// pass empty, and the 128 x 32 one elsewhere (the 64 x 64 one has the self-test's rows).
+    /// The same with the kernels' own source compiled for the host (conv_tc.cu's WMMA code, the
+    /// fused prologue of DynUNet's 1x1x1 head conv, the statistics-only norm path; a small
+    /// tile), on the wide tiles with cp.async loads: the 128 x 64 kernel on SegResNet's
+    /// 64-channel level, whose 8 voxels leave its second store pass empty, and the 128 x 32 one
+    /// elsewhere (the 64 x 64 kernel and every norm in the loads have the self-test's rows and
+    /// its host-kernel network test).
     #[test]
     fn tensor_core_engine_on_host_kernels_matches_cpu_engine() {
         if !super::super::host_kernels::available_for_tests() {
             return;
         }
-        engine_matches_cpu_engine(Gpu::emulator_host_kernels().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, tiles: TcTiles::Wide }, [16, 16, 16], true);
+        engine_matches_cpu_engine(Gpu::emulator_host_kernels().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::Pointwise, tiles: TcTiles::Wide, async_loads: true }, [16, 16, 16], true);
     }
 
     /// `quick`: one tile, one pass (every thread of every launch runs on the host kernels).

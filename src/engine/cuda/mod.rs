@@ -18,6 +18,8 @@
 //!   its loads (default pointwise: before 1x1x1 convs only);
 //! - `FASTDET_TC_TILES=standard|wide`: the tensor-core convs' block tiles for more than 32
 //!   output channels (default standard, 64x64; wide, 128x64);
+//! - `FASTDET_TC_ASYNC=off|on`: tensor-core convs load through cp.async (three stages; sm_80+)
+//!   where no norm is applied in their loads (default off);
 //! - `FASTDET_TC_SPLIT_K=N`: most K splits of a tensor-core convolution whose grid cannot fill
 //!   the device (default 16; 1 turns split K off);
 //! - `FASTDET_CUDA_GRAPHS=0`: no CUDA graphs (by default the second walk of each shape is

@@ -223,6 +223,9 @@ pub struct NormPrologue {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcVariant {
     pub kernel: &'static str,
+    /// The same tile loading through cp.async (three stages), for a conv that applies no norm in
+    /// its loads and whose Cin is a multiple of 8.
+    pub kernel_async: &'static str,
     /// The split-K reduce; its block tile is `store_rows x cols`.
     pub reduce: &'static str,
     /// Output voxels per block.
@@ -231,13 +234,32 @@ pub struct TcVariant {
     pub cols: usize,
     /// Output voxels per pass of the store: the unit of the statistics and the reduce's rows.
     pub store_rows: usize,
+    /// Whether `conv_tc` takes `kernel_async` where it can (`with_async_loads`).
+    pub async_loads: bool,
+}
+
+impl TcVariant {
+    /// This tile, loading through cp.async where a conv allows it when `on`.
+    pub fn with_async_loads(self, on: bool) -> TcVariant {
+        TcVariant { async_loads: on, ..self }
+    }
+
+    /// The kernel `conv_tc` launches for input `x` and weights `w` (device addresses), with or
+    /// without a norm in its loads.
+    pub fn kernel_for(&self, s: ConvShape, x: u64, w: u64, norm_in_loads: bool) -> &'static str {
+        if self.async_loads && !norm_in_loads && s.cin.is_multiple_of(8) && (x | w).is_multiple_of(16) {
+            self.kernel_async
+        } else {
+            self.kernel
+        }
+    }
 }
 
 /// The instantiations, by name (the emulator looks them up here too).
 pub const TC_VARIANTS: [TcVariant; 3] = [
-    TcVariant { kernel: "conv3d_tc_f16", reduce: "conv3d_tc_reduce_f16", rows: 64, cols: 64, store_rows: 64 },
-    TcVariant { kernel: "conv3d_tc_n32_f16", reduce: "conv3d_tc_n32_reduce_f16", rows: 128, cols: 32, store_rows: 128 },
-    TcVariant { kernel: "conv3d_tc_m128_f16", reduce: "conv3d_tc_reduce_f16", rows: 128, cols: 64, store_rows: 64 },
+    TcVariant { kernel: "conv3d_tc_f16", kernel_async: "conv3d_tc_async_f16", reduce: "conv3d_tc_reduce_f16", rows: 64, cols: 64, store_rows: 64, async_loads: false },
+    TcVariant { kernel: "conv3d_tc_n32_f16", kernel_async: "conv3d_tc_n32_async_f16", reduce: "conv3d_tc_n32_reduce_f16", rows: 128, cols: 32, store_rows: 128, async_loads: false },
+    TcVariant { kernel: "conv3d_tc_m128_f16", kernel_async: "conv3d_tc_m128_async_f16", reduce: "conv3d_tc_reduce_f16", rows: 128, cols: 64, store_rows: 64, async_loads: false },
 ];
 
 /// Which block tiles the tensor-core convolutions use (`FASTDET_TC_TILES`). Either way a conv
@@ -345,15 +367,16 @@ pub fn conv_tc(
     act: Act,
 ) -> Result<()> {
     let cout = s.cout;
-    let (m, shape) = igemm_shape(v.kernel, s)?;
+    let kernel = v.kernel_for(s, x, w, norm.is_some());
+    let (m, shape) = igemm_shape(kernel, s)?;
     let ovol = s.out_vol();
     if stats.is_some() {
         let unit = TcTiles::Standard.variant(cout).store_rows;
         if v.store_rows != unit {
-            bail!("{}: its statistics come in blocks of {} voxels, the norm reads blocks of {unit} for {cout} channels", v.kernel, v.store_rows);
+            bail!("{kernel}: its statistics come in blocks of {} voxels, the norm reads blocks of {unit} for {cout} channels", v.store_rows);
         }
         if conv_tc_stats_blocks(ovol, cout).is_none() {
-            bail!("{}: statistics need an output volume divisible by {unit}, got {ovol}", v.kernel);
+            bail!("{kernel}: statistics need an output volume divisible by {unit}, got {ovol}");
         }
     }
     let (ac, ap) = act_code(act);
@@ -372,7 +395,7 @@ pub fn conv_tc(
     a.extend_from_slice(&shape);
     a.extend_from_slice(&[Arg::I32(pre), Arg::F32(pre_p), Arg::I32(post), Arg::F32(post_p), Arg::I32(ac), Arg::F32(ap), opt(stats)]);
     a.extend_from_slice(&[opt(buf.as_ref().map(|b| b.ptr)), Arg::I32(span as i32)]);
-    g.launch(v.kernel, (gx as u32, gy as u32, splits as u32), (128, 1, 1), &a)?;
+    g.launch(kernel, (gx as u32, gy as u32, splits as u32), (128, 1, 1), &a)?;
     let Some(buf) = buf else { return Ok(()) };
     debug_assert!(buf.bytes >= need);
     let i = |v: usize| Arg::I32(v as i32);

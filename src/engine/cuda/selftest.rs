@@ -506,11 +506,11 @@ fn conv_tc_fused_cases(c: &mut Ctx) {
         (1, [3, 4, 5], 320, 320, 3, 1, Act::LeakyRelu(0.01), true, Act::None),
     ];
     for (ci, (n, dims, cin, cout, k, stride, post, residual, act)) in cases.into_iter().enumerate() {
-        for v in tc_variants(cout) {
+        for v in tc_variants(cin, cout, true) {
             let od = ops::conv_out_dims(dims, k, stride, k / 2);
             let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
             let in_place = ci == 0;
-            let name = format!("{} {k}x{k}x{k}/s{stride} norm{post}+bias{}{act}", tc_label(&c.gpu, v, n, dims, cin, cout, k, stride), if !residual { "" } else if in_place { "+res in place" } else { "+res" });
+            let name = format!("{} {k}x{k}x{k}/s{stride} norm{post}+bias{}{act}", tc_label(&c.gpu, v, n, dims, cin, cout, k, stride, true), if !residual { "" } else if in_place { "+res in place" } else { "+res" });
             if let Err(why) = c.gpu.check_tensor_cores() {
                 c.skip(&name, &shape, why);
                 continue;
@@ -580,12 +580,12 @@ fn conv_tc_stats_cases(c: &mut Ctx) {
         (2, [8, 8, 41], 16, 64, 1, 1, true, 0.0, 8, true, Act::Relu),
     ];
     for (n, dims, cin, cout, k, stride, residual, offset, groups, affine, post) in cases {
-        for v in tc_variants(cout) {
+        for v in tc_variants(cin, cout, false) {
             let od = ops::conv_out_dims(dims, k, stride, k / 2);
             let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
             let name = format!(
                 "{} {}+stats -> norm_finalize_tiles {}{}{post}{}",
-                tc_label(&c.gpu, v, n, dims, cin, cout, k, stride),
+                tc_label(&c.gpu, v, n, dims, cin, cout, k, stride, false),
                 if residual { "+res" } else { "" },
                 if groups == cout { "instance".to_string() } else { format!("group({groups})") },
                 if affine { " affine" } else { "" },
@@ -633,23 +633,33 @@ fn conv_tc_stats_cases(c: &mut Ctx) {
     }
 }
 
-/// The tensor-core instantiations for `cout` output channels, each tile choice's once.
-fn tc_variants(cout: usize) -> Vec<ops::TcVariant> {
-    let mut v = vec![TcTiles::Standard.variant(cout)];
-    if TcTiles::Wide.variant(cout) != v[0] {
-        v.push(TcTiles::Wide.variant(cout));
+/// The tensor-core kernels for a conv of `cin` -> `cout` channels, with or without a norm in its
+/// loads: each tile choice's once, each with its cp.async loads too where they apply.
+fn tc_variants(cin: usize, cout: usize, norm: bool) -> Vec<ops::TcVariant> {
+    let mut tiles = vec![TcTiles::Standard.variant(cout)];
+    if TcTiles::Wide.variant(cout) != tiles[0] {
+        tiles.push(TcTiles::Wide.variant(cout));
+    }
+    let mut v = Vec::new();
+    for t in tiles {
+        v.push(t);
+        if !norm && cin.is_multiple_of(8) {
+            v.push(t.with_async_loads(true));
+        }
     }
     v
 }
 
-/// A tensor-core conv row's kernel: instantiation `v` and, when this device splits its K, how
-/// many ways (the split count follows the multiprocessor count).
+/// A tensor-core conv row's kernel: the one `v` launches (device buffers are 16-byte aligned)
+/// and, when this device splits its K, how many ways (the split count follows the
+/// multiprocessor count).
 #[allow(clippy::too_many_arguments)]
-fn tc_label(g: &Gpu, v: ops::TcVariant, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize) -> String {
+fn tc_label(g: &Gpu, v: ops::TcVariant, n: usize, dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize, norm: bool) -> String {
     let m = n * vol(ops::conv_out_dims(dims, k, stride, k / 2));
+    let kernel = v.kernel_for(ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, 0, 0, norm);
     match ops::conv_tc_splits(v, m, cout, k * k * k * cin, g.info.multiprocessors.max(0) as usize) {
-        (1, _) => v.kernel.to_string(),
-        (splits, _) => format!("{} splitK{splits}", v.kernel),
+        (1, _) => kernel.to_string(),
+        (splits, _) => format!("{kernel} splitK{splits}"),
     }
 }
 
@@ -738,8 +748,8 @@ fn conv_cases(c: &mut Ctx) {
             c.cmp(&direct_name, &shape, &got, &want, TOL_FP16);
             Ok(())
         });
-        for v in tc_variants(cout) {
-            let tc_name = format!("{} {desc}", tc_label(&c.gpu, v, n, dims, cin, cout, k, stride));
+        for v in tc_variants(cin, cout, false) {
+            let tc_name = format!("{} {desc}", tc_label(&c.gpu, v, n, dims, cin, cout, k, stride, false));
             match c.gpu.check_tensor_cores() {
                 Err(why) => c.skip(&tc_name, &shape, why),
                 Ok(()) => c.case(&tc_name.clone(), &shape.clone(), |c| {
@@ -1203,7 +1213,7 @@ fn networks(c: &mut Ctx, opts: &Options) {
         c.time(format!("{arch} {shape} cpu forward"), cpu_s);
         // cuDNN where it loads, the direct kernel, and the tensor-core path (Auto without cuDNN is
         // one of the last two), the latter as it runs by default, with every norm applied in the
-        // next conv's loads, and on the wide tiles (the timings side by side).
+        // next conv's loads, on the wide tiles and with cp.async loads (the timings side by side).
         let mut backends = Vec::new();
         let default = TcPolicy::default();
         if c.dnn.is_some() {
@@ -1214,6 +1224,7 @@ fn networks(c: &mut Ctx, opts: &Options) {
             backends.push((ConvBackend::TensorCore, default, format!("{arch} tensor-core")));
             backends.push((ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, ..default }, format!("{arch} tensor-core norms in loads")));
             backends.push((ConvBackend::TensorCore, TcPolicy { tiles: TcTiles::Wide, ..default }, format!("{arch} tensor-core wide tiles")));
+            backends.push((ConvBackend::TensorCore, TcPolicy { async_loads: true, ..default }, format!("{arch} tensor-core async loads")));
         }
         for (backend, policy, label) in backends {
             c.case(&label.clone(), &shape.clone(), |c| {
