@@ -308,6 +308,20 @@ extern "C" __global__ void probe_wmma(const float* a, const float* b, float* c, 
     for (int i = threadIdx.x; i < 256; i += 32) c[i] = cs[i];
 }
 
+// Asynchronous copies: thread t (of 4) fills its 16 bytes of shared memory with -7, copies
+// src[4t, 4t + 4) over them (thread 3 a zero fill), then reads its second int before and after
+// the wait: out[8 b + t] before, out[8 b + 4 + t] after.
+extern "C" __global__ void probe_async_copy(int* out, const int* src) {
+    __shared__ __align__(16) int s[16];
+    const int t = threadIdx.x;
+    for (int i = 0; i < 4; ++i) s[4 * t + i] = -7;
+    fd_cp_async16(&s[4 * t], src + 4 * t, t < 3 ? 16 : 0);
+    fd_cp_async_commit();
+    out[8 * blockIdx.x + t] = s[4 * t + 1];
+    fd_cp_async_wait<0>();
+    out[8 * blockIdx.x + 4 + t] = s[4 * t + 1];
+}
+
 extern "C" __global__ void probe_write_past_end(float* out, int n) {
     out[threadIdx.x] = 1.0f;
     if (threadIdx.x == 0) out[n] = 2.0f;
@@ -341,6 +355,22 @@ extern "C" __global__ void probe_write_past_end(float* out, int n) {
         run_i32(&k, "probe_neighbour", (2, 1, 1), (64, 1, 1), &mut racy, &[Arg::I32(0)]).unwrap();
         assert_ne!(racy, want);
         assert_eq!(racy[63], want[63], "thread 63 reads slot 0, written before it runs");
+    }
+
+    /// An asynchronous copy lands at its wait in blocks of even index (a read before the wait
+    /// sees the old bytes) and at its issue in odd ones (the destination changes at once); a
+    /// zero fill writes zeros either way.
+    #[test]
+    fn async_copies_land_at_the_two_ends_of_their_window() {
+        let Some(k) = probes() else { return };
+        let src: Vec<i32> = (0..16).map(|i| 10 + i).collect();
+        let mut out = vec![-1; 16];
+        run_i32(&k, "probe_async_copy", (2, 1, 1), (4, 1, 1), &mut out, &[Arg::Ptr(src.as_ptr() as u64)]).unwrap();
+        let landed = [11, 15, 19, 0];
+        assert_eq!(out[..4], [-7; 4], "block 0: nothing before the wait");
+        assert_eq!(out[4..8], landed);
+        assert_eq!(out[8..12], landed, "block 1: landed at issue");
+        assert_eq!(out[12..], landed);
     }
 
     /// Warps do not run in step: a warp runs on until it waits at a barrier, so a read of
