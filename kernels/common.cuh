@@ -19,7 +19,8 @@ __device__ __forceinline__ float fd_act(float x, int act, float p) {
 // src, the rest zero (src_bytes 0: a zero fill, src unread). commit closes the thread's group of
 // copies; wait<N> blocks until all but its N most recent groups have landed (its own copies only:
 // a __syncthreads after it makes every thread's visible). Below sm_80 the copy is synchronous.
-// The host build (kernels/host) defines these itself, landing each copy at its wait.
+// The host build (kernels/host) defines these itself, landing each copy at its wait in blocks of
+// even index and at its issue in odd ones (the two ends of a GPU's window).
 #ifndef FDH_HOST_KERNELS
 __device__ __forceinline__ void fd_cp_async16(void* dst, const void* src, int src_bytes) {
 #if __CUDA_ARCH__ >= 800

@@ -379,7 +379,10 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
         // Three stages, two k-steps in flight: at step kt this thread waits for its copies of
         // step kt (all but the newest group), the barrier makes everyone's visible and tells that
         // every warp is done with step kt - 1's stage, which then takes step kt + 2's copies.
-        // Empty groups keep the count when no step is left to load.
+        // Empty groups keep the count when no step is left to load. The host launches these
+        // kernels only where the chunks are whole and aligned and no norm is due: anything else
+        // is a host bug, stopped here rather than faulting on a misaligned copy.
+        if (!vec || norm != nullptr) __trap();
         issue(kt0 * TC_BK, 0);
         if (kt0 + 1 < kt1) issue((kt0 + 1) * TC_BK, 1);
         else fd_cp_async_commit();

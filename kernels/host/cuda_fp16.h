@@ -477,6 +477,8 @@ inline void land(const AsyncCopy& c) {
 }
 }  // namespace fdh
 inline void fd_cp_async16(void* dst, const void* src, int src_bytes) {
+    // cp.async.cg moves 16 aligned bytes: a misaligned address faults on a GPU.
+    if ((uintptr_t)dst % 16 != 0 || (uintptr_t)src % 16 != 0) fdh::fail("cp.async: address not 16-byte aligned");
     const fdh::AsyncCopy c{dst, src, src_bytes};
     if ((fdh::g_blockIdx.x + fdh::g_blockIdx.y + fdh::g_blockIdx.z) % 2 == 1) fdh::land(c);
     else fdh::me().copies_open.push_back(c);
@@ -499,6 +501,13 @@ inline void fd_cp_async_wait() {
 #define blockIdx (fdh::g_blockIdx)
 #define blockDim (fdh::g_blockDim)
 #define gridDim (fdh::g_gridDim)
+
+// Ends the kernel with an error (a GPU aborts the launch): the thread stops here.
+inline void __trap() {
+    fdh::fail("__trap() called");
+    fdh::me().wait = fdh::Wait::Done;
+    fdh::switch_to(fdh::me().ctx, fdh::g_block->sched);  // never resumed
+}
 
 inline void __syncthreads() {
     fdh::me().value = 0;

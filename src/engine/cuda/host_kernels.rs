@@ -322,6 +322,13 @@ extern "C" __global__ void probe_async_copy(int* out, const int* src) {
     out[8 * blockIdx.x + 4 + t] = s[4 * t + 1];
 }
 
+// Thread `who` traps; the others reach a barrier it never will.
+extern "C" __global__ void probe_trap(int* out, int who) {
+    if ((int)threadIdx.x == who) __trap();
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+
 extern "C" __global__ void probe_write_past_end(float* out, int n) {
     out[threadIdx.x] = 1.0f;
     if (threadIdx.x == 0) out[n] = 2.0f;
@@ -371,6 +378,17 @@ extern "C" __global__ void probe_write_past_end(float* out, int n) {
         assert_eq!(out[4..8], landed);
         assert_eq!(out[8..12], landed, "block 1: landed at issue");
         assert_eq!(out[12..], landed);
+    }
+
+    /// `__trap()` fails the launch with its name, as a GPU aborts it.
+    #[test]
+    fn a_trap_fails_the_launch() {
+        let Some(k) = probes() else { return };
+        let mut out = vec![0; 64];
+        run_i32(&k, "probe_trap", (1, 1, 1), (64, 1, 1), &mut out, &[Arg::I32(-1)]).unwrap();
+        assert_eq!(out, vec![1; 64]);
+        let e = run_i32(&k, "probe_trap", (1, 1, 1), (64, 1, 1), &mut out, &[Arg::I32(5)]).unwrap_err();
+        assert!(format!("{e:#}").contains("__trap() called"), "{e:#}");
     }
 
     /// Warps do not run in step: a warp runs on until it waits at a barrier, so a read of

@@ -188,9 +188,10 @@ fn igemm_shape(kernel: &str, s: ConvShape) -> Result<(usize, [Arg; 12])> {
     check_i31("input elements", n * vol(dims) * cin)?;
     check_i31("output elements", m * cout)?;
     check_i31("K", depth)?;
-    // The tensor-core loads form a tap's offset from the window corner in 32 bits, up to a tap
-    // past the last (the tail step).
-    check_i31("(k + 1) * H * W * Cin", (k + 1) * dims[1] * dims[2] * cin)?;
+    // The tensor-core loads form a tap's offset from the window corner in 32 bits, up to three
+    // taps past the last (the tail step's chunks past K, 8 channels each when Cin is 8: for
+    // k = 1, tap depth 3).
+    check_i31("(k + 3) * H * W * Cin", (k + 3) * dims[1] * dims[2] * cin)?;
     if cout.div_ceil(64) > 65535 {
         bail!("{kernel}: {cout} output channels");
     }

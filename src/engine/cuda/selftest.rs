@@ -575,8 +575,8 @@ fn conv_tc_stats_cases(c: &mut Ctx) {
         // 192 voxels a sample, two samples: a 128-row block of the wide tile stores its first
         // 64 rows in sample 0 and the next 64 in sample 1.
         (2, [4, 6, 8], 48, 64, 3, 1, true, 0.0, 8, true, Act::Relu),
-        // The same split between samples in the store's two passes (a 1x1x1 conv whose grid is
-        // wide enough not to split K on up to 41 multiprocessors).
+        // The same split between samples in the store's two passes (a 1x1x1 conv from 16
+        // channels: one k-step, never split).
         (2, [8, 8, 41], 16, 64, 1, 1, true, 0.0, 8, true, Act::Relu),
     ];
     for (n, dims, cin, cout, k, stride, residual, offset, groups, affine, post) in cases {
