@@ -207,6 +207,8 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_fused_ms"], 5.0);
     assert_eq!(r["blocks"]["32ch_8x8x8"]["tc_fused_ms"], 1.5);
     assert_eq!(r["tile_criterion"]["dynunet"]["tc_wide_ms"], 4.25);
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("| segresnetv2 | – | – | 5.00 ms | 5.00 ms |") && md.contains("| dynunet | – | – | – | – | – | – | – | – |"), "{md}");
     assert_eq!(r["tomogram_s"], 1.5);
     assert_eq!(r["tomogram_host_blend_s"], 2.5);
     assert_eq!(r["first_start_nvrtc_s"], 21.5);
@@ -318,4 +320,30 @@ fn results_json_reads_the_benches_the_binary_writes() {
     assert_eq!(r["sources"]["fastdet_device"], "emu:0");
     // No PyTorch figures, no floor: nulls, not invented numbers.
     assert!(r["floor_s"].is_null() && r["card"].is_null() && r["tomogram_host_blend_s"].is_null());
+    assert!(r["tile"]["dynunet"]["floor_ms"].is_null());
+
+    // With a PyTorch baseline (its JSON as tools/bench_torch.py writes it): floors, speed-ups and
+    // the RESULTS.md section.
+    let eager = 2.0 * tile["models"][0]["ms_per_tile"].as_f64().unwrap();
+    let torch = serde_json::json!({"card": "Stand-in GPU", "tile": [32, 32, 32], "fp16_matmul_tflops": 0.5,
+        "best": {"segresnetv2": {"eager_ms": eager, "eager_batch": 1}}});
+    std::fs::write(tmp.path().join("bench-torch.json"), torch.to_string()).unwrap();
+    let run = |extra: &[&str]| -> String {
+        let o = Command::new("python3").arg(root.join("tools/results_json.py")).arg(tmp.path()).args(["--commit", "abc", "--date", "2026-12-02"]).args(extra).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let r: serde_json::Value = serde_json::from_str(&run(&[])).unwrap();
+    let gflop = tile["models"][1]["gflop_per_tile"].as_f64().unwrap();
+    assert!((r["tile"]["dynunet"]["floor_ms"].as_f64().unwrap() - gflop / 0.5).abs() < 1e-9 * gflop);
+    let flops = tomo["flops_per_tomogram"].as_f64().unwrap();
+    assert!((r["floor_s"].as_f64().unwrap() - flops / 0.5e12).abs() < 1e-9 * flops / 0.5e12);
+    let md = run(&["--markdown"]);
+    assert!(md.starts_with("### 2026-12-02: Stand-in GPU, commit abc"), "{md}");
+    let ms = |v: &serde_json::Value| format!("{:.2} ms", v.as_f64().unwrap());
+    let seg = md.lines().find(|l| l.starts_with("| segresnetv2 |")).unwrap_or_else(|| panic!("{md}"));
+    let best = tile["models"][0]["ms_per_tile"].as_f64().unwrap().min(tile_tc["models"][0]["ms_per_tile"].as_f64().unwrap());
+    assert!(seg.contains(&format!("| {:.2} ms | – |", eager)) && seg.contains(&ms(&tile["models"][0]["ms_per_tile"])), "{seg}");
+    assert!(seg.contains(&format!("| {:.2}x | – |", eager / best)), "speed-up over eager, no compile figure: {seg}");
+    assert!(md.contains("| 32x64x64 | 1 SegResNetV2 + 1 DynUNet, 1x2x2 tiles of 32x32x32 |"), "{md}");
 }

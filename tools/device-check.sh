@@ -43,7 +43,8 @@ the criterion bench benches/cuda_ops.rs (fused block vs cuDNN per level, tiles p
 bench-criterion.log and criterion/ when its binary is there (FASTDET_CUDA_BENCH, default
 target/release/cuda_ops, made by tools/build-for-device.sh);
 tools/bench_torch.py -> bench-torch.json (log bench-torch.log, about 240 s at most); their lines end
-up in the summary, and tools/results_json.py folds them into results.json.
+up in the summary, and tools/results_json.py folds them into results.json (and results.md, the
+RESULTS.md section for the run).
 
 environment: FASTDET=path/to/fastdet (default: target/release/fastdet next to this script),
              FASTDET_CHECK_SHAPE=z,y,x (default 184,630,630),
@@ -357,6 +358,9 @@ fi
 if [ $NO_GPU -eq 0 ] && command -v python3 > /dev/null 2>&1; then
     python3 "$ROOT/tools/results_json.py" "$OUT" -o "$OUT/results.json" > /dev/null 2> "$OUT/results-json.log" \
         || log "note: results.json not written (see results-json.log)"
+    # The same figures as the RESULTS.md section for this run (tables, dashes where missing).
+    python3 "$ROOT/tools/results_json.py" "$OUT" --markdown -o "$OUT/results.md" > /dev/null 2>> "$OUT/results-json.log" \
+        || log "note: results.md not written (see results-json.log)"
 fi
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ device check writes:
 
 Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
-   "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms"}, "dynunet": {...}},
+   "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms", "floor_ms"}, "dynunet": {...}},
    "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
                                    "tc_store_fused_wide_ms", "tc_store_fused_async_ms"}, ...},
    "tile_criterion": {"segresnetv2": {"cudnn_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms", "tc_async_ms"},
@@ -29,10 +29,14 @@ check's first process (empty kernel cache); cold_start_s is a later start, with 
 (cold_start_kernels_compiled says how many it had to compile).
 
 floor_s = FLOPs per tomogram (from the tomogram bench) / the card's fp16 rate measured by PyTorch's
-large matmul (bench-torch.json "fp16_matmul_tflops"). peak_mem_gib is fastdet's own device
+large matmul (bench-torch.json "fp16_matmul_tflops"); a tile's floor_ms likewise from the per-tile
+bench's FLOPs per tile. peak_mem_gib is fastdet's own device
 buffers at batch 1 (the per-tile bench), the largest over the models.
 
-Usage: python3 tools/results_json.py DIR [--commit SHA] [--date YYYY-MM-DD] [-o results.json]
+With --markdown it prints the RESULTS.md section for the run instead (tables of the same figures;
+a missing figure is a dash).
+
+Usage: python3 tools/results_json.py DIR [--commit SHA] [--date YYYY-MM-DD] [-o results.json] [--markdown]
 """
 import argparse
 import datetime
@@ -101,9 +105,10 @@ def assemble(d, commit, date):
     tomo = load(os.path.join(d, "bench-tomogram.json"))
     torch = load(os.path.join(d, "bench-torch.json"))
     tomo_hb = load(os.path.join(d, "bench-tomogram-host-blend.json"))
+    rate = torch.get("fp16_matmul_tflops") if torch else None
     tile = {}
     for arch in ("segresnetv2", "dynunet"):
-        row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None, "fastdet_fused_ms": None}
+        row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None, "fastdet_fused_ms": None, "floor_ms": None}
         if torch:
             best = torch.get("best", {}).get(arch, {})
             row["torch_eager_ms"] = best.get("eager_ms")
@@ -112,6 +117,8 @@ def assemble(d, commit, date):
             for m in fd.get("models", []):
                 if m.get("model") == arch:
                     row["fastdet_ms"] = m.get("ms_per_tile")
+                    if rate and m.get("gflop_per_tile"):
+                        row["floor_ms"] = m["gflop_per_tile"] / (rate * 1e3) * 1e3
         if fd_tc:
             for m in fd_tc.get("models", []):
                 if m.get("model") == arch:
@@ -119,7 +126,6 @@ def assemble(d, commit, date):
         tile[arch] = row
     if fd and torch and list(fd.get("tile", [])) != list(torch.get("tile", [])):
         print(f"results_json: tiles differ (fastdet {fd.get('tile')}, torch {torch.get('tile')}); the tile table is not a comparison", file=sys.stderr)
-    rate = torch.get("fp16_matmul_tflops") if torch else None
     flops = tomo.get("flops_per_tomogram") if tomo else None
     mems = [m.get("device_memory_peak_mib") for m in (fd or {}).get("models", []) if m.get("device_memory_peak_mib") is not None]
     return {
@@ -131,6 +137,7 @@ def assemble(d, commit, date):
         "tile_criterion": criterion_groups(d, "tile_", TILE_VARIANTS),
         "tomogram_s": tomo.get("s_per_tomogram") if tomo else None,
         "tomogram_host_blend_s": tomo_hb.get("s_per_tomogram") if tomo_hb else None,
+        "tomogram_config": {k: tomo.get(k) for k in ("tomogram", "window", "tiles", "models")} if tomo else None,
         "floor_s": flops / (rate * 1e12) if flops and rate else None,
         "cold_start_s": (fd or {}).get("cold_start_s"),
         "cold_start_kernels_compiled": ((fd or {}).get("kernel_load") or {}).get("compiled"),
@@ -150,18 +157,68 @@ def assemble(d, commit, date):
     }
 
 
+def markdown(doc):
+    """The RESULTS.md section for one run: its figures as tables, a dash where one is missing."""
+    def ms(v):
+        return "–" if v is None else f"{v:.2f} ms"
+
+    def ratio(a, b):
+        return "–" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+    out = [f"### {doc.get('date')}: {doc.get('card') or 'card unknown'}, commit {doc.get('commit')}", "",
+           "Command: `tools/device-check.sh OUT` (figures from its JSON and criterion files, assembled by "
+           "`tools/results_json.py OUT --markdown`).", "",
+           f"Per {'x'.join(map(str, doc.get('tile_shape') or [])) or '?'} tile (fastdet: batch 1, median, input upload included; "
+           "PyTorch: its best batch, fp16, channels_last_3d). Speed-up = PyTorch time / fastdet's best; "
+           "floor = FLOPs / the card's fp16 matmul rate.", "",
+           "| arch | PyTorch eager | torch.compile | fastdet (cuDNN path) | fastdet (tensor-core path) | vs eager | vs compile | FLOP floor | % of floor |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arch, r in doc["tile"].items():
+        best = min([v for v in (r.get("fastdet_ms"), r.get("fastdet_fused_ms")) if v is not None], default=None)
+        pct = "–" if best is None or r.get("floor_ms") is None else f"{100 * r['floor_ms'] / best:.0f}%"
+        out.append(f"| {arch} | {ms(r.get('torch_eager_ms'))} | {ms(r.get('torch_compile_ms'))} | {ms(r.get('fastdet_ms'))} | "
+                   f"{ms(r.get('fastdet_fused_ms'))} | {ratio(r.get('torch_eager_ms'), best)} | {ratio(r.get('torch_compile_ms'), best)} | "
+                   f"{ms(r.get('floor_ms'))} | {pct} |")
+    for title, key, variants in (("Tile variants (criterion medians)", "tile_criterion", TILE_VARIANTS),
+                                 ("SegResNetV2 residual block per level (criterion medians)", "blocks", BLOCK_VARIANTS)):
+        groups = doc.get(key) or {}
+        if not groups:
+            continue
+        out += ["", title + ":", "", "| | " + " | ".join(variants) + " |", "| --- |" + " --- |" * len(variants)]
+        for name, v in groups.items():
+            out.append(f"| {name} | " + " | ".join(ms(v.get(x + "_ms")) for x in variants) + " |")
+
+    def s(v, unit="s"):
+        return "–" if v is None else f"{v:.2f} {unit}"
+
+    t, f = doc.get("tomogram_s"), doc.get("floor_s")
+    c = doc.get("tomogram_config") or {}
+    shape = "x".join(map(str, c.get("tomogram") or [])) or "–"
+    models = c.get("models") or {}
+    config = (f"{models.get('segresnetv2', '?')} SegResNetV2 + {models.get('dynunet', '?')} DynUNet, "
+              f"{'x'.join(map(str, c.get('tiles') or [])) or '?'} tiles of {'x'.join(map(str, c.get('window') or [])) or '?'}")
+    out += ["", "| per tomogram | models and tiles | GPU blend | host blend | FLOP floor | time / floor |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| {shape} | {config if c else '–'} | {s(t)} | {s(doc.get('tomogram_host_blend_s'))} | {s(f)} | "
+            f"{'–' if t is None or not f else f'{t / f:.2f}x'} |",
+            "", f"Cold start (kernels cached) {s(doc.get('cold_start_s'))}; first start's NVRTC compile {s(doc.get('first_start_nvrtc_s'))}; "
+            f"peak device memory at batch 1 {s(doc.get('peak_mem_gib'), 'GiB')}; fp16 matmul rate {s(doc.get('fp16_matmul_tflops'), 'TFLOP/s')}."]
+    return "\n".join(out) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", help="the device check's output directory")
     ap.add_argument("--commit", help="fastdet commit the binary was built from (default: git here)")
     ap.add_argument("--date", help="date of the run (default: today, UTC)")
     ap.add_argument("-o", "--out", help="write here (default: stdout)")
+    ap.add_argument("--markdown", action="store_true", help="print the RESULTS.md section instead of JSON")
     a = ap.parse_args()
     if not os.path.isdir(a.dir):
         print(f"results_json: {a.dir} is not a directory", file=sys.stderr)
         return 64
     doc = assemble(a.dir, a.commit or git_commit(), a.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat())
-    text = json.dumps(doc, indent=2) + "\n"
+    text = markdown(doc) if a.markdown else json.dumps(doc, indent=2) + "\n"
     if a.out:
         tmp = a.out + ".tmp"
         with open(tmp, "w") as f:
