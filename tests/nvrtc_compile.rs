@@ -154,3 +154,25 @@ fn kernel_cache_compiles_once_then_hits() {
     assert_eq!(cache.get_or_compile(file, src, "compute_90", &inc).unwrap(), (b"// cached\n".to_vec(), None));
     assert!(std::str::from_utf8(&a).unwrap().contains(".entry"));
 }
+
+/// A first start compiles every kernel file on parallel threads into the cache, each image
+/// the one a lone compile gives; the next start finds them all there.
+#[test]
+fn every_file_compiles_in_parallel_into_the_cache() {
+    let Some(inc) = setup() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = KernelCache::new(tmp.path().to_path_buf());
+    let (first, wall_s) = cache.get_or_compile_all(SOURCES, "compute_90", &inc).unwrap();
+    assert_eq!(first.len(), SOURCES.len());
+    let sum: f64 = first.iter().map(|(_, t)| t.expect("an empty cache compiles every file")).sum();
+    println!("{} files: {sum:.1} s of compiling in {wall_s:.1} s", SOURCES.len());
+    for ((file, src), (image, _)) in SOURCES.iter().zip(&first) {
+        let ptx = std::str::from_utf8(image).expect("PTX is text");
+        for n in kernel_names(src) {
+            assert!(ptx_has_entry(ptx, &n), "{file}: {n} missing from its image");
+        }
+    }
+    let (again, _) = cache.get_or_compile_all(SOURCES, "compute_90", &inc).unwrap();
+    assert!(again.iter().all(|(_, t)| t.is_none()), "the second start compiles nothing");
+    assert!(first.iter().zip(&again).all(|(a, b)| a.0 == b.0));
+}

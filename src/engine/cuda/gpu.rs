@@ -849,7 +849,7 @@ pub struct KernelLoad {
     pub files: usize,
     /// Of those, the ones NVRTC compiled (not in the cache).
     pub compiled: usize,
-    /// Seconds NVRTC spent compiling them.
+    /// Wall seconds NVRTC spent compiling them (the files compile in parallel).
     pub compile_s: f64,
     /// Seconds for the whole load: cache reads, compiles and module loads.
     pub load_s: f64,
@@ -900,15 +900,22 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> 
     bail!("could not compile and load the CUDA kernels for sm_{}{}:\n  {}{hint}", cc.0, cc.1, errors.join("\n  "))
 }
 
-/// Every kernel file's module for `target`; adds its NVRTC compiles to `load`.
+/// Every kernel file's module for `target`; adds its NVRTC compiles to `load` (their count, and
+/// the wall seconds of the compiling: the files compile in parallel).
 fn load_all(ctx: &Arc<CudaContext>, cache: &KernelCache, target: Target, include: &[PathBuf], load: &mut KernelLoad) -> Result<Modules> {
     let mut modules = Vec::new();
     let mut funcs = HashMap::new();
     load.files = SOURCES.len();
-    for (file, src) in SOURCES {
-        let (module, compile_s) = load_one(ctx, cache, file, src, target, include)?;
-        if let Some(t) = compile_s {
-            load.compiled += 1;
+    let (images, wall_s) = cache.get_or_compile_all(SOURCES, &target.arch(), include)?;
+    let compiled = images.iter().filter(|(_, t)| t.is_some()).count();
+    if compiled > 0 {
+        load.compiled += compiled;
+        load.compile_s += wall_s;
+    }
+    for ((file, src), (image, compiled_now)) in SOURCES.iter().zip(images) {
+        let (module, recompile_s) = load_one(ctx, cache, file, src, target, include, image)?;
+        if let Some(t) = recompile_s {
+            load.compiled += usize::from(compiled_now.is_none());
             load.compile_s += t;
         }
         for name in kernel_names(src) {
@@ -934,12 +941,12 @@ fn module_from(ctx: &Arc<CudaContext>, target: Target, mut image: Vec<u8>) -> Re
     ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)).map_err(|e| anyhow!("cuModuleLoadData: {e}"))
 }
 
-/// One kernel file's module, and NVRTC's seconds when it had to compile it.
-fn load_one(ctx: &Arc<CudaContext>, cache: &KernelCache, file: &str, src: &str, target: Target, include: &[PathBuf]) -> Result<(Arc<CudaModule>, Option<f64>)> {
+/// One kernel file's module from its compiled or cached `image`, and NVRTC's seconds when that
+/// image would not load and it had to compile the file afresh.
+fn load_one(ctx: &Arc<CudaContext>, cache: &KernelCache, file: &str, src: &str, target: Target, include: &[PathBuf], image: Vec<u8>) -> Result<(Arc<CudaModule>, Option<f64>)> {
     let arch = target.arch();
-    let (image, compile_s) = cache.get_or_compile(file, src, &arch, include).with_context(|| format!("compiling {file} for {arch}"))?;
     match module_from(ctx, target, image) {
-        Ok(m) => Ok((m, compile_s)),
+        Ok(m) => Ok((m, None)),
         Err(first) => {
             // A stale or damaged cache entry: compile afresh once.
             let t = std::time::Instant::now();
@@ -949,7 +956,7 @@ fn load_one(ctx: &Arc<CudaContext>, cache: &KernelCache, file: &str, src: &str, 
             if let Ok(ver) = nvrtc::nvrtc_version() {
                 let _ = cache.store(file, src, target, ver, &c.ptx_or_cubin);
             }
-            Ok((m, Some(compile_s.unwrap_or(0.0) + recompile_s)))
+            Ok((m, Some(recompile_s)))
         }
     }
 }

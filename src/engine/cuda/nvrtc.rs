@@ -363,6 +363,45 @@ impl KernelCache {
         let _ = self.store(source_name, src, target, ver, &c.ptx_or_cubin);
         Ok((c.ptx_or_cubin, Some(compile_s)))
     }
+
+    /// `get_or_compile` for every `(file, source)`, the misses compiled on parallel threads (at
+    /// most the machine's parallelism; the longest sources first, so the slowest compile starts
+    /// at once): the images in `sources` order, each with its compile seconds, and the wall
+    /// seconds of the whole call. A first start then waits for its slowest file, not their sum.
+    pub fn get_or_compile_all(&self, sources: &[(&str, &str)], arch: &str, include_dirs: &[PathBuf]) -> Result<(Vec<(Vec<u8>, Option<f64>)>, f64)> {
+        let started = std::time::Instant::now();
+        let mut order: Vec<usize> = (0..sources.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(sources[i].1.len()));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, sources.len().max(1));
+        let mut done: Vec<Option<Result<(Vec<u8>, Option<f64>)>>> = (0..sources.len()).map(|_| None).collect();
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&i) = order.get(k) else { break };
+                            let (file, src) = sources[i];
+                            mine.push((i, self.get_or_compile(file, src, arch, include_dirs).with_context(|| format!("compiling {file} for {arch}"))));
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            for w in workers {
+                for (i, r) in w.join().unwrap_or_else(|_| vec![]) {
+                    done[i] = Some(r);
+                }
+            }
+        });
+        let mut images = Vec::with_capacity(sources.len());
+        for (i, r) in done.into_iter().enumerate() {
+            images.push(r.with_context(|| format!("compiling {}: the compile thread panicked", sources[i].0))??);
+        }
+        Ok((images, started.elapsed().as_secs_f64()))
+    }
 }
 
 #[cfg(test)]
