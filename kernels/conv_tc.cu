@@ -234,34 +234,43 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
         vky = (tap / k) % k;
         vkz = tap / (k * k);
     }
+    // Vector path: whether row q's chunk at the current tap (k-offset kk0) lies inside K and
+    // the input volume; its element offset is then abase[q] + the tap's offset.
+    auto chunk_inside = [&](int q, int kk0) {
+        const int iz = az[q] + vkz, iy = ay[q] + vky, ix = ax[q] + vkx;
+        return arow[q] && kk0 < K && iz >= 0 && iz < D && iy >= 0 && iy < H && ix >= 0 && ix < W;
+    };
+    auto tap_offset = [&]() { return ((vkz * H + vky) * W + vkx) * Cin + vci; };
+    // On to the next load's chunk: TC_BK channels further, over as many taps as that takes.
+    auto advance = [&]() {
+        vci += TC_BK;
+        while (vci >= Cin) {
+            vci -= Cin;
+            if (++vkx == k) {
+                vkx = 0;
+                if (++vky == k) {
+                    vky = 0;
+                    ++vkz;
+                }
+            }
+        }
+    };
     auto load = [&](int k0) {
         const int kk0 = k0 + kc * 8;
         if (vec) {
             // 8 channels of one tap: Cin % 8 == 0 keeps a chunk inside one tap.
-            const int toff = ((vkz * H + vky) * W + vkx) * Cin + vci;
+            const int toff = tap_offset();
 #pragma unroll
             for (int q = 0; q < QA; ++q) {
                 apro[q] = false;
                 aci[q] = vci;
                 ra[q] = make_uint4(0u, 0u, 0u, 0u);
-                const int iz = az[q] + vkz, iy = ay[q] + vky, ix = ax[q] + vkx;
-                if (arow[q] && kk0 < K && iz >= 0 && iz < D && iy >= 0 && iy < H && ix >= 0 && ix < W) {
+                if (chunk_inside(q, kk0)) {
                     ra[q] = *reinterpret_cast<const uint4*>(x + (abase[q] + toff));
                     apro[q] = norm != nullptr;
                 }
             }
-            // On to the next load's chunk: TC_BK channels further, over as many taps as that takes.
-            vci += TC_BK;
-            while (vci >= Cin) {
-                vci -= Cin;
-                if (++vkx == k) {
-                    vkx = 0;
-                    if (++vky == k) {
-                        vky = 0;
-                        ++vkz;
-                    }
-                }
-            }
+            advance();
         } else {
 #pragma unroll
             for (int q = 0; q < QA; ++q) {
@@ -321,24 +330,13 @@ __device__ __forceinline__ void conv3d_tc(const __half* __restrict__ x, const __
     // a norm in the loads (the host checks: Cin % 8 == 0, 16-byte aligned x and w, norm null).
     auto issue = [&](int k0, int stage) {
         const int kk0 = k0 + kc * 8;
-        const int toff = ((vkz * H + vky) * W + vkx) * Cin + vci;
+        const int toff = tap_offset();
 #pragma unroll
         for (int q = 0; q < QA; ++q) {
-            const int iz = az[q] + vkz, iy = ay[q] + vky, ix = ax[q] + vkx;
-            const bool in = arow[q] && kk0 < K && iz >= 0 && iz < D && iy >= 0 && iy < H && ix >= 0 && ix < W;
+            const bool in = chunk_inside(q, kk0);
             fd_cp_async16(&As[stage * BM + t / 4 + 32 * q][kc * 8], in ? x + (abase[q] + toff) : x, in ? 16 : 0);
         }
-        vci += TC_BK;
-        while (vci >= Cin) {
-            vci -= Cin;
-            if (++vkx == k) {
-                vkx = 0;
-                if (++vky == k) {
-                    vky = 0;
-                    ++vkz;
-                }
-            }
-        }
+        advance();
 #pragma unroll
         for (int q = 0; q < QB; ++q) {
             const int co = j0 + t / 4 + 32 * q;
