@@ -35,7 +35,7 @@ use criterion::{Criterion, Throughput};
 use fastdet::engine::cuda::dnn::{ConvPlan, Dnn};
 use fastdet::engine::cuda::gpu::{DevBuf, Gpu};
 use fastdet::engine::cuda::ops::{self, vol, ConvShape, NormPrologue, TcTiles};
-use fastdet::engine::cuda::engine::{NormInLoads, TcPolicy};
+use fastdet::engine::cuda::engine::TcPolicy;
 use fastdet::engine::cuda::{ConvBackend, CudaEngine};
 use fastdet::model::graph::{Act, Graph};
 use fastdet::model::spec::{Arch, ModelSpec};
@@ -296,14 +296,8 @@ fn tiles(c: &mut Criterion, t: &Target) {
         g.throughput(Throughput::Elements(flops));
         // The tensor-core path as it runs by default, with every norm in the next conv's loads,
         // on the wide tiles and with cp.async loads.
-        let default = TcPolicy::default();
-        let variants = [
-            ("cudnn", ConvBackend::Cudnn, default),
-            ("tc", ConvBackend::TensorCore, default),
-            ("tc_norm_in_loads", ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, ..default }),
-            ("tc_wide", ConvBackend::TensorCore, TcPolicy { tiles: TcTiles::Wide, ..default }),
-            ("tc_async", ConvBackend::TensorCore, TcPolicy { async_loads: true, ..default }),
-        ];
+        let mut variants = vec![("cudnn", ConvBackend::Cudnn, TcPolicy::default())];
+        variants.extend(TcPolicy::compared().map(|(label, _, policy)| (label, ConvBackend::TensorCore, policy)));
         for (label, backend, policy) in variants {
             let mut e = match CudaEngine::on_with(gpu.clone(), &w, backend, policy) {
                 Ok(e) => e,

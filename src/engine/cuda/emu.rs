@@ -453,7 +453,7 @@ impl Emu {
                 conv::conv3d(&x, n, s, &wt, bias.as_deref(), act, &mut o);
                 self.wf16(a.p(3), &to_ndhwc(&o, n, cout, ovol))
             }
-            "conv3d_tc_f16" | "conv3d_tc_n32_f16" | "conv3d_tc_m128_f16" | "conv3d_tc_async_f16" | "conv3d_tc_n32_async_f16" | "conv3d_tc_m128_async_f16" => {
+            _ if super::ops::TC_VARIANTS.iter().any(|v| v.kernel == name || v.kernel_async == name) => {
                 // Block tile (output voxels, channels) of the instantiation.
                 let v = super::ops::TC_VARIANTS.iter().find(|v| v.kernel == name || v.kernel_async == name).context("tc variant")?;
                 if v.kernel_async == name {
@@ -505,7 +505,7 @@ impl Emu {
                 ensure!(gz == 1, "grid.z > 1 needs a split-K buffer");
                 self.tc_store(y, a.opt(2), a.opt(3), act, a.p(5), a.opt(24), ovol, cout, v.store_rows)
             }
-            "conv3d_tc_reduce_f16" | "conv3d_tc_n32_reduce_f16" => {
+            _ if super::ops::TC_VARIANTS.iter().any(|v| v.reduce == name) => {
                 // splitk, splits, bias, residual, out, stats, M, ovol, Cout, act, p
                 // The reduce's tile: store_rows x cols.
                 let v = super::ops::TC_VARIANTS.iter().find(|v| v.reduce == name).context("tc variant")?;
@@ -513,9 +513,12 @@ impl Emu {
                 let (splits, m, ovol, cout) = (a.u(1), a.u(6), a.u(7), a.u(8));
                 let act = act_of(a.i(9) as i32, a.f(10))?;
                 ensure!(block == (128, 1, 1), "block must be TC_THREADS = 128");
-                // Its own grid, or (for the 64 x 64 reduce) a 128 x 64 conv's, doubled.
-                let own = m.div_ceil(rows);
-                ensure!((gx == own || (rows == 64 && gx == 2 * m.div_ceil(128))) && gy == cout.div_ceil(cols) && gz == 1, "grid must be (ceil(M/{rows}), ceil(Cout/{cols}), 1)");
+                // The grid of a conv this reduce finishes, its rows in store passes.
+                let conv_grid = |c: &super::ops::TcVariant| m.div_ceil(c.rows) * c.rows / c.store_rows;
+                ensure!(
+                    super::ops::TC_VARIANTS.iter().any(|c| c.reduce == name && gx == conv_grid(c)) && gy == cout.div_ceil(cols) && gz == 1,
+                    "grid must be (ceil(M/{rows}), ceil(Cout/{cols}), 1), or a 128 x 64 conv's with x doubled"
+                );
                 let ldc = gy * cols;
                 let plane = gx * rows * ldc;
                 let planes = self.rf32(a.p(0), splits * plane)?;

@@ -112,6 +112,19 @@ pub struct TcPolicy {
 }
 
 impl TcPolicy {
+    /// The policies the self-test and the benches time side by side: (bench label, self-test
+    /// label suffix, policy) for the default, every norm in the loads, the wide tiles and the
+    /// cp.async loads.
+    pub fn compared() -> [(&'static str, &'static str, TcPolicy); 4] {
+        let default = TcPolicy::default();
+        [
+            ("tc", "", default),
+            ("tc_norm_in_loads", " norms in loads", TcPolicy { norm_in_loads: NormInLoads::All, ..default }),
+            ("tc_wide", " wide tiles", TcPolicy { tiles: TcTiles::Wide, ..default }),
+            ("tc_async", " async loads", TcPolicy { async_loads: true, ..default }),
+        ]
+    }
+
     /// `FASTDET_TC_NORM_IN_LOADS`, `FASTDET_TC_TILES` and `FASTDET_TC_ASYNC` (off | on, default off).
     pub fn from_env() -> Result<TcPolicy> {
         Ok(TcPolicy {
@@ -128,7 +141,6 @@ impl ConvBackend {
         env_choice("FASTDET_CONV", &[("auto", ConvBackend::Auto), ("cudnn", ConvBackend::Cudnn), ("direct", ConvBackend::Direct), ("tc", ConvBackend::TensorCore)])
     }
 }
-
 
 /// How a convolution op runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -361,9 +373,9 @@ pub struct CudaEngine {
     eager_walks: usize,
     name: String,
     backend: ConvBackend,
-    /// The tensor-core convolutions' block tiles, and whether they load through cp.async.
-    tiles: TcTiles,
-    async_loads: bool,
+    /// How the tensor-core convolutions run (block tiles, cp.async loads; the norm fusion is in
+    /// `steps`).
+    tc: TcPolicy,
     notes: Vec<String>,
     /// Per value, during a walk: the per-block statistics a tensor-core conv wrote for it.
     tile_stats: Vec<Option<DevBuf>>,
@@ -484,8 +496,7 @@ impl CudaEngine {
             eager_walks: 0,
             name: weights.name.clone(),
             backend,
-            tiles: policy.tiles,
-            async_loads: policy.async_loads,
+            tc: policy,
             notes,
             tile_stats: Vec::new(),
         })
@@ -1285,7 +1296,7 @@ impl CudaEngine {
     /// The tensor-core conv of `shape`, with its split-K buffer taken from the arena for the call.
     #[allow(clippy::too_many_arguments)]
     fn conv_tc(&mut self, x: u64, w: u64, bias: Option<u64>, residual: Option<u64>, prologue: Option<ops::NormPrologue>, out: u64, stats: Option<u64>, shape: ConvShape, act: Act) -> Result<()> {
-        let v = self.tiles.variant(shape.cout).with_async_loads(self.async_loads);
+        let v = self.tc.tiles.variant(shape.cout).with_async_loads(self.tc.async_loads);
         let ws = match ops::conv_tc_splitk_bytes(&self.gpu, v, shape) {
             0 => None,
             bytes => Some(self.take(bytes)?),
@@ -1405,23 +1416,6 @@ mod tests {
         let rel = (d2 / r2.max(1e-30)).sqrt();
         eprintln!("{name}: max |d| {mx:.3e}, rel {rel:.3e}");
         assert!(rel < tol_rel, "{name}: rel {rel}");
-    }
-
-    /// A choice variable: unset or empty is the first choice, a known name its value, anything
-    /// else an error listing the names.
-    #[test]
-    fn env_choice_reads_the_named_choice() {
-        let var = "FASTDET_TEST_ENV_CHOICE";
-        let choices = [("a", 1), ("b", 2), ("c", 3)];
-        std::env::remove_var(var);
-        assert_eq!(env_choice(var, &choices).unwrap(), 1);
-        std::env::set_var(var, "");
-        assert_eq!(env_choice(var, &choices).unwrap(), 1);
-        std::env::set_var(var, "c");
-        assert_eq!(env_choice(var, &choices).unwrap(), 3);
-        std::env::set_var(var, "d");
-        assert_eq!(env_choice(var, &choices).unwrap_err().to_string(), "FASTDET_TEST_ENV_CHOICE=\"d\": expected a, b or c");
-        std::env::remove_var(var);
     }
 
     /// The whole engine (graph walk, buffer pool, in-place ops, fusions, weight layouts, launch

@@ -69,3 +69,24 @@ pub(crate) fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> anyhow::R
     anyhow::bail!("{var}={value:?}: expected {} or {last}", rest.join(", "))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::env_choice;
+
+    /// A choice variable: unset or empty is the first choice, a known name its value, anything
+    /// else an error listing the names.
+    #[test]
+    fn env_choice_reads_the_named_choice() {
+        let var = "FASTDET_TEST_ENV_CHOICE";
+        let choices = [("a", 1), ("b", 2), ("c", 3)];
+        std::env::remove_var(var);
+        assert_eq!(env_choice(var, &choices).unwrap(), 1);
+        std::env::set_var(var, "");
+        assert_eq!(env_choice(var, &choices).unwrap(), 1);
+        std::env::set_var(var, "c");
+        assert_eq!(env_choice(var, &choices).unwrap(), 3);
+        std::env::set_var(var, "d");
+        assert_eq!(env_choice(var, &choices).unwrap_err().to_string(), "FASTDET_TEST_ENV_CHOICE=\"d\": expected a, b or c");
+        std::env::remove_var(var);
+    }
+}

@@ -293,12 +293,18 @@ impl TcTiles {
     }
 }
 
+/// Output voxels per block of the statistics `conv_tc` writes for `cout` channels: its store's
+/// pass, the same for every tile choice.
+pub fn conv_tc_stats_rows(cout: usize) -> usize {
+    TcTiles::Standard.variant(cout).store_rows
+}
+
 /// Statistics blocks per sample that `conv_tc`'s epilogue writes for an output of `ovol` voxels
-/// per sample and `cout` channels: `Some(ovol / rows)` when every block of `rows` output voxels
-/// (the store's pass, the same for every tile choice) lies in one sample, else `None` (the norm
-/// then reduces the output itself).
+/// per sample and `cout` channels: `Some(ovol / rows)` when every block of
+/// `conv_tc_stats_rows(cout)` output voxels lies in one sample, else `None` (the norm then
+/// reduces the output itself).
 pub fn conv_tc_stats_blocks(ovol: usize, cout: usize) -> Option<usize> {
-    let rows = TcTiles::Standard.variant(cout).store_rows;
+    let rows = conv_tc_stats_rows(cout);
     (ovol > 0 && ovol.is_multiple_of(rows)).then_some(ovol / rows)
 }
 
@@ -372,7 +378,7 @@ pub fn conv_tc(
     let (m, shape) = igemm_shape(kernel, s)?;
     let ovol = s.out_vol();
     if stats.is_some() {
-        let unit = TcTiles::Standard.variant(cout).store_rows;
+        let unit = conv_tc_stats_rows(cout);
         if v.store_rows != unit {
             bail!("{kernel}: its statistics come in blocks of {} voxels, the norm reads blocks of {unit} for {cout} channels", v.store_rows);
         }
@@ -547,7 +553,7 @@ pub fn norm(
 #[allow(clippy::too_many_arguments)]
 pub fn norm_params_from_tiles(g: &Gpu, partial: u64, n: usize, c: usize, vol: usize, groups: usize, gamma: Option<u64>, beta: Option<u64>, params: u64) -> Result<()> {
     norm_check(c, groups, vol)?;
-    let rows = TcTiles::Standard.variant(c).store_rows;
+    let rows = conv_tc_stats_rows(c);
     let nblk = conv_tc_stats_blocks(vol, c).with_context(|| format!("norm_finalize_tiles: volume {vol} is not a whole number of {rows}-voxel blocks"))?;
     if n == 0 {
         return Ok(());

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::dnn::{ConvPlan, Dnn};
 use super::emu::{from_ndhwc, to_ndhwc};
-use super::engine::{to_ktrsc, ConvBackend, CudaEngine, NormInLoads, TcPolicy};
+use super::engine::{to_ktrsc, ConvBackend, CudaEngine, TcPolicy};
 use super::gpu::{DevBuf, Gpu};
 use super::ops::{self, vol, ConvShape, TcTiles};
 use crate::engine::cpu::{conv, norm, resample, CpuEngine};
@@ -1221,10 +1221,9 @@ fn networks(c: &mut Ctx, opts: &Options) {
         }
         backends.push((ConvBackend::Direct, default, format!("{arch} direct-conv")));
         if c.gpu.check_tensor_cores().is_ok() {
-            backends.push((ConvBackend::TensorCore, default, format!("{arch} tensor-core")));
-            backends.push((ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, ..default }, format!("{arch} tensor-core norms in loads")));
-            backends.push((ConvBackend::TensorCore, TcPolicy { tiles: TcTiles::Wide, ..default }, format!("{arch} tensor-core wide tiles")));
-            backends.push((ConvBackend::TensorCore, TcPolicy { async_loads: true, ..default }, format!("{arch} tensor-core async loads")));
+            for (_, suffix, policy) in TcPolicy::compared() {
+                backends.push((ConvBackend::TensorCore, policy, format!("{arch} tensor-core{suffix}")));
+            }
         }
         for (backend, policy, label) in backends {
             c.case(&label.clone(), &shape.clone(), |c| {
