@@ -93,6 +93,18 @@ fn device_check_script_without_a_gpu() {
     for f in ["summary.txt", "summary-final.txt", "env.txt", "selftest-quick.log", "selftest-quick.json", "version.txt"] {
         assert!(out.join(f).is_file(), "{f} not written");
     }
+    // --pack: the kept files and one archive holding the rest, nothing else.
+    let packed = tmp.path().join("packed");
+    let o = Command::new("bash").arg(&script).arg(&packed).arg("--pack").env("FASTDET", env!("CARGO_BIN_EXE_fastdet")).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut left: Vec<String> = std::fs::read_dir(&packed).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["logs.tar.gz", "selftest-quick.log", "summary-final.txt"]);
+    let listing = Command::new("tar").arg("-tzf").arg(packed.join("logs.tar.gz")).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for f in ["./summary.txt", "./env.txt", "./selftest-quick.json", "./version.txt", "./summary-final.txt"] {
+        assert!(listing.lines().any(|l| l == f), "{f} not in the archive:\n{listing}");
+    }
     // Bad usage is refused before anything runs.
     let o = Command::new("bash").arg(&script).output().unwrap();
     assert_eq!(o.status.code(), Some(64));
@@ -123,6 +135,7 @@ cmd="$1"; shift
 case "$cmd" in
   --version) echo "fastdet 0.0.0 (stand-in)" ;;
   selftest)
+    mkdir -p "$FASTDET_KERNEL_CACHE" && echo cubin > "$FASTDET_KERNEL_CACHE/conv_tc.sm_90.cubin"
     while [ $# -gt 0 ]; do [ "$1" = --json ] && echo '{"passed": true, "notes": ["kernels: sm_90 from NVRTC 13.0 (cache k; 13 files, 13 compiled by NVRTC in 21.5 s, loaded in 22.0 s)"]}' > "$2"; shift; done
     echo "selftest PASSED: 3 passed, 0 failed, 0 skipped in 0.1 s on a stand-in" ;;
   bench)
@@ -168,7 +181,7 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     let o = Command::new("bash")
         .arg(&script)
         .arg(&out)
-        .args(["--skip-torch", "--budget", "400", "--data"])
+        .args(["--skip-torch", "--pack", "--budget", "400", "--data"])
         .arg(tmp.path().join("data"))
         .env("FASTDET", &fake)
         .env("FASTDET_CUDA_BENCH", &bench)
@@ -179,6 +192,12 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(text.contains("RESULT: PASS"), "{text}");
+    // --pack left six files; the archive holds the rest (unpacked here for the checks below).
+    let mut left: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["logs.tar.gz", "results.json", "results.md", "selftest-full.log", "selftest-quick.log", "summary-final.txt"]);
+    assert!(Command::new("tar").arg("-xzf").arg(out.join("logs.tar.gz")).arg("-C").arg(&out).status().unwrap().success());
+    assert!(out.join("criterion/tile_dynunet/tc_wide/new/estimates.json").is_file() && !out.join("kernel-cache").exists());
     // Each step passed, in this order: the full self-test before the longer benchmarks.
     let steps = [
         "selftest --quick",
@@ -346,4 +365,45 @@ fn results_json_reads_the_benches_the_binary_writes() {
     assert!(seg.contains(&format!("| {:.2} ms | – |", eager)) && seg.contains(&ms(&tile["models"][0]["ms_per_tile"])), "{seg}");
     assert!(seg.contains(&format!("| {:.2}x | – |", eager / best)), "speed-up over eager, no compile figure: {seg}");
     assert!(md.contains("| 32x64x64 | 1 SegResNetV2 + 1 DynUNet, 1x2x2 tiles of 32x32x32 |"), "{md}");
+}
+
+/// tools/slim-tree.sh, on a scratch repository laid out like this one: `on` takes the fixtures out
+/// of what a copy of the tree holds (tracked and untracked-not-ignored files) while they stay on
+/// disk, and refuses commits; `off` gives back exactly the committed index.
+#[test]
+fn slim_tree_leaves_the_fixtures_out_of_the_copy_and_puts_them_back() {
+    if Command::new("git").arg("--version").output().is_err() || Command::new("bash").arg("--version").output().is_err() {
+        println!("SKIP slim_tree_leaves_the_fixtures_out_of_the_copy_and_puts_them_back: git or bash missing");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path();
+    let git = |args: &[&str]| {
+        let o = Command::new("git").arg("-C").arg(repo).args(["-c", "user.name=t", "-c", "user.email=t@t"]).args(args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    };
+    assert!(git(&["init", "-q"]).0);
+    std::fs::create_dir_all(repo.join("tools")).unwrap();
+    std::fs::create_dir_all(repo.join("tests/fixtures/golden")).unwrap();
+    std::fs::copy(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/slim-tree.sh"), repo.join("tools/slim-tree.sh")).unwrap();
+    std::fs::write(repo.join("tests/fixtures/golden/big.bin"), vec![7u8; 3 << 20]).unwrap();
+    std::fs::write(repo.join("README.md"), "r\n").unwrap();
+    assert!(git(&["add", "-A"]).0 && git(&["commit", "-q", "-m", "c"]).0);
+    let copied = || git(&["ls-files", "--cached", "--others", "--exclude-standard"]).1;
+    let slim = |arg: &str| Command::new("bash").arg(repo.join("tools/slim-tree.sh")).arg(arg).output().unwrap();
+
+    let o = slim("on");
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("would travel: 0.0 MiB (slim tree)"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(copied(), "README.md\ntools/slim-tree.sh\n");
+    assert!(repo.join("tests/fixtures/golden/big.bin").is_file(), "the fixtures stay on disk");
+    let (ok, msg) = git(&["commit", "-q", "--allow-empty", "-m", "slim"]);
+    assert!(!ok && msg.contains("the working tree is slim"), "{msg}");
+    assert!(!slim("on").status.success(), "a second `on` is refused");
+
+    let o = slim("off");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(copied(), "README.md\ntests/fixtures/golden/big.bin\ntools/slim-tree.sh\n");
+    assert_eq!(git(&["status", "--porcelain"]).1, "", "index and exclude file as before");
+    assert!(git(&["commit", "-q", "--allow-empty", "-m", "after"]).0, "commits work again");
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds what tools/device-check.sh runs on a GPU machine that has no Rust toolchain:
 # target/release/fastdet and the criterion bench binary target/release/cuda_ops
-# (benches/cuda_ops.rs), then prints the paths to copy there with the working tree.
+# (benches/cuda_ops.rs), copies MONAI's wheel (for the PyTorch baseline) from ../shared/wheels into
+# .cache/wheels when it is there, then prints the paths to copy there with the working tree and
+# the size of that copy (tools/slim-tree.sh on leaves the test fixtures behind).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --bin fastdet
@@ -18,4 +20,12 @@ if [ -z "$exe" ] || [ ! -x "$exe" ]; then
 fi
 cp "$exe" target/release/cuda_ops
 echo "built: target/release/fastdet target/release/cuda_ops"
-echo "carry: target/release/fastdet target/release/cuda_ops .cache/wheels"
+carry="target/release/fastdet target/release/cuda_ops"
+if ls ../shared/wheels/monai-*.whl > /dev/null 2>&1; then
+    mkdir -p .cache/wheels
+    cp ../shared/wheels/monai-*.whl .cache/wheels/
+fi
+[ -d .cache/wheels ] && carry="$carry .cache/wheels"
+echo "carry: $carry"
+# shellcheck disable=SC2086
+bash tools/slim-tree.sh status $carry

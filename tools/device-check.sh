@@ -17,6 +17,9 @@
 # and ends with a one-screen summary. Every step has a timeout; the whole script stays within
 # --budget seconds (default 450). Logs, JSON reports, compiled kernels and the summary go to OUTDIR
 # (a few MB); the synthetic data goes to --data (default under $TMPDIR) and is removed at the end.
+# --pack leaves OUTDIR with six files (for a copy-back that takes only a few): the final summary,
+# results.json, results.md, both self-test logs and logs.tar.gz holding everything else but the
+# compiled kernels.
 #
 # Exit status: 0 all steps passed, 1 a step failed or timed out, 2 no usable GPU (no driver or
 # no device; the logs say which), 3 the fastdet binary does not run here, 64 bad usage.
@@ -25,7 +28,7 @@ set -u -o pipefail
 usage() {
     cat <<'EOF'
 usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip-full] [--cpu-run]
-                              [--skip-torch] [--data DIR] [--keep-data]
+                              [--skip-torch] [--data DIR] [--keep-data] [--pack]
 
   OUTDIR            where logs, JSON reports, compiled kernels and summary.txt go (created; small)
   --data DIR        where the synthetic tomogram is written (default $TMPDIR/fastdet-device-check-data;
@@ -35,6 +38,9 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
   --skip-full       skip the full self-test (192x128x128 networks + whole-tomogram check)
   --skip-torch      skip the PyTorch baseline (tools/bench_torch.py); `fastdet bench` still runs
   --cpu-run         also time `fastdet run --device cpu` on the same data (slow: minutes)
+  --pack            at the end, leave only summary-final.txt, results.json, results.md,
+                    selftest-quick.log, selftest-full.log and logs.tar.gz (every other log, JSON
+                    report and criterion estimate; not the compiled kernels) in OUTDIR
 
 benchmarks (after the quick self-test): `fastdet bench` -> bench-fastdet.json (log
 bench-fastdet.log; with FASTDET_CONV=tc -> bench-fastdet-tc.json); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (averaging and blending on the GPU,
@@ -61,6 +67,7 @@ DEVICE="cuda:0"
 FULL=1
 CPU_RUN=0
 TORCH_BENCH=1
+PACK=0
 SHAPE="${FASTDET_CHECK_SHAPE:-184,630,630}"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -72,6 +79,7 @@ while [ $# -gt 0 ]; do
         --keep-data) KEEP_DATA=1; shift ;;
         --cpu-run) CPU_RUN=1; shift ;;
         --skip-torch) TORCH_BENCH=0; shift ;;
+        --pack) PACK=1; shift ;;
         -*) echo "device-check: unknown option $1" >&2; usage >&2; exit 64 ;;
         *)
             if [ -z "$OUT" ]; then OUT="$1"; shift
@@ -468,6 +476,32 @@ PY
     fi
 } > "$OUT/summary-final.txt"
 cat "$OUT/summary-final.txt"
+
+# --pack: the few files a size- and count-limited copy-back takes, everything else in one archive.
+PACK_KEEP="summary-final.txt results.json results.md selftest-quick.log selftest-full.log"
+pack_outdir() {
+    local tmp f keep
+    tmp="$(mktemp -d)" || return 1
+    # 15 MiB at most: without the criterion estimates if the whole is larger.
+    tar -C "$OUT" --exclude=./kernel-cache -czf "$tmp/logs.tar.gz" . || return 1
+    if [ "$(stat -c %s "$tmp/logs.tar.gz")" -gt 15728640 ]; then
+        tar -C "$OUT" --exclude=./kernel-cache --exclude=./criterion -czf "$tmp/logs.tar.gz" . || return 1
+    fi
+    for f in "$OUT"/* "$OUT"/.[!.]*; do
+        [ -e "$f" ] || continue
+        keep=0
+        case " $PACK_KEEP " in *" $(basename "$f") "*) keep=1 ;; esac
+        [ $keep -eq 1 ] || rm -rf "$f"
+    done
+    mv "$tmp/logs.tar.gz" "$OUT/logs.tar.gz" && rmdir "$tmp"
+}
+if [ $PACK -eq 1 ]; then
+    if pack_outdir; then
+        echo "packed: $(cd "$OUT" && ls | tr '\n' ' ')($(du -sk "$OUT" | cut -f1) KiB)"
+    else
+        echo "device-check: --pack failed; $OUT left as it was" >&2
+    fi
+fi
 if [ $NO_GPU -eq 1 ]; then exit 2; fi
 if [ $FAILED -ne 0 ]; then exit 1; fi
 exit 0
