@@ -162,6 +162,11 @@ INCLUDE=""
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [ -d "$d" ] && LIBDIRS+=("$d")
 done
+# The driver's own directory in containers that mount it there (libcuda.so.1), if the loader's
+# path does not already hold it.
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+    if ls "$d"/libcuda.so* > /dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then LIBDIRS+=("$d"); fi
+done
 for d in /usr/local/cuda/include /usr/local/cuda/targets/x86_64-linux/include; do
     if [ -z "$INCLUDE" ] && [ -f "$d/cuda_fp16.h" ]; then INCLUDE="$d"; fi
 done

@@ -20,6 +20,10 @@ fn workspace_limit() -> usize {
     std::env::var("FASTDET_CUDNN_WORKSPACE_MIB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(1 << 30, |m| m << 20)
 }
 
+/// Where cuDNN 9 and the libraries it loads come from in pip wheels.
+const HINT: &str = "put the directories of libcudnn*.so.9 (site-packages/nvidia/cudnn/lib) and of libcublasLt \
+(site-packages/nvidia/cu13/lib or nvidia/cublas/lib) on LD_LIBRARY_PATH";
+
 /// A cuDNN handle bound to the device's stream.
 pub struct Dnn {
     handle: sys::cudnnHandle_t,
@@ -43,11 +47,11 @@ impl Dnn {
     /// A handle on `gpu`'s stream; an error (never a panic) when libcudnn is missing or too old.
     pub fn new(gpu: &Gpu) -> Result<Dnn> {
         if !super::gpu::cudnn_available() {
-            bail!("cuDNN not found (libcudnn.so.9 cannot be loaded; put its directory, e.g. site-packages/nvidia/cudnn/lib, on LD_LIBRARY_PATH)");
+            bail!("cuDNN not found (libcudnn.so.9 cannot be loaded); {HINT}");
         }
         let Some(stream) = gpu.stream() else { bail!("cuDNN does not run on the kernel emulator") };
         gpu.bind()?;
-        guard("creating a cuDNN handle", || {
+        let dnn = guard("creating a cuDNN handle", || {
             let version = result::get_version();
             if version < 90000 {
                 bail!("cuDNN {version} is too old: fastdet's bindings need cuDNN 9");
@@ -57,7 +61,32 @@ impl Dnn {
             // SAFETY: valid handle; the stream belongs to gpu's context, which is current.
             unsafe { result::set_stream(dnn.handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| anyhow!("cudnnSetStream: {e}"))?;
             Ok(dnn)
-        })
+        })?;
+        dnn.probe(gpu)?;
+        Ok(dnn)
+    }
+
+    /// cuDNN 9's libcudnn.so.9 only dispatches: the convolutions live in libcudnn_cnn.so.9 (which
+    /// needs libcudnn_ops.so.9, the engine libraries and cuBLASLt), loaded at their first use.
+    /// One small convolution run here makes a missing piece one clear error when the engine
+    /// opens (where `auto` then takes our own kernels) instead of a failure at every conv.
+    fn probe(&self, gpu: &Gpu) -> Result<()> {
+        // SAFETY: plain status queries.
+        for (lib, st) in [("libcudnn_ops.so.9", unsafe { sys::cudnnOpsVersionCheck() }), ("libcudnn_cnn.so.9", unsafe { sys::cudnnCnnVersionCheck() })] {
+            if st != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+                bail!("cuDNN's {lib} does not load or does not match libcudnn.so.9 (status {}); {HINT}", st as u32);
+            }
+        }
+        let shape = ConvShape { n: 1, dims: [4, 4, 4], cin: 8, cout: 8, k: 3, stride: 1, pad: 1 };
+        let mut plan = ConvPlan::new(self, shape).map_err(|e| anyhow!("cuDNN cannot plan a convolution: {e:#}; {HINT}"))?;
+        let (x, w, y) = (gpu.alloc(1024)?, gpu.alloc(27 * 128)?, gpu.alloc(1024)?);
+        for b in [&x, &w] {
+            gpu.zero(b.ptr, b.bytes)?;
+        }
+        let mut workspace = None;
+        plan.run(self, gpu, x.ptr, w.ptr, y.ptr, &mut workspace)
+            .and_then(|()| gpu.sync("cuDNN's probe convolution"))
+            .map_err(|e| anyhow!("cuDNN cannot run a convolution: {e:#}; {HINT}"))
     }
 
     pub fn version_string(&self) -> String {
@@ -218,10 +247,21 @@ impl ConvPlan {
     }
 
     /// `y = conv(x, w)`; `workspace` is grown as needed. Errors only when no candidate runs.
+    /// In a CUDA graph capture only the algorithm chosen by an eager run is tried: a failure
+    /// there may be the capture's own, and an algorithm first run inside a capture would be
+    /// kept without ever having been checked eagerly.
     pub fn run(&mut self, dnn: &Dnn, gpu: &Gpu, x: u64, w: u64, y: u64, workspace: &mut Option<DevBuf>) -> Result<()> {
         let start = self.chosen.unwrap_or(0);
+        let end = if gpu.capturing() {
+            if self.chosen.is_none() {
+                bail!("{}: first run inside a CUDA graph capture (an eager run must choose the algorithm)", self.what);
+            }
+            start + 1
+        } else {
+            self.algos.len()
+        };
         let mut errors = Vec::new();
-        for i in start..self.algos.len() {
+        for i in start..end {
             let (algo, ws) = self.algos[i];
             if ws > 0 && workspace.as_ref().is_none_or(|b| b.bytes < ws) {
                 if gpu.capturing() {
