@@ -167,8 +167,15 @@ done
 for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
     if ls "$d"/libcuda.so* > /dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then LIBDIRS+=("$d"); fi
 done
+# The kernels include cuda_fp16.h and mma.h, which includes crt/mma.h (in pip wheels that one
+# comes from nvidia-cuda-crt): a directory with all of them wins over one with cuda_fp16.h alone.
+PARTIAL_INCLUDE=""
+consider_include() {
+    [ -z "$INCLUDE" ] && [ -f "$1/cuda_fp16.h" ] || return 0
+    if [ -f "$1/crt/mma.h" ]; then INCLUDE="$1"; elif [ -z "$PARTIAL_INCLUDE" ]; then PARTIAL_INCLUDE="$1"; fi
+}
 for d in /usr/local/cuda/include /usr/local/cuda/targets/x86_64-linux/include; do
-    if [ -z "$INCLUDE" ] && [ -f "$d/cuda_fp16.h" ]; then INCLUDE="$d"; fi
+    consider_include "$d"
 done
 NVBASES=""
 if command -v python3 > /dev/null 2>&1; then
@@ -194,11 +201,9 @@ if [ -n "$NVBASES" ]; then
             [ -d "$d" ] || continue
             case " ${LIBDIRS[*]-} " in *" $d "*) ;; *) LIBDIRS+=("$d") ;; esac
         done
-        if [ -z "$INCLUDE" ]; then
-            for d in "$base"/cu13/include "$base"/cuda_runtime/include "$base"/*/include; do
-                if [ -f "$d/cuda_fp16.h" ]; then INCLUDE="$d"; break; fi
-            done
-        fi
+        for d in "$base"/cu13/include "$base"/cuda_runtime/include "$base"/*/include; do
+            consider_include "$d"
+        done
     done <<< "$NVBASES"
 else
     log "note: python3 or its 'nvidia' pip packages not found; relying on the system library path"
@@ -206,6 +211,10 @@ fi
 if [ ${#LIBDIRS[@]} -gt 0 ]; then
     NEWPATH="$(IFS=:; echo "${LIBDIRS[*]}")"
     export LD_LIBRARY_PATH="$NEWPATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+if [ -z "$INCLUDE" ] && [ -n "$PARTIAL_INCLUDE" ]; then
+    INCLUDE="$PARTIAL_INCLUDE"
+    log "note: no include directory has crt/mma.h (needed by conv_tc.cu); using $INCLUDE"
 fi
 [ -n "$INCLUDE" ] && export FASTDET_CUDA_INCLUDE="$INCLUDE"
 export FASTDET_KERNEL_CACHE="$OUT/kernel-cache"

@@ -149,7 +149,7 @@ impl Arena {
 
     /// Ends a walk. After a successful one (`grow`) that did not fit, the arena is replaced by one
     /// as large as the walk needed (the old buffer's release is ordered after the work issued on
-    /// it; it goes first, so that the two are never held at once). A failed growth (out of
+    /// it; it goes first, and the stream is synchronised, so that the two are never held at once). A failed growth (out of
     /// memory) leaves no arena: later walks overflow, as a first walk does, which works, only
     /// without graphs (the engine captures only when the arena holds the whole walk).
     pub fn end(&mut self, gpu: &Gpu, grow: bool) -> WalkEnd {
@@ -158,6 +158,12 @@ impl Arena {
         if grow && self.high > self.capacity() {
             let want = round_up(self.high, GROW_STEP);
             self.buf = None;
+            // The stream-ordered free keeps the old block in the driver's pool until a
+            // synchronisation; on a nearly full card the larger buffer may need those bytes.
+            // Growth is rare (the first walks of a shape), so the stall costs nothing measurable.
+            if !gpu.capturing() {
+                let _ = gpu.sync("releasing the old activation arena");
+            }
             if let Ok(b) = gpu.alloc(want) {
                 gpu.emu_slots_track(b.ptr);
                 self.buf = Some(b);

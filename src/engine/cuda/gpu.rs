@@ -892,10 +892,9 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> 
             Err(e) => errors.push(format!("{}: {e:#}", target.arch())),
         }
     }
-    let hint = if include.is_empty() {
-        "; cuda_fp16.h was not found: set FASTDET_CUDA_INCLUDE to a directory holding it (pip wheel nvidia/cu13/include or /usr/local/cuda/include)"
-    } else {
-        ""
+    let hint = match include.first() {
+        None => "; cuda_fp16.h was not found: set FASTDET_CUDA_INCLUDE to a directory holding it (pip wheel nvidia/cu13/include or /usr/local/cuda/include)".to_string(),
+        Some(dir) => nvrtc::include_problems(dir, ver).iter().map(|p| format!("; {p}")).collect(),
     };
     bail!("could not compile and load the CUDA kernels for sm_{}{}:\n  {}{hint}", cc.0, cc.1, errors.join("\n  "))
 }

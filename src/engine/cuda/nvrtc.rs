@@ -186,10 +186,17 @@ pub fn compile(source_name: &str, src: &str, arch: &str, include_dirs: &[PathBuf
     })
 }
 
+/// The headers the kernels include besides their own: `cuda_fp16.h`, and `mma.h` with the
+/// `crt/mma.h` it includes (in pip wheels the latter comes from `nvidia-cuda-crt`, not from the
+/// runtime wheel that has the others).
+const KERNEL_HEADERS: [&str; 3] = ["cuda_fp16.h", "mma.h", "crt/mma.h"];
+
 /// The directory holding `cuda_fp16.h`: `$FASTDET_CUDA_INCLUDE`; else the `include` sibling of a
 /// `$LD_LIBRARY_PATH` entry (the pip wheel's `nvidia/cu13/lib` → `nvidia/cu13/include`); else the
 /// wheel layout under `$VIRTUAL_ENV` (`nvidia/cu13/include`, `nvidia/cuda_runtime/include`); else
-/// `$CUDA_HOME/include`, `$CUDA_PATH/include`, `/usr/local/cuda/include`.
+/// `$CUDA_HOME/include`, `$CUDA_PATH/include`, `/usr/local/cuda/include`. Among the candidates
+/// after `$FASTDET_CUDA_INCLUDE`, the first that holds every header the kernels need wins over
+/// an earlier one that lacks some (`include_problems` names what is missing).
 pub fn find_cuda_include() -> Option<PathBuf> {
     let has = |d: &Path| d.join("cuda_fp16.h").is_file();
     if let Some(d) = std::env::var_os("FASTDET_CUDA_INCLUDE") {
@@ -215,7 +222,27 @@ pub fn find_cuda_include() -> Option<PathBuf> {
         }
     }
     cands.push(PathBuf::from("/usr/local/cuda/include"));
-    cands.into_iter().find(|d| has(d))
+    let complete = |d: &Path| KERNEL_HEADERS.iter().all(|h| d.join(h).is_file());
+    cands.iter().find(|d| complete(d)).or_else(|| cands.iter().find(|d| has(d))).cloned()
+}
+
+/// What is wrong with `dir` as the kernels' include directory for NVRTC `nvrtc` (major, minor):
+/// headers missing, or headers of another CUDA major version (`CUDA_VERSION` in its `cuda.h`).
+pub fn include_problems(dir: &Path, nvrtc: (i32, i32)) -> Vec<String> {
+    let mut out: Vec<String> = KERNEL_HEADERS
+        .iter()
+        .filter(|h| !dir.join(h).is_file())
+        .map(|h| format!("{} has no {h}{}", dir.display(), if *h == "crt/mma.h" { " (pip wheel nvidia-cuda-crt)" } else { "" }))
+        .collect();
+    let version = std::fs::read_to_string(dir.join("cuda.h")).ok().and_then(|t| {
+        t.lines().find_map(|l| l.trim().strip_prefix("#define CUDA_VERSION").and_then(|v| v.trim().parse::<i32>().ok()))
+    });
+    if let Some(v) = version {
+        if v / 1000 != nvrtc.0 {
+            out.push(format!("{} holds CUDA {}.{}'s headers, NVRTC is {}.{}: put the matching NVRTC first on LD_LIBRARY_PATH or set FASTDET_CUDA_INCLUDE", dir.display(), v / 1000, (v % 1000) / 10, nvrtc.0, nvrtc.1));
+        }
+    }
+    out
 }
 
 /// `lib/python3.*/site-packages/nvidia/{cu13,cuda_runtime}/include` under a venv or prefix.
@@ -342,7 +369,10 @@ impl KernelCache {
     pub fn store(&self, source_name: &str, src: &str, target: Target, nvrtc: (i32, i32), image: &[u8]) -> Result<PathBuf> {
         let path = self.path(source_name, src, target, nvrtc);
         std::fs::create_dir_all(&self.dir).with_context(|| format!("creating kernel cache {}", self.dir.display()))?;
-        let tmp = path.with_extension(format!("{}.{}.tmp", target.extension(), std::process::id()));
+        // Unique per process and call: two workers of one process may store the same image.
+        static STORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}.{}.{n}.tmp", target.extension(), std::process::id()));
         std::fs::write(&tmp, image).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(path)
@@ -492,5 +522,24 @@ ptxas info    : Used 64 registers, used 1 barriers, 12288 bytes smem, 432 bytes 
             assert!(nvrtc_version().is_err());
         }
         assert!(compile("k.cu", "", "sm_9", &[]).is_err());
+    }
+
+    /// An include directory without crt/mma.h, or with another CUDA major's headers, is named
+    /// with what is wrong; a complete one of NVRTC's major has no problem.
+    #[test]
+    fn include_problems_name_missing_headers_and_version_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("cuda_fp16.h"), "").unwrap();
+        std::fs::write(d.join("mma.h"), "").unwrap();
+        std::fs::write(d.join("cuda.h"), "#pragma once\n#define CUDA_VERSION 12080\n").unwrap();
+        let p = include_problems(d, (13, 0));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].ends_with("has no crt/mma.h (pip wheel nvidia-cuda-crt)"), "{p:?}");
+        assert!(p[1].contains("holds CUDA 12.8's headers, NVRTC is 13.0"), "{p:?}");
+        std::fs::create_dir(d.join("crt")).unwrap();
+        std::fs::write(d.join("crt/mma.h"), "").unwrap();
+        std::fs::write(d.join("cuda.h"), "#define CUDA_VERSION 13000\n").unwrap();
+        assert!(include_problems(d, (13, 0)).is_empty());
     }
 }
