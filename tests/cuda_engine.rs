@@ -171,8 +171,27 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
 "#,
     )
     .unwrap();
+    // compute-sanitizer: runs the command it wraps and reports no finding.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let sanitizer = bin.join("compute-sanitizer");
+    std::fs::write(
+        &sanitizer,
+        r#"#!/usr/bin/env bash
+echo "compute-sanitizer $*" >> "$FAKE_CALLS"
+while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift 2; done
+"$@" || exit $?
+if [ -n "${FAKE_SANITIZER_FINDS:-}" ]; then
+  echo "========= Invalid __global__ read of size 16 bytes"
+  echo "========= ERROR SUMMARY: 1 error"
+  exit 99
+fi
+echo "========= ERROR SUMMARY: 0 errors"
+"#,
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
-    for f in [&fake, &bench] {
+    for f in [&fake, &bench, &sanitizer] {
         std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let out = tmp.path().join("check");
@@ -187,6 +206,7 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
         .env("FASTDET_CUDA_BENCH", &bench)
         .env("FAKE_CALLS", &calls)
         .env("FASTDET_CHECK_SHAPE", "32,64,64")
+        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
@@ -210,6 +230,8 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
         "synth 1 run 32,64,64",
         "run --device cuda:0 (2 models)",
         "score gpu.csv",
+        "sanitizer memcheck (kernels)",
+        "sanitizer racecheck (kernels)",
     ];
     let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
     let mut at = 0;
@@ -221,6 +243,10 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     // The tensor-core bench ran with FASTDET_CONV=tc; the figures reached results.json.
     let calls = std::fs::read_to_string(&calls).unwrap();
     assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 2, "{calls}");
+    for tool in ["memcheck", "racecheck"] {
+        assert!(calls.contains(&format!("compute-sanitizer --tool {tool} --error-exitcode 99 --print-limit 30 {} selftest --device cuda:0 --quick --no-networks --no-pipeline", fake.display())), "{calls}");
+    }
+    assert!(text.contains("sanitizer-racecheck.log: ERROR SUMMARY: 0 errors"), "{text}");
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_ms"], 5.0);
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_fused_ms"], 5.0);
@@ -237,6 +263,26 @@ echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
     assert!(text.contains("blending on the GPU; upload 0.03") && text.contains("blending on the CPU; upload 0.00"), "{text}");
     assert!(text.contains("block 32ch_8x8x8") && text.contains("tc_fused 1.500 ms"), "{text}");
     assert!(text.contains("tile  dynunet") && text.contains("tc_wide 4.250 ms"), "{text}");
+
+    // A sanitizer finding fails the check, and the summary names it.
+    let o = Command::new("bash")
+        .arg(&script)
+        .arg(tmp.path().join("check-finding"))
+        .args(["--skip-torch", "--skip-full", "--budget", "400", "--data"])
+        .arg(tmp.path().join("data"))
+        .env("FASTDET", &fake)
+        .env("FASTDET_CUDA_BENCH", &bench)
+        .env("FAKE_CALLS", tmp.path().join("calls2.txt"))
+        .env("FAKE_SANITIZER_FINDS", "1")
+        .env("FASTDET_CHECK_SHAPE", "32,64,64")
+        .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("RESULT: FAIL") && text.contains("sanitizer-memcheck.log: ERROR SUMMARY: 1 error"), "{text}");
+    assert!(text.contains("1 ========= Invalid __global__ read of size 16 bytes"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("sanitizer memcheck (kernels)") && l.contains("FAIL(99)")), "{text}");
 }
 
 /// `fastdet run` on the emulated GPU takes the CUDA path end to end (device blending and peak

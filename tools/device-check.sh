@@ -13,6 +13,8 @@
 #      with torch; monai comes from .cache/wheels/ when it is not installed; --skip-torch skips it),
 #   4. writes a synthetic 184x630x630 tomogram and times `fastdet run` on the GPU with the demo
 #      weights and the seed window/tiles (+ `fastdet score` against its ground truth),
+#   4b. with the time left, compute-sanitizer memcheck and racecheck over the self-test's kernel
+#      rows (--no-sanitizer skips them),
 #   5. optionally (--cpu-run) the same `fastdet run` on the CPU for comparison (slow),
 # and ends with a one-screen summary. Every step has a timeout; the whole script stays within
 # --budget seconds (default 450). Logs, JSON reports, compiled kernels and the summary go to OUTDIR
@@ -28,7 +30,7 @@ set -u -o pipefail
 usage() {
     cat <<'EOF'
 usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip-full] [--cpu-run]
-                              [--skip-torch] [--data DIR] [--keep-data] [--pack]
+                              [--skip-torch] [--no-sanitizer] [--data DIR] [--keep-data] [--pack]
 
   OUTDIR            where logs, JSON reports, compiled kernels and summary.txt go (created; small)
   --data DIR        where the synthetic tomogram is written (default $TMPDIR/fastdet-device-check-data;
@@ -38,6 +40,8 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
   --skip-full       skip the full self-test (192x128x128 networks + whole-tomogram check)
   --skip-torch      skip the PyTorch baseline (tools/bench_torch.py); `fastdet bench` still runs
   --cpu-run         also time `fastdet run --device cpu` on the same data (slow: minutes)
+  --no-sanitizer    skip the last steps: compute-sanitizer memcheck and racecheck over the
+                    self-test's kernel rows (run when the tool is there and time is left)
   --pack            at the end, leave only summary-final.txt, results.json, results.md,
                     selftest-quick.log, selftest-full.log and logs.tar.gz (every other log, JSON
                     report and criterion estimate; not the compiled kernels) in OUTDIR
@@ -68,6 +72,7 @@ FULL=1
 CPU_RUN=0
 TORCH_BENCH=1
 PACK=0
+SANITIZE=1
 SHAPE="${FASTDET_CHECK_SHAPE:-184,630,630}"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -80,6 +85,7 @@ while [ $# -gt 0 ]; do
         --cpu-run) CPU_RUN=1; shift ;;
         --skip-torch) TORCH_BENCH=0; shift ;;
         --pack) PACK=1; shift ;;
+        --no-sanitizer) SANITIZE=0; shift ;;
         -*) echo "device-check: unknown option $1" >&2; usage >&2; exit 64 ;;
         *)
             if [ -z "$OUT" ]; then OUT="$1"; shift
@@ -364,6 +370,32 @@ if [ $NO_GPU -eq 0 ]; then
 fi
 
 # ------------------------------------------------------------------------------------------------
+# 3. compute-sanitizer over the self-test's kernel rows, with what time is left: memcheck
+# (out-of-bounds, misaligned and uninitialised-pointer accesses) and racecheck (shared-memory
+# hazards). A finding fails the check; a step the time cut short does not.
+sanitize() {
+    local tool="$1" rc
+    step "sanitizer $tool (kernels)" 150 "$OUT/sanitizer-$tool.log" \
+        "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 30 \
+        "$FASTDET" selftest --device "$DEVICE" --quick --no-networks --no-pipeline
+    rc=$?
+    case $rc in
+        0|124|125|137) ;;
+        *) FAILED=1 ;;
+    esac
+}
+if [ $NO_GPU -eq 0 ] && [ $SANITIZE -eq 1 ]; then
+    SANITIZER="$(command -v compute-sanitizer || true)"
+    if [ -z "$SANITIZER" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ]; then SANITIZER=/usr/local/cuda/bin/compute-sanitizer; fi
+    if [ -n "$SANITIZER" ]; then
+        sanitize memcheck
+        sanitize racecheck
+    else
+        log "sanitizer: skipped (compute-sanitizer not found)"
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------
 # 5. optional CPU run for comparison
 if [ $NO_GPU -eq 0 ] && [ $CPU_RUN -eq 1 ] && [ -d "$DATA" ]; then
     if step "run --device cpu (2 models)" 100000 "$OUT/run-cpu.log" \
@@ -470,6 +502,11 @@ PY
         grep -E '^(note|time): ' "$OUT/$f" | head -12 | sed 's/^/  /'
         grep -E ' FAIL( |$)' "$OUT/$f" | grep -v '^  ' | head -12 | sed 's/^/  FAIL: /'
         grep -E 'timing |CUDA graph replay' "$OUT/$f" | sed 's/^/  /' | cut -c1-240
+    done
+    for f in sanitizer-memcheck.log sanitizer-racecheck.log; do
+        [ -f "$OUT/$f" ] || continue
+        echo "$f: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$f" | tail -1 | sed 's/^=* *//')"
+        grep -E '^=+ +(Invalid|Race|Error|Uninitialized|Misaligned)' "$OUT/$f" | sort | uniq -c | sort -rn | head -6 | sed 's/^/  /'
     done
     for f in run-gpu.log run-cpu.log; do
         [ -f "$OUT/$f" ] || continue
