@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -507,6 +508,39 @@ inline void __trap() {
     fdh::fail("__trap() called");
     fdh::me().wait = fdh::Wait::Done;
     fdh::switch_to(fdh::me().ctx, fdh::g_block->sched);  // never resumed
+}
+
+// Misaligned accesses: a GPU faults on a vector load or store (uint4, float4, __half2...) whose
+// address is not a multiple of its size; x86 does not. The kernels are built for the host with
+// -fsanitize=alignment (src/engine/cuda/host_kernels.rs), whose checks call this handler (weak:
+// one definition per library, whichever translation units include this header), and the launch
+// fails naming the access, as it would on the device.
+struct FdhUbsanLocation {
+    const char* file;
+    unsigned line, column;
+};
+struct FdhUbsanTypeMismatch {
+    FdhUbsanLocation loc;
+    const void* type;
+    unsigned char log_alignment, check_kind;  // layout of the sanitizer's record; kind unused
+};
+extern "C" __attribute__((weak)) void __ubsan_handle_type_mismatch_v1(FdhUbsanTypeMismatch* d, uintptr_t p) {
+    const char* f = d->loc.file ? d->loc.file : "?";
+    for (const char* c = f; *c; ++c)
+        if (*c == '/') f = c + 1;
+    char msg[256];
+    // The translation unit is common.cuh followed by the kernel file (SOURCES in kernels.rs).
+    std::snprintf(msg, sizeof msg, "misaligned access at 0x%llx: needs %u-byte alignment (%s line %u)", (unsigned long long)p,
+                  1u << d->log_alignment, f, d->loc.line);
+    if (fdh::g_block) {
+        fdh::fail(msg);
+    } else {
+        std::fprintf(stderr, "%s\n", msg);
+        std::abort();
+    }
+}
+extern "C" __attribute__((weak)) void __ubsan_handle_type_mismatch_v1_abort(FdhUbsanTypeMismatch* d, uintptr_t p) {
+    __ubsan_handle_type_mismatch_v1(d, p);
 }
 
 inline void __syncthreads() {
