@@ -435,13 +435,28 @@ inline std::string launch(const char* name, dim3 grid, dim3 block, const std::fu
     g_blockDim = block;
     g_gridDim = grid;
     std::string err;
-    for (unsigned z = 0; z < grid.z && err.empty(); ++z)
-        for (unsigned y = 0; y < grid.y && err.empty(); ++y)
-            for (unsigned x = 0; x < grid.x && err.empty(); ++x) {
-                g_blockIdx = uint3{x, y, z};
-                err = run_block(b, threads);
-                if (!err.empty()) err = "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) + "): " + err;
-            }
+    // Blocks in a scrambled order that changes from launch to launch (a GPU runs them in any
+    // order, at once): a kernel whose block reads what another block of the same launch writes
+    // gets a different result here from one launch to the next, instead of the one that
+    // ascending order would always give. Block k of the order is (k * step + start) mod n, step
+    // prime to n.
+    static unsigned long long launches = 0;
+    const unsigned long long n = (unsigned long long)grid.x * grid.y * grid.z, c = launches++;
+    unsigned long long step = 1;
+    for (unsigned long long p : {7919ull, 104729ull, 1299709ull})
+        if (n % p != 0) {
+            step = p % (n ? n : 1);
+            break;
+        }
+    if (step == 0) step = 1;
+    const unsigned long long start = n ? (c * 2654435761ull) % n : 0;
+    for (unsigned long long k = 0; k < n && err.empty(); ++k) {
+        const unsigned long long i = (k * step + start) % n;
+        const unsigned x = (unsigned)(i % grid.x), y = (unsigned)((i / grid.x) % grid.y), z = (unsigned)(i / ((unsigned long long)grid.x * grid.y));
+        g_blockIdx = uint3{x, y, z};
+        err = run_block(b, threads);
+        if (!err.empty()) err = "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) + "): " + err;
+    }
     g_block = saved;
     sigaction(SIGSEGV, &saved_segv, nullptr);
     sigaction(SIGBUS, &saved_bus, nullptr);

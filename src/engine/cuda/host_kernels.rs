@@ -354,6 +354,11 @@ extern "C" __global__ void probe_vector_load(int* out, int shift) {
     }
 }
 
+// Block b's thread 0 writes out[b] = out[b - 1] + 1 (out[0] = 1): a race between blocks.
+extern "C" __global__ void probe_block_chain(int* out) {
+    if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x == 0 ? 1 : out[blockIdx.x - 1] + 1;
+}
+
 extern "C" __global__ void probe_write_past_end(float* out, int n) {
     out[threadIdx.x] = 1.0f;
     if (threadIdx.x == 0) out[n] = 2.0f;
@@ -433,6 +438,23 @@ extern "C" __global__ void probe_write_past_end(float* out, int n) {
         assert!(msg.contains("misaligned access at 0x") && msg.contains("needs 16-byte alignment (probes.cu.cpp line "), "{msg}");
     }
 
+    /// Blocks do not run in ascending order (on a GPU they run in any order, at once): a kernel
+    /// whose blocks read each other's writes does not get the sequential answer.
+    #[test]
+    fn blocks_of_a_launch_run_out_of_order() {
+        let Some(k) = probes() else { return };
+        let chain: Vec<i32> = (1..=64).collect();
+        for _ in 0..2 {
+            let mut out = vec![0; 64];
+            run_i32(&k, "probe_block_chain", (64, 1, 1), (32, 1, 1), &mut out, &[]).unwrap();
+            assert_ne!(out, chain);
+            // Every block ran once: out[0] = 1 and each later slot is its predecessor's value
+            // then, plus one (0 + 1 where that block had not run yet).
+            assert_eq!(out[0], 1);
+            assert!(out.iter().all(|&v| (1..=64).contains(&v)), "{out:?}");
+        }
+    }
+
     /// Warps do not run in step: a warp runs on until it waits at a barrier, so a read of
     /// another warp's shared data without one sees stale values even when warp operations in
     /// between would have kept lock-stepped warps together.
@@ -447,13 +469,14 @@ extern "C" __global__ void probe_write_past_end(float* out, int n) {
         assert_eq!(out[64..], want(1000, 1));
         let mut racy = vec![-1; 128];
         run_i32(&k, "probe_warp_skew", (2, 1, 1), (64, 1, 1), &mut racy, &[Arg::I32(0), Arg::I32(2000)]).unwrap();
-        // Block 0 runs warp 0 first: it reads what the previous launch's block 1 left in warp 1's
+        // Block 0 runs warp 0 first: it reads what the block run before it (the other block, or
+        // the previous launch's last one: blocks run in a scrambled order) left in warp 1's
         // slots; warp 1 then reads warp 0's fresh ones.
-        assert_eq!(racy[..32], want(1000, 1)[..32]);
+        assert!(racy[..32].iter().zip(&want(2000, 0)[..32]).all(|(r, w)| r != w), "{racy:?}");
         assert_eq!(racy[32..64], want(2000, 0)[32..]);
-        // Block 1 runs warp 1 first: it reads block 0's slots of warp 0; warp 0 then reads fresh.
+        // Block 1 runs warp 1 first: it reads stale slots of warp 0; warp 0 then reads fresh.
         assert_eq!(racy[64..96], want(2000, 1)[..32]);
-        assert_eq!(racy[96..], want(2000, 0)[32..]);
+        assert!(racy[96..].iter().zip(&want(2000, 1)[32..]).all(|(r, w)| r != w), "{racy:?}");
     }
 
     #[test]
