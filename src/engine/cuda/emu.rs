@@ -113,6 +113,45 @@ fn check_pointer_args(m: &Mem, args: &[Arg]) -> Result<()> {
     Ok(())
 }
 
+/// The memory a pointer argument reaches: its arena slot, or its whole allocation.
+fn region(m: &Mem, p: u64) -> Option<(u64, u64)> {
+    let (&base, b) = m.blocks.range(..=p).next_back()?;
+    match &b.slots {
+        None => Some((base, base + b.len as u64)),
+        Some(s) => s.range(..=p).next_back().map(|(&start, &bytes)| (start, start + bytes as u64)),
+    }
+}
+
+/// `__restrict__` promises the compiler that nothing else reaches that parameter's memory in
+/// this launch, and a GPU compiler acts on it (a const restrict pointer may be read through the
+/// non-coherent cache, past writes through another pointer); the host compiler far less. So a
+/// restrict parameter sharing its buffer (arena slot, or allocation) with another pointer
+/// parameter, where either may be written (its data is not const), is refused here: on a GPU
+/// it may compute something else.
+fn check_restrict_aliasing(m: &Mem, name: &str, args: &[Arg]) -> Result<()> {
+    let Some(quals) = super::kernels::all_pointer_qualifiers().get(name) else { return Ok(()) };
+    let ptr = |i: usize| match args.get(i) {
+        Some(&Arg::Ptr(p)) if p != 0 => Some(p),
+        _ => None,
+    };
+    for (i, qi) in quals.iter().enumerate() {
+        let (Some(qi), Some(pi)) = (qi, ptr(i)) else { continue };
+        if !qi.restrict {
+            continue;
+        }
+        for (j, qj) in quals.iter().enumerate() {
+            let (Some(qj), Some(pj)) = (qj, ptr(j)) else { continue };
+            if i == j || (qi.const_data && qj.const_data) {
+                continue;
+            }
+            if region(m, pi).is_some() && region(m, pi) == region(m, pj) {
+                bail!("{name}: __restrict__ parameter {i} ({pi:#x}) and parameter {j} ({pj:#x}) reach the same buffer, and one of them may be written");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Typed view of a kernel's argument list.
 struct A<'a>(&'a [Arg]);
 
@@ -311,6 +350,7 @@ impl Emu {
     /// Runs kernel `name`: its own source compiled for the host when this emulator has it, else
     /// the re-implementation below.
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
+        check_restrict_aliasing(&self.mem.lock().unwrap_or_else(|e| e.into_inner()), name, args)?;
         if self.dry {
             let m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
             return check_pointer_args(&m, args);

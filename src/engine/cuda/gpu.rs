@@ -1006,7 +1006,26 @@ impl Pool {
 
 #[cfg(test)]
 mod tests {
-    use super::KernelLoad;
+    use super::{Arg, Gpu, KernelLoad};
+
+    /// On the emulator, a `__restrict__` parameter that shares its buffer with a parameter that
+    /// may be written is refused (a GPU compiler may assume they do not); separate buffers, or
+    /// a plain parameter written in place, are fine.
+    #[test]
+    fn restrict_parameters_sharing_a_written_buffer_are_refused() {
+        let gpu = Gpu::emulator().unwrap();
+        let (x, y) = (gpu.alloc(256).unwrap(), gpu.alloc(256).unwrap());
+        let bias = gpu.alloc(64).unwrap();
+        for b in [&x, &y, &bias] {
+            gpu.zero(b.ptr, b.bytes).unwrap();
+        }
+        // bias_act_f16(const __half* x, __half* y, const float* __restrict__ bias, long long pairs, int C, int act, float p)
+        let args = |x: u64, y: u64, bias: u64| [Arg::Ptr(x), Arg::Ptr(y), Arg::Ptr(bias), Arg::I64(64), Arg::I32(16), Arg::I32(0), Arg::F32(0.0)];
+        gpu.launch("bias_act_f16", (1, 1, 1), (128, 1, 1), &args(x.ptr, y.ptr, bias.ptr)).unwrap();
+        gpu.launch("bias_act_f16", (1, 1, 1), (128, 1, 1), &args(x.ptr, x.ptr, bias.ptr)).unwrap();
+        let e = gpu.launch("bias_act_f16", (1, 1, 1), (128, 1, 1), &args(x.ptr, y.ptr, y.ptr + 128)).unwrap_err();
+        assert!(format!("{e:#}").contains("bias_act_f16: __restrict__ parameter 2") && format!("{e:#}").contains("and parameter 1"), "{e:#}");
+    }
 
     /// The kernels note tells a first start (NVRTC compiled) from a cached one, with its seconds.
     #[test]

@@ -69,6 +69,49 @@ impl ParamKind {
 /// `(name, parameter kinds)` of every `extern "C"` kernel in `source`, in source order. A
 /// parameter of a type the launcher does not know makes the whole list `None` for that kernel.
 pub fn kernel_signatures(source: &str) -> Vec<(String, Option<Vec<ParamKind>>)> {
+    kernel_params(source)
+        .into_iter()
+        .map(|(name, params)| {
+            let kinds = if params.is_empty() { Some(Vec::new()) } else { params.iter().map(|p| ParamKind::parse(p)).collect() };
+            (name, kinds)
+        })
+        .collect()
+}
+
+/// How a pointer parameter is qualified: `__restrict__`, and `const` data (`const T*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PtrQual {
+    pub restrict: bool,
+    pub const_data: bool,
+}
+
+/// Per kernel of `source`, each parameter's pointer qualifiers (`None` for a non-pointer).
+pub fn pointer_qualifiers(source: &str) -> Vec<(String, Vec<Option<PtrQual>>)> {
+    kernel_params(source)
+        .into_iter()
+        .map(|(name, params)| {
+            let quals = params
+                .iter()
+                .map(|p| {
+                    let star = p.find('*')?;
+                    let words = |t: &str| t.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(|w| w == "const");
+                    Some(PtrQual { restrict: p.contains("__restrict__"), const_data: words(&p[..star]) })
+                })
+                .collect();
+            (name, quals)
+        })
+        .collect()
+}
+
+/// The pointer qualifiers of every kernel in `SOURCES`, by kernel name.
+pub fn all_pointer_qualifiers() -> &'static std::collections::HashMap<String, Vec<Option<PtrQual>>> {
+    static ALL: std::sync::OnceLock<std::collections::HashMap<String, Vec<Option<PtrQual>>>> = std::sync::OnceLock::new();
+    ALL.get_or_init(|| SOURCES.iter().flat_map(|(_, src)| pointer_qualifiers(src)).collect())
+}
+
+/// `(name, parameter texts)` of every `extern "C" __global__` kernel in `source` (no parameters:
+/// an empty list).
+fn kernel_params(source: &str) -> Vec<(String, Vec<String>)> {
     let code = strip_comments(source);
     let mut out = Vec::new();
     let mut rest = code.as_str();
@@ -88,12 +131,8 @@ pub fn kernel_signatures(source: &str) -> Vec<(String, Option<Vec<ParamKind>>)> 
         }
         let Some(name) = name else { continue };
         let Some(params) = toks.paren_contents() else { continue };
-        let kinds: Option<Vec<ParamKind>> = if params.trim().is_empty() || params.trim() == "void" {
-            Some(Vec::new())
-        } else {
-            params.split(',').map(ParamKind::parse).collect()
-        };
-        out.push((name.to_string(), kinds));
+        let list = if params.trim().is_empty() || params.trim() == "void" { Vec::new() } else { params.split(',').map(str::to_string).collect() };
+        out.push((name.to_string(), list));
     }
     out
 }
@@ -191,6 +230,19 @@ impl<'a> Tokens<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pointer_qualifiers_read_restrict_and_const_data() {
+        let src = "extern \"C\" __global__ void k(const __half* __restrict__ x, __half* y, float* __restrict__ s, const float* b, int n) {}";
+        let q = |restrict, const_data| Some(PtrQual { restrict, const_data });
+        assert_eq!(pointer_qualifiers(src), vec![("k".to_string(), vec![q(true, true), q(false, false), q(true, false), q(false, true), None])]);
+        // Every kernel of the sources has its entry.
+        for (_, src) in SOURCES {
+            for name in kernel_names(src) {
+                assert!(all_pointer_qualifiers().contains_key(&name), "{name}");
+            }
+        }
+    }
 
     #[test]
     fn parses_plain_and_launch_bounds_kernels() {
