@@ -74,11 +74,12 @@ fn bench_reports_time_and_flops_per_tile() {
 /// arena.
 #[test]
 fn bench_plans_device_memory_without_a_gpu() {
-    let plan = |models: &str, batch: &str| -> serde_json::Value {
-        let o = fastdet().args(["bench", "--plan-memory", "--tile", "32,64,64", "--models", models, "--batch", batch, "--json"]).output().unwrap();
+    let plan_with = |models: &str, batch: &str, extra: &[&str]| -> serde_json::Value {
+        let o = fastdet().args(["bench", "--plan-memory", "--tile", "32,64,64", "--models", models, "--batch", batch, "--json"]).args(extra).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
     };
+    let plan = |models: &str, batch: &str| plan_with(models, batch, &[]);
     let one = plan("1,0", "1");
     let two = plan("2,0", "1");
     let sum = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).sum::<u64>();
@@ -90,6 +91,14 @@ fn bench_plans_device_memory_without_a_gpu() {
     let batch2 = plan("1,0", "2");
     assert!(batch2["arena_bytes"].as_u64().unwrap() > arena);
     assert_eq!(sum(&batch2["outputs_bytes"]), 2 * sum(&one["outputs_bytes"]));
+    // A tomogram blended on the device adds its buffers (at least its f32 volume) to what is
+    // held; blended on the host it adds nothing.
+    assert_eq!(one["tomogram_bytes"], 0);
+    let tomo = plan_with("1,0", "1", &["--tomogram", "40,100,90"]);
+    let t = tomo["tomogram_bytes"].as_u64().unwrap();
+    assert!(t >= 40 * 100 * 90 * 4, "{tomo}");
+    assert_eq!(tomo["held_bytes"].as_u64().unwrap(), one["held_bytes"].as_u64().unwrap() + t);
+    assert_eq!(plan_with("1,0", "1", &["--tomogram", "40,100,90", "--host-blend"])["tomogram_bytes"], 0);
 }
 
 /// `selftest --device cpu` checks the SIMD kernels and the networks on them and says so in JSON.

@@ -1338,14 +1338,20 @@ pub struct MemoryPlan {
     /// The most held at once (the first batch of each model allocates its walk piece by piece
     /// before the arena grows to fit it).
     pub peak: usize,
+    /// With a tomogram: what `fastdet run` holds for it on the device while it blends there
+    /// (the volume, the blend accumulators, one batch's tiles and ensemble sums); included in
+    /// `held` and `peak`. Zero without one.
+    pub tomogram: usize,
 }
 
-pub fn memory_plan(models: &[&Weights], backend: ConvBackend, n: usize, tile: [usize; 3]) -> Result<MemoryPlan> {
-    memory_plan_on(Gpu::emulator_plan()?, models, backend, n, tile)
+/// The device memory of one worker running `models` on batches of `n` tiles of `tile`, and
+/// with `tomogram` (a volume shape, `tile` the window) the buffers for blending it on the device.
+pub fn memory_plan(models: &[&Weights], backend: ConvBackend, n: usize, tile: [usize; 3], tomogram: Option<[usize; 3]>) -> Result<MemoryPlan> {
+    memory_plan_on(Gpu::emulator_plan()?, models, backend, n, tile, tomogram)
 }
 
 /// `memory_plan` on a given device handle (a fresh one: its byte counts are the plan's).
-fn memory_plan_on(gpu: std::sync::Arc<Gpu>, models: &[&Weights], backend: ConvBackend, n: usize, tile: [usize; 3]) -> Result<MemoryPlan> {
+fn memory_plan_on(gpu: std::sync::Arc<Gpu>, models: &[&Weights], backend: ConvBackend, n: usize, tile: [usize; 3], tomogram: Option<[usize; 3]>) -> Result<MemoryPlan> {
     let mut engines = Vec::new();
     let mut weights = Vec::new();
     for w in models {
@@ -1353,6 +1359,20 @@ fn memory_plan_on(gpu: std::sync::Arc<Gpu>, models: &[&Weights], backend: ConvBa
         engines.push(CudaEngine::on(gpu.clone(), w, backend)?);
         weights.push(gpu.memory_live() - before);
     }
+    // As the runner does before a tomogram's first batch: the accumulators, the volume, the
+    // batch's tiles and ensemble sums.
+    let before = gpu.memory_live();
+    let _held_for_the_tomogram = match (tomogram, models.first()) {
+        (Some(shape), Some(w)) => {
+            let mut acc = super::TomogramAccumulator::new(gpu.clone(), w.spec.num_classes, shape, tile, w.spec.stride, 15.0)?;
+            let mut dv = super::DeviceVolume::new(gpu.clone(), &vec![0.0f32; vol(shape)], shape, tile)?;
+            dv.extract(&vec![[0, 0, 0]; n], false)?;
+            acc.begin_batch(n)?;
+            Some((acc, dv))
+        }
+        _ => None,
+    };
+    let tomogram_bytes = gpu.memory_live() - before;
     let input = vec![0.5f32; n * vol(tile) * models.first().map_or(1, |w| w.spec.in_channels)];
     for _ in 0..3 {
         for e in engines.iter_mut() {
@@ -1362,7 +1382,7 @@ fn memory_plan_on(gpu: std::sync::Arc<Gpu>, models: &[&Weights], backend: ConvBa
     }
     let outputs = engines.iter().map(|e| e.outputs.pooled_bytes()).collect();
     let arena = gpu.arena().capacity();
-    Ok(MemoryPlan { arena, weights, outputs, held: gpu.memory_live(), peak: gpu.memory_peak() })
+    Ok(MemoryPlan { arena, weights, outputs, held: gpu.memory_live(), peak: gpu.memory_peak(), tomogram: tomogram_bytes })
 }
 
 impl TileEngine for CudaEngine {
@@ -1708,9 +1728,9 @@ mod tests {
         let (n, tile) = (2, [16, 16, 32]);
         let ws = [Weights::random(&ModelSpec::segresnet(8, 16, 8), 3), Weights::random(&ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8), 4)];
         let refs: Vec<&Weights> = ws.iter().collect();
-        let plan = memory_plan(&refs, ConvBackend::TensorCore, n, tile).unwrap();
+        let plan = memory_plan(&refs, ConvBackend::TensorCore, n, tile, None).unwrap();
         let gpu = Gpu::emulator().unwrap();
-        let run = memory_plan_on(gpu.clone(), &refs, ConvBackend::TensorCore, n, tile).unwrap();
+        let run = memory_plan_on(gpu.clone(), &refs, ConvBackend::TensorCore, n, tile, None).unwrap();
         assert_eq!(plan, run);
         // (`held` is read inside, while the engines live; the arena and the peak outlive them.)
         assert_eq!((run.arena, run.peak), (gpu.arena().capacity(), gpu.memory_peak()));
@@ -1719,7 +1739,19 @@ mod tests {
         let out_bytes = |c: usize| n * c * 8 * 8 * 16 * 4;
         assert_eq!(plan.outputs, vec![out_bytes(ws[0].spec.num_classes) + out_bytes(3), out_bytes(ws[1].spec.num_classes) + out_bytes(3)]);
         assert_eq!(plan.held, plan.arena + plan.weights.iter().sum::<usize>() + plan.outputs.iter().sum::<usize>());
-        assert!(plan.peak >= plan.held);
+        assert!(plan.peak >= plan.held && plan.tomogram == 0);
+
+        // With a tomogram blended on the device: its volume (f32), the accumulators (classes +
+        // 3 offsets + the weight sum, f32, at the stride-2 grid), the tile weights, and for the
+        // batch the tiles (f16), their origins and the ensemble sums, on top of the same rest.
+        let shape = [20, 40, 70];
+        let with = memory_plan(&refs, ConvBackend::TensorCore, n, tile, Some(shape)).unwrap();
+        let (nc, grid, out_tile) = (ws[0].spec.num_classes, 10 * 20 * 35, 8 * 8 * 16);
+        let accumulators = (nc + 3 + 1) * grid * 4 + out_tile * 4;
+        let batch = n * vol(tile) * 2 + n * 3 * 4 + n * (nc + 3) * out_tile * 4 + n * 3 * 4;
+        assert_eq!(with.tomogram, 20 * 40 * 70 * 4 + accumulators + batch, "{with:?}");
+        assert_eq!(with.held, plan.held + with.tomogram);
+        assert!(with.peak >= with.held);
     }
 
     /// `forward_device` leaves on the device exactly what `forward` returns, and its buffers go
