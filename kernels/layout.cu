@@ -7,9 +7,13 @@
 // ncdhw_f32_to_ndhwc_f16: dst[n, v, c] = fp16(src[n, c, v]) (round to nearest even).
 // ndhwc_f16_to_ncdhw_f32: dst[n, c, v] = f32(src[n, v, c]) (exact).
 //   Both: 32 x 32 tiles through shared memory; block (32, 8); grid (ceil(vol / 32), ceil(C / 32), N).
-// extract_tiles_f16: dst[t, z, y, x] = fp16(volume[o + (z, y, x)]) for the T windows with voxel
-//   origins o = origins[t] (z, y, x), 0 where o + (z, y, x) is past the volume's end; dst is
-//   [T, WD, WH, WW] = NDHWC with C = 1. grid (any, T); grid-stride over one window.
+// f32_to_f16: dst[i] = fp16(src[i]) (round to nearest even), i < n. Any grid / block size
+//   (grid-stride). Stores the normalised volume on the device in fp16 (half the memory), chunk by
+//   chunk through an f32 staging buffer.
+// extract_tiles_f16: dst[t, z, y, x] = volume[o + (z, y, x)] for the T windows with voxel origins
+//   o = origins[t] (z, y, x), 0 where o + (z, y, x) is past the volume's end; the volume is fp16
+//   (f32_to_f16 of the normalised f32 volume), so the tiles are exactly fp16 of the f32 tiles.
+//   dst is [T, WD, WH, WW] = NDHWC with C = 1. grid (any, T); grid-stride over one window.
 // copy_channels_f16: dst[r, c_off + c] = src[r, c] for rows r < `rows` (= N * vol voxels) and
 //   c < Cs, dst holding Cd channels per row: one input of the CPU engine's Concat op
 //   (src/engine/cpu/mod.rs, OpKind::Concat writes [inputs[0], inputs[1]] per sample) written into
@@ -66,7 +70,12 @@ ndhwc_f16_to_ncdhw_f32(const __half* __restrict__ src, float* __restrict__ dst, 
     }
 }
 
-extern "C" __global__ void extract_tiles_f16(const float* __restrict__ volume, int D, int H, int W,
+extern "C" __global__ void f32_to_f16(const float* __restrict__ src, __half* __restrict__ dst, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        dst[i] = __float2half_rn(src[i]);
+}
+
+extern "C" __global__ void extract_tiles_f16(const __half* __restrict__ volume, int D, int H, int W,
                                              const int* __restrict__ origins, int WD, int WH, int WW,
                                              __half* __restrict__ dst) {
     const int t = blockIdx.y;
@@ -79,9 +88,9 @@ extern "C" __global__ void extract_tiles_f16(const float* __restrict__ volume, i
         const int y = (int)((i / WW) % WH);
         const int z = (int)(i / ((long long)WW * WH));
         const long long gz = (long long)oz + z, gy = (long long)oy + y, gx = (long long)ox + x;
-        float v = 0.0f;
+        __half v = __float2half_rn(0.0f);
         if (gz < D && gy < H && gx < W) v = volume[((size_t)gz * H + gy) * W + gx];
-        d[i] = __float2half_rn(v);
+        d[i] = v;
     }
 }
 

@@ -418,11 +418,16 @@ impl Emu {
                     self.wf32(dst, &y)
                 }
             }
+            "f32_to_f16" => {
+                let n = a.u(2);
+                let x = self.rf32(a.p(0), n)?;
+                self.wf16(a.p(1), &x)
+            }
             "extract_tiles_f16" => {
                 let (d, h, w) = (a.u(1), a.u(2), a.u(3));
                 let (wd, wh, ww) = (a.u(5), a.u(6), a.u(7));
                 let t = gy;
-                let volume = self.rf32(a.p(0), d * h * w)?;
+                let volume = self.rf16(a.p(0), d * h * w)?;
                 let origins = self.ri32(a.p(4), 3 * t)?;
                 let wvol = wd * wh * ww;
                 let mut out = vec![0.0; t * wvol];

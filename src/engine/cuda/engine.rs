@@ -1741,7 +1741,7 @@ mod tests {
         assert_eq!(plan.held, plan.arena + plan.weights.iter().sum::<usize>() + plan.outputs.iter().sum::<usize>());
         assert!(plan.peak >= plan.held && plan.tomogram == 0);
 
-        // With a tomogram blended on the device: its volume (f32), the accumulators (classes +
+        // With a tomogram blended on the device: its volume (fp16), the accumulators (classes +
         // 3 offsets + the weight sum, f32, at the stride-2 grid), the tile weights, and for the
         // batch the tiles (f16), their origins and the ensemble sums, on top of the same rest.
         let shape = [20, 40, 70];
@@ -1749,9 +1749,10 @@ mod tests {
         let (nc, grid, out_tile) = (ws[0].spec.num_classes, 10 * 20 * 35, 8 * 8 * 16);
         let accumulators = (nc + 3 + 1) * grid * 4 + out_tile * 4;
         let batch = n * vol(tile) * 2 + n * 3 * 4 + n * (nc + 3) * out_tile * 4 + n * 3 * 4;
-        assert_eq!(with.tomogram, 20 * 40 * 70 * 4 + accumulators + batch, "{with:?}");
+        assert_eq!(with.tomogram, 20 * 40 * 70 * 2 + accumulators + batch, "{with:?}");
         assert_eq!(with.held, plan.held + with.tomogram);
-        assert!(with.peak >= with.held);
+        // The f32 staging of the volume's upload (the whole small volume here) is gone after it.
+        assert!(with.peak >= with.held - batch + 20 * 40 * 70 * 4, "{with:?}");
     }
 
     /// `forward_device` leaves on the device exactly what `forward` returns, and its buffers go

@@ -69,7 +69,15 @@ fn transpose(g: &Gpu, kernel: &str, src: u64, dst: u64, n: usize, c: usize, vol:
     g.launch(kernel, grid, (32, 8, 1), &[Arg::Ptr(src), Arg::Ptr(dst), Arg::I32(c as i32), Arg::I64(vol as i64)])
 }
 
-/// `t` windows of `window` voxels at the voxel origins `origins` (device `[t, 3]` i32) of the f32
+/// `dst[i] = fp16(src[i])` for `n` values (round to nearest even).
+pub fn f32_to_f16(g: &Gpu, src: u64, dst: u64, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    g.launch("f32_to_f16", (gs_blocks(n, 256), 1, 1), (256, 1, 1), &[Arg::Ptr(src), Arg::Ptr(dst), Arg::I64(n as i64)])
+}
+
+/// `t` windows of `window` voxels at the voxel origins `origins` (device `[t, 3]` i32) of the fp16
 /// volume `dims`, zero past the end, into fp16 `dst [t, window]`.
 pub fn extract_tiles(g: &Gpu, volume: u64, dims: [usize; 3], origins: u64, t: usize, window: [usize; 3], dst: u64) -> Result<()> {
     if t == 0 {

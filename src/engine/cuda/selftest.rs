@@ -452,10 +452,25 @@ fn layout_cases(c: &mut Ctx) {
     let vd = [37, 41, 43];
     let window = [16, 20, 24];
     let shape = format!("{} in {}", shape_str(&window), shape_str(&vd));
+    c.case("f32_to_f16", &shape_str(&vd), |c| {
+        // Ties, fp16's largest value, a subnormal and an underflow round as the host's
+        // f16::from_f32 does (round to nearest even).
+        let mut x = c.rand(vol(vd), -1.0, 1.0);
+        for (i, v) in [1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 65504.0, 3e-6, -1e-8].into_iter().enumerate() {
+            x[i * 7] = v;
+        }
+        let (src, dst) = (c.up32(&x)?, c.gpu.alloc(x.len() * 2)?);
+        ops::f32_to_f16(&c.gpu, src.ptr, dst.ptr, x.len())?;
+        let got = c.rd16(&dst, x.len())?;
+        let want: Vec<f32> = x.iter().map(|&v| r16(v)).collect();
+        c.cmp("f32_to_f16", &shape_str(&vd), &got, &want, TOL_EXACT);
+        Ok(())
+    });
     c.case("extract_tiles_f16", &shape, |c| {
         let volume = c.rand(vol(vd), -1.0, 1.0);
         let origins: Vec<[usize; 3]> = vec![[0, 0, 0], [21, 21, 19], [30, 35, 40], [36, 40, 42]];
-        let vb = c.up32(&volume)?;
+        // The volume as DeviceVolume keeps it: fp16.
+        let vb = c.up16(&volume)?;
         let ob = c.gpu.upload(&origins.iter().flat_map(|o| o.map(|x| x as i32)).collect::<Vec<i32>>())?;
         let wv = vol(window);
         let dst = c.gpu.alloc(origins.len() * wv * 2)?;
