@@ -10,7 +10,8 @@
 #   tools/slim-tree.sh off            restore the index, the exclude file and the hooks
 #   tools/slim-tree.sh status [PATH...]
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+cd "$(dirname "$SELF")/.."
 
 SLIM_PATHS=(tests/fixtures)
 GIT_DIR="$(git rev-parse --git-dir)"
@@ -87,7 +88,7 @@ EOF
         report "$@"
         ;;
     *)
-        sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,11p' "$SELF" | sed 's/^# \{0,1\}//'
         exit 64
         ;;
 esac
