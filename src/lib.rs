@@ -4,6 +4,11 @@
 //! tomogram → [`io`] → [`pipeline`] (tiling, engine, blending, detection) → picks → [`io`] writers,
 //! and [`metric`] scores picks against ground truth.
 
+/// The git commit this build comes from (build.rs; "unknown" outside a git checkout).
+pub const COMMIT: &str = env!("FASTDET_COMMIT");
+/// What `fastdet --version` prints after the name, e.g. "0.1.0 (commit 1a2b3c4)".
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("FASTDET_COMMIT"), ")");
+
 pub mod particles;
 pub mod pickle;
 pub mod checkpoint;

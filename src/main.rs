@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "fastdet", version, about = "Find protein complexes in cryo-ET tomograms with SegResNet / DynUNet point detectors")]
+#[command(name = "fastdet", version = fastdet::VERSION, about = "Find protein complexes in cryo-ET tomograms with SegResNet / DynUNet point detectors")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -22,6 +22,19 @@ fn help_lists_every_subcommand() {
     }
 }
 
+/// `--version` names the commit the binary was built from (its logs travel without the checkout):
+/// the checkout's HEAD when built in one.
+#[test]
+fn version_names_the_commit() {
+    let o = fastdet().arg("--version").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), format!("fastdet {} (commit {})\n", env!("CARGO_PKG_VERSION"), fastdet::COMMIT));
+    let head = Command::new("git").arg("-C").arg(root()).args(["rev-parse", "--short=7", "HEAD"]).output();
+    match head {
+        Ok(h) if h.status.success() => assert_eq!(fastdet::COMMIT, String::from_utf8_lossy(&h.stdout).trim()),
+        _ => println!("SKIP version_names_the_commit's HEAD check: not a git checkout"),
+    }
+}
+
 /// `bench --json` times the seed architectures: one entry per model, FLOPs equal to `inspect`'s for
 /// that tile, positive times; a weights file is timed too; `--tomogram` times the pipeline; a tile
 /// the network cannot take is refused.

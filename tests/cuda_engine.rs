@@ -386,6 +386,14 @@ fn results_json_reads_the_benches_the_binary_writes() {
     // No PyTorch figures, no floor: nulls, not invented numbers.
     assert!(r["floor_s"].is_null() && r["card"].is_null() && r["tomogram_host_blend_s"].is_null());
     assert!(r["tile"]["dynunet"]["floor_ms"].is_null());
+    assert_eq!(r["commit"], "abc", "--commit wins");
+    // Without --commit: the commit the binary was built from, as its JSON names it.
+    assert_eq!(tile["fastdet_commit"], fastdet::COMMIT);
+    let o = Command::new("python3").arg(root.join("tools/results_json.py")).arg(tmp.path()).output().unwrap();
+    let named: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    if fastdet::COMMIT != "unknown" {
+        assert_eq!(named["commit"], fastdet::COMMIT);
+    }
 
     // With a PyTorch baseline (its JSON as tools/bench_torch.py writes it): floors, speed-ups and
     // the RESULTS.md section.

@@ -126,6 +126,9 @@ def assemble(d, commit, date):
         tile[arch] = row
     if fd and torch and list(fd.get("tile", [])) != list(torch.get("tile", [])):
         print(f"results_json: tiles differ (fastdet {fd.get('tile')}, torch {torch.get('tile')}); the tile table is not a comparison", file=sys.stderr)
+    # The commit the benchmarked binary names (its JSON), else git where this runs.
+    commit = commit or next((j["fastdet_commit"] for j in (fd, fd_tc, tomo, tomo_hb) if j and j.get("fastdet_commit") not in (None, "unknown")), None) \
+        or git_commit()
     flops = tomo.get("flops_per_tomogram") if tomo else None
     mems = [m.get("device_memory_peak_mib") for m in (fd or {}).get("models", []) if m.get("device_memory_peak_mib") is not None]
     return {
@@ -209,7 +212,7 @@ def markdown(doc):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", help="the device check's output directory")
-    ap.add_argument("--commit", help="fastdet commit the binary was built from (default: git here)")
+    ap.add_argument("--commit", help="fastdet commit the binary was built from (default: the one its bench JSON names, else git here)")
     ap.add_argument("--date", help="date of the run (default: today, UTC)")
     ap.add_argument("-o", "--out", help="write here (default: stdout)")
     ap.add_argument("--markdown", action="store_true", help="print the RESULTS.md section instead of JSON")
@@ -217,7 +220,7 @@ def main():
     if not os.path.isdir(a.dir):
         print(f"results_json: {a.dir} is not a directory", file=sys.stderr)
         return 64
-    doc = assemble(a.dir, a.commit or git_commit(), a.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat())
+    doc = assemble(a.dir, a.commit, a.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat())
     text = markdown(doc) if a.markdown else json.dumps(doc, indent=2) + "\n"
     if a.out:
         tmp = a.out + ".tmp"

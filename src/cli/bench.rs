@@ -213,7 +213,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             .collect();
         let doc = serde_json::json!({
             "device": device.to_string(), "tile": tile, "batch": a.batch, "iters": a.iters,
-            "warmup": a.warmup, "cpu_threads": threads, "fastdet_version": env!("CARGO_PKG_VERSION"),
+            "warmup": a.warmup, "cpu_threads": threads, "fastdet_version": env!("CARGO_PKG_VERSION"), "fastdet_commit": fastdet::COMMIT,
             "models": items,
             "cold_start_s": cold_start_s, "kernel_load": kernel_load.map(kernel_load_json),
         });
@@ -359,7 +359,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
             "models": {"segresnetv2": n_seg, "dynunet": n_dyn}, "batch": a.batch,
             "device_blend": blended_on_device,
             "iters": a.iters, "warmup": a.warmup, "cpu_threads": rayon::current_num_threads(),
-            "fastdet_version": env!("CARGO_PKG_VERSION"),
+            "fastdet_version": env!("CARGO_PKG_VERSION"), "fastdet_commit": fastdet::COMMIT,
             "s_per_tomogram": med, "s_min": secs[0], "s_max": secs[secs.len() - 1], "times_s": secs,
             "upload_s": upload, "infer_s": infer, "blend_s": blend, "detect_s": detect,
             "flops_per_tomogram": flops, "tflops": flops as f64 * 1e-12 / med,

@@ -95,7 +95,7 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     o.network_tile = a.tile;
     o.pipeline_weights = a.weights.clone();
     o.pipeline_shape = a.shape;
-    println!("fastdet selftest on {device}{}", if a.quick { " (quick)" } else { "" });
+    println!("fastdet {} selftest on {device}{}", fastdet::VERSION, if a.quick { " (quick)" } else { "" });
     println!("{}", Row::header());
     let t0 = std::time::Instant::now();
     let report = selftest::run(&o, &mut |row| {
@@ -118,7 +118,7 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
 
 /// `--device cpu`: the CPU engine's SIMD kernels against their twins.
 fn cpu_selftest(a: &SelftestArgs) -> Result<ExitCode> {
-    println!("fastdet selftest on cpu{}", if a.quick { " (quick)" } else { "" });
+    println!("fastdet {} selftest on cpu{}", fastdet::VERSION, if a.quick { " (quick)" } else { "" });
     println!("{}", Row::header());
     let t0 = std::time::Instant::now();
     let report = fastdet::engine::cpu::selftest::run(a.seed, a.quick, &mut |row| {
@@ -153,7 +153,13 @@ fn report_end(report: &selftest::Report, t0: std::time::Instant, json: Option<&P
         }
     }
     if let Some(p) = json {
-        write_json(p, &selftest::to_json(report)?)?;
+        // The report, and the build it comes from (its logs travel without the checkout).
+        let mut doc: serde_json::Value = serde_json::from_str(&selftest::to_json(report)?)?;
+        if let Some(m) = doc.as_object_mut() {
+            m.insert("fastdet_version".into(), env!("CARGO_PKG_VERSION").into());
+            m.insert("fastdet_commit".into(), fastdet::COMMIT.into());
+        }
+        write_json(p, &serde_json::to_string_pretty(&doc)?)?;
         println!("wrote {}", p.display());
     }
     Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
