@@ -136,7 +136,7 @@ case "$cmd" in
   --version) echo "fastdet 0.0.0 (stand-in)" ;;
   selftest)
     mkdir -p "$FASTDET_KERNEL_CACHE" && echo cubin > "$FASTDET_KERNEL_CACHE/conv_tc.sm_90.cubin"
-    while [ $# -gt 0 ]; do [ "$1" = --json ] && echo '{"passed": true, "notes": ["kernels: sm_90 from NVRTC 13.0 (cache k; 13 files, 13 compiled by NVRTC in 21.5 s, loaded in 22.0 s)"]}' > "$2"; shift; done
+    while [ $# -gt 0 ]; do [ "$1" = --json ] && echo '{"passed": true, "device": "cuda:0 Stand-in H200 (sm_90, 132 SMs, 139.8 GiB), driver CUDA 13.0", "notes": ["kernels: sm_90 from NVRTC 13.0 (cache k; 13 files, 13 compiled by NVRTC in 21.5 s, loaded in 22.0 s)"]}' > "$2"; shift; done
     echo "selftest PASSED: 3 passed, 0 failed, 0 skipped in 0.1 s on a stand-in" ;;
   bench)
     case "$*" in
@@ -252,6 +252,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_fused_ms"], 5.0);
     assert_eq!(r["blocks"]["32ch_8x8x8"]["tc_fused_ms"], 1.5);
     assert_eq!(r["tile_criterion"]["dynunet"]["tc_wide_ms"], 4.25);
+    assert_eq!(r["card"], "Stand-in H200", "the card from the self-test's device when PyTorch did not run");
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(md.contains("| segresnetv2 | – | – | 5.00 ms | 5.00 ms |") && md.contains("| dynunet | – | – | – | – | – | – | – | – |"), "{md}");
     assert_eq!(r["tomogram_s"], 1.5);

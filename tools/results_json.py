@@ -99,6 +99,15 @@ def first_start_nvrtc_s(d):
     return None
 
 
+def card_from_selftest(d):
+    """The GPU's name as the self-test describes its device ("cuda:0 NAME (sm_90, ...), driver ...")."""
+    for f in ("selftest-full.json", "selftest-quick.json"):
+        m = re.match(r"cuda:\d+ (.+?) \(sm_\d+", (load(os.path.join(d, f)) or {}).get("device") or "")
+        if m:
+            return m.group(1)
+    return None
+
+
 def assemble(d, commit, date):
     fd = load(os.path.join(d, "bench-fastdet.json"))
     fd_tc = load(os.path.join(d, "bench-fastdet-tc.json"))
@@ -132,7 +141,7 @@ def assemble(d, commit, date):
     flops = tomo.get("flops_per_tomogram") if tomo else None
     mems = [m.get("device_memory_peak_mib") for m in (fd or {}).get("models", []) if m.get("device_memory_peak_mib") is not None]
     return {
-        "card": (torch or {}).get("card"),
+        "card": (torch or {}).get("card") or card_from_selftest(d),
         "commit": commit,
         "date": date,
         "tile": tile,
