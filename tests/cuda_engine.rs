@@ -255,6 +255,8 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert_eq!(r["card"], "Stand-in H200", "the card from the self-test's device when PyTorch did not run");
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(md.contains("| segresnetv2 | – | – | 5.00 ms | 5.00 ms |") && md.contains("| dynunet | – | – | – | – | – | – | – | – |"), "{md}");
+    // The full self-test's log closes the section, command line and all.
+    assert!(md.contains("Self-test log (selftest-full.log") && md.contains("```text\n# ") && md.contains("selftest PASSED: 3 passed"), "{md}");
     assert_eq!(r["tomogram_s"], 1.5);
     assert_eq!(r["tomogram_host_blend_s"], 2.5);
     assert_eq!(r["first_start_nvrtc_s"], 21.5);

@@ -218,6 +218,20 @@ def markdown(doc):
     return "\n".join(out) + "\n"
 
 
+def selftest_section(d):
+    """The self-test's log for RESULTS.md (the full one, else the quick one): every row, its header
+    (build, device) and its command and start time, as the device check wrote them."""
+    for name in ("selftest-full.log", "selftest-quick.log"):
+        path = os.path.join(d, name)
+        try:
+            with open(path) as f:
+                log = f.read().rstrip("\n")
+        except OSError:
+            continue
+        return "\n".join(["", f"Self-test log ({name}, as the device check wrote it):", "", "```text", log, "```"]) + "\n"
+    return ""
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", help="the device check's output directory")
@@ -230,7 +244,7 @@ def main():
         print(f"results_json: {a.dir} is not a directory", file=sys.stderr)
         return 64
     doc = assemble(a.dir, a.commit, a.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat())
-    text = markdown(doc) if a.markdown else json.dumps(doc, indent=2) + "\n"
+    text = markdown(doc) + selftest_section(a.dir) if a.markdown else json.dumps(doc, indent=2) + "\n"
     if a.out:
         tmp = a.out + ".tmp"
         with open(tmp, "w") as f:
