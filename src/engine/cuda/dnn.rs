@@ -62,7 +62,8 @@ impl Dnn {
             unsafe { result::set_stream(dnn.handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| anyhow!("cudnnSetStream: {e}"))?;
             Ok(dnn)
         })?;
-        dnn.probe(gpu)?;
+        // guard: a symbol missing from the library panics inside cudarc's loader.
+        guard("probing cuDNN", || dnn.probe(gpu))?;
         Ok(dnn)
     }
 
