@@ -62,8 +62,19 @@ impl Dnn {
             unsafe { result::set_stream(dnn.handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| anyhow!("cudnnSetStream: {e}"))?;
             Ok(dnn)
         })?;
-        // guard: a symbol missing from the library panics inside cudarc's loader.
-        guard("probing cuDNN", || dnn.probe(gpu))?;
+        // Once per device and process (every engine opens a handle; the libraries are the same):
+        // later handles take the first probe's answer. guard: a symbol missing from the library
+        // panics inside cudarc's loader.
+        static PROBED: std::sync::Mutex<Vec<(usize, Result<(), String>)>> = std::sync::Mutex::new(Vec::new());
+        let mut probed = PROBED.lock().unwrap_or_else(|e| e.into_inner());
+        let ordinal = gpu.info.ordinal;
+        if !probed.iter().any(|(o, _)| *o == ordinal) {
+            let r = guard("probing cuDNN", || dnn.probe(gpu)).map_err(|e| format!("{e:#}"));
+            probed.push((ordinal, r));
+        }
+        if let Some((_, Err(msg))) = probed.iter().find(|(o, _)| *o == ordinal) {
+            bail!("{msg}");
+        }
         Ok(dnn)
     }
 
