@@ -370,7 +370,7 @@ if [ $NO_GPU -eq 0 ]; then
 fi
 
 # ------------------------------------------------------------------------------------------------
-# 3. compute-sanitizer over the self-test's kernel rows, with what time is left: memcheck
+# 4b. compute-sanitizer over the self-test's kernel rows, with what time is left: memcheck
 # (out-of-bounds, misaligned and uninitialised-pointer accesses) and racecheck (shared-memory
 # hazards). A finding fails the check; a step the time cut short does not.
 sanitize() {
@@ -531,7 +531,7 @@ cat "$OUT/summary-final.txt"
 # --pack: the few files a size- and count-limited copy-back takes, everything else in one archive.
 PACK_KEEP="summary-final.txt results.json results.md selftest-quick.log selftest-full.log"
 pack_outdir() {
-    local tmp f keep
+    local tmp f
     tmp="$(mktemp -d)" || return 1
     # 15 MiB at most: without the criterion estimates if the whole is larger.
     tar -C "$OUT" --exclude=./kernel-cache -czf "$tmp/logs.tar.gz" . || return 1
@@ -540,9 +540,7 @@ pack_outdir() {
     fi
     for f in "$OUT"/* "$OUT"/.[!.]*; do
         [ -e "$f" ] || continue
-        keep=0
-        case " $PACK_KEEP " in *" $(basename "$f") "*) keep=1 ;; esac
-        [ $keep -eq 1 ] || rm -rf "$f"
+        case " $PACK_KEEP " in *" $(basename "$f") "*) ;; *) rm -rf "$f" ;; esac
     done
     mv "$tmp/logs.tar.gz" "$OUT/logs.tar.gz" && rmdir "$tmp"
 }

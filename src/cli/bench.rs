@@ -275,14 +275,16 @@ fn plan_memory(a: &BenchArgs) -> Result<ExitCode> {
     let [n_seg, n_dyn] = a.models;
     let weights: Vec<Weights> = seed_ensemble(a.models, a.tile)?.map(|m| m.map(|(w, _)| w)).collect::<Result<_>>()?;
     let refs: Vec<&Weights> = weights.iter().collect();
-    let p = memory_plan(&refs, ConvBackend::TensorCore, a.batch, a.tile, a.tomogram.filter(|_| !a.host_blend))?;
+    // The tomogram's buffers count only where it is blended on the device.
+    let tomogram = a.tomogram.filter(|_| !a.host_blend);
+    let p = memory_plan(&refs, ConvBackend::TensorCore, a.batch, a.tile, tomogram)?;
     let mib = |b: usize| b as f64 / 1048576.0;
     let tile = format!("{}x{}x{}", a.tile[0], a.tile[1], a.tile[2]);
     if a.json {
         let doc = serde_json::json!({
             "models": {"segresnetv2": n_seg, "dynunet": n_dyn}, "tile": a.tile, "batch": a.batch,
             "backend": "tensor-core", "arena_bytes": p.arena, "weights_bytes": p.weights, "outputs_bytes": p.outputs,
-            "held_bytes": p.held, "peak_bytes": p.peak, "tomogram": a.tomogram.filter(|_| !a.host_blend), "tomogram_bytes": p.tomogram,
+            "held_bytes": p.held, "peak_bytes": p.peak, "tomogram": tomogram, "tomogram_bytes": p.tomogram,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -290,13 +292,13 @@ fn plan_memory(a: &BenchArgs) -> Result<ExitCode> {
         println!("  activation arena (shared)  {:8.1} MiB", mib(p.arena));
         println!("  weights                    {:8.1} MiB", mib(p.weights.iter().sum()));
         println!("  outputs                    {:8.1} MiB", mib(p.outputs.iter().sum()));
-        if let Some(shape) = a.tomogram.filter(|_| !a.host_blend) {
+        if let Some(shape) = tomogram {
             println!("  tomogram {:>17} {:8.1} MiB (volume, blend accumulators, the batch's tiles and sums)", format!("{}x{}x{}", shape[0], shape[1], shape[2]), mib(p.tomogram));
         }
         println!("  held after the walks       {:8.1} MiB ({:.2} GiB)", mib(p.held), p.held as f64 / (1u64 << 30) as f64);
         println!("  peak                       {:8.1} MiB ({:.2} GiB)", mib(p.peak), p.peak as f64 / (1u64 << 30) as f64);
         println!("fastdet's buffers, from the allocator (walked on an emulator that runs no kernel); cuDNN's workspace and");
-        if a.tomogram.is_some() && !a.host_blend {
+        if tomogram.is_some() {
             println!("the CUDA context come on top.");
         } else {
             println!("the CUDA context come on top, and with --tomogram SHAPE (blending on the device) the tomogram's buffers.");

@@ -154,7 +154,7 @@ fn report_end(report: &selftest::Report, t0: std::time::Instant, json: Option<&P
     }
     if let Some(p) = json {
         // The report, and the build it comes from (its logs travel without the checkout).
-        let mut doc: serde_json::Value = serde_json::from_str(&selftest::to_json(report)?)?;
+        let mut doc = serde_json::to_value(report)?;
         if let Some(m) = doc.as_object_mut() {
             m.insert("fastdet_version".into(), env!("CARGO_PKG_VERSION").into());
             m.insert("fastdet_commit".into(), fastdet::COMMIT.into());

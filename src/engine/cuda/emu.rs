@@ -136,15 +136,13 @@ fn check_restrict_aliasing(m: &Mem, name: &str, args: &[Arg]) -> Result<()> {
     };
     for (i, qi) in quals.iter().enumerate() {
         let (Some(qi), Some(pi)) = (qi, ptr(i)) else { continue };
-        if !qi.restrict {
-            continue;
-        }
+        let Some(ri) = region(m, pi).filter(|_| qi.restrict) else { continue };
         for (j, qj) in quals.iter().enumerate() {
             let (Some(qj), Some(pj)) = (qj, ptr(j)) else { continue };
             if i == j || (qi.const_data && qj.const_data) {
                 continue;
             }
-            if region(m, pi).is_some() && region(m, pi) == region(m, pj) {
+            if region(m, pj) == Some(ri) {
                 bail!("{name}: __restrict__ parameter {i} ({pi:#x}) and parameter {j} ({pj:#x}) reach the same buffer, and one of them may be written");
             }
         }

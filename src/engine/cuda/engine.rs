@@ -1364,7 +1364,8 @@ fn memory_plan_on(gpu: std::sync::Arc<Gpu>, models: &[&Weights], backend: ConvBa
     let before = gpu.memory_live();
     let _held_for_the_tomogram = match (tomogram, models.first()) {
         (Some(shape), Some(w)) => {
-            let mut acc = super::TomogramAccumulator::new(gpu.clone(), w.spec.num_classes, shape, tile, w.spec.stride, 15.0)?;
+            let sigma = crate::pipeline::runner::Settings::default().blend_sigma;
+            let mut acc = super::TomogramAccumulator::new(gpu.clone(), w.spec.num_classes, shape, tile, w.spec.stride, sigma)?;
             let mut dv = super::DeviceVolume::new(gpu.clone(), &vec![0.0f32; vol(shape)], shape, tile)?;
             dv.extract(&vec![[0, 0, 0]; n], false)?;
             acc.begin_batch(n)?;

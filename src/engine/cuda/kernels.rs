@@ -71,10 +71,7 @@ impl ParamKind {
 pub fn kernel_signatures(source: &str) -> Vec<(String, Option<Vec<ParamKind>>)> {
     kernel_params(source)
         .into_iter()
-        .map(|(name, params)| {
-            let kinds = if params.is_empty() { Some(Vec::new()) } else { params.iter().map(|p| ParamKind::parse(p)).collect() };
-            (name, kinds)
-        })
+        .map(|(name, params)| (name, params.iter().map(|p| ParamKind::parse(p)).collect()))
         .collect()
 }
 
@@ -94,8 +91,8 @@ pub fn pointer_qualifiers(source: &str) -> Vec<(String, Vec<Option<PtrQual>>)> {
                 .iter()
                 .map(|p| {
                     let star = p.find('*')?;
-                    let words = |t: &str| t.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(|w| w == "const");
-                    Some(PtrQual { restrict: p.contains("__restrict__"), const_data: words(&p[..star]) })
+                    let const_data = p[..star].split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(|w| w == "const");
+                    Some(PtrQual { restrict: p.contains("__restrict__"), const_data })
                 })
                 .collect();
             (name, quals)

@@ -1556,10 +1556,6 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
     });
 }
 
-/// The report as JSON.
-pub fn to_json(r: &Report) -> Result<String> {
-    serde_json::to_string_pretty(r).context("serialising the self-test report")
-}
 
 /// Checks that the CLI's target exists; the "no GPU" answer for the CLI's exit code 2.
 pub fn check_target(t: Target) -> Result<String> {
@@ -1672,6 +1668,6 @@ mod tests {
         assert!(fails.is_empty(), "{}", fails.join("\n"));
         assert!(r.rows.iter().any(|x| x.name.starts_with("pipeline detections") && x.status == Status::Pass));
         assert_eq!(r.rows.iter().filter(|x| x.name.starts_with("pipeline device blend") && x.status == Status::Pass).count(), 3);
-        assert!(to_json(&r).unwrap().contains("\"status\": \"PASS\""));
+        assert!(serde_json::to_string_pretty(&r).unwrap().contains("\"status\": \"PASS\""));
     }
 }

@@ -265,6 +265,9 @@ impl TomogramAccumulator {
     }
 }
 
+/// Voxels converted per step when a volume is stored (16 MiB of f32 staging).
+pub const STAGING_VOXELS: usize = 1 << 22;
+
 /// A tomogram's normalised volume on the device (uploaded once) and the current batch's network
 /// input cut from it there, shared by every model of the ensemble: `ops::extract_tiles` writes
 /// the tiles straight into the engines' input layout (`[n, window]` fp16 = NDHWC with one
@@ -281,9 +284,6 @@ impl TomogramAccumulator {
 /// the view's permutation through `ensemble_accumulate_view_f32` into zeros (`0 + x == x`; the
 /// normalised volume has no negative zeros), → fp16 (exact, the values came from fp16): the same
 /// values as the host's `View::forward` of the f32 tiles then converted to fp16.
-/// Voxels converted per step when a volume is stored (16 MiB of f32 staging).
-pub const STAGING_VOXELS: usize = 1 << 22;
-
 pub struct DeviceVolume {
     gpu: Arc<Gpu>,
     volume: DevBuf,
