@@ -87,11 +87,12 @@ fn bench_reports_time_and_flops_per_tile() {
 /// arena.
 #[test]
 fn bench_plans_device_memory_without_a_gpu() {
-    let plan_with = |models: &str, batch: &str, extra: &[&str]| -> serde_json::Value {
-        let o = fastdet().args(["bench", "--plan-memory", "--tile", "32,64,64", "--models", models, "--batch", batch, "--json"]).args(extra).output().unwrap();
+    let plan_env = |models: &str, batch: &str, extra: &[&str], env: &[(&str, &str)]| -> serde_json::Value {
+        let o = fastdet().envs(env.iter().copied()).args(["bench", "--plan-memory", "--tile", "32,64,64", "--models", models, "--batch", batch, "--json"]).args(extra).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
     };
+    let plan_with = |models: &str, batch: &str, extra: &[&str]| plan_env(models, batch, extra, &[]);
     let plan = |models: &str, batch: &str| plan_with(models, batch, &[]);
     let one = plan("1,0", "1");
     let two = plan("2,0", "1");
@@ -110,8 +111,14 @@ fn bench_plans_device_memory_without_a_gpu() {
     let tomo = plan_with("1,0", "1", &["--tomogram", "40,100,90"]);
     let t = tomo["tomogram_bytes"].as_u64().unwrap();
     assert!(t >= 40 * 100 * 90 * 4, "{tomo}");
-    assert_eq!(tomo["held_bytes"].as_u64().unwrap(), one["held_bytes"].as_u64().unwrap() + t);
-    assert_eq!(plan_with("1,0", "1", &["--tomogram", "40,100,90", "--host-blend"])["tomogram_bytes"], 0);
+    // The next tomogram's volume (fp16) is on the device too while this one is computed, unless
+    // volumes go up only in their turn.
+    assert_eq!(tomo["next_volume_bytes"], 40 * 100 * 90 * 2);
+    assert_eq!(tomo["held_bytes"].as_u64().unwrap(), one["held_bytes"].as_u64().unwrap() + t + 40 * 100 * 90 * 2);
+    let in_turn = plan_env("1,0", "1", &["--tomogram", "40,100,90"], &[("FASTDET_OVERLAP_UPLOAD", "0")]);
+    assert_eq!((in_turn["next_volume_bytes"].as_u64(), in_turn["tomogram_bytes"].as_u64()), (Some(0), Some(t)));
+    let host = plan_with("1,0", "1", &["--tomogram", "40,100,90", "--host-blend"]);
+    assert_eq!((host["tomogram_bytes"].as_u64(), host["next_volume_bytes"].as_u64()), (Some(0), Some(0)));
 }
 
 /// `selftest --device cpu` checks the SIMD kernels and the networks on them and says so in JSON.

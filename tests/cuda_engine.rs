@@ -295,9 +295,10 @@ echo "========= ERROR SUMMARY: 0 errors"
 fn run_on_the_emulated_gpu_is_the_same_across_workers_and_blending() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
-    let run = |name: &str, args: &[&str]| -> (String, String) {
+    let run_env = |name: &str, args: &[&str], env: &[(&str, &str)]| -> (String, String) {
         let out = tmp.path().join(format!("{name}.csv"));
         let o = fastdet()
+            .envs(env.iter().copied())
             .args(["run", "--data"])
             .arg(root.join("tests/fixtures/dataset"))
             .arg("--weights")
@@ -312,10 +313,15 @@ fn run_on_the_emulated_gpu_is_the_same_across_workers_and_blending() {
         assert!(o.status.success(), "{name}: {err}");
         (std::fs::read_to_string(&out).unwrap(), err)
     };
+    let run = |name: &str, args: &[&str]| run_env(name, args, &[]);
     let (gpu, log) = run("emu", &["--device", "emu"]);
     // 2 runs x 4 tiles x 2 models: each model's first batch eager, the rest from its graph.
     assert!(log.contains("CUDA graphs on emu:0: 14 batch(es) replayed from 2 graph(s), 2 run eagerly"), "{log}");
-    assert!(log.contains("TS_synth_1:") && log.contains(", upload "), "the volume went up once per run:\n{log}");
+    // Each volume went up once, from the reader thread (a side stream on a GPU).
+    assert_eq!(log.matches(" s (overlapped), infer ").count(), 2, "{log}");
+    let (in_turn, log_in_turn) = run_env("in-turn", &["--device", "emu"], &[("FASTDET_OVERLAP_UPLOAD", "0")]);
+    assert_eq!(gpu, in_turn, "volumes copied ahead or in their turn give the same picks");
+    assert!(log_in_turn.matches(", upload ").count() == 2 && !log_in_turn.contains("overlapped"), "{log_in_turn}");
     let (host_blend, _) = run("host-blend", &["--device", "emu", "--host-blend"]);
     assert_eq!(gpu, host_blend, "blending on the device and on the host give the same picks");
     let (two, log2) = run("two", &["--devices", "emu:0,emu:1"]);

@@ -284,7 +284,7 @@ fn plan_memory(a: &BenchArgs) -> Result<ExitCode> {
         let doc = serde_json::json!({
             "models": {"segresnetv2": n_seg, "dynunet": n_dyn}, "tile": a.tile, "batch": a.batch,
             "backend": "tensor-core", "arena_bytes": p.arena, "weights_bytes": p.weights, "outputs_bytes": p.outputs,
-            "held_bytes": p.held, "peak_bytes": p.peak, "tomogram": tomogram, "tomogram_bytes": p.tomogram,
+            "held_bytes": p.held, "peak_bytes": p.peak, "tomogram": tomogram, "tomogram_bytes": p.tomogram, "next_volume_bytes": p.next_volume,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -294,6 +294,9 @@ fn plan_memory(a: &BenchArgs) -> Result<ExitCode> {
         println!("  outputs                    {:8.1} MiB", mib(p.outputs.iter().sum()));
         if let Some(shape) = tomogram {
             println!("  tomogram {:>17} {:8.1} MiB (volume, blend accumulators, the batch's tiles and sums)", format!("{}x{}x{}", shape[0], shape[1], shape[2]), mib(p.tomogram));
+            if p.next_volume > 0 {
+                println!("  next volume (copied ahead) {:8.1} MiB (FASTDET_OVERLAP_UPLOAD=0: none)", mib(p.next_volume));
+            }
         }
         println!("  held after the walks       {:8.1} MiB ({:.2} GiB)", mib(p.held), p.held as f64 / (1u64 << 30) as f64);
         println!("  peak                       {:8.1} MiB ({:.2} GiB)", mib(p.peak), p.peak as f64 / (1u64 << 30) as f64);

@@ -5,7 +5,9 @@ use fastdet::io::{copick, csv, dataset, tensors, zarr};
 use fastdet::metric;
 use fastdet::particles::{Pick, CLASSES};
 use fastdet::pipeline::detect::to_picks_scaled;
-use fastdet::pipeline::runner::{predict_and_detect, Ensemble, Settings, Timing, Tta};
+use fastdet::engine::cuda::{PendingVolume, SideUploader};
+use fastdet::pipeline::runner::{predict_and_detect_prepared, Ensemble, Prepared, Settings, Timing, Tta};
+use fastdet::pipeline::tiling::normalize_unit_range;
 use fastdet::weights::Weights;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -314,6 +316,37 @@ impl Extras<'_> {
 }
 
 /// Reads, infers and detects one run; returns its picks.
+/// A tomogram the reader thread has read, checked and normalised, and whose copy to the device it
+/// has issued when the worker's ensemble takes the volume there (`upload`, which took `upload_s`
+/// of the reader's time).
+struct Loaded {
+    vol: zarr::Volume,
+    read_s: f64,
+    upload: Option<PendingVolume>,
+    upload_s: f64,
+}
+
+/// `load`, the normalisation, and the copy to the device through `uploader` when there is one; a
+/// copy that fails here is only reported (the volume then goes up when its turn comes).
+fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUploader>) -> Result<Loaded> {
+    let t = Instant::now();
+    let (mut vol, _) = load(job, a, s)?;
+    normalize_unit_range(&mut vol.data);
+    let read_s = t.elapsed().as_secs_f64();
+    let (mut upload, mut upload_s) = (None, 0.0);
+    if let Some(u) = uploader {
+        let t = Instant::now();
+        match u.upload(&vol.data) {
+            Ok(p) => (upload, upload_s) = (Some(p), t.elapsed().as_secs_f64()),
+            Err(e) if e.downcast_ref::<fastdet::pipeline::runner::OutOfMemory>().is_some() => {
+                eprintln!("  {}: no room on the device for this volume beside the one being computed; it goes up when its turn comes", job.run)
+            }
+            Err(e) => eprintln!("  warning: {}: the early copy to the device failed ({e:#}); the volume goes up when its turn comes", job.run),
+        }
+    }
+    Ok(Loaded { vol, read_s, upload, upload_s })
+}
+
 /// Reads one tomogram and checks it (runs on the reader thread, ahead of inference).
 fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
     let t = Instant::now();
@@ -345,7 +378,8 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
 }
 
 /// Infers and detects one loaded run; returns its picks.
-fn process(job: &Job, mut vol: zarr::Volume, read_s: f64, ens: &mut Ensemble, s: &Settings, extras: Extras) -> Result<(Vec<Pick>, Timing)> {
+fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: Extras) -> Result<(Vec<Pick>, Timing)> {
+    let Loaded { mut vol, read_s, upload, upload_s } = loaded;
     let mut timing = Timing { read: read_s, ..Timing::default() };
     let tty = std::io::stderr().is_terminal();
     let t_infer = Instant::now();
@@ -361,8 +395,12 @@ fn process(job: &Job, mut vol: zarr::Volume, read_s: f64, ens: &mut Ensemble, s:
         }
     };
     // The maps are read back from the device only for --save-maps (detection runs on the device).
-    let (dets, maps) = predict_and_detect(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some())
+    let prepared = Prepared { normalized: true, upload };
+    let (dets, maps) = predict_and_detect_prepared(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some(), prepared)
         .with_context(|| format!("{}: inference failed", job.path.display()))?;
+    if timing.upload_overlapped {
+        timing.upload += upload_s;
+    }
     if let (Some(dir), Some(maps)) = (extras.save_maps, &maps) {
         let d = maps.dims;
         tensors::write_f32(
@@ -458,24 +496,42 @@ fn worker(
     if s.device_blend && device.is_cuda_engine() && ens.cuda_device().is_none() {
         eprintln!("  {label}the models on {device} are not on one CUDA device; blending on the host");
     }
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(zarr::Volume, f64)>>(1);
+    // The reader copies each volume to the device as soon as it is read, on a side stream, so
+    // the copy runs while the worker computes the previous one.
+    let mut uploader = match ens.volume_device() {
+        Some(gpu) if s.device_blend && fastdet::engine::cuda::side_upload::overlap_enabled() => match SideUploader::new(gpu) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                eprintln!("  warning: {label}no side stream on {device} ({e:#}); each volume goes up when its turn comes");
+                None
+            }
+        },
+        _ => None,
+    };
+    // At most one decoded volume waits in the channel; with early copies none does (the reader
+    // blocks holding it), so that no more than two volumes are on the device at once.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Loaded>>(if uploader.is_some() { 0 } else { 1 });
     let mut out = Vec::with_capacity(todo.len());
     std::thread::scope(|scope| -> Result<()> {
         // Owned here so that an early return drops it and unblocks the reader before the join.
         let rx = rx;
-        scope.spawn(|| {
+        scope.spawn(move || {
             for (_, job) in todo {
-                if tx.send(load(job, a, s)).is_err() {
+                if tx.send(prepare(job, a, s, uploader.as_mut())).is_err() {
                     break;
                 }
             }
         });
         for &(i, job) in todo {
             let loaded = rx.recv().context("reader thread stopped")?;
-            let result = loaded.and_then(|(vol, read_s)| process(job, vol, read_s, &mut ens, s, extras));
+            let result = loaded.and_then(|loaded| process(job, loaded, &mut ens, s, extras));
             match &result {
                 Ok((p, t)) => {
-                    let upload = if t.upload > 0.0 { format!(", upload {:.2} s", t.upload) } else { String::new() };
+                    let upload = match (t.upload > 0.0, t.upload_overlapped) {
+                        (true, true) => format!(", upload {:.2} s (overlapped)", t.upload),
+                        (true, false) => format!(", upload {:.2} s", t.upload),
+                        (false, _) => String::new(),
+                    };
                     eprintln!(
                         "  {label}{}: {} picks; read {:.2} s{upload}, infer {:.2} s, blend {:.2} s, detect {:.2} s",
                         job.run,

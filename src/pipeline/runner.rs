@@ -6,7 +6,7 @@ use super::detect::{detect, detect_from_candidates, sigmas_for, Detection};
 use super::tiling::{extract_tile, normalize_unit_range, TileGrid};
 use crate::engine::cuda::gpu::Gpu;
 use crate::engine::cuda::tomogram::CANDIDATE_CAPACITY;
-use crate::engine::cuda::{DeviceVolume, TomogramAccumulator};
+use crate::engine::cuda::{DeviceVolume, PendingVolume, TomogramAccumulator};
 use crate::engine::TileEngine;
 use crate::particles::{ANGSTROM_PER_VOXEL, SEED_THRESHOLDS};
 use anyhow::{bail, Context, Result};
@@ -79,6 +79,9 @@ pub struct Timing {
     pub read: f64,
     /// The volume's copy to the device (device blending; else each batch's copies are in `infer`).
     pub upload: f64,
+    /// The copy was issued beside the previous tomogram's compute (`upload` was spent there, off
+    /// this tomogram's path).
+    pub upload_overlapped: bool,
     pub infer: f64,
     pub blend: f64,
     pub detect: f64,
@@ -263,6 +266,13 @@ impl Ensemble {
         gpu
     }
 
+    /// The device whose volume input the device path would use (`cuda_device`, with every network
+    /// taking one input channel): where a volume may be uploaded ahead (`Prepared::upload`).
+    pub fn volume_device(&mut self) -> Option<Arc<Gpu>> {
+        let gpu = self.cuda_device()?;
+        self.engines.iter_mut().all(|e| e.as_cuda().is_some_and(|c| c.input_channels() == 1)).then_some(gpu)
+    }
+
     /// `infer` with the outputs left on the device, averaged into `acc`'s batch buffers: the same
     /// sums in the same order (views outer, models inner, then one division). Every engine must be
     /// a CUDA engine on `acc`'s device. With `BatchInput::Device` every model (and view) reads the
@@ -313,6 +323,17 @@ enum BatchInput<'a> {
     Device(&'a mut DeviceVolume),
 }
 
+/// What the caller did to a volume before `predict_and_detect_prepared`.
+#[derive(Default)]
+pub struct Prepared {
+    /// Already normalised (`normalize_unit_range`); the runner does not do it again.
+    pub normalized: bool,
+    /// Its copy to the device, already issued (`SideUploader::upload` of the normalised volume,
+    /// on the device of `Ensemble::volume_device`); used when the device path takes the volume
+    /// whole, and else dropped.
+    pub upload: Option<PendingVolume>,
+}
+
 /// Normalises `volume` in place and returns the blended maps; `progress(done, total)` after each batch.
 /// With `s.device_blend` and every engine a CUDA engine on one device, the averaging and blending
 /// run there (the same f32 operations in the same order, so the same maps given the same model
@@ -342,7 +363,7 @@ fn predict_maps_with(
     timing: &mut Timing,
     device_input: bool,
 ) -> Result<Maps> {
-    match predict_blended(ens, volume, shape, s, progress, timing, device_input)? {
+    match predict_blended(ens, volume, shape, s, progress, timing, device_input, Prepared::default())? {
         Blended::Host(maps) => Ok(maps),
         Blended::Device(mut acc) => read_device_maps(&mut acc, timing),
     }
@@ -362,7 +383,23 @@ pub fn predict_and_detect(
     timing: &mut Timing,
     want_maps: bool,
 ) -> Result<(Vec<Detection>, Option<Maps>)> {
-    predict_and_detect_with(ens, volume, shape, s, progress, timing, want_maps, true, CANDIDATE_CAPACITY)
+    predict_and_detect_prepared(ens, volume, shape, s, progress, timing, want_maps, Prepared::default())
+}
+
+/// `predict_and_detect` of a volume the caller has normalised, or whose upload it has issued,
+/// already (`fastdet run`'s reader thread, while the previous volume is computed).
+#[allow(clippy::too_many_arguments)]
+pub fn predict_and_detect_prepared(
+    ens: &mut Ensemble,
+    volume: &mut [f32],
+    shape: [usize; 3],
+    s: &Settings,
+    progress: &mut dyn FnMut(usize, usize),
+    timing: &mut Timing,
+    want_maps: bool,
+    prepared: Prepared,
+) -> Result<(Vec<Detection>, Option<Maps>)> {
+    predict_and_detect_with(ens, volume, shape, s, progress, timing, want_maps, true, CANDIDATE_CAPACITY, prepared)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -376,9 +413,10 @@ fn predict_and_detect_with(
     want_maps: bool,
     device_input: bool,
     capacity: usize,
+    prepared: Prepared,
 ) -> Result<(Vec<Detection>, Option<Maps>)> {
     let stride = ens.stride;
-    let maps = match predict_blended(ens, volume, shape, s, progress, timing, device_input)? {
+    let maps = match predict_blended(ens, volume, shape, s, progress, timing, device_input, prepared)? {
         Blended::Host(maps) => maps,
         Blended::Device(mut acc) => {
             let t = Instant::now();
@@ -418,6 +456,7 @@ enum Blended {
     Device(TomogramAccumulator),
 }
 
+#[allow(clippy::too_many_arguments)]
 fn predict_blended(
     ens: &mut Ensemble,
     volume: &mut [f32],
@@ -426,19 +465,27 @@ fn predict_blended(
     progress: &mut dyn FnMut(usize, usize),
     timing: &mut Timing,
     device_input: bool,
+    prepared: Prepared,
 ) -> Result<Blended> {
     if s.tta == Tta::Rot90 && s.window[1] != s.window[2] {
         bail!("--tta rot90 needs a square yx window, got {:?}", s.window);
     }
-    normalize_unit_range(volume);
+    let Prepared { normalized, mut upload } = prepared;
+    if !normalized {
+        normalize_unit_range(volume);
+    }
     let grid = TileGrid::new(shape, s.window, s.tiles);
     let origins = grid.origins();
     if s.device_blend {
         if let Some(gpu) = ens.cuda_device() {
             match TomogramAccumulator::new(gpu.clone(), ens.num_classes, shape, s.window, ens.stride, s.blend_sigma) {
                 Ok(mut acc) => {
-                    let one_channel = ens.engines.iter_mut().all(|e| e.as_cuda().is_some_and(|c| c.input_channels() == 1));
-                    let mut dv = if device_input && one_channel {
+                    let one_channel = ens.volume_device().is_some();
+                    let ahead = upload.take().filter(|u| device_input && one_channel && u.is_for(&gpu) && u.voxels() == volume.len());
+                    let mut dv = if let Some(u) = ahead {
+                        timing.upload_overlapped = true;
+                        Some(DeviceVolume::from_upload(gpu.clone(), u, shape, s.window)?)
+                    } else if device_input && one_channel {
                         // Waited for on both sides (the accumulators' zeroing before), so that
                         // the copy is timed on its own.
                         gpu.sync("zeroing the blend accumulators")?;
@@ -787,7 +834,7 @@ mod tests {
             for want_maps in [false, true] {
                 let mut timing = Timing::default();
                 let read = gpu.bytes_to_host();
-                let (dets, maps) = predict_and_detect_with(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| {}, &mut timing, want_maps, true, capacity).unwrap();
+                let (dets, maps) = predict_and_detect_with(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| {}, &mut timing, want_maps, true, capacity, Prepared::default()).unwrap();
                 let read = gpu.bytes_to_host() - read;
                 assert_eq!(gpu.memory_live(), live, "device buffers are freed with the tomogram");
                 assert!(timing.detect > 0.0, "{timing:?}");
@@ -813,6 +860,52 @@ mod tests {
             assert_eq!(per_class(1), 0);
             assert!((2..nc).filter(|&c| per_class(c) > 1).count() >= 2, "{:?}", (0..nc).map(per_class).collect::<Vec<_>>());
         }
+    }
+
+    /// A volume normalised and uploaded ahead (by another thread, as `fastdet run`'s reader does)
+    /// gives the same detections and maps as the runner's own normalisation and upload; an upload
+    /// the device path cannot take (another volume's, or host blending) is dropped unused, and the
+    /// device memory comes back either way.
+    #[test]
+    fn a_volume_uploaded_ahead_gives_the_same_detections_and_maps() {
+        use crate::engine::cuda::SideUploader;
+        let gpu = Gpu::emulator().unwrap();
+        let weights = [Weights::random(&ModelSpec::segresnet(8, 16, 8), 31), Weights::random(&ModelSpec::dynunet(&[8, 16, 32], 16, 16, 8), 32)];
+        let nc = weights[0].spec.num_classes;
+        let shape = [12, 37, 41];
+        let raw: Vec<f32> = random_volume(shape, 9).iter().map(|v| 3.0 * v - 1.0).collect();
+        let s = Settings { window: [16, 24, 24], tiles: [1, 2, 3], batch: 2, tta: Tta::Flip, thresholds: vec![0.3; nc], device_blend: true, ..Settings::default() };
+        let mut ens = Ensemble { engines: cuda_engines(&gpu, &weights), num_classes: nc, stride: 2 };
+        assert!(ens.volume_device().is_some_and(|g| Arc::ptr_eq(&g, &gpu)));
+        let mut timing = Timing::default();
+        let (want, want_maps) = predict_and_detect(&mut ens, &mut raw.clone(), shape, &s, &mut |_, _| {}, &mut timing, true).unwrap();
+        assert!(!want.is_empty() && !timing.upload_overlapped && timing.upload > 0.0, "{timing:?}");
+
+        let mut normalized = raw.clone();
+        normalize_unit_range(&mut normalized);
+        let mut up = SideUploader::new(gpu.clone()).unwrap();
+        let live = gpu.memory_live();
+        let ahead = |up: &mut SideUploader, v: &[f32]| std::thread::scope(|t| t.spawn(|| up.upload(v)).join().unwrap()).unwrap();
+        // (The second upload is of a volume one voxel shorter.)
+        for (what, used, skip) in [("uploaded ahead", true, 0), ("another volume's upload", false, 1)] {
+            let upload = ahead(&mut up, &normalized[skip..]);
+            let mut timing = Timing::default();
+            let sent = gpu.bytes_to_device();
+            let prepared = Prepared { normalized: true, upload: Some(upload) };
+            let (dets, maps) = predict_and_detect_prepared(&mut ens, &mut normalized.clone(), shape, &s, &mut |_, _| {}, &mut timing, true, prepared).unwrap();
+            assert_eq!(dets, want, "{what}");
+            assert!(maps == want_maps, "{what}");
+            assert_eq!(timing.upload_overlapped, used, "{what}: {timing:?}");
+            // The volume goes up once: ahead, or now.
+            let now = gpu.bytes_to_device() - sent;
+            assert_eq!(now >= (normalized.len() * 4) as u64, !used, "{what}: {now} B sent now");
+            assert_eq!(gpu.memory_live(), live, "{what}: the uploaded volume is freed with the tomogram");
+        }
+        let host = Settings { device_blend: false, ..s.clone() };
+        let prepared = Prepared { normalized: true, upload: Some(ahead(&mut up, &normalized)) };
+        let (dets, _) = predict_and_detect_prepared(&mut ens, &mut normalized.clone(), shape, &host, &mut |_, _| {}, &mut Timing::default(), false, prepared).unwrap();
+        assert_eq!(dets.len(), want.len());
+        assert_eq!(gpu.memory_live(), live);
     }
 
     /// A volume that does not fit on the device next to the accumulators: the tiles are cut on

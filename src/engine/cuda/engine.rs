@@ -1342,6 +1342,9 @@ pub struct MemoryPlan {
     /// (the volume, the blend accumulators, one batch's tiles and ensemble sums); included in
     /// `held` and `peak`. Zero without one.
     pub tomogram: usize,
+    /// With a tomogram: the next one's volume, copied to the device while this one is computed
+    /// (`side_upload`; zero with `FASTDET_OVERLAP_UPLOAD=0`); included in `held` and `peak`.
+    pub next_volume: usize,
 }
 
 /// The device memory of one worker running `models` on batches of `n` tiles of `tile`, and
@@ -1374,6 +1377,8 @@ fn memory_plan_on(gpu: std::sync::Arc<Gpu>, models: &[&Weights], backend: ConvBa
         _ => None,
     };
     let tomogram_bytes = gpu.memory_live() - before;
+    let next_volume = tomogram.filter(|_| super::side_upload::overlap_enabled()).map(|shape| gpu.alloc_side(None, 2 * vol(shape))).transpose()?;
+    let next_volume_bytes = next_volume.as_ref().map_or(0, |b| b.bytes);
     let input = vec![0.5f32; n * vol(tile) * models.first().map_or(1, |w| w.spec.in_channels)];
     for _ in 0..3 {
         for e in engines.iter_mut() {
@@ -1383,7 +1388,7 @@ fn memory_plan_on(gpu: std::sync::Arc<Gpu>, models: &[&Weights], backend: ConvBa
     }
     let outputs = engines.iter().map(|e| e.outputs.pooled_bytes()).collect();
     let arena = gpu.arena().capacity();
-    Ok(MemoryPlan { arena, weights, outputs, held: gpu.memory_live(), peak: gpu.memory_peak(), tomogram: tomogram_bytes })
+    Ok(MemoryPlan { arena, weights, outputs, held: gpu.memory_live(), peak: gpu.memory_peak(), tomogram: tomogram_bytes, next_volume: next_volume_bytes })
 }
 
 impl TileEngine for CudaEngine {
@@ -1740,7 +1745,7 @@ mod tests {
         let out_bytes = |c: usize| n * c * 8 * 8 * 16 * 4;
         assert_eq!(plan.outputs, vec![out_bytes(ws[0].spec.num_classes) + out_bytes(3), out_bytes(ws[1].spec.num_classes) + out_bytes(3)]);
         assert_eq!(plan.held, plan.arena + plan.weights.iter().sum::<usize>() + plan.outputs.iter().sum::<usize>());
-        assert!(plan.peak >= plan.held && plan.tomogram == 0);
+        assert!(plan.peak >= plan.held && plan.tomogram == 0 && plan.next_volume == 0);
 
         // With a tomogram blended on the device: its volume (fp16), the accumulators (classes +
         // 3 offsets + the weight sum, f32, at the stride-2 grid), the tile weights, and for the
@@ -1751,9 +1756,11 @@ mod tests {
         let accumulators = (nc + 3 + 1) * grid * 4 + out_tile * 4;
         let batch = n * vol(tile) * 2 + n * 3 * 4 + n * (nc + 3) * out_tile * 4 + n * 3 * 4;
         assert_eq!(with.tomogram, 20 * 40 * 70 * 2 + accumulators + batch, "{with:?}");
-        assert_eq!(with.held, plan.held + with.tomogram);
+        // And the next tomogram's volume (fp16), copied ahead while this one is computed.
+        assert_eq!(with.next_volume, 20 * 40 * 70 * 2, "{with:?}");
+        assert_eq!(with.held, plan.held + with.tomogram + with.next_volume);
         // The f32 staging of the volume's upload (the whole small volume here) is gone after it.
-        assert!(with.peak >= with.held - batch + 20 * 40 * 70 * 4, "{with:?}");
+        assert!(with.peak >= with.held - with.next_volume - batch + 20 * 40 * 70 * 4, "{with:?}");
     }
 
     /// `forward_device` leaves on the device exactly what `forward` returns, and its buffers go

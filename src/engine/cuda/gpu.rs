@@ -117,6 +117,9 @@ enum Mem {
     /// A slot of the activation arena (`arena.rs`): offset and length in the arena, the walk it
     /// belongs to, and the buffer of its own when it did not fit in the arena.
     Slot { off: usize, len: usize, walk: u64, own: Option<Box<DevBuf>> },
+    /// Memory allocated on a side stream (`side_upload.rs`) and freed there. Once the handle's
+    /// own stream has used it (`used`), the side stream waits for that stream before the free.
+    Side { slice: CudaSlice<u8>, main: Arc<CudaStream>, used: bool },
 }
 
 /// A device allocation. Freed (stream-ordered) on drop; an arena slot is handed back with
@@ -132,6 +135,29 @@ pub struct DevBuf {
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
+        if let Some(Mem::Side { slice, main, used }) = &self._mem {
+            // The free is stream-ordered on the side stream, which knows nothing of the main
+            // stream's readers: it waits for them first. (No capture check: the side stream is
+            // never captured, and a buffer the main stream never used is freed from any thread.)
+            if *used && self.usage.as_ref().is_some_and(|u| u.capturing.load(Ordering::Relaxed)) {
+                // Ordering the free after the main stream would need an event recorded inside
+                // the capture: left allocated, and the capture fails, as for any free in it.
+                std::mem::forget(self._mem.take());
+                if let Some(u) = &self.usage {
+                    u.freed_in_capture.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+            if *used {
+                if let Err(e) = slice.stream().join(main) {
+                    eprintln!("warning: ordering the free of a side-stream buffer after its readers: {e}");
+                }
+            }
+            if let Some(u) = &self.usage {
+                u.live.fetch_sub(self.bytes, Ordering::Relaxed);
+            }
+            return;
+        }
         if let Some(u) = &self.usage {
             if u.capturing.load(Ordering::Relaxed) {
                 // A free during a capture would be captured (and repeated by every replay) or
@@ -160,6 +186,14 @@ impl DevBuf {
 
     pub fn is_slot(&self) -> bool {
         matches!(self._mem, Some(Mem::Slot { .. }))
+    }
+
+    /// A side-stream buffer (`Gpu::alloc_side`) is about to be read on the main stream: its free
+    /// will then wait for that stream.
+    pub(super) fn mark_used_by_main(&mut self) {
+        if let Some(Mem::Side { used, .. }) = &mut self._mem {
+            *used = true;
+        }
     }
 }
 
@@ -662,31 +696,76 @@ impl Gpu {
         match &self.inner {
             Inner::Cuda { ctx, stream, .. } => {
                 // SAFETY: uninitialised memory is only read after a kernel or copy wrote it.
-                let mem = unsafe { stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| {
-                    let free = ctx.mem_get_info().map(|(f, _)| format!("{:.2} GiB free", f as f64 / (1u64 << 30) as f64)).unwrap_or_default();
-                    let msg = format!("allocating {:.1} MiB on cuda:{}: {e} {free}", bytes as f64 / (1u64 << 20) as f64, self.info.ordinal);
-                    if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
-                        // The runner retries a batch of tiles in halves on this error type.
-                        anyhow::Error::new(crate::pipeline::runner::OutOfMemory(msg))
-                    } else {
-                        anyhow!(msg)
-                    }
-                })?;
+                let mem = unsafe { stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| self.alloc_error(ctx, bytes, e))?;
                 let (ptr, g) = mem.device_ptr(stream);
                 drop(g);
                 self.usage.add(bytes);
                 Ok(DevBuf { _mem: Some(Mem::Cuda(mem)), ptr, bytes, usage: Some(self.usage.clone()) })
             }
-            Inner::Emu(emu) => {
-                if self.memory_live().saturating_add(bytes) > self.emu_limit.load(Ordering::Relaxed) {
-                    let msg = format!("allocating {bytes} bytes on the emulator: over its limit of {} bytes", self.emu_limit.load(Ordering::Relaxed));
-                    return Err(anyhow::Error::new(crate::pipeline::runner::OutOfMemory(msg)));
-                }
-                let a = emu.alloc(bytes.max(1));
-                self.usage.add(bytes);
-                Ok(DevBuf { ptr: a.base, _mem: Some(Mem::Emu(a)), bytes, usage: Some(self.usage.clone()) })
-            }
+            Inner::Emu(emu) => self.alloc_emulated(emu, bytes),
         }
+    }
+
+    /// A failed allocation of `bytes`, with the device's free memory; an `OutOfMemory` error when
+    /// the device is full (the runner retries a batch of tiles in halves on that type).
+    fn alloc_error(&self, ctx: &CudaContext, bytes: usize, e: cudarc::driver::DriverError) -> anyhow::Error {
+        let free = ctx.mem_get_info().map(|(f, _)| format!("{:.2} GiB free", f as f64 / (1u64 << 30) as f64)).unwrap_or_default();
+        let msg = format!("allocating {:.1} MiB on cuda:{}: {e} {free}", bytes as f64 / (1u64 << 20) as f64, self.info.ordinal);
+        if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+            anyhow::Error::new(crate::pipeline::runner::OutOfMemory(msg))
+        } else {
+            anyhow!(msg)
+        }
+    }
+
+    fn alloc_emulated(&self, emu: &Arc<Emu>, bytes: usize) -> Result<DevBuf> {
+        if self.memory_live().saturating_add(bytes) > self.emu_limit.load(Ordering::Relaxed) {
+            let msg = format!("allocating {bytes} bytes on the emulator: over its limit of {} bytes", self.emu_limit.load(Ordering::Relaxed));
+            return Err(anyhow::Error::new(crate::pipeline::runner::OutOfMemory(msg)));
+        }
+        let a = emu.alloc(bytes.max(1));
+        self.usage.add(bytes);
+        Ok(DevBuf { ptr: a.base, _mem: Some(Mem::Emu(a)), bytes, usage: Some(self.usage.clone()) })
+    }
+
+    /// A second stream on this handle's context for work the main stream must not wait for
+    /// (`side_upload.rs`); None on the emulators, whose side work is modelled there.
+    pub(super) fn new_side_stream(&self) -> Result<Option<Arc<CudaStream>>> {
+        match &self.inner {
+            Inner::Cuda { ctx, .. } => ctx.new_stream().map(Some).map_err(|e| anyhow!("creating a side stream on cuda:{}: {e}", self.info.ordinal)),
+            Inner::Emu(_) => Ok(None),
+        }
+    }
+
+    /// `bytes` of uninitialised device memory allocated (and later freed) on `side`, a stream of
+    /// `new_side_stream`, so that another thread may allocate while this handle captures a
+    /// graph. On the emulators (`side` None) a plain emulated allocation.
+    pub(super) fn alloc_side(&self, side: Option<&Arc<CudaStream>>, bytes: usize) -> Result<DevBuf> {
+        match (&self.inner, side) {
+            (Inner::Cuda { ctx, stream, .. }, Some(side)) => {
+                // SAFETY: uninitialised memory is only read after the copy wrote it.
+                let slice = unsafe { side.alloc::<u8>(bytes.max(1)) }.map_err(|e| self.alloc_error(ctx, bytes, e))?;
+                let (ptr, g) = slice.device_ptr(side);
+                drop(g);
+                self.usage.add(bytes);
+                Ok(DevBuf { _mem: Some(Mem::Side { slice, main: stream.clone(), used: false }), ptr, bytes, usage: Some(self.usage.clone()) })
+            }
+            (Inner::Emu(emu), _) => self.alloc_emulated(emu, bytes),
+            (Inner::Cuda { .. }, None) => bail!("internal error: a side allocation without a side stream"),
+        }
+    }
+
+    /// The emulator of this handle, if it is one.
+    pub(super) fn emu(&self) -> Option<&Arc<Emu>> {
+        match &self.inner {
+            Inner::Emu(e) => Some(e),
+            Inner::Cuda { .. } => None,
+        }
+    }
+
+    /// Counts `bytes` copied to this device outside `write` (`bytes_to_device`).
+    pub(super) fn count_to_device(&self, bytes: usize) {
+        self.to_device.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// A new buffer holding `data`.

@@ -26,7 +26,9 @@
 //!   captured and later ones replay it; see `engine.rs`);
 //! - `FASTDET_CUDA_SYNC=1`: synchronise after every kernel and name the one that failed (no
 //!   graphs then);
-//! - `FASTDET_CUDNN_WORKSPACE_MIB`: largest cuDNN workspace (default 1024).
+//! - `FASTDET_CUDNN_WORKSPACE_MIB`: largest cuDNN workspace (default 1024);
+//! - `FASTDET_OVERLAP_UPLOAD=0`: `fastdet run` copies each volume to the device when its turn
+//!   comes, instead of on a side stream while the previous one is computed (`side_upload`).
 //!
 //! `tomogram` keeps a tomogram's volume, tile extraction, ensemble averaging, tile blending and
 //! the first stage of detection (peaks, thresholds) on the device (the runner's
@@ -49,9 +51,11 @@ pub mod kernels;
 pub mod nvrtc;
 pub mod ops;
 pub mod selftest;
+pub mod side_upload;
 pub mod tomogram;
 
 pub use engine::{memory_plan, ConvBackend, CudaEngine, DeviceOutputs, MemoryPlan};
+pub use side_upload::{PendingVolume, SideUploader};
 pub use tomogram::{DeviceVolume, TomogramAccumulator};
 pub use gpu::{driver_available, probe, DeviceInfo, NO_DRIVER};
 

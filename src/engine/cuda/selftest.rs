@@ -466,6 +466,26 @@ fn layout_cases(c: &mut Ctx) {
         c.cmp("f32_to_f16", &shape_str(&vd), &got, &want, TOL_EXACT);
         Ok(())
     });
+    c.case("side_upload_f16", &shape_str(&vd), |c| {
+        // Two volumes copied from another thread on the side stream (the second reuses the
+        // page-locked staging of the first), each read on the main stream after its wait: the
+        // host's round-to-nearest-even fp16, as `f32_to_f16` makes on the device.
+        let mut up = super::side_upload::SideUploader::new(c.gpu.clone())?;
+        let mut x = c.rand(vol(vd), 0.0, 1.0);
+        for (i, v) in [1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 3.0 * 2f32.powi(-25), 6e-8].into_iter().enumerate() {
+            x[i * 7] = v;
+        }
+        let y: Vec<f32> = x.iter().map(|v| 1.0 - v).collect();
+        let pending = std::thread::scope(|t| t.spawn(|| -> Result<_> { Ok((up.upload(&x)?, up.upload(&y)?)) }).join())
+            .map_err(|_| anyhow!("the uploading thread panicked"))??;
+        for (name, p, v) in [("side_upload_f16", pending.0, &x), ("side_upload_f16 (staging reused)", pending.1, &y)] {
+            let buf = p.wait()?;
+            let got = c.rd16(&buf, v.len())?;
+            let want: Vec<f32> = v.iter().map(|&a| r16(a)).collect();
+            c.cmp(name, &shape_str(&vd), &got, &want, TOL_EXACT);
+        }
+        Ok(())
+    });
     c.case("extract_tiles_f16", &shape, |c| {
         let volume = c.rand(vol(vd), -1.0, 1.0);
         let origins: Vec<[usize; 3]> = vec![[0, 0, 0], [21, 21, 19], [30, 35, 40], [36, 40, 42]];

@@ -23,6 +23,7 @@ use anyhow::{bail, Result};
 
 use super::engine::DeviceOutputs;
 use super::gpu::{DevBuf, Gpu};
+use super::side_upload::PendingVolume;
 use super::ops::{self, vol};
 use crate::pipeline::blend::{tile_weight, Maps};
 use crate::pipeline::detect::Candidate;
@@ -319,6 +320,20 @@ impl DeviceVolume {
         Ok(DeviceVolume { gpu, volume: half, shape, window, origins: None, tiles: None, views: None, cap: 0, n: 0 })
     }
 
+    /// The volume whose copy `SideUploader::upload` issued (the same fp16 bits as `new` makes of
+    /// the same f32 volume); the handle's stream waits for that copy before anything reads it.
+    pub fn from_upload(gpu: Arc<Gpu>, upload: PendingVolume, shape: [usize; 3], window: [usize; 3]) -> Result<Self> {
+        if !upload.is_for(&gpu) {
+            bail!("DeviceVolume: the volume was uploaded for another device handle");
+        }
+        if upload.voxels() != vol(shape) {
+            bail!("DeviceVolume: {} voxels uploaded for a volume of {shape:?}", upload.voxels());
+        }
+        gpu.bind()?;
+        let volume = upload.wait()?;
+        Ok(DeviceVolume { gpu, volume, shape, window, origins: None, tiles: None, views: None, cap: 0, n: 0 })
+    }
+
     /// Cuts the tiles at the voxel origins `origins` (a batch, in order) into the plain input.
     /// Allocates before anything runs, so an out-of-memory error leaves nothing half done. `tta`:
     /// whether views other than the plain one will be asked for (their buffers are allocated here too).
@@ -347,6 +362,12 @@ impl DeviceVolume {
         ops::extract_tiles(&self.gpu, self.volume.ptr, self.shape, optr, n, self.window, tptr)?;
         self.n = n;
         Ok(())
+    }
+
+    /// The fp16 volume on the device (tests).
+    #[cfg(test)]
+    pub(super) fn volume_ptr(&self) -> u64 {
+        self.volume.ptr
     }
 
     /// Tiles in the current batch.
