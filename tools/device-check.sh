@@ -438,7 +438,7 @@ if "s_per_tomogram" in d:  # fastdet bench --tomogram
     m = d.get("models", {})
     print(f"{name}: {d['s_per_tomogram']:.2f} s per tomogram {'x'.join(map(str, d.get('tomogram', [])))} "
           f"({m.get('segresnetv2')} SegResNetV2 + {m.get('dynunet')} DynUNet, blending on the {'GPU' if d.get('device_blend') else 'CPU'}; "
-          f"upload {d.get('upload_s') or 0.0:.2f}, infer {d['infer_s']:.2f}, blend {d['blend_s']:.2f}, "
+          f"upload {d.get('upload_s') or 0.0:.2f}{' overlapped' if d.get('upload_overlapped') else ''}, infer {d['infer_s']:.2f}, blend {d['blend_s']:.2f}, "
           f"detect {d['detect_s']:.2f} s; {d['tflops']:.1f} TFLOP/s; first tile {d.get('cold_start_s') or float('nan'):.2f} s after start)")
     raise SystemExit(0)
 if "floor_s" in d:  # tools/results_json.py

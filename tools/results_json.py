@@ -149,7 +149,7 @@ def assemble(d, commit, date):
         "tile_criterion": criterion_groups(d, "tile_", TILE_VARIANTS),
         "tomogram_s": tomo.get("s_per_tomogram") if tomo else None,
         "tomogram_host_blend_s": tomo_hb.get("s_per_tomogram") if tomo_hb else None,
-        "tomogram_config": {k: tomo.get(k) for k in ("tomogram", "window", "tiles", "models")} if tomo else None,
+        "tomogram_config": {k: tomo.get(k) for k in ("tomogram", "window", "tiles", "models", "upload_overlapped")} if tomo else None,
         "floor_s": flops / (rate * 1e12) if flops and rate else None,
         "cold_start_s": (fd or {}).get("cold_start_s"),
         "cold_start_kernels_compiled": ((fd or {}).get("kernel_load") or {}).get("compiled"),
@@ -208,7 +208,8 @@ def markdown(doc):
     shape = "x".join(map(str, c.get("tomogram") or [])) or "–"
     models = c.get("models") or {}
     config = (f"{models.get('segresnetv2', '?')} SegResNetV2 + {models.get('dynunet', '?')} DynUNet, "
-              f"{'x'.join(map(str, c.get('tiles') or [])) or '?'} tiles of {'x'.join(map(str, c.get('window') or [])) or '?'}")
+              f"{'x'.join(map(str, c.get('tiles') or [])) or '?'} tiles of {'x'.join(map(str, c.get('window') or [])) or '?'}"
+              f"{', volumes copied ahead' if c.get('upload_overlapped') else ''}")
     out += ["", "| per tomogram | models and tiles | GPU blend | host blend | FLOP floor | time / floor |",
             "| --- | --- | --- | --- | --- | --- |",
             f"| {shape} | {config if c else '–'} | {s(t)} | {s(doc.get('tomogram_host_blend_s'))} | {s(f)} | "
