@@ -318,10 +318,10 @@ fn run_on_the_emulated_gpu_is_the_same_across_workers_and_blending() {
     // 2 runs x 4 tiles x 2 models: each model's first batch eager, the rest from its graph.
     assert!(log.contains("CUDA graphs on emu:0: 14 batch(es) replayed from 2 graph(s), 2 run eagerly"), "{log}");
     // Each volume went up once, from the reader thread (a side stream on a GPU).
-    assert_eq!(log.matches(" s (overlapped), infer ").count(), 2, "{log}");
+    assert_eq!(log.matches(" s (copied ahead), infer ").count(), 2, "{log}");
     let (in_turn, log_in_turn) = run_env("in-turn", &["--device", "emu"], &[("FASTDET_OVERLAP_UPLOAD", "0")]);
     assert_eq!(gpu, in_turn, "volumes copied ahead or in their turn give the same picks");
-    assert!(log_in_turn.matches(", upload ").count() == 2 && !log_in_turn.contains("overlapped"), "{log_in_turn}");
+    assert!(log_in_turn.matches(", upload ").count() == 2 && !log_in_turn.contains("copied ahead"), "{log_in_turn}");
     let (host_blend, _) = run("host-blend", &["--device", "emu", "--host-blend"]);
     assert_eq!(gpu, host_blend, "blending on the device and on the host give the same picks");
     let (two, log2) = run("two", &["--devices", "emu:0,emu:1"]);

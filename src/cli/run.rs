@@ -315,10 +315,9 @@ impl Extras<'_> {
     }
 }
 
-/// Reads, infers and detects one run; returns its picks.
 /// A tomogram the reader thread has read, checked and normalised, and whose copy to the device it
-/// has issued when the worker's ensemble takes the volume there (`upload`, which took `upload_s`
-/// of the reader's time).
+/// has issued when the worker's ensemble takes the volume there (`upload`; `upload_s` is the
+/// reader's time for the fp16 conversion and issuing the copy, which then runs on its own).
 struct Loaded {
     vol: zarr::Volume,
     read_s: f64,
@@ -528,7 +527,7 @@ fn worker(
             match &result {
                 Ok((p, t)) => {
                     let upload = match (t.upload > 0.0, t.upload_overlapped) {
-                        (true, true) => format!(", upload {:.2} s (overlapped)", t.upload),
+                        (true, true) => format!(", upload {:.2} s (copied ahead)", t.upload),
                         (true, false) => format!(", upload {:.2} s", t.upload),
                         (false, _) => String::new(),
                     };

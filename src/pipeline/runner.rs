@@ -76,11 +76,14 @@ impl Default for Settings {
 /// Seconds spent in each stage of one run.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Timing {
+    /// Reading, checking and (in `fastdet run`) normalising the volume.
     pub read: f64,
     /// The volume's copy to the device (device blending; else each batch's copies are in `infer`).
+    /// With `upload_overlapped`, the uploading thread's time: the fp16 conversion and issuing the
+    /// copy, which then runs on its own.
     pub upload: f64,
-    /// The copy was issued beside the previous tomogram's compute (`upload` was spent there, off
-    /// this tomogram's path).
+    /// The copy was issued ahead, from another thread, on a side stream (`SideUploader`): beside
+    /// the previous tomogram's compute, except for the first tomogram of a worker.
     pub upload_overlapped: bool,
     pub infer: f64,
     pub blend: f64,
@@ -539,6 +542,8 @@ fn predict_blended(
             }
         }
     }
+    // A volume uploaded ahead is of no use on the host path: its device memory goes back now.
+    drop(upload);
     let mut blender = Blender::new(ens.num_classes, shape, s.window, ens.stride, s.blend_sigma);
     let out_vol: usize = s.window.map(|l| l / ens.stride).iter().product();
     let nc = ens.num_classes;

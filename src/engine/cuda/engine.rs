@@ -1377,7 +1377,9 @@ fn memory_plan_on(gpu: std::sync::Arc<Gpu>, models: &[&Weights], backend: ConvBa
         _ => None,
     };
     let tomogram_bytes = gpu.memory_live() - before;
-    let next_volume = tomogram.filter(|_| super::side_upload::overlap_enabled()).map(|shape| gpu.alloc_side(None, 2 * vol(shape))).transpose()?;
+    // (Copied ahead only where the volume goes to the device whole: one-channel networks.)
+    let ahead = super::side_upload::overlap_enabled() && models.iter().all(|w| w.spec.in_channels == 1);
+    let next_volume = tomogram.filter(|_| ahead).map(|shape| gpu.alloc_side(None, 2 * vol(shape))).transpose()?;
     let next_volume_bytes = next_volume.as_ref().map_or(0, |b| b.bytes);
     let input = vec![0.5f32; n * vol(tile) * models.first().map_or(1, |w| w.spec.in_channels)];
     for _ in 0..3 {

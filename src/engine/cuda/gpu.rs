@@ -2,7 +2,8 @@
 //! device's own architecture, cached on disk), device buffers and kernel launches.
 //!
 //! Everything of one handle runs on its own stream, so operations are ordered by issue order and
-//! buffers can be reused as soon as the host has issued their last reader. A handle is shared by
+//! buffers can be reused as soon as the host has issued their last reader. (One exception: a
+//! volume copied ahead on a side stream, `side_upload.rs`, ordered against this stream by events.) A handle is shared by
 //! the engines one thread opens on a device (one worker's ensemble); another thread opening the
 //! same device gets a handle of its own (its own stream, activation arena and byte counts), so
 //! two workers on one card (`--gpus 0,0`) neither wait for each other's stream nor capture each
@@ -119,7 +120,13 @@ enum Mem {
     Slot { off: usize, len: usize, walk: u64, own: Option<Box<DevBuf>> },
     /// Memory allocated on a side stream (`side_upload.rs`) and freed there. Once the handle's
     /// own stream has used it (`used`), the side stream waits for that stream before the free.
-    Side { slice: CudaSlice<u8>, main: Arc<CudaStream>, used: bool },
+    Side { mem: SideMem, used: bool },
+}
+
+enum SideMem {
+    Cuda { slice: CudaSlice<u8>, main: Arc<CudaStream> },
+    /// The emulators: a plain allocation, with the same bookkeeping (`MemoryUsage::side_frees_ordered`).
+    Emu(#[allow(dead_code)] EmuAlloc),
 }
 
 /// A device allocation. Freed (stream-ordered) on drop; an arena slot is handed back with
@@ -135,11 +142,13 @@ pub struct DevBuf {
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        if let Some(Mem::Side { slice, main, used }) = &self._mem {
+        if let Some(Mem::Side { mem, used }) = &self._mem {
             // The free is stream-ordered on the side stream, which knows nothing of the main
-            // stream's readers: it waits for them first. (No capture check: the side stream is
-            // never captured, and a buffer the main stream never used is freed from any thread.)
-            if *used && self.usage.as_ref().is_some_and(|u| u.capturing.load(Ordering::Relaxed)) {
+            // stream's readers: once the main stream used the buffer, the free waits for it.
+            // A buffer it never used is freed from any thread, even during a capture (the side
+            // stream is never captured).
+            let capturing = self.usage.as_ref().is_some_and(|u| u.capturing.load(Ordering::Relaxed));
+            if *used && capturing {
                 // Ordering the free after the main stream would need an event recorded inside
                 // the capture: left allocated, and the capture fails, as for any free in it.
                 std::mem::forget(self._mem.take());
@@ -149,8 +158,19 @@ impl Drop for DevBuf {
                 return;
             }
             if *used {
-                if let Err(e) = slice.stream().join(main) {
-                    eprintln!("warning: ordering the free of a side-stream buffer after its readers: {e}");
+                if let SideMem::Cuda { slice, main } = mem {
+                    if let Err(e) = slice.stream().join(main) {
+                        // Without the join, wait for the main stream on the host; failing that,
+                        // leave the memory allocated rather than free it under a reader.
+                        if let Err(e2) = main.synchronize() {
+                            eprintln!("warning: a side-stream buffer left allocated: its readers could not be waited for ({e}; {e2})");
+                            std::mem::forget(self._mem.take());
+                            return;
+                        }
+                    }
+                }
+                if let Some(u) = &self.usage {
+                    u.side_frees_ordered.fetch_add(1, Ordering::Relaxed);
                 }
             }
             if let Some(u) = &self.usage {
@@ -206,6 +226,8 @@ pub struct MemoryUsage {
     capturing: AtomicBool,
     /// Buffers dropped during the current capture.
     freed_in_capture: AtomicUsize,
+    /// Side-stream buffers freed after waiting for the main stream's use of them.
+    side_frees_ordered: AtomicUsize,
 }
 
 impl MemoryUsage {
@@ -274,7 +296,8 @@ pub struct Gpu {
     usage: Arc<MemoryUsage>,
     /// The emulator's device memory size (testing the out-of-memory paths); unlimited by default.
     emu_limit: AtomicUsize,
-    /// Bytes copied from the host by `write` (and `upload`) since the device was opened.
+    /// Bytes copied from the host by `write` (and `upload`) and by side-stream uploads since the
+    /// device was opened.
     to_device: AtomicU64,
     to_host: AtomicU64,
     /// The activation arena shared by the engines on this handle (`arena.rs`).
@@ -374,7 +397,9 @@ impl Gpu {
             let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("creating a CUDA context on cuda:{ordinal}: {e}"))?;
             // One stream per handle, and no buffer is shared between handles: cudarc's
             // per-buffer event tracking is not needed.
-            // SAFETY: every buffer of this handle is used on its one stream only.
+            // SAFETY: every buffer of this handle is used on its one stream only, except the
+            // side-stream volumes of `side_upload.rs`, which order their two streams with
+            // events of their own (the copy before any read, the reads before the free).
             unsafe { ctx.disable_event_tracking() };
             // A stream of our own, not the legacy default stream, which cannot be captured
             // into a CUDA graph.
@@ -483,6 +508,11 @@ impl Gpu {
     /// `reset_memory_peak` was called.
     pub fn memory_peak(&self) -> usize {
         self.usage.peak.load(Ordering::Relaxed)
+    }
+
+    /// Side-stream buffers freed so far after waiting for this handle's stream (`side_upload`).
+    pub fn side_frees_ordered(&self) -> usize {
+        self.usage.side_frees_ordered.load(Ordering::Relaxed)
     }
 
     pub fn reset_memory_peak(&self) {
@@ -739,7 +769,7 @@ impl Gpu {
 
     /// `bytes` of uninitialised device memory allocated (and later freed) on `side`, a stream of
     /// `new_side_stream`, so that another thread may allocate while this handle captures a
-    /// graph. On the emulators (`side` None) a plain emulated allocation.
+    /// graph. On the emulators (`side` None) an emulated allocation with the same bookkeeping.
     pub(super) fn alloc_side(&self, side: Option<&Arc<CudaStream>>, bytes: usize) -> Result<DevBuf> {
         match (&self.inner, side) {
             (Inner::Cuda { ctx, stream, .. }, Some(side)) => {
@@ -748,9 +778,15 @@ impl Gpu {
                 let (ptr, g) = slice.device_ptr(side);
                 drop(g);
                 self.usage.add(bytes);
-                Ok(DevBuf { _mem: Some(Mem::Side { slice, main: stream.clone(), used: false }), ptr, bytes, usage: Some(self.usage.clone()) })
+                Ok(DevBuf { _mem: Some(Mem::Side { mem: SideMem::Cuda { slice, main: stream.clone() }, used: false }), ptr, bytes, usage: Some(self.usage.clone()) })
             }
-            (Inner::Emu(emu), _) => self.alloc_emulated(emu, bytes),
+            (Inner::Emu(emu), _) => {
+                let mut b = self.alloc_emulated(emu, bytes)?;
+                if let Some(Mem::Emu(a)) = b._mem.take() {
+                    b._mem = Some(Mem::Side { mem: SideMem::Emu(a), used: false });
+                }
+                Ok(b)
+            }
             (Inner::Cuda { .. }, None) => bail!("internal error: a side allocation without a side stream"),
         }
     }

@@ -466,12 +466,15 @@ fn layout_cases(c: &mut Ctx) {
         c.cmp("f32_to_f16", &shape_str(&vd), &got, &want, TOL_EXACT);
         Ok(())
     });
-    c.case("side_upload_f16", &shape_str(&vd), |c| {
+    // On a GPU, volumes of 25 M voxels (50 MiB fp16, like a third of a seed tomogram), so that
+    // the copies take long enough for an ordering fault to show.
+    let vu = if c.gpu.is_emulator() { vd } else { [96, 512, 512] };
+    c.case("side_upload_f16", &shape_str(&vu), |c| {
         // Two volumes copied from another thread on the side stream (the second reuses the
         // page-locked staging of the first), each read on the main stream after its wait: the
         // host's round-to-nearest-even fp16, as `f32_to_f16` makes on the device.
         let mut up = super::side_upload::SideUploader::new(c.gpu.clone())?;
-        let mut x = c.rand(vol(vd), 0.0, 1.0);
+        let mut x = c.rand(vol(vu), 0.0, 1.0);
         for (i, v) in [1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 3.0 * 2f32.powi(-25), 6e-8].into_iter().enumerate() {
             x[i * 7] = v;
         }
@@ -482,8 +485,39 @@ fn layout_cases(c: &mut Ctx) {
             let buf = p.wait()?;
             let got = c.rd16(&buf, v.len())?;
             let want: Vec<f32> = v.iter().map(|&a| r16(a)).collect();
-            c.cmp(name, &shape_str(&vd), &got, &want, TOL_EXACT);
+            c.cmp(name, &shape_str(&vu), &got, &want, TOL_EXACT);
         }
+        Ok(())
+    });
+    c.case("side_upload_f16 (during a graph capture)", &shape_str(&vu), |c| {
+        // `fastdet run`'s reader uploads while the worker captures its graphs: the capture must
+        // neither fail nor take in the side stream's work, and both must give their values.
+        let mut up = super::side_upload::SideUploader::new(c.gpu.clone())?;
+        let x = c.rand(vol(vu), 0.0, 1.0);
+        let small = c.rand(4099, -2.0, 2.0);
+        let (src, dst) = (c.up32(&small)?, c.gpu.alloc(small.len() * 2)?);
+        // (The self-test synchronises after each kernel, which a capture cannot hold.)
+        let sync_each = c.gpu.sync_each();
+        c.gpu.set_sync_each(false);
+        let begun = c.gpu.begin_capture();
+        let (uploaded, captured) = std::thread::scope(|t| {
+            let h = t.spawn(|| up.upload(&x));
+            let k = begun.and_then(|()| ops::f32_to_f16(&c.gpu, src.ptr, dst.ptr, small.len()));
+            (h.join(), k)
+        });
+        let graph = if c.gpu.capturing() { c.gpu.end_capture() } else { Err(anyhow!("no capture under way")) };
+        c.gpu.set_sync_each(sync_each);
+        let pending = uploaded.map_err(|_| anyhow!("the uploading thread panicked"))??;
+        captured?;
+        let graph = graph.context("the capture beside a side-stream upload")?;
+        c.gpu.replay(&graph)?;
+        let got = c.rd16(&dst, small.len())?;
+        let want: Vec<f32> = small.iter().map(|&a| r16(a)).collect();
+        c.cmp("side_upload_f16 (captured kernel)", "4099", &got, &want, TOL_EXACT);
+        let buf = pending.wait()?;
+        let got = c.rd16(&buf, x.len())?;
+        let want: Vec<f32> = x.iter().map(|&a| r16(a)).collect();
+        c.cmp("side_upload_f16 (during a graph capture)", &shape_str(&vu), &got, &want, TOL_EXACT);
         Ok(())
     });
     c.case("extract_tiles_f16", &shape, |c| {

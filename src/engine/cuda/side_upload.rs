@@ -17,6 +17,10 @@
 //! the buffer holds fp16 NaNs until then: a kernel that read the volume without the wait would
 //! see them.
 //!
+//! cudarc keeps one error slot per context, which a bind on either thread reads and clears: an
+//! error a drop on the worker's side stored may surface in the reader's next call (reported as
+//! a failed early copy, after which the volume goes up in its turn), and the reverse.
+//!
 //! The conversion is `half::f16::from_f32`, round to nearest even like the device's
 //! `f32_to_f16` (`__float2half_rn`), so the volume holds the same bits as `DeviceVolume::new`
 //! makes (tested).
@@ -94,27 +98,16 @@ impl SideUploader {
                 Landing::Emulated(bits)
             }
             Some(side) => {
-                if let Some(e) = self.last_copy.take() {
-                    e.synchronize().map_err(|e| anyhow!("waiting for the previous volume's copy: {e}"))?;
+                let side = side.clone();
+                match self.copy_through_pinned(&side, buf.ptr, volume) {
+                    Ok(event) => Landing::Cuda(event),
+                    Err(e) => {
+                        // A copy may still be reading the staging: wait for the side stream, and
+                        // if even that fails, never refill or free the staging.
+                        self.quiesce(&side);
+                        return Err(e);
+                    }
                 }
-                if self.pinned.as_ref().is_none_or(|p| p.len() < volume.len()) {
-                    self.pinned = None;
-                    // SAFETY: written in full below before any copy reads it. Plain (not
-                    // write-combined) page-locked memory.
-                    let p = unsafe { side.context().alloc_pinned_with_flags::<u16>(volume.len().max(1), 0) }
-                        .map_err(|e| anyhow!("allocating {:.0} MiB of page-locked host memory: {e}", volume.len() as f64 * 2.0 / 1048576.0))?;
-                    self.pinned = Some(p);
-                }
-                let pinned = self.pinned.as_mut().expect("allocated above");
-                let host = &mut pinned.as_mut_slice().map_err(|e| anyhow!("page-locked staging: {e}"))?[..volume.len()];
-                to_f16_bits(volume, host);
-                // SAFETY: buf holds volume.len() fp16; the pinned source stays untouched until
-                // `last_copy` has completed (checked before the next refill or drop).
-                unsafe { cudarc::driver::result::memcpy_htod_async(buf.ptr, &*host, side.cu_stream()) }
-                    .map_err(|e| anyhow!("copy of {} bytes to the device on the side stream: {e}", volume.len() * 2))?;
-                let record = || side.record_event(None).map_err(|e| anyhow!("recording the copy's event: {e}"));
-                self.last_copy = Some(record()?);
-                Landing::Cuda(record()?)
             }
         };
         gpu.count_to_device(volume.len() * 2);
@@ -122,12 +115,54 @@ impl SideUploader {
     }
 }
 
+impl SideUploader {
+    /// Converts `volume` into the page-locked staging (after the previous copy out of it has
+    /// finished) and issues its copy to `dst` on `side`; returns the event the main stream waits for.
+    fn copy_through_pinned(&mut self, side: &Arc<CudaStream>, dst: u64, volume: &[f32]) -> Result<CudaEvent> {
+        if let Some(e) = &self.last_copy {
+            e.synchronize().map_err(|e| anyhow!("waiting for the previous volume's copy: {e}"))?;
+            self.last_copy = None;
+        }
+        if self.pinned.as_ref().is_none_or(|p| p.len() < volume.len()) {
+            self.pinned = None;
+            // SAFETY: written in full below before any copy reads it. Plain (not write-combined)
+            // page-locked memory.
+            let p = unsafe { side.context().alloc_pinned_with_flags::<u16>(volume.len().max(1), 0) }
+                .map_err(|e| anyhow!("allocating {:.0} MiB of page-locked host memory: {e}", volume.len() as f64 * 2.0 / 1048576.0))?;
+            self.pinned = Some(p);
+        }
+        let pinned = self.pinned.as_mut().expect("allocated above");
+        let host = &mut pinned.as_mut_slice().map_err(|e| anyhow!("page-locked staging: {e}"))?[..volume.len()];
+        to_f16_bits(volume, host);
+        // SAFETY: dst holds volume.len() fp16; the staging stays untouched until `last_copy` has
+        // completed (waited for before the next refill and on drop; `quiesce` on errors).
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, &*host, side.cu_stream()) }
+            .map_err(|e| anyhow!("copy of {} bytes to the device on the side stream: {e}", volume.len() * 2))?;
+        let record = || side.record_event(None).map_err(|e| anyhow!("recording the copy's event: {e}"));
+        self.last_copy = Some(record()?);
+        record()
+    }
+
+    /// After an error: waits for everything on the side stream, so the staging is free again; if
+    /// that fails too, the staging is leaked (a copy may still read it) and a new one made later.
+    fn quiesce(&mut self, side: &CudaStream) {
+        match side.synchronize() {
+            Ok(()) => self.last_copy = None,
+            Err(e) => {
+                eprintln!("warning: the side stream could not be waited for ({e}); its page-locked staging is left allocated");
+                std::mem::forget(self.pinned.take());
+                self.last_copy = None;
+            }
+        }
+    }
+}
+
 impl Drop for SideUploader {
     fn drop(&mut self) {
         // The pinned memory is freed only after the last copy out of it.
-        if let Some(e) = self.last_copy.take() {
-            if let Err(e) = e.synchronize() {
-                eprintln!("warning: waiting for the last side-stream copy: {e}");
+        if let (Some(e), Some(side)) = (self.last_copy.take(), self.side.clone()) {
+            if e.synchronize().is_err() {
+                self.quiesce(&side);
             }
         }
     }
@@ -253,6 +288,35 @@ mod tests {
         assert_eq!(tiles(&mut dv), tiles(&mut reference));
         drop((dv, reference));
         drop(up);
+    }
+
+    /// The free of a side-stream buffer waits for the main stream once that stream used it (on a
+    /// GPU: the side stream joins the main one), not before; a used one dropped during a graph
+    /// capture is left allocated and fails the capture, as any free in it does, while an unused
+    /// one is freed then as always (the reader's side of the device is never captured).
+    #[test]
+    fn a_side_buffer_is_freed_after_the_main_stream_once_that_stream_used_it() {
+        let gpu = Gpu::emulator().unwrap();
+        let v = volume(4096, 7);
+        let bytes = 2 * v.len();
+        let mut up = SideUploader::new(gpu.clone()).unwrap();
+        let live = gpu.memory_live();
+        drop(up.upload(&v).unwrap());
+        assert_eq!((gpu.memory_live(), gpu.side_frees_ordered()), (live, 0), "unused: a plain free");
+        let used = up.upload(&v).unwrap().wait().unwrap();
+        assert_eq!(gpu.memory_live(), live + bytes);
+        drop(used);
+        assert_eq!((gpu.memory_live(), gpu.side_frees_ordered()), (live, 1), "used: freed after the main stream");
+
+        let unused = up.upload(&v).unwrap();
+        let used = up.upload(&v).unwrap().wait().unwrap();
+        gpu.begin_capture().unwrap();
+        drop(unused);
+        assert_eq!(gpu.memory_live(), live + bytes, "an unused one is freed even during a capture");
+        drop(used);
+        let e = gpu.end_capture().err().expect("a used side buffer freed in the capture");
+        assert!(format!("{e:#}").contains("1 buffer(s) freed during the capture"), "{e:#}");
+        assert_eq!((gpu.memory_live(), gpu.side_frees_ordered()), (live + bytes, 1), "left allocated");
     }
 
     /// No room for a second volume: an `OutOfMemory` error (the caller uploads it later) and
