@@ -317,7 +317,7 @@ fn plan_memory(a: &BenchArgs) -> Result<ExitCode> {
 /// one is computed, as `run`'s reader thread does.
 fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<ExitCode> {
     use fastdet::engine::cuda::side_upload::{overlap_enabled, PendingVolume, SideUploader};
-    use fastdet::pipeline::runner::{predict_and_detect_prepared, Ensemble, Prepared, Settings, Timing};
+    use fastdet::pipeline::runner::{predict_and_detect, Ensemble, Prepared, Settings, Timing};
     let started = Instant::now();
     let [n_seg, n_dyn] = a.models;
     let mut engines = Vec::new();
@@ -374,7 +374,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
         let dets = std::thread::scope(|scope| -> Result<_> {
             let ahead = uploader.as_mut().filter(|_| i + 1 < total).map(|up| scope.spawn(|| upload_ahead(up)));
             let prepared = Prepared { normalized: true, upload };
-            let r = predict_and_detect_prepared(&mut ens, &mut vol, shape, &s, &mut first_tiles, &mut timing, false, prepared);
+            let r = predict_and_detect(&mut ens, &mut vol, shape, &s, &mut first_tiles, &mut timing, false, prepared);
             next = ahead.map(|h| h.join().map_err(|_| anyhow::anyhow!("the uploading thread panicked"))?).transpose()?.flatten();
             Ok(r?.0)
         })?;

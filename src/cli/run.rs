@@ -6,7 +6,7 @@ use fastdet::metric;
 use fastdet::particles::{Pick, CLASSES};
 use fastdet::pipeline::detect::to_picks_scaled;
 use fastdet::engine::cuda::{PendingVolume, SideUploader};
-use fastdet::pipeline::runner::{predict_and_detect_prepared, Ensemble, Prepared, Settings, Timing, Tta};
+use fastdet::pipeline::runner::{predict_and_detect, Ensemble, Prepared, Settings, Timing, Tta};
 use fastdet::pipeline::tiling::normalize_unit_range;
 use fastdet::weights::Weights;
 use std::io::{IsTerminal, Write};
@@ -395,7 +395,7 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
     };
     // The maps are read back from the device only for --save-maps (detection runs on the device).
     let prepared = Prepared { normalized: true, upload };
-    let (dets, maps) = predict_and_detect_prepared(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some(), prepared)
+    let (dets, maps) = predict_and_detect(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some(), prepared)
         .with_context(|| format!("{}: inference failed", job.path.display()))?;
     if timing.upload_overlapped {
         timing.upload += upload_s;

@@ -326,7 +326,7 @@ enum BatchInput<'a> {
     Device(&'a mut DeviceVolume),
 }
 
-/// What the caller did to a volume before `predict_and_detect_prepared`.
+/// What the caller did to a volume before `predict_and_detect`.
 #[derive(Default)]
 pub struct Prepared {
     /// Already normalised (`normalize_unit_range`); the runner does not do it again.
@@ -376,23 +376,11 @@ fn predict_maps_with(
 /// `want_maps`. On the device path (see `predict_maps`) the first stage of detection (peaks and
 /// thresholds) runs on the device too and only the candidates are read back, so the maps are
 /// read back only when asked for. Detection (candidate extraction included) counts as
-/// `timing.detect`.
-pub fn predict_and_detect(
-    ens: &mut Ensemble,
-    volume: &mut [f32],
-    shape: [usize; 3],
-    s: &Settings,
-    progress: &mut dyn FnMut(usize, usize),
-    timing: &mut Timing,
-    want_maps: bool,
-) -> Result<(Vec<Detection>, Option<Maps>)> {
-    predict_and_detect_prepared(ens, volume, shape, s, progress, timing, want_maps, Prepared::default())
-}
-
-/// `predict_and_detect` of a volume the caller has normalised, or whose upload it has issued,
-/// already (`fastdet run`'s reader thread, while the previous volume is computed).
+/// `timing.detect`. `prepared`: what the caller already did to the volume (`Prepared::default()`:
+/// nothing; `fastdet run`'s reader thread normalises it and issues its upload while the previous
+/// volume is computed).
 #[allow(clippy::too_many_arguments)]
-pub fn predict_and_detect_prepared(
+pub fn predict_and_detect(
     ens: &mut Ensemble,
     volume: &mut [f32],
     shape: [usize; 3],
@@ -883,7 +871,7 @@ mod tests {
         let mut ens = Ensemble { engines: cuda_engines(&gpu, &weights), num_classes: nc, stride: 2 };
         assert!(ens.volume_device().is_some_and(|g| Arc::ptr_eq(&g, &gpu)));
         let mut timing = Timing::default();
-        let (want, want_maps) = predict_and_detect(&mut ens, &mut raw.clone(), shape, &s, &mut |_, _| {}, &mut timing, true).unwrap();
+        let (want, want_maps) = predict_and_detect(&mut ens, &mut raw.clone(), shape, &s, &mut |_, _| {}, &mut timing, true, Prepared::default()).unwrap();
         assert!(!want.is_empty() && !timing.upload_overlapped && timing.upload > 0.0, "{timing:?}");
 
         let mut normalized = raw.clone();
@@ -897,7 +885,7 @@ mod tests {
             let mut timing = Timing::default();
             let sent = gpu.bytes_to_device();
             let prepared = Prepared { normalized: true, upload: Some(upload) };
-            let (dets, maps) = predict_and_detect_prepared(&mut ens, &mut normalized.clone(), shape, &s, &mut |_, _| {}, &mut timing, true, prepared).unwrap();
+            let (dets, maps) = predict_and_detect(&mut ens, &mut normalized.clone(), shape, &s, &mut |_, _| {}, &mut timing, true, prepared).unwrap();
             assert_eq!(dets, want, "{what}");
             assert!(maps == want_maps, "{what}");
             assert_eq!(timing.upload_overlapped, used, "{what}: {timing:?}");
@@ -908,7 +896,7 @@ mod tests {
         }
         let host = Settings { device_blend: false, ..s.clone() };
         let prepared = Prepared { normalized: true, upload: Some(ahead(&mut up, &normalized)) };
-        let (dets, _) = predict_and_detect_prepared(&mut ens, &mut normalized.clone(), shape, &host, &mut |_, _| {}, &mut Timing::default(), false, prepared).unwrap();
+        let (dets, _) = predict_and_detect(&mut ens, &mut normalized.clone(), shape, &host, &mut |_, _| {}, &mut Timing::default(), false, prepared).unwrap();
         assert_eq!(dets.len(), want.len());
         assert_eq!(gpu.memory_live(), live);
     }

@@ -1593,7 +1593,7 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
         let mut v = tomo.data.clone();
         let mut timing = Timing::default();
         let t = Instant::now();
-        let (dets, _) = predict_and_detect(&mut ens, &mut v, shape, &Settings { device_blend: true, ..settings.clone() }, &mut |_, _| {}, &mut timing, false)?;
+        let (dets, _) = predict_and_detect(&mut ens, &mut v, shape, &Settings { device_blend: true, ..settings.clone() }, &mut |_, _| {}, &mut timing, false, Default::default())?;
         let elapsed = t.elapsed().as_secs_f64();
         let same = dets == gpu.1;
         let differing = if same { 0 } else { dets.len().abs_diff(gpu.1.len()).max(dets.iter().zip(&gpu.1).filter(|(a, b)| a != b).count()).max(1) };
