@@ -316,7 +316,7 @@ fn plan_memory(a: &BenchArgs) -> Result<ExitCode> {
 /// `FASTDET_OVERLAP_UPLOAD=0`) the next iteration's copy issued from another thread while this
 /// one is computed, as `run`'s reader thread does.
 fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<ExitCode> {
-    use fastdet::engine::cuda::side_upload::{overlap_enabled, PendingVolume, SideUploader};
+    use fastdet::engine::cuda::side_upload::{overlap_enabled, SideUploader};
     use fastdet::pipeline::runner::{predict_and_detect, Ensemble, Prepared, Settings, Timing};
     let started = Instant::now();
     let [n_seg, n_dyn] = a.models;
@@ -343,19 +343,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
         Some(gpu) if !a.host_blend && overlap_enabled() => Some(SideUploader::new(gpu)?),
         _ => None,
     };
-    // As `run`'s reader: a copy that cannot be made ahead (no room beside the current volume)
-    // is reported, and the volume goes up in its turn.
-    let upload_ahead = |up: &mut SideUploader| -> Result<Option<(PendingVolume, f64)>> {
-        let t = Instant::now();
-        match up.upload(&volume) {
-            Ok(p) => Ok(Some((p, t.elapsed().as_secs_f64()))),
-            Err(e) if e.downcast_ref::<fastdet::pipeline::runner::OutOfMemory>().is_some() => {
-                eprintln!("  no room on the device for a second volume ({e:#}); this one goes up in its turn");
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
-    };
+    let upload_ahead = |up: &mut SideUploader| up.upload_or_defer(&volume, "bench");
     // The first volume goes up before the clock starts, as `run`'s first one is read before it.
     let mut next = uploader.as_mut().map(upload_ahead).transpose()?.flatten();
     let total = a.warmup + a.iters;
@@ -364,7 +352,6 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
     for i in 0..total {
         let mut vol = volume.clone();
         let mut timing = Timing::default();
-        let (upload, upload_s) = next.take().map_or((None, 0.0), |(p, s)| (Some(p), s));
         let t = Instant::now();
         let mut first_tiles = |done: usize, _total: usize| {
             if done > 0 && cold_start_s.is_none() {
@@ -373,14 +360,11 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
         };
         let dets = std::thread::scope(|scope| -> Result<_> {
             let ahead = uploader.as_mut().filter(|_| i + 1 < total).map(|up| scope.spawn(|| upload_ahead(up)));
-            let prepared = Prepared { normalized: true, upload };
+            let prepared = Prepared { normalized: true, upload: next.take() };
             let r = predict_and_detect(&mut ens, &mut vol, shape, &s, &mut first_tiles, &mut timing, false, prepared);
             next = ahead.map(|h| h.join().map_err(|_| anyhow::anyhow!("the uploading thread panicked"))?).transpose()?.flatten();
             Ok(r?.0)
         })?;
-        if timing.upload_overlapped {
-            timing.upload += upload_s;
-        }
         if i >= a.warmup {
             runs.push((t.elapsed().as_secs_f64(), timing, dets.len()));
         }

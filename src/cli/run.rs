@@ -316,13 +316,11 @@ impl Extras<'_> {
 }
 
 /// A tomogram the reader thread has read, checked and normalised, and whose copy to the device it
-/// has issued when the worker's ensemble takes the volume there (`upload`; `upload_s` is the
-/// reader's time for the fp16 conversion and issuing the copy, which then runs on its own).
+/// has issued when the worker's ensemble takes the volume there (`upload`).
 struct Loaded {
     vol: zarr::Volume,
     read_s: f64,
     upload: Option<PendingVolume>,
-    upload_s: f64,
 }
 
 /// `load`, the normalisation, and the copy to the device through `uploader` when there is one; a
@@ -332,18 +330,13 @@ fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUpl
     let (mut vol, _) = load(job, a, s)?;
     normalize_unit_range(&mut vol.data);
     let read_s = t.elapsed().as_secs_f64();
-    let (mut upload, mut upload_s) = (None, 0.0);
-    if let Some(u) = uploader {
-        let t = Instant::now();
-        match u.upload(&vol.data) {
-            Ok(p) => (upload, upload_s) = (Some(p), t.elapsed().as_secs_f64()),
-            Err(e) if e.downcast_ref::<fastdet::pipeline::runner::OutOfMemory>().is_some() => {
-                eprintln!("  {}: no room on the device for this volume beside the one being computed; it goes up when its turn comes", job.run)
-            }
-            Err(e) => eprintln!("  warning: {}: the early copy to the device failed ({e:#}); the volume goes up when its turn comes", job.run),
-        }
-    }
-    Ok(Loaded { vol, read_s, upload, upload_s })
+    let upload = uploader.and_then(|u| {
+        u.upload_or_defer(&vol.data, &job.run).unwrap_or_else(|e| {
+            eprintln!("  warning: {}: the early copy to the device failed ({e:#}); the volume goes up when its turn comes", job.run);
+            None
+        })
+    });
+    Ok(Loaded { vol, read_s, upload })
 }
 
 /// Reads one tomogram and checks it (runs on the reader thread, ahead of inference).
@@ -378,7 +371,7 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
 
 /// Infers and detects one loaded run; returns its picks.
 fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: Extras) -> Result<(Vec<Pick>, Timing)> {
-    let Loaded { mut vol, read_s, upload, upload_s } = loaded;
+    let Loaded { mut vol, read_s, upload } = loaded;
     let mut timing = Timing { read: read_s, ..Timing::default() };
     let tty = std::io::stderr().is_terminal();
     let t_infer = Instant::now();
@@ -397,9 +390,6 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
     let prepared = Prepared { normalized: true, upload };
     let (dets, maps) = predict_and_detect(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some(), prepared)
         .with_context(|| format!("{}: inference failed", job.path.display()))?;
-    if timing.upload_overlapped {
-        timing.upload += upload_s;
-    }
     if let (Some(dir), Some(maps)) = (extras.save_maps, &maps) {
         let d = maps.dims;
         tensors::write_f32(

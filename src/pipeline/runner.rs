@@ -475,6 +475,7 @@ fn predict_blended(
                     let ahead = upload.take().filter(|u| device_input && one_channel && u.is_for(&gpu) && u.voxels() == volume.len());
                     let mut dv = if let Some(u) = ahead {
                         timing.upload_overlapped = true;
+                        timing.upload += u.issue_s();
                         Some(DeviceVolume::from_upload(gpu.clone(), u, shape, s.window)?)
                     } else if device_input && one_channel {
                         // Waited for on both sides (the accumulators' zeroing before), so that

@@ -142,52 +142,37 @@ pub struct DevBuf {
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        if let Some(Mem::Side { mem, used }) = &self._mem {
-            // The free is stream-ordered on the side stream, which knows nothing of the main
-            // stream's readers: once the main stream used the buffer, the free waits for it.
-            // A buffer it never used is freed from any thread, even during a capture (the side
-            // stream is never captured).
-            let capturing = self.usage.as_ref().is_some_and(|u| u.capturing.load(Ordering::Relaxed));
-            if *used && capturing {
-                // Ordering the free after the main stream would need an event recorded inside
-                // the capture: left allocated, and the capture fails, as for any free in it.
-                std::mem::forget(self._mem.take());
-                if let Some(u) = &self.usage {
-                    u.freed_in_capture.fetch_add(1, Ordering::Relaxed);
-                }
-                return;
-            }
-            if *used {
-                if let SideMem::Cuda { slice, main } = mem {
-                    if let Err(e) = slice.stream().join(main) {
-                        // Without the join, wait for the main stream on the host; failing that,
-                        // leave the memory allocated rather than free it under a reader.
-                        if let Err(e2) = main.synchronize() {
-                            eprintln!("warning: a side-stream buffer left allocated: its readers could not be waited for ({e}; {e2})");
-                            std::mem::forget(self._mem.take());
-                            return;
-                        }
-                    }
-                }
-                if let Some(u) = &self.usage {
-                    u.side_frees_ordered.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if let Some(u) = &self.usage {
-                u.live.fetch_sub(self.bytes, Ordering::Relaxed);
-            }
+        let Some(u) = &self.usage else { return };
+        // Whether this is a side-stream buffer (`side_upload.rs`), and whether the main stream used it.
+        let side_used = match &self._mem {
+            Some(Mem::Side { used, .. }) => Some(*used),
+            _ => None,
+        };
+        // A free during a capture would be captured (and repeated by every replay) or break it:
+        // the memory is left allocated and the capture fails (`end_capture`). A side-stream
+        // buffer the main stream never used is freed on the side stream, which is never captured.
+        if u.capturing.load(Ordering::Relaxed) && side_used != Some(false) {
+            std::mem::forget(self._mem.take());
+            u.freed_in_capture.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let Some(u) = &self.usage {
-            if u.capturing.load(Ordering::Relaxed) {
-                // A free during a capture would be captured (and repeated by every replay) or
-                // break it: the memory is left allocated and the capture fails (`end_capture`).
-                std::mem::forget(self._mem.take());
-                u.freed_in_capture.fetch_add(1, Ordering::Relaxed);
-                return;
+        if side_used == Some(true) {
+            // The free is stream-ordered on the side stream, which knows nothing of the main
+            // stream's readers: it waits for them first; without that join, the host waits for
+            // the main stream; failing that, the memory is left allocated rather than freed
+            // under a reader.
+            if let Some(Mem::Side { mem: SideMem::Cuda { slice, main }, .. }) = &self._mem {
+                if let Err(e) = slice.stream().join(main) {
+                    if let Err(e2) = main.synchronize() {
+                        eprintln!("warning: a side-stream buffer left allocated: its readers could not be waited for ({e}; {e2})");
+                        std::mem::forget(self._mem.take());
+                        return;
+                    }
+                }
             }
-            u.live.fetch_sub(self.bytes, Ordering::Relaxed);
+            u.side_frees_ordered.fetch_add(1, Ordering::Relaxed);
         }
+        u.live.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 

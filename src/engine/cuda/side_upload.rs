@@ -26,9 +26,11 @@
 //! makes (tested).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
+use half::slice::HalfFloatSliceExt;
 use half::f16;
 use rayon::prelude::*;
 
@@ -61,6 +63,8 @@ pub struct PendingVolume {
     buf: DevBuf,
     voxels: usize,
     landing: Landing,
+    /// Seconds the uploading thread spent on it (the fp16 conversion and issuing the copy).
+    issue_s: f64,
 }
 
 enum Landing {
@@ -68,7 +72,6 @@ enum Landing {
     Cuda(CudaEvent),
     /// The emulators: the bytes the copy will write at the wait.
     Emulated(Vec<u16>),
-    Landed,
 }
 
 impl SideUploader {
@@ -79,13 +82,10 @@ impl SideUploader {
         Ok(SideUploader { gpu, side, pinned: None, last_copy: None })
     }
 
-    pub fn gpu(&self) -> &Arc<Gpu> {
-        &self.gpu
-    }
-
     /// Issues the copy of `volume` (normalised f32) as fp16 and returns without waiting for it.
     /// An `OutOfMemory` error means the device has no room for a second volume now.
     pub fn upload(&mut self, volume: &[f32]) -> Result<PendingVolume> {
+        let started = Instant::now();
         let gpu = self.gpu.clone();
         gpu.bind()?;
         let buf = gpu.alloc_side(self.side.as_ref(), volume.len() * 2)?;
@@ -111,11 +111,22 @@ impl SideUploader {
             }
         };
         gpu.count_to_device(volume.len() * 2);
-        Ok(PendingVolume { gpu, buf, voxels: volume.len(), landing })
+        Ok(PendingVolume { gpu, buf, voxels: volume.len(), landing, issue_s: started.elapsed().as_secs_f64() })
     }
-}
 
-impl SideUploader {
+    /// `upload`, or None when the device has no room for the volume beside the one being
+    /// computed (reported, naming `what`): the caller then copies it in its turn.
+    pub fn upload_or_defer(&mut self, volume: &[f32], what: &str) -> Result<Option<PendingVolume>> {
+        match self.upload(volume) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_some() => {
+                eprintln!("  {what}: no room on the device for this volume beside the one being computed ({e:#}); it goes up when its turn comes");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Converts `volume` into the page-locked staging (after the previous copy out of it has
     /// finished) and issues its copy to `dst` on `side`; returns the event the main stream waits for.
     fn copy_through_pinned(&mut self, side: &Arc<CudaStream>, dst: u64, volume: &[f32]) -> Result<CudaEvent> {
@@ -168,20 +179,24 @@ impl Drop for SideUploader {
     }
 }
 
-/// RNE fp16 bits of `src` into `dst` (same length), in parallel.
+/// RNE fp16 bits of `src` into `dst` (same length), in parallel chunks (`half`'s slice
+/// conversion, which uses the CPU's conversion instructions where it has them).
 fn to_f16_bits(src: &[f32], dst: &mut [u16]) {
     const CHUNK: usize = 1 << 16;
-    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
-        for (d, &s) in d.iter_mut().zip(s) {
-            *d = f16::from_f32(s).to_bits();
-        }
-    });
+    let dst: &mut [f16] = bytemuck::cast_slice_mut(dst);
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| d.convert_from_f32_slice(s));
 }
 
 impl PendingVolume {
     /// Voxels of the volume.
     pub fn voxels(&self) -> usize {
         self.voxels
+    }
+
+    /// Seconds the uploading thread spent on it (the fp16 conversion and issuing the copy, which
+    /// then runs on its own).
+    pub fn issue_s(&self) -> f64 {
+        self.issue_s
     }
 
     /// Whether it was made for (and on) `gpu`'s handle.
@@ -192,23 +207,23 @@ impl PendingVolume {
     /// Orders the handle's main stream after the copy (work issued later sees the volume) and
     /// returns the device buffer, `voxels` fp16. Call from the handle's own thread, outside a
     /// graph capture.
-    pub fn wait(mut self) -> Result<DevBuf> {
-        if self.gpu.capturing() {
+    pub fn wait(self) -> Result<DevBuf> {
+        let PendingVolume { gpu, mut buf, landing, .. } = self;
+        if gpu.capturing() {
             bail!("waiting for a side-stream copy during a CUDA graph capture");
         }
-        match std::mem::replace(&mut self.landing, Landing::Landed) {
+        match landing {
             Landing::Cuda(event) => {
-                let main = self.gpu.stream().ok_or_else(|| anyhow!("internal error: a CUDA copy on an emulated handle"))?;
+                let main = gpu.stream().ok_or_else(|| anyhow!("internal error: a CUDA copy on an emulated handle"))?;
                 main.wait(&event).map_err(|e| anyhow!("ordering the main stream after the volume's copy: {e}"))?;
             }
             Landing::Emulated(bits) => {
-                let emu = self.gpu.emu().ok_or_else(|| anyhow!("internal error: an emulated copy on a CUDA handle"))?;
-                emu.write_bytes(self.buf.ptr, bytemuck::cast_slice(&bits))?;
+                let emu = gpu.emu().ok_or_else(|| anyhow!("internal error: an emulated copy on a CUDA handle"))?;
+                emu.write_bytes(buf.ptr, bytemuck::cast_slice(&bits))?;
             }
-            Landing::Landed => {}
         }
-        self.buf.mark_used_by_main();
-        Ok(self.buf)
+        buf.mark_used_by_main();
+        Ok(buf)
     }
 
     /// The device buffer as it is now, without waiting (tests: the emulators' NaNs before the wait).
@@ -314,7 +329,7 @@ mod tests {
         drop(unused);
         assert_eq!(gpu.memory_live(), live + bytes, "an unused one is freed even during a capture");
         drop(used);
-        let e = gpu.end_capture().err().expect("a used side buffer freed in the capture");
+        let e = gpu.end_capture().expect_err("a used side buffer freed in the capture");
         assert!(format!("{e:#}").contains("1 buffer(s) freed during the capture"), "{e:#}");
         assert_eq!((gpu.memory_live(), gpu.side_frees_ordered()), (live + bytes, 1), "left allocated");
     }
