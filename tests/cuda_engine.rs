@@ -142,7 +142,9 @@ case "$cmd" in
     case "$*" in
       *--host-blend*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "device_blend": false, "s_per_tomogram": 2.5, "upload_s": 0.0, "infer_s": 1.8, "blend_s": 0.5, "detect_s": 0.2, "tflops": 80.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
       *--tomogram*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "device_blend": true, "s_per_tomogram": 1.5, "upload_s": 0.03, "infer_s": 1.0, "blend_s": 0.3, "detect_s": 0.2, "tflops": 100.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
-      *) echo '{"device": "cuda:0", "tile": [192, 128, 128], "batch": 1, "fastdet_version": "0", "cold_start_s": 0.4, "kernel_load": {"files": 13, "compiled": 0, "compile_s": 0.0, "load_s": 0.05}, "models": [{"model": "segresnetv2", "engine": "cuda:0:stand-in", "ms_per_tile": 5.0, "ms_per_tile_min": 4.9, "ms_per_tile_max": 5.1, "gflops": 1000.0, "open_s": 0.2, "device_memory_peak_mib": 900.0}]}' ;;
+      *) choice=null
+         [ "${FASTDET_CONV:-}" = measure ] && choice='{"label": "tc-wide", "remembered": false, "batch": 1, "ms_per_walk": {"cudnn": 5.5, "tc": 4.75, "tc-wide": 4.5, "tc-async": null}}'
+         echo '{"device": "cuda:0", "tile": [192, 128, 128], "batch": 1, "fastdet_version": "0", "cold_start_s": 0.4, "kernel_load": {"files": 13, "compiled": 0, "compile_s": 0.0, "load_s": 0.05}, "models": [{"model": "segresnetv2", "engine": "cuda:0:stand-in", "ms_per_tile": 5.0, "ms_per_tile_min": 4.9, "ms_per_tile_max": 5.1, "gflops": 1000.0, "open_s": 0.2, "device_memory_peak_mib": 900.0, "conv_choice": '"$choice"'}]}' ;;
     esac ;;
   synth) mkdir -p "$1" ;;
   run)
@@ -223,6 +225,7 @@ echo "========= ERROR SUMMARY: 0 errors"
         "selftest --quick",
         "bench fastdet ",
         "bench fastdet tensor-core",
+        "bench fastdet measured choice",
         "selftest (full)",
         "bench criterion cuda_ops",
         "bench tomogram (5+5 models)",
@@ -242,7 +245,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     }
     // The tensor-core bench ran with FASTDET_CONV=tc; the figures reached results.json.
     let calls = std::fs::read_to_string(&calls).unwrap();
-    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 2, "{calls}");
+    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 3, "{calls}");
     for tool in ["memcheck", "racecheck"] {
         assert!(calls.contains(&format!("compute-sanitizer --tool {tool} --error-exitcode 99 --print-limit 30 {} selftest --device cuda:0 --quick --no-networks --no-pipeline", fake.display())), "{calls}");
     }
@@ -254,7 +257,10 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert_eq!(r["tile_criterion"]["dynunet"]["tc_wide_ms"], 4.25);
     assert_eq!(r["card"], "Stand-in H200", "the card from the self-test's device when PyTorch did not run");
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
-    assert!(md.contains("| segresnetv2 | – | – | 5.00 ms | 5.00 ms |") && md.contains("| dynunet | – | – | – | – | – | – | – | – |"), "{md}");
+    assert!(md.contains("| segresnetv2 | – | – | 5.00 ms | 5.00 ms | 5.00 ms (tc-wide) |") && md.contains("| dynunet | – | – | – | – | – | – | – | – | – |"), "{md}");
+    assert!(md.contains("- segresnetv2: tc-wide chosen; cudnn 5.50 ms, tc 4.75 ms, tc-wide 4.50 ms, tc-async failed"), "{md}");
+    assert_eq!(r["tile"]["segresnetv2"]["conv_choice"], "tc-wide");
+    assert!(text.contains("measured choice: tc-wide (ms per walk of 1: cudnn 5.50, tc 4.75, tc-wide 4.50, tc-async failed)"), "{text}");
     // The full self-test's log closes the section, command line and all.
     assert!(md.contains("Self-test log (selftest-full.log") && md.contains("```text\n# ") && md.contains("selftest PASSED: 3 passed"), "{md}");
     assert_eq!(r["tomogram_s"], 1.5);
@@ -286,6 +292,44 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert!(text.contains("RESULT: FAIL") && text.contains("sanitizer-memcheck.log: ERROR SUMMARY: 1 error"), "{text}");
     assert!(text.contains("1 ========= Invalid __global__ read of size 16 bytes"), "{text}");
     assert!(text.lines().any(|l| l.starts_with("sanitizer memcheck (kernels)") && l.contains("FAIL(99)")), "{text}");
+}
+
+/// `FASTDET_CONV=measure`: the first run times the convolution paths of each network on its batch
+/// and window and says which won; the second takes the remembered choices (no timing) and gives
+/// the same picks.
+#[test]
+fn a_measured_convolution_choice_is_logged_remembered_and_reused() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str| -> (String, String) {
+        let out = tmp.path().join(format!("{name}.csv"));
+        let o = fastdet()
+            .env("FASTDET_CONV", "measure")
+            .env("FASTDET_KERNEL_CACHE", tmp.path().join("kernels"))
+            .args(["run", "--device", "emu", "--data"])
+            .arg(root.join("tests/fixtures/dataset"))
+            .args(["--runs", "TS_synth_1", "--weights"])
+            .arg(root.join("weights/demo_segresnetv2.safetensors"))
+            .arg(root.join("weights/demo_dynunet.safetensors"))
+            .args(["--window", "32,64,64", "--tiles", "1,2,2", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{name}: {err}");
+        (std::fs::read_to_string(&out).unwrap(), err)
+    };
+    let (first, log) = run("first");
+    // The two demo networks differ: one line each, every tensor-core variant timed.
+    assert_eq!(log.matches("convolutions of 1 model(s): tc").count(), 2, "{log}");
+    assert_eq!(log.matches(", measured now (FASTDET_CONV=measure on emu:0)").count(), 2, "{log}");
+    assert!(log.contains("tc-wide-async") && log.contains("tc-norms-in-loads"), "{log}");
+    let stored = std::fs::read_to_string(tmp.path().join("kernels/conv-choices.json")).unwrap();
+    assert_eq!(stored.matches("\"choice\"").count(), 2, "{stored}");
+    let (second, log2) = run("second");
+    assert_eq!(log2.matches(", measured earlier (FASTDET_CONV=measure on emu:0)").count(), 2, "{log2}");
+    assert_eq!(first, second, "the remembered choice runs the same path");
+    assert!(first.lines().count() > 1, "picks expected:\n{first}");
 }
 
 /// `fastdet run` on the emulated GPU takes the CUDA path end to end (device blending and peak
@@ -366,13 +410,20 @@ fn results_json_reads_the_benches_the_binary_writes() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let bench = |file: &str, conv: &str, args: &[&str]| -> serde_json::Value {
-        let o = fastdet().args(["bench", "--device", "emu", "--iters", "1", "--warmup", "0", "--json"]).args(args).env("FASTDET_CONV", conv).output().unwrap();
+        let o = fastdet()
+            .args(["bench", "--device", "emu", "--iters", "1", "--warmup", "0", "--json"])
+            .args(args)
+            .env("FASTDET_CONV", conv)
+            .env("FASTDET_KERNEL_CACHE", tmp.path().join("kernels"))
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{file}: {}", String::from_utf8_lossy(&o.stderr));
         std::fs::write(tmp.path().join(file), &o.stdout).unwrap();
         serde_json::from_slice(&o.stdout).unwrap()
     };
     let tile = bench("bench-fastdet.json", "auto", &["--tile", "32,32,32"]);
     let tile_tc = bench("bench-fastdet-tc.json", "tc", &["--tile", "32,32,32"]);
+    let tile_measured = bench("bench-fastdet-measure.json", "measure", &["--tile", "32,32,32"]);
     let tomo = bench("bench-tomogram.json", "auto", &["--tomogram", "32,64,64", "--models", "1,1", "--window", "32,32,32", "--tiles", "1,2,2"]);
     let o = Command::new("python3").arg(root.join("tools/results_json.py")).arg(tmp.path()).args(["--commit", "abc", "--date", "2026-12-02"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -382,6 +433,12 @@ fn results_json_reads_the_benches_the_binary_writes() {
         assert_eq!(tile["models"][i]["model"], arch);
         assert_eq!(r["tile"][arch]["fastdet_ms"], tile["models"][i]["ms_per_tile"], "{arch}");
         assert_eq!(r["tile"][arch]["fastdet_fused_ms"], tile_tc["models"][i]["ms_per_tile"], "{arch}");
+        let choice = &tile_measured["models"][i]["conv_choice"];
+        assert_eq!(r["tile"][arch]["fastdet_measured_ms"], tile_measured["models"][i]["ms_per_tile"], "{arch}");
+        assert_eq!(r["tile"][arch]["conv_choice"], choice["label"], "{arch}");
+        assert_eq!(r["tile"][arch]["conv_variants_ms"], choice["ms_per_walk"], "{arch}");
+        assert_eq!(choice["ms_per_walk"].as_object().unwrap().len(), 5, "{arch}: the emulator's five tensor-core variants");
+        assert!(tile["models"][i]["conv_choice"].is_null(), "{arch}: no choice without FASTDET_CONV=measure");
         assert!(r["tile"][arch]["torch_eager_ms"].is_null());
         peak = peak.max(tile["models"][i]["device_memory_peak_mib"].as_f64().unwrap());
     }
@@ -424,9 +481,12 @@ fn results_json_reads_the_benches_the_binary_writes() {
     assert!(md.starts_with("### 2026-12-02: Stand-in GPU, commit abc"), "{md}");
     let ms = |v: &serde_json::Value| format!("{:.2} ms", v.as_f64().unwrap());
     let seg = md.lines().find(|l| l.starts_with("| segresnetv2 |")).unwrap_or_else(|| panic!("{md}"));
-    let best = tile["models"][0]["ms_per_tile"].as_f64().unwrap().min(tile_tc["models"][0]["ms_per_tile"].as_f64().unwrap());
+    let best = [&tile, &tile_tc, &tile_measured].iter().map(|t| t["models"][0]["ms_per_tile"].as_f64().unwrap()).fold(f64::INFINITY, f64::min);
     assert!(seg.contains(&format!("| {:.2} ms | – |", eager)) && seg.contains(&ms(&tile["models"][0]["ms_per_tile"])), "{seg}");
     assert!(seg.contains(&format!("| {:.2}x | – |", eager / best)), "speed-up over eager, no compile figure: {seg}");
+    let label = tile_measured["models"][0]["conv_choice"]["label"].as_str().unwrap();
+    assert!(seg.contains(&format!("{} ({label})", ms(&tile_measured["models"][0]["ms_per_tile"]))), "{seg}");
+    assert!(md.contains(&format!("- segresnetv2: {label} chosen; tc ")), "{md}");
     // The bench copied its volume ahead on the side path, as `fastdet run` does by default.
     assert_eq!(tomo["upload_overlapped"], true);
     assert_eq!(r["tomogram_config"]["upload_overlapped"], true);

@@ -5,7 +5,7 @@
 #   2. prints nvidia-smi,
 #   3. runs `fastdet selftest --quick` (kernels vs CPU twins, both seed networks on 64^3),
 #   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile, batch 1, cuDNN and
-#      tensor-core backends), then runs the full `fastdet selftest` (192x128x128 networks,
+#      tensor-core backends, and the measured choice between them), then runs the full `fastdet selftest` (192x128x128 networks,
 #      whole-tomogram CPU-vs-GPU check; before the longer benchmarks, so that it gets its time),
 #      then the criterion bench benches/cuda_ops.rs when its binary was carried, the seed
 #      ensemble of 5+5 models on one whole tomogram of FASTDET_CHECK_SHAPE and the PyTorch
@@ -47,7 +47,8 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
                     report and criterion estimate; not the compiled kernels) in OUTDIR
 
 benchmarks (after the quick self-test): `fastdet bench` -> bench-fastdet.json (log
-bench-fastdet.log; with FASTDET_CONV=tc -> bench-fastdet-tc.json); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (averaging and blending on the GPU,
+bench-fastdet.log; with FASTDET_CONV=tc -> bench-fastdet-tc.json; with FASTDET_CONV=measure ->
+bench-fastdet-measure.json, cuDNN and each tensor-core variant timed on the whole network); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (averaging and blending on the GPU,
 the default; with --host-blend -> bench-tomogram-host-blend.json);
 the criterion bench benches/cuda_ops.rs (fused block vs cuDNN per level, tiles per backend) ->
 bench-criterion.log and criterion/ when its binary is there (FASTDET_CUDA_BENCH, default
@@ -284,6 +285,13 @@ if [ $NO_GPU -eq 0 ]; then
     step "bench fastdet tensor-core" 90 "$OUT/bench-fastdet-tc.log" \
         bash -c 'FASTDET_CONV=tc exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
         bench-fastdet-tc "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-tc.json" || FAILED=1
+    # FASTDET_CONV=measure: cuDNN and every tensor-core variant timed on the whole network, the
+    # fastest kept (its choice and each variant's time are in the JSON's conv_choice); the choice
+    # file lands in the check's kernel cache, so this measures afresh.
+    rm -f "$OUT/bench-fastdet-measure.json"
+    step "bench fastdet measured choice" 120 "$OUT/bench-fastdet-measure.log" \
+        bash -c 'FASTDET_CONV=measure exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
+        bench-fastdet-measure "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-measure.json" || FAILED=1
 
     # The full self-test (seed networks on 192x128x128, the whole-tomogram CPU-vs-GPU check) before
     # the longer benchmarks: it is the check of record, so it gets its time first.
@@ -422,7 +430,7 @@ fi
 # ms/tile lines of bench-fastdet.json and bench-torch.json (python3 when there is one, else grep).
 bench_summary() {
     local f
-    for f in bench-fastdet.json bench-tomogram.json bench-tomogram-host-blend.json bench-torch.json results.json; do
+    for f in bench-fastdet.json bench-fastdet-measure.json bench-tomogram.json bench-tomogram-host-blend.json bench-torch.json results.json; do
         [ -f "$OUT/$f" ] || continue
         if command -v python3 > /dev/null 2>&1; then
             python3 - "$OUT/$f" <<'PY' 2>&1 | head -20
@@ -461,6 +469,10 @@ if "models" in d:  # fastdet bench
         for n in m.get("notes", []):
             if n.startswith("walks:"):
                 print(f"    {n}")
+        c = m.get("conv_choice")
+        if c:
+            cells = ", ".join(f"{k} {'failed' if v is None else f'{v:.2f}'}" for k, v in (c.get("ms_per_walk") or {}).items())
+            print(f"    measured choice: {c.get('label')} (ms per walk of {c.get('batch')}: {cells})")
 else:  # tools/bench_torch.py
     print(f"{name}: torch {d.get('torch_version')} cuDNN {d.get('cudnn_version')} on {d.get('card')}, "
           f"{d.get('dtype')} {d.get('memory_format')}, tile {'x'.join(map(str, d.get('tile', [])))}"

@@ -5,6 +5,9 @@ device check writes:
   bench-fastdet.json   fastdet bench --device cuda:N --tile 192,128,128 --json
   bench-fastdet-tc.json   the same with FASTDET_CONV=tc (our tensor-core convs with their fusions;
                           "fastdet_fused_ms")
+  bench-fastdet-measure.json   the same with FASTDET_CONV=measure (the path timed fastest on the card
+                          among cuDNN and the tensor-core variants: "fastdet_measured_ms", "conv_choice",
+                          "conv_variants_ms" = each variant's ms per walk of the measured batch)
   bench-tomogram.json  fastdet bench --device cuda:N --tomogram 184,630,630 --models 5,5 --json
   bench-tomogram-host-blend.json   the same with --host-blend (averaging and blending on the CPU)
   bench-torch.json     tools/bench_torch.py --device cuda:N --json   (eager, torch.compile, fp16 rate)
@@ -13,7 +16,8 @@ device check writes:
 
 Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
-   "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms", "floor_ms"}, "dynunet": {...}},
+   "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms",
+                            "fastdet_measured_ms", "conv_choice", "conv_variants_ms", "floor_ms"}, "dynunet": {...}},
    "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
                                    "tc_store_fused_wide_ms", "tc_store_fused_async_ms"}, ...},
    "tile_criterion": {"segresnetv2": {"cudnn_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms", "tc_async_ms"},
@@ -111,13 +115,15 @@ def card_from_selftest(d):
 def assemble(d, commit, date):
     fd = load(os.path.join(d, "bench-fastdet.json"))
     fd_tc = load(os.path.join(d, "bench-fastdet-tc.json"))
+    fd_measure = load(os.path.join(d, "bench-fastdet-measure.json"))
     tomo = load(os.path.join(d, "bench-tomogram.json"))
     torch = load(os.path.join(d, "bench-torch.json"))
     tomo_hb = load(os.path.join(d, "bench-tomogram-host-blend.json"))
     rate = torch.get("fp16_matmul_tflops") if torch else None
     tile = {}
     for arch in ("segresnetv2", "dynunet"):
-        row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None, "fastdet_fused_ms": None, "floor_ms": None}
+        row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None, "fastdet_fused_ms": None,
+               "fastdet_measured_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None}
         if torch:
             best = torch.get("best", {}).get(arch, {})
             row["torch_eager_ms"] = best.get("eager_ms")
@@ -132,11 +138,18 @@ def assemble(d, commit, date):
             for m in fd_tc.get("models", []):
                 if m.get("model") == arch:
                     row["fastdet_fused_ms"] = m.get("ms_per_tile")
+        if fd_measure:
+            for m in fd_measure.get("models", []):
+                if m.get("model") == arch:
+                    row["fastdet_measured_ms"] = m.get("ms_per_tile")
+                    choice = m.get("conv_choice") or {}
+                    row["conv_choice"] = choice.get("label")
+                    row["conv_variants_ms"] = choice.get("ms_per_walk")
         tile[arch] = row
     if fd and torch and list(fd.get("tile", [])) != list(torch.get("tile", [])):
         print(f"results_json: tiles differ (fastdet {fd.get('tile')}, torch {torch.get('tile')}); the tile table is not a comparison", file=sys.stderr)
     # The commit the benchmarked binary names (its JSON), else git where this runs.
-    commit = commit or next((j["fastdet_commit"] for j in (fd, fd_tc, tomo, tomo_hb) if j and j.get("fastdet_commit") not in (None, "unknown")), None) \
+    commit = commit or next((j["fastdet_commit"] for j in (fd, fd_tc, fd_measure, tomo, tomo_hb) if j and j.get("fastdet_commit") not in (None, "unknown")), None) \
         or git_commit()
     flops = tomo.get("flops_per_tomogram") if tomo else None
     mems = [m.get("device_memory_peak_mib") for m in (fd or {}).get("models", []) if m.get("device_memory_peak_mib") is not None]
@@ -160,6 +173,7 @@ def assemble(d, commit, date):
         "sources": {
             "bench_fastdet": fd is not None,
             "bench_fastdet_tc": fd_tc is not None,
+            "bench_fastdet_measure": fd_measure is not None,
             "bench_tomogram": tomo is not None,
             "bench_tomogram_host_blend": tomo_hb is not None,
             "bench_torch": torch is not None,
@@ -183,14 +197,21 @@ def markdown(doc):
            f"Per {'x'.join(map(str, doc.get('tile_shape') or [])) or '?'} tile (fastdet: batch 1, median, input upload included; "
            "PyTorch: its best batch, fp16, channels_last_3d). Speed-up = PyTorch time / fastdet's best; "
            "floor = FLOPs / the card's fp16 matmul rate.", "",
-           "| arch | PyTorch eager | torch.compile | fastdet (cuDNN path) | fastdet (tensor-core path) | vs eager | vs compile | FLOP floor | % of floor |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| arch | PyTorch eager | torch.compile | fastdet (cuDNN path) | fastdet (tensor-core path) | fastdet (measured choice) | vs eager | vs compile | FLOP floor | % of floor |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    choices = []
     for arch, r in doc["tile"].items():
-        best = min([v for v in (r.get("fastdet_ms"), r.get("fastdet_fused_ms")) if v is not None], default=None)
+        best = min([v for v in (r.get("fastdet_ms"), r.get("fastdet_fused_ms"), r.get("fastdet_measured_ms")) if v is not None], default=None)
         pct = "–" if best is None or r.get("floor_ms") is None else f"{100 * r['floor_ms'] / best:.0f}%"
+        measured = ms(r.get("fastdet_measured_ms")) + (f" ({r['conv_choice']})" if r.get("conv_choice") else "")
         out.append(f"| {arch} | {ms(r.get('torch_eager_ms'))} | {ms(r.get('torch_compile_ms'))} | {ms(r.get('fastdet_ms'))} | "
-                   f"{ms(r.get('fastdet_fused_ms'))} | {ratio(r.get('torch_eager_ms'), best)} | {ratio(r.get('torch_compile_ms'), best)} | "
+                   f"{ms(r.get('fastdet_fused_ms'))} | {measured} | {ratio(r.get('torch_eager_ms'), best)} | {ratio(r.get('torch_compile_ms'), best)} | "
                    f"{ms(r.get('floor_ms'))} | {pct} |")
+        if r.get("conv_variants_ms"):
+            cells = ", ".join(f"{k} {'failed' if v is None else f'{v:.2f} ms'}" for k, v in r["conv_variants_ms"].items())
+            choices.append(f"- {arch}: {r.get('conv_choice')} chosen; {cells}")
+    if choices:
+        out += ["", "FASTDET_CONV=measure, each variant's median walk (the whole network on the batch measured):", ""] + choices
     for title, key, variants in (("Tile variants (criterion medians)", "tile_criterion", TILE_VARIANTS),
                                  ("SegResNetV2 residual block per level (criterion medians)", "blocks", BLOCK_VARIANTS)):
         groups = doc.get(key) or {}

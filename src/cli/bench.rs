@@ -86,6 +86,8 @@ struct Row {
     device_mib: Option<f64>,
     /// CUDA engines: device, kernels, cuDNN, backend and fusions, one line each.
     notes: Vec<String>,
+    /// With FASTDET_CONV=measure: the path chosen and every variant's time.
+    conv_choice: Option<fastdet::engine::cuda::choose::Choice>,
 }
 
 impl Row {
@@ -154,7 +156,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         SplitMix64::new(2).fill_uniform(&mut input, -1.0, 1.0);
         // Cold start: engine creation (kernel load/compile, weight upload) and the first call.
         let t0 = Instant::now();
-        let mut e = engine::open(device, w)?;
+        // With FASTDET_CONV=measure this includes timing the convolution paths (unless remembered).
+        let (mut e, conv_choice) = engine::open_for(device, w, a.batch, tile)?;
         let open_s = t0.elapsed().as_secs_f64();
         kernel_load = kernel_load.or_else(|| e.as_cuda().map(|c| c.gpu_arc().kernel_load));
         let t1 = Instant::now();
@@ -191,6 +194,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     n
                 })
                 .unwrap_or_default(),
+            conv_choice,
         });
         for n in &rows[rows.len() - 1].notes {
             eprintln!("{name}: {n}");
@@ -208,6 +212,10 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     "ms_per_tile": med, "ms_per_tile_min": min, "ms_per_tile_max": max,
                     "gflops": r.gflop / (med * 1e-3), "open_s": r.open_s, "first_call_s": r.first_s,
                     "times_ms": r.times_ms, "device_memory_peak_mib": r.device_mib, "notes": r.notes,
+                    "conv_choice": r.conv_choice.as_ref().map(|c| serde_json::json!({
+                        "label": c.label, "remembered": c.remembered, "batch": c.batch,
+                        "ms_per_walk": c.times.iter().map(|(l, t)| (l.clone(), t.as_ref().ok().copied().into())).collect::<serde_json::Map<String, serde_json::Value>>(),
+                    })),
                 })
             })
             .collect();
@@ -326,7 +334,10 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
     for model in seed_ensemble(a.models, a.window)? {
         let (w, graph) = model?;
         flops_per_tile += graph.flops(a.window);
-        let mut e = engine::open(device, &w)?;
+        let (mut e, choice) = engine::open_for(device, &w, a.batch, a.window)?;
+        if let Some(c) = choice {
+            eprintln!("{}: convolutions {}{}", w.name, c.summary(), if c.remembered { ", measured earlier" } else { "" });
+        }
         kernel_load = kernel_load.or_else(|| e.as_cuda().map(|c| c.gpu_arc().kernel_load));
         engines.push(e);
     }

@@ -234,8 +234,11 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         .collect())
 }
 
-fn load_ensemble(a: &InferArgs, device: Device) -> Result<Ensemble> {
+/// The ensemble of `--weights` on `device`, and the measured convolution choices with
+/// `FASTDET_CONV=measure` (one line per distinct choice: how many models, and the choice).
+fn load_ensemble(a: &InferArgs, device: Device) -> Result<(Ensemble, Vec<String>)> {
     let mut engines = Vec::new();
+    let mut choices: Vec<(String, usize)> = Vec::new();
     let mut first: Option<Weights> = None;
     for p in &a.weights {
         let w = Weights::load(p)?;
@@ -252,7 +255,15 @@ fn load_ensemble(a: &InferArgs, device: Device) -> Result<Ensemble> {
                 );
             }
         }
-        engines.push(engine::open(device, &w).with_context(|| format!("{}: cannot open on {device}", p.display()))?);
+        let (e, choice) = engine::open_for(device, &w, a.batch, a.window).with_context(|| format!("{}: cannot open on {device}", p.display()))?;
+        engines.push(e);
+        if let Some(c) = choice {
+            let line = format!("{}{}", c.summary(), if c.remembered { ", measured earlier" } else { ", measured now" });
+            match choices.iter_mut().find(|(l, _)| *l == line) {
+                Some((_, k)) => *k += 1,
+                None => choices.push((line, 1)),
+            }
+        }
         if first.is_none() {
             first = Some(w);
         }
@@ -261,7 +272,8 @@ fn load_ensemble(a: &InferArgs, device: Device) -> Result<Ensemble> {
     if f.classes.len() != CLASSES.len() || f.classes.iter().zip(CLASSES.iter()).any(|(a, b)| a != b.name) {
         bail!("{}: classes {:?} are not the six CZII classes this pipeline scores", f.path.display(), f.classes);
     }
-    Ok(Ensemble { engines, num_classes: f.spec.num_classes, stride: f.spec.stride })
+    let choices = choices.into_iter().map(|(line, k)| format!("convolutions of {k} model(s): {line}")).collect();
+    Ok((Ensemble { engines, num_classes: f.spec.num_classes, stride: f.spec.stride }, choices))
 }
 
 fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
@@ -481,7 +493,10 @@ fn worker(
     extras: Extras,
     parts: Option<&Parts>,
 ) -> Result<Vec<(usize, Outcome)>> {
-    let mut ens = load_ensemble(a, device)?;
+    let (mut ens, choices) = load_ensemble(a, device)?;
+    for c in choices {
+        eprintln!("  {label}{c} (FASTDET_CONV=measure on {device})");
+    }
     if s.device_blend && device.is_cuda_engine() && ens.cuda_device().is_none() {
         eprintln!("  {label}the models on {device} are not on one CUDA device; blending on the host");
     }

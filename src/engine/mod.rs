@@ -83,3 +83,18 @@ pub fn open(device: Device, weights: &crate::weights::Weights) -> Result<Box<dyn
         Device::Emu(i) => Ok(Box::new(cuda::CudaEngine::on(cuda::gpu::Gpu::open_emulator(i)?, weights, cuda::ConvBackend::from_env()?)?)),
     }
 }
+
+/// `open`, for an engine that will walk batches of `n` tiles of `tile`: with
+/// `FASTDET_CONV=measure`, a CUDA engine runs the convolution path timed fastest on that shape
+/// (`cuda::choose`; the choice is remembered beside the compiled kernels), and the returned line
+/// says which; otherwise the same as `open`, and None.
+pub fn open_for(device: Device, weights: &crate::weights::Weights, n: usize, tile: [usize; 3]) -> Result<(Box<dyn TileEngine>, Option<cuda::choose::Choice>)> {
+    let gpu = match device {
+        Device::Cuda(i) if cuda::ConvBackend::from_env()? == cuda::ConvBackend::Measure => cuda::gpu::Gpu::open(i, None)?,
+        Device::Emu(i) if cuda::ConvBackend::from_env()? == cuda::ConvBackend::Measure => cuda::gpu::Gpu::open_emulator(i)?,
+        _ => return Ok((open(device, weights)?, None)),
+    };
+    let cache = cuda::choose::ChoiceCache::default_location();
+    let (e, choice) = cuda::choose::open_measured(gpu, weights, n, tile, &cache, cuda::choose::Measure::default())?;
+    Ok((Box::new(e), Some(choice)))
+}

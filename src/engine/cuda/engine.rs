@@ -60,6 +60,10 @@ pub enum ConvBackend {
     Auto,
     /// cuDNN only (an error when it cannot run a shape).
     Cudnn,
+    /// Whichever of cuDNN and the tensor-core variants walks the network fastest on this device,
+    /// timed on the run's own batch and tile and remembered per device and network
+    /// (`choose.rs`); `Auto` where no tile shape is known.
+    Measure,
     /// `conv3d_igemm_f16` only.
     Direct,
     /// `conv3d_tc_f16` (tensor cores, sm_70+), with each GroupNorm / InstanceNorm whose only
@@ -136,9 +140,12 @@ impl TcPolicy {
 }
 
 impl ConvBackend {
-    /// `FASTDET_CONV` = auto | cudnn | direct | tc (default auto).
+    /// `FASTDET_CONV` = auto | cudnn | direct | tc | measure (default auto).
     pub fn from_env() -> Result<ConvBackend> {
-        env_choice("FASTDET_CONV", &[("auto", ConvBackend::Auto), ("cudnn", ConvBackend::Cudnn), ("direct", ConvBackend::Direct), ("tc", ConvBackend::TensorCore)])
+        env_choice(
+            "FASTDET_CONV",
+            &[("auto", ConvBackend::Auto), ("cudnn", ConvBackend::Cudnn), ("direct", ConvBackend::Direct), ("tc", ConvBackend::TensorCore), ("measure", ConvBackend::Measure)],
+        )
     }
 }
 
@@ -431,12 +438,19 @@ impl CudaEngine {
     /// `on`, with the tensor-core path's `policy` (ignored by other backends).
     pub fn on_with(gpu: std::sync::Arc<Gpu>, weights: &Weights, backend: ConvBackend, policy: TcPolicy) -> Result<Self> {
         let mut notes = vec![gpu.info.describe(), format!("kernels: {}", gpu.kernels_note)];
+        // A measured choice needs the shape it is for (`choose::open_measured`); without one, auto.
+        let backend = if backend == ConvBackend::Measure {
+            notes.push("FASTDET_CONV=measure: no tile shape to measure on here; auto".into());
+            ConvBackend::Auto
+        } else {
+            backend
+        };
         let mut no_dnn = None;
         let dnn = match backend {
             ConvBackend::Direct | ConvBackend::TensorCore => None,
             ConvBackend::Cudnn => Some(Dnn::new(&gpu)?),
-            ConvBackend::Auto if gpu.is_emulator() => None,
-            ConvBackend::Auto => match Dnn::new(&gpu) {
+            ConvBackend::Auto | ConvBackend::Measure if gpu.is_emulator() => None,
+            ConvBackend::Auto | ConvBackend::Measure => match Dnn::new(&gpu) {
                 Ok(d) => Some(d),
                 Err(e) => {
                     no_dnn = Some(e);
@@ -456,7 +470,7 @@ impl CudaEngine {
                 gpu.check_tensor_cores().map_err(|why| anyhow!("FASTDET_CONV=tc: {why}"))?;
                 true
             }
-            ConvBackend::Auto => dnn.is_none() && gpu.check_tensor_cores().is_ok(),
+            ConvBackend::Auto | ConvBackend::Measure => dnn.is_none() && gpu.check_tensor_cores().is_ok(),
             _ => false,
         };
         if let Some(e) = no_dnn {
@@ -628,6 +642,16 @@ impl CudaEngine {
             "CUDA graphs off".to_string()
         });
         n
+    }
+
+    /// Adds a line to `notes` (how the engine was chosen, `choose.rs`).
+    pub fn push_note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    /// Whether any convolution runs on cuDNN.
+    pub fn uses_cudnn(&self) -> bool {
+        self.dnn.is_some() && self.steps.iter().any(|s| matches!(s, Step::Conv(c) if c.use_dnn))
     }
 
     /// The cuDNN algorithm of every planned convolution: (op name, tile, algorithm).

@@ -10,10 +10,12 @@
 //! - `FASTDET_KERNEL_CACHE`: compiled-kernel cache (default `~/.cache/fastdet/kernels`);
 //! - `FASTDET_CUDA_INCLUDE`: directory holding `cuda_fp16.h` for NVRTC (else found next to the
 //!   NVRTC library on `LD_LIBRARY_PATH`, in `$VIRTUAL_ENV`, `$CUDA_HOME`, `/usr/local/cuda`);
-//! - `FASTDET_CONV=auto|cudnn|direct|tc`: convolution backend (default auto: cuDNN, falling back to
-//!   `conv3d_igemm_f16` per shape, and the tc path when cuDNN does not load on a card with tensor
-//!   cores; tc: `conv3d_tc_f16` on tensor cores, each norm read by one conv applied in that conv's
-//!   loads);
+//! - `FASTDET_CONV=auto|cudnn|direct|tc|measure`: convolution backend (default auto: cuDNN, falling
+//!   back to `conv3d_igemm_f16` per shape, and the tc path when cuDNN does not load on a card with
+//!   tensor cores; tc: `conv3d_tc_f16` on tensor cores, each norm read by one conv applied in that
+//!   conv's loads; measure: whichever of cuDNN and the tc variants walks the network fastest on
+//!   the run's batch and tile, timed once per device, network and shape and remembered in
+//!   `conv-choices.json` beside the compiled kernels, `choose.rs`);
 //! - `FASTDET_TC_NORM_IN_LOADS=pointwise|all|never`: which norms a tensor-core conv applies in
 //!   its loads (default pointwise: before 1x1x1 convs only);
 //! - `FASTDET_TC_TILES=standard|wide`: the tensor-core convs' block tiles for more than 32
@@ -42,6 +44,7 @@
 //! here, without a GPU. `host_kernels` builds the kernels' own source for the host (the C++
 //! compiler and `kernels/host/`), so that the emulator can run the real kernel code instead.
 pub mod arena;
+pub mod choose;
 pub mod dnn;
 pub mod emu;
 pub mod engine;

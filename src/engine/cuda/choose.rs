@@ -1,0 +1,487 @@
+//! `FASTDET_CONV=measure`: the convolution path chosen by timing it on the device, per network
+//! and shape, instead of by a default.
+//!
+//! Which path walks a network fastest depends on the card (tensor-core generation, SM count,
+//! cuDNN version) and on the network's widths, so it is timed where it runs: each variant
+//! (cuDNN with its heuristic algorithms; the tensor-core kernels with standard or wide tiles,
+//! register-staged or cp.async loads (sm_80+), norms applied in the loads of 1x1x1 convs or of
+//! every conv) opens an engine for the model, walks `warmup` batches of the run's own batch and
+//! tile (the second is captured into its CUDA graph) and then `reps` timed ones, each synchronised;
+//! the lowest median wins, and its engine, graph included, is the one handed back.
+//!
+//! The choice is remembered in `conv-choices.json` beside the compiled kernels, under a key
+//! naming the device, driver, cuDNN, the kernels' source, the network's spec (not its weights:
+//! the time does not depend on their values), the batch and tile, and the settings that change
+//! the walks; later runs open the winner directly. Delete the file to measure again.
+//!
+//! Measuring holds every variant's buffers for a moment: the arena and cuDNN's workspace are
+//! released afterwards when the measurement alone made them grow, so that the walks to come
+//! size them for the winners.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use half::f16;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::dnn::Dnn;
+use super::engine::{ConvBackend, CudaEngine, NormInLoads, TcPolicy};
+use super::gpu::Gpu;
+use super::kernels::SOURCES;
+use super::nvrtc::KernelCache;
+use super::ops::{vol, TcTiles};
+use crate::pipeline::runner::OutOfMemory;
+use crate::util::SplitMix64;
+use crate::weights::Weights;
+
+/// One way of running a network's general convolutions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    /// Its name in notes and in the remembered choices.
+    pub label: &'static str,
+    pub backend: ConvBackend,
+    pub policy: TcPolicy,
+}
+
+/// The variants worth timing on `gpu`, the default path first: cuDNN (not on the emulators),
+/// then the tensor-core kernels where the device has tensor cores (with cp.async loads only
+/// where they are asynchronous, sm_80+, and on the emulators, which run them), else the direct
+/// kernel.
+pub fn variants(gpu: &Gpu) -> Vec<Variant> {
+    let tc = TcPolicy::default();
+    let mut v = Vec::new();
+    if !gpu.is_emulator() {
+        v.push(Variant { label: "cudnn", backend: ConvBackend::Cudnn, policy: tc });
+    }
+    if gpu.check_tensor_cores().is_ok() {
+        let wide = TcPolicy { tiles: TcTiles::Wide, ..tc };
+        v.push(Variant { label: "tc", backend: ConvBackend::TensorCore, policy: tc });
+        v.push(Variant { label: "tc-wide", backend: ConvBackend::TensorCore, policy: wide });
+        v.push(Variant { label: "tc-norms-in-loads", backend: ConvBackend::TensorCore, policy: TcPolicy { norm_in_loads: NormInLoads::All, ..tc } });
+        if gpu.is_emulator() || gpu.info.compute_capability >= (8, 0) {
+            v.push(Variant { label: "tc-async", backend: ConvBackend::TensorCore, policy: TcPolicy { async_loads: true, ..tc } });
+            v.push(Variant { label: "tc-wide-async", backend: ConvBackend::TensorCore, policy: TcPolicy { async_loads: true, ..wide } });
+        }
+    } else {
+        v.push(Variant { label: "direct", backend: ConvBackend::Direct, policy: tc });
+    }
+    v
+}
+
+/// How long each variant is walked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measure {
+    /// Untimed walks first (the first runs eagerly and sizes the arena, the second is captured).
+    pub warmup: usize,
+    /// Timed walks; their median counts.
+    pub reps: usize,
+}
+
+impl Default for Measure {
+    fn default() -> Self {
+        Measure { warmup: 2, reps: 5 }
+    }
+}
+
+/// What a measurement found: the winner, and every variant's milliseconds per walk (or why it
+/// did not run).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub label: String,
+    /// The tiles a timed walk took (the batch asked for, or less when that did not fit).
+    pub batch: usize,
+    pub times: Vec<(String, std::result::Result<f64, String>)>,
+    /// Read back from the remembered choices rather than timed now.
+    pub remembered: bool,
+}
+
+impl Choice {
+    /// `tc-wide (12.31 ms a walk; cudnn 15.10, tc 13.02, tc-async failed: ...)`.
+    pub fn summary(&self) -> String {
+        let ms = |label: &str| self.times.iter().find(|(l, _)| l == label).and_then(|(_, t)| t.as_ref().ok().copied());
+        let others: Vec<String> = self
+            .times
+            .iter()
+            .filter(|(l, _)| *l != self.label)
+            .map(|(l, t)| match t {
+                Ok(ms) => format!("{l} {ms:.2}"),
+                Err(why) => format!("{l} failed: {why}"),
+            })
+            .collect();
+        let own = ms(&self.label).map_or(String::new(), |t| format!("{t:.2} ms a walk"));
+        match (own.is_empty(), others.is_empty()) {
+            (true, true) => self.label.clone(),
+            (false, true) => format!("{} ({own})", self.label),
+            (true, false) => format!("{} ({})", self.label, others.join(", ")),
+            (false, false) => format!("{} ({own}; {})", self.label, others.join(", ")),
+        }
+    }
+}
+
+/// The index of the fastest variant that ran (the earlier one on a tie), None when none did.
+pub fn fastest(times: &[std::result::Result<f64, String>]) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, t) in times.iter().enumerate() {
+        if let Ok(ms) = *t {
+            if best.is_none_or(|(_, b)| ms < b) {
+                best = Some((i, ms));
+            }
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// The remembered choices: one JSON file, `{key: {"choice": label, "ms": {label: ms or null}}}`.
+#[derive(Debug, Clone)]
+pub struct ChoiceCache {
+    path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Stored {
+    choice: String,
+    ms: BTreeMap<String, Option<f64>>,
+}
+
+/// Writers in this process take turns (two workers may finish measuring at once).
+static CACHE_WRITE: Mutex<()> = Mutex::new(());
+
+impl ChoiceCache {
+    /// `conv-choices.json` in `dir`.
+    pub fn in_dir(dir: &Path) -> ChoiceCache {
+        ChoiceCache { path: Some(dir.join("conv-choices.json")) }
+    }
+
+    /// Beside the compiled kernels (`KernelCache::default_dir`).
+    pub fn default_location() -> ChoiceCache {
+        ChoiceCache::in_dir(&KernelCache::default_dir())
+    }
+
+    /// Nothing remembered: every open measures.
+    pub fn none() -> ChoiceCache {
+        ChoiceCache { path: None }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Every remembered entry; an unreadable or malformed file counts as empty (with a warning:
+    /// the next choice made rewrites it).
+    fn read_all(&self) -> BTreeMap<String, Stored> {
+        let Some(p) = &self.path else { return BTreeMap::new() };
+        let Ok(text) = std::fs::read_to_string(p) else { return BTreeMap::new() };
+        match serde_json::from_str(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("warning: {}: not a file of remembered convolution choices ({e}); measuring again", p.display());
+                BTreeMap::new()
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Stored> {
+        self.read_all().remove(key)
+    }
+
+    /// Adds or replaces `key`, writing a whole new file then renaming it over the old one, so that
+    /// a reader never sees half a file.
+    fn put(&self, key: &str, entry: Stored) -> Result<()> {
+        let Some(p) = &self.path else { return Ok(()) };
+        let _turn = CACHE_WRITE.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.read_all();
+        all.insert(key.to_string(), entry);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+        }
+        let tmp = p.with_extension(format!("json.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_string_pretty(&all)?).with_context(|| format!("{}: cannot write", tmp.display()))?;
+        std::fs::rename(&tmp, p).with_context(|| format!("{}: cannot replace", p.display()))
+    }
+}
+
+fn short_hash(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))[..16].to_string()
+}
+
+/// What a remembered choice is valid for: the device (name, architecture, SMs, driver), cuDNN,
+/// fastdet's version and kernels, the network's spec, the batch and tile, and the settings that
+/// change the walks.
+pub fn choice_key(gpu: &Gpu, cudnn: &str, weights: &Weights, n: usize, tile: [usize; 3]) -> String {
+    let i = &gpu.info;
+    let mut kernels = Vec::new();
+    for (name, src) in SOURCES {
+        kernels.extend_from_slice(name.as_bytes());
+        kernels.extend_from_slice(src.as_bytes());
+    }
+    let spec = serde_json::to_string(&weights.spec).unwrap_or_default();
+    let env: Vec<String> = ["FASTDET_TC_SPLIT_K", "FASTDET_CUDNN_WORKSPACE_MIB", "FASTDET_CUDA_GRAPHS"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
+        .collect();
+    format!(
+        "{} sm_{}{} {} SMs driver {} | cuDNN {cudnn} | fastdet {} kernels {} | spec {} | {n} x {}x{}x{}{}{}",
+        i.name,
+        i.compute_capability.0,
+        i.compute_capability.1,
+        i.multiprocessors,
+        i.driver_version,
+        env!("CARGO_PKG_VERSION"),
+        short_hash(&kernels),
+        short_hash(spec.as_bytes()),
+        tile[0],
+        tile[1],
+        tile[2],
+        if env.is_empty() { "" } else { " | " },
+        env.join(" "),
+    )
+}
+
+/// Walks `e` on `input` (`n` tiles of `tile`, the engine's device layout) `warmup` times, then
+/// `reps` timed times, each synchronised: the median milliseconds of a walk.
+fn time_walks(e: &mut CudaEngine, input: &super::gpu::DevBuf, n: usize, tile: [usize; 3], m: Measure) -> Result<f64> {
+    let gpu = e.gpu_arc();
+    let walk = |e: &mut CudaEngine| -> Result<()> {
+        let out = e.forward_device_input(input, n, tile, false)?;
+        e.recycle(out);
+        Ok(())
+    };
+    for _ in 0..m.warmup {
+        walk(e)?;
+    }
+    gpu.sync("measuring a convolution path")?;
+    let mut ms = Vec::with_capacity(m.reps.max(1));
+    for _ in 0..m.reps.max(1) {
+        let t = Instant::now();
+        walk(e)?;
+        gpu.sync("measuring a convolution path")?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
+}
+
+/// Every variant timed in turn: (label, median ms or the error) each, and the fastest one's index
+/// and engine (only the best so far is kept open, with its graph).
+#[allow(clippy::type_complexity)]
+fn time_variants(
+    gpu: &Arc<Gpu>,
+    weights: &Weights,
+    candidates: &[Variant],
+    n: usize,
+    tile: [usize; 3],
+    m: Measure,
+) -> Result<(Vec<(String, Result<f64>)>, Option<(usize, CudaEngine)>)> {
+    // Random input in the walk's own layout (`forward_device_input`): the time does not depend
+    // on the values, only on the shape.
+    let mut x = vec![0f32; n * weights.spec.in_channels * vol(tile)];
+    SplitMix64::new(7).fill_uniform(&mut x, -1.0, 1.0);
+    let x: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    let input = gpu.upload(&x).with_context(|| format!("{}: the input of {n} tile(s) of {tile:?} to measure on", weights.name))?;
+    let mut best: Option<(usize, CudaEngine)> = None;
+    let mut ok = Vec::with_capacity(candidates.len());
+    let mut times = Vec::with_capacity(candidates.len());
+    for (i, v) in candidates.iter().enumerate() {
+        let timed = CudaEngine::on_with(gpu.clone(), weights, v.backend, v.policy).and_then(|mut e| time_walks(&mut e, &input, n, tile, m).map(|ms| (e, ms)));
+        match timed {
+            Ok((e, ms)) => {
+                ok.push(Ok(ms));
+                if fastest(&ok) == Some(i) {
+                    best = Some((i, e));
+                }
+                times.push((v.label.to_string(), Ok(ms)));
+            }
+            Err(err) => {
+                ok.push(Err(String::new()));
+                times.push((v.label.to_string(), Err(err)));
+            }
+        }
+    }
+    Ok((times, best))
+}
+
+/// An engine for `weights` on `gpu` running the convolution path that walks `n` tiles of `tile`
+/// fastest there: the remembered choice for this device, network and shape when `cache` has
+/// one, else every `variants` timed (`m`) and the winner remembered. The engine's notes say
+/// which and why; so does the returned `Choice`.
+pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3], cache: &ChoiceCache, m: Measure) -> Result<(CudaEngine, Choice)> {
+    if n == 0 {
+        bail!("{}: measuring needs at least one tile", weights.name);
+    }
+    let candidates = variants(&gpu);
+    let cudnn = if gpu.is_emulator() { "none".to_string() } else { Dnn::new(&gpu).map_or("none".to_string(), |d| d.version_string()) };
+    let key = choice_key(&gpu, &cudnn, weights, n, tile);
+    let where_kept = cache.path().map_or("not remembered".to_string(), |p| p.display().to_string());
+    if let Some(stored) = cache.get(&key) {
+        if let Some(v) = candidates.iter().find(|v| v.label == stored.choice) {
+            match CudaEngine::on_with(gpu.clone(), weights, v.backend, v.policy) {
+                Ok(mut e) => {
+                    let times = stored.ms.iter().map(|(l, t)| (l.clone(), t.ok_or_else(|| "did not run".to_string()))).collect();
+                    let choice = Choice { label: v.label.to_string(), batch: n, times, remembered: true };
+                    e.push_note(format!("convolutions: {}, measured earlier on this device for this network and {n} tile(s) of {tile:?} ({where_kept})", choice.summary()));
+                    return Ok((e, choice));
+                }
+                Err(err) => eprintln!("warning: {}: the remembered convolution path {} does not open ({err:#}); measuring again", weights.name, v.label),
+            }
+        }
+    }
+
+    let (arena_before, workspace_before) = (gpu.arena().capacity(), gpu.dnn_workspace().is_some());
+    let (times, best) = time_variants(&gpu, weights, &candidates, n, tile, m)?;
+    let Some((won, mut engine)) = best else {
+        let why: Vec<String> = times.iter().filter_map(|(l, t)| t.as_ref().err().map(|e| format!("{l}: {e:#}"))).collect();
+        // A batch that does not fit any path: the runner halves its batches then, so measure half.
+        let all_oom = times.iter().all(|(_, t)| t.as_ref().is_err_and(|e| e.downcast_ref::<OutOfMemory>().is_some()));
+        if all_oom && n > 1 {
+            eprintln!("warning: {}: {n} tiles at once do not fit on the device in any convolution path; measuring {}", weights.name, n / 2);
+            return open_measured(gpu, weights, n / 2, tile, cache, m);
+        }
+        bail!("{}: no convolution path ran on {n} tile(s) of {tile:?}: {}", weights.name, why.join("; "));
+    };
+    let times: Vec<(String, std::result::Result<f64, String>)> = times.into_iter().map(|(l, t)| (l, t.map_err(|e| format!("{e:#}")))).collect();
+    let choice = Choice { label: candidates[won].label.to_string(), batch: n, times, remembered: false };
+
+    // Memory only the measurement needed goes back; the walks to come size it again.
+    if gpu.arena().capacity() > arena_before {
+        gpu.arena().release();
+    }
+    if !workspace_before && !engine.uses_cudnn() {
+        *gpu.dnn_workspace() = None;
+    }
+
+    let stored = Stored { choice: choice.label.clone(), ms: choice.times.iter().map(|(l, t)| (l.clone(), t.as_ref().ok().map(|ms| (ms * 1e3).round() / 1e3))).collect() };
+    let kept = match (cache.path(), cache.put(&key, stored)) {
+        (None, _) => "not remembered".to_string(),
+        (Some(p), Ok(())) => format!("remembered in {}", p.display()),
+        (Some(_), Err(e)) => format!("not remembered: {e:#}"),
+    };
+    engine.push_note(format!("convolutions: {}, the fastest of {} variant(s) timed on {n} tile(s) of {tile:?}; {kept}", choice.summary(), choice.times.len()));
+    Ok((engine, choice))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::TileEngine;
+    use crate::model::spec::ModelSpec;
+
+    const QUICK: Measure = Measure { warmup: 1, reps: 1 };
+
+    #[test]
+    fn the_fastest_variant_that_ran_wins_and_a_tie_goes_to_the_earlier() {
+        let e = || Err::<f64, String>("x".into());
+        assert_eq!(fastest(&[Ok(3.0), Ok(2.0), Ok(2.5)]), Some(1));
+        assert_eq!(fastest(&[Ok(2.0), Ok(2.0)]), Some(0));
+        assert_eq!(fastest(&[e(), Ok(9.0), e(), Ok(8.5)]), Some(3));
+        assert_eq!(fastest(&[e(), e()]), None);
+        assert_eq!(fastest(&[]), None);
+    }
+
+    #[test]
+    fn a_summary_names_the_winner_its_time_and_every_other_variant() {
+        let c = Choice { label: "tc-wide".into(), batch: 1, times: vec![("cudnn".into(), Ok(15.104)), ("tc".into(), Err("out of memory".into())), ("tc-wide".into(), Ok(12.3))], remembered: false };
+        assert_eq!(c.summary(), "tc-wide (12.30 ms a walk; cudnn 15.10, tc failed: out of memory)");
+        let alone = Choice { label: "tc".into(), batch: 2, times: vec![("tc".into(), Ok(1.0))], remembered: true };
+        assert_eq!(alone.summary(), "tc (1.00 ms a walk)");
+    }
+
+    /// The emulator offers the five tensor-core variants (it runs cp.async as a GPU would).
+    #[test]
+    fn the_emulator_times_every_tensor_core_variant() {
+        let labels: Vec<&str> = variants(&Gpu::emulator().unwrap()).iter().map(|v| v.label).collect();
+        assert_eq!(labels, ["tc", "tc-wide", "tc-norms-in-loads", "tc-async", "tc-wide-async"]);
+    }
+
+    /// Measured on the emulator: every variant timed, the fastest kept and remembered; its engine
+    /// gives bit for bit what an engine opened on that variant directly gives; a second open
+    /// takes the remembered choice without timing; a damaged file or a choice that is no longer
+    /// offered is measured again, and the file rewritten whole.
+    #[test]
+    fn a_measured_choice_is_the_fastest_remembered_and_reused() {
+        let (n, tile) = (1, [8, 16, 16]);
+        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 21);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChoiceCache::in_dir(dir.path());
+        let gpu = Gpu::emulator().unwrap();
+        let (mut e, c) = open_measured(gpu.clone(), &w, n, tile, &cache, QUICK).unwrap();
+        assert!(!c.remembered);
+        let labels: Vec<&str> = c.times.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["tc", "tc-wide", "tc-norms-in-loads", "tc-async", "tc-wide-async"]);
+        let ms: Vec<f64> = c.times.iter().map(|(_, t)| *t.as_ref().unwrap()).collect();
+        assert!(ms.iter().all(|&t| t > 0.0), "{ms:?}");
+        let won = labels.iter().position(|l| *l == c.label).unwrap();
+        assert!(ms.iter().all(|&t| t >= ms[won]), "{} won with {ms:?}", c.label);
+        assert!(e.notes().iter().any(|l| l.starts_with(&format!("convolutions: {}", c.label)) && l.contains("remembered in")), "{:?}", e.notes());
+        // The measurement's arena was released; the winner's next walk sizes it again.
+        assert_eq!(gpu.arena().capacity(), 0);
+
+        let v = variants(&gpu).into_iter().find(|v| v.label == c.label).unwrap();
+        let mut direct = CudaEngine::on_with(Gpu::emulator().unwrap(), &w, v.backend, v.policy).unwrap();
+        let mut x = vec![0f32; n * vol(tile)];
+        SplitMix64::new(3).fill_uniform(&mut x, 0.0, 1.0);
+        for _ in 0..2 {
+            let (got, want) = (e.forward(&x, n, tile, false).unwrap(), direct.forward(&x, n, tile, false).unwrap());
+            assert!(got.scores == want.scores && got.offsets == want.offsets);
+        }
+
+        let file = cache.path().unwrap().to_path_buf();
+        let stored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let key = choice_key(&gpu, "none", &w, n, tile);
+        assert_eq!(stored[&key]["choice"], c.label.as_str());
+        assert_eq!(stored[&key]["ms"].as_object().unwrap().len(), 5);
+
+        // Remembered: the same choice and times, no walk.
+        let (again, c2) = open_measured(gpu.clone(), &w, n, tile, &cache, QUICK).unwrap();
+        assert!(c2.remembered && c2.label == c.label);
+        assert_eq!(c2.times.iter().map(|(l, t)| (l.clone(), t.clone().ok())).collect::<BTreeMap<_, _>>(), c.times.iter().map(|(l, t)| (l.clone(), t.clone().ok())).collect());
+        assert_eq!(again.graph_counts(), (0, 0, 0));
+        assert!(again.notes().iter().any(|l| l.contains("measured earlier")), "{:?}", again.notes());
+        // Another shape or another network is another key: measured.
+        let (_, other) = open_measured(gpu.clone(), &w, n, [8, 8, 16], &cache, QUICK).unwrap();
+        assert!(!other.remembered);
+        let all: BTreeMap<String, Stored> = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(all.len(), 2);
+
+        // A choice no longer offered, then a damaged file: measured again, the file whole again.
+        let mut all = all;
+        all.get_mut(&key).unwrap().choice = "tc-from-an-older-version".into();
+        std::fs::write(&file, serde_json::to_string(&all).unwrap()).unwrap();
+        assert!(!open_measured(gpu.clone(), &w, n, tile, &cache, QUICK).unwrap().1.remembered);
+        std::fs::write(&file, "{ not json").unwrap();
+        assert!(!open_measured(gpu.clone(), &w, n, tile, &cache, QUICK).unwrap().1.remembered);
+        let all: BTreeMap<String, Stored> = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(all.len(), 1, "only the entry measured since the damage");
+        assert!(open_measured(gpu, &w, n, tile, &cache, QUICK).unwrap().1.remembered);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+    }
+
+    /// A batch that fits no variant is measured at half its size, and so on (the runner halves
+    /// its batches then too); a single tile that fits none is an error naming each variant's failure.
+    #[test]
+    fn a_batch_that_fits_no_variant_is_measured_at_half() {
+        let tile = [16, 32, 32];
+        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 22);
+        // What one tile takes at most, over the variants, measured without a limit.
+        let probe = Gpu::emulator().unwrap();
+        open_measured(probe.clone(), &w, 1, tile, &ChoiceCache::none(), QUICK).unwrap();
+        let one = probe.memory_peak();
+        let gpu = Gpu::emulator().unwrap();
+        gpu.set_emulated_memory_limit(one);
+        let (mut e, c) = open_measured(gpu.clone(), &w, 16, tile, &ChoiceCache::none(), QUICK).unwrap();
+        assert!(c.times.iter().any(|(_, t)| t.is_ok()));
+        assert!([8, 4, 2, 1].contains(&c.batch), "{}", c.batch);
+        assert!(e.notes().iter().any(|l| l.contains(&format!("timed on {} tile(s)", c.batch))), "{:?}", e.notes());
+        drop(e.forward(&vec![0.5; vol(tile)], 1, tile, false).unwrap());
+
+        let tiny = Gpu::emulator().unwrap();
+        // The input fits, no variant does.
+        tiny.set_emulated_memory_limit(vol(tile) * 2 + 4096);
+        let err = open_measured(tiny, &w, 1, tile, &ChoiceCache::none(), QUICK).err().unwrap();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("no convolution path ran on 1 tile(s)") && msg.contains("tc-wide-async:"), "{msg}");
+    }
+}
