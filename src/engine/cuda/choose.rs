@@ -45,29 +45,42 @@ pub struct Variant {
     pub label: &'static str,
     pub backend: ConvBackend,
     pub policy: TcPolicy,
+    /// cuDNN's algorithms timed at each plan's first run instead of its heuristic order.
+    pub cudnn_find: bool,
 }
 
-/// The variants worth timing on `gpu`, the default path first: cuDNN (not on the emulators),
-/// then the tensor-core kernels where the device has tensor cores (with cp.async loads only
+impl Variant {
+    /// An engine for `weights` on `gpu` running this variant.
+    pub fn open(&self, gpu: &Arc<Gpu>, weights: &Weights) -> Result<CudaEngine> {
+        let mut e = CudaEngine::on_with(gpu.clone(), weights, self.backend, self.policy)?;
+        e.set_cudnn_find(self.cudnn_find);
+        Ok(e)
+    }
+}
+
+/// The variants worth timing on `gpu`, the default path first: cuDNN (not on the emulators; its
+/// heuristic algorithms, then the ones it times fastest), then the tensor-core kernels where the device has tensor cores (with cp.async loads only
 /// where they are asynchronous, sm_80+, and on the emulators, which run them), else the direct
 /// kernel.
 pub fn variants(gpu: &Gpu) -> Vec<Variant> {
     let tc = TcPolicy::default();
+    let on = |label, backend, policy| Variant { label, backend, policy, cudnn_find: false };
     let mut v = Vec::new();
     if !gpu.is_emulator() {
-        v.push(Variant { label: "cudnn", backend: ConvBackend::Cudnn, policy: tc });
+        v.push(on("cudnn", ConvBackend::Cudnn, tc));
+        v.push(Variant { cudnn_find: true, ..on("cudnn-find", ConvBackend::Cudnn, tc) });
     }
     if gpu.check_tensor_cores().is_ok() {
         let wide = TcPolicy { tiles: TcTiles::Wide, ..tc };
-        v.push(Variant { label: "tc", backend: ConvBackend::TensorCore, policy: tc });
-        v.push(Variant { label: "tc-wide", backend: ConvBackend::TensorCore, policy: wide });
-        v.push(Variant { label: "tc-norms-in-loads", backend: ConvBackend::TensorCore, policy: TcPolicy { norm_in_loads: NormInLoads::All, ..tc } });
+        v.push(on("tc", ConvBackend::TensorCore, tc));
+        v.push(on("tc-wide", ConvBackend::TensorCore, wide));
+        v.push(on("tc-norms-in-loads", ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, ..tc }));
         if gpu.is_emulator() || gpu.info.compute_capability >= (8, 0) {
-            v.push(Variant { label: "tc-async", backend: ConvBackend::TensorCore, policy: TcPolicy { async_loads: true, ..tc } });
-            v.push(Variant { label: "tc-wide-async", backend: ConvBackend::TensorCore, policy: TcPolicy { async_loads: true, ..wide } });
+            v.push(on("tc-async", ConvBackend::TensorCore, TcPolicy { async_loads: true, ..tc }));
+            v.push(on("tc-wide-async", ConvBackend::TensorCore, TcPolicy { async_loads: true, ..wide }));
         }
     } else {
-        v.push(Variant { label: "direct", backend: ConvBackend::Direct, policy: tc });
+        v.push(on("direct", ConvBackend::Direct, tc));
     }
     v
 }
@@ -286,7 +299,7 @@ fn time_variants(
     let mut ok = Vec::with_capacity(candidates.len());
     let mut times = Vec::with_capacity(candidates.len());
     for (i, v) in candidates.iter().enumerate() {
-        let timed = CudaEngine::on_with(gpu.clone(), weights, v.backend, v.policy).and_then(|mut e| time_walks(&mut e, &input, n, tile, m).map(|ms| (e, ms)));
+        let timed = v.open(gpu, weights).and_then(|mut e| time_walks(&mut e, &input, n, tile, m).map(|ms| (e, ms)));
         match timed {
             Ok((e, ms)) => {
                 ok.push(Ok(ms));
@@ -318,7 +331,7 @@ pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3
     let where_kept = cache.path().map_or("not remembered".to_string(), |p| p.display().to_string());
     if let Some(stored) = cache.get(&key) {
         if let Some(v) = candidates.iter().find(|v| v.label == stored.choice) {
-            match CudaEngine::on_with(gpu.clone(), weights, v.backend, v.policy) {
+            match v.open(&gpu, weights) {
                 Ok(mut e) => {
                     let times = stored.ms.iter().map(|(l, t)| (l.clone(), t.ok_or_else(|| "did not run".to_string()))).collect();
                     let choice = Choice { label: v.label.to_string(), batch: n, times, remembered: true };
@@ -342,7 +355,8 @@ pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3
         }
         bail!("{}: no convolution path ran on {n} tile(s) of {tile:?}: {}", weights.name, why.join("; "));
     };
-    let times: Vec<(String, std::result::Result<f64, String>)> = times.into_iter().map(|(l, t)| (l, t.map_err(|e| format!("{e:#}")))).collect();
+    // Microseconds are all a walk's time is good for (and what the file keeps).
+    let times: Vec<(String, std::result::Result<f64, String>)> = times.into_iter().map(|(l, t)| (l, t.map(|ms| (ms * 1e3).round() / 1e3).map_err(|e| format!("{e:#}")))).collect();
     let choice = Choice { label: candidates[won].label.to_string(), batch: n, times, remembered: false };
 
     // Memory only the measurement needed goes back; the walks to come size it again.
@@ -353,7 +367,7 @@ pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3
         *gpu.dnn_workspace() = None;
     }
 
-    let stored = Stored { choice: choice.label.clone(), ms: choice.times.iter().map(|(l, t)| (l.clone(), t.as_ref().ok().map(|ms| (ms * 1e3).round() / 1e3))).collect() };
+    let stored = Stored { choice: choice.label.clone(), ms: choice.times.iter().map(|(l, t)| (l.clone(), t.as_ref().ok().copied())).collect() };
     let kept = match (cache.path(), cache.put(&key, stored)) {
         (None, _) => "not remembered".to_string(),
         (Some(p), Ok(())) => format!("remembered in {}", p.display()),
@@ -420,7 +434,7 @@ mod tests {
         assert_eq!(gpu.arena().capacity(), 0);
 
         let v = variants(&gpu).into_iter().find(|v| v.label == c.label).unwrap();
-        let mut direct = CudaEngine::on_with(Gpu::emulator().unwrap(), &w, v.backend, v.policy).unwrap();
+        let mut direct = v.open(&Gpu::emulator().unwrap(), &w).unwrap();
         let mut x = vec![0f32; n * vol(tile)];
         SplitMix64::new(3).fill_uniform(&mut x, 0.0, 1.0);
         for _ in 0..2 {

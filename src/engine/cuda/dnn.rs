@@ -7,6 +7,12 @@
 //! deterministic ones first; a plan tries them in order on its first run and keeps the first that
 //! executes (cuDNN can list algorithms that then refuse a 3-D NDHWC shape). When none runs, the
 //! caller falls back to our own implicit-GEMM kernel (`conv3d.cu`).
+//!
+//! With `find` (`FASTDET_CUDNN_FIND=1`, or the measured choice `cudnn-find`), a plan's first run
+//! times the candidates on the real buffers (`cudnnFindConvolutionForwardAlgorithmEx`, as
+//! PyTorch's `cudnn.benchmark`) and tries them fastest first, deterministic ones still first;
+//! the order is kept per device and shape for the rest of the process, so an ensemble of one
+//! architecture times each shape once.
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::cudnn::{result, sys};
@@ -29,6 +35,8 @@ pub struct Dnn {
     handle: sys::cudnnHandle_t,
     /// `cudnnGetVersion()`, e.g. 91000 for 9.10.0.
     pub version: usize,
+    /// Order each plan's algorithms by timing them at its first run (see the module's note).
+    pub find: bool,
 }
 
 // SAFETY: the handle is used by one engine at a time (TileEngine::forward takes &mut self).
@@ -57,7 +65,7 @@ impl Dnn {
                 bail!("cuDNN {version} is too old: fastdet's bindings need cuDNN 9");
             }
             let handle = result::create_handle().map_err(|e| anyhow!("cudnnCreate: {e}"))?;
-            let dnn = Dnn { handle, version };
+            let dnn = Dnn { handle, version, find: std::env::var("FASTDET_CUDNN_FIND").is_ok_and(|v| v == "1") };
             // SAFETY: valid handle; the stream belongs to gpu's context, which is current.
             unsafe { result::set_stream(dnn.handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| anyhow!("cudnnSetStream: {e}"))?;
             Ok(dnn)
@@ -165,12 +173,30 @@ pub struct ConvPlan {
     w: FilterDesc,
     y: TensorDesc,
     conv: ConvDesc,
-    /// Candidate (algorithm, workspace bytes), best first.
-    algos: Vec<(sys::cudnnConvolutionFwdAlgo_t, usize)>,
+    /// Candidate (algorithm, workspace bytes, deterministic), best first.
+    algos: Vec<(sys::cudnnConvolutionFwdAlgo_t, usize, bool)>,
     /// Index into `algos` of the algorithm that ran; None before the first run.
     chosen: Option<usize>,
+    /// Whether the candidates were put in the order of their times (`Dnn::find`).
+    timed: bool,
     pub what: String,
 }
+
+/// The candidates `cands` (algorithm, workspace, deterministic; best first) fastest first by the
+/// times cuDNN measured (`timed`: algorithm, ms), deterministic ones still before the others; a
+/// candidate without a time goes after those with one, in its old order.
+pub fn order_by_time<A: PartialEq + Copy>(cands: &[(A, usize, bool)], timed: &[(A, f32)]) -> Vec<(A, usize, bool)> {
+    let time = |a: A| timed.iter().find(|t| t.0 == a).map_or(f32::INFINITY, |t| t.1);
+    let mut out = cands.to_vec();
+    // Stable: equal keys keep the heuristic order.
+    out.sort_by(|p, q| (!p.2).cmp(&!q.2).then(time(p.0).total_cmp(&time(q.0))));
+    out
+}
+
+/// Orders found per (device, plan) in this process: an ensemble of one architecture times each
+/// shape once.
+type FoundOrders = std::sync::Mutex<Vec<((usize, String), Vec<(sys::cudnnConvolutionFwdAlgo_t, usize, bool)>)>>;
+static FOUND: FoundOrders = std::sync::Mutex::new(Vec::new());
 
 // SAFETY: descriptors are plain host objects, used by one engine at a time.
 unsafe impl Send for ConvPlan {}
@@ -223,7 +249,7 @@ impl ConvPlan {
             unsafe { result::get_convolution_forward_algorithm(dnn.handle, x.0, w.0, conv.0, y.0, COUNT as i32, &mut returned, perf.as_mut_ptr()) }
                 .map_err(|e| anyhow!("cudnnGetConvolutionForwardAlgorithm_v7: {e}"))?;
             let limit = workspace_limit();
-            let mut cands: Vec<(bool, sys::cudnnConvolutionFwdAlgo_t, usize)> = Vec::new();
+            let mut cands: Vec<(sys::cudnnConvolutionFwdAlgo_t, usize, bool)> = Vec::new();
             for p in perf.iter().take((returned.max(0) as usize).min(COUNT)) {
                 if p.status != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
                     continue;
@@ -234,17 +260,17 @@ impl ConvPlan {
                     continue;
                 }
                 let det = p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
-                if !cands.iter().any(|c| c.1 == p.algo) {
-                    cands.push((det, p.algo, ws));
+                if !cands.iter().any(|c| c.0 == p.algo) {
+                    cands.push((p.algo, ws, det));
                 }
             }
             // Deterministic algorithms first, heuristic order kept within each class.
-            cands.sort_by_key(|c| !c.0);
-            let algos: Vec<_> = cands.into_iter().map(|(_, a, ws)| (a, ws)).collect();
+            cands.sort_by_key(|c| !c.2);
+            let algos = cands;
             if algos.is_empty() {
                 bail!("cuDNN offers no usable forward algorithm ({returned} listed, none within {} MiB of workspace)", limit >> 20);
             }
-            Ok(ConvPlan { x, w, y, conv, algos, chosen: None, what: what.clone() })
+            Ok(ConvPlan { x, w, y, conv, algos, chosen: None, timed: false, what: what.clone() })
         })
     }
 
@@ -258,11 +284,71 @@ impl ConvPlan {
         self.algos.iter().map(|a| a.1).max().unwrap_or(0)
     }
 
+    /// Times every candidate on these buffers (`y` is overwritten) and orders them fastest first
+    /// (`order_by_time`), or takes the order found earlier in this process for this device and
+    /// shape. Eager only (cuDNN synchronises while timing).
+    fn time_candidates(&mut self, dnn: &Dnn, gpu: &Gpu, x: u64, w: u64, y: u64, workspace: &mut Option<DevBuf>) -> Result<()> {
+        let key = (gpu.info.ordinal, format!("{} ws<={}", self.what, workspace_limit()));
+        if let Some((_, order)) = FOUND.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key) {
+            self.algos = order.clone();
+            return Ok(());
+        }
+        let need = self.max_workspace();
+        if need > 0 && workspace.as_ref().is_none_or(|b| b.bytes < need) {
+            *workspace = None;
+            *workspace = Some(gpu.alloc(need)?);
+        }
+        let (wp, wb) = workspace.as_ref().map_or((0, 0), |b| (b.ptr, b.bytes));
+        const COUNT: usize = 8;
+        // SAFETY: plain-data results, written by cuDNN.
+        let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; COUNT] = unsafe { std::mem::zeroed() };
+        let mut returned = 0i32;
+        guard("cudnnFindConvolutionForwardAlgorithmEx", || {
+            // SAFETY: the descriptors match the buffers the engine allocated for this shape; room
+            // for COUNT results; the workspace holds `wb` bytes.
+            unsafe {
+                sys::cudnnFindConvolutionForwardAlgorithmEx(
+                    dnn.handle,
+                    self.x.0,
+                    x as *const _,
+                    self.w.0,
+                    w as *const _,
+                    self.conv.0,
+                    self.y.0,
+                    y as *mut _,
+                    COUNT as i32,
+                    &mut returned,
+                    perf.as_mut_ptr(),
+                    wp as *mut _,
+                    wb,
+                )
+            }
+            .result()
+            .map_err(|e| anyhow!("{e}"))
+        })?;
+        let timed: Vec<(sys::cudnnConvolutionFwdAlgo_t, f32)> = perf
+            .iter()
+            .take((returned.max(0) as usize).min(COUNT))
+            .filter(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= wb)
+            .map(|p| (p.algo, p.time))
+            .collect();
+        self.algos = order_by_time(&self.algos, &timed);
+        FOUND.lock().unwrap_or_else(|e| e.into_inner()).push((key, self.algos.clone()));
+        Ok(())
+    }
+
     /// `y = conv(x, w)`; `workspace` is grown as needed. Errors only when no candidate runs.
     /// In a CUDA graph capture only the algorithm chosen by an eager run is tried: a failure
     /// there may be the capture's own, and an algorithm first run inside a capture would be
     /// kept without ever having been checked eagerly.
     pub fn run(&mut self, dnn: &Dnn, gpu: &Gpu, x: u64, w: u64, y: u64, workspace: &mut Option<DevBuf>) -> Result<()> {
+        if dnn.find && !self.timed && self.chosen.is_none() && !gpu.capturing() {
+            self.timed = true;
+            // Timing is an optimisation: on failure the heuristic order stands.
+            if let Err(e) = self.time_candidates(dnn, gpu, x, w, y, workspace) {
+                eprintln!("warning: {}: timing cuDNN's algorithms failed ({e:#}); taking its heuristic order", self.what);
+            }
+        }
         let start = self.chosen.unwrap_or(0);
         let end = if gpu.capturing() {
             if self.chosen.is_none() {
@@ -274,7 +360,7 @@ impl ConvPlan {
         };
         let mut errors = Vec::new();
         for i in start..end {
-            let (algo, ws) = self.algos[i];
+            let (algo, ws, _) = self.algos[i];
             if ws > 0 && workspace.as_ref().is_none_or(|b| b.bytes < ws) {
                 if gpu.capturing() {
                     // Replacing the buffer would free memory the capture may have used.
@@ -322,5 +408,26 @@ impl ConvPlan {
             }
         }
         bail!("{}: no cuDNN algorithm ran: {}", self.what, errors.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::order_by_time;
+
+    /// Timed candidates go fastest first, deterministic ones still before the others; one cuDNN
+    /// did not time keeps its place after the timed ones of its class; equal times keep the
+    /// heuristic order.
+    #[test]
+    fn timed_algorithms_go_fastest_first_within_their_determinism() {
+        // (algorithm, workspace, deterministic), in the heuristic order.
+        let cands = [(1u32, 0, true), (2, 64, true), (3, 0, true), (4, 0, true), (5, 128, false), (6, 0, false)];
+        let timed = [(6, 0.5), (2, 1.0), (5, 2.0), (3, 3.0), (1, 1.0)];
+        let order: Vec<u32> = order_by_time(&cands, &timed).iter().map(|c| c.0).collect();
+        assert_eq!(order, [1, 2, 3, 4, 6, 5]);
+        // Workspace sizes and flags travel with their algorithm.
+        assert!(order_by_time(&cands, &timed).iter().all(|c| cands.contains(c)));
+        // Nothing timed: the heuristic order.
+        assert_eq!(order_by_time(&cands, &[]), cands.to_vec());
     }
 }

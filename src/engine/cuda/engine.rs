@@ -649,6 +649,15 @@ impl CudaEngine {
         self.notes.push(note);
     }
 
+    /// Whether cuDNN's plans time their algorithms at their first run (`dnn.rs`, `Dnn::find`);
+    /// for the plans made after this call. No effect without cuDNN.
+    pub fn set_cudnn_find(&mut self, on: bool) {
+        if let Some(d) = &mut self.dnn {
+            d.find = on;
+            self.plans.clear();
+        }
+    }
+
     /// Whether any convolution runs on cuDNN.
     pub fn uses_cudnn(&self) -> bool {
         self.dnn.is_some() && self.steps.iter().any(|s| matches!(s, Step::Conv(c) if c.use_dnn))

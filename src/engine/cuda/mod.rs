@@ -29,6 +29,9 @@
 //! - `FASTDET_CUDA_SYNC=1`: synchronise after every kernel and name the one that failed (no
 //!   graphs then);
 //! - `FASTDET_CUDNN_WORKSPACE_MIB`: largest cuDNN workspace (default 1024);
+//! - `FASTDET_CUDNN_FIND=1`: cuDNN's algorithms timed on the real buffers at each convolution
+//!   shape's first run, fastest deterministic one kept (as PyTorch's `cudnn.benchmark`; once per
+//!   device and shape in a process), instead of its heuristic order (`dnn.rs`);
 //! - `FASTDET_OVERLAP_UPLOAD=0`: `fastdet run` copies each volume to the device when its turn
 //!   comes, instead of on a side stream while the previous one is computed (`side_upload`).
 //!

@@ -1280,23 +1280,29 @@ fn networks(c: &mut Ctx, opts: &Options) {
         };
         let cpu_s = t0.elapsed().as_secs_f64();
         c.time(format!("{arch} {shape} cpu forward"), cpu_s);
-        // cuDNN where it loads, the direct kernel, and the tensor-core path (Auto without cuDNN is
+        // cuDNN where it loads (its heuristic algorithms, and those it times fastest), the direct
+        // kernel, and the tensor-core path (Auto without cuDNN is
         // one of the last two), the latter as it runs by default, with every norm applied in the
         // next conv's loads, on the wide tiles and with cp.async loads (the timings side by side).
         let mut backends = Vec::new();
         let default = TcPolicy::default();
         if c.dnn.is_some() {
-            backends.push((ConvBackend::Auto, default, format!("{arch} cuDNN")));
+            backends.push((ConvBackend::Auto, default, format!("{arch} cuDNN"), false));
+            // The algorithms cuDNN times fastest (FASTDET_CUDNN_FIND=1, the measured cudnn-find).
+            backends.push((ConvBackend::Auto, default, format!("{arch} cuDNN timed algorithms"), true));
         }
-        backends.push((ConvBackend::Direct, default, format!("{arch} direct-conv")));
+        backends.push((ConvBackend::Direct, default, format!("{arch} direct-conv"), false));
         if c.gpu.check_tensor_cores().is_ok() {
             for (_, suffix, policy) in TcPolicy::compared() {
-                backends.push((ConvBackend::TensorCore, policy, format!("{arch} tensor-core{suffix}")));
+                backends.push((ConvBackend::TensorCore, policy, format!("{arch} tensor-core{suffix}"), false));
             }
         }
-        for (backend, policy, label) in backends {
+        for (backend, policy, label, cudnn_find) in backends {
             c.case(&label.clone(), &shape.clone(), |c| {
                 let mut e = CudaEngine::on_with(c.gpu.clone(), &w, backend, policy)?;
+                if cudnn_find {
+                    e.set_cudnn_find(true);
+                }
                 let t = Instant::now();
                 let cold = e.forward(&x, 1, tile, true)?;
                 let cold_s = t.elapsed().as_secs_f64();
