@@ -3,7 +3,7 @@
 //!
 //! Which path walks a network fastest depends on the card (tensor-core generation, SM count,
 //! cuDNN version) and on the network's widths, so it is timed where it runs: each variant
-//! (cuDNN with its heuristic algorithms; the tensor-core kernels with standard or wide tiles,
+//! (cuDNN with its heuristic algorithms or with those it times fastest; the tensor-core kernels with standard or wide tiles,
 //! register-staged or cp.async loads (sm_80+), norms applied in the loads of 1x1x1 convs or of
 //! every conv) opens an engine for the model, walks `warmup` batches of the run's own batch and
 //! tile (the second is captured into its CUDA graph) and then `reps` timed ones, each synchronised;
