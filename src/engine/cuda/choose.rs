@@ -58,15 +58,15 @@ impl Variant {
     }
 }
 
-/// The variants worth timing on `gpu`, the default path first: cuDNN (not on the emulators; its
+/// The variants worth timing on `gpu`, the default path first: cuDNN when it loads (`cudnn`; its
 /// heuristic algorithms, then the ones it times fastest), then the tensor-core kernels where the device has tensor cores (with cp.async loads only
 /// where they are asynchronous, sm_80+, and on the emulators, which run them), else the direct
 /// kernel.
-pub fn variants(gpu: &Gpu) -> Vec<Variant> {
+pub fn variants(gpu: &Gpu, cudnn: bool) -> Vec<Variant> {
     let tc = TcPolicy::default();
     let on = |label, backend, policy| Variant { label, backend, policy, cudnn_find: false };
     let mut v = Vec::new();
-    if !gpu.is_emulator() {
+    if cudnn && !gpu.is_emulator() {
         v.push(on("cudnn", ConvBackend::Cudnn, tc));
         v.push(Variant { cudnn_find: true, ..on("cudnn-find", ConvBackend::Cudnn, tc) });
     }
@@ -157,6 +157,9 @@ pub struct ChoiceCache {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Stored {
     choice: String,
+    /// The tiles a timed walk took (less than the key's batch when that did not fit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batch: Option<usize>,
     ms: BTreeMap<String, Option<f64>>,
 }
 
@@ -201,13 +204,16 @@ impl ChoiceCache {
         self.read_all().remove(key)
     }
 
-    /// Adds or replaces `key`, writing a whole new file then renaming it over the old one, so that
-    /// a reader never sees half a file.
-    fn put(&self, key: &str, entry: Stored) -> Result<()> {
+    /// Adds or replaces `keys` (all with `entry`), writing a whole new file then renaming it over
+    /// the old one, so that a reader never sees half a file. (Two processes writing at once may
+    /// lose one's entry: it is measured again next time.)
+    fn put(&self, keys: &[String], entry: Stored) -> Result<()> {
         let Some(p) = &self.path else { return Ok(()) };
         let _turn = CACHE_WRITE.lock().unwrap_or_else(|e| e.into_inner());
         let mut all = self.read_all();
-        all.insert(key.to_string(), entry);
+        for key in keys {
+            all.insert(key.clone(), entry.clone());
+        }
         if let Some(dir) = p.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
         }
@@ -319,62 +325,98 @@ fn time_variants(
 
 /// An engine for `weights` on `gpu` running the convolution path that walks `n` tiles of `tile`
 /// fastest there: the remembered choice for this device, network and shape when `cache` has
-/// one, else every `variants` timed (`m`) and the winner remembered. The engine's notes say
-/// which and why; so does the returned `Choice`.
+/// one, else every `variants` timed (`m`) and the winner remembered. A batch that fits no
+/// variant is measured at half its size, and so on (the runner halves its batches then too); the
+/// choice is remembered under the batch asked for as well. The engine's notes say which and
+/// why; so does the returned `Choice`.
 pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3], cache: &ChoiceCache, m: Measure) -> Result<(CudaEngine, Choice)> {
     if n == 0 {
         bail!("{}: measuring needs at least one tile", weights.name);
     }
-    let candidates = variants(&gpu);
-    let cudnn = if gpu.is_emulator() { "none".to_string() } else { Dnn::new(&gpu).map_or("none".to_string(), |d| d.version_string()) };
-    let key = choice_key(&gpu, &cudnn, weights, n, tile);
-    let where_kept = cache.path().map_or("not remembered".to_string(), |p| p.display().to_string());
-    if let Some(stored) = cache.get(&key) {
-        if let Some(v) = candidates.iter().find(|v| v.label == stored.choice) {
-            match v.open(&gpu, weights) {
-                Ok(mut e) => {
-                    let times = stored.ms.iter().map(|(l, t)| (l.clone(), t.ok_or_else(|| "did not run".to_string()))).collect();
-                    let choice = Choice { label: v.label.to_string(), batch: n, times, remembered: true };
-                    e.push_note(format!("convolutions: {}, measured earlier on this device for this network and {n} tile(s) of {tile:?} ({where_kept})", choice.summary()));
-                    return Ok((e, choice));
-                }
-                Err(err) => eprintln!("warning: {}: the remembered convolution path {} does not open ({err:#}); measuring again", weights.name, v.label),
-            }
-        }
+    let cudnn = if gpu.is_emulator() { None } else { Dnn::new(&gpu).ok().map(|d| d.version_string()) };
+    let candidates = variants(&gpu, cudnn.is_some());
+    let key_for = |n: usize| choice_key(&gpu, cudnn.as_deref().unwrap_or("none"), weights, n, tile);
+    // One measurement at a time per device: two workers on one card would time each other's load
+    // (the second then finds the first's choice remembered).
+    let lock = device_lock(&gpu);
+    let _turn = lock.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(found) = open_remembered(&gpu, weights, &candidates, &key_for(n), n, tile, cache) {
+        return Ok(found);
     }
 
-    let (arena_before, workspace_before) = (gpu.arena().capacity(), gpu.dnn_workspace().is_some());
-    let (times, best) = time_variants(&gpu, weights, &candidates, n, tile, m)?;
-    let Some((won, mut engine)) = best else {
-        let why: Vec<String> = times.iter().filter_map(|(l, t)| t.as_ref().err().map(|e| format!("{l}: {e:#}"))).collect();
-        // A batch that does not fit any path: the runner halves its batches then, so measure half.
-        let all_oom = times.iter().all(|(_, t)| t.as_ref().is_err_and(|e| e.downcast_ref::<OutOfMemory>().is_some()));
-        if all_oom && n > 1 {
-            eprintln!("warning: {}: {n} tiles at once do not fit on the device in any convolution path; measuring {}", weights.name, n / 2);
-            return open_measured(gpu, weights, n / 2, tile, cache, m);
+    let arena_before = gpu.arena().capacity();
+    let workspace_before = gpu.dnn_workspace().as_ref().map_or(0, |b| b.bytes);
+    let mut at = n;
+    let (won, mut engine, times) = loop {
+        let (times, best) = time_variants(&gpu, weights, &candidates, at, tile, m)?;
+        if let Some((won, engine)) = best {
+            break (won, engine, times);
         }
-        bail!("{}: no convolution path ran on {n} tile(s) of {tile:?}: {}", weights.name, why.join("; "));
+        let why: Vec<String> = times.iter().filter_map(|(l, t)| t.as_ref().err().map(|e| format!("{l}: {e:#}"))).collect();
+        let oom = times.iter().any(|(_, t)| t.as_ref().is_err_and(|e| e.downcast_ref::<OutOfMemory>().is_some()));
+        if !(oom && at > 1) {
+            bail!("{}: no convolution path ran on {at} tile(s) of {tile:?}: {}", weights.name, why.join("; "));
+        }
+        eprintln!("warning: {}: {at} tiles at once fit on the device in no convolution path; measuring {}", weights.name, at / 2);
+        at /= 2;
     };
     // Microseconds are all a walk's time is good for (and what the file keeps).
     let times: Vec<(String, std::result::Result<f64, String>)> = times.into_iter().map(|(l, t)| (l, t.map(|ms| (ms * 1e3).round() / 1e3).map_err(|e| format!("{e:#}")))).collect();
-    let choice = Choice { label: candidates[won].label.to_string(), batch: n, times, remembered: false };
+    let choice = Choice { label: candidates[won].label.to_string(), batch: at, times, remembered: false };
 
-    // Memory only the measurement needed goes back; the walks to come size it again.
+    // Memory only the measurement needed goes back; the walks to come size it again (a graph
+    // captured on the old buffers is captured again: the arena's generation and the workspace's
+    // address change).
     if gpu.arena().capacity() > arena_before {
         gpu.arena().release();
     }
-    if !workspace_before && !engine.uses_cudnn() {
+    if gpu.dnn_workspace().as_ref().map_or(0, |b| b.bytes) > workspace_before {
         *gpu.dnn_workspace() = None;
     }
 
-    let stored = Stored { choice: choice.label.clone(), ms: choice.times.iter().map(|(l, t)| (l.clone(), t.as_ref().ok().copied())).collect() };
-    let kept = match (cache.path(), cache.put(&key, stored)) {
+    let stored = Stored { choice: choice.label.clone(), batch: Some(at), ms: choice.times.iter().map(|(l, t)| (l.clone(), t.as_ref().ok().copied())).collect() };
+    let keys: Vec<String> = if at == n { vec![key_for(n)] } else { vec![key_for(n), key_for(at)] };
+    let kept = match (cache.path(), cache.put(&keys, stored)) {
         (None, _) => "not remembered".to_string(),
         (Some(p), Ok(())) => format!("remembered in {}", p.display()),
         (Some(_), Err(e)) => format!("not remembered: {e:#}"),
     };
-    engine.push_note(format!("convolutions: {}, the fastest of {} variant(s) timed on {n} tile(s) of {tile:?}; {kept}", choice.summary(), choice.times.len()));
+    engine.push_note(format!("convolutions: {}, the fastest of {} variant(s) timed on {at} tile(s) of {tile:?}; {kept}", choice.summary(), choice.times.len()));
     Ok((engine, choice))
+}
+
+/// The engine of the choice remembered under `key`, when there is one that still opens.
+fn open_remembered(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], key: &str, n: usize, tile: [usize; 3], cache: &ChoiceCache) -> Option<(CudaEngine, Choice)> {
+    let stored = cache.get(key)?;
+    let v = candidates.iter().find(|v| v.label == stored.choice)?;
+    match v.open(gpu, weights) {
+        Ok(mut e) => {
+            let times = stored.ms.iter().map(|(l, t)| (l.clone(), t.ok_or_else(|| "did not run".to_string()))).collect();
+            let batch = stored.batch.unwrap_or(n);
+            let choice = Choice { label: v.label.to_string(), batch, times, remembered: true };
+            let where_kept = cache.path().map_or(String::new(), |p| format!(" ({})", p.display()));
+            e.push_note(format!("convolutions: {}, measured earlier on this device for this network on {batch} tile(s) of {tile:?}{where_kept}", choice.summary()));
+            Some((e, choice))
+        }
+        Err(err) => {
+            eprintln!("warning: {}: the remembered convolution path {} does not open ({err:#}); measuring again", weights.name, v.label);
+            None
+        }
+    }
+}
+
+/// The lock that serialises measurements on `gpu`'s device in this process.
+fn device_lock(gpu: &Gpu) -> Arc<Mutex<()>> {
+    type Locks = Mutex<Vec<((bool, usize), Arc<Mutex<()>>)>>;
+    static LOCKS: Locks = Mutex::new(Vec::new());
+    let id = (gpu.is_emulator(), gpu.info.ordinal);
+    let mut locks = LOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, l)) = locks.iter().find(|(k, _)| *k == id) {
+        return l.clone();
+    }
+    let l = Arc::new(Mutex::new(()));
+    locks.push((id, l.clone()));
+    l
 }
 
 #[cfg(test)]
@@ -406,7 +448,7 @@ mod tests {
     /// The emulator offers the five tensor-core variants (it runs cp.async as a GPU would).
     #[test]
     fn the_emulator_times_every_tensor_core_variant() {
-        let labels: Vec<&str> = variants(&Gpu::emulator().unwrap()).iter().map(|v| v.label).collect();
+        let labels: Vec<&str> = variants(&Gpu::emulator().unwrap(), false).iter().map(|v| v.label).collect();
         assert_eq!(labels, ["tc", "tc-wide", "tc-norms-in-loads", "tc-async", "tc-wide-async"]);
     }
 
@@ -433,7 +475,7 @@ mod tests {
         // The measurement's arena was released; the winner's next walk sizes it again.
         assert_eq!(gpu.arena().capacity(), 0);
 
-        let v = variants(&gpu).into_iter().find(|v| v.label == c.label).unwrap();
+        let v = variants(&gpu, false).into_iter().find(|v| v.label == c.label).unwrap();
         let mut direct = v.open(&Gpu::emulator().unwrap(), &w).unwrap();
         let mut x = vec![0f32; n * vol(tile)];
         SplitMix64::new(3).fill_uniform(&mut x, 0.0, 1.0);
@@ -473,6 +515,22 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
     }
 
+    /// Two workers opening the same network on one device at once: one measures, the other waits
+    /// and takes its remembered choice (they would otherwise time each other's load).
+    #[test]
+    fn workers_on_one_device_measure_one_at_a_time() {
+        let (n, tile) = (1, [8, 16, 16]);
+        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 23);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChoiceCache::in_dir(dir.path());
+        let choices: Vec<Choice> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2).map(|_| s.spawn(|| open_measured(Gpu::open_emulator(0).unwrap(), &w, n, tile, &cache, QUICK).unwrap().1)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(choices.iter().filter(|c| c.remembered).count(), 1, "{choices:?}");
+        assert_eq!(choices[0].label, choices[1].label);
+    }
+
     /// A batch that fits no variant is measured at half its size, and so on (the runner halves
     /// its batches then too); a single tile that fits none is an error naming each variant's failure.
     #[test]
@@ -485,11 +543,18 @@ mod tests {
         let one = probe.memory_peak();
         let gpu = Gpu::emulator().unwrap();
         gpu.set_emulated_memory_limit(one);
-        let (mut e, c) = open_measured(gpu.clone(), &w, 16, tile, &ChoiceCache::none(), QUICK).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChoiceCache::in_dir(dir.path());
+        let (mut e, c) = open_measured(gpu.clone(), &w, 16, tile, &cache, QUICK).unwrap();
         assert!(c.times.iter().any(|(_, t)| t.is_ok()));
         assert!([8, 4, 2, 1].contains(&c.batch), "{}", c.batch);
         assert!(e.notes().iter().any(|l| l.contains(&format!("timed on {} tile(s)", c.batch))), "{:?}", e.notes());
         drop(e.forward(&vec![0.5; vol(tile)], 1, tile, false).unwrap());
+        drop(e);
+        // Remembered under the batch asked for too: the next open of 16 tiles times nothing.
+        let (again, c2) = open_measured(gpu.clone(), &w, 16, tile, &cache, QUICK).unwrap();
+        assert!(c2.remembered && c2.label == c.label && c2.batch == c.batch, "{c2:?}");
+        assert!(again.notes().iter().any(|l| l.contains(&format!("measured earlier on this device for this network on {} tile(s)", c.batch))), "{:?}", again.notes());
 
         let tiny = Gpu::emulator().unwrap();
         // The input fits, no variant does.

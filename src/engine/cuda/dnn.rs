@@ -294,7 +294,8 @@ impl ConvPlan {
             return Ok(());
         }
         let need = self.max_workspace();
-        if need > 0 && workspace.as_ref().is_none_or(|b| b.bytes < need) {
+        let grown = need > 0 && workspace.as_ref().is_none_or(|b| b.bytes < need);
+        if grown {
             *workspace = None;
             *workspace = Some(gpu.alloc(need)?);
         }
@@ -326,13 +327,21 @@ impl ConvPlan {
             .result()
             .map_err(|e| anyhow!("{e}"))
         })?;
-        let timed: Vec<(sys::cudnnConvolutionFwdAlgo_t, f32)> = perf
+        // cuDNN may time an algorithm under both math types; the descriptor asks for tensor-op
+        // math, so its times come first (`order_by_time` takes an algorithm's first time).
+        let mut timed: Vec<(bool, sys::cudnnConvolutionFwdAlgo_t, f32)> = perf
             .iter()
             .take((returned.max(0) as usize).min(COUNT))
             .filter(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= wb)
-            .map(|p| (p.algo, p.time))
+            .map(|p| (p.mathType != sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH, p.algo, p.time))
             .collect();
+        timed.sort_by_key(|t| t.0);
+        let timed: Vec<(sys::cudnnConvolutionFwdAlgo_t, f32)> = timed.into_iter().map(|(_, a, t)| (a, t)).collect();
         self.algos = order_by_time(&self.algos, &timed);
+        if grown {
+            // Sized for the slowest candidate's needs: `run` allocates what the chosen one needs.
+            *workspace = None;
+        }
         FOUND.lock().unwrap_or_else(|e| e.into_inner()).push((key, self.algos.clone()));
         Ok(())
     }
