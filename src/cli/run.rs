@@ -258,7 +258,7 @@ fn load_ensemble(a: &InferArgs, device: Device) -> Result<(Ensemble, Vec<String>
         let (e, choice) = engine::open_for(device, &w, a.batch, a.window).with_context(|| format!("{}: cannot open on {device}", p.display()))?;
         engines.push(e);
         if let Some(c) = choice {
-            let line = format!("{}{}", c.summary(), if c.remembered { ", measured earlier" } else { ", measured now" });
+            let line = c.log_line();
             match choices.iter_mut().find(|(l, _)| *l == line) {
                 Some((_, k)) => *k += 1,
                 None => choices.push((line, 1)),

@@ -89,9 +89,10 @@ pub fn open(device: Device, weights: &crate::weights::Weights) -> Result<Box<dyn
 /// (`cuda::choose`; the choice is remembered beside the compiled kernels), and the returned line
 /// says which; otherwise the same as `open`, and None.
 pub fn open_for(device: Device, weights: &crate::weights::Weights, n: usize, tile: [usize; 3]) -> Result<(Box<dyn TileEngine>, Option<cuda::choose::Choice>)> {
+    let measure = device.is_cuda_engine() && cuda::ConvBackend::from_env()? == cuda::ConvBackend::Measure;
     let gpu = match device {
-        Device::Cuda(i) if cuda::ConvBackend::from_env()? == cuda::ConvBackend::Measure => cuda::gpu::Gpu::open(i, None)?,
-        Device::Emu(i) if cuda::ConvBackend::from_env()? == cuda::ConvBackend::Measure => cuda::gpu::Gpu::open_emulator(i)?,
+        Device::Cuda(i) if measure => cuda::gpu::Gpu::open(i, None)?,
+        Device::Emu(i) if measure => cuda::gpu::Gpu::open_emulator(i)?,
         _ => return Ok((open(device, weights)?, None)),
     };
     let cache = cuda::choose::ChoiceCache::default_location();

@@ -113,6 +113,11 @@ pub struct Choice {
 }
 
 impl Choice {
+    /// `summary`, then whether it was measured now or earlier: the line a run logs.
+    pub fn log_line(&self) -> String {
+        format!("{}, measured {}", self.summary(), if self.remembered { "earlier" } else { "now" })
+    }
+
     /// `tc-wide (12.31 ms a walk; cudnn 15.10, tc 13.02, tc-async failed: ...)`.
     pub fn summary(&self) -> String {
         let ms = |label: &str| self.times.iter().find(|(l, _)| l == label).and_then(|(_, t)| t.as_ref().ok().copied());
@@ -136,9 +141,9 @@ impl Choice {
 }
 
 /// The index of the fastest variant that ran (the earlier one on a tie), None when none did.
-pub fn fastest(times: &[std::result::Result<f64, String>]) -> Option<usize> {
+pub fn fastest<'a, E: 'a>(times: impl IntoIterator<Item = &'a std::result::Result<f64, E>>) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
-    for (i, t) in times.iter().enumerate() {
+    for (i, t) in times.into_iter().enumerate() {
         if let Ok(ms) = *t {
             if best.is_none_or(|(_, b)| ms < b) {
                 best = Some((i, ms));
@@ -302,22 +307,16 @@ fn time_variants(
     let x: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
     let input = gpu.upload(&x).with_context(|| format!("{}: the input of {n} tile(s) of {tile:?} to measure on", weights.name))?;
     let mut best: Option<(usize, CudaEngine)> = None;
-    let mut ok = Vec::with_capacity(candidates.len());
-    let mut times = Vec::with_capacity(candidates.len());
+    let mut times: Vec<(String, Result<f64>)> = Vec::with_capacity(candidates.len());
     for (i, v) in candidates.iter().enumerate() {
         let timed = v.open(gpu, weights).and_then(|mut e| time_walks(&mut e, &input, n, tile, m).map(|ms| (e, ms)));
-        match timed {
-            Ok((e, ms)) => {
-                ok.push(Ok(ms));
-                if fastest(&ok) == Some(i) {
-                    best = Some((i, e));
-                }
-                times.push((v.label.to_string(), Ok(ms)));
-            }
-            Err(err) => {
-                ok.push(Err(String::new()));
-                times.push((v.label.to_string(), Err(err)));
-            }
+        let (engine, time) = match timed {
+            Ok((e, ms)) => (Some(e), Ok(ms)),
+            Err(err) => (None, Err(err)),
+        };
+        times.push((v.label.to_string(), time));
+        if let Some(e) = engine.filter(|_| fastest(times.iter().map(|(_, t)| t)) == Some(i)) {
+            best = Some((i, e));
         }
     }
     Ok((times, best))
@@ -429,12 +428,13 @@ mod tests {
 
     #[test]
     fn the_fastest_variant_that_ran_wins_and_a_tie_goes_to_the_earlier() {
-        let e = || Err::<f64, String>("x".into());
-        assert_eq!(fastest(&[Ok(3.0), Ok(2.0), Ok(2.5)]), Some(1));
-        assert_eq!(fastest(&[Ok(2.0), Ok(2.0)]), Some(0));
+        type T = std::result::Result<f64, String>;
+        let e = || T::Err("x".into());
+        assert_eq!(fastest(&[T::Ok(3.0), Ok(2.0), Ok(2.5)]), Some(1));
+        assert_eq!(fastest(&[T::Ok(2.0), Ok(2.0)]), Some(0));
         assert_eq!(fastest(&[e(), Ok(9.0), e(), Ok(8.5)]), Some(3));
         assert_eq!(fastest(&[e(), e()]), None);
-        assert_eq!(fastest(&[]), None);
+        assert_eq!(fastest(&[] as &[T]), None);
     }
 
     #[test]
