@@ -7,7 +7,9 @@
 //! register-staged or cp.async loads (sm_80+), norms applied in the loads of 1x1x1 convs or of
 //! every conv) opens an engine for the model, walks `warmup` batches of the run's own batch and
 //! tile (the second is captured into its CUDA graph) and then `reps` timed ones, each synchronised;
-//! the lowest median wins, and its engine, graph included, is the one handed back.
+//! the lowest median wins, and its engine, graph included, is the one handed back. A variant
+//! whose outputs differ from the first one's (cuDNN's, when it loads) beyond the self-test's
+//! network tolerances does not count: our kernels have not run on every card.
 //!
 //! The choice is remembered in `conv-choices.json` beside the compiled kernels, under a key
 //! naming the device, driver, cuDNN, the kernels' source, the network's spec (not its weights:
@@ -34,6 +36,7 @@ use super::gpu::Gpu;
 use super::kernels::SOURCES;
 use super::nvrtc::KernelCache;
 use super::ops::{vol, TcTiles};
+use super::selftest::{diff, TOL_NET_OFFSETS, TOL_NET_SCORES};
 use crate::pipeline::runner::OutOfMemory;
 use crate::util::SplitMix64;
 use crate::weights::Weights;
@@ -210,21 +213,26 @@ impl ChoiceCache {
     }
 
     /// Adds or replaces `keys` (all with `entry`), writing a whole new file then renaming it over
-    /// the old one, so that a reader never sees half a file. (Two processes writing at once may
-    /// lose one's entry: it is measured again next time.)
+    /// the old one, so that a reader never sees half a file. Writers take turns, threads of this
+    /// process by a mutex and processes by an exclusive lock on `conv-choices.json.lock`, so that
+    /// each reads the entries the one before it wrote.
     fn put(&self, keys: &[String], entry: Stored) -> Result<()> {
         let Some(p) = &self.path else { return Ok(()) };
         let _turn = CACHE_WRITE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+        }
+        let lock_path = p.with_extension("json.lock");
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("{}: cannot open", lock_path.display()))?;
+        lock.lock().with_context(|| format!("{}: cannot lock", lock_path.display()))?;
         let mut all = self.read_all();
         for key in keys {
             all.insert(key.clone(), entry.clone());
         }
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
-        }
         let tmp = p.with_extension(format!("json.{}.tmp", std::process::id()));
         std::fs::write(&tmp, serde_json::to_string_pretty(&all)?).with_context(|| format!("{}: cannot write", tmp.display()))?;
         std::fs::rename(&tmp, p).with_context(|| format!("{}: cannot replace", p.display()))
+        // The lock goes with the file handle.
     }
 }
 
@@ -265,32 +273,63 @@ pub fn choice_key(gpu: &Gpu, cudnn: &str, weights: &Weights, n: usize, tile: [us
     )
 }
 
+/// The last timed walk's outputs, on the host: what variants are checked against each other by.
+struct WalkOutputs {
+    scores: Vec<f32>,
+    offsets: Vec<f32>,
+}
+
 /// Walks `e` on `input` (`n` tiles of `tile`, the engine's device layout) `warmup` times, then
-/// `reps` timed times, each synchronised: the median milliseconds of a walk.
-fn time_walks(e: &mut CudaEngine, input: &super::gpu::DevBuf, n: usize, tile: [usize; 3], m: Measure) -> Result<f64> {
+/// `reps` timed times, each synchronised: the median milliseconds of a walk, and the last walk's
+/// outputs.
+fn time_walks(e: &mut CudaEngine, input: &super::gpu::DevBuf, n: usize, tile: [usize; 3], m: Measure) -> Result<(f64, WalkOutputs)> {
     let gpu = e.gpu_arc();
-    let walk = |e: &mut CudaEngine| -> Result<()> {
+    for _ in 0..m.warmup {
         let out = e.forward_device_input(input, n, tile, false)?;
         e.recycle(out);
-        Ok(())
-    };
-    for _ in 0..m.warmup {
-        walk(e)?;
     }
     gpu.sync("measuring a convolution path")?;
-    let mut ms = Vec::with_capacity(m.reps.max(1));
-    for _ in 0..m.reps.max(1) {
+    let reps = m.reps.max(1);
+    let mut ms = Vec::with_capacity(reps);
+    let mut last = None;
+    for rep in 0..reps {
         let t = Instant::now();
-        walk(e)?;
+        let out = e.forward_device_input(input, n, tile, false)?;
         gpu.sync("measuring a convolution path")?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
+        if rep + 1 == reps {
+            last = Some(WalkOutputs { scores: gpu.read::<f32>(out.scores.ptr, out.scores_len())?, offsets: gpu.read::<f32>(out.offsets.ptr, out.offsets_len())? });
+        }
+        e.recycle(out);
     }
     ms.sort_by(f64::total_cmp);
-    Ok(ms[ms.len() / 2])
+    Ok((ms[ms.len() / 2], last.expect("at least one timed walk")))
+}
+
+/// Whether `got` (variant `label`) gives what `reference` (variant `reference_label`) gives, to
+/// the self-test's tolerances for whole fp16 networks (`TOL_NET_SCORES`, `TOL_NET_OFFSETS`, the
+/// absolute part scaled by max(1, max|ref|)): a kernel that computes wrongly on this card must
+/// never win by being fast.
+fn agrees(label: &str, got: &WalkOutputs, reference_label: &str, reference: &WalkOutputs) -> Result<()> {
+    let mut far = Vec::new();
+    for (what, g, r, tol) in [("scores", &got.scores, &reference.scores, TOL_NET_SCORES), ("offsets", &got.offsets, &reference.offsets, TOL_NET_OFFSETS)] {
+        let (max_abs, rel, ref_max, _) = diff(g, r);
+        let abs_tol = tol.0 * ref_max.max(1.0);
+        if !(max_abs <= abs_tol && rel <= tol.1) {
+            far.push(format!("{what} max|Δ| {max_abs:.3e} (tolerance {abs_tol:.1e}), ‖Δ‖/‖ref‖ {rel:.3e} (tolerance {:.0e})", tol.1));
+        }
+    }
+    if far.is_empty() {
+        Ok(())
+    } else {
+        bail!("{label} disagrees with {reference_label} on this device: {}; not used", far.join(", "))
+    }
 }
 
 /// Every variant timed in turn: (label, median ms or the error) each, and the fastest one's index
-/// and engine (only the best so far is kept open, with its graph).
+/// and engine (only the best so far is kept open, with its graph). A variant whose outputs differ
+/// from the first that ran (cuDNN, when it loads) beyond the fp16 tolerances counts as failed,
+/// with a warning.
 #[allow(clippy::type_complexity)]
 fn time_variants(
     gpu: &Arc<Gpu>,
@@ -307,11 +346,24 @@ fn time_variants(
     let x: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
     let input = gpu.upload(&x).with_context(|| format!("{}: the input of {n} tile(s) of {tile:?} to measure on", weights.name))?;
     let mut best: Option<(usize, CudaEngine)> = None;
+    let mut reference: Option<(&str, WalkOutputs)> = None;
     let mut times: Vec<(String, Result<f64>)> = Vec::with_capacity(candidates.len());
     for (i, v) in candidates.iter().enumerate() {
-        let timed = v.open(gpu, weights).and_then(|mut e| time_walks(&mut e, &input, n, tile, m).map(|ms| (e, ms)));
+        let timed = v.open(gpu, weights).and_then(|mut e| time_walks(&mut e, &input, n, tile, m).map(|(ms, out)| (e, ms, out)));
         let (engine, time) = match timed {
-            Ok((e, ms)) => (Some(e), Ok(ms)),
+            Ok((e, ms, out)) => match &reference {
+                None => {
+                    reference = Some((v.label, out));
+                    (Some(e), Ok(ms))
+                }
+                Some((ref_label, ref_out)) => match agrees(v.label, &out, ref_label, ref_out) {
+                    Ok(()) => (Some(e), Ok(ms)),
+                    Err(err) => {
+                        eprintln!("warning: {}: {err:#} (`fastdet selftest` on this device names the kernel)", weights.name);
+                        (None, Err(err))
+                    }
+                },
+            },
             Err(err) => (None, Err(err)),
         };
         times.push((v.label.to_string(), time));
@@ -512,7 +564,64 @@ mod tests {
         let all: BTreeMap<String, Stored> = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         assert_eq!(all.len(), 1, "only the entry measured since the damage");
         assert!(open_measured(gpu, &w, n, tile, &cache, QUICK).unwrap().1.remembered);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+        let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["conv-choices.json", "conv-choices.json.lock"], "no temporary file left behind");
+    }
+
+    /// A variant whose kernels compute wrongly on this device (here the cp.async ones, made wrong
+    /// on purpose in the emulator) is not chosen however fast it is: its outputs are checked
+    /// against the first variant's, and the failure names both and the distance.
+    #[test]
+    fn a_variant_that_disagrees_with_the_first_is_never_chosen() {
+        let (n, tile) = (1, [8, 16, 16]);
+        let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 24);
+        let gpu = Gpu::emulator().unwrap();
+        gpu.emu().unwrap().compute_wrongly("async");
+        let (_, c) = open_measured(gpu, &w, n, tile, &ChoiceCache::none(), QUICK).unwrap();
+        for (label, t) in &c.times {
+            if label.contains("async") {
+                let why = t.as_ref().unwrap_err();
+                assert!(why.starts_with(&format!("{label} disagrees with tc on this device: scores max|Δ|")) && why.ends_with("not used"), "{why}");
+            } else {
+                assert!(t.is_ok(), "{label}: {t:?}");
+            }
+        }
+        assert!(!c.label.contains("async"), "{c:?}");
+
+        // The check itself: within the network tolerances passes, beyond either fails.
+        let out = |s: f32, o: f32| WalkOutputs { scores: vec![0.5, s], offsets: vec![1.0, o] };
+        assert!(agrees("b", &out(0.51, 1.02), "a", &out(0.5, 1.0)).is_ok());
+        let far = format!("{:#}", agrees("b", &out(0.5, 1.5), "a", &out(0.5, 1.0)).unwrap_err());
+        assert!(far.starts_with("b disagrees with a on this device: offsets max|Δ| 5.000e-1"), "{far}");
+        assert!(agrees("b", &out(0.7, 1.0), "a", &out(0.5, 1.0)).is_err());
+        assert!(agrees("b", &out(f32::NAN, 1.0), "a", &out(0.5, 1.0)).is_err());
+    }
+
+    /// Another process holding the writers' lock: a write waits for it, then keeps what that
+    /// process wrote (read under the lock) beside its own entry.
+    #[test]
+    fn a_write_waits_for_another_writer_and_keeps_its_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChoiceCache::in_dir(dir.path());
+        let entry = |label: &str| Stored { choice: label.into(), batch: Some(1), ms: BTreeMap::from([(label.to_string(), Some(1.0))]) };
+        let file = cache.path().unwrap().to_path_buf();
+        // Held as a second process would hold it: another open file description.
+        let other = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(file.with_extension("json.lock")).unwrap();
+        other.lock().unwrap();
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| cache.put(&["mine".into()], entry("tc")));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert!(!writer.is_finished() && !file.exists(), "wrote while another writer held the lock");
+            // What the other writer stores before it lets go.
+            std::fs::write(&file, serde_json::to_string(&BTreeMap::from([("theirs".to_string(), entry("cudnn"))])).unwrap()).unwrap();
+            other.unlock().unwrap();
+            writer.join().unwrap().unwrap();
+        });
+        let all = cache.read_all();
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["mine", "theirs"]);
+        assert_eq!(all["theirs"].choice, "cudnn");
+        assert_eq!(cache.get("mine"), Some(entry("tc")));
     }
 
     /// Two workers opening the same network on one device at once: one measures, the other waits

@@ -72,6 +72,9 @@ pub struct Emu {
     host: Option<Arc<HostKernels>>,
     /// Memory plan only: launches check their pointer arguments and run nothing.
     dry: bool,
+    /// Tests of the checks that must catch a kernel computing wrongly on some card: the
+    /// tensor-core convolution kernels whose names contain this add 1 to every sum.
+    wrong_kernel: Mutex<Option<String>>,
 }
 
 /// An emulated allocation; freed on drop.
@@ -184,18 +187,18 @@ impl A<'_> {
 
 impl Emu {
     pub fn new() -> Arc<Emu> {
-        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None, dry: false })
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None, dry: false, wrong_kernel: Mutex::default() })
     }
 
     /// The emulator running the kernels' own source (`host_kernels`).
     pub fn with_host_kernels(k: Arc<HostKernels>) -> Arc<Emu> {
-        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: Some(k), dry: false })
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: Some(k), dry: false, wrong_kernel: Mutex::default() })
     }
 
     /// An emulator that allocates as the device would but runs no kernel (pointer arguments are
     /// still checked): what a walk asks of the device memory, at full size, in seconds.
     pub fn dry() -> Arc<Emu> {
-        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None, dry: true })
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None, dry: true, wrong_kernel: Mutex::default() })
     }
 
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> EmuAlloc {
@@ -343,6 +346,13 @@ impl Emu {
                 c.copy_from_slice(&x.to_le_bytes());
             }
         })
+    }
+
+    /// Tests only: the re-implemented tensor-core convolutions whose names contain `part` compute
+    /// wrongly from now on (every sum + 1), as kernels miscompiled for some card would.
+    #[cfg(test)]
+    pub fn compute_wrongly(&self, part: &str) {
+        *self.wrong_kernel.lock().unwrap_or_else(|e| e.into_inner()) = Some(part.to_string());
     }
 
     /// Runs kernel `name`: its own source compiled for the host when this emulator has it, else
@@ -532,7 +542,10 @@ impl Emu {
                 let wt = from_ktrsc(&wk, cout, cin, kk);
                 let mut o = vec![0.0; n * cout * ovol];
                 conv::conv3d(&x, n, s, &wt, None, Act::None, &mut o);
-                let y = to_ndhwc(&o, n, cout, ovol);
+                let mut y = to_ndhwc(&o, n, cout, ovol);
+                if self.wrong_kernel.lock().unwrap_or_else(|e| e.into_inner()).as_deref().is_some_and(|part| name.contains(part)) {
+                    y.iter_mut().for_each(|v| *v += 1.0);
+                }
                 if let Some(sk) = a.opt(25) {
                     // Split K: the whole sum in plane 0 of the padded buffer, the other planes 0
                     // (the reduce adds them); the host-built kernels test the real split.
