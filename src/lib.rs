@@ -4,6 +4,10 @@
 //! tomogram → [`io`] → [`pipeline`] (tiling, engine, blending, detection) → picks → [`io`] writers,
 //! and [`metric`] scores picks against ground truth.
 
+// Comparisons written `!(a <= b)` are NaN-aware on purpose (a NaN fails them, as in PyTorch's
+// max-pool and in the checks of user input).
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 /// The git commit this build comes from (build.rs; "unknown" outside a git checkout).
 pub const COMMIT: &str = env!("FASTDET_COMMIT");
 /// What `fastdet --version` prints after the name, e.g. "0.1.0 (commit 1a2b3c4)".

@@ -12,6 +12,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Convert PyTorch checkpoints (.ckpt/.pt/.safetensors) into fastdet fp16 weights

@@ -441,7 +441,9 @@ fn read_device_maps(acc: &mut TomogramAccumulator, timing: &mut Timing) -> Resul
     Ok(maps)
 }
 
-/// Blended maps: on the host, or finished on the device (`predict_maps`).
+/// Blended maps: on the host, or finished on the device (`predict_maps`). One per tomogram, so
+/// its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Blended {
     Host(Maps),
     Device(TomogramAccumulator),

@@ -991,8 +991,7 @@ impl Emu {
                     for ch in 0..c {
                         for blk in 0..nblk {
                             let mut pos = offs[ch * nblk + blk] as usize;
-                            for i in blk * 2048..((blk + 1) * 2048).min(cells) {
-                                let (k, p) = flags[ch][i];
+                            for (i, &(k, p)) in flags[ch].iter().enumerate().take(((blk + 1) * 2048).min(cells)).skip(blk * 2048) {
                                 if k {
                                     if pos < cap {
                                         idx[ch * cap + pos] = i as u32;

@@ -1176,7 +1176,7 @@ fn blend_cases(c: &mut Ctx) {
             ops::blend_finish(&c.gpu, acc_o.ptr, cnt.ptr, 3, g)?;
             Ok((c.rd32(&acc_s, nc * g)?, c.rd32(&acc_o, 3 * g)?))
         };
-        let (s, o) = run(c, &[0..origins.len()])?;
+        let (s, o) = run(c, std::slice::from_ref(&(0..origins.len())))?;
         c.cmp("blend_tiles_f32 scores", &shape, &s, &want.scores, TOL_EXACT);
         c.cmp("blend_tiles_f32 offsets", &shape, &o, &want.offsets, TOL_EXACT);
         let half = origins.len() / 2;
@@ -1200,9 +1200,9 @@ fn nms_cases(c: &mut Ctx) {
             let mut s: Vec<f32> = c.rand(nc * cells, 0.0, 1.0).into_iter().map(|x| (x * 20.0).round() / 20.0).collect();
             s[3 * cells + cells / 2] = f32::NAN;
             let mut want: Vec<Vec<(u32, f32)>> = Vec::new();
-            for ch in 0..nc {
+            for (ch, &t) in thr.iter().enumerate().take(nc) {
                 let pk = peaks(&s, dims, ch);
-                want.push(pk.iter().enumerate().filter(|(_, &p)| p >= thr[ch]).map(|(i, &p)| (i as u32, p)).collect());
+                want.push(pk.iter().enumerate().filter(|(_, &p)| p >= t).map(|(i, &p)| (i as u32, p)).collect());
             }
             let nblk = ops::nms_blocks(cells);
             let sb = c.up32(&s)?;
