@@ -332,6 +332,39 @@ fn a_measured_convolution_choice_is_logged_remembered_and_reused() {
     assert!(first.lines().count() > 1, "picks expected:\n{first}");
 }
 
+/// The first run on a device checks our kernels there against the CPU engine and remembers the
+/// pass; two workers on one device check once; the next run finds the pass; `never` skips it.
+#[test]
+fn a_run_checks_the_kernels_on_its_device_once() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, policy: &str| -> String {
+        let out = tmp.path().join(format!("{name}.csv"));
+        let o = fastdet()
+            .env("FASTDET_CHECK_KERNELS", policy)
+            .env("FASTDET_KERNEL_CACHE", tmp.path().join("kernels"))
+            .args(["run", "--devices", "emu:0,emu:0", "--data"])
+            .arg(root.join("tests/fixtures/dataset"))
+            .args(["--weights"])
+            .arg(root.join("weights/demo_segresnetv2.safetensors"))
+            .args(["--window", "32,64,64", "--tiles", "1,2,2", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{name}: {err}");
+        err
+    };
+    let log = run("first", "once");
+    assert_eq!(log.matches("checks against the CPU engine passed on this device in").count(), 1, "{log}");
+    assert_eq!(log.matches("checks against the CPU engine passed earlier on this device").count(), 1, "{log}");
+    assert!(tmp.path().join("kernels/kernel-checks.json").exists());
+    let log = run("second", "once");
+    assert_eq!(log.matches("checks against the CPU engine passed earlier on this device").count(), 2, "{log}");
+    let log = run("third", "never");
+    assert!(!log.contains("checks against the CPU engine"), "{log}");
+}
+
 /// `fastdet run` on the emulated GPU takes the CUDA path end to end (device blending and peak
 /// finding, CUDA graphs, one worker per device): the picks do not depend on where the blending
 /// runs or on how many workers there are, and match the CPU engine's within fp16 tolerance.

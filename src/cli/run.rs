@@ -5,6 +5,7 @@ use fastdet::io::{copick, csv, dataset, tensors, zarr};
 use fastdet::metric;
 use fastdet::particles::{Pick, CLASSES};
 use fastdet::pipeline::detect::to_picks_scaled;
+use fastdet::engine::cuda::kernel_check::{self, CheckKernels};
 use fastdet::engine::cuda::{PendingVolume, SideUploader};
 use fastdet::pipeline::runner::{predict_and_detect, Ensemble, Prepared, Settings, Timing, Tta};
 use fastdet::pipeline::tiling::normalize_unit_range;
@@ -131,7 +132,9 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 }
 
 #[derive(Args)]
-#[command(after_help = "Coordinates in the CSV are in Å (voxel coordinate x 10.012).\nOn a GPU, FASTDET_CONV=measure times cuDNN and our tensor-core kernels on each network at this\n--batch and --window once per card and keeps the fastest (remembered beside the compiled kernels).\nExample:\n  fastdet run --data tests/fixtures/dataset --weights weights/demo_segresnetv2.safetensors weights/demo_dynunet.safetensors \\\n      --window 64,96,96 --tiles 2,3,3 --out sub.csv")]
+#[command(after_help = "Coordinates in the CSV are in Å (voxel coordinate x 10.012).\nOn a GPU, FASTDET_CONV=measure times cuDNN and our tensor-core kernels on each network at this\n--batch and --window once per card and keeps the fastest (remembered beside the compiled kernels).\n\
+The first run on a card checks our kernels there against the CPU engine and remembers the pass\n\
+(FASTDET_CHECK_KERNELS=always|never: check at every run, or not at all).\nExample:\n  fastdet run --data tests/fixtures/dataset --weights weights/demo_segresnetv2.safetensors weights/demo_dynunet.safetensors \\\n      --window 64,96,96 --tiles 2,3,3 --out sub.csv")]
 pub struct RunArgs {
     #[command(flatten)]
     pub infer: InferArgs,
@@ -493,7 +496,14 @@ fn worker(
     extras: Extras,
     parts: Option<&Parts>,
 ) -> Result<Vec<(usize, Outcome)>> {
+    // Our kernels checked on this device before it is trusted with the runs (kernel_check.rs).
+    let policy = CheckKernels::from_env(matches!(device, Device::Emu(_)))?;
+    let (checked, device_handle) = kernel_check::ensure_checked(device, policy, &kernel_check::default_store())?;
+    if let Some(line) = checked {
+        eprintln!("  {label}{line}");
+    }
     let (mut ens, choices) = load_ensemble(a, device)?;
+    drop(device_handle);
     for c in choices {
         eprintln!("  {label}{c} (FASTDET_CONV=measure on {device})");
     }

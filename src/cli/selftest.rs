@@ -1,5 +1,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
+use fastdet::engine::cuda::gpu::Gpu;
+use fastdet::engine::cuda::kernel_check;
 use fastdet::engine::cuda::selftest::{self, Options, Row, Status, Target};
 use fastdet::engine::Device;
 use std::io::Write;
@@ -98,10 +100,25 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     println!("fastdet {} selftest on {device}{}", fastdet::VERSION, if a.quick { " (quick)" } else { "" });
     println!("{}", Row::header());
     let t0 = std::time::Instant::now();
-    let report = selftest::run(&o, &mut |row| {
+    let mut print_row = |row: &Row| {
         println!("{}", row.line());
         let _ = std::io::stdout().flush();
-    });
+    };
+    // On a GPU the handle stays open past the report: a pass of every kernel check is remembered
+    // for it, so that runs on this device need not check again (kernel_check.rs).
+    let (report, gpu) = match target {
+        Target::Cuda(i) => match Gpu::open(i, a.kernel_cache.clone()) {
+            Ok(gpu) => (selftest::run_on(gpu.clone(), &o, &mut print_row), Some(gpu)),
+            Err(e) => (Err(e), None),
+        },
+        _ => (selftest::run(&o, &mut print_row), None),
+    };
+    if let (Ok(r), Some(gpu)) = (&report, &gpu) {
+        let store = kernel_check::default_store();
+        if let Err(e) = kernel_check::remember_pass(gpu, r, t0.elapsed().as_secs_f64(), &store) {
+            eprintln!("warning: the kernel checks' pass is not remembered: {e:#}");
+        }
+    }
     let report = match report {
         Ok(r) => r,
         Err(e) => {

@@ -21,21 +21,20 @@
 //! size them for the winners.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use half::f16;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::dnn::Dnn;
 use super::engine::{ConvBackend, CudaEngine, NormInLoads, TcPolicy};
 use super::gpu::Gpu;
-use super::kernels::SOURCES;
 use super::nvrtc::KernelCache;
 use super::ops::{vol, TcTiles};
+use super::remembered::{device_key, device_lock, kernels_key, short_hash, JsonStore};
 use super::selftest::{diff, TOL_NET_OFFSETS, TOL_NET_SCORES};
 use crate::pipeline::runner::OutOfMemory;
 use crate::util::SplitMix64;
@@ -156,10 +155,10 @@ pub fn fastest<'a, E: 'a>(times: impl IntoIterator<Item = &'a std::result::Resul
     best.map(|(i, _)| i)
 }
 
-/// The remembered choices: one JSON file, `{key: {"choice": label, "ms": {label: ms or null}}}`.
+/// The remembered choices: `conv-choices.json`, `{key: {"choice": label, "batch": n, "ms": {label: ms or null}}}`.
 #[derive(Debug, Clone)]
 pub struct ChoiceCache {
-    path: Option<PathBuf>,
+    store: JsonStore,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -171,13 +170,12 @@ struct Stored {
     ms: BTreeMap<String, Option<f64>>,
 }
 
-/// Writers in this process take turns (two workers may finish measuring at once).
-static CACHE_WRITE: Mutex<()> = Mutex::new(());
+const WHAT: &str = "remembered convolution choices";
 
 impl ChoiceCache {
     /// `conv-choices.json` in `dir`.
     pub fn in_dir(dir: &Path) -> ChoiceCache {
-        ChoiceCache { path: Some(dir.join("conv-choices.json")) }
+        ChoiceCache { store: JsonStore::at(dir.join("conv-choices.json")) }
     }
 
     /// Beside the compiled kernels (`KernelCache::default_dir`).
@@ -187,83 +185,35 @@ impl ChoiceCache {
 
     /// Nothing remembered: every open measures.
     pub fn none() -> ChoiceCache {
-        ChoiceCache { path: None }
+        ChoiceCache { store: JsonStore::none() }
     }
 
     pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
-    /// Every remembered entry; an unreadable or malformed file counts as empty (with a warning:
-    /// the next choice made rewrites it).
-    fn read_all(&self) -> BTreeMap<String, Stored> {
-        let Some(p) = &self.path else { return BTreeMap::new() };
-        let Ok(text) = std::fs::read_to_string(p) else { return BTreeMap::new() };
-        match serde_json::from_str(&text) {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("warning: {}: not a file of remembered convolution choices ({e}); measuring again", p.display());
-                BTreeMap::new()
-            }
-        }
+        self.store.path()
     }
 
     fn get(&self, key: &str) -> Option<Stored> {
-        self.read_all().remove(key)
+        self.store.get(WHAT, key)
     }
 
-    /// Adds or replaces `keys` (all with `entry`), writing a whole new file then renaming it over
-    /// the old one, so that a reader never sees half a file. Writers take turns, threads of this
-    /// process by a mutex and processes by an exclusive lock on `conv-choices.json.lock`, so that
-    /// each reads the entries the one before it wrote.
     fn put(&self, keys: &[String], entry: Stored) -> Result<()> {
-        let Some(p) = &self.path else { return Ok(()) };
-        let _turn = CACHE_WRITE.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
-        }
-        let lock_path = p.with_extension("json.lock");
-        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("{}: cannot open", lock_path.display()))?;
-        lock.lock().with_context(|| format!("{}: cannot lock", lock_path.display()))?;
-        let mut all = self.read_all();
-        for key in keys {
-            all.insert(key.clone(), entry.clone());
-        }
-        let tmp = p.with_extension(format!("json.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_string_pretty(&all)?).with_context(|| format!("{}: cannot write", tmp.display()))?;
-        std::fs::rename(&tmp, p).with_context(|| format!("{}: cannot replace", p.display()))
-        // The lock goes with the file handle.
+        self.store.put(WHAT, keys, &entry)
     }
-}
-
-fn short_hash(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))[..16].to_string()
 }
 
 /// What a remembered choice is valid for: the device (name, architecture, SMs, driver), cuDNN,
 /// fastdet's version and kernels, the network's spec, the batch and tile, and the settings that
 /// change the walks.
 pub fn choice_key(gpu: &Gpu, cudnn: &str, weights: &Weights, n: usize, tile: [usize; 3]) -> String {
-    let i = &gpu.info;
-    let mut kernels = Vec::new();
-    for (name, src) in SOURCES {
-        kernels.extend_from_slice(name.as_bytes());
-        kernels.extend_from_slice(src.as_bytes());
-    }
     let spec = serde_json::to_string(&weights.spec).unwrap_or_default();
     let env: Vec<String> = ["FASTDET_TC_SPLIT_K", "FASTDET_CUDNN_WORKSPACE_MIB", "FASTDET_CUDA_GRAPHS"]
         .iter()
         .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
         .collect();
     format!(
-        "{} sm_{}{} {} SMs driver {} | cuDNN {cudnn} | fastdet {} kernels {} | spec {} | {n} x {}x{}x{}{}{}",
-        i.name,
-        i.compute_capability.0,
-        i.compute_capability.1,
-        i.multiprocessors,
-        i.driver_version,
-        env!("CARGO_PKG_VERSION"),
-        short_hash(&kernels),
+        "{} | cuDNN {cudnn} | {} | spec {} | {n} x {}x{}x{}{}{}",
+        device_key(gpu),
+        kernels_key(),
         short_hash(spec.as_bytes()),
         tile[0],
         tile[1],
@@ -456,20 +406,6 @@ fn open_remembered(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], ke
     }
 }
 
-/// The lock that serialises measurements on `gpu`'s device in this process.
-fn device_lock(gpu: &Gpu) -> Arc<Mutex<()>> {
-    type Locks = Mutex<Vec<((bool, usize), Arc<Mutex<()>>)>>;
-    static LOCKS: Locks = Mutex::new(Vec::new());
-    let id = (gpu.is_emulator(), gpu.info.ordinal);
-    let mut locks = LOCKS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, l)) = locks.iter().find(|(k, _)| *k == id) {
-        return l.clone();
-    }
-    let l = Arc::new(Mutex::new(()));
-    locks.push((id, l.clone()));
-    l
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,32 +532,6 @@ mod tests {
         assert!(far.starts_with("b disagrees with a on this device: offsets max|Δ| 5.000e-1"), "{far}");
         assert!(agrees("b", &out(0.7, 1.0), "a", &out(0.5, 1.0)).is_err());
         assert!(agrees("b", &out(f32::NAN, 1.0), "a", &out(0.5, 1.0)).is_err());
-    }
-
-    /// Another process holding the writers' lock: a write waits for it, then keeps what that
-    /// process wrote (read under the lock) beside its own entry.
-    #[test]
-    fn a_write_waits_for_another_writer_and_keeps_its_entries() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ChoiceCache::in_dir(dir.path());
-        let entry = |label: &str| Stored { choice: label.into(), batch: Some(1), ms: BTreeMap::from([(label.to_string(), Some(1.0))]) };
-        let file = cache.path().unwrap().to_path_buf();
-        // Held as a second process would hold it: another open file description.
-        let other = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(file.with_extension("json.lock")).unwrap();
-        other.lock().unwrap();
-        std::thread::scope(|s| {
-            let writer = s.spawn(|| cache.put(&["mine".into()], entry("tc")));
-            std::thread::sleep(std::time::Duration::from_millis(300));
-            assert!(!writer.is_finished() && !file.exists(), "wrote while another writer held the lock");
-            // What the other writer stores before it lets go.
-            std::fs::write(&file, serde_json::to_string(&BTreeMap::from([("theirs".to_string(), entry("cudnn"))])).unwrap()).unwrap();
-            other.unlock().unwrap();
-            writer.join().unwrap().unwrap();
-        });
-        let all = cache.read_all();
-        assert_eq!(all.keys().collect::<Vec<_>>(), ["mine", "theirs"]);
-        assert_eq!(all["theirs"].choice, "cudnn");
-        assert_eq!(cache.get("mine"), Some(entry("tc")));
     }
 
     /// Two workers opening the same network on one device at once: one measures, the other waits

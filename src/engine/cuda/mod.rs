@@ -10,6 +10,9 @@
 //! - `FASTDET_KERNEL_CACHE`: compiled-kernel cache (default `~/.cache/fastdet/kernels`);
 //! - `FASTDET_CUDA_INCLUDE`: directory holding `cuda_fp16.h` for NVRTC (else found next to the
 //!   NVRTC library on `LD_LIBRARY_PATH`, in `$VIRTUAL_ENV`, `$CUDA_HOME`, `/usr/local/cuda`);
+//! - `FASTDET_CHECK_KERNELS=once|always|never`: when a run checks the kernels on its device
+//!   against the CPU engine before using it (default once per card, driver, NVRTC, cuDNN and
+//!   kernels, remembered in `kernel-checks.json`; `kernel_check.rs`);
 //! - `FASTDET_CONV=auto|cudnn|direct|tc|measure`: convolution backend (default auto: cuDNN, falling
 //!   back to `conv3d_igemm_f16` per shape, and the tc path when cuDNN does not load on a card with
 //!   tensor cores; tc: `conv3d_tc_f16` on tensor cores, each norm read by one conv applied in that
@@ -53,9 +56,11 @@ pub mod emu;
 pub mod engine;
 pub mod gpu;
 pub mod host_kernels;
+pub mod kernel_check;
 pub mod kernels;
 pub mod nvrtc;
 pub mod ops;
+pub mod remembered;
 pub mod selftest;
 pub mod side_upload;
 pub mod tomogram;

@@ -362,6 +362,11 @@ pub fn run(opts: &Options, sink: &mut dyn FnMut(&Row)) -> Result<Report> {
         Target::Emulator => Gpu::emulator()?,
         Target::HostKernels => Gpu::emulator_host_kernels()?,
     };
+    run_on(gpu, opts, sink)
+}
+
+/// `run` on a device already open (`opts.target` and `opts.kernel_cache` are not used).
+pub fn run_on(gpu: Arc<Gpu>, opts: &Options, sink: &mut dyn FnMut(&Row)) -> Result<Report> {
     // Every launch synchronises and names its kernel on failure.
     gpu.set_sync_each(true);
     let (dnn, dnn_why) = if gpu.is_emulator() {
