@@ -114,9 +114,9 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
         _ => (selftest::run(&o, &mut print_row), None),
     };
     if let (Ok(r), Some(gpu)) = (&report, &gpu) {
-        let store = kernel_check::default_store();
-        if let Err(e) = kernel_check::remember_pass(gpu, r, t0.elapsed().as_secs_f64(), &store) {
-            eprintln!("warning: the kernel checks' pass is not remembered: {e:#}");
+        let verdict = kernel_check::verdict(r);
+        if let Err(e) = kernel_check::record(&kernel_check::check_key(gpu), &verdict, &kernel_check::default_store()) {
+            eprintln!("warning: the kernel checks' outcome is not remembered for `fastdet run`: {e:#}");
         }
     }
     let report = match report {

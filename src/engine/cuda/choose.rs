@@ -9,7 +9,9 @@
 //! tile (the second is captured into its CUDA graph) and then `reps` timed ones, each synchronised;
 //! the lowest median wins, and its engine, graph included, is the one handed back. A variant
 //! whose outputs differ from the first one's (cuDNN's, when it loads) beyond the self-test's
-//! network tolerances does not count: our kernels have not run on every card.
+//! network tolerances does not count: our kernels have not run on every card. (Without cuDNN
+//! the reference is one of our own kernels, and either side may be the wrong one: such a choice
+//! is not remembered.)
 //!
 //! The choice is remembered in `conv-choices.json` beside the compiled kernels, under a key
 //! naming the device, driver, cuDNN, the kernels' source, the network's spec (not its weights:
@@ -276,52 +278,55 @@ fn agrees(label: &str, got: &WalkOutputs, reference_label: &str, reference: &Wal
     }
 }
 
-/// Every variant timed in turn: (label, median ms or the error) each, and the fastest one's index
-/// and engine (only the best so far is kept open, with its graph). A variant whose outputs differ
-/// from the first that ran (cuDNN, when it loads) beyond the fp16 tolerances counts as failed,
-/// with a warning.
-#[allow(clippy::type_complexity)]
-fn time_variants(
-    gpu: &Arc<Gpu>,
-    weights: &Weights,
-    candidates: &[Variant],
-    n: usize,
-    tile: [usize; 3],
-    m: Measure,
-) -> Result<(Vec<(String, Result<f64>)>, Option<(usize, CudaEngine)>)> {
+/// What timing the variants found.
+struct Timed {
+    /// (label, median ms or the error) per variant.
+    times: Vec<(String, Result<f64>)>,
+    /// The fastest variant's index and engine (only the best so far is kept open, with its graph).
+    best: Option<(usize, CudaEngine)>,
+    /// A variant disagreed with a reference that is one of our own kernels, not cuDNN: either
+    /// may be the wrong one, so the choice is not to be remembered.
+    disputed: bool,
+}
+
+/// Every variant timed in turn. A variant whose outputs differ from the first that ran (cuDNN,
+/// when it loads) beyond the fp16 tolerances counts as failed, with a warning.
+fn time_variants(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], n: usize, tile: [usize; 3], m: Measure) -> Result<Timed> {
     // Random input in the walk's own layout (`forward_device_input`): the time does not depend
     // on the values, only on the shape.
     let mut x = vec![0f32; n * weights.spec.in_channels * vol(tile)];
     SplitMix64::new(7).fill_uniform(&mut x, -1.0, 1.0);
     let x: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
     let input = gpu.upload(&x).with_context(|| format!("{}: the input of {n} tile(s) of {tile:?} to measure on", weights.name))?;
-    let mut best: Option<(usize, CudaEngine)> = None;
-    let mut reference: Option<(&str, WalkOutputs)> = None;
-    let mut times: Vec<(String, Result<f64>)> = Vec::with_capacity(candidates.len());
+    let mut t = Timed { times: Vec::with_capacity(candidates.len()), best: None, disputed: false };
+    let mut reference: Option<(&Variant, WalkOutputs)> = None;
     for (i, v) in candidates.iter().enumerate() {
         let timed = v.open(gpu, weights).and_then(|mut e| time_walks(&mut e, &input, n, tile, m).map(|(ms, out)| (e, ms, out)));
         let (engine, time) = match timed {
             Ok((e, ms, out)) => match &reference {
                 None => {
-                    reference = Some((v.label, out));
+                    reference = Some((v, out));
                     (Some(e), Ok(ms))
                 }
-                Some((ref_label, ref_out)) => match agrees(v.label, &out, ref_label, ref_out) {
+                Some((r, ref_out)) => match agrees(v.label, &out, r.label, ref_out) {
                     Ok(()) => (Some(e), Ok(ms)),
                     Err(err) => {
-                        eprintln!("warning: {}: {err:#} (`fastdet selftest` on this device names the kernel)", weights.name);
+                        let trusted = r.backend == ConvBackend::Cudnn;
+                        t.disputed |= !trusted;
+                        let which = if trusted { "" } else { " (one of the two computes wrongly; without cuDNN there is nothing to settle which, so this choice is not remembered)" };
+                        eprintln!("warning: {}: {err:#}{which}; `fastdet selftest` on this device names the kernel", weights.name);
                         (None, Err(err))
                     }
                 },
             },
             Err(err) => (None, Err(err)),
         };
-        times.push((v.label.to_string(), time));
-        if let Some(e) = engine.filter(|_| fastest(times.iter().map(|(_, t)| t)) == Some(i)) {
-            best = Some((i, e));
+        t.times.push((v.label.to_string(), time));
+        if let Some(e) = engine.filter(|_| fastest(t.times.iter().map(|(_, t)| t)) == Some(i)) {
+            t.best = Some((i, e));
         }
     }
-    Ok((times, best))
+    Ok(t)
 }
 
 /// An engine for `weights` on `gpu` running the convolution path that walks `n` tiles of `tile`
@@ -348,10 +353,10 @@ pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3
     let arena_before = gpu.arena().capacity();
     let workspace_before = gpu.dnn_workspace().as_ref().map_or(0, |b| b.bytes);
     let mut at = n;
-    let (won, mut engine, times) = loop {
-        let (times, best) = time_variants(&gpu, weights, &candidates, at, tile, m)?;
+    let (won, mut engine, times, disputed) = loop {
+        let Timed { times, best, disputed } = time_variants(&gpu, weights, &candidates, at, tile, m)?;
         if let Some((won, engine)) = best {
-            break (won, engine, times);
+            break (won, engine, times, disputed);
         }
         let why: Vec<String> = times.iter().filter_map(|(l, t)| t.as_ref().err().map(|e| format!("{l}: {e:#}"))).collect();
         let oom = times.iter().any(|(_, t)| t.as_ref().is_err_and(|e| e.downcast_ref::<OutOfMemory>().is_some()));
@@ -377,8 +382,9 @@ pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3
 
     let stored = Stored { choice: choice.label.clone(), batch: Some(at), ms: choice.times.iter().map(|(l, t)| (l.clone(), t.as_ref().ok().copied())).collect() };
     let keys: Vec<String> = if at == n { vec![key_for(n)] } else { vec![key_for(n), key_for(at)] };
-    let kept = match (cache.path(), cache.put(&keys, stored)) {
+    let kept = match (cache.path(), if disputed { Ok(()) } else { cache.put(&keys, stored) }) {
         (None, _) => "not remembered".to_string(),
+        (Some(_), _) if disputed => "not remembered: variants of our own kernels disagreed".to_string(),
         (Some(p), Ok(())) => format!("remembered in {}", p.display()),
         (Some(_), Err(e)) => format!("not remembered: {e:#}"),
     };
@@ -514,7 +520,13 @@ mod tests {
         let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 24);
         let gpu = Gpu::emulator().unwrap();
         gpu.emu().unwrap().compute_wrongly("async");
-        let (_, c) = open_measured(gpu, &w, n, tile, &ChoiceCache::none(), QUICK).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChoiceCache::in_dir(dir.path());
+        let (e, c) = open_measured(gpu, &w, n, tile, &cache, QUICK).unwrap();
+        assert_eq!(c.times.iter().filter(|(l, _)| l.contains("async")).count(), 2, "{c:?}");
+        // The reference (tc) is one of our own kernels: the choice is not remembered.
+        assert!(e.notes().iter().any(|l| l.contains("not remembered: variants of our own kernels disagreed")), "{:?}", e.notes());
+        assert!(!cache.path().unwrap().exists());
         for (label, t) in &c.times {
             if label.contains("async") {
                 let why = t.as_ref().unwrap_err();

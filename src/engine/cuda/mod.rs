@@ -11,7 +11,7 @@
 //! - `FASTDET_CUDA_INCLUDE`: directory holding `cuda_fp16.h` for NVRTC (else found next to the
 //!   NVRTC library on `LD_LIBRARY_PATH`, in `$VIRTUAL_ENV`, `$CUDA_HOME`, `/usr/local/cuda`);
 //! - `FASTDET_CHECK_KERNELS=once|always|never`: when a run checks the kernels on its device
-//!   against the CPU engine before using it (default once per card, driver, NVRTC, cuDNN and
+//!   against the CPU engine before using it (default once per card model, driver, NVRTC, cuDNN and
 //!   kernels, remembered in `kernel-checks.json`; `kernel_check.rs`);
 //! - `FASTDET_CONV=auto|cudnn|direct|tc|measure`: convolution backend (default auto: cuDNN, falling
 //!   back to `conv3d_igemm_f16` per shape, and the tc path when cuDNN does not load on a card with

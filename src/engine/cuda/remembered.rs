@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -59,22 +59,57 @@ impl JsonStore {
 
     /// Adds or replaces `keys`, each with `entry`, keeping every other entry of the file.
     pub fn put<T: Serialize + DeserializeOwned + Clone>(&self, what: &str, keys: &[String], entry: &T) -> Result<()> {
+        self.update(what, |all: &mut BTreeMap<String, T>| {
+            for key in keys {
+                all.insert(key.clone(), entry.clone());
+            }
+        })
+    }
+
+    /// Removes `keys` (a file without them is left as it is).
+    pub fn remove<T: Serialize + DeserializeOwned>(&self, what: &str, keys: &[String]) -> Result<()> {
+        if self.path.as_ref().is_none_or(|p| !p.exists()) || !keys.iter().any(|k| self.read_all::<T>(what).contains_key(k)) {
+            return Ok(());
+        }
+        self.update(what, |all: &mut BTreeMap<String, T>| {
+            for key in keys {
+                all.remove(key);
+            }
+        })
+    }
+
+    /// Reads the file, changes it and writes it whole, in turn with the other writers.
+    fn update<T: Serialize + DeserializeOwned>(&self, what: &str, change: impl FnOnce(&mut BTreeMap<String, T>)) -> Result<()> {
         let Some(p) = &self.path else { return Ok(()) };
         let _turn = WRITE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(dir) = p.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
         }
-        let lock_path = p.with_extension("json.lock");
-        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("{}: cannot open", lock_path.display()))?;
-        lock.lock().with_context(|| format!("{}: cannot lock", lock_path.display()))?;
+        let _lock = lock_file(&p.with_extension("json.lock"))?;
         let mut all: BTreeMap<String, T> = self.read_all(what);
-        for key in keys {
-            all.insert(key.clone(), entry.clone());
-        }
+        change(&mut all);
         let tmp = p.with_extension(format!("json.{}.tmp", std::process::id()));
         std::fs::write(&tmp, serde_json::to_string_pretty(&all)?).with_context(|| format!("{}: cannot write", tmp.display()))?;
         std::fs::rename(&tmp, p).with_context(|| format!("{}: cannot replace", p.display()))
-        // The lock goes with its file handle.
+    }
+}
+
+/// How long a writer waits for another process's lock before giving up on remembering.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The exclusive lock on `path` (released with the returned handle), waiting at most `LOCK_WAIT`
+/// for another process. A file system that does not lock files gives no lock, and the write goes
+/// ahead without one (two processes writing at once may then lose an entry).
+fn lock_file(path: &Path) -> Result<Option<std::fs::File>> {
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let started = std::time::Instant::now();
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(Some(f)),
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_WAIT => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(std::fs::TryLockError::WouldBlock) => bail!("{}: another process has held it for {} s", path.display(), LOCK_WAIT.as_secs()),
+            Err(std::fs::TryLockError::Error(_)) => return Ok(None),
+        }
     }
 }
 
@@ -148,6 +183,9 @@ mod tests {
         assert!(store.read_all::<u32>("things").is_empty());
         store.put("things", &["c".into()], &4u32).unwrap();
         assert_eq!(store.read_all::<u32>("things"), BTreeMap::from([("c".to_string(), 4)]));
+        store.put("things", &["e".into()], &6u32).unwrap();
+        store.remove::<u32>("things", &["c".into(), "absent".into()]).unwrap();
+        assert_eq!(store.read_all::<u32>("things"), BTreeMap::from([("e".to_string(), 6)]));
         // Nowhere: nothing kept, nothing read.
         JsonStore::none().put("things", &["d".into()], &5u32).unwrap();
         assert!(JsonStore::none().read_all::<u32>("things").is_empty());
