@@ -294,31 +294,35 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert!(text.lines().any(|l| l.starts_with("sanitizer memcheck (kernels)") && l.contains("FAIL(99)")), "{text}");
 }
 
+/// `fastdet run` on the fixture dataset with demo `models` at a small window, compiled kernels
+/// and remembered choices in `dir/kernels`: (the CSV, stderr); asserts success.
+fn small_run(dir: &std::path::Path, name: &str, models: &[&str], env: &[(&str, &str)], args: &[&str]) -> (String, String) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = dir.join(format!("{name}.csv"));
+    let o = fastdet()
+        .envs(env.iter().copied())
+        .env("FASTDET_KERNEL_CACHE", dir.join("kernels"))
+        .args(["run", "--data"])
+        .arg(root.join("tests/fixtures/dataset"))
+        .arg("--weights")
+        .args(models.iter().map(|m| root.join(format!("weights/{m}.safetensors"))))
+        .args(["--window", "32,64,64", "--tiles", "1,2,2", "--out"])
+        .arg(&out)
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{name}: {err}");
+    (std::fs::read_to_string(&out).unwrap(), err)
+}
+
 /// `FASTDET_CONV=measure`: the first run times the convolution paths of each network on its batch
 /// and window and says which won; the second takes the remembered choices (no timing) and gives
 /// the same picks.
 #[test]
 fn a_measured_convolution_choice_is_logged_remembered_and_reused() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
-    let run = |name: &str| -> (String, String) {
-        let out = tmp.path().join(format!("{name}.csv"));
-        let o = fastdet()
-            .env("FASTDET_CONV", "measure")
-            .env("FASTDET_KERNEL_CACHE", tmp.path().join("kernels"))
-            .args(["run", "--device", "emu", "--data"])
-            .arg(root.join("tests/fixtures/dataset"))
-            .args(["--runs", "TS_synth_1", "--weights"])
-            .arg(root.join("weights/demo_segresnetv2.safetensors"))
-            .arg(root.join("weights/demo_dynunet.safetensors"))
-            .args(["--window", "32,64,64", "--tiles", "1,2,2", "--out"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert!(o.status.success(), "{name}: {err}");
-        (std::fs::read_to_string(&out).unwrap(), err)
-    };
+    let run = |name: &str| small_run(tmp.path(), name, &["demo_segresnetv2", "demo_dynunet"], &[("FASTDET_CONV", "measure")], &["--device", "emu", "--runs", "TS_synth_1"]);
     let (first, log) = run("first");
     // The two demo networks differ: one line each, every tensor-core variant timed.
     assert_eq!(log.matches("convolutions of 1 model(s): tc").count(), 2, "{log}");
@@ -336,25 +340,8 @@ fn a_measured_convolution_choice_is_logged_remembered_and_reused() {
 /// pass; two workers on one device check once; the next run finds the pass; `never` skips it.
 #[test]
 fn a_run_checks_the_kernels_on_its_device_once() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
-    let run = |name: &str, policy: &str| -> String {
-        let out = tmp.path().join(format!("{name}.csv"));
-        let o = fastdet()
-            .env("FASTDET_CHECK_KERNELS", policy)
-            .env("FASTDET_KERNEL_CACHE", tmp.path().join("kernels"))
-            .args(["run", "--devices", "emu:0,emu:0", "--data"])
-            .arg(root.join("tests/fixtures/dataset"))
-            .args(["--weights"])
-            .arg(root.join("weights/demo_segresnetv2.safetensors"))
-            .args(["--window", "32,64,64", "--tiles", "1,2,2", "--out"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert!(o.status.success(), "{name}: {err}");
-        err
-    };
+    let run = |name: &str, policy: &str| small_run(tmp.path(), name, &["demo_segresnetv2"], &[("FASTDET_CHECK_KERNELS", policy)], &["--devices", "emu:0,emu:0"]).1;
     let log = run("first", "once");
     assert_eq!(log.matches("checks against the CPU engine passed on this device in").count(), 1, "{log}");
     assert_eq!(log.matches("checks against the CPU engine passed earlier on this card model").count(), 1, "{log}");
@@ -370,25 +357,10 @@ fn a_run_checks_the_kernels_on_its_device_once() {
 /// runs or on how many workers there are, and match the CPU engine's within fp16 tolerance.
 #[test]
 fn run_on_the_emulated_gpu_is_the_same_across_workers_and_blending() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let run_env = |name: &str, args: &[&str], env: &[(&str, &str)]| -> (String, String) {
-        let out = tmp.path().join(format!("{name}.csv"));
-        let o = fastdet()
-            .envs(env.iter().copied())
-            .args(["run", "--data"])
-            .arg(root.join("tests/fixtures/dataset"))
-            .arg("--weights")
-            .arg(root.join("weights/demo_segresnetv2.safetensors"))
-            .arg(root.join("weights/demo_dynunet.safetensors"))
-            .args(["--window", "32,64,64", "--tiles", "1,2,2", "--with-score", "--out"])
-            .arg(&out)
-            .args(args)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert!(o.status.success(), "{name}: {err}");
-        (std::fs::read_to_string(&out).unwrap(), err)
+        let args: Vec<&str> = ["--with-score"].iter().chain(args).copied().collect();
+        small_run(tmp.path(), name, &["demo_segresnetv2", "demo_dynunet"], env, &args)
     };
     let run = |name: &str, args: &[&str]| run_env(name, args, &[]);
     let (gpu, log) = run("emu", &["--device", "emu"]);
