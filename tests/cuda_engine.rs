@@ -136,6 +136,7 @@ case "$cmd" in
   --version) echo "fastdet 0.0.0 (stand-in)" ;;
   selftest)
     mkdir -p "$FASTDET_KERNEL_CACHE" && echo cubin > "$FASTDET_KERNEL_CACHE/conv_tc.sm_90.cubin"
+    case "$*" in *--no-networks*) ;; *) [ -n "${FAKE_SELFTEST_FAILS:-}" ] && { echo "selftest FAILED: 2 passed, 1 failed"; exit 1; } ;; esac
     while [ $# -gt 0 ]; do [ "$1" = --json ] && echo '{"passed": true, "device": "cuda:0 Stand-in H200 (sm_90, 132 SMs, 139.8 GiB), driver CUDA 13.0", "notes": ["kernels: sm_90 from NVRTC 13.0 (cache k; 13 files, 13 compiled by NVRTC in 21.5 s, loaded in 22.0 s)"]}' > "$2"; shift; done
     echo "selftest PASSED: 3 passed, 0 failed, 0 skipped in 0.1 s on a stand-in" ;;
   bench)
@@ -148,6 +149,7 @@ case "$cmd" in
     esac ;;
   synth) mkdir -p "$1" ;;
   run)
+    echo "run sees FASTDET_CHECK_KERNELS=${FASTDET_CHECK_KERNELS:-unset}" >> "$FAKE_CALLS"
     while [ $# -gt 0 ]; do [ "$1" = --out ] && echo "experiment,particle_type,x,y,z" > "$2"; shift; done
     echo "wrote 0 picks" ;;
   score) echo "total 0 0 0 0.5" ;;
@@ -250,6 +252,8 @@ echo "========= ERROR SUMMARY: 0 errors"
         assert!(calls.contains(&format!("compute-sanitizer --tool {tool} --error-exitcode 99 --print-limit 30 {} selftest --device cuda:0 --quick --no-networks --no-pipeline", fake.display())), "{calls}");
     }
     assert!(text.contains("sanitizer-racecheck.log: ERROR SUMMARY: 0 errors"), "{text}");
+    // The self-test passed: runs check their kernels as a user's would (the pass is remembered).
+    assert!(calls.contains("run sees FASTDET_CHECK_KERNELS=unset"), "{calls}");
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_ms"], 5.0);
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_fused_ms"], 5.0);
@@ -273,7 +277,8 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert!(text.contains("block 32ch_8x8x8") && text.contains("tc_fused 1.500 ms"), "{text}");
     assert!(text.contains("tile  dynunet") && text.contains("tc_wide 4.250 ms"), "{text}");
 
-    // A sanitizer finding fails the check, and the summary names it.
+    // A sanitizer finding fails the check, and the summary names it. Here the self-test fails
+    // too: the runs after it skip their kernel check so that their timings are still taken.
     let o = Command::new("bash")
         .arg(&script)
         .arg(tmp.path().join("check-finding"))
@@ -283,12 +288,17 @@ echo "========= ERROR SUMMARY: 0 errors"
         .env("FASTDET_CUDA_BENCH", &bench)
         .env("FAKE_CALLS", tmp.path().join("calls2.txt"))
         .env("FAKE_SANITIZER_FINDS", "1")
+        .env("FAKE_SELFTEST_FAILS", "1")
         .env("FASTDET_CHECK_SHAPE", "32,64,64")
         .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{text}");
+    let calls = std::fs::read_to_string(tmp.path().join("calls2.txt")).unwrap();
+    assert!(calls.contains("run sees FASTDET_CHECK_KERNELS=never") && !calls.contains("=unset"), "{calls}");
+    assert!(text.lines().any(|l| l.starts_with("selftest --quick") && l.contains("FAIL(1)")), "{text}");
+    assert!(text.contains("the runs below skip their kernel check (FASTDET_CHECK_KERNELS=never)"), "{text}");
     assert!(text.contains("RESULT: FAIL") && text.contains("sanitizer-memcheck.log: ERROR SUMMARY: 1 error"), "{text}");
     assert!(text.contains("1 ========= Invalid __global__ read of size 16 bytes"), "{text}");
     assert!(text.lines().any(|l| l.starts_with("sanitizer memcheck (kernels)") && l.contains("FAIL(99)")), "{text}");
