@@ -10,8 +10,8 @@
 //! the lowest median wins, and its engine, graph included, is the one handed back. A variant
 //! whose outputs differ from the first one's (cuDNN's, when it loads) beyond the self-test's
 //! network tolerances does not count: our kernels have not run on every card. (Without cuDNN
-//! the reference is one of our own kernels, and either side may be the wrong one: such a choice
-//! is not remembered.)
+//! the reference is one of our own kernels, and either side may be the wrong one: measuring then
+//! refuses, naming the disagreement.)
 //!
 //! The choice is remembered in `conv-choices.json` beside the compiled kernels, under a key
 //! naming the device, driver, cuDNN, the kernels' source, the network's spec (not its weights:
@@ -284,14 +284,15 @@ struct Timed {
     times: Vec<(String, Result<f64>)>,
     /// The fastest variant's index and engine (only the best so far is kept open, with its graph).
     best: Option<(usize, CudaEngine)>,
-    /// A variant disagreed with a reference that is one of our own kernels, not cuDNN: either
-    /// may be the wrong one, so the choice is not to be remembered.
+    /// A variant disagreed with a reference that is not `trusted` (one of our own kernels, not
+    /// cuDNN): either may be the wrong one.
     disputed: bool,
 }
 
 /// Every variant timed in turn. A variant whose outputs differ from the first that ran (cuDNN,
-/// when it loads) beyond the fp16 tolerances counts as failed, with a warning.
-fn time_variants(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], n: usize, tile: [usize; 3], m: Measure) -> Result<Timed> {
+/// when it loads) beyond the fp16 tolerances counts as failed, with a warning. `trusted`: whether
+/// a reference variant settles a disagreement (cuDNN's does).
+fn time_variants(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], n: usize, tile: [usize; 3], m: Measure, trusted: &dyn Fn(&Variant) -> bool) -> Result<Timed> {
     // Random input in the walk's own layout (`forward_device_input`): the time does not depend
     // on the values, only on the shape.
     let mut x = vec![0f32; n * weights.spec.in_channels * vol(tile)];
@@ -311,10 +312,10 @@ fn time_variants(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], n: u
                 Some((r, ref_out)) => match agrees(v.label, &out, r.label, ref_out) {
                     Ok(()) => (Some(e), Ok(ms)),
                     Err(err) => {
-                        let trusted = r.backend == ConvBackend::Cudnn;
-                        t.disputed |= !trusted;
-                        let which = if trusted { "" } else { " (one of the two computes wrongly; without cuDNN there is nothing to settle which, so this choice is not remembered)" };
-                        eprintln!("warning: {}: {err:#}{which}; `fastdet selftest` on this device names the kernel", weights.name);
+                        if trusted(r) {
+                            eprintln!("warning: {}: {err:#}; `fastdet selftest` on this device names the kernel", weights.name);
+                        }
+                        t.disputed |= !trusted(r);
                         (None, Err(err))
                     }
                 },
@@ -353,10 +354,20 @@ pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3
     let arena_before = gpu.arena().capacity();
     let workspace_before = gpu.dnn_workspace().as_ref().map_or(0, |b| b.bytes);
     let mut at = n;
-    let (won, mut engine, times, disputed) = loop {
-        let Timed { times, best, disputed } = time_variants(&gpu, weights, &candidates, at, tile, m)?;
+    let (won, mut engine, times) = loop {
+        let Timed { times, best, disputed } = time_variants(&gpu, weights, &candidates, at, tile, m, &|v| v.backend == ConvBackend::Cudnn)?;
+        if disputed {
+            // Our own kernels disagree and no cuDNN settles which is right: none is to be trusted.
+            let far: Vec<String> = times.iter().filter_map(|(_, t)| t.as_ref().err().map(|e| format!("{e:#}"))).filter(|e| e.contains(" disagrees with ")).collect();
+            bail!(
+                "{}: our convolution kernels disagree on this device ({}) and there is no cuDNN to settle which is right; \
+                 `fastdet selftest` on this device names the wrong kernel; FASTDET_CONV=tc or direct picks a path without measuring",
+                weights.name,
+                far.join("; ")
+            );
+        }
         if let Some((won, engine)) = best {
-            break (won, engine, times, disputed);
+            break (won, engine, times);
         }
         let why: Vec<String> = times.iter().filter_map(|(l, t)| t.as_ref().err().map(|e| format!("{l}: {e:#}"))).collect();
         let oom = times.iter().any(|(_, t)| t.as_ref().is_err_and(|e| e.downcast_ref::<OutOfMemory>().is_some()));
@@ -382,9 +393,8 @@ pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3
 
     let stored = Stored { choice: choice.label.clone(), batch: Some(at), ms: choice.times.iter().map(|(l, t)| (l.clone(), t.as_ref().ok().copied())).collect() };
     let keys: Vec<String> = if at == n { vec![key_for(n)] } else { vec![key_for(n), key_for(at)] };
-    let kept = match (cache.path(), if disputed { Ok(()) } else { cache.put(&keys, stored) }) {
+    let kept = match (cache.path(), cache.put(&keys, stored)) {
         (None, _) => "not remembered".to_string(),
-        (Some(_), _) if disputed => "not remembered: variants of our own kernels disagreed".to_string(),
         (Some(p), Ok(())) => format!("remembered in {}", p.display()),
         (Some(_), Err(e)) => format!("not remembered: {e:#}"),
     };
@@ -513,29 +523,36 @@ mod tests {
 
     /// A variant whose kernels compute wrongly on this device (here the cp.async ones, made wrong
     /// on purpose in the emulator) is not chosen however fast it is: its outputs are checked
-    /// against the first variant's, and the failure names both and the distance.
+    /// against the first variant's, and the failure names both and the distance. When that
+    /// reference is cuDNN's the others go on; when it is one of our own kernels (the emulator has
+    /// no cuDNN) nothing settles which side is wrong, and measuring refuses.
     #[test]
     fn a_variant_that_disagrees_with_the_first_is_never_chosen() {
         let (n, tile) = (1, [8, 16, 16]);
         let w = Weights::random(&ModelSpec::segresnet(8, 16, 8), 24);
         let gpu = Gpu::emulator().unwrap();
         gpu.emu().unwrap().compute_wrongly("async");
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ChoiceCache::in_dir(dir.path());
-        let (e, c) = open_measured(gpu, &w, n, tile, &cache, QUICK).unwrap();
-        assert_eq!(c.times.iter().filter(|(l, _)| l.contains("async")).count(), 2, "{c:?}");
-        // The reference (tc) is one of our own kernels: the choice is not remembered.
-        assert!(e.notes().iter().any(|l| l.contains("not remembered: variants of our own kernels disagreed")), "{:?}", e.notes());
-        assert!(!cache.path().unwrap().exists());
-        for (label, t) in &c.times {
+        let candidates = variants(&gpu, false);
+        // As if the first variant were cuDNN's.
+        let t = time_variants(&gpu, &w, &candidates, n, tile, QUICK, &|_| true).unwrap();
+        assert!(!t.disputed);
+        assert_eq!(t.times.iter().filter(|(l, _)| l.contains("async")).count(), 2);
+        for (label, time) in &t.times {
             if label.contains("async") {
-                let why = t.as_ref().unwrap_err();
+                let why = format!("{:#}", time.as_ref().unwrap_err());
                 assert!(why.starts_with(&format!("{label} disagrees with tc on this device: scores max|Δ|")) && why.ends_with("not used"), "{why}");
             } else {
-                assert!(t.is_ok(), "{label}: {t:?}");
+                assert!(time.is_ok(), "{label}: {time:?}");
             }
         }
-        assert!(!c.label.contains("async"), "{c:?}");
+        let (won, _) = t.best.unwrap();
+        assert!(!candidates[won].label.contains("async"));
+        // The emulator as it is: the reference is our own tc.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChoiceCache::in_dir(dir.path());
+        let msg = format!("{:#}", open_measured(gpu, &w, n, tile, &cache, QUICK).err().unwrap());
+        assert!(msg.contains("our convolution kernels disagree on this device (tc-async disagrees with tc") && msg.contains("FASTDET_CONV=tc or direct"), "{msg}");
+        assert!(!cache.path().unwrap().exists(), "nothing remembered");
 
         // The check itself: within the network tolerances passes, beyond either fails.
         let out = |s: f32, o: f32| WalkOutputs { scores: vec![0.5, s], offsets: vec![1.0, o] };

@@ -1,12 +1,13 @@
 //! Our kernels are checked on a device before a run trusts it with them. The test suite compares
 //! them with the CPU engine on the host (their own source compiled for it), but a compiler,
 //! driver or architecture they have not met can still make one compute wrongly on a card, and a
-//! wrong kernel gives wrong picks without any error. So the first `fastdet run` on a device runs
-//! the self-test's kernel section there (every kernel, and cuDNN's convolutions, against its CPU
-//! twin on fresh random data) and remembers a pass in `kernel-checks.json` beside the compiled
-//! kernels, keyed by the device, its driver, NVRTC, cuDNN and fastdet's kernels (a passing
-//! `fastdet selftest` is remembered too). A failure stops that device's runs and names the
-//! failing checks.
+//! wrong kernel gives wrong picks without any error. So the first `fastdet run` on a card model
+//! runs the self-test's kernel section on its device (every kernel, and cuDNN's convolutions,
+//! against its CPU twin on random data drawn from the self-test's seed, so that `fastdet
+//! selftest` repeats the very check) and remembers a pass in `kernel-checks.json` beside the
+//! compiled kernels, keyed by the card model, its driver, NVRTC, cuDNN and fastdet's kernels (a
+//! passing `fastdet selftest` is remembered too). A kernel that computes wrongly stops that
+//! device's runs, names the failing checks and forgets an earlier pass.
 //!
 //! `FASTDET_CHECK_KERNELS=once` (default: once per key) | `always` | `never`. The emulators
 //! are not cards, and the test suite checks them: there only an explicit `once` or `always`
@@ -154,6 +155,7 @@ fn check(gpu: &Arc<Gpu>, device: Device, policy: CheckKernels, store: &JsonStore
     let kept = match (&verdict, store.path(), record(&key, &verdict, store)) {
         (Verdict::Passed(_), Some(p), Ok(())) if policy == CheckKernels::Once => format!("; remembered in {}", p.display()),
         (Verdict::Passed(_), Some(_), Err(e)) => format!("; not remembered: {e:#}"),
+        (Verdict::Wrong(_), Some(p), Err(e)) => format!(" The earlier pass in {} could not be forgotten ({e:#}): delete that file.", p.display()),
         _ => String::new(),
     };
     let reproduce = format!("`fastdet selftest --device {device} --no-networks --no-pipeline` repeats this check and prints every line");
@@ -163,7 +165,7 @@ fn check(gpu: &Arc<Gpu>, device: Device, policy: CheckKernels, store: &JsonStore
             let shown: Vec<&str> = lines.iter().take(3).map(String::as_str).collect();
             bail!(
                 "{} kernel check(s) failed against the CPU engine on {device} ({}{}); fastdet does not run kernels that compute wrongly. \
-                 {reproduce}; run with --device cpu, or set FASTDET_CHECK_KERNELS=never to run anyway",
+                 {reproduce}; run with --device cpu, or set FASTDET_CHECK_KERNELS=never to run anyway.{kept}",
                 lines.len(),
                 shown.join("; "),
                 if lines.len() > shown.len() { "; …" } else { "" }
@@ -202,6 +204,8 @@ mod tests {
         // this very handle): `once` trusts the earlier pass; a check that runs fails naming the
         // kernel and forgets the pass, so that the next `once` checks again and fails again.
         let wrong = Gpu::open_emulator(8).unwrap();
+        // A run with FASTDET_CUDA_SYNC=1: it synchronises after every launch before and after.
+        wrong.set_sync_each(true);
         let other = JsonStore::at(dir.path().join("other.json"));
         let check = |policy| ensure_checked(Device::Emu(8), policy, &other).map(|(l, _)| l.unwrap());
         assert!(check(CheckKernels::Once).unwrap().contains("remembered in"));
@@ -213,8 +217,9 @@ mod tests {
             assert!(msg.contains("fastdet selftest --device emu:8 --no-networks --no-pipeline") && msg.contains("FASTDET_CHECK_KERNELS=never"), "{msg}");
             assert!(other.read_all::<Passed>(WHAT).is_empty(), "the pass is forgotten");
         }
-        // The run's setting comes back after the check's per-launch synchronisation.
-        assert!(!wrong.sync_each());
+        // The run's own setting comes back after the check; the memory peak starts afresh.
+        assert!(wrong.sync_each());
+        assert_eq!(wrong.memory_peak(), wrong.memory_live());
     }
 
     /// Checks that ran out of device memory leave the device unchecked, not wrong; a report

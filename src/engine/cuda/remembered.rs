@@ -68,7 +68,11 @@ impl JsonStore {
 
     /// Removes `keys` (a file without them is left as it is).
     pub fn remove<T: Serialize + DeserializeOwned>(&self, what: &str, keys: &[String]) -> Result<()> {
-        if self.path.as_ref().is_none_or(|p| !p.exists()) || !keys.iter().any(|k| self.read_all::<T>(what).contains_key(k)) {
+        if self.path.as_ref().is_none_or(|p| !p.exists()) {
+            return Ok(());
+        }
+        let all = self.read_all::<T>(what);
+        if !keys.iter().any(|k| all.contains_key(k)) {
             return Ok(());
         }
         self.update(what, |all: &mut BTreeMap<String, T>| {
@@ -97,9 +101,12 @@ impl JsonStore {
 /// How long a writer waits for another process's lock before giving up on remembering.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Linux's "no locks available" (`ENOLCK`), which some network file systems answer.
+const ENOLCK: i32 = 37;
+
 /// The exclusive lock on `path` (released with the returned handle), waiting at most `LOCK_WAIT`
-/// for another process. A file system that does not lock files gives no lock, and the write goes
-/// ahead without one (two processes writing at once may then lose an entry).
+/// for another process. A file system that does not lock files gives no lock, with a warning,
+/// and the write goes ahead without one (two processes writing at once may then lose an entry).
 fn lock_file(path: &Path) -> Result<Option<std::fs::File>> {
     let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let started = std::time::Instant::now();
@@ -108,7 +115,11 @@ fn lock_file(path: &Path) -> Result<Option<std::fs::File>> {
             Ok(()) => return Ok(Some(f)),
             Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_WAIT => std::thread::sleep(std::time::Duration::from_millis(20)),
             Err(std::fs::TryLockError::WouldBlock) => bail!("{}: another process has held it for {} s", path.display(), LOCK_WAIT.as_secs()),
-            Err(std::fs::TryLockError::Error(_)) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(ENOLCK) => {
+                eprintln!("warning: {}: the file system does not lock files ({e}); writing without a lock", path.display());
+                return Ok(None);
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("{}: cannot lock", path.display())),
         }
     }
 }
@@ -183,6 +194,9 @@ mod tests {
         assert!(store.read_all::<u32>("things").is_empty());
         store.put("things", &["c".into()], &4u32).unwrap();
         assert_eq!(store.read_all::<u32>("things"), BTreeMap::from([("c".to_string(), 4)]));
+        let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+        store.remove::<u32>("things", &["absent".into()]).unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), before, "nothing to remove: the file is left as it is");
         store.put("things", &["e".into()], &6u32).unwrap();
         store.remove::<u32>("things", &["c".into(), "absent".into()]).unwrap();
         assert_eq!(store.read_all::<u32>("things"), BTreeMap::from([("e".to_string(), 6)]));
