@@ -53,6 +53,23 @@ fn no_gpu_is_an_error_not_a_panic() {
     assert!(err.contains("no CUDA driver found") && !err.contains("panicked"), "{err}");
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(j["no_device"], true);
+
+    // Every worker failed: the job is an error naming why, and writes no output.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tmp.path().join("none.csv");
+    let o = fastdet()
+        .args(["run", "--gpus", "0,1", "--data"])
+        .arg(root.join("tests/fixtures/dataset"))
+        .arg("--weights")
+        .arg(root.join("weights/demo_segresnetv2.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("error: no CUDA driver found") && !err.contains("remaining run(s) go to"), "{err}");
+    assert!(!out.exists());
 }
 
 #[test]
@@ -388,6 +405,10 @@ fn run_on_the_emulated_gpu_is_the_same_across_workers_and_blending() {
     assert_eq!(gpu, two, "two workers give one worker's output");
     let (same_card, _) = run("same-card", &["--devices", "emu:0,emu:0"]);
     assert_eq!(gpu, same_card, "two workers on one device");
+    // A device that cannot work does not stop the others: its runs go to one that did.
+    let (handed, log_handed) = run("handed-over", &["--devices", "emu:0,cuda:99"]);
+    assert_eq!(gpu, handed, "the runs of a failed worker, done by another");
+    assert!(log_handed.contains("warning: cuda:99 failed: ") && log_handed.contains("its 1 remaining run(s) go to emu:0") && log_handed.contains("[emu:0] TS_synth_2:"), "{log_handed}");
 
     // Against the CPU engine: every pick matched within a voxel (10.012 Å) and 0.01 in score.
     let (cpu, _) = run("cpu", &["--device", "cpu"]);

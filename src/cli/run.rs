@@ -622,9 +622,48 @@ fn infer_all(a: &InferArgs, s: &Settings, extras: Extras, parts: Option<&Parts>)
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))).collect()
     });
-    for o in outcomes {
-        for (i, r) in o? {
-            results[i] = Some(r);
+    let label = |dev: Device| if n > 1 { format!("[{dev}] ") } else { String::new() };
+    let mut healthy = Vec::new();
+    let mut broken = Vec::new();
+    for ((o, &dev), share) in outcomes.into_iter().zip(&devices).zip(&shares) {
+        match o {
+            Ok(done) => {
+                for (i, r) in done {
+                    results[i] = Some(r);
+                }
+                healthy.push(dev);
+            }
+            Err(e) => broken.push((dev, e, share)),
+        }
+    }
+    // One device that cannot work (no driver, a kernel check failed, the reader stopped) does not
+    // stop the others: its runs go to a device whose worker finished, one after the other. Only
+    // when every worker failed is the job an error.
+    if healthy.is_empty() && !broken.is_empty() {
+        return Err(broken.swap_remove(0).1);
+    }
+    for (dev, e, share) in broken {
+        // Runs it finished before it failed are in the parts directory.
+        let mut left = Vec::new();
+        for &(i, job) in share {
+            match parts.and_then(|p| p.load(&job.run)) {
+                Some(done) => results[i] = Some(Ok((done, Timing::default()))),
+                None => left.push((i, job)),
+            }
+        }
+        let to = healthy[0];
+        eprintln!("warning: {dev} failed: {e:#}; its {} remaining run(s) go to {to}", left.len());
+        match worker(to, &label(to), &left, a, s, extras, parts) {
+            Ok(done) => {
+                for (i, r) in done {
+                    results[i] = Some(r);
+                }
+            }
+            Err(e2) => {
+                for &(i, _) in &left {
+                    results[i] = Some(Err(anyhow::anyhow!("{dev} failed ({e:#}), then {to} failed ({e2:#})")));
+                }
+            }
         }
     }
     let mut picks = Vec::new();
