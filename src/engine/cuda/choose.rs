@@ -340,7 +340,7 @@ pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3
     if n == 0 {
         bail!("{}: measuring needs at least one tile", weights.name);
     }
-    let cudnn = if gpu.is_emulator() { None } else { Dnn::new(&gpu).ok().map(|d| d.version_string()) };
+    let cudnn = Dnn::working_version(&gpu);
     let candidates = variants(&gpu, cudnn.is_some());
     let key_for = |n: usize| choice_key(&gpu, cudnn.as_deref().unwrap_or("none"), weights, n, tile);
     // One measurement at a time per device: two workers on one card would time each other's load

@@ -112,6 +112,15 @@ impl Dnn {
     pub fn version_string(&self) -> String {
         format!("{}.{}.{}", self.version / 10000, (self.version / 100) % 100, self.version % 100)
     }
+
+    /// The version of the cuDNN that works on `gpu` (opens a handle and passes the probe), None
+    /// where it does not or on an emulator: what remembered choices and checks are keyed by.
+    pub fn working_version(gpu: &Gpu) -> Option<String> {
+        if gpu.is_emulator() {
+            return None;
+        }
+        Dnn::new(gpu).ok().map(|d| d.version_string())
+    }
 }
 
 struct TensorDesc(sys::cudnnTensorDescriptor_t);

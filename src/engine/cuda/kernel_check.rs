@@ -63,7 +63,7 @@ pub fn default_store() -> JsonStore {
 /// What a pass on `gpu` is valid for: the card model (not the one card: identical cards share
 /// a pass), its driver, NVRTC, cuDNN and fastdet's kernels.
 pub fn check_key(gpu: &Gpu) -> String {
-    let cudnn = if gpu.is_emulator() { None } else { Dnn::new(gpu).ok().map(|d| d.version_string()) };
+    let cudnn = Dnn::working_version(gpu);
     let nvrtc = nvrtc_version().map_or("none".to_string(), |(a, b)| format!("{a}.{b}"));
     format!("{} | NVRTC {nvrtc} | cuDNN {} | {}", device_key(gpu), cudnn.as_deref().unwrap_or("none"), kernels_key())
 }
