@@ -611,18 +611,18 @@ fn infer_all(a: &InferArgs, s: &Settings, extras: Extras, parts: Option<&Parts>)
     let todo: Vec<(usize, &Job)> = jobs.iter().enumerate().filter(|(i, _)| results[*i].is_none()).collect();
     let n = devices.len();
     let shares: Vec<Vec<(usize, &Job)>> = (0..n).map(|k| todo.iter().skip(k).step_by(n).copied().collect()).collect();
+    let label = |dev: Device| if n > 1 { format!("[{dev}] ") } else { String::new() };
     let outcomes: Vec<Result<Vec<(usize, Outcome)>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = devices
             .iter()
             .zip(&shares)
             .map(|(&dev, share)| {
-                let label = if n > 1 { format!("[{dev}] ") } else { String::new() };
+                let label = label(dev);
                 scope.spawn(move || worker(dev, &label, share, a, s, extras, parts))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))).collect()
     });
-    let label = |dev: Device| if n > 1 { format!("[{dev}] ") } else { String::new() };
     let mut healthy = Vec::new();
     let mut broken = Vec::new();
     for ((o, &dev), share) in outcomes.into_iter().zip(&devices).zip(&shares) {
