@@ -62,6 +62,16 @@ impl Device {
     pub fn is_cuda_engine(&self) -> bool {
         matches!(self, Device::Cuda(_) | Device::Emu(_))
     }
+
+    /// This thread's shared handle of the device (`Gpu::open` with the default kernel cache, or
+    /// `Gpu::open_emulator`); None for the CPU.
+    pub fn open_gpu(self) -> Result<Option<std::sync::Arc<cuda::gpu::Gpu>>> {
+        Ok(match self {
+            Device::Cpu => None,
+            Device::Cuda(i) => Some(cuda::gpu::Gpu::open(i, None)?),
+            Device::Emu(i) => Some(cuda::gpu::Gpu::open_emulator(i)?),
+        })
+    }
 }
 
 impl std::fmt::Display for Device {
@@ -90,11 +100,8 @@ pub fn open(device: Device, weights: &crate::weights::Weights) -> Result<Box<dyn
 /// says which; otherwise the same as `open`, and None.
 pub fn open_for(device: Device, weights: &crate::weights::Weights, n: usize, tile: [usize; 3]) -> Result<(Box<dyn TileEngine>, Option<cuda::choose::Choice>)> {
     let measure = device.is_cuda_engine() && cuda::ConvBackend::from_env()? == cuda::ConvBackend::Measure;
-    let gpu = match device {
-        Device::Cuda(i) if measure => cuda::gpu::Gpu::open(i, None)?,
-        Device::Emu(i) if measure => cuda::gpu::Gpu::open_emulator(i)?,
-        _ => return Ok((open(device, weights)?, None)),
-    };
+    let gpu = if measure { device.open_gpu()? } else { None };
+    let Some(gpu) = gpu else { return Ok((open(device, weights)?, None)) };
     let cache = cuda::choose::ChoiceCache::default_location();
     let (e, choice) = cuda::choose::open_measured(gpu, weights, n, tile, &cache, cuda::choose::Measure::default())?;
     Ok((Box::new(e), Some(choice)))

@@ -120,11 +120,7 @@ pub fn ensure_checked(device: Device, policy: CheckKernels, store: &JsonStore) -
     if policy == CheckKernels::Never {
         return Ok((None, None));
     }
-    let gpu = match device {
-        Device::Cuda(i) => Gpu::open(i, None)?,
-        Device::Emu(i) => Gpu::open_emulator(i)?,
-        Device::Cpu => return Ok((None, None)),
-    };
+    let Some(gpu) = device.open_gpu()? else { return Ok((None, None)) };
     Ok((Some(check(&gpu, device, policy, store)?), Some(gpu)))
 }
 
