@@ -6,7 +6,8 @@
 //! Algorithms come from `cudnnGetConvolutionForwardAlgorithm_v7` (heuristics, best first),
 //! deterministic ones first; a plan tries them in order on its first run and keeps the first that
 //! executes (cuDNN can list algorithms that then refuse a 3-D NDHWC shape). When none runs, the
-//! caller falls back to our own implicit-GEMM kernel (`conv3d.cu`).
+//! caller falls back to our own implicit-GEMM kernel (`conv3d.cu`), unless the device was full:
+//! that `OutOfMemory` goes up to the runner, which retries the batch in halves.
 //!
 //! With `find` (`FASTDET_CUDNN_FIND=1`, or the measured choice `cudnn-find`), a plan's first run
 //! times the candidates on the real buffers (`cudnnFindConvolutionForwardAlgorithmEx`, as
@@ -17,8 +18,10 @@
 use anyhow::{anyhow, bail, Result};
 use cudarc::cudnn::{result, sys};
 
+use super::device_wide::device_wide;
 use super::gpu::{guard, DevBuf, Gpu};
 use super::ops::ConvShape;
+use crate::pipeline::runner::OutOfMemory;
 
 /// Largest workspace a convolution may use (bytes); algorithms wanting more are skipped.
 /// `FASTDET_CUDNN_WORKSPACE_MIB` overrides it.
@@ -33,6 +36,9 @@ const HINT: &str = "put the directories of libcudnn*.so.9 (site-packages/nvidia/
 /// A cuDNN handle bound to the device's stream.
 pub struct Dnn {
     handle: sys::cudnnHandle_t,
+    /// The device's ordinal: creating and destroying the handle synchronise the device, which
+    /// waits for other threads' graph captures there (`device_wide`).
+    ordinal: usize,
     /// `cudnnGetVersion()`, e.g. 91000 for 9.10.0.
     pub version: usize,
     /// Order each plan's algorithms by timing them at its first run (see the module's note).
@@ -45,8 +51,9 @@ unsafe impl Send for Dnn {}
 impl Drop for Dnn {
     fn drop(&mut self) {
         if !self.handle.is_null() {
+            let handle = self.handle;
             // SAFETY: created by create_handle, destroyed once.
-            let _ = std::panic::catch_unwind(|| unsafe { result::destroy_handle(self.handle) });
+            let _ = std::panic::catch_unwind(|| device_wide(self.ordinal, || unsafe { result::destroy_handle(handle) }));
         }
     }
 }
@@ -64,21 +71,27 @@ impl Dnn {
             if version < 90000 {
                 bail!("cuDNN {version} is too old: fastdet's bindings need cuDNN 9");
             }
-            let handle = result::create_handle().map_err(|e| anyhow!("cudnnCreate: {e}"))?;
-            let dnn = Dnn { handle, version, find: std::env::var("FASTDET_CUDNN_FIND").is_ok_and(|v| v == "1") };
+            let handle = device_wide(gpu.info.ordinal, result::create_handle).map_err(|e| anyhow!("cudnnCreate: {e}"))?;
+            let dnn = Dnn { handle, ordinal: gpu.info.ordinal, version, find: std::env::var("FASTDET_CUDNN_FIND").is_ok_and(|v| v == "1") };
             // SAFETY: valid handle; the stream belongs to gpu's context, which is current.
             unsafe { result::set_stream(dnn.handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| anyhow!("cudnnSetStream: {e}"))?;
             Ok(dnn)
         })?;
         // Once per device and process (every engine opens a handle; the libraries are the same):
-        // later handles take the first probe's answer. guard: a symbol missing from the library
-        // panics inside cudarc's loader.
+        // later handles take the first answer. A failure of the probe convolution itself is not
+        // kept (it may be passing, e.g. an earlier error surfacing there): the next engine probes
+        // again. guard: a symbol missing from the library panics inside cudarc's loader.
         static PROBED: std::sync::Mutex<Vec<(usize, Result<(), String>)>> = std::sync::Mutex::new(Vec::new());
         let mut probed = PROBED.lock().unwrap_or_else(|e| e.into_inner());
         let ordinal = gpu.info.ordinal;
         if !probed.iter().any(|(o, _)| *o == ordinal) {
-            let r = guard("probing cuDNN", || dnn.probe(gpu)).map_err(|e| format!("{e:#}"));
-            probed.push((ordinal, r));
+            match guard("loading cuDNN's libraries", Dnn::libraries_load) {
+                Err(e) => probed.push((ordinal, Err(format!("{e:#}")))),
+                Ok(()) => {
+                    guard("probing cuDNN", || dnn.probe(gpu))?;
+                    probed.push((ordinal, Ok(())));
+                }
+            }
         }
         if let Some((_, Err(msg))) = probed.iter().find(|(o, _)| *o == ordinal) {
             bail!("{msg}");
@@ -88,15 +101,19 @@ impl Dnn {
 
     /// cuDNN 9's libcudnn.so.9 only dispatches: the convolutions live in libcudnn_cnn.so.9 (which
     /// needs libcudnn_ops.so.9, the engine libraries and cuBLASLt), loaded at their first use.
-    /// One small convolution run here makes a missing piece one clear error when the engine
-    /// opens (where `auto` then takes our own kernels) instead of a failure at every conv.
-    fn probe(&self, gpu: &Gpu) -> Result<()> {
+    fn libraries_load() -> Result<()> {
         // SAFETY: plain status queries.
         for (lib, st) in [("libcudnn_ops.so.9", unsafe { sys::cudnnOpsVersionCheck() }), ("libcudnn_cnn.so.9", unsafe { sys::cudnnCnnVersionCheck() })] {
             if st != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
                 bail!("cuDNN's {lib} does not load or does not match libcudnn.so.9 (status {}); {HINT}", st as u32);
             }
         }
+        Ok(())
+    }
+
+    /// One small convolution run here makes a missing piece one clear error when the engine
+    /// opens (where `auto` then takes our own kernels) instead of a failure at every conv.
+    fn probe(&self, gpu: &Gpu) -> Result<()> {
         let shape = ConvShape { n: 1, dims: [4, 4, 4], cin: 8, cout: 8, k: 3, stride: 1, pad: 1 };
         let mut plan = ConvPlan::new(self, shape).map_err(|e| anyhow!("cuDNN cannot plan a convolution: {e:#}; {HINT}"))?;
         let (x, w, y) = (gpu.alloc(1024)?, gpu.alloc(27 * 128)?, gpu.alloc(1024)?);
@@ -316,7 +333,7 @@ impl ConvPlan {
         guard("cudnnFindConvolutionForwardAlgorithmEx", || {
             // SAFETY: the descriptors match the buffers the engine allocated for this shape; room
             // for COUNT results; the workspace holds `wb` bytes.
-            unsafe {
+            device_wide(gpu.info.ordinal, || unsafe {
                 sys::cudnnFindConvolutionForwardAlgorithmEx(
                     dnn.handle,
                     self.x.0,
@@ -332,7 +349,7 @@ impl ConvPlan {
                     wp as *mut _,
                     wb,
                 )
-            }
+            })
             .result()
             .map_err(|e| anyhow!("{e}"))
         })?;
@@ -376,25 +393,15 @@ impl ConvPlan {
         } else {
             self.algos.len()
         };
-        let mut errors = Vec::new();
-        for i in start..end {
-            let (algo, ws, _) = self.algos[i];
-            if ws > 0 && workspace.as_ref().is_none_or(|b| b.bytes < ws) {
-                if gpu.capturing() {
-                    // Replacing the buffer would free memory the capture may have used.
-                    bail!("{}: cuDNN's workspace must grow to {ws} bytes during a CUDA graph capture", self.what);
-                }
-                *workspace = None;
-                *workspace = Some(gpu.alloc(ws)?);
-            }
-            let (wp, wb) = match workspace.as_ref() {
-                Some(b) if ws > 0 => (b.ptr, ws),
-                _ => (0, 0),
-            };
+        let what = self.what.clone();
+        let algos = &self.algos[start..end];
+        let named: Vec<(&str, usize)> = algos.iter().map(|a| (algo_name(a.0), a.1)).collect();
+        let ran = first_that_runs(&what, &named, workspace, gpu.capturing(), |bytes| gpu.alloc(bytes), |i, wp, wb| {
+            let algo = algos[i].0;
             let (alpha, beta) = (1.0f32, 0.0f32);
             // SAFETY: descriptors match the buffers the engine allocated for this shape; alpha /
             // beta are f32 as cuDNN wants for half data.
-            let r = guard("cudnnConvolutionForward", || {
+            guard("cudnnConvolutionForward", || {
                 unsafe {
                     result::convolution_forward(
                         dnn.handle,
@@ -413,25 +420,125 @@ impl ConvPlan {
                     )
                 }
                 .map_err(|e| anyhow!("{e}"))
-            });
-            match r {
-                Ok(()) => {
-                    self.chosen = Some(i);
-                    if gpu.sync_each() {
-                        gpu.sync(&format!("{} ({})", self.what, algo_name(algo)))?;
-                    }
-                    return Ok(());
+            })
+        })?;
+        self.chosen = Some(start + ran);
+        if gpu.sync_each() {
+            gpu.sync(&format!("{} ({})", self.what, named[ran].0))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the candidates `(name, workspace bytes)` in order (`run(index, workspace pointer,
+/// workspace bytes)`) until one runs; returns its index.
+/// The workspace grows as a candidate needs: the new buffer is allocated while the old one is
+/// held and replaces it only once it exists, and when the device is full the old one is freed
+/// and the allocation tried once more. A candidate whose workspace does not fit is skipped, as
+/// one that fails, since a later one may need less. When none runs and one of them found the
+/// device full, the error is that `OutOfMemory` (the runner retries the batch in halves; an
+/// engine does not give up cuDNN for a full device); otherwise it lists every candidate's error.
+fn first_that_runs(
+    what: &str,
+    algos: &[(&str, usize)],
+    workspace: &mut Option<DevBuf>,
+    capturing: bool,
+    alloc: impl Fn(usize) -> Result<DevBuf>,
+    mut run: impl FnMut(usize, u64, usize) -> Result<()>,
+) -> Result<usize> {
+    let is_oom = |e: &anyhow::Error| e.downcast_ref::<OutOfMemory>().is_some();
+    let mut errors = Vec::new();
+    let mut full = None;
+    for (i, &(name, ws)) in algos.iter().enumerate() {
+        if ws > 0 && workspace.as_ref().is_none_or(|b| b.bytes < ws) {
+            if capturing {
+                // Replacing the buffer would free memory the capture may have used.
+                bail!("{what}: cuDNN's workspace must grow to {ws} bytes during a CUDA graph capture");
+            }
+            let grown = match alloc(ws) {
+                Err(e) if is_oom(&e) && workspace.is_some() => {
+                    *workspace = None;
+                    alloc(ws)
                 }
-                Err(e) => errors.push(format!("{}: {e:#}", algo_name(algo))),
+                r => r,
+            };
+            match grown {
+                Ok(b) => *workspace = Some(b),
+                Err(e) if is_oom(&e) => {
+                    errors.push(format!("{name}: workspace of {ws} bytes: {e:#}"));
+                    full.get_or_insert(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
         }
-        bail!("{}: no cuDNN algorithm ran: {}", self.what, errors.join("; "))
+        let (wp, wb) = match workspace.as_ref() {
+            Some(b) if ws > 0 => (b.ptr, ws),
+            _ => (0, 0),
+        };
+        match run(i, wp, wb) {
+            Ok(()) => return Ok(i),
+            Err(e) => errors.push(format!("{name}: {e:#}")),
+        }
+    }
+    let listed = format!("{what}: no cuDNN algorithm ran: {}", errors.join("; "));
+    match full {
+        Some(e) => Err(e.context(listed)),
+        None => bail!(listed),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::order_by_time;
+    use super::{first_that_runs, order_by_time};
+    use crate::engine::cuda::gpu::Gpu;
+    use crate::pipeline::runner::OutOfMemory;
+
+    /// On a device with room for one workspace of 1000 bytes: the held 600-byte one is freed to
+    /// make room for a 1000-byte one rather than skipping that candidate; a candidate wanting
+    /// more than the device holds is skipped for the next; and when every candidate either fails
+    /// or does not fit, the error is the `OutOfMemory` (the runner halves the batch on it), with
+    /// every candidate's reason in its message. Without a full device it is a plain error.
+    #[test]
+    fn a_workspace_that_does_not_fit_skips_its_algorithm_and_reports_the_full_device() {
+        let gpu = Gpu::emulator().unwrap();
+        gpu.set_emulated_memory_limit(gpu.memory_live() + 1500);
+        let alloc = |bytes| gpu.alloc(bytes);
+        let mut ws = Some(gpu.alloc(600).unwrap());
+        let mut seen = Vec::new();
+        let i = first_that_runs("conv", &[("A", 1000), ("B", 0)], &mut ws, false, alloc, |i, wp, wb| {
+            seen.push((i, wp != 0, wb));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((i, seen), (0, vec![(0, true, 1000)]));
+        assert_eq!(ws.as_ref().map(|b| b.bytes), Some(1000));
+
+        // Too big for the device: skipped; the next, without workspace, runs.
+        let mut seen = Vec::new();
+        let i = first_that_runs("conv", &[("BIG", 4000), ("B", 0)], &mut ws, false, alloc, |i, wp, wb| {
+            seen.push((i, wp, wb));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((i, seen), (1, vec![(1, 0, 0)]));
+
+        // Nothing runs, one did not fit: OutOfMemory, naming both.
+        let e = first_that_runs("conv", &[("BIG", 4000), ("B", 0)], &mut ws, false, alloc, |_, _, _| anyhow::bail!("not supported")).unwrap_err();
+        assert!(e.downcast_ref::<OutOfMemory>().is_some(), "{e:#}");
+        let msg = format!("{e:#}");
+        assert!(msg.contains("no cuDNN algorithm ran") && msg.contains("BIG: workspace of 4000 bytes") && msg.contains("B: not supported"), "{msg}");
+
+        // Nothing runs, all fit: a plain error.
+        let e = first_that_runs("conv", &[("B", 0), ("C", 100)], &mut ws, false, alloc, |_, _, _| anyhow::bail!("not supported")).unwrap_err();
+        assert!(e.downcast_ref::<OutOfMemory>().is_none(), "{e:#}");
+        assert!(format!("{e:#}").contains("B: not supported; C: not supported"), "{e:#}");
+
+        // In a capture the workspace never grows.
+        let mut small = None;
+        let e = first_that_runs("conv", &[("A", 100)], &mut small, true, alloc, |_, _, _| Ok(())).unwrap_err();
+        assert!(format!("{e:#}").contains("during a CUDA graph capture"), "{e:#}");
+    }
 
     /// Timed candidates go fastest first, deterministic ones still before the others; one cuDNN
     /// did not time keeps its place after the timed ones of its class; equal times keep the

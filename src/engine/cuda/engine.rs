@@ -1180,7 +1180,8 @@ impl CudaEngine {
                                 }
                                 // In a capture the failure may be the capture's own: the eager
                                 // rerun decides about the fallback.
-                                Err(e) if self.backend == ConvBackend::Auto && !gpu.capturing() => {
+                                // A full device is not cuDNN's failure: the runner halves the batch.
+                                Err(e) if self.backend == ConvBackend::Auto && !gpu.capturing() && e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_none() => {
                                     let msg = format!("{}: cuDNN failed ({e:#}); using conv3d_igemm_f16 for it", self.graph.values[op.output].name);
                                     eprintln!("warning: {msg}");
                                     self.notes.push(msg);

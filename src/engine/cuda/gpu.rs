@@ -293,6 +293,8 @@ pub struct Gpu {
     /// and synchronisation, which a capture cannot hold, are errors; so is work from another
     /// thread, which would land in the graph). The flag itself is in `usage`.
     capture_thread: Mutex<Option<std::thread::ThreadId>>,
+    /// A real device's capture keeps device-wide calls of other threads waiting (`device_wide`).
+    capture_claim: Mutex<Option<super::device_wide::CaptureClaim>>,
     /// The emulator's capture: the operations recorded so far.
     recorded: Mutex<Vec<Recorded>>,
 }
@@ -347,6 +349,22 @@ fn signatures() -> Result<HashMap<String, Vec<ParamKind>>> {
         }
     }
     Ok(m)
+}
+
+/// After a failed end of capture: when the stream is still capturing (cudarc returned before
+/// ending it), ends it here and discards what it recorded, so the stream runs work again.
+fn end_capture_left_open(stream: &CudaStream) {
+    use cudarc::driver::{result::graph, result::stream as raw, sys::CUstreamCaptureStatus};
+    // SAFETY: the handle's own live stream; a graph returned here is owned here and destroyed.
+    unsafe {
+        if raw::is_capturing(stream.cu_stream()).is_ok_and(|st| st != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) {
+            if let Ok(g) = raw::end_capture(stream.cu_stream()) {
+                if !g.is_null() {
+                    let _ = graph::destroy(g);
+                }
+            }
+        }
+    }
 }
 
 impl Gpu {
@@ -412,6 +430,7 @@ impl Gpu {
             arena: Mutex::default(),
             dnn_workspace: Mutex::default(),
             capture_thread: Mutex::default(),
+            capture_claim: Mutex::default(),
             recorded: Mutex::default(),
         })
     }
@@ -605,11 +624,13 @@ impl Gpu {
         }
         match &self.inner {
             Inner::Cuda { stream, .. } => {
+                let claim = super::device_wide::claim_capture(self.info.ordinal);
                 // Thread-local mode: another worker's thread allocating on the device does not
                 // break this capture.
                 stream
                     .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(|e| anyhow!("cuStreamBeginCapture: {e}"))?;
+                *self.capture_claim.lock().unwrap_or_else(|e| e.into_inner()) = Some(claim);
             }
             Inner::Emu(_) => self.recorded.lock().unwrap_or_else(|e| e.into_inner()).clear(),
         }
@@ -626,7 +647,9 @@ impl Gpu {
         }
         *self.capture_thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let freed = self.usage.freed_in_capture.swap(0, Ordering::Relaxed);
-        let graph = self.make_graph()?;
+        let graph = self.make_graph();
+        *self.capture_claim.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let graph = graph?;
         if freed > 0 {
             bail!("{freed} buffer(s) freed during the capture (left allocated)");
         }
@@ -635,11 +658,19 @@ impl Gpu {
 
     fn make_graph(&self) -> Result<DeviceGraph> {
         match &self.inner {
-            Inner::Cuda { stream, .. } => {
-                let g = stream
-                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
-                    .map_err(|e| anyhow!("cuStreamEndCapture / cuGraphInstantiate: {e}"))?
-                    .context("the capture recorded no work")?;
+            Inner::Cuda { ctx, stream, .. } => {
+                // An error an earlier drop left in the context (cudarc keeps it for the next
+                // call) would make cudarc's end_capture return before ending the capture, and
+                // leave the stream capturing: take it first, end the capture, then report it.
+                let stale = ctx.check_err();
+                let ended = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+                if ended.is_err() {
+                    end_capture_left_open(stream);
+                }
+                let g = ended.map_err(|e| anyhow!("cuStreamEndCapture / cuGraphInstantiate: {e}"))?.context("the capture recorded no work")?;
+                if let Err(e) = stale {
+                    bail!("a CUDA error left by an earlier call surfaced during the capture: {e}");
+                }
                 let mut nodes = 0usize;
                 // SAFETY: a valid graph owned by `g`; a null node array asks for the count only.
                 let _ = unsafe { cudarc::driver::sys::cuGraphGetNodes(g.cu_graph(), std::ptr::null_mut(), &mut nodes) };

@@ -51,6 +51,7 @@
 //! compiler and `kernels/host/`), so that the emulator can run the real kernel code instead.
 pub mod arena;
 pub mod choose;
+pub mod device_wide;
 pub mod dnn;
 pub mod emu;
 pub mod engine;
