@@ -73,10 +73,51 @@ fn shards_merged_equal_one_run() {
     }
     assert_eq!(std::fs::read(&merged).unwrap(), std::fs::read(&whole).unwrap(), "merged file differs from the unsharded run");
     assert_eq!(sorted_lines_without_id(&merged), sorted_lines_without_id(&whole));
-    // Overlapping shards are refused.
+    // One shard given twice is refused.
     let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[0]).arg("-o").arg(tmp.path().join("x.csv")).output().unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("must not overlap"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("given twice"));
+}
+
+/// `merge` on hand-written shards: an empty shard (header only, as `--shard K/N` writes when it
+/// gets no run or no pick) anywhere in the list is fine; a run in two shards is refused even when
+/// it is not a shard's first run, naming both files, and nothing is written; copick folders are
+/// checked before the CSV is written, and `--copick-out` needs `--copick`.
+#[test]
+fn merge_skips_empty_shards_and_refuses_any_overlap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let header = "id,experiment,particle_type,x,y,z\n";
+    let write = |name: &str, rows: &[&str]| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, format!("{header}{}", rows.iter().map(|r| format!("{r}\n")).collect::<String>())).unwrap();
+        p
+    };
+    let a = write("a.csv", &["0,TS_1,ribosome,10,20,30", "1,TS_2,ribosome,1,2,3"]);
+    let empty = write("empty.csv", &[]);
+    let b = write("b.csv", &["0,TS_3,apo-ferritin,4,5,6", "1,TS_2,beta-amylase,7,8,9"]);
+    let c = write("c.csv", &["0,TS_3,virus-like-particle,4,5,6"]);
+    let out = tmp.path().join("m.csv");
+
+    let o = fastdet().arg("merge").arg(&a).arg(&empty).arg(&c).arg("-o").arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let merged = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(merged.lines().count(), 4, "{merged}");
+    assert!(merged.contains("TS_3,virus-like-particle"), "{merged}");
+
+    let out2 = tmp.path().join("m2.csv");
+    let o = fastdet().arg("merge").arg(&a).arg(&b).arg("-o").arg(&out2).output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("run TS_2 also appears in") && err.contains("a.csv") && err.contains("b.csv"), "{err}");
+    assert!(!out2.exists());
+
+    // A copick folder that does not exist: an error before the CSV is written.
+    let o = fastdet().arg("merge").arg(&a).arg("-o").arg(&out2).arg("--copick").arg(tmp.path().join("nope")).arg("--copick-out").arg(tmp.path().join("cp")).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a copick output folder"));
+    assert!(!out2.exists() && !tmp.path().join("cp").exists());
+    let o = fastdet().arg("merge").arg(&a).arg("-o").arg(&out2).arg("--copick-out").arg(tmp.path().join("cp")).output().unwrap();
+    assert!(!o.status.success() && !out2.exists());
 }
 
 #[test]

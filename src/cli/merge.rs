@@ -21,43 +21,68 @@ pub struct MergeArgs {
     #[arg(long, num_args = 1.., requires = "copick_out")]
     pub copick: Vec<PathBuf>,
     /// Folder receiving every shard's copick picks
-    #[arg(long)]
+    #[arg(long, requires = "copick")]
     pub copick_out: Option<PathBuf>,
 }
 
-/// Copies every `ExperimentRuns/{run}/Picks/*.json` of `src` under `dst`; a file that exists with
-/// other content is a conflict between shards.
-fn merge_copick(src: &Path, dst: &Path) -> Result<usize> {
+/// Every `ExperimentRuns/{run}/Picks/*.json` of `src`, as (path under the output folder, bytes).
+fn copick_files(src: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     let runs = src.join("ExperimentRuns");
     let entries = std::fs::read_dir(&runs).with_context(|| format!("{}: not a copick output folder", runs.display()))?;
-    let mut n = 0;
+    let mut out = Vec::new();
     for run in entries {
         let run = run?.path();
-        let picks = run.join("Picks");
-        let Ok(files) = std::fs::read_dir(&picks) else { continue };
-        let to = dst.join("ExperimentRuns").join(run.file_name().unwrap()).join("Picks");
-        std::fs::create_dir_all(&to).with_context(|| format!("{}: cannot create", to.display()))?;
+        let Ok(files) = std::fs::read_dir(run.join("Picks")) else { continue };
+        let to = Path::new("ExperimentRuns").join(run.file_name().unwrap()).join("Picks");
         for f in files {
             let f = f?.path();
             if f.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
             let bytes = std::fs::read(&f).with_context(|| format!("{}: cannot read", f.display()))?;
-            let target = to.join(f.file_name().unwrap());
-            if let Ok(existing) = std::fs::read(&target) {
-                if existing != bytes {
-                    bail!("{}: conflicts with {} (two shards wrote the same run and particle)", f.display(), target.display());
+            out.push((to.join(f.file_name().unwrap()), bytes));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads every shard's copick picks and checks them against each other and against what `dst`
+/// holds already (a file of one run and particle with two contents is a conflict between
+/// shards) before anything is written; returns the files to write.
+fn plan_copick(srcs: &[PathBuf], dst: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+    let mut planned: std::collections::BTreeMap<PathBuf, (Vec<u8>, PathBuf)> = Default::default();
+    for (i, src) in srcs.iter().enumerate() {
+        if let Some(j) = srcs[..i].iter().position(|s| same_path(s, src)) {
+            bail!("{}: given twice to --copick (as argument {} and {})", src.display(), j + 1, i + 1);
+        }
+        for (rel, bytes) in copick_files(src)? {
+            let from = src.join(&rel);
+            if let Some((other, other_src)) = planned.get(&rel) {
+                if *other != bytes {
+                    bail!("{}: conflicts with {} (two shards wrote the same run and particle)", from.display(), other_src.join(&rel).display());
                 }
                 continue;
             }
-            fastdet::util::write_atomic(&target, |out| {
-                use std::io::Write;
-                Ok(out.write_all(&bytes)?)
-            })?;
-            n += 1;
+            planned.insert(rel, (bytes, src.clone()));
         }
     }
-    Ok(n)
+    let mut writes = Vec::new();
+    for (rel, (bytes, src)) in planned {
+        let target = dst.join(&rel);
+        match std::fs::read(&target) {
+            Ok(existing) if existing == bytes => {}
+            Ok(_) => bail!("{}: conflicts with {} (two shards wrote the same run and particle)", src.join(&rel).display(), target.display()),
+            Err(_) => writes.push((target, bytes)),
+        }
+    }
+    Ok(writes)
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
 }
 
 fn has_score(p: &Path) -> Result<bool> {
@@ -68,23 +93,44 @@ fn has_score(p: &Path) -> Result<bool> {
 pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     let mut picks = Vec::new();
     let mut with_score = true;
-    for p in &a.inputs {
+    // Which input each run came from: a run in two inputs would be counted twice.
+    let mut run_from: std::collections::HashMap<String, usize> = Default::default();
+    for (i, p) in a.inputs.iter().enumerate() {
+        if let Some(j) = a.inputs[..i].iter().position(|q| same_path(q, p)) {
+            bail!("{}: given twice (as input {} and {})", p.display(), j + 1, i + 1);
+        }
         with_score &= has_score(p)?;
         let rows = csv::read_submission(p)?;
-        if let (Some(r), Some(_)) = (rows.first(), picks.iter().find(|q: &&fastdet::particles::Pick| q.run == rows[0].run)) {
-            bail!("{}: run {} also appears in an earlier input; shards must not overlap", p.display(), r.run);
+        for r in &rows {
+            match run_from.get(&r.run) {
+                Some(&j) if j != i => bail!("{}: run {} also appears in {}; shards must not overlap", p.display(), r.run, a.inputs[j].display()),
+                Some(_) => {}
+                None => {
+                    run_from.insert(r.run.clone(), i);
+                }
+            }
         }
         picks.extend(rows);
     }
+    // Every copick folder is read and checked before any output is written.
+    let copick_writes = match &a.copick_out {
+        Some(dst) => Some((dst, plan_copick(&a.copick, dst)?)),
+        None => None,
+    };
     picks.sort_by(|x, y| x.run.cmp(&y.run)); // stable: keeps each run's order
     csv::write_submission(&a.out, &picks, with_score)?;
     println!("merged {} picks from {} file(s) into {}", picks.len(), a.inputs.len(), a.out.display());
-    if let Some(dst) = &a.copick_out {
-        let mut files = 0;
-        for src in &a.copick {
-            files += merge_copick(src, dst)?;
+    if let Some((dst, writes)) = copick_writes {
+        for (target, bytes) in &writes {
+            let dir = target.parent().expect("under the output folder");
+            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+            fastdet::util::write_atomic(target, |out| {
+                use std::io::Write;
+                Ok(out.write_all(bytes)?)
+            })?;
         }
-        println!("copied {files} copick picks file(s) from {} folder(s) into {}", a.copick.len(), dst.display());
+        std::fs::create_dir_all(dst).with_context(|| format!("{}: cannot create", dst.display()))?;
+        println!("copied {} copick picks file(s) from {} folder(s) into {}", writes.len(), a.copick.len(), dst.display());
     }
     Ok(ExitCode::SUCCESS)
 }
