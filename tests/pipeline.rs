@@ -212,3 +212,23 @@ fn tune_never_does_worse_than_the_seed_thresholds() {
     assert!(tuned_total + 1e-6 >= seed_total, "tuned {tuned_total} < seed {seed_total}; {line}");
     assert_eq!(line.trim_start_matches("--thresholds ").split(',').count(), 6);
 }
+
+/// `tune --runs R` tunes on R's annotations only: the other runs' particles, never looked for,
+/// are not counted as missed.
+#[test]
+fn tune_scores_only_the_runs_it_inferred() {
+    let data = root().join("tests/fixtures/dataset");
+    let truth = fastdet::io::copick::read_truth(&data, "test").unwrap();
+    let in_run = truth.iter().filter(|p| p.run == "TS_synth_1").count();
+    assert!(in_run > 0 && in_run < truth.len());
+    let o = fastdet()
+        .arg("tune")
+        .arg("--data")
+        .arg(&data)
+        .args(["--split", "test", "--runs", "TS_synth_1", "--weights", &demo_weights()[0], "--window", "64,96,96", "--tiles", "1,2,2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("tuning on 1 run(s), {in_run} annotated particle(s)")), "{err}");
+}

@@ -161,6 +161,24 @@ fn killed_run_resumes_to_the_same_output() {
     let o = cheap_run(&data, &out).args(["--resume", "--iou", "0.5"]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"));
+    // So are other tomograms under the same run names (a copy of the dataset elsewhere).
+    let copy = tmp.path().join("copy");
+    copy_dir(&data, &copy);
+    let o = cheap_run(&copy, &out).arg("--resume").output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
 }
 
 /// Two workers in one process (worker k takes runs[k::2]) write the same file as one worker.

@@ -466,14 +466,22 @@ impl Parts {
     }
 }
 
-/// What makes two runs' results interchangeable: settings and the weights' bytes.
+/// What makes two runs' results interchangeable: where the tomograms come from, settings and
+/// the weights' bytes. (Not `--runs` or `--shard`: a resumed job may take more or fewer runs.)
 fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for w in &a.weights {
         h.update(std::fs::read(w).with_context(|| format!("{}: cannot read", w.display()))?);
     }
+    let full = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf()).display().to_string();
+    let inputs = match (&a.data, &a.zarr) {
+        (Some(root), _) => serde_json::json!({ "data": full(root), "split": a.split }),
+        (None, Some(z)) => serde_json::json!({ "zarr": full(z) }),
+        (None, None) => serde_json::json!({ "mrc": a.mrc.iter().map(|m| full(m)).collect::<Vec<_>>() }),
+    };
     Ok(serde_json::to_string_pretty(&serde_json::json!({
+        "inputs": inputs,
         "weights_sha256": format!("{:x}", h.finalize()),
         "level": a.level,
         "window": s.window, "tiles": s.tiles, "thresholds": s.thresholds, "iou": s.iou_threshold,
@@ -726,6 +734,14 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     let truth = copick::read_truth(root, &a.infer.split)?;
     let s = settings(&a.infer, vec![a.min_threshold; CLASSES.len()])?;
     let (cands, failed) = infer_all(&a.infer, &s, Extras::default(), None)?;
+    // Scored on the runs inferred here (`--runs`, `--shard`, less any that failed): the truth of
+    // the others would count as missed particles and pull the thresholds down.
+    let inferred: std::collections::HashSet<String> = jobs(&a.infer)?.into_iter().map(|j| j.run).filter(|r| !failed.iter().any(|(f, _)| f == r)).collect();
+    let truth: Vec<Pick> = truth.into_iter().filter(|p| inferred.contains(&p.run)).collect();
+    if inferred.is_empty() {
+        bail!("no run was inferred: nothing to tune on");
+    }
+    eprintln!("tuning on {} run(s), {} annotated particle(s)", inferred.len(), truth.len());
     let (thresholds, score) = metric::tune_thresholds(&truth, &cands, a.beta);
     println!("{}", metric::format_table(&score));
     let t: Vec<String> = thresholds.iter().map(|t| format!("{t}")).collect();
