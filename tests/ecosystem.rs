@@ -55,6 +55,39 @@ fn config_file_values_and_flag_overrides() {
     std::fs::write(&cfg, "[thresholds]\nribosom = 0.1\n").unwrap();
     let o = fastdet().args(["run", "--print-config", "--config"]).arg(&cfg).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown class \"ribosom\""));
+
+    // Values of the wrong kind are errors naming the file and the key.
+    for (text, key) in [("batch = -1\n", "`batch` must be a whole number"), ("resume = 1\n", "`resume` must be true or false"), ("runs = 5\n", "`runs` must be a list of strings"), ("window = [1.5, 2, 3]\n", "`window` must be a list of three")] {
+        std::fs::write(&cfg, text).unwrap();
+        let o = fastdet().args(["run", "--print-config", "--config"]).arg(&cfg).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("run.toml") && e.contains(key), "{text}: {e}");
+    }
+    std::fs::write(&cfg, "device = \"cpu\"\ngpus = [0]\n").unwrap();
+    let o = fastdet().args(["run", "--print-config", "--config"]).arg(&cfg).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("run.toml: give one of device, gpus and devices"));
+}
+
+/// A printed configuration written anywhere reads back to the same paths (they are absolute),
+/// names no `device` when `--gpus` chose the devices, and a device flag on the command line
+/// replaces the file's device choice whatever its key.
+#[test]
+fn printed_config_reads_back_from_another_folder_and_devices_are_one_choice() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("sub")).unwrap();
+    let text = stdout_of(fastdet().current_dir(tmp.path()).args(["run", "--print-config", "--data", "d", "--weights", "w.safetensors", "--gpus", "0,1", "--out", "o.csv"]));
+    let t: toml::Table = text.parse().unwrap();
+    assert!(!t.contains_key("device"), "{text}");
+    assert_eq!(t["data"].as_str().unwrap(), tmp.path().join("d").to_str().unwrap());
+    let cfg = tmp.path().join("sub/run.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let back: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg)).parse().unwrap();
+    for key in ["data", "weights", "out", "gpus"] {
+        assert_eq!(back[key], t[key], "{key}");
+    }
+    let cpu: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--device", "cpu", "--config"]).arg(&cfg)).parse().unwrap();
+    assert_eq!(cpu["device"].as_str(), Some("cpu"));
+    assert!(!cpu.contains_key("gpus"));
 }
 
 /// Blending on the device is the default; `--host-blend` (or `device_blend = false` /

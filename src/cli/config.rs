@@ -83,15 +83,22 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     let mut extra: Vec<OsString> = Vec::new();
     // Whether the file asks for blending on the host (from either key).
     let mut file_host: Option<bool> = None;
+    let devices_in_file: Vec<&String> = table.keys().filter(|k| DEVICE_KEYS.contains(&k.replace('_', "-").as_str())).collect();
+    if devices_in_file.len() > 1 {
+        bail!("{}: give one of device, gpus and devices (the file has {})", file.display(), devices_in_file.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(" and "));
+    }
+    // The device keys are one choice: the command line's, when it makes one, replaces the file's.
+    let devices_on_command_line = DEVICE_KEYS.iter().any(|k| given(&rest, &format!("--{k}")));
     for (raw_key, v) in &table {
         let key = raw_key.replace('_', "-");
         if !KNOWN.contains(&key.as_str()) {
             bail!("{}: unknown option `{raw_key}`; known: {}", file.display(), KNOWN.join(", "));
         }
         let flag = format!("--{key}");
-        if given(&rest, &flag) {
+        if given(&rest, &flag) || (devices_on_command_line && DEVICE_KEYS.contains(&key.as_str())) {
             continue; // the command line wins
         }
+        check_kind(&key, raw_key, v, file)?;
         match (key.as_str(), v) {
             // Blending on the device is the default: the file can only turn it off, and the
             // command line's choice either way wins.
@@ -117,14 +124,13 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
                     extra.push(resolve(k, scalar(x, raw_key, file)?, base).into());
                 }
             }
+            // `--flag=value`: a value starting with '-' is not taken for a flag.
             (k, toml::Value::Array(a)) => {
                 let parts: Vec<String> = a.iter().map(|x| scalar(x, raw_key, file)).collect::<Result<_>>()?;
-                extra.push(flag.into());
-                extra.push(resolve(k, parts.join(","), base).into());
+                extra.push(format!("{flag}={}", resolve(k, parts.join(","), base)).into());
             }
             (k, v) => {
-                extra.push(flag.into());
-                extra.push(resolve(k, scalar(v, raw_key, file)?, base).into());
+                extra.push(format!("{flag}={}", resolve(k, scalar(v, raw_key, file)?, base)).into());
             }
         }
     }
@@ -136,6 +142,38 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     out.extend(extra);
     out.extend_from_slice(&rest[2..]);
     Ok(out)
+}
+
+/// The keys that choose the devices (one of them at most).
+const DEVICE_KEYS: &[&str] = &["device", "gpus", "devices"];
+
+/// What each key's value must be, so that a wrong one is an error naming the file and the key.
+fn check_kind(key: &str, raw_key: &str, v: &toml::Value, file: &Path) -> Result<()> {
+    use toml::Value as V;
+    let ok = match key {
+        "allow-nonfinite" | "with-score" | "resume" | "device-blend" | "host-blend" => v.is_bool(),
+        "batch" | "top-k" => matches!(v, V::Integer(i) if *i >= 0),
+        "iou" | "blend-sigma" | "voxel-size" => v.is_float() || v.is_integer(),
+        "level" => v.is_str() || matches!(v, V::Integer(i) if *i >= 0),
+        "window" | "tiles" | "gpus" => v.is_str() || v.as_array().is_some_and(|a| a.iter().all(|x| matches!(x, V::Integer(i) if *i >= 0))),
+        "runs" | "weights" | "mrc" | "devices" => v.is_str() || v.as_array().is_some_and(|a| a.iter().all(|x| x.is_str())),
+        "thresholds" => true,
+        _ => v.is_str(),
+    };
+    if ok {
+        return Ok(());
+    }
+    let want = match key {
+        "allow-nonfinite" | "with-score" | "resume" | "device-blend" | "host-blend" => "true or false",
+        "batch" | "top-k" => "a whole number >= 0",
+        "iou" | "blend-sigma" | "voxel-size" => "a number",
+        "level" => "a level name or number",
+        "window" | "tiles" => "a list of three whole numbers, e.g. [192, 128, 128]",
+        "gpus" => "a list of GPU numbers, e.g. [0, 1]",
+        "runs" | "weights" | "mrc" | "devices" => "a list of strings",
+        _ => "a string",
+    };
+    bail!("{}: `{raw_key}` must be {want}, not {v}", file.display())
 }
 
 /// Every option `run` accepts in a config file.

@@ -752,7 +752,8 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
 /// The configuration `run` would use, as a TOML file `--config` reads back.
 fn effective_config(a: &RunArgs, s: &Settings) -> String {
     use toml::Value;
-    let path = |p: &Path| Value::String(p.to_string_lossy().to_string());
+    // Absolute: a config file's relative paths are read relative to the file, wherever it goes.
+    let path = |p: &Path| Value::String(std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).to_string_lossy().to_string());
     let mut t = toml::Table::new();
     let i = &a.infer;
     if let Some(d) = &i.data {
@@ -770,7 +771,9 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     }
     t.insert("level".into(), Value::String(i.level.clone()));
     t.insert("weights".into(), Value::Array(i.weights.iter().map(|p| path(p)).collect()));
-    t.insert("device".into(), Value::String(i.device.clone()));
+    if i.gpus.is_empty() && i.devices.is_empty() {
+        t.insert("device".into(), Value::String(i.device.clone()));
+    }
     if !i.gpus.is_empty() {
         t.insert("gpus".into(), Value::Array(i.gpus.iter().map(|&g| Value::Integer(g as i64)).collect()));
     }
