@@ -36,6 +36,7 @@ pub struct ClassScore {
     /// references, which real, non-overlapping particles never allow); the F-beta then follows the
     /// reference's signed value, and this field shows 0.
     pub fp: usize,
+    #[serde(rename = "fn")]
     pub fn_: usize,
     pub precision: f64,
     pub recall: f64,
@@ -602,7 +603,7 @@ mod tests {
         assert_eq!(v["fbeta"], s.fbeta);
         assert_eq!(v["per_class"][0]["name"], "apo-ferritin");
         assert_eq!(v["per_class"][0]["tp"], 5);
-        assert_eq!(v["per_class"][0]["fn_"], 1);
+        assert_eq!(v["per_class"][0]["fn"], 1);
         assert_eq!(v["per_class"].as_array().unwrap().len(), 6);
     }
 }

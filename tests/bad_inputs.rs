@@ -270,3 +270,63 @@ fn walk(d: &Path) -> Vec<String> {
     }
     v
 }
+
+/// Settings that would fail or mislead on every run are refused before any tomogram is read,
+/// naming the option (or the weights file), with no output written.
+#[test]
+fn settings_wrong_for_every_run_are_refused_before_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Never read: its absence would be a per-run failure, after the checks.
+    let never = tmp.path().join("TS_never.mrc");
+    let out = tmp.path().join("sub.csv");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--thresholds", "0.1,0.2,1.5,0.3,0.3,0.5"], "ribosome = 1.5 is not a probability"),
+        (&["--voxel-size", "NaN"], "--voxel-size NaN"),
+        (&["--blend-sigma", "0"], "--blend-sigma 0"),
+        (&["--top-k", "0"], "--top-k 0"),
+        (&["--batch", "0"], "--batch must be at least 1"),
+        (&["--iou", "2"], "--iou 2"),
+        (&["--tta", "rot90", "--window", "64,64,96"], "rot90 needs a square yx window"),
+        (&["--window", "48,96,96"], "demo_dynunet.safetensors: cannot take --window 48,96,96"),
+    ];
+    for (args, want) in cases {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fastdet"));
+        c.arg("run").arg("--mrc").arg(&never).arg("--weights");
+        c.arg(root().join("weights/demo_segresnetv2.safetensors")).arg(root().join("weights/demo_dynunet.safetensors"));
+        if !args.contains(&"--window") {
+            c.args(["--window", "64,96,96"]);
+        }
+        let o = c.args(["--tiles", "1,1,1", "--out"]).arg(&out).args(*args).output().unwrap();
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
+        assert!(e.contains(want) && !e.contains("TS_never"), "{args:?}: {e}");
+        assert!(!out.exists(), "{args:?}");
+    }
+    // An output path that is a folder.
+    let o = run_mrc(&[&never], tmp.path(), &[]);
+    assert!(!o.status.success() && stderr(&o).contains("is a directory"), "{}", stderr(&o));
+    // A copick folder that cannot be made (under a file).
+    let file = tmp.path().join("a_file");
+    std::fs::write(&file, b"").unwrap();
+    let o = run_mrc(&[&never], &out, &["--copick-out", file.join("cp").to_str().unwrap()]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("--copick-out") && e.contains("cannot create") && !e.contains("TS_never"), "{e}");
+    assert!(!out.exists());
+}
+
+/// When every run fails there is no output file (a header-only CSV would pass for a run that
+/// found nothing); an all-NaN volume is a failure even with --allow-nonfinite.
+#[test]
+fn no_output_when_every_run_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nan = tmp.path().join("TS_nan.mrc");
+    write_mrc_f32(&nan, [8, 8, 8], &[f32::NAN; 512], 10.012).unwrap();
+    let junk = tmp.path().join("TS_junk.mrc");
+    std::fs::write(&junk, b"not an mrc file").unwrap();
+    let out = tmp.path().join("sub.csv");
+    let o = run_mrc(&[&nan, &junk], &out, &["--allow-nonfinite"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("TS_nan.mrc: every voxel is NaN or infinite") && e.contains("TS_junk.mrc") && e.contains("every run failed"), "{e}");
+    assert!(!out.exists());
+}

@@ -25,6 +25,9 @@ fn check_thresholds(v: &[f32]) -> Result<()> {
     if v.len() != CLASSES.len() {
         bail!("--thresholds: got {} values, expected {} in class order ({})", v.len(), CLASSES.len(), class_list());
     }
+    if let Some((c, t)) = CLASSES.iter().zip(v).find(|(_, t)| !(0.0..=1.0).contains(*t)) {
+        bail!("--thresholds: {} = {t} is not a probability between 0 and 1", c.name);
+    }
     Ok(())
 }
 
@@ -283,6 +286,26 @@ fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
     if a.tiles.contains(&0) || a.window.contains(&0) {
         bail!("--window and --tiles must be positive");
     }
+    // Each of these would give no picks, or picks at meaningless places, on every run.
+    if !(a.iou > 0.0 && a.iou <= 1.0) {
+        bail!("--iou {}: the keypoint-similarity threshold must be in (0, 1]", a.iou);
+    }
+    if a.top_k == 0 {
+        bail!("--top-k 0 keeps no candidate");
+    }
+    if !(a.blend_sigma.is_finite() && a.blend_sigma > 0.0) {
+        bail!("--blend-sigma {}: must be a positive number of stride-2 cells", a.blend_sigma);
+    }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if !(a.voxel_size.is_finite() && a.voxel_size > 0.0) {
+        bail!("--voxel-size {}: must be a positive number of Å", a.voxel_size);
+    }
+    let tta = Tta::parse(&a.tta)?;
+    if tta == Tta::Rot90 && a.window[1] != a.window[2] {
+        bail!("--tta rot90 needs a square yx window, got --window {},{},{}", a.window[0], a.window[1], a.window[2]);
+    }
     Ok(Settings {
         window: a.window,
         tiles: a.tiles,
@@ -290,7 +313,7 @@ fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
         iou_threshold: a.iou,
         pre_nms_top_k: a.top_k,
         blend_sigma: a.blend_sigma,
-        tta: Tta::parse(&a.tta)?,
+        tta,
         batch: a.batch,
         voxel_size: a.voxel_size,
         device_blend: !a.host_blend,
@@ -321,13 +344,34 @@ impl Extras<'_> {
     fn check_dirs(&self) -> Result<()> {
         for (flag, d) in [("--save-maps", self.save_maps), ("--star-out", self.star_out), ("--qc", self.qc)] {
             if let Some(d) = d {
-                if !d.is_dir() {
-                    std::fs::create_dir_all(d).with_context(|| format!("{flag} {}: cannot create the directory", d.display()))?;
-                }
+                writable_dir(flag, d)?;
             }
         }
         Ok(())
     }
+}
+
+/// Creates `dir` when missing and checks that files can be written there (before the inference).
+fn writable_dir(flag: &str, dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).with_context(|| format!("{flag} {}: cannot create the directory", dir.display()))?;
+    }
+    let probe = dir.join(format!(".fastdet-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("{flag} {}: cannot write into the directory", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Every model takes the window (the checks a run would otherwise fail on every tomogram, after
+/// reading it): before any tomogram is read.
+fn check_window_fits(a: &InferArgs) -> Result<()> {
+    for p in &a.weights {
+        let w = Weights::load(p)?;
+        fastdet::model::graph::Graph::build(&w.spec)
+            .and_then(|g| g.check_tile(a.window))
+            .with_context(|| format!("{}: cannot take --window {},{},{}", p.display(), a.window[0], a.window[1], a.window[2]))?;
+    }
+    Ok(())
 }
 
 /// A tomogram the reader thread has read, checked and normalised, and whose copy to the device it
@@ -368,9 +412,20 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
             );
         }
         let (sum, n) = vol.data.iter().filter(|v| v.is_finite()).fold((0.0f64, 0usize), |(s, n), &v| (s + v as f64, n + 1));
-        let mean = if n > 0 { (sum / n as f64) as f32 } else { 0.0 };
+        if n == 0 {
+            bail!("{}: every voxel is NaN or infinite: nothing to replace them by, nothing to detect", job.path.display());
+        }
+        let mean = (sum / n as f64) as f32;
         vol.data.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = mean);
         eprintln!("  {}: replaced {bad} non-finite voxels by the mean {mean}", job.run);
+    }
+    for line in coverage_warnings(vol.shape, s.window, s.tiles) {
+        eprintln!("  warning: {}: {line}", job.path.display());
+    }
+    if let Some(&first) = vol.data.first() {
+        if vol.data.iter().all(|&v| v == first) {
+            eprintln!("  warning: {}: every voxel is {first}: no contrast, any pick is meaningless", job.path.display());
+        }
     }
     if let Some(vs) = vol.voxel_size {
         if (vs - s.voxel_size).abs() > 1e-3 {
@@ -382,6 +437,23 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
         }
     }
     Ok((vol, t.elapsed().as_secs_f64()))
+}
+
+/// What a user should hear about how the window and tiles meet a volume of `shape`: an axis the
+/// tiles leave gaps on (voxels no tile sees), an axis shorter than the window (zero padding after
+/// the [0, 1] normalisation reads as dark, particle-like density to the models; not said for
+/// a tenth of the window or less, as the seed's 192 over 184 slices).
+fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (axis, name) in ["z", "y", "x"].iter().enumerate() {
+        let (n, w, t) = (shape[axis], window[axis], tiles[axis]);
+        if w > n + w / 10 {
+            out.push(format!("the window's {name} ({w}) is longer than the volume's ({n}): the rest is zero padding, which the models may see as particles"));
+        } else if w * t < n {
+            out.push(format!("{t} tile(s) of {w} along {name} cover {} of its {n} voxels: raise --tiles or --window", w * t));
+        }
+    }
+    out
 }
 
 /// Infers and detects one loaded run; returns its picks.
@@ -596,6 +668,10 @@ fn worker(
 fn infer_all(a: &InferArgs, s: &Settings, extras: Extras, parts: Option<&Parts>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
     let jobs = jobs(a)?;
     extras.check_dirs()?;
+    if a.weights.is_empty() {
+        bail!("give --weights FILE... (fastdet weights, see `fastdet convert`)");
+    }
+    check_window_fits(a)?;
     let devices = a.devices()?;
     eprintln!(
         "{} run(s), {} model(s) on {}, window {:?}, tiles {:?}, tta {:?}",
@@ -712,12 +788,24 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     if !out_dir.is_dir() {
         bail!("{}: output directory {} does not exist", out.display(), out_dir.display());
     }
+    if out.is_dir() {
+        bail!("--out {}: is a directory; give a file name", out.display());
+    }
+    if let Some(dir) = &a.copick_out {
+        writable_dir("--copick-out", dir)?;
+    }
     let parts = Parts::new(out, &fingerprint(&a.infer, &s)?, a.resume)?;
     let extras = Extras { save_maps: a.save_maps.as_deref(), star_out: a.star_out.as_deref(), qc: a.qc.as_deref() };
     let (picks, failed) = infer_all(&a.infer, &s, extras, Some(&parts))?;
+    let jobs = jobs(&a.infer)?;
+    if !failed.is_empty() && failed.len() == jobs.len() {
+        // A header-only file would pass for a run that found nothing.
+        eprintln!("every run failed: {} not written", out.display());
+        return Ok(report_failures(&failed));
+    }
     csv::write_submission(out, &picks, a.with_score)?;
     if let Some(dir) = &a.copick_out {
-        for job in jobs(&a.infer)? {
+        for job in jobs {
             if failed.iter().any(|(r, _)| *r == job.run) {
                 continue;
             }
@@ -731,6 +819,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
 
 pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     let root = a.infer.data.as_ref().context("tune needs --data ROOT with ground truth under {split}/overlay")?;
+    if !(0.0..1.0).contains(&a.min_threshold) {
+        bail!("--min-threshold {}: must be in [0, 1)", a.min_threshold);
+    }
+    if !(a.beta.is_finite() && a.beta > 0.0) {
+        bail!("--beta {}: must be a positive number", a.beta);
+    }
     let truth = copick::read_truth(root, &a.infer.split)?;
     let s = settings(&a.infer, vec![a.min_threshold; CLASSES.len()])?;
     let (cands, failed) = infer_all(&a.infer, &s, Extras::default(), None)?;
@@ -818,4 +912,19 @@ fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coverage_warnings;
+
+    #[test]
+    fn coverage_warnings_name_gaps_and_heavy_padding_only() {
+        // The seed on a competition tomogram: 8 slices of padding, 9 tiles of 128 over 630.
+        assert!(coverage_warnings([184, 630, 630], [192, 128, 128], [1, 9, 9]).is_empty());
+        let w = coverage_warnings([96, 160, 160], [128, 64, 96], [1, 2, 2]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("window's z (128) is longer than the volume's (96)"), "{w:?}");
+        assert!(w[1].contains("2 tile(s) of 64 along y cover 128 of its 160"), "{w:?}");
+    }
 }

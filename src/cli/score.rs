@@ -1,4 +1,4 @@
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use fastdet::io::{copick, csv};
 use fastdet::metric;
@@ -13,6 +13,7 @@ pub struct ScoreArgs {
     /// Dataset root with copick picks under {split}/overlay/ExperimentRuns/{run}/Picks/
     #[arg(long)]
     pub truth: PathBuf,
+    /// Split holding the ground truth (the competition's labels are under train)
     #[arg(long, default_value = "train")]
     pub split: String,
     /// F-beta's beta
@@ -24,8 +25,28 @@ pub struct ScoreArgs {
 }
 
 pub fn score(a: ScoreArgs) -> Result<ExitCode> {
+    if !(a.beta.is_finite() && a.beta > 0.0) {
+        bail!("--beta {}: must be a positive number", a.beta);
+    }
     let truth = copick::read_truth(&a.truth, &a.split)?;
     let sub = csv::read_submission(&a.submission)?;
+    // Runs of the split (annotated or not; read_truth has listed the folder already).
+    let runs_dir = a.truth.join(&a.split).join("overlay").join("ExperimentRuns");
+    let known: std::collections::BTreeSet<String> =
+        std::fs::read_dir(&runs_dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let unknown: std::collections::BTreeSet<&str> = sub.iter().map(|p| p.run.as_str()).filter(|r| !known.contains(*r)).collect();
+    if !unknown.is_empty() {
+        let list: Vec<&str> = unknown.iter().copied().take(5).collect();
+        eprintln!(
+            "warning: {}: {} run(s) have no ground truth under {} split {:?} and are not scored: {}{}",
+            a.submission.display(),
+            unknown.len(),
+            a.truth.display(),
+            a.split,
+            list.join(", "),
+            if unknown.len() > 5 { ", ..." } else { "" }
+        );
+    }
     let s = metric::score(&truth, &sub, a.beta);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
