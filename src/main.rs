@@ -41,6 +41,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `fastdet score --json | head`: a closed pipe ends the process quietly, as it does other
+    // command-line tools, instead of a panic in println!.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition at start, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let argv = match cli::config::expand(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {

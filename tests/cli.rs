@@ -22,6 +22,24 @@ fn help_lists_every_subcommand() {
     }
 }
 
+/// Output into a pipe whose reader has gone (`fastdet inspect --graph | head -1`) ends the
+/// process quietly, as for other command-line tools: no panic, no exit status 101.
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    let mut child = fastdet()
+        .args(["inspect", "--graph"])
+        .arg(root().join("weights/demo_dynunet.safetensors"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked") && o.status.code() != Some(101), "{:?}: {err}", o.status);
+}
+
 /// `--version` names the commit the binary was built from (its logs travel without the checkout):
 /// the checkout's HEAD when built in one.
 #[test]
