@@ -152,6 +152,26 @@ fn cpu_selftest_passes_and_reports() {
     let rows = r["rows"].as_array().unwrap();
     assert!(rows.iter().any(|r| r["section"] == "network" && r["status"] == "PASS") || rows.iter().any(|r| r["section"] == "network" && r["status"] == "SKIP"));
     assert!(rows.iter().filter(|r| r["section"] == "conv" && r["status"] == "PASS").count() >= 10);
+
+    // Its sections can be left out, and they are: no conv rows with --no-kernels, none at all
+    // with --no-networks too.
+    let o = fastdet().args(["selftest", "--device", "cpu", "--quick", "--no-kernels", "--json"]).arg(&j).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    assert!(!rows.is_empty() && rows.iter().all(|r| r["section"] == "network"), "{rows:?}");
+    let o = fastdet().args(["selftest", "--device", "cpu", "--no-kernels", "--no-networks", "--json"]).arg(&j).output().unwrap();
+    assert!(o.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
+    assert_eq!(r["rows"].as_array().unwrap().len(), 0);
+    // A tile the networks cannot take, and a report that could not be written, are refused
+    // before any check runs.
+    let o = fastdet().args(["selftest", "--device", "cpu", "--tile", "0,0,0"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--tile"));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("PASS"));
+    let o = fastdet().args(["selftest", "--device", "cpu", "--json", "/nonexistent/dir/x.json"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("/nonexistent/dir"));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("PASS"));
 }
 
 /// `forward` on the w8 golden's input reproduces the golden scores; a tile the network cannot take

@@ -26,7 +26,8 @@ pub struct SelftestArgs {
     /// kernels against the direct formula and the portable path
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
-    /// Networks on a 64x64x64 tile instead of 192x128x128; no whole-tomogram check
+    /// Networks on a 64x64x64 tile instead of 192x128x128 (--device cpu: 32x32x32 instead of
+    /// 64x64x64); no whole-tomogram check
     #[arg(long)]
     pub quick: bool,
     /// Also write the report as JSON
@@ -42,7 +43,8 @@ pub struct SelftestArgs {
     /// Seed of the random inputs, weights and synthetic tomogram
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Network tile z,y,x [default: 64,64,64 with --quick, else 192,128,128]
+    /// Network tile z,y,x, a multiple of 32 [default: 64,64,64 with --quick, else 192,128,128;
+    /// --device cpu: 32,32,32 with --quick, else 64,64,64]
     #[arg(long, value_parser = parse_triple)]
     pub tile: Option<[usize; 3]>,
     /// Synthetic tomogram z,y,x of the whole-tomogram check
@@ -59,11 +61,38 @@ pub struct SelftestArgs {
     pub no_pipeline: bool,
 }
 
+/// A network tile both seed architectures take.
+fn checks_tile(t: [usize; 3]) -> Result<()> {
+    use fastdet::model::{graph::Graph, spec::{Arch, ModelSpec}};
+    for arch in [Arch::Segresnetv2, Arch::Dynunet] {
+        Graph::build(&ModelSpec::seed(arch))?.check_tile(t).context("--tile")?;
+    }
+    Ok(())
+}
+
+/// The report's JSON file can be written (checked before the tests, which may take minutes).
+fn json_writable(path: &Path) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        anyhow::bail!("--json {}: directory {} does not exist", path.display(), dir.display());
+    }
+    if path.is_dir() {
+        anyhow::bail!("--json {}: is a directory", path.display());
+    }
+    Ok(())
+}
+
 fn write_json(path: &Path, text: &str) -> Result<()> {
     fastdet::util::write_atomic(path, |f| Ok(f.write_all(text.as_bytes())?)).with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
+    if let Some(p) = &a.json {
+        json_writable(p)?;
+    }
+    if let Some(t) = a.tile {
+        checks_tile(t)?;
+    }
     let target = if a.device == "emu" {
         Target::Emulator
     } else if a.device == "emu-kernels" {
@@ -135,10 +164,22 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
 
 /// `--device cpu`: the CPU engine's SIMD kernels against their twins.
 fn cpu_selftest(a: &SelftestArgs) -> Result<ExitCode> {
+    use fastdet::engine::cpu::selftest::CpuChecks;
+    if !a.weights.is_empty() || a.kernel_cache.is_some() {
+        anyhow::bail!("--weights and --kernel-cache are for the GPU checks; --device cpu has no whole-tomogram check and no compiled kernels");
+    }
+    let mut checks = CpuChecks::all(a.seed, a.quick);
+    checks.kernels = !a.no_kernels;
+    if a.no_networks {
+        checks.networks = None;
+    } else if let Some(t) = a.tile {
+        checks_tile(t)?;
+        checks.networks = Some(t);
+    }
     println!("fastdet {} selftest on cpu{}", fastdet::VERSION, if a.quick { " (quick)" } else { "" });
     println!("{}", Row::header());
     let t0 = std::time::Instant::now();
-    let report = fastdet::engine::cpu::selftest::run(a.seed, a.quick, &mut |row| {
+    let report = fastdet::engine::cpu::selftest::run(checks, &mut |row| {
         println!("{}", row.line());
         let _ = std::io::stdout().flush();
     })?;

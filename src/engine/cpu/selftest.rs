@@ -38,8 +38,26 @@ const CONV_TOL_REL: f64 = 1e-5;
 const NET_TOL_ABS: [f64; 3] = [1e-4, 2e-4, 2e-4];
 const NET_TOL_REL: f64 = 1e-4;
 
-/// Runs the CPU self-test; `quick` uses a 32^3 network tile instead of 64^3.
-pub fn run(seed: u64, quick: bool, sink: &mut dyn FnMut(&Row)) -> Result<Report> {
+/// What the CPU self-test checks.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuChecks {
+    pub seed: u64,
+    /// The SIMD conv kernels against the direct formula.
+    pub kernels: bool,
+    /// Both seed networks, SIMD against the portable path, on this tile (a batch of two).
+    pub networks: Option<[usize; 3]>,
+}
+
+impl CpuChecks {
+    /// Everything; the networks on 64^3 (32^3 when `quick`).
+    pub fn all(seed: u64, quick: bool) -> CpuChecks {
+        CpuChecks { seed, kernels: true, networks: Some(if quick { [32; 3] } else { [64; 3] }) }
+    }
+}
+
+/// Runs the CPU self-test.
+pub fn run(checks: CpuChecks, sink: &mut dyn FnMut(&Row)) -> Result<Report> {
+    let seed = checks.seed;
     let mut rows = Vec::new();
     let mut timings = Vec::new();
     let mut notes = Vec::new();
@@ -56,10 +74,10 @@ pub fn run(seed: u64, quick: bool, sink: &mut dyn FnMut(&Row)) -> Result<Report>
     ));
     let mut rng = SplitMix64::new(seed);
     let t0 = Instant::now();
-    if isas.is_empty() {
+    if isas.is_empty() && checks.kernels {
         push(&mut rows, unmeasured("conv", "SIMD conv kernels", "-", Status::Skip, "this CPU has neither AVX-512F nor AVX2+FMA: the portable path only"));
     }
-    for &(cin, cout, k, stride, dims, act) in SHAPES {
+    for &(cin, cout, k, stride, dims, act) in SHAPES.iter().filter(|_| checks.kernels) {
         let s = ConvShape { cin, cout, k, stride, pad: k / 2, dims };
         let n = 2;
         let mut x = vec![0.0f32; n * cin * dims.iter().product::<usize>()];
@@ -84,10 +102,15 @@ pub fn run(seed: u64, quick: bool, sink: &mut dyn FnMut(&Row)) -> Result<Report>
         conv3d_portable(&x, n, s, &w, Some(&b), act, &mut got);
         push(&mut rows, compare("conv", &format!("portable{act}"), &shape, &got, &want, CONV_TOL_ABS, CONV_TOL_REL));
     }
-    timings.push(("conv kernels".to_string(), t0.elapsed().as_secs_f64()));
+    if checks.kernels {
+        timings.push(("conv kernels".to_string(), t0.elapsed().as_secs_f64()));
+    }
 
-    let tile = if quick { [32, 32, 32] } else { [64, 64, 64] };
-    for arch in [Arch::Segresnetv2, Arch::Dynunet] {
+    let (tile, archs) = match checks.networks {
+        Some(t) => (t, &[Arch::Segresnetv2, Arch::Dynunet][..]),
+        None => ([0; 3], &[][..]),
+    };
+    for &arch in archs {
         let t = Instant::now();
         let spec = ModelSpec::seed(arch);
         let shape = format!("{}x{}x{} x2", tile[0], tile[1], tile[2]);
