@@ -330,3 +330,21 @@ fn no_output_when_every_run_fails() {
     assert!(e.contains("TS_nan.mrc: every voxel is NaN or infinite") && e.contains("TS_junk.mrc") && e.contains("every run failed"), "{e}");
     assert!(!out.exists());
 }
+
+/// Options that cannot apply to the inputs given are refused rather than ignored: `--runs`
+/// with `--mrc`, a folder given to `--mrc`, and a level chosen in a plain zarr array.
+#[test]
+fn options_that_do_not_apply_to_the_inputs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sub.csv");
+    let f = tmp.path().join("TS_a.mrc");
+    let o = run_mrc(&[&f], &out, &["--runs", "TS_a"]);
+    assert!(!o.status.success() && stderr(&o).contains("--runs"), "{}", stderr(&o));
+    let o = run_mrc(&[tmp.path()], &out, &[]);
+    assert!(!o.status.success() && stderr(&o).contains("a directory; --mrc takes MRC files"), "{}", stderr(&o));
+    assert!(!out.exists());
+    let array = root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr/0");
+    let e = fastdet::io::zarr::read_zarr_volume(&array, "1").unwrap_err();
+    assert!(format!("{e:#}").contains("a zarr array, not a multiscale group: level \"1\""), "{e:#}");
+    assert!(fastdet::io::zarr::read_zarr_volume(&array, "0").is_ok());
+}

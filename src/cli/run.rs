@@ -44,8 +44,8 @@ pub struct InferArgs {
     /// Split under --data
     #[arg(long, default_value = "test")]
     pub split: String,
-    /// Only these runs (comma-separated names)
-    #[arg(long, value_delimiter = ',')]
+    /// Only these runs (comma-separated names) of --data
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["zarr", "mrc"])]
     pub runs: Vec<String>,
     /// A single OME-Zarr group or zarr array instead of --data (the run is named after the file stem)
     #[arg(long, conflicts_with_all = ["data", "mrc"])]
@@ -204,6 +204,9 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         return Ok(vec![Job { run: stem(z), path: z.clone() }]);
     }
     if !a.mrc.is_empty() {
+        if let Some(d) = a.mrc.iter().find(|p| p.is_dir()) {
+            bail!("--mrc {}: a directory; --mrc takes MRC files (--zarr reads a zarr)", d.display());
+        }
         let mut jobs: Vec<Job> = a.mrc.iter().map(|p| Job { run: stem(p), path: p.clone() }).collect();
         jobs.sort_by(|x, y| x.run.cmp(&y.run));
         if let Some(w) = jobs.windows(2).find(|w| w[0].run == w[1].run) {

@@ -48,7 +48,7 @@ impl Device {
         if s == "cpu" {
             return Ok(Device::Cpu);
         }
-        let bad = || anyhow::anyhow!("bad device {s:?}: expected cpu or cuda:N");
+        let bad = || anyhow::anyhow!("bad device {s:?}: expected cpu, cuda:N or emu:N (the kernel emulator, for testing)");
         if let Some(i) = s.strip_prefix("cuda:").or(if s == "cuda" { Some("0") } else { None }) {
             return Ok(Device::Cuda(i.parse().map_err(|_| bad())?));
         }

@@ -205,6 +205,9 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
     let (array_dir, group_dir, dataset): (PathBuf, Option<PathBuf>, String) = match node_kind(path)?
     {
         NodeKind::Array => {
+            if level != DEFAULT_LEVEL {
+                bail!("{}: a zarr array, not a multiscale group: level {level:?} cannot be chosen in it", path.display());
+            }
             let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
             let name = abs
                 .file_name()
