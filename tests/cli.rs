@@ -98,6 +98,14 @@ fn bench_reports_time_and_flops_per_tile() {
     let o = fastdet().args(["bench", "--arch", "segresnetv2", "--tile", "12,32,24", "--iters", "1"]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 8"));
+
+    // Options that would be ignored are refused: weights with the seed ensemble's options, an
+    // ensemble or window without --tomogram / --plan-memory.
+    for args in [&["--weights", "w.safetensors", "--tomogram", "32,64,64"][..], &["--weights", "w.safetensors", "--arch", "dynunet"], &["--models", "1,1"], &["--window", "32,32,32"]] {
+        let o = fastdet().arg("bench").args(args).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && (e.contains("cannot be used with") || e.contains("required arguments were not provided")), "{args:?}: {e}");
+    }
 }
 
 /// `bench --plan-memory` needs no GPU: one worker's ensemble shares one activation arena, so two

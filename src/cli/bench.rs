@@ -16,6 +16,7 @@ use std::time::Instant;
 #[command(
     after_help = "Without --weights, each --arch runs at the seed's widths with random weights. A timed call is one\n`forward` as the pipeline makes it: input upload, network, outputs back in host memory.\n'open s' is the engine's creation (weights, kernels), '1st s' the first call.\nExamples:\n  fastdet bench --device cpu --tile 64,64,64\n  fastdet bench --device cuda:0 --arch segresnetv2 --batch 2 --json"
 )]
+#[command(group = clap::ArgGroup::new("ensemble").args(["tomogram", "plan_memory"]).multiple(true))]
 pub struct BenchArgs {
     /// cpu or cuda:N (emu:N: the CUDA engine on a host emulator of its kernels, no GPU; slow,
     /// for testing)
@@ -24,8 +25,8 @@ pub struct BenchArgs {
     /// Architectures at the seed widths (random weights): segresnetv2, dynunet or all
     #[arg(long, default_value = "all", value_parser = ["segresnetv2", "dynunet", "all"])]
     pub arch: String,
-    /// Time these weights files instead of the seed architectures
-    #[arg(long, num_args = 1..)]
+    /// Time these weights files instead of the seed architectures (one tile each)
+    #[arg(long, num_args = 1.., conflicts_with_all = ["arch", "tomogram", "plan_memory"])]
     pub weights: Vec<PathBuf>,
     /// Tile size z,y,x
     #[arg(long, default_value = "192,128,128", value_parser = super::run::parse_triple)]
@@ -47,17 +48,17 @@ pub struct BenchArgs {
     #[arg(long, value_parser = super::run::parse_triple)]
     pub tomogram: Option<[usize; 3]>,
     /// With --tomogram: ensemble of this many SegResNetV2,DynUNet at the seed widths (random weights)
-    #[arg(long, default_value = "5,5", value_parser = parse_pair)]
+    #[arg(long, default_value = "5,5", value_parser = parse_pair, requires = "ensemble")]
     pub models: [usize; 2],
     /// With --tomogram: window z,y,x
-    #[arg(long, default_value = "192,128,128", value_parser = super::run::parse_triple)]
+    #[arg(long, default_value = "192,128,128", value_parser = super::run::parse_triple, requires = "tomogram")]
     pub window: [usize; 3],
     /// With --tomogram: tiles per axis z,y,x
-    #[arg(long, default_value = "1,9,9", value_parser = super::run::parse_triple)]
+    #[arg(long, default_value = "1,9,9", value_parser = super::run::parse_triple, requires = "tomogram")]
     pub tiles: [usize; 3],
     /// With --tomogram: average and blend on the CPU (as `run --host-blend`; the default on a
     /// CUDA device is to do it there)
-    #[arg(long)]
+    #[arg(long, requires = "tomogram")]
     pub host_blend: bool,
     /// The default (see --host-blend); accepted for older scripts
     #[arg(long, hide = true, conflicts_with = "host_blend")]
