@@ -535,9 +535,11 @@ pub fn write_dataset(root: &Path, cfg: &SynthConfig) -> Result<Vec<String>> {
     if cfg.split.is_empty() || cfg.split.contains(['/', '\\']) || cfg.split == ".." || cfg.split == "." {
         bail!("split {:?}: must be a plain directory name", cfg.split);
     }
+    check_memory(cfg.shape)?;
     let names: Vec<String> = (1..=cfg.runs).map(run_name).collect();
+    let run_dirs = |run: &str| [root.join(&cfg.split).join("static/ExperimentRuns").join(run), truth_run_dir(root, &cfg.split, run)];
     for run in &names {
-        for p in [root.join(&cfg.split).join("static/ExperimentRuns").join(run), truth_run_dir(root, &cfg.split, run)] {
+        for p in run_dirs(run) {
             if p.exists() {
                 bail!("{}: already exists; refusing to overwrite", p.display());
             }
@@ -545,10 +547,46 @@ pub fn write_dataset(root: &Path, cfg: &SynthConfig) -> Result<Vec<String>> {
     }
     for (i, run) in names.iter().enumerate() {
         let t = make_tomogram(cfg.shape, &cfg.particles_per_class, run_seed(cfg.seed, i + 1), cfg.noise);
-        write_ome_zarr(&tomogram_path(root, &cfg.split, run), &t.data, t.shape)?;
-        write_truth(&truth_run_dir(root, &cfg.split, run), run, &t.picks)?;
+        let written = write_ome_zarr(&tomogram_path(root, &cfg.split, run), &t.data, t.shape)
+            .and_then(|()| write_truth(&truth_run_dir(root, &cfg.split, run), run, &t.picks));
+        if let Err(e) = written {
+            // No half-written dataset (a full disk): the runs written here are removed again.
+            for r in &names[..=i] {
+                for p in run_dirs(r) {
+                    let _ = std::fs::remove_dir_all(p);
+                }
+            }
+            return Err(e.context(format!("{}: the {} run(s) written so far were removed", root.display(), i)));
+        }
     }
     Ok(names)
+}
+
+/// Volumes `make_tomogram` holds at once, as f32 (the volume, the blurred copy, the noise pass).
+const SYNTH_VOLUMES_HELD: usize = 4;
+
+/// A clear error, before allocating, for a shape whose volumes cannot fit in memory (an
+/// allocation failure aborts the process instead of returning an error).
+fn check_memory(shape: [usize; 3]) -> Result<()> {
+    let voxels = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).unwrap_or(usize::MAX);
+    let need = voxels.saturating_mul(4 * SYNTH_VOLUMES_HELD);
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    if voxels > i32::MAX as usize {
+        bail!("shape {shape:?}: {voxels} voxels, more than one volume may hold (2^31 - 1)");
+    }
+    if let Some(avail) = available_memory() {
+        if need > avail {
+            bail!("shape {shape:?}: making it needs about {:.1} GiB of memory, {:.1} GiB is available", gib(need), gib(avail));
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo (Linux), in bytes.
+fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = text.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

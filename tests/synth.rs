@@ -377,3 +377,29 @@ fn demo_models_find_synthesized_particles() {
     eprintln!("F-beta on synthesized data: {fbeta}");
     assert!(fbeta > 0.9, "F-beta {fbeta}: {s}");
 }
+
+/// A dataset that cannot be written whole leaves nothing of itself behind (here the truth folder
+/// is blocked by a file, after the first tomogram was written); a shape no volume can hold is an
+/// error before anything is allocated or written; `fastdet synth` reports how many particles it
+/// could place when the volume has no room for the requested ones.
+#[test]
+fn a_failed_dataset_leaves_nothing_and_placements_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("test")).unwrap();
+    std::fs::write(tmp.path().join("test/overlay"), b"in the way").unwrap();
+    let e = write_dataset(tmp.path(), &small(5)).unwrap_err();
+    assert!(format!("{e:#}").contains("removed"), "{e:#}");
+    assert!(!tmp.path().join("test/static/ExperimentRuns/TS_synth_1").exists());
+
+    let huge = SynthConfig { shape: [2000, 2000, 2000], ..small(1) };
+    let e = write_dataset(tmp.path(), &huge).unwrap_err();
+    assert!(format!("{e:#}").contains("8000000000 voxels"), "{e:#}");
+
+    let out = tmp.path().join("crowded");
+    let o = fastdet().arg("synth").arg(&out).args(["--runs", "1", "--shape", "32,64,64", "--counts", "500,0,0,0,0,0"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let placed = read_truth(&out, "test").unwrap().len();
+    assert!(placed < 500);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("apo-ferritin {placed}/500")) && err.contains(&format!("{placed} of 500 placed")), "{err}");
+}

@@ -65,17 +65,36 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         noise: a.noise,
         particles_per_class: a.counts.unwrap_or_else(|| synth::counts_for_shape(a.shape)),
     };
+    let created = !a.out.exists();
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create", a.out.display()))?;
-    let runs = synth::write_dataset(&a.out, &cfg)?;
-    let counts: Vec<String> =
-        CLASSES.iter().zip(cfg.particles_per_class).map(|(c, n)| format!("{} {n}", c.name)).collect();
+    let runs = match synth::write_dataset(&a.out, &cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_dir_all(&a.out);
+            }
+            return Err(e);
+        }
+    };
+    // What was placed: a volume too small for the requested particles holds fewer.
+    let truth = fastdet::io::copick::read_truth(&a.out, &cfg.split)?;
+    let requested: usize = cfg.particles_per_class.iter().sum::<usize>() * runs.len();
+    let counts: Vec<String> = CLASSES
+        .iter()
+        .enumerate()
+        .zip(cfg.particles_per_class)
+        .map(|((c, class), n)| format!("{} {}/{}", class.name, truth.iter().filter(|p| p.class == c).count(), n * runs.len()))
+        .collect();
     eprintln!(
-        "wrote {} run(s) of {:?} voxels under {} (split {}; requested per run: {})",
+        "wrote {} run(s) of {:?} voxels under {} (split {}; particles placed/requested over all runs: {})",
         runs.len(),
         cfg.shape,
         a.out.display(),
         cfg.split,
         counts.join(", ")
     );
+    if truth.len() < requested {
+        eprintln!("warning: the volume has no room for every requested particle: {} of {requested} placed", truth.len());
+    }
     Ok(ExitCode::SUCCESS)
 }
