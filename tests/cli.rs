@@ -208,6 +208,19 @@ fn forward_matches_golden_and_refuses_bad_shapes() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("multiple of 8"), "{err}");
     assert!(!tmp.path().join("o2.safetensors").exists());
+
+    // Non-finite input values are named, not passed through as NaN maps.
+    let mut data = vec![0.5f32; 16 * 32 * 24];
+    data[7] = f32::NAN;
+    write_f32(&bad, &[("input", vec![1, 1, 16, 32, 24], &data)], None).unwrap();
+    let o = fastdet().args(["forward", "--weights"]).arg(&w).arg("--input").arg(&bad).arg("--output").arg(tmp.path().join("o2.safetensors")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("bad.safetensors: 1 of 12288 input values are NaN or infinite"), "{err}");
+    assert!(!tmp.path().join("o2.safetensors").exists());
+
+    // inspect refuses a tile the network cannot take rather than counting its FLOPs.
+    let o = fastdet().args(["inspect", "--tile", "0,0,0"]).arg(&w).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--tile"));
 }
 
 /// A batch of tiles in one call equals the tiles one at a time.

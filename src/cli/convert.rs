@@ -64,6 +64,7 @@ pub struct InspectArgs {
 pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     let w = Weights::load(&a.weights)?;
     let g = Graph::build(&w.spec)?;
+    g.check_tile(a.tile).map_err(|e| e.context("--tile"))?;
     let flops = g.flops(a.tile);
     let peak = g.peak_activation_bytes(a.tile, 4);
     let peak16 = g.peak_activation_bytes(a.tile, 2);

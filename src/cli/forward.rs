@@ -30,6 +30,10 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
     if shape.len() != 5 || shape[1] != w.spec.in_channels {
         bail!("{}: tensor input has shape {shape:?}; expected [N,{},D,H,W]", a.input.display(), w.spec.in_channels);
     }
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        bail!("{}: {bad} of {} input values are NaN or infinite", a.input.display(), data.len());
+    }
     let (n, tile) = (shape[0], [shape[2], shape[3], shape[4]]);
     let mut e = engine::open(Device::parse(&a.device)?, &w)?;
     let t0 = std::time::Instant::now();

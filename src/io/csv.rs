@@ -40,7 +40,7 @@ pub fn write_submission(path: &Path, picks: &[Pick], with_score: bool) -> Result
         }
     }
     crate::util::write_atomic(path, |f| {
-        f.write_all(text.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
+        Ok(f.write_all(text.as_bytes())?)
     })
 }
 

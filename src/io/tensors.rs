@@ -32,6 +32,6 @@ pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])], metadata: 
     let bytes = safetensors::tensor::serialize(views, metadata).map_err(|e| anyhow::anyhow!("cannot serialise: {e}"))?;
     crate::util::write_atomic(path, |f| {
         use std::io::Write;
-        f.write_all(&bytes).with_context(|| format!("{}: cannot write", path.display()))
+        Ok(f.write_all(&bytes)?)
     })
 }
