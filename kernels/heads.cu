@@ -60,7 +60,9 @@ extern "C" __global__ void head_act_f32(const __half* __restrict__ x, float* __r
     const __half* xs = x + (size_t)n * (size_t)total;
     float* os = out + (size_t)n * (size_t)total;
     // Output-major order: consecutive threads write consecutive voxels of one channel.
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    // 64-bit steps: the last step of a 32-bit index could wrap past INT_MAX; the index itself fits.
+    for (long long li = (long long)blockIdx.x * blockDim.x + threadIdx.x; li < total; li += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)li;
         const int c = i / vol, v = i - c * vol;
         os[i] = fd_act(__half2float(xs[(size_t)v * C + c]), act, p);
     }

@@ -223,7 +223,9 @@ norm_apply(const __half* x, __half* y, long long vol, int C, const float* __rest
     const __half2* xs = reinterpret_cast<const __half2*>(x) + base;
     __half2* ys = reinterpret_cast<__half2*>(y) + base;
     const float* prm = params + (size_t)n * C * 3;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += gridDim.x * blockDim.x) {
+    // 64-bit steps: the last step of a 32-bit index could wrap past INT_MAX; the index itself fits.
+    for (long long li = (long long)blockIdx.x * blockDim.x + threadIdx.x; li < pairs; li += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)li;
         const int c = (i % C2) * 2;
         const float2 f = __half22float2(xs[i]);
         const float a = fd_act(f.x, pre_act, pre_p);

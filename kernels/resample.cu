@@ -44,7 +44,9 @@ extern "C" __global__ void upsample2x_add_f16(const __half* __restrict__ x, cons
     const size_t obase = (size_t)n * (size_t)pairs;
     const __half2* ss = skip ? reinterpret_cast<const __half2*>(skip) + obase : nullptr;
     __half2* os = reinterpret_cast<__half2*>(out) + obase;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += gridDim.x * blockDim.x) {
+    // 64-bit steps: the last step of a 32-bit index could wrap past INT_MAX; the index itself fits.
+    for (long long li = (long long)blockIdx.x * blockDim.x + threadIdx.x; li < pairs; li += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)li;
         const int c2 = i % C2;
         int v = i / C2;
         const int ox = v % OW;
