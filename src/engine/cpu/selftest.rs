@@ -182,7 +182,7 @@ mod tests {
     #[test]
     fn quick_cpu_selftest_passes() {
         let mut lines = 0;
-        let r = run(3, true, &mut |_| lines += 1).unwrap();
+        let r = run(CpuChecks::all(3, true), &mut |_| lines += 1).unwrap();
         assert!(r.passed, "{:#?}", r.rows.iter().filter(|r| r.status == Status::Fail).collect::<Vec<_>>());
         assert_eq!(lines, r.rows.len());
         let portable = r.rows.iter().filter(|r| r.name.starts_with("portable") && r.status == Status::Pass).count();

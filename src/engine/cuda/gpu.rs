@@ -408,7 +408,7 @@ impl Gpu {
             // into a CUDA graph.
             let stream = ctx.new_stream().map_err(|e| anyhow!("creating a CUDA stream on cuda:{ordinal}: {e}"))?;
             let cache = KernelCache::new(kernel_cache.unwrap_or_else(KernelCache::default_dir));
-            let (modules, funcs, kernels_note, kernel_load) = load_kernels(&ctx, info.compute_capability, &cache)?;
+            let (modules, funcs, kernels_note, kernel_load) = load_kernels(&ctx, &info, &cache)?;
             let sync_each = std::env::var("FASTDET_CUDA_SYNC").is_ok_and(|v| v == "1");
             Gpu::assemble(info, Inner::Cuda { ctx, stream, funcs, _modules: modules }, kernels_note, kernel_load, sync_each)
         })
@@ -996,7 +996,8 @@ impl std::fmt::Display for KernelLoad {
     }
 }
 
-fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> Result<Loaded> {
+fn load_kernels(ctx: &Arc<CudaContext>, info: &DeviceInfo, cache: &KernelCache) -> Result<Loaded> {
+    let cc = info.compute_capability;
     if !nvrtc::nvrtc_available() {
         bail!("NVRTC (libnvrtc.so) not found: the CUDA kernels are compiled at first use ({})", nvrtc::INSTALL_HINT);
     }
@@ -1023,11 +1024,29 @@ fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32), cache: &KernelCache) -> 
             Err(e) => errors.push(format!("{}: {e:#}", target.arch())),
         }
     }
-    let hint = match include.first() {
+    let mut hint = match include.first() {
         None => "; cuda_fp16.h was not found: set FASTDET_CUDA_INCLUDE to a directory holding it (pip wheel nvidia/cu13/include or /usr/local/cuda/include)".to_string(),
         Some(dir) => nvrtc::include_problems(dir, ver).iter().map(|p| format!("; {p}")).collect(),
     };
+    hint.push_str(&driver_too_old(info.driver_version, ver).map(|p| format!("; {p}")).unwrap_or_default());
     bail!("could not compile and load the CUDA kernels for sm_{}{}:\n  {}{hint}", cc.0, cc.1, errors.join("\n  "))
+}
+
+/// Why a driver cannot load what this NVRTC makes, when it is older than NVRTC's CUDA release
+/// (`driver` as cuDriverGetVersion gives it, e.g. 12040 for CUDA 12.4): images of a newer
+/// toolkit need a driver of at least its major release.
+fn driver_too_old(driver: i32, nvrtc: (i32, i32)) -> Option<String> {
+    (driver > 0 && driver / 1000 < nvrtc.0).then(|| {
+        format!(
+            "the driver supports CUDA {}.{} but NVRTC is {}.{}: its kernels need a driver for CUDA {}.0 or newer (update the driver, or put an NVRTC {}.x with its headers on LD_LIBRARY_PATH / FASTDET_CUDA_INCLUDE)",
+            driver / 1000,
+            (driver % 1000) / 10,
+            nvrtc.0,
+            nvrtc.1,
+            nvrtc.0,
+            driver / 1000
+        )
+    })
 }
 
 /// Every kernel file's module for `target`; adds its NVRTC compiles to `load` (their count, and
@@ -1137,7 +1156,18 @@ impl Pool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Arg, Gpu, KernelLoad};
+    use super::{driver_too_old, Arg, Gpu, KernelLoad};
+
+    /// A driver for CUDA 12.4 cannot load NVRTC 13's images, and the reason says what to do;
+    /// a driver of NVRTC's release or newer (or an unknown one) gets no such note.
+    #[test]
+    fn a_driver_older_than_nvrtc_is_named() {
+        let note = driver_too_old(12040, (13, 0)).unwrap();
+        assert!(note.contains("the driver supports CUDA 12.4 but NVRTC is 13.0") && note.contains("CUDA 13.0 or newer") && note.contains("NVRTC 12.x"), "{note}");
+        assert_eq!(driver_too_old(13000, (13, 0)), None);
+        assert_eq!(driver_too_old(13020, (13, 0)), None);
+        assert_eq!(driver_too_old(0, (13, 0)), None);
+    }
 
     /// On the emulator, a `__restrict__` parameter that shares its buffer with a parameter that
     /// may be written is refused (a GPU compiler may assume they do not); separate buffers, or
