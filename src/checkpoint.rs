@@ -154,6 +154,16 @@ fn state_dict_of(root: &Value) -> Result<Vec<(String, TensorRef)>> {
         let name = if strip { name.strip_prefix("model.").unwrap_or(name) } else { name };
         out.push((name.to_string(), t.as_ref().clone()));
     }
+    // An EMA copy kept beside Lightning's state_dict (`convert --ema` chooses it by its prefix).
+    for key in ["ema_state_dict", "state_dict_ema"] {
+        if let Some(items) = root.get(key).and_then(|d| d.dict_items()) {
+            for (k, v) in items {
+                if let (Some(name), Value::Tensor(t)) = (k.as_str(), v) {
+                    out.push((format!("{key}.{name}"), t.as_ref().clone()));
+                }
+            }
+        }
+    }
     if out.is_empty() {
         bail!("checkpoint holds no tensors in its state dict");
     }

@@ -21,6 +21,8 @@ pub struct ConvertOptions {
     pub name: Option<String>,
     /// Average several checkpoints of one architecture into one weights file.
     pub average: bool,
+    /// Take the EMA copy of the weights when a checkpoint holds one beside the trained weights.
+    pub ema: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -33,6 +35,70 @@ pub struct ConvertReport {
     pub dropped_tensors: Vec<String>,
     /// DynUNet tensors stored twice under two names, merged into one.
     pub merged_aliases: usize,
+    /// What the user should know: which of several weight sets was taken, all-zero tensors.
+    pub warnings: Vec<String>,
+}
+
+/// Takes the model's tensors out of a checkpoint's namespace: the names are found by their
+/// `backbone.` part, and what comes before it, made of wrappers' names, is a prefix to strip
+/// (`model.` of a bare `pl_module.state_dict()`, `module.` of DataParallel, `_orig_mod.` of
+/// torch.compile). A
+/// checkpoint with two sets, one of them an EMA copy (`model_ema.module.`, `ema_state_dict.`),
+/// gives the trained set, or the EMA set with `ema`, and says so; other ambiguities are errors.
+pub fn model_namespace(ckpt: Checkpoint, ema: bool, warnings: &mut Vec<String>) -> Result<Checkpoint> {
+    // Only wrappers' prefixes: a tensor under any other name (`teacher.backbone.*`) is not taken
+    // for the model's.
+    const WRAPPERS: &[&str] = &["model", "module", "_orig_mod", "net", "network", "model_ema", "ema_model", "ema", "ema_state_dict", "state_dict_ema"];
+    let prefix_of = |n: &str| -> Option<String> {
+        let i = n.match_indices("backbone.").map(|(i, _)| i).find(|&i| i == 0 || n.as_bytes()[i - 1] == b'.')?;
+        let p = &n[..i];
+        p.split_terminator('.').all(|seg| WRAPPERS.contains(&seg)).then(|| p.to_string())
+    };
+    let mut prefixes: Vec<String> = ckpt.names().filter_map(prefix_of).collect();
+    prefixes.sort();
+    prefixes.dedup();
+    let is_ema = |p: &str| p.to_ascii_lowercase().contains("ema");
+    let chosen = match prefixes.len() {
+        0 => return Ok(ckpt), // no backbone: detection reports it
+        1 => {
+            if ema && !is_ema(&prefixes[0]) {
+                bail!("--ema: the checkpoint holds one set of weights ({}backbone.*), not an EMA copy", prefixes[0]);
+            }
+            prefixes[0].clone()
+        }
+        _ => {
+            let (emas, plain): (Vec<&String>, Vec<&String>) = prefixes.iter().partition(|p| is_ema(p));
+            let shown = |v: &[String]| v.iter().map(|p| format!("{p}backbone.*")).collect::<Vec<_>>().join(", ");
+            match (ema, emas.as_slice(), plain.as_slice()) {
+                (false, [e], [p]) => {
+                    warnings.push(format!("the checkpoint also holds EMA weights ({e}backbone.*); converted {p}backbone.*, pass --ema for the EMA copy"));
+                    (*p).clone()
+                }
+                (true, [e], _) => {
+                    warnings.push(format!("converted the EMA weights {e}backbone.*"));
+                    (*e).clone()
+                }
+                _ => bail!("the checkpoint holds several sets of model weights ({}); convert a checkpoint with one", shown(&prefixes)),
+            }
+        }
+    };
+    if chosen.is_empty() {
+        return Ok(ckpt);
+    }
+    // The other sets' tensors are left out (they would be "dropped" anyway), the chosen set's
+    // lose their prefix.
+    let params = ckpt
+        .params
+        .into_iter()
+        .filter_map(|mut p| match p.name.strip_prefix(&chosen) {
+            Some(rest) => {
+                p.name = rest.to_string();
+                Some(p)
+            }
+            None => (prefix_of(&p.name).is_none()).then_some(p),
+        })
+        .collect();
+    Ok(Checkpoint::new(params))
 }
 
 /// A checkpoint reduced to the tensors the pruned graph reads, in f32, with its spec.
@@ -183,9 +249,19 @@ pub fn convert(inputs: &[PathBuf], out: &Path, opts: &ConvertOptions) -> Result<
     if inputs.len() > 1 && !opts.average {
         bail!("{} inputs given: pass --average to average them into one weights file", inputs.len());
     }
+    // Never over an input: a failed conversion would leave neither.
+    if let Ok(o) = out.canonicalize() {
+        if let Some(i) = inputs.iter().find(|i| i.canonicalize().is_ok_and(|c| c == o)) {
+            bail!("{}: is also an input; write the weights to another file", i.display());
+        }
+    }
     let mut pruned: Vec<Pruned> = Vec::new();
+    let mut warnings = Vec::new();
     for input in inputs {
         let ckpt = read_checkpoint(input)?;
+        let mut notes = Vec::new();
+        let ckpt = model_namespace(ckpt, opts.ema, &mut notes).with_context(|| format!("{}: cannot convert", input.display()))?;
+        warnings.extend(notes.into_iter().map(|n| format!("{}: {n}", input.display())));
         let p = prune(&ckpt, opts.arch).with_context(|| format!("{}: cannot convert", input.display()))?;
         if let Some(first) = pruned.first() {
             if first.spec != p.spec {
@@ -210,6 +286,10 @@ pub fn convert(inputs: &[PathBuf], out: &Path, opts: &ConvertOptions) -> Result<
                 *v = (s / pruned.len() as f64) as f32;
             }
         }
+    }
+    let zeros = tensors.iter().filter(|t| t.data.iter().all(|&v| v == 0.0)).count();
+    if zeros * 2 > tensors.len() {
+        warnings.push(format!("{zeros} of the {} tensors kept are all zeros: untrained weights, or not the set that was trained?", tensors.len()));
     }
     let halves: Vec<Vec<f16>> = tensors.iter().map(to_f16).collect::<Result<_>>().with_context(|| match inputs {
         [one] => format!("{}: cannot convert", one.display()),
@@ -253,9 +333,10 @@ pub fn convert(inputs: &[PathBuf], out: &Path, opts: &ConvertOptions) -> Result<
         })
         .collect::<Result<_>>()?;
     let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| anyhow::anyhow!("cannot serialise weights: {e}"))?;
+    let bytes = crate::util::sorted_safetensors_header(bytes)?;
     crate::util::write_atomic(out, |f| {
         use std::io::Write;
-        f.write_all(&bytes).with_context(|| format!("{}: cannot write", out.display()))
+        Ok(f.write_all(&bytes)?)
     })?;
     Ok(ConvertReport {
         kept_tensors: tensors.len(),
@@ -264,6 +345,7 @@ pub fn convert(inputs: &[PathBuf], out: &Path, opts: &ConvertOptions) -> Result<
         dropped_tensors: first.dropped_tensors.clone(),
         merged_aliases: first.merged_aliases,
         spec,
+        warnings,
     })
 }
 

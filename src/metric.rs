@@ -32,10 +32,10 @@ pub const DEFAULT_THRESHOLD: f32 = 0.5;
 pub struct ClassScore {
     pub name: String,
     pub tp: usize,
-    /// Candidates − TP. The reference can make this negative (one candidate within reach of two
-    /// references, which real, non-overlapping particles never allow); the F-beta then follows the
-    /// reference's signed value, and this field shows 0.
-    pub fp: usize,
+    /// Candidates − TP, signed as in the reference: it is negative when one candidate is within
+    /// reach of two references (which real, non-overlapping particles never allow; precision is
+    /// then above 1), and the F-beta follows it.
+    pub fp: i64,
     #[serde(rename = "fn")]
     pub fn_: usize,
     pub precision: f64,
@@ -142,7 +142,7 @@ fn class_score(c: usize, tp: i64, fp: i64, fn_: i64, beta: f64) -> ClassScore {
     ClassScore {
         name: CLASSES[c].name.to_string(),
         tp: tp as usize,
-        fp: fp.max(0) as usize,
+        fp,
         fn_: fn_ as usize,
         precision,
         recall,
@@ -292,7 +292,7 @@ mod tests {
     fn at(run: &str, class: usize, x: f64, y: f64, z: f64) -> Pick {
         pk(run, class, 1.0, x, y, z)
     }
-    fn counts(s: &Score, c: usize) -> (usize, usize, usize) {
+    fn counts(s: &Score, c: usize) -> (usize, i64, usize) {
         (s.per_class[c].tp, s.per_class[c].fp, s.per_class[c].fn_)
     }
     fn close(a: f64, b: f64) -> bool {
@@ -409,9 +409,11 @@ mod tests {
         // reference gets TP 2, FP −1, precision 2 and F = 17*2/(32+1). Real particles never overlap so.
         let t = vec![at("r", 0, 0.0, 0.0, 0.0), at("r", 0, 20.0, 0.0, 0.0)];
         let s = score(&t, &[at("r", 0, 10.0, 0.0, 0.0)], BETA);
-        assert_eq!(counts(&s, 0), (2, 0, 0));
+        // The FP is shown signed, so precision 2 = tp / (tp + fp) reads off the table.
+        assert_eq!(counts(&s, 0), (2, -1, 0));
         assert_eq!(s.per_class[0].precision, 2.0);
         assert!(close(s.per_class[0].fbeta, 34.0 / 33.0));
+        assert!(format_table(&s).lines().any(|l| l.starts_with("apo-ferritin") && l.contains(" -1 ")), "{}", format_table(&s));
     }
 
     #[test]
@@ -532,7 +534,7 @@ mod tests {
             let s = score(&truth, &cands, BETA);
             for c in 0..6 {
                 let (tp, fp, fn_) = brute(&truth, &cands, c);
-                assert_eq!(counts(&s, c), (tp as usize, fp as usize, fn_ as usize), "seed {seed} class {c}");
+                assert_eq!(counts(&s, c), (tp as usize, fp, fn_ as usize), "seed {seed} class {c}");
                 assert_eq!(s.per_class[c].fbeta, class_f(tp, fp, fn_, BETA).2);
             }
         }
@@ -583,7 +585,7 @@ mod tests {
             assert_eq!(cs.name, name);
             assert!((cs.fbeta - f).abs() < 1e-12, "{name}: {}", cs.fbeta);
         }
-        assert_eq!(s.per_class.iter().map(|c| c.tp + c.fp).sum::<usize>(), 64);
+        assert_eq!(s.per_class.iter().map(|c| c.tp as i64 + c.fp).sum::<i64>(), 64);
         // Tuning on the submission itself can only do as well or better.
         let (_, tuned) = tune_thresholds(&truth, &sub, BETA);
         assert!(tuned.fbeta >= s.fbeta - 1e-12);

@@ -26,6 +26,37 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Resul
     result
 }
 
+/// The same safetensors file with its header's keys in sorted order. The safetensors crate writes
+/// the metadata map in hash order, so the same tensors and metadata gave different bytes at each
+/// run (no checksum pinning, no byte comparison of outputs); offsets are relative to the data, so
+/// only the header changes.
+pub fn sorted_safetensors_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    use serde_json::Value;
+    fn sorted(v: Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let b: std::collections::BTreeMap<String, Value> = m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+                Value::Object(b.into_iter().collect())
+            }
+            Value::Array(a) => Value::Array(a.into_iter().map(sorted).collect()),
+            x => x,
+        }
+    }
+    let n = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize).context("safetensors bytes shorter than their header length")?;
+    let header_end = 8usize.checked_add(n).filter(|&e| e <= bytes.len()).context("safetensors header past the end")?;
+    let header: Value = serde_json::from_slice(&bytes[8..header_end]).context("safetensors header is not JSON")?;
+    let mut text = serde_json::to_string(&sorted(header))?;
+    // The data stays 8-byte aligned, as the crate pads it.
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - header_end);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[header_end..]);
+    Ok(out)
+}
+
 /// A tiny deterministic generator for random test data and weights (no cryptographic use).
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);

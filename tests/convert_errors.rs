@@ -471,3 +471,76 @@ fn convert_reports_the_dropped_parameters() {
         assert!(stdout.contains(&format!("wrote {}", out.display())), "{stdout}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Namespaces, EMA copies, reproducible output
+// ---------------------------------------------------------------------------------------------
+
+/// The fixture's tensors under `prefix`, plus (when given) a second copy under `other`.
+fn prefixed(prefix: &str, other: Option<(&str, bool)>) -> BTreeMap<String, RawTensor> {
+    let base = read_st(&golden("segresnetv2_w8.safetensors"));
+    let mut out: BTreeMap<String, RawTensor> = base.iter().map(|(n, t)| (format!("{prefix}{n}"), t.clone())).collect();
+    if let Some((p, zeroed)) = other {
+        for (n, t) in &base {
+            let mut t = t.clone();
+            if zeroed {
+                t.bytes.iter_mut().for_each(|b| *b = 0);
+            }
+            out.insert(format!("{p}{n}"), t);
+        }
+    }
+    out
+}
+
+/// Wrapper prefixes (`module.`, `model.`) are stripped: the same weights as the plain names.
+/// A checkpoint holding an EMA copy beside zeroed trained weights converts the trained ones by
+/// default with two warnings (the EMA copy exists; the tensors are all zeros), and the EMA copy
+/// with --ema. The output is byte-for-byte the same at every conversion, and never written over
+/// an input.
+#[test]
+fn wrapper_prefixes_ema_copies_and_reproducible_bytes() {
+    let s = Scratch::new();
+    let plain = s.out("plain.safetensors");
+    convert_ok(&[&golden("segresnetv2_w8.safetensors")], &plain, &["--name", "w8"]);
+    let want = read_st(&plain);
+    let again = s.out("again.safetensors");
+    convert_ok(&[&golden("segresnetv2_w8.safetensors")], &again, &["--name", "w8"]);
+    assert_eq!(std::fs::read(&plain).unwrap(), std::fs::read(&again).unwrap(), "two conversions, different bytes");
+
+    for prefix in ["module.", "model.", "model.module."] {
+        let input = s.input(&format!("{prefix}safetensors"));
+        write_st(&input, &prefixed(prefix, None));
+        let out = s.out(&format!("{prefix}out.safetensors"));
+        convert_ok(&[&input], &out, &[]);
+        assert_eq!(read_st(&out), want, "{prefix}");
+    }
+
+    let input = s.input("ema.safetensors");
+    write_st(&input, &prefixed("model_ema.module.", Some(("", true))));
+    let out = s.out("trained.safetensors");
+    let o = fastdet(["convert", path_str(&input), "-o", path_str(&out)]);
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("also holds EMA weights (model_ema.module.backbone.*)") && err.contains("--ema") && err.contains("are all zeros"), "{err}");
+    let out = s.out("ema_out.safetensors");
+    convert_ok(&[&input], &out, &["--ema"]);
+    assert_eq!(read_st(&out), want);
+
+    // Onto its own input: refused, the input left as it was.
+    let before = std::fs::read(&input).unwrap();
+    let o = fastdet(["convert", path_str(&input), "-o", path_str(&input)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("is also an input"), "{}", text(&o.stderr));
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+}
+
+/// A missing encoder block is named, not only counted.
+#[test]
+fn missing_encoder_block_is_named() {
+    let s = Scratch::new();
+    let input = s.input("no_down0.safetensors");
+    let mut t = read_st(&golden("segresnetv2_w8.safetensors"));
+    assert!(t.remove("backbone.down_layers.0.1.conv1.conv.weight").is_some());
+    write_st(&input, &t);
+    expect_failure(&s, &[&input], &[], &["missing tensor backbone.down_layers.0.1.conv1.conv.weight"]);
+}

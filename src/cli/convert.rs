@@ -25,11 +25,18 @@ pub struct ConvertArgs {
     /// Average several checkpoints of one architecture (element-wise mean) into one file
     #[arg(long)]
     pub average: bool,
+    /// Convert the EMA copy of the weights (e.g. model_ema.module.*) of a checkpoint that holds
+    /// one beside the trained weights (by default the trained weights, with a warning)
+    #[arg(long)]
+    pub ema: bool,
 }
 
 pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
-    let opts = ConvertOptions { arch: a.arch.as_deref().map(Arch::parse).transpose()?, name: a.name, average: a.average };
+    let opts = ConvertOptions { arch: a.arch.as_deref().map(Arch::parse).transpose()?, name: a.name, average: a.average, ema: a.ema };
     let r = do_convert(&a.inputs, &a.out, &opts)?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
     println!("{}: {}", r.spec.arch.name(), r.spec.widths_summary());
     println!(
         "kept {} tensors ({} parameters, fp16); dropped {} parameters in {} tensors the inference graph never reads{}",

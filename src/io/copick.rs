@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 #[derive(Deserialize)]
 struct PicksIn {
     pickable_object_name: String,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    session_id: Option<String>,
     /// Missing or `null` means no points (copick writes `null` for an empty session).
     #[serde(default)]
     points: Option<Vec<PointIn>>,
@@ -112,10 +116,54 @@ fn json_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Which of a run's picks files are its ground truth. A copick project may hold several users'
+/// picks beside the annotators' (fastdet's own `--copick-out`, other pickers), and objects other
+/// than the six particles (membranes...): the truth is the `curation` user's files when there are
+/// any, else the files of the one user and session there is; files of other objects are skipped.
+/// Several users or sessions and no `curation` is an error: their points would all count.
+fn truth_files(picks_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<(PathBuf, PicksIn)>> {
+    let mut files = json_files(picks_dir)?;
+    files.sort();
+    let mut docs = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(&f).with_context(|| format!("{}: cannot read picks file", f.display()))?;
+        let doc: PicksIn = serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed copick picks JSON", f.display()))?;
+        if class_index(&doc.pickable_object_name).is_none() {
+            notes.push(format!("{}: object {:?} is not one of the six particles; not ground truth", f.display(), doc.pickable_object_name));
+            continue;
+        }
+        docs.push((f, doc));
+    }
+    let who = |d: &PicksIn| (d.user_id.clone().unwrap_or_default(), d.session_id.clone().unwrap_or_default());
+    let mut groups: Vec<(String, String)> = docs.iter().map(|(_, d)| who(d)).collect();
+    groups.sort();
+    groups.dedup();
+    if groups.len() <= 1 {
+        return Ok(docs);
+    }
+    if groups.iter().any(|(u, _)| u == "curation") {
+        let (kept, other): (Vec<_>, Vec<_>) = docs.into_iter().partition(|(_, d)| d.user_id.as_deref() == Some("curation"));
+        notes.push(format!("{}: ground truth from user curation; {} file(s) of other users not counted", picks_dir.display(), other.len()));
+        return Ok(kept);
+    }
+    let list: Vec<String> = groups.iter().map(|(u, s)| format!("user {u:?} session {s:?}")).collect();
+    bail!("{}: picks of several users or sessions ({}) and none of user curation: which is the ground truth? Keep one set in this folder", picks_dir.display(), list.join(", "))
+}
+
 /// Reads the ground truth of a split: `{root}/{split}/overlay/ExperimentRuns/{run}/Picks/` for every
-/// run directory, runs sorted by name. A run without a `Picks/` directory has no annotations and
-/// contributes nothing.
+/// run directory, runs sorted by name (`truth_files` says which files count; what it leaves out is
+/// printed as a warning). A run without a `Picks/` directory has no annotations and contributes
+/// nothing.
 pub fn read_truth(root: &Path, split: &str) -> Result<Vec<Pick>> {
+    let (picks, notes) = read_truth_noted(root, split)?;
+    for n in notes {
+        eprintln!("warning: {n}");
+    }
+    Ok(picks)
+}
+
+/// `read_truth`, with what it left out as notes instead of warnings.
+pub fn read_truth_noted(root: &Path, split: &str) -> Result<(Vec<Pick>, Vec<String>)> {
     let runs_dir = root.join(split).join("overlay").join("ExperimentRuns");
     let entries = std::fs::read_dir(&runs_dir)
         .with_context(|| format!("{}: cannot list ground-truth runs", runs_dir.display()))?;
@@ -128,13 +176,16 @@ pub fn read_truth(root: &Path, split: &str) -> Result<Vec<Pick>> {
     }
     runs.sort();
     let mut picks = Vec::new();
+    let mut notes = Vec::new();
     for run in runs {
         let dir = runs_dir.join(&run).join("Picks");
         if dir.is_dir() {
-            picks.extend(read_run_picks(&dir, &run)?);
+            for (f, _) in truth_files(&dir, &mut notes)? {
+                picks.extend(read_picks_file(&f, &run)?);
+            }
         }
     }
-    Ok(picks)
+    Ok((picks, notes))
 }
 
 /// Writes `{out_dir}/ExperimentRuns/{run}/Picks/{user}_{session}_{particle}.json` for each of the six
@@ -202,6 +253,39 @@ mod tests {
         assert!(ulp_eq(p.x, 475.57000000000005) && ulp_eq(p.y, 785.942) && ulp_eq(p.z, 345.414), "{p:?}");
         assert!(ulp_eq(picks[1].x, 1326.5900000000001), "{:?}", picks[1]);
         assert!(picks.iter().all(|p| p.class == 2 && p.score == 1.0));
+    }
+
+    /// The truth is the curation user's files when a run's folder holds other users' picks too
+    /// (e.g. a --copick-out of fastdet) and files of other objects; with several users and no
+    /// curation it is an error; one user's files are taken whoever they are.
+    #[test]
+    fn truth_is_the_curation_users_picks() {
+        let root = tempfile::tempdir().unwrap();
+        let picks = |run: &str| {
+            let d = root.path().join("test/overlay/ExperimentRuns").join(run).join("Picks");
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let file = |dir: &Path, name: &str, user: &str, object: &str, n: usize| {
+            let points: Vec<String> = (0..n).map(|i| format!(r#"{{"location": {{"x": {i}, "y": 1, "z": 2}}}}"#)).collect();
+            let text = format!(r#"{{"pickable_object_name": "{object}", "user_id": "{user}", "session_id": "0", "points": [{}]}}"#, points.join(","));
+            std::fs::write(dir.join(name), text).unwrap();
+        };
+        let a = picks("TS_a");
+        file(&a, "ribosome.json", "curation", "ribosome", 3);
+        file(&a, "fastdet_0_ribosome.json", "fastdet", "ribosome", 5);
+        file(&a, "x_0_membrane.json", "x", "membrane", 1);
+        let b = picks("TS_b");
+        file(&b, "alice_0_ribosome.json", "alice", "ribosome", 2);
+        let (truth, notes) = read_truth_noted(root.path(), "test").unwrap();
+        assert_eq!(truth.iter().filter(|p| p.run == "TS_a").count(), 3);
+        assert_eq!(truth.iter().filter(|p| p.run == "TS_b").count(), 2);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("membrane") && notes[1].contains("1 file(s) of other users not counted"), "{notes:?}");
+
+        file(&b, "bob_1_ribosome.json", "bob", "ribosome", 4);
+        let e = read_truth_noted(root.path(), "test").unwrap_err().to_string();
+        assert!(e.contains("TS_b") && e.contains("user \"alice\"") && e.contains("user \"bob\"") && e.contains("none of user curation"), "{e}");
     }
 
     #[test]

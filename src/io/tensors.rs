@@ -30,6 +30,7 @@ pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])], metadata: 
         views.insert(name.to_string(), v);
     }
     let bytes = safetensors::tensor::serialize(views, metadata).map_err(|e| anyhow::anyhow!("cannot serialise: {e}"))?;
+    let bytes = crate::util::sorted_safetensors_header(bytes)?;
     crate::util::write_atomic(path, |f| {
         use std::io::Write;
         Ok(f.write_all(&bytes)?)

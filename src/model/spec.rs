@@ -256,15 +256,25 @@ pub fn infer_spec(arch: Arch, shape: &dyn Fn(&str) -> Option<Vec<usize>>) -> Res
                 }
                 v
             };
+            // A level is counted by its first block's conv1: name the tensor that ended the count.
+            let first_block = |prefix: &str, level: usize| format!("backbone.{prefix}.{level}.{}.conv1.conv.weight", usize::from(prefix == "down_layers"));
             let blocks_down = count("down_layers");
             if blocks_down.len() < 3 {
-                bail!("SegResNet checkpoint has {} encoder levels; at least 3 are needed", blocks_down.len());
+                bail!(
+                    "SegResNet checkpoint has {} encoder levels; at least 3 are needed (missing tensor {})",
+                    blocks_down.len(),
+                    first_block("down_layers", blocks_down.len())
+                );
             }
             let mut blocks_up = count("up_layers");
             // Only the decoder steps down to stride 2 are live.
             let live = blocks_down.len() - 2;
             if blocks_up.len() < live {
-                bail!("SegResNet checkpoint has {} decoder levels; {live} are needed for the stride-2 head", blocks_up.len());
+                bail!(
+                    "SegResNet checkpoint has {} decoder levels; {live} are needed for the stride-2 head (missing tensor {})",
+                    blocks_up.len(),
+                    first_block("up_layers", blocks_up.len())
+                );
             }
             blocks_up.truncate(live);
             let mut s = ModelSpec::segresnet(init[0], cls_width, offset_width);
