@@ -312,6 +312,13 @@ fn settings_wrong_for_every_run_are_refused_before_reading() {
     let e = stderr(&o);
     assert!(!o.status.success() && e.contains("--copick-out") && e.contains("cannot create") && !e.contains("TS_never"), "{e}");
     assert!(!out.exists());
+    // copick ids that would make file names copick cannot read back.
+    for id in ["../../evil", "a_b", "a b"] {
+        let o = run_mrc(&[&never], &out, &["--copick-out", tmp.path().join("cp").to_str().unwrap(), "--user-id", id]);
+        let e = stderr(&o);
+        assert!(!o.status.success() && e.contains("--user-id") && !e.contains("TS_never"), "{id}: {e}");
+        assert!(!out.exists());
+    }
 }
 
 /// When every run fails there is no output file (a header-only CSV would pass for a run that

@@ -211,3 +211,34 @@ fn gpus_without_cuda_is_a_clear_error() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(!tmp.path().join("x.csv").exists());
 }
+
+/// The SLURM array script numbers shards from 0 whatever the array's first index, and refuses an
+/// array with gaps (its missing tasks' shards would never be processed). A stand-in `fastdet`
+/// prints the arguments it gets.
+#[cfg(unix)]
+#[test]
+fn slurm_array_tasks_map_to_shards_from_zero() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = tmp.path().join("fastdet");
+    std::fs::write(&fake, "#!/bin/bash\necho \"$@\"\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let task = |id: &str, count: &str, min: &str, max: &str| {
+        Command::new("bash")
+            .arg(root().join("tools/slurm/fastdet_array.sbatch"))
+            .args(["/data", "test"])
+            .arg(tmp.path().join("out"))
+            .env("FASTDET", &fake)
+            .envs([("SLURM_ARRAY_TASK_ID", id), ("SLURM_ARRAY_TASK_COUNT", count), ("SLURM_ARRAY_TASK_MIN", min), ("SLURM_ARRAY_TASK_MAX", max)])
+            .output()
+            .unwrap()
+    };
+    let o = task("3", "8", "1", "8");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let args = String::from_utf8_lossy(&o.stdout);
+    assert!(args.contains("--shard 2/8") && args.contains("shard_2.csv"), "{args}");
+    let o = task("0", "8", "0", "7");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--shard 0/8"));
+    let o = task("2", "3", "0", "4");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("one contiguous range"));
+}

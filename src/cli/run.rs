@@ -795,6 +795,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         bail!("--out {}: is a directory; give a file name", out.display());
     }
     if let Some(dir) = &a.copick_out {
+        copick::check_id("--user-id", &a.user_id)?;
+        copick::check_id("--session-id", &a.session_id)?;
         writable_dir("--copick-out", dir)?;
     }
     let parts = Parts::new(out, &fingerprint(&a.infer, &s)?, a.resume)?;

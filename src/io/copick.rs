@@ -188,17 +188,32 @@ pub fn read_truth_noted(root: &Path, split: &str) -> Result<(Vec<Pick>, Vec<Stri
     Ok((picks, notes))
 }
 
+fn check_name(what: &str, s: &str) -> Result<()> {
+    if s.is_empty() || s.contains(['/', '\\']) || s == "." || s == ".." {
+        bail!("copick {what} {s:?} cannot be used in a file path");
+    }
+    Ok(())
+}
+
+/// A user or session id for `{user}_{session}_{object}.json`: usable in a file name, and without
+/// the `_` that separates the parts (or white space), so that copick reads the name back.
+pub fn check_id(what: &str, s: &str) -> Result<()> {
+    check_name(what, s)?;
+    if s.contains('_') || s.chars().any(char::is_whitespace) {
+        bail!("copick {what} {s:?}: no '_' or spaces (copick names files {{user}}_{{session}}_{{object}}.json)");
+    }
+    Ok(())
+}
+
 /// Writes `{out_dir}/ExperimentRuns/{run}/Picks/{user}_{session}_{particle}.json` for each of the six
 /// classes, so copick tools see the session complete (a class with no picks gets an empty list).
 ///
 /// Only picks of `run` are written, so a whole multi-run submission can be passed. Each file is
 /// written atomically. Points carry an identity orientation, as the detector predicts none.
 pub fn write_run_picks(out_dir: &Path, run: &str, picks: &[Pick], user_id: &str, session_id: &str) -> Result<()> {
-    for (what, s) in [("run", run), ("user_id", user_id), ("session_id", session_id)] {
-        if s.is_empty() || s.contains(['/', '\\']) || s == "." || s == ".." {
-            bail!("copick {what} {s:?} cannot be used in a file path");
-        }
-    }
+    check_name("run", run)?;
+    check_id("user_id", user_id)?;
+    check_id("session_id", session_id)?;
     let dir = out_dir.join("ExperimentRuns").join(run).join("Picks");
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create picks directory", dir.display()))?;
     for (ci, class) in CLASSES.iter().enumerate() {
