@@ -115,6 +115,14 @@ fn volume_smaller_than_the_window_is_padded() {
     let out = tmp.path().join("sub.csv");
     let o = run_mrc(&[&small, &big], &out, &["--save-maps", maps.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The maps say what they hold.
+    let bytes = std::fs::read(maps.join("small.safetensors")).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap();
+    assert_eq!(meta["fastdet.run"], "small");
+    assert_eq!(meta["fastdet.volume_shape"], format!("[{cd},{ch},{cw}]"));
+    assert!(meta["fastdet.classes"].starts_with("[\"apo-ferritin\""), "{meta:?}");
+    assert!(meta["fastdet.layout"].contains("axes x, y, z"), "{meta:?}");
     for name in ["scores", "offsets"] {
         let (ss, s) = fastdet::io::tensors::read_f32(&maps.join("small.safetensors"), name).unwrap();
         let (bs, b) = fastdet::io::tensors::read_f32(&maps.join("big.safetensors"), name).unwrap();

@@ -53,7 +53,8 @@ pub struct InferArgs {
     /// MRC2014 tomograms (.mrc/.rec) instead of --data (each run is named after its file stem)
     #[arg(long, num_args = 1.., conflicts_with = "data")]
     pub mrc: Vec<PathBuf>,
-    /// Multiscale level to read
+    /// Multiscale level to read. Coordinates and particle radii still use --voxel-size: give the
+    /// level's own with it (e.g. --level 1 --voxel-size 20.024 for the competition's second level)
     #[arg(long, default_value = "0")]
     pub level: String,
     /// fastdet weights files (any number, mixed architectures): one ensemble
@@ -166,13 +167,15 @@ pub struct RunArgs {
     /// copick session id in the picks' file names and JSON
     #[arg(long, default_value = "0")]
     pub session_id: String,
-    /// Write each run's blended scores/offsets maps as DIR/{run}.safetensors
+    /// Write each run's blended scores/offsets maps as DIR/{run}.safetensors (f32; their layout,
+    /// class order, stride and voxel size are in the file's metadata)
     #[arg(long)]
     pub save_maps: Option<PathBuf>,
     /// Skip runs whose result already exists in OUT.runs/ (from an interrupted run with the same settings)
     #[arg(long)]
     pub resume: bool,
-    /// Also write one RELION 5 STAR file per run as DIR/{run}.star (unbinned pixel coordinates)
+    /// Also write one RELION 5 STAR file per run as DIR/{run}.star (coordinates in the tomogram's
+    /// voxels of --voxel-size Å, and in Å from its centre)
     #[arg(long)]
     pub star_out: Option<PathBuf>,
     /// Also draw a quality-control PNG per run as DIR/{run}.png (z-slabs with the picks)
@@ -482,10 +485,24 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
         .with_context(|| format!("{}: inference failed", job.path.display()))?;
     if let (Some(dir), Some(maps)) = (extras.save_maps, &maps) {
         let d = maps.dims;
+        // What a reader needs to use the maps without this program's source at hand.
+        let classes: Vec<&str> = CLASSES.iter().take(maps.num_classes).map(|c| c.name).collect();
+        let meta: std::collections::HashMap<String, String> = [
+            ("fastdet.run", job.run.clone()),
+            ("fastdet.layout", "scores [class, z, y, x] on the stride-2 grid, sigmoid; offsets [axis, z, y, x], axes x, y, z, in voxels from the cell centre (i + 0.5) * stride".to_string()),
+            ("fastdet.classes", serde_json::to_string(&classes)?),
+            ("fastdet.stride", "2".to_string()),
+            ("fastdet.volume_shape", serde_json::to_string(&vol.shape)?),
+            ("fastdet.voxel_size_angstrom", s.voxel_size.to_string()),
+            ("fastdet.version", fastdet::VERSION.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
         tensors::write_f32(
             &dir.join(format!("{}.safetensors", job.run)),
             &[("scores", vec![maps.num_classes, d[0], d[1], d[2]], &maps.scores), ("offsets", vec![3, d[0], d[1], d[2]], &maps.offsets)],
-            None,
+            Some(meta),
         )?;
     }
     drop(maps);
