@@ -75,8 +75,11 @@ impl Weights {
         // SAFETY: the map is read-only and dropped before return; a concurrent writer could change
         // the bytes, which safetensors' bounds checks turn into an error, not UB in our code.
         let map = unsafe { memmap2::Mmap::map(&file) }.context("cannot map")?;
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(&map).map_err(|e| anyhow::anyhow!("not a safetensors file ({e})"))?;
+        if map.starts_with(b"PK") {
+            bail!("a PyTorch checkpoint, not fastdet weights: convert it first (`fastdet convert {} -o WEIGHTS.safetensors`)", path.display());
+        }
+        let (_, header) = safetensors::SafeTensors::read_metadata(&map)
+            .map_err(|e| anyhow::anyhow!("not a safetensors file ({e}); fastdet weights come from `fastdet convert`"))?;
         let metadata = header.metadata().clone().unwrap_or_default();
         let get = |k: &str| {
             metadata.get(k).cloned().with_context(|| {

@@ -183,6 +183,7 @@ fn broken_weights_files_are_named() {
             assert_eq!(h.len(), n);
             [&bytes[..8], h.as_bytes(), &bytes[8 + n..]].concat()
         }, "format version 9"),
+        ("model.ckpt", std::fs::read(root().join("tests/fixtures/golden/segresnetv2_w8.ckpt")).unwrap(), "a PyTorch checkpoint, not fastdet weights: convert it first"),
     ];
     for (name, content, want) in cases {
         let w = tmp.path().join(name);
