@@ -273,6 +273,12 @@ fn single_zarr_input_and_copick_output() {
     assert_eq!(ra, rb);
     let picks = fastdet::io::copick::read_run_picks(&tmp.path().join("copick/ExperimentRuns/TS_synth_1/Picks"), "TS_synth_1").unwrap();
     assert_eq!(picks.len(), ra.len());
+    // Its level-0 array given directly: the same picks, the run named after the group.
+    let c = tmp.path().join("c.csv");
+    let st = fastdet().args(["run", "--zarr"]).arg(zarr.join("0")).arg("--weights").arg(&weights).args(common).arg("--out").arg(&c).status().unwrap();
+    assert!(st.success());
+    assert_eq!(rows(&c), rb);
+    assert!(std::fs::read_to_string(&c).unwrap().lines().skip(1).all(|l| l.split(',').nth(1) == Some("denoised")));
 }
 
 /// Ensemble members must agree on their classes.

@@ -445,6 +445,10 @@ fn results_json_reads_the_benches_the_binary_writes() {
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
+    // A folder without any bench output (a check that found no GPU) gives no figures at all.
+    let o = Command::new("python3").arg(root.join("tools/results_json.py")).arg(tmp.path()).output().unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.stdout.is_empty() && String::from_utf8_lossy(&o.stderr).contains("nothing was measured"));
     let bench = |file: &str, conv: &str, args: &[&str]| -> serde_json::Value {
         let o = fastdet()
             .args(["bench", "--device", "emu", "--iters", "1", "--warmup", "0", "--json"])

@@ -265,6 +265,12 @@ def main():
     if not os.path.isdir(a.dir):
         print(f"results_json: {a.dir} is not a directory", file=sys.stderr)
         return 64
+    benches = ["bench-fastdet.json", "bench-fastdet-tc.json", "bench-fastdet-measure.json", "bench-tomogram.json",
+               "bench-tomogram-host-blend.json", "bench-torch.json"]
+    if not any(os.path.isfile(os.path.join(a.dir, f)) for f in benches) and not os.path.isdir(os.path.join(a.dir, "criterion")):
+        print(f"results_json: no bench output in {a.dir} ({', '.join(benches)}, criterion/): nothing was measured "
+              "there (see its summary.txt: a check without a GPU measures nothing)", file=sys.stderr)
+        return 3
     doc = assemble(a.dir, a.commit, a.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat())
     text = markdown(doc) + selftest_section(a.dir) if a.markdown else json.dumps(doc, indent=2) + "\n"
     if a.out:

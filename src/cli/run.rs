@@ -204,7 +204,13 @@ struct Job {
 fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
     let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
     if let Some(z) = &a.zarr {
-        return Ok(vec![Job { run: stem(z), path: z.clone() }]);
+        // An array given inside its multiscale group (`tomo.zarr/0`) is named after the group.
+        let level_dir = z.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let named = match z.parent().filter(|p| level_dir && !p.as_os_str().is_empty()) {
+            Some(group) => stem(group),
+            None => stem(z),
+        };
+        return Ok(vec![Job { run: named, path: z.clone() }]);
     }
     if !a.mrc.is_empty() {
         if let Some(d) = a.mrc.iter().find(|p| p.is_dir()) {

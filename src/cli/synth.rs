@@ -18,7 +18,7 @@ fn parse_counts(s: &str) -> Result<[usize; 6], String> {
 ribosome 150 (two subunits),\nthyroglobulin 130 (elongated), virus-like-particle 135 (thick shell), beta-amylase 65 (dim blob); \
 voxel 10.012 Å.\nParticles are darker than the background (v = -density * 1e-5 + 2e-6). Ground-truth picks are in Å.\n\
 Writes {OUT}/{split}/static/ExperimentRuns/TS_synth_N/VoxelSpacing10.000/denoised.zarr (OME-Zarr v2, levels 0,1,2,\n\
-f32, chunks 64³, blosc zstd) and {OUT}/{split}/overlay/ExperimentRuns/TS_synth_N/Picks/{particle}.json.\n\
+f32, chunks of up to 64³, blosc zstd) and {OUT}/{split}/overlay/ExperimentRuns/TS_synth_N/Picks/{particle}.json.\n\
 Example:\n  fastdet synth /tmp/synth --runs 2 --shape 80,160,160 --seed 7\n  \
 fastdet run --data /tmp/synth --weights weights/demo_segresnetv2.safetensors weights/demo_dynunet.safetensors \\\n      \
 --window 64,96,96 --tiles 2,3,3 --out sub.csv && fastdet score --truth /tmp/synth --split test sub.csv")]
