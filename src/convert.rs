@@ -82,20 +82,19 @@ pub fn model_namespace(ckpt: Checkpoint, ema: bool, warnings: &mut Vec<String>) 
             }
         }
     };
-    if chosen.is_empty() {
-        return Ok(ckpt);
-    }
-    // The other sets' tensors are left out (they would be "dropped" anyway), the chosen set's
-    // lose their prefix.
+    // The chosen set's tensors (its heads too, which have no `backbone.` to be recognised by)
+    // lose their prefix; the other sets' are left out, all of them.
+    let others: Vec<&String> = prefixes.iter().filter(|p| **p != chosen && !p.is_empty()).collect();
     let params = ckpt
         .params
         .into_iter()
-        .filter_map(|mut p| match p.name.strip_prefix(&chosen) {
-            Some(rest) => {
-                p.name = rest.to_string();
-                Some(p)
+        .filter_map(|mut p| {
+            if chosen.is_empty() {
+                return (!others.iter().any(|o| p.name.starts_with(o.as_str()))).then_some(p);
             }
-            None => (prefix_of(&p.name).is_none()).then_some(p),
+            let rest = p.name.strip_prefix(&chosen)?.to_string();
+            p.name = rest;
+            Some(p)
         })
         .collect();
     Ok(Checkpoint::new(params))

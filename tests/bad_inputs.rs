@@ -309,7 +309,7 @@ fn settings_wrong_for_every_run_are_refused_before_reading() {
         let e = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
         assert!(e.contains(want) && !e.contains("TS_never"), "{args:?}: {e}");
-        assert!(!out.exists(), "{args:?}");
+        assert!(!out.exists() && !tmp.path().join("sub.csv.runs").exists(), "{args:?}: something was written");
     }
     // An output path that is a folder.
     let o = run_mrc(&[&never], tmp.path(), &[]);

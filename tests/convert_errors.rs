@@ -526,6 +526,28 @@ fn wrapper_prefixes_ema_copies_and_reproducible_bytes() {
     convert_ok(&[&input], &out, &["--ema"]);
     assert_eq!(read_st(&out), want);
 
+    // An `ema.` prefix sorts before `head2.`: the heads must still come from the chosen set.
+    let input2 = s.input("ema2.safetensors");
+    write_st(&input2, &prefixed("ema.", Some(("", true))));
+    let out = s.out("ema2_out.safetensors");
+    convert_ok(&[&input2], &out, &["--ema"]);
+    assert_eq!(read_st(&out), want);
+
+    // DynUNet (whose aliased tensors are merged by name): the EMA copy alone, heads included.
+    let ckpt = read_checkpoint(&golden("dynunet_w8.ckpt")).unwrap();
+    let f32_tensor = |data: &[f32], shape: &[usize]| RawTensor { dtype: Dtype::F32, shape: shape.to_vec(), bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let mut both = BTreeMap::new();
+    for p in &ckpt.params {
+        both.insert(format!("model_ema.module.{}", p.name), f32_tensor(&p.data, &p.shape));
+        both.insert(p.name.clone(), f32_tensor(&vec![0.0; p.data.len()], &p.shape));
+    }
+    let dyn_input = s.input("dyn_ema.safetensors");
+    write_st(&dyn_input, &both);
+    let (dyn_want, dyn_got) = (s.out("dyn_plain.safetensors"), s.out("dyn_ema.safetensors"));
+    convert_ok(&[&golden("dynunet_w8.ckpt")], &dyn_want, &[]);
+    convert_ok(&[&dyn_input], &dyn_got, &["--ema"]);
+    assert_eq!(read_st(&dyn_got), read_st(&dyn_want));
+
     // Onto its own input: refused, the input left as it was.
     let before = std::fs::read(&input).unwrap();
     let o = fastdet(["convert", path_str(&input), "-o", path_str(&input)]);

@@ -63,6 +63,13 @@ fn config_file_values_and_flag_overrides() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && e.contains("run.toml") && e.contains(key), "{text}: {e}");
     }
+    // Ids written as numbers are ids; a negative threshold is named as such, not taken for a flag.
+    std::fs::write(&cfg, "session_id = 7\n").unwrap();
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg)).parse().unwrap();
+    assert_eq!(t["session_id"].as_str(), Some("7"));
+    std::fs::write(&cfg, "[thresholds]\nribosome = -0.5\n").unwrap();
+    let o = fastdet().args(["run", "--print-config", "--config"]).arg(&cfg).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("ribosome = -0.5 is not a probability"), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::write(&cfg, "device = \"cpu\"\ngpus = [0]\n").unwrap();
     let o = fastdet().args(["run", "--print-config", "--config"]).arg(&cfg).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("run.toml: give one of device, gpus and devices"));

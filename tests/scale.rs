@@ -160,13 +160,13 @@ fn killed_run_resumes_to_the_same_output() {
     // Other settings with --resume: refused rather than mixing results.
     let o = cheap_run(&data, &out).args(["--resume", "--iou", "0.5"]).output().unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("other inputs, weights or settings"));
     // So are other tomograms under the same run names (a copy of the dataset elsewhere).
     let copy = tmp.path().join("copy");
     copy_dir(&data, &copy);
     let o = cheap_run(&copy, &out).arg("--resume").output().unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("other inputs, weights or settings"));
 }
 
 fn copy_dir(from: &Path, to: &Path) {

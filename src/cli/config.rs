@@ -110,8 +110,7 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
                 file_host = Some(host);
             }
             ("thresholds", v) => {
-                extra.push(flag.into());
-                extra.push(thresholds(v, file)?.into());
+                extra.push(format!("{flag}={}", thresholds(v, file)?).into());
             }
             (_, toml::Value::Boolean(b)) => {
                 if *b {
@@ -158,6 +157,8 @@ fn check_kind(key: &str, raw_key: &str, v: &toml::Value, file: &Path) -> Result<
         "window" | "tiles" | "gpus" => v.is_str() || v.as_array().is_some_and(|a| a.iter().all(|x| matches!(x, V::Integer(i) if *i >= 0))),
         "runs" | "weights" | "mrc" | "devices" => v.is_str() || v.as_array().is_some_and(|a| a.iter().all(|x| x.is_str())),
         "thresholds" => true,
+        // `session_id = 0`, `split = 2024`: ids written as numbers are fine.
+        "user-id" | "session-id" | "split" => v.is_str() || v.is_integer(),
         _ => v.is_str(),
     };
     if ok {

@@ -374,6 +374,16 @@ fn writable_dir(flag: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The checks of a job's inputs and models that need no tomogram: before anything is written.
+fn preflight(a: &InferArgs) -> Result<Vec<Job>> {
+    let jobs = jobs(a)?;
+    if a.weights.is_empty() {
+        bail!("give --weights FILE... (fastdet weights, see `fastdet convert`)");
+    }
+    check_window_fits(a)?;
+    Ok(jobs)
+}
+
 /// Every model takes the window (the checks a run would otherwise fail on every tomogram, after
 /// reading it): before any tomogram is read.
 fn check_window_fits(a: &InferArgs) -> Result<()> {
@@ -495,9 +505,9 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
         let classes: Vec<&str> = CLASSES.iter().take(maps.num_classes).map(|c| c.name).collect();
         let meta: std::collections::HashMap<String, String> = [
             ("fastdet.run", job.run.clone()),
-            ("fastdet.layout", "scores [class, z, y, x] on the stride-2 grid, sigmoid; offsets [axis, z, y, x], axes x, y, z, in voxels from the cell centre (i + 0.5) * stride".to_string()),
+            ("fastdet.layout", format!("scores [class, z, y, x] on the stride-{} grid, sigmoid; offsets [axis, z, y, x], axes x, y, z, in voxels from the cell centre (i + 0.5) * stride", ens.stride)),
             ("fastdet.classes", serde_json::to_string(&classes)?),
-            ("fastdet.stride", "2".to_string()),
+            ("fastdet.stride", ens.stride.to_string()),
             ("fastdet.volume_shape", serde_json::to_string(&vol.shape)?),
             ("fastdet.voxel_size_angstrom", s.voxel_size.to_string()),
             ("fastdet.version", fastdet::VERSION.to_string()),
@@ -538,7 +548,7 @@ impl Parts {
             let old = std::fs::read_to_string(&fp_path).with_context(|| format!("{}: cannot read", fp_path.display()))?;
             if old != fingerprint {
                 bail!(
-                    "--resume: {} was made with other settings or weights; remove {} or run without --resume",
+                    "--resume: {} was made with other inputs, weights or settings (or by an older fastdet); remove {} or run without --resume",
                     fp_path.display(),
                     dir.display()
                 );
@@ -692,12 +702,8 @@ fn worker(
 /// Runs every job, reporting (and skipping) the ones that fail. With several devices, worker k takes
 /// runs[k::n] of the runs still to do; the output is in run order, as with one device.
 fn infer_all(a: &InferArgs, s: &Settings, extras: Extras, parts: Option<&Parts>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
-    let jobs = jobs(a)?;
+    let jobs = preflight(a)?;
     extras.check_dirs()?;
-    if a.weights.is_empty() {
-        bail!("give --weights FILE... (fastdet weights, see `fastdet convert`)");
-    }
-    check_window_fits(a)?;
     let devices = a.devices()?;
     eprintln!(
         "{} run(s), {} model(s) on {}, window {:?}, tiles {:?}, tta {:?}",
@@ -817,6 +823,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     if out.is_dir() {
         bail!("--out {}: is a directory; give a file name", out.display());
     }
+    preflight(&a.infer)?;
     if let Some(dir) = &a.copick_out {
         copick::check_id("--user-id", &a.user_id)?;
         copick::check_id("--session-id", &a.session_id)?;

@@ -77,7 +77,7 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         }
     };
     // What was placed: a volume too small for the requested particles holds fewer.
-    let truth = fastdet::io::copick::read_truth(&a.out, &cfg.split)?;
+    let truth: Vec<_> = fastdet::io::copick::read_truth(&a.out, &cfg.split)?.into_iter().filter(|p| runs.contains(&p.run)).collect();
     let requested: usize = cfg.particles_per_class.iter().sum::<usize>() * runs.len();
     let counts: Vec<String> = CLASSES
         .iter()

@@ -118,36 +118,59 @@ fn json_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Which of a run's picks files are its ground truth. A copick project may hold several users'
 /// picks beside the annotators' (fastdet's own `--copick-out`, other pickers), and objects other
-/// than the six particles (membranes...): the truth is the `curation` user's files when there are
-/// any, else the files of the one user and session there is; files of other objects are skipped.
-/// Several users or sessions and no `curation` is an error: their points would all count.
+/// than the six particles (membranes...). The annotators' files are those of user `curation` or
+/// without a user (the competition's own `{particle}.json`). Per particle: the annotators' files
+/// when there are any, else the files of the one user and session there is; several users or
+/// sessions of one particle and no annotator is an error, as their points would all count. An
+/// object other than the six is skipped in other users' files, and an error in the annotators'
+/// (a mislabelled truth would otherwise vanish).
 fn truth_files(picks_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<(PathBuf, PicksIn)>> {
     let mut files = json_files(picks_dir)?;
     files.sort();
-    let mut docs = Vec::new();
+    let annotator = |d: &PicksIn| matches!(d.user_id.as_deref(), None | Some("") | Some("curation"));
+    let mut known: Vec<(PathBuf, PicksIn, usize)> = Vec::new();
     for f in files {
         let bytes = std::fs::read(&f).with_context(|| format!("{}: cannot read picks file", f.display()))?;
         let doc: PicksIn = serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed copick picks JSON", f.display()))?;
-        if class_index(&doc.pickable_object_name).is_none() {
-            notes.push(format!("{}: object {:?} is not one of the six particles; not ground truth", f.display(), doc.pickable_object_name));
-            continue;
+        match class_index(&doc.pickable_object_name) {
+            Some(c) => known.push((f, doc, c)),
+            None if annotator(&doc) => bail!(
+                "{}: unknown pickable_object_name {:?} (known: {})",
+                f.display(),
+                doc.pickable_object_name,
+                CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+            ),
+            None => notes.push(format!("{}: object {:?} is not one of the six particles; not ground truth", f.display(), doc.pickable_object_name)),
         }
-        docs.push((f, doc));
     }
     let who = |d: &PicksIn| (d.user_id.clone().unwrap_or_default(), d.session_id.clone().unwrap_or_default());
-    let mut groups: Vec<(String, String)> = docs.iter().map(|(_, d)| who(d)).collect();
-    groups.sort();
-    groups.dedup();
-    if groups.len() <= 1 {
-        return Ok(docs);
+    let mut keep = vec![false; known.len()];
+    let mut left_out = 0;
+    for c in 0..CLASSES.len() {
+        let of_class: Vec<usize> = (0..known.len()).filter(|&i| known[i].2 == c).collect();
+        let mut groups: Vec<(String, String)> = of_class.iter().map(|&i| who(&known[i].1)).collect();
+        groups.sort();
+        groups.dedup();
+        let by_annotators: Vec<usize> = of_class.iter().copied().filter(|&i| annotator(&known[i].1)).collect();
+        if groups.len() <= 1 {
+            of_class.iter().for_each(|&i| keep[i] = true);
+        } else if !by_annotators.is_empty() {
+            by_annotators.iter().for_each(|&i| keep[i] = true);
+            left_out += of_class.len() - by_annotators.len();
+        } else {
+            let list: Vec<String> = groups.iter().map(|(u, s)| format!("user {u:?} session {s:?}")).collect();
+            bail!(
+                "{}: {} picked by several users or sessions ({}) and none of user curation: which is the ground truth? Keep one set in this folder",
+                picks_dir.display(),
+                CLASSES[c].name,
+                list.join(", ")
+            );
+        }
     }
-    if groups.iter().any(|(u, _)| u == "curation") {
-        let (kept, other): (Vec<_>, Vec<_>) = docs.into_iter().partition(|(_, d)| d.user_id.as_deref() == Some("curation"));
-        notes.push(format!("{}: ground truth from user curation; {} file(s) of other users not counted", picks_dir.display(), other.len()));
-        return Ok(kept);
+    if left_out > 0 {
+        notes.push(format!("{}: ground truth from user curation; {left_out} file(s) of other users not counted", picks_dir.display()));
     }
-    let list: Vec<String> = groups.iter().map(|(u, s)| format!("user {u:?} session {s:?}")).collect();
-    bail!("{}: picks of several users or sessions ({}) and none of user curation: which is the ground truth? Keep one set in this folder", picks_dir.display(), list.join(", "))
+    Ok(known.into_iter().zip(keep).filter(|(_, k)| *k).map(|((f, d, _), _)| (f, d)).collect())
 }
 
 /// Reads the ground truth of a split: `{root}/{split}/overlay/ExperimentRuns/{run}/Picks/` for every
@@ -298,9 +321,20 @@ mod tests {
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert!(notes[0].contains("membrane") && notes[1].contains("1 file(s) of other users not counted"), "{notes:?}");
 
+        // One annotator per particle, in its own session: all of them are the truth.
+        file(&b, "carol_2_apo-ferritin.json", "carol", "apo-ferritin", 1);
+        let (truth, _) = read_truth_noted(root.path(), "test").unwrap();
+        assert_eq!(truth.iter().filter(|p| p.run == "TS_b").count(), 3);
+
         file(&b, "bob_1_ribosome.json", "bob", "ribosome", 4);
         let e = read_truth_noted(root.path(), "test").unwrap_err().to_string();
-        assert!(e.contains("TS_b") && e.contains("user \"alice\"") && e.contains("user \"bob\"") && e.contains("none of user curation"), "{e}");
+        assert!(e.contains("TS_b") && e.contains("ribosome picked by") && e.contains("user \"alice\"") && e.contains("user \"bob\"") && e.contains("none of user curation"), "{e}");
+        std::fs::remove_file(b.join("bob_1_ribosome.json")).unwrap();
+
+        // A curation file of an unknown object is a mislabelled truth: an error.
+        file(&a, "membrane.json", "curation", "membranes", 1);
+        let e = read_truth_noted(root.path(), "test").unwrap_err().to_string();
+        assert!(e.contains("unknown pickable_object_name \"membranes\""), "{e}");
     }
 
     #[test]

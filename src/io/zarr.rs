@@ -179,7 +179,7 @@ fn list_arrays(dir: &Path) -> Vec<String> {
 /// Read a 3-D zarr array as `f32`.
 ///
 /// `path` is an OME-Zarr group (the array `{path}/{level}` is read; an empty `level` means `"0"`)
-/// or a zarr array directory (then `level` is ignored). Zarr v2 and v3, any regular chunking,
+/// or a zarr array directory (then `level` must be `"0"` or empty: no other level is in it). Zarr v2 and v3, any regular chunking,
 /// blosc/zlib/gzip/zstd/no compression. The voxel size comes from the group's OME `multiscales`
 /// metadata for the matching dataset path, `None` if absent.
 pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {

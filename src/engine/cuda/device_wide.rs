@@ -6,7 +6,7 @@
 //! (`--gpus 0,0`) share its primary context, so one worker opening or dropping an engine could
 //! break the other's capture (that shape would then run without a graph). Here such calls and
 //! captures on one device exclude each other: a device-wide call waits until no other thread
-//! captures on that device, and a capture waits until no device-wide call runs. Captures do not
+//! captures on that device, and a capture waits until no device-wide call runs or waits. Captures do not
 //! exclude each other (thread-local capture mode keeps them apart), nor do a thread's own capture
 //! and its own calls (a device-wide call inside one's own capture is refused elsewhere).
 
@@ -18,6 +18,9 @@ use std::thread::ThreadId;
 struct DeviceState {
     capturing: Vec<ThreadId>,
     device_wide: bool,
+    /// Device-wide calls waiting for captures to end: new captures wait for them (else two
+    /// workers' overlapping captures could hold an engine's opening back indefinitely).
+    pending: usize,
 }
 
 static STATE: Mutex<BTreeMap<usize, DeviceState>> = Mutex::new(BTreeMap::new());
@@ -38,7 +41,7 @@ pub struct CaptureClaim {
 pub fn claim_capture(ordinal: usize) -> CaptureClaim {
     let thread = std::thread::current().id();
     let mut s = state();
-    while s.get(&ordinal).is_some_and(|d| d.device_wide) {
+    while s.get(&ordinal).is_some_and(|d| d.device_wide || d.pending > 0) {
         s = CHANGED.wait(s).unwrap_or_else(|e| e.into_inner());
     }
     s.entry(ordinal).or_default().capturing.push(thread);
@@ -63,10 +66,13 @@ impl Drop for CaptureClaim {
 pub fn device_wide<T>(ordinal: usize, f: impl FnOnce() -> T) -> T {
     let me = std::thread::current().id();
     let mut s = state();
+    s.entry(ordinal).or_default().pending += 1;
     while s.get(&ordinal).is_some_and(|d| d.device_wide || d.capturing.iter().any(|t| *t != me)) {
         s = CHANGED.wait(s).unwrap_or_else(|e| e.into_inner());
     }
-    s.entry(ordinal).or_default().device_wide = true;
+    let d = s.entry(ordinal).or_default();
+    d.pending -= 1;
+    d.device_wide = true;
     drop(s);
     // Released even when `f` panics (cuDNN's loader can).
     struct Release(usize);
@@ -127,6 +133,31 @@ mod tests {
         claimed_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         holder.join().unwrap();
         capturer.join().unwrap();
+    }
+
+    /// A capture asked for while a device-wide call waits for another capture waits behind that
+    /// call (a stream of overlapping captures cannot hold it back).
+    #[test]
+    fn a_waiting_device_wide_call_goes_before_new_captures() {
+        const DEV: usize = (1 << 40) + 3;
+        let first = claim_capture(DEV);
+        let (order_tx, order_rx) = mpsc::channel();
+        let tx = order_tx.clone();
+        let wide = std::thread::spawn(move || device_wide(DEV, || tx.send("device-wide").unwrap()));
+        std::thread::sleep(Duration::from_millis(200)); // the call is waiting now
+        let tx = order_tx.clone();
+        let second = std::thread::spawn(move || {
+            let c = claim_capture(DEV);
+            tx.send("capture").unwrap();
+            drop(c);
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(order_rx.try_recv().is_err(), "nothing may run while the first capture lasts");
+        drop(first);
+        assert_eq!(order_rx.recv_timeout(Duration::from_secs(10)), Ok("device-wide"));
+        assert_eq!(order_rx.recv_timeout(Duration::from_secs(10)), Ok("capture"));
+        wide.join().unwrap();
+        second.join().unwrap();
     }
 
     /// A panic inside a device-wide call releases the device.

@@ -1180,7 +1180,17 @@ impl CudaEngine {
                                 }
                                 // In a capture the failure may be the capture's own: the eager
                                 // rerun decides about the fallback.
-                                // A full device is not cuDNN's failure: the runner halves the batch.
+                                // A full device is not cuDNN's failure: the runner halves the
+                                // batch; at one tile, which cannot be halved, our kernel (it
+                                // needs no workspace) takes this call only.
+                                Err(e) if self.backend == ConvBackend::Auto && !gpu.capturing() && shape.n == 1 && e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_some() => {
+                                    let msg = format!("{}: no room for cuDNN's workspace; conv3d_igemm_f16 when it does not fit", self.graph.values[op.output].name);
+                                    if !self.notes.contains(&msg) {
+                                        eprintln!("warning: {msg} ({e:#})");
+                                        self.notes.push(msg);
+                                    }
+                                    direct = true;
+                                }
                                 Err(e) if self.backend == ConvBackend::Auto && !gpu.capturing() && e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_none() => {
                                     let msg = format!("{}: cuDNN failed ({e:#}); using conv3d_igemm_f16 for it", self.graph.values[op.output].name);
                                     eprintln!("warning: {msg}");

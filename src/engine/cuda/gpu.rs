@@ -647,9 +647,10 @@ impl Gpu {
         }
         *self.capture_thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let freed = self.usage.freed_in_capture.swap(0, Ordering::Relaxed);
-        let graph = self.make_graph();
-        *self.capture_claim.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let graph = graph?;
+        // Released when this returns or unwinds: a claim left behind would hold other threads'
+        // device-wide calls for good.
+        let _claim = self.capture_claim.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let graph = self.make_graph()?;
         if freed > 0 {
             bail!("{freed} buffer(s) freed during the capture (left allocated)");
         }
