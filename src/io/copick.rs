@@ -146,7 +146,7 @@ fn truth_files(picks_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<(PathBuf
     let who = |d: &PicksIn| (d.user_id.clone().unwrap_or_default(), d.session_id.clone().unwrap_or_default());
     let mut keep = vec![false; known.len()];
     let mut left_out = 0;
-    for c in 0..CLASSES.len() {
+    for (c, class) in CLASSES.iter().enumerate() {
         let of_class: Vec<usize> = (0..known.len()).filter(|&i| known[i].2 == c).collect();
         let mut groups: Vec<(String, String)> = of_class.iter().map(|&i| who(&known[i].1)).collect();
         groups.sort();
@@ -162,7 +162,7 @@ fn truth_files(picks_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<(PathBuf
             bail!(
                 "{}: {} picked by several users or sessions ({}) and none of user curation: which is the ground truth? Keep one set in this folder",
                 picks_dir.display(),
-                CLASSES[c].name,
+                class.name,
                 list.join(", ")
             );
         }
