@@ -359,6 +359,12 @@ fn options_that_do_not_apply_to_the_inputs_are_refused() {
     let o = run_mrc(&[tmp.path()], &out, &[]);
     assert!(!o.status.success() && stderr(&o).contains("a directory; --mrc takes MRC files"), "{}", stderr(&o));
     assert!(!out.exists());
+    // A file without an MRC extension is still read as the MRC it was given as.
+    let dat = tmp.path().join("TS_b.dat");
+    std::fs::write(&dat, b"not a volume").unwrap();
+    let o = run_mrc(&[&dat], &out, &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("TS_b.dat") && !e.contains("zarr"), "{e}");
     let array = root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr/0");
     let e = fastdet::io::zarr::read_zarr_volume(&array, "1").unwrap_err();
     assert!(format!("{e:#}").contains("a zarr array, not a multiscale group: level \"1\""), "{e:#}");

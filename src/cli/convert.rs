@@ -56,6 +56,7 @@ pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
 #[derive(Args)]
 #[command(after_help = "Example:\n  fastdet inspect weights/demo_segresnetv2.safetensors --graph --tile 192,128,128")]
 pub struct InspectArgs {
+    /// fastdet weights file (.safetensors written by `fastdet convert`)
     pub weights: PathBuf,
     /// Emit one JSON object
     #[arg(long)]

@@ -337,7 +337,8 @@ fn is_mrc(p: &Path) -> bool {
 }
 
 fn read_volume(path: &Path, level: &str) -> Result<zarr::Volume> {
-    if is_mrc(path) {
+    // A zarr store is a folder: any file is taken for an MRC (whose reader names what is wrong).
+    if is_mrc(path) || path.is_file() {
         fastdet::io::mrc::read_mrc(path)
     } else {
         zarr::read_zarr_volume(path, level)
