@@ -73,6 +73,7 @@ fn constant_volume_gives_no_picks_and_no_error() {
     let out = tmp.path().join("sub.csv");
     let o = run_mrc(&[&f], &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("flat.mrc: every voxel is 3.5: no contrast"), "{}", stderr(&o));
     let rows = csv_rows(&out);
     // A flat input has no particle; whatever the biases give is the same everywhere (no peaks above
     // the seed thresholds is expected for the demo models).
@@ -226,6 +227,10 @@ fn malformed_truth_is_named() {
     assert!(o.status.success(), "{}", stderr(&o));
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["fbeta"].as_f64(), Some(0.0));
+    // Picks of a run the split does not have are named, not silently ignored.
+    std::fs::write(&sub, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n1,TS_9,ribosome,1,2,3\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
+    assert!(o.status.success() && stderr(&o).contains("1 run(s) have no ground truth") && stderr(&o).contains("TS_9"), "{}", stderr(&o));
 }
 
 /// A full disk: the write fails with the file named and nothing partial is left. Needs a small
