@@ -520,12 +520,22 @@ pub fn tomogram_path(root: &Path, split: &str, run: &str) -> PathBuf {
 
 /// `{root}/{split}/overlay/ExperimentRuns/{run}`
 pub fn truth_run_dir(root: &Path, split: &str, run: &str) -> PathBuf {
-    root.join(split).join("overlay").join("ExperimentRuns").join(run)
+    crate::io::copick::truth_runs_dir(root, split).join(run)
+}
+
+/// What `write_dataset` wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    /// The runs' names, in order.
+    pub runs: Vec<String>,
+    /// Particles placed per class (in [`CLASSES`] order) over all runs: fewer than requested
+    /// when a volume has no room for them.
+    pub placed: [usize; 6],
 }
 
 /// Synthesises `cfg.runs` tomograms `TS_synth_1..=N` under `root` in the competition layout (see
 /// the module docs) and returns the run names. Refuses to write into a run that already exists.
-pub fn write_dataset(root: &Path, cfg: &SynthConfig) -> Result<Vec<String>> {
+pub fn write_dataset(root: &Path, cfg: &SynthConfig) -> Result<Written> {
     if cfg.shape.contains(&0) {
         bail!("shape {:?}: every axis must be at least 1 voxel", cfg.shape);
     }
@@ -537,7 +547,7 @@ pub fn write_dataset(root: &Path, cfg: &SynthConfig) -> Result<Vec<String>> {
     }
     check_memory(cfg.shape)?;
     let names: Vec<String> = (1..=cfg.runs).map(run_name).collect();
-    let run_dirs = |run: &str| [root.join(&cfg.split).join("static/ExperimentRuns").join(run), truth_run_dir(root, &cfg.split, run)];
+    let run_dirs = |run: &str| [crate::io::dataset::runs_dir(root, &cfg.split).join(run), truth_run_dir(root, &cfg.split, run)];
     for run in &names {
         for p in run_dirs(run) {
             if p.exists() {
@@ -545,8 +555,10 @@ pub fn write_dataset(root: &Path, cfg: &SynthConfig) -> Result<Vec<String>> {
             }
         }
     }
+    let mut placed = [0usize; 6];
     for (i, run) in names.iter().enumerate() {
         let t = make_tomogram(cfg.shape, &cfg.particles_per_class, run_seed(cfg.seed, i + 1), cfg.noise);
+        placed.iter_mut().zip(&t.picks).for_each(|(n, p)| *n += p.len());
         let written = write_ome_zarr(&tomogram_path(root, &cfg.split, run), &t.data, t.shape)
             .and_then(|()| write_truth(&truth_run_dir(root, &cfg.split, run), run, &t.picks));
         if let Err(e) = written {
@@ -559,7 +571,7 @@ pub fn write_dataset(root: &Path, cfg: &SynthConfig) -> Result<Vec<String>> {
             return Err(e.context(format!("{}: the {} run(s) written so far were removed", root.display(), i)));
         }
     }
-    Ok(names)
+    Ok(Written { runs: names, placed })
 }
 
 /// Volumes `make_tomogram` holds at once, as f32 (the volume, the blurred copy, the noise pass).

@@ -2,9 +2,8 @@
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-/// Writes a file atomically: the bytes go to a temporary file beside `path`, which is then renamed,
-/// so a reader never sees a partial file and a failure leaves nothing behind.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
+/// The folder `path` is written in, when it exists (`.` for a bare file name).
+fn output_dir(path: &Path) -> Result<PathBuf> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -12,6 +11,22 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Resul
     if !dir.is_dir() {
         anyhow::bail!("{}: output directory {} does not exist", path.display(), dir.display());
     }
+    Ok(dir)
+}
+
+/// Refuses an output file that `write_atomic` could not write, before the work that makes it.
+pub fn check_output_file(path: &Path) -> Result<()> {
+    output_dir(path)?;
+    if path.is_dir() {
+        anyhow::bail!("{}: is a directory; give a file name", path.display());
+    }
+    Ok(())
+}
+
+/// Writes a file atomically: the bytes go to a temporary file beside `path`, which is then renamed,
+/// so a reader never sees a partial file and a failure leaves nothing behind.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
+    let dir = output_dir(path)?;
     let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     let result = (|| {

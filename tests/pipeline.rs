@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::copy_dir;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
@@ -120,19 +123,6 @@ fn demo_ensemble_reproduces_reference_pipeline() {
     let f = s["fbeta"].as_f64().unwrap();
     assert!((f - cfg["fbeta"].as_f64().unwrap()).abs() <= 1e-6, "fbeta {f}");
     assert_eq!(s["per_class"].as_array().unwrap().len(), 6);
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let t = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), t).unwrap();
-        }
-    }
 }
 
 /// A corrupt tomogram is reported and skipped; the other run still lands in the CSV; exit code 2.

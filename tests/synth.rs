@@ -40,7 +40,7 @@ fn small(seed: u64) -> SynthConfig {
 #[test]
 fn same_seed_gives_identical_bytes() {
     let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    assert_eq!(write_dataset(a.path(), &small(5)).unwrap(), vec!["TS_synth_1", "TS_synth_2"]);
+    assert_eq!(write_dataset(a.path(), &small(5)).unwrap().runs, vec!["TS_synth_1", "TS_synth_2"]);
     write_dataset(b.path(), &small(5)).unwrap();
     write_dataset(c.path(), &small(6)).unwrap();
     let (ta, tb, tc) = (tree(a.path()), tree(b.path()), tree(c.path()));

@@ -149,32 +149,26 @@ const DEVICE_KEYS: &[&str] = &["device", "gpus", "devices"];
 /// What each key's value must be, so that a wrong one is an error naming the file and the key.
 fn check_kind(key: &str, raw_key: &str, v: &toml::Value, file: &Path) -> Result<()> {
     use toml::Value as V;
-    let ok = match key {
-        "allow-nonfinite" | "with-score" | "resume" | "device-blend" | "host-blend" => v.is_bool(),
-        "batch" | "top-k" => matches!(v, V::Integer(i) if *i >= 0),
-        "iou" | "blend-sigma" | "voxel-size" => v.is_float() || v.is_integer(),
-        "level" => v.is_str() || matches!(v, V::Integer(i) if *i >= 0),
-        "window" | "tiles" | "gpus" => v.is_str() || v.as_array().is_some_and(|a| a.iter().all(|x| matches!(x, V::Integer(i) if *i >= 0))),
-        "runs" | "weights" | "mrc" | "devices" => v.is_str() || v.as_array().is_some_and(|a| a.iter().all(|x| x.is_str())),
-        "thresholds" => true,
+    let whole = |x: &V| matches!(x, V::Integer(i) if *i >= 0);
+    let (ok, want) = match key {
+        "allow-nonfinite" | "with-score" | "resume" | "device-blend" | "host-blend" => (v.is_bool(), "true or false"),
+        "batch" | "top-k" => (whole(v), "a whole number >= 0"),
+        "iou" | "blend-sigma" | "voxel-size" => (v.is_float() || v.is_integer(), "a number"),
+        "level" => (v.is_str() || whole(v), "a level name or number"),
+        "window" | "tiles" | "gpus" => (
+            v.is_str() || v.as_array().is_some_and(|a| a.iter().all(whole)),
+            if key == "gpus" { "a list of GPU numbers, e.g. [0, 1]" } else { "a list of three whole numbers, e.g. [192, 128, 128]" },
+        ),
+        "runs" | "weights" | "mrc" | "devices" => (v.is_str() || v.as_array().is_some_and(|a| a.iter().all(|x| x.is_str())), "a list of strings"),
+        "thresholds" => (true, ""),
         // `session_id = 0`, `split = 2024`: ids written as numbers are fine.
-        "user-id" | "session-id" | "split" => v.is_str() || v.is_integer(),
-        _ => v.is_str(),
+        "user-id" | "session-id" | "split" => (v.is_str() || v.is_integer(), "a string"),
+        _ => (v.is_str(), "a string"),
     };
-    if ok {
-        return Ok(());
+    if !ok {
+        bail!("{}: `{raw_key}` must be {want}, not {v}", file.display());
     }
-    let want = match key {
-        "allow-nonfinite" | "with-score" | "resume" | "device-blend" | "host-blend" => "true or false",
-        "batch" | "top-k" => "a whole number >= 0",
-        "iou" | "blend-sigma" | "voxel-size" => "a number",
-        "level" => "a level name or number",
-        "window" | "tiles" => "a list of three whole numbers, e.g. [192, 128, 128]",
-        "gpus" => "a list of GPU numbers, e.g. [0, 1]",
-        "runs" | "weights" | "mrc" | "devices" => "a list of strings",
-        _ => "a string",
-    };
-    bail!("{}: `{raw_key}` must be {want}, not {v}", file.display())
+    Ok(())
 }
 
 /// Every option `run` accepts in a config file.

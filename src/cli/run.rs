@@ -700,10 +700,10 @@ fn worker(
     Ok(out)
 }
 
-/// Runs every job, reporting (and skipping) the ones that fail. With several devices, worker k takes
-/// runs[k::n] of the runs still to do; the output is in run order, as with one device.
-fn infer_all(a: &InferArgs, s: &Settings, extras: Extras, parts: Option<&Parts>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
-    let jobs = preflight(a)?;
+/// Runs every job (as `preflight` gave them), reporting (and skipping) the ones that fail. With
+/// several devices, worker k takes runs[k::n] of the runs still to do; the output is in run
+/// order, as with one device.
+fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: Option<&Parts>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
     extras.check_dirs()?;
     let devices = a.devices()?;
     eprintln!(
@@ -817,14 +817,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     }
     let out = a.out.as_deref().context("give --out FILE.csv (or `out` in the config file)")?;
     // Fail on an unwritable output before spending minutes on inference.
-    let out_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !out_dir.is_dir() {
-        bail!("{}: output directory {} does not exist", out.display(), out_dir.display());
-    }
-    if out.is_dir() {
-        bail!("--out {}: is a directory; give a file name", out.display());
-    }
-    preflight(&a.infer)?;
+    fastdet::util::check_output_file(out)?;
+    let jobs = preflight(&a.infer)?;
     if let Some(dir) = &a.copick_out {
         copick::check_id("--user-id", &a.user_id)?;
         copick::check_id("--session-id", &a.session_id)?;
@@ -832,8 +826,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     }
     let parts = Parts::new(out, &fingerprint(&a.infer, &s)?, a.resume)?;
     let extras = Extras { save_maps: a.save_maps.as_deref(), star_out: a.star_out.as_deref(), qc: a.qc.as_deref() };
-    let (picks, failed) = infer_all(&a.infer, &s, extras, Some(&parts))?;
-    let jobs = jobs(&a.infer)?;
+    let (picks, failed) = infer_all(&a.infer, &jobs, &s, extras, Some(&parts))?;
     if !failed.is_empty() && failed.len() == jobs.len() {
         // A header-only file would pass for a run that found nothing.
         eprintln!("every run failed: {} not written", out.display());
@@ -863,10 +856,11 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     }
     let truth = copick::read_truth(root, &a.infer.split)?;
     let s = settings(&a.infer, vec![a.min_threshold; CLASSES.len()])?;
-    let (cands, failed) = infer_all(&a.infer, &s, Extras::default(), None)?;
+    let jobs = preflight(&a.infer)?;
+    let (cands, failed) = infer_all(&a.infer, &jobs, &s, Extras::default(), None)?;
     // Scored on the runs inferred here (`--runs`, `--shard`, less any that failed): the truth of
     // the others would count as missed particles and pull the thresholds down.
-    let inferred: std::collections::HashSet<String> = jobs(&a.infer)?.into_iter().map(|j| j.run).filter(|r| !failed.iter().any(|(f, _)| f == r)).collect();
+    let inferred: std::collections::HashSet<String> = jobs.into_iter().map(|j| j.run).filter(|r| !failed.iter().any(|(f, _)| f == r)).collect();
     let truth: Vec<Pick> = truth.into_iter().filter(|p| inferred.contains(&p.run)).collect();
     if inferred.is_empty() {
         bail!("no run was inferred: nothing to tune on");

@@ -31,7 +31,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let truth = copick::read_truth(&a.truth, &a.split)?;
     let sub = csv::read_submission(&a.submission)?;
     // Runs of the split (annotated or not; read_truth has listed the folder already).
-    let runs_dir = a.truth.join(&a.split).join("overlay").join("ExperimentRuns");
+    let runs_dir = copick::truth_runs_dir(&a.truth, &a.split);
     let known: std::collections::BTreeSet<String> =
         std::fs::read_dir(&runs_dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     let unknown: std::collections::BTreeSet<&str> = sub.iter().map(|p| p.run.as_str()).filter(|r| !known.contains(*r)).collect();

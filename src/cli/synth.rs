@@ -67,8 +67,8 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
     };
     let created = !a.out.exists();
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create", a.out.display()))?;
-    let runs = match synth::write_dataset(&a.out, &cfg) {
-        Ok(r) => r,
+    let written = match synth::write_dataset(&a.out, &cfg) {
+        Ok(w) => w,
         Err(e) => {
             if created {
                 let _ = std::fs::remove_dir_all(&a.out);
@@ -77,24 +77,23 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         }
     };
     // What was placed: a volume too small for the requested particles holds fewer.
-    let truth: Vec<_> = fastdet::io::copick::read_truth(&a.out, &cfg.split)?.into_iter().filter(|p| runs.contains(&p.run)).collect();
-    let requested: usize = cfg.particles_per_class.iter().sum::<usize>() * runs.len();
+    let runs = written.runs.len();
+    let requested: usize = cfg.particles_per_class.iter().sum::<usize>() * runs;
+    let placed: usize = written.placed.iter().sum();
     let counts: Vec<String> = CLASSES
         .iter()
-        .enumerate()
-        .zip(cfg.particles_per_class)
-        .map(|((c, class), n)| format!("{} {}/{}", class.name, truth.iter().filter(|p| p.class == c).count(), n * runs.len()))
+        .zip(written.placed.iter().zip(cfg.particles_per_class))
+        .map(|(class, (got, n))| format!("{} {got}/{}", class.name, n * runs))
         .collect();
     eprintln!(
-        "wrote {} run(s) of {:?} voxels under {} (split {}; particles placed/requested over all runs: {})",
-        runs.len(),
+        "wrote {runs} run(s) of {:?} voxels under {} (split {}; particles placed/requested over all runs: {})",
         cfg.shape,
         a.out.display(),
         cfg.split,
         counts.join(", ")
     );
-    if truth.len() < requested {
-        eprintln!("warning: the volume has no room for every requested particle: {} of {requested} placed", truth.len());
+    if placed < requested {
+        eprintln!("warning: the volume has no room for every requested particle: {placed} of {requested} placed");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -65,17 +65,27 @@ const IDENTITY: [[f64; 4]; 4] =
 /// prefix); an unknown object is an error, as silently dropping it would hide a mislabelled truth.
 /// A point without `score` (ground truth) gets 1.0.
 pub fn read_picks_file(path: &Path, run: &str) -> Result<Vec<Pick>> {
+    let doc = parse_picks_file(path)?;
+    let class = class_index(&doc.pickable_object_name).ok_or_else(|| unknown_object(path, &doc))?;
+    points_of(path, doc, class, run)
+}
+
+fn parse_picks_file(path: &Path) -> Result<PicksIn> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read picks file", path.display()))?;
-    let doc: PicksIn =
-        serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed copick picks JSON", path.display()))?;
-    let class = class_index(&doc.pickable_object_name).with_context(|| {
-        format!(
-            "{}: unknown pickable_object_name {:?} (known: {})",
-            path.display(),
-            doc.pickable_object_name,
-            CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
-        )
-    })?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed copick picks JSON", path.display()))
+}
+
+fn unknown_object(path: &Path, doc: &PicksIn) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: unknown pickable_object_name {:?} (known: {})",
+        path.display(),
+        doc.pickable_object_name,
+        CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// The points of a parsed picks file of class `class`, as picks of `run`.
+fn points_of(path: &Path, doc: PicksIn, class: usize, run: &str) -> Result<Vec<Pick>> {
     let points = doc.points.unwrap_or_default();
     let mut picks = Vec::with_capacity(points.len());
     for (i, p) in points.into_iter().enumerate() {
@@ -124,22 +134,16 @@ fn json_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// sessions of one particle and no annotator is an error, as their points would all count. An
 /// object other than the six is skipped in other users' files, and an error in the annotators'
 /// (a mislabelled truth would otherwise vanish).
-fn truth_files(picks_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<(PathBuf, PicksIn)>> {
+fn truth_files(picks_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
     let mut files = json_files(picks_dir)?;
     files.sort();
     let annotator = |d: &PicksIn| matches!(d.user_id.as_deref(), None | Some("") | Some("curation"));
     let mut known: Vec<(PathBuf, PicksIn, usize)> = Vec::new();
     for f in files {
-        let bytes = std::fs::read(&f).with_context(|| format!("{}: cannot read picks file", f.display()))?;
-        let doc: PicksIn = serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed copick picks JSON", f.display()))?;
+        let doc = parse_picks_file(&f)?;
         match class_index(&doc.pickable_object_name) {
             Some(c) => known.push((f, doc, c)),
-            None if annotator(&doc) => bail!(
-                "{}: unknown pickable_object_name {:?} (known: {})",
-                f.display(),
-                doc.pickable_object_name,
-                CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
-            ),
+            None if annotator(&doc) => return Err(unknown_object(&f, &doc)),
             None => notes.push(format!("{}: object {:?} is not one of the six particles; not ground truth", f.display(), doc.pickable_object_name)),
         }
     }
@@ -170,7 +174,7 @@ fn truth_files(picks_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<(PathBuf
     if left_out > 0 {
         notes.push(format!("{}: ground truth from user curation; {left_out} file(s) of other users not counted", picks_dir.display()));
     }
-    Ok(known.into_iter().zip(keep).filter(|(_, k)| *k).map(|((f, d, _), _)| (f, d)).collect())
+    Ok(known.into_iter().zip(keep).filter(|(_, k)| *k).map(|(file, _)| file).collect())
 }
 
 /// Reads the ground truth of a split: `{root}/{split}/overlay/ExperimentRuns/{run}/Picks/` for every
@@ -185,9 +189,14 @@ pub fn read_truth(root: &Path, split: &str) -> Result<Vec<Pick>> {
     Ok(picks)
 }
 
+/// Where a split's ground-truth runs are: `{root}/{split}/overlay/ExperimentRuns`.
+pub fn truth_runs_dir(root: &Path, split: &str) -> PathBuf {
+    root.join(split).join("overlay").join("ExperimentRuns")
+}
+
 /// `read_truth`, with what it left out as notes instead of warnings.
 pub fn read_truth_noted(root: &Path, split: &str) -> Result<(Vec<Pick>, Vec<String>)> {
-    let runs_dir = root.join(split).join("overlay").join("ExperimentRuns");
+    let runs_dir = truth_runs_dir(root, split);
     let entries = std::fs::read_dir(&runs_dir)
         .with_context(|| format!("{}: cannot list ground-truth runs", runs_dir.display()))?;
     let mut runs = Vec::new();
@@ -203,8 +212,8 @@ pub fn read_truth_noted(root: &Path, split: &str) -> Result<(Vec<Pick>, Vec<Stri
     for run in runs {
         let dir = runs_dir.join(&run).join("Picks");
         if dir.is_dir() {
-            for (f, _) in truth_files(&dir, &mut notes)? {
-                picks.extend(read_picks_file(&f, &run)?);
+            for (f, doc, class) in truth_files(&dir, &mut notes)? {
+                picks.extend(points_of(&f, doc, class, &run)?);
             }
         }
     }

@@ -393,10 +393,9 @@ impl ConvPlan {
         } else {
             self.algos.len()
         };
-        let what = self.what.clone();
         let algos = &self.algos[start..end];
         let named: Vec<(&str, usize)> = algos.iter().map(|a| (algo_name(a.0), a.1)).collect();
-        let ran = first_that_runs(&what, &named, workspace, gpu.capturing(), |bytes| gpu.alloc(bytes), |i, wp, wb| {
+        let ran = first_that_runs(&self.what, &named, workspace, gpu.capturing(), |bytes| gpu.alloc(bytes), |i, wp, wb| {
             let algo = algos[i].0;
             let (alpha, beta) = (1.0f32, 0.0f32);
             // SAFETY: descriptors match the buffers the engine allocated for this shape; alpha /

@@ -1179,24 +1179,28 @@ impl CudaEngine {
                                     }
                                 }
                                 // In a capture the failure may be the capture's own: the eager
-                                // rerun decides about the fallback.
-                                // A full device is not cuDNN's failure: the runner halves the
-                                // batch; at one tile, which cannot be halved, our kernel (it
-                                // needs no workspace) takes this call only.
-                                Err(e) if self.backend == ConvBackend::Auto && !gpu.capturing() && shape.n == 1 && e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_some() => {
-                                    let msg = format!("{}: no room for cuDNN's workspace; conv3d_igemm_f16 when it does not fit", self.graph.values[op.output].name);
-                                    if !self.notes.contains(&msg) {
-                                        eprintln!("warning: {msg} ({e:#})");
-                                        self.notes.push(msg);
+                                // rerun decides about the fallback. A full device is not cuDNN's
+                                // failure: the runner halves the batch; at one tile, which cannot
+                                // be halved, our kernel (it needs no workspace) takes this call only.
+                                Err(e) if self.backend == ConvBackend::Auto && !gpu.capturing() => {
+                                    let full = e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_some();
+                                    if full && shape.n > 1 {
+                                        return Err(e);
                                     }
-                                    direct = true;
-                                }
-                                Err(e) if self.backend == ConvBackend::Auto && !gpu.capturing() && e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_none() => {
-                                    let msg = format!("{}: cuDNN failed ({e:#}); using conv3d_igemm_f16 for it", self.graph.values[op.output].name);
-                                    eprintln!("warning: {msg}");
-                                    self.notes.push(msg);
-                                    if let Step::Conv(c) = &mut self.steps[i] {
-                                        c.use_dnn = false;
+                                    let name = &self.graph.values[op.output].name;
+                                    if full {
+                                        let msg = format!("{name}: no room for cuDNN's workspace; conv3d_igemm_f16 when it does not fit");
+                                        if !self.notes.contains(&msg) {
+                                            eprintln!("warning: {msg} ({e:#})");
+                                            self.notes.push(msg);
+                                        }
+                                    } else {
+                                        let msg = format!("{name}: cuDNN failed ({e:#}); using conv3d_igemm_f16 for it");
+                                        eprintln!("warning: {msg}");
+                                        self.notes.push(msg);
+                                        if let Step::Conv(c) = &mut self.steps[i] {
+                                            c.use_dnn = false;
+                                        }
                                     }
                                     direct = true;
                                 }
