@@ -70,15 +70,30 @@ impl Weights {
         Self::load_inner(path).with_context(|| format!("{}: cannot load weights", path.display()))
     }
 
-    fn load_inner(path: &Path) -> Result<Self> {
+    /// The architecture and class names from a weights file's header, without reading its tensors
+    /// (checks before a job starts).
+    pub fn read_spec(path: &Path) -> Result<(ModelSpec, Vec<String>)> {
+        let read = || -> Result<_> {
+            let map = Self::map(path)?;
+            let (spec, classes, _) = Self::header(path, &map)?;
+            Ok((spec, classes))
+        };
+        read().with_context(|| format!("{}: cannot load weights", path.display()))
+    }
+
+    fn map(path: &Path) -> Result<memmap2::Mmap> {
         let file = std::fs::File::open(path).context("cannot open")?;
         // SAFETY: the map is read-only and dropped before return; a concurrent writer could change
         // the bytes, which safetensors' bounds checks turn into an error, not UB in our code.
-        let map = unsafe { memmap2::Mmap::map(&file) }.context("cannot map")?;
+        unsafe { memmap2::Mmap::map(&file) }.context("cannot map")
+    }
+
+    /// The spec, class names and metadata of the header, checked against each other.
+    fn header(path: &Path, map: &[u8]) -> Result<(ModelSpec, Vec<String>, HashMap<String, String>)> {
         if map.starts_with(b"PK") {
             bail!("a PyTorch checkpoint, not fastdet weights: convert it first (`fastdet convert {} -o WEIGHTS.safetensors`)", path.display());
         }
-        let (_, header) = safetensors::SafeTensors::read_metadata(&map)
+        let (_, header) = safetensors::SafeTensors::read_metadata(map)
             .map_err(|e| anyhow::anyhow!("not a safetensors file ({e}); fastdet weights come from `fastdet convert`"))?;
         let metadata = header.metadata().clone().unwrap_or_default();
         let get = |k: &str| {
@@ -100,8 +115,14 @@ impl Weights {
         if classes.len() != spec.num_classes {
             bail!("metadata lists {} class names but the model has {} classes", classes.len(), spec.num_classes);
         }
+        check_spec(&spec, map.len(), header.tensors().len())?;
+        Ok((spec, classes, metadata))
+    }
+
+    fn load_inner(path: &Path) -> Result<Self> {
+        let map = Self::map(path)?;
+        let (spec, classes, metadata) = Self::header(path, &map)?;
         let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("corrupt safetensors: {e}"))?;
-        check_spec(&spec, map.len(), st.len())?;
         let mut tensors = HashMap::new();
         for (name, shape) in spec.required_tensors() {
             let view = st.tensor(&name).map_err(|_| anyhow::anyhow!("tensor {name} is missing"))?;

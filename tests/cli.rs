@@ -308,6 +308,23 @@ fn ensemble_of_mismatched_models_is_refused() {
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("other.safetensors") && err.contains("classes"), "{err}");
+    assert!(err.contains("other.safetensors") && err.contains("does not fit the ensemble"), "{err}");
+    // Refused from the headers, before the job starts.
+    assert!(!err.contains("model(s) on"), "{err}");
+    assert!(!tmp.path().join("s.csv").exists());
+    // Alone, the renamed classes are not the pipeline's.
+    let o = fastdet()
+        .args(["run", "--data"])
+        .arg(root().join("tests/fixtures/dataset"))
+        .arg("--weights")
+        .arg(&other)
+        .arg("--out")
+        .arg(tmp.path().join("s.csv"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("other.safetensors") && err.contains("not the six CZII classes"), "{err}");
+    assert!(!err.contains("model(s) on"), "{err}");
     assert!(!tmp.path().join("s.csv").exists());
 }

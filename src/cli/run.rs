@@ -10,6 +10,7 @@ use fastdet::engine::cuda::{PendingVolume, SideUploader};
 use fastdet::pipeline::runner::{predict_and_detect, Ensemble, Prepared, Settings, Timing, Tta};
 use fastdet::pipeline::tiling::normalize_unit_range;
 use fastdet::weights::Weights;
+use fastdet::model::spec::ModelSpec;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -258,21 +259,9 @@ fn load_ensemble(a: &InferArgs, device: Device) -> Result<(Ensemble, Vec<String>
     let mut engines = Vec::new();
     let mut choices: Vec<(String, usize)> = Vec::new();
     let mut first: Option<Weights> = None;
+    // The ensemble's classes, strides and window were checked by `preflight`.
     for p in &a.weights {
         let w = Weights::load(p)?;
-        if let Some(f) = &first {
-            if f.classes != w.classes || f.spec.stride != w.spec.stride {
-                bail!(
-                    "{} does not fit the ensemble: classes {:?} stride {} vs {} with classes {:?} stride {}",
-                    p.display(),
-                    w.classes,
-                    w.spec.stride,
-                    f.path.display(),
-                    f.classes,
-                    f.spec.stride
-                );
-            }
-        }
         let (e, choice) = engine::open_for(device, &w, a.batch, a.window).with_context(|| format!("{}: cannot open on {device}", p.display()))?;
         engines.push(e);
         if let Some(c) = choice {
@@ -287,9 +276,6 @@ fn load_ensemble(a: &InferArgs, device: Device) -> Result<(Ensemble, Vec<String>
         }
     }
     let f = first.context("no --weights given")?;
-    if f.classes.len() != CLASSES.len() || f.classes.iter().zip(CLASSES.iter()).any(|(a, b)| a != b.name) {
-        bail!("{}: classes {:?} are not the six CZII classes this pipeline scores", f.path.display(), f.classes);
-    }
     let choices = choices.into_iter().map(|(line, k)| format!("convolutions of {k} model(s): {line}")).collect();
     Ok((Ensemble { engines, num_classes: f.spec.num_classes, stride: f.spec.stride }, choices))
 }
@@ -381,18 +367,41 @@ fn preflight(a: &InferArgs) -> Result<Vec<Job>> {
     if a.weights.is_empty() {
         bail!("give --weights FILE... (fastdet weights, see `fastdet convert`)");
     }
-    check_window_fits(a)?;
+    check_models(a)?;
     Ok(jobs)
 }
 
-/// Every model takes the window (the checks a run would otherwise fail on every tomogram, after
-/// reading it): before any tomogram is read.
-fn check_window_fits(a: &InferArgs) -> Result<()> {
+/// The models form one ensemble for this pipeline (the six CZII classes, one stride) and each
+/// takes the window: the checks a run would otherwise fail on every tomogram, made from the
+/// weights' headers before any tomogram is read.
+fn check_models(a: &InferArgs) -> Result<()> {
+    let mut first: Option<(&Path, ModelSpec, Vec<String>)> = None;
     for p in &a.weights {
-        let w = Weights::load(p)?;
-        fastdet::model::graph::Graph::build(&w.spec)
+        let (spec, classes) = Weights::read_spec(p)?;
+        fastdet::model::graph::Graph::build(&spec)
             .and_then(|g| g.check_tile(a.window))
             .with_context(|| format!("{}: cannot take --window {},{},{}", p.display(), a.window[0], a.window[1], a.window[2]))?;
+        match &first {
+            Some((f, fspec, fclasses)) => {
+                if *fclasses != classes || fspec.stride != spec.stride {
+                    bail!(
+                        "{} does not fit the ensemble: classes {:?} stride {} vs {} with classes {:?} stride {}",
+                        p.display(),
+                        classes,
+                        spec.stride,
+                        f.display(),
+                        fclasses,
+                        fspec.stride
+                    );
+                }
+            }
+            None => {
+                if classes.len() != CLASSES.len() || classes.iter().zip(CLASSES.iter()).any(|(a, b)| *a != b.name) {
+                    bail!("{}: classes {:?} are not the six CZII classes this pipeline scores", p.display(), classes);
+                }
+                first = Some((p, spec, classes));
+            }
+        }
     }
     Ok(())
 }
