@@ -177,3 +177,23 @@ fn mrc_input_star_and_qc_outputs() {
     let png = std::fs::read(qc.join("TS_synth_1.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
 }
+
+/// A printed threshold reads back to the same f32 (a tuned threshold is a candidate's exact score,
+/// and rounding it drops that candidate).
+#[test]
+fn printed_thresholds_read_back_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let next = |v: f32| f32::from_bits(v.to_bits() + 1);
+    let th = [0.736_672_6_f32, next(0.3), next(0.16), 0.205, next(next(0.5)), 0.5];
+    let arg = th.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",");
+    let text = stdout_of(fastdet().args(["run", "--print-config", "--thresholds", &arg]));
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let back: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg)).parse().unwrap();
+    let names = ["apo-ferritin", "beta-galactosidase", "ribosome", "thyroglobulin", "virus-like-particle", "beta-amylase"];
+    for (name, v) in names.iter().zip(th) {
+        assert_eq!(back["thresholds"][name].as_float().unwrap() as f32, v, "{name}");
+    }
+    // Short values stay short.
+    assert!(text.contains("thyroglobulin = 0.205\n"), "{text}");
+}

@@ -135,7 +135,7 @@ fn killed_run_resumes_to_the_same_output() {
     let tmp = tempfile::tempdir().unwrap();
     let data = root().join("tests/fixtures/dataset");
     let reference = tmp.path().join("reference.csv");
-    assert!(cheap_run(&data, &reference).status().unwrap().success());
+    assert!(cheap_run(&data, &reference).arg("--copick-out").arg(tmp.path().join("cp_ref")).status().unwrap().success());
 
     let out = tmp.path().join("sub.csv");
     let part1 = tmp.path().join("sub.csv.runs/TS_synth_1.csv");
@@ -154,11 +154,20 @@ fn killed_run_resumes_to_the_same_output() {
     let was_complete = out.exists();
     assert!(part1.exists());
 
-    let o = cheap_run(&data, &out).arg("--resume").output().unwrap();
+    let o = cheap_run(&data, &out).arg("--resume").arg("--copick-out").arg(tmp.path().join("cp")).output().unwrap();
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("TS_synth_1") && err.contains("(resumed)"), "{err}");
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&reference).unwrap(), "resumed output differs (first attempt had finished: {was_complete})");
+    // The resumed run's picks come back exactly, full-precision copick coordinates included.
+    let picks = |dir: &str| {
+        let d = tmp.path().join(dir).join("ExperimentRuns/TS_synth_1/Picks");
+        let mut files: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        assert!(!files.is_empty());
+        files.iter().map(|f| std::fs::read(f).unwrap()).collect::<Vec<_>>()
+    };
+    assert!(picks("cp") == picks("cp_ref"), "the resumed run's copick picks differ from a fresh run's");
 
     // Other settings with --resume: refused rather than mixing results.
     let o = cheap_run(&data, &out).args(["--resume", "--iou", "0.5"]).output().unwrap();

@@ -117,7 +117,11 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
                     extra.push(flag.into());
                 }
             }
+            // An empty list (as `--print-config` writes for no weights) gives nothing.
             (k, toml::Value::Array(a)) if MULTI_KEYS.contains(&k) => {
+                if a.is_empty() {
+                    continue;
+                }
                 extra.push(flag.into());
                 for x in a {
                     extra.push(resolve(k, scalar(x, raw_key, file)?, base).into());

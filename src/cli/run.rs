@@ -580,7 +580,7 @@ impl Parts {
         p.exists().then(|| csv::read_submission(&p).ok()).flatten()
     }
     fn store(&self, run: &str, picks: &[Pick]) -> Result<()> {
-        csv::write_submission(&self.path(run), picks, true)
+        csv::write_submission_exact(&self.path(run), picks)
     }
 }
 
@@ -940,7 +940,11 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     t.insert("session_id".into(), Value::String(a.session_id.clone()));
     let mut th = toml::Table::new();
     for (c, v) in CLASSES.iter().zip(&s.thresholds) {
-        th.insert(c.name.into(), Value::Float((*v as f64 * 1e6).round() / 1e6));
+        // A value that reads back to the same f32: a tuned threshold is a candidate's exact score,
+        // and `>=` keeps that candidate. The f32's shortest form where it survives the f64 on the
+        // way, else the f32's exact value.
+        let short: f64 = v.to_string().parse().unwrap_or(f64::NAN);
+        th.insert(c.name.into(), Value::Float(if short as f32 == *v { short } else { *v as f64 }));
     }
     t.insert("thresholds".into(), Value::Table(th));
     format!("# fastdet {} run configuration (distances in voxels, voxel_size in Å)\n{}", env!("CARGO_PKG_VERSION"), toml::to_string(&t).unwrap_or_default())

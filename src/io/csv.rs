@@ -19,6 +19,24 @@ pub const HEADER_WITH_SCORE: &str = "id,experiment,particle_type,score,x,y,z";
 /// `:.3f` / `:.6f`; both languages round the exact binary value, so the text is identical).
 /// The file is written atomically so an interrupted run never leaves a truncated submission.
 pub fn write_submission(path: &Path, picks: &[Pick], with_score: bool) -> Result<()> {
+    write(path, picks, if with_score { Digits::WithScore } else { Digits::Kaggle })
+}
+
+/// As [`write_submission`] with the score, but every number in its shortest form that reads back
+/// to the same value: a run's picks kept for `--resume` come back exactly as computed.
+pub fn write_submission_exact(path: &Path, picks: &[Pick]) -> Result<()> {
+    write(path, picks, Digits::Exact)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Digits {
+    Kaggle,
+    WithScore,
+    Exact,
+}
+
+fn write(path: &Path, picks: &[Pick], digits: Digits) -> Result<()> {
+    let with_score = digits != Digits::Kaggle;
     let mut text = String::with_capacity(64 * (picks.len() + 1));
     text.push_str(if with_score { HEADER_WITH_SCORE } else { HEADER });
     text.push('\n');
@@ -33,11 +51,11 @@ pub fn write_submission(path: &Path, picks: &[Pick], with_score: bool) -> Result
             bail!("{}: run name {:?} cannot be written to a CSV field", path.display(), p.run);
         }
         use std::fmt::Write as _;
-        if with_score {
-            let _ = writeln!(text, "{id},{},{name},{:.6},{:.3},{:.3},{:.3}", p.run, p.score as f64, p.x, p.y, p.z);
-        } else {
-            let _ = writeln!(text, "{id},{},{name},{:.3},{:.3},{:.3}", p.run, p.x, p.y, p.z);
-        }
+        let _ = match digits {
+            Digits::Kaggle => writeln!(text, "{id},{},{name},{:.3},{:.3},{:.3}", p.run, p.x, p.y, p.z),
+            Digits::WithScore => writeln!(text, "{id},{},{name},{:.6},{:.3},{:.3},{:.3}", p.run, p.score as f64, p.x, p.y, p.z),
+            Digits::Exact => writeln!(text, "{id},{},{name},{},{},{},{}", p.run, p.score, p.x, p.y, p.z),
+        };
     }
     crate::util::write_atomic(path, |f| {
         Ok(f.write_all(text.as_bytes())?)
@@ -80,19 +98,22 @@ fn parse_submission(text: &str, origin: &str) -> Result<Vec<Pick>> {
         }
         let class =
             class_index(f[c_cls]).with_context(|| format!("{origin}:{ln}: unknown particle_type {:?}", f[c_cls]))?;
-        let num = |c: usize| -> Result<f64> {
-            let v: f64 = f[c]
+        fn num<T: std::str::FromStr + Into<f64> + Copy>(f: &[&str], c: usize, names: &[&str], origin: &str, ln: usize) -> Result<T> {
+            let v: T = f[c]
                 .parse()
                 .map_err(|_| anyhow::anyhow!("{origin}:{ln}: bad number {:?} in column `{}`", f[c], names[c]))?;
-            if !v.is_finite() {
+            if !v.into().is_finite() {
                 bail!("{origin}:{ln}: non-finite value {:?} in column `{}`", f[c], names[c]);
             }
             Ok(v)
-        };
+        }
+        // The score is read straight into f32, so that an f32 written in its shortest form comes
+        // back exactly (not rounded twice through f64).
         let score = match c_score {
-            Some(c) => num(c)? as f32,
+            Some(c) => num::<f32>(&f, c, &names, origin, ln)?,
             None => 1.0,
         };
+        let num = |c: usize| num::<f64>(&f, c, &names, origin, ln);
         picks.push(Pick { run: f[c_run].to_string(), class, score, x: num(c_x)?, y: num(c_y)?, z: num(c_z)? });
     }
     Ok(picks)
@@ -147,6 +168,22 @@ mod tests {
         let out = dir.path().join("s.csv");
         write_submission(&out, &picks, true).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(fixture()).unwrap());
+    }
+
+    #[test]
+    fn exact_layout_reads_back_to_the_same_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let next = |v: f32| f32::from_bits(v.to_bits() + 1);
+        let picks = vec![
+            pick("TS_5_4", 2, next(0.3), 1.0 / 3.0, 2.345_678_901_234_5, 3000.000_000_000_4),
+            pick("TS_6_6", 5, 0.999_999_94, -1e-300, 10.0, f64::MAX),
+        ];
+        let p = dir.path().join("a.csv");
+        write_submission_exact(&p, &picks).unwrap();
+        assert_eq!(read_submission(&p).unwrap(), picks);
+        // The rounded layout does not (what `--resume` kept before).
+        write_submission(&p, &picks, true).unwrap();
+        assert_ne!(read_submission(&p).unwrap(), picks);
     }
 
     #[test]
