@@ -66,8 +66,10 @@ struct RefIndex {
 
 impl RefIndex {
     fn new(pts: Vec<[f64; 3]>, r: f64) -> Self {
-        // Cells of one radius: everything within r of a point lies in the 3x3x3 block around its cell.
-        let inv_cell = 1.0 / r.max(1e-9);
+        // Cells a little wider than the radius: everything within r of a point lies in the 3x3x3
+        // block around its cell, also where rounding in `v * inv_cell` (or a squared distance
+        // that rounds down to r²) would otherwise put a pair at distance r two cells apart.
+        let inv_cell = 1.0 / (r.max(1e-9) * (1.0 + 1e-6));
         let mut cells: HashMap<[i64; 3], Vec<u32>> = HashMap::with_capacity(pts.len());
         for (i, p) in pts.iter().enumerate() {
             cells.entry(Self::key(p, inv_cell)).or_default().push(i as u32);
@@ -380,6 +382,17 @@ mod tests {
         assert_eq!(counts(&score(&t, &[at("r", 2, -80.1, -5.0, -5.0)], BETA), 2), (0, 1, 1));
         // Wrong class at the right place: not a match.
         assert_eq!(counts(&score(&t, &[at("r", 1, -5.0, -5.0, -5.0)], BETA), 2), (0, 0, 1));
+    }
+
+    #[test]
+    fn radius_boundary_across_a_cell_edge() {
+        // A pair at the match radius (30 Å) whose coordinates fall on either side of a cell edge:
+        // scipy matches it (d² rounds to 900), so must the grid.
+        let t = vec![at("r", 0, 30.0, 0.0, 0.0)];
+        let s = score(&t, &[at("r", 0, -1e-15, 0.0, 0.0)], BETA);
+        assert_eq!(counts(&s, 0), (1, 0, 0));
+        let s = score(&t, &[at("r", 0, -1e-9, 0.0, 0.0)], BETA);
+        assert_eq!(counts(&s, 0), (0, 1, 1));
     }
 
     #[test]
