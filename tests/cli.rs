@@ -5,6 +5,8 @@ use fastdet::io::tensors::{read_f32, write_f32};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
@@ -265,9 +267,8 @@ fn single_zarr_input_and_copick_output() {
     let b = tmp.path().join("b.csv");
     let st = fastdet().args(["run", "--zarr"]).arg(&zarr).arg("--weights").arg(&weights).args(common).arg("--out").arg(&b).status().unwrap();
     assert!(st.success());
-    let rows = |p: &Path| -> Vec<String> {
-        std::fs::read_to_string(p).unwrap().lines().skip(1).map(|l| l.split(',').skip(2).collect::<Vec<_>>().join(",")).collect()
-    };
+    // Whole rows: in the competition layout the run is named after its folder, as with --data.
+    let rows = |p: &Path| -> Vec<String> { std::fs::read_to_string(p).unwrap().lines().skip(1).map(String::from).collect() };
     let (ra, rb) = (rows(&a), rows(&b));
     assert!(!ra.is_empty());
     assert_eq!(ra, rb);
@@ -278,7 +279,14 @@ fn single_zarr_input_and_copick_output() {
     let st = fastdet().args(["run", "--zarr"]).arg(zarr.join("0")).arg("--weights").arg(&weights).args(common).arg("--out").arg(&c).status().unwrap();
     assert!(st.success());
     assert_eq!(rows(&c), rb);
-    assert!(std::fs::read_to_string(&c).unwrap().lines().skip(1).all(|l| l.split(',').nth(1) == Some("denoised")));
+    // Elsewhere the run is named after the store.
+    let elsewhere = tmp.path().join("tomo.zarr");
+    common::copy_dir(&zarr, &elsewhere);
+    let d = tmp.path().join("d.csv");
+    let st = fastdet().args(["run", "--zarr"]).arg(elsewhere.join("0")).arg("--weights").arg(&weights).args(common).arg("--out").arg(&d).status().unwrap();
+    assert!(st.success());
+    let named_tomo: Vec<String> = rb.iter().map(|l| l.replace(",TS_synth_1,", ",tomo,")).collect();
+    assert_eq!(rows(&d), named_tomo);
 }
 
 /// Ensemble members must agree on their classes.

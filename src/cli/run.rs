@@ -48,7 +48,7 @@ pub struct InferArgs {
     /// Only these runs (comma-separated names) of --data
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["zarr", "mrc"])]
     pub runs: Vec<String>,
-    /// A single OME-Zarr group or zarr array instead of --data (the run is named after the file stem)
+    /// A single OME-Zarr group or zarr array instead of --data (the run is named after the file stem, or after the run folder in the competition layout: {run}/VoxelSpacing*/denoised.zarr)
     #[arg(long, conflicts_with_all = ["data", "mrc"])]
     pub zarr: Option<PathBuf>,
     /// MRC2014 tomograms (.mrc/.rec) instead of --data (each run is named after its file stem)
@@ -207,9 +207,16 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
     if let Some(z) = &a.zarr {
         // An array given inside its multiscale group (`tomo.zarr/0`) is named after the group.
         let level_dir = z.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        let named = match z.parent().filter(|p| level_dir && !p.as_os_str().is_empty()) {
-            Some(group) => stem(group),
-            None => stem(z),
+        let group = match z.parent().filter(|p| level_dir && !p.as_os_str().is_empty()) {
+            Some(group) => group,
+            None => z.as_path(),
+        };
+        // In the competition layout (`{run}/VoxelSpacing*/denoised.zarr`) the run is the folder
+        // above the voxel spacing, as `--data` names it.
+        let spacing = group.parent().filter(|d| d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("VoxelSpacing")));
+        let named = match spacing.and_then(|d| d.parent()).filter(|r| r.file_name().is_some()) {
+            Some(run_dir) => run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            None => stem(group),
         };
         return Ok(vec![Job { run: named, path: z.clone() }]);
     }
