@@ -103,3 +103,75 @@ impl SplitMix64 {
         }
     }
 }
+
+/// Calls `f` with every file under `dir` (its path and metadata), in name order, following
+/// symlinks (git-annex / DataLad datasets link every chunk) at most `max_depth` folders deep.
+/// A folder reached twice (a link loop, or two links to one folder) is walked once.
+pub fn walk_files(dir: &Path, max_depth: u32, mut f: impl FnMut(&Path, &std::fs::Metadata)) {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(dir: &Path, depth: u32, max_depth: u32, seen: &mut std::collections::HashSet<(u64, u64)>, f: &mut dyn FnMut(&Path, &std::fs::Metadata)) {
+        let Ok(m) = std::fs::metadata(dir) else { return };
+        if !seen.insert((m.dev(), m.ino())) {
+            return;
+        }
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => {
+                    if depth < max_depth {
+                        walk(&p, depth + 1, max_depth, seen, f)
+                    }
+                }
+                Ok(m) => f(&p, &m),
+                Err(_) => {}
+            }
+        }
+    }
+    walk(dir, 0, max_depth, &mut std::collections::HashSet::new(), &mut f);
+}
+
+/// What identifies a tomogram's bytes without reading them: the size and modification time of
+/// its file, or of every file of its store (a re-exported tomogram at the same path differs).
+pub fn source_stamp(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let mut h = Sha256::new();
+    let mut add = |p: &Path, m: &std::fs::Metadata| {
+        let rel = p.strip_prefix(path).unwrap_or(p);
+        h.update(format!("{}\0{}\0{}.{}\n", rel.display(), m.len(), m.mtime(), m.mtime_nsec()));
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => walk_files(path, 8, &mut add),
+        Ok(m) => add(path, &m),
+        Err(_) => return String::new(),
+    }
+    format!("{:x}", h.finalize())
+}
+
+#[cfg(test)]
+mod walk_tests {
+    use super::*;
+
+    #[test]
+    fn link_loops_are_walked_once_and_stamps_change_with_the_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("store");
+        std::fs::create_dir_all(d.join("0")).unwrap();
+        std::fs::write(d.join("0/a"), b"12").unwrap();
+        std::fs::write(d.join(".zarray"), b"{}").unwrap();
+        for k in 0..6 {
+            std::os::unix::fs::symlink(".", d.join(format!("loop{k}"))).unwrap();
+        }
+        let mut files = Vec::new();
+        walk_files(&d, 8, |p, _| files.push(p.strip_prefix(&d).unwrap().to_path_buf()));
+        assert_eq!(files, [PathBuf::from(".zarray"), PathBuf::from("0/a")]);
+        let before = source_stamp(&d);
+        assert_eq!(before, source_stamp(&d));
+        std::fs::write(d.join("0/a"), b"123").unwrap();
+        assert_ne!(before, source_stamp(&d));
+        let f = d.join("0/a");
+        assert_ne!(source_stamp(&f), "");
+        assert_eq!(source_stamp(&tmp.path().join("missing")), "");
+    }
+}

@@ -172,13 +172,31 @@ fn killed_run_resumes_to_the_same_output() {
     // Other settings with --resume: refused rather than mixing results.
     let o = cheap_run(&data, &out).args(["--resume", "--iou", "0.5"]).output().unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("other inputs, weights or settings"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("other inputs, weights or settings (changed: iou)"), "{}", String::from_utf8_lossy(&o.stderr));
     // So are other tomograms under the same run names (a copy of the dataset elsewhere).
     let copy = tmp.path().join("copy");
     copy_dir(&data, &copy);
     let o = cheap_run(&copy, &out).arg("--resume").output().unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("other inputs, weights or settings"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("(changed: inputs)"));
+
+    // A tomogram re-exported at the same path since its picks were stored is computed again:
+    // run 2's volume replaced by run 1's gives run 1's picks under run 2's name.
+    let o = cheap_run(&copy, &out).output().unwrap();
+    assert!(o.status.success());
+    let tomo = |r: &str| copy.join(format!("test/static/ExperimentRuns/{r}/VoxelSpacing10.000/denoised.zarr"));
+    std::fs::remove_dir_all(tomo("TS_synth_2")).unwrap();
+    copy_dir(&tomo("TS_synth_1"), &tomo("TS_synth_2"));
+    let o = cheap_run(&copy, &out).arg("--resume").output().unwrap();
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("TS_synth_1: ") && err.contains("(resumed)"), "{err}");
+    assert!(err.contains("TS_synth_2: ") && err.contains("changed since its picks were stored"), "{err}");
+    let rows = |r: &str| -> Vec<String> {
+        std::fs::read_to_string(&out).unwrap().lines().filter_map(|l| l.split_once(',')).map(|(_, rest)| rest.to_string()).filter(|l| l.starts_with(r)).map(|l| l.replacen(r, "", 1)).collect()
+    };
+    assert!(!rows("TS_synth_1,").is_empty());
+    assert_eq!(rows("TS_synth_1,"), rows("TS_synth_2,"));
 }
 
 /// Two workers in one process (worker k takes runs[k::2]) write the same file as one worker.

@@ -172,7 +172,7 @@ pub struct RunArgs {
     /// class order, stride and voxel size are in the file's metadata)
     #[arg(long)]
     pub save_maps: Option<PathBuf>,
-    /// Skip runs whose result already exists in OUT.runs/ (from an interrupted run with the same settings)
+    /// Skip runs whose result already exists in OUT.runs/ (from an interrupted run with the same settings, and the same tomogram files)
     #[arg(long)]
     pub resume: bool,
     /// Also write one RELION 5 STAR file per run as DIR/{run}.star (coordinates in the tomogram's
@@ -564,8 +564,17 @@ impl Parts {
         if resume && fp_path.exists() {
             let old = std::fs::read_to_string(&fp_path).with_context(|| format!("{}: cannot read", fp_path.display()))?;
             if old != fingerprint {
+                // Name what changed where both parse (an older fastdet's file may not).
+                let keys = |t: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok();
+                let changed = match (keys(&old), keys(fingerprint)) {
+                    (Some(o), Some(n)) => {
+                        let k: std::collections::BTreeSet<&str> = o.keys().chain(n.keys()).map(String::as_str).filter(|k| o.get(*k) != n.get(*k)).collect();
+                        format!(" (changed: {})", k.into_iter().collect::<Vec<_>>().join(", "))
+                    }
+                    _ => String::new(),
+                };
                 bail!(
-                    "--resume: {} was made with other inputs, weights or settings (or by an older fastdet); remove {} or run without --resume",
+                    "--resume: {} was made with other inputs, weights or settings{changed}; remove {} or run without --resume",
                     fp_path.display(),
                     dir.display()
                 );
@@ -582,12 +591,29 @@ impl Parts {
     fn path(&self, run: &str) -> PathBuf {
         self.dir.join(format!("{run}.csv"))
     }
-    fn load(&self, run: &str) -> Option<Vec<Pick>> {
-        let p = self.path(run);
-        p.exists().then(|| csv::read_submission(&p).ok()).flatten()
+    /// What the run's tomogram was when its picks were stored ([`fastdet::util::source_stamp`]).
+    fn stamp_path(&self, run: &str) -> PathBuf {
+        self.dir.join(format!("{run}.source"))
     }
-    fn store(&self, run: &str, picks: &[Pick]) -> Result<()> {
-        csv::write_submission_exact(&self.path(run), picks)
+    /// The picks stored for `job`, when its tomogram has not changed since.
+    fn load(&self, job: &Job) -> Option<Vec<Pick>> {
+        let p = self.path(&job.run);
+        if !p.exists() {
+            return None;
+        }
+        let stamp = std::fs::read_to_string(self.stamp_path(&job.run)).unwrap_or_default();
+        if stamp.is_empty() || stamp != fastdet::util::source_stamp(&job.path) {
+            eprintln!("  {}: {} changed since its picks were stored; computing them again", job.run, job.path.display());
+            return None;
+        }
+        csv::read_submission(&p).ok()
+    }
+    /// The picks first, then the stamp: a job killed between the two computes the run again.
+    fn store(&self, job: &Job, picks: &[Pick]) -> Result<()> {
+        let _ = std::fs::remove_file(self.stamp_path(&job.run));
+        csv::write_submission_exact(&self.path(&job.run), picks)?;
+        let stamp = fastdet::util::source_stamp(&job.path);
+        fastdet::util::write_atomic(&self.stamp_path(&job.run), |f| Ok(f.write_all(stamp.as_bytes())?))
     }
 }
 
@@ -689,7 +715,7 @@ fn worker(
                         t.detect
                     );
                     if let Some(parts) = parts {
-                        parts.store(&job.run, p)?;
+                        parts.store(job, p)?;
                     }
                 }
                 Err(e) => eprintln!("  {label}{}: FAILED: {e:#}", job.run),
@@ -735,7 +761,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
     let mut results: Vec<Option<Outcome>> = jobs
         .iter()
         .map(|j| {
-            parts.and_then(|p| p.load(&j.run)).map(|done| {
+            parts.and_then(|p| p.load(j)).map(|done| {
                 eprintln!("  {}: {} picks (resumed)", j.run, done.len());
                 Ok((done, Timing::default()))
             })
@@ -779,7 +805,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
         // Runs it finished before it failed are in the parts directory.
         let mut left = Vec::new();
         for &(i, job) in share {
-            match parts.and_then(|p| p.load(&job.run)) {
+            match parts.and_then(|p| p.load(job)) {
                 Some(done) => results[i] = Some(Ok((done, Timing::default()))),
                 None => left.push((i, job)),
             }

@@ -328,26 +328,12 @@ const MISSING_CHUNK_BUDGET: u64 = 1 << 16;
 /// array directory can back: a few bytes of `.zarray` could otherwise make the read overflow,
 /// allocate any amount of memory, or visit billions of absent chunks.
 fn check_size(array: &Array<FilesystemStore>, dir: &Path) -> Result<()> {
-    // Follows symlinks (git-annex / DataLad datasets link every chunk), 8 directories deep at most.
-    fn stored(dir: &Path, depth: u32, files: &mut u64, bytes: &mut u64) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            match std::fs::metadata(e.path()) {
-                Ok(m) if m.is_dir() => {
-                    if depth < 8 {
-                        stored(&e.path(), depth + 1, files, bytes)
-                    }
-                }
-                Ok(m) => {
-                    *files += 1;
-                    *bytes = bytes.saturating_add(m.len());
-                }
-                Err(_) => {}
-            }
-        }
-    }
     let product = |v: &[u64]| v.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
-    let (mut files, mut bytes) = (0, 0);
-    stored(dir, 0, &mut files, &mut bytes);
+    let (mut files, mut bytes) = (0u64, 0u64);
+    crate::util::walk_files(dir, 8, |_, m| {
+        files += 1;
+        bytes = bytes.saturating_add(m.len());
+    });
     let voxel_budget = MIN_VOXEL_BUDGET.max(bytes.saturating_mul(VOXELS_PER_STORED_BYTE));
     match product(array.shape()) {
         Some(n) if n <= voxel_budget => {}
