@@ -133,7 +133,24 @@ impl Weights {
                 bail!("tensor {name} is {:?}, fastdet weights are f16", view.dtype());
             }
             let data: Vec<f16> = view.data().chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect();
+            // `convert` refuses these; a damaged or hand-made file would give NaN maps, no picks
+            // or NaN coordinates on every tomogram.
+            let bad = data.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                bail!("tensor {name} has {bad} NaN or infinite values (damaged weights; convert the checkpoint again)");
+            }
             tensors.insert(name, (shape, data));
+        }
+        // A tensor the spec does not use means the spec and the tensors disagree (convert writes
+        // exactly the spec's tensors): the network run would not be the one trained.
+        if st.len() > tensors.len() {
+            let mut unused: Vec<&str> = st.names().into_iter().filter(|n| !tensors.contains_key(*n)).collect();
+            unused.sort();
+            bail!(
+                "{} tensor(s) that the metadata's architecture does not use, e.g. {}: the spec does not describe these weights",
+                unused.len(),
+                unused[0]
+            );
         }
         Ok(Weights {
             path: path.to_path_buf(),

@@ -167,6 +167,28 @@ fn other_voxel_size_warns_and_uses_the_flag() {
     assert!((top_b.x - 2.0 * top_a.x).abs() < 0.05, "{top_a:?} {top_b:?}");
 }
 
+/// A copy of a weights file with `edit` applied to each tensor's bytes, and `extra` added.
+fn rewritten(bytes: &[u8], mut edit: impl FnMut(&str, &mut Vec<u8>), extra: Option<&str>) -> Vec<u8> {
+    use safetensors::{tensor::TensorView, SafeTensors};
+    let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let mut d = v.data().to_vec();
+            edit(&n, &mut d);
+            (n, v.dtype(), v.shape().to_vec(), d)
+        })
+        .collect();
+    assert!(owned.iter().any(|t| t.0 == "head2.cls_head.bias"), "the edited tensor exists");
+    if let Some(name) = extra {
+        owned.push((name.to_string(), safetensors::Dtype::F16, vec![2], vec![0; 4]));
+    }
+    let views: Vec<(String, TensorView)> = owned.iter().map(|(n, t, s, d)| (n.clone(), TensorView::new(*t, s.clone(), d).unwrap())).collect();
+    safetensors::serialize(views, header.metadata().clone()).unwrap()
+}
+
 #[test]
 fn broken_weights_files_are_named() {
     let tmp = tempfile::tempdir().unwrap();
@@ -185,6 +207,12 @@ fn broken_weights_files_are_named() {
             [&bytes[..8], h.as_bytes(), &bytes[8 + n..]].concat()
         }, "format version 9"),
         ("model.ckpt", std::fs::read(root().join("tests/fixtures/golden/segresnetv2_w8.ckpt")).unwrap(), "a PyTorch checkpoint, not fastdet weights: convert it first"),
+        ("nan.safetensors", rewritten(&bytes, |name, data| {
+            if name == "head2.cls_head.bias" {
+                data[0..2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+            }
+        }, None), "tensor head2.cls_head.bias has 1 NaN or infinite values"),
+        ("extra.safetensors", rewritten(&bytes, |_, _| {}, Some("encoder.extra.weight")), "1 tensor(s) that the metadata's architecture does not use, e.g. encoder.extra.weight"),
     ];
     for (name, content, want) in cases {
         let w = tmp.path().join(name);
