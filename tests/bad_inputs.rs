@@ -403,3 +403,78 @@ fn options_that_do_not_apply_to_the_inputs_are_refused() {
     assert!(format!("{e:#}").contains("a zarr array, not a multiscale group: level \"1\""), "{e:#}");
     assert!(fastdet::io::zarr::read_zarr_volume(&array, "0").is_ok());
 }
+
+/// A run whose name a CSV cannot hold fails alone, before it is read; a run that fails while its
+/// outputs are written leaves none of them; the other runs finish.
+#[test]
+fn one_bad_run_name_or_output_fails_that_run_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = synth1();
+    let good = tmp.path().join("TS_good.mrc");
+    write_mrc_f32(&good, f.shape, &f.data, 10.012).unwrap();
+    let comma = tmp.path().join("TS_a,b.mrc");
+    std::fs::copy(&good, &comma).unwrap();
+    let other = tmp.path().join("TS_other.mrc");
+    std::fs::copy(&good, &other).unwrap();
+    // TS_other's STAR file cannot be written (a folder is in its place).
+    let star = tmp.path().join("star");
+    std::fs::create_dir_all(star.join("TS_other.star")).unwrap();
+    let maps = tmp.path().join("maps");
+    let out = tmp.path().join("sub.csv");
+    let o = run_mrc(&[&good, &comma, &other], &out, &["--star-out", star.to_str().unwrap(), "--save-maps", maps.to_str().unwrap()]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("2 run(s) failed") && e.contains("run name \"TS_a,b\" cannot be written to a CSV field"), "{e}");
+    assert!(e.contains("TS_other.mrc: cannot write its outputs"), "{e}");
+    let runs: std::collections::BTreeSet<String> = csv_rows(&out).into_iter().map(|r| r[1].clone()).collect();
+    assert_eq!(runs.into_iter().collect::<Vec<_>>(), ["TS_good"]);
+    assert!(maps.join("TS_good.safetensors").exists() && star.join("TS_good.star").exists());
+    assert!(!maps.join("TS_other.safetensors").exists(), "the failed run's maps were left behind");
+    assert!(!maps.join("TS_a,b.safetensors").exists());
+}
+
+/// What a reader could read but found odd is warned about with the file's name: bytes after an
+/// MRC's data, chunks absent from a zarr store; a zarr axis of length 0 is an error.
+#[test]
+fn odd_but_readable_volumes_are_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = synth1();
+    let mrc = tmp.path().join("TS_long.mrc");
+    write_mrc_f32(&mrc, f.shape, &f.data, 10.012).unwrap();
+    let mut bytes = std::fs::read(&mrc).unwrap();
+    bytes.extend_from_slice(&[0u8; 4096]);
+    std::fs::write(&mrc, bytes).unwrap();
+    let out = tmp.path().join("sub.csv");
+    let o = run_mrc(&[&mrc], &out, &[]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("warning: ") && e.contains("TS_long.mrc") && e.contains("4096 bytes after the 160 x 160 x 80 voxels of mode 2"), "{e}");
+
+    let src = root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr");
+    let zarr = tmp.path().join("TS_gap.zarr");
+    copy_tree(&src, &zarr);
+    std::fs::remove_file(zarr.join("0/0.1.1")).unwrap();
+    let v = fastdet::io::zarr::read_zarr_volume(&zarr, "0").unwrap();
+    assert_eq!(v.notes.len(), 1, "{:?}", v.notes);
+    assert!(v.notes[0].starts_with("1 of its 18 chunks are absent"), "{:?}", v.notes);
+    assert!(fastdet::io::zarr::read_zarr_volume(&src, "0").unwrap().notes.is_empty());
+
+    let meta = zarr.join("0/.zarray");
+    let text = std::fs::read_to_string(&meta).unwrap().replacen("80,", "0,", 1);
+    std::fs::write(&meta, text).unwrap();
+    let e = fastdet::io::zarr::read_zarr_volume(&zarr, "0").unwrap_err();
+    assert!(format!("{e:#}").contains("has a zero-length axis"), "{e:#}");
+}
+
+fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}

@@ -34,7 +34,7 @@ fn px(img: &(usize, usize, Vec<u8>), x: usize, y: usize) -> [u8; 3] {
 fn small_volume() -> Volume {
     let shape = [16, 40, 50];
     let data = (0..shape.iter().product::<usize>()).map(|i| (i % 50) as f32 + (i / 50 % 40) as f32 * 0.5).collect();
-    Volume { shape, data, voxel_size: Some(10.0) }
+    Volume { shape, data, voxel_size: Some(10.0), notes: Vec::new() }
 }
 
 fn pick(class: usize, vx: f64, vy: f64, vz: f64, vs: f64) -> Pick {
@@ -168,7 +168,7 @@ fn dimensions_follow_layout() {
 fn constant_volume_is_mid_grey() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("const.png");
-    let vol = Volume { shape: [8, 20, 30], data: vec![3.25; 8 * 20 * 30], voxel_size: None };
+    let vol = Volume { shape: [8, 20, 30], data: vec![3.25; 8 * 20 * 30], voxel_size: None, notes: Vec::new() };
     render_qc(&vol, &[], None, &out).unwrap();
     let img = decode(&out);
     let lay = QcLayout::new(vol.shape, &QcOptions::default(), false).unwrap();

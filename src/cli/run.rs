@@ -424,6 +424,8 @@ struct Loaded {
 /// `load`, the normalisation, and the copy to the device through `uploader` when there is one; a
 /// copy that fails here is only reported (the volume then goes up when its turn comes).
 fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUploader>) -> Result<Loaded> {
+    // A name the CSV cannot hold fails this run before it is read, not the job at the end.
+    csv::check_run_name(&job.run)?;
     let t = Instant::now();
     let (mut vol, _) = load(job, a, s)?;
     normalize_unit_range(&mut vol.data);
@@ -458,7 +460,7 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
         vol.data.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = mean);
         eprintln!("  {}: replaced {bad} non-finite voxels by the mean {mean}", job.run);
     }
-    for line in coverage_warnings(vol.shape, s.window, s.tiles) {
+    for line in vol.notes.iter().cloned().chain(coverage_warnings(vol.shape, s.window, s.tiles)) {
         eprintln!("  warning: {}: {line}", job.path.display());
     }
     if let Some(&first) = vol.data.first() {
@@ -491,6 +493,17 @@ fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3]) -
         } else if w * t < n {
             out.push(format!("{t} tile(s) of {w} along {name} cover {} of its {n} voxels: raise --tiles or --window", w * t));
         }
+        // Starts spread as numpy.linspace: a window as long as the axis gives the same tile t times.
+        let mut starts = fastdet::pipeline::tiling::tile_starts(n, w, t);
+        starts.dedup();
+        if starts.len() < t {
+            out.push(format!(
+                "{t} tiles along {name} have only {} distinct start(s) (window {w}, axis {n}), each computed again: --tiles {} along {name} blends the same tiles {:.1}x faster",
+                starts.len(),
+                starts.len(),
+                t as f64 / starts.len() as f64
+            ));
+        }
     }
     out
 }
@@ -516,37 +529,56 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
     let prepared = Prepared { normalized: true, upload };
     let (dets, maps) = predict_and_detect(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some(), prepared)
         .with_context(|| format!("{}: inference failed", job.path.display()))?;
-    if let (Some(dir), Some(maps)) = (extras.save_maps, &maps) {
-        let d = maps.dims;
-        // What a reader needs to use the maps without this program's source at hand.
-        let classes: Vec<&str> = CLASSES.iter().take(maps.num_classes).map(|c| c.name).collect();
-        let meta: std::collections::HashMap<String, String> = [
-            ("fastdet.run", job.run.clone()),
-            ("fastdet.layout", format!("scores [class, z, y, x] on the stride-{} grid, sigmoid; offsets [axis, z, y, x], axes x, y, z, in voxels from the cell centre (i + 0.5) * stride", ens.stride)),
-            ("fastdet.classes", serde_json::to_string(&classes)?),
-            ("fastdet.stride", ens.stride.to_string()),
-            ("fastdet.volume_shape", serde_json::to_string(&vol.shape)?),
-            ("fastdet.voxel_size_angstrom", s.voxel_size.to_string()),
-            ("fastdet.version", fastdet::VERSION.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        tensors::write_f32(
-            &dir.join(format!("{}.safetensors", job.run)),
-            &[("scores", vec![maps.num_classes, d[0], d[1], d[2]], &maps.scores), ("offsets", vec![3, d[0], d[1], d[2]], &maps.offsets)],
-            Some(meta),
-        )?;
+    // The run's side outputs, removed again when a later one fails: a failed run leaves none.
+    let mut written: Vec<PathBuf> = Vec::new();
+    let outputs = (|| -> Result<Vec<Pick>> {
+        if let (Some(dir), Some(maps)) = (extras.save_maps, &maps) {
+            let d = maps.dims;
+            // What a reader needs to use the maps without this program's source at hand.
+            let classes: Vec<&str> = CLASSES.iter().take(maps.num_classes).map(|c| c.name).collect();
+            let meta: std::collections::HashMap<String, String> = [
+                ("fastdet.run", job.run.clone()),
+                ("fastdet.layout", format!("scores [class, z, y, x] on the stride-{} grid, sigmoid; offsets [axis, z, y, x], axes x, y, z, in voxels from the cell centre (i + 0.5) * stride", ens.stride)),
+                ("fastdet.classes", serde_json::to_string(&classes)?),
+                ("fastdet.stride", ens.stride.to_string()),
+                ("fastdet.volume_shape", serde_json::to_string(&vol.shape)?),
+                ("fastdet.voxel_size_angstrom", s.voxel_size.to_string()),
+                ("fastdet.version", fastdet::VERSION.to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let path = dir.join(format!("{}.safetensors", job.run));
+            tensors::write_f32(
+                &path,
+                &[("scores", vec![maps.num_classes, d[0], d[1], d[2]], &maps.scores), ("offsets", vec![3, d[0], d[1], d[2]], &maps.offsets)],
+                Some(meta),
+            )?;
+            written.push(path);
+        }
+        drop(maps);
+        let picks = to_picks_scaled(&job.run, &dets, s.voxel_size);
+        if let Some(dir) = extras.star_out {
+            let path = dir.join(format!("{}.star", job.run));
+            fastdet::io::star::write_run_star(&path, &job.run, &picks, s.voxel_size, vol.shape)?;
+            written.push(path);
+        }
+        if let Some(dir) = extras.qc {
+            let path = dir.join(format!("{}.png", job.run));
+            fastdet::qc::render_qc(&vol, &picks, None, &path)?;
+            written.push(path);
+        }
+        Ok(picks)
+    })();
+    match outputs {
+        Ok(picks) => Ok((picks, timing)),
+        Err(e) => {
+            for p in &written {
+                let _ = std::fs::remove_file(p);
+            }
+            Err(e.context(format!("{}: cannot write its outputs", job.path.display())))
+        }
     }
-    drop(maps);
-    let picks = to_picks_scaled(&job.run, &dets, s.voxel_size);
-    if let Some(dir) = extras.star_out {
-        fastdet::io::star::write_run_star(&dir.join(format!("{}.star", job.run)), &job.run, &picks, s.voxel_size, vol.shape)?;
-    }
-    if let Some(dir) = extras.qc {
-        fastdet::qc::render_qc(&vol, &picks, None, &dir.join(format!("{}.png", job.run)))?;
-    }
-    Ok((picks, timing))
 }
 
 /// Where finished runs are kept: each run's picks are written atomically to `parts/{run}.csv` as soon
@@ -1002,5 +1034,9 @@ mod tests {
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("window's z (128) is longer than the volume's (96)"), "{w:?}");
         assert!(w[1].contains("2 tile(s) of 64 along y cover 128 of its 160"), "{w:?}");
+        // A window as long as the axis: every tile along it is the same tile.
+        let w = coverage_warnings([64, 128, 160], [64, 128, 128], [1, 3, 3]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("3 tiles along y have only 1 distinct start(s)") && w[0].contains("--tiles 1 along y") && w[0].contains("3.0x faster"), "{w:?}");
     }
 }

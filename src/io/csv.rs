@@ -13,6 +13,14 @@ pub const HEADER: &str = "id,experiment,particle_type,x,y,z";
 /// Header with the detection score, placed as in the reference pipeline's fixture.
 pub const HEADER_WITH_SCORE: &str = "id,experiment,particle_type,score,x,y,z";
 
+/// A run name goes into a CSV field as it is (no quoting): no comma, quote or line break.
+pub fn check_run_name(run: &str) -> Result<()> {
+    if run.contains([',', '"', '\n', '\r']) {
+        bail!("run name {run:?} cannot be written to a CSV field (it has a comma, quote or line break); rename its file or folder");
+    }
+    Ok(())
+}
+
 /// Writes `picks` as a Kaggle submission, ids `0..n` in the given order.
 ///
 /// Coordinates (Å) get 3 decimals and scores 6, as the reference pipeline prints them (Python's
@@ -47,9 +55,7 @@ fn write(path: &Path, picks: &[Pick], digits: Digits) -> Result<()> {
                 format!("{}: pick {id} has class index {} (only {} classes)", path.display(), p.class, CLASSES.len())
             })?
             .name;
-        if p.run.contains(',') || p.run.contains('\n') {
-            bail!("{}: run name {:?} cannot be written to a CSV field", path.display(), p.run);
-        }
+        check_run_name(&p.run).with_context(|| path.display().to_string())?;
         use std::fmt::Write as _;
         let _ = match digits {
             Digits::Kaggle => writeln!(text, "{id},{},{name},{:.3},{:.3},{:.3}", p.run, p.x, p.y, p.z),

@@ -206,10 +206,22 @@ pub fn read_mrc(path: &Path) -> Result<Volume> {
     } else {
         ([dims[2], dims[1], dims[0]], file_data)
     };
+    let mut notes = Vec::new();
+    // All zeros: an old or minimal writer that left them unset.
+    if sorted != [1, 2, 3] && map != [0, 0, 0] {
+        notes.push(format!("axis order mapc, mapr, maps = {}, {}, {} is not an order of 1, 2, 3; read as x, y, z", map[0], map[1], map[2]));
+    }
+    let extra = file_len - offset - need;
+    if extra > 0 {
+        notes.push(format!(
+            "{extra} bytes after the {nx} x {ny} x {nz} voxels of mode {mode} ({}) that the header does not account for: are its mode and dimensions right?",
+            mode_name(mode)
+        ));
+    }
 
     let (cella_x, mx) = (h.f32(10) as f64, h.i32(7));
     let voxel_size = (mx > 0 && cella_x.is_finite() && cella_x > 0.0).then(|| cella_x / mx as f64);
-    Ok(Volume { shape, data, voxel_size })
+    Ok(Volume { shape, data, voxel_size, notes })
 }
 
 /// Reads `numel` voxels of `mode` and converts them to `f32`.

@@ -32,6 +32,9 @@ pub struct Volume {
     pub data: Vec<f32>,
     /// Voxel size in the units of the OME metadata (Å for CZII data); `None` if not recorded.
     pub voxel_size: Option<f64>,
+    /// What the reader found odd but could read (absent chunks, bytes after the data), for the
+    /// caller to warn about.
+    pub notes: Vec<String>,
 }
 
 /// Summarised (the data can be hundreds of MB).
@@ -261,6 +264,9 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
             shape_u64
         );
     }
+    if shape_u64.contains(&0) {
+        bail!("{}: shape {:?} has a zero-length axis: no voxels to read", array_dir.display(), shape_u64);
+    }
     check_size(&array, &array_dir)?;
     let shape = [
         shape_u64[0] as usize,
@@ -309,11 +315,31 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
         Some(g) => node_attributes(g)?.and_then(|a| ome_voxel_size(&a, &dataset)),
         None => None,
     };
-    Ok(Volume {
-        shape,
-        data,
-        voxel_size,
-    })
+    let mut notes = Vec::new();
+    if let Some((present, total)) = absent_chunks(&array, &array_dir) {
+        notes.push(format!(
+            "{} of its {total} chunks are absent from {} and read as the fill value (a broken copy? \
+             some writers leave out chunks equal to the fill value)",
+            total - present,
+            array_dir.display()
+        ));
+    }
+    Ok(Volume { shape, data, voxel_size, notes })
+}
+
+/// `(present, total)` chunk files when fewer are stored than the chunk grid has: every file
+/// of the array directory that is not metadata is taken for a chunk (shards count as chunks of
+/// the outer grid).
+fn absent_chunks(array: &Array<FilesystemStore>, dir: &Path) -> Option<(u64, u64)> {
+    let total = array.chunk_grid_shape().iter().product::<u64>();
+    let mut present = 0u64;
+    crate::util::walk_files(dir, 8, |p, _| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if ![".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json"].contains(&name) {
+            present += 1;
+        }
+    });
+    (present < total).then_some((present, total))
 }
 
 /// Voxels any array may have, however little data its directory stores (chunks missing from the
