@@ -260,3 +260,25 @@ fn slurm_array_tasks_map_to_shards_from_zero() {
     let o = task("2", "3", "0", "4");
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("one contiguous range"));
 }
+
+/// The score column survives `merge` when a shard starts with a blank line; a shard without
+/// scores drops the column with a note.
+#[test]
+fn merge_keeps_scores_after_a_leading_blank_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a.csv");
+    std::fs::write(&a, "\n\nid,experiment,particle_type,score,x,y,z\n0,TS_1,ribosome,0.5,10,20,30\n").unwrap();
+    let b = tmp.path().join("b.csv");
+    std::fs::write(&b, "id,experiment,particle_type,score,x,y,z\n0,TS_2,ribosome,0.25,1,2,3\n").unwrap();
+    let out = tmp.path().join("m.csv");
+    let o = fastdet().arg("merge").arg(&a).arg(&b).arg("-o").arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text, "id,experiment,particle_type,score,x,y,z\n0,TS_1,ribosome,0.500000,10.000,20.000,30.000\n1,TS_2,ribosome,0.250000,1.000,2.000,3.000\n");
+    let c = tmp.path().join("c.csv");
+    std::fs::write(&c, "id,experiment,particle_type,x,y,z\n0,TS_3,ribosome,1,2,3\n").unwrap();
+    let o = fastdet().arg("merge").arg(&a).arg(&c).arg("-o").arg(&out).output().unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("c.csv has no score column"));
+    assert!(std::fs::read_to_string(&out).unwrap().starts_with("id,experiment,particle_type,x,y,z\n"));
+}

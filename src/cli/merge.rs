@@ -87,7 +87,9 @@ fn same_path(a: &Path, b: &Path) -> bool {
 
 fn has_score(p: &Path) -> Result<bool> {
     let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
-    Ok(text.lines().next().is_some_and(|h| h.split(',').any(|c| c.trim() == "score")))
+    // The header is the first line that is not blank, as the reader takes it.
+    let header = text.lines().find(|l| !l.trim().is_empty());
+    Ok(header.is_some_and(|h| h.split(',').any(|c| c.trim().trim_start_matches('\u{feff}') == "score")))
 }
 
 pub fn merge(a: MergeArgs) -> Result<ExitCode> {
@@ -99,7 +101,11 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         if let Some(j) = a.inputs[..i].iter().position(|q| same_path(q, p)) {
             bail!("{}: given twice (as input {} and {})", p.display(), j + 1, i + 1);
         }
-        with_score &= has_score(p)?;
+        let scored = has_score(p)?;
+        if with_score && !scored && i > 0 {
+            eprintln!("note: {} has no score column, so the merged file has none", p.display());
+        }
+        with_score &= scored;
         let rows = csv::read_submission(p)?;
         for r in &rows {
             match run_from.get(&r.run) {
