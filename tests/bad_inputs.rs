@@ -259,6 +259,28 @@ fn malformed_truth_is_named() {
     std::fs::write(&sub, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n1,TS_9,ribosome,1,2,3\n").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
     assert!(o.status.success() && stderr(&o).contains("1 run(s) have no ground truth") && stderr(&o).contains("TS_9"), "{}", stderr(&o));
+
+    // A run with particles and no picks (one shard scored against the split) is named; --runs
+    // scores the subset.
+    let p2 = tmp.path().join("train/overlay/ExperimentRuns/TS_2/Picks");
+    std::fs::create_dir_all(&p2).unwrap();
+    std::fs::write(picks.join("ribosome.json"), "{\"pickable_object_name\": \"ribosome\", \"points\": [{\"location\": {\"x\": 1, \"y\": 2, \"z\": 3}}]}").unwrap();
+    std::fs::write(p2.join("ribosome.json"), "{\"pickable_object_name\": \"ribosome\", \"points\": [{\"location\": {\"x\": 1, \"y\": 2, \"z\": 3}}]}").unwrap();
+    std::fs::write(&sub, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n").unwrap();
+    let score = |extra: &[&str]| Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--json", "--truth"]).arg(tmp.path()).arg(&sub).args(extra).output().unwrap();
+    let o = score(&[]);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(stderr(&o).contains("1 run(s) with ground truth have no picks") && stderr(&o).contains("TS_2"), "{}", stderr(&o));
+    let ribosome = |s: &serde_json::Value| (s["per_class"][2]["tp"].as_u64(), s["per_class"][2]["fn"].as_u64());
+    assert_eq!(ribosome(&s), (Some(1), Some(1)));
+    let o = score(&["--runs", "TS_1"]);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!stderr(&o).contains("have no picks"), "{}", stderr(&o));
+    assert_eq!(ribosome(&s), (Some(1), Some(0)));
+    assert!(stderr(&score(&["--runs", "TS_7"])).contains("--runs: none of TS_7 has ground truth"));
+    // A split without ground truth, where another has it: the error names that one.
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--split", "test", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("no ground truth for split \"test\"") && stderr(&o).contains("\"train\": give --split"), "{}", stderr(&o));
 }
 
 /// A full disk: the write fails with the file named and nothing partial is left. Needs a small
