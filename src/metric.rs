@@ -201,10 +201,14 @@ pub fn score(truth: &[Pick], submission: &[Pick], beta: f64) -> Score {
 /// scores. For each class the candidates (of runs in the truth) are swept in descending score order,
 /// counting a reference as matched when the first candidate within reach arrives; F-beta is
 /// evaluated after each group of equal scores, i.e. at each distinct score `t` with the candidates
-/// `score >= t` kept. Ties go to the higher threshold (fewer picks for the same score); a class with
-/// no candidates keeps [`DEFAULT_THRESHOLD`]. Returns the thresholds in class order and the score
-/// of `candidates` filtered by them.
-pub fn tune_thresholds(truth: &[Pick], candidates: &[Pick], beta: f64) -> (Vec<f32>, Score) {
+/// `score >= t` kept. Ties go to the higher threshold (fewer picks for the same score). Any
+/// threshold between that score and the next lower candidate's (or `floor`, the lowest score the
+/// candidates were kept at) keeps the same picks; the midpoint is returned, as far from both as
+/// the data allow, rather than the best group's own score, which on other tomograms would drop
+/// every particle scored a hair lower (β = 4 counts recall most). A class with no candidates or
+/// no annotated particle keeps [`DEFAULT_THRESHOLD`]: there is nothing to tune it on. Returns the
+/// thresholds in class order and the score of `candidates` filtered by them.
+pub fn tune_thresholds(truth: &[Pick], candidates: &[Pick], beta: f64, floor: f32) -> (Vec<f32>, Score) {
     let g = Grouped::from_truth(truth);
     let thresholds: Vec<f32> = (0..CLASSES.len())
         .map(|c| {
@@ -224,13 +228,13 @@ pub fn tune_thresholds(truth: &[Pick], candidates: &[Pick], beta: f64) -> (Vec<f
                 .filter(|p| p.class == c && !p.score.is_nan())
                 .filter_map(|p| g.run_of(p).map(|run| (p.score, run, [p.x, p.y, p.z])))
                 .collect();
-            if cands.is_empty() {
+            if cands.is_empty() || nrefs == 0 {
                 return DEFAULT_THRESHOLD;
             }
             cands.sort_by(|a, b| b.0.total_cmp(&a.0));
 
             let mut matched = vec![false; nrefs];
-            let (mut tp, mut best_f, mut best_t) = (0i64, f64::NEG_INFINITY, cands[0].0);
+            let (mut tp, mut best_f, mut best_t, mut best_end) = (0i64, f64::NEG_INFINITY, cands[0].0, 0);
             for (n, &(s, run, q)) in cands.iter().enumerate() {
                 indices[run].for_each_within(&q, |i| {
                     let m = &mut matched[offsets[run] + i];
@@ -244,17 +248,29 @@ pub fn tune_thresholds(truth: &[Pick], candidates: &[Pick], beta: f64) -> (Vec<f
                     let kept = n as i64 + 1;
                     let (_, _, f) = class_f(tp, kept - tp, nrefs as i64 - tp, beta);
                     if f > best_f {
-                        (best_f, best_t) = (f, s);
+                        (best_f, best_t, best_end) = (f, s, n);
                     }
                 }
             }
-            best_t
+            let below = cands.get(best_end + 1).map_or(floor.min(best_t), |c| c.0);
+            midpoint_above(below, best_t)
         })
         .collect();
     let kept: Vec<Pick> =
         candidates.iter().filter(|p| p.class < CLASSES.len() && p.score >= thresholds[p.class]).cloned().collect();
     let s = score(truth, &kept, beta);
     (thresholds, s)
+}
+
+/// The f32 halfway between `below` and `top` that is still above `below` (a threshold `>=` keeps
+/// `top` and drops `below`); `top` itself when they are adjacent floats.
+fn midpoint_above(below: f32, top: f32) -> f32 {
+    let mid = ((below as f64 + top as f64) / 2.0) as f32;
+    if mid > below && mid <= top {
+        mid
+    } else {
+        top
+    }
 }
 
 /// A fixed-width per-class table (name, weight, TP, FP, FN, precision, recall, F-beta) and the
@@ -437,8 +453,9 @@ mod tests {
             pk("r", 0, 0.8, 501.0, 0.0, 0.0),
             pk("r", 0, 0.3, 900.0, 0.0, 0.0), // FP, lowest score
         ];
-        let (th, s) = tune_thresholds(&t, &cands, BETA);
-        assert_eq!(th[0], 0.8);
+        let (th, s) = tune_thresholds(&t, &cands, BETA, 0.05);
+        // Halfway between the last kept score and the FP's.
+        assert_eq!(th[0], 0.55);
         assert_eq!(counts(&s, 0), (2, 0, 0));
         assert_eq!(s.per_class[0].fbeta, 1.0);
         // Classes without candidates keep the default.
@@ -457,12 +474,13 @@ mod tests {
             pk("r", 3, 0.4, 1000.0, 0.0, 10.0),
             pk("r", 3, 0.5, 5000.0, 0.0, 0.0),
         ];
-        let (th, s) = tune_thresholds(&t, &cands, BETA);
-        assert_eq!(th[3], 0.4);
+        let (th, s) = tune_thresholds(&t, &cands, BETA, 0.1);
+        // Every candidate kept: halfway down to the floor they were kept at.
+        assert_eq!(th[3], 0.25);
         assert!(close(s.per_class[3].fbeta, 8.5 / 9.0));
-        // With beta = 0.25 precision dominates: t = 0.9 wins.
-        let (th, _) = tune_thresholds(&t, &cands, 0.25);
-        assert_eq!(th[3], 0.9);
+        // With beta = 0.25 precision dominates: 0.9 alone wins, halfway down to 0.6.
+        let (th, _) = tune_thresholds(&t, &cands, 0.25, 0.1);
+        assert_eq!(th[3], 0.75);
     }
 
     #[test]
@@ -478,10 +496,15 @@ mod tests {
             pk("r", 0, 0.2, 1.0, 0.0, 0.0),
             pk("zz", 1, 0.9, 0.0, 0.0, 0.0), // run not in truth: beta-galactosidase has no candidates
         ];
-        let (th, s) = tune_thresholds(&t, &cands, BETA);
-        assert_eq!(th, vec![0.6, 0.5, 0.7, 0.5, 0.5, 0.5]);
+        let (th, s) = tune_thresholds(&t, &cands, BETA, 0.05);
+        // Ribosome has no truth to tune on: the default.
+        assert_eq!(th, vec![0.4, 0.5, 0.5, 0.5, 0.5, 0.5]);
         assert_eq!(counts(&s, 0), (1, 1, 0));
         assert_eq!(counts(&s, 2), (0, 1, 0));
+        // Adjacent floats: no float between them, the kept score itself.
+        let next = f32::from_bits(0.6f32.to_bits() - 1);
+        assert_eq!(midpoint_above(next, 0.6), 0.6);
+        assert_eq!(midpoint_above(0.2, 0.6), 0.4);
     }
 
     /// Small deterministic generator for randomized cross-checks.
@@ -557,7 +580,7 @@ mod tests {
     fn tune_agrees_with_exhaustive_search() {
         for seed in 10..14 {
             let (truth, cands) = random_case(seed);
-            let (th, s) = tune_thresholds(&truth, &cands, BETA);
+            let (th, s) = tune_thresholds(&truth, &cands, BETA, 0.0);
             for (c, &th_c) in th.iter().enumerate() {
                 let mut ts: Vec<f32> = cands.iter().filter(|p| p.class == c && p.run != "C").map(|p| p.score).collect();
                 ts.sort_by(|a, b| b.total_cmp(a));
@@ -571,7 +594,15 @@ mod tests {
                         best = (f, t);
                     }
                 }
-                assert_eq!(th_c, best.1, "seed {seed} class {c}");
+                // The midpoint down to the next lower score (or the floor, 0 here); the default
+                // for a class without truth.
+                let expected = if truth.iter().all(|p| p.class != c) || ts.is_empty() {
+                    DEFAULT_THRESHOLD
+                } else {
+                    let below = ts.iter().copied().find(|&t| t < best.1).unwrap_or(0.0);
+                    midpoint_above(below, best.1)
+                };
+                assert_eq!(th_c, expected, "seed {seed} class {c}");
                 if best.0.is_finite() {
                     assert_eq!(s.per_class[c].fbeta, best.0, "seed {seed} class {c}");
                 }
@@ -600,7 +631,7 @@ mod tests {
         }
         assert_eq!(s.per_class.iter().map(|c| c.tp as i64 + c.fp).sum::<i64>(), 64);
         // Tuning on the submission itself can only do as well or better.
-        let (_, tuned) = tune_thresholds(&truth, &sub, BETA);
+        let (_, tuned) = tune_thresholds(&truth, &sub, BETA, 0.0);
         assert!(tuned.fbeta >= s.fbeta - 1e-12);
     }
 

@@ -185,7 +185,7 @@ pub struct RunArgs {
 }
 
 #[derive(Args)]
-#[command(after_help = "Example:\n  fastdet tune --data tests/fixtures/dataset --split test --weights weights/*.safetensors --window 64,96,96 --tiles 2,3,3")]
+#[command(after_help = "Each class's threshold keeps the candidates that give the best F-beta on these runs, and lies halfway between the lowest score it keeps and the next lower candidate's (so it does not sit on one candidate's score); a class without annotated particles keeps 0.5.\nExample:\n  fastdet tune --data tests/fixtures/dataset --split test --weights weights/*.safetensors --window 64,96,96 --tiles 2,3,3")]
 pub struct TuneArgs {
     #[command(flatten)]
     pub infer: InferArgs,
@@ -940,7 +940,7 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
         bail!("no run was inferred: nothing to tune on");
     }
     eprintln!("tuning on {} run(s), {} annotated particle(s)", inferred.len(), truth.len());
-    let (thresholds, score) = metric::tune_thresholds(&truth, &cands, a.beta);
+    let (thresholds, score) = metric::tune_thresholds(&truth, &cands, a.beta, a.min_threshold);
     println!("{}", metric::format_table(&score));
     let t: Vec<String> = thresholds.iter().map(|t| format!("{t}")).collect();
     println!("--thresholds {}", t.join(","));
