@@ -129,8 +129,11 @@ fn read_torch_zip(bytes: &[u8]) -> Result<Checkpoint> {
             let mut f = zip
                 .by_name(&entry)
                 .with_context(|| format!("tensor {name}: storage {entry:?} is missing from the archive"))?;
+            // Only the bytes the pickle declares for the storage: an entry that inflates to far
+            // more (a decompression bomb, or a damaged archive) is not read past them.
+            let declared = (t.storage_numel as u64).saturating_mul(t.dtype.size() as u64);
             let mut buf = Vec::new();
-            f.read_to_end(&mut buf).with_context(|| format!("tensor {name}: cannot read storage {entry:?}"))?;
+            (&mut f).take(declared).read_to_end(&mut buf).with_context(|| format!("tensor {name}: cannot read storage {entry:?}"))?;
             storages.insert(t.storage_key.clone(), buf);
         }
         let data = materialize(&name, &t, &storages[&t.storage_key])?;
