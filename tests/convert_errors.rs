@@ -458,9 +458,15 @@ fn average_of_one_checkpoint_twice_equals_converting_it_once() {
     let once = s.out("once.safetensors");
     let twice = s.out("twice.safetensors");
     convert_ok(&[&input], &once, &[]);
-    let stdout = convert_ok(&[&input, &input], &twice, &["--average"]);
+    // A copy under another name: the same file given twice is refused (it would weigh double).
+    let copy_dir = tempfile::tempdir().unwrap();
+    let copy = copy_dir.path().join("copy.ckpt");
+    std::fs::copy(&input, &copy).unwrap();
+    let stdout = convert_ok(&[&input, &copy], &twice, &["--average"]);
     assert!(stdout.contains("averaged 2 checkpoints"), "{stdout}");
     assert!(read_st(&once) == read_st(&twice), "averaging a checkpoint with itself changed its tensors");
+    let fresh = Scratch::new();
+    expect_failure(&fresh, &[&input, &input], &["--average"], &["given twice (as input 1 and 2)"]);
 }
 
 #[test]

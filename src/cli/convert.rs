@@ -1,4 +1,4 @@
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use fastdet::convert::{convert as do_convert, ConvertOptions};
 use fastdet::model::graph::Graph;
@@ -32,6 +32,9 @@ pub struct ConvertArgs {
 }
 
 pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
+    if let Some((j, i)) = super::merge::given_twice(&a.inputs) {
+        bail!("{}: given twice (as input {} and {}); averaging it would weigh it double", a.inputs[i].display(), j + 1, i + 1);
+    }
     let opts = ConvertOptions { arch: a.arch.as_deref().map(Arch::parse).transpose()?, name: a.name, average: a.average, ema: a.ema };
     let r = do_convert(&a.inputs, &a.out, &opts)?;
     for w in &r.warnings {

@@ -9,10 +9,13 @@ use std::process::ExitCode;
 #[derive(Args)]
 #[command(after_help = "Reads tensor `input` [N,1,D,H,W] f32; writes `scores` [N,C,D/2,H/2,W/2], `offsets` [N,3,...] (voxels; x,y,z) and, with --features, `fm2`.\nExample:\n  fastdet forward --weights weights/demo_dynunet.safetensors --input tile.safetensors --output out.safetensors")]
 pub struct ForwardArgs {
+    /// fastdet weights (from `fastdet convert`)
     #[arg(long)]
     pub weights: PathBuf,
+    /// safetensors file holding tensor `input`, f32 [N,1,D,H,W]
     #[arg(long)]
     pub input: PathBuf,
+    /// safetensors file to write (`scores`, `offsets`, and `fm2` with --features)
     #[arg(long)]
     pub output: PathBuf,
     /// cpu or cuda:N (emu:N: the CUDA engine on a host emulator of its kernels, no GPU; slow,

@@ -51,10 +51,10 @@ fn copick_files(src: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
 /// shards) before anything is written; returns the files to write.
 fn plan_copick(srcs: &[PathBuf], dst: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     let mut planned: std::collections::BTreeMap<PathBuf, (Vec<u8>, PathBuf)> = Default::default();
-    for (i, src) in srcs.iter().enumerate() {
-        if let Some(j) = srcs[..i].iter().position(|s| same_path(s, src)) {
-            bail!("{}: given twice to --copick (as argument {} and {})", src.display(), j + 1, i + 1);
-        }
+    if let Some((j, i)) = given_twice(srcs) {
+        bail!("{}: given twice to --copick (as argument {} and {})", srcs[i].display(), j + 1, i + 1);
+    }
+    for src in srcs {
         for (rel, bytes) in copick_files(src)? {
             let from = src.join(&rel);
             if let Some((other, other_src)) = planned.get(&rel) {
@@ -78,11 +78,14 @@ fn plan_copick(srcs: &[PathBuf], dst: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> 
     Ok(writes)
 }
 
-fn same_path(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
+/// The first input given twice (the same file under two names too), as `(earlier, later)`
+/// indices: merging it would count its runs twice, averaging it would weigh it double.
+pub(crate) fn given_twice(inputs: &[PathBuf]) -> Option<(usize, usize)> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
         _ => a == b,
-    }
+    };
+    (0..inputs.len()).find_map(|i| inputs[..i].iter().position(|q| same(q, &inputs[i])).map(|j| (j, i)))
 }
 
 fn has_score(p: &Path) -> Result<bool> {
@@ -97,10 +100,10 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     let mut with_score = true;
     // Which input each run came from: a run in two inputs would be counted twice.
     let mut run_from: std::collections::HashMap<String, usize> = Default::default();
+    if let Some((j, i)) = given_twice(&a.inputs) {
+        bail!("{}: given twice (as input {} and {})", a.inputs[i].display(), j + 1, i + 1);
+    }
     for (i, p) in a.inputs.iter().enumerate() {
-        if let Some(j) = a.inputs[..i].iter().position(|q| same_path(q, p)) {
-            bail!("{}: given twice (as input {} and {})", p.display(), j + 1, i + 1);
-        }
         let scored = has_score(p)?;
         if with_score && !scored && i > 0 {
             eprintln!("note: {} has no score column, so the merged file has none", p.display());

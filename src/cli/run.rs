@@ -102,7 +102,7 @@ pub struct InferArgs {
     /// The default on CUDA workers (see --host-blend); accepted for older scripts
     #[arg(long, hide = true, conflicts_with = "host_blend")]
     pub device_blend: bool,
-    /// Process only runs[K::N] of the sorted run list (cluster job arrays), as K/N
+    /// Process only runs[K::N] of the sorted run list (cluster job arrays), as K/N with K counted from 0 (0/2 and 1/2 are the two halves)
     #[arg(long, value_parser = parse_shard)]
     pub shard: Option<(usize, usize)>,
     /// Voxel size in Å used for Å coordinates and particle radii (the file's own size only warns)
@@ -143,8 +143,9 @@ The first run on a card checks our kernels there against the CPU engine and reme
 pub struct RunArgs {
     #[command(flatten)]
     pub infer: InferArgs,
-    /// Read options from a TOML file (keys are the long option names; [thresholds] per class name);
-    /// command-line flags override it
+    /// Read options from a TOML file (keys are the long option names, with _ or -; device_blend =
+    /// false is --host-blend; [thresholds] per class name; relative paths are relative to the
+    /// file); command-line flags override it
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Print the effective configuration (TOML, seed defaults filled in) and exit
