@@ -411,6 +411,8 @@ fn options_that_do_not_apply_to_the_inputs_are_refused() {
     let f = tmp.path().join("TS_a.mrc");
     let o = run_mrc(&[&f], &out, &["--runs", "TS_a"]);
     assert!(!o.status.success() && stderr(&o).contains("--runs"), "{}", stderr(&o));
+    let o = run_mrc(&[&f], &out, &["--level", "1"]);
+    assert!(!o.status.success() && stderr(&o).contains("--level 1: MRC files hold one level"), "{}", stderr(&o));
     let o = run_mrc(&[tmp.path()], &out, &[]);
     assert!(!o.status.success() && stderr(&o).contains("a directory; --mrc takes MRC files"), "{}", stderr(&o));
     assert!(!out.exists());

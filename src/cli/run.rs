@@ -222,6 +222,9 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         return Ok(vec![Job { run: named, path: z.clone() }]);
     }
     if !a.mrc.is_empty() {
+        if a.level != "0" {
+            bail!("--level {}: MRC files hold one level; --level chooses among a zarr's", a.level);
+        }
         if let Some(d) = a.mrc.iter().find(|p| p.is_dir()) {
             bail!("--mrc {}: a directory; --mrc takes MRC files (--zarr reads a zarr)", d.display());
         }
@@ -332,7 +335,7 @@ fn is_mrc(p: &Path) -> bool {
 
 fn read_volume(path: &Path, level: &str) -> Result<zarr::Volume> {
     // A zarr store is a folder: any file is taken for an MRC (whose reader names what is wrong).
-    if is_mrc(path) || path.is_file() {
+    if is_mrc(path) || (path.exists() && !path.is_dir()) {
         fastdet::io::mrc::read_mrc(path)
     } else {
         zarr::read_zarr_volume(path, level)
