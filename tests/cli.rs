@@ -336,3 +336,39 @@ fn ensemble_of_mismatched_models_is_refused() {
     assert!(!err.contains("model(s) on"), "{err}");
     assert!(!tmp.path().join("s.csv").exists());
 }
+
+/// `--tomogram` reads another tomogram type of the competition layout; a type the runs lack is
+/// an error naming the ones they have.
+#[test]
+fn tomogram_type_is_chosen_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::copy_dir(&root().join("tests/fixtures/dataset"), &data);
+    let weights = root().join("weights/demo_segresnetv2.safetensors");
+    let run = |extra: &[&str], out: &Path| {
+        fastdet()
+            .args(["run", "--runs", "TS_synth_1", "--window", "64,96,96", "--tiles", "1,2,2", "--data"])
+            .arg(&data)
+            .arg("--weights")
+            .arg(&weights)
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let a = tmp.path().join("a.csv");
+    assert!(run(&[], &a).status.success());
+    let spacing = data.join("test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000");
+    std::fs::rename(spacing.join("denoised.zarr"), spacing.join("wbp.zarr")).unwrap();
+    let b = tmp.path().join("b.csv");
+    let o = run(&[], &b);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("it has: wbp; choose one with --tomogram"), "{e}");
+    let o = run(&["--tomogram", "wbp"], &b);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    // The printed configuration names it, and reads back.
+    let text = String::from_utf8(run(&["--tomogram", "wbp", "--print-config"], &b).stdout).unwrap();
+    assert!(text.contains("tomogram = \"wbp\""), "{text}");
+}

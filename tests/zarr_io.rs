@@ -96,14 +96,14 @@ fn fixture_dataset_layout() {
         vec!["TS_synth_1".to_string(), "TS_synth_2".to_string()]
     );
     assert_eq!(
-        run_tomogram_path(&root, "test", "TS_synth_1").unwrap(),
+        run_tomogram_path(&root, "test", "TS_synth_1", "denoised").unwrap(),
         synth1()
     );
     assert_eq!(shard(&runs, 1, 2), vec!["TS_synth_2".to_string()]);
     let e = discover_runs(&root, "train").unwrap_err().to_string();
     assert!(e.contains("train") && e.contains("ExperimentRuns"), "{e}");
     let v2 = read_zarr_volume(
-        &run_tomogram_path(&root, "test", "TS_synth_2").unwrap(),
+        &run_tomogram_path(&root, "test", "TS_synth_2", "denoised").unwrap(),
         "0",
     )
     .unwrap();

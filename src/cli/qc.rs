@@ -20,6 +20,9 @@ pub struct QcArgs {
     /// Split under the dataset root
     #[arg(long, default_value = "test")]
     pub split: String,
+    /// Tomogram type drawn: {run}/VoxelSpacing*/{NAME}.zarr
+    #[arg(long, value_name = "NAME", default_value = fastdet::io::dataset::DEFAULT_TOMOGRAM)]
+    pub tomogram: String,
     /// Submission CSV to draw (id,experiment,particle_type,[score,]x,y,z; coordinates in Å)
     #[arg(long)]
     pub picks: PathBuf,
@@ -61,7 +64,7 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         if run.contains(['/', '\\']) || run == "." || run == ".." {
             bail!("run name {run:?} cannot be used as a file name");
         }
-        let path = dataset::run_tomogram_path(&a.data, &a.split, run)?;
+        let path = dataset::run_tomogram_path(&a.data, &a.split, run, &a.tomogram)?;
         let volume = zarr::read_zarr_volume(&path, zarr::DEFAULT_LEVEL)?;
         let run_picks: Vec<_> = picks.iter().filter(|p| &p.run == run).cloned().collect();
         let run_truth: Option<Vec<_>> =

@@ -45,6 +45,10 @@ pub struct InferArgs {
     /// Split under --data
     #[arg(long, default_value = "test")]
     pub split: String,
+    /// Tomogram type read under --data: {run}/VoxelSpacing*/{NAME}.zarr (the competition has
+    /// denoised, wbp, ctfdeconvolved and isonetcorrected)
+    #[arg(long, value_name = "NAME", default_value = fastdet::io::dataset::DEFAULT_TOMOGRAM, conflicts_with_all = ["zarr", "mrc"])]
+    pub tomogram: String,
     /// Only these runs (comma-separated names) of --data
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["zarr", "mrc"])]
     pub runs: Vec<String>,
@@ -201,6 +205,8 @@ pub struct TuneArgs {
 struct Job {
     run: String,
     path: PathBuf,
+    /// Why the run's tomogram could not be found (the run fails alone, with this error).
+    not_found: Option<String>,
 }
 
 fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
@@ -219,7 +225,7 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
             Some(run_dir) => run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
             None => stem(group),
         };
-        return Ok(vec![Job { run: named, path: z.clone() }]);
+        return Ok(vec![Job { run: named, path: z.clone(), not_found: None }]);
     }
     if !a.mrc.is_empty() {
         if a.level != "0" {
@@ -228,7 +234,7 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         if let Some(d) = a.mrc.iter().find(|p| p.is_dir()) {
             bail!("--mrc {}: a directory; --mrc takes MRC files (--zarr reads a zarr)", d.display());
         }
-        let mut jobs: Vec<Job> = a.mrc.iter().map(|p| Job { run: stem(p), path: p.clone() }).collect();
+        let mut jobs: Vec<Job> = a.mrc.iter().map(|p| Job { run: stem(p), path: p.clone(), not_found: None }).collect();
         jobs.sort_by(|x, y| x.run.cmp(&y.run));
         if let Some(w) = jobs.windows(2).find(|w| w[0].run == w[1].run) {
             bail!("two MRC inputs share the run name {}: {} and {}", w[0].run, w[0].path.display(), w[1].path.display());
@@ -257,9 +263,10 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
     Ok(runs
         .into_iter()
         .map(|run| {
-            let path = dataset::run_tomogram_path(root, &a.split, &run)
-                .unwrap_or_else(|_| dataset::default_tomogram_path(root, &a.split, &run));
-            Job { run, path }
+            match dataset::run_tomogram_path(root, &a.split, &run, &a.tomogram) {
+                Ok(path) => Job { run, path, not_found: None },
+                Err(e) => Job { path: dataset::default_tomogram_path(root, &a.split, &run, &a.tomogram), run, not_found: Some(format!("{e:#}")) },
+            }
         })
         .collect())
 }
@@ -430,6 +437,9 @@ struct Loaded {
 fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUploader>) -> Result<Loaded> {
     // A name the CSV cannot hold fails this run before it is read, not the job at the end.
     csv::check_run_name(&job.run)?;
+    if let Some(e) = &job.not_found {
+        bail!("{e}");
+    }
     let t = Instant::now();
     let (mut vol, _) = load(job, a, s)?;
     normalize_unit_range(&mut vol.data);
@@ -663,7 +673,7 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
     }
     let full = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf()).display().to_string();
     let inputs = match (&a.data, &a.zarr) {
-        (Some(root), _) => serde_json::json!({ "data": full(root), "split": a.split }),
+        (Some(root), _) => serde_json::json!({ "data": full(root), "split": a.split, "tomogram": a.tomogram }),
         (None, Some(z)) => serde_json::json!({ "zarr": full(z) }),
         (None, None) => serde_json::json!({ "mrc": a.mrc.iter().map(|m| full(m)).collect::<Vec<_>>() }),
     };
@@ -962,6 +972,9 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
         t.insert("data".into(), path(d));
     }
     t.insert("split".into(), Value::String(i.split.clone()));
+    if i.data.is_some() {
+        t.insert("tomogram".into(), Value::String(i.tomogram.clone()));
+    }
     if !i.runs.is_empty() {
         t.insert("runs".into(), Value::Array(i.runs.iter().map(|r| Value::String(r.clone())).collect()));
     }

@@ -8,8 +8,9 @@ use anyhow::{bail, Result};
 
 /// Voxel-spacing directory used by the competition data.
 pub const VOXEL_SPACING_DIR: &str = "VoxelSpacing10.000";
-/// Tomogram (OME-Zarr group) name inside the voxel-spacing directory.
-pub const TOMOGRAM_NAME: &str = "denoised.zarr";
+/// Tomogram type read by default: the competition's `denoised.zarr` in the voxel-spacing
+/// directory (the others are `wbp`, `ctfdeconvolved` and `isonetcorrected`).
+pub const DEFAULT_TOMOGRAM: &str = "denoised";
 
 /// `{root}/{split}/static/ExperimentRuns`.
 pub fn runs_dir(root: &Path, split: &str) -> PathBuf {
@@ -22,7 +23,7 @@ pub fn discover_runs(root: &Path, split: &str) -> Result<Vec<String>> {
     let dir = runs_dir(root, split);
     if !dir.is_dir() {
         bail!(
-            "{}: runs directory not found (expected {}/{split}/static/ExperimentRuns/<run>/{VOXEL_SPACING_DIR}/{TOMOGRAM_NAME})",
+            "{}: runs directory not found (expected {}/{split}/static/ExperimentRuns/<run>/{VOXEL_SPACING_DIR}/{DEFAULT_TOMOGRAM}.zarr)",
             dir.display(),
             root.display()
         );
@@ -47,18 +48,19 @@ pub fn discover_runs(root: &Path, split: &str) -> Result<Vec<String>> {
 
 /// The canonical tomogram path `{root}/{split}/static/ExperimentRuns/{run}/VoxelSpacing10.000/denoised.zarr`
 /// (whether or not it exists).
-pub fn default_tomogram_path(root: &Path, split: &str, run: &str) -> PathBuf {
+pub fn default_tomogram_path(root: &Path, split: &str, run: &str, tomogram: &str) -> PathBuf {
     runs_dir(root, split)
         .join(run)
         .join(VOXEL_SPACING_DIR)
-        .join(TOMOGRAM_NAME)
+        .join(format!("{tomogram}.zarr"))
 }
 
 /// Tomogram path of `run`: the canonical `VoxelSpacing10.000/denoised.zarr` if it exists,
 /// otherwise the only `VoxelSpacing*/denoised.zarr` of the run. Errors (naming the paths) if the
 /// run is missing, or there is no candidate, or several candidates and no canonical one.
-pub fn run_tomogram_path(root: &Path, split: &str, run: &str) -> Result<PathBuf> {
-    let exact = default_tomogram_path(root, split, run);
+pub fn run_tomogram_path(root: &Path, split: &str, run: &str, tomogram: &str) -> Result<PathBuf> {
+    let name = format!("{tomogram}.zarr");
+    let exact = default_tomogram_path(root, split, run, tomogram);
     if exact.is_dir() {
         return Ok(exact);
     }
@@ -77,17 +79,27 @@ pub fn run_tomogram_path(root: &Path, split: &str, run: &str) -> Result<PathBuf>
                 .to_str()
                 .is_some_and(|n| n.starts_with("VoxelSpacing"))
         })
-        .map(|e| e.path().join(TOMOGRAM_NAME))
+        .map(|e| e.path().join(&name))
         .filter(|p| p.is_dir())
         .collect();
     candidates.sort();
     match candidates.len() {
         1 => Ok(candidates.pop().unwrap()),
-        0 => bail!(
-            "{}: tomogram not found, and no VoxelSpacing*/{TOMOGRAM_NAME} in {}",
-            exact.display(),
-            run_dir.display()
-        ),
+        0 => {
+            // Name the tomograms the run has, when the type asked for is not among them.
+            let mut present: Vec<String> = std::fs::read_dir(&run_dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("VoxelSpacing")))
+                .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".zarr")).map(String::from))
+                .collect();
+            present.sort();
+            present.dedup();
+            let others = if present.is_empty() { String::new() } else { format!(" (it has: {}; choose one with --tomogram)", present.join(", ")) };
+            bail!("{}: tomogram not found, and no VoxelSpacing*/{name} in {}{others}", exact.display(), run_dir.display())
+        }
         _ => bail!(
             "{}: tomogram not found, and {} is ambiguous: several candidates {:?}",
             exact.display(),
@@ -144,29 +156,26 @@ mod tests {
         );
 
         // canonical path
-        let exact = default_tomogram_path(root, "train", "TS_a");
+        let d = DEFAULT_TOMOGRAM;
+        let exact = default_tomogram_path(root, "train", "TS_a", d);
         std::fs::create_dir_all(&exact).unwrap();
-        assert_eq!(run_tomogram_path(root, "train", "TS_a").unwrap(), exact);
+        assert_eq!(run_tomogram_path(root, "train", "TS_a", d).unwrap(), exact);
+        // another type, named in the error when it is the only one there
+        let wbp = rd.join("TS_a/VoxelSpacing10.000/wbp.zarr");
+        std::fs::create_dir_all(&wbp).unwrap();
+        assert_eq!(run_tomogram_path(root, "train", "TS_a", "wbp").unwrap(), wbp);
+        let e = run_tomogram_path(root, "train", "TS_a", "isonetcorrected").unwrap_err().to_string();
+        assert!(e.contains("isonetcorrected.zarr") && e.contains("it has: denoised, wbp; choose one with --tomogram"), "{e}");
         // single other spacing
-        let other = rd
-            .join("TS_b")
-            .join("VoxelSpacing10.012")
-            .join(TOMOGRAM_NAME);
+        let other = rd.join("TS_b").join("VoxelSpacing10.012").join("denoised.zarr");
         std::fs::create_dir_all(&other).unwrap();
-        assert_eq!(run_tomogram_path(root, "train", "TS_b").unwrap(), other);
+        assert_eq!(run_tomogram_path(root, "train", "TS_b", d).unwrap(), other);
         // ambiguous
-        std::fs::create_dir_all(
-            rd.join("TS_b")
-                .join("VoxelSpacing5.000")
-                .join(TOMOGRAM_NAME),
-        )
-        .unwrap();
-        let e = run_tomogram_path(root, "train", "TS_b")
-            .unwrap_err()
-            .to_string();
+        std::fs::create_dir_all(rd.join("TS_b").join("VoxelSpacing5.000").join("denoised.zarr")).unwrap();
+        let e = run_tomogram_path(root, "train", "TS_b", d).unwrap_err().to_string();
         assert!(e.contains("ambiguous"), "{e}");
         // missing run
-        let e = run_tomogram_path(root, "train", "TS_zz")
+        let e = run_tomogram_path(root, "train", "TS_zz", d)
             .unwrap_err()
             .to_string();
         assert!(e.contains("TS_zz"), "{e}");
