@@ -130,7 +130,7 @@ fn read_torch_zip(bytes: &[u8]) -> Result<Checkpoint> {
                 .by_name(&entry)
                 .with_context(|| format!("tensor {name}: storage {entry:?} is missing from the archive"))?;
             // Only the bytes the pickle declares for the storage: an entry that inflates to far
-            // more (a decompression bomb, or a damaged archive) is not read past them.
+            // more than that (a decompression bomb, or a damaged archive) is not read past them.
             let declared = (t.storage_numel as u64).saturating_mul(t.dtype.size() as u64);
             let mut buf = Vec::new();
             (&mut f).take(declared).read_to_end(&mut buf).with_context(|| format!("tensor {name}: cannot read storage {entry:?}"))?;

@@ -115,7 +115,32 @@ impl Weights {
         if classes.len() != spec.num_classes {
             bail!("metadata lists {} class names but the model has {} classes", classes.len(), spec.num_classes);
         }
-        check_spec(&spec, map.len(), header.tensors().len())?;
+        let infos = header.tensors();
+        check_spec(&spec, map.len(), infos.len())?;
+        // The tensors the spec needs, as the header lists them (names, shapes, dtypes: no data
+        // is read, so `read_spec` refuses these before a job starts).
+        let required = spec.required_tensors();
+        for (name, shape) in &required {
+            let info = infos.get(name).with_context(|| format!("tensor {name} is missing"))?;
+            if info.shape != *shape {
+                bail!("tensor {name} has shape {:?}, the spec needs {shape:?}", info.shape);
+            }
+            if info.dtype != safetensors::Dtype::F16 {
+                bail!("tensor {name} is {:?}, fastdet weights are f16", info.dtype);
+            }
+        }
+        // A tensor the spec does not use means the spec and the tensors disagree (convert writes
+        // exactly the spec's tensors): the network run would not be the one trained.
+        if infos.len() > required.len() {
+            let needed: std::collections::HashSet<&str> = required.iter().map(|(n, _)| n.as_str()).collect();
+            let mut unused: Vec<&str> = infos.keys().map(String::as_str).filter(|n| !needed.contains(n)).collect();
+            unused.sort();
+            bail!(
+                "{} tensor(s) that the metadata's architecture does not use, e.g. {}: the spec does not describe these weights",
+                unused.len(),
+                unused.first().copied().unwrap_or("?")
+            );
+        }
         Ok((spec, classes, metadata))
     }
 
@@ -125,13 +150,8 @@ impl Weights {
         let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("corrupt safetensors: {e}"))?;
         let mut tensors = HashMap::new();
         for (name, shape) in spec.required_tensors() {
+            // Names, shapes and dtypes were checked against the header.
             let view = st.tensor(&name).map_err(|_| anyhow::anyhow!("tensor {name} is missing"))?;
-            if view.shape() != shape.as_slice() {
-                bail!("tensor {name} has shape {:?}, the spec needs {shape:?}", view.shape());
-            }
-            if view.dtype() != safetensors::Dtype::F16 {
-                bail!("tensor {name} is {:?}, fastdet weights are f16", view.dtype());
-            }
             let data: Vec<f16> = view.data().chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect();
             // `convert` refuses these; a damaged or hand-made file would give NaN maps, no picks
             // or NaN coordinates on every tomogram.
@@ -140,17 +160,6 @@ impl Weights {
                 bail!("tensor {name} has {bad} NaN or infinite values (damaged weights; convert the checkpoint again)");
             }
             tensors.insert(name, (shape, data));
-        }
-        // A tensor the spec does not use means the spec and the tensors disagree (convert writes
-        // exactly the spec's tensors): the network run would not be the one trained.
-        if st.len() > tensors.len() {
-            let mut unused: Vec<&str> = st.names().into_iter().filter(|n| !tensors.contains_key(*n)).collect();
-            unused.sort();
-            bail!(
-                "{} tensor(s) that the metadata's architecture does not use, e.g. {}: the spec does not describe these weights",
-                unused.len(),
-                unused[0]
-            );
         }
         Ok(Weights {
             path: path.to_path_buf(),

@@ -5,6 +5,8 @@ use fastdet::io::mrc::write_mrc_f32;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
@@ -476,7 +478,7 @@ fn odd_but_readable_volumes_are_warned_about() {
 
     let src = root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr");
     let zarr = tmp.path().join("TS_gap.zarr");
-    copy_tree(&src, &zarr);
+    common::copy_dir(&src, &zarr);
     std::fs::remove_file(zarr.join("0/0.1.1")).unwrap();
     let v = fastdet::io::zarr::read_zarr_volume(&zarr, "0").unwrap();
     assert_eq!(v.notes.len(), 1, "{:?}", v.notes);
@@ -488,17 +490,4 @@ fn odd_but_readable_volumes_are_warned_about() {
     std::fs::write(&meta, text).unwrap();
     let e = fastdet::io::zarr::read_zarr_volume(&zarr, "0").unwrap_err();
     assert!(format!("{e:#}").contains("has a zero-length axis"), "{e:#}");
-}
-
-fn copy_tree(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
-    }
 }

@@ -196,4 +196,8 @@ fn printed_thresholds_read_back_exactly() {
     }
     // Short values stay short.
     assert!(text.contains("thyroglobulin = 0.205\n"), "{text}");
+    // Empty lists give no flag, whatever the key.
+    std::fs::write(&cfg, "runs = []\ngpus = []\nweights = []\n").unwrap();
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg)).parse().unwrap();
+    assert_eq!(t["device"].as_str(), Some("cpu"));
 }

@@ -118,10 +118,8 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
                 }
             }
             // An empty list (as `--print-config` writes for no weights) gives nothing.
+            (_, toml::Value::Array(a)) if a.is_empty() => {}
             (k, toml::Value::Array(a)) if MULTI_KEYS.contains(&k) => {
-                if a.is_empty() {
-                    continue;
-                }
                 extra.push(flag.into());
                 for x in a {
                     extra.push(resolve(k, scalar(x, raw_key, file)?, base).into());

@@ -92,12 +92,12 @@ fn has_score(p: &Path) -> Result<bool> {
     let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
     // The header is the first line that is not blank, as the reader takes it.
     let header = text.lines().find(|l| !l.trim().is_empty());
-    Ok(header.is_some_and(|h| h.split(',').any(|c| c.trim().trim_start_matches('\u{feff}') == "score")))
+    Ok(header.is_some_and(|h| h.trim_start_matches('\u{feff}').split(',').any(|c| c.trim() == "score")))
 }
 
 pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     let mut picks = Vec::new();
-    let mut with_score = true;
+    let mut unscored: Vec<&PathBuf> = Vec::new();
     // Which input each run came from: a run in two inputs would be counted twice.
     let mut run_from: std::collections::HashMap<String, usize> = Default::default();
     if let Some((j, i)) = given_twice(&a.inputs) {
@@ -105,10 +105,9 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     }
     for (i, p) in a.inputs.iter().enumerate() {
         let scored = has_score(p)?;
-        if with_score && !scored && i > 0 {
-            eprintln!("note: {} has no score column, so the merged file has none", p.display());
+        if !scored {
+            unscored.push(p);
         }
-        with_score &= scored;
         let rows = csv::read_submission(p)?;
         for r in &rows {
             match run_from.get(&r.run) {
@@ -120,6 +119,11 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
             }
         }
         picks.extend(rows);
+    }
+    // Scores are kept when every input has them.
+    let with_score = unscored.is_empty();
+    if !with_score && unscored.len() < a.inputs.len() {
+        eprintln!("note: {} has no score column, so the merged file has none", unscored[0].display());
     }
     // Every copick folder is read and checked before any output is written.
     let copick_writes = match &a.copick_out {

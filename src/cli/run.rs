@@ -106,7 +106,7 @@ pub struct InferArgs {
     /// The default on CUDA workers (see --host-blend); accepted for older scripts
     #[arg(long, hide = true, conflicts_with = "host_blend")]
     pub device_blend: bool,
-    /// Process only runs[K::N] of the sorted run list (cluster job arrays), as K/N with K counted from 0 (0/2 and 1/2 are the two halves)
+    /// Process only runs[K::N] of the sorted run list (cluster job arrays), as K/N with K counted from 0 (0/2 takes the 1st, 3rd, 5th... run, 1/2 the others)
     #[arg(long, value_parser = parse_shard)]
     pub shard: Option<(usize, usize)>,
     /// Voxel size in Å used for Å coordinates and particle radii (the file's own size only warns)
@@ -207,6 +207,8 @@ struct Job {
     path: PathBuf,
     /// Why the run's tomogram could not be found (the run fails alone, with this error).
     not_found: Option<String>,
+    /// Given to --mrc: read as MRC whatever its name, and named as such when it is missing.
+    mrc: bool,
 }
 
 fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
@@ -225,7 +227,7 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
             Some(run_dir) => run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
             None => stem(group),
         };
-        return Ok(vec![Job { run: named, path: z.clone(), not_found: None }]);
+        return Ok(vec![Job { run: named, path: z.clone(), not_found: None, mrc: false }]);
     }
     if !a.mrc.is_empty() {
         if a.level != "0" {
@@ -234,7 +236,7 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         if let Some(d) = a.mrc.iter().find(|p| p.is_dir()) {
             bail!("--mrc {}: a directory; --mrc takes MRC files (--zarr reads a zarr)", d.display());
         }
-        let mut jobs: Vec<Job> = a.mrc.iter().map(|p| Job { run: stem(p), path: p.clone(), not_found: None }).collect();
+        let mut jobs: Vec<Job> = a.mrc.iter().map(|p| Job { run: stem(p), path: p.clone(), not_found: None, mrc: true }).collect();
         jobs.sort_by(|x, y| x.run.cmp(&y.run));
         if let Some(w) = jobs.windows(2).find(|w| w[0].run == w[1].run) {
             bail!("two MRC inputs share the run name {}: {} and {}", w[0].run, w[0].path.display(), w[1].path.display());
@@ -264,8 +266,8 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         .into_iter()
         .map(|run| {
             match dataset::run_tomogram_path(root, &a.split, &run, &a.tomogram) {
-                Ok(path) => Job { run, path, not_found: None },
-                Err(e) => Job { path: dataset::default_tomogram_path(root, &a.split, &run, &a.tomogram), run, not_found: Some(format!("{e:#}")) },
+                Ok(path) => Job { run, path, not_found: None, mrc: false },
+                Err(e) => Job { path: dataset::default_tomogram_path(root, &a.split, &run, &a.tomogram), run, not_found: Some(format!("{e:#}")), mrc: false },
             }
         })
         .collect())
@@ -340,9 +342,10 @@ fn is_mrc(p: &Path) -> bool {
     matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("mrc" | "rec" | "map" | "mrcs"))
 }
 
-fn read_volume(path: &Path, level: &str) -> Result<zarr::Volume> {
-    // A zarr store is a folder: any file is taken for an MRC (whose reader names what is wrong).
-    if is_mrc(path) || (path.exists() && !path.is_dir()) {
+fn read_volume(path: &Path, level: &str, mrc: bool) -> Result<zarr::Volume> {
+    // A zarr store is a folder: anything else is taken for an MRC (whose reader names what is
+    // wrong), and so is whatever was given to --mrc.
+    if mrc || is_mrc(path) || (path.exists() && !path.is_dir()) {
         fastdet::io::mrc::read_mrc(path)
     } else {
         zarr::read_zarr_volume(path, level)
@@ -430,6 +433,9 @@ struct Loaded {
     vol: zarr::Volume,
     read_s: f64,
     upload: Option<PendingVolume>,
+    /// The tomogram's files as they were read ([`fastdet::util::source_stamp`]); empty when they
+    /// changed while being read.
+    stamp: String,
 }
 
 /// `load`, the normalisation, and the copy to the device through `uploader` when there is one; a
@@ -441,7 +447,11 @@ fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUpl
         bail!("{e}");
     }
     let t = Instant::now();
+    let before = fastdet::util::source_stamp(&job.path);
     let (mut vol, _) = load(job, a, s)?;
+    // Files that changed during the read (a copy still going on) get no stamp: a resumed job
+    // computes the run again rather than trust picks of a half-written tomogram.
+    let stamp = if fastdet::util::source_stamp(&job.path) == before { before } else { String::new() };
     normalize_unit_range(&mut vol.data);
     let read_s = t.elapsed().as_secs_f64();
     let upload = uploader.and_then(|u| {
@@ -450,13 +460,13 @@ fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUpl
             None
         })
     });
-    Ok(Loaded { vol, read_s, upload })
+    Ok(Loaded { vol, read_s, upload, stamp })
 }
 
 /// Reads one tomogram and checks it (runs on the reader thread, ahead of inference).
 fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
     let t = Instant::now();
-    let mut vol = read_volume(&job.path, &a.level)?;
+    let mut vol = read_volume(&job.path, &a.level, job.mrc)?;
     let bad = zarr::count_nonfinite(&vol.data);
     if bad > 0 {
         if !a.allow_nonfinite {
@@ -507,15 +517,18 @@ fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3]) -
         } else if w * t < n {
             out.push(format!("{t} tile(s) of {w} along {name} cover {} of its {n} voxels: raise --tiles or --window", w * t));
         }
-        // Starts spread as numpy.linspace: a window as long as the axis gives the same tile t times.
-        let mut starts = fastdet::pipeline::tiling::tile_starts(n, w, t);
+        // Starts spread as numpy.linspace: a window as long as the axis gives the same tile t
+        // times (a longer one gives one tile: nothing repeats).
+        let all = fastdet::pipeline::tiling::tile_starts(n, w, t);
+        let mut starts = all.clone();
         starts.dedup();
-        if starts.len() < t {
+        if starts.len() < all.len() {
             out.push(format!(
-                "{t} tiles along {name} have only {} distinct start(s) (window {w}, axis {n}), each computed again: --tiles {} along {name} blends the same tiles {:.1}x faster",
+                "{} tiles along {name} have only {} distinct start(s) (window {w}, axis {n}), each computed again: --tiles {} along {name} blends the same tiles {:.1}x faster",
+                all.len(),
                 starts.len(),
                 starts.len(),
-                t as f64 / starts.len() as f64
+                all.len() as f64 / starts.len() as f64
             ));
         }
     }
@@ -524,7 +537,7 @@ fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3]) -
 
 /// Infers and detects one loaded run; returns its picks.
 fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: Extras) -> Result<(Vec<Pick>, Timing)> {
-    let Loaded { mut vol, read_s, upload } = loaded;
+    let Loaded { mut vol, read_s, upload, .. } = loaded;
     let mut timing = Timing { read: read_s, ..Timing::default() };
     let tty = std::io::stderr().is_terminal();
     let t_infer = Instant::now();
@@ -620,7 +633,7 @@ impl Parts {
                     _ => String::new(),
                 };
                 bail!(
-                    "--resume: {} was made with other inputs, weights or settings{changed}; remove {} or run without --resume",
+                    "--resume: {} was made with other inputs, weights or settings{changed} (or by an older fastdet); remove {} or run without --resume",
                     fp_path.display(),
                     dir.display()
                 );
@@ -648,18 +661,26 @@ impl Parts {
             return None;
         }
         let stamp = std::fs::read_to_string(self.stamp_path(&job.run)).unwrap_or_default();
-        if stamp.is_empty() || stamp != fastdet::util::source_stamp(&job.path) {
+        if stamp.is_empty() {
+            eprintln!("  {}: no record of the tomogram its picks came from (it changed while it was read, or an older fastdet stored them); computing them again", job.run);
+            return None;
+        }
+        if stamp != fastdet::util::source_stamp(&job.path) {
             eprintln!("  {}: {} changed since its picks were stored; computing them again", job.run, job.path.display());
             return None;
         }
         csv::read_submission(&p).ok()
     }
-    /// The picks first, then the stamp: a job killed between the two computes the run again.
-    fn store(&self, job: &Job, picks: &[Pick]) -> Result<()> {
+    /// The stamp of the tomogram as it was read (none when it changed during the read), then the
+    /// picks: the picks file exists only beside the stamp of the data they came from, whenever
+    /// the job is killed.
+    fn store(&self, job: &Job, picks: &[Pick], stamp: &str) -> Result<()> {
+        let _ = std::fs::remove_file(self.path(&job.run));
         let _ = std::fs::remove_file(self.stamp_path(&job.run));
-        csv::write_submission_exact(&self.path(&job.run), picks)?;
-        let stamp = fastdet::util::source_stamp(&job.path);
-        fastdet::util::write_atomic(&self.stamp_path(&job.run), |f| Ok(f.write_all(stamp.as_bytes())?))
+        if !stamp.is_empty() {
+            fastdet::util::write_atomic(&self.stamp_path(&job.run), |f| Ok(f.write_all(stamp.as_bytes())?))?;
+        }
+        csv::write_submission_exact(&self.path(&job.run), picks)
     }
 }
 
@@ -743,6 +764,7 @@ fn worker(
         });
         for &(i, job) in todo {
             let loaded = rx.recv().context("reader thread stopped")?;
+            let stamp = loaded.as_ref().map(|l| l.stamp.clone()).unwrap_or_default();
             let result = loaded.and_then(|loaded| process(job, loaded, &mut ens, s, extras));
             match &result {
                 Ok((p, t)) => {
@@ -761,7 +783,7 @@ fn worker(
                         t.detect
                     );
                     if let Some(parts) = parts {
-                        parts.store(job, p)?;
+                        parts.store(job, p, &stamp)?;
                     }
                 }
                 Err(e) => eprintln!("  {label}{}: FAILED: {e:#}", job.run),
@@ -1047,13 +1069,17 @@ mod tests {
     fn coverage_warnings_name_gaps_and_heavy_padding_only() {
         // The seed on a competition tomogram: 8 slices of padding, 9 tiles of 128 over 630.
         assert!(coverage_warnings([184, 630, 630], [192, 128, 128], [1, 9, 9]).is_empty());
+        // A window longer than the axis: one tile is computed however many are asked for.
+        assert!(coverage_warnings([184, 630, 630], [192, 128, 128], [2, 9, 9]).is_empty());
         let w = coverage_warnings([96, 160, 160], [128, 64, 96], [1, 2, 2]);
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("window's z (128) is longer than the volume's (96)"), "{w:?}");
         assert!(w[1].contains("2 tile(s) of 64 along y cover 128 of its 160"), "{w:?}");
         // A window as long as the axis: every tile along it is the same tile.
-        let w = coverage_warnings([64, 128, 160], [64, 128, 128], [1, 3, 3]);
-        assert_eq!(w.len(), 1, "{w:?}");
+        let w = coverage_warnings([64, 128, 160], [64, 128, 128], [2, 3, 3]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("2 tiles along z have only 1 distinct start(s)"), "{w:?}");
+        let w: Vec<String> = w.into_iter().skip(1).collect();
         assert!(w[0].contains("3 tiles along y have only 1 distinct start(s)") && w[0].contains("--tiles 1 along y") && w[0].contains("3.0x faster"), "{w:?}");
     }
 }

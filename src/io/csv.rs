@@ -80,6 +80,8 @@ pub fn read_submission(path: &Path) -> Result<Vec<Pick>> {
 
 /// Parses submission text; `origin` names the source in error messages.
 fn parse_submission(text: &str, origin: &str) -> Result<Vec<Pick>> {
+    // A byte-order mark (spreadsheet exports) is not part of the first column's name.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
     let (_, header) = lines
         .by_ref()
@@ -181,7 +183,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let next = |v: f32| f32::from_bits(v.to_bits() + 1);
         let picks = vec![
-            pick("TS_5_4", 2, next(0.3), 1.0 / 3.0, 2.345_678_901_234_5, 3000.000_000_000_4),
+            pick("TS_5_4", 2, next(0.3), 1.0 / 3.0, 2.345_678_901_234_5, 3_000.000_000_000_4),
             pick("TS_6_6", 5, 0.999_999_94, -1e-300, 10.0, f64::MAX),
         ];
         let p = dir.path().join("a.csv");
@@ -201,6 +203,8 @@ mod tests {
         let scored =
             parse_submission("experiment,particle_type,x,y,z,score\nr,ribosome,1,2,3,0.125\n", "t.csv").unwrap();
         assert_eq!(scored, vec![pick("r", 2, 0.125, 1.0, 2.0, 3.0)]);
+        // A byte-order mark before the header.
+        assert_eq!(parse_submission("\u{feff}score,experiment,particle_type,x,y,z\n0.5,r,ribosome,1,2,3\n", "t.csv").unwrap(), vec![pick("r", 2, 0.5, 1.0, 2.0, 3.0)]);
         // Only a header: no picks, no error.
         assert!(parse_submission("id,experiment,particle_type,x,y,z\n", "t.csv").unwrap().is_empty());
     }

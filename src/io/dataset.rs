@@ -1,6 +1,7 @@
 //! CZII / copick dataset layout: run discovery, tomogram paths, sharding.
 //!
-//! Layout: `{root}/{split}/static/ExperimentRuns/{run}/VoxelSpacing10.000/denoised.zarr`.
+//! Layout: `{root}/{split}/static/ExperimentRuns/{run}/VoxelSpacing10.000/{tomogram}.zarr`
+//! (`denoised` by default).
 
 use std::path::{Path, PathBuf};
 
@@ -46,7 +47,7 @@ pub fn discover_runs(root: &Path, split: &str) -> Result<Vec<String>> {
     Ok(runs)
 }
 
-/// The canonical tomogram path `{root}/{split}/static/ExperimentRuns/{run}/VoxelSpacing10.000/denoised.zarr`
+/// The canonical tomogram path `{root}/{split}/static/ExperimentRuns/{run}/VoxelSpacing10.000/{tomogram}.zarr`
 /// (whether or not it exists).
 pub fn default_tomogram_path(root: &Path, split: &str, run: &str, tomogram: &str) -> PathBuf {
     runs_dir(root, split)
@@ -55,8 +56,8 @@ pub fn default_tomogram_path(root: &Path, split: &str, run: &str, tomogram: &str
         .join(format!("{tomogram}.zarr"))
 }
 
-/// Tomogram path of `run`: the canonical `VoxelSpacing10.000/denoised.zarr` if it exists,
-/// otherwise the only `VoxelSpacing*/denoised.zarr` of the run. Errors (naming the paths) if the
+/// Tomogram path of `run`: the canonical `VoxelSpacing10.000/{tomogram}.zarr` if it exists,
+/// otherwise the only `VoxelSpacing*/{tomogram}.zarr` of the run. Errors (naming the paths) if the
 /// run is missing, or there is no candidate, or several candidates and no canonical one.
 pub fn run_tomogram_path(root: &Path, split: &str, run: &str, tomogram: &str) -> Result<PathBuf> {
     let name = format!("{tomogram}.zarr");
