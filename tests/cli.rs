@@ -304,16 +304,18 @@ fn ensemble_of_mismatched_models_is_refused() {
     out.extend_from_slice(&bytes[8 + n..]);
     let other = tmp.path().join("other.safetensors");
     std::fs::write(&other, out).unwrap();
-    let o = fastdet()
-        .args(["run", "--data"])
-        .arg(root().join("tests/fixtures/dataset"))
-        .arg("--weights")
-        .arg(&src)
-        .arg(&other)
-        .arg("--out")
-        .arg(tmp.path().join("s.csv"))
-        .output()
-        .unwrap();
+    let run = |weights: &[&Path]| {
+        fastdet()
+            .args(["run", "--data"])
+            .arg(root().join("tests/fixtures/dataset"))
+            .arg("--weights")
+            .args(weights)
+            .arg("--out")
+            .arg(tmp.path().join("s.csv"))
+            .output()
+            .unwrap()
+    };
+    let o = run(&[&src, &other]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("other.safetensors") && err.contains("does not fit the ensemble"), "{err}");
@@ -321,15 +323,7 @@ fn ensemble_of_mismatched_models_is_refused() {
     assert!(!err.contains("model(s) on"), "{err}");
     assert!(!tmp.path().join("s.csv").exists());
     // Alone, the renamed classes are not the pipeline's.
-    let o = fastdet()
-        .args(["run", "--data"])
-        .arg(root().join("tests/fixtures/dataset"))
-        .arg("--weights")
-        .arg(&other)
-        .arg("--out")
-        .arg(tmp.path().join("s.csv"))
-        .output()
-        .unwrap();
+    let o = run(&[&other]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("other.safetensors") && err.contains("not the six CZII classes"), "{err}");

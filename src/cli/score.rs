@@ -67,13 +67,11 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let submitted: std::collections::BTreeSet<&str> = sub.iter().map(|p| p.run.as_str()).collect();
     let missing: std::collections::BTreeSet<&str> = truth.iter().map(|p| p.run.as_str()).filter(|r| !submitted.contains(r)).collect();
     if !missing.is_empty() {
-        let list: Vec<&str> = missing.iter().copied().take(5).collect();
         eprintln!(
-            "warning: {}: {} run(s) with ground truth have no picks, and all their particles count as missed: {}{} (--runs scores a subset)",
+            "warning: {}: {} run(s) with ground truth have no picks, and all their particles count as missed: {} (--runs scores a subset)",
             a.submission.display(),
             missing.len(),
-            list.join(", "),
-            if missing.len() > 5 { ", ..." } else { "" }
+            first_few(&missing)
         );
     }
     // Runs of the split (annotated or not; read_truth has listed the folder already).
@@ -81,15 +79,13 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         std::fs::read_dir(&runs_dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     let unknown: std::collections::BTreeSet<&str> = sub.iter().map(|p| p.run.as_str()).filter(|r| !known.contains(*r)).collect();
     if !unknown.is_empty() {
-        let list: Vec<&str> = unknown.iter().copied().take(5).collect();
         eprintln!(
-            "warning: {}: {} run(s) have no ground truth under {} split {:?} and are not scored: {}{}",
+            "warning: {}: {} run(s) have no ground truth under {} split {:?} and are not scored: {}",
             a.submission.display(),
             unknown.len(),
             a.truth.display(),
             a.split,
-            list.join(", "),
-            if unknown.len() > 5 { ", ..." } else { "" }
+            first_few(&unknown)
         );
     }
     let s = metric::score(&truth, &sub, a.beta);
@@ -99,4 +95,10 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         println!("{}", metric::format_table(&s));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first five run names, and "..." when there are more.
+fn first_few(runs: &std::collections::BTreeSet<&str>) -> String {
+    let list: Vec<&str> = runs.iter().copied().take(5).collect();
+    format!("{}{}", list.join(", "), if runs.len() > 5 { ", ..." } else { "" })
 }
