@@ -228,8 +228,9 @@ pub fn tune_thresholds(truth: &[Pick], candidates: &[Pick], beta: f64, floor: f3
                 .filter(|p| p.class == c && !p.score.is_nan())
                 .filter_map(|p| g.run_of(p).map(|run| (p.score, run, [p.x, p.y, p.z])))
                 .collect();
+            // Never below the floor: candidates under it were not seen, and a run would keep them.
             if cands.is_empty() || nrefs == 0 {
-                return DEFAULT_THRESHOLD;
+                return DEFAULT_THRESHOLD.max(floor);
             }
             cands.sort_by(|a, b| b.0.total_cmp(&a.0));
 
@@ -501,6 +502,9 @@ mod tests {
         assert_eq!(th, vec![0.4, 0.5, 0.5, 0.5, 0.5, 0.5]);
         assert_eq!(counts(&s, 0), (1, 1, 0));
         assert_eq!(counts(&s, 2), (0, 1, 0));
+        // Above the default floor, a class with nothing to tune on keeps the floor.
+        let (th, _) = tune_thresholds(&t, &[], BETA, 0.65);
+        assert_eq!(th, vec![0.65; 6]);
         // Adjacent floats: no float between them, the kept score itself.
         let next = f32::from_bits(0.6f32.to_bits() - 1);
         assert_eq!(midpoint_above(next, 0.6), 0.6);

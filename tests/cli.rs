@@ -279,6 +279,10 @@ fn single_zarr_input_and_copick_output() {
     let st = fastdet().args(["run", "--zarr"]).arg(zarr.join("0")).arg("--weights").arg(&weights).args(common).arg("--out").arg(&c).status().unwrap();
     assert!(st.success());
     assert_eq!(rows(&c), rb);
+    // Given as `.` from inside the store: named the same.
+    let st = fastdet().current_dir(&zarr).args(["run", "--zarr", ".", "--weights"]).arg(&weights).args(common).arg("--out").arg(&c).status().unwrap();
+    assert!(st.success());
+    assert_eq!(rows(&c), rb);
     // Elsewhere the run is named after the store.
     let elsewhere = tmp.path().join("tomo.zarr");
     common::copy_dir(&zarr, &elsewhere);

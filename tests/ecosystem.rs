@@ -196,6 +196,12 @@ fn printed_thresholds_read_back_exactly() {
     }
     // Short values stay short.
     assert!(text.contains("thyroglobulin = 0.205\n"), "{text}");
+    // `resume` is printed; an input on the command line replaces the file's (and its runs).
+    std::fs::write(&cfg, "data = \"d\"\nruns = [\"TS_1\"]\nresume = true\n").unwrap();
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg)).parse().unwrap();
+    assert_eq!(t["resume"].as_bool(), Some(true));
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--mrc", "a.mrc", "--config"]).arg(&cfg)).parse().unwrap();
+    assert!(!t.contains_key("data") && !t.contains_key("runs") && t["mrc"].as_array().unwrap().len() == 1, "{t:?}");
     // Empty lists give no flag, whatever the key.
     std::fs::write(&cfg, "runs = []\ngpus = []\nweights = []\n").unwrap();
     let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg)).parse().unwrap();

@@ -282,3 +282,22 @@ fn merge_keeps_scores_after_a_leading_blank_line() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("c.csv has no score column"));
     assert!(std::fs::read_to_string(&out).unwrap().starts_with("id,experiment,particle_type,x,y,z\n"));
 }
+
+/// A resumed run whose STAR file (or maps, or QC image) is asked for and missing is computed
+/// again rather than left without it.
+#[test]
+fn resume_computes_runs_whose_extra_outputs_are_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("tests/fixtures/dataset");
+    let out = tmp.path().join("sub.csv");
+    assert!(cheap_run(&data, &out).status().unwrap().success());
+    let star = tmp.path().join("star");
+    let o = cheap_run(&data, &out).arg("--resume").arg("--star-out").arg(&star).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("(resumed)") && err.contains("TS_synth_1.star is not there; computing the run again"), "{err}");
+    assert!(star.join("TS_synth_1.star").exists() && star.join("TS_synth_2.star").exists());
+    // With them there, the runs are resumed.
+    let o = cheap_run(&data, &out).arg("--resume").arg("--star-out").arg(&star).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stderr).matches("(resumed)").count(), 2);
+}

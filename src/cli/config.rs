@@ -89,13 +89,19 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     }
     // The device keys are one choice: the command line's, when it makes one, replaces the file's.
     let devices_on_command_line = DEVICE_KEYS.iter().any(|k| given(&rest, &format!("--{k}")));
+    // So are the inputs: `--mrc` on the command line replaces the file's `data` (and the keys
+    // that only apply to it).
+    let input_on_command_line = INPUT_KEYS.iter().any(|k| given(&rest, &format!("--{k}")));
     for (raw_key, v) in &table {
         let key = raw_key.replace('_', "-");
         if !KNOWN.contains(&key.as_str()) {
             bail!("{}: unknown option `{raw_key}`; known: {}", file.display(), KNOWN.join(", "));
         }
         let flag = format!("--{key}");
-        if given(&rest, &flag) || (devices_on_command_line && DEVICE_KEYS.contains(&key.as_str())) {
+        if given(&rest, &flag)
+            || (devices_on_command_line && DEVICE_KEYS.contains(&key.as_str()))
+            || (input_on_command_line && (INPUT_KEYS.contains(&key.as_str()) || INPUT_ONLY_KEYS.contains(&key.as_str())))
+        {
             continue; // the command line wins
         }
         check_kind(&key, raw_key, v, file)?;
@@ -147,6 +153,9 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
 
 /// The keys that choose the devices (one of them at most).
 const DEVICE_KEYS: &[&str] = &["device", "gpus", "devices"];
+/// The keys that choose the tomograms, and those that apply to `data` only.
+const INPUT_KEYS: &[&str] = &["data", "zarr", "mrc"];
+const INPUT_ONLY_KEYS: &[&str] = &["runs", "tomogram"];
 
 /// What each key's value must be, so that a wrong one is an error naming the file and the key.
 fn check_kind(key: &str, raw_key: &str, v: &toml::Value, file: &Path) -> Result<()> {

@@ -214,6 +214,8 @@ struct Job {
 fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
     let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
     if let Some(z) = &a.zarr {
+        // Named from the absolute path (`--zarr .` inside the store names it too).
+        let z = &std::path::absolute(z).map(|p| p.components().collect::<PathBuf>()).unwrap_or_else(|_| z.clone());
         // An array given inside its multiscale group (`tomo.zarr/0`) is named after the group.
         let level_dir = z.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
         let group = match z.parent().filter(|p| level_dir && !p.as_os_str().is_empty()) {
@@ -358,6 +360,17 @@ struct Extras<'a> {
     save_maps: Option<&'a Path>,
     star_out: Option<&'a Path>,
     qc: Option<&'a Path>,
+}
+
+impl Extras<'_> {
+    /// The first of `run`'s outputs that is asked for and not there: a resumed run whose picks
+    /// are kept but whose maps, STAR file or QC image are missing is computed again.
+    fn missing(&self, run: &str) -> Option<PathBuf> {
+        [(self.save_maps, "safetensors"), (self.star_out, "star"), (self.qc, "png")]
+            .into_iter()
+            .filter_map(|(dir, ext)| dir.map(|d| d.join(format!("{run}.{ext}"))))
+            .find(|p| !p.exists())
+    }
 }
 
 impl Extras<'_> {
@@ -829,7 +842,13 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
     let mut results: Vec<Option<Outcome>> = jobs
         .iter()
         .map(|j| {
-            parts.and_then(|p| p.load(j)).map(|done| {
+            let missing = extras.missing(&j.run);
+            if let (Some(m), Some(p)) = (&missing, parts) {
+                if p.path(&j.run).exists() {
+                    eprintln!("  {}: {} is not there; computing the run again", j.run, m.display());
+                }
+            }
+            parts.filter(|_| missing.is_none()).and_then(|p| p.load(j)).map(|done| {
                 eprintln!("  {}: {} picks (resumed)", j.run, done.len());
                 Ok((done, Timing::default()))
             })
@@ -1034,6 +1053,7 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     if let Some(o) = &a.out {
         t.insert("out".into(), path(o));
     }
+    t.insert("resume".into(), Value::Boolean(a.resume));
     t.insert("with_score".into(), Value::Boolean(a.with_score));
     for (k, v) in [("copick_out", &a.copick_out), ("save_maps", &a.save_maps), ("star_out", &a.star_out), ("qc", &a.qc)] {
         if let Some(v) = v {

@@ -55,7 +55,13 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let mut truth = copick::read_truth(&a.truth, &a.split)?;
     let mut sub = csv::read_submission(&a.submission)?;
     if !a.runs.is_empty() {
-        let chosen: std::collections::BTreeSet<&str> = a.runs.iter().map(String::as_str).collect();
+        let chosen: std::collections::BTreeSet<&str> = a.runs.iter().map(|r| r.trim()).collect();
+        // A name the split does not have (a typo) would silently score fewer runs.
+        let split_runs: std::collections::BTreeSet<String> =
+            std::fs::read_dir(&runs_dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        if let Some(r) = chosen.iter().find(|r| !split_runs.contains(**r)) {
+            bail!("--runs: run {r:?} is not in {}", runs_dir.display());
+        }
         truth.retain(|p| chosen.contains(p.run.as_str()));
         sub.retain(|p| chosen.contains(p.run.as_str()));
         if truth.is_empty() {

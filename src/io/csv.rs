@@ -1,7 +1,7 @@
 //! Kaggle submission CSV: `id,experiment,particle_type,x,y,z`, optionally with a `score` column
 //! after `particle_type` (the layout of the reference pipeline's `expected_submission.csv`).
 //!
-//! Hand-parsed: the fields never contain commas or quotes, so a plain split is exact and saves a
+//! Hand-parsed: the fields never contain commas (quotes around a field are dropped), so a plain split is exact and saves a
 //! dependency.
 use crate::particles::{class_index, Pick, CLASSES};
 use anyhow::{bail, Context, Result};
@@ -78,6 +78,13 @@ pub fn read_submission(path: &Path) -> Result<Vec<Pick>> {
     parse_submission(&text, &path.display().to_string())
 }
 
+/// A field without its spaces and its quotes: fields never hold commas, but a spreadsheet may
+/// quote them (`"TS_1"` is TS_1).
+fn unquote(x: &str) -> &str {
+    let x = x.trim();
+    x.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(x)
+}
+
 /// Parses submission text; `origin` names the source in error messages.
 fn parse_submission(text: &str, origin: &str) -> Result<Vec<Pick>> {
     // A byte-order mark (spreadsheet exports) is not part of the first column's name.
@@ -87,7 +94,7 @@ fn parse_submission(text: &str, origin: &str) -> Result<Vec<Pick>> {
         .by_ref()
         .find(|(_, l)| !l.trim().is_empty())
         .with_context(|| format!("{origin}: empty file, expected a header like {HEADER}"))?;
-    let names: Vec<&str> = header.split(',').map(str::trim).collect();
+    let names: Vec<&str> = header.split(',').map(unquote).collect();
     let col = |name: &str| names.iter().position(|n| *n == name);
     let need =
         |name: &str| col(name).with_context(|| format!("{origin}:1: missing column `{name}` in header {header:?}"));
@@ -100,7 +107,7 @@ fn parse_submission(text: &str, origin: &str) -> Result<Vec<Pick>> {
         if line.trim().is_empty() {
             continue;
         }
-        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let f: Vec<&str> = line.split(',').map(unquote).collect();
         if f.len() != names.len() {
             bail!("{origin}:{ln}: {} fields, header has {}", f.len(), names.len());
         }
@@ -203,6 +210,8 @@ mod tests {
         let scored =
             parse_submission("experiment,particle_type,x,y,z,score\nr,ribosome,1,2,3,0.125\n", "t.csv").unwrap();
         assert_eq!(scored, vec![pick("r", 2, 0.125, 1.0, 2.0, 3.0)]);
+        // Quoted fields.
+        assert_eq!(parse_submission("experiment,particle_type,x,y,z\n\"r\",\"ribosome\",\"1\",2,3\n", "t.csv").unwrap(), vec![pick("r", 2, 1.0, 1.0, 2.0, 3.0)]);
         // A byte-order mark before the header.
         assert_eq!(parse_submission("\u{feff}score,experiment,particle_type,x,y,z\n0.5,r,ribosome,1,2,3\n", "t.csv").unwrap(), vec![pick("r", 2, 0.5, 1.0, 2.0, 3.0)]);
         // Only a header: no picks, no error.
