@@ -267,7 +267,7 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
     if shape_u64.contains(&0) {
         bail!("{}: shape {:?} has a zero-length axis: no voxels to read", array_dir.display(), shape_u64);
     }
-    check_size(&array, &array_dir)?;
+    let chunk_files = check_size(&array, &array_dir)?;
     let shape = [
         shape_u64[0] as usize,
         shape_u64[1] as usize,
@@ -316,7 +316,7 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
         None => None,
     };
     let mut notes = Vec::new();
-    if let Some((present, total)) = absent_chunks(&array, &array_dir) {
+    if let Some((present, total)) = absent_chunks(&array, chunk_files) {
         notes.push(format!(
             "{} of its {total} chunks are absent from {} and read as the fill value (a broken copy? \
              some writers leave out chunks equal to the fill value)",
@@ -327,18 +327,10 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
     Ok(Volume { shape, data, voxel_size, notes })
 }
 
-/// `(present, total)` chunk files when fewer are stored than the chunk grid has: every file
-/// of the array directory that is not metadata is taken for a chunk (shards count as chunks of
-/// the outer grid).
-fn absent_chunks(array: &Array<FilesystemStore>, dir: &Path) -> Option<(u64, u64)> {
+/// `(present, total)` chunk files when fewer are stored than the chunk grid has (shards count
+/// as chunks of the outer grid).
+fn absent_chunks(array: &Array<FilesystemStore>, present: u64) -> Option<(u64, u64)> {
     let total = array.chunk_grid_shape().iter().product::<u64>();
-    let mut present = 0u64;
-    crate::util::walk_files(dir, 8, |p, _| {
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if ![".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json"].contains(&name) {
-            present += 1;
-        }
-    });
     (present < total).then_some((present, total))
 }
 
@@ -352,13 +344,18 @@ const MISSING_CHUNK_BUDGET: u64 = 1 << 16;
 
 /// Refuses arrays whose metadata declares far more voxels, or chunks, than the files of the
 /// array directory can back: a few bytes of `.zarray` could otherwise make the read overflow,
-/// allocate any amount of memory, or visit billions of absent chunks.
-fn check_size(array: &Array<FilesystemStore>, dir: &Path) -> Result<()> {
+/// allocate any amount of memory, or visit billions of absent chunks. Returns how many of the
+/// files are chunks: every file that is not metadata (one walk of the store serves both).
+fn check_size(array: &Array<FilesystemStore>, dir: &Path) -> Result<u64> {
     let product = |v: &[u64]| v.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
-    let (mut files, mut bytes) = (0u64, 0u64);
-    crate::util::walk_files(dir, 8, |_, m| {
+    let (mut files, mut bytes, mut chunk_files) = (0u64, 0u64, 0u64);
+    crate::util::walk_files(dir, 8, |p, m| {
         files += 1;
         bytes = bytes.saturating_add(m.len());
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if ![".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json"].contains(&name) {
+            chunk_files += 1;
+        }
     });
     let voxel_budget = MIN_VOXEL_BUDGET.max(bytes.saturating_mul(VOXELS_PER_STORED_BYTE));
     match product(array.shape()) {
@@ -373,7 +370,7 @@ fn check_size(array: &Array<FilesystemStore>, dir: &Path) -> Result<()> {
     }
     let chunk_budget = files.saturating_add(MISSING_CHUNK_BUDGET);
     match product(array.chunk_grid_shape()) {
-        Some(n) if n <= chunk_budget => Ok(()),
+        Some(n) if n <= chunk_budget => Ok(chunk_files),
         n => bail!(
             "{}: a grid of {} chunks ({:?}) for {files} files stored; corrupt metadata or missing chunks",
             dir.display(),
