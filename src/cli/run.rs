@@ -363,13 +363,15 @@ struct Extras<'a> {
 }
 
 impl Extras<'_> {
+    /// `run`'s maps, STAR file and QC image, those asked for.
+    fn files(&self, run: &str) -> [Option<PathBuf>; 3] {
+        [(self.save_maps, "safetensors"), (self.star_out, "star"), (self.qc, "png")].map(|(dir, ext)| dir.map(|d| d.join(format!("{run}.{ext}"))))
+    }
+
     /// The first of `run`'s outputs that is asked for and not there: a resumed run whose picks
     /// are kept but whose maps, STAR file or QC image are missing is computed again.
     fn missing(&self, run: &str) -> Option<PathBuf> {
-        [(self.save_maps, "safetensors"), (self.star_out, "star"), (self.qc, "png")]
-            .into_iter()
-            .filter_map(|(dir, ext)| dir.map(|d| d.join(format!("{run}.{ext}"))))
-            .find(|p| !p.exists())
+        self.files(run).into_iter().flatten().find(|p| !p.exists())
     }
 }
 
@@ -571,8 +573,9 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
         .with_context(|| format!("{}: inference failed", job.path.display()))?;
     // The run's side outputs, removed again when a later one fails: a failed run leaves none.
     let mut written: Vec<PathBuf> = Vec::new();
+    let [maps_file, star_file, qc_file] = extras.files(&job.run);
     let outputs = (|| -> Result<Vec<Pick>> {
-        if let (Some(dir), Some(maps)) = (extras.save_maps, &maps) {
+        if let (Some(path), Some(maps)) = (maps_file, &maps) {
             let d = maps.dims;
             // What a reader needs to use the maps without this program's source at hand.
             let classes: Vec<&str> = CLASSES.iter().take(maps.num_classes).map(|c| c.name).collect();
@@ -588,7 +591,6 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-            let path = dir.join(format!("{}.safetensors", job.run));
             tensors::write_f32(
                 &path,
                 &[("scores", vec![maps.num_classes, d[0], d[1], d[2]], &maps.scores), ("offsets", vec![3, d[0], d[1], d[2]], &maps.offsets)],
@@ -598,13 +600,11 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
         }
         drop(maps);
         let picks = to_picks_scaled(&job.run, &dets, s.voxel_size);
-        if let Some(dir) = extras.star_out {
-            let path = dir.join(format!("{}.star", job.run));
+        if let Some(path) = star_file {
             fastdet::io::star::write_run_star(&path, &job.run, &picks, s.voxel_size, vol.shape)?;
             written.push(path);
         }
-        if let Some(dir) = extras.qc {
-            let path = dir.join(format!("{}.png", job.run));
+        if let Some(path) = qc_file {
             fastdet::qc::render_qc(&vol, &picks, None, &path)?;
             written.push(path);
         }
