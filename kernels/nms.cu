@@ -13,7 +13,8 @@
 // out_score[c * capacity + k] = (i, peak), k = rank among the class's candidates; those with
 // k >= capacity are counted but not written (totals[c] tells the host to retry with more room).
 //
-// Three launches, integer counts only (deterministic):
+// Three launches find the candidates, with integer counts only (deterministic); a fourth gathers
+// their offsets:
 //   nms_count  grid (nblk, C), block NMS_THREADS: block b covers cells [b * NMS_CELLS,
 //              (b + 1) * NMS_CELLS) of class blockIdx.y; writes block_counts[c * nblk + b].
 //   nms_scan   grid (C), block NMS_SCAN_THREADS: exclusive scan of the class's block counts in

@@ -248,6 +248,8 @@ pub fn convert(inputs: &[PathBuf], out: &Path, opts: &ConvertOptions) -> Result<
     if inputs.len() > 1 && !opts.average {
         bail!("{} inputs given: pass --average to average them into one weights file", inputs.len());
     }
+    // Not into a folder that is missing or is the output's name: found before the reading.
+    crate::util::check_output_file(out)?;
     // Never over an input: a failed conversion would leave neither.
     if let Ok(o) = out.canonicalize() {
         if let Some(i) = inputs.iter().find(|i| i.canonicalize().is_ok_and(|c| c == o)) {

@@ -44,10 +44,16 @@ fn main() -> ExitCode {
     // `fastdet score --json | head`: a closed pipe ends the process quietly, as it does other
     // command-line tools, instead of a panic in println!.
     #[cfg(unix)]
-    // SAFETY: restores the default disposition at start, before any thread exists.
+    // SAFETY: sets signal dispositions at start, before any thread exists.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // A file-size limit (`ulimit -f`, passed on by batch schedulers) would kill the process
+        // mid-write with no message and leave its temporary file; ignored, the write fails with
+        // EFBIG and the writer reports the file and removes the temporary.
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    #[cfg(unix)]
+    fastdet::util::handle_stop_signals();
     let argv = match cli::config::expand(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {
@@ -56,6 +62,10 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(argv);
+    if let Err(e) = fastdet::engine::cpu::simd::check_env() {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Convert(a) => cli::convert::convert(a),
         Command::Bench(a) => cli::bench::bench(a),

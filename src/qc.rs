@@ -417,11 +417,12 @@ fn write_png(path: &Path, w: usize, h: usize, rgb: &[u8]) -> Result<()> {
             let mut enc = png::Encoder::new(&mut buf, w32, h32);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
-            let mut wr = enc.write_header().with_context(|| format!("{}: cannot write PNG header", path.display()))?;
-            wr.write_image_data(rgb).with_context(|| format!("{}: cannot write PNG data", path.display()))?;
-            wr.finish().with_context(|| format!("{}: cannot finish PNG", path.display()))?;
+            // write_atomic names the file around these.
+            let mut wr = enc.write_header().context("PNG header")?;
+            wr.write_image_data(rgb).context("PNG data")?;
+            wr.finish().context("PNG end")?;
         }
-        buf.flush().with_context(|| format!("{}: cannot write", path.display()))
+        Ok(buf.flush()?)
     })
 }
 

@@ -2,6 +2,121 @@
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
+/// `println!` that returns an error instead of panicking when standard output cannot be written.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::util::out_line(format_args!("")) };
+    ($($t:tt)*) => { $crate::util::out_line(format_args!($($t)*)) };
+}
+
+/// Prints one line on standard output; a failed write (`> /dev/full`) is an error, not a panic.
+pub fn out_line(line: std::fmt::Arguments) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).context("cannot write to standard output")
+}
+
+/// Prints `text` as it is on standard output, as [`out_line`].
+pub fn out_text(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).context("cannot write to standard output")
+}
+
+/// What is removed when the process is stopped by SIGINT, SIGTERM or SIGHUP: the temporary files
+/// being written and a synthetic dataset being built. (SIGKILL gives no chance; those stay.)
+static ON_STOP: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set before sigaddset reads it.
+    unsafe {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(set.as_mut_ptr());
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(set.as_mut_ptr(), sig);
+        }
+        set.assume_init()
+    }
+}
+
+/// Called first in `main`, before any other thread exists (threads inherit the mask): the stop
+/// signals are blocked everywhere and taken by one thread, which removes what [`RemoveOnStop`]
+/// holds, then ends the process by the same signal (so the exit status is the usual 128 + N).
+pub fn handle_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: a valid set; no other thread exists yet.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let spawned = std::thread::Builder::new().name("stop-signals".into()).spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: a valid set and out pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        let paths = ON_STOP.lock().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone());
+        // Other threads run on meanwhile: a parallel writer may make a folder again just after
+        // it is removed, so a few rounds, until nothing is left.
+        for _ in 0..20 {
+            for p in paths.iter().rev() {
+                let _ = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+            }
+            if !paths.iter().any(|p| p.symlink_metadata().is_ok()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        // SAFETY: the default action for a signal unblocked in this thread ends the process.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            let mut one = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(one.as_mut_ptr());
+            libc::sigaddset(one.as_mut_ptr(), sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, one.as_ptr(), std::ptr::null_mut());
+            libc::raise(sig);
+        }
+        std::process::exit(128 + sig);
+    });
+    if spawned.is_err() {
+        // Without the thread the signals must stay deliverable.
+        // SAFETY: as above.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    }
+}
+
+/// A child process gets the stop signals unblocked again (a compiler we start stops on Ctrl-C).
+pub fn unblock_stop_signals_in(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: pthread_sigmask is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(|| {
+            let set = stop_signals();
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+}
+
+/// Removes `path` if the process is stopped by a signal while this guard lives.
+pub struct RemoveOnStop(PathBuf);
+
+impl RemoveOnStop {
+    pub fn new(path: &Path) -> Self {
+        if let Ok(mut g) = ON_STOP.lock() {
+            g.push(path.to_path_buf());
+        }
+        RemoveOnStop(path.to_path_buf())
+    }
+}
+
+impl Drop for RemoveOnStop {
+    fn drop(&mut self) {
+        if let Ok(mut g) = ON_STOP.lock() {
+            if let Some(i) = g.iter().rposition(|p| *p == self.0) {
+                g.remove(i);
+            }
+        }
+    }
+}
+
 /// The folder `path` is written in, when it exists (`.` for a bare file name).
 fn output_dir(path: &Path) -> Result<PathBuf> {
     let dir = match path.parent() {
@@ -16,9 +131,54 @@ fn output_dir(path: &Path) -> Result<PathBuf> {
 
 /// Refuses an output file that `write_atomic` could not write, before the work that makes it.
 pub fn check_output_file(path: &Path) -> Result<()> {
-    output_dir(path)?;
+    let dir = output_dir(path)?;
     if path.is_dir() {
         anyhow::bail!("{}: is a directory; give a file name", path.display());
+    }
+    let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
+    // The temporary write_atomic will make, made and removed now: a name too long for it or a
+    // folder that takes no files fails here, not after the work.
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    std::fs::File::create(&tmp).with_context(|| format!("{}: cannot write there (trying {})", path.display(), tmp.display()))?;
+    let _ = std::fs::remove_file(&tmp);
+    // A file of someone else's in a shared folder with the sticky bit (/tmp, a scratch space)
+    // cannot be replaced, only written by its owner.
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(f), Ok(d)) = (std::fs::symlink_metadata(path), std::fs::metadata(&dir)) {
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if d.mode() & 0o1000 != 0 && me != 0 && f.uid() != me && d.uid() != me {
+            anyhow::bail!("{}: belongs to another user in a folder with the sticky bit, so it cannot be replaced; give another name", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// `path` with its folder resolved (links, `..`) but not its last component: the file a rename
+/// onto `path` replaces.
+fn resolved_parent(path: &Path) -> Option<PathBuf> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Some(dir.canonicalize().ok()?.join(path.file_name()?))
+}
+
+/// Refuses an output that would replace one of `inputs` (a file) or land inside one (a folder,
+/// such as a zarr store), before any work: `--out` mistyped as a weights file is not overwritten.
+pub fn check_not_an_input(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let Some(target) = resolved_parent(out) else { return Ok(()) };
+    for input in inputs {
+        // The input as named (a link is replaced by the rename) and the file it stands for.
+        let forms = [resolved_parent(input), input.canonicalize().ok()];
+        for form in forms.iter().flatten() {
+            if *form == target {
+                anyhow::bail!("{}: is also an input ({}); give another output", out.display(), input.display());
+            }
+            if input.is_dir() && target.starts_with(form) {
+                anyhow::bail!("{}: lies inside the input {}; give an output outside it", out.display(), input.display());
+            }
+        }
     }
     Ok(())
 }
@@ -29,6 +189,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Resul
     let dir = output_dir(path)?;
     let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let _cleanup = RemoveOnStop::new(&tmp);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         write(&mut f).with_context(|| format!("{}: cannot write", path.display()))?;
@@ -39,6 +200,53 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Resul
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Writes several files as one: every file goes to a temporary beside its place (folders are
+/// created), and only when all are written are they renamed into place. A failure while writing
+/// (a full disk, a folder that cannot be made) leaves none of them and no temporary.
+pub fn write_files_atomic(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
+    let mut staged: Vec<(PathBuf, &Path)> = Vec::with_capacity(files.len());
+    let mut _cleanup = Vec::with_capacity(files.len());
+    let mut made: Vec<PathBuf> = Vec::new();
+    let result = (|| {
+        for (path, bytes) in files {
+            let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            // The folders made here, deepest last, removed again on failure.
+            let missing: Vec<PathBuf> = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).map(Path::to_path_buf).collect();
+            made.extend(missing.into_iter().rev());
+            std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+            let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+            _cleanup.push(RemoveOnStop::new(&tmp));
+            staged.push((tmp.clone(), path));
+            let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+            std::io::Write::write_all(&mut f, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
+            f.sync_all().with_context(|| format!("{}: cannot flush", tmp.display()))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for (tmp, _) in &staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+        for d in made.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+        return Err(e);
+    }
+    for (i, (tmp, path)) in staged.iter().enumerate() {
+        if let Err(e) = std::fs::rename(tmp, path) {
+            for (t, _) in &staged[i..] {
+                let _ = std::fs::remove_file(t);
+            }
+            return Err(e).with_context(|| format!("{}: cannot rename into place", path.display()));
+        }
+    }
+    Ok(())
 }
 
 /// The same safetensors file with its header's keys in sorted order. The safetensors crate writes

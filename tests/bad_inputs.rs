@@ -399,11 +399,145 @@ fn no_output_when_every_run_fails() {
     let junk = tmp.path().join("TS_junk.mrc");
     std::fs::write(&junk, b"not an mrc file").unwrap();
     let out = tmp.path().join("sub.csv");
-    let o = run_mrc(&[&nan, &junk], &out, &["--allow-nonfinite"]);
+    let (cp, maps) = (tmp.path().join("cp"), tmp.path().join("maps"));
+    let o = run_mrc(&[&nan, &junk], &out, &["--allow-nonfinite", "--copick-out", cp.to_str().unwrap(), "--save-maps", maps.to_str().unwrap()]);
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("TS_nan.mrc: every voxel is NaN or infinite") && e.contains("TS_junk.mrc") && e.contains("every run failed"), "{e}");
     assert!(!out.exists());
+    // Nor the runs folder or the output folders this job made.
+    assert!(!tmp.path().join("sub.csv.runs").exists() && !cp.exists() && !maps.exists(), "{:?}", walk(tmp.path()));
+}
+
+/// An output that would replace an input, or land inside a tomogram's store, is refused before
+/// any work, and the input is left as it was.
+#[test]
+fn outputs_over_inputs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("w.safetensors");
+    std::fs::copy(root().join("weights/demo_dynunet.safetensors"), &weights).unwrap();
+    let before = std::fs::read(&weights).unwrap();
+    let store = tmp.path().join("TS_synth_1.zarr");
+    common::copy_dir(&root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr"), &store);
+    let run = |out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_fastdet"))
+            .args(["run", "--zarr"])
+            .arg(&store)
+            .arg("--weights")
+            .arg(&weights)
+            .args(["--window", "64,96,96", "--tiles", "1,1,1", "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let o = run(&weights);
+    assert!(!o.status.success() && stderr(&o).contains("w.safetensors: is also an input"), "{}", stderr(&o));
+    // Through a folder's other name too.
+    let o = run(&tmp.path().join("..").join(tmp.path().file_name().unwrap()).join("w.safetensors"));
+    assert!(!o.status.success() && stderr(&o).contains("is also an input"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+    let inside = store.join("0/picks.csv");
+    let o = run(&inside);
+    assert!(!o.status.success() && stderr(&o).contains("lies inside the input"), "{}", stderr(&o));
+    assert!(!inside.exists() && !store.join("0/picks.csv.runs").exists());
+    // merge -o onto one of its shards.
+    let shard = tmp.path().join("a.csv");
+    std::fs::write(&shard, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n").unwrap();
+    let shard2 = tmp.path().join("b.csv");
+    std::fs::write(&shard2, "id,experiment,particle_type,x,y,z\n0,TS_2,ribosome,1,2,3\n").unwrap();
+    let shard_bytes = std::fs::read(&shard).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).arg("merge").arg(&shard2).arg(&shard).arg("-o").arg(&shard).output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("a.csv: is also an input"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&shard).unwrap(), shard_bytes);
+}
+
+/// A file-size limit, a full standard output, a stop signal and an unknown kernel choice: an
+/// error naming the problem, no panic, no temporary or half-made output left.
+#[test]
+fn write_limits_and_stops_leave_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = env!("CARGO_BIN_EXE_fastdet");
+    // `ulimit -f 100` (51 KB in sh): the 9 MB maps file cannot be written, the process lives
+    // to say so, and removes its temporary.
+    let v = synth1();
+    let mrc = tmp.path().join("TS_a.mrc");
+    write_mrc_f32(&mrc, v.shape, &v.data, 10.012).unwrap();
+    let maps = tmp.path().join("maps");
+    let out = tmp.path().join("sub.csv");
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 100 && exec \"$@\"")
+        .arg("sh")
+        .arg(exe)
+        .args(["run", "--mrc"])
+        .arg(&mrc)
+        .arg("--weights")
+        .arg(root().join("weights/demo_dynunet.safetensors"))
+        .args(["--window", "64,96,96", "--tiles", "1,1,1", "--save-maps"])
+        .arg(&maps)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("maps/TS_a.safetensors: cannot write: File too large"), "{e}");
+    assert!(!out.exists() && !maps.exists(), "{:?}", walk(tmp.path()));
+    assert!(walk(tmp.path()).iter().all(|f| !f.ends_with(".tmp")), "{:?}", walk(tmp.path()));
+
+    // Standard output that cannot be written.
+    let dev_full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let o = Command::new(exe)
+        .args(["score", "--truth"])
+        .arg(root().join("tests/fixtures/dataset"))
+        .args(["--split", "test"])
+        .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
+        .stdout(dev_full)
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("cannot write to standard output") && !e.contains("panicked"), "{e}");
+
+    // SIGTERM while synth writes: neither the dataset nor its hidden unfinished copy is left.
+    let data = tmp.path().join("syn");
+    let mut child = Command::new(exe).arg("synth").arg(&data).args(["--runs", "40", "--shape", "64,128,128"]).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_dir(tmp.path()).unwrap().flatten().any(|e| e.file_name().to_string_lossy().ends_with(".partial")) {
+        assert!(t0.elapsed().as_secs() < 60, "synth made no folder");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: kill with a child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let left: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.contains("syn")).collect();
+    assert!(left.is_empty(), "{left:?} left after {status:?}");
+
+    // A kernel set fastdet does not know.
+    let o = Command::new(exe).env("FASTDET_CPU_KERNEL", "avx-512").args(["selftest", "--device", "cpu", "--quick"]).output().unwrap();
+    assert!(o.status.code() == Some(1) && stderr(&o).contains("FASTDET_CPU_KERNEL=avx-512: expected"), "{}", stderr(&o));
+}
+
+/// An output whose temporary name is too long, and extra-output paths that are files, are
+/// refused before the work with the path named.
+#[test]
+fn unwritable_output_names_are_refused_before_the_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let never = tmp.path().join("TS_never.mrc");
+    let long = tmp.path().join(format!("{}.csv", "y".repeat(246)));
+    let o = run_mrc(&[&never], &long, &[]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("cannot write there") && e.contains("File name too long") && !e.contains("TS_never"), "{e}");
+    let file = tmp.path().join("a_file");
+    std::fs::write(&file, b"").unwrap();
+    for flag in ["--save-maps", "--star-out", "--qc", "--copick-out"] {
+        let o = run_mrc(&[&never], &tmp.path().join("sub.csv"), &[flag, file.to_str().unwrap()]);
+        let e = stderr(&o);
+        assert!(o.status.code() == Some(1) && e.contains(&format!("{flag} {}: is not a directory", file.display())) && !e.contains("TS_never"), "{flag}: {e}");
+    }
+    assert!(!tmp.path().join("sub.csv.runs").exists());
 }
 
 /// Options that cannot apply to the inputs given are refused rather than ignored: `--runs`
@@ -444,15 +578,21 @@ fn one_bad_run_name_or_output_fails_that_run_only() {
     std::fs::copy(&good, &comma).unwrap();
     let other = tmp.path().join("TS_other.mrc");
     std::fs::copy(&good, &other).unwrap();
+    // A name a STAR file cannot hold fails before inference when STAR files are asked for.
+    let spaced = tmp.path().join("TS sp.mrc");
+    std::fs::copy(&good, &spaced).unwrap();
     // TS_other's STAR file cannot be written (a folder is in its place).
     let star = tmp.path().join("star");
     std::fs::create_dir_all(star.join("TS_other.star")).unwrap();
     let maps = tmp.path().join("maps");
     let out = tmp.path().join("sub.csv");
-    let o = run_mrc(&[&good, &comma, &other], &out, &["--star-out", star.to_str().unwrap(), "--save-maps", maps.to_str().unwrap()]);
+    let o = run_mrc(&[&good, &comma, &other, &spaced], &out, &["--star-out", star.to_str().unwrap(), "--save-maps", maps.to_str().unwrap()]);
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(e.contains("2 run(s) failed") && e.contains("run name \"TS_a,b\" cannot be written to a CSV field"), "{e}");
+    assert!(e.contains("3 run(s) failed") && e.contains("run name \"TS_a,b\" cannot be written to a CSV field"), "{e}");
+    assert!(e.contains("TS sp: FAILED: run name \"TS sp\" cannot be written as a STAR value: it contains whitespace"), "{e}");
+    // Refused before it was read and computed: no picks line, no STAR path in the error.
+    assert!(!e.lines().any(|l| l.contains("TS sp: ") && l.contains("picks; read")) && !e.contains("TS sp.star") && !maps.join("TS sp.safetensors").exists(), "{e}");
     assert!(e.contains("TS_other.mrc: cannot write its outputs"), "{e}");
     let runs: std::collections::BTreeSet<String> = csv_rows(&out).into_iter().map(|r| r[1].clone()).collect();
     assert_eq!(runs.into_iter().collect::<Vec<_>>(), ["TS_good"]);

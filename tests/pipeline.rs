@@ -152,7 +152,7 @@ fn a_corrupt_run_does_not_stop_the_others() {
     assert_eq!(names, ["data", "sub.csv", "sub.csv.runs"]);
     let mut parts: Vec<String> = std::fs::read_dir(tmp.path().join("sub.csv.runs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     parts.sort();
-    assert_eq!(parts, ["TS_synth_1.csv", "TS_synth_1.source", "settings.json"], "only the finished run is kept (its picks and what its tomogram was)");
+    assert_eq!(parts, [".lock", "TS_synth_1.csv", "TS_synth_1.source", "settings.json"], "only the finished run is kept (its picks and its record)");
 }
 
 fn read_rows_plain(p: &Path) -> Vec<String> {

@@ -9,6 +9,8 @@ use fastdet::qc::{
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
@@ -256,9 +258,28 @@ fn cli_writes_one_png_per_run() {
         .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     assert!(out2.join("TS_synth_2.png").is_file() && !out2.join("TS_synth_1.png").exists());
+    // A run whose tomogram cannot be read fails alone: the other is drawn, the exit status is 2.
+    let data = tmp.path().join("data");
+    common::copy_dir(&root().join("tests/fixtures/dataset"), &data);
+    std::fs::write(data.join("test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr/.zattrs"), b"garbage").unwrap();
+    let out3 = tmp.path().join("bad");
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        .args(["qc", "--data"])
+        .arg(&data)
+        .arg("--picks")
+        .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
+        .arg("--out")
+        .arg(&out3)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("1 of 2 run(s) failed") && e.contains("TS_synth_1: ") && e.contains(".zattrs"), "{e}");
+    assert!(out3.join("TS_synth_2.png").is_file() && !out3.join("TS_synth_1.png").exists());
     let h = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["qc", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&h.stdout);
     for needle in ["[default: test]", "[default: 4]", "Å", "Example", "fastdet qc"] {
         assert!(help.contains(needle), "{needle} missing from:\n{help}");
     }
 }
+

@@ -301,3 +301,100 @@ fn resume_computes_runs_whose_extra_outputs_are_missing() {
     let o = cheap_run(&data, &out).arg("--resume").arg("--star-out").arg(&star).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stderr).matches("(resumed)").count(), 2);
 }
+
+/// `--resume` takes a stored run only when its file is the one stored (not cut short at a line
+/// break, which still parses) and was made with this job's settings; both others are computed
+/// again, and the output equals an uninterrupted run's.
+#[test]
+fn resume_recomputes_damaged_or_foreign_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("tests/fixtures/dataset");
+    let out = tmp.path().join("sub.csv");
+    assert!(cheap_run(&data, &out).status().unwrap().success());
+    let reference = std::fs::read(&out).unwrap();
+    let parts = tmp.path().join("sub.csv.runs");
+    // Run 1's file without its last row.
+    let p1 = parts.join("TS_synth_1.csv");
+    let text = std::fs::read_to_string(&p1).unwrap();
+    let cut = text.trim_end().rfind('\n').unwrap() + 1;
+    std::fs::write(&p1, &text[..cut]).unwrap();
+    // Run 2's file and record from a job with another IoU, copied in.
+    let other = tmp.path().join("other.csv");
+    assert!(cheap_run(&data, &other).args(["--iou", "0.05"]).status().unwrap().success());
+    for f in ["TS_synth_2.csv", "TS_synth_2.source"] {
+        std::fs::copy(tmp.path().join("other.csv.runs").join(f), parts.join(f)).unwrap();
+    }
+    let o = cheap_run(&data, &out).arg("--resume").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("TS_synth_1: ") && err.contains("TS_synth_1.csv is not the file that was stored"), "{err}");
+    assert!(err.contains("TS_synth_2: its picks were stored by a job with other settings"), "{err}");
+    assert!(!err.contains("(resumed)"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), reference);
+}
+
+/// A second job writing the same output is refused while the first holds its runs folder,
+/// naming the holder; the lock goes with the process that held it.
+#[test]
+fn a_second_job_on_the_same_output_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("tests/fixtures/dataset");
+    let out = tmp.path().join("sub.csv");
+    let parts = tmp.path().join("sub.csv.runs");
+    std::fs::create_dir_all(&parts).unwrap();
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(parts.join(".lock")).unwrap();
+    lock.lock().unwrap();
+    std::fs::write(parts.join(".lock"), "process 4242 on node7").unwrap();
+    for resume in [false, true] {
+        let mut c = cheap_run(&data, &out);
+        if resume {
+            c.arg("--resume");
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("another fastdet (process 4242 on node7) is writing this output") && err.contains(".lock"), "{err}");
+        assert!(!out.exists());
+    }
+    drop(lock);
+    let o = cheap_run(&data, &out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// copick files are written for every run at once, before the CSV: a failure on one run's
+/// folder leaves no copick file of any run and no CSV; the finished runs stay for --resume.
+#[test]
+fn copick_output_is_all_or_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("tests/fixtures/dataset");
+    let out = tmp.path().join("sub.csv");
+    let cp = tmp.path().join("cp");
+    // Run 2's Picks folder cannot be made: a file is in its place.
+    std::fs::create_dir_all(cp.join("ExperimentRuns/TS_synth_2")).unwrap();
+    std::fs::write(cp.join("ExperimentRuns/TS_synth_2/Picks"), b"").unwrap();
+    let o = cheap_run(&data, &out).arg("--copick-out").arg(&cp).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("TS_synth_2/Picks") && err.contains("cannot create the directory"), "{err}");
+    assert!(!out.exists());
+    let mut left = Vec::new();
+    let mut stack = vec![cp.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                left.push(e.path().strip_prefix(&cp).unwrap().display().to_string());
+            }
+        }
+    }
+    assert_eq!(left, ["ExperimentRuns/TS_synth_2/Picks"], "copick files or temporaries were left");
+    assert!(!cp.join("ExperimentRuns/TS_synth_1").exists(), "run 1's folders were left");
+    // Fixed, the job resumes its two finished runs and writes both.
+    std::fs::remove_file(cp.join("ExperimentRuns/TS_synth_2/Picks")).unwrap();
+    let o = cheap_run(&data, &out).arg("--copick-out").arg(&cp).arg("--resume").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.matches("(resumed)").count() == 2, "{err}");
+    assert_eq!(std::fs::read_dir(cp.join("ExperimentRuns/TS_synth_1/Picks")).unwrap().count(), 6);
+    assert!(out.exists());
+}

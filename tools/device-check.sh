@@ -34,7 +34,9 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
 
   OUTDIR            where logs, JSON reports, compiled kernels and summary.txt go (created; small)
   --data DIR        where the synthetic tomogram is written (default $TMPDIR/fastdet-device-check-data;
-                    about 300 MB, removed at the end unless --keep-data)
+                    about 300 MB, removed at the end unless --keep-data); a new or empty folder, or
+                    one an earlier check made: a folder holding anything else is refused
+  FASTDET_CHECK_BUDGET (environment) is the default of --budget
   --budget S        wall-clock budget for the whole script in seconds (default 450)
   --device cuda:N   GPU to check (default cuda:0)
   --skip-full       skip the full self-test (192x128x128 networks + whole-tomogram check)
@@ -97,6 +99,14 @@ if [ -z "$OUT" ]; then usage >&2; exit 64; fi
 case "$BUDGET" in ''|*[!0-9]*) echo "device-check: --budget must be a whole number of seconds, got '$BUDGET'" >&2; exit 64 ;; esac
 case "$DEVICE" in cuda:[0-9]*) ;; *) echo "device-check: --device must be cuda:N, got '$DEVICE'" >&2; exit 64 ;; esac
 case "$SHAPE" in *[!0-9,]*|'') echo "device-check: FASTDET_CHECK_SHAPE must be z,y,x, got '$SHAPE'" >&2; exit 64 ;; esac
+# The data folder is emptied and removed: only one this script made (its marker file) or an
+# empty or new one is accepted, never a folder of the user's.
+DATA_MARK="$DATA/.fastdet-device-check-data"
+if [ -e "$DATA" ] && [ ! -e "$DATA_MARK" ] && [ -n "$(ls -A "$DATA" 2>/dev/null || echo x)" ]; then
+    echo "device-check: --data $DATA is not empty and was not made by this script; give a new folder" >&2
+    exit 64
+fi
+remove_data() { if [ -e "$DATA_MARK" ] || [ -z "$(ls -A "$DATA" 2>/dev/null)" ]; then rm -rf "$DATA"; fi; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FASTDET="${FASTDET:-$ROOT/target/release/fastdet}"
@@ -360,10 +370,11 @@ fi
 W1="$ROOT/weights/demo_segresnetv2.safetensors"
 W2="$ROOT/weights/demo_dynunet.safetensors"
 if [ $NO_GPU -eq 0 ]; then
-    rm -rf "$DATA"
+    remove_data
     mkdir -p "$(dirname "$DATA")"
     if step "synth 1 run $SHAPE" 180 "$OUT/synth.log" \
         "$FASTDET" synth "$DATA" --runs 1 --shape "$SHAPE" --seed 1; then
+        : > "$DATA_MARK"
         if [ -f "$W1" ] && [ -f "$W2" ]; then
             if step "run --device $DEVICE (2 models)" 240 "$OUT/run-gpu.log" \
                 "$FASTDET" run --data "$DATA" --split test --weights "$W1" "$W2" --device "$DEVICE" \
@@ -418,7 +429,7 @@ if [ $NO_GPU -eq 0 ] && [ $CPU_RUN -eq 1 ] && [ -d "$DATA" ]; then
     fi
 fi
 
-[ $KEEP_DATA -eq 1 ] || rm -rf "$DATA"
+[ $KEEP_DATA -eq 1 ] || remove_data
 
 # ------------------------------------------------------------------------------------------------
 # Headline figures for benches/results.json (nulls where a bench did not run)

@@ -226,23 +226,23 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             "models": items,
             "cold_start_s": cold_start_s, "kernel_load": kernel_load.map(kernel_load_json),
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        fastdet::outln!("{}", serde_json::to_string_pretty(&doc)?)?;
     } else {
-        println!(
+        fastdet::outln!(
             "tile {}x{}x{}, batch {}, {} timed call(s) after {} warm-up; {} CPU thread(s)",
             tile[0], tile[1], tile[2], a.batch, a.iters, a.warmup, threads
-        );
+        )?;
         if let Some(k) = kernel_load {
-            println!("kernels: {k} (part of the cold start, {:.2} s to the first outputs)", cold_start_s.unwrap_or(f64::NAN));
+            fastdet::outln!("kernels: {k} (part of the cold start, {:.2} s to the first outputs)", cold_start_s.unwrap_or(f64::NAN))?;
         }
-        println!(
+        fastdet::outln!(
             "{:<14} {:>10} {:>10} {:>10} {:>9} {:>8} {:>9}  engine",
             "model", "ms/tile", "min", "max", "GFLOP/s", "open s", "1st s"
-        );
+        )?;
         for r in &rows {
             let (med, min, max) = r.per_tile(a.batch);
             let mem = r.device_mib.map(|m| format!(", peak device memory {m:.0} MiB")).unwrap_or_default();
-            println!(
+            fastdet::outln!(
                 "{:<14} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>8.2} {:>9.2}  {}{mem}",
                 r.name,
                 med,
@@ -252,7 +252,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 r.open_s,
                 r.first_s,
                 r.engine
-            );
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -295,25 +295,25 @@ fn plan_memory(a: &BenchArgs) -> Result<ExitCode> {
             "backend": "tensor-core", "arena_bytes": p.arena, "weights_bytes": p.weights, "outputs_bytes": p.outputs,
             "held_bytes": p.held, "peak_bytes": p.peak, "tomogram": tomogram, "tomogram_bytes": p.tomogram, "next_volume_bytes": p.next_volume,
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        fastdet::outln!("{}", serde_json::to_string_pretty(&doc)?)?;
     } else {
-        println!("device memory of one worker: {n_seg} SegResNetV2 + {n_dyn} DynUNet (seed widths), batch {}, tile {tile}, tensor-core path", a.batch);
-        println!("  activation arena (shared)  {:8.1} MiB", mib(p.arena));
-        println!("  weights                    {:8.1} MiB", mib(p.weights.iter().sum()));
-        println!("  outputs                    {:8.1} MiB", mib(p.outputs.iter().sum()));
+        fastdet::outln!("device memory of one worker: {n_seg} SegResNetV2 + {n_dyn} DynUNet (seed widths), batch {}, tile {tile}, tensor-core path", a.batch)?;
+        fastdet::outln!("  activation arena (shared)  {:8.1} MiB", mib(p.arena))?;
+        fastdet::outln!("  weights                    {:8.1} MiB", mib(p.weights.iter().sum()))?;
+        fastdet::outln!("  outputs                    {:8.1} MiB", mib(p.outputs.iter().sum()))?;
         if let Some(shape) = tomogram {
-            println!("  tomogram {:>17} {:8.1} MiB (volume, blend accumulators, the batch's tiles and sums)", format!("{}x{}x{}", shape[0], shape[1], shape[2]), mib(p.tomogram));
+            fastdet::outln!("  tomogram {:>17} {:8.1} MiB (volume, blend accumulators, the batch's tiles and sums)", format!("{}x{}x{}", shape[0], shape[1], shape[2]), mib(p.tomogram))?;
             if p.next_volume > 0 {
-                println!("  next volume (copied ahead) {:8.1} MiB (FASTDET_OVERLAP_UPLOAD=0: none)", mib(p.next_volume));
+                fastdet::outln!("  next volume (copied ahead) {:8.1} MiB (FASTDET_OVERLAP_UPLOAD=0: none)", mib(p.next_volume))?;
             }
         }
-        println!("  held after the walks       {:8.1} MiB ({:.2} GiB)", mib(p.held), p.held as f64 / (1u64 << 30) as f64);
-        println!("  peak                       {:8.1} MiB ({:.2} GiB)", mib(p.peak), p.peak as f64 / (1u64 << 30) as f64);
-        println!("fastdet's buffers, from the allocator (walked on an emulator that runs no kernel); cuDNN's workspace and");
+        fastdet::outln!("  held after the walks       {:8.1} MiB ({:.2} GiB)", mib(p.held), p.held as f64 / (1u64 << 30) as f64)?;
+        fastdet::outln!("  peak                       {:8.1} MiB ({:.2} GiB)", mib(p.peak), p.peak as f64 / (1u64 << 30) as f64)?;
+        fastdet::outln!("fastdet's buffers, from the allocator (walked on an emulator that runs no kernel); cuDNN's workspace and")?;
         if tomogram.is_some() {
-            println!("the CUDA context come on top.");
+            fastdet::outln!("the CUDA context come on top.")?;
         } else {
-            println!("the CUDA context come on top, and with --tomogram SHAPE (blending on the device) the tomogram's buffers.");
+            fastdet::outln!("the CUDA context come on top, and with --tomogram SHAPE (blending on the device) the tomogram's buffers.")?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -402,25 +402,25 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
             "open_s": open_s, "cold_start_s": cold_start_s, "kernel_load": kernel_load.map(kernel_load_json), "device_memory_peak_mib": device_peak,
             "detections": runs.last().map(|r| r.2),
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        fastdet::outln!("{}", serde_json::to_string_pretty(&doc)?)?;
     } else {
-        println!(
+        fastdet::outln!(
             "tomogram {}x{}x{}, window {}x{}x{}, tiles {}x{}x{}, {} SegResNetV2 + {} DynUNet (seed widths), batch {}{}, {} timed after {} warm-up",
             shape[0], shape[1], shape[2], a.window[0], a.window[1], a.window[2], a.tiles[0], a.tiles[1], a.tiles[2], n_seg, n_dyn, a.batch,
             if blended_on_device { ", blending on the device" } else { "" },
             a.iters, a.warmup
-        );
-        println!(
+        )?;
+        fastdet::outln!(
             "{med:.3} s per tomogram (min {:.3}, max {:.3}): upload {upload:.3} s{}, infer {infer:.3} s, blend {blend:.3} s, detect {detect:.3} s; {:.1} TFLOP per tomogram = {:.2} TFLOP/s",
             secs[0],
             secs[secs.len() - 1],
             if overlapped { " (copied ahead)" } else { "" },
             flops as f64 * 1e-12,
             flops as f64 * 1e-12 / med
-        );
+        )?;
         let mem = device_peak.map(|m| format!(", peak device memory {m:.0} MiB")).unwrap_or_default();
         let kernels = kernel_load.map(|k| format!(" (kernels: {k})")).unwrap_or_default();
-        println!("engines opened in {open_s:.2} s{kernels}, first tile done {:.2} s after start{mem}", cold_start_s.unwrap_or(f64::NAN));
+        fastdet::outln!("engines opened in {open_s:.2} s{kernels}, first tile done {:.2} s after start{mem}", cold_start_s.unwrap_or(f64::NAN))?;
     }
     Ok(ExitCode::SUCCESS)
 }

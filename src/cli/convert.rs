@@ -40,19 +40,19 @@ pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
     for w in &r.warnings {
         eprintln!("warning: {w}");
     }
-    println!("{}: {}", r.spec.arch.name(), r.spec.widths_summary());
-    println!(
+    fastdet::outln!("{}: {}", r.spec.arch.name(), r.spec.widths_summary())?;
+    fastdet::outln!(
         "kept {} tensors ({} parameters, fp16); dropped {} parameters in {} tensors the inference graph never reads{}",
         r.kept_tensors,
         r.kept_params,
         r.dropped_params,
         r.dropped_tensors.len(),
         if r.merged_aliases > 0 { format!("; merged {} aliased DynUNet tensors", r.merged_aliases) } else { String::new() }
-    );
+    )?;
     if a.inputs.len() > 1 {
-        println!("averaged {} checkpoints", a.inputs.len());
+        fastdet::outln!("averaged {} checkpoints", a.inputs.len())?;
     }
-    println!("wrote {}", a.out.display());
+    fastdet::outln!("wrote {}", a.out.display())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -96,22 +96,22 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             "ops": g.ops.len(),
             "sources": w.metadata.get("fastdet.sources").and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
         });
-        println!("{}", serde_json::to_string_pretty(&j)?);
+        fastdet::outln!("{}", serde_json::to_string_pretty(&j)?)?;
     } else {
-        println!("{}  ({})", a.weights.display(), w.name);
-        println!("arch      {}", w.spec.arch.name());
-        println!("widths    {}", w.spec.widths_summary());
-        println!("classes   {}", w.classes.join(", "));
-        println!("params    {} (fp16, {:.1} MiB)", w.param_count(), w.param_count() as f64 * 2.0 / 1048576.0);
-        println!("tile      {}x{}x{}", a.tile[0], a.tile[1], a.tile[2]);
-        println!("FLOPs     {:.2} GFLOP per tile (convolutions, 2 per multiply-add)", flops as f64 / 1e9);
-        println!(
+        fastdet::outln!("{}  ({})", a.weights.display(), w.name)?;
+        fastdet::outln!("arch      {}", w.spec.arch.name())?;
+        fastdet::outln!("widths    {}", w.spec.widths_summary())?;
+        fastdet::outln!("classes   {}", w.classes.join(", "))?;
+        fastdet::outln!("params    {} (fp16, {:.1} MiB)", w.param_count(), w.param_count() as f64 * 2.0 / 1048576.0)?;
+        fastdet::outln!("tile      {}x{}x{}", a.tile[0], a.tile[1], a.tile[2])?;
+        fastdet::outln!("FLOPs     {:.2} GFLOP per tile (convolutions, 2 per multiply-add)", flops as f64 / 1e9)?;
+        fastdet::outln!(
             "memory    peak activations {:.1} MiB f32 ({:.1} MiB f16) per tile, buffers reused after last use",
             peak as f64 / 1048576.0,
             peak16 as f64 / 1048576.0
-        );
+        )?;
         if a.graph {
-            println!("\n{}", g.describe(a.tile));
+            fastdet::outln!("\n{}", g.describe(a.tile))?;
         }
     }
     Ok(ExitCode::SUCCESS)

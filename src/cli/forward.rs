@@ -50,6 +50,6 @@ pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
         list.push(("fm2", sh(w.spec.head_in), f));
     }
     tensors::write_f32(&a.output, &list, None)?;
-    println!("{} tile(s) of {}x{}x{} on {} in {dt:.3} s; wrote {}", n, tile[0], tile[1], tile[2], e.name(), a.output.display());
+    fastdet::outln!("{} tile(s) of {}x{}x{} on {} in {dt:.3} s; wrote {}", n, tile[0], tile[1], tile[2], e.name(), a.output.display())?;
     Ok(ExitCode::SUCCESS)
 }

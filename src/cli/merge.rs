@@ -96,6 +96,9 @@ fn has_score(p: &Path) -> Result<bool> {
 }
 
 pub fn merge(a: MergeArgs) -> Result<ExitCode> {
+    fastdet::util::check_output_file(&a.out)?;
+    let inputs: Vec<&Path> = a.inputs.iter().chain(&a.copick).map(PathBuf::as_path).collect();
+    fastdet::util::check_not_an_input(&a.out, &inputs)?;
     let mut picks = Vec::new();
     let mut unscored: Vec<&PathBuf> = Vec::new();
     // Which input each run came from: a run in two inputs would be counted twice.
@@ -131,19 +134,16 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         None => None,
     };
     picks.sort_by(|x, y| x.run.cmp(&y.run)); // stable: keeps each run's order
-    csv::write_submission(&a.out, &picks, with_score)?;
-    println!("merged {} picks from {} file(s) into {}", picks.len(), a.inputs.len(), a.out.display());
-    if let Some((dst, writes)) = copick_writes {
-        for (target, bytes) in &writes {
-            let dir = target.parent().expect("under the output folder");
-            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-            fastdet::util::write_atomic(target, |out| {
-                use std::io::Write;
-                Ok(out.write_all(bytes)?)
-            })?;
-        }
+    // The copick files all at once, then the CSV: a failure leaves no CSV and no part of the
+    // copick files, and merging again gives the same files.
+    if let Some((dst, writes)) = &copick_writes {
+        fastdet::util::write_files_atomic(writes)?;
         std::fs::create_dir_all(dst).with_context(|| format!("{}: cannot create", dst.display()))?;
-        println!("copied {} copick picks file(s) from {} folder(s) into {}", writes.len(), a.copick.len(), dst.display());
+    }
+    csv::write_submission(&a.out, &picks, with_score)?;
+    fastdet::util::out_line(format_args!("merged {} picks from {} file(s) into {}", picks.len(), a.inputs.len(), a.out.display()))?;
+    if let Some((dst, writes)) = copick_writes {
+        fastdet::util::out_line(format_args!("copied {} copick picks file(s) from {} folder(s) into {}", writes.len(), a.copick.len(), dst.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -58,9 +58,13 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     if !elsewhere.is_empty() && a.runs.is_none() {
         eprintln!("warning: {} has picks of runs not in {}: {elsewhere:?}", a.picks.display(), a.split);
     }
+    if a.out.exists() && !a.out.is_dir() {
+        bail!("--out {}: is not a directory", a.out.display());
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create output directory", a.out.display()))?;
 
-    for run in &runs {
+    // One run's picture; a run that fails (an unreadable tomogram) does not stop the others.
+    let draw = |run: &String| -> Result<String> {
         if run.contains(['/', '\\']) || run == "." || run == ".." {
             bail!("run name {run:?} cannot be used as a file name");
         }
@@ -71,8 +75,7 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
             truth.as_ref().map(|t| t.iter().filter(|p| &p.run == run).cloned().collect());
         let out = a.out.join(format!("{run}.png"));
         let opts = QcOptions { slabs: a.slabs, title: Some(run.clone()), ..QcOptions::default() };
-        let s = qc::render_qc_with(&volume, &run_picks, run_truth.as_deref(), &out, &opts)
-            .with_context(|| format!("run {run}"))?;
+        let s = qc::render_qc_with(&volume, &run_picks, run_truth.as_deref(), &out, &opts)?;
         let mut line = format!("{run}: {} picks", run_picks.len());
         if s.picks_drawn != run_picks.len() {
             line += &format!(" ({} outside the tomogram's z range)", run_picks.len() - s.picks_drawn);
@@ -83,7 +86,24 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
                 line += &format!(" ({} outside)", t.len() - s.truth_drawn);
             }
         }
-        println!("{line} -> {} ({}x{} px)", out.display(), s.width, s.height);
+        Ok(format!("{line} -> {} ({}x{} px)", out.display(), s.width, s.height))
+    };
+    let mut failed = Vec::new();
+    for run in &runs {
+        match draw(run) {
+            Ok(line) => fastdet::outln!("{line}")?,
+            Err(e) => {
+                eprintln!("  {run}: FAILED: {e:#}");
+                failed.push((run, e));
+            }
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    if failed.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("{} of {} run(s) failed:", failed.len(), runs.len());
+    for (run, e) in &failed {
+        eprintln!("  {run}: {e:#}");
+    }
+    Ok(ExitCode::from(2))
 }

@@ -376,6 +376,14 @@ impl Extras<'_> {
 }
 
 impl Extras<'_> {
+    /// A run whose name a requested file cannot hold fails before it is read, not after inference.
+    fn check_run_name(&self, run: &str) -> Result<()> {
+        if self.star_out.is_some() {
+            fastdet::io::star::check_run_name(run)?;
+        }
+        Ok(())
+    }
+
     fn check_dirs(&self) -> Result<()> {
         for (flag, d) in [("--save-maps", self.save_maps), ("--star-out", self.star_out), ("--qc", self.qc)] {
             if let Some(d) = d {
@@ -388,6 +396,9 @@ impl Extras<'_> {
 
 /// Creates `dir` when missing and checks that files can be written there (before the inference).
 fn writable_dir(flag: &str, dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("{flag} {}: is not a directory", dir.display());
+    }
     if !dir.is_dir() {
         std::fs::create_dir_all(dir).with_context(|| format!("{flag} {}: cannot create the directory", dir.display()))?;
     }
@@ -622,9 +633,52 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
 }
 
 /// Where finished runs are kept: each run's picks are written atomically to `parts/{run}.csv` as soon
-/// as the run is done, so an interrupted job can `--resume`.
+/// as the run is done, beside a record of the settings, the tomogram and the picks' bytes, so an
+/// interrupted job can `--resume`. The folder is locked while the job lives: two jobs writing one
+/// output (another's settings, or the same job started twice) would mix their runs.
 struct Parts {
     dir: PathBuf,
+    settings_sha: String,
+    _lock: Option<std::fs::File>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Takes `dir/.lock` (held until the file is dropped, released by the system if the process dies),
+/// or says which process holds it.
+fn lock_parts(dir: &Path, out: &Path) -> Result<Option<std::fs::File>> {
+    let path = dir.join(".lock");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("{}: cannot create", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let _ = f.set_len(0).and_then(|()| write!(f, "process {} on {}", std::process::id(), host.trim()));
+            Ok(Some(f))
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = if holder.trim().is_empty() { "another fastdet".to_string() } else { format!("another fastdet ({})", holder.trim()) };
+            bail!(
+                "{}: {holder} is writing this output (it holds {}); wait for it to end, or give another --out",
+                out.display(),
+                path.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            // Some network file systems have no locks: run on, without the guard.
+            eprintln!("warning: {}: cannot lock ({e}); make sure no other job writes {}", path.display(), out.display());
+            Ok(None)
+        }
+    }
 }
 
 impl Parts {
@@ -632,18 +686,27 @@ impl Parts {
         let mut name = out.file_name().context("output has no file name")?.to_os_string();
         name.push(".runs");
         let dir = out.with_file_name(name);
+        if dir.exists() && !dir.is_dir() {
+            bail!("{}: is not a directory (fastdet keeps the finished runs of {} there); remove it", dir.display(), out.display());
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        let lock = lock_parts(&dir, out)?;
         let fp_path = dir.join("settings.json");
+        let settings_sha = sha256_hex(fingerprint.as_bytes());
         if resume && fp_path.exists() {
             let old = std::fs::read_to_string(&fp_path).with_context(|| format!("{}: cannot read", fp_path.display()))?;
+            let keys = |t: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok();
+            let Some(o) = keys(&old) else {
+                bail!("--resume: {} cannot be read (damaged); remove {} or run without --resume", fp_path.display(), dir.display());
+            };
             if old != fingerprint {
-                // Name what changed where both parse (an older fastdet's file may not).
-                let keys = |t: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok();
-                let changed = match (keys(&old), keys(fingerprint)) {
-                    (Some(o), Some(n)) => {
+                // Name what changed where both parse.
+                let changed = match keys(fingerprint) {
+                    Some(n) => {
                         let k: std::collections::BTreeSet<&str> = o.keys().chain(n.keys()).map(String::as_str).filter(|k| o.get(*k) != n.get(*k)).collect();
                         format!(" (changed: {})", k.into_iter().collect::<Vec<_>>().join(", "))
                     }
-                    _ => String::new(),
+                    None => String::new(),
                 };
                 bail!(
                     "--resume: {} was made with other inputs, weights or settings{changed} (or by an older fastdet); remove {} or run without --resume",
@@ -652,48 +715,82 @@ impl Parts {
                 );
             }
         } else {
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
+            if resume {
+                eprintln!("--resume: {} holds no finished runs; computing every run", dir.display());
             }
-            std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+            // Everything but the lock, which the job holds.
+            for entry in std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))? {
+                let p = entry.with_context(|| format!("{}: cannot list", dir.display()))?.path();
+                if p.file_name().is_some_and(|n| n == ".lock") {
+                    continue;
+                }
+                let removed = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                removed.with_context(|| format!("{}: cannot clear", p.display()))?;
+            }
             fastdet::util::write_atomic(&fp_path, |f| Ok(f.write_all(fingerprint.as_bytes())?))?;
         }
-        Ok(Parts { dir })
+        Ok(Parts { dir, settings_sha, _lock: lock })
+    }
+    /// Removes the folder when it holds no run's picks (every run of the job failed).
+    fn discard_if_empty(self) {
+        let holds_picks = std::fs::read_dir(&self.dir)
+            .map(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "csv")))
+            .unwrap_or(true);
+        let Parts { dir, _lock, .. } = self;
+        drop(_lock);
+        if !holds_picks {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
     fn path(&self, run: &str) -> PathBuf {
         self.dir.join(format!("{run}.csv"))
     }
-    /// What the run's tomogram was when its picks were stored ([`fastdet::util::source_stamp`]).
+    /// The record of how the run's picks were made: the settings, the tomogram's
+    /// [`fastdet::util::source_stamp`] and the picks file's bytes.
     fn stamp_path(&self, run: &str) -> PathBuf {
         self.dir.join(format!("{run}.source"))
     }
-    /// The picks stored for `job`, when its tomogram has not changed since.
+    /// The picks stored for `job`, when they are intact, made with these settings, and its
+    /// tomogram has not changed since.
     fn load(&self, job: &Job) -> Option<Vec<Pick>> {
         let p = self.path(&job.run);
-        if !p.exists() {
-            return None;
-        }
-        let stamp = std::fs::read_to_string(self.stamp_path(&job.run)).unwrap_or_default();
-        if stamp.is_empty() {
-            eprintln!("  {}: no record of the tomogram its picks came from (it changed while it was read, or an older fastdet stored them); computing them again", job.run);
-            return None;
-        }
-        if stamp != fastdet::util::source_stamp(&job.path) {
-            eprintln!("  {}: {} changed since its picks were stored; computing them again", job.run, job.path.display());
+        let bytes = std::fs::read(&p).ok()?;
+        let record = std::fs::read_to_string(self.stamp_path(&job.run)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        let field = |k: &str| record.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let why = if record.is_none() {
+            Some("no record of how its picks were made (an older fastdet stored them)".to_string())
+        } else if field("settings_sha256") != self.settings_sha {
+            Some("its picks were stored by a job with other settings".to_string())
+        } else if field("source").is_empty() {
+            Some("its tomogram changed while it was read".to_string())
+        } else if field("source") != fastdet::util::source_stamp(&job.path) {
+            Some(format!("{} changed since its picks were stored", job.path.display()))
+        } else if field("picks_sha256") != sha256_hex(&bytes) {
+            Some(format!("{} is not the file that was stored (damaged or cut short)", p.display()))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            eprintln!("  {}: {why}; computing them again", job.run);
             return None;
         }
         csv::read_submission(&p).ok()
     }
-    /// The stamp of the tomogram as it was read (none when it changed during the read), then the
-    /// picks: the picks file exists only beside the stamp of the data they came from, whenever
-    /// the job is killed.
+    /// The record (the tomogram's stamp as it was read, empty when it changed during the read),
+    /// then the picks: a picks file exists only beside the record it matches, whenever the job is
+    /// killed.
     fn store(&self, job: &Job, picks: &[Pick], stamp: &str) -> Result<()> {
-        let _ = std::fs::remove_file(self.path(&job.run));
-        let _ = std::fs::remove_file(self.stamp_path(&job.run));
-        if !stamp.is_empty() {
-            fastdet::util::write_atomic(&self.stamp_path(&job.run), |f| Ok(f.write_all(stamp.as_bytes())?))?;
-        }
-        csv::write_submission_exact(&self.path(&job.run), picks)
+        let (path, record_path) = (self.path(&job.run), self.stamp_path(&job.run));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&record_path);
+        let text = csv::submission_exact_text(&path, picks)?;
+        let record = serde_json::json!({
+            "source": stamp,
+            "settings_sha256": self.settings_sha,
+            "picks_sha256": sha256_hex(text.as_bytes()),
+        });
+        fastdet::util::write_atomic(&record_path, |f| Ok(f.write_all(serde_json::to_string_pretty(&record)?.as_bytes())?))?;
+        fastdet::util::write_atomic(&path, |f| Ok(f.write_all(text.as_bytes())?))
     }
 }
 
@@ -770,7 +867,8 @@ fn worker(
         let rx = rx;
         scope.spawn(move || {
             for (_, job) in todo {
-                if tx.send(prepare(job, a, s, uploader.as_mut())).is_err() {
+                let loaded = extras.check_run_name(&job.run).and_then(|()| prepare(job, a, s, uploader.as_mut()));
+                if tx.send(loaded).is_err() {
                     break;
                 }
             }
@@ -941,37 +1039,56 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     check_thresholds(&a.thresholds)?;
     let s = settings(&a.infer, a.thresholds.clone())?;
     if a.print_config {
-        print!("{}", effective_config(&a, &s));
+        fastdet::util::out_text(&effective_config(&a, &s))?;
         return Ok(ExitCode::SUCCESS);
     }
     let out = a.out.as_deref().context("give --out FILE.csv (or `out` in the config file)")?;
     // Fail on an unwritable output before spending minutes on inference.
     fastdet::util::check_output_file(out)?;
     let jobs = preflight(&a.infer)?;
+    let mut inputs: Vec<&Path> = a.infer.weights.iter().map(PathBuf::as_path).collect();
+    inputs.extend(jobs.iter().map(|j| j.path.as_path()));
+    fastdet::util::check_not_an_input(out, &inputs)?;
+    let extras = Extras { save_maps: a.save_maps.as_deref(), star_out: a.star_out.as_deref(), qc: a.qc.as_deref() };
+    // Folders this job makes, removed again (when empty) if every run fails.
+    let made: Vec<&Path> = [a.copick_out.as_deref(), extras.save_maps, extras.star_out, extras.qc].into_iter().flatten().filter(|d| !d.exists()).collect();
     if let Some(dir) = &a.copick_out {
         copick::check_id("--user-id", &a.user_id)?;
         copick::check_id("--session-id", &a.session_id)?;
         writable_dir("--copick-out", dir)?;
     }
+    extras.check_dirs()?;
     let parts = Parts::new(out, &fingerprint(&a.infer, &s)?, a.resume)?;
-    let extras = Extras { save_maps: a.save_maps.as_deref(), star_out: a.star_out.as_deref(), qc: a.qc.as_deref() };
-    let (picks, failed) = infer_all(&a.infer, &jobs, &s, extras, Some(&parts))?;
+    let discard = |parts: Parts| {
+        parts.discard_if_empty();
+        for d in &made {
+            let _ = std::fs::remove_dir(d);
+        }
+    };
+    let (picks, failed) = match infer_all(&a.infer, &jobs, &s, extras, Some(&parts)) {
+        Ok(r) => r,
+        Err(e) => {
+            discard(parts);
+            return Err(e);
+        }
+    };
     if !failed.is_empty() && failed.len() == jobs.len() {
         // A header-only file would pass for a run that found nothing.
         eprintln!("every run failed: {} not written", out.display());
+        discard(parts);
         return Ok(report_failures(&failed));
     }
-    csv::write_submission(out, &picks, a.with_score)?;
+    // The copick files of every run at once, then the CSV, the job's last word: a failure
+    // leaves neither (the finished runs stay in OUT.runs for --resume).
     if let Some(dir) = &a.copick_out {
-        for job in jobs {
-            if failed.iter().any(|(r, _)| *r == job.run) {
-                continue;
-            }
-            copick::write_run_picks(dir, &job.run, &picks, &a.user_id, &a.session_id)?;
+        let mut files = Vec::new();
+        for job in jobs.iter().filter(|j| !failed.iter().any(|(r, _)| *r == j.run)) {
+            files.extend(copick::run_picks_files(dir, &job.run, &picks, &a.user_id, &a.session_id)?);
         }
+        fastdet::util::write_files_atomic(&files)?;
     }
-    println!("wrote {} picks to {}", picks.len(), out.display());
-    let _ = std::io::stdout().flush();
+    csv::write_submission(out, &picks, a.with_score)?;
+    fastdet::util::out_line(format_args!("wrote {} picks to {}", picks.len(), out.display()))?;
     Ok(report_failures(&failed))
 }
 
@@ -996,9 +1113,9 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     }
     eprintln!("tuning on {} run(s), {} annotated particle(s)", inferred.len(), truth.len());
     let (thresholds, score) = metric::tune_thresholds(&truth, &cands, a.beta, a.min_threshold);
-    println!("{}", metric::format_table(&score));
+    fastdet::outln!("{}", metric::format_table(&score))?;
     let t: Vec<String> = thresholds.iter().map(|t| format!("{t}")).collect();
-    println!("--thresholds {}", t.join(","));
+    fastdet::outln!("--thresholds {}", t.join(","))?;
     Ok(report_failures(&failed))
 }
 

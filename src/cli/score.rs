@@ -96,9 +96,9 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     }
     let s = metric::score(&truth, &sub, a.beta);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        fastdet::outln!("{}", serde_json::to_string_pretty(&s)?)?;
     } else {
-        println!("{}", metric::format_table(&s));
+        fastdet::outln!("{}", metric::format_table(&s))?;
     }
     Ok(ExitCode::SUCCESS)
 }

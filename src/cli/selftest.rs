@@ -115,11 +115,12 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     o.network_tile = a.tile;
     o.pipeline_weights = a.weights.clone();
     o.pipeline_shape = a.shape;
-    println!("fastdet {} selftest on {device}{}", fastdet::VERSION, if a.quick { " (quick)" } else { "" });
-    println!("{}", Row::header());
+    fastdet::outln!("fastdet {} selftest on {device}{}", fastdet::VERSION, if a.quick { " (quick)" } else { "" })?;
+    fastdet::outln!("{}", Row::header())?;
     let t0 = std::time::Instant::now();
     let mut print_row = |row: &Row| {
-        println!("{}", row.line());
+        // A failed write shows in the summary's print below.
+        let _ = fastdet::outln!("{}", row.line());
         let _ = std::io::stdout().flush();
     };
     // On a GPU the handle stays open past the report: a pass of every kernel check is remembered
@@ -164,11 +165,12 @@ fn cpu_selftest(a: &SelftestArgs) -> Result<ExitCode> {
     } else if let Some(t) = a.tile {
         checks.networks = Some(t);
     }
-    println!("fastdet {} selftest on cpu{}", fastdet::VERSION, if a.quick { " (quick)" } else { "" });
-    println!("{}", Row::header());
+    fastdet::outln!("fastdet {} selftest on cpu{}", fastdet::VERSION, if a.quick { " (quick)" } else { "" })?;
+    fastdet::outln!("{}", Row::header())?;
     let t0 = std::time::Instant::now();
     let report = fastdet::engine::cpu::selftest::run(checks, &mut |row| {
-        println!("{}", row.line());
+        // A failed write shows in the summary's print below.
+        let _ = fastdet::outln!("{}", row.line());
         let _ = std::io::stdout().flush();
     })?;
     report_end(&report, t0, a.json.as_deref())
@@ -177,25 +179,25 @@ fn cpu_selftest(a: &SelftestArgs) -> Result<ExitCode> {
 /// The end of a report: notes, timings, the summary line, the failures again, the JSON file; the
 /// exit status.
 fn report_end(report: &selftest::Report, t0: std::time::Instant, json: Option<&Path>) -> Result<ExitCode> {
-    println!();
+    fastdet::outln!()?;
     for n in &report.notes {
-        println!("note: {n}");
+        fastdet::outln!("note: {n}")?;
     }
     for (what, s) in &report.timings {
-        println!("time: {what}: {s:.3} s");
+        fastdet::outln!("time: {what}: {s:.3} s")?;
     }
     let count = |st: Status| report.rows.iter().filter(|r| r.status == st).count();
     let (pass, fail, skip) = (count(Status::Pass), count(Status::Fail), count(Status::Skip));
-    println!(
+    fastdet::outln!(
         "selftest {}: {pass} passed, {fail} failed, {skip} skipped in {:.1} s on {}",
         if report.passed { "PASSED" } else { "FAILED" },
         t0.elapsed().as_secs_f64(),
         report.device
-    );
+    )?;
     if fail > 0 {
-        println!("failures:");
+        fastdet::outln!("failures:")?;
         for r in report.rows.iter().filter(|r| r.status == Status::Fail) {
-            println!("  {}", r.line());
+            fastdet::outln!("  {}", r.line())?;
         }
     }
     if let Some(p) = json {
@@ -206,7 +208,7 @@ fn report_end(report: &selftest::Report, t0: std::time::Instant, json: Option<&P
             m.insert("fastdet_commit".into(), fastdet::COMMIT.into());
         }
         write_json(p, &serde_json::to_string_pretty(&doc)?)?;
-        println!("wrote {}", p.display());
+        fastdet::outln!("wrote {}", p.display())?;
     }
     Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

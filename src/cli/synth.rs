@@ -47,9 +47,11 @@ pub struct SynthArgs {
 }
 
 pub fn synth(a: SynthArgs) -> Result<ExitCode> {
+    if a.out.exists() && !a.out.is_dir() {
+        bail!("{}: is a file; give a new or empty directory", a.out.display());
+    }
     if a.out.exists() {
-        let non_empty = !a.out.is_dir()
-            || std::fs::read_dir(&a.out).with_context(|| format!("{}: cannot list", a.out.display()))?.next().is_some();
+        let non_empty = std::fs::read_dir(&a.out).with_context(|| format!("{}: cannot list", a.out.display()))?.next().is_some();
         if non_empty {
             bail!("{}: exists and is not an empty directory; refusing to overwrite", a.out.display());
         }
@@ -65,14 +67,28 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         noise: a.noise,
         particles_per_class: a.counts.unwrap_or_else(|| synth::counts_for_shape(a.shape)),
     };
-    let created = !a.out.exists();
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create", a.out.display()))?;
-    let written = match synth::write_dataset(&a.out, &cfg) {
+    // Written under a hidden name beside OUT and renamed at the end: an interrupted synth
+    // leaves no dataset that looks complete.
+    let name = a.out.file_name().with_context(|| format!("{}: not a folder name", a.out.display()))?;
+    let parent = match a.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let staging = parent.join(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
+    std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
+    let _cleanup = fastdet::util::RemoveOnStop::new(&staging);
+    let finished = synth::write_dataset(&staging, &cfg).and_then(|w| {
+        if a.out.is_dir() {
+            // Checked empty above.
+            std::fs::remove_dir(&a.out).with_context(|| format!("{}: cannot replace the empty directory", a.out.display()))?;
+        }
+        std::fs::rename(&staging, &a.out).with_context(|| format!("{}: cannot rename {} into place", a.out.display(), staging.display()))?;
+        Ok(w)
+    });
+    let written = match finished {
         Ok(w) => w,
         Err(e) => {
-            if created {
-                let _ = std::fs::remove_dir_all(&a.out);
-            }
+            let _ = std::fs::remove_dir_all(&staging);
             return Err(e);
         }
     };

@@ -243,11 +243,17 @@ pub fn check_id(what: &str, s: &str) -> Result<()> {
 /// Only picks of `run` are written, so a whole multi-run submission can be passed. Each file is
 /// written atomically. Points carry an identity orientation, as the detector predicts none.
 pub fn write_run_picks(out_dir: &Path, run: &str, picks: &[Pick], user_id: &str, session_id: &str) -> Result<()> {
+    crate::util::write_files_atomic(&run_picks_files(out_dir, run, picks, user_id, session_id)?)
+}
+
+/// The files [`write_run_picks`] writes, as (path, bytes): a job writes every run's files at
+/// once, so that a failure leaves none of them.
+pub fn run_picks_files(out_dir: &Path, run: &str, picks: &[Pick], user_id: &str, session_id: &str) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     check_name("run", run)?;
     check_id("user_id", user_id)?;
     check_id("session_id", session_id)?;
     let dir = out_dir.join("ExperimentRuns").join(run).join("Picks");
-    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create picks directory", dir.display()))?;
+    let mut files = Vec::with_capacity(CLASSES.len());
     for (ci, class) in CLASSES.iter().enumerate() {
         let points = picks
             .iter()
@@ -270,13 +276,10 @@ pub fn write_run_picks(out_dir: &Path, run: &str, picks: &[Pick], user_id: &str,
             points,
         };
         let path = dir.join(format!("{user_id}_{session_id}_{}.json", class.name));
-        crate::util::write_atomic(&path, |f| {
-            let mut w = std::io::BufWriter::new(f);
-            serde_json::to_writer_pretty(&mut w, &doc).with_context(|| format!("{}: cannot write", path.display()))?;
-            std::io::Write::flush(&mut w).with_context(|| format!("{}: cannot write", path.display()))
-        })?;
+        let bytes = serde_json::to_vec_pretty(&doc).with_context(|| format!("{}: cannot write", path.display()))?;
+        files.push((path, bytes));
     }
-    Ok(())
+    Ok(files)
 }
 
 #[cfg(test)]

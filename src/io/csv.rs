@@ -36,6 +36,11 @@ pub fn write_submission_exact(path: &Path, picks: &[Pick]) -> Result<()> {
     write(path, picks, Digits::Exact)
 }
 
+/// The text [`write_submission_exact`] writes (`origin` names the file in errors).
+pub fn submission_exact_text(origin: &Path, picks: &[Pick]) -> Result<String> {
+    render(origin, picks, Digits::Exact)
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Digits {
     Kaggle,
@@ -44,6 +49,11 @@ enum Digits {
 }
 
 fn write(path: &Path, picks: &[Pick], digits: Digits) -> Result<()> {
+    let text = render(path, picks, digits)?;
+    crate::util::write_atomic(path, |f| Ok(f.write_all(text.as_bytes())?))
+}
+
+fn render(path: &Path, picks: &[Pick], digits: Digits) -> Result<String> {
     let with_score = digits != Digits::Kaggle;
     let mut text = String::with_capacity(64 * (picks.len() + 1));
     text.push_str(if with_score { HEADER_WITH_SCORE } else { HEADER });
@@ -63,9 +73,7 @@ fn write(path: &Path, picks: &[Pick], digits: Digits) -> Result<()> {
             Digits::Exact => writeln!(text, "{id},{},{name},{},{},{},{}", p.run, p.score, p.x, p.y, p.z),
         };
     }
-    crate::util::write_atomic(path, |f| {
-        Ok(f.write_all(text.as_bytes())?)
-    })
+    Ok(text)
 }
 
 /// Reads a submission written by [`write_submission`] or by any Kaggle notebook.

@@ -54,6 +54,15 @@ fn bad_star_value(name: &str) -> Option<&'static str> {
     }
 }
 
+/// Errors when `run` cannot be a bare STAR value, so that `run --star-out` refuses such a run before
+/// computing it.
+pub fn check_run_name(run: &str) -> Result<()> {
+    match bad_star_value(run) {
+        Some(why) => bail!("run name {run:?} cannot be written as a STAR value: {why}"),
+        None => Ok(()),
+    }
+}
+
 /// Writes the picks of `run` (others in `picks` are skipped, order kept) as a RELION 5 particle
 /// STAR file, atomically.
 ///
@@ -73,9 +82,7 @@ pub fn write_run_star(
     if !(pixel_size_a.is_finite() && pixel_size_a > 0.0) {
         bail!("{name}: invalid pixel size {pixel_size_a} Å for STAR coordinates (must be > 0)");
     }
-    if let Some(why) = bad_star_value(run) {
-        bail!("{name}: run name {run:?} cannot be written as a STAR value: {why}");
-    }
+    check_run_name(run).with_context(|| name.to_string())?;
     // Tomogram centre in Å, per axis x, y, z.
     let centre = [2, 1, 0].map(|axis| volume_shape_zyx[axis] as f64 / 2.0 * pixel_size_a);
 

@@ -145,7 +145,9 @@ impl HostKernels {
                 units.push(p);
             }
             let tmp = work.join("lib.so");
-            let out = Command::new(&cxx)
+            let mut cmd = Command::new(&cxx);
+            crate::util::unblock_stop_signals_in(&mut cmd);
+            let out = cmd
                 .args(flags)
                 .arg("-I")
                 .arg(&inc)

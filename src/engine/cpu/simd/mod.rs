@@ -50,6 +50,14 @@ pub fn isa() -> Option<Isa> {
     })
 }
 
+/// Refuses a `FASTDET_CPU_KERNEL` value [`isa`] would not know (it would silently mean "best").
+pub fn check_env() -> anyhow::Result<()> {
+    match std::env::var("FASTDET_CPU_KERNEL").as_deref() {
+        Err(_) | Ok("" | "portable" | "avx2" | "auto") => Ok(()),
+        Ok(v) => anyhow::bail!("FASTDET_CPU_KERNEL={v}: expected portable, avx2 or auto (the best this CPU runs)"),
+    }
+}
+
 /// Whether this CPU runs the kernels (any `Isa`).
 pub fn available() -> bool {
     isa().is_some()
