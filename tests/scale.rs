@@ -283,22 +283,32 @@ fn merge_keeps_scores_after_a_leading_blank_line() {
     assert!(std::fs::read_to_string(&out).unwrap().starts_with("id,experiment,particle_type,x,y,z\n"));
 }
 
-/// A resumed run whose STAR file (or maps, or QC image) is asked for and missing is computed
-/// again rather than left without it.
+/// A resumed run whose STAR file is asked for and missing gets it written from its stored picks
+/// (the same bytes as a fresh run's); one whose maps are missing is computed again.
 #[test]
-fn resume_computes_runs_whose_extra_outputs_are_missing() {
+fn resume_writes_missing_star_files_and_computes_missing_maps() {
     let tmp = tempfile::tempdir().unwrap();
     let data = root().join("tests/fixtures/dataset");
+    let star_ref = tmp.path().join("star_ref");
+    assert!(cheap_run(&data, &tmp.path().join("ref.csv")).arg("--star-out").arg(&star_ref).status().unwrap().success());
     let out = tmp.path().join("sub.csv");
     assert!(cheap_run(&data, &out).status().unwrap().success());
     let star = tmp.path().join("star");
     let o = cheap_run(&data, &out).arg("--resume").arg("--star-out").arg(&star).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(!err.contains("(resumed)") && err.contains("TS_synth_1.star is not there; computing the run again"), "{err}");
-    assert!(star.join("TS_synth_1.star").exists() && star.join("TS_synth_2.star").exists());
+    assert!(!err.contains("computing") && err.matches("(resumed; ").count() == 2 && err.contains("TS_synth_1.star written from them"), "{err}");
+    for r in ["TS_synth_1.star", "TS_synth_2.star"] {
+        assert_eq!(std::fs::read(star.join(r)).unwrap(), std::fs::read(star_ref.join(r)).unwrap(), "{r}");
+    }
+    let maps = tmp.path().join("maps");
+    let o = cheap_run(&data, &out).arg("--resume").arg("--star-out").arg(&star).arg("--save-maps").arg(&maps).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("(resumed") && err.contains("TS_synth_1.safetensors is not there; computing the run again"), "{err}");
+    assert!(maps.join("TS_synth_1.safetensors").exists() && maps.join("TS_synth_2.safetensors").exists());
     // With them there, the runs are resumed.
-    let o = cheap_run(&data, &out).arg("--resume").arg("--star-out").arg(&star).output().unwrap();
+    let o = cheap_run(&data, &out).arg("--resume").arg("--star-out").arg(&star).arg("--save-maps").arg(&maps).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stderr).matches("(resumed)").count(), 2);
 }
 

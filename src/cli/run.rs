@@ -368,11 +368,6 @@ impl Extras<'_> {
         [(self.save_maps, "safetensors"), (self.star_out, "star"), (self.qc, "png")].map(|(dir, ext)| dir.map(|d| d.join(format!("{run}.{ext}"))))
     }
 
-    /// The first of `run`'s outputs that is asked for and not there: a resumed run whose picks
-    /// are kept but whose maps, STAR file or QC image are missing is computed again.
-    fn missing(&self, run: &str) -> Option<PathBuf> {
-        self.files(run).into_iter().flatten().find(|p| !p.exists())
-    }
 }
 
 impl Extras<'_> {
@@ -936,20 +931,31 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
         s.tiles,
         s.tta
     );
-    // Finished runs of an interrupted job are taken as they are.
+    // Finished runs of an interrupted job are taken as they are. A missing STAR file is written
+    // again from the stored picks (it needs only the tomogram's shape); missing maps or a QC
+    // image need the run computed again.
     let mut results: Vec<Option<Outcome>> = jobs
         .iter()
         .map(|j| {
-            let missing = extras.missing(&j.run);
+            let [maps, star, qc] = extras.files(&j.run).map(|f| f.filter(|p| !p.exists()));
+            let missing = maps.or(qc);
             if let (Some(m), Some(p)) = (&missing, parts) {
                 if p.path(&j.run).exists() {
                     eprintln!("  {}: {} is not there; computing the run again", j.run, m.display());
                 }
             }
-            parts.filter(|_| missing.is_none()).and_then(|p| p.load(j)).map(|done| {
+            let done = parts.filter(|_| missing.is_none()).and_then(|p| p.load(j))?;
+            if let Some(star) = star {
+                let rewritten = load(j, a, s).and_then(|(vol, _)| fastdet::io::star::write_run_star(&star, &j.run, &done, s.voxel_size, vol.shape));
+                if let Err(e) = rewritten {
+                    eprintln!("  {}: {} could not be written from the stored picks ({e:#}); computing the run again", j.run, star.display());
+                    return None;
+                }
+                eprintln!("  {}: {} picks (resumed; {} written from them)", j.run, done.len(), star.display());
+            } else {
                 eprintln!("  {}: {} picks (resumed)", j.run, done.len());
-                Ok((done, Timing::default()))
-            })
+            }
+            Some(Ok((done, Timing::default())))
         })
         .collect();
     let todo: Vec<(usize, &Job)> = jobs.iter().enumerate().filter(|(i, _)| results[*i].is_none()).collect();
