@@ -127,6 +127,14 @@ fn device_check_script_without_a_gpu() {
     assert_eq!(o.status.code(), Some(64));
     let o = Command::new("bash").arg(&script).arg(&out).args(["--budget", "x"]).output().unwrap();
     assert_eq!(o.status.code(), Some(64));
+    // A --data folder holding the user's files is refused, not emptied.
+    let precious = tmp.path().join("precious");
+    std::fs::create_dir_all(&precious).unwrap();
+    std::fs::write(precious.join("keep.txt"), b"keep").unwrap();
+    let o = Command::new("bash").arg(&script).arg(&out).arg("--data").arg(&precious).env("FASTDET", env!("CARGO_BIN_EXE_fastdet")).output().unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("was not made by this script"));
+    assert_eq!(std::fs::read(precious.join("keep.txt")).unwrap(), b"keep");
 }
 
 /// The device-check script's GPU path, which no machine here can take, run end to end with
@@ -239,6 +247,8 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert_eq!(left, ["logs.tar.gz", "results.json", "results.md", "selftest-full.log", "selftest-quick.log", "summary-final.txt"]);
     assert!(Command::new("tar").arg("-xzf").arg(out.join("logs.tar.gz")).arg("-C").arg(&out).status().unwrap().success());
     assert!(out.join("criterion/tile_dynunet/tc_wide/new/estimates.json").is_file() && !out.join("kernel-cache").exists());
+    // The synthetic data it made is removed (it carries the script's mark).
+    assert!(!tmp.path().join("data").exists());
     // Each step passed, in this order: the full self-test before the longer benchmarks.
     let steps = [
         "selftest --quick",
