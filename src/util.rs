@@ -131,11 +131,12 @@ fn output_dir(path: &Path) -> Result<PathBuf> {
 
 /// Refuses an output file that `write_atomic` could not write, before the work that makes it.
 pub fn check_output_file(path: &Path) -> Result<()> {
-    let dir = output_dir(path)?;
     if path.is_dir() {
         anyhow::bail!("{}: is a directory; give a file name", path.display());
     }
-    let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
+    let target = write_target(path);
+    let dir = output_dir(&target)?;
+    let name = target.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     // The temporary write_atomic will make, made and removed now: a name too long for it or a
     // folder that takes no files fails here, not after the work.
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
@@ -144,10 +145,10 @@ pub fn check_output_file(path: &Path) -> Result<()> {
     // A file of someone else's in a shared folder with the sticky bit (/tmp, a scratch space)
     // cannot be replaced, only written by its owner.
     use std::os::unix::fs::MetadataExt;
-    if let (Ok(f), Ok(d)) = (std::fs::symlink_metadata(path), std::fs::metadata(&dir)) {
+    if let (Ok(f), Ok(d)) = (std::fs::symlink_metadata(&target), std::fs::metadata(&dir)) {
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
-        if d.mode() & 0o1000 != 0 && me != 0 && f.uid() != me && d.uid() != me {
+        if sticky_forbids_replacing(d.mode(), d.uid(), f.uid(), me) {
             anyhow::bail!("{}: belongs to another user in a folder with the sticky bit, so it cannot be replaced; give another name", path.display());
         }
     }
@@ -157,19 +158,24 @@ pub fn check_output_file(path: &Path) -> Result<()> {
 /// `path` with its folder resolved (links, `..`) but not its last component: the file a rename
 /// onto `path` replaces.
 fn resolved_parent(path: &Path) -> Option<PathBuf> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Some(dir.canonicalize().ok()?.join(path.file_name()?))
+    // The deepest folder that exists is resolved; the names below it are kept as they are.
+    let mut rest = vec![path.file_name()?.to_os_string()];
+    let mut dir = path.parent()?.to_path_buf();
+    while !dir.as_os_str().is_empty() && !dir.exists() {
+        rest.push(dir.file_name()?.to_os_string());
+        dir = dir.parent()?.to_path_buf();
+    }
+    let base = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    Some(rest.iter().rev().fold(base.canonicalize().ok()?, |p, n| p.join(n)))
 }
 
 /// Refuses an output that would replace one of `inputs` (a file) or land inside one (a folder,
 /// such as a zarr store), before any work: `--out` mistyped as a weights file is not overwritten.
 pub fn check_not_an_input(out: &Path, inputs: &[&Path]) -> Result<()> {
-    let Some(target) = resolved_parent(out) else { return Ok(()) };
+    // Where the output goes: through a link, write_atomic writes the file it points to.
+    let Some(target) = resolved_parent(&write_target(out)) else { return Ok(()) };
     for input in inputs {
-        // The input as named (a link is replaced by the rename) and the file it stands for.
+        // The input as named and the file it stands for.
         let forms = [resolved_parent(input), input.canonicalize().ok()];
         for form in forms.iter().flatten() {
             if *form == target {
@@ -183,18 +189,38 @@ pub fn check_not_an_input(out: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// The file a write to `path` replaces: `path`, or the file its symbolic link points to (a link
+/// into a shared folder stays a link, and the shared file gets the new content).
+fn write_target(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::read_link(&p) {
+            Ok(to) => p = if to.is_absolute() { to } else { p.parent().unwrap_or(Path::new("")).join(to) },
+            Err(_) => break,
+        }
+    }
+    p
+}
+
+/// Whether a rename over a file of `file_uid` in a folder of `dir_mode`/`dir_uid` fails for user
+/// `me`: in a folder with the sticky bit only the file's owner, the folder's owner or root may.
+fn sticky_forbids_replacing(dir_mode: u32, dir_uid: u32, file_uid: u32, me: u32) -> bool {
+    dir_mode & 0o1000 != 0 && me != 0 && file_uid != me && dir_uid != me
+}
+
 /// Writes a file atomically: the bytes go to a temporary file beside `path`, which is then renamed,
 /// so a reader never sees a partial file and a failure leaves nothing behind.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
-    let dir = output_dir(path)?;
-    let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
+    let target = write_target(path);
+    let dir = output_dir(&target)?;
+    let name = target.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     let _cleanup = RemoveOnStop::new(&tmp);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         write(&mut f).with_context(|| format!("{}: cannot write", path.display()))?;
         f.sync_all().with_context(|| format!("{}: cannot flush", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+        std::fs::rename(&tmp, &target).with_context(|| format!("{}: cannot rename into place", target.display()))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -381,5 +407,73 @@ mod walk_tests {
         let f = d.join("0/a");
         assert_ne!(source_stamp(&f), "");
         assert_eq!(source_stamp(&tmp.path().join("missing")), "");
+    }
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+
+    fn put(path: &Path, text: &str) -> Result<()> {
+        write_atomic(path, |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
+    }
+
+    #[test]
+    fn writes_through_links_and_never_over_inputs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        // A link to a file (relative) and a dangling one: the link stays, the target gets the bytes.
+        std::fs::write(shared.join("sub.csv"), "old").unwrap();
+        std::os::unix::fs::symlink("shared/sub.csv", tmp.path().join("link.csv")).unwrap();
+        put(&tmp.path().join("link.csv"), "new").unwrap();
+        assert!(tmp.path().join("link.csv").is_symlink());
+        assert_eq!(std::fs::read_to_string(shared.join("sub.csv")).unwrap(), "new");
+        std::os::unix::fs::symlink(shared.join("later.csv"), tmp.path().join("dangling.csv")).unwrap();
+        check_output_file(&tmp.path().join("dangling.csv")).unwrap();
+        put(&tmp.path().join("dangling.csv"), "x").unwrap();
+        assert_eq!(std::fs::read_to_string(shared.join("later.csv")).unwrap(), "x");
+        // An output that is an input under another name, or through a link, or inside one.
+        let w = shared.join("w.safetensors");
+        std::fs::write(&w, "weights").unwrap();
+        std::os::unix::fs::symlink(&w, tmp.path().join("w_link")).unwrap();
+        for out in [tmp.path().join("shared/../shared/w.safetensors"), tmp.path().join("w_link")] {
+            let e = format!("{:#}", check_not_an_input(&out, &[&w]).unwrap_err());
+            assert!(e.contains("is also an input"), "{e}");
+        }
+        let e = format!("{:#}", check_not_an_input(&shared.join("a/b.csv"), &[&shared]).unwrap_err());
+        assert!(e.contains("lies inside the input"), "{e}");
+        check_not_an_input(&tmp.path().join("out.csv"), &[&w, &shared]).unwrap();
+        assert_eq!(std::fs::read_to_string(&w).unwrap(), "weights");
+        let left: Vec<_> = std::fs::read_dir(&shared).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().ends_with(".tmp")).collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn sticky_folders_keep_other_users_files() {
+        // /tmp-like (root's, 1777): another user's file cannot be replaced; one's own can.
+        assert!(sticky_forbids_replacing(0o41777, 0, 1001, 1000));
+        assert!(!sticky_forbids_replacing(0o41777, 0, 1000, 1000));
+        // The folder's owner and root may; without the sticky bit anyone with write access may.
+        assert!(!sticky_forbids_replacing(0o41777, 1000, 1001, 1000));
+        assert!(!sticky_forbids_replacing(0o41777, 0, 1001, 0));
+        assert!(!sticky_forbids_replacing(0o40777, 0, 1001, 1000));
+    }
+
+    #[test]
+    fn files_written_together_leave_nothing_on_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::write(d.join("blocker"), "").unwrap();
+        let files = vec![(d.join("a/b/one.json"), b"1".to_vec()), (d.join("blocker/two.json"), b"2".to_vec())];
+        let e = format!("{:#}", write_files_atomic(&files).unwrap_err());
+        assert!(e.contains("blocker") && e.contains("cannot create the directory"), "{e}");
+        let mut names: Vec<_> = std::fs::read_dir(d).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["blocker"], "the folders made for the first file are removed again");
+        let files = vec![(d.join("a/b/one.json"), b"1".to_vec()), (d.join("c/two.json"), b"2".to_vec())];
+        write_files_atomic(&files).unwrap();
+        assert_eq!(std::fs::read(d.join("a/b/one.json")).unwrap(), b"1");
+        assert_eq!(std::fs::read(d.join("c/two.json")).unwrap(), b"2");
     }
 }
