@@ -79,6 +79,8 @@ fn main() -> ExitCode {
         Command::Synth(a) => cli::synth::synth(a),
         Command::Qc(a) => cli::qc::qc(a),
     };
+    #[cfg(unix)]
+    fastdet::util::wait_if_stopping();
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -27,21 +27,38 @@ pub fn out_text(text: &str) -> Result<()> {
 /// being written and a synthetic dataset being built. (SIGKILL gives no chance; those stay.)
 static ON_STOP: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
+/// Set once a stop signal has come: the process is about to end by it.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a stop signal has come (`main` then waits for the end instead of reporting the errors
+/// the removal of its files caused).
+pub fn stopping() -> bool {
+    STOPPING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// SIGINT, SIGTERM and SIGHUP, but those the process was started with ignored (`nohup`, a job
+/// started in the background by a script): those stay ignored.
 fn stop_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset initialises the set before sigaddset reads it.
+    // SAFETY: sigemptyset initialises the set before sigaddset reads it; sigaction with a null
+    // new action only reads the current one.
     unsafe {
         let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
         libc::sigemptyset(set.as_mut_ptr());
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(set.as_mut_ptr(), sig);
+            let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+            let ignored = libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) == 0 && old.assume_init().sa_sigaction == libc::SIG_IGN;
+            if !ignored {
+                libc::sigaddset(set.as_mut_ptr(), sig);
+            }
         }
         set.assume_init()
     }
 }
 
-/// Called first in `main`, before any other thread exists (threads inherit the mask): the stop
-/// signals are blocked everywhere and taken by one thread, which removes what [`RemoveOnStop`]
-/// holds, then ends the process by the same signal (so the exit status is the usual 128 + N).
+/// Called first in `main`, before any other thread exists (threads inherit the mask; child
+/// processes get a cleared one from std): the stop signals are blocked everywhere and taken by
+/// one thread, which removes what [`RemoveOnStop`] holds, then ends the process by the same
+/// signal (so the exit status is the usual 128 + N).
 pub fn handle_stop_signals() {
     let set = stop_signals();
     // SAFETY: a valid set; no other thread exists yet.
@@ -52,10 +69,11 @@ pub fn handle_stop_signals() {
         if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
             continue;
         }
-        let paths = ON_STOP.lock().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone());
+        STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
         // Other threads run on meanwhile: a parallel writer may make a folder again just after
-        // it is removed, so a few rounds, until nothing is left.
+        // it is removed, or register a new temporary, so a few rounds, until nothing is left.
         for _ in 0..20 {
+            let paths = ON_STOP.lock().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone());
             for p in paths.iter().rev() {
                 let _ = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
             }
@@ -82,16 +100,13 @@ pub fn handle_stop_signals() {
     }
 }
 
-/// A child process gets the stop signals unblocked again (a compiler we start stops on Ctrl-C).
-pub fn unblock_stop_signals_in(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: pthread_sigmask is async-signal-safe, as pre_exec requires.
-    unsafe {
-        cmd.pre_exec(|| {
-            let set = stop_signals();
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            Ok(())
-        });
+/// In `main` before it returns: once a stop signal has come, the signal thread ends the process
+/// (by the signal) as soon as its files are removed; nothing else is reported.
+pub fn wait_if_stopping() {
+    if stopping() {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
     }
 }
 
@@ -140,8 +155,14 @@ pub fn check_output_file(path: &Path) -> Result<()> {
     // The temporary write_atomic will make, made and removed now: a name too long for it or a
     // folder that takes no files fails here, not after the work.
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    std::fs::File::create(&tmp).with_context(|| format!("{}: cannot write there (trying {})", path.display(), tmp.display()))?;
-    let _ = std::fs::remove_file(&tmp);
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        // One of an earlier process with this id: the name can be made.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot write there (trying {})", path.display(), tmp.display())),
+    }
     // A file of someone else's in a shared folder with the sticky bit (/tmp, a scratch space)
     // cannot be replaced, only written by its owner.
     use std::os::unix::fs::MetadataExt;
@@ -191,7 +212,7 @@ pub fn check_not_an_input(out: &Path, inputs: &[&Path]) -> Result<()> {
 
 /// The file a write to `path` replaces: `path`, or the file its symbolic link points to (a link
 /// into a shared folder stays a link, and the shared file gets the new content).
-fn write_target(path: &Path) -> PathBuf {
+pub fn write_target(path: &Path) -> PathBuf {
     let mut p = path.to_path_buf();
     for _ in 0..40 {
         match std::fs::read_link(&p) {
@@ -229,14 +250,19 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Resul
 }
 
 /// Writes several files as one: every file goes to a temporary beside its place (folders are
-/// created), and only when all are written are they renamed into place. A failure while writing
-/// (a full disk, a folder that cannot be made) leaves none of them and no temporary.
+/// created; a link is written through), and only when all are written are they renamed into
+/// place. A failure while writing (a full disk, a folder that cannot be made) leaves none of them
+/// and no temporary; only a failure among the renames themselves leaves some files replaced.
 pub fn write_files_atomic(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
-    let mut staged: Vec<(PathBuf, &Path)> = Vec::with_capacity(files.len());
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
     let mut _cleanup = Vec::with_capacity(files.len());
     let mut made: Vec<PathBuf> = Vec::new();
     let result = (|| {
-        for (path, bytes) in files {
+        for (given, bytes) in files {
+            let path = &write_target(given);
+            if path.is_dir() {
+                anyhow::bail!("{}: is a directory", path.display());
+            }
             let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
             let dir = match path.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -248,7 +274,7 @@ pub fn write_files_atomic(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
             std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
             let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
             _cleanup.push(RemoveOnStop::new(&tmp));
-            staged.push((tmp.clone(), path));
+            staged.push((tmp.clone(), path.clone()));
             let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
             std::io::Write::write_all(&mut f, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
             f.sync_all().with_context(|| format!("{}: cannot flush", tmp.display()))?;

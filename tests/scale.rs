@@ -366,6 +366,12 @@ fn a_second_job_on_the_same_output_is_refused() {
         assert!(err.contains("another fastdet (process 4242 on node7) is writing this output") && err.contains(".lock"), "{err}");
         assert!(!out.exists());
     }
+    // Under another name (a link to the output): the same folder, the same lock.
+    let link = tmp.path().join("link.csv");
+    std::os::unix::fs::symlink("sub.csv", &link).unwrap();
+    let o = cheap_run(&data, &link).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is writing this output"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!tmp.path().join("link.csv.runs").exists());
     drop(lock);
     let o = cheap_run(&data, &out).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

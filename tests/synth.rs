@@ -340,7 +340,19 @@ fn cli_refuses_non_empty_out_and_documents_itself() {
         assert_eq!(truth.len(), 4, "{truth:?}");
         let v = read_zarr_volume(&tomogram_path(&dir, "train", "TS_synth_1"), "0").unwrap();
         assert_eq!(v.shape, [32, 48, 48]);
+        // Nothing but the dataset: no hidden unfinished copy, inside or beside.
+        let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["train"]);
     }
+    // The empty folder given stays the same folder (its permissions, a mount point).
+    use std::os::unix::fs::PermissionsExt;
+    let kept = tmp.path().join("kept");
+    std::fs::create_dir(&kept).unwrap();
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o2750)).unwrap();
+    assert!(fastdet().arg("synth").arg(&kept).args(["--runs", "1", "--shape", "16,32,32"]).status().unwrap().success());
+    assert_eq!(std::fs::metadata(&kept).unwrap().permissions().mode() & 0o7777, 0o2750);
+    let partial: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains("partial")).collect();
+    assert!(partial.is_empty(), "{partial:?}");
 
     let o = fastdet().args(["synth", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&o.stdout);

@@ -69,6 +69,7 @@ EOF
 OUT=""
 DATA="${TMPDIR:-/tmp}/fastdet-device-check-data"
 KEEP_DATA=0
+DATA_GIVEN=0
 BUDGET="${FASTDET_CHECK_BUDGET:-450}"
 DEVICE="cuda:0"
 FULL=1
@@ -83,7 +84,7 @@ while [ $# -gt 0 ]; do
         --budget) [ $# -ge 2 ] || { echo "device-check: --budget needs a value" >&2; exit 64; }; BUDGET="$2"; shift 2 ;;
         --device) [ $# -ge 2 ] || { echo "device-check: --device needs a value" >&2; exit 64; }; DEVICE="$2"; shift 2 ;;
         --skip-full) FULL=0; shift ;;
-        --data) [ $# -ge 2 ] || { echo "device-check: --data needs a value" >&2; exit 64; }; DATA="$2"; shift 2 ;;
+        --data) [ $# -ge 2 ] || { echo "device-check: --data needs a value" >&2; exit 64; }; DATA="$2"; DATA_GIVEN=1; shift 2 ;;
         --keep-data) KEEP_DATA=1; shift ;;
         --cpu-run) CPU_RUN=1; shift ;;
         --skip-torch) TORCH_BENCH=0; shift ;;
@@ -99,14 +100,15 @@ if [ -z "$OUT" ]; then usage >&2; exit 64; fi
 case "$BUDGET" in ''|*[!0-9]*) echo "device-check: --budget must be a whole number of seconds, got '$BUDGET'" >&2; exit 64 ;; esac
 case "$DEVICE" in cuda:[0-9]*) ;; *) echo "device-check: --device must be cuda:N, got '$DEVICE'" >&2; exit 64 ;; esac
 case "$SHAPE" in *[!0-9,]*|'') echo "device-check: FASTDET_CHECK_SHAPE must be z,y,x, got '$SHAPE'" >&2; exit 64 ;; esac
-# The data folder is emptied and removed: only one this script made (its marker file) or an
-# empty or new one is accepted, never a folder of the user's.
+# The data folder is emptied and removed: a --data folder only when this script made it (its
+# marker file) or it is empty or new, never a folder of the user's. (The default folder is the
+# script's own.)
 DATA_MARK="$DATA/.fastdet-device-check-data"
-if [ -e "$DATA" ] && [ ! -e "$DATA_MARK" ] && [ -n "$(ls -A "$DATA" 2>/dev/null || echo x)" ]; then
+if [ $DATA_GIVEN -eq 1 ] && [ -e "$DATA" ] && [ ! -e "$DATA_MARK" ] && [ -n "$(ls -A "$DATA" 2>/dev/null || echo x)" ]; then
     echo "device-check: --data $DATA is not empty and was not made by this script; give a new folder" >&2
     exit 64
 fi
-remove_data() { if [ -e "$DATA_MARK" ] || [ -z "$(ls -A "$DATA" 2>/dev/null)" ]; then rm -rf "$DATA"; fi; }
+remove_data() { if [ $DATA_GIVEN -eq 0 ] || [ -e "$DATA_MARK" ] || [ -z "$(ls -A "$DATA" 2>/dev/null)" ]; then rm -rf "$DATA"; fi; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FASTDET="${FASTDET:-$ROOT/target/release/fastdet}"

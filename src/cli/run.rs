@@ -645,42 +645,56 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// Takes `dir/.lock` (held until the file is dropped, released by the system if the process dies),
 /// or says which process holds it.
 fn lock_parts(dir: &Path, out: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::unix::fs::MetadataExt;
     let path = dir.join(".lock");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("{}: cannot create", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            let _ = f.set_len(0).and_then(|()| write!(f, "process {} on {}", std::process::id(), host.trim()));
-            Ok(Some(f))
-        }
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            let holder = if holder.trim().is_empty() { "another fastdet".to_string() } else { format!("another fastdet ({})", holder.trim()) };
-            bail!(
-                "{}: {holder} is writing this output (it holds {}); wait for it to end, or give another --out",
-                out.display(),
-                path.display()
-            )
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            // Some network file systems have no locks: run on, without the guard.
-            eprintln!("warning: {}: cannot lock ({e}); make sure no other job writes {}", path.display(), out.display());
-            Ok(None)
+    // A job that ends removes the folder, lock file included: a lock taken on a file that is no
+    // longer the folder's is taken again on the new one.
+    for _ in 0..10 {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        let mut f = match std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot create", path.display())),
+        };
+        match f.try_lock() {
+            Ok(()) => {
+                let same = match (f.metadata(), std::fs::metadata(&path)) {
+                    (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                    _ => false,
+                };
+                if !same {
+                    continue;
+                }
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                let _ = f.set_len(0).and_then(|()| write!(f, "process {} on {}", std::process::id(), host.trim()));
+                return Ok(Some(f));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = if holder.trim().is_empty() { "another fastdet".to_string() } else { format!("another fastdet ({})", holder.trim()) };
+                bail!(
+                    "{}: {holder} is writing this output (it holds {}); wait for it to end, or give another --out",
+                    out.display(),
+                    path.display()
+                )
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                // Some network file systems have no locks: run on, without the guard.
+                eprintln!("warning: {}: cannot lock ({e}); make sure no other job writes {}", path.display(), out.display());
+                return Ok(None);
+            }
         }
     }
+    bail!("{}: the lock file keeps being replaced; is another job starting and ending on {}?", path.display(), out.display())
 }
 
 impl Parts {
     fn new(out: &Path, fingerprint: &str, resume: bool) -> Result<Self> {
-        let mut name = out.file_name().context("output has no file name")?.to_os_string();
+        // Beside the file the output is written to: a link to OUT and OUT share one folder.
+        let target = fastdet::util::write_target(out);
+        let mut name = target.file_name().context("output has no file name")?.to_os_string();
         name.push(".runs");
-        let dir = out.with_file_name(name);
+        let dir = target.with_file_name(name);
         if dir.exists() && !dir.is_dir() {
             bail!("{}: is not a directory (fastdet keeps the finished runs of {} there); remove it", dir.display(), out.display());
         }
@@ -726,15 +740,14 @@ impl Parts {
         }
         Ok(Parts { dir, settings_sha, _lock: lock })
     }
-    /// Removes the folder when it holds no run's picks (every run of the job failed).
+    /// Removes the folder when it holds no run's picks (every run of the job failed), while the
+    /// lock is held: a job that takes the old lock file after it is gone sees it replaced.
     fn discard_if_empty(self) {
         let holds_picks = std::fs::read_dir(&self.dir)
             .map(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "csv")))
             .unwrap_or(true);
-        let Parts { dir, _lock, .. } = self;
-        drop(_lock);
         if !holds_picks {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
     fn path(&self, run: &str) -> PathBuf {
@@ -1049,12 +1062,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let out = a.out.as_deref().context("give --out FILE.csv (or `out` in the config file)")?;
-    // Fail on an unwritable output before spending minutes on inference.
-    fastdet::util::check_output_file(out)?;
     let jobs = preflight(&a.infer)?;
     let mut inputs: Vec<&Path> = a.infer.weights.iter().map(PathBuf::as_path).collect();
     inputs.extend(jobs.iter().map(|j| j.path.as_path()));
     fastdet::util::check_not_an_input(out, &inputs)?;
+    // Fail on an unwritable output before spending minutes on inference.
+    fastdet::util::check_output_file(out)?;
     let extras = Extras { save_maps: a.save_maps.as_deref(), star_out: a.star_out.as_deref(), qc: a.qc.as_deref() };
     // Folders this job makes, removed again (when empty) if every run fails.
     let made: Vec<&Path> = [a.copick_out.as_deref(), extras.save_maps, extras.star_out, extras.qc].into_iter().flatten().filter(|d| !d.exists()).collect();
@@ -1064,12 +1077,21 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         writable_dir("--copick-out", dir)?;
     }
     extras.check_dirs()?;
-    let parts = Parts::new(out, &fingerprint(&a.infer, &s)?, a.resume)?;
-    let discard = |parts: Parts| {
-        parts.discard_if_empty();
+    let remove_made = || {
         for d in &made {
             let _ = std::fs::remove_dir(d);
         }
+    };
+    let parts = match fingerprint(&a.infer, &s).and_then(|f| Parts::new(out, &f, a.resume)) {
+        Ok(p) => p,
+        Err(e) => {
+            remove_made();
+            return Err(e);
+        }
+    };
+    let discard = |parts: Parts| {
+        parts.discard_if_empty();
+        remove_made();
     };
     let (picks, failed) = match infer_all(&a.infer, &jobs, &s, extras, Some(&parts)) {
         Ok(r) => r,
@@ -1094,7 +1116,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         fastdet::util::write_files_atomic(&files)?;
     }
     csv::write_submission(out, &picks, a.with_score)?;
-    fastdet::util::out_line(format_args!("wrote {} picks to {}", picks.len(), out.display()))?;
+    // The job is done: a full standard output does not make it a failure.
+    let _ = fastdet::util::out_line(format_args!("wrote {} picks to {}", picks.len(), out.display()));
     Ok(report_failures(&failed))
 }
 

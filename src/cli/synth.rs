@@ -67,22 +67,34 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         noise: a.noise,
         particles_per_class: a.counts.unwrap_or_else(|| synth::counts_for_shape(a.shape)),
     };
-    // Written under a hidden name beside OUT and renamed at the end: an interrupted synth
-    // leaves no dataset that looks complete.
-    let name = a.out.file_name().with_context(|| format!("{}: not a folder name", a.out.display()))?;
-    let parent = match a.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
+    // Written under a hidden name and moved into place at the end: an interrupted synth leaves
+    // no dataset that looks complete. A new OUT is built beside it and renamed; an existing empty
+    // OUT (its permissions, a mount point) stays, built in a hidden folder inside it whose
+    // contents are moved up.
+    let exists = a.out.is_dir();
+    let staging = if exists {
+        a.out.join(format!(".partial.{}", std::process::id()))
+    } else {
+        let name = a.out.file_name().with_context(|| format!("{}: not a folder name", a.out.display()))?;
+        let parent = match a.out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        parent.join(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()))
     };
-    let staging = parent.join(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
     std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
     let _cleanup = fastdet::util::RemoveOnStop::new(&staging);
     let finished = synth::write_dataset(&staging, &cfg).and_then(|w| {
-        if a.out.is_dir() {
-            // Checked empty above.
-            std::fs::remove_dir(&a.out).with_context(|| format!("{}: cannot replace the empty directory", a.out.display()))?;
+        if exists {
+            for entry in std::fs::read_dir(&staging).with_context(|| format!("{}: cannot list", staging.display()))? {
+                let from = entry?.path();
+                let to = a.out.join(from.file_name().expect("a listed entry"));
+                std::fs::rename(&from, &to).with_context(|| format!("{}: cannot move {} into place", to.display(), from.display()))?;
+            }
+            std::fs::remove_dir(&staging).with_context(|| format!("{}: cannot remove", staging.display()))?;
+        } else {
+            std::fs::rename(&staging, &a.out).with_context(|| format!("{}: cannot rename {} into place", a.out.display(), staging.display()))?;
         }
-        std::fs::rename(&staging, &a.out).with_context(|| format!("{}: cannot rename {} into place", a.out.display(), staging.display()))?;
         Ok(w)
     });
     let written = match finished {

@@ -145,9 +145,7 @@ impl HostKernels {
                 units.push(p);
             }
             let tmp = work.join("lib.so");
-            let mut cmd = Command::new(&cxx);
-            crate::util::unblock_stop_signals_in(&mut cmd);
-            let out = cmd
+            let out = Command::new(&cxx)
                 .args(flags)
                 .arg("-I")
                 .arg(&inc)
