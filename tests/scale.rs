@@ -293,6 +293,9 @@ fn resume_writes_missing_star_files_and_computes_missing_maps() {
     assert!(cheap_run(&data, &tmp.path().join("ref.csv")).arg("--star-out").arg(&star_ref).status().unwrap().success());
     let out = tmp.path().join("sub.csv");
     assert!(cheap_run(&data, &out).status().unwrap().success());
+    // The record of a run holds what the STAR file needs besides the picks: the tomogram's shape.
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("sub.csv.runs/TS_synth_1.source")).unwrap()).unwrap();
+    assert_eq!(record["shape"], serde_json::json!([80, 160, 160]), "{record}");
     let star = tmp.path().join("star");
     let o = cheap_run(&data, &out).arg("--resume").arg("--star-out").arg(&star).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

@@ -758,6 +758,11 @@ impl Parts {
     fn stamp_path(&self, run: &str) -> PathBuf {
         self.dir.join(format!("{run}.source"))
     }
+    /// The tomogram's shape (z, y, x voxels) as recorded with the run's picks.
+    fn shape(&self, run: &str) -> Option<[usize; 3]> {
+        let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(self.stamp_path(run)).ok()?).ok()?;
+        serde_json::from_value(record.get("shape")?.clone()).ok()
+    }
     /// The picks stored for `job`, when they are intact, made with these settings, and its
     /// tomogram has not changed since.
     fn load(&self, job: &Job) -> Option<Vec<Pick>> {
@@ -787,7 +792,7 @@ impl Parts {
     /// The record (the tomogram's stamp as it was read, empty when it changed during the read),
     /// then the picks: a picks file exists only beside the record it matches, whenever the job is
     /// killed.
-    fn store(&self, job: &Job, picks: &[Pick], stamp: &str) -> Result<()> {
+    fn store(&self, job: &Job, picks: &[Pick], stamp: &str, shape: [usize; 3]) -> Result<()> {
         let (path, record_path) = (self.path(&job.run), self.stamp_path(&job.run));
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(&record_path);
@@ -796,6 +801,7 @@ impl Parts {
             "source": stamp,
             "settings_sha256": self.settings_sha,
             "picks_sha256": sha256_hex(text.as_bytes()),
+            "shape": shape,
         });
         fastdet::util::write_atomic(&record_path, |f| Ok(f.write_all(serde_json::to_string_pretty(&record)?.as_bytes())?))?;
         fastdet::util::write_atomic(&path, |f| Ok(f.write_all(text.as_bytes())?))
@@ -883,7 +889,7 @@ fn worker(
         });
         for &(i, job) in todo {
             let loaded = rx.recv().context("reader thread stopped")?;
-            let stamp = loaded.as_ref().map(|l| l.stamp.clone()).unwrap_or_default();
+            let (stamp, shape) = loaded.as_ref().map(|l| (l.stamp.clone(), l.vol.shape)).unwrap_or_default();
             let result = loaded.and_then(|loaded| process(job, loaded, &mut ens, s, extras));
             match &result {
                 Ok((p, t)) => {
@@ -902,7 +908,7 @@ fn worker(
                         t.detect
                     );
                     if let Some(parts) = parts {
-                        parts.store(job, p, &stamp)?;
+                        parts.store(job, p, &stamp, shape)?;
                     }
                 }
                 Err(e) => eprintln!("  {label}{}: FAILED: {e:#}", job.run),
@@ -945,7 +951,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
         s.tta
     );
     // Finished runs of an interrupted job are taken as they are. A missing STAR file is written
-    // again from the stored picks (it needs only the tomogram's shape); missing maps or a QC
+    // again from the stored picks and the tomogram's shape in their record; missing maps or a QC
     // image need the run computed again.
     let mut results: Vec<Option<Outcome>> = jobs
         .iter()
@@ -959,7 +965,12 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
             }
             let done = parts.filter(|_| missing.is_none()).and_then(|p| p.load(j))?;
             if let Some(star) = star {
-                let rewritten = load(j, a, s).and_then(|(vol, _)| fastdet::io::star::write_run_star(&star, &j.run, &done, s.voxel_size, vol.shape));
+                // The shape recorded with the picks (a record without one: the tomogram's).
+                let shape = match parts.and_then(|p| p.shape(&j.run)) {
+                    Some(shape) => Ok(shape),
+                    None => load(j, a, s).map(|(vol, _)| vol.shape),
+                };
+                let rewritten = shape.and_then(|shape| fastdet::io::star::write_run_star(&star, &j.run, &done, s.voxel_size, shape));
                 if let Err(e) = rewritten {
                     eprintln!("  {}: {} could not be written from the stored picks ({e:#}); computing the run again", j.run, star.display());
                     return None;
