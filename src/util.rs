@@ -70,6 +70,8 @@ pub fn handle_stop_signals() {
             continue;
         }
         STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Renames into place that began before the signal end first.
+        let _gate = STOP_GATE.lock().unwrap_or_else(|p| p.into_inner());
         // Other threads run on meanwhile: a parallel writer may make a folder again just after
         // it is removed, or register a new temporary, so a few rounds, until nothing is left.
         for _ in 0..20 {
@@ -114,13 +116,46 @@ pub fn wait_if_stopping() {
 pub struct RemoveOnStop(PathBuf);
 
 impl RemoveOnStop {
+    /// Registers `path` before it is made. Once a stop signal has come nothing new is begun: the
+    /// caller waits here for the end.
     pub fn new(path: &Path) -> Self {
+        wait_if_stopping();
         if let Ok(mut g) = ON_STOP.lock() {
             g.push(path.to_path_buf());
         }
         RemoveOnStop(path.to_path_buf())
     }
+
+    /// Runs `commit` (the renames that put a finished output in place) with the signal thread
+    /// held off, unless a stop signal has already come: a stop leaves the output either whole
+    /// or removed, never half moved.
+    pub fn commit<T>(self, commit: impl FnOnce() -> Result<T>) -> Result<T> {
+        with_stops_held(|| {
+            let r = commit();
+            if let Ok(mut g) = ON_STOP.lock() {
+                if let Some(i) = g.iter().rposition(|p| *p == self.0) {
+                    g.remove(i);
+                }
+            }
+            r
+        })
+    }
 }
+
+/// Runs `f` while the signal thread cannot start its removals (it sets STOPPING, then takes
+/// STOP_GATE before removing anything); once a stop signal has come, `f` is not begun.
+fn with_stops_held<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let gate = STOP_GATE.lock().unwrap_or_else(|p| p.into_inner());
+    if stopping() {
+        drop(gate);
+        wait_if_stopping();
+    }
+    f()
+}
+
+/// Held while outputs are renamed into place; the signal thread takes it before it removes
+/// anything, so it waits for those renames to end.
+static STOP_GATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Drop for RemoveOnStop {
     fn drop(&mut self) {
@@ -150,6 +185,13 @@ pub fn check_output_file(path: &Path) -> Result<()> {
         anyhow::bail!("{}: is a directory; give a file name", path.display());
     }
     let target = write_target(path);
+    if target.is_symlink() {
+        anyhow::bail!("{}: is a loop of symbolic links", path.display());
+    }
+    // A device or a pipe would be replaced by a plain file (`--out /dev/null` run as root).
+    if target.exists() && !target.is_file() {
+        anyhow::bail!("{}: is not a plain file (a device, pipe or socket); give a file name", path.display());
+    }
     let dir = output_dir(&target)?;
     let name = target.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     // The temporary write_atomic will make, made and removed now: a name too long for it or a
@@ -233,6 +275,9 @@ fn sticky_forbids_replacing(dir_mode: u32, dir_uid: u32, file_uid: u32, me: u32)
 /// so a reader never sees a partial file and a failure leaves nothing behind.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
     let target = write_target(path);
+    if target.exists() && !target.is_file() {
+        anyhow::bail!("{}: is not a plain file (a device, pipe, socket or folder); not replaced", path.display());
+    }
     let dir = output_dir(&target)?;
     let name = target.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
@@ -270,7 +315,10 @@ pub fn write_files_atomic(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
             };
             // The folders made here, deepest last, removed again on failure.
             let missing: Vec<PathBuf> = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).map(Path::to_path_buf).collect();
-            made.extend(missing.into_iter().rev());
+            for d in missing.into_iter().rev() {
+                _cleanup.push(RemoveOnStop::new(&d));
+                made.push(d);
+            }
             std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
             let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
             _cleanup.push(RemoveOnStop::new(&tmp));
@@ -290,15 +338,48 @@ pub fn write_files_atomic(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
         }
         return Err(e);
     }
-    for (i, (tmp, path)) in staged.iter().enumerate() {
-        if let Err(e) = std::fs::rename(tmp, path) {
-            for (t, _) in &staged[i..] {
-                let _ = std::fs::remove_file(t);
+    // The renames, held from a stop signal: files already there are first moved aside, so a
+    // rename that fails puts every file back as it was.
+    with_stops_held(|| {
+        let mut done: Vec<(&Path, Option<PathBuf>)> = Vec::with_capacity(staged.len());
+        for (tmp, path) in &staged {
+            let old = path.with_file_name(format!(".{}.{}.old", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+            let aside = if path.exists() { std::fs::rename(path, &old).map(|()| Some(old)) } else { Ok(None) };
+            let moved = aside.and_then(|aside| match std::fs::rename(tmp, path) {
+                Ok(()) => Ok(aside),
+                Err(e) => {
+                    if let Some(old) = &aside {
+                        let _ = std::fs::rename(old, path);
+                    }
+                    Err(e)
+                }
+            });
+            match moved {
+                Ok(aside) => done.push((path, aside)),
+                Err(e) => {
+                    for (path, aside) in done.iter().rev() {
+                        let _ = match aside {
+                            Some(old) => std::fs::rename(old, path),
+                            None => std::fs::remove_file(path),
+                        };
+                    }
+                    for (t, _) in &staged {
+                        let _ = std::fs::remove_file(t);
+                    }
+                    for d in made.iter().rev() {
+                        let _ = std::fs::remove_dir(d);
+                    }
+                    return Err(e).with_context(|| format!("{}: cannot rename into place", path.display()));
+                }
             }
-            return Err(e).with_context(|| format!("{}: cannot rename into place", path.display()));
         }
-    }
-    Ok(())
+        for (_, aside) in done {
+            if let Some(old) = aside {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The same safetensors file with its header's keys in sorted order. The safetensors crate writes
@@ -473,6 +554,44 @@ mod write_tests {
         assert_eq!(std::fs::read_to_string(&w).unwrap(), "weights");
         let left: Vec<_> = std::fs::read_dir(&shared).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().ends_with(".tmp")).collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_failed_rename_puts_every_file_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::write(d.join("one.json"), "old one").unwrap();
+        // The third file's place is a folder that is not empty: its rename fails.
+        std::fs::create_dir_all(d.join("three.json/x")).unwrap();
+        let files = vec![
+            (d.join("one.json"), b"new one".to_vec()),
+            (d.join("new/two.json"), b"new two".to_vec()),
+            (d.join("three.json"), b"new three".to_vec()),
+        ];
+        let e = format!("{:#}", write_files_atomic(&files).unwrap_err());
+        assert!(e.contains("three.json"), "{e}");
+        assert_eq!(std::fs::read_to_string(d.join("one.json")).unwrap(), "old one");
+        let mut names: Vec<_> = std::fs::read_dir(d).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["one.json", "three.json"], "new files, folders, temporaries or set-aside copies left");
+    }
+
+    #[test]
+    fn devices_pipes_and_link_loops_are_not_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = format!("{:#}", check_output_file(Path::new("/dev/null")).unwrap_err());
+        assert!(e.contains("not a plain file"), "{e}");
+        let fifo = tmp.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(check_output_file(&fifo).is_err());
+        assert!(put(&fifo, "x").is_err());
+        let p = tmp.path();
+        std::os::unix::fs::symlink("b", p.join("a")).unwrap();
+        std::os::unix::fs::symlink("a", p.join("b")).unwrap();
+        let e = format!("{:#}", check_output_file(&p.join("a")).unwrap_err());
+        assert!(e.contains("loop of symbolic links"), "{e}");
     }
 
     #[test]

@@ -440,6 +440,32 @@ fn outputs_over_inputs_are_refused() {
     let o = run(&inside);
     assert!(!o.status.success() && stderr(&o).contains("lies inside the input"), "{}", stderr(&o));
     assert!(!inside.exists() && !store.join("0/picks.csv.runs").exists());
+    // A run's extra outputs too: maps written as the weights file (a run named like it), a
+    // picture or copick files inside the store.
+    let named_like = tmp.path().join("w.mrc");
+    let v = synth1();
+    write_mrc_f32(&named_like, v.shape, &v.data, 10.012).unwrap();
+    let out = tmp.path().join("sub.csv");
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        .args(["run", "--mrc"])
+        .arg(&named_like)
+        .arg("--weights")
+        .arg(&weights)
+        .args(["--window", "64,96,96", "--tiles", "1,1,1", "--out"])
+        .arg(&out)
+        .arg("--save-maps")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("w.safetensors: is also an input"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+    for flag in ["--qc", "--star-out", "--save-maps", "--copick-out"] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fastdet"));
+        c.args(["run", "--zarr"]).arg(&store).arg("--weights").arg(&weights).args(["--window", "64,96,96", "--tiles", "1,1,1", "--out"]).arg(&out);
+        let o = c.arg(flag).arg(store.join("0")).output().unwrap();
+        assert!(!o.status.success() && stderr(&o).contains("lies inside the input"), "{flag}: {}", stderr(&o));
+    }
+    assert!(!out.exists());
     // merge -o onto one of its shards.
     let shard = tmp.path().join("a.csv");
     std::fs::write(&shard, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n").unwrap();

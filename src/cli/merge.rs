@@ -99,6 +99,10 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     fastdet::util::check_output_file(&a.out)?;
     let inputs: Vec<&Path> = a.inputs.iter().chain(&a.copick).map(PathBuf::as_path).collect();
     fastdet::util::check_not_an_input(&a.out, &inputs)?;
+    if let Some(dst) = &a.copick_out {
+        let shards: Vec<&Path> = a.copick.iter().map(PathBuf::as_path).collect();
+        fastdet::util::check_not_an_input(&dst.join("ExperimentRuns"), &shards)?;
+    }
     let mut picks = Vec::new();
     let mut unscored: Vec<&PathBuf> = Vec::new();
     // Which input each run came from: a run in two inputs would be counted twice.

@@ -1080,6 +1080,15 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     // Fail on an unwritable output before spending minutes on inference.
     fastdet::util::check_output_file(out)?;
     let extras = Extras { save_maps: a.save_maps.as_deref(), star_out: a.star_out.as_deref(), qc: a.qc.as_deref() };
+    // Nor may a run's maps, STAR file, picture or copick files replace an input or land in one.
+    for job in &jobs {
+        for file in extras.files(&job.run).into_iter().flatten() {
+            fastdet::util::check_not_an_input(&file, &inputs)?;
+        }
+    }
+    if let Some(dir) = &a.copick_out {
+        fastdet::util::check_not_an_input(&dir.join("ExperimentRuns"), &inputs)?;
+    }
     // Folders this job makes, removed again (when empty) if every run fails.
     let made: Vec<&Path> = [a.copick_out.as_deref(), extras.save_maps, extras.star_out, extras.qc].into_iter().flatten().filter(|d| !d.exists()).collect();
     if let Some(dir) = &a.copick_out {

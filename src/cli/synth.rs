@@ -83,8 +83,9 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         parent.join(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()))
     };
     std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
-    let _cleanup = fastdet::util::RemoveOnStop::new(&staging);
-    let finished = synth::write_dataset(&staging, &cfg).and_then(|w| {
+    let cleanup = fastdet::util::RemoveOnStop::new(&staging);
+    // Moved into place with stop signals held off: whole, or removed.
+    let finished = synth::write_dataset(&staging, &cfg).and_then(|w| cleanup.commit(|| {
         if exists {
             for entry in std::fs::read_dir(&staging).with_context(|| format!("{}: cannot list", staging.display()))? {
                 let from = entry?.path();
@@ -96,7 +97,7 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
             std::fs::rename(&staging, &a.out).with_context(|| format!("{}: cannot rename {} into place", a.out.display(), staging.display()))?;
         }
         Ok(w)
-    });
+    }));
     let written = match finished {
         Ok(w) => w,
         Err(e) => {
