@@ -179,19 +179,27 @@ fn output_dir(path: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Refuses an output whose place holds what a write must not replace: a device or a pipe (a
+/// plain file would take its place: `--out /dev/null` run as root), a folder, or a loop of links.
+pub fn check_replaceable(path: &Path) -> Result<()> {
+    let target = write_target(path);
+    if target.is_symlink() {
+        anyhow::bail!("{}: is a loop of symbolic links", path.display());
+    }
+    if target.exists() && !target.is_file() {
+        let what = if target.is_dir() { "a directory" } else { "not a plain file (a device, pipe or socket)" };
+        anyhow::bail!("{}: is {what}; give a file name", path.display());
+    }
+    Ok(())
+}
+
 /// Refuses an output file that `write_atomic` could not write, before the work that makes it.
 pub fn check_output_file(path: &Path) -> Result<()> {
     if path.is_dir() {
         anyhow::bail!("{}: is a directory; give a file name", path.display());
     }
+    check_replaceable(path)?;
     let target = write_target(path);
-    if target.is_symlink() {
-        anyhow::bail!("{}: is a loop of symbolic links", path.display());
-    }
-    // A device or a pipe would be replaced by a plain file (`--out /dev/null` run as root).
-    if target.exists() && !target.is_file() {
-        anyhow::bail!("{}: is not a plain file (a device, pipe or socket); give a file name", path.display());
-    }
     let dir = output_dir(&target)?;
     let name = target.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     // The temporary write_atomic will make, made and removed now: a name too long for it or a

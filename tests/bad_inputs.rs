@@ -587,6 +587,15 @@ fn unwritable_output_names_are_refused_before_the_work() {
         let e = stderr(&o);
         assert!(o.status.code() == Some(1) && e.contains(&format!("{flag} {}: is not a directory", file.display())) && !e.contains("TS_never"), "{flag}: {e}");
     }
+    // A run's own file whose place is a pipe.
+    let star = tmp.path().join("star");
+    std::fs::create_dir_all(&star).unwrap();
+    let fifo = std::ffi::CString::new(star.join("TS_never.star").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let o = run_mrc(&[&never], &tmp.path().join("sub.csv"), &["--star-out", star.to_str().unwrap()]);
+    let e = stderr(&o);
+    assert!(o.status.code() == Some(1) && e.contains("TS_never.star: is not a plain file"), "{e}");
     assert!(!tmp.path().join("sub.csv.runs").exists());
 }
 
@@ -631,9 +640,11 @@ fn one_bad_run_name_or_output_fails_that_run_only() {
     // A name a STAR file cannot hold fails before inference when STAR files are asked for.
     let spaced = tmp.path().join("TS sp.mrc");
     std::fs::copy(&good, &spaced).unwrap();
-    // TS_other's STAR file cannot be written (a folder is in its place).
+    // TS_other's STAR file cannot be written (its place is a link into a folder that is not
+    // there; a folder or a device in its place is refused before the work).
     let star = tmp.path().join("star");
-    std::fs::create_dir_all(star.join("TS_other.star")).unwrap();
+    std::fs::create_dir_all(&star).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("gone/TS_other.star"), star.join("TS_other.star")).unwrap();
     let maps = tmp.path().join("maps");
     let out = tmp.path().join("sub.csv");
     let o = run_mrc(&[&good, &comma, &other, &spaced], &out, &["--star-out", star.to_str().unwrap(), "--save-maps", maps.to_str().unwrap()]);

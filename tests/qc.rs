@@ -276,6 +276,19 @@ fn cli_writes_one_png_per_run() {
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("1 of 2 run(s) failed") && e.contains("TS_synth_1: ") && e.contains(".zattrs"), "{e}");
     assert!(out3.join("TS_synth_2.png").is_file() && !out3.join("TS_synth_1.png").exists());
+    // Every run failing: no folder left either.
+    let out4 = tmp.path().join("none");
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        .args(["qc", "--runs", "TS_synth_1", "--data"])
+        .arg(&data)
+        .arg("--picks")
+        .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
+        .arg("--out")
+        .arg(&out4)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out4.exists());
     let h = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["qc", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&h.stdout);
     for needle in ["[default: test]", "[default: 4]", "Å", "Example", "fastdet qc"] {

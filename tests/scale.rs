@@ -76,6 +76,14 @@ fn shards_merged_equal_one_run() {
     }
     assert_eq!(std::fs::read(&merged).unwrap(), std::fs::read(&whole).unwrap(), "merged file differs from the unsharded run");
     assert_eq!(sorted_lines_without_id(&merged), sorted_lines_without_id(&whole));
+    // A copick folder holding other picks for a run (an earlier merge) is named as such.
+    let picks_dir = tmp.path().join("copick/ExperimentRuns/TS_synth_1/Picks");
+    let first = std::fs::read_dir(&picks_dir).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&first, b"[]").unwrap();
+    let o = fastdet().arg("merge").arg(&shards[1]).arg(&shards[0]).arg("-o").arg(tmp.path().join("again.csv")).arg("--copick").args(&copick).arg("--copick-out").arg(tmp.path().join("copick")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("already holds other picks") && err.contains("earlier merge"), "{err}");
+    assert!(!tmp.path().join("again.csv").exists());
     // One shard given twice is refused.
     let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[0]).arg("-o").arg(tmp.path().join("x.csv")).output().unwrap();
     assert!(!o.status.success());

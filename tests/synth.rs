@@ -344,6 +344,11 @@ fn cli_refuses_non_empty_out_and_documents_itself() {
         let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert_eq!(names, ["train"]);
     }
+    // A link (here one to nothing) is refused before anything is made.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), &link).unwrap();
+    let o = fastdet().arg("synth").arg(&link).args(["--runs", "1", "--shape", "16,32,32"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("is a symbolic link"), "{}", String::from_utf8_lossy(&o.stderr));
     // The empty folder given stays the same folder (its permissions, a mount point).
     use std::os::unix::fs::PermissionsExt;
     let kept = tmp.path().join("kept");

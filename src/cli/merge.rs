@@ -71,7 +71,11 @@ fn plan_copick(srcs: &[PathBuf], dst: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> 
         let target = dst.join(&rel);
         match std::fs::read(&target) {
             Ok(existing) if existing == bytes => {}
-            Ok(_) => bail!("{}: conflicts with {} (two shards wrote the same run and particle)", src.join(&rel).display(), target.display()),
+            Ok(_) => bail!(
+                "{}: already holds other picks than {} (from an earlier merge?); remove it, or give another --copick-out",
+                target.display(),
+                src.join(&rel).display()
+            ),
             Err(_) => writes.push((target, bytes)),
         }
     }
@@ -138,13 +142,13 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         None => None,
     };
     picks.sort_by(|x, y| x.run.cmp(&y.run)); // stable: keeps each run's order
-    // The copick files all at once, then the CSV: a failure leaves no CSV and no part of the
-    // copick files, and merging again gives the same files.
-    if let Some((dst, writes)) = &copick_writes {
-        fastdet::util::write_files_atomic(writes)?;
+    // The copick files and the CSV, written as one: a failure or a stop leaves none of them.
+    let mut files = copick_writes.as_ref().map(|(_, w)| w.clone()).unwrap_or_default();
+    files.push((a.out.clone(), csv::submission_text(&a.out, &picks, with_score)?.into_bytes()));
+    if let Some((dst, _)) = &copick_writes {
         std::fs::create_dir_all(dst).with_context(|| format!("{}: cannot create", dst.display()))?;
     }
-    csv::write_submission(&a.out, &picks, with_score)?;
+    fastdet::util::write_files_atomic(&files)?;
     // The files are written: a full standard output does not make the merge a failure.
     let _ = fastdet::util::out_line(format_args!("merged {} picks from {} file(s) into {}", picks.len(), a.inputs.len(), a.out.display()));
     if let Some((dst, writes)) = copick_writes {

@@ -61,6 +61,7 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     if a.out.exists() && !a.out.is_dir() {
         bail!("--out {}: is not a directory", a.out.display());
     }
+    let made = !a.out.exists();
     std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create output directory", a.out.display()))?;
 
     // One run's picture; a run that fails (an unreadable tomogram) does not stop the others.
@@ -100,6 +101,10 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     }
     if failed.is_empty() {
         return Ok(ExitCode::SUCCESS);
+    }
+    if made && failed.len() == runs.len() {
+        // Nothing drawn: the folder this call made goes again.
+        let _ = std::fs::remove_dir(&a.out);
     }
     eprintln!("{} of {} run(s) failed:", failed.len(), runs.len());
     for (run, e) in &failed {

@@ -1080,10 +1080,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     // Fail on an unwritable output before spending minutes on inference.
     fastdet::util::check_output_file(out)?;
     let extras = Extras { save_maps: a.save_maps.as_deref(), star_out: a.star_out.as_deref(), qc: a.qc.as_deref() };
-    // Nor may a run's maps, STAR file, picture or copick files replace an input or land in one.
+    // Nor may a run's maps, STAR file, picture or copick files replace an input or land in one,
+    // or be a device or a pipe.
     for job in &jobs {
         for file in extras.files(&job.run).into_iter().flatten() {
             fastdet::util::check_not_an_input(&file, &inputs)?;
+            fastdet::util::check_replaceable(&file)?;
         }
     }
     if let Some(dir) = &a.copick_out {
@@ -1126,16 +1128,16 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         discard(parts);
         return Ok(report_failures(&failed));
     }
-    // The copick files of every run at once, then the CSV, the job's last word: a failure
-    // leaves neither (the finished runs stay in OUT.runs for --resume).
+    // The copick files of every run and the CSV, written as one: a failure or a stop leaves
+    // none of them (the finished runs stay in OUT.runs for --resume).
+    let mut files = Vec::new();
     if let Some(dir) = &a.copick_out {
-        let mut files = Vec::new();
         for job in jobs.iter().filter(|j| !failed.iter().any(|(r, _)| *r == j.run)) {
             files.extend(copick::run_picks_files(dir, &job.run, &picks, &a.user_id, &a.session_id)?);
         }
-        fastdet::util::write_files_atomic(&files)?;
     }
-    csv::write_submission(out, &picks, a.with_score)?;
+    files.push((out.to_path_buf(), csv::submission_text(out, &picks, a.with_score)?.into_bytes()));
+    fastdet::util::write_files_atomic(&files)?;
     // The job is done: a full standard output does not make it a failure.
     let _ = fastdet::util::out_line(format_args!("wrote {} picks to {}", picks.len(), out.display()));
     Ok(report_failures(&failed))

@@ -47,6 +47,9 @@ pub struct SynthArgs {
 }
 
 pub fn synth(a: SynthArgs) -> Result<ExitCode> {
+    if a.out.is_symlink() {
+        bail!("{}: is a symbolic link; give the folder itself", a.out.display());
+    }
     if a.out.exists() && !a.out.is_dir() {
         bail!("{}: is a file; give a new or empty directory", a.out.display());
     }

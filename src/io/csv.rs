@@ -36,6 +36,12 @@ pub fn write_submission_exact(path: &Path, picks: &[Pick]) -> Result<()> {
     write(path, picks, Digits::Exact)
 }
 
+/// The text [`write_submission`] writes (`origin` names the file in errors), for a caller that
+/// writes it together with other files.
+pub fn submission_text(origin: &Path, picks: &[Pick], with_score: bool) -> Result<String> {
+    render(origin, picks, if with_score { Digits::WithScore } else { Digits::Kaggle })
+}
+
 /// The text [`write_submission_exact`] writes (`origin` names the file in errors).
 pub fn submission_exact_text(origin: &Path, picks: &[Pick]) -> Result<String> {
     render(origin, picks, Digits::Exact)
