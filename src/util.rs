@@ -77,7 +77,7 @@ pub fn handle_stop_signals() {
         for _ in 0..20 {
             let paths = ON_STOP.lock().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone());
             for p in paths.iter().rev() {
-                let _ = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+                let _ = remove_path(p);
             }
             if !paths.iter().any(|p| p.symlink_metadata().is_ok()) {
                 break;
@@ -132,11 +132,8 @@ impl RemoveOnStop {
     pub fn commit<T>(self, commit: impl FnOnce() -> Result<T>) -> Result<T> {
         with_stops_held(|| {
             let r = commit();
-            if let Ok(mut g) = ON_STOP.lock() {
-                if let Some(i) = g.iter().rposition(|p| *p == self.0) {
-                    g.remove(i);
-                }
-            }
+            // Deregistered before the signal thread may look.
+            drop(self);
             r
         })
     }
@@ -167,12 +164,33 @@ impl Drop for RemoveOnStop {
     }
 }
 
-/// The folder `path` is written in, when it exists (`.` for a bare file name).
-fn output_dir(path: &Path) -> Result<PathBuf> {
-    let dir = match path.parent() {
+/// The folder `path` is in (`.` for a bare name).
+pub fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
-    };
+    }
+}
+
+/// `.{name}.{pid}.{what}` beside `path`: the hidden name this process writes `path`'s
+/// temporary (`tmp`), sets an old file aside (`old`) or builds a dataset (`partial`) under.
+pub fn hidden_sibling(path: &Path, what: &str) -> Result<PathBuf> {
+    let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
+    Ok(folder_of(path).join(format!(".{}.{}.{what}", name.to_string_lossy(), std::process::id())))
+}
+
+/// Removes a file, a link, or a folder with everything in it.
+pub fn remove_path(p: &Path) -> std::io::Result<()> {
+    if p.is_dir() && !p.is_symlink() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    }
+}
+
+/// The folder `path` is written in, when it exists (`.` for a bare file name).
+fn output_dir(path: &Path) -> Result<PathBuf> {
+    let dir = folder_of(path);
     if !dir.is_dir() {
         anyhow::bail!("{}: output directory {} does not exist", path.display(), dir.display());
     }
@@ -201,10 +219,9 @@ pub fn check_output_file(path: &Path) -> Result<()> {
     check_replaceable(path)?;
     let target = write_target(path);
     let dir = output_dir(&target)?;
-    let name = target.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     // The temporary write_atomic will make, made and removed now: a name too long for it or a
     // folder that takes no files fails here, not after the work.
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let tmp = hidden_sibling(&target, "tmp")?;
     match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
         Ok(_) => {
             let _ = std::fs::remove_file(&tmp);
@@ -282,13 +299,10 @@ fn sticky_forbids_replacing(dir_mode: u32, dir_uid: u32, file_uid: u32, me: u32)
 /// Writes a file atomically: the bytes go to a temporary file beside `path`, which is then renamed,
 /// so a reader never sees a partial file and a failure leaves nothing behind.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
+    check_replaceable(path)?;
     let target = write_target(path);
-    if target.exists() && !target.is_file() {
-        anyhow::bail!("{}: is not a plain file (a device, pipe, socket or folder); not replaced", path.display());
-    }
-    let dir = output_dir(&target)?;
-    let name = target.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    output_dir(&target)?;
+    let tmp = hidden_sibling(&target, "tmp")?;
     let _cleanup = RemoveOnStop::new(&tmp);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
@@ -307,20 +321,15 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Resul
 /// place. A failure while writing (a full disk, a folder that cannot be made) leaves none of them
 /// and no temporary; only a failure among the renames themselves leaves some files replaced.
 pub fn write_files_atomic(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
-    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
+    // (temporary, place, where a file already in the place is set aside)
+    let mut staged: Vec<(PathBuf, PathBuf, PathBuf)> = Vec::with_capacity(files.len());
     let mut _cleanup = Vec::with_capacity(files.len());
     let mut made: Vec<PathBuf> = Vec::new();
     let result = (|| {
         for (given, bytes) in files {
+            check_replaceable(given)?;
             let path = &write_target(given);
-            if path.is_dir() {
-                anyhow::bail!("{}: is a directory", path.display());
-            }
-            let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
-            let dir = match path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
+            let dir = folder_of(path);
             // The folders made here, deepest last, removed again on failure.
             let missing: Vec<PathBuf> = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).map(Path::to_path_buf).collect();
             for d in missing.into_iter().rev() {
@@ -328,35 +337,38 @@ pub fn write_files_atomic(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
                 made.push(d);
             }
             std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
-            let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+            let tmp = hidden_sibling(path, "tmp")?;
             _cleanup.push(RemoveOnStop::new(&tmp));
-            staged.push((tmp.clone(), path.clone()));
+            staged.push((tmp.clone(), path.clone(), hidden_sibling(path, "old")?));
             let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
             std::io::Write::write_all(&mut f, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
             f.sync_all().with_context(|| format!("{}: cannot flush", tmp.display()))?;
         }
         Ok(())
     })();
-    if let Err(e) = result {
-        for (tmp, _) in &staged {
+    // On failure: no temporary, and no folder made here.
+    let undo = || {
+        for (tmp, ..) in &staged {
             let _ = std::fs::remove_file(tmp);
         }
         for d in made.iter().rev() {
             let _ = std::fs::remove_dir(d);
         }
+    };
+    if let Err(e) = result {
+        undo();
         return Err(e);
     }
     // The renames, held from a stop signal: files already there are first moved aside, so a
     // rename that fails puts every file back as it was.
     with_stops_held(|| {
-        let mut done: Vec<(&Path, Option<PathBuf>)> = Vec::with_capacity(staged.len());
-        for (tmp, path) in &staged {
-            let old = path.with_file_name(format!(".{}.{}.old", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-            let aside = if path.exists() { std::fs::rename(path, &old).map(|()| Some(old)) } else { Ok(None) };
+        let mut done: Vec<(&Path, Option<&PathBuf>)> = Vec::with_capacity(staged.len());
+        for (tmp, path, old) in &staged {
+            let aside = if path.exists() { std::fs::rename(path, old).map(|()| Some(old)) } else { Ok(None) };
             let moved = aside.and_then(|aside| match std::fs::rename(tmp, path) {
                 Ok(()) => Ok(aside),
                 Err(e) => {
-                    if let Some(old) = &aside {
+                    if let Some(old) = aside {
                         let _ = std::fs::rename(old, path);
                     }
                     Err(e)
@@ -371,12 +383,7 @@ pub fn write_files_atomic(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
                             None => std::fs::remove_file(path),
                         };
                     }
-                    for (t, _) in &staged {
-                        let _ = std::fs::remove_file(t);
-                    }
-                    for d in made.iter().rev() {
-                        let _ = std::fs::remove_dir(d);
-                    }
+                    undo();
                     return Err(e).with_context(|| format!("{}: cannot rename into place", path.display()));
                 }
             }
@@ -569,16 +576,26 @@ mod write_tests {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path();
         std::fs::write(d.join("one.json"), "old one").unwrap();
-        // The third file's place is a folder that is not empty: its rename fails.
-        std::fs::create_dir_all(d.join("three.json/x")).unwrap();
+        std::fs::write(d.join("three.json"), "old three").unwrap();
+        // The third file's old copy cannot be set aside (a folder that is not empty holds that
+        // name), so the renames fail there, after the first two were made.
+        let aside = hidden_sibling(&d.join("three.json"), "old").unwrap();
+        std::fs::create_dir_all(aside.join("x")).unwrap();
+        // A folder in a place is refused before anything is written.
+        std::fs::create_dir_all(d.join("four.json/x")).unwrap();
+        let e = format!("{:#}", write_files_atomic(&[(d.join("four.json"), b"4".to_vec())]).unwrap_err());
+        assert!(e.contains("four.json: is a directory"), "{e}");
+        std::fs::remove_dir_all(d.join("four.json")).unwrap();
         let files = vec![
             (d.join("one.json"), b"new one".to_vec()),
             (d.join("new/two.json"), b"new two".to_vec()),
             (d.join("three.json"), b"new three".to_vec()),
         ];
         let e = format!("{:#}", write_files_atomic(&files).unwrap_err());
-        assert!(e.contains("three.json"), "{e}");
+        assert!(e.contains("three.json: cannot rename into place"), "{e}");
         assert_eq!(std::fs::read_to_string(d.join("one.json")).unwrap(), "old one");
+        assert_eq!(std::fs::read_to_string(d.join("three.json")).unwrap(), "old three");
+        std::fs::remove_dir_all(&aside).unwrap();
         let mut names: Vec<_> = std::fs::read_dir(d).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
         names.sort();
         assert_eq!(names, ["one.json", "three.json"], "new files, folders, temporaries or set-aside copies left");

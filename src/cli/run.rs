@@ -368,9 +368,6 @@ impl Extras<'_> {
         [(self.save_maps, "safetensors"), (self.star_out, "star"), (self.qc, "png")].map(|(dir, ext)| dir.map(|d| d.join(format!("{run}.{ext}"))))
     }
 
-}
-
-impl Extras<'_> {
     /// A run whose name a requested file cannot hold fails before it is read, not after inference.
     fn check_run_name(&self, run: &str) -> Result<()> {
         if self.star_out.is_some() {
@@ -733,8 +730,7 @@ impl Parts {
                 if p.file_name().is_some_and(|n| n == ".lock") {
                     continue;
                 }
-                let removed = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-                removed.with_context(|| format!("{}: cannot clear", p.display()))?;
+                fastdet::util::remove_path(&p).with_context(|| format!("{}: cannot clear", p.display()))?;
             }
             fastdet::util::write_atomic(&fp_path, |f| Ok(f.write_all(fingerprint.as_bytes())?))?;
         }
@@ -753,22 +749,25 @@ impl Parts {
     fn path(&self, run: &str) -> PathBuf {
         self.dir.join(format!("{run}.csv"))
     }
-    /// The record of how the run's picks were made: the settings, the tomogram's
-    /// [`fastdet::util::source_stamp`] and the picks file's bytes.
-    fn stamp_path(&self, run: &str) -> PathBuf {
+    /// Where the record of how the run's picks were made is kept: the settings, the tomogram's
+    /// [`fastdet::util::source_stamp`] and shape, and the picks file's bytes.
+    fn record_path(&self, run: &str) -> PathBuf {
         self.dir.join(format!("{run}.source"))
+    }
+    /// The run's record, when there is one that parses.
+    fn record(&self, run: &str) -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(self.record_path(run)).ok()?).ok()
     }
     /// The tomogram's shape (z, y, x voxels) as recorded with the run's picks.
     fn shape(&self, run: &str) -> Option<[usize; 3]> {
-        let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(self.stamp_path(run)).ok()?).ok()?;
-        serde_json::from_value(record.get("shape")?.clone()).ok()
+        serde_json::from_value(self.record(run)?.get("shape")?.clone()).ok()
     }
     /// The picks stored for `job`, when they are intact, made with these settings, and its
     /// tomogram has not changed since.
     fn load(&self, job: &Job) -> Option<Vec<Pick>> {
         let p = self.path(&job.run);
         let bytes = std::fs::read(&p).ok()?;
-        let record = std::fs::read_to_string(self.stamp_path(&job.run)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        let record = self.record(&job.run);
         let field = |k: &str| record.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_str()).unwrap_or_default().to_string();
         let why = if record.is_none() {
             Some("no record of how its picks were made (an older fastdet stored them)".to_string())
@@ -793,7 +792,7 @@ impl Parts {
     /// then the picks: a picks file exists only beside the record it matches, whenever the job is
     /// killed.
     fn store(&self, job: &Job, picks: &[Pick], stamp: &str, shape: [usize; 3]) -> Result<()> {
-        let (path, record_path) = (self.path(&job.run), self.stamp_path(&job.run));
+        let (path, record_path) = (self.path(&job.run), self.record_path(&job.run));
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(&record_path);
         let text = csv::submission_exact_text(&path, picks)?;

@@ -78,12 +78,7 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
     let staging = if exists {
         a.out.join(format!(".partial.{}", std::process::id()))
     } else {
-        let name = a.out.file_name().with_context(|| format!("{}: not a folder name", a.out.display()))?;
-        let parent = match a.out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
-        };
-        parent.join(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()))
+        fastdet::util::hidden_sibling(&a.out, "partial")?
     };
     std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
     let cleanup = fastdet::util::RemoveOnStop::new(&staging);
