@@ -20,7 +20,12 @@ fn run_many(dir: &Path, n: usize) -> (usize, f64) {
         files.push(p);
     }
     let out = dir.join("sub.csv");
+    // glibc's malloc places each thread's buffers in its own arena and raises its mmap and trim
+    // thresholds as it sees large frees, so the peak varies with thread timing by tens of MiB
+    // (once 63 MiB against the usual 38). Pinning both makes the peak the program's own.
     let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        .env("MALLOC_ARENA_MAX", "1")
+        .env("MALLOC_MMAP_THRESHOLD_", "262144")
         .arg("run")
         .arg("--mrc")
         .args(&files)
@@ -45,5 +50,12 @@ fn memory_stays_flat_over_200_tomograms() {
     let (rows, many) = run_many(b.path(), 200);
     println!("peak memory: 20 runs {few:.0} MiB, 200 runs {many:.0} MiB; {rows} picks");
     // Ten times the runs may not cost more than a little slack (picks list, allocator).
-    assert!(many < few * 1.25 + 16.0, "20 runs: {few} MiB, 200 runs: {many} MiB");
+    let bound = few * 1.25 + 16.0;
+    if many >= bound {
+        // Memory kept per run is there on every try; a peak from how threads met is not.
+        let c = tempfile::tempdir().unwrap();
+        let (_, again) = run_many(c.path(), 200);
+        println!("200 runs again: {again:.0} MiB");
+        assert!(again < bound, "20 runs: {few} MiB, 200 runs: {many} then {again} MiB");
+    }
 }
