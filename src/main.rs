@@ -61,7 +61,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cli = Cli::parse_from(argv);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version text go to standard output: a failed write there (`> /dev/full`)
+            // is a failure too; a reader that stopped early (`| head`) is not.
+            let printed = e.print().and_then(|()| std::io::Write::flush(&mut std::io::stdout()));
+            if let Err(w) = printed {
+                if w.kind() != std::io::ErrorKind::BrokenPipe {
+                    eprintln!("error: cannot write to standard output: {w}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     if let Err(e) = fastdet::engine::cpu::simd::check_env() {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;

@@ -24,8 +24,9 @@ pub fn out_text(text: &str) -> Result<()> {
 }
 
 /// What is removed when the process is stopped by SIGINT, SIGTERM or SIGHUP: the temporary files
-/// being written and a synthetic dataset being built. (SIGKILL gives no chance; those stay.)
-static ON_STOP: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+/// being written and a synthetic dataset being built, and the output folders it made when they
+/// are still empty (`true`). (SIGKILL gives no chance; those stay.)
+static ON_STOP: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
 
 /// Set once a stop signal has come: the process is about to end by it.
 static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -76,10 +77,10 @@ pub fn handle_stop_signals() {
         // it is removed, or register a new temporary, so a few rounds, until nothing is left.
         for _ in 0..20 {
             let paths = ON_STOP.lock().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone());
-            for p in paths.iter().rev() {
-                let _ = remove_path(p);
+            for (p, only_empty) in paths.iter().rev() {
+                let _ = if *only_empty { std::fs::remove_dir(p) } else { remove_path(p) };
             }
-            if !paths.iter().any(|p| p.symlink_metadata().is_ok()) {
+            if !paths.iter().any(|(p, only_empty)| !only_empty && p.symlink_metadata().is_ok()) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
@@ -113,17 +114,28 @@ pub fn wait_if_stopping() {
 }
 
 /// Removes `path` if the process is stopped by a signal while this guard lives.
-pub struct RemoveOnStop(PathBuf);
+pub struct RemoveOnStop((PathBuf, bool));
 
 impl RemoveOnStop {
     /// Registers `path` before it is made. Once a stop signal has come nothing new is begun: the
     /// caller waits here for the end.
     pub fn new(path: &Path) -> Self {
+        Self::register(path, false)
+    }
+
+    /// Registers an output folder the process made: removed on a stop only when it is empty
+    /// (the files of runs finished before the stop stay).
+    pub fn empty_folder(path: &Path) -> Self {
+        Self::register(path, true)
+    }
+
+    fn register(path: &Path, only_empty: bool) -> Self {
         wait_if_stopping();
+        let entry = (path.to_path_buf(), only_empty);
         if let Ok(mut g) = ON_STOP.lock() {
-            g.push(path.to_path_buf());
+            g.push(entry.clone());
         }
-        RemoveOnStop(path.to_path_buf())
+        RemoveOnStop(entry)
     }
 
     /// Runs `commit` (the renames that put a finished output in place) with the signal thread
@@ -177,6 +189,27 @@ pub fn folder_of(path: &Path) -> PathBuf {
 pub fn hidden_sibling(path: &Path, what: &str) -> Result<PathBuf> {
     let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
     Ok(folder_of(path).join(format!(".{}.{}.{what}", name.to_string_lossy(), std::process::id())))
+}
+
+/// Removes the temporaries (`.{name}.{pid}.tmp`, see [`hidden_sibling`]) that other processes
+/// left in `folder` when they were killed outright (`kill -9` cannot be caught), for one file
+/// `name` or for every name. Only for a folder the caller alone writes (it holds its lock):
+/// elsewhere a temporary may belong to a live process, here or on another node. Returns how
+/// many were removed.
+pub fn remove_stale_temporaries(folder: &Path, name: Option<&std::ffi::OsStr>) -> usize {
+    let mine = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir(folder) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix('.')).and_then(|f| f.strip_suffix(".tmp")) else { continue };
+        let Some((stem, pid)) = rest.rsplit_once('.') else { continue };
+        let for_name = name.is_none_or(|n| n.to_str() == Some(stem));
+        if for_name && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && pid != mine && entry.file_type().is_ok_and(|t| t.is_file()) {
+            removed += usize::from(std::fs::remove_file(entry.path()).is_ok());
+        }
+    }
+    removed
 }
 
 /// Removes a file, a link, or a folder with everything in it.
@@ -535,6 +568,28 @@ mod walk_tests {
 #[cfg(test)]
 mod write_tests {
     use super::*;
+
+    #[test]
+    fn stale_temporaries_of_other_processes_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let mine = hidden_sibling(&d.path().join("a.csv"), "tmp").unwrap();
+        for n in [".a.csv.17.tmp", ".b.json.18.tmp", ".a.csv.x.tmp", "a.csv.19.tmp", ".a.csv.20.old", ".a.csv..tmp"] {
+            std::fs::write(d.path().join(n), "").unwrap();
+        }
+        std::fs::write(&mine, "").unwrap();
+        std::fs::create_dir(d.path().join(".c.csv.21.tmp")).unwrap();
+        // One name: only its temporaries of other processes.
+        assert_eq!(remove_stale_temporaries(d.path(), Some(std::ffi::OsStr::new("a.csv"))), 1);
+        assert!(!d.path().join(".a.csv.17.tmp").exists() && d.path().join(".b.json.18.tmp").exists());
+        // Every name: never this process's own, a folder, or names not of the pattern.
+        assert_eq!(remove_stale_temporaries(d.path(), None), 1);
+        let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        let mut expected: Vec<String> = [".a.csv.x.tmp", "a.csv.19.tmp", ".a.csv.20.old", ".a.csv..tmp", ".c.csv.21.tmp"].map(String::from).to_vec();
+        expected.push(mine.file_name().unwrap().to_string_lossy().into_owned());
+        expected.sort();
+        assert_eq!(left, expected);
+    }
 
     fn put(path: &Path, text: &str) -> Result<()> {
         write_atomic(path, |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))

@@ -526,12 +526,21 @@ fn write_limits_and_stops_leave_nothing_behind() {
         .arg(root().join("tests/fixtures/dataset"))
         .args(["--split", "test"])
         .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
-        .stdout(dev_full)
+        .stdout(dev_full.try_clone().unwrap())
         .output()
         .unwrap();
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("cannot write to standard output") && !e.contains("panicked"), "{e}");
+    for args in [&["--help"][..], &["--version"], &["run", "--help"]] {
+        let o = Command::new(exe).args(args).stdout(dev_full.try_clone().unwrap()).output().unwrap();
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
+        assert!(e.contains("cannot write to standard output"), "{args:?}: {e}");
+    }
+    // Usage errors keep their code (2) and message.
+    let o = Command::new(exe).args(["run", "--no-such-flag"]).output().unwrap();
+    assert!(o.status.code() == Some(2) && stderr(&o).contains("--no-such-flag"), "{}", stderr(&o));
 
     // SIGTERM while synth writes: neither the dataset nor its hidden unfinished copy is left.
     let data = tmp.path().join("syn");

@@ -312,6 +312,14 @@ fn resume_writes_missing_star_files_and_computes_missing_maps() {
     for r in ["TS_synth_1.star", "TS_synth_2.star"] {
         assert_eq!(std::fs::read(star.join(r)).unwrap(), std::fs::read(star_ref.join(r)).unwrap(), "{r}");
     }
+    // A STAR file cut short is written again; an intact one is left as it is.
+    let text = std::fs::read_to_string(star.join("TS_synth_2.star")).unwrap();
+    std::fs::write(star.join("TS_synth_2.star"), &text[..text.len() / 2]).unwrap();
+    let o = cheap_run(&data, &out).arg("--resume").arg("--star-out").arg(&star).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("TS_synth_2.star did not match them (damaged or edited); written again") && err.contains("TS_synth_1: ") && err.matches("(resumed)").count() == 1, "{err}");
+    assert_eq!(std::fs::read(star.join("TS_synth_2.star")).unwrap(), std::fs::read(star_ref.join("TS_synth_2.star")).unwrap());
     let maps = tmp.path().join("maps");
     let o = cheap_run(&data, &out).arg("--resume").arg("--star-out").arg(&star).arg("--save-maps").arg(&maps).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -345,9 +353,17 @@ fn resume_recomputes_damaged_or_foreign_runs() {
     for f in ["TS_synth_2.csv", "TS_synth_2.source"] {
         std::fs::copy(tmp.path().join("other.csv.runs").join(f), parts.join(f)).unwrap();
     }
+    // Temporaries of a job killed outright (kill -9): removed under the lock; another output's kept.
+    let stale = [parts.join(".TS_synth_1.csv.4000000.tmp"), parts.join(".TS_synth_2.source.4000001.tmp"), tmp.path().join(".sub.csv.4000000.tmp")];
+    let others = tmp.path().join(".other.csv.4000000.tmp");
+    for p in stale.iter().chain([&others]) {
+        std::fs::write(p, "half").unwrap();
+    }
     let o = cheap_run(&data, &out).arg("--resume").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
+    assert!(err.contains("removed 3 temporary file(s) left by a job on"), "{err}");
+    assert!(stale.iter().all(|p| !p.exists()) && others.exists());
     assert!(err.contains("TS_synth_1: ") && err.contains("TS_synth_1.csv is not the file that was stored"), "{err}");
     assert!(err.contains("TS_synth_2: its picks were stored by a job with other settings"), "{err}");
     assert!(!err.contains("(resumed)"), "{err}");
@@ -424,4 +440,40 @@ fn copick_output_is_all_or_nothing() {
     assert!(o.status.success() && err.matches("(resumed)").count() == 2, "{err}");
     assert_eq!(std::fs::read_dir(cp.join("ExperimentRuns/TS_synth_1/Picks")).unwrap().count(), 6);
     assert!(out.exists());
+}
+
+/// A job stopped by SIGTERM after its first run: the runs folder and that run's STAR file stay
+/// (for --resume), the copick folder it made and has not yet written to goes, and no CSV is left.
+#[test]
+fn a_stopped_job_keeps_finished_runs_and_removes_its_empty_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    assert!(fastdet().arg("synth").arg(&data).args(["--runs", "6", "--shape", "64,128,128"]).output().unwrap().status.success());
+    let (out, copick, star) = (tmp.path().join("sub.csv"), tmp.path().join("cp"), tmp.path().join("star"));
+    let job = |c: &mut Command| {
+        c.args(["--split", "test", "--copick-out"]).arg(&copick).arg("--star-out").arg(&star);
+    };
+    let mut c = cheap_run(&data, &out);
+    job(&mut c);
+    let mut child = c.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let first = tmp.path().join("sub.csv.runs/TS_synth_1.csv");
+    let t0 = Instant::now();
+    while !first.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no run finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: kill with a child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+    assert!(!copick.exists() && !out.exists(), "{:?}", std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect::<Vec<_>>());
+    assert!(star.join("TS_synth_1.star").exists() && first.exists());
+    // Resumed, the job ends with every output.
+    let mut c = cheap_run(&data, &out);
+    job(&mut c);
+    let o = c.arg("--resume").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("TS_synth_1: ") && err.contains("(resumed)"), "{err}");
+    assert!(out.exists() && copick.join("ExperimentRuns/TS_synth_6/Picks").is_dir() && star.join("TS_synth_6.star").exists());
 }

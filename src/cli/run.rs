@@ -697,6 +697,13 @@ impl Parts {
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
         let lock = lock_parts(&dir, out)?;
+        // Under the lock no other job writes the runs folder or OUT: temporaries there are left
+        // by a job that was killed outright.
+        let stale = fastdet::util::remove_stale_temporaries(&dir, None)
+            + fastdet::util::remove_stale_temporaries(&fastdet::util::folder_of(&target), target.file_name());
+        if stale > 0 {
+            eprintln!("removed {stale} temporary file(s) left by a job on {} that was killed", out.display());
+        }
         let fp_path = dir.join("settings.json");
         let settings_sha = sha256_hex(fingerprint.as_bytes());
         if resume && fp_path.exists() {
@@ -758,13 +765,9 @@ impl Parts {
     fn record(&self, run: &str) -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(self.record_path(run)).ok()?).ok()
     }
-    /// The tomogram's shape (z, y, x voxels) as recorded with the run's picks.
-    fn shape(&self, run: &str) -> Option<[usize; 3]> {
-        serde_json::from_value(self.record(run)?.get("shape")?.clone()).ok()
-    }
     /// The picks stored for `job`, when they are intact, made with these settings, and its
-    /// tomogram has not changed since.
-    fn load(&self, job: &Job) -> Option<Vec<Pick>> {
+    /// tomogram has not changed since; with the tomogram's shape (z, y, x voxels) when recorded.
+    fn load(&self, job: &Job) -> Option<(Vec<Pick>, Option<[usize; 3]>)> {
         let p = self.path(&job.run);
         let bytes = std::fs::read(&p).ok()?;
         let record = self.record(&job.run);
@@ -786,7 +789,8 @@ impl Parts {
             eprintln!("  {}: {why}; computing them again", job.run);
             return None;
         }
-        csv::read_submission(&p).ok()
+        let shape = record.and_then(|r| serde_json::from_value(r.get("shape")?.clone()).ok());
+        Some((csv::read_submission(&p).ok()?, shape))
     }
     /// The record (the tomogram's stamp as it was read, empty when it changed during the read),
     /// then the picks: a picks file exists only beside the record it matches, whenever the job is
@@ -949,34 +953,43 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
         s.tiles,
         s.tta
     );
-    // Finished runs of an interrupted job are taken as they are. A missing STAR file is written
-    // again from the stored picks and the tomogram's shape in their record; missing maps or a QC
-    // image need the run computed again.
+    // Finished runs of an interrupted job are taken as they are. A STAR file that is missing or
+    // is not what the stored picks give (damaged, edited) is written again from them and the
+    // tomogram's shape in their record; missing maps or a QC image need the run computed again.
     let mut results: Vec<Option<Outcome>> = jobs
         .iter()
         .map(|j| {
-            let [maps, star, qc] = extras.files(&j.run).map(|f| f.filter(|p| !p.exists()));
-            let missing = maps.or(qc);
+            let [maps, star, qc] = extras.files(&j.run);
+            let missing = [maps, qc].into_iter().flatten().find(|p| !p.exists());
             if let (Some(m), Some(p)) = (&missing, parts) {
                 if p.path(&j.run).exists() {
                     eprintln!("  {}: {} is not there; computing the run again", j.run, m.display());
                 }
             }
-            let done = parts.filter(|_| missing.is_none()).and_then(|p| p.load(j))?;
-            if let Some(star) = star {
-                // The shape recorded with the picks (a record without one: the tomogram's).
-                let shape = match parts.and_then(|p| p.shape(&j.run)) {
-                    Some(shape) => Ok(shape),
-                    None => load(j, a, s).map(|(vol, _)| vol.shape),
-                };
-                let rewritten = shape.and_then(|shape| fastdet::io::star::write_run_star(&star, &j.run, &done, s.voxel_size, shape));
-                if let Err(e) = rewritten {
+            let (done, shape) = parts.filter(|_| missing.is_none()).and_then(|p| p.load(j))?;
+            let Some(star) = star else {
+                eprintln!("  {}: {} picks (resumed)", j.run, done.len());
+                return Some(Ok((done, Timing::default())));
+            };
+            // The shape recorded with the picks (a record without one: the tomogram's).
+            let shape = shape.map_or_else(|| load(j, a, s).map(|(vol, _)| vol.shape), Ok);
+            let text = shape.and_then(|shape| fastdet::io::star::run_star_text(&star, &j.run, &done, s.voxel_size, shape));
+            let old = std::fs::read(&star).ok();
+            let written = match &text {
+                Ok(t) if old.as_deref() == Some(t.as_bytes()) => Ok(None),
+                Ok(t) => fastdet::util::write_atomic(&star, |f| Ok(f.write_all(t.as_bytes())?)).map(|()| Some(old.is_some())),
+                Err(e) => Err(anyhow::anyhow!("{e:#}")),
+            };
+            match written {
+                Ok(None) => eprintln!("  {}: {} picks (resumed)", j.run, done.len()),
+                Ok(Some(replaced)) => {
+                    let why = if replaced { "did not match them (damaged or edited); written again" } else { "written from them" };
+                    eprintln!("  {}: {} picks (resumed; {} {why})", j.run, done.len(), star.display());
+                }
+                Err(e) => {
                     eprintln!("  {}: {} could not be written from the stored picks ({e:#}); computing the run again", j.run, star.display());
                     return None;
                 }
-                eprintln!("  {}: {} picks (resumed; {} written from them)", j.run, done.len(), star.display());
-            } else {
-                eprintln!("  {}: {} picks (resumed)", j.run, done.len());
             }
             Some(Ok((done, Timing::default())))
         })
@@ -1020,7 +1033,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
         let mut left = Vec::new();
         for &(i, job) in share {
             match parts.and_then(|p| p.load(job)) {
-                Some(done) => results[i] = Some(Ok((done, Timing::default()))),
+                Some((done, _)) => results[i] = Some(Ok((done, Timing::default()))),
                 None => left.push((i, job)),
             }
         }
@@ -1098,6 +1111,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         writable_dir("--copick-out", dir)?;
     }
     extras.check_dirs()?;
+    // A stop leaves those that are still empty no more than a failure does.
+    let _made_on_stop: Vec<_> = made.iter().map(|d| fastdet::util::RemoveOnStop::empty_folder(d)).collect();
     let remove_made = || {
         for d in &made {
             let _ = std::fs::remove_dir(d);

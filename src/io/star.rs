@@ -78,6 +78,20 @@ pub fn write_run_star(
     pixel_size_a: f64,
     volume_shape_zyx: [usize; 3],
 ) -> Result<()> {
+    let text = run_star_text(path, run, picks, pixel_size_a, volume_shape_zyx)?;
+    crate::util::write_atomic(path, |f| {
+        f.write_all(text.as_bytes()).with_context(|| format!("{}: cannot write STAR file", path.display()))
+    })
+}
+
+/// The bytes [`write_run_star`] writes to `path` (named in errors), with its checks.
+pub fn run_star_text(
+    path: &Path,
+    run: &str,
+    picks: &[Pick],
+    pixel_size_a: f64,
+    volume_shape_zyx: [usize; 3],
+) -> Result<String> {
     let name = path.display();
     if !(pixel_size_a.is_finite() && pixel_size_a > 0.0) {
         bail!("{name}: invalid pixel size {pixel_size_a} Å for STAR coordinates (must be > 0)");
@@ -122,9 +136,7 @@ pub fn write_run_star(
         );
     }
     let _ = writeln!(text);
-    crate::util::write_atomic(path, |f| {
-        f.write_all(text.as_bytes()).with_context(|| format!("{name}: cannot write STAR file"))
-    })
+    Ok(text)
 }
 
 /// Splits a STAR data line into values, honouring `'…'` / `"…"` quoting.
