@@ -502,7 +502,9 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
         vol.data.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = mean);
         eprintln!("  {}: replaced {bad} non-finite voxels by the mean {mean}", job.run);
     }
-    for line in vol.notes.iter().cloned().chain(coverage_warnings(vol.shape, s.window, s.tiles)) {
+    // The models' window multiple, read from the weights' headers only when a warning needs it.
+    let multiple = || a.weights.iter().filter_map(|p| Weights::read_spec(p).ok()).map(|(spec, _)| spec.size_multiple()).max();
+    for line in vol.notes.iter().cloned().chain(coverage_warnings(vol.shape, s.window, s.tiles, multiple)) {
         eprintln!("  warning: {}: {line}", job.path.display());
     }
     if let Some(&first) = vol.data.first() {
@@ -523,15 +525,32 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
 }
 
 /// What a user should hear about how the window and tiles meet a volume of `shape`: an axis the
-/// tiles leave gaps on (voxels no tile sees), an axis shorter than the window (zero padding after
-/// the [0, 1] normalisation reads as dark, particle-like density to the models; not said for
-/// a tenth of the window or less, as the seed's 192 over 184 slices).
-fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3]) -> Vec<String> {
+/// tiles leave gaps on (voxels no tile sees), an axis shorter than the window (the zero padding
+/// is darker than any voxel after the [0, 1] normalisation, and enters the normalisation layers
+/// of every tile: with models not trained on it, detections fail throughout the volume; not said
+/// up to the seed's own 8 slices in 192), with a window the models take (`multiple`) that fits.
+fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3], multiple: impl Fn() -> Option<usize>) -> Vec<String> {
     let mut out = Vec::new();
     for (axis, name) in ["z", "y", "x"].iter().enumerate() {
         let (n, w, t) = (shape[axis], window[axis], tiles[axis]);
-        if w > n + w / 10 {
-            out.push(format!("the window's {name} ({w}) is longer than the volume's ({n}): the rest is zero padding, which the models may see as particles"));
+        if (w.saturating_sub(n)) * 24 > w {
+            let advice = match multiple() {
+                Some(m) if n >= m => {
+                    let fit = n / m * m;
+                    let mut win = window;
+                    win[axis] = fit;
+                    let mut til = tiles;
+                    til[axis] = n.div_ceil(fit);
+                    let list = |v: [usize; 3]| v.map(|x| x.to_string()).join(",");
+                    format!("; a window that fits: --window {} --tiles {}", list(win), list(til))
+                }
+                Some(m) => format!("; the models take windows in multiples of {m}, more than the volume's {n}"),
+                None => String::new(),
+            };
+            out.push(format!(
+                "the window's {name} ({w}) is longer than the volume's ({n}): {} voxels of zero padding, darker than any voxel, enter every tile's normalisation and can hide particles throughout the volume (the seed's models were trained with 8 in 192){advice}",
+                w - n
+            ));
         } else if w * t < n {
             out.push(format!("{t} tile(s) of {w} along {name} cover {} of its {n} voxels: raise --tiles or --window", w * t));
         }
@@ -1270,15 +1289,25 @@ mod tests {
     #[test]
     fn coverage_warnings_name_gaps_and_heavy_padding_only() {
         // The seed on a competition tomogram: 8 slices of padding, 9 tiles of 128 over 630.
-        assert!(coverage_warnings([184, 630, 630], [192, 128, 128], [1, 9, 9]).is_empty());
+        let m32 = || Some(32);
+        assert!(coverage_warnings([184, 630, 630], [192, 128, 128], [1, 9, 9], m32).is_empty());
         // A window longer than the axis: one tile is computed however many are asked for.
-        assert!(coverage_warnings([184, 630, 630], [192, 128, 128], [2, 9, 9]).is_empty());
-        let w = coverage_warnings([96, 160, 160], [128, 64, 96], [1, 2, 2]);
+        assert!(coverage_warnings([184, 630, 630], [192, 128, 128], [2, 9, 9], m32).is_empty());
+        let w = coverage_warnings([96, 160, 160], [128, 64, 96], [1, 2, 2], m32);
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("window's z (128) is longer than the volume's (96)"), "{w:?}");
+        assert!(w[0].contains("window's z (128) is longer than the volume's (96): 32 voxels of zero padding"), "{w:?}");
+        assert!(w[0].ends_with("a window that fits: --window 96,64,96 --tiles 1,2,2"), "{w:?}");
         assert!(w[1].contains("2 tile(s) of 64 along y cover 128 of its 160"), "{w:?}");
+        // Past the seed's 8 in 192: 4 in 64 is said, with windows that overlap to cover 60.
+        let w = coverage_warnings([60, 96, 96], [64, 96, 96], [1, 1, 1], m32);
+        assert!(w.len() == 1 && w[0].contains("4 voxels of zero padding") && w[0].ends_with("--window 32,96,96 --tiles 2,1,1"), "{w:?}");
+        let w = coverage_warnings([100, 96, 96], [192, 96, 96], [1, 1, 1], m32);
+        assert!(w[0].ends_with("--window 96,96,96 --tiles 2,1,1"), "{w:?}");
+        assert!(coverage_warnings([62, 96, 96], [64, 96, 96], [1, 1, 1], m32).is_empty());
+        let w = coverage_warnings([20, 96, 96], [32, 96, 96], [1, 1, 1], m32);
+        assert!(w[0].ends_with("the models take windows in multiples of 32, more than the volume's 20"), "{w:?}");
         // A window as long as the axis: every tile along it is the same tile.
-        let w = coverage_warnings([64, 128, 160], [64, 128, 128], [2, 3, 3]);
+        let w = coverage_warnings([64, 128, 160], [64, 128, 128], [2, 3, 3], m32);
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("2 tiles along z have only 1 distinct start(s)"), "{w:?}");
         let w: Vec<String> = w.into_iter().skip(1).collect();
