@@ -67,9 +67,9 @@ fn shards_merged_equal_one_run() {
         .args(&copick)
         .arg("--copick-out")
         .arg(tmp.path().join("copick"))
-        .status()
+        .output()
         .unwrap();
-    assert!(st.success());
+    assert!(st.status.success() && !String::from_utf8_lossy(&st.stderr).contains("warning"), "{}", String::from_utf8_lossy(&st.stderr));
     for run in ["TS_synth_1", "TS_synth_2"] {
         let p = fastdet::io::copick::read_run_picks(&tmp.path().join(format!("copick/ExperimentRuns/{run}/Picks")), run).unwrap();
         assert!(!p.is_empty());
@@ -84,6 +84,12 @@ fn shards_merged_equal_one_run() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("already holds other picks") && err.contains("earlier merge"), "{err}");
     assert!(!tmp.path().join("again.csv").exists());
+    // A shard run with other settings is merged with a warning naming what differs.
+    let odd = tmp.path().join("odd.csv");
+    assert!(cheap_run(&data, &odd).args(["--shard", "1/2", "--iou", "0.5"]).status().unwrap().success());
+    let o = fastdet().arg("merge").arg(&shards[0]).arg(&odd).arg("-o").arg(tmp.path().join("odd_merged.csv")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("odd.csv was made with other weights or settings than") && err.contains("(differ: iou)"), "{err}");
     // One shard given twice is refused.
     let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[0]).arg("-o").arg(tmp.path().join("x.csv")).output().unwrap();
     assert!(!o.status.success());

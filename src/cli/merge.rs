@@ -9,6 +9,7 @@ use std::process::ExitCode;
 outputs of `run --shard K/N` for K = 0..N-1 gives the same file as one unsharded run.\n\
 copick outputs of shards that wrote to separate folders are joined with --copick DIR... --copick-out DIR\n\
 (shards may also all write into one --copick-out folder: one file per run and particle).\n\
+Inputs that `fastdet run` made with other weights or settings than the first (their OUT.runs/settings.json) are warned about.\n\
 Example:\n  fastdet merge shards/sub_*.csv -o submission.csv --copick shards/copick_* --copick-out copick")]
 pub struct MergeArgs {
     /// Shard CSVs (Kaggle layout, with or without a score column)
@@ -92,6 +93,35 @@ pub(crate) fn given_twice(inputs: &[PathBuf]) -> Option<(usize, usize)> {
     (0..inputs.len()).find_map(|i| inputs[..i].iter().position(|q| same(q, &inputs[i])).map(|j| (j, i)))
 }
 
+/// Inputs written by `fastdet run` whose weights or settings differ from the first such input's,
+/// from the `settings.json` each job left in its runs folder: shards of one job share them, and
+/// a shard run with other thresholds or models would pass unseen in the merged file. (Where the
+/// tomograms come from may differ: merging jobs on different datasets is fine.)
+fn settings_differences(inputs: &[PathBuf]) -> Vec<String> {
+    let settings = |p: &Path| -> Option<serde_json::Map<String, serde_json::Value>> {
+        let dir = super::run::runs_folder(p).ok()?;
+        let mut m: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(dir.join("settings.json")).ok()?).ok()?;
+        m.remove("inputs");
+        Some(m)
+    };
+    let known: Vec<(&PathBuf, serde_json::Map<String, serde_json::Value>)> = inputs.iter().filter_map(|p| Some((p, settings(p)?))).collect();
+    let Some((first, base)) = known.first() else { return Vec::new() };
+    known[1..]
+        .iter()
+        .filter(|(_, m)| m != base)
+        .map(|(p, m)| {
+            let keys: std::collections::BTreeSet<&str> = base.keys().chain(m.keys()).map(String::as_str).filter(|k| base.get(*k) != m.get(*k)).collect();
+            let keys: Vec<&str> = keys.into_iter().map(|k| if k == "weights_sha256" { "weights" } else { k }).collect();
+            format!(
+                "{} was made with other weights or settings than {} (differ: {}): its picks are not those of the same job",
+                p.display(),
+                first.display(),
+                keys.join(", ")
+            )
+        })
+        .collect()
+}
+
 fn has_score(p: &Path) -> Result<bool> {
     let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
     // The header is the first line that is not blank, as the reader takes it.
@@ -130,6 +160,9 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
             }
         }
         picks.extend(rows);
+    }
+    for line in settings_differences(&a.inputs) {
+        eprintln!("warning: {line}");
     }
     // Scores are kept when every input has them.
     let with_score = unscored.is_empty();

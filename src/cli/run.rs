@@ -704,13 +704,19 @@ fn lock_parts(dir: &Path, out: &Path) -> Result<Option<std::fs::File>> {
     bail!("{}: the lock file keeps being replaced; is another job starting and ending on {}?", path.display(), out.display())
 }
 
+/// `OUT.runs`, where a job writing `out` keeps its finished runs and `settings.json`: beside the
+/// file the output is written to, so a link to OUT and OUT share one folder.
+pub(crate) fn runs_folder(out: &Path) -> Result<PathBuf> {
+    let target = fastdet::util::write_target(out);
+    let mut name = target.file_name().context("output has no file name")?.to_os_string();
+    name.push(".runs");
+    Ok(target.with_file_name(name))
+}
+
 impl Parts {
     fn new(out: &Path, fingerprint: &str, resume: bool) -> Result<Self> {
-        // Beside the file the output is written to: a link to OUT and OUT share one folder.
         let target = fastdet::util::write_target(out);
-        let mut name = target.file_name().context("output has no file name")?.to_os_string();
-        name.push(".runs");
-        let dir = target.with_file_name(name);
+        let dir = runs_folder(out)?;
         if dir.exists() && !dir.is_dir() {
             bail!("{}: is not a directory (fastdet keeps the finished runs of {} there); remove it", dir.display(), out.display());
         }
