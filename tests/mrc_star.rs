@@ -497,6 +497,9 @@ fn star_two_runs_pixels_centred_classes_header() {
     let text = std::fs::read_to_string(&a).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "# version 50001");
+    // The class numbers are named, in the CSV's class order.
+    let legend = "# _rlnClassNumber 1 apo-ferritin, 2 beta-galactosidase, 3 ribosome, 4 thyroglobulin, 5 virus-like-particle, 6 beta-amylase";
+    assert!(lines.contains(&legend), "{text}");
     let block = lines.iter().position(|l| *l == "data_particles").expect("data_particles block");
     assert_eq!(lines.iter().filter(|l| l.starts_with("data_")).count(), 1, "one data block");
     let lp = block + lines[block..].iter().position(|l| *l == "loop_").expect("loop_");

@@ -204,7 +204,7 @@ fn tune_never_does_worse_than_the_seed_thresholds() {
 }
 
 /// `tune --runs R` tunes on R's annotations only: the other runs' particles, never looked for,
-/// are not counted as missed.
+/// are not counted as missed. (Spaces around a name are not part of it, as for `score --runs`.)
 #[test]
 fn tune_scores_only_the_runs_it_inferred() {
     let data = root().join("tests/fixtures/dataset");
@@ -215,7 +215,7 @@ fn tune_scores_only_the_runs_it_inferred() {
         .arg("tune")
         .arg("--data")
         .arg(&data)
-        .args(["--split", "test", "--runs", "TS_synth_1", "--weights", &demo_weights()[0], "--window", "64,96,96", "--tiles", "1,2,2"])
+        .args(["--split", "test", "--runs", " TS_synth_1 ", "--weights", &demo_weights()[0], "--window", "64,96,96", "--tiles", "1,2,2"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

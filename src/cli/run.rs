@@ -181,7 +181,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub resume: bool,
     /// Also write one RELION 5 STAR file per run as DIR/{run}.star (coordinates in the tomogram's
-    /// voxels of --voxel-size Å, and in Å from its centre)
+    /// voxels of --voxel-size Å, and in Å from its centre; _rlnClassNumber 1-6 in the CSV's class
+    /// order: apo-ferritin, beta-galactosidase, ribosome, thyroglobulin, virus-like-particle,
+    /// beta-amylase)
     #[arg(long)]
     pub star_out: Option<PathBuf>,
     /// Also draw a quality-control PNG per run as DIR/{run}.png (z-slabs with the picks)
@@ -251,12 +253,14 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
     let root = a.data.as_ref().context("give --data ROOT, --zarr PATH or --mrc FILE...")?;
     let mut runs = dataset::discover_runs(root, &a.split)?;
     if !a.runs.is_empty() {
-        for r in &a.runs {
-            if !runs.contains(r) {
+        // "TS_1, TS_2" as score takes it: spaces around the names are not part of them.
+        let chosen: Vec<&str> = a.runs.iter().map(|r| r.trim()).collect();
+        for r in &chosen {
+            if !runs.iter().any(|x| x == r) {
                 bail!("run {r:?} is not in {}", dataset::runs_dir(root, &a.split).display());
             }
         }
-        runs.retain(|r| a.runs.contains(r));
+        runs.retain(|r| chosen.contains(&r.as_str()));
     }
     if runs.is_empty() {
         bail!("no runs found under {}", dataset::runs_dir(root, &a.split).display());

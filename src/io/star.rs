@@ -7,7 +7,7 @@
 //! | `_rlnTomoName` | run name |
 //! | `_rlnCoordinateX/Y/Z` | position in pixels of size `pixel_size_a` (Å / pixel size) |
 //! | `_rlnCenteredCoordinateX/Y/ZAngst` | Å from the tomogram centre: Å − (size_px / 2) · pixel size |
-//! | `_rlnClassNumber` | class index + 1 (RELION classes are 1-based) |
+//! | `_rlnClassNumber` | class index + 1 (RELION classes are 1-based), named in a header comment |
 //! | `_rlnAutopickFigureOfMerit` | detection score |
 //!
 //! [`read_star_coordinates`] reads such a file back (columns found by name), mainly for tests.
@@ -35,6 +35,12 @@ pub const COLUMNS: [&str; 9] = [
     "_rlnClassNumber",
     "_rlnAutopickFigureOfMerit",
 ];
+
+/// What each `_rlnClassNumber` stands for: "_rlnClassNumber 1 apo-ferritin, 2 …".
+pub fn class_legend() -> String {
+    let names: Vec<String> = CLASSES.iter().enumerate().map(|(i, c)| format!("{} {}", i + 1, c.name)).collect();
+    format!("_rlnClassNumber {}", names.join(", "))
+}
 
 /// Why `name` cannot be a bare STAR value (RELION does not parse quoted values reliably).
 fn bad_star_value(name: &str) -> Option<&'static str> {
@@ -105,6 +111,7 @@ pub fn run_star_text(
     let _ = writeln!(text, "{STAR_VERSION_LINE}");
     let _ = writeln!(text);
     let _ = writeln!(text, "# RELION 5 tomography particles of {run}, written by fastdet");
+    let _ = writeln!(text, "# {}", class_legend());
     let _ = writeln!(text);
     let _ = writeln!(text, "{PARTICLES_BLOCK}");
     let _ = writeln!(text);
