@@ -296,3 +296,21 @@ fn cli_writes_one_png_per_run() {
     }
 }
 
+
+/// Titles keep their case (run names are case-sensitive): "TS_1" and "ts_1" are drawn apart,
+/// and the title row is all the two pictures differ in.
+#[test]
+fn titles_keep_upper_case() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = small_volume();
+    let draw = |title: &str| {
+        let out = tmp.path().join(format!("{title}.png"));
+        render_qc_with(&vol, &[], None, &out, &QcOptions { title: Some(title.into()), ..QcOptions::default() }).unwrap();
+        decode(&out)
+    };
+    let (upper, lower) = (draw("TS_1"), draw("ts_1"));
+    assert_eq!((upper.0, upper.1), (lower.0, lower.1));
+    let rows_differing: Vec<usize> = (0..upper.1).filter(|&y| (0..upper.0).any(|x| px(&upper, x, y) != px(&lower, x, y))).collect();
+    assert!(!rows_differing.is_empty(), "upper and lower case drawn alike");
+    assert!(rows_differing.iter().all(|&y| y >= MARGIN && y < MARGIN + 7 * fastdet::qc::FONT_SCALE), "{rows_differing:?}");
+}

@@ -75,7 +75,9 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         let run_truth: Option<Vec<_>> =
             truth.as_ref().map(|t| t.iter().filter(|p| &p.run == run).cloned().collect());
         let out = a.out.join(format!("{run}.png"));
-        let opts = QcOptions { slabs: a.slabs, title: Some(run.clone()), ..QcOptions::default() };
+        // The legend's counts read "picks/truth" when the truth is drawn.
+        let title = if run_truth.is_some() { format!("{run}   (legend: picks/truth)") } else { run.clone() };
+        let opts = QcOptions { slabs: a.slabs, title: Some(title), ..QcOptions::default() };
         let s = qc::render_qc_with(&volume, &run_picks, run_truth.as_deref(), &out, &opts)?;
         let mut line = format!("{run}: {} picks", run_picks.len());
         if s.picks_drawn != run_picks.len() {
