@@ -974,13 +974,13 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
     extras.check_dirs()?;
     let devices = a.devices()?;
     eprintln!(
-        "{} run(s), {} model(s) on {}, window {:?}, tiles {:?}, tta {:?}",
+        "{} run(s), {} model(s) on {}, window {}, tiles {}, tta {}",
         jobs.len(),
         a.weights.len(),
         devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","),
-        s.window,
-        s.tiles,
-        s.tta
+        s.window.map(|v| v.to_string()).join(","),
+        s.tiles.map(|v| v.to_string()).join(","),
+        s.tta.name()
     );
     // Finished runs of an interrupted job are taken as they are. A STAR file that is missing or
     // is not what the stored picks give (damaged, edited) is written again from them and the

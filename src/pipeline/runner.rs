@@ -32,6 +32,15 @@ impl Tta {
             _ => bail!("unknown --tta {s:?}: expected none, flip or rot90"),
         })
     }
+
+    /// The name `--tta` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tta::None => "none",
+            Tta::Flip => "flip",
+            Tta::Rot90 => "rot90",
+        }
+    }
 }
 
 /// Everything that defines a detection run besides the models. Defaults are the seed's.
