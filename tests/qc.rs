@@ -312,5 +312,5 @@ fn titles_keep_upper_case() {
     assert_eq!((upper.0, upper.1), (lower.0, lower.1));
     let rows_differing: Vec<usize> = (0..upper.1).filter(|&y| (0..upper.0).any(|x| px(&upper, x, y) != px(&lower, x, y))).collect();
     assert!(!rows_differing.is_empty(), "upper and lower case drawn alike");
-    assert!(rows_differing.iter().all(|&y| y >= MARGIN && y < MARGIN + 7 * fastdet::qc::FONT_SCALE), "{rows_differing:?}");
+    assert!(rows_differing.iter().all(|y| (MARGIN..MARGIN + 7 * fastdet::qc::FONT_SCALE).contains(y)), "{rows_differing:?}");
 }

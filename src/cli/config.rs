@@ -185,6 +185,6 @@ fn check_kind(key: &str, raw_key: &str, v: &toml::Value, file: &Path) -> Result<
 /// Every option `run` accepts in a config file.
 const KNOWN: &[&str] = &[
     "data", "split", "tomogram", "runs", "zarr", "mrc", "level", "weights", "device", "gpus", "devices", "window", "tiles", "iou", "top-k", "blend-sigma",
-    "tta", "batch", "device-blend", "host-blend", "shard", "voxel-size", "allow-nonfinite", "out", "thresholds", "with-score", "copick-out", "user-id",
+    "tta", "batch", "device-blend", "host-blend", "shard", "voxel-size", "allow-nonfinite", "pad", "out", "thresholds", "with-score", "copick-out", "user-id",
     "session-id", "save-maps", "resume", "star-out", "qc",
 ];

@@ -115,6 +115,11 @@ pub struct InferArgs {
     /// Replace NaN/Inf voxels by the mean of the finite ones instead of refusing the tomogram
     #[arg(long)]
     pub allow_nonfinite: bool,
+    /// What fills a window that runs past a volume shorter than it: zero (the seed's: the darkest
+    /// value after the [0, 1] scaling) or the volume's mean (for models not trained with zero
+    /// padding; picks in the padding are dropped)
+    #[arg(long, default_value = "zero", value_parser = ["zero", "mean"])]
+    pub pad: String,
 }
 
 impl InferArgs {
@@ -452,7 +457,10 @@ fn check_models(a: &InferArgs) -> Result<()> {
 /// A tomogram the reader thread has read, checked and normalised, and whose copy to the device it
 /// has issued when the worker's ensemble takes the volume there (`upload`).
 struct Loaded {
+    /// Normalised, and with `--pad mean` padded to the window where it is shorter.
     vol: zarr::Volume,
+    /// The tomogram's own shape.
+    shape: [usize; 3],
     read_s: f64,
     upload: Option<PendingVolume>,
     /// The tomogram's files as they were read ([`fastdet::util::source_stamp`]); empty when they
@@ -475,6 +483,13 @@ fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUpl
     // computes the run again rather than trust picks of a half-written tomogram.
     let stamp = if fastdet::util::source_stamp(&job.path) == before { before } else { String::new() };
     normalize_unit_range(&mut vol.data);
+    let shape = vol.shape;
+    let longer = std::array::from_fn(|i| shape[i].max(s.window[i]));
+    if a.pad == "mean" && longer != shape {
+        let mean = vol.data.iter().map(|&v| v as f64).sum::<f64>() / vol.data.len().max(1) as f64;
+        vol.data = fastdet::pipeline::tiling::pad_volume(&vol.data, shape, longer, mean as f32);
+        vol.shape = longer;
+    }
     let read_s = t.elapsed().as_secs_f64();
     let upload = uploader.and_then(|u| {
         u.upload_or_defer(&vol.data, &job.run).unwrap_or_else(|e| {
@@ -482,7 +497,7 @@ fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUpl
             None
         })
     });
-    Ok(Loaded { vol, read_s, upload, stamp })
+    Ok(Loaded { vol, shape, read_s, upload, stamp })
 }
 
 /// Reads one tomogram and checks it (runs on the reader thread, ahead of inference).
@@ -508,7 +523,7 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
     }
     // The models' window multiple, read from the weights' headers only when a warning needs it.
     let multiple = || a.weights.iter().filter_map(|p| Weights::read_spec(p).ok()).map(|(spec, _)| spec.size_multiple()).max();
-    for line in vol.notes.iter().cloned().chain(coverage_warnings(vol.shape, s.window, s.tiles, multiple)) {
+    for line in vol.notes.iter().cloned().chain(coverage_warnings(vol.shape, s.window, s.tiles, a.pad == "zero", multiple)) {
         eprintln!("  warning: {}: {line}", job.path.display());
     }
     if let Some(&first) = vol.data.first() {
@@ -533,11 +548,11 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
 /// is darker than any voxel after the [0, 1] normalisation, and enters the normalisation layers
 /// of every tile: with models not trained on it, detections fail throughout the volume; not said
 /// up to the seed's own 8 slices in 192), with a window the models take (`multiple`) that fits.
-fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3], multiple: impl Fn() -> Option<usize>) -> Vec<String> {
+fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3], zero_pad: bool, multiple: impl Fn() -> Option<usize>) -> Vec<String> {
     let mut out = Vec::new();
     for (axis, name) in ["z", "y", "x"].iter().enumerate() {
         let (n, w, t) = (shape[axis], window[axis], tiles[axis]);
-        if (w.saturating_sub(n)) * 24 > w {
+        if zero_pad && (w.saturating_sub(n)) * 24 > w {
             let advice = match multiple() {
                 Some(m) if n >= m => {
                     let fit = n / m * m;
@@ -546,10 +561,10 @@ fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3], m
                     let mut til = tiles;
                     til[axis] = n.div_ceil(fit);
                     let list = |v: [usize; 3]| v.map(|x| x.to_string()).join(",");
-                    format!("; a window that fits: --window {} --tiles {}", list(win), list(til))
+                    format!("; a window that fits: --window {} --tiles {} (or --pad mean)", list(win), list(til))
                 }
-                Some(m) => format!("; the models take windows in multiples of {m}, more than the volume's {n}"),
-                None => String::new(),
+                Some(m) => format!("; the models take windows in multiples of {m}, more than the volume's {n}: --pad mean fills it with the volume's mean"),
+                None => "; --pad mean fills it with the volume's mean".to_string(),
             };
             out.push(format!(
                 "the window's {name} ({w}) is longer than the volume's ({n}): {} voxels of zero padding, darker than any voxel, enter every tile's normalisation and can hide particles throughout the volume (the seed's models were trained with 8 in 192){advice}",
@@ -578,7 +593,7 @@ fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3], m
 
 /// Infers and detects one loaded run; returns its picks.
 fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: Extras) -> Result<(Vec<Pick>, Timing)> {
-    let Loaded { mut vol, read_s, upload, .. } = loaded;
+    let Loaded { mut vol, shape, read_s, upload, .. } = loaded;
     let mut timing = Timing { read: read_s, ..Timing::default() };
     let tty = std::io::stderr().is_terminal();
     let t_infer = Instant::now();
@@ -595,8 +610,22 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
     };
     // The maps are read back from the device only for --save-maps (detection runs on the device).
     let prepared = Prepared { normalized: true, upload };
-    let (dets, maps) = predict_and_detect(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some(), prepared)
+    let (mut dets, mut maps) = predict_and_detect(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some(), prepared)
         .with_context(|| format!("{}: inference failed", job.path.display()))?;
+    if vol.shape != shape {
+        // Padded (--pad mean): back to the tomogram's extent.
+        use fastdet::pipeline::tiling::crop_volume;
+        dets.retain(|d| d.z < shape[0] as f64 && d.y < shape[1] as f64 && d.x < shape[2] as f64);
+        if let Some(m) = &mut maps {
+            let cells = shape.map(|n| n / ens.stride);
+            let plane = m.dims.iter().product::<usize>();
+            let crop = |v: &[f32]| v.chunks(plane).flat_map(|c| crop_volume(c, m.dims, cells)).collect::<Vec<f32>>();
+            (m.scores, m.offsets) = (crop(&m.scores), crop(&m.offsets));
+            m.dims = cells;
+        }
+        vol.data = crop_volume(&vol.data, vol.shape, shape);
+        vol.shape = shape;
+    }
     // The run's side outputs, removed again when a later one fails: a failed run leaves none.
     let mut written: Vec<PathBuf> = Vec::new();
     let [maps_file, star_file, qc_file] = extras.files(&job.run);
@@ -854,14 +883,19 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
         (None, Some(z)) => serde_json::json!({ "zarr": full(z) }),
         (None, None) => serde_json::json!({ "mrc": a.mrc.iter().map(|m| full(m)).collect::<Vec<_>>() }),
     };
-    Ok(serde_json::to_string_pretty(&serde_json::json!({
+    let mut fp = serde_json::json!({
         "inputs": inputs,
         "weights_sha256": format!("{:x}", h.finalize()),
         "level": a.level,
         "window": s.window, "tiles": s.tiles, "thresholds": s.thresholds, "iou": s.iou_threshold,
         "top_k": s.pre_nms_top_k, "blend_sigma": s.blend_sigma, "tta": format!("{:?}", s.tta),
         "voxel_size": s.voxel_size, "allow_nonfinite": a.allow_nonfinite,
-    }))?)
+    });
+    // Only when not the default: jobs stored before the option existed resume as they were.
+    if a.pad != "zero" {
+        fp["pad"] = serde_json::json!(a.pad);
+    }
+    Ok(serde_json::to_string_pretty(&fp)?)
 }
 
 /// One run's outcome, kept until every worker is done so the output follows the run order.
@@ -921,7 +955,7 @@ fn worker(
         });
         for &(i, job) in todo {
             let loaded = rx.recv().context("reader thread stopped")?;
-            let (stamp, shape) = loaded.as_ref().map(|l| (l.stamp.clone(), l.vol.shape)).unwrap_or_default();
+            let (stamp, shape) = loaded.as_ref().map(|l| (l.stamp.clone(), l.shape)).unwrap_or_default();
             let result = loaded.and_then(|loaded| process(job, loaded, &mut ens, s, extras));
             match &result {
                 Ok((p, t)) => {
@@ -1261,6 +1295,7 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     }
     t.insert("voxel_size".into(), Value::Float(s.voxel_size));
     t.insert("allow_nonfinite".into(), Value::Boolean(i.allow_nonfinite));
+    t.insert("pad".into(), Value::String(i.pad.clone()));
     if let Some(o) = &a.out {
         t.insert("out".into(), path(o));
     }
@@ -1296,28 +1331,32 @@ fn peak_rss_mib() -> Option<f64> {
 mod tests {
     use super::coverage_warnings;
 
+    fn coverage_warnings_t(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3], m: impl Fn() -> Option<usize>) -> Vec<String> {
+        coverage_warnings(shape, window, tiles, true, m)
+    }
+
     #[test]
     fn coverage_warnings_name_gaps_and_heavy_padding_only() {
         // The seed on a competition tomogram: 8 slices of padding, 9 tiles of 128 over 630.
         let m32 = || Some(32);
-        assert!(coverage_warnings([184, 630, 630], [192, 128, 128], [1, 9, 9], m32).is_empty());
+        assert!(coverage_warnings_t([184, 630, 630], [192, 128, 128], [1, 9, 9], m32).is_empty());
         // A window longer than the axis: one tile is computed however many are asked for.
-        assert!(coverage_warnings([184, 630, 630], [192, 128, 128], [2, 9, 9], m32).is_empty());
-        let w = coverage_warnings([96, 160, 160], [128, 64, 96], [1, 2, 2], m32);
+        assert!(coverage_warnings_t([184, 630, 630], [192, 128, 128], [2, 9, 9], m32).is_empty());
+        let w = coverage_warnings_t([96, 160, 160], [128, 64, 96], [1, 2, 2], m32);
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("window's z (128) is longer than the volume's (96): 32 voxels of zero padding"), "{w:?}");
-        assert!(w[0].ends_with("a window that fits: --window 96,64,96 --tiles 1,2,2"), "{w:?}");
+        assert!(w[0].ends_with("a window that fits: --window 96,64,96 --tiles 1,2,2 (or --pad mean)"), "{w:?}");
         assert!(w[1].contains("2 tile(s) of 64 along y cover 128 of its 160"), "{w:?}");
         // Past the seed's 8 in 192: 4 in 64 is said, with windows that overlap to cover 60.
-        let w = coverage_warnings([60, 96, 96], [64, 96, 96], [1, 1, 1], m32);
-        assert!(w.len() == 1 && w[0].contains("4 voxels of zero padding") && w[0].ends_with("--window 32,96,96 --tiles 2,1,1"), "{w:?}");
-        let w = coverage_warnings([100, 96, 96], [192, 96, 96], [1, 1, 1], m32);
-        assert!(w[0].ends_with("--window 96,96,96 --tiles 2,1,1"), "{w:?}");
-        assert!(coverage_warnings([62, 96, 96], [64, 96, 96], [1, 1, 1], m32).is_empty());
-        let w = coverage_warnings([20, 96, 96], [32, 96, 96], [1, 1, 1], m32);
-        assert!(w[0].ends_with("the models take windows in multiples of 32, more than the volume's 20"), "{w:?}");
+        let w = coverage_warnings_t([60, 96, 96], [64, 96, 96], [1, 1, 1], m32);
+        assert!(w.len() == 1 && w[0].contains("4 voxels of zero padding") && w[0].ends_with("--window 32,96,96 --tiles 2,1,1 (or --pad mean)"), "{w:?}");
+        let w = coverage_warnings_t([100, 96, 96], [192, 96, 96], [1, 1, 1], m32);
+        assert!(w[0].ends_with("--window 96,96,96 --tiles 2,1,1 (or --pad mean)"), "{w:?}");
+        assert!(coverage_warnings_t([62, 96, 96], [64, 96, 96], [1, 1, 1], m32).is_empty());
+        let w = coverage_warnings_t([20, 96, 96], [32, 96, 96], [1, 1, 1], m32);
+        assert!(w[0].contains("the models take windows in multiples of 32, more than the volume's 20: --pad mean"), "{w:?}");
         // A window as long as the axis: every tile along it is the same tile.
-        let w = coverage_warnings([64, 128, 160], [64, 128, 128], [2, 3, 3], m32);
+        let w = coverage_warnings_t([64, 128, 160], [64, 128, 128], [2, 3, 3], m32);
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("2 tiles along z have only 1 distinct start(s)"), "{w:?}");
         let w: Vec<String> = w.into_iter().skip(1).collect();

@@ -129,6 +129,41 @@ impl TileGrid {
     }
 }
 
+/// `volume` (shape `[D, H, W]`) at the origin of a volume of shape `target` (no axis shorter),
+/// the rest filled with `value`: `--pad mean` makes a volume shorter than the window this long,
+/// so no tile reads past its end.
+pub fn pad_volume(volume: &[f32], shape: [usize; 3], target: [usize; 3], value: f32) -> Vec<f32> {
+    assert_eq!(volume.len(), shape.iter().product::<usize>(), "pad_volume: volume length != shape");
+    assert!((0..3).all(|i| target[i] >= shape[i]), "pad_volume: target {target:?} shorter than {shape:?}");
+    let [d, h, w] = shape;
+    let [_, th, tw] = target;
+    let mut out = vec![value; target.iter().product()];
+    for z in 0..d {
+        for y in 0..h {
+            let (src, dst) = ((z * h + y) * w, (z * th + y) * tw);
+            out[dst..dst + w].copy_from_slice(&volume[src..src + w]);
+        }
+    }
+    out
+}
+
+/// The corner of shape `target` at the origin of `volume` (shape `shape`, no axis shorter):
+/// undoes [`pad_volume`].
+pub fn crop_volume(volume: &[f32], shape: [usize; 3], target: [usize; 3]) -> Vec<f32> {
+    assert_eq!(volume.len(), shape.iter().product::<usize>(), "crop_volume: volume length != shape");
+    assert!((0..3).all(|i| target[i] <= shape[i]), "crop_volume: target {target:?} longer than {shape:?}");
+    let [_, h, w] = shape;
+    let [td, th, tw] = target;
+    let mut out = Vec::with_capacity(target.iter().product());
+    for z in 0..td {
+        for y in 0..th {
+            let src = (z * h + y) * w;
+            out.extend_from_slice(&volume[src..src + tw]);
+        }
+    }
+    out
+}
+
 /// Copy the window at `origin` of `volume` (shape `[D, H, W]`) into `out` (shape `window`),
 /// zero-padding whatever lies past the end of the volume (like `np.pad` after slicing).
 ///
@@ -216,6 +251,21 @@ mod tests {
         normalize_unit_range(&mut v);
         let e = ((0.1f32 as f64 - (-0.2f32) as f64) / (0.7f32 as f64 - (-0.2f32) as f64)) as f32;
         assert_eq!(v, vec![e, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn pad_then_crop_is_the_volume() {
+        let shape = [2, 3, 4];
+        let v: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let p = pad_volume(&v, shape, [3, 3, 6], -1.0);
+        assert_eq!(p.len(), 54);
+        // Voxel (z 1, y 2, x 3) keeps its value at its place in the longer rows.
+        assert_eq!(p[(3 + 2) * 6 + 3], v[(3 + 2) * 4 + 3]);
+        assert_eq!(p[(3 + 2) * 6 + 4], -1.0);
+        assert!(p[2 * 18..].iter().all(|&x| x == -1.0), "the added slice is all padding");
+        assert_eq!(p.iter().filter(|&&x| x == -1.0).count(), 54 - 24);
+        assert_eq!(crop_volume(&p, [3, 3, 6], shape), v);
+        assert_eq!(pad_volume(&v, shape, shape, 0.0), v);
     }
 
     #[test]
