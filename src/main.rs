@@ -57,7 +57,7 @@ fn main() -> ExitCode {
     let argv = match cli::config::expand(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            fastdet::errln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
     };
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             let printed = e.print().and_then(|()| std::io::Write::flush(&mut std::io::stdout()));
             if let Err(w) = printed {
                 if w.kind() != std::io::ErrorKind::BrokenPipe {
-                    eprintln!("error: cannot write to standard output: {w}");
+                    fastdet::errln!("error: cannot write to standard output: {w}");
                     return ExitCode::FAILURE;
                 }
             }
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) = fastdet::engine::cpu::simd::check_env() {
-        eprintln!("error: {e:#}");
+        fastdet::errln!("error: {e:#}");
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            fastdet::errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

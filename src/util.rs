@@ -9,6 +9,26 @@ macro_rules! outln {
     ($($t:tt)*) => { $crate::util::out_line(format_args!($($t)*)) };
 }
 
+/// `crate::errln!` that never panics: a log that cannot be written (a reader that went away, a full
+/// disk under the job's log file) does not stop the work, whose outputs are files.
+#[macro_export]
+macro_rules! errln {
+    () => { $crate::util::err_text(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::util::err_text(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// `crate::errprint!` as [`errln!`].
+#[macro_export]
+macro_rules! errprint {
+    ($($t:tt)*) => { $crate::util::err_text(format_args!($($t)*)) };
+}
+
+/// Writes to standard error, ignoring failures (see [`errln!`]).
+pub fn err_text(text: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_fmt(text);
+}
+
 /// Prints one line on standard output; a failed write (`> /dev/full`) is an error, not a panic.
 pub fn out_line(line: std::fmt::Arguments) -> Result<()> {
     use std::io::Write;

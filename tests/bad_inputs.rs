@@ -538,6 +538,24 @@ fn write_limits_and_stops_leave_nothing_behind() {
         assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
         assert!(e.contains("cannot write to standard output"), "{args:?}: {e}");
     }
+    // A log that cannot be written does not stop the work: the picks are written all the same.
+    let mrc = tmp.path().join("TS_log.mrc");
+    let v = synth1();
+    write_mrc_f32(&mrc, v.shape, &v.data, 10.012).unwrap();
+    let out = tmp.path().join("logless.csv");
+    let o = Command::new(exe)
+        .arg("run")
+        .arg("--mrc")
+        .arg(&mrc)
+        .arg("--weights")
+        .arg(root().join("weights/demo_segresnetv2.safetensors"))
+        .args(["--window", "64,96,96", "--tiles", "1,1,1", "--out"])
+        .arg(&out)
+        .stderr(dev_full.try_clone().unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert!(csv_rows(&out).len() > 1);
     // Usage errors keep their code (2) and message.
     let o = Command::new(exe).args(["run", "--no-such-flag"]).output().unwrap();
     assert!(o.status.code() == Some(2) && stderr(&o).contains("--no-such-flag"), "{}", stderr(&o));

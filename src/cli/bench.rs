@@ -198,7 +198,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             conv_choice,
         });
         for n in &rows[rows.len() - 1].notes {
-            eprintln!("{name}: {n}");
+            fastdet::errln!("{name}: {n}");
         }
     }
 
@@ -337,7 +337,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
         flops_per_tile += graph.flops(a.window);
         let (mut e, choice) = engine::open_for(device, &w, a.batch, a.window)?;
         if let Some(c) = choice {
-            eprintln!("{}: convolutions {}", w.name, c.log_line());
+            fastdet::errln!("{}: convolutions {}", w.name, c.log_line());
         }
         kernel_load = kernel_load.or_else(|| e.as_cuda().map(|c| c.gpu_arc().kernel_load));
         engines.push(e);

@@ -38,7 +38,7 @@ pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
     let opts = ConvertOptions { arch: a.arch.as_deref().map(Arch::parse).transpose()?, name: a.name, average: a.average, ema: a.ema };
     let r = do_convert(&a.inputs, &a.out, &opts)?;
     for w in &r.warnings {
-        eprintln!("warning: {w}");
+        fastdet::errln!("warning: {w}");
     }
     fastdet::outln!("{}: {}", r.spec.arch.name(), r.spec.widths_summary())?;
     fastdet::outln!(

@@ -162,12 +162,12 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         picks.extend(rows);
     }
     for line in settings_differences(&a.inputs) {
-        eprintln!("warning: {line}");
+        fastdet::errln!("warning: {line}");
     }
     // Scores are kept when every input has them.
     let with_score = unscored.is_empty();
     if !with_score && unscored.len() < a.inputs.len() {
-        eprintln!("note: {} has no score column, so the merged file has none", unscored[0].display());
+        fastdet::errln!("note: {} has no score column, so the merged file has none", unscored[0].display());
     }
     // Every copick folder is read and checked before any output is written.
     let copick_writes = match &a.copick_out {

@@ -56,7 +56,7 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     let wanted: BTreeSet<&str> = runs.iter().map(String::as_str).collect();
     let elsewhere: BTreeSet<&str> = picks.iter().map(|p| p.run.as_str()).filter(|r| !wanted.contains(r)).collect();
     if !elsewhere.is_empty() && a.runs.is_none() {
-        eprintln!("warning: {} has picks of runs not in {}: {elsewhere:?}", a.picks.display(), a.split);
+        fastdet::errln!("warning: {} has picks of runs not in {}: {elsewhere:?}", a.picks.display(), a.split);
     }
     if a.out.exists() && !a.out.is_dir() {
         bail!("--out {}: is not a directory", a.out.display());
@@ -96,7 +96,7 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         match draw(run) {
             Ok(line) => fastdet::outln!("{line}")?,
             Err(e) => {
-                eprintln!("  {run}: FAILED: {e:#}");
+                fastdet::errln!("  {run}: FAILED: {e:#}");
                 failed.push((run, e));
             }
         }
@@ -108,9 +108,9 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         // Nothing drawn: the folder this call made goes again.
         let _ = std::fs::remove_dir(&a.out);
     }
-    eprintln!("{} of {} run(s) failed:", failed.len(), runs.len());
+    fastdet::errln!("{} of {} run(s) failed:", failed.len(), runs.len());
     for (run, e) in &failed {
-        eprintln!("  {run}: {e:#}");
+        fastdet::errln!("  {run}: {e:#}");
     }
     Ok(ExitCode::from(2))
 }

@@ -493,7 +493,7 @@ fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUpl
     let read_s = t.elapsed().as_secs_f64();
     let upload = uploader.and_then(|u| {
         u.upload_or_defer(&vol.data, &job.run).unwrap_or_else(|e| {
-            eprintln!("  warning: {}: the early copy to the device failed ({e:#}); the volume goes up when its turn comes", job.run);
+            fastdet::errln!("  warning: {}: the early copy to the device failed ({e:#}); the volume goes up when its turn comes", job.run);
             None
         })
     });
@@ -519,21 +519,21 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
         }
         let mean = (sum / n as f64) as f32;
         vol.data.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = mean);
-        eprintln!("  {}: replaced {bad} non-finite voxels by the mean {mean}", job.run);
+        fastdet::errln!("  {}: replaced {bad} non-finite voxels by the mean {mean}", job.run);
     }
     // The models' window multiple, read from the weights' headers only when a warning needs it.
     let multiple = || a.weights.iter().filter_map(|p| Weights::read_spec(p).ok()).map(|(spec, _)| spec.size_multiple()).max();
     for line in vol.notes.iter().cloned().chain(coverage_warnings(vol.shape, s.window, s.tiles, a.pad == "zero", multiple)) {
-        eprintln!("  warning: {}: {line}", job.path.display());
+        fastdet::errln!("  warning: {}: {line}", job.path.display());
     }
     if let Some(&first) = vol.data.first() {
         if vol.data.iter().all(|&v| v == first) {
-            eprintln!("  warning: {}: every voxel is {first}: no contrast, any pick is meaningless", job.path.display());
+            fastdet::errln!("  warning: {}: every voxel is {first}: no contrast, any pick is meaningless", job.path.display());
         }
     }
     if let Some(vs) = vol.voxel_size {
         if (vs - s.voxel_size).abs() > 1e-3 {
-            eprintln!(
+            fastdet::errln!(
                 "  warning: {}: voxel size is {vs} Å in the file's metadata; using {} Å (--voxel-size)",
                 job.path.display(),
                 s.voxel_size
@@ -602,9 +602,9 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
             let rate = done as f64 / t_infer.elapsed().as_secs_f64().max(1e-9);
             let width = 30;
             let filled = done * width / total.max(1);
-            eprint!("\r  {} [{}{}] {done}/{total} tiles, {rate:.2} tiles/s ", job.run, "#".repeat(filled), "-".repeat(width - filled));
+            fastdet::errprint!("\r  {} [{}{}] {done}/{total} tiles, {rate:.2} tiles/s ", job.run, "#".repeat(filled), "-".repeat(width - filled));
             if done == total {
-                eprintln!();
+                fastdet::errln!();
             }
         }
     };
@@ -729,7 +729,7 @@ fn lock_parts(dir: &Path, out: &Path) -> Result<Option<std::fs::File>> {
             }
             Err(std::fs::TryLockError::Error(e)) => {
                 // Some network file systems have no locks: run on, without the guard.
-                eprintln!("warning: {}: cannot lock ({e}); make sure no other job writes {}", path.display(), out.display());
+                fastdet::errln!("warning: {}: cannot lock ({e}); make sure no other job writes {}", path.display(), out.display());
                 return Ok(None);
             }
         }
@@ -760,7 +760,7 @@ impl Parts {
         let stale = fastdet::util::remove_stale_temporaries(&dir, None)
             + fastdet::util::remove_stale_temporaries(&fastdet::util::folder_of(&target), target.file_name());
         if stale > 0 {
-            eprintln!("removed {stale} temporary file(s) left by a job on {} that was killed", out.display());
+            fastdet::errln!("removed {stale} temporary file(s) left by a job on {} that was killed", out.display());
         }
         let fp_path = dir.join("settings.json");
         let settings_sha = sha256_hex(fingerprint.as_bytes());
@@ -787,7 +787,7 @@ impl Parts {
             }
         } else {
             if resume {
-                eprintln!("--resume: {} holds no finished runs; computing every run", dir.display());
+                fastdet::errln!("--resume: {} holds no finished runs; computing every run", dir.display());
             }
             // Everything but the lock, which the job holds.
             for entry in std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))? {
@@ -844,7 +844,7 @@ impl Parts {
             None
         };
         if let Some(why) = why {
-            eprintln!("  {}: {why}; computing them again", job.run);
+            fastdet::errln!("  {}: {why}; computing them again", job.run);
             return None;
         }
         let shape = record.and_then(|r| serde_json::from_value(r.get("shape")?.clone()).ok());
@@ -916,15 +916,15 @@ fn worker(
     let policy = CheckKernels::from_env(matches!(device, Device::Emu(_)))?;
     let (checked, device_handle) = kernel_check::ensure_checked(device, policy, &kernel_check::default_store())?;
     if let Some(line) = checked {
-        eprintln!("  {label}{line}");
+        fastdet::errln!("  {label}{line}");
     }
     let (mut ens, choices) = load_ensemble(a, device)?;
     drop(device_handle);
     for c in choices {
-        eprintln!("  {label}{c} (FASTDET_CONV=measure on {device})");
+        fastdet::errln!("  {label}{c} (FASTDET_CONV=measure on {device})");
     }
     if s.device_blend && device.is_cuda_engine() && ens.cuda_device().is_none() {
-        eprintln!("  {label}the models on {device} are not on one CUDA device; blending on the host");
+        fastdet::errln!("  {label}the models on {device} are not on one CUDA device; blending on the host");
     }
     // The reader copies each volume to the device as soon as it is read, on a side stream, so
     // the copy runs while the worker computes the previous one.
@@ -932,7 +932,7 @@ fn worker(
         Some(gpu) if s.device_blend && fastdet::engine::cuda::side_upload::overlap_enabled() => match SideUploader::new(gpu) {
             Ok(u) => Some(u),
             Err(e) => {
-                eprintln!("  warning: {label}no side stream on {device} ({e:#}); each volume goes up when its turn comes");
+                fastdet::errln!("  warning: {label}no side stream on {device} ({e:#}); each volume goes up when its turn comes");
                 None
             }
         },
@@ -964,7 +964,7 @@ fn worker(
                         (true, false) => format!(", upload {:.2} s", t.upload),
                         (false, _) => String::new(),
                     };
-                    eprintln!(
+                    fastdet::errln!(
                         "  {label}{}: {} picks; read {:.2} s{upload}, infer {:.2} s, blend {:.2} s, detect {:.2} s",
                         job.run,
                         p.len(),
@@ -977,7 +977,7 @@ fn worker(
                         parts.store(job, p, &stamp, shape)?;
                     }
                 }
-                Err(e) => eprintln!("  {label}{}: FAILED: {e:#}", job.run),
+                Err(e) => fastdet::errln!("  {label}{}: FAILED: {e:#}", job.run),
             }
             out.push((i, result));
         }
@@ -992,11 +992,11 @@ fn worker(
         }
     }
     if replays + eager > 0 {
-        eprintln!("  {label}CUDA graphs on {device}: {replays} batch(es) replayed from {graphs} graph(s), {eager} run eagerly (the first of each shape, per model)");
+        fastdet::errln!("  {label}CUDA graphs on {device}: {replays} batch(es) replayed from {graphs} graph(s), {eager} run eagerly (the first of each shape, per model)");
     }
     // Engines on one device share its memory: the first one's peak covers them all.
     if let Some(peak) = ens.engines.first().and_then(|e| e.device_memory_peak()) {
-        eprintln!("  {label}peak device memory on {device}: {:.0} MiB (fastdet buffers; cuDNN and the driver add their own)", peak as f64 / 1048576.0);
+        fastdet::errln!("  {label}peak device memory on {device}: {:.0} MiB (fastdet buffers; cuDNN and the driver add their own)", peak as f64 / 1048576.0);
     }
     Ok(out)
 }
@@ -1007,7 +1007,7 @@ fn worker(
 fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: Option<&Parts>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
     extras.check_dirs()?;
     let devices = a.devices()?;
-    eprintln!(
+    fastdet::errln!(
         "{} run(s), {} model(s) on {}, window {}, tiles {}, tta {}",
         jobs.len(),
         a.weights.len(),
@@ -1026,12 +1026,12 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
             let missing = [maps, qc].into_iter().flatten().find(|p| !p.exists());
             if let (Some(m), Some(p)) = (&missing, parts) {
                 if p.path(&j.run).exists() {
-                    eprintln!("  {}: {} is not there; computing the run again", j.run, m.display());
+                    fastdet::errln!("  {}: {} is not there; computing the run again", j.run, m.display());
                 }
             }
             let (done, shape) = parts.filter(|_| missing.is_none()).and_then(|p| p.load(j))?;
             let Some(star) = star else {
-                eprintln!("  {}: {} picks (resumed)", j.run, done.len());
+                fastdet::errln!("  {}: {} picks (resumed)", j.run, done.len());
                 return Some(Ok((done, Timing::default())));
             };
             // The shape recorded with the picks (a record without one: the tomogram's).
@@ -1044,13 +1044,13 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
                 Err(e) => Err(anyhow::anyhow!("{e:#}")),
             };
             match written {
-                Ok(None) => eprintln!("  {}: {} picks (resumed)", j.run, done.len()),
+                Ok(None) => fastdet::errln!("  {}: {} picks (resumed)", j.run, done.len()),
                 Ok(Some(replaced)) => {
                     let why = if replaced { "did not match them (damaged or edited); written again" } else { "written from them" };
-                    eprintln!("  {}: {} picks (resumed; {} {why})", j.run, done.len(), star.display());
+                    fastdet::errln!("  {}: {} picks (resumed; {} {why})", j.run, done.len(), star.display());
                 }
                 Err(e) => {
-                    eprintln!("  {}: {} could not be written from the stored picks ({e:#}); computing the run again", j.run, star.display());
+                    fastdet::errln!("  {}: {} could not be written from the stored picks ({e:#}); computing the run again", j.run, star.display());
                     return None;
                 }
             }
@@ -1101,7 +1101,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
             }
         }
         let to = healthy[0];
-        eprintln!("warning: {dev} failed: {e:#}; its {} remaining run(s) go to {to}", left.len());
+        fastdet::errln!("warning: {dev} failed: {e:#}; its {} remaining run(s) go to {to}", left.len());
         match worker(to, &label(to), &left, a, s, extras, parts) {
             Ok(done) => {
                 for (i, r) in done {
@@ -1124,7 +1124,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
         }
     }
     if let Some(mib) = peak_rss_mib() {
-        eprintln!("peak memory {mib:.0} MiB");
+        fastdet::errln!("peak memory {mib:.0} MiB");
     }
     Ok((picks, failed))
 }
@@ -1133,9 +1133,9 @@ fn report_failures(failed: &[(String, String)]) -> ExitCode {
     if failed.is_empty() {
         return ExitCode::SUCCESS;
     }
-    eprintln!("{} run(s) failed:", failed.len());
+    fastdet::errln!("{} run(s) failed:", failed.len());
     for (r, e) in failed {
-        eprintln!("  {r}: {e}");
+        fastdet::errln!("  {r}: {e}");
     }
     ExitCode::from(2)
 }
@@ -1201,7 +1201,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     };
     if !failed.is_empty() && failed.len() == jobs.len() {
         // A header-only file would pass for a run that found nothing.
-        eprintln!("every run failed: {} not written", out.display());
+        fastdet::errln!("every run failed: {} not written", out.display());
         discard(parts);
         return Ok(report_failures(&failed));
     }
@@ -1239,7 +1239,7 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     if inferred.is_empty() {
         bail!("no run was inferred: nothing to tune on");
     }
-    eprintln!("tuning on {} run(s), {} annotated particle(s)", inferred.len(), truth.len());
+    fastdet::errln!("tuning on {} run(s), {} annotated particle(s)", inferred.len(), truth.len());
     let (thresholds, score) = metric::tune_thresholds(&truth, &cands, a.beta, a.min_threshold);
     fastdet::outln!("{}", metric::format_table(&score))?;
     let t: Vec<String> = thresholds.iter().map(|t| format!("{t}")).collect();

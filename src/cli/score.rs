@@ -73,7 +73,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let submitted: std::collections::BTreeSet<&str> = sub.iter().map(|p| p.run.as_str()).collect();
     let missing: std::collections::BTreeSet<&str> = truth.iter().map(|p| p.run.as_str()).filter(|r| !submitted.contains(r)).collect();
     if !missing.is_empty() {
-        eprintln!(
+        fastdet::errln!(
             "warning: {}: {} run(s) with ground truth have no picks, and all their particles count as missed: {} (--runs scores a subset)",
             a.submission.display(),
             missing.len(),
@@ -85,7 +85,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         std::fs::read_dir(&runs_dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     let unknown: std::collections::BTreeSet<&str> = sub.iter().map(|p| p.run.as_str()).filter(|r| !known.contains(*r)).collect();
     if !unknown.is_empty() {
-        eprintln!(
+        fastdet::errln!(
             "warning: {}: {} run(s) have no ground truth under {} split {:?} and are not scored: {}",
             a.submission.display(),
             unknown.len(),

@@ -96,8 +96,8 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     let device = match selftest::check_target(target) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("selftest: {e:#}");
-            eprintln!("selftest: nothing was tested (no usable GPU); exit status 2");
+            fastdet::errln!("selftest: {e:#}");
+            fastdet::errln!("selftest: nothing was tested (no usable GPU); exit status 2");
             if let Some(p) = &a.json {
                 let j = serde_json::json!({"device": a.device, "no_device": true, "error": format!("{e:#}"), "passed": false, "rows": []});
                 write_json(p, &serde_json::to_string_pretty(&j)?)?;
@@ -135,13 +135,13 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
     if let (Ok(r), Some(gpu)) = (&report, &gpu) {
         let verdict = kernel_check::verdict(r);
         if let Err(e) = kernel_check::record(&kernel_check::check_key(gpu), &verdict, &kernel_check::default_store()) {
-            eprintln!("warning: the kernel checks' outcome is not remembered for `fastdet run`: {e:#}");
+            fastdet::errln!("warning: the kernel checks' outcome is not remembered for `fastdet run`: {e:#}");
         }
     }
     let report = match report {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("selftest: could not start on {device}: {e:#}");
+            fastdet::errln!("selftest: could not start on {device}: {e:#}");
             if let Some(p) = &a.json {
                 let j = serde_json::json!({"device": device, "no_device": false, "error": format!("{e:#}"), "passed": false, "rows": []});
                 write_json(p, &serde_json::to_string_pretty(&j)?)?;

@@ -112,7 +112,7 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         .zip(written.placed.iter().zip(cfg.particles_per_class))
         .map(|(class, (got, n))| format!("{} {got}/{}", class.name, n * runs))
         .collect();
-    eprintln!(
+    fastdet::errln!(
         "wrote {runs} run(s) of {:?} voxels under {} (split {}; particles placed/requested over all runs: {})",
         cfg.shape,
         a.out.display(),
@@ -120,7 +120,7 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         counts.join(", ")
     );
     if placed < requested {
-        eprintln!("warning: the volume has no room for every requested particle: {placed} of {requested} placed");
+        fastdet::errln!("warning: the volume has no room for every requested particle: {placed} of {requested} placed");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -184,7 +184,7 @@ fn truth_files(picks_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<(PathBuf
 pub fn read_truth(root: &Path, split: &str) -> Result<Vec<Pick>> {
     let (picks, notes) = read_truth_noted(root, split)?;
     for n in notes {
-        eprintln!("warning: {n}");
+        crate::errln!("warning: {n}");
     }
     Ok(picks)
 }

@@ -428,7 +428,7 @@ fn predict_and_detect_with(
                     return Ok((dets, maps));
                 }
                 Err(e) if e.downcast_ref::<OutOfMemory>().is_some() => {
-                    eprintln!("  the detection candidates do not fit on the device ({e:#}); detecting on the host");
+                    crate::errln!("  the detection candidates do not fit on the device ({e:#}); detecting on the host");
                     timing.detect += t.elapsed().as_secs_f64();
                     read_device_maps(&mut acc, timing)?
                 }
@@ -499,7 +499,7 @@ fn predict_blended(
                                 Some(v)
                             }
                             Err(e) if e.downcast_ref::<OutOfMemory>().is_some() => {
-                                eprintln!("  the volume does not fit on the device ({e:#}); cutting the tiles on the host");
+                                crate::errln!("  the volume does not fit on the device ({e:#}); cutting the tiles on the host");
                                 None
                             }
                             Err(e) => return Err(e),
@@ -536,7 +536,7 @@ fn predict_blended(
                     return Ok(Blended::Device(acc));
                 }
                 Err(e) if e.downcast_ref::<OutOfMemory>().is_some() => {
-                    eprintln!("  the blend accumulators do not fit on the device ({e:#}); blending on the host");
+                    crate::errln!("  the blend accumulators do not fit on the device ({e:#}); blending on the host");
                 }
                 Err(e) => return Err(e),
             }
@@ -598,7 +598,7 @@ fn for_each_batch(
             Ok(()) => {}
             Err(e) if batch > 1 && e.downcast_ref::<OutOfMemory>().is_some() => {
                 batch /= 2;
-                eprintln!("  out of memory with {} tiles per call; retrying with {batch}", chunk.len());
+                crate::errln!("  out of memory with {} tiles per call; retrying with {batch}", chunk.len());
                 continue;
             }
             Err(e) => return Err(e),
@@ -789,7 +789,7 @@ mod tests {
             assert_eq!(dev.dims, [6, 18, 20]);
             let d = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             let (ds, dof) = (d(&dev.scores, &host.scores), d(&dev.offsets, &host.offsets));
-            eprintln!("batch {batch} {tta:?}: max |d| scores {ds:e}, offsets {dof:e}; to the device {per_model} B cut on the host, {shared} B cut on the device");
+            crate::errln!("batch {batch} {tta:?}: max |d| scores {ds:e}, offsets {dof:e}; to the device {per_model} B cut on the host, {shared} B cut on the device");
             assert!(dev == host, "batch {batch} {tta:?}: the maps differ (max |d| scores {ds:e}, offsets {dof:e})");
             assert!(uploaded == host, "batch {batch} {tta:?}: host-cut tiles on the device path differ");
             assert!(host.offsets.iter().any(|v| *v != 0.0));

@@ -171,7 +171,7 @@ impl CpuEngine {
         if profile {
             spent.sort_by(|a, b| b.1.total_cmp(&a.1));
             for (k, t, f) in spent {
-                eprintln!("profile {:<32} {:8.1} ms {:7.1} GFLOP/s", k, t * 1e3, f * 1e-9 / t);
+                crate::errln!("profile {:<32} {:8.1} ms {:7.1} GFLOP/s", k, t * 1e3, f * 1e-9 / t);
             }
         }
         Ok(vals)

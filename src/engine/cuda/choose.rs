@@ -313,7 +313,7 @@ fn time_variants(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], n: u
                     Ok(()) => (Some(e), Ok(ms)),
                     Err(err) => {
                         if trusted(r) {
-                            eprintln!("warning: {}: {err:#}; `fastdet selftest` on this device names the kernel", weights.name);
+                            crate::errln!("warning: {}: {err:#}; `fastdet selftest` on this device names the kernel", weights.name);
                         }
                         t.disputed |= !trusted(r);
                         (None, Err(err))
@@ -374,7 +374,7 @@ pub fn open_measured(gpu: Arc<Gpu>, weights: &Weights, n: usize, tile: [usize; 3
         if !(oom && at > 1) {
             bail!("{}: no convolution path ran on {at} tile(s) of {tile:?}: {}", weights.name, why.join("; "));
         }
-        eprintln!("warning: {}: {at} tiles at once fit on the device in no convolution path; measuring {}", weights.name, at / 2);
+        crate::errln!("warning: {}: {at} tiles at once fit on the device in no convolution path; measuring {}", weights.name, at / 2);
         at /= 2;
     };
     // Microseconds are all a walk's time is good for (and what the file keeps).
@@ -416,7 +416,7 @@ fn open_remembered(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], ke
             Some((e, choice))
         }
         Err(err) => {
-            eprintln!("warning: {}: the remembered convolution path {} does not open ({err:#}); measuring again", weights.name, v.label);
+            crate::errln!("warning: {}: the remembered convolution path {} does not open ({err:#}); measuring again", weights.name, v.label);
             None
         }
     }

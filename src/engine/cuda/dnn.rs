@@ -381,7 +381,7 @@ impl ConvPlan {
             self.timed = true;
             // Timing is an optimisation: on failure the heuristic order stands.
             if let Err(e) = self.time_candidates(dnn, gpu, x, w, y, workspace) {
-                eprintln!("warning: {}: timing cuDNN's algorithms failed ({e:#}); taking its heuristic order", self.what);
+                crate::errln!("warning: {}: timing cuDNN's algorithms failed ({e:#}); taking its heuristic order", self.what);
             }
         }
         let start = self.chosen.unwrap_or(0);

@@ -811,7 +811,7 @@ impl CudaEngine {
             }
             Err(capture_error) => {
                 let msg = format!("{}: no CUDA graph for {n} tile(s) of {tile:?} ({capture_error:#}); running it without one", self.name);
-                eprintln!("warning: {msg}");
+                crate::errln!("warning: {msg}");
                 self.notes.push(msg);
                 self.graphs.insert(key, GraphEntry { high: end.high, state: GraphState::Off });
                 self.run_walk(input, n, tile, want_fm2)
@@ -1191,12 +1191,12 @@ impl CudaEngine {
                                     if full {
                                         let msg = format!("{name}: no room for cuDNN's workspace; conv3d_igemm_f16 when it does not fit");
                                         if !self.notes.contains(&msg) {
-                                            eprintln!("warning: {msg} ({e:#})");
+                                            crate::errln!("warning: {msg} ({e:#})");
                                             self.notes.push(msg);
                                         }
                                     } else {
                                         let msg = format!("{name}: cuDNN failed ({e:#}); using conv3d_igemm_f16 for it");
-                                        eprintln!("warning: {msg}");
+                                        crate::errln!("warning: {msg}");
                                         self.notes.push(msg);
                                         if let Step::Conv(c) = &mut self.steps[i] {
                                             c.use_dnn = false;
@@ -1490,7 +1490,7 @@ mod tests {
             mx = mx.max(d);
         }
         let rel = (d2 / r2.max(1e-30)).sqrt();
-        eprintln!("{name}: max |d| {mx:.3e}, rel {rel:.3e}");
+        crate::errln!("{name}: max |d| {mx:.3e}, rel {rel:.3e}");
         assert!(rel < tol_rel, "{name}: rel {rel}");
     }
 
@@ -1557,7 +1557,7 @@ mod tests {
                 // tensor-core conv: one in DynUNet, none in SegResNet.
                 let (fused, stats, adds) = CudaEngine::fusion_counts(&e.steps);
                 let norms = e.steps.iter().filter(|s| matches!(s, Step::Norm { .. })).count();
-                eprintln!("{}: {fused} of {norms} norms fused, {stats} convs writing statistics, {adds} adds fused", spec.arch.name());
+                crate::errln!("{}: {fused} of {norms} norms fused, {stats} convs writing statistics, {adds} adds fused", spec.arch.name());
                 match policy.norm_in_loads {
                     NormInLoads::All => assert!(fused > 0 && fused <= norms),
                     // DynUNet's deep-supervision head (backbone.deep_supervision_heads.0): norm -> 1x1x1 conv.

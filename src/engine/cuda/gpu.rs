@@ -164,7 +164,7 @@ impl Drop for DevBuf {
             if let Some(Mem::Side { mem: SideMem::Cuda { slice, main }, .. }) = &self._mem {
                 if let Err(e) = slice.stream().join(main) {
                     if let Err(e2) = main.synchronize() {
-                        eprintln!("warning: a side-stream buffer left allocated: its readers could not be waited for ({e}; {e2})");
+                        crate::errln!("warning: a side-stream buffer left allocated: its readers could not be waited for ({e}; {e2})");
                         std::mem::forget(self._mem.take());
                         return;
                     }

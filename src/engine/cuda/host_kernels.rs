@@ -107,7 +107,7 @@ impl HostKernels {
             Err(e) => {
                 let plain: Vec<&str> = checked.iter().copied().filter(|f| *f != SANITIZE_ALIGNMENT).collect();
                 let k = HostKernels::build_with(cache, sources, &plain)?;
-                eprintln!("warning: host kernels built without alignment checks ({SANITIZE_ALIGNMENT} failed: {})", format!("{e:#}").lines().next().unwrap_or(""));
+                crate::errln!("warning: host kernels built without alignment checks ({SANITIZE_ALIGNMENT} failed: {})", format!("{e:#}").lines().next().unwrap_or(""));
                 Ok(k)
             }
         }

@@ -169,7 +169,7 @@ fn check(gpu: &Arc<Gpu>, device: Device, policy: CheckKernels, store: &JsonStore
         }
         Verdict::Unchecked(lines) => {
             let why = if lines.is_empty() { "no kernel check ran".to_string() } else { format!("{} check(s) found no device memory: {}", lines.len(), lines[0]) };
-            eprintln!("warning: the kernels could not be checked on {device} ({why}); running unchecked, and checking again next time. {reproduce}");
+            crate::errln!("warning: the kernels could not be checked on {device} ({why}); running unchecked, and checking again next time. {reproduce}");
             Ok(format!("kernels: not checked on this device ({why})"))
         }
     }

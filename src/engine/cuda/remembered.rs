@@ -47,7 +47,7 @@ impl JsonStore {
         match serde_json::from_str(&text) {
             Ok(m) => m,
             Err(e) => {
-                eprintln!("warning: {}: not a file of {what} ({e}); starting afresh", p.display());
+                crate::errln!("warning: {}: not a file of {what} ({e}); starting afresh", p.display());
                 BTreeMap::new()
             }
         }
@@ -116,7 +116,7 @@ fn lock_file(path: &Path) -> Result<Option<std::fs::File>> {
             Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_WAIT => std::thread::sleep(std::time::Duration::from_millis(20)),
             Err(std::fs::TryLockError::WouldBlock) => bail!("{}: another process has held it for {} s", path.display(), LOCK_WAIT.as_secs()),
             Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(ENOLCK) => {
-                eprintln!("warning: {}: the file system does not lock files ({e}); writing without a lock", path.display());
+                crate::errln!("warning: {}: the file system does not lock files ({e}); writing without a lock", path.display());
                 return Ok(None);
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("{}: cannot lock", path.display())),

@@ -1274,7 +1274,7 @@ fn networks(c: &mut Ctx, opts: &Options) {
         let shape = format!("1x1x{}", shape_str(&tile));
         let w = Weights::random(spec, opts.seed.wrapping_add(si as u64 * 101));
         let x = c.rand16(vol(tile), 0.0, 1.0);
-        eprintln!("selftest: {arch} on {shape}: CPU reference...");
+        crate::errln!("selftest: {arch} on {shape}: CPU reference...");
         let t0 = Instant::now();
         let want = match CpuEngine::new(&w).and_then(|mut e| e.forward(&x, 1, tile, true)) {
             Ok(o) => o,
@@ -1521,7 +1521,7 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
         }
     };
     c.notes.push(format!("pipeline models: {}", weights.iter().map(|w| format!("{} ({})", w.name, w.path.display())).collect::<Vec<_>>().join(", ")));
-    eprintln!("selftest: pipeline: synthetic tomogram {}...", shape_str(&shape));
+    crate::errln!("selftest: pipeline: synthetic tomogram {}...", shape_str(&shape));
     let t = Instant::now();
     let tomo = crate::synth::make_tomogram(shape, &crate::synth::counts_for_shape(shape), opts.seed, crate::synth::FIXTURE_NOISE);
     c.time(format!("synthetic tomogram {}", shape_str(&shape)), t.elapsed().as_secs_f64());
@@ -1538,7 +1538,7 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
         Ok((maps, dets, t.elapsed().as_secs_f64(), timing))
     };
     let run = |engines: Vec<Box<dyn TileEngine>>| run_with(engines, &settings);
-    eprintln!("selftest: pipeline: {} model(s) on the CPU ({sname})...", weights.len());
+    crate::errln!("selftest: pipeline: {} model(s) on the CPU ({sname})...", weights.len());
     let cpu = match weights.iter().map(|w| CpuEngine::new(w).map(|e| Box::new(e) as Box<dyn TileEngine>)).collect::<Result<Vec<_>>>().and_then(&run) {
         Ok(r) => r,
         Err(e) => {
@@ -1549,7 +1549,7 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
     c.time(format!("pipeline cpu {sname}"), cpu.2);
     c.case("pipeline", &sname.clone(), |c| {
         let engines = weights.iter().map(|w| CudaEngine::on(c.gpu.clone(), w, ConvBackend::Auto).map(|e| Box::new(e) as Box<dyn TileEngine>)).collect::<Result<Vec<_>>>()?;
-        eprintln!("selftest: pipeline: the same on the GPU...");
+        crate::errln!("selftest: pipeline: the same on the GPU...");
         let gpu = run(engines)?;
         c.time(format!("pipeline gpu {sname}"), gpu.2);
         c.cmp("pipeline blended scores", &sname, &gpu.0.scores, &cpu.0.scores, TOL_NET_SCORES);
@@ -1587,7 +1587,7 @@ fn pipeline(c: &mut Ctx, opts: &Options) {
         );
         // Averaging and blending on the device: the host blending's f32 operations in its order,
         // on the same engine outputs, so the same maps bit for bit.
-        eprintln!("selftest: pipeline: again blending on the device...");
+        crate::errln!("selftest: pipeline: again blending on the device...");
         let engines = weights.iter().map(|w| CudaEngine::on(c.gpu.clone(), w, ConvBackend::Auto).map(|e| Box::new(e) as Box<dyn TileEngine>)).collect::<Result<Vec<_>>>()?;
         let dev = run_with(engines, &Settings { device_blend: true, ..settings.clone() })?;
         c.cmp("pipeline device blend scores (vs host blend)", &sname, &dev.0.scores, &gpu.0.scores, TOL_EXACT);

@@ -120,7 +120,7 @@ impl SideUploader {
         match self.upload(volume) {
             Ok(p) => Ok(Some(p)),
             Err(e) if e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_some() => {
-                eprintln!("  {what}: no room on the device for this volume beside the one being computed ({e:#}); it goes up when its turn comes");
+                crate::errln!("  {what}: no room on the device for this volume beside the one being computed ({e:#}); it goes up when its turn comes");
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -160,7 +160,7 @@ impl SideUploader {
         match side.synchronize() {
             Ok(()) => self.last_copy = None,
             Err(e) => {
-                eprintln!("warning: the side stream could not be waited for ({e}); its page-locked staging is left allocated");
+                crate::errln!("warning: the side stream could not be waited for ({e}); its page-locked staging is left allocated");
                 std::mem::forget(self.pinned.take());
                 self.last_copy = None;
             }

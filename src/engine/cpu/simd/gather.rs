@@ -347,7 +347,7 @@ mod timing {
             }
             let tm = t.elapsed().as_secs_f64() / reps as f64;
             let fl = 2.0 * (cout * KC * np) as f64;
-            eprintln!("cin {cin} cout {cout}: im2col {:.1} us, multiply {:.1} us = {:.1} GFLOP/s; overall {:.1} GFLOP/s", ti * 1e6, tm * 1e6, fl / tm * 1e-9, fl / (ti + tm) * 1e-9);
+            crate::errln!("cin {cin} cout {cout}: im2col {:.1} us, multiply {:.1} us = {:.1} GFLOP/s; overall {:.1} GFLOP/s", ti * 1e6, tm * 1e6, fl / tm * 1e-9, fl / (ti + tm) * 1e-9);
         }
     }
 }

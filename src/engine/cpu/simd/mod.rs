@@ -264,10 +264,10 @@ mod tests {
         match detect() {
             Some(Isa::Avx512) => isas.extend([Isa::Avx512, Isa::Avx2].into_iter().filter(|&i| i == Isa::Avx512 || detect_avx2())),
             Some(Isa::Avx2) => {
-                eprintln!("SKIP AVX-512 kernels: this CPU has no AVX-512F");
+                crate::errln!("SKIP AVX-512 kernels: this CPU has no AVX-512F");
                 isas.push(Isa::Avx2);
             }
-            None => eprintln!("SKIP simd_conv_matches_direct_formula: this CPU has neither AVX-512F nor AVX2+FMA (the portable path is tested in conv.rs)"),
+            None => crate::errln!("SKIP simd_conv_matches_direct_formula: this CPU has neither AVX-512F nor AVX2+FMA (the portable path is tested in conv.rs)"),
         }
         // Edge classes: cout not a multiple of MR, columns not a multiple of NR, stride 2,
         // K longer than KC, 1-voxel axes, every fused activation, batch of 2.
