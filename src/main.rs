@@ -65,10 +65,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             // Help and version text go to standard output: a failed write there (`> /dev/full`)
-            // is a failure too; a reader that stopped early (`| head`) is not.
+            // is a failure too; a reader that stopped early (`| head`) is not. (A usage error
+            // goes to standard error and keeps its code whether or not it could be written.)
             let printed = e.print().and_then(|()| std::io::Write::flush(&mut std::io::stdout()));
             if let Err(w) = printed {
-                if w.kind() != std::io::ErrorKind::BrokenPipe {
+                if !e.use_stderr() && w.kind() != std::io::ErrorKind::BrokenPipe {
                     fastdet::errln!("error: cannot write to standard output: {w}");
                     return ExitCode::FAILURE;
                 }

@@ -9,7 +9,7 @@ macro_rules! outln {
     ($($t:tt)*) => { $crate::util::out_line(format_args!($($t)*)) };
 }
 
-/// `crate::errln!` that never panics: a log that cannot be written (a reader that went away, a full
+/// `eprintln!` that never panics: a log that cannot be written (a reader that went away, a full
 /// disk under the job's log file) does not stop the work, whose outputs are files.
 #[macro_export]
 macro_rules! errln {
@@ -17,7 +17,7 @@ macro_rules! errln {
     ($($t:tt)*) => { $crate::util::err_text(format_args!("{}\n", format_args!($($t)*))) };
 }
 
-/// `crate::errprint!` as [`errln!`].
+/// `eprint!` as [`errln!`].
 #[macro_export]
 macro_rules! errprint {
     ($($t:tt)*) => { $crate::util::err_text(format_args!($($t)*)) };

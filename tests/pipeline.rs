@@ -233,14 +233,14 @@ fn mean_padding_for_volumes_shorter_than_the_window() {
     let data = tmp.path().join("short");
     let o = fastdet().arg("synth").arg(&data).args(["--runs", "2", "--shape", "60,96,96", "--seed", "3", "--noise", "1.2"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let run = |pad: &str, out: &Path, extra: &[&str]| {
+    let run = |pad: &str, out: &Path, tiles: &str, extra: &[&str]| {
         let o = fastdet()
             .arg("run")
             .arg("--data")
             .arg(&data)
             .arg("--weights")
             .args(demo_weights())
-            .args(["--window", "64,96,96", "--tiles", "1,1,1", "--pad", pad])
+            .args(["--window", "64,96,96", "--tiles", tiles, "--pad", pad])
             .args(extra)
             .arg("--out")
             .arg(out)
@@ -252,11 +252,11 @@ fn mean_padding_for_volumes_shorter_than_the_window() {
         let score: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         (score["fbeta"].as_f64().unwrap(), err)
     };
-    let (zero, err) = run("zero", &tmp.path().join("zero.csv"), &[]);
-    assert!(err.contains("4 voxels of zero padding") && err.contains("a window that fits: --window 32,96,96 --tiles 2,1,1 (or --pad mean)"), "{err}");
+    let (zero, err) = run("zero", &tmp.path().join("zero.csv"), "1,1,1", &[]);
+    assert!(err.contains("along z (4 voxels of padding)") && err.contains("a window that fits: --window 32,96,96 --tiles 2,1,1 (or --pad mean)"), "{err}");
     let maps = tmp.path().join("maps");
     let mean_out = tmp.path().join("mean.csv");
-    let (mean, err) = run("mean", &mean_out, &["--save-maps", maps.to_str().unwrap()]);
+    let (mean, err) = run("mean", &mean_out, "1,1,1", &["--save-maps", maps.to_str().unwrap()]);
     assert!(!err.contains("padding"), "{err}");
     assert!(mean > 0.95 && mean > zero + 0.3, "--pad mean {mean}, zero {zero}");
     for (name, channels) in [("scores", 6), ("offsets", 3)] {
@@ -266,6 +266,11 @@ fn mean_padding_for_volumes_shorter_than_the_window() {
     }
     let picks = fastdet::io::csv::read_submission(&mean_out).unwrap();
     assert!(!picks.is_empty() && picks.iter().all(|p| p.z < 60.0 * 10.012), "a pick in the padding");
+    // A padded axis is as long as the window: one tile along it, however many are asked for.
+    let thrice = tmp.path().join("thrice.csv");
+    let (again, err) = run("mean", &thrice, "3,2,1", &[]);
+    assert!(err.contains("TS_synth_1: ") && err.matches("(2 tiles)").count() == 2, "{err}");
+    assert_eq!(again, mean);
     let settings = std::fs::read_to_string(tmp.path().join("mean.csv.runs/settings.json")).unwrap();
     assert!(settings.contains("\"pad\": \"mean\""), "{settings}");
     assert!(!std::fs::read_to_string(tmp.path().join("zero.csv.runs/settings.json")).unwrap().contains("pad"));

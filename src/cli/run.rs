@@ -117,7 +117,7 @@ pub struct InferArgs {
     pub allow_nonfinite: bool,
     /// What fills a window that runs past a volume shorter than it: zero (the seed's: the darkest
     /// value after the [0, 1] scaling) or the volume's mean (for models not trained with zero
-    /// padding; picks in the padding are dropped)
+    /// padding; peaks are looked for in the tomogram's own extent, as with zero)
     #[arg(long, default_value = "zero", value_parser = ["zero", "mean"])]
     pub pad: String,
 }
@@ -523,7 +523,7 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
     }
     // The models' window multiple, read from the weights' headers only when a warning needs it.
     let multiple = || a.weights.iter().filter_map(|p| Weights::read_spec(p).ok()).map(|(spec, _)| spec.size_multiple()).max();
-    for line in vol.notes.iter().cloned().chain(coverage_warnings(vol.shape, s.window, s.tiles, a.pad == "zero", multiple)) {
+    for line in vol.notes.iter().cloned().chain(coverage_warnings(vol.shape, s.window, s.tiles, a.pad == "zero", s.tta == Tta::Rot90, multiple)) {
         fastdet::errln!("  warning: {}: {line}", job.path.display());
     }
     if let Some(&first) = vol.data.first() {
@@ -543,34 +543,60 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
     Ok((vol, t.elapsed().as_secs_f64()))
 }
 
-/// What a user should hear about how the window and tiles meet a volume of `shape`: an axis the
-/// tiles leave gaps on (voxels no tile sees), an axis shorter than the window (the zero padding
-/// is darker than any voxel after the [0, 1] normalisation, and enters the normalisation layers
-/// of every tile: with models not trained on it, detections fail throughout the volume; not said
-/// up to the seed's own 8 slices in 192), with a window the models take (`multiple`) that fits.
-fn coverage_warnings(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3], zero_pad: bool, multiple: impl Fn() -> Option<usize>) -> Vec<String> {
+/// What a user should hear about how the window and tiles meet a volume of `shape`: axes shorter
+/// than the window (the zero padding is darker than any voxel after the [0, 1] normalisation, and
+/// enters the normalisation layers of every tile: with models not trained on it, detections fail
+/// throughout the volume; not said up to the seed's own 8 slices in 192), in one warning with a
+/// window the models take (`multiple`) that fits them all (square in yx for `--tta rot90`); an
+/// axis the tiles leave gaps on (voxels no tile sees); tiles that repeat one start.
+fn coverage_warnings(
+    shape: [usize; 3],
+    window: [usize; 3],
+    tiles: [usize; 3],
+    zero_pad: bool,
+    square_yx: bool,
+    multiple: impl Fn() -> Option<usize>,
+) -> Vec<String> {
     let mut out = Vec::new();
-    for (axis, name) in ["z", "y", "x"].iter().enumerate() {
-        let (n, w, t) = (shape[axis], window[axis], tiles[axis]);
-        if zero_pad && (w.saturating_sub(n)) * 24 > w {
-            let advice = match multiple() {
-                Some(m) if n >= m => {
-                    let fit = n / m * m;
-                    let mut win = window;
-                    win[axis] = fit;
-                    let mut til = tiles;
-                    til[axis] = n.div_ceil(fit);
-                    let list = |v: [usize; 3]| v.map(|x| x.to_string()).join(",");
-                    format!("; a window that fits: --window {} --tiles {} (or --pad mean)", list(win), list(til))
+    let names = ["z", "y", "x"];
+    let list = |v: [usize; 3]| v.map(|x| x.to_string()).join(",");
+    let short: Vec<usize> = (0..3).filter(|&i| zero_pad && window[i].saturating_sub(shape[i]) * 24 > window[i]).collect();
+    if !short.is_empty() {
+        let advice = match multiple() {
+            Some(m) if short.iter().all(|&i| shape[i] >= m) => {
+                let mut win = window;
+                for &i in &short {
+                    win[i] = shape[i] / m * m;
                 }
-                Some(m) => format!("; the models take windows in multiples of {m}, more than the volume's {n}: --pad mean fills it with the volume's mean"),
-                None => "; --pad mean fills it with the volume's mean".to_string(),
-            };
-            out.push(format!(
-                "the window's {name} ({w}) is longer than the volume's ({n}): {} voxels of zero padding, darker than any voxel, enter every tile's normalisation and can hide particles throughout the volume (the seed's models were trained with 8 in 192){advice}",
-                w - n
-            ));
-        } else if w * t < n {
+                if square_yx && win[1] != win[2] {
+                    let v = win[1].min(win[2]);
+                    (win[1], win[2]) = (v, v);
+                }
+                let mut til = tiles;
+                for i in 0..3 {
+                    let cover = shape[i].div_ceil(win[i]);
+                    if short.contains(&i) {
+                        til[i] = cover;
+                    } else if win[i] != window[i] {
+                        til[i] = til[i].max(cover);
+                    }
+                }
+                format!("; a window that fits: --window {} --tiles {} (or --pad mean)", list(win), list(til))
+            }
+            Some(m) => format!("; the models take windows in multiples of {m}, longer than the volume there: --pad mean fills the window with the volume's mean"),
+            None => "; --pad mean fills the window with the volume's mean".to_string(),
+        };
+        let axes: Vec<String> = short.iter().map(|&i| format!("{} ({} voxels of padding)", names[i], window[i] - shape[i])).collect();
+        out.push(format!(
+            "the window ({}) is longer than the volume ({}) along {}: zero padding, darker than any voxel, enters every tile's normalisation and can hide particles throughout the volume (the seed's models were trained with 8 in 192){advice}",
+            list(window),
+            list(shape),
+            axes.join(" and ")
+        ));
+    }
+    for (axis, name) in names.iter().enumerate() {
+        let (n, w, t) = (shape[axis], window[axis], tiles[axis]);
+        if w <= n && w * t < n {
             out.push(format!("{t} tile(s) of {w} along {name} cover {} of its {n} voxels: raise --tiles or --window", w * t));
         }
         // Starts spread as numpy.linspace: a window as long as the axis gives the same tile t
@@ -597,7 +623,9 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
     let mut timing = Timing { read: read_s, ..Timing::default() };
     let tty = std::io::stderr().is_terminal();
     let t_infer = Instant::now();
+    let mut tiles = 0;
     let mut progress = |done: usize, total: usize| {
+        tiles = total;
         if tty {
             let rate = done as f64 / t_infer.elapsed().as_secs_f64().max(1e-9);
             let width = 30;
@@ -610,19 +638,33 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
     };
     // The maps are read back from the device only for --save-maps (detection runs on the device).
     let prepared = Prepared { normalized: true, upload };
-    let (mut dets, mut maps) = predict_and_detect(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some(), prepared)
-        .with_context(|| format!("{}: inference failed", job.path.display()))?;
-    if vol.shape != shape {
-        // Padded (--pad mean): back to the tomogram's extent.
-        use fastdet::pipeline::tiling::crop_volume;
-        dets.retain(|d| d.z < shape[0] as f64 && d.y < shape[1] as f64 && d.x < shape[2] as f64);
-        if let Some(m) = &mut maps {
-            let cells = shape.map(|n| n / ens.stride);
-            let plane = m.dims.iter().product::<usize>();
-            let crop = |v: &[f32]| v.chunks(plane).flat_map(|c| crop_volume(c, m.dims, cells)).collect::<Vec<f32>>();
-            (m.scores, m.offsets) = (crop(&m.scores), crop(&m.offsets));
-            m.dims = cells;
+    let padded = vol.shape != shape;
+    // A padded axis (--pad mean) is as long as the window: one tile covers it, however many are
+    // asked for (the unpadded axis, shorter than the window, has one start too).
+    let mut s_here = s.clone();
+    for (tiles, (n, padded_n)) in s_here.tiles.iter_mut().zip(shape.iter().zip(vol.shape)) {
+        if *n < padded_n {
+            *tiles = 1;
         }
+    }
+    let want_maps = extras.save_maps.is_some() || padded;
+    let (mut dets, mut maps) = predict_and_detect(ens, &mut vol.data, vol.shape, &s_here, &mut progress, &mut timing, want_maps, prepared)
+        .with_context(|| format!("{}: inference failed", job.path.display()))?;
+    timing.tiles = tiles;
+    if padded {
+        // Back to the tomogram's extent: the maps' cells of the padding go before the peaks are
+        // found, so the detection sees the grid a zero-padded run sees.
+        use fastdet::pipeline::tiling::crop_volume;
+        let mut m = maps.take().context("the maps of a padded volume")?;
+        let cells = shape.map(|n| n / ens.stride);
+        let plane = m.dims.iter().product::<usize>();
+        let crop = |v: &[f32]| v.chunks(plane).flat_map(|c| crop_volume(c, m.dims, cells)).collect::<Vec<f32>>();
+        (m.scores, m.offsets) = (crop(&m.scores), crop(&m.offsets));
+        m.dims = cells;
+        let t = Instant::now();
+        dets = fastdet::pipeline::runner::detect_maps(&m, s, ens.stride);
+        timing.detect += t.elapsed().as_secs_f64();
+        maps = extras.save_maps.is_some().then_some(m);
         vol.data = crop_volume(&vol.data, vol.shape, shape);
         vol.shape = shape;
     }
@@ -756,9 +798,12 @@ impl Parts {
         std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
         let lock = lock_parts(&dir, out)?;
         // Under the lock no other job writes the runs folder or OUT: temporaries there are left
-        // by a job that was killed outright.
-        let stale = fastdet::util::remove_stale_temporaries(&dir, None)
-            + fastdet::util::remove_stale_temporaries(&fastdet::util::folder_of(&target), target.file_name());
+        // by a job that was killed outright. (Without a lock they may be a live job's.)
+        let stale = if lock.is_some() {
+            fastdet::util::remove_stale_temporaries(&dir, None) + fastdet::util::remove_stale_temporaries(&fastdet::util::folder_of(&target), target.file_name())
+        } else {
+            0
+        };
         if stale > 0 {
             fastdet::errln!("removed {stale} temporary file(s) left by a job on {} that was killed", out.display());
         }
@@ -965,11 +1010,12 @@ fn worker(
                         (false, _) => String::new(),
                     };
                     fastdet::errln!(
-                        "  {label}{}: {} picks; read {:.2} s{upload}, infer {:.2} s, blend {:.2} s, detect {:.2} s",
+                        "  {label}{}: {} picks; read {:.2} s{upload}, infer {:.2} s ({} tiles), blend {:.2} s, detect {:.2} s",
                         job.run,
                         p.len(),
                         t.read,
                         t.infer,
+                        t.tiles,
                         t.blend,
                         t.detect
                     );
@@ -1046,7 +1092,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
             match written {
                 Ok(None) => fastdet::errln!("  {}: {} picks (resumed)", j.run, done.len()),
                 Ok(Some(replaced)) => {
-                    let why = if replaced { "did not match them (damaged or edited); written again" } else { "written from them" };
+                    let why = if replaced { "differed from what they give (damaged, edited, or written by an older fastdet); written again" } else { "written from them" };
                     fastdet::errln!("  {}: {} picks (resumed; {} {why})", j.run, done.len(), star.display());
                 }
                 Err(e) => {
@@ -1331,8 +1377,12 @@ fn peak_rss_mib() -> Option<f64> {
 mod tests {
     use super::coverage_warnings;
 
+    fn shape_rot90() -> [usize; 3] {
+        [184, 100, 630]
+    }
+
     fn coverage_warnings_t(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3], m: impl Fn() -> Option<usize>) -> Vec<String> {
-        coverage_warnings(shape, window, tiles, true, m)
+        coverage_warnings(shape, window, tiles, true, false, m)
     }
 
     #[test]
@@ -1344,17 +1394,28 @@ mod tests {
         assert!(coverage_warnings_t([184, 630, 630], [192, 128, 128], [2, 9, 9], m32).is_empty());
         let w = coverage_warnings_t([96, 160, 160], [128, 64, 96], [1, 2, 2], m32);
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("window's z (128) is longer than the volume's (96): 32 voxels of zero padding"), "{w:?}");
+        assert!(w[0].starts_with("the window (128,64,96) is longer than the volume (96,160,160) along z (32 voxels of padding): zero padding"), "{w:?}");
         assert!(w[0].ends_with("a window that fits: --window 96,64,96 --tiles 1,2,2 (or --pad mean)"), "{w:?}");
         assert!(w[1].contains("2 tile(s) of 64 along y cover 128 of its 160"), "{w:?}");
         // Past the seed's 8 in 192: 4 in 64 is said, with windows that overlap to cover 60.
         let w = coverage_warnings_t([60, 96, 96], [64, 96, 96], [1, 1, 1], m32);
-        assert!(w.len() == 1 && w[0].contains("4 voxels of zero padding") && w[0].ends_with("--window 32,96,96 --tiles 2,1,1 (or --pad mean)"), "{w:?}");
+        assert!(w.len() == 1 && w[0].contains("along z (4 voxels of padding)") && w[0].ends_with("--window 32,96,96 --tiles 2,1,1 (or --pad mean)"), "{w:?}");
         let w = coverage_warnings_t([100, 96, 96], [192, 96, 96], [1, 1, 1], m32);
         assert!(w[0].ends_with("--window 96,96,96 --tiles 2,1,1 (or --pad mean)"), "{w:?}");
         assert!(coverage_warnings_t([62, 96, 96], [64, 96, 96], [1, 1, 1], m32).is_empty());
         let w = coverage_warnings_t([20, 96, 96], [32, 96, 96], [1, 1, 1], m32);
-        assert!(w[0].contains("the models take windows in multiples of 32, more than the volume's 20: --pad mean"), "{w:?}");
+        assert!(w[0].contains("the models take windows in multiples of 32, longer than the volume there: --pad mean"), "{w:?}");
+        // Two short axes: one warning, one window that fits both.
+        let w = coverage_warnings_t([60, 60, 96], [64, 64, 96], [1, 1, 1], m32);
+        assert!(w.len() == 1 && w[0].contains("along z (4 voxels of padding) and y (4 voxels of padding)"), "{w:?}");
+        assert!(w[0].ends_with("--window 32,32,96 --tiles 2,2,1 (or --pad mean)"), "{w:?}");
+        // --tta rot90 needs y = x: the window that fits stays square, x tiled to cover its axis.
+        let w = coverage_warnings(shape_rot90(), [192, 128, 128], [1, 9, 9], true, true, m32);
+        assert!(w.len() == 1 && w[0].ends_with("--window 192,96,96 --tiles 1,2,9 (or --pad mean)"), "{w:?}");
+        let w = coverage_warnings(shape_rot90(), [192, 128, 128], [1, 2, 2], true, true, m32);
+        assert!(w[0].ends_with("--window 192,96,96 --tiles 1,2,7 (or --pad mean)"), "{w:?}");
+        // --pad mean: no zero padding to warn about.
+        assert!(coverage_warnings([60, 60, 96], [64, 64, 96], [1, 1, 1], false, false, m32).is_empty());
         // A window as long as the axis: every tile along it is the same tile.
         let w = coverage_warnings_t([64, 128, 160], [64, 128, 128], [2, 3, 3], m32);
         assert_eq!(w.len(), 2, "{w:?}");

@@ -97,6 +97,8 @@ pub struct Timing {
     pub infer: f64,
     pub blend: f64,
     pub detect: f64,
+    /// Windows computed (each through every model); set by `fastdet run`.
+    pub tiles: usize,
 }
 
 /// An engine's out-of-memory error: the runner retries the batch in halves before giving up.
