@@ -33,7 +33,8 @@ pub struct SelftestArgs {
     /// Also write the report as JSON
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Directory for compiled kernels [default: $FASTDET_KERNEL_CACHE or ~/.cache/fastdet/kernels]
+    /// Directory for compiled kernels, for cuda:N (the emulators' host-built kernels use
+    /// $FASTDET_KERNEL_CACHE) [default: $FASTDET_KERNEL_CACHE or ~/.cache/fastdet/kernels]
     #[arg(long)]
     pub kernel_cache: Option<PathBuf>,
     /// Models for the whole-tomogram check [default: weights/demo_segresnetv2.safetensors and
