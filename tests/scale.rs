@@ -90,6 +90,12 @@ fn shards_merged_equal_one_run() {
     let o = fastdet().arg("merge").arg(&shards[0]).arg(&odd).arg("-o").arg(tmp.path().join("odd_merged.csv")).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains("odd.csv was made with other weights or settings than") && err.contains("(differ: iou)"), "{err}");
+    // Most shards agree: the odd one is named, whatever its place.
+    let none = tmp.path().join("none.csv");
+    assert!(cheap_run(&data, &none).args(["--shard", "2/3"]).status().unwrap().success());
+    let o = fastdet().arg("merge").arg(&odd).arg(&none).arg(&shards[0]).arg("-o").arg(tmp.path().join("odd_first.csv")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.matches("warning").count() == 1 && err.contains("odd.csv was made with other weights or settings than"), "{err}");
     // One shard given twice is refused.
     let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[0]).arg("-o").arg(tmp.path().join("x.csv")).output().unwrap();
     assert!(!o.status.success());

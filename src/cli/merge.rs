@@ -9,7 +9,7 @@ use std::process::ExitCode;
 outputs of `run --shard K/N` for K = 0..N-1 gives the same file as one unsharded run.\n\
 copick outputs of shards that wrote to separate folders are joined with --copick DIR... --copick-out DIR\n\
 (shards may also all write into one --copick-out folder: one file per run and particle).\n\
-Inputs that `fastdet run` made with other weights or settings than the first (their OUT.runs/settings.json) are warned about.\n\
+Inputs that `fastdet run` made with other weights or settings than most (their OUT.runs/settings.json) are warned about.\n\
 Example:\n  fastdet merge shards/sub_*.csv -o submission.csv --copick shards/copick_* --copick-out copick")]
 pub struct MergeArgs {
     /// Shard CSVs (Kaggle layout, with or without a score column)
@@ -93,7 +93,7 @@ pub(crate) fn given_twice(inputs: &[PathBuf]) -> Option<(usize, usize)> {
     (0..inputs.len()).find_map(|i| inputs[..i].iter().position(|q| same(q, &inputs[i])).map(|j| (j, i)))
 }
 
-/// Inputs written by `fastdet run` whose weights or settings differ from the first such input's,
+/// Inputs written by `fastdet run` whose weights or settings differ from those most such inputs share,
 /// from the `settings.json` each job left in its runs folder: shards of one job share them, and
 /// a shard run with other thresholds or models would pass unseen in the merged file. (Where the
 /// tomograms come from may differ: merging jobs on different datasets is fine.)
@@ -105,8 +105,13 @@ fn settings_differences(inputs: &[PathBuf]) -> Vec<String> {
         Some(m)
     };
     let known: Vec<(&PathBuf, serde_json::Map<String, serde_json::Value>)> = inputs.iter().filter_map(|p| Some((p, settings(p)?))).collect();
-    let Some((first, base)) = known.first() else { return Vec::new() };
-    known[1..]
+    // Compared with the settings most inputs share (the first input's on a tie), so that the odd
+    // shard is the one named.
+    let alike = |m: &serde_json::Map<String, serde_json::Value>| known.iter().filter(|(_, o)| o == m).count();
+    let Some((first, base)) = known.iter().max_by_key(|(p, m)| (alike(m), std::cmp::Reverse(inputs.iter().position(|q| q == *p)))) else {
+        return Vec::new();
+    };
+    known
         .iter()
         .filter(|(_, m)| m != base)
         .map(|(p, m)| {
