@@ -115,8 +115,7 @@ fn settings_differences(inputs: &[PathBuf]) -> Vec<String> {
         .iter()
         .filter(|(_, m)| m != base)
         .map(|(p, m)| {
-            let keys: std::collections::BTreeSet<&str> = base.keys().chain(m.keys()).map(String::as_str).filter(|k| base.get(*k) != m.get(*k)).collect();
-            let keys: Vec<&str> = keys.into_iter().map(|k| if k == "weights_sha256" { "weights" } else { k }).collect();
+            let keys: Vec<&str> = super::run::changed_settings(base, m).into_iter().map(|k| if k == "weights_sha256" { "weights" } else { k }).collect();
             format!(
                 "{} was made with other weights or settings than {} (differ: {}): its picks are not those of the same job",
                 p.display(),

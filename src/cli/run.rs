@@ -638,36 +638,30 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
     };
     // The maps are read back from the device only for --save-maps (detection runs on the device).
     let prepared = Prepared { normalized: true, upload };
-    let padded = vol.shape != shape;
-    // A padded axis (--pad mean) is as long as the window: one tile covers it, however many are
-    // asked for (the unpadded axis, shorter than the window, has one start too).
-    let mut s_here = s.clone();
-    for (tiles, (n, padded_n)) in s_here.tiles.iter_mut().zip(shape.iter().zip(vol.shape)) {
-        if *n < padded_n {
-            *tiles = 1;
+    let (dets, maps) = if vol.shape != shape {
+        // Padded (--pad mean): a padded axis is as long as the window, and one tile covers it
+        // however many are asked for (the unpadded axis, shorter than the window, has one start).
+        let mut s_here = s.clone();
+        for (tiles, (n, padded_n)) in s_here.tiles.iter_mut().zip(shape.iter().zip(vol.shape)) {
+            if *n < padded_n {
+                *tiles = 1;
+            }
         }
-    }
-    let want_maps = extras.save_maps.is_some() || padded;
-    let (mut dets, mut maps) = predict_and_detect(ens, &mut vol.data, vol.shape, &s_here, &mut progress, &mut timing, want_maps, prepared)
-        .with_context(|| format!("{}: inference failed", job.path.display()))?;
-    timing.tiles = tiles;
-    if padded {
-        // Back to the tomogram's extent: the maps' cells of the padding go before the peaks are
-        // found, so the detection sees the grid a zero-padded run sees.
-        use fastdet::pipeline::tiling::crop_volume;
-        let mut m = maps.take().context("the maps of a padded volume")?;
-        let cells = shape.map(|n| n / ens.stride);
-        let plane = m.dims.iter().product::<usize>();
-        let crop = |v: &[f32]| v.chunks(plane).flat_map(|c| crop_volume(c, m.dims, cells)).collect::<Vec<f32>>();
-        (m.scores, m.offsets) = (crop(&m.scores), crop(&m.offsets));
-        m.dims = cells;
+        // Peaks are found on the maps of the tomogram's own extent: the grid a zero-padded run sees.
+        let maps = fastdet::pipeline::runner::predict_prepared_maps(ens, &mut vol.data, vol.shape, &s_here, &mut progress, &mut timing, prepared)
+            .with_context(|| format!("{}: inference failed", job.path.display()))?
+            .cropped(shape.map(|n| n / ens.stride));
         let t = Instant::now();
-        dets = fastdet::pipeline::runner::detect_maps(&m, s, ens.stride);
+        let dets = fastdet::pipeline::runner::detect_maps(&maps, s, ens.stride);
         timing.detect += t.elapsed().as_secs_f64();
-        maps = extras.save_maps.is_some().then_some(m);
-        vol.data = crop_volume(&vol.data, vol.shape, shape);
+        vol.data = fastdet::pipeline::tiling::crop_volume(&vol.data, vol.shape, shape);
         vol.shape = shape;
-    }
+        (dets, extras.save_maps.is_some().then_some(maps))
+    } else {
+        predict_and_detect(ens, &mut vol.data, vol.shape, s, &mut progress, &mut timing, extras.save_maps.is_some(), prepared)
+            .with_context(|| format!("{}: inference failed", job.path.display()))?
+    };
+    timing.tiles = tiles;
     // The run's side outputs, removed again when a later one fails: a failed run leaves none.
     let mut written: Vec<PathBuf> = Vec::new();
     let [maps_file, star_file, qc_file] = extras.files(&job.run);
@@ -779,6 +773,12 @@ fn lock_parts(dir: &Path, out: &Path) -> Result<Option<std::fs::File>> {
     bail!("{}: the lock file keeps being replaced; is another job starting and ending on {}?", path.display(), out.display())
 }
 
+/// The keys whose values differ between two jobs' `settings.json`, in order.
+pub(crate) fn changed_settings<'a>(a: &'a serde_json::Map<String, serde_json::Value>, b: &'a serde_json::Map<String, serde_json::Value>) -> Vec<&'a str> {
+    let keys: std::collections::BTreeSet<&str> = a.keys().chain(b.keys()).map(String::as_str).filter(|k| a.get(*k) != b.get(*k)).collect();
+    keys.into_iter().collect()
+}
+
 /// `OUT.runs`, where a job writing `out` keeps its finished runs and `settings.json`: beside the
 /// file the output is written to, so a link to OUT and OUT share one folder.
 pub(crate) fn runs_folder(out: &Path) -> Result<PathBuf> {
@@ -818,10 +818,7 @@ impl Parts {
             if old != fingerprint {
                 // Name what changed where both parse.
                 let changed = match keys(fingerprint) {
-                    Some(n) => {
-                        let k: std::collections::BTreeSet<&str> = o.keys().chain(n.keys()).map(String::as_str).filter(|k| o.get(*k) != n.get(*k)).collect();
-                        format!(" (changed: {})", k.into_iter().collect::<Vec<_>>().join(", "))
-                    }
+                    Some(n) => format!(" (changed: {})", changed_settings(&o, &n).join(", ")),
                     None => String::new(),
                 };
                 bail!(
@@ -1082,13 +1079,14 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
             };
             // The shape recorded with the picks (a record without one: the tomogram's).
             let shape = shape.map_or_else(|| load(j, a, s).map(|(vol, _)| vol.shape), Ok);
-            let text = shape.and_then(|shape| fastdet::io::star::run_star_text(&star, &j.run, &done, s.voxel_size, shape));
             let old = std::fs::read(&star).ok();
-            let written = match &text {
-                Ok(t) if old.as_deref() == Some(t.as_bytes()) => Ok(None),
-                Ok(t) => fastdet::util::write_atomic(&star, |f| Ok(f.write_all(t.as_bytes())?)).map(|()| Some(old.is_some())),
-                Err(e) => Err(anyhow::anyhow!("{e:#}")),
-            };
+            // None: the file there is the one the picks give; Some(replaced): written.
+            let written = shape.and_then(|shape| fastdet::io::star::run_star_text(&star, &j.run, &done, s.voxel_size, shape)).and_then(|t| {
+                if old.as_deref() == Some(t.as_bytes()) {
+                    return Ok(None);
+                }
+                fastdet::util::write_atomic(&star, |f| Ok(f.write_all(t.as_bytes())?)).map(|()| Some(old.is_some()))
+            });
             match written {
                 Ok(None) => fastdet::errln!("  {}: {} picks (resumed)", j.run, done.len()),
                 Ok(Some(replaced)) => {

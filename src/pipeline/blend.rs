@@ -48,6 +48,14 @@ impl Maps {
         let n = self.channel_len();
         &self.scores[c * n..(c + 1) * n]
     }
+
+    /// The maps of the `dims` corner at the origin (no axis longer than now), every channel:
+    /// the grid of the unpadded volume, for a volume padded at its ends.
+    pub fn cropped(self, dims: [usize; 3]) -> Maps {
+        let n = self.channel_len();
+        let crop = |v: &[f32]| v.chunks(n).flat_map(|c| crate::pipeline::tiling::crop_volume(c, self.dims, dims)).collect::<Vec<f32>>();
+        Maps { num_classes: self.num_classes, dims, scores: crop(&self.scores), offsets: crop(&self.offsets) }
+    }
 }
 
 /// Accumulates weighted tile outputs: `acc += out * w`, `counter += w` (f32 product, then f32

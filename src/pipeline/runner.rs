@@ -364,10 +364,24 @@ pub fn predict_maps(
     progress: &mut dyn FnMut(usize, usize),
     timing: &mut Timing,
 ) -> Result<Maps> {
-    predict_maps_with(ens, volume, shape, s, progress, timing, true)
+    predict_maps_with(ens, volume, shape, s, progress, timing, true, Prepared::default())
+}
+
+/// `predict_maps` of a volume the caller has `prepared`, as `predict_and_detect` takes it.
+pub fn predict_prepared_maps(
+    ens: &mut Ensemble,
+    volume: &mut [f32],
+    shape: [usize; 3],
+    s: &Settings,
+    progress: &mut dyn FnMut(usize, usize),
+    timing: &mut Timing,
+    prepared: Prepared,
+) -> Result<Maps> {
+    predict_maps_with(ens, volume, shape, s, progress, timing, true, prepared)
 }
 
 /// `predict_maps`; `device_input: false` cuts the tiles on the host on the device path too (tests).
+#[allow(clippy::too_many_arguments)]
 fn predict_maps_with(
     ens: &mut Ensemble,
     volume: &mut [f32],
@@ -376,8 +390,9 @@ fn predict_maps_with(
     progress: &mut dyn FnMut(usize, usize),
     timing: &mut Timing,
     device_input: bool,
+    prepared: Prepared,
 ) -> Result<Maps> {
-    match predict_blended(ens, volume, shape, s, progress, timing, device_input, Prepared::default())? {
+    match predict_blended(ens, volume, shape, s, progress, timing, device_input, prepared)? {
         Blended::Host(maps) => Ok(maps),
         Blended::Device(mut acc) => read_device_maps(&mut acc, timing),
     }
@@ -776,7 +791,7 @@ mod tests {
                 let mut timing = Timing::default();
                 let mut calls = 0;
                 let sent = gpu.bytes_to_device();
-                let maps = predict_maps_with(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| calls += 1, &mut timing, device_input).unwrap();
+                let maps = predict_maps_with(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| calls += 1, &mut timing, device_input, Prepared::default()).unwrap();
                 assert_eq!(calls, 6usize.div_ceil(batch));
                 (maps, timing, gpu.bytes_to_device() - sent)
             };
@@ -929,7 +944,7 @@ mod tests {
             let mut ens = Ensemble { engines: cuda_engines(&gpu, std::slice::from_ref(&w)), num_classes: nc, stride: 2 };
             gpu.reset_memory_peak();
             let sent = gpu.bytes_to_device();
-            let maps = predict_maps_with(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| {}, &mut Timing::default(), device_input).unwrap();
+            let maps = predict_maps_with(&mut ens, &mut vol.clone(), shape, &s, &mut |_, _| {}, &mut Timing::default(), device_input, Prepared::default()).unwrap();
             (maps, gpu.memory_peak(), gpu.bytes_to_device() - sent)
         };
         let (want, peak, per_model) = run(false);
