@@ -617,7 +617,7 @@ mod tests {
     #[test]
     fn fixture_submission_scores_as_reference() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let truth = crate::io::copick::read_truth(&root.join("dataset"), "test").unwrap();
+        let truth = crate::io::copick::read_truth(&crate::io::dataset::Layout::split(&root.join("dataset"), "test")).unwrap();
         let sub = crate::io::csv::read_submission(&root.join("pipeline/expected_submission.csv")).unwrap();
         let s = score(&truth, &sub, BETA);
         assert!((s.fbeta - 0.9979102203210861).abs() < 1e-9, "{}", s.fbeta);

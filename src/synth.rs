@@ -520,7 +520,7 @@ pub fn tomogram_path(root: &Path, split: &str, run: &str) -> PathBuf {
 
 /// `{root}/{split}/overlay/ExperimentRuns/{run}`
 pub fn truth_run_dir(root: &Path, split: &str, run: &str) -> PathBuf {
-    crate::io::copick::truth_runs_dir(root, split).join(run)
+    crate::io::dataset::Layout::split(root, split).overlay_runs.join(run)
 }
 
 /// What `write_dataset` wrote.

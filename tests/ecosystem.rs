@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
@@ -206,4 +208,71 @@ fn printed_thresholds_read_back_exactly() {
     std::fs::write(&cfg, "runs = []\ngpus = []\nweights = []\n").unwrap();
     let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg)).parse().unwrap();
     assert_eq!(t["device"].as_str(), Some("cpu"));
+}
+
+/// A copick project named by its configuration file: `run` finds the runs of its static root, the
+/// picks go into its overlay (`--copick-out`), and `score` and `qc` take the annotators'
+/// picks as the truth, beside fastdet's own. The picks are those of `--data` on the same files.
+#[test]
+fn copick_project_configuration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = root().join("tests/fixtures/dataset/test");
+    let overlay = tmp.path().join("overlay");
+    common::copy_dir(&fixture.join("overlay"), &overlay);
+    let cfg = tmp.path().join("copick.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"name": "sample", "config_type": "filesystem", "overlay_root": "local://{}", "static_root": "local://{}", "overlay_fs_args": {{"auto_mkdir": true}}, "pickable_objects": []}}"#,
+            overlay.display(),
+            fixture.join("static").display()
+        ),
+    )
+    .unwrap();
+    let weights = root().join("weights/demo_dynunet.safetensors");
+    let common = ["--window", "64,96,96", "--tiles", "2,2,2", "--with-score"];
+    let (by_data, by_config) = (tmp.path().join("data.csv"), tmp.path().join("config.csv"));
+    let st = fastdet().args(["run", "--data"]).arg(root().join("tests/fixtures/dataset")).args(["--split", "test", "--weights"]).arg(&weights).args(common).arg("--out").arg(&by_data).status().unwrap();
+    assert!(st.success());
+    let o = fastdet().args(["run", "--copick-config"]).arg(&cfg).arg("--weights").arg(&weights).args(common).arg("--out").arg(&by_config).arg("--copick-out").arg(&overlay).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&by_config).unwrap();
+    assert_eq!(text, std::fs::read_to_string(&by_data).unwrap());
+    assert!(text.contains(",TS_synth_1,") && text.contains(",TS_synth_2,"), "{text}");
+    assert!(overlay.join("ExperimentRuns/TS_synth_2/Picks/fastdet_0_ribosome.json").is_file());
+
+    // The truth is the annotators' files, not fastdet's beside them: the same score as --truth.
+    let total = |args: &[&std::ffi::OsStr]| -> String {
+        let out = stdout_of(fastdet().arg("score").args(args).arg(&by_config));
+        out.lines().find(|l| l.starts_with("total")).unwrap().to_string()
+    };
+    let with_config = total(&["--copick-config".as_ref(), cfg.as_os_str()]);
+    assert_eq!(with_config, total(&["--truth".as_ref(), root().join("tests/fixtures/dataset").as_os_str(), "--split".as_ref(), "test".as_ref()]));
+    let f: f64 = with_config.split_whitespace().last().unwrap().parse().unwrap();
+    assert!(f > 0.5, "{with_config}");
+
+    // qc draws the truth from the project too.
+    let qc = tmp.path().join("qc");
+    let o = fastdet().args(["qc", "--copick-config"]).arg(&cfg).arg("--picks").arg(&by_config).arg("--out").arg(&qc).args(["--truth", "--runs", "TS_synth_1"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = String::from_utf8_lossy(&o.stdout);
+    assert!(line.contains("TS_synth_1:") && line.contains("truth"), "{line}");
+
+    // The configuration file takes the key; its split would mean nothing and is refused.
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--copick-config"]).arg(&cfg)).parse().unwrap();
+    assert_eq!(t["copick_config"].as_str(), Some(cfg.to_str().unwrap()));
+    assert!(!t.contains_key("split") && t["tomogram"].as_str() == Some("denoised"));
+    let o = fastdet().args(["run", "--print-config", "--split", "train", "--copick-config"]).arg(&cfg).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
+    // A file's data and split give way to a project on the command line.
+    let toml_file = tmp.path().join("run.toml");
+    std::fs::write(&toml_file, "data = \"d\"\nsplit = \"train\"\n").unwrap();
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&toml_file).arg("--copick-config").arg(&cfg)).parse().unwrap();
+    assert!(!t.contains_key("data") && !t.contains_key("split") && t.contains_key("copick_config"), "{t}");
+
+    // Storage fastdet does not read is named.
+    std::fs::write(&cfg, r#"{"overlay_root": "s3://bucket/overlay"}"#).unwrap();
+    let o = fastdet().args(["score", "--copick-config"]).arg(&cfg).arg(&by_config).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("copick.json") && e.contains("local paths only"), "{e}");
 }

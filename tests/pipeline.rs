@@ -208,7 +208,7 @@ fn tune_never_does_worse_than_the_seed_thresholds() {
 #[test]
 fn tune_scores_only_the_runs_it_inferred() {
     let data = root().join("tests/fixtures/dataset");
-    let truth = fastdet::io::copick::read_truth(&data, "test").unwrap();
+    let truth = fastdet::io::copick::read_truth(&fastdet::io::dataset::Layout::split(&data, "test")).unwrap();
     let in_run = truth.iter().filter(|p| p.run == "TS_synth_1").count();
     assert!(in_run > 0 && in_run < truth.len());
     let o = fastdet()

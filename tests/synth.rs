@@ -1,6 +1,7 @@
 //! `fastdet::synth` and `fastdet synth`: the port of `reference/synth.py`.
 
 use fastdet::io::copick::read_truth;
+use fastdet::io::dataset::Layout;
 use fastdet::io::zarr::read_zarr_volume;
 use fastdet::particles::{Pick, ANGSTROM_PER_VOXEL, CLASSES};
 use fastdet::synth::{tomogram_path, write_dataset, SynthConfig, FIXTURE_COUNTS, FIXTURE_NOISE, FIXTURE_SHAPE};
@@ -115,7 +116,7 @@ fn picks_are_inside_in_angstrom_and_do_not_overlap() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = SynthConfig { runs: 3, seed: 42, ..SynthConfig::default() };
     write_dataset(tmp.path(), &cfg).unwrap();
-    let truth = read_truth(tmp.path(), "test").unwrap();
+    let truth = read_truth(&Layout::split(tmp.path(), "test")).unwrap();
     let [d, h, w] = cfg.shape;
     for run in ["TS_synth_1", "TS_synth_2", "TS_synth_3"] {
         let picks: Vec<&Pick> = truth.iter().filter(|p| p.run == run).collect();
@@ -177,7 +178,7 @@ fn particles_are_darker_than_background() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = SynthConfig { runs: 2, seed: 3, noise: 0.35, ..SynthConfig::default() };
     write_dataset(tmp.path(), &cfg).unwrap();
-    let truth = read_truth(tmp.path(), "test").unwrap();
+    let truth = read_truth(&Layout::split(tmp.path(), "test")).unwrap();
     for run in ["TS_synth_1", "TS_synth_2"] {
         let v = read_zarr_volume(&tomogram_path(tmp.path(), "test", run), "0").unwrap();
         let picks: Vec<&Pick> = truth.iter().filter(|p| p.run == run).collect();
@@ -282,7 +283,7 @@ fn statistics_match_the_synth_py_fixture() {
     write_dataset(quiet.path(), &SynthConfig { seed: 9, noise: 0.35, ..SynthConfig::default() }).unwrap();
     let fixture_root = root().join("tests/fixtures/dataset");
     let (ft, mt, qt) =
-        (read_truth(&fixture_root, "test").unwrap(), read_truth(tmp.path(), "test").unwrap(), read_truth(quiet.path(), "test").unwrap());
+        (read_truth(&Layout::split(&fixture_root, "test")).unwrap(), read_truth(&Layout::split(tmp.path(), "test")).unwrap(), read_truth(&Layout::split(quiet.path(), "test")).unwrap());
     let of = |t: &[Pick], run: &str| -> Vec<Pick> { t.iter().filter(|p| p.run == run).cloned().collect() };
     for run in ["TS_synth_1", "TS_synth_2"] {
         let stats = |base: &Path, t: &[Pick]| {
@@ -336,7 +337,7 @@ fn cli_refuses_non_empty_out_and_documents_itself() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let truth = read_truth(&dir, "train").unwrap();
+        let truth = read_truth(&Layout::split(&dir, "train")).unwrap();
         assert_eq!(truth.len(), 4, "{truth:?}");
         let v = read_zarr_volume(&tomogram_path(&dir, "train", "TS_synth_1"), "0").unwrap();
         assert_eq!(v.shape, [32, 48, 48]);
@@ -415,7 +416,7 @@ fn a_failed_dataset_leaves_nothing_and_placements_are_reported() {
     let out = tmp.path().join("crowded");
     let o = fastdet().arg("synth").arg(&out).args(["--runs", "1", "--shape", "32,64,64", "--counts", "500,0,0,0,0,0"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let placed = read_truth(&out, "test").unwrap().len();
+    let placed = read_truth(&Layout::split(&out, "test")).unwrap().len();
     assert!(placed < 500);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&format!("apo-ferritin {placed}/500")) && err.contains(&format!("{placed} of 500 placed")), "{err}");

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fastdet::io::dataset::{discover_runs, run_tomogram_path, shard};
+use fastdet::io::dataset::{shard, Layout};
 use fastdet::io::zarr::{count_nonfinite, read_zarr_volume, Volume};
 use zarrs::array::{Array, ArrayBuilder, ArrayMetadata, ArrayMetadataV2, Element};
 use zarrs::filesystem::FilesystemStore;
@@ -90,20 +90,20 @@ fn fixture_binned_level() {
 #[test]
 fn fixture_dataset_layout() {
     let root = fixture_root();
-    let runs = discover_runs(&root, "test").unwrap();
+    let runs = Layout::split(&root, "test").discover_runs().unwrap();
     assert_eq!(
         runs,
         vec!["TS_synth_1".to_string(), "TS_synth_2".to_string()]
     );
     assert_eq!(
-        run_tomogram_path(&root, "test", "TS_synth_1", "denoised").unwrap(),
+        Layout::split(&root, "test").tomogram_path("TS_synth_1", "denoised").unwrap(),
         synth1()
     );
     assert_eq!(shard(&runs, 1, 2), vec!["TS_synth_2".to_string()]);
-    let e = discover_runs(&root, "train").unwrap_err().to_string();
+    let e = Layout::split(&root, "train").discover_runs().unwrap_err().to_string();
     assert!(e.contains("train") && e.contains("ExperimentRuns"), "{e}");
     let v2 = read_zarr_volume(
-        &run_tomogram_path(&root, "test", "TS_synth_2", "denoised").unwrap(),
+        &Layout::split(&root, "test").tomogram_path("TS_synth_2", "denoised").unwrap(),
         "0",
     )
     .unwrap();

@@ -7,7 +7,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 /// Options whose values are paths: relative paths in a config file are relative to the file.
-const PATH_KEYS: &[&str] = &["data", "zarr", "mrc", "weights", "out", "copick-out", "save-maps", "star-out", "qc"];
+const PATH_KEYS: &[&str] = &["data", "copick-config", "zarr", "mrc", "weights", "out", "copick-out", "save-maps", "star-out", "qc"];
 /// Options that take several values after one flag.
 const MULTI_KEYS: &[&str] = &["weights", "mrc"];
 
@@ -92,6 +92,9 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     // So are the inputs: `--mrc` on the command line replaces the file's `data` (and the keys
     // that only apply to it).
     let input_on_command_line = INPUT_KEYS.iter().any(|k| given(&rest, &format!("--{k}")));
+    // The file's split is kept for a `--data` given on the command line, and means nothing for
+    // the other inputs.
+    let other_input_on_command_line = INPUT_KEYS.iter().any(|k| *k != "data" && given(&rest, &format!("--{k}")));
     for (raw_key, v) in &table {
         let key = raw_key.replace('_', "-");
         if !KNOWN.contains(&key.as_str()) {
@@ -101,6 +104,7 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
         if given(&rest, &flag)
             || (devices_on_command_line && DEVICE_KEYS.contains(&key.as_str()))
             || (input_on_command_line && (INPUT_KEYS.contains(&key.as_str()) || INPUT_ONLY_KEYS.contains(&key.as_str())))
+            || (other_input_on_command_line && key == "split")
         {
             continue; // the command line wins
         }
@@ -154,7 +158,7 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
 /// The keys that choose the devices (one of them at most).
 const DEVICE_KEYS: &[&str] = &["device", "gpus", "devices"];
 /// The keys that choose the tomograms, and those that apply to `data` only.
-const INPUT_KEYS: &[&str] = &["data", "zarr", "mrc"];
+const INPUT_KEYS: &[&str] = &["data", "copick-config", "zarr", "mrc"];
 const INPUT_ONLY_KEYS: &[&str] = &["runs", "tomogram"];
 
 /// What each key's value must be, so that a wrong one is an error naming the file and the key.
@@ -184,7 +188,7 @@ fn check_kind(key: &str, raw_key: &str, v: &toml::Value, file: &Path) -> Result<
 
 /// Every option `run` accepts in a config file.
 const KNOWN: &[&str] = &[
-    "data", "split", "tomogram", "runs", "zarr", "mrc", "level", "weights", "device", "gpus", "devices", "window", "tiles", "iou", "top-k", "blend-sigma",
+    "data", "split", "copick-config", "tomogram", "runs", "zarr", "mrc", "level", "weights", "device", "gpus", "devices", "window", "tiles", "iou", "top-k", "blend-sigma",
     "tta", "batch", "device-blend", "host-blend", "shard", "voxel-size", "allow-nonfinite", "pad", "out", "thresholds", "with-score", "copick-out", "user-id",
     "session-id", "save-maps", "resume", "star-out", "qc",
 ];

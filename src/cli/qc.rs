@@ -15,11 +15,14 @@ Small tomograms are enlarged by an integer factor so a slab is at least 256 px w
 Example:\n  fastdet qc --data tests/fixtures/dataset --split test --picks sub.csv --out qc --truth")]
 pub struct QcArgs {
     /// Dataset root (copick layout: {split}/static/ExperimentRuns/{run}/VoxelSpacing*/denoised.zarr)
-    #[arg(long)]
-    pub data: PathBuf,
+    #[arg(long, required_unless_present = "copick_config")]
+    pub data: Option<PathBuf>,
     /// Split under the dataset root
     #[arg(long, default_value = "test")]
     pub split: String,
+    /// A copick project's configuration file (JSON) instead of --data (local paths only)
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data", "split"])]
+    pub copick_config: Option<PathBuf>,
     /// Tomogram type drawn: {run}/VoxelSpacing*/{NAME}.zarr
     #[arg(long, value_name = "NAME", default_value = fastdet::io::dataset::DEFAULT_TOMOGRAM)]
     pub tomogram: String,
@@ -30,6 +33,7 @@ pub struct QcArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Add a second row with the ground truth from {data}/{split}/overlay/ExperimentRuns/{run}/Picks
+    /// (or the copick project's picks)
     #[arg(long)]
     pub truth: bool,
     /// Comma-separated runs to draw [default: every run of the split]
@@ -44,19 +48,24 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     if a.slabs == 0 {
         bail!("--slabs must be at least 1");
     }
+    let layout = match (&a.data, &a.copick_config) {
+        (Some(root), _) => dataset::Layout::split(root, &a.split),
+        (None, Some(file)) => dataset::Layout::copick_config(file)?,
+        (None, None) => bail!("give --data ROOT or --copick-config FILE"),
+    };
     let runs = match &a.runs {
         Some(r) => r.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-        None => dataset::discover_runs(&a.data, &a.split)?,
+        None => layout.discover_runs()?,
     };
     if runs.is_empty() {
-        bail!("no runs to draw under {}", dataset::runs_dir(&a.data, &a.split).display());
+        bail!("no runs to draw under {}", layout.describe());
     }
     let picks = csv::read_submission(&a.picks)?;
-    let truth = if a.truth { Some(copick::read_truth(&a.data, &a.split)?) } else { None };
+    let truth = if a.truth { Some(copick::read_truth(&layout)?) } else { None };
     let wanted: BTreeSet<&str> = runs.iter().map(String::as_str).collect();
     let elsewhere: BTreeSet<&str> = picks.iter().map(|p| p.run.as_str()).filter(|r| !wanted.contains(r)).collect();
     if !elsewhere.is_empty() && a.runs.is_none() {
-        fastdet::errln!("warning: {} has picks of runs not in {}: {elsewhere:?}", a.picks.display(), a.split);
+        fastdet::errln!("warning: {} has picks of runs not in {}: {elsewhere:?}", a.picks.display(), layout.describe());
     }
     if a.out.exists() && !a.out.is_dir() {
         bail!("--out {}: is not a directory", a.out.display());
@@ -69,7 +78,7 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         if run.contains(['/', '\\']) || run == "." || run == ".." {
             bail!("run name {run:?} cannot be used as a file name");
         }
-        let path = dataset::run_tomogram_path(&a.data, &a.split, run, &a.tomogram)?;
+        let path = layout.tomogram_path(run, &a.tomogram)?;
         let volume = zarr::read_zarr_volume(&path, zarr::DEFAULT_LEVEL)?;
         let run_picks: Vec<_> = picks.iter().filter(|p| &p.run == run).cloned().collect();
         let run_truth: Option<Vec<_>> =

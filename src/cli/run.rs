@@ -45,11 +45,15 @@ pub struct InferArgs {
     /// Split under --data
     #[arg(long, default_value = "test")]
     pub split: String,
-    /// Tomogram type read under --data: {run}/VoxelSpacing*/{NAME}.zarr (the competition has
-    /// denoised, wbp, ctfdeconvolved and isonetcorrected)
+    /// A copick project's configuration file (JSON) instead of --data: the runs of its static_root
+    /// (and overlay_root), read as copick does; local paths only
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data", "zarr", "mrc", "split"])]
+    pub copick_config: Option<PathBuf>,
+    /// Tomogram type read under --data or --copick-config: {run}/VoxelSpacing*/{NAME}.zarr (the
+    /// competition has denoised, wbp, ctfdeconvolved and isonetcorrected)
     #[arg(long, value_name = "NAME", default_value = fastdet::io::dataset::DEFAULT_TOMOGRAM, conflicts_with_all = ["zarr", "mrc"])]
     pub tomogram: String,
-    /// Only these runs (comma-separated names) of --data
+    /// Only these runs (comma-separated names) of --data or --copick-config
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["zarr", "mrc"])]
     pub runs: Vec<String>,
     /// A single OME-Zarr group or zarr array instead of --data (the run is named after the file stem, or after the run folder in the competition layout: {run}/VoxelSpacing*/denoised.zarr)
@@ -123,6 +127,15 @@ pub struct InferArgs {
 }
 
 impl InferArgs {
+    /// The project `--data` or `--copick-config` names, if either does.
+    pub fn layout(&self) -> Result<Option<dataset::Layout>> {
+        Ok(match (&self.data, &self.copick_config) {
+            (Some(root), _) => Some(dataset::Layout::split(root, &self.split)),
+            (None, Some(file)) => Some(dataset::Layout::copick_config(file)?),
+            (None, None) => None,
+        })
+    }
+
     /// The devices to run workers on.
     fn devices(&self) -> Result<Vec<Device>> {
         if !self.gpus.is_empty() {
@@ -255,20 +268,20 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         }
         return Ok(jobs);
     }
-    let root = a.data.as_ref().context("give --data ROOT, --zarr PATH or --mrc FILE...")?;
-    let mut runs = dataset::discover_runs(root, &a.split)?;
+    let layout = a.layout()?.context("give --data ROOT, --copick-config FILE, --zarr PATH or --mrc FILE...")?;
+    let mut runs = layout.discover_runs()?;
     if !a.runs.is_empty() {
         // "TS_1, TS_2" as score takes it: spaces around the names are not part of them.
         let chosen: Vec<&str> = a.runs.iter().map(|r| r.trim()).collect();
         for r in &chosen {
             if !runs.iter().any(|x| x == r) {
-                bail!("run {r:?} is not in {}", dataset::runs_dir(root, &a.split).display());
+                bail!("run {r:?} is not in {}", layout.describe());
             }
         }
         runs.retain(|r| chosen.contains(&r.as_str()));
     }
     if runs.is_empty() {
-        bail!("no runs found under {}", dataset::runs_dir(root, &a.split).display());
+        bail!("no runs found under {}", layout.describe());
     }
     if let Some((k, n)) = a.shard {
         runs = dataset::shard(&runs, k, n);
@@ -276,9 +289,9 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
     Ok(runs
         .into_iter()
         .map(|run| {
-            match dataset::run_tomogram_path(root, &a.split, &run, &a.tomogram) {
+            match layout.tomogram_path(&run, &a.tomogram) {
                 Ok(path) => Job { run, path, not_found: None, mrc: false },
-                Err(e) => Job { path: dataset::default_tomogram_path(root, &a.split, &run, &a.tomogram), run, not_found: Some(format!("{e:#}")), mrc: false },
+                Err(e) => Job { path: layout.default_tomogram_path(&run, &a.tomogram), run, not_found: Some(format!("{e:#}")), mrc: false },
             }
         })
         .collect())
@@ -920,10 +933,11 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
         h.update(std::fs::read(w).with_context(|| format!("{}: cannot read", w.display()))?);
     }
     let full = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf()).display().to_string();
-    let inputs = match (&a.data, &a.zarr) {
-        (Some(root), _) => serde_json::json!({ "data": full(root), "split": a.split, "tomogram": a.tomogram }),
-        (None, Some(z)) => serde_json::json!({ "zarr": full(z) }),
-        (None, None) => serde_json::json!({ "mrc": a.mrc.iter().map(|m| full(m)).collect::<Vec<_>>() }),
+    let inputs = match (&a.data, &a.zarr, &a.copick_config) {
+        (Some(root), _, _) => serde_json::json!({ "data": full(root), "split": a.split, "tomogram": a.tomogram }),
+        (None, Some(z), _) => serde_json::json!({ "zarr": full(z) }),
+        (None, None, Some(c)) => serde_json::json!({ "copick_config": full(c), "tomogram": a.tomogram }),
+        (None, None, None) => serde_json::json!({ "mrc": a.mrc.iter().map(|m| full(m)).collect::<Vec<_>>() }),
     };
     let mut fp = serde_json::json!({
         "inputs": inputs,
@@ -1265,14 +1279,14 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
 }
 
 pub fn tune(a: TuneArgs) -> Result<ExitCode> {
-    let root = a.infer.data.as_ref().context("tune needs --data ROOT with ground truth under {split}/overlay")?;
+    let layout = a.infer.layout()?.context("tune needs --data ROOT with ground truth under {split}/overlay, or --copick-config FILE")?;
     if !(0.0..1.0).contains(&a.min_threshold) {
         bail!("--min-threshold {}: must be in [0, 1)", a.min_threshold);
     }
     if !(a.beta.is_finite() && a.beta > 0.0) {
         bail!("--beta {}: must be a positive number", a.beta);
     }
-    let truth = copick::read_truth(root, &a.infer.split)?;
+    let truth = copick::read_truth(&layout)?;
     let s = settings(&a.infer, vec![a.min_threshold; CLASSES.len()])?;
     let jobs = preflight(&a.infer)?;
     let (cands, failed) = infer_all(&a.infer, &jobs, &s, Extras::default(), None)?;
@@ -1301,8 +1315,12 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     if let Some(d) = &i.data {
         t.insert("data".into(), path(d));
     }
-    t.insert("split".into(), Value::String(i.split.clone()));
-    if i.data.is_some() {
+    if let Some(c) = &i.copick_config {
+        t.insert("copick_config".into(), path(c));
+    } else {
+        t.insert("split".into(), Value::String(i.split.clone()));
+    }
+    if i.data.is_some() || i.copick_config.is_some() {
         t.insert("tomogram".into(), Value::String(i.tomogram.clone()));
     }
     if !i.runs.is_empty() {

@@ -1,21 +1,26 @@
 use anyhow::{bail, Result};
 use clap::Args;
+use fastdet::io::dataset::Layout;
 use fastdet::io::{copick, csv};
 use fastdet::metric;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Args)]
-#[command(after_help = "Match radius: 0.5 x particle radius (Å); beta 4; class weights 1,2,1,2,1,0.\nExample:\n  fastdet score --truth tests/fixtures/dataset --split test sub.csv")]
+#[command(after_help = "Match radius: 0.5 x particle radius (Å); beta 4; class weights 1,2,1,2,1,0.\nExample:\n  fastdet score --truth tests/fixtures/dataset --split test sub.csv\n  fastdet score --copick-config project.json sub.csv")]
 pub struct ScoreArgs {
     /// Submission CSV (id,experiment,particle_type,[score,]x,y,z in Å)
     pub submission: PathBuf,
     /// Dataset root with copick picks under {split}/overlay/ExperimentRuns/{run}/Picks/
-    #[arg(long)]
-    pub truth: PathBuf,
+    #[arg(long, required_unless_present = "copick_config")]
+    pub truth: Option<PathBuf>,
     /// Split holding the ground truth (the competition's labels are under train)
     #[arg(long, default_value = "train")]
     pub split: String,
+    /// A copick project's configuration file (JSON) instead of --truth: the ground truth is the
+    /// picks of user curation (or the only user) in its overlay_root and static_root
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["truth", "split"])]
+    pub copick_config: Option<PathBuf>,
     /// F-beta's beta
     #[arg(long, default_value_t = 4.0)]
     pub beta: f64,
@@ -32,40 +37,52 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     if !(a.beta.is_finite() && a.beta > 0.0) {
         bail!("--beta {}: must be a positive number", a.beta);
     }
-    let runs_dir = copick::truth_runs_dir(&a.truth, &a.split);
-    if !runs_dir.is_dir() {
-        // Name the splits that do hold ground truth (synth and the sample write `test`).
-        let splits: Vec<String> = std::fs::read_dir(&a.truth)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|s| copick::truth_runs_dir(&a.truth, s).is_dir())
-            .collect();
-        if !splits.is_empty() {
-            bail!(
-                "{}: no ground truth for split {:?}; {} has it for {}: give --split",
-                runs_dir.display(),
-                a.split,
-                a.truth.display(),
-                splits.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
-            );
+    let layout = match (&a.truth, &a.copick_config) {
+        (Some(root), _) => {
+            let layout = Layout::split(root, &a.split);
+            if !layout.overlay_runs.is_dir() {
+                // Name the splits that do hold ground truth (synth and the sample write `test`).
+                let splits: Vec<String> = std::fs::read_dir(root)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|s| Layout::split(root, s).overlay_runs.is_dir())
+                    .collect();
+                if !splits.is_empty() {
+                    bail!(
+                        "{}: no ground truth for split {:?}; {} has it for {}: give --split",
+                        layout.overlay_runs.display(),
+                        a.split,
+                        root.display(),
+                        splits.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+                    );
+                }
+            }
+            layout
         }
-    }
-    let mut truth = copick::read_truth(&a.truth, &a.split)?;
+        (None, Some(file)) => Layout::copick_config(file)?,
+        (None, None) => bail!("give --truth ROOT or --copick-config FILE"),
+    };
+    // Where the truth is, for messages.
+    let truth_at = match &a.truth {
+        Some(root) => format!("{} split {:?}", root.display(), a.split),
+        None => format!("copick project {}", layout.config.as_ref().map(|f| f.display().to_string()).unwrap_or_default()),
+    };
+    let mut truth = copick::read_truth(&layout)?;
+    // Runs that may hold ground truth (annotated or not).
+    let known: std::collections::BTreeSet<String> = copick::truth_runs(&layout)?.into_iter().collect();
     let mut sub = csv::read_submission(&a.submission)?;
     if !a.runs.is_empty() {
         let chosen: std::collections::BTreeSet<&str> = a.runs.iter().map(|r| r.trim()).collect();
         // A name the split does not have (a typo) would silently score fewer runs.
-        let split_runs: std::collections::BTreeSet<String> =
-            std::fs::read_dir(&runs_dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        if let Some(r) = chosen.iter().find(|r| !split_runs.contains(**r)) {
-            bail!("--runs: run {r:?} is not in {}", runs_dir.display());
+        if let Some(r) = chosen.iter().find(|r| !known.contains(**r)) {
+            bail!("--runs: run {r:?} is not in {}", layout.overlay_runs.display());
         }
         truth.retain(|p| chosen.contains(p.run.as_str()));
         sub.retain(|p| chosen.contains(p.run.as_str()));
         if truth.is_empty() {
-            bail!("--runs: none of {} has ground truth under {}", a.runs.join(", "), runs_dir.display());
+            bail!("--runs: none of {} has ground truth under {}", a.runs.join(", "), layout.overlay_runs.display());
         }
     }
     // Runs with particles but no picks: every particle counts as missed. Said, since it is the
@@ -80,17 +97,12 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
             first_few(&missing)
         );
     }
-    // Runs of the split (annotated or not; read_truth has listed the folder already).
-    let known: std::collections::BTreeSet<String> =
-        std::fs::read_dir(&runs_dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     let unknown: std::collections::BTreeSet<&str> = sub.iter().map(|p| p.run.as_str()).filter(|r| !known.contains(*r)).collect();
     if !unknown.is_empty() {
         fastdet::errln!(
-            "warning: {}: {} run(s) have no ground truth under {} split {:?} and are not scored: {}",
+            "warning: {}: {} run(s) have no ground truth under {truth_at} and are not scored: {}",
             a.submission.display(),
             unknown.len(),
-            a.truth.display(),
-            a.split,
             first_few(&unknown)
         );
     }

@@ -2,7 +2,9 @@
 //!
 //! One file holds the points of one particle class in one run:
 //! `{root}/{split}/overlay/ExperimentRuns/{run}/Picks/{particle}.json` (copick itself writes
-//! `{user}_{session}_{particle}.json`). Coordinates are in Å.
+//! `{user}_{session}_{particle}.json`; a copick project's folders are named by its configuration,
+//! `dataset::Layout`). Coordinates are in Å.
+use crate::io::dataset::Layout;
 use crate::particles::{class_index, Pick, CLASSES};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -134,9 +136,13 @@ fn json_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// sessions of one particle and no annotator is an error, as their points would all count. An
 /// object other than the six is skipped in other users' files, and an error in the annotators'
 /// (a mislabelled truth would otherwise vanish).
-fn truth_files(picks_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
-    let mut files = json_files(picks_dir)?;
+fn truth_files(picks_dirs: &[PathBuf], notes: &mut Vec<String>) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
+    let mut files = Vec::new();
+    for d in picks_dirs {
+        files.extend(json_files(d)?);
+    }
     files.sort();
+    let picks_dir = picks_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" and ");
     let annotator = |d: &PicksIn| matches!(d.user_id.as_deref(), None | Some("") | Some("curation"));
     let mut known: Vec<(PathBuf, PicksIn, usize)> = Vec::new();
     for f in files {
@@ -164,55 +170,80 @@ fn truth_files(picks_dir: &Path, notes: &mut Vec<String>) -> Result<Vec<(PathBuf
         } else {
             let list: Vec<String> = groups.iter().map(|(u, s)| format!("user {u:?} session {s:?}")).collect();
             bail!(
-                "{}: {} picked by several users or sessions ({}) and none of user curation: which is the ground truth? Keep one set in this folder",
-                picks_dir.display(),
+                "{picks_dir}: {} picked by several users or sessions ({}) and none of user curation: which is the ground truth? Keep one set in this folder",
                 class.name,
                 list.join(", ")
             );
         }
     }
     if left_out > 0 {
-        notes.push(format!("{}: ground truth from user curation; {left_out} file(s) of other users not counted", picks_dir.display()));
+        notes.push(format!("{picks_dir}: ground truth from user curation; {left_out} file(s) of other users not counted"));
     }
     Ok(known.into_iter().zip(keep).filter(|(_, k)| *k).map(|(file, _)| file).collect())
 }
 
-/// Reads the ground truth of a split: `{root}/{split}/overlay/ExperimentRuns/{run}/Picks/` for every
-/// run directory, runs sorted by name (`truth_files` says which files count; what it leaves out is
-/// printed as a warning). A run without a `Picks/` directory has no annotations and contributes
-/// nothing.
-pub fn read_truth(root: &Path, split: &str) -> Result<Vec<Pick>> {
-    let (picks, notes) = read_truth_noted(root, split)?;
+/// Reads the ground truth of a project: for every run (see [`truth_runs`]), its picks in
+/// `{overlay}/ExperimentRuns/{run}/Picks/` and, in a copick project with a static root apart, in
+/// `{static}/ExperimentRuns/{run}/Picks/` too; runs sorted by name (`truth_files` says which files
+/// count; what it leaves out is printed as a warning). A run without picks has no annotations
+/// and contributes nothing.
+pub fn read_truth(layout: &Layout) -> Result<Vec<Pick>> {
+    let (picks, notes) = read_truth_noted(layout)?;
     for n in notes {
         crate::errln!("warning: {n}");
     }
     Ok(picks)
 }
 
-/// Where a split's ground-truth runs are: `{root}/{split}/overlay/ExperimentRuns`.
-pub fn truth_runs_dir(root: &Path, split: &str) -> PathBuf {
-    root.join(split).join("overlay").join("ExperimentRuns")
+/// The folders that may hold a run's picks.
+fn picks_dirs(layout: &Layout, run: &str) -> Vec<PathBuf> {
+    let mut dirs = vec![layout.overlay_runs.join(run).join("Picks")];
+    if layout.config.is_some() && layout.static_runs != layout.overlay_runs {
+        dirs.push(layout.static_runs.join(run).join("Picks"));
+    }
+    dirs.retain(|d| d.is_dir());
+    dirs
+}
+
+/// The runs that may have ground truth, sorted: the folders of `{overlay}/ExperimentRuns` (and in a
+/// copick project, those of the static root with a `Picks` folder). Errors when there is no
+/// overlay runs folder and no such static run.
+pub fn truth_runs(layout: &Layout) -> Result<Vec<String>> {
+    let list = |dir: &Path| -> Result<Vec<String>> {
+        let mut runs = Vec::new();
+        for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list ground-truth runs", dir.display()))? {
+            let e = e.with_context(|| format!("{}: cannot list ground-truth runs", dir.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() && !name.starts_with('.') {
+                runs.push(name);
+            }
+        }
+        Ok(runs)
+    };
+    let overlay = list(&layout.overlay_runs);
+    let mut runs = Vec::new();
+    if layout.config.is_some() && layout.static_runs != layout.overlay_runs && layout.static_runs.is_dir() {
+        runs = list(&layout.static_runs)?;
+        runs.retain(|r| layout.static_runs.join(r).join("Picks").is_dir());
+    }
+    match overlay {
+        Ok(o) => runs.extend(o),
+        Err(e) if runs.is_empty() => return Err(e),
+        Err(_) => {}
+    }
+    runs.sort();
+    runs.dedup();
+    Ok(runs)
 }
 
 /// `read_truth`, with what it left out as notes instead of warnings.
-pub fn read_truth_noted(root: &Path, split: &str) -> Result<(Vec<Pick>, Vec<String>)> {
-    let runs_dir = truth_runs_dir(root, split);
-    let entries = std::fs::read_dir(&runs_dir)
-        .with_context(|| format!("{}: cannot list ground-truth runs", runs_dir.display()))?;
-    let mut runs = Vec::new();
-    for e in entries {
-        let e = e.with_context(|| format!("{}: cannot list ground-truth runs", runs_dir.display()))?;
-        if e.path().is_dir() {
-            runs.push(e.file_name().to_string_lossy().into_owned());
-        }
-    }
-    runs.sort();
+pub fn read_truth_noted(layout: &Layout) -> Result<(Vec<Pick>, Vec<String>)> {
     let mut picks = Vec::new();
     let mut notes = Vec::new();
-    for run in runs {
-        let dir = runs_dir.join(&run).join("Picks");
-        if dir.is_dir() {
-            for (f, doc, class) in truth_files(&dir, &mut notes)? {
+    for run in truth_runs(layout)? {
+        let dirs = picks_dirs(layout, &run);
+        if !dirs.is_empty() {
+            for (f, doc, class) in truth_files(&dirs, &mut notes)? {
                 picks.extend(points_of(&f, doc, class, &run)?);
             }
         }
@@ -327,7 +358,7 @@ mod tests {
         file(&a, "x_0_membrane.json", "x", "membrane", 1);
         let b = picks("TS_b");
         file(&b, "alice_0_ribosome.json", "alice", "ribosome", 2);
-        let (truth, notes) = read_truth_noted(root.path(), "test").unwrap();
+        let (truth, notes) = read_truth_noted(&Layout::split(root.path(), "test")).unwrap();
         assert_eq!(truth.iter().filter(|p| p.run == "TS_a").count(), 3);
         assert_eq!(truth.iter().filter(|p| p.run == "TS_b").count(), 2);
         assert_eq!(notes.len(), 2, "{notes:?}");
@@ -335,23 +366,54 @@ mod tests {
 
         // One annotator per particle, in its own session: all of them are the truth.
         file(&b, "carol_2_apo-ferritin.json", "carol", "apo-ferritin", 1);
-        let (truth, _) = read_truth_noted(root.path(), "test").unwrap();
+        let (truth, _) = read_truth_noted(&Layout::split(root.path(), "test")).unwrap();
         assert_eq!(truth.iter().filter(|p| p.run == "TS_b").count(), 3);
 
         file(&b, "bob_1_ribosome.json", "bob", "ribosome", 4);
-        let e = read_truth_noted(root.path(), "test").unwrap_err().to_string();
+        let e = read_truth_noted(&Layout::split(root.path(), "test")).unwrap_err().to_string();
         assert!(e.contains("TS_b") && e.contains("ribosome picked by") && e.contains("user \"alice\"") && e.contains("user \"bob\"") && e.contains("none of user curation"), "{e}");
         std::fs::remove_file(b.join("bob_1_ribosome.json")).unwrap();
 
         // A curation file of an unknown object is a mislabelled truth: an error.
         file(&a, "membrane.json", "curation", "membranes", 1);
-        let e = read_truth_noted(root.path(), "test").unwrap_err().to_string();
+        let e = read_truth_noted(&Layout::split(root.path(), "test")).unwrap_err().to_string();
         assert!(e.contains("unknown pickable_object_name \"membranes\""), "{e}");
+    }
+
+    /// In a copick project the picks of both roots count, and a run with picks in the static
+    /// root only is a run with ground truth; one annotator's set split over the two roots is one set.
+    #[test]
+    fn copick_project_truth_from_both_roots() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (stat, over) = (tmp.path().join("s"), tmp.path().join("o"));
+        let layout = Layout { static_runs: stat.join("ExperimentRuns"), overlay_runs: over.join("ExperimentRuns"), config: Some(tmp.path().join("c.json")) };
+        let e = read_truth_noted(&layout).unwrap_err().to_string();
+        assert!(e.contains("cannot list ground-truth runs"), "{e}");
+        let file = |root: &Path, run: &str, name: &str, object: &str, n: usize| {
+            let d = root.join("ExperimentRuns").join(run).join("Picks");
+            std::fs::create_dir_all(&d).unwrap();
+            let points: Vec<String> = (0..n).map(|i| format!(r#"{{"location": {{"x": {i}, "y": 1, "z": 2}}}}"#)).collect();
+            let text = format!(r#"{{"pickable_object_name": "{object}", "user_id": "curation", "session_id": "0", "points": [{}]}}"#, points.join(","));
+            std::fs::write(d.join(name), text).unwrap();
+        };
+        file(&stat, "TS_s", "curation_0_ribosome.json", "ribosome", 2);
+        assert_eq!(truth_runs(&layout).unwrap(), vec!["TS_s".to_string()]);
+        file(&over, "TS_s", "curation_0_apo-ferritin.json", "apo-ferritin", 3);
+        file(&over, "TS_o", "curation_0_ribosome.json", "ribosome", 1);
+        std::fs::create_dir_all(stat.join("ExperimentRuns/TS_none/VoxelSpacing10.000")).unwrap();
+        assert_eq!(truth_runs(&layout).unwrap(), vec!["TS_o".to_string(), "TS_s".to_string()]);
+        let (truth, notes) = read_truth_noted(&layout).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        let count = |run: &str, class: usize| truth.iter().filter(|p| p.run == run && p.class == class).count();
+        assert_eq!((count("TS_s", 2), count("TS_s", 0), count("TS_o", 2)), (2, 3, 1));
+        // The competition layout reads the overlay only.
+        let split = Layout { config: None, ..layout.clone() };
+        assert_eq!(read_truth(&split).unwrap().len(), 4);
     }
 
     #[test]
     fn reads_fixture_split_sorted_by_run() {
-        let truth = read_truth(&overlay(), "test").unwrap();
+        let truth = read_truth(&Layout::split(&overlay(), "test")).unwrap();
         let runs: Vec<&str> = truth.iter().map(|p| p.run.as_str()).collect();
         assert_eq!(runs.first(), Some(&"TS_synth_1"));
         assert_eq!(runs.last(), Some(&"TS_synth_2"));
@@ -360,7 +422,7 @@ mod tests {
         for c in 0..CLASSES.len() {
             assert!(truth.iter().any(|p| p.class == c && p.run == "TS_synth_2"), "class {c}");
         }
-        let err = read_truth(&overlay(), "train").unwrap_err().to_string();
+        let err = read_truth(&Layout::split(&overlay(), "train")).unwrap_err().to_string();
         assert!(err.contains("train/overlay/ExperimentRuns"), "{err}");
     }
 

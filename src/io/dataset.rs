@@ -1,11 +1,15 @@
-//! CZII / copick dataset layout: run discovery, tomogram paths, sharding.
+//! Where a project's runs are: the competition layout or a copick project's configuration file.
 //!
-//! Layout: `{root}/{split}/static/ExperimentRuns/{run}/VoxelSpacing10.000/{tomogram}.zarr`
-//! (`denoised` by default).
+//! Competition layout (`--data ROOT --split S`): tomograms under
+//! `{ROOT}/{S}/static/ExperimentRuns/{run}/VoxelSpacing10.000/{tomogram}.zarr` (`denoised` by
+//! default), picks under `{ROOT}/{S}/overlay/ExperimentRuns/{run}/Picks/`.
+//!
+//! copick project (`--copick-config FILE`): the same folders under the file's `static_root` and
+//! `overlay_root`, read as copick reads them: runs and tomograms from both roots, picks from both.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// Voxel-spacing directory used by the competition data.
 pub const VOXEL_SPACING_DIR: &str = "VoxelSpacing10.000";
@@ -13,100 +17,197 @@ pub const VOXEL_SPACING_DIR: &str = "VoxelSpacing10.000";
 /// directory (the others are `wbp`, `ctfdeconvolved` and `isonetcorrected`).
 pub const DEFAULT_TOMOGRAM: &str = "denoised";
 
+/// The two `ExperimentRuns` folders of a project, and where they were named.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    /// `{static}/ExperimentRuns`: the runs and their tomograms.
+    pub static_runs: PathBuf,
+    /// `{overlay}/ExperimentRuns`: picks (the ground truth, other pickers'), tomograms a user added.
+    pub overlay_runs: PathBuf,
+    /// The copick configuration file, when the layout comes from one.
+    pub config: Option<PathBuf>,
+}
+
 /// `{root}/{split}/static/ExperimentRuns`.
 pub fn runs_dir(root: &Path, split: &str) -> PathBuf {
     root.join(split).join("static").join("ExperimentRuns")
 }
 
-/// Run names: the sub-directories of `{root}/{split}/static/ExperimentRuns`, sorted by name
-/// (hidden entries starting with `.` are skipped). Errors if that directory is missing.
-pub fn discover_runs(root: &Path, split: &str) -> Result<Vec<String>> {
-    let dir = runs_dir(root, split);
+/// Sub-directory names of `dir`, sorted, hidden entries (`.…`) skipped; `None` when there is no `dir`.
+fn sub_dirs(dir: &Path) -> Option<std::io::Result<Vec<String>>> {
     if !dir.is_dir() {
-        bail!(
-            "{}: runs directory not found (expected {}/{split}/static/ExperimentRuns/<run>/{VOXEL_SPACING_DIR}/{DEFAULT_TOMOGRAM}.zarr)",
-            dir.display(),
-            root.display()
-        );
+        return None;
     }
-    let entries = std::fs::read_dir(&dir)
-        .map_err(|e| anyhow::anyhow!("{}: cannot list runs: {e}", dir.display()))?;
-    let mut runs = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut names = Vec::new();
     for entry in entries {
-        let entry =
-            entry.map_err(|e| anyhow::anyhow!("{}: cannot list runs: {e}", dir.display()))?;
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => return Some(Err(e)),
+        };
         let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
             continue;
         };
-        if name.starts_with('.') || !entry.path().is_dir() {
-            continue;
+        if !name.starts_with('.') && entry.path().is_dir() {
+            names.push(name);
         }
-        runs.push(name);
     }
-    runs.sort();
-    Ok(runs)
+    names.sort();
+    Some(Ok(names))
 }
 
-/// The canonical tomogram path `{root}/{split}/static/ExperimentRuns/{run}/VoxelSpacing10.000/{tomogram}.zarr`
-/// (whether or not it exists).
-pub fn default_tomogram_path(root: &Path, split: &str, run: &str, tomogram: &str) -> PathBuf {
-    runs_dir(root, split)
-        .join(run)
-        .join(VOXEL_SPACING_DIR)
-        .join(format!("{tomogram}.zarr"))
-}
+impl Layout {
+    /// The competition layout: `{root}/{split}/static` and `{root}/{split}/overlay`.
+    pub fn split(root: &Path, split: &str) -> Layout {
+        Layout { static_runs: runs_dir(root, split), overlay_runs: root.join(split).join("overlay").join("ExperimentRuns"), config: None }
+    }
 
-/// Tomogram path of `run`: the canonical `VoxelSpacing10.000/{tomogram}.zarr` if it exists,
-/// otherwise the only `VoxelSpacing*/{tomogram}.zarr` of the run. Errors (naming the paths) if the
-/// run is missing, or there is no candidate, or several candidates and no canonical one.
-pub fn run_tomogram_path(root: &Path, split: &str, run: &str, tomogram: &str) -> Result<PathBuf> {
-    let name = format!("{tomogram}.zarr");
-    let exact = default_tomogram_path(root, split, run, tomogram);
-    if exact.is_dir() {
-        return Ok(exact);
+    /// A copick project's configuration (JSON): `overlay_root`, and `static_root` when the
+    /// tomograms lie apart from the overlay (without it, everything is in the overlay). Roots are
+    /// local paths, plain or as `local://` / `file://` URLs; a relative one is relative to the
+    /// current directory, as copick reads it. Other storage (`s3://`, the data portal's
+    /// `config_type`) is refused: download the runs first.
+    pub fn copick_config(file: &Path) -> Result<Layout> {
+        let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read the copick configuration", file.display()))?;
+        let doc: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not a copick configuration (not JSON)", file.display()))?;
+        let Some(obj) = doc.as_object() else {
+            bail!("{}: not a copick configuration (a JSON object with overlay_root is expected)", file.display());
+        };
+        if let Some(t) = obj.get("config_type") {
+            if t.as_str() != Some("filesystem") {
+                bail!("{}: copick config_type {t}: fastdet reads projects on local disks only (config_type \"filesystem\"); download the runs first", file.display());
+            }
+        }
+        let root = |key: &str| -> Result<Option<PathBuf>> {
+            let Some(v) = obj.get(key).filter(|v| !v.is_null()) else {
+                return Ok(None);
+            };
+            let Some(url) = v.as_str() else {
+                bail!("{}: {key} must be a path, not {v}", file.display());
+            };
+            let path = match url.strip_prefix("local://").or_else(|| url.strip_prefix("file://")) {
+                Some(p) => p,
+                None if url.contains("://") => bail!("{}: {key} {url:?}: fastdet reads local paths only (a path, or local://PATH); copy the project to a local disk first", file.display()),
+                None => url,
+            };
+            if path.is_empty() {
+                bail!("{}: {key} is empty", file.display());
+            }
+            Ok(Some(std::path::absolute(path).with_context(|| format!("{}: {key} {url:?}", file.display()))?))
+        };
+        let Some(overlay) = root("overlay_root")? else {
+            bail!("{}: not a copick configuration: no overlay_root", file.display());
+        };
+        let stat = root("static_root")?.unwrap_or_else(|| overlay.clone());
+        Ok(Layout { static_runs: stat.join("ExperimentRuns"), overlay_runs: overlay.join("ExperimentRuns"), config: Some(file.to_path_buf()) })
     }
-    let run_dir = runs_dir(root, split).join(run);
-    if !run_dir.is_dir() {
-        bail!(
-            "{}: run directory not found (run '{run}', split '{split}')",
-            run_dir.display()
-        );
+
+    /// The folders a run's tomograms may be in: the static one, then the overlay's.
+    fn run_dirs(&self, run: &str) -> Vec<PathBuf> {
+        let mut dirs = vec![self.static_runs.join(run)];
+        if self.overlay_runs != self.static_runs {
+            dirs.push(self.overlay_runs.join(run));
+        }
+        dirs
     }
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir(&run_dir)
-        .map_err(|e| anyhow::anyhow!("{}: cannot list run directory: {e}", run_dir.display()))?
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with("VoxelSpacing"))
-        })
-        .map(|e| e.path().join(&name))
-        .filter(|p| p.is_dir())
-        .collect();
-    candidates.sort();
-    match candidates.len() {
-        1 => Ok(candidates.pop().unwrap()),
-        0 => {
-            // Name the tomograms the run has, when the type asked for is not among them.
-            let mut present: Vec<String> = std::fs::read_dir(&run_dir)
+
+    /// Where the runs are, for messages.
+    pub fn describe(&self) -> String {
+        match &self.config {
+            Some(f) => format!("{} (static root of copick project {})", self.static_runs.display(), f.display()),
+            None => self.static_runs.display().to_string(),
+        }
+    }
+
+    /// Run names, sorted: the sub-directories of the static `ExperimentRuns` (hidden entries
+    /// starting with `.` are skipped). A copick project's runs also include overlay runs that
+    /// hold a tomogram folder (`VoxelSpacing*`), as copick lists both roots. Errors if there is
+    /// no runs folder.
+    pub fn discover_runs(&self) -> Result<Vec<String>> {
+        let listing = |dir: &Path| sub_dirs(dir).map(|r| r.map_err(|e| anyhow::anyhow!("{}: cannot list runs: {e}", dir.display())));
+        let mut runs = match listing(&self.static_runs) {
+            Some(r) => Some(r?),
+            None => None,
+        };
+        if self.config.is_some() && self.overlay_runs != self.static_runs {
+            if let Some(more) = listing(&self.overlay_runs) {
+                let with_tomograms = more?.into_iter().filter(|r| {
+                    std::fs::read_dir(self.overlay_runs.join(r)).into_iter().flatten().flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("VoxelSpacing")))
+                });
+                let all = runs.get_or_insert_with(Vec::new);
+                all.extend(with_tomograms);
+                all.sort();
+                all.dedup();
+            }
+        }
+        match runs {
+            Some(r) => Ok(r),
+            None if self.config.is_some() => bail!(
+                "{}: runs directory not found, nor {} (the copick project {} has no runs)",
+                self.static_runs.display(),
+                self.overlay_runs.display(),
+                self.config.as_ref().unwrap().display()
+            ),
+            None => bail!(
+                "{}: runs directory not found (expected {}/<run>/{VOXEL_SPACING_DIR}/{DEFAULT_TOMOGRAM}.zarr)",
+                self.static_runs.display(),
+                self.static_runs.display()
+            ),
+        }
+    }
+
+    /// The canonical tomogram path `{static}/{run}/VoxelSpacing10.000/{tomogram}.zarr` (whether
+    /// or not it exists).
+    pub fn default_tomogram_path(&self, run: &str, tomogram: &str) -> PathBuf {
+        self.static_runs.join(run).join(VOXEL_SPACING_DIR).join(format!("{tomogram}.zarr"))
+    }
+
+    /// Tomogram path of `run`: the canonical `VoxelSpacing10.000/{tomogram}.zarr` if it exists
+    /// (in the static root, then the overlay's), otherwise the only `VoxelSpacing*/{tomogram}.zarr`
+    /// of the run. Errors (naming the paths) if the run is missing, or there is no candidate, or
+    /// several candidates and no canonical one.
+    pub fn tomogram_path(&self, run: &str, tomogram: &str) -> Result<PathBuf> {
+        let name = format!("{tomogram}.zarr");
+        let exact = self.default_tomogram_path(run, tomogram);
+        let run_dirs: Vec<PathBuf> = self.run_dirs(run).into_iter().filter(|d| d.is_dir()).collect();
+        if let Some(p) = run_dirs.iter().map(|d| d.join(VOXEL_SPACING_DIR).join(&name)).find(|p| p.is_dir()) {
+            return Ok(p);
+        }
+        let Some(run_dir) = run_dirs.first() else {
+            bail!("{}: run directory not found (run '{run}')", self.static_runs.join(run).display());
+        };
+        let spacings = |dir: &PathBuf| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
                 .into_iter()
                 .flatten()
                 .flatten()
                 .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("VoxelSpacing")))
-                .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".zarr")).map(String::from))
-                .collect();
-            present.sort();
-            present.dedup();
-            let others = if present.is_empty() { String::new() } else { format!(" (it has: {}; choose one with --tomogram)", present.join(", ")) };
-            bail!("{}: tomogram not found, and no VoxelSpacing*/{name} in {}{others}", exact.display(), run_dir.display())
+                .map(|e| e.path())
+                .collect()
+        };
+        let mut candidates: Vec<PathBuf> = run_dirs.iter().flat_map(spacings).map(|s| s.join(&name)).filter(|p| p.is_dir()).collect();
+        candidates.sort();
+        let listed = run_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" or ");
+        match candidates.len() {
+            1 => Ok(candidates.pop().unwrap()),
+            0 => {
+                // Name the tomograms the run has, when the type asked for is not among them.
+                let mut present: Vec<String> = run_dirs
+                    .iter()
+                    .flat_map(spacings)
+                    .flat_map(|s| std::fs::read_dir(s).into_iter().flatten().flatten())
+                    .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".zarr")).map(String::from))
+                    .collect();
+                present.sort();
+                present.dedup();
+                let others = if present.is_empty() { String::new() } else { format!(" (it has: {}; choose one with --tomogram)", present.join(", ")) };
+                bail!("{}: tomogram not found, and no VoxelSpacing*/{name} in {listed}{others}", exact.display())
+            }
+            _ => bail!("{}: tomogram not found, and {} is ambiguous: several candidates {:?}", exact.display(), run_dir.display(), candidates),
         }
-        _ => bail!(
-            "{}: tomogram not found, and {} is ambiguous: several candidates {:?}",
-            exact.display(),
-            run_dir.display(),
-            candidates
-        ),
     }
 }
 
@@ -142,7 +243,8 @@ mod tests {
     fn discovery_and_paths() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        assert!(discover_runs(root, "train")
+        let layout = Layout::split(root, "train");
+        assert!(layout.discover_runs()
             .unwrap_err()
             .to_string()
             .contains("ExperimentRuns"));
@@ -152,33 +254,84 @@ mod tests {
         }
         std::fs::write(rd.join("notes.txt"), "x").unwrap();
         assert_eq!(
-            discover_runs(root, "train").unwrap(),
+            layout.discover_runs().unwrap(),
             names(&["TS_a", "TS_b"])
         );
 
         // canonical path
         let d = DEFAULT_TOMOGRAM;
-        let exact = default_tomogram_path(root, "train", "TS_a", d);
+        let exact = layout.default_tomogram_path("TS_a", d);
         std::fs::create_dir_all(&exact).unwrap();
-        assert_eq!(run_tomogram_path(root, "train", "TS_a", d).unwrap(), exact);
+        assert_eq!(layout.tomogram_path("TS_a", d).unwrap(), exact);
         // another type, named in the error when it is the only one there
         let wbp = rd.join("TS_a/VoxelSpacing10.000/wbp.zarr");
         std::fs::create_dir_all(&wbp).unwrap();
-        assert_eq!(run_tomogram_path(root, "train", "TS_a", "wbp").unwrap(), wbp);
-        let e = run_tomogram_path(root, "train", "TS_a", "isonetcorrected").unwrap_err().to_string();
+        assert_eq!(layout.tomogram_path("TS_a", "wbp").unwrap(), wbp);
+        let e = layout.tomogram_path("TS_a", "isonetcorrected").unwrap_err().to_string();
         assert!(e.contains("isonetcorrected.zarr") && e.contains("it has: denoised, wbp; choose one with --tomogram"), "{e}");
         // single other spacing
         let other = rd.join("TS_b").join("VoxelSpacing10.012").join("denoised.zarr");
         std::fs::create_dir_all(&other).unwrap();
-        assert_eq!(run_tomogram_path(root, "train", "TS_b", d).unwrap(), other);
+        assert_eq!(layout.tomogram_path("TS_b", d).unwrap(), other);
         // ambiguous
         std::fs::create_dir_all(rd.join("TS_b").join("VoxelSpacing5.000").join("denoised.zarr")).unwrap();
-        let e = run_tomogram_path(root, "train", "TS_b", d).unwrap_err().to_string();
+        let e = layout.tomogram_path("TS_b", d).unwrap_err().to_string();
         assert!(e.contains("ambiguous"), "{e}");
         // missing run
-        let e = run_tomogram_path(root, "train", "TS_zz", d)
+        let e = layout.tomogram_path("TS_zz", d)
             .unwrap_err()
             .to_string();
         assert!(e.contains("TS_zz"), "{e}");
+    }
+
+    /// A copick configuration names the two roots (plain, local:// or file://; a missing static
+    /// root is the overlay); runs and tomograms come from both, as copick lists them.
+    #[test]
+    fn copick_configuration_roots_runs_and_tomograms() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (stat, over) = (tmp.path().join("static"), tmp.path().join("overlay"));
+        let cfg = tmp.path().join("copick.json");
+        let write = |text: String| std::fs::write(&cfg, text).unwrap();
+        for url in [over.display().to_string(), format!("local://{}", over.display()), format!("file://{}", over.display())] {
+            write(format!(r#"{{"name": "p", "overlay_root": "{url}", "static_root": "local://{}", "pickable_objects": []}}"#, stat.display()));
+            let l = Layout::copick_config(&cfg).unwrap();
+            assert_eq!((l.static_runs.clone(), l.overlay_runs.clone()), (stat.join("ExperimentRuns"), over.join("ExperimentRuns")), "{url}");
+        }
+        write(format!(r#"{{"config_type": "filesystem", "overlay_root": "{}", "static_root": null}}"#, over.display()));
+        assert_eq!(Layout::copick_config(&cfg).unwrap().static_runs, over.join("ExperimentRuns"));
+        write(r#"{"overlay_root": "rel/overlay"}"#.into());
+        assert_eq!(Layout::copick_config(&cfg).unwrap().overlay_runs, std::env::current_dir().unwrap().join("rel/overlay/ExperimentRuns"));
+        for (text, says) in [
+            (r#"{"static_root": "/x"}"#, "no overlay_root"),
+            (r#"{"overlay_root": "s3://bucket/overlay"}"#, "local paths only"),
+            (r#"{"overlay_root": 5}"#, "overlay_root must be a path"),
+            (r#"{"config_type": "cryoet_data_portal", "overlay_root": "/x"}"#, "config_type \"cryoet_data_portal\""),
+            ("[1, 2]", "a JSON object"),
+            ("name = 1", "not JSON"),
+        ] {
+            write(text.into());
+            let e = format!("{:#}", Layout::copick_config(&cfg).unwrap_err());
+            assert!(e.contains("copick.json") && e.contains(says), "{text}: {e}");
+        }
+        let e = format!("{:#}", Layout::copick_config(&tmp.path().join("none.json")).unwrap_err());
+        assert!(e.contains("none.json: cannot read"), "{e}");
+
+        write(format!(r#"{{"overlay_root": "{}", "static_root": "{}"}}"#, over.display(), stat.display()));
+        let l = Layout::copick_config(&cfg).unwrap();
+        let e = l.discover_runs().unwrap_err().to_string();
+        assert!(e.contains("copick project") && e.contains("copick.json"), "{e}");
+        // Static runs, and overlay runs with a tomogram folder; an overlay run of picks only is
+        // the same run as the static one, or no run.
+        for d in ["static/ExperimentRuns/TS_a/VoxelSpacing10.000/denoised.zarr", "overlay/ExperimentRuns/TS_a/Picks", "overlay/ExperimentRuns/TS_p/Picks", "overlay/ExperimentRuns/TS_o/VoxelSpacing10.000/denoised.zarr", "overlay/ExperimentRuns/TS_a/VoxelSpacing10.000/wbp.zarr"] {
+            std::fs::create_dir_all(tmp.path().join(d)).unwrap();
+        }
+        assert_eq!(l.discover_runs().unwrap(), names(&["TS_a", "TS_o"]));
+        assert_eq!(l.tomogram_path("TS_a", "denoised").unwrap(), stat.join("ExperimentRuns/TS_a/VoxelSpacing10.000/denoised.zarr"));
+        assert_eq!(l.tomogram_path("TS_a", "wbp").unwrap(), over.join("ExperimentRuns/TS_a/VoxelSpacing10.000/wbp.zarr"));
+        assert_eq!(l.tomogram_path("TS_o", "denoised").unwrap(), over.join("ExperimentRuns/TS_o/VoxelSpacing10.000/denoised.zarr"));
+        let e = l.tomogram_path("TS_a", "isonetcorrected").unwrap_err().to_string();
+        assert!(e.contains("it has: denoised, wbp"), "{e}");
+        // The competition layout lists the static runs only.
+        assert_eq!(Layout { config: None, ..l.clone() }.discover_runs().unwrap(), names(&["TS_a"]));
     }
 }
