@@ -205,7 +205,9 @@ pub fn score(truth: &[Pick], submission: &[Pick], beta: f64) -> Score {
 /// threshold between that score and the next lower candidate's (or `floor`, the lowest score the
 /// candidates were kept at) keeps the same picks; the midpoint is returned, as far from both as
 /// the data allow, rather than the best group's own score, which on other tomograms would drop
-/// every particle scored a hair lower (β = 4 counts recall most). A class with no candidates or
+/// every particle scored a hair lower (β = 4 counts recall most). A class whose candidates are all
+/// false positives keeps none of them: its threshold lies halfway between the top score and 1.
+/// A class with no candidates or
 /// no annotated particle keeps [`DEFAULT_THRESHOLD`]: there is nothing to tune it on. Returns the
 /// thresholds in class order and the score of `candidates` filtered by them.
 pub fn tune_thresholds(truth: &[Pick], candidates: &[Pick], beta: f64, floor: f32) -> (Vec<f32>, Score) {
@@ -235,7 +237,9 @@ pub fn tune_thresholds(truth: &[Pick], candidates: &[Pick], beta: f64, floor: f3
             cands.sort_by(|a, b| b.0.total_cmp(&a.0));
 
             let mut matched = vec![false; nrefs];
-            let (mut tp, mut best_f, mut best_t, mut best_end) = (0i64, f64::NEG_INFINITY, cands[0].0, 0);
+            // Keeping nothing is a choice too: it wins the ties of a class whose candidates are
+            // all false positives (F = 0 either way, and fewer picks).
+            let (mut tp, mut best_f, mut best_t, mut best_end) = (0i64, class_f(0, 0, nrefs as i64, beta).2, cands[0].0, None);
             for (n, &(s, run, q)) in cands.iter().enumerate() {
                 indices[run].for_each_within(&q, |i| {
                     let m = &mut matched[offsets[run] + i];
@@ -249,10 +253,14 @@ pub fn tune_thresholds(truth: &[Pick], candidates: &[Pick], beta: f64, floor: f3
                     let kept = n as i64 + 1;
                     let (_, _, f) = class_f(tp, kept - tp, nrefs as i64 - tp, beta);
                     if f > best_f {
-                        (best_f, best_t, best_end) = (f, s, n);
+                        (best_f, best_t, best_end) = (f, s, Some(n));
                     }
                 }
             }
+            let Some(best_end) = best_end else {
+                // Above the top candidate (a probability is at most 1).
+                return midpoint_above(cands[0].0, 1.0);
+            };
             let below = cands.get(best_end + 1).map_or(floor.min(best_t), |c| c.0);
             midpoint_above(below, best_t)
         })
@@ -511,6 +519,21 @@ mod tests {
         assert_eq!(midpoint_above(0.2, 0.6), 0.4);
     }
 
+    /// A class whose candidates are all false positives keeps none: F is 0 either way, and the
+    /// tie goes to fewer picks.
+    #[test]
+    fn tune_keeps_nothing_when_every_candidate_is_wrong() {
+        let t = vec![at("r", 2, 0.0, 0.0, 0.0), at("r", 0, 0.0, 0.0, 0.0)];
+        let cands = vec![pk("r", 2, 0.9, 5000.0, 0.0, 0.0), pk("r", 2, 0.4, 9000.0, 0.0, 0.0), pk("r", 0, 0.6, 0.0, 0.0, 0.0)];
+        let (th, s) = tune_thresholds(&t, &cands, BETA, 0.05);
+        assert_eq!(th[2], 0.95);
+        assert_eq!(counts(&s, 2), (0, 0, 1));
+        assert_eq!(th[0], midpoint_above(0.05, 0.6));
+        // A top score of 1 cannot be dropped by a probability threshold: it stays.
+        let (th, _) = tune_thresholds(&t, &[pk("r", 2, 1.0, 5000.0, 0.0, 0.0)], BETA, 0.05);
+        assert_eq!(th[2], 1.0);
+    }
+
     /// Small deterministic generator for randomized cross-checks.
     struct Lcg(u64);
     impl Lcg {
@@ -589,7 +612,8 @@ mod tests {
                 let mut ts: Vec<f32> = cands.iter().filter(|p| p.class == c && p.run != "C").map(|p| p.score).collect();
                 ts.sort_by(|a, b| b.total_cmp(a));
                 ts.dedup();
-                let mut best = (f64::NEG_INFINITY, 0.5f32);
+                // Keeping nothing first: F 0, and it wins ties.
+                let mut best = (0.0, f32::INFINITY);
                 for &t in &ts {
                     let kept: Vec<Pick> = cands.iter().filter(|p| p.class == c && p.score >= t).cloned().collect();
                     let (tp, fp, fn_) = brute(&truth, &kept, c);
@@ -599,15 +623,17 @@ mod tests {
                     }
                 }
                 // The midpoint down to the next lower score (or the floor, 0 here); the default
-                // for a class without truth.
+                // for a class without truth; above the top score when nothing is worth keeping.
                 let expected = if truth.iter().all(|p| p.class != c) || ts.is_empty() {
                     DEFAULT_THRESHOLD
+                } else if best.1 == f32::INFINITY {
+                    midpoint_above(ts[0], 1.0)
                 } else {
                     let below = ts.iter().copied().find(|&t| t < best.1).unwrap_or(0.0);
                     midpoint_above(below, best.1)
                 };
                 assert_eq!(th_c, expected, "seed {seed} class {c}");
-                if best.0.is_finite() {
+                if truth.iter().any(|p| p.class == c) && !ts.is_empty() {
                     assert_eq!(s.per_class[c].fbeta, best.0, "seed {seed} class {c}");
                 }
             }

@@ -61,11 +61,14 @@ pub struct QcOptions {
     pub min_slab_px: usize,
     /// Optional title line at the top (e.g. the run name).
     pub title: Option<String>,
+    /// Å per voxel of the volume drawn, as the picks were made with; `None`: the volume's own
+    /// (see [`voxel_size_of`]).
+    pub voxel_size: Option<f64>,
 }
 
 impl Default for QcOptions {
     fn default() -> Self {
-        Self { slabs: 4, min_slab_px: 256, title: None }
+        Self { slabs: 4, min_slab_px: 256, title: None, voxel_size: None }
     }
 }
 
@@ -170,17 +173,18 @@ pub fn voxel_size_of(volume: &Volume) -> f64 {
 }
 
 /// Centre of a pick in slab-pixel coordinates: pixel `(c, r)` covers `[c, c+1) x [r, r+1)` of
-/// the returned space, so `floor` gives the pixel that contains the centre. Voxel `i` (Å `i *
-/// voxel_size`) maps to the middle of pixels `i*scale .. (i+1)*scale`.
+/// the returned space, so `floor` gives the pixel that contains the centre. Voxel `i` spans the
+/// coordinates `[i, i+1)` (Å `[i, i+1) * voxel_size`, its centre at `i + 0.5`, as in the picks),
+/// and pixels `i*scale .. (i+1)*scale`.
 pub fn pick_to_pixel(p: &Pick, voxel_size: f64, scale: usize) -> (f64, f64) {
     let s = scale as f64;
-    ((p.x / voxel_size + 0.5) * s, (p.y / voxel_size + 0.5) * s)
+    (p.x / voxel_size * s, p.y / voxel_size * s)
 }
 
-/// Index of the slab whose z range holds the pick's centre voxel (`round(z / voxel_size)`), or
+/// Index of the slab whose z range holds the pick's centre voxel (`floor(z / voxel_size)`), or
 /// `None` when it lies outside the volume.
 pub fn pick_slab(p: &Pick, voxel_size: f64, slabs: &[Range<usize>]) -> Option<usize> {
-    let z = (p.z / voxel_size).round();
+    let z = (p.z / voxel_size).floor();
     if !(z >= 0.0) {
         return None;
     }
@@ -350,7 +354,11 @@ pub fn render_rgb(volume: &Volume, picks: &[Pick], truth: Option<&[Pick]>, opts:
         }
     }
     let lay = QcLayout::new(volume.shape, opts, truth.is_some())?;
-    let vs = voxel_size_of(volume);
+    let vs = match opts.voxel_size {
+        Some(v) if v.is_finite() && v > 0.0 => v,
+        Some(v) => bail!("voxel size {v} Å: must be a positive number"),
+        None => voxel_size_of(volume),
+    };
     let s = lay.scale;
     let mut cv = Canvas::new(lay.width, lay.height, BACKGROUND);
     let max_x = lay.width - MARGIN;

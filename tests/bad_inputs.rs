@@ -282,6 +282,11 @@ fn malformed_truth_is_named() {
     assert!(stderr(&score(&["--runs", "TS_1,TS_7"])).contains("--runs: run \"TS_7\" is not in"));
     let o = score(&["--runs", "TS_2, TS_1"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // Rows of other particle types are not scored, as in the Kaggle metric, and are named.
+    std::fs::write(&sub, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n1,TS_1,membrane,1,2,3\n").unwrap();
+    let o = score(&["--runs", "TS_1"]);
+    assert!(o.status.success() && stderr(&o).contains("not counted: 1 \"membrane\""), "{}", stderr(&o));
+    assert_eq!(ribosome(&serde_json::from_slice(&o.stdout).unwrap()), (Some(1), Some(0)));
     // A split without ground truth, where another has it: the error names that one.
     let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--split", "test", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
     assert!(!o.status.success() && stderr(&o).contains("no ground truth for split \"test\"") && stderr(&o).contains("\"train\": give --split"), "{}", stderr(&o));

@@ -45,21 +45,25 @@ fn pick(class: usize, vx: f64, vy: f64, vz: f64, vs: f64) -> Pick {
 
 #[test]
 fn pick_to_pixel_centres_voxels() {
-    let p = pick(0, 25.0, 20.0, 2.0, 10.0);
+    // The centre of voxel (x 25, y 20) is at coordinate 25.5, 20.5 (voxel i spans [i, i+1)): the
+    // middle of its pixels.
+    let p = pick(0, 25.5, 20.5, 2.5, 10.0);
     assert_eq!(pick_to_pixel(&p, 10.0, 1), (25.5, 20.5));
     assert_eq!(pick_to_pixel(&p, 10.0, 6), (153.0, 123.0));
+    // A voxel's lower edge is its pixels' lower edge.
+    assert_eq!(pick_to_pixel(&pick(0, 25.0, 20.0, 2.0, 10.0), 10.0, 6), (150.0, 120.0));
     // 60 Å apo-ferritin at 10 Å/voxel, enlarged 6x: 36 px
     assert_eq!(radius_px(0, 10.0, 6), 36.0);
 }
 
-/// One apo-ferritin pick at voxel (x 25, y 20, z 2): its ring is drawn in red at ≈ the radius
+/// One apo-ferritin pick at the centre of voxel (x 25, y 20, z 2): its ring is drawn in red at ≈ the radius
 /// around the centre pixel of slab 0, the centre stays grey, and nothing red appears elsewhere.
 #[test]
 fn known_pick_lands_on_expected_pixels() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("one.png");
     let vol = small_volume();
-    let p = pick(0, 25.0, 20.0, 2.0, 10.0);
+    let p = pick(0, 25.5, 20.5, 2.5, 10.0);
     render_qc(&vol, std::slice::from_ref(&p), None, &out).unwrap();
     let img = decode(&out);
 
@@ -96,6 +100,32 @@ fn known_pick_lands_on_expected_pixels() {
     // a ring of circumference 2πr and thickness 2·hw
     let area = 2.0 * std::f64::consts::PI * r * 2.0 * hw;
     assert!((n as f64 - area).abs() < 0.2 * area, "{n} red pixels, expected ≈ {area}");
+}
+
+/// The slab is the one holding the voxel of the pick's z (floor: voxel i spans [i, i+1)), and
+/// the voxel size given (the one the picks were made with) beats the volume's own.
+#[test]
+fn slab_and_voxel_size_follow_the_picks_coordinates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("vs.png");
+    let vol = small_volume(); // 10 Å per voxel in its metadata, 16 deep: slabs of 4
+    let vs = 20.0;
+    let p = pick(2, 25.5, 20.5, 11.9, vs);
+    let opts = QcOptions { voxel_size: Some(vs), ..QcOptions::default() };
+    let s = render_qc_with(&vol, std::slice::from_ref(&p), None, &out, &opts).unwrap();
+    assert_eq!(s.picks_drawn, 1);
+    let img = decode(&out);
+    let lay = QcLayout::new(vol.shape, &opts, false).unwrap();
+    let (cx, cy) = pick_to_pixel(&p, vs, lay.scale);
+    assert_eq!((cx, cy), (25.5 * lay.scale as f64, 20.5 * lay.scale as f64));
+    let r = radius_px(2, vs, lay.scale);
+    for k in 0..4 {
+        let (ox, oy) = lay.tile_origin(0, k);
+        let got = px(&img, ox + (cx + r).floor() as usize, oy + cy as usize);
+        assert_eq!(got == CLASS_COLORS[2], k == 2, "slab {k}: {got:?}");
+    }
+    // With the volume's own 10 Å, the same Å lie outside the volume's 16 slices.
+    assert_eq!(render_qc_with(&vol, &[p], None, &out, &QcOptions::default()).unwrap().picks_drawn, 0);
 }
 
 /// A pick goes to the slab that holds its centre z; one beyond the volume is not drawn.

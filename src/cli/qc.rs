@@ -10,7 +10,7 @@ use std::process::ExitCode;
 #[derive(Args)]
 #[command(after_help = "Each run's tomogram (full resolution) is cut into --slabs equal z ranges, each shown as its mean \
 projection, contrast-stretched to its 1st-99th percentile; every pick is drawn as a ring of its particle radius \
-(Å / voxel size, the zarr's own or 10.012 Å) in its class colour on the slab that holds its centre z. \
+(Å / --voxel-size) in its class colour on the slab that holds its centre z. \
 Small tomograms are enlarged by an integer factor so a slab is at least 256 px wide.\n\
 Example:\n  fastdet qc --data tests/fixtures/dataset --split test --picks sub.csv --out qc --truth")]
 pub struct QcArgs {
@@ -39,6 +39,10 @@ pub struct QcArgs {
     /// Comma-separated runs to draw [default: every run of the split]
     #[arg(long, value_delimiter = ',')]
     pub runs: Option<Vec<String>>,
+    /// Voxel size in Å of the full-resolution tomogram, as `run` took it (Å coordinates are
+    /// turned back into its voxels; the file's own size only warns)
+    #[arg(long, default_value_t = fastdet::particles::ANGSTROM_PER_VOXEL)]
+    pub voxel_size: f64,
     /// Number of z-slabs per row (at most the tomogram depth in voxels)
     #[arg(long, default_value_t = 4)]
     pub slabs: usize,
@@ -47,6 +51,9 @@ pub struct QcArgs {
 pub fn qc(a: QcArgs) -> Result<ExitCode> {
     if a.slabs == 0 {
         bail!("--slabs must be at least 1");
+    }
+    if !(a.voxel_size.is_finite() && a.voxel_size > 0.0) {
+        bail!("--voxel-size {}: must be a positive number of Å", a.voxel_size);
     }
     let layout = match (&a.data, &a.copick_config) {
         (Some(root), _) => dataset::Layout::split(root, &a.split),
@@ -60,7 +67,10 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     if runs.is_empty() {
         bail!("no runs to draw under {}", layout.describe());
     }
-    let picks = csv::read_submission(&a.picks)?;
+    let (picks, others) = csv::read_submission_of_known_types(&a.picks)?;
+    if let Some(w) = csv::other_types_warning(&a.picks, &others) {
+        fastdet::errln!("warning: {w}");
+    }
     let truth = if a.truth { Some(copick::read_truth(&layout)?) } else { None };
     let wanted: BTreeSet<&str> = runs.iter().map(String::as_str).collect();
     let elsewhere: BTreeSet<&str> = picks.iter().map(|p| p.run.as_str()).filter(|r| !wanted.contains(r)).collect();
@@ -86,7 +96,10 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         let out = a.out.join(format!("{run}.png"));
         // The legend's counts read "picks/truth" when the truth is drawn.
         let title = if run_truth.is_some() { format!("{run}   (legend: picks/truth)") } else { run.clone() };
-        let opts = QcOptions { slabs: a.slabs, title: Some(title), ..QcOptions::default() };
+        if let Some(vs) = volume.voxel_size.filter(|vs| (vs - a.voxel_size).abs() > 1e-3) {
+            fastdet::errln!("  warning: {}: voxel size is {vs} Å in the file's metadata; using {} Å (--voxel-size)", path.display(), a.voxel_size);
+        }
+        let opts = QcOptions { slabs: a.slabs, title: Some(title), voxel_size: Some(a.voxel_size), ..QcOptions::default() };
         let s = qc::render_qc_with(&volume, &run_picks, run_truth.as_deref(), &out, &opts)?;
         let mut line = format!("{run}: {} picks", run_picks.len());
         if s.picks_drawn != run_picks.len() {

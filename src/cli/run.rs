@@ -464,6 +464,11 @@ fn check_models(a: &InferArgs) -> Result<()> {
             }
         }
     }
+    if let Some((_, spec, _)) = &first {
+        if let Some(w) = fastdet::pipeline::blend::vanishing_weight_warning(a.window.map(|x| x / spec.stride.max(1)), a.blend_sigma) {
+            fastdet::errln!("warning: {w}");
+        }
+    }
     Ok(())
 }
 
@@ -709,7 +714,9 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
             written.push(path);
         }
         if let Some(path) = qc_file {
-            fastdet::qc::render_qc(&vol, &picks, None, &path)?;
+            // Rings at the voxels the picks were made from: --voxel-size, not the file's own.
+            let opts = fastdet::qc::QcOptions { voxel_size: Some(s.voxel_size), ..Default::default() };
+            fastdet::qc::render_qc_with(&vol, &picks, None, &path, &opts)?;
             written.push(path);
         }
         Ok(picks)

@@ -72,7 +72,10 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let mut truth = copick::read_truth(&layout)?;
     // Runs that may hold ground truth (annotated or not).
     let known: std::collections::BTreeSet<String> = copick::truth_runs(&layout)?.into_iter().collect();
-    let mut sub = csv::read_submission(&a.submission)?;
+    let (mut sub, others) = csv::read_submission_of_known_types(&a.submission)?;
+    if let Some(w) = csv::other_types_warning(&a.submission, &others) {
+        fastdet::errln!("warning: {w}");
+    }
     if !a.runs.is_empty() {
         let chosen: std::collections::BTreeSet<&str> = a.runs.iter().map(|r| r.trim()).collect();
         // A name the split does not have (a typo) would silently score fewer runs.

@@ -89,7 +89,31 @@ fn render(path: &Path, picks: &[Pick], digits: Digits) -> Result<String> {
 /// accepted. Errors name the file and the 1-based line number.
 pub fn read_submission(path: &Path) -> Result<Vec<Pick>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read submission", path.display()))?;
-    parse_submission(&text, &path.display().to_string())
+    parse_submission(&text, &path.display().to_string(), None)
+}
+
+/// [`read_submission`] for scoring and drawing: rows of another `particle_type` are left out, as
+/// the Kaggle metric scores the six particles only, and returned counted by type (for a warning:
+/// a misspelt type would otherwise empty its class unseen).
+pub fn read_submission_of_known_types(path: &Path) -> Result<(Vec<Pick>, std::collections::BTreeMap<String, usize>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read submission", path.display()))?;
+    let mut others = std::collections::BTreeMap::new();
+    let picks = parse_submission(&text, &path.display().to_string(), Some(&mut others))?;
+    Ok((picks, others))
+}
+
+/// The warning for the rows [`read_submission_of_known_types`] left out, if any.
+pub fn other_types_warning(path: &Path, others: &std::collections::BTreeMap<String, usize>) -> Option<String> {
+    if others.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = others.iter().map(|(t, n)| format!("{n} {t:?}")).collect();
+    Some(format!(
+        "{}: rows of particle types other than the six are not counted: {} (the six: {})",
+        path.display(),
+        list.join(", "),
+        CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+    ))
 }
 
 /// A field without its spaces and its quotes: fields never hold commas, but a spreadsheet may
@@ -100,7 +124,7 @@ fn unquote(x: &str) -> &str {
 }
 
 /// Parses submission text; `origin` names the source in error messages.
-fn parse_submission(text: &str, origin: &str) -> Result<Vec<Pick>> {
+fn parse_submission(text: &str, origin: &str, mut others: Option<&mut std::collections::BTreeMap<String, usize>>) -> Result<Vec<Pick>> {
     // A byte-order mark (spreadsheet exports) is not part of the first column's name.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
@@ -125,8 +149,14 @@ fn parse_submission(text: &str, origin: &str) -> Result<Vec<Pick>> {
         if f.len() != names.len() {
             bail!("{origin}:{ln}: {} fields, header has {}", f.len(), names.len());
         }
-        let class =
-            class_index(f[c_cls]).with_context(|| format!("{origin}:{ln}: unknown particle_type {:?}", f[c_cls]))?;
+        let class = match (class_index(f[c_cls]), others.as_deref_mut()) {
+            (Some(c), _) => c,
+            (None, Some(others)) => {
+                *others.entry(f[c_cls].to_string()).or_insert(0) += 1;
+                continue;
+            }
+            (None, None) => bail!("{origin}:{ln}: unknown particle_type {:?}", f[c_cls]),
+        };
         fn num<T: std::str::FromStr + Into<f64> + Copy>(f: &[&str], c: usize, names: &[&str], origin: &str, ln: usize) -> Result<T> {
             let v: T = f[c]
                 .parse()
@@ -219,22 +249,33 @@ mod tests {
     fn columns_by_name_any_order_and_optional_score() {
         let text =
             "z,y,x,particle_type,experiment,id\r\n7.5,8,9,thyroglobulin,TS_1,0\r\n\r\n1,2,3,apo-ferritin,TS_2,1\r\n";
-        let picks = parse_submission(text, "t.csv").unwrap();
+        let picks = parse_submission(text, "t.csv", None).unwrap();
         assert_eq!(picks, vec![pick("TS_1", 3, 1.0, 9.0, 8.0, 7.5), pick("TS_2", 0, 1.0, 3.0, 2.0, 1.0)]);
         let scored =
-            parse_submission("experiment,particle_type,x,y,z,score\nr,ribosome,1,2,3,0.125\n", "t.csv").unwrap();
+            parse_submission("experiment,particle_type,x,y,z,score\nr,ribosome,1,2,3,0.125\n", "t.csv", None).unwrap();
         assert_eq!(scored, vec![pick("r", 2, 0.125, 1.0, 2.0, 3.0)]);
         // Quoted fields.
-        assert_eq!(parse_submission("experiment,particle_type,x,y,z\n\"r\",\"ribosome\",\"1\",2,3\n", "t.csv").unwrap(), vec![pick("r", 2, 1.0, 1.0, 2.0, 3.0)]);
+        assert_eq!(parse_submission("experiment,particle_type,x,y,z\n\"r\",\"ribosome\",\"1\",2,3\n", "t.csv", None).unwrap(), vec![pick("r", 2, 1.0, 1.0, 2.0, 3.0)]);
         // A byte-order mark before the header.
-        assert_eq!(parse_submission("\u{feff}score,experiment,particle_type,x,y,z\n0.5,r,ribosome,1,2,3\n", "t.csv").unwrap(), vec![pick("r", 2, 0.5, 1.0, 2.0, 3.0)]);
+        assert_eq!(parse_submission("\u{feff}score,experiment,particle_type,x,y,z\n0.5,r,ribosome,1,2,3\n", "t.csv", None).unwrap(), vec![pick("r", 2, 0.5, 1.0, 2.0, 3.0)]);
         // Only a header: no picks, no error.
-        assert!(parse_submission("id,experiment,particle_type,x,y,z\n", "t.csv").unwrap().is_empty());
+        assert!(parse_submission("id,experiment,particle_type,x,y,z\n", "t.csv", None).unwrap().is_empty());
     }
 
     #[test]
     fn errors_name_file_and_line() {
-        let err = |t: &str| parse_submission(t, "sub.csv").unwrap_err().to_string();
+        // Scoring leaves other particle types out, counted; reading for a merge refuses them.
+        let dir = tempfile::tempdir().unwrap();
+        let mixed = dir.path().join("m.csv");
+        std::fs::write(&mixed, "experiment,particle_type,x,y,z\nr,membrane,1,2,3\nr,ribosome,1,2,3\nr,membrane,4,5,6\nr,ribosme,1,1,1\n").unwrap();
+        let (picks, others) = read_submission_of_known_types(&mixed).unwrap();
+        assert_eq!(picks, vec![pick("r", 2, 1.0, 1.0, 2.0, 3.0)]);
+        assert_eq!(others.into_iter().collect::<Vec<_>>(), vec![("membrane".to_string(), 2), ("ribosme".to_string(), 1)]);
+        let (_, others) = read_submission_of_known_types(&mixed).unwrap();
+        let w = other_types_warning(&mixed, &others).unwrap();
+        assert!(w.contains("m.csv") && w.contains("2 \"membrane\", 1 \"ribosme\"") && w.contains("apo-ferritin"), "{w}");
+        assert!(read_submission(&mixed).unwrap_err().to_string().contains("m.csv:2: unknown particle_type \"membrane\""));
+        let err = |t: &str| parse_submission(t, "sub.csv", None).unwrap_err().to_string();
         let e = err("id,experiment,particle_type,x,y,z\n0,r,ribosome,1,2,3\n1,r,membrane,1,2,3\n");
         assert!(e.contains("sub.csv:3") && e.contains("membrane"), "{e}");
         let e = err("id,experiment,particle_type,x,y,z\n0,r,ribosome,1,zz,3\n");

@@ -25,6 +25,19 @@ pub fn tile_weight(grid: [usize; 3], sigma: f64) -> Vec<f32> {
     out
 }
 
+/// What to say when `--blend-sigma` is so small that the tile weight rounds to 0 in f32 at some
+/// of the tile's cells (`grid`, the window on the stride grid): a cell that only such weights
+/// cover gets score 0, and no pick (the reference computes the same).
+pub fn vanishing_weight_warning(grid: [usize; 3], sigma: f64) -> Option<String> {
+    let zero = tile_weight(grid, sigma).iter().filter(|&&w| w == 0.0).count();
+    let n: usize = grid.iter().product();
+    (zero > 0).then(|| {
+        format!(
+            "--blend-sigma {sigma}: the tile weight rounds to 0 at {zero} of the tile's {n} cells (the farthest from its centre); where no other tile covers a cell better it gets score 0 and no pick (seed: 15)"
+        )
+    })
+}
+
 /// Blended maps of a whole volume on the stride grid.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Maps {
@@ -184,6 +197,16 @@ impl Blender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vanishing_weights_are_named() {
+        // The seed's window on the stride-2 grid: corners at r = sqrt(48² + 32² + 32²) ≈ 66.
+        assert_eq!(vanishing_weight_warning([96, 64, 64], 15.0), None);
+        assert_eq!(vanishing_weight_warning([96, 64, 64], 1.5), None);
+        let w = vanishing_weight_warning([96, 64, 64], 1.0).unwrap();
+        let zero = tile_weight([96, 64, 64], 1.0).iter().filter(|&&x| x == 0.0).count();
+        assert!(zero > 0 && w.contains(&format!("at {zero} of the tile's 393216 cells")), "{w}");
+    }
 
     #[test]
     fn weight_values() {
