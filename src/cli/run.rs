@@ -210,7 +210,7 @@ pub struct RunArgs {
 }
 
 #[derive(Args)]
-#[command(after_help = "Each class's threshold keeps the candidates that give the best F-beta on these runs, and lies halfway between the lowest score it keeps and the next lower candidate's (so it does not sit on one candidate's score); a class without annotated particles keeps 0.5.\nExample:\n  fastdet tune --data tests/fixtures/dataset --split test --weights weights/*.safetensors --window 64,96,96 --tiles 2,3,3")]
+#[command(after_help = "Each class's threshold keeps the candidates that give the best F-beta on these runs, and lies halfway between the lowest score it keeps and the next lower candidate's (so it does not sit on one candidate's score); a class whose candidates are all false positives keeps none of them (halfway between the top score and 1); a class without annotated particles keeps 0.5.\nExample:\n  fastdet tune --data tests/fixtures/dataset --split test --weights weights/*.safetensors --window 64,96,96 --tiles 2,3,3")]
 pub struct TuneArgs {
     #[command(flatten)]
     pub infer: InferArgs,
