@@ -283,8 +283,8 @@ fn single_zarr_input_and_copick_output() {
     let st = fastdet().current_dir(&zarr).args(["run", "--zarr", ".", "--weights"]).arg(&weights).args(common).arg("--out").arg(&c).status().unwrap();
     assert!(st.success());
     assert_eq!(rows(&c), rb);
-    // Elsewhere the run is named after the store.
-    let elsewhere = tmp.path().join("tomo.zarr");
+    // Elsewhere the run is named after the store (`tomo.ome.zarr` too: OME-NGFF's naming).
+    let elsewhere = tmp.path().join("tomo.ome.zarr");
     common::copy_dir(&zarr, &elsewhere);
     let d = tmp.path().join("d.csv");
     let st = fastdet().args(["run", "--zarr"]).arg(elsewhere.join("0")).arg("--weights").arg(&weights).args(common).arg("--out").arg(&d).status().unwrap();

@@ -362,6 +362,48 @@ fn nonsense_dimensions_are_refused() {
     }
 }
 
+/// Voxels that are not cubes, and a stack of volumes, are read with a note saying so.
+#[test]
+fn anisotropic_voxels_and_volume_stacks_are_noted() {
+    let dir = tempfile::tempdir().unwrap();
+    let vals = values(2, 8);
+    let mut h = Hdr::new(E::Le, [2, 2, 2], 2);
+    h.cella = [20.024, 20.024, 40.048];
+    let v = read_mrc(&write_file(dir.path(), "aniso.mrc", &h, &[], &encode(E::Le, 2, &vals))).unwrap();
+    assert_close(v.voxel_size.unwrap(), 10.012, 1e-5, "x size");
+    assert!(v.notes.iter().any(|n| n.contains("voxel size differs between axes (z 20.024") && n.contains("x 10.012")), "{:?}", v.notes);
+    let h = Hdr::new(E::Le, [2, 2, 2], 2);
+    assert!(read_mrc(&write_file(dir.path(), "cubic.mrc", &h, &[], &encode(E::Le, 2, &vals))).unwrap().notes.is_empty());
+    // Space group 401 with 1 section per volume: a stack of 2.
+    let mut h = Hdr::new(E::Le, [2, 2, 2], 2);
+    h.mxyz = [2, 2, 1];
+    h.cella = [20.024, 20.024, 10.012];
+    let mut bytes = h.bytes();
+    bytes[88..92].copy_from_slice(&401i32.to_le_bytes());
+    bytes.extend(encode(E::Le, 2, &vals));
+    let stack = dir.path().join("stack.mrcs");
+    std::fs::write(&stack, bytes).unwrap();
+    let v = read_mrc(&stack).unwrap();
+    assert!(v.notes.iter().any(|n| n.contains("a stack of 2 volumes of 1 sections")), "{:?}", v.notes);
+}
+
+/// Packed files are named as such, not read as a garbled MRC header.
+#[test]
+fn packed_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes, says) in [
+        ("t.mrc.gz", &b"\x1f\x8b\x08\x00rest"[..], "gzip-compressed"),
+        ("t.zarr.zip", &b"PK\x03\x04rest of a zip"[..], "a zip archive"),
+        ("t.mrc.bz2", &b"BZh91AY&SY"[..], "bzip2-compressed"),
+        ("t.mrc.zst", &b"\x28\xb5\x2f\xfd\x00"[..], "zstd-compressed"),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = format!("{:#}", read_mrc(&p).unwrap_err());
+        assert!(e.contains(name) && e.contains(says) && e.contains("unpack it first"), "{e}");
+    }
+}
+
 #[test]
 fn not_an_mrc_file() {
     let dir = tempfile::tempdir().unwrap();

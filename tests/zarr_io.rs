@@ -377,6 +377,69 @@ fn v2_ome_group_voxel_size() {
     assert_eq!(v.voxel_size, Some(10.012));
 }
 
+/// `data` (C order, shape `[z, y, x]`) stored with its axes reversed: `[x, y, z]`.
+fn reversed_axes(data: &[f32], [d, h, w]: [usize; 3]) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for z in 0..d {
+        for y in 0..h {
+            for x in 0..w {
+                out[(x * h + y) * d + z] = data[(z * h + y) * w + x];
+            }
+        }
+    }
+    out
+}
+
+/// Axes stored x, y, z (named by the OME axes, or by the array's dimension names) come back as
+/// z, y, x; nanometre scales become Å; voxels that are not cubes are noted; level numbers index
+/// the multiscale datasets whatever their arrays are called.
+#[test]
+fn stored_axis_order_units_and_level_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = SHAPE.iter().product::<u64>() as usize;
+    let data = pattern(n);
+    let zyx = [SHAPE[0] as usize, SHAPE[1] as usize, SHAPE[2] as usize];
+    let xyz_data = reversed_axes(&data, zyx);
+    let xyz_shape = [SHAPE[2], SHAPE[1], SHAPE[0]];
+
+    let root = tmp.path().join("xyz.ome.zarr");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join(".zgroup"), r#"{"zarr_format": 2}"#).unwrap();
+    let unit = |u: &str| format!(r#"{{"multiscales": [{{"version": "0.4", "axes": [{{"name": "x", "type": "space", "unit": "{u}"}}, {{"name": "y", "type": "space", "unit": "{u}"}}, {{"name": "z", "type": "space", "unit": "{u}"}}], "datasets": [{{"path": "s0", "coordinateTransformations": [{{"type": "scale", "scale": [1.0012, 1.0012, 2.0024]}}]}}]}}]}}"#);
+    std::fs::write(root.join(".zattrs"), unit("nanometer")).unwrap();
+    write_v2(&root.join("s0"), "<f4", serde_json::json!(0.0), [4, 7, 5], blosc_lz4(), &xyz_data, &xyz_shape);
+    let v = read_zarr_volume(&root, "0").unwrap();
+    assert_eq!(v.shape, zyx);
+    assert_eq!(v.data, data);
+    assert!((v.voxel_size.unwrap() - 10.012).abs() < 1e-9, "{:?}", v.voxel_size);
+    assert!(v.notes.iter().any(|n| n.contains("OME axes [\"x\", \"y\", \"z\"]: read as z, y, x")), "{:?}", v.notes);
+    assert!(v.notes.iter().any(|n| n.contains("voxel size differs between axes (z 20.024 Å, y 10.012 Å, x 10.012 Å)")), "{:?}", v.notes);
+    let e = format!("{:#}", read_zarr_volume(&root, "1").unwrap_err());
+    assert!(e.contains("no array '1'") && e.contains("s0"), "{e}");
+
+    // zarr v3 dimension names, on the array itself.
+    let dir = tmp.path().join("v3_xyz.zarr");
+    let mut b = ArrayBuilder::new(xyz_shape.to_vec(), vec![4, 7, 5], zarrs::array::data_type::float32(), 0.0f32);
+    b.dimension_names(Some(["x", "y", "z"]));
+    let array = b.build(store(&dir), "/").unwrap();
+    array.store_metadata().unwrap();
+    array.store_array_subset(&array.subset_all(), &xyz_data).unwrap();
+    let v = read_zarr_volume(&dir, "0").unwrap();
+    assert_eq!((v.shape, &v.data), (zyx, &data));
+    assert!(v.notes.iter().any(|n| n.contains("dimension names")), "{:?}", v.notes);
+
+    // Names that are not the three axes are read as stored, and said.
+    let dir = tmp.path().join("v3_cyx.zarr");
+    let mut b = ArrayBuilder::new(SHAPE.to_vec(), vec![4, 7, 5], zarrs::array::data_type::float32(), 0.0f32);
+    b.dimension_names(Some(["c", "y", "x"]));
+    let array = b.build(store(&dir), "/").unwrap();
+    array.store_metadata().unwrap();
+    array.store_array_subset(&array.subset_all(), &data).unwrap();
+    let v = read_zarr_volume(&dir, "0").unwrap();
+    assert_eq!((v.shape, &v.data), (zyx, &data));
+    assert!(v.notes.iter().any(|n| n.contains("are not z, y and x: read as z, y, x")), "{:?}", v.notes);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors
 

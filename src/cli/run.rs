@@ -247,7 +247,11 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         let spacing = group.parent().filter(|d| d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("VoxelSpacing")));
         let named = match spacing.and_then(|d| d.parent()).filter(|r| r.file_name().is_some()) {
             Some(run_dir) => run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
-            None => stem(group),
+            // `tomo.ome.zarr` (the OME-NGFF naming) is run `tomo`.
+            None => {
+                let s = stem(group);
+                s.strip_suffix(".ome").filter(|r| !r.is_empty()).map(str::to_owned).unwrap_or(s)
+            }
         };
         return Ok(vec![Job { run: named, path: z.clone(), not_found: None, mrc: false }]);
     }
@@ -525,8 +529,10 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
     let bad = zarr::count_nonfinite(&vol.data);
     if bad > 0 {
         if !a.allow_nonfinite {
+            // What the reader noted (absent chunks read as a NaN fill value) may be why.
+            let noted = vol.notes.iter().map(|n| format!("; {n}")).collect::<String>();
             bail!(
-                "{}: {bad} of {} voxels are NaN or infinite (pass --allow-nonfinite to replace them by the volume mean)",
+                "{}: {bad} of {} voxels are NaN or infinite (pass --allow-nonfinite to replace them by the volume mean){noted}",
                 job.path.display(),
                 vol.data.len()
             );

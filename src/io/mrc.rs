@@ -127,6 +127,12 @@ pub fn read_mrc(path: &Path) -> Result<Volume> {
     let name = path.display();
     let mut file = std::fs::File::open(path).with_context(|| format!("{name}: cannot open MRC file"))?;
     let file_len = file.metadata().with_context(|| format!("{name}: cannot stat MRC file"))?.len();
+    let mut magic = [0u8; 6];
+    let got = file.read(&mut magic).with_context(|| format!("{name}: cannot read MRC header"))?;
+    if let Some(what) = packed_kind(&magic[..got]) {
+        bail!("{name}: {what}, not an MRC file or a zarr store: unpack it first");
+    }
+    file.seek(SeekFrom::Start(0)).with_context(|| format!("{name}: cannot read MRC header"))?;
     if file_len < HEADER_BYTES as u64 {
         bail!("{name}: not an MRC file: {file_len} bytes, shorter than the {HEADER_BYTES}-byte MRC header");
     }
@@ -219,9 +225,36 @@ pub fn read_mrc(path: &Path) -> Result<Volume> {
         ));
     }
 
-    let (cella_x, mx) = (h.f32(10) as f64, h.i32(7));
-    let voxel_size = (mx > 0 && cella_x.is_finite() && cella_x > 0.0).then(|| cella_x / mx as f64);
+    // Voxel size per axis x, y, z: cella over the sampling mx, my, mz.
+    let size = |k: usize| {
+        let (cella, m) = (h.f32(10 + k) as f64, h.i32(7 + k));
+        (m > 0 && cella.is_finite() && cella > 0.0).then(|| cella / m as f64)
+    };
+    let voxel_size = size(0);
+    if let (Some(x), Some(y), Some(z)) = (size(0), size(1), size(2)) {
+        if crate::io::zarr::anisotropic(&[z, y, x]) {
+            notes.push(crate::io::zarr::anisotropy_note(&[z, y, x]));
+        }
+    }
+    // A stack of volumes (space group 401, mz sections each) is read as one tall volume.
+    let (ispg, mz) = (h.i32(22), h.i32(9));
+    if ispg == 401 && mz > 0 && (mz as i64) < nz {
+        notes.push(format!("a stack of {} volumes of {mz} sections (space group 401), read as one volume of {nz} sections", (nz + mz as i64 - 1) / mz as i64));
+    }
     Ok(Volume { shape, data, voxel_size, notes })
+}
+
+/// What a file starting with `magic` is, when it is packed rather than an MRC file: a zip archive
+/// (a zipped zarr store) or a compressed file (`.mrc.gz`, ...).
+fn packed_kind(magic: &[u8]) -> Option<&'static str> {
+    const KINDS: [(&[u8], &str); 5] = [
+        (b"PK\x03\x04", "a zip archive (zarr stores and MRC files are read unpacked)"),
+        (b"\x1f\x8b", "gzip-compressed"),
+        (b"BZh", "bzip2-compressed"),
+        (b"\xfd7zXZ\x00", "xz-compressed"),
+        (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+    ];
+    KINDS.iter().find(|(m, _)| magic.starts_with(m)).map(|(_, k)| *k)
 }
 
 /// Reads `numel` voxels of `mode` and converts them to `f32`.

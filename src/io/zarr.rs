@@ -136,34 +136,108 @@ fn scale_of(transforms: Option<&Value>) -> Option<Vec<f64>> {
         .collect()
 }
 
-/// Voxel size of dataset `dataset_path` from OME-NGFF `multiscales` attributes (v0.4 top-level or
-/// v0.5 under `"ome"`). Returns the scale of the last (x) axis, times any multiscale-level scale.
-fn ome_voxel_size(attrs: &Map<String, Value>, dataset_path: &str) -> Option<f64> {
-    let multiscales = attrs
-        .get("multiscales")
-        .or_else(|| attrs.get("ome").and_then(|o| o.get("multiscales")))?
-        .as_array()?;
+/// The OME-NGFF `multiscales` list (v0.4 top-level or v0.5 under `"ome"`).
+fn multiscales(attrs: &Map<String, Value>) -> Option<&Vec<Value>> {
+    attrs.get("multiscales").or_else(|| attrs.get("ome").and_then(|o| o.get("multiscales")))?.as_array()
+}
+
+/// Å per unit of an OME-NGFF axis `unit` (`None`: not a length unit we know).
+fn angstrom_per(unit: &str) -> Option<f64> {
+    Some(match unit {
+        "angstrom" => 1.0,
+        "nanometer" => 10.0,
+        "micrometer" => 1e4,
+        "millimeter" => 1e7,
+        "centimeter" => 1e8,
+        "meter" => 1e10,
+        "picometer" => 1e-2,
+        _ => return None,
+    })
+}
+
+/// What the OME metadata says of one dataset, axes in the array's stored order.
+#[derive(Debug, Clone, PartialEq)]
+struct OmeDataset {
+    /// Axis names (`axes`: v0.4+ objects or v0.3 strings), when given for every axis.
+    axes: Option<Vec<String>>,
+    /// Size of a voxel along each axis in Å (scale x any multiscale-wide scale x unit), when
+    /// the dataset has a scale for every axis.
+    voxel_size: Option<Vec<f64>>,
+    /// Axis units that are not lengths we know (taken as Å).
+    unknown_units: Vec<String>,
+}
+
+/// The OME metadata of dataset `dataset_path`, `None` when no multiscale lists it.
+fn ome_dataset(attrs: &Map<String, Value>, dataset_path: &str) -> Option<OmeDataset> {
     let want = dataset_path.trim_matches('/');
-    for ms in multiscales {
+    for ms in multiscales(attrs)? {
         let Some(datasets) = ms.get("datasets").and_then(Value::as_array) else {
             continue;
         };
-        let Some(ds) = datasets.iter().find(|d| {
-            d.get("path")
-                .and_then(Value::as_str)
-                .map(|p| p.trim_matches('/'))
-                == Some(want)
-        }) else {
+        let Some(ds) = datasets.iter().find(|d| d.get("path").and_then(Value::as_str).map(|p| p.trim_matches('/')) == Some(want)) else {
             continue;
         };
-        let scale = scale_of(ds.get("coordinateTransformations"))?;
-        let mut v = *scale.last()?;
-        if let Some(global) = scale_of(ms.get("coordinateTransformations")) {
-            v *= global.last().copied().unwrap_or(1.0);
-        }
-        return (v.is_finite() && v > 0.0).then_some(v);
+        let axes_meta: Vec<&Value> = ms.get("axes").and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+        let name_of = |a: &Value| a.as_str().or_else(|| a.get("name").and_then(Value::as_str)).map(str::to_owned);
+        let axes: Option<Vec<String>> = (!axes_meta.is_empty()).then(|| axes_meta.iter().map(|a| name_of(a)).collect()).flatten();
+        let mut unknown_units = Vec::new();
+        let unit_factor = |k: usize, unknown: &mut Vec<String>| -> f64 {
+            match axes_meta.get(k).and_then(|a| a.get("unit")).and_then(Value::as_str) {
+                None => 1.0,
+                Some(u) => angstrom_per(u).unwrap_or_else(|| {
+                    unknown.push(u.to_string());
+                    1.0
+                }),
+            }
+        };
+        let voxel_size = scale_of(ds.get("coordinateTransformations")).and_then(|scale| {
+            let global = scale_of(ms.get("coordinateTransformations"));
+            let sizes: Vec<f64> = scale
+                .iter()
+                .enumerate()
+                .map(|(k, v)| v * global.as_ref().and_then(|g| g.get(k)).copied().unwrap_or(1.0) * unit_factor(k, &mut unknown_units))
+                .collect();
+            sizes.iter().all(|v| v.is_finite() && *v > 0.0).then_some(sizes)
+        });
+        return Some(OmeDataset { axes, voxel_size, unknown_units });
     }
     None
+}
+
+/// Axis names of the array at `array_dir` from its own metadata: zarr v3 `dimension_names`, or
+/// the `_ARRAY_DIMENSIONS` attribute xarray writes in zarr v2.
+fn array_axis_names(array_dir: &Path) -> Result<Option<Vec<String>>> {
+    let names = |v: Option<&Value>| -> Option<Vec<String>> { v?.as_array()?.iter().map(|n| n.as_str().map(str::to_owned)).collect() };
+    let v3 = array_dir.join("zarr.json");
+    if v3.is_file() {
+        return Ok(names(read_json(&v3)?.get("dimension_names")));
+    }
+    Ok(node_attributes(array_dir)?.and_then(|a| names(a.get("_ARRAY_DIMENSIONS"))))
+}
+
+/// For each of z, y, x, the stored axis that holds it, when `names` are x, y and z in some order
+/// other than z, y, x (any case).
+fn zyx_order(names: &[String]) -> Option<[usize; 3]> {
+    let lower: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+    let find = |a: &str| lower.iter().position(|n| n == a);
+    let order = [find("z")?, find("y")?, find("x")?];
+    (names.len() == 3 && order != [0, 1, 2]).then_some(order)
+}
+
+/// `data` stored with shape `stored` reordered so that output axis k is stored axis `order[k]`:
+/// C order `[z, y, x]`.
+fn permute_axes(data: &[f32], stored: [usize; 3], order: [usize; 3]) -> ([usize; 3], Vec<f32>) {
+    let shape = order.map(|k| stored[k]);
+    let stored_stride = [stored[1] * stored[2], stored[2], 1];
+    let stride = order.map(|k| stored_stride[k]);
+    let mut out = Vec::with_capacity(data.len());
+    for z in 0..shape[0] {
+        for y in 0..shape[1] {
+            let base = z * stride[0] + y * stride[1];
+            out.extend((0..shape[2]).map(|x| data[base + x * stride[2]]));
+        }
+    }
+    (shape, out)
 }
 
 /// Sub-directories of `dir` that are zarr arrays (for error messages).
@@ -224,6 +298,17 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
             )
         }
         kind => {
+            // A level number is also the index of a dataset in the OME multiscales, whose arrays
+            // may have other names (`s0`, `s1`...).
+            let named = (!path.join(level).is_dir())
+                .then(|| level.parse::<usize>().ok())
+                .flatten()
+                .and_then(|i| {
+                    let attrs = node_attributes(path).ok()??;
+                    let ds = multiscales(&attrs)?.first()?.get("datasets")?.as_array()?.get(i)?.get("path")?.as_str()?.trim_matches('/').to_owned();
+                    (!ds.is_empty() && !ds.contains("..")).then_some(ds)
+                });
+            let level = named.as_deref().unwrap_or(level);
             let array_dir = path.join(level);
             if !array_dir.is_dir() {
                 if kind == NodeKind::Plain {
@@ -311,11 +396,43 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
         );
     }
 
-    let voxel_size = match &group_dir {
-        Some(g) => node_attributes(g)?.and_then(|a| ome_voxel_size(&a, &dataset)),
+    let ome = match &group_dir {
+        Some(g) => node_attributes(g)?.and_then(|a| ome_dataset(&a, &dataset)),
         None => None,
     };
     let mut notes = Vec::new();
+    // Axes stored in another order than z, y, x: named by the group's OME axes, else by the
+    // array's own dimension names.
+    let (names, from) = match ome.as_ref().and_then(|o| o.axes.clone()) {
+        Some(n) => (Some(n), "OME axes"),
+        None => (array_axis_names(&array_dir)?, "dimension names"),
+    };
+    let mut sizes = ome.as_ref().and_then(|o| o.voxel_size.clone()).filter(|v| v.len() == 3);
+    let (shape, data) = match names.as_deref().and_then(zyx_order) {
+        Some(order) => {
+            notes.push(format!("{from} {:?}: read as z, y, x", names.as_deref().unwrap_or_default()));
+            sizes = sizes.map(|v| order.iter().map(|&k| v[k]).collect());
+            permute_axes(&data, shape, order)
+        }
+        None => {
+            if let Some(n) = names.as_deref().filter(|n| n.len() == 3 && n.iter().map(|x| x.to_ascii_lowercase()).collect::<Vec<_>>() != ["z", "y", "x"]) {
+                notes.push(format!("{from} {n:?} are not z, y and x: read as z, y, x"));
+            }
+            (shape, data)
+        }
+    };
+    if let Some(units) = ome.as_ref().map(|o| &o.unknown_units).filter(|u| !u.is_empty()) {
+        notes.push(format!("OME axis units {units:?} are not lengths fastdet knows: the scale is taken as Å"));
+    }
+    if let Some(v) = sizes.as_ref().filter(|v| anisotropic(v)) {
+        notes.push(anisotropy_note(v));
+    }
+    // The x size, or the last scale entry of metadata that does not give all three.
+    let voxel_size = match (&sizes, &ome) {
+        (Some(v), _) => Some(v[2]),
+        (None, Some(o)) => o.voxel_size.as_ref().and_then(|v| v.last().copied()),
+        _ => None,
+    };
     if let Some((present, total)) = absent_chunks(&array, chunk_files) {
         notes.push(format!(
             "{} of its {total} chunks are absent from {} and read as the fill value (a broken copy? \
@@ -327,6 +444,20 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
     Ok(Volume { shape, data, voxel_size, notes })
 }
 
+/// Whether voxel sizes (Å, z, y, x) differ by more than 0.1%.
+pub fn anisotropic(sizes: &[f64]) -> bool {
+    let (lo, hi) = sizes.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    hi > lo * 1.001
+}
+
+/// The note for a volume whose voxels are not cubes: coordinates take one size for every axis.
+pub fn anisotropy_note(sizes: &[f64]) -> String {
+    format!(
+        "voxel size differs between axes (z {} Å, y {} Å, x {} Å): fastdet takes one size (--voxel-size) for all three, so the Å coordinates along the others are off by their ratio; resample to cubic voxels",
+        sizes[0], sizes[1], sizes[2]
+    )
+}
+
 /// `(present, total)` chunk files when fewer are stored than the chunk grid has (shards count
 /// as chunks of the outer grid).
 fn absent_chunks(array: &Array<FilesystemStore>, present: u64) -> Option<(u64, u64)> {
@@ -335,8 +466,9 @@ fn absent_chunks(array: &Array<FilesystemStore>, present: u64) -> Option<(u64, u
 }
 
 /// Voxels any array may have, however little data its directory stores (chunks missing from the
-/// store read as the fill value): 2^26, 256 MiB as f32.
-const MIN_VOXEL_BUDGET: u64 = 1 << 26;
+/// store read as the fill value): 2^28, 1 GiB as f32, room for a sparse store of a whole
+/// 184x630x630 tomogram (73 million voxels) several times over.
+const MIN_VOXEL_BUDGET: u64 = 1 << 28;
 /// Voxels allowed per byte stored beyond that: 256, i.e. 1 KiB of f32 per byte (zlib's best ratio).
 const VOXELS_PER_STORED_BYTE: u64 = 256;
 /// Chunks a read may visit beyond the files present (each missing one is a failed lookup).
@@ -432,6 +564,43 @@ mod tests {
     }
 
     #[test]
+    fn axes_units_and_anisotropy() {
+        let attrs: Value = serde_json::json!({
+            "multiscales": [{
+                "axes": [{"name": "x", "type": "space", "unit": "nanometer"}, {"name": "y", "type": "space", "unit": "nanometer"}, {"name": "z", "type": "space", "unit": "furlong"}],
+                "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 2.0]}]}],
+                "coordinateTransformations": [{"type": "scale", "scale": [1.0012, 1.0012, 1.0]}]
+            }]
+        });
+        let d = ome_dataset(attrs.as_object().unwrap(), "0").unwrap();
+        assert_eq!(d.axes, Some(vec!["x".to_string(), "y".into(), "z".into()]));
+        assert_eq!(d.voxel_size, Some(vec![10.012, 10.012, 2.0]));
+        assert_eq!(d.unknown_units, vec!["furlong".to_string()]);
+        assert_eq!(zyx_order(d.axes.as_ref().unwrap()), Some([2, 1, 0]));
+        assert_eq!(zyx_order(&["Z".into(), "Y".into(), "X".into()]), None);
+        assert_eq!(zyx_order(&["c".into(), "y".into(), "x".into()]), None);
+        assert_eq!(zyx_order(&["y".into(), "z".into(), "x".into()]), Some([1, 0, 2]));
+        assert!(anisotropic(&[20.024, 10.012, 10.012]) && !anisotropic(&[10.012, 10.012, 10.0121]));
+        // v0.3 axes are strings.
+        let v03: Value = serde_json::json!({"multiscales": [{"axes": ["z", "y", "x"], "datasets": [{"path": "0"}]}]});
+        let d = ome_dataset(v03.as_object().unwrap(), "0").unwrap();
+        assert_eq!((d.axes.unwrap().len(), d.voxel_size), (3, None));
+        // Every stored order comes back as z, y, x.
+        let stored = [2, 3, 4];
+        let zyx: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2], [0, 2, 1], [1, 2, 0], [2, 0, 1]] {
+            // Store the z,y,x volume with axes permuted: stored axis order[k] is output axis k.
+            let mut inv = [0usize; 3];
+            for (k, &o) in order.iter().enumerate() {
+                inv[o] = k;
+            }
+            let sshape = inv.map(|k| stored[k]);
+            let (back_shape, back) = permute_axes(&permute_axes(&zyx, stored, inv).1, sshape, order);
+            assert_eq!((back_shape, &back), (stored, &zyx), "{order:?}");
+        }
+    }
+
+    #[test]
     fn ome_scale_lookup() {
         let attrs: Value = serde_json::json!({
             "multiscales": [{
@@ -442,11 +611,11 @@ mod tests {
             }]
         });
         let a = attrs.as_object().unwrap();
-        assert_eq!(ome_voxel_size(a, "0"), Some(10.012));
-        assert_eq!(ome_voxel_size(a, "1"), Some(20.024));
-        assert_eq!(ome_voxel_size(a, "2"), None);
+        assert_eq!(ome_dataset(a, "0").and_then(|d| d.voxel_size).map(|v| v[2]), Some(10.012));
+        assert_eq!(ome_dataset(a, "1").and_then(|d| d.voxel_size).map(|v| v[2]), Some(20.024));
+        assert_eq!(ome_dataset(a, "2").map(|d| d.voxel_size), None);
         let v05: Value = serde_json::json!({"ome": attrs});
-        assert_eq!(ome_voxel_size(v05.as_object().unwrap(), "1"), Some(20.024));
-        assert_eq!(ome_voxel_size(&Map::new(), "0"), None);
+        assert_eq!(ome_dataset(v05.as_object().unwrap(), "1").and_then(|d| d.voxel_size).map(|v| v[2]), Some(20.024));
+        assert_eq!(ome_dataset(&Map::new(), "0"), None);
     }
 }
