@@ -417,25 +417,23 @@ fn stored_axis_order_units_and_level_names() {
     let e = format!("{:#}", read_zarr_volume(&root, "1").unwrap_err());
     assert!(e.contains("no array '1'") && e.contains("s0"), "{e}");
 
+    // A zarr v3 f32 array whose own metadata names its dimensions.
+    let named_v3 = |name: &str, shape: [u64; 3], names: [&str; 3], values: &[f32]| -> PathBuf {
+        let dir = tmp.path().join(name);
+        let mut b = ArrayBuilder::new(shape.to_vec(), vec![4, 7, 5], zarrs::array::data_type::float32(), 0.0f32);
+        b.dimension_names(Some(names));
+        let array = b.build(store(&dir), "/").unwrap();
+        array.store_metadata().unwrap();
+        array.store_array_subset(&array.subset_all(), values).unwrap();
+        dir
+    };
     // zarr v3 dimension names, on the array itself.
-    let dir = tmp.path().join("v3_xyz.zarr");
-    let mut b = ArrayBuilder::new(xyz_shape.to_vec(), vec![4, 7, 5], zarrs::array::data_type::float32(), 0.0f32);
-    b.dimension_names(Some(["x", "y", "z"]));
-    let array = b.build(store(&dir), "/").unwrap();
-    array.store_metadata().unwrap();
-    array.store_array_subset(&array.subset_all(), &xyz_data).unwrap();
-    let v = read_zarr_volume(&dir, "0").unwrap();
+    let v = read_zarr_volume(&named_v3("v3_xyz.zarr", xyz_shape, ["x", "y", "z"], &xyz_data), "0").unwrap();
     assert_eq!((v.shape, &v.data), (zyx, &data));
     assert!(v.notes.iter().any(|n| n.contains("dimension names")), "{:?}", v.notes);
 
     // Names that are not the three axes are read as stored, and said.
-    let dir = tmp.path().join("v3_cyx.zarr");
-    let mut b = ArrayBuilder::new(SHAPE.to_vec(), vec![4, 7, 5], zarrs::array::data_type::float32(), 0.0f32);
-    b.dimension_names(Some(["c", "y", "x"]));
-    let array = b.build(store(&dir), "/").unwrap();
-    array.store_metadata().unwrap();
-    array.store_array_subset(&array.subset_all(), &data).unwrap();
-    let v = read_zarr_volume(&dir, "0").unwrap();
+    let v = read_zarr_volume(&named_v3("v3_cyx.zarr", SHAPE, ["c", "y", "x"], &data), "0").unwrap();
     assert_eq!((v.shape, &v.data), (zyx, &data));
     assert!(v.notes.iter().any(|n| n.contains("are not z, y and x: read as z, y, x")), "{:?}", v.notes);
 }

@@ -55,11 +55,7 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     if !(a.voxel_size.is_finite() && a.voxel_size > 0.0) {
         bail!("--voxel-size {}: must be a positive number of Å", a.voxel_size);
     }
-    let layout = match (&a.data, &a.copick_config) {
-        (Some(root), _) => dataset::Layout::split(root, &a.split),
-        (None, Some(file)) => dataset::Layout::copick_config(file)?,
-        (None, None) => bail!("give --data ROOT or --copick-config FILE"),
-    };
+    let layout = dataset::Layout::from_flags(a.data.as_deref(), &a.split, a.copick_config.as_deref())?.context("give --data ROOT or --copick-config FILE")?;
     let runs = match &a.runs {
         Some(r) => r.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
         None => layout.discover_runs()?,
@@ -96,8 +92,8 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         let out = a.out.join(format!("{run}.png"));
         // The legend's counts read "picks/truth" when the truth is drawn.
         let title = if run_truth.is_some() { format!("{run}   (legend: picks/truth)") } else { run.clone() };
-        if let Some(vs) = volume.voxel_size.filter(|vs| (vs - a.voxel_size).abs() > 1e-3) {
-            fastdet::errln!("  warning: {}: voxel size is {vs} Å in the file's metadata; using {} Å (--voxel-size)", path.display(), a.voxel_size);
+        if let Some(w) = volume.voxel_size_warning(a.voxel_size) {
+            fastdet::errln!("  warning: {}: {w}", path.display());
         }
         let opts = QcOptions { slabs: a.slabs, title: Some(title), voxel_size: Some(a.voxel_size), ..QcOptions::default() };
         let s = qc::render_qc_with(&volume, &run_picks, run_truth.as_deref(), &out, &opts)?;

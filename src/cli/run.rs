@@ -129,11 +129,7 @@ pub struct InferArgs {
 impl InferArgs {
     /// The project `--data` or `--copick-config` names, if either does.
     pub fn layout(&self) -> Result<Option<dataset::Layout>> {
-        Ok(match (&self.data, &self.copick_config) {
-            (Some(root), _) => Some(dataset::Layout::split(root, &self.split)),
-            (None, Some(file)) => Some(dataset::Layout::copick_config(file)?),
-            (None, None) => None,
-        })
+        dataset::Layout::from_flags(self.data.as_deref(), &self.split, self.copick_config.as_deref())
     }
 
     /// The devices to run workers on.
@@ -555,14 +551,8 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
             fastdet::errln!("  warning: {}: every voxel is {first}: no contrast, any pick is meaningless", job.path.display());
         }
     }
-    if let Some(vs) = vol.voxel_size {
-        if (vs - s.voxel_size).abs() > 1e-3 {
-            fastdet::errln!(
-                "  warning: {}: voxel size is {vs} Å in the file's metadata; using {} Å (--voxel-size)",
-                job.path.display(),
-                s.voxel_size
-            );
-        }
+    if let Some(w) = vol.voxel_size_warning(s.voxel_size) {
+        fastdet::errln!("  warning: {}: {w}", job.path.display());
     }
     Ok((vol, t.elapsed().as_secs_f64()))
 }

@@ -1,9 +1,9 @@
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use fastdet::io::dataset::Layout;
 use fastdet::io::{copick, csv};
 use fastdet::metric;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Args)]
@@ -37,37 +37,30 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     if !(a.beta.is_finite() && a.beta > 0.0) {
         bail!("--beta {}: must be a positive number", a.beta);
     }
-    let layout = match (&a.truth, &a.copick_config) {
-        (Some(root), _) => {
-            let layout = Layout::split(root, &a.split);
-            if !layout.overlay_runs.is_dir() {
-                // Name the splits that do hold ground truth (synth and the sample write `test`).
-                let splits: Vec<String> = std::fs::read_dir(root)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|s| Layout::split(root, s).overlay_runs.is_dir())
-                    .collect();
-                if !splits.is_empty() {
-                    bail!(
-                        "{}: no ground truth for split {:?}; {} has it for {}: give --split",
-                        layout.overlay_runs.display(),
-                        a.split,
-                        root.display(),
-                        splits.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
-                    );
-                }
-            }
-            layout
+    let layout = Layout::from_flags(a.truth.as_deref(), &a.split, a.copick_config.as_deref())?.context("give --truth ROOT or --copick-config FILE")?;
+    if let Some(root) = a.truth.as_ref().filter(|_| !layout.overlay_runs.is_dir()) {
+        // Name the splits that do hold ground truth (synth and the sample write `test`).
+        let splits: Vec<String> = std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|s| Layout::split(root, s).overlay_runs.is_dir())
+            .collect();
+        if !splits.is_empty() {
+            bail!(
+                "{}: no ground truth for split {:?}; {} has it for {}: give --split",
+                layout.overlay_runs.display(),
+                a.split,
+                root.display(),
+                splits.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+            );
         }
-        (None, Some(file)) => Layout::copick_config(file)?,
-        (None, None) => bail!("give --truth ROOT or --copick-config FILE"),
-    };
+    }
     // Where the truth is, for messages.
-    let truth_at = match &a.truth {
-        Some(root) => format!("{} split {:?}", root.display(), a.split),
-        None => format!("copick project {}", layout.config.as_ref().map(|f| f.display().to_string()).unwrap_or_default()),
+    let truth_at = match (&a.truth, &layout.config) {
+        (Some(root), _) => format!("{} split {:?}", root.display(), a.split),
+        (None, config) => format!("copick project {}", config.as_deref().unwrap_or(Path::new("")).display()),
     };
     let mut truth = copick::read_truth(&layout)?;
     // Runs that may hold ground truth (annotated or not).

@@ -198,7 +198,7 @@ pub fn read_truth(layout: &Layout) -> Result<Vec<Pick>> {
 /// The folders that may hold a run's picks.
 fn picks_dirs(layout: &Layout, run: &str) -> Vec<PathBuf> {
     let mut dirs = vec![layout.overlay_runs.join(run).join("Picks")];
-    if layout.config.is_some() && layout.static_runs != layout.overlay_runs {
+    if layout.reads_both_roots() {
         dirs.push(layout.static_runs.join(run).join("Picks"));
     }
     dirs.retain(|d| d.is_dir());
@@ -210,19 +210,14 @@ fn picks_dirs(layout: &Layout, run: &str) -> Vec<PathBuf> {
 /// overlay runs folder and no such static run.
 pub fn truth_runs(layout: &Layout) -> Result<Vec<String>> {
     let list = |dir: &Path| -> Result<Vec<String>> {
-        let mut runs = Vec::new();
-        for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list ground-truth runs", dir.display()))? {
-            let e = e.with_context(|| format!("{}: cannot list ground-truth runs", dir.display()))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if e.path().is_dir() && !name.starts_with('.') {
-                runs.push(name);
-            }
+        match crate::io::dataset::sub_dirs(dir) {
+            Some(runs) => runs.with_context(|| format!("{}: cannot list ground-truth runs", dir.display())),
+            None => bail!("{}: cannot list ground-truth runs: no such directory", dir.display()),
         }
-        Ok(runs)
     };
     let overlay = list(&layout.overlay_runs);
     let mut runs = Vec::new();
-    if layout.config.is_some() && layout.static_runs != layout.overlay_runs && layout.static_runs.is_dir() {
+    if layout.reads_both_roots() && layout.static_runs.is_dir() {
         runs = list(&layout.static_runs)?;
         runs.retain(|r| layout.static_runs.join(r).join("Picks").is_dir());
     }

@@ -34,7 +34,7 @@ pub fn runs_dir(root: &Path, split: &str) -> PathBuf {
 }
 
 /// Sub-directory names of `dir`, sorted, hidden entries (`.…`) skipped; `None` when there is no `dir`.
-fn sub_dirs(dir: &Path) -> Option<std::io::Result<Vec<String>>> {
+pub(crate) fn sub_dirs(dir: &Path) -> Option<std::io::Result<Vec<String>>> {
     if !dir.is_dir() {
         return None;
     }
@@ -105,6 +105,23 @@ impl Layout {
         Ok(Layout { static_runs: stat.join("ExperimentRuns"), overlay_runs: overlay.join("ExperimentRuns"), config: Some(file.to_path_buf()) })
     }
 
+    /// The project `--data ROOT --split S` or `--copick-config FILE` names, if either is given
+    /// (`data` first).
+    pub fn from_flags(data: Option<&Path>, split: &str, copick_config: Option<&Path>) -> Result<Option<Layout>> {
+        Ok(match (data, copick_config) {
+            (Some(root), _) => Some(Layout::split(root, split)),
+            (None, Some(file)) => Some(Layout::copick_config(file)?),
+            (None, None) => None,
+        })
+    }
+
+    /// Whether runs and picks are looked for in both roots, as copick does: a copick project
+    /// whose static root is not its overlay. (The competition layout keeps its tomograms in
+    /// `static` and its picks in `overlay`.)
+    pub fn reads_both_roots(&self) -> bool {
+        self.config.is_some() && self.static_runs != self.overlay_runs
+    }
+
     /// The folders a run's tomograms may be in: the static one, then the overlay's.
     fn run_dirs(&self, run: &str) -> Vec<PathBuf> {
         let mut dirs = vec![self.static_runs.join(run)];
@@ -128,11 +145,8 @@ impl Layout {
     /// no runs folder.
     pub fn discover_runs(&self) -> Result<Vec<String>> {
         let listing = |dir: &Path| sub_dirs(dir).map(|r| r.map_err(|e| anyhow::anyhow!("{}: cannot list runs: {e}", dir.display())));
-        let mut runs = match listing(&self.static_runs) {
-            Some(r) => Some(r?),
-            None => None,
-        };
-        if self.config.is_some() && self.overlay_runs != self.static_runs {
+        let mut runs = listing(&self.static_runs).transpose()?;
+        if self.reads_both_roots() {
             if let Some(more) = listing(&self.overlay_runs) {
                 let with_tomograms = more?.into_iter().filter(|r| {
                     std::fs::read_dir(self.overlay_runs.join(r)).into_iter().flatten().flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("VoxelSpacing")))

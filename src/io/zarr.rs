@@ -54,6 +54,13 @@ impl Volume {
         self.shape.iter().product()
     }
 
+    /// What to say when the file's own voxel size is not `used` (the `--voxel-size` coordinates
+    /// and radii are computed with).
+    pub fn voxel_size_warning(&self, used: f64) -> Option<String> {
+        let vs = self.voxel_size.filter(|vs| (vs - used).abs() > 1e-3)?;
+        Some(format!("voxel size is {vs} Å in the file's metadata; using {used} Å (--voxel-size)"))
+    }
+
     /// Value at `(z, y, x)` (panics when out of bounds).
     pub fn get(&self, z: usize, y: usize, x: usize) -> f32 {
         let [d, h, w] = self.shape;
