@@ -541,7 +541,9 @@ pub fn walk_files(dir: &Path, max_depth: u32, mut f: impl FnMut(&Path, &std::fs:
 }
 
 /// What identifies a tomogram's bytes without reading them: the size and modification time of
-/// its file, or of every file of its store (a re-exported tomogram at the same path differs).
+/// its file, or of every file of its store (a re-exported tomogram at the same path differs),
+/// and of its group's metadata when it is an array inside a zarr group (`tomo.zarr/0`: the
+/// voxel size and axes are read there).
 pub fn source_stamp(path: &Path) -> String {
     use sha2::{Digest, Sha256};
     use std::os::unix::fs::MetadataExt;
@@ -554,6 +556,13 @@ pub fn source_stamp(path: &Path) -> String {
         Ok(m) if m.is_dir() => walk_files(path, 8, &mut add),
         Ok(m) => add(path, &m),
         Err(_) => return String::new(),
+    }
+    if let Some(group) = path.parent().filter(|_| path.is_dir()) {
+        for name in [".zattrs", ".zgroup", "zarr.json"] {
+            if let Ok(m) = std::fs::metadata(group.join(name)) {
+                h.update(format!("../{name}\0{}\0{}.{}\n", m.len(), m.mtime(), m.mtime_nsec()));
+            }
+        }
     }
     format!("{:x}", h.finalize())
 }
@@ -579,6 +588,11 @@ mod walk_tests {
         assert_eq!(before, source_stamp(&d));
         std::fs::write(d.join("0/a"), b"123").unwrap();
         assert_ne!(before, source_stamp(&d));
+        // An array inside a group: the group's metadata counts too.
+        let array = d.join("0");
+        let before = source_stamp(&array);
+        std::fs::write(d.join(".zattrs"), b"{\"multiscales\": []}").unwrap();
+        assert_ne!(before, source_stamp(&array));
         let f = d.join("0/a");
         assert_ne!(source_stamp(&f), "");
         assert_eq!(source_stamp(&tmp.path().join("missing")), "");

@@ -717,8 +717,21 @@ fn odd_but_readable_volumes_are_warned_about() {
     std::fs::remove_file(zarr.join("0/0.1.1")).unwrap();
     let v = fastdet::io::zarr::read_zarr_volume(&zarr, "0").unwrap();
     assert_eq!(v.notes.len(), 1, "{:?}", v.notes);
-    assert!(v.notes[0].starts_with("1 of its 18 chunks are absent"), "{:?}", v.notes);
+    assert!(v.notes[0].starts_with("1 of its 18 chunks are absent") && v.notes[0].contains("read as the fill value 0 "), "{:?}", v.notes);
     assert!(fastdet::io::zarr::read_zarr_volume(&src, "0").unwrap().notes.is_empty());
+    // The value read is the one named: NaN here, and 0 where the metadata gives none (null).
+    let meta = zarr.join("0/.zarray");
+    let with_fill = |fill: &str| {
+        let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
+        m["fill_value"] = serde_json::from_str(fill).unwrap();
+        std::fs::write(&meta, m.to_string()).unwrap();
+        let v = fastdet::io::zarr::read_zarr_volume(&zarr, "0").unwrap();
+        (v.notes[0].clone(), v.data.iter().filter(|x| x.is_nan()).count(), v.data.iter().filter(|x| **x == 0.0).count())
+    };
+    let (note, nans, _) = with_fill("\"NaN\"");
+    assert!(note.contains("read as the fill value NaN ") && nans == 64 * 64 * 64, "{note} ({nans} NaN)");
+    let (note, nans, zeros) = with_fill("null");
+    assert!(note.contains("read as 0 (its fill_value is null") && nans == 0 && zeros >= 64 * 64 * 64, "{note} ({zeros} zeros)");
 
     let meta = zarr.join("0/.zarray");
     let text = std::fs::read_to_string(&meta).unwrap().replacen("80,", "0,", 1);

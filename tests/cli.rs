@@ -291,6 +291,11 @@ fn single_zarr_input_and_copick_output() {
     assert!(st.success());
     let named_tomo: Vec<String> = rb.iter().map(|l| l.replace(",TS_synth_1,", ",tomo,")).collect();
     assert_eq!(rows(&d), named_tomo);
+    // Levels named `s0`, `s1`... (as some writers name them) too.
+    std::fs::rename(elsewhere.join("0"), elsewhere.join("s0")).unwrap();
+    let st = fastdet().args(["run", "--zarr"]).arg(elsewhere.join("s0")).arg("--weights").arg(&weights).args(common).arg("--out").arg(&d).status().unwrap();
+    assert!(st.success());
+    assert_eq!(rows(&d), named_tomo);
 }
 
 /// Ensemble members must agree on their classes.

@@ -250,6 +250,10 @@ fn copick_project_configuration() {
     assert_eq!(with_config, total(&["--truth".as_ref(), root().join("tests/fixtures/dataset").as_os_str(), "--split".as_ref(), "test".as_ref()]));
     let f: f64 = with_config.split_whitespace().last().unwrap().parse().unwrap();
     assert!(f > 0.5, "{with_config}");
+    // A run it does not have is named with the project and both its roots.
+    let o = fastdet().args(["score", "--runs", "TS_nope", "--copick-config"]).arg(&cfg).arg(&by_config).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("run \"TS_nope\" is not in copick project") && e.contains("overlay/ExperimentRuns and ") && e.contains("static/ExperimentRuns)"), "{e}");
 
     // qc draws the truth from the project too.
     let qc = tmp.path().join("qc");
@@ -269,6 +273,10 @@ fn copick_project_configuration() {
     std::fs::write(&toml_file, "data = \"d\"\nsplit = \"train\"\n").unwrap();
     let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&toml_file).arg("--copick-config").arg(&cfg)).parse().unwrap();
     assert!(!t.contains_key("data") && !t.contains_key("split") && t.contains_key("copick_config"), "{t}");
+    // So does a split the file keeps beside its own project.
+    std::fs::write(&toml_file, format!("copick_config = {:?}\nsplit = \"train\"\n", cfg.to_str().unwrap())).unwrap();
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&toml_file)).parse().unwrap();
+    assert!(!t.contains_key("split") && t["copick_config"].as_str() == Some(cfg.to_str().unwrap()), "{t}");
 
     // Storage fastdet does not read is named.
     std::fs::write(&cfg, r#"{"overlay_root": "s3://bucket/overlay"}"#).unwrap();

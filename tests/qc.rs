@@ -292,6 +292,7 @@ fn cli_writes_one_png_per_run() {
     let data = tmp.path().join("data");
     common::copy_dir(&root().join("tests/fixtures/dataset"), &data);
     std::fs::write(data.join("test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr/.zattrs"), b"garbage").unwrap();
+    std::fs::remove_file(data.join("test/static/ExperimentRuns/TS_synth_2/VoxelSpacing10.000/denoised.zarr/0/0.1.1")).unwrap();
     let out3 = tmp.path().join("bad");
     let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
         .args(["qc", "--data"])
@@ -305,6 +306,8 @@ fn cli_writes_one_png_per_run() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("1 of 2 run(s) failed") && e.contains("TS_synth_1: ") && e.contains(".zattrs"), "{e}");
+    // What the reader noted of the other is said, as by run.
+    assert!(e.contains("TS_synth_2/VoxelSpacing10.000/denoised.zarr: 1 of its") && e.contains("chunks are absent"), "{e}");
     assert!(out3.join("TS_synth_2.png").is_file() && !out3.join("TS_synth_1.png").exists());
     // Every run failing: no folder left either.
     let out4 = tmp.path().join("none");

@@ -193,6 +193,10 @@ fn killed_run_resumes_to_the_same_output() {
     let o = cheap_run(&data, &out).args(["--resume", "--iou", "0.5"]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("other inputs, weights or settings (changed: iou)"), "{}", String::from_utf8_lossy(&o.stderr));
+    // So is the CUDA engine's fp16 (here its emulator) resuming the CPU engine's f32 picks.
+    let o = cheap_run(&data, &out).args(["--resume", "--device", "emu"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("(changed: precision)"), "{}", String::from_utf8_lossy(&o.stderr));
     // So are other tomograms under the same run names (a copy of the dataset elsewhere).
     let copy = tmp.path().join("copy");
     copy_dir(&data, &copy);

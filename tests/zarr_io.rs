@@ -130,10 +130,15 @@ fn write_v2<T: Element>(
     data: &[T],
     shape: &[u64],
 ) {
+    write_v2_nd(dir, dtype, fill, &chunks[..shape.len()], compressor, data, shape)
+}
+
+/// `write_v2` of any rank.
+fn write_v2_nd<T: Element>(dir: &Path, dtype: &str, fill: serde_json::Value, chunks: &[u64], compressor: serde_json::Value, data: &[T], shape: &[u64]) {
     let meta = serde_json::json!({
         "zarr_format": 2,
         "shape": shape,
-        "chunks": &chunks[..shape.len()],
+        "chunks": chunks,
         "dtype": dtype,
         "fill_value": fill,
         "order": "C",
@@ -436,6 +441,44 @@ fn stored_axis_order_units_and_level_names() {
     let v = read_zarr_volume(&named_v3("v3_cyx.zarr", SHAPE, ["c", "y", "x"], &data), "0").unwrap();
     assert_eq!((v.shape, &v.data), (zyx, &data));
     assert!(v.notes.iter().any(|n| n.contains("are not z, y and x: read as z, y, x")), "{:?}", v.notes);
+}
+
+/// Arrays with time and channel axes of length 1 (as OME-Zarr writers of 5-D t,c,z,y,x arrays
+/// leave them) are read as their three space axes; the time axis's unit is not a length to check.
+#[test]
+fn singleton_time_and_channel_axes_are_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = SHAPE.iter().product::<u64>() as usize;
+    let data = pattern(n);
+    let zyx = [SHAPE[0] as usize, SHAPE[1] as usize, SHAPE[2] as usize];
+    let root = tmp.path().join("tczyx.ome.zarr");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join(".zgroup"), r#"{"zarr_format": 2}"#).unwrap();
+    std::fs::write(
+        root.join(".zattrs"),
+        r#"{"multiscales": [{"version": "0.4", "axes": [{"name": "t", "type": "time", "unit": "second"}, {"name": "c", "type": "channel"},
+            {"name": "z", "type": "space", "unit": "nanometer"}, {"name": "y", "type": "space", "unit": "nanometer"}, {"name": "x", "type": "space", "unit": "nanometer"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0012, 1.0012, 1.0012]}]}]}]}"#,
+    )
+    .unwrap();
+    let shape5 = [1, 1, SHAPE[0], SHAPE[1], SHAPE[2]];
+    write_v2_nd(&root.join("0"), "<f4", serde_json::json!(0.0), &[1, 1, 4, 7, 5], blosc_lz4(), &data, &shape5);
+    let v = read_zarr_volume(&root, "0").unwrap();
+    assert_eq!((v.shape, &v.data), (zyx, &data));
+    assert!((v.voxel_size.unwrap() - 10.012).abs() < 1e-9, "{:?}", v.voxel_size);
+    assert_eq!(v.notes.len(), 1, "{:?}", v.notes);
+    assert!(v.notes[0].starts_with(&format!("a 5-D array of shape {shape5:?}: its axes \"t\", \"c\" of length 1 dropped")), "{:?}", v.notes);
+
+    // Without names, leading axes of length 1; any other length is refused.
+    let bare = tmp.path().join("bare4d");
+    write_v2_nd(&bare, "<f4", serde_json::json!(0.0), &[1, 4, 7, 5], serde_json::Value::Null, &data, &[1, SHAPE[0], SHAPE[1], SHAPE[2]]);
+    let v = read_zarr_volume(&bare, "0").unwrap();
+    assert_eq!((v.shape, &v.data), (zyx, &data));
+    let two = tmp.path().join("two4d");
+    let doubled: Vec<f32> = data.iter().chain(&data).copied().collect();
+    write_v2_nd(&two, "<f4", serde_json::json!(0.0), &[1, 4, 7, 5], serde_json::Value::Null, &doubled, &[2, SHAPE[0], SHAPE[1], SHAPE[2]]);
+    let e = err_of(&two, "0");
+    assert!(e.contains("expected a 3-D (z, y, x) array (or one whose other axes have length 1), found rank 4"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -93,8 +93,10 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     // that only apply to it).
     let input_on_command_line = INPUT_KEYS.iter().any(|k| given(&rest, &format!("--{k}")));
     // The file's split is kept for a `--data` given on the command line, and means nothing for
-    // the other inputs.
+    // the other inputs (from the command line or the file).
     let other_input_on_command_line = INPUT_KEYS.iter().any(|k| *k != "data" && given(&rest, &format!("--{k}")));
+    // Nor for the file's own other input (a file once written for `data`, its input changed).
+    let other_input_in_file = !input_on_command_line && table.keys().any(|k| k != "data" && INPUT_KEYS.contains(&k.replace('_', "-").as_str()));
     for (raw_key, v) in &table {
         let key = raw_key.replace('_', "-");
         if !KNOWN.contains(&key.as_str()) {
@@ -104,7 +106,7 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
         if given(&rest, &flag)
             || (devices_on_command_line && DEVICE_KEYS.contains(&key.as_str()))
             || (input_on_command_line && (INPUT_KEYS.contains(&key.as_str()) || INPUT_ONLY_KEYS.contains(&key.as_str())))
-            || (other_input_on_command_line && key == "split")
+            || ((other_input_on_command_line || other_input_in_file) && key == "split")
         {
             continue; // the command line wins
         }

@@ -86,6 +86,10 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         }
         let path = layout.tomogram_path(run, &a.tomogram)?;
         let volume = zarr::read_zarr_volume(&path, zarr::DEFAULT_LEVEL)?;
+        // What the reader noted (absent chunks, axes, units) bears on the picture as on a run.
+        for n in &volume.notes {
+            fastdet::errln!("  warning: {}: {n}", path.display());
+        }
         let run_picks: Vec<_> = picks.iter().filter(|p| &p.run == run).cloned().collect();
         let run_truth: Option<Vec<_>> =
             truth.as_ref().map(|t| t.iter().filter(|p| &p.run == run).cloned().collect());

@@ -232,8 +232,9 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
     if let Some(z) = &a.zarr {
         // Named from the absolute path (`--zarr .` inside the store names it too).
         let z = &std::path::absolute(z).map(|p| p.components().collect::<PathBuf>()).unwrap_or_else(|_| z.clone());
-        // An array given inside its multiscale group (`tomo.zarr/0`) is named after the group.
-        let level_dir = z.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        // An array given inside its multiscale group (`tomo.zarr/0`, `tomo.zarr/s1`) is named
+        // after the group.
+        let level_dir = z.file_name().and_then(|n| n.to_str()).map(|n| n.strip_prefix('s').unwrap_or(n)).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
         let group = match z.parent().filter(|p| level_dir && !p.as_os_str().is_empty()) {
             Some(group) => group,
             None => z.as_path(),
@@ -954,6 +955,12 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
     if a.pad != "zero" {
         fp["pad"] = serde_json::json!(a.pad);
     }
+    // The CUDA engine computes in fp16, the CPU engine in f32: their picks differ a little, so a
+    // job is not resumed (or merged unwarned) on the other kind. Absent for the CPU, as before.
+    let precisions: std::collections::BTreeSet<&str> = a.devices()?.iter().map(|d| if d.is_cuda_engine() { "fp16" } else { "f32" }).collect();
+    if precisions.iter().any(|p| *p != "f32") {
+        fp["precision"] = serde_json::json!(precisions);
+    }
     Ok(serde_json::to_string_pretty(&fp)?)
 }
 
@@ -1289,7 +1296,7 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     if !(a.beta.is_finite() && a.beta > 0.0) {
         bail!("--beta {}: must be a positive number", a.beta);
     }
-    let truth = copick::read_truth(&layout)?;
+    let truth = copick::read_truth_to_score(&layout)?;
     let s = settings(&a.infer, vec![a.min_threshold; CLASSES.len()])?;
     let jobs = preflight(&a.infer)?;
     let (cands, failed) = infer_all(&a.infer, &jobs, &s, Extras::default(), None)?;

@@ -18,7 +18,8 @@ pub struct ScoreArgs {
     #[arg(long, default_value = "train")]
     pub split: String,
     /// A copick project's configuration file (JSON) instead of --truth: the ground truth is the
-    /// picks of user curation (or the only user) in its overlay_root and static_root
+    /// picks of user curation (or, in a project without them, the only user other than fastdet)
+    /// in its overlay_root and static_root
     #[arg(long, value_name = "FILE", conflicts_with_all = ["truth", "split"])]
     pub copick_config: Option<PathBuf>,
     /// F-beta's beta
@@ -62,7 +63,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         (Some(root), _) => format!("{} split {:?}", root.display(), a.split),
         (None, config) => format!("copick project {}", config.as_deref().unwrap_or(Path::new("")).display()),
     };
-    let mut truth = copick::read_truth(&layout)?;
+    let mut truth = copick::read_truth_to_score(&layout)?;
     // Runs that may hold ground truth (annotated or not).
     let known: std::collections::BTreeSet<String> = copick::truth_runs(&layout)?.into_iter().collect();
     let (mut sub, others) = csv::read_submission_of_known_types(&a.submission)?;
@@ -73,12 +74,12 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         let chosen: std::collections::BTreeSet<&str> = a.runs.iter().map(|r| r.trim()).collect();
         // A name the split does not have (a typo) would silently score fewer runs.
         if let Some(r) = chosen.iter().find(|r| !known.contains(**r)) {
-            bail!("--runs: run {r:?} is not in {}", layout.overlay_runs.display());
+            bail!("--runs: run {r:?} is not in {truth_at} ({})", truth_folders(&layout));
         }
         truth.retain(|p| chosen.contains(p.run.as_str()));
         sub.retain(|p| chosen.contains(p.run.as_str()));
         if truth.is_empty() {
-            bail!("--runs: none of {} has ground truth under {}", a.runs.join(", "), layout.overlay_runs.display());
+            bail!("--runs: none of {} has ground truth in {truth_at} ({})", a.runs.join(", "), truth_folders(&layout));
         }
     }
     // Runs with particles but no picks: every particle counts as missed. Said, since it is the
@@ -109,6 +110,15 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         fastdet::outln!("{}", metric::format_table(&s))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The folders runs with ground truth are looked for in, for messages.
+fn truth_folders(layout: &Layout) -> String {
+    if layout.reads_both_roots() {
+        format!("{} and {}", layout.overlay_runs.display(), layout.static_runs.display())
+    } else {
+        layout.overlay_runs.display().to_string()
+    }
 }
 
 /// The first five run names, and "..." when there are more.

@@ -26,8 +26,23 @@ struct PicksIn {
 #[derive(Deserialize)]
 struct PointIn {
     location: Location,
+    /// Object space to tomogram space; its translation (last column) is a shift in Å added to the
+    /// location (e.g. refined in subtomogram averaging): the centre is `location + t[0..3][3]`.
+    #[serde(default, rename = "transformation_", alias = "transformation")]
+    transformation: Option<[[f64; 4]; 4]>,
     #[serde(default)]
     score: Option<f64>,
+}
+
+impl PointIn {
+    /// The particle centre in Å: the location plus the transformation's translation.
+    fn centre(&self) -> [f64; 3] {
+        let Location { x, y, z } = self.location;
+        match &self.transformation {
+            Some(t) => [x + t[0][3], y + t[1][3], z + t[2][3]],
+            None => [x, y, z],
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -91,7 +106,7 @@ fn points_of(path: &Path, doc: PicksIn, class: usize, run: &str) -> Result<Vec<P
     let points = doc.points.unwrap_or_default();
     let mut picks = Vec::with_capacity(points.len());
     for (i, p) in points.into_iter().enumerate() {
-        let Location { x, y, z } = p.location;
+        let [x, y, z] = p.centre();
         if !(x.is_finite() && y.is_finite() && z.is_finite()) {
             bail!("{}: point {i} has a non-finite location", path.display());
         }
@@ -128,46 +143,65 @@ fn json_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Which of a run's picks files are its ground truth. A copick project may hold several users'
-/// picks beside the annotators' (fastdet's own `--copick-out`, other pickers), and objects other
-/// than the six particles (membranes...). The annotators' files are those of user `curation` or
-/// without a user (the competition's own `{particle}.json`). Per particle: the annotators' files
-/// when there are any, else the files of the one user and session there is; several users or
-/// sessions of one particle and no annotator is an error, as their points would all count. An
-/// object other than the six is skipped in other users' files, and an error in the annotators'
-/// (a mislabelled truth would otherwise vanish).
-fn truth_files(picks_dirs: &[PathBuf], notes: &mut Vec<String>) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
+/// The user id `fastdet run --copick-out` writes by default: predictions, never ground truth.
+const OWN_USER: &str = "fastdet";
+
+/// Files of the annotators: user `curation`, or no user (the competition's own `{particle}.json`).
+fn by_annotator(d: &PicksIn) -> bool {
+    matches!(d.user_id.as_deref(), None | Some("") | Some("curation"))
+}
+
+/// A run's picks files of the six particles, parsed, in file-name order. An object other than the
+/// six is skipped (with a note) in other users' files, and in the annotators' when the project's
+/// configuration declares it (`declared`, its `pickable_objects`: not scored, as in the Kaggle
+/// metric); an undeclared one of the annotators is an error (a mislabelled truth would otherwise
+/// vanish).
+fn particle_files(picks_dirs: &[PathBuf], declared: &[String], notes: &mut Vec<String>) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
     let mut files = Vec::new();
     for d in picks_dirs {
         files.extend(json_files(d)?);
     }
     files.sort();
-    let picks_dir = picks_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" and ");
-    let annotator = |d: &PicksIn| matches!(d.user_id.as_deref(), None | Some("") | Some("curation"));
-    let mut known: Vec<(PathBuf, PicksIn, usize)> = Vec::new();
+    let mut known = Vec::new();
     for f in files {
         let doc = parse_picks_file(&f)?;
         match class_index(&doc.pickable_object_name) {
             Some(c) => known.push((f, doc, c)),
-            None if annotator(&doc) => return Err(unknown_object(&f, &doc)),
+            None if by_annotator(&doc) && !declared.contains(&doc.pickable_object_name) => return Err(unknown_object(&f, &doc)),
             None => notes.push(format!("{}: object {:?} is not one of the six particles; not ground truth", f.display(), doc.pickable_object_name)),
         }
     }
+    Ok(known)
+}
+
+/// Which of a run's picks files are its ground truth. A copick project may hold several users'
+/// picks beside the annotators' (fastdet's own `--copick-out`, other pickers). In a project where
+/// the annotators picked anything (`annotated`), only their files count, in every run: a particle
+/// they did not pick in a run has no particles there, whoever else picked it. Otherwise, per
+/// particle, the files of the one user and session there is; several users or sessions of one
+/// particle is an error, as their points would all count. User `fastdet`'s files never count.
+/// Files left out are counted in `left_out` (with the first one's path); an annotator's file with
+/// the same points as another of the same particle (a copy under the other naming) counts once.
+fn truth_files(
+    picks_dir: &str,
+    known: Vec<(PathBuf, PicksIn, usize)>,
+    annotated: bool,
+    left_out: &mut (usize, Option<PathBuf>),
+    notes: &mut Vec<String>,
+) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
     let who = |d: &PicksIn| (d.user_id.clone().unwrap_or_default(), d.session_id.clone().unwrap_or_default());
     let mut keep = vec![false; known.len()];
-    let mut left_out = 0;
     for (c, class) in CLASSES.iter().enumerate() {
         let of_class: Vec<usize> = (0..known.len()).filter(|&i| known[i].2 == c).collect();
-        let mut groups: Vec<(String, String)> = of_class.iter().map(|&i| who(&known[i].1)).collect();
+        let candidates: Vec<usize> = of_class
+            .iter()
+            .copied()
+            .filter(|&i| if annotated { by_annotator(&known[i].1) } else { known[i].1.user_id.as_deref() != Some(OWN_USER) })
+            .collect();
+        let mut groups: Vec<(String, String)> = candidates.iter().map(|&i| who(&known[i].1)).collect();
         groups.sort();
         groups.dedup();
-        let by_annotators: Vec<usize> = of_class.iter().copied().filter(|&i| annotator(&known[i].1)).collect();
-        if groups.len() <= 1 {
-            of_class.iter().for_each(|&i| keep[i] = true);
-        } else if !by_annotators.is_empty() {
-            by_annotators.iter().for_each(|&i| keep[i] = true);
-            left_out += of_class.len() - by_annotators.len();
-        } else {
+        if groups.len() > 1 && !annotated {
             let list: Vec<String> = groups.iter().map(|(u, s)| format!("user {u:?} session {s:?}")).collect();
             bail!(
                 "{picks_dir}: {} picked by several users or sessions ({}) and none of user curation: which is the ground truth? Keep one set in this folder",
@@ -175,9 +209,26 @@ fn truth_files(picks_dirs: &[PathBuf], notes: &mut Vec<String>) -> Result<Vec<(P
                 list.join(", ")
             );
         }
-    }
-    if left_out > 0 {
-        notes.push(format!("{picks_dir}: ground truth from user curation; {left_out} file(s) of other users not counted"));
+        let mut kept_points: Vec<(usize, Vec<[f64; 3]>)> = Vec::new();
+        for &i in &candidates {
+            let points: Vec<[f64; 3]> = known[i].1.points.iter().flatten().map(PointIn::centre).collect();
+            match kept_points.iter().find(|(_, p)| !points.is_empty() && *p == points) {
+                Some((j, _)) => notes.push(format!(
+                    "{}: the same {} points as {}; counted once",
+                    known[i].0.display(),
+                    points.len(),
+                    known[*j].0.display()
+                )),
+                None => {
+                    keep[i] = true;
+                    kept_points.push((i, points));
+                }
+            }
+        }
+        for &i in of_class.iter().filter(|i| !candidates.contains(i)) {
+            left_out.0 += 1;
+            left_out.1.get_or_insert_with(|| known[i].0.clone());
+        }
     }
     Ok(known.into_iter().zip(keep).filter(|(_, k)| *k).map(|(file, _)| file).collect())
 }
@@ -195,13 +246,36 @@ pub fn read_truth(layout: &Layout) -> Result<Vec<Pick>> {
     Ok(picks)
 }
 
-/// The folders that may hold a run's picks.
+/// [`read_truth`] for scoring and tuning: a project without one ground-truth file is an error,
+/// as every score against it would be 0 (or 1 with a set of predictions taken for the truth). A
+/// file without points is truth: no particles of its class there.
+pub fn read_truth_to_score(layout: &Layout) -> Result<Vec<Pick>> {
+    let (picks, notes, files) = truth_with_files(layout)?;
+    for n in notes {
+        crate::errln!("warning: {n}");
+    }
+    if files == 0 {
+        let roots = if layout.reads_both_roots() {
+            format!("{} and {}", layout.overlay_runs.display(), layout.static_runs.display())
+        } else {
+            layout.overlay_runs.display().to_string()
+        };
+        bail!("{roots}: no ground truth: no run has picks of the six particles by user curation (or by one picker other than fastdet)");
+    }
+    Ok(picks)
+}
+
+/// The folders that may hold a run's picks; one folder reached twice (a static root that is a
+/// link to the overlay root) is read once.
 fn picks_dirs(layout: &Layout, run: &str) -> Vec<PathBuf> {
     let mut dirs = vec![layout.overlay_runs.join(run).join("Picks")];
     if layout.reads_both_roots() {
         dirs.push(layout.static_runs.join(run).join("Picks"));
     }
     dirs.retain(|d| d.is_dir());
+    if dirs.len() == 2 && std::fs::canonicalize(&dirs[0]).ok().is_some_and(|a| std::fs::canonicalize(&dirs[1]).ok() == Some(a)) {
+        dirs.pop();
+    }
     dirs
 }
 
@@ -231,19 +305,48 @@ pub fn truth_runs(layout: &Layout) -> Result<Vec<String>> {
     Ok(runs)
 }
 
+/// The names of the `pickable_objects` a copick configuration declares.
+fn declared_objects(file: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read the copick configuration", file.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not a copick configuration (not JSON)", file.display()))?;
+    let objects = doc.get("pickable_objects").and_then(serde_json::Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    Ok(objects.iter().filter_map(|o| o.get("name")?.as_str().map(str::to_owned)).collect())
+}
+
 /// `read_truth`, with what it left out as notes instead of warnings.
 pub fn read_truth_noted(layout: &Layout) -> Result<(Vec<Pick>, Vec<String>)> {
-    let mut picks = Vec::new();
+    truth_with_files(layout).map(|(picks, notes, _)| (picks, notes))
+}
+
+/// `read_truth_noted`, and how many files the truth came from.
+fn truth_with_files(layout: &Layout) -> Result<(Vec<Pick>, Vec<String>, usize)> {
     let mut notes = Vec::new();
+    let declared = match &layout.config {
+        Some(file) => declared_objects(file)?,
+        None => Vec::new(),
+    };
+    let mut runs = Vec::new();
     for run in truth_runs(layout)? {
         let dirs = picks_dirs(layout, &run);
-        if !dirs.is_empty() {
-            for (f, doc, class) in truth_files(&dirs, &mut notes)? {
-                picks.extend(points_of(&f, doc, class, &run)?);
-            }
+        let known = particle_files(&dirs, &declared, &mut notes)?;
+        runs.push((run, dirs, known));
+    }
+    let annotated = runs.iter().any(|(_, _, known)| known.iter().any(|(_, d, _)| by_annotator(d)));
+    let mut picks = Vec::new();
+    let mut left_out = (0, None);
+    let mut files = 0;
+    for (run, dirs, known) in runs {
+        let picks_dir = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" and ");
+        for (f, doc, class) in truth_files(&picks_dir, known, annotated, &mut left_out, &mut notes)? {
+            picks.extend(points_of(&f, doc, class, &run)?);
+            files += 1;
         }
     }
-    Ok((picks, notes))
+    if let (n, Some(first)) = left_out {
+        let whose = if annotated { "the ground truth is user curation's files" } else { "user fastdet's files are predictions" };
+        notes.push(format!("{n} picks file(s) of other users not counted ({whose}), e.g. {}", first.display()));
+    }
+    Ok((picks, notes, files))
 }
 
 fn check_name(what: &str, s: &str) -> Result<()> {
@@ -331,48 +434,83 @@ mod tests {
         assert!(picks.iter().all(|p| p.class == 2 && p.score == 1.0));
     }
 
-    /// The truth is the curation user's files when a run's folder holds other users' picks too
-    /// (e.g. a --copick-out of fastdet) and files of other objects; with several users and no
-    /// curation it is an error; one user's files are taken whoever they are.
+    /// In a project with the annotators' files (user curation or none), only theirs are the truth,
+    /// in every run; without them, one user per particle is, never fastdet's own picks; several
+    /// users of one particle is an error; a copy of a file under the other naming counts once.
     #[test]
     fn truth_is_the_curation_users_picks() {
         let root = tempfile::tempdir().unwrap();
-        let picks = |run: &str| {
-            let d = root.path().join("test/overlay/ExperimentRuns").join(run).join("Picks");
+        let picks = |project: &str, run: &str| {
+            let d = root.path().join(project).join("test/overlay/ExperimentRuns").join(run).join("Picks");
             std::fs::create_dir_all(&d).unwrap();
             d
         };
-        let file = |dir: &Path, name: &str, user: &str, object: &str, n: usize| {
+        let file = |dir: &Path, name: &str, user: Option<&str>, object: &str, n: usize| {
             let points: Vec<String> = (0..n).map(|i| format!(r#"{{"location": {{"x": {i}, "y": 1, "z": 2}}}}"#)).collect();
-            let text = format!(r#"{{"pickable_object_name": "{object}", "user_id": "{user}", "session_id": "0", "points": [{}]}}"#, points.join(","));
+            let user = user.map(|u| format!(r#""user_id": "{u}", "session_id": "0", "#)).unwrap_or_default();
+            let text = format!(r#"{{"pickable_object_name": "{object}", {user}"points": [{}]}}"#, points.join(","));
             std::fs::write(dir.join(name), text).unwrap();
         };
-        let a = picks("TS_a");
-        file(&a, "ribosome.json", "curation", "ribosome", 3);
-        file(&a, "fastdet_0_ribosome.json", "fastdet", "ribosome", 5);
-        file(&a, "x_0_membrane.json", "x", "membrane", 1);
-        let b = picks("TS_b");
-        file(&b, "alice_0_ribosome.json", "alice", "ribosome", 2);
-        let (truth, notes) = read_truth_noted(&Layout::split(root.path(), "test")).unwrap();
-        assert_eq!(truth.iter().filter(|p| p.run == "TS_a").count(), 3);
-        assert_eq!(truth.iter().filter(|p| p.run == "TS_b").count(), 2);
-        assert_eq!(notes.len(), 2, "{notes:?}");
-        assert!(notes[0].contains("membrane") && notes[1].contains("1 file(s) of other users not counted"), "{notes:?}");
+        let read = |project: &str| read_truth_noted(&Layout::split(&root.path().join(project), "test"));
+        let count = |truth: &[Pick], run: &str| truth.iter().filter(|p| p.run == run).count();
 
-        // One annotator per particle, in its own session: all of them are the truth.
-        file(&b, "carol_2_apo-ferritin.json", "carol", "apo-ferritin", 1);
-        let (truth, _) = read_truth_noted(&Layout::split(root.path(), "test")).unwrap();
-        assert_eq!(truth.iter().filter(|p| p.run == "TS_b").count(), 3);
-
-        file(&b, "bob_1_ribosome.json", "bob", "ribosome", 4);
-        let e = read_truth_noted(&Layout::split(root.path(), "test")).unwrap_err().to_string();
-        assert!(e.contains("TS_b") && e.contains("ribosome picked by") && e.contains("user \"alice\"") && e.contains("user \"bob\"") && e.contains("none of user curation"), "{e}");
-        std::fs::remove_file(b.join("bob_1_ribosome.json")).unwrap();
-
+        let a = picks("annotated", "TS_a");
+        file(&a, "ribosome.json", Some("curation"), "ribosome", 3);
+        file(&a, "fastdet_0_ribosome.json", Some("fastdet"), "ribosome", 5);
+        file(&a, "x_0_membrane.json", Some("x"), "membrane", 1);
+        file(&a, "apo-ferritin.json", None, "apo-ferritin", 2);
+        file(&a, "curation_0_apo-ferritin.json", Some("curation"), "apo-ferritin", 2);
+        // Curation did not pick TS_b: other pickers' files there are not its truth either.
+        let b = picks("annotated", "TS_b");
+        file(&b, "alice_0_ribosome.json", Some("alice"), "ribosome", 2);
+        file(&b, "fastdet_0_ribosome.json", Some("fastdet"), "ribosome", 4);
+        let (truth, notes) = read("annotated").unwrap();
+        assert_eq!((count(&truth, "TS_a"), count(&truth, "TS_b")), (5, 0), "{truth:?}");
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert!(notes[0].contains("membrane"), "{notes:?}");
+        assert!(notes[1].contains("curation_0_apo-ferritin.json: the same 2 points as") && notes[1].ends_with("apo-ferritin.json; counted once"), "{notes:?}");
+        assert!(notes[2].starts_with("3 picks file(s) of other users not counted (the ground truth is user curation's files)"), "{notes:?}");
         // A curation file of an unknown object is a mislabelled truth: an error.
-        file(&a, "membrane.json", "curation", "membranes", 1);
-        let e = read_truth_noted(&Layout::split(root.path(), "test")).unwrap_err().to_string();
+        file(&a, "membrane.json", Some("curation"), "membranes", 1);
+        let e = read("annotated").unwrap_err().to_string();
         assert!(e.contains("unknown pickable_object_name \"membranes\""), "{e}");
+
+        // No annotator anywhere: one picker per particle is the truth, fastdet never.
+        let c = picks("pickers", "TS_c");
+        file(&c, "alice_0_ribosome.json", Some("alice"), "ribosome", 2);
+        file(&c, "fastdet_0_ribosome.json", Some("fastdet"), "ribosome", 4);
+        file(&c, "carol_0_apo-ferritin.json", Some("carol"), "apo-ferritin", 1);
+        let (truth, notes) = read("pickers").unwrap();
+        assert_eq!(count(&truth, "TS_c"), 3);
+        assert!(notes.len() == 1 && notes[0].contains("1 picks file(s) of other users not counted (user fastdet's files are predictions)"), "{notes:?}");
+        file(&c, "bob_0_ribosome.json", Some("bob"), "ribosome", 4);
+        let e = read("pickers").unwrap_err().to_string();
+        assert!(e.contains("TS_c") && e.contains("ribosome picked by") && e.contains("user \"alice\"") && e.contains("user \"bob\"") && e.contains("none of user curation"), "{e}");
+
+        // Only fastdet's own picks: nothing to score against.
+        let d = picks("own", "TS_d");
+        file(&d, "fastdet_0_ribosome.json", Some("fastdet"), "ribosome", 4);
+        let layout = Layout::split(&root.path().join("own"), "test");
+        assert!(read_truth_noted(&layout).unwrap().0.is_empty());
+        let e = read_truth_to_score(&layout).unwrap_err().to_string();
+        assert!(e.contains("own/test/overlay/ExperimentRuns: no ground truth"), "{e}");
+    }
+
+    /// A point's centre is its location plus its transformation's translation (copick's rule).
+    #[test]
+    fn transformation_translation_moves_the_centre() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("ribosome.json");
+        std::fs::write(
+            &f,
+            r#"{"pickable_object_name": "ribosome", "points": [
+                {"location": {"x": 100, "y": 200, "z": 300}, "transformation_": [[1,0,0,5],[0,1,0,-7],[0,0,1,0.5],[0,0,0,1]]},
+                {"location": {"x": 1, "y": 2, "z": 3}}]}"#,
+        )
+        .unwrap();
+        let p = read_picks_file(&f, "TS").unwrap();
+        assert_eq!([p[0].x, p[0].y, p[0].z], [105.0, 193.0, 300.5]);
+        assert_eq!([p[1].x, p[1].y, p[1].z], [1.0, 2.0, 3.0]);
     }
 
     /// In a copick project the picks of both roots count, and a run with picks in the static
@@ -382,6 +520,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (stat, over) = (tmp.path().join("s"), tmp.path().join("o"));
         let layout = Layout { static_runs: stat.join("ExperimentRuns"), overlay_runs: over.join("ExperimentRuns"), config: Some(tmp.path().join("c.json")) };
+        std::fs::write(tmp.path().join("c.json"), r#"{"overlay_root": "o"}"#).unwrap();
         let e = read_truth_noted(&layout).unwrap_err().to_string();
         assert!(e.contains("cannot list ground-truth runs"), "{e}");
         let file = |root: &Path, run: &str, name: &str, object: &str, n: usize| {
@@ -404,6 +543,26 @@ mod tests {
         // The competition layout reads the overlay only.
         let split = Layout { config: None, ..layout.clone() };
         assert_eq!(read_truth(&split).unwrap().len(), 4);
+        // A seventh object the configuration declares is not scored; one it does not is an error.
+        std::fs::write(tmp.path().join("c.json"), r#"{"overlay_root": "o", "pickable_objects": [{"name": "proteasome", "is_particle": true}]}"#).unwrap();
+        file(&over, "TS_o", "curation_0_proteasome.json", "proteasome", 2);
+        let (truth, notes) = read_truth_noted(&layout).unwrap();
+        assert_eq!(truth.len(), 6);
+        assert!(notes.len() == 1 && notes[0].contains("curation_0_proteasome.json: object \"proteasome\" is not one of the six particles"), "{notes:?}");
+        file(&over, "TS_o", "curation_0_membrane.json", "membrane", 2);
+        let e = read_truth_noted(&layout).unwrap_err().to_string();
+        assert!(e.contains("unknown pickable_object_name \"membrane\""), "{e}");
+        std::fs::remove_file(over.join("ExperimentRuns/TS_o/Picks/curation_0_membrane.json")).unwrap();
+        std::fs::remove_file(over.join("ExperimentRuns/TS_o/Picks/curation_0_proteasome.json")).unwrap();
+        // A static root that is a link to the overlay root: its picks are read once.
+        #[cfg(unix)]
+        {
+            let link = tmp.path().join("link");
+            std::os::unix::fs::symlink(&over, &link).unwrap();
+            let linked = Layout { static_runs: link.join("ExperimentRuns"), ..layout.clone() };
+            let (truth, notes) = read_truth_noted(&linked).unwrap();
+            assert_eq!((truth.len(), notes.len()), (4, 0), "{notes:?}");
+        }
     }
 
     #[test]

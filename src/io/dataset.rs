@@ -59,6 +59,19 @@ pub(crate) fn sub_dirs(dir: &Path) -> Option<std::io::Result<Vec<String>>> {
     Some(Ok(names))
 }
 
+/// `~` and `~/…` as the home directory, as copick (through fsspec) reads a root.
+fn expand_home(path: &str) -> Result<PathBuf> {
+    let rest = match path.strip_prefix('~') {
+        Some("") => "",
+        Some(r) if r.starts_with('/') => &r[1..],
+        _ => return Ok(PathBuf::from(path)),
+    };
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => Ok(PathBuf::from(home).join(rest)),
+        None => bail!("cannot expand ~: HOME is not set"),
+    }
+}
+
 impl Layout {
     /// The competition layout: `{root}/{split}/static` and `{root}/{split}/overlay`.
     pub fn split(root: &Path, split: &str) -> Layout {
@@ -67,8 +80,8 @@ impl Layout {
 
     /// A copick project's configuration (JSON): `overlay_root`, and `static_root` when the
     /// tomograms lie apart from the overlay (without it, everything is in the overlay). Roots are
-    /// local paths, plain or as `local://` / `file://` URLs; a relative one is relative to the
-    /// current directory, as copick reads it. Other storage (`s3://`, the data portal's
+    /// local paths, plain or as `local://` / `file://` URLs (or `local:` / `file:`), `~` the home
+    /// directory; a relative one is relative to the current directory, as copick reads it. Other storage (`s3://`, the data portal's
     /// `config_type`) is refused: download the runs first.
     pub fn copick_config(file: &Path) -> Result<Layout> {
         let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read the copick configuration", file.display()))?;
@@ -88,7 +101,7 @@ impl Layout {
             let Some(url) = v.as_str() else {
                 bail!("{}: {key} must be a path, not {v}", file.display());
             };
-            let path = match url.strip_prefix("local://").or_else(|| url.strip_prefix("file://")) {
+            let path = match ["local://", "file://", "local:", "file:"].iter().find_map(|p| url.strip_prefix(p)) {
                 Some(p) => p,
                 None if url.contains("://") => bail!("{}: {key} {url:?}: fastdet reads local paths only (a path, or local://PATH); copy the project to a local disk first", file.display()),
                 None => url,
@@ -96,6 +109,7 @@ impl Layout {
             if path.is_empty() {
                 bail!("{}: {key} is empty", file.display());
             }
+            let path = expand_home(path).with_context(|| format!("{}: {key} {url:?}", file.display()))?;
             Ok(Some(std::path::absolute(path).with_context(|| format!("{}: {key} {url:?}", file.display()))?))
         };
         let Some(overlay) = root("overlay_root")? else {
@@ -122,10 +136,11 @@ impl Layout {
         self.config.is_some() && self.static_runs != self.overlay_runs
     }
 
-    /// The folders a run's tomograms may be in: the static one, then the overlay's.
+    /// The folders a run's tomograms may be in: the static one, then, in a copick project, the
+    /// overlay's (the competition layout's overlay holds picks only).
     fn run_dirs(&self, run: &str) -> Vec<PathBuf> {
         let mut dirs = vec![self.static_runs.join(run)];
-        if self.overlay_runs != self.static_runs {
+        if self.reads_both_roots() {
             dirs.push(self.overlay_runs.join(run));
         }
         dirs
@@ -190,9 +205,9 @@ impl Layout {
         if let Some(p) = run_dirs.iter().map(|d| d.join(VOXEL_SPACING_DIR).join(&name)).find(|p| p.is_dir()) {
             return Ok(p);
         }
-        let Some(run_dir) = run_dirs.first() else {
+        if run_dirs.is_empty() {
             bail!("{}: run directory not found (run '{run}')", self.static_runs.join(run).display());
-        };
+        }
         let spacings = |dir: &PathBuf| -> Vec<PathBuf> {
             std::fs::read_dir(dir)
                 .into_iter()
@@ -220,7 +235,7 @@ impl Layout {
                 let others = if present.is_empty() { String::new() } else { format!(" (it has: {}; choose one with --tomogram)", present.join(", ")) };
                 bail!("{}: tomogram not found, and no VoxelSpacing*/{name} in {listed}{others}", exact.display())
             }
-            _ => bail!("{}: tomogram not found, and {} is ambiguous: several candidates {:?}", exact.display(), run_dir.display(), candidates),
+            _ => bail!("{}: tomogram not found, and {listed} is ambiguous: several candidates {:?}", exact.display(), candidates),
         }
     }
 }
@@ -287,6 +302,9 @@ mod tests {
         let other = rd.join("TS_b").join("VoxelSpacing10.012").join("denoised.zarr");
         std::fs::create_dir_all(&other).unwrap();
         assert_eq!(layout.tomogram_path("TS_b", d).unwrap(), other);
+        // The competition layout's overlay holds picks: a tomogram there is not the run's.
+        std::fs::create_dir_all(root.join("train/overlay/ExperimentRuns/TS_b/VoxelSpacing10.000/denoised.zarr")).unwrap();
+        assert_eq!(layout.tomogram_path("TS_b", d).unwrap(), other);
         // ambiguous
         std::fs::create_dir_all(rd.join("TS_b").join("VoxelSpacing5.000").join("denoised.zarr")).unwrap();
         let e = layout.tomogram_path("TS_b", d).unwrap_err().to_string();
@@ -298,15 +316,15 @@ mod tests {
         assert!(e.contains("TS_zz"), "{e}");
     }
 
-    /// A copick configuration names the two roots (plain, local:// or file://; a missing static
-    /// root is the overlay); runs and tomograms come from both, as copick lists them.
+    /// A copick configuration names the two roots (plain, local://, file://, local:, file: or
+    /// from ~; a missing static root is the overlay); runs and tomograms come from both, as copick lists them.
     #[test]
     fn copick_configuration_roots_runs_and_tomograms() {
         let tmp = tempfile::tempdir().unwrap();
         let (stat, over) = (tmp.path().join("static"), tmp.path().join("overlay"));
         let cfg = tmp.path().join("copick.json");
         let write = |text: String| std::fs::write(&cfg, text).unwrap();
-        for url in [over.display().to_string(), format!("local://{}", over.display()), format!("file://{}", over.display())] {
+        for url in [over.display().to_string(), format!("local://{}", over.display()), format!("file://{}", over.display()), format!("file:{}", over.display()), format!("local:{}", over.display())] {
             write(format!(r#"{{"name": "p", "overlay_root": "{url}", "static_root": "local://{}", "pickable_objects": []}}"#, stat.display()));
             let l = Layout::copick_config(&cfg).unwrap();
             assert_eq!((l.static_runs.clone(), l.overlay_runs.clone()), (stat.join("ExperimentRuns"), over.join("ExperimentRuns")), "{url}");
@@ -315,6 +333,12 @@ mod tests {
         assert_eq!(Layout::copick_config(&cfg).unwrap().static_runs, over.join("ExperimentRuns"));
         write(r#"{"overlay_root": "rel/overlay"}"#.into());
         assert_eq!(Layout::copick_config(&cfg).unwrap().overlay_runs, std::env::current_dir().unwrap().join("rel/overlay/ExperimentRuns"));
+        if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            write(r#"{"overlay_root": "~/p/overlay", "static_root": "file:~/p/static"}"#.into());
+            let l = Layout::copick_config(&cfg).unwrap();
+            let home = std::path::absolute(PathBuf::from(home)).unwrap();
+            assert_eq!((l.overlay_runs, l.static_runs), (home.join("p/overlay/ExperimentRuns"), home.join("p/static/ExperimentRuns")));
+        }
         for (text, says) in [
             (r#"{"static_root": "/x"}"#, "no overlay_root"),
             (r#"{"overlay_root": "s3://bucket/overlay"}"#, "local paths only"),

@@ -188,8 +188,22 @@ fn ome_dataset(attrs: &Map<String, Value>, dataset_path: &str) -> Option<OmeData
         let name_of = |a: &Value| a.as_str().or_else(|| a.get("name").and_then(Value::as_str)).map(str::to_owned);
         let axes: Option<Vec<String>> = (!axes_meta.is_empty()).then(|| axes_meta.iter().map(|a| name_of(a)).collect()).flatten();
         let mut unknown_units = Vec::new();
+        // Units of the space axes only (a time or channel axis has its own, or none).
+        let space = |a: &Value| {
+            a.get("type").and_then(Value::as_str) == Some("space") || name_of(a).is_some_and(|n| matches!(n.to_ascii_lowercase().as_str(), "x" | "y" | "z"))
+        };
+        let unit_of = |a: &Value| a.get("unit").and_then(Value::as_str).map(str::to_owned);
+        // A space axis without a unit has the others' (when they agree): a writer naming it for
+        // x and y only does not mean Å along z.
+        let mut units: Vec<String> = axes_meta.iter().filter(|a| space(a)).filter_map(|a| unit_of(a)).collect();
+        units.dedup();
+        let shared_unit = (units.len() == 1).then(|| units[0].clone());
         let unit_factor = |k: usize, unknown: &mut Vec<String>| -> f64 {
-            match axes_meta.get(k).and_then(|a| a.get("unit")).and_then(Value::as_str) {
+            let axis = axes_meta.get(k);
+            if axis.is_some_and(|a| !space(a)) {
+                return 1.0;
+            }
+            match axis.and_then(|a| unit_of(a)).or_else(|| shared_unit.clone()).as_deref() {
                 None => 1.0,
                 Some(u) => angstrom_per(u).unwrap_or_else(|| {
                     unknown.push(u.to_string());
@@ -347,15 +361,29 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
     let array = Array::open(Arc::new(store), "/")
         .map_err(|e| anyhow!("{}: cannot open zarr array: {e}", array_dir.display()))?;
 
-    let shape_u64 = array.shape().to_vec();
-    if shape_u64.len() != 3 {
-        bail!(
-            "{}: expected a 3-D (z, y, x) array, found rank {} with shape {:?}",
+    let ome = match &group_dir {
+        Some(g) => node_attributes(g)?.and_then(|a| ome_dataset(&a, &dataset)),
+        None => None,
+    };
+    let mut notes = Vec::new();
+    // The axes' names: the group's OME axes, else the array's own dimension names.
+    let (names, from) = match ome.as_ref().and_then(|o| o.axes.clone()) {
+        Some(n) => (Some(n), "OME axes"),
+        None => (array_axis_names(&array_dir)?, "dimension names"),
+    };
+    let (shape_u64, names, all_sizes) = match squeeze_to_3d(array.shape(), names, ome.as_ref().and_then(|o| o.voxel_size.clone())) {
+        Some((squeezed, note)) => {
+            notes.extend(note);
+            squeezed
+        }
+        None => bail!(
+            "{}: expected a 3-D (z, y, x) array (or one whose other axes have length 1), found rank {} with shape {:?}{}",
             array_dir.display(),
-            shape_u64.len(),
-            shape_u64
-        );
-    }
+            array.shape().len(),
+            array.shape(),
+            names_text(&array_axis_names(&array_dir).ok().flatten().or_else(|| ome.as_ref().and_then(|o| o.axes.clone())))
+        ),
+    };
     if shape_u64.contains(&0) {
         bail!("{}: shape {:?} has a zero-length axis: no voxels to read", array_dir.display(), shape_u64);
     }
@@ -403,18 +431,8 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
         );
     }
 
-    let ome = match &group_dir {
-        Some(g) => node_attributes(g)?.and_then(|a| ome_dataset(&a, &dataset)),
-        None => None,
-    };
-    let mut notes = Vec::new();
-    // Axes stored in another order than z, y, x: named by the group's OME axes, else by the
-    // array's own dimension names.
-    let (names, from) = match ome.as_ref().and_then(|o| o.axes.clone()) {
-        Some(n) => (Some(n), "OME axes"),
-        None => (array_axis_names(&array_dir)?, "dimension names"),
-    };
-    let mut sizes = ome.as_ref().and_then(|o| o.voxel_size.clone()).filter(|v| v.len() == 3);
+    // Axes stored in another order than z, y, x.
+    let mut sizes = all_sizes.clone().filter(|v| v.len() == 3);
     let (shape, data) = match names.as_deref().and_then(zyx_order) {
         Some(order) => {
             notes.push(format!("{from} {:?}: read as z, y, x", names.as_deref().unwrap_or_default()));
@@ -437,18 +455,49 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
     // The x size, or the last scale entry of metadata that does not give all three.
     let voxel_size = match (&sizes, &ome) {
         (Some(v), _) => Some(v[2]),
-        (None, Some(o)) => o.voxel_size.as_ref().and_then(|v| v.last().copied()),
-        _ => None,
+        (None, _) => all_sizes.as_ref().and_then(|v| v.last().copied()),
     };
     if let Some((present, total)) = absent_chunks(&array, chunk_files) {
         notes.push(format!(
-            "{} of its {total} chunks are absent from {} and read as the fill value (a broken copy? \
+            "{} of its {total} chunks are absent from {} and read as {} (a broken copy? \
              some writers leave out chunks equal to the fill value)",
             total - present,
-            array_dir.display()
+            array_dir.display(),
+            fill_value_text(&array, &array_dir)
         ));
     }
     Ok(Volume { shape, data, voxel_size, notes })
+}
+
+/// `shape` without its axes of length 1 that are not space axes (OME's t and c; the leading
+/// ones when the axes have no names), with the names and sizes of the three left, and a note
+/// saying what was dropped; `None` when that does not leave three axes.
+#[allow(clippy::type_complexity)]
+fn squeeze_to_3d(shape: &[u64], names: Option<Vec<String>>, sizes: Option<Vec<f64>>) -> Option<((Vec<u64>, Option<Vec<String>>, Option<Vec<f64>>), Option<String>)> {
+    let rank = shape.len();
+    if rank == 3 {
+        return Some(((shape.to_vec(), names, sizes), None));
+    }
+    let named = names.as_ref().filter(|n| n.len() == rank);
+    let keep: Vec<usize> = match named {
+        Some(n) => (0..rank).filter(|&k| matches!(n[k].to_ascii_lowercase().as_str(), "x" | "y" | "z")).collect(),
+        None => (rank.saturating_sub(3)..rank).collect(),
+    };
+    if keep.len() != 3 || (0..rank).any(|k| !keep.contains(&k) && shape[k] != 1) {
+        return None;
+    }
+    fn pick<T: Clone>(v: &[T], keep: &[usize]) -> Vec<T> {
+        keep.iter().map(|&k| v[k].clone()).collect()
+    }
+    let dropped: Vec<String> = (0..rank).filter(|k| !keep.contains(k)).map(|k| named.map(|n| format!("{:?}", n[k])).unwrap_or_else(|| format!("{k}"))).collect();
+    let note = format!("a {rank}-D array of shape {shape:?}: its axes {} of length 1 dropped, read as 3-D", dropped.join(", "));
+    let sizes = sizes.filter(|v| v.len() == rank).map(|v| pick(&v, &keep));
+    Some(((pick(shape, &keep), named.map(|n| pick(n, &keep)), sizes), Some(note)))
+}
+
+/// ` (axes [...])` when the axes are named, for messages.
+fn names_text(names: &Option<Vec<String>>) -> String {
+    names.as_ref().map(|n| format!(" (axes {n:?})")).unwrap_or_default()
 }
 
 /// Whether voxel sizes (Å, z, y, x) differ by more than 0.1%.
@@ -467,6 +516,42 @@ pub fn anisotropy_note(sizes: &[f64]) -> String {
 
 /// `(present, total)` chunk files when fewer are stored than the chunk grid has (shards count
 /// as chunks of the outer grid).
+/// What absent chunks read as: "the fill value V", or "0" where a zarr v2 array's
+/// `fill_value` is null (no fill value: zarr-python leaves such voxels undefined, zarrs reads 0).
+fn fill_value_text(array: &Array<FilesystemStore>, array_dir: &Path) -> String {
+    let v2_null = std::fs::read_to_string(array_dir.join(".zarray"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|m| m.get("fill_value").is_some_and(serde_json::Value::is_null));
+    let bytes = array.fill_value().as_ne_bytes();
+    let dt = array.data_type();
+    let value = |n: usize| bytes.get(..n).map(|b| b.to_vec());
+    let v: Option<f64> = if dt.is::<Float32DataType>() {
+        value(4).map(|b| f32::from_ne_bytes(b.try_into().unwrap()) as f64)
+    } else if dt.is::<Float64DataType>() {
+        value(8).map(|b| f64::from_ne_bytes(b.try_into().unwrap()))
+    } else if dt.is::<Float16DataType>() {
+        value(2).map(|b| half::f16::from_ne_bytes(b.try_into().unwrap()).to_f64())
+    } else if dt.is::<Int8DataType>() {
+        value(1).map(|b| i8::from_ne_bytes(b.try_into().unwrap()) as f64)
+    } else if dt.is::<Int16DataType>() {
+        value(2).map(|b| i16::from_ne_bytes(b.try_into().unwrap()) as f64)
+    } else if dt.is::<Int32DataType>() {
+        value(4).map(|b| i32::from_ne_bytes(b.try_into().unwrap()) as f64)
+    } else if dt.is::<UInt8DataType>() {
+        value(1).map(|b| b[0] as f64)
+    } else if dt.is::<UInt16DataType>() {
+        value(2).map(|b| u16::from_ne_bytes(b.try_into().unwrap()) as f64)
+    } else {
+        None
+    };
+    match (v2_null, v) {
+        (true, _) => "0 (its fill_value is null: no fill value; other readers may give anything there)".to_string(),
+        (false, Some(v)) => format!("the fill value {v}"),
+        (false, None) => "the fill value".to_string(),
+    }
+}
+
 fn absent_chunks(array: &Array<FilesystemStore>, present: u64) -> Option<(u64, u64)> {
     let total = array.chunk_grid_shape().iter().product::<u64>();
     (present < total).then_some((present, total))
@@ -589,6 +674,11 @@ mod tests {
         assert_eq!(zyx_order(&["y".into(), "z".into(), "x".into()]), Some([1, 0, 2]));
         assert!(anisotropic(&[20.024, 10.012, 10.012]) && !anisotropic(&[10.012, 10.012, 10.0121]));
         // v0.3 axes are strings.
+        // An axis without a unit has the others'.
+        let partial: Value = serde_json::json!({"multiscales": [{
+            "axes": [{"name": "z", "type": "space"}, {"name": "y", "type": "space", "unit": "nanometer"}, {"name": "x", "type": "space", "unit": "nanometer"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]});
+        assert_eq!(ome_dataset(partial.as_object().unwrap(), "0").unwrap().voxel_size, Some(vec![10.0, 10.0, 10.0]));
         let v03: Value = serde_json::json!({"multiscales": [{"axes": ["z", "y", "x"], "datasets": [{"path": "0"}]}]});
         let d = ome_dataset(v03.as_object().unwrap(), "0").unwrap();
         assert_eq!((d.axes.unwrap().len(), d.voxel_size), (3, None));

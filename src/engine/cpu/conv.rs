@@ -233,7 +233,8 @@ pub fn conv_transpose2(x: &[f32], n: usize, cin: usize, cout: usize, dims: [usiz
     assert_eq!(x.len(), n * cin * vol);
     assert_eq!(w.len(), cin * rows);
     assert_eq!(out.len(), n * cout * vol * 8);
-    let mut tmp = vec![0.0f32; rows * vol];
+    // Every value is written by the GEMM (beta 0) before the scatter reads it.
+    let mut tmp = super::pool::for_overwrite(rows * vol);
     for b in 0..n {
         // tmp[(co, a, b, c)][v] = sum_ci w[ci][(co,a,b,c)] * x[ci][v]: A is w transposed.
         let chunk = (BLOCK_FLOATS / cin.max(1)).clamp(256, 16384);
@@ -280,6 +281,7 @@ pub fn conv_transpose2(x: &[f32], n: usize, cin: usize, cout: usize, dims: [usiz
             }
         });
     }
+    super::pool::release(tmp);
 }
 
 /// The direct formula, for tests: one output element at a time, f64 accumulation.

@@ -5,6 +5,7 @@ pub mod conv;
 pub mod simd;
 pub mod norm;
 pub(crate) mod par;
+pub mod pool;
 pub mod resample;
 pub mod selftest;
 
@@ -73,7 +74,11 @@ impl CpuEngine {
         }
         let last = g.last_use();
         let mut vals: Vec<Option<Vec<f32>>> = vec![None; g.values.len()];
-        vals[g.input] = Some(input.to_vec());
+        vals[g.input] = Some({
+            let mut b = pool::with_capacity(input.len());
+            b.extend_from_slice(input);
+            b
+        });
         // FASTDET_PROFILE=1: seconds per op kind on stderr (where does a tile's time go).
         let profile = std::env::var_os("FASTDET_PROFILE").is_some();
         let mut spent: Vec<(String, f64, f64)> = Vec::new();
@@ -104,7 +109,7 @@ impl CpuEngine {
                 let x = vals[op.inputs[0]].as_ref().expect("value computed");
                 match &op.kind {
                     OpKind::Conv { weight, bias, cin, cout, k, stride, pad, act } => {
-                        let mut out = vec![0.0f32; out_len];
+                        let mut out = pool::for_overwrite(out_len);
                         let shape = conv::ConvShape { cin: *cin, cout: *cout, k: *k, stride: *stride, pad: *pad, dims: in_dims };
                         let b = match bias {
                             Some(b) => Some(self.param(b)?),
@@ -114,28 +119,30 @@ impl CpuEngine {
                         out
                     }
                     OpKind::ConvTranspose2 { weight, cin, cout } => {
-                        let mut out = vec![0.0f32; out_len];
+                        let mut out = pool::for_overwrite(out_len);
                         conv::conv_transpose2(x, n, *cin, *cout, in_dims, self.param(weight)?, &mut out);
                         out
                     }
                     OpKind::GroupNorm { groups, weight, bias, act } => {
-                        let mut buf = vec![0.0f32; x.len()];
+                        let mut buf = pool::for_overwrite(x.len());
                         norm::group_norm_to(x, &mut buf, n, cin, vol_in, *groups, Some(self.param(weight)?), Some(self.param(bias)?), *act);
                         buf
                     }
                     OpKind::InstanceNorm { act } => {
-                        let mut buf = vec![0.0f32; x.len()];
+                        let mut buf = pool::for_overwrite(x.len());
                         norm::instance_norm_to(x, &mut buf, n, cin, vol_in, *act);
                         buf
                     }
                     OpKind::Add => {
                         let other = vals[op.inputs[1]].as_ref().expect("value computed");
-                        x.iter().zip(other).map(|(a, b)| a + b).collect()
+                        let mut out = pool::with_capacity(x.len());
+                        out.extend(x.iter().zip(other).map(|(a, b)| a + b));
+                        out
                     }
                     OpKind::Concat => {
                         let y = vals[op.inputs[1]].as_ref().expect("value computed");
                         let (ca, cb) = (cin, g.values[op.inputs[1]].channels);
-                        let mut out = Vec::with_capacity(out_len);
+                        let mut out = pool::with_capacity(out_len);
                         for b in 0..n {
                             out.extend_from_slice(&x[b * ca * vol_in..(b + 1) * ca * vol_in]);
                             out.extend_from_slice(&y[b * cb * vol_in..(b + 1) * cb * vol_in]);
@@ -164,7 +171,9 @@ impl CpuEngine {
             vals[op.output] = Some(out);
             for &v in &op.inputs {
                 if last[v] == i {
-                    vals[v] = None;
+                    if let Some(b) = vals[v].take() {
+                        pool::release(b);
+                    }
                 }
             }
         }
@@ -182,11 +191,13 @@ impl TileEngine for CpuEngine {
     fn forward(&mut self, input: &[f32], n: usize, tile: [usize; 3], want_fm2: bool) -> Result<Outputs> {
         let mut vals = self.run(input, n, tile)?;
         let g = &self.graph;
-        Ok(Outputs {
+        let out = Outputs {
             scores: vals[g.scores].take().expect("scores computed"),
             offsets: vals[g.offsets].take().expect("offsets computed"),
             fm2: if want_fm2 { vals[g.fm2].take() } else { None },
-        })
+        };
+        vals.into_iter().flatten().for_each(pool::release);
+        Ok(out)
     }
 
     fn name(&self) -> String {
@@ -207,4 +218,29 @@ fn pack_convs(graph: &Graph, params: &HashMap<String, Vec<f32>>) -> HashMap<Stri
         }
     }
     packed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::spec::{Arch, ModelSpec};
+
+    /// Kept buffers are handed out with old contents to ops that overwrite them: filled with NaN
+    /// between two forward passes, they leave the outputs bit for bit as they were.
+    #[test]
+    fn reused_buffers_are_overwritten_whole() {
+        for arch in [Arch::Segresnetv2, Arch::Dynunet] {
+            let w = Weights::random(&ModelSpec::seed(arch), 3);
+            for mut e in [CpuEngine::new(&w).unwrap(), CpuEngine::portable(&w).unwrap()] {
+                let tile = [32, 32, 32];
+                let mut rng = crate::util::SplitMix64::new(5);
+                let x: Vec<f32> = (0..2 * 32 * 32 * 32).map(|_| rng.normal() as f32).collect();
+                let first = e.forward(&x, 2, tile, true).unwrap();
+                pool::poison_idle();
+                let second = e.forward(&x, 2, tile, true).unwrap();
+                assert!(first.scores.iter().chain(&first.offsets).all(|v| v.is_finite()));
+                assert!(first.scores == second.scores && first.offsets == second.offsets && first.fm2 == second.fm2, "{arch:?}");
+            }
+        }
+    }
 }

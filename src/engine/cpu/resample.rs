@@ -28,12 +28,15 @@ fn upsample_axis(src: &[f32], outer: usize, len: usize, inner: usize, dst: &mut 
 /// `x` is `[nc, d, h, w]`; returns `[nc, 2d, 2h, 2w]`.
 pub fn upsample2x(x: &[f32], nc: usize, dims: [usize; 3]) -> Vec<f32> {
     let [d, h, w] = dims;
-    let mut a = vec![0.0; nc * d * h * 2 * w];
+    // Each pass writes every value of its output.
+    let mut a = super::pool::for_overwrite(nc * d * h * 2 * w);
     upsample_axis(x, nc * d * h, w, 1, &mut a);
-    let mut b = vec![0.0; nc * d * 2 * h * 2 * w];
+    let mut b = super::pool::for_overwrite(nc * d * 2 * h * 2 * w);
     upsample_axis(&a, nc * d, h, 2 * w, &mut b);
-    let mut c = vec![0.0; nc * 2 * d * 2 * h * 2 * w];
+    super::pool::release(a);
+    let mut c = super::pool::for_overwrite(nc * 2 * d * 2 * h * 2 * w);
     upsample_axis(&b, nc, d, 4 * h * w, &mut c);
+    super::pool::release(b);
     c
 }
 
