@@ -143,6 +143,20 @@ fn json_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Picks files [`truth_files`] did not count, and the first of each kind, for one note each.
+#[derive(Default)]
+struct Skipped {
+    /// Files of objects other than the six particles, and those objects' names.
+    other_objects: usize,
+    first_object: Option<PathBuf>,
+    objects: Vec<String>,
+    other_users: usize,
+    first_other: Option<PathBuf>,
+    copies: usize,
+    /// The copy, and the file it copies.
+    first_copy: Option<(PathBuf, PathBuf)>,
+}
+
 /// The user id `fastdet run --copick-out` writes by default: predictions, never ground truth.
 const OWN_USER: &str = "fastdet";
 
@@ -156,7 +170,7 @@ fn by_annotator(d: &PicksIn) -> bool {
 /// configuration declares it (`declared`, its `pickable_objects`: not scored, as in the Kaggle
 /// metric); an undeclared one of the annotators is an error (a mislabelled truth would otherwise
 /// vanish).
-fn particle_files(picks_dirs: &[PathBuf], declared: &[String], notes: &mut Vec<String>) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
+fn particle_files(picks_dirs: &[PathBuf], declared: &[String], skipped: &mut Skipped) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
     let mut files = Vec::new();
     for d in picks_dirs {
         files.extend(json_files(d)?);
@@ -168,7 +182,13 @@ fn particle_files(picks_dirs: &[PathBuf], declared: &[String], notes: &mut Vec<S
         match class_index(&doc.pickable_object_name) {
             Some(c) => known.push((f, doc, c)),
             None if by_annotator(&doc) && !declared.contains(&doc.pickable_object_name) => return Err(unknown_object(&f, &doc)),
-            None => notes.push(format!("{}: object {:?} is not one of the six particles; not ground truth", f.display(), doc.pickable_object_name)),
+            None => {
+                if !skipped.objects.contains(&doc.pickable_object_name) {
+                    skipped.objects.push(doc.pickable_object_name.clone());
+                }
+                skipped.other_objects += 1;
+                skipped.first_object.get_or_insert(f);
+            }
         }
     }
     Ok(known)
@@ -180,15 +200,9 @@ fn particle_files(picks_dirs: &[PathBuf], declared: &[String], notes: &mut Vec<S
 /// they did not pick in a run has no particles there, whoever else picked it. Otherwise, per
 /// particle, the files of the one user and session there is; several users or sessions of one
 /// particle is an error, as their points would all count. User `fastdet`'s files never count.
-/// Files left out are counted in `left_out` (with the first one's path); an annotator's file with
-/// the same points as another of the same particle (a copy under the other naming) counts once.
-fn truth_files(
-    picks_dir: &str,
-    known: Vec<(PathBuf, PicksIn, usize)>,
-    annotated: bool,
-    left_out: &mut (usize, Option<PathBuf>),
-    notes: &mut Vec<String>,
-) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
+/// A file with the same points as another of the same particle (a copy under the other naming)
+/// counts once. What is left out is counted in `skipped`.
+fn truth_files(picks_dir: &str, known: Vec<(PathBuf, PicksIn, usize)>, annotated: bool, skipped: &mut Skipped) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
     let who = |d: &PicksIn| (d.user_id.clone().unwrap_or_default(), d.session_id.clone().unwrap_or_default());
     let mut keep = vec![false; known.len()];
     for (c, class) in CLASSES.iter().enumerate() {
@@ -213,12 +227,10 @@ fn truth_files(
         for &i in &candidates {
             let points: Vec<[f64; 3]> = known[i].1.points.iter().flatten().map(PointIn::centre).collect();
             match kept_points.iter().find(|(_, p)| !points.is_empty() && *p == points) {
-                Some((j, _)) => notes.push(format!(
-                    "{}: the same {} points as {}; counted once",
-                    known[i].0.display(),
-                    points.len(),
-                    known[*j].0.display()
-                )),
+                Some((j, _)) => {
+                    skipped.copies += 1;
+                    skipped.first_copy.get_or_insert_with(|| (known[i].0.clone(), known[*j].0.clone()));
+                }
                 None => {
                     keep[i] = true;
                     kept_points.push((i, points));
@@ -226,8 +238,8 @@ fn truth_files(
             }
         }
         for &i in of_class.iter().filter(|i| !candidates.contains(i)) {
-            left_out.0 += 1;
-            left_out.1.get_or_insert_with(|| known[i].0.clone());
+            skipped.other_users += 1;
+            skipped.first_other.get_or_insert_with(|| known[i].0.clone());
         }
     }
     Ok(known.into_iter().zip(keep).filter(|(_, k)| *k).map(|(file, _)| file).collect())
@@ -321,6 +333,7 @@ pub fn read_truth_noted(layout: &Layout) -> Result<(Vec<Pick>, Vec<String>)> {
 /// `read_truth_noted`, and how many files the truth came from.
 fn truth_with_files(layout: &Layout) -> Result<(Vec<Pick>, Vec<String>, usize)> {
     let mut notes = Vec::new();
+    let mut skipped = Skipped::default();
     let declared = match &layout.config {
         Some(file) => declared_objects(file)?,
         None => Vec::new(),
@@ -328,23 +341,38 @@ fn truth_with_files(layout: &Layout) -> Result<(Vec<Pick>, Vec<String>, usize)> 
     let mut runs = Vec::new();
     for run in truth_runs(layout)? {
         let dirs = picks_dirs(layout, &run);
-        let known = particle_files(&dirs, &declared, &mut notes)?;
+        let known = particle_files(&dirs, &declared, &mut skipped)?;
         runs.push((run, dirs, known));
     }
     let annotated = runs.iter().any(|(_, _, known)| known.iter().any(|(_, d, _)| by_annotator(d)));
     let mut picks = Vec::new();
-    let mut left_out = (0, None);
     let mut files = 0;
     for (run, dirs, known) in runs {
         let picks_dir = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" and ");
-        for (f, doc, class) in truth_files(&picks_dir, known, annotated, &mut left_out, &mut notes)? {
+        for (f, doc, class) in truth_files(&picks_dir, known, annotated, &mut skipped)? {
             picks.extend(points_of(&f, doc, class, &run)?);
             files += 1;
         }
     }
-    if let (n, Some(first)) = left_out {
+    if let Some(first) = &skipped.first_object {
+        notes.push(format!(
+            "{} picks file(s) of objects other than the six particles not counted ({}), e.g. {}",
+            skipped.other_objects,
+            skipped.objects.join(", "),
+            first.display()
+        ));
+    }
+    if let Some(first) = &skipped.first_other {
         let whose = if annotated { "the ground truth is user curation's files" } else { "user fastdet's files are predictions" };
-        notes.push(format!("{n} picks file(s) of other users not counted ({whose}), e.g. {}", first.display()));
+        notes.push(format!("{} picks file(s) of other users not counted ({whose}), e.g. {}", skipped.other_users, first.display()));
+    }
+    if let Some((copy, of)) = &skipped.first_copy {
+        notes.push(format!(
+            "{} picks file(s) hold the same points as another file of their run and particle (a copy under the other naming?) and are counted once, e.g. {} (as {})",
+            skipped.copies,
+            copy.display(),
+            of.display()
+        ));
     }
     Ok((picks, notes, files))
 }
@@ -468,8 +496,8 @@ mod tests {
         assert_eq!((count(&truth, "TS_a"), count(&truth, "TS_b")), (5, 0), "{truth:?}");
         assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(notes[0].contains("membrane"), "{notes:?}");
-        assert!(notes[1].contains("curation_0_apo-ferritin.json: the same 2 points as") && notes[1].ends_with("apo-ferritin.json; counted once"), "{notes:?}");
-        assert!(notes[2].starts_with("3 picks file(s) of other users not counted (the ground truth is user curation's files)"), "{notes:?}");
+        assert!(notes[1].starts_with("3 picks file(s) of other users not counted (the ground truth is user curation's files)"), "{notes:?}");
+        assert!(notes[2].starts_with("1 picks file(s) hold the same points as another") && notes[2].contains("curation_0_apo-ferritin.json (as ") && notes[2].ends_with("/apo-ferritin.json)"), "{notes:?}");
         // A curation file of an unknown object is a mislabelled truth: an error.
         file(&a, "membrane.json", Some("curation"), "membranes", 1);
         let e = read("annotated").unwrap_err().to_string();
@@ -548,7 +576,7 @@ mod tests {
         file(&over, "TS_o", "curation_0_proteasome.json", "proteasome", 2);
         let (truth, notes) = read_truth_noted(&layout).unwrap();
         assert_eq!(truth.len(), 6);
-        assert!(notes.len() == 1 && notes[0].contains("curation_0_proteasome.json: object \"proteasome\" is not one of the six particles"), "{notes:?}");
+        assert!(notes.len() == 1 && notes[0].starts_with("1 picks file(s) of objects other than the six particles not counted (proteasome), e.g. ") && notes[0].ends_with("curation_0_proteasome.json"), "{notes:?}");
         file(&over, "TS_o", "curation_0_membrane.json", "membrane", 2);
         let e = read_truth_noted(&layout).unwrap_err().to_string();
         assert!(e.contains("unknown pickable_object_name \"membrane\""), "{e}");
