@@ -74,12 +74,12 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         let chosen: std::collections::BTreeSet<&str> = a.runs.iter().map(|r| r.trim()).collect();
         // A name the split does not have (a typo) would silently score fewer runs.
         if let Some(r) = chosen.iter().find(|r| !known.contains(**r)) {
-            bail!("--runs: run {r:?} is not in {truth_at} ({})", truth_folders(&layout));
+            bail!("--runs: run {r:?} is not in {truth_at} ({})", layout.truth_folders());
         }
         truth.retain(|p| chosen.contains(p.run.as_str()));
         sub.retain(|p| chosen.contains(p.run.as_str()));
         if truth.is_empty() {
-            bail!("--runs: none of {} has ground truth in {truth_at} ({})", a.runs.join(", "), truth_folders(&layout));
+            bail!("--runs: none of {} has ground truth in {truth_at} ({})", a.runs.join(", "), layout.truth_folders());
         }
     }
     // Runs with particles but no picks: every particle counts as missed. Said, since it is the
@@ -110,15 +110,6 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         fastdet::outln!("{}", metric::format_table(&s))?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The folders runs with ground truth are looked for in, for messages.
-fn truth_folders(layout: &Layout) -> String {
-    if layout.reads_both_roots() {
-        format!("{} and {}", layout.overlay_runs.display(), layout.static_runs.display())
-    } else {
-        layout.overlay_runs.display().to_string()
-    }
 }
 
 /// The first five run names, and "..." when there are more.

@@ -267,12 +267,7 @@ pub fn read_truth_to_score(layout: &Layout) -> Result<Vec<Pick>> {
         crate::errln!("warning: {n}");
     }
     if files == 0 {
-        let roots = if layout.reads_both_roots() {
-            format!("{} and {}", layout.overlay_runs.display(), layout.static_runs.display())
-        } else {
-            layout.overlay_runs.display().to_string()
-        };
-        bail!("{roots}: no ground truth: no run has picks of the six particles by user curation (or by one picker other than fastdet)");
+        bail!("{}: no ground truth: no run has picks of the six particles by user curation (or by one picker other than fastdet)", layout.truth_folders());
     }
     Ok(picks)
 }

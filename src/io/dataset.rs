@@ -146,6 +146,15 @@ impl Layout {
         dirs
     }
 
+    /// The folders whose runs' `Picks` may hold ground truth, for messages.
+    pub fn truth_folders(&self) -> String {
+        if self.reads_both_roots() {
+            format!("{} and {}", self.overlay_runs.display(), self.static_runs.display())
+        } else {
+            self.overlay_runs.display().to_string()
+        }
+    }
+
     /// Where the runs are, for messages.
     pub fn describe(&self) -> String {
         match &self.config {
