@@ -251,12 +251,15 @@ fn malformed_truth_is_named() {
     let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("ribosomes"), "{}", stderr(&o));
-    // Empty points are fine: the one candidate is a false positive.
+    // Empty points are fine: a run without particles. Its one pick is not scored (as in the
+    // Kaggle metric, which scores the runs of the truth's points), and that is said.
     std::fs::write(picks.join("ribosome.json"), "{\"pickable_object_name\": \"ribosome\", \"points\": []}").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--json", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["fbeta"].as_f64(), Some(0.0));
+    assert_eq!(s["per_class"][2]["fp"].as_u64(), Some(0));
+    assert!(stderr(&o).contains("1 run(s) have no annotated particle") && stderr(&o).contains("are not scored (their picks count neither way): TS_1"), "{}", stderr(&o));
     // Picks of a run the split does not have are named, not silently ignored.
     std::fs::write(&sub, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n1,TS_9,ribosome,1,2,3\n").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();

@@ -103,6 +103,18 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
             first_few(&unknown)
         );
     }
+    // A run with a folder but no annotated particle is not scored either (the metric scores the
+    // runs of the truth's points, as Kaggle's does): its picks would vanish unsaid.
+    let annotated: std::collections::BTreeSet<&str> = truth.iter().map(|p| p.run.as_str()).collect();
+    let unannotated: std::collections::BTreeSet<&str> = submitted.iter().copied().filter(|r| known.contains(*r) && !annotated.contains(r)).collect();
+    if !unannotated.is_empty() {
+        fastdet::errln!(
+            "warning: {}: {} run(s) have no annotated particle in {truth_at} and are not scored (their picks count neither way): {}",
+            a.submission.display(),
+            unannotated.len(),
+            first_few(&unannotated)
+        );
+    }
     let s = metric::score(&truth, &sub, a.beta);
     if a.json {
         fastdet::outln!("{}", serde_json::to_string_pretty(&s)?)?;

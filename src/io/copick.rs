@@ -152,10 +152,16 @@ struct Skipped {
     objects: Vec<String>,
     other_users: usize,
     first_other: Option<PathBuf>,
+    /// Files repeating points of an earlier file, and how many points.
     copies: usize,
-    /// The copy, and the file it copies.
+    repeated_points: usize,
+    /// The first such file, and the file it repeats.
     first_copy: Option<(PathBuf, PathBuf)>,
 }
+
+/// Two truth points of one particle class closer than this (Å) in two files of one run are one
+/// particle: far below any particle's radius (60 Å and more), far above rounding.
+const REPEAT_A: f64 = 1.0;
 
 /// The user id `fastdet run --copick-out` writes by default: predictions, never ground truth.
 const OWN_USER: &str = "fastdet";
@@ -200,9 +206,10 @@ fn particle_files(picks_dirs: &[PathBuf], declared: &[String], skipped: &mut Ski
 /// they did not pick in a run has no particles there, whoever else picked it. Otherwise, per
 /// particle, the files of the one user and session there is; several users or sessions of one
 /// particle is an error, as their points would all count. User `fastdet`'s files never count.
-/// A file with the same points as another of the same particle (a copy under the other naming)
-/// counts once. What is left out is counted in `skipped`.
-fn truth_files(picks_dir: &str, known: Vec<(PathBuf, PicksIn, usize)>, annotated: bool, skipped: &mut Skipped) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
+/// A point within [`REPEAT_A`] of one of an earlier file of the same run and particle is that
+/// particle written again (a copy under the other naming, rounded, or with its shift moved into
+/// the transformation) and counts once. What is left out is counted in `skipped`.
+fn truth_files(picks_dir: &str, mut known: Vec<(PathBuf, PicksIn, usize)>, annotated: bool, skipped: &mut Skipped) -> Result<Vec<(PathBuf, PicksIn, usize)>> {
     let who = |d: &PicksIn| (d.user_id.clone().unwrap_or_default(), d.session_id.clone().unwrap_or_default());
     let mut keep = vec![false; known.len()];
     for (c, class) in CLASSES.iter().enumerate() {
@@ -223,19 +230,32 @@ fn truth_files(picks_dir: &str, known: Vec<(PathBuf, PicksIn, usize)>, annotated
                 list.join(", ")
             );
         }
-        let mut kept_points: Vec<(usize, Vec<[f64; 3]>)> = Vec::new();
+        // The centres taken from earlier files of this particle, and the file of each.
+        let mut taken: Vec<([f64; 3], usize)> = Vec::new();
         for &i in &candidates {
-            let points: Vec<[f64; 3]> = known[i].1.points.iter().flatten().map(PointIn::centre).collect();
-            match kept_points.iter().find(|(_, p)| !points.is_empty() && *p == points) {
-                Some((j, _)) => {
-                    skipped.copies += 1;
-                    skipped.first_copy.get_or_insert_with(|| (known[i].0.clone(), known[*j].0.clone()));
-                }
-                None => {
-                    keep[i] = true;
-                    kept_points.push((i, points));
+            keep[i] = true;
+            let earlier = taken.len();
+            let mut fresh = Vec::new();
+            let mut repeated = 0;
+            for p in known[i].1.points.take().unwrap_or_default() {
+                let c = p.centre();
+                let near = |t: &&([f64; 3], usize)| (0..3).map(|k| (t.0[k] - c[k]).powi(2)).sum::<f64>() <= REPEAT_A * REPEAT_A;
+                match taken[..earlier].iter().find(near) {
+                    Some(&(_, of)) => {
+                        repeated += 1;
+                        skipped.first_copy.get_or_insert_with(|| (known[i].0.clone(), known[of].0.clone()));
+                    }
+                    None => {
+                        taken.push((c, i));
+                        fresh.push(p);
+                    }
                 }
             }
+            if repeated > 0 {
+                skipped.copies += 1;
+                skipped.repeated_points += repeated;
+            }
+            known[i].1.points = Some(fresh);
         }
         for &i in of_class.iter().filter(|i| !candidates.contains(i)) {
             skipped.other_users += 1;
@@ -363,8 +383,9 @@ fn truth_with_files(layout: &Layout) -> Result<(Vec<Pick>, Vec<String>, usize)> 
     }
     if let Some((copy, of)) = &skipped.first_copy {
         notes.push(format!(
-            "{} picks file(s) hold the same points as another file of their run and particle (a copy under the other naming?) and are counted once, e.g. {} (as {})",
+            "{} picks file(s) repeat {} point(s) of another file of their run and particle (within {REPEAT_A} Å: a copy under the other naming?); counted once, e.g. {} (as {})",
             skipped.copies,
+            skipped.repeated_points,
             copy.display(),
             of.display()
         ));
@@ -483,16 +504,23 @@ mod tests {
         file(&a, "x_0_membrane.json", Some("x"), "membrane", 1);
         file(&a, "apo-ferritin.json", None, "apo-ferritin", 2);
         file(&a, "curation_0_apo-ferritin.json", Some("curation"), "apo-ferritin", 2);
+        // A copy rounded differently, with one more point: that one counts.
+        file(&a, "beta-amylase.json", None, "beta-amylase", 2);
+        let moved = r#"{"pickable_object_name": "beta-amylase", "user_id": "curation", "session_id": "0", "points": [
+            {"location": {"x": 0.0004, "y": 1, "z": 2}}, {"location": {"x": 0.5, "y": 1, "z": 2}, "transformation_": [[1,0,0,0.5],[0,1,0,0],[0,0,1,0],[0,0,0,1]]},
+            {"location": {"x": 7, "y": 1, "z": 2}}]}"#;
+        std::fs::write(a.join("curation_0_beta-amylase.json"), moved).unwrap();
         // Curation did not pick TS_b: other pickers' files there are not its truth either.
         let b = picks("annotated", "TS_b");
         file(&b, "alice_0_ribosome.json", Some("alice"), "ribosome", 2);
         file(&b, "fastdet_0_ribosome.json", Some("fastdet"), "ribosome", 4);
         let (truth, notes) = read("annotated").unwrap();
-        assert_eq!((count(&truth, "TS_a"), count(&truth, "TS_b")), (5, 0), "{truth:?}");
+        assert_eq!((count(&truth, "TS_a"), count(&truth, "TS_b")), (8, 0), "{truth:?}");
+        assert!(truth.iter().any(|p| p.class == 5 && p.x == 7.0), "{truth:?}");
         assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(notes[0].contains("membrane"), "{notes:?}");
         assert!(notes[1].starts_with("3 picks file(s) of other users not counted (the ground truth is user curation's files)"), "{notes:?}");
-        assert!(notes[2].starts_with("1 picks file(s) hold the same points as another") && notes[2].contains("curation_0_apo-ferritin.json (as ") && notes[2].ends_with("/apo-ferritin.json)"), "{notes:?}");
+        assert!(notes[2].starts_with("2 picks file(s) repeat 4 point(s) of another file of their run and particle (within 1 Å") && notes[2].contains("curation_0_apo-ferritin.json (as ") && notes[2].ends_with("/apo-ferritin.json)"), "{notes:?}");
         // A curation file of an unknown object is a mislabelled truth: an error.
         file(&a, "membrane.json", Some("curation"), "membranes", 1);
         let e = read("annotated").unwrap_err().to_string();
