@@ -158,7 +158,7 @@ fn other_voxel_size_warns_and_uses_the_flag() {
     let o = run_mrc(&[&f], &a, &[]);
     assert!(o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("warning") && e.contains("TS_synth_1.mrc") && e.contains("voxel size is 5"), "{e}");
+    assert!(e.contains("warning") && e.contains("TS_synth_1.mrc") && e.contains("voxel size is 5") && e.contains("look 2.00x their size to the models: resample it to 10.012 Å"), "{e}");
     let b = tmp.path().join("b.csv");
     assert!(run_mrc(&[&f], &b, &["--voxel-size", "20.024"]).status.success());
     let (pa, pb) = (fastdet::io::csv::read_submission(&a).unwrap(), fastdet::io::csv::read_submission(&b).unwrap());

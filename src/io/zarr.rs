@@ -58,7 +58,10 @@ impl Volume {
     /// and radii are computed with).
     pub fn voxel_size_warning(&self, used: f64) -> Option<String> {
         let vs = self.voxel_size.filter(|vs| (vs - used).abs() > 1e-3)?;
-        Some(format!("voxel size is {vs} Å in the file's metadata; using {used} Å (--voxel-size)"))
+        Some(format!(
+            "voxel size is {vs} Å in the file's metadata; coordinates are converted with {used} Å (--voxel-size). If the file is right, its particles look {:.2}x their size to the models: resample it to {used} Å, or at least give --voxel-size {vs} for coordinates in its own Å",
+            used / vs
+        ))
     }
 
     /// Value at `(z, y, x)` (panics when out of bounds).
