@@ -389,6 +389,10 @@ fn settings_wrong_for_every_run_are_refused_before_reading() {
     assert!(!o.status.success() && e.contains("--copick-out") && e.contains("cannot create") && !e.contains("TS_never"), "{e}");
     assert!(!out.exists());
     // copick ids that would make file names copick cannot read back.
+    // And the annotators' own id: predictions under it would become the truth.
+    let o = run_mrc(&[&never], &out, &["--copick-out", tmp.path().join("cp").to_str().unwrap(), "--user-id", "curation"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("--user-id curation: that is the annotators' user") && !tmp.path().join("cp").exists(), "{e}");
     for id in ["../../evil", "a_b", "a b"] {
         let o = run_mrc(&[&never], &out, &["--copick-out", tmp.path().join("cp").to_str().unwrap(), "--user-id", id]);
         let e = stderr(&o);

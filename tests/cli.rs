@@ -265,8 +265,9 @@ fn single_zarr_input_and_copick_output() {
     assert!(st.success());
     let zarr = root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr");
     let b = tmp.path().join("b.csv");
-    let st = fastdet().args(["run", "--zarr"]).arg(&zarr).arg("--weights").arg(&weights).args(common).arg("--out").arg(&b).status().unwrap();
-    assert!(st.success());
+    // Into the same copick folder: the same picks, so nothing is said to be replaced.
+    let o = fastdet().args(["run", "--zarr"]).arg(&zarr).arg("--weights").arg(&weights).args(common).arg("--out").arg(&b).arg("--copick-out").arg(tmp.path().join("copick")).output().unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("replaced"), "{}", String::from_utf8_lossy(&o.stderr));
     // Whole rows: in the competition layout the run is named after its folder, as with --data.
     let rows = |p: &Path| -> Vec<String> { std::fs::read_to_string(p).unwrap().lines().skip(1).map(String::from).collect() };
     let (ra, rb) = (rows(&a), rows(&b));
@@ -291,6 +292,10 @@ fn single_zarr_input_and_copick_output() {
     assert!(st.success());
     let named_tomo: Vec<String> = rb.iter().map(|l| l.replace(",TS_synth_1,", ",tomo,")).collect();
     assert_eq!(rows(&d), named_tomo);
+    // Other picks into the same copick folder replace the earlier job's files, and that is said.
+    let o = fastdet().args(["run", "--zarr"]).arg(&zarr).arg("--weights").arg(&weights).args(common).args(["--thresholds", "0.9,0.9,0.9,0.9,0.9,0.9", "--out"]).arg(&d).arg("--copick-out").arg(tmp.path().join("copick")).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && e.contains("note: replaced ") && e.contains("copick picks file(s) of user fastdet session 0 in"), "{e}");
     // Levels named `s0`, `s1`... (as some writers name them) too.
     std::fs::rename(elsewhere.join("0"), elsewhere.join("s0")).unwrap();
     let st = fastdet().args(["run", "--zarr"]).arg(elsewhere.join("s0")).arg("--weights").arg(&weights).args(common).arg("--out").arg(&d).status().unwrap();

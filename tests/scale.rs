@@ -49,6 +49,10 @@ fn shards_merged_equal_one_run() {
         assert!(runs.iter().all(|r| *r == format!("TS_synth_{}", k + 1)), "shard {k}: {runs:?}");
         shards.push(p);
     }
+    // One shard alone: the other is named as missing.
+    let o = fastdet().arg("merge").arg(&shards[0]).arg("-o").arg(tmp.path().join("half.csv")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("run with --shard K/2, and none is shard 1/2: its runs are missing"), "{err}");
     let merged = tmp.path().join("merged.csv");
     // Shards in reverse order: merge sorts by run. Their copick folders are joined too.
     let copick: Vec<PathBuf> = (0..2).map(|k| tmp.path().join(format!("shard{k}.csv.copick"))).collect();

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 outputs of `run --shard K/N` for K = 0..N-1 gives the same file as one unsharded run.\n\
 copick outputs of shards that wrote to separate folders are joined with --copick DIR... --copick-out DIR\n\
 (shards may also all write into one --copick-out folder: one file per run and particle).\n\
-Inputs that `fastdet run` made with other weights or settings than most (their OUT.runs/settings.json) are warned about.\n\
+Inputs that `fastdet run` made with other weights or settings than most (their OUT.runs/settings.json) are warned about,\n\
+and so is a shard K/N none of the inputs is (OUT.runs/shard.json).\n\
 Example:\n  fastdet merge shards/sub_*.csv -o submission.csv --copick shards/copick_* --copick-out copick")]
 pub struct MergeArgs {
     /// Shard CSVs (Kaggle layout, with or without a score column)
@@ -126,6 +127,18 @@ fn settings_differences(inputs: &[PathBuf]) -> Vec<String> {
         .collect()
 }
 
+/// The shards of a job (`--shard k/n`) that none of the inputs is, when every input that says
+/// which shard it is names the same n. (Inputs of other shard counts: nothing is said.)
+fn missing_shards(inputs: &[PathBuf]) -> Option<String> {
+    let shards: Vec<(usize, usize)> = inputs.iter().filter_map(|p| super::run::shard_of(p)).collect();
+    let n = shards.first()?.1;
+    if shards.iter().any(|s| s.1 != n) {
+        return None;
+    }
+    let missing: Vec<String> = (0..n).filter(|k| !shards.iter().any(|s| s.0 == *k)).map(|k| format!("{k}/{n}")).collect();
+    (!missing.is_empty()).then(|| format!("the inputs are shards of a job run with --shard K/{n}, and none is shard {}: its runs are missing from the merged file", missing.join(", ")))
+}
+
 fn has_score(p: &Path) -> Result<bool> {
     let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
     // The header is the first line that is not blank, as the reader takes it.
@@ -166,6 +179,9 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         picks.extend(rows);
     }
     for line in settings_differences(&a.inputs) {
+        fastdet::errln!("warning: {line}");
+    }
+    if let Some(line) = missing_shards(&a.inputs) {
         fastdet::errln!("warning: {line}");
     }
     // Scores are kept when every input has them.

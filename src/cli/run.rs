@@ -181,7 +181,7 @@ pub struct RunArgs {
     /// Also write copick picks JSON under DIR/ExperimentRuns/{run}/Picks/
     #[arg(long)]
     pub copick_out: Option<PathBuf>,
-    /// copick user id in the picks' file names and JSON
+    /// copick user id in the picks' file names and JSON (not curation: the ground truth's)
     #[arg(long, default_value = "fastdet")]
     pub user_id: String,
     /// copick session id in the picks' file names and JSON
@@ -796,6 +796,18 @@ pub(crate) fn changed_settings<'a>(a: &'a serde_json::Map<String, serde_json::Va
     keys.into_iter().collect()
 }
 
+/// In `OUT.runs`: `{"shard": [k, n]}` for a job run with `--shard k/n`.
+pub(crate) const SHARD_FILE: &str = "shard.json";
+
+/// The `--shard` (k, n) the job that wrote `out` was run with, if any.
+pub(crate) fn shard_of(out: &Path) -> Option<(usize, usize)> {
+    let text = std::fs::read_to_string(runs_folder(out).ok()?.join(SHARD_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let k = v.get("shard")?.get(0)?.as_u64()?;
+    let n = v.get("shard")?.get(1)?.as_u64()?;
+    Some((k as usize, n as usize))
+}
+
 /// `OUT.runs`, where a job writing `out` keeps its finished runs and `settings.json`: beside the
 /// file the output is written to, so a link to OUT and OUT share one folder.
 pub(crate) fn runs_folder(out: &Path) -> Result<PathBuf> {
@@ -1239,6 +1251,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     if let Some(dir) = &a.copick_out {
         copick::check_id("--user-id", &a.user_id)?;
         copick::check_id("--session-id", &a.session_id)?;
+        if a.user_id == "curation" {
+            bail!("--user-id curation: that is the annotators' user, whose picks are a copick project's ground truth; predictions written under it would replace or join the truth (score, tune and qc would read them as such). Choose another id");
+        }
         writable_dir("--copick-out", dir)?;
     }
     extras.check_dirs()?;
@@ -1256,6 +1271,14 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             return Err(e);
         }
     };
+    // Which shard of its job this is, so that merge can name a shard left out.
+    let shard_file = parts.dir.join(SHARD_FILE);
+    match a.infer.shard {
+        Some((k, n)) => fastdet::util::write_atomic(&shard_file, |f| Ok(f.write_all(serde_json::json!({ "shard": [k, n] }).to_string().as_bytes())?))?,
+        None => {
+            let _ = std::fs::remove_file(&shard_file);
+        }
+    }
     let discard = |parts: Parts| {
         parts.discard_if_empty();
         remove_made();
@@ -1281,8 +1304,15 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             files.extend(copick::run_picks_files(dir, &job.run, &picks, &a.user_id, &a.session_id)?);
         }
     }
+    // copick files of the same user and session already there with other picks (an earlier
+    // job's) are replaced: said, as a shared overlay may hold another person's run under the
+    // default ids.
+    let replaced = files.iter().filter(|(p, bytes)| std::fs::read(p).is_ok_and(|old| old != *bytes)).count();
     files.push((out.to_path_buf(), csv::submission_text(out, &picks, a.with_score)?.into_bytes()));
     fastdet::util::write_files_atomic(&files)?;
+    if let (Some(dir), true) = (&a.copick_out, replaced > 0) {
+        fastdet::errln!("note: replaced {replaced} copick picks file(s) of user {} session {} in {}", a.user_id, a.session_id, dir.display());
+    }
     // The job is done: a full standard output does not make it a failure.
     let _ = fastdet::util::out_line(format_args!("wrote {} picks to {}", picks.len(), out.display()));
     Ok(report_failures(&failed))
