@@ -414,7 +414,8 @@ pub fn check_id(what: &str, s: &str) -> Result<()> {
 /// classes, so copick tools see the session complete (a class with no picks gets an empty list).
 ///
 /// Only picks of `run` are written, so a whole multi-run submission can be passed. Each file is
-/// written atomically. Points carry an identity orientation, as the detector predicts none.
+/// written atomically. Points carry an identity orientation marked as not to be trusted
+/// (`trust_orientation: false`), as the detector predicts none.
 pub fn write_run_picks(out_dir: &Path, run: &str, picks: &[Pick], user_id: &str, session_id: &str) -> Result<()> {
     crate::util::write_files_atomic(&run_picks_files(out_dir, run, picks, user_id, session_id)?)
 }
@@ -445,7 +446,9 @@ pub fn run_picks_files(out_dir: &Path, run: &str, picks: &[Pick], user_id: &str,
             run_name: run,
             voxel_spacing: None,
             unit: "angstrom",
-            trust_orientation: true,
+            // The detector finds centres only: the identity orientation is not a measurement
+            // (copick marks point annotations without angles so).
+            trust_orientation: false,
             points,
         };
         let path = dir.join(format!("{user_id}_{session_id}_{}.json", class.name));
@@ -703,7 +706,7 @@ mod tests {
         assert_eq!(doc["run_name"], "TS_a");
         assert!(doc["voxel_spacing"].is_null());
         assert_eq!(doc["unit"], "angstrom");
-        assert_eq!(doc["trust_orientation"], true);
+        assert_eq!(doc["trust_orientation"], false);
         let pts = doc["points"].as_array().unwrap();
         assert_eq!(pts.len(), 2);
         assert_eq!(pts[0]["location"]["x"], 100.25);
