@@ -10,6 +10,12 @@
 //! | `_rlnClassNumber` | class index + 1 (RELION classes are 1-based), named in a header comment |
 //! | `_rlnAutopickFigureOfMerit` | detection score |
 //!
+//! Coordinates are converted as copick converts them (Å = pixel · pixel size, centre size / 2),
+//! with no half-voxel shift. RELION centres voxel i at i, while Å here come from the convention
+//! that voxel i spans [i, i+1): RELION sees each pick half a voxel higher on every axis. And
+//! RELION's `_rlnCoordinate*` are tilt-series pixels: they equal these (tomogram voxels) only for
+//! unbinned tomograms; RELION 5 reads the centred Å columns first.
+//!
 //! [`read_star_coordinates`] reads such a file back (columns found by name), mainly for tests.
 
 use std::io::Write;
