@@ -86,35 +86,14 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     // usual result of scoring one shard's (or one run's) CSV against the whole split.
     let submitted: std::collections::BTreeSet<&str> = sub.iter().map(|p| p.run.as_str()).collect();
     let missing: std::collections::BTreeSet<&str> = truth.iter().map(|p| p.run.as_str()).filter(|r| !submitted.contains(r)).collect();
-    if !missing.is_empty() {
-        fastdet::errln!(
-            "warning: {}: {} run(s) with ground truth have no picks, and all their particles count as missed: {} (--runs scores a subset)",
-            a.submission.display(),
-            missing.len(),
-            first_few(&missing)
-        );
-    }
+    warn_runs(&a.submission, &missing, "with ground truth have no picks, and all their particles count as missed", " (--runs scores a subset)");
     let unknown: std::collections::BTreeSet<&str> = sub.iter().map(|p| p.run.as_str()).filter(|r| !known.contains(*r)).collect();
-    if !unknown.is_empty() {
-        fastdet::errln!(
-            "warning: {}: {} run(s) have no ground truth under {truth_at} and are not scored: {}",
-            a.submission.display(),
-            unknown.len(),
-            first_few(&unknown)
-        );
-    }
+    warn_runs(&a.submission, &unknown, &format!("have no ground truth under {truth_at} and are not scored"), "");
     // A run with a folder but no annotated particle is not scored either (the metric scores the
     // runs of the truth's points, as Kaggle's does): its picks would vanish unsaid.
     let annotated: std::collections::BTreeSet<&str> = truth.iter().map(|p| p.run.as_str()).collect();
     let unannotated: std::collections::BTreeSet<&str> = submitted.iter().copied().filter(|r| known.contains(*r) && !annotated.contains(r)).collect();
-    if !unannotated.is_empty() {
-        fastdet::errln!(
-            "warning: {}: {} run(s) have no annotated particle in {truth_at} and are not scored (their picks count neither way): {}",
-            a.submission.display(),
-            unannotated.len(),
-            first_few(&unannotated)
-        );
-    }
+    warn_runs(&a.submission, &unannotated, &format!("have no annotated particle in {truth_at} and are not scored (their picks count neither way)"), "");
     let s = metric::score(&truth, &sub, a.beta);
     if a.json {
         fastdet::outln!("{}", serde_json::to_string_pretty(&s)?)?;
@@ -122,6 +101,13 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         fastdet::outln!("{}", metric::format_table(&s))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// "warning: SUBMISSION: N run(s) WHAT: the first few AFTER", when there are any `runs`.
+fn warn_runs(submission: &Path, runs: &std::collections::BTreeSet<&str>, what: &str, after: &str) {
+    if !runs.is_empty() {
+        fastdet::errln!("warning: {}: {} run(s) {what}: {}{after}", submission.display(), runs.len(), first_few(runs));
+    }
 }
 
 /// The first five run names, and "..." when there are more.
