@@ -49,10 +49,16 @@ fn shards_merged_equal_one_run() {
         assert!(runs.iter().all(|r| *r == format!("TS_synth_{}", k + 1)), "shard {k}: {runs:?}");
         shards.push(p);
     }
+    assert!(tmp.path().join("shard0.csv.runs/shard.json").is_file());
     // One shard alone: the other is named as missing.
     let o = fastdet().arg("merge").arg(&shards[0]).arg("-o").arg(tmp.path().join("half.csv")).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains("run with --shard K/2, and none is shard 1/2: its runs are missing"), "{err}");
+    assert!(o.status.success() && err.contains("run with --shard K/2, and none is shard 1/2: the merged file lacks its runs"), "{err}");
+    // The other shard's runs redone without --shard: that input may hold them, nothing is said.
+    let redo = tmp.path().join("redo.csv");
+    assert!(cheap_run(&data, &redo).args(["--split", "test", "--runs", "TS_synth_2"]).status().unwrap().success());
+    let o = fastdet().arg("merge").arg(&shards[0]).arg(&redo).arg("-o").arg(tmp.path().join("redone.csv")).output().unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", String::from_utf8_lossy(&o.stderr));
     let merged = tmp.path().join("merged.csv");
     // Shards in reverse order: merge sorts by run. Their copick folders are joined too.
     let copick: Vec<PathBuf> = (0..2).map(|k| tmp.path().join(format!("shard{k}.csv.copick"))).collect();
@@ -104,6 +110,11 @@ fn shards_merged_equal_one_run() {
     let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[0]).arg("-o").arg(tmp.path().join("x.csv")).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("given twice"));
+    // An unsharded job over a shard's output: it is no shard any more.
+    assert!(cheap_run(&data, &shards[0]).status().unwrap().success());
+    assert!(!tmp.path().join("shard0.csv.runs/shard.json").exists());
+    let o = fastdet().arg("merge").arg(&shards[0]).arg("-o").arg(tmp.path().join("all.csv")).output().unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// `merge` on hand-written shards: an empty shard (header only, as `--shard K/N` writes when it

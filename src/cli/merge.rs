@@ -127,16 +127,17 @@ fn settings_differences(inputs: &[PathBuf]) -> Vec<String> {
         .collect()
 }
 
-/// The shards of a job (`--shard k/n`) that none of the inputs is, when every input that says
-/// which shard it is names the same n. (Inputs of other shard counts: nothing is said.)
+/// The shards of a job (`--shard k/n`) that none of the inputs is, when every input says which
+/// shard it is and all name the same n. (An unsharded input may hold the missing runs, e.g. a
+/// failed shard's runs redone with --runs; inputs of other shard counts: nothing is said.)
 fn missing_shards(inputs: &[PathBuf]) -> Option<String> {
-    let shards: Vec<(usize, usize)> = inputs.iter().filter_map(|p| super::run::shard_of(p)).collect();
+    let shards: Vec<(usize, usize)> = inputs.iter().map(|p| super::run::shard_of(p)).collect::<Option<_>>()?;
     let n = shards.first()?.1;
     if shards.iter().any(|s| s.1 != n) {
         return None;
     }
     let missing: Vec<String> = (0..n).filter(|k| !shards.iter().any(|s| s.0 == *k)).map(|k| format!("{k}/{n}")).collect();
-    (!missing.is_empty()).then(|| format!("the inputs are shards of a job run with --shard K/{n}, and none is shard {}: its runs are missing from the merged file", missing.join(", ")))
+    (!missing.is_empty()).then(|| format!("the inputs are shards of a job run with --shard K/{n}, and none is shard {}: the merged file lacks its runs (if it had any)", missing.join(", ")))
 }
 
 fn has_score(p: &Path) -> Result<bool> {

@@ -796,7 +796,7 @@ pub(crate) fn changed_settings<'a>(a: &'a serde_json::Map<String, serde_json::Va
     keys.into_iter().collect()
 }
 
-/// In `OUT.runs`: `{"shard": [k, n]}` for a job run with `--shard k/n`.
+/// In `OUT.runs`: `{"shard": [k, n]}` for an OUT written by a job run with `--shard k/n`.
 pub(crate) const SHARD_FILE: &str = "shard.json";
 
 /// The `--shard` (k, n) the job that wrote `out` was run with, if any.
@@ -1271,14 +1271,10 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             return Err(e);
         }
     };
-    // Which shard of its job this is, so that merge can name a shard left out.
+    // Which shard of its job OUT is, so that merge can name a shard left out: written with OUT,
+    // and until then no claim about the OUT an earlier job may have left.
     let shard_file = parts.dir.join(SHARD_FILE);
-    match a.infer.shard {
-        Some((k, n)) => fastdet::util::write_atomic(&shard_file, |f| Ok(f.write_all(serde_json::json!({ "shard": [k, n] }).to_string().as_bytes())?))?,
-        None => {
-            let _ = std::fs::remove_file(&shard_file);
-        }
-    }
+    let _ = std::fs::remove_file(&shard_file);
     let discard = |parts: Parts| {
         parts.discard_if_empty();
         remove_made();
@@ -1308,6 +1304,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     // job's) are replaced: said, as a shared overlay may hold another person's run under the
     // default ids.
     let replaced = files.iter().filter(|(p, bytes)| std::fs::read(p).is_ok_and(|old| old != *bytes)).count();
+    if let Some((k, n)) = a.infer.shard {
+        files.push((shard_file, serde_json::json!({ "shard": [k, n] }).to_string().into_bytes()));
+    }
     files.push((out.to_path_buf(), csv::submission_text(out, &picks, a.with_score)?.into_bytes()));
     fastdet::util::write_files_atomic(&files)?;
     if let (Some(dir), true) = (&a.copick_out, replaced > 0) {
