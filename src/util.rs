@@ -559,8 +559,9 @@ pub fn source_stamp(path: &Path) -> String {
     }
     if let Some(group) = path.parent().filter(|_| path.is_dir()) {
         for name in [".zattrs", ".zgroup", "zarr.json"] {
-            if let Ok(m) = std::fs::metadata(group.join(name)) {
-                h.update(format!("../{name}\0{}\0{}.{}\n", m.len(), m.mtime(), m.mtime_nsec()));
+            let file = group.join(name);
+            if let Ok(m) = std::fs::metadata(&file) {
+                add(&file, &m);
             }
         }
     }

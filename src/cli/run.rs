@@ -803,8 +803,8 @@ pub(crate) const SHARD_FILE: &str = "shard.json";
 pub(crate) fn shard_of(out: &Path) -> Option<(usize, usize)> {
     let text = std::fs::read_to_string(runs_folder(out).ok()?.join(SHARD_FILE)).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let k = v.get("shard")?.get(0)?.as_u64()?;
-    let n = v.get("shard")?.get(1)?.as_u64()?;
+    let shard = v.get("shard")?;
+    let (k, n) = (shard.get(0)?.as_u64()?, shard.get(1)?.as_u64()?);
     Some((k as usize, n as usize))
 }
 

@@ -271,21 +271,23 @@ fn truth_files(picks_dir: &str, mut known: Vec<(PathBuf, PicksIn, usize)>, annot
 /// count; what it leaves out is printed as a warning). A run without picks has no annotations
 /// and contributes nothing.
 pub fn read_truth(layout: &Layout) -> Result<Vec<Pick>> {
-    let (picks, notes) = read_truth_noted(layout)?;
+    truth_warned(layout).map(|(picks, _)| picks)
+}
+
+/// The truth, what was left out printed as warnings, and how many files it came from.
+fn truth_warned(layout: &Layout) -> Result<(Vec<Pick>, usize)> {
+    let (picks, notes, files) = truth_with_files(layout)?;
     for n in notes {
         crate::errln!("warning: {n}");
     }
-    Ok(picks)
+    Ok((picks, files))
 }
 
 /// [`read_truth`] for scoring and tuning: a project without one ground-truth file is an error,
 /// as every score against it would be 0 (or 1 with a set of predictions taken for the truth). A
 /// file without points is truth: no particles of its class there.
 pub fn read_truth_to_score(layout: &Layout) -> Result<Vec<Pick>> {
-    let (picks, notes, files) = truth_with_files(layout)?;
-    for n in notes {
-        crate::errln!("warning: {n}");
-    }
+    let (picks, files) = truth_warned(layout)?;
     if files == 0 {
         bail!("{}: no ground truth: no run has picks of the six particles by user curation (or by one picker other than fastdet)", layout.truth_folders());
     }
@@ -334,8 +336,7 @@ pub fn truth_runs(layout: &Layout) -> Result<Vec<String>> {
 
 /// The names of the `pickable_objects` a copick configuration declares.
 fn declared_objects(file: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read the copick configuration", file.display()))?;
-    let doc: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not a copick configuration (not JSON)", file.display()))?;
+    let doc = crate::io::dataset::copick_config_json(file)?;
     let objects = doc.get("pickable_objects").and_then(serde_json::Value::as_array).map(Vec::as_slice).unwrap_or_default();
     Ok(objects.iter().filter_map(|o| o.get("name")?.as_str().map(str::to_owned)).collect())
 }

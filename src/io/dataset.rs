@@ -59,6 +59,12 @@ pub(crate) fn sub_dirs(dir: &Path) -> Option<std::io::Result<Vec<String>>> {
     Some(Ok(names))
 }
 
+/// A copick configuration file's JSON.
+pub(crate) fn copick_config_json(file: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read the copick configuration", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a copick configuration (not JSON)", file.display()))
+}
+
 /// `~` and `~/…` as the home directory, as copick (through fsspec) reads a root.
 fn expand_home(path: &str) -> Result<PathBuf> {
     let rest = match path.strip_prefix('~') {
@@ -84,8 +90,7 @@ impl Layout {
     /// directory; a relative one is relative to the current directory, as copick reads it. Other storage (`s3://`, the data portal's
     /// `config_type`) is refused: download the runs first.
     pub fn copick_config(file: &Path) -> Result<Layout> {
-        let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read the copick configuration", file.display()))?;
-        let doc: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not a copick configuration (not JSON)", file.display()))?;
+        let doc = copick_config_json(file)?;
         let Some(obj) = doc.as_object() else {
             bail!("{}: not a copick configuration (a JSON object with overlay_root is expected)", file.display());
         };

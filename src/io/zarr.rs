@@ -19,7 +19,7 @@ use zarrs::array::data_type::{
     Float16DataType, Float32DataType, Float64DataType, Int16DataType, Int32DataType, Int8DataType,
     UInt16DataType, UInt8DataType,
 };
-use zarrs::array::{Array, ArrayError, ElementOwned};
+use zarrs::array::{Array, ArrayError, ArrayMetadata, ElementOwned};
 use zarrs::filesystem::FilesystemStore;
 
 /// Name of the full-resolution array inside an OME-Zarr multiscale group.
@@ -193,7 +193,7 @@ fn ome_dataset(attrs: &Map<String, Value>, dataset_path: &str) -> Option<OmeData
         let mut unknown_units = Vec::new();
         // Units of the space axes only (a time or channel axis has its own, or none).
         let space = |a: &Value| {
-            a.get("type").and_then(Value::as_str) == Some("space") || name_of(a).is_some_and(|n| matches!(n.to_ascii_lowercase().as_str(), "x" | "y" | "z"))
+            a.get("type").and_then(Value::as_str) == Some("space") || name_of(a).is_some_and(|n| space_axis_name(&n))
         };
         let unit_of = |a: &Value| a.get("unit").and_then(Value::as_str).map(str::to_owned);
         // A space axis without a unit has the others' (when they agree): a writer naming it for
@@ -374,7 +374,7 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
         Some(n) => (Some(n), "OME axes"),
         None => (array_axis_names(&array_dir)?, "dimension names"),
     };
-    let (shape_u64, names, all_sizes) = match squeeze_to_3d(array.shape(), names, ome.as_ref().and_then(|o| o.voxel_size.clone())) {
+    let (shape_u64, names, all_sizes) = match squeeze_to_3d(array.shape(), names.clone(), ome.as_ref().and_then(|o| o.voxel_size.clone())) {
         Some((squeezed, note)) => {
             notes.extend(note);
             squeezed
@@ -384,7 +384,7 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
             array_dir.display(),
             array.shape().len(),
             array.shape(),
-            names_text(&array_axis_names(&array_dir).ok().flatten().or_else(|| ome.as_ref().and_then(|o| o.axes.clone())))
+            names_text(&names)
         ),
     };
     if shape_u64.contains(&0) {
@@ -456,17 +456,14 @@ pub fn read_zarr_volume(path: &Path, level: &str) -> Result<Volume> {
         notes.push(anisotropy_note(v));
     }
     // The x size, or the last scale entry of metadata that does not give all three.
-    let voxel_size = match (&sizes, &ome) {
-        (Some(v), _) => Some(v[2]),
-        (None, _) => all_sizes.as_ref().and_then(|v| v.last().copied()),
-    };
+    let voxel_size = sizes.as_ref().map(|v| v[2]).or_else(|| all_sizes.as_ref().and_then(|v| v.last().copied()));
     if let Some((present, total)) = absent_chunks(&array, chunk_files) {
         notes.push(format!(
             "{} of its {total} chunks are absent from {} and read as {} (a broken copy? \
              some writers leave out chunks equal to the fill value)",
             total - present,
             array_dir.display(),
-            fill_value_text(&array, &array_dir)
+            fill_value_text(&array)
         ));
     }
     Ok(Volume { shape, data, voxel_size, notes })
@@ -483,7 +480,7 @@ fn squeeze_to_3d(shape: &[u64], names: Option<Vec<String>>, sizes: Option<Vec<f6
     }
     let named = names.as_ref().filter(|n| n.len() == rank);
     let keep: Vec<usize> = match named {
-        Some(n) => (0..rank).filter(|&k| matches!(n[k].to_ascii_lowercase().as_str(), "x" | "y" | "z")).collect(),
+        Some(n) => (0..rank).filter(|&k| space_axis_name(&n[k])).collect(),
         None => (rank.saturating_sub(3)..rank).collect(),
     };
     if keep.len() != 3 || (0..rank).any(|k| !keep.contains(&k) && shape[k] != 1) {
@@ -496,6 +493,11 @@ fn squeeze_to_3d(shape: &[u64], names: Option<Vec<String>>, sizes: Option<Vec<f6
     let note = format!("a {rank}-D array of shape {shape:?}: its axes {} of length 1 dropped, read as 3-D", dropped.join(", "));
     let sizes = sizes.filter(|v| v.len() == rank).map(|v| pick(&v, &keep));
     Some(((pick(shape, &keep), named.map(|n| pick(n, &keep)), sizes), Some(note)))
+}
+
+/// Whether an axis named `name` is x, y or z (any case).
+fn space_axis_name(name: &str) -> bool {
+    matches!(name.to_ascii_lowercase().as_str(), "x" | "y" | "z")
 }
 
 /// ` (axes [...])` when the axes are named, for messages.
@@ -517,15 +519,10 @@ pub fn anisotropy_note(sizes: &[f64]) -> String {
     )
 }
 
-/// `(present, total)` chunk files when fewer are stored than the chunk grid has (shards count
-/// as chunks of the outer grid).
 /// What absent chunks read as: "the fill value V", or "0" where a zarr v2 array's
 /// `fill_value` is null (no fill value: zarr-python leaves such voxels undefined, zarrs reads 0).
-fn fill_value_text(array: &Array<FilesystemStore>, array_dir: &Path) -> String {
-    let v2_null = std::fs::read_to_string(array_dir.join(".zarray"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|m| m.get("fill_value").is_some_and(serde_json::Value::is_null));
+fn fill_value_text(array: &Array<FilesystemStore>) -> String {
+    let v2_null = matches!(array.metadata(), ArrayMetadata::V2(m) if m.fill_value.is_null());
     let bytes = array.fill_value().as_ne_bytes();
     let dt = array.data_type();
     let value = |n: usize| bytes.get(..n).map(|b| b.to_vec());
@@ -555,6 +552,8 @@ fn fill_value_text(array: &Array<FilesystemStore>, array_dir: &Path) -> String {
     }
 }
 
+/// `(present, total)` chunk files when fewer are stored than the chunk grid has (shards count
+/// as chunks of the outer grid).
 fn absent_chunks(array: &Array<FilesystemStore>, present: u64) -> Option<(u64, u64)> {
     let total = array.chunk_grid_shape().iter().product::<u64>();
     (present < total).then_some((present, total))

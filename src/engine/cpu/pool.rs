@@ -62,15 +62,6 @@ pub fn for_overwrite(len: usize) -> Vec<f32> {
     vec![0.0; len]
 }
 
-/// `len` zeros.
-pub fn zeroed(len: usize) -> Vec<f32> {
-    let mut b = for_overwrite(len);
-    if len >= MIN_KEPT {
-        b.fill(0.0);
-    }
-    b
-}
-
 /// An empty buffer with room for `len` floats, for `extend`.
 pub fn with_capacity(len: usize) -> Vec<f32> {
     let mut b = for_overwrite(len);
@@ -130,15 +121,15 @@ mod tests {
     }
 
     #[test]
-    fn the_shared_pool_zeroes_and_empties_what_it_hands_out() {
+    fn the_shared_pool_hands_out_what_it_kept_and_empties_it_for_extend() {
         // A size no other test asks for.
         let a = MIN_KEPT + 7919;
-        let mut x = zeroed(a);
+        let mut x = for_overwrite(a);
         x[3] = 2.0;
         let ptr = x.as_ptr();
         release(x);
-        let z = zeroed(a);
-        assert_eq!((z.as_ptr(), z.len(), z[3]), (ptr, a, 0.0), "the kept buffer, zeroed");
+        let z = for_overwrite(a);
+        assert_eq!((z.as_ptr(), z.len(), z[3]), (ptr, a, 2.0), "the kept buffer, as it was");
         release(z);
         let e = with_capacity(a);
         assert_eq!((e.as_ptr(), e.len(), e.capacity()), (ptr, 0, a));
