@@ -158,7 +158,7 @@ fn other_voxel_size_warns_and_uses_the_flag() {
     let o = run_mrc(&[&f], &a, &[]);
     assert!(o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("warning") && e.contains("TS_synth_1.mrc") && e.contains("voxel size is 5") && e.contains("look 2.00x their size to the models: resample it to 10.012 Å"), "{e}");
+    assert!(e.contains("warning") && e.contains("TS_synth_1.mrc") && e.contains("voxel size is 5") && e.contains("give --voxel-size file (or 5) for coordinates in its own Å; its particles look 2.00x their size to the models, made for 10.012 Å: add --resample to bring it to theirs"), "{e}");
     let b = tmp.path().join("b.csv");
     assert!(run_mrc(&[&f], &b, &["--voxel-size", "20.024"]).status.success());
     let (pa, pb) = (fastdet::io::csv::read_submission(&a).unwrap(), fastdet::io::csv::read_submission(&b).unwrap());
@@ -167,6 +167,87 @@ fn other_voxel_size_warns_and_uses_the_flag() {
     let top_a = &pa[0];
     let top_b = pb.iter().find(|p| p.class == top_a.class).unwrap();
     assert!((top_b.x - 2.0 * top_a.x).abs() < 0.05, "{top_a:?} {top_b:?}");
+}
+
+/// A tomogram of 5.006 Å voxels (each 10.012 Å voxel of the sample repeated 2x2x2) brought back to
+/// the models' 10.012 Å by `--voxel-size file --resample`: the picks of the original, in the
+/// same Å, and STAR coordinates in the fine tomogram's voxels.
+#[test]
+fn resample_brings_a_finer_tomogram_to_the_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = synth1();
+    let coarse = tmp.path().join("TS_coarse.mrc");
+    write_mrc_f32(&coarse, v.shape, &v.data, 10.012).unwrap();
+    let [d, h, w] = v.shape;
+    let fine_shape = [2 * d, 2 * h, 2 * w];
+    let fine_data: Vec<f32> = (0..8 * d * h * w)
+        .map(|i| {
+            let (z, y, x) = (i / (4 * h * w), i / (2 * w) % (2 * h), i % (2 * w));
+            v.data[((z / 2) * h + y / 2) * w + x / 2]
+        })
+        .collect();
+    let fine = tmp.path().join("TS_fine.mrc");
+    write_mrc_f32(&fine, fine_shape, &fine_data, 5.006).unwrap();
+    drop(fine_data);
+
+    let a = tmp.path().join("a.csv");
+    assert!(run_mrc(&[&coarse], &a, &[]).status.success());
+    let b = tmp.path().join("b.csv");
+    let star = tmp.path().join("star");
+    let o = run_mrc(&[&fine], &b, &["--voxel-size", "file", "--resample", "--star-out", star.to_str().unwrap()]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("TS_fine: resampled from 5.006 Å to 10.012 Å voxels, 160x320x320 to 80x160x160"), "{e}");
+    let (pa, pb) = (fastdet::io::csv::read_submission(&a).unwrap(), fastdet::io::csv::read_submission(&b).unwrap());
+    assert!(pa.len() >= 5, "{pa:?}");
+    // The resampled volume is the original smoothed a little (taps 1/8, 3/4, 1/8 per axis):
+    // every confident pick is found again within one voxel, and the counts stay close.
+    let near = |p: &fastdet::particles::Pick, q: &fastdet::particles::Pick| p.class == q.class && ((p.x - q.x).powi(2) + (p.y - q.y).powi(2) + (p.z - q.z).powi(2)).sqrt() <= 10.012;
+    let confident: Vec<_> = pa.iter().filter(|p| p.score >= 0.5).collect();
+    assert!(!confident.is_empty());
+    for p in &confident {
+        assert!(pb.iter().any(|q| near(p, q)), "{p:?} not found again in {pb:?}");
+    }
+    assert!(pb.len().abs_diff(pa.len()) * 5 <= pa.len(), "{} vs {} picks", pb.len(), pa.len());
+    // STAR: the fine tomogram's voxels (Å / 5.006), its centre at half its 320 voxels.
+    let rows = fastdet::io::star::read_star_coordinates(&star.join("TS_fine.star")).unwrap();
+    assert_eq!(rows.len(), pb.len());
+    for (row, p) in rows.iter().zip(&pb) {
+        assert!((row.2 - p.x / 5.006).abs() < 1e-3 && (row.4 - p.z / 5.006).abs() < 1e-3, "{row:?} {p:?}");
+    }
+    let text = std::fs::read_to_string(star.join("TS_fine.star")).unwrap();
+    let first = text.lines().find(|l| l.starts_with("TS_fine ")).unwrap();
+    let cols: Vec<f64> = first.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect();
+    assert!((cols[3] - (cols[0] - 160.0) * 5.006).abs() < 0.01, "{first}");
+    // Resumed with its STAR file gone: written again from the stored picks and their record of
+    // the fine tomogram's voxel size and shape, the same bytes.
+    std::fs::remove_file(star.join("TS_fine.star")).unwrap();
+    let o = run_mrc(&[&fine], &b, &["--voxel-size", "file", "--resample", "--star-out", star.to_str().unwrap(), "--resume"]);
+    let e = stderr(&o);
+    assert!(o.status.success() && e.contains("(resumed;") && !e.contains("resampled from"), "{e}");
+    assert_eq!(std::fs::read_to_string(star.join("TS_fine.star")).unwrap(), text);
+
+    // Without --resample: the file's Å, and a warning that says what --resample would do.
+    let c = tmp.path().join("c.csv");
+    let o = run_mrc(&[&fine], &c, &["--voxel-size", "file"]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("voxel size 5.006 Å (the file's): its particles look 2.00x their size to the models, made for 10.012 Å; --resample brings it to theirs"), "{e}");
+    // --resample with a --voxel-size equal to the models' has nothing to do, and says so.
+    let o = run_mrc(&[&coarse], &tmp.path().join("d.csv"), &["--resample"]);
+    assert!(o.status.success() && stderr(&o).contains("so no tomogram is resampled; --voxel-size file takes each file's own"), "{}", stderr(&o));
+    // A file that records no voxel size fails under --voxel-size file; the other runs go on.
+    let unknown = tmp.path().join("TS_unknown.mrc");
+    write_mrc_f32(&unknown, v.shape, &v.data, 0.0).unwrap();
+    let f = tmp.path().join("f.csv");
+    let o = run_mrc(&[&unknown, &coarse], &f, &["--voxel-size", "file", "--resample"]);
+    let e = stderr(&o);
+    // 2: some runs failed, the others were written.
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("TS_unknown.mrc: the file records no voxel size, which --voxel-size file needs: give its size in Å instead"), "{e}");
+    let pf = fastdet::io::csv::read_submission(&f).unwrap();
+    assert!(!pf.is_empty() && pf.iter().all(|p| p.run == "TS_coarse"), "{pf:?}");
+    assert_eq!(pf.len(), pa.len());
 }
 
 /// A copy of a weights file with `edit` applied to each tensor's bytes, and `extra` added.

@@ -274,6 +274,21 @@ fn cli_writes_one_png_per_run() {
         }
         assert!(stdout.contains(&n.replace(".png", ":")), "{stdout}");
     }
+    // --voxel-size file: the fixture's own 10.012 Å, so the same pictures.
+    let out_file = tmp.path().join("qc_file");
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        .args(["qc", "--split", "test", "--truth", "--voxel-size", "file", "--data"])
+        .arg(root().join("tests/fixtures/dataset"))
+        .arg("--picks")
+        .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for n in &names {
+        assert!(std::fs::read(out.join(n)).unwrap() == std::fs::read(out_file.join(n)).unwrap(), "{n}");
+    }
 
     // --runs limits the output; --help names defaults, units and an example
     let out2 = tmp.path().join("one");

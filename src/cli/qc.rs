@@ -3,6 +3,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use fastdet::io::{copick, csv, dataset, zarr};
 use fastdet::qc::{self, QcOptions};
+use super::run::{parse_voxel_size, VoxelSize};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,9 +41,9 @@ pub struct QcArgs {
     #[arg(long, value_delimiter = ',')]
     pub runs: Option<Vec<String>>,
     /// Voxel size in Å of the full-resolution tomogram, as `run` took it (Å coordinates are
-    /// turned back into its voxels; the file's own size only warns)
-    #[arg(long, default_value_t = fastdet::particles::ANGSTROM_PER_VOXEL)]
-    pub voxel_size: f64,
+    /// turned back into its voxels; the file's own size only warns), or `file`: each file's own
+    #[arg(long, value_name = "Å|file", default_value_t = VoxelSize::Angstrom(fastdet::particles::ANGSTROM_PER_VOXEL), value_parser = parse_voxel_size)]
+    pub voxel_size: VoxelSize,
     /// Number of z-slabs per row (at most the tomogram depth in voxels)
     #[arg(long, default_value_t = 4)]
     pub slabs: usize,
@@ -52,8 +53,10 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     if a.slabs == 0 {
         bail!("--slabs must be at least 1");
     }
-    if !(a.voxel_size.is_finite() && a.voxel_size > 0.0) {
-        bail!("--voxel-size {}: must be a positive number of Å", a.voxel_size);
+    if let VoxelSize::Angstrom(v) = a.voxel_size {
+        if !(v.is_finite() && v > 0.0) {
+            bail!("--voxel-size {v}: must be a positive number of Å, or file");
+        }
     }
     let layout = dataset::Layout::from_flags(a.data.as_deref(), &a.split, a.copick_config.as_deref())?.context("give --data ROOT or --copick-config FILE")?;
     let runs = match &a.runs {
@@ -96,10 +99,16 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         let out = a.out.join(format!("{run}.png"));
         // The legend's counts read "picks/truth" when the truth is drawn.
         let title = if run_truth.is_some() { format!("{run}   (legend: picks/truth)") } else { run.clone() };
-        if let Some(w) = volume.voxel_size_warning(a.voxel_size) {
-            fastdet::errln!("  warning: {}: {w}", path.display());
-        }
-        let opts = QcOptions { slabs: a.slabs, title: Some(title), voxel_size: Some(a.voxel_size), ..QcOptions::default() };
+        let voxel_size = match a.voxel_size {
+            VoxelSize::Angstrom(v) => {
+                if let Some(w) = volume.voxel_size_warning(v, None) {
+                    fastdet::errln!("  warning: {}: {w}", path.display());
+                }
+                v
+            }
+            VoxelSize::File => volume.voxel_size.with_context(|| format!("{}: the file records no voxel size, which --voxel-size file needs: give its size in Å instead", path.display()))?,
+        };
+        let opts = QcOptions { slabs: a.slabs, title: Some(title), voxel_size: Some(voxel_size), ..QcOptions::default() };
         let s = qc::render_qc_with(&volume, &run_picks, run_truth.as_deref(), &out, &opts)?;
         let mut line = format!("{run}: {} picks", run_picks.len());
         if s.picks_drawn != run_picks.len() {

@@ -8,6 +8,7 @@ use fastdet::pipeline::detect::to_picks_scaled;
 use fastdet::engine::cuda::kernel_check::{self, CheckKernels};
 use fastdet::engine::cuda::{PendingVolume, SideUploader};
 use fastdet::pipeline::runner::{predict_and_detect, Ensemble, Prepared, Settings, Timing, Tta};
+use fastdet::pipeline::rescale::{self, needs_resampling};
 use fastdet::pipeline::tiling::normalize_unit_range;
 use fastdet::weights::Weights;
 use fastdet::model::spec::ModelSpec;
@@ -30,6 +31,30 @@ fn check_thresholds(v: &[f32]) -> Result<()> {
         bail!("--thresholds: {} = {t} is not a probability between 0 and 1", c.name);
     }
     Ok(())
+}
+
+/// Where the tomograms' voxel size comes from: a number of Å, or each file's own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum VoxelSize {
+    Angstrom(f64),
+    File,
+}
+
+impl std::fmt::Display for VoxelSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VoxelSize::Angstrom(v) => write!(f, "{v}"),
+            VoxelSize::File => write!(f, "file"),
+        }
+    }
+}
+
+/// `--voxel-size`: `file` or a number (checked for sign in [`settings`], which names the flag).
+pub fn parse_voxel_size(s: &str) -> Result<VoxelSize, String> {
+    if s == "file" {
+        return Ok(VoxelSize::File);
+    }
+    s.parse().map(VoxelSize::Angstrom).map_err(|_| format!("expected a number of Å or `file`, got {s:?}"))
 }
 
 fn class_list() -> String {
@@ -63,7 +88,8 @@ pub struct InferArgs {
     #[arg(long, num_args = 1.., conflicts_with = "data")]
     pub mrc: Vec<PathBuf>,
     /// Multiscale level to read. Coordinates and particle radii still use --voxel-size: give the
-    /// level's own with it (e.g. --level 1 --voxel-size 20.024 for the competition's second level)
+    /// level's own with it (e.g. --level 1 --voxel-size 20.024 for the competition's second
+    /// level, or --voxel-size file to take it from the metadata)
     #[arg(long, default_value = "0")]
     pub level: String,
     /// fastdet weights files (any number, mixed architectures): one ensemble
@@ -113,9 +139,19 @@ pub struct InferArgs {
     /// Process only runs[K::N] of the sorted run list (cluster job arrays), as K/N with K counted from 0 (0/2 takes the 1st, 3rd, 5th... run, 1/2 the others)
     #[arg(long, value_parser = parse_shard)]
     pub shard: Option<(usize, usize)>,
-    /// Voxel size in Å used for Å coordinates and particle radii (the file's own size only warns)
-    #[arg(long, default_value_t = fastdet::particles::ANGSTROM_PER_VOXEL)]
-    pub voxel_size: f64,
+    /// The tomograms' voxel size in Å, which converts picks to Å and particle radii to voxels;
+    /// `file`: each file's own (MRC header, OME-Zarr scale; a file that records none fails). A
+    /// number wins over the files' own sizes, which then only warn
+    #[arg(long, value_name = "Å|file", default_value_t = VoxelSize::Angstrom(fastdet::particles::ANGSTROM_PER_VOXEL), value_parser = parse_voxel_size)]
+    pub voxel_size: VoxelSize,
+    /// Resample each tomogram whose voxel size (--voxel-size) differs from the models' by more
+    /// than 1% to theirs before inference (linear, antialiased when shrinking); picks stay in the
+    /// tomogram's Å, STAR files in its voxels; saved maps and QC images are of the resampled grid
+    #[arg(long)]
+    pub resample: bool,
+    /// The voxel size in Å the models were trained at, which --resample brings tomograms to
+    #[arg(long, value_name = "Å", default_value_t = fastdet::particles::ANGSTROM_PER_VOXEL)]
+    pub model_voxel_size: f64,
     /// Replace NaN/Inf voxels by the mean of the finite ones instead of refusing the tomogram
     #[arg(long)]
     pub allow_nonfinite: bool,
@@ -342,8 +378,21 @@ fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    if !(a.voxel_size.is_finite() && a.voxel_size > 0.0) {
-        bail!("--voxel-size {}: must be a positive number of Å", a.voxel_size);
+    if let VoxelSize::Angstrom(v) = a.voxel_size {
+        if !(v.is_finite() && v > 0.0) {
+            bail!("--voxel-size {v}: must be a positive number of Å, or file");
+        }
+    }
+    if !(a.model_voxel_size.is_finite() && a.model_voxel_size > 0.0) {
+        bail!("--model-voxel-size {}: must be a positive number of Å", a.model_voxel_size);
+    }
+    if let (true, VoxelSize::Angstrom(v)) = (a.resample, a.voxel_size) {
+        if !needs_resampling(v, a.model_voxel_size) {
+            fastdet::errln!(
+                "warning: --resample: --voxel-size {v} is within 1% of the models' {} Å, so no tomogram is resampled; --voxel-size file takes each file's own",
+                a.model_voxel_size
+            );
+        }
     }
     let tta = Tta::parse(&a.tta)?;
     if tta == Tta::Rot90 && a.window[1] != a.window[2] {
@@ -358,7 +407,11 @@ fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
         blend_sigma: a.blend_sigma,
         tta,
         batch: a.batch,
-        voxel_size: a.voxel_size,
+        // Each run's grid in its turn (`Frame`); this one only until then.
+        voxel_size: match a.voxel_size {
+            VoxelSize::Angstrom(v) if !(a.resample && needs_resampling(v, a.model_voxel_size)) => v,
+            _ => a.model_voxel_size,
+        },
         device_blend: !a.host_blend,
     })
 }
@@ -473,13 +526,25 @@ fn check_models(a: &InferArgs) -> Result<()> {
     Ok(())
 }
 
+/// How one run's voxels relate to Å.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    /// The tomogram's voxel size (Å) and shape as read: STAR files are in its voxels.
+    voxel_size: f64,
+    shape: [usize; 3],
+    /// The voxel size of the grid the models see: theirs when the tomogram was resampled, else
+    /// the tomogram's. Picks are its voxel coordinates times this.
+    grid_voxel_size: f64,
+}
+
 /// A tomogram the reader thread has read, checked and normalised, and whose copy to the device it
 /// has issued when the worker's ensemble takes the volume there (`upload`).
 struct Loaded {
     /// Normalised, and with `--pad mean` padded to the window where it is shorter.
     vol: zarr::Volume,
-    /// The tomogram's own shape.
+    /// The shape the models see: the tomogram's own, or the resampled one.
     shape: [usize; 3],
+    frame: Frame,
     read_s: f64,
     upload: Option<PendingVolume>,
     /// The tomogram's files as they were read ([`fastdet::util::source_stamp`]); empty when they
@@ -497,7 +562,7 @@ fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUpl
     }
     let t = Instant::now();
     let before = fastdet::util::source_stamp(&job.path);
-    let (mut vol, _) = load(job, a, s)?;
+    let (mut vol, frame, _) = load(job, a, s)?;
     // Files that changed during the read (a copy still going on) get no stamp: a resumed job
     // computes the run again rather than trust picks of a half-written tomogram.
     let stamp = if fastdet::util::source_stamp(&job.path) == before { before } else { String::new() };
@@ -516,11 +581,12 @@ fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUpl
             None
         })
     });
-    Ok(Loaded { vol, shape, read_s, upload, stamp })
+    Ok(Loaded { vol, shape, frame, read_s, upload, stamp })
 }
 
-/// Reads one tomogram and checks it (runs on the reader thread, ahead of inference).
-fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
+/// Reads one tomogram, checks it and, with `--resample`, brings it to the models' voxel size
+/// (runs on the reader thread, ahead of inference).
+fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, Frame, f64)> {
     let t = Instant::now();
     let mut vol = read_volume(&job.path, &a.level, job.mrc)?;
     let bad = zarr::count_nonfinite(&vol.data);
@@ -542,6 +608,33 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
         vol.data.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = mean);
         fastdet::errln!("  {}: replaced {bad} non-finite voxels by the mean {mean}", job.run);
     }
+    let models = a.model_voxel_size;
+    let voxel_size = match a.voxel_size {
+        VoxelSize::Angstrom(v) => {
+            if let Some(w) = vol.voxel_size_warning(v, Some(models)) {
+                fastdet::errln!("  warning: {}: {w}", job.path.display());
+            }
+            v
+        }
+        VoxelSize::File => vol.voxel_size.with_context(|| format!("{}: the file records no voxel size, which --voxel-size file needs: give its size in Å instead", job.path.display()))?,
+    };
+    let frame = Frame { voxel_size, shape: vol.shape, grid_voxel_size: voxel_size };
+    let frame = if needs_resampling(voxel_size, models) && a.resample {
+        let (data, shape) = rescale::resample(&vol.data, vol.shape, voxel_size, models);
+        let dims = |s: [usize; 3]| s.map(|n| n.to_string()).join("x");
+        fastdet::errln!("  {}: resampled from {voxel_size} Å to {models} Å voxels, {} to {}", job.run, dims(vol.shape), dims(shape));
+        (vol.data, vol.shape, vol.voxel_size) = (data, shape, Some(models));
+        Frame { grid_voxel_size: models, ..frame }
+    } else {
+        if needs_resampling(voxel_size, models) && a.voxel_size == VoxelSize::File {
+            fastdet::errln!(
+                "  warning: {}: voxel size {voxel_size} Å (the file's): its particles look {:.2}x their size to the models, made for {models} Å; --resample brings it to theirs",
+                job.path.display(),
+                models / voxel_size
+            );
+        }
+        frame
+    };
     // The models' window multiple, read from the weights' headers only when a warning needs it.
     let multiple = || a.weights.iter().filter_map(|p| Weights::read_spec(p).ok()).map(|(spec, _)| spec.size_multiple()).max();
     for line in vol.notes.iter().cloned().chain(coverage_warnings(vol.shape, s.window, s.tiles, a.pad == "zero", s.tta == Tta::Rot90, multiple)) {
@@ -552,10 +645,7 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, f64)> {
             fastdet::errln!("  warning: {}: every voxel is {first}: no contrast, any pick is meaningless", job.path.display());
         }
     }
-    if let Some(w) = vol.voxel_size_warning(s.voxel_size) {
-        fastdet::errln!("  warning: {}: {w}", job.path.display());
-    }
-    Ok((vol, t.elapsed().as_secs_f64()))
+    Ok((vol, frame, t.elapsed().as_secs_f64()))
 }
 
 /// What a user should hear about how the window and tiles meet a volume of `shape`: axes shorter
@@ -634,7 +724,9 @@ fn coverage_warnings(
 
 /// Infers and detects one loaded run; returns its picks.
 fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: Extras) -> Result<(Vec<Pick>, Timing)> {
-    let Loaded { mut vol, shape, read_s, upload, .. } = loaded;
+    let Loaded { mut vol, shape, frame, read_s, upload, .. } = loaded;
+    // Radii to voxels (the NMS) in the grid the models see.
+    let s = &Settings { voxel_size: frame.grid_voxel_size, ..s.clone() };
     let mut timing = Timing { read: read_s, ..Timing::default() };
     let tty = std::io::stderr().is_terminal();
     let t_infer = Instant::now();
@@ -695,6 +787,9 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
                 ("fastdet.version", fastdet::VERSION.to_string()),
             ]
             .into_iter()
+            .chain((frame.voxel_size != frame.grid_voxel_size).then(|| {
+                ("fastdet.resampled_from", serde_json::json!({ "voxel_size_angstrom": frame.voxel_size, "volume_shape": frame.shape }).to_string())
+            }))
             .map(|(k, v)| (k.to_string(), v))
             .collect();
             tensors::write_f32(
@@ -705,14 +800,15 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
             written.push(path);
         }
         drop(maps);
-        let picks = to_picks_scaled(&job.run, &dets, s.voxel_size);
+        let picks = to_picks_scaled(&job.run, &dets, frame.grid_voxel_size);
         if let Some(path) = star_file {
-            fastdet::io::star::write_run_star(&path, &job.run, &picks, s.voxel_size, vol.shape)?;
+            fastdet::io::star::write_run_star(&path, &job.run, &picks, frame.voxel_size, frame.shape)?;
             written.push(path);
         }
         if let Some(path) = qc_file {
-            // Rings at the voxels the picks were made from: --voxel-size, not the file's own.
-            let opts = fastdet::qc::QcOptions { voxel_size: Some(s.voxel_size), ..Default::default() };
+            // Rings at the voxels the picks were made from (--voxel-size, not the file's own; the
+            // resampled grid's with --resample).
+            let opts = fastdet::qc::QcOptions { voxel_size: Some(frame.grid_voxel_size), ..Default::default() };
             fastdet::qc::render_qc_with(&vol, &picks, None, &path, &opts)?;
             written.push(path);
         }
@@ -895,8 +991,9 @@ impl Parts {
         serde_json::from_str(&std::fs::read_to_string(self.record_path(run)).ok()?).ok()
     }
     /// The picks stored for `job`, when they are intact, made with these settings, and its
-    /// tomogram has not changed since; with the tomogram's shape (z, y, x voxels) when recorded.
-    fn load(&self, job: &Job) -> Option<(Vec<Pick>, Option<[usize; 3]>)> {
+    /// tomogram has not changed since; with the tomogram's shape (z, y, x voxels) and voxel size
+    /// (Å) when recorded (older records have no voxel size).
+    fn load(&self, job: &Job) -> Option<(Vec<Pick>, Option<[usize; 3]>, Option<f64>)> {
         let p = self.path(&job.run);
         let bytes = std::fs::read(&p).ok()?;
         let record = self.record(&job.run);
@@ -918,13 +1015,14 @@ impl Parts {
             fastdet::errln!("  {}: {why}; computing them again", job.run);
             return None;
         }
-        let shape = record.and_then(|r| serde_json::from_value(r.get("shape")?.clone()).ok());
-        Some((csv::read_submission(&p).ok()?, shape))
+        let shape = record.as_ref().and_then(|r| serde_json::from_value(r.get("shape")?.clone()).ok());
+        let voxel_size = record.as_ref().and_then(|r| r.get("voxel_size")?.as_f64());
+        Some((csv::read_submission(&p).ok()?, shape, voxel_size))
     }
     /// The record (the tomogram's stamp as it was read, empty when it changed during the read),
     /// then the picks: a picks file exists only beside the record it matches, whenever the job is
     /// killed.
-    fn store(&self, job: &Job, picks: &[Pick], stamp: &str, shape: [usize; 3]) -> Result<()> {
+    fn store(&self, job: &Job, picks: &[Pick], stamp: &str, frame: Frame) -> Result<()> {
         let (path, record_path) = (self.path(&job.run), self.record_path(&job.run));
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(&record_path);
@@ -933,7 +1031,8 @@ impl Parts {
             "source": stamp,
             "settings_sha256": self.settings_sha,
             "picks_sha256": sha256_hex(text.as_bytes()),
-            "shape": shape,
+            "shape": frame.shape,
+            "voxel_size": frame.voxel_size,
         });
         fastdet::util::write_atomic(&record_path, |f| Ok(f.write_all(serde_json::to_string_pretty(&record)?.as_bytes())?))?;
         fastdet::util::write_atomic(&path, |f| Ok(f.write_all(text.as_bytes())?))
@@ -961,8 +1060,14 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
         "level": a.level,
         "window": s.window, "tiles": s.tiles, "thresholds": s.thresholds, "iou": s.iou_threshold,
         "top_k": s.pre_nms_top_k, "blend_sigma": s.blend_sigma, "tta": format!("{:?}", s.tta),
-        "voxel_size": s.voxel_size, "allow_nonfinite": a.allow_nonfinite,
+        "voxel_size": match a.voxel_size { VoxelSize::Angstrom(v) => serde_json::json!(v), VoxelSize::File => serde_json::json!("file") },
+        "allow_nonfinite": a.allow_nonfinite,
     });
+    // Only when asked for: jobs stored before the option existed resume as they were. (The
+    // models' voxel size changes nothing without it.)
+    if a.resample {
+        fp["resample_to"] = serde_json::json!(a.model_voxel_size);
+    }
     // Only when not the default: jobs stored before the option existed resume as they were.
     if a.pad != "zero" {
         fp["pad"] = serde_json::json!(a.pad);
@@ -1033,7 +1138,7 @@ fn worker(
         });
         for &(i, job) in todo {
             let loaded = rx.recv().context("reader thread stopped")?;
-            let (stamp, shape) = loaded.as_ref().map(|l| (l.stamp.clone(), l.shape)).unwrap_or_default();
+            let (stamp, frame) = loaded.as_ref().map(|l| (l.stamp.clone(), Some(l.frame))).unwrap_or_default();
             let result = loaded.and_then(|loaded| process(job, loaded, &mut ens, s, extras));
             match &result {
                 Ok((p, t)) => {
@@ -1052,8 +1157,8 @@ fn worker(
                         t.blend,
                         t.detect
                     );
-                    if let Some(parts) = parts {
-                        parts.store(job, p, &stamp, shape)?;
+                    if let (Some(parts), Some(frame)) = (parts, frame) {
+                        parts.store(job, p, &stamp, frame)?;
                     }
                 }
                 Err(e) => fastdet::errln!("  {label}{}: FAILED: {e:#}", job.run),
@@ -1108,16 +1213,20 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
                     fastdet::errln!("  {}: {} is not there; computing the run again", j.run, m.display());
                 }
             }
-            let (done, shape) = parts.filter(|_| missing.is_none()).and_then(|p| p.load(j))?;
+            let (done, shape, voxel_size) = parts.filter(|_| missing.is_none()).and_then(|p| p.load(j))?;
             let Some(star) = star else {
                 fastdet::errln!("  {}: {} picks (resumed)", j.run, done.len());
                 return Some(Ok((done, Timing::default())));
             };
-            // The shape recorded with the picks (a record without one: the tomogram's).
-            let shape = shape.map_or_else(|| load(j, a, s).map(|(vol, _)| vol.shape), Ok);
+            // The tomogram's shape and voxel size recorded with the picks (a record without them,
+            // from an older fastdet: the tomogram's shape and --voxel-size, a number then).
+            let frame = match (shape, voxel_size, a.voxel_size) {
+                (Some(shape), Some(v), _) | (Some(shape), None, VoxelSize::Angstrom(v)) => Ok((shape, v)),
+                _ => load(j, a, s).map(|(_, f, _)| (f.shape, f.voxel_size)),
+            };
             let old = std::fs::read(&star).ok();
             // None: the file there is the one the picks give; Some(replaced): written.
-            let written = shape.and_then(|shape| fastdet::io::star::run_star_text(&star, &j.run, &done, s.voxel_size, shape)).and_then(|t| {
+            let written = frame.and_then(|(shape, v)| fastdet::io::star::run_star_text(&star, &j.run, &done, v, shape)).and_then(|t| {
                 if old.as_deref() == Some(t.as_bytes()) {
                     return Ok(None);
                 }
@@ -1176,7 +1285,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
         let mut left = Vec::new();
         for &(i, job) in share {
             match parts.and_then(|p| p.load(job)) {
-                Some((done, _)) => results[i] = Some(Ok((done, Timing::default()))),
+                Some((done, ..)) => results[i] = Some(Ok((done, Timing::default()))),
                 None => left.push((i, job)),
             }
         }
@@ -1394,7 +1503,15 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     if let Some((k, n)) = i.shard {
         t.insert("shard".into(), Value::String(format!("{k}/{n}")));
     }
-    t.insert("voxel_size".into(), Value::Float(s.voxel_size));
+    t.insert(
+        "voxel_size".into(),
+        match i.voxel_size {
+            VoxelSize::Angstrom(v) => Value::Float(v),
+            VoxelSize::File => Value::String("file".into()),
+        },
+    );
+    t.insert("resample".into(), Value::Boolean(i.resample));
+    t.insert("model_voxel_size".into(), Value::Float(i.model_voxel_size));
     t.insert("allow_nonfinite".into(), Value::Boolean(i.allow_nonfinite));
     t.insert("pad".into(), Value::String(i.pad.clone()));
     if let Some(o) = &a.out {

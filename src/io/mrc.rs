@@ -225,10 +225,12 @@ pub fn read_mrc(path: &Path) -> Result<Volume> {
         ));
     }
 
-    // Voxel size per axis x, y, z: cella over the sampling mx, my, mz.
+    // Voxel size per axis x, y, z: cella over the sampling mx, my, mz, in f32 as the header
+    // holds it, then the f32's shortest decimal (5.006, not 5.006000137329102).
     let size = |k: usize| {
-        let (cella, m) = (h.f32(10 + k) as f64, h.i32(7 + k));
-        (m > 0 && cella.is_finite() && cella > 0.0).then(|| cella / m as f64)
+        let (cella, m) = (h.f32(10 + k), h.i32(7 + k));
+        let v = cella / m as f32;
+        (m > 0 && cella.is_finite() && cella > 0.0 && v > 0.0).then(|| v.to_string().parse::<f64>().unwrap_or(v as f64))
     };
     let voxel_size = size(0);
     if let (Some(x), Some(y), Some(z)) = (size(0), size(1), size(2)) {

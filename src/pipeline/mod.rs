@@ -2,4 +2,5 @@
 pub mod tiling;
 pub mod blend;
 pub mod detect;
+pub mod rescale;
 pub mod runner;
