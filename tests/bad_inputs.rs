@@ -233,18 +233,36 @@ fn resample_brings_a_finer_tomogram_to_the_models() {
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     assert!(e.contains("voxel size 5.006 Å (the file's): its particles look 2.00x their size to the models, made for 10.012 Å; --resample brings it to theirs"), "{e}");
+    // Models made for 5.006 Å see it as it is: the same picks, nothing resampled or warned.
+    let m = tmp.path().join("m.csv");
+    let o = run_mrc(&[&fine], &m, &["--voxel-size", "file", "--resample", "--model-voxel-size", "5.006"]);
+    let e = stderr(&o);
+    assert!(o.status.success() && !e.contains("resampled") && !e.contains("look"), "{e}");
+    assert_eq!(std::fs::read(&m).unwrap(), std::fs::read(&c).unwrap());
+    // Models made for 20.024 Å: the sample halved.
+    let o = run_mrc(&[&coarse], &tmp.path().join("h.csv"), &["--voxel-size", "file", "--resample", "--model-voxel-size", "20.024"]);
+    assert!(o.status.success() && stderr(&o).contains("TS_coarse: resampled from 10.012 Å to 20.024 Å voxels, 80x160x160 to 40x80x80"), "{}", stderr(&o));
+    // A flag that disagrees with the file under --resample: what --voxel-size file would do.
+    let o = run_mrc(&[&fine], &tmp.path().join("g.csv"), &["--resample", "--voxel-size", "7"]);
+    let e = stderr(&o);
+    assert!(o.status.success() && e.contains("give --voxel-size file (or 5.006) for coordinates in its own Å, and for --resample to bring it from 5.006 Å to the models' 10.012 Å"), "{e}");
+    assert!(e.contains("resampled from 7 Å to 10.012 Å voxels"), "{e}");
     // --resample with a --voxel-size equal to the models' has nothing to do, and says so.
     let o = run_mrc(&[&coarse], &tmp.path().join("d.csv"), &["--resample"]);
     assert!(o.status.success() && stderr(&o).contains("so no tomogram is resampled; --voxel-size file takes each file's own"), "{}", stderr(&o));
     // A file that records no voxel size fails under --voxel-size file; the other runs go on.
     let unknown = tmp.path().join("TS_unknown.mrc");
     write_mrc_f32(&unknown, v.shape, &v.data, 0.0).unwrap();
+    // So does one whose voxel size would make it hundreds of times larger (Å taken for nm).
+    let nm = tmp.path().join("TS_nm.mrc");
+    write_mrc_f32(&nm, v.shape, &v.data, 1001.2).unwrap();
     let f = tmp.path().join("f.csv");
-    let o = run_mrc(&[&unknown, &coarse], &f, &["--voxel-size", "file", "--resample"]);
+    let o = run_mrc(&[&unknown, &nm, &coarse], &f, &["--voxel-size", "file", "--resample"]);
     let e = stderr(&o);
     // 2: some runs failed, the others were written.
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("TS_unknown.mrc: the file records no voxel size, which --voxel-size file needs: give its size in Å instead"), "{e}");
+    assert!(e.contains("TS_nm.mrc: resampling it from 1001.2 Å (the file's) to 10.012 Å voxels would make more than 1073741824 voxels: is that voxel size right?"), "{e}");
     let pf = fastdet::io::csv::read_submission(&f).unwrap();
     assert!(!pf.is_empty() && pf.iter().all(|p| p.run == "TS_coarse"), "{pf:?}");
     assert_eq!(pf.len(), pa.len());

@@ -274,21 +274,32 @@ fn cli_writes_one_png_per_run() {
         }
         assert!(stdout.contains(&n.replace(".png", ":")), "{stdout}");
     }
-    // --voxel-size file: the fixture's own 10.012 Å, so the same pictures.
-    let out_file = tmp.path().join("qc_file");
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
-        .args(["qc", "--split", "test", "--truth", "--voxel-size", "file", "--data"])
-        .arg(root().join("tests/fixtures/dataset"))
-        .arg("--picks")
-        .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
-        .arg("--out")
-        .arg(&out_file)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for n in &names {
-        assert!(std::fs::read(out.join(n)).unwrap() == std::fs::read(out_file.join(n)).unwrap(), "{n}");
+    // --voxel-size file: a copy whose metadata says 5.006 Å is drawn as --voxel-size 5.006 draws
+    // it, not as the default 10.012 Å.
+    let data = tmp.path().join("data");
+    common::copy_dir(&root().join("tests/fixtures/dataset"), &data);
+    for run in ["TS_synth_1", "TS_synth_2"] {
+        let z = data.join(format!("test/static/ExperimentRuns/{run}/VoxelSpacing10.000/denoised.zarr/.zattrs"));
+        let mut attrs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&z).unwrap()).unwrap();
+        attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = serde_json::json!([5.006, 5.006, 5.006]);
+        std::fs::write(&z, attrs.to_string()).unwrap();
     }
+    let draw = |dir: &str, vs: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+            .args(["qc", "--split", "test", "--truth", "--voxel-size", vs, "--data"])
+            .arg(&data)
+            .arg("--picks")
+            .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
+            .arg("--out")
+            .arg(tmp.path().join(dir))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        names.iter().map(|n| std::fs::read(tmp.path().join(dir).join(n)).unwrap()).collect::<Vec<_>>()
+    };
+    let (from_file, given) = (draw("qc_file", "file"), draw("qc_given", "5.006"));
+    assert!(from_file == given);
+    assert!(names.iter().zip(&from_file).all(|(n, png)| *png != std::fs::read(out.join(n)).unwrap()));
 
     // --runs limits the output; --help names defaults, units and an example
     let out2 = tmp.path().join("one");

@@ -53,7 +53,17 @@ fn shards_merged_equal_one_run() {
     // One shard alone: the other is named as missing.
     let o = fastdet().arg("merge").arg(&shards[0]).arg("-o").arg(tmp.path().join("half.csv")).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains("run with --shard K/2, and none is shard 1/2: the merged file lacks its runs"), "{err}");
+    assert!(o.status.success() && err.contains("run with --shard K/2, and none is shard 1/2 (TS_synth_2): the merged file lacks 1 of the job's 2 run(s)"), "{err}");
+    // More shards than runs: a shard without runs is not missing.
+    let thirds: Vec<PathBuf> = (0..2).map(|k| tmp.path().join(format!("third{k}.csv"))).collect();
+    for (k, p) in thirds.iter().enumerate() {
+        assert!(cheap_run(&data, p).args(["--shard", &format!("{k}/3")]).status().unwrap().success());
+    }
+    let o = fastdet().arg("merge").args(&thirds).arg("-o").arg(tmp.path().join("thirds.csv")).output().unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = fastdet().arg("merge").arg(&thirds[1]).arg("-o").arg(tmp.path().join("third.csv")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("none is shard 0/3 (TS_synth_1): the merged file lacks 1 of the job's 2 run(s)") && !err.contains("2/3"), "{err}");
     // The other shard's runs redone without --shard: that input may hold them, nothing is said.
     let redo = tmp.path().join("redo.csv");
     assert!(cheap_run(&data, &redo).args(["--split", "test", "--runs", "TS_synth_2"]).status().unwrap().success());

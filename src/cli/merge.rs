@@ -129,15 +129,41 @@ fn settings_differences(inputs: &[PathBuf]) -> Vec<String> {
 
 /// The shards of a job (`--shard k/n`) that none of the inputs is, when every input says which
 /// shard it is and all name the same n. (An unsharded input may hold the missing runs, e.g. a
-/// failed shard's runs redone with --runs; inputs of other shard counts: nothing is said.)
+/// failed shard's runs redone with --runs; inputs of other shard counts: nothing is said.) When
+/// the inputs agree on the job's runs, a missing shard's runs are named, and a shard that had none
+/// (more shards than runs) is not missing.
 fn missing_shards(inputs: &[PathBuf]) -> Option<String> {
-    let shards: Vec<(usize, usize)> = inputs.iter().map(|p| super::run::shard_of(p)).collect::<Option<_>>()?;
-    let n = shards.first()?.1;
-    if shards.iter().any(|s| s.1 != n) {
+    let shards: Vec<super::run::ShardRecord> = inputs.iter().map(|p| super::run::shard_of(p)).collect::<Option<_>>()?;
+    let n = shards.first()?.n;
+    if shards.iter().any(|s| s.n != n) {
         return None;
     }
-    let missing: Vec<String> = (0..n).filter(|k| !shards.iter().any(|s| s.0 == *k)).map(|k| format!("{k}/{n}")).collect();
-    (!missing.is_empty()).then(|| format!("the inputs are shards of a job run with --shard K/{n}, and none is shard {}: the merged file lacks its runs (if it had any)", missing.join(", ")))
+    let missing: Vec<usize> = (0..n).filter(|k| !shards.iter().any(|s| s.k == *k)).collect();
+    let job_runs = shards[0].job_runs.as_ref().filter(|r| shards.iter().all(|s| s.job_runs.as_ref() == Some(*r)));
+    let Some(job_runs) = job_runs else {
+        let list: Vec<String> = missing.iter().map(|k| format!("{k}/{n}")).collect();
+        return (!missing.is_empty()).then(|| format!("the inputs are shards of a job run with --shard K/{n}, and none is shard {}: the merged file lacks its runs (if it had any)", list.join(", ")));
+    };
+    let mut lacking = Vec::new();
+    let mut described = Vec::new();
+    for k in missing {
+        let runs = fastdet::io::dataset::shard(job_runs, k, n);
+        if runs.is_empty() {
+            continue;
+        }
+        let shown: Vec<&str> = runs.iter().take(5).map(String::as_str).collect();
+        let more = if runs.len() > shown.len() { format!(" and {} more", runs.len() - shown.len()) } else { String::new() };
+        described.push(format!("{k}/{n} ({}{more})", shown.join(", ")));
+        lacking.extend(runs);
+    }
+    (!lacking.is_empty()).then(|| {
+        format!(
+            "the inputs are shards of a job run with --shard K/{n}, and none is shard {}: the merged file lacks {} of the job's {} run(s)",
+            described.join(", "),
+            lacking.len(),
+            job_runs.len()
+        )
+    })
 }
 
 fn has_score(p: &Path) -> Result<bool> {

@@ -89,7 +89,8 @@ pub struct InferArgs {
     pub mrc: Vec<PathBuf>,
     /// Multiscale level to read. Coordinates and particle radii still use --voxel-size: give the
     /// level's own with it (e.g. --level 1 --voxel-size 20.024 for the competition's second
-    /// level, or --voxel-size file to take it from the metadata)
+    /// level, or --voxel-size file to take it from the metadata; --resample to bring it to the
+    /// models' voxel size)
     #[arg(long, default_value = "0")]
     pub level: String,
     /// fastdet weights files (any number, mixed architectures): one ensemble
@@ -191,7 +192,7 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 }
 
 #[derive(Args)]
-#[command(after_help = "Coordinates in the CSV are in Å (voxel coordinate x 10.012).\nOn a GPU, FASTDET_CONV=measure times cuDNN and our tensor-core kernels on each network at this\n--batch and --window once per card and keeps the fastest (remembered beside the compiled kernels).\n\
+#[command(after_help = "Coordinates in the CSV are in Å (voxel coordinate x the tomogram's voxel size, --voxel-size: 10.012 by default).\nOn a GPU, FASTDET_CONV=measure times cuDNN and our tensor-core kernels on each network at this\n--batch and --window once per card and keeps the fastest (remembered beside the compiled kernels).\n\
 The first run on a card checks our kernels there against the CPU engine and remembers the pass\n\
 (FASTDET_CHECK_KERNELS=always|never: check at every run, or not at all).\nExample:\n  fastdet run --data tests/fixtures/dataset --weights weights/demo_segresnetv2.safetensors weights/demo_dynunet.safetensors \\\n      --window 64,96,96 --tiles 2,3,3 --out sub.csv")]
 pub struct RunArgs {
@@ -231,7 +232,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub resume: bool,
     /// Also write one RELION 5 STAR file per run as DIR/{run}.star (coordinates in the tomogram's
-    /// voxels of --voxel-size Å, and in Å from its centre; _rlnClassNumber 1-6 in the CSV's class
+    /// own voxels, of --voxel-size Å, even with --resample, and in Å from its centre; _rlnClassNumber 1-6 in the CSV's class
     /// order: apo-ferritin, beta-galactosidase, ribosome, thyroglobulin, virus-like-particle,
     /// beta-amylase)
     #[arg(long)]
@@ -609,26 +610,40 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, Frame, 
         fastdet::errln!("  {}: replaced {bad} non-finite voxels by the mean {mean}", job.run);
     }
     let models = a.model_voxel_size;
-    let voxel_size = match a.voxel_size {
+    let (voxel_size, source) = match a.voxel_size {
         VoxelSize::Angstrom(v) => {
-            if let Some(w) = vol.voxel_size_warning(v, Some(models)) {
+            if let Some(w) = vol.voxel_size_warning(v, Some((models, a.resample))) {
                 fastdet::errln!("  warning: {}: {w}", job.path.display());
             }
-            v
+            (v, "--voxel-size")
         }
-        VoxelSize::File => vol.voxel_size.with_context(|| format!("{}: the file records no voxel size, which --voxel-size file needs: give its size in Å instead", job.path.display()))?,
+        VoxelSize::File => (
+            vol.voxel_size.with_context(|| format!("{}: the file records no voxel size, which --voxel-size file needs: give its size in Å instead", job.path.display()))?,
+            "the file's",
+        ),
     };
     let frame = Frame { voxel_size, shape: vol.shape, grid_voxel_size: voxel_size };
     let frame = if needs_resampling(voxel_size, models) && a.resample {
-        let (data, shape) = rescale::resample(&vol.data, vol.shape, voxel_size, models);
+        // A voxel size in the wrong unit, or a binned size on an unbinned tomogram, would ask
+        // for many times the memory: refused, naming the file.
+        let shape = rescale::checked_resampled_shape(vol.shape, voxel_size, models).with_context(|| {
+            format!(
+                "{}: resampling it from {voxel_size} Å ({source}) to {models} Å voxels would make more than {} voxels: is that voxel size right?",
+                job.path.display(),
+                rescale::MAX_RESAMPLED_VOXELS
+            )
+        })?;
         let dims = |s: [usize; 3]| s.map(|n| n.to_string()).join("x");
         fastdet::errln!("  {}: resampled from {voxel_size} Å to {models} Å voxels, {} to {}", job.run, dims(vol.shape), dims(shape));
+        let (data, shape) = rescale::resample(std::mem::take(&mut vol.data), vol.shape, voxel_size, models);
         (vol.data, vol.shape, vol.voxel_size) = (data, shape, Some(models));
         Frame { grid_voxel_size: models, ..frame }
     } else {
-        if needs_resampling(voxel_size, models) && a.voxel_size == VoxelSize::File {
+        // Said once: the file's own size, when it differs from the flag, was warned about above.
+        let warned = matches!(a.voxel_size, VoxelSize::Angstrom(v) if vol.voxel_size.is_some_and(|f| (f - v).abs() > 1e-3));
+        if needs_resampling(voxel_size, models) && !warned {
             fastdet::errln!(
-                "  warning: {}: voxel size {voxel_size} Å (the file's): its particles look {:.2}x their size to the models, made for {models} Å; --resample brings it to theirs",
+                "  warning: {}: voxel size {voxel_size} Å ({source}): its particles look {:.2}x their size to the models, made for {models} Å; --resample brings it to theirs",
                 job.path.display(),
                 models / voxel_size
             );
@@ -892,16 +907,26 @@ pub(crate) fn changed_settings<'a>(a: &'a serde_json::Map<String, serde_json::Va
     keys.into_iter().collect()
 }
 
-/// In `OUT.runs`: `{"shard": [k, n]}` for an OUT written by a job run with `--shard k/n`.
+/// In `OUT.runs`: `{"shard": [k, n], "job_runs": [...]}` for an OUT written by a job run with
+/// `--shard k/n`, `job_runs` being the sorted runs the whole job shares out.
 pub(crate) const SHARD_FILE: &str = "shard.json";
 
-/// The `--shard` (k, n) the job that wrote `out` was run with, if any.
-pub(crate) fn shard_of(out: &Path) -> Option<(usize, usize)> {
+/// Which shard of which job an OUT is.
+pub(crate) struct ShardRecord {
+    pub k: usize,
+    pub n: usize,
+    /// The runs of the whole job, before sharding (absent in files of an older fastdet).
+    pub job_runs: Option<Vec<String>>,
+}
+
+/// The `--shard` the job that wrote `out` was run with, if any.
+pub(crate) fn shard_of(out: &Path) -> Option<ShardRecord> {
     let text = std::fs::read_to_string(runs_folder(out).ok()?.join(SHARD_FILE)).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let shard = v.get("shard")?;
     let (k, n) = (shard.get(0)?.as_u64()?, shard.get(1)?.as_u64()?);
-    Some((k as usize, n as usize))
+    let job_runs = v.get("job_runs").and_then(|r| serde_json::from_value(r.clone()).ok());
+    Some(ShardRecord { k: k as usize, n: n as usize, job_runs })
 }
 
 /// `OUT.runs`, where a job writing `out` keeps its finished runs and `settings.json`: beside the
@@ -1338,6 +1363,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     }
     let out = a.out.as_deref().context("give --out FILE.csv (or `out` in the config file)")?;
     let jobs = preflight(&a.infer)?;
+    // A shard's record names the runs of the whole job, so that merge can say which are missing.
+    let job_runs: Vec<String> = match a.infer.shard {
+        Some(_) => self::jobs(&InferArgs { shard: None, ..a.infer.clone() })?.into_iter().map(|j| j.run).collect(),
+        None => Vec::new(),
+    };
     let mut inputs: Vec<&Path> = a.infer.weights.iter().map(PathBuf::as_path).collect();
     inputs.extend(jobs.iter().map(|j| j.path.as_path()));
     fastdet::util::check_not_an_input(out, &inputs)?;
@@ -1414,7 +1444,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     // default ids.
     let replaced = files.iter().filter(|(p, bytes)| std::fs::read(p).is_ok_and(|old| old != *bytes)).count();
     if let Some((k, n)) = a.infer.shard {
-        files.push((shard_file, serde_json::json!({ "shard": [k, n] }).to_string().into_bytes()));
+        files.push((shard_file, serde_json::json!({ "shard": [k, n], "job_runs": job_runs }).to_string().into_bytes()));
     }
     files.push((out.to_path_buf(), csv::submission_text(out, &picks, a.with_score)?.into_bytes()));
     fastdet::util::write_files_atomic(&files)?;

@@ -55,14 +55,17 @@ impl Volume {
     }
 
     /// What to say when the file's own voxel size is not `used` (the `--voxel-size` coordinates
-    /// and radii are computed with).
-    pub fn voxel_size_warning(&self, used: f64, models: Option<f64>) -> Option<String> {
+    /// and radii are computed with); `models`: the models' voxel size and whether `--resample` was
+    /// given, when models are run on it (not in `qc`).
+    pub fn voxel_size_warning(&self, used: f64, models: Option<(f64, bool)>) -> Option<String> {
         let vs = self.voxel_size.filter(|vs| (vs - used).abs() > 1e-3)?;
-        // What the models would make of it, when they are run on it (not in `qc`).
-        let scale = models
-            .filter(|&m| crate::pipeline::rescale::needs_resampling(vs, m))
-            .map(|m| format!("; its particles look {:.2}x their size to the models, made for {m} Å: add --resample to bring it to theirs", m / vs))
-            .unwrap_or_default();
+        let scale = match models {
+            Some((m, true)) => format!(", and for --resample to bring it from {vs} Å to the models' {m} Å"),
+            Some((m, false)) if crate::pipeline::rescale::needs_resampling(vs, m) => {
+                format!("; its particles look {:.2}x their size to the models, made for {m} Å: add --resample to bring it to theirs", m / vs)
+            }
+            _ => String::new(),
+        };
         Some(format!(
             "voxel size is {vs} Å in the file's metadata; coordinates are converted with {used} Å (--voxel-size). If the file is right, give --voxel-size file (or {vs}) for coordinates in its own Å{scale}"
         ))

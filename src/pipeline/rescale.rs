@@ -25,6 +25,17 @@ pub fn resampled_len(n: usize, from: f64, to: f64) -> usize {
     ((n as f64 * from / to).round() as usize).max(1)
 }
 
+/// The most voxels a resampled tomogram may have (4 GiB of f32): ten times the competition's
+/// 2^30 / (184 · 630 · 630) ≈ 14.7 tomograms. More means a voxel size in the wrong unit, or a
+/// binned size on an unbinned tomogram.
+pub const MAX_RESAMPLED_VOXELS: usize = 1 << 30;
+
+/// The resampled shape, when it has at most [`MAX_RESAMPLED_VOXELS`] voxels.
+pub fn checked_resampled_shape(shape: [usize; 3], from: f64, to: f64) -> Option<[usize; 3]> {
+    let voxels: f64 = shape.iter().map(|&n| (n as f64 * from / to).round().max(1.0)).product();
+    (voxels.is_finite() && voxels <= MAX_RESAMPLED_VOXELS as f64).then(|| shape.map(|n| resampled_len(n, from, to)))
+}
+
 /// One output voxel's taps along an axis: its first source voxel and the normalised weights of
 /// it and the ones after it.
 #[derive(Debug)]
@@ -60,8 +71,8 @@ fn axis_taps(n_in: usize, n_out: usize, step: f64) -> Vec<Taps> {
 }
 
 /// `data` (C-order z, y, x of `shape`) resampled from voxels of `from` Å to voxels of `to` Å;
-/// with its shape ([`resampled_len`] per axis).
-pub fn resample(data: &[f32], shape: [usize; 3], from: f64, to: f64) -> (Vec<f32>, [usize; 3]) {
+/// with its shape ([`resampled_len`] per axis). `data` is freed after the first pass (x).
+pub fn resample(data: Vec<f32>, shape: [usize; 3], from: f64, to: f64) -> (Vec<f32>, [usize; 3]) {
     assert_eq!(data.len(), shape.iter().product::<usize>(), "data does not match shape {shape:?}");
     assert!(from > 0.0 && to > 0.0 && from.is_finite() && to.is_finite(), "voxel sizes must be positive: {from} -> {to}");
     let step = to / from;
@@ -78,6 +89,7 @@ pub fn resample(data: &[f32], shape: [usize; 3], from: f64, to: f64) -> (Vec<f32
             *o = row[t.start..t.start + t.weights.len()].iter().zip(&t.weights).map(|(v, k)| v * k).sum();
         }
     });
+    drop(data);
     // One output line (a row or a plane) as the weighted sum of whole lines of `src`.
     let combine = |src: &[f32], t: &Taps, out: &mut [f32]| {
         let line = out.len();
@@ -135,9 +147,9 @@ mod tests {
     fn the_same_voxel_size_copies_and_a_constant_stays() {
         let shape = [5, 7, 9];
         let v = random(5 * 7 * 9, 1);
-        assert_eq!(resample(&v, shape, 10.0, 10.0), (v.clone(), shape));
+        assert_eq!(resample(v.clone(), shape, 10.0, 10.0), (v.clone(), shape));
         for (from, to) in [(5.0, 10.012), (10.012, 4.0), (7.84, 10.012), (10.0, 27.0)] {
-            let (out, s) = resample(&vec![0.75; 5 * 7 * 9], shape, from, to);
+            let (out, s) = resample(vec![0.75; 5 * 7 * 9], shape, from, to);
             assert_eq!(s, shape.map(|n| resampled_len(n, from, to)));
             assert!(out.iter().all(|&x| (x - 0.75).abs() < 1e-6), "{from} -> {to}: {out:?}");
         }
@@ -155,7 +167,7 @@ mod tests {
         let data: Vec<f32> = (0..3 * 2).flat_map(|_| line.iter().copied()).collect();
         for (from, to, off) in [(5.0, 10.0, 0.0), (10.0, 4.0, 0.0), (5.006, 10.012, 0.0), (10.0, 13.0, 0.06), (4.0, 10.0, 0.06), (3.0, 10.0, 0.06)] {
             let step = to / from;
-            let (out, s) = resample(&data, [3, 2, n], from, to);
+            let (out, s) = resample(data.clone(), [3, 2, n], from, to);
             let support = step.max(1.0);
             let mut interior = 0;
             for j in 0..s[2] {
@@ -179,7 +191,7 @@ mod tests {
         let shape = [6, 11, 13];
         let v = random(6 * 11 * 13, 7);
         for (from, to) in [(10.0, 17.0), (10.0, 6.0), (3.0, 10.0)] {
-            let (out, s) = resample(&v, shape, from, to);
+            let (out, s) = resample(v.clone(), shape, from, to);
             let step = to / from;
             let support = step.max(1.0);
             let weights = |n: usize, j: usize| -> Vec<f64> { (0..n).map(|i| triangle(i as f64 + 0.5, (j as f64 + 0.5) * step, support)).collect() };
@@ -215,5 +227,11 @@ mod tests {
         assert!(!needs_resampling(10.1, 10.012));
         assert!(needs_resampling(10.2, 10.012));
         assert!(needs_resampling(5.006, 10.012));
+        // A competition-sized tomogram grown 2x per axis: 0.58 G voxels, allowed; one of twice
+        // that size grown 2x (a 20 Å label on a 10 Å tomogram), or an absurd size, is not.
+        assert_eq!(checked_resampled_shape([184, 630, 630], 10.012, 5.006), Some([368, 1260, 1260]));
+        assert_eq!(checked_resampled_shape([368, 1260, 1260], 20.024, 10.012), None);
+        assert_eq!(checked_resampled_shape([184, 630, 630], 1e30, 10.012), None);
+        assert_eq!(checked_resampled_shape([368, 1260, 1260], 5.006, 10.012), Some([184, 630, 630]));
     }
 }
