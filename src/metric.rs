@@ -282,6 +282,59 @@ fn midpoint_above(below: f32, top: f32) -> f32 {
     }
 }
 
+/// One run scored on its own (`fastdet score --per-run`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunScore {
+    pub run: String,
+    /// Annotated particles and picks of the run (every class).
+    pub particles: usize,
+    pub picks: usize,
+    pub tp: usize,
+    pub fp: i64,
+    #[serde(rename = "fn")]
+    pub fn_: usize,
+    /// The weighted F-beta over the classes annotated in this run (a run without some class would
+    /// otherwise score 0 for it); `None` when none of them has a weight.
+    pub fbeta: Option<f64>,
+}
+
+/// Each annotated run of `truth` scored alone, in name order; picks of other runs are left out.
+pub fn score_per_run(truth: &[Pick], submission: &[Pick], beta: f64) -> Vec<RunScore> {
+    let mut runs: Vec<&str> = truth.iter().map(|p| p.run.as_str()).collect();
+    runs.sort_unstable();
+    runs.dedup();
+    runs.into_iter()
+        .map(|run| {
+            let t: Vec<Pick> = truth.iter().filter(|p| p.run == run).cloned().collect();
+            let sub: Vec<Pick> = submission.iter().filter(|p| p.run == run && p.class < CLASSES.len()).cloned().collect();
+            let s = score(&t, &sub, beta);
+            let annotated: Vec<&ClassScore> = s.per_class.iter().filter(|c| c.tp + c.fn_ > 0 && c.weight > 0.0).collect();
+            let wsum: f64 = annotated.iter().map(|c| c.weight).sum();
+            RunScore {
+                run: run.to_string(),
+                particles: t.len(),
+                picks: sub.len(),
+                tp: s.per_class.iter().map(|c| c.tp).sum(),
+                fp: s.per_class.iter().map(|c| c.fp).sum(),
+                fn_: s.per_class.iter().map(|c| c.fn_).sum(),
+                fbeta: (wsum > 0.0).then(|| annotated.iter().map(|c| c.fbeta * c.weight).sum::<f64>() / wsum),
+            }
+        })
+        .collect()
+}
+
+/// A fixed-width table of [`score_per_run`]'s rows.
+pub fn format_run_table(rows: &[RunScore]) -> String {
+    let width = rows.iter().map(|r| r.run.len()).max().unwrap_or(0).max(3);
+    let mut s = String::new();
+    let _ = writeln!(s, "{:<width$} {:>9} {:>7} {:>7} {:>7} {:>7} {:>9}", "run", "particles", "picks", "TP", "FP", "FN", "F-beta");
+    for r in rows {
+        let f = r.fbeta.map_or_else(|| "-".to_string(), |f| format!("{f:.4}"));
+        let _ = writeln!(s, "{:<width$} {:>9} {:>7} {:>7} {:>7} {:>7} {:>9}", r.run, r.particles, r.picks, r.tp, r.fp, r.fn_, f);
+    }
+    s
+}
+
 /// A fixed-width per-class table (name, weight, TP, FP, FN, precision, recall, F-beta) and the
 /// weighted total, for logs and the CLI.
 pub fn format_table(score: &Score) -> String {
@@ -337,6 +390,35 @@ mod tests {
             }
         }
         t
+    }
+
+    #[test]
+    fn runs_scored_alone_sum_to_the_whole() {
+        // TS_a: a ribosome found, a thyroglobulin missed, one stray beta-galactosidase pick.
+        // TS_b: only apo-ferritin, found twice over (one true, one false positive). A pick of
+        // another run is left out.
+        let truth = vec![at("TS_a", 2, 0.0, 0.0, 0.0), at("TS_a", 3, 500.0, 0.0, 0.0), at("TS_b", 0, 0.0, 0.0, 0.0)];
+        let sub = vec![at("TS_a", 2, 10.0, 0.0, 0.0), at("TS_a", 1, 900.0, 0.0, 0.0), at("TS_b", 0, 5.0, 0.0, 0.0), at("TS_b", 0, 400.0, 0.0, 0.0), at("TS_z", 0, 0.0, 0.0, 0.0)];
+        let rows = score_per_run(&truth, &sub, BETA);
+        assert_eq!(rows.iter().map(|r| r.run.as_str()).collect::<Vec<_>>(), ["TS_a", "TS_b"]);
+        let a = &rows[0];
+        assert_eq!((a.particles, a.picks, a.tp, a.fp, a.fn_), (2, 2, 1, 1, 1));
+        // Over its annotated classes: ribosome (weight 1) F = 1, thyroglobulin (weight 2) F = 0.
+        assert!((a.fbeta.unwrap() - 1.0 / 3.0).abs() < 1e-12, "{a:?}");
+        let b = &rows[1];
+        assert_eq!((b.particles, b.picks, b.tp, b.fp, b.fn_), (1, 2, 1, 1, 0));
+        let (_, _, f) = class_f(1, 1, 0, BETA);
+        assert!((b.fbeta.unwrap() - f).abs() < 1e-12, "{b:?}");
+        // The counts add up to the whole's.
+        let whole = score(&truth, &sub, BETA);
+        let sum = |f: fn(&ClassScore) -> i64| whole.per_class.iter().map(f).sum::<i64>();
+        assert_eq!(rows.iter().map(|r| r.tp as i64).sum::<i64>(), sum(|c| c.tp as i64));
+        assert_eq!(rows.iter().map(|r| r.fp).sum::<i64>(), sum(|c| c.fp));
+        assert_eq!(rows.iter().map(|r| r.fn_ as i64).sum::<i64>(), sum(|c| c.fn_ as i64));
+        // Only beta-amylase (weight 0) annotated: no F-beta to give.
+        let rows = score_per_run(&[at("TS_c", 5, 0.0, 0.0, 0.0)], &[], BETA);
+        assert_eq!(rows[0].fbeta, None);
+        assert!(format_run_table(&rows).lines().nth(1).unwrap().trim_end().ends_with('-'));
     }
 
     #[test]

@@ -380,3 +380,38 @@ fn tomogram_type_is_chosen_by_name() {
     let text = String::from_utf8(run(&["--tomogram", "wbp", "--print-config"], &b).stdout).unwrap();
     assert!(text.contains("tomogram = \"wbp\""), "{text}");
 }
+
+/// `score --per-run`: each run of the sample scored on its own, as `--runs RUN` scores it when
+/// the run has every weighted class, and the table beside the whole's.
+#[test]
+fn score_per_run_matches_runs_scored_alone() {
+    let score = |extra: &[&str]| {
+        let o = fastdet()
+            .args(["score", "--split", "test", "--truth"])
+            .arg(root().join("tests/fixtures/dataset"))
+            .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let v: serde_json::Value = serde_json::from_str(&score(&["--json", "--per-run"])).unwrap();
+    let rows = v["per_run"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|r| r["run"].as_str().unwrap()).collect::<Vec<_>>(), ["TS_synth_1", "TS_synth_2"]);
+    let total = |k: &str| v["per_class"].as_array().unwrap().iter().map(|c| c[k].as_i64().unwrap()).sum::<i64>();
+    for k in ["tp", "fp", "fn"] {
+        assert_eq!(rows.iter().map(|r| r[k].as_i64().unwrap()).sum::<i64>(), total(k), "{k}");
+    }
+    for r in rows {
+        let run = r["run"].as_str().unwrap();
+        let alone: serde_json::Value = serde_json::from_str(&score(&["--json", "--runs", run])).unwrap();
+        // Every weighted class is annotated in each run of the sample: the same F-beta.
+        assert!(alone["per_class"].as_array().unwrap().iter().all(|c| c["weight"].as_f64() == Some(0.0) || c["tp"].as_u64().unwrap() + c["fn"].as_u64().unwrap() > 0));
+        assert!((r["fbeta"].as_f64().unwrap() - alone["fbeta"].as_f64().unwrap()).abs() < 1e-12, "{run}");
+    }
+    assert!(v["per_run"].is_array() && serde_json::from_str::<serde_json::Value>(&score(&["--json"])).unwrap().get("per_run").is_none());
+    let text = score(&["--per-run"]);
+    assert!(text.contains("total (weighted)") && text.lines().any(|l| l.starts_with("run ") && l.contains("particles") && l.ends_with("F-beta")), "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("TS_synth_")).count(), 2, "{text}");
+}

@@ -25,9 +25,13 @@ pub struct ScoreArgs {
     /// F-beta's beta
     #[arg(long, default_value_t = 4.0)]
     pub beta: f64,
-    /// Print one JSON object (keys fbeta, per_class)
+    /// Print one JSON object (keys fbeta, per_class; per_run with --per-run)
     #[arg(long)]
     pub json: bool,
+    /// Also score each run on its own: particles, picks, TP, FP, FN and the weighted F-beta over
+    /// the classes annotated in that run (to find the tomograms that go wrong)
+    #[arg(long)]
+    pub per_run: bool,
     /// Score only these runs (comma-separated), e.g. the runs of one shard; by default every run
     /// with ground truth is scored, and one without picks counts all its particles as missed
     #[arg(long, value_delimiter = ',')]
@@ -95,10 +99,18 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let unannotated: std::collections::BTreeSet<&str> = submitted.iter().copied().filter(|r| known.contains(*r) && !annotated.contains(r)).collect();
     warn_runs(&a.submission, &unannotated, &format!("have no annotated particle in {truth_at} and are not scored (their picks count neither way)"), "");
     let s = metric::score(&truth, &sub, a.beta);
+    let per_run = a.per_run.then(|| metric::score_per_run(&truth, &sub, a.beta));
     if a.json {
-        fastdet::outln!("{}", serde_json::to_string_pretty(&s)?)?;
+        let mut v = serde_json::to_value(&s)?;
+        if let Some(rows) = &per_run {
+            v["per_run"] = serde_json::to_value(rows)?;
+        }
+        fastdet::outln!("{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         fastdet::outln!("{}", metric::format_table(&s))?;
+        if let Some(rows) = &per_run {
+            fastdet::outln!("{}", metric::format_run_table(rows))?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
