@@ -77,10 +77,11 @@ fn config_file_values_and_flag_overrides() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("run.toml: give one of device, gpus and devices"));
     // The tomograms' voxel size from their files, resampled to the models' (here 7.84 Å): kept
     // and read back; any other word is an error naming the key.
-    std::fs::write(&cfg, "voxel_size = \"file\"\nresample = true\nmodel_voxel_size = 7.84\n").unwrap();
+    std::fs::write(&cfg, "voxel_size = \"file\"\nresample = true\nmodel_voxel_size = 7.84\ninvert = true\n").unwrap();
     let text = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg));
     let t: toml::Table = text.parse().unwrap();
     assert_eq!((t["voxel_size"].as_str(), t["resample"].as_bool(), t["model_voxel_size"].as_float()), (Some("file"), Some(true), Some(7.84)), "{text}");
+    assert_eq!(t["invert"].as_bool(), Some(true));
     std::fs::write(&again, &text).unwrap();
     assert_eq!(stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&again)), text);
     std::fs::write(&cfg, "voxel_size = \"fine\"\n").unwrap();

@@ -168,7 +168,7 @@ fn check_kind(key: &str, raw_key: &str, v: &toml::Value, file: &Path) -> Result<
     use toml::Value as V;
     let whole = |x: &V| matches!(x, V::Integer(i) if *i >= 0);
     let (ok, want) = match key {
-        "allow-nonfinite" | "with-score" | "resume" | "device-blend" | "host-blend" | "resample" => (v.is_bool(), "true or false"),
+        "allow-nonfinite" | "with-score" | "resume" | "device-blend" | "host-blend" | "resample" | "invert" => (v.is_bool(), "true or false"),
         "batch" | "top-k" => (whole(v), "a whole number >= 0"),
         "iou" | "blend-sigma" | "model-voxel-size" => (v.is_float() || v.is_integer(), "a number"),
         "voxel-size" => (v.is_float() || v.is_integer() || v.as_str() == Some("file"), "a number or \"file\""),
@@ -192,6 +192,6 @@ fn check_kind(key: &str, raw_key: &str, v: &toml::Value, file: &Path) -> Result<
 /// Every option `run` accepts in a config file.
 const KNOWN: &[&str] = &[
     "data", "split", "copick-config", "tomogram", "runs", "zarr", "mrc", "level", "weights", "device", "gpus", "devices", "window", "tiles", "iou", "top-k", "blend-sigma",
-    "tta", "batch", "device-blend", "host-blend", "shard", "voxel-size", "resample", "model-voxel-size", "allow-nonfinite", "pad", "out", "thresholds", "with-score", "copick-out", "user-id",
+    "tta", "batch", "device-blend", "host-blend", "shard", "voxel-size", "resample", "model-voxel-size", "invert", "allow-nonfinite", "pad", "out", "thresholds", "with-score", "copick-out", "user-id",
     "session-id", "save-maps", "resume", "star-out", "qc",
 ];

@@ -156,6 +156,11 @@ pub struct InferArgs {
     /// Replace NaN/Inf voxels by the mean of the finite ones instead of refusing the tomogram
     #[arg(long)]
     pub allow_nonfinite: bool,
+    /// The tomograms' contrast is inverted (particles brighter than the background, as some
+    /// pipelines write them): negate them before the [0, 1] scaling, so that the models see
+    /// particles dark, as they were trained
+    #[arg(long)]
+    pub invert: bool,
     /// What fills a window that runs past a volume shorter than it: zero (the seed's: the darkest
     /// value after the [0, 1] scaling) or the volume's mean (for models not trained with zero
     /// padding; peaks are looked for in the tomogram's own extent, as with zero)
@@ -567,6 +572,9 @@ fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUpl
     // Files that changed during the read (a copy still going on) get no stamp: a resumed job
     // computes the run again rather than trust picks of a half-written tomogram.
     let stamp = if fastdet::util::source_stamp(&job.path) == before { before } else { String::new() };
+    if a.invert {
+        vol.data.iter_mut().for_each(|v| *v = -*v);
+    }
     normalize_unit_range(&mut vol.data);
     let shape = vol.shape;
     let longer = std::array::from_fn(|i| shape[i].max(s.window[i]));
@@ -1093,6 +1101,9 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
     if a.resample {
         fp["resample_to"] = serde_json::json!(a.model_voxel_size);
     }
+    if a.invert {
+        fp["invert"] = serde_json::json!(true);
+    }
     // Only when not the default: jobs stored before the option existed resume as they were.
     if a.pad != "zero" {
         fp["pad"] = serde_json::json!(a.pad);
@@ -1543,6 +1554,7 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     t.insert("resample".into(), Value::Boolean(i.resample));
     t.insert("model_voxel_size".into(), Value::Float(i.model_voxel_size));
     t.insert("allow_nonfinite".into(), Value::Boolean(i.allow_nonfinite));
+    t.insert("invert".into(), Value::Boolean(i.invert));
     t.insert("pad".into(), Value::String(i.pad.clone()));
     if let Some(o) = &a.out {
         t.insert("out".into(), path(o));
