@@ -311,7 +311,18 @@ pub fn convert(inputs: &[PathBuf], out: &Path, opts: &ConvertOptions) -> Result<
     let name = opts.name.clone().unwrap_or_else(|| {
         inputs[0].file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| spec.arch.name().to_string())
     });
-    let classes: Vec<&str> = CLASSES.iter().take(spec.num_classes).map(|c| c.name).collect();
+    // The CZII six by name; another head is not given their names (a three-class model is not
+    // apo-ferritin, beta-galactosidase and ribosome), and `run` refuses it.
+    let classes: Vec<String> = if spec.num_classes == CLASSES.len() {
+        CLASSES.iter().map(|c| c.name.to_string()).collect()
+    } else {
+        warnings.push(format!(
+            "the head predicts {} classes, not the six CZII particles: named class0..class{} in the weights; `inspect` and `forward` take them, `run` refuses them",
+            spec.num_classes,
+            spec.num_classes.saturating_sub(1)
+        ));
+        (0..spec.num_classes).map(|c| format!("class{c}")).collect()
+    };
     let mut meta: HashMap<String, String> = HashMap::new();
     meta.insert("fastdet.format_version".into(), FORMAT_VERSION.into());
     meta.insert("fastdet.version".into(), env!("CARGO_PKG_VERSION").into());

@@ -568,3 +568,37 @@ fn wrapper_prefixes_ema_copies_and_reproducible_bytes() {
     assert!(text(&o.stderr).contains("is also an input"), "{}", text(&o.stderr));
     assert_eq!(std::fs::read(&input).unwrap(), before);
 }
+
+/// A head of three classes is not given the CZII names: class0..class2, said when converting;
+/// `inspect` takes the weights, `run` refuses them.
+#[test]
+fn other_class_counts_are_not_given_czii_names() {
+    let s = Scratch::new();
+    let input = s.input("three.safetensors");
+    let mut t = read_st(&golden("segresnetv2_w8.safetensors"));
+    for (name, keep) in [("head2.cls_head.weight", 3 * 16 * 4), ("head2.cls_head.bias", 3 * 4)] {
+        let w = t.get_mut(name).unwrap();
+        w.bytes.truncate(keep);
+        w.shape[0] = 3;
+    }
+    write_st(&input, &t);
+    let out = s.out("three.fastdet.safetensors");
+    let o = fastdet(["convert", path_str(&input), "-o", path_str(&out)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("the head predicts 3 classes, not the six CZII particles: named class0..class2"), "{}", text(&o.stderr));
+    let j = inspect_json(&out);
+    assert_eq!((j["num_classes"].as_u64(), j["classes"].clone()), (Some(3), serde_json::json!(["class0", "class1", "class2"])));
+    // forward gives three score maps.
+    let (tile, maps) = (s.input("tile.safetensors"), s.out("maps.safetensors"));
+    fastdet::io::tensors::write_f32(&tile, &[("input", vec![1, 1, 16, 16, 16], &[0.5f32; 16 * 16 * 16][..])], None).unwrap();
+    let o = fastdet(["forward", "--weights", path_str(&out), "--input", path_str(&tile), "--output", path_str(&maps)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (shape, scores) = fastdet::io::tensors::read_f32(&maps, "scores").unwrap();
+    assert_eq!(shape, vec![1, 3, 8, 8, 8]);
+    assert!(scores.iter().all(|v| (0.0..=1.0).contains(v)));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = root.join("tests/fixtures/dataset");
+    let o = fastdet(["run", "--data", path_str(&data), "--weights", path_str(&out), "--out", path_str(&s.out("picks.csv"))]);
+    assert!(!o.status.success() && text(&o.stderr).contains("are not the six CZII classes this pipeline scores"), "{}", text(&o.stderr));
+    assert!(!s.out("picks.csv").exists());
+}
