@@ -415,3 +415,38 @@ fn score_per_run_matches_runs_scored_alone() {
     assert!(text.contains("total (weighted)") && text.lines().any(|l| l.starts_with("run ") && l.contains("particles") && l.ends_with("F-beta")), "{text}");
     assert_eq!(text.lines().filter(|l| l.starts_with("TS_synth_")).count(), 2, "{text}");
 }
+
+/// Several `--zarr` stores in one job: the picks `--data` gives for the same runs, in run order
+/// whatever the order given; two stores of one run name are refused; `--shard` takes its share.
+#[test]
+fn several_zarr_stores_are_one_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = root().join("weights/demo_segresnetv2.safetensors");
+    let common = ["--window", "64,96,96", "--tiles", "1,2,2", "--with-score"];
+    let data = root().join("tests/fixtures/dataset");
+    let a = tmp.path().join("a.csv");
+    let st = fastdet().args(["run", "--data"]).arg(&data).arg("--weights").arg(&weights).args(common).arg("--out").arg(&a).status().unwrap();
+    assert!(st.success());
+    let store = |run: &str| data.join(format!("test/static/ExperimentRuns/{run}/VoxelSpacing10.000/denoised.zarr"));
+    let b = tmp.path().join("b.csv");
+    let o = fastdet().args(["run", "--zarr"]).arg(store("TS_synth_2")).arg(store("TS_synth_1")).arg("--weights").arg(&weights).args(common).arg("--out").arg(&b).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with("2 run(s)"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    // The level-0 array of a store beside the store itself: one run name twice.
+    let o = fastdet().args(["run", "--zarr"]).arg(store("TS_synth_1")).arg(store("TS_synth_1").join("0")).arg("--weights").arg(&weights).args(common).arg("--out").arg(tmp.path().join("c.csv")).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("two --zarr inputs share the run name TS_synth_1"), "{e}");
+    // Shard 1/2: the second run only.
+    let d = tmp.path().join("d.csv");
+    let st = fastdet().args(["run", "--shard", "1/2", "--zarr"]).arg(store("TS_synth_1")).arg(store("TS_synth_2")).arg("--weights").arg(&weights).args(common).arg("--out").arg(&d).status().unwrap();
+    assert!(st.success());
+    let runs: std::collections::BTreeSet<String> = std::fs::read_to_string(&d).unwrap().lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect();
+    assert_eq!(runs.into_iter().collect::<Vec<_>>(), ["TS_synth_2"]);
+    // In a config file: a list, printed back as one.
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, format!("zarr = [{:?}, {:?}]\n", store("TS_synth_1"), store("TS_synth_2"))).unwrap();
+    let o = fastdet().args(["run", "--print-config", "--config"]).arg(&cfg).output().unwrap();
+    let t: toml::Table = String::from_utf8_lossy(&o.stdout).parse().unwrap();
+    assert_eq!(t["zarr"].as_array().map(|a| a.len()), Some(2), "{t:?}");
+}

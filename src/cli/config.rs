@@ -9,7 +9,7 @@ use std::path::Path;
 /// Options whose values are paths: relative paths in a config file are relative to the file.
 const PATH_KEYS: &[&str] = &["data", "copick-config", "zarr", "mrc", "weights", "out", "copick-out", "save-maps", "star-out", "qc"];
 /// Options that take several values after one flag.
-const MULTI_KEYS: &[&str] = &["weights", "mrc"];
+const MULTI_KEYS: &[&str] = &["weights", "mrc", "zarr"];
 
 fn given(argv: &[OsString], flag: &str) -> bool {
     argv.iter().any(|a| {
@@ -177,7 +177,7 @@ fn check_kind(key: &str, raw_key: &str, v: &toml::Value, file: &Path) -> Result<
             v.is_str() || v.as_array().is_some_and(|a| a.iter().all(whole)),
             if key == "gpus" { "a list of GPU numbers, e.g. [0, 1]" } else { "a list of three whole numbers, e.g. [192, 128, 128]" },
         ),
-        "runs" | "weights" | "mrc" | "devices" => (v.is_str() || v.as_array().is_some_and(|a| a.iter().all(|x| x.is_str())), "a list of strings"),
+        "runs" | "weights" | "mrc" | "zarr" | "devices" => (v.is_str() || v.as_array().is_some_and(|a| a.iter().all(|x| x.is_str())), "a list of strings"),
         "thresholds" => (true, ""),
         // `session_id = 0`, `split = 2024`: ids written as numbers are fine.
         "user-id" | "session-id" | "split" => (v.is_str() || v.is_integer(), "a string"),

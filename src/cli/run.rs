@@ -81,9 +81,9 @@ pub struct InferArgs {
     /// Only these runs (comma-separated names) of --data or --copick-config
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["zarr", "mrc"])]
     pub runs: Vec<String>,
-    /// A single OME-Zarr group or zarr array instead of --data (the run is named after the file stem, or after the run folder in the competition layout: {run}/VoxelSpacing*/denoised.zarr)
-    #[arg(long, conflicts_with_all = ["data", "mrc"])]
-    pub zarr: Option<PathBuf>,
+    /// OME-Zarr groups or zarr arrays instead of --data (each run is named after the file stem, or after the run folder in the competition layout: {run}/VoxelSpacing*/denoised.zarr)
+    #[arg(long, num_args = 1.., conflicts_with_all = ["data", "mrc"])]
+    pub zarr: Vec<PathBuf>,
     /// MRC2014 tomograms (.mrc/.rec) instead of --data (each run is named after its file stem)
     #[arg(long, num_args = 1.., conflicts_with = "data")]
     pub mrc: Vec<PathBuf>,
@@ -269,30 +269,51 @@ struct Job {
     mrc: bool,
 }
 
+/// A `--zarr` input's run name, and the absolute path it is read from.
+fn zarr_run(z: &Path) -> (String, PathBuf) {
+    let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
+    // Named from the absolute path (`--zarr .` inside the store names it too).
+    let z = &std::path::absolute(z).map(|p| p.components().collect::<PathBuf>()).unwrap_or_else(|_| z.to_path_buf());
+    // An array given inside its multiscale group (`tomo.zarr/0`, `tomo.zarr/s1`) is named
+    // after the group.
+    let level_dir = z.file_name().and_then(|n| n.to_str()).map(|n| n.strip_prefix('s').unwrap_or(n)).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let group = match z.parent().filter(|p| level_dir && !p.as_os_str().is_empty()) {
+        Some(group) => group,
+        None => z.as_path(),
+    };
+    // In the competition layout (`{run}/VoxelSpacing*/denoised.zarr`) the run is the folder
+    // above the voxel spacing, as `--data` names it.
+    let spacing = group.parent().filter(|d| d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("VoxelSpacing")));
+    let named = match spacing.and_then(|d| d.parent()).filter(|r| r.file_name().is_some()) {
+        Some(run_dir) => run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+        // `tomo.ome.zarr` (the OME-NGFF naming) is run `tomo`.
+        None => {
+            let s = stem(group);
+            s.strip_suffix(".ome").filter(|r| !r.is_empty()).map(str::to_owned).unwrap_or(s)
+        }
+    };
+    (named, z.clone())
+}
+
 fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
     let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
-    if let Some(z) = &a.zarr {
-        // Named from the absolute path (`--zarr .` inside the store names it too).
-        let z = &std::path::absolute(z).map(|p| p.components().collect::<PathBuf>()).unwrap_or_else(|_| z.clone());
-        // An array given inside its multiscale group (`tomo.zarr/0`, `tomo.zarr/s1`) is named
-        // after the group.
-        let level_dir = z.file_name().and_then(|n| n.to_str()).map(|n| n.strip_prefix('s').unwrap_or(n)).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        let group = match z.parent().filter(|p| level_dir && !p.as_os_str().is_empty()) {
-            Some(group) => group,
-            None => z.as_path(),
-        };
-        // In the competition layout (`{run}/VoxelSpacing*/denoised.zarr`) the run is the folder
-        // above the voxel spacing, as `--data` names it.
-        let spacing = group.parent().filter(|d| d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("VoxelSpacing")));
-        let named = match spacing.and_then(|d| d.parent()).filter(|r| r.file_name().is_some()) {
-            Some(run_dir) => run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
-            // `tomo.ome.zarr` (the OME-NGFF naming) is run `tomo`.
-            None => {
-                let s = stem(group);
-                s.strip_suffix(".ome").filter(|r| !r.is_empty()).map(str::to_owned).unwrap_or(s)
-            }
-        };
-        return Ok(vec![Job { run: named, path: z.clone(), not_found: None, mrc: false }]);
+    // Files given one by one: in run-name order (as --data's runs), names unique, then sharded.
+    let sorted_and_sharded = |mut jobs: Vec<Job>, flag: &str| -> Result<Vec<Job>> {
+        jobs.sort_by(|x, y| x.run.cmp(&y.run));
+        if let Some(w) = jobs.windows(2).find(|w| w[0].run == w[1].run) {
+            bail!("two {flag} inputs share the run name {}: {} and {}", w[0].run, w[0].path.display(), w[1].path.display());
+        }
+        if let Some((k, n)) = a.shard {
+            jobs = jobs.into_iter().enumerate().filter(|(i, _)| i % n == k).map(|(_, j)| j).collect();
+        }
+        Ok(jobs)
+    };
+    if !a.zarr.is_empty() {
+        let jobs = a.zarr.iter().map(|z| {
+            let (run, path) = zarr_run(z);
+            Job { run, path, not_found: None, mrc: false }
+        });
+        return sorted_and_sharded(jobs.collect(), "--zarr");
     }
     if !a.mrc.is_empty() {
         if a.level != "0" {
@@ -301,15 +322,8 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         if let Some(d) = a.mrc.iter().find(|p| p.is_dir()) {
             bail!("--mrc {}: a directory; --mrc takes MRC files (--zarr reads a zarr)", d.display());
         }
-        let mut jobs: Vec<Job> = a.mrc.iter().map(|p| Job { run: stem(p), path: p.clone(), not_found: None, mrc: true }).collect();
-        jobs.sort_by(|x, y| x.run.cmp(&y.run));
-        if let Some(w) = jobs.windows(2).find(|w| w[0].run == w[1].run) {
-            bail!("two MRC inputs share the run name {}: {} and {}", w[0].run, w[0].path.display(), w[1].path.display());
-        }
-        if let Some((k, n)) = a.shard {
-            jobs = jobs.into_iter().enumerate().filter(|(i, _)| i % n == k).map(|(_, j)| j).collect();
-        }
-        return Ok(jobs);
+        let jobs = a.mrc.iter().map(|p| Job { run: stem(p), path: p.clone(), not_found: None, mrc: true }).collect();
+        return sorted_and_sharded(jobs, "--mrc");
     }
     let layout = a.layout()?.context("give --data ROOT, --copick-config FILE, --zarr PATH or --mrc FILE...")?;
     let mut runs = layout.discover_runs()?;
@@ -1081,11 +1095,13 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
         h.update(std::fs::read(w).with_context(|| format!("{}: cannot read", w.display()))?);
     }
     let full = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf()).display().to_string();
-    let inputs = match (&a.data, &a.zarr, &a.copick_config) {
+    let inputs = match (&a.data, a.zarr.as_slice(), &a.copick_config) {
         (Some(root), _, _) => serde_json::json!({ "data": full(root), "split": a.split, "tomogram": a.tomogram }),
-        (None, Some(z), _) => serde_json::json!({ "zarr": full(z) }),
-        (None, None, Some(c)) => serde_json::json!({ "copick_config": full(c), "tomogram": a.tomogram }),
-        (None, None, None) => serde_json::json!({ "mrc": a.mrc.iter().map(|m| full(m)).collect::<Vec<_>>() }),
+        // One store as before (a job of an older fastdet resumes), several as a list.
+        (None, [z], _) => serde_json::json!({ "zarr": full(z) }),
+        (None, [_, _, ..], _) => serde_json::json!({ "zarr": a.zarr.iter().map(|z| full(z)).collect::<Vec<_>>() }),
+        (None, [], Some(c)) => serde_json::json!({ "copick_config": full(c), "tomogram": a.tomogram }),
+        (None, [], None) => serde_json::json!({ "mrc": a.mrc.iter().map(|m| full(m)).collect::<Vec<_>>() }),
     };
     let mut fp = serde_json::json!({
         "inputs": inputs,
@@ -1515,8 +1531,14 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     if !i.runs.is_empty() {
         t.insert("runs".into(), Value::Array(i.runs.iter().map(|r| Value::String(r.clone())).collect()));
     }
-    if let Some(z) = &i.zarr {
-        t.insert("zarr".into(), path(z));
+    match i.zarr.as_slice() {
+        [] => {}
+        [z] => {
+            t.insert("zarr".into(), path(z));
+        }
+        many => {
+            t.insert("zarr".into(), Value::Array(many.iter().map(|p| path(p)).collect()));
+        }
     }
     if !i.mrc.is_empty() {
         t.insert("mrc".into(), Value::Array(i.mrc.iter().map(|p| path(p)).collect()));
