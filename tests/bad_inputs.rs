@@ -268,6 +268,54 @@ fn resample_brings_a_finer_tomogram_to_the_models() {
     assert_eq!(pf.len(), pa.len());
 }
 
+/// `--level auto` reads, per tomogram, the multiscale level nearest the models' voxel size: of a
+/// pyramid at 5.006, 10.012 and 20.024 Å, level 1, as `--level 1` reads it (nothing resampled).
+#[test]
+fn level_auto_reads_the_level_nearest_the_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = synth1();
+    let [d, h, w] = v.shape;
+    let fine: Vec<f32> = (0..8 * d * h * w)
+        .map(|i| {
+            let (z, y, x) = (i / (4 * h * w), i / (2 * w) % (2 * h), i % (2 * w));
+            v.data[((z / 2) * h + y / 2) * w + x / 2]
+        })
+        .collect();
+    let store = tmp.path().join("TS_pyramid.zarr");
+    fastdet::synth::write_ome_zarr(&store, &fine, [2 * d, 2 * h, 2 * w]).unwrap();
+    let zattrs = store.join(".zattrs");
+    let mut attrs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&zattrs).unwrap()).unwrap();
+    for (i, ds) in attrs["multiscales"][0]["datasets"].as_array_mut().unwrap().iter_mut().enumerate() {
+        let s = 5.006 * f64::from(1u32 << i);
+        ds["coordinateTransformations"][0]["scale"] = serde_json::json!([s, s, s]);
+    }
+    std::fs::write(&zattrs, attrs.to_string()).unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fastdet"))
+            .args(["run", "--zarr"])
+            .arg(&store)
+            .arg("--weights")
+            .arg(root().join("weights/demo_segresnetv2.safetensors"))
+            .args(["--window", "64,96,96", "--tiles", "1,1,1", "--with-score", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (tmp.path().join("a.csv"), tmp.path().join("b.csv"));
+    let o = run(&a, &["--level", "1", "--voxel-size", "file"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&b, &["--level", "auto", "--voxel-size", "file", "--resample"]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("TS_pyramid: level 1 (10.012 Å) of 0 (5.006 Å), 1 (10.012 Å), 2 (20.024 Å), the nearest the models' 10.012 Å") && !e.contains("resampled"), "{e}");
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert!(!fastdet::io::csv::read_submission(&a).unwrap().is_empty());
+    // The level is chosen by the file's voxel sizes, so a number is refused with it.
+    let o = run(&tmp.path().join("c.csv"), &["--level", "auto"]);
+    assert!(!o.status.success() && stderr(&o).contains("--level auto chooses each tomogram's level by the voxel sizes in its metadata: give --voxel-size file too"), "{}", stderr(&o));
+}
+
 /// A tomogram written with inverted contrast (particles bright): `--invert` gives the picks of the
 /// original, byte for byte; without it the models see bright particles and find others.
 #[test]

@@ -90,7 +90,8 @@ pub struct InferArgs {
     /// Multiscale level to read. Coordinates and particle radii still use --voxel-size: give the
     /// level's own with it (e.g. --level 1 --voxel-size 20.024 for the competition's second
     /// level, or --voxel-size file to take it from the metadata; --resample to bring it to the
-    /// models' voxel size)
+    /// models' voxel size). auto: per tomogram, the level whose voxel size is nearest the models'
+    /// (needs --voxel-size file)
     #[arg(long, default_value = "0")]
     pub level: String,
     /// fastdet weights files (any number, mixed architectures): one ensemble
@@ -316,7 +317,7 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
         return sorted_and_sharded(jobs.collect(), "--zarr");
     }
     if !a.mrc.is_empty() {
-        if a.level != "0" {
+        if a.level != "0" && a.level != "auto" {
             bail!("--level {}: MRC files hold one level; --level chooses among a zarr's", a.level);
         }
         if let Some(d) = a.mrc.iter().find(|p| p.is_dir()) {
@@ -406,6 +407,9 @@ fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
     if !(a.model_voxel_size.is_finite() && a.model_voxel_size > 0.0) {
         bail!("--model-voxel-size {}: must be a positive number of Å", a.model_voxel_size);
     }
+    if a.level == "auto" && a.voxel_size != VoxelSize::File {
+        bail!("--level auto chooses each tomogram's level by the voxel sizes in its metadata: give --voxel-size file too");
+    }
     if let (true, VoxelSize::Angstrom(v)) = (a.resample, a.voxel_size) {
         if !needs_resampling(v, a.model_voxel_size) {
             fastdet::errln!(
@@ -448,6 +452,23 @@ fn read_volume(path: &Path, level: &str, mrc: bool) -> Result<zarr::Volume> {
     } else {
         zarr::read_zarr_volume(path, level)
     }
+}
+
+/// `--level auto`: the level of the run's OME-Zarr group whose voxel size is nearest the models'
+/// (level 0 for an MRC file, a lone array, or a group without scales).
+fn auto_level(job: &Job, models: f64) -> Result<String> {
+    if job.mrc || is_mrc(&job.path) || !job.path.is_dir() {
+        return Ok("0".into());
+    }
+    let levels = zarr::level_voxel_sizes(&job.path)?;
+    let Some((chosen, size)) = zarr::nearest_level(&levels, models) else {
+        return Ok("0".into());
+    };
+    if levels.len() > 1 {
+        let all: Vec<String> = levels.iter().map(|(p, v)| format!("{p} ({v} Å)")).collect();
+        fastdet::errln!("  {}: level {chosen} ({size} Å) of {}, the nearest the models' {models} Å", job.run, all.join(", "));
+    }
+    Ok(chosen.clone())
 }
 
 /// Optional per-run outputs besides the picks.
@@ -611,7 +632,8 @@ fn prepare(job: &Job, a: &InferArgs, s: &Settings, uploader: Option<&mut SideUpl
 /// (runs on the reader thread, ahead of inference).
 fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, Frame, f64)> {
     let t = Instant::now();
-    let mut vol = read_volume(&job.path, &a.level, job.mrc)?;
+    let level = if a.level == "auto" { auto_level(job, a.model_voxel_size)? } else { a.level.clone() };
+    let mut vol = read_volume(&job.path, &level, job.mrc)?;
     let bad = zarr::count_nonfinite(&vol.data);
     if bad > 0 {
         if !a.allow_nonfinite {

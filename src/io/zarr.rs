@@ -235,6 +235,41 @@ fn ome_dataset(attrs: &Map<String, Value>, dataset_path: &str) -> Option<OmeData
     None
 }
 
+/// The levels of the OME-Zarr group `path` with their voxel sizes (Å, along the last stored
+/// axis, as [`Volume::voxel_size`] is x), in the order of its first multiscale; the levels
+/// without a scale are left out. Empty for a lone array or a group without OME metadata.
+pub fn level_voxel_sizes(path: &Path) -> Result<Vec<(String, f64)>> {
+    if !path.is_dir() || node_kind(path)? == NodeKind::Array {
+        return Ok(Vec::new());
+    }
+    let Some(attrs) = node_attributes(path)? else {
+        return Ok(Vec::new());
+    };
+    let paths: Vec<String> = multiscales(&attrs)
+        .and_then(|m| m.first())
+        .and_then(|m| m.get("datasets"))
+        .and_then(Value::as_array)
+        .map(|d| d.iter().filter_map(|d| d.get("path").and_then(Value::as_str)).map(|p| p.trim_matches('/').to_owned()).collect())
+        .unwrap_or_default();
+    Ok(paths
+        .into_iter()
+        .filter_map(|p| {
+            let size = ome_dataset(&attrs, &p)?.voxel_size?.last().copied()?;
+            Some((p, size))
+        })
+        .collect())
+}
+
+/// Of `levels` ([`level_voxel_sizes`]), the one nearest `target` Å by ratio (the finer of two
+/// as near).
+pub fn nearest_level(levels: &[(String, f64)], target: f64) -> Option<&(String, f64)> {
+    let distance = |v: f64| (v / target).ln().abs();
+    levels.iter().fold(None, |best: Option<&(String, f64)>, l| match best {
+        Some(b) if distance(b.1) < distance(l.1) - 1e-9 || ((distance(b.1) - distance(l.1)).abs() <= 1e-9 && b.1 <= l.1) => Some(b),
+        _ => Some(l),
+    })
+}
+
 /// Axis names of the array at `array_dir` from its own metadata: zarr v3 `dimension_names`, or
 /// the `_ARRAY_DIMENSIONS` attribute xarray writes in zarr v2.
 fn array_axis_names(array_dir: &Path) -> Result<Option<Vec<String>>> {
@@ -723,5 +758,16 @@ mod tests {
         let v05: Value = serde_json::json!({"ome": attrs});
         assert_eq!(ome_dataset(v05.as_object().unwrap(), "1").and_then(|d| d.voxel_size).map(|v| v[2]), Some(20.024));
         assert_eq!(ome_dataset(&Map::new(), "0"), None);
+    }
+
+    #[test]
+    fn the_nearest_level_by_ratio() {
+        let levels: Vec<(String, f64)> = [("0", 4.99), ("1", 9.98), ("2", 19.96)].map(|(p, v)| (p.to_string(), v)).into();
+        assert_eq!(nearest_level(&levels, 10.012).map(|l| l.0.as_str()), Some("1"));
+        assert_eq!(nearest_level(&levels, 3.0).map(|l| l.0.as_str()), Some("0"));
+        assert_eq!(nearest_level(&levels, 1000.0).map(|l| l.0.as_str()), Some("2"));
+        // 7.057 Å is as near 4.99 as 9.98 by ratio (√(4.99 · 9.98)): the finer.
+        assert_eq!(nearest_level(&levels, (4.99f64 * 9.98).sqrt()).map(|l| l.0.as_str()), Some("0"));
+        assert_eq!(nearest_level(&[], 10.0), None);
     }
 }
