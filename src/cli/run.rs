@@ -91,7 +91,8 @@ pub struct InferArgs {
     /// level's own with it (e.g. --level 1 --voxel-size 20.024 for the competition's second
     /// level, or --voxel-size file to take it from the metadata; --resample to bring it to the
     /// models' voxel size). auto: per tomogram, the level whose voxel size is nearest the models'
-    /// (needs --voxel-size file)
+    /// (needs --voxel-size file), and in a copick project of several VoxelSpacing folders, the
+    /// folder nearest them
     #[arg(long, default_value = "0")]
     pub level: String,
     /// fastdet weights files (any number, mixed architectures): one ensemble
@@ -347,7 +348,9 @@ fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
     Ok(runs
         .into_iter()
         .map(|run| {
-            match layout.tomogram_path(&run, &a.tomogram) {
+            // --level auto: of several voxel spacings, the one nearest the models'.
+            let near = (a.level == "auto").then_some(a.model_voxel_size);
+            match layout.tomogram_path_near(&run, &a.tomogram, near) {
                 Ok(path) => Job { run, path, not_found: None, mrc: false },
                 Err(e) => Job { path: layout.default_tomogram_path(&run, &a.tomogram), run, not_found: Some(format!("{e:#}")), mrc: false },
             }

@@ -213,10 +213,17 @@ impl Layout {
     /// of the run. Errors (naming the paths) if the run is missing, or there is no candidate, or
     /// several candidates and no canonical one.
     pub fn tomogram_path(&self, run: &str, tomogram: &str) -> Result<PathBuf> {
+        self.tomogram_path_near(run, tomogram, None)
+    }
+
+    /// [`Self::tomogram_path`], or with `near` Å (`run --level auto`): of several
+    /// `VoxelSpacing{Å}` folders holding the tomogram, the one nearest `near` by ratio (the finer
+    /// on a tie), the canonical one included.
+    pub fn tomogram_path_near(&self, run: &str, tomogram: &str, near: Option<f64>) -> Result<PathBuf> {
         let name = format!("{tomogram}.zarr");
         let exact = self.default_tomogram_path(run, tomogram);
         let run_dirs: Vec<PathBuf> = self.run_dirs(run).into_iter().filter(|d| d.is_dir()).collect();
-        if let Some(p) = run_dirs.iter().map(|d| d.join(VOXEL_SPACING_DIR).join(&name)).find(|p| p.is_dir()) {
+        if let Some(p) = run_dirs.iter().map(|d| d.join(VOXEL_SPACING_DIR).join(&name)).find(|p| p.is_dir()).filter(|_| near.is_none()) {
             return Ok(p);
         }
         if run_dirs.is_empty() {
@@ -234,6 +241,22 @@ impl Layout {
         let mut candidates: Vec<PathBuf> = run_dirs.iter().flat_map(spacings).map(|s| s.join(&name)).filter(|p| p.is_dir()).collect();
         candidates.sort();
         let listed = run_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" or ");
+        // The spacing a candidate's folder names (`VoxelSpacing10.000` is 10 Å).
+        let spacing_of = |p: &Path| -> Option<f64> {
+            p.parent()?.file_name()?.to_str()?.strip_prefix("VoxelSpacing")?.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0)
+        };
+        if let (Some(target), true) = (near, candidates.len() > 1) {
+            let distance = |v: f64| (v / target).ln().abs();
+            let named: Vec<(f64, &PathBuf)> = candidates.iter().filter_map(|p| Some((spacing_of(p)?, p))).collect();
+            if named.len() == candidates.len() {
+                // In path order, so the first of equal spacings (static root before overlay) wins.
+                let best = named.iter().fold(None, |best: Option<&(f64, &PathBuf)>, c| match best {
+                    Some(b) if distance(b.0) < distance(c.0) - 1e-9 || ((distance(b.0) - distance(c.0)).abs() <= 1e-9 && b.0 <= c.0) => Some(b),
+                    _ => Some(c),
+                });
+                return Ok(best.expect("several candidates").1.clone());
+            }
+        }
         match candidates.len() {
             1 => Ok(candidates.pop().unwrap()),
             0 => {
@@ -323,6 +346,17 @@ mod tests {
         std::fs::create_dir_all(rd.join("TS_b").join("VoxelSpacing5.000").join("denoised.zarr")).unwrap();
         let e = layout.tomogram_path("TS_b", d).unwrap_err().to_string();
         assert!(e.contains("ambiguous"), "{e}");
+        // ... unless the nearest spacing is asked for (--level auto), the canonical one included.
+        assert_eq!(layout.tomogram_path_near("TS_b", d, Some(10.0)).unwrap(), other);
+        assert_eq!(layout.tomogram_path_near("TS_b", d, Some(6.0)).unwrap(), rd.join("TS_b/VoxelSpacing5.000/denoised.zarr"));
+        std::fs::create_dir_all(rd.join("TS_b/VoxelSpacing20.024/denoised.zarr")).unwrap();
+        assert_eq!(layout.tomogram_path_near("TS_b", d, Some(17.0)).unwrap(), rd.join("TS_b/VoxelSpacing20.024/denoised.zarr"));
+        std::fs::create_dir_all(rd.join("TS_b/VoxelSpacing10.000/denoised.zarr")).unwrap();
+        assert_eq!(layout.tomogram_path("TS_b", d).unwrap(), rd.join("TS_b/VoxelSpacing10.000/denoised.zarr"));
+        assert_eq!(layout.tomogram_path_near("TS_b", d, Some(20.0)).unwrap(), rd.join("TS_b/VoxelSpacing20.024/denoised.zarr"));
+        // A folder whose name gives no spacing leaves the choice ambiguous.
+        std::fs::create_dir_all(rd.join("TS_b/VoxelSpacingX/denoised.zarr")).unwrap();
+        assert!(layout.tomogram_path_near("TS_b", d, Some(20.0)).unwrap_err().to_string().contains("ambiguous"));
         // missing run
         let e = layout.tomogram_path("TS_zz", d)
             .unwrap_err()
