@@ -247,6 +247,15 @@ fn resample_brings_a_finer_tomogram_to_the_models() {
     let e = stderr(&o);
     assert!(o.status.success() && e.contains("give --voxel-size file (or 5.006) for coordinates in its own Å, and for --resample to bring it from 5.006 Å to the models' 10.012 Å"), "{e}");
     assert!(e.contains("resampled from 7 Å to 10.012 Å voxels"), "{e}");
+    // ... and of a file at the models' voxel size, that --resample would leave it as it is; the
+    // flag's own 7 Å is what the models see resampled.
+    let o = run_mrc(&[&coarse], &tmp.path().join("g.csv"), &["--resample", "--voxel-size", "7"]);
+    let e = stderr(&o);
+    assert!(o.status.success() && e.contains("give --voxel-size file (or 10.012) for coordinates in its own Å, which --resample would read as it is (within 1% of the models' 10.012 Å)"), "{e}");
+    // Without --resample: the flag's size is far from the models', and that is said too.
+    let o = run_mrc(&[&coarse], &tmp.path().join("g.csv"), &["--voxel-size", "5"]);
+    let e = stderr(&o);
+    assert!(o.status.success() && e.contains("voxel size 5 Å (--voxel-size): its particles look 2.00x their size to the models"), "{e}");
     // --resample with a --voxel-size equal to the models' has nothing to do, and says so.
     let o = run_mrc(&[&coarse], &tmp.path().join("d.csv"), &["--resample"]);
     assert!(o.status.success() && stderr(&o).contains("so no tomogram is resampled; --voxel-size file takes each file's own"), "{}", stderr(&o));
@@ -311,6 +320,9 @@ fn level_auto_reads_the_level_nearest_the_models() {
     assert!(e.contains("TS_pyramid: level 1 (10.012 Å) of 0 (5.006 Å), 1 (10.012 Å), 2 (20.024 Å), the nearest the models' 10.012 Å") && !e.contains("resampled"), "{e}");
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     assert!(!fastdet::io::csv::read_submission(&a).unwrap().is_empty());
+    // The models' voxel size chooses the level, so a job resumed with another is refused.
+    let o = run(&b, &["--level", "auto", "--voxel-size", "file", "--resample", "--resume", "--model-voxel-size", "20.024"]);
+    assert!(!o.status.success() && stderr(&o).contains("(changed: auto_level_for, resample_to)"), "{}", stderr(&o));
     // The level is chosen by the file's voxel sizes, so a number is refused with it.
     let o = run(&tmp.path().join("c.csv"), &["--level", "auto"]);
     assert!(!o.status.success() && stderr(&o).contains("--level auto chooses each tomogram's level by the voxel sizes in its metadata: give --voxel-size file too"), "{}", stderr(&o));

@@ -433,6 +433,11 @@ fn several_zarr_stores_are_one_job() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).starts_with("2 run(s)"), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    // Resumed with the stores in the other order: the same job.
+    let o = fastdet().args(["run", "--resume", "--zarr"]).arg(store("TS_synth_1")).arg(store("TS_synth_2")).arg("--weights").arg(&weights).args(common).arg("--out").arg(&b).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && e.matches("(resumed)").count() == 2, "{e}");
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     // The level-0 array of a store beside the store itself: one run name twice.
     let o = fastdet().args(["run", "--zarr"]).arg(store("TS_synth_1")).arg(store("TS_synth_1").join("0")).arg("--weights").arg(&weights).args(common).arg("--out").arg(tmp.path().join("c.csv")).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);

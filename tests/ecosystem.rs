@@ -82,6 +82,10 @@ fn config_file_values_and_flag_overrides() {
     let t: toml::Table = text.parse().unwrap();
     assert_eq!((t["voxel_size"].as_str(), t["resample"].as_bool(), t["model_voxel_size"].as_float()), (Some("file"), Some(true), Some(7.84)), "{text}");
     assert_eq!(t["invert"].as_bool(), Some(true));
+    // An empty list of another input gives no flag, and leaves the file's split to its data.
+    std::fs::write(&cfg, "data = \"d\"\nsplit = \"train\"\nzarr = []\n").unwrap();
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg)).parse().unwrap();
+    assert_eq!((t["split"].as_str(), t.get("zarr")), (Some("train"), None));
     std::fs::write(&again, &text).unwrap();
     assert_eq!(stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&again)), text);
     std::fs::write(&cfg, "voxel_size = \"fine\"\n").unwrap();

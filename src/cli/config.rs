@@ -96,7 +96,9 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     // the other inputs (from the command line or the file).
     let other_input_on_command_line = INPUT_KEYS.iter().any(|k| *k != "data" && given(&rest, &format!("--{k}")));
     // Nor for the file's own other input (a file once written for `data`, its input changed).
-    let other_input_in_file = !input_on_command_line && table.keys().any(|k| k != "data" && INPUT_KEYS.contains(&k.replace('_', "-").as_str()));
+    // (An empty list, which gives no flag, is no input.)
+    let other_input_in_file = !input_on_command_line
+        && table.iter().any(|(k, v)| k != "data" && INPUT_KEYS.contains(&k.replace('_', "-").as_str()) && v.as_array().is_none_or(|a| !a.is_empty()));
     for (raw_key, v) in &table {
         let key = raw_key.replace('_', "-");
         if !KNOWN.contains(&key.as_str()) {

@@ -152,7 +152,8 @@ pub struct InferArgs {
     /// tomogram's Å, STAR files in its voxels; saved maps and QC images are of the resampled grid
     #[arg(long)]
     pub resample: bool,
-    /// The voxel size in Å the models were trained at, which --resample brings tomograms to
+    /// The voxel size in Å the models were trained at, which --resample brings tomograms to (and
+    /// --level auto reads the nearest level to)
     #[arg(long, value_name = "Å", default_value_t = fastdet::particles::ANGSTROM_PER_VOXEL)]
     pub model_voxel_size: f64,
     /// Replace NaN/Inf voxels by the mean of the finite ones instead of refusing the tomogram
@@ -686,8 +687,9 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, Frame, 
         (vol.data, vol.shape, vol.voxel_size) = (data, shape, Some(models));
         Frame { grid_voxel_size: models, ..frame }
     } else {
-        // Said once: the file's own size, when it differs from the flag, was warned about above.
-        let warned = matches!(a.voxel_size, VoxelSize::Angstrom(v) if vol.voxel_size.is_some_and(|f| (f - v).abs() > 1e-3));
+        // Said once: a file's own size other than the flag's, and far from the models', was
+        // warned about above with what the models would make of it.
+        let warned = matches!(a.voxel_size, VoxelSize::Angstrom(v) if vol.voxel_size.is_some_and(|f| (f - v).abs() > 1e-3 && needs_resampling(f, models)));
         if needs_resampling(voxel_size, models) && !warned {
             fastdet::errln!(
                 "  warning: {}: voxel size {voxel_size} Å ({source}): its particles look {:.2}x their size to the models, made for {models} Å; --resample brings it to theirs",
@@ -1124,7 +1126,8 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
         (Some(root), _, _) => serde_json::json!({ "data": full(root), "split": a.split, "tomogram": a.tomogram }),
         // One store as before (a job of an older fastdet resumes), several as a list.
         (None, [z], _) => serde_json::json!({ "zarr": full(z) }),
-        (None, [_, _, ..], _) => serde_json::json!({ "zarr": a.zarr.iter().map(|z| full(z)).collect::<Vec<_>>() }),
+        // Sorted: the order they are given in does not change the job.
+        (None, [_, _, ..], _) => serde_json::json!({ "zarr": a.zarr.iter().map(|z| full(z)).collect::<std::collections::BTreeSet<_>>() }),
         (None, [], Some(c)) => serde_json::json!({ "copick_config": full(c), "tomogram": a.tomogram }),
         (None, [], None) => serde_json::json!({ "mrc": a.mrc.iter().map(|m| full(m)).collect::<Vec<_>>() }),
     };
@@ -1141,6 +1144,10 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
     // models' voxel size changes nothing without it.)
     if a.resample {
         fp["resample_to"] = serde_json::json!(a.model_voxel_size);
+    }
+    // --level auto reads the level (and folder) nearest the models' voxel size.
+    if a.level == "auto" {
+        fp["auto_level_for"] = serde_json::json!(a.model_voxel_size);
     }
     if a.invert {
         fp["invert"] = serde_json::json!(true);

@@ -29,7 +29,8 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub json: bool,
     /// Also score each run on its own: particles, picks, TP, FP, FN and the weighted F-beta over
-    /// the classes annotated in that run (to find the tomograms that go wrong)
+    /// the classes annotated in that run (to find the tomograms that go wrong; picks of classes
+    /// the run has no particle of count in its FP, not in its F-beta)
     #[arg(long)]
     pub per_run: bool,
     /// Score only these runs (comma-separated), e.g. the runs of one shard; by default every run

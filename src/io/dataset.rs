@@ -247,14 +247,21 @@ impl Layout {
         };
         if let (Some(target), true) = (near, candidates.len() > 1) {
             let distance = |v: f64| (v / target).ln().abs();
-            let named: Vec<(f64, &PathBuf)> = candidates.iter().filter_map(|p| Some((spacing_of(p)?, p))).collect();
+            let mut named: Vec<(f64, &PathBuf)> = candidates.iter().filter_map(|p| Some((spacing_of(p)?, p))).collect();
             if named.len() == candidates.len() {
-                // In path order, so the first of equal spacings (static root before overlay) wins.
+                // Root by root (static before overlay), so the first of equal spacings is the
+                // static root's, as the canonical folder is looked for there first.
+                let root = |p: &Path| run_dirs.iter().position(|d| p.starts_with(d)).unwrap_or(usize::MAX);
+                named.sort_by_key(|(_, p)| root(p));
                 let best = named.iter().fold(None, |best: Option<&(f64, &PathBuf)>, c| match best {
                     Some(b) if distance(b.0) < distance(c.0) - 1e-9 || ((distance(b.0) - distance(c.0)).abs() <= 1e-9 && b.0 <= c.0) => Some(b),
                     _ => Some(c),
                 });
                 return Ok(best.expect("several candidates").1.clone());
+            }
+            // A folder name that gives no spacing: the canonical folder, as without `near`.
+            if let Some(p) = run_dirs.iter().map(|d| d.join(VOXEL_SPACING_DIR).join(&name)).find(|p| p.is_dir()) {
+                return Ok(p);
             }
         }
         match candidates.len() {
@@ -354,8 +361,10 @@ mod tests {
         std::fs::create_dir_all(rd.join("TS_b/VoxelSpacing10.000/denoised.zarr")).unwrap();
         assert_eq!(layout.tomogram_path("TS_b", d).unwrap(), rd.join("TS_b/VoxelSpacing10.000/denoised.zarr"));
         assert_eq!(layout.tomogram_path_near("TS_b", d, Some(20.0)).unwrap(), rd.join("TS_b/VoxelSpacing20.024/denoised.zarr"));
-        // A folder whose name gives no spacing leaves the choice ambiguous.
+        // A folder whose name gives no spacing: the canonical folder, as without a voxel size.
         std::fs::create_dir_all(rd.join("TS_b/VoxelSpacingX/denoised.zarr")).unwrap();
+        assert_eq!(layout.tomogram_path_near("TS_b", d, Some(20.0)).unwrap(), rd.join("TS_b/VoxelSpacing10.000/denoised.zarr"));
+        std::fs::remove_dir_all(rd.join("TS_b/VoxelSpacing10.000")).unwrap();
         assert!(layout.tomogram_path_near("TS_b", d, Some(20.0)).unwrap_err().to_string().contains("ambiguous"));
         // missing run
         let e = layout.tomogram_path("TS_zz", d)

@@ -60,7 +60,8 @@ impl Volume {
     pub fn voxel_size_warning(&self, used: f64, models: Option<(f64, bool)>) -> Option<String> {
         let vs = self.voxel_size.filter(|vs| (vs - used).abs() > 1e-3)?;
         let scale = match models {
-            Some((m, true)) => format!(", and for --resample to bring it from {vs} Å to the models' {m} Å"),
+            Some((m, true)) if crate::pipeline::rescale::needs_resampling(vs, m) => format!(", and for --resample to bring it from {vs} Å to the models' {m} Å"),
+            Some((m, true)) => format!(", which --resample would read as it is (within 1% of the models' {m} Å)"),
             Some((m, false)) if crate::pipeline::rescale::needs_resampling(vs, m) => {
                 format!("; its particles look {:.2}x their size to the models, made for {m} Å: add --resample to bring it to theirs", m / vs)
             }
@@ -235,9 +236,10 @@ fn ome_dataset(attrs: &Map<String, Value>, dataset_path: &str) -> Option<OmeData
     None
 }
 
-/// The levels of the OME-Zarr group `path` with their voxel sizes (Å, along the last stored
-/// axis, as [`Volume::voxel_size`] is x), in the order of its first multiscale; the levels
-/// without a scale are left out. Empty for a lone array or a group without OME metadata.
+/// The levels of the OME-Zarr group `path` with their voxel sizes (Å along x, as
+/// [`Volume::voxel_size`]: the axis named x, else the last), in the order of its first
+/// multiscale; the levels without a scale, or whose path is empty or leaves the store, are left
+/// out. Empty for a lone array or a group without OME metadata.
 pub fn level_voxel_sizes(path: &Path) -> Result<Vec<(String, f64)>> {
     if !path.is_dir() || node_kind(path)? == NodeKind::Array {
         return Ok(Vec::new());
@@ -253,9 +255,14 @@ pub fn level_voxel_sizes(path: &Path) -> Result<Vec<(String, f64)>> {
         .unwrap_or_default();
     Ok(paths
         .into_iter()
+        // As a level number's lookup does: no path out of the store.
+        .filter(|p| !p.is_empty() && !p.contains(".."))
         .filter_map(|p| {
-            let size = ome_dataset(&attrs, &p)?.voxel_size?.last().copied()?;
-            Some((p, size))
+            let ds = ome_dataset(&attrs, &p)?;
+            let sizes = ds.voxel_size?;
+            // x by name, as the reader takes it, else the last stored axis.
+            let x = ds.axes.as_ref().and_then(|a| a.iter().position(|n| n.eq_ignore_ascii_case("x"))).unwrap_or(sizes.len().saturating_sub(1));
+            Some((p, *sizes.get(x)?))
         })
         .collect())
 }
@@ -769,5 +776,25 @@ mod tests {
         // 7.057 Å is as near 4.99 as 9.98 by ratio (√(4.99 · 9.98)): the finer.
         assert_eq!(nearest_level(&levels, (4.99f64 * 9.98).sqrt()).map(|l| l.0.as_str()), Some("0"));
         assert_eq!(nearest_level(&[], 10.0), None);
+    }
+
+    #[test]
+    fn level_sizes_along_x_and_inside_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".zgroup"), r#"{"zarr_format": 2}"#).unwrap();
+        let scale = |s: [f64; 3]| serde_json::json!([{"type": "scale", "scale": s}]);
+        let attrs = serde_json::json!({"multiscales": [{
+            "axes": [{"name": "x", "type": "space"}, {"name": "y", "type": "space"}, {"name": "z", "type": "space"}],
+            "datasets": [
+                {"path": "0", "coordinateTransformations": scale([5.0, 6.0, 7.0])},
+                {"path": "../outside", "coordinateTransformations": scale([9.0, 9.0, 9.0])},
+                {"path": "", "coordinateTransformations": scale([9.0, 9.0, 9.0])},
+                {"path": "1", "coordinateTransformations": scale([10.0, 12.0, 14.0])},
+                {"path": "2"}
+            ]
+        }]});
+        std::fs::write(dir.path().join(".zattrs"), attrs.to_string()).unwrap();
+        assert_eq!(level_voxel_sizes(dir.path()).unwrap(), vec![("0".to_string(), 5.0), ("1".to_string(), 10.0)]);
+        assert!(level_voxel_sizes(&dir.path().join("missing")).unwrap().is_empty());
     }
 }

@@ -25,9 +25,9 @@ pub fn resampled_len(n: usize, from: f64, to: f64) -> usize {
     ((n as f64 * from / to).round() as usize).max(1)
 }
 
-/// The most voxels a resampled tomogram may have (4 GiB of f32): ten times the competition's
-/// 2^30 / (184 · 630 · 630) ≈ 14.7 tomograms. More means a voxel size in the wrong unit, or a
-/// binned size on an unbinned tomogram.
+/// The most voxels a resampled tomogram may have: 2^30 (4 GiB of f32), about 14.7 of the
+/// competition's 184 · 630 · 630. More means a voxel size in the wrong unit, or a binned size on
+/// an unbinned tomogram.
 pub const MAX_RESAMPLED_VOXELS: usize = 1 << 30;
 
 /// The resampled shape, when it has at most [`MAX_RESAMPLED_VOXELS`] voxels.
