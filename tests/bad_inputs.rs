@@ -266,12 +266,16 @@ fn resample_brings_a_finer_tomogram_to_the_models() {
     let nm = tmp.path().join("TS_nm.mrc");
     write_mrc_f32(&nm, v.shape, &v.data, 1001.2).unwrap();
     let f = tmp.path().join("f.csv");
-    let o = run_mrc(&[&unknown, &nm, &coarse], &f, &["--voxel-size", "file", "--resample"]);
+    // And one that would shrink to nothing (a header's unset 1 Å).
+    let unset = tmp.path().join("TS_unset.mrc");
+    write_mrc_f32(&unset, v.shape, &v.data, 1.0).unwrap();
+    let o = run_mrc(&[&unknown, &nm, &unset, &coarse], &f, &["--voxel-size", "file", "--resample"]);
     let e = stderr(&o);
     // 2: some runs failed, the others were written.
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("TS_unknown.mrc: the file records no voxel size, which --voxel-size file needs: give its size in Å instead"), "{e}");
     assert!(e.contains("TS_nm.mrc: resampling it from 1001.2 Å (the file's) to 10.012 Å voxels would make more than 1073741824 voxels: is that voxel size right?"), "{e}");
+    assert!(e.contains("TS_unset.mrc: resampling it from 1 Å (the file's) to 10.012 Å voxels would make it 8x16x16 voxels, too small to find particles in: is that voxel size right? (1 Å is what a header that was never set holds)"), "{e}");
     let pf = fastdet::io::csv::read_submission(&f).unwrap();
     assert!(!pf.is_empty() && pf.iter().all(|p| p.run == "TS_coarse"), "{pf:?}");
     assert_eq!(pf.len(), pa.len());
@@ -322,7 +326,10 @@ fn level_auto_reads_the_level_nearest_the_models() {
     assert!(!fastdet::io::csv::read_submission(&a).unwrap().is_empty());
     // The models' voxel size chooses the level, so a job resumed with another is refused.
     let o = run(&b, &["--level", "auto", "--voxel-size", "file", "--resample", "--resume", "--model-voxel-size", "20.024"]);
-    assert!(!o.status.success() && stderr(&o).contains("(changed: auto_level_for, resample_to)"), "{}", stderr(&o));
+    assert!(!o.status.success() && stderr(&o).contains("(changed: model_voxel_size)"), "{}", stderr(&o));
+    // Only `auto` itself is the choice: `Auto` is taken for a typo, not an array's name.
+    let o = run(&tmp.path().join("c.csv"), &["--level", "Auto", "--voxel-size", "file"]);
+    assert!(!o.status.success() && stderr(&o).contains("--level \"Auto\": did you mean auto"), "{}", stderr(&o));
     // The level is chosen by the file's voxel sizes, so a number is refused with it.
     let o = run(&tmp.path().join("c.csv"), &["--level", "auto"]);
     assert!(!o.status.success() && stderr(&o).contains("--level auto chooses each tomogram's level by the voxel sizes in its metadata: give --voxel-size file too"), "{}", stderr(&o));

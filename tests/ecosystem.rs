@@ -82,6 +82,14 @@ fn config_file_values_and_flag_overrides() {
     let t: toml::Table = text.parse().unwrap();
     assert_eq!((t["voxel_size"].as_str(), t["resample"].as_bool(), t["model_voxel_size"].as_float()), (Some("file"), Some(true), Some(7.84)), "{text}");
     assert_eq!(t["invert"].as_bool(), Some(true));
+    // --no-KEY turns a file's true off; with KEY itself it is a contradiction.
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--no-invert", "--no-resample", "--config"]).arg(&cfg)).parse().unwrap();
+    assert_eq!((t["invert"].as_bool(), t["resample"].as_bool(), t["voxel_size"].as_str()), (Some(false), Some(false), Some("file")));
+    let o = fastdet().args(["run", "--print-config", "--no-invert", "--invert", "--config"]).arg(&cfg).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--invert and --no-invert contradict each other"), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(&again, "host_blend = true\n").unwrap();
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--no-host-blend", "--config"]).arg(&again)).parse().unwrap();
+    assert_eq!(t["device_blend"].as_bool(), Some(true));
     // An empty list of another input gives no flag, and leaves the file's split to its data.
     std::fs::write(&cfg, "data = \"d\"\nsplit = \"train\"\nzarr = []\n").unwrap();
     let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg)).parse().unwrap();

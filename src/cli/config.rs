@@ -61,10 +61,25 @@ fn class_names() -> String {
     CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
 }
 
+/// The true/false options a `--no-KEY` flag turns off, over a config file's `KEY = true`
+/// (`--no-host-blend` is `--device-blend`).
+const NEGATABLE: &[&str] = &["allow-nonfinite", "with-score", "resume", "resample", "invert"];
+
 /// Expands `fastdet run --config FILE ...` into plain arguments.
 pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     if argv.get(1).map(|a| a.to_string_lossy() != "run").unwrap_or(true) {
         return Ok(argv);
+    }
+    // `--no-KEY`: KEY off (its default), whatever the file says; gone before clap sees it.
+    let negated_key = |a: &OsString| a.to_str().and_then(|s| s.strip_prefix("--no-")).filter(|k| NEGATABLE.contains(k)).map(str::to_owned);
+    let negated: Vec<String> = argv.iter().filter_map(negated_key).collect();
+    let argv: Vec<OsString> = argv
+        .into_iter()
+        .filter(|a| negated_key(a).is_none())
+        .map(|a| if a == "--no-host-blend" { "--device-blend".into() } else { a })
+        .collect();
+    if let Some(k) = negated.iter().find(|k| given(&argv, &format!("--{k}"))) {
+        bail!("--{k} and --no-{k} contradict each other");
     }
     let Some(pos) = argv.iter().position(|a| a == "--config" || a.to_string_lossy().starts_with("--config=")) else {
         return Ok(argv);
@@ -106,6 +121,7 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
         }
         let flag = format!("--{key}");
         if given(&rest, &flag)
+            || negated.contains(&key)
             || (devices_on_command_line && DEVICE_KEYS.contains(&key.as_str()))
             || (input_on_command_line && (INPUT_KEYS.contains(&key.as_str()) || INPUT_ONLY_KEYS.contains(&key.as_str())))
             || ((other_input_on_command_line || other_input_in_file) && key == "split")

@@ -208,7 +208,10 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     for line in settings_differences(&a.inputs) {
         fastdet::errln!("warning: {line}");
     }
-    if let Some(line) = missing_shards(&a.inputs) {
+    // Written all the same (the runs there are are good), but the exit status says the job's
+    // output is not whole, as `run` says some runs failed: a job-array script notices.
+    let incomplete = missing_shards(&a.inputs);
+    if let Some(line) = &incomplete {
         fastdet::errln!("warning: {line}");
     }
     // Scores are kept when every input has them.
@@ -234,5 +237,5 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     if let Some((dst, writes)) = copick_writes {
         let _ = fastdet::util::out_line(format_args!("copied {} copick picks file(s) from {} folder(s) into {}", writes.len(), a.copick.len(), dst.display()));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if incomplete.is_some() { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }

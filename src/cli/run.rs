@@ -411,6 +411,9 @@ fn settings(a: &InferArgs, thresholds: Vec<f32>) -> Result<Settings> {
     if !(a.model_voxel_size.is_finite() && a.model_voxel_size > 0.0) {
         bail!("--model-voxel-size {}: must be a positive number of Å", a.model_voxel_size);
     }
+    if a.level != "auto" && a.level.trim().eq_ignore_ascii_case("auto") {
+        bail!("--level {:?}: did you mean auto (lower case; other names are the store's arrays)?", a.level);
+    }
     if a.level == "auto" && a.voxel_size != VoxelSize::File {
         bail!("--level auto chooses each tomogram's level by the voxel sizes in its metadata: give --voxel-size file too");
     }
@@ -682,6 +685,15 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, Frame, 
             )
         })?;
         let dims = |s: [usize; 3]| s.map(|n| n.to_string()).join("x");
+        // Too small to hold a ribosome (150 Å): a header's unset 1 Å, or Å taken for nm.
+        if shape.iter().any(|&n| n < rescale::MIN_RESAMPLED_AXIS) {
+            bail!(
+                "{}: resampling it from {voxel_size} Å ({source}) to {models} Å voxels would make it {} voxels, too small to find particles in: is that voxel size right?{}",
+                job.path.display(),
+                dims(shape),
+                if voxel_size == 1.0 { " (1 Å is what a header that was never set holds)" } else { "" }
+            );
+        }
         fastdet::errln!("  {}: resampled from {voxel_size} Å to {models} Å voxels, {} to {}", job.run, dims(vol.shape), dims(shape));
         let (data, shape) = rescale::resample(std::mem::take(&mut vol.data), vol.shape, voxel_size, models);
         (vol.data, vol.shape, vol.voxel_size) = (data, shape, Some(models));
@@ -1142,12 +1154,13 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
     });
     // Only when asked for: jobs stored before the option existed resume as they were. (The
     // models' voxel size changes nothing without it.)
+    // (Keys named after the options, as messages list the keys that changed.)
     if a.resample {
-        fp["resample_to"] = serde_json::json!(a.model_voxel_size);
+        fp["resample"] = serde_json::json!(true);
     }
-    // --level auto reads the level (and folder) nearest the models' voxel size.
-    if a.level == "auto" {
-        fp["auto_level_for"] = serde_json::json!(a.model_voxel_size);
+    // It matters to --resample, and to --level auto, which reads the level (and folder) nearest it.
+    if a.resample || a.level == "auto" {
+        fp["model_voxel_size"] = serde_json::json!(a.model_voxel_size);
     }
     if a.invert {
         fp["invert"] = serde_json::json!(true);

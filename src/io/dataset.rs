@@ -217,8 +217,9 @@ impl Layout {
     }
 
     /// [`Self::tomogram_path`], or with `near` Å (`run --level auto`): of several
-    /// `VoxelSpacing{Å}` folders holding the tomogram, the one nearest `near` by ratio (the finer
-    /// on a tie), the canonical one included.
+    /// `VoxelSpacing{Å}` folders holding the tomogram, the one with the level nearest `near` by
+    /// ratio (OME metadata; else the spacing the folder's name gives; the finer on a tie), the
+    /// canonical one included.
     pub fn tomogram_path_near(&self, run: &str, tomogram: &str, near: Option<f64>) -> Result<PathBuf> {
         let name = format!("{tomogram}.zarr");
         let exact = self.default_tomogram_path(run, tomogram);
@@ -247,7 +248,13 @@ impl Layout {
         };
         if let (Some(target), true) = (near, candidates.len() > 1) {
             let distance = |v: f64| (v / target).ln().abs();
-            let mut named: Vec<(f64, &PathBuf)> = candidates.iter().filter_map(|p| Some((spacing_of(p)?, p))).collect();
+            // Each folder by its level nearest the target (a 5 Å folder's 2x level beats a
+            // 7.84 Å folder for 10 Å), else by the spacing its name gives.
+            let size_of = |p: &Path| -> Option<f64> {
+                let levels = crate::io::zarr::level_voxel_sizes(p).unwrap_or_default();
+                crate::io::zarr::nearest_level(&levels, target).map(|l| l.1).or_else(|| spacing_of(p))
+            };
+            let mut named: Vec<(f64, &PathBuf)> = candidates.iter().filter_map(|p| Some((size_of(p)?, p))).collect();
             if named.len() == candidates.len() {
                 // Root by root (static before overlay), so the first of equal spacings is the
                 // static root's, as the canonical folder is looked for there first.
@@ -366,6 +373,15 @@ mod tests {
         assert_eq!(layout.tomogram_path_near("TS_b", d, Some(20.0)).unwrap(), rd.join("TS_b/VoxelSpacing10.000/denoised.zarr"));
         std::fs::remove_dir_all(rd.join("TS_b/VoxelSpacing10.000")).unwrap();
         assert!(layout.tomogram_path_near("TS_b", d, Some(20.0)).unwrap_err().to_string().contains("ambiguous"));
+        // A folder's levels count: a 5.006 Å pyramid's 2x level beats a 7.84 Å folder for 10 Å.
+        let fine = rd.join("TS_c/VoxelSpacing5.006/denoised.zarr");
+        std::fs::create_dir_all(&fine).unwrap();
+        std::fs::create_dir_all(rd.join("TS_c/VoxelSpacing7.840/denoised.zarr")).unwrap();
+        std::fs::write(fine.join(".zgroup"), r#"{"zarr_format": 2}"#).unwrap();
+        let level = |p: &str, v: f64| serde_json::json!({"path": p, "coordinateTransformations": [{"type": "scale", "scale": [v, v, v]}]});
+        std::fs::write(fine.join(".zattrs"), serde_json::json!({"multiscales": [{"datasets": [level("0", 5.006), level("1", 10.012)]}]}).to_string()).unwrap();
+        assert_eq!(layout.tomogram_path_near("TS_c", d, Some(10.012)).unwrap(), fine);
+        assert_eq!(layout.tomogram_path_near("TS_c", d, Some(7.0)).unwrap(), rd.join("TS_c/VoxelSpacing7.840/denoised.zarr"));
         // missing run
         let e = layout.tomogram_path("TS_zz", d)
             .unwrap_err()

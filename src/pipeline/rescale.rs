@@ -30,6 +30,11 @@ pub fn resampled_len(n: usize, from: f64, to: f64) -> usize {
 /// an unbinned tomogram.
 pub const MAX_RESAMPLED_VOXELS: usize = 1 << 30;
 
+/// The fewest voxels a resampled tomogram may have along an axis: 32 of 10 Å hold a ribosome
+/// (150 Å radius) with a little room. Fewer means a voxel size in the wrong unit, or a header's
+/// unset 1 Å.
+pub const MIN_RESAMPLED_AXIS: usize = 32;
+
 /// The resampled shape, when it has at most [`MAX_RESAMPLED_VOXELS`] voxels.
 pub fn checked_resampled_shape(shape: [usize; 3], from: f64, to: f64) -> Option<[usize; 3]> {
     let voxels: f64 = shape.iter().map(|&n| (n as f64 * from / to).round().max(1.0)).product();
