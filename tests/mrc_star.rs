@@ -542,6 +542,8 @@ fn star_two_runs_pixels_centred_classes_header() {
     // The class numbers are named, in the CSV's class order.
     let legend = "# _rlnClassNumber 1 apo-ferritin, 2 beta-galactosidase, 3 ribosome, 4 thyroglobulin, 5 virus-like-particle, 6 beta-amylase";
     assert!(lines.contains(&legend), "{text}");
+    // The grid the coordinates are in.
+    assert!(lines.contains(&"# _rlnCoordinateX/Y/Z: voxels of 10.012 Å of a 30 x 20 x 10 (x, y, z) tomogram; _rlnCentered*Angst: Å from its centre"), "{text}");
     let block = lines.iter().position(|l| *l == "data_particles").expect("data_particles block");
     assert_eq!(lines.iter().filter(|l| l.starts_with("data_")).count(), 1, "one data block");
     let lp = block + lines[block..].iter().position(|l| *l == "loop_").expect("loop_");

@@ -118,6 +118,10 @@ pub fn run_star_text(
     let _ = writeln!(text);
     let _ = writeln!(text, "# RELION 5 tomography particles of {run}, written by fastdet");
     let _ = writeln!(text, "# {}", class_legend());
+    // Which grid the coordinates are in, so the file can be read on its own (a level or a
+    // voxel size other than the full-resolution tomogram's).
+    let [z, y, x] = volume_shape_zyx;
+    let _ = writeln!(text, "# _rlnCoordinateX/Y/Z: voxels of {pixel_size_a} Å of a {x} x {y} x {z} (x, y, z) tomogram; _rlnCentered*Angst: Å from its centre");
     let _ = writeln!(text);
     let _ = writeln!(text, "{PARTICLES_BLOCK}");
     let _ = writeln!(text);
