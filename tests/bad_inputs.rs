@@ -16,6 +16,18 @@ fn synth1() -> fastdet::io::zarr::Volume {
     fastdet::io::zarr::read_zarr_volume(&z, "0").unwrap()
 }
 
+/// Each voxel of `v` repeated 2x2x2: the same tomogram in voxels of half the size.
+fn repeated_2x(v: &fastdet::io::zarr::Volume) -> (Vec<f32>, [usize; 3]) {
+    let [d, h, w] = v.shape;
+    let data = (0..8 * d * h * w)
+        .map(|i| {
+            let (z, y, x) = (i / (4 * h * w), i / (2 * w) % (2 * h), i % (2 * w));
+            v.data[((z / 2) * h + y / 2) * w + x / 2]
+        })
+        .collect();
+    (data, [2 * d, 2 * h, 2 * w])
+}
+
 /// `run` on MRC files with the small demo model and a 64x96x96 window.
 fn run_mrc(files: &[&Path], out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fastdet"))
@@ -178,14 +190,7 @@ fn resample_brings_a_finer_tomogram_to_the_models() {
     let v = synth1();
     let coarse = tmp.path().join("TS_coarse.mrc");
     write_mrc_f32(&coarse, v.shape, &v.data, 10.012).unwrap();
-    let [d, h, w] = v.shape;
-    let fine_shape = [2 * d, 2 * h, 2 * w];
-    let fine_data: Vec<f32> = (0..8 * d * h * w)
-        .map(|i| {
-            let (z, y, x) = (i / (4 * h * w), i / (2 * w) % (2 * h), i % (2 * w));
-            v.data[((z / 2) * h + y / 2) * w + x / 2]
-        })
-        .collect();
+    let (fine_data, fine_shape) = repeated_2x(&v);
     let fine = tmp.path().join("TS_fine.mrc");
     write_mrc_f32(&fine, fine_shape, &fine_data, 5.006).unwrap();
     drop(fine_data);
@@ -287,15 +292,9 @@ fn resample_brings_a_finer_tomogram_to_the_models() {
 fn level_auto_reads_the_level_nearest_the_models() {
     let tmp = tempfile::tempdir().unwrap();
     let v = synth1();
-    let [d, h, w] = v.shape;
-    let fine: Vec<f32> = (0..8 * d * h * w)
-        .map(|i| {
-            let (z, y, x) = (i / (4 * h * w), i / (2 * w) % (2 * h), i % (2 * w));
-            v.data[((z / 2) * h + y / 2) * w + x / 2]
-        })
-        .collect();
+    let (fine, fine_shape) = repeated_2x(&v);
     let store = tmp.path().join("TS_pyramid.zarr");
-    fastdet::synth::write_ome_zarr(&store, &fine, [2 * d, 2 * h, 2 * w]).unwrap();
+    fastdet::synth::write_ome_zarr(&store, &fine, fine_shape).unwrap();
     let zattrs = store.join(".zattrs");
     let mut attrs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&zattrs).unwrap()).unwrap();
     for (i, ds) in attrs["multiscales"][0]["datasets"].as_array_mut().unwrap().iter_mut().enumerate() {
