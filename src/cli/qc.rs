@@ -3,7 +3,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use fastdet::io::{copick, csv, dataset, zarr};
 use fastdet::qc::{self, QcOptions};
-use super::run::{parse_voxel_size, VoxelSize};
+use super::run::{file_voxel_size, parse_voxel_size, VoxelSize};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -106,7 +106,7 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
                 }
                 v
             }
-            VoxelSize::File => volume.voxel_size.with_context(|| format!("{}: the file records no voxel size, which --voxel-size file needs: give its size in Å instead", path.display()))?,
+            VoxelSize::File => file_voxel_size(&volume, &path)?,
         };
         let opts = QcOptions { slabs: a.slabs, title: Some(title), voxel_size: Some(voxel_size), ..QcOptions::default() };
         let s = qc::render_qc_with(&volume, &run_picks, run_truth.as_deref(), &out, &opts)?;

@@ -57,6 +57,11 @@ pub fn parse_voxel_size(s: &str) -> Result<VoxelSize, String> {
     s.parse().map(VoxelSize::Angstrom).map_err(|_| format!("expected a number of Å or `file`, got {s:?}"))
 }
 
+/// `--voxel-size file`: the voxel size `vol`'s file records, or an error naming `path`.
+pub fn file_voxel_size(vol: &zarr::Volume, path: &Path) -> Result<f64> {
+    vol.voxel_size.with_context(|| format!("{}: the file records no voxel size, which --voxel-size file needs: give its size in Å instead", path.display()))
+}
+
 fn class_list() -> String {
     CLASSES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
 }
@@ -669,7 +674,7 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, Frame, 
             (v, "--voxel-size")
         }
         VoxelSize::File => (
-            vol.voxel_size.with_context(|| format!("{}: the file records no voxel size, which --voxel-size file needs: give its size in Å instead", job.path.display()))?,
+            file_voxel_size(&vol, &job.path)?,
             "the file's",
         ),
     };

@@ -247,7 +247,6 @@ impl Layout {
             p.parent()?.file_name()?.to_str()?.strip_prefix("VoxelSpacing")?.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0)
         };
         if let (Some(target), true) = (near, candidates.len() > 1) {
-            let distance = |v: f64| (v / target).ln().abs();
             // Each folder by its level nearest the target (a 5 Å folder's 2x level beats a
             // 7.84 Å folder for 10 Å), else by the spacing its name gives.
             let size_of = |p: &Path| -> Option<f64> {
@@ -260,10 +259,7 @@ impl Layout {
                 // static root's, as the canonical folder is looked for there first.
                 let root = |p: &Path| run_dirs.iter().position(|d| p.starts_with(d)).unwrap_or(usize::MAX);
                 named.sort_by_key(|(_, p)| root(p));
-                let best = named.iter().fold(None, |best: Option<&(f64, &PathBuf)>, c| match best {
-                    Some(b) if distance(b.0) < distance(c.0) - 1e-9 || ((distance(b.0) - distance(c.0)).abs() <= 1e-9 && b.0 <= c.0) => Some(b),
-                    _ => Some(c),
-                });
+                let best = crate::io::zarr::nearest_by_ratio(&named, |c| c.0, target);
                 return Ok(best.expect("several candidates").1.clone());
             }
             // A folder name that gives no spacing: the canonical folder, as without `near`.

@@ -270,10 +270,16 @@ pub fn level_voxel_sizes(path: &Path) -> Result<Vec<(String, f64)>> {
 /// Of `levels` ([`level_voxel_sizes`]), the one nearest `target` Å by ratio (the finer of two
 /// as near).
 pub fn nearest_level(levels: &[(String, f64)], target: f64) -> Option<&(String, f64)> {
+    nearest_by_ratio(levels, |l| l.1, target)
+}
+
+/// Of `items`, the one whose voxel size (`size`, Å) is nearest `target` by ratio: the finer of
+/// two as near, the first of equal sizes.
+pub fn nearest_by_ratio<T>(items: &[T], size: impl Fn(&T) -> f64, target: f64) -> Option<&T> {
     let distance = |v: f64| (v / target).ln().abs();
-    levels.iter().fold(None, |best: Option<&(String, f64)>, l| match best {
-        Some(b) if distance(b.1) < distance(l.1) - 1e-9 || ((distance(b.1) - distance(l.1)).abs() <= 1e-9 && b.1 <= l.1) => Some(b),
-        _ => Some(l),
+    items.iter().fold(None, |best: Option<&T>, c| match best {
+        Some(b) if distance(size(b)) < distance(size(c)) - 1e-9 || ((distance(size(b)) - distance(size(c))).abs() <= 1e-9 && size(b) <= size(c)) => Some(b),
+        _ => Some(c),
     })
 }
 
