@@ -167,8 +167,10 @@ case "$cmd" in
   bench)
     case "$*" in
       *--host-blend*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "device_blend": false, "s_per_tomogram": 2.5, "upload_s": 0.0, "infer_s": 1.8, "blend_s": 0.5, "detect_s": 0.2, "tflops": 80.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
+      *--tomogram*--batch\ 2*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "batch": 2, "device_blend": true, "s_per_tomogram": 1.25, "upload_s": 0.03, "infer_s": 0.8, "blend_s": 0.3, "detect_s": 0.15, "tflops": 120.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
       *--tomogram*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "device_blend": true, "s_per_tomogram": 1.5, "upload_s": 0.03, "infer_s": 1.0, "blend_s": 0.3, "detect_s": 0.2, "tflops": 100.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
       *) choice=null
+         echo "bench sees LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >> "$FAKE_CALLS"
          [ "${FASTDET_CONV:-}" = measure ] && choice='{"label": "tc-wide", "remembered": false, "batch": 1, "ms_per_walk": {"cudnn": 5.5, "tc": 4.75, "tc-wide": 4.5, "tc-async": null}}'
          echo '{"device": "cuda:0", "tile": [192, 128, 128], "batch": 1, "fastdet_version": "0", "cold_start_s": 0.4, "kernel_load": {"files": 13, "compiled": 0, "compile_s": 0.0, "load_s": 0.05}, "models": [{"model": "segresnetv2", "engine": "cuda:0:stand-in", "ms_per_tile": 5.0, "ms_per_tile_min": 4.9, "ms_per_tile_max": 5.1, "gflops": 1000.0, "open_s": 0.2, "device_memory_peak_mib": 900.0, "conv_choice": '"$choice"'}]}' ;;
     esac ;;
@@ -223,6 +225,10 @@ echo "========= ERROR SUMMARY: 0 errors"
     for f in [&fake, &bench, &sanitizer] {
         std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    // A cuDNN of the Python wheels' kind (libcudnn.so.9 alone) on a library folder the user names.
+    let wheel_cudnn = tmp.path().join("wheel-cudnn");
+    std::fs::create_dir(&wheel_cudnn).unwrap();
+    std::fs::write(wheel_cudnn.join("libcudnn.so.9"), b"").unwrap();
     let out = tmp.path().join("check");
     let calls = tmp.path().join("calls.txt");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/device-check.sh");
@@ -235,6 +241,7 @@ echo "========= ERROR SUMMARY: 0 errors"
         .env("FASTDET_CUDA_BENCH", &bench)
         .env("FAKE_CALLS", &calls)
         .env("FASTDET_CHECK_SHAPE", "32,64,64")
+        .env("FASTDET_CHECK_LIBDIRS", &wheel_cudnn)
         .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
         .output()
         .unwrap();
@@ -255,13 +262,17 @@ echo "========= ERROR SUMMARY: 0 errors"
         "bench fastdet ",
         "bench fastdet tensor-core",
         "bench fastdet measured choice",
+        "bench fastdet (wheel cuDNN)",
         "selftest (full)",
         "bench criterion cuda_ops",
         "bench tomogram (5+5 models)",
         "bench tomogram --host-blend",
-        "synth 1 run 32,64,64",
+        "bench tomogram --batch 2",
+        "synth 2 runs 32,64,64",
         "run --device cuda:0 (2 models)",
         "score gpu.csv",
+        "run again: same bytes",
+        "run --devices cuda:0,cuda:0: same bytes",
         "sanitizer memcheck (kernels)",
         "sanitizer racecheck (kernels)",
     ];
@@ -274,7 +285,18 @@ echo "========= ERROR SUMMARY: 0 errors"
     }
     // The tensor-core bench ran with FASTDET_CONV=tc; the figures reached results.json.
     let calls = std::fs::read_to_string(&calls).unwrap();
-    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 3, "{calls}");
+    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 4, "{calls}");
+    // The wheels' cuDNN bench ran with a folder holding a libcudnn.so link to it first on the path;
+    // the other benches with the user's folder first.
+    let wheel_dir = wheel_cudnn.to_string_lossy().into_owned();
+    let paths: Vec<&str> = calls.lines().filter_map(|l| l.strip_prefix("bench sees LD_LIBRARY_PATH=")).collect();
+    assert_eq!(paths.len(), 4, "{calls}");
+    assert_eq!(paths.iter().filter(|p| p.starts_with(&wheel_dir)).count(), 3, "{calls}");
+    let linked = paths.iter().find(|p| !p.starts_with(&wheel_dir)).unwrap();
+    assert_eq!(linked.split(':').nth(1), Some(wheel_dir.as_str()), "the link's folder, then the rest: {linked}");
+    // The same command again and two workers on the card: each compared byte for byte.
+    assert!(calls.lines().filter(|l| l.starts_with("run --data")).count() == 3 && calls.contains("--devices cuda:0,cuda:0 --out"), "{calls}");
+    assert!(text.contains("same bytes as"), "{text}");
     for tool in ["memcheck", "racecheck"] {
         assert!(calls.contains(&format!("compute-sanitizer --tool {tool} --error-exitcode 99 --print-limit 30 {} selftest --device cuda:0 --quick --no-networks --no-pipeline", fake.display())), "{calls}");
     }
@@ -288,7 +310,9 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert_eq!(r["tile_criterion"]["dynunet"]["tc_wide_ms"], 4.25);
     assert_eq!(r["card"], "Stand-in H200", "the card from the self-test's device when PyTorch did not run");
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
-    assert!(md.contains("| segresnetv2 | – | – | 5.00 ms | 5.00 ms | 5.00 ms (tc-wide) |") && md.contains("| dynunet | – | – | – | – | – | – | – | – | – |"), "{md}");
+    // The measured choice's walk (device-resident, batch 1) stands in for a bench without
+    // ms_per_tile_device.
+    assert!(md.contains("| segresnetv2 | – | – | 5.00 ms | 5.00 ms | 5.00 ms / 4.50 ms (tc-wide) |") && md.contains("| dynunet | – | – | – | – | – | – | – | – | – |"), "{md}");
     assert!(md.contains("- segresnetv2: tc-wide chosen; cudnn 5.50 ms, tc 4.75 ms, tc-wide 4.50 ms, tc-async failed"), "{md}");
     assert_eq!(r["tile"]["segresnetv2"]["conv_choice"], "tc-wide");
     assert!(text.contains("measured choice: tc-wide (ms per walk of 1: cudnn 5.50, tc 4.75, tc-wide 4.50, tc-async failed)"), "{text}");
@@ -296,6 +320,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert!(md.contains("Self-test log (selftest-full.log") && md.contains("```text\n# ") && md.contains("selftest PASSED: 3 passed"), "{md}");
     assert_eq!(r["tomogram_s"], 1.5);
     assert_eq!(r["tomogram_host_blend_s"], 2.5);
+    assert_eq!(r["tomogram_batch2_s"], 1.25);
     assert_eq!(r["first_start_nvrtc_s"], 21.5);
     assert_eq!(r["cold_start_kernels_compiled"], 0);
     assert!(text.contains(r#""tomogram_host_blend_s": 2.5"#) && text.contains(r#""first_start_nvrtc_s": 21.5"#), "{text}");
@@ -490,6 +515,14 @@ fn results_json_reads_the_benches_the_binary_writes() {
         assert_eq!(choice["ms_per_walk"].as_object().unwrap().len(), 5, "{arch}: the emulator's five tensor-core variants");
         assert!(tile["models"][i]["conv_choice"].is_null(), "{arch}: no choice without FASTDET_CONV=measure");
         assert!(r["tile"][arch]["torch_eager_ms"].is_null());
+        // The walks on a device-resident input, beside the host-to-host figures.
+        for (t, key) in [(&tile, "fastdet_device_ms"), (&tile_tc, "fastdet_fused_device_ms"), (&tile_measured, "fastdet_measured_device_ms")] {
+            let m = &t["models"][i];
+            assert!(m["ms_per_tile_device"].as_f64().unwrap() > 0.0 && m["device_times_ms"].as_array().unwrap().len() == 1, "{arch}: {m}");
+            assert_eq!(r["tile"][arch][key], m["ms_per_tile_device"], "{arch} {key}");
+        }
+        // Random weights are generated as each model is taken, their time outside the cold start.
+        assert!(tile["models"][i]["random_weights_s"].as_f64().unwrap() > 0.0, "{arch}");
         peak = peak.max(tile["models"][i]["device_memory_peak_mib"].as_f64().unwrap());
     }
     assert!(peak > 0.0);
@@ -531,11 +564,12 @@ fn results_json_reads_the_benches_the_binary_writes() {
     assert!(md.starts_with("### 2026-12-02: Stand-in GPU, commit abc"), "{md}");
     let ms = |v: &serde_json::Value| format!("{:.2} ms", v.as_f64().unwrap());
     let seg = md.lines().find(|l| l.starts_with("| segresnetv2 |")).unwrap_or_else(|| panic!("{md}"));
-    let best = [&tile, &tile_tc, &tile_measured].iter().map(|t| t["models"][0]["ms_per_tile"].as_f64().unwrap()).fold(f64::INFINITY, f64::min);
+    // Speed-ups compare PyTorch's device-resident figures with fastdet's device-resident walks.
+    let best = [&tile, &tile_tc, &tile_measured].iter().map(|t| t["models"][0]["ms_per_tile_device"].as_f64().unwrap()).fold(f64::INFINITY, f64::min);
     assert!(seg.contains(&format!("| {:.2} ms | – |", eager)) && seg.contains(&ms(&tile["models"][0]["ms_per_tile"])), "{seg}");
     assert!(seg.contains(&format!("| {:.2}x | – |", eager / best)), "speed-up over eager, no compile figure: {seg}");
     let label = tile_measured["models"][0]["conv_choice"]["label"].as_str().unwrap();
-    assert!(seg.contains(&format!("{} ({label})", ms(&tile_measured["models"][0]["ms_per_tile"]))), "{seg}");
+    assert!(seg.contains(&format!("{} / {} ({label})", ms(&tile_measured["models"][0]["ms_per_tile"]), ms(&tile_measured["models"][0]["ms_per_tile_device"]))), "{seg}");
     assert!(md.contains(&format!("- segresnetv2: {label} chosen; tc ")), "{md}");
     // The bench copied its volume ahead on the side path, as `fastdet run` does by default.
     assert_eq!(tomo["upload_overlapped"], true);

@@ -18,7 +18,11 @@ Modes (--modes):
   compile  torch.compile(model, mode="max-autotune", dynamic=False); if that
            raises, or its first (compiling) call at a batch size takes longer
            than --compile-timeout seconds, dynamo is reset and the default mode
-           torch.compile(model, dynamic=False) is used from then on. The mode
+           torch.compile(model, dynamic=False) is used from then on
+           (--compile-mode auto, the default). --compile-mode default uses the
+           default mode alone (on an H200, 2026-12-04, max-autotune had not
+           finished either network after 90-120 s), --compile-mode
+           max-autotune max-autotune alone. The mode
            used and the compile time (the first call at each batch size, failed
            attempts included) are recorded. Every batch size compiles its own
            graph (dynamic=False).
@@ -40,14 +44,14 @@ work / time"; compare ms per tile against fastdet, not TFLOP/s.
 MONAI: if `import monai` fails and --monai-wheel PATH (or $FASTDET_MONAI_WHEEL)
 is given, the wheel is installed with `pip install --no-deps --target TMPDIR`
 (or unpacked, if pip is unavailable: it is a pure-Python wheel) and TMPDIR is put
-on sys.path. The repository's wheel is /work/shared/wheels/monai-1.6.1-py3-none-any.whl;
+on sys.path. MONAI's wheel sits in ../shared/wheels/ beside the repository;
 tools/device-check.sh carries a copy as .cache/wheels/monai-1.6.1-py3-none-any.whl.
 
 Usage:
   python tools/bench_torch.py [--device cuda|cuda:N|cpu] [--tile 192,128,128]
                               [--batches 1,2,4] [--modes eager,compile]
                               [--arch segresnetv2,dynunet] [--warmup 5] [--repeats 20]
-                              [--compile-timeout 120] [--budget SECONDS]
+                              [--compile-timeout 120] [--compile-mode auto] [--budget SECONDS]
                               [--monai-wheel PATH] [--threads N] [--json PATH]
 
 --budget S: stop starting new (arch, mode, batch) cases once S seconds have
@@ -173,7 +177,7 @@ def import_monai(wheel):
     if not wheel:
         die(f"cannot import monai ({first_error}); install it or pass --monai-wheel PATH "
             f"(or set FASTDET_MONAI_WHEEL), e.g. --monai-wheel "
-            f"/work/shared/wheels/monai-1.6.1-py3-none-any.whl", 3)
+            f".cache/wheels/monai-1.6.1-py3-none-any.whl (tools/build-for-device.sh copies it there)", 3)
     if not os.path.isfile(wheel):
         die(f"cannot import monai ({first_error}) and the --monai-wheel {wheel} does not exist", 3)
     target = tempfile.mkdtemp(prefix="fastdet-monai-")
@@ -278,6 +282,9 @@ def main(argv=None):
     ap.add_argument("--compile-timeout", type=float, default=120.0,
                     help="seconds allowed for a max-autotune compile (first call at a batch size) before "
                          "falling back to the default mode; also bounds the default mode's compile (default 120)")
+    ap.add_argument("--compile-mode", choices=("auto", "default", "max-autotune"), default="auto",
+                    help="auto: max-autotune, the default mode where that fails or times out (default); "
+                         "default or max-autotune: that mode alone")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="start no new case after this many seconds (default 0: no limit)")
     ap.add_argument("--monai-wheel", default=os.environ.get("FASTDET_MONAI_WHEEL") or None,
@@ -484,7 +491,7 @@ def main(argv=None):
                             # The first call at this batch size compiles (dynamic=False: one graph per shape).
                             while True:
                                 if fn is model:
-                                    cmode = cmode or "max-autotune"
+                                    cmode = cmode or ("default" if args.compile_mode == "default" else "max-autotune")
                                     fn = (torch.compile(model, mode="max-autotune", dynamic=False)
                                           if cmode == "max-autotune" else torch.compile(model, dynamic=False))
                                 limit = min(args.compile_timeout, max(1.0, left_s()))
@@ -518,7 +525,7 @@ def main(argv=None):
                                     print(f"{a} compile: {note}", flush=True)
                                     torch._dynamo.reset()
                                     fn = model
-                                    if cmode == "max-autotune" and not over_budget():
+                                    if cmode == "max-autotune" and args.compile_mode == "auto" and not over_budget():
                                         cmode = "default"
                                         print(f"{a} compile: falling back to the default mode", flush=True)
                                         continue

@@ -5,14 +5,18 @@
 #   2. prints nvidia-smi,
 #   3. runs `fastdet selftest --quick` (kernels vs CPU twins, both seed networks on 64^3),
 #   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile, batch 1, cuDNN and
-#      tensor-core backends, and the measured choice between them), then runs the full `fastdet selftest` (192x128x128 networks,
+#      tensor-core backends, the measured choice between them, and the Python wheels' cuDNN
+#      where the system has another), then runs the full `fastdet selftest` (192x128x128 networks,
 #      whole-tomogram CPU-vs-GPU check; before the longer benchmarks, so that it gets its time),
 #      then the criterion bench benches/cuda_ops.rs when its binary was carried, the seed
-#      ensemble of 5+5 models on one whole tomogram of FASTDET_CHECK_SHAPE and the PyTorch
+#      ensemble of 5+5 models on one whole tomogram of FASTDET_CHECK_SHAPE (blending on the GPU,
+#      on the host, and two tiles per walk) and the PyTorch
 #      baseline tools/bench_torch.py (fp16 cuDNN eager + torch.compile, batches 1,2,4; needs python3
 #      with torch; monai comes from .cache/wheels/ when it is not installed; --skip-torch skips it),
-#   4. writes a synthetic 184x630x630 tomogram and times `fastdet run` on the GPU with the demo
-#      weights and the seed window/tiles (+ `fastdet score` against its ground truth),
+#   4. writes two synthetic 184x630x630 tomograms and times `fastdet run` on the GPU with the demo
+#      weights and the seed window/tiles (+ `fastdet score` against its ground truth), then runs
+#      it again and with two workers on the card (--devices cuda:N,cuda:N): both must write the
+#      same bytes,
 #   4b. with the time left, compute-sanitizer memcheck and racecheck over the self-test's kernel
 #      rows (--no-sanitizer skips them),
 #   5. optionally (--cpu-run) the same `fastdet run` on the CPU for comparison (slow),
@@ -61,6 +65,9 @@ RESULTS.md section for the run).
 
 environment: FASTDET=path/to/fastdet (default: target/release/fastdet next to this script),
              FASTDET_CHECK_SHAPE=z,y,x (default 184,630,630),
+             FASTDET_CHECK_LIBDIRS=dir:dir (library folders put first on LD_LIBRARY_PATH),
+             FASTDET_TORCH_COMPILE_MODE=auto|default|max-autotune (bench_torch.py's --compile-mode;
+             default: default),
              FASTDET_MONAI_WHEEL=path/to/monai-*.whl (default .cache/wheels/monai-1.6.1-py3-none-any.whl
              of the repository, used only when python3 cannot import monai)
 EOF
@@ -178,6 +185,11 @@ log "binary: $FASTDET ($(cat "$OUT/version.txt"))"
 # every lib directory of the pip wheels (nvidia/*/lib: cuDNN, cuBLAS, NVRTC, runtime).
 LIBDIRS=()
 INCLUDE=""
+# Library folders the user names (FASTDET_CHECK_LIBDIRS, colon-separated) come first.
+if [ -n "${FASTDET_CHECK_LIBDIRS:-}" ]; then
+    IFS=: read -r -a EXTRA_LIBDIRS <<< "$FASTDET_CHECK_LIBDIRS"
+    for d in "${EXTRA_LIBDIRS[@]}"; do [ -d "$d" ] && LIBDIRS+=("$d"); done
+fi
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [ -d "$d" ] && LIBDIRS+=("$d")
 done
@@ -309,6 +321,26 @@ if [ $NO_GPU -eq 0 ]; then
     step "bench fastdet measured choice" 120 "$OUT/bench-fastdet-measure.log" \
         bash -c 'FASTDET_CONV=measure exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
         bench-fastdet-measure "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-measure.json" || FAILED=1
+    # The Python wheels' cuDNN, where there is one beside the system's: the loader asks for
+    # libcudnn.so before libcudnn.so.9 and the wheels ship only the latter, so the system's is
+    # taken first (on the H200 of 2026-12-04: 9.14 against PyTorch's 9.19). A folder holding a
+    # libcudnn.so link to the wheel's library, first on the path, times the other one. An
+    # experiment: its failure is shown but does not fail the check.
+    rm -f "$OUT/bench-fastdet-cudnn-wheel.json"
+    WHEEL_CUDNN=""
+    for d in "${LIBDIRS[@]-}"; do
+        if [ -n "$d" ] && [ -f "$d/libcudnn.so.9" ] && [ ! -e "$d/libcudnn.so" ]; then WHEEL_CUDNN="$d/libcudnn.so.9"; break; fi
+    done
+    if [ -n "$WHEEL_CUDNN" ] && CUDNN_LINK="$(mktemp -d)"; then
+        ln -s "$WHEEL_CUDNN" "$CUDNN_LINK/libcudnn.so"
+        step "bench fastdet (wheel cuDNN)" 90 "$OUT/bench-fastdet-cudnn-wheel.log" \
+            bash -c 'LD_LIBRARY_PATH="$4:$LD_LIBRARY_PATH" exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
+            bench-fastdet-cudnn-wheel "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-cudnn-wheel.json" "$CUDNN_LINK" \
+            || log "note: the bench with the wheels' cuDNN ($WHEEL_CUDNN) failed; see bench-fastdet-cudnn-wheel.log"
+        rm -rf "$CUDNN_LINK"
+    else
+        log "bench fastdet (wheel cuDNN): skipped (no libcudnn.so.9 without a libcudnn.so beside it on the library path)"
+    fi
 
     # The full self-test (seed networks on 192x128x128, the whole-tomogram CPU-vs-GPU check) before
     # the longer benchmarks: it is the check of record, so it gets its time first.
@@ -337,6 +369,11 @@ if [ $NO_GPU -eq 0 ]; then
     step "bench tomogram --host-blend" 150 "$OUT/bench-tomogram-host-blend.log" \
         bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --host-blend --json > "$4"' \
         bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-host-blend.json" || FAILED=1
+    # Two tiles per walk (torch.compile's best batch for both networks on the H200).
+    rm -f "$OUT/bench-tomogram-batch2.json"
+    step "bench tomogram --batch 2" 150 "$OUT/bench-tomogram-batch2.log" \
+        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --batch 2 --json > "$4"' \
+        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-batch2.json" || FAILED=1
 
     rm -f "$OUT/bench-torch.json"
     if [ $TORCH_BENCH -eq 0 ]; then
@@ -362,7 +399,7 @@ if [ $NO_GPU -eq 0 ]; then
         # A failing baseline is shown (FAIL/TIMEOUT line, its log) but does not fail the fastdet check.
         step "bench torch" 240 "$OUT/bench-torch.log" \
             python3 "$ROOT/tools/bench_torch.py" --device "$DEVICE" --json "$OUT/bench-torch.json" \
-            --budget "$tb" ${WHEEL_ARGS[@]+"${WHEEL_ARGS[@]}"} \
+            --budget "$tb" --compile-mode "${FASTDET_TORCH_COMPILE_MODE:-default}" ${WHEEL_ARGS[@]+"${WHEEL_ARGS[@]}"} \
             || log "note: bench torch failed (PyTorch baseline only; not counted in RESULT; see bench-torch.log)"
     fi
 fi
@@ -374,15 +411,24 @@ W2="$ROOT/weights/demo_dynunet.safetensors"
 if [ $NO_GPU -eq 0 ]; then
     remove_data
     mkdir -p "$(dirname "$DATA")"
-    if step "synth 1 run $SHAPE" 180 "$OUT/synth.log" \
-        "$FASTDET" synth "$DATA" --runs 1 --shape "$SHAPE" --seed 1; then
+    # Two runs, so that two workers (below) have one each.
+    if step "synth 2 runs $SHAPE" 180 "$OUT/synth.log" \
+        "$FASTDET" synth "$DATA" --runs 2 --shape "$SHAPE" --seed 1; then
         : > "$DATA_MARK"
         if [ -f "$W1" ] && [ -f "$W2" ]; then
+            RUN_ARGS=(--data "$DATA" --split test --weights "$W1" "$W2" --window 192,128,128 --tiles 1,9,9 --with-score)
             if step "run --device $DEVICE (2 models)" 240 "$OUT/run-gpu.log" \
-                "$FASTDET" run --data "$DATA" --split test --weights "$W1" "$W2" --device "$DEVICE" \
-                --window 192,128,128 --tiles 1,9,9 --out "$OUT/gpu.csv" --with-score; then
+                "$FASTDET" run "${RUN_ARGS[@]}" --device "$DEVICE" --out "$OUT/gpu.csv"; then
                 step "score gpu.csv" 60 "$OUT/score-gpu.log" \
                     "$FASTDET" score --truth "$DATA" --split test "$OUT/gpu.csv" || FAILED=1
+                # Deterministic: the same command again writes the same bytes; so do two workers
+                # sharing the card (worker k takes runs[k::2], one merged output).
+                step "run again: same bytes" 120 "$OUT/run-gpu-again.log" \
+                    bash -c '"$1" run "${@:4}" --out "$3" && cmp "$2" "$3" && echo "same bytes as $2"' \
+                    same-bytes "$FASTDET" "$OUT/gpu.csv" "$OUT/gpu-again.csv" "${RUN_ARGS[@]}" --device "$DEVICE" || FAILED=1
+                step "run --devices $DEVICE,$DEVICE: same bytes" 120 "$OUT/run-gpu-2workers.log" \
+                    bash -c '"$1" run "${@:4}" --out "$3" && cmp "$2" "$3" && echo "same bytes as $2"' \
+                    same-bytes "$FASTDET" "$OUT/gpu.csv" "$OUT/gpu-2workers.csv" "${RUN_ARGS[@]}" --devices "$DEVICE,$DEVICE" || FAILED=1
             else
                 FAILED=1
             fi
@@ -448,7 +494,7 @@ fi
 # ms/tile lines of bench-fastdet.json and bench-torch.json (python3 when there is one, else grep).
 bench_summary() {
     local f
-    for f in bench-fastdet.json bench-fastdet-measure.json bench-tomogram.json bench-tomogram-host-blend.json bench-torch.json results.json; do
+    for f in bench-fastdet.json bench-fastdet-measure.json bench-fastdet-cudnn-wheel.json bench-tomogram.json bench-tomogram-host-blend.json bench-tomogram-batch2.json bench-torch.json results.json; do
         [ -f "$OUT/$f" ] || continue
         if command -v python3 > /dev/null 2>&1; then
             python3 - "$OUT/$f" <<'PY' 2>&1 | head -20
@@ -463,7 +509,7 @@ except Exception as e:
 if "s_per_tomogram" in d:  # fastdet bench --tomogram
     m = d.get("models", {})
     print(f"{name}: {d['s_per_tomogram']:.2f} s per tomogram {'x'.join(map(str, d.get('tomogram', [])))} "
-          f"({m.get('segresnetv2')} SegResNetV2 + {m.get('dynunet')} DynUNet, blending on the {'GPU' if d.get('device_blend') else 'CPU'}; "
+          f"({m.get('segresnetv2')} SegResNetV2 + {m.get('dynunet')} DynUNet, batch {d.get('batch', 1)}, blending on the {'GPU' if d.get('device_blend') else 'CPU'}; "
           f"upload {d.get('upload_s') or 0.0:.2f}{' overlapped' if d.get('upload_overlapped') else ''}, infer {d['infer_s']:.2f}, blend {d['blend_s']:.2f}, "
           f"detect {d['detect_s']:.2f} s; {d['tflops']:.1f} TFLOP/s; first tile {d.get('cold_start_s') or float('nan'):.2f} s after start)")
     raise SystemExit(0)
@@ -484,6 +530,11 @@ if "models" in d:  # fastdet bench
     for m in d["models"]:
         print(f"  {m['model']:<12} {m['ms_per_tile']:8.2f} ms/tile (min {m['ms_per_tile_min']:.2f}, max {m['ms_per_tile_max']:.2f})"
               f"  {m['gflops'] / 1e3:.2f} TFLOP/s  open {m['open_s']:.2f} s  [{m['engine']}]")
+        if m.get("ms_per_tile_device") is not None:
+            print(f"  {'':<12} {m['ms_per_tile_device']:8.2f} ms/tile device-resident walk  {m['gflops_device'] / 1e3:.2f} TFLOP/s")
+        for n in m.get("notes", []):
+            if n.startswith("cuDNN "):
+                print(f"    {n}")
         for n in m.get("notes", []):
             if n.startswith("walks:"):
                 print(f"    {n}")
@@ -538,10 +589,10 @@ PY
         echo "$f: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$f" | tail -1 | sed 's/^=* *//')"
         grep -E '^=+ +(Invalid|Race|Error|Uninitialized|Misaligned)' "$OUT/$f" | sort | uniq -c | sort -rn | head -6 | sed 's/^/  /'
     done
-    for f in run-gpu.log run-cpu.log; do
+    for f in run-gpu.log run-gpu-again.log run-gpu-2workers.log run-cpu.log; do
         [ -f "$OUT/$f" ] || continue
         echo "$f:"
-        grep -E 'picks; read|wrote [0-9]+ picks|error|FAILED|warning|CUDA graphs on' "$OUT/$f" | head -8 | sed 's/^/  /'
+        grep -E 'picks; read|wrote [0-9]+ picks|error|FAILED|warning|CUDA graphs on|same bytes|differ' "$OUT/$f" | head -8 | sed 's/^/  /'
     done
     for f in score-gpu.log score-cpu.log; do
         [ -f "$OUT/$f" ] || continue

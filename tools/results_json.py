@@ -10,6 +10,7 @@ device check writes:
                           "conv_variants_ms" = each variant's ms per walk of the measured batch)
   bench-tomogram.json  fastdet bench --device cuda:N --tomogram 184,630,630 --models 5,5 --json
   bench-tomogram-host-blend.json   the same with --host-blend (averaging and blending on the CPU)
+  bench-tomogram-batch2.json   the same with --batch 2 (two tiles per walk)
   bench-torch.json     tools/bench_torch.py --device cuda:N --json   (eager, torch.compile, fp16 rate)
   criterion/           benches/cuda_ops.rs (CRITERION_HOME): median ms of each block_* and tile_*
                        variant
@@ -17,14 +18,23 @@ device check writes:
 Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
    "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms",
-                            "fastdet_measured_ms", "conv_choice", "conv_variants_ms", "floor_ms"}, "dynunet": {...}},
+                            "fastdet_measured_ms", "fastdet_device_ms", "fastdet_fused_device_ms",
+                            "fastdet_measured_device_ms", "conv_choice", "conv_variants_ms", "floor_ms"},
+            "dynunet": {...}},
    "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
                                    "tc_store_fused_wide_ms", "tc_store_fused_async_ms"}, ...},
    "tile_criterion": {"segresnetv2": {"cudnn_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms", "tc_async_ms"},
                       "dynunet": {...}},
-   "tomogram_s", "tomogram_host_blend_s", "floor_s", "cold_start_s",
+   "tomogram_s", "tomogram_host_blend_s", "tomogram_batch2_s", "floor_s", "cold_start_s",
    "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
    "sources"}
+
+fastdet_ms, fastdet_fused_ms and fastdet_measured_ms are `fastdet bench`'s host-to-host figures
+(f32 tile up, maps back to host memory); the *_device_ms figures are the same walks on a
+device-resident input with the outputs left there (`ms_per_tile_device`), as PyTorch's figures
+are timed: the speed-ups compare those when there are any. fastdet_measured_device_ms falls back
+to the chosen variant's walk in conv_variants_ms (also device-resident) for benches that predate
+`ms_per_tile_device`.
 
 tomogram_s is the default pipeline, which averages and blends on the GPU (before 2026-12-02 the
 default blended on the CPU: results.json files from then hold that under tomogram_s);
@@ -119,11 +129,13 @@ def assemble(d, commit, date):
     tomo = load(os.path.join(d, "bench-tomogram.json"))
     torch = load(os.path.join(d, "bench-torch.json"))
     tomo_hb = load(os.path.join(d, "bench-tomogram-host-blend.json"))
+    tomo_b2 = load(os.path.join(d, "bench-tomogram-batch2.json"))
     rate = torch.get("fp16_matmul_tflops") if torch else None
     tile = {}
     for arch in ("segresnetv2", "dynunet"):
         row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None, "fastdet_fused_ms": None,
-               "fastdet_measured_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None}
+               "fastdet_measured_ms": None, "fastdet_device_ms": None, "fastdet_fused_device_ms": None,
+               "fastdet_measured_device_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None}
         if torch:
             best = torch.get("best", {}).get(arch, {})
             row["torch_eager_ms"] = best.get("eager_ms")
@@ -132,12 +144,14 @@ def assemble(d, commit, date):
             for m in fd.get("models", []):
                 if m.get("model") == arch:
                     row["fastdet_ms"] = m.get("ms_per_tile")
+                    row["fastdet_device_ms"] = m.get("ms_per_tile_device")
                     if rate and m.get("gflop_per_tile"):
                         row["floor_ms"] = m["gflop_per_tile"] / (rate * 1e3) * 1e3
         if fd_tc:
             for m in fd_tc.get("models", []):
                 if m.get("model") == arch:
                     row["fastdet_fused_ms"] = m.get("ms_per_tile")
+                    row["fastdet_fused_device_ms"] = m.get("ms_per_tile_device")
         if fd_measure:
             for m in fd_measure.get("models", []):
                 if m.get("model") == arch:
@@ -145,6 +159,10 @@ def assemble(d, commit, date):
                     choice = m.get("conv_choice") or {}
                     row["conv_choice"] = choice.get("label")
                     row["conv_variants_ms"] = choice.get("ms_per_walk")
+                    row["fastdet_measured_device_ms"] = m.get("ms_per_tile_device")
+                    walk = (choice.get("ms_per_walk") or {}).get(choice.get("label"))
+                    if row["fastdet_measured_device_ms"] is None and walk is not None and choice.get("batch"):
+                        row["fastdet_measured_device_ms"] = walk / choice["batch"]
         tile[arch] = row
     if fd and torch and list(fd.get("tile", [])) != list(torch.get("tile", [])):
         print(f"results_json: tiles differ (fastdet {fd.get('tile')}, torch {torch.get('tile')}); the tile table is not a comparison", file=sys.stderr)
@@ -162,6 +180,7 @@ def assemble(d, commit, date):
         "tile_criterion": criterion_groups(d, "tile_", TILE_VARIANTS),
         "tomogram_s": tomo.get("s_per_tomogram") if tomo else None,
         "tomogram_host_blend_s": tomo_hb.get("s_per_tomogram") if tomo_hb else None,
+        "tomogram_batch2_s": tomo_b2.get("s_per_tomogram") if tomo_b2 else None,
         "tomogram_config": {k: tomo.get(k) for k in ("tomogram", "window", "tiles", "models", "upload_overlapped")} if tomo else None,
         "floor_s": flops / (rate * 1e12) if flops and rate else None,
         "cold_start_s": (fd or {}).get("cold_start_s"),
@@ -176,6 +195,7 @@ def assemble(d, commit, date):
             "bench_fastdet_measure": fd_measure is not None,
             "bench_tomogram": tomo is not None,
             "bench_tomogram_host_blend": tomo_hb is not None,
+            "bench_tomogram_batch2": tomo_b2 is not None,
             "bench_torch": torch is not None,
             "criterion": os.path.isdir(os.path.join(d, "criterion")),
             "fastdet_device": (fd or tomo or {}).get("device"),
@@ -194,18 +214,24 @@ def markdown(doc):
     out = [f"### {doc.get('date')}: {doc.get('card') or 'card unknown'}, commit {doc.get('commit')}", "",
            "Command: `tools/device-check.sh OUT` (figures from its JSON and criterion files, assembled by "
            "`tools/results_json.py OUT --markdown`).", "",
-           f"Per {'x'.join(map(str, doc.get('tile_shape') or [])) or '?'} tile (fastdet: batch 1, median, input upload included; "
-           "PyTorch: its best batch, fp16, channels_last_3d). Speed-up = PyTorch time / fastdet's best; "
+           f"Per {'x'.join(map(str, doc.get('tile_shape') or [])) or '?'} tile (fastdet: batch 1, median, host to host "
+           "(tile up, maps back) / device-resident walk (outputs left on the device); "
+           "PyTorch: its best batch, fp16, channels_last_3d, device-resident). Speed-up = PyTorch time / fastdet's best "
+           "device-resident walk (host to host where no walk was timed); "
            "floor = FLOPs / the card's fp16 matmul rate.", "",
            "| arch | PyTorch eager | torch.compile | fastdet (cuDNN path) | fastdet (tensor-core path) | fastdet (measured choice) | vs eager | vs compile | FLOP floor | % of floor |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     choices = []
     for arch, r in doc["tile"].items():
-        best = min([v for v in (r.get("fastdet_ms"), r.get("fastdet_fused_ms"), r.get("fastdet_measured_ms")) if v is not None], default=None)
+        walks = [v for v in (r.get("fastdet_device_ms"), r.get("fastdet_fused_device_ms"), r.get("fastdet_measured_device_ms")) if v is not None]
+        best = min(walks or [v for v in (r.get("fastdet_ms"), r.get("fastdet_fused_ms"), r.get("fastdet_measured_ms")) if v is not None], default=None)
         pct = "–" if best is None or r.get("floor_ms") is None else f"{100 * r['floor_ms'] / best:.0f}%"
-        measured = ms(r.get("fastdet_measured_ms")) + (f" ({r['conv_choice']})" if r.get("conv_choice") else "")
-        out.append(f"| {arch} | {ms(r.get('torch_eager_ms'))} | {ms(r.get('torch_compile_ms'))} | {ms(r.get('fastdet_ms'))} | "
-                   f"{ms(r.get('fastdet_fused_ms'))} | {measured} | {ratio(r.get('torch_eager_ms'), best)} | {ratio(r.get('torch_compile_ms'), best)} | "
+
+        def both(host, device):
+            return ms(host) if device is None else f"{ms(host)} / {ms(device)}"
+        measured = both(r.get("fastdet_measured_ms"), r.get("fastdet_measured_device_ms")) + (f" ({r['conv_choice']})" if r.get("conv_choice") else "")
+        out.append(f"| {arch} | {ms(r.get('torch_eager_ms'))} | {ms(r.get('torch_compile_ms'))} | {both(r.get('fastdet_ms'), r.get('fastdet_device_ms'))} | "
+                   f"{both(r.get('fastdet_fused_ms'), r.get('fastdet_fused_device_ms'))} | {measured} | {ratio(r.get('torch_eager_ms'), best)} | {ratio(r.get('torch_compile_ms'), best)} | "
                    f"{ms(r.get('floor_ms'))} | {pct} |")
         if r.get("conv_variants_ms"):
             cells = ", ".join(f"{k} {'failed' if v is None else f'{v:.2f} ms'}" for k, v in r["conv_variants_ms"].items())
@@ -231,9 +257,9 @@ def markdown(doc):
     config = (f"{models.get('segresnetv2', '?')} SegResNetV2 + {models.get('dynunet', '?')} DynUNet, "
               f"{'x'.join(map(str, c.get('tiles') or [])) or '?'} tiles of {'x'.join(map(str, c.get('window') or [])) or '?'}"
               f"{', volumes copied ahead' if c.get('upload_overlapped') else ''}")
-    out += ["", "| per tomogram | models and tiles | GPU blend | host blend | FLOP floor | time / floor |",
-            "| --- | --- | --- | --- | --- | --- |",
-            f"| {shape} | {config if c else '–'} | {s(t)} | {s(doc.get('tomogram_host_blend_s'))} | {s(f)} | "
+    out += ["", "| per tomogram | models and tiles | GPU blend | host blend | GPU blend, batch 2 | FLOP floor | time / floor |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| {shape} | {config if c else '–'} | {s(t)} | {s(doc.get('tomogram_host_blend_s'))} | {s(doc.get('tomogram_batch2_s'))} | {s(f)} | "
             f"{'–' if t is None or not f else f'{t / f:.2f}x'} |",
             "", f"Cold start (kernels cached) {s(doc.get('cold_start_s'))}; first start's NVRTC compile {s(doc.get('first_start_nvrtc_s'))}; "
             f"peak device memory at batch 1 {s(doc.get('peak_mem_gib'), 'GiB')}; fp16 matmul rate {s(doc.get('fp16_matmul_tflops'), 'TFLOP/s')}."]
@@ -266,7 +292,7 @@ def main():
         print(f"results_json: {a.dir} is not a directory", file=sys.stderr)
         return 64
     benches = ["bench-fastdet.json", "bench-fastdet-tc.json", "bench-fastdet-measure.json", "bench-tomogram.json",
-               "bench-tomogram-host-blend.json", "bench-torch.json"]
+               "bench-tomogram-host-blend.json", "bench-tomogram-batch2.json", "bench-torch.json"]
     if not any(os.path.isfile(os.path.join(a.dir, f)) for f in benches) and not os.path.isdir(os.path.join(a.dir, "criterion")):
         print(f"results_json: no bench output in {a.dir} ({', '.join(benches)}, criterion/): nothing was measured "
               "there (see its summary.txt: a check without a GPU measures nothing)", file=sys.stderr)

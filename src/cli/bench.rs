@@ -14,7 +14,7 @@ use std::time::Instant;
 
 #[derive(Args)]
 #[command(
-    after_help = "Without --weights, each --arch runs at the seed's widths with random weights. A timed call is one\n`forward` as the pipeline makes it: input upload, network, outputs back in host memory.\n'open s' is the engine's creation (weights, kernels), '1st s' the first call.\nExamples:\n  fastdet bench --device cpu --tile 64,64,64\n  fastdet bench --device cuda:0 --arch segresnetv2 --batch 2 --json"
+    after_help = "Without --weights, each --arch runs at the seed's widths with random weights. A timed call is one\n`forward` as the pipeline makes it: input upload, network, outputs back in host memory. On a GPU\nthe same walks are timed again on a device-resident input with the outputs left there (the walk of\n`run` blending on the device; what PyTorch's device-resident timings compare with).\n'open s' is the engine's creation (weights, kernels), '1st s' the first call. The cold start runs\nfrom the command's start to the first outputs, less the time spent generating random weights.\nExamples:\n  fastdet bench --device cpu --tile 64,64,64\n  fastdet bench --device cuda:0 --arch segresnetv2 --batch 2 --json"
 )]
 #[command(group = clap::ArgGroup::new("ensemble").args(["tomogram", "plan_memory"]).multiple(true))]
 pub struct BenchArgs {
@@ -83,6 +83,12 @@ struct Row {
     open_s: f64,
     first_s: f64,
     times_ms: Vec<f64>,
+    /// CUDA engines: each timed walk on a device-resident input, outputs left on the device
+    /// (milliseconds per call of `batch` tiles).
+    device_times_ms: Option<Vec<f64>>,
+    /// Seconds spent generating this model's random weights (seed architectures only): not part
+    /// of the cold start, since a user's weights come from a file.
+    random_weights_s: Option<f64>,
     /// Peak device memory of the engine's buffers (accelerators only).
     device_mib: Option<f64>,
     /// CUDA engines: device, kernels, cuDNN, backend and fusions, one line each.
@@ -94,11 +100,16 @@ struct Row {
 impl Row {
     /// Median, min and max milliseconds per tile.
     fn per_tile(&self, batch: usize) -> (f64, f64, f64) {
-        let mut t = self.times_ms.clone();
-        t.sort_by(f64::total_cmp);
-        let b = batch as f64;
-        (median(&t) / b, t[0] / b, t[t.len() - 1] / b)
+        per_tile(&self.times_ms, batch)
     }
+}
+
+/// Median, min and max of `times_ms` (per call of `batch` tiles), per tile.
+fn per_tile(times_ms: &[f64], batch: usize) -> (f64, f64, f64) {
+    let mut t = times_ms.to_vec();
+    t.sort_by(f64::total_cmp);
+    let b = batch as f64;
+    (median(&t) / b, t[0] / b, t[t.len() - 1] / b)
 }
 
 fn median(sorted: &[f64]) -> f64 {
@@ -125,29 +136,41 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let mut cold_start_s: Option<f64> = None;
     // The first engine opened the device: its kernel load is the one in the cold start.
     let mut kernel_load: Option<KernelLoad> = None;
-    let models: Vec<(String, Weights)> = if a.weights.is_empty() {
+    // Weights files load first (a bad one fails before any timing; their loading is part of the
+    // cold start); seed architectures get random weights as they are taken, and the time that
+    // takes (about a second per model on one core) is left out of the cold start, which is a
+    // user's: process start to the first outputs, weights read from a file.
+    enum Source {
+        Seed(Arch),
+        File(Box<Weights>),
+    }
+    let models: Vec<(String, Source)> = if a.weights.is_empty() {
         let archs = match a.arch.as_str() {
             "all" => vec![Arch::Segresnetv2, Arch::Dynunet],
             one => vec![Arch::parse(one)?],
         };
-        archs
-            .into_iter()
-            .map(|arch| {
-                (
-                    arch.name().to_string(),
-                    Weights::random(&ModelSpec::seed(arch), 1),
-                )
-            })
-            .collect()
+        archs.into_iter().map(|arch| (arch.name().to_string(), Source::Seed(arch))).collect()
     } else {
         a.weights
             .iter()
-            .map(|p| Ok((p.display().to_string(), Weights::load(p)?)))
+            .map(|p| Ok((p.display().to_string(), Source::File(Box::new(Weights::load(p)?)))))
             .collect::<Result<_>>()?
     };
     let tile = a.tile;
     let mut rows = Vec::new();
-    for (name, w) in &models {
+    let mut random_weights_s = 0.0;
+    for (name, source) in models {
+        let (w, generated_s) = match source {
+            Source::Seed(arch) => {
+                let t = Instant::now();
+                let w = Weights::random(&ModelSpec::seed(arch), 1);
+                let s = t.elapsed().as_secs_f64();
+                random_weights_s += s;
+                (w, Some(s))
+            }
+            Source::File(w) => (*w, None),
+        };
+        let (name, w) = (&name, &w);
         let graph = Graph::build(&w.spec)?;
         graph
             .check_tile(tile)
@@ -165,7 +188,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         e.forward(&input, a.batch, tile, false)?;
         let first_s = t1.elapsed().as_secs_f64();
         // Cold start: from the command's start (weights loaded or generated) to the first outputs.
-        cold_start_s.get_or_insert(started.elapsed().as_secs_f64());
+        cold_start_s.get_or_insert(started.elapsed().as_secs_f64() - random_weights_s);
         for _ in 1..a.warmup {
             e.forward(&input, a.batch, tile, false)?;
         }
@@ -178,6 +201,12 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 bail!("{name}: non-finite scores on {}", e.name());
             }
         }
+        // The same walks on a device-resident input, outputs left there: the walk as `run`
+        // makes it when blending on the device, and what PyTorch's timings compare with.
+        let device_times_ms = match e.as_cuda() {
+            Some(c) => Some(fastdet::engine::cuda::choose::device_walk_times(c, w, a.batch, tile, fastdet::engine::cuda::choose::Measure { warmup: a.warmup, reps: a.iters })?),
+            None => None,
+        };
         rows.push(Row {
             name: name.clone(),
             engine: e.name(),
@@ -185,6 +214,8 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             open_s,
             first_s,
             times_ms,
+            device_times_ms,
+            random_weights_s: generated_s,
             device_mib: e.device_memory_peak().map(|b| b as f64 / 1048576.0),
             notes: e
                 .as_cuda()
@@ -208,11 +239,16 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             .iter()
             .map(|r| {
                 let (med, min, max) = r.per_tile(a.batch);
+                let device = r.device_times_ms.as_deref().map(|t| per_tile(t, a.batch));
                 serde_json::json!({
                     "model": r.name, "engine": r.engine, "gflop_per_tile": r.gflop,
                     "ms_per_tile": med, "ms_per_tile_min": min, "ms_per_tile_max": max,
                     "gflops": r.gflop / (med * 1e-3), "open_s": r.open_s, "first_call_s": r.first_s,
-                    "times_ms": r.times_ms, "device_memory_peak_mib": r.device_mib, "notes": r.notes,
+                    "times_ms": r.times_ms,
+                    "ms_per_tile_device": device.map(|d| d.0), "ms_per_tile_device_min": device.map(|d| d.1), "ms_per_tile_device_max": device.map(|d| d.2),
+                    "gflops_device": device.map(|d| r.gflop / (d.0 * 1e-3)), "device_times_ms": r.device_times_ms,
+                    "random_weights_s": r.random_weights_s,
+                    "device_memory_peak_mib": r.device_mib, "notes": r.notes,
                     "conv_choice": r.conv_choice.as_ref().map(|c| serde_json::json!({
                         "label": c.label, "remembered": c.remembered, "batch": c.batch,
                         "ms_per_walk": c.times.iter().map(|(l, t)| (l.clone(), t.as_ref().ok().copied().into())).collect::<serde_json::Map<String, serde_json::Value>>(),
@@ -224,7 +260,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             "device": device.to_string(), "tile": tile, "batch": a.batch, "iters": a.iters,
             "warmup": a.warmup, "cpu_threads": threads, "fastdet_version": env!("CARGO_PKG_VERSION"), "fastdet_commit": fastdet::COMMIT,
             "models": items,
-            "cold_start_s": cold_start_s, "kernel_load": kernel_load.map(kernel_load_json),
+            "cold_start_s": cold_start_s, "random_weights_s": random_weights_s, "kernel_load": kernel_load.map(kernel_load_json),
         });
         fastdet::outln!("{}", serde_json::to_string_pretty(&doc)?)?;
     } else {
@@ -253,6 +289,13 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 r.first_s,
                 r.engine
             )?;
+            if let Some(t) = &r.device_times_ms {
+                let (med, min, max) = per_tile(t, a.batch);
+                fastdet::outln!(
+                    "{:<14} {:>10.1} {:>10.1} {:>10.1} {:>9.1}  the same walks on a device-resident input, outputs left on the device",
+                    "", med, min, max, r.gflop / (med * 1e-3)
+                )?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -235,6 +235,13 @@ struct WalkOutputs {
 /// `reps` timed times, each synchronised: the median milliseconds of a walk, and the last walk's
 /// outputs.
 fn time_walks(e: &mut CudaEngine, input: &super::gpu::DevBuf, n: usize, tile: [usize; 3], m: Measure) -> Result<(f64, WalkOutputs)> {
+    let (mut ms, last) = walk_times(e, input, n, tile, m)?;
+    ms.sort_by(f64::total_cmp);
+    Ok((ms[ms.len() / 2], last))
+}
+
+/// The milliseconds of each timed walk (in order) and the last walk's outputs.
+fn walk_times(e: &mut CudaEngine, input: &super::gpu::DevBuf, n: usize, tile: [usize; 3], m: Measure) -> Result<(Vec<f64>, WalkOutputs)> {
     let gpu = e.gpu_arc();
     for _ in 0..m.warmup {
         let out = e.forward_device_input(input, n, tile, false)?;
@@ -254,8 +261,27 @@ fn time_walks(e: &mut CudaEngine, input: &super::gpu::DevBuf, n: usize, tile: [u
         }
         e.recycle(out);
     }
-    ms.sort_by(f64::total_cmp);
-    Ok((ms[ms.len() / 2], last.expect("at least one timed walk")))
+    Ok((ms, last.expect("at least one timed walk")))
+}
+
+/// Random input of `n` tiles of `tile` for `weights`, in the walk's own layout
+/// (`forward_device_input`), on `gpu`: a walk's time does not depend on the values, only on the
+/// shape.
+fn random_walk_input(gpu: &Gpu, weights: &Weights, n: usize, tile: [usize; 3]) -> Result<super::gpu::DevBuf> {
+    let mut x = vec![0f32; n * weights.spec.in_channels * vol(tile)];
+    SplitMix64::new(7).fill_uniform(&mut x, -1.0, 1.0);
+    let x: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    gpu.upload(&x).with_context(|| format!("{}: the input of {n} tile(s) of {tile:?} to measure on", weights.name))
+}
+
+/// The milliseconds of each of `m.reps` walks of `e` (after `m.warmup` untimed ones) on a
+/// device-resident random input of `n` tiles of `tile`, outputs left on the device, each walk
+/// synchronised: what a walk costs inside `fastdet run` blending on the device, and what
+/// device-resident timings of other frameworks compare with (`fastdet bench`).
+pub fn device_walk_times(e: &mut CudaEngine, weights: &Weights, n: usize, tile: [usize; 3], m: Measure) -> Result<Vec<f64>> {
+    let gpu = e.gpu_arc();
+    let input = random_walk_input(&gpu, weights, n, tile)?;
+    Ok(walk_times(e, &input, n, tile, m)?.0)
 }
 
 /// Whether `got` (variant `label`) gives what `reference` (variant `reference_label`) gives, to
@@ -293,12 +319,7 @@ struct Timed {
 /// when it loads) beyond the fp16 tolerances counts as failed, with a warning. `trusted`: whether
 /// a reference variant settles a disagreement (cuDNN's does).
 fn time_variants(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], n: usize, tile: [usize; 3], m: Measure, trusted: &dyn Fn(&Variant) -> bool) -> Result<Timed> {
-    // Random input in the walk's own layout (`forward_device_input`): the time does not depend
-    // on the values, only on the shape.
-    let mut x = vec![0f32; n * weights.spec.in_channels * vol(tile)];
-    SplitMix64::new(7).fill_uniform(&mut x, -1.0, 1.0);
-    let x: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-    let input = gpu.upload(&x).with_context(|| format!("{}: the input of {n} tile(s) of {tile:?} to measure on", weights.name))?;
+    let input = random_walk_input(gpu, weights, n, tile)?;
     let mut t = Timed { times: Vec::with_capacity(candidates.len()), best: None, disputed: false };
     let mut reference: Option<(&Variant, WalkOutputs)> = None;
     for (i, v) in candidates.iter().enumerate() {
