@@ -202,6 +202,19 @@ fn forward_matches_golden_and_refuses_bad_shapes() {
     assert!(d <= 1e-4, "{d}");
     assert_eq!(read_f32(&out, "fm2").unwrap().0, vec![1, 16, 8, 16, 12]);
 
+    // The CUDA engine (here on its host emulator: fp16 activations) gives the golden scores to
+    // the self-test's fp16 tolerances for whole networks (max |Δ| 5e-2, ‖Δ‖/‖ref‖ 2e-2), through
+    // the same command; not bit-equal, so it did run in fp16.
+    let out_emu = tmp.path().join("out-emu.safetensors");
+    let o = fastdet().args(["forward", "--device", "emu", "--weights"]).arg(&w).arg("--input").arg(&golden).arg("--output").arg(&out_emu).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (shape_emu, got_emu) = read_f32(&out_emu, "scores").unwrap();
+    assert_eq!(shape_emu, shape);
+    let d = got_emu.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let rel = norm(&mut got_emu.iter().zip(&want).map(|(a, b)| a - b)) / norm(&mut want.iter().copied());
+    assert!(d > 0.0 && d <= 5e-2 && rel <= 2e-2, "fp16 engine vs f32 golden: max |Δ| {d}, ‖Δ‖/‖ref‖ {rel}");
+
     let bad = tmp.path().join("bad.safetensors");
     let data = vec![0.5f32; 12 * 32 * 24];
     write_f32(&bad, &[("input", vec![1, 1, 12, 32, 24], &data)], None).unwrap();
