@@ -171,8 +171,10 @@ case "$cmd" in
       *--tomogram*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "device_blend": true, "s_per_tomogram": 1.5, "upload_s": 0.03, "infer_s": 1.0, "blend_s": 0.3, "detect_s": 0.2, "tflops": 100.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
       *) choice=null
          echo "bench sees LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >> "$FAKE_CALLS"
+         profile=null
+         case "$*" in *--profile*) profile='{"steps": [{"ops": [0, 2], "label": "conv3x3x3/s1 1->32 + groupnorm(8)+relu @ 8x8x8", "kind": "conv3x3x3 + groupnorm", "ms": 3.0, "gflop": 300.0}, {"ops": [2, 3], "label": "add @ 8x8x8", "kind": "add", "ms": 1.0, "gflop": 0.0}], "by_kind": [{"kind": "conv3x3x3 + groupnorm", "ms": 3.0, "steps": 1, "gflop": 300.0, "tflops": 100.0}, {"kind": "add", "ms": 1.0, "steps": 1, "gflop": 0.0, "tflops": null}], "sum_ms": 4.0}' ;; esac
          [ "${FASTDET_CONV:-}" = measure ] && choice='{"label": "tc-wide", "remembered": false, "batch": 1, "ms_per_walk": {"cudnn": 5.5, "tc": 4.75, "tc-wide": 4.5, "tc-async": null}}'
-         echo '{"device": "cuda:0", "tile": [192, 128, 128], "batch": 1, "fastdet_version": "0", "cold_start_s": 0.4, "kernel_load": {"files": 13, "compiled": 0, "compile_s": 0.0, "load_s": 0.05}, "models": [{"model": "segresnetv2", "engine": "cuda:0:stand-in", "ms_per_tile": 5.0, "ms_per_tile_min": 4.9, "ms_per_tile_max": 5.1, "gflops": 1000.0, "open_s": 0.2, "device_memory_peak_mib": 900.0, "conv_choice": '"$choice"'}]}' ;;
+         echo '{"device": "cuda:0", "tile": [192, 128, 128], "batch": 1, "fastdet_version": "0", "cold_start_s": 0.4, "kernel_load": {"files": 13, "compiled": 0, "compile_s": 0.0, "load_s": 0.05}, "models": [{"model": "segresnetv2", "engine": "cuda:0:stand-in", "ms_per_tile": 5.0, "ms_per_tile_min": 4.9, "ms_per_tile_max": 5.1, "gflops": 1000.0, "open_s": 0.2, "device_memory_peak_mib": 900.0, "conv_choice": '"$choice"', "profile": '"$profile"'}]}' ;;
     esac ;;
   synth) mkdir -p "$1" ;;
   run)
@@ -286,6 +288,9 @@ echo "========= ERROR SUMMARY: 0 errors"
     // The tensor-core bench ran with FASTDET_CONV=tc; the figures reached results.json.
     let calls = std::fs::read_to_string(&calls).unwrap();
     assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 4, "{calls}");
+    // The first per-tile bench profiles a walk; the summary shows it by kind.
+    assert_eq!(calls.lines().filter(|l| l.starts_with("bench ") && l.contains("--profile")).count(), 1, "{calls}");
+    assert!(text.contains("profile: 4.00 ms in 2 steps; by kind:") && text.contains("conv3x3x3 + groupnorm") && text.contains("100.0 TFLOP/s"), "{text}");
     // The wheels' cuDNN bench ran with a folder holding a libcudnn.so link to it first on the path;
     // the other benches with the user's folder first.
     let wheel_dir = wheel_cudnn.to_string_lossy().into_owned();
@@ -496,7 +501,7 @@ fn results_json_reads_the_benches_the_binary_writes() {
         std::fs::write(tmp.path().join(file), &o.stdout).unwrap();
         serde_json::from_slice(&o.stdout).unwrap()
     };
-    let tile = bench("bench-fastdet.json", "auto", &["--tile", "32,32,32"]);
+    let tile = bench("bench-fastdet.json", "auto", &["--tile", "32,32,32", "--profile"]);
     let tile_tc = bench("bench-fastdet-tc.json", "tc", &["--tile", "32,32,32"]);
     let tile_measured = bench("bench-fastdet-measure.json", "measure", &["--tile", "32,32,32"]);
     let tomo = bench("bench-tomogram.json", "auto", &["--tomogram", "32,64,64", "--models", "1,1", "--window", "32,32,32", "--tiles", "1,2,2"]);
@@ -521,6 +526,23 @@ fn results_json_reads_the_benches_the_binary_writes() {
             assert!(m["ms_per_tile_device"].as_f64().unwrap() > 0.0 && m["device_times_ms"].as_array().unwrap().len() == 1, "{arch}: {m}");
             assert_eq!(r["tile"][arch][key], m["ms_per_tile_device"], "{arch} {key}");
         }
+        // --profile: the walk's steps cover its ops once each, in order, with all its FLOPs; the
+        // kinds sum the steps.
+        let p = &tile["models"][i]["profile"];
+        let steps = p["steps"].as_array().unwrap();
+        let mut next = 0;
+        for st in steps {
+            assert_eq!(st["ops"][0].as_u64().unwrap(), next, "{arch}: {st}");
+            next = st["ops"][1].as_u64().unwrap();
+            assert!(next > st["ops"][0].as_u64().unwrap() && st["ms"].as_f64().unwrap() >= 0.0 && st["label"].as_str().unwrap().contains(" @ "), "{arch}: {st}");
+        }
+        let gflop: f64 = steps.iter().map(|st| st["gflop"].as_f64().unwrap()).sum();
+        assert!((gflop - tile["models"][i]["gflop_per_tile"].as_f64().unwrap()).abs() < 1e-9, "{arch}: {gflop}");
+        let sum = p["sum_ms"].as_f64().unwrap();
+        let by_kind: f64 = p["by_kind"].as_array().unwrap().iter().map(|k| k["ms"].as_f64().unwrap()).sum();
+        assert!(sum > 0.0 && (sum - by_kind).abs() < 1e-9 * sum, "{arch}: {sum} vs {by_kind}");
+        assert!(p["by_kind"].as_array().unwrap().iter().any(|k| k["kind"].as_str().unwrap().starts_with("conv3x3x3")), "{arch}: {p}");
+        assert!(tile_tc["models"][i]["profile"].is_null(), "{arch}: no profile without --profile");
         // Random weights are generated as each model is taken, their time outside the cold start.
         assert!(tile["models"][i]["random_weights_s"].as_f64().unwrap() > 0.0, "{arch}");
         peak = peak.max(tile["models"][i]["device_memory_peak_mib"].as_f64().unwrap());

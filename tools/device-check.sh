@@ -304,8 +304,9 @@ fi
 if [ $NO_GPU -eq 0 ]; then
     # JSON on stdout goes to its own file (written by the inner shell), stderr to the step's log.
     rm -f "$OUT/bench-fastdet.json"
+    # --profile: where a walk's time goes, step by step (conv, norm, ...), summed by kind.
     step "bench fastdet" 120 "$OUT/bench-fastdet.log" \
-        bash -c 'exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
+        bash -c 'exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --profile --json > "$3"' \
         bench-fastdet "$FASTDET" "$DEVICE" "$OUT/bench-fastdet.json" || FAILED=1
     # The same tile on conv3d_tc_f16 (FASTDET_CONV=tc: residual and statistics in the store, norms
     # in the loads of 1x1x1 convs only; the self-test and the criterion bench also time them all in
@@ -532,6 +533,12 @@ if "models" in d:  # fastdet bench
               f"  {m['gflops'] / 1e3:.2f} TFLOP/s  open {m['open_s']:.2f} s  [{m['engine']}]")
         if m.get("ms_per_tile_device") is not None:
             print(f"  {'':<12} {m['ms_per_tile_device']:8.2f} ms/tile device-resident walk  {m['gflops_device'] / 1e3:.2f} TFLOP/s")
+        p = m.get("profile")
+        if p:
+            print(f"    profile: {p['sum_ms']:.2f} ms in {len(p['steps'])} steps; by kind:")
+            for k in p["by_kind"][:8]:
+                rate = f"  {k['tflops']:.1f} TFLOP/s" if k.get("tflops") else ""
+                print(f"      {k['kind']:<36} {k['ms']:8.3f} ms  {k['steps']:3d} step(s){rate}")
         for n in m.get("notes", []):
             if n.startswith("cuDNN "):
                 print(f"    {n}")

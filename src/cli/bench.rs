@@ -2,6 +2,7 @@
 //! engine and CUDA, so runs on different machines and commits compare directly.
 use anyhow::{bail, Result};
 use clap::Args;
+use fastdet::engine::cuda::engine::StepTime;
 use fastdet::engine::cuda::gpu::KernelLoad;
 use fastdet::engine::{self, Device};
 use fastdet::model::graph::Graph;
@@ -69,6 +70,11 @@ pub struct BenchArgs {
     /// --tomogram SHAPE, also that tomogram's buffers for blending on the device (--tile its window)
     #[arg(long)]
     pub plan_memory: bool,
+    /// On a GPU, also profile a walk: the time of each step (a conv with what is fused into it, a
+    /// norm, ...), on a device-resident input, run without a CUDA graph with a timing event around
+    /// each step; summed by kind of step (median of 3 walks)
+    #[arg(long, conflicts_with_all = ["tomogram", "plan_memory"])]
+    pub profile: bool,
 }
 
 fn parse_pair(s: &str) -> Result<[usize; 2], String> {
@@ -95,6 +101,25 @@ struct Row {
     notes: Vec<String>,
     /// With FASTDET_CONV=measure: the path chosen and every variant's time.
     conv_choice: Option<fastdet::engine::cuda::choose::Choice>,
+    /// With --profile on a GPU: each step of a walk.
+    profile: Option<Vec<StepTime>>,
+}
+
+/// The steps of a profiled walk summed by kind: (kind, ms, steps, FLOPs), the costliest first.
+fn profile_by_kind(steps: &[StepTime]) -> Vec<(String, f64, usize, u64)> {
+    let mut kinds: Vec<(String, f64, usize, u64)> = Vec::new();
+    for s in steps {
+        match kinds.iter_mut().find(|k| k.0 == s.kind) {
+            Some(k) => {
+                k.1 += s.ms;
+                k.2 += 1;
+                k.3 += s.flops;
+            }
+            None => kinds.push((s.kind.clone(), s.ms, 1, s.flops)),
+        }
+    }
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    kinds
 }
 
 impl Row {
@@ -207,6 +232,13 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             Some(c) => Some(fastdet::engine::cuda::choose::device_walk_times(c, w, a.batch, tile, fastdet::engine::cuda::choose::Measure { warmup: a.warmup, reps: a.iters })?),
             None => None,
         };
+        let profile = match e.as_cuda() {
+            Some(c) if a.profile => Some(fastdet::engine::cuda::choose::profile_device_walk(c, w, a.batch, tile, 3)?),
+            _ => None,
+        };
+        if a.profile && profile.is_none() {
+            fastdet::errln!("{name}: --profile: {} is not a CUDA engine; no profile", e.name());
+        }
         rows.push(Row {
             name: name.clone(),
             engine: e.name(),
@@ -216,6 +248,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             times_ms,
             device_times_ms,
             random_weights_s: generated_s,
+            profile,
             device_mib: e.device_memory_peak().map(|b| b as f64 / 1048576.0),
             notes: e
                 .as_cuda()
@@ -248,6 +281,16 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     "ms_per_tile_device": device.map(|d| d.0), "ms_per_tile_device_min": device.map(|d| d.1), "ms_per_tile_device_max": device.map(|d| d.2),
                     "gflops_device": device.map(|d| r.gflop / (d.0 * 1e-3)), "device_times_ms": r.device_times_ms,
                     "random_weights_s": r.random_weights_s,
+                    "profile": r.profile.as_ref().map(|steps| serde_json::json!({
+                        "steps": steps.iter().map(|s| serde_json::json!({
+                            "ops": [s.first, s.first + s.used], "label": s.label, "kind": s.kind, "ms": s.ms, "gflop": s.flops as f64 * 1e-9,
+                        })).collect::<Vec<_>>(),
+                        "by_kind": profile_by_kind(steps).iter().map(|(k, ms, count, flops)| serde_json::json!({
+                            "kind": k, "ms": ms, "steps": count, "gflop": *flops as f64 * 1e-9,
+                            "tflops": if *flops > 0 && *ms > 0.0 { Some(*flops as f64 / (ms * 1e-3) * 1e-12) } else { None },
+                        })).collect::<Vec<_>>(),
+                        "sum_ms": steps.iter().map(|s| s.ms).sum::<f64>(),
+                    })),
                     "device_memory_peak_mib": r.device_mib, "notes": r.notes,
                     "conv_choice": r.conv_choice.as_ref().map(|c| serde_json::json!({
                         "label": c.label, "remembered": c.remembered, "batch": c.batch,
@@ -295,6 +338,14 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     "{:<14} {:>10.1} {:>10.1} {:>10.1} {:>9.1}  the same walks on a device-resident input, outputs left on the device",
                     "", med, min, max, r.gflop / (med * 1e-3)
                 )?;
+            }
+            if let Some(steps) = &r.profile {
+                let sum: f64 = steps.iter().map(|s| s.ms).sum();
+                fastdet::outln!("  profile of one walk of {} tile(s), {} steps, {sum:.2} ms in all (each step between timing events, no graph):", a.batch, steps.len())?;
+                for (kind, ms, count, flops) in profile_by_kind(steps) {
+                    let rate = if flops > 0 && ms > 0.0 { format!("{:>7.1} TFLOP/s", flops as f64 / (ms * 1e-3) * 1e-12) } else { String::new() };
+                    fastdet::outln!("    {kind:<40} {ms:>9.3} ms {:>5.1}%  {count:>3} step(s)  {rate}", 100.0 * ms / sum.max(f64::MIN_POSITIVE))?;
+                }
             }
         }
     }

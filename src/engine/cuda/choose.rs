@@ -284,6 +284,26 @@ pub fn device_walk_times(e: &mut CudaEngine, weights: &Weights, n: usize, tile: 
     Ok(walk_times(e, &input, n, tile, m)?.0)
 }
 
+/// Where `e`'s walk of `n` tiles of `tile` spends its time: `reps` profiled walks
+/// (`CudaEngine::profile_walk`, after one untimed) on a device-resident random input, each
+/// step's median.
+pub fn profile_device_walk(e: &mut CudaEngine, weights: &Weights, n: usize, tile: [usize; 3], reps: usize) -> Result<Vec<super::engine::StepTime>> {
+    let gpu = e.gpu_arc();
+    let input = random_walk_input(&gpu, weights, n, tile)?;
+    e.profile_walk(&input, n, tile)?;
+    let runs: Vec<Vec<super::engine::StepTime>> = (0..reps.max(1)).map(|_| e.profile_walk(&input, n, tile)).collect::<Result<_>>()?;
+    let mut steps = runs[0].clone();
+    if runs.iter().any(|r| r.len() != steps.len()) {
+        bail!("internal error: profiled walks of one shape took different steps");
+    }
+    for (k, step) in steps.iter_mut().enumerate() {
+        let mut ms: Vec<f64> = runs.iter().map(|r| r[k].ms).collect();
+        ms.sort_by(f64::total_cmp);
+        step.ms = ms[ms.len() / 2];
+    }
+    Ok(steps)
+}
+
 /// Whether `got` (variant `label`) gives what `reference` (variant `reference_label`) gives, to
 /// the self-test's tolerances for whole fp16 networks (`TOL_NET_SCORES`, `TOL_NET_OFFSETS`, the
 /// absolute part scaled by max(1, max|ref|)): a kernel that computes wrongly on this card must

@@ -49,7 +49,7 @@ use super::gpu::{guard, DevBuf, DeviceGraph, Gpu, Pool};
 use super::env_choice;
 use super::ops::{self, vol, ConvShape, TcTiles};
 use crate::engine::{Outputs, TileEngine};
-use crate::model::graph::{op_in_place, Act, Graph, OpKind, ValueId};
+use crate::model::graph::{op_in_place, Act, Graph, Op, OpKind, ValueId};
 use crate::weights::Weights;
 
 /// Which convolution implementation the engine uses for the general convolutions.
@@ -386,6 +386,30 @@ pub struct CudaEngine {
     notes: Vec<String>,
     /// Per value, during a walk: the per-block statistics a tensor-core conv wrote for it.
     tile_stats: Vec<Option<DevBuf>>,
+    /// While `profile_walk` runs: a pair of timing marks around each step of the walk.
+    profile: Option<Vec<StepMarks>>,
+}
+
+/// Timing marks around one step of a walk: ops `first..first + used` (a step may fuse several).
+struct StepMarks {
+    first: usize,
+    used: usize,
+    start: super::gpu::Mark,
+    end: super::gpu::Mark,
+}
+
+/// One step of a profiled walk (`CudaEngine::profile_walk`): ops `first..first + used` of the
+/// graph as the engine ran them (one launch sequence, fused where the engine fuses).
+#[derive(Debug, Clone)]
+pub struct StepTime {
+    pub first: usize,
+    pub used: usize,
+    /// What the step computes, e.g. "conv3x3x3/s1 32->32 + groupnorm(8)+relu @ 192x128x128".
+    pub label: String,
+    /// The ops' kinds, e.g. "conv3x3x3 + groupnorm": what the profile sums by.
+    pub kind: String,
+    pub ms: f64,
+    pub flops: u64,
 }
 
 fn f32_of(w: &Weights, name: &str) -> Result<Vec<f32>> {
@@ -513,6 +537,7 @@ impl CudaEngine {
             tc: policy,
             notes,
             tile_stats: Vec::new(),
+            profile: None,
         })
     }
 
@@ -953,10 +978,17 @@ impl CudaEngine {
 
         let mut i = 0;
         while i < self.graph.ops.len() {
+            let start = if self.profile.is_some() { Some(self.gpu.mark()?) } else { None };
             let used = self.exec(i, n, tile, vals).with_context(|| {
                 let op = &self.graph.ops[i];
                 format!("op {i} ({}) on {n} tile(s) of {tile:?}", self.graph.values[op.output].name)
             })?;
+            if let Some(start) = start {
+                let end = self.gpu.mark()?;
+                if let Some(p) = self.profile.as_mut() {
+                    p.push(StepMarks { first: i, used, start, end });
+                }
+            }
             for j in i..i + used {
                 let inputs = self.graph.ops[j].inputs.clone();
                 for v in inputs {
@@ -1066,6 +1098,50 @@ impl CudaEngine {
         if let Some(f) = out.fm2 {
             self.outputs.give(f);
         }
+    }
+
+    /// One walk of `n` tiles of `tile` from `input` (as `forward_device_input` takes it), run
+    /// eagerly with a timing mark around each step: where a walk's time goes. The marks keep the
+    /// steps apart, so the sum is a little over a graph replay's time.
+    pub fn profile_walk(&mut self, input: &DevBuf, n: usize, tile: [usize; 3]) -> Result<Vec<StepTime>> {
+        // Without graphs the walk has a key of its own (not staged): it runs eagerly, and the
+        // graphs held for the other walks stay.
+        let graphs_on = std::mem::replace(&mut self.graphs_on, false);
+        self.profile = Some(Vec::new());
+        let r = self.forward_device_input(input, n, tile, false);
+        let marks = self.profile.take().unwrap_or_default();
+        self.graphs_on = graphs_on;
+        let out = r?;
+        self.gpu.sync("profiling a walk")?;
+        self.recycle(out);
+        let g = &self.graph;
+        marks
+            .into_iter()
+            .map(|m| {
+                let ops = &g.ops[m.first..m.first + m.used];
+                let describe = |op: &Op, full: bool| -> String {
+                    match &op.kind {
+                        OpKind::Conv { cin, cout, k, stride, act, .. } if full => format!("conv{k}x{k}x{k}/s{stride} {cin}->{cout}{act}"),
+                        OpKind::Conv { k, .. } => format!("conv{k}x{k}x{k}"),
+                        OpKind::ConvTranspose2 { cin, cout, .. } if full => format!("convT2x2x2 {cin}->{cout}"),
+                        OpKind::ConvTranspose2 { .. } => "convT2x2x2".into(),
+                        OpKind::GroupNorm { groups, act, .. } if full => format!("groupnorm({groups}){act}"),
+                        OpKind::GroupNorm { .. } => "groupnorm".into(),
+                        OpKind::InstanceNorm { act } if full => format!("instancenorm{act}"),
+                        OpKind::InstanceNorm { .. } => "instancenorm".into(),
+                        OpKind::Add => "add".into(),
+                        OpKind::Concat => "concat".into(),
+                        OpKind::Upsample2x => "upsample2x".into(),
+                    }
+                };
+                let last = &ops[ops.len() - 1];
+                let d = g.dims(last.output, tile);
+                let label = format!("{} @ {}x{}x{}", ops.iter().map(|o| describe(o, true)).collect::<Vec<_>>().join(" + "), d[0], d[1], d[2]);
+                let kind = ops.iter().map(|o| describe(o, false)).collect::<Vec<_>>().join(" + ");
+                let flops = ops.iter().map(|o| g.op_flops(o, tile)).sum::<u64>() * n as u64;
+                Ok(StepTime { first: m.first, used: m.used, label, kind, ms: self.gpu.elapsed_ms(&m.start, &m.end)?, flops })
+            })
+            .collect()
     }
 
     /// Turns CUDA graphs on or off for this engine's later walks (on by default, see

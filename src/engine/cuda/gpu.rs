@@ -255,6 +255,12 @@ impl Arg {
     }
 }
 
+/// A timing point in a device's stream (`Gpu::mark`).
+pub enum Mark {
+    Cuda(cudarc::driver::CudaEvent),
+    Host(std::time::Instant),
+}
+
 enum Inner {
     Cuda { ctx: Arc<CudaContext>, stream: Arc<CudaStream>, funcs: HashMap<String, CudaFunction>, _modules: Vec<Arc<CudaModule>> },
     Emu(Arc<Emu>),
@@ -723,6 +729,29 @@ impl Gpu {
             return true;
         }
         false
+    }
+
+    /// A point in this device's stream whose time can be read once the work before it is done
+    /// (`elapsed_ms`): a timing event on a GPU; on the emulator, which runs each launch as it is
+    /// issued, the host clock. Not inside a capture (a graph holds no timing events).
+    pub fn mark(&self) -> Result<Mark> {
+        self.refuse_in_capture(format_args!("a timing mark"))?;
+        match &self.inner {
+            Inner::Cuda { stream, .. } => stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map(Mark::Cuda)
+                .map_err(|e| anyhow!("recording a timing event: {e}")),
+            Inner::Emu(_) => Ok(Mark::Host(std::time::Instant::now())),
+        }
+    }
+
+    /// Milliseconds from `start` to `end` (marks of this device), waiting for `end`'s work.
+    pub fn elapsed_ms(&self, start: &Mark, end: &Mark) -> Result<f64> {
+        match (start, end) {
+            (Mark::Cuda(a), Mark::Cuda(b)) => a.elapsed_ms(b).map(f64::from).map_err(|e| anyhow!("reading a timing event: {e}")),
+            (Mark::Host(a), Mark::Host(b)) => Ok(b.saturating_duration_since(*a).as_secs_f64() * 1e3),
+            _ => bail!("internal error: timing marks of different devices"),
+        }
     }
 
     /// Waits for all issued work; an error names `what` (asynchronous kernel faults surface here).
