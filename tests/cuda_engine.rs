@@ -258,23 +258,25 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert!(out.join("criterion/tile_dynunet/tc_wide/new/estimates.json").is_file() && !out.join("kernel-cache").exists());
     // The synthetic data it made is removed (it carries the script's mark).
     assert!(!tmp.path().join("data").exists());
-    // Each step passed, in this order: the full self-test before the longer benchmarks.
+    // Each step passed, in this order: the full self-test and the timed run before the longer
+    // benchmarks.
     let steps = [
         "selftest --quick",
         "bench fastdet ",
+        "bench fastdet --batch 2",
         "bench fastdet tensor-core",
         "bench fastdet measured choice",
         "bench fastdet (wheel cuDNN)",
         "selftest (full)",
-        "bench criterion cuda_ops",
         "bench tomogram (5+5 models)",
-        "bench tomogram --host-blend",
-        "bench tomogram --batch 2",
         "synth 2 runs 32,64,64",
         "run --device cuda:0 (2 models)",
         "score gpu.csv",
         "run again: same bytes",
         "run --devices cuda:0,cuda:0: same bytes",
+        "bench tomogram --host-blend",
+        "bench tomogram --batch 2",
+        "bench criterion cuda_ops",
         "sanitizer memcheck (kernels)",
         "sanitizer racecheck (kernels)",
     ];
@@ -287,7 +289,8 @@ echo "========= ERROR SUMMARY: 0 errors"
     }
     // The tensor-core bench ran with FASTDET_CONV=tc; the figures reached results.json.
     let calls = std::fs::read_to_string(&calls).unwrap();
-    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 4, "{calls}");
+    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 5, "{calls}");
+    assert!(calls.contains("bench --device cuda:0 --tile 192,128,128 --batch 2 "), "{calls}");
     // The first per-tile bench profiles a walk; the summary shows it by kind.
     assert_eq!(calls.lines().filter(|l| l.starts_with("bench ") && l.contains("--profile")).count(), 1, "{calls}");
     assert!(text.contains("profile: 4.00 ms in 2 steps; by kind:") && text.contains("conv3x3x3 + groupnorm") && text.contains("100.0 TFLOP/s"), "{text}");
@@ -295,8 +298,8 @@ echo "========= ERROR SUMMARY: 0 errors"
     // the other benches with the user's folder first.
     let wheel_dir = wheel_cudnn.to_string_lossy().into_owned();
     let paths: Vec<&str> = calls.lines().filter_map(|l| l.strip_prefix("bench sees LD_LIBRARY_PATH=")).collect();
-    assert_eq!(paths.len(), 4, "{calls}");
-    assert_eq!(paths.iter().filter(|p| p.starts_with(&wheel_dir)).count(), 3, "{calls}");
+    assert_eq!(paths.len(), 5, "{calls}");
+    assert_eq!(paths.iter().filter(|p| p.starts_with(&wheel_dir)).count(), 4, "{calls}");
     let linked = paths.iter().find(|p| !p.starts_with(&wheel_dir)).unwrap();
     assert_eq!(linked.split(':').nth(1), Some(wheel_dir.as_str()), "the link's folder, then the rest: {linked}");
     // The same command again and two workers on the card: each compared byte for byte.
@@ -311,6 +314,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_ms"], 5.0);
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_fused_ms"], 5.0);
+    assert_eq!(r["tile"]["segresnetv2"]["fastdet_batch2_ms"], 5.0);
     assert_eq!(r["blocks"]["32ch_8x8x8"]["tc_fused_ms"], 1.5);
     assert_eq!(r["tile_criterion"]["dynunet"]["tc_wide_ms"], 4.25);
     assert_eq!(r["card"], "Stand-in H200", "the card from the self-test's device when PyTorch did not run");

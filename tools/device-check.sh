@@ -4,21 +4,22 @@
 #   1. finds the CUDA libraries (pip wheels nvidia/*/lib, /usr/local/cuda, ldconfig) and cuda_fp16.h,
 #   2. prints nvidia-smi,
 #   3. runs `fastdet selftest --quick` (kernels vs CPU twins, both seed networks on 64^3),
-#   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile, batch 1, cuDNN and
-#      tensor-core backends, the measured choice between them, and the Python wheels' cuDNN
-#      where the system has another), then runs the full `fastdet selftest` (192x128x128 networks,
-#      whole-tomogram CPU-vs-GPU check; before the longer benchmarks, so that it gets its time),
-#      then the criterion bench benches/cuda_ops.rs when its binary was carried, the seed
-#      ensemble of 5+5 models on one whole tomogram of FASTDET_CHECK_SHAPE (blending on the GPU,
-#      on the host, and two tiles per walk) and the PyTorch
-#      baseline tools/bench_torch.py (fp16 cuDNN eager + torch.compile, batches 1,2,4; needs python3
-#      with torch; monai comes from .cache/wheels/ when it is not installed; --skip-torch skips it),
+#   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile: batch 1 with a profile of
+#      a walk, batch 2, the tensor-core path, the measured choice, and the Python wheels' cuDNN
+#      where the system has another), runs the full `fastdet selftest` (192x128x128 networks,
+#      whole-tomogram CPU-vs-GPU check) and times the seed ensemble of 5+5 models on one whole
+#      tomogram of FASTDET_CHECK_SHAPE,
 #   4. writes two synthetic 184x630x630 tomograms and times `fastdet run` on the GPU with the demo
 #      weights and the seed window/tiles (+ `fastdet score` against its ground truth), then runs
 #      it again and with two workers on the card (--devices cuda:N,cuda:N): both must write the
 #      same bytes,
-#   4b. with the time left, compute-sanitizer memcheck and racecheck over the self-test's kernel
-#      rows (--no-sanitizer skips them),
+#   4a. with the time left, in this order: the PyTorch baseline tools/bench_torch.py (fp16 cuDNN
+#      eager + torch.compile, batches 1,2,4; needs python3 with torch; monai comes from
+#      .cache/wheels/ when it is not installed; --skip-torch skips it), the tomogram blended on
+#      the host and with two tiles per walk, the criterion bench benches/cuda_ops.rs when its
+#      binary was carried,
+#   4b. compute-sanitizer memcheck and racecheck over the self-test's kernel rows
+#      (--no-sanitizer skips them),
 #   5. optionally (--cpu-run) the same `fastdet run` on the CPU for comparison (slow),
 # and ends with a one-screen summary. Every step has a timeout; the whole script stays within
 # --budget seconds (default 450). Logs, JSON reports, compiled kernels and the summary go to OUTDIR
@@ -300,7 +301,7 @@ fi
 # A pass is remembered in the check's kernel cache: the runs below find it and do not check again.
 
 # ------------------------------------------------------------------------------------------------
-# 1b. per-tile benchmarks: fastdet, then the PyTorch baseline (fp16 cuDNN eager + torch.compile)
+# 1b. per-tile benchmarks of fastdet, the full self-test, the seed ensemble per tomogram
 if [ $NO_GPU -eq 0 ]; then
     # JSON on stdout goes to its own file (written by the inner shell), stderr to the step's log.
     rm -f "$OUT/bench-fastdet.json"
@@ -308,6 +309,11 @@ if [ $NO_GPU -eq 0 ]; then
     step "bench fastdet" 120 "$OUT/bench-fastdet.log" \
         bash -c 'exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --profile --json > "$3"' \
         bench-fastdet "$FASTDET" "$DEVICE" "$OUT/bench-fastdet.json" || FAILED=1
+    # Two tiles per call (torch.compile's best batch for both networks on the H200).
+    rm -f "$OUT/bench-fastdet-batch2.json"
+    step "bench fastdet --batch 2" 90 "$OUT/bench-fastdet-batch2.log" \
+        bash -c 'exec "$1" bench --device "$2" --tile 192,128,128 --batch 2 --iters 10 --warmup 2 --json > "$3"' \
+        bench-fastdet-batch2 "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-batch2.json" || FAILED=1
     # The same tile on conv3d_tc_f16 (FASTDET_CONV=tc: residual and statistics in the store, norms
     # in the loads of 1x1x1 convs only; the self-test and the criterion bench also time them all in
     # the loads, the wide tiles and the cp.async loads).
@@ -350,63 +356,16 @@ if [ $NO_GPU -eq 0 ]; then
             "$FASTDET" selftest --device "$DEVICE" --json "$OUT/selftest-full.json" || FAILED=1
     fi
 
-    # criterion: the fused tensor-core residual block against the cuDNN path per SegResNetV2 level,
-    # and one tile per arch and backend (benches/cuda_ops.rs, built by tools/build-for-device.sh).
-    if [ -x "$CUDA_BENCH" ]; then
-        step "bench criterion cuda_ops" 150 "$OUT/bench-criterion.log" \
-            env CRITERION_HOME="$OUT/criterion" "$CUDA_BENCH" --bench --noplot || FAILED=1
-    else
-        log "bench criterion cuda_ops: skipped ($CUDA_BENCH not found; tools/build-for-device.sh builds it)"
-    fi
-
     # The seed configuration per tomogram: 5 SegResNetV2 + 5 DynUNet (random weights at the seed
     # widths, all resident), 1x9x9 tiles, blending and detection.
     rm -f "$OUT/bench-tomogram.json"
     step "bench tomogram (5+5 models)" 150 "$OUT/bench-tomogram.log" \
         bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --json > "$4"' \
         bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram.json" || FAILED=1
-    # The same with the ensemble averaging and blending on the CPU (run --host-blend).
-    rm -f "$OUT/bench-tomogram-host-blend.json"
-    step "bench tomogram --host-blend" 150 "$OUT/bench-tomogram-host-blend.log" \
-        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --host-blend --json > "$4"' \
-        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-host-blend.json" || FAILED=1
-    # Two tiles per walk (torch.compile's best batch for both networks on the H200).
-    rm -f "$OUT/bench-tomogram-batch2.json"
-    step "bench tomogram --batch 2" 150 "$OUT/bench-tomogram-batch2.log" \
-        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --batch 2 --json > "$4"' \
-        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-batch2.json" || FAILED=1
-
-    rm -f "$OUT/bench-torch.json"
-    if [ $TORCH_BENCH -eq 0 ]; then
-        log "bench torch: skipped (--skip-torch)"
-    elif ! command -v python3 > /dev/null 2>&1; then
-        log "bench torch: skipped (no python3)"
-    elif ! timeout 120 python3 -c 'import torch' > "$OUT/bench-torch-import.txt" 2>&1; then
-        log "bench torch: skipped (python3 cannot import torch: $(tail -1 "$OUT/bench-torch-import.txt" | cut -c1-120))"
-    else
-        MONAI_WHEEL="${FASTDET_MONAI_WHEEL:-$ROOT/.cache/wheels/monai-1.6.1-py3-none-any.whl}"
-        WHEEL_ARGS=()
-        if [ -f "$MONAI_WHEEL" ]; then
-            WHEEL_ARGS=(--monai-wheel "$MONAI_WHEEL")
-        else
-            log "note: monai wheel $MONAI_WHEEL not found; bench torch needs monai installed"
-        fi
-        # The script stops starting new cases 20 s before the step's timeout, so its JSON (rewritten
-        # after every case) is complete up to there.
-        tb=$(( $(remaining) - 5 ))
-        [ "$tb" -gt 240 ] && tb=240
-        tb=$(( tb - 20 ))
-        [ "$tb" -lt 1 ] && tb=1
-        # A failing baseline is shown (FAIL/TIMEOUT line, its log) but does not fail the fastdet check.
-        step "bench torch" 240 "$OUT/bench-torch.log" \
-            python3 "$ROOT/tools/bench_torch.py" --device "$DEVICE" --json "$OUT/bench-torch.json" \
-            --budget "$tb" --compile-mode "${FASTDET_TORCH_COMPILE_MODE:-default}" ${WHEEL_ARGS[@]+"${WHEEL_ARGS[@]}"} \
-            || log "note: bench torch failed (PyTorch baseline only; not counted in RESULT; see bench-torch.log)"
-    fi
 fi
 
 # ------------------------------------------------------------------------------------------------
-# 2. timed GPU run on a synthetic tomogram with the demo weights and the seed window / tiles
+# 4. timed GPU run on a synthetic tomogram with the demo weights and the seed window / tiles
 W1="$ROOT/weights/demo_segresnetv2.safetensors"
 W2="$ROOT/weights/demo_dynunet.safetensors"
 if [ $NO_GPU -eq 0 ]; then
@@ -439,6 +398,58 @@ if [ $NO_GPU -eq 0 ]; then
         fi
     else
         FAILED=1
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+# 4a. with the time left, in this order: the PyTorch baseline, the tomogram blended on the host and
+# with two tiles per walk, the criterion benches (the longest, least needed)
+if [ $NO_GPU -eq 0 ]; then
+    rm -f "$OUT/bench-torch.json"
+    if [ $TORCH_BENCH -eq 0 ]; then
+        log "bench torch: skipped (--skip-torch)"
+    elif ! command -v python3 > /dev/null 2>&1; then
+        log "bench torch: skipped (no python3)"
+    elif ! timeout 120 python3 -c 'import torch' > "$OUT/bench-torch-import.txt" 2>&1; then
+        log "bench torch: skipped (python3 cannot import torch: $(tail -1 "$OUT/bench-torch-import.txt" | cut -c1-120))"
+    else
+        MONAI_WHEEL="${FASTDET_MONAI_WHEEL:-$ROOT/.cache/wheels/monai-1.6.1-py3-none-any.whl}"
+        WHEEL_ARGS=()
+        if [ -f "$MONAI_WHEEL" ]; then
+            WHEEL_ARGS=(--monai-wheel "$MONAI_WHEEL")
+        else
+            log "note: monai wheel $MONAI_WHEEL not found; bench torch needs monai installed"
+        fi
+        # The script stops starting new cases 20 s before the step's timeout, so its JSON (rewritten
+        # after every case) is complete up to there.
+        tb=$(( $(remaining) - 5 ))
+        [ "$tb" -gt 240 ] && tb=240
+        tb=$(( tb - 20 ))
+        [ "$tb" -lt 1 ] && tb=1
+        # A failing baseline is shown (FAIL/TIMEOUT line, its log) but does not fail the fastdet check.
+        step "bench torch" 240 "$OUT/bench-torch.log" \
+            python3 "$ROOT/tools/bench_torch.py" --device "$DEVICE" --json "$OUT/bench-torch.json" \
+            --budget "$tb" --compile-mode "${FASTDET_TORCH_COMPILE_MODE:-default}" ${WHEEL_ARGS[@]+"${WHEEL_ARGS[@]}"} \
+            || log "note: bench torch failed (PyTorch baseline only; not counted in RESULT; see bench-torch.log)"
+    fi
+    # The same with the ensemble averaging and blending on the CPU (run --host-blend).
+    rm -f "$OUT/bench-tomogram-host-blend.json"
+    step "bench tomogram --host-blend" 150 "$OUT/bench-tomogram-host-blend.log" \
+        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --host-blend --json > "$4"' \
+        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-host-blend.json" || FAILED=1
+    # Two tiles per walk (torch.compile's best batch for both networks on the H200).
+    rm -f "$OUT/bench-tomogram-batch2.json"
+    step "bench tomogram --batch 2" 150 "$OUT/bench-tomogram-batch2.log" \
+        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --batch 2 --json > "$4"' \
+        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-batch2.json" || FAILED=1
+
+    # criterion: the fused tensor-core residual block against the cuDNN path per SegResNetV2 level,
+    # and one tile per arch and backend (benches/cuda_ops.rs, built by tools/build-for-device.sh).
+    if [ -x "$CUDA_BENCH" ]; then
+        step "bench criterion cuda_ops" 150 "$OUT/bench-criterion.log" \
+            env CRITERION_HOME="$OUT/criterion" "$CUDA_BENCH" --bench --noplot || FAILED=1
+    else
+        log "bench criterion cuda_ops: skipped ($CUDA_BENCH not found; tools/build-for-device.sh builds it)"
     fi
 fi
 
@@ -495,7 +506,7 @@ fi
 # ms/tile lines of bench-fastdet.json and bench-torch.json (python3 when there is one, else grep).
 bench_summary() {
     local f
-    for f in bench-fastdet.json bench-fastdet-measure.json bench-fastdet-cudnn-wheel.json bench-tomogram.json bench-tomogram-host-blend.json bench-tomogram-batch2.json bench-torch.json results.json; do
+    for f in bench-fastdet.json bench-fastdet-batch2.json bench-fastdet-measure.json bench-fastdet-cudnn-wheel.json bench-tomogram.json bench-tomogram-host-blend.json bench-tomogram-batch2.json bench-torch.json results.json; do
         [ -f "$OUT/$f" ] || continue
         if command -v python3 > /dev/null 2>&1; then
             python3 - "$OUT/$f" <<'PY' 2>&1 | head -20

@@ -3,6 +3,7 @@
 device check writes:
 
   bench-fastdet.json   fastdet bench --device cuda:N --tile 192,128,128 --json
+  bench-fastdet-batch2.json   the same with --batch 2 ("fastdet_batch2_ms", "fastdet_batch2_device_ms", per tile)
   bench-fastdet-tc.json   the same with FASTDET_CONV=tc (our tensor-core convs with their fusions;
                           "fastdet_fused_ms")
   bench-fastdet-measure.json   the same with FASTDET_CONV=measure (the path timed fastest on the card
@@ -19,7 +20,8 @@ Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
    "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms",
                             "fastdet_measured_ms", "fastdet_device_ms", "fastdet_fused_device_ms",
-                            "fastdet_measured_device_ms", "conv_choice", "conv_variants_ms", "floor_ms"},
+                            "fastdet_measured_device_ms", "fastdet_batch2_ms", "fastdet_batch2_device_ms",
+                            "conv_choice", "conv_variants_ms", "floor_ms"},
             "dynunet": {...}},
    "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
                                    "tc_store_fused_wide_ms", "tc_store_fused_async_ms"}, ...},
@@ -125,6 +127,7 @@ def card_from_selftest(d):
 def assemble(d, commit, date):
     fd = load(os.path.join(d, "bench-fastdet.json"))
     fd_tc = load(os.path.join(d, "bench-fastdet-tc.json"))
+    fd_b2 = load(os.path.join(d, "bench-fastdet-batch2.json"))
     fd_measure = load(os.path.join(d, "bench-fastdet-measure.json"))
     tomo = load(os.path.join(d, "bench-tomogram.json"))
     torch = load(os.path.join(d, "bench-torch.json"))
@@ -135,7 +138,7 @@ def assemble(d, commit, date):
     for arch in ("segresnetv2", "dynunet"):
         row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None, "fastdet_fused_ms": None,
                "fastdet_measured_ms": None, "fastdet_device_ms": None, "fastdet_fused_device_ms": None,
-               "fastdet_measured_device_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None}
+               "fastdet_measured_device_ms": None, "fastdet_batch2_ms": None, "fastdet_batch2_device_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None}
         if torch:
             best = torch.get("best", {}).get(arch, {})
             row["torch_eager_ms"] = best.get("eager_ms")
@@ -147,6 +150,11 @@ def assemble(d, commit, date):
                     row["fastdet_device_ms"] = m.get("ms_per_tile_device")
                     if rate and m.get("gflop_per_tile"):
                         row["floor_ms"] = m["gflop_per_tile"] / (rate * 1e3) * 1e3
+        if fd_b2:
+            for m in fd_b2.get("models", []):
+                if m.get("model") == arch:
+                    row["fastdet_batch2_ms"] = m.get("ms_per_tile")
+                    row["fastdet_batch2_device_ms"] = m.get("ms_per_tile_device")
         if fd_tc:
             for m in fd_tc.get("models", []):
                 if m.get("model") == arch:
@@ -192,6 +200,7 @@ def assemble(d, commit, date):
         "sources": {
             "bench_fastdet": fd is not None,
             "bench_fastdet_tc": fd_tc is not None,
+            "bench_fastdet_batch2": fd_b2 is not None,
             "bench_fastdet_measure": fd_measure is not None,
             "bench_tomogram": tomo is not None,
             "bench_tomogram_host_blend": tomo_hb is not None,
@@ -214,16 +223,17 @@ def markdown(doc):
     out = [f"### {doc.get('date')}: {doc.get('card') or 'card unknown'}, commit {doc.get('commit')}", "",
            "Command: `tools/device-check.sh OUT` (figures from its JSON and criterion files, assembled by "
            "`tools/results_json.py OUT --markdown`).", "",
-           f"Per {'x'.join(map(str, doc.get('tile_shape') or [])) or '?'} tile (fastdet: batch 1, median, host to host "
+           f"Per {'x'.join(map(str, doc.get('tile_shape') or [])) or '?'} tile (fastdet: batch 1 unless named, median, host to host "
            "(tile up, maps back) / device-resident walk (outputs left on the device); "
            "PyTorch: its best batch, fp16, channels_last_3d, device-resident). Speed-up = PyTorch time / fastdet's best "
            "device-resident walk (host to host where no walk was timed); "
            "floor = FLOPs / the card's fp16 matmul rate.", "",
-           "| arch | PyTorch eager | torch.compile | fastdet (cuDNN path) | fastdet (tensor-core path) | fastdet (measured choice) | vs eager | vs compile | FLOP floor | % of floor |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| arch | PyTorch eager | torch.compile | fastdet (cuDNN path) | fastdet (tensor-core path) | fastdet (measured choice) | fastdet (batch 2) | vs eager | vs compile | FLOP floor | % of floor |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     choices = []
     for arch, r in doc["tile"].items():
-        walks = [v for v in (r.get("fastdet_device_ms"), r.get("fastdet_fused_device_ms"), r.get("fastdet_measured_device_ms")) if v is not None]
+        walks = [v for v in (r.get("fastdet_device_ms"), r.get("fastdet_fused_device_ms"), r.get("fastdet_measured_device_ms"),
+                             r.get("fastdet_batch2_device_ms")) if v is not None]
         best = min(walks or [v for v in (r.get("fastdet_ms"), r.get("fastdet_fused_ms"), r.get("fastdet_measured_ms")) if v is not None], default=None)
         pct = "–" if best is None or r.get("floor_ms") is None else f"{100 * r['floor_ms'] / best:.0f}%"
 
@@ -231,7 +241,8 @@ def markdown(doc):
             return ms(host) if device is None else f"{ms(host)} / {ms(device)}"
         measured = both(r.get("fastdet_measured_ms"), r.get("fastdet_measured_device_ms")) + (f" ({r['conv_choice']})" if r.get("conv_choice") else "")
         out.append(f"| {arch} | {ms(r.get('torch_eager_ms'))} | {ms(r.get('torch_compile_ms'))} | {both(r.get('fastdet_ms'), r.get('fastdet_device_ms'))} | "
-                   f"{both(r.get('fastdet_fused_ms'), r.get('fastdet_fused_device_ms'))} | {measured} | {ratio(r.get('torch_eager_ms'), best)} | {ratio(r.get('torch_compile_ms'), best)} | "
+                   f"{both(r.get('fastdet_fused_ms'), r.get('fastdet_fused_device_ms'))} | {measured} | "
+                   f"{both(r.get('fastdet_batch2_ms'), r.get('fastdet_batch2_device_ms'))} | {ratio(r.get('torch_eager_ms'), best)} | {ratio(r.get('torch_compile_ms'), best)} | "
                    f"{ms(r.get('floor_ms'))} | {pct} |")
         if r.get("conv_variants_ms"):
             cells = ", ".join(f"{k} {'failed' if v is None else f'{v:.2f} ms'}" for k, v in r["conv_variants_ms"].items())
@@ -291,7 +302,7 @@ def main():
     if not os.path.isdir(a.dir):
         print(f"results_json: {a.dir} is not a directory", file=sys.stderr)
         return 64
-    benches = ["bench-fastdet.json", "bench-fastdet-tc.json", "bench-fastdet-measure.json", "bench-tomogram.json",
+    benches = ["bench-fastdet.json", "bench-fastdet-batch2.json", "bench-fastdet-tc.json", "bench-fastdet-measure.json", "bench-tomogram.json",
                "bench-tomogram-host-blend.json", "bench-tomogram-batch2.json", "bench-torch.json"]
     if not any(os.path.isfile(os.path.join(a.dir, f)) for f in benches) and not os.path.isdir(os.path.join(a.dir, "criterion")):
         print(f"results_json: no bench output in {a.dir} ({', '.join(benches)}, criterion/): nothing was measured "
