@@ -96,6 +96,9 @@ fn bench_reports_time_and_flops_per_tile() {
     let total = t["s_per_tomogram"].as_f64().unwrap();
     assert!(total > 0.0 && t["infer_s"].as_f64().unwrap() <= total);
     assert!(t["detections"].is_u64() && t["cold_start_s"].as_f64().unwrap() > 0.0);
+    // Random weights are generated outside the open and cold-start times (a user's come from files).
+    assert!(t["random_weights_s"].as_f64().unwrap() > 0.0 && t["open_s"].as_f64().unwrap() >= 0.0);
+    assert!(per_tile["random_weights_s"].as_f64().unwrap() > 0.0 && per_tile["cold_start_s"].as_f64().unwrap() > 0.0);
 
     let o = fastdet().args(["bench", "--arch", "segresnetv2", "--tile", "12,32,24", "--iters", "1"]).output().unwrap();
     assert!(!o.status.success());
