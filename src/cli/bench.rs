@@ -232,11 +232,18 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             Some(c) => Some(fastdet::engine::cuda::choose::device_walk_times(c, w, a.batch, tile, fastdet::engine::cuda::choose::Measure { warmup: a.warmup, reps: a.iters })?),
             None => None,
         };
+        // The profile is a diagnosis: its failure is reported, and the timings still count.
         let profile = match e.as_cuda() {
-            Some(c) if a.profile => Some(fastdet::engine::cuda::choose::profile_device_walk(c, w, a.batch, tile, 3)?),
+            Some(c) if a.profile => match fastdet::engine::cuda::choose::profile_device_walk(c, w, a.batch, tile, 3) {
+                Ok(p) => Some(p),
+                Err(err) => {
+                    fastdet::errln!("warning: {name}: --profile failed: {err:#}");
+                    None
+                }
+            },
             _ => None,
         };
-        if a.profile && profile.is_none() {
+        if a.profile && e.as_cuda().is_none() {
             fastdet::errln!("{name}: --profile: {} is not a CUDA engine; no profile", e.name());
         }
         rows.push(Row {
