@@ -383,12 +383,16 @@ if [ $NO_GPU -eq 0 ]; then
                     "$FASTDET" score --truth "$DATA" --split test "$OUT/gpu.csv" || FAILED=1
                 # Deterministic: the same command again writes the same bytes; so do two workers
                 # sharing the card (worker k takes runs[k::2], one merged output).
-                step "run again: same bytes" 120 "$OUT/run-gpu-again.log" \
-                    bash -c '"$1" run "${@:4}" --out "$3" && cmp "$2" "$3" && echo "same bytes as $2"' \
-                    same-bytes "$FASTDET" "$OUT/gpu.csv" "$OUT/gpu-again.csv" "${RUN_ARGS[@]}" --device "$DEVICE" || FAILED=1
-                step "run --devices $DEVICE,$DEVICE: same bytes" 120 "$OUT/run-gpu-2workers.log" \
-                    bash -c '"$1" run "${@:4}" --out "$3" && cmp "$2" "$3" && echo "same bytes as $2"' \
-                    same-bytes "$FASTDET" "$OUT/gpu.csv" "$OUT/gpu-2workers.csv" "${RUN_ARGS[@]}" --devices "$DEVICE,$DEVICE" || FAILED=1
+                # same_bytes NAME TAG DEVICE-ARGS...: `run` to gpu-TAG.csv, compared with gpu.csv.
+                same_bytes() {
+                    local name="$1" tag="$2"
+                    shift 2
+                    step "$name" 120 "$OUT/run-gpu-$tag.log" \
+                        bash -c '"$1" run "${@:4}" --out "$3" && cmp "$2" "$3" && echo "same bytes as $2"' \
+                        same-bytes "$FASTDET" "$OUT/gpu.csv" "$OUT/gpu-$tag.csv" "${RUN_ARGS[@]}" "$@" || FAILED=1
+                }
+                same_bytes "run again: same bytes" again --device "$DEVICE"
+                same_bytes "run --devices $DEVICE,$DEVICE: same bytes" 2workers --devices "$DEVICE,$DEVICE"
             else
                 FAILED=1
             fi

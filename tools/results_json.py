@@ -124,6 +124,11 @@ def card_from_selftest(d):
     return None
 
 
+def model_of(bench, arch):
+    """The entry of `arch` in a per-tile bench's "models" list, None when the bench or entry is missing."""
+    return next((m for m in (bench or {}).get("models", []) if m.get("model") == arch), None)
+
+
 def assemble(d, commit, date):
     fd = load(os.path.join(d, "bench-fastdet.json"))
     fd_tc = load(os.path.join(d, "bench-fastdet-tc.json"))
@@ -143,34 +148,23 @@ def assemble(d, commit, date):
             best = torch.get("best", {}).get(arch, {})
             row["torch_eager_ms"] = best.get("eager_ms")
             row["torch_compile_ms"] = best.get("compile_ms")
-        if fd:
-            for m in fd.get("models", []):
-                if m.get("model") == arch:
-                    row["fastdet_ms"] = m.get("ms_per_tile")
-                    row["fastdet_device_ms"] = m.get("ms_per_tile_device")
-                    if rate and m.get("gflop_per_tile"):
-                        row["floor_ms"] = m["gflop_per_tile"] / (rate * 1e3) * 1e3
-        if fd_b2:
-            for m in fd_b2.get("models", []):
-                if m.get("model") == arch:
-                    row["fastdet_batch2_ms"] = m.get("ms_per_tile")
-                    row["fastdet_batch2_device_ms"] = m.get("ms_per_tile_device")
-        if fd_tc:
-            for m in fd_tc.get("models", []):
-                if m.get("model") == arch:
-                    row["fastdet_fused_ms"] = m.get("ms_per_tile")
-                    row["fastdet_fused_device_ms"] = m.get("ms_per_tile_device")
-        if fd_measure:
-            for m in fd_measure.get("models", []):
-                if m.get("model") == arch:
-                    row["fastdet_measured_ms"] = m.get("ms_per_tile")
-                    choice = m.get("conv_choice") or {}
-                    row["conv_choice"] = choice.get("label")
-                    row["conv_variants_ms"] = choice.get("ms_per_walk")
-                    row["fastdet_measured_device_ms"] = m.get("ms_per_tile_device")
-                    walk = (choice.get("ms_per_walk") or {}).get(choice.get("label"))
-                    if row["fastdet_measured_device_ms"] is None and walk is not None and choice.get("batch"):
-                        row["fastdet_measured_device_ms"] = walk / choice["batch"]
+        # Each per-tile bench's host-to-host and device-resident figures, under its own names.
+        for doc, prefix in ((fd, "fastdet"), (fd_b2, "fastdet_batch2"), (fd_tc, "fastdet_fused"), (fd_measure, "fastdet_measured")):
+            m = model_of(doc, arch)
+            if m is not None:
+                row[prefix + "_ms"] = m.get("ms_per_tile")
+                row[prefix + "_device_ms"] = m.get("ms_per_tile_device")
+        m = model_of(fd, arch)
+        if m is not None and rate and m.get("gflop_per_tile"):
+            row["floor_ms"] = m["gflop_per_tile"] / (rate * 1e3) * 1e3
+        m = model_of(fd_measure, arch)
+        if m is not None:
+            choice = m.get("conv_choice") or {}
+            row["conv_choice"] = choice.get("label")
+            row["conv_variants_ms"] = choice.get("ms_per_walk")
+            walk = (choice.get("ms_per_walk") or {}).get(choice.get("label"))
+            if row["fastdet_measured_device_ms"] is None and walk is not None and choice.get("batch"):
+                row["fastdet_measured_device_ms"] = walk / choice["batch"]
         tile[arch] = row
     if fd and torch and list(fd.get("tile", [])) != list(torch.get("tile", [])):
         print(f"results_json: tiles differ (fastdet {fd.get('tile')}, torch {torch.get('tile')}); the tile table is not a comparison", file=sys.stderr)
