@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use criterion::{Criterion, Throughput};
-use fastdet::engine::cuda::dnn::{ConvPlan, Dnn};
+use fastdet::engine::cuda::dnn::{ConvPlan, Dnn, DnnApi};
 use fastdet::engine::cuda::gpu::{DevBuf, Gpu};
 use fastdet::engine::cuda::ops::{self, vol, ConvShape, NormPrologue, TcTiles};
 use fastdet::engine::cuda::engine::TcPolicy;
@@ -220,8 +220,10 @@ fn blocks(c: &mut Criterion, t: &Target) {
         let mut g = c.benchmark_group(format!("block_{ch}ch_{}x{}x{}", dims[0], dims[1], dims[2]));
         g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_millis(if t.toy { 1000 } else { 1500 }));
         g.throughput(Throughput::Elements(b.flops()));
-        if let Some(dnn) = &dnn {
-            let plan = ConvPlan::new(dnn, block_conv(dims, ch));
+        // cuDNN on its legacy API and on its graph API.
+        for (api, label) in [(DnnApi::Legacy, "cudnn"), (DnnApi::Graph, "cudnn_graph")] {
+            let Some(dnn) = &dnn else { break };
+            let plan = ConvPlan::new_api(dnn, block_conv(dims, ch), api);
             match plan {
                 Ok(mut plan) => {
                     let mut ws = None;
@@ -231,12 +233,12 @@ fn blocks(c: &mut Criterion, t: &Target) {
                     };
                     match run() {
                         Ok(()) => {
-                            g.bench_function("cudnn", |it| it.iter(|| run().unwrap()));
+                            g.bench_function(label, |it| it.iter(|| run().unwrap()));
                         }
-                        Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} cudnn skipped: {e:#}"),
+                        Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} {label} skipped: {e:#}"),
                     }
                 }
-                Err(e) => eprintln!("cuda_ops: cudnn plan for {ch}ch {dims:?}: {e:#}"),
+                Err(e) => eprintln!("cuda_ops: {label} plan for {ch}ch {dims:?}: {e:#}"),
             }
         }
         if tc.is_ok() {
@@ -296,11 +298,15 @@ fn tiles(c: &mut Criterion, t: &Target) {
         g.throughput(Throughput::Elements(flops));
         // The tensor-core path as it runs by default, with every norm in the next conv's loads,
         // on the wide tiles and with cp.async loads.
-        let mut variants = vec![("cudnn", ConvBackend::Cudnn, TcPolicy::default())];
-        variants.extend(TcPolicy::compared().map(|(label, _, policy)| (label, ConvBackend::TensorCore, policy)));
-        for (label, backend, policy) in variants {
+        // cuDNN on its legacy API and on its graph API (engines in heuristic order).
+        let mut variants = vec![("cudnn", ConvBackend::Cudnn, TcPolicy::default(), DnnApi::Legacy), ("cudnn_graph", ConvBackend::Cudnn, TcPolicy::default(), DnnApi::Graph)];
+        variants.extend(TcPolicy::compared().map(|(label, _, policy)| (label, ConvBackend::TensorCore, policy, DnnApi::Legacy)));
+        for (label, backend, policy, api) in variants {
             let mut e = match CudaEngine::on_with(gpu.clone(), &w, backend, policy) {
-                Ok(e) => e,
+                Ok(mut e) => {
+                    e.set_cudnn_api(api);
+                    e
+                }
                 Err(err) => {
                     eprintln!("cuda_ops: tile_{} {label} skipped: {err:#}", arch.name());
                     continue;

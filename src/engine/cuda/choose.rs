@@ -31,7 +31,7 @@ use anyhow::{bail, Context, Result};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
-use super::dnn::Dnn;
+use super::dnn::{Dnn, DnnApi};
 use super::engine::{ConvBackend, CudaEngine, NormInLoads, TcPolicy};
 use super::gpu::Gpu;
 use super::nvrtc::KernelCache;
@@ -51,12 +51,15 @@ pub struct Variant {
     pub policy: TcPolicy,
     /// cuDNN's algorithms timed at each plan's first run instead of its heuristic order.
     pub cudnn_find: bool,
+    /// Which of cuDNN's APIs plans the convolutions.
+    pub cudnn_api: DnnApi,
 }
 
 impl Variant {
     /// An engine for `weights` on `gpu` running this variant.
     pub fn open(&self, gpu: &Arc<Gpu>, weights: &Weights) -> Result<CudaEngine> {
         let mut e = CudaEngine::on_with(gpu.clone(), weights, self.backend, self.policy)?;
+        e.set_cudnn_api(self.cudnn_api);
         e.set_cudnn_find(self.cudnn_find);
         Ok(e)
     }
@@ -68,11 +71,13 @@ impl Variant {
 /// kernel.
 pub fn variants(gpu: &Gpu, cudnn: bool) -> Vec<Variant> {
     let tc = TcPolicy::default();
-    let on = |label, backend, policy| Variant { label, backend, policy, cudnn_find: false };
+    let on = |label, backend, policy| Variant { label, backend, policy, cudnn_find: false, cudnn_api: DnnApi::Legacy };
     let mut v = Vec::new();
     if cudnn && !gpu.is_emulator() {
         v.push(on("cudnn", ConvBackend::Cudnn, tc));
         v.push(Variant { cudnn_find: true, ..on("cudnn-find", ConvBackend::Cudnn, tc) });
+        v.push(Variant { cudnn_api: DnnApi::Graph, ..on("cudnn-graph", ConvBackend::Cudnn, tc) });
+        v.push(Variant { cudnn_api: DnnApi::Graph, cudnn_find: true, ..on("cudnn-graph-find", ConvBackend::Cudnn, tc) });
     }
     if gpu.check_tensor_cores().is_ok() {
         let wide = TcPolicy { tiles: TcTiles::Wide, ..tc };

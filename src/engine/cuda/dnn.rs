@@ -19,13 +19,14 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::cudnn::{result, sys};
 
 use super::device_wide::device_wide;
+use super::dnn_graph::GraphPlan;
 use super::gpu::{guard, DevBuf, Gpu};
 use super::ops::ConvShape;
 use crate::pipeline::runner::OutOfMemory;
 
 /// Largest workspace a convolution may use (bytes); algorithms wanting more are skipped.
 /// `FASTDET_CUDNN_WORKSPACE_MIB` overrides it.
-fn workspace_limit() -> usize {
+pub(super) fn workspace_limit() -> usize {
     std::env::var("FASTDET_CUDNN_WORKSPACE_MIB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(1 << 30, |m| m << 20)
 }
 
@@ -38,11 +39,28 @@ pub struct Dnn {
     handle: sys::cudnnHandle_t,
     /// The device's ordinal: creating and destroying the handle synchronise the device, which
     /// waits for other threads' graph captures there (`device_wide`).
-    ordinal: usize,
+    pub(super) ordinal: usize,
     /// `cudnnGetVersion()`, e.g. 91000 for 9.10.0.
     pub version: usize,
     /// Order each plan's algorithms by timing them at its first run (see the module's note).
     pub find: bool,
+    /// Which of cuDNN's APIs plans the convolutions.
+    pub api: DnnApi,
+}
+
+/// The legacy descriptor API (`LegacyPlan`, the default) or the graph API (`dnn_graph.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DnnApi {
+    #[default]
+    Legacy,
+    Graph,
+}
+
+impl DnnApi {
+    /// `FASTDET_CUDNN_API` = legacy | graph (default legacy).
+    pub fn from_env() -> Result<DnnApi> {
+        super::env_choice("FASTDET_CUDNN_API", &[("legacy", DnnApi::Legacy), ("graph", DnnApi::Graph)])
+    }
 }
 
 // SAFETY: the handle is used by one engine at a time (TileEngine::forward takes &mut self).
@@ -72,7 +90,7 @@ impl Dnn {
                 bail!("cuDNN {version} is too old: fastdet's bindings need cuDNN 9");
             }
             let handle = device_wide(gpu.info.ordinal, result::create_handle).map_err(|e| anyhow!("cudnnCreate: {e}"))?;
-            let dnn = Dnn { handle, ordinal: gpu.info.ordinal, version, find: std::env::var("FASTDET_CUDNN_FIND").is_ok_and(|v| v == "1") };
+            let dnn = Dnn { handle, ordinal: gpu.info.ordinal, version, find: std::env::var("FASTDET_CUDNN_FIND").is_ok_and(|v| v == "1"), api: DnnApi::from_env()? };
             // SAFETY: valid handle; the stream belongs to gpu's context, which is current.
             unsafe { result::set_stream(dnn.handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| anyhow!("cudnnSetStream: {e}"))?;
             Ok(dnn)
@@ -115,7 +133,7 @@ impl Dnn {
     /// opens (where `auto` then takes our own kernels) instead of a failure at every conv.
     fn probe(&self, gpu: &Gpu) -> Result<()> {
         let shape = ConvShape { n: 1, dims: [4, 4, 4], cin: 8, cout: 8, k: 3, stride: 1, pad: 1 };
-        let mut plan = ConvPlan::new(self, shape).map_err(|e| anyhow!("cuDNN cannot plan a convolution: {e:#}; {HINT}"))?;
+        let mut plan = ConvPlan::new_api(self, shape, DnnApi::Legacy).map_err(|e| anyhow!("cuDNN cannot plan a convolution: {e:#}; {HINT}"))?;
         let (x, w, y) = (gpu.alloc(1024)?, gpu.alloc(27 * 128)?, gpu.alloc(1024)?);
         for b in [&x, &w] {
             gpu.zero(b.ptr, b.bytes)?;
@@ -124,6 +142,10 @@ impl Dnn {
         plan.run(self, gpu, x.ptr, w.ptr, y.ptr, &mut workspace)
             .and_then(|()| gpu.sync("cuDNN's probe convolution"))
             .map_err(|e| anyhow!("cuDNN cannot run a convolution: {e:#}; {HINT}"))
+    }
+
+    pub(super) fn handle(&self) -> sys::cudnnHandle_t {
+        self.handle
     }
 
     pub fn version_string(&self) -> String {
@@ -193,8 +215,57 @@ fn algo_name(a: sys::cudnnConvolutionFwdAlgo_t) -> &'static str {
     }
 }
 
-/// One convolution shape, ready to run.
-pub struct ConvPlan {
+/// One convolution shape, ready to run, on either API.
+pub enum ConvPlan {
+    Legacy(LegacyPlan),
+    Graph(GraphPlan),
+}
+
+// SAFETY: as each kind.
+unsafe impl Send for ConvPlan {}
+
+impl ConvPlan {
+    /// A plan on the handle's API (`Dnn::api`).
+    pub fn new(dnn: &Dnn, shape: ConvShape) -> Result<ConvPlan> {
+        ConvPlan::new_api(dnn, shape, dnn.api)
+    }
+
+    /// A plan on `api`. The graph API builds at most 8 candidates when they are to be timed
+    /// (`Dnn::find`), else 3 (the first that runs is kept).
+    pub fn new_api(dnn: &Dnn, shape: ConvShape, api: DnnApi) -> Result<ConvPlan> {
+        Ok(match api {
+            DnnApi::Legacy => ConvPlan::Legacy(LegacyPlan::new(dnn, shape)?),
+            DnnApi::Graph => ConvPlan::Graph(GraphPlan::new(dnn, shape, if dnn.find { 8 } else { 3 })?),
+        })
+    }
+
+    /// The algorithm or engine in use (after the first run).
+    pub fn algo(&self) -> Option<String> {
+        match self {
+            ConvPlan::Legacy(p) => p.algo().map(str::to_string),
+            ConvPlan::Graph(p) => p.algo(),
+        }
+    }
+
+    /// Largest workspace any candidate may need.
+    pub fn max_workspace(&self) -> usize {
+        match self {
+            ConvPlan::Legacy(p) => p.max_workspace(),
+            ConvPlan::Graph(p) => p.max_workspace(),
+        }
+    }
+
+    /// `y = conv(x, w)`; see `LegacyPlan::run`.
+    pub fn run(&mut self, dnn: &Dnn, gpu: &Gpu, x: u64, w: u64, y: u64, workspace: &mut Option<DevBuf>) -> Result<()> {
+        match self {
+            ConvPlan::Legacy(p) => p.run(dnn, gpu, x, w, y, workspace),
+            ConvPlan::Graph(p) => p.run(dnn, gpu, x, w, y, workspace),
+        }
+    }
+}
+
+/// One convolution shape on the legacy API, ready to run.
+pub struct LegacyPlan {
     x: TensorDesc,
     w: FilterDesc,
     y: TensorDesc,
@@ -225,11 +296,11 @@ type FoundOrders = std::sync::Mutex<Vec<((usize, String), Vec<(sys::cudnnConvolu
 static FOUND: FoundOrders = std::sync::Mutex::new(Vec::new());
 
 // SAFETY: descriptors are plain host objects, used by one engine at a time.
-unsafe impl Send for ConvPlan {}
+unsafe impl Send for LegacyPlan {}
 
-impl ConvPlan {
+impl LegacyPlan {
     /// A plan for `x [n, dims, cin]` → `[n, out dims, cout]`, cubic kernel k, stride, pad.
-    pub fn new(dnn: &Dnn, shape: ConvShape) -> Result<ConvPlan> {
+    pub fn new(dnn: &Dnn, shape: ConvShape) -> Result<LegacyPlan> {
         let ConvShape { n, dims, cin, cout, k, stride, pad } = shape;
         let what = format!("cuDNN conv {k}x{k}x{k}/s{stride} {cin}->{cout} on [{n}, {}, {}, {}]", dims[0], dims[1], dims[2]);
         guard(&what.clone(), || {
@@ -296,7 +367,7 @@ impl ConvPlan {
             if algos.is_empty() {
                 bail!("cuDNN offers no usable forward algorithm ({returned} listed, none within {} MiB of workspace)", limit >> 20);
             }
-            Ok(ConvPlan { x, w, y, conv, algos, chosen: None, timed: false, what: what.clone() })
+            Ok(LegacyPlan { x, w, y, conv, algos, chosen: None, timed: false, what: what.clone() })
         })
     }
 
@@ -437,7 +508,7 @@ impl ConvPlan {
 /// one that fails, since a later one may need less. When none runs and one of them found the
 /// device full, the error is that `OutOfMemory` (the runner retries the batch in halves; an
 /// engine does not give up cuDNN for a full device); otherwise it lists every candidate's error.
-fn first_that_runs(
+pub(super) fn first_that_runs(
     what: &str,
     algos: &[(&str, usize)],
     workspace: &mut Option<DevBuf>,

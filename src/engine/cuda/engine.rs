@@ -44,7 +44,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use half::f16;
 
-use super::dnn::{ConvPlan, Dnn};
+use super::dnn::{ConvPlan, Dnn, DnnApi};
 use super::gpu::{guard, DevBuf, DeviceGraph, Gpu, Pool};
 use super::env_choice;
 use super::ops::{self, vol, ConvShape, TcTiles};
@@ -683,6 +683,15 @@ impl CudaEngine {
         }
     }
 
+    /// Which of cuDNN's APIs plans the convolutions (`dnn.rs`, `Dnn::api`); for the plans made
+    /// after this call. No effect without cuDNN.
+    pub fn set_cudnn_api(&mut self, api: DnnApi) {
+        if let Some(d) = &mut self.dnn {
+            d.api = api;
+            self.plans.clear();
+        }
+    }
+
     /// Whether any convolution runs on cuDNN.
     pub fn uses_cudnn(&self) -> bool {
         self.dnn.is_some() && self.steps.iter().any(|s| matches!(s, Step::Conv(c) if c.use_dnn))
@@ -694,7 +703,7 @@ impl CudaEngine {
         for ((_, tile), plans) in &self.plans {
             for (i, p) in plans.iter().enumerate() {
                 if let Some(p) = p {
-                    out.push((self.graph.values[self.graph.ops[i].output].name.clone(), *tile, p.algo().unwrap_or("not run").to_string()));
+                    out.push((self.graph.values[self.graph.ops[i].output].name.clone(), *tile, p.algo().unwrap_or_else(|| "not run".into())));
                 }
             }
         }

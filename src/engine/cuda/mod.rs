@@ -35,6 +35,9 @@
 //! - `FASTDET_CUDNN_FIND=1`: cuDNN's algorithms timed on the real buffers at each convolution
 //!   shape's first run, fastest deterministic one kept (as PyTorch's `cudnn.benchmark`; once per
 //!   device and shape in a process), instead of its heuristic order (`dnn.rs`);
+//! - `FASTDET_CUDNN_API=legacy|graph`: plan cuDNN's convolutions with its legacy descriptors
+//!   (default) or its graph API, whose heuristics list every engine and knob setting for a shape
+//!   (`dnn_graph.rs`; the measured choice times both);
 //! - `FASTDET_OVERLAP_UPLOAD=0`: `fastdet run` copies each volume to the device when its turn
 //!   comes, instead of on a side stream while the previous one is computed (`side_upload`).
 //!
@@ -53,6 +56,7 @@ pub mod arena;
 pub mod choose;
 pub mod device_wide;
 pub mod dnn;
+pub mod dnn_graph;
 pub mod emu;
 pub mod engine;
 pub mod gpu;

@@ -20,7 +20,7 @@ use anyhow::{anyhow, Context, Result};
 use half::f16;
 use serde::Serialize;
 
-use super::dnn::{ConvPlan, Dnn};
+use super::dnn::{ConvPlan, Dnn, DnnApi};
 use super::emu::{from_ndhwc, to_ndhwc};
 use super::engine::{to_ktrsc, ConvBackend, CudaEngine, TcPolicy};
 use super::gpu::{DevBuf, Gpu};
@@ -836,36 +836,39 @@ fn conv_cases(c: &mut Ctx) {
                 }),
             }
         }
-        if c.dnn.is_none() {
-            let why = c.dnn_why.clone();
-            c.skip(&dnn_name, &shape, why);
-            continue;
-        }
-        c.case(&dnn_name.clone(), &shape.clone(), |c| {
-            let (xb, wb, bb) = upload(c)?;
-            let out = c.gpu.alloc(n * ov * cout * 2)?;
-            let dnn = c.dnn.as_ref().expect("checked");
-            let planned = ConvPlan::new(dnn, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }).and_then(|mut p| {
-                let mut ws = None;
-                p.run(dnn, &c.gpu, xb.ptr, wb.ptr, out.ptr, &mut ws)?;
-                Ok(p)
-            });
-            let plan = match planned {
-                Ok(p) => p,
-                Err(e) if dnn_optional => {
-                    c.skip(&dnn_name, &shape, format!("cuDNN does not run this shape (the engine uses conv3d_c1_k3_f16 for it): {e:#}"));
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            };
-            if b.is_some() || act != Act::None {
-                ops::bias_act(&c.gpu, out.ptr, out.ptr, bb.as_ref().map(|b| b.ptr), n * ov * cout, cout, act)?;
+        // Both of cuDNN's APIs: the legacy descriptors and the graph API's engines.
+        for (api, dnn_name) in [(DnnApi::Legacy, dnn_name.clone()), (DnnApi::Graph, format!("cuDNN graph conv {desc}"))] {
+            if c.dnn.is_none() {
+                let why = c.dnn_why.clone();
+                c.skip(&dnn_name, &shape, why);
+                continue;
             }
-            let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
-            let name = format!("{dnn_name} [{}]", plan.algo().unwrap_or("?"));
-            c.cmp(&name, &shape, &got, &want, TOL_FP16);
-            Ok(())
-        });
+            c.case(&dnn_name.clone(), &shape.clone(), |c| {
+                let (xb, wb, bb) = upload(c)?;
+                let out = c.gpu.alloc(n * ov * cout * 2)?;
+                let dnn = c.dnn.as_ref().expect("checked");
+                let planned = ConvPlan::new_api(dnn, ConvShape { n, dims, cin, cout, k, stride, pad: k / 2 }, api).and_then(|mut p| {
+                    let mut ws = None;
+                    p.run(dnn, &c.gpu, xb.ptr, wb.ptr, out.ptr, &mut ws)?;
+                    Ok(p)
+                });
+                let plan = match planned {
+                    Ok(p) => p,
+                    Err(e) if dnn_optional => {
+                        c.skip(&dnn_name, &shape, format!("cuDNN does not run this shape (the engine uses conv3d_c1_k3_f16 for it): {e:#}"));
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                };
+                if b.is_some() || act != Act::None {
+                    ops::bias_act(&c.gpu, out.ptr, out.ptr, bb.as_ref().map(|b| b.ptr), n * ov * cout, cout, act)?;
+                }
+                let got = from_ndhwc(&c.rd16(&out, n * ov * cout)?, n, cout, ov);
+                let name = format!("{dnn_name} [{}]", plan.algo().unwrap_or_else(|| "?".into()));
+                c.cmp(&name, &shape, &got, &want, TOL_FP16);
+                Ok(())
+            });
+        }
     }
 }
 
@@ -1291,20 +1294,25 @@ fn networks(c: &mut Ctx, opts: &Options) {
         // next conv's loads, on the wide tiles and with cp.async loads (the timings side by side).
         let mut backends = Vec::new();
         let default = TcPolicy::default();
+        let legacy = DnnApi::Legacy;
         if c.dnn.is_some() {
-            backends.push((ConvBackend::Auto, default, format!("{arch} cuDNN"), false));
+            backends.push((ConvBackend::Auto, default, format!("{arch} cuDNN"), false, legacy));
             // The algorithms cuDNN times fastest (FASTDET_CUDNN_FIND=1, the measured cudnn-find).
-            backends.push((ConvBackend::Auto, default, format!("{arch} cuDNN timed algorithms"), true));
+            backends.push((ConvBackend::Auto, default, format!("{arch} cuDNN timed algorithms"), true, legacy));
+            // The graph API's engines, in heuristic order and timed (FASTDET_CUDNN_API=graph).
+            backends.push((ConvBackend::Auto, default, format!("{arch} cuDNN graph API"), false, DnnApi::Graph));
+            backends.push((ConvBackend::Auto, default, format!("{arch} cuDNN graph API timed engines"), true, DnnApi::Graph));
         }
-        backends.push((ConvBackend::Direct, default, format!("{arch} direct-conv"), false));
+        backends.push((ConvBackend::Direct, default, format!("{arch} direct-conv"), false, legacy));
         if c.gpu.check_tensor_cores().is_ok() {
             for (_, suffix, policy) in TcPolicy::compared() {
-                backends.push((ConvBackend::TensorCore, policy, format!("{arch} tensor-core{suffix}"), false));
+                backends.push((ConvBackend::TensorCore, policy, format!("{arch} tensor-core{suffix}"), false, legacy));
             }
         }
-        for (backend, policy, label, cudnn_find) in backends {
+        for (backend, policy, label, cudnn_find, api) in backends {
             c.case(&label.clone(), &shape.clone(), |c| {
                 let mut e = CudaEngine::on_with(c.gpu.clone(), &w, backend, policy)?;
+                e.set_cudnn_api(api);
                 if cudnn_find {
                     e.set_cudnn_find(true);
                 }

@@ -1,0 +1,503 @@
+//! The same NDHWC fp16 convolutions as `dnn.rs`, through cuDNN's graph (backend) API.
+//!
+//! Why a second way in: the legacy API reaches a fixed handful of algorithms (its
+//! IMPLICIT_PRECOMP_GEMM ran the seed networks at 147-179 TFLOP/s on an H200, where PyTorch's
+//! compiled networks ran faster), while the graph API lists every engine and knob setting cuDNN
+//! has for a shape, which is how PyTorch calls cuDNN. A plan here is one convolution node:
+//! tensors X (uid 1), W (uid 2), Y (uid 3), compute type f32, cross-correlation; its candidates
+//! are the engine configurations of cuDNN's heuristics (mode A, then the fallback list), built
+//! into execution plans, deterministic ones first, runtime-compiled engines and ones that reduce
+//! in reduced precision left out (compile time at every cold start; fp16 sums). As in `dnn.rs` a
+//! plan tries its candidates in order at its first run and keeps the first that executes; with
+//! `find` it first times each on the real buffers (median of a few runs between timing events)
+//! and tries them fastest first, the order kept per device and shape for the process.
+
+use std::ffi::{c_char, c_void};
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::cudnn::sys;
+use sys::cudnnBackendAttributeName_t as Attr;
+use sys::cudnnBackendAttributeType_t as Ty;
+use sys::cudnnBackendDescriptorType_t as Kind;
+
+use super::device_wide::device_wide;
+use super::dnn::{first_that_runs, order_by_time, workspace_limit, Dnn};
+use super::gpu::{guard, DevBuf, Gpu};
+use super::ops::ConvShape;
+
+const UID_X: i64 = 1;
+const UID_W: i64 = 2;
+const UID_Y: i64 = 3;
+/// The byte alignment the tensors promise cuDNN (the arena's offsets are multiples of 256).
+const ALIGNMENT: i64 = 16;
+
+/// cuDNN's explanation of its last error, where the library has one.
+fn last_error() -> String {
+    let mut buf = [0 as c_char; 1024];
+    let ptr = buf.as_mut_ptr();
+    // SAFETY: room for buf.len() bytes; guard against an old library without the symbol.
+    let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { sys::cudnnGetLastErrorString(ptr, 1024) }));
+    if got.is_err() {
+        return String::new();
+    }
+    // SAFETY: cuDNN writes a NUL-terminated string within the buffer (zeroed beforehand).
+    let msg = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().trim().to_string();
+    if msg.is_empty() {
+        String::new()
+    } else {
+        format!(" ({msg})")
+    }
+}
+
+fn check(st: sys::cudnnStatus_t, what: impl FnOnce() -> String) -> Result<()> {
+    if st == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        return Ok(());
+    }
+    bail!("{}: {st:?}{}", what(), last_error())
+}
+
+/// One backend descriptor, destroyed on drop.
+pub struct Desc(sys::cudnnBackendDescriptor_t);
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: created once by cudnnBackendCreateDescriptor, destroyed once.
+            let _ = unsafe { sys::cudnnBackendDestroyDescriptor(self.0) };
+        }
+    }
+}
+
+impl Desc {
+    pub fn new(kind: Kind) -> Result<Desc> {
+        let mut d: sys::cudnnBackendDescriptor_t = std::ptr::null_mut();
+        // SAFETY: cuDNN writes one descriptor.
+        check(unsafe { sys::cudnnBackendCreateDescriptor(kind, &mut d) }, || format!("cudnnBackendCreateDescriptor({kind:?})"))?;
+        Ok(Desc(d))
+    }
+
+    /// Sets attribute `name` to `vals`, elements of cuDNN type `ty` (`T` must be its C layout).
+    pub fn set<T>(&self, name: Attr, ty: Ty, vals: &[T]) -> Result<()> {
+        // SAFETY: vals holds vals.len() elements of the layout `ty` names; cuDNN copies them.
+        check(unsafe { sys::cudnnBackendSetAttribute(self.0, name, ty, vals.len() as i64, vals.as_ptr() as *const c_void) }, || format!("setting {name:?}"))
+    }
+
+    pub fn set_i64(&self, name: Attr, vals: &[i64]) -> Result<()> {
+        self.set(name, Ty::CUDNN_TYPE_INT64, vals)
+    }
+
+    pub fn set_descs(&self, name: Attr, descs: &[&Desc]) -> Result<()> {
+        let raw: Vec<sys::cudnnBackendDescriptor_t> = descs.iter().map(|d| d.0).collect();
+        self.set(name, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw)
+    }
+
+    pub fn finalize(&self, what: &str) -> Result<()> {
+        // SAFETY: a descriptor of ours.
+        check(unsafe { sys::cudnnBackendFinalize(self.0) }, || format!("finalizing {what}"))
+    }
+
+    /// Up to `cap` elements of attribute `name` (cuDNN type `ty`, C layout `T`), starting from
+    /// copies of `fill`; as many as cuDNN wrote.
+    fn get<T: Copy>(&self, name: Attr, ty: Ty, cap: usize, fill: T) -> Result<Vec<T>> {
+        let mut out = vec![fill; cap];
+        let mut count = 0i64;
+        // SAFETY: room for `cap` elements.
+        check(unsafe { sys::cudnnBackendGetAttribute(self.0, name, ty, cap as i64, &mut count, out.as_mut_ptr() as *mut c_void) }, || format!("reading {name:?}"))?;
+        out.truncate((count.max(0) as usize).min(cap));
+        Ok(out)
+    }
+
+    /// How many elements attribute `name` holds (a query for 0 of them).
+    fn count(&self, name: Attr, ty: Ty) -> Result<usize> {
+        let mut count = 0i64;
+        // SAFETY: cuDNN writes only the count when 0 elements are requested.
+        check(unsafe { sys::cudnnBackendGetAttribute(self.0, name, ty, 0, &mut count, std::ptr::null_mut()) }, || format!("counting {name:?}"))?;
+        Ok(count.max(0) as usize)
+    }
+
+    /// Attribute `name` as descriptors of `kind`: cuDNN fills descriptors we create.
+    fn get_descs(&self, name: Attr, kind: Kind, cap: usize) -> Result<Vec<Desc>> {
+        let descs = (0..cap).map(|_| Desc::new(kind)).collect::<Result<Vec<_>>>()?;
+        let mut raw: Vec<sys::cudnnBackendDescriptor_t> = descs.iter().map(|d| d.0).collect();
+        let mut count = 0i64;
+        // SAFETY: `cap` descriptors of the kind cuDNN fills for this attribute.
+        check(
+            unsafe { sys::cudnnBackendGetAttribute(self.0, name, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR, cap as i64, &mut count, raw.as_mut_ptr() as *mut c_void) },
+            || format!("reading {name:?}"),
+        )?;
+        let mut descs = descs;
+        descs.truncate((count.max(0) as usize).min(cap));
+        Ok(descs)
+    }
+}
+
+/// `[n, c, d, h, w]` dims and NDHWC (channels-last) strides.
+pub fn ndhwc_dims_strides(n: usize, c: usize, d: [usize; 3]) -> ([i64; 5], [i64; 5]) {
+    let dims = [n, c, d[0], d[1], d[2]].map(|v| v as i64);
+    let strides = [d[0] * d[1] * d[2] * c, 1, d[1] * d[2] * c, d[2] * c, c].map(|v| v as i64);
+    (dims, strides)
+}
+
+fn tensor(uid: i64, dims: [i64; 5], strides: [i64; 5]) -> Result<Desc> {
+    let t = Desc::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
+    t.set(Attr::CUDNN_ATTR_TENSOR_DATA_TYPE, Ty::CUDNN_TYPE_DATA_TYPE, &[sys::cudnnDataType_t::CUDNN_DATA_HALF])?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, &dims)?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_STRIDES, &strides)?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, &[uid])?;
+    t.set_i64(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[ALIGNMENT])?;
+    t.finalize(&format!("tensor {uid} {dims:?}"))?;
+    Ok(t)
+}
+
+/// The convolution node's descriptors, host objects only (no handle needed): X, W, Y, the
+/// convolution and the forward operation, finalized.
+pub struct ConvNode {
+    pub x: Desc,
+    pub w: Desc,
+    pub y: Desc,
+    pub conv: Desc,
+    pub op: Desc,
+}
+
+impl ConvNode {
+    pub fn new(shape: ConvShape) -> Result<ConvNode> {
+        let ConvShape { n, dims, cin, cout, k, stride, pad } = shape;
+        let od = shape.out_dims();
+        let (xd, xs) = ndhwc_dims_strides(n, cin, dims);
+        let (yd, ys) = ndhwc_dims_strides(n, cout, od);
+        // The filter [Cout, Cin, k, k, k] stored as [Cout, k, k, k, Cin] (KTRSC, as `dnn.rs`).
+        let (wd, ws) = ndhwc_dims_strides(cout, cin, [k; 3]);
+        let x = tensor(UID_X, xd, xs)?;
+        let w = tensor(UID_W, wd, ws)?;
+        let y = tensor(UID_Y, yd, ys)?;
+        let conv = Desc::new(Kind::CUDNN_BACKEND_CONVOLUTION_DESCRIPTOR)?;
+        conv.set(Attr::CUDNN_ATTR_CONVOLUTION_COMP_TYPE, Ty::CUDNN_TYPE_DATA_TYPE, &[sys::cudnnDataType_t::CUDNN_DATA_FLOAT])?;
+        conv.set(Attr::CUDNN_ATTR_CONVOLUTION_CONV_MODE, Ty::CUDNN_TYPE_CONVOLUTION_MODE, &[sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION])?;
+        conv.set_i64(Attr::CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS, &[3])?;
+        conv.set_i64(Attr::CUDNN_ATTR_CONVOLUTION_DILATIONS, &[1; 3])?;
+        conv.set_i64(Attr::CUDNN_ATTR_CONVOLUTION_FILTER_STRIDES, &[stride as i64; 3])?;
+        conv.set_i64(Attr::CUDNN_ATTR_CONVOLUTION_PRE_PADDINGS, &[pad as i64; 3])?;
+        conv.set_i64(Attr::CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, &[pad as i64; 3])?;
+        conv.finalize("the convolution descriptor")?;
+        let op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)?;
+        op.set_descs(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, &[&x])?;
+        op.set_descs(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, &[&w])?;
+        op.set_descs(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, &[&y])?;
+        op.set_descs(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, &[&conv])?;
+        op.set(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, Ty::CUDNN_TYPE_FLOAT, &[1.0f32])?;
+        op.set(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, Ty::CUDNN_TYPE_FLOAT, &[0.0f32])?;
+        op.finalize("the convolution forward operation")?;
+        Ok(ConvNode { x, w, y, conv, op })
+    }
+}
+
+/// What an engine's notes say about using it: `Err(reason)` to leave it out; `Ok(deterministic)`.
+pub fn usable(numerical: &[u32], behavior: &[u32]) -> std::result::Result<bool, &'static str> {
+    use sys::cudnnBackendBehaviorNote_t as B;
+    use sys::cudnnBackendNumericalNote_t as N;
+    if behavior.contains(&(B::CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION as u32)) {
+        return Err("compiled at run time");
+    }
+    if numerical.contains(&(N::CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION as u32)) {
+        return Err("reduces in reduced precision");
+    }
+    if numerical.contains(&(N::CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS as u32)) {
+        return Err("down-converts its inputs");
+    }
+    Ok(!numerical.contains(&(N::CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC as u32)))
+}
+
+/// One engine configuration built into an execution plan.
+struct Candidate {
+    plan: Desc,
+    /// The engine configuration the plan was built from, kept alive with it.
+    _cfg: Desc,
+    workspace: usize,
+    deterministic: bool,
+    /// "eng<global index>" and its knob choices, e.g. "eng12 k2=1 k3=0".
+    name: String,
+}
+
+/// A readable name for an engine configuration: the engine's global index and knob choices.
+/// Best effort: "eng?" where cuDNN does not say.
+fn config_name(cfg: &Desc) -> String {
+    let engine = cfg.get_descs(Attr::CUDNN_ATTR_ENGINECFG_ENGINE, Kind::CUDNN_BACKEND_ENGINE_DESCRIPTOR, 1).ok().and_then(|mut v| v.pop());
+    let index = engine.as_ref().and_then(|e| e.get(Attr::CUDNN_ATTR_ENGINE_GLOBAL_INDEX, Ty::CUDNN_TYPE_INT64, 1, -1i64).ok()).and_then(|v| v.first().copied());
+    let mut name = index.map_or("eng?".to_string(), |i| format!("eng{i}"));
+    let knobs = cfg
+        .count(Attr::CUDNN_ATTR_ENGINECFG_KNOB_CHOICES, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR)
+        .and_then(|n| cfg.get_descs(Attr::CUDNN_ATTR_ENGINECFG_KNOB_CHOICES, Kind::CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR, n.min(32)))
+        .unwrap_or_default();
+    for knob in &knobs {
+        let ty = knob.get(Attr::CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE, Ty::CUDNN_TYPE_KNOB_TYPE, 1, 0u32).ok().and_then(|v| v.first().copied());
+        let val = knob.get(Attr::CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, Ty::CUDNN_TYPE_INT64, 1, 0i64).ok().and_then(|v| v.first().copied());
+        if let (Some(t), Some(v)) = (ty, val) {
+            name.push_str(&format!(" k{t}={v}"));
+        }
+    }
+    name
+}
+
+/// Engine notes of an engine configuration (numerical, behaviour), as raw enum values.
+fn config_notes(cfg: &Desc) -> Result<(Vec<u32>, Vec<u32>)> {
+    let engine = cfg.get_descs(Attr::CUDNN_ATTR_ENGINECFG_ENGINE, Kind::CUDNN_BACKEND_ENGINE_DESCRIPTOR, 1)?.pop().ok_or_else(|| anyhow!("an engine configuration without engine"))?;
+    let numerical = engine.get(Attr::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE, Ty::CUDNN_TYPE_NUMERICAL_NOTE, 16, u32::MAX)?;
+    let behavior = engine.get(Attr::CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE, Ty::CUDNN_TYPE_BEHAVIOR_NOTE, 16, u32::MAX)?;
+    Ok((numerical, behavior))
+}
+
+/// The engine configurations cuDNN's heuristics list for `graph` in `mode`, best first.
+fn heuristics(graph: &Desc, mode: sys::cudnnBackendHeurMode_t) -> Result<Vec<Desc>> {
+    let heur = Desc::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
+    heur.set_descs(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[graph])?;
+    heur.set(Attr::CUDNN_ATTR_ENGINEHEUR_MODE, Ty::CUDNN_TYPE_HEUR_MODE, &[mode])?;
+    heur.finalize(&format!("the heuristics ({mode:?})"))?;
+    let n = heur.count(Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR)?;
+    heur.get_descs(Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS, Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, n.min(64))
+}
+
+/// A graph-API plan for one convolution shape.
+pub struct GraphPlan {
+    _node: ConvNode,
+    _graph: Desc,
+    /// Deterministic ones first, heuristic order within each class (or timed, with `find`).
+    cands: Vec<Candidate>,
+    chosen: Option<usize>,
+    timed: bool,
+    pub what: String,
+}
+
+// SAFETY: descriptors are host objects, used by one engine at a time.
+unsafe impl Send for GraphPlan {}
+
+/// Orders found per (device, plan) in this process (candidate names, fastest first).
+static FOUND: std::sync::Mutex<Vec<((usize, String), Vec<String>)>> = std::sync::Mutex::new(Vec::new());
+
+impl GraphPlan {
+    /// Heuristics mode A, then the fallback list; at most `keep` candidates are built (each
+    /// build is host work at the engine's opening).
+    pub fn new(dnn: &Dnn, shape: ConvShape, keep: usize) -> Result<GraphPlan> {
+        let ConvShape { n, dims, cin, cout, k, stride, .. } = shape;
+        let what = format!("cuDNN graph conv {k}x{k}x{k}/s{stride} {cin}->{cout} on [{n}, {}, {}, {}]", dims[0], dims[1], dims[2]);
+        let (xd, xs) = ndhwc_dims_strides(n, cin.max(cout), dims);
+        if xd.iter().chain(xs.iter()).any(|&v| v > i32::MAX as i64) {
+            bail!("{what}: exceeds cuDNN's 32-bit dims");
+        }
+        guard(&what.clone(), || {
+            device_wide(dnn.ordinal, || {
+                let node = ConvNode::new(shape)?;
+                let graph = Desc::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
+                graph.set(Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE, Ty::CUDNN_TYPE_HANDLE, &[dnn.handle()])?;
+                graph.set_descs(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &[&node.op])?;
+                graph.finalize("the operation graph")?;
+                let mut configs = Vec::new();
+                let mut why = Vec::new();
+                for mode in [sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A, sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK] {
+                    match heuristics(&graph, mode) {
+                        Ok(c) => configs.extend(c),
+                        Err(e) => why.push(format!("{e:#}")),
+                    }
+                }
+                let limit = workspace_limit();
+                let mut cands: Vec<Candidate> = Vec::new();
+                for cfg in configs {
+                    if cands.len() >= keep {
+                        break;
+                    }
+                    let name = config_name(&cfg);
+                    if cands.iter().any(|c| c.name == name) {
+                        continue;
+                    }
+                    let deterministic = match config_notes(&cfg).map(|(num, beh)| usable(&num, &beh)) {
+                        Ok(Ok(d)) => d,
+                        Ok(Err(reason)) => {
+                            why.push(format!("{name}: {reason}"));
+                            continue;
+                        }
+                        Err(e) => {
+                            why.push(format!("{name}: {e:#}"));
+                            continue;
+                        }
+                    };
+                    let built = (|| {
+                        let plan = Desc::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
+                        plan.set(Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE, Ty::CUDNN_TYPE_HANDLE, &[dnn.handle()])?;
+                        plan.set_descs(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&cfg])?;
+                        plan.finalize("the execution plan")?;
+                        let ws = plan.get(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, Ty::CUDNN_TYPE_INT64, 1, 0i64)?;
+                        Ok::<_, anyhow::Error>((plan, ws.first().copied().unwrap_or(0).max(0) as usize))
+                    })();
+                    match built {
+                        Ok((_, ws)) if ws > limit => why.push(format!("{name}: workspace {ws} bytes over {} MiB", limit >> 20)),
+                        Ok((plan, workspace)) => cands.push(Candidate { plan, _cfg: cfg, workspace, deterministic, name }),
+                        Err(e) => why.push(format!("{name}: {e:#}")),
+                    }
+                }
+                // Deterministic first, heuristic order kept within each class.
+                cands.sort_by_key(|c| !c.deterministic);
+                if cands.is_empty() {
+                    bail!("cuDNN's heuristics offer no usable engine: {}", if why.is_empty() { "none listed".to_string() } else { why.join("; ") });
+                }
+                Ok(GraphPlan { _node: node, _graph: graph, cands, chosen: None, timed: false, what: what.clone() })
+            })
+        })
+    }
+
+    /// The engine in use (after the first run).
+    pub fn algo(&self) -> Option<String> {
+        self.chosen.map(|i| self.cands[i].name.clone())
+    }
+
+    pub fn max_workspace(&self) -> usize {
+        self.cands.iter().map(|c| c.workspace).max().unwrap_or(0)
+    }
+
+    /// Runs candidate `i` once: a variant pack of this call's pointers, then cuDNN's execute.
+    fn execute(&self, dnn: &Dnn, i: usize, x: u64, w: u64, y: u64, wp: u64) -> Result<()> {
+        if [x, w, y].iter().any(|p| p % ALIGNMENT as u64 != 0) {
+            bail!("a buffer is not aligned to {ALIGNMENT} bytes");
+        }
+        let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
+        pack.set_i64(Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, &[UID_X, UID_W, UID_Y])?;
+        let ptrs = [x as *mut c_void, w as *mut c_void, y as *mut c_void];
+        pack.set(Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, Ty::CUDNN_TYPE_VOID_PTR, &ptrs)?;
+        pack.set(Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE, Ty::CUDNN_TYPE_VOID_PTR, &[wp as *mut c_void])?;
+        pack.finalize("the variant pack")?;
+        // SAFETY: the plan was built for tensors of these buffers' shapes; the workspace holds
+        // what the plan asked for (or is null when it asked for none).
+        check(unsafe { sys::cudnnBackendExecute(dnn.handle(), self.cands[i].plan.0, pack.0) }, || "cudnnBackendExecute".to_string())
+    }
+
+    /// Times every candidate on these buffers (`y` is overwritten: median of 3 runs after one
+    /// untimed) and orders them fastest first, deterministic ones still first; or takes the order
+    /// found earlier in this process for this device and shape.
+    fn time_candidates(&mut self, dnn: &Dnn, gpu: &Gpu, x: u64, w: u64, y: u64, workspace: &mut Option<DevBuf>) -> Result<()> {
+        let key = (gpu.info.ordinal, format!("{} ws<={}", self.what, workspace_limit()));
+        let found = FOUND.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key).map(|(_, o)| o.clone());
+        let order: Vec<String> = match found {
+            Some(o) => o,
+            None => {
+                let need = self.max_workspace();
+                if need > 0 && workspace.as_ref().is_none_or(|b| b.bytes < need) {
+                    *workspace = None;
+                    *workspace = Some(gpu.alloc(need)?);
+                }
+                let wp = workspace.as_ref().map_or(0, |b| b.ptr);
+                let mut timed: Vec<(usize, f32)> = Vec::new();
+                for i in 0..self.cands.len() {
+                    let run = |me: &Self| me.execute(dnn, i, x, w, y, if me.cands[i].workspace > 0 { wp } else { 0 });
+                    if run(self).is_err() {
+                        continue;
+                    }
+                    let mut times = Vec::new();
+                    for _ in 0..3 {
+                        let a = gpu.mark()?;
+                        run(self)?;
+                        let b = gpu.mark()?;
+                        times.push(gpu.elapsed_ms(&a, &b)?);
+                    }
+                    times.sort_by(f64::total_cmp);
+                    timed.push((i, times[1] as f32));
+                }
+                gpu.sync("timing cuDNN's engines")?;
+                let cands: Vec<(usize, usize, bool)> = self.cands.iter().enumerate().map(|(i, c)| (i, c.workspace, c.deterministic)).collect();
+                let order: Vec<String> = order_by_time(&cands, &timed).iter().map(|c| self.cands[c.0].name.clone()).collect();
+                FOUND.lock().unwrap_or_else(|e| e.into_inner()).push((key, order.clone()));
+                order
+            }
+        };
+        let mut cands = std::mem::take(&mut self.cands);
+        cands.sort_by_key(|c| order.iter().position(|n| *n == c.name).unwrap_or(usize::MAX));
+        self.cands = cands;
+        Ok(())
+    }
+
+    /// `y = conv(x, w)`, as `dnn::LegacyPlan::run`.
+    pub fn run(&mut self, dnn: &Dnn, gpu: &Gpu, x: u64, w: u64, y: u64, workspace: &mut Option<DevBuf>) -> Result<()> {
+        if dnn.find && !self.timed && self.chosen.is_none() && !gpu.capturing() {
+            self.timed = true;
+            if let Err(e) = self.time_candidates(dnn, gpu, x, w, y, workspace) {
+                crate::errln!("warning: {}: timing cuDNN's engines failed ({e:#}); taking its heuristic order", self.what);
+            }
+        }
+        let start = self.chosen.unwrap_or(0);
+        let end = if gpu.capturing() {
+            if self.chosen.is_none() {
+                bail!("{}: first run inside a CUDA graph capture (an eager run must choose the engine)", self.what);
+            }
+            start + 1
+        } else {
+            self.cands.len()
+        };
+        let named: Vec<(&str, usize)> = self.cands[start..end].iter().map(|c| (c.name.as_str(), c.workspace)).collect();
+        let ran = first_that_runs(&self.what, &named, workspace, gpu.capturing(), |bytes| gpu.alloc(bytes), |i, wp, _| {
+            guard("cudnnBackendExecute", || self.execute(dnn, start + i, x, w, y, wp))
+        })?;
+        self.chosen = Some(start + ran);
+        if gpu.sync_each() {
+            gpu.sync(&format!("{} ({})", self.what, self.cands[start + ran].name))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ndhwc_strides_put_channels_innermost() {
+        let (dims, strides) = ndhwc_dims_strides(2, 8, [4, 5, 6]);
+        assert_eq!(dims, [2, 8, 4, 5, 6]);
+        assert_eq!(strides, [4 * 5 * 6 * 8, 1, 5 * 6 * 8, 6 * 8, 8]);
+        // The filter as [Cout, Cin, k, k, k] over KTRSC memory.
+        let (dims, strides) = ndhwc_dims_strides(32, 16, [3; 3]);
+        assert_eq!(dims, [32, 16, 3, 3, 3]);
+        assert_eq!(strides, [27 * 16, 1, 9 * 16, 3 * 16, 16]);
+    }
+
+    #[test]
+    fn engine_notes_decide_use_and_determinism() {
+        use sys::cudnnBackendBehaviorNote_t as B;
+        use sys::cudnnBackendNumericalNote_t as N;
+        let tc = N::CUDNN_NUMERICAL_NOTE_TENSOR_CORE as u32;
+        assert_eq!(usable(&[tc], &[]), Ok(true));
+        assert_eq!(usable(&[tc, N::CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC as u32], &[]), Ok(false));
+        assert!(usable(&[tc], &[B::CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION as u32]).is_err());
+        assert!(usable(&[N::CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION as u32], &[]).is_err());
+        assert!(usable(&[N::CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS as u32], &[]).is_err());
+        // Notes this build does not know (a newer library) change nothing.
+        assert_eq!(usable(&[tc, 99], &[77]), Ok(true));
+    }
+
+    /// The host-side descriptors (tensors, convolution, forward operation, operation graph)
+    /// finalize in the real library: attribute names, types and element counts as cuDNN wants
+    /// them. Heuristics and plans need a handle, hence a GPU (the device self-test covers them).
+    #[test]
+    fn conv_node_descriptors_finalize_in_cudnn() {
+        if !super::super::gpu::cudnn_available() {
+            eprintln!("skipped: libcudnn.so.9 cannot be loaded here (put its directory on LD_LIBRARY_PATH to run this test)");
+            return;
+        }
+        for shape in [
+            ConvShape { n: 1, dims: [192, 128, 128], cin: 32, cout: 32, k: 3, stride: 1, pad: 1 },
+            ConvShape { n: 2, dims: [96, 64, 64], cin: 32, cout: 64, k: 3, stride: 2, pad: 1 },
+            ConvShape { n: 1, dims: [24, 16, 16], cin: 256, cout: 128, k: 1, stride: 1, pad: 0 },
+        ] {
+            let node = ConvNode::new(shape).unwrap_or_else(|e| panic!("{shape:?}: {e:#} (cuDNN loads its engine libraries here, which need libcuda.so.1: tools/cudnn-host-check.sh sets up both)"));
+            // cuDNN's view of Y is ours.
+            let dims = node.y.get(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, Ty::CUDNN_TYPE_INT64, 5, 0i64).unwrap();
+            let od = shape.out_dims();
+            assert_eq!(dims, [shape.n as i64, shape.cout as i64, od[0] as i64, od[1] as i64, od[2] as i64]);
+            // The operation graph of that one node finalizes too (without the handle a run
+            // gives it, its heuristics list nothing: they need the device).
+            let graph = Desc::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR).unwrap();
+            graph.set_descs(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &[&node.op]).unwrap();
+            graph.finalize("the operation graph").unwrap();
+        }
+        // A wrong attribute type is refused with cuDNN's status, not accepted silently.
+        let t = Desc::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR).unwrap();
+        let e = t.set(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, Ty::CUDNN_TYPE_FLOAT, &[1.0f32]).unwrap_err();
+        assert!(format!("{e:#}").contains("CUDNN_ATTR_TENSOR_UNIQUE_ID"), "{e:#}");
+    }
+}
