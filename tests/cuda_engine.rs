@@ -266,6 +266,7 @@ echo "========= ERROR SUMMARY: 0 errors"
         "bench fastdet --batch 2",
         "bench fastdet tensor-core",
         "bench fastdet measured choice",
+        "bench fastdet cuDNN graph API",
         "bench fastdet (wheel cuDNN)",
         "selftest (full)",
         "bench tomogram (5+5 models)",
@@ -289,17 +290,17 @@ echo "========= ERROR SUMMARY: 0 errors"
     }
     // The tensor-core bench ran with FASTDET_CONV=tc; the figures reached results.json.
     let calls = std::fs::read_to_string(&calls).unwrap();
-    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 5, "{calls}");
+    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 6, "{calls}");
     assert!(calls.contains("bench --device cuda:0 --tile 192,128,128 --batch 2 "), "{calls}");
-    // The first per-tile bench profiles a walk; the summary shows it by kind.
-    assert_eq!(calls.lines().filter(|l| l.starts_with("bench ") && l.contains("--profile")).count(), 1, "{calls}");
+    // The first per-tile bench and the graph API's profile a walk; the summary shows it by kind.
+    assert_eq!(calls.lines().filter(|l| l.starts_with("bench ") && l.contains("--profile")).count(), 2, "{calls}");
     assert!(text.contains("profile: 4.00 ms in 2 steps; by kind:") && text.contains("conv3x3x3 + groupnorm") && text.contains("100.0 TFLOP/s"), "{text}");
     // The wheels' cuDNN bench ran with a folder holding a libcudnn.so link to it first on the path;
     // the other benches with the user's folder first.
     let wheel_dir = wheel_cudnn.to_string_lossy().into_owned();
     let paths: Vec<&str> = calls.lines().filter_map(|l| l.strip_prefix("bench sees LD_LIBRARY_PATH=")).collect();
-    assert_eq!(paths.len(), 5, "{calls}");
-    assert_eq!(paths.iter().filter(|p| p.starts_with(&wheel_dir)).count(), 4, "{calls}");
+    assert_eq!(paths.len(), 6, "{calls}");
+    assert_eq!(paths.iter().filter(|p| p.starts_with(&wheel_dir)).count(), 5, "{calls}");
     let linked = paths.iter().find(|p| !p.starts_with(&wheel_dir)).unwrap();
     assert_eq!(linked.split(':').nth(1), Some(wheel_dir.as_str()), "the link's folder, then the rest: {linked}");
     // The same command again and two workers on the card: each compared byte for byte.
@@ -315,13 +316,14 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_ms"], 5.0);
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_fused_ms"], 5.0);
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_batch2_ms"], 5.0);
+    assert_eq!(r["tile"]["segresnetv2"]["fastdet_graph_ms"], 5.0);
     assert_eq!(r["blocks"]["32ch_8x8x8"]["tc_fused_ms"], 1.5);
     assert_eq!(r["tile_criterion"]["dynunet"]["tc_wide_ms"], 4.25);
     assert_eq!(r["card"], "Stand-in H200", "the card from the self-test's device when PyTorch did not run");
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     // The measured choice's walk (device-resident, batch 1) stands in for a bench without
     // ms_per_tile_device.
-    assert!(md.contains("| segresnetv2 | – | – | 5.00 ms | 5.00 ms | 5.00 ms / 4.50 ms (tc-wide) |") && md.contains("| dynunet | – | – | – | – | – | – | – | – | – |"), "{md}");
+    assert!(md.contains("| segresnetv2 | – | – | 5.00 ms | 5.00 ms | 5.00 ms | 5.00 ms / 4.50 ms (tc-wide) |") && md.contains("| dynunet | – | – | – | – | – | – | – | – | – | – |"), "{md}");
     assert!(md.contains("- segresnetv2: tc-wide chosen; cudnn 5.50 ms, tc 4.75 ms, tc-wide 4.50 ms, tc-async failed"), "{md}");
     assert_eq!(r["tile"]["segresnetv2"]["conv_choice"], "tc-wide");
     assert!(text.contains("measured choice: tc-wide (ms per walk of 1: cudnn 5.50, tc 4.75, tc-wide 4.50, tc-async failed)"), "{text}");

@@ -19,6 +19,12 @@ fn stdout_of(c: &mut Command) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+/// The `split` of a printed configuration.
+fn t_split(text: &str) -> Option<String> {
+    let t: toml::Table = text.parse().unwrap();
+    t.get("split").and_then(|v| v.as_str()).map(str::to_string)
+}
+
 #[test]
 fn config_file_values_and_flag_overrides() {
     let tmp = tempfile::tempdir().unwrap();
@@ -87,6 +93,16 @@ fn config_file_values_and_flag_overrides() {
     assert_eq!((t["invert"].as_bool(), t["resample"].as_bool(), t["voxel_size"].as_str()), (Some(false), Some(false), Some("file")));
     let o = fastdet().args(["run", "--print-config", "--no-invert", "--invert", "--config"]).arg(&cfg).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--invert and --no-invert contradict each other"), "{}", String::from_utf8_lossy(&o.stderr));
+    // Tomograms named one by one: no competition split in the printed configuration, and it
+    // reads back to itself.
+    std::fs::write(&cfg, "zarr = [\"a.zarr\", \"b.zarr\"]\n").unwrap();
+    let text = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg));
+    let t: toml::Table = text.parse().unwrap();
+    assert!(t.get("split").is_none() && t["zarr"].as_array().map(|a| a.len()) == Some(2), "{text}");
+    std::fs::write(&again, &text).unwrap();
+    assert_eq!(stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&again)), text);
+    // With the data root the split is kept.
+    assert_eq!(t_split(&stdout_of(fastdet().args(["run", "--print-config", "--data", "d", "--split", "test"]))), Some("test".to_string()));
     std::fs::write(&again, "host_blend = true\n").unwrap();
     let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--no-host-blend", "--config"]).arg(&again)).parse().unwrap();
     assert_eq!(t["device_blend"].as_bool(), Some(true));

@@ -55,7 +55,8 @@ usage: tools/device-check.sh OUTDIR [--budget SECONDS] [--device cuda:N] [--skip
 
 benchmarks (after the quick self-test): `fastdet bench` -> bench-fastdet.json (log
 bench-fastdet.log; with FASTDET_CONV=tc -> bench-fastdet-tc.json; with FASTDET_CONV=measure ->
-bench-fastdet-measure.json, cuDNN and each tensor-core variant timed on the whole network); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (averaging and blending on the GPU,
+bench-fastdet-measure.json, cuDNN and each tensor-core variant timed on the whole network; with
+cuDNN's graph API, its engines timed per convolution, profiled -> bench-fastdet-graph.json); `fastdet bench --tomogram` (5+5 seed models) -> bench-tomogram.json (averaging and blending on the GPU,
 the default; with --host-blend -> bench-tomogram-host-blend.json);
 the criterion bench benches/cuda_ops.rs (fused block vs cuDNN per level, tiles per backend) ->
 bench-criterion.log and criterion/ when its binary is there (FASTDET_CUDA_BENCH, default
@@ -325,9 +326,15 @@ if [ $NO_GPU -eq 0 ]; then
     # fastest kept (its choice and each variant's time are in the JSON's conv_choice); the choice
     # file lands in the check's kernel cache, so this measures afresh.
     rm -f "$OUT/bench-fastdet-measure.json"
-    step "bench fastdet measured choice" 120 "$OUT/bench-fastdet-measure.log" \
+    step "bench fastdet measured choice" 150 "$OUT/bench-fastdet-measure.log" \
         bash -c 'FASTDET_CONV=measure exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
         bench-fastdet-measure "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-measure.json" || FAILED=1
+    # cuDNN's graph API, its engines timed on the real buffers per convolution (as PyTorch's
+    # cudnn.benchmark), with the profile: each conv's engine and time against the legacy walk's.
+    rm -f "$OUT/bench-fastdet-graph.json"
+    step "bench fastdet cuDNN graph API" 120 "$OUT/bench-fastdet-graph.log" \
+        bash -c 'FASTDET_CONV=cudnn FASTDET_CUDNN_API=graph FASTDET_CUDNN_FIND=1 exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --profile --json > "$3"' \
+        bench-fastdet-graph "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-graph.json" || FAILED=1
     # The Python wheels' cuDNN, where there is one beside the system's: the loader asks for
     # libcudnn.so before libcudnn.so.9 and the wheels ship only the latter, so the system's is
     # taken first (on the H200 of 2026-12-04: 9.14 against PyTorch's 9.19). A folder holding a
@@ -560,6 +567,13 @@ if "models" in d:  # fastdet bench
         for n in m.get("notes", []):
             if n.startswith("walks:"):
                 print(f"    {n}")
+        algos = m.get("conv_algorithms") or []
+        if algos:
+            counts = {}
+            for a in algos:
+                name = a["algorithm"].split(" [")[0]
+                counts[name] = counts.get(name, 0) + 1
+            print(f"    cuDNN per conv: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
         c = m.get("conv_choice")
         if c:
             cells = ", ".join(f"{k} {'failed' if v is None else f'{v:.2f}'}" for k, v in (c.get("ms_per_walk") or {}).items())

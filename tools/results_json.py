@@ -9,6 +9,7 @@ device check writes:
   bench-fastdet-measure.json   the same with FASTDET_CONV=measure (the path timed fastest on the card
                           among cuDNN and the tensor-core variants: "fastdet_measured_ms", "conv_choice",
                           "conv_variants_ms" = each variant's ms per walk of the measured batch)
+  bench-fastdet-graph.json   the same on cuDNN's graph API, engines timed per conv ("fastdet_graph_ms")
   bench-tomogram.json  fastdet bench --device cuda:N --tomogram 184,630,630 --models 5,5 --json
   bench-tomogram-host-blend.json   the same with --host-blend (averaging and blending on the CPU)
   bench-tomogram-batch2.json   the same with --batch 2 (two tiles per walk)
@@ -23,9 +24,9 @@ Output (missing inputs give nulls, never invented numbers):
                             "fastdet_measured_device_ms", "fastdet_batch2_ms", "fastdet_batch2_device_ms",
                             "conv_choice", "conv_variants_ms", "floor_ms"},
             "dynunet": {...}},
-   "blocks": {"32ch_192x128x128": {"cudnn_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
+   "blocks": {"32ch_192x128x128": {"cudnn_ms", "cudnn_graph_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
                                    "tc_store_fused_wide_ms", "tc_store_fused_async_ms"}, ...},
-   "tile_criterion": {"segresnetv2": {"cudnn_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms", "tc_async_ms"},
+   "tile_criterion": {"segresnetv2": {"cudnn_ms", "cudnn_graph_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms", "tc_async_ms"},
                       "dynunet": {...}},
    "tomogram_s", "tomogram_host_blend_s", "tomogram_batch2_s", "floor_s", "cold_start_s",
    "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
@@ -83,8 +84,8 @@ def git_commit():
         return None
 
 
-BLOCK_VARIANTS = ("cudnn", "tc_unfused", "tc_fused", "tc_store_fused", "tc_store_fused_wide", "tc_store_fused_async")
-TILE_VARIANTS = ("cudnn", "tc", "tc_norm_in_loads", "tc_wide", "tc_async")
+BLOCK_VARIANTS = ("cudnn", "cudnn_graph", "tc_unfused", "tc_fused", "tc_store_fused", "tc_store_fused_wide", "tc_store_fused_async")
+TILE_VARIANTS = ("cudnn", "cudnn_graph", "tc", "tc_norm_in_loads", "tc_wide", "tc_async")
 
 
 def criterion_groups(d, prefix, variants):
@@ -134,6 +135,7 @@ def assemble(d, commit, date):
     fd_tc = load(os.path.join(d, "bench-fastdet-tc.json"))
     fd_b2 = load(os.path.join(d, "bench-fastdet-batch2.json"))
     fd_measure = load(os.path.join(d, "bench-fastdet-measure.json"))
+    fd_graph = load(os.path.join(d, "bench-fastdet-graph.json"))
     tomo = load(os.path.join(d, "bench-tomogram.json"))
     torch = load(os.path.join(d, "bench-torch.json"))
     tomo_hb = load(os.path.join(d, "bench-tomogram-host-blend.json"))
@@ -143,13 +145,14 @@ def assemble(d, commit, date):
     for arch in ("segresnetv2", "dynunet"):
         row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None, "fastdet_fused_ms": None,
                "fastdet_measured_ms": None, "fastdet_device_ms": None, "fastdet_fused_device_ms": None,
-               "fastdet_measured_device_ms": None, "fastdet_batch2_ms": None, "fastdet_batch2_device_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None}
+               "fastdet_measured_device_ms": None, "fastdet_batch2_ms": None, "fastdet_batch2_device_ms": None,
+               "fastdet_graph_ms": None, "fastdet_graph_device_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None}
         if torch:
             best = torch.get("best", {}).get(arch, {})
             row["torch_eager_ms"] = best.get("eager_ms")
             row["torch_compile_ms"] = best.get("compile_ms")
         # Each per-tile bench's host-to-host and device-resident figures, under its own names.
-        for doc, prefix in ((fd, "fastdet"), (fd_b2, "fastdet_batch2"), (fd_tc, "fastdet_fused"), (fd_measure, "fastdet_measured")):
+        for doc, prefix in ((fd, "fastdet"), (fd_b2, "fastdet_batch2"), (fd_tc, "fastdet_fused"), (fd_measure, "fastdet_measured"), (fd_graph, "fastdet_graph")):
             m = model_of(doc, arch)
             if m is not None:
                 row[prefix + "_ms"] = m.get("ms_per_tile")
@@ -196,6 +199,7 @@ def assemble(d, commit, date):
             "bench_fastdet_tc": fd_tc is not None,
             "bench_fastdet_batch2": fd_b2 is not None,
             "bench_fastdet_measure": fd_measure is not None,
+            "bench_fastdet_graph": fd_graph is not None,
             "bench_tomogram": tomo is not None,
             "bench_tomogram_host_blend": tomo_hb is not None,
             "bench_tomogram_batch2": tomo_b2 is not None,
@@ -222,19 +226,20 @@ def markdown(doc):
            "PyTorch: its best batch, fp16, channels_last_3d, device-resident). Speed-up = PyTorch time / fastdet's best "
            "device-resident walk (host to host where no walk was timed); "
            "floor = FLOPs / the card's fp16 matmul rate.", "",
-           "| arch | PyTorch eager | torch.compile | fastdet (cuDNN path) | fastdet (tensor-core path) | fastdet (measured choice) | fastdet (batch 2) | vs eager | vs compile | FLOP floor | % of floor |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| arch | PyTorch eager | torch.compile | fastdet (cuDNN path) | fastdet (cuDNN graph API, timed) | fastdet (tensor-core path) | fastdet (measured choice) | fastdet (batch 2) | vs eager | vs compile | FLOP floor | % of floor |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     choices = []
     for arch, r in doc["tile"].items():
         walks = [v for v in (r.get("fastdet_device_ms"), r.get("fastdet_fused_device_ms"), r.get("fastdet_measured_device_ms"),
-                             r.get("fastdet_batch2_device_ms")) if v is not None]
-        best = min(walks or [v for v in (r.get("fastdet_ms"), r.get("fastdet_fused_ms"), r.get("fastdet_measured_ms")) if v is not None], default=None)
+                             r.get("fastdet_batch2_device_ms"), r.get("fastdet_graph_device_ms")) if v is not None]
+        best = min(walks or [v for v in (r.get("fastdet_ms"), r.get("fastdet_fused_ms"), r.get("fastdet_measured_ms"), r.get("fastdet_graph_ms")) if v is not None], default=None)
         pct = "–" if best is None or r.get("floor_ms") is None else f"{100 * r['floor_ms'] / best:.0f}%"
 
         def both(host, device):
             return ms(host) if device is None else f"{ms(host)} / {ms(device)}"
         measured = both(r.get("fastdet_measured_ms"), r.get("fastdet_measured_device_ms")) + (f" ({r['conv_choice']})" if r.get("conv_choice") else "")
         out.append(f"| {arch} | {ms(r.get('torch_eager_ms'))} | {ms(r.get('torch_compile_ms'))} | {both(r.get('fastdet_ms'), r.get('fastdet_device_ms'))} | "
+                   f"{both(r.get('fastdet_graph_ms'), r.get('fastdet_graph_device_ms'))} | "
                    f"{both(r.get('fastdet_fused_ms'), r.get('fastdet_fused_device_ms'))} | {measured} | "
                    f"{both(r.get('fastdet_batch2_ms'), r.get('fastdet_batch2_device_ms'))} | {ratio(r.get('torch_eager_ms'), best)} | {ratio(r.get('torch_compile_ms'), best)} | "
                    f"{ms(r.get('floor_ms'))} | {pct} |")
@@ -296,7 +301,7 @@ def main():
     if not os.path.isdir(a.dir):
         print(f"results_json: {a.dir} is not a directory", file=sys.stderr)
         return 64
-    benches = ["bench-fastdet.json", "bench-fastdet-batch2.json", "bench-fastdet-tc.json", "bench-fastdet-measure.json", "bench-tomogram.json",
+    benches = ["bench-fastdet.json", "bench-fastdet-batch2.json", "bench-fastdet-tc.json", "bench-fastdet-measure.json", "bench-fastdet-graph.json", "bench-tomogram.json",
                "bench-tomogram-host-blend.json", "bench-tomogram-batch2.json", "bench-torch.json"]
     if not any(os.path.isfile(os.path.join(a.dir, f)) for f in benches) and not os.path.isdir(os.path.join(a.dir, "criterion")):
         print(f"results_json: no bench output in {a.dir} ({', '.join(benches)}, criterion/): nothing was measured "

@@ -103,6 +103,8 @@ struct Row {
     conv_choice: Option<fastdet::engine::cuda::choose::Choice>,
     /// With --profile on a GPU: each step of a walk.
     profile: Option<Vec<StepTime>>,
+    /// CUDA engines: each cuDNN convolution's algorithm or engine (op, tile, algorithm).
+    conv_algorithms: Vec<(String, [usize; 3], String)>,
 }
 
 /// The steps of a profiled walk summed by kind: (kind, ms, steps, FLOPs), the costliest first.
@@ -267,6 +269,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 })
                 .unwrap_or_default(),
             conv_choice,
+            conv_algorithms: e.as_cuda().map(|c| c.conv_algorithms()).unwrap_or_default(),
         });
         for n in &rows[rows.len() - 1].notes {
             fastdet::errln!("{name}: {n}");
@@ -299,6 +302,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                         "sum_ms": steps.iter().map(|s| s.ms).sum::<f64>(),
                     })),
                     "device_memory_peak_mib": r.device_mib, "notes": r.notes,
+                    "conv_algorithms": r.conv_algorithms.iter().map(|(op, t, algo)| serde_json::json!({"op": op, "tile": t, "algorithm": algo})).collect::<Vec<_>>(),
                     "conv_choice": r.conv_choice.as_ref().map(|c| serde_json::json!({
                         "label": c.label, "remembered": c.remembered, "batch": c.batch,
                         "ms_per_walk": c.times.iter().map(|(l, t)| (l.clone(), t.as_ref().ok().copied().into())).collect::<serde_json::Map<String, serde_json::Value>>(),

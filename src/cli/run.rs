@@ -1572,7 +1572,8 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
     }
     if let Some(c) = &i.copick_config {
         t.insert("copick_config".into(), path(c));
-    } else {
+    } else if i.zarr.is_empty() && i.mrc.is_empty() {
+        // The competition layout's split: nothing to say for tomograms named one by one.
         t.insert("split".into(), Value::String(i.split.clone()));
     }
     if i.data.is_some() || i.copick_config.is_some() {

@@ -230,12 +230,12 @@ impl ConvPlan {
         ConvPlan::new_api(dnn, shape, dnn.api)
     }
 
-    /// A plan on `api`. The graph API builds at most 8 candidates when they are to be timed
+    /// A plan on `api`. The graph API builds at most 16 candidates when they are to be timed
     /// (`Dnn::find`), else 3 (the first that runs is kept).
     pub fn new_api(dnn: &Dnn, shape: ConvShape, api: DnnApi) -> Result<ConvPlan> {
         Ok(match api {
             DnnApi::Legacy => ConvPlan::Legacy(LegacyPlan::new(dnn, shape)?),
-            DnnApi::Graph => ConvPlan::Graph(GraphPlan::new(dnn, shape, if dnn.find { 8 } else { 3 })?),
+            DnnApi::Graph => ConvPlan::Graph(GraphPlan::new(dnn, shape, if dnn.find { 16 } else { 3 })?),
         })
     }
 

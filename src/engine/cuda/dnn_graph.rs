@@ -56,8 +56,9 @@ fn check(st: sys::cudnnStatus_t, what: impl FnOnce() -> String) -> Result<()> {
     bail!("{}: {st:?}{}", what(), last_error())
 }
 
-/// One backend descriptor, destroyed on drop.
-pub struct Desc(sys::cudnnBackendDescriptor_t);
+/// One backend descriptor, destroyed on drop. Private to this module: `set` and `get` trust
+/// their callers that `T` is the C layout of the cuDNN type they name.
+struct Desc(sys::cudnnBackendDescriptor_t);
 
 impl Drop for Desc {
     fn drop(&mut self) {
@@ -69,7 +70,7 @@ impl Drop for Desc {
 }
 
 impl Desc {
-    pub fn new(kind: Kind) -> Result<Desc> {
+    fn new(kind: Kind) -> Result<Desc> {
         let mut d: sys::cudnnBackendDescriptor_t = std::ptr::null_mut();
         // SAFETY: cuDNN writes one descriptor.
         check(unsafe { sys::cudnnBackendCreateDescriptor(kind, &mut d) }, || format!("cudnnBackendCreateDescriptor({kind:?})"))?;
@@ -77,21 +78,21 @@ impl Desc {
     }
 
     /// Sets attribute `name` to `vals`, elements of cuDNN type `ty` (`T` must be its C layout).
-    pub fn set<T>(&self, name: Attr, ty: Ty, vals: &[T]) -> Result<()> {
+    fn set<T>(&self, name: Attr, ty: Ty, vals: &[T]) -> Result<()> {
         // SAFETY: vals holds vals.len() elements of the layout `ty` names; cuDNN copies them.
         check(unsafe { sys::cudnnBackendSetAttribute(self.0, name, ty, vals.len() as i64, vals.as_ptr() as *const c_void) }, || format!("setting {name:?}"))
     }
 
-    pub fn set_i64(&self, name: Attr, vals: &[i64]) -> Result<()> {
+    fn set_i64(&self, name: Attr, vals: &[i64]) -> Result<()> {
         self.set(name, Ty::CUDNN_TYPE_INT64, vals)
     }
 
-    pub fn set_descs(&self, name: Attr, descs: &[&Desc]) -> Result<()> {
+    fn set_descs(&self, name: Attr, descs: &[&Desc]) -> Result<()> {
         let raw: Vec<sys::cudnnBackendDescriptor_t> = descs.iter().map(|d| d.0).collect();
         self.set(name, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw)
     }
 
-    pub fn finalize(&self, what: &str) -> Result<()> {
+    fn finalize(&self, what: &str) -> Result<()> {
         // SAFETY: a descriptor of ours.
         check(unsafe { sys::cudnnBackendFinalize(self.0) }, || format!("finalizing {what}"))
     }
@@ -151,16 +152,18 @@ fn tensor(uid: i64, dims: [i64; 5], strides: [i64; 5]) -> Result<Desc> {
 
 /// The convolution node's descriptors, host objects only (no handle needed): X, W, Y, the
 /// convolution and the forward operation, finalized.
-pub struct ConvNode {
-    pub x: Desc,
-    pub w: Desc,
-    pub y: Desc,
-    pub conv: Desc,
-    pub op: Desc,
+struct ConvNode {
+    _x: Desc,
+    _w: Desc,
+    /// Read by the host test (cuDNN's view of the output dims).
+    #[cfg_attr(not(test), allow(dead_code))]
+    y: Desc,
+    _conv: Desc,
+    op: Desc,
 }
 
 impl ConvNode {
-    pub fn new(shape: ConvShape) -> Result<ConvNode> {
+    fn new(shape: ConvShape) -> Result<ConvNode> {
         let ConvShape { n, dims, cin, cout, k, stride, pad } = shape;
         let od = shape.out_dims();
         let (xd, xs) = ndhwc_dims_strides(n, cin, dims);
@@ -187,7 +190,7 @@ impl ConvNode {
         op.set(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA, Ty::CUDNN_TYPE_FLOAT, &[1.0f32])?;
         op.set(Attr::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA, Ty::CUDNN_TYPE_FLOAT, &[0.0f32])?;
         op.finalize("the convolution forward operation")?;
-        Ok(ConvNode { x, w, y, conv, op })
+        Ok(ConvNode { _x: x, _w: w, y, _conv: conv, op })
     }
 }
 
@@ -218,24 +221,28 @@ struct Candidate {
     name: String,
 }
 
-/// A readable name for an engine configuration: the engine's global index and knob choices.
-/// Best effort: "eng?" where cuDNN does not say.
-fn config_name(cfg: &Desc) -> String {
+/// A readable name for an engine configuration: the engine's global index and knob choices, and
+/// whether both were read (best effort: "eng?" where cuDNN does not say).
+fn config_name(cfg: &Desc) -> (String, bool) {
     let engine = cfg.get_descs(Attr::CUDNN_ATTR_ENGINECFG_ENGINE, Kind::CUDNN_BACKEND_ENGINE_DESCRIPTOR, 1).ok().and_then(|mut v| v.pop());
     let index = engine.as_ref().and_then(|e| e.get(Attr::CUDNN_ATTR_ENGINE_GLOBAL_INDEX, Ty::CUDNN_TYPE_INT64, 1, -1i64).ok()).and_then(|v| v.first().copied());
+    let mut complete = index.is_some();
     let mut name = index.map_or("eng?".to_string(), |i| format!("eng{i}"));
-    let knobs = cfg
-        .count(Attr::CUDNN_ATTR_ENGINECFG_KNOB_CHOICES, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR)
-        .and_then(|n| cfg.get_descs(Attr::CUDNN_ATTR_ENGINECFG_KNOB_CHOICES, Kind::CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR, n.min(32)))
-        .unwrap_or_default();
-    for knob in &knobs {
-        let ty = knob.get(Attr::CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE, Ty::CUDNN_TYPE_KNOB_TYPE, 1, 0u32).ok().and_then(|v| v.first().copied());
-        let val = knob.get(Attr::CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, Ty::CUDNN_TYPE_INT64, 1, 0i64).ok().and_then(|v| v.first().copied());
-        if let (Some(t), Some(v)) = (ty, val) {
-            name.push_str(&format!(" k{t}={v}"));
+    // Room for every knob type there is (as cuDNN's own frontend asks), no count query first.
+    match cfg.get_descs(Attr::CUDNN_ATTR_ENGINECFG_KNOB_CHOICES, Kind::CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR, 64) {
+        Err(_) => complete = false,
+        Ok(knobs) => {
+            for knob in &knobs {
+                let ty = knob.get(Attr::CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE, Ty::CUDNN_TYPE_KNOB_TYPE, 1, 0u32).ok().and_then(|v| v.first().copied());
+                let val = knob.get(Attr::CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, Ty::CUDNN_TYPE_INT64, 1, 0i64).ok().and_then(|v| v.first().copied());
+                match (ty, val) {
+                    (Some(t), Some(v)) => name.push_str(&format!(" k{t}={v}")),
+                    _ => complete = false,
+                }
+            }
         }
     }
-    name
+    (name, complete)
 }
 
 /// Engine notes of an engine configuration (numerical, behaviour), as raw enum values.
@@ -252,8 +259,57 @@ fn heuristics(graph: &Desc, mode: sys::cudnnBackendHeurMode_t) -> Result<Vec<Des
     heur.set_descs(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[graph])?;
     heur.set(Attr::CUDNN_ATTR_ENGINEHEUR_MODE, Ty::CUDNN_TYPE_HEUR_MODE, &[mode])?;
     heur.finalize(&format!("the heuristics ({mode:?})"))?;
-    let n = heur.count(Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR)?;
+    // Where the count cannot be asked for, room for 32 (cuDNN fills what it has).
+    let n = heur.count(Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR).unwrap_or(32);
     heur.get_descs(Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS, Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, n.min(64))
+}
+
+/// The engine configurations to build, from cuDNN's heuristic lists (`configs`, best first):
+/// each configuration's `name` (and whether it was read in full), its `notes` verdict (`usable`;
+/// notes that cannot be read leave it in as possibly nondeterministic, behind the deterministic
+/// ones, where timing and the self-test still judge it) and its `build` (a plan and its
+/// workspace, or why not). The lists overlap: a configuration read in full is built once; one
+/// whose name is partial cannot be told apart and keeps its place (its position is added to the
+/// name). The scan stops once `keep` are built and one of them is deterministic, so a
+/// deterministic one further down still gets in; the result is deterministic ones first in
+/// heuristic order, then the others, at most `keep`. Each configuration left out adds its
+/// reason to `why`. Returns (configuration, build, deterministic, name).
+#[allow(clippy::type_complexity)]
+fn select_candidates<C, B>(
+    configs: Vec<C>,
+    keep: usize,
+    why: &mut Vec<String>,
+    name: impl Fn(&C) -> (String, bool),
+    notes: impl Fn(&C) -> Result<std::result::Result<bool, &'static str>>,
+    mut build: impl FnMut(&C) -> Result<B>,
+) -> Vec<(C, B, bool, String)> {
+    let mut out: Vec<(C, B, bool, String)> = Vec::new();
+    for (position, cfg) in configs.into_iter().enumerate() {
+        if out.len() >= keep && out.iter().any(|c| c.2) {
+            break;
+        }
+        let name = match name(&cfg) {
+            (n, true) if out.iter().any(|c| c.3 == n) => continue,
+            (n, true) => n,
+            (n, false) => format!("{n} #{position}"),
+        };
+        let deterministic = match notes(&cfg) {
+            Ok(Ok(d)) => d,
+            Ok(Err(reason)) => {
+                why.push(format!("{name}: {reason}"));
+                continue;
+            }
+            Err(_) => false,
+        };
+        match build(&cfg) {
+            Ok(b) => out.push((cfg, b, deterministic, name)),
+            Err(e) => why.push(format!("{name}: {e:#}")),
+        }
+    }
+    // Stable: heuristic order within each class.
+    out.sort_by_key(|c| !c.2);
+    out.truncate(keep.max(1));
+    out
 }
 
 /// A graph-API plan for one convolution shape.
@@ -264,21 +320,39 @@ pub struct GraphPlan {
     cands: Vec<Candidate>,
     chosen: Option<usize>,
     timed: bool,
+    /// With `find`: what the timing found, e.g. "eng3 0.520 ms, fastest of 9 timed".
+    timing: Option<String>,
     pub what: String,
 }
 
 // SAFETY: descriptors are host objects, used by one engine at a time.
 unsafe impl Send for GraphPlan {}
 
-/// Orders found per (device, plan) in this process (candidate names, fastest first).
-static FOUND: std::sync::Mutex<Vec<((usize, String), Vec<String>)>> = std::sync::Mutex::new(Vec::new());
+/// Orders found per (device, plan) in this process: candidate names, fastest first, and the
+/// timing's summary.
+type FoundOrders = std::sync::Mutex<Vec<((usize, String), (Vec<String>, String))>>;
+static FOUND: FoundOrders = std::sync::Mutex::new(Vec::new());
+
+/// What timing found, from (name, ms, deterministic) of each candidate that ran and the name
+/// kept: its time and, when a nondeterministic engine was faster, that one's (the price of
+/// bit-identical repeats).
+pub fn timing_summary(timed: &[(String, f32, bool)], kept: &str) -> String {
+    let Some(k) = timed.iter().find(|t| t.0 == kept) else { return format!("{kept} (not timed; {} timed)", timed.len()) };
+    let mut s = format!("{kept} {:.3} ms of {} timed", k.1, timed.len());
+    if let Some(f) = timed.iter().filter(|t| !t.2).min_by(|a, b| a.1.total_cmp(&b.1)) {
+        if f.1 < k.1 {
+            s.push_str(&format!("; nondeterministic {} {:.3} ms", f.0, f.1));
+        }
+    }
+    s
+}
 
 impl GraphPlan {
     /// Heuristics mode A, then the fallback list; at most `keep` candidates are built (each
     /// build is host work at the engine's opening).
     pub fn new(dnn: &Dnn, shape: ConvShape, keep: usize) -> Result<GraphPlan> {
-        let ConvShape { n, dims, cin, cout, k, stride, .. } = shape;
-        let what = format!("cuDNN graph conv {k}x{k}x{k}/s{stride} {cin}->{cout} on [{n}, {}, {}, {}]", dims[0], dims[1], dims[2]);
+        let ConvShape { n, dims, cin, cout, k, stride, pad } = shape;
+        let what = format!("cuDNN graph conv {k}x{k}x{k}/s{stride}/p{pad} {cin}->{cout} on [{n}, {}, {}, {}]", dims[0], dims[1], dims[2]);
         let (xd, xs) = ndhwc_dims_strides(n, cin.max(cout), dims);
         if xd.iter().chain(xs.iter()).any(|&v| v > i32::MAX as i64) {
             bail!("{what}: exceeds cuDNN's 32-bit dims");
@@ -299,61 +373,50 @@ impl GraphPlan {
                     }
                 }
                 let limit = workspace_limit();
-                let mut cands: Vec<Candidate> = Vec::new();
-                for cfg in configs {
-                    if cands.len() >= keep {
-                        break;
-                    }
-                    let name = config_name(&cfg);
-                    if cands.iter().any(|c| c.name == name) {
-                        continue;
-                    }
-                    let deterministic = match config_notes(&cfg).map(|(num, beh)| usable(&num, &beh)) {
-                        Ok(Ok(d)) => d,
-                        Ok(Err(reason)) => {
-                            why.push(format!("{name}: {reason}"));
-                            continue;
-                        }
-                        Err(e) => {
-                            why.push(format!("{name}: {e:#}"));
-                            continue;
-                        }
-                    };
-                    let built = (|| {
+                let cands = select_candidates(
+                    configs,
+                    keep,
+                    &mut why,
+                    config_name,
+                    |cfg| config_notes(cfg).map(|(num, beh)| usable(&num, &beh)),
+                    |cfg| {
                         let plan = Desc::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
                         plan.set(Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE, Ty::CUDNN_TYPE_HANDLE, &[dnn.handle()])?;
-                        plan.set_descs(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&cfg])?;
+                        plan.set_descs(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[cfg])?;
                         plan.finalize("the execution plan")?;
                         let ws = plan.get(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, Ty::CUDNN_TYPE_INT64, 1, 0i64)?;
-                        Ok::<_, anyhow::Error>((plan, ws.first().copied().unwrap_or(0).max(0) as usize))
-                    })();
-                    match built {
-                        Ok((_, ws)) if ws > limit => why.push(format!("{name}: workspace {ws} bytes over {} MiB", limit >> 20)),
-                        Ok((plan, workspace)) => cands.push(Candidate { plan, _cfg: cfg, workspace, deterministic, name }),
-                        Err(e) => why.push(format!("{name}: {e:#}")),
-                    }
-                }
-                // Deterministic first, heuristic order kept within each class.
-                cands.sort_by_key(|c| !c.deterministic);
+                        let ws = ws.first().copied().unwrap_or(0).max(0) as usize;
+                        if ws > limit {
+                            bail!("workspace {ws} bytes over {} MiB", limit >> 20);
+                        }
+                        Ok((plan, ws))
+                    },
+                );
+                let cands: Vec<Candidate> = cands.into_iter().map(|(cfg, (plan, workspace), deterministic, name)| Candidate { plan, _cfg: cfg, workspace, deterministic, name }).collect();
                 if cands.is_empty() {
                     bail!("cuDNN's heuristics offer no usable engine: {}", if why.is_empty() { "none listed".to_string() } else { why.join("; ") });
                 }
-                Ok(GraphPlan { _node: node, _graph: graph, cands, chosen: None, timed: false, what: what.clone() })
+                Ok(GraphPlan { _node: node, _graph: graph, cands, chosen: None, timed: false, timing: None, what: what.clone() })
             })
         })
     }
 
-    /// The engine in use (after the first run).
+    /// The engine in use (after the first run), with what timing found when it timed.
     pub fn algo(&self) -> Option<String> {
-        self.chosen.map(|i| self.cands[i].name.clone())
+        let i = self.chosen?;
+        Some(match &self.timing {
+            // The timing's pick is the first candidate; a later one ran only if it failed.
+            Some(t) if i == 0 => format!("{} [{t}]", self.cands[i].name),
+            _ => self.cands[i].name.clone(),
+        })
     }
 
     pub fn max_workspace(&self) -> usize {
         self.cands.iter().map(|c| c.workspace).max().unwrap_or(0)
     }
 
-    /// Runs candidate `i` once: a variant pack of this call's pointers, then cuDNN's execute.
-    fn execute(&self, dnn: &Dnn, i: usize, x: u64, w: u64, y: u64, wp: u64) -> Result<()> {
+    /// A variant pack of one call's pointers (workspace 0: none).
+    fn pack(x: u64, w: u64, y: u64, wp: u64) -> Result<Desc> {
         if [x, w, y].iter().any(|p| p % ALIGNMENT as u64 != 0) {
             bail!("a buffer is not aligned to {ALIGNMENT} bytes");
         }
@@ -363,9 +426,19 @@ impl GraphPlan {
         pack.set(Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, Ty::CUDNN_TYPE_VOID_PTR, &ptrs)?;
         pack.set(Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE, Ty::CUDNN_TYPE_VOID_PTR, &[wp as *mut c_void])?;
         pack.finalize("the variant pack")?;
-        // SAFETY: the plan was built for tensors of these buffers' shapes; the workspace holds
-        // what the plan asked for (or is null when it asked for none).
+        Ok(pack)
+    }
+
+    /// Runs candidate `i` once on `pack`'s buffers.
+    fn launch(&self, dnn: &Dnn, i: usize, pack: &Desc) -> Result<()> {
+        // SAFETY: the plan was built for tensors of the pack's buffers' shapes; the workspace
+        // holds what the plan asked for (or is null when it asked for none).
         check(unsafe { sys::cudnnBackendExecute(dnn.handle(), self.cands[i].plan.0, pack.0) }, || "cudnnBackendExecute".to_string())
+    }
+
+    /// Runs candidate `i` once: a variant pack of this call's pointers, then cuDNN's execute.
+    fn execute(&self, dnn: &Dnn, i: usize, x: u64, w: u64, y: u64, wp: u64) -> Result<()> {
+        self.launch(dnn, i, &Self::pack(x, w, y, wp)?)
     }
 
     /// Times every candidate on these buffers (`y` is overwritten: median of 3 runs after one
@@ -374,7 +447,7 @@ impl GraphPlan {
     fn time_candidates(&mut self, dnn: &Dnn, gpu: &Gpu, x: u64, w: u64, y: u64, workspace: &mut Option<DevBuf>) -> Result<()> {
         let key = (gpu.info.ordinal, format!("{} ws<={}", self.what, workspace_limit()));
         let found = FOUND.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key).map(|(_, o)| o.clone());
-        let order: Vec<String> = match found {
+        let (order, summary) = match found {
             Some(o) => o,
             None => {
                 let need = self.max_workspace();
@@ -384,28 +457,40 @@ impl GraphPlan {
                 }
                 let wp = workspace.as_ref().map_or(0, |b| b.ptr);
                 let mut timed: Vec<(usize, f32)> = Vec::new();
+                let mut named: Vec<(String, f32, bool)> = Vec::new();
                 for i in 0..self.cands.len() {
-                    let run = |me: &Self| me.execute(dnn, i, x, w, y, if me.cands[i].workspace > 0 { wp } else { 0 });
-                    if run(self).is_err() {
+                    // The pack is built before the marks: only the execution is timed. A
+                    // candidate that fails is left untimed (it goes after the timed ones).
+                    let Ok(pack) = Self::pack(x, w, y, if self.cands[i].workspace > 0 { wp } else { 0 }) else { continue };
+                    if self.launch(dnn, i, &pack).is_err() {
                         continue;
                     }
                     let mut times = Vec::new();
                     for _ in 0..3 {
                         let a = gpu.mark()?;
-                        run(self)?;
+                        let ran = self.launch(dnn, i, &pack);
                         let b = gpu.mark()?;
+                        if ran.is_err() {
+                            break;
+                        }
                         times.push(gpu.elapsed_ms(&a, &b)?);
+                    }
+                    if times.len() < 3 {
+                        continue;
                     }
                     times.sort_by(f64::total_cmp);
                     timed.push((i, times[1] as f32));
+                    named.push((self.cands[i].name.clone(), times[1] as f32, self.cands[i].deterministic));
                 }
                 gpu.sync("timing cuDNN's engines")?;
                 let cands: Vec<(usize, usize, bool)> = self.cands.iter().enumerate().map(|(i, c)| (i, c.workspace, c.deterministic)).collect();
                 let order: Vec<String> = order_by_time(&cands, &timed).iter().map(|c| self.cands[c.0].name.clone()).collect();
-                FOUND.lock().unwrap_or_else(|e| e.into_inner()).push((key, order.clone()));
-                order
+                let summary = timing_summary(&named, order.first().map_or("", |s| s.as_str()));
+                FOUND.lock().unwrap_or_else(|e| e.into_inner()).push((key, (order.clone(), summary.clone())));
+                (order, summary)
             }
         };
+        self.timing = Some(summary);
         let mut cands = std::mem::take(&mut self.cands);
         cands.sort_by_key(|c| order.iter().position(|n| *n == c.name).unwrap_or(usize::MAX));
         self.cands = cands;
@@ -416,7 +501,7 @@ impl GraphPlan {
     pub fn run(&mut self, dnn: &Dnn, gpu: &Gpu, x: u64, w: u64, y: u64, workspace: &mut Option<DevBuf>) -> Result<()> {
         if dnn.find && !self.timed && self.chosen.is_none() && !gpu.capturing() {
             self.timed = true;
-            if let Err(e) = self.time_candidates(dnn, gpu, x, w, y, workspace) {
+            if let Err(e) = guard("timing cuDNN's engines", || self.time_candidates(dnn, gpu, x, w, y, workspace)) {
                 crate::errln!("warning: {}: timing cuDNN's engines failed ({e:#}); taking its heuristic order", self.what);
             }
         }
@@ -454,6 +539,71 @@ mod tests {
         let (dims, strides) = ndhwc_dims_strides(32, 16, [3; 3]);
         assert_eq!(dims, [32, 16, 3, 3, 3]);
         assert_eq!(strides, [27 * 16, 1, 9 * 16, 3 * 16, 16]);
+    }
+
+    /// Candidates: duplicates across the two lists built once, unusable ones and failed builds
+    /// left out with their reasons, a deterministic one found past `keep` nondeterministic ones,
+    /// deterministic first, at most `keep`.
+    #[test]
+    fn candidates_are_deduplicated_filtered_and_deterministic_first() {
+        // (name, read in full, notes: Some(det) / None unusable, builds)
+        type Cfg = (&'static str, bool, Option<bool>, bool);
+        let run = |configs: Vec<Cfg>, keep: usize| {
+            let mut why = Vec::new();
+            let mut built = Vec::new();
+            let got = select_candidates(
+                configs,
+                keep,
+                &mut why,
+                |c: &Cfg| (c.0.to_string(), c.1),
+                |c: &Cfg| Ok(c.2.ok_or("compiled at run time")),
+                |c: &Cfg| {
+                    built.push(c.0);
+                    if c.3 {
+                        Ok(c.0.len())
+                    } else {
+                        anyhow::bail!("not supported")
+                    }
+                },
+            );
+            (got.into_iter().map(|c| (c.3, c.2)).collect::<Vec<_>>(), why, built)
+        };
+        let cfgs: Vec<Cfg> = vec![
+            ("eng1", true, Some(false), true),
+            ("eng2", true, None, true),
+            ("eng3", true, Some(false), false),
+            ("eng1", true, Some(false), true),
+            ("eng4", true, Some(false), true),
+            ("eng5", true, Some(true), true),
+            ("eng6", true, Some(true), true),
+        ];
+        let (got, why, built) = run(cfgs.clone(), 2);
+        // eng1 and eng4 fill `keep` but are nondeterministic: the scan goes on to eng5.
+        assert_eq!(got, [("eng5".to_string(), true), ("eng1".to_string(), false)]);
+        assert_eq!(built, ["eng1", "eng3", "eng4", "eng5"], "eng1 built once, eng2 never, eng6 not needed");
+        assert_eq!(why, ["eng2: compiled at run time", "eng3: not supported"]);
+        // Room for all: deterministic ones first, each class in heuristic order.
+        let (got, _, _) = run(cfgs, 8);
+        let names: Vec<&str> = got.iter().map(|g| g.0.as_str()).collect();
+        assert_eq!(names, ["eng5", "eng6", "eng1", "eng4"]);
+        // Names not read in full are never merged: their positions tell them apart.
+        let (got, _, _) = run(vec![("eng?", false, Some(true), true), ("eng?", false, Some(true), true)], 4);
+        assert_eq!(got, [("eng? #0".to_string(), true), ("eng? #1".to_string(), true)]);
+        // Nothing usable: empty, every reason kept.
+        let (got, why, _) = run(vec![("eng7", true, None, true), ("eng8", true, Some(true), false)], 3);
+        assert!(got.is_empty());
+        assert_eq!(why.len(), 2);
+    }
+
+    #[test]
+    fn timing_summary_names_the_kept_engine_and_a_faster_nondeterministic_one() {
+        let t = |n: &str, ms, det| (n.to_string(), ms, det);
+        let timed = [t("eng1", 0.5, true), t("eng7", 0.25, false), t("eng3", 0.4, true)];
+        assert_eq!(timing_summary(&timed, "eng3"), "eng3 0.400 ms of 3 timed; nondeterministic eng7 0.250 ms");
+        // No faster nondeterministic engine: nothing more to say.
+        assert_eq!(timing_summary(&timed[..1], "eng1"), "eng1 0.500 ms of 1 timed");
+        assert_eq!(timing_summary(&[t("eng1", 0.5, true), t("eng7", 0.75, false)], "eng1"), "eng1 0.500 ms of 2 timed");
+        assert_eq!(timing_summary(&timed, "eng9"), "eng9 (not timed; 3 timed)");
     }
 
     #[test]
