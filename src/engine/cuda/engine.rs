@@ -384,6 +384,9 @@ pub struct CudaEngine {
     /// `steps`).
     tc: TcPolicy,
     notes: Vec<String>,
+    /// Convolutions that cuDNN's graph API could not plan or run, taken by its legacy API
+    /// instead: (op name, why).
+    graph_api_fallbacks: Vec<(String, String)>,
     /// Per value, during a walk: the per-block statistics a tensor-core conv wrote for it.
     tile_stats: Vec<Option<DevBuf>>,
     /// While `profile_walk` runs: a pair of timing marks around each step of the walk.
@@ -536,6 +539,7 @@ impl CudaEngine {
             backend,
             tc: policy,
             notes,
+            graph_api_fallbacks: Vec::new(),
             tile_stats: Vec::new(),
             profile: None,
         })
@@ -1441,17 +1445,51 @@ impl CudaEngine {
         r
     }
 
+    /// A cuDNN convolution. On the graph API (`FASTDET_CUDNN_API=graph`), a convolution it cannot
+    /// plan, or whose every engine fails eagerly (a full device aside), goes to the legacy API,
+    /// with a warning and a note (`graph_api_fallbacks`).
     fn run_dnn(&mut self, i: usize, tile: [usize; 3], shape: ConvShape, x: u64, w: u64, y: u64) -> Result<()> {
         let dnn = self.dnn.as_ref().context("internal error: no cuDNN handle")?;
         let nops = self.graph.ops.len();
         let plans = self.plans.entry((shape.n, tile)).or_insert_with(|| (0..nops).map(|_| None).collect());
+        let mut fell_back = None;
         if plans[i].is_none() {
-            plans[i] = Some(ConvPlan::new(dnn, shape)?);
+            plans[i] = Some(match ConvPlan::new(dnn, shape) {
+                Err(e) if dnn.api == DnnApi::Graph && e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_none() => {
+                    fell_back = Some(format!("{e:#}"));
+                    ConvPlan::new_api(dnn, shape, DnnApi::Legacy)?
+                }
+                r => r?,
+            });
         }
         let plan = plans[i].as_mut().expect("plan just built");
         let gpu = self.gpu.clone();
         let mut workspace = gpu.dnn_workspace();
-        plan.run(dnn, &gpu, x, w, y, &mut workspace)
+        let mut r = plan.run(dnn, &gpu, x, w, y, &mut workspace);
+        if let Err(e) = &r {
+            let full = e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_some();
+            if matches!(plan, ConvPlan::Graph(_)) && !full && !gpu.capturing() {
+                fell_back = Some(format!("{e:#}"));
+                *plan = ConvPlan::new_api(dnn, shape, DnnApi::Legacy)?;
+                r = plan.run(dnn, &gpu, x, w, y, &mut workspace);
+            }
+        }
+        drop(workspace);
+        if let Some(why) = fell_back {
+            let name = self.graph.values[self.graph.ops[i].output].name.clone();
+            crate::errln!("warning: {name}: cuDNN's graph API failed ({why}); its legacy API runs this convolution");
+            if self.graph_api_fallbacks.is_empty() {
+                self.notes.push("cuDNN graph API: some convolutions fell back to the legacy API (see the warnings)".into());
+            }
+            self.graph_api_fallbacks.push((name, why));
+        }
+        r
+    }
+
+    /// The convolutions cuDNN's graph API could not plan or run (op name, why), which its
+    /// legacy API took instead (`run_dnn`).
+    pub fn graph_api_fallbacks(&self) -> &[(String, String)] {
+        &self.graph_api_fallbacks
     }
 }
 

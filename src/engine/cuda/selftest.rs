@@ -1352,6 +1352,14 @@ fn networks(c: &mut Ctx, opts: &Options) {
                         c.notes.push(n);
                     }
                 }
+                // The graph API's rows check the graph API: a convolution it left to the legacy
+                // API fails the row, naming it and why.
+                if api == DnnApi::Graph {
+                    if let Some((op, why)) = e.graph_api_fallbacks().first() {
+                        let n = e.graph_api_fallbacks().len();
+                        c.row(&format!("{label} plans"), &shape, f64::NAN, f64::NAN, (0.0, 0.0), Status::Fail, format!("{n} convolution(s) fell back to the legacy API; first {op}: {why}"));
+                    }
+                }
                 let algos = e.conv_algorithms();
                 if !algos.is_empty() {
                     let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
