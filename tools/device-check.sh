@@ -334,7 +334,8 @@ if [ $NO_GPU -eq 0 ]; then
     rm -f "$OUT/bench-fastdet-graph.json"
     step "bench fastdet cuDNN graph API" 120 "$OUT/bench-fastdet-graph.log" \
         bash -c 'FASTDET_CONV=cudnn FASTDET_CUDNN_API=graph FASTDET_CUDNN_FIND=1 exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --profile --json > "$3"' \
-        bench-fastdet-graph "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-graph.json" || FAILED=1
+        bench-fastdet-graph "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-graph.json" \
+        || log "note: the bench on cuDNN's graph API failed (an experiment: the legacy API is the default); see bench-fastdet-graph.log"
     # The Python wheels' cuDNN, where there is one beside the system's: the loader asks for
     # libcudnn.so before libcudnn.so.9 and the wheels ship only the latter, so the system's is
     # taken first (on the H200 of 2026-12-04: 9.14 against PyTorch's 9.19). A folder holding a
@@ -517,10 +518,10 @@ fi
 # ms/tile lines of bench-fastdet.json and bench-torch.json (python3 when there is one, else grep).
 bench_summary() {
     local f
-    for f in bench-fastdet.json bench-fastdet-batch2.json bench-fastdet-measure.json bench-fastdet-cudnn-wheel.json bench-tomogram.json bench-tomogram-host-blend.json bench-tomogram-batch2.json bench-torch.json results.json; do
+    for f in bench-fastdet.json bench-fastdet-batch2.json bench-fastdet-measure.json bench-fastdet-graph.json bench-fastdet-cudnn-wheel.json bench-tomogram.json bench-tomogram-host-blend.json bench-tomogram-batch2.json bench-torch.json results.json; do
         [ -f "$OUT/$f" ] || continue
         if command -v python3 > /dev/null 2>&1; then
-            python3 - "$OUT/$f" <<'PY' 2>&1 | head -20
+            python3 - "$OUT/$f" <<'PY' 2>&1 | head -40
 import json, sys
 path = sys.argv[1]
 name = path.rsplit("/", 1)[-1]
@@ -569,11 +570,13 @@ if "models" in d:  # fastdet bench
                 print(f"    {n}")
         algos = m.get("conv_algorithms") or []
         if algos:
+            # Each conv's algorithm or engine (with what timing found, where it timed: the full
+            # lines are in the JSON); here how many convs each one ran.
             counts = {}
-            for a in algos:
-                name = a["algorithm"].split(" [")[0]
-                counts[name] = counts.get(name, 0) + 1
-            print(f"    cuDNN per conv: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+            for entry in algos:
+                algo = entry["algorithm"].split(" [")[0]
+                counts[algo] = counts.get(algo, 0) + 1
+            print("    cuDNN per conv: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
         c = m.get("conv_choice")
         if c:
             cells = ", ".join(f"{k} {'failed' if v is None else f'{v:.2f}'}" for k, v in (c.get("ms_per_walk") or {}).items())

@@ -22,7 +22,7 @@ Output (missing inputs give nulls, never invented numbers):
    "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms",
                             "fastdet_measured_ms", "fastdet_device_ms", "fastdet_fused_device_ms",
                             "fastdet_measured_device_ms", "fastdet_batch2_ms", "fastdet_batch2_device_ms",
-                            "conv_choice", "conv_variants_ms", "floor_ms"},
+                            "fastdet_graph_ms", "fastdet_graph_device_ms", "conv_choice", "conv_variants_ms", "floor_ms"},
             "dynunet": {...}},
    "blocks": {"32ch_192x128x128": {"cudnn_ms", "cudnn_graph_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
                                    "tc_store_fused_wide_ms", "tc_store_fused_async_ms"}, ...},
@@ -172,7 +172,7 @@ def assemble(d, commit, date):
     if fd and torch and list(fd.get("tile", [])) != list(torch.get("tile", [])):
         print(f"results_json: tiles differ (fastdet {fd.get('tile')}, torch {torch.get('tile')}); the tile table is not a comparison", file=sys.stderr)
     # The commit the benchmarked binary names (its JSON), else git where this runs.
-    commit = commit or next((j["fastdet_commit"] for j in (fd, fd_tc, fd_measure, tomo, tomo_hb) if j and j.get("fastdet_commit") not in (None, "unknown")), None) \
+    commit = commit or next((j["fastdet_commit"] for j in (fd, fd_tc, fd_measure, fd_graph, tomo, tomo_hb) if j and j.get("fastdet_commit") not in (None, "unknown")), None) \
         or git_commit()
     flops = tomo.get("flops_per_tomogram") if tomo else None
     mems = [m.get("device_memory_peak_mib") for m in (fd or {}).get("models", []) if m.get("device_memory_peak_mib") is not None]

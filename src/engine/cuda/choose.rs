@@ -3,7 +3,7 @@
 //!
 //! Which path walks a network fastest depends on the card (tensor-core generation, SM count,
 //! cuDNN version) and on the network's widths, so it is timed where it runs: each variant
-//! (cuDNN with its heuristic algorithms or with those it times fastest; the tensor-core kernels with standard or wide tiles,
+//! (cuDNN's legacy or graph API, each with its heuristic order or timed fastest; the tensor-core kernels with standard or wide tiles,
 //! register-staged or cp.async loads (sm_80+), norms applied in the loads of 1x1x1 convs or of
 //! every conv) opens an engine for the model, walks `warmup` batches of the run's own batch and
 //! tile (the second is captured into its CUDA graph) and then `reps` timed ones, each synchronised;
@@ -209,19 +209,22 @@ impl ChoiceCache {
 }
 
 /// What a remembered choice is valid for: the device (name, architecture, SMs, driver), cuDNN,
-/// fastdet's version and kernels, the network's spec, the batch and tile, and the settings that
-/// change the walks.
+/// fastdet's version and kernels, the network's spec, the variants to choose from, the batch and
+/// tile, and the settings that change the walks.
 pub fn choice_key(gpu: &Gpu, cudnn: &str, weights: &Weights, n: usize, tile: [usize; 3]) -> String {
     let spec = serde_json::to_string(&weights.spec).unwrap_or_default();
+    // The variants there are to choose from: a choice made before a variant existed is made again.
+    let labels: Vec<&str> = variants(gpu, cudnn != "none").iter().map(|v| v.label).collect();
     let env: Vec<String> = ["FASTDET_TC_SPLIT_K", "FASTDET_CUDNN_WORKSPACE_MIB", "FASTDET_CUDA_GRAPHS"]
         .iter()
         .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
         .collect();
     format!(
-        "{} | cuDNN {cudnn} | {} | spec {} | {n} x {}x{}x{}{}{}",
+        "{} | cuDNN {cudnn} | {} | spec {} | variants {} | {n} x {}x{}x{}{}{}",
         device_key(gpu),
         kernels_key(),
         short_hash(spec.as_bytes()),
+        short_hash(labels.join(",").as_bytes()),
         tile[0],
         tile[1],
         tile[2],
@@ -348,7 +351,15 @@ fn time_variants(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], n: u
     let mut t = Timed { times: Vec::with_capacity(candidates.len()), best: None, disputed: false };
     let mut reference: Option<(&Variant, WalkOutputs)> = None;
     for (i, v) in candidates.iter().enumerate() {
-        let timed = v.open(gpu, weights).and_then(|mut e| time_walks(&mut e, &input, n, tile, m).map(|(ms, out)| (e, ms, out)));
+        let timed = v.open(gpu, weights).and_then(|mut e| time_walks(&mut e, &input, n, tile, m).map(|(ms, out)| (e, ms, out))).and_then(|(e, ms, out)| {
+            // A graph-API variant whose convolutions went to the legacy API is not what it says.
+            match e.graph_api_fallbacks().first() {
+                Some((op, why)) if v.cudnn_api == DnnApi::Graph => {
+                    anyhow::bail!("{} convolution(s) fell back to cuDNN's legacy API; first {op}: {why}", e.graph_api_fallbacks().len())
+                }
+                _ => Ok((e, ms, out)),
+            }
+        });
         let (engine, time) = match timed {
             Ok((e, ms, out)) => match &reference {
                 None => {

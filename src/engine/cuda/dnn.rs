@@ -14,6 +14,10 @@
 //! PyTorch's `cudnn.benchmark`) and tries them fastest first, deterministic ones still first;
 //! the order is kept per device and shape for the rest of the process, so an ensemble of one
 //! architecture times each shape once.
+//!
+//! `ConvPlan` is either such a legacy plan or a graph-API plan (`dnn_graph.rs`,
+//! `FASTDET_CUDNN_API=graph` or the measured choices `cudnn-graph*`), which lists cuDNN's
+//! engines for the shape instead of its legacy algorithms.
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::cudnn::{result, sys};
@@ -83,6 +87,8 @@ impl Dnn {
             bail!("cuDNN not found (libcudnn.so.9 cannot be loaded); {HINT}");
         }
         let Some(stream) = gpu.stream() else { bail!("cuDNN does not run on the kernel emulator") };
+        // Before the handle exists: an error here leaves nothing to destroy.
+        let api = DnnApi::from_env()?;
         gpu.bind()?;
         let dnn = guard("creating a cuDNN handle", || {
             let version = result::get_version();
@@ -90,7 +96,7 @@ impl Dnn {
                 bail!("cuDNN {version} is too old: fastdet's bindings need cuDNN 9");
             }
             let handle = device_wide(gpu.info.ordinal, result::create_handle).map_err(|e| anyhow!("cudnnCreate: {e}"))?;
-            let dnn = Dnn { handle, ordinal: gpu.info.ordinal, version, find: std::env::var("FASTDET_CUDNN_FIND").is_ok_and(|v| v == "1"), api: DnnApi::from_env()? };
+            let dnn = Dnn { handle, ordinal: gpu.info.ordinal, version, find: std::env::var("FASTDET_CUDNN_FIND").is_ok_and(|v| v == "1"), api };
             // SAFETY: valid handle; the stream belongs to gpu's context, which is current.
             unsafe { result::set_stream(dnn.handle, stream.cu_stream() as sys::cudaStream_t) }.map_err(|e| anyhow!("cudnnSetStream: {e}"))?;
             Ok(dnn)
@@ -220,9 +226,6 @@ pub enum ConvPlan {
     Legacy(LegacyPlan),
     Graph(GraphPlan),
 }
-
-// SAFETY: as each kind.
-unsafe impl Send for ConvPlan {}
 
 impl ConvPlan {
     /// A plan on the handle's API (`Dnn::api`).

@@ -472,6 +472,8 @@ impl CudaEngine {
         } else {
             backend
         };
+        // A typo here is an error, as in the other settings, not "cuDNN unavailable".
+        DnnApi::from_env()?;
         let mut no_dnn = None;
         let dnn = match backend {
             ConvBackend::Direct | ConvBackend::TensorCore => None,
@@ -1452,36 +1454,53 @@ impl CudaEngine {
         let dnn = self.dnn.as_ref().context("internal error: no cuDNN handle")?;
         let nops = self.graph.ops.len();
         let plans = self.plans.entry((shape.n, tile)).or_insert_with(|| (0..nops).map(|_| None).collect());
-        let mut fell_back = None;
-        if plans[i].is_none() {
-            plans[i] = Some(match ConvPlan::new(dnn, shape) {
-                Err(e) if dnn.api == DnnApi::Graph && e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_none() => {
-                    fell_back = Some(format!("{e:#}"));
-                    ConvPlan::new_api(dnn, shape, DnnApi::Legacy)?
-                }
-                r => r?,
-            });
-        }
-        let plan = plans[i].as_mut().expect("plan just built");
         let gpu = self.gpu.clone();
-        let mut workspace = gpu.dnn_workspace();
-        let mut r = plan.run(dnn, &gpu, x, w, y, &mut workspace);
-        if let Err(e) = &r {
-            let full = e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_some();
-            if matches!(plan, ConvPlan::Graph(_)) && !full && !gpu.capturing() {
-                fell_back = Some(format!("{e:#}"));
-                *plan = ConvPlan::new_api(dnn, shape, DnnApi::Legacy)?;
-                r = plan.run(dnn, &gpu, x, w, y, &mut workspace);
+        let is_full = |e: &anyhow::Error| e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_some();
+        // (why the graph API failed, the legacy API's outcome).
+        let mut fell_back: Option<(String, Result<()>)> = None;
+        if plans[i].is_none() {
+            match ConvPlan::new(dnn, shape) {
+                Ok(p) => plans[i] = Some(p),
+                Err(e) if dnn.api == DnnApi::Graph && !is_full(&e) && !gpu.capturing() => {
+                    let legacy = ConvPlan::new_api(dnn, shape, DnnApi::Legacy).map(|p| plans[i] = Some(p));
+                    fell_back = Some((format!("{e:#}"), legacy));
+                }
+                Err(e) => return Err(e),
             }
         }
-        drop(workspace);
-        if let Some(why) = fell_back {
-            let name = self.graph.values[self.graph.ops[i].output].name.clone();
-            crate::errln!("warning: {name}: cuDNN's graph API failed ({why}); its legacy API runs this convolution");
-            if self.graph_api_fallbacks.is_empty() {
-                self.notes.push("cuDNN graph API: some convolutions fell back to the legacy API (see the warnings)".into());
+        let legacy_failed = matches!(fell_back, Some((_, Err(_))));
+        let mut r = match plans[i].as_mut() {
+            Some(plan) if !legacy_failed => {
+                let mut workspace = gpu.dnn_workspace();
+                let mut r = plan.run(dnn, &gpu, x, w, y, &mut workspace);
+                if let Err(e) = &r {
+                    if matches!(plan, ConvPlan::Graph(_)) && !is_full(e) && !gpu.capturing() {
+                        let why = format!("{e:#}");
+                        r = ConvPlan::new_api(dnn, shape, DnnApi::Legacy).and_then(|p| {
+                            *plan = p;
+                            plan.run(dnn, &gpu, x, w, y, &mut workspace)
+                        });
+                        fell_back = Some((why, Ok(())));
+                    }
+                }
+                r
             }
-            self.graph_api_fallbacks.push((name, why));
+            _ => Err(anyhow!("internal error: no cuDNN plan")),
+        };
+        if let Some((why, legacy)) = fell_back {
+            let name = self.graph.values[self.graph.ops[i].output].name.clone();
+            // The legacy planning's failure is the error, with the graph API's reason.
+            if let Err(e) = legacy {
+                r = Err(e.context(format!("cuDNN's graph API failed first ({why})")));
+            }
+            // Once per op (a batch halved by the runner plans the op again).
+            if !self.graph_api_fallbacks.iter().any(|(n, _)| *n == name) {
+                crate::errln!("warning: {name}: cuDNN's graph API failed ({why}); its legacy API runs this convolution");
+                if self.graph_api_fallbacks.is_empty() {
+                    self.notes.push("cuDNN graph API: some convolutions fell back to the legacy API (see the warnings)".into());
+                }
+                self.graph_api_fallbacks.push((name, why));
+            }
         }
         r
     }
