@@ -370,6 +370,13 @@ if [ $NO_GPU -eq 0 ]; then
     step "bench tomogram (5+5 models)" 150 "$OUT/bench-tomogram.log" \
         bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --json > "$4"' \
         bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram.json" || FAILED=1
+    # The same on the convolution path timed fastest per network (FASTDET_CONV=measure: cuDNN's
+    # legacy and graph APIs, the tensor-core variants); the per-tile measured bench above left
+    # its choices in the check's kernel cache for this batch and window, so nothing is timed again.
+    rm -f "$OUT/bench-tomogram-measure.json"
+    step "bench tomogram measured choice" 150 "$OUT/bench-tomogram-measure.log" \
+        bash -c 'FASTDET_CONV=measure exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --json > "$4"' \
+        bench-tomogram-measure "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-measure.json" || FAILED=1
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -518,7 +525,7 @@ fi
 # ms/tile lines of bench-fastdet.json and bench-torch.json (python3 when there is one, else grep).
 bench_summary() {
     local f
-    for f in bench-fastdet.json bench-fastdet-batch2.json bench-fastdet-measure.json bench-fastdet-graph.json bench-fastdet-cudnn-wheel.json bench-tomogram.json bench-tomogram-host-blend.json bench-tomogram-batch2.json bench-torch.json results.json; do
+    for f in bench-fastdet.json bench-fastdet-batch2.json bench-fastdet-measure.json bench-fastdet-graph.json bench-fastdet-cudnn-wheel.json bench-tomogram.json bench-tomogram-measure.json bench-tomogram-host-blend.json bench-tomogram-batch2.json bench-torch.json results.json; do
         [ -f "$OUT/$f" ] || continue
         if command -v python3 > /dev/null 2>&1; then
             python3 - "$OUT/$f" <<'PY' 2>&1 | head -40
