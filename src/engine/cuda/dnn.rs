@@ -458,15 +458,7 @@ impl LegacyPlan {
                 crate::errln!("warning: {}: timing cuDNN's algorithms failed ({e:#}); taking its heuristic order", self.what);
             }
         }
-        let start = self.chosen.unwrap_or(0);
-        let end = if gpu.capturing() {
-            if self.chosen.is_none() {
-                bail!("{}: first run inside a CUDA graph capture (an eager run must choose the algorithm)", self.what);
-            }
-            start + 1
-        } else {
-            self.algos.len()
-        };
+        let (start, end) = candidates_to_try(self.chosen, self.algos.len(), gpu.capturing(), &self.what)?;
         let algos = &self.algos[start..end];
         let named: Vec<(&str, usize)> = algos.iter().map(|a| (algo_name(a.0), a.1)).collect();
         let ran = first_that_runs(&self.what, &named, workspace, gpu.capturing(), |bytes| gpu.alloc(bytes), |i, wp, wb| {
@@ -500,6 +492,17 @@ impl LegacyPlan {
             gpu.sync(&format!("{} ({})", self.what, named[ran].0))?;
         }
         Ok(())
+    }
+}
+
+/// The candidates a plan's run tries, `start..end` of `len`: from the chosen one (the first
+/// before any ran) to the last; in a CUDA graph capture only the chosen one, and an error before
+/// an eager run chose one.
+pub(super) fn candidates_to_try(chosen: Option<usize>, len: usize, capturing: bool, what: &str) -> Result<(usize, usize)> {
+    match (chosen, capturing) {
+        (None, true) => bail!("{what}: first run inside a CUDA graph capture (an eager run must choose the algorithm)"),
+        (Some(i), true) => Ok((i, i + 1)),
+        (c, false) => Ok((c.unwrap_or(0), len)),
     }
 }
 
@@ -563,7 +566,7 @@ pub(super) fn first_that_runs(
 
 #[cfg(test)]
 mod tests {
-    use super::{first_that_runs, order_by_time};
+    use super::{candidates_to_try, first_that_runs, order_by_time};
     use crate::engine::cuda::gpu::Gpu;
     use crate::pipeline::runner::OutOfMemory;
 
@@ -611,6 +614,17 @@ mod tests {
         let mut small = None;
         let e = first_that_runs("conv", &[("A", 100)], &mut small, true, alloc, |_, _, _| Ok(())).unwrap_err();
         assert!(format!("{e:#}").contains("during a CUDA graph capture"), "{e:#}");
+    }
+
+    /// Eagerly a run tries from the chosen candidate (the first before any ran) to the last; in a
+    /// capture only the chosen one, and none before an eager run chose.
+    #[test]
+    fn a_run_tries_from_the_chosen_candidate_and_only_it_in_a_capture() {
+        assert_eq!(candidates_to_try(None, 4, false, "c").unwrap(), (0, 4));
+        assert_eq!(candidates_to_try(Some(2), 4, false, "c").unwrap(), (2, 4));
+        assert_eq!(candidates_to_try(Some(2), 4, true, "c").unwrap(), (2, 3));
+        let e = candidates_to_try(None, 4, true, "conv").unwrap_err();
+        assert!(format!("{e:#}").contains("conv: first run inside a CUDA graph capture"), "{e:#}");
     }
 
     /// Timed candidates go fastest first, deterministic ones still before the others; one cuDNN

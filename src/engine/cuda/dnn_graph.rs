@@ -21,7 +21,7 @@ use sys::cudnnBackendAttributeType_t as Ty;
 use sys::cudnnBackendDescriptorType_t as Kind;
 
 use super::device_wide::device_wide;
-use super::dnn::{first_that_runs, order_by_time, workspace_limit, Dnn};
+use super::dnn::{candidates_to_try, first_that_runs, order_by_time, workspace_limit, Dnn};
 use super::gpu::{guard, DevBuf, Gpu};
 use super::ops::ConvShape;
 
@@ -505,15 +505,7 @@ impl GraphPlan {
                 crate::errln!("warning: {}: timing cuDNN's engines failed ({e:#}); taking its heuristic order", self.what);
             }
         }
-        let start = self.chosen.unwrap_or(0);
-        let end = if gpu.capturing() {
-            if self.chosen.is_none() {
-                bail!("{}: first run inside a CUDA graph capture (an eager run must choose the engine)", self.what);
-            }
-            start + 1
-        } else {
-            self.cands.len()
-        };
+        let (start, end) = candidates_to_try(self.chosen, self.cands.len(), gpu.capturing(), &self.what)?;
         let named: Vec<(&str, usize)> = self.cands[start..end].iter().map(|c| (c.name.as_str(), c.workspace)).collect();
         let ran = first_that_runs(&self.what, &named, workspace, gpu.capturing(), |bytes| gpu.alloc(bytes), |i, wp, _| {
             guard("cudnnBackendExecute", || self.execute(dnn, start + i, x, w, y, wp))
