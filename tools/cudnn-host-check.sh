@@ -8,6 +8,7 @@
 #
 # Usage: tools/cudnn-host-check.sh [cuDNN wheel version, e.g. 9.14.0.64; default: the newest,
 #        or the one fetched before]
+# Exit status: 0 passed, 3 the wheel could not be fetched (nothing was checked), 1 otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=.cache/cudnn-host
@@ -16,7 +17,8 @@ mkdir -p "$dir"
 if [ -n "${1:-}" ] && [ "$(cat "$dir/version" 2>/dev/null || true)" != "$1" ]; then rm -rf "$dir/lib"; fi
 if [ ! -f "$dir/lib/libcudnn.so.9" ]; then
     rm -rf "$dir/wheel" "$dir/lib"
-    python3 -m pip download --quiet --no-deps --dest "$dir/wheel" "nvidia-cudnn-cu13${1:+==$1}"
+    python3 -m pip download --quiet --no-deps --dest "$dir/wheel" "nvidia-cudnn-cu13${1:+==$1}" \
+        || { echo "cudnn-host-check: could not fetch nvidia-cudnn-cu13${1:+==$1} from PyPI" >&2; exit 3; }
     python3 - "$dir" <<'PY'
 import glob, os, sys, zipfile
 d = sys.argv[1]
