@@ -137,6 +137,45 @@ fn device_check_script_without_a_gpu() {
     assert_eq!(std::fs::read(precious.join("keep.txt")).unwrap(), b"keep");
 }
 
+/// tools/bench_torch.py --profile sorts each profiled kernel by its name: cuDNN's convolutions
+/// (fprop and the dgrad of transposed ones), normalisations (Triton-fused ones too), the other
+/// Triton kernels, the rest; and sums them per call. (Importing it needs no torch.)
+#[test]
+fn bench_torch_profile_puts_kernels_in_classes() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        println!("SKIP bench_torch_profile_puts_kernels_in_classes: python3 missing");
+        return;
+    }
+    let code = r#"
+import sys
+sys.dont_write_bytecode = True
+import bench_torch as b
+cases = {
+    "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_ndhwc_kernel": "conv",
+    "sm80_xmma_dgrad_implicit_gemm_indexed_f16f16": "conv",
+    "void cudnn::cnn::conv2d_grouped_direct_kernel": "conv",
+    "triton_red_fused_native_group_norm_relu_0": "norm",
+    "void cudnn::bn_fw_inf_1C11_kernel_NCHW": "norm",
+    "triton_poi_fused_add_leaky_relu_3": "fused",
+    "void at::native::vectorized_elementwise_kernel<4>": "other",
+    "Memcpy DtoD (Device -> Device)": "other",
+    "aten::mkldnn_convolution": "conv",
+    "aten::native_group_norm": "norm",
+}
+for name, want in cases.items():
+    got = b.kernel_class(name)
+    assert got == want, (name, got, want)
+p = b.summarize_profile([("sm90_xmma_fprop", 3000.0), ("triton_poi_fused_add", 600.0), ("Memcpy", 300.0), ("triton_per_fused_group_norm", 900.0)], 3, top=2)
+assert p["calls"] == 3, p
+assert p["ms_per_call"] == {"conv": 1.0, "norm": 0.3, "fused": 0.2, "other": 0.1}, p
+assert [t["kernel"] for t in p["top"]] == ["sm90_xmma_fprop", "triton_per_fused_group_norm"], p
+print("ok")
+"#;
+    let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools");
+    let o = Command::new("python3").current_dir(&tools).args(["-c", code]).output().unwrap();
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "ok", "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+}
+
 /// The device-check script's GPU path, which no machine here can take, run end to end with
 /// stand-ins for the fastdet binary and the criterion bench that answer as a GPU machine would:
 /// every step runs in its order and passes, and the summary and results.json gather their
@@ -580,7 +619,10 @@ fn results_json_reads_the_benches_the_binary_writes() {
     // the RESULTS.md section.
     let eager = 2.0 * tile["models"][0]["ms_per_tile"].as_f64().unwrap();
     let torch = serde_json::json!({"card": "Stand-in GPU", "tile": [32, 32, 32], "fp16_matmul_tflops": 0.5,
-        "best": {"segresnetv2": {"eager_ms": eager, "eager_batch": 1}}});
+        "best": {"segresnetv2": {"eager_ms": eager, "eager_batch": 1}},
+        // --profile's classes for the compiled network, profiled at batch 2.
+        "results": {"segresnetv2": {"compile": {"2": {"ms_per_tile": 1.0, "profile": {"calls": 3,
+            "ms_per_call": {"conv": 3.0, "norm": 1.0, "fused": 0.5, "other": 0.25}, "top": []}}}}}});
     std::fs::write(tmp.path().join("bench-torch.json"), torch.to_string()).unwrap();
     let run = |extra: &[&str]| -> String {
         let o = Command::new("python3").arg(root.join("tools/results_json.py")).arg(tmp.path()).args(["--commit", "abc", "--date", "2026-12-02"]).args(extra).output().unwrap();
@@ -603,6 +645,9 @@ fn results_json_reads_the_benches_the_binary_writes() {
     let label = tile_measured["models"][0]["conv_choice"]["label"].as_str().unwrap();
     assert!(seg.contains(&format!("{} / {} ({label})", ms(&tile_measured["models"][0]["ms_per_tile"]), ms(&tile_measured["models"][0]["ms_per_tile_device"]))), "{seg}");
     assert!(md.contains(&format!("- segresnetv2: {label} chosen; tc ")), "{md}");
+    assert_eq!(r["tile"]["segresnetv2"]["torch_profile"]["compile"]["batch"], 2);
+    assert!(r["tile"]["dynunet"]["torch_profile"].is_null());
+    assert!(md.contains("- segresnetv2 compile (batch 2): conv 3.00 ms, norm 1.00 ms, fused 0.50 ms, other 0.25 ms"), "{md}");
     // The bench copied its volume ahead on the side path, as `fastdet run` does by default.
     assert_eq!(tomo["upload_overlapped"], true);
     assert_eq!(r["tomogram_config"]["upload_overlapped"], true);

@@ -52,7 +52,7 @@ Usage:
                               [--batches 1,2,4] [--modes eager,compile]
                               [--arch segresnetv2,dynunet] [--warmup 5] [--repeats 20]
                               [--compile-timeout 120] [--compile-mode auto] [--budget SECONDS]
-                              [--monai-wheel PATH] [--threads N] [--json PATH]
+                              [--monai-wheel PATH] [--threads N] [--json PATH] [--profile]
 
 --budget S: stop starting new (arch, mode, batch) cases once S seconds have
 passed (the ones not run are listed under "skipped" and "complete" is false);
@@ -75,6 +75,16 @@ Human-readable lines go to stdout. --json PATH writes one JSON object:
    "best": {"segresnetv2": {"eager_ms", "eager_batch", "compile_ms", "compile_batch"}, ...}}
 ms_min / ms_max are per tile too; peak_mem_mib is null on CPU; a case that failed
 holds {"error": "..."} instead.
+
+--profile: after the timed calls of each (arch, mode) at the first batch size, 3 more calls
+run under torch.profiler, and the case gains
+  "profile": {"calls": 3, "ms_per_call": {"conv", "norm", "fused", "other"},
+              "top": [{"kernel", "class", "ms_per_call"}, ... the 10 costliest]}
+where each CUDA kernel's own time is put in a class by its name (`kernel_class`): cuDNN's
+convolutions (conv), normalisation kernels (norm), torch.compile's Triton kernels (fused), the
+rest (other; normalisation fused into Triton kernels counts as norm); on CPU the aten ops' own
+times. This says how much of a compiled walk is
+convolution, to compare with `fastdet bench --profile`'s steps.
 
 Exit status: 0 done (possibly partial under --budget), 1 a case failed,
 2 --device cuda but no usable GPU, 3 torch or monai missing, 64 bad usage.
@@ -258,6 +268,55 @@ def time_calls(torch, fn, x, n, cuda, step_begin=None):
     return ev, wall
 
 
+def kernel_class(name):
+    """The class of a profiled kernel (or CPU op) by its name: "norm" (normalisation),
+    "conv" (cuDNN's / CUTLASS convolutions, transposed ones included), "fused" (Triton kernels
+    of torch.compile), else "other" (copies, pointwise ATen kernels)."""
+    n = name.lower()
+    if "norm" in n or "bn_fw" in n or "batch_norm" in n:
+        return "norm"
+    if n.startswith("triton") or "triton_" in n:
+        return "fused"
+    if any(k in n for k in ("conv", "fprop", "dgrad", "xmma", "implicit_gemm", "implicit_convolve", "winograd", "cudnn", "cutlass")):
+        return "conv"
+    return "other"
+
+
+def summarize_profile(rows, calls, top=10):
+    """(name, own microseconds over `calls` calls) rows -> the JSON "profile" entry."""
+    per = {"conv": 0.0, "norm": 0.0, "fused": 0.0, "other": 0.0}
+    for name, us in rows:
+        per[kernel_class(name)] += us / 1e3 / calls
+    costly = sorted(rows, key=lambda r: -r[1])[:top]
+    return {"calls": calls, "ms_per_call": {k: round(v, 4) for k, v in per.items()},
+            "top": [{"kernel": name[:160], "class": kernel_class(name), "ms_per_call": round(us / 1e3 / calls, 4)} for name, us in costly]}
+
+
+def profile_calls(torch, fn, x, calls, cuda, step_begin=None):
+    """`calls` calls of fn(x) under torch.profiler: (name, own microseconds) of each CUDA kernel
+    (on CPU: each aten op) that took any."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            if step_begin is not None:
+                step_begin()
+            out = fn(x)
+            if cuda:
+                torch.cuda.synchronize()
+            del out
+    rows = []
+    for ev in prof.key_averages():
+        if cuda:
+            t = getattr(ev, "self_device_time_total", None)
+            if t is None:
+                t = getattr(ev, "self_cuda_time_total", 0)
+        else:
+            t = ev.self_cpu_time_total
+        if t and t > 0:
+            rows.append((ev.key, float(t)))
+    return rows
+
+
 def err_text(e):
     s = f"{type(e).__name__}: {e}".strip().replace("\n", " ")
     return s[:400]
@@ -292,6 +351,8 @@ def main(argv=None):
                          "(default $FASTDET_MONAI_WHEEL)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU; default: torch's)")
     ap.add_argument("--json", metavar="PATH", help="write one JSON object to PATH")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile 3 more calls of each (arch, mode) at the first batch size: time per kernel class")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 0 or args.compile_timeout <= 0:
         ap.error("--repeats must be >= 1, --warmup and --threads >= 0, --compile-timeout > 0")
@@ -537,6 +598,13 @@ def main(argv=None):
                                    step_begin if mode == "compile" else None)
                         ev, wall = time_calls(torch, fn, x, args.repeats, cuda,
                                               step_begin if mode == "compile" else None)
+                        # Where the time goes, once per (arch, mode); a diagnosis: its failure is noted.
+                        if args.profile and b == args.batches[0]:
+                            try:
+                                entry["profile"] = summarize_profile(
+                                    profile_calls(torch, fn, x, 3, cuda, step_begin if mode == "compile" else None), 3)
+                            except Exception as e:
+                                entry["profile_error"] = err_text(e)
                     med = statistics.median(ev)
                     entry.update({
                         "ms_per_tile": med / b,
@@ -553,6 +621,12 @@ def main(argv=None):
                           f"(min {entry['ms_min']:.2f}, max {entry['ms_max']:.2f}; "
                           f"{med:.2f} ms/call, wall {entry['wall_ms_per_tile']:.2f} ms/tile) "
                           f"{entry['tflops']:.2f} TFLOP/s{mem}{cm}", flush=True)
+                    if "profile" in entry:
+                        p = entry["profile"]
+                        print(f"{'':<12} {'':<8} profile: " + ", ".join(f"{k} {v:.2f}" for k, v in p["ms_per_call"].items())
+                              + " ms per call", flush=True)
+                    elif "profile_error" in entry:
+                        print(f"{'':<12} {'':<8} profile failed: {entry['profile_error']}", flush=True)
                 except Exception as e:
                     failed = True
                     entry = {"error": err_text(e)}

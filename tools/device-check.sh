@@ -448,7 +448,7 @@ if [ $NO_GPU -eq 0 ]; then
         # A failing baseline is shown (FAIL/TIMEOUT line, its log) but does not fail the fastdet check.
         step "bench torch" 240 "$OUT/bench-torch.log" \
             python3 "$ROOT/tools/bench_torch.py" --device "$DEVICE" --json "$OUT/bench-torch.json" \
-            --budget "$tb" --compile-mode "${FASTDET_TORCH_COMPILE_MODE:-default}" ${WHEEL_ARGS[@]+"${WHEEL_ARGS[@]}"} \
+            --budget "$tb" --compile-mode "${FASTDET_TORCH_COMPILE_MODE:-default}" --profile ${WHEEL_ARGS[@]+"${WHEEL_ARGS[@]}"} \
             || log "note: bench torch failed (PyTorch baseline only; not counted in RESULT; see bench-torch.log)"
     fi
     # The same with the ensemble averaging and blending on the CPU (run --host-blend).
@@ -607,6 +607,10 @@ else:  # tools/bench_torch.py
             if mode == "compile":
                 extra = f"  [{r.get('compile_mode')}, {r.get('compile_s', 0):.0f} s compiling]"
             print(f"  {arch:<12} {mode:<8} ms/tile: " + "; ".join(cells) + extra)
+            for b, e in r[mode].items():
+                p = e.get("profile")
+                if p:
+                    print(f"    profile, batch {b}: " + ", ".join(f"{k} {v:.2f}" for k, v in p["ms_per_call"].items()) + " ms per call")
     for arch, b in d.get("best", {}).items():
         parts = [f"{m} {b[m + '_ms']:.2f} (batch {b[m + '_batch']})" for m in ("eager", "compile") if b.get(m + "_ms") is not None]
         print(f"  best {arch:<12} " + (", ".join(parts) or "-"))

@@ -23,7 +23,8 @@ Output (missing inputs give nulls, never invented numbers):
    "tile": {"segresnetv2": {"torch_eager_ms", "torch_compile_ms", "fastdet_ms", "fastdet_fused_ms",
                             "fastdet_measured_ms", "fastdet_device_ms", "fastdet_fused_device_ms",
                             "fastdet_measured_device_ms", "fastdet_batch2_ms", "fastdet_batch2_device_ms",
-                            "fastdet_graph_ms", "fastdet_graph_device_ms", "conv_choice", "conv_variants_ms", "floor_ms"},
+                            "fastdet_graph_ms", "fastdet_graph_device_ms", "conv_choice", "conv_variants_ms", "floor_ms",
+                            "torch_profile": {"eager"|"compile": {"batch", "ms_per_call": {"conv", "norm", "fused", "other"}}}},
             "dynunet": {...}},
    "blocks": {"32ch_192x128x128": {"cudnn_ms", "cudnn_graph_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
                                    "tc_store_fused_wide_ms", "tc_store_fused_async_ms"}, ...},
@@ -148,11 +149,20 @@ def assemble(d, commit, date):
         row = {"torch_eager_ms": None, "torch_compile_ms": None, "fastdet_ms": None, "fastdet_fused_ms": None,
                "fastdet_measured_ms": None, "fastdet_device_ms": None, "fastdet_fused_device_ms": None,
                "fastdet_measured_device_ms": None, "fastdet_batch2_ms": None, "fastdet_batch2_device_ms": None,
-               "fastdet_graph_ms": None, "fastdet_graph_device_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None}
+               "fastdet_graph_ms": None, "fastdet_graph_device_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None,
+               "torch_profile": None}
         if torch:
             best = torch.get("best", {}).get(arch, {})
             row["torch_eager_ms"] = best.get("eager_ms")
             row["torch_compile_ms"] = best.get("compile_ms")
+            # bench_torch.py --profile: each mode's time per call by kernel class, at the batch profiled.
+            prof = {}
+            for mode in ("eager", "compile"):
+                for b, e in ((torch.get("results", {}).get(arch) or {}).get(mode) or {}).items():
+                    if (e or {}).get("profile"):
+                        prof[mode] = {"batch": int(b), "ms_per_call": e["profile"]["ms_per_call"]}
+                        break
+            row["torch_profile"] = prof or None
         # Each per-tile bench's host-to-host and device-resident figures, under its own names.
         for doc, prefix in ((fd, "fastdet"), (fd_b2, "fastdet_batch2"), (fd_tc, "fastdet_fused"), (fd_measure, "fastdet_measured"), (fd_graph, "fastdet_graph")):
             m = model_of(doc, arch)
@@ -252,6 +262,10 @@ def markdown(doc):
             choices.append(f"- {arch}: {r.get('conv_choice')} chosen; {cells}")
     if choices:
         out += ["", "FASTDET_CONV=measure, each variant's median walk (the whole network on the batch measured):", ""] + choices
+    profiles = [f"- {arch} {mode} (batch {p['batch']}): " + ", ".join(f"{k} {v:.2f} ms" for k, v in p["ms_per_call"].items())
+                for arch, r in doc["tile"].items() for mode, p in (r.get("torch_profile") or {}).items()]
+    if profiles:
+        out += ["", "PyTorch's time per call by kernel class (torch.profiler, kernels' own time):", ""] + profiles
     for title, key, variants in (("Tile variants (criterion medians)", "tile_criterion", TILE_VARIANTS),
                                  ("SegResNetV2 residual block per level (criterion medians)", "blocks", BLOCK_VARIANTS)):
         groups = doc.get(key) or {}
