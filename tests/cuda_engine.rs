@@ -318,6 +318,7 @@ echo "========= ERROR SUMMARY: 0 errors"
         "run --devices cuda:0,cuda:0: same bytes",
         "bench tomogram --host-blend",
         "bench tomogram --batch 2",
+        "bench fastdet cuDNN graph API + runtime-compiled",
         "bench criterion cuda_ops",
         "sanitizer memcheck (kernels)",
         "sanitizer racecheck (kernels)",
@@ -331,7 +332,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     }
     // The tensor-core bench ran with FASTDET_CONV=tc; the figures reached results.json.
     let calls = std::fs::read_to_string(&calls).unwrap();
-    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 6, "{calls}");
+    assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 7, "{calls}");
     assert!(calls.contains("bench --device cuda:0 --tile 192,128,128 --batch 2 "), "{calls}");
     // The first per-tile bench and the graph API's profile a walk; the summary shows it by kind.
     assert_eq!(calls.lines().filter(|l| l.starts_with("bench ") && l.contains("--profile")).count(), 2, "{calls}");
@@ -340,8 +341,8 @@ echo "========= ERROR SUMMARY: 0 errors"
     // the other benches with the user's folder first.
     let wheel_dir = wheel_cudnn.to_string_lossy().into_owned();
     let paths: Vec<&str> = calls.lines().filter_map(|l| l.strip_prefix("bench sees LD_LIBRARY_PATH=")).collect();
-    assert_eq!(paths.len(), 6, "{calls}");
-    assert_eq!(paths.iter().filter(|p| p.starts_with(&wheel_dir)).count(), 5, "{calls}");
+    assert_eq!(paths.len(), 7, "{calls}");
+    assert_eq!(paths.iter().filter(|p| p.starts_with(&wheel_dir)).count(), 6, "{calls}");
     let linked = paths.iter().find(|p| !p.starts_with(&wheel_dir)).unwrap();
     assert_eq!(linked.split(':').nth(1), Some(wheel_dir.as_str()), "the link's folder, then the rest: {linked}");
     // The same command again and two workers on the card: each compared byte for byte.

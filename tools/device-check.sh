@@ -16,8 +16,8 @@
 #   4a. with the time left, in this order: the PyTorch baseline tools/bench_torch.py (fp16 cuDNN
 #      eager + torch.compile, batches 1,2,4; needs python3 with torch; monai comes from
 #      .cache/wheels/ when it is not installed; --skip-torch skips it), the tomogram blended on
-#      the host and with two tiles per walk, the criterion bench benches/cuda_ops.rs when its
-#      binary was carried,
+#      the host and with two tiles per walk, cuDNN's graph API with its runtime-compiled engines,
+#      the criterion bench benches/cuda_ops.rs when its binary was carried,
 #   4b. compute-sanitizer memcheck and racecheck over the self-test's kernel rows
 #      (--no-sanitizer skips them),
 #   5. optionally (--cpu-run) the same `fastdet run` on the CPU for comparison (slow),
@@ -462,6 +462,14 @@ if [ $NO_GPU -eq 0 ]; then
         bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --batch 2 --json > "$4"' \
         bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-batch2.json" || FAILED=1
 
+    # cuDNN's graph API with the engines it compiles at run time as candidates too (compiled as
+    # each plan is built): whether they are faster. An experiment: its failure is only noted.
+    rm -f "$OUT/bench-fastdet-graph-rtc.json"
+    step "bench fastdet cuDNN graph API + runtime-compiled" 120 "$OUT/bench-fastdet-graph-rtc.log" \
+        bash -c 'FASTDET_CONV=cudnn FASTDET_CUDNN_API=graph FASTDET_CUDNN_FIND=1 FASTDET_CUDNN_RUNTIME_COMPILED=1 exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
+        bench-fastdet-graph-rtc "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-graph-rtc.json" \
+        || log "note: the bench on cuDNN's graph API with runtime-compiled engines failed (an experiment); see bench-fastdet-graph-rtc.log"
+
     # criterion: the fused tensor-core residual block against the cuDNN path per SegResNetV2 level,
     # and one tile per arch and backend (benches/cuda_ops.rs, built by tools/build-for-device.sh).
     if [ -x "$CUDA_BENCH" ]; then
@@ -525,7 +533,7 @@ fi
 # ms/tile lines of bench-fastdet.json and bench-torch.json (python3 when there is one, else grep).
 bench_summary() {
     local f
-    for f in bench-fastdet.json bench-fastdet-batch2.json bench-fastdet-measure.json bench-fastdet-graph.json bench-fastdet-cudnn-wheel.json bench-tomogram.json bench-tomogram-measure.json bench-tomogram-host-blend.json bench-tomogram-batch2.json bench-torch.json results.json; do
+    for f in bench-fastdet.json bench-fastdet-batch2.json bench-fastdet-measure.json bench-fastdet-graph.json bench-fastdet-graph-rtc.json bench-fastdet-cudnn-wheel.json bench-tomogram.json bench-tomogram-measure.json bench-tomogram-host-blend.json bench-tomogram-batch2.json bench-torch.json results.json; do
         [ -f "$OUT/$f" ] || continue
         if command -v python3 > /dev/null 2>&1; then
             python3 - "$OUT/$f" <<'PY' 2>&1 | head -40

@@ -7,7 +7,8 @@
 //! tensors X (uid 1), W (uid 2), Y (uid 3), compute type f32, cross-correlation; its candidates
 //! are the engine configurations of cuDNN's heuristics (mode A, then the fallback list), built
 //! into execution plans, deterministic ones first, runtime-compiled engines and ones that reduce
-//! in reduced precision left out (compile time at every cold start; fp16 sums). As in `dnn.rs` a
+//! in reduced precision left out (compile time at every cold start, unless
+//! `FASTDET_CUDNN_RUNTIME_COMPILED=1`; fp16 sums). As in `dnn.rs` a
 //! plan tries its candidates in order at its first run and keeps the first that executes; with
 //! `find` it first times each on the real buffers (median of a few runs between timing events)
 //! and tries them fastest first, the order kept per device and shape for the process.
@@ -194,11 +195,19 @@ impl ConvNode {
     }
 }
 
+/// Whether engines cuDNN compiles at run time are candidates too
+/// (`FASTDET_CUDNN_RUNTIME_COMPILED=1`): their compile happens when a plan is built, at every
+/// process start, so they are left out by default.
+fn runtime_compiled_allowed() -> bool {
+    std::env::var("FASTDET_CUDNN_RUNTIME_COMPILED").is_ok_and(|v| v == "1")
+}
+
 /// What an engine's notes say about using it: `Err(reason)` to leave it out; `Ok(deterministic)`.
-pub fn usable(numerical: &[u32], behavior: &[u32]) -> std::result::Result<bool, &'static str> {
+/// `runtime_compiled`: whether engines compiled at run time may be used.
+pub fn usable(numerical: &[u32], behavior: &[u32], runtime_compiled: bool) -> std::result::Result<bool, &'static str> {
     use sys::cudnnBackendBehaviorNote_t as B;
     use sys::cudnnBackendNumericalNote_t as N;
-    if behavior.contains(&(B::CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION as u32)) {
+    if !runtime_compiled && behavior.contains(&(B::CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION as u32)) {
         return Err("compiled at run time");
     }
     if numerical.contains(&(N::CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION as u32)) {
@@ -208,6 +217,33 @@ pub fn usable(numerical: &[u32], behavior: &[u32]) -> std::result::Result<bool, 
         return Err("down-converts its inputs");
     }
     Ok(!numerical.contains(&(N::CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC as u32)))
+}
+
+/// "left out N: K reason, ..." for the `why` lines ("name: reason") of the configurations left
+/// out, reasons counted, the commonest first: cuDNN statuses by their name, workspaces too large
+/// as one; "" when none was.
+pub fn left_out_summary(why: &[String]) -> String {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for w in why {
+        let reason = w.split_once(": ").map_or(w.as_str(), |(_, r)| r);
+        let reason = if reason.starts_with("workspace ") {
+            "workspace too large".to_string()
+        } else if let Some(at) = reason.find("CUDNN_STATUS_") {
+            reason[at..].split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or("").to_string()
+        } else {
+            reason.to_string()
+        };
+        match counts.iter_mut().find(|c| c.0 == reason) {
+            Some(c) => c.1 += 1,
+            None => counts.push((reason, 1)),
+        }
+    }
+    if counts.is_empty() {
+        return String::new();
+    }
+    // Stable: equal counts keep their first appearance's order.
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
+    format!("left out {}: {}", why.len(), counts.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", "))
 }
 
 /// One engine configuration built into an execution plan.
@@ -322,6 +358,8 @@ pub struct GraphPlan {
     timed: bool,
     /// With `find`: what the timing found, e.g. "eng3 0.520 ms, fastest of 9 timed".
     timing: Option<String>,
+    /// The engine configurations left out and why, counted (`left_out_summary`).
+    left_out: String,
     pub what: String,
 }
 
@@ -373,12 +411,13 @@ impl GraphPlan {
                     }
                 }
                 let limit = workspace_limit();
+                let runtime_compiled = runtime_compiled_allowed();
                 let cands = select_candidates(
                     configs,
                     keep,
                     &mut why,
                     config_name,
-                    |cfg| config_notes(cfg).map(|(num, beh)| usable(&num, &beh)),
+                    |cfg| config_notes(cfg).map(|(num, beh)| usable(&num, &beh, runtime_compiled)),
                     |cfg| {
                         let plan = Desc::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
                         plan.set(Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE, Ty::CUDNN_TYPE_HANDLE, &[dnn.handle()])?;
@@ -396,19 +435,25 @@ impl GraphPlan {
                 if cands.is_empty() {
                     bail!("cuDNN's heuristics offer no usable engine: {}", if why.is_empty() { "none listed".to_string() } else { why.join("; ") });
                 }
-                Ok(GraphPlan { _node: node, _graph: graph, cands, chosen: None, timed: false, timing: None, what: what.clone() })
+                Ok(GraphPlan { _node: node, _graph: graph, cands, chosen: None, timed: false, timing: None, left_out: left_out_summary(&why), what: what.clone() })
             })
         })
     }
 
-    /// The engine in use (after the first run), with what timing found when it timed.
+    /// The engine in use (after the first run), with what timing found when it timed and which
+    /// engine configurations were left out.
     pub fn algo(&self) -> Option<String> {
         let i = self.chosen?;
-        Some(match &self.timing {
-            // The timing's pick is the first candidate; a later one ran only if it failed.
-            Some(t) if i == 0 => format!("{} [{t}]", self.cands[i].name),
-            _ => self.cands[i].name.clone(),
-        })
+        let mut notes: Vec<&str> = Vec::new();
+        // The timing's pick is the first candidate; a later one ran only if it failed.
+        if let Some(t) = self.timing.as_deref().filter(|_| i == 0) {
+            notes.push(t);
+        }
+        if !self.left_out.is_empty() {
+            notes.push(&self.left_out);
+        }
+        let name = &self.cands[i].name;
+        Some(if notes.is_empty() { name.clone() } else { format!("{name} [{}]", notes.join("; ")) })
     }
 
     pub fn max_workspace(&self) -> usize {
@@ -588,6 +633,25 @@ mod tests {
     }
 
     #[test]
+    fn left_out_configurations_are_counted_by_reason() {
+        let why: Vec<String> = [
+            "eng1 k2=1: compiled at run time",
+            "eng4: finalizing the execution plan: CUDNN_STATUS_NOT_SUPPORTED (no kernel)",
+            "eng5 k1=0: compiled at run time",
+            "eng7: workspace 3000000000 bytes over 1024 MiB",
+            "eng9: finalizing the execution plan: CUDNN_STATUS_NOT_SUPPORTED_ARCH_MISMATCH",
+            "eng2: compiled at run time",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            left_out_summary(&why),
+            "left out 6: 3 compiled at run time, 1 CUDNN_STATUS_NOT_SUPPORTED, 1 workspace too large, 1 CUDNN_STATUS_NOT_SUPPORTED_ARCH_MISMATCH"
+        );
+        assert_eq!(left_out_summary(&[]), "");
+    }
+
+    #[test]
     fn timing_summary_names_the_kept_engine_and_a_faster_nondeterministic_one() {
         let t = |n: &str, ms, det| (n.to_string(), ms, det);
         let timed = [t("eng1", 0.5, true), t("eng7", 0.25, false), t("eng3", 0.4, true)];
@@ -603,13 +667,16 @@ mod tests {
         use sys::cudnnBackendBehaviorNote_t as B;
         use sys::cudnnBackendNumericalNote_t as N;
         let tc = N::CUDNN_NUMERICAL_NOTE_TENSOR_CORE as u32;
-        assert_eq!(usable(&[tc], &[]), Ok(true));
-        assert_eq!(usable(&[tc, N::CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC as u32], &[]), Ok(false));
-        assert!(usable(&[tc], &[B::CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION as u32]).is_err());
-        assert!(usable(&[N::CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION as u32], &[]).is_err());
-        assert!(usable(&[N::CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS as u32], &[]).is_err());
+        let rtc = B::CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION as u32;
+        assert_eq!(usable(&[tc], &[], false), Ok(true));
+        assert_eq!(usable(&[tc, N::CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC as u32], &[], false), Ok(false));
+        assert!(usable(&[tc], &[rtc], false).is_err());
+        // Allowed (FASTDET_CUDNN_RUNTIME_COMPILED=1): judged by its numerical notes alone.
+        assert_eq!(usable(&[tc], &[rtc], true), Ok(true));
+        assert!(usable(&[N::CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION as u32], &[rtc], true).is_err());
+        assert!(usable(&[N::CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS as u32], &[], false).is_err());
         // Notes this build does not know (a newer library) change nothing.
-        assert_eq!(usable(&[tc, 99], &[77]), Ok(true));
+        assert_eq!(usable(&[tc, 99], &[77], false), Ok(true));
     }
 
     /// The host-side descriptors (tensors, convolution, forward operation, operation graph)

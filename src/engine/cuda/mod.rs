@@ -37,7 +37,8 @@
 //!   device and shape in a process), instead of its heuristic order (`dnn.rs`);
 //! - `FASTDET_CUDNN_API=legacy|graph`: plan cuDNN's convolutions with its legacy descriptors
 //!   (default) or its graph API, whose heuristics list every engine and knob setting for a shape
-//!   (`dnn_graph.rs`; the measured choice times both);
+//!   (`dnn_graph.rs`; the measured choice times both); `FASTDET_CUDNN_RUNTIME_COMPILED=1` lets it
+//!   use engines cuDNN compiles at run time (at each process start; left out by default);
 //! - `FASTDET_OVERLAP_UPLOAD=0`: `fastdet run` copies each volume to the device when its turn
 //!   comes, instead of on a side stream while the previous one is computed (`side_upload`).
 //!
