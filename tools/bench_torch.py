@@ -292,18 +292,23 @@ def summarize_profile(rows, calls, top=10):
             "top": [{"kernel": name[:160], "class": kernel_class(name), "ms_per_call": round(us / 1e3 / calls, 4)} for name, us in costly]}
 
 
+def one_call(torch, fn, x, cuda, step_begin=None):
+    """fn(x) once, finished (synchronised on CUDA), its output dropped."""
+    if step_begin is not None:
+        step_begin()
+    out = fn(x)
+    if cuda:
+        torch.cuda.synchronize()
+    del out
+
+
 def profile_calls(torch, fn, x, calls, cuda, step_begin=None):
     """`calls` calls of fn(x) under torch.profiler: (name, own microseconds) of each CUDA kernel
     (on CPU: each aten op) that took any."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
-            if step_begin is not None:
-                step_begin()
-            out = fn(x)
-            if cuda:
-                torch.cuda.synchronize()
-            del out
+            one_call(torch, fn, x, cuda, step_begin)
     rows = []
     for ev in prof.key_averages():
         if cuda:
@@ -560,12 +565,7 @@ def main(argv=None):
                                 alarm = Alarm(limit)
                                 try:
                                     with alarm:
-                                        if step_begin is not None:
-                                            step_begin()
-                                        out = fn(x)
-                                        if cuda:
-                                            torch.cuda.synchronize()
-                                        del out
+                                        one_call(torch, fn, x, cuda, step_begin)
                                     dt = time.perf_counter() - t0
                                     r["compile_s"] += dt
                                     entry["compile_mode"] = cmode
