@@ -164,6 +164,21 @@ step() {
     return $rc
 }
 
+# bench_step NAME TIMEOUT BASE [VAR=VALUE ...] -- BENCH-ARGS...: the step NAME running
+# `fastdet bench --device DEVICE BENCH-ARGS --json` with those variables set, its JSON in
+# OUT/BASE.json (removed first: a failed step leaves none) and its log in OUT/BASE.log.
+bench_step() {
+    local name="$1" max="$2" base="$3"
+    shift 3
+    local vars=()
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do vars+=("$1"); shift; done
+    shift
+    rm -f "$OUT/$base.json"
+    step "$name" "$max" "$OUT/$base.log" \
+        bash -c 'json="$1"; shift; exec env "$@" --json > "$json"' \
+        "$base" "$OUT/$base.json" ${vars[@]+"${vars[@]}"} "$FASTDET" bench --device "$DEVICE" "$@"
+}
+
 log "fastdet device check  $(date -u +%FT%TZ)  host $(hostname 2>/dev/null || echo ?)  budget ${BUDGET} s"
 log "output: $OUT"
 
@@ -305,55 +320,40 @@ fi
 # 1b. per-tile benchmarks of fastdet, the full self-test, the seed ensemble per tomogram
 if [ $NO_GPU -eq 0 ]; then
     # JSON on stdout goes to its own file (written by the inner shell), stderr to the step's log.
-    rm -f "$OUT/bench-fastdet.json"
     # --profile: where a walk's time goes, step by step (conv, norm, ...), summed by kind.
-    step "bench fastdet" 120 "$OUT/bench-fastdet.log" \
-        bash -c 'exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --profile --json > "$3"' \
-        bench-fastdet "$FASTDET" "$DEVICE" "$OUT/bench-fastdet.json" || FAILED=1
+    bench_step "bench fastdet" 120 bench-fastdet -- --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --profile || FAILED=1
     # Two tiles per call (torch.compile's best batch for both networks on the H200).
-    rm -f "$OUT/bench-fastdet-batch2.json"
-    step "bench fastdet --batch 2" 90 "$OUT/bench-fastdet-batch2.log" \
-        bash -c 'exec "$1" bench --device "$2" --tile 192,128,128 --batch 2 --iters 10 --warmup 2 --json > "$3"' \
-        bench-fastdet-batch2 "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-batch2.json" || FAILED=1
+    bench_step "bench fastdet --batch 2" 90 bench-fastdet-batch2 -- --tile 192,128,128 --batch 2 --iters 10 --warmup 2 || FAILED=1
     # The same tile on conv3d_tc_f16 (FASTDET_CONV=tc: residual and statistics in the store, norms
     # in the loads of 1x1x1 convs only; the self-test and the criterion bench also time them all in
     # the loads, the wide tiles and the cp.async loads).
-    rm -f "$OUT/bench-fastdet-tc.json"
-    step "bench fastdet tensor-core" 90 "$OUT/bench-fastdet-tc.log" \
-        bash -c 'FASTDET_CONV=tc exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
-        bench-fastdet-tc "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-tc.json" || FAILED=1
+    bench_step "bench fastdet tensor-core" 90 bench-fastdet-tc FASTDET_CONV=tc -- --tile 192,128,128 --batch 1 --iters 20 --warmup 3 || FAILED=1
     # FASTDET_CONV=measure: cuDNN and every tensor-core variant timed on the whole network, the
     # fastest kept (its choice and each variant's time are in the JSON's conv_choice); the choice
     # file lands in the check's kernel cache, so this measures afresh.
-    rm -f "$OUT/bench-fastdet-measure.json"
-    step "bench fastdet measured choice" 150 "$OUT/bench-fastdet-measure.log" \
-        bash -c 'FASTDET_CONV=measure exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
-        bench-fastdet-measure "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-measure.json" || FAILED=1
+    bench_step "bench fastdet measured choice" 150 bench-fastdet-measure FASTDET_CONV=measure -- --tile 192,128,128 --batch 1 --iters 20 --warmup 3 || FAILED=1
     # cuDNN's graph API, its engines timed on the real buffers per convolution (as PyTorch's
     # cudnn.benchmark), with the profile: each conv's engine and time against the legacy walk's.
-    rm -f "$OUT/bench-fastdet-graph.json"
-    step "bench fastdet cuDNN graph API" 120 "$OUT/bench-fastdet-graph.log" \
-        bash -c 'FASTDET_CONV=cudnn FASTDET_CUDNN_API=graph FASTDET_CUDNN_FIND=1 exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --profile --json > "$3"' \
-        bench-fastdet-graph "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-graph.json" \
+    bench_step "bench fastdet cuDNN graph API" 120 bench-fastdet-graph FASTDET_CONV=cudnn FASTDET_CUDNN_API=graph FASTDET_CUDNN_FIND=1 \
+        -- --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --profile \
         || log "note: the bench on cuDNN's graph API failed (an experiment: the legacy API is the default); see bench-fastdet-graph.log"
     # The Python wheels' cuDNN, where there is one beside the system's: the loader asks for
     # libcudnn.so before libcudnn.so.9 and the wheels ship only the latter, so the system's is
     # taken first (on the H200 of 2026-12-04: 9.14 against PyTorch's 9.19). A folder holding a
     # libcudnn.so link to the wheel's library, first on the path, times the other one. An
     # experiment: its failure is shown but does not fail the check.
-    rm -f "$OUT/bench-fastdet-cudnn-wheel.json"
     WHEEL_CUDNN=""
     for d in "${LIBDIRS[@]-}"; do
         if [ -n "$d" ] && [ -f "$d/libcudnn.so.9" ] && [ ! -e "$d/libcudnn.so" ]; then WHEEL_CUDNN="$d/libcudnn.so.9"; break; fi
     done
     if [ -n "$WHEEL_CUDNN" ] && CUDNN_LINK="$(mktemp -d)"; then
         ln -s "$WHEEL_CUDNN" "$CUDNN_LINK/libcudnn.so"
-        step "bench fastdet (wheel cuDNN)" 90 "$OUT/bench-fastdet-cudnn-wheel.log" \
-            bash -c 'LD_LIBRARY_PATH="$4:$LD_LIBRARY_PATH" exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
-            bench-fastdet-cudnn-wheel "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-cudnn-wheel.json" "$CUDNN_LINK" \
+        bench_step "bench fastdet (wheel cuDNN)" 90 bench-fastdet-cudnn-wheel "LD_LIBRARY_PATH=$CUDNN_LINK:$LD_LIBRARY_PATH" \
+            -- --tile 192,128,128 --batch 1 --iters 20 --warmup 3 \
             || log "note: the bench with the wheels' cuDNN ($WHEEL_CUDNN) failed; see bench-fastdet-cudnn-wheel.log"
         rm -rf "$CUDNN_LINK"
     else
+        rm -f "$OUT/bench-fastdet-cudnn-wheel.json"
         log "bench fastdet (wheel cuDNN): skipped (no libcudnn.so.9 without a libcudnn.so beside it on the library path)"
     fi
 
@@ -366,17 +366,12 @@ if [ $NO_GPU -eq 0 ]; then
 
     # The seed configuration per tomogram: 5 SegResNetV2 + 5 DynUNet (random weights at the seed
     # widths, all resident), 1x9x9 tiles, blending and detection.
-    rm -f "$OUT/bench-tomogram.json"
-    step "bench tomogram (5+5 models)" 150 "$OUT/bench-tomogram.log" \
-        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --json > "$4"' \
-        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram.json" || FAILED=1
+    bench_step "bench tomogram (5+5 models)" 150 bench-tomogram -- --tomogram "$SHAPE" --models 5,5 --iters 2 --warmup 1 || FAILED=1
     # The same on the convolution path timed fastest per network (FASTDET_CONV=measure: cuDNN's
     # legacy and graph APIs, the tensor-core variants); the per-tile measured bench above left
     # its choices in the check's kernel cache for this batch and window, so nothing is timed again.
-    rm -f "$OUT/bench-tomogram-measure.json"
-    step "bench tomogram measured choice" 150 "$OUT/bench-tomogram-measure.log" \
-        bash -c 'FASTDET_CONV=measure exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --json > "$4"' \
-        bench-tomogram-measure "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-measure.json" || FAILED=1
+    bench_step "bench tomogram measured choice" 150 bench-tomogram-measure FASTDET_CONV=measure \
+        -- --tomogram "$SHAPE" --models 5,5 --iters 2 --warmup 1 || FAILED=1
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -452,22 +447,15 @@ if [ $NO_GPU -eq 0 ]; then
             || log "note: bench torch failed (PyTorch baseline only; not counted in RESULT; see bench-torch.log)"
     fi
     # The same with the ensemble averaging and blending on the CPU (run --host-blend).
-    rm -f "$OUT/bench-tomogram-host-blend.json"
-    step "bench tomogram --host-blend" 150 "$OUT/bench-tomogram-host-blend.log" \
-        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --host-blend --json > "$4"' \
-        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-host-blend.json" || FAILED=1
+    bench_step "bench tomogram --host-blend" 150 bench-tomogram-host-blend -- --tomogram "$SHAPE" --models 5,5 --iters 2 --warmup 1 --host-blend || FAILED=1
     # Two tiles per walk (torch.compile's best batch for both networks on the H200).
-    rm -f "$OUT/bench-tomogram-batch2.json"
-    step "bench tomogram --batch 2" 150 "$OUT/bench-tomogram-batch2.log" \
-        bash -c 'exec "$1" bench --device "$2" --tomogram "$3" --models 5,5 --iters 2 --warmup 1 --batch 2 --json > "$4"' \
-        bench-tomogram "$FASTDET" "$DEVICE" "$SHAPE" "$OUT/bench-tomogram-batch2.json" || FAILED=1
+    bench_step "bench tomogram --batch 2" 150 bench-tomogram-batch2 -- --tomogram "$SHAPE" --models 5,5 --iters 2 --warmup 1 --batch 2 || FAILED=1
 
     # cuDNN's graph API with the engines it compiles at run time as candidates too (compiled as
     # each plan is built): whether they are faster. An experiment: its failure is only noted.
-    rm -f "$OUT/bench-fastdet-graph-rtc.json"
-    step "bench fastdet cuDNN graph API + runtime-compiled" 120 "$OUT/bench-fastdet-graph-rtc.log" \
-        bash -c 'FASTDET_CONV=cudnn FASTDET_CUDNN_API=graph FASTDET_CUDNN_FIND=1 FASTDET_CUDNN_RUNTIME_COMPILED=1 exec "$1" bench --device "$2" --tile 192,128,128 --batch 1 --iters 20 --warmup 3 --json > "$3"' \
-        bench-fastdet-graph-rtc "$FASTDET" "$DEVICE" "$OUT/bench-fastdet-graph-rtc.json" \
+    bench_step "bench fastdet cuDNN graph API + runtime-compiled" 120 bench-fastdet-graph-rtc \
+        FASTDET_CONV=cudnn FASTDET_CUDNN_API=graph FASTDET_CUDNN_FIND=1 FASTDET_CUDNN_RUNTIME_COMPILED=1 \
+        -- --tile 192,128,128 --batch 1 --iters 20 --warmup 3 \
         || log "note: the bench on cuDNN's graph API with runtime-compiled engines failed (an experiment); see bench-fastdet-graph-rtc.log"
 
     # criterion: the fused tensor-core residual block against the cuDNN path per SegResNetV2 level,
