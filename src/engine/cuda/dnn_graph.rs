@@ -496,13 +496,13 @@ impl GraphPlan {
             Some(o) => o,
             None => {
                 let need = self.max_workspace();
-                if need > 0 && workspace.as_ref().is_none_or(|b| b.bytes < need) {
+                let grown = need > 0 && workspace.as_ref().is_none_or(|b| b.bytes < need);
+                if grown {
                     *workspace = None;
                     *workspace = Some(gpu.alloc(need)?);
                 }
                 let wp = workspace.as_ref().map_or(0, |b| b.ptr);
                 let mut timed: Vec<(usize, f32)> = Vec::new();
-                let mut named: Vec<(String, f32, bool)> = Vec::new();
                 for i in 0..self.cands.len() {
                     // The pack is built before the marks: only the execution is timed. A
                     // candidate that fails is left untimed (it goes after the timed ones).
@@ -525,9 +525,14 @@ impl GraphPlan {
                     }
                     times.sort_by(f64::total_cmp);
                     timed.push((i, times[1] as f32));
-                    named.push((self.cands[i].name.clone(), times[1] as f32, self.cands[i].deterministic));
                 }
                 gpu.sync("timing cuDNN's engines")?;
+                if grown {
+                    // Sized for the hungriest candidate: `run` allocates what the chosen one needs
+                    // (as `LegacyPlan::time_candidates`).
+                    *workspace = None;
+                }
+                let named: Vec<(String, f32, bool)> = timed.iter().map(|&(i, ms)| (self.cands[i].name.clone(), ms, self.cands[i].deterministic)).collect();
                 let cands: Vec<(usize, usize, bool)> = self.cands.iter().enumerate().map(|(i, c)| (i, c.workspace, c.deterministic)).collect();
                 let order: Vec<String> = order_by_time(&cands, &timed).iter().map(|c| self.cands[c.0].name.clone()).collect();
                 let summary = timing_summary(&named, order.first().map_or("", |s| s.as_str()));

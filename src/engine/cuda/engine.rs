@@ -1455,54 +1455,39 @@ impl CudaEngine {
         let nops = self.graph.ops.len();
         let plans = self.plans.entry((shape.n, tile)).or_insert_with(|| (0..nops).map(|_| None).collect());
         let gpu = self.gpu.clone();
-        let is_full = |e: &anyhow::Error| e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_some();
-        // (why the graph API failed, the legacy API's outcome).
-        let mut fell_back: Option<(String, Result<()>)> = None;
-        if plans[i].is_none() {
-            match ConvPlan::new(dnn, shape) {
-                Ok(p) => plans[i] = Some(p),
-                Err(e) if dnn.api == DnnApi::Graph && !is_full(&e) && !gpu.capturing() => {
-                    let legacy = ConvPlan::new_api(dnn, shape, DnnApi::Legacy).map(|p| plans[i] = Some(p));
-                    fell_back = Some((format!("{e:#}"), legacy));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let legacy_failed = matches!(fell_back, Some((_, Err(_))));
-        let mut r = match plans[i].as_mut() {
-            Some(plan) if !legacy_failed => {
-                let mut workspace = gpu.dnn_workspace();
-                let mut r = plan.run(dnn, &gpu, x, w, y, &mut workspace);
-                if let Err(e) = &r {
-                    if matches!(plan, ConvPlan::Graph(_)) && !is_full(e) && !gpu.capturing() {
-                        let why = format!("{e:#}");
-                        r = ConvPlan::new_api(dnn, shape, DnnApi::Legacy).and_then(|p| {
-                            *plan = p;
-                            plan.run(dnn, &gpu, x, w, y, &mut workspace)
-                        });
-                        fell_back = Some((why, Ok(())));
-                    }
-                }
-                r
-            }
-            _ => Err(anyhow!("internal error: no cuDNN plan")),
-        };
-        if let Some((why, legacy)) = fell_back {
-            let name = self.graph.values[self.graph.ops[i].output].name.clone();
-            // The legacy planning's failure is the error, with the graph API's reason.
-            if let Err(e) = legacy {
-                r = Err(e.context(format!("cuDNN's graph API failed first ({why})")));
-            }
-            // Once per op (a batch halved by the runner plans the op again).
-            if !self.graph_api_fallbacks.iter().any(|(n, _)| *n == name) {
+        // A graph-API failure goes to the legacy API, except for a full device (the runner
+        // halves the batch) and inside a capture (the failure may be the capture's own).
+        let falls_back = |e: &anyhow::Error| dnn.api == DnnApi::Graph && e.downcast_ref::<crate::pipeline::runner::OutOfMemory>().is_none() && !gpu.capturing();
+        let (graph, fallbacks, notes) = (&self.graph, &mut self.graph_api_fallbacks, &mut self.notes);
+        // Said once per op (a batch halved by the runner plans the op again); the legacy
+        // planning's failure is the error, with the graph API's reason.
+        let mut legacy_plan = |why: String| -> Result<ConvPlan> {
+            let name = graph.values[graph.ops[i].output].name.clone();
+            if !fallbacks.iter().any(|(n, _)| *n == name) {
                 crate::errln!("warning: {name}: cuDNN's graph API failed ({why}); its legacy API runs this convolution");
-                if self.graph_api_fallbacks.is_empty() {
-                    self.notes.push("cuDNN graph API: some convolutions fell back to the legacy API (see the warnings)".into());
+                if fallbacks.is_empty() {
+                    notes.push("cuDNN graph API: some convolutions fell back to the legacy API (see the warnings)".into());
                 }
-                self.graph_api_fallbacks.push((name, why));
+                fallbacks.push((name, why.clone()));
             }
+            ConvPlan::new_api(dnn, shape, DnnApi::Legacy).with_context(|| format!("cuDNN's graph API failed first ({why})"))
+        };
+        if plans[i].is_none() {
+            plans[i] = Some(match ConvPlan::new(dnn, shape) {
+                Ok(p) => p,
+                Err(e) if falls_back(&e) => legacy_plan(format!("{e:#}"))?,
+                Err(e) => return Err(e),
+            });
         }
-        r
+        let plan = plans[i].as_mut().expect("plan just built");
+        let mut workspace = gpu.dnn_workspace();
+        match plan.run(dnn, &gpu, x, w, y, &mut workspace) {
+            Err(e) if matches!(plan, ConvPlan::Graph(_)) && falls_back(&e) => {
+                *plan = legacy_plan(format!("{e:#}"))?;
+                plan.run(dnn, &gpu, x, w, y, &mut workspace)
+            }
+            r => r,
+        }
     }
 
     /// The convolutions cuDNN's graph API could not plan or run (op name, why), which its
