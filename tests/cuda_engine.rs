@@ -208,7 +208,7 @@ case "$cmd" in
       *--host-blend*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "device_blend": false, "s_per_tomogram": 2.5, "upload_s": 0.0, "infer_s": 1.8, "blend_s": 0.5, "detect_s": 0.2, "tflops": 80.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
       *--tomogram*--batch\ 2*) echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "batch": 2, "device_blend": true, "s_per_tomogram": 1.25, "upload_s": 0.03, "infer_s": 0.8, "blend_s": 0.3, "detect_s": 0.15, "tflops": 120.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
       *--tomogram*) s=1.5; [ "${FASTDET_CONV:-}" = measure ] && s=1.4
-         echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "device_blend": true, "s_per_tomogram": '"$s"', "upload_s": 0.03, "infer_s": 1.0, "blend_s": 0.3, "detect_s": 0.2, "tflops": 100.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5}' ;;
+         echo '{"device": "cuda:0", "tomogram": [32, 64, 64], "models": {"segresnetv2": 5, "dynunet": 5}, "device_blend": true, "s_per_tomogram": '"$s"', "upload_s": 0.03, "infer_s": 1.0, "blend_s": 0.3, "detect_s": 0.2, "tflops": 100.0, "flops_per_tomogram": 2e14, "cold_start_s": 0.5, "device_memory_peak_mib": 1843.0, "card_memory_in_use_mib": 2662.0}' ;;
       *) choice=null
          echo "bench sees LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >> "$FAKE_CALLS"
          profile=null
@@ -381,6 +381,10 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert!(text.contains(r#""tomogram_host_blend_s": 2.5"#) && text.contains(r#""first_start_nvrtc_s": 21.5"#), "{text}");
     assert!(text.contains("cold start 0.40 s to the first tile; kernels: 13 files, 0 compiled (0.0 s), loaded in 0.05 s"), "{text}");
     assert!(text.contains("blending on the GPU; upload 0.03") && text.contains("blending on the CPU; upload 0.00"), "{text}");
+    // Device memory of the tomogram's worker: fastdet's buffers and the whole card.
+    assert!(text.contains("; device memory: fastdet's peak 1843 MiB, card in use 2662 MiB)"), "{text}");
+    assert!((r["tomogram_peak_mem_gib"].as_f64().unwrap() - 1843.0 / 1024.0).abs() < 1e-12 && (r["card_mem_gib"].as_f64().unwrap() - 2662.0 / 1024.0).abs() < 1e-12);
+    assert!(md.contains("1.80 GiB (the tomogram's ensemble; card in use 2.60 GiB)"), "{md}");
     assert!(text.contains("block 32ch_8x8x8") && text.contains("tc_fused 1.500 ms"), "{text}");
     assert!(text.contains("tile  dynunet") && text.contains("tc_wide 4.250 ms"), "{text}");
 
@@ -599,6 +603,9 @@ fn results_json_reads_the_benches_the_binary_writes() {
     }
     assert!(peak > 0.0);
     assert!((r["peak_mem_gib"].as_f64().unwrap() - peak / 1024.0).abs() < 1e-12);
+    // The tomogram's worker: fastdet's buffers; an emulator has no card to ask.
+    assert!((r["tomogram_peak_mem_gib"].as_f64().unwrap() - tomo["device_memory_peak_mib"].as_f64().unwrap() / 1024.0).abs() < 1e-12);
+    assert!(tomo["card_memory_in_use_mib"].is_null() && r["card_mem_gib"].is_null() && tile["models"][0]["card_memory_in_use_mib"].is_null());
     assert_eq!(r["tomogram_s"], tomo["s_per_tomogram"]);
     assert_eq!(r["cold_start_s"], tile["cold_start_s"]);
     assert_eq!(r["cold_start_kernels_compiled"], tile["kernel_load"]["compiled"]);

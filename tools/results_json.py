@@ -31,8 +31,8 @@ Output (missing inputs give nulls, never invented numbers):
    "tile_criterion": {"segresnetv2": {"cudnn_ms", "cudnn_graph_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms", "tc_async_ms"},
                       "dynunet": {...}},
    "tomogram_s", "tomogram_host_blend_s", "tomogram_batch2_s", "tomogram_measured_s", "floor_s", "cold_start_s",
-   "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "fp16_matmul_tflops", "tile_shape",
-   "sources"}
+   "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "tomogram_peak_mem_gib", "card_mem_gib",
+   "fp16_matmul_tflops", "tile_shape", "sources"}
 
 fastdet_ms, fastdet_fused_ms and fastdet_measured_ms are `fastdet bench`'s host-to-host figures
 (f32 tile up, maps back to host memory); the *_device_ms figures are the same walks on a
@@ -50,7 +50,10 @@ check's first process (empty kernel cache); cold_start_s is a later start, with 
 floor_s = FLOPs per tomogram (from the tomogram bench) / the card's fp16 rate measured by PyTorch's
 large matmul (bench-torch.json "fp16_matmul_tflops"); a tile's floor_ms likewise from the per-tile
 bench's FLOPs per tile. peak_mem_gib is fastdet's own device
-buffers at batch 1 (the per-tile bench), the largest over the models.
+buffers at batch 1 (the per-tile bench), the largest over the models; tomogram_peak_mem_gib the
+same for the tomogram bench's worker (its whole ensemble); card_mem_gib the card's memory in use
+(the driver's total less free: context, kernels, libraries and allocator reserve included, and
+any other process's) at the end of the tomogram bench, its engines still open.
 
 With --markdown it prints the RESULTS.md section for the run instead (tables of the same figures;
 a missing figure is a dash).
@@ -188,6 +191,7 @@ def assemble(d, commit, date):
         or git_commit()
     flops = tomo.get("flops_per_tomogram") if tomo else None
     mems = [m.get("device_memory_peak_mib") for m in (fd or {}).get("models", []) if m.get("device_memory_peak_mib") is not None]
+    gib = lambda mib: mib / 1024 if mib is not None else None
     return {
         "card": (torch or {}).get("card") or card_from_selftest(d),
         "commit": commit,
@@ -205,6 +209,8 @@ def assemble(d, commit, date):
         "cold_start_kernels_compiled": ((fd or {}).get("kernel_load") or {}).get("compiled"),
         "first_start_nvrtc_s": first_start_nvrtc_s(d),
         "peak_mem_gib": max(mems) / 1024 if mems else None,
+        "tomogram_peak_mem_gib": gib((tomo or {}).get("device_memory_peak_mib")),
+        "card_mem_gib": gib((tomo or {}).get("card_memory_in_use_mib")),
         "fp16_matmul_tflops": rate,
         "tile_shape": (fd or torch or {}).get("tile"),
         "sources": {
@@ -294,7 +300,8 @@ def markdown(doc):
             f"{s(doc.get('tomogram_measured_s'))} | {s(f)} | "
             f"{'–' if best[0] is None or not f else f'{best[0] / f:.2f}x{best[1]}'} |",
             "", f"Cold start (kernels cached) {s(doc.get('cold_start_s'))}; first start's NVRTC compile {s(doc.get('first_start_nvrtc_s'))}; "
-            f"peak device memory at batch 1 {s(doc.get('peak_mem_gib'), 'GiB')}; fp16 matmul rate {s(doc.get('fp16_matmul_tflops'), 'TFLOP/s')}."]
+            f"peak device memory at batch 1 {s(doc.get('peak_mem_gib'), 'GiB')} (one model), "
+            f"{s(doc.get('tomogram_peak_mem_gib'), 'GiB')} (the tomogram's ensemble; card in use {s(doc.get('card_mem_gib'), 'GiB')}); fp16 matmul rate {s(doc.get('fp16_matmul_tflops'), 'TFLOP/s')}."]
     return "\n".join(out) + "\n"
 
 

@@ -97,6 +97,8 @@ struct Row {
     random_weights_s: Option<f64>,
     /// Peak device memory of the engine's buffers (accelerators only).
     device_mib: Option<f64>,
+    /// The card's memory in use after the timed walks, the engine still open (CUDA only).
+    card_in_use_mib: Option<f64>,
     /// CUDA engines: device, kernels, cuDNN, backend and fusions, one line each.
     notes: Vec<String>,
     /// With FASTDET_CONV=measure: the path chosen and every variant's time.
@@ -259,6 +261,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             random_weights_s: generated_s,
             profile,
             device_mib: e.device_memory_peak().map(|b| b as f64 / 1048576.0),
+            card_in_use_mib: e.as_cuda().and_then(|c| c.gpu_arc().card_memory_in_use()).map(|b| b as f64 / 1048576.0),
             notes: e
                 .as_cuda()
                 .map(|c| {
@@ -301,7 +304,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                         })).collect::<Vec<_>>(),
                         "sum_ms": steps.iter().map(|s| s.ms).sum::<f64>(),
                     })),
-                    "device_memory_peak_mib": r.device_mib, "notes": r.notes,
+                    "device_memory_peak_mib": r.device_mib, "card_memory_in_use_mib": r.card_in_use_mib, "notes": r.notes,
                     "conv_algorithms": r.conv_algorithms.iter().map(|(op, t, algo)| serde_json::json!({"op": op, "tile": t, "algorithm": algo})).collect::<Vec<_>>(),
                     "conv_choice": r.conv_choice.as_ref().map(|c| serde_json::json!({
                         "label": c.label, "remembered": c.remembered, "batch": c.batch,
@@ -331,7 +334,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         )?;
         for r in &rows {
             let (med, min, max) = r.per_tile(a.batch);
-            let mem = r.device_mib.map(|m| format!(", peak device memory {m:.0} MiB")).unwrap_or_default();
+            let mem = memory_note(r.device_mib, r.card_in_use_mib);
             fastdet::outln!(
                 "{:<14} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>8.2} {:>9.2}  {}{mem}",
                 r.name,
@@ -361,6 +364,13 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// ", peak device memory P MiB (card: U MiB in use)": fastdet's buffers at their peak, and the
+/// whole card's memory in use while the engines were open (context and libraries included).
+fn memory_note(peak_mib: Option<f64>, card_mib: Option<f64>) -> String {
+    let card = card_mib.map(|m| format!(" (card: {m:.0} MiB in use)")).unwrap_or_default();
+    peak_mib.map(|m| format!(", peak device memory {m:.0} MiB{card}")).unwrap_or_default()
 }
 
 fn kernel_load_json(k: KernelLoad) -> serde_json::Value {
@@ -495,6 +505,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
     }
     let overlapped = runs.iter().any(|r| r.1.upload_overlapped);
     let device_peak = ens.engines.first().and_then(|e| e.device_memory_peak()).map(|b| b as f64 / 1048576.0);
+    let card_in_use = ens.cuda_device().and_then(|g| g.card_memory_in_use()).map(|b| b as f64 / 1048576.0);
     let blended_on_device = !a.host_blend && ens.cuda_device().is_some();
     let mut secs: Vec<f64> = runs.iter().map(|r| r.0).collect();
     secs.sort_by(f64::total_cmp);
@@ -512,7 +523,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
             "upload_s": upload, "upload_overlapped": overlapped, "infer_s": infer, "blend_s": blend, "detect_s": detect,
             "flops_per_tomogram": flops, "tflops": flops as f64 * 1e-12 / med,
             "open_s": open_s, "cold_start_s": cold_start_s, "random_weights_s": random_weights_s, "kernel_load": kernel_load.map(kernel_load_json), "device_memory_peak_mib": device_peak,
-            "detections": runs.last().map(|r| r.2),
+            "card_memory_in_use_mib": card_in_use, "detections": runs.last().map(|r| r.2),
         });
         fastdet::outln!("{}", serde_json::to_string_pretty(&doc)?)?;
     } else {
@@ -530,7 +541,7 @@ fn bench_tomogram(a: &BenchArgs, device: Device, shape: [usize; 3]) -> Result<Ex
             flops as f64 * 1e-12,
             flops as f64 * 1e-12 / med
         )?;
-        let mem = device_peak.map(|m| format!(", peak device memory {m:.0} MiB")).unwrap_or_default();
+        let mem = memory_note(device_peak, card_in_use);
         let kernels = kernel_load.map(|k| format!(" (kernels: {k})")).unwrap_or_default();
         fastdet::outln!("engines opened in {open_s:.2} s{kernels}, first tile done {:.2} s after start{mem}", cold_start_s.unwrap_or(f64::NAN))?;
     }

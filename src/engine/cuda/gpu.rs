@@ -525,6 +525,17 @@ impl Gpu {
         self.usage.side_frees_ordered.load(Ordering::Relaxed)
     }
 
+    /// Bytes in use on the whole card now: the driver's total less its free memory, so it counts
+    /// what fastdet's own figures leave out (the context, the loaded kernels, the libraries'
+    /// buffers, the allocator's reserve) and every other process's memory too. None on an
+    /// emulator or when the driver does not answer.
+    pub fn card_memory_in_use(&self) -> Option<usize> {
+        match &self.inner {
+            Inner::Cuda { ctx, .. } => ctx.mem_get_info().ok().map(|(free, total)| total.saturating_sub(free)),
+            Inner::Emu(_) => None,
+        }
+    }
+
     pub fn reset_memory_peak(&self) {
         self.usage.peak.store(self.memory_live(), Ordering::Relaxed);
     }
