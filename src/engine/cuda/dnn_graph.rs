@@ -119,6 +119,9 @@ impl Desc {
 
     /// Attribute `name` as descriptors of `kind`: cuDNN fills descriptors we create.
     fn get_descs(&self, name: Attr, kind: Kind, cap: usize) -> Result<Vec<Desc>> {
+        if cap == 0 {
+            return Ok(Vec::new());
+        }
         let descs = (0..cap).map(|_| Desc::new(kind)).collect::<Result<Vec<_>>>()?;
         let mut raw: Vec<sys::cudnnBackendDescriptor_t> = descs.iter().map(|d| d.0).collect();
         let mut count = 0i64;
@@ -306,7 +309,7 @@ fn heuristics(graph: &Desc, mode: sys::cudnnBackendHeurMode_t) -> Result<Vec<Des
 /// ones, where timing and the self-test still judge it) and its `build` (a plan and its
 /// workspace, or why not). The lists overlap: a configuration read in full is built once; one
 /// whose name is partial cannot be told apart and keeps its place (its position is added to the
-/// name). The scan stops once `keep` are built and one of them is deterministic, so a
+/// name); one seen before, built or left out, is not judged again. The scan stops once `keep` are built and one of them is deterministic, so a
 /// deterministic one further down still gets in; the result is deterministic ones first in
 /// heuristic order, then the others, at most `keep`. Each configuration left out adds its
 /// reason to `why`. Returns (configuration, build, deterministic, name).
@@ -320,12 +323,13 @@ fn select_candidates<C, B>(
     mut build: impl FnMut(&C) -> Result<B>,
 ) -> Vec<(C, B, bool, String)> {
     let mut out: Vec<(C, B, bool, String)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (position, cfg) in configs.into_iter().enumerate() {
         if out.len() >= keep && out.iter().any(|c| c.2) {
             break;
         }
         let name = match name(&cfg) {
-            (n, true) if out.iter().any(|c| c.3 == n) => continue,
+            (n, true) if !seen.insert(n.clone()) => continue,
             (n, true) => n,
             (n, false) => format!("{n} #{position}"),
         };
@@ -615,6 +619,10 @@ mod tests {
             ("eng2", true, None, true),
             ("eng3", true, Some(false), false),
             ("eng1", true, Some(false), true),
+            // The heuristics' second list repeats configurations the first left out or failed to
+            // build: not judged again (one reason each, one build attempt).
+            ("eng2", true, None, true),
+            ("eng3", true, Some(false), false),
             ("eng4", true, Some(false), true),
             ("eng5", true, Some(true), true),
             ("eng6", true, Some(true), true),
@@ -622,7 +630,7 @@ mod tests {
         let (got, why, built) = run(cfgs.clone(), 2);
         // eng1 and eng4 fill `keep` but are nondeterministic: the scan goes on to eng5.
         assert_eq!(got, [("eng5".to_string(), true), ("eng1".to_string(), false)]);
-        assert_eq!(built, ["eng1", "eng3", "eng4", "eng5"], "eng1 built once, eng2 never, eng6 not needed");
+        assert_eq!(built, ["eng1", "eng3", "eng4", "eng5"], "eng1 and eng3 tried once, eng2 never, eng6 not needed");
         assert_eq!(why, ["eng2: compiled at run time", "eng3: not supported"]);
         // Room for all: deterministic ones first, each class in heuristic order.
         let (got, _, _) = run(cfgs, 8);

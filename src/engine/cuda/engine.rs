@@ -360,12 +360,13 @@ enum WalkInput<'a> {
 /// One model on one GPU.
 pub struct CudaEngine {
     gpu: std::sync::Arc<Gpu>,
+    /// cuDNN plans per (batch, tile), indexed by op. Declared before `dnn`, so dropped before
+    /// it: the graph API's plans hold its handle, which must outlive them.
+    plans: HashMap<(usize, [usize; 3]), Vec<Option<ConvPlan>>>,
     dnn: Option<Dnn>,
     graph: Graph,
     last: Vec<usize>,
     steps: Vec<Step>,
-    /// cuDNN plans per (batch, tile), indexed by op.
-    plans: HashMap<(usize, [usize; 3]), Vec<Option<ConvPlan>>>,
     /// The outputs' buffers (activations are in the device's arena).
     outputs: Pool,
     /// The current walk's output buffers (scores, offsets, fm2 in f32), taken before it starts.
