@@ -212,7 +212,7 @@ case "$cmd" in
       *) choice=null
          echo "bench sees LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >> "$FAKE_CALLS"
          profile=null
-         case "$*" in *--profile*) profile='{"steps": [{"ops": [0, 2], "label": "conv3x3x3/s1 1->32 + groupnorm(8)+relu @ 8x8x8", "kind": "conv3x3x3 + groupnorm", "ms": 3.0, "gflop": 300.0}, {"ops": [2, 3], "label": "add @ 8x8x8", "kind": "add", "ms": 1.0, "gflop": 0.0}], "by_kind": [{"kind": "conv3x3x3 + groupnorm", "ms": 3.0, "steps": 1, "gflop": 300.0, "tflops": 100.0}, {"kind": "add", "ms": 1.0, "steps": 1, "gflop": 0.0, "tflops": null}], "sum_ms": 4.0}' ;; esac
+         case "$*" in *--profile*) profile='{"steps": [{"ops": [0, 2], "label": "conv3x3x3/s1 1->32 + groupnorm(8)+relu @ 8x8x8", "kind": "conv3x3x3 + groupnorm", "ms": 3.0, "gflop": 300.0}, {"ops": [2, 3], "label": "add @ 8x8x8", "kind": "add", "ms": 1.0, "gflop": 0.0}], "by_kind": [{"kind": "conv3x3x3 + groupnorm", "ms": 3.0, "steps": 1, "gflop": 300.0, "tflops": 100.0}, {"kind": "add", "ms": 1.0, "steps": 1, "gflop": 0.0, "tflops": null, "min_gbytes": 1.5, "gbps": 1500.0}], "sum_ms": 4.0}' ;; esac
          [ "${FASTDET_CONV:-}" = measure ] && choice='{"label": "tc-wide", "remembered": false, "batch": 1, "ms_per_walk": {"cudnn": 5.5, "tc": 4.75, "tc-wide": 4.5, "tc-async": null}}'
          echo '{"device": "cuda:0", "tile": [192, 128, 128], "batch": 1, "fastdet_version": "0", "cold_start_s": 0.4, "kernel_load": {"files": 13, "compiled": 0, "compile_s": 0.0, "load_s": 0.05}, "models": [{"model": "segresnetv2", "engine": "cuda:0:stand-in", "ms_per_tile": 5.0, "ms_per_tile_min": 4.9, "ms_per_tile_max": 5.1, "gflops": 1000.0, "open_s": 0.2, "device_memory_peak_mib": 900.0, "conv_choice": '"$choice"', "profile": '"$profile"'}]}' ;;
     esac ;;
@@ -337,6 +337,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     // The first per-tile bench and the graph API's profile a walk; the summary shows it by kind.
     assert_eq!(calls.lines().filter(|l| l.starts_with("bench ") && l.contains("--profile")).count(), 2, "{calls}");
     assert!(text.contains("profile: 4.00 ms in 2 steps; by kind:") && text.contains("conv3x3x3 + groupnorm") && text.contains("100.0 TFLOP/s"), "{text}");
+    assert!(text.contains("1 step(s)  1500 GB/s at least"), "{text}");
     // The wheels' cuDNN bench ran with a folder holding a libcudnn.so link to it first on the path;
     // the other benches with the user's folder first.
     let wheel_dir = wheel_cudnn.to_string_lossy().into_owned();
@@ -363,6 +364,9 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert_eq!(r["tile_criterion"]["dynunet"]["tc_wide_ms"], 4.25);
     assert_eq!(r["card"], "Stand-in H200", "the card from the self-test's device when PyTorch did not run");
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    // fastdet's own profile by kind, for each API's walk.
+    assert!(md.contains("- segresnetv2, default path: conv3x3x3 + groupnorm 3.00 ms (100 TFLOP/s); add 1.00 ms (≥ 1500 GB/s)"), "{md}");
+    assert_eq!(r["tile"]["segresnetv2"]["fastdet_profile"]["cudnn_graph"][1]["gbps"], 1500.0);
     // The measured choice's walk (device-resident, batch 1) stands in for a bench without
     // ms_per_tile_device.
     assert!(md.contains("| segresnetv2 | – | – | 5.00 ms | 5.00 ms | 5.00 ms | 5.00 ms / 4.50 ms (tc-wide) |") && md.contains("| dynunet | – | – | – | – | – | – | – | – | – | – | – |\n"), "{md}");
@@ -596,7 +600,21 @@ fn results_json_reads_the_benches_the_binary_writes() {
         let by_kind: f64 = p["by_kind"].as_array().unwrap().iter().map(|k| k["ms"].as_f64().unwrap()).sum();
         assert!(sum > 0.0 && (sum - by_kind).abs() < 1e-9 * sum, "{arch}: {sum} vs {by_kind}");
         assert!(p["by_kind"].as_array().unwrap().iter().any(|k| k["kind"].as_str().unwrap().starts_with("conv3x3x3")), "{arch}: {p}");
+        // Each step's least traffic: more than nothing, summed by kind, and a bandwidth from it.
+        assert!(steps.iter().all(|st| st["min_gbytes"].as_f64().unwrap() > 0.0), "{arch}: {p}");
+        let gbytes = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x["min_gbytes"].as_f64().unwrap()).sum::<f64>();
+        assert!((gbytes(&p["steps"]) - gbytes(&p["by_kind"])).abs() < 1e-12, "{arch}: {p}");
+        for k in p["by_kind"].as_array().unwrap() {
+            let (gb, ms) = (k["min_gbytes"].as_f64().unwrap(), k["ms"].as_f64().unwrap());
+            if ms > 0.0 {
+                assert!((k["gbps"].as_f64().unwrap() - gb / (ms * 1e-3)).abs() <= 1e-9 * gb / (ms * 1e-3), "{arch}: {k}");
+            }
+        }
         assert!(tile_tc["models"][i]["profile"].is_null(), "{arch}: no profile without --profile");
+        // results.json keeps the walk's kinds with their rates.
+        let kinds = r["tile"][arch]["fastdet_profile"]["default"].as_array().unwrap();
+        assert_eq!(kinds.len(), p["by_kind"].as_array().unwrap().len(), "{arch}");
+        assert_eq!((&kinds[0]["kind"], &kinds[0]["gbps"]), (&p["by_kind"][0]["kind"], &p["by_kind"][0]["gbps"]), "{arch}");
         // Random weights are generated as each model is taken, their time outside the cold start.
         assert!(tile["models"][i]["random_weights_s"].as_f64().unwrap() > 0.0, "{arch}");
         peak = peak.max(tile["models"][i]["device_memory_peak_mib"].as_f64().unwrap());

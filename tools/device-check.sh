@@ -565,7 +565,7 @@ if "models" in d:  # fastdet bench
         if p:
             print(f"    profile: {p['sum_ms']:.2f} ms in {len(p['steps'])} steps; by kind:")
             for k in p["by_kind"][:8]:
-                rate = f"  {k['tflops']:.1f} TFLOP/s" if k.get("tflops") else ""
+                rate = (f"  {k['tflops']:.1f} TFLOP/s" if k.get("tflops") else "") + (f"  {k['gbps']:.0f} GB/s at least" if k.get("gbps") else "")
                 print(f"      {k['kind']:<36} {k['ms']:8.3f} ms  {k['steps']:3d} step(s){rate}")
         for n in m.get("notes", []):
             if n.startswith("cuDNN "):

@@ -24,7 +24,8 @@ Output (missing inputs give nulls, never invented numbers):
                             "fastdet_measured_ms", "fastdet_device_ms", "fastdet_fused_device_ms",
                             "fastdet_measured_device_ms", "fastdet_batch2_ms", "fastdet_batch2_device_ms",
                             "fastdet_graph_ms", "fastdet_graph_device_ms", "conv_choice", "conv_variants_ms", "floor_ms",
-                            "torch_profile": {"eager"|"compile": {"batch", "ms_per_call": {"conv", "norm", "fused", "other"}}}},
+                            "torch_profile": {"eager"|"compile": {"batch", "ms_per_call": {"conv", "norm", "fused", "other"}}},
+                            "fastdet_profile": {"default"|"cudnn_graph": [{"kind", "ms", "steps", "tflops", "gbps"}, ...]}},
             "dynunet": {...}},
    "blocks": {"32ch_192x128x128": {"cudnn_ms", "cudnn_graph_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
                                    "tc_store_fused_wide_ms", "tc_store_fused_async_ms"}, ...},
@@ -153,7 +154,14 @@ def assemble(d, commit, date):
                "fastdet_measured_ms": None, "fastdet_device_ms": None, "fastdet_fused_device_ms": None,
                "fastdet_measured_device_ms": None, "fastdet_batch2_ms": None, "fastdet_batch2_device_ms": None,
                "fastdet_graph_ms": None, "fastdet_graph_device_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None,
-               "torch_profile": None}
+               "torch_profile": None, "fastdet_profile": None}
+        # fastdet bench --profile: a walk's time by kind of step, on the default path and cuDNN's graph API.
+        prof = {}
+        for doc, api in ((fd, "default"), (fd_graph, "cudnn_graph")):
+            p = (model_of(doc, arch) or {}).get("profile")
+            if p:
+                prof[api] = [{k: kind.get(k) for k in ("kind", "ms", "steps", "tflops", "gbps")} for kind in p.get("by_kind", [])]
+        row["fastdet_profile"] = prof or None
         if torch:
             best = torch.get("best", {}).get(arch, {})
             row["torch_eager_ms"] = best.get("eager_ms")
@@ -272,6 +280,15 @@ def markdown(doc):
                 for arch, r in doc["tile"].items() for mode, p in (r.get("torch_profile") or {}).items()]
     if profiles:
         out += ["", "PyTorch's time per call by kernel class (torch.profiler, kernels' own time):", ""] + profiles
+
+    def kind_cell(k):
+        rates = [f"{k['tflops']:.0f} TFLOP/s" if k.get("tflops") else None, f"≥ {k['gbps']:.0f} GB/s" if k.get("gbps") else None]
+        return f"{k['kind']} {k['ms']:.2f} ms ({', '.join(r for r in rates if r)})"
+    profiles = [f"- {arch}, {'default path' if api == 'default' else 'cuDNN graph API'}: " + "; ".join(kind_cell(k) for k in kinds)
+                for arch, r in doc["tile"].items() for api, kinds in (r.get("fastdet_profile") or {}).items()]
+    if profiles:
+        out += ["", "fastdet's walk by kind of step (`bench --profile`, each step between timing events, no graph; "
+                "≥ GB/s: its least memory traffic over its time):", ""] + profiles
     for title, key, variants in (("Tile variants (criterion medians)", "tile_criterion", TILE_VARIANTS),
                                  ("SegResNetV2 residual block per level (criterion medians)", "blocks", BLOCK_VARIANTS)):
         groups = doc.get(key) or {}

@@ -72,7 +72,8 @@ pub struct BenchArgs {
     pub plan_memory: bool,
     /// On a GPU, also profile a walk: the time of each step (a conv with what is fused into it, a
     /// norm, ...), on a device-resident input, run without a CUDA graph with a timing event around
-    /// each step; summed by kind of step (median of 3 walks)
+    /// each step; summed by kind of step (median of 3 walks), with the TFLOP/s and the bandwidth
+    /// each kind reaches at the least (its least memory traffic over its time)
     #[arg(long, conflicts_with_all = ["tomogram", "plan_memory"])]
     pub profile: bool,
 }
@@ -110,20 +111,41 @@ struct Row {
 }
 
 /// The steps of a profiled walk summed by kind: (kind, ms, steps, FLOPs), the costliest first.
-fn profile_by_kind(steps: &[StepTime]) -> Vec<(String, f64, usize, u64)> {
-    let mut kinds: Vec<(String, f64, usize, u64)> = Vec::new();
+fn profile_by_kind(steps: &[StepTime]) -> Vec<KindTotal> {
+    let mut kinds: Vec<KindTotal> = Vec::new();
     for s in steps {
-        match kinds.iter_mut().find(|k| k.0 == s.kind) {
+        match kinds.iter_mut().find(|k| k.kind == s.kind) {
             Some(k) => {
-                k.1 += s.ms;
-                k.2 += 1;
-                k.3 += s.flops;
+                k.ms += s.ms;
+                k.steps += 1;
+                k.flops += s.flops;
+                k.min_bytes += s.min_bytes;
             }
-            None => kinds.push((s.kind.clone(), s.ms, 1, s.flops)),
+            None => kinds.push(KindTotal { kind: s.kind.clone(), ms: s.ms, steps: 1, flops: s.flops, min_bytes: s.min_bytes }),
         }
     }
-    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    kinds.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     kinds
+}
+
+/// A profile's steps of one kind, summed.
+struct KindTotal {
+    kind: String,
+    ms: f64,
+    steps: usize,
+    flops: u64,
+    /// Their least memory traffic: divided by the time, the bandwidth they reach at the least.
+    min_bytes: u64,
+}
+
+impl KindTotal {
+    fn tflops(&self) -> Option<f64> {
+        (self.flops > 0 && self.ms > 0.0).then(|| self.flops as f64 / (self.ms * 1e-3) * 1e-12)
+    }
+
+    fn gbps(&self) -> Option<f64> {
+        (self.min_bytes > 0 && self.ms > 0.0).then(|| self.min_bytes as f64 / (self.ms * 1e-3) * 1e-9)
+    }
 }
 
 impl Row {
@@ -297,10 +319,11 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     "profile": r.profile.as_ref().map(|steps| serde_json::json!({
                         "steps": steps.iter().map(|s| serde_json::json!({
                             "ops": [s.first, s.first + s.used], "label": s.label, "kind": s.kind, "ms": s.ms, "gflop": s.flops as f64 * 1e-9,
+                            "min_gbytes": s.min_bytes as f64 * 1e-9,
                         })).collect::<Vec<_>>(),
-                        "by_kind": profile_by_kind(steps).iter().map(|(k, ms, count, flops)| serde_json::json!({
-                            "kind": k, "ms": ms, "steps": count, "gflop": *flops as f64 * 1e-9,
-                            "tflops": if *flops > 0 && *ms > 0.0 { Some(*flops as f64 / (ms * 1e-3) * 1e-12) } else { None },
+                        "by_kind": profile_by_kind(steps).iter().map(|k| serde_json::json!({
+                            "kind": k.kind, "ms": k.ms, "steps": k.steps, "gflop": k.flops as f64 * 1e-9, "tflops": k.tflops(),
+                            "min_gbytes": k.min_bytes as f64 * 1e-9, "gbps": k.gbps(),
                         })).collect::<Vec<_>>(),
                         "sum_ms": steps.iter().map(|s| s.ms).sum::<f64>(),
                     })),
@@ -356,9 +379,10 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             if let Some(steps) = &r.profile {
                 let sum: f64 = steps.iter().map(|s| s.ms).sum();
                 fastdet::outln!("  profile of one walk of {} tile(s), {} steps, {sum:.2} ms in all (each step between timing events, no graph):", a.batch, steps.len())?;
-                for (kind, ms, count, flops) in profile_by_kind(steps) {
-                    let rate = if flops > 0 && ms > 0.0 { format!("{:>7.1} TFLOP/s", flops as f64 / (ms * 1e-3) * 1e-12) } else { String::new() };
-                    fastdet::outln!("    {kind:<40} {ms:>9.3} ms {:>5.1}%  {count:>3} step(s)  {rate}", 100.0 * ms / sum.max(f64::MIN_POSITIVE))?;
+                for k in profile_by_kind(steps) {
+                    let flops = k.tflops().map(|r| format!("{r:>7.1} TFLOP/s")).unwrap_or_else(|| " ".repeat(15));
+                    let bytes = k.gbps().map(|r| format!("  {r:>7.0} GB/s at least")).unwrap_or_default();
+                    fastdet::outln!("    {:<40} {:>9.3} ms {:>5.1}%  {:>3} step(s)  {flops}{bytes}", k.kind, k.ms, 100.0 * k.ms / sum.max(f64::MIN_POSITIVE), k.steps)?;
                 }
             }
         }

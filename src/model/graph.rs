@@ -286,6 +286,41 @@ impl Graph {
         }
     }
 
+    /// The least device memory traffic of ops `first..first + used` run as one step on `n`
+    /// tiles, in bytes: each value they read from outside the span once, each value they produce
+    /// that is read after it (or is a score or offset map) written once, and the weights of their
+    /// convolutions once; activations in fp16, the score and offset maps in f32 (as the CUDA
+    /// engine stores them). What a step's time compares with at the card's bandwidth.
+    pub fn span_min_bytes(&self, first: usize, used: usize, tile: [usize; 3], n: usize) -> u64 {
+        let span = first..first + used;
+        let mut read: Vec<ValueId> = Vec::new();
+        let mut weights = 0usize;
+        for op in &self.ops[span.clone()] {
+            for &v in &op.inputs {
+                let produced_inside = self.ops[span.clone()].iter().any(|o| o.output == v);
+                if !produced_inside && !read.contains(&v) {
+                    read.push(v);
+                }
+            }
+            weights += match &op.kind {
+                OpKind::Conv { cin, cout, k, .. } => cin * cout * k * k * k,
+                OpKind::ConvTranspose2 { cin, cout, .. } => cin * cout * 8,
+                _ => 0,
+            };
+        }
+        let read_later = |v: ValueId| self.ops[span.end..].iter().any(|o| o.inputs.contains(&v));
+        let mut bytes: usize = read.iter().map(|&v| self.numel(v, tile) * 2 * n).sum();
+        for op in &self.ops[span.clone()] {
+            let v = op.output;
+            if v == self.scores || v == self.offsets {
+                bytes += self.numel(v, tile) * 4 * n;
+            } else if read_later(v) {
+                bytes += self.numel(v, tile) * 2 * n;
+            }
+        }
+        (bytes + weights * 2) as u64
+    }
+
     /// For each value, the index of the last op that reads it (outputs live to the end).
     pub fn last_use(&self) -> Vec<usize> {
         let mut last = vec![0usize; self.values.len()];
@@ -381,6 +416,38 @@ mod tests {
             let f = g.flops([192, 128, 128]) as f64 / 1e9;
             assert!(f > 50.0 && f < 5000.0, "{f}");
         }
+    }
+
+    #[test]
+    fn a_steps_least_traffic_counts_what_crosses_its_edges_once() {
+        let g = Graph::build(&ModelSpec::seed(Arch::Segresnetv2)).unwrap();
+        let tile = [32, 32, 32];
+        let bytes = |v: ValueId| g.numel(v, tile) as u64 * 2;
+        let conv_weights = |op: &Op| match &op.kind {
+            OpKind::Conv { cin, cout, k, .. } => (cin * cout * k * k * k * 2) as u64,
+            OpKind::ConvTranspose2 { cin, cout, .. } => (cin * cout * 16) as u64,
+            _ => 0,
+        };
+        // An add alone: two reads and a write; twice that for two tiles.
+        let i = g.ops.iter().position(|o| matches!(o.kind, OpKind::Add)).unwrap();
+        let add = &g.ops[i];
+        let one = bytes(add.inputs[0]) + bytes(add.inputs[1]) + bytes(add.output);
+        assert_eq!(g.span_min_bytes(i, 1, tile, 1), one);
+        assert_eq!(g.span_min_bytes(i, 1, tile, 2), 2 * one);
+        // The first conv: the input tile, its weights, its output (read by the next op).
+        let c = &g.ops[0];
+        assert_eq!(g.span_min_bytes(0, 1, tile, 1), bytes(c.inputs[0]) + conv_weights(c) + bytes(c.output));
+        // The first two ops as one step: the value between them never leaves it.
+        let (a, b) = (&g.ops[0], &g.ops[1]);
+        assert_eq!(b.inputs[0], a.output);
+        let later = g.ops[2..].iter().any(|o| o.inputs.contains(&a.output));
+        let between = if later { bytes(a.output) } else { 0 };
+        assert_eq!(g.span_min_bytes(0, 2, tile, 1), bytes(a.inputs[0]) + conv_weights(a) + conv_weights(b) + between + bytes(b.output));
+        // The whole network: the tile in, every weight, the maps out (f32).
+        let all = g.span_min_bytes(0, g.ops.len(), tile, 1);
+        let weights: u64 = g.ops.iter().map(conv_weights).sum();
+        let maps = (g.numel(g.scores, tile) + g.numel(g.offsets, tile)) as u64 * 4;
+        assert_eq!(all, bytes(g.input) + weights + maps);
     }
 
     #[test]

@@ -414,6 +414,8 @@ pub struct StepTime {
     pub kind: String,
     pub ms: f64,
     pub flops: u64,
+    /// The least memory traffic the step's ops need (`Graph::span_min_bytes`).
+    pub min_bytes: u64,
 }
 
 fn f32_of(w: &Weights, name: &str) -> Result<Vec<f32>> {
@@ -1155,7 +1157,8 @@ impl CudaEngine {
                 let label = format!("{} @ {}x{}x{}", ops.iter().map(|o| describe(o, true)).collect::<Vec<_>>().join(" + "), d[0], d[1], d[2]);
                 let kind = ops.iter().map(|o| describe(o, false)).collect::<Vec<_>>().join(" + ");
                 let flops = ops.iter().map(|o| g.op_flops(o, tile)).sum::<u64>() * n as u64;
-                Ok(StepTime { first: m.first, used: m.used, label, kind, ms: self.gpu.elapsed_ms(&m.start, &m.end)?, flops })
+                let min_bytes = g.span_min_bytes(m.first, m.used, tile, n);
+                Ok(StepTime { first: m.first, used: m.used, label, kind, ms: self.gpu.elapsed_ms(&m.start, &m.end)?, flops, min_bytes })
             })
             .collect()
     }
