@@ -110,7 +110,7 @@ struct Row {
     conv_algorithms: Vec<(String, [usize; 3], String)>,
 }
 
-/// The steps of a profiled walk summed by kind: (kind, ms, steps, FLOPs), the costliest first.
+/// The steps of a profiled walk summed by kind, the costliest first.
 fn profile_by_kind(steps: &[StepTime]) -> Vec<KindTotal> {
     let mut kinds: Vec<KindTotal> = Vec::new();
     for s in steps {
