@@ -79,6 +79,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     let flops = g.flops(a.tile);
     let peak = g.peak_activation_bytes(a.tile, 4);
     let peak16 = g.peak_activation_bytes(a.tile, 2);
+    let traffic = g.min_bytes_op_by_op(a.tile, 1);
     if a.json {
         let widths = serde_json::to_value(&w.spec)?;
         let j = serde_json::json!({
@@ -93,6 +94,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             "flops": flops,
             "activation_peak_bytes_f32": peak,
             "activation_peak_bytes_f16": peak16,
+            "min_traffic_bytes_op_by_op": traffic,
             "ops": g.ops.len(),
             "sources": w.metadata.get("fastdet.sources").and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
         });
@@ -109,6 +111,10 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             "memory    peak activations {:.1} MiB f32 ({:.1} MiB f16) per tile, buffers reused after last use",
             peak as f64 / 1048576.0,
             peak16 as f64 / 1048576.0
+        )?;
+        fastdet::outln!(
+            "traffic   at least {:.2} GB per tile op by op (each op reads its inputs and writes its output once, fp16; weights once)",
+            traffic as f64 * 1e-9
         )?;
         if a.graph {
             fastdet::outln!("\n{}", g.describe(a.tile))?;

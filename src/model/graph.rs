@@ -321,6 +321,11 @@ impl Graph {
         (bytes + weights * 2) as u64
     }
 
+    /// The least memory traffic of `n` tiles with every op a step of its own (no fusion).
+    pub fn min_bytes_op_by_op(&self, tile: [usize; 3], n: usize) -> u64 {
+        (0..self.ops.len()).map(|i| self.span_min_bytes(i, 1, tile, n)).sum()
+    }
+
     /// For each value, the index of the last op that reads it (outputs live to the end).
     pub fn last_use(&self) -> Vec<usize> {
         let mut last = vec![0usize; self.values.len()];
@@ -448,6 +453,11 @@ mod tests {
         let weights: u64 = g.ops.iter().map(conv_weights).sum();
         let maps = (g.numel(g.scores, tile) + g.numel(g.offsets, tile)) as u64 * 4;
         assert_eq!(all, bytes(g.input) + weights + maps);
+        // Op by op, every value between two ops goes out and comes back: more than any fusion.
+        let op_by_op = g.min_bytes_op_by_op(tile, 1);
+        assert!(op_by_op > g.span_min_bytes(0, 2, tile, 1) + g.span_min_bytes(2, g.ops.len() - 2, tile, 1));
+        assert!(g.span_min_bytes(0, 2, tile, 1) + g.span_min_bytes(2, g.ops.len() - 2, tile, 1) > all);
+        assert_eq!(g.min_bytes_op_by_op(tile, 3), 3 * op_by_op - 2 * weights);
     }
 
     #[test]
