@@ -18,7 +18,7 @@ struct Cli {
 enum Command {
     /// Convert PyTorch checkpoints (.ckpt/.pt/.safetensors) into fastdet fp16 weights
     Convert(cli::convert::ConvertArgs),
-    /// Show a weights file: architecture, widths, classes, parameters, FLOPs and memory per tile
+    /// Show a weights file: architecture, widths, classes, parameters, FLOPs, memory and least traffic per tile
     Inspect(cli::convert::InspectArgs),
     /// Run one model on input tiles from a safetensors file (debugging, cross-checks)
     Forward(cli::forward::ForwardArgs),
