@@ -307,12 +307,13 @@ fn heuristics(graph: &Desc, mode: sys::cudnnBackendHeurMode_t) -> Result<Vec<Des
 /// each configuration's `name` (and whether it was read in full), its `notes` verdict (`usable`;
 /// notes that cannot be read leave it in as possibly nondeterministic, behind the deterministic
 /// ones, where timing and the self-test still judge it) and its `build` (a plan and its
-/// workspace, or why not). The lists overlap: a configuration read in full is built once; one
-/// whose name is partial cannot be told apart and keeps its place (its position is added to the
-/// name); one seen before, built or left out, is not judged again. The scan stops once `keep` are built and one of them is deterministic, so a
-/// deterministic one further down still gets in; the result is deterministic ones first in
-/// heuristic order, then the others, at most `keep`. Each configuration left out adds its
-/// reason to `why`. Returns (configuration, build, deterministic, name).
+/// workspace, or why not). The lists overlap: a configuration read in full is judged once,
+/// built or left out; one whose name is partial cannot be told apart and keeps its place (its
+/// position is added to the name). The scan stops once `keep` are built and one of them is
+/// deterministic, so a deterministic one further down still gets in; the result is
+/// deterministic ones first in heuristic order, then the others, at most `keep`. Each
+/// configuration left out adds its reason to `why`. Returns (configuration, build,
+/// deterministic, name).
 #[allow(clippy::type_complexity)]
 fn select_candidates<C, B>(
     configs: Vec<C>,
