@@ -303,6 +303,10 @@ fn heuristics(graph: &Desc, mode: sys::cudnnBackendHeurMode_t) -> Result<Vec<Des
     heur.get_descs(Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS, Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, n.min(64))
 }
 
+/// How many nondeterministic candidates past `keep` `select_candidates` builds looking for a
+/// deterministic one.
+const SEARCH_PAST_KEEP: usize = 8;
+
 /// The engine configurations to build, from cuDNN's heuristic lists (`configs`, best first):
 /// each configuration's `name` (and whether it was read in full), its `notes` verdict (`usable`;
 /// notes that cannot be read leave it in as possibly nondeterministic, behind the deterministic
@@ -310,7 +314,9 @@ fn heuristics(graph: &Desc, mode: sys::cudnnBackendHeurMode_t) -> Result<Vec<Des
 /// workspace, or why not). The lists overlap: a configuration read in full is judged once,
 /// built or left out; one whose name is partial cannot be told apart and keeps its place (its
 /// position is added to the name). The scan stops once `keep` are built and one of them is
-/// deterministic, so a deterministic one further down still gets in; the result is
+/// deterministic, so a deterministic one further down still gets in, or once
+/// `keep + SEARCH_PAST_KEEP` are built without one (each build finalizes a plan: host time at
+/// every start); the result is
 /// deterministic ones first in heuristic order, then the others, at most `keep`. Each
 /// configuration left out adds its reason to `why`. Returns (configuration, build,
 /// deterministic, name).
@@ -326,7 +332,7 @@ fn select_candidates<C, B>(
     let mut out: Vec<(C, B, bool, String)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (position, cfg) in configs.into_iter().enumerate() {
-        if out.len() >= keep && out.iter().any(|c| c.2) {
+        if out.len() >= keep && (out.iter().any(|c| c.2) || out.len() >= keep + SEARCH_PAST_KEEP) {
             break;
         }
         let name = match name(&cfg) {
@@ -640,6 +646,11 @@ mod tests {
         // Names not read in full are never merged: their positions tell them apart.
         let (got, _, _) = run(vec![("eng?", false, Some(true), true), ("eng?", false, Some(true), true)], 4);
         assert_eq!(got, [("eng? #0".to_string(), true), ("eng? #1".to_string(), true)]);
+        // No deterministic one anywhere: the search stops SEARCH_PAST_KEEP builds past `keep`.
+        let many: Vec<Cfg> = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7", "e8", "e9", "e10", "e11", "e12", "e13"].iter().map(|&n| (n, true, Some(false), true)).collect();
+        let (got, _, built) = run(many, 2);
+        assert_eq!(built.len(), 2 + SEARCH_PAST_KEEP);
+        assert_eq!(got, [("e0".to_string(), false), ("e1".to_string(), false)]);
         // Nothing usable: empty, every reason kept.
         let (got, why, _) = run(vec![("eng7", true, None, true), ("eng8", true, Some(true), false)], 3);
         assert!(got.is_empty());
