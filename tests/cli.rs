@@ -81,14 +81,17 @@ fn bench_reports_time_and_flops_per_tile() {
     let gflop = j["models"][0]["gflop_per_tile"].as_f64().unwrap();
     let want = info["flops"].as_f64().unwrap() * 1e-9;
     assert!((gflop - want).abs() <= 1e-3 * want, "{gflop} vs inspect {want}");
-    // A profiled walk of the CUDA engine (emulated) fuses some ops into one step: its steps'
-    // least traffic is below inspect's op-by-op figure, and not by more than half.
-    let o = fastdet().args(["bench", "--device", "emu", "--tile", "32,32,32", "--iters", "1", "--warmup", "0", "--profile", "--json", "--weights"]).arg(&w).output().unwrap();
+    // A profiled walk of the CUDA engine (emulated) fuses SegResNetV2's upsample and skip add
+    // into one step and the head's last norms into the 1x1x1 convs' loads: its steps' least
+    // traffic is below inspect's op-by-op figure, but not by half.
+    let seg = root().join("weights/demo_segresnetv2.safetensors");
+    let o = fastdet().args(["inspect", "--json", "--tile", "32,32,32"]).arg(&seg).output().unwrap();
+    let op_by_op = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["min_traffic_bytes_op_by_op"].as_f64().unwrap() * 1e-9;
+    let o = fastdet().args(["bench", "--device", "emu", "--tile", "32,32,32", "--iters", "1", "--warmup", "0", "--profile", "--json", "--weights"]).arg(&seg).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let steps: f64 = j["models"][0]["profile"]["steps"].as_array().unwrap().iter().map(|s| s["min_gbytes"].as_f64().unwrap()).sum();
-    let op_by_op = info["min_traffic_bytes_op_by_op"].as_f64().unwrap() * 1e-9;
-    assert!(steps < op_by_op && steps > 0.5 * op_by_op, "profile steps {steps} GB vs op by op {op_by_op} GB");
+    assert!(steps < 0.99 * op_by_op && steps > 0.5 * op_by_op, "profile steps {steps} GB vs op by op {op_by_op} GB");
 
     // Per tomogram: the pipeline's FLOPs are tiles x the per-tile FLOPs of the ensemble.
     let o = fastdet()

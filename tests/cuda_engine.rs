@@ -386,7 +386,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert!(text.contains("cold start 0.40 s to the first tile; kernels: 13 files, 0 compiled (0.0 s), loaded in 0.05 s"), "{text}");
     assert!(text.contains("blending on the GPU; upload 0.03") && text.contains("blending on the CPU; upload 0.00"), "{text}");
     // Device memory of the tomogram's worker: fastdet's buffers and the whole card.
-    assert!(text.contains("; device memory: fastdet's peak 1843 MiB, card in use 2662 MiB)"), "{text}");
+    assert!(text.contains("; fastdet's device memory peak 1843 MiB; card memory in use 2662 MiB)"), "{text}");
     assert!((r["tomogram_peak_mem_gib"].as_f64().unwrap() - 1843.0 / 1024.0).abs() < 1e-12 && (r["card_mem_gib"].as_f64().unwrap() - 2662.0 / 1024.0).abs() < 1e-12);
     assert!(md.contains("1.80 GiB (the tomogram's ensemble; card in use 2.60 GiB)"), "{md}");
     assert!(text.contains("block 32ch_8x8x8") && text.contains("tc_fused 1.500 ms"), "{text}");
@@ -600,13 +600,15 @@ fn results_json_reads_the_benches_the_binary_writes() {
         let by_kind: f64 = p["by_kind"].as_array().unwrap().iter().map(|k| k["ms"].as_f64().unwrap()).sum();
         assert!(sum > 0.0 && (sum - by_kind).abs() < 1e-9 * sum, "{arch}: {sum} vs {by_kind}");
         assert!(p["by_kind"].as_array().unwrap().iter().any(|k| k["kind"].as_str().unwrap().starts_with("conv3x3x3")), "{arch}: {p}");
-        // Each step's least traffic: more than nothing, summed by kind, and a bandwidth from it.
-        assert!(steps.iter().all(|st| st["min_gbytes"].as_f64().unwrap() > 0.0), "{arch}: {p}");
+        // Each step's least traffic: more than nothing for a conv (a norm applied in the next
+        // conv's loads may move nothing), summed by kind, and a bandwidth from it.
+        assert!(steps.iter().all(|st| st["min_gbytes"].as_f64().unwrap() >= 0.0), "{arch}: {p}");
+        assert!(steps.iter().filter(|st| st["kind"].as_str().unwrap().starts_with("conv")).all(|st| st["min_gbytes"].as_f64().unwrap() > 0.0), "{arch}: {p}");
         let gbytes = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x["min_gbytes"].as_f64().unwrap()).sum::<f64>();
         assert!((gbytes(&p["steps"]) - gbytes(&p["by_kind"])).abs() < 1e-12, "{arch}: {p}");
         for k in p["by_kind"].as_array().unwrap() {
             let (gb, ms) = (k["min_gbytes"].as_f64().unwrap(), k["ms"].as_f64().unwrap());
-            if ms > 0.0 {
+            if ms > 0.0 && gb > 0.0 {
                 assert!((k["gbps"].as_f64().unwrap() - gb / (ms * 1e-3)).abs() <= 1e-9 * gb / (ms * 1e-3), "{arch}: {k}");
             }
         }

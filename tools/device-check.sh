@@ -539,8 +539,8 @@ if "s_per_tomogram" in d:  # fastdet bench --tomogram
           f"({m.get('segresnetv2')} SegResNetV2 + {m.get('dynunet')} DynUNet, batch {d.get('batch', 1)}, blending on the {'GPU' if d.get('device_blend') else 'CPU'}; "
           f"upload {d.get('upload_s') or 0.0:.2f}{' overlapped' if d.get('upload_overlapped') else ''}, infer {d['infer_s']:.2f}, blend {d['blend_s']:.2f}, "
           f"detect {d['detect_s']:.2f} s; {d['tflops']:.1f} TFLOP/s; first tile {d.get('cold_start_s') or float('nan'):.2f} s after start"
-          + (f"; device memory: fastdet's peak {d['device_memory_peak_mib']:.0f} MiB" if d.get("device_memory_peak_mib") is not None else "")
-          + (f", card in use {d['card_memory_in_use_mib']:.0f} MiB" if d.get("card_memory_in_use_mib") is not None else "") + ")")
+          + (f"; fastdet's device memory peak {d['device_memory_peak_mib']:.0f} MiB" if d.get("device_memory_peak_mib") is not None else "")
+          + (f"; card memory in use {d['card_memory_in_use_mib']:.0f} MiB" if d.get("card_memory_in_use_mib") is not None else "") + ")")
     raise SystemExit(0)
 if "floor_s" in d:  # tools/results_json.py
     print(f"{name}: " + json.dumps({k: d.get(k) for k in ("tomogram_s", "tomogram_host_blend_s", "floor_s", "cold_start_s", "cold_start_kernels_compiled",

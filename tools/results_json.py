@@ -156,12 +156,12 @@ def assemble(d, commit, date):
                "fastdet_graph_ms": None, "fastdet_graph_device_ms": None, "conv_choice": None, "conv_variants_ms": None, "floor_ms": None,
                "torch_profile": None, "fastdet_profile": None}
         # fastdet bench --profile: a walk's time by kind of step, on the default path and cuDNN's graph API.
-        prof = {}
+        walk_kinds = {}
         for doc, api in ((fd, "default"), (fd_graph, "cudnn_graph")):
             p = (model_of(doc, arch) or {}).get("profile")
             if p:
-                prof[api] = [{k: kind.get(k) for k in ("kind", "ms", "steps", "tflops", "gbps")} for kind in p.get("by_kind", [])]
-        row["fastdet_profile"] = prof or None
+                walk_kinds[api] = [{k: kind.get(k) for k in ("kind", "ms", "steps", "tflops", "gbps")} for kind in p.get("by_kind", [])]
+        row["fastdet_profile"] = walk_kinds or None
         if torch:
             best = torch.get("best", {}).get(arch, {})
             row["torch_eager_ms"] = best.get("eager_ms")
@@ -282,8 +282,8 @@ def markdown(doc):
         out += ["", "PyTorch's time per call by kernel class (torch.profiler, kernels' own time):", ""] + profiles
 
     def kind_cell(k):
-        rates = [f"{k['tflops']:.0f} TFLOP/s" if k.get("tflops") else None, f"≥ {k['gbps']:.0f} GB/s" if k.get("gbps") else None]
-        return f"{k['kind']} {k['ms']:.2f} ms ({', '.join(r for r in rates if r)})"
+        rates = [r for r in (f"{k['tflops']:.0f} TFLOP/s" if k.get("tflops") else None, f"≥ {k['gbps']:.0f} GB/s" if k.get("gbps") else None) if r]
+        return f"{k['kind']} {k['ms']:.2f} ms" + (f" ({', '.join(rates)})" if rates else "")
     profiles = [f"- {arch}, {'default path' if api == 'default' else 'cuDNN graph API'}: " + "; ".join(kind_cell(k) for k in kinds)
                 for arch, r in doc["tile"].items() for api, kinds in (r.get("fastdet_profile") or {}).items()]
     if profiles:

@@ -113,7 +113,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             peak16 as f64 / 1048576.0
         )?;
         fastdet::outln!(
-            "traffic   at least {:.2} GB per tile op by op (each op reads its inputs and writes its output once, fp16; weights once)",
+            "traffic   at least {:.2} GB per tile op by op (each op reads its inputs and writes its output once: activations fp16, maps f32; weights once)",
             traffic as f64 * 1e-9
         )?;
         if a.graph {

@@ -166,6 +166,16 @@ impl Builder {
     }
 }
 
+/// Weights of a convolution (`cout * cin * k^3`; 8 taps for the transposed 2x2x2 one); 0 for
+/// the ops without any.
+pub fn op_weight_elems(op: &Op) -> usize {
+    match &op.kind {
+        OpKind::Conv { cin, cout, k, .. } => cin * cout * k * k * k,
+        OpKind::ConvTranspose2 { cin, cout, .. } => cin * cout * 8,
+        _ => 0,
+    }
+}
+
 impl Graph {
     pub fn build(spec: &ModelSpec) -> Result<Graph> {
         if spec.stride != 2 {
@@ -279,9 +289,11 @@ impl Graph {
 
     pub fn op_flops(&self, op: &Op, tile: [usize; 3]) -> u64 {
         let vox = |v: ValueId| self.dims(v, tile).iter().product::<usize>() as u64;
+        let w = op_weight_elems(op) as u64;
         match &op.kind {
-            OpKind::Conv { cin, cout, k, .. } => 2 * (*cin * *cout * k * k * k) as u64 * vox(op.output),
-            OpKind::ConvTranspose2 { cin, cout, .. } => 2 * (*cin * *cout * 8) as u64 * vox(op.inputs[0]),
+            OpKind::Conv { .. } => 2 * w * vox(op.output),
+            // Each input voxel meets every weight once (kernel 2, stride 2).
+            OpKind::ConvTranspose2 { .. } => 2 * w * vox(op.inputs[0]),
             _ => 0,
         }
     }
@@ -289,8 +301,9 @@ impl Graph {
     /// The least device memory traffic of ops `first..first + used` run as one step on `n`
     /// tiles, in bytes: each value they read from outside the span once, each value they produce
     /// that is read after it (or is a score or offset map) written once, and the weights of their
-    /// convolutions once; activations in fp16, the score and offset maps in f32 (as the CUDA
-    /// engine stores them). What a step's time compares with at the card's bandwidth.
+    /// convolutions once; activations and weights in fp16, the score and offset maps in f32 (as
+    /// the CUDA engine stores them; the few weights it keeps in f32, of the first conv and the
+    /// heads', count as fp16). What a step's time compares with at the card's bandwidth.
     pub fn span_min_bytes(&self, first: usize, used: usize, tile: [usize; 3], n: usize) -> u64 {
         let span = first..first + used;
         let mut read: Vec<ValueId> = Vec::new();
@@ -302,11 +315,7 @@ impl Graph {
                     read.push(v);
                 }
             }
-            weights += match &op.kind {
-                OpKind::Conv { cin, cout, k, .. } => cin * cout * k * k * k,
-                OpKind::ConvTranspose2 { cin, cout, .. } => cin * cout * 8,
-                _ => 0,
-            };
+            weights += op_weight_elems(op);
         }
         let read_later = |v: ValueId| self.ops[span.end..].iter().any(|o| o.inputs.contains(&v));
         let mut bytes: usize = read.iter().map(|&v| self.numel(v, tile) * 2 * n).sum();
@@ -428,11 +437,7 @@ mod tests {
         let g = Graph::build(&ModelSpec::seed(Arch::Segresnetv2)).unwrap();
         let tile = [32, 32, 32];
         let bytes = |v: ValueId| g.numel(v, tile) as u64 * 2;
-        let conv_weights = |op: &Op| match &op.kind {
-            OpKind::Conv { cin, cout, k, .. } => (cin * cout * k * k * k * 2) as u64,
-            OpKind::ConvTranspose2 { cin, cout, .. } => (cin * cout * 16) as u64,
-            _ => 0,
-        };
+        let conv_weights = |op: &Op| op_weight_elems(op) as u64 * 2;
         // An add alone: two reads and a write; twice that for two tiles.
         let i = g.ops.iter().position(|o| matches!(o.kind, OpKind::Add)).unwrap();
         let add = &g.ops[i];

@@ -304,7 +304,7 @@ fn heuristics(graph: &Desc, mode: sys::cudnnBackendHeurMode_t) -> Result<Vec<Des
 }
 
 /// How many nondeterministic candidates past `keep` `select_candidates` builds looking for a
-/// deterministic one.
+/// deterministic one (configurations that fail to build do not count: they cost little).
 const SEARCH_PAST_KEEP: usize = 8;
 
 /// The engine configurations to build, from cuDNN's heuristic lists (`configs`, best first):
@@ -397,8 +397,9 @@ pub fn timing_summary(timed: &[(String, f32, bool)], kept: &str) -> String {
 }
 
 impl GraphPlan {
-    /// Heuristics mode A, then the fallback list; at most `keep` candidates are built (each
-    /// build is host work at the engine's opening).
+    /// Heuristics mode A, then the fallback list; at most `keep` candidates are kept, and at
+    /// most `keep + SEARCH_PAST_KEEP` built (each build is host work at the engine's opening).
+    /// Failed builds do not count.
     pub fn new(dnn: &Dnn, shape: ConvShape, keep: usize) -> Result<GraphPlan> {
         let ConvShape { n, dims, cin, cout, k, stride, pad } = shape;
         let what = format!("cuDNN graph conv {k}x{k}x{k}/s{stride}/p{pad} {cin}->{cout} on [{n}, {}, {}, {}]", dims[0], dims[1], dims[2]);

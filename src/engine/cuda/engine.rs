@@ -1121,6 +1121,22 @@ impl CudaEngine {
     /// One walk of `n` tiles of `tile` from `input` (as `forward_device_input` takes it), run
     /// eagerly with a timing mark around each step: where a walk's time goes. The marks keep the
     /// steps apart, so the sum is a little over a graph replay's time.
+    /// The least memory traffic of the step running ops `first..first + used` on `n` tiles:
+    /// the graph's (`Graph::span_min_bytes`), except where this engine moves less than the
+    /// graph says. A norm applied in the next conv's loads writes nothing (and reads its input
+    /// at most once, for statistics the conv did not gather): at least nothing. A concat whose
+    /// first part a transposed conv wrote in place copies only its second input.
+    fn step_min_bytes(&self, first: usize, used: usize, tile: [usize; 3], n: usize) -> u64 {
+        let g = &self.graph;
+        match &self.steps[first] {
+            Step::Norm { deferred: true, .. } => 0,
+            Step::Concat if self.steps.iter().any(|s| matches!(s, Step::ConvT { into_concat: Some(j), .. } if *j == first)) => {
+                (g.numel(g.ops[first].inputs[1], tile) * 2 * 2 * n) as u64
+            }
+            _ => g.span_min_bytes(first, used, tile, n),
+        }
+    }
+
     pub fn profile_walk(&mut self, input: &DevBuf, n: usize, tile: [usize; 3]) -> Result<Vec<StepTime>> {
         // Without graphs the walk has a key of its own (not staged): it runs eagerly, and the
         // graphs held for the other walks stay.
@@ -1157,7 +1173,7 @@ impl CudaEngine {
                 let label = format!("{} @ {}x{}x{}", ops.iter().map(|o| describe(o, true)).collect::<Vec<_>>().join(" + "), d[0], d[1], d[2]);
                 let kind = ops.iter().map(|o| describe(o, false)).collect::<Vec<_>>().join(" + ");
                 let flops = ops.iter().map(|o| g.op_flops(o, tile)).sum::<u64>() * n as u64;
-                let min_bytes = g.span_min_bytes(m.first, m.used, tile, n);
+                let min_bytes = self.step_min_bytes(m.first, m.used, tile, n);
                 Ok(StepTime { first: m.first, used: m.used, label, kind, ms: self.gpu.elapsed_ms(&m.start, &m.end)?, flops, min_bytes })
             })
             .collect()
