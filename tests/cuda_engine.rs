@@ -613,6 +613,18 @@ fn results_json_reads_the_benches_the_binary_writes() {
             }
         }
         assert!(tile_tc["models"][i]["profile"].is_null(), "{arch}: no profile without --profile");
+        // DynUNet's transposed convs write into their concat's buffer: the concat step copies
+        // the skip alone (read and write, fp16).
+        if arch == "dynunet" {
+            let g = fastdet::model::graph::Graph::build(&fastdet::model::spec::ModelSpec::seed(fastdet::model::spec::Arch::Dynunet)).unwrap();
+            let concats: Vec<&serde_json::Value> = steps.iter().filter(|st| st["kind"] == "concat").collect();
+            assert_eq!(concats.len(), 4, "{p}");
+            for st in concats {
+                let op = &g.ops[st["ops"][0].as_u64().unwrap() as usize];
+                let skip = g.numel(op.inputs[1], [32, 32, 32]) as f64;
+                assert!((st["min_gbytes"].as_f64().unwrap() - skip * 4.0 * 1e-9).abs() < 1e-15, "{st}");
+            }
+        }
         // results.json keeps the walk's kinds with their rates.
         let kinds = r["tile"][arch]["fastdet_profile"]["default"].as_array().unwrap();
         assert_eq!(kinds.len(), p["by_kind"].as_array().unwrap().len(), "{arch}");
