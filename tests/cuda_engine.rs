@@ -274,11 +274,18 @@ echo "========= ERROR SUMMARY: 0 errors"
     let out = tmp.path().join("check");
     let calls = tmp.path().join("calls.txt");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/device-check.sh");
+    // A `torch` that imports and has nothing: the PyTorch baseline starts, with the options
+    // FASTDET_TORCH_ARGS adds, and fails, which the check notes without failing.
+    let fake_torch = tmp.path().join("py/torch");
+    std::fs::create_dir_all(&fake_torch).unwrap();
+    std::fs::write(fake_torch.join("__init__.py"), b"").unwrap();
     let o = Command::new("bash")
         .arg(&script)
         .arg(&out)
-        .args(["--skip-torch", "--pack", "--budget", "400", "--data"])
+        .args(["--pack", "--budget", "400", "--data"])
         .arg(tmp.path().join("data"))
+        .env("PYTHONPATH", tmp.path().join("py"))
+        .env("FASTDET_TORCH_ARGS", "--modes compile --batches 1,2")
         .env("FASTDET", &fake)
         .env("FASTDET_CUDA_BENCH", &bench)
         .env("FAKE_CALLS", &calls)
@@ -330,6 +337,12 @@ echo "========= ERROR SUMMARY: 0 errors"
         assert!(line.contains("PASS"), "{line}");
         at += summary[at..].find(line).unwrap() + line.len();
     }
+    // The PyTorch baseline ran with the extra options last, failed on the stand-in torch, and
+    // was only noted.
+    let commands = std::fs::read_to_string(out.join("commands.txt")).unwrap();
+    assert!(text.contains("bench torch") && text.contains("note: bench torch failed"), "{text}");
+    let torch = commands.lines().find(|l| l.starts_with(">> bench torch")).unwrap_or_else(|| panic!("{commands}"));
+    assert!(torch.contains("bench_torch.py --device cuda:0") && torch.contains(" --profile ") && torch.ends_with(" --modes compile --batches 1,2"), "{torch}");
     // The tensor-core bench ran with FASTDET_CONV=tc; the figures reached results.json.
     let calls = std::fs::read_to_string(&calls).unwrap();
     assert!(calls.lines().filter(|l| l.starts_with("bench --device cuda:0 --tile 192,128,128")).count() == 7, "{calls}");

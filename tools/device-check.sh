@@ -70,6 +70,9 @@ environment: FASTDET=path/to/fastdet (default: target/release/fastdet next to th
              FASTDET_CHECK_LIBDIRS=dir:dir (library folders put first on LD_LIBRARY_PATH),
              FASTDET_TORCH_COMPILE_MODE=auto|default|max-autotune (bench_torch.py's --compile-mode;
              default: default),
+             FASTDET_TORCH_ARGS="..." (more bench_torch.py options, split on spaces, after the
+             others so they win: e.g. "--modes compile --batches 1,2" to time torch.compile alone
+             when the budget is short),
              FASTDET_MONAI_WHEEL=path/to/monai-*.whl (default .cache/wheels/monai-1.6.1-py3-none-any.whl
              of the repository, used only when python3 cannot import monai)
 EOF
@@ -444,6 +447,7 @@ if [ $NO_GPU -eq 0 ]; then
         step "bench torch" 240 "$OUT/bench-torch.log" \
             python3 "$ROOT/tools/bench_torch.py" --device "$DEVICE" --json "$OUT/bench-torch.json" \
             --budget "$tb" --compile-mode "${FASTDET_TORCH_COMPILE_MODE:-default}" --profile ${WHEEL_ARGS[@]+"${WHEEL_ARGS[@]}"} \
+            ${FASTDET_TORCH_ARGS:-} \
             || log "note: bench torch failed (PyTorch baseline only; not counted in RESULT; see bench-torch.log)"
     fi
     # The same with the ensemble averaging and blending on the CPU (run --host-blend).
