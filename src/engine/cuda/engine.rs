@@ -414,7 +414,7 @@ pub struct StepTime {
     pub kind: String,
     pub ms: f64,
     pub flops: u64,
-    /// The least memory traffic the step's ops need (`Graph::span_min_bytes`).
+    /// The least memory traffic of the step as this engine runs it (`step_min_bytes`).
     pub min_bytes: u64,
 }
 
@@ -1118,9 +1118,6 @@ impl CudaEngine {
         }
     }
 
-    /// One walk of `n` tiles of `tile` from `input` (as `forward_device_input` takes it), run
-    /// eagerly with a timing mark around each step: where a walk's time goes. The marks keep the
-    /// steps apart, so the sum is a little over a graph replay's time.
     /// The least memory traffic of the step running ops `first..first + used` on `n` tiles:
     /// the graph's (`Graph::span_min_bytes`), except where this engine moves less than the
     /// graph says. A norm applied in the next conv's loads writes nothing (and reads its input
@@ -1137,6 +1134,9 @@ impl CudaEngine {
         }
     }
 
+    /// One walk of `n` tiles of `tile` from `input` (as `forward_device_input` takes it), run
+    /// eagerly with a timing mark around each step: where a walk's time goes. The marks keep the
+    /// steps apart, so the sum is a little over a graph replay's time.
     pub fn profile_walk(&mut self, input: &DevBuf, n: usize, tile: [usize; 3]) -> Result<Vec<StepTime>> {
         // Without graphs the walk has a key of its own (not staged): it runs eagerly, and the
         // graphs held for the other walks stay.
