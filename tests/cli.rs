@@ -71,6 +71,18 @@ fn bench_reports_time_and_flops_per_tile() {
         assert!(m["ms_per_tile_min"].as_f64().unwrap() <= m["ms_per_tile"].as_f64().unwrap());
     }
     assert_eq!(j["tile"], serde_json::json!([32, 32, 32]));
+    // `inspect --arch` shows the same seed networks without a file: the bench's FLOPs, and the
+    // parameters of the weights the bench made for them.
+    for (m, arch) in models.iter().zip([fastdet::model::spec::Arch::Segresnetv2, fastdet::model::spec::Arch::Dynunet]) {
+        let name = m["model"].as_str().unwrap();
+        let o = fastdet().args(["inspect", "--json", "--tile", "32,32,32", "--arch", name]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!((info["flops"].as_f64().unwrap() * 1e-9 - m["gflop_per_tile"].as_f64().unwrap()).abs() < 1e-9, "{name}: {info}");
+        let params = fastdet::weights::Weights::random(&fastdet::model::spec::ModelSpec::seed(arch), 1).param_count();
+        assert_eq!(info["params"].as_u64().unwrap() as usize, params, "{name}");
+        assert_eq!((info["name"].as_str().unwrap(), info["classes"].as_array().unwrap().len()), (format!("seed-{name}").as_str(), 6));
+    }
 
     let w = root().join("weights/demo_dynunet.safetensors");
     let info = fastdet().args(["inspect", "--json", "--tile", "32,32,32"]).arg(&w).output().unwrap();

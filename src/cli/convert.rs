@@ -2,7 +2,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use fastdet::convert::{convert as do_convert, ConvertOptions};
 use fastdet::model::graph::Graph;
-use fastdet::model::spec::Arch;
+use fastdet::model::spec::{Arch, ModelSpec};
+use fastdet::particles::CLASSES;
 use fastdet::weights::Weights;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,10 +58,14 @@ pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
 }
 
 #[derive(Args)]
-#[command(after_help = "Example:\n  fastdet inspect weights/demo_segresnetv2.safetensors --graph --tile 192,128,128")]
+#[command(after_help = "Examples:\n  fastdet inspect weights/demo_segresnetv2.safetensors --graph --tile 192,128,128\n  fastdet inspect --arch dynunet")]
 pub struct InspectArgs {
     /// fastdet weights file (.safetensors written by `fastdet convert`)
-    pub weights: PathBuf,
+    #[arg(required_unless_present = "arch")]
+    pub weights: Option<PathBuf>,
+    /// Instead of a file: the seed configuration's network of this architecture, at its widths
+    #[arg(long, value_parser = ["segresnetv2", "dynunet"], conflicts_with = "weights")]
+    pub arch: Option<String>,
     /// Emit one JSON object
     #[arg(long)]
     pub json: bool,
@@ -72,8 +77,31 @@ pub struct InspectArgs {
     pub tile: [usize; 3],
 }
 
+/// What `inspect` shows of a network: from a weights file or the seed's spec.
+struct Inspected {
+    name: String,
+    spec: ModelSpec,
+    classes: Vec<String>,
+    params: usize,
+    /// The converter's record of the checkpoints (JSON), for a file that has one.
+    sources: Option<String>,
+}
+
 pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
-    let w = Weights::load(&a.weights)?;
+    // A file's weights, or the seed's spec alone (its parameters counted from the tensors it needs).
+    let (what, w) = match (&a.weights, &a.arch) {
+        (Some(p), _) => {
+            let w = Weights::load(p)?;
+            (p.display().to_string(), Inspected { params: w.param_count(), sources: w.metadata.get("fastdet.sources").cloned(), name: w.name, spec: w.spec, classes: w.classes })
+        }
+        (None, Some(arch)) => {
+            let spec = ModelSpec::seed(Arch::parse(arch)?);
+            let params = spec.required_tensors().iter().map(|(_, shape)| shape.iter().product::<usize>()).sum();
+            let classes = CLASSES.iter().take(spec.num_classes).map(|c| c.name.to_string()).collect();
+            (format!("the seed's {arch}"), Inspected { name: format!("seed-{arch}"), spec, classes, params, sources: None })
+        }
+        (None, None) => bail!("inspect needs a weights file or --arch"),
+    };
     let g = Graph::build(&w.spec)?;
     g.check_tile(a.tile).map_err(|e| e.context("--tile"))?;
     let flops = g.flops(a.tile);
@@ -88,7 +116,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             "num_classes": w.spec.num_classes,
             "classes": w.classes,
             "stride": w.spec.stride,
-            "params": w.param_count(),
+            "params": w.params,
             "widths": widths,
             "tile": a.tile,
             "flops": flops,
@@ -96,15 +124,15 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             "activation_peak_bytes_f16": peak16,
             "min_traffic_bytes_op_by_op": traffic,
             "ops": g.ops.len(),
-            "sources": w.metadata.get("fastdet.sources").and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
+            "sources": w.sources.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
         });
         fastdet::outln!("{}", serde_json::to_string_pretty(&j)?)?;
     } else {
-        fastdet::outln!("{}  ({})", a.weights.display(), w.name)?;
+        fastdet::outln!("{what}  ({})", w.name)?;
         fastdet::outln!("arch      {}", w.spec.arch.name())?;
         fastdet::outln!("widths    {}", w.spec.widths_summary())?;
         fastdet::outln!("classes   {}", w.classes.join(", "))?;
-        fastdet::outln!("params    {} (fp16, {:.1} MiB)", w.param_count(), w.param_count() as f64 * 2.0 / 1048576.0)?;
+        fastdet::outln!("params    {} (fp16, {:.1} MiB)", w.params, w.params as f64 * 2.0 / 1048576.0)?;
         fastdet::outln!("tile      {}x{}x{}", a.tile[0], a.tile[1], a.tile[2])?;
         fastdet::outln!("FLOPs     {:.2} GFLOP per tile (convolutions, 2 per multiply-add)", flops as f64 / 1e9)?;
         fastdet::outln!(
