@@ -306,7 +306,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     // The synthetic data it made is removed (it carries the script's mark).
     assert!(!tmp.path().join("data").exists());
     // Each step passed, in this order: the full self-test and the timed run before the longer
-    // benchmarks.
+    // benchmarks (the PyTorch baseline, failing here on a stand-in torch, is checked below).
     let steps = [
         "selftest --quick",
         "bench fastdet ",
@@ -342,6 +342,9 @@ echo "========= ERROR SUMMARY: 0 errors"
     let commands = std::fs::read_to_string(out.join("commands.txt")).unwrap();
     assert!(text.contains("bench torch") && text.contains("note: bench torch failed"), "{text}");
     let torch = commands.lines().find(|l| l.starts_with(">> bench torch")).unwrap_or_else(|| panic!("{commands}"));
+    // Its place: after the tomogram benches, before the synthetic run.
+    let at = |name: &str| commands.find(&format!(">> {name}")).unwrap_or_else(|| panic!("{name}: {commands}"));
+    assert!(at("bench tomogram measured choice") < at("bench torch") && at("bench torch") < at("synth 2 runs"), "{commands}");
     assert!(torch.contains("bench_torch.py --device cuda:0") && torch.contains(" --profile ") && torch.ends_with(" --modes compile --batches 1,2"), "{torch}");
     // The tensor-core bench ran with FASTDET_CONV=tc; the figures reached results.json.
     let calls = std::fs::read_to_string(&calls).unwrap();

@@ -7,17 +7,17 @@
 #   3b. times `fastdet bench` (both seed networks, one 192x128x128 tile: batch 1 with a profile of
 #      a walk, batch 2, the tensor-core path, the measured choice, and the Python wheels' cuDNN
 #      where the system has another), runs the full `fastdet selftest` (192x128x128 networks,
-#      whole-tomogram CPU-vs-GPU check) and times the seed ensemble of 5+5 models on one whole
-#      tomogram of FASTDET_CHECK_SHAPE,
+#      whole-tomogram CPU-vs-GPU check), times the seed ensemble of 5+5 models on one whole
+#      tomogram of FASTDET_CHECK_SHAPE, then the PyTorch baseline tools/bench_torch.py (fp16 cuDNN
+#      eager + torch.compile, batches 1,2,4, or what FASTDET_TORCH_ARGS says; needs python3 with
+#      torch; monai comes from .cache/wheels/ when it is not installed; --skip-torch skips it),
 #   4. writes two synthetic 184x630x630 tomograms and times `fastdet run` on the GPU with the demo
 #      weights and the seed window/tiles (+ `fastdet score` against its ground truth), then runs
 #      it again and with two workers on the card (--devices cuda:N,cuda:N): both must write the
 #      same bytes,
-#   4a. with the time left, in this order: the PyTorch baseline tools/bench_torch.py (fp16 cuDNN
-#      eager + torch.compile, batches 1,2,4; needs python3 with torch; monai comes from
-#      .cache/wheels/ when it is not installed; --skip-torch skips it), the tomogram blended on
-#      the host and with two tiles per walk, cuDNN's graph API with its runtime-compiled engines,
-#      the criterion bench benches/cuda_ops.rs when its binary was carried,
+#   4a. with the time left, in this order: the tomogram blended on the host and with two tiles
+#      per walk, cuDNN's graph API with its runtime-compiled engines, the criterion bench
+#      benches/cuda_ops.rs when its binary was carried,
 #   4b. compute-sanitizer memcheck and racecheck over the self-test's kernel rows
 #      (--no-sanitizer skips them),
 #   5. optionally (--cpu-run) the same `fastdet run` on the CPU for comparison (slow),
@@ -375,6 +375,37 @@ if [ $NO_GPU -eq 0 ]; then
     # its choices in the check's kernel cache for this batch and window, so nothing is timed again.
     bench_step "bench tomogram measured choice" 150 bench-tomogram-measure FASTDET_CONV=measure \
         -- --tomogram "$SHAPE" --models 5,5 --iters 2 --warmup 1 || FAILED=1
+
+    # The PyTorch baseline, the speed targets' reference, in the same call on the same card:
+    # before the synthetic run (whose paths the self-test's pipeline section covers too).
+    rm -f "$OUT/bench-torch.json"
+    if [ $TORCH_BENCH -eq 0 ]; then
+        log "bench torch: skipped (--skip-torch)"
+    elif ! command -v python3 > /dev/null 2>&1; then
+        log "bench torch: skipped (no python3)"
+    elif ! timeout 120 python3 -c 'import torch' > "$OUT/bench-torch-import.txt" 2>&1; then
+        log "bench torch: skipped (python3 cannot import torch: $(tail -1 "$OUT/bench-torch-import.txt" | cut -c1-120))"
+    else
+        MONAI_WHEEL="${FASTDET_MONAI_WHEEL:-$ROOT/.cache/wheels/monai-1.6.1-py3-none-any.whl}"
+        WHEEL_ARGS=()
+        if [ -f "$MONAI_WHEEL" ]; then
+            WHEEL_ARGS=(--monai-wheel "$MONAI_WHEEL")
+        else
+            log "note: monai wheel $MONAI_WHEEL not found; bench torch needs monai installed"
+        fi
+        # The script stops starting new cases 20 s before the step's timeout, so its JSON (rewritten
+        # after every case) is complete up to there.
+        tb=$(( $(remaining) - 5 ))
+        [ "$tb" -gt 240 ] && tb=240
+        tb=$(( tb - 20 ))
+        [ "$tb" -lt 1 ] && tb=1
+        # A failing baseline is shown (FAIL/TIMEOUT line, its log) but does not fail the fastdet check.
+        step "bench torch" 240 "$OUT/bench-torch.log" \
+            python3 "$ROOT/tools/bench_torch.py" --device "$DEVICE" --json "$OUT/bench-torch.json" \
+            --budget "$tb" --compile-mode "${FASTDET_TORCH_COMPILE_MODE:-default}" --profile ${WHEEL_ARGS[@]+"${WHEEL_ARGS[@]}"} \
+            ${FASTDET_TORCH_ARGS:-} \
+            || log "note: bench torch failed (PyTorch baseline only; not counted in RESULT; see bench-torch.log)"
+    fi
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -419,37 +450,9 @@ if [ $NO_GPU -eq 0 ]; then
 fi
 
 # ------------------------------------------------------------------------------------------------
-# 4a. with the time left, in this order: the PyTorch baseline, the tomogram blended on the host and
-# with two tiles per walk, the criterion benches (the longest, least needed)
+# 4a. with the time left, in this order: the tomogram blended on the host and with two tiles per
+# walk, the criterion benches (the longest, least needed)
 if [ $NO_GPU -eq 0 ]; then
-    rm -f "$OUT/bench-torch.json"
-    if [ $TORCH_BENCH -eq 0 ]; then
-        log "bench torch: skipped (--skip-torch)"
-    elif ! command -v python3 > /dev/null 2>&1; then
-        log "bench torch: skipped (no python3)"
-    elif ! timeout 120 python3 -c 'import torch' > "$OUT/bench-torch-import.txt" 2>&1; then
-        log "bench torch: skipped (python3 cannot import torch: $(tail -1 "$OUT/bench-torch-import.txt" | cut -c1-120))"
-    else
-        MONAI_WHEEL="${FASTDET_MONAI_WHEEL:-$ROOT/.cache/wheels/monai-1.6.1-py3-none-any.whl}"
-        WHEEL_ARGS=()
-        if [ -f "$MONAI_WHEEL" ]; then
-            WHEEL_ARGS=(--monai-wheel "$MONAI_WHEEL")
-        else
-            log "note: monai wheel $MONAI_WHEEL not found; bench torch needs monai installed"
-        fi
-        # The script stops starting new cases 20 s before the step's timeout, so its JSON (rewritten
-        # after every case) is complete up to there.
-        tb=$(( $(remaining) - 5 ))
-        [ "$tb" -gt 240 ] && tb=240
-        tb=$(( tb - 20 ))
-        [ "$tb" -lt 1 ] && tb=1
-        # A failing baseline is shown (FAIL/TIMEOUT line, its log) but does not fail the fastdet check.
-        step "bench torch" 240 "$OUT/bench-torch.log" \
-            python3 "$ROOT/tools/bench_torch.py" --device "$DEVICE" --json "$OUT/bench-torch.json" \
-            --budget "$tb" --compile-mode "${FASTDET_TORCH_COMPILE_MODE:-default}" --profile ${WHEEL_ARGS[@]+"${WHEEL_ARGS[@]}"} \
-            ${FASTDET_TORCH_ARGS:-} \
-            || log "note: bench torch failed (PyTorch baseline only; not counted in RESULT; see bench-torch.log)"
-    fi
     # The same with the ensemble averaging and blending on the CPU (run --host-blend).
     bench_step "bench tomogram --host-blend" 150 bench-tomogram-host-blend -- --tomogram "$SHAPE" --models 5,5 --iters 2 --warmup 1 --host-blend || FAILED=1
     # Two tiles per walk (torch.compile's best batch for both networks on the H200).
