@@ -353,10 +353,8 @@ fn time_variants(gpu: &Arc<Gpu>, weights: &Weights, candidates: &[Variant], n: u
     for (i, v) in candidates.iter().enumerate() {
         let timed = v.open(gpu, weights).and_then(|mut e| time_walks(&mut e, &input, n, tile, m).map(|(ms, out)| (e, ms, out))).and_then(|(e, ms, out)| {
             // A graph-API variant whose convolutions went to the legacy API is not what it says.
-            match e.graph_api_fallbacks().first() {
-                Some((op, why)) if v.cudnn_api == DnnApi::Graph => {
-                    anyhow::bail!("{} convolution(s) fell back to cuDNN's legacy API; first {op}: {why}", e.graph_api_fallbacks().len())
-                }
+            match e.graph_api_fallback_summary() {
+                Some(fell_back) if v.cudnn_api == DnnApi::Graph => anyhow::bail!("{fell_back}"),
                 _ => Ok((e, ms, out)),
             }
         });

@@ -316,10 +316,9 @@ const SEARCH_PAST_KEEP: usize = 8;
 /// position is added to the name). The scan stops once `keep` are built and one of them is
 /// deterministic, so a deterministic one further down still gets in, or once
 /// `keep + SEARCH_PAST_KEEP` are built without one (each build finalizes a plan: host time at
-/// every start); the result is
-/// deterministic ones first in heuristic order, then the others, at most `keep`. Each
-/// configuration left out adds its reason to `why`. Returns (configuration, build,
-/// deterministic, name).
+/// every start); the result is deterministic ones first in heuristic order, then the others, at
+/// most `keep`. Each configuration left out adds its reason to `why`. Returns (configuration,
+/// build, deterministic, name).
 #[allow(clippy::type_complexity)]
 fn select_candidates<C, B>(
     configs: Vec<C>,

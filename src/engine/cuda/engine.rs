@@ -1510,10 +1510,12 @@ impl CudaEngine {
         }
     }
 
-    /// The convolutions cuDNN's graph API could not plan or run (op name, why), which its
-    /// legacy API took instead (`run_dnn`).
-    pub fn graph_api_fallbacks(&self) -> &[(String, String)] {
-        &self.graph_api_fallbacks
+    /// Which convolutions cuDNN's graph API could not plan or run, so that its legacy API took
+    /// them (`run_dnn`): "N convolution(s) fell back to cuDNN's legacy API; first OP: WHY", or
+    /// None when none did. A graph-API walk that says so did not measure the graph API.
+    pub fn graph_api_fallback_summary(&self) -> Option<String> {
+        let (op, why) = self.graph_api_fallbacks.first()?;
+        Some(format!("{} convolution(s) fell back to cuDNN's legacy API; first {op}: {why}", self.graph_api_fallbacks.len()))
     }
 }
 
@@ -2030,6 +2032,17 @@ mod tests {
             assert!(e.forward_device_input(&x16, n + 1, tile, false).is_err());
             assert!(e.forward_device_input(&x16, 0, tile, false).is_err());
         }
+    }
+
+    #[test]
+    fn graph_api_fallbacks_are_summed_up_with_the_first() {
+        let gpu = Gpu::emulator().unwrap();
+        let w = Weights::random(&crate::model::spec::ModelSpec::segresnet(8, 16, 8), 7);
+        let mut e = CudaEngine::on(gpu, &w, ConvBackend::Auto).unwrap();
+        assert_eq!(e.graph_api_fallback_summary(), None);
+        e.graph_api_fallbacks.push(("conv1".into(), "no usable engine".into()));
+        e.graph_api_fallbacks.push(("conv2".into(), "CUDNN_STATUS_NOT_SUPPORTED".into()));
+        assert_eq!(e.graph_api_fallback_summary().unwrap(), "2 convolution(s) fell back to cuDNN's legacy API; first conv1: no usable engine");
     }
 
     #[test]

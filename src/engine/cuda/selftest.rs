@@ -1355,9 +1355,8 @@ fn networks(c: &mut Ctx, opts: &Options) {
                 // The graph API's rows check the graph API: a convolution it left to the legacy
                 // API fails the row, naming it and why.
                 if api == DnnApi::Graph {
-                    if let Some((op, why)) = e.graph_api_fallbacks().first() {
-                        let n = e.graph_api_fallbacks().len();
-                        c.row(&format!("{label} plans"), &shape, f64::NAN, f64::NAN, (0.0, 0.0), Status::Fail, format!("{n} convolution(s) fell back to the legacy API; first {op}: {why}"));
+                    if let Some(fell_back) = e.graph_api_fallback_summary() {
+                        c.row(&format!("{label} plans"), &shape, f64::NAN, f64::NAN, (0.0, 0.0), Status::Fail, fell_back);
                     }
                 }
                 let algos = e.conv_algorithms();
