@@ -15,6 +15,8 @@
 //!   `tc_unfused`: the same passes with conv3d_tc_f16 in place of cuDNN;
 //!   `tc_fused`: conv3d_tc_f16 applying each norm in its loads, adding the residual and writing
 //!   the next norm's statistics in its store (norm_finalize_tiles in between);
+//!   `tc_halo_fused`: the same on the halo-tile kernels (conv3d_tc_halo: each block stages its
+//!   input once per 16 channels, normalised as it is stored; `FASTDET_TC_HALO=on`);
 //!   `tc_store_fused`: the same store, each norm a norm_apply pass of its own (what the engine
 //!   does by default: a 3x3x3 conv would renormalise each input element 27 times in its loads);
 //!   `tc_store_fused_wide`: `tc_store_fused` on the 128 x 64 tile (`FASTDET_TC_TILES=wide`;
@@ -23,7 +25,8 @@
 //! - `tile_<arch>`: `CudaEngine::forward_device` on one tile (input upload included, outputs left
 //!   on the device), backend `cudnn` (the default), `tc` (`FASTDET_CONV=tc`),
 //!   `tc_norm_in_loads` (`FASTDET_CONV=tc FASTDET_TC_NORM_IN_LOADS=all`), `tc_wide`
-//!   (`FASTDET_CONV=tc FASTDET_TC_TILES=wide`) and `tc_async` (`FASTDET_CONV=tc FASTDET_TC_ASYNC=on`).
+//!   (`FASTDET_CONV=tc FASTDET_TC_TILES=wide`), `tc_async` (`FASTDET_CONV=tc FASTDET_TC_ASYNC=on`)
+//!   and `tc_halo_norm_in_loads` (`FASTDET_CONV=tc FASTDET_TC_HALO=on FASTDET_TC_NORM_IN_LOADS=all`).
 //!
 //! Throughput is in FLOP/s of the convolutions (2 * MACs).
 
@@ -153,10 +156,11 @@ impl Block {
         self.norm(gpu, 0, self.out.ptr, None)
     }
 
-    /// The fused block; `tiles[0]` holds the input's statistics (written once by `prepare`).
-    fn fused(&self, gpu: &Gpu) -> Result<()> {
+    /// The fused block, on the halo-tile kernels when `halo`; `tiles[0]` holds the input's
+    /// statistics (written once by `prepare`).
+    fn fused(&self, gpu: &Gpu, halo: bool) -> Result<()> {
         let (c, d, v) = (self.c, self.dims, vol(self.dims));
-        let tc = TcTiles::Standard.variant(c);
+        let tc = TcTiles::Standard.variant(c).with_halo(halo);
         let fin = |i: usize, tiles: &DevBuf| ops::norm_params_from_tiles(gpu, tiles.ptr, 1, c, v, self.groups, Some(self.gamma[i].ptr), Some(self.beta[i].ptr), self.params[i].ptr);
         let pro = |i: usize| Some(NormPrologue { params: self.params[i].ptr, pre: Act::None, post: Act::Relu });
         fin(0, &self.tiles[0])?;
@@ -197,7 +201,7 @@ fn blocks(c: &mut Criterion, t: &Target) {
     // SegResNetV2 (init_filters 32) levels on a 192x128x128 tile (toy: a 16- and a 64-channel one, so
     // that every variant runs).
     let levels: Vec<(usize, [usize; 3])> =
-        if t.toy { vec![(16, [8, 8, 8]), (64, [4, 4, 8])] } else { vec![(32, [192, 128, 128]), (64, [96, 64, 64]), (128, [48, 32, 32]), (256, [24, 16, 16])] };
+        if t.toy { vec![(16, [8, 8, 16]), (64, [4, 4, 8])] } else { vec![(32, [192, 128, 128]), (64, [96, 64, 64]), (128, [48, 32, 32]), (256, [24, 16, 16])] };
     let dnn = match Dnn::new(gpu) {
         Ok(d) => Some(d),
         Err(e) => {
@@ -246,8 +250,8 @@ fn blocks(c: &mut Criterion, t: &Target) {
                 b.unfused(gpu, |i, x, y| ops::conv_tc(gpu, TcTiles::Standard.variant(ch), x, b.w[i].ptr, None, None, None, y, None, None, block_conv(dims, ch), Act::None))?;
                 gpu.sync("block")
             };
-            let fused = || -> Result<()> {
-                b.fused(gpu)?;
+            let fused = |halo: bool| -> Result<()> {
+                b.fused(gpu, halo)?;
                 gpu.sync("block")
             };
             // One untimed pass each: a variant that fails is reported and skipped, not a panic
@@ -258,11 +262,18 @@ fn blocks(c: &mut Criterion, t: &Target) {
                 }
                 Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} tc_unfused skipped: {e:#}"),
             }
-            match b.prepare(gpu).and_then(|()| fused()) {
-                Ok(()) => {
-                    g.bench_function("tc_fused", |it| it.iter(|| fused().unwrap()));
+            // The halo kernels where the level's bricks fit (every seed level; the toy's first).
+            for (label, halo) in [("tc_fused", false), ("tc_halo_fused", true)] {
+                if halo && !ops::halo_fits(block_conv(dims, ch)) {
+                    eprintln!("cuda_ops: block {ch}ch {dims:?} {label} skipped: the halo kernels do not fit {dims:?}");
+                    continue;
                 }
-                Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} tc_fused skipped: {e:#}"),
+                match b.prepare(gpu).and_then(|()| fused(halo)) {
+                    Ok(()) => {
+                        g.bench_function(label, |it| it.iter(|| fused(halo).unwrap()));
+                    }
+                    Err(e) => eprintln!("cuda_ops: block {ch}ch {dims:?} {label} skipped: {e:#}"),
+                }
             }
             for (label, tiles, async_loads) in [("tc_store_fused", TcTiles::Standard, false), ("tc_store_fused_wide", TcTiles::Wide, false), ("tc_store_fused_async", TcTiles::Standard, true)] {
                 if tiles != TcTiles::Standard && tiles.variant(ch) == TcTiles::Standard.variant(ch) {

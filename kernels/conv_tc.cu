@@ -78,15 +78,15 @@ __device__ __forceinline__ __half tc_prologue(__half v, const float* prm, int pr
 
 // The store: bias, residual, activation, one fp16 rounding (16-byte loads and stores where the
 // channels allow); optionally the block's statistics for the next norm. Cs holds the block's f32
-// sums (BM x BN), red is TC_RED_FLOATS of scratch; every thread of the block calls it.
-// Rows from m0 on that lie past M (the wide tile's second pass over the last rows) store nothing,
-// and a pass with none inside M writes no statistics (block-uniform: every thread returns).
+// sums (BM x BN), red is TC_RED_FLOATS of scratch; every thread of the block calls it. Row r of
+// Cs is output voxel m0 + r when zstep == 0 (none from M on: e.g. the wide tile's second pass over
+// the last rows), else that of a halo brick's row, m0 + (r / 64) zstep + (r / 16 % 4) ystep +
+// r % 16; with `stats`, the rows' statistics go to its unit `unit` ([unit][Cout][2]).
 template <int BM, int BN>
-__device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], float* red, int m0, int j0, int M, int Cout,
-                                            const float* __restrict__ bias, const __half* residual, __half* out,
-                                            int act, float p, float* __restrict__ stats, int ovol) {
+__device__ __forceinline__ void tc_store_rows(float (*Cs)[BN + TC_CPAD], float* red, int m0, int M, int zstep, int ystep, int j0, int Cout,
+                                              const float* __restrict__ bias, const __half* residual, __half* out,
+                                              int act, float p, float* __restrict__ stats, int unit) {
     const int t = threadIdx.x;
-    if (m0 >= M) return;
     // Each thread takes 8 consecutive channels of a row, consecutive threads consecutive chunks
     // (coalesced): two 16-byte reads of Cs, and when Cout % 8 == 0 and the pointers are 16-byte
     // aligned one 16-byte load of the residual and one 16-byte store, else element by element.
@@ -95,7 +95,8 @@ __device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], float* re
     const bool vec = (Cout % 8 == 0) && ((((size_t)out) | ((size_t)residual)) % 16 == 0);
     for (int e = t; e < BM * CH; e += TC_THREADS) {
         const int r = e / CH, c0 = (e % CH) * 8;
-        const int m = m0 + r, co0 = j0 + c0;
+        const int m = zstep == 0 ? m0 + r : m0 + (r >> 6) * zstep + ((r >> 4) & 3) * ystep + (r & 15);
+        const int co0 = j0 + c0;
         if (m >= M || co0 >= Cout) continue;
         const float4 lo = *reinterpret_cast<const float4*>(&Cs[r][c0]);
         const float4 hi = *reinterpret_cast<const float4*>(&Cs[r][c0 + 4]);
@@ -148,13 +149,23 @@ __device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], float* re
         if (t < BN && co < Cout) {
             float m2 = 0.0f;
             for (int i = 0; i < G; ++i) m2 = __fadd_rn(m2, red[(G + i) * BN + t]);
-            const int nblk = ovol / BM;
-            const int n = m0 / ovol, b = (m0 - n * ovol) / BM;
-            float* dst = stats + (((size_t)n * nblk + b) * Cout + co) * 2;
+            float* dst = stats + ((size_t)unit * Cout + co) * 2;
             dst[0] = sum;
             dst[1] = m2;
         }
     }
+}
+
+// The store of the BM rows from m0 on (rows past M store nothing), their statistics unit the
+// block of BM rows that holds m0 in its sample.
+template <int BM, int BN>
+__device__ __forceinline__ void tc_epilogue(float (*Cs)[BN + TC_CPAD], float* red, int m0, int j0, int M, int Cout,
+                                            const float* __restrict__ bias, const __half* residual, __half* out,
+                                            int act, float p, float* __restrict__ stats, int ovol) {
+    if (m0 >= M) return;
+    const int n = m0 / ovol;
+    const int unit = n * (ovol / BM) + (m0 - n * ovol) / BM;
+    tc_store_rows<BM, BN>(Cs, red, m0, M, 0, 0, j0, Cout, bias, residual, out, act, p, stats, unit);
 }
 
 template <int BM, int BN, int WM, int WN, int SR, bool ASYNC>
@@ -461,6 +472,151 @@ __device__ __forceinline__ void conv3d_tc_reduce(const float* __restrict__ split
     tc_epilogue<BM, BN>(Cs, red, m0, j0, M, Cout, bias, residual, out, act, p, stats, ovol);
 }
 
+// Halo tiles: the 3x3x3, stride 1, padding 1 convolution with the input of a block staged ONCE.
+// A block computes a 2 x 4 x 16 (z, y, x) brick of output voxels (128 rows, row r = voxel
+// (r / 64, r / 16 % 4, r % 16) of the brick) for 32 output channels. Per 16 input channels it
+// stages the brick's 4 x 6 x 18 input halo (zeros outside the volume) and the 27 taps' weights in
+// shared memory, applying the previous norm (+ activations) to each halo element once as it is
+// stored, where the implicit GEMM above applies it once per (output voxel, tap): 432 / 128 = 3.4
+// times per element instead of 27. Each 16-row WMMA fragment is one 16-voxel x-run, so the A
+// fragment of tap (kz, ky, kx) is a plain 16 x 16 block of the halo (rows 32 bytes apart) and the
+// 27 taps run back to back without a barrier. Same arithmetic as conv3d_tc (the sum over k in
+// tap order, 16 deep per MMA; the store above), so the same results within the tensor cores'
+// summation order.
+//
+// Needs (the host checks; anything else traps): k = 3, stride 1, padding 1, Cin % 16 == 0,
+// OD % 2 == 0, OH % 4 == 0, OW % 16 == 0, x and w 16-byte aligned, no split K. grid
+// (N * OD/2 * OH/4 * OW/16, ceil(Cout / 32)), block TC_THREADS; block x = brick
+// ((n * OD/2 + bz) * OH/4 + by) * OW/16 + bx. Statistics: units of SR rows (SR = 128, the brick;
+// or 64, one z-slab of it, stored in two passes), unit b = brick-in-sample * (128 / SR) + pass of
+// the [N][OD*OH*OW / SR][Cout][2] buffer: the bricks tile each sample, so every unit is whole.
+#define HALO_BN 32
+#define HALO_CK 16
+#define HALO_VOX (4 * 6 * 18)
+template <int SR>
+__device__ __forceinline__ void conv3d_tc_halo(const __half* __restrict__ x, const __half* __restrict__ w,
+                                               const float* __restrict__ bias, const __half* residual,
+                                               const float* __restrict__ norm, __half* out, int N, int D, int H, int W,
+                                               int Cin, int Cout, int k, int stride, int pad, int OD, int OH, int OW,
+                                               int pre_act, float pre_p, int norm_act, float norm_p, int act, float p,
+                                               float* __restrict__ stats, float* __restrict__ splitk) {
+    static_assert(SR == 128 || SR == 64, "a unit is the brick or one z-slab of it");
+    typedef __half ChunkRow[HALO_CK];  // 16 channels of one voxel (halo) or one output channel (weights)
+    constexpr int HALO_BYTES = HALO_VOX * HALO_CK * 2, W_BYTES = 27 * HALO_BN * HALO_CK * 2;
+    constexpr int OUT_TILE = (SR * (HALO_BN + TC_CPAD) + TC_RED_FLOATS) * 4;
+    // 13.5 KiB of halo + 27 KiB of weights; the epilogue's f32 tile reuses the bytes.
+    __shared__ __align__(32) unsigned char smem[HALO_BYTES + W_BYTES > OUT_TILE ? HALO_BYTES + W_BYTES : OUT_TILE];
+    ChunkRow* Hs = reinterpret_cast<ChunkRow*>(smem);               // [(hz * 6 + hy) * 18 + hx]
+    ChunkRow* Ws = reinterpret_cast<ChunkRow*>(smem + HALO_BYTES);  // [tap * 32 + co]
+    typedef float OutRow[HALO_BN + TC_CPAD];
+    OutRow* Cs = reinterpret_cast<OutRow*>(smem);
+    float* red = reinterpret_cast<float*>(smem) + SR * (HALO_BN + TC_CPAD);
+    if (k != 3 || stride != 1 || pad != 1 || Cin % HALO_CK != 0 || OD % 2 != 0 || OH % 4 != 0 || OW % 16 != 0 || OD != D ||
+        OH != H || OW != W || splitk != nullptr || ((size_t)x | (size_t)w) % 16 != 0)
+        __trap();
+    const int t = threadIdx.x, warp = t >> 5;
+    const int bricks_x = OW / 16, bricks_y = OH / 4, bricks_z = OD / 2;
+    int b = blockIdx.x;
+    const int bx = b % bricks_x;
+    b /= bricks_x;
+    const int by = b % bricks_y;
+    b /= bricks_y;
+    const int bz = b % bricks_z;
+    const int n = b / bricks_z;
+    const int oz0 = 2 * bz, oy0 = 4 * by, ox0 = 16 * bx;
+    const int j0 = blockIdx.y * HALO_BN;
+    const int K = 27 * Cin;
+    // Every 16-byte chunk this thread stages holds the same 8 of the 16 channels.
+    const int half8 = (t & 1) * 8;
+
+    // Warp w: rows [32 w, 32 w + 32) = the x-runs (z, y) = (w / 2, 2 (w % 2) + i), i = 0, 1; all
+    // 32 channels (two fragments).
+    const int wz = warp >> 1, wy = 2 * (warp & 1);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    for (int c0 = 0; c0 < Cin; c0 += HALO_CK) {
+        if (c0 > 0) __syncthreads();  // every warp is done with the previous chunk's stage
+        // The halo: every load of the chunk issued first, then normalised and stored.
+        constexpr int HALO_LOADS = (2 * HALO_VOX + TC_THREADS - 1) / TC_THREADS;
+        uint4 hv[HALO_LOADS];
+        bool hin[HALO_LOADS];
+#pragma unroll
+        for (int i = 0; i < HALO_LOADS; ++i) {
+            const int v = (t + i * TC_THREADS) >> 1;
+            const int hx = v % 18, hy = (v / 18) % 6, hz = v / 108;
+            const int iz = oz0 - 1 + hz, iy = oy0 - 1 + hy, ix = ox0 - 1 + hx;
+            hin[i] = v < HALO_VOX && iz >= 0 && iz < D && iy >= 0 && iy < H && ix >= 0 && ix < W;
+            hv[i] = make_uint4(0u, 0u, 0u, 0u);
+            if (hin[i]) hv[i] = *reinterpret_cast<const uint4*>(x + ((((size_t)n * D + iz) * H + iy) * W + ix) * Cin + c0 + half8);
+        }
+        const float* prm = norm ? norm + ((size_t)n * Cin + c0 + half8) * 3 : nullptr;
+#pragma unroll
+        for (int i = 0; i < HALO_LOADS; ++i) {
+            const int v = (t + i * TC_THREADS) >> 1;
+            if (hin[i] && prm) {
+                __half* h = reinterpret_cast<__half*>(&hv[i]);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) h[q] = tc_prologue(h[q], prm + 3 * q, pre_act, pre_p, norm_act, norm_p);
+            }
+            if (v < HALO_VOX) *reinterpret_cast<uint4*>(&Hs[v][half8]) = hv[i];
+        }
+#pragma unroll 2
+        for (int i = 0; i < (2 * 27 * HALO_BN + TC_THREADS - 1) / TC_THREADS; ++i) {
+            const int e = t + i * TC_THREADS;
+            if (e < 2 * 27 * HALO_BN) {
+                const int row = e >> 1;  // tap * 32 + co
+                const int tap = row / HALO_BN, co = j0 + row % HALO_BN;
+                uint4 val = make_uint4(0u, 0u, 0u, 0u);
+                if (co < Cout) val = *reinterpret_cast<const uint4*>(w + (size_t)co * K + tap * Cin + c0 + half8);
+                *reinterpret_cast<uint4*>(&Ws[row][half8]) = val;
+            }
+        }
+        __syncthreads();
+#pragma unroll 1
+        for (int kz = 0; kz < 3; ++kz)
+#pragma unroll
+            for (int ky = 0; ky < 3; ++ky)
+#pragma unroll
+                for (int kx = 0; kx < 3; ++kx) {
+                    const int tap = (kz * 3 + ky) * 3 + kx;
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> bf[2];
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &Hs[((wz + kz) * 6 + wy + i + ky) * 18 + kx][0], HALO_CK);
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bf[j], &Ws[tap * HALO_BN + 16 * j][0], HALO_CK);
+#pragma unroll
+                    for (int i = 0; i < 2; ++i)
+#pragma unroll
+                        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], bf[j], acc[i][j]);
+                }
+    }
+    __syncthreads();  // every warp's last MMAs are done before the epilogue reuses the bytes
+
+    const int ovol = OD * OH * OW;
+    const int brick = (bz * bricks_y + by) * bricks_x + bx;
+#pragma unroll
+    for (int pass = 0; pass < 128 / SR; ++pass) {
+        if (pass > 0) __syncthreads();  // the previous pass has finished reading Cs
+        if (32 * warp / SR == pass) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    wmma::store_matrix_sync(&Cs[32 * warp - pass * SR + 16 * i][16 * j], acc[i][j], HALO_BN + TC_CPAD, wmma::mem_row_major);
+        }
+        __syncthreads();
+        const int unit = n * (ovol / SR) + brick * (128 / SR) + pass;
+        // The pass's first voxel: the brick's corner, one z-slab further per 64-row pass.
+        const int m0 = ((n * OD + oz0 + pass * (SR >> 6)) * OH + oy0) * OW + ox0;
+        tc_store_rows<SR, HALO_BN>(Cs, red, m0, N * ovol, OH * OW, OW, j0, Cout, bias, residual, out, act, p, stats, unit);
+    }
+}
+
 // Entry points (parameter lists written out: the host reads them from this source). splitk: null,
 // or the [gridDim.z][gridDim.x * BM][gridDim.y * BN] f32 buffer of a split-K launch (grid.z =
 // splits, kspan k-steps each), finished by the matching *_reduce_f16 over the same grid x, y.
@@ -533,4 +689,27 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv3d_tc_n32_reduce_f16(const float* __restrict__ splitk, int splits, const float* __restrict__ bias,
     const __half* residual, __half* out, float* __restrict__ stats, int M, int ovol, int Cout, int act, float p) {
     conv3d_tc_reduce<128, 32>(splitk, splits, bias, residual, out, stats, M, ovol, Cout, act, p);
+}
+
+// Halo tiles (conv3d_tc_halo above): the statistics in units of the whole 128-voxel brick (the
+// unit conv3d_tc_n32_f16 uses, for Cout <= 32) or of 64 voxels (conv3d_tc_f16's, for more). The
+// same arguments as conv3d_tc_f16 (kspan unused, splitk null). "At least 2 blocks per
+// multiprocessor" lets ptxas take the registers it needs: left to itself for sm_90, it sized
+// them for the 5 blocks the shared memory allows and spilled.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+conv3d_tc_halo_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
+    const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
+    int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
+    float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
+    conv3d_tc_halo<128>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
+        norm_act, norm_p, act, p, stats, splitk);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+conv3d_tc_halo_s64_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
+    const __half* residual, const float* __restrict__ norm, __half* out, int N, int D, int H, int W, int Cin, int Cout,
+    int k, int stride, int pad, int OD, int OH, int OW, int pre_act, float pre_p, int norm_act, float norm_p, int act,
+    float p, float* __restrict__ stats, float* __restrict__ splitk, int kspan) {
+    conv3d_tc_halo<64>(x, w, bias, residual, norm, out, N, D, H, W, Cin, Cout, k, stride, pad, OD, OH, OW, pre_act, pre_p,
+        norm_act, norm_p, act, p, stats, splitk);
 }

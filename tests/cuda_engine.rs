@@ -468,7 +468,7 @@ fn a_measured_convolution_choice_is_logged_remembered_and_reused() {
     // The two demo networks differ: one line each, every tensor-core variant timed.
     assert_eq!(log.matches("convolutions of 1 model(s): tc").count(), 2, "{log}");
     assert_eq!(log.matches(", measured now (FASTDET_CONV=measure on emu:0)").count(), 2, "{log}");
-    assert!(log.contains("tc-wide-async") && log.contains("tc-norms-in-loads"), "{log}");
+    assert!(log.contains("tc-wide-async") && log.contains("tc-norms-in-loads") && log.contains("tc-halo-norms-in-loads"), "{log}");
     let stored = std::fs::read_to_string(tmp.path().join("kernels/conv-choices.json")).unwrap();
     assert_eq!(stored.matches("\"choice\"").count(), 2, "{stored}");
     let (second, log2) = run("second");

@@ -27,9 +27,10 @@ Output (missing inputs give nulls, never invented numbers):
                             "torch_profile": {"eager"|"compile": {"batch", "ms_per_call": {"conv", "norm", "fused", "other"}}},
                             "fastdet_profile": {"default"|"cudnn_graph": [{"kind", "ms", "steps", "tflops", "gbps"}, ...]}},
             "dynunet": {...}},
-   "blocks": {"32ch_192x128x128": {"cudnn_ms", "cudnn_graph_ms", "tc_unfused_ms", "tc_fused_ms", "tc_store_fused_ms",
+   "blocks": {"32ch_192x128x128": {"cudnn_ms", "cudnn_graph_ms", "tc_unfused_ms", "tc_fused_ms", "tc_halo_fused_ms", "tc_store_fused_ms",
                                    "tc_store_fused_wide_ms", "tc_store_fused_async_ms"}, ...},
-   "tile_criterion": {"segresnetv2": {"cudnn_ms", "cudnn_graph_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms", "tc_async_ms"},
+   "tile_criterion": {"segresnetv2": {"cudnn_ms", "cudnn_graph_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms", "tc_async_ms",
+                                      "tc_halo_norm_in_loads_ms"},
                       "dynunet": {...}},
    "tomogram_s", "tomogram_host_blend_s", "tomogram_batch2_s", "tomogram_measured_s", "floor_s", "cold_start_s",
    "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "tomogram_peak_mem_gib", "card_mem_gib",
@@ -90,8 +91,8 @@ def git_commit():
         return None
 
 
-BLOCK_VARIANTS = ("cudnn", "cudnn_graph", "tc_unfused", "tc_fused", "tc_store_fused", "tc_store_fused_wide", "tc_store_fused_async")
-TILE_VARIANTS = ("cudnn", "cudnn_graph", "tc", "tc_norm_in_loads", "tc_wide", "tc_async")
+BLOCK_VARIANTS = ("cudnn", "cudnn_graph", "tc_unfused", "tc_fused", "tc_halo_fused", "tc_store_fused", "tc_store_fused_wide", "tc_store_fused_async")
+TILE_VARIANTS = ("cudnn", "cudnn_graph", "tc", "tc_norm_in_loads", "tc_wide", "tc_async", "tc_halo_norm_in_loads")
 
 
 def criterion_groups(d, prefix, variants):

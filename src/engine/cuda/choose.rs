@@ -84,6 +84,10 @@ pub fn variants(gpu: &Gpu, cudnn: bool) -> Vec<Variant> {
         v.push(on("tc", ConvBackend::TensorCore, tc));
         v.push(on("tc-wide", ConvBackend::TensorCore, wide));
         v.push(on("tc-norms-in-loads", ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, ..tc }));
+        // The halo tiles where they fit: alone, and applying every norm as they stage their input.
+        let halo = TcPolicy { halo: true, ..tc };
+        v.push(on("tc-halo", ConvBackend::TensorCore, halo));
+        v.push(on("tc-halo-norms-in-loads", ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, ..halo }));
         if gpu.is_emulator() || gpu.info.compute_capability >= (8, 0) {
             v.push(on("tc-async", ConvBackend::TensorCore, TcPolicy { async_loads: true, ..tc }));
             v.push(on("tc-wide-async", ConvBackend::TensorCore, TcPolicy { async_loads: true, ..wide }));
@@ -504,11 +508,11 @@ mod tests {
         assert_eq!(alone.summary(), "tc (1.00 ms a walk)");
     }
 
-    /// The emulator offers the five tensor-core variants (it runs cp.async as a GPU would).
+    /// The emulator offers the seven tensor-core variants (it runs cp.async as a GPU would).
     #[test]
     fn the_emulator_times_every_tensor_core_variant() {
         let labels: Vec<&str> = variants(&Gpu::emulator().unwrap(), false).iter().map(|v| v.label).collect();
-        assert_eq!(labels, ["tc", "tc-wide", "tc-norms-in-loads", "tc-async", "tc-wide-async"]);
+        assert_eq!(labels, ["tc", "tc-wide", "tc-norms-in-loads", "tc-halo", "tc-halo-norms-in-loads", "tc-async", "tc-wide-async"]);
     }
 
     /// Measured on the emulator: every variant timed, the fastest kept and remembered; its engine
@@ -525,7 +529,7 @@ mod tests {
         let (mut e, c) = open_measured(gpu.clone(), &w, n, tile, &cache, QUICK).unwrap();
         assert!(!c.remembered);
         let labels: Vec<&str> = c.times.iter().map(|(l, _)| l.as_str()).collect();
-        assert_eq!(labels, ["tc", "tc-wide", "tc-norms-in-loads", "tc-async", "tc-wide-async"]);
+        assert_eq!(labels, ["tc", "tc-wide", "tc-norms-in-loads", "tc-halo", "tc-halo-norms-in-loads", "tc-async", "tc-wide-async"]);
         let ms: Vec<f64> = c.times.iter().map(|(_, t)| *t.as_ref().unwrap()).collect();
         assert!(ms.iter().all(|&t| t > 0.0), "{ms:?}");
         let won = labels.iter().position(|l| *l == c.label).unwrap();
@@ -547,7 +551,7 @@ mod tests {
         let stored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         let key = choice_key(&gpu, "none", &w, n, tile);
         assert_eq!(stored[&key]["choice"], c.label.as_str());
-        assert_eq!(stored[&key]["ms"].as_object().unwrap().len(), 5);
+        assert_eq!(stored[&key]["ms"].as_object().unwrap().len(), labels.len());
 
         // Remembered: the same choice and times, no walk.
         let (again, c2) = open_measured(gpu.clone(), &w, n, tile, &cache, QUICK).unwrap();

@@ -20,6 +20,7 @@ use half::f16;
 
 use super::gpu::Arg;
 use super::host_kernels::HostKernels;
+use super::ops::vol;
 use crate::engine::cpu::{conv, resample};
 use crate::model::graph::Act;
 
@@ -75,6 +76,8 @@ pub struct Emu {
     /// Tests of the checks that must catch a kernel computing wrongly on some card: the
     /// tensor-core convolution kernels whose names contain this add 1 to every sum.
     wrong_kernel: Mutex<Option<String>>,
+    /// Launches run so far, by kernel name (what tests ask of a path: which kernels it took).
+    launches: Mutex<BTreeMap<String, usize>>,
 }
 
 /// An emulated allocation; freed on drop.
@@ -90,6 +93,22 @@ impl Drop for EmuAlloc {
     }
 }
 
+
+/// The output voxels of a halo-tile conv (conv_tc.cu's `conv3d_tc_halo`) in the order of its
+/// statistics units: sample by sample, brick by brick (x fastest), each brick's 128 voxels as its
+/// rows (z, then y, then x).
+fn halo_unit_order(n: usize, od: [usize; 3]) -> Vec<usize> {
+    let [bz, by, bx] = [0, 1, 2].map(|a| od[a] / super::ops::HALO_BRICK[a]);
+    let mut o = Vec::with_capacity(n * vol(od));
+    for s in 0..n {
+        for (z0, y0, x0) in (0..bz).flat_map(|z| (0..by).flat_map(move |y| (0..bx).map(move |x| (2 * z, 4 * y, 16 * x)))) {
+            for r in 0..128 {
+                o.push(((s * od[0] + z0 + r / 64) * od[1] + y0 + r / 16 % 4) * od[2] + x0 + r % 16);
+            }
+        }
+    }
+    o
+}
 fn act_of(code: i32, p: f32) -> Result<Act> {
     Ok(match code {
         0 => Act::None,
@@ -187,18 +206,18 @@ impl A<'_> {
 
 impl Emu {
     pub fn new() -> Arc<Emu> {
-        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None, dry: false, wrong_kernel: Mutex::default() })
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None, dry: false, wrong_kernel: Mutex::default(), launches: Mutex::default() })
     }
 
     /// The emulator running the kernels' own source (`host_kernels`).
     pub fn with_host_kernels(k: Arc<HostKernels>) -> Arc<Emu> {
-        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: Some(k), dry: false, wrong_kernel: Mutex::default() })
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: Some(k), dry: false, wrong_kernel: Mutex::default(), launches: Mutex::default() })
     }
 
     /// An emulator that allocates as the device would but runs no kernel (pointer arguments are
     /// still checked): what a walk asks of the device memory, at full size, in seconds.
     pub fn dry() -> Arc<Emu> {
-        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None, dry: true, wrong_kernel: Mutex::default() })
+        Arc::new(Emu { mem: Mutex::new(Mem { blocks: BTreeMap::new() }), host: None, dry: true, wrong_kernel: Mutex::default(), launches: Mutex::default() })
     }
 
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> EmuAlloc {
@@ -286,9 +305,11 @@ impl Emu {
     }
     /// conv_tc.cu's epilogue on the f32 sums `y` (`[m][cout]`): + bias, + residual, act, fp16
     /// store to `out`; with `stats`, per block of `rows` voxels and channel, (sum, squared
-    /// deviations from the block mean) of the stored fp16 values, f32 in row order.
+    /// deviations from the block mean) of the stored fp16 values, f32 in row order. The blocks
+    /// are consecutive voxels, or with `order` consecutive entries of it (the halo kernels'
+    /// bricks: every voxel once).
     #[allow(clippy::too_many_arguments)]
-    fn tc_store(&self, mut y: Vec<f32>, bias: Option<u64>, residual: Option<u64>, act: Act, out: u64, stats: Option<u64>, ovol: usize, cout: usize, rows: usize) -> Result<()> {
+    fn tc_store(&self, mut y: Vec<f32>, bias: Option<u64>, residual: Option<u64>, act: Act, out: u64, stats: Option<u64>, ovol: usize, cout: usize, rows: usize, order: Option<&[usize]>) -> Result<()> {
         let bias = match bias {
             Some(p) => Some(self.rf32(p, cout)?),
             None => None,
@@ -310,7 +331,16 @@ impl Emu {
             ensure!(ovol.is_multiple_of(rows), "statistics need OD*OH*OW % {rows} == 0");
             let nblk = y.len() / cout / rows;
             let mut part = vec![0.0f32; nblk * cout * 2];
-            for (blk, vals) in y.chunks(rows * cout).enumerate() {
+            let ordered: Vec<f32>;
+            let by_unit = match order {
+                Some(o) => {
+                    ensure!(o.len() * cout == y.len(), "the unit order must list every voxel once");
+                    ordered = o.iter().flat_map(|&m| y[m * cout..(m + 1) * cout].iter().copied()).collect();
+                    &ordered
+                }
+                None => &y,
+            };
+            for (blk, vals) in by_unit.chunks(rows * cout).enumerate() {
                 for co in 0..cout {
                     let col = || vals.iter().skip(co).step_by(cout).map(|&v| f16::from_f32(v).to_f32());
                     let s: f32 = col().fold(0.0, |a, v| a + v);
@@ -348,6 +378,11 @@ impl Emu {
         })
     }
 
+    /// How many times kernel `name` was launched on this emulator.
+    pub fn launches(&self, name: &str) -> usize {
+        self.launches.lock().unwrap_or_else(|e| e.into_inner()).get(name).copied().unwrap_or(0)
+    }
+
     /// Tests only: the re-implemented tensor-core convolutions whose names contain `part` compute
     /// wrongly from now on (every sum + 1), as kernels miscompiled for some card would.
     #[cfg(test)]
@@ -358,6 +393,7 @@ impl Emu {
     /// Runs kernel `name`: its own source compiled for the host when this emulator has it, else
     /// the re-implementation below.
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
+        *self.launches.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_string()).or_default() += 1;
         check_restrict_aliasing(&self.mem.lock().unwrap_or_else(|e| e.into_inner()), name, args)?;
         if self.dry {
             let m = self.mem.lock().unwrap_or_else(|e| e.into_inner());
@@ -506,14 +542,17 @@ impl Emu {
                 conv::conv3d(&x, n, s, &wt, bias.as_deref(), act, &mut o);
                 self.wf16(a.p(3), &to_ndhwc(&o, n, cout, ovol))
             }
-            _ if super::ops::TC_VARIANTS.iter().any(|v| v.kernel == name || v.kernel_async == name) => {
-                // Block tile (output voxels, channels) of the instantiation.
-                let v = super::ops::TC_VARIANTS.iter().find(|v| v.kernel == name || v.kernel_async == name).context("tc variant")?;
-                if v.kernel_async == name {
+            _ if super::ops::TC_VARIANTS.iter().any(|v| v.kernel == name || v.kernel_async == name) || super::ops::HALO_KERNELS.contains(&name) => {
+                let halo = super::ops::HALO_KERNELS.contains(&name);
+                // Block tile (output voxels, channels) of the instantiation and its store's pass.
+                let (rows, cols, store_rows) = match super::ops::TC_VARIANTS.iter().find(|v| v.kernel == name || v.kernel_async == name) {
+                    Some(v) => (v.rows, v.cols, v.store_rows),
+                    None => (vol(super::ops::HALO_BRICK), super::ops::HALO_COLS, if name == super::ops::HALO_KERNELS[0] { 128 } else { 64 }),
+                };
+                if name.contains("_async_") {
                     // The cp.async loads: no norm, whole 16-byte chunks.
                     ensure!(a.opt(4).is_none() && a.u(10) % 8 == 0 && (a.p(0) | a.p(1)) % 16 == 0, "{name}: needs Cin % 8 == 0, 16-byte aligned x and w, no norm");
                 }
-                let (rows, cols) = (v.rows, v.cols);
                 let (n, d, h, w, cin, cout, k, st, pad, od, oh, ow) =
                     (a.u(6), a.u(7), a.u(8), a.u(9), a.u(10), a.u(11), a.u(12), a.u(13), a.u(14), a.u(15), a.u(16), a.u(17));
                 let pre = act_of(a.i(18) as i32, a.f(19))?;
@@ -524,6 +563,12 @@ impl Emu {
                 ensure!(s.out_dims() == [od, oh, ow], "output dims {:?} passed, {:?} expected", [od, oh, ow], s.out_dims());
                 let ovol = od * oh * ow;
                 let m = n * ovol;
+                if halo {
+                    // Anything else traps on the device.
+                    let shape = super::ops::ConvShape { n, dims: [d, h, w], cin, cout, k, stride: st, pad };
+                    ensure!(super::ops::halo_fits(shape) && (a.p(0) | a.p(1)) % 16 == 0 && a.opt(25).is_none(), "{name}: needs a 3x3x3 stride-1 conv, Cin % 16 == 0, output dims in whole 2x4x16 bricks, 16-byte aligned x and w, no split K");
+                    ensure!(gx == m / rows && gy == cout.div_ceil(cols) && gz == 1, "grid must be (bricks, ceil(Cout/{cols}), 1)");
+                }
                 ensure!(gx == m.div_ceil(rows) && gy == cout.div_ceil(cols), "grid must be (ceil(M/{rows}), ceil(Cout/{cols}))");
                 let ivol = d * h * w;
                 let mut xh = self.rf16(a.p(0), n * ivol * cin)?;
@@ -559,7 +604,8 @@ impl Emu {
                     return self.wf32(sk, &planes);
                 }
                 ensure!(gz == 1, "grid.z > 1 needs a split-K buffer");
-                self.tc_store(y, a.opt(2), a.opt(3), act, a.p(5), a.opt(24), ovol, cout, v.store_rows)
+                let order = halo.then(|| halo_unit_order(n, [od, oh, ow]));
+                self.tc_store(y, a.opt(2), a.opt(3), act, a.p(5), a.opt(24), ovol, cout, store_rows, order.as_deref())
             }
             _ if super::ops::TC_VARIANTS.iter().any(|v| v.reduce == name) => {
                 // splitk, splits, bias, residual, out, stats, M, ovol, Cout, act, p
@@ -583,7 +629,7 @@ impl Emu {
                     let at = (i / cout) * ldc + i % cout;
                     *v = (0..splits).fold(0.0f32, |acc, z| acc + planes[z * plane + at]);
                 }
-                self.tc_store(y, a.opt(2), a.opt(3), act, a.p(4), a.opt(5), ovol, cout, rows)
+                self.tc_store(y, a.opt(2), a.opt(3), act, a.p(4), a.opt(5), ovol, cout, rows, None)
             }
             "conv_transpose2_f16" => {
                 let (n, d, h, w, cin, cout, ctot, off) = (a.u(3), a.u(4), a.u(5), a.u(6), a.u(7), a.u(8), a.u(9), a.u(10));
@@ -1102,4 +1148,27 @@ pub fn from_ndhwc(x: &[f32], n: usize, c: usize, vol: usize) -> Vec<f32> {
         }
     }
     y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The halo kernels' statistics units list every output voxel once, each 128-voxel brick
+    /// inside one sample and 2x4x16 in shape.
+    #[test]
+    fn the_halo_unit_order_lists_every_voxel_once_brick_by_brick() {
+        let od = [4, 8, 32];
+        let o = halo_unit_order(2, od);
+        let mut seen = o.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..2 * vol(od)).collect::<Vec<_>>());
+        for brick in o.chunks(128) {
+            let at = |m: usize| (m / vol(od), m / (od[1] * od[2]) % od[0], m / od[2] % od[1], m % od[2]);
+            let (s0, z0, y0, x0) = at(brick[0]);
+            for (r, &m) in brick.iter().enumerate() {
+                assert_eq!(at(m), (s0, z0 + r / 64, y0 + r / 16 % 4, x0 + r % 16));
+            }
+        }
+    }
 }

@@ -17,7 +17,10 @@
 //!   (`NormInLoads`; `FASTDET_TC_NORM_IN_LOADS=all` for any kernel size) computes its statistics
 //!   only (`Val::Pending`) and the conv applies it while loading, so the normalised activation is
 //!   never written; before a 3x3x3 conv, whose loads would renormalise each element 27 times, the
-//!   norm is a `norm_apply` pass of its own. A conv whose output goes only to a residual Add adds the other
+//!   norm is a `norm_apply` pass of its own. With `TcPolicy::halo` (`FASTDET_TC_HALO=on`) the
+//!   3x3x3 stride-1 convs whose output whole 2x4x16 bricks tile run on `conv3d_tc_halo`, which
+//!   stages each block's input once per 16 channels: a norm in its loads costs about 3.4
+//!   applications per element. A conv whose output goes only to a residual Add adds the other
 //!   operand in its store; a conv (or conv + Add) whose output a norm reads also writes that
 //!   norm's per-block statistics (when whole blocks of the conv's tile, 64 or 128 output voxels,
 //!   lie in one sample: `ops::conv_tc_stats_blocks`), so the norm reads no statistics pass of
@@ -113,28 +116,35 @@ pub struct TcPolicy {
     /// Load through cp.async (three stages) where a conv allows it: no norm in its loads, Cin a
     /// multiple of 8 (`FASTDET_TC_ASYNC=on`; asynchronous on sm_80+).
     pub async_loads: bool,
+    /// Run the 3x3x3 stride-1 convs whose output whole 2 x 4 x 16 bricks tile on the halo-tile
+    /// kernels (`FASTDET_TC_HALO=on`; `ops::halo_fits`): each block stages its input once per 16
+    /// channels, so a norm in their loads is applied about 3.4 times per element, not 27.
+    pub halo: bool,
 }
 
 impl TcPolicy {
     /// The policies the self-test and the benches time side by side: (bench label, self-test
-    /// label suffix, policy) for the default, every norm in the loads, the wide tiles and the
-    /// cp.async loads.
-    pub fn compared() -> [(&'static str, &'static str, TcPolicy); 4] {
+    /// label suffix, policy) for the default, every norm in the loads, the wide tiles, the
+    /// cp.async loads and the halo tiles with every norm in the loads.
+    pub fn compared() -> [(&'static str, &'static str, TcPolicy); 5] {
         let default = TcPolicy::default();
         [
             ("tc", "", default),
             ("tc_norm_in_loads", " norms in loads", TcPolicy { norm_in_loads: NormInLoads::All, ..default }),
             ("tc_wide", " wide tiles", TcPolicy { tiles: TcTiles::Wide, ..default }),
             ("tc_async", " async loads", TcPolicy { async_loads: true, ..default }),
+            ("tc_halo_norm_in_loads", " halo tiles, norms in loads", TcPolicy { halo: true, norm_in_loads: NormInLoads::All, ..default }),
         ]
     }
 
-    /// `FASTDET_TC_NORM_IN_LOADS`, `FASTDET_TC_TILES` and `FASTDET_TC_ASYNC` (off | on, default off).
+    /// `FASTDET_TC_NORM_IN_LOADS`, `FASTDET_TC_TILES`, `FASTDET_TC_ASYNC` and `FASTDET_TC_HALO`
+    /// (off | on, default off).
     pub fn from_env() -> Result<TcPolicy> {
         Ok(TcPolicy {
             norm_in_loads: NormInLoads::from_env()?,
             tiles: TcTiles::from_env()?,
             async_loads: env_choice("FASTDET_TC_ASYNC", &[("off", false), ("on", true)])?,
+            halo: env_choice("FASTDET_TC_HALO", &[("off", false), ("on", true)])?,
         })
     }
 }
@@ -521,8 +531,9 @@ impl CudaEngine {
                 TcTiles::Wide => "128x64 tiles",
             };
             let staging = if policy.async_loads { "cp.async loads where no norm is applied in them" } else { "register-staged loads" };
+            let halo = if policy.halo { ", halo tiles for the 3x3x3 convs they fit" } else { "" };
             notes.push(format!(
-                "convolutions on the tensor cores (conv_tc.cu, {tiles}, 128x32 for <= 32 channels, {staging}); {deferred} norm(s) applied in the next conv's loads ({loads}), {stats} conv(s) writing the next norm's statistics, {adds} residual add(s) in the conv's store"
+                "convolutions on the tensor cores (conv_tc.cu, {tiles}, 128x32 for <= 32 channels, {staging}{halo}); {deferred} norm(s) applied in the next conv's loads ({loads}), {stats} conv(s) writing the next norm's statistics, {adds} residual add(s) in the conv's store"
             ));
         }
         gpu.sync("uploading weights")?;
@@ -1455,7 +1466,7 @@ impl CudaEngine {
     /// The tensor-core conv of `shape`, with its split-K buffer taken from the arena for the call.
     #[allow(clippy::too_many_arguments)]
     fn conv_tc(&mut self, x: u64, w: u64, bias: Option<u64>, residual: Option<u64>, prologue: Option<ops::NormPrologue>, out: u64, stats: Option<u64>, shape: ConvShape, act: Act) -> Result<()> {
-        let v = self.tc.tiles.variant(shape.cout).with_async_loads(self.tc.async_loads);
+        let v = self.tc.tiles.variant(shape.cout).with_async_loads(self.tc.async_loads).with_halo(self.tc.halo);
         let ws = match ops::conv_tc_splitk_bytes(&self.gpu, v, shape) {
             0 => None,
             bytes => Some(self.take(bytes)?),
@@ -1659,7 +1670,7 @@ mod tests {
     /// The wide tiles (SegResNet's 64-channel level takes the 128 x 64 tile), with every fusion.
     #[test]
     fn tensor_core_engine_with_wide_tiles_matches_cpu_engine() {
-        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, tiles: TcTiles::Wide, async_loads: false }, [16, 24, 32], false);
+        engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, tiles: TcTiles::Wide, async_loads: false, halo: false }, [16, 24, 32], false);
     }
 
     /// The tensor-core backend's default, norms in the loads of 1x1x1 convs only (DynUNet's
@@ -1668,7 +1679,7 @@ mod tests {
     #[test]
     fn tensor_core_engine_with_norm_passes_matches_cpu_engine() {
         for (norm_in_loads, async_loads) in [(NormInLoads::Pointwise, false), (NormInLoads::Never, true)] {
-            engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads, tiles: TcTiles::Standard, async_loads }, [16, 24, 32], true);
+            engine_matches_cpu_engine(Gpu::emulator().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads, tiles: TcTiles::Standard, async_loads, halo: false }, [16, 24, 32], true);
         }
     }
 
@@ -1683,7 +1694,22 @@ mod tests {
         if !super::super::host_kernels::available_for_tests() {
             return;
         }
-        engine_matches_cpu_engine(Gpu::emulator_host_kernels().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::Pointwise, tiles: TcTiles::Wide, async_loads: true }, [16, 16, 16], true);
+        engine_matches_cpu_engine(Gpu::emulator_host_kernels().unwrap(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::Pointwise, tiles: TcTiles::Wide, async_loads: true, halo: false }, [16, 16, 16], true);
+    }
+
+    /// The halo tiles with every norm in the loads: the 3x3x3 convs of the levels whole bricks
+    /// tile (16 channels and more) run on conv3d_tc_halo, the others on the implicit GEMM.
+    #[test]
+    fn tensor_core_engine_with_halo_tiles_matches_cpu_engine() {
+        let gpu = Gpu::emulator().unwrap();
+        engine_matches_cpu_engine(gpu.clone(), ConvBackend::TensorCore, TcPolicy { norm_in_loads: NormInLoads::All, halo: true, ..TcPolicy::default() }, [16, 32, 32], false);
+        let emu = gpu.emu().unwrap();
+        let halo: Vec<usize> = ops::HALO_KERNELS.iter().map(|k| emu.launches(k)).collect();
+        // The 16-channel level (8x16x16) of both networks fits; the 8-channel one (Cin % 16)
+        // and the 4x8x8 one (8 voxels in x) do not. No conv here has more than 32 output
+        // channels where bricks fit, so the 64-voxel unit is left to the self-test's halo rows.
+        assert!(halo[0] > 0 && halo[1] == 0, "halo kernels launched: {halo:?}");
+        assert!(emu.launches("conv3d_tc_n32_f16") > 0, "the convs the bricks do not fit run on the implicit GEMM");
     }
 
     /// `quick`: one tile, one pass (every thread of every launch runs on the host kernels).

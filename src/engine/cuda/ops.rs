@@ -245,6 +245,9 @@ pub struct TcVariant {
     pub store_rows: usize,
     /// Whether `conv_tc` takes `kernel_async` where it can (`with_async_loads`).
     pub async_loads: bool,
+    /// Whether `conv_tc` runs the halo-tile kernels where a shape allows them (`with_halo`,
+    /// `halo_fits`).
+    pub halo: bool,
 }
 
 impl TcVariant {
@@ -253,10 +256,22 @@ impl TcVariant {
         TcVariant { async_loads: on, ..self }
     }
 
+    /// This tile, with the halo-tile kernels where a shape allows them when `on`.
+    pub fn with_halo(self, on: bool) -> TcVariant {
+        TcVariant { halo: on, ..self }
+    }
+
+    /// Whether `conv_tc` runs shape `s` on a halo-tile kernel (`halo_kernel`).
+    pub fn runs_halo(&self, s: ConvShape) -> bool {
+        self.halo && halo_fits(s)
+    }
+
     /// The kernel `conv_tc` launches for input `x` and weights `w` (device addresses), with or
     /// without a norm in its loads.
     pub fn kernel_for(&self, s: ConvShape, x: u64, w: u64, norm_in_loads: bool) -> &'static str {
-        if self.async_loads && !norm_in_loads && s.cin.is_multiple_of(8) && (x | w).is_multiple_of(16) {
+        if self.runs_halo(s) && (x | w).is_multiple_of(16) {
+            halo_kernel(s.cout)
+        } else if self.async_loads && !norm_in_loads && s.cin.is_multiple_of(8) && (x | w).is_multiple_of(16) {
             self.kernel_async
         } else {
             self.kernel
@@ -266,10 +281,35 @@ impl TcVariant {
 
 /// The instantiations, by name (the emulator looks them up here too).
 pub const TC_VARIANTS: [TcVariant; 3] = [
-    TcVariant { kernel: "conv3d_tc_f16", kernel_async: "conv3d_tc_async_f16", reduce: "conv3d_tc_reduce_f16", rows: 64, cols: 64, store_rows: 64, async_loads: false },
-    TcVariant { kernel: "conv3d_tc_n32_f16", kernel_async: "conv3d_tc_n32_async_f16", reduce: "conv3d_tc_n32_reduce_f16", rows: 128, cols: 32, store_rows: 128, async_loads: false },
-    TcVariant { kernel: "conv3d_tc_m128_f16", kernel_async: "conv3d_tc_m128_async_f16", reduce: "conv3d_tc_reduce_f16", rows: 128, cols: 64, store_rows: 64, async_loads: false },
+    TcVariant { kernel: "conv3d_tc_f16", kernel_async: "conv3d_tc_async_f16", reduce: "conv3d_tc_reduce_f16", rows: 64, cols: 64, store_rows: 64, async_loads: false, halo: false },
+    TcVariant { kernel: "conv3d_tc_n32_f16", kernel_async: "conv3d_tc_n32_async_f16", reduce: "conv3d_tc_n32_reduce_f16", rows: 128, cols: 32, store_rows: 128, async_loads: false, halo: false },
+    TcVariant { kernel: "conv3d_tc_m128_f16", kernel_async: "conv3d_tc_m128_async_f16", reduce: "conv3d_tc_reduce_f16", rows: 128, cols: 64, store_rows: 64, async_loads: false, halo: false },
 ];
+
+/// Output voxels (z, y, x) of a halo-tile block (conv_tc.cu's `conv3d_tc_halo`).
+pub const HALO_BRICK: [usize; 3] = [2, 4, 16];
+/// Output channels of a halo-tile block.
+pub const HALO_COLS: usize = 32;
+
+/// Whether the halo-tile kernels run shape `s`: 3x3x3, stride 1, padding 1, Cin a multiple of 16
+/// and output dims that whole 2 x 4 x 16 bricks tile (the statistics units stay whole).
+pub fn halo_fits(s: ConvShape) -> bool {
+    let o = s.out_dims();
+    s.k == 3 && s.stride == 1 && s.pad == 1 && s.cin > 0 && s.cin.is_multiple_of(16) && s.cout > 0 && (0..3).all(|a| o[a] > 0 && o[a].is_multiple_of(HALO_BRICK[a]))
+}
+
+/// The halo-tile kernel for `cout` output channels: its statistics unit is `conv_tc_stats_rows`'s
+/// (the whole 128-voxel brick for at most 32 channels, else one 64-voxel z-slab of it).
+pub fn halo_kernel(cout: usize) -> &'static str {
+    if conv_tc_stats_rows(cout) == 128 {
+        "conv3d_tc_halo_f16"
+    } else {
+        "conv3d_tc_halo_s64_f16"
+    }
+}
+
+/// The halo-tile kernels, by name (the emulator looks them up here).
+pub const HALO_KERNELS: [&str; 2] = ["conv3d_tc_halo_f16", "conv3d_tc_halo_s64_f16"];
 
 /// Which block tiles the tensor-core convolutions use (`FASTDET_TC_TILES`). Either way a conv
 /// with at most 32 output channels takes the 128 x 32 tile (a 64-wide one would be half
@@ -342,6 +382,11 @@ pub fn conv_tc_splits(v: TcVariant, m: usize, cout: usize, k_total: usize, sms: 
 /// split, bytes of the split-K buffer, 0 when it does not split)`.
 fn conv_tc_launch(g: &Gpu, v: TcVariant, s: ConvShape) -> (usize, usize, usize, usize, usize) {
     let (m, depth) = s.gemm_mk();
+    if v.runs_halo(s) {
+        // A block per brick and 32 channels; never split (the bricks of the shapes it takes
+        // fill the device).
+        return (m / vol(HALO_BRICK), s.cout.div_ceil(HALO_COLS), 1, depth.div_ceil(32), 0);
+    }
     let (gx, gy) = (m.div_ceil(v.rows), s.cout.div_ceil(v.cols));
     let (splits, span) = conv_tc_splits(v, m, s.cout, depth, g.info.multiprocessors.max(0) as usize);
     let bytes = if splits > 1 { splits * gx * v.rows * gy * v.cols * 4 } else { 0 };
@@ -365,7 +410,8 @@ pub fn conv_tc_stats_bytes(n: usize, ovol: usize, cout: usize) -> Option<usize> 
 /// (`conv_tc_stats_bytes` bytes; `conv_tc_stats_blocks` must be `Some`), the per-block channel
 /// statistics of `out` for `norm_params_from_tiles`. `splitk`: the buffer for its K splits
 /// (`conv_tc_splitk_bytes`; allocated here when `None` or too small). `v`: the block tile
-/// (`TcTiles::variant`; any works for any shape). Needs sm_70+.
+/// (`TcTiles::variant`; any works for any shape), and with `v.halo` the halo-tile kernels for
+/// the shapes they take (`halo_fits`). Needs sm_70+.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_tc(
     g: &Gpu,
@@ -397,6 +443,8 @@ pub fn conv_tc(
     let (ac, ap) = act_code(act);
     let (pre, pre_p) = act_code(norm.map_or(Act::None, |p| p.pre));
     let (post, post_p) = act_code(norm.map_or(Act::None, |p| p.post));
+    // The halo kernels unless a pointer is not 16-byte aligned (then the implicit GEMM).
+    let v = if kernel == halo_kernel(cout) { v } else { v.with_halo(false) };
     // Split K: the partial sums of each split go to a padded f32 buffer (the caller's, or one
     // freed stream-ordered after the reduce that finishes the store).
     let (gx, gy, splits, span, need) = conv_tc_launch(g, v, s);
@@ -867,5 +915,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The halo tiles take the 3x3x3 stride-1 convs of the seed levels down to 24x16x16 and
+    /// nothing else; their kernel's statistics unit is the one the norm reads; a pointer they
+    /// cannot load from sends the conv back to the implicit GEMM.
+    #[test]
+    fn halo_tiles_take_whole_bricks_of_3x3x3_stride_1_convs() {
+        let conv = |dims: [usize; 3], cin: usize, cout: usize, k: usize, stride: usize| ConvShape { n: 1, dims, cin, cout, k, stride, pad: k / 2 };
+        for (dims, c) in [([192, 128, 128], 32), ([96, 64, 64], 64), ([48, 32, 32], 128), ([24, 16, 16], 256), ([24, 16, 16], 320)] {
+            assert!(halo_fits(conv(dims, c, c, 3, 1)), "{dims:?} {c}");
+        }
+        // 8 voxels in x, 2 in z, Cin % 16, a strided or pointwise conv: not theirs.
+        assert!(!halo_fits(conv([12, 8, 8], 320, 320, 3, 1)));
+        assert!(!halo_fits(conv([1, 4, 16], 32, 32, 3, 1)));
+        assert!(!halo_fits(conv([2, 4, 16], 8, 32, 3, 1)));
+        assert!(!halo_fits(conv([4, 8, 32], 32, 64, 3, 2)));
+        assert!(!halo_fits(conv([2, 4, 16], 32, 32, 1, 1)));
+        for cout in [8, 32, 33, 64, 320] {
+            let unit = if halo_kernel(cout) == HALO_KERNELS[0] { 128 } else { 64 };
+            assert_eq!(unit, conv_tc_stats_rows(cout), "{cout}");
+        }
+        let s = conv([4, 8, 32], 32, 48, 3, 1);
+        let v = TcTiles::Standard.variant(48);
+        assert_eq!(v.with_halo(true).kernel_for(s, 256, 512, true), "conv3d_tc_halo_s64_f16");
+        assert_eq!(v.with_halo(true).kernel_for(s, 256 + 8, 512, false), v.kernel);
+        assert_eq!(v.kernel_for(s, 256, 512, false), v.kernel);
+        assert!(v.with_halo(true).runs_halo(s) && !v.runs_halo(s));
     }
 }
