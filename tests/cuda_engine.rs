@@ -591,7 +591,7 @@ fn results_json_reads_the_benches_the_binary_writes() {
         assert_eq!(r["tile"][arch]["fastdet_measured_ms"], tile_measured["models"][i]["ms_per_tile"], "{arch}");
         assert_eq!(r["tile"][arch]["conv_choice"], choice["label"], "{arch}");
         assert_eq!(r["tile"][arch]["conv_variants_ms"], choice["ms_per_walk"], "{arch}");
-        assert_eq!(choice["ms_per_walk"].as_object().unwrap().len(), 5, "{arch}: the emulator's five tensor-core variants");
+        assert_eq!(choice["ms_per_walk"].as_object().unwrap().len(), 7, "{arch}: the emulator's seven tensor-core variants");
         assert!(tile["models"][i]["conv_choice"].is_null(), "{arch}: no choice without FASTDET_CONV=measure");
         assert!(r["tile"][arch]["torch_eager_ms"].is_null());
         // The walks on a device-resident input, beside the host-to-host figures.

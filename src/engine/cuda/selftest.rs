@@ -564,6 +564,30 @@ fn layout_cases(c: &mut Ctx) {
     }
 }
 
+/// Random norm_finalize parameters `[n][cin][3]` (mean, scale near 1, shift).
+fn random_norm_params(c: &mut Ctx, n: usize, cin: usize) -> Vec<f32> {
+    let mut params = Vec::with_capacity(n * cin * 3);
+    for _ in 0..n * cin {
+        let q = c.rand(3, -0.5, 0.5);
+        params.extend_from_slice(&[q[0], 1.0 + q[1], q[2]]);
+    }
+    params
+}
+
+/// NCDHW `x` through norm_apply's formula with `params` and activation `post`, rounded to fp16:
+/// what a conv applying the norm in its loads convolves.
+fn normalised(x: &[f32], params: &[f32], n: usize, cin: usize, post: Act) -> Vec<f32> {
+    let iv = x.len() / (n * cin);
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let (b, ch) = (i / (cin * iv), (i / iv) % cin);
+            let q = &params[(b * cin + ch) * 3..][..3];
+            r16(post.apply((v - q[0]) * q[1] + q[2]))
+        })
+        .collect()
+}
+
 /// `conv3d_tc_f16` with everything fused: the previous norm (+ activation) applied while loading,
 /// bias, residual (once in place: residual = out) and activation in the store. CPU twin: norm_apply's
 /// formula, rounded to fp16, then the CPU conv, + residual, activation.
@@ -593,20 +617,8 @@ fn conv_tc_fused_cases(c: &mut Ctx) {
             c.case(&name.clone(), &shape.clone(), |c| {
                 let (iv, ov) = (vol(dims), vol(od));
                 let x = c.rand16(n * cin * iv, -1.0, 1.5);
-                let mut params = Vec::with_capacity(n * cin * 3);
-                for _ in 0..n * cin {
-                    let q = c.rand(3, -0.5, 0.5);
-                    params.extend_from_slice(&[q[0], 1.0 + q[1], q[2]]);
-                }
-                let xt: Vec<f32> = x
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| {
-                        let (b, ch) = (i / (cin * iv), (i / iv) % cin);
-                        let q = &params[(b * cin + ch) * 3..][..3];
-                        r16(post.apply((v - q[0]) * q[1] + q[2]))
-                    })
-                    .collect();
+                let params = random_norm_params(c, n, cin);
+                let xt = normalised(&x, &params, n, cin, post);
                 let w = c.weights16(cout, cin, k);
                 let b = c.rand(cout, -0.5, 0.5);
                 let res = c.rand16(n * cout * ov, -1.0, 1.0);
@@ -747,22 +759,10 @@ fn conv_tc_halo_cases(c: &mut Ctx) {
             ensure!(ops::HALO_KERNELS.contains(&kernel), "{kernel} is not a halo kernel: the case's shape must fit the bricks");
             let iv = vol(dims);
             let x = c.rand16(n * cin * iv, -1.0, 1.5);
-            let mut params = Vec::with_capacity(n * cin * 3);
-            for _ in 0..n * cin {
-                let q = c.rand(3, -0.5, 0.5);
-                params.extend_from_slice(&[q[0], 1.0 + q[1], q[2]]);
-            }
-            let xt: Vec<f32> = match norm_act {
+            let params = random_norm_params(c, n, cin);
+            let xt = match norm_act {
                 None => x.clone(),
-                Some(post) => x
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| {
-                        let (b, ch) = (i / (cin * iv), (i / iv) % cin);
-                        let q = &params[(b * cin + ch) * 3..][..3];
-                        r16(post.apply((v - q[0]) * q[1] + q[2]))
-                    })
-                    .collect(),
+                Some(post) => normalised(&x, &params, n, cin, post),
             };
             let w = c.weights16(cout, cin, 3);
             let b = c.rand(cout, -0.5, 0.5);
