@@ -55,6 +55,9 @@
 //                      registers (64 accumulators a thread) and half the blocks. It stores in two
 //                      64-row passes, so its epilogue tile, statistics unit and split-K reduce
 //                      are the 64 x 64 tile's.
+// The halo-tile kernels further down (conv3d_tc_halo_f16, conv3d_tc_halo_s64_f16) take the
+// 3x3x3 stride-1 convs whose output whole 2 x 4 x 16 bricks tile, with a grid and statistics
+// units of their own (see there); same arguments, same store.
 #define TC_BK 32
 #define TC_THREADS 128
 // Shared-memory row padding (halves / floats): keeps WMMA pointers 32-byte aligned and spreads
@@ -477,12 +480,14 @@ __device__ __forceinline__ void conv3d_tc_reduce(const float* __restrict__ split
 // (r / 64, r / 16 % 4, r % 16) of the brick) for 32 output channels. Per 16 input channels it
 // stages the brick's 4 x 6 x 18 input halo (zeros outside the volume) and the 27 taps' weights in
 // shared memory, applying the previous norm (+ activations) to each halo element once as it is
-// stored, where the implicit GEMM above applies it once per (output voxel, tap): 432 / 128 = 3.4
-// times per element instead of 27. Each 16-row WMMA fragment is one 16-voxel x-run, so the A
-// fragment of tap (kz, ky, kx) is a plain 16 x 16 block of the halo (rows 32 bytes apart) and the
-// 27 taps run back to back without a barrier. Same arithmetic as conv3d_tc (the sum over k in
-// tap order, 16 deep per MMA; the store above), so the same results within the tensor cores'
-// summation order.
+// stored, where the implicit GEMM above applies it once per (output voxel, tap): per block of
+// output channels, 432 / 128 = 3.4 times per input element instead of 27 (the implicit GEMM's
+// blocks are 64 channels wide above 32, so there it is 3.4 per 32 channels against 27 per 64).
+// Each 16-row WMMA fragment is one 16-voxel x-run, so the A fragment of tap (kz, ky, kx) is a
+// plain 16 x 16 block of the halo (rows 32 bytes apart) and the 27 taps run back to back without
+// a barrier. The products are conv3d_tc's, summed in another order (16-channel chunk by chunk,
+// taps inside each; conv3d_tc goes tap by tap) and stored by the same code, so results agree
+// within f32 rounding, not bit for bit; the statistics units are bricks, not runs of rows.
 //
 // Needs (the host checks; anything else traps): k = 3, stride 1, padding 1, Cin % 16 == 0,
 // OD % 2 == 0, OH % 4 == 0, OW % 16 == 0, x and w 16-byte aligned, no split K. grid

@@ -18,9 +18,10 @@
 //!   only (`Val::Pending`) and the conv applies it while loading, so the normalised activation is
 //!   never written; before a 3x3x3 conv, whose loads would renormalise each element 27 times, the
 //!   norm is a `norm_apply` pass of its own. With `TcPolicy::halo` (`FASTDET_TC_HALO=on`) the
-//!   3x3x3 stride-1 convs whose output whole 2x4x16 bricks tile run on `conv3d_tc_halo`, which
-//!   stages each block's input once per 16 channels: a norm in its loads costs about 3.4
-//!   applications per element. A conv whose output goes only to a residual Add adds the other
+//!   3x3x3 stride-1 convs with Cin a multiple of 16 whose output whole 2x4x16 bricks tile run on
+//!   `conv3d_tc_halo` (`ops::halo_fits`), which stages each block's input once per 16 channels: a
+//!   norm in its loads costs about 3.4 applications per element and block of 32 output channels
+//!   (the implicit GEMM: 27 per block of 32 or 64). A conv whose output goes only to a residual Add adds the other
 //!   operand in its store; a conv (or conv + Add) whose output a norm reads also writes that
 //!   norm's per-block statistics (when whole blocks of the conv's tile, 64 or 128 output voxels,
 //!   lie in one sample: `ops::conv_tc_stats_blocks`), so the norm reads no statistics pass of
@@ -116,9 +117,10 @@ pub struct TcPolicy {
     /// Load through cp.async (three stages) where a conv allows it: no norm in its loads, Cin a
     /// multiple of 8 (`FASTDET_TC_ASYNC=on`; asynchronous on sm_80+).
     pub async_loads: bool,
-    /// Run the 3x3x3 stride-1 convs whose output whole 2 x 4 x 16 bricks tile on the halo-tile
-    /// kernels (`FASTDET_TC_HALO=on`; `ops::halo_fits`): each block stages its input once per 16
-    /// channels, so a norm in their loads is applied about 3.4 times per element, not 27.
+    /// Run the 3x3x3 stride-1 convs with Cin a multiple of 16 whose output whole 2 x 4 x 16 bricks
+    /// tile on the halo-tile kernels (`FASTDET_TC_HALO=on`; `ops::halo_fits`): each block stages
+    /// its input once per 16 channels, so a norm in their loads is applied about 3.4 times per
+    /// element and block of 32 output channels, not 27 per block of 32 or 64.
     pub halo: bool,
 }
 

@@ -25,8 +25,8 @@
 //!   output channels (default standard, 64x64; wide, 128x64);
 //! - `FASTDET_TC_ASYNC=off|on`: tensor-core convs load through cp.async (three stages; sm_80+)
 //!   where no norm is applied in their loads (default off);
-//! - `FASTDET_TC_HALO=off|on`: 3x3x3 stride-1 tensor-core convs whose output whole 2x4x16 bricks
-//!   tile run on halo tiles, each block staging its input once per 16 channels (default off;
+//! - `FASTDET_TC_HALO=off|on`: 3x3x3 stride-1 tensor-core convs with Cin a multiple of 16 whose
+//!   output whole 2x4x16 bricks tile run on halo tiles, each block staging its input once per 16 channels (default off;
 //!   `ops::halo_fits`);
 //! - `FASTDET_TC_SPLIT_K=N`: most K splits of a tensor-core convolution whose grid cannot fill
 //!   the device (default 16; 1 turns split K off);

@@ -291,11 +291,18 @@ pub const HALO_BRICK: [usize; 3] = [2, 4, 16];
 /// Output channels of a halo-tile block.
 pub const HALO_COLS: usize = 32;
 
-/// Whether the halo-tile kernels run shape `s`: 3x3x3, stride 1, padding 1, Cin a multiple of 16
-/// and output dims that whole 2 x 4 x 16 bricks tile (the statistics units stay whole).
+/// Whether the halo-tile kernels run shape `s`: 3x3x3, stride 1, padding 1, Cin a multiple of 16,
+/// output dims that whole 2 x 4 x 16 bricks tile (the statistics units stay whole) and at most
+/// 65535 blocks of 32 output channels (the grid's y).
 pub fn halo_fits(s: ConvShape) -> bool {
     let o = s.out_dims();
-    s.k == 3 && s.stride == 1 && s.pad == 1 && s.cin > 0 && s.cin.is_multiple_of(16) && s.cout > 0 && (0..3).all(|a| o[a] > 0 && o[a].is_multiple_of(HALO_BRICK[a]))
+    s.k == 3
+        && s.stride == 1
+        && s.pad == 1
+        && s.cin > 0
+        && s.cin.is_multiple_of(16)
+        && (1..=65535 * HALO_COLS).contains(&s.cout)
+        && (0..3).all(|a| o[a] > 0 && o[a].is_multiple_of(HALO_BRICK[a]))
 }
 
 /// The halo-tile kernel for `cout` output channels: its statistics unit is `conv_tc_stats_rows`'s
@@ -932,10 +939,19 @@ mod tests {
         assert!(!halo_fits(conv([2, 4, 16], 8, 32, 3, 1)));
         assert!(!halo_fits(conv([4, 8, 32], 32, 64, 3, 2)));
         assert!(!halo_fits(conv([2, 4, 16], 32, 32, 1, 1)));
-        for cout in [8, 32, 33, 64, 320] {
-            let unit = if halo_kernel(cout) == HALO_KERNELS[0] { 128 } else { 64 };
-            assert_eq!(unit, conv_tc_stats_rows(cout), "{cout}");
+        // Each entry point instantiates the unit its name promises (the host and the emulator
+        // take the unit from the name): the brick's 128 voxels, or 64 for the _s64_ one.
+        let src = crate::engine::cuda::kernels::SOURCES.iter().find(|(f, _)| *f == "conv_tc.cu").unwrap().1;
+        for (kernel, unit) in [(HALO_KERNELS[0], 128), (HALO_KERNELS[1], 64)] {
+            let entry = &src[src.find(&format!("\n{kernel}(")).unwrap()..];
+            let body = &entry[entry.find('{').unwrap()..];
+            assert!(body.trim_start_matches('{').trim_start().starts_with(&format!("conv3d_tc_halo<{unit}>(")), "{kernel}: {}", &body[..80]);
         }
+        for (cout, kernel) in [(8, 0), (32, 0), (33, 1), (64, 1), (320, 1)] {
+            assert_eq!(halo_kernel(cout), HALO_KERNELS[kernel], "{cout}");
+            assert_eq!(conv_tc_stats_rows(cout), [128, 64][kernel], "{cout}");
+        }
+        assert!(!halo_fits(conv([2, 4, 16], 32, 65535 * 32 + 1, 3, 1)));
         let s = conv([4, 8, 32], 32, 48, 3, 1);
         let v = TcTiles::Standard.variant(48);
         assert_eq!(v.with_halo(true).kernel_for(s, 256, 512, true), "conv3d_tc_halo_s64_f16");
