@@ -93,22 +93,23 @@ impl Drop for EmuAlloc {
     }
 }
 
-
 /// The output voxels of a halo-tile conv (conv_tc.cu's `conv3d_tc_halo`) in the order of its
-/// statistics units: sample by sample, brick by brick (x fastest), each brick's 128 voxels as its
+/// statistics units: sample by sample, brick by brick (x fastest), each brick's voxels as its
 /// rows (z, then y, then x).
 fn halo_unit_order(n: usize, od: [usize; 3]) -> Vec<usize> {
-    let [bz, by, bx] = [0, 1, 2].map(|a| od[a] / super::ops::HALO_BRICK[a]);
+    let b = super::ops::HALO_BRICK;
+    let [bz, by, bx] = [0, 1, 2].map(|a| od[a] / b[a]);
     let mut o = Vec::with_capacity(n * vol(od));
     for s in 0..n {
-        for (z0, y0, x0) in (0..bz).flat_map(|z| (0..by).flat_map(move |y| (0..bx).map(move |x| (2 * z, 4 * y, 16 * x)))) {
-            for r in 0..128 {
-                o.push(((s * od[0] + z0 + r / 64) * od[1] + y0 + r / 16 % 4) * od[2] + x0 + r % 16);
+        for (z0, y0, x0) in (0..bz).flat_map(|z| (0..by).flat_map(move |y| (0..bx).map(move |x| (b[0] * z, b[1] * y, b[2] * x)))) {
+            for r in 0..vol(b) {
+                o.push(((s * od[0] + z0 + r / (b[1] * b[2])) * od[1] + y0 + r / b[2] % b[1]) * od[2] + x0 + r % b[2]);
             }
         }
     }
     o
 }
+
 fn act_of(code: i32, p: f32) -> Result<Act> {
     Ok(match code {
         0 => Act::None,
@@ -564,10 +565,10 @@ impl Emu {
                 let ovol = od * oh * ow;
                 let m = n * ovol;
                 if halo {
-                    // Anything else traps on the device.
+                    // Anything else traps on the device. Whole bricks: the grid check below is
+                    // the bricks' count, and no split K leaves grid.z 1 (checked after the sums).
                     let shape = super::ops::ConvShape { n, dims: [d, h, w], cin, cout, k, stride: st, pad };
                     ensure!(super::ops::halo_fits(shape) && (a.p(0) | a.p(1)) % 16 == 0 && a.opt(25).is_none(), "{name}: needs a 3x3x3 stride-1 conv, Cin % 16 == 0, output dims in whole 2x4x16 bricks, 16-byte aligned x and w, no split K");
-                    ensure!(gx == m / rows && gy == cout.div_ceil(cols) && gz == 1, "grid must be (bricks, ceil(Cout/{cols}), 1)");
                 }
                 ensure!(gx == m.div_ceil(rows) && gy == cout.div_ceil(cols), "grid must be (ceil(M/{rows}), ceil(Cout/{cols}))");
                 let ivol = d * h * w;
