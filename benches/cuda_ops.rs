@@ -22,6 +22,10 @@
 //!   `tc_store_fused_wide`: `tc_store_fused` on the 128 x 64 tile (`FASTDET_TC_TILES=wide`;
 //!   levels of more than 32 channels); `tc_store_fused_async`: `tc_store_fused` loading through
 //!   cp.async (`FASTDET_TC_ASYNC=on`).
+//! - `convt_<cin>to<cout>_<dims>`: DynUNet's transposed convolutions (kernel 2, stride 2) at the
+//!   seed widths on a 192x128x128 tile, written into channels [0, cout) of their concat buffer:
+//!   `fma` (conv_transpose2_f16, f32 FMAs on the CUDA cores; `FASTDET_CONVT=fma`) and `tc`
+//!   (conv_transpose2_tc_f16, tensor cores; the default).
 //! - `tile_<arch>`: `CudaEngine::forward_device` on one tile (input upload included, outputs left
 //!   on the device), backend `cudnn` (the default), `tc` (`FASTDET_CONV=tc`),
 //!   `tc_norm_in_loads` (`FASTDET_CONV=tc FASTDET_TC_NORM_IN_LOADS=all`), `tc_wide`
@@ -295,6 +299,48 @@ fn blocks(c: &mut Criterion, t: &Target) {
     }
 }
 
+fn transposed_convs(c: &mut Criterion, t: &Target) {
+    let gpu = &t.gpu;
+    // (cin, cout, input dims): DynUNet's up blocks on a 192x128x128 tile (`fastdet inspect --arch
+    // dynunet --graph`); toy: two small ones.
+    let shapes: Vec<(usize, usize, [usize; 3])> = if t.toy {
+        vec![(32, 16, [4, 4, 8]), (64, 32, [2, 4, 4])]
+    } else {
+        vec![(320, 320, [6, 4, 4]), (320, 256, [12, 8, 8]), (256, 128, [24, 16, 16]), (128, 64, [48, 32, 32])]
+    };
+    let mut r = SplitMix64::new(5);
+    for (cin, cout, dims) in shapes {
+        let m = vol(dims);
+        let bufs = (|| -> Result<(DevBuf, DevBuf, DevBuf)> {
+            Ok((gpu.upload(&random16(&mut r, m * cin, -1.0, 1.0))?, gpu.upload(&random16(&mut r, cin * cout * 8, -0.1, 0.1))?, gpu.alloc(8 * m * 2 * cout * 2)?))
+        })();
+        let (x, w, out) = match bufs {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("cuda_ops: convt {cin}->{cout} {dims:?} skipped: {e:#}");
+                continue;
+            }
+        };
+        let mut g = c.benchmark_group(format!("convt_{cin}to{cout}_{}x{}x{}", dims[0], dims[1], dims[2]));
+        g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_millis(if t.toy { 500 } else { 700 }));
+        g.throughput(Throughput::Elements((2 * m * cin * 8 * cout) as u64));
+        for (label, kernel) in [("fma", ops::ConvtKernel::Fma), ("tc", ops::ConvtKernel::TensorCore)] {
+            let run = || -> Result<()> {
+                let ran = ops::conv_transpose2(gpu, kernel, x.ptr, w.ptr, out.ptr, 1, dims, cin, cout, 2 * cout, 0)?;
+                anyhow::ensure!(ran == kernel, "{} ran instead of {}", ran.name(), kernel.name());
+                gpu.sync("convt")
+            };
+            match run() {
+                Ok(()) => {
+                    g.bench_function(label, |it| it.iter(|| run().unwrap()));
+                }
+                Err(e) => eprintln!("cuda_ops: convt {cin}->{cout} {dims:?} {label} skipped: {e:#}"),
+            }
+        }
+        g.finish();
+    }
+}
+
 fn tiles(c: &mut Criterion, t: &Target) {
     let gpu = &t.gpu;
     let tile = if t.toy { [32, 32, 32] } else { [192, 128, 128] };
@@ -344,5 +390,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     blocks(&mut c, &target);
     tiles(&mut c, &target);
+    // Last: the device check gives the whole bench a fixed time, and these matter least.
+    transposed_convs(&mut c, &target);
     c.final_summary();
 }

@@ -101,3 +101,124 @@ conv_transpose2_f16(const __half* __restrict__ x, const __half* __restrict__ w, 
         }
     }
 }
+
+// The same operation on tensor cores (WMMA 16x16x16, fp16 in, f32 accumulate; sm_70 and newer):
+// the f32-FMA kernel above runs DynUNet's up blocks (K = Cin = 64..320) at CUDA-core rates, a
+// small share of the network's FLOPs at a tenth of the tensor cores' rate.
+//
+// GEMM rows m = input voxels, columns j = co * 8 + tap (the weight's own order, so B's rows are
+// w's rows: w[ci, co, a, b, c] = B[ci][j], read as 16-byte vectors), K = Cin in steps of CTT_BK.
+// Block tile CTT_BM x CTT_BN, 4 warps of 32 x 32 (2 x 2 fragments); A and B staged in shared
+// memory as fp16, the f32 tile staged again for the store. A tile's 64 columns are 8 output
+// channels x 8 taps: the store writes, per (row, tap), those 8 channels as one 16-byte vector
+// when the slice allows (c_off, Ctot multiples of 8, out 16-byte aligned), else element by
+// element. The sum over ci is the tensor cores' (order within a 16-deep step is the hardware's),
+// rounded once to fp16: equal to the kernel above within f32 rounding, not bit for bit.
+// Needs Cin % 16 == 0, Cout % 8 == 0, x and w 16-byte aligned (ops::ConvtKernel::fits checks);
+// grid (ceil(M / CTT_BM), 8 * Cout / CTT_BN), block CTT_THREADS exactly.
+#include <mma.h>
+
+#define CTT_BM 64
+#define CTT_BN 64
+#define CTT_BK 32
+#define CTT_THREADS 128
+// Padded shared-memory rows (elements): multiples of 8 halves / 4 floats as WMMA requires, and
+// every fragment's first element 32-byte aligned.
+#define CTT_LDA (CTT_BK + 8)
+#define CTT_LDB (CTT_BN + 8)
+#define CTT_LDC (CTT_BN + 4)
+
+extern "C" __global__ void __launch_bounds__(CTT_THREADS)
+conv_transpose2_tc_f16(const __half* __restrict__ x, const __half* __restrict__ w, __half* __restrict__ out,
+                       int N, int D, int H, int W, int Cin, int Cout, int Ctot, int c_off) {
+    using namespace nvcuda;
+    __shared__ __align__(32) __half As[CTT_BM * CTT_LDA];
+    __shared__ __align__(32) __half Bs[CTT_BK * CTT_LDB];
+    __shared__ __align__(32) float Cs[CTT_BM * CTT_LDC];
+    const int t = threadIdx.x;
+    const int warp = t / 32;
+    const long long M = (long long)N * D * H * W;
+    const int ncols = 8 * Cout;
+    const long long m0 = (long long)blockIdx.x * CTT_BM;
+    const int j0 = blockIdx.y * CTT_BN;
+    const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    for (int k0 = 0; k0 < Cin; k0 += CTT_BK) {
+        // 16-byte chunks: A has CTT_BM rows of CTT_BK / 8, B CTT_BK rows of CTT_BN / 8.
+#pragma unroll
+        for (int q = t; q < CTT_BM * (CTT_BK / 8); q += CTT_THREADS) {
+            const int r = q / (CTT_BK / 8), kc = (q % (CTT_BK / 8)) * 8;
+            const int k = k0 + kc;
+            uint4 v = zero;
+            if (m0 + r < M && k < Cin) v = *reinterpret_cast<const uint4*>(x + (size_t)(m0 + r) * Cin + k);
+            *reinterpret_cast<uint4*>(&As[r * CTT_LDA + kc]) = v;
+        }
+#pragma unroll
+        for (int q = t; q < CTT_BK * (CTT_BN / 8); q += CTT_THREADS) {
+            const int kr = q / (CTT_BN / 8), jc = (q % (CTT_BN / 8)) * 8;
+            const int k = k0 + kr;
+            uint4 v = zero;
+            if (k < Cin) v = *reinterpret_cast<const uint4*>(w + (size_t)k * ncols + j0 + jc);
+            *reinterpret_cast<uint4*>(&Bs[kr * CTT_LDB + jc]) = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < CTT_BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[(wm + 16 * i) * CTT_LDA + kk], CTT_LDA);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[kk * CTT_LDB + wn + 16 * j], CTT_LDB);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            wmma::store_matrix_sync(&Cs[(wm + 16 * i) * CTT_LDC + wn + 16 * j], acc[i][j], CTT_LDC, wmma::mem_row_major);
+    __syncthreads();
+
+    // One (row, tap) per step: the tile's 8 channels co0 .. co0 + 7 of that output voxel.
+    const int co0 = j0 / 8;
+    const bool vec = ((Ctot | c_off) & 7) == 0 && ((size_t)out & 15) == 0;
+    const int OH = 2 * H, OW = 2 * W;
+    for (int q = t; q < CTT_BM * 8; q += CTT_THREADS) {
+        const int r = q / 8, tap = q % 8;
+        const long long m = m0 + r;
+        if (m >= M) continue;
+        long long rem = m;
+        const int xx = (int)(rem % W);
+        rem /= W;
+        const int yy = (int)(rem % H);
+        rem /= H;
+        const int zz = (int)(rem % D);
+        const long long n = rem / D;
+        const int a = tap >> 2, b = (tap >> 1) & 1, c = tap & 1;
+        const size_t o = ((((size_t)n * (2 * D) + 2 * zz + a) * OH + 2 * yy + b) * OW + 2 * xx + c) * Ctot + c_off + co0;
+        const float* s = &Cs[r * CTT_LDC + tap];
+        if (vec) {
+            uint4 v;
+            __half* vh = reinterpret_cast<__half*>(&v);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) vh[e] = __float2half_rn(s[8 * e]);
+            *reinterpret_cast<uint4*>(out + o) = v;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) out[o + e] = __float2half_rn(s[8 * e]);
+        }
+    }
+}

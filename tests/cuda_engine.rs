@@ -231,7 +231,8 @@ esac
     std::fs::write(
         &bench,
         r#"#!/usr/bin/env bash
-# Stand-in for the criterion bench: one block group with two variants, one tile group with two.
+# Stand-in for the criterion bench: one block group with two variants, one tile group with two,
+# one transposed-conv group with two.
 for v in cudnn tc_fused; do
   mkdir -p "$CRITERION_HOME/block_32ch_8x8x8/$v/new"
   echo '{"median": {"point_estimate": 1500000.0}}' > "$CRITERION_HOME/block_32ch_8x8x8/$v/new/estimates.json"
@@ -239,6 +240,10 @@ done
 for v in tc tc_wide; do
   mkdir -p "$CRITERION_HOME/tile_dynunet/$v/new"
   echo '{"median": {"point_estimate": 4250000.0}}' > "$CRITERION_HOME/tile_dynunet/$v/new/estimates.json"
+done
+for v in fma tc; do
+  mkdir -p "$CRITERION_HOME/convt_128to64_48x32x32/$v/new"
+  echo '{"median": {"point_estimate": 250000.0}}' > "$CRITERION_HOME/convt_128to64_48x32x32/$v/new/estimates.json"
 done
 echo "block_32ch_8x8x8/tc_fused time: [1.4 ms 1.5 ms 1.6 ms]"
 "#,
@@ -378,6 +383,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert_eq!(r["tile"]["segresnetv2"]["fastdet_graph_ms"], 5.0);
     assert_eq!(r["blocks"]["32ch_8x8x8"]["tc_fused_ms"], 1.5);
     assert_eq!(r["tile_criterion"]["dynunet"]["tc_wide_ms"], 4.25);
+    assert_eq!(r["convt"]["128to64_48x32x32"]["tc_ms"], 0.25);
     assert_eq!(r["card"], "Stand-in H200", "the card from the self-test's device when PyTorch did not run");
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     // fastdet's own profile by kind, for each API's walk.
@@ -407,6 +413,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert!(md.contains("1.80 GiB (the tomogram's ensemble; card in use 2.60 GiB)"), "{md}");
     assert!(text.contains("block 32ch_8x8x8") && text.contains("tc_fused 1.500 ms"), "{text}");
     assert!(text.contains("tile  dynunet") && text.contains("tc_wide 4.250 ms"), "{text}");
+    assert!(text.contains("convT 128to64_48x32x32") && text.contains("fma 0.250 ms  tc 0.250 ms"), "{text}");
 
     // A sanitizer finding fails the check, and the summary names it. Here the self-test fails
     // too: the runs after it skip their kernel check so that their timings are still taken.

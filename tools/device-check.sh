@@ -466,7 +466,8 @@ if [ $NO_GPU -eq 0 ]; then
         || log "note: the bench on cuDNN's graph API with runtime-compiled engines failed (an experiment); see bench-fastdet-graph-rtc.log"
 
     # criterion: the fused tensor-core residual block against the cuDNN path per SegResNetV2 level,
-    # and one tile per arch and backend (benches/cuda_ops.rs, built by tools/build-for-device.sh).
+    # one tile per arch and backend, DynUNet's transposed convs on both kernels
+    # (benches/cuda_ops.rs, built by tools/build-for-device.sh).
     if [ -x "$CUDA_BENCH" ]; then
         step "bench criterion cuda_ops" 150 "$OUT/bench-criterion.log" \
             env CRITERION_HOME="$OUT/criterion" "$CUDA_BENCH" --bench --noplot || FAILED=1
@@ -556,6 +557,8 @@ if "floor_s" in d:  # tools/results_json.py
         print(f"  block {level:<18} " + "  ".join(f"{k[:-3]} {ms:.3f} ms" for k, ms in v.items()))
     for arch, v in d.get("tile_criterion", {}).items():  # criterion tile_<arch> variants
         print(f"  tile  {arch:<18} " + "  ".join(f"{k[:-3]} {ms:.3f} ms" for k, ms in v.items()))
+    for shape, v in d.get("convt", {}).items():  # criterion convt_<shape> variants
+        print(f"  convT {shape:<18} " + "  ".join(f"{k[:-3]} {ms:.3f} ms" for k, ms in v.items()))
     raise SystemExit(0)
 if "models" in d:  # fastdet bench
     print(f"{name}: fastdet {d.get('fastdet_version')} on {d.get('device')}, tile {'x'.join(map(str, d.get('tile', [])))}, batch {d.get('batch')}")

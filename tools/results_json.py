@@ -15,8 +15,8 @@ device check writes:
   bench-tomogram-batch2.json   the same with --batch 2 (two tiles per walk)
   bench-tomogram-measure.json  the same with FASTDET_CONV=measure (each network on its fastest path)
   bench-torch.json     tools/bench_torch.py --device cuda:N --json   (eager, torch.compile, fp16 rate)
-  criterion/           benches/cuda_ops.rs (CRITERION_HOME): median ms of each block_* and tile_*
-                       variant
+  criterion/           benches/cuda_ops.rs (CRITERION_HOME): median ms of each block_*, convt_* and
+                       tile_* variant
 
 Output (missing inputs give nulls, never invented numbers):
   {"card", "commit", "date",
@@ -32,6 +32,7 @@ Output (missing inputs give nulls, never invented numbers):
    "tile_criterion": {"segresnetv2": {"cudnn_ms", "cudnn_graph_ms", "tc_ms", "tc_norm_in_loads_ms", "tc_wide_ms", "tc_async_ms",
                                       "tc_halo_norm_in_loads_ms"},
                       "dynunet": {...}},
+   "convt": {"320to256_12x8x8": {"fma_ms", "tc_ms"}, ...},
    "tomogram_s", "tomogram_host_blend_s", "tomogram_batch2_s", "tomogram_measured_s", "floor_s", "cold_start_s",
    "cold_start_kernels_compiled", "first_start_nvrtc_s", "peak_mem_gib", "tomogram_peak_mem_gib", "card_mem_gib",
    "fp16_matmul_tflops", "tile_shape", "sources"}
@@ -93,6 +94,7 @@ def git_commit():
 
 BLOCK_VARIANTS = ("cudnn", "cudnn_graph", "tc_unfused", "tc_fused", "tc_halo_fused", "tc_store_fused", "tc_store_fused_wide", "tc_store_fused_async")
 TILE_VARIANTS = ("cudnn", "cudnn_graph", "tc", "tc_norm_in_loads", "tc_wide", "tc_async", "tc_halo_norm_in_loads")
+CONVT_VARIANTS = ("fma", "tc")
 
 
 def criterion_groups(d, prefix, variants):
@@ -208,6 +210,7 @@ def assemble(d, commit, date):
         "tile": tile,
         "blocks": criterion_groups(d, "block_", BLOCK_VARIANTS),
         "tile_criterion": criterion_groups(d, "tile_", TILE_VARIANTS),
+        "convt": criterion_groups(d, "convt_", CONVT_VARIANTS),
         "tomogram_s": tomo.get("s_per_tomogram") if tomo else None,
         "tomogram_host_blend_s": tomo_hb.get("s_per_tomogram") if tomo_hb else None,
         "tomogram_batch2_s": tomo_b2.get("s_per_tomogram") if tomo_b2 else None,
@@ -291,7 +294,8 @@ def markdown(doc):
         out += ["", "fastdet's walk by kind of step (`bench --profile`, each step between timing events, no graph; "
                 "≥ GB/s: its least memory traffic over its time):", ""] + profiles
     for title, key, variants in (("Tile variants (criterion medians)", "tile_criterion", TILE_VARIANTS),
-                                 ("SegResNetV2 residual block per level (criterion medians)", "blocks", BLOCK_VARIANTS)):
+                                 ("SegResNetV2 residual block per level (criterion medians)", "blocks", BLOCK_VARIANTS),
+                                 ("DynUNet transposed convolutions, cin to cout at input dims (criterion medians)", "convt", CONVT_VARIANTS)):
         groups = doc.get(key) or {}
         if not groups:
             continue

@@ -219,7 +219,7 @@ pub fn choice_key(gpu: &Gpu, cudnn: &str, weights: &Weights, n: usize, tile: [us
     let spec = serde_json::to_string(&weights.spec).unwrap_or_default();
     // The variants there are to choose from: a choice made before a variant existed is made again.
     let labels: Vec<&str> = variants(gpu, cudnn != "none").iter().map(|v| v.label).collect();
-    let env: Vec<String> = ["FASTDET_TC_SPLIT_K", "FASTDET_CUDNN_WORKSPACE_MIB", "FASTDET_CUDA_GRAPHS"]
+    let env: Vec<String> = ["FASTDET_TC_SPLIT_K", "FASTDET_CUDNN_WORKSPACE_MIB", "FASTDET_CUDA_GRAPHS", "FASTDET_CONVT"]
         .iter()
         .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
         .collect();

@@ -632,10 +632,16 @@ impl Emu {
                 }
                 self.tc_store(y, a.opt(2), a.opt(3), act, a.p(4), a.opt(5), ovol, cout, rows, None)
             }
-            "conv_transpose2_f16" => {
+            "conv_transpose2_f16" | "conv_transpose2_tc_f16" => {
                 let (n, d, h, w, cin, cout, ctot, off) = (a.u(3), a.u(4), a.u(5), a.u(6), a.u(7), a.u(8), a.u(9), a.u(10));
-                ensure!(threads == 256, "block must be CT_THREADS = 256");
                 let vol = d * h * w;
+                if name == "conv_transpose2_tc_f16" {
+                    ensure!(threads == 128, "block must be CTT_THREADS = 128");
+                    ensure!(cin % 16 == 0 && cout % 8 == 0, "needs Cin % 16 == 0 and Cout % 8 == 0");
+                    ensure!(a.p(0) % 16 == 0 && a.p(1) % 16 == 0, "x and w must be 16-byte aligned");
+                } else {
+                    ensure!(threads == 256, "block must be CT_THREADS = 256");
+                }
                 ensure!(gx == (n * vol).div_ceil(64) && gy == (8 * cout).div_ceil(64), "grid must be (ceil(M/64), ceil(8*Cout/64))");
                 ensure!(off + cout <= ctot, "channel slice out of range");
                 let x = from_ndhwc(&self.rf16(a.p(0), n * vol * cin)?, n, cin, vol);

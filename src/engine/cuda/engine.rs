@@ -396,6 +396,9 @@ pub struct CudaEngine {
     /// How the tensor-core convolutions run (block tiles, cp.async loads; the norm fusion is in
     /// `steps`).
     tc: TcPolicy,
+    /// The kernel the transposed convolutions ask for (`FASTDET_CONVT`; the FMA kernel on a
+    /// device without tensor cores).
+    convt: ops::ConvtKernel,
     notes: Vec<String>,
     /// Convolutions that cuDNN's graph API could not plan or run, taken by its legacy API
     /// instead: (op name, why).
@@ -538,6 +541,16 @@ impl CudaEngine {
                 "convolutions on the tensor cores (conv_tc.cu, {tiles}, 128x32 for <= 32 channels, {staging}{halo}); {deferred} norm(s) applied in the next conv's loads ({loads}), {stats} conv(s) writing the next norm's statistics, {adds} residual add(s) in the conv's store"
             ));
         }
+        let convt = match ops::ConvtKernel::from_env()? {
+            ops::ConvtKernel::TensorCore if gpu.check_tensor_cores().is_err() => ops::ConvtKernel::Fma,
+            k => k,
+        };
+        if steps.iter().any(|s| matches!(s, Step::ConvT { .. })) {
+            notes.push(match convt {
+                ops::ConvtKernel::TensorCore => "transposed convolutions on the tensor cores (conv_transpose2_tc_f16) where Cin % 16 == 0 and Cout % 8 == 0".into(),
+                ops::ConvtKernel::Fma => "transposed convolutions on the CUDA cores (conv_transpose2_f16)".into(),
+            });
+        }
         gpu.sync("uploading weights")?;
         let graphs_on = graphs_wanted(&gpu);
         Ok(CudaEngine {
@@ -556,6 +569,7 @@ impl CudaEngine {
             name: weights.name.clone(),
             backend,
             tc: policy,
+            convt,
             notes,
             graph_api_fallbacks: Vec::new(),
             tile_stats: Vec::new(),
@@ -711,6 +725,15 @@ impl CudaEngine {
         if let Some(d) = &mut self.dnn {
             d.api = api;
             self.plans.clear();
+        }
+    }
+
+    /// The kernel the transposed convolutions ask for from now on (`FASTDET_CONVT` chose it at
+    /// opening); walks captured before are dropped so that none replays the other kernel.
+    pub fn set_convt_kernel(&mut self, kernel: ops::ConvtKernel) {
+        if kernel != self.convt {
+            self.convt = kernel;
+            self.graphs.clear();
         }
     }
 
@@ -1355,13 +1378,13 @@ impl CudaEngine {
                         let cat = self.graph.ops[j].output;
                         let ctot = self.graph.values[cat].channels;
                         let buf = self.take(n * ovol * ctot * 2)?;
-                        ops::conv_transpose2(&gpu, x, w, buf.ptr, n, in_dims, cin, cout, ctot, 0)?;
+                        ops::conv_transpose2(&gpu, self.convt, x, w, buf.ptr, n, in_dims, cin, cout, ctot, 0)?;
                         vals[cat] = Some(Val::H(buf));
                         vals[op.output] = Some(Val::InConcat);
                     }
                     None => {
                         let buf = self.take(n * ovol * cout * 2)?;
-                        ops::conv_transpose2(&gpu, x, w, buf.ptr, n, in_dims, cin, cout, cout, 0)?;
+                        ops::conv_transpose2(&gpu, self.convt, x, w, buf.ptr, n, in_dims, cin, cout, cout, 0)?;
                         vals[op.output] = Some(Val::H(buf));
                     }
                 }
@@ -1772,6 +1795,50 @@ mod tests {
             assert_eq!(a.scores, b.scores);
             assert!(a.fm2.is_none());
         }
+    }
+
+    /// DynUNet's transposed convs (32->32 and 32->16 here, both fitting the tensor cores; the
+    /// full-resolution one is pruned: the stride-2 head does not read it) run on
+    /// the tensor-core kernel by default and on the FMA kernel when asked; both walks give the
+    /// CPU engine's maps.
+    #[test]
+    fn transposed_convs_run_on_the_kernel_asked_for() {
+        let spec = crate::model::spec::ModelSpec::dynunet(&[8, 16, 32, 32], 16, 16, 8);
+        let w = Weights::random(&spec, 7);
+        let tile = [16, 32, 32];
+        let mut x = random_input(1, tile, 3);
+        x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+        let want = crate::engine::cpu::CpuEngine::new(&w).unwrap().forward(&x, 1, tile, true).unwrap();
+        let gpu = Gpu::emulator().unwrap();
+        let emu = gpu.emu().unwrap();
+        let mut e = CudaEngine::on_with(gpu.clone(), &w, ConvBackend::Direct, TcPolicy::default()).unwrap();
+        assert_eq!(e.convt, ops::ConvtKernel::from_env().unwrap());
+        assert!(e.notes().iter().any(|n| n.contains("transposed convolutions on the")), "{:?}", e.notes());
+        for kernel in [ops::ConvtKernel::TensorCore, ops::ConvtKernel::Fma] {
+            e.set_convt_kernel(kernel);
+            let before = [emu.launches("conv_transpose2_tc_f16"), emu.launches("conv_transpose2_f16")];
+            let got = e.forward(&x, 1, tile, true).unwrap();
+            let ran = [emu.launches("conv_transpose2_tc_f16") - before[0], emu.launches("conv_transpose2_f16") - before[1]];
+            let expect = if kernel == ops::ConvtKernel::TensorCore { [2, 0] } else { [0, 2] };
+            assert_eq!(ran, expect, "{kernel:?}: launches of (tc, fma)");
+            compare(&format!("{kernel:?} scores"), &got.scores, &want.scores, 2e-2);
+            compare(&format!("{kernel:?} offsets"), &got.offsets, &want.offsets, 2e-2);
+            compare(&format!("{kernel:?} fm2"), got.fm2.as_ref().unwrap(), want.fm2.as_ref().unwrap(), 2e-2);
+        }
+    }
+
+    /// The tensor-core transposed conv takes Cin % 16 == 0, Cout % 8 == 0 and 16-byte-aligned
+    /// input and weights; anything else, or the FMA kernel asked for, runs on the FMA kernel.
+    #[test]
+    fn transposed_convs_fall_back_to_the_fma_kernel_where_the_tensor_cores_do_not_fit() {
+        use ops::ConvtKernel::{Fma, TensorCore};
+        assert_eq!(TensorCore.for_shape(320, 256, 256, 512), TensorCore);
+        assert_eq!(TensorCore.for_shape(16, 8, 0, 0), TensorCore);
+        assert_eq!(TensorCore.for_shape(8, 8, 0, 0), Fma, "Cin % 16");
+        assert_eq!(TensorCore.for_shape(32, 12, 0, 0), Fma, "Cout % 8");
+        assert_eq!(TensorCore.for_shape(32, 16, 8, 0), Fma, "x misaligned");
+        assert_eq!(TensorCore.for_shape(32, 16, 0, 24), Fma, "w misaligned");
+        assert_eq!(Fma.for_shape(320, 256, 0, 0), Fma);
     }
 
     fn random_input(n: usize, tile: [usize; 3], seed: u64) -> Vec<f32> {

@@ -28,6 +28,8 @@
 //! - `FASTDET_TC_HALO=off|on`: 3x3x3 stride-1 tensor-core convs with Cin a multiple of 16 whose
 //!   output whole 2x4x16 bricks tile run on halo tiles, each block staging its input once per 16 channels (default off;
 //!   `ops::halo_fits`);
+//! - `FASTDET_CONVT=tc|fma`: transposed convolutions on the tensor cores where Cin % 16 == 0 and
+//!   Cout % 8 == 0 (default tc), or on the f32 FMA kernel (`ops::ConvtKernel`);
 //! - `FASTDET_TC_SPLIT_K=N`: most K splits of a tensor-core convolution whose grid cannot fill
 //!   the device (default 16; 1 turns split K off);
 //! - `FASTDET_CUDA_GRAPHS=0`: no CUDA graphs (by default the second walk of each shape is

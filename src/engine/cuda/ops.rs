@@ -474,21 +474,64 @@ pub fn conv_tc(
     g.launch(v.reduce, ((gx * v.rows / v.store_rows) as u32, gy as u32, 1), (128, 1, 1), &r)
 }
 
+/// The kernel a kernel-2 stride-2 transposed convolution runs on (`FASTDET_CONVT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvtKernel {
+    /// `conv_transpose2_tc_f16`: tensor cores, for Cin % 16 == 0, Cout % 8 == 0, 16-byte-aligned
+    /// input and weights; other shapes fall back to `Fma`.
+    TensorCore,
+    /// `conv_transpose2_f16`: f32 FMAs on the CUDA cores, any shape.
+    Fma,
+}
+
+impl ConvtKernel {
+    /// `FASTDET_CONVT=tc|fma` (default tc).
+    pub fn from_env() -> Result<ConvtKernel> {
+        super::env_choice("FASTDET_CONVT", &[("tc", ConvtKernel::TensorCore), ("fma", ConvtKernel::Fma)])
+    }
+
+    /// The kernel that runs this shape when `self` is asked for: the tensor cores only where they fit.
+    pub fn for_shape(self, cin: usize, cout: usize, x: u64, w: u64) -> ConvtKernel {
+        let fits = cin.is_multiple_of(16) && cout.is_multiple_of(8) && (x | w).is_multiple_of(16);
+        if self == ConvtKernel::TensorCore && fits {
+            ConvtKernel::TensorCore
+        } else {
+            ConvtKernel::Fma
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvtKernel::TensorCore => "conv_transpose2_tc_f16",
+            ConvtKernel::Fma => "conv_transpose2_f16",
+        }
+    }
+}
+
 /// The kernel-2 stride-2 transposed convolution into channels `[c_off, c_off + cout)` of an
-/// output with `ctot` channels: `x [n, dims, cin]`, `w [cin, cout, 2, 2, 2]` fp16.
+/// output with `ctot` channels: `x [n, dims, cin]`, `w [cin, cout, 2, 2, 2]` fp16, on `kernel`
+/// where the shape fits it (`ConvtKernel::for_shape`). Returns the kernel that ran.
 #[allow(clippy::too_many_arguments)]
-pub fn conv_transpose2(g: &Gpu, x: u64, w: u64, out: u64, n: usize, dims: [usize; 3], cin: usize, cout: usize, ctot: usize, c_off: usize) -> Result<()> {
+pub fn conv_transpose2(g: &Gpu, kernel: ConvtKernel, x: u64, w: u64, out: u64, n: usize, dims: [usize; 3], cin: usize, cout: usize, ctot: usize, c_off: usize) -> Result<ConvtKernel> {
+    let kernel = kernel.for_shape(cin, cout, x, w);
+    let name = kernel.name();
     if c_off + cout > ctot {
-        bail!("conv_transpose2_f16: channels {c_off}..{} do not fit in {ctot}", c_off + cout);
+        bail!("{name}: channels {c_off}..{} do not fit in {ctot}", c_off + cout);
     }
     let m = n * vol(dims);
     check_i31("input voxels", m)?;
+    // Both kernels tile the 8 * cout columns 64 at a time.
     if (8 * cout).div_ceil(64) > 65535 {
-        bail!("conv_transpose2_f16: {cout} output channels");
+        bail!("{name}: {cout} output channels");
     }
     let i = |v: usize| Arg::I32(v as i32);
     let a = [Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(out), i(n), i(dims[0]), i(dims[1]), i(dims[2]), i(cin), i(cout), i(ctot), i(c_off)];
-    g.launch("conv_transpose2_f16", (m.div_ceil(64) as u32, (8 * cout).div_ceil(64) as u32, 1), (256, 1, 1), &a)
+    let threads = match kernel {
+        ConvtKernel::TensorCore => 128,
+        ConvtKernel::Fma => 256,
+    };
+    g.launch(name, (m.div_ceil(64) as u32, (8 * cout).div_ceil(64) as u32, 1), (threads, 1, 1), &a)?;
+    Ok(kernel)
 }
 
 // ---------------------------------------------------------------------------------------------- elementwise

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::f16;
 use serde::Serialize;
 
@@ -1094,29 +1094,46 @@ fn upsample_cases(c: &mut Ctx) {
     }
 }
 
+/// Each shape on both transposed-conv kernels. The shapes cover a channel slice of the concat
+/// buffer (8 of 48), one whose offset is not a multiple of 8 (the tensor-core kernel's element
+/// store), Cin not a multiple of its 32-deep step, and partial 64-row tiles.
 fn convt_cases(c: &mut Ctx) {
-    for (n, cin, cout, dims, ctot, off) in [(2usize, 64usize, 32usize, [3usize, 5, 7], 48usize, 8usize), (1, 320, 320, [2, 3, 2], 320, 0), (1, 128, 64, [4, 4, 4], 128, 0), (1, 16, 8, [3, 3, 3], 16, 0)] {
-        let v = vol(dims);
-        let shape = format!("{n}x{cin}x{} ->{cout}@{off}/{ctot}", shape_str(&dims));
-        c.case("conv_transpose2_f16", &shape.clone(), |c| {
-            let x = c.rand16(n * cin * v, -1.0, 1.0);
-            let w: Vec<f32> = c.rand(cin * cout * 8, -0.2, 0.2).into_iter().map(r16).collect();
-            let mut up = vec![0.0f32; n * cout * 8 * v];
-            conv::conv_transpose2(&x, n, cin, cout, dims, &w, &mut up);
-            let up = to_ndhwc(&up, n, cout, 8 * v);
-            let sentinel = c.rand16(n * 8 * v * ctot, -3.0, 3.0);
-            let mut want = sentinel.clone();
-            for r in 0..n * 8 * v {
-                want[r * ctot + off..r * ctot + off + cout].copy_from_slice(&up[r * cout..(r + 1) * cout]);
-            }
-            let xb = c.up16(&to_ndhwc(&x, n, cin, v))?;
-            let wb = c.up16(&w)?;
-            let ob = c.up16(&sentinel)?;
-            ops::conv_transpose2(&c.gpu, xb.ptr, wb.ptr, ob.ptr, n, dims, cin, cout, ctot, off)?;
-            let got = c.rd16(&ob, n * 8 * v * ctot)?;
-            c.cmp("conv_transpose2_f16", &shape, &got, &want, TOL_FP16);
-            Ok(())
-        });
+    let shapes = [
+        (2usize, 64usize, 32usize, [3usize, 5, 7], 48usize, 8usize),
+        (1, 320, 320, [2, 3, 2], 320, 0),
+        (1, 128, 64, [4, 4, 4], 128, 0),
+        (1, 16, 8, [3, 3, 3], 16, 0),
+        (1, 32, 24, [3, 2, 5], 52, 4),
+        (2, 48, 16, [5, 4, 3], 16, 0),
+    ];
+    for (n, cin, cout, dims, ctot, off) in shapes {
+        for kernel in [ops::ConvtKernel::TensorCore, ops::ConvtKernel::Fma] {
+            let v = vol(dims);
+            let name = kernel.name();
+            let shape = format!("{n}x{cin}x{} ->{cout}@{off}/{ctot}", shape_str(&dims));
+            c.case(name, &shape.clone(), |c| {
+                let x = c.rand16(n * cin * v, -1.0, 1.0);
+                let w: Vec<f32> = c.rand(cin * cout * 8, -0.2, 0.2).into_iter().map(r16).collect();
+                let mut up = vec![0.0f32; n * cout * 8 * v];
+                conv::conv_transpose2(&x, n, cin, cout, dims, &w, &mut up);
+                let up = to_ndhwc(&up, n, cout, 8 * v);
+                let sentinel = c.rand16(n * 8 * v * ctot, -3.0, 3.0);
+                let mut want = sentinel.clone();
+                for r in 0..n * 8 * v {
+                    want[r * ctot + off..r * ctot + off + cout].copy_from_slice(&up[r * cout..(r + 1) * cout]);
+                }
+                let xb = c.up16(&to_ndhwc(&x, n, cin, v))?;
+                let wb = c.up16(&w)?;
+                let ob = c.up16(&sentinel)?;
+                let ran = ops::conv_transpose2(&c.gpu, kernel, xb.ptr, wb.ptr, ob.ptr, n, dims, cin, cout, ctot, off)?;
+                if ran != kernel {
+                    bail!("{} ran instead of {name}", ran.name());
+                }
+                let got = c.rd16(&ob, n * 8 * v * ctot)?;
+                c.cmp(name, &shape, &got, &want, TOL_FP16);
+                Ok(())
+            });
+        }
     }
 }
 
