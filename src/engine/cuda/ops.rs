@@ -566,9 +566,11 @@ pub const NORM_THREADS: usize = 256;
 pub const NORM_MAX_CPG: usize = 512;
 
 /// (voxels per stats block, number of blocks) for a volume: at most 1024 partials per sample,
-/// at least 256 voxels per block.
+/// at least 32 voxels per block. The deep levels are small (768 voxels at 12x8x8): blocks of
+/// 256 voxels gave them three blocks on the whole device, each thread walking its voxels one
+/// load after another; blocks of 32 give them 24.
 pub fn norm_blocks(vol: usize) -> (usize, usize) {
-    let per = vol.div_ceil(1024).max(256);
+    let per = vol.div_ceil(1024).max(32);
     (per, vol.div_ceil(per).max(1))
 }
 
@@ -941,6 +943,20 @@ pub fn nms_gather_offsets(g: &Gpu, offsets: u64, cells: usize, c: usize, totals:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The norm statistics' blocks cover the volume, at most 1024 of them, at least 32 voxels
+    /// each; small deep levels get more than a handful of blocks.
+    #[test]
+    fn norm_statistics_blocks_cover_the_volume_and_spread_small_ones() {
+        for vol in [1, 31, 32, 33, 96, 768, 6144, 49152, 262144, 262145, 192 * 128 * 128] {
+            let (per, nblk) = norm_blocks(vol);
+            assert!(per >= 32 && (1..=1024).contains(&nblk), "{vol}: {per} x {nblk}");
+            assert!(per * nblk >= vol && per * (nblk - 1) < vol, "{vol}: {per} x {nblk} must cover it, no block empty");
+        }
+        assert_eq!(norm_blocks(768), (32, 24), "DynUNet's 12x8x8 level");
+        assert_eq!(norm_blocks(6144), (32, 192), "24x16x16");
+        assert_eq!(norm_blocks(192 * 128 * 128), (3072, 1024), "a full 192x128x128 tile, as before");
+    }
 
     #[test]
     fn split_k_fills_small_grids_and_never_leaves_a_split_empty() {
