@@ -15,7 +15,7 @@
 //      d = pre_act(x) - pivot[c], pivot[c] = pre_act(x[n, voxel 0, c]) (shifted data keeps the f32
 //      partial sums well conditioned when |mean| >> std).
 //   2. norm_finalize        grid (G, N), block NORM_THREADS (C / G <= NORM_MAX_CPG): per channel of
-//      the group, a fixed-shape tree reduction of the nblk partials in f64 gives the channel's mean
+//      the group, a fixed-shape reduction of the nblk partials in f64 gives the channel's mean
 //      and M2 (sum of squared deviations); the group's mean is the mean of the channel means and its
 //      M2 = sum_c (M2_c + vol * (mean_c - mean)^2), in channel order (Chan et al.); var = M2 / (cpg *
 //      vol), rstd = 1 / sqrt(var + eps) in f64; writes params[n][c] = (mean, scale = rstd * gamma,
@@ -24,9 +24,14 @@
 //      pairs of one sample; y may alias x.
 // When the convolution that wrote x already reduced it (conv_tc.cu's statistics epilogue: per
 // block of `per` voxels, (sum v, sum (v - block mean)^2)), norm_finalize_tiles replaces steps 1
-// and 2: per channel, the mean is the f64 tree sum of the block sums over vol, and M2 the tree sum
+// and 2: per channel, the mean is the f64 fixed-shape sum of the block sums over vol, and M2 the sum
 // of (M2_b + per * (mean_b - mean)^2) (Chan et al.); the group step is norm_finalize's. No pre-act
 // (the statistics are of x as stored).
+// Both finalize kernels reduce min(8, C / G) channels at a time, each on a team of 8 / that many
+// warps (a GroupNorm of 8 groups has only 8 blocks on the whole device: one channel at a time
+// would leave it waiting on 32 reductions in a row at 256 channels); within a team each thread
+// sums every (team size)-th partial in order, then a butterfly of shuffles in each warp and the
+// warps' totals in warp order: a fixed shape, so the result does not depend on scheduling.
 #include <cuda_fp16.h>
 
 #define NORM_THREADS 256
@@ -92,18 +97,27 @@ norm_stats_partial(const __half* __restrict__ x, long long vol, int C, int vox_p
     }
 }
 
-// The sum of every thread's `v` (NORM_THREADS threads), by a fixed-shape tree in `r`, returned to
-// all of them; `r` is free again when it returns.
-__device__ double norm_block_sum(double* r, double v) {
-    const int t = threadIdx.x;
-    r[t] = v;
+// A team of `warps` consecutive warps reducing one channel: this thread is `sub` of `size`.
+struct NormTeam {
+    int sub, size, warps;
+    double* red;  // one slot per warp of the block
+};
+
+// The sum of `v` over the team, returned to all of its threads: a butterfly of shuffles in each
+// warp (lanes i and i ^ w add the same two values, so every lane ends with the same total), then
+// with more than one warp the warps' totals in warp order. Every thread of the block calls it at
+// the same point (it holds barriers when a team has more than one warp).
+__device__ double norm_team_sum(const NormTeam& t, double v) {
+#pragma unroll
+    for (int w = 16; w > 0; w >>= 1) v += __shfl_xor_sync(0xffffffffu, v, w);
+    if (t.warps == 1) return v;
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) t.red[warp] = v;
     __syncthreads();
-    for (int w = NORM_THREADS / 2; w > 0; w >>= 1) {
-        if (t < w) r[t] += r[t + w];
-        __syncthreads();
-    }
-    const double total = r[0];
-    __syncthreads();  // everyone has read r[0] before r is reused
+    const int first = warp - warp % t.warps;
+    double total = 0.0;
+    for (int i = 0; i < t.warps; ++i) total += t.red[first + i];
+    __syncthreads();  // every team has read its slots before they are reused
     return total;
 }
 
@@ -140,28 +154,39 @@ struct NormMoments {
     double mean, m2;
 };
 
-// What norm_finalize and norm_finalize_tiles share, for block (g, n) = (group, sample): for each
-// channel c of the group in order, every thread calls `channel(r, n, c)` (fixed-shape reductions
-// in the scratch `r`) and thread 0's answer is kept; then the group's params.
+// What norm_finalize and norm_finalize_tiles share, for block (g, n) = (group, sample): the
+// group's channels min(8, cpg) at a time, channel k0 + j on team j (8 / min(8, cpg) warps);
+// every thread calls `channel(team, n, c)` (fixed-shape team reductions; teams past the group's
+// last channel compute one of its channels again, for the barriers, and are ignored) and the
+// answer of each team's thread 0 is kept; then the group's params.
 template <class Channel>
 __device__ void norm_finalize_group(int C, int groups, double cnt, const float* __restrict__ gamma,
                                     const float* __restrict__ beta, float eps, float* __restrict__ params,
                                     Channel channel) {
-    __shared__ double r[NORM_THREADS];
+    __shared__ double red[NORM_THREADS / 32];
     __shared__ double ch_mean[NORM_MAX_CPG];
     __shared__ double ch_m2[NORM_MAX_CPG];
     const int g = blockIdx.x;
     const int n = blockIdx.y;
     const int cpg = C / groups;
     if (cpg < 1 || cpg > NORM_MAX_CPG) return;  // unsupported shape: the host checks
-    for (int k = 0; k < cpg; ++k) {
-        const NormMoments m = channel(r, n, g * cpg + k);
-        if (threadIdx.x == 0) {
+    const int nwarps = NORM_THREADS / 32;
+    const int teams = min(cpg, nwarps);
+    const int warps = nwarps / teams;
+    const int warp = threadIdx.x / 32;
+    // The 8 % teams leftover warps repeat the last team's channel on their own and are ignored.
+    const int team = min(warp / warps, teams - 1);
+    const bool member = warp < teams * warps;
+    const NormTeam t{(warp % warps) * 32 + threadIdx.x % 32, warps * 32, warps, red};
+    for (int k0 = 0; k0 < cpg; k0 += teams) {
+        const int k = k0 + team;
+        const NormMoments m = channel(t, n, g * cpg + (k < cpg ? k : k0));
+        if (member && k < cpg && t.sub == 0) {
             ch_mean[k] = m.mean;
             ch_m2[k] = m.m2;
         }
-        __syncthreads();
     }
+    __syncthreads();
     norm_group_params(ch_mean, ch_m2, cpg, cnt, g, n, C, gamma, beta, eps, params);
 }
 
@@ -173,16 +198,16 @@ norm_finalize(const __half* __restrict__ x, const float* __restrict__ partial, l
               float* __restrict__ params) {
     const double cnt = (double)vol;
     const double inv_cnt = 1.0 / cnt;
-    norm_finalize_group(C, groups, cnt, gamma, beta, eps, params, [&](double* r, int n, int c) {
+    norm_finalize_group(C, groups, cnt, gamma, beta, eps, params, [&](const NormTeam& t, int n, int c) {
         double s = 0.0, q = 0.0;
-        for (int b = threadIdx.x; b < nblk; b += NORM_THREADS) {
+        for (int b = t.sub; b < nblk; b += t.size) {
             const float* p = partial + (((size_t)n * nblk + b) * C + c) * 2;
             s += (double)p[0];
             q += (double)p[1];
         }
-        const double S1 = norm_block_sum(r, s);
-        const double S2 = norm_block_sum(r, q);
-        if (threadIdx.x != 0) return NormMoments{0.0, 0.0};
+        const double S1 = norm_team_sum(t, s);
+        const double S2 = norm_team_sum(t, q);
+        if (t.sub != 0) return NormMoments{0.0, 0.0};
         // The partials are of d = pre_act(x) - pivot (norm_stats_partial).
         const double pivot = (double)fd_act(__half2float(x[(size_t)n * (size_t)vol * (size_t)C + c]), pre_act, pre_p);
         return NormMoments{pivot + S1 * inv_cnt, fmax(S2 - S1 * S1 * inv_cnt, 0.0)};
@@ -197,18 +222,18 @@ norm_finalize_tiles(const float* __restrict__ partial, long long vol, int C, int
                     float* __restrict__ params) {
     const double cnt = (double)vol;
     const double bcnt = (double)per;
-    norm_finalize_group(C, groups, cnt, gamma, beta, eps, params, [&](double* r, int n, int c) {
+    norm_finalize_group(C, groups, cnt, gamma, beta, eps, params, [&](const NormTeam& t, int n, int c) {
         const float* p = partial + ((size_t)n * nblk * C + c) * 2;
         const size_t step = (size_t)C * 2;
         double s = 0.0;
-        for (int b = threadIdx.x; b < nblk; b += NORM_THREADS) s += (double)p[b * step];
-        const double mean = norm_block_sum(r, s) / cnt;
+        for (int b = t.sub; b < nblk; b += t.size) s += (double)p[b * step];
+        const double mean = norm_team_sum(t, s) / cnt;
         double q = 0.0;
-        for (int b = threadIdx.x; b < nblk; b += NORM_THREADS) {
+        for (int b = t.sub; b < nblk; b += t.size) {
             const double d = (double)p[b * step] / bcnt - mean;
             q += (double)p[b * step + 1] + bcnt * d * d;
         }
-        return NormMoments{mean, norm_block_sum(r, q)};
+        return NormMoments{mean, norm_team_sum(t, q)};
     });
 }
 

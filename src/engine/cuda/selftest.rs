@@ -1030,6 +1030,9 @@ fn norm_cases(c: &mut Ctx) {
         (1, 16, 16, [9, 9, 9], false, Act::None, Act::None, 10.0, false),
         (1, 32, 8, [64, 64, 64], true, Act::None, Act::Relu, 0.5, true),
         (1, 16, 16, [7, 8, 9], false, Act::Silu, Act::None, 0.0, false),
+        // 32 channels per group (a warp each, four rounds) and 3 (teams of two warps, two left over).
+        (1, 256, 8, [6, 8, 10], true, Act::None, Act::Relu, 0.0, false),
+        (2, 24, 8, [10, 12, 14], true, Act::None, Act::Relu, 0.0, true),
     ];
     for (n, ch, groups, dims, affine, pre, post, offset, in_place) in cases {
         let v = vol(dims);
