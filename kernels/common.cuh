@@ -15,6 +15,14 @@ __device__ __forceinline__ float fd_act(float x, int act, float p) {
     }
 }
 
+// Whether every pointer given is 16-byte aligned, so that 8 halves at a time may be loaded or
+// stored as one uint4. The elementwise kernels take 8 halves per thread and step where they can:
+// with 4-byte accesses a card of H100 class cannot have enough bytes in flight to stream at its
+// memory's rate.
+__device__ __forceinline__ bool fd_aligned16(const void* a, const void* b = nullptr, const void* c = nullptr) {
+    return (((size_t)a | (size_t)b | (size_t)c) & 15) == 0;
+}
+
 // Asynchronous global -> shared copies of 16 bytes (cp.async, sm_80+): the first src_bytes (0 or 16) from
 // src, the rest zero (src_bytes 0: a zero fill, src unread). commit closes the thread's group of
 // copies; wait<N> blocks until all but its N most recent groups have landed (its own copies only:

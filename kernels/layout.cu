@@ -18,7 +18,8 @@
 //   c < Cs, dst holding Cd channels per row: one input of the CPU engine's Concat op
 //   (src/engine/cpu/mod.rs, OpKind::Concat writes [inputs[0], inputs[1]] per sample) written into
 //   its channel slice of the NDHWC concat buffer. Bit-exact copy. Any grid / block size
-//   (grid-stride over rows * Cs elements); src and dst must not overlap.
+//   (grid-stride over rows * Cs elements, or rows * Cs / 8 uint4 chunks when Cs, Cd and c_off are
+//   multiples of 8 and src, dst 16-byte aligned); src and dst must not overlap.
 #include <cuda_fp16.h>
 
 #define LT_TILE 32
@@ -96,9 +97,20 @@ extern "C" __global__ void extract_tiles_f16(const __half* __restrict__ volume, 
 
 extern "C" __global__ void copy_channels_f16(const __half* __restrict__ src, __half* __restrict__ dst, long long rows,
                                              int Cs, int Cd, int c_off) {
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    if (((Cs | Cd | c_off) & 7) == 0 && fd_aligned16(src, dst)) {
+        const int s8 = Cs / 8, d8 = Cd / 8, o8 = c_off / 8;
+        const uint4* s = reinterpret_cast<const uint4*>(src);
+        uint4* d = reinterpret_cast<uint4*>(dst);
+        for (long long i = first; i < rows * (long long)s8; i += step) {
+            const long long r = i / s8;
+            d[(size_t)r * d8 + o8 + (int)(i - r * s8)] = s[i];
+        }
+        return;
+    }
     const long long total = rows * (long long)Cs;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
+    for (long long i = first; i < total; i += step) {
         const long long r = i / Cs;
         const int c = (int)(i - r * Cs);
         dst[(size_t)r * Cd + c_off + c] = src[i];

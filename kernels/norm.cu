@@ -22,6 +22,10 @@
 //      shift = beta) as f32, like the CPU's (mean as f32, (rstd * gamma) as f32, beta).
 //   3. norm_apply           grid (any, N), any block size; grid-stride over the vol * C/2 (< 2^31)
 //      pairs of one sample; y may alias x.
+// With C % 8 == 0 and x (and y) 16-byte aligned (fd_aligned16: every engine buffer), steps 1 and 3
+// read 8 channels at a time as one uint4 (4-byte accesses cannot keep enough bytes in flight to
+// stream at an H100-class card's rate): norm_stats_partial's thread then sums 8 channels of every
+// (256 / (C / 8))-th voxel of its block, and norm_apply computes the same values as the pair path.
 // When the convolution that wrote x already reduced it (conv_tc.cu's statistics epilogue: per
 // block of `per` voxels, (sum v, sum (v - block mean)^2)), norm_finalize_tiles replaces steps 1
 // and 2: per channel, the mean is the f64 fixed-shape sum of the block sums over vol, and M2 the sum
@@ -44,13 +48,65 @@
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 norm_stats_partial(const __half* __restrict__ x, long long vol, int C, int vox_per_block,
                    int pre_act, float pre_p, float* __restrict__ partial) {
-    __shared__ float sh[4][NORM_THREADS];
+    __shared__ float sh[16][NORM_THREADS];
     const int n = blockIdx.y;
     const int blk = blockIdx.x;
     const int nblk = gridDim.x;
     const int t = threadIdx.x;
     const int C2 = C >> 1;
     if (C2 < 1 || C2 > NORM_THREADS) return;  // unsupported shape: the host checks
+    if ((C & 7) == 0 && fd_aligned16(x)) {
+        // Thread (lane, c8): channels 8 * c8 .. 8 * c8 + 7 of voxels v0 + lane, v0 + lane + lanes, ...
+        const int C8 = C >> 3;
+        const int lanes = NORM_THREADS / C8;
+        const int c8 = t % C8;
+        const int lane = t / C8;
+        const uint4* xs = reinterpret_cast<const uint4*>(x + (size_t)n * (size_t)vol * (size_t)C);
+        float s[8], q[8], piv[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s[e] = q[e] = 0.0f;
+        if (lane < lanes) {
+            const uint4 pv = xs[c8];
+            const __half* ph = reinterpret_cast<const __half*>(&pv);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) piv[e] = fd_act(__half2float(ph[e]), pre_act, pre_p);
+            const long long v0 = (long long)blk * vox_per_block;
+            long long v1 = v0 + vox_per_block;
+            if (v1 > vol) v1 = vol;
+#pragma unroll 4
+            for (long long v = v0 + lane; v < v1; v += lanes) {
+                const uint4 raw = xs[(size_t)v * C8 + c8];
+                const __half* h = reinterpret_cast<const __half*>(&raw);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const float d = fd_act(__half2float(h[e]), pre_act, pre_p) - piv[e];
+                    s[e] += d;
+                    q[e] += d * d;
+                }
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            sh[2 * e][t] = s[e];
+            sh[2 * e + 1][t] = q[e];
+        }
+        __syncthreads();
+        if (t < C8) {
+            // Lanes of these 8 channels, in lane order.
+            float* out = partial + (((size_t)n * nblk + blk) * C + 8 * t) * 2;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                float a = 0.0f, b = 0.0f;
+                for (int l = 0; l < lanes; ++l) {
+                    a += sh[2 * e][l * C8 + t];
+                    b += sh[2 * e + 1][l * C8 + t];
+                }
+                out[2 * e] = a;
+                out[2 * e + 1] = b;
+            }
+        }
+        return;
+    }
     const int lanes = NORM_THREADS / C2;
     const int c2 = t % C2;
     const int lane = t / C2;
@@ -244,10 +300,29 @@ norm_apply(const __half* x, __half* y, long long vol, int C, const float* __rest
     const int n = blockIdx.y;
     const int C2 = C >> 1;
     const int pairs = (int)(vol * C2);  // < 2^31 per sample (host checks)
+    const float* prm = params + (size_t)n * C * 3;
+    if ((C & 7) == 0 && fd_aligned16(x, y)) {
+        const int C8 = C >> 3;
+        const int units = pairs / 4;
+        const uint4* xs = reinterpret_cast<const uint4*>(x) + (size_t)n * (size_t)units;
+        uint4* ys = reinterpret_cast<uint4*>(y) + (size_t)n * (size_t)units;
+        for (long long li = (long long)blockIdx.x * blockDim.x + threadIdx.x; li < units; li += (long long)gridDim.x * blockDim.x) {
+            const int i = (int)li;
+            const float* q = prm + 3 * 8 * (i % C8);
+            uint4 v = xs[i];
+            __half* h = reinterpret_cast<__half*>(&v);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float a = fd_act(__half2float(h[e]), pre_act, pre_p);
+                h[e] = __float2half_rn(fd_act(__fadd_rn(__fmul_rn(a - q[3 * e], q[3 * e + 1]), q[3 * e + 2]), post_act, post_p));
+            }
+            ys[i] = v;
+        }
+        return;
+    }
     const size_t base = (size_t)n * (size_t)pairs;
     const __half2* xs = reinterpret_cast<const __half2*>(x) + base;
     __half2* ys = reinterpret_cast<__half2*>(y) + base;
-    const float* prm = params + (size_t)n * C * 3;
     // 64-bit steps: the last step of a 32-bit index could wrap past INT_MAX; the index itself fits.
     for (long long li = (long long)blockIdx.x * blockDim.x + threadIdx.x; li < pairs; li += (long long)gridDim.x * blockDim.x) {
         const int i = (int)li;

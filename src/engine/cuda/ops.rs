@@ -32,6 +32,12 @@ fn gs_blocks(items: usize, threads: usize) -> u32 {
     items.div_ceil(threads).clamp(1, 65535) as u32
 }
 
+/// Whether every device address is 16-byte aligned: the elementwise kernels then step 8 halves
+/// at a time (common.cuh `fd_aligned16`), and their grids are sized for that.
+fn aligned16(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|p| p.is_multiple_of(16))
+}
+
 fn check_i31(what: &str, v: usize) -> Result<()> {
     if v > I31 {
         bail!("{what} = {v} exceeds the kernels' 32-bit index range; use smaller tiles");
@@ -112,7 +118,8 @@ pub fn copy_channels(g: &Gpu, src: u64, dst: u64, rows: usize, cs: usize, cd: us
         return Ok(());
     }
     let a = [Arg::Ptr(src), Arg::Ptr(dst), Arg::I64(rows as i64), Arg::I32(cs as i32), Arg::I32(cd as i32), Arg::I32(c_off as i32)];
-    g.launch("copy_channels_f16", (gs_blocks(rows * cs, 256), 1, 1), (256, 1, 1), &a)
+    let per_thread = if (cs | cd | c_off).is_multiple_of(8) && aligned16(&[src, dst]) { 8 } else { 1 };
+    g.launch("copy_channels_f16", (gs_blocks(rows * cs / per_thread, 256), 1, 1), (256, 1, 1), &a)
 }
 
 // ---------------------------------------------------------------------------------------------- convolutions
@@ -555,7 +562,8 @@ pub fn add_act(g: &Gpu, a: u64, b: u64, y: u64, elems: usize, act: Act) -> Resul
     let pairs = elems / 2;
     let (ac, ap) = act_code(act);
     let args = [Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(y), Arg::I64(pairs as i64), Arg::I32(ac), Arg::F32(ap)];
-    g.launch("add_act_f16", (gs_blocks(pairs, 256), 1, 1), (256, 1, 1), &args)
+    let per_thread = if pairs.is_multiple_of(4) && aligned16(&[a, b, y]) { 4 } else { 1 };
+    g.launch("add_act_f16", (gs_blocks(pairs / per_thread, 256), 1, 1), (256, 1, 1), &args)
 }
 
 // ---------------------------------------------------------------------------------------------- norm.cu
@@ -698,9 +706,10 @@ pub fn norm_apply(g: &Gpu, x: u64, y: u64, n: usize, c: usize, vol: usize, param
     }
     let (pc, pp) = act_code(pre);
     let (qc, qp) = act_code(post);
+    let per_thread = if c.is_multiple_of(8) && aligned16(&[x, y]) { 8 } else { 2 };
     g.launch(
         "norm_apply",
-        (gs_blocks(vol * c / 2, NORM_THREADS), n as u32, 1),
+        (gs_blocks(vol * c / per_thread, NORM_THREADS), n as u32, 1),
         (NORM_THREADS as u32, 1, 1),
         &[Arg::Ptr(x), Arg::Ptr(y), Arg::I64(vol as i64), Arg::I32(c as i32), Arg::Ptr(params), Arg::I32(pc), Arg::F32(pp), Arg::I32(qc), Arg::F32(qp)],
     )

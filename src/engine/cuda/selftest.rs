@@ -1001,7 +1001,8 @@ fn elementwise_cases(c: &mut Ctx) {
             Ok(())
         });
     }
-    for (ch, act, in_place) in [(16usize, Act::None, true), (48, Act::Relu, false)] {
+    // 16 and 48 channels: 8 halves per step; 6: an element count that is not a multiple of 8 (pairs).
+    for (ch, act, in_place) in [(16usize, Act::None, true), (48, Act::Relu, false), (6, Act::LeakyRelu(0.1), true)] {
         let shape = format!("{n}x{ch}x{}", shape_str(&dims));
         let name = format!("add_act_f16{act}{}", if in_place { " in place" } else { "" });
         c.case(&name.clone(), &shape.clone(), |c| {
@@ -1033,6 +1034,9 @@ fn norm_cases(c: &mut Ctx) {
         // 32 channels per group (a warp each, four rounds) and 3 (teams of two warps, two left over).
         (1, 256, 8, [6, 8, 10], true, Act::None, Act::Relu, 0.0, false),
         (2, 24, 8, [10, 12, 14], true, Act::None, Act::Relu, 0.0, true),
+        // Channel counts that are not multiples of 8: the statistics and the apply in pairs.
+        (1, 12, 4, [5, 6, 7], true, Act::None, Act::Relu, 0.0, true),
+        (2, 10, 10, [4, 5, 6], false, Act::Silu, Act::None, 1.0, false),
     ];
     for (n, ch, groups, dims, affine, pre, post, offset, in_place) in cases {
         let v = vol(dims);
