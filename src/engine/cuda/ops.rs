@@ -731,7 +731,8 @@ pub fn upsample_add(g: &Gpu, x: u64, skip: Option<u64>, out: u64, n: usize, dims
         return Ok(());
     }
     let i = |v: usize| Arg::I32(v as i32);
-    g.launch("upsample2x_add_f16", (gs_blocks(pairs, 256), n as u32, 1), (256, 1, 1), &[Arg::Ptr(x), opt(skip), Arg::Ptr(out), i(dims[0]), i(dims[1]), i(dims[2]), i(c)])
+    let per_thread = if c.is_multiple_of(8) && aligned16(&[x, skip.unwrap_or(0), out]) { 4 } else { 1 };
+    g.launch("upsample2x_add_f16", (gs_blocks(pairs / per_thread, 256), n as u32, 1), (256, 1, 1), &[Arg::Ptr(x), opt(skip), Arg::Ptr(out), i(dims[0]), i(dims[1]), i(dims[2]), i(c)])
 }
 
 // ---------------------------------------------------------------------------------------------- heads.cu
