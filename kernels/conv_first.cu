@@ -8,7 +8,8 @@
 // (kz, ky, kx ascending), rounded once to fp16.
 //
 // Layout: x [N, D, H, W] fp16 (NDHWC with C = 1); w [Cout, 27] f32; bias [Cout] f32 or null;
-// out [N, D, H, W, Cout] fp16, Cout even and <= CF_MAX_COUT.
+// out [N, D, H, W, Cout] fp16, Cout even and <= CF_MAX_COUT; stored 8 channels (16 bytes) at a
+// time when Cout % 8 == 0 and out is 16-byte aligned.
 // Block CF_TX x CF_TY x CF_TZ threads = one output voxel each; grid (ceil(W / CF_TX),
 // ceil(H / CF_TY), N * ceil(D / CF_TZ)).
 #include <cuda_fp16.h>
@@ -64,6 +65,9 @@ conv3d_c1_k3_f16(const __half* __restrict__ x, const float* __restrict__ w, cons
                 nb[(kz * 3 + ky) * 3 + kx] = tile[threadIdx.z + kz][threadIdx.y + ky][threadIdx.x + kx];
 
     __half2* o = reinterpret_cast<__half2*>(out + ((((size_t)n * D + oz) * H + oy) * W + ox) * Cout);
+    // Whole chunks of 8 channels go out as one 16-byte store (a voxel's channels are contiguous;
+    // pairs would leave each store instruction writing 4 bytes into 32 scattered sectors).
+    const bool vec = (Cout & 7) == 0 && fd_aligned16(out);
     for (int c0 = 0; c0 < Cout; c0 += CF_CHUNK) {
         float acc[CF_CHUNK];
 #pragma unroll
@@ -73,6 +77,14 @@ conv3d_c1_k3_f16(const __half* __restrict__ x, const float* __restrict__ w, cons
 #pragma unroll
             for (int k = 0; k < 27; ++k) s = fmaf(ws[co * 27 + k], nb[k], s);
             acc[j] = fd_act(__fadd_rn(s, bs[co]), act, p);
+        }
+        if (vec) {
+            uint4 v;
+            __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
+            for (int j = 0; j < CF_CHUNK; j += 2) h[j >> 1] = __floats2half2_rn(acc[j], acc[j + 1]);
+            reinterpret_cast<uint4*>(o)[c0 >> 3] = v;
+            continue;
         }
 #pragma unroll
         for (int j = 0; j < CF_CHUNK; j += 2)

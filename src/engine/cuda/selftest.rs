@@ -850,6 +850,8 @@ fn conv_first_cases(c: &mut Ctx) {
         (2, [5, 6, 33], 16, true, Act::LeakyRelu(0.01)),
         (1, [4, 5, 6], 64, true, Act::Silu),
         (1, [9, 10, 11], 8, false, Act::None),
+        // Not a multiple of 8: stored in pairs, the last chunk partial.
+        (1, [3, 5, 34], 6, true, Act::Relu),
     ] {
         let shape = format!("{n}x1x{} ->{cout}", shape_str(&dims));
         let name = format!("conv3d_c1_k3_f16{}{act}", if bias { "+bias" } else { "" });
