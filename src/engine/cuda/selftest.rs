@@ -1150,7 +1150,8 @@ fn convt_cases(c: &mut Ctx) {
 fn head_cases(c: &mut Ctx) {
     let dims = [9, 10, 11];
     let v = vol(dims);
-    for (n, cin, cout, bias, act) in [(2usize, 48usize, 6usize, true, Act::Sigmoid), (2, 16, 3, true, Act::TanhScale(2.0)), (1, 64, 8, false, Act::None)] {
+    // Cin 48, 16, 64: 8 channels per load; 10: pairs.
+    for (n, cin, cout, bias, act) in [(2usize, 48usize, 6usize, true, Act::Sigmoid), (2, 16, 3, true, Act::TanhScale(2.0)), (1, 64, 8, false, Act::None), (1, 10, 6, true, Act::Sigmoid)] {
         let shape = format!("{n}x{cin}x{} ->{cout}", shape_str(&dims));
         let name = format!("head_conv1x1_act_f32{act}");
         c.case(&name.clone(), &shape.clone(), |c| {
