@@ -114,7 +114,7 @@ conv_transpose2_f16(const __half* __restrict__ x, const __half* __restrict__ w, 
 // when the slice allows (c_off, Ctot multiples of 8, out 16-byte aligned), else element by
 // element. The sum over ci is the tensor cores' (order within a 16-deep step is the hardware's),
 // rounded once to fp16: equal to the kernel above within f32 rounding, not bit for bit.
-// Needs Cin % 16 == 0, Cout % 8 == 0, x and w 16-byte aligned (ops::ConvtKernel::fits checks);
+// Needs Cin % 16 == 0, Cout % 8 == 0, x and w 16-byte aligned (ops::ConvtKernel::for_shape checks);
 // grid (ceil(M / CTT_BM), 8 * Cout / CTT_BN), block CTT_THREADS exactly.
 #include <mma.h>
 

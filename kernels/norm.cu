@@ -32,7 +32,7 @@
 // of (M2_b + per * (mean_b - mean)^2) (Chan et al.); the group step is norm_finalize's. No pre-act
 // (the statistics are of x as stored).
 // Both finalize kernels reduce min(8, C / G) channels at a time, each on a team of 8 / that many
-// warps (a GroupNorm of 8 groups has only 8 blocks on the whole device: one channel at a time
+// warps (a GroupNorm of 8 groups has only 8 blocks per sample on the device: one channel at a time
 // would leave it waiting on 32 reductions in a row at 256 channels); within a team each thread
 // sums every (team size)-th partial in order, then a butterfly of shuffles in each warp and the
 // warps' totals in warp order: a fixed shape, so the result does not depend on scheduling.
@@ -226,6 +226,9 @@ __device__ void norm_finalize_group(int C, int groups, double cnt, const float* 
     const int n = blockIdx.y;
     const int cpg = C / groups;
     if (cpg < 1 || cpg > NORM_MAX_CPG) return;  // unsupported shape: the host checks
+    // With 8 warps the 8 % teams leftover warps always make whole teams of their own (2 when
+    // teams = 3), so their team sums stay within `red`.
+    static_assert(NORM_THREADS == 256, "norm_finalize_group's teams assume 8 warps");
     const int nwarps = NORM_THREADS / 32;
     const int teams = min(cpg, nwarps);
     const int warps = nwarps / teams;

@@ -1036,6 +1036,8 @@ fn norm_cases(c: &mut Ctx) {
         // 32 channels per group (a warp each, four rounds) and 3 (teams of two warps, two left over).
         (1, 256, 8, [6, 8, 10], true, Act::None, Act::Relu, 0.0, false),
         (2, 24, 8, [10, 12, 14], true, Act::None, Act::Relu, 0.0, true),
+        // 12 channels per group: a full round of 8, then 4 teams on 4 channels and 4 repeating one.
+        (1, 48, 4, [6, 7, 8], true, Act::None, Act::Relu, 0.0, false),
         // Channel counts that are not multiples of 8: the statistics and the apply in pairs.
         (1, 12, 4, [5, 6, 7], true, Act::None, Act::Relu, 0.0, true),
         (2, 10, 10, [4, 5, 6], false, Act::Silu, Act::None, 1.0, false),
@@ -1121,6 +1123,12 @@ fn convt_cases(c: &mut Ctx) {
             let v = vol(dims);
             let name = kernel.name();
             let shape = format!("{n}x{cin}x{} ->{cout}@{off}/{ctot}", shape_str(&dims));
+            if kernel == ops::ConvtKernel::TensorCore {
+                if let Err(why) = c.gpu.check_tensor_cores() {
+                    c.skip(name, &shape, why);
+                    continue;
+                }
+            }
             c.case(name, &shape.clone(), |c| {
                 let x = c.rand16(n * cin * v, -1.0, 1.0);
                 let w: Vec<f32> = c.rand(cin * cout * 8, -0.2, 0.2).into_iter().map(r16).collect();
