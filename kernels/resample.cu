@@ -31,6 +31,22 @@ __device__ __forceinline__ void up_src(int o, int len, int& i0, int& i1, float& 
     }
 }
 
+// The source corners and weights of output voxel v (x fastest) of a 2D x 2H x 2W output.
+struct UpSrc {
+    int x0, x1, y0, y1, z0, z1;
+    float lx, ly, lz;
+};
+__device__ __forceinline__ UpSrc up_voxel(int v, int D, int H, int W) {
+    UpSrc u;
+    const int ox = v % (2 * W);
+    v /= 2 * W;
+    const int oy = v % (2 * H);
+    const int oz = v / (2 * H);
+    up_src(ox, W, u.x0, u.x1, u.lx);
+    up_src(oy, H, u.y0, u.y1, u.ly);
+    up_src(oz, D, u.z0, u.z1, u.lz);
+    return u;
+}
 __device__ __forceinline__ float2 lerp2(float2 a, float2 b, float l0, float l1) {
     return make_float2(__fadd_rn(__fmul_rn(l0, a.x), __fmul_rn(l1, b.x)),
                        __fadd_rn(__fmul_rn(l0, a.y), __fmul_rn(l1, b.y)));
@@ -40,8 +56,7 @@ extern "C" __global__ void upsample2x_add_f16(const __half* __restrict__ x, cons
                                               int D, int H, int W, int C) {
     const int n = blockIdx.y;
     const int C2 = C >> 1;
-    const int OD = 2 * D, OH = 2 * H, OW = 2 * W;
-    const int pairs = OD * OH * OW * C2;
+    const int pairs = 2 * D * 2 * H * 2 * W * C2;
     if ((C & 7) == 0 && fd_aligned16(x, skip, out)) {
         const int C8 = C >> 3;
         const int units = pairs / 4;
@@ -52,35 +67,26 @@ extern "C" __global__ void upsample2x_add_f16(const __half* __restrict__ x, cons
         for (long long li = (long long)blockIdx.x * blockDim.x + threadIdx.x; li < units; li += (long long)gridDim.x * blockDim.x) {
             const int i = (int)li;
             const int c8 = i % C8;
-            int v = i / C8;
-            const int ox = v % OW;
-            v /= OW;
-            const int oy = v % OH;
-            const int oz = v / OH;
-            int x0, x1, y0, y1, z0, z1;
-            float lx, ly, lz;
-            up_src(ox, W, x0, x1, lx);
-            up_src(oy, H, y0, y1, ly);
-            up_src(oz, D, z0, z1, lz);
-            const float mx = 1.0f - lx, my = 1.0f - ly, mz = 1.0f - lz;
+            const UpSrc u = up_voxel(i / C8, D, H, W);
+            const float mx = 1.0f - u.lx, my = 1.0f - u.ly, mz = 1.0f - u.lz;
             float2 zz[2][4];
 #pragma unroll
             for (int a = 0; a < 2; ++a) {
-                const int zi = a ? z1 : z0;
+                const int zi = a ? u.z1 : u.z0;
                 float2 yy[2][4];
 #pragma unroll
                 for (int b = 0; b < 2; ++b) {
-                    const int yi = b ? y1 : y0;
+                    const int yi = b ? u.y1 : u.y0;
                     const size_t row = ((size_t)zi * H + yi) * W;
-                    const uint4 pv = xs[(row + x0) * C8 + c8];
-                    const uint4 qv = xs[(row + x1) * C8 + c8];
+                    const uint4 pv = xs[(row + u.x0) * C8 + c8];
+                    const uint4 qv = xs[(row + u.x1) * C8 + c8];
                     const __half2* ph = reinterpret_cast<const __half2*>(&pv);
                     const __half2* qh = reinterpret_cast<const __half2*>(&qv);
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) yy[b][e] = lerp2(__half22float2(ph[e]), __half22float2(qh[e]), mx, lx);
+                    for (int e = 0; e < 4; ++e) yy[b][e] = lerp2(__half22float2(ph[e]), __half22float2(qh[e]), mx, u.lx);
                 }
 #pragma unroll
-                for (int e = 0; e < 4; ++e) zz[a][e] = lerp2(yy[0][e], yy[1][e], my, ly);
+                for (int e = 0; e < 4; ++e) zz[a][e] = lerp2(yy[0][e], yy[1][e], my, u.ly);
             }
             uint4 sv = make_uint4(0u, 0u, 0u, 0u), ov;
             if (ss) sv = ss[i];
@@ -88,7 +94,7 @@ extern "C" __global__ void upsample2x_add_f16(const __half* __restrict__ x, cons
             __half2* oh = reinterpret_cast<__half2*>(&ov);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float2 r = lerp2(zz[0][e], zz[1][e], mz, lz);
+                float2 r = lerp2(zz[0][e], zz[1][e], mz, u.lz);
                 if (ss) {
                     const float2 f = __half22float2(sh[e]);
                     r.x = __fadd_rn(r.x, f.x);
@@ -108,33 +114,24 @@ extern "C" __global__ void upsample2x_add_f16(const __half* __restrict__ x, cons
     for (long long li = (long long)blockIdx.x * blockDim.x + threadIdx.x; li < pairs; li += (long long)gridDim.x * blockDim.x) {
         const int i = (int)li;
         const int c2 = i % C2;
-        int v = i / C2;
-        const int ox = v % OW;
-        v /= OW;
-        const int oy = v % OH;
-        const int oz = v / OH;
-        int x0, x1, y0, y1, z0, z1;
-        float lx, ly, lz;
-        up_src(ox, W, x0, x1, lx);
-        up_src(oy, H, y0, y1, ly);
-        up_src(oz, D, z0, z1, lz);
-        const float mx = 1.0f - lx, my = 1.0f - ly, mz = 1.0f - lz;
+        const UpSrc u = up_voxel(i / C2, D, H, W);
+        const float mx = 1.0f - u.lx, my = 1.0f - u.ly, mz = 1.0f - u.lz;
         float2 zz[2];
 #pragma unroll
         for (int a = 0; a < 2; ++a) {
-            const int zi = a ? z1 : z0;
+            const int zi = a ? u.z1 : u.z0;
             float2 yy[2];
 #pragma unroll
             for (int b = 0; b < 2; ++b) {
-                const int yi = b ? y1 : y0;
+                const int yi = b ? u.y1 : u.y0;
                 const size_t row = ((size_t)zi * H + yi) * W;
-                const float2 p = __half22float2(xs[(row + x0) * C2 + c2]);
-                const float2 q = __half22float2(xs[(row + x1) * C2 + c2]);
-                yy[b] = lerp2(p, q, mx, lx);
+                const float2 p = __half22float2(xs[(row + u.x0) * C2 + c2]);
+                const float2 q = __half22float2(xs[(row + u.x1) * C2 + c2]);
+                yy[b] = lerp2(p, q, mx, u.lx);
             }
-            zz[a] = lerp2(yy[0], yy[1], my, ly);
+            zz[a] = lerp2(yy[0], yy[1], my, u.ly);
         }
-        float2 r = lerp2(zz[0], zz[1], mz, lz);
+        float2 r = lerp2(zz[0], zz[1], mz, u.lz);
         if (ss) {
             const float2 s = __half22float2(ss[i]);
             r.x = __fadd_rn(r.x, s.x);
