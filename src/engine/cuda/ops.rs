@@ -551,7 +551,8 @@ pub fn bias_act(g: &Gpu, x: u64, y: u64, bias: Option<u64>, elems: usize, c: usi
     let pairs = elems / 2;
     let (ac, ap) = act_code(act);
     let a = [Arg::Ptr(x), Arg::Ptr(y), opt(bias), Arg::I64(pairs as i64), Arg::I32(c as i32), Arg::I32(ac), Arg::F32(ap)];
-    g.launch("bias_act_f16", (gs_blocks(pairs, 256), 1, 1), (256, 1, 1), &a)
+    let per_thread = if c.is_multiple_of(8) && aligned16(&[x, y]) { 4 } else { 1 };
+    g.launch("bias_act_f16", (gs_blocks(pairs / per_thread, 256), 1, 1), (256, 1, 1), &a)
 }
 
 /// `y = act(a + b)` over `elems` (even) fp16 values; y may alias a or b.

@@ -983,6 +983,8 @@ fn elementwise_cases(c: &mut Ctx) {
         .collect();
     cases.push((48, false, Act::Silu, true));
     cases.push((320, true, Act::Relu, false));
+    // Not a multiple of 8 channels: pairs.
+    cases.push((6, true, Act::Silu, true));
     for (ch, bias, act, in_place) in cases {
         let shape = format!("{n}x{ch}x{}", shape_str(&dims));
         let name = format!("bias_act_f16{}{act}{}", if bias { " bias" } else { "" }, if in_place { " in place" } else { "" });
