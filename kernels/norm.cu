@@ -236,7 +236,7 @@ __device__ void norm_finalize_group(int C, int groups, double cnt, const float* 
     // The 8 % teams leftover warps repeat the last team's channel on their own and are ignored.
     const int team = min(warp / warps, teams - 1);
     const bool member = warp < teams * warps;
-    const NormTeam t{(warp % warps) * 32 + threadIdx.x % 32, warps * 32, warps, red};
+    const NormTeam t{(warp % warps) * 32 + (int)(threadIdx.x % 32), warps * 32, warps, red};
     for (int k0 = 0; k0 < cpg; k0 += teams) {
         const int k = k0 + team;
         const NormMoments m = channel(t, n, g * cpg + (k < cpg ? k : k0));
