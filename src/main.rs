@@ -74,7 +74,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+            // 2 means "output written, some runs failed" (run) or "not one job's whole output"
+            // (merge): a usage error, which writes nothing, is a plain failure, so that a
+            // script taking 2 for a partial result does not go on after a mistyped option.
+            return if e.exit_code() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
         }
     };
     if let Err(e) = fastdet::engine::cpu::simd::check_env() {

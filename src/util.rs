@@ -310,6 +310,15 @@ fn resolved_parent(path: &Path) -> Option<PathBuf> {
     Some(rest.iter().rev().fold(base.canonicalize().ok()?, |p, n| p.join(n)))
 }
 
+/// Whether writes to `a` and to `b` would replace one file (the same name, through links and `..`
+/// too): two outputs of one job that collide, the last written wins.
+pub fn same_written_file(a: &Path, b: &Path) -> bool {
+    match (resolved_parent(&write_target(a)), resolved_parent(&write_target(b))) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
+
 /// Refuses an output that would replace one of `inputs` (a file) or land inside one (a folder,
 /// such as a zarr store), before any work: `--out` mistyped as a weights file is not overwritten.
 pub fn check_not_an_input(out: &Path, inputs: &[&Path]) -> Result<()> {

@@ -480,6 +480,15 @@ fn malformed_truth_is_named() {
     // A split without ground truth, where another has it: the error names that one.
     let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--split", "test", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
     assert!(!o.status.success() && stderr(&o).contains("no ground truth for split \"test\"") && stderr(&o).contains("\"train\": give --split"), "{}", stderr(&o));
+    // The split folder given as the dataset root (`ROOT/train` for `ROOT`): the error says what to give.
+    let split_dir = tmp.path().join("train");
+    let hint = format!("{} is itself a split folder (it holds static/ or overlay/ExperimentRuns): give its parent {} as the dataset root and --split train", split_dir.display(), tmp.path().display());
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--split", "train", "--truth"]).arg(&split_dir).arg(&sub).output().unwrap();
+    assert!(o.status.code() == Some(1) && stderr(&o).contains(&hint), "{}", stderr(&o));
+    let data = root().join("tests/fixtures/dataset");
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["run", "--weights"]).arg(root().join("weights/demo_dynunet.safetensors")).arg("--data").arg(data.join("test")).arg("--out").arg(tmp.path().join("x.csv")).output().unwrap();
+    let hint = format!("{} is itself a split folder (it holds static/ or overlay/ExperimentRuns): give its parent {} as the dataset root and --split test", data.join("test").display(), data.display());
+    assert!(o.status.code() == Some(1) && stderr(&o).contains("runs directory not found") && stderr(&o).contains(&hint), "{}", stderr(&o));
 }
 
 /// A full disk: the write fails with the file named and nothing partial is left. Needs a small
@@ -601,7 +610,7 @@ fn no_output_when_every_run_fails() {
     let (cp, maps) = (tmp.path().join("cp"), tmp.path().join("maps"));
     let o = run_mrc(&[&nan, &junk], &out, &["--allow-nonfinite", "--copick-out", cp.to_str().unwrap(), "--save-maps", maps.to_str().unwrap()]);
     let e = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("TS_nan.mrc: every voxel is NaN or infinite") && e.contains("TS_junk.mrc") && e.contains("every run failed"), "{e}");
     assert!(!out.exists());
     // Nor the runs folder or the output folders this job made.
@@ -665,6 +674,15 @@ fn outputs_over_inputs_are_refused() {
         assert!(!o.status.success() && stderr(&o).contains("lies inside the input"), "{flag}: {}", stderr(&o));
     }
     assert!(!out.exists());
+    // Nor may a run's STAR file be the CSV (one of the two would be lost), by any name.
+    let star_named = tmp.path().join("TS_synth_1.star");
+    for star_dir in [tmp.path().to_path_buf(), tmp.path().join("..").join(tmp.path().file_name().unwrap())] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fastdet"));
+        c.args(["run", "--zarr"]).arg(&store).arg("--weights").arg(&weights).args(["--window", "64,96,96", "--tiles", "1,1,1", "--out"]).arg(&star_named);
+        let o = c.arg("--star-out").arg(&star_dir).output().unwrap();
+        assert!(o.status.code() == Some(1) && stderr(&o).contains("run TS_synth_1's file would be written over the --out file"), "{}", stderr(&o));
+        assert!(!star_named.exists());
+    }
     // merge -o onto one of its shards.
     let shard = tmp.path().join("a.csv");
     std::fs::write(&shard, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n").unwrap();
@@ -707,7 +725,8 @@ fn write_limits_and_stops_leave_nothing_behind() {
         .unwrap();
     let e = stderr(&o);
     if limits {
-        assert_eq!(o.status.code(), Some(2), "{e}");
+        // The job's one run failed: nothing written, exit status 1.
+        assert_eq!(o.status.code(), Some(1), "{e}");
         assert!(e.contains("maps/TS_a.safetensors: cannot write: File too large"), "{e}");
         assert!(!out.exists() && !maps.exists(), "{:?}", walk(tmp.path()));
         assert!(walk(tmp.path()).iter().all(|f| !f.ends_with(".tmp")), "{:?}", walk(tmp.path()));
@@ -755,9 +774,15 @@ fn write_limits_and_stops_leave_nothing_behind() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0));
     assert!(csv_rows(&out).len() > 1);
-    // Usage errors keep their code (2) and message.
-    let o = Command::new(exe).args(["run", "--no-such-flag"]).output().unwrap();
-    assert!(o.status.code() == Some(2) && stderr(&o).contains("--no-such-flag"), "{}", stderr(&o));
+    // Usage errors keep their message and exit with 1, not with the 2 of a job whose output
+    // was written but some runs failed.
+    for args in [&["run", "--no-such-flag"][..], &["run", "--window", "64,96"], &["merge", "--shard"], &[]] {
+        let o = Command::new(exe).args(args).output().unwrap();
+        assert!(o.status.code() == Some(1) && stderr(&o).contains("--help"), "{args:?}: {}", stderr(&o));
+    }
+    assert!(stderr(&Command::new(exe).args(["run", "--no-such-flag"]).output().unwrap()).contains("--no-such-flag"));
+    let o = Command::new(exe).args(["run", "--help"]).output().unwrap();
+    assert!(o.status.code() == Some(0) && String::from_utf8_lossy(&o.stdout).contains("--weights"));
 
     // SIGTERM while synth writes: neither the dataset nor its hidden unfinished copy is left.
     let data = tmp.path().join("syn");
@@ -904,6 +929,15 @@ fn odd_but_readable_volumes_are_warned_about() {
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     assert!(e.contains("warning: ") && e.contains("TS_long.mrc") && e.contains("4096 bytes after the 160 x 160 x 80 voxels of mode 2"), "{e}");
+    assert!(!e.contains("value range"), "{e}");
+    // One extreme voxel that sets the min-max scaling is named (the sample tomogram is not).
+    let mut hot = f.data.clone();
+    hot[(40 * 160 + 10) * 160 + 20] = 1e30;
+    let hot_mrc = tmp.path().join("TS_hot.mrc");
+    write_mrc_f32(&hot_mrc, f.shape, &hot, 10.012).unwrap();
+    let o = run_mrc(&[&hot_mrc], &tmp.path().join("hot.csv"), &[]);
+    let e = stderr(&o);
+    assert!(o.status.success() && e.contains("TS_hot.mrc: 98% of its voxels lie in 0.00% of its value range (the highest 1e30 at z,y,x 40,10,20"), "{e}");
 
     let src = root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr");
     let zarr = tmp.path().join("TS_gap.zarr");

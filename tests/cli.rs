@@ -382,6 +382,18 @@ fn ensemble_of_mismatched_models_is_refused() {
     assert!(err.contains("other.safetensors") && err.contains("not the six CZII classes"), "{err}");
     assert!(!err.contains("model(s) on"), "{err}");
     assert!(!tmp.path().join("s.csv").exists());
+    // One model twice (by one name, through a link, as a copy) would weigh double: refused.
+    let dynunet = root().join("weights/demo_dynunet.safetensors");
+    let link = tmp.path().join("link.safetensors");
+    std::os::unix::fs::symlink(&dynunet, &link).unwrap();
+    let copy = tmp.path().join("copy.safetensors");
+    std::fs::copy(&dynunet, &copy).unwrap();
+    for (twice, says) in [(&dynunet, "given twice to --weights (as model 2 and 3)"), (&link, "given twice to --weights (as model 2 and 3)"), (&copy, "the same bytes as")] {
+        let o = run(&[&src, &dynunet, twice]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.code() == Some(1) && err.contains(says) && err.contains("weigh it double") && !err.contains("model(s) on"), "{err}");
+        assert!(!tmp.path().join("s.csv").exists());
+    }
 }
 
 /// `--tomogram` reads another tomogram type of the competition layout; a type the runs lack is

@@ -48,6 +48,16 @@ fn config_file_values_and_flag_overrides() {
     assert_eq!(t["with_score"].as_bool(), Some(true));
     assert_eq!(t["device_blend"].as_bool(), Some(false), "the file turns the default off");
 
+    // `-o` is --out, and beats the file's `out` as --out does.
+    let with_out = tmp.path().join("with_out.toml");
+    std::fs::write(&with_out, "data = \"data\"\nout = \"from_file.csv\"\n").unwrap();
+    for args in [&["-o", "cli.csv"][..], &["-ocli.csv"], &["--out", "cli.csv"]] {
+        let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config"]).args(args).arg("--config").arg(&with_out)).parse().unwrap();
+        assert!(t["out"].as_str().unwrap().ends_with("/cli.csv"), "{args:?}: {t:?}");
+    }
+    let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&with_out)).parse().unwrap();
+    assert_eq!(t["out"].as_str().unwrap(), tmp.path().join("from_file.csv").to_str().unwrap());
+
     // The printed configuration reads back to itself.
     let again = tmp.path().join("again.toml");
     std::fs::write(&again, &text).unwrap();

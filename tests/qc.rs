@@ -314,6 +314,25 @@ fn cli_writes_one_png_per_run() {
         .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     assert!(out2.join("TS_synth_2.png").is_file() && !out2.join("TS_synth_1.png").exists());
+    // A run the dataset does not have is refused before any picture (as by `run`); picks of runs
+    // the dataset lacks are named in a warning, and `-o` is --out.
+    let other = tmp.path().join("other.csv");
+    std::fs::write(&other, "id,experiment,particle_type,x,y,z\n0,TS_elsewhere,ribosome,1,2,3\n1,TS_synth_1,ribosome,100,100,100\n").unwrap();
+    let qc = |runs: Option<&str>, out: &std::path::Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fastdet"));
+        c.arg("qc").arg("--data").arg(root().join("tests/fixtures/dataset")).arg("--picks").arg(&other).arg("-o").arg(out);
+        if let Some(r) = runs {
+            c.args(["--runs", r]);
+        }
+        c.output().unwrap()
+    };
+    let o = qc(Some("TS_synth_1,TS_synth_9"), &tmp.path().join("nine"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && e.contains("run \"TS_synth_9\" is not in") && !tmp.path().join("nine").exists(), "{e}");
+    let o = qc(None, &tmp.path().join("all"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && e.contains("other.csv has picks of runs not in") && e.contains(": TS_elsewhere\n") && !e.contains('{'), "{e}");
+    assert!(tmp.path().join("all/TS_synth_1.png").is_file());
     // A run whose tomogram cannot be read fails alone: the other is drawn, the exit status is 2.
     let data = tmp.path().join("data");
     common::copy_dir(&root().join("tests/fixtures/dataset"), &data);
@@ -346,7 +365,8 @@ fn cli_writes_one_png_per_run() {
         .arg(&out4)
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    // Nothing drawn: a failure (1), not the partial result of status 2.
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!out4.exists());
     let h = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["qc", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&h.stdout);

@@ -111,7 +111,9 @@ fn shards_merged_equal_one_run() {
     assert!(cheap_run(&data, &odd).args(["--shard", "1/2", "--iou", "0.5"]).status().unwrap().success());
     let o = fastdet().arg("merge").arg(&shards[0]).arg(&odd).arg("-o").arg(tmp.path().join("odd_merged.csv")).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains("odd.csv was made with other weights or settings than") && err.contains("(differ: iou)"), "{err}");
+    // Written, but with exit status 2: the file is not one job's output.
+    assert!(o.status.code() == Some(2) && err.contains("odd.csv was made with other weights or settings than") && err.contains("(differ: iou)"), "{err}");
+    assert!(tmp.path().join("odd_merged.csv").exists());
     // Most shards agree: the odd one is named, whatever its place.
     let none = tmp.path().join("none.csv");
     assert!(cheap_run(&data, &none).args(["--shard", "2/3"]).status().unwrap().success());
@@ -127,6 +129,15 @@ fn shards_merged_equal_one_run() {
     assert!(!tmp.path().join("shard0.csv.runs/shard.json").exists());
     let o = fastdet().arg("merge").arg(&shards[0]).arg("-o").arg(tmp.path().join("all.csv")).output().unwrap();
     assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", String::from_utf8_lossy(&o.stderr));
+    // A new job on a shard's output whose every run fails (no such tomogram) leaves no output:
+    // the earlier job's file went with its record, so merge cannot take it for this job's shard.
+    let o = cheap_run(&data, &shards[1]).args(["--shard", "1/2", "--tomogram", "wbp"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("shard1.csv, an earlier job's output") && err.contains("every run failed"), "{err}");
+    assert!(!shards[1].exists() && !tmp.path().join("shard1.csv.runs").exists());
+    let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[1]).arg("-o").arg(tmp.path().join("stale.csv")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("shard1.csv") && !tmp.path().join("stale.csv").exists(), "{err}");
 }
 
 /// `merge` on hand-written shards: an empty shard (header only, as `--shard K/N` writes when it

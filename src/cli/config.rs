@@ -14,7 +14,9 @@ const MULTI_KEYS: &[&str] = &["weights", "mrc", "zarr"];
 fn given(argv: &[OsString], flag: &str) -> bool {
     argv.iter().any(|a| {
         let a = a.to_string_lossy();
-        a == flag || a.starts_with(&format!("{flag}="))
+        // `-o FILE`, `-oFILE`, `-o=FILE` are --out (no other option has a short form).
+        let short_out = flag == "--out" && a.starts_with("-o");
+        a == flag || a.starts_with(&format!("{flag}=")) || short_out
     })
 }
 

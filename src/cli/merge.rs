@@ -10,7 +10,7 @@ outputs of `run --shard K/N` for K = 0..N-1 gives the same file as one unsharded
 copick outputs of shards that wrote to separate folders are joined with --copick DIR... --copick-out DIR\n\
 (shards may also all write into one --copick-out folder: one file per run and particle).\n\
 Inputs that `fastdet run` made with other weights or settings than most (their OUT.runs/settings.json) are warned about,\n\
-and so is a shard K/N none of the inputs is (OUT.runs/shard.json).\n\
+and so is a shard K/N none of the inputs is (OUT.runs/shard.json): the merged file is written, and the exit status is 2.\n\
 Example:\n  fastdet merge shards/sub_*.csv -o submission.csv --copick shards/copick_* --copick-out copick")]
 pub struct MergeArgs {
     /// Shard CSVs (Kaggle layout, with or without a score column)
@@ -205,11 +205,12 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         }
         picks.extend(rows);
     }
-    for line in settings_differences(&a.inputs) {
+    let mixed = settings_differences(&a.inputs);
+    for line in &mixed {
         fastdet::errln!("warning: {line}");
     }
-    // Written all the same (the runs there are are good), but the exit status says the job's
-    // output is not whole, as `run` says some runs failed: a job-array script notices.
+    // Written all the same (the runs there are are good), but the exit status says the file is
+    // not one job's whole output, as `run` says some runs failed: a job-array script notices.
     let incomplete = missing_shards(&a.inputs);
     if let Some(line) = &incomplete {
         fastdet::errln!("warning: {line}");
@@ -237,5 +238,5 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     if let Some((dst, writes)) = copick_writes {
         let _ = fastdet::util::out_line(format_args!("copied {} copick picks file(s) from {} folder(s) into {}", writes.len(), a.copick.len(), dst.display()));
     }
-    Ok(if incomplete.is_some() { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    Ok(if incomplete.is_some() || !mixed.is_empty() { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }

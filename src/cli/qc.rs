@@ -31,7 +31,7 @@ pub struct QcArgs {
     #[arg(long)]
     pub picks: PathBuf,
     /// Output directory (created if missing); writes {run}.png for each run
-    #[arg(long)]
+    #[arg(short, long)]
     pub out: PathBuf,
     /// Add a second row with the ground truth from {data}/{split}/overlay/ExperimentRuns/{run}/Picks
     /// (or the copick project's picks)
@@ -59,8 +59,16 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         }
     }
     let layout = dataset::Layout::from_flags(a.data.as_deref(), &a.split, a.copick_config.as_deref())?.context("give --data ROOT or --copick-config FILE")?;
-    let runs = match &a.runs {
-        Some(r) => r.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+    let runs: Vec<String> = match &a.runs {
+        Some(r) => {
+            // A misspelt run is refused before any picture, as `run` and `score` refuse it.
+            let known = layout.discover_runs()?;
+            let chosen: Vec<String> = r.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            if let Some(r) = chosen.iter().find(|r| !known.contains(r)) {
+                bail!("run {r:?} is not in {}", layout.describe());
+            }
+            chosen
+        }
         None => layout.discover_runs()?,
     };
     if runs.is_empty() {
@@ -74,7 +82,9 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     let wanted: BTreeSet<&str> = runs.iter().map(String::as_str).collect();
     let elsewhere: BTreeSet<&str> = picks.iter().map(|p| p.run.as_str()).filter(|r| !wanted.contains(r)).collect();
     if !elsewhere.is_empty() && a.runs.is_none() {
-        fastdet::errln!("warning: {} has picks of runs not in {}: {elsewhere:?}", a.picks.display(), layout.describe());
+        let names: Vec<&str> = elsewhere.iter().take(10).copied().collect();
+        let more = if elsewhere.len() > names.len() { format!(" and {} more", elsewhere.len() - names.len()) } else { String::new() };
+        fastdet::errln!("warning: {} has picks of runs not in {}: {}{more}", a.picks.display(), layout.describe(), names.join(", "));
     }
     if a.out.exists() && !a.out.is_dir() {
         bail!("--out {}: is not a directory", a.out.display());
@@ -143,5 +153,6 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     for (run, e) in &failed {
         fastdet::errln!("  {run}: {e:#}");
     }
-    Ok(ExitCode::from(2))
+    // 2: some pictures were drawn; 1: none was.
+    Ok(if failed.len() == runs.len() { ExitCode::FAILURE } else { ExitCode::from(2) })
 }

@@ -207,7 +207,9 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 #[derive(Args)]
 #[command(after_help = "Coordinates in the CSV are in Å (voxel coordinate x the tomogram's voxel size, --voxel-size: 10.012 by default).\nOn a GPU, FASTDET_CONV=measure times cuDNN and our tensor-core kernels on each network at this\n--batch and --window once per card and keeps the fastest (remembered beside the compiled kernels).\n\
 The first run on a card checks our kernels there against the CPU engine and remembers the pass\n\
-(FASTDET_CHECK_KERNELS=always|never: check at every run, or not at all).\nExample:\n  fastdet run --data tests/fixtures/dataset --weights weights/demo_segresnetv2.safetensors weights/demo_dynunet.safetensors \\\n      --window 64,96,96 --tiles 2,3,3 --out sub.csv")]
+(FASTDET_CHECK_KERNELS=always|never: check at every run, or not at all).\n\
+--no-allow-nonfinite, --no-with-score, --no-resume, --no-resample, --no-invert (and --device-blend for\n\
+device_blend = false) turn off what a --config file turns on.\nExample:\n  fastdet run --data tests/fixtures/dataset --weights weights/demo_segresnetv2.safetensors weights/demo_dynunet.safetensors \\\n      --window 64,96,96 --tiles 2,3,3 --out sub.csv")]
 pub struct RunArgs {
     #[command(flatten)]
     pub infer: InferArgs,
@@ -220,7 +222,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub print_config: bool,
     /// Kaggle CSV output (id,experiment,particle_type,x,y,z; Å)
-    #[arg(long)]
+    #[arg(short, long)]
     pub out: Option<PathBuf>,
     /// Per-class score thresholds in class order (apo-ferritin, beta-galactosidase, ribosome, thyroglobulin, virus-like-particle, beta-amylase)
     #[arg(long, value_delimiter = ',', default_value = "0.255,0.235,0.16,0.205,0.225,0.5")]
@@ -539,10 +541,45 @@ fn preflight(a: &InferArgs) -> Result<Vec<Job>> {
     Ok(jobs)
 }
 
+/// Refuses a model given twice, by two names or as two copies of one file: the ensemble's mean
+/// would weigh it double (a glob and an explicit path make that easy).
+fn same_weights_twice(weights: &[PathBuf]) -> Result<()> {
+    if let Some((j, i)) = super::merge::given_twice(weights) {
+        bail!("{}: given twice to --weights (as model {} and {}); the ensemble would weigh it double", weights[i].display(), j + 1, i + 1);
+    }
+    // Copies: only files of one size are read and compared.
+    let sizes: Vec<Option<u64>> = weights.iter().map(|p| std::fs::metadata(p).ok().map(|m| m.len())).collect();
+    let mut digests: Vec<Option<String>> = vec![None; weights.len()];
+    for i in 0..weights.len() {
+        for j in 0..i {
+            if sizes[i].is_none() || sizes[i] != sizes[j] {
+                continue;
+            }
+            for k in [i, j] {
+                if digests[k].is_none() {
+                    let bytes = std::fs::read(&weights[k]).with_context(|| format!("{}: cannot read", weights[k].display()))?;
+                    digests[k] = Some(sha256_hex(&bytes));
+                }
+            }
+            if digests[i] == digests[j] {
+                bail!(
+                    "{}: the same bytes as {} (models {} and {} of --weights are one model); the ensemble would weigh it double",
+                    weights[i].display(),
+                    weights[j].display(),
+                    j + 1,
+                    i + 1
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The models form one ensemble for this pipeline (the six CZII classes, one stride) and each
 /// takes the window: the checks a run would otherwise fail on every tomogram, made from the
 /// weights' headers before any tomogram is read.
 fn check_models(a: &InferArgs) -> Result<()> {
+    same_weights_twice(&a.weights)?;
     let mut first: Option<(&Path, ModelSpec, Vec<String>)> = None;
     for p in &a.weights {
         let (spec, classes) = Weights::read_spec(p)?;
@@ -726,7 +763,62 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, Frame, 
             fastdet::errln!("  warning: {}: every voxel is {first}: no contrast, any pick is meaningless", job.path.display());
         }
     }
+    if let Some(w) = range_warning(&vol.data, vol.shape) {
+        fastdet::errln!("  warning: {}: {w}", job.path.display());
+    }
     Ok((vol, frame, t.elapsed().as_secs_f64()))
+}
+
+/// The share of the value range that the middle 98 % of the voxels (1st to 99th percentile) must
+/// fill, below which [`range_warning`] speaks. Gaussian noise fills about 40 % of its range, a
+/// tomogram with gold beads still well over 10 %; under 2 %, the min-max scaling has squeezed the
+/// content into a sliver of [0, 1].
+const RANGE_SHARE: f64 = 0.02;
+
+/// When a few extreme voxels set the [0, 1] scaling (a hot pixel, a value of 1e30 in a damaged
+/// file) and the models see the rest nearly flat. Names the extreme voxels (z, y, x) so they can
+/// be found. The percentiles come from at most about a million voxels taken at a fixed stride.
+fn range_warning(data: &[f32], shape: [usize; 3]) -> Option<String> {
+    let n = data.len();
+    if n < 2 {
+        return None;
+    }
+    let (mut lo, mut hi) = ((f32::INFINITY, 0usize), (f32::NEG_INFINITY, 0usize));
+    for (i, &v) in data.iter().enumerate() {
+        if v < lo.0 {
+            lo = (v, i);
+        }
+        if v > hi.0 {
+            hi = (v, i);
+        }
+    }
+    let range = hi.0 as f64 - lo.0 as f64;
+    if !(range.is_finite() && range > 0.0) {
+        return None;
+    }
+    let mut sample: Vec<f32> = data.iter().step_by((n >> 20).max(1)).copied().filter(|v| v.is_finite()).collect();
+    let m = sample.len();
+    let at_rank = |s: &mut Vec<f32>, q: f64| *s.select_nth_unstable_by(((m - 1) as f64 * q).round() as usize, f32::total_cmp).1 as f64;
+    let (p01, p99) = (at_rank(&mut sample, 0.01), at_rank(&mut sample, 0.99));
+    let share = (p99 - p01) / range;
+    if share >= RANGE_SHARE {
+        return None;
+    }
+    let at = |i: usize| format!("z,y,x {},{},{}", i / (shape[1] * shape[2]), i / shape[2] % shape[1], i % shape[2]);
+    // 1e30, not thirty-one digits.
+    let value = |v: f32| if v != 0.0 && !(1e-3..1e6).contains(&v.abs()) { format!("{v:e}") } else { format!("{v}") };
+    // The side that lies farther from the middle voxels is the one to blame.
+    let (worst, other) = if hi.0 as f64 - p99 >= p01 - lo.0 as f64 { (("highest", hi), ("lowest", lo)) } else { (("lowest", lo), ("highest", hi)) };
+    Some(format!(
+        "98% of its voxels lie in {:.2}% of its value range (the {} {} at {}, the {} {} at {}): the [0, 1] scaling by min and max leaves them nearly flat to the models; clip or repair the extreme voxels",
+        100.0 * share,
+        worst.0,
+        value(worst.1 .0),
+        at(worst.1 .1),
+        other.0,
+        value(other.1 .0),
+        at(other.1 .1)
+    ))
 }
 
 /// What a user should hear about how the window and tiles meet a volume of `shape`: axes shorter
@@ -1056,6 +1148,14 @@ impl Parts {
                 fastdet::util::remove_path(&p).with_context(|| format!("{}: cannot clear", p.display()))?;
             }
             fastdet::util::write_atomic(&fp_path, |f| Ok(f.write_all(fingerprint.as_bytes())?))?;
+            // The record of how an earlier OUT was made is gone: that OUT goes too, so that an
+            // OUT beside OUT.runs is always the job's it describes. Kept, it would outlive a
+            // job that fails or is stopped, passing for its output (`merge` would take an
+            // earlier job's shard for this one's).
+            if target.is_file() && !target.is_symlink() {
+                std::fs::remove_file(&target).with_context(|| format!("{}: cannot remove the earlier job's output", target.display()))?;
+                fastdet::errln!("note: removed {}, an earlier job's output (this job writes its own when it ends)", out.display());
+            }
         }
         Ok(Parts { dir, settings_sha, _lock: lock })
     }
@@ -1457,6 +1557,10 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         for file in extras.files(&job.run).into_iter().flatten() {
             fastdet::util::check_not_an_input(&file, &inputs)?;
             fastdet::util::check_replaceable(&file)?;
+            // Nor the CSV: one of the two would be lost.
+            if fastdet::util::same_written_file(&file, out) {
+                bail!("{}: run {}'s file would be written over the --out file {}; give --out another name or folder", file.display(), job.run, out.display());
+            }
         }
     }
     if let Some(dir) = &a.copick_out {
@@ -1506,7 +1610,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         // A header-only file would pass for a run that found nothing.
         fastdet::errln!("every run failed: {} not written", out.display());
         discard(parts);
-        return Ok(report_failures(&failed));
+        // Nothing written: a failure (1), not the partial result of exit status 2.
+        report_failures(&failed);
+        return Ok(ExitCode::FAILURE);
     }
     // The copick files of every run and the CSV, written as one: a failure or a stop leaves
     // none of them (the finished runs stay in OUT.runs for --resume).
@@ -1650,7 +1756,7 @@ fn effective_config(a: &RunArgs, s: &Settings) -> String {
         th.insert(c.name.into(), Value::Float(if short as f32 == *v { short } else { *v as f64 }));
     }
     t.insert("thresholds".into(), Value::Table(th));
-    format!("# fastdet {} run configuration (distances in voxels, voxel_size in Å)\n{}", env!("CARGO_PKG_VERSION"), toml::to_string(&t).unwrap_or_default())
+    format!("# fastdet {} run configuration (window and tiles in voxels, blend_sigma in stride-2 cells, voxel sizes in Å)\n{}", env!("CARGO_PKG_VERSION"), toml::to_string(&t).unwrap_or_default())
 }
 
 /// Peak resident memory of this process (Linux), for the summary line.
@@ -1662,7 +1768,7 @@ fn peak_rss_mib() -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::coverage_warnings;
+    use super::{coverage_warnings, range_warning};
 
     fn shape_rot90() -> [usize; 3] {
         [184, 100, 630]
@@ -1670,6 +1776,26 @@ mod tests {
 
     fn coverage_warnings_t(shape: [usize; 3], window: [usize; 3], tiles: [usize; 3], m: impl Fn() -> Option<usize>) -> Vec<String> {
         coverage_warnings(shape, window, tiles, true, false, m)
+    }
+
+    #[test]
+    fn range_warning_names_the_voxel_that_sets_the_scaling() {
+        // Noise spread evenly over [-1, 1] (about 7 σ wide): nothing to say.
+        let shape = [4, 8, 16];
+        let mut v: Vec<f32> = (0..512).map(|i| ((i * 37 % 512) as f32 / 255.5) - 1.0).collect();
+        assert_eq!(range_warning(&v, shape), None);
+        // One voxel far out (z 2, y 3, x 5) sets the range; the other side is named too.
+        v[2 * 128 + 3 * 16 + 5] = 1e30;
+        let w = range_warning(&v, shape).unwrap();
+        assert!(w.contains("the highest 1e30 at z,y,x 2,3,5") && w.contains("the lowest -1 at"), "{w}");
+        // On the low side the same (the farther side is named first); a modest outlier is fine.
+        v[2 * 128 + 3 * 16 + 5] = -3000.0;
+        let w = range_warning(&v, shape).unwrap();
+        assert!(w.starts_with("98% of its voxels lie in 0.07% of its value range (the lowest -3000 at z,y,x 2,3,5, the highest 1 at"), "{w}");
+        v[2 * 128 + 3 * 16 + 5] = 20.0;
+        assert_eq!(range_warning(&v, shape), None);
+        assert_eq!(range_warning(&[1.0], [1, 1, 1]), None);
+        assert_eq!(range_warning(&[2.0; 8], [2, 2, 2]), None);
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     }
     let layout = Layout::from_flags(a.truth.as_deref(), &a.split, a.copick_config.as_deref())?.context("give --truth ROOT or --copick-config FILE")?;
     if let Some(root) = a.truth.as_ref().filter(|_| !layout.overlay_runs.is_dir()) {
+        if let Some(hint) = layout.split_folder_hint() {
+            bail!("{}: no ground truth there; {hint}", layout.overlay_runs.display());
+        }
         // Name the splits that do hold ground truth (synth and the sample write `test`).
         let splits: Vec<String> = std::fs::read_dir(root)
             .into_iter()

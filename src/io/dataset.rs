@@ -195,11 +195,32 @@ impl Layout {
                 self.config.as_ref().unwrap().display()
             ),
             None => bail!(
-                "{}: runs directory not found (expected {}/<run>/{VOXEL_SPACING_DIR}/{DEFAULT_TOMOGRAM}.zarr)",
+                "{}: runs directory not found (expected {}/<run>/{VOXEL_SPACING_DIR}/{DEFAULT_TOMOGRAM}.zarr){}",
                 self.static_runs.display(),
-                self.static_runs.display()
+                self.static_runs.display(),
+                self.split_folder_hint().map(|h| format!("; {h}")).unwrap_or_default()
             ),
         }
+    }
+
+    /// When the dataset root given is itself a split folder (`ROOT/test` for `ROOT`, a common
+    /// slip), what to give instead. Only for a layout made by [`Layout::split`].
+    pub fn split_folder_hint(&self) -> Option<String> {
+        if self.config.is_some() {
+            return None;
+        }
+        // static_runs = {root}/{split}/static/ExperimentRuns
+        let root = self.static_runs.parent()?.parent()?.parent()?;
+        let holds_split = ["static", "overlay"].iter().any(|d| root.join(d).join("ExperimentRuns").is_dir());
+        if !holds_split {
+            return None;
+        }
+        let name = root.file_name()?.to_string_lossy();
+        let parent = match root.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.display().to_string(),
+            _ => ".".to_string(),
+        };
+        Some(format!("{} is itself a split folder (it holds static/ or overlay/ExperimentRuns): give its parent {parent} as the dataset root and --split {name}", root.display()))
     }
 
     /// The canonical tomogram path `{static}/{run}/VoxelSpacing10.000/{tomogram}.zarr` (whether
