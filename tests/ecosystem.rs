@@ -228,6 +228,19 @@ fn mrc_input_star_and_qc_outputs() {
     assert!((s[0].2 - first[0] / 10.012).abs() < 1e-2, "{:?} vs {:?}", s[0], first);
     let png = std::fs::read(qc.join("TS_synth_1.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
+    // `qc` reads the same inputs as `run`: the MRC file, or the zarr store (its run named from
+    // the competition layout around it), each drawing every pick of the run.
+    let picks = rows(&b).len();
+    for (flag, input, dir) in [("--mrc", &mrc, "qc_mrc"), ("--zarr", &zarr, "qc_zarr")] {
+        let o = fastdet().arg("qc").arg(flag).arg(input).arg("--picks").arg(&b).arg("-o").arg(tmp.path().join(dir)).output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && text.starts_with(&format!("TS_synth_1: {picks} picks -> ")), "{flag}: {text}{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(&std::fs::read(tmp.path().join(dir).join("TS_synth_1.png")).unwrap()[1..4], b"PNG");
+    }
+    let o = fastdet().arg("qc").arg("--mrc").arg(&mrc).arg("--picks").arg(&b).args(["--truth", "-o"]).arg(tmp.path().join("qc_truth")).output().unwrap();
+    assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("--truth draws a dataset's ground truth"));
+    let o = fastdet().arg("qc").arg("--mrc").arg(&mrc).arg("--picks").arg(&b).args(["--runs", "TS_other", "-o"]).arg(tmp.path().join("qc_other")).output().unwrap();
+    assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("run \"TS_other\" is not in the --mrc files given"));
 }
 
 /// A printed threshold reads back to the same f32 (a tuned threshold is a candidate's exact score,

@@ -13,11 +13,18 @@ use std::process::ExitCode;
 projection, contrast-stretched to its 1st-99th percentile; every pick is drawn as a ring of its particle radius \
 (Å / --voxel-size) in its class colour on the slab that holds its centre z. \
 Small tomograms are enlarged by an integer factor so a slab is at least 256 px wide.\n\
-Example:\n  fastdet qc --data tests/fixtures/dataset --split test --picks sub.csv --out qc --truth")]
+Examples:\n  fastdet qc --data tests/fixtures/dataset --split test --picks sub.csv --out qc --truth\n  fastdet qc --mrc tomos/*.mrc --picks sub.csv --out qc")]
 pub struct QcArgs {
     /// Dataset root (copick layout: {split}/static/ExperimentRuns/{run}/VoxelSpacing*/denoised.zarr)
-    #[arg(long, required_unless_present = "copick_config")]
+    #[arg(long, required_unless_present_any = ["copick_config", "zarr", "mrc"])]
     pub data: Option<PathBuf>,
+    /// Tomograms as zarr stores instead of --data, each run named as `run --zarr` names it
+    #[arg(long, value_name = "PATH", num_args = 1.., conflicts_with_all = ["data", "copick_config", "mrc"])]
+    pub zarr: Vec<PathBuf>,
+    /// Tomograms as MRC files instead of --data, each run named after its file (`TS_5.mrc` is TS_5),
+    /// as `run --mrc` names it
+    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["data", "copick_config"])]
+    pub mrc: Vec<PathBuf>,
     /// Split under the dataset root
     #[arg(long, default_value = "test")]
     pub split: String,
@@ -58,33 +65,61 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
             bail!("--voxel-size {v}: must be a positive number of Å, or file");
         }
     }
-    let layout = dataset::Layout::from_flags(a.data.as_deref(), &a.split, a.copick_config.as_deref())?.context("give --data ROOT or --copick-config FILE")?;
+    // The tomograms: a dataset's (and its truth), or files given one by one, each a run.
+    let files: Vec<(String, PathBuf, bool)> = if !a.zarr.is_empty() {
+        a.zarr.iter().map(|z| { let (run, path) = super::run::zarr_run(z); (run, path, false) }).collect()
+    } else {
+        a.mrc.iter().map(|p| (p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into()), p.clone(), true)).collect()
+    };
+    let layout = if files.is_empty() {
+        Some(dataset::Layout::from_flags(a.data.as_deref(), &a.split, a.copick_config.as_deref())?.context("give --data ROOT, --copick-config FILE, --zarr PATH... or --mrc FILE...")?)
+    } else {
+        if a.truth {
+            bail!("--truth draws a dataset's ground truth: give --data ROOT or --copick-config FILE, not --zarr or --mrc");
+        }
+        let mut names: Vec<&String> = files.iter().map(|(r, _, _)| r).collect();
+        names.sort();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            bail!("two inputs share the run name {}: their pictures would be one file", w[0]);
+        }
+        None
+    };
+    let source = match &layout {
+        Some(l) => l.describe(),
+        None => format!("the {} given", if a.zarr.is_empty() { "--mrc files" } else { "--zarr stores" }),
+    };
+    let known: Vec<String> = match &layout {
+        Some(l) => l.discover_runs()?,
+        None => files.iter().map(|(r, _, _)| r.clone()).collect(),
+    };
     let runs: Vec<String> = match &a.runs {
         Some(r) => {
             // A misspelt run is refused before any picture, as `run` and `score` refuse it.
-            let known = layout.discover_runs()?;
             let chosen: Vec<String> = r.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
             if let Some(r) = chosen.iter().find(|r| !known.contains(r)) {
-                bail!("run {r:?} is not in {}", layout.describe());
+                bail!("run {r:?} is not in {source}");
             }
             chosen
         }
-        None => layout.discover_runs()?,
+        None => known,
     };
     if runs.is_empty() {
-        bail!("no runs to draw under {}", layout.describe());
+        bail!("no runs to draw under {source}");
     }
     let (picks, others) = csv::read_submission_of_known_types(&a.picks)?;
     if let Some(w) = csv::other_types_warning(&a.picks, &others) {
         fastdet::errln!("warning: {w}");
     }
-    let truth = if a.truth { Some(copick::read_truth(&layout)?) } else { None };
+    let truth = match (&layout, a.truth) {
+        (Some(l), true) => Some(copick::read_truth(l)?),
+        _ => None,
+    };
     let wanted: BTreeSet<&str> = runs.iter().map(String::as_str).collect();
     let elsewhere: BTreeSet<&str> = picks.iter().map(|p| p.run.as_str()).filter(|r| !wanted.contains(r)).collect();
     if !elsewhere.is_empty() && a.runs.is_none() {
         let names: Vec<&str> = elsewhere.iter().take(10).copied().collect();
         let more = if elsewhere.len() > names.len() { format!(" and {} more", elsewhere.len() - names.len()) } else { String::new() };
-        fastdet::errln!("warning: {} has picks of runs not in {}: {}{more}", a.picks.display(), layout.describe(), names.join(", "));
+        fastdet::errln!("warning: {} has picks of runs not in {source}: {}{more}", a.picks.display(), names.join(", "));
     }
     if a.out.exists() && !a.out.is_dir() {
         bail!("--out {}: is not a directory", a.out.display());
@@ -97,8 +132,17 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         if run.contains(['/', '\\']) || run == "." || run == ".." {
             bail!("run name {run:?} cannot be used as a file name");
         }
-        let path = layout.tomogram_path(run, &a.tomogram)?;
-        let volume = zarr::read_zarr_volume(&path, zarr::DEFAULT_LEVEL)?;
+        let (path, volume) = match &layout {
+            Some(l) => {
+                let path = l.tomogram_path(run, &a.tomogram)?;
+                let v = zarr::read_zarr_volume(&path, zarr::DEFAULT_LEVEL)?;
+                (path, v)
+            }
+            None => {
+                let (_, path, mrc) = files.iter().find(|(r, _, _)| r == run).context("internal error: a run without its file")?;
+                (path.clone(), super::run::read_volume(path, zarr::DEFAULT_LEVEL, *mrc)?)
+            }
+        };
         // What the reader noted (absent chunks, axes, units) bears on the picture as on a run.
         for n in &volume.notes {
             fastdet::errln!("  warning: {}: {n}", path.display());

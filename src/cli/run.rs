@@ -280,7 +280,7 @@ struct Job {
 }
 
 /// A `--zarr` input's run name, and the absolute path it is read from.
-fn zarr_run(z: &Path) -> (String, PathBuf) {
+pub(crate) fn zarr_run(z: &Path) -> (String, PathBuf) {
     let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
     // Named from the absolute path (`--zarr .` inside the store names it too).
     let z = &std::path::absolute(z).map(|p| p.components().collect::<PathBuf>()).unwrap_or_else(|_| z.to_path_buf());
@@ -458,7 +458,7 @@ fn is_mrc(p: &Path) -> bool {
     matches!(p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(), Some("mrc" | "rec" | "map" | "mrcs"))
 }
 
-fn read_volume(path: &Path, level: &str, mrc: bool) -> Result<zarr::Volume> {
+pub(crate) fn read_volume(path: &Path, level: &str, mrc: bool) -> Result<zarr::Volume> {
     // A zarr store is a folder: anything else is taken for an MRC (whose reader names what is
     // wrong), and so is whatever was given to --mrc.
     if mrc || is_mrc(path) || (path.exists() && !path.is_dir()) {
