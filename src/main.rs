@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // Help and version text go to standard output: a failed write there (`> /dev/full`)
             // is a failure too; a reader that stopped early (`| head`) is not. (A usage error
-            // goes to standard error and keeps its code whether or not it could be written.)
+            // goes to standard error and exits 1 whether or not it could be written.)
             let printed = e.print().and_then(|()| std::io::Write::flush(&mut std::io::stdout()));
             if let Err(w) = printed {
                 if !e.use_stderr() && w.kind() != std::io::ErrorKind::BrokenPipe {

@@ -489,6 +489,9 @@ fn malformed_truth_is_named() {
     let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["run", "--weights"]).arg(root().join("weights/demo_dynunet.safetensors")).arg("--data").arg(data.join("test")).arg("--out").arg(tmp.path().join("x.csv")).output().unwrap();
     let hint = format!("{} is itself a split folder (it holds static/ or overlay/ExperimentRuns): give its parent {} as the dataset root and --split test", data.join("test").display(), data.display());
     assert!(o.status.code() == Some(1) && stderr(&o).contains("runs directory not found") && stderr(&o).contains(&hint), "{}", stderr(&o));
+    // From inside the split folder (`--data .`) too.
+    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).current_dir(data.join("test")).args(["run", "--data", ".", "--weights"]).arg(root().join("weights/demo_dynunet.safetensors")).arg("--out").arg(tmp.path().join("x.csv")).output().unwrap();
+    assert!(o.status.code() == Some(1) && stderr(&o).contains(&hint), "{}", stderr(&o));
 }
 
 /// A full disk: the write fails with the file named and nothing partial is left. Needs a small
@@ -937,7 +940,7 @@ fn odd_but_readable_volumes_are_warned_about() {
     write_mrc_f32(&hot_mrc, f.shape, &hot, 10.012).unwrap();
     let o = run_mrc(&[&hot_mrc], &tmp.path().join("hot.csv"), &[]);
     let e = stderr(&o);
-    assert!(o.status.success() && e.contains("TS_hot.mrc: 98% of its voxels lie in 0.00% of its value range (the highest 1e30 at z,y,x 40,10,20"), "{e}");
+    assert!(o.status.success() && e.contains("TS_hot.mrc: 98% of its voxels lie in under 0.01% of its value range, set by 1 extreme voxel(s) (the highest 1e30 at z,y,x 40,10,20"), "{e}");
 
     let src = root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr");
     let zarr = tmp.path().join("TS_gap.zarr");

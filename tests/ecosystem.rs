@@ -241,6 +241,13 @@ fn mrc_input_star_and_qc_outputs() {
     assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("--truth draws a dataset's ground truth"));
     let o = fastdet().arg("qc").arg("--mrc").arg(&mrc).arg("--picks").arg(&b).args(["--runs", "TS_other", "-o"]).arg(tmp.path().join("qc_other")).output().unwrap();
     assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("run \"TS_other\" is not in the --mrc files given"));
+    let o = fastdet().arg("qc").arg("--mrc").arg(&mrc).arg(tmp.path()).arg("--picks").arg(&b).arg("-o").arg(tmp.path().join("qc_dir")).output().unwrap();
+    assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("a directory; --mrc takes MRC files"));
+    let again = tmp.path().join("star").join("TS_synth_1.mrc");
+    std::fs::copy(&mrc, &again).unwrap();
+    let o = fastdet().arg("qc").arg("--mrc").arg(&mrc).arg(&again).arg("--picks").arg(&b).arg("-o").arg(tmp.path().join("qc_two")).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && e.contains("two --mrc inputs share the run name TS_synth_1: ") && e.contains("star/TS_synth_1.mrc"), "{e}");
 }
 
 /// A printed threshold reads back to the same f32 (a tuned threshold is a candidate's exact score,

@@ -129,15 +129,39 @@ fn shards_merged_equal_one_run() {
     assert!(!tmp.path().join("shard0.csv.runs/shard.json").exists());
     let o = fastdet().arg("merge").arg(&shards[0]).arg("-o").arg(tmp.path().join("all.csv")).output().unwrap();
     assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", String::from_utf8_lossy(&o.stderr));
-    // A new job on a shard's output whose every run fails (no such tomogram) leaves no output:
-    // the earlier job's file went with its record, so merge cannot take it for this job's shard.
+    // Shard 0 again, for what follows.
+    assert!(cheap_run(&data, &shards[0]).args(["--shard", "0/2"]).status().unwrap().success());
+    // Shards computed on a GPU and on the CPU (fp16, f32) are one job: a note, not a warning.
+    let settings = tmp.path().join("shard1.csv.runs/settings.json");
+    let plain = std::fs::read_to_string(&settings).unwrap();
+    let mut fp16: serde_json::Value = serde_json::from_str(&plain).unwrap();
+    fp16["precision"] = serde_json::json!(["fp16"]);
+    std::fs::write(&settings, fp16.to_string()).unwrap();
+    let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[1]).arg("-o").arg(tmp.path().join("mixed.csv")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("note: ") && err.contains("shard1.csv was computed on another kind of device") && !err.contains("warning"), "{err}");
+    std::fs::write(&settings, plain).unwrap();
+    // A file changed after its job wrote it is named.
+    let bytes = std::fs::read(&shards[1]).unwrap();
+    std::fs::write(&shards[1], [&bytes[..], b"99,TS_synth_2,ribosome,1.0,1,2,3\n"].concat()).unwrap();
+    let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[1]).arg("-o").arg(tmp.path().join("edited.csv")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(2) && err.contains("shard1.csv is not the file its job wrote"), "{err}");
+    std::fs::write(&shards[1], &bytes).unwrap();
+    // A new job on a shard's output whose every run fails (no such tomogram) writes nothing and
+    // leaves the earlier job's file, which merge then names as no output of the job recorded
+    // beside it (exit status 2): it cannot pass for this job's shard.
     let o = cheap_run(&data, &shards[1]).args(["--shard", "1/2", "--tomogram", "wbp"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.code() == Some(1) && err.contains("shard1.csv, an earlier job's output") && err.contains("every run failed"), "{err}");
-    assert!(!shards[1].exists() && !tmp.path().join("shard1.csv.runs").exists());
+    assert!(o.status.code() == Some(1) && err.contains("every run failed"), "{err}");
+    assert_eq!(std::fs::read(&shards[1]).unwrap(), bytes);
     let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[1]).arg("-o").arg(tmp.path().join("stale.csv")).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.code() == Some(1) && err.contains("shard1.csv") && !tmp.path().join("stale.csv").exists(), "{err}");
+    assert!(o.status.code() == Some(2) && err.contains("shard1.csv is not the output of the job recorded in") && err.contains("failed or was stopped"), "{err}");
+    // The shard run again: merged without a word.
+    assert!(cheap_run(&data, &shards[1]).args(["--shard", "1/2"]).status().unwrap().success());
+    let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[1]).arg("-o").arg(tmp.path().join("again_ok.csv")).output().unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// `merge` on hand-written shards: an empty shard (header only, as `--shard K/N` writes when it

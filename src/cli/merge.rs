@@ -10,7 +10,9 @@ outputs of `run --shard K/N` for K = 0..N-1 gives the same file as one unsharded
 copick outputs of shards that wrote to separate folders are joined with --copick DIR... --copick-out DIR\n\
 (shards may also all write into one --copick-out folder: one file per run and particle).\n\
 Inputs that `fastdet run` made with other weights or settings than most (their OUT.runs/settings.json) are warned about,\n\
-and so is a shard K/N none of the inputs is (OUT.runs/shard.json): the merged file is written, and the exit status is 2.\n\
+and so are an input that is not the file its job wrote (OUT.runs/out.json: a later job on it failed or was stopped, or it\n\
+was changed since) and a shard K/N none of the inputs is (OUT.runs/shard.json): the merged file is written, and the exit\n\
+status is 2.\n\
 Example:\n  fastdet merge shards/sub_*.csv -o submission.csv --copick shards/copick_* --copick-out copick")]
 pub struct MergeArgs {
     /// Shard CSVs (Kaggle layout, with or without a score column)
@@ -98,7 +100,7 @@ pub(crate) fn given_twice(inputs: &[PathBuf]) -> Option<(usize, usize)> {
 /// from the `settings.json` each job left in its runs folder: shards of one job share them, and
 /// a shard run with other thresholds or models would pass unseen in the merged file. (Where the
 /// tomograms come from may differ: merging jobs on different datasets is fine.)
-fn settings_differences(inputs: &[PathBuf]) -> Vec<String> {
+fn settings_differences(inputs: &[PathBuf]) -> Vec<(String, bool)> {
     let settings = |p: &Path| -> Option<serde_json::Map<String, serde_json::Value>> {
         let dir = super::run::runs_folder(p).ok()?;
         let mut m: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(dir.join("settings.json")).ok()?).ok()?;
@@ -117,14 +119,53 @@ fn settings_differences(inputs: &[PathBuf]) -> Vec<String> {
         .filter(|(_, m)| m != base)
         .map(|(p, m)| {
             let keys: Vec<&str> = super::run::changed_settings(base, m).into_iter().map(|k| if k == "weights_sha256" { "weights" } else { k }).collect();
-            format!(
+            // A job array over GPU and CPU nodes: the same job, computed in fp16 or in f32.
+            if keys == ["precision"] {
+                let line = format!("{} was computed on another kind of device than {} (fp16 on a GPU, f32 on the CPU): its picks may differ slightly from what that device gives", p.display(), first.display());
+                return (line, false);
+            }
+            let line = format!(
                 "{} was made with other weights or settings than {} (differ: {}): its picks are not those of the same job",
                 p.display(),
                 first.display(),
                 keys.join(", ")
-            )
+            );
+            (line, true)
         })
         .collect()
+}
+
+/// Inputs beside a record of `fastdet run` (`OUT.runs/settings.json`) that are not the file that
+/// job wrote: its `out.json` is missing (the job that last wrote the record failed or was stopped,
+/// and the file is an earlier job's; or an older fastdet wrote it) or names other bytes (the file
+/// was changed or replaced since). Inputs without a record are not judged.
+fn not_their_jobs_output(inputs: &[PathBuf]) -> Result<Vec<String>> {
+    let mut lines = Vec::new();
+    for p in inputs {
+        let Ok(dir) = super::run::runs_folder(p) else { continue };
+        if !dir.join("settings.json").is_file() {
+            continue;
+        }
+        let recorded = std::fs::read_to_string(dir.join(super::run::OUTPUT_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("sha256")?.as_str().map(str::to_owned));
+        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
+        match recorded {
+            None => lines.push(format!(
+                "{} is not the output of the job recorded in {} (that job failed or was stopped, so the file is an earlier job's; or an older fastdet wrote it): run that shard again",
+                p.display(),
+                dir.display()
+            )),
+            Some(sha) if sha != super::run::sha256_hex(&bytes) => lines.push(format!(
+                "{} is not the file its job wrote (changed or replaced since; {} holds the checksum of the file written)",
+                p.display(),
+                dir.display()
+            )),
+            Some(_) => {}
+        }
+    }
+    Ok(lines)
 }
 
 /// The shards of a job (`--shard k/n`) that none of the inputs is, when every input says which
@@ -205,7 +246,14 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         }
         picks.extend(rows);
     }
-    let mixed = settings_differences(&a.inputs);
+    let mut mixed = not_their_jobs_output(&a.inputs)?;
+    for (line, serious) in settings_differences(&a.inputs) {
+        if serious {
+            mixed.push(line);
+        } else {
+            fastdet::errln!("note: {line}");
+        }
+    }
     for line in &mixed {
         fastdet::errln!("warning: {line}");
     }

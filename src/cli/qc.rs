@@ -77,10 +77,14 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         if a.truth {
             bail!("--truth draws a dataset's ground truth: give --data ROOT or --copick-config FILE, not --zarr or --mrc");
         }
-        let mut names: Vec<&String> = files.iter().map(|(r, _, _)| r).collect();
-        names.sort();
-        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            bail!("two inputs share the run name {}: their pictures would be one file", w[0]);
+        if let Some(d) = a.mrc.iter().find(|p| p.is_dir()) {
+            bail!("--mrc {}: a directory; --mrc takes MRC files (--zarr reads a zarr)", d.display());
+        }
+        let mut named: Vec<&(String, PathBuf, bool)> = files.iter().collect();
+        named.sort_by(|x, y| x.0.cmp(&y.0));
+        if let Some(w) = named.windows(2).find(|w| w[0].0 == w[1].0) {
+            let flag = if a.zarr.is_empty() { "--mrc" } else { "--zarr" };
+            bail!("two {flag} inputs share the run name {}: {} and {} (their pictures would be one file)", w[0].0, w[0].1.display(), w[1].1.display());
         }
         None
     };

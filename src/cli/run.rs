@@ -557,8 +557,7 @@ fn same_weights_twice(weights: &[PathBuf]) -> Result<()> {
             }
             for k in [i, j] {
                 if digests[k].is_none() {
-                    let bytes = std::fs::read(&weights[k]).with_context(|| format!("{}: cannot read", weights[k].display()))?;
-                    digests[k] = Some(sha256_hex(&bytes));
+                    digests[k] = Some(file_sha256(&weights[k])?);
                 }
             }
             if digests[i] == digests[j] {
@@ -702,6 +701,11 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, Frame, 
         vol.data.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = mean);
         fastdet::errln!("  {}: replaced {bad} non-finite voxels by the mean {mean}", job.run);
     }
+    // On the volume as read (before any resampling): the voxel named is the file's.
+    if let Some(w) = range_warning(&vol.data, vol.shape) {
+        let at_level = if level != "0" { format!(" (level {level})") } else { String::new() };
+        fastdet::errln!("  warning: {}{at_level}: {w}", job.path.display());
+    }
     let models = a.model_voxel_size;
     let (voxel_size, source) = match a.voxel_size {
         VoxelSize::Angstrom(v) => {
@@ -763,9 +767,6 @@ fn load(job: &Job, a: &InferArgs, s: &Settings) -> Result<(zarr::Volume, Frame, 
             fastdet::errln!("  warning: {}: every voxel is {first}: no contrast, any pick is meaningless", job.path.display());
         }
     }
-    if let Some(w) = range_warning(&vol.data, vol.shape) {
-        fastdet::errln!("  warning: {}: {w}", job.path.display());
-    }
     Ok((vol, frame, t.elapsed().as_secs_f64()))
 }
 
@@ -804,14 +805,18 @@ fn range_warning(data: &[f32], shape: [usize; 3]) -> Option<String> {
     if share >= RANGE_SHARE {
         return None;
     }
+    // Those farther out than ten times the middle's spread: repairing one of several only shows
+    // the next.
+    let reach = 10.0 * (p99 - p01);
+    let extreme = data.iter().filter(|&&v| (v as f64) < p01 - reach || (v as f64) > p99 + reach).count();
     let at = |i: usize| format!("z,y,x {},{},{}", i / (shape[1] * shape[2]), i / shape[2] % shape[1], i % shape[2]);
     // 1e30, not thirty-one digits.
     let value = |v: f32| if v != 0.0 && !(1e-3..1e6).contains(&v.abs()) { format!("{v:e}") } else { format!("{v}") };
     // The side that lies farther from the middle voxels is the one to blame.
     let (worst, other) = if hi.0 as f64 - p99 >= p01 - lo.0 as f64 { (("highest", hi), ("lowest", lo)) } else { (("lowest", lo), ("highest", hi)) };
+    let share = if share < 1e-4 { "under 0.01%".to_string() } else { format!("{:.2}%", 100.0 * share) };
     Some(format!(
-        "98% of its voxels lie in {:.2}% of its value range (the {} {} at {}, the {} {} at {}): the [0, 1] scaling by min and max leaves them nearly flat to the models; clip or repair the extreme voxels",
-        100.0 * share,
+        "98% of its voxels lie in {share} of its value range, set by {extreme} extreme voxel(s) (the {} {} at {}, the {} {} at {}): the [0, 1] scaling by min and max leaves the rest nearly flat to the models; clip or repair them",
         worst.0,
         value(worst.1 .0),
         at(worst.1 .1),
@@ -1005,10 +1010,27 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
 struct Parts {
     dir: PathBuf,
     settings_sha: String,
+    /// The file OUT is written to (through a link, its target).
+    target: PathBuf,
     _lock: Option<std::fs::File>,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// The SHA-256 of a file's bytes, read in pieces (a weights file may be large).
+fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let (mut h, mut buf) = (Sha256::new(), vec![0u8; 1 << 20]);
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("{}: cannot read", path.display()))?;
+        if n == 0 {
+            return Ok(format!("{:x}", h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     format!("{:x}", Sha256::digest(bytes))
 }
@@ -1068,6 +1090,11 @@ pub(crate) fn changed_settings<'a>(a: &'a serde_json::Map<String, serde_json::Va
 /// In `OUT.runs`: `{"shard": [k, n], "job_runs": [...]}` for an OUT written by a job run with
 /// `--shard k/n`, `job_runs` being the sorted runs the whole job shares out.
 pub(crate) const SHARD_FILE: &str = "shard.json";
+
+/// In `OUT.runs`: `{"sha256": ...}` of the OUT the job wrote, written with OUT and removed when a
+/// job starts: an OUT beside a record without it (or with another checksum) is not the output of
+/// the job the record describes (that job failed or was stopped, or OUT was changed since).
+pub(crate) const OUTPUT_FILE: &str = "out.json";
 
 /// Which shard of which job an OUT is.
 pub(crate) struct ShardRecord {
@@ -1148,24 +1175,18 @@ impl Parts {
                 fastdet::util::remove_path(&p).with_context(|| format!("{}: cannot clear", p.display()))?;
             }
             fastdet::util::write_atomic(&fp_path, |f| Ok(f.write_all(fingerprint.as_bytes())?))?;
-            // The record of how an earlier OUT was made is gone: that OUT goes too, so that an
-            // OUT beside OUT.runs is always the job's it describes. Kept, it would outlive a
-            // job that fails or is stopped, passing for its output (`merge` would take an
-            // earlier job's shard for this one's).
-            if target.is_file() && !target.is_symlink() {
-                std::fs::remove_file(&target).with_context(|| format!("{}: cannot remove the earlier job's output", target.display()))?;
-                fastdet::errln!("note: removed {}, an earlier job's output (this job writes its own when it ends)", out.display());
-            }
         }
-        Ok(Parts { dir, settings_sha, _lock: lock })
+        Ok(Parts { dir, settings_sha, target, _lock: lock })
     }
     /// Removes the folder when it holds no run's picks (every run of the job failed), while the
-    /// lock is held: a job that takes the old lock file after it is gone sees it replaced.
+    /// lock is held: a job that takes the old lock file after it is gone sees it replaced. Kept
+    /// while an earlier job's OUT is there: its record (settings, no [`OUTPUT_FILE`]) says that
+    /// OUT is not this job's output, which `merge` checks.
     fn discard_if_empty(self) {
         let holds_picks = std::fs::read_dir(&self.dir)
             .map(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "csv")))
             .unwrap_or(true);
-        if !holds_picks {
+        if !holds_picks && !self.target.exists() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -1595,6 +1616,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     // and until then no claim about the OUT an earlier job may have left.
     let shard_file = parts.dir.join(SHARD_FILE);
     let _ = std::fs::remove_file(&shard_file);
+    let output_file = parts.dir.join(OUTPUT_FILE);
+    let _ = std::fs::remove_file(&output_file);
     let discard = |parts: Parts| {
         parts.discard_if_empty();
         remove_made();
@@ -1629,7 +1652,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     if let Some((k, n)) = a.infer.shard {
         files.push((shard_file, serde_json::json!({ "shard": [k, n], "job_runs": job_runs }).to_string().into_bytes()));
     }
-    files.push((out.to_path_buf(), csv::submission_text(out, &picks, a.with_score)?.into_bytes()));
+    let text = csv::submission_text(out, &picks, a.with_score)?;
+    files.push((output_file, serde_json::json!({ "sha256": sha256_hex(text.as_bytes()) }).to_string().into_bytes()));
+    files.push((out.to_path_buf(), text.into_bytes()));
     fastdet::util::write_files_atomic(&files)?;
     if let (Some(dir), true) = (&a.copick_out, replaced > 0) {
         fastdet::errln!("note: replaced {replaced} copick picks file(s) of user {} session {} in {}", a.user_id, a.session_id, dir.display());
@@ -1787,11 +1812,17 @@ mod tests {
         // One voxel far out (z 2, y 3, x 5) sets the range; the other side is named too.
         v[2 * 128 + 3 * 16 + 5] = 1e30;
         let w = range_warning(&v, shape).unwrap();
-        assert!(w.contains("the highest 1e30 at z,y,x 2,3,5") && w.contains("the lowest -1 at"), "{w}");
+        assert!(w.contains("in under 0.01% of its value range, set by 1 extreme voxel(s) (the highest 1e30 at z,y,x 2,3,5") && w.contains("the lowest -1 at"), "{w}");
         // On the low side the same (the farther side is named first); a modest outlier is fine.
         v[2 * 128 + 3 * 16 + 5] = -3000.0;
         let w = range_warning(&v, shape).unwrap();
-        assert!(w.starts_with("98% of its voxels lie in 0.07% of its value range (the lowest -3000 at z,y,x 2,3,5, the highest 1 at"), "{w}");
+        assert!(w.starts_with("98% of its voxels lie in 0.07% of its value range, set by 1 extreme voxel(s) (the lowest -3000 at z,y,x 2,3,5, the highest 1 at"), "{w}");
+        // Several are counted.
+        let mut hot = v.clone();
+        hot[0] = -2900.0;
+        hot[511] = 5000.0;
+        let w = range_warning(&hot, shape).unwrap();
+        assert!(w.contains("set by 3 extreme voxel(s) (the highest 5000 at z,y,x 3,7,15, the lowest -3000 at z,y,x 2,3,5)"), "{w}");
         v[2 * 128 + 3 * 16 + 5] = 20.0;
         assert_eq!(range_warning(&v, shape), None);
         assert_eq!(range_warning(&[1.0], [1, 1, 1]), None);

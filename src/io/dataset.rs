@@ -215,6 +215,9 @@ impl Layout {
         if !holds_split {
             return None;
         }
+        // `--data .` inside the split folder: named from where it is.
+        let root = root.canonicalize().ok()?;
+        let root = root.as_path();
         let name = root.file_name()?.to_string_lossy();
         let parent = match root.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.display().to_string(),
