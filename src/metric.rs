@@ -211,9 +211,16 @@ pub fn score(truth: &[Pick], submission: &[Pick], beta: f64) -> Score {
 /// no annotated particle keeps [`DEFAULT_THRESHOLD`]: there is nothing to tune it on. Returns the
 /// thresholds in class order and the score of `candidates` filtered by them.
 pub fn tune_thresholds(truth: &[Pick], candidates: &[Pick], beta: f64, floor: f32) -> (Vec<f32>, Score) {
+    tune_thresholds_above(truth, candidates, beta, &[floor; CLASSES.len()])
+}
+
+/// [`tune_thresholds`] with a floor per class: candidates kept at other thresholds per class (a
+/// `run` output with its scores, made at the run's per-class thresholds).
+pub fn tune_thresholds_above(truth: &[Pick], candidates: &[Pick], beta: f64, floors: &[f32; CLASSES.len()]) -> (Vec<f32>, Score) {
     let g = Grouped::from_truth(truth);
     let thresholds: Vec<f32> = (0..CLASSES.len())
         .map(|c| {
+            let floor = floors[c];
             let indices: Vec<RefIndex> =
                 g.refs[c].iter().map(|refs| RefIndex::new(refs.clone(), match_radius(c))).collect();
             let nrefs: usize = g.refs[c].iter().map(Vec::len).sum();

@@ -203,6 +203,66 @@ fn tune_never_does_worse_than_the_seed_thresholds() {
     assert_eq!(line.trim_start_matches("--thresholds ").split(',').count(), 6);
 }
 
+/// `tune --picks FILE` tunes on a `run --with-score` file's picks instead of inferring: made at
+/// tune's own floor (0.05 for every class), it finds the thresholds and score that inferring
+/// finds (to the 6 decimals the file keeps of each score). Without the file's record, no class
+/// is tuned below its lowest score in the file; a file without scores is refused.
+#[test]
+fn tune_on_a_scored_file_finds_what_inferring_finds() {
+    let data = root().join("tests/fixtures/dataset");
+    let common = ["--split", "test", "--window", "64,96,96", "--tiles", "1,2,2"];
+    let thresholds_and_total = |o: &std::process::Output| -> (Vec<f32>, f64) {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let line = text.lines().find(|l| l.starts_with("--thresholds ")).expect("thresholds line");
+        let t = line.trim_start_matches("--thresholds ").split(',').map(|v| v.parse().unwrap()).collect();
+        let total = text.lines().find(|l| l.starts_with("total")).unwrap().split_whitespace().last().unwrap().parse().unwrap();
+        (t, total)
+    };
+    let inferred = thresholds_and_total(&fastdet().arg("tune").arg("--data").arg(&data).args(common).args(["--weights", &demo_weights()[0]]).output().unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let low = tmp.path().join("low.csv");
+    let o = fastdet()
+        .arg("run")
+        .arg("--data")
+        .arg(&data)
+        .args(common)
+        .args(["--weights", &demo_weights()[0], "--thresholds", "0.05,0.05,0.05,0.05,0.05,0.05", "--with-score", "--out"])
+        .arg(&low)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--picks"]).arg(&low).output().unwrap();
+    let from_file = thresholds_and_total(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the thresholds their job used"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!((from_file.1 - inferred.1).abs() < 1e-9, "{from_file:?} vs {inferred:?}");
+    for (a, b) in from_file.0.iter().zip(&inferred.0) {
+        assert!((a - b).abs() <= 2e-6, "{from_file:?} vs {inferred:?}");
+    }
+    // Without the record: never below a class's lowest score in the file.
+    let bare = tmp.path().join("bare.csv");
+    std::fs::copy(&low, &bare).unwrap();
+    let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--picks"]).arg(&bare).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("has no record of the thresholds"), "{}", String::from_utf8_lossy(&o.stderr));
+    let (t, _) = thresholds_and_total(&o);
+    let picks = fastdet::io::csv::read_submission(&bare).unwrap();
+    for (c, t) in t.iter().enumerate() {
+        if let Some(lowest) = picks.iter().filter(|p| p.class == c).map(|p| p.score).reduce(f32::min) {
+            assert!(*t >= lowest, "class {c}: {t} < {lowest}");
+        }
+    }
+    // --runs as score takes it; a file without scores, or given with weights, is refused.
+    let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--runs", "TS_synth_1", "--picks"]).arg(&low).output().unwrap();
+    let in_run = fastdet::io::copick::read_truth(&fastdet::io::dataset::Layout::split(&data, "test")).unwrap().iter().filter(|p| p.run == "TS_synth_1").count();
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains(&format!("tuning on 1 run(s), {in_run} annotated particle(s)")), "{}", String::from_utf8_lossy(&o.stderr));
+    let plain = tmp.path().join("plain.csv");
+    std::fs::write(&plain, "id,experiment,particle_type,x,y,z\n0,TS_synth_1,ribosome,1,2,3\n").unwrap();
+    let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--picks"]).arg(&plain).output().unwrap();
+    assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("has no score column"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--weights", &demo_weights()[0], "--picks"]).arg(&low).output().unwrap();
+    assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("cannot be used with"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// `tune --runs R` tunes on R's annotations only: the other runs' particles, never looked for,
 /// are not counted as missed. (Spaces around a name are not part of it, as for `score --runs`.)
 #[test]

@@ -207,7 +207,7 @@ fn missing_shards(inputs: &[PathBuf]) -> Option<String> {
     })
 }
 
-fn has_score(p: &Path) -> Result<bool> {
+pub(crate) fn has_score(p: &Path) -> Result<bool> {
     let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
     // The header is the first line that is not blank, as the reader takes it.
     let header = text.lines().find(|l| !l.trim().is_empty());

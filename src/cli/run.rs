@@ -268,6 +268,12 @@ pub struct TuneArgs {
     /// F-beta's beta
     #[arg(long, default_value_t = 4.0)]
     pub beta: f64,
+    /// Tune on the picks of a `run --with-score` CSV instead of running the models (e.g. a merged
+    /// job over the labelled runs). It holds only the candidates its job kept: each class's
+    /// threshold is looked for at or above the one the job used (from OUT.runs/settings.json; the
+    /// lowest score of the class when there is no record), so run it with low --thresholds
+    #[arg(long, value_name = "FILE.csv", conflicts_with = "weights")]
+    pub picks: Option<PathBuf>,
 }
 
 struct Job {
@@ -1673,6 +1679,9 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
         bail!("--beta {}: must be a positive number", a.beta);
     }
     let truth = copick::read_truth_to_score(&layout)?;
+    if let Some(file) = &a.picks {
+        return tune_on_file(&a, file, truth, &layout);
+    }
     let s = settings(&a.infer, vec![a.min_threshold; CLASSES.len()])?;
     let jobs = preflight(&a.infer)?;
     let (cands, failed) = infer_all(&a.infer, &jobs, &s, Extras::default(), None)?;
@@ -1689,6 +1698,57 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     let t: Vec<String> = thresholds.iter().map(|t| format!("{t}")).collect();
     fastdet::outln!("--thresholds {}", t.join(","))?;
     Ok(report_failures(&failed))
+}
+
+/// `tune --picks FILE`: the candidates are the file's scored picks. Runs as `score` takes them:
+/// `--runs`, or every run with ground truth (one without picks in the file has all its particles
+/// missed).
+fn tune_on_file(a: &TuneArgs, file: &Path, truth: Vec<Pick>, layout: &dataset::Layout) -> Result<ExitCode> {
+    if !super::merge::has_score(file)? {
+        bail!("{}: has no score column; tune needs each pick's score (`fastdet run --with-score` writes it)", file.display());
+    }
+    let (cands, others) = csv::read_submission_of_known_types(file)?;
+    if let Some(w) = csv::other_types_warning(file, &others) {
+        fastdet::errln!("warning: {w}");
+    }
+    let known: std::collections::BTreeSet<String> = copick::truth_runs(layout)?.into_iter().collect();
+    let runs: std::collections::BTreeSet<String> = if a.infer.runs.is_empty() {
+        known
+    } else {
+        let chosen: std::collections::BTreeSet<String> = a.infer.runs.iter().map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect();
+        if let Some(r) = chosen.iter().find(|r| !known.contains(*r)) {
+            bail!("--runs: run {r:?} is not in {}", layout.truth_folders());
+        }
+        chosen
+    };
+    let truth: Vec<Pick> = truth.into_iter().filter(|p| runs.contains(&p.run)).collect();
+    let cands: Vec<Pick> = cands.into_iter().filter(|p| runs.contains(&p.run)).collect();
+    // The thresholds the file's job kept its candidates at, where it left a record: below them
+    // the file has nothing, and a threshold there would keep what no one has seen.
+    let recorded: Option<Vec<f32>> = runs_folder(file)
+        .ok()
+        .and_then(|d| std::fs::read_to_string(d.join("settings.json")).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| serde_json::from_value(v.get("thresholds")?.clone()).ok())
+        .filter(|t: &Vec<f32>| t.len() == CLASSES.len());
+    let floors: [f32; CLASSES.len()] = std::array::from_fn(|c| match &recorded {
+        Some(t) => t[c].max(a.min_threshold),
+        // (A class without picks is not tuned: it keeps the default, as in a tune that infers.)
+        None => match cands.iter().filter(|p| p.class == c).map(|p| p.score).reduce(f32::min) {
+            Some(lowest) => lowest.max(a.min_threshold),
+            None => a.min_threshold,
+        },
+    });
+    match &recorded {
+        Some(_) => fastdet::errln!("the picks were kept at the thresholds their job used (its record); the tuned ones are not below them"),
+        None => fastdet::errln!("note: {} has no record of the thresholds it was made with (OUT.runs/settings.json): no class is tuned below its lowest score in the file", file.display()),
+    }
+    fastdet::errln!("tuning on {} run(s), {} annotated particle(s), {} scored pick(s)", runs.len(), truth.len(), cands.len());
+    let (thresholds, score) = metric::tune_thresholds_above(&truth, &cands, a.beta, &floors);
+    fastdet::outln!("{}", metric::format_table(&score))?;
+    let t: Vec<String> = thresholds.iter().map(|t| format!("{t}")).collect();
+    fastdet::outln!("--thresholds {}", t.join(","))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The configuration `run` would use, as a TOML file `--config` reads back.
