@@ -26,7 +26,7 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Score a submission CSV against copick ground truth (Kaggle CZII F-beta)
     Score(cli::score::ScoreArgs),
-    /// Infer once on a labelled split and pick the per-class thresholds that maximise F-beta
+    /// Pick the per-class thresholds that maximise F-beta on a labelled split (inferring once, or from a scored CSV)
     Tune(cli::run::TuneArgs),
     /// Check every engine op against the CPU reference on random data
     Selftest(cli::selftest::SelftestArgs),

@@ -152,7 +152,11 @@ fn a_corrupt_run_does_not_stop_the_others() {
     assert_eq!(names, ["data", "sub.csv", "sub.csv.runs"]);
     let mut parts: Vec<String> = std::fs::read_dir(tmp.path().join("sub.csv.runs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     parts.sort();
-    assert_eq!(parts, [".lock", "TS_synth_1.csv", "TS_synth_1.source", "settings.json"], "only the finished run is kept (its picks and its record)");
+    assert_eq!(parts, [".lock", "TS_synth_1.csv", "TS_synth_1.source", "out.json", "settings.json"], "only the finished run is kept (its picks and its record)");
+    // The record names the failed run, and merge says the file lacks it (exit status 2).
+    let o = fastdet().arg("merge").arg(&out).arg("-o").arg(tmp.path().join("merged.csv")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(2) && err.contains("sub.csv lacks the runs its job failed on: TS_synth_2"), "{err}");
 }
 
 fn read_rows_plain(p: &Path) -> Vec<String> {
@@ -234,16 +238,39 @@ fn tune_on_a_scored_file_finds_what_inferring_finds() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--picks"]).arg(&low).output().unwrap();
     let from_file = thresholds_and_total(&o);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("the thresholds their job used"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("from the thresholds its job kept them at (its record)"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!((from_file.1 - inferred.1).abs() < 1e-9, "{from_file:?} vs {inferred:?}");
     for (a, b) in from_file.0.iter().zip(&inferred.0) {
         assert!((a - b).abs() <= 2e-6, "{from_file:?} vs {inferred:?}");
     }
+    // --min-threshold above the job's thresholds: no threshold below it, as when inferring.
+    let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--min-threshold", "0.5", "--picks"]).arg(&low).output().unwrap();
+    let (t, _) = thresholds_and_total(&o);
+    assert!(t.iter().all(|t| *t >= 0.5), "{t:?}");
+    // A file edited after its job wrote it: its record is not used (warned), the floors are the
+    // lowest scores it holds.
+    let text = std::fs::read_to_string(&low).unwrap();
+    let kept: Vec<&str> = text.lines().filter(|l| l.starts_with("id,") || l.split(',').nth(3).unwrap().parse::<f32>().unwrap() >= 0.3).collect();
+    std::fs::write(&low, kept.join("\n") + "\n").unwrap();
+    let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--picks"]).arg(&low).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the record beside it (its .runs folder) is not of this file"), "{}", String::from_utf8_lossy(&o.stderr));
+    let (t, _) = thresholds_and_total(&o);
+    assert!(t.iter().all(|t| *t >= 0.3), "{t:?}");
+    std::fs::write(&low, &text).unwrap();
+    // A job over one of the runs: tuned on that run only (the other's particles were never
+    // looked for), and said so.
+    let one = tmp.path().join("one.csv");
+    let o = fastdet().arg("run").arg("--data").arg(&data).args(common).args(["--runs", "TS_synth_1", "--weights", &demo_weights()[0], "--with-score", "--out"]).arg(&one).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--picks"]).arg(&one).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let in_one = fastdet::io::copick::read_truth(&fastdet::io::dataset::Layout::split(&data, "test")).unwrap().iter().filter(|p| p.run == "TS_synth_1").count();
+    assert!(o.status.success() && err.contains(&format!("tuning on 1 run(s), {in_one} annotated particle(s)")) && err.contains("not tuned on 1 run(s) with ground truth, as its job did not compute them: TS_synth_2"), "{err}");
     // Without the record: never below a class's lowest score in the file.
     let bare = tmp.path().join("bare.csv");
     std::fs::copy(&low, &bare).unwrap();
     let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--picks"]).arg(&bare).output().unwrap();
-    assert!(String::from_utf8_lossy(&o.stderr).contains("has no record of the thresholds"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("note: no record of the thresholds"), "{}", String::from_utf8_lossy(&o.stderr));
     let (t, _) = thresholds_and_total(&o);
     let picks = fastdet::io::csv::read_submission(&bare).unwrap();
     for (c, t) in t.iter().enumerate() {
@@ -261,6 +288,13 @@ fn tune_on_a_scored_file_finds_what_inferring_finds() {
     assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("has no score column"), "{}", String::from_utf8_lossy(&o.stderr));
     let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--weights", &demo_weights()[0], "--picks"]).arg(&low).output().unwrap();
     assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("cannot be used with"), "{}", String::from_utf8_lossy(&o.stderr));
+    // A file none of whose runs has ground truth, and an empty run name, are refused.
+    let other = tmp.path().join("other.csv");
+    std::fs::write(&other, text.replace("TS_synth_", "TS_other_")).unwrap();
+    let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--picks"]).arg(&other).output().unwrap();
+    assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("none of its runs has ground truth"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = fastdet().arg("tune").arg("--data").arg(&data).args(["--split", "test", "--runs", ",", "--picks"]).arg(&low).output().unwrap();
+    assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("--runs: run \"\" is not in"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// `tune --runs R` tunes on R's annotations only: the other runs' particles, never looked for,

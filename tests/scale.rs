@@ -160,8 +160,21 @@ fn shards_merged_equal_one_run() {
     assert!(o.status.code() == Some(2) && err.contains("shard1.csv is not the output of the job recorded in") && err.contains("failed or was stopped"), "{err}");
     // The shard run again: merged without a word.
     assert!(cheap_run(&data, &shards[1]).args(["--shard", "1/2"]).status().unwrap().success());
-    let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[1]).arg("-o").arg(tmp.path().join("again_ok.csv")).output().unwrap();
+    let again_ok = tmp.path().join("again_ok.csv");
+    let o = fastdet().arg("merge").arg(&shards[0]).arg(&shards[1]).arg("-o").arg(&again_ok).output().unwrap();
     assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", String::from_utf8_lossy(&o.stderr));
+    // The merged file of one whole job carries that job's record: tune --picks reads its
+    // thresholds and runs, and a later merge takes it as one job's output.
+    assert!(tmp.path().join("again_ok.csv.runs/out.json").is_file());
+    let o = fastdet().args(["tune", "--split", "test", "--data"]).arg(&data).arg("--picks").arg(&again_ok).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("from the thresholds its job kept them at (its record)") && err.contains("tuning on 2 run(s)"), "{err}");
+    let o = fastdet().arg("merge").arg(&again_ok).arg("-o").arg(tmp.path().join("re_merged.csv")).output().unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("warning"), "{}", String::from_utf8_lossy(&o.stderr));
+    // Shards of different settings: no record (and an earlier merge's record there goes).
+    let o = fastdet().arg("merge").arg(&shards[0]).arg(&odd).arg("-o").arg(&again_ok).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!tmp.path().join("again_ok.csv.runs").exists());
 }
 
 /// `merge` on hand-written shards: an empty shard (header only, as `--shard K/N` writes when it
@@ -342,7 +355,18 @@ fn slurm_array_tasks_map_to_shards_from_zero() {
     let args = String::from_utf8_lossy(&o.stdout);
     assert!(args.contains("--shard 2/8") && args.contains("shard_2.csv"), "{args}");
     let o = task("0", "8", "0", "7");
-    assert!(String::from_utf8_lossy(&o.stdout).contains("--shard 0/8"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--shard 0/8") && !String::from_utf8_lossy(&o.stdout).contains("--thresholds"));
+    // THRESHOLDS reaches the run as one --thresholds value.
+    let o = Command::new("bash")
+        .arg(root().join("tools/slurm/fastdet_array.sbatch"))
+        .args(["/data", "test"])
+        .arg(tmp.path().join("out"))
+        .env("FASTDET", &fake)
+        .env("THRESHOLDS", "0.05,0.05,0.05,0.05,0.05,0.05")
+        .envs([("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_COUNT", "2"), ("SLURM_ARRAY_TASK_MIN", "0"), ("SLURM_ARRAY_TASK_MAX", "1")])
+        .output()
+        .unwrap();
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("--with-score --thresholds 0.05,0.05,0.05,0.05,0.05,0.05 --out"), "{}", String::from_utf8_lossy(&o.stdout));
     let o = task("2", "3", "0", "4");
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("one contiguous range"));
 }

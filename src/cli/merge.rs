@@ -11,8 +11,9 @@ copick outputs of shards that wrote to separate folders are joined with --copick
 (shards may also all write into one --copick-out folder: one file per run and particle).\n\
 Inputs that `fastdet run` made with other weights or settings than most (their OUT.runs/settings.json) are warned about,\n\
 and so are an input that is not the file its job wrote (OUT.runs/out.json: a later job on it failed or was stopped, or it\n\
-was changed since) and a shard K/N none of the inputs is (OUT.runs/shard.json): the merged file is written, and the exit\n\
-status is 2.\n\
+was changed since) or whose job had runs fail, and a shard K/N none of the inputs is (OUT.runs/shard.json): the merged\n\
+file is written, and the exit status is 2. The merged file of one whole job gets that job's record (OUT.runs/), which\n\
+`tune --picks` reads.\n\
 Example:\n  fastdet merge shards/sub_*.csv -o submission.csv --copick shards/copick_* --copick-out copick")]
 pub struct MergeArgs {
     /// Shard CSVs (Kaggle layout, with or without a score column)
@@ -136,36 +137,79 @@ fn settings_differences(inputs: &[PathBuf]) -> Vec<(String, bool)> {
 }
 
 /// Inputs beside a record of `fastdet run` (`OUT.runs/settings.json`) that are not the file that
-/// job wrote: its `out.json` is missing (the job that last wrote the record failed or was stopped,
-/// and the file is an earlier job's; or an older fastdet wrote it) or names other bytes (the file
-/// was changed or replaced since). Inputs without a record are not judged.
-fn not_their_jobs_output(inputs: &[PathBuf]) -> Result<Vec<String>> {
+/// job wrote (its `out.json` missing: the job that last wrote the record failed or was stopped,
+/// and the file is an earlier job's, or an older fastdet wrote it; or naming other bytes: the file
+/// was changed or replaced since), and inputs whose job had runs fail. Inputs without a record
+/// are not judged. `bytes` are the inputs' contents, as read for the merge.
+fn not_whole_job_outputs(inputs: &[PathBuf], bytes: &[Vec<u8>]) -> Vec<String> {
     let mut lines = Vec::new();
-    for p in inputs {
-        let Ok(dir) = super::run::runs_folder(p) else { continue };
-        if !dir.join("settings.json").is_file() {
-            continue;
-        }
-        let recorded = std::fs::read_to_string(dir.join(super::run::OUTPUT_FILE))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("sha256")?.as_str().map(str::to_owned));
-        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
-        match recorded {
-            None => lines.push(format!(
-                "{} is not the output of the job recorded in {} (that job failed or was stopped, so the file is an earlier job's; or an older fastdet wrote it): run that shard again",
-                p.display(),
-                dir.display()
+    for (p, b) in inputs.iter().zip(bytes) {
+        let dir = super::run::runs_folder(p).map(|d| d.display().to_string()).unwrap_or_default();
+        match super::run::output_record(p, b) {
+            super::run::OutputRecord::None => {}
+            super::run::OutputRecord::Stale { changed: false } => lines.push(format!(
+                "{} is not the output of the job recorded in {dir} (that job failed or was stopped, so the file is an earlier job's; or an older fastdet wrote it): run that shard again",
+                p.display()
             )),
-            Some(sha) if sha != super::run::sha256_hex(&bytes) => lines.push(format!(
-                "{} is not the file its job wrote (changed or replaced since; {} holds the checksum of the file written)",
+            super::run::OutputRecord::Stale { changed: true } => {
+                lines.push(format!("{} is not the file its job wrote (changed or replaced since; {dir} holds the checksum of the file written)", p.display()))
+            }
+            super::run::OutputRecord::Valid { failed, .. } if !failed.is_empty() => lines.push(format!(
+                "{} lacks the runs its job failed on: {} (run them again with --resume, or on their own with --runs)",
                 p.display(),
-                dir.display()
+                failed.join(", ")
             )),
-            Some(_) => {}
+            super::run::OutputRecord::Valid { .. } => {}
         }
     }
-    Ok(lines)
+    lines
+}
+
+/// The record `run` would leave beside the merged file, when the inputs are one job's whole
+/// output (`whole`) and each has a valid record of the same settings: `OUT.runs/settings.json`
+/// and `out.json` with the merged file's checksum and the union of the shards' runs, so that
+/// `tune --picks` and a later `merge` read the merged file as that job's. A folder holding more
+/// (a job's finished runs) is not touched; one holding only an earlier merge's record loses it
+/// when this merge writes none.
+fn merged_record(out: &Path, inputs: &[PathBuf], contents: &[Vec<u8>], text: &str, whole: bool) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+    let dir = super::run::runs_folder(out)?;
+    let names: Vec<String> = match std::fs::read_dir(&dir) {
+        Ok(d) => d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    if names.iter().any(|n| n != "settings.json" && n != super::run::OUTPUT_FILE) {
+        return Ok(Vec::new());
+    }
+    let mut settings: Option<serde_json::Map<String, serde_json::Value>> = None;
+    let (mut runs, mut failed) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+    let mut valid = whole;
+    for (p, b) in inputs.iter().zip(contents) {
+        match super::run::output_record(p, b) {
+            super::run::OutputRecord::Valid { settings: s, runs: Some(r), failed: f } if valid => {
+                if settings.as_ref().is_some_and(|first| *first != s) {
+                    valid = false;
+                }
+                settings.get_or_insert(s);
+                runs.extend(r);
+                failed.extend(f);
+            }
+            _ => valid = false,
+        }
+    }
+    match settings.filter(|_| valid) {
+        Some(s) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+            let record = serde_json::json!({ "sha256": super::run::sha256_hex(text.as_bytes()), "runs": runs, "failed": failed });
+            Ok(vec![(dir.join("settings.json"), serde_json::to_string_pretty(&s)?.into_bytes()), (dir.join(super::run::OUTPUT_FILE), record.to_string().into_bytes())])
+        }
+        None => {
+            for n in &names {
+                let _ = std::fs::remove_file(dir.join(n));
+            }
+            let _ = std::fs::remove_dir(&dir);
+            Ok(Vec::new())
+        }
+    }
 }
 
 /// The shards of a job (`--shard k/n`) that none of the inputs is, when every input says which
@@ -207,11 +251,11 @@ fn missing_shards(inputs: &[PathBuf]) -> Option<String> {
     })
 }
 
-pub(crate) fn has_score(p: &Path) -> Result<bool> {
-    let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
-    // The header is the first line that is not blank, as the reader takes it.
+/// Whether a submission's text has a score column. The header is the first line that is not
+/// blank, as the reader takes it.
+pub(crate) fn has_score(text: &str) -> bool {
     let header = text.lines().find(|l| !l.trim().is_empty());
-    Ok(header.is_some_and(|h| h.trim_start_matches('\u{feff}').split(',').any(|c| c.trim() == "score")))
+    header.is_some_and(|h| h.trim_start_matches('\u{feff}').split(',').any(|c| c.trim() == "score"))
 }
 
 pub fn merge(a: MergeArgs) -> Result<ExitCode> {
@@ -229,12 +273,16 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     if let Some((j, i)) = given_twice(&a.inputs) {
         bail!("{}: given twice (as input {} and {})", a.inputs[i].display(), j + 1, i + 1);
     }
+    // Each input read once: its record is checked against the very bytes merged.
+    let mut contents = Vec::new();
     for (i, p) in a.inputs.iter().enumerate() {
-        let scored = has_score(p)?;
-        if !scored {
+        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read submission", p.display()))?;
+        let text = String::from_utf8(bytes.clone()).with_context(|| format!("{}: not UTF-8 text", p.display()))?;
+        if !has_score(&text) {
             unscored.push(p);
         }
-        let rows = csv::read_submission(p)?;
+        let rows = csv::parse_submission_text(&text, &p.display().to_string())?;
+        contents.push(bytes);
         for r in &rows {
             match run_from.get(&r.run) {
                 Some(&j) if j != i => bail!("{}: run {} also appears in {}; shards must not overlap", p.display(), r.run, a.inputs[j].display()),
@@ -246,7 +294,7 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         }
         picks.extend(rows);
     }
-    let mut mixed = not_their_jobs_output(&a.inputs)?;
+    let mut mixed = not_whole_job_outputs(&a.inputs, &contents);
     for (line, serious) in settings_differences(&a.inputs) {
         if serious {
             mixed.push(line);
@@ -276,7 +324,9 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     picks.sort_by(|x, y| x.run.cmp(&y.run)); // stable: keeps each run's order
     // The copick files and the CSV, written as one: a failure or a stop leaves none of them.
     let mut files = copick_writes.as_ref().map(|(_, w)| w.clone()).unwrap_or_default();
-    files.push((a.out.clone(), csv::submission_text(&a.out, &picks, with_score)?.into_bytes()));
+    let text = csv::submission_text(&a.out, &picks, with_score)?;
+    files.extend(merged_record(&a.out, &a.inputs, &contents, &text, incomplete.is_none() && mixed.is_empty())?);
+    files.push((a.out.clone(), text.into_bytes()));
     if let Some((dst, _)) = &copick_writes {
         std::fs::create_dir_all(dst).with_context(|| format!("{}: cannot create", dst.display()))?;
     }

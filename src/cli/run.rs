@@ -268,11 +268,12 @@ pub struct TuneArgs {
     /// F-beta's beta
     #[arg(long, default_value_t = 4.0)]
     pub beta: f64,
-    /// Tune on the picks of a `run --with-score` CSV instead of running the models (e.g. a merged
-    /// job over the labelled runs). It holds only the candidates its job kept: each class's
-    /// threshold is looked for at or above the one the job used (from OUT.runs/settings.json; the
-    /// lowest score of the class when there is no record), so run it with low --thresholds
-    #[arg(long, value_name = "FILE.csv", conflicts_with = "weights")]
+    /// Tune on the picks of a `run --with-score` CSV instead of running the models (a job over
+    /// the labelled runs, or shards merged). It holds only the candidates its job kept: each
+    /// class's threshold is looked for at or above the one the job used (from its OUT.runs
+    /// record; the lowest score of the class when there is none), so run it with low
+    /// --thresholds. The runs are those its job computed (or else those with picks in it)
+    #[arg(long, value_name = "FILE.csv", conflicts_with_all = ["weights", "shard", "tta"])]
     pub picks: Option<PathBuf>,
 }
 
@@ -541,7 +542,7 @@ fn writable_dir(flag: &str, dir: &Path) -> Result<()> {
 fn preflight(a: &InferArgs) -> Result<Vec<Job>> {
     let jobs = jobs(a)?;
     if a.weights.is_empty() {
-        bail!("give --weights FILE... (fastdet weights, see `fastdet convert`)");
+        bail!("give --weights FILE... (fastdet weights, see `fastdet convert`; `tune --picks FILE` tunes on a scored CSV instead)");
     }
     check_models(a)?;
     Ok(jobs)
@@ -808,7 +809,8 @@ fn range_warning(data: &[f32], shape: [usize; 3]) -> Option<String> {
     let at_rank = |s: &mut Vec<f32>, q: f64| *s.select_nth_unstable_by(((m - 1) as f64 * q).round() as usize, f32::total_cmp).1 as f64;
     let (p01, p99) = (at_rank(&mut sample, 0.01), at_rank(&mut sample, 0.99));
     let share = (p99 - p01) / range;
-    if share >= RANGE_SHARE {
+    // (Most voxels of one value, a masked or padded volume, is not this: the rest spans the range.)
+    if share >= RANGE_SHARE || p99 == p01 {
         return None;
     }
     // Those farther out than ten times the middle's spread: repairing one of several only shows
@@ -1021,19 +1023,27 @@ struct Parts {
     _lock: Option<std::fs::File>,
 }
 
-/// The SHA-256 of a file's bytes, read in pieces (a weights file may be large).
-fn file_sha256(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
+/// Feeds a file's bytes to `h`, read in pieces (a weights file may be large).
+fn hash_file_into(h: &mut sha2::Sha256, path: &Path) -> Result<()> {
+    use sha2::Digest;
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let (mut h, mut buf) = (Sha256::new(), vec![0u8; 1 << 20]);
+    let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).with_context(|| format!("{}: cannot read", path.display()))?;
         if n == 0 {
-            return Ok(format!("{:x}", h.finalize()));
+            return Ok(());
         }
         h.update(&buf[..n]);
     }
+}
+
+/// The SHA-256 of a file's bytes.
+fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    hash_file_into(&mut h, path)?;
+    Ok(format!("{:x}", h.finalize()))
 }
 
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
@@ -1101,6 +1111,34 @@ pub(crate) const SHARD_FILE: &str = "shard.json";
 /// job starts: an OUT beside a record without it (or with another checksum) is not the output of
 /// the job the record describes (that job failed or was stopped, or OUT was changed since).
 pub(crate) const OUTPUT_FILE: &str = "out.json";
+
+/// What the record beside a file says of it ([`output_record`]).
+pub(crate) enum OutputRecord {
+    /// No record: not written by `fastdet run` (a merged or hand-made file), or moved.
+    None,
+    /// The record describes another file: its job failed or was stopped (the file is an
+    /// earlier job's), an older fastdet wrote it, or it was changed since.
+    Stale { changed: bool },
+    /// The file its job wrote: the job's settings, the runs it holds and those that failed.
+    Valid { settings: serde_json::Map<String, serde_json::Value>, runs: Option<Vec<String>>, failed: Vec<String> },
+}
+
+/// The record `run` left beside `out` ([`OUTPUT_FILE`], settings.json), judged against the
+/// file's `bytes` (read once by the caller, so that the check and what is used are one version).
+pub(crate) fn output_record(out: &Path, bytes: &[u8]) -> OutputRecord {
+    let Ok(dir) = runs_folder(out) else { return OutputRecord::None };
+    let Some(settings) = std::fs::read_to_string(dir.join("settings.json")).ok().and_then(|t| serde_json::from_str(&t).ok()) else {
+        return OutputRecord::None;
+    };
+    let Some(rec) = std::fs::read_to_string(dir.join(OUTPUT_FILE)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) else {
+        return OutputRecord::Stale { changed: false };
+    };
+    if rec.get("sha256").and_then(|v| v.as_str()) != Some(sha256_hex(bytes).as_str()) {
+        return OutputRecord::Stale { changed: true };
+    }
+    let list = |k: &str| rec.get(k).and_then(|v| serde_json::from_value::<Vec<String>>(v.clone()).ok());
+    OutputRecord::Valid { settings, runs: list("runs"), failed: list("failed").unwrap_or_default() }
+}
 
 /// Which shard of which job an OUT is.
 pub(crate) struct ShardRecord {
@@ -1263,7 +1301,7 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for w in &a.weights {
-        h.update(std::fs::read(w).with_context(|| format!("{}: cannot read", w.display()))?);
+        hash_file_into(&mut h, w)?;
     }
     let full = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf()).display().to_string();
     let inputs = match (&a.data, a.zarr.as_slice(), &a.copick_config) {
@@ -1659,7 +1697,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         files.push((shard_file, serde_json::json!({ "shard": [k, n], "job_runs": job_runs }).to_string().into_bytes()));
     }
     let text = csv::submission_text(out, &picks, a.with_score)?;
-    files.push((output_file, serde_json::json!({ "sha256": sha256_hex(text.as_bytes()) }).to_string().into_bytes()));
+    // The runs whose picks the file holds, and those that failed (not in it).
+    let done: Vec<&str> = jobs.iter().map(|j| j.run.as_str()).filter(|r| !failed.iter().any(|(f, _)| f == r)).collect();
+    let failed_runs: Vec<&str> = failed.iter().map(|(r, _)| r.as_str()).collect();
+    let record = serde_json::json!({ "sha256": sha256_hex(text.as_bytes()), "runs": done, "failed": failed_runs });
+    files.push((output_file, record.to_string().into_bytes()));
     files.push((out.to_path_buf(), text.into_bytes()));
     fastdet::util::write_files_atomic(&files)?;
     if let (Some(dir), true) = (&a.copick_out, replaced > 0) {
@@ -1677,6 +1719,9 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     }
     if !(a.beta.is_finite() && a.beta > 0.0) {
         bail!("--beta {}: must be a positive number", a.beta);
+    }
+    if let Some(hint) = layout.split_folder_hint().filter(|_| !layout.overlay_runs.is_dir()) {
+        bail!("{}: no ground truth there; {hint}", layout.overlay_runs.display());
     }
     let truth = copick::read_truth_to_score(&layout)?;
     if let Some(file) = &a.picks {
@@ -1700,48 +1745,80 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
     Ok(report_failures(&failed))
 }
 
-/// `tune --picks FILE`: the candidates are the file's scored picks. Runs as `score` takes them:
-/// `--runs`, or every run with ground truth (one without picks in the file has all its particles
-/// missed).
+/// `tune --picks FILE`: the candidates are the file's scored picks. Tuned on the runs its job
+/// computed (its record), or else those with picks in the file; `--runs` chooses among them. The
+/// floors are the thresholds the job kept its picks at (from a record that matches the file),
+/// else each class's lowest score; `--min-threshold` raises them, and candidates under a floor
+/// are not looked at, as a tune that infers never sees them.
 fn tune_on_file(a: &TuneArgs, file: &Path, truth: Vec<Pick>, layout: &dataset::Layout) -> Result<ExitCode> {
-    if !super::merge::has_score(file)? {
+    let bytes = std::fs::read(file).with_context(|| format!("{}: cannot read submission", file.display()))?;
+    let text = String::from_utf8(bytes.clone()).with_context(|| format!("{}: not UTF-8 text", file.display()))?;
+    if !super::merge::has_score(&text) {
         bail!("{}: has no score column; tune needs each pick's score (`fastdet run --with-score` writes it)", file.display());
     }
-    let (cands, others) = csv::read_submission_of_known_types(file)?;
+    let (cands, others) = csv::parse_submission_of_known_types(&text, &file.display().to_string())?;
     if let Some(w) = csv::other_types_warning(file, &others) {
         fastdet::errln!("warning: {w}");
     }
-    let known: std::collections::BTreeSet<String> = copick::truth_runs(layout)?.into_iter().collect();
+    let with_truth: std::collections::BTreeSet<String> = copick::truth_runs(layout)?.into_iter().collect();
+    let (recorded, computed): (Option<Vec<f32>>, Option<Vec<String>>) = match output_record(file, &bytes) {
+        OutputRecord::Valid { settings, runs, .. } => {
+            let t = settings.get("thresholds").and_then(|v| serde_json::from_value::<Vec<f32>>(v.clone()).ok()).filter(|t| t.len() == CLASSES.len());
+            (t, runs)
+        }
+        OutputRecord::Stale { .. } => {
+            fastdet::errln!("warning: {}: the record beside it (its .runs folder) is not of this file (a later job on it failed, or the file was changed): not used", file.display());
+            (None, None)
+        }
+        OutputRecord::None => (None, None),
+    };
+    // The runs the file speaks for: a run with no pick in it is one its job found nothing in
+    // only when the record says the job computed it.
+    let in_file: std::collections::BTreeSet<String> = match &computed {
+        Some(r) => r.iter().cloned().collect(),
+        None => cands.iter().map(|p| p.run.clone()).collect(),
+    };
+    let elsewhere: Vec<&String> = in_file.iter().filter(|r| !with_truth.contains(*r)).collect();
+    if !elsewhere.is_empty() {
+        let shown: Vec<&str> = elsewhere.iter().take(10).map(|r| r.as_str()).collect();
+        fastdet::errln!("note: {} run(s) of {} have no ground truth and are left out: {}", elsewhere.len(), file.display(), shown.join(", "));
+    }
     let runs: std::collections::BTreeSet<String> = if a.infer.runs.is_empty() {
-        known
+        let unseen: Vec<&String> = with_truth.iter().filter(|r| !in_file.contains(*r)).collect();
+        if !unseen.is_empty() {
+            let shown: Vec<&str> = unseen.iter().take(10).map(|r| r.as_str()).collect();
+            let why = if computed.is_some() { "its job did not compute them" } else { "it has no pick of them (give --runs to count a run without picks as one where nothing was found)" };
+            fastdet::errln!("note: not tuned on {} run(s) with ground truth, as {why}: {}", unseen.len(), shown.join(", "));
+        }
+        with_truth.intersection(&in_file).cloned().collect()
     } else {
-        let chosen: std::collections::BTreeSet<String> = a.infer.runs.iter().map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect();
-        if let Some(r) = chosen.iter().find(|r| !known.contains(*r)) {
-            bail!("--runs: run {r:?} is not in {}", layout.truth_folders());
+        let mut chosen = std::collections::BTreeSet::new();
+        for r in &a.infer.runs {
+            let r = r.trim();
+            if r.is_empty() || !with_truth.contains(r) {
+                bail!("--runs: run {r:?} is not in {}", layout.truth_folders());
+            }
+            chosen.insert(r.to_string());
         }
         chosen
     };
-    let truth: Vec<Pick> = truth.into_iter().filter(|p| runs.contains(&p.run)).collect();
-    let cands: Vec<Pick> = cands.into_iter().filter(|p| runs.contains(&p.run)).collect();
-    // The thresholds the file's job kept its candidates at, where it left a record: below them
-    // the file has nothing, and a threshold there would keep what no one has seen.
-    let recorded: Option<Vec<f32>> = runs_folder(file)
-        .ok()
-        .and_then(|d| std::fs::read_to_string(d.join("settings.json")).ok())
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| serde_json::from_value(v.get("thresholds")?.clone()).ok())
-        .filter(|t: &Vec<f32>| t.len() == CLASSES.len());
+    if runs.is_empty() {
+        bail!("{}: none of its runs has ground truth in {}: nothing to tune on", file.display(), layout.truth_folders());
+    }
     let floors: [f32; CLASSES.len()] = std::array::from_fn(|c| match &recorded {
         Some(t) => t[c].max(a.min_threshold),
         // (A class without picks is not tuned: it keeps the default, as in a tune that infers.)
-        None => match cands.iter().filter(|p| p.class == c).map(|p| p.score).reduce(f32::min) {
+        None => match cands.iter().filter(|p| p.class == c && runs.contains(&p.run)).map(|p| p.score).reduce(f32::min) {
             Some(lowest) => lowest.max(a.min_threshold),
             None => a.min_threshold,
         },
     });
+    // Scores are written to 6 decimals: one kept at its threshold may read back a hair under it.
+    let cands: Vec<Pick> = cands.into_iter().filter(|p| runs.contains(&p.run) && p.score as f64 >= floors[p.class] as f64 - 5e-7).collect();
+    let truth: Vec<Pick> = truth.into_iter().filter(|p| runs.contains(&p.run)).collect();
     match &recorded {
-        Some(_) => fastdet::errln!("the picks were kept at the thresholds their job used (its record); the tuned ones are not below them"),
-        None => fastdet::errln!("note: {} has no record of the thresholds it was made with (OUT.runs/settings.json): no class is tuned below its lowest score in the file", file.display()),
+        Some(_) => fastdet::errln!("candidates from the thresholds its job kept them at (its record) or --min-threshold, whichever is higher"),
+        None => fastdet::errln!("note: no record of the thresholds {} was made with: no class is tuned below its lowest score in it", file.display()),
     }
     fastdet::errln!("tuning on {} run(s), {} annotated particle(s), {} scored pick(s)", runs.len(), truth.len(), cands.len());
     let (thresholds, score) = metric::tune_thresholds_above(&truth, &cands, a.beta, &floors);
@@ -1887,6 +1964,11 @@ mod tests {
         assert_eq!(range_warning(&v, shape), None);
         assert_eq!(range_warning(&[1.0], [1, 1, 1]), None);
         assert_eq!(range_warning(&[2.0; 8], [2, 2, 2]), None);
+        // A masked volume (almost all one value, the content in a few voxels) is not this.
+        let mut masked = vec![0.0f32; 512];
+        masked[100] = 3.0;
+        masked[200] = -1.0;
+        assert_eq!(range_warning(&masked, shape), None);
     }
 
     #[test]

@@ -102,6 +102,18 @@ pub fn read_submission_of_known_types(path: &Path) -> Result<(Vec<Pick>, std::co
     Ok((picks, others))
 }
 
+/// [`read_submission`] on a file's text already read (`origin` names it in errors).
+pub fn parse_submission_text(text: &str, origin: &str) -> Result<Vec<Pick>> {
+    parse_submission(text, origin, None)
+}
+
+/// [`read_submission_of_known_types`] on a file's text already read.
+pub fn parse_submission_of_known_types(text: &str, origin: &str) -> Result<(Vec<Pick>, std::collections::BTreeMap<String, usize>)> {
+    let mut others = std::collections::BTreeMap::new();
+    let picks = parse_submission(text, origin, Some(&mut others))?;
+    Ok((picks, others))
+}
+
 /// The warning for the rows [`read_submission_of_known_types`] left out, if any.
 pub fn other_types_warning(path: &Path, others: &std::collections::BTreeMap<String, usize>) -> Option<String> {
     if others.is_empty() {
