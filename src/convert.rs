@@ -275,6 +275,12 @@ pub fn convert(inputs: &[PathBuf], out: &Path, opts: &ConvertOptions) -> Result<
                 );
             }
         }
+        // One model under two names or formats (a .ckpt and its state dict) would weigh double.
+        let same = |q: &Pruned| q.tensors.len() == p.tensors.len() && q.tensors.iter().zip(&p.tensors).all(|(a, b)| a.name == b.name && a.shape == b.shape && a.data == b.data);
+        if let Some(j) = pruned.iter().position(same) {
+            let this = &inputs[pruned.len()];
+            bail!("{}: holds the same weights as {}; averaging them would weigh that model double", this.display(), inputs[j].display());
+        }
         pruned.push(p);
     }
     let first = &pruned[0];

@@ -196,8 +196,9 @@ fn cpu_selftest_passes_and_reports() {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
     let rows = r["rows"].as_array().unwrap();
     assert!(!rows.is_empty() && rows.iter().all(|r| r["section"] == "network"), "{rows:?}");
-    let o = fastdet().args(["selftest", "--device", "cpu", "--no-kernels", "--no-networks", "--json"]).arg(&j).output().unwrap();
-    assert!(o.status.success());
+    // Everything left out: nothing checked is not a pass (exit status 2, as without a GPU).
+    let o = fastdet().args(["selftest", "--device", "cpu", "--no-kernels", "--no-networks", "--no-pipeline", "--json"]).arg(&j).output().unwrap();
+    assert!(o.status.code() == Some(2) && String::from_utf8_lossy(&o.stdout).contains("nothing was tested"), "{}", String::from_utf8_lossy(&o.stdout));
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
     assert_eq!(r["rows"].as_array().unwrap().len(), 0);
     // A tile the networks cannot take, and a report that could not be written, are refused
@@ -258,10 +259,25 @@ fn forward_matches_golden_and_refuses_bad_shapes() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("bad.safetensors: 1 of 12288 input values are NaN or infinite"), "{err}");
     assert!(!tmp.path().join("o2.safetensors").exists());
+    // The output may replace neither the weights nor the input (a copy of the fixture here).
+    let input = tmp.path().join("input.safetensors");
+    std::fs::copy(&golden, &input).unwrap();
+    let (w_before, in_before) = (std::fs::read(&w).unwrap(), std::fs::read(&input).unwrap());
+    for over in [&w, &input] {
+        let o = fastdet().args(["forward", "--weights"]).arg(&w).arg("--input").arg(&input).arg("--output").arg(over).output().unwrap();
+        assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("is also an input"), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(std::fs::read(&w).unwrap() == w_before && std::fs::read(&input).unwrap() == in_before);
 
     // inspect refuses a tile the network cannot take rather than counting its FLOPs.
     let o = fastdet().args(["inspect", "--tile", "0,0,0"]).arg(&w).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--tile"));
+    // --json --graph carries the op list, one line an op; --json alone does not.
+    let j = |extra: &[&str]| -> serde_json::Value { serde_json::from_slice(&fastdet().args(["inspect", "--json"]).args(extra).arg(&w).output().unwrap().stdout).unwrap() };
+    let with = j(&["--graph"]);
+    let lines = with["graph"].as_array().unwrap();
+    assert!(lines.len() >= with["ops"].as_u64().unwrap() as usize && lines.iter().any(|l| l.as_str().unwrap().contains("conv3x3x3")), "{with}");
+    assert!(j(&[])["graph"].is_null());
 }
 
 /// A batch of tiles in one call equals the tiles one at a time.
@@ -388,7 +404,17 @@ fn ensemble_of_mismatched_models_is_refused() {
     std::os::unix::fs::symlink(&dynunet, &link).unwrap();
     let copy = tmp.path().join("copy.safetensors");
     std::fs::copy(&dynunet, &copy).unwrap();
-    for (twice, says) in [(&dynunet, "given twice to --weights (as model 2 and 3)"), (&link, "given twice to --weights (as model 2 and 3)"), (&copy, "the same bytes as")] {
+    // One checkpoint converted twice under other names: other bytes, the same tensors.
+    let renamed = tmp.path().join("renamed.safetensors");
+    let o = fastdet().args(["convert", "--name", "fold1"]).arg(root().join("tests/fixtures/golden/segresnetv2_w8.ckpt")).arg("-o").arg(&renamed).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let fold0 = tmp.path().join("fold0.safetensors");
+    let o = fastdet().args(["convert", "--name", "fold0"]).arg(root().join("tests/fixtures/golden/segresnetv2_w8.ckpt")).arg("-o").arg(&fold0).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ne!(std::fs::read(&renamed).unwrap(), std::fs::read(&fold0).unwrap());
+    let o = run(&[&fold0, &renamed]);
+    assert!(o.status.code() == Some(1) && String::from_utf8_lossy(&o.stderr).contains("renamed.safetensors: the same tensors as"), "{}", String::from_utf8_lossy(&o.stderr));
+    for (twice, says) in [(&dynunet, "given twice to --weights (as model 2 and 3)"), (&link, "given twice to --weights (as model 2 and 3)"), (&copy, "the same tensors as")] {
         let o = run(&[&src, &dynunet, twice]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.code() == Some(1) && err.contains(says) && err.contains("weigh it double") && !err.contains("model(s) on"), "{err}");

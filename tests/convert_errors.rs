@@ -452,21 +452,42 @@ fn inspect_reports_the_manifest_widths() {
 }
 
 #[test]
-fn average_of_one_checkpoint_twice_equals_converting_it_once() {
+fn average_is_the_mean_and_one_model_twice_is_refused() {
     let s = Scratch::new();
-    let input = golden("segresnetv2_w8.ckpt");
+    let input = golden("segresnetv2_w8.safetensors");
     let once = s.out("once.safetensors");
-    let twice = s.out("twice.safetensors");
+    let avg = s.out("avg.safetensors");
     convert_ok(&[&input], &once, &[]);
-    // A copy under another name: the same file given twice is refused (it would weigh double).
+    // Another checkpoint of the same widths: every float value 1 higher. The mean is the first's
+    // values plus 0.5, to fp16 rounding.
+    let shifted_dir = tempfile::tempdir().unwrap();
+    let shifted = shifted_dir.path().join("shifted.safetensors");
+    let mut tensors = read_st(&input);
+    for t in tensors.values_mut().filter(|t| t.dtype == Dtype::F32) {
+        t.bytes = t.bytes.chunks_exact(4).flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) + 1.0).to_le_bytes()).collect();
+    }
+    write_st(&shifted, &tensors);
+    let stdout = convert_ok(&[&input, &shifted], &avg, &["--average"]);
+    assert!(stdout.contains("averaged 2 checkpoints"), "{stdout}");
+    let (a, o) = (read_st(&avg), read_st(&once));
+    assert_eq!(a.keys().collect::<Vec<_>>(), o.keys().collect::<Vec<_>>());
+    for (name, t) in &a {
+        for (x, y) in f16_bits(t).into_iter().zip(f16_bits(&o[name])) {
+            let (x, y) = (half::f16::from_bits(x).to_f32(), half::f16::from_bits(y).to_f32());
+            // Both sides rounded to fp16 once: within two half-ulps of |y + 0.5|.
+            assert!((x - (y + 0.5)).abs() <= (y.abs() + 0.5) * 2.0f32.powi(-10) + 1e-7, "{name}: {x} vs {y} + 0.5");
+        }
+    }
+    // One model twice would weigh double: the same path, a copy, or its state dict beside the
+    // Lightning checkpoint are refused.
+    let ckpt = golden("segresnetv2_w8.ckpt");
     let copy_dir = tempfile::tempdir().unwrap();
     let copy = copy_dir.path().join("copy.ckpt");
-    std::fs::copy(&input, &copy).unwrap();
-    let stdout = convert_ok(&[&input, &copy], &twice, &["--average"]);
-    assert!(stdout.contains("averaged 2 checkpoints"), "{stdout}");
-    assert!(read_st(&once) == read_st(&twice), "averaging a checkpoint with itself changed its tensors");
-    let fresh = Scratch::new();
-    expect_failure(&fresh, &[&input, &input], &["--average"], &["given twice (as input 1 and 2)"]);
+    std::fs::copy(&ckpt, &copy).unwrap();
+    for (other, says) in [(ckpt.clone(), "given twice (as input 1 and 2)"), (copy, "holds the same weights as"), (golden("segresnetv2_w8.state_dict.pt"), "holds the same weights as")] {
+        let fresh = Scratch::new();
+        expect_failure(&fresh, &[&ckpt, &other], &["--average"], &[says]);
+    }
 }
 
 #[test]

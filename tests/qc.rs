@@ -314,6 +314,26 @@ fn cli_writes_one_png_per_run() {
         .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     assert!(out2.join("TS_synth_2.png").is_file() && !out2.join("TS_synth_1.png").exists());
+    // Picks read at another voxel size than they were made at land outside the tomogram: said,
+    // with how many (at the right size, none is).
+    let qc_vs = |vs: &str, dir: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+            .args(["qc", "--runs", "TS_synth_1", "--voxel-size", vs, "--data"])
+            .arg(root().join("tests/fixtures/dataset"))
+            .arg("--picks")
+            .arg(root().join("tests/fixtures/pipeline/expected_submission.csv"))
+            .arg("-o")
+            .arg(tmp.path().join(dir))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let right = qc_vs("10.012", "vs_right");
+    assert!(!right.contains("outside"), "{right}");
+    let wrong = qc_vs("5", "vs_wrong");
+    let off: usize = wrong.split(" outside the tomogram").next().unwrap().rsplit('(').next().unwrap().parse().unwrap();
+    assert!(off > 0 && wrong.contains("is --voxel-size 5 Å what the picks were made at?"), "{wrong}");
     // A run the dataset does not have is refused before any picture (as by `run`); picks of runs
     // the dataset lacks are named in a warning, and `-o` is --out.
     let other = tmp.path().join("other.csv");

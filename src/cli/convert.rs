@@ -124,6 +124,8 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             "activation_peak_bytes_f16": peak16,
             "min_traffic_bytes_op_by_op": traffic,
             "ops": g.ops.len(),
+            // With --graph, the op list as the text form prints it, one line an op.
+            "graph": a.graph.then(|| g.describe(a.tile).lines().map(str::to_owned).collect::<Vec<_>>()),
             "sources": w.sources.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
         });
         fastdet::outln!("{}", serde_json::to_string_pretty(&j)?)?;

@@ -28,6 +28,9 @@ pub struct ForwardArgs {
 }
 
 pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
+    // Neither input may be replaced by the output, and it must be writable, before the work.
+    fastdet::util::check_not_an_input(&a.output, &[a.weights.as_path(), a.input.as_path()])?;
+    fastdet::util::check_output_file(&a.output)?;
     let w = Weights::load(&a.weights)?;
     let (shape, data) = tensors::read_f32(&a.input, "input")?;
     if shape.len() != 5 || shape[1] != w.spec.in_channels {

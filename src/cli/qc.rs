@@ -168,14 +168,23 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         };
         let opts = QcOptions { slabs: a.slabs, title: Some(title), voxel_size: Some(voxel_size), ..QcOptions::default() };
         let s = qc::render_qc_with(&volume, &run_picks, run_truth.as_deref(), &out, &opts)?;
+        // Centres outside the volume on any axis (voxel i spans i ± 0.5): many of them usually
+        // mean another voxel size than the picks were made at.
+        let outside = |ps: &[fastdet::particles::Pick]| {
+            ps.iter()
+                .filter(|p| [p.z, p.y, p.x].iter().zip(volume.shape).any(|(&c, n)| !(c / voxel_size >= -0.5 && c / voxel_size < n as f64 - 0.5)))
+                .count()
+        };
         let mut line = format!("{run}: {} picks", run_picks.len());
-        if s.picks_drawn != run_picks.len() {
-            line += &format!(" ({} outside the tomogram's z range)", run_picks.len() - s.picks_drawn);
+        let (off, undrawn) = (outside(&run_picks), run_picks.len() - s.picks_drawn);
+        if off > 0 {
+            line += &format!(" ({off} outside the tomogram, {undrawn} of them not drawn: is --voxel-size {voxel_size} Å what the picks were made at?)");
         }
         if let Some(t) = &run_truth {
             line += &format!(", {} truth", t.len());
-            if s.truth_drawn != t.len() {
-                line += &format!(" ({} outside)", t.len() - s.truth_drawn);
+            let off = outside(t);
+            if off > 0 {
+                line += &format!(" ({off} outside, {} not drawn)", t.len() - s.truth_drawn);
             }
         }
         Ok(format!("{line} -> {} ({}x{} px)", out.display(), s.width, s.height))

@@ -273,7 +273,11 @@ pub struct TuneArgs {
     /// class's threshold is looked for at or above the one the job used (from its OUT.runs
     /// record; the lowest score of the class when there is none), so run it with low
     /// --thresholds. The runs are those its job computed (or else those with picks in it)
-    #[arg(long, value_name = "FILE.csv", conflicts_with_all = ["weights", "shard", "tta"])]
+    #[arg(long, value_name = "FILE.csv", conflicts_with_all = [
+        "weights", "shard", "tta", "zarr", "mrc", "level", "device", "gpus", "devices", "window", "tiles", "iou", "top_k",
+        "blend_sigma", "batch", "host_blend", "device_blend", "voxel_size", "resample", "model_voxel_size",
+        "allow_nonfinite", "invert", "pad", "tomogram",
+    ])]
     pub picks: Option<PathBuf>,
 }
 
@@ -554,8 +558,9 @@ fn same_weights_twice(weights: &[PathBuf]) -> Result<()> {
     if let Some((j, i)) = super::merge::given_twice(weights) {
         bail!("{}: given twice to --weights (as model {} and {}); the ensemble would weigh it double", weights[i].display(), j + 1, i + 1);
     }
-    // Copies: only files of one size are read and compared.
-    let sizes: Vec<Option<u64>> = weights.iter().map(|p| std::fs::metadata(p).ok().map(|m| m.len())).collect();
+    // Copies, and one checkpoint converted twice (other names or metadata): the same tensors.
+    // Only files whose tensor data have one size are read and compared.
+    let sizes: Vec<Option<u64>> = weights.iter().map(|p| tensor_bytes(p).ok()).collect();
     let mut digests: Vec<Option<String>> = vec![None; weights.len()];
     for i in 0..weights.len() {
         for j in 0..i {
@@ -564,12 +569,12 @@ fn same_weights_twice(weights: &[PathBuf]) -> Result<()> {
             }
             for k in [i, j] {
                 if digests[k].is_none() {
-                    digests[k] = Some(file_sha256(&weights[k])?);
+                    digests[k] = Some(tensors_sha256(&weights[k])?);
                 }
             }
             if digests[i] == digests[j] {
                 bail!(
-                    "{}: the same bytes as {} (models {} and {} of --weights are one model); the ensemble would weigh it double",
+                    "{}: the same tensors as {} (models {} and {} of --weights are one model); the ensemble would weigh it double",
                     weights[i].display(),
                     weights[j].display(),
                     j + 1,
@@ -581,11 +586,48 @@ fn same_weights_twice(weights: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// A safetensors file's header: its length and JSON.
+fn safetensors_header(f: &mut std::fs::File, path: &Path) -> Result<(u64, serde_json::Map<String, serde_json::Value>)> {
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).with_context(|| format!("{}: cannot read its header", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    let total = f.metadata().with_context(|| format!("{}: cannot read", path.display()))?.len();
+    if n > total.saturating_sub(8) {
+        bail!("{}: not a safetensors file (header length {n} past its end)", path.display());
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).with_context(|| format!("{}: cannot read its header", path.display()))?;
+    let json = serde_json::from_slice(&header).with_context(|| format!("{}: not a safetensors header", path.display()))?;
+    Ok((n, json))
+}
+
+/// Bytes of tensor data in a safetensors file (all but its header).
+fn tensor_bytes(path: &Path) -> Result<u64> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let (n, _) = safetensors_header(&mut f, path)?;
+    Ok(f.metadata()?.len() - 8 - n)
+}
+
+/// SHA-256 of a safetensors file's tensors: their names, types, shapes and places (the header
+/// without its metadata, keys in order) and their bytes. Two conversions of one checkpoint
+/// under other names or options that do not change the tensors give the same.
+fn tensors_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let (_, mut header) = safetensors_header(&mut f, path)?;
+    header.remove("__metadata__");
+    let index: std::collections::BTreeMap<&String, &serde_json::Value> = header.iter().collect();
+    let mut h = sha2::Sha256::new();
+    h.update(serde_json::to_string(&index)?.as_bytes());
+    hash_rest_into(&mut h, &mut f, path)?;
+    Ok(format!("{:x}", h.finalize()))
+}
+
 /// The models form one ensemble for this pipeline (the six CZII classes, one stride) and each
 /// takes the window: the checks a run would otherwise fail on every tomogram, made from the
 /// weights' headers before any tomogram is read.
 fn check_models(a: &InferArgs) -> Result<()> {
-    same_weights_twice(&a.weights)?;
     let mut first: Option<(&Path, ModelSpec, Vec<String>)> = None;
     for p in &a.weights {
         let (spec, classes) = Weights::read_spec(p)?;
@@ -614,6 +656,8 @@ fn check_models(a: &InferArgs) -> Result<()> {
             }
         }
     }
+    // After the checks above, which name what is wrong with one file more exactly.
+    same_weights_twice(&a.weights)?;
     if let Some((_, spec, _)) = &first {
         if let Some(w) = fastdet::pipeline::blend::vanishing_weight_warning(a.window.map(|x| x / spec.stride.max(1)), a.blend_sigma) {
             fastdet::errln!("warning: {w}");
@@ -1025,9 +1069,14 @@ struct Parts {
 
 /// Feeds a file's bytes to `h`, read in pieces (a weights file may be large).
 fn hash_file_into(h: &mut sha2::Sha256, path: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    hash_rest_into(h, &mut f, path)
+}
+
+/// Feeds what is left of `f` (the file at `path`) to `h`, in pieces.
+fn hash_rest_into(h: &mut sha2::Sha256, f: &mut std::fs::File, path: &Path) -> Result<()> {
     use sha2::Digest;
     use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -1036,14 +1085,6 @@ fn hash_file_into(h: &mut sha2::Sha256, path: &Path) -> Result<()> {
         }
         h.update(&buf[..n]);
     }
-}
-
-/// The SHA-256 of a file's bytes.
-fn file_sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    hash_file_into(&mut h, path)?;
-    Ok(format!("{:x}", h.finalize()))
 }
 
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
@@ -1808,8 +1849,10 @@ fn tune_on_file(a: &TuneArgs, file: &Path, truth: Vec<Pick>, layout: &dataset::L
     let floors: [f32; CLASSES.len()] = std::array::from_fn(|c| match &recorded {
         Some(t) => t[c].max(a.min_threshold),
         // (A class without picks is not tuned: it keeps the default, as in a tune that infers.)
+        // A hair under the lowest score: the file rounds scores to 6 decimals, and a threshold on
+        // the rounded value could drop that pick (its true score up to 5e-7 lower).
         None => match cands.iter().filter(|p| p.class == c && runs.contains(&p.run)).map(|p| p.score).reduce(f32::min) {
-            Some(lowest) => lowest.max(a.min_threshold),
+            Some(lowest) => (lowest - 1e-6).max(a.min_threshold),
             None => a.min_threshold,
         },
     });

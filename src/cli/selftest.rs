@@ -211,5 +211,10 @@ fn report_end(report: &selftest::Report, t0: std::time::Instant, json: Option<&P
         write_json(p, &serde_json::to_string_pretty(&doc)?)?;
         fastdet::outln!("wrote {}", p.display())?;
     }
+    // Nothing run is nothing checked (every part turned off): not a pass.
+    if pass + fail == 0 {
+        fastdet::outln!("nothing was tested (every part turned off, or skipped): exit status 2")?;
+        return Ok(ExitCode::from(2));
+    }
     Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
