@@ -68,6 +68,9 @@ fn main() -> ExitCode {
             // is a failure too; a reader that stopped early (`| head`) is not. (A usage error
             // goes to standard error and exits 1 whether or not it could be written.)
             let printed = e.print().and_then(|()| std::io::Write::flush(&mut std::io::stdout()));
+            if let Some(n) = e.use_stderr().then(|| cli::config::file_note(&e.to_string())).flatten() {
+                fastdet::errln!("{n}");
+            }
             if let Err(w) = printed {
                 if !e.use_stderr() && w.kind() != std::io::ErrorKind::BrokenPipe {
                     fastdet::errln!("error: cannot write to standard output: {w}");
@@ -103,6 +106,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             fastdet::errln!("error: {e:#}");
+            if let Some(n) = cli::config::file_note(&format!("{e:#}")) {
+                fastdet::errln!("{n}");
+            }
             ExitCode::FAILURE
         }
     }

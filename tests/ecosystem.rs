@@ -58,6 +58,19 @@ fn config_file_values_and_flag_overrides() {
     let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&with_out)).parse().unwrap();
     assert_eq!(t["out"].as_str().unwrap(), tmp.path().join("from_file.csv").to_str().unwrap());
 
+    // An error about a value the file gave says it came from the file.
+    let bad = tmp.path().join("bad.toml");
+    for (text, flag) in [("[thresholds]\nribosome = 1.5\n", "`thresholds`"), ("tta = \"rot\"\n", "`tta`"), ("window = [64, 96]\n", "`window`")] {
+        std::fs::write(&bad, text).unwrap();
+        let o = fastdet().args(["run", "--print-config", "--config"]).arg(&bad).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.code() == Some(1) && err.contains(&format!("note: the value of {flag} came from the config file {}", bad.display())), "{text}: {err}");
+    }
+    // Not for an option given on the command line.
+    std::fs::write(&bad, "data = \"data\"\n").unwrap();
+    let o = fastdet().args(["run", "--print-config", "--tta", "rot", "--config"]).arg(&bad).output().unwrap();
+    assert!(o.status.code() == Some(1) && !String::from_utf8_lossy(&o.stderr).contains("came from the config file"), "{}", String::from_utf8_lossy(&o.stderr));
+
     // The printed configuration reads back to itself.
     let again = tmp.path().join("again.toml");
     std::fs::write(&again, &text).unwrap();

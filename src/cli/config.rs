@@ -67,6 +67,20 @@ fn class_names() -> String {
 /// (`--no-host-blend` is `--device-blend`).
 const NEGATABLE: &[&str] = &["allow-nonfinite", "with-score", "resume", "resample", "invert"];
 
+/// The config file `expand` read and the options it turned into flags.
+static FROM_FILE: std::sync::Mutex<Option<(std::path::PathBuf, Vec<String>)>> = std::sync::Mutex::new(None);
+
+/// For an error that names an option whose value came from the config file: a line saying so
+/// (the message names the flag, the user wrote a key in a file).
+pub fn file_note(error: &str) -> Option<String> {
+    let guard = FROM_FILE.lock().unwrap_or_else(|e| e.into_inner());
+    let (file, flags) = guard.as_ref()?;
+    // The longest flag named (--voxel-size, not --voxel-size's prefix of another).
+    let named: Vec<&String> = flags.iter().filter(|f| error.contains(f.as_str()) && !error.contains(&format!("{f}-"))).collect();
+    let shown: Vec<String> = named.iter().map(|f| format!("`{}`", f.trim_start_matches("--").replace('-', "_"))).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    (!shown.is_empty()).then(|| format!("note: the value of {} came from the config file {}", shown.join(", "), file.display()))
+}
+
 /// Expands `fastdet run --config FILE ...` into plain arguments.
 pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     if argv.get(1).map(|a| a.to_string_lossy() != "run").unwrap_or(true) {
@@ -170,6 +184,9 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     if file_host == Some(true) && !given(&rest, "--host-blend") && !given(&rest, "--device-blend") {
         extra.push("--host-blend".into());
     }
+    // Remembered, so that an error about one of these options can say it came from the file.
+    let flags: Vec<String> = extra.iter().filter_map(|a| a.to_str()).filter_map(|a| a.split('=').next()).filter(|f| f.starts_with("--")).map(str::to_owned).collect();
+    *FROM_FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some((file.to_path_buf(), flags));
     // File values go right after `run`, before the command line's own arguments.
     let mut out: Vec<OsString> = rest[..2].to_vec();
     out.extend(extra);
