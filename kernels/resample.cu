@@ -52,91 +52,68 @@ __device__ __forceinline__ float2 lerp2(float2 a, float2 b, float l0, float l1) 
                        __fadd_rn(__fmul_rn(l0, a.y), __fmul_rn(l1, b.y)));
 }
 
+// One sample's output, `units` units of E half2 pairs each (V: __half2 for E = 1, uint4 for
+// E = 4), CV units to a voxel: one code for both widths, so they do the same operations on each
+// element.
+template <typename V, int E>
+__device__ __forceinline__ void upsample_units(const V* xs, const V* ss, V* os, int units, int CV, int D, int H, int W) {
+    // 64-bit steps: the last step of a 32-bit index could wrap past INT_MAX; the index itself fits.
+    for (long long li = (long long)blockIdx.x * blockDim.x + threadIdx.x; li < units; li += (long long)gridDim.x * blockDim.x) {
+        const int i = (int)li;
+        const int cv = i % CV;
+        const UpSrc u = up_voxel(i / CV, D, H, W);
+        const float mx = 1.0f - u.lx, my = 1.0f - u.ly, mz = 1.0f - u.lz;
+        float2 zz[2][E];
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+            const int zi = a ? u.z1 : u.z0;
+            float2 yy[2][E];
+#pragma unroll
+            for (int b = 0; b < 2; ++b) {
+                const int yi = b ? u.y1 : u.y0;
+                const size_t row = ((size_t)zi * H + yi) * W;
+                const V pv = xs[(row + u.x0) * CV + cv];
+                const V qv = xs[(row + u.x1) * CV + cv];
+                const __half2* ph = reinterpret_cast<const __half2*>(&pv);
+                const __half2* qh = reinterpret_cast<const __half2*>(&qv);
+#pragma unroll
+                for (int e = 0; e < E; ++e) yy[b][e] = lerp2(__half22float2(ph[e]), __half22float2(qh[e]), mx, u.lx);
+            }
+#pragma unroll
+            for (int e = 0; e < E; ++e) zz[a][e] = lerp2(yy[0][e], yy[1][e], my, u.ly);
+        }
+        V sv{}, ov;
+        if (ss) sv = ss[i];
+        const __half2* sh = reinterpret_cast<const __half2*>(&sv);
+        __half2* oh = reinterpret_cast<__half2*>(&ov);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            float2 r = lerp2(zz[0][e], zz[1][e], mz, u.lz);
+            if (ss) {
+                const float2 f = __half22float2(sh[e]);
+                r.x = __fadd_rn(r.x, f.x);
+                r.y = __fadd_rn(r.y, f.y);
+            }
+            oh[e] = __floats2half2_rn(r.x, r.y);
+        }
+        os[i] = ov;
+    }
+}
+
 extern "C" __global__ void upsample2x_add_f16(const __half* __restrict__ x, const __half* skip, __half* out,
                                               int D, int H, int W, int C) {
     const int n = blockIdx.y;
     const int C2 = C >> 1;
     const int pairs = 2 * D * 2 * H * 2 * W * C2;
+    const size_t in_base = (size_t)n * D * H * W * C2, out_base = (size_t)n * (size_t)pairs;
     if ((C & 7) == 0 && fd_aligned16(x, skip, out)) {
-        const int C8 = C >> 3;
-        const int units = pairs / 4;
-        const uint4* xs = reinterpret_cast<const uint4*>(x) + (size_t)n * D * H * W * C8;
-        const size_t obase = (size_t)n * (size_t)units;
-        const uint4* ss = skip ? reinterpret_cast<const uint4*>(skip) + obase : nullptr;
-        uint4* os = reinterpret_cast<uint4*>(out) + obase;
-        for (long long li = (long long)blockIdx.x * blockDim.x + threadIdx.x; li < units; li += (long long)gridDim.x * blockDim.x) {
-            const int i = (int)li;
-            const int c8 = i % C8;
-            const UpSrc u = up_voxel(i / C8, D, H, W);
-            const float mx = 1.0f - u.lx, my = 1.0f - u.ly, mz = 1.0f - u.lz;
-            float2 zz[2][4];
-#pragma unroll
-            for (int a = 0; a < 2; ++a) {
-                const int zi = a ? u.z1 : u.z0;
-                float2 yy[2][4];
-#pragma unroll
-                for (int b = 0; b < 2; ++b) {
-                    const int yi = b ? u.y1 : u.y0;
-                    const size_t row = ((size_t)zi * H + yi) * W;
-                    const uint4 pv = xs[(row + u.x0) * C8 + c8];
-                    const uint4 qv = xs[(row + u.x1) * C8 + c8];
-                    const __half2* ph = reinterpret_cast<const __half2*>(&pv);
-                    const __half2* qh = reinterpret_cast<const __half2*>(&qv);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) yy[b][e] = lerp2(__half22float2(ph[e]), __half22float2(qh[e]), mx, u.lx);
-                }
-#pragma unroll
-                for (int e = 0; e < 4; ++e) zz[a][e] = lerp2(yy[0][e], yy[1][e], my, u.ly);
-            }
-            uint4 sv = make_uint4(0u, 0u, 0u, 0u), ov;
-            if (ss) sv = ss[i];
-            const __half2* sh = reinterpret_cast<const __half2*>(&sv);
-            __half2* oh = reinterpret_cast<__half2*>(&ov);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float2 r = lerp2(zz[0][e], zz[1][e], mz, u.lz);
-                if (ss) {
-                    const float2 f = __half22float2(sh[e]);
-                    r.x = __fadd_rn(r.x, f.x);
-                    r.y = __fadd_rn(r.y, f.y);
-                }
-                oh[e] = __floats2half2_rn(r.x, r.y);
-            }
-            os[i] = ov;
-        }
+        // 8 channels (one uint4) per unit: the bases in pairs, divided by 4.
+        const uint4* xs = reinterpret_cast<const uint4*>(x) + in_base / 4;
+        const uint4* ss = skip ? reinterpret_cast<const uint4*>(skip) + out_base / 4 : nullptr;
+        upsample_units<uint4, 4>(xs, ss, reinterpret_cast<uint4*>(out) + out_base / 4, pairs / 4, C >> 3, D, H, W);
         return;
     }
-    const __half2* xs = reinterpret_cast<const __half2*>(x) + (size_t)n * D * H * W * C2;
-    const size_t obase = (size_t)n * (size_t)pairs;
-    const __half2* ss = skip ? reinterpret_cast<const __half2*>(skip) + obase : nullptr;
-    __half2* os = reinterpret_cast<__half2*>(out) + obase;
-    // 64-bit steps: the last step of a 32-bit index could wrap past INT_MAX; the index itself fits.
-    for (long long li = (long long)blockIdx.x * blockDim.x + threadIdx.x; li < pairs; li += (long long)gridDim.x * blockDim.x) {
-        const int i = (int)li;
-        const int c2 = i % C2;
-        const UpSrc u = up_voxel(i / C2, D, H, W);
-        const float mx = 1.0f - u.lx, my = 1.0f - u.ly, mz = 1.0f - u.lz;
-        float2 zz[2];
-#pragma unroll
-        for (int a = 0; a < 2; ++a) {
-            const int zi = a ? u.z1 : u.z0;
-            float2 yy[2];
-#pragma unroll
-            for (int b = 0; b < 2; ++b) {
-                const int yi = b ? u.y1 : u.y0;
-                const size_t row = ((size_t)zi * H + yi) * W;
-                const float2 p = __half22float2(xs[(row + u.x0) * C2 + c2]);
-                const float2 q = __half22float2(xs[(row + u.x1) * C2 + c2]);
-                yy[b] = lerp2(p, q, mx, u.lx);
-            }
-            zz[a] = lerp2(yy[0], yy[1], my, u.ly);
-        }
-        float2 r = lerp2(zz[0], zz[1], mz, u.lz);
-        if (ss) {
-            const float2 s = __half22float2(ss[i]);
-            r.x = __fadd_rn(r.x, s.x);
-            r.y = __fadd_rn(r.y, s.y);
-        }
-        os[i] = __floats2half2_rn(r.x, r.y);
-    }
+    const __half2* xs = reinterpret_cast<const __half2*>(x) + in_base;
+    const __half2* ss = skip ? reinterpret_cast<const __half2*>(skip) + out_base : nullptr;
+    upsample_units<__half2, 1>(xs, ss, reinterpret_cast<__half2*>(out) + out_base, pairs, C2, D, H, W);
 }
