@@ -81,6 +81,30 @@ impl Weights {
         read().with_context(|| format!("{}: cannot load weights", path.display()))
     }
 
+    /// Bytes of tensor data in a weights file (all but its header): two files of one model have
+    /// the same, whatever their metadata.
+    pub fn tensor_data_len(path: &Path) -> Result<u64> {
+        let map = Self::map(path).with_context(|| path.display().to_string())?;
+        let (n, _) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+        Ok((map.len() - 8 - n) as u64)
+    }
+
+    /// SHA-256 of a weights file's tensors (names, types, shapes and bytes, in name order), not of
+    /// its metadata: one checkpoint converted twice under other names gives the same.
+    pub fn tensors_sha256(path: &Path) -> Result<String> {
+        use sha2::Digest;
+        let map = Self::map(path).with_context(|| path.display().to_string())?;
+        let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+        let mut tensors = st.tensors();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut h = sha2::Sha256::new();
+        for (name, view) in &tensors {
+            h.update(format!("{name} {:?} {:?}\n", view.dtype(), view.shape()).as_bytes());
+            h.update(view.data());
+        }
+        Ok(format!("{:x}", h.finalize()))
+    }
+
     fn map(path: &Path) -> Result<memmap2::Mmap> {
         let file = std::fs::File::open(path).context("cannot open")?;
         // SAFETY: the map is read-only and dropped before return; a concurrent writer could change

@@ -277,11 +277,11 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     let mut contents = Vec::new();
     for (i, p) in a.inputs.iter().enumerate() {
         let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read submission", p.display()))?;
-        let text = String::from_utf8(bytes.clone()).with_context(|| format!("{}: not UTF-8 text", p.display()))?;
-        if !has_score(&text) {
+        let text = std::str::from_utf8(&bytes).with_context(|| format!("{}: not UTF-8 text", p.display()))?;
+        if !has_score(text) {
             unscored.push(p);
         }
-        let rows = csv::parse_submission_text(&text, &p.display().to_string())?;
+        let rows = csv::parse_submission_text(text, &p.display().to_string())?;
         contents.push(bytes);
         for r in &rows {
             match run_from.get(&r.run) {

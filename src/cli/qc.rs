@@ -66,25 +66,12 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
         }
     }
     // The tomograms: a dataset's (and its truth), or files given one by one, each a run.
-    let files: Vec<(String, PathBuf, bool)> = if !a.zarr.is_empty() {
-        a.zarr.iter().map(|z| { let (run, path) = super::run::zarr_run(z); (run, path, false) }).collect()
-    } else {
-        a.mrc.iter().map(|p| (p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into()), p.clone(), true)).collect()
-    };
+    let files: Vec<(String, PathBuf, bool)> = if a.zarr.is_empty() && a.mrc.is_empty() { Vec::new() } else { super::run::file_runs(&a.zarr, &a.mrc)? };
     let layout = if files.is_empty() {
         Some(dataset::Layout::from_flags(a.data.as_deref(), &a.split, a.copick_config.as_deref())?.context("give --data ROOT, --copick-config FILE, --zarr PATH... or --mrc FILE...")?)
     } else {
         if a.truth {
             bail!("--truth draws a dataset's ground truth: give --data ROOT or --copick-config FILE, not --zarr or --mrc");
-        }
-        if let Some(d) = a.mrc.iter().find(|p| p.is_dir()) {
-            bail!("--mrc {}: a directory; --mrc takes MRC files (--zarr reads a zarr)", d.display());
-        }
-        let mut named: Vec<&(String, PathBuf, bool)> = files.iter().collect();
-        named.sort_by(|x, y| x.0.cmp(&y.0));
-        if let Some(w) = named.windows(2).find(|w| w[0].0 == w[1].0) {
-            let flag = if a.zarr.is_empty() { "--mrc" } else { "--zarr" };
-            bail!("two {flag} inputs share the run name {}: {} and {} (their pictures would be one file)", w[0].0, w[0].1.display(), w[1].1.display());
         }
         None
     };
@@ -121,9 +108,7 @@ pub fn qc(a: QcArgs) -> Result<ExitCode> {
     let wanted: BTreeSet<&str> = runs.iter().map(String::as_str).collect();
     let elsewhere: BTreeSet<&str> = picks.iter().map(|p| p.run.as_str()).filter(|r| !wanted.contains(r)).collect();
     if !elsewhere.is_empty() && a.runs.is_none() {
-        let names: Vec<&str> = elsewhere.iter().take(10).copied().collect();
-        let more = if elsewhere.len() > names.len() { format!(" and {} more", elsewhere.len() - names.len()) } else { String::new() };
-        fastdet::errln!("warning: {} has picks of runs not in {source}: {}{more}", a.picks.display(), names.join(", "));
+        fastdet::errln!("warning: {} has picks of runs not in {source}: {}", a.picks.display(), super::score::first_few(elsewhere.iter().copied()));
     }
     if a.out.exists() && !a.out.is_dir() {
         bail!("--out {}: is not a directory", a.out.display());

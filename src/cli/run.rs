@@ -291,7 +291,7 @@ struct Job {
 }
 
 /// A `--zarr` input's run name, and the absolute path it is read from.
-pub(crate) fn zarr_run(z: &Path) -> (String, PathBuf) {
+fn zarr_run(z: &Path) -> (String, PathBuf) {
     let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
     // Named from the absolute path (`--zarr .` inside the store names it too).
     let z = &std::path::absolute(z).map(|p| p.components().collect::<PathBuf>()).unwrap_or_else(|_| z.to_path_buf());
@@ -316,35 +316,40 @@ pub(crate) fn zarr_run(z: &Path) -> (String, PathBuf) {
     (named, z.clone())
 }
 
-fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
-    let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
-    // Files given one by one: in run-name order (as --data's runs), names unique, then sharded.
-    let sorted_and_sharded = |mut jobs: Vec<Job>, flag: &str| -> Result<Vec<Job>> {
-        jobs.sort_by(|x, y| x.run.cmp(&y.run));
-        if let Some(w) = jobs.windows(2).find(|w| w[0].run == w[1].run) {
-            bail!("two {flag} inputs share the run name {}: {} and {}", w[0].run, w[0].path.display(), w[1].path.display());
+/// Tomograms given one by one (`--zarr` stores, else `--mrc` files) as (run, path, read as MRC),
+/// in run-name order (as `--data`'s runs), each name once: what `run` and `qc` read.
+pub(crate) fn file_runs(zarr: &[PathBuf], mrc: &[PathBuf]) -> Result<Vec<(String, PathBuf, bool)>> {
+    let (flag, mut runs): (&str, Vec<(String, PathBuf, bool)>) = if !zarr.is_empty() {
+        let runs = zarr.iter().map(|z| {
+            let (run, path) = zarr_run(z);
+            (run, path, false)
+        });
+        ("--zarr", runs.collect())
+    } else {
+        if let Some(d) = mrc.iter().find(|p| p.is_dir()) {
+            bail!("--mrc {}: a directory; --mrc takes MRC files (--zarr reads a zarr)", d.display());
         }
+        let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
+        ("--mrc", mrc.iter().map(|p| (stem(p), p.clone(), true)).collect())
+    };
+    runs.sort_by(|x, y| x.0.cmp(&y.0));
+    if let Some(w) = runs.windows(2).find(|w| w[0].0 == w[1].0) {
+        bail!("two {flag} inputs share the run name {}: {} and {}", w[0].0, w[0].1.display(), w[1].1.display());
+    }
+    Ok(runs)
+}
+
+fn jobs(a: &InferArgs) -> Result<Vec<Job>> {
+    if !a.zarr.is_empty() || !a.mrc.is_empty() {
+        if a.zarr.is_empty() && a.level != "0" && a.level != "auto" {
+            bail!("--level {}: MRC files hold one level; --level chooses among a zarr's", a.level);
+        }
+        // Files given one by one, then sharded.
+        let mut jobs: Vec<Job> = file_runs(&a.zarr, &a.mrc)?.into_iter().map(|(run, path, mrc)| Job { run, path, not_found: None, mrc }).collect();
         if let Some((k, n)) = a.shard {
             jobs = jobs.into_iter().enumerate().filter(|(i, _)| i % n == k).map(|(_, j)| j).collect();
         }
-        Ok(jobs)
-    };
-    if !a.zarr.is_empty() {
-        let jobs = a.zarr.iter().map(|z| {
-            let (run, path) = zarr_run(z);
-            Job { run, path, not_found: None, mrc: false }
-        });
-        return sorted_and_sharded(jobs.collect(), "--zarr");
-    }
-    if !a.mrc.is_empty() {
-        if a.level != "0" && a.level != "auto" {
-            bail!("--level {}: MRC files hold one level; --level chooses among a zarr's", a.level);
-        }
-        if let Some(d) = a.mrc.iter().find(|p| p.is_dir()) {
-            bail!("--mrc {}: a directory; --mrc takes MRC files (--zarr reads a zarr)", d.display());
-        }
-        let jobs = a.mrc.iter().map(|p| Job { run: stem(p), path: p.clone(), not_found: None, mrc: true }).collect();
-        return sorted_and_sharded(jobs, "--mrc");
+        return Ok(jobs);
     }
     let layout = a.layout()?.context("give --data ROOT, --copick-config FILE, --zarr PATH or --mrc FILE...")?;
     let mut runs = layout.discover_runs()?;
@@ -560,7 +565,7 @@ fn same_weights_twice(weights: &[PathBuf]) -> Result<()> {
     }
     // Copies, and one checkpoint converted twice (other names or metadata): the same tensors.
     // Only files whose tensor data have one size are read and compared.
-    let sizes: Vec<Option<u64>> = weights.iter().map(|p| tensor_bytes(p).ok()).collect();
+    let sizes: Vec<Option<u64>> = weights.iter().map(|p| Weights::tensor_data_len(p).ok()).collect();
     let mut digests: Vec<Option<String>> = vec![None; weights.len()];
     for i in 0..weights.len() {
         for j in 0..i {
@@ -569,7 +574,7 @@ fn same_weights_twice(weights: &[PathBuf]) -> Result<()> {
             }
             for k in [i, j] {
                 if digests[k].is_none() {
-                    digests[k] = Some(tensors_sha256(&weights[k])?);
+                    digests[k] = Some(Weights::tensors_sha256(&weights[k])?);
                 }
             }
             if digests[i] == digests[j] {
@@ -586,43 +591,6 @@ fn same_weights_twice(weights: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// A safetensors file's header: its length and JSON.
-fn safetensors_header(f: &mut std::fs::File, path: &Path) -> Result<(u64, serde_json::Map<String, serde_json::Value>)> {
-    use std::io::Read;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).with_context(|| format!("{}: cannot read its header", path.display()))?;
-    let n = u64::from_le_bytes(len);
-    let total = f.metadata().with_context(|| format!("{}: cannot read", path.display()))?.len();
-    if n > total.saturating_sub(8) {
-        bail!("{}: not a safetensors file (header length {n} past its end)", path.display());
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).with_context(|| format!("{}: cannot read its header", path.display()))?;
-    let json = serde_json::from_slice(&header).with_context(|| format!("{}: not a safetensors header", path.display()))?;
-    Ok((n, json))
-}
-
-/// Bytes of tensor data in a safetensors file (all but its header).
-fn tensor_bytes(path: &Path) -> Result<u64> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let (n, _) = safetensors_header(&mut f, path)?;
-    Ok(f.metadata()?.len() - 8 - n)
-}
-
-/// SHA-256 of a safetensors file's tensors: their names, types, shapes and places (the header
-/// without its metadata, keys in order) and their bytes. Two conversions of one checkpoint
-/// under other names or options that do not change the tensors give the same.
-fn tensors_sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let (_, mut header) = safetensors_header(&mut f, path)?;
-    header.remove("__metadata__");
-    let index: std::collections::BTreeMap<&String, &serde_json::Value> = header.iter().collect();
-    let mut h = sha2::Sha256::new();
-    h.update(serde_json::to_string(&index)?.as_bytes());
-    hash_rest_into(&mut h, &mut f, path)?;
-    Ok(format!("{:x}", h.finalize()))
-}
 
 /// The models form one ensemble for this pipeline (the six CZII classes, one stride) and each
 /// takes the window: the checks a run would otherwise fail on every tomogram, made from the
@@ -1069,14 +1037,9 @@ struct Parts {
 
 /// Feeds a file's bytes to `h`, read in pieces (a weights file may be large).
 fn hash_file_into(h: &mut sha2::Sha256, path: &Path) -> Result<()> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    hash_rest_into(h, &mut f, path)
-}
-
-/// Feeds what is left of `f` (the file at `path`) to `h`, in pieces.
-fn hash_rest_into(h: &mut sha2::Sha256, f: &mut std::fs::File, path: &Path) -> Result<()> {
     use sha2::Digest;
     use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -1793,11 +1756,11 @@ pub fn tune(a: TuneArgs) -> Result<ExitCode> {
 /// are not looked at, as a tune that infers never sees them.
 fn tune_on_file(a: &TuneArgs, file: &Path, truth: Vec<Pick>, layout: &dataset::Layout) -> Result<ExitCode> {
     let bytes = std::fs::read(file).with_context(|| format!("{}: cannot read submission", file.display()))?;
-    let text = String::from_utf8(bytes.clone()).with_context(|| format!("{}: not UTF-8 text", file.display()))?;
-    if !super::merge::has_score(&text) {
+    let text = std::str::from_utf8(&bytes).with_context(|| format!("{}: not UTF-8 text", file.display()))?;
+    if !super::merge::has_score(text) {
         bail!("{}: has no score column; tune needs each pick's score (`fastdet run --with-score` writes it)", file.display());
     }
-    let (cands, others) = csv::parse_submission_of_known_types(&text, &file.display().to_string())?;
+    let (cands, others) = csv::parse_submission_of_known_types(text, &file.display().to_string())?;
     if let Some(w) = csv::other_types_warning(file, &others) {
         fastdet::errln!("warning: {w}");
     }
@@ -1821,15 +1784,13 @@ fn tune_on_file(a: &TuneArgs, file: &Path, truth: Vec<Pick>, layout: &dataset::L
     };
     let elsewhere: Vec<&String> = in_file.iter().filter(|r| !with_truth.contains(*r)).collect();
     if !elsewhere.is_empty() {
-        let shown: Vec<&str> = elsewhere.iter().take(10).map(|r| r.as_str()).collect();
-        fastdet::errln!("note: {} run(s) of {} have no ground truth and are left out: {}", elsewhere.len(), file.display(), shown.join(", "));
+        fastdet::errln!("note: {} run(s) of {} have no ground truth and are left out: {}", elsewhere.len(), file.display(), super::score::first_few(elsewhere.iter().map(|r| r.as_str())));
     }
     let runs: std::collections::BTreeSet<String> = if a.infer.runs.is_empty() {
         let unseen: Vec<&String> = with_truth.iter().filter(|r| !in_file.contains(*r)).collect();
         if !unseen.is_empty() {
-            let shown: Vec<&str> = unseen.iter().take(10).map(|r| r.as_str()).collect();
             let why = if computed.is_some() { "its job did not compute them" } else { "it has no pick of them (give --runs to count a run without picks as one where nothing was found)" };
-            fastdet::errln!("note: not tuned on {} run(s) with ground truth, as {why}: {}", unseen.len(), shown.join(", "));
+            fastdet::errln!("note: not tuned on {} run(s) with ground truth, as {why}: {}", unseen.len(), super::score::first_few(unseen.iter().map(|r| r.as_str())));
         }
         with_truth.intersection(&in_file).cloned().collect()
     } else {

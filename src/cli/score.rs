@@ -122,12 +122,13 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
 /// "warning: SUBMISSION: N run(s) WHAT: the first few AFTER", when there are any `runs`.
 fn warn_runs(submission: &Path, runs: &std::collections::BTreeSet<&str>, what: &str, after: &str) {
     if !runs.is_empty() {
-        fastdet::errln!("warning: {}: {} run(s) {what}: {}{after}", submission.display(), runs.len(), first_few(runs));
+        fastdet::errln!("warning: {}: {} run(s) {what}: {}{after}", submission.display(), runs.len(), first_few(runs.iter().copied()));
     }
 }
 
 /// The first five run names, and "..." when there are more.
-fn first_few(runs: &std::collections::BTreeSet<&str>) -> String {
-    let list: Vec<&str> = runs.iter().copied().take(5).collect();
-    format!("{}{}", list.join(", "), if runs.len() > 5 { ", ..." } else { "" })
+pub(crate) fn first_few<'a>(runs: impl ExactSizeIterator<Item = &'a str>) -> String {
+    let more = runs.len() > 5;
+    let list: Vec<&str> = runs.take(5).collect();
+    format!("{}{}", list.join(", "), if more { ", ..." } else { "" })
 }
