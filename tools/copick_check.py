@@ -1,0 +1,193 @@
+"""fastdet against the copick library itself, on the bundled sample.
+
+1. copick writes a project: the sample's two tomograms (its OME-Zarr writer, a 3-level pyramid)
+   and their ground truth (user `curation`), through its own API.
+2. `fastdet run --copick-config` on that project gives the picks, byte for byte, of `fastdet run
+   --data` on the sample's own files, and `fastdet score --copick-config` the score of `--truth`.
+3. copick reads the picks fastdet wrote with `--copick-out`: one file per run and particle, found
+   under user `fastdet`, session `0`, whose centres (`full_positions`) and scores are the CSV's.
+4. Truth points that copick places by location plus transformation (a translation and a rotation,
+   as subtomogram averaging leaves them) score as the plain points did.
+5. A tomogram of 5.006 Å voxels (the sample's, each voxel repeated 2x2x2), written by copick with
+   its pyramid: `--voxel-size file --level auto` reads the 10.012 Å level and gives the sample's
+   picks and score.
+
+Usage: python tools/copick_check.py FASTDET_BINARY REPO_ROOT
+Prints one line per check; exits non-zero at the first that fails.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import copick
+import numpy as np
+import zarr
+
+PARTICLES = ["apo-ferritin", "beta-amylase", "beta-galactosidase", "ribosome", "thyroglobulin", "virus-like-particle"]
+RUNS = ["TS_synth_1", "TS_synth_2"]
+# The quickstart's settings (tools/quickstart.sh): the sample is 80x160x160 voxels.
+RUN_ARGS = ["--window", "64,96,96", "--tiles", "2,3,3", "--with-score"]
+
+
+def fastdet(binary, *args):
+    p = subprocess.run([binary, *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"copick-check: fastdet {' '.join(args)} exited {p.returncode}:\n{p.stderr}")
+    return p.stdout
+
+
+def total_score(stdout):
+    line = next(l for l in stdout.splitlines() if l.startswith("total"))
+    return line.split()[-1]
+
+
+def sample_truth(sample, run, particle):
+    with open(f"{sample}/overlay/ExperimentRuns/{run}/Picks/{particle}.json") as f:
+        pts = json.load(f)["points"]
+    return np.array([[p["location"][a] for a in "xyz"] for p in pts], dtype=float).reshape(-1, 3)
+
+
+def write_project(d, sample, voxel_size=10.012):
+    """The sample as a copick project written by copick: tomograms and truth in the overlay. At a
+    voxel size of 10.012 / k each voxel is repeated k times along each axis (the same Å)."""
+    cfg = {
+        "name": "fastdet copick check",
+        "config_type": "filesystem",
+        "overlay_root": f"local://{d}/overlay",
+        "overlay_fs_args": {"auto_mkdir": True},
+        "pickable_objects": [{"name": n, "is_particle": True, "label": i + 1, "radius": 60.0} for i, n in enumerate(PARTICLES)],
+    }
+    path = f"{d}/copick.json"
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=1)
+    root = copick.from_file(path)
+    for name in RUNS:
+        store = f"{sample}/static/ExperimentRuns/{name}/VoxelSpacing10.000/denoised.zarr"
+        volume = np.array(zarr.open(store, mode="r")["0"])
+        k = round(10.012 / voxel_size)
+        for axis in range(3):
+            volume = np.repeat(volume, k, axis=axis)
+        run = root.new_run(name)
+        run.new_voxel_spacing(voxel_size).new_tomogram("denoised").from_numpy(volume)
+        for particle in PARTICLES:
+            picks = run.new_picks(particle, session_id="0", user_id="curation")
+            picks.from_numpy(sample_truth(sample, name, particle))
+            picks.store()
+    return path
+
+
+def rotation(rng):
+    q = rng.normal(size=4)
+    w, x, y, z = q / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def main():
+    binary, repo = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+    data = f"{repo}/tests/fixtures/dataset"
+    sample = f"{data}/test"
+    weights = [f"{repo}/weights/demo_segresnetv2.safetensors", f"{repo}/weights/demo_dynunet.safetensors"]
+    print(f"copick-check: copick {copick.__version__}, zarr {zarr.__version__}, numpy {np.__version__}")
+    with tempfile.TemporaryDirectory() as d:
+        cfg = write_project(d, sample)
+
+        # 2. The same picks and score as from the sample's own files.
+        by_data, by_copick = f"{d}/data.csv", f"{d}/copick.csv"
+        fastdet(binary, "run", "--data", data, "--split", "test", "--weights", *weights, *RUN_ARGS, "--out", by_data)
+        overlay = f"{d}/overlay"
+        fastdet(binary, "run", "--copick-config", cfg, "--weights", *weights, *RUN_ARGS, "--out", by_copick, "--copick-out", overlay)
+        with open(by_data) as a, open(by_copick) as b:
+            text = b.read()
+            if a.read() != text:
+                sys.exit("copick-check: the picks from copick's tomograms differ from the sample's")
+        rows = list(csv.DictReader(text.splitlines()))
+        print(f"ok: fastdet reads copick's tomograms: {len(rows)} picks, byte-identical to --data's")
+        want = total_score(fastdet(binary, "score", "--truth", data, "--split", "test", by_data))
+        got = total_score(fastdet(binary, "score", "--copick-config", cfg, by_copick))
+        if got != want:
+            sys.exit(f"copick-check: F-beta against copick's truth {got}, against the sample's {want}")
+        print(f"ok: truth written by copick scores as the sample's: F-beta {got}")
+
+        # 3. copick reads fastdet's picks.
+        root = copick.from_file(cfg)
+        if sorted(r.name for r in root.runs) != RUNS:
+            sys.exit(f"copick-check: copick lists runs {[r.name for r in root.runs]}")
+        files = 0
+        for run in root.runs:
+            for particle in PARTICLES:
+                mine = [r for r in rows if r["experiment"] == run.name and r["particle_type"] == particle]
+                picks = run.get_picks(object_name=particle, user_id="fastdet", session_id="0")
+                if len(picks) != 1:
+                    sys.exit(f"copick-check: {run.name} {particle}: copick finds {len(picks)} fastdet pick files")
+                centres, scores = picks[0].full_positions(), picks[0].scores()
+                if len(centres) != len(mine):
+                    sys.exit(f"copick-check: {run.name} {particle}: copick reads {len(centres)} points, the CSV has {len(mine)}")
+                if mine:
+                    # The CSV keeps 3 decimals of Å and 6 of the score; copick reads the file's full values.
+                    csv_centres = np.array([[float(r[a]) for a in "xyz"] for r in mine])
+                    csv_scores = np.array([float(r["score"]) for r in mine])
+                    order, csv_order = np.lexsort(centres.T), np.lexsort(csv_centres.T)
+                    dx = np.abs(centres[order] - csv_centres[csv_order]).max()
+                    ds = np.abs(scores[order] - csv_scores[csv_order]).max()
+                    if dx > 0.0005 + 1e-9 or ds > 5e-7 + 1e-9:
+                        sys.exit(f"copick-check: {run.name} {particle}: copick's points differ from the CSV's by {dx} Å, scores by {ds}")
+                files += 1
+        print(f"ok: copick reads fastdet's {files} pick files: centres and scores are the CSV's")
+
+        # 4. Truth placed by location plus transformation scores the same.
+        rng = np.random.default_rng(7)
+        for run in root.runs:
+            for particle in PARTICLES:
+                centres = sample_truth(sample, run.name, particle)
+                transforms = np.tile(np.eye(4), (len(centres), 1, 1))
+                for t in transforms:
+                    t[:3, :3] = rotation(rng)
+                    t[:3, 3] = rng.uniform(-40, 40, size=3)
+                picks = run.get_picks(object_name=particle, user_id="curation", session_id="0")[0]
+                picks.from_numpy(centres - transforms[:, :3, 3], transforms)
+                picks.store()
+                back = copick.from_file(cfg).get_run(run.name).get_picks(object_name=particle, user_id="curation")[0]
+                if np.abs(back.full_positions() - centres).max() > 1e-6:
+                    sys.exit("copick-check: copick does not place the moved points where they were")
+        got = total_score(fastdet(binary, "score", "--copick-config", cfg, by_copick))
+        if got != want:
+            sys.exit(f"copick-check: F-beta against truth with transformations {got}, without {want}")
+        print(f"ok: truth placed by location + transformation scores as before: F-beta {got}")
+
+        # 5. A copick pyramid of a finer tomogram: --level auto reads the level at the models' voxel size.
+        fine = f"{d}/fine"
+        os.makedirs(fine)
+        cfg = write_project(fine, sample, voxel_size=5.006)
+        by_level = f"{d}/level.csv"
+        out = fastdet(binary, "run", "--copick-config", cfg, "--voxel-size", "file", "--level", "auto", "--weights", *weights, *RUN_ARGS, "--out", by_level)
+        with open(by_level) as f:
+            level_rows = list(csv.DictReader(f))
+        if len(level_rows) != len(rows):
+            sys.exit(f"copick-check: {len(level_rows)} picks from the 5.006 Å pyramid, {len(rows)} from the sample\n{out}")
+        key = lambda r: (r["experiment"], r["particle_type"], float(r["x"]), float(r["y"]), float(r["z"]))
+        dx = ds = 0.0
+        for a, b in zip(sorted(rows, key=key), sorted(level_rows, key=key)):
+            if (a["experiment"], a["particle_type"]) != (b["experiment"], b["particle_type"]):
+                sys.exit(f"copick-check: the 5.006 Å pyramid's picks are not the sample's: {a} / {b}")
+            dx = max(dx, *(abs(float(a[c]) - float(b[c])) for c in "xyz"))
+            ds = max(ds, abs(float(a["score"]) - float(b["score"])))
+        # The level is copick's 2x2x2 mean of repeated voxels: the sample's values, to float rounding.
+        if dx > 0.01 or ds > 1e-4:
+            sys.exit(f"copick-check: the 5.006 Å pyramid's picks differ from the sample's by {dx} Å, scores by {ds}")
+        got = total_score(fastdet(binary, "score", "--copick-config", cfg, by_level))
+        if got != want:
+            sys.exit(f"copick-check: F-beta from the 5.006 Å pyramid {got}, from the sample {want}")
+        print(f"ok: a 5.006 Å copick pyramid with --level auto: the sample's picks (within {dx:.4f} Å, scores {ds:.1e}), F-beta {got}")
+    print("copick-check: passed")
+
+
+if __name__ == "__main__":
+    main()
