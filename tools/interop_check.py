@@ -1,5 +1,6 @@
-"""fastdet against the copick library itself, on the bundled sample.
+"""fastdet against the libraries its users' files come from and go to, on the bundled sample.
 
+copick (its project layout, OME-Zarr writer and pick files):
 1. copick writes a project: the sample's two tomograms (its OME-Zarr writer, a 3-level pyramid)
    and their ground truth (user `curation`), through its own API.
 2. `fastdet run --copick-config` on that project gives the picks, byte for byte, of `fastdet run
@@ -12,7 +13,14 @@
    its pyramid: `--voxel-size file --level auto` reads the 10.012 Å level and gives the sample's
    picks and score.
 
-Usage: python tools/copick_check.py FASTDET_BINARY REPO_ROOT
+mrcfile (MRC2014) and starfile (RELION's STAR, as read in Python):
+6. The sample written by mrcfile as float32 MRC files gives the sample's picks byte for byte;
+   float16 (mode 12) the picks of the same values as float32; a file stored x-slowest
+   (mapc/mapr/maps 3,2,1) those of the standard order.
+7. starfile reads fastdet's `--star-out` files: per run the CSV's picks, in voxels and in Å from
+   the centre as the README states, classes numbered as the header names them.
+
+Usage: python tools/interop_check.py FASTDET_BINARY REPO_ROOT
 Prints one line per check; exits non-zero at the first that fails.
 """
 
@@ -24,7 +32,9 @@ import sys
 import tempfile
 
 import copick
+import mrcfile
 import numpy as np
+import starfile
 import zarr
 
 PARTICLES = ["apo-ferritin", "beta-amylase", "beta-galactosidase", "ribosome", "thyroglobulin", "virus-like-particle"]
@@ -36,7 +46,7 @@ RUN_ARGS = ["--window", "64,96,96", "--tiles", "2,3,3", "--with-score"]
 def fastdet(binary, *args):
     p = subprocess.run([binary, *args], capture_output=True, text=True)
     if p.returncode != 0:
-        sys.exit(f"copick-check: fastdet {' '.join(args)} exited {p.returncode}:\n{p.stderr}")
+        sys.exit(f"interop-check: fastdet {' '.join(args)} exited {p.returncode}:\n{p.stderr}")
     return p.stdout
 
 
@@ -95,7 +105,7 @@ def main():
     data = f"{repo}/tests/fixtures/dataset"
     sample = f"{data}/test"
     weights = [f"{repo}/weights/demo_segresnetv2.safetensors", f"{repo}/weights/demo_dynunet.safetensors"]
-    print(f"copick-check: copick {copick.__version__}, zarr {zarr.__version__}, numpy {np.__version__}")
+    print(f"interop-check: copick {copick.__version__}, mrcfile {mrcfile.__version__}, zarr {zarr.__version__}, numpy {np.__version__}")
     with tempfile.TemporaryDirectory() as d:
         cfg = write_project(d, sample)
 
@@ -107,29 +117,29 @@ def main():
         with open(by_data) as a, open(by_copick) as b:
             text = b.read()
             if a.read() != text:
-                sys.exit("copick-check: the picks from copick's tomograms differ from the sample's")
+                sys.exit("interop-check: the picks from copick's tomograms differ from the sample's")
         rows = list(csv.DictReader(text.splitlines()))
         print(f"ok: fastdet reads copick's tomograms: {len(rows)} picks, byte-identical to --data's")
         want = total_score(fastdet(binary, "score", "--truth", data, "--split", "test", by_data))
         got = total_score(fastdet(binary, "score", "--copick-config", cfg, by_copick))
         if got != want:
-            sys.exit(f"copick-check: F-beta against copick's truth {got}, against the sample's {want}")
+            sys.exit(f"interop-check: F-beta against copick's truth {got}, against the sample's {want}")
         print(f"ok: truth written by copick scores as the sample's: F-beta {got}")
 
         # 3. copick reads fastdet's picks.
         root = copick.from_file(cfg)
         if sorted(r.name for r in root.runs) != RUNS:
-            sys.exit(f"copick-check: copick lists runs {[r.name for r in root.runs]}")
+            sys.exit(f"interop-check: copick lists runs {[r.name for r in root.runs]}")
         files = 0
         for run in root.runs:
             for particle in PARTICLES:
                 mine = [r for r in rows if r["experiment"] == run.name and r["particle_type"] == particle]
                 picks = run.get_picks(object_name=particle, user_id="fastdet", session_id="0")
                 if len(picks) != 1:
-                    sys.exit(f"copick-check: {run.name} {particle}: copick finds {len(picks)} fastdet pick files")
+                    sys.exit(f"interop-check: {run.name} {particle}: copick finds {len(picks)} fastdet pick files")
                 centres, scores = picks[0].full_positions(), picks[0].scores()
                 if len(centres) != len(mine):
-                    sys.exit(f"copick-check: {run.name} {particle}: copick reads {len(centres)} points, the CSV has {len(mine)}")
+                    sys.exit(f"interop-check: {run.name} {particle}: copick reads {len(centres)} points, the CSV has {len(mine)}")
                 if mine:
                     # The CSV keeps 3 decimals of Å and 6 of the score; copick reads the file's full values.
                     csv_centres = np.array([[float(r[a]) for a in "xyz"] for r in mine])
@@ -138,7 +148,7 @@ def main():
                     dx = np.abs(centres[order] - csv_centres[csv_order]).max()
                     ds = np.abs(scores[order] - csv_scores[csv_order]).max()
                     if dx > 0.0005 + 1e-9 or ds > 5e-7 + 1e-9:
-                        sys.exit(f"copick-check: {run.name} {particle}: copick's points differ from the CSV's by {dx} Å, scores by {ds}")
+                        sys.exit(f"interop-check: {run.name} {particle}: copick's points differ from the CSV's by {dx} Å, scores by {ds}")
                 files += 1
         print(f"ok: copick reads fastdet's {files} pick files: centres and scores are the CSV's")
 
@@ -156,10 +166,10 @@ def main():
                 picks.store()
                 back = copick.from_file(cfg).get_run(run.name).get_picks(object_name=particle, user_id="curation")[0]
                 if np.abs(back.full_positions() - centres).max() > 1e-6:
-                    sys.exit("copick-check: copick does not place the moved points where they were")
+                    sys.exit("interop-check: copick does not place the moved points where they were")
         got = total_score(fastdet(binary, "score", "--copick-config", cfg, by_copick))
         if got != want:
-            sys.exit(f"copick-check: F-beta against truth with transformations {got}, without {want}")
+            sys.exit(f"interop-check: F-beta against truth with transformations {got}, without {want}")
         print(f"ok: truth placed by location + transformation scores as before: F-beta {got}")
 
         # 5. A copick pyramid of a finer tomogram: --level auto reads the level at the models' voxel size.
@@ -171,22 +181,84 @@ def main():
         with open(by_level) as f:
             level_rows = list(csv.DictReader(f))
         if len(level_rows) != len(rows):
-            sys.exit(f"copick-check: {len(level_rows)} picks from the 5.006 Å pyramid, {len(rows)} from the sample\n{out}")
+            sys.exit(f"interop-check: {len(level_rows)} picks from the 5.006 Å pyramid, {len(rows)} from the sample\n{out}")
         key = lambda r: (r["experiment"], r["particle_type"], float(r["x"]), float(r["y"]), float(r["z"]))
         dx = ds = 0.0
         for a, b in zip(sorted(rows, key=key), sorted(level_rows, key=key)):
             if (a["experiment"], a["particle_type"]) != (b["experiment"], b["particle_type"]):
-                sys.exit(f"copick-check: the 5.006 Å pyramid's picks are not the sample's: {a} / {b}")
+                sys.exit(f"interop-check: the 5.006 Å pyramid's picks are not the sample's: {a} / {b}")
             dx = max(dx, *(abs(float(a[c]) - float(b[c])) for c in "xyz"))
             ds = max(ds, abs(float(a["score"]) - float(b["score"])))
         # The level is copick's 2x2x2 mean of repeated voxels: the sample's values, to float rounding.
         if dx > 0.01 or ds > 1e-4:
-            sys.exit(f"copick-check: the 5.006 Å pyramid's picks differ from the sample's by {dx} Å, scores by {ds}")
+            sys.exit(f"interop-check: the 5.006 Å pyramid's picks differ from the sample's by {dx} Å, scores by {ds}")
         got = total_score(fastdet(binary, "score", "--copick-config", cfg, by_level))
         if got != want:
-            sys.exit(f"copick-check: F-beta from the 5.006 Å pyramid {got}, from the sample {want}")
+            sys.exit(f"interop-check: F-beta from the 5.006 Å pyramid {got}, from the sample {want}")
         print(f"ok: a 5.006 Å copick pyramid with --level auto: the sample's picks (within {dx:.4f} Å, scores {ds:.1e}), F-beta {got}")
-    print("copick-check: passed")
+
+        # 6. MRC files written by mrcfile.
+        mrc = f"{d}/mrc"
+        os.makedirs(mrc)
+        volumes = {name: np.array(zarr.open(f"{sample}/static/ExperimentRuns/{name}/VoxelSpacing10.000/denoised.zarr", mode="r")["0"]) for name in RUNS}
+
+        def write_mrc(folder, make):
+            os.makedirs(f"{mrc}/{folder}")
+            paths = []
+            for name, volume in volumes.items():
+                paths.append(f"{mrc}/{folder}/{name}.mrc")
+                with mrcfile.new(paths[-1]) as m:
+                    make(m, volume)
+                    m.voxel_size = 10.012
+            return paths
+
+        def picks_of(paths, *extra):
+            out = f"{mrc}/{os.path.basename(os.path.dirname(paths[0]))}.csv"
+            fastdet(binary, "run", "--mrc", *paths, "--weights", *weights, *RUN_ARGS, "--out", out, *extra)
+            with open(out) as f:
+                return f.read()
+
+        star = f"{mrc}/star"
+        f32 = picks_of(write_mrc("f32", lambda m, v: m.set_data(v.astype(np.float32))), "--star-out", star)
+        if f32 != text:
+            sys.exit("interop-check: the picks from mrcfile's float32 files differ from the sample's")
+        f16 = picks_of(write_mrc("f16", lambda m, v: m.set_data(v.astype(np.float16))))
+        f16_as_f32 = picks_of(write_mrc("f16_as_f32", lambda m, v: m.set_data(v.astype(np.float16).astype(np.float32))))
+        if f16 != f16_as_f32:
+            sys.exit("interop-check: mode 12 (float16) is not read as the same values in mode 2")
+
+        def x_slowest(m, v):
+            m.set_data(np.ascontiguousarray(v.transpose(2, 1, 0)))
+            m.header.mapc, m.header.mapr, m.header.maps = 3, 2, 1
+
+        if picks_of(write_mrc("xyz", x_slowest)) != text:
+            sys.exit("interop-check: an MRC file stored x-slowest (mapc/mapr/maps 3,2,1) gives other picks")
+        print("ok: mrcfile's MRC files: float32 the sample's picks, float16 those of its values, x-slowest storage the standard order's")
+
+        # 7. starfile reads the STAR files.
+        classes = ["apo-ferritin", "beta-galactosidase", "ribosome", "thyroglobulin", "virus-like-particle", "beta-amylase"]
+        for name in RUNS:
+            path = f"{star}/{name}.star"
+            with open(path) as f:
+                header = f.read()
+            if "_rlnClassNumber " + ", ".join(f"{i + 1} {c}" for i, c in enumerate(classes)) not in header:
+                sys.exit(f"interop-check: {path} does not name the classes as expected")
+            table = starfile.read(path)
+            mine = [r for r in rows if r["experiment"] == name]
+            if len(table) != len(mine) or set(table["rlnTomoName"]) != {name}:
+                sys.exit(f"interop-check: starfile reads {len(table)} rows of {set(table['rlnTomoName'])} from {path}, the CSV has {len(mine)} of {name}")
+            depth, height, width = volumes[name].shape
+            for (_, s_row), c_row in zip(table.iterrows(), mine):
+                if classes[int(s_row["rlnClassNumber"]) - 1] != c_row["particle_type"] or abs(s_row["rlnAutopickFigureOfMerit"] - float(c_row["score"])) > 1e-6:
+                    sys.exit(f"interop-check: {path}: {dict(s_row)} is not the CSV's {c_row}")
+                for axis, size in zip("XYZ", (width, height, depth)):
+                    a = float(c_row[axis.lower()])
+                    in_voxels = s_row[f"rlnCoordinate{axis}"] * 10.012
+                    centred = s_row[f"rlnCenteredCoordinate{axis}Angst"] + size / 2 * 10.012
+                    if abs(in_voxels - a) > 0.0005 + 1e-4 or abs(centred - a) > 0.0005 + 1e-5:
+                        sys.exit(f"interop-check: {path}: {axis} {in_voxels} / {centred} Å, the CSV's {a}")
+        print(f"ok: starfile reads fastdet's STAR files: the CSV's picks in voxels and in Å from the centre")
+    print("interop-check: passed")
 
 
 if __name__ == "__main__":
