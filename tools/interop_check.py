@@ -20,7 +20,11 @@ mrcfile (MRC2014) and starfile (RELION's STAR, as read in Python):
 7. starfile reads fastdet's `--star-out` files: per run the CSV's picks, in voxels and in Å from
    the centre as the README states, classes numbered as the header names them.
 
-Usage: python tools/interop_check.py FASTDET_BINARY REPO_ROOT
+zarr-python 3 (zarr v3, OME-Zarr 0.5), stores written by tools/interop_zarr3.py in its own venv:
+8. `fastdet run --zarr` on sharded (blosc, gzip) and plainly chunked (zstd) float32 stores gives the
+   sample's picks byte for byte; a sharded float16 store those of the float16 MRC files (6).
+
+Usage: python tools/interop_check.py FASTDET_BINARY REPO_ROOT ZARR3_STORES
 Prints one line per check; exits non-zero at the first that fails.
 """
 
@@ -101,7 +105,7 @@ def rotation(rng):
 
 
 def main():
-    binary, repo = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+    binary, repo, zarr3 = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2]), os.path.abspath(sys.argv[3])
     data = f"{repo}/tests/fixtures/dataset"
     sample = f"{data}/test"
     weights = [f"{repo}/weights/demo_segresnetv2.safetensors", f"{repo}/weights/demo_dynunet.safetensors"]
@@ -258,6 +262,18 @@ def main():
                     if abs(in_voxels - a) > 0.0005 + 1e-4 or abs(centred - a) > 0.0005 + 1e-5:
                         sys.exit(f"interop-check: {path}: {axis} {in_voxels} / {centred} Å, the CSV's {a}")
         print(f"ok: starfile reads fastdet's STAR files: the CSV's picks in voxels and in Å from the centre")
+
+        # 8. zarr v3 stores written by zarr-python 3.
+        variants = sorted(os.listdir(zarr3))
+        if len(variants) < 4:
+            sys.exit(f"interop-check: {zarr3} holds {variants}, not the stores of tools/interop_zarr3.py")
+        for variant in variants:
+            out = f"{d}/zarr3_{variant}.csv"
+            fastdet(binary, "run", "--zarr", *(f"{zarr3}/{variant}/{name}.zarr" for name in RUNS), "--weights", *weights, *RUN_ARGS, "--out", out)
+            with open(out) as f:
+                if f.read() != (f16 if "f16" in variant else text):
+                    sys.exit(f"interop-check: the picks from zarr-python 3's {variant} stores are not those of the same values")
+        print(f"ok: zarr-python 3's v3 stores ({', '.join(variants)}): the picks of the same values")
     print("interop-check: passed")
 
 
