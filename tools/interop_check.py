@@ -15,8 +15,8 @@ copick (its project layout, OME-Zarr writer and pick files):
 
 mrcfile (MRC2014) and starfile (RELION's STAR, as read in Python):
 6. The sample written by mrcfile as float32 MRC files gives the sample's picks byte for byte;
-   float16 (mode 12) the picks of the same values as float32; a file stored x-slowest
-   (mapc/mapr/maps 3,2,1) those of the standard order.
+   float16 (mode 12), int8 (0), int16 (1) and uint16 (6) the picks of the same values as float32;
+   a file stored x-slowest (mapc/mapr/maps 3,2,1) those of the standard order.
 7. starfile reads fastdet's `--star-out` files: per run the CSV's picks, in voxels and in Å from
    the centre as the README states, classes numbered as the header names them.
 
@@ -237,7 +237,18 @@ def main():
 
         if picks_of(write_mrc("xyz", x_slowest)) != text:
             sys.exit("interop-check: an MRC file stored x-slowest (mapc/mapr/maps 3,2,1) gives other picks")
-        print("ok: mrcfile's MRC files: float32 the sample's picks, float16 those of its values, x-slowest storage the standard order's")
+        # Integer modes 0 (int8), 1 (int16) and 6 (uint16), as IMOD and others write them: the sample
+        # quantised to 0..127, which each holds exactly, against float32 of the same values.
+        def quantised(dtype):
+            def make(m, v):
+                m.set_data(np.round((v - v.min()) / (v.max() - v.min()) * 127).astype(dtype))
+            return make
+
+        as_f32 = picks_of(write_mrc("q_f32", quantised(np.float32)))
+        for dtype in (np.int8, np.int16, np.uint16):
+            if picks_of(write_mrc(f"q_{np.dtype(dtype).name}", quantised(dtype))) != as_f32:
+                sys.exit(f"interop-check: an MRC file of {np.dtype(dtype).name} is not read as the same values in float32")
+        print("ok: mrcfile's MRC files: float32 the sample's picks; float16, int8, int16, uint16 those of their values; x-slowest storage the standard order's")
 
         # 7. starfile reads the STAR files.
         classes = ["apo-ferritin", "beta-galactosidase", "ribosome", "thyroglobulin", "virus-like-particle", "beta-amylase"]
