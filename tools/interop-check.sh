@@ -2,8 +2,9 @@
 # Checks fastdet's files against the Python libraries its users read and write them with, in
 # ignored venvs under .cache (PyPI, pinned): copick writes the bundled sample as a project
 # (OME-Zarr pyramids, truth) and reads back fastdet's copick picks, mrcfile writes the sample as
-# MRC files, starfile reads fastdet's STAR files, zarr-python 3 writes the sample as zarr v3
-# stores. tools/interop_check.py says what is compared. CPU only, about a minute after the install.
+# MRC files, starfile reads fastdet's STAR files, safetensors its saved maps, zarr-python 3 writes
+# the sample as zarr v3 stores. tools/interop_check.py says what is compared. CPU only, about two
+# minutes after the install.
 #
 # Usage: tools/interop-check.sh [FASTDET_BINARY, default target/release/fastdet, built if absent]
 # Exit status: 0 passed, 3 the libraries could not be installed (nothing was checked), 1 otherwise.
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 venv=.cache/interop-venv
 venv3=.cache/interop-venv-zarr3
 pins3="zarr==3.1.6 numcodecs==0.16.6"
-pins="copick==1.31.0 mrcfile==1.5.4 starfile==0.5.13 zarr==2.18.7"
+pins="copick==1.31.0 mrcfile==1.5.4 starfile==0.5.13 zarr==2.18.7 safetensors==0.8.0"
 bin=${1:-target/release/fastdet}
 if [ -z "${1:-}" ] && [ ! -x "$bin" ]; then cargo build --release; fi
 [ -x "$bin" ] || { echo "interop-check: no fastdet binary at $bin" >&2; exit 1; }

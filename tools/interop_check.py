@@ -20,8 +20,12 @@ mrcfile (MRC2014) and starfile (RELION's STAR, as read in Python):
 7. starfile reads fastdet's `--star-out` files: per run the CSV's picks, in voxels and in Å from
    the centre as the README states, classes numbered as the header names them.
 
+safetensors (numpy), fastdet's `--save-maps` files as their metadata describes them:
+8. Each pick is a peak of its class's score map, with the score the CSV gives, at the position
+   `((i + 0.5) * stride + offset) * voxel size` the layout note states.
+
 zarr-python 3 (zarr v3, OME-Zarr 0.5), stores written by tools/interop_zarr3.py in its own venv:
-8. `fastdet run --zarr` on sharded (blosc, gzip) and plainly chunked (zstd) float32 stores gives the
+9. `fastdet run --zarr` on sharded (blosc, gzip) and plainly chunked (zstd) float32 stores gives the
    sample's picks byte for byte; a sharded float16 store those of the float16 MRC files (6).
 
 Usage: python tools/interop_check.py FASTDET_BINARY REPO_ROOT ZARR3_STORES
@@ -40,6 +44,7 @@ import mrcfile
 import numpy as np
 import starfile
 import zarr
+from safetensors.numpy import load_file
 
 PARTICLES = ["apo-ferritin", "beta-amylase", "beta-galactosidase", "ribosome", "thyroglobulin", "virus-like-particle"]
 RUNS = ["TS_synth_1", "TS_synth_2"]
@@ -274,7 +279,40 @@ def main():
                         sys.exit(f"interop-check: {path}: {axis} {in_voxels} / {centred} Å, the CSV's {a}")
         print(f"ok: starfile reads fastdet's STAR files: the CSV's picks in voxels and in Å from the centre")
 
-        # 8. zarr v3 stores written by zarr-python 3.
+        # 8. The maps fastdet saves, read with safetensors.
+        maps = f"{d}/maps"
+        fastdet(binary, "run", "--data", data, "--split", "test", "--weights", *weights, *RUN_ARGS, "--out", f"{d}/maps.csv", "--save-maps", maps)
+        with open(f"{d}/maps.csv") as f:
+            if f.read() != text:
+                sys.exit("interop-check: --save-maps changed the picks")
+        for name in RUNS:
+            path = f"{maps}/{name}.safetensors"
+            with open(path, "rb") as f:
+                meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+            tensors = load_file(path)
+            classes = json.loads(meta["fastdet.classes"])
+            stride, voxel = int(meta["fastdet.stride"]), float(meta["fastdet.voxel_size_angstrom"])
+            scores, offsets = tensors["scores"], tensors["offsets"]
+            cells = [-(-n // stride) for n in json.loads(meta["fastdet.volume_shape"])]
+            if meta["fastdet.run"] != name or scores.shape != (len(classes), *cells) or offsets.shape != (3, *cells):
+                sys.exit(f"interop-check: {path}: {meta}, scores {scores.shape}, offsets {offsets.shape}")
+            mine = [r for r in rows if r["experiment"] == name]
+            for r in mine:
+                c = classes.index(r["particle_type"])
+                # The cell whose score is the pick's (6 decimals in the CSV) and whose position is the pick's.
+                zs, ys, xs = np.nonzero(np.abs(scores[c] - float(r["score"])) <= 5e-7 + 1e-7)
+                at = [np.array([(i + 0.5) * stride + offsets[a, z, y, x] for a, i in enumerate((x, y, z))]) * voxel for z, y, x in zip(zs, ys, xs)]
+                want = np.array([float(r[a]) for a in "xyz"])
+                near = [(np.abs(p - want).max(), (z, y, x)) for p, z, y, x in zip(at, zs, ys, xs)]
+                if not near or min(near)[0] > 0.0005 + 1e-3:
+                    sys.exit(f"interop-check: {path}: no cell of {r['particle_type']} holds the pick {r}")
+                z, y, x = min(near)[1]
+                window = scores[c, max(z - 1, 0):z + 2, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+                if scores[c, z, y, x] < window.max():
+                    sys.exit(f"interop-check: {path}: the pick {r} is not a peak of its score map")
+        print(f"ok: safetensors reads the saved maps; each pick is a peak of its class's map, with its score, where the layout note places it")
+
+        # 9. zarr v3 stores written by zarr-python 3.
         variants = sorted(os.listdir(zarr3))
         if len(variants) < 4:
             sys.exit(f"interop-check: {zarr3} holds {variants}, not the stores of tools/interop_zarr3.py")
