@@ -5,7 +5,8 @@
 //! commit's.
 use std::process::Command;
 
-/// What the binary is built from: an edit here since the commit makes the build "-dirty".
+/// What the binary is built from: an edit here since the commit makes the build "-dirty"
+/// (tests/cli.rs checks the stamp against the same list).
 const COMPILED_IN: &[&str] = &["src", "kernels", "build.rs", "Cargo.toml", "Cargo.lock"];
 
 fn git(args: &[&str]) -> Option<String> {

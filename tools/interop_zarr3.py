@@ -37,11 +37,12 @@ def main():
             dtype = settings.pop("dtype", "float32")
             os.makedirs(f"{out}/{variant}", exist_ok=True)
             group = zarr.open_group(f"{out}/{variant}/{name}.zarr", mode="w", zarr_format=3)
-            array = group.create_array("0", shape=volume.shape, dtype=dtype, dimension_names=("z", "y", "x"), **settings)
+            # The array at "s0", as some writers name levels: found through the multiscales list.
+            array = group.create_array("s0", shape=volume.shape, dtype=dtype, dimension_names=("z", "y", "x"), **settings)
             array[:] = volume.astype(dtype)
             axes = [{"name": a, "type": "space", "unit": "angstrom"} for a in "zyx"]
             scale = [{"type": "scale", "scale": [10.012] * 3}]
-            group.attrs["ome"] = {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": scale}]}]}
+            group.attrs["ome"] = {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": [{"path": "s0", "coordinateTransformations": scale}]}]}
 
 
 if __name__ == "__main__":
