@@ -536,3 +536,77 @@ fn several_zarr_stores_are_one_job() {
     let t: toml::Table = String::from_utf8_lossy(&o.stdout).parse().unwrap();
     assert_eq!(t["zarr"].as_array().map(|a| a.len()), Some(2), "{t:?}");
 }
+
+/// A stand-in CUDA driver (`libcuda.so.1`) built from C source with `cc`, first on the library
+/// path: how `--device auto` is tested on machines without a GPU. None (and a visible SKIP) when
+/// there is no C compiler.
+fn stand_in_driver(dir: &Path, source: &str) -> Option<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let c = dir.join("libcuda.c");
+    std::fs::write(&c, source).unwrap();
+    match Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(dir.join("libcuda.so.1")).arg(&c).status() {
+        Ok(st) if st.success() => Some(std::env::join_paths(std::iter::once(dir.to_path_buf()).chain(std::env::var_os("LD_LIBRARY_PATH").iter().flat_map(std::env::split_paths))).unwrap().into_string().unwrap()),
+        _ => {
+            println!("SKIP --device auto with a stand-in driver: no C compiler (cc)");
+            None
+        }
+    }
+}
+
+/// `--device auto`, the default: the CPU when the driver sees no GPU (the picks of `--device
+/// cpu`, and the reason said), every GPU it sees when it does; GPUs that then cannot work are an
+/// error that names `--device cpu`.
+#[cfg(target_os = "linux")]
+#[test]
+fn device_auto_takes_the_gpus_the_driver_sees_else_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |lib_path: Option<&str>, device: Option<&str>, out: &Path| {
+        let mut c = fastdet();
+        c.args(["run", "--data"]).arg(root().join("tests/fixtures/dataset")).args(["--split", "test", "--runs", "TS_synth_1", "--weights"]);
+        c.arg(root().join("weights/demo_dynunet.safetensors")).args(["--window", "64,96,96", "--tiles", "2,3,3", "--with-score", "--out"]).arg(out);
+        if let Some(d) = device {
+            c.args(["--device", d]);
+        }
+        if let Some(p) = lib_path {
+            c.env("LD_LIBRARY_PATH", p);
+        }
+        c.output().unwrap()
+    };
+    let on_cpu = tmp.path().join("cpu.csv");
+    assert!(run(None, Some("cpu"), &on_cpu).status.success());
+
+    // A driver that finds no device: the CPU, saying why.
+    let errors = "static const char *m = \"no CUDA-capable device is detected\";\n\
+        int cuGetErrorString(int e, const char **s) { *s = m; return 0; }\n\
+        int cuGetErrorName(int e, const char **s) { *s = \"CUDA_ERROR_NO_DEVICE\"; return 0; }\n";
+    let Some(path) = stand_in_driver(&tmp.path().join("no_device"), &format!("{errors}int cuInit(unsigned f) {{ return 100; }}\n")) else { return };
+    let auto = tmp.path().join("auto.csv");
+    let o = run(Some(&path), None, &auto);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("model(s) on cpu (auto: no GPU: cuInit failed: ") && err.contains("CUDA_ERROR_NO_DEVICE"), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("--device cpu"), "{err}");
+    assert_eq!(std::fs::read_to_string(&auto).unwrap(), std::fs::read_to_string(&on_cpu).unwrap());
+
+    // A driver that sees two GPUs: both taken, one worker each; NVRTC decides whether they can be
+    // used, and these stand-ins cannot open a context, so the job fails naming --device cpu.
+    let two = "#include <string.h>\nint cuInit(unsigned f) { return 0; }\n\
+        int cuDeviceGetCount(int *n) { *n = 2; return 0; }\nint cuDeviceGet(int *d, int i) { *d = i; return 0; }\n\
+        int cuDeviceGetName(char *s, int n, int d) { strncpy(s, \"Stand-in GPU\", n); return 0; }\n\
+        int cuDeviceGetAttribute(int *v, int a, int d) { *v = 8; return 0; }\n\
+        int cuDeviceTotalMem_v2(unsigned long *b, int d) { *b = 1ul << 34; return 0; }\n\
+        int cuDriverGetVersion(int *v) { *v = 13000; return 0; }\n";
+    let path = stand_in_driver(&tmp.path().join("two"), &format!("{errors}{two}")).unwrap();
+    let o = run(Some(&path), None, &tmp.path().join("two.csv"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    if fastdet::engine::cuda::nvrtc::nvrtc_available() {
+        assert!(err.contains("model(s) on cuda:0,cuda:1 (auto: 2 GPU(s), the first a Stand-in GPU)"), "{err}");
+        assert!(err.contains("the GPU(s) --device auto chose could not work; --device cpu runs on the CPU"), "{err}");
+        assert!(!err.contains("panicked"), "a panic caught in the CUDA layer is an error, not a crash report: {err}");
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(!tmp.path().join("two.csv").exists());
+    } else {
+        assert!(err.contains("model(s) on cpu (auto: a GPU, but no NVRTC to compile its kernels"), "{err}");
+        assert!(o.status.success(), "{err}");
+    }
+}

@@ -103,9 +103,10 @@ pub struct InferArgs {
     /// fastdet weights files (any number, mixed architectures): one ensemble
     #[arg(long, num_args = 1..)]
     pub weights: Vec<PathBuf>,
-    /// cpu or cuda:N (emu:N: the CUDA engine on a host emulator of its kernels, no GPU; slow,
-    /// for testing)
-    #[arg(long, default_value = "cpu")]
+    /// auto, cpu or cuda:N. auto: every GPU the CUDA driver sees (CUDA_VISIBLE_DEVICES limits
+    /// them), one worker each, else the CPU, saying why (emu:N: the CUDA engine on a host
+    /// emulator of its kernels, no GPU; slow, for testing)
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// One worker per listed GPU in this process (e.g. 0,1; 0,0 runs two workers on one card);
     /// worker k takes runs[k::n]; the output is the same as with one device
@@ -189,6 +190,9 @@ impl InferArgs {
         }
         if !self.devices.is_empty() {
             return self.devices.iter().map(|d| Device::parse(d)).collect();
+        }
+        if self.device == "auto" {
+            return Ok(fastdet::engine::auto_devices().0.clone());
         }
         Ok(vec![Device::parse(&self.device)?])
     }
@@ -1462,8 +1466,10 @@ fn worker(
 fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: Option<&Parts>) -> Result<(Vec<Pick>, Vec<(String, String)>)> {
     extras.check_dirs()?;
     let devices = a.devices()?;
+    // What `auto` found, or why it runs on the CPU.
+    let auto = if a.gpus.is_empty() && a.devices.is_empty() && a.device == "auto" { format!(" (auto: {})", fastdet::engine::auto_devices().1) } else { String::new() };
     fastdet::errln!(
-        "{} run(s), {} model(s) on {}, window {}, tiles {}, tta {}",
+        "{} run(s), {} model(s) on {}{auto}, window {}, tiles {}, tta {}",
         jobs.len(),
         a.weights.len(),
         devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","),
@@ -1549,7 +1555,10 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
     // stop the others: its runs go to a device whose worker finished, one after the other. Only
     // when every worker failed is the job an error.
     if healthy.is_empty() && !broken.is_empty() {
-        return Err(broken.swap_remove(0).1);
+        let e = broken.swap_remove(0).1;
+        // `auto` chose GPUs that then could not work: say how to run without them.
+        let auto_chose_gpus = !auto.is_empty() && devices.iter().any(|d| matches!(d, Device::Cuda(_)));
+        return Err(if !auto_chose_gpus { e } else { e.context("the GPU(s) --device auto chose could not work; --device cpu runs on the CPU") });
     }
     for (dev, e, share) in broken {
         // Runs it finished before it failed are in the parts directory.

@@ -74,6 +74,27 @@ impl Device {
     }
 }
 
+/// `--device auto`, worked out once per process: every GPU the CUDA driver sees
+/// (`CUDA_VISIBLE_DEVICES` limits them), one worker each, when the driver and NVRTC load and the
+/// driver sees one; else the CPU. The text says what was found, or why not a GPU.
+pub fn auto_devices() -> &'static (Vec<Device>, String) {
+    static AUTO: std::sync::OnceLock<(Vec<Device>, String)> = std::sync::OnceLock::new();
+    AUTO.get_or_init(|| auto_devices_from(cuda::gpu::probe(0), cuda::nvrtc::nvrtc_available()))
+}
+
+/// `auto_devices` on a probe of the first GPU (which counts them) and NVRTC's presence.
+fn auto_devices_from(probe: Result<cuda::gpu::DeviceInfo>, nvrtc: bool) -> (Vec<Device>, String) {
+    match probe {
+        Err(e) => {
+            // The probe's errors end with advice for `--device cuda:N` users; auto needs none.
+            let why = format!("{e:#}");
+            (vec![Device::Cpu], format!("no GPU: {}", why.strip_suffix(cuda::USE_CPU).unwrap_or(&why)))
+        }
+        Ok(_) if !nvrtc => (vec![Device::Cpu], format!("a GPU, but no NVRTC to compile its kernels ({})", cuda::nvrtc::INSTALL_HINT)),
+        Ok(info) => ((0..info.device_count).map(Device::Cuda).collect(), format!("{} GPU(s), the first a {}", info.device_count, info.name)),
+    }
+}
+
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -48,6 +48,8 @@ pub fn cudnn_available() -> bool {
 
 /// The message every "no GPU here" path prints.
 pub const NO_DRIVER: &str = "no CUDA driver found (libcuda.so cannot be loaded); use --device cpu";
+/// How the probe's errors end: advice for a user who asked for a GPU (`--device auto` drops it).
+pub const USE_CPU: &str = "; use --device cpu";
 
 /// What the driver says about one device.
 #[derive(Debug, Clone)]
@@ -88,10 +90,10 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo> {
     }
     guard("probing the CUDA device", || {
         use cudarc::driver::{result, sys};
-        result::init().map_err(|e| anyhow!("cuInit failed: {e} ({NO_DRIVER})"))?;
+        result::init().map_err(|e| anyhow!("cuInit failed: {e} (the CUDA driver loads but does not start: no GPU, or a driver that does not match its kernel module){USE_CPU}"))?;
         let count = result::device::get_count().map_err(|e| anyhow!("cuDeviceGetCount: {e}"))? as usize;
         if count == 0 {
-            bail!("the CUDA driver sees no GPU; use --device cpu");
+            bail!("the CUDA driver sees no GPU{USE_CPU}");
         }
         if ordinal >= count {
             bail!("cuda:{ordinal} does not exist: the driver sees {count} GPU(s) (cuda:0..cuda:{})", count - 1);

@@ -79,7 +79,7 @@ pub mod tomogram;
 pub use engine::{memory_plan, ConvBackend, CudaEngine, DeviceOutputs, MemoryPlan};
 pub use side_upload::{PendingVolume, SideUploader};
 pub use tomogram::{DeviceVolume, TomogramAccumulator};
-pub use gpu::{driver_available, probe, DeviceInfo, NO_DRIVER};
+pub use gpu::{driver_available, probe, DeviceInfo, NO_DRIVER, USE_CPU};
 
 /// The choice environment variable `var` names among `choices`; unset or empty is the first.
 pub(crate) fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> anyhow::Result<T> {
