@@ -43,17 +43,16 @@ fn a_closed_pipe_is_not_a_panic() {
 }
 
 /// `--version` names the commit the binary was built from (its logs travel without the checkout):
-/// the checkout's HEAD when built in one, with "-dirty" when what is compiled in differs from it.
+/// the checkout's HEAD when built in one, with "-dirty" when what is compiled in differed from it
+/// at the build (which the tree, edited since, no longer tells).
 #[test]
 fn version_names_the_commit() {
     let o = fastdet().arg("--version").output().unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), format!("fastdet {} (commit {})\n", env!("CARGO_PKG_VERSION"), fastdet::COMMIT));
-    let git = |args: &[&str]| Command::new("git").arg("-C").arg(root()).args(args).output();
-    match git(&["rev-parse", "--short=7", "HEAD"]) {
+    match Command::new("git").arg("-C").arg(root()).args(["rev-parse", "--short=7", "HEAD"]).output() {
         Ok(h) if h.status.success() => {
-            let dirty = !git(&["diff", "--quiet", "HEAD", "--", "src", "kernels", "build.rs", "Cargo.toml", "Cargo.lock"]).unwrap().status.success();
             let head = String::from_utf8_lossy(&h.stdout).trim().to_string();
-            assert_eq!(fastdet::COMMIT, if dirty { format!("{head}-dirty") } else { head });
+            assert!(fastdet::COMMIT == head || fastdet::COMMIT == format!("{head}-dirty"), "{} is not HEAD {head}", fastdet::COMMIT);
         }
         _ => println!("SKIP version_names_the_commit's HEAD check: not a git checkout"),
     }

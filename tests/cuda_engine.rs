@@ -526,6 +526,11 @@ fn run_on_the_emulated_gpu_is_the_same_across_workers_and_blending() {
     assert_eq!(gpu, two, "two workers give one worker's output");
     let (same_card, _) = run("same-card", &["--devices", "emu:0,emu:0"]);
     assert_eq!(gpu, same_card, "two workers on one device");
+    // No more workers than runs: one run, one worker; the second device is not even checked.
+    let (one, log_one) = run("one-run", &["--devices", "emu:0,emu:1", "--runs", "TS_synth_1"]);
+    let first_run: Vec<&str> = gpu.lines().filter(|l| !l.contains(",TS_synth_2,")).collect();
+    assert_eq!(one.lines().collect::<Vec<_>>(), first_run, "the first run's picks");
+    assert!(!log_one.contains("[emu:") && log_one.contains("\n  TS_synth_1: ") && log_one.matches("checks against the CPU engine").count() == 1, "{log_one}");
     // A device that cannot work does not stop the others: its runs go to one that did.
     let (handed, log_handed) = run("handed-over", &["--devices", "emu:0,cuda:99"]);
     assert_eq!(gpu, handed, "the runs of a failed worker, done by another");

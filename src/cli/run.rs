@@ -1524,6 +1524,9 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
         })
         .collect();
     let todo: Vec<(usize, &Job)> = jobs.iter().enumerate().filter(|(i, _)| results[*i].is_none()).collect();
+    // No more workers than runs to do (none when every run was resumed): a device without a run
+    // would check its kernels and load every model for nothing (auto takes every GPU there is).
+    let devices = &devices[..devices.len().min(todo.len())];
     let n = devices.len();
     let shares: Vec<Vec<(usize, &Job)>> = (0..n).map(|k| todo.iter().skip(k).step_by(n).copied().collect()).collect();
     let label = |dev: Device| if n > 1 { format!("[{dev}] ") } else { String::new() };
@@ -1540,7 +1543,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
     });
     let mut healthy = Vec::new();
     let mut broken = Vec::new();
-    for ((o, &dev), share) in outcomes.into_iter().zip(&devices).zip(&shares) {
+    for ((o, &dev), share) in outcomes.into_iter().zip(devices).zip(&shares) {
         match o {
             Ok(done) => {
                 for (i, r) in done {
