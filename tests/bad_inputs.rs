@@ -30,7 +30,7 @@ fn repeated_2x(v: &fastdet::io::zarr::Volume) -> (Vec<f32>, [usize; 3]) {
 
 /// `run` on MRC files with the small demo model and a 64x96x96 window.
 fn run_mrc(files: &[&Path], out: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fastdet"))
+    common::fastdet_on_cpu()
         .arg("run")
         .arg("--mrc")
         .args(files)
@@ -303,7 +303,7 @@ fn level_auto_reads_the_level_nearest_the_models() {
     }
     std::fs::write(&zattrs, attrs.to_string()).unwrap();
     let run = |out: &Path, extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        common::fastdet_on_cpu()
             .args(["run", "--zarr"])
             .arg(&store)
             .arg("--weights")
@@ -407,7 +407,7 @@ fn broken_weights_files_are_named() {
         let w = tmp.path().join(name);
         std::fs::write(&w, content).unwrap();
         let out = tmp.path().join("sub.csv");
-        let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        let o = common::fastdet_on_cpu()
             .args(["run", "--mrc"])
             .arg(&mrc)
             .arg("--weights")
@@ -431,17 +431,17 @@ fn malformed_truth_is_named() {
     std::fs::write(picks.join("ribosome.json"), "{\"pickable_object_name\": \"ribosome\", \"points\": [").unwrap();
     let sub = tmp.path().join("sub.csv");
     std::fs::write(&sub, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
+    let o = common::fastdet_on_cpu().args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("ribosome.json"), "{}", stderr(&o));
     std::fs::write(picks.join("ribosome.json"), "{\"pickable_object_name\": \"ribosomes\", \"points\": []}").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
+    let o = common::fastdet_on_cpu().args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("ribosomes"), "{}", stderr(&o));
     // Empty points are fine: a run without particles. Its one pick is not scored (as in the
     // Kaggle metric, which scores the runs of the truth's points), and that is said.
     std::fs::write(picks.join("ribosome.json"), "{\"pickable_object_name\": \"ribosome\", \"points\": []}").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--json", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
+    let o = common::fastdet_on_cpu().args(["score", "--json", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["fbeta"].as_f64(), Some(0.0));
@@ -449,7 +449,7 @@ fn malformed_truth_is_named() {
     assert!(stderr(&o).contains("1 run(s) have no annotated particle") && stderr(&o).contains("are not scored (their picks count neither way): TS_1"), "{}", stderr(&o));
     // Picks of a run the split does not have are named, not silently ignored.
     std::fs::write(&sub, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n1,TS_9,ribosome,1,2,3\n").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
+    let o = common::fastdet_on_cpu().args(["score", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
     assert!(o.status.success() && stderr(&o).contains("1 run(s) have no ground truth") && stderr(&o).contains("TS_9"), "{}", stderr(&o));
 
     // A run with particles and no picks (one shard scored against the split) is named; --runs
@@ -459,7 +459,7 @@ fn malformed_truth_is_named() {
     std::fs::write(picks.join("ribosome.json"), "{\"pickable_object_name\": \"ribosome\", \"points\": [{\"location\": {\"x\": 1, \"y\": 2, \"z\": 3}}]}").unwrap();
     std::fs::write(p2.join("ribosome.json"), "{\"pickable_object_name\": \"ribosome\", \"points\": [{\"location\": {\"x\": 1, \"y\": 2, \"z\": 3}}]}").unwrap();
     std::fs::write(&sub, "id,experiment,particle_type,x,y,z\n0,TS_1,ribosome,1,2,3\n").unwrap();
-    let score = |extra: &[&str]| Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--json", "--truth"]).arg(tmp.path()).arg(&sub).args(extra).output().unwrap();
+    let score = |extra: &[&str]| common::fastdet_on_cpu().args(["score", "--json", "--truth"]).arg(tmp.path()).arg(&sub).args(extra).output().unwrap();
     let o = score(&[]);
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(stderr(&o).contains("1 run(s) with ground truth have no picks") && stderr(&o).contains("TS_2"), "{}", stderr(&o));
@@ -478,19 +478,19 @@ fn malformed_truth_is_named() {
     assert!(o.status.success() && stderr(&o).contains("not counted: 1 \"membrane\""), "{}", stderr(&o));
     assert_eq!(ribosome(&serde_json::from_slice(&o.stdout).unwrap()), (Some(1), Some(0)));
     // A split without ground truth, where another has it: the error names that one.
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--split", "test", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
+    let o = common::fastdet_on_cpu().args(["score", "--split", "test", "--truth"]).arg(tmp.path()).arg(&sub).output().unwrap();
     assert!(!o.status.success() && stderr(&o).contains("no ground truth for split \"test\"") && stderr(&o).contains("\"train\": give --split"), "{}", stderr(&o));
     // The split folder given as the dataset root (`ROOT/train` for `ROOT`): the error says what to give.
     let split_dir = tmp.path().join("train");
     let hint = format!("{} is itself a split folder (it holds static/ or overlay/ExperimentRuns): give its parent {} as the dataset root and --split train", split_dir.display(), tmp.path().display());
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["score", "--split", "train", "--truth"]).arg(&split_dir).arg(&sub).output().unwrap();
+    let o = common::fastdet_on_cpu().args(["score", "--split", "train", "--truth"]).arg(&split_dir).arg(&sub).output().unwrap();
     assert!(o.status.code() == Some(1) && stderr(&o).contains(&hint), "{}", stderr(&o));
     let data = root().join("tests/fixtures/dataset");
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["run", "--weights"]).arg(root().join("weights/demo_dynunet.safetensors")).arg("--data").arg(data.join("test")).arg("--out").arg(tmp.path().join("x.csv")).output().unwrap();
+    let o = common::fastdet_on_cpu().args(["run", "--weights"]).arg(root().join("weights/demo_dynunet.safetensors")).arg("--data").arg(data.join("test")).arg("--out").arg(tmp.path().join("x.csv")).output().unwrap();
     let hint = format!("{} is itself a split folder (it holds static/ or overlay/ExperimentRuns): give its parent {} as the dataset root and --split test", data.join("test").display(), data.display());
     assert!(o.status.code() == Some(1) && stderr(&o).contains("runs directory not found") && stderr(&o).contains(&hint), "{}", stderr(&o));
     // From inside the split folder (`--data .`) too.
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).current_dir(data.join("test")).args(["run", "--data", ".", "--weights"]).arg(root().join("weights/demo_dynunet.safetensors")).arg("--out").arg(tmp.path().join("x.csv")).output().unwrap();
+    let o = common::fastdet_on_cpu().current_dir(data.join("test")).args(["run", "--data", ".", "--weights"]).arg(root().join("weights/demo_dynunet.safetensors")).arg("--out").arg(tmp.path().join("x.csv")).output().unwrap();
     assert!(o.status.code() == Some(1) && stderr(&o).contains(&hint), "{}", stderr(&o));
 }
 
@@ -565,7 +565,7 @@ fn settings_wrong_for_every_run_are_refused_before_reading() {
         (&["--window", "48,96,96"], "demo_dynunet.safetensors: cannot take --window 48,96,96"),
     ];
     for (args, want) in cases {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_fastdet"));
+        let mut c = common::fastdet_on_cpu();
         c.arg("run").arg("--mrc").arg(&never).arg("--weights");
         c.arg(root().join("weights/demo_segresnetv2.safetensors")).arg(root().join("weights/demo_dynunet.safetensors"));
         if !args.contains(&"--window") {
@@ -631,7 +631,7 @@ fn outputs_over_inputs_are_refused() {
     let store = tmp.path().join("TS_synth_1.zarr");
     common::copy_dir(&root().join("tests/fixtures/dataset/test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr"), &store);
     let run = |out: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        common::fastdet_on_cpu()
             .args(["run", "--zarr"])
             .arg(&store)
             .arg("--weights")
@@ -657,7 +657,7 @@ fn outputs_over_inputs_are_refused() {
     let v = synth1();
     write_mrc_f32(&named_like, v.shape, &v.data, 10.012).unwrap();
     let out = tmp.path().join("sub.csv");
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+    let o = common::fastdet_on_cpu()
         .args(["run", "--mrc"])
         .arg(&named_like)
         .arg("--weights")
@@ -671,7 +671,7 @@ fn outputs_over_inputs_are_refused() {
     assert!(!o.status.success() && stderr(&o).contains("w.safetensors: is also an input"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&weights).unwrap(), before);
     for flag in ["--qc", "--star-out", "--save-maps", "--copick-out"] {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_fastdet"));
+        let mut c = common::fastdet_on_cpu();
         c.args(["run", "--zarr"]).arg(&store).arg("--weights").arg(&weights).args(["--window", "64,96,96", "--tiles", "1,1,1", "--out"]).arg(&out);
         let o = c.arg(flag).arg(store.join("0")).output().unwrap();
         assert!(!o.status.success() && stderr(&o).contains("lies inside the input"), "{flag}: {}", stderr(&o));
@@ -680,7 +680,7 @@ fn outputs_over_inputs_are_refused() {
     // Nor may a run's STAR file be the CSV (one of the two would be lost), by any name.
     let star_named = tmp.path().join("TS_synth_1.star");
     for star_dir in [tmp.path().to_path_buf(), tmp.path().join("..").join(tmp.path().file_name().unwrap())] {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_fastdet"));
+        let mut c = common::fastdet_on_cpu();
         c.args(["run", "--zarr"]).arg(&store).arg("--weights").arg(&weights).args(["--window", "64,96,96", "--tiles", "1,1,1", "--out"]).arg(&star_named);
         let o = c.arg("--star-out").arg(&star_dir).output().unwrap();
         assert!(o.status.code() == Some(1) && stderr(&o).contains("run TS_synth_1's file would be written over the --out file"), "{}", stderr(&o));
@@ -692,7 +692,7 @@ fn outputs_over_inputs_are_refused() {
     let shard2 = tmp.path().join("b.csv");
     std::fs::write(&shard2, "id,experiment,particle_type,x,y,z\n0,TS_2,ribosome,1,2,3\n").unwrap();
     let shard_bytes = std::fs::read(&shard).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet")).arg("merge").arg(&shard2).arg(&shard).arg("-o").arg(&shard).output().unwrap();
+    let o = common::fastdet_on_cpu().arg("merge").arg(&shard2).arg(&shard).arg("-o").arg(&shard).output().unwrap();
     assert!(!o.status.success() && stderr(&o).contains("a.csv: is also an input"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&shard).unwrap(), shard_bytes);
 }

@@ -526,15 +526,21 @@ fn run_on_the_emulated_gpu_is_the_same_across_workers_and_blending() {
     assert_eq!(gpu, two, "two workers give one worker's output");
     let (same_card, _) = run("same-card", &["--devices", "emu:0,emu:0"]);
     assert_eq!(gpu, same_card, "two workers on one device");
-    // No more workers than runs: one run, one worker; the second device is not even checked.
+    // No more workers than runs: one run, one worker; the second device is not opened.
     let (one, log_one) = run("one-run", &["--devices", "emu:0,emu:1", "--runs", "TS_synth_1"]);
     let first_run: Vec<&str> = gpu.lines().filter(|l| !l.contains(",TS_synth_2,")).collect();
     assert_eq!(one.lines().collect::<Vec<_>>(), first_run, "the first run's picks");
-    assert!(!log_one.contains("[emu:") && log_one.contains("\n  TS_synth_1: ") && log_one.matches("checks against the CPU engine").count() == 1, "{log_one}");
+    assert!(log_one.contains("1 run(s) to compute: worker(s) on emu:0; emu:1 stand by") && log_one.contains("\n  TS_synth_1: "), "{log_one}");
+    assert!(!log_one.contains("[emu:") && !log_one.contains("on emu:1"), "nothing ran on emu:1:\n{log_one}");
     // A device that cannot work does not stop the others: its runs go to one that did.
     let (handed, log_handed) = run("handed-over", &["--devices", "emu:0,cuda:99"]);
     assert_eq!(gpu, handed, "the runs of a failed worker, done by another");
     assert!(log_handed.contains("warning: cuda:99 failed: ") && log_handed.contains("its 1 remaining run(s) go to emu:0") && log_handed.contains("[emu:0] TS_synth_2:"), "{log_handed}");
+    // With fewer runs than devices, the devices left out stand by: one takes a failed worker's runs.
+    let (spare, log_spare) = run("spare", &["--devices", "cuda:99,emu:0", "--runs", "TS_synth_2"]);
+    let second_run: Vec<&str> = gpu.lines().filter(|l| !l.contains(",TS_synth_1,")).map(|l| l.split_once(',').unwrap().1).collect();
+    assert_eq!(spare.lines().map(|l| l.split_once(',').unwrap().1).collect::<Vec<_>>(), second_run, "the second run's picks (ids aside)");
+    assert!(log_spare.contains("warning: cuda:99 failed: ") && log_spare.contains("its 1 remaining run(s) go to emu:0"), "{log_spare}");
 
     // Against the CPU engine: every pick matched within a voxel (10.012 Å) and 0.01 in score.
     let (cpu, _) = run("cpu", &["--device", "cpu"]);

@@ -10,7 +10,7 @@ fn root() -> PathBuf {
 }
 
 fn fastdet() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fastdet"))
+    common::fastdet_on_cpu()
 }
 
 fn stdout_of(c: &mut Command) -> String {
@@ -290,7 +290,7 @@ fn printed_thresholds_read_back_exactly() {
     // Empty lists give no flag, whatever the key.
     std::fs::write(&cfg, "runs = []\ngpus = []\nweights = []\n").unwrap();
     let t: toml::Table = stdout_of(fastdet().args(["run", "--print-config", "--config"]).arg(&cfg)).parse().unwrap();
-    assert_eq!(t["device"].as_str(), Some("cpu"));
+    assert_eq!(t["device"].as_str(), Some("auto"), "the default: the GPUs there are, else the CPU");
 }
 
 /// A copick project named by its configuration file: `run` finds the runs of its static root, the

@@ -1,7 +1,8 @@
 //! Streaming many tomograms: resident memory does not grow with their number.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -23,7 +24,7 @@ fn run_many(dir: &Path, n: usize) -> (usize, f64) {
     // glibc's malloc places each thread's buffers in its own arena and raises its mmap and trim
     // thresholds as it sees large frees, so the peak varies with thread timing by tens of MiB
     // (once 63 MiB against the usual 38). Pinning both makes the peak the program's own.
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+    let o = common::fastdet_on_cpu()
         .env("MALLOC_ARENA_MAX", "1")
         .env("MALLOC_MMAP_THRESHOLD_", "262144")
         .arg("run")

@@ -11,7 +11,7 @@ fn root() -> PathBuf {
 }
 
 fn fastdet() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fastdet"))
+    common::fastdet_on_cpu()
 }
 
 fn demo_weights() -> Vec<String> {

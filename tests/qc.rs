@@ -7,7 +7,6 @@ use fastdet::qc::{
     MARGIN,
 };
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 mod common;
 
@@ -233,7 +232,7 @@ fn bad_class_index_is_an_error() {
 fn cli_writes_one_png_per_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("qc");
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+    let o = common::fastdet_on_cpu()
         .args(["qc", "--split", "test", "--truth", "--data"])
         .arg(root().join("tests/fixtures/dataset"))
         .arg("--picks")
@@ -285,7 +284,7 @@ fn cli_writes_one_png_per_run() {
         std::fs::write(&z, attrs.to_string()).unwrap();
     }
     let draw = |dir: &str, vs: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        let o = common::fastdet_on_cpu()
             .args(["qc", "--split", "test", "--truth", "--voxel-size", vs, "--data"])
             .arg(&data)
             .arg("--picks")
@@ -303,7 +302,7 @@ fn cli_writes_one_png_per_run() {
 
     // --runs limits the output; --help names defaults, units and an example
     let out2 = tmp.path().join("one");
-    let st = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+    let st = common::fastdet_on_cpu()
         .args(["qc", "--runs", "TS_synth_2", "--slabs", "2", "--data"])
         .arg(root().join("tests/fixtures/dataset"))
         .arg("--picks")
@@ -317,7 +316,7 @@ fn cli_writes_one_png_per_run() {
     // Picks read at another voxel size than they were made at land outside the tomogram: said,
     // with how many (at the right size, none is).
     let qc_vs = |vs: &str, dir: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+        let o = common::fastdet_on_cpu()
             .args(["qc", "--runs", "TS_synth_1", "--voxel-size", vs, "--data"])
             .arg(root().join("tests/fixtures/dataset"))
             .arg("--picks")
@@ -339,7 +338,7 @@ fn cli_writes_one_png_per_run() {
     let other = tmp.path().join("other.csv");
     std::fs::write(&other, "id,experiment,particle_type,x,y,z\n0,TS_elsewhere,ribosome,1,2,3\n1,TS_synth_1,ribosome,100,100,100\n").unwrap();
     let qc = |runs: Option<&str>, out: &std::path::Path| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_fastdet"));
+        let mut c = common::fastdet_on_cpu();
         c.arg("qc").arg("--data").arg(root().join("tests/fixtures/dataset")).arg("--picks").arg(&other).arg("-o").arg(out);
         if let Some(r) = runs {
             c.args(["--runs", r]);
@@ -359,7 +358,7 @@ fn cli_writes_one_png_per_run() {
     std::fs::write(data.join("test/static/ExperimentRuns/TS_synth_1/VoxelSpacing10.000/denoised.zarr/.zattrs"), b"garbage").unwrap();
     std::fs::remove_file(data.join("test/static/ExperimentRuns/TS_synth_2/VoxelSpacing10.000/denoised.zarr/0/0.1.1")).unwrap();
     let out3 = tmp.path().join("bad");
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+    let o = common::fastdet_on_cpu()
         .args(["qc", "--data"])
         .arg(&data)
         .arg("--picks")
@@ -376,7 +375,7 @@ fn cli_writes_one_png_per_run() {
     assert!(out3.join("TS_synth_2.png").is_file() && !out3.join("TS_synth_1.png").exists());
     // Every run failing: no folder left either.
     let out4 = tmp.path().join("none");
-    let o = Command::new(env!("CARGO_BIN_EXE_fastdet"))
+    let o = common::fastdet_on_cpu()
         .args(["qc", "--runs", "TS_synth_1", "--data"])
         .arg(&data)
         .arg("--picks")
@@ -388,7 +387,7 @@ fn cli_writes_one_png_per_run() {
     // Nothing drawn: a failure (1), not the partial result of status 2.
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!out4.exists());
-    let h = Command::new(env!("CARGO_BIN_EXE_fastdet")).args(["qc", "--help"]).output().unwrap();
+    let h = common::fastdet_on_cpu().args(["qc", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&h.stdout);
     for needle in ["[default: test]", "[default: 4]", "Å", "Example", "fastdet qc"] {
         assert!(help.contains(needle), "{needle} missing from:\n{help}");

@@ -12,7 +12,7 @@ fn root() -> PathBuf {
 }
 
 fn fastdet() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fastdet"))
+    common::fastdet_on_cpu()
 }
 
 /// A cheap run: one small model, four tiles per tomogram.
@@ -369,6 +369,27 @@ fn slurm_array_tasks_map_to_shards_from_zero() {
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("--with-score --thresholds 0.05,0.05,0.05,0.05,0.05,0.05 --out"), "{}", String::from_utf8_lossy(&o.stdout));
     let o = task("2", "3", "0", "4");
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("one contiguous range"));
+    // The device: the CPU unless SLURM gave the task GPUs (then every one of them), or DEVICE.
+    let device = |env: &[(&str, &str)]| {
+        let o = Command::new("bash")
+            .arg(root().join("tools/slurm/fastdet_array.sbatch"))
+            .args(["/data", "test"])
+            .arg(tmp.path().join("out"))
+            .env("FASTDET", &fake)
+            .env_remove("SLURM_JOB_GPUS")
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .env_remove("DEVICE")
+            .envs([("SLURM_ARRAY_TASK_ID", "0"), ("SLURM_ARRAY_TASK_COUNT", "1"), ("SLURM_ARRAY_TASK_MIN", "0"), ("SLURM_ARRAY_TASK_MAX", "0")])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let args = String::from_utf8_lossy(&o.stdout).to_string();
+        args.split_once("--device ").map(|(_, r)| r.split_whitespace().next().unwrap().to_string()).unwrap_or(args)
+    };
+    assert_eq!(device(&[]), "cpu");
+    assert_eq!(device(&[("SLURM_JOB_GPUS", "0,1")]), "auto");
+    assert_eq!(device(&[("CUDA_VISIBLE_DEVICES", "2")]), "auto");
+    assert_eq!(device(&[("DEVICE", "cuda:1"), ("SLURM_JOB_GPUS", "0")]), "cuda:1");
 }
 
 /// The score column survives `merge` when a shard starts with a blank line; a shard without

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds fastdet, detects particles in the bundled sample with the demo ensemble, and scores the picks.
-# CPU only; takes about a minute on 2 cores after the build.
+# On the GPUs when the machine has them (run's --device auto), else on the CPU: about a minute on
+# 2 cores after the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release

@@ -1526,8 +1526,14 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
     let todo: Vec<(usize, &Job)> = jobs.iter().enumerate().filter(|(i, _)| results[*i].is_none()).collect();
     // No more workers than runs to do (none when every run was resumed): a device without a run
     // would check its kernels and load every model for nothing (auto takes every GPU there is).
-    let devices = &devices[..devices.len().min(todo.len())];
+    // The devices left out stand by: the runs of workers that fail go to one of them when no
+    // started worker finished.
+    let (devices, spare) = devices.split_at(devices.len().min(todo.len()));
     let n = devices.len();
+    if n > 0 && !spare.is_empty() {
+        let list = |d: &[Device]| d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+        fastdet::errln!("  {} run(s) to compute: worker(s) on {}; {} stand by", todo.len(), list(devices), list(spare));
+    }
     let shares: Vec<Vec<(usize, &Job)>> = (0..n).map(|k| todo.iter().skip(k).step_by(n).copied().collect()).collect();
     let label = |dev: Device| if n > 1 { format!("[{dev}] ") } else { String::new() };
     let outcomes: Vec<Result<Vec<(usize, Outcome)>>> = std::thread::scope(|scope| {
@@ -1557,12 +1563,15 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
     // One device that cannot work (no driver, a kernel check failed, the reader stopped) does not
     // stop the others: its runs go to a device whose worker finished, one after the other. Only
     // when every worker failed is the job an error.
-    if healthy.is_empty() && !broken.is_empty() {
-        let e = broken.swap_remove(0).1;
-        // `auto` chose GPUs that then could not work: say how to run without them.
-        let auto_chose_gpus = !auto.is_empty() && devices.iter().any(|d| matches!(d, Device::Cuda(_)));
-        return Err(if !auto_chose_gpus { e } else { e.context("the GPU(s) --device auto chose could not work; --device cpu runs on the CPU") });
-    }
+    // `auto` chose GPUs that then could not work: say how to run without them.
+    let auto_chose_gpus = !auto.is_empty() && devices.iter().any(|d| matches!(d, Device::Cuda(_)));
+    const AUTO_HINT: &str = "the GPU(s) --device auto chose could not work; --device cpu runs on the CPU";
+    let Some(&to) = healthy.first().or(spare.first()) else {
+        if let Some((_, e, _)) = broken.into_iter().next() {
+            return Err(if auto_chose_gpus { e.context(AUTO_HINT) } else { e });
+        }
+        return Ok(collect(jobs, results));
+    };
     for (dev, e, share) in broken {
         // Runs it finished before it failed are in the parts directory.
         let mut left = Vec::new();
@@ -1572,7 +1581,6 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
                 None => left.push((i, job)),
             }
         }
-        let to = healthy[0];
         fastdet::errln!("warning: {dev} failed: {e:#}; its {} remaining run(s) go to {to}", left.len());
         match worker(to, &label(to), &left, a, s, extras, parts) {
             Ok(done) => {
@@ -1581,12 +1589,18 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
                 }
             }
             Err(e2) => {
+                let hint = if auto_chose_gpus { format!("; {AUTO_HINT}") } else { String::new() };
                 for &(i, _) in &left {
-                    results[i] = Some(Err(anyhow::anyhow!("{dev} failed ({e:#}), then {to} failed ({e2:#})")));
+                    results[i] = Some(Err(anyhow::anyhow!("{dev} failed ({e:#}), then {to} failed ({e2:#}){hint}")));
                 }
             }
         }
     }
+    Ok(collect(jobs, results))
+}
+
+/// The picks of the runs that finished, in run order, and the runs that failed with why.
+fn collect(jobs: &[Job], results: Vec<Option<Outcome>>) -> (Vec<Pick>, Vec<(String, String)>) {
     let mut picks = Vec::new();
     let mut failed = Vec::new();
     for (job, r) in jobs.iter().zip(results) {
@@ -1598,7 +1612,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
     if let Some(mib) = peak_rss_mib() {
         fastdet::errln!("peak memory {mib:.0} MiB");
     }
-    Ok((picks, failed))
+    (picks, failed)
 }
 
 fn report_failures(failed: &[(String, String)]) -> ExitCode {

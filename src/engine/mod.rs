@@ -75,23 +75,36 @@ impl Device {
 }
 
 /// `--device auto`, worked out once per process: every GPU the CUDA driver sees
-/// (`CUDA_VISIBLE_DEVICES` limits them), one worker each, when the driver and NVRTC load and the
-/// driver sees one; else the CPU. The text says what was found, or why not a GPU.
+/// (`CUDA_VISIBLE_DEVICES` limits them), one worker each, when the driver loads and sees one, and
+/// NVRTC is there and not newer than the driver; else the CPU. The text says what was found, or
+/// why not a GPU.
 pub fn auto_devices() -> &'static (Vec<Device>, String) {
     static AUTO: std::sync::OnceLock<(Vec<Device>, String)> = std::sync::OnceLock::new();
-    AUTO.get_or_init(|| auto_devices_from(cuda::gpu::probe(0), cuda::nvrtc::nvrtc_available()))
+    AUTO.get_or_init(|| {
+        let probe = cuda::gpu::probe(0);
+        let nvrtc = if probe.is_ok() && cuda::nvrtc::nvrtc_available() { cuda::nvrtc::nvrtc_version().ok() } else { None };
+        auto_devices_from(probe, nvrtc)
+    })
 }
 
-/// `auto_devices` on a probe of the first GPU (which counts them) and NVRTC's presence.
-fn auto_devices_from(probe: Result<cuda::gpu::DeviceInfo>, nvrtc: bool) -> (Vec<Device>, String) {
-    match probe {
+/// `auto_devices` on a probe of the first GPU (which counts them) and NVRTC's version (None:
+/// absent).
+fn auto_devices_from(probe: Result<cuda::gpu::DeviceInfo>, nvrtc: Option<(i32, i32)>) -> (Vec<Device>, String) {
+    let info = match probe {
+        Ok(info) => info,
         Err(e) => {
             // The probe's errors end with advice for `--device cuda:N` users; auto needs none.
             let why = format!("{e:#}");
-            (vec![Device::Cpu], format!("no GPU: {}", why.strip_suffix(cuda::USE_CPU).unwrap_or(&why)))
+            return (vec![Device::Cpu], format!("no GPU: {}", why.strip_suffix(cuda::USE_CPU).unwrap_or(&why)));
         }
-        Ok(_) if !nvrtc => (vec![Device::Cpu], format!("a GPU, but no NVRTC to compile its kernels ({})", cuda::nvrtc::INSTALL_HINT)),
-        Ok(info) => ((0..info.device_count).map(Device::Cuda).collect(), format!("{} GPU(s), the first a {}", info.device_count, info.name)),
+    };
+    let found = format!("{} GPU(s), the first a {}", info.device_count, info.name);
+    match nvrtc {
+        None => (vec![Device::Cpu], format!("{found}, but no NVRTC to compile their kernels ({})", cuda::nvrtc::INSTALL_HINT)),
+        Some(v) => match cuda::gpu::driver_too_old(info.driver_version, v) {
+            Some(why) => (vec![Device::Cpu], format!("{found}; {why}")),
+            None => ((0..info.device_count).map(Device::Cuda).collect(), found),
+        },
     }
 }
 
@@ -126,4 +139,26 @@ pub fn open_for(device: Device, weights: &crate::weights::Weights, n: usize, til
     let cache = cuda::choose::ChoiceCache::default_location();
     let (e, choice) = cuda::choose::open_measured(gpu, weights, n, tile, &cache, cuda::choose::Measure::default())?;
     Ok((Box::new(e), Some(choice)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpus(n: usize, driver_version: i32) -> Result<cuda::gpu::DeviceInfo> {
+        let name = "Stand-in GPU".to_string();
+        Ok(cuda::gpu::DeviceInfo { ordinal: 0, name, compute_capability: (9, 0), total_mem: 1 << 34, multiprocessors: 132, driver_version, device_count: n })
+    }
+
+    #[test]
+    fn auto_takes_every_gpu_when_they_can_work_else_the_cpu_and_why() {
+        let (d, why) = auto_devices_from(gpus(2, 13000), Some((13, 0)));
+        assert_eq!((d.as_slice(), why.as_str()), ([Device::Cuda(0), Device::Cuda(1)].as_slice(), "2 GPU(s), the first a Stand-in GPU"));
+        let (d, why) = auto_devices_from(Err(anyhow::anyhow!("{}", cuda::NO_DRIVER)), Some((13, 0)));
+        assert_eq!((d.as_slice(), why.as_str()), ([Device::Cpu].as_slice(), "no GPU: no CUDA driver found (libcuda.so cannot be loaded)"));
+        let (d, why) = auto_devices_from(gpus(1, 13000), None);
+        assert!(d == [Device::Cpu] && why.starts_with("1 GPU(s), the first a Stand-in GPU, but no NVRTC to compile their kernels (pip install"), "{why}");
+        let (d, why) = auto_devices_from(gpus(1, 12040), Some((13, 0)));
+        assert!(d == [Device::Cpu] && why.starts_with("1 GPU(s), the first a Stand-in GPU; the driver supports CUDA 12.4 but NVRTC is 13.0"), "{why}");
+    }
 }

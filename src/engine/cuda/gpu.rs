@@ -90,7 +90,14 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo> {
     }
     guard("probing the CUDA device", || {
         use cudarc::driver::{result, sys};
-        result::init().map_err(|e| anyhow!("cuInit failed: {e} (the CUDA driver loads but does not start: no GPU, or a driver that does not match its kernel module){USE_CPU}"))?;
+        result::init().map_err(|e| {
+            if e.0 == sys::cudaError_enum::CUDA_ERROR_STUB_LIBRARY {
+                // The toolkit's lib64/stubs/libcuda.so, found before the real driver.
+                anyhow!("cuInit failed: {e}: the libcuda.so found is the CUDA toolkit's stub (a .../stubs folder on LD_LIBRARY_PATH?), not the driver: remove that folder from LD_LIBRARY_PATH{USE_CPU}")
+            } else {
+                anyhow!("cuInit failed: {e} (the CUDA driver loads but does not start: no GPU, or a driver that does not match its kernel module){USE_CPU}")
+            }
+        })?;
         let count = result::device::get_count().map_err(|e| anyhow!("cuDeviceGetCount: {e}"))? as usize;
         if count == 0 {
             bail!("the CUDA driver sees no GPU{USE_CPU}");
@@ -1078,7 +1085,7 @@ fn load_kernels(ctx: &Arc<CudaContext>, info: &DeviceInfo, cache: &KernelCache) 
 /// Why a driver cannot load what this NVRTC makes, when it is older than NVRTC's CUDA release
 /// (`driver` as cuDriverGetVersion gives it, e.g. 12040 for CUDA 12.4): images of a newer
 /// toolkit need a driver of at least its major release.
-fn driver_too_old(driver: i32, nvrtc: (i32, i32)) -> Option<String> {
+pub(crate) fn driver_too_old(driver: i32, nvrtc: (i32, i32)) -> Option<String> {
     (driver > 0 && driver / 1000 < nvrtc.0).then(|| {
         format!(
             "the driver supports CUDA {}.{} but NVRTC is {}.{}: its kernels need a driver for CUDA {}.0 or newer (update the driver, or put an NVRTC {}.x with its headers on LD_LIBRARY_PATH / FASTDET_CUDA_INCLUDE)",

@@ -36,17 +36,23 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 thread_local! {
     /// How many `catch_panic` calls this thread is inside: their panics are not printed.
     static CATCHING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Where the last panic caught on this thread was raised (file:line).
+    static CAUGHT_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Runs `f`; a panic (cudarc panics on a missing library or symbol) comes back as its message,
-/// which the caller reports: the panic hook does not print it as a crash.
+/// Runs `f`; a panic (cudarc panics on a missing library or symbol) comes back as its message
+/// and where it was raised, which the caller reports: the panic hook does not print it as a
+/// crash, unless RUST_BACKTRACE is set (a bug of ours inside `f` wants the backtrace).
 pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
     QUIET_HOOK.call_once(|| {
         let previous = std::panic::take_hook();
+        let backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
         std::panic::set_hook(Box::new(move |info| {
-            if CATCHING.with(|c| c.get()) == 0 {
+            if CATCHING.with(|c| c.get()) == 0 || backtrace {
                 previous(info);
+            } else {
+                CAUGHT_AT.with(|at| *at.borrow_mut() = info.location().map(|l| format!("{}:{}", l.file(), l.line())));
             }
         }));
     });
@@ -54,10 +60,15 @@ pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, St
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     CATCHING.with(|c| c.set(c.get() - 1));
     caught.map_err(|p| {
-        p.downcast_ref::<String>()
+        let msg = p
+            .downcast_ref::<String>()
             .cloned()
             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into())
+            .unwrap_or_else(|| "unknown panic".into());
+        match CAUGHT_AT.with(|at| at.borrow_mut().take()) {
+            Some(at) => format!("{msg} (at {at})"),
+            None => msg,
+        }
     })
 }
 
