@@ -600,3 +600,34 @@ fn a_stopped_job_keeps_finished_runs_and_removes_its_empty_folders() {
     assert!(o.status.success() && err.contains("TS_synth_1: ") && err.contains("(resumed)"), "{err}");
     assert!(out.exists() && copick.join("ExperimentRuns/TS_synth_6/Picks").is_dir() && star.join("TS_synth_6.star").exists());
 }
+
+/// `--resume` on the other kind of device (the CPU's f32 after a GPU's fp16, or back): the runs
+/// already stored are kept, with a note, and the rest computed there; the record takes the new
+/// precision.
+#[test]
+fn resume_on_the_other_kind_of_device_keeps_the_finished_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("tests/fixtures/dataset");
+    let out = tmp.path().join("sub.csv");
+    assert!(cheap_run(&data, &out).args(["--device", "cpu"]).status().unwrap().success());
+    let parts = tmp.path().join("sub.csv.runs");
+    std::fs::remove_file(parts.join("TS_synth_2.csv")).unwrap();
+    // On the CUDA engine (its emulator here): run 1 kept from the CPU, run 2 computed in fp16.
+    let o = cheap_run(&data, &out).args(["--resume", "--device", "emu"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("were computed in f32 (CPU), this job computes in [\"fp16\"] (GPU): they are kept"), "{err}");
+    assert!(err.contains("TS_synth_1: ") && err.contains(" picks (resumed)") && !err.contains("TS_synth_2: 0 picks (resumed)"), "{err}");
+    assert_eq!(err.matches("(resumed)").count(), 1, "only run 1 is resumed: {err}");
+    let settings = std::fs::read_to_string(parts.join("settings.json")).unwrap();
+    assert!(settings.contains("fp16"), "{settings}");
+    // And back on the CPU: both stored runs kept.
+    let o = cheap_run(&data, &out).args(["--resume", "--device", "cpu"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("were computed in [\"fp16\"] (GPU), this job computes in f32 (CPU)"), "{err}");
+    assert_eq!(err.matches("(resumed)").count(), 2, "{err}");
+    // Another setting still refuses the resume.
+    let o = cheap_run(&data, &out).args(["--resume", "--device", "emu", "--iou", "0.5"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("changed: iou, precision"), "{err}");
+}

@@ -1111,6 +1111,18 @@ pub(crate) fn changed_settings<'a>(a: &'a serde_json::Map<String, serde_json::Va
     keys.into_iter().collect()
 }
 
+/// `fingerprint` without its precision (absent for the CPU: then the text as it is, so that
+/// stored CPU runs keep their digest).
+fn without_precision(fingerprint: &str) -> String {
+    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(fingerprint) {
+        Ok(mut m) if m.contains_key("precision") => {
+            m.remove("precision");
+            serde_json::to_string_pretty(&m).unwrap_or_else(|_| fingerprint.to_string())
+        }
+        _ => fingerprint.to_string(),
+    }
+}
+
 /// In `OUT.runs`: `{"shard": [k, n], "job_runs": [...]}` for an OUT written by a job run with
 /// `--shard k/n`, `job_runs` being the sorted runs the whole job shares out.
 pub(crate) const SHARD_FILE: &str = "shard.json";
@@ -1195,19 +1207,30 @@ impl Parts {
             fastdet::errln!("removed {stale} temporary file(s) left by a job on {} that was killed", out.display());
         }
         let fp_path = dir.join("settings.json");
-        let settings_sha = sha256_hex(fingerprint.as_bytes());
+        // A stored run's record names its settings by this digest, which leaves the precision
+        // out: runs computed on the other kind of device (fp16 on a GPU, f32 on the CPU; picks
+        // that differ by rounding) are resumed, not computed again.
+        let settings_sha = sha256_hex(without_precision(fingerprint).as_bytes());
         if resume && fp_path.exists() {
             let old = std::fs::read_to_string(&fp_path).with_context(|| format!("{}: cannot read", fp_path.display()))?;
             let keys = |t: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok();
             let Some(o) = keys(&old) else {
                 bail!("--resume: {} cannot be read (damaged); remove {} or run without --resume", fp_path.display(), dir.display());
             };
-            if old != fingerprint {
+            let new = keys(fingerprint);
+            let changed = new.as_ref().map(|n| changed_settings(&o, n)).unwrap_or_default();
+            if changed == ["precision"] {
+                let precision = |m: &serde_json::Map<String, serde_json::Value>| m.get("precision").map_or("f32 (CPU)".to_string(), |p| format!("{p} (GPU)"));
+                fastdet::errln!(
+                    "--resume: the runs finished in {} were computed in {}, this job computes in {}: they are kept (the two differ by rounding)",
+                    dir.display(),
+                    precision(&o),
+                    new.as_ref().map_or(String::new(), precision)
+                );
+                fastdet::util::write_atomic(&fp_path, |f| Ok(f.write_all(fingerprint.as_bytes())?))?;
+            } else if old != fingerprint {
                 // Name what changed where both parse.
-                let changed = match keys(fingerprint) {
-                    Some(n) => format!(" (changed: {})", changed_settings(&o, &n).join(", ")),
-                    None => String::new(),
-                };
+                let changed = if new.is_some() { format!(" (changed: {})", changed.join(", ")) } else { String::new() };
                 bail!(
                     "--resume: {} was made with other inputs, weights or settings{changed} (or by an older fastdet); remove {} or run without --resume",
                     fp_path.display(),
