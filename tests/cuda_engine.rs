@@ -219,6 +219,7 @@ case "$cmd" in
   synth) mkdir -p "$1" ;;
   run)
     echo "run sees FASTDET_CHECK_KERNELS=${FASTDET_CHECK_KERNELS:-unset}" >> "$FAKE_CALLS"
+    case " $* " in *" --device "*|*" --devices "*) ;; *) echo "2 run(s), 2 model(s) on cuda:0 (auto: 1 GPU(s), the first a Stand-in H200), window 192,128,128" >&2 ;; esac
     while [ $# -gt 0 ]; do [ "$1" = --out ] && echo "experiment,particle_type,x,y,z" > "$2"; shift; done
     echo "wrote 0 picks" ;;
   score) echo "total 0 0 0 0.5" ;;
@@ -328,6 +329,7 @@ echo "========= ERROR SUMMARY: 0 errors"
         "score gpu.csv",
         "run again: same bytes",
         "run --devices cuda:0,cuda:0: same bytes",
+        "run --device auto (the default): same bytes",
         "bench tomogram --host-blend",
         "bench tomogram --batch 2",
         "bench fastdet cuDNN graph API + runtime-compiled",
@@ -367,8 +369,11 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert_eq!(paths.iter().filter(|p| p.starts_with(&wheel_dir)).count(), 6, "{calls}");
     let linked = paths.iter().find(|p| !p.starts_with(&wheel_dir)).unwrap();
     assert_eq!(linked.split(':').nth(1), Some(wheel_dir.as_str()), "the link's folder, then the rest: {linked}");
-    // The same command again and two workers on the card: each compared byte for byte.
-    assert!(calls.lines().filter(|l| l.starts_with("run --data")).count() == 3 && calls.contains("--devices cuda:0,cuda:0 --out"), "{calls}");
+    // The same command again, two workers on the card, and no device (auto): each compared byte
+    // for byte; auto's log names the GPU it took.
+    assert!(calls.lines().filter(|l| l.starts_with("run --data")).count() == 4 && calls.contains("--devices cuda:0,cuda:0 --out"), "{calls}");
+    assert!(calls.lines().any(|l| l.starts_with("run --data") && !l.contains("--device")), "{calls}");
+    assert!(!text.contains("run --device auto: the log does not show"), "{text}");
     assert!(text.contains("same bytes as"), "{text}");
     for tool in ["memcheck", "racecheck"] {
         assert!(calls.contains(&format!("compute-sanitizer --tool {tool} --error-exitcode 99 --print-limit 30 {} selftest --device cuda:0 --quick --no-networks --no-pipeline", fake.display())), "{calls}");

@@ -437,6 +437,12 @@ if [ $NO_GPU -eq 0 ]; then
                 }
                 same_bytes "run again: same bytes" again --device "$DEVICE"
                 same_bytes "run --devices $DEVICE,$DEVICE: same bytes" 2workers --devices "$DEVICE,$DEVICE"
+                # `run` with no device (--device auto) takes the card(s) it sees, from cuda:0.
+                if [ "$DEVICE" = cuda:0 ]; then
+                    same_bytes "run --device auto (the default): same bytes" auto
+                    [ ! -f "$OUT/run-gpu-auto.log" ] || grep -q " on cuda:0.* (auto: " "$OUT/run-gpu-auto.log" \
+                        || { log "run --device auto: the log does not show the GPU taken (run-gpu-auto.log)"; FAILED=1; }
+                fi
             else
                 FAILED=1
             fi
