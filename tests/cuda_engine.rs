@@ -219,7 +219,8 @@ case "$cmd" in
   synth) mkdir -p "$1" ;;
   run)
     echo "run sees FASTDET_CHECK_KERNELS=${FASTDET_CHECK_KERNELS:-unset}" >> "$FAKE_CALLS"
-    case " $* " in *" --device "*|*" --devices "*) ;; *) echo "2 run(s), 2 model(s) on cuda:0 (auto: 1 GPU(s), the first a Stand-in H200), window 192,128,128" >&2 ;; esac
+    case " $* " in *" --device "*|*" --devices "*) ;; *) echo "auto sees CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}" >> "$FAKE_CALLS"
+      echo "2 run(s), 2 model(s) on cuda:0 (auto: 1 GPU(s), the first a Stand-in H200), window 192,128,128" >&2 ;; esac
     while [ $# -gt 0 ]; do [ "$1" = --out ] && echo "experiment,particle_type,x,y,z" > "$2"; shift; done
     echo "wrote 0 picks" ;;
   score) echo "total 0 0 0 0.5" ;;
@@ -297,6 +298,7 @@ echo "========= ERROR SUMMARY: 0 errors"
         .env("FAKE_CALLS", &calls)
         .env("FASTDET_CHECK_SHAPE", "32,64,64")
         .env("FASTDET_CHECK_LIBDIRS", &wheel_cudnn)
+        .env_remove("CUDA_VISIBLE_DEVICES")
         .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
         .output()
         .unwrap();
@@ -374,6 +376,7 @@ echo "========= ERROR SUMMARY: 0 errors"
     assert!(calls.lines().filter(|l| l.starts_with("run --data")).count() == 4 && calls.contains("--devices cuda:0,cuda:0 --out"), "{calls}");
     assert!(calls.lines().any(|l| l.starts_with("run --data") && !l.contains("--device")), "{calls}");
     assert!(!text.contains("run --device auto: the log does not show"), "{text}");
+    assert!(calls.contains("auto sees CUDA_VISIBLE_DEVICES=0\n"), "auto is shown the first card only: {calls}");
     assert!(text.contains("same bytes as"), "{text}");
     for tool in ["memcheck", "racecheck"] {
         assert!(calls.contains(&format!("compute-sanitizer --tool {tool} --error-exitcode 99 --print-limit 30 {} selftest --device cuda:0 --quick --no-networks --no-pipeline", fake.display())), "{calls}");

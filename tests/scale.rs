@@ -268,10 +268,7 @@ fn killed_run_resumes_to_the_same_output() {
     let o = cheap_run(&data, &out).args(["--resume", "--iou", "0.5"]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("other inputs, weights or settings (changed: iou)"), "{}", String::from_utf8_lossy(&o.stderr));
-    // So is the CUDA engine's fp16 (here its emulator) resuming the CPU engine's f32 picks.
-    let o = cheap_run(&data, &out).args(["--resume", "--device", "emu"]).output().unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("(changed: precision)"), "{}", String::from_utf8_lossy(&o.stderr));
+    // (The other kind of device alone is not refused: resume_on_the_other_kind_of_device_keeps_the_finished_runs.)
     // So are other tomograms under the same run names (a copy of the dataset elsewhere).
     let copy = tmp.path().join("copy");
     copy_dir(&data, &copy);
@@ -602,10 +599,11 @@ fn a_stopped_job_keeps_finished_runs_and_removes_its_empty_folders() {
 }
 
 /// `--resume` on the other kind of device (the CPU's f32 after a GPU's fp16, or back): the runs
-/// already stored are kept, with a note, and the rest computed there; the record takes the new
-/// precision.
+/// already stored are kept, with a note, and the rest computed there; the record then names both
+/// precisions. Runs an older fastdet stored on a GPU (digested with the precision) are kept too.
 #[test]
 fn resume_on_the_other_kind_of_device_keeps_the_finished_runs() {
+    use sha2::Digest;
     let tmp = tempfile::tempdir().unwrap();
     let data = root().join("tests/fixtures/dataset");
     let out = tmp.path().join("sub.csv");
@@ -616,18 +614,28 @@ fn resume_on_the_other_kind_of_device_keeps_the_finished_runs() {
     let o = cheap_run(&data, &out).args(["--resume", "--device", "emu"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("were computed in f32 (CPU), this job computes in [\"fp16\"] (GPU): they are kept"), "{err}");
-    assert!(err.contains("TS_synth_1: ") && err.contains(" picks (resumed)") && !err.contains("TS_synth_2: 0 picks (resumed)"), "{err}");
+    assert!(err.contains("--resume: 1 finished run(s) in ") && err.contains(" were computed in f32 on the CPU; this job computes in fp16 on a GPU: they are kept"), "{err}");
     assert_eq!(err.matches("(resumed)").count(), 1, "only run 1 is resumed: {err}");
     let settings = std::fs::read_to_string(parts.join("settings.json")).unwrap();
-    assert!(settings.contains("fp16"), "{settings}");
+    let record: serde_json::Value = serde_json::from_str(&settings).unwrap();
+    assert_eq!(record["precision"], serde_json::json!(["f32", "fp16"]), "{settings}");
     // And back on the CPU: both stored runs kept.
     let o = cheap_run(&data, &out).args(["--resume", "--device", "cpu"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains("were computed in [\"fp16\"] (GPU), this job computes in f32 (CPU)"), "{err}");
+    assert!(o.status.success() && err.contains("2 finished run(s) in ") && err.contains(" were computed in f32 on the CPU and fp16 on a GPU; this job computes in f32 on the CPU"), "{err}");
     assert_eq!(err.matches("(resumed)").count(), 2, "{err}");
+    // A run stored by an older fastdet on a GPU: its record's digest is that of the whole
+    // settings record, precision included.
+    let settings = std::fs::read_to_string(parts.join("settings.json")).unwrap();
+    let source = parts.join("TS_synth_2.source");
+    let mut rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&source).unwrap()).unwrap();
+    rec["settings_sha256"] = serde_json::json!(format!("{:x}", sha2::Sha256::digest(settings.as_bytes())));
+    std::fs::write(&source, serde_json::to_string_pretty(&rec).unwrap()).unwrap();
+    let o = cheap_run(&data, &out).args(["--resume", "--device", "emu"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.matches("(resumed)").count() == 2, "{err}");
     // Another setting still refuses the resume.
-    let o = cheap_run(&data, &out).args(["--resume", "--device", "emu", "--iou", "0.5"]).output().unwrap();
+    let o = cheap_run(&data, &out).args(["--resume", "--device", "cpu", "--iou", "0.5"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("changed: iou, precision"), "{err}");
 }

@@ -437,10 +437,15 @@ if [ $NO_GPU -eq 0 ]; then
                 }
                 same_bytes "run again: same bytes" again --device "$DEVICE"
                 same_bytes "run --devices $DEVICE,$DEVICE: same bytes" 2workers --devices "$DEVICE,$DEVICE"
-                # `run` with no device (--device auto) takes the card(s) it sees, from cuda:0.
+                # `run` with no device (--device auto) takes the card(s) it sees: here the first
+                # one only (on a machine of several, another card's fp16 bytes need not be these).
                 if [ "$DEVICE" = cuda:0 ]; then
+                    visible=${CUDA_VISIBLE_DEVICES-__unset__}
+                    first=${CUDA_VISIBLE_DEVICES:-0}
+                    export CUDA_VISIBLE_DEVICES="${first%%,*}"
                     same_bytes "run --device auto (the default): same bytes" auto
-                    [ ! -f "$OUT/run-gpu-auto.log" ] || grep -q " on cuda:0.* (auto: " "$OUT/run-gpu-auto.log" \
+                    if [ "$visible" = __unset__ ]; then unset CUDA_VISIBLE_DEVICES; else export CUDA_VISIBLE_DEVICES="$visible"; fi
+                    [ ! -f "$OUT/run-gpu-auto.log" ] || grep -q " on cuda:0 (auto: 1 GPU(s)" "$OUT/run-gpu-auto.log" \
                         || { log "run --device auto: the log does not show the GPU taken (run-gpu-auto.log)"; FAILED=1; }
                 fi
             else

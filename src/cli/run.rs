@@ -1034,6 +1034,9 @@ fn process(job: &Job, loaded: Loaded, ens: &mut Ensemble, s: &Settings, extras: 
 struct Parts {
     dir: PathBuf,
     settings_sha: String,
+    /// On a resume whose only change is the precision: the digest of the record the finished
+    /// runs were stored under (runs stored by an older fastdet on a GPU were digested with it).
+    earlier_sha: Option<String>,
     /// The file OUT is written to (through a link, its target).
     target: PathBuf,
     _lock: Option<std::fs::File>,
@@ -1111,16 +1114,22 @@ pub(crate) fn changed_settings<'a>(a: &'a serde_json::Map<String, serde_json::Va
     keys.into_iter().collect()
 }
 
-/// `fingerprint` without its precision (absent for the CPU: then the text as it is, so that
-/// stored CPU runs keep their digest).
-fn without_precision(fingerprint: &str) -> String {
-    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(fingerprint) {
-        Ok(mut m) if m.contains_key("precision") => {
-            m.remove("precision");
-            serde_json::to_string_pretty(&m).unwrap_or_else(|_| fingerprint.to_string())
-        }
-        _ => fingerprint.to_string(),
+/// The precisions a settings record names: its `precision` list, or f32 (the CPU) without one.
+fn precisions_of(record: &serde_json::Map<String, serde_json::Value>) -> std::collections::BTreeSet<String> {
+    match record.get("precision").and_then(|p| p.as_array()) {
+        Some(list) => list.iter().filter_map(|p| p.as_str().map(String::from)).collect(),
+        None => ["f32".to_string()].into(),
     }
+}
+
+/// "f32 on the CPU", "fp16 on a GPU", "f32 on the CPU and fp16 on a GPU".
+fn precision_words(set: &std::collections::BTreeSet<String>) -> String {
+    let word = |p: &str| match p {
+        "f32" => "f32 on the CPU".to_string(),
+        "fp16" => "fp16 on a GPU".to_string(),
+        other => other.to_string(),
+    };
+    set.iter().map(|p| word(p)).collect::<Vec<_>>().join(" and ")
 }
 
 /// In `OUT.runs`: `{"shard": [k, n], "job_runs": [...]}` for an OUT written by a job run with
@@ -1188,7 +1197,8 @@ pub(crate) fn runs_folder(out: &Path) -> Result<PathBuf> {
 }
 
 impl Parts {
-    fn new(out: &Path, fingerprint: &str, resume: bool) -> Result<Self> {
+    fn new(out: &Path, fp: &Fingerprint, resume: bool) -> Result<Self> {
+        let fingerprint = fp.record.as_str();
         let target = fastdet::util::write_target(out);
         let dir = runs_folder(out)?;
         if dir.exists() && !dir.is_dir() {
@@ -1207,10 +1217,8 @@ impl Parts {
             fastdet::errln!("removed {stale} temporary file(s) left by a job on {} that was killed", out.display());
         }
         let fp_path = dir.join("settings.json");
-        // A stored run's record names its settings by this digest, which leaves the precision
-        // out: runs computed on the other kind of device (fp16 on a GPU, f32 on the CPU; picks
-        // that differ by rounding) are resumed, not computed again.
-        let settings_sha = sha256_hex(without_precision(fingerprint).as_bytes());
+        let settings_sha = sha256_hex(fp.digest_text.as_bytes());
+        let mut earlier_sha = None;
         if resume && fp_path.exists() {
             let old = std::fs::read_to_string(&fp_path).with_context(|| format!("{}: cannot read", fp_path.display()))?;
             let keys = |t: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok();
@@ -1219,15 +1227,32 @@ impl Parts {
             };
             let new = keys(fingerprint);
             let changed = new.as_ref().map(|n| changed_settings(&o, n)).unwrap_or_default();
+            if changed.is_empty() || changed == ["precision"] {
+                earlier_sha = Some(sha256_hex(old.as_bytes()));
+            }
             if changed == ["precision"] {
-                let precision = |m: &serde_json::Map<String, serde_json::Value>| m.get("precision").map_or("f32 (CPU)".to_string(), |p| format!("{p} (GPU)"));
-                fastdet::errln!(
-                    "--resume: the runs finished in {} were computed in {}, this job computes in {}: they are kept (the two differ by rounding)",
-                    dir.display(),
-                    precision(&o),
-                    new.as_ref().map_or(String::new(), precision)
-                );
-                fastdet::util::write_atomic(&fp_path, |f| Ok(f.write_all(fingerprint.as_bytes())?))?;
+                // The runs finished on the other kind of device are kept; the record says that
+                // OUT may hold both precisions (merge compares it), and OUT's own record, which
+                // described the earlier OUT, goes first.
+                let stored = std::fs::read_dir(&dir).map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "csv")).count()).unwrap_or(0);
+                let (was, now) = (precisions_of(&o), new.as_ref().map(precisions_of).unwrap_or_default());
+                let mut record = new.unwrap_or_default();
+                if stored > 0 {
+                    fastdet::errln!(
+                        "--resume: {stored} finished run(s) in {} were computed in {}; this job computes in {}: they are kept (the picks of the two differ by rounding)",
+                        dir.display(),
+                        precision_words(&was),
+                        precision_words(&now)
+                    );
+                    let all: std::collections::BTreeSet<String> = was.union(&now).cloned().collect();
+                    record.insert("precision".into(), serde_json::json!(all));
+                }
+                match std::fs::remove_file(dir.join(OUTPUT_FILE)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("{}: cannot remove", dir.join(OUTPUT_FILE).display())),
+                    _ => {}
+                }
+                let text = serde_json::to_string_pretty(&record)?;
+                fastdet::util::write_atomic(&fp_path, |f| Ok(f.write_all(text.as_bytes())?))?;
             } else if old != fingerprint {
                 // Name what changed where both parse.
                 let changed = if new.is_some() { format!(" (changed: {})", changed.join(", ")) } else { String::new() };
@@ -1251,7 +1276,7 @@ impl Parts {
             }
             fastdet::util::write_atomic(&fp_path, |f| Ok(f.write_all(fingerprint.as_bytes())?))?;
         }
-        Ok(Parts { dir, settings_sha, target, _lock: lock })
+        Ok(Parts { dir, settings_sha, earlier_sha, target, _lock: lock })
     }
     /// Removes the folder when it holds no run's picks (every run of the job failed), while the
     /// lock is held: a job that takes the old lock file after it is gone sees it replaced. Kept
@@ -1287,7 +1312,7 @@ impl Parts {
         let field = |k: &str| record.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_str()).unwrap_or_default().to_string();
         let why = if record.is_none() {
             Some("no record of how its picks were made (an older fastdet stored them)".to_string())
-        } else if field("settings_sha256") != self.settings_sha {
+        } else if field("settings_sha256") != self.settings_sha && Some(field("settings_sha256")) != self.earlier_sha {
             Some("its picks were stored by a job with other settings".to_string())
         } else if field("source").is_empty() {
             Some("its tomogram changed while it was read".to_string())
@@ -1328,7 +1353,16 @@ impl Parts {
 
 /// What makes two runs' results interchangeable: where the tomograms come from, settings and
 /// the weights' bytes. (Not `--runs` or `--shard`: a resumed job may take more or fewer runs.)
-fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
+/// The job's settings record (settings.json) and the text its stored runs' digest is taken of:
+/// the same record without the precision, so that runs computed on the other kind of device
+/// (fp16 on a GPU, f32 on the CPU: picks that differ by rounding) are resumed, not computed again.
+/// For the CPU the two are the same text, as before.
+struct Fingerprint {
+    record: String,
+    digest_text: String,
+}
+
+fn fingerprint(a: &InferArgs, s: &Settings) -> Result<Fingerprint> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for w in &a.weights {
@@ -1372,11 +1406,12 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<String> {
     }
     // The CUDA engine computes in fp16, the CPU engine in f32: their picks differ a little, so a
     // job is not resumed (or merged unwarned) on the other kind. Absent for the CPU, as before.
+    let digest_text = serde_json::to_string_pretty(&fp)?;
     let precisions: std::collections::BTreeSet<&str> = a.devices()?.iter().map(|d| if d.is_cuda_engine() { "fp16" } else { "f32" }).collect();
     if precisions.iter().any(|p| *p != "f32") {
         fp["precision"] = serde_json::json!(precisions);
     }
-    Ok(serde_json::to_string_pretty(&fp)?)
+    Ok(Fingerprint { record: serde_json::to_string_pretty(&fp)?, digest_text })
 }
 
 /// One run's outcome, kept until every worker is done so the output follows the run order.
