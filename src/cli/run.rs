@@ -1404,8 +1404,8 @@ fn fingerprint(a: &InferArgs, s: &Settings) -> Result<Fingerprint> {
     if a.pad != "zero" {
         fp["pad"] = serde_json::json!(a.pad);
     }
-    // The CUDA engine computes in fp16, the CPU engine in f32: their picks differ a little, so a
-    // job is not resumed (or merged unwarned) on the other kind. Absent for the CPU, as before.
+    // The CUDA engine computes in fp16, the CPU engine in f32: their picks differ a little, which
+    // merge notes and a resume on the other kind says. Absent for the CPU, as before.
     let digest_text = serde_json::to_string_pretty(&fp)?;
     let precisions: std::collections::BTreeSet<&str> = a.devices()?.iter().map(|d| if d.is_cuda_engine() { "fp16" } else { "f32" }).collect();
     if precisions.iter().any(|p| *p != "f32") {
@@ -1619,8 +1619,8 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
         }
     }
     // One device that cannot work (no driver, a kernel check failed, the reader stopped) does not
-    // stop the others: its runs go to a device whose worker finished, one after the other. Only
-    // when every worker failed is the job an error.
+    // stop the others: its runs go to a device whose worker finished (else to one that stood by),
+    // one after the other. Only when every worker failed and none stood by is the job an error.
     // `auto` chose GPUs that then could not work: say how to run without them.
     let auto_chose_gpus = !auto.is_empty() && devices.iter().any(|d| matches!(d, Device::Cuda(_)));
     const AUTO_HINT: &str = "the GPU(s) --device auto chose could not work; --device cpu runs on the CPU";
