@@ -191,10 +191,15 @@ impl InferArgs {
         if !self.devices.is_empty() {
             return self.devices.iter().map(|d| Device::parse(d)).collect();
         }
-        if self.device == "auto" {
+        if self.uses_auto() {
             return Ok(fastdet::engine::auto_devices().0.clone());
         }
         Ok(vec![Device::parse(&self.device)?])
+    }
+
+    /// Whether `--device auto` chooses the devices (no `--gpus` or `--devices` given).
+    fn uses_auto(&self) -> bool {
+        self.gpus.is_empty() && self.devices.is_empty() && self.device == "auto"
     }
 }
 
@@ -594,7 +599,6 @@ fn same_weights_twice(weights: &[PathBuf]) -> Result<()> {
     }
     Ok(())
 }
-
 
 /// The models form one ensemble for this pipeline (the six CZII classes, one stride) and each
 /// takes the window: the checks a run would otherwise fail on every tomogram, made from the
@@ -1114,6 +1118,11 @@ pub(crate) fn changed_settings<'a>(a: &'a serde_json::Map<String, serde_json::Va
     keys.into_iter().collect()
 }
 
+/// How many runs' picks the runs folder holds (`{run}.csv`); None when it cannot be listed.
+fn stored_runs(dir: &Path) -> Option<usize> {
+    Some(std::fs::read_dir(dir).ok()?.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "csv")).count())
+}
+
 /// The precisions a settings record names: its `precision` list, or f32 (the CPU) without one.
 fn precisions_of(record: &serde_json::Map<String, serde_json::Value>) -> std::collections::BTreeSet<String> {
     match record.get("precision").and_then(|p| p.as_array()) {
@@ -1216,6 +1225,13 @@ impl Parts {
         if stale > 0 {
             fastdet::errln!("removed {stale} temporary file(s) left by a job on {} that was killed", out.display());
         }
+        // OUT's record describes the OUT an earlier job wrote, under the settings.json it sits
+        // beside: it goes before this job may change that file (the job writes its own with OUT).
+        let output_file = dir.join(OUTPUT_FILE);
+        match std::fs::remove_file(&output_file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("{}: cannot remove", output_file.display())),
+            _ => {}
+        }
         let fp_path = dir.join("settings.json");
         let settings_sha = sha256_hex(fp.digest_text.as_bytes());
         let mut earlier_sha = None;
@@ -1232,9 +1248,8 @@ impl Parts {
             }
             if changed == ["precision"] {
                 // The runs finished on the other kind of device are kept; the record says that
-                // OUT may hold both precisions (merge compares it), and OUT's own record, which
-                // described the earlier OUT, goes first.
-                let stored = std::fs::read_dir(&dir).map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "csv")).count()).unwrap_or(0);
+                // OUT may hold both precisions (merge compares it).
+                let stored = stored_runs(&dir).unwrap_or(0);
                 let (was, now) = (precisions_of(&o), new.as_ref().map(precisions_of).unwrap_or_default());
                 let mut record = new.unwrap_or_default();
                 if stored > 0 {
@@ -1246,10 +1261,6 @@ impl Parts {
                     );
                     let all: std::collections::BTreeSet<String> = was.union(&now).cloned().collect();
                     record.insert("precision".into(), serde_json::json!(all));
-                }
-                match std::fs::remove_file(dir.join(OUTPUT_FILE)) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("{}: cannot remove", dir.join(OUTPUT_FILE).display())),
-                    _ => {}
                 }
                 let text = serde_json::to_string_pretty(&record)?;
                 fastdet::util::write_atomic(&fp_path, |f| Ok(f.write_all(text.as_bytes())?))?;
@@ -1283,9 +1294,8 @@ impl Parts {
     /// while an earlier job's OUT is there: its record (settings, no [`OUTPUT_FILE`]) says that
     /// OUT is not this job's output, which `merge` checks.
     fn discard_if_empty(self) {
-        let holds_picks = std::fs::read_dir(&self.dir)
-            .map(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "csv")))
-            .unwrap_or(true);
+        // (A folder that cannot be listed is kept.)
+        let holds_picks = stored_runs(&self.dir).is_none_or(|n| n > 0);
         if !holds_picks && !self.target.exists() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -1525,7 +1535,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
     extras.check_dirs()?;
     let devices = a.devices()?;
     // What `auto` found, or why it runs on the CPU.
-    let auto = if a.gpus.is_empty() && a.devices.is_empty() && a.device == "auto" { format!(" (auto: {})", fastdet::engine::auto_devices().1) } else { String::new() };
+    let auto = if a.uses_auto() { format!(" (auto: {})", fastdet::engine::auto_devices().1) } else { String::new() };
     fastdet::errln!(
         "{} run(s), {} model(s) on {}{auto}, window {}, tiles {}, tta {}",
         jobs.len(),
@@ -1748,8 +1758,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     // and until then no claim about the OUT an earlier job may have left.
     let shard_file = parts.dir.join(SHARD_FILE);
     let _ = std::fs::remove_file(&shard_file);
+    // (Its OUT record went in Parts::new.)
     let output_file = parts.dir.join(OUTPUT_FILE);
-    let _ = std::fs::remove_file(&output_file);
     let discard = |parts: Parts| {
         parts.discard_if_empty();
         remove_made();
