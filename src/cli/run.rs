@@ -299,9 +299,13 @@ struct Job {
     mrc: bool,
 }
 
+/// A file's run name: its stem ("run" when it has none).
+fn stem_run_name(p: &Path) -> String {
+    p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into())
+}
+
 /// A `--zarr` input's run name, and the absolute path it is read from.
 fn zarr_run(z: &Path) -> (String, PathBuf) {
-    let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
     // Named from the absolute path (`--zarr .` inside the store names it too).
     let z = &std::path::absolute(z).map(|p| p.components().collect::<PathBuf>()).unwrap_or_else(|_| z.to_path_buf());
     // An array given inside its multiscale group (`tomo.zarr/0`, `tomo.zarr/s1`) is named
@@ -318,7 +322,7 @@ fn zarr_run(z: &Path) -> (String, PathBuf) {
         Some(run_dir) => run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
         // `tomo.ome.zarr` (the OME-NGFF naming) is run `tomo`.
         None => {
-            let s = stem(group);
+            let s = stem_run_name(group);
             s.strip_suffix(".ome").filter(|r| !r.is_empty()).map(str::to_owned).unwrap_or(s)
         }
     };
@@ -338,8 +342,7 @@ pub(crate) fn file_runs(zarr: &[PathBuf], mrc: &[PathBuf]) -> Result<Vec<(String
         if let Some(d) = mrc.iter().find(|p| p.is_dir()) {
             bail!("--mrc {}: a directory; --mrc takes MRC files (--zarr reads a zarr)", d.display());
         }
-        let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
-        ("--mrc", mrc.iter().map(|p| (stem(p), p.clone(), true)).collect())
+        ("--mrc", mrc.iter().map(|p| (stem_run_name(p), p.clone(), true)).collect())
     };
     runs.sort_by(|x, y| x.0.cmp(&y.0));
     if let Some(w) = runs.windows(2).find(|w| w[0].0 == w[1].0) {
@@ -1632,7 +1635,7 @@ fn infer_all(a: &InferArgs, jobs: &[Job], s: &Settings, extras: Extras, parts: O
     // stop the others: its runs go to a device whose worker finished (else to one that stood by),
     // one after the other. Only when every worker failed and none stood by is the job an error.
     // `auto` chose GPUs that then could not work: say how to run without them.
-    let auto_chose_gpus = !auto.is_empty() && devices.iter().any(|d| matches!(d, Device::Cuda(_)));
+    let auto_chose_gpus = a.uses_auto() && devices.iter().any(|d| matches!(d, Device::Cuda(_)));
     const AUTO_HINT: &str = "the GPU(s) --device auto chose could not work; --device cpu runs on the CPU";
     let Some(&to) = healthy.first().or(spare.first()) else {
         if let Some((_, e, _)) = broken.into_iter().next() {
